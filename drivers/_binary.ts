@@ -1,0 +1,120 @@
+/**
+ * Byte-order helpers every driver reads and writes its fields with.
+ *
+ * This module is browser compatible.
+ *
+ * @module
+ */
+
+import { ImageFormatError } from "../streams/errors.ts";
+
+/** A DataView over the whole of `bytes` (respecting its offset). */
+export function view(bytes: Uint8Array): DataView {
+  return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+/** Big-endian unsigned 16-bit read. */
+export const be16 = (b: Uint8Array, o: number): number => view(b).getUint16(o);
+/** Big-endian unsigned 32-bit read. */
+export const be32 = (b: Uint8Array, o: number): number => view(b).getUint32(o);
+/** Big-endian unsigned 64-bit read. */
+export const be64 = (b: Uint8Array, o: number): bigint =>
+  view(b).getBigUint64(o);
+/** Little-endian unsigned 16-bit read. */
+export const le16 = (b: Uint8Array, o: number): number =>
+  view(b).getUint16(o, true);
+/** Little-endian unsigned 32-bit read. */
+export const le32 = (b: Uint8Array, o: number): number =>
+  view(b).getUint32(o, true);
+/** Little-endian unsigned 64-bit read. */
+export const le64 = (b: Uint8Array, o: number): bigint =>
+  view(b).getBigUint64(o, true);
+
+/** Big-endian 16-bit write. */
+export const setBe16 = (b: Uint8Array, o: number, v: number): void =>
+  view(b).setUint16(o, v);
+/** Big-endian 32-bit write. */
+export const setBe32 = (b: Uint8Array, o: number, v: number): void =>
+  view(b).setUint32(o, v);
+/** Big-endian 64-bit write (from a safe integer or bigint). */
+export const setBe64 = (b: Uint8Array, o: number, v: number | bigint): void =>
+  view(b).setBigUint64(o, BigInt(v));
+/** Little-endian 16-bit write. */
+export const setLe16 = (b: Uint8Array, o: number, v: number): void =>
+  view(b).setUint16(o, v, true);
+/** Little-endian 32-bit write. */
+export const setLe32 = (b: Uint8Array, o: number, v: number): void =>
+  view(b).setUint32(o, v, true);
+/** Little-endian 64-bit write (from a safe integer or bigint). */
+export const setLe64 = (b: Uint8Array, o: number, v: number | bigint): void =>
+  view(b).setBigUint64(o, BigInt(v), true);
+
+/**
+ * Converts a 64-bit field to a `number`, refusing values past 2^53 with an
+ * {@linkcode ImageFormatError} naming the field.
+ *
+ * @example
+ * ```ts
+ * import { safeNumber } from "./_binary.ts";
+ * safeNumber(4096n, "qcow", "size"); // 4096
+ * ```
+ */
+export function safeNumber(
+  value: bigint,
+  format: string,
+  field: string,
+  offset?: number,
+): number {
+  if (value > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new ImageFormatError({
+      format,
+      field,
+      value,
+      limit: `at most 2^53-1`,
+      offset,
+    });
+  }
+  return Number(value);
+}
+
+/** ASCII text of `bytes[start, end)` (NULs included). */
+export function ascii(b: Uint8Array, start = 0, end = b.length): string {
+  let s = "";
+  for (let i = start; i < end; i++) s += String.fromCharCode(b[i]);
+  return s;
+}
+
+/** ASCII text up to the first NUL in `bytes[start, end)`. */
+export function cString(b: Uint8Array, start = 0, end = b.length): string {
+  let stop = start;
+  while (stop < end && b[stop] !== 0) stop++;
+  return new TextDecoder().decode(b.subarray(start, stop));
+}
+
+/** True when every byte of `b` is zero. Reads 8 bytes at a time when aligned. */
+export function isZero(b: Uint8Array): boolean {
+  // The hot loop of sparse detection: comparing as 32-bit words is ~4x faster
+  // than byte by byte on large buffers.
+  let i = 0;
+  const n = b.length;
+  if ((b.byteOffset & 3) === 0 && n >= 64) {
+    const words = new Uint32Array(b.buffer, b.byteOffset, n >>> 2);
+    for (let w = 0; w < words.length; w++) if (words[w] !== 0) return false;
+    i = words.length << 2;
+  }
+  for (; i < n; i++) if (b[i] !== 0) return false;
+  return true;
+}
+
+/** Copies `parts` into one new array. */
+export function concat(parts: Uint8Array[]): Uint8Array {
+  let total = 0;
+  for (const p of parts) total += p.length;
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}

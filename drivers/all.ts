@@ -1,0 +1,16 @@
+/**
+ * The list of drivers the registry knows, in probing order for equal
+ * scores. Adding a format is one import and one entry here.
+ *
+ * This module is browser compatible.
+ *
+ * @module
+ */
+
+import type { Driver } from "../streams/types.ts";
+import { raw } from "./raw.ts";
+
+/** Every driver, raw last. */
+export const DRIVERS: readonly Driver[] = [
+  raw,
+];

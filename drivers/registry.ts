@@ -1,0 +1,210 @@
+/**
+ * The registry: which formats exist, probing by score, opening (with the
+ * caller's backing-file policy) and creating.
+ *
+ * This module is browser compatible.
+ *
+ * @module
+ */
+
+import { DRIVERS } from "./all.ts";
+import {
+  BackingFileError,
+  ImageFormatError,
+  UnknownFormatError,
+} from "../streams/errors.ts";
+import { overlay } from "../streams/overlay.ts";
+import {
+  type CreateSpec,
+  type Driver,
+  type Image,
+  type OpenOptions,
+  PROBE_BYTES,
+  type ProbeInput,
+  type Sink,
+  type Source,
+} from "../streams/types.ts";
+
+/** How deep a backing chain may go before it is refused. */
+export const MAX_BACKING_DEPTH = 16;
+
+/**
+ * Every format the toolkit knows.
+ *
+ * @returns the drivers, in probing order
+ *
+ * @example
+ * ```ts
+ * import { formats } from "../mod.ts";
+ * console.log(formats().map((d) => d.name).includes("raw")); // true
+ * ```
+ */
+export function formats(): readonly Driver[] {
+  return DRIVERS;
+}
+
+/**
+ * The driver named `name`, or an {@linkcode UnknownFormatError}.
+ *
+ * @param name a format name as `-f` takes it
+ * @returns the driver
+ *
+ * @example
+ * ```ts
+ * import { driver } from "../mod.ts";
+ * console.log(driver("raw").description);
+ * ```
+ */
+export function driver(name: string): Driver {
+  const found = DRIVERS.find((d) => d.name === name);
+  if (!found) {
+    throw new UnknownFormatError(
+      `unknown format '${name}' (known: ${
+        DRIVERS.map((d) => d.name).join(", ")
+      })`,
+      name,
+    );
+  }
+  return found;
+}
+
+/** Reads the head and tail a probe looks at. */
+export async function probeInput(source: Source): Promise<ProbeInput> {
+  const headLength = Math.min(PROBE_BYTES, source.size);
+  const head = await source.read(0, headLength);
+  const tailLength = Math.min(PROBE_BYTES, source.size);
+  const tail = source.size <= PROBE_BYTES
+    ? head
+    : await source.read(source.size - tailLength, tailLength);
+  return { head, tail, size: source.size, name: source.name };
+}
+
+/** One driver's verdict on a source. */
+export interface ProbeResult {
+  /** The format's name. */
+  format: string;
+  /** Its score (higher wins). */
+  score: number;
+}
+
+/**
+ * Scores every driver on `source` and returns the verdicts, best first.
+ * Raw always scores 1, so it wins only when nothing else claims the bytes.
+ *
+ * @param source what to look at
+ * @returns verdicts with a score above 0, best first
+ *
+ * @example
+ * ```ts
+ * import { fromBytes, probe } from "../mod.ts";
+ * const [best] = await probe(fromBytes(new Uint8Array(512)));
+ * console.log(best.format); // raw
+ * ```
+ */
+export async function probe(source: Source): Promise<ProbeResult[]> {
+  const input = await probeInput(source);
+  const results: ProbeResult[] = [];
+  for (const d of DRIVERS) {
+    const score = d.probe(input);
+    if (score > 0) results.push({ format: d.name, score });
+  }
+  // Array.prototype.sort is stable: equal scores keep registry order.
+  return results.sort((a, b) => b.score - a.score);
+}
+
+/**
+ * Opens an image: probes for its format unless `options.format` names one,
+ * and follows its backing file only through `options.resolveBacking`.
+ *
+ * @param source the image's bytes
+ * @param options format, writability, key, backing-file policy
+ * @returns the image (an overlay over its backing chain when followed)
+ *
+ * @example
+ * ```ts
+ * import { fromBytes, open } from "../mod.ts";
+ * const image = await open(fromBytes(new Uint8Array(4096)));
+ * console.log(image.format, image.size); // raw 4096
+ * ```
+ */
+export function open(
+  source: Source,
+  options: OpenOptions = {},
+): Promise<Image> {
+  return openChain(source, options, []);
+}
+
+async function openChain(
+  source: Source,
+  options: OpenOptions,
+  seen: string[],
+): Promise<Image> {
+  const name = options.format ?? (await probe(source))[0]?.format ?? "raw";
+  const image = await driver(name).open(source, options);
+  if (image.backingFile === undefined || !options.resolveBacking) {
+    return image;
+  }
+  const chain = [...seen, source.name ?? `(${name} image)`];
+  if (chain.length > MAX_BACKING_DEPTH) {
+    throw new BackingFileError(
+      `backing chain deeper than ${MAX_BACKING_DEPTH}: ${chain.join(" -> ")}`,
+      image.backingFile,
+    );
+  }
+  const backingSource = await options.resolveBacking(image.backingFile, image);
+  if (backingSource.name !== undefined && chain.includes(backingSource.name)) {
+    await backingSource.close?.();
+    throw new BackingFileError(
+      `backing file loop: ${chain.join(" -> ")} -> ${backingSource.name}`,
+      image.backingFile,
+    );
+  }
+  const base = await openChain(backingSource, {
+    ...options,
+    format: image.backingFormat,
+    writable: false,
+    sink: undefined,
+  }, chain);
+  return overlay(image, base);
+}
+
+/**
+ * Creates an empty image of `format` in `sink`.
+ *
+ * @param format the format name
+ * @param sink where the image goes
+ * @param spec size, backing file, options
+ * @returns the new image, open for writing
+ *
+ * @example
+ * ```ts
+ * import { create, memorySink } from "../mod.ts";
+ * const sink = memorySink();
+ * const image = await create("raw", sink, { size: 1 << 20 });
+ * console.log(image.size, sink.bytes().length); // 1048576 1048576
+ * ```
+ */
+export async function create(
+  format: string,
+  sink: Sink,
+  spec: CreateSpec,
+): Promise<Image> {
+  const d = driver(format);
+  if (!d.create) {
+    throw new UnknownFormatError(
+      `format '${format}' cannot be created empty${
+        d.encode ? ` (it is written whole: use convert -O ${format})` : ""
+      }`,
+      format,
+    );
+  }
+  if (!Number.isSafeInteger(spec.size) || spec.size < 0) {
+    throw new ImageFormatError({
+      format,
+      field: "size",
+      value: spec.size,
+      limit: "a whole number of bytes, 0 or more",
+    });
+  }
+  return await d.create(sink, spec);
+}

@@ -1,0 +1,32 @@
+/**
+ * A toolkit for virtual-disk images: open dmg, cloop, qcow, vmdk, vhd, bochs
+ * and UML cow images as random-access sources, stack overlays on them, and
+ * convert them to raw disks and back, in Deno, browser web workers and on
+ * Deno Deploy.
+ *
+ * Everything here is browser compatible except the file adapter
+ * (`fromFile`, `createOutputFile`, `fileBackingResolver`), which needs
+ * `Deno.*` and is only called, never run at load.
+ *
+ * @example
+ * ```ts
+ * import { convert, fromBytes, memorySink, open } from "./mod.ts";
+ * const image = await open(fromBytes(new Uint8Array(4096)));
+ * const sink = memorySink();
+ * await convert(image, sink);
+ * console.log(image.format, sink.bytes().length); // raw 4096
+ * ```
+ *
+ * @module
+ */
+
+export * from "./streams/types.ts";
+export * from "./streams/errors.ts";
+export * from "./streams/sources.ts";
+export * from "./streams/sinks.ts";
+export * from "./streams/file.ts";
+export * from "./streams/readable.ts";
+export * from "./streams/convert.ts";
+export * from "./streams/overlay.ts";
+export * from "./drivers/registry.ts";
+export { raw } from "./drivers/raw.ts";

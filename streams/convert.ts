@@ -1,0 +1,254 @@
+/**
+ * `convert(source, sink, options)`: the pipeline behind `cli.ts convert`.
+ *
+ * This module is browser compatible.
+ *
+ * @module
+ */
+
+import { isZero } from "../drivers/_binary.ts";
+import { driver } from "../drivers/registry.ts";
+import { type Sha256, sha256 } from "./_sha256.ts";
+import { extentsOf, type Sink, type Source } from "./types.ts";
+
+/** Options for {@linkcode convert}. */
+export interface ConvertOptions {
+  /** Output format. @default "raw" */
+  format?: string;
+  /** Output format options (`-o key=value`). */
+  options?: Record<string, string>;
+  /** Write compressed where the output format allows (`-c`). */
+  compress?: boolean;
+  /** Passphrase for output formats that encrypt. */
+  key?: string | Uint8Array;
+  /** Backing file to record in the output (`-B`), for formats that have one. */
+  backingFile?: string;
+  /** Format of that backing file. */
+  backingFormat?: string;
+  /** Called as the work advances: bytes of the virtual disk done, and the total. */
+  onProgress?: (done: number, total: number) => void;
+  /** Compute the SHA-256 of the virtual disk's bytes as written. @default false */
+  hash?: boolean;
+  /** Stops the conversion (the promise rejects with the signal's reason). */
+  signal?: AbortSignal;
+  /** Bytes per read. @default 2097152 */
+  blockSize?: number;
+  /** Reads in flight at once. @default 4 */
+  concurrency?: number;
+  /**
+   * Data blocks that are all zeros are not written (the output stays
+   * sparse), checked at this granularity; 0 turns it off. @default 4096
+   */
+  sparseSize?: number;
+}
+
+/** What {@linkcode convert} did. */
+export interface ConvertResult {
+  /** The virtual disk's size. */
+  size: number;
+  /** Bytes of the virtual disk that were read and written as data. */
+  dataBytes: number;
+  /** SHA-256 (hex) of the whole virtual disk, when `hash` was set. */
+  sha256?: string;
+}
+
+interface Block {
+  offset: number;
+  length: number;
+  bytes?: Promise<Uint8Array>;
+}
+
+/**
+ * Blocks of the source in order: data runs split into reads of at most
+ * `blockSize` bytes, zero and unallocated runs carried without bytes.
+ * Reads run up to `concurrency` ahead of the consumer; memory stays bounded
+ * by `blockSize * concurrency`.
+ */
+async function* blocks(
+  source: Source,
+  blockSize: number,
+  concurrency: number,
+  signal?: AbortSignal,
+): AsyncIterable<{ offset: number; length: number; bytes?: Uint8Array }> {
+  const ahead: Block[] = [];
+  let reading = 0; // data blocks in `ahead`
+  const take = async () => {
+    const b = ahead.shift()!;
+    if (b.bytes) reading--;
+    return { offset: b.offset, length: b.length, bytes: await b.bytes };
+  };
+  const window = Math.max(blockSize * 16, 64 << 20);
+  for (let start = 0; start < source.size; start += window) {
+    const length = Math.min(window, source.size - start);
+    for await (const run of extentsOf(source, start, length)) {
+      signal?.throwIfAborted();
+      if (run.kind !== "data") {
+        ahead.push({ offset: run.offset, length: run.length });
+        // Zero runs need no waiting; pass them on once nothing is before them.
+        while (ahead.length && !ahead[0].bytes) yield await take();
+        continue;
+      }
+      for (let at = run.offset; at < run.offset + run.length;) {
+        // Align reads to blockSize in disk terms so that drivers see whole
+        // chunks where their chunk size divides it.
+        const next = Math.min(
+          run.offset + run.length,
+          (Math.floor(at / blockSize) + 1) * blockSize,
+        );
+        const bytes = source.read(at, next - at);
+        bytes.catch(() => {}); // observed when its turn comes
+        ahead.push({ offset: at, length: next - at, bytes });
+        reading++;
+        at = next;
+        while (reading > concurrency) yield await take();
+      }
+    }
+  }
+  while (ahead.length) yield await take();
+}
+
+/**
+ * Converts `source` (an image) into `sink` as `options.format`. Zero and
+ * unallocated runs are never read or written (the output stays sparse), data
+ * runs are read in large blocks with several reads in flight and written in
+ * order, so a sequential sink (stdout) works too.
+ *
+ * @param source what to convert (usually an opened Image)
+ * @param sink where the output goes
+ * @param options output format, progress, hashing, cancellation
+ * @returns sizes and the optional SHA-256
+ *
+ * @example
+ * ```ts
+ * import { convert, fromBytes, memorySink, open } from "../mod.ts";
+ * const image = await open(fromBytes(new Uint8Array(8192).fill(1, 0, 100)));
+ * const sink = memorySink();
+ * const result = await convert(image, sink, { hash: true });
+ * console.log(result.size, sink.bytes().length); // 8192 8192
+ * ```
+ */
+export async function convert(
+  source: Source,
+  sink: Sink,
+  options: ConvertOptions = {},
+): Promise<ConvertResult> {
+  const format = options.format ?? "raw";
+  const out = driver(format);
+  const total = source.size;
+  const blockSize = options.blockSize ?? 2 << 20;
+  const concurrency = options.concurrency ?? 4;
+  const sparse = options.sparseSize ?? 4096;
+  const hasher = options.hash ? await sha256() : undefined;
+  const zeros = hasher ? new Uint8Array(blockSize) : undefined;
+  options.signal?.throwIfAborted();
+  options.onProgress?.(0, total);
+
+  // The whole-image encoders (dmg, cloop, streamOptimized vmdk) read the
+  // source themselves, in their own order; the hash is then a second pass.
+  if (out.encode && format !== "raw") {
+    await out.encode(source, sink, {
+      options: options.options,
+      compress: options.compress,
+      key: options.key,
+      signal: options.signal,
+      onProgress: (done) => options.onProgress?.(done, total),
+    });
+    await sink.flush();
+    let digest: string | undefined;
+    if (hasher) {
+      for await (const block of blocks(source, blockSize, concurrency)) {
+        hashBlock(hasher, block, zeros!);
+      }
+      digest = hasher.digest();
+    }
+    return { size: total, dataBytes: total, sha256: digest };
+  }
+
+  if (!out.create) {
+    throw new Error(`format '${format}' cannot be written`);
+  }
+  const target = out.name === "raw" && !options.key
+    ? { write: (o: number, b: Uint8Array) => sink.write(o, b) }
+    : await out.create(sink, {
+      size: total,
+      key: options.key,
+      options: {
+        ...options.options,
+        ...(options.compress ? { compress: "on" } : {}),
+      },
+      backingFile: options.backingFile,
+      backingFormat: options.backingFormat,
+    });
+  if (!target.write) throw new Error(`${format}: created image is read-only`);
+  const write = target.write.bind(target);
+  let dataBytes = 0;
+  for await (
+    const block of blocks(source, blockSize, concurrency, options.signal)
+  ) {
+    options.signal?.throwIfAborted();
+    if (block.bytes) {
+      dataBytes += await writeSparse(write, block.offset, block.bytes, sparse);
+    }
+    if (hasher) hashBlock(hasher, block, zeros!);
+    options.onProgress?.(block.offset + block.length, total);
+  }
+  if ("flush" in target && target.flush) {
+    await target.flush();
+  } else {
+    // Raw: holes left at the end still count towards the disk's size.
+    await sink.resize?.(total);
+  }
+  await sink.flush();
+  return { size: total, dataBytes, sha256: hasher?.digest() };
+}
+
+function hashBlock(
+  hasher: Sha256,
+  block: { length: number; bytes?: Uint8Array },
+  zeros: Uint8Array,
+) {
+  if (block.bytes) {
+    hasher.update(block.bytes);
+    return;
+  }
+  for (let left = block.length; left > 0; left -= zeros.length) {
+    hasher.update(zeros.subarray(0, Math.min(left, zeros.length)));
+  }
+}
+
+/**
+ * Writes the non-zero parts of `bytes`, skipping all-zero granules of
+ * `granule` bytes (aligned to the disk). Returns the bytes written.
+ */
+async function writeSparse(
+  write: (offset: number, bytes: Uint8Array) => Promise<void>,
+  offset: number,
+  bytes: Uint8Array,
+  granule: number,
+): Promise<number> {
+  if (granule <= 0) {
+    await write(offset, bytes);
+    return bytes.length;
+  }
+  let written = 0;
+  let runStart = -1;
+  for (let i = 0; i < bytes.length;) {
+    const end = Math.min(
+      bytes.length,
+      (Math.floor((offset + i) / granule) + 1) * granule - offset,
+    );
+    const zero = isZero(bytes.subarray(i, end));
+    if (!zero && runStart < 0) runStart = i;
+    if (zero && runStart >= 0) {
+      await write(offset + runStart, bytes.subarray(runStart, i));
+      written += i - runStart;
+      runStart = -1;
+    }
+    i = end;
+  }
+  if (runStart >= 0) {
+    await write(offset + runStart, bytes.subarray(runStart));
+    written += bytes.length - runStart;
+  }
+  return written;
+}

@@ -1,0 +1,177 @@
+/**
+ * The toolkit's error classes. Every malformed image becomes one
+ * {@linkcode ImageFormatError} naming the field, the value found and the
+ * limit it broke.
+ *
+ * This module is browser compatible.
+ *
+ * @module
+ */
+
+/** Facts carried by an {@linkcode ImageFormatError}. */
+export interface ImageFormatErrorInit {
+  /** The driver (`dmg`, `cloop`, ...). */
+  format: string;
+  /** The field, as the specification names it (`block_size`, `koly.version`). */
+  field?: string;
+  /** The value found. */
+  value?: unknown;
+  /** The limit or expectation it broke, in words (`a multiple of 512`). */
+  limit?: string;
+  /** Byte offset in the image file where the field lives. */
+  offset?: number;
+  /** The file name, when known. */
+  file?: string;
+}
+
+function describe(value: unknown): string {
+  if (typeof value === "bigint") return value.toString();
+  if (typeof value === "string") return JSON.stringify(value);
+  if (value instanceof Uint8Array) {
+    return Array.from(value.subarray(0, 16), (b) =>
+      b.toString(16).padStart(2, "0")).join("");
+  }
+  return String(value);
+}
+
+/**
+ * A malformed or unsupported image: the message names the format, the field,
+ * the value found and the limit.
+ *
+ * @example
+ * ```ts
+ * import { ImageFormatError } from "./errors.ts";
+ * const e = new ImageFormatError({
+ *   format: "cloop", field: "block_size", value: 513, limit: "a multiple of 512",
+ * });
+ * console.log(e.message); // cloop: block_size 513 must be a multiple of 512
+ * ```
+ */
+export class ImageFormatError extends Error {
+  /** The driver. */
+  readonly format: string;
+  /** The field, when one is to blame. */
+  readonly field?: string;
+  /** The value found. */
+  readonly value?: unknown;
+  /** The limit broken. */
+  readonly limit?: string;
+  /** File offset of the field. */
+  readonly offset?: number;
+  /** File name, when known. */
+  file?: string;
+
+  /**
+   * @param init the facts
+   * @param message a message to use instead of the one built from the facts
+   */
+  constructor(init: ImageFormatErrorInit, message?: string) {
+    const where = init.offset === undefined ? "" : ` (at byte ${init.offset})`;
+    const text = message ??
+      (init.field === undefined
+        ? "malformed image"
+        : `${init.field} ${describe(init.value)}${
+          init.limit === undefined ? " is invalid" : ` must be ${init.limit}`
+        }`);
+    super(`${init.format}: ${text}${where}`);
+    this.name = "ImageFormatError";
+    this.format = init.format;
+    this.field = init.field;
+    this.value = init.value;
+    this.limit = init.limit;
+    this.offset = init.offset;
+    this.file = init.file;
+  }
+}
+
+/** A checksum stored in the image does not match the data. */
+export class ChecksumError extends ImageFormatError {
+  /**
+   * @param init the facts; `field` names what was checked
+   * @param expected the stored checksum
+   * @param actual the computed checksum
+   */
+  constructor(
+    init: ImageFormatErrorInit,
+    readonly expected: number | string,
+    readonly actual: number | string,
+  ) {
+    super(
+      init,
+      `${init.field ?? "checksum"} mismatch: stored ${expected}, computed ${actual}`,
+    );
+    this.name = "ChecksumError";
+  }
+}
+
+/** A feature the image uses that this toolkit does not handle (yet). */
+export class UnsupportedError extends ImageFormatError {
+  /**
+   * @param init the facts
+   * @param message what is unsupported
+   */
+  constructor(init: ImageFormatErrorInit, message: string) {
+    super(init, message);
+    this.name = "UnsupportedError";
+  }
+}
+
+/** No driver recognised the source, or the named format does not exist. */
+export class UnknownFormatError extends Error {
+  /**
+   * @param message what was looked for
+   * @param format the format asked for, if any
+   */
+  constructor(message: string, readonly format?: string) {
+    super(message);
+    this.name = "UnknownFormatError";
+  }
+}
+
+/** An encrypted image needs a key, or the key given is wrong. */
+export class KeyError extends Error {
+  /** @param message what is missing or wrong */
+  constructor(message: string) {
+    super(message);
+    this.name = "KeyError";
+  }
+}
+
+/** A backing file was refused by the backing-file policy (outside the allowed folder, a loop, too deep). */
+export class BackingFileError extends Error {
+  /**
+   * @param message why it was refused and how to allow it
+   * @param backingFile the name as the image wrote it
+   */
+  constructor(message: string, readonly backingFile: string) {
+    super(message);
+    this.name = "BackingFileError";
+  }
+}
+
+/** An HTTP source failed: bad status, or the server ignores Range requests. */
+export class HttpSourceError extends Error {
+  /**
+   * @param message what went wrong
+   * @param url the URL
+   * @param status the HTTP status, when there was a response
+   */
+  constructor(message: string, readonly url: string, readonly status?: number) {
+    super(message);
+    this.name = "HttpSourceError";
+  }
+}
+
+/**
+ * Throws an {@linkcode ImageFormatError} unless `ok`. A short form for
+ * header validation.
+ *
+ * @example
+ * ```ts
+ * import { check } from "./errors.ts";
+ * check(512 % 512 === 0, { format: "cloop", field: "block_size", value: 512, limit: "a multiple of 512" });
+ * ```
+ */
+export function check(ok: boolean, init: ImageFormatErrorInit): asserts ok {
+  if (!ok) throw new ImageFormatError(init);
+}

@@ -1,0 +1,246 @@
+/**
+ * The model every driver and combinator shares: sources, sinks, extents,
+ * images and drivers.
+ *
+ * This module is browser compatible.
+ *
+ * @module
+ */
+
+/** What a run of bytes holds, as an allocation map reports it. */
+export type ExtentKind =
+  /** The layer stores bytes here. */
+  | "data"
+  /** The layer knows these bytes read as zeros and stores none. */
+  | "zero"
+  /** The layer has nothing here: reads fall through to a backing image (or read as zeros when there is none). */
+  | "unallocated";
+
+/** One run of an allocation map. */
+export interface Extent {
+  /** Byte offset of the run in the virtual disk. */
+  offset: number;
+  /** Length of the run in bytes (always > 0). */
+  length: number;
+  /** What the run holds. */
+  kind: ExtentKind;
+}
+
+/**
+ * A random-access, read-only view of bytes with a known size.
+ *
+ * `read(offset, length)` returns exactly `length` bytes; asking for bytes past
+ * `size` is a `RangeError`. The returned array may be a view the caller must
+ * not keep across the next call only if documented by the source; all
+ * sources in this toolkit return fresh arrays the caller owns.
+ */
+export interface Source {
+  /** Size in bytes. */
+  readonly size: number;
+  /** Reads `length` bytes at `offset`. */
+  read(offset: number, length: number): Promise<Uint8Array>;
+  /**
+   * The allocation map of `[offset, offset + length)`: consecutive runs that
+   * cover the range exactly, in order. Sources without one are all `data`
+   * (see {@linkcode extentsOf}).
+   */
+  extents?(offset: number, length: number): AsyncIterable<Extent>;
+  /** A name for messages (a file path or URL), when there is one. */
+  readonly name?: string;
+  /** Releases what the source holds (file handles). */
+  close?(): Promise<void>;
+}
+
+/** Random-access writes. */
+export interface Sink {
+  /** Writes `bytes` at `offset`. */
+  write(offset: number, bytes: Uint8Array): Promise<void>;
+  /** Makes the sink exactly `size` bytes long (zero-filled or a hole past the last write). */
+  resize?(size: number): Promise<void>;
+  /** Pushes buffered writes to the medium. */
+  flush(): Promise<void>;
+  /** Flushes and releases the sink. */
+  close(): Promise<void>;
+  /**
+   * True when writes must come in increasing offset order without overlap
+   * (a stream). Gaps are zero-filled by the sink.
+   */
+  readonly sequential?: boolean;
+  /** A name for messages. */
+  readonly name?: string;
+}
+
+/** Geometry hints (cylinders, heads, sectors per track) some formats store. */
+export interface Geometry {
+  cylinders: number;
+  heads: number;
+  sectors: number;
+}
+
+/**
+ * An opened disk image: a Source of the virtual disk plus what the format
+ * knows about it. `size` is the virtual size.
+ */
+export interface Image extends Source {
+  /** The driver's name (`raw`, `qcow`, `dmg`, ...). */
+  readonly format: string;
+  /** The allocation map of this layer alone (never of its backing image). */
+  extents(offset: number, length: number): AsyncIterable<Extent>;
+  /** The backing file named in the header, as written there. */
+  readonly backingFile?: string;
+  /** The backing file's format named in the header, when the format stores one. */
+  readonly backingFormat?: string;
+  /** The image the backing file was opened as, when the caller allowed following it. */
+  readonly backing?: Image;
+  /** True when the data is encrypted (and no key has been applied). */
+  readonly encrypted: boolean;
+  /** Geometry stored in the image, if any. */
+  readonly geometry?: Geometry;
+  /** Format-specific facts for `info` (JSON-serialisable). */
+  readonly details?: Record<string, unknown>;
+  /** Writes through the format (allocating as needed); present when opened writable. */
+  write?(offset: number, bytes: Uint8Array): Promise<void>;
+  /** Flushes metadata and data of a writable image. */
+  flush?(): Promise<void>;
+}
+
+/** What a driver's `probe` sees: the first and last bytes of the source. */
+export interface ProbeInput {
+  /** The first bytes of the source (up to {@linkcode PROBE_BYTES}). */
+  head: Uint8Array;
+  /** The last bytes of the source (up to {@linkcode PROBE_BYTES}); the same bytes as `head` for small sources. */
+  tail: Uint8Array;
+  /** The source's total size. */
+  size: number;
+  /** The file name or URL, when known (a hint only: content decides). */
+  name?: string;
+}
+
+/** How many bytes of head and tail probing reads. */
+export const PROBE_BYTES = 8192;
+
+/** Decides what to do with a backing file an image names. */
+export type BackingResolver = (
+  backingFile: string,
+  image: Image,
+) => Promise<Source>;
+
+/** Options for opening an image. */
+export interface OpenOptions {
+  /** Skip probing and open as this format. */
+  format?: string;
+  /** Open for writing (the source must also be a Sink). Default: read-only. */
+  writable?: boolean;
+  /** Passphrase or key for encrypted images. */
+  key?: string | Uint8Array;
+  /**
+   * Opens backing files. When absent, backing files are named but not
+   * followed (`image.backing` stays undefined).
+   */
+  resolveBacking?: BackingResolver;
+  /** Driver-specific options (`key=value` from `-o`). */
+  options?: Record<string, string>;
+  /** The sink to write through for writable opens (often the same file as the source). */
+  sink?: Sink;
+}
+
+/** What `create` makes. */
+export interface CreateSpec {
+  /** Virtual size in bytes. */
+  size: number;
+  /** Backing file name to record in the header. */
+  backingFile?: string;
+  /** Backing file format to record, when the format stores one. */
+  backingFormat?: string;
+  /** Passphrase for formats that encrypt. */
+  key?: string | Uint8Array;
+  /** Driver-specific options (`-o key=value`). */
+  options?: Record<string, string>;
+}
+
+/** Options a driver's encoder receives from `convert`. */
+export interface EncodeOptions {
+  /** Driver-specific options (`-o key=value`). */
+  options?: Record<string, string>;
+  /** Write compressed where the format allows (`convert -c`). */
+  compress?: boolean;
+  /** Passphrase for formats that encrypt. */
+  key?: string | Uint8Array;
+  /** Called with the number of virtual-disk bytes consumed so far. */
+  onProgress?: (done: number) => void;
+  /** Stops the work. */
+  signal?: AbortSignal;
+}
+
+/**
+ * One image format: a plain object with what it can do. Drivers know
+ * nothing about each other; the registry and combinators do the rest.
+ */
+export interface Driver {
+  /** Short name, as `-f`/`-O` take it (`raw`, `qcow`, `dmg`). */
+  readonly name: string;
+  /** One line for `formats`. */
+  readonly description: string;
+  /** 0: not this format; higher: more certain. Raw scores 1. */
+  probe(input: ProbeInput): number;
+  /** Opens the image. */
+  open(source: Source, options: OpenOptions): Promise<Image>;
+  /**
+   * Creates an empty image of `spec.size` in `sink`, returning it opened
+   * writable (for formats written at random).
+   */
+  create?(sink: Sink, spec: CreateSpec): Promise<Image>;
+  /**
+   * Writes the whole of `source` as this format in one pass (for formats
+   * written sequentially: dmg, cloop, streamOptimized vmdk). `convert`
+   * prefers this over `create` when present.
+   */
+  encode?(source: Source, sink: Sink, options: EncodeOptions): Promise<void>;
+}
+
+/**
+ * The allocation map of any source: its own `extents` when it has one, or a
+ * single `data` run.
+ *
+ * @example
+ * ```ts
+ * import { extentsOf, fromBytes } from "../mod.ts";
+ * for await (const e of extentsOf(fromBytes(new Uint8Array(1024)), 0, 1024)) {
+ *   console.log(e.kind, e.offset, e.length); // data 0 1024
+ * }
+ * ```
+ */
+export async function* extentsOf(
+  source: Source,
+  offset: number,
+  length: number,
+): AsyncIterable<Extent> {
+  checkRange(source.size, offset, length);
+  if (length === 0) return;
+  if (source.extents) {
+    yield* source.extents(offset, length);
+  } else {
+    yield { offset, length, kind: "data" };
+  }
+}
+
+/**
+ * Throws a `RangeError` unless `[offset, offset + length)` lies within
+ * `[0, size]`.
+ *
+ * @example
+ * ```ts
+ * import { checkRange } from "./types.ts";
+ * checkRange(100, 10, 90); // fine
+ * ```
+ */
+export function checkRange(size: number, offset: number, length: number) {
+  if (
+    !Number.isSafeInteger(offset) || !Number.isSafeInteger(length) ||
+    offset < 0 || length < 0 || offset + length > size
+  ) {
+    throw new RangeError(
+      `read of ${length} bytes at ${offset} is outside 0..${size}`,
+    );
+  }
+}

@@ -1,0 +1,184 @@
+// Shared helpers for the tests: hashing, reference tools, reference images.
+import { createHash } from "node:crypto";
+import { existsSync } from "node:fs";
+
+/** SHA-256 hex of bytes. */
+export function sha256Hex(bytes: Uint8Array): string {
+  return createHash("sha256").update(bytes).digest("hex");
+}
+
+/** SHA-256 hex of a file, streamed. */
+export async function sha256File(path: string): Promise<string> {
+  const h = createHash("sha256");
+  using f = await Deno.open(path);
+  for await (const chunk of f.readable) h.update(chunk);
+  return h.digest("hex");
+}
+
+const toolCache = new Map<string, boolean>();
+/** True when a command is on PATH. */
+export function have(tool: string): boolean {
+  if (!toolCache.has(tool)) {
+    const r = new Deno.Command("sh", {
+      args: ["-c", `command -v ${tool}`],
+      stdout: "null",
+      stderr: "null",
+    }).outputSync();
+    toolCache.set(tool, r.success);
+  }
+  return toolCache.get(tool)!;
+}
+
+/** Runs a command; throws with its stderr when it fails (unless `allowFail`). */
+export async function run(
+  cmd: string,
+  args: string[],
+  opts: { allowFail?: boolean; stdin?: Uint8Array; cwd?: string } = {},
+): Promise<{ code: number; stdout: Uint8Array; stderr: string; text: string }> {
+  const child = new Deno.Command(cmd, {
+    args,
+    cwd: opts.cwd,
+    stdin: opts.stdin ? "piped" : "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  if (opts.stdin) {
+    const w = child.stdin.getWriter();
+    await w.write(opts.stdin);
+    await w.close();
+  }
+  const out = await child.output();
+  const stderr = new TextDecoder().decode(out.stderr);
+  const text = new TextDecoder().decode(out.stdout);
+  if (!out.success && !opts.allowFail) {
+    throw new Error(`${cmd} ${args.join(" ")} failed (${out.code}): ${stderr}`);
+  }
+  return { code: out.code, stdout: out.stdout, stderr, text };
+}
+
+/** The project's root folder. */
+export const ROOT = new URL("../", import.meta.url).pathname;
+/** The shared reference images folder, or undefined when absent. */
+export const REFERENCE = existsSync(`${ROOT}../shared/reference-images`)
+  ? `${ROOT}../shared/reference-images`
+  : undefined;
+
+/** One entry of the reference manifest. */
+export interface ReferenceImage {
+  path: string;
+  format: string;
+  virtual_size?: number;
+  raw_sha256?: string | null;
+  allocated_bytes?: number;
+  corrupt?: boolean;
+  note?: string;
+}
+
+/** The manifest's images (empty when ../shared is absent). */
+export function referenceImages(): ReferenceImage[] {
+  if (!REFERENCE) return [];
+  return JSON.parse(Deno.readTextFileSync(`${REFERENCE}/manifest.json`))
+    .images;
+}
+
+/**
+ * The bytes of a reference image, decompressed when stored as .bz2 (with
+ * the bzip2 tool). Undefined when ../shared is absent.
+ */
+export async function referenceBytes(
+  path: string,
+): Promise<Uint8Array | undefined> {
+  if (!REFERENCE) return undefined;
+  const full = `${REFERENCE}/${path}`;
+  if (!path.endsWith(".bz2")) return await Deno.readFile(full);
+  return (await run("bzip2", ["-dc", full])).stdout;
+}
+
+/** A reference image decompressed to a temporary file; its path. */
+export async function referenceFile(
+  path: string,
+  dir: string,
+): Promise<string | undefined> {
+  const bytes = await referenceBytes(path);
+  if (!bytes) return undefined;
+  const name = path.split("/").pop()!.replace(/\.bz2$/, "");
+  const out = `${dir}/${name}`;
+  await Deno.writeFile(out, bytes);
+  return out;
+}
+
+/** Why a test is skipped, printed once per reason. */
+const said = new Set<string>();
+/**
+ * True when the test must be skipped because `tools` are missing or
+ * ../shared is absent (with `needShared`); says why on stderr.
+ */
+export function skip(tools: string[], needShared = false): boolean {
+  const missing = tools.filter((t) => !have(t));
+  if (needShared && !REFERENCE) missing.push("../shared/reference-images");
+  if (missing.length === 0) return false;
+  const why = `skipping: ${missing.join(", ")} not available`;
+  if (!said.has(why)) {
+    said.add(why);
+    console.error(why);
+  }
+  return true;
+}
+
+/** A temporary folder removed after `fn`. */
+export async function withTemp<T>(fn: (dir: string) => Promise<T>): Promise<T> {
+  const dir = await Deno.makeTempDir({ prefix: "vdisk-test-" });
+  try {
+    return await fn(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** Deterministic pseudo-random bytes (xorshift32) for test data. */
+export function pseudoRandom(length: number, seed = 1): Uint8Array {
+  const out = new Uint8Array(length);
+  let x = seed || 1;
+  for (let i = 0; i < length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    out[i] = x & 0xff;
+  }
+  return out;
+}
+
+/** Runs the CLI (`cli.ts`) as a subprocess. */
+export function cli(
+  args: string[],
+  opts: { stdin?: Uint8Array; cwd?: string } = {},
+) {
+  return run(Deno.execPath(), ["run", "-A", `${ROOT}cli.ts`, ...args], {
+    ...opts,
+    allowFail: true,
+  });
+}
+
+/** Asserts that `fn` rejects with an error of class `type` whose message matches. */
+export async function rejects(
+  fn: () => Promise<unknown>,
+  type: abstract new (...args: never[]) => Error,
+  pattern?: RegExp,
+): Promise<Error> {
+  try {
+    await fn();
+  } catch (e) {
+    if (!(e instanceof type)) {
+      throw new Error(
+        `expected ${type.name}, got ${(e as Error)?.name}: ${
+          (e as Error)?.message
+        }`,
+      );
+    }
+    if (pattern && !pattern.test(e.message)) {
+      throw new Error(`message ${JSON.stringify(e.message)} !~ ${pattern}`);
+    }
+    return e;
+  }
+  throw new Error(`expected ${type.name}, but nothing was thrown`);
+}
