@@ -28,8 +28,10 @@ function describe(value: unknown): string {
   if (typeof value === "bigint") return value.toString();
   if (typeof value === "string") return JSON.stringify(value);
   if (value instanceof Uint8Array) {
-    return Array.from(value.subarray(0, 16), (b) =>
-      b.toString(16).padStart(2, "0")).join("");
+    return Array.from(
+      value.subarray(0, 16),
+      (b) => b.toString(16).padStart(2, "0"),
+    ).join("");
   }
   return String(value);
 }
@@ -98,7 +100,9 @@ export class ChecksumError extends ImageFormatError {
   ) {
     super(
       init,
-      `${init.field ?? "checksum"} mismatch: stored ${expected}, computed ${actual}`,
+      `${
+        init.field ?? "checksum"
+      } mismatch: stored ${expected}, computed ${actual}`,
     );
     this.name = "ChecksumError";
   }
@@ -174,4 +178,20 @@ export class HttpSourceError extends Error {
  */
 export function check(ok: boolean, init: ImageFormatErrorInit): asserts ok {
   if (!ok) throw new ImageFormatError(init);
+}
+
+/**
+ * A compressed stream is corrupt, or decodes to more or fewer bytes than
+ * declared. Drivers catch it and rethrow an {@linkcode ImageFormatError}
+ * naming the chunk or block.
+ */
+export class CodecError extends Error {
+  /**
+   * @param codec the codec (`zlib`, `bzip2`, `lzfse`, ...)
+   * @param message what is wrong
+   */
+  constructor(readonly codec: string, message: string) {
+    super(`${codec}: ${message}`);
+    this.name = "CodecError";
+  }
 }

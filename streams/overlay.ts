@@ -51,7 +51,11 @@ export function overlay(top: Image, base: Source): Image {
       }
       const end = run.offset + run.length;
       if (covered < end) {
-        yield { offset: covered, length: end - covered, kind: "zero" } as Extent;
+        yield {
+          offset: covered,
+          length: end - covered,
+          kind: "zero",
+        } as Extent;
       }
     }
   }

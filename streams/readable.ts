@@ -44,8 +44,9 @@ export function readable(
   const chunkSize = options.chunkSize ?? 1 << 20;
   const end = options.end ?? source.size;
   let position = options.start ?? 0;
-  let runs: AsyncIterator<{ offset: number; length: number; kind: string }> |
-    undefined;
+  let runs:
+    | AsyncIterator<{ offset: number; length: number; kind: string }>
+    | undefined;
   let run: { offset: number; length: number; kind: string } | undefined;
   return new ReadableStream<Uint8Array>({
     async pull(controller) {
