@@ -6,11 +6,15 @@
  * @module
  */
 
-import type { Sink, Source } from "./types.ts";
+import { checkRange, type Sink, type Source } from "./types.ts";
 import { fromBytes } from "./sources.ts";
 
-/** A sink that keeps what is written in memory; `bytes()` returns it. */
-export interface MemorySink extends Sink {
+/** A sink that keeps what is written in memory; it reads back as a Source too. */
+export interface MemorySink extends Sink, Source {
+  /** Bytes written so far (the high-water mark, or the last `resize`). */
+  readonly size: number;
+  /** Releases nothing: memory sinks hold no handles. */
+  close(): Promise<void>;
   /** The bytes written so far (a view: valid until the next write). */
   bytes(): Uint8Array;
   /** A Source over the bytes written so far. */
@@ -46,6 +50,13 @@ export function memorySink(initial?: Uint8Array): MemorySink {
     }
   };
   return {
+    get size() {
+      return length;
+    },
+    read(offset, n) {
+      checkRange(length, offset, n);
+      return Promise.resolve(buffer.slice(offset, offset + n));
+    },
     write(offset, bytes) {
       grow(offset + bytes.length);
       buffer.set(bytes, offset);

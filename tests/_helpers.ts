@@ -136,7 +136,10 @@ export async function withTemp<T>(fn: (dir: string) => Promise<T>): Promise<T> {
 }
 
 /** Deterministic pseudo-random bytes (xorshift32) for test data. */
-export function pseudoRandom(length: number, seed = 1): Uint8Array {
+export function pseudoRandom(
+  length: number,
+  seed = 1,
+): Uint8Array<ArrayBuffer> {
   const out = new Uint8Array(length);
   let x = seed || 1;
   for (let i = 0; i < length; i++) {

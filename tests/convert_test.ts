@@ -1,0 +1,134 @@
+import { assertEquals, assertTrue } from "./_asserts.ts";
+import {
+  convert,
+  fromBytes,
+  memorySink,
+  open,
+  readable,
+  type Sink,
+  type Source,
+} from "../mod.ts";
+import { pseudoRandom, sha256Hex } from "./_helpers.ts";
+
+/** A disk of data, holes and an unaligned tail. */
+function sampleDisk(): Uint8Array {
+  const disk = new Uint8Array(9 * 1024 * 1024 + 1234);
+  disk.set(pseudoRandom(300_000, 3), 100_000);
+  disk.set(pseudoRandom(5000, 4), 7 * 1024 * 1024);
+  disk.set(pseudoRandom(1234, 5), 9 * 1024 * 1024);
+  return disk;
+}
+
+/** A sink recording where writes land. */
+function recordingSink(): Sink & {
+  writes: [number, number][];
+  inner: ReturnType<typeof memorySink>;
+} {
+  const inner = memorySink();
+  const writes: [number, number][] = [];
+  return {
+    writes,
+    inner,
+    write(offset, bytes) {
+      writes.push([offset, bytes.length]);
+      return inner.write(offset, bytes);
+    },
+    resize: (n) => inner.resize!(n),
+    flush: () => inner.flush(),
+    close: () => inner.close(),
+  };
+}
+
+Deno.test("convert copies a raw disk byte-identical and hashes it", async () => {
+  const disk = sampleDisk();
+  const sink = memorySink();
+  const result = await convert(await open(fromBytes(disk)), sink, {
+    hash: true,
+  });
+  assertEquals(sink.bytes().length, disk.length);
+  assertEquals(sha256Hex(sink.bytes()), sha256Hex(disk));
+  assertEquals(result.sha256, sha256Hex(disk));
+});
+
+Deno.test("convert never writes zero runs (the output stays sparse)", async () => {
+  const disk = sampleDisk();
+  const sink = recordingSink();
+  const result = await convert(await open(fromBytes(disk)), sink);
+  const written = sink.writes.reduce((n, [, l]) => n + l, 0);
+  assertTrue(written < 330_000, `wrote ${written} bytes`);
+  assertEquals(result.dataBytes, written);
+  assertEquals(sha256Hex(sink.inner.bytes()), sha256Hex(disk));
+});
+
+Deno.test("convert never reads zero runs of the allocation map", async () => {
+  const reads: [number, number][] = [];
+  const source: Source = {
+    size: 64 << 20,
+    read(offset, length) {
+      reads.push([offset, length]);
+      return Promise.resolve(new Uint8Array(length).fill(1));
+    },
+    async *extents(offset, length) {
+      // data in the first MiB only
+      const split = Math.min(offset + length, 1 << 20);
+      if (split > offset) {
+        yield { offset, length: split - offset, kind: "data" as const };
+      }
+      if (offset + length > split) {
+        yield {
+          offset: split,
+          length: offset + length - split,
+          kind: "zero" as const,
+        };
+      }
+    },
+  };
+  const sink = memorySink();
+  await convert(source, sink);
+  assertEquals(reads.reduce((n, [, l]) => n + l, 0), 1 << 20);
+  assertEquals(sink.bytes().length, 64 << 20);
+});
+
+Deno.test("convert reports progress up to the total", async () => {
+  const seen: number[] = [];
+  await convert(await open(fromBytes(sampleDisk())), memorySink(), {
+    onProgress: (done, total) => {
+      seen.push(done);
+      assertEquals(total, sampleDisk().length);
+    },
+  });
+  assertEquals(seen[0], 0);
+  assertEquals(seen.at(-1), sampleDisk().length);
+});
+
+Deno.test("convert stops when its signal aborts", async () => {
+  const controller = new AbortController();
+  controller.abort(new Error("stop"));
+  let message = "";
+  try {
+    await convert(await open(fromBytes(sampleDisk())), memorySink(), {
+      signal: controller.signal,
+    });
+  } catch (e) {
+    message = (e as Error).message;
+  }
+  assertEquals(message, "stop");
+});
+
+Deno.test("readable streams the whole disk in order", async () => {
+  const disk = sampleDisk();
+  const parts: Uint8Array[] = [];
+  for await (
+    const c of readable(await open(fromBytes(disk)), { chunkSize: 1 << 20 })
+  ) {
+    parts.push(c);
+  }
+  const all = new Uint8Array(disk.length);
+  let at = 0;
+  for (const p of parts) {
+    all.set(p, at);
+    at += p.length;
+  }
+  assertEquals(at, disk.length);
+  assertEquals(sha256Hex(all), sha256Hex(disk));
+});
