@@ -22,11 +22,16 @@ export interface FileHandle extends Source, Sink {
 export interface FileOptions {
   /** Open for writing too. @default false */
   write?: boolean;
+  /**
+   * `flush()` waits until the data is on the storage device (fsync). Without
+   * it writes reach the OS at once and `flush()` returns, as with qemu-img's
+   * default cache mode for convert. @default false
+   */
+  sync?: boolean;
 }
 
 /**
- * Opens a host file as a Source (and a Sink when `write` is set). Reads and
- * writes are serialised on the handle, since Deno files have one position.
+ * Opens a host file as a Source (and a Sink when `write` is set).
  *
  * @param path the file's path
  * @param options open for writing
@@ -56,7 +61,7 @@ export async function fromFile(
     file.close();
     throw e;
   }
-  return handle(file, path, size, options.write === true);
+  return handle(file, path, size, options.write === true, options.sync);
 }
 
 function handle(
@@ -64,16 +69,26 @@ function handle(
   path: string,
   initialSize: number,
   writable: boolean,
+  sync = false,
 ): FileHandle {
   let size = initialSize;
-  // One position per Deno file: seek+read must not interleave.
-  let queue: Promise<unknown> = Promise.resolve();
-  const serial = <T>(task: () => Promise<T>): Promise<T> => {
-    const next = queue.then(task, task);
-    queue = next.catch(() => {});
-    return next;
-  };
   let closed = false;
+  // Synchronous file ops: in Deno 2.9 they copy a GiB in a third of the time
+  // the async ones take (445 ms against 1.4 s in `deno task bench`'s raw
+  // case), and as each completes before the next starts, reads and writes
+  // never interleave on the file's single position. The blocking is per op
+  // (a few MiB at most), not per image.
+  const readAt = (offset: number, out: Uint8Array) => {
+    file.seekSync(offset, Deno.SeekMode.Start);
+    let at = 0;
+    while (at < out.length) {
+      const n = file.readSync(out.subarray(at));
+      if (n === null) {
+        throw new RangeError(`${path}: file ended at ${offset + at}`);
+      }
+      at += n;
+    }
+  };
   const self: FileHandle = {
     path,
     name: path,
@@ -81,46 +96,47 @@ function handle(
       return size;
     },
     read(offset, length) {
-      checkRange(size, offset, length);
-      return serial(async () => {
+      try {
+        checkRange(size, offset, length);
         const out = new Uint8Array(length);
-        await file.seek(offset, Deno.SeekMode.Start);
-        let at = 0;
-        while (at < length) {
-          const n = await file.read(out.subarray(at));
-          if (n === null) {
-            throw new RangeError(`${path}: file ended at ${offset + at}`);
-          }
-          at += n;
-        }
-        return out;
-      });
+        readAt(offset, out);
+        return Promise.resolve(out);
+      } catch (e) {
+        return Promise.reject(e);
+      }
     },
     write(offset, bytes) {
       if (!writable) {
         return Promise.reject(new Error(`${path} is open read-only`));
       }
-      return serial(async () => {
-        await file.seek(offset, Deno.SeekMode.Start);
+      try {
+        file.seekSync(offset, Deno.SeekMode.Start);
         let at = 0;
-        while (at < bytes.length) at += await file.write(bytes.subarray(at));
+        while (at < bytes.length) at += file.writeSync(bytes.subarray(at));
         size = Math.max(size, offset + bytes.length);
-      });
+        return Promise.resolve();
+      } catch (e) {
+        return Promise.reject(e);
+      }
     },
     resize(newSize) {
-      return serial(async () => {
-        await file.truncate(newSize);
+      try {
+        file.truncateSync(newSize);
         size = newSize;
-      });
+        return Promise.resolve();
+      } catch (e) {
+        return Promise.reject(e);
+      }
     },
     flush() {
-      return writable ? serial(() => file.syncData()) : Promise.resolve();
+      return writable && sync ? file.syncData() : Promise.resolve();
     },
-    async close() {
-      if (closed) return;
-      closed = true;
-      await serial(() => Promise.resolve());
-      file.close();
+    close() {
+      if (!closed) {
+        closed = true;
+        file.close();
+      }
+      return Promise.resolve();
     },
     async allocatedBytes() {
       const stat = await file.stat();
@@ -144,9 +160,11 @@ export interface OutputFile extends FileHandle {
  * Creates an output file that lives under a temporary name in the same
  * folder (`.NAME.partial-XXXXXX`) until `commit()` renames it, so that an
  * interrupted run never leaves a finished-looking file. Zero runs that are
- * never written stay holes (the file is sparse).
+ * never written stay holes (the file is sparse). With `sync`, `commit()`
+ * waits for the data to reach the device before renaming.
  *
  * @param path the final path
+ * @param options `sync`: fsync before the rename
  * @returns an OutputFile; call `commit()` or `abort()`
  *
  * @example
@@ -157,7 +175,10 @@ export interface OutputFile extends FileHandle {
  * await out.commit();
  * ```
  */
-export async function createOutputFile(path: string): Promise<OutputFile> {
+export async function createOutputFile(
+  path: string,
+  options: { sync?: boolean } = {},
+): Promise<OutputFile> {
   const slash = path.lastIndexOf("/");
   const dir = slash >= 0 ? path.slice(0, slash + 1) : "";
   const base = path.slice(slash + 1);
@@ -168,7 +189,7 @@ export async function createOutputFile(path: string): Promise<OutputFile> {
     write: true,
     createNew: true,
   });
-  const inner = handle(file, temp, 0, true);
+  const inner = handle(file, temp, 0, true, options.sync);
   let done = false;
   return {
     ...inner,

@@ -1,0 +1,405 @@
+// `deno task bench`: times our convert against the reference tools on the
+// same machine in the same run, and prints ratios (ours / theirs; below 1 is
+// faster). The 1 GiB source disk and the images made from it are built once
+// and cached under $TMPDIR/vdisk-bench.
+//
+//   deno task bench              every case whose driver and peer tool exist
+//   deno task bench cloop dmg    only cases whose name contains one of these
+//   BENCH_SIZE_MIB=256 deno task bench   a smaller disk
+import { formats } from "../mod.ts";
+import { have, pseudoRandom, ROOT, run } from "./_helpers.ts";
+
+const MIB = 1024 * 1024;
+const SIZE_MIB = Number(Deno.env.get("BENCH_SIZE_MIB") ?? 1024);
+const DIR = `${Deno.env.get("TMPDIR") ?? "/tmp"}/vdisk-bench-${SIZE_MIB}`;
+const RUNS = Number(Deno.env.get("BENCH_RUNS") ?? 3);
+const DISK = `${DIR}/disk.raw`;
+const CLI = `${ROOT}cli.ts`;
+const deno = Deno.execPath();
+
+/** A disk like a real one: compressible "files", zero runs and random bytes. */
+async function buildDisk() {
+  try {
+    if ((await Deno.stat(DISK)).size === SIZE_MIB * MIB) return;
+  } catch { /* build it */ }
+  await Deno.mkdir(DIR, { recursive: true });
+  console.error(`building ${SIZE_MIB} MiB bench disk at ${DISK}`);
+  const file = await Deno.open(DISK, {
+    write: true,
+    create: true,
+    truncate: true,
+  });
+  await file.truncate(SIZE_MIB * MIB);
+  const words =
+    "the quick brown fox jumps over a lazy dog disk image sector cluster "
+      .split(" ");
+  const text = new TextEncoder().encode(
+    Array.from({ length: 200_000 }, (_, i) => words[(i * 7919) % words.length])
+      .join(" "),
+  );
+  for (let mib = 0; mib < SIZE_MIB; mib++) {
+    const kind = mib % 8; // 0-3 text-like, 4-5 zeros (holes), 6 random, 7 mixed
+    if (kind === 4 || kind === 5) continue;
+    const block = kind === 6
+      ? pseudoRandom(MIB, mib + 1)
+      : new Uint8Array(MIB).map((_, i) => text[(i + mib * 131) % text.length]);
+    if (kind === 7) block.fill(0, 0, MIB / 2);
+    await file.seek(mib * MIB, Deno.SeekMode.Start);
+    await file.write(block);
+  }
+  file.close();
+}
+
+interface Case {
+  name: string;
+  /** Our driver that must exist for the case to run. */
+  format: string;
+  /** Makes the input image (once; cached). */
+  make: { path: string; cmd: string[] };
+  /** Tools that make the image or compete; missing ones skip the case/peer. */
+  needs: string[];
+  /** Competing commands converting the input to `OUT` (raw). */
+  peers: { name: string; cmd: string[]; tool: string }[];
+  /** Our command's extra flags. */
+  ours?: string[];
+}
+
+const OUT = `${DIR}/out.raw`;
+const img = (name: string) => `${DIR}/${name}`;
+const ourConvert = (
+  fmt: string,
+  input: string,
+  out = OUT,
+  extra: string[] = [],
+) => [
+  deno,
+  "run",
+  "-A",
+  CLI,
+  "convert",
+  "-f",
+  fmt,
+  "-O",
+  "raw",
+  ...extra,
+  input,
+  out,
+];
+
+const cases: Case[] = [
+  {
+    name: "raw",
+    format: "raw",
+    make: { path: DISK, cmd: [] },
+    needs: [],
+    peers: [
+      {
+        name: "qemu-img",
+        tool: "qemu-img",
+        cmd: ["qemu-img", "convert", "-f", "raw", "-O", "raw", DISK, OUT],
+      },
+      {
+        name: "cp --sparse=always",
+        tool: "cp",
+        cmd: ["cp", "--sparse=always", DISK, OUT],
+      },
+    ],
+  },
+  {
+    name: "cloop (create_compressed_fs -B 65536)",
+    format: "cloop",
+    make: {
+      path: img("disk.cloop"),
+      cmd: [
+        "sh",
+        "-c",
+        `create_compressed_fs -B 65536 ${DISK} ${
+          img("disk.cloop")
+        } 2>/dev/null`,
+      ],
+    },
+    needs: ["create_compressed_fs"],
+    peers: [
+      {
+        name: "qemu-img",
+        tool: "qemu-img",
+        cmd: [
+          "qemu-img",
+          "convert",
+          "-f",
+          "cloop",
+          "-O",
+          "raw",
+          img("disk.cloop"),
+          OUT,
+        ],
+      },
+      {
+        name: "extract_compressed_fs",
+        tool: "extract_compressed_fs",
+        cmd: [
+          "sh",
+          "-c",
+          `extract_compressed_fs ${img("disk.cloop")} > ${OUT}`,
+        ],
+      },
+    ],
+  },
+  ...["zlib", "bzip2"].map((codec): Case => ({
+    name: `dmg ${codec} (our writer, checked by 7zz in the tests)`,
+    format: "dmg",
+    make: {
+      path: img(`disk-${codec}.dmg`),
+      cmd: [
+        deno,
+        "run",
+        "-A",
+        CLI,
+        "convert",
+        "-O",
+        "dmg",
+        "-o",
+        `compression=${codec}`,
+        DISK,
+        img(`disk-${codec}.dmg`),
+      ],
+    },
+    needs: [],
+    peers: [
+      ...(codec === "zlib"
+        ? [{
+          name: "qemu-img",
+          tool: "qemu-img",
+          cmd: [
+            "qemu-img",
+            "convert",
+            "-f",
+            "dmg",
+            "-O",
+            "raw",
+            img(`disk-${codec}.dmg`),
+            OUT,
+          ],
+        }]
+        : []),
+      {
+        name: "dmg2img",
+        tool: "dmg2img",
+        cmd: ["dmg2img", "-s", img(`disk-${codec}.dmg`), OUT],
+      },
+      {
+        name: "7zz",
+        tool: "7zz",
+        cmd: [
+          "sh",
+          "-c",
+          `7zz x -tdmg -so ${img(`disk-${codec}.dmg`)} > ${OUT}`,
+        ],
+      },
+    ],
+  })),
+  {
+    name: "qcow (qemu-img convert -O qcow)",
+    format: "qcow",
+    make: {
+      path: img("disk.qcow"),
+      cmd: [
+        "qemu-img",
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow",
+        DISK,
+        img("disk.qcow"),
+      ],
+    },
+    needs: ["qemu-img"],
+    peers: [{
+      name: "qemu-img",
+      tool: "qemu-img",
+      cmd: [
+        "qemu-img",
+        "convert",
+        "-f",
+        "qcow",
+        "-O",
+        "raw",
+        img("disk.qcow"),
+        OUT,
+      ],
+    }],
+  },
+  {
+    name: "qcow compressed (qemu-img convert -c -O qcow)",
+    format: "qcow",
+    make: {
+      path: img("disk-c.qcow"),
+      cmd: [
+        "qemu-img",
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow",
+        DISK,
+        img("disk-c.qcow"),
+      ],
+    },
+    needs: ["qemu-img"],
+    peers: [{
+      name: "qemu-img",
+      tool: "qemu-img",
+      cmd: [
+        "qemu-img",
+        "convert",
+        "-f",
+        "qcow",
+        "-O",
+        "raw",
+        img("disk-c.qcow"),
+        OUT,
+      ],
+    }],
+  },
+  {
+    name: "vmdk streamOptimized (qemu-img)",
+    format: "vmdk",
+    make: {
+      path: img("disk-so.vmdk"),
+      cmd: [
+        "qemu-img",
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        DISK,
+        img("disk-so.vmdk"),
+      ],
+    },
+    needs: ["qemu-img"],
+    peers: [{
+      name: "qemu-img",
+      tool: "qemu-img",
+      cmd: [
+        "qemu-img",
+        "convert",
+        "-f",
+        "vmdk",
+        "-O",
+        "raw",
+        img("disk-so.vmdk"),
+        OUT,
+      ],
+    }],
+  },
+  {
+    name: "vpc dynamic (qemu-img)",
+    format: "vpc",
+    make: {
+      path: img("disk.vhd"),
+      cmd: [
+        "qemu-img",
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vpc",
+        DISK,
+        img("disk.vhd"),
+      ],
+    },
+    needs: ["qemu-img"],
+    peers: [{
+      name: "qemu-img",
+      tool: "qemu-img",
+      cmd: [
+        "qemu-img",
+        "convert",
+        "-f",
+        "vpc",
+        "-O",
+        "raw",
+        img("disk.vhd"),
+        OUT,
+      ],
+    }],
+  },
+];
+
+/** Wall time of the best of RUNS runs, and the peak RSS (KiB) when GNU time is there. */
+async function time(
+  cmd: string[],
+): Promise<{ seconds: number; rssKiB?: number }> {
+  let best = Infinity;
+  let rss: number | undefined;
+  for (let i = 0; i < RUNS; i++) {
+    await Deno.remove(OUT).catch(() => {});
+    const timed = have("/usr/bin/time")
+      ? ["/usr/bin/time", "-f", "%M", ...cmd]
+      : cmd;
+    const start = performance.now();
+    const r = await run(timed[0], timed.slice(1), { allowFail: true });
+    const seconds = (performance.now() - start) / 1000;
+    if (r.code !== 0) {
+      throw new Error(`${cmd.join(" ")} failed: ${r.stderr.slice(-400)}`);
+    }
+    best = Math.min(best, seconds);
+    const last = r.stderr.trim().split("\n").pop() ?? "";
+    if (/^\d+$/.test(last)) rss = Math.max(rss ?? 0, Number(last));
+  }
+  return { seconds: best, rssKiB: rss };
+}
+
+const filters = Deno.args;
+const known = new Set(formats().map((d) => d.name));
+await buildDisk();
+console.log(`bench: ${SIZE_MIB} MiB disk, best of ${RUNS} runs, output ${OUT}`);
+for (const c of cases) {
+  if (filters.length && !filters.some((f) => c.name.includes(f))) continue;
+  if (!known.has(c.format)) {
+    console.log(`\n${c.name}: skipped (no ${c.format} driver yet)`);
+    continue;
+  }
+  const missing = c.needs.filter((t) => !have(t));
+  if (missing.length) {
+    console.log(`\n${c.name}: skipped (${missing.join(", ")} not installed)`);
+    continue;
+  }
+  try {
+    await Deno.stat(c.make.path);
+  } catch {
+    await run(c.make.cmd[0], c.make.cmd.slice(1));
+  }
+  const size = (await Deno.stat(c.make.path)).size;
+  console.log(`\n${c.name}: input ${(size / MIB).toFixed(1)} MiB`);
+  const ours = await time(ourConvert(c.format, c.make.path, OUT, c.ours));
+  const rss = (r: { rssKiB?: number }) =>
+    r.rssKiB ? `, peak RSS ${(r.rssKiB / 1024).toFixed(0)} MiB` : "";
+  console.log(
+    `  ours                   ${ours.seconds.toFixed(2)} s${rss(ours)}`,
+  );
+  for (const p of c.peers) {
+    if (!have(p.tool)) {
+      console.log(`  ${p.name.padEnd(22)} skipped (not installed)`);
+      continue;
+    }
+    try {
+      const theirs = await time(p.cmd);
+      console.log(
+        `  ${p.name.padEnd(22)} ${theirs.seconds.toFixed(2)} s${
+          rss(theirs)
+        }   ours/theirs = ${(ours.seconds / theirs.seconds).toFixed(2)}`,
+      );
+    } catch (e) {
+      console.log(
+        `  ${p.name.padEnd(22)} failed: ${(e as Error).message.split("\n")[0]}`,
+      );
+    }
+  }
+}
+await Deno.remove(OUT).catch(() => {});
