@@ -552,7 +552,12 @@ export async function main(args: string[]): Promise<number> {
     return 0;
   }
   const onSignal = () => {
-    for (const out of pendingOutputs) out.abort();
+    // Synchronously: Deno.exit does not wait for promises.
+    for (const out of pendingOutputs) {
+      try {
+        Deno.removeSync(out.path);
+      } catch { /* already gone */ }
+    }
     printErr(`\nvdisk ${name}: interrupted\n`);
     Deno.exit(130);
   };

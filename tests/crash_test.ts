@@ -1,0 +1,57 @@
+// Crash safety: a convert that is killed or interrupted never leaves a file
+// under the final name, and never touches its input.
+import { assertEquals, assertTrue } from "./_asserts.ts";
+import { pseudoRandom, ROOT, sha256File, withTemp } from "./_helpers.ts";
+
+/** A raw disk big enough that converting it takes a while. */
+async function bigInput(dir: string): Promise<string> {
+  const path = `${dir}/big.raw`;
+  const f = await Deno.open(path, { write: true, create: true });
+  const block = pseudoRandom(4 << 20, 9);
+  for (let i = 0; i < 96; i++) {
+    block[0] = i; // no two blocks alike
+    await f.write(block);
+  }
+  f.close();
+  return path;
+}
+
+/** Starts a convert and waits until its temporary output exists. */
+async function startConvert(dir: string, input: string, out: string) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", `${ROOT}cli.ts`, "convert", "-O", "raw", input, out],
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    const partial = [...Deno.readDirSync(dir)].find((e) =>
+      e.name.includes(".partial-")
+    );
+    if (partial && (await Deno.stat(`${dir}/${partial.name}`)).size > 0) break;
+    if (Date.now() > deadline) throw new Error("convert never started writing");
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  return child;
+}
+
+for (const signal of ["SIGKILL", "SIGINT", "SIGTERM"] as const) {
+  Deno.test(`convert killed by ${signal} leaves no file under the final name`, async () => {
+    await withTemp(async (dir) => {
+      const input = await bigInput(dir);
+      const before = await sha256File(input);
+      const child = await startConvert(dir, input, `${dir}/out.raw`);
+      child.kill(signal);
+      const status = await child.status;
+      assertTrue(!status.success, "convert finished before the signal");
+      const names = [...Deno.readDirSync(dir)].map((e) => e.name);
+      assertTrue(!names.includes("out.raw"), `found ${names}`);
+      if (signal !== "SIGKILL") {
+        // A signal it can catch: the temporary file is removed too.
+        assertEquals(names, ["big.raw"]);
+      }
+      assertEquals(await sha256File(input), before, "the input changed");
+      await child.stderr.cancel();
+    });
+  });
+}
