@@ -19,6 +19,7 @@
 
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import {
+  conversionService,
   convert,
   type ConvertOptions,
   create,
@@ -29,6 +30,7 @@ import {
   formats,
   fromFile,
   type Image,
+  imageInfo,
   open,
   type OpenOptions,
   type OutputFile,
@@ -368,6 +370,58 @@ const commands: Record<string, Command> = {
     },
   },
 
+  serve: {
+    usage:
+      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--web DIR]",
+    summary:
+      "run the conversion service (GET /convert?url=..., POST /info); --web also serves a folder and dist/mod.js",
+    options: {
+      port: { type: "string", default: "8000" },
+      hostname: { type: "string", default: "127.0.0.1" },
+      "allow-host": { type: "string", multiple: true },
+      "allow-private": { type: "boolean" },
+      "max-input": { type: "string" },
+      web: { type: "string" },
+    },
+    async run({ values }) {
+      const service = conversionService({
+        allowHosts: values["allow-host"] as string[] | undefined,
+        allowPrivate: values["allow-private"] === true,
+        maxInputBytes: values["max-input"]
+          ? parseSize(values["max-input"] as string)
+          : undefined,
+      });
+      const web = values.web as string | undefined;
+      const server = Deno.serve({
+        port: Number(values.port),
+        hostname: values.hostname as string,
+        onListen: ({ hostname, port }) =>
+          printErr(`listening on http://${hostname}:${port}/\n`),
+      }, async (request) => {
+        const path = new URL(request.url).pathname;
+        if (web && request.method === "GET" && !path.startsWith("/convert")) {
+          const file = path === "/dist/mod.js"
+            ? new URL("dist/mod.js", import.meta.url).pathname
+            : `${web}/${path === "/" ? "index.html" : path.slice(1)}`;
+          if (!path.includes("..")) {
+            try {
+              const body = await Deno.readFile(file);
+              const type = file.endsWith(".html")
+                ? "text/html"
+                : file.endsWith(".js")
+                ? "text/javascript"
+                : "application/octet-stream";
+              return new Response(body, { headers: { "content-type": type } });
+            } catch { /* fall through to the service */ }
+          }
+        }
+        return service(request);
+      });
+      await server.finished;
+      return 0;
+    },
+  },
+
   formats: {
     usage: "formats",
     summary: "list the formats this toolkit reads and writes",
@@ -401,26 +455,16 @@ function need(positionals: string[], count: number, command: string): string[] {
 
 /** The `info` facts, with qemu-img's JSON keys first. */
 async function describe(path: string, file: FileHandle, image: Image) {
-  const info: Record<string, unknown> = {
-    "virtual-size": image.size,
-    filename: path,
-    format: image.format,
-  };
+  const info = imageInfo(image, path);
   const actual = await file.allocatedBytes();
-  if (actual !== undefined) info["actual-size"] = actual;
-  if (image.backingFile !== undefined) {
-    info["backing-filename"] = image.backingFile;
-    if (image.backingFormat) {
-      info["backing-filename-format"] = image.backingFormat;
-    }
-  }
-  info.encrypted = image.encrypted;
-  if (image.geometry) info.geometry = image.geometry;
-  if (image.details && Object.keys(image.details).length) {
-    info["format-specific"] = { type: image.format, data: image.details };
-  }
-  info["dirty-flag"] = false;
-  return info;
+  // qemu-img's key order: virtual-size, filename, format, actual-size, ...
+  const ordered: Record<string, unknown> = {
+    "virtual-size": info["virtual-size"],
+    filename: info.filename,
+    format: info.format,
+  };
+  if (actual !== undefined) ordered["actual-size"] = actual;
+  return { ...ordered, ...info, "dirty-flag": false };
 }
 
 function humanInfo(info: Record<string, unknown>): string {

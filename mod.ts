@@ -28,5 +28,6 @@ export * from "./streams/file.ts";
 export * from "./streams/readable.ts";
 export * from "./streams/convert.ts";
 export * from "./streams/overlay.ts";
+export * from "./streams/service.ts";
 export * from "./drivers/registry.ts";
 export { raw } from "./drivers/raw.ts";
