@@ -185,3 +185,44 @@ export async function rejects(
   }
   throw new Error(`expected ${type.name}, but nothing was thrown`);
 }
+
+/** A static file server with Range support on 127.0.0.1, as a CDN would be. */
+export function fileServer(root: string) {
+  const server = Deno.serve(
+    { port: 0, hostname: "127.0.0.1", onListen() {} },
+    async (req) => {
+      const path = `${root}${new URL(req.url).pathname}`;
+      let file: Deno.FsFile;
+      try {
+        file = await Deno.open(path);
+      } catch {
+        return new Response("not found", { status: 404 });
+      }
+      const size = (await file.stat()).size;
+      const m = /bytes=(\d+)-(\d+)/.exec(req.headers.get("range") ?? "");
+      // Module scripts load only with a JavaScript MIME type.
+      const type = path.endsWith(".js")
+        ? "text/javascript"
+        : path.endsWith(".html")
+        ? "text/html"
+        : "application/octet-stream";
+      if (!m) {
+        return new Response(file.readable, {
+          headers: { "content-length": String(size), "content-type": type },
+        });
+      }
+      const start = Number(m[1]);
+      const end = Math.min(Number(m[2]), size - 1);
+      const body = new Uint8Array(end - start + 1);
+      await file.seek(start, Deno.SeekMode.Start);
+      let at = 0;
+      while (at < body.length) at += (await file.read(body.subarray(at)))!;
+      file.close();
+      return new Response(body, {
+        status: 206,
+        headers: { "content-range": `bytes ${start}-${end}/${size}` },
+      });
+    },
+  );
+  return { server, base: `http://127.0.0.1:${server.addr.port}` };
+}

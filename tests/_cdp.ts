@@ -1,0 +1,152 @@
+// A minimal Chrome DevTools Protocol client: starts Debian's headless
+// chromium and talks to one page over a WebSocket. No downloaded browsers.
+
+/** A page in a running headless chromium. */
+export interface Browser {
+  /** Evaluates an expression in the page (awaiting promises) and returns its value. */
+  evaluate<T>(expression: string): Promise<T>;
+  /** Sends a raw CDP command to the page's session. */
+  send(
+    method: string,
+    params?: Record<string, unknown>,
+  ): Promise<Record<string, unknown>>;
+  /** Sends a command to the browser itself (no session). */
+  sendBrowser(
+    method: string,
+    params?: Record<string, unknown>,
+  ): Promise<Record<string, unknown>>;
+  /** Messages the page logged (console and errors), for failure reports. */
+  logs: string[];
+  close(): Promise<void>;
+}
+
+/** Starts chromium headless and opens `url` in a new page. */
+export async function launch(url: string): Promise<Browser> {
+  const profile = await Deno.makeTempDir({ prefix: "vdisk-chromium-" });
+  const child = new Deno.Command("chromium", {
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+      "--disable-dev-shm-usage",
+      `--user-data-dir=${profile}`,
+      "--remote-debugging-port=0",
+      "about:blank",
+    ],
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  const reader = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
+  let said = "";
+  let wsUrl: string | undefined;
+  const deadline = Date.now() + 30_000;
+  while (!wsUrl) {
+    const { value, done } = await reader.read();
+    if (done || Date.now() > deadline) {
+      throw new Error(`chromium did not start: ${said.slice(-500)}`);
+    }
+    said += value;
+    wsUrl = /DevTools listening on (ws:\/\/\S+)/.exec(said)?.[1];
+  }
+  // Keep draining stderr so chromium never blocks on a full pipe.
+  (async () => {
+    try {
+      while (!(await reader.read()).done) { /* drain */ }
+    } catch { /* closed */ }
+  })();
+
+  const socket = new WebSocket(wsUrl);
+  await new Promise((resolve, reject) => {
+    socket.onopen = resolve;
+    socket.onerror = reject;
+  });
+  let nextId = 1;
+  const waiting = new Map<
+    number,
+    {
+      resolve: (v: Record<string, unknown>) => void;
+      reject: (e: Error) => void;
+    }
+  >();
+  const logs: string[] = [];
+  socket.onmessage = (event) => {
+    const message = JSON.parse(event.data);
+    if (message.id && waiting.has(message.id)) {
+      const w = waiting.get(message.id)!;
+      waiting.delete(message.id);
+      if (message.error) w.reject(new Error(`CDP: ${message.error.message}`));
+      else w.resolve(message.result);
+    } else if (message.method === "Runtime.consoleAPICalled") {
+      logs.push(
+        message.params.args.map((
+          a: { value?: unknown; description?: string },
+        ) => a.value ?? a.description).join(" "),
+      );
+    } else if (message.method === "Runtime.exceptionThrown") {
+      logs.push(JSON.stringify(message.params.exceptionDetails).slice(0, 500));
+    }
+  };
+  const raw = (
+    method: string,
+    params: Record<string, unknown> = {},
+    sessionId?: string,
+  ) => {
+    const id = nextId++;
+    socket.send(JSON.stringify({ id, method, params, sessionId }));
+    return new Promise<Record<string, unknown>>((resolve, reject) =>
+      waiting.set(id, { resolve, reject })
+    );
+  };
+  const { targetId } = await raw("Target.createTarget", { url: "about:blank" });
+  const { sessionId } = await raw("Target.attachToTarget", {
+    targetId,
+    flatten: true,
+  });
+  const send = (method: string, params: Record<string, unknown> = {}) =>
+    raw(method, params, sessionId as string);
+  await send("Runtime.enable");
+  await send("Page.enable");
+  await send("Page.navigate", { url });
+  // Wait for the page's script to define its API.
+  for (let i = 0; i < 200; i++) {
+    const r = await send("Runtime.evaluate", {
+      expression: "typeof globalThis.vdisk",
+      returnByValue: true,
+    });
+    if ((r.result as { value: string }).value === "object") break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    logs,
+    send,
+    sendBrowser: (method, params) => raw(method, params),
+    async evaluate<T>(expression: string) {
+      const r = await send("Runtime.evaluate", {
+        expression,
+        awaitPromise: true,
+        returnByValue: true,
+      });
+      if (r.exceptionDetails) {
+        const details = r.exceptionDetails as {
+          exception?: { description?: string };
+          text?: string;
+        };
+        throw new Error(
+          details.exception?.description ?? details.text ?? "evaluation failed",
+        );
+      }
+      return (r.result as { value: T }).value;
+    },
+    async close() {
+      socket.close();
+      child.kill("SIGKILL");
+      await child.status;
+      await Deno.remove(profile, { recursive: true }).catch(() => {});
+    },
+  };
+}

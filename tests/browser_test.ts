@@ -1,0 +1,161 @@
+// The same pipeline in a browser: Debian's headless chromium loads the web
+// page, whose module worker imports the bundle (dist/mod.js built here),
+// opens images over HTTP Range requests and from Files, and hashes the raw
+// disk. The hashes must match the manifest's.
+import { assertEquals, assertTrue } from "./_asserts.ts";
+import { launch } from "./_cdp.ts";
+import {
+  fileServer,
+  referenceFile,
+  referenceImages,
+  ROOT,
+  run,
+  sha256File,
+  skip,
+  withTemp,
+} from "./_helpers.ts";
+import { formats } from "../mod.ts";
+
+const known = new Set(formats().map((d) => d.name));
+/** Reference images the browser must decode: dmg (each codec) and cloop, as far as the drivers exist. */
+const WANTED = [
+  "udif/compression-zlib.dmg",
+  "udif/compression-bz2.dmg",
+  "udif/compression-lzfse.dmg",
+  "udif/compression-adc.dmg",
+  "qemu-iotests/simple-pattern.cloop.bz2",
+];
+
+async function withPage(
+  fn: (page: Awaited<ReturnType<typeof launch>>, dir: string) => Promise<void>,
+) {
+  await withTemp(async (dir) => {
+    // Build the bundle and lay out the site: the page, its worker, the bundle, the images.
+    await Deno.mkdir(`${dir}/dist`);
+    await run(Deno.execPath(), [
+      "bundle",
+      "--platform=browser",
+      "-o",
+      `${dir}/dist/mod.js`,
+      `${ROOT}mod.ts`,
+    ]);
+    for (const f of ["index.html", "worker.js"]) {
+      await Deno.copyFile(`${ROOT}examples/web/${f}`, `${dir}/${f}`);
+    }
+    await Deno.mkdir(`${dir}/images`);
+    const { server, base } = fileServer(dir);
+    const page = await launch(`${base}/index.html`);
+    try {
+      await fn(page, dir);
+    } catch (e) {
+      throw new Error(
+        `${(e as Error).message}\npage log:\n${page.logs.join("\n")}`,
+      );
+    } finally {
+      await page.close();
+      await server.shutdown();
+    }
+  });
+}
+
+Deno.test({
+  name:
+    "a browser worker decodes dmg and cloop images over HTTP ranges and from Files to the manifest's sha256",
+  ignore: skip(["chromium", "bzip2"], true),
+  async fn() {
+    await withPage(async (page, dir) => {
+      const images = referenceImages().filter((i) =>
+        WANTED.includes(i.path) && known.has(i.format)
+      );
+      assertTrue(images.length > 0, "no driver for any wanted image yet");
+      for (const image of images) {
+        const file = await referenceFile(image.path, `${dir}/images`);
+        const name = file!.split("/").pop();
+        const byUrl = await page.evaluate<
+          { sha256: string; size: number; format: string }
+        >(
+          `vdisk.convertInWorker("/images/${name}", false)`,
+        );
+        assertEquals(byUrl.format, image.format, image.path);
+        assertEquals(byUrl.sha256, image.raw_sha256, `${image.path} over HTTP`);
+        const byFile = await page.evaluate<{ sha256: string }>(
+          `fetch("/images/${name}").then((r) => r.blob())
+             .then((b) => vdisk.convertInWorker(new File([b], "${name}"), false))`,
+        );
+        assertEquals(
+          byFile.sha256,
+          image.raw_sha256,
+          `${image.path} from a File`,
+        );
+      }
+    });
+  },
+});
+
+Deno.test({
+  name: "a person drops an image on the web page and downloads the raw disk",
+  ignore: skip(["chromium", "bzip2"], true),
+  async fn() {
+    await withPage(async (page, dir) => {
+      const image = referenceImages().find((i) =>
+        known.has(i.format) && i.format !== "raw" && WANTED.includes(i.path)
+      ) ??
+        referenceImages().find((i) =>
+          i.path === "qemu-iotests/grub_mbr.raw.bz2"
+        )!;
+      const file = (await referenceFile(image.path, `${dir}/images`))!;
+      await Deno.mkdir(`${dir}/downloads`);
+      await page.sendBrowser("Browser.setDownloadBehavior", {
+        behavior: "allow",
+        downloadPath: `${dir}/downloads`,
+      });
+      // Choose the file in the page's file input, as a person would.
+      const doc = await page.send("DOM.getDocument");
+      const input = await page.send("DOM.querySelector", {
+        nodeId: (doc.root as { nodeId: number }).nodeId,
+        selector: "#file",
+      });
+      await page.send("DOM.setFileInputFiles", {
+        files: [file],
+        nodeId: input.nodeId,
+      });
+      const text = await page.evaluate<string>(
+        `new Promise((resolve, reject) => {
+        const started = Date.now();
+        const poll = () => {
+          const s = document.getElementById("status");
+          if (!document.getElementById("download").hidden) resolve(s.textContent);
+          else if (s.className === "error") reject(new Error(s.textContent));
+          else if (Date.now() - started > 60000) reject(new Error("timed out: " + s.textContent));
+          else setTimeout(poll, 50);
+        };
+        poll();
+      })`,
+      );
+      assertTrue(text.includes(image.raw_sha256!), text);
+      assertEquals(
+        await page.evaluate<number>(
+          `document.getElementById("progress").value`,
+        ),
+        1,
+      );
+      await page.evaluate(`document.getElementById("download").click()`);
+      const expectedName = file.split("/").pop()!.replace(/\.[^.]*$/, "") +
+        ".raw";
+      let downloaded = "";
+      for (let i = 0; i < 200 && !downloaded; i++) {
+        await new Promise((r) =>
+          setTimeout(r, 50)
+        );
+        const names = [...Deno.readDirSync(`${dir}/downloads`)].map((e) =>
+          e.name
+        );
+        if (names.includes(expectedName)) {
+          downloaded = `${dir}/downloads/${expectedName}`;
+        }
+      }
+      assertTrue(downloaded, "nothing was downloaded");
+      assertEquals(await sha256File(downloaded), image.raw_sha256);
+    });
+  },
+});
