@@ -134,13 +134,51 @@ export function open(
   return openChain(source, options, []);
 }
 
+/**
+ * The image file as its driver sees it: a read past the end (a truncated
+ * file, or a table entry pointing outside it) becomes one
+ * {@linkcode ImageFormatError} naming the offset and the file's size, for
+ * every driver alike.
+ */
+function guarded(source: Source, format: string): Source {
+  return {
+    ...source,
+    get size() {
+      return source.size;
+    },
+    read(offset, length) {
+      if (
+        Number.isSafeInteger(offset) && Number.isSafeInteger(length) &&
+        offset >= 0 && length >= 0 && offset + length > source.size
+      ) {
+        return Promise.reject(
+          new ImageFormatError({
+            format,
+            field: "read offset",
+            value: offset,
+            limit:
+              `within the file's ${source.size} bytes (${length} bytes wanted): ` +
+              "the image is truncated or a table points outside it",
+            offset,
+            file: source.name,
+          }),
+        );
+      }
+      return source.read(offset, length);
+    },
+  };
+}
+
 async function openChain(
   source: Source,
   options: OpenOptions,
   seen: string[],
 ): Promise<Image> {
   const name = options.format ?? (await probe(source))[0]?.format ?? "raw";
-  const image = await driver(name).open(source, options);
+  const image = await driver(name).open(
+    name === "raw" ? source : guarded(source, name),
+    options,
+  );
   if (image.backingFile === undefined || !options.resolveBacking) {
     return image;
   }
