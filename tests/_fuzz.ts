@@ -1,0 +1,329 @@
+// A seeded mutation fuzzer over valid images of every format we read. Each
+// mutant is opened, described and converted to a null sink in a worker, under
+// a time limit and a memory ceiling; the outcome is success, a typed format
+// error, or a defect (any other exception, a timeout, memory over the ceiling).
+import { formats } from "../mod.ts";
+import { have, referenceBytes, referenceImages, run } from "./_helpers.ts";
+
+/** A valid image to mutate. */
+export interface Seed {
+  name: string;
+  format: string;
+  bytes: Uint8Array;
+}
+
+/** One defect: enough to reproduce it. */
+export interface Defect {
+  seed: string;
+  mutation: string;
+  kind: "exception" | "timeout" | "memory";
+  error: string;
+  bytes: Uint8Array;
+}
+
+/** What a run found. */
+export interface FuzzReport {
+  mutants: number;
+  ok: number;
+  typed: number;
+  defects: Defect[];
+  byFormat: Record<
+    string,
+    { mutants: number; ok: number; typed: number; defects: number }
+  >;
+}
+
+/** xorshift32: the same seed gives the same mutants. */
+export function rng(seed: number) {
+  let x = seed >>> 0 || 1;
+  const next = () => {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    return x;
+  };
+  return { next, below: (n: number) => next() % Math.max(1, n) };
+}
+
+const HUGE = [0xffffffff, 0x80000000, 0x7fffffff, 0, 1, 0x40000000, 0xfffffe00];
+
+/** Applies one random mutation; returns the mutant and a description. */
+export function mutate(
+  bytes: Uint8Array,
+  random: ReturnType<typeof rng>,
+): { bytes: Uint8Array; what: string } {
+  const out = bytes.slice();
+  const n = out.length;
+  // Headers and trailers hold what drivers validate: aim most mutations there.
+  const region = () => {
+    const r = random.below(3);
+    if (r === 0) return random.below(Math.min(n, 4096));
+    if (r === 1) return Math.max(0, n - 1 - random.below(Math.min(n, 4096)));
+    return random.below(n);
+  };
+  switch (random.below(7)) {
+    case 0: {
+      const flips = 1 + random.below(8);
+      for (let i = 0; i < flips; i++) out[region()] ^= 1 << random.below(8);
+      return { bytes: out, what: `${flips} bit flips` };
+    }
+    case 1: {
+      const length = random.below(2)
+        ? random.below(Math.min(n, 8192))
+        : random.below(n);
+      return { bytes: out.slice(0, length), what: `truncated to ${length}` };
+    }
+    case 2:
+    case 3: {
+      const at = region() & ~3;
+      const value = HUGE[random.below(HUGE.length)];
+      const big = random.below(2) === 0;
+      const view = new DataView(out.buffer);
+      if (at + 4 <= n) view.setUint32(at, value, big === false);
+      return { bytes: out, what: `u32 ${value.toString(16)} at ${at}` };
+    }
+    case 4: {
+      const at = region() & ~7;
+      const view = new DataView(out.buffer);
+      const value = [
+        0xffffffffffffffffn,
+        0x7fffffffffffffffn,
+        1n << 40n,
+        0n,
+      ][random.below(4)];
+      if (at + 8 <= n) view.setBigUint64(at, value, random.below(2) === 0);
+      return { bytes: out, what: `u64 ${value.toString(16)} at ${at}` };
+    }
+    case 5: {
+      // Self-reference: copy a field over another, so tables point at tables.
+      const from = region() & ~3;
+      const to = region() & ~3;
+      if (from + 8 <= n && to + 8 <= n) out.copyWithin(to, from, from + 8);
+      return { bytes: out, what: `copied 8 bytes ${from} -> ${to}` };
+    }
+    default: {
+      const at = region();
+      const length = 1 + random.below(512);
+      out.fill(random.below(2) ? 0 : 0xff, at, Math.min(n, at + length));
+      return { bytes: out, what: `filled ${length} at ${at}` };
+    }
+  }
+}
+
+/** Seeds: the reference images (when ../shared is there) and images the installed tools make. */
+export async function seeds(cacheDir: string): Promise<Seed[]> {
+  const known = new Set(formats().map((d) => d.name));
+  const out: Seed[] = [];
+  for (const image of referenceImages()) {
+    if (!known.has(image.format)) continue;
+    const bytes = await referenceBytes(image.path);
+    if (bytes && bytes.length <= 4 << 20) {
+      out.push({ name: image.path, format: image.format, bytes });
+    }
+  }
+  await Deno.mkdir(cacheDir, { recursive: true });
+  const base = `${cacheDir}/base.raw`;
+  const made: { name: string; format: string; tools: string[]; cmd: string }[] =
+    [
+      {
+        name: "qcow",
+        format: "qcow",
+        tools: ["qemu-img"],
+        cmd: `qemu-img convert -f raw -O qcow ${base} OUT`,
+      },
+      {
+        name: "qcow-c",
+        format: "qcow",
+        tools: ["qemu-img"],
+        cmd: `qemu-img convert -c -f raw -O qcow ${base} OUT`,
+      },
+      {
+        name: "vmdk",
+        format: "vmdk",
+        tools: ["qemu-img"],
+        cmd: `qemu-img convert -f raw -O vmdk ${base} OUT`,
+      },
+      {
+        name: "vmdk-so",
+        format: "vmdk",
+        tools: ["qemu-img"],
+        cmd:
+          `qemu-img convert -f raw -O vmdk -o subformat=streamOptimized ${base} OUT`,
+      },
+      {
+        name: "vpc",
+        format: "vpc",
+        tools: ["qemu-img"],
+        cmd: `qemu-img convert -f raw -O vpc ${base} OUT`,
+      },
+      {
+        name: "vpc-fixed",
+        format: "vpc",
+        tools: ["qemu-img"],
+        cmd: `qemu-img convert -f raw -O vpc -o subformat=fixed ${base} OUT`,
+      },
+      {
+        name: "cloop",
+        format: "cloop",
+        tools: ["create_compressed_fs"],
+        cmd: `create_compressed_fs -B 16384 ${base} OUT`,
+      },
+      {
+        name: "cow",
+        format: "cow",
+        tools: ["uml_mkcow"],
+        cmd: `uml_mkcow -f OUT ${base}`,
+      },
+      {
+        name: "bochs",
+        format: "bochs",
+        tools: ["bximage"],
+        cmd: `bximage -func=create -hd=10M -imgmode=growing -q OUT`,
+      },
+      {
+        name: "dmg",
+        format: "dmg",
+        tools: [],
+        cmd: `${Deno.execPath()} run -A ${
+          new URL("../cli.ts", import.meta.url).pathname
+        } convert -O dmg ${base} OUT`,
+      },
+    ];
+  const disk = new Uint8Array(1 << 20);
+  for (let i = 0; i < disk.length; i += 3) disk[i] = (i * 31) & 0xff;
+  disk.fill(0, 300_000, 700_000);
+  await Deno.writeFile(base, disk);
+  for (const m of made) {
+    if (!known.has(m.format) || !m.tools.every(have)) continue;
+    const path = `${cacheDir}/${m.name}.img`;
+    try {
+      await Deno.stat(path);
+    } catch {
+      const r = await run("sh", [
+        "-c",
+        `${m.cmd.replace("OUT", path)} >/dev/null 2>&1`,
+      ], { allowFail: true });
+      if (r.code !== 0) continue;
+    }
+    const bytes = await Deno.readFile(path);
+    if (bytes.length <= 4 << 20) {
+      out.push({ name: `made:${m.name}`, format: m.format, bytes });
+    }
+  }
+  return out;
+}
+
+/** Options for {@linkcode fuzz}. */
+export interface FuzzOptions {
+  seed: number;
+  mutants: number;
+  /** Per-mutant time limit. @default 10000 */
+  timeoutMs?: number;
+  /** Resident memory the process may reach. @default 1 GiB */
+  memoryCeiling?: number;
+  onProgress?: (done: number) => void;
+}
+
+/** Runs `mutants` mutants spread over the seeds. */
+export async function fuzz(
+  all: Seed[],
+  options: FuzzOptions,
+): Promise<FuzzReport> {
+  const random = rng(options.seed);
+  const timeoutMs = options.timeoutMs ?? 10_000;
+  const ceiling = options.memoryCeiling ?? 1 << 30;
+  const report: FuzzReport = {
+    mutants: 0,
+    ok: 0,
+    typed: 0,
+    defects: [],
+    byFormat: {},
+  };
+  let worker: Worker | undefined;
+  let nextId = 1;
+  const spawn = () =>
+    new Worker(new URL("./_fuzz_worker.ts", import.meta.url), {
+      type: "module",
+    });
+  for (let i = 0; i < options.mutants; i++) {
+    const seed = all[i % all.length];
+    const { bytes, what } = mutate(seed.bytes, random);
+    // One in four mutants is probed rather than opened as its format.
+    const format = random.below(4) === 0 ? undefined : seed.format;
+    worker ??= spawn();
+    const id = nextId++;
+    const w = worker;
+    const outcome = await new Promise<
+      { outcome: string; error?: string; stack?: string }
+    >((resolve) => {
+      const timer = setTimeout(
+        () =>
+          resolve({
+            outcome: "timeout",
+            error: `no answer in ${timeoutMs} ms`,
+          }),
+        timeoutMs,
+      );
+      const memory = setInterval(() => {
+        const rss = Deno.memoryUsage().rss;
+        if (rss > ceiling) {
+          resolve({
+            outcome: "memory",
+            error: `resident memory ${rss} over ${ceiling}`,
+          });
+        }
+      }, 20);
+      w.onmessage = ({ data }) => {
+        if (data.id !== id) return;
+        clearTimeout(timer);
+        clearInterval(memory);
+        resolve(data);
+      };
+      w.onerror = (e) => {
+        e.preventDefault();
+        clearTimeout(timer);
+        clearInterval(memory);
+        resolve({ outcome: "defect", error: `worker error: ${e.message}` });
+      };
+      w.postMessage({ id, bytes, format });
+    });
+    const stats = report.byFormat[seed.format] ??= {
+      mutants: 0,
+      ok: 0,
+      typed: 0,
+      defects: 0,
+    };
+    report.mutants++;
+    stats.mutants++;
+    if (outcome.outcome === "ok") {
+      report.ok++;
+      stats.ok++;
+    } else if (outcome.outcome === "typed") {
+      report.typed++;
+      stats.typed++;
+    } else {
+      stats.defects++;
+      report.defects.push({
+        seed: seed.name,
+        mutation: `${what}${format ? ` (opened as ${format})` : " (probed)"}`,
+        kind: outcome.outcome === "timeout"
+          ? "timeout"
+          : outcome.outcome === "memory"
+          ? "memory"
+          : "exception",
+        error: `${outcome.error}${outcome.stack ? `\n${outcome.stack}` : ""}`,
+        bytes,
+      });
+      if (outcome.outcome !== "defect") {
+        // A hung or bloated worker is killed and replaced.
+        worker.terminate();
+        worker = undefined;
+      }
+    }
+    options.onProgress?.(i + 1);
+  }
+  worker?.terminate();
+  return report;
+}

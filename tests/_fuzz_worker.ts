@@ -1,0 +1,49 @@
+// Runs one mutant per message: open (forced format or probed), info, and
+// convert to a null sink. Answers how it ended. The parent kills this worker
+// on a timeout or when memory goes over the ceiling.
+import {
+  BackingFileError,
+  CodecError,
+  convert,
+  fromBytes,
+  ImageFormatError,
+  imageInfo,
+  KeyError,
+  open,
+  UnknownFormatError,
+} from "../mod.ts";
+
+/** The errors a malformed image may end in; anything else is a defect. */
+function typed(e: unknown): boolean {
+  return e instanceof ImageFormatError || e instanceof UnknownFormatError ||
+    e instanceof KeyError || e instanceof BackingFileError ||
+    e instanceof CodecError;
+}
+
+const nullSink = {
+  write: () => Promise.resolve(),
+  resize: () => Promise.resolve(),
+  flush: () => Promise.resolve(),
+  close: () => Promise.resolve(),
+};
+
+self.onmessage = async (
+  { data }: MessageEvent<{ id: number; bytes: Uint8Array; format?: string }>,
+) => {
+  try {
+    const image = await open(fromBytes(data.bytes, "mutant"), {
+      format: data.format,
+    });
+    JSON.stringify(imageInfo(image));
+    await convert(image, nullSink);
+    self.postMessage({ id: data.id, outcome: "ok", format: image.format });
+  } catch (e) {
+    const error = e as Error;
+    self.postMessage({
+      id: data.id,
+      outcome: typed(e) ? "typed" : "defect",
+      error: `${error?.name}: ${error?.message}`,
+      stack: typed(e) ? undefined : error?.stack,
+    });
+  }
+};

@@ -1,0 +1,49 @@
+// `deno task fuzz [--seed N] [--mutants N] [--timeout MS] [--out DIR]`: the
+// long fuzzing run. Defects are written to DIR (default $TMPDIR/vdisk-fuzz)
+// as the mutant bytes and a line saying how to reproduce them.
+import { parseArgs } from "node:util";
+import { fuzz, seeds } from "./_fuzz.ts";
+
+const { values } = parseArgs({
+  args: Deno.args,
+  options: {
+    seed: { type: "string", default: "1" },
+    mutants: { type: "string", default: "20000" },
+    timeout: { type: "string", default: "10000" },
+    out: {
+      type: "string",
+      default: `${Deno.env.get("TMPDIR") ?? "/tmp"}/vdisk-fuzz`,
+    },
+  },
+});
+const all = await seeds(`${values.out}/seeds`);
+console.log(`seeds: ${all.map((s) => `${s.name} (${s.format})`).join(", ")}`);
+const started = performance.now();
+const report = await fuzz(all, {
+  seed: Number(values.seed),
+  mutants: Number(values.mutants),
+  timeoutMs: Number(values.timeout),
+  onProgress: (n) => {
+    if (n % 500 === 0) {
+      console.log(
+        `${n} mutants, ${((performance.now() - started) / 1000).toFixed(0)} s`,
+      );
+    }
+  },
+});
+for (const [i, d] of report.defects.entries()) {
+  const path = `${values.out}/defect-${i}.img`;
+  await Deno.writeFile(path, d.bytes);
+  console.log(
+    `DEFECT ${d.kind}: ${d.seed} ${d.mutation}\n  ${
+      d.error.split("\n").slice(0, 4).join("\n  ")
+    }\n  saved as ${path}`,
+  );
+}
+console.log(JSON.stringify(report.byFormat, null, 1));
+console.log(
+  `${report.mutants} mutants: ${report.ok} ok, ${report.typed} typed errors, ${report.defects.length} defects (seed ${values.seed}, ${
+    ((performance.now() - started) / 1000).toFixed(0)
+  } s)`,
+);
+Deno.exit(report.defects.length ? 1 : 0);
