@@ -30,4 +30,5 @@ export * from "./streams/convert.ts";
 export * from "./streams/overlay.ts";
 export * from "./streams/service.ts";
 export * from "./drivers/registry.ts";
+export { cloop } from "./drivers/cloop.ts";
 export { raw } from "./drivers/raw.ts";

@@ -8,9 +8,11 @@
  */
 
 import type { Driver } from "../streams/types.ts";
+import { cloop } from "./cloop.ts";
 import { raw } from "./raw.ts";
 
 /** Every driver, raw last. */
 export const DRIVERS: readonly Driver[] = [
+  cloop,
   raw,
 ];
