@@ -571,12 +571,18 @@ async function* packBlocks(
   let zeroBlock: Promise<Packed> | undefined;
   const pack = (block: Uint8Array): Promise<Packed> => {
     if (!wanted) return Promise.resolve({ kind: NONE, bytes: block });
-    return wanted.encode(block).then((bytes) =>
-      // Version 4 stores a block that does not shrink as it is.
-      version === 4 && bytes.length >= blockSize
+    return wanted.encode(block).then((bytes) => {
+      if (bytes.length < blockSize) {
+        return { kind: COMPRESSORS.indexOf(compressor), bytes };
+      }
+      // A block that does not shrink: version 4 stores it as it is; version
+      // 2 has only zlib, so it gets zlib's stored form, which stays within
+      // extract_compressed_fs's buffer of block_size + block_size/1000 + 16
+      // (the platform's deflater can overshoot that by a few bytes).
+      return version === 4
         ? { kind: NONE, bytes: block }
-        : { kind: COMPRESSORS.indexOf(compressor), bytes }
-    );
+        : { kind: COMPRESSORS.indexOf("zlib"), bytes: storedZlib(block) };
+    });
   };
   const queue: Promise<Packed>[] = [];
   let done = 0;
@@ -614,6 +620,42 @@ async function* packBlocks(
     done = Math.min(source.size, done + blockSize);
     options.onProgress?.(done);
   }
+}
+
+/**
+ * `bytes` as a zlib stream (RFC 1950) of stored deflate blocks (RFC 1951
+ * section 3.2.4): 2 header bytes, 5 per 65535 bytes, and the Adler-32.
+ */
+function storedZlib(bytes: Uint8Array): Uint8Array {
+  const pieces = Math.max(1, Math.ceil(bytes.length / 65535));
+  const out = new Uint8Array(2 + pieces * 5 + bytes.length + 4);
+  out[0] = 0x78; // deflate, 32 KiB window
+  out[1] = 0x01; // no dictionary, fastest level; (0x7801 % 31) === 0
+  let at = 2;
+  for (let k = 0; k < pieces; k++) {
+    const chunk = bytes.subarray(k * 65535, (k + 1) * 65535);
+    out[at] = k === pieces - 1 ? 1 : 0; // BFINAL, BTYPE 00
+    out[at + 1] = chunk.length & 0xff;
+    out[at + 2] = chunk.length >>> 8;
+    out[at + 3] = ~chunk.length & 0xff;
+    out[at + 4] = (~chunk.length >>> 8) & 0xff;
+    out.set(chunk, at + 5);
+    at += 5 + chunk.length;
+  }
+  let a = 1;
+  let b = 0;
+  for (let i = 0; i < bytes.length;) {
+    // 5552 bytes keep the sums below 2^32 before the modulo (zlib's NMAX).
+    const end = Math.min(bytes.length, i + 5552);
+    for (; i < end; i++) {
+      a += bytes[i];
+      b += a;
+    }
+    a %= 65521;
+    b %= 65521;
+  }
+  setBe32(out, at, ((b << 16) | a) >>> 0);
+  return out;
 }
 
 /** The 136-byte header. */
