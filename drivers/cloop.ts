@@ -400,7 +400,8 @@ function cloopImage(source: Source, header: Header, table: Table): Image {
           source.name,
         );
       }
-      return packed;
+      // A copy: the view would keep the whole multi-block read alive in the cache.
+      return packed.slice();
     }
     const name = COMPRESSORS[kind];
     try {

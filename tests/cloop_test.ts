@@ -370,6 +370,24 @@ Deno.test("cloop version 4 and version 2 images of one disk decode to the same b
   }
 });
 
+Deno.test("cloop version 4 writer compresses with every codec this build has", async () => {
+  const disk = sampleDisk(65536 * 4 + 100, 5);
+  for (const compression of ["zlib", "none", "xz", "lz4", "lzo"] as Kind[]) {
+    if (!(await codecModule(compression))) continue;
+    for (const header of ["first", "last"]) {
+      const opened = await open(
+        fromBytes(await ours(disk, { version: "4", compression, header })),
+      );
+      const codecs = Object.keys(opened.details?.codecs as object);
+      assertTrue(codecs.includes(compression), `${compression}: ${codecs}`);
+      assertEquals(
+        sha256Hex(await opened.read(0, opened.size)),
+        sha256Hex(padded(disk, 65536)),
+      );
+    }
+  }
+});
+
 Deno.test("cloop version 4 writer stores incompressible blocks uncompressed", async () => {
   const disk = new Uint8Array(65536 * 3);
   disk.set(pseudoRandom(65536), 65536);
