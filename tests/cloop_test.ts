@@ -199,6 +199,21 @@ for (
   });
 }
 
+Deno.test("cloop reads a committed create_compressed_fs -L -1 -B 4096 image to qemu-img's sha256", async () => {
+  // Made with `create_compressed_fs -L -1 -B 4096` (cloop-utils 3.14) from
+  // 30,000 bytes of words and 15,056 zeros; qemu-img convert gives this sha256.
+  const bytes = await Deno.readFile(
+    new URL("../testdata/cloop-7zip-b4096.cloop", import.meta.url),
+  );
+  const image = await open(fromBytes(bytes));
+  assertEquals(image.details?.block_size, 4096);
+  assertEquals(image.details?.n_blocks, 11);
+  assertEquals(
+    sha256Hex(await image.read(0, image.size)),
+    "d4fa16b1bf3c1a126e8a7eb524d5fc8d5a95836d5ccd60ea8d4c465e8377dd96",
+  );
+});
+
 Deno.test({
   name: "cloop reads at random offsets across block boundaries",
   ignore: skip(["create_compressed_fs"]),
