@@ -137,11 +137,7 @@ const cases: Case[] = [
       {
         name: "extract_compressed_fs",
         tool: "extract_compressed_fs",
-        cmd: [
-          "sh",
-          "-c",
-          `extract_compressed_fs ${img("disk.cloop")} > ${OUT}`,
-        ],
+        cmd: ["extract_compressed_fs", img("disk.cloop"), OUT],
       },
     ],
   },
