@@ -1,0 +1,1194 @@
+/**
+ * vpc: Microsoft Virtual PC / Hyper-V VHD images (fixed, dynamic and
+ * differencing), read and written.
+ *
+ * This module is browser compatible.
+ *
+ * Every field is big-endian. Offsets are in bytes.
+ *
+ * Footer (512 bytes; at the end of every VHD, and copied at offset 0 of
+ * dynamic and differencing disks):
+ *
+ * | offset | size | field                                             |
+ * | -----: | ---: | ------------------------------------------------- |
+ * |      0 |    8 | cookie `conectix`                                 |
+ * |      8 |    4 | features (bit 1 reserved, always set)             |
+ * |     12 |    4 | file_format_version 0x00010000                    |
+ * |     16 |    8 | data_offset: the dynamic header (all ones: fixed) |
+ * |     24 |    4 | timestamp (seconds since 2000-01-01 UTC)          |
+ * |     28 |    4 | creator_app (`vpc `, `win `, `d2v `, `qemu`, ...) |
+ * |     32 |    4 | creator_version                                   |
+ * |     36 |    4 | creator_host_os (`Wi2k`, `Mac `)                  |
+ * |     40 |    8 | original_size                                     |
+ * |     48 |    8 | current_size                                      |
+ * |     56 |    2 | cylinders                                         |
+ * |     58 |    1 | heads                                             |
+ * |     59 |    1 | sectors_per_track                                 |
+ * |     60 |    4 | disk_type: 2 fixed, 3 dynamic, 4 differencing     |
+ * |     64 |    4 | checksum: ones' complement of the byte sum        |
+ * |     68 |   16 | unique_id                                         |
+ * |     84 |    1 | saved_state                                       |
+ *
+ * Dynamic disk header (1024 bytes at the footer's data_offset):
+ *
+ * | offset | size | field                                               |
+ * | -----: | ---: | --------------------------------------------------- |
+ * |      0 |    8 | cookie `cxsparse`                                   |
+ * |      8 |    8 | data_offset (unused, all ones)                      |
+ * |     16 |    8 | table_offset: the Block Allocation Table (BAT)      |
+ * |     24 |    4 | header_version 0x00010000                           |
+ * |     28 |    4 | max_table_entries                                   |
+ * |     32 |    4 | block_size (a power of two, 2 MiB usually)          |
+ * |     36 |    4 | checksum                                            |
+ * |     40 |   16 | parent_unique_id (differencing)                     |
+ * |     56 |    4 | parent_timestamp                                    |
+ * |     64 |  512 | parent_unicode_name (UTF-16BE)                      |
+ * |    576 |  192 | 8 parent locators of 24 bytes: platform_code (4),   |
+ * |        |      | data_space (4), data_length (4), reserved (4),      |
+ * |        |      | data_offset (8)                                     |
+ *
+ * The BAT holds one 32-bit entry per block: the block's file offset in
+ * 512-byte sectors, or 0xFFFFFFFF when unallocated. A block stores a sector
+ * bitmap (one bit per sector, most significant bit first, padded to 512
+ * bytes) followed by the block's data. A bit of 0 means the sector is not
+ * in this file: zeros in a dynamic disk, the parent's bytes in a
+ * differencing disk.
+ *
+ * @module
+ */
+
+import {
+  ascii,
+  be16,
+  be32,
+  be64,
+  safeNumber,
+  setBe16,
+  setBe32,
+  setBe64,
+} from "./_binary.ts";
+import {
+  BackingFileError,
+  check,
+  ChecksumError,
+  ImageFormatError,
+  UnsupportedError,
+} from "../streams/errors.ts";
+import type {
+  CreateSpec,
+  Driver,
+  Extent,
+  ExtentKind,
+  Geometry,
+  Image,
+  OpenOptions,
+  ProbeInput,
+  Sink,
+  Source,
+} from "../streams/types.ts";
+import { checkRange } from "../streams/types.ts";
+
+const FORMAT = "vpc";
+const SECTOR = 512;
+const FOOTER_SIZE = 512;
+const DYNAMIC_HEADER_SIZE = 1024;
+const ALL_ONES = 0xffffffffffffffffn;
+const UNALLOCATED = 0xffffffff;
+
+/** Disk types of the footer's disk_type field. */
+const DISK_FIXED = 2;
+const DISK_DYNAMIC = 3;
+const DISK_DIFFERENCING = 4;
+const DISK_TYPE_NAMES: Record<number, string> = {
+  [DISK_FIXED]: "fixed",
+  [DISK_DYNAMIC]: "dynamic",
+  [DISK_DIFFERENCING]: "differencing",
+};
+
+/** QEMU's size ceiling: 2040 GiB (VHD_MAX_SECTORS). */
+const MAX_SECTORS = 0xff000000;
+/** The largest geometry the format can state (VHD_MAX_GEOMETRY). */
+const MAX_GEOMETRY = 65535 * 16 * 255;
+/** QEMU refuses more BAT entries than this (INT_MAX / 4). */
+const MAX_TABLE_ENTRIES = Math.floor(0x7fffffff / 4);
+/** Largest block size accepted: 256 MiB (Hyper-V writes 2 MiB, others 512 KiB). */
+const MAX_BLOCK_SIZE = 256 << 20;
+/** Largest BAT kept in memory: 64 MiB (2040 GiB in 128 KiB blocks). */
+const MAX_BAT_BYTES = 64 << 20;
+/** Largest parent locator read: a path, not a file. */
+const MAX_LOCATOR_BYTES = 64 << 10;
+/** Block size of the images `create` writes (as QEMU and Hyper-V do). */
+const CREATE_BLOCK_SIZE = 2 << 20;
+/** Sector bitmaps kept in memory before the oldest are dropped (or written). */
+const BITMAP_CACHE = 256;
+
+/**
+ * Creator applications whose images take their size from current_size
+ * rather than the CHS geometry (QEMU's table, qemu-iotests 146).
+ */
+const CURRENT_SIZE_CREATORS = new Set([
+  "win ",
+  "qem2",
+  "d2v ",
+  "CTXS",
+  "tap\0",
+]);
+
+/** The parsed footer. */
+interface Footer {
+  features: number;
+  version: number;
+  dataOffset: bigint;
+  timestamp: number;
+  creatorApp: string;
+  creatorVersion: number;
+  creatorHostOs: string;
+  originalSize: number;
+  currentSize: number;
+  geometry: Geometry;
+  diskType: number;
+  checksum: number;
+  uniqueId: Uint8Array;
+  savedState: number;
+}
+
+/** One parent locator entry of a differencing disk. */
+interface Locator {
+  platform: string;
+  dataSpace: number;
+  dataLength: number;
+  dataOffset: number;
+  /** The decoded path. */
+  path?: string;
+}
+
+/** The parsed dynamic disk header. */
+interface DynamicHeader {
+  tableOffset: number;
+  version: number;
+  maxTableEntries: number;
+  blockSize: number;
+  parentUniqueId: Uint8Array;
+  parentTimestamp: number;
+  parentName: string;
+  locators: Locator[];
+}
+
+/** Ones' complement of the byte sum, skipping the 4 checksum bytes at `skip`. */
+function vhdChecksum(bytes: Uint8Array, skip: number): number {
+  let sum = 0;
+  for (let i = 0; i < bytes.length; i++) {
+    if (i >= skip && i < skip + 4) continue;
+    sum += bytes[i];
+  }
+  return (~sum) >>> 0;
+}
+
+function fail(field: string, value: unknown, limit: string, offset?: number) {
+  return new ImageFormatError({ format: FORMAT, field, value, limit, offset });
+}
+
+/** Parses and validates a 512-byte footer found at `at` in the file. */
+function parseFooter(b: Uint8Array, at: number, file?: string): Footer {
+  check(ascii(b, 0, 8) === "conectix", {
+    format: FORMAT,
+    field: "footer.cookie",
+    value: ascii(b, 0, 8),
+    limit: '"conectix"',
+    offset: at,
+    file,
+  });
+  const checksum = be32(b, 64);
+  const actual = vhdChecksum(b, 64);
+  if (checksum !== actual) {
+    throw new ChecksumError(
+      { format: FORMAT, field: "footer.checksum", offset: at + 64, file },
+      checksum,
+      actual,
+    );
+  }
+  const diskType = be32(b, 60);
+  check(DISK_TYPE_NAMES[diskType] !== undefined, {
+    format: FORMAT,
+    field: "footer.disk_type",
+    value: diskType,
+    limit: "2 (fixed), 3 (dynamic) or 4 (differencing)",
+    offset: at + 60,
+    file,
+  });
+  return {
+    features: be32(b, 8),
+    version: be32(b, 12),
+    dataOffset: be64(b, 16),
+    timestamp: be32(b, 24),
+    creatorApp: ascii(b, 28, 32),
+    creatorVersion: be32(b, 32),
+    creatorHostOs: ascii(b, 36, 40),
+    originalSize: safeNumber(
+      be64(b, 40),
+      FORMAT,
+      "footer.original_size",
+      at + 40,
+    ),
+    currentSize: safeNumber(
+      be64(b, 48),
+      FORMAT,
+      "footer.current_size",
+      at + 48,
+    ),
+    geometry: { cylinders: be16(b, 56), heads: b[58], sectors: b[59] },
+    diskType,
+    checksum,
+    uniqueId: b.slice(68, 84),
+    savedState: b[84],
+  };
+}
+
+/** How the virtual size is computed, QEMU's `force_size_calc` option. */
+type SizeRule = "chs" | "current_size";
+
+/**
+ * The virtual size by QEMU's rule: the CHS geometry for Virtual PC and
+ * unknown creators, current_size for Hyper-V, Disk2VHD, XenServer and
+ * `qem2`, and current_size whenever the geometry is the maximum one (it
+ * cannot say more). `force` picks one rule outright.
+ */
+function virtualSizeOf(footer: Footer, force?: SizeRule): {
+  size: number;
+  rule: SizeRule;
+} {
+  const g = footer.geometry;
+  const chsSectors = g.cylinders * g.heads * g.sectors;
+  let rule: SizeRule = force ??
+    (CURRENT_SIZE_CREATORS.has(footer.creatorApp) ? "current_size" : "chs");
+  if (chsSectors === MAX_GEOMETRY) rule = "current_size";
+  const sectors = rule === "chs"
+    ? chsSectors
+    : Math.floor(footer.currentSize / SECTOR);
+  if (sectors > MAX_SECTORS) {
+    throw fail(
+      rule === "chs" ? "footer.geometry" : "footer.current_size",
+      sectors * SECTOR,
+      `at most ${MAX_SECTORS * SECTOR} bytes (2040 GiB)`,
+    );
+  }
+  return { size: sectors * SECTOR, rule };
+}
+
+/** Decodes UTF-16 (`le` or big-endian) up to the first NUL character. */
+function utf16(b: Uint8Array, le: boolean): string {
+  let end = b.length & ~1;
+  for (let i = 0; i + 1 < b.length; i += 2) {
+    if (b[i] === 0 && b[i + 1] === 0) {
+      end = i;
+      break;
+    }
+  }
+  return new TextDecoder(le ? "utf-16le" : "utf-16be").decode(
+    b.subarray(0, end),
+  );
+}
+
+/** Parses and validates the dynamic disk header at `at`. */
+function parseDynamicHeader(
+  b: Uint8Array,
+  at: number,
+  fileSize: number,
+  virtualSize: number,
+): DynamicHeader {
+  check(ascii(b, 0, 8) === "cxsparse", {
+    format: FORMAT,
+    field: "dynamic_header.cookie",
+    value: ascii(b, 0, 8),
+    limit: '"cxsparse"',
+    offset: at,
+  });
+  const checksum = be32(b, 36);
+  const actual = vhdChecksum(b, 36);
+  if (checksum !== actual) {
+    throw new ChecksumError(
+      { format: FORMAT, field: "dynamic_header.checksum", offset: at + 36 },
+      checksum,
+      actual,
+    );
+  }
+  const blockSize = be32(b, 32);
+  if (
+    blockSize < SECTOR || blockSize > MAX_BLOCK_SIZE ||
+    (blockSize & (blockSize - 1)) !== 0
+  ) {
+    throw fail(
+      "dynamic_header.block_size",
+      blockSize,
+      `a power of two from 512 to ${MAX_BLOCK_SIZE}`,
+      at + 32,
+    );
+  }
+  const maxTableEntries = be32(b, 28);
+  if (maxTableEntries > MAX_TABLE_ENTRIES) {
+    throw fail(
+      "dynamic_header.max_table_entries",
+      maxTableEntries,
+      `at most ${MAX_TABLE_ENTRIES} (QEMU's limit)`,
+      at + 28,
+    );
+  }
+  if (maxTableEntries * blockSize < virtualSize) {
+    throw fail(
+      "dynamic_header.max_table_entries",
+      maxTableEntries,
+      `at least ${
+        Math.ceil(virtualSize / blockSize)
+      } (${virtualSize} bytes in blocks of ${blockSize})`,
+      at + 28,
+    );
+  }
+  const tableOffset = safeNumber(
+    be64(b, 16),
+    FORMAT,
+    "dynamic_header.table_offset",
+    at + 16,
+  );
+  const needed = Math.ceil(virtualSize / blockSize);
+  if (needed * 4 > MAX_BAT_BYTES) {
+    throw fail(
+      "dynamic_header.block_size",
+      blockSize,
+      `large enough for a BAT of at most ${MAX_BAT_BYTES} bytes (${needed} blocks needed)`,
+      at + 32,
+    );
+  }
+  if (tableOffset + needed * 4 > fileSize) {
+    throw fail(
+      "dynamic_header.table_offset",
+      tableOffset,
+      `within the file's ${fileSize} bytes with its ${needed * 4}-byte BAT`,
+      at + 16,
+    );
+  }
+  const locators: Locator[] = [];
+  for (let i = 0; i < 8; i++) {
+    const o = 576 + i * 24;
+    const platform = ascii(b, o, o + 4);
+    if (be32(b, o) === 0) continue;
+    const dataLength = be32(b, o + 8);
+    const dataOffset = safeNumber(
+      be64(b, o + 16),
+      FORMAT,
+      `parent_locator[${i}].data_offset`,
+      at + o + 16,
+    );
+    if (dataLength > MAX_LOCATOR_BYTES) {
+      throw fail(
+        `parent_locator[${i}].data_length`,
+        dataLength,
+        `at most ${MAX_LOCATOR_BYTES}`,
+        at + o + 8,
+      );
+    }
+    if (dataOffset + dataLength > fileSize) {
+      throw fail(
+        `parent_locator[${i}].data_offset`,
+        dataOffset,
+        `within the file's ${fileSize} bytes (${dataLength} bytes of locator)`,
+        at + o + 16,
+      );
+    }
+    locators.push({
+      platform,
+      dataSpace: be32(b, o + 4),
+      dataLength,
+      dataOffset,
+    });
+  }
+  return {
+    tableOffset,
+    version: be32(b, 24),
+    maxTableEntries,
+    blockSize,
+    parentUniqueId: b.slice(40, 56),
+    parentTimestamp: be32(b, 56),
+    parentName: utf16(b.subarray(64, 576), false),
+    locators,
+  };
+}
+
+/** A locator's bytes as a path: `\` becomes `/`, `file://` URLs become paths. */
+function locatorPath(platform: string, data: Uint8Array): string | undefined {
+  let text: string;
+  if (
+    platform === "W2ku" || platform === "W2ru" || platform === "Wi2k" ||
+    platform === "Wi2r"
+  ) {
+    text = platform.startsWith("W2")
+      ? utf16(data, true)
+      : new TextDecoder().decode(data).replace(/\0.*$/s, "");
+    text = text.replaceAll("\\", "/");
+    if (text.startsWith("./")) text = text.slice(2);
+    return text || undefined;
+  }
+  if (platform === "MacX") {
+    text = new TextDecoder().decode(data).replace(/\0.*$/s, "");
+    if (text.startsWith("file://")) {
+      try {
+        return decodeURIComponent(new URL(text).pathname);
+      } catch {
+        return undefined;
+      }
+    }
+    return text || undefined;
+  }
+  return undefined; // "Mac " holds a Mac OS alias record, not a path.
+}
+
+/**
+ * The backing file a differencing disk names: a relative locator first
+ * (it survives moving the pair), then an absolute one, then the parent's
+ * unicode name.
+ */
+function chooseBackingFile(header: DynamicHeader): string | undefined {
+  for (const platform of ["W2ru", "Wi2r", "MacX", "W2ku", "Wi2k"]) {
+    const found = header.locators.find((l) =>
+      l.platform === platform && l.path
+    );
+    if (found) return found.path;
+  }
+  return header.parentName || undefined;
+}
+
+/** Reads sector bitmaps through a small cache. */
+class BitmapCache {
+  #entries = new Map<number, Uint8Array>();
+  constructor(readonly limit: number) {}
+  get(block: number): Uint8Array | undefined {
+    const hit = this.#entries.get(block);
+    if (hit) {
+      this.#entries.delete(block);
+      this.#entries.set(block, hit);
+    }
+    return hit;
+  }
+  set(block: number, bitmap: Uint8Array) {
+    this.#entries.delete(block);
+    this.#entries.set(block, bitmap);
+    if (this.#entries.size > this.limit) {
+      this.#entries.delete(this.#entries.keys().next().value!);
+    }
+  }
+}
+
+/** True when bit `sector` of a VHD sector bitmap is set (MSB first). */
+function bitSet(bitmap: Uint8Array, sector: number): boolean {
+  return (bitmap[sector >> 3] & (0x80 >> (sector & 7))) !== 0;
+}
+
+/** The state of an opened VHD (shared by reading and writing). */
+interface State {
+  source: Source;
+  footer: Footer;
+  footerBytes: Uint8Array;
+  size: number;
+  header?: DynamicHeader;
+  bat?: Uint32Array;
+  bitmapSize: number;
+  /** Where the next block goes (the trailing footer sits there). */
+  nextFree: number;
+  sink?: Sink;
+}
+
+function vpcImage(state: State, details: Record<string, unknown>): Image {
+  const { footer, header } = state;
+  const blockSize = header?.blockSize ?? 0;
+  const sectorsPerBlock = blockSize / SECTOR;
+  const differencing = footer.diskType === DISK_DIFFERENCING;
+  const bitmaps = new BitmapCache(BITMAP_CACHE);
+  // Bitmaps changed by writes, written back at flush (or when too many).
+  const dirtyBitmaps = new Map<number, Uint8Array>();
+  const dirtyBat = new Set<number>(); // BAT sectors to write
+  let footerDirty = false;
+  const backingFile = header && differencing
+    ? chooseBackingFile(header)
+    : undefined;
+  // Bits of 0 are zeros in a dynamic disk and the parent's in a differencing one.
+  const holeKind: ExtentKind = differencing ? "unallocated" : "zero";
+  const fullBitmap = (bitmap: Uint8Array) => {
+    const whole = sectorsPerBlock >> 3;
+    for (let i = 0; i < whole; i++) if (bitmap[i] !== 0xff) return false;
+    return true;
+  };
+
+  async function writeBitmap(block: number, bitmap: Uint8Array) {
+    await state.sink!.write(state.bat![block] * SECTOR, bitmap);
+  }
+
+  async function bitmapOf(block: number): Promise<Uint8Array> {
+    const hit = dirtyBitmaps.get(block) ?? bitmaps.get(block);
+    if (hit) return hit;
+    const bitmap = await state.source.read(
+      state.bat![block] * SECTOR,
+      state.bitmapSize,
+    );
+    bitmaps.set(block, bitmap);
+    return bitmap;
+  }
+
+  async function writeDirtyBitmaps() {
+    for (const [block, bitmap] of dirtyBitmaps) {
+      await writeBitmap(block, bitmap);
+      bitmaps.set(block, bitmap);
+    }
+    dirtyBitmaps.clear();
+  }
+
+  /** Runs of one block (`from`, `to` in bytes within the block). */
+  async function* blockRuns(
+    block: number,
+    from: number,
+    to: number,
+  ): AsyncIterable<{ from: number; to: number; kind: ExtentKind }> {
+    if (state.bat![block] === UNALLOCATED) {
+      yield { from, to, kind: "unallocated" };
+      return;
+    }
+    const bitmap = await bitmapOf(block);
+    if (fullBitmap(bitmap)) {
+      yield { from, to, kind: "data" };
+      return;
+    }
+    let start = from;
+    let kind: ExtentKind | undefined;
+    for (let at = from; at < to;) {
+      const sector = Math.floor(at / SECTOR);
+      const next = Math.min(to, (sector + 1) * SECTOR);
+      const k: ExtentKind = bitSet(bitmap, sector) ? "data" : holeKind;
+      if (kind !== undefined && k !== kind) {
+        yield { from: start, to: at, kind };
+        start = at;
+      }
+      kind = k;
+      at = next;
+    }
+    if (kind !== undefined) yield { from: start, to, kind };
+  }
+
+  async function* extents(
+    offset: number,
+    length: number,
+  ): AsyncIterable<Extent> {
+    checkRange(state.size, offset, length);
+    if (length === 0) return;
+    if (!header) {
+      yield { offset, length, kind: "data" };
+      return;
+    }
+    const end = offset + length;
+    let run: Extent | undefined;
+    for (let at = offset; at < end;) {
+      const block = Math.floor(at / blockSize);
+      const blockStart = block * blockSize;
+      const stop = Math.min(end, blockStart + blockSize);
+      for await (
+        const r of blockRuns(block, at - blockStart, stop - blockStart)
+      ) {
+        const o = blockStart + r.from;
+        const n = r.to - r.from;
+        if (run && run.kind === r.kind && run.offset + run.length === o) {
+          run.length += n;
+        } else {
+          if (run) yield run;
+          run = { offset: o, length: n, kind: r.kind };
+        }
+      }
+      at = stop;
+    }
+    if (run) yield run;
+  }
+
+  async function read(offset: number, length: number): Promise<Uint8Array> {
+    checkRange(state.size, offset, length);
+    if (!header) return await state.source.read(offset, length);
+    const out = new Uint8Array(length);
+    const pending: Promise<void>[] = [];
+    for await (const run of extents(offset, length)) {
+      if (run.kind === "data") {
+        const block = Math.floor(run.offset / blockSize);
+        const within = run.offset - block * blockSize;
+        const at = state.bat![block] * SECTOR + state.bitmapSize + within;
+        // Runs never cross blocks here unless both blocks are data; split.
+        const firstPart = Math.min(run.length, blockSize - within);
+        if (firstPart === run.length) {
+          pending.push(
+            state.source.read(at, run.length).then((b) =>
+              out.set(b, run.offset - offset)
+            ),
+          );
+        } else {
+          pending.push(
+            read(run.offset, firstPart).then((b) =>
+              out.set(b, run.offset - offset)
+            ),
+            read(run.offset + firstPart, run.length - firstPart).then((b) =>
+              out.set(b, run.offset + firstPart - offset)
+            ),
+          );
+        }
+      } else if (run.kind === "unallocated" && differencing) {
+        throw new BackingFileError(
+          `vpc: bytes ${run.offset}..${
+            run.offset + run.length
+          } of this differencing disk are in its parent ${
+            JSON.stringify(backingFile ?? "")
+          }, which was not opened: open it through the registry with resolveBacking`,
+          backingFile ?? "",
+        );
+      }
+    }
+    await Promise.all(pending);
+    return out;
+  }
+
+  const image: Image & { readonly requiresBacking: boolean } = {
+    format: FORMAT,
+    get size() {
+      return state.size;
+    },
+    name: state.source.name,
+    encrypted: false,
+    geometry: footer.geometry,
+    backingFile,
+    // A differencing disk's unallocated runs are its parent's bytes, never
+    // zeros: callers that do not follow the parent must not read them as
+    // zeros (see the module's notes and `read`).
+    requiresBacking: differencing,
+    details,
+    read,
+    extents,
+    close: () => state.source.close?.() ?? Promise.resolve(),
+  };
+  if (!state.sink) return image;
+
+  const sink = state.sink;
+
+  /** Allocates block `block` at the end of the file; its bitmap is all zeros. */
+  async function allocate(block: number): Promise<Uint8Array> {
+    const at = state.nextFree;
+    state.bat![block] = at / SECTOR;
+    state.nextFree = at + state.bitmapSize + blockSize;
+    // The block's data must read as zeros: past the old end that is a hole,
+    // but the old footer sits at `at`, so write the bitmap over it and zero
+    // the first sector of data the footer may have spilled into.
+    // The bitmap (at least 512 bytes) overwrites the old trailing footer.
+    const bitmap = new Uint8Array(state.bitmapSize);
+    await sink.write(at, bitmap);
+    // The trailing footer keeps the file its full length at once.
+    await sink.write(state.nextFree, state.footerBytes);
+    dirtyBat.add(Math.floor((block * 4) / SECTOR));
+    footerDirty = true;
+    dirtyBitmaps.set(block, bitmap);
+    return bitmap;
+  }
+
+  async function writeSectors(offset: number, bytes: Uint8Array) {
+    // offset and bytes.length are multiples of 512 and within one block.
+    const block = Math.floor(offset / blockSize);
+    const bitmap = state.bat![block] === UNALLOCATED
+      ? await allocate(block)
+      : await bitmapOf(block);
+    const within = offset - block * blockSize;
+    await sink.write(
+      state.bat![block] * SECTOR + state.bitmapSize + within,
+      bytes,
+    );
+    const first = within / SECTOR;
+    const last = first + bytes.length / SECTOR;
+    let changed = false;
+    for (let s = first; s < last; s++) {
+      const mask = 0x80 >> (s & 7);
+      if (!(bitmap[s >> 3] & mask)) {
+        bitmap[s >> 3] |= mask;
+        changed = true;
+      }
+    }
+    if (changed) {
+      dirtyBitmaps.set(block, bitmap);
+      if (dirtyBitmaps.size > BITMAP_CACHE) await writeDirtyBitmaps();
+    }
+  }
+
+  /** The current bytes of one sector of this layer, for partial writes. */
+  async function sectorBytes(sector: number): Promise<Uint8Array> {
+    const offset = sector * SECTOR;
+    const length = Math.min(SECTOR, state.size - offset);
+    const out = new Uint8Array(SECTOR);
+    for await (const run of extents(offset, length)) {
+      if (run.kind === "data") {
+        out.set(await read(run.offset, run.length), run.offset - offset);
+      } else if (run.kind === "unallocated" && differencing) {
+        throw new UnsupportedError(
+          { format: FORMAT },
+          `a write of part of sector ${sector} of a differencing disk needs the parent's bytes; write whole sectors`,
+        );
+      }
+    }
+    return out;
+  }
+
+  image.write = async (offset: number, bytes: Uint8Array) => {
+    checkRange(state.size, offset, bytes.length);
+    if (bytes.length === 0) return;
+    if (!header) {
+      await sink.write(offset, bytes);
+      return;
+    }
+    const end = offset + bytes.length;
+    let at = offset;
+    // A partial first or last sector is merged with what is stored.
+    const merge = async (sector: number) => {
+      const start = sector * SECTOR;
+      const buf = await sectorBytes(sector);
+      const from = Math.max(start, offset);
+      const to = Math.min(start + SECTOR, end);
+      buf.set(bytes.subarray(from - offset, to - offset), from - start);
+      await writeSectors(start, buf);
+      return to;
+    };
+    if (at % SECTOR !== 0 || end - at < SECTOR) {
+      at = await merge(Math.floor(at / SECTOR));
+    }
+    while (at < end) {
+      const blockEnd = (Math.floor(at / blockSize) + 1) * blockSize;
+      const wholeEnd = Math.min(blockEnd, end - (end % SECTOR));
+      if (wholeEnd > at) {
+        await writeSectors(at, bytes.subarray(at - offset, wholeEnd - offset));
+        at = wholeEnd;
+      } else {
+        at = await merge(Math.floor(at / SECTOR));
+      }
+    }
+  };
+
+  image.flush = async () => {
+    if (header) {
+      await writeDirtyBitmaps();
+      const batBytes = new Uint8Array(state.bat!.length * 4);
+      const v = new DataView(batBytes.buffer);
+      for (const sector of [...dirtyBat].sort((a, b) => a - b)) {
+        const first = (sector * SECTOR) / 4;
+        const last = Math.min(state.bat!.length, first + SECTOR / 4);
+        for (let i = first; i < last; i++) v.setUint32(i * 4, state.bat![i]);
+        await sink.write(
+          header.tableOffset + first * 4,
+          batBytes.subarray(first * 4, last * 4),
+        );
+      }
+      dirtyBat.clear();
+      if (footerDirty) {
+        await sink.write(state.nextFree, state.footerBytes);
+        footerDirty = false;
+      }
+    }
+    await sink.flush();
+  };
+  return image;
+}
+
+/** Reads a source's footer: at 0 (dynamic, differencing) or at the end (fixed). */
+async function readFooter(
+  source: Source,
+): Promise<{ footer: Footer; bytes: Uint8Array; at: number }> {
+  check(source.size >= FOOTER_SIZE, {
+    format: FORMAT,
+    field: "file size",
+    value: source.size,
+    limit: `at least ${FOOTER_SIZE} bytes (the footer)`,
+  });
+  const head = await source.read(0, FOOTER_SIZE);
+  if (ascii(head, 0, 8) === "conectix") {
+    return { footer: parseFooter(head, 0, source.name), bytes: head, at: 0 };
+  }
+  const at = source.size - FOOTER_SIZE;
+  const tail = await source.read(at, FOOTER_SIZE);
+  return { footer: parseFooter(tail, at, source.name), bytes: tail, at };
+}
+
+async function openVpc(
+  source: Source,
+  options: OpenOptions,
+): Promise<Image> {
+  const force = options.options?.force_size_calc;
+  if (force !== undefined && force !== "chs" && force !== "current_size") {
+    throw fail("force_size_calc", force, '"chs" or "current_size"');
+  }
+  if (options.writable && !options.sink) {
+    throw new Error("vpc: a writable open needs a sink");
+  }
+  const { footer, bytes, at } = await readFooter(source);
+  const { size, rule } = virtualSizeOf(footer, force as SizeRule | undefined);
+  const details: Record<string, unknown> = {
+    subformat: DISK_TYPE_NAMES[footer.diskType],
+    creatorApp: footer.creatorApp.replace(/\0/g, "\\0"),
+    creatorVersion: footer.creatorVersion,
+    creatorHostOs: footer.creatorHostOs.replace(/\0/g, "\\0"),
+    currentSize: footer.currentSize,
+    originalSize: footer.originalSize,
+    sizeFrom: rule,
+    timestamp: footer.timestamp,
+    uniqueId: hex(footer.uniqueId),
+  };
+  const state: State = {
+    source,
+    footer,
+    footerBytes: bytes,
+    size,
+    bitmapSize: 0,
+    nextFree: 0,
+    sink: options.writable ? options.sink : undefined,
+  };
+  if (footer.diskType === DISK_FIXED) {
+    // The data is the file minus its footer.
+    const dataSize = source.size - FOOTER_SIZE;
+    if (size > dataSize) {
+      throw fail(
+        rule === "chs" ? "footer.geometry" : "footer.current_size",
+        size,
+        `at most the ${dataSize} bytes of data before the footer`,
+        at + (rule === "chs" ? 56 : 48),
+      );
+    }
+    return vpcImage(state, details);
+  }
+  check(at === 0, {
+    format: FORMAT,
+    field: "footer copy",
+    value: "missing",
+    limit: "at offset 0 for a dynamic or differencing disk",
+    offset: 0,
+  });
+  const dataOffset = footer.dataOffset < BigInt(source.size)
+    ? Number(footer.dataOffset)
+    : -1;
+  if (
+    dataOffset < FOOTER_SIZE || dataOffset + DYNAMIC_HEADER_SIZE > source.size
+  ) {
+    throw fail(
+      "footer.data_offset",
+      footer.dataOffset,
+      `the dynamic header's offset, within the file's ${source.size} bytes`,
+      16,
+    );
+  }
+  const header = parseDynamicHeader(
+    await source.read(dataOffset, DYNAMIC_HEADER_SIZE),
+    dataOffset,
+    source.size,
+    size,
+  );
+  const blocks = Math.ceil(size / header.blockSize);
+  const bitmapSize = Math.ceil(header.blockSize / SECTOR / 8 / SECTOR) * SECTOR;
+  const batBytes = await source.read(header.tableOffset, blocks * 4);
+  const bat = new Uint32Array(blocks);
+  const v = new DataView(batBytes.buffer, batBytes.byteOffset, batBytes.length);
+  let nextFree = Math.ceil(
+    (header.tableOffset + header.maxTableEntries * 4) / SECTOR,
+  ) * SECTOR;
+  for (let i = 0; i < blocks; i++) {
+    const entry = v.getUint32(i * 4);
+    bat[i] = entry;
+    if (entry === UNALLOCATED) continue;
+    const end = entry * SECTOR + bitmapSize + header.blockSize;
+    if (end > source.size) {
+      throw fail(
+        `bat[${i}]`,
+        entry,
+        `a block (${bitmapSize} + ${header.blockSize} bytes at sector ${entry}) within the file's ${source.size} bytes`,
+        header.tableOffset + i * 4,
+      );
+    }
+    nextFree = Math.max(nextFree, end);
+  }
+  for (const l of header.locators) {
+    if (l.dataLength > 0) {
+      l.path = locatorPath(
+        l.platform,
+        await source.read(l.dataOffset, l.dataLength),
+      );
+    }
+    nextFree = Math.max(
+      nextFree,
+      Math.ceil((l.dataOffset + l.dataLength) / SECTOR) * SECTOR,
+    );
+  }
+  // The trailing footer goes after the last block; never over the header.
+  nextFree = Math.max(nextFree, dataOffset + DYNAMIC_HEADER_SIZE);
+  state.header = header;
+  state.bat = bat;
+  state.bitmapSize = bitmapSize;
+  state.nextFree = nextFree;
+  Object.assign(details, {
+    blockSize: header.blockSize,
+    maxTableEntries: header.maxTableEntries,
+    allocatedBlocks: bat.reduce((n, e) => n + (e === UNALLOCATED ? 0 : 1), 0),
+  });
+  if (footer.diskType === DISK_DIFFERENCING) {
+    Object.assign(details, {
+      parentName: header.parentName,
+      parentUniqueId: hex(header.parentUniqueId),
+      parentTimestamp: header.parentTimestamp,
+      parentLocators: header.locators.map((l) => ({
+        platform: l.platform,
+        path: l.path,
+      })),
+    });
+  }
+  return vpcImage(state, details);
+}
+
+function hex(b: Uint8Array): string {
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * The CHS geometry of `sectors` by the algorithm of the VHD specification
+ * (at most 65535 cylinders, 16 heads, 255 sectors; it may round down).
+ */
+function geometryFor(sectors: number): Geometry {
+  let total = Math.min(sectors, MAX_GEOMETRY);
+  let spt: number;
+  let heads: number;
+  let cylTimesHeads: number;
+  if (total >= 65535 * 16 * 63) {
+    spt = 255;
+    heads = 16;
+    cylTimesHeads = Math.floor(total / spt);
+  } else {
+    spt = 17;
+    cylTimesHeads = Math.floor(total / spt);
+    heads = Math.max(4, Math.floor((cylTimesHeads + 1023) / 1024));
+    if (cylTimesHeads >= heads * 1024 || heads > 16) {
+      spt = 31;
+      heads = 16;
+      cylTimesHeads = Math.floor(total / spt);
+    }
+    if (cylTimesHeads >= heads * 1024) {
+      spt = 63;
+      heads = 16;
+      cylTimesHeads = Math.floor(total / spt);
+    }
+  }
+  total = Math.floor(cylTimesHeads / heads);
+  return { cylinders: total, heads, sectors: spt };
+}
+
+/** Seconds since 2000-01-01 UTC, the VHD epoch. */
+function vhdNow(): number {
+  return Math.max(
+    0,
+    Math.floor((Date.now() - Date.UTC(2000, 0, 1)) / 1000),
+  ) >>> 0;
+}
+
+function encodeUtf16(text: string, le: boolean): Uint8Array {
+  const out = new Uint8Array(text.length * 2);
+  const v = new DataView(out.buffer);
+  for (let i = 0; i < text.length; i++) {
+    v.setUint16(i * 2, text.charCodeAt(i), le);
+  }
+  return out;
+}
+
+async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
+  if (sink.sequential) {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      "vpc images are written at random offsets; a sequential sink (a stream) cannot hold one",
+    );
+  }
+  const subformat = spec.options?.subformat ?? "dynamic";
+  if (subformat !== "dynamic" && subformat !== "fixed") {
+    throw fail("subformat", subformat, '"dynamic" or "fixed"');
+  }
+  const forceSize = spec.options?.force_size ?? "off";
+  if (forceSize !== "on" && forceSize !== "off") {
+    throw fail("force_size", forceSize, '"on" or "off"');
+  }
+  if (spec.backingFile !== undefined && subformat === "fixed") {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      "a fixed VHD cannot have a parent: use subformat=dynamic",
+    );
+  }
+  if (spec.backingFormat !== undefined && spec.backingFormat !== FORMAT) {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      `a differencing VHD's parent is a VHD, not ${spec.backingFormat}`,
+    );
+  }
+  const requested = Math.ceil(spec.size / SECTOR);
+  if (requested > MAX_SECTORS) {
+    throw fail(
+      "size",
+      spec.size,
+      `at most ${MAX_SECTORS * SECTOR} bytes (2040 GiB)`,
+    );
+  }
+  // Like qemu-img, the size is rounded up to what the CHS geometry can
+  // state, so that readers using either rule agree; past the largest
+  // geometry (about 127 GiB) current_size holds the size and the geometry
+  // is the maximum, which every reader takes as "use current_size". With
+  // force_size=on the size is kept exactly and the creator is `qem2`, the
+  // creator QEMU reads by current_size.
+  let geometry = geometryFor(requested);
+  let sectors = requested;
+  let creator = "vdtk";
+  if (forceSize === "on") {
+    creator = "qem2";
+  } else if (requested < MAX_GEOMETRY) {
+    for (
+      let n = requested;
+      geometry.cylinders * geometry.heads * geometry.sectors < requested;
+      n++
+    ) {
+      geometry = geometryFor(n);
+    }
+    sectors = geometry.cylinders * geometry.heads * geometry.sectors;
+    if (sectors === MAX_GEOMETRY) sectors = requested;
+  } else {
+    geometry = { cylinders: 65535, heads: 16, sectors: 255 };
+  }
+  const size = sectors * SECTOR;
+  const diskType = spec.backingFile !== undefined
+    ? DISK_DIFFERENCING
+    : subformat === "fixed"
+    ? DISK_FIXED
+    : DISK_DYNAMIC;
+
+  const footer = new Uint8Array(FOOTER_SIZE);
+  footer.set(new TextEncoder().encode("conectix"), 0);
+  setBe32(footer, 8, 2);
+  setBe32(footer, 12, 0x00010000);
+  setBe64(footer, 16, diskType === DISK_FIXED ? ALL_ONES : BigInt(FOOTER_SIZE));
+  setBe32(footer, 24, vhdNow());
+  footer.set(new TextEncoder().encode(creator), 28);
+  setBe32(footer, 32, 0x00010000);
+  footer.set(new TextEncoder().encode("Wi2k"), 36);
+  setBe64(footer, 40, size);
+  setBe64(footer, 48, size);
+  setBe16(footer, 56, geometry.cylinders);
+  footer[58] = geometry.heads;
+  footer[59] = geometry.sectors;
+  setBe32(footer, 60, diskType);
+  const uuid = crypto.getRandomValues(new Uint8Array(16));
+  uuid[6] = (uuid[6] & 0x0f) | 0x40;
+  uuid[8] = (uuid[8] & 0x3f) | 0x80;
+  footer.set(uuid, 68);
+  setBe32(footer, 64, vhdChecksum(footer, 64));
+
+  if (diskType === DISK_FIXED) {
+    await sink.write(size, footer);
+    await sink.resize?.(size + FOOTER_SIZE);
+    await sink.flush();
+  } else {
+    const entries = Math.ceil(size / CREATE_BLOCK_SIZE);
+    const tableOffset = FOOTER_SIZE + DYNAMIC_HEADER_SIZE;
+    const batSize = Math.ceil((entries * 4) / SECTOR) * SECTOR;
+    const header = new Uint8Array(DYNAMIC_HEADER_SIZE);
+    header.set(new TextEncoder().encode("cxsparse"), 0);
+    setBe64(header, 8, ALL_ONES);
+    setBe64(header, 16, tableOffset);
+    setBe32(header, 24, 0x00010000);
+    setBe32(header, 28, entries);
+    setBe32(header, 32, CREATE_BLOCK_SIZE);
+    let end = tableOffset + batSize;
+    const locatorData: [number, Uint8Array][] = [];
+    if (spec.backingFile !== undefined) {
+      const name = spec.backingFile;
+      const base = name.slice(name.lastIndexOf("/") + 1);
+      const unicode = encodeUtf16(base, false).subarray(0, 510);
+      header.set(unicode, 64);
+      const absolute = name.startsWith("/");
+      const locators: [string, Uint8Array][] = absolute
+        ? [["W2ku", encodeUtf16(name.replaceAll("/", "\\"), true)]]
+        : [
+          ["W2ru", encodeUtf16(".\\" + name.replaceAll("/", "\\"), true)],
+          ["W2ku", encodeUtf16(name.replaceAll("/", "\\"), true)],
+        ];
+      locators.forEach(([platform, data], i) => {
+        const space = Math.ceil(data.length / SECTOR) * SECTOR;
+        const o = 576 + i * 24;
+        header.set(new TextEncoder().encode(platform), o);
+        // Microsoft's tools store the space in bytes, as the spec's
+        // examples do; it is rounded to whole sectors.
+        setBe32(header, o + 4, space);
+        setBe32(header, o + 8, data.length);
+        setBe64(header, o + 16, end);
+        locatorData.push([end, data]);
+        end += space;
+      });
+    }
+    setBe32(header, 36, vhdChecksum(header, 36));
+    const bat = new Uint8Array(batSize).fill(0xff);
+    await sink.write(0, footer);
+    await sink.write(FOOTER_SIZE, header);
+    await sink.write(tableOffset, bat);
+    for (const [at, data] of locatorData) await sink.write(at, data);
+    await sink.write(end, footer);
+    await sink.flush();
+  }
+  const readable = sink as Partial<Source>;
+  if (typeof readable.read !== "function") {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      "vpc needs a sink it can read back (a file or memory sink)",
+    );
+  }
+  let known = 0;
+  const source: Source = {
+    get size() {
+      // The sink grows as blocks are added; reads stay within what exists.
+      const s = (sink as { size?: number }).size;
+      return typeof s === "number" ? s : known;
+    },
+    name: sink.name,
+    read: (offset, length) => readable.read!(offset, length),
+  };
+  known = diskType === DISK_FIXED
+    ? size + FOOTER_SIZE
+    : FOOTER_SIZE + DYNAMIC_HEADER_SIZE;
+  return await openVpc(source, { writable: true, sink });
+}
+
+/**
+ * The vpc driver: VHD images of Virtual PC, Hyper-V, Disk2VHD and QEMU.
+ * Options: `force_size_calc=chs|current_size` when opening (QEMU's name);
+ * `subformat=dynamic|fixed` and `force_size=on|off` when creating. A
+ * differencing disk names its parent as `backingFile`; reading its
+ * unallocated runs without the parent fails instead of returning zeros
+ * (the image says so with `requiresBacking`).
+ *
+ * @example
+ * ```ts
+ * import { memorySink, vpc } from "../mod.ts";
+ * const sink = memorySink();
+ * const image = await vpc.create!(sink, { size: 1 << 20 });
+ * await image.write!(0, new Uint8Array(512).fill(7));
+ * await image.flush!();
+ * console.log(image.size >= 1 << 20, (await image.read(0, 1))[0]); // true 7
+ * ```
+ */
+export const vpc: Driver = {
+  name: FORMAT,
+  description: "Virtual PC / Hyper-V VHD (fixed, dynamic, differencing)",
+  probe(input: ProbeInput): number {
+    if (input.head.length >= 8 && ascii(input.head, 0, 8) === "conectix") {
+      return 100;
+    }
+    // A fixed VHD keeps its footer only at the end (QEMU misses these and
+    // takes them for raw disks 512 bytes too long).
+    if (input.size < FOOTER_SIZE || input.tail.length < FOOTER_SIZE) return 0;
+    const footer = input.tail.subarray(input.tail.length - FOOTER_SIZE);
+    if (ascii(footer, 0, 8) !== "conectix") return 0;
+    return be32(footer, 64) === vhdChecksum(footer, 64) ? 100 : 0;
+  },
+  open: openVpc,
+  create: createVpc,
+};
