@@ -31,4 +31,6 @@ export * from "./streams/overlay.ts";
 export * from "./streams/service.ts";
 export * from "./drivers/registry.ts";
 export { cloop } from "./drivers/cloop.ts";
+export { bochs } from "./drivers/bochs.ts";
+export { vpc } from "./drivers/vpc.ts";
 export { raw } from "./drivers/raw.ts";

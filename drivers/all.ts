@@ -9,10 +9,14 @@
 
 import type { Driver } from "../streams/types.ts";
 import { cloop } from "./cloop.ts";
+import { bochs } from "./bochs.ts";
+import { vpc } from "./vpc.ts";
 import { raw } from "./raw.ts";
 
 /** Every driver, raw last. */
 export const DRIVERS: readonly Driver[] = [
   cloop,
+  vpc,
+  bochs,
   raw,
 ];
