@@ -303,15 +303,8 @@ function parseDynamicHeader(
     limit: '"cxsparse"',
     offset: at,
   });
-  const checksum = be32(b, 36);
-  const actual = vhdChecksum(b, 36);
-  if (checksum !== actual) {
-    throw new ChecksumError(
-      { format: FORMAT, field: "dynamic_header.checksum", offset: at + 36 },
-      checksum,
-      actual,
-    );
-  }
+  // The fields QEMU checks come first (its messages name them even when
+  // the rest of the header is cut off), then the whole header's checksum.
   const blockSize = be32(b, 32);
   if (
     blockSize < SECTOR || blockSize > MAX_BLOCK_SIZE ||
@@ -341,6 +334,22 @@ function parseDynamicHeader(
         Math.ceil(virtualSize / blockSize)
       } (${virtualSize} bytes in blocks of ${blockSize})`,
       at + 28,
+    );
+  }
+  check(b.length === DYNAMIC_HEADER_SIZE, {
+    format: FORMAT,
+    field: "dynamic_header",
+    value: `${b.length} bytes`,
+    limit: `${DYNAMIC_HEADER_SIZE} bytes within the file`,
+    offset: at,
+  });
+  const checksum = be32(b, 36);
+  const actual = vhdChecksum(b, 36);
+  if (checksum !== actual) {
+    throw new ChecksumError(
+      { format: FORMAT, field: "dynamic_header.checksum", offset: at + 36 },
+      checksum,
+      actual,
     );
   }
   const tableOffset = safeNumber(
@@ -868,7 +877,7 @@ async function openVpc(
     ? Number(footer.dataOffset)
     : -1;
   if (
-    dataOffset < FOOTER_SIZE || dataOffset + DYNAMIC_HEADER_SIZE > source.size
+    dataOffset < FOOTER_SIZE || dataOffset + 40 > source.size
   ) {
     throw fail(
       "footer.data_offset",
@@ -878,7 +887,10 @@ async function openVpc(
     );
   }
   const header = parseDynamicHeader(
-    await source.read(dataOffset, DYNAMIC_HEADER_SIZE),
+    await source.read(
+      dataOffset,
+      Math.min(DYNAMIC_HEADER_SIZE, source.size - dataOffset),
+    ),
     dataOffset,
     source.size,
     size,
