@@ -616,6 +616,21 @@ function vpcImage(state: State, details: Record<string, unknown>): Image {
   async function read(offset: number, length: number): Promise<Uint8Array> {
     checkRange(state.size, offset, length);
     if (!header) return await state.source.read(offset, length);
+    // The common case (convert reads whole blocks): one stored block with
+    // every sector present is one read of the file, returned as it is. A
+    // copy into a fresh buffer here cost as much as the read itself (page
+    // faults on new memory) in the 300 MiB convert measured.
+    const block = Math.floor(offset / blockSize);
+    if (
+      length > 0 && offset + length <= (block + 1) * blockSize &&
+      state.bat![block] !== UNALLOCATED && fullBitmap(await bitmapOf(block))
+    ) {
+      return await state.source.read(
+        state.bat![block] * SECTOR + state.bitmapSize + offset -
+          block * blockSize,
+        length,
+      );
+    }
     const out = new Uint8Array(length);
     const pending: Promise<void>[] = [];
     for await (const run of extents(offset, length)) {
