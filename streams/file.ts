@@ -6,6 +6,7 @@
  * @module
  */
 
+import { BackingFileError } from "./errors.ts";
 import { checkRange, type Sink, type Source } from "./types.ts";
 
 /** A file opened for reading and, when asked, writing at random offsets. */
@@ -210,5 +211,49 @@ export async function createOutputFile(
       await inner.close().catch(() => {});
       await Deno.remove(temp).catch(() => {});
     },
+  };
+}
+
+/**
+ * A resolver for `OpenOptions.resolveFile`: opens the files an image names
+ * as part of itself (vmdk extent files) relative to the image's folder,
+ * read-only, and refuses names that leave that folder (absolute paths,
+ * `..`, symbolic links pointing outside) with a {@linkcode BackingFileError}.
+ *
+ * @param imagePath the path of the image (descriptor) naming the files
+ * @returns the resolver
+ *
+ * @example
+ * ```ts ignore
+ * import { fileResolver, fromFile, open } from "./mod.ts";
+ * const image = await open(await fromFile("disk.vmdk"), {
+ *   resolveFile: fileResolver("disk.vmdk"),
+ * });
+ * ```
+ */
+export function fileResolver(
+  imagePath: string,
+): (name: string) => Promise<FileHandle> {
+  const slash = imagePath.lastIndexOf("/");
+  const dir = slash >= 0 ? imagePath.slice(0, slash) || "/" : ".";
+  return async (name: string) => {
+    if (
+      name === "" || name.startsWith("/") || name.includes("\0") ||
+      name.split("/").includes("..")
+    ) {
+      throw new BackingFileError(
+        `${imagePath} names the file "${name}", which is outside its folder ${dir}: refused`,
+        name,
+      );
+    }
+    const real = await Deno.realPath(`${dir}/${name}`);
+    const base = await Deno.realPath(dir);
+    if (!real.startsWith(base.endsWith("/") ? base : `${base}/`)) {
+      throw new BackingFileError(
+        `${imagePath} names the file "${name}", which leads outside its folder ${dir} (to ${real}): refused`,
+        name,
+      );
+    }
+    return await fromFile(real);
   };
 }

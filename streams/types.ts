@@ -138,6 +138,12 @@ export interface OpenOptions {
    * followed (`image.backing` stays undefined).
    */
   resolveBacking?: BackingResolver;
+  /**
+   * Opens a file an image names as part of itself (the extent files of a
+   * vmdk descriptor), relative to the image's folder. Without it such
+   * images cannot be opened.
+   */
+  resolveFile?: (name: string) => Promise<Source>;
   /** Driver-specific options (`key=value` from `-o`). */
   options?: Record<string, string>;
   /** The sink to write through for writable opens (often the same file as the source). */
