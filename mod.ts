@@ -33,4 +33,5 @@ export * from "./drivers/registry.ts";
 export { cloop } from "./drivers/cloop.ts";
 export { bochs } from "./drivers/bochs.ts";
 export { vpc } from "./drivers/vpc.ts";
+export { vmdk } from "./drivers/vmdk.ts";
 export { raw } from "./drivers/raw.ts";

@@ -11,6 +11,7 @@ import type { Driver } from "../streams/types.ts";
 import { cloop } from "./cloop.ts";
 import { bochs } from "./bochs.ts";
 import { vpc } from "./vpc.ts";
+import { vmdk } from "./vmdk.ts";
 import { raw } from "./raw.ts";
 
 /** Every driver, raw last. */
@@ -18,5 +19,6 @@ export const DRIVERS: readonly Driver[] = [
   cloop,
   vpc,
   bochs,
+  vmdk,
   raw,
 ];
