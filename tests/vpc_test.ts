@@ -545,3 +545,35 @@ Deno.test("creating with an unknown subformat is refused", async () => {
     /subformat/,
   );
 });
+
+Deno.test({
+  name:
+    "a dynamic VHD made by qemu-img opened writable takes new blocks that qemu-img reads",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/w.vhd`;
+      await run("qemu-img", ["create", "-f", "vpc", path, "8M"]);
+      const file = await fromFile(path, { write: true });
+      const image = await open(file, { writable: true, sink: file });
+      const model = new Uint8Array(image.size);
+      for (const [i, at] of [6 << 20, 512, (4 << 20) + 4096].entries()) {
+        const bytes = pseudoRandom(8192, 60 + i);
+        await image.write!(at, bytes);
+        model.set(bytes, at);
+      }
+      await image.flush!();
+      await file.close();
+      await Deno.writeFile(`${dir}/model.raw`, model);
+      const compare = await run("qemu-img", [
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "vpc",
+        `${dir}/model.raw`,
+        path,
+      ], { allowFail: true });
+      assertEquals(compare.code, 0, compare.text + compare.stderr);
+    }),
+});
