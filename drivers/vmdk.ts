@@ -95,6 +95,8 @@ const MAX_EXTENTS = 16384;
 const GT_CACHE = 256;
 /** Decompressed grains kept in memory per extent. */
 const GRAIN_CACHE = 4;
+/** The most file bytes read ahead at once for compressed grains. */
+const MAX_SPAN = 16 << 20;
 /** Grain size of the images this driver writes (64 KiB, as QEMU and VMware). */
 const WRITE_GRAIN_SECTORS = 128;
 
@@ -415,12 +417,19 @@ interface Piece {
   grainStart?: number;
 }
 
+/** File bytes read ahead for several compressed grains. */
+interface Span {
+  at: number;
+  bytes: Uint8Array;
+}
+
 /** One extent: a part of the virtual disk. */
 interface Part {
   /** Bytes. */
   readonly length: number;
   pieces(offset: number, length: number): AsyncIterable<Piece>;
-  readBytes(piece: Piece): Promise<Uint8Array>;
+  readBytes(piece: Piece, span?: Span): Promise<Uint8Array>;
+  prefetch?(pieces: Piece[]): Promise<Span | undefined>;
   write?(offset: number, bytes: Uint8Array): Promise<void>;
 }
 
@@ -475,7 +484,7 @@ class SparsePart implements Part {
   readonly markers: boolean;
   readonly zeroGrains: boolean;
   #gtCache = new Map<number, Uint32Array>();
-  #grainCache = new Map<number, Uint8Array>();
+  #grainCache = new Map<number, Promise<Uint8Array>>();
   /** Next free sector (writable only). */
   #end = 0;
   #sink?: Sink;
@@ -581,14 +590,49 @@ class SparsePart implements Part {
     if (run) yield run;
   }
 
-  async grain(sector: number): Promise<Uint8Array> {
+  /**
+   * Reads at once the file span holding the compressed grains of `pieces`
+   * (consecutive grains lie one after the other in streamOptimized files),
+   * so that decoding them costs one file read instead of two per grain.
+   */
+  async prefetch(pieces: Piece[]): Promise<Span | undefined> {
+    let first = Infinity;
+    let last = -1;
+    for (const p of pieces) {
+      if (p.grainSector === undefined) continue;
+      if (this.#grainCache.has(p.grainSector)) continue;
+      first = Math.min(first, p.grainSector);
+      last = Math.max(last, p.grainSector);
+    }
+    if (last < 0 || !this.markers) return undefined;
+    const at = first * SECTOR;
+    const end = Math.min(this.fileSize, last * SECTOR + 2 * this.grainBytes);
+    if (end - at > MAX_SPAN || end <= at) return undefined;
+    return { at, bytes: await this.source.read(at, end - at) };
+  }
+
+  grain(sector: number, span?: Span): Promise<Uint8Array> {
     const cached = this.#grainCache.get(sector);
     if (cached) return cached;
+    const promise = this.#decodeGrain(sector, span);
+    promise.catch(() => this.#grainCache.delete(sector));
+    if (this.#grainCache.size >= GRAIN_CACHE) {
+      this.#grainCache.delete(this.#grainCache.keys().next().value!);
+    }
+    this.#grainCache.set(sector, promise);
+    return promise;
+  }
+
+  async #decodeGrain(sector: number, span?: Span): Promise<Uint8Array> {
     const at = sector * SECTOR;
     const limit = 2 * this.grainBytes;
+    const within = (o: number, n: number) =>
+      span && o >= span.at && o + n <= span.at + span.bytes.length
+        ? span.bytes.subarray(o - span.at, o - span.at + n)
+        : undefined;
     let data: Uint8Array;
     if (this.markers) {
-      const head = await readChecked(
+      const head = within(at, 12) ?? await readChecked(
         this.source,
         at,
         12,
@@ -605,7 +649,8 @@ class SparsePart implements Part {
           this.source.name,
         );
       }
-      data = await readChecked(this.source, at + 12, size, "compressed grain");
+      data = within(at + 12, size) ??
+        await readChecked(this.source, at + 12, size, "compressed grain");
     } else {
       data = await readChecked(
         this.source,
@@ -614,9 +659,8 @@ class SparsePart implements Part {
         "compressed grain",
       );
     }
-    let out: Uint8Array;
     try {
-      out = await zlib.decode(data, this.grainBytes);
+      return await zlib.decode(data, this.grainBytes);
     } catch (e) {
       if (!(e instanceof CodecError)) throw e;
       throw new ImageFormatError(
@@ -624,19 +668,15 @@ class SparsePart implements Part {
         `compressed grain at sector ${sector}: ${e.message}`,
       );
     }
-    if (this.#grainCache.size >= GRAIN_CACHE) {
-      this.#grainCache.delete(this.#grainCache.keys().next().value!);
-    }
-    this.#grainCache.set(sector, out);
-    return out;
   }
 
-  async readBytes(p: Piece): Promise<Uint8Array> {
+  async readBytes(p: Piece, span?: Span): Promise<Uint8Array> {
     if (p.kind !== "data") return new Uint8Array(p.length);
     if (p.grainSector !== undefined) {
-      const grain = await this.grain(p.grainSector);
+      const grain = await this.grain(p.grainSector, span);
       const from = p.offset - p.grainStart!;
-      return grain.slice(from, from + p.length);
+      // A view: the caller copies it out at once.
+      return grain.subarray(from, from + p.length);
     }
     return await readChecked(
       this.source,
@@ -843,11 +883,28 @@ function vmdkImage(
     async read(offset, length) {
       checkRange(size, offset, length);
       const out = new Uint8Array(length);
-      for await (
-        const { piece, part, start } of allPieces(parts, offset, length)
-      ) {
-        if (piece.kind !== "data") continue;
-        out.set(await part.readBytes(piece), start + piece.offset - offset);
+      const wanted: { piece: Piece; part: Part; start: number }[] = [];
+      for await (const p of allPieces(parts, offset, length)) {
+        if (p.piece.kind === "data") wanted.push(p);
+      }
+      let span: Span | undefined;
+      let spanPart: Part | undefined;
+      // Reads and decodes start together; the copies happen in order after.
+      const reads: Promise<Uint8Array>[] = [];
+      for (const { piece, part } of wanted) {
+        if (part.prefetch && spanPart !== part) {
+          spanPart = part;
+          span = await part.prefetch(
+            wanted.filter((w) => w.part === part).map((w) => w.piece),
+          );
+        }
+        const read = part.readBytes(piece, span);
+        read.catch(() => {}); // observed below, in order
+        reads.push(read);
+      }
+      for (let i = 0; i < wanted.length; i++) {
+        const { piece, start } = wanted[i];
+        out.set(await reads[i], start + piece.offset - offset);
       }
       return out;
     },
@@ -1098,8 +1155,11 @@ class SliceOf implements Part {
   pieces(offset: number, length: number) {
     return this.inner.pieces(offset, length);
   }
-  readBytes(p: Piece) {
-    return this.inner.readBytes(p);
+  readBytes(p: Piece, span?: Span) {
+    return this.inner.readBytes(p, span);
+  }
+  prefetch(pieces: Piece[]) {
+    return this.inner.prefetch?.(pieces) ?? Promise.resolve(undefined);
   }
 }
 
