@@ -549,21 +549,17 @@ function vpcImage(state: State, details: Record<string, unknown>): Image {
     dirtyBitmaps.clear();
   }
 
-  /** Runs of one block (`from`, `to` in bytes within the block). */
-  async function* blockRuns(
-    block: number,
+  /**
+   * Runs of one stored block (`from`, `to` in bytes within the block),
+   * read from its sector bitmap.
+   */
+  function blockRuns(
+    bitmap: Uint8Array,
     from: number,
     to: number,
-  ): AsyncIterable<{ from: number; to: number; kind: ExtentKind }> {
-    if (state.bat![block] === UNALLOCATED) {
-      yield { from, to, kind: "unallocated" };
-      return;
-    }
-    const bitmap = await bitmapOf(block);
-    if (fullBitmap(bitmap)) {
-      yield { from, to, kind: "data" };
-      return;
-    }
+  ): { from: number; to: number; kind: ExtentKind }[] {
+    if (fullBitmap(bitmap)) return [{ from, to, kind: "data" }];
+    const runs: { from: number; to: number; kind: ExtentKind }[] = [];
     let start = from;
     let kind: ExtentKind | undefined;
     for (let at = from; at < to;) {
@@ -571,13 +567,14 @@ function vpcImage(state: State, details: Record<string, unknown>): Image {
       const next = Math.min(to, (sector + 1) * SECTOR);
       const k: ExtentKind = bitSet(bitmap, sector) ? "data" : holeKind;
       if (kind !== undefined && k !== kind) {
-        yield { from: start, to: at, kind };
+        runs.push({ from: start, to: at, kind });
         start = at;
       }
       kind = k;
       at = next;
     }
-    if (kind !== undefined) yield { from: start, to, kind };
+    if (kind !== undefined) runs.push({ from: start, to, kind });
+    return runs;
   }
 
   async function* extents(
@@ -590,23 +587,40 @@ function vpcImage(state: State, details: Record<string, unknown>): Image {
       yield { offset, length, kind: "data" };
       return;
     }
+    const bat = state.bat!;
     const end = offset + length;
     let run: Extent | undefined;
+    const add = (o: number, n: number, kind: ExtentKind) => {
+      if (run && run.kind === kind && run.offset + run.length === o) {
+        run.length += n;
+        return undefined;
+      }
+      const done = run;
+      run = { offset: o, length: n, kind };
+      return done;
+    };
     for (let at = offset; at < end;) {
-      const block = Math.floor(at / blockSize);
+      let block = Math.floor(at / blockSize);
+      if (bat[block] === UNALLOCATED) {
+        // Unallocated blocks are skipped in a tight loop: a 127 GiB disk
+        // with nothing stored has 65,000 of them.
+        while (
+          (block + 1) * blockSize < end && bat[block + 1] === UNALLOCATED
+        ) {
+          block++;
+        }
+        const stop = Math.min(end, (block + 1) * blockSize);
+        const done = add(at, stop - at, "unallocated");
+        if (done) yield done;
+        at = stop;
+        continue;
+      }
       const blockStart = block * blockSize;
       const stop = Math.min(end, blockStart + blockSize);
-      for await (
-        const r of blockRuns(block, at - blockStart, stop - blockStart)
-      ) {
-        const o = blockStart + r.from;
-        const n = r.to - r.from;
-        if (run && run.kind === r.kind && run.offset + run.length === o) {
-          run.length += n;
-        } else {
-          if (run) yield run;
-          run = { offset: o, length: n, kind: r.kind };
-        }
+      const bitmap = await bitmapOf(block);
+      for (const r of blockRuns(bitmap, at - blockStart, stop - blockStart)) {
+        const done = add(blockStart + r.from, r.to - r.from, r.kind);
+        if (done) yield done;
       }
       at = stop;
     }
