@@ -1,0 +1,1265 @@
+/**
+ * xz: a decoder for `.xz` streams (one or several, with stream padding)
+ * whose blocks hold LZMA2, checking the block header, index and footer
+ * CRC-32s and each block's check (none, CRC-32, CRC-64 or SHA-256), and
+ * an encoder that writes one LZMA2 block with a CRC-32 check, which
+ * `xz -d`, 7-Zip and the Linux kernel's XZ Embedded decoder (cloop 4)
+ * accept.
+ *
+ * dmg ULMO chunks (type 0x80000008) and cloop 4 blocks with compressor 2
+ * are whole xz streams; the cloop module decodes them with the kernel's
+ * xz_dec, which checks only CRC-32, so the encoder writes CRC-32 checks
+ * (as `xz --check=crc32`) and a dictionary no larger than the input.
+ *
+ * Written here rather than taken from npm: xz-decompress is a wasm build
+ * that only streams and cannot stop at a declared size, lzma (LZMA-JS)
+ * handles `.lzma` files only, and @napi-rs/lzma is a native addon.
+ *
+ * The stream (all integers little-endian; "varint" is 7 bits a byte, low
+ * first, at most 9 bytes):
+ *
+ * | size     | field                                                      |
+ * | -------- | ---------------------------------------------------------- |
+ * | 6        | magic FD 37 7A 58 5A 00                                    |
+ * | 2        | stream flags: 0, check type (0 none, 1 CRC-32, 4 CRC-64, 10 SHA-256) |
+ * | 4        | CRC-32 of the stream flags                                 |
+ * | per block: |                                                          |
+ * | 1        | header size / 4 - 1 (0 marks the index instead)            |
+ * | 1        | block flags: filters - 1 (bits 0-1), sizes present (bits 6, 7) |
+ * | varints  | compressed size, uncompressed size (when flagged)          |
+ * | per filter: | varint id (0x21 LZMA2), varint properties size, properties |
+ * | 0..3 + 4 | zero padding to the header size, CRC-32 of the header      |
+ * | ...      | LZMA2 chunks, then zero padding to a multiple of 4         |
+ * | 0..32    | the check of the uncompressed data                         |
+ * | index:   | 0, varint record count, per block varint unpadded size and uncompressed size, padding, CRC-32 |
+ * | 4        | footer: CRC-32 of the next 6 bytes                         |
+ * | 4        | backward size: index size / 4 - 1                          |
+ * | 2        | stream flags again                                         |
+ * | 2        | magic "YZ"                                                 |
+ *
+ * LZMA2 chunks: a control byte; 0 ends, 1 and 2 are stored chunks (1
+ * resets the dictionary) of a big-endian 16-bit size + 1 bytes, 0x80..0xff
+ * are LZMA chunks whose bits 0-4 and two more bytes give the unpacked size
+ * - 1, two bytes the packed size - 1, bits 5-6 what is reset (0 nothing,
+ * 1 state, 2 state and new properties byte, 3 everything with the
+ * dictionary).
+ *
+ * This module is browser compatible.
+ *
+ * @module
+ */
+
+import { CodecError } from "../../streams/errors.ts";
+import { crc32 } from "./crc32.ts";
+
+const CODEC = "xz";
+
+function fail(message: string): never {
+  throw new CodecError(CODEC, message);
+}
+
+const MAGIC = [0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00];
+const FOOTER_MAGIC = [0x59, 0x5a];
+const CHECK_CRC32 = 1;
+const CHECK_CRC64 = 4;
+const CHECK_SHA256 = 10;
+/** Bytes of each check type's field (types without a name keep their size). */
+const CHECK_SIZES = [0, 4, 4, 4, 8, 8, 8, 16, 16, 16, 32, 32, 32, 64, 64, 64];
+const FILTER_LZMA2 = 0x21;
+const FILTER_NAMES: Record<number, string> = {
+  0x03: "delta",
+  0x04: "x86 BCJ",
+  0x05: "PowerPC BCJ",
+  0x06: "IA-64 BCJ",
+  0x07: "ARM BCJ",
+  0x08: "ARM-Thumb BCJ",
+  0x09: "SPARC BCJ",
+  0x0a: "ARM64 BCJ",
+  0x0b: "RISC-V BCJ",
+};
+
+// ---------------------------------------------------------------------------
+// CRC-64 (ECMA-182, reflected), as two 32-bit halves.
+
+const CRC64_LO = new Uint32Array(256);
+const CRC64_HI = new Uint32Array(256);
+{
+  const polyLo = 0xd7870f42;
+  const polyHi = 0xc96c5795;
+  for (let n = 0; n < 256; n++) {
+    let lo = n;
+    let hi = 0;
+    for (let k = 0; k < 8; k++) {
+      const low = lo & 1;
+      lo = ((lo >>> 1) | (hi << 31)) >>> 0;
+      hi >>>= 1;
+      if (low) {
+        lo = (lo ^ polyLo) >>> 0;
+        hi = (hi ^ polyHi) >>> 0;
+      }
+    }
+    CRC64_LO[n] = lo;
+    CRC64_HI[n] = hi;
+  }
+}
+
+/** CRC-64 of `bytes` as 8 little-endian bytes (the order xz stores it). */
+function crc64(bytes: Uint8Array): Uint8Array {
+  let lo = 0xffffffff;
+  let hi = 0xffffffff;
+  for (let i = 0; i < bytes.length; i++) {
+    const index = (lo ^ bytes[i]) & 0xff;
+    lo = ((lo >>> 8) | (hi << 24)) ^ CRC64_LO[index];
+    hi = (hi >>> 8) ^ CRC64_HI[index];
+  }
+  const out = new Uint8Array(8);
+  const v = new DataView(out.buffer);
+  v.setUint32(0, ~lo >>> 0, true);
+  v.setUint32(4, ~hi >>> 0, true);
+  return out;
+}
+
+function le32(b: Uint8Array, at: number): number {
+  return (b[at] | (b[at + 1] << 8) | (b[at + 2] << 16) | (b[at + 3] << 24)) >>>
+    0;
+}
+
+function hexBytes(b: Uint8Array): string {
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+// ---------------------------------------------------------------------------
+// LZMA decoding.
+
+/** Probabilities are 11-bit; this is one half. */
+const PROB_INIT = 1024;
+const STATES = 12;
+const POS_STATES_MAX = 16;
+const MATCH_LEN_MIN = 2;
+const MATCH_LEN_MAX = 273;
+const DIST_MODEL_END = 14;
+const FULL_DISTANCES = 128;
+
+// Where each probability group starts in one Uint16Array.
+const IS_MATCH = 0;
+const IS_REP = IS_MATCH + STATES * POS_STATES_MAX;
+const IS_REP_G0 = IS_REP + STATES;
+const IS_REP_G1 = IS_REP_G0 + STATES;
+const IS_REP_G2 = IS_REP_G1 + STATES;
+const IS_REP0_LONG = IS_REP_G2 + STATES;
+const POS_SLOT = IS_REP0_LONG + STATES * POS_STATES_MAX;
+const SPEC_POS = POS_SLOT + 4 * 64;
+const ALIGN = SPEC_POS + FULL_DISTANCES - DIST_MODEL_END;
+const LEN_CODER = ALIGN + 16;
+// A length coder: choice, choice2, low[16][8], mid[16][8], high[256].
+const LEN_CHOICE = 0;
+const LEN_CHOICE2 = 1;
+const LEN_LOW = 2;
+const LEN_MID = LEN_LOW + POS_STATES_MAX * 8;
+const LEN_HIGH = LEN_MID + POS_STATES_MAX * 8;
+const LEN_SIZE = LEN_HIGH + 256;
+const REP_LEN_CODER = LEN_CODER + LEN_SIZE;
+const LITERAL = REP_LEN_CODER + LEN_SIZE;
+
+/** State after a literal, a match, a repeated match, a short repeat. */
+const NEXT_LITERAL = [0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 4, 5];
+const NEXT_MATCH = 7;
+const NEXT_REP = 8;
+const NEXT_SHORT_REP = 9;
+
+/** lc, lp, pb from an LZMA properties byte. */
+interface Properties {
+  lc: number;
+  lp: number;
+  pb: number;
+}
+
+function parseProperties(byte: number): Properties {
+  if (byte >= 9 * 5 * 5) fail(`LZMA properties byte ${byte} must be below 225`);
+  const lc = byte % 9;
+  const lp = Math.floor(byte / 9) % 5;
+  const pb = Math.floor(byte / 45);
+  if (lc + lp > 4) fail(`LZMA2 needs lc + lp <= 4, found lc ${lc} lp ${lp}`);
+  return { lc, lp, pb };
+}
+
+/**
+ * The LZMA decoder of one LZMA2 block: probabilities, state and repeat
+ * distances live across chunks until a chunk resets them. The output
+ * buffer is the dictionary (the whole block is in memory), so matches copy
+ * within it.
+ */
+class LzmaDecoder {
+  probs = new Uint16Array(LITERAL + 0x300 * 16);
+  state = 0;
+  rep0 = 0;
+  rep1 = 0;
+  rep2 = 0;
+  rep3 = 0;
+  props: Properties = { lc: 0, lp: 0, pb: 0 };
+  // The range decoder.
+  input: Uint8Array = new Uint8Array(0);
+  inPos = 0;
+  inEnd = 0;
+  range = 0;
+  code = 0;
+
+  resetState(): void {
+    this.probs.fill(
+      PROB_INIT,
+      0,
+      LITERAL + (0x300 << (this.props.lc + this.props.lp)),
+    );
+    this.state = 0;
+    this.rep0 =
+      this.rep1 =
+      this.rep2 =
+      this.rep3 =
+        0;
+  }
+
+  /** Decodes one bit with the probability at `index`. */
+  bit(index: number): number {
+    const probs = this.probs;
+    const p = probs[index];
+    if (this.range < 0x1000000) {
+      if (this.inPos >= this.inEnd) fail("LZMA chunk data ends early");
+      this.range = (this.range << 8) >>> 0;
+      this.code = ((this.code << 8) | this.input[this.inPos++]) >>> 0;
+    }
+    const bound = (this.range >>> 11) * p;
+    if (this.code < bound) {
+      this.range = bound;
+      probs[index] = p + ((2048 - p) >>> 5);
+      return 0;
+    }
+    this.range -= bound;
+    this.code -= bound;
+    probs[index] = p - (p >>> 5);
+    return 1;
+  }
+
+  /** Decodes `bits` equiprobable bits, most significant first. */
+  direct(bits: number): number {
+    let result = 0;
+    for (let i = 0; i < bits; i++) {
+      if (this.range < 0x1000000) {
+        if (this.inPos >= this.inEnd) fail("LZMA chunk data ends early");
+        this.range = (this.range << 8) >>> 0;
+        this.code = ((this.code << 8) | this.input[this.inPos++]) >>> 0;
+      }
+      this.range >>>= 1;
+      let bit = 0;
+      if (this.code >= this.range) {
+        this.code -= this.range;
+        bit = 1;
+      }
+      result = ((result << 1) | bit) >>> 0;
+    }
+    return result;
+  }
+
+  tree(base: number, bits: number): number {
+    let m = 1;
+    for (let i = 0; i < bits; i++) m = (m << 1) | this.bit(base + m);
+    return m - (1 << bits);
+  }
+
+  reverseTree(base: number, bits: number): number {
+    let m = 1;
+    let result = 0;
+    for (let i = 0; i < bits; i++) {
+      const b = this.bit(base + m);
+      m = (m << 1) | b;
+      result |= b << i;
+    }
+    return result;
+  }
+
+  length(base: number, posState: number): number {
+    if (this.bit(base + LEN_CHOICE) === 0) {
+      return this.tree(base + LEN_LOW + posState * 8, 3);
+    }
+    if (this.bit(base + LEN_CHOICE2) === 0) {
+      return 8 + this.tree(base + LEN_MID + posState * 8, 3);
+    }
+    return 16 + this.tree(base + LEN_HIGH, 8);
+  }
+
+  /**
+   * Decodes one LZMA chunk: `packed` input bytes at `inPos` to `unpacked`
+   * output bytes at `op`. `dictStart` is where the dictionary was last
+   * reset: no match reaches before it.
+   */
+  chunk(
+    input: Uint8Array,
+    inPos: number,
+    packed: number,
+    out: Uint8Array,
+    op: number,
+    unpacked: number,
+    dictStart: number,
+  ): void {
+    this.input = input;
+    this.inPos = inPos + 5;
+    this.inEnd = inPos + packed;
+    if (packed < 5 || input[inPos] !== 0) {
+      fail("LZMA chunk does not start a range coder");
+    }
+    this.code = le32BE(input, inPos + 1);
+    this.range = 0xffffffff;
+    const { lc, lp, pb } = this.props;
+    const pbMask = (1 << pb) - 1;
+    const lpMask = (1 << lp) - 1;
+    const end = op + unpacked;
+    const probs = this.probs;
+    let state = this.state;
+    while (op < end) {
+      const pos = op - dictStart;
+      const posState = pos & pbMask;
+      if (this.bit(IS_MATCH + (state << 4) + posState) === 0) {
+        // A literal, coded against the byte at rep0 after a match.
+        const prev = op > dictStart ? out[op - 1] : 0;
+        const base = LITERAL +
+          0x300 * (((pos & lpMask) << lc) + (prev >>> (8 - lc)));
+        let symbol = 1;
+        if (state < 7) {
+          while (symbol < 0x100) {
+            symbol = (symbol << 1) | this.bit(base + symbol);
+          }
+        } else {
+          let matchByte = out[op - this.rep0 - 1] << 1;
+          let offset = 0x100;
+          while (symbol < 0x100) {
+            const matchBit = matchByte & offset;
+            matchByte <<= 1;
+            const b = this.bit(base + offset + matchBit + symbol);
+            symbol = (symbol << 1) | b;
+            offset = b ? matchBit : offset & ~matchBit;
+          }
+        }
+        out[op++] = symbol & 0xff;
+        state = NEXT_LITERAL[state];
+        continue;
+      }
+      let len: number;
+      if (this.bit(IS_REP + state) === 0) {
+        // A match with a new distance.
+        len = this.length(LEN_CODER, posState);
+        const lenState = len < 4 ? len : 3;
+        const slot = this.tree(POS_SLOT + lenState * 64, 6);
+        let dist: number;
+        if (slot < 4) {
+          dist = slot;
+        } else {
+          const footer = (slot >>> 1) - 1;
+          dist = ((2 | (slot & 1)) << footer) >>> 0;
+          if (slot < DIST_MODEL_END) {
+            dist += this.reverseTree(SPEC_POS + dist - slot - 1, footer);
+          } else {
+            dist += this.direct(footer - 4) * 16;
+            dist += this.reverseTree(ALIGN, 4);
+          }
+        }
+        if (dist === 0xffffffff) fail("end marker inside an LZMA2 chunk");
+        this.rep3 = this.rep2;
+        this.rep2 = this.rep1;
+        this.rep1 = this.rep0;
+        this.rep0 = dist;
+        state = state < 7 ? NEXT_MATCH : 10;
+      } else {
+        if (this.bit(IS_REP_G0 + state) === 0) {
+          if (this.bit(IS_REP0_LONG + (state << 4) + posState) === 0) {
+            // Short repeat: one byte from rep0.
+            if (this.rep0 >= op - dictStart) {
+              fail("distance reaches before the dictionary");
+            }
+            out[op] = out[op - this.rep0 - 1];
+            op++;
+            state = state < 7 ? NEXT_SHORT_REP : 11;
+            continue;
+          }
+        } else {
+          let dist: number;
+          if (this.bit(IS_REP_G1 + state) === 0) {
+            dist = this.rep1;
+          } else {
+            if (this.bit(IS_REP_G2 + state) === 0) {
+              dist = this.rep2;
+            } else {
+              dist = this.rep3;
+              this.rep3 = this.rep2;
+            }
+            this.rep2 = this.rep1;
+          }
+          this.rep1 = this.rep0;
+          this.rep0 = dist;
+        }
+        len = this.length(REP_LEN_CODER, posState);
+        state = state < 7 ? NEXT_REP : 11;
+      }
+      len += MATCH_LEN_MIN;
+      const dist = this.rep0;
+      if (dist >= op - dictStart) {
+        fail("distance reaches before the dictionary");
+      }
+      if (len > end - op) fail("a match runs past the chunk's unpacked size");
+      // Byte by byte: the source may overlap the destination.
+      let from = op - dist - 1;
+      if (dist + 1 >= len) {
+        out.copyWithin(op, from, from + len);
+        op += len;
+      } else {
+        for (const stop = op + len; op < stop;) out[op++] = out[from++];
+      }
+    }
+    this.state = state;
+    // The chunk's range coder must end exactly at its packed size.
+    if (this.range < 0x1000000 && this.inPos < this.inEnd) {
+      this.range = (this.range << 8) >>> 0;
+      this.code = ((this.code << 8) | input[this.inPos++]) >>> 0;
+    }
+    if (this.inPos !== this.inEnd || this.code !== 0) {
+      fail("LZMA chunk does not end where its packed size says");
+    }
+    void probs;
+  }
+}
+
+function le32BE(b: Uint8Array, at: number): number {
+  return ((b[at] << 24) | (b[at + 1] << 16) | (b[at + 2] << 8) | b[at + 3]) >>>
+    0;
+}
+
+/** Decoded output and where it has got to. */
+interface Output {
+  out: Uint8Array;
+  length: number;
+}
+
+/**
+ * Decodes the LZMA2 data of one block starting at `pos`, appending to
+ * `o`; returns the position after the end-of-data byte.
+ */
+function decodeLzma2(
+  input: Uint8Array,
+  pos: number,
+  end: number,
+  o: Output,
+  dictSize: number,
+): number {
+  const lzma = new LzmaDecoder();
+  let dictStart = o.length;
+  let needDictReset = true;
+  let needProperties = true;
+  void dictSize;
+  for (;;) {
+    if (pos >= end) fail("LZMA2 data ends without its end byte");
+    const control = input[pos++];
+    if (control === 0) return pos;
+    if (control >= 0xe0 || control === 1) {
+      needProperties = true;
+      needDictReset = false;
+      dictStart = o.length;
+    } else if (needDictReset) {
+      fail(
+        `LZMA2 chunk control 0x${
+          control.toString(16)
+        } must reset the dictionary first`,
+      );
+    }
+    if (control < 0x80) {
+      if (control > 2) {
+        fail(`LZMA2 control byte 0x${control.toString(16)} is invalid`);
+      }
+      if (pos + 2 > end) fail("LZMA2 chunk header truncated");
+      const size = ((input[pos] << 8) | input[pos + 1]) + 1;
+      pos += 2;
+      if (pos + size > end) fail("stored LZMA2 chunk truncated");
+      if (o.length + size > o.out.length) tooLong(o.out.length);
+      o.out.set(input.subarray(pos, pos + size), o.length);
+      o.length += size;
+      pos += size;
+      continue;
+    }
+    if (pos + 4 > end) fail("LZMA2 chunk header truncated");
+    const unpacked = ((control & 0x1f) << 16) +
+      ((input[pos] << 8) | input[pos + 1]) + 1;
+    const packed = ((input[pos + 2] << 8) | input[pos + 3]) + 1;
+    pos += 4;
+    const reset = (control >>> 5) & 3;
+    if (reset >= 2) {
+      if (pos >= end) fail("LZMA2 chunk header truncated");
+      lzma.props = parseProperties(input[pos++]);
+      needProperties = false;
+    } else if (needProperties) {
+      fail("the first LZMA2 chunk must carry properties");
+    }
+    if (reset >= 1) lzma.resetState();
+    if (pos + packed > end) fail("LZMA2 chunk truncated");
+    if (o.length + unpacked > o.out.length) tooLong(o.out.length);
+    lzma.chunk(input, pos, packed, o.out, o.length, unpacked, dictStart);
+    o.length += unpacked;
+    pos += packed;
+  }
+}
+
+function tooLong(limit: number): never {
+  fail(`decodes to more than the declared ${limit} bytes`);
+}
+
+// ---------------------------------------------------------------------------
+// The container.
+
+/** Reads a varint at `r.pos`. */
+function varint(
+  b: Uint8Array,
+  r: { pos: number },
+  end: number,
+  what: string,
+): number {
+  let value = 0;
+  for (let i = 0; i < 9; i++) {
+    if (r.pos >= end) fail(`${what} truncated`);
+    const byte = b[r.pos++];
+    value += (byte & 0x7f) * 2 ** (7 * i);
+    if (!(byte & 0x80)) {
+      if (byte === 0 && i > 0) fail(`${what} is not minimally encoded`);
+      if (!Number.isSafeInteger(value)) fail(`${what} ${value} is too large`);
+      return value;
+    }
+  }
+  fail(`${what} is longer than 9 bytes`);
+}
+
+function isAligned(n: number): boolean {
+  return n % 4 === 0;
+}
+
+/** The check of one block's data, compared with what is stored. */
+async function verifyCheck(
+  type: number,
+  data: Uint8Array,
+  stored: Uint8Array,
+  block: number,
+): Promise<void> {
+  let computed: Uint8Array;
+  if (type === CHECK_CRC32) {
+    computed = new Uint8Array(4);
+    new DataView(computed.buffer).setUint32(0, crc32(data), true);
+  } else if (type === CHECK_CRC64) {
+    computed = crc64(data);
+  } else if (type === CHECK_SHA256) {
+    computed = new Uint8Array(
+      await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>),
+    );
+  } else {
+    return; // none, or a type this decoder cannot compute (xz warns and goes on)
+  }
+  for (let i = 0; i < computed.length; i++) {
+    if (computed[i] !== stored[i]) {
+      fail(
+        `block ${block} check mismatch: stored ${hexBytes(stored)}, computed ${
+          hexBytes(computed)
+        }`,
+      );
+    }
+  }
+}
+
+/**
+ * Decodes one stream at `start`; returns the position after its footer.
+ */
+async function decodeStream(
+  input: Uint8Array,
+  start: number,
+  o: Output,
+  streamNumber: number,
+): Promise<number> {
+  const n = input.length;
+  const where = `stream ${streamNumber}`;
+  if (n - start < 24) fail(`${where}: truncated (${n - start} bytes)`);
+  for (let i = 0; i < 6; i++) {
+    if (input[start + i] !== MAGIC[i]) {
+      fail(
+        streamNumber === 1
+          ? "not an xz stream (bad magic)"
+          : `${where}: bad magic`,
+      );
+    }
+  }
+  const flags = input.subarray(start + 6, start + 8);
+  if (flags[0] !== 0 || flags[1] > 0x0f) {
+    fail(`${where}: stream flags ${hexBytes(flags)} use reserved bits`);
+  }
+  if (crc32(flags) !== le32(input, start + 8)) {
+    fail(`${where}: stream header CRC-32 mismatch`);
+  }
+  const checkType = flags[1];
+  const checkSize = CHECK_SIZES[checkType];
+  let pos = start + 12;
+  const records: Array<[number, number]> = [];
+  for (let block = 1;; block++) {
+    if (pos >= n) fail(`${where}: truncated before the index`);
+    if (input[pos] === 0) break; // the index
+    // Block header.
+    const headerStart = pos;
+    const headerSize = (input[pos] + 1) * 4;
+    if (pos + headerSize > n) fail(`${where} block ${block}: header truncated`);
+    const headerEnd = pos + headerSize - 4;
+    if (crc32(input.subarray(pos, headerEnd)) !== le32(input, headerEnd)) {
+      fail(`${where} block ${block}: header CRC-32 mismatch`);
+    }
+    const blockFlags = input[pos + 1];
+    if (blockFlags & 0x3c) {
+      fail(
+        `${where} block ${block}: flags 0x${
+          blockFlags.toString(16)
+        } use reserved bits`,
+      );
+    }
+    const r = { pos: pos + 2 };
+    const compressedSize = blockFlags & 0x40
+      ? varint(input, r, headerEnd, "compressed size")
+      : undefined;
+    const uncompressedSize = blockFlags & 0x80
+      ? varint(input, r, headerEnd, "uncompressed size")
+      : undefined;
+    if (compressedSize === 0) {
+      fail(`${where} block ${block}: compressed size 0`);
+    }
+    const nFilters = (blockFlags & 3) + 1;
+    let dictSize = 0;
+    for (let f = 0; f < nFilters; f++) {
+      const id = varint(input, r, headerEnd, "filter id");
+      const propsSize = varint(input, r, headerEnd, "filter properties size");
+      if (r.pos + propsSize > headerEnd) {
+        fail(`${where} block ${block}: filter properties truncated`);
+      }
+      if (id !== FILTER_LZMA2) {
+        const name = FILTER_NAMES[id] ?? "unknown";
+        fail(
+          `${where} block ${block}: filter 0x${
+            id.toString(16)
+          } (${name}) is not supported`,
+        );
+      }
+      if (f !== nFilters - 1) {
+        fail(`${where} block ${block}: LZMA2 must be the last filter`);
+      }
+      if (propsSize !== 1) {
+        fail(
+          `${where} block ${block}: LZMA2 properties size ${propsSize} must be 1`,
+        );
+      }
+      const d = input[r.pos];
+      if (d > 40) {
+        fail(
+          `${where} block ${block}: LZMA2 dictionary size byte ${d} must be at most 40`,
+        );
+      }
+      dictSize = d === 40
+        ? 0xffffffff
+        : (2 | (d & 1)) * 2 ** (Math.floor(d / 2) + 11);
+      r.pos += propsSize;
+    }
+    for (let i = r.pos; i < headerEnd; i++) {
+      if (input[i] !== 0) {
+        fail(`${where} block ${block}: header padding is not zero`);
+      }
+    }
+    // Data.
+    pos = headerEnd + 4;
+    const dataStart = pos;
+    const outStart = o.length;
+    if (
+      uncompressedSize !== undefined &&
+      outStart + uncompressedSize > o.out.length
+    ) {
+      tooLong(o.out.length);
+    }
+    const dataLimit = compressedSize === undefined
+      ? n
+      : Math.min(n, dataStart + compressedSize);
+    pos = decodeLzma2(input, pos, dataLimit, o, dictSize);
+    const packed = pos - dataStart;
+    const produced = o.length - outStart;
+    if (compressedSize !== undefined && packed !== compressedSize) {
+      fail(
+        `${where} block ${block}: compressed size ${packed}, header says ${compressedSize}`,
+      );
+    }
+    if (uncompressedSize !== undefined && produced !== uncompressedSize) {
+      fail(
+        `${where} block ${block}: uncompressed size ${produced}, header says ${uncompressedSize}`,
+      );
+    }
+    while (!isAligned(pos - start)) {
+      if (pos >= n || input[pos] !== 0) {
+        fail(`${where} block ${block}: padding is not zero`);
+      }
+      pos++;
+    }
+    if (pos + checkSize > n) fail(`${where} block ${block}: check truncated`);
+    await verifyCheck(
+      checkType,
+      o.out.subarray(outStart, o.length),
+      input.subarray(pos, pos + checkSize),
+      block,
+    );
+    pos += checkSize;
+    records.push([headerSize + packed + checkSize, produced]);
+    void headerStart;
+  }
+  // Index.
+  const indexStart = pos;
+  const r = { pos: pos + 1 };
+  const count = varint(input, r, n, "index record count");
+  if (count !== records.length) {
+    fail(
+      `${where}: index lists ${count} blocks, the stream has ${records.length}`,
+    );
+  }
+  for (let i = 0; i < count; i++) {
+    const unpadded = varint(input, r, n, "index unpadded size");
+    const size = varint(input, r, n, "index uncompressed size");
+    if (unpadded !== records[i][0] || size !== records[i][1]) {
+      fail(
+        `${where}: index record ${
+          i + 1
+        } (${unpadded}, ${size}) does not match block (${records[i][0]}, ${
+          records[i][1]
+        })`,
+      );
+    }
+  }
+  while (!isAligned(r.pos - indexStart)) {
+    if (r.pos >= n || input[r.pos] !== 0) {
+      fail(`${where}: index padding is not zero`);
+    }
+    r.pos++;
+  }
+  if (r.pos + 4 > n) fail(`${where}: index truncated`);
+  if (crc32(input.subarray(indexStart, r.pos)) !== le32(input, r.pos)) {
+    fail(`${where}: index CRC-32 mismatch`);
+  }
+  pos = r.pos + 4;
+  // Footer.
+  if (pos + 12 > n) fail(`${where}: footer truncated`);
+  if (crc32(input.subarray(pos + 4, pos + 10)) !== le32(input, pos)) {
+    fail(`${where}: footer CRC-32 mismatch`);
+  }
+  const backward = (le32(input, pos + 4) + 1) * 4;
+  if (backward !== pos - indexStart) {
+    fail(
+      `${where}: footer backward size ${backward}, index is ${
+        pos - indexStart
+      } bytes`,
+    );
+  }
+  if (input[pos + 8] !== flags[0] || input[pos + 9] !== flags[1]) {
+    fail(`${where}: footer flags differ from the header's`);
+  }
+  if (
+    input[pos + 10] !== FOOTER_MAGIC[0] || input[pos + 11] !== FOOTER_MAGIC[1]
+  ) {
+    fail(`${where}: bad footer magic`);
+  }
+  return pos + 12;
+}
+
+/**
+ * Decodes one or more concatenated `.xz` streams to exactly `expectedSize`
+ * bytes, verifying every CRC and check; stops with a
+ * {@linkcode CodecError} before the output would pass `expectedSize`.
+ *
+ * @param input the `.xz` bytes (streams, with zero stream padding between and after)
+ * @param expectedSize how many bytes the streams must decode to
+ * @returns the decoded bytes
+ *
+ * @example
+ * ```ts
+ * import { decode, encode } from "./xz.ts";
+ * const text = new TextEncoder().encode("hello hello hello hello");
+ * const packed = await encode(text);
+ * console.log(new TextDecoder().decode(await decode(packed, text.length)));
+ * ```
+ */
+export async function decode(
+  input: Uint8Array,
+  expectedSize: number,
+): Promise<Uint8Array> {
+  if (!Number.isSafeInteger(expectedSize) || expectedSize < 0) {
+    fail(`expected size ${expectedSize} is not a byte count`);
+  }
+  const o: Output = { out: new Uint8Array(expectedSize), length: 0 };
+  let pos = 0;
+  for (let stream = 1;; stream++) {
+    pos = await decodeStream(input, pos, o, stream);
+    // Stream padding: zero bytes in fours, then the end or another stream.
+    const padStart = pos;
+    while (pos < input.length && input[pos] === 0) pos++;
+    if (pos === input.length) {
+      if (!isAligned(pos - padStart)) {
+        fail("stream padding is not a multiple of 4 bytes");
+      }
+      break;
+    }
+    if (!isAligned(pos - padStart)) {
+      fail("stream padding is not a multiple of 4 bytes");
+    }
+  }
+  if (o.length !== expectedSize) {
+    fail(`decodes to ${o.length} bytes, ${expectedSize} declared`);
+  }
+  return o.out;
+}
+
+// ---------------------------------------------------------------------------
+// LZMA encoding.
+
+/** A range encoder writing into a growing buffer. */
+class RangeEncoder {
+  out: Uint8Array;
+  pos = 0;
+  low = 0;
+  range = 0xffffffff;
+  cache = 0;
+  cacheSize = 1;
+  probs: Uint16Array;
+
+  constructor(probs: Uint16Array, capacity: number) {
+    this.probs = probs;
+    this.out = new Uint8Array(capacity);
+  }
+
+  /** Bytes this chunk will take once flushed. */
+  get size(): number {
+    return this.pos + this.cacheSize + 4;
+  }
+
+  #emit(byte: number): void {
+    if (this.pos >= this.out.length) {
+      const grown = new Uint8Array(this.out.length * 2);
+      grown.set(this.out);
+      this.out = grown;
+    }
+    this.out[this.pos++] = byte;
+  }
+
+  shiftLow(): void {
+    // `low` holds up to 33 bits: bit 32 is a carry into the cached bytes.
+    if (this.low < 0xff000000 || this.low >= 0x100000000) {
+      const carry = this.low >= 0x100000000 ? 1 : 0;
+      let byte = this.cache;
+      do {
+        this.#emit((byte + carry) & 0xff);
+        byte = 0xff;
+      } while (--this.cacheSize !== 0);
+      this.cache = (this.low >>> 24) & 0xff;
+    }
+    this.cacheSize++;
+    this.low = (this.low & 0xffffff) * 256;
+  }
+
+  bit(index: number, bit: number): void {
+    const p = this.probs[index];
+    const bound = (this.range >>> 11) * p;
+    if (bit === 0) {
+      this.range = bound;
+      this.probs[index] = p + ((2048 - p) >>> 5);
+    } else {
+      this.low += bound;
+      this.range -= bound;
+      this.probs[index] = p - (p >>> 5);
+    }
+    while (this.range < 0x1000000) {
+      this.range = (this.range << 8) >>> 0;
+      this.shiftLow();
+    }
+  }
+
+  direct(value: number, bits: number): void {
+    for (let i = bits - 1; i >= 0; i--) {
+      this.range >>>= 1;
+      if ((value >>> i) & 1) this.low += this.range;
+      while (this.range < 0x1000000) {
+        this.range = (this.range << 8) >>> 0;
+        this.shiftLow();
+      }
+    }
+  }
+
+  tree(base: number, bits: number, value: number): void {
+    let m = 1;
+    for (let i = bits - 1; i >= 0; i--) {
+      const b = (value >>> i) & 1;
+      this.bit(base + m, b);
+      m = (m << 1) | b;
+    }
+  }
+
+  reverseTree(base: number, bits: number, value: number): void {
+    let m = 1;
+    for (let i = 0; i < bits; i++) {
+      const b = value & 1;
+      value >>>= 1;
+      this.bit(base + m, b);
+      m = (m << 1) | b;
+    }
+  }
+
+  length(base: number, posState: number, len: number): void {
+    const l = len - MATCH_LEN_MIN;
+    if (l < 8) {
+      this.bit(base + LEN_CHOICE, 0);
+      this.tree(base + LEN_LOW + posState * 8, 3, l);
+    } else if (l < 16) {
+      this.bit(base + LEN_CHOICE, 1);
+      this.bit(base + LEN_CHOICE2, 0);
+      this.tree(base + LEN_MID + posState * 8, 3, l - 8);
+    } else {
+      this.bit(base + LEN_CHOICE, 1);
+      this.bit(base + LEN_CHOICE2, 1);
+      this.tree(base + LEN_HIGH, 8, l - 16);
+    }
+  }
+
+  finish(): Uint8Array {
+    for (let i = 0; i < 5; i++) this.shiftLow();
+    return this.out.subarray(0, this.pos);
+  }
+}
+
+/** The LZMA properties the encoder uses: lc 3, lp 0, pb 2 (xz's default). */
+const ENC_LC = 3;
+const ENC_PB = 2;
+const ENC_PROPS = (ENC_PB * 5 + 0) * 9 + ENC_LC;
+/** LZMA2 limits: 2 MiB unpacked and 64 KiB packed per chunk. */
+const CHUNK_UNPACKED_MAX = 1 << 21;
+const CHUNK_PACKED_MAX = 1 << 16;
+/** Stop a chunk this far below the packed limit: one symbol writes far less. */
+const CHUNK_PACKED_MARGIN = 64;
+const HASH_BITS = 16;
+/** Candidates tried per position: the speed/ratio trade of the match finder. */
+const CHAIN_DEPTH = 24;
+
+/** A hash-chain match finder over the whole input. */
+class MatchFinder {
+  head = new Int32Array(1 << HASH_BITS).fill(-1);
+  prev: Int32Array;
+  /** Positions below this are in the chains. */
+  inserted = 0;
+  bestDist = 0;
+
+  constructor(readonly data: Uint8Array) {
+    this.prev = new Int32Array(data.length);
+  }
+
+  hash(p: number): number {
+    const d = this.data;
+    return Math.imul(d[p] | (d[p + 1] << 8) | (d[p + 2] << 16), 0x9e3779b1) >>>
+      (32 - HASH_BITS);
+  }
+
+  /** Adds positions up to `to` (exclusive) to the chains. */
+  insertUpTo(to: number): void {
+    const last = this.data.length - 2;
+    for (let p = this.inserted; p < to; p++) {
+      if (p < last) {
+        const h = this.hash(p);
+        this.prev[p] = this.head[h];
+        this.head[h] = p;
+      }
+    }
+    if (to > this.inserted) this.inserted = to;
+  }
+
+  /** The longest match at `p` (at least 3 bytes, else 0); its distance - 1 in `bestDist`. */
+  find(p: number, maxLen: number): number {
+    const d = this.data;
+    if (maxLen < 3 || p + 2 >= d.length) return 0;
+    let candidate = this.head[this.hash(p)];
+    let best = 2;
+    for (let depth = CHAIN_DEPTH; candidate >= 0 && depth > 0; depth--) {
+      if (d[candidate + best] === d[p + best] && d[candidate] === d[p]) {
+        let len = 0;
+        while (len < maxLen && d[candidate + len] === d[p + len]) len++;
+        if (len > best) {
+          best = len;
+          this.bestDist = p - candidate - 1;
+          if (len >= maxLen) break;
+        }
+      }
+      candidate = this.prev[candidate];
+    }
+    return best > 2 ? best : 0;
+  }
+}
+
+function repLength(
+  d: Uint8Array,
+  p: number,
+  dist: number,
+  maxLen: number,
+): number {
+  const from = p - dist - 1;
+  if (from < 0) return 0;
+  let len = 0;
+  while (len < maxLen && d[from + len] === d[p + len]) len++;
+  return len;
+}
+
+/** Position slot of a distance (distance - 1 as LZMA codes it). */
+function posSlot(dist: number): number {
+  if (dist < 4) return dist;
+  const n = 31 - Math.clz32(dist);
+  return (n << 1) | ((dist >>> (n - 1)) & 1);
+}
+
+/**
+ * Encodes `data` as LZMA2 chunks (greedy hash-chain parsing; every LZMA
+ * chunk resets the state so a chunk that does not shrink can be stored
+ * instead), ending with the end byte.
+ */
+function encodeLzma2(data: Uint8Array, dictByte: number): Uint8Array {
+  const n = data.length;
+  const parts: Uint8Array[] = [];
+  let total = 0;
+  const push = (b: Uint8Array) => {
+    parts.push(b);
+    total += b.length;
+  };
+  const probs = new Uint16Array(LITERAL + (0x300 << ENC_LC));
+  const finder = new MatchFinder(data);
+  const pbMask = (1 << ENC_PB) - 1;
+  let pos = 0;
+  let first = true;
+  void dictByte;
+  while (pos < n) {
+    const chunkStart = pos;
+    const chunkEnd = Math.min(n, chunkStart + CHUNK_UNPACKED_MAX);
+    probs.fill(PROB_INIT);
+    const rc = new RangeEncoder(probs, CHUNK_PACKED_MAX + 1024);
+    let state = 0;
+    const reps = [0, 0, 0, 0];
+    while (pos < chunkEnd && rc.size < CHUNK_PACKED_MAX - CHUNK_PACKED_MARGIN) {
+      const posState = pos & pbMask;
+      const maxLen = Math.min(MATCH_LEN_MAX, chunkEnd - pos);
+      finder.insertUpTo(pos);
+      // The longest of the four repeat distances, and a new match.
+      let repLen = 0;
+      let repIndex = 0;
+      if (maxLen >= 2) {
+        for (let i = 0; i < 4; i++) {
+          const len = repLength(data, pos, reps[i], maxLen);
+          if (len > repLen) {
+            repLen = len;
+            repIndex = i;
+          }
+        }
+      }
+      let matchLen = finder.find(pos, maxLen);
+      const matchDist = finder.bestDist;
+      // A 3-byte match far away costs more than three literals.
+      if (matchLen === 3 && matchDist >= 0x8000) matchLen = 0;
+      if (repLen >= 2 && repLen + 1 >= matchLen) {
+        rc.bit(IS_MATCH + (state << 4) + posState, 1);
+        rc.bit(IS_REP + state, 1);
+        if (repIndex === 0) {
+          rc.bit(IS_REP_G0 + state, 0);
+          rc.bit(IS_REP0_LONG + (state << 4) + posState, 1);
+        } else {
+          rc.bit(IS_REP_G0 + state, 1);
+          if (repIndex === 1) {
+            rc.bit(IS_REP_G1 + state, 0);
+          } else {
+            rc.bit(IS_REP_G1 + state, 1);
+            rc.bit(IS_REP_G2 + state, repIndex === 3 ? 1 : 0);
+          }
+          const dist = reps[repIndex];
+          for (let i = repIndex; i > 0; i--) reps[i] = reps[i - 1];
+          reps[0] = dist;
+        }
+        rc.length(REP_LEN_CODER, posState, repLen);
+        state = state < 7 ? NEXT_REP : 11;
+        pos += repLen;
+        continue;
+      }
+      if (matchLen >= 3) {
+        rc.bit(IS_MATCH + (state << 4) + posState, 1);
+        rc.bit(IS_REP + state, 0);
+        rc.length(LEN_CODER, posState, matchLen);
+        const lenState = matchLen - 2 < 4 ? matchLen - 2 : 3;
+        const slot = posSlot(matchDist);
+        rc.tree(POS_SLOT + lenState * 64, 6, slot);
+        if (slot >= 4) {
+          const footer = (slot >>> 1) - 1;
+          const base = (2 | (slot & 1)) << footer;
+          const reduced = matchDist - base;
+          if (slot < DIST_MODEL_END) {
+            rc.reverseTree(SPEC_POS + base - slot - 1, footer, reduced);
+          } else {
+            rc.direct(reduced >>> 4, footer - 4);
+            rc.reverseTree(ALIGN, 4, reduced & 15);
+          }
+        }
+        reps[3] = reps[2];
+        reps[2] = reps[1];
+        reps[1] = reps[0];
+        reps[0] = matchDist;
+        state = state < 7 ? NEXT_MATCH : 10;
+        pos += matchLen;
+        continue;
+      }
+      const byte = data[pos];
+      const rep0From = pos - reps[0] - 1;
+      if (rep0From >= 0 && data[rep0From] === byte && state >= 7) {
+        // Short repeat: one byte from rep0, cheaper than a matched literal.
+        rc.bit(IS_MATCH + (state << 4) + posState, 1);
+        rc.bit(IS_REP + state, 1);
+        rc.bit(IS_REP_G0 + state, 0);
+        rc.bit(IS_REP0_LONG + (state << 4) + posState, 0);
+        state = state < 7 ? NEXT_SHORT_REP : 11;
+        pos++;
+        continue;
+      }
+      rc.bit(IS_MATCH + (state << 4) + posState, 0);
+      const prev = pos > 0 ? data[pos - 1] : 0;
+      const base = LITERAL + 0x300 * (prev >>> (8 - ENC_LC));
+      if (state < 7) {
+        rc.tree(base, 8, byte);
+      } else {
+        let matchByte = data[rep0From] << 1;
+        let offset = 0x100;
+        let symbol = 1;
+        for (let i = 7; i >= 0; i--) {
+          const b = (byte >>> i) & 1;
+          const matchBit = matchByte & offset;
+          matchByte <<= 1;
+          rc.bit(base + offset + matchBit + symbol, b);
+          symbol = (symbol << 1) | b;
+          offset = b ? matchBit : offset & ~matchBit;
+        }
+      }
+      state = NEXT_LITERAL[state];
+      pos++;
+    }
+    const packed = rc.finish();
+    const unpacked = pos - chunkStart;
+    if (packed.length < unpacked) {
+      // LZMA chunk resetting state (0xc0) or everything (0xe0, the first).
+      const header = new Uint8Array(6);
+      const u = unpacked - 1;
+      header[0] = (first ? 0xe0 : 0xc0) | (u >>> 16);
+      header[1] = (u >>> 8) & 0xff;
+      header[2] = u & 0xff;
+      header[3] = (packed.length - 1) >>> 8;
+      header[4] = (packed.length - 1) & 0xff;
+      header[5] = ENC_PROPS;
+      push(header);
+      push(packed.slice());
+    } else {
+      // Stored chunks of at most 64 KiB (1 resets the dictionary, 2 not).
+      for (let at = chunkStart; at < pos; at += CHUNK_PACKED_MAX) {
+        const size = Math.min(CHUNK_PACKED_MAX, pos - at);
+        push(Uint8Array.of(first ? 1 : 2, (size - 1) >>> 8, (size - 1) & 0xff));
+        push(data.subarray(at, at + size));
+        first = false;
+      }
+    }
+    first = false;
+  }
+  push(Uint8Array.of(0));
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+function varintBytes(value: number): number[] {
+  const bytes: number[] = [];
+  while (value >= 0x80) {
+    bytes.push((value % 0x80) | 0x80);
+    value = Math.floor(value / 0x80);
+  }
+  bytes.push(value);
+  return bytes;
+}
+
+function crcBytes(data: Uint8Array): number[] {
+  const c = crc32(data);
+  return [c & 0xff, (c >>> 8) & 0xff, (c >>> 16) & 0xff, c >>> 24];
+}
+
+/**
+ * Compresses `input` as one `.xz` stream: one block of LZMA2 (lc 3, lp 0,
+ * pb 2, a dictionary no larger than the input) with a CRC-32 check.
+ *
+ * @param input the bytes
+ * @returns the `.xz` stream
+ *
+ * @example
+ * ```ts
+ * import { encode } from "./xz.ts";
+ * const packed = await encode(new Uint8Array(100000));
+ * console.log(packed.length < 200); // true
+ * ```
+ */
+export function encode(input: Uint8Array): Promise<Uint8Array> {
+  return Promise.resolve(encodeStream(input));
+}
+
+function encodeStream(input: Uint8Array): Uint8Array {
+  const flags = Uint8Array.of(0, CHECK_CRC32);
+  const parts: number[][] = [];
+  const header = [...MAGIC, ...flags, ...crcBytes(flags)];
+  const records: number[] = [];
+  let body = new Uint8Array(0);
+  if (input.length > 0) {
+    // The smallest dictionary size that holds the whole input.
+    let dictByte = 0;
+    while (
+      dictByte < 40 &&
+      (2 | (dictByte & 1)) * 2 ** (Math.floor(dictByte / 2) + 11) < input.length
+    ) {
+      dictByte++;
+    }
+    const blockHeader = new Uint8Array(12);
+    blockHeader.set([2, 0x00, FILTER_LZMA2, 1, dictByte]);
+    blockHeader.set(crcBytes(blockHeader.subarray(0, 8)), 8);
+    const lzma2 = encodeLzma2(input, dictByte);
+    const padding = (4 - (lzma2.length % 4)) % 4;
+    const check = crcBytes(input);
+    body = new Uint8Array(blockHeader.length + lzma2.length + padding + 4);
+    body.set(blockHeader);
+    body.set(lzma2, blockHeader.length);
+    body.set(check, blockHeader.length + lzma2.length + padding);
+    records.push(...varintBytes(blockHeader.length + lzma2.length + 4));
+    records.push(...varintBytes(input.length));
+  }
+  const index = [0, ...varintBytes(input.length > 0 ? 1 : 0), ...records];
+  while (index.length % 4 !== 0) index.push(0);
+  index.push(...crcBytes(Uint8Array.from(index)));
+  const backward = index.length / 4 - 1;
+  const footerBody = Uint8Array.of(
+    backward & 0xff,
+    (backward >>> 8) & 0xff,
+    (backward >>> 16) & 0xff,
+    backward >>> 24,
+    ...flags,
+  );
+  const footer = [...crcBytes(footerBody), ...footerBody, ...FOOTER_MAGIC];
+  parts.push(header);
+  const out = new Uint8Array(
+    header.length + body.length + index.length + footer.length,
+  );
+  out.set(header);
+  out.set(body, header.length);
+  out.set(index, header.length + body.length);
+  out.set(footer, header.length + body.length + index.length);
+  return out;
+}
