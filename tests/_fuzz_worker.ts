@@ -1,3 +1,4 @@
+/// <reference lib="deno.worker" />
 // Runs one mutant per message: open (forced format or probed), info, and
 // convert to a null sink. Answers how it ended. The parent kills this worker
 // on a timeout or when memory goes over the ceiling.
