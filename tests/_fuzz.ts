@@ -320,6 +320,11 @@ export async function fuzz(
         // A hung or bloated worker is killed and replaced.
         worker.terminate();
         worker = undefined;
+        // Let the killed worker's memory go before the next mutant is
+        // measured, so one bloated mutant is not blamed on the next ones.
+        for (let t = 0; t < 50 && Deno.memoryUsage().rss > ceiling / 2; t++) {
+          await new Promise((r) => setTimeout(r, 100));
+        }
       }
     }
     options.onProgress?.(i + 1);

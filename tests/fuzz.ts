@@ -1,6 +1,8 @@
-// `deno task fuzz [--seed N] [--mutants N] [--timeout MS] [--out DIR]`: the
-// long fuzzing run. Defects are written to DIR (default $TMPDIR/vdisk-fuzz)
-// as the mutant bytes and a line saying how to reproduce them.
+// `deno task fuzz [--seed N] [--mutants N] [--timeout MS] [--out DIR]
+// [--seeds DIR]`: the long fuzzing run. Defects are written to DIR (default
+// $TMPDIR/vdisk-fuzz) as the mutant bytes and a line saying how to reproduce
+// them; the seed images made by the reference tools are cached in --seeds
+// (default DIR/seeds).
 import { parseArgs } from "node:util";
 import { fuzz, seeds } from "./_fuzz.ts";
 
@@ -14,9 +16,10 @@ const { values } = parseArgs({
       type: "string",
       default: `${Deno.env.get("TMPDIR") ?? "/tmp"}/vdisk-fuzz`,
     },
+    seeds: { type: "string" },
   },
 });
-const all = await seeds(`${values.out}/seeds`);
+const all = await seeds(values.seeds ?? `${values.out}/seeds`);
 console.log(`seeds: ${all.map((s) => `${s.name} (${s.format})`).join(", ")}`);
 const started = performance.now();
 const report = await fuzz(all, {
