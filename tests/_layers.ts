@@ -15,14 +15,9 @@ export interface LayeredFormat {
   createBase(path: string, size: number): Promise<void>;
   /**
    * Makes an empty overlay at `path` naming `backing` (as written in the
-   * header), in `backingFormat`; `unsafe`: the backing file need not exist.
+   * header, relative to the overlay's folder), which must exist.
    */
-  createOverlay(
-    path: string,
-    backing: string,
-    size: number,
-    unsafe?: boolean,
-  ): Promise<void>;
+  createOverlay(path: string, backing: string, size: number): Promise<void>;
   /** True when qemu-io and qemu-img open this format's overlays (for reference results). */
   qemuOverlays: boolean;
 }
@@ -47,13 +42,12 @@ export const LAYERED: LayeredFormat[] = [
     async createBase(path, size) {
       await run("qemu-img", ["create", "-q", "-f", "vmdk", path, String(size)]);
     },
-    async createOverlay(path, backing, size, unsafe) {
+    async createOverlay(path, backing, size) {
       await run("qemu-img", [
         "create",
         "-q",
         "-f",
         "vmdk",
-        ...(unsafe ? ["-u"] : []),
         "-b",
         backing,
         "-F",
