@@ -37,6 +37,8 @@ export interface SnapshotImage extends Image {
   readonly layerBytes: number;
   /** Drops every write: the view reads as the image again. */
   discard(): void;
+  /** Drops the layer and closes the image underneath. */
+  close(): Promise<void>;
 }
 
 /**

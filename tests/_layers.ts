@@ -115,3 +115,25 @@ export async function qemuRaw(path: string, dir: string): Promise<Uint8Array> {
     await Deno.remove(out);
   }
 }
+
+/** A format tests can make images of and write with qemu-io. */
+export interface PlainFormat {
+  format: string;
+  ext: string;
+  tools: string[];
+  /** Makes an empty image of `size` bytes at `path`. */
+  createBase(path: string, size: number): Promise<void>;
+}
+
+/** Every writable format: raw and the layered ones (their images without a backing file). */
+export const PLAIN: PlainFormat[] = [
+  {
+    format: "raw",
+    ext: "raw",
+    tools: ["qemu-img", "qemu-io"],
+    async createBase(path, size) {
+      await run("qemu-img", ["create", "-q", "-f", "raw", path, String(size)]);
+    },
+  },
+  ...LAYERED,
+];
