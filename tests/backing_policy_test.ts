@@ -7,7 +7,7 @@ import {
   open,
 } from "../mod.ts";
 import { cli, rejects, run, sha256File, skip, withTemp } from "./_helpers.ts";
-import { LAYERED, qemuRaw, qemuWrite } from "./_layers.ts";
+import { LAYERED, type LayeredFormat, qemuRaw, qemuWrite } from "./_layers.ts";
 
 const SIZE = 1 << 20;
 
@@ -33,30 +33,32 @@ async function openChain(path: string, allowDir?: string[]) {
   });
 }
 
+/**
+ * `dir/vm/top` naming `name` (written as given), with `dir/outside/base`
+ * holding data (and `dir/vm/NAME` a symbolic link to it with `link`);
+ * returns the paths.
+ */
+async function outsideChain(
+  layered: LayeredFormat,
+  dir: string,
+  name: (dir: string) => string,
+  link = false,
+) {
+  const { ext, format } = layered;
+  await Deno.mkdir(`${dir}/vm`);
+  await Deno.mkdir(`${dir}/outside`);
+  const base = `${dir}/outside/base.${ext}`;
+  await layered.createBase(base, SIZE);
+  await qemuWrite(base, format, [[0x5e, 0, 65536]]);
+  if (link) await Deno.symlink(base, `${dir}/vm/${name(dir)}`);
+  const top = `${dir}/vm/top.${ext}`;
+  await layered.createOverlay(top, name(dir), SIZE);
+  return { top, base };
+}
+
 for (const layered of LAYERED) {
   const { ext, format } = layered;
   const ignore = skip(layered.tools);
-
-  /**
-   * `dir/vm/top` naming `name` (written as given), with `dir/outside/base`
-   * holding data (and `dir/vm/NAME` a symbolic link to it with `link`);
-   * returns the paths.
-   */
-  async function outsideChain(
-    dir: string,
-    name: (dir: string) => string,
-    link = false,
-  ) {
-    await Deno.mkdir(`${dir}/vm`);
-    await Deno.mkdir(`${dir}/outside`);
-    const base = `${dir}/outside/base.${ext}`;
-    await layered.createBase(base, SIZE);
-    await qemuWrite(base, format, [[0x5e, 0, 65536]]);
-    if (link) await Deno.symlink(base, `${dir}/vm/${name(dir)}`);
-    const top = `${dir}/vm/top.${ext}`;
-    await layered.createOverlay(top, name(dir), SIZE);
-    return { top, base };
-  }
 
   const cases: [string, (dir: string) => string][] = [
     ["an absolute path", (dir) => `${dir}/outside/base.${ext}`],
@@ -69,7 +71,7 @@ for (const layered of LAYERED) {
       ignore,
       async fn() {
         await withTemp(async (dir) => {
-          const { top, base } = await outsideChain(dir, name);
+          const { top, base } = await outsideChain(layered, dir, name);
           const before = await hashes(dir);
           const e = await rejects(
             () => openChain(top),
@@ -123,7 +125,12 @@ for (const layered of LAYERED) {
     ignore,
     async fn() {
       await withTemp(async (dir) => {
-        const { top } = await outsideChain(dir, () => `link.${ext}`, true);
+        const { top } = await outsideChain(
+          layered,
+          dir,
+          () => `link.${ext}`,
+          true,
+        );
         const before = await hashes(dir);
         await rejects(
           () => openChain(top),

@@ -333,3 +333,29 @@ Deno.test("commitTo of a snapshot view copies only what was written to it", asyn
   expected.fill(9, 10_000, 10_010);
   assertEquals(target.bytes(), expected);
 });
+
+Deno.test("write refuses a file that does not fit before writing anything, and commit an image with no backing file", async () => {
+  await withTemp(async (dir) => {
+    const disk = `${dir}/disk.raw`;
+    await Deno.writeFile(disk, new Uint8Array(8192));
+    await Deno.writeFile(`${dir}/data.bin`, new Uint8Array(5000).fill(1));
+    const before = await sha256File(disk);
+    const w = await cli(["write", disk, "4096", `${dir}/data.bin`]);
+    assertEquals(w.code, 1);
+    assertEquals(
+      w.stderr,
+      `vdisk write: ${dir}/data.bin does not fit: 5000 bytes at 4096 pass the end of the 8192-byte disk\n`,
+    );
+    const c = await cli(["commit", disk]);
+    assertEquals(c.code, 1);
+    assertEquals(
+      c.stderr,
+      `vdisk commit: ${disk} has no backing file to commit into\n`,
+    );
+    assertEquals(await sha256File(disk), before);
+    const ok = await cli(["write", disk, "3k", `${dir}/data.bin`]);
+    assertEquals(ok.code, 0, ok.stderr);
+    const expected = new Uint8Array(8192).fill(1, 3072, 8072);
+    assertEquals(await Deno.readFile(disk), expected);
+  });
+});
