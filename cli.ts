@@ -7,8 +7,14 @@
  * deno run -A cli.ts map [--output=json] IMAGE
  * deno run -A cli.ts create -f FMT [-b BACKING -F FMT] [-o OPTS] OUT SIZE
  * deno run -A cli.ts compare A B
+ * deno run -A cli.ts commit [-p] IMAGE
+ * deno run -A cli.ts write IMAGE OFFSET FILE
  * deno run -A cli.ts formats
  * ```
+ *
+ * Backing files are followed (by convert, compare, map, commit, write, and
+ * by info with --backing-chain) only inside the image's folder and the
+ * folders given with --allow-backing-dir.
  *
  * This is the only module that parses argv and prints. Every failure is one
  * line on stderr: exit 1 for errors, 2 for usage errors (and for `compare`,
@@ -19,13 +25,17 @@
 
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import {
+  bootSectorPatch,
+  commitTo,
   conversionService,
   convert,
   type ConvertOptions,
   create,
   createOutputFile,
   driver,
+  type Extent,
   extentsOf,
+  fileBackingResolver,
   type FileHandle,
   formats,
   fromFile,
@@ -34,6 +44,7 @@ import {
   open,
   type OpenOptions,
   type OutputFile,
+  type OverlayImage,
   type Sink,
   streamSink,
 } from "./mod.ts";
@@ -101,8 +112,24 @@ interface InputOptions {
   writable?: boolean;
   /** Follow backing files (convert, compare); info does not unless asked. */
   followBacking?: boolean;
+  /** Folders backing files may lie in besides the image's own (`--allow-backing-dir`). */
+  allowDirs?: string[];
   /** Extra OpenOptions from subcommand flags (keys, resolvers). */
   extra?: OpenOptions;
+}
+
+/** The flags of the backing-file policy, for commands that follow backing files. */
+const backingFlags = {
+  "allow-backing-dir": { type: "string", multiple: true },
+  "no-backing": { type: "boolean" },
+} as const;
+
+/** `followBacking` and `allowDirs` from the backing-file flags. */
+function backingPolicy(values: Invocation["values"], follow = true) {
+  return {
+    followBacking: follow && values["no-backing"] !== true,
+    allowDirs: values["allow-backing-dir"] as string[] | undefined,
+  };
 }
 
 /** Opens an image file named on the command line. */
@@ -114,6 +141,9 @@ async function openImage(path: string, options: InputOptions = {}) {
     format: options.format,
     writable: options.writable,
     sink: options.writable ? file : undefined,
+    resolveBacking: options.followBacking
+      ? fileBackingResolver(path, { allowDir: options.allowDirs })
+      : undefined,
   });
   opened.push(image);
   return { file, image };
@@ -195,17 +225,35 @@ function progressBar(label: string) {
 
 const commands: Record<string, Command> = {
   info: {
-    usage: "info [-f FMT] [--output=human|json] IMAGE",
-    summary: "show what an image is: format, sizes, backing file, details",
+    usage:
+      "info [-f FMT] [--output=human|json] [--backing-chain [--allow-backing-dir DIR]...] IMAGE",
+    summary:
+      "show what an image is: format, sizes, backing file, details (--backing-chain: every layer)",
     options: {
       format: { type: "string", short: "f" },
       output: { type: "string", default: "human" },
+      "backing-chain": { type: "boolean" },
+      "allow-backing-dir": backingFlags["allow-backing-dir"],
     },
     async run({ values, positionals }) {
       const [path] = need(positionals, 1, "info");
+      const chain = values["backing-chain"] === true;
       const { file, image } = await openImage(path, {
         format: values.format as string | undefined,
+        ...backingPolicy(values, chain),
       });
+      if (chain) {
+        const infos = [];
+        for (const [i, layer] of layers(image).entries()) {
+          infos.push(await describeLayer(i === 0 ? path : layer.name, layer));
+        }
+        if (values.output === "json") {
+          print(JSON.stringify(infos, null, 4) + "\n");
+        } else {
+          print(infos.map(humanInfo).join("\n"));
+        }
+        return 0;
+      }
       const info = await describe(path, file, image);
       if (values.output === "json") {
         print(JSON.stringify(info, null, 4) + "\n");
@@ -218,8 +266,9 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [--hash] IN OUT   (OUT '-' is stdout)",
-    summary: "convert an image to another format (raw by default)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [--hash] [--boot-sector FILE] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+    summary:
+      "convert an image (with its backing chain) to another format (raw by default)",
     options: {
       format: { type: "string", short: "f" },
       "output-format": { type: "string", short: "O", default: "raw" },
@@ -227,15 +276,29 @@ const commands: Record<string, Command> = {
       compress: { type: "boolean", short: "c" },
       progress: { type: "boolean", short: "p" },
       hash: { type: "boolean" },
+      "boot-sector": { type: "string" },
+      ...backingFlags,
     },
     async run({ values, positionals }) {
       const [input, output] = need(positionals, 2, "convert");
       const outFormat = values["output-format"] as string;
       driver(outFormat); // an unknown format fails before any file is made
-      const { image } = await openImage(input, {
+      const bootSector = values["boot-sector"] === undefined
+        ? undefined
+        : await Deno.readFile(values["boot-sector"] as string);
+      if (bootSector && bootSector.length > 512) {
+        throw new UsageError(
+          `--boot-sector ${
+            values["boot-sector"]
+          } is ${bootSector.length} bytes: at most 512 fit in sector 0`,
+          "convert",
+        );
+      }
+      const source = (await openImage(input, {
         format: values.format as string | undefined,
-        followBacking: true,
-      });
+        ...backingPolicy(values),
+      })).image;
+      const image = bootSector ? bootSectorPatch(source, bootSector) : source;
       const sink = await openOutput(output);
       const bar = values.progress ? progressBar("convert") : undefined;
       const options: ConvertOptions = {
@@ -254,17 +317,20 @@ const commands: Record<string, Command> = {
   },
 
   map: {
-    usage: "map [-f FMT] [--output=human|json] IMAGE",
+    usage:
+      "map [-f FMT] [--output=human|json] [--allow-backing-dir DIR]... [--no-backing] IMAGE",
     summary:
-      "show the allocation map: which runs hold data, which read as zeros",
+      "show the allocation map of the backing chain: which layer holds each run, which read as zeros",
     options: {
       format: { type: "string", short: "f" },
       output: { type: "string", default: "human" },
+      ...backingFlags,
     },
     async run({ values, positionals }) {
       const [path] = need(positionals, 1, "map");
       const { image } = await openImage(path, {
         format: values.format as string | undefined,
+        ...backingPolicy(values),
       });
       const json = values.output === "json";
       const lines: string[] = [];
@@ -275,20 +341,21 @@ const commands: Record<string, Command> = {
           }File\n`,
         );
       }
-      for await (const run of extentsOf(image, 0, image.size)) {
+      for await (const run of layeredExtents(image, 0, image.size)) {
         const data = run.kind === "data";
+        const raw = run.layer.format === "raw";
         if (json) {
           // Keys and order as qemu-img's; `offset` (the host file offset) is
           // known only for raw images.
           const entry: Record<string, unknown> = {
             start: run.offset,
             length: run.length,
-            depth: 0,
+            depth: run.depth,
             present: run.kind !== "unallocated",
             zero: !data,
             data,
           };
-          if (image.format === "raw") entry.offset = run.offset;
+          if (raw && run.kind !== "unallocated") entry.offset = run.offset;
           lines.push(
             "{ " + Object.entries(entry).map(([k, v]) =>
               `"${k}": ${v}`
@@ -298,8 +365,8 @@ const commands: Record<string, Command> = {
           const hex = (n: number) => `0x${n.toString(16)}`.padEnd(16);
           print(
             `${hex(run.offset)}${hex(run.length)}${
-              image.format === "raw" ? hex(run.offset) : "-".padEnd(16)
-            }${path}\n`,
+              raw ? hex(run.offset) : "-".padEnd(16)
+            }${run.depth === 0 ? path : run.layer.name}\n`,
           );
         }
       }
@@ -338,22 +405,25 @@ const commands: Record<string, Command> = {
   },
 
   compare: {
-    usage: "compare [-f FMT] [-F FMT] [-s] A B",
-    summary: "compare two images' contents (exit 0 same, 1 different, 2 error)",
+    usage:
+      "compare [-f FMT] [-F FMT] [-s] [--allow-backing-dir DIR]... [--no-backing] A B",
+    summary:
+      "compare two images' contents, backing chains included (exit 0 same, 1 different, 2 error)",
     options: {
       "a-format": { type: "string", short: "f" },
       "b-format": { type: "string", short: "F" },
       strict: { type: "boolean", short: "s" },
+      ...backingFlags,
     },
     async run({ values, positionals }) {
       const [pathA, pathB] = need(positionals, 2, "compare");
       const a = (await openImage(pathA, {
         format: values["a-format"] as string | undefined,
-        followBacking: true,
+        ...backingPolicy(values),
       })).image;
       const b = (await openImage(pathB, {
         format: values["b-format"] as string | undefined,
-        followBacking: true,
+        ...backingPolicy(values),
       })).image;
       if (values.strict && a.size !== b.size) {
         print(`Strict mode: Image size mismatch!\n`);
@@ -367,6 +437,114 @@ const commands: Record<string, Command> = {
       }
       print(`Content mismatch at offset ${mismatch}!\n`);
       return 1;
+    },
+  },
+
+  commit: {
+    usage: "commit [-f FMT] [-p] [--allow-backing-dir DIR]... IMAGE",
+    summary:
+      "copy what IMAGE holds into its backing file (IMAGE is only read and is kept as it is)",
+    options: {
+      format: { type: "string", short: "f" },
+      progress: { type: "boolean", short: "p" },
+      "allow-backing-dir": backingFlags["allow-backing-dir"],
+    },
+    async run({ values, positionals }) {
+      const [path] = need(positionals, 1, "commit");
+      const policy = backingPolicy(values);
+      // The whole chain first, read-only: the policy, loops and depth are
+      // checked before anything is written.
+      const { image: chain } = await openImage(path, {
+        format: values.format as string | undefined,
+        ...policy,
+      });
+      const top = (chain as Partial<OverlayImage>).top;
+      const below = (chain as Partial<OverlayImage>).backing;
+      if (!top || !below?.name) {
+        throw new Error(`${path} has no backing file to commit into`);
+      }
+      // The base again, writable through its format, with its own chain
+      // under the same policy (a write of part of one of its clusters
+      // reads the rest from below it).
+      const baseFile = await fromFile(below.name, { write: true });
+      opened.push(baseFile);
+      const base = await open(baseFile, {
+        format: below.format,
+        writable: true,
+        sink: baseFile,
+        resolveBacking: fileBackingResolver(below.name, {
+          allowDir: [folderOf(path), ...(policy.allowDirs ?? [])],
+        }),
+      });
+      opened.push(base);
+      const bar = values.progress ? progressBar("commit") : undefined;
+      await commitTo(top, base, {
+        onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
+      });
+      bar?.end();
+      print("Image committed.\n");
+      return 0;
+    },
+  },
+
+  write: {
+    usage:
+      "write [-f FMT] [--allow-backing-dir DIR]... IMAGE OFFSET FILE   (FILE '-' is stdin)",
+    summary:
+      "write a file's bytes into an image at OFFSET, through its format (allocating as needed)",
+    options: {
+      format: { type: "string", short: "f" },
+      "allow-backing-dir": backingFlags["allow-backing-dir"],
+    },
+    async run({ values, positionals }) {
+      const [path, offsetText, input] = need(positionals, 3, "write");
+      const offset = parseSize(offsetText);
+      // The backing chain is followed so that a write of part of a cluster
+      // of an overlay keeps the rest of it as the backing file has it.
+      const { image } = await openImage(path, {
+        format: values.format as string | undefined,
+        writable: true,
+        ...backingPolicy(values),
+      });
+      if (!image.write) {
+        throw new Error(`${image.format} images cannot be written`);
+      }
+      const file = input === "-" ? Deno.stdin : await Deno.open(input);
+      const tooBig = (length: number) =>
+        new RangeError(
+          `${input} does not fit: ${length} bytes at ${offset} pass the end of the ${image.size}-byte disk`,
+        );
+      if (file !== Deno.stdin) {
+        // Refused before anything is written, when the size is known.
+        const length = (await (file as Deno.FsFile).stat()).size;
+        if (offset + length > image.size) {
+          file.close();
+          throw tooBig(length);
+        }
+      }
+      let at = offset;
+      try {
+        const buffer = new Uint8Array(4 << 20);
+        for (;;) {
+          // Fill the buffer: pipes hand over a few KiB per read.
+          let filled = 0;
+          while (filled < buffer.length) {
+            const n = await file.read(buffer.subarray(filled));
+            if (n === null) break;
+            filled += n;
+          }
+          if (filled === 0) break;
+          if (at + filled > image.size) throw tooBig(at + filled - offset);
+          await image.write(at, buffer.slice(0, filled));
+          at += filled;
+          if (filled < buffer.length) break;
+        }
+      } finally {
+        if (file !== Deno.stdin) file.close();
+      }
+      await image.flush?.();
+      print(`wrote ${at - offset} bytes at ${offset}\n`);
+      return 0;
     },
   },
 
@@ -465,6 +643,96 @@ async function describe(path: string, file: FileHandle, image: Image) {
   };
   if (actual !== undefined) ordered["actual-size"] = actual;
   return { ...ordered, ...info, "dirty-flag": false };
+}
+
+/** The folder of a path (`.` for a bare name). */
+function folderOf(path: string): string {
+  const slash = path.lastIndexOf("/");
+  return slash >= 0 ? path.slice(0, slash) || "/" : ".";
+}
+
+/** The layers of a chain, top first (each one alone). */
+function layers(image: Image): Image[] {
+  const out: Image[] = [];
+  for (let at: Image | undefined = image; at; at = at.backing) {
+    out.push((at as Partial<OverlayImage>).top ?? at);
+  }
+  return out;
+}
+
+/** The `info` facts of one layer of a chain, found by its path. */
+async function describeLayer(path: string | undefined, layer: Image) {
+  const info = imageInfo(layer, path);
+  const ordered: Record<string, unknown> = {
+    "virtual-size": info["virtual-size"],
+    filename: info.filename,
+    format: info.format,
+  };
+  if (path !== undefined) {
+    const stat = await Deno.stat(path);
+    if (stat.blocks !== null) ordered["actual-size"] = stat.blocks * 512;
+  }
+  return { ...ordered, ...info, "dirty-flag": false };
+}
+
+/** A run of a chain's map, with the depth of the layer that holds it (qemu-img map's `depth`). */
+interface LayeredExtent extends Extent {
+  depth: number;
+  layer: Image;
+}
+
+/**
+ * The allocation map of a chain, layer by layer: runs a layer holds carry
+ * its depth (0 for the top); runs no layer holds carry the bottom's depth.
+ * Adjacent runs of the same kind and depth merge, as in qemu-img map.
+ */
+async function* layeredExtents(
+  image: Image,
+  offset: number,
+  length: number,
+): AsyncIterable<LayeredExtent> {
+  let pending: LayeredExtent | undefined;
+  for await (const run of walkLayers(image, offset, length, 0)) {
+    if (
+      pending && pending.kind === run.kind && pending.depth === run.depth &&
+      pending.layer === run.layer &&
+      pending.offset + pending.length === run.offset
+    ) {
+      pending.length += run.length;
+      continue;
+    }
+    if (pending) yield pending;
+    pending = { ...run };
+  }
+  if (pending) yield pending;
+}
+
+async function* walkLayers(
+  image: Image,
+  offset: number,
+  length: number,
+  depth: number,
+): AsyncIterable<LayeredExtent> {
+  const layer = (image as Partial<OverlayImage>).top ?? image;
+  const below = image.backing;
+  for await (const run of extentsOf(layer, offset, length)) {
+    if (run.kind !== "unallocated" || !below) {
+      yield { ...run, depth, layer };
+      continue;
+    }
+    const inside = Math.max(0, Math.min(run.length, below.size - run.offset));
+    if (inside > 0) yield* walkLayers(below, run.offset, inside, depth + 1);
+    if (inside < run.length) {
+      // Past the end of a shorter backing image: zeros, held by no layer.
+      yield {
+        offset: run.offset + inside,
+        length: run.length - inside,
+        kind: "unallocated",
+        depth: depth + 1,
+        layer: below,
+      };
+    }
+  }
 }
 
 function humanInfo(info: Record<string, unknown>): string {

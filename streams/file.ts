@@ -7,7 +7,12 @@
  */
 
 import { BackingFileError } from "./errors.ts";
-import { checkRange, type Sink, type Source } from "./types.ts";
+import {
+  type BackingResolver,
+  checkRange,
+  type Sink,
+  type Source,
+} from "./types.ts";
 
 /** A file opened for reading and, when asked, writing at random offsets. */
 export interface FileHandle extends Source, Sink {
@@ -214,6 +219,32 @@ export async function createOutputFile(
   };
 }
 
+/** The folder of `path` (`.` for a bare name). */
+function folderOf(path: string): string {
+  const slash = path.lastIndexOf("/");
+  return slash >= 0 ? path.slice(0, slash) || "/" : ".";
+}
+
+/** True when the real path `real` lies in the real folder `dir` (or is it). */
+function isInside(real: string, dir: string): boolean {
+  return real === dir || real.startsWith(dir.endsWith("/") ? dir : `${dir}/`);
+}
+
+/**
+ * Where `name` (as an image wrote it) leads from `dir`, symbolic links
+ * followed, and whether that lies inside one of the real folders `allowed`.
+ */
+async function resolveName(
+  name: string,
+  dir: string,
+  allowed: string[],
+): Promise<{ real: string; inside: boolean }> {
+  const real = await Deno.realPath(
+    name.startsWith("/") ? name : `${dir}/${name}`,
+  );
+  return { real, inside: allowed.some((a) => isInside(real, a)) };
+}
+
 /**
  * A resolver for `OpenOptions.resolveFile`: opens the files an image names
  * as part of itself (vmdk extent files) relative to the image's folder,
@@ -234,8 +265,7 @@ export async function createOutputFile(
 export function fileResolver(
   imagePath: string,
 ): (name: string) => Promise<FileHandle> {
-  const slash = imagePath.lastIndexOf("/");
-  const dir = slash >= 0 ? imagePath.slice(0, slash) || "/" : ".";
+  const dir = folderOf(imagePath);
   return async (name: string) => {
     if (
       name === "" || name.startsWith("/") || name.includes("\0") ||
@@ -246,14 +276,98 @@ export function fileResolver(
         name,
       );
     }
-    const real = await Deno.realPath(`${dir}/${name}`);
-    const base = await Deno.realPath(dir);
-    if (!real.startsWith(base.endsWith("/") ? base : `${base}/`)) {
+    const { real, inside } = await resolveName(name, dir, [
+      await Deno.realPath(dir),
+    ]);
+    if (!inside) {
       throw new BackingFileError(
         `${imagePath} names the file "${name}", which leads outside its folder ${dir} (to ${real}): refused`,
         name,
       );
     }
     return await fromFile(real);
+  };
+}
+
+/** Options for {@linkcode fileBackingResolver}. */
+export interface BackingPolicyOptions {
+  /**
+   * Folders backing files may also lie in, besides the image's own
+   * (`--allow-backing-dir` on the command line). @default []
+   */
+  allowDir?: string | string[];
+}
+
+/**
+ * The backing-file policy for host files, as an `OpenOptions.resolveBacking`:
+ * a backing file is resolved relative to the folder of the image that names
+ * it, and opened read-only only when it lies (symbolic links followed) in
+ * the folder of `imagePath` or in one of `allowDir`. A name leading anywhere
+ * else, written absolute or relative, is refused with a
+ * {@linkcode BackingFileError} that names the folder to allow. Loops and
+ * chains deeper than `MAX_BACKING_DEPTH` are refused by `open` itself.
+ *
+ * This keeps a downloaded image from reading other files of the host
+ * through a backing file name such as `/etc/shadow` or `../../.ssh/id_ed25519`.
+ *
+ * @param imagePath the path of the image the user opened (the top of the chain)
+ * @param options further folders to allow
+ * @returns the resolver
+ *
+ * @example
+ * ```ts ignore
+ * import { fileBackingResolver, fromFile, open } from "./mod.ts";
+ * const image = await open(await fromFile("vm/top.vmdk"), {
+ *   resolveBacking: fileBackingResolver("vm/top.vmdk", { allowDir: "/srv/bases" }),
+ * });
+ * ```
+ */
+export function fileBackingResolver(
+  imagePath: string,
+  options: BackingPolicyOptions = {},
+): BackingResolver {
+  const extra = options.allowDir === undefined
+    ? []
+    : typeof options.allowDir === "string"
+    ? [options.allowDir]
+    : options.allowDir;
+  let allowed: Promise<string[]> | undefined;
+  return async (backingFile, image) => {
+    allowed ??= Promise.all(
+      [folderOf(imagePath), ...extra].map((d) => Deno.realPath(d)),
+    );
+    const naming = image.name ?? imagePath;
+    const dir = folderOf(naming);
+    if (backingFile === "" || backingFile.includes("\0")) {
+      throw new BackingFileError(
+        `${naming} names the backing file ${
+          JSON.stringify(backingFile)
+        }, which is not a path: refused`,
+        backingFile,
+      );
+    }
+    let found: { real: string; inside: boolean };
+    try {
+      found = await resolveName(backingFile, dir, await allowed);
+    } catch (e) {
+      if (!(e instanceof Deno.errors.NotFound)) throw e;
+      throw new BackingFileError(
+        `${naming} names the backing file "${backingFile}", which does not exist (looked for ${
+          backingFile.startsWith("/") ? backingFile : `${dir}/${backingFile}`
+        })`,
+        backingFile,
+      );
+    }
+    if (!found.inside) {
+      throw new BackingFileError(
+        `${naming} names the backing file "${backingFile}", which leads to ${found.real}, outside ${
+          (await allowed).join(", ")
+        }: refused: pass --allow-backing-dir ${
+          folderOf(found.real)
+        } (allowDir) to allow it`,
+        backingFile,
+      );
+    }
+    return await fromFile(found.real);
   };
 }
