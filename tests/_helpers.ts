@@ -42,12 +42,15 @@ export async function run(
     stdout: "piped",
     stderr: "piped",
   }).spawn();
+  // Output is read while stdin is written: a tool that answers as it reads
+  // would otherwise fill its stdout pipe and wait for us forever.
+  const output = child.output();
   if (opts.stdin) {
     const w = child.stdin.getWriter();
     await w.write(opts.stdin);
     await w.close();
   }
-  const out = await child.output();
+  const out = await output;
   const stderr = new TextDecoder().decode(out.stderr);
   const text = new TextDecoder().decode(out.stdout);
   if (!out.success && !opts.allowFail) {
