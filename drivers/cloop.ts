@@ -117,17 +117,34 @@ interface Codec {
   encode(input: Uint8Array): Promise<Uint8Array>;
 }
 
+/**
+ * The codec modules other than zlib, loaded on first use (only images that
+ * use them pay for them). Literal specifiers, so that `deno bundle` puts
+ * them in the browser bundle.
+ */
+const LOADERS: Record<string, () => Promise<Codec>> = {
+  xz: () => import("./codecs/xz.ts"),
+  lz4: () => import("./codecs/lz4.ts"),
+  lzo: () => import("./codecs/lzo.ts"),
+};
+
 const codecs = new Map<Compressor, Promise<Codec>>();
 /** Loads a codec module on first use (xz, lz4 and lzo are only loaded for images that use them). */
 function codec(name: Compressor): Promise<Codec> {
   let found = codecs.get(name);
   if (!found) {
+    const load = LOADERS[name];
     if (name === "zlib") {
       found = Promise.resolve(zlib);
+    } else if (!load) {
+      found = Promise.reject(
+        new UnsupportedError(
+          { format: FORMAT, field: "compressor", value: name },
+          `the ${name} codec is not available`,
+        ),
+      );
     } else {
-      // A computed specifier: the module may not exist in this build.
-      const path = `./codecs/${name}.ts`;
-      found = (import(path) as Promise<Codec>).catch((e) => {
+      found = load().catch((e) => {
         codecs.delete(name);
         throw new UnsupportedError(
           { format: FORMAT, field: "compressor", value: name },

@@ -9,7 +9,6 @@ import {
   open,
   probe,
   streamSink,
-  UnsupportedError,
 } from "../mod.ts";
 import * as zlib from "../drivers/codecs/zlib.ts";
 import {
@@ -94,17 +93,13 @@ async function ours(
 const KIND = { zlib: 0, none: 1, xz: 2, lz4: 3, lzo: 4 } as const;
 type Kind = keyof typeof KIND;
 
-/** A codec module, when this build has it. */
+/** A codec module: every cloop 4 codec has one. */
 async function codecModule(name: Kind): Promise<
-  { encode(b: Uint8Array): Promise<Uint8Array> } | undefined
+  { encode(b: Uint8Array): Promise<Uint8Array> }
 > {
   if (name === "zlib") return zlib;
   if (name === "none") return { encode: (b) => Promise.resolve(b) };
-  try {
-    return await import(`../drivers/codecs/${name}.ts`);
-  } catch {
-    return undefined;
-  }
+  return await import(`../drivers/codecs/${name}.ts`);
 }
 
 /**
@@ -344,9 +339,7 @@ Deno.test("cloop writer refuses bad options", async () => {
 Deno.test("cloop version 4 images mix codecs per block, header first or last", async () => {
   const blockSize = 16384;
   const disk = sampleDisk(blockSize * 10, 11);
-  const kinds: Kind[] = ["zlib", "none", "xz", "lz4", "lzo"];
-  const available: Kind[] = [];
-  for (const k of kinds) if (await codecModule(k)) available.push(k);
+  const available: Kind[] = ["zlib", "none", "xz", "lz4", "lzo"];
   const packed = [];
   for (let i = 0; i < 10; i++) {
     const kind = available[i % available.length];
@@ -388,7 +381,6 @@ Deno.test("cloop version 4 and version 2 images of one disk decode to the same b
 Deno.test("cloop version 4 writer compresses with every codec this build has", async () => {
   const disk = sampleDisk(65536 * 4 + 100, 5);
   for (const compression of ["zlib", "none", "xz", "lz4", "lzo"] as Kind[]) {
-    if (!(await codecModule(compression))) continue;
     for (const header of ["first", "last"]) {
       const opened = await open(
         fromBytes(await ours(disk, { version: "4", compression, header })),
@@ -409,19 +401,6 @@ Deno.test("cloop version 4 writer stores incompressible blocks uncompressed", as
   const opened = await open(fromBytes(await ours(disk, { version: "4" })));
   assertEquals(opened.details?.codecs, { zlib: 2, none: 1 });
   assertEquals(await opened.read(0, opened.size), disk);
-});
-
-Deno.test("cloop names the codec a version 4 block needs when it is missing", async () => {
-  for (const kind of ["xz", "lz4", "lzo"] as Kind[]) {
-    if (await codecModule(kind)) continue;
-    const image = buildV4(512, [{ kind, bytes: new Uint8Array(10) }], "first");
-    const opened = await open(fromBytes(image));
-    await rejects(
-      () => opened.read(0, 512),
-      UnsupportedError,
-      new RegExp(kind),
-    );
-  }
 });
 
 // ---------------------------------------------------------------- malformed
