@@ -95,6 +95,18 @@ function parseSize(text: string): number {
   return size;
 }
 
+/**
+ * The passphrase in `--key-file FILE` (one trailing newline stripped), or
+ * undefined. Keys are never taken on the command line, where `ps` shows them.
+ */
+async function keyFrom(
+  values: Invocation["values"],
+): Promise<string | undefined> {
+  const path = values["key-file"] as string | undefined;
+  if (path === undefined) return undefined;
+  return (await Deno.readTextFile(path)).replace(/\r?\n$/, "");
+}
+
 /** Options for {@linkcode openImage}. */
 interface InputOptions {
   format?: string;
@@ -195,16 +207,18 @@ function progressBar(label: string) {
 
 const commands: Record<string, Command> = {
   info: {
-    usage: "info [-f FMT] [--output=human|json] IMAGE",
+    usage: "info [-f FMT] [--output=human|json] [--key-file F] IMAGE",
     summary: "show what an image is: format, sizes, backing file, details",
     options: {
       format: { type: "string", short: "f" },
       output: { type: "string", default: "human" },
+      "key-file": { type: "string" },
     },
     async run({ values, positionals }) {
       const [path] = need(positionals, 1, "info");
       const { file, image } = await openImage(path, {
         format: values.format as string | undefined,
+        extra: { key: await keyFrom(values) },
       });
       const info = await describe(path, file, image);
       if (values.output === "json") {
@@ -218,7 +232,7 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [--hash] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [--hash] [--key-file F] IN OUT   (OUT '-' is stdout)",
     summary: "convert an image to another format (raw by default)",
     options: {
       format: { type: "string", short: "f" },
@@ -227,21 +241,29 @@ const commands: Record<string, Command> = {
       compress: { type: "boolean", short: "c" },
       progress: { type: "boolean", short: "p" },
       hash: { type: "boolean" },
+      "key-file": { type: "string" },
     },
     async run({ values, positionals }) {
       const [input, output] = need(positionals, 2, "convert");
+      const key = await keyFrom(values);
+      const outOptions = parseOptions(values.options as string | undefined);
       const outFormat = values["output-format"] as string;
       driver(outFormat); // an unknown format fails before any file is made
       const { image } = await openImage(input, {
         format: values.format as string | undefined,
         followBacking: true,
+        extra: { key },
       });
       const sink = await openOutput(output);
       const bar = values.progress ? progressBar("convert") : undefined;
       const options: ConvertOptions = {
         format: outFormat,
-        options: parseOptions(values.options as string | undefined),
+        options: outOptions,
         compress: values.compress === true,
+        // The passphrase encrypts the output only when -o asks for it.
+        key: outOptions.encryption === "on" || outOptions["encrypt.format"]
+          ? key
+          : undefined,
         hash: values.hash === true,
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
       };
@@ -254,17 +276,19 @@ const commands: Record<string, Command> = {
   },
 
   map: {
-    usage: "map [-f FMT] [--output=human|json] IMAGE",
+    usage: "map [-f FMT] [--output=human|json] [--key-file F] IMAGE",
     summary:
       "show the allocation map: which runs hold data, which read as zeros",
     options: {
       format: { type: "string", short: "f" },
       output: { type: "string", default: "human" },
+      "key-file": { type: "string" },
     },
     async run({ values, positionals }) {
       const [path] = need(positionals, 1, "map");
       const { image } = await openImage(path, {
         format: values.format as string | undefined,
+        extra: { key: await keyFrom(values) },
       });
       const json = values.output === "json";
       const lines: string[] = [];
@@ -309,13 +333,15 @@ const commands: Record<string, Command> = {
   },
 
   create: {
-    usage: "create -f FMT [-b BACKING -F FMT] [-o OPTS] OUT SIZE",
+    usage:
+      "create -f FMT [-b BACKING -F FMT] [-o OPTS] [--key-file F] OUT SIZE",
     summary: "create an empty image",
     options: {
       format: { type: "string", short: "f" },
       backing: { type: "string", short: "b" },
       "backing-format": { type: "string", short: "F" },
       options: { type: "string", short: "o" },
+      "key-file": { type: "string" },
     },
     async run({ values, positionals }) {
       const format = values.format as string | undefined;
@@ -323,12 +349,24 @@ const commands: Record<string, Command> = {
       const [path, sizeText] = need(positionals, 2, "create");
       driver(format);
       const size = parseSize(sizeText);
+      const options = parseOptions(values.options as string | undefined);
+      const backingFile = values.backing as string | undefined;
+      if (format === "cow" && backingFile !== undefined && !options.mtime) {
+        // UML refuses a COW file whose mtime is not its backing file's.
+        const slash = path.lastIndexOf("/");
+        const where = backingFile.startsWith("/") || slash < 0
+          ? backingFile
+          : `${path.slice(0, slash)}/${backingFile}`;
+        const mtime = (await Deno.stat(where)).mtime;
+        if (mtime) options.mtime = String(Math.floor(mtime.getTime() / 1000));
+      }
       const sink = await openOutput(path);
       const image = await create(format, sink, {
         size,
-        backingFile: values.backing as string | undefined,
+        backingFile,
         backingFormat: values["backing-format"] as string | undefined,
-        options: parseOptions(values.options as string | undefined),
+        key: await keyFrom(values),
+        options,
       });
       await image.flush?.();
       await finishOutput(sink);
@@ -338,22 +376,26 @@ const commands: Record<string, Command> = {
   },
 
   compare: {
-    usage: "compare [-f FMT] [-F FMT] [-s] A B",
+    usage: "compare [-f FMT] [-F FMT] [-s] [--key-file F] A B",
     summary: "compare two images' contents (exit 0 same, 1 different, 2 error)",
     options: {
       "a-format": { type: "string", short: "f" },
       "b-format": { type: "string", short: "F" },
       strict: { type: "boolean", short: "s" },
+      "key-file": { type: "string" },
     },
     async run({ values, positionals }) {
       const [pathA, pathB] = need(positionals, 2, "compare");
+      const key = await keyFrom(values);
       const a = (await openImage(pathA, {
         format: values["a-format"] as string | undefined,
         followBacking: true,
+        extra: { key },
       })).image;
       const b = (await openImage(pathB, {
         format: values["b-format"] as string | undefined,
         followBacking: true,
+        extra: { key },
       })).image;
       if (values.strict && a.size !== b.size) {
         print(`Strict mode: Image size mismatch!\n`);

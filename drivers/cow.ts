@@ -99,7 +99,7 @@ function parseHeader(b: Uint8Array, fileSize: number): Header {
   if (magic === 0x4d4f4f4f) {
     throw new UnsupportedError(
       { format: FORMAT, field: "version", value: v.getUint32(4, true) },
-      "cow: a version 1 (host-endian) COW file; only versions 2 and 3 are read",
+      "a version 1 (host-endian) COW file; only versions 2 and 3 are read",
     );
   }
   check(magic === MAGIC, {
@@ -354,7 +354,7 @@ function cowImage(state: State): Image {
       if (run.kind !== "data" && backingFile !== undefined) {
         throw new UnsupportedError(
           { format: FORMAT },
-          `cow: a write of part of sector ${s} needs the backing file's bytes of it; write whole sectors of ${sectorSize} bytes`,
+          `a write of part of sector ${s} needs the backing file's bytes of it; write whole sectors of ${sectorSize} bytes`,
         );
       }
     }
@@ -445,13 +445,13 @@ async function createCow(sink: Sink, spec: CreateSpec): Promise<Image> {
   if (spec.backingFile === undefined || spec.backingFile === "") {
     throw new UnsupportedError(
       { format: FORMAT },
-      "cow: a UML COW file needs a backing file (-b)",
+      "a UML COW file needs a backing file (-b)",
     );
   }
   if (spec.backingFormat !== undefined && spec.backingFormat !== "raw") {
     throw new UnsupportedError(
       { format: FORMAT },
-      `cow: a UML COW file's backing file is a raw disk, not ${spec.backingFormat}`,
+      `a UML COW file's backing file is a raw disk, not ${spec.backingFormat}`,
     );
   }
   const name = new TextEncoder().encode(spec.backingFile);

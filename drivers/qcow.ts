@@ -118,7 +118,7 @@ function parseHeader(b: Uint8Array, fileSize: number): Header {
     if (version === 2 || version === 3) {
       throw new UnsupportedError(
         { format: FORMAT, field: "version", value: version, offset: 4 },
-        `qcow: version ${version} is qcow2, not qcow (version 1)`,
+        `version ${version} is qcow2, not qcow (version 1)`,
       );
     }
     throw fail("version", version, "1", 4);
@@ -577,7 +577,7 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
     ) {
       throw new UnsupportedError(
         { format: FORMAT },
-        `qcow: a write of part of cluster ${
+        `a write of part of cluster ${
           clusterStart / clusterSize
         } would hide the rest of it in the backing file (qcow clusters are not copied from the backing file): write whole clusters of ${clusterSize} bytes`,
       );
