@@ -106,6 +106,18 @@ function parseSize(text: string): number {
   return size;
 }
 
+/**
+ * The passphrase in `--key-file FILE` (one trailing newline stripped), or
+ * undefined. Keys are never taken on the command line, where `ps` shows them.
+ */
+async function keyFrom(
+  values: Invocation["values"],
+): Promise<string | undefined> {
+  const path = values["key-file"] as string | undefined;
+  if (path === undefined) return undefined;
+  return (await Deno.readTextFile(path)).replace(/\r?\n$/, "");
+}
+
 /** Options for {@linkcode openImage}. */
 interface InputOptions {
   format?: string;
@@ -234,6 +246,7 @@ const commands: Record<string, Command> = {
       output: { type: "string", default: "human" },
       "backing-chain": { type: "boolean" },
       "allow-backing-dir": backingFlags["allow-backing-dir"],
+      "key-file": { type: "string" },
     },
     async run({ values, positionals }) {
       const [path] = need(positionals, 1, "info");
@@ -241,6 +254,7 @@ const commands: Record<string, Command> = {
       const { file, image } = await openImage(path, {
         format: values.format as string | undefined,
         ...backingPolicy(values, chain),
+        extra: { key: await keyFrom(values) },
       });
       if (chain) {
         const infos = [];
@@ -266,7 +280,7 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [--hash] [--boot-sector FILE] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [--hash] [--boot-sector FILE] [--key-file F] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
@@ -278,9 +292,12 @@ const commands: Record<string, Command> = {
       hash: { type: "boolean" },
       "boot-sector": { type: "string" },
       ...backingFlags,
+      "key-file": { type: "string" },
     },
     async run({ values, positionals }) {
       const [input, output] = need(positionals, 2, "convert");
+      const key = await keyFrom(values);
+      const outOptions = parseOptions(values.options as string | undefined);
       const outFormat = values["output-format"] as string;
       driver(outFormat); // an unknown format fails before any file is made
       const bootSector = values["boot-sector"] === undefined
@@ -297,14 +314,19 @@ const commands: Record<string, Command> = {
       const source = (await openImage(input, {
         format: values.format as string | undefined,
         ...backingPolicy(values),
+        extra: { key },
       })).image;
       const image = bootSector ? bootSectorPatch(source, bootSector) : source;
       const sink = await openOutput(output);
       const bar = values.progress ? progressBar("convert") : undefined;
       const options: ConvertOptions = {
         format: outFormat,
-        options: parseOptions(values.options as string | undefined),
+        options: outOptions,
         compress: values.compress === true,
+        // The passphrase encrypts the output only when -o asks for it.
+        key: outOptions.encryption === "on" || outOptions["encrypt.format"]
+          ? key
+          : undefined,
         hash: values.hash === true,
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
       };
@@ -318,19 +340,21 @@ const commands: Record<string, Command> = {
 
   map: {
     usage:
-      "map [-f FMT] [--output=human|json] [--allow-backing-dir DIR]... [--no-backing] IMAGE",
+      "map [-f FMT] [--output=human|json] [--allow-backing-dir DIR]... [--no-backing] [--key-file F] IMAGE",
     summary:
       "show the allocation map of the backing chain: which layer holds each run, which read as zeros",
     options: {
       format: { type: "string", short: "f" },
       output: { type: "string", default: "human" },
       ...backingFlags,
+      "key-file": { type: "string" },
     },
     async run({ values, positionals }) {
       const [path] = need(positionals, 1, "map");
       const { image } = await openImage(path, {
         format: values.format as string | undefined,
         ...backingPolicy(values),
+        extra: { key: await keyFrom(values) },
       });
       const json = values.output === "json";
       const lines: string[] = [];
@@ -376,13 +400,15 @@ const commands: Record<string, Command> = {
   },
 
   create: {
-    usage: "create -f FMT [-b BACKING -F FMT] [-o OPTS] OUT SIZE",
+    usage:
+      "create -f FMT [-b BACKING -F FMT] [-o OPTS] [--key-file F] OUT SIZE",
     summary: "create an empty image",
     options: {
       format: { type: "string", short: "f" },
       backing: { type: "string", short: "b" },
       "backing-format": { type: "string", short: "F" },
       options: { type: "string", short: "o" },
+      "key-file": { type: "string" },
     },
     async run({ values, positionals }) {
       const format = values.format as string | undefined;
@@ -390,12 +416,24 @@ const commands: Record<string, Command> = {
       const [path, sizeText] = need(positionals, 2, "create");
       driver(format);
       const size = parseSize(sizeText);
+      const options = parseOptions(values.options as string | undefined);
+      const backingFile = values.backing as string | undefined;
+      if (format === "cow" && backingFile !== undefined && !options.mtime) {
+        // UML refuses a COW file whose mtime is not its backing file's.
+        const slash = path.lastIndexOf("/");
+        const where = backingFile.startsWith("/") || slash < 0
+          ? backingFile
+          : `${path.slice(0, slash)}/${backingFile}`;
+        const mtime = (await Deno.stat(where)).mtime;
+        if (mtime) options.mtime = String(Math.floor(mtime.getTime() / 1000));
+      }
       const sink = await openOutput(path);
       const image = await create(format, sink, {
         size,
-        backingFile: values.backing as string | undefined,
+        backingFile,
         backingFormat: values["backing-format"] as string | undefined,
-        options: parseOptions(values.options as string | undefined),
+        key: await keyFrom(values),
+        options,
       });
       await image.flush?.();
       await finishOutput(sink);
@@ -406,7 +444,7 @@ const commands: Record<string, Command> = {
 
   compare: {
     usage:
-      "compare [-f FMT] [-F FMT] [-s] [--allow-backing-dir DIR]... [--no-backing] A B",
+      "compare [-f FMT] [-F FMT] [-s] [--allow-backing-dir DIR]... [--no-backing] [--key-file F] A B",
     summary:
       "compare two images' contents, backing chains included (exit 0 same, 1 different, 2 error)",
     options: {
@@ -414,16 +452,20 @@ const commands: Record<string, Command> = {
       "b-format": { type: "string", short: "F" },
       strict: { type: "boolean", short: "s" },
       ...backingFlags,
+      "key-file": { type: "string" },
     },
     async run({ values, positionals }) {
       const [pathA, pathB] = need(positionals, 2, "compare");
+      const key = await keyFrom(values);
       const a = (await openImage(pathA, {
         format: values["a-format"] as string | undefined,
         ...backingPolicy(values),
+        extra: { key },
       })).image;
       const b = (await openImage(pathB, {
         format: values["b-format"] as string | undefined,
         ...backingPolicy(values),
+        extra: { key },
       })).image;
       if (values.strict && a.size !== b.size) {
         print(`Strict mode: Image size mismatch!\n`);

@@ -12,6 +12,8 @@ import { cloop } from "./cloop.ts";
 import { bochs } from "./bochs.ts";
 import { vpc } from "./vpc.ts";
 import { vmdk } from "./vmdk.ts";
+import { qcow } from "./qcow.ts";
+import { cow } from "./cow.ts";
 import { raw } from "./raw.ts";
 
 /** Every driver, raw last. */
@@ -20,5 +22,7 @@ export const DRIVERS: readonly Driver[] = [
   vpc,
   bochs,
   vmdk,
+  qcow,
+  cow,
   raw,
 ];

@@ -14,6 +14,7 @@ import {
   UnknownFormatError,
 } from "../streams/errors.ts";
 import { overlay } from "../streams/overlay.ts";
+import { decrypt } from "../streams/decrypt.ts";
 import {
   type CreateSpec,
   type Driver,
@@ -175,10 +176,14 @@ async function openChain(
   seen: string[],
 ): Promise<Image> {
   const name = options.format ?? (await probe(source))[0]?.format ?? "raw";
-  const image = await driver(name).open(
+  const opened = await driver(name).open(
     name === "raw" ? source : guarded(source, name),
     options,
   );
+  // With a key, every encrypted layer of the chain is unlocked as it opens.
+  const image = options.key !== undefined && opened.encryption
+    ? decrypt(opened, options.key)
+    : opened;
   if (image.backingFile === undefined || !options.resolveBacking) {
     return image;
   }

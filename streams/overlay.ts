@@ -181,7 +181,8 @@ export function overlay(top: Image, base: Source): OverlayImage {
     backingFormat: top.backingFormat,
     backing: base as Image,
     get encrypted() {
-      return top.encrypted;
+      // QEMU's bdrv_is_encrypted: an encrypted base makes the chain encrypted.
+      return top.encrypted || (base as Partial<Image>).encrypted === true;
     },
     geometry: top.geometry,
     details: top.details,

@@ -92,8 +92,18 @@ export interface Image extends Source {
   readonly backingFormat?: string;
   /** The image the backing file was opened as, when the caller allowed following it. */
   readonly backing?: Image;
-  /** True when the data is encrypted (and no key has been applied). */
+  /**
+   * True when the image stores its data encrypted, whether or not a key has
+   * been applied (QEMU's `bdrv_is_encrypted`; an overlay reports its base's
+   * encryption too).
+   */
   readonly encrypted: boolean;
+  /**
+   * Set on an encrypted layer while no key has been applied: the hook
+   * `decrypt(image, key)` uses. Reading or writing such a layer's encrypted
+   * data fails with a `KeyError`; its allocation map and metadata work.
+   */
+  readonly encryption?: Encryption;
   /** Geometry stored in the image, if any. */
   readonly geometry?: Geometry;
   /** Format-specific facts for `info` (JSON-serialisable). */
@@ -102,6 +112,31 @@ export interface Image extends Source {
   write?(offset: number, bytes: Uint8Array): Promise<void>;
   /** Flushes metadata and data of a writable image. */
   flush?(): Promise<void>;
+}
+
+/**
+ * Encrypts or decrypts whole 512-byte sectors of a virtual disk in place;
+ * `sector` is the number of the first one (the IV comes from it).
+ */
+export interface SectorCipher {
+  /** Decrypts `bytes` (a multiple of 512) holding sectors `sector`, `sector + 1`, ... */
+  decrypt(sector: number, bytes: Uint8Array): Promise<void>;
+  /** Encrypts `bytes` (a multiple of 512) holding sectors `sector`, `sector + 1`, ... */
+  encrypt(sector: number, bytes: Uint8Array): Promise<void>;
+}
+
+/**
+ * The hook between an encrypted layer and `decrypt(image, key)`: the
+ * driver says which scheme it uses (so `decrypt` can derive the key and
+ * build the cipher) and, given the cipher, returns the layer reading
+ * plaintext and writing ciphertext. The driver alone knows which stored
+ * runs are encrypted (qcow's compressed clusters are not).
+ */
+export interface Encryption {
+  /** The scheme: `qcow-aes` (AES-128-CBC per sector, QEMU's key from the passphrase). */
+  readonly scheme: string;
+  /** The same layer, reading and writing through `cipher`. */
+  unlock(cipher: SectorCipher): Image;
 }
 
 /** What a driver's `probe` sees: the first and last bytes of the source. */

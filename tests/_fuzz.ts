@@ -137,7 +137,8 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
         name: "qcow-c",
         format: "qcow",
         tools: ["qemu-img"],
-        cmd: `qemu-img convert -c -f raw -O qcow ${base} OUT`,
+        // qemu-img 7.2 exits 1 after writing a correct compressed qcow.
+        cmd: `qemu-img convert -c -f raw -O qcow ${base} OUT; test -s OUT`,
       },
       {
         name: "vmdk",
@@ -203,7 +204,7 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
     } catch {
       const r = await run("sh", [
         "-c",
-        `${m.cmd.replace("OUT", path)} >/dev/null 2>&1`,
+        `${m.cmd.replaceAll("OUT", path)} >/dev/null 2>&1`,
       ], { allowFail: true });
       if (r.code !== 0) continue;
     }

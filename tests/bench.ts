@@ -231,16 +231,15 @@ const cases: Case[] = [
     format: "qcow",
     make: {
       path: img("disk-c.qcow"),
+      // qemu-img 7.2 writes a correct compressed qcow, then exits 1 without
+      // a message (its closing zero-length compressed write, which the qcow
+      // driver refuses): accept that, but only with the image in place.
       cmd: [
-        "qemu-img",
-        "convert",
+        "sh",
         "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow",
-        DISK,
-        img("disk-c.qcow"),
+        `qemu-img convert -c -f raw -O qcow ${DISK} ${
+          img("disk-c.qcow")
+        }; test -s ${img("disk-c.qcow")}`,
       ],
     },
     needs: ["qemu-img"],
