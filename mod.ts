@@ -29,9 +29,18 @@ export * from "./streams/readable.ts";
 export * from "./streams/convert.ts";
 export * from "./streams/overlay.ts";
 export * from "./streams/service.ts";
+export * from "./streams/tree.ts";
 export * from "./drivers/registry.ts";
 export { cloop } from "./drivers/cloop.ts";
 export { bochs } from "./drivers/bochs.ts";
 export { vpc } from "./drivers/vpc.ts";
 export { vmdk } from "./drivers/vmdk.ts";
+export {
+  type FatSpelling,
+  type FatType,
+  openTree,
+  parseFatSpelling,
+  vvfat,
+  type VvfatOptions,
+} from "./drivers/vvfat.ts";
 export { raw } from "./drivers/raw.ts";
