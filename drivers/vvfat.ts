@@ -610,7 +610,9 @@ function chooseLayout(
     limit:
       `within FAT${type}'s ${
         CLUSTER_RANGE[type][1]
-      } clusters of ${largest} bytes ` +
+      } clusters of ${largest} bytes${
+        type === 32 ? " and 2^32 sectors (2 TiB)" : ""
+      } ` +
       `(${neededClusters(type, largest, files, folders)} needed)${
         type === 32 ? "" : "; FAT32 holds more"
       }`,
