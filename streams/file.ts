@@ -302,6 +302,20 @@ export async function directoryTree(path: string): Promise<Tree> {
    * path: a link to any of them (or to a folder holding one) is a loop.
    */
   const folders = new Map<string, string[]>([["", [root]]]);
+  // A read of a few MiB of the disk may span thousands of small files; at
+  // most this many are open at once, under any per-process limit.
+  let openFiles = 0;
+  const waiting: (() => void)[] = [];
+  const acquire = async () => {
+    while (openFiles >= TREE_OPEN_FILES) {
+      await new Promise<void>((resolve) => waiting.push(resolve));
+    }
+    openFiles++;
+  };
+  const release = () => {
+    openFiles--;
+    waiting.shift()?.();
+  };
   /** What `list` said of each file, by tree path. */
   const files = new Map<
     string,
@@ -361,33 +375,50 @@ export async function directoryTree(path: string): Promise<Tree> {
       const listed = files.get(file);
       if (!listed) throw new TreeError("not a listed file", file);
       checkRange(listed.size, offset, length);
-      using handle = await Deno.open(listed.real);
-      const stat = await handle.stat();
-      const mtime = stat.mtime?.getTime() ?? 0;
-      if (stat.size !== listed.size || mtime !== listed.mtime) {
-        throw new TreeError(
-          `changed since the tree was listed (size ${listed.size} -> ${stat.size}, ` +
-            `modified ${new Date(listed.mtime).toISOString()} -> ${
-              new Date(mtime).toISOString()
-            })`,
-          file,
-        );
+      await acquire();
+      try {
+        return await readListed(file, listed, offset, length);
+      } finally {
+        release();
       }
-      const out = new Uint8Array(length);
-      await handle.seek(offset, Deno.SeekMode.Start);
-      for (let at = 0; at < length;) {
-        const n = await handle.read(out.subarray(at));
-        if (n === null) {
-          throw new TreeError(
-            `changed since the tree was listed (ended at ${
-              offset + at
-            } of ${listed.size} bytes)`,
-            file,
-          );
-        }
-        at += n;
-      }
-      return out;
     },
   };
+}
+
+/** Files a {@linkcode directoryTree} keeps open at once. */
+const TREE_OPEN_FILES = 64;
+
+async function readListed(
+  file: string,
+  listed: { real: string; size: number; mtime: number },
+  offset: number,
+  length: number,
+): Promise<Uint8Array> {
+  using handle = await Deno.open(listed.real);
+  const stat = await handle.stat();
+  const mtime = stat.mtime?.getTime() ?? 0;
+  if (stat.size !== listed.size || mtime !== listed.mtime) {
+    throw new TreeError(
+      `changed since the tree was listed (size ${listed.size} -> ${stat.size}, ` +
+        `modified ${new Date(listed.mtime).toISOString()} -> ${
+          new Date(mtime).toISOString()
+        })`,
+      file,
+    );
+  }
+  const out = new Uint8Array(length);
+  await handle.seek(offset, Deno.SeekMode.Start);
+  for (let at = 0; at < length;) {
+    const n = await handle.read(out.subarray(at));
+    if (n === null) {
+      throw new TreeError(
+        `changed since the tree was listed (ended at ${
+          offset + at
+        } of ${listed.size} bytes)`,
+        file,
+      );
+    }
+    at += n;
+  }
+  return out;
 }

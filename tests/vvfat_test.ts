@@ -20,6 +20,7 @@ import {
   cli,
   pseudoRandom,
   rejects,
+  ROOT,
   run,
   sha256Hex,
   skip,
@@ -807,4 +808,32 @@ Deno.test("memoryTree refuses paths that are both a file and a folder, and bad s
     TreeError,
     /must be null/,
   );
+});
+
+Deno.test({
+  name:
+    "a folder of thousands of small files converts within a limit of 256 open files",
+  ignore: Deno.build.os === "windows",
+  fn: () =>
+    withTemp(async (dir) => {
+      const files: Record<string, MemoryTreeValue> = {};
+      for (let i = 0; i < 3000; i++) {
+        files[`f${i}.txt`] = enc.encode(`file ${i}\n`);
+      }
+      await writeTree(`${dir}/tree`, files);
+      const r = await run("sh", [
+        "-c",
+        `ulimit -n 256 && exec "$0" run -A "$1" convert "fat:$2" "$3"`,
+        Deno.execPath(),
+        `${ROOT}cli.ts`,
+        `${dir}/tree`,
+        `${dir}/disk.raw`,
+      ], { allowFail: true });
+      assertEquals(r.code, 0, r.stderr);
+      const disk = await openTree(await directoryTree(`${dir}/tree`));
+      assertEquals(
+        sha256Hex(await Deno.readFile(`${dir}/disk.raw`)),
+        sha256Hex(await disk.read(0, disk.size)),
+      );
+    }),
 });
