@@ -394,6 +394,9 @@ async function listTree(
         ? entry.name
         : `${folder.path}/${entry.name}`;
       checkName(entry.name, path);
+      if (!Number.isFinite(entry.mtime)) {
+        throw new TreeError(`mtime ${entry.mtime} is not a time`, path);
+      }
       const base = {
         name: entry.name,
         path,

@@ -779,7 +779,7 @@ Deno.test("a file that changed after the tree was listed is an error when read",
     );
   }));
 
-Deno.test("a Tree that returns fewer bytes than asked is an error, not a short disk", async () => {
+Deno.test("a Tree that returns fewer bytes than asked, or no valid time, is an error, not a wrong disk", async () => {
   const tree: Tree = {
     list: (path) =>
       Promise.resolve(
@@ -789,6 +789,16 @@ Deno.test("a Tree that returns fewer bytes than asked is an error, not a short d
   };
   const disk = await openTree(tree);
   await rejects(() => disk.read(0, disk.size), TreeError, /read 3 bytes where/);
+  const timeless: Tree = {
+    list: () =>
+      Promise.resolve([{ name: "f", kind: "file", size: 1, mtime: NaN }]),
+    read: () => Promise.resolve(new Uint8Array(1)),
+  };
+  await rejects(
+    () => openTree(timeless),
+    TreeError,
+    /f: mtime NaN is not a time/,
+  );
 });
 
 Deno.test("memoryTree refuses paths that are both a file and a folder, and bad segments", async () => {
@@ -835,5 +845,122 @@ Deno.test({
         sha256Hex(await Deno.readFile(`${dir}/disk.raw`)),
         sha256Hex(await disk.read(0, disk.size)),
       );
+    }),
+});
+
+/** A seeded tree of random names (spaces, periods, punctuation, Unicode) in random folders. */
+function randomTree(
+  seed: number,
+  count: number,
+): Record<string, MemoryTreeValue> {
+  let x = seed;
+  const next = (n: number) => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) % n;
+  };
+  const alphabet = [
+    ..."abcXYZ019 ._-~!+,;=[]()'{}`@#$%&^",
+    "é",
+    "Ö",
+    "ß",
+    "ж",
+    "中",
+    "😀",
+  ];
+  const folders = [""];
+  const files: Record<string, MemoryTreeValue> = {};
+  const taken = new Set<string>();
+  while (Object.keys(files).length < count) {
+    let name = "";
+    for (let i = 1 + next(next(4) ? 12 : 40); i > 0; i--) {
+      name += alphabet[next(alphabet.length)];
+    }
+    if (/[. ]$/.test(name)) continue;
+    const parent = folders[next(folders.length)];
+    const path = parent ? `${parent}/${name}` : name;
+    // FAT compares names without case: keep one of each.
+    const key = (parent + "/" + name).split("").map((c) =>
+      c.toUpperCase().length === 1 ? c.toUpperCase() : c
+    )
+      .join("");
+    if (taken.has(key)) continue;
+    taken.add(key);
+    if (next(5) === 0) {
+      folders.push(path);
+      files[`${path}/`] = null;
+    } else {
+      files[path] = pseudoRandom(
+        next(3) ? next(3000) : next(200_000),
+        seed + count,
+      );
+    }
+  }
+  // A folder that later got children is not empty: drop its `null`.
+  for (const folder of folders.slice(1)) {
+    if (
+      Object.keys(files).some((p) =>
+        p.startsWith(`${folder}/`) && p !== `${folder}/`
+      )
+    ) {
+      delete files[`${folder}/`];
+    }
+  }
+  return files;
+}
+
+Deno.test({
+  name:
+    "random trees of odd names pass fsck.fat -n and come back whole through mcopy and 7-Zip",
+  ignore: skip(["fsck.fat", "mcopy", "7zz"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      for (const [seed, fatType] of [[1, 12], [2, 16], [3, 32]] as const) {
+        const files = randomTree(seed, 150);
+        const disk = await openTree(memoryTree(files), { fatType });
+        const sink = memorySink();
+        await convert(disk, sink);
+        await Deno.writeFile(`${dir}/disk.raw`, sink.bytes());
+        const checked = await fsck(dir, `${dir}/disk.raw`);
+        assertEquals(checked.code, 0, checked.output);
+        assertEquals(checked.output.split("\n").length, 2, checked.output);
+        const want = snapshotFiles(files);
+
+        // 7-Zip reads the long names whole, surrogate pairs included.
+        await Deno.writeFile(
+          `${dir}/partition.img`,
+          sink.bytes().subarray(partitionOffset(sink.bytes())),
+        );
+        const zipOut = `${dir}/7z${seed}`;
+        const z = await run("env", [
+          "LANG=C.UTF-8",
+          "7zz",
+          "x",
+          "-y",
+          `-o${zipOut}`,
+          `${dir}/partition.img`,
+        ], { allowFail: true });
+        assertEquals(z.code, 0, z.text + z.stderr);
+        assertEquals(await snapshotDir(zipOut), want, `seed ${seed}, 7zz`);
+
+        // mtools 4.0.32 shows each half of a surrogate pair as "_".
+        const out = `${dir}/out${seed}`;
+        await Deno.mkdir(out);
+        const r = await mtools("mcopy", [
+          "-s",
+          "-i",
+          `${dir}/disk.raw@@${partitionOffset(sink.bytes())}`,
+          "::/",
+          out,
+        ]);
+        assertEquals(r.code, 0, r.stderr);
+        const astral = /[\u{10000}-\u{10ffff}]/gu;
+        assertEquals(
+          await snapshotDir(out),
+          new Map([...want].map(([k, v]) => [k.replace(astral, "__"), v])),
+          `seed ${seed}, mcopy`,
+        );
+      }
     }),
 });
