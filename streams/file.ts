@@ -392,31 +392,36 @@ function readListed(
   offset: number,
   length: number,
 ): Uint8Array {
-  using handle = Deno.openSync(listed.real);
-  const stat = handle.statSync();
-  const mtime = stat.mtime?.getTime() ?? 0;
-  if (stat.size !== listed.size || mtime !== listed.mtime) {
-    throw new TreeError(
-      `changed since the tree was listed (size ${listed.size} -> ${stat.size}, ` +
-        `modified ${new Date(listed.mtime).toISOString()} -> ${
-          new Date(mtime).toISOString()
-        })`,
-      file,
-    );
-  }
-  const out = new Uint8Array(length);
-  handle.seekSync(offset, Deno.SeekMode.Start);
-  for (let at = 0; at < length;) {
-    const n = handle.readSync(out.subarray(at));
-    if (n === null) {
+  // try/finally, not `using`: the bundle for browsers keeps syntax as is.
+  const handle = Deno.openSync(listed.real);
+  try {
+    const stat = handle.statSync();
+    const mtime = stat.mtime?.getTime() ?? 0;
+    if (stat.size !== listed.size || mtime !== listed.mtime) {
       throw new TreeError(
-        `changed since the tree was listed (ended at ${
-          offset + at
-        } of ${listed.size} bytes)`,
+        `changed since the tree was listed (size ${listed.size} -> ${stat.size}, ` +
+          `modified ${new Date(listed.mtime).toISOString()} -> ${
+            new Date(mtime).toISOString()
+          })`,
         file,
       );
     }
-    at += n;
+    const out = new Uint8Array(length);
+    handle.seekSync(offset, Deno.SeekMode.Start);
+    for (let at = 0; at < length;) {
+      const n = handle.readSync(out.subarray(at));
+      if (n === null) {
+        throw new TreeError(
+          `changed since the tree was listed (ended at ${
+            offset + at
+          } of ${listed.size} bytes)`,
+          file,
+        );
+      }
+      at += n;
+    }
+    return out;
+  } finally {
+    handle.close();
   }
-  return out;
 }
