@@ -617,7 +617,7 @@ function chooseLayout(
         type === 32 ? " and 2^32 sectors (2 TiB)" : ""
       } ` +
       `(${neededClusters(type, largest, files, folders)} needed)${
-        type === 32 ? "" : "; FAT32 holds more"
+        type === 32 ? "" : "; a larger FAT type holds more"
       }`,
   });
 }
