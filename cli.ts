@@ -2,7 +2,7 @@
  * The command line, with qemu-img's conventions:
  *
  * ```sh
- * deno run -A cli.ts info [-f FMT] [--output=json] IMAGE
+ * deno run -A cli.ts info [-f FMT] [--output=json] IMAGE   # IMAGE may be fat:[12:|16:|32:]DIR
  * deno run -A cli.ts convert [-f FMT] [-O FMT] [-o OPTS] [-p] IN OUT
  * deno run -A cli.ts map [--output=json] IMAGE
  * deno run -A cli.ts create -f FMT [-b BACKING -F FMT] [-o OPTS] OUT SIZE
@@ -32,6 +32,7 @@ import {
   type ConvertOptions,
   create,
   createOutputFile,
+  directoryTree,
   driver,
   type Extent,
   extentsOf,
@@ -43,8 +44,10 @@ import {
   imageInfo,
   open,
   type OpenOptions,
+  openTree,
   type OutputFile,
   type OverlayImage,
+  parseFatSpelling,
   type Sink,
   streamSink,
 } from "./mod.ts";
@@ -144,8 +147,24 @@ function backingPolicy(values: Invocation["values"], follow = true) {
   };
 }
 
-/** Opens an image file named on the command line. */
-async function openImage(path: string, options: InputOptions = {}) {
+/**
+ * Opens an image file named on the command line, or a folder as a vvfat
+ * disk when spelled as QEMU does (`fat:DIR`, `fat:16:DIR`) or with
+ * `-f vvfat DIR`.
+ */
+async function openImage(
+  path: string,
+  options: InputOptions = {},
+): Promise<{ file?: FileHandle; image: Image }> {
+  const fat = parseFatSpelling(path);
+  if (fat || options.format === "vvfat") {
+    if (options.writable) throw new Error("vvfat disks are read-only");
+    const image = await openTree(await directoryTree(fat?.dir ?? path), {
+      fatType: fat?.fatType,
+    });
+    opened.push(image);
+    return { image };
+  }
   const file = await fromFile(path, { write: options.writable === true });
   opened.push(file);
   const image = await open(file, {
@@ -674,9 +693,13 @@ function need(positionals: string[], count: number, command: string): string[] {
 }
 
 /** The `info` facts, with qemu-img's JSON keys first. */
-async function describe(path: string, file: FileHandle, image: Image) {
+async function describe(
+  path: string,
+  file: FileHandle | undefined,
+  image: Image,
+) {
   const info = imageInfo(image, path);
-  const actual = await file.allocatedBytes();
+  const actual = await file?.allocatedBytes();
   // qemu-img's key order: virtual-size, filename, format, actual-size, ...
   const ordered: Record<string, unknown> = {
     "virtual-size": info["virtual-size"],

@@ -33,6 +33,7 @@ export * from "./streams/boot_sector.ts";
 export * from "./streams/commit.ts";
 export { cipherFor, decrypt, qcowKey } from "./streams/decrypt.ts";
 export * from "./streams/service.ts";
+export * from "./streams/tree.ts";
 export * from "./drivers/registry.ts";
 export { cloop } from "./drivers/cloop.ts";
 export { bochs } from "./drivers/bochs.ts";
@@ -40,4 +41,12 @@ export { vpc } from "./drivers/vpc.ts";
 export { vmdk } from "./drivers/vmdk.ts";
 export { qcow } from "./drivers/qcow.ts";
 export { cow } from "./drivers/cow.ts";
+export {
+  type FatSpelling,
+  type FatType,
+  openTree,
+  parseFatSpelling,
+  vvfat,
+  type VvfatOptions,
+} from "./drivers/vvfat.ts";
 export { raw } from "./drivers/raw.ts";

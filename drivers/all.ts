@@ -14,6 +14,7 @@ import { vpc } from "./vpc.ts";
 import { vmdk } from "./vmdk.ts";
 import { qcow } from "./qcow.ts";
 import { cow } from "./cow.ts";
+import { vvfat } from "./vvfat.ts";
 import { raw } from "./raw.ts";
 
 /** Every driver, raw last. */
@@ -24,5 +25,6 @@ export const DRIVERS: readonly Driver[] = [
   vmdk,
   qcow,
   cow,
+  vvfat,
   raw,
 ];

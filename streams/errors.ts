@@ -195,3 +195,26 @@ export class CodecError extends Error {
     this.name = "CodecError";
   }
 }
+
+/**
+ * A tree of files cannot be presented as a disk, or changed under it: a
+ * symbolic link leaving the tree, a file that is neither a regular file nor a
+ * folder, a file whose size or time changed since the tree was listed.
+ *
+ * @example
+ * ```ts
+ * import { TreeError } from "./errors.ts";
+ * const e = new TreeError("changed since the tree was listed", "docs/a.txt");
+ * console.log(e.message); // docs/a.txt: changed since the tree was listed
+ * ```
+ */
+export class TreeError extends Error {
+  /**
+   * @param message what is wrong
+   * @param path the path within the tree
+   */
+  constructor(message: string, readonly path: string) {
+    super(`${path || "(root)"}: ${message}`);
+    this.name = "TreeError";
+  }
+}

@@ -6,12 +6,14 @@
  * @module
  */
 
-import { BackingFileError } from "./errors.ts";
+import { BackingFileError, TreeError } from "./errors.ts";
 import {
   type BackingResolver,
   checkRange,
   type Sink,
   type Source,
+  type Tree,
+  type TreeEntry,
 } from "./types.ts";
 
 /** A file opened for reading and, when asked, writing at random offsets. */
@@ -370,4 +372,165 @@ export function fileBackingResolver(
     }
     return await fromFile(found.real);
   };
+}
+/**
+ * A host folder as a {@linkcode Tree} (the input of `openTree`, the vvfat
+ * driver). What it refuses, with a {@linkcode TreeError}:
+ *
+ * - a symbolic link whose target lies outside the folder, or leads nowhere;
+ *   links that stay inside are followed (the entry shows what the link
+ *   points to), except a link to a folder that contains it (a loop);
+ * - entries that are neither regular files nor folders (sockets, devices,
+ *   pipes);
+ * - reading a file whose size or modification time differ from what
+ *   `list` reported, or that ends early: the disk was laid out from the
+ *   listing, so its bytes would no longer match its directory entries.
+ *
+ * Only folders already returned by `list` can be listed and only files
+ * listed can be read.
+ *
+ * @param path the folder
+ * @returns the tree
+ *
+ * @example
+ * ```ts ignore
+ * import { directoryTree, openTree } from "./mod.ts";
+ * const disk = await openTree(await directoryTree("./docs"));
+ * console.log(disk.size, disk.details);
+ * ```
+ */
+export async function directoryTree(path: string): Promise<Tree> {
+  const root = await Deno.realPath(path);
+  if (!(await Deno.stat(root)).isDirectory) {
+    throw new TreeError("not a folder", path);
+  }
+  const inside = (real: string) =>
+    real === root || real.startsWith(root.endsWith("/") ? root : `${root}/`);
+  /**
+   * The real paths of each folder seen and of the folders above it, by tree
+   * path: a link to any of them (or to a folder holding one) is a loop.
+   */
+  const folders = new Map<string, string[]>([["", [root]]]);
+  /** What `list` said of each file, by tree path. */
+  const files = new Map<
+    string,
+    { real: string; size: number; mtime: number }
+  >();
+
+  const listFolder = (dir: string): TreeEntry[] => {
+    const chain = folders.get(dir);
+    if (chain === undefined) throw new TreeError("not a listed folder", dir);
+    const real = chain[chain.length - 1];
+    const out: TreeEntry[] = [];
+    for (const item of Deno.readDirSync(real)) {
+      const treePath = dir === "" ? item.name : `${dir}/${item.name}`;
+      let target = `${real}/${item.name}`;
+      if (item.isSymlink) {
+        try {
+          target = Deno.realPathSync(target);
+        } catch {
+          throw new TreeError(
+            "a symbolic link to nothing (its target does not exist)",
+            treePath,
+          );
+        }
+        if (!inside(target)) {
+          throw new TreeError(
+            `a symbolic link leaving the tree (to ${target}): refused`,
+            treePath,
+          );
+        }
+      }
+      const stat = Deno.statSync(target);
+      const mtime = stat.mtime?.getTime() ?? 0;
+      if (stat.isDirectory) {
+        if (chain.some((r) => r === target || r.startsWith(`${target}/`))) {
+          throw new TreeError(
+            `a symbolic link to a folder that contains it (${target}): a loop`,
+            treePath,
+          );
+        }
+        folders.set(treePath, [...chain, target]);
+        out.push({ name: item.name, kind: "dir", size: 0, mtime });
+      } else if (stat.isFile) {
+        files.set(treePath, { real: target, size: stat.size, mtime });
+        out.push({ name: item.name, kind: "file", size: stat.size, mtime });
+      } else {
+        throw new TreeError(
+          "neither a regular file nor a folder (a socket, pipe or device)",
+          treePath,
+        );
+      }
+    }
+    return out;
+  };
+
+  return {
+    name: path,
+    list(dir) {
+      try {
+        return Promise.resolve(listFolder(dir));
+      } catch (e) {
+        return Promise.reject(e);
+      }
+    },
+    read(file, offset, length) {
+      try {
+        const listed = files.get(file);
+        if (!listed) throw new TreeError("not a listed file", file);
+        checkRange(listed.size, offset, length);
+        return Promise.resolve(readListed(file, listed, offset, length));
+      } catch (e) {
+        return Promise.reject(e);
+      }
+    },
+  };
+}
+
+/**
+ * Reads a file as listed: one open, stat, read and close, synchronously,
+ * like the rest of this adapter (see `handle`). A disk read spanning
+ * thousands of small files then keeps one file open at a time, never
+ * running into the open-file limit (the async ops, all in flight at once,
+ * hit a limit of 256 with 6000 files). Listing is synchronous too: 6000
+ * files listed in 120 ms against 300 ms.
+ */
+function readListed(
+  file: string,
+  listed: { real: string; size: number; mtime: number },
+  offset: number,
+  length: number,
+): Uint8Array {
+  // try/finally, not `using`: the bundle for browsers keeps syntax as is.
+  const handle = Deno.openSync(listed.real);
+  try {
+    const stat = handle.statSync();
+    const mtime = stat.mtime?.getTime() ?? 0;
+    if (stat.size !== listed.size || mtime !== listed.mtime) {
+      throw new TreeError(
+        `changed since the tree was listed (size ${listed.size} -> ${stat.size}, ` +
+          `modified ${new Date(listed.mtime).toISOString()} -> ${
+            new Date(mtime).toISOString()
+          })`,
+        file,
+      );
+    }
+    const out = new Uint8Array(length);
+    handle.seekSync(offset, Deno.SeekMode.Start);
+    for (let at = 0; at < length;) {
+      const n = handle.readSync(out.subarray(at));
+      if (n === null) {
+        throw new TreeError(
+          `changed since the tree was listed (ended at ${
+            offset + at
+          } of ${listed.size} bytes)`,
+          file,
+        );
+      }
+      at += n;
+    }
+    return out;
+  } finally {
+    handle.close();
+  }
 }

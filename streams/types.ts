@@ -160,6 +160,31 @@ export type BackingResolver = (
   image: Image,
 ) => Promise<Source>;
 
+/** One entry of a {@linkcode Tree} folder. */
+export interface TreeEntry {
+  /** The name within its folder (never contains `/`). */
+  name: string;
+  /** A file or a folder. */
+  kind: "file" | "dir";
+  /** Size in bytes (0 for folders). */
+  size: number;
+  /** Last modification time, in milliseconds since 1970-01-01 UTC. */
+  mtime: number;
+}
+
+/**
+ * A read-only tree of folders and files, as the vvfat driver presents it as
+ * a disk. Paths are names joined by `/`, relative to the root (`""`).
+ */
+export interface Tree {
+  /** The entries of the folder at `path`. */
+  list(path: string): Promise<TreeEntry[]>;
+  /** Reads `length` bytes at `offset` of the file at `path` (exactly that many). */
+  read(path: string, offset: number, length: number): Promise<Uint8Array>;
+  /** A name for messages (the folder's path). */
+  readonly name?: string;
+}
+
 /** Options for opening an image. */
 export interface OpenOptions {
   /** Skip probing and open as this format. */
