@@ -1,8 +1,9 @@
 /**
  * LZFSE: a decoder for whole LZFSE streams (Apple's `compression_lzfse`,
  * the chunks of dmg ULFO images, type 0x80000007) with every block kind
- * the format has, and an encoder that writes LZVN blocks (or stored blocks
- * when they do not pay), which Apple's decoder and 7-Zip accept.
+ * the format has, and an encoder that writes FSE-coded `bvx2` blocks (LZVN
+ * `bvxn` blocks for small inputs, or on request), which Apple's decoder and
+ * 7-Zip accept.
  *
  * Written here from the format as Apple's open-source reference library
  * (lzfse 1.0) defines it: no npm package decodes LZFSE in plain JavaScript
@@ -1061,8 +1062,8 @@ interface Matcher {
 
 /**
  * Compresses `input[start..end)` as LZVN opcodes ending with end-of-stream
- * into `m.payload`; returns the payload length, or -1 when it would not
- * be smaller than the raw bytes.
+ * into `m.payload`; returns the payload length (at most 1% over the raw
+ * size, for incompressible bytes).
  *
  * Greedy parsing over hash chains of 4-byte prefixes: `head` holds the
  * last position of each hash, `chain` the previous position with the same
@@ -1075,8 +1076,6 @@ function lzvnBlock(
   m: Matcher,
 ): number {
   const { head, chain, payload } = m;
-  const length = end - start;
-  const limit = length; // give up once the payload reaches the raw size
   head.fill(-1);
   let q = 0;
   let literalStart = start;
@@ -1122,7 +1121,6 @@ function lzvnBlock(
       payload,
       q,
     );
-    if (q >= limit) return -1;
     previous = bestDistance;
     // Index the positions inside the match too.
     const matchEnd = i + bestLength;
@@ -1141,59 +1139,455 @@ function lzvnBlock(
   payload.fill(0, q, q + 8);
   payload[q] = 0x06;
   q += 8;
-  return q < limit ? q : -1;
+  return q;
 }
 
 /**
- * Compresses `input` as an LZFSE stream of LZVN blocks (`bvxn`) of at most
- * 1 MiB each, stored as `bvx-` blocks where LZVN would not make them
- * smaller, ending with `bvx$`. Apple's decoder and 7-Zip read the result;
- * empty input gives just `bvx$`.
- *
- * @param input the bytes
- * @returns the LZFSE stream
- *
- * @example
- * ```ts
- * import { encode } from "./lzfse.ts";
- * const packed = await encode(new Uint8Array(100000));
- * console.log(packed.length < 1000); // true
- * ```
+ * Appends LZVN blocks for `input[from..to)`, even where they come out
+ * larger than the bytes: 7-Zip (26.02 and earlier) cannot read stored
+ * `bvx-` blocks (its copy loop never counts down), so the encoder writes
+ * none, as Apple's writes none for inputs of 4 KiB or more.
  */
-export function encode(input: Uint8Array): Promise<Uint8Array> {
-  return Promise.resolve(encodeStream(input));
-}
-
-function encodeStream(input: Uint8Array): Uint8Array {
-  const blockMax = Math.min(input.length, BLOCK_SIZE);
+function lzvnBlocks(
+  input: Uint8Array,
+  from: number,
+  to: number,
+  parts: Uint8Array[],
+): void {
+  const blockMax = Math.min(to - from, BLOCK_SIZE);
   const m: Matcher = {
     head: new Int32Array(1 << HASH_BITS),
     chain: new Int32Array(blockMax),
     // Room for a payload overshooting the raw size by one emission.
     payload: new Uint8Array(blockMax + (blockMax >> 2) + 1024),
   };
-  const parts: Uint8Array[] = [];
-  let total = 0;
-  for (let start = 0; start < input.length; start += BLOCK_SIZE) {
-    const end = Math.min(input.length, start + BLOCK_SIZE);
+  for (let start = from; start < to; start += BLOCK_SIZE) {
+    const end = Math.min(to, start + BLOCK_SIZE);
     const size = lzvnBlock(input, start, end, m);
-    let part: Uint8Array;
-    if (size < 0) {
-      part = new Uint8Array(8 + end - start);
-      setLe32(part, 0, MAGIC_RAW);
-      setLe32(part, 4, end - start);
-      part.set(input.subarray(start, end), 8);
-    } else {
-      part = new Uint8Array(12 + size);
-      setLe32(part, 0, MAGIC_LZVN);
-      setLe32(part, 4, end - start);
-      setLe32(part, 8, size);
-      part.set(m.payload.subarray(0, size), 12);
-    }
+    const part = new Uint8Array(12 + size);
+    setLe32(part, 0, MAGIC_LZVN);
+    setLe32(part, 4, end - start);
+    setLe32(part, 8, size);
+    part.set(m.payload.subarray(0, size), 12);
     parts.push(part);
-    total += part.length;
   }
-  const out = new Uint8Array(total + 4);
+}
+
+// ---------------------------------------------------------------------------
+// LZFSE (bvx2) encoding.
+
+/** Largest L, M and D one triple carries (LZFSE_ENCODE_MAX_*_VALUE). */
+const MAX_L = L_BASE[L_SYMBOLS - 1] + (1 << L_EXTRA_BITS[L_SYMBOLS - 1]) - 1;
+const MAX_M = M_BASE[M_SYMBOLS - 1] + (1 << M_EXTRA_BITS[M_SYMBOLS - 1]) - 1;
+const MAX_D = D_BASE[D_SYMBOLS - 1] + (1 << D_EXTRA_BITS[D_SYMBOLS - 1]) - 1;
+/** Inputs smaller than this get one LZVN block, as Apple's encoder does. */
+const LZVN_THRESHOLD = 4096;
+/** The match finder's window: a power of two above MAX_D. */
+const WINDOW_BITS = 18;
+const FSE_CHAIN_DEPTH = 24;
+
+/** The symbol whose range holds `value` (`base` ascending, base[0] = 0). */
+function symbolOf(base: Int32Array, value: number): number {
+  let lo = 0;
+  let hi = base.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >> 1;
+    if (base[mid] <= value) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+/**
+ * Scales symbol counts to frequencies summing to `states`, every symbol
+ * that occurs getting at least 1 (an unused table gets all states on
+ * symbol 0, as Apple's encoder writes it).
+ */
+function normalize(
+  counts: Uint32Array,
+  states: number,
+  freq: Uint16Array,
+  at: number,
+): void {
+  let total = 0;
+  for (let i = 0; i < counts.length; i++) total += counts[i];
+  for (let i = 0; i < counts.length; i++) freq[at + i] = 0;
+  if (total === 0) {
+    freq[at] = states;
+    return;
+  }
+  let sum = 0;
+  let largest = 0;
+  for (let i = 0; i < counts.length; i++) {
+    if (counts[i] === 0) continue;
+    const f = Math.max(1, Math.round((counts[i] * states) / total));
+    freq[at + i] = f;
+    sum += f;
+    if (f > freq[at + largest] || counts[largest] === 0) largest = i;
+  }
+  // Rounding and the minimum of 1 leave the sum off by at most one per
+  // symbol: take from (or give to) the largest frequencies.
+  while (sum > states) {
+    let best = -1;
+    for (let i = 0; i < counts.length; i++) {
+      if (freq[at + i] > 1 && (best < 0 || freq[at + i] > freq[at + best])) {
+        best = i;
+      }
+    }
+    freq[at + best]--;
+    sum--;
+  }
+  freq[at + largest] += states - sum;
+}
+
+/** FSE encoder entries per symbol: s0, k, delta0, delta1. */
+function encoderTable(
+  freq: Uint16Array,
+  at: number,
+  count: number,
+  states: number,
+): Int32Array {
+  const table = new Int32Array(4 * count);
+  const statesClz = Math.clz32(states);
+  let offset = 0;
+  for (let symbol = 0; symbol < count; symbol++) {
+    const f = freq[at + symbol];
+    if (f === 0) continue;
+    const k = Math.clz32(f) - statesClz;
+    table[4 * symbol] = (f << k) - states;
+    table[4 * symbol + 1] = k;
+    table[4 * symbol + 2] = offset - f + (states >> k);
+    table[4 * symbol + 3] = k > 0 ? offset - f + (states >> (k - 1)) : 0;
+    offset += f;
+  }
+  return table;
+}
+
+/** A forward bit writer, least significant bit first. */
+class BitWriter {
+  out: Uint8Array;
+  q: number;
+  acc = 0;
+  n = 0;
+  constructor(out: Uint8Array, q: number) {
+    this.out = out;
+    this.q = q;
+  }
+  push(value: number, bits: number): void {
+    this.acc |= value << this.n;
+    this.n += bits;
+    while (this.n >= 8) {
+      this.out[this.q++] = this.acc & 0xff;
+      this.acc >>>= 8;
+      this.n -= 8;
+    }
+  }
+  /** Writes the last partial byte; returns the unused bits as -7..0. */
+  finish(): number {
+    if (this.n === 0) return 0;
+    this.out[this.q++] = this.acc & 0xff;
+    const bits = this.n - 8;
+    this.acc = 0;
+    this.n = 0;
+    return bits;
+  }
+}
+
+/** Encodes `symbol` from `state` with `table`; returns the next state. */
+function fseEncode(
+  w: BitWriter,
+  table: Int32Array,
+  state: number,
+  symbol: number,
+): number {
+  const e = 4 * symbol;
+  const hi = state >= table[e];
+  const bits = hi ? table[e + 1] : table[e + 1] - 1;
+  w.push(state & ((1 << bits) - 1), bits);
+  return (hi ? table[e + 2] : table[e + 3]) + (state >> bits);
+}
+
+/** The triples and literals of the block being built. */
+interface PendingBlock {
+  l: Int32Array;
+  m: Int32Array;
+  d: Int32Array;
+  matches: number;
+  literals: Uint8Array;
+  literalCount: number;
+  /** The block's raw size so far. */
+  raw: number;
+}
+
+/** Writes the pending block as `bvx2`. */
+function flushFseBlock(
+  b: PendingBlock,
+  parts: Uint8Array[],
+): void {
+  if (b.matches === 0) return;
+  while (b.literalCount & 3) b.literals[b.literalCount++] = 0;
+  // A D equal to the previous one is written as 0.
+  let previous = 0;
+  for (let i = 0; i < b.matches; i++) {
+    if (b.d[i] === previous) b.d[i] = 0;
+    else previous = b.d[i];
+  }
+  const lCounts = new Uint32Array(L_SYMBOLS);
+  const mCounts = new Uint32Array(M_SYMBOLS);
+  const dCounts = new Uint32Array(D_SYMBOLS);
+  const literalCounts = new Uint32Array(LITERAL_SYMBOLS);
+  const lSym = new Uint8Array(b.matches);
+  const mSym = new Uint8Array(b.matches);
+  const dSym = new Uint8Array(b.matches);
+  for (let i = 0; i < b.matches; i++) {
+    lCounts[lSym[i] = symbolOf(L_BASE, b.l[i])]++;
+    mCounts[mSym[i] = symbolOf(M_BASE, b.m[i])]++;
+    dCounts[dSym[i] = symbolOf(D_BASE, b.d[i])]++;
+  }
+  for (let i = 0; i < b.literalCount; i++) literalCounts[b.literals[i]]++;
+  const freq = new Uint16Array(FREQ_COUNT);
+  normalize(lCounts, L_STATES, freq, 0);
+  normalize(mCounts, M_STATES, freq, L_SYMBOLS);
+  normalize(dCounts, D_STATES, freq, L_SYMBOLS + M_SYMBOLS);
+  const literalAt = L_SYMBOLS + M_SYMBOLS + D_SYMBOLS;
+  normalize(literalCounts, LITERAL_STATES, freq, literalAt);
+
+  const out = new Uint8Array(
+    V2_FIXED_SIZE + 2 * FREQ_COUNT + 2 * b.literalCount + 8 +
+      8 * b.matches + 16,
+  );
+  // Frequency tables, packed after the fixed part.
+  const header = new BitWriter(out, V2_FIXED_SIZE);
+  for (let i = 0; i < FREQ_COUNT; i++) {
+    const f = freq[i];
+    if (f < 2) header.push(f === 0 ? 0 : 2, 2);
+    else if (f < 4) header.push(f === 2 ? 1 : 5, 3);
+    else if (f < 8) header.push(3 + ((f - 4) << 3), 5);
+    else if (f < 24) header.push(7 + ((f - 8) << 4), 8);
+    else header.push(15 + ((f - 24) << 4), 14);
+  }
+  header.finish();
+  const headerSize = header.q;
+
+  // Literals, last first, so the decoder reads them first to last.
+  const literalTable = encoderTable(
+    freq,
+    literalAt,
+    LITERAL_SYMBOLS,
+    LITERAL_STATES,
+  );
+  const w = new BitWriter(out, headerSize);
+  let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  const lit = b.literals;
+  for (let i = b.literalCount - 4; i >= 0; i -= 4) {
+    s3 = fseEncode(w, literalTable, s3, lit[i + 3]);
+    s2 = fseEncode(w, literalTable, s2, lit[i + 2]);
+    s1 = fseEncode(w, literalTable, s1, lit[i + 1]);
+    s0 = fseEncode(w, literalTable, s0, lit[i]);
+  }
+  const literalBits = w.finish();
+  const literalPayload = w.q - headerSize;
+
+  // L, M, D: 8 zero bytes first (Apple's decoder loads 8 bytes at a time
+  // and must not start before the payload), then the triples, last first.
+  const lmdStart = w.q;
+  w.q += 8;
+  const lTable = encoderTable(freq, 0, L_SYMBOLS, L_STATES);
+  const mTable = encoderTable(freq, L_SYMBOLS, M_SYMBOLS, M_STATES);
+  const dTable = encoderTable(freq, L_SYMBOLS + M_SYMBOLS, D_SYMBOLS, D_STATES);
+  let lState = 0, mState = 0, dState = 0;
+  for (let i = b.matches - 1; i >= 0; i--) {
+    let sym = dSym[i];
+    w.push(b.d[i] - D_BASE[sym], D_EXTRA_BITS[sym]);
+    dState = fseEncode(w, dTable, dState, sym);
+    sym = mSym[i];
+    w.push(b.m[i] - M_BASE[sym], M_EXTRA_BITS[sym]);
+    mState = fseEncode(w, mTable, mState, sym);
+    sym = lSym[i];
+    w.push(b.l[i] - L_BASE[sym], L_EXTRA_BITS[sym]);
+    lState = fseEncode(w, lTable, lState, sym);
+  }
+  const lmdBits = w.finish();
+  const lmdPayload = w.q - lmdStart;
+
+  // The header's packed fields (see the module doc).
+  setLe32(out, 0, MAGIC_V2);
+  setLe32(out, 4, b.raw);
+  setLe32(out, 8, (b.literalCount | ((literalPayload & 0xfff) << 20)) >>> 0);
+  setLe32(
+    out,
+    12,
+    ((literalPayload >>> 12) | (b.matches << 8) | ((literalBits + 7) << 28)) >>>
+      0,
+  );
+  setLe32(out, 16, (s0 | (s1 << 10) | (s2 << 20) | ((s3 & 3) << 30)) >>> 0);
+  setLe32(
+    out,
+    20,
+    ((s3 >>> 2) | (lmdPayload << 8) | ((lmdBits + 7) << 28)) >>> 0,
+  );
+  setLe32(out, 24, headerSize);
+  setLe32(out, 28, lState | (mState << 10) | (dState << 20));
+  parts.push(out.slice(0, w.q));
+  b.raw = 0;
+  b.matches = 0;
+  b.literalCount = 0;
+}
+
+/**
+ * Compresses `input` as `bvx2` blocks: greedy parsing over hash chains of
+ * 4-byte prefixes with a 256 KiB window (matches may reach into earlier
+ * blocks, as Apple's encoder's do), each block closed when it holds 10000
+ * triples or 40000 literals (the decoder's limits).
+ */
+function fseBlocks(input: Uint8Array, parts: Uint8Array[]): void {
+  const windowMask = (1 << WINDOW_BITS) - 1;
+  const head = new Int32Array(1 << HASH_BITS).fill(-1);
+  const chain = new Int32Array(1 << WINDOW_BITS);
+  const b: PendingBlock = {
+    l: new Int32Array(MATCHES_PER_BLOCK),
+    m: new Int32Array(MATCHES_PER_BLOCK),
+    d: new Int32Array(MATCHES_PER_BLOCK),
+    matches: 0,
+    literals: new Uint8Array(LITERALS_PER_BLOCK),
+    literalCount: 0,
+    raw: 0,
+  };
+  /** Adds one triple (L ≤ MAX_L, M ≤ MAX_M), closing the block first when full. */
+  const push = (from: number, l: number, m: number, d: number) => {
+    if (
+      b.matches + 1 > MATCHES_PER_BLOCK ||
+      b.literalCount + l + 4 > LITERALS_PER_BLOCK
+    ) {
+      flushFseBlock(b, parts);
+    }
+    b.l[b.matches] = l;
+    b.m[b.matches] = m;
+    b.d[b.matches++] = d;
+    b.literals.set(input.subarray(from, from + l), b.literalCount);
+    b.literalCount += l;
+    b.raw += l + m;
+  };
+  /** Adds literals `from..from+l` and a match of m at distance d (m may be 0). */
+  const emit = (from: number, l: number, m: number, d: number) => {
+    while (l > MAX_L) {
+      push(from, MAX_L, 0, 1);
+      from += MAX_L;
+      l -= MAX_L;
+    }
+    while (m > MAX_M) {
+      push(from, l, MAX_M, d);
+      from += l;
+      l = 0;
+      m -= MAX_M;
+    }
+    if (l > 0 || m > 0) push(from, l, m, d);
+  };
+  const end = input.length;
+  const last = end - LZVN_MIN_MATCH;
+  let literalStart = 0;
+  let i = 0;
+  while (i <= last) {
+    const word = input[i] | (input[i + 1] << 8) | (input[i + 2] << 16) |
+      (input[i + 3] << 24);
+    const h = Math.imul(word, 0x9e3779b1) >>> (32 - HASH_BITS);
+    let candidate = head[h];
+    head[h] = i;
+    chain[i & windowMask] = candidate;
+    let bestLength = 0;
+    let bestDistance = 0;
+    const maxLength = end - i;
+    for (let depth = 0; depth < FSE_CHAIN_DEPTH && candidate >= 0; depth++) {
+      const distance = i - candidate;
+      if (distance > MAX_D) break;
+      if (input[candidate + bestLength] === input[i + bestLength]) {
+        let n = 0;
+        while (n < maxLength && input[candidate + n] === input[i + n]) n++;
+        if (n > bestLength) {
+          bestLength = n;
+          bestDistance = distance;
+          if (n >= GOOD_MATCH) break;
+        }
+      }
+      candidate = chain[candidate & windowMask];
+    }
+    if (bestLength < LZVN_MIN_MATCH) {
+      i++;
+      // Keep the literals of one triple within reach of a block.
+      if (i - literalStart >= 8 * MAX_L) {
+        emit(literalStart, MAX_L, 0, 1);
+        literalStart += MAX_L;
+      }
+      continue;
+    }
+    emit(literalStart, i - literalStart, bestLength, bestDistance);
+    const matchEnd = i + bestLength;
+    for (i++; i < matchEnd && i <= last; i++) {
+      const w = input[i] | (input[i + 1] << 8) | (input[i + 2] << 16) |
+        (input[i + 3] << 24);
+      const hh = Math.imul(w, 0x9e3779b1) >>> (32 - HASH_BITS);
+      chain[i & windowMask] = head[hh];
+      head[hh] = i;
+    }
+    i = matchEnd;
+    literalStart = i;
+  }
+  emit(literalStart, end - literalStart, 0, 1);
+  flushFseBlock(b, parts);
+}
+
+/** How {@linkcode encode} builds its blocks. */
+export interface EncodeOptions {
+  /**
+   * `lzfse`: FSE-coded `bvx2` blocks, as Apple's encoder writes for inputs
+   * of 4 KiB or more; `lzvn`: LZVN `bvxn` blocks of up to 1 MiB, faster to
+   * decode and weaker.
+   *
+   * @default {"lzfse"} for 4096 bytes or more, `lzvn` below (as Apple's encoder)
+   */
+  method?: "lzfse" | "lzvn";
+}
+
+/**
+ * Compresses `input` as an LZFSE stream ending with `bvx$`: `bvx2` blocks
+ * (or `bvxn` for inputs under 4 KiB, as Apple's encoder chooses), and no
+ * stored `bvx-` blocks, which 7-Zip cannot read. Apple's decoder and 7-Zip
+ * read the result; empty input gives just `bvx$`.
+ *
+ * @param input the bytes
+ * @param options the block kind
+ * @returns the LZFSE stream
+ *
+ * @example
+ * ```ts
+ * import { decode, encode } from "./lzfse.ts";
+ * const zeros = new Uint8Array(100000);
+ * const packed = await encode(zeros);
+ * console.log(packed.length < 200); // true
+ * const lzvn = await encode(zeros, { method: "lzvn" });
+ * console.log((await decode(lzvn, zeros.length)).length); // 100000
+ * ```
+ */
+export function encode(
+  input: Uint8Array,
+  options: EncodeOptions = {},
+): Promise<Uint8Array> {
+  try {
+    return Promise.resolve(encodeStream(input, options));
+  } catch (e) {
+    return Promise.reject(e);
+  }
+}
+
+function encodeStream(input: Uint8Array, options: EncodeOptions): Uint8Array {
+  const method = options.method ??
+    (input.length < LZVN_THRESHOLD ? "lzvn" : "lzfse");
+  const parts: Uint8Array[] = [];
+  if (method === "lzvn") lzvnBlocks(input, 0, input.length, parts);
+  else fseBlocks(input, parts);
+  let total = 4;
+  for (const part of parts) total += part.length;
+  const out = new Uint8Array(total);
   let at = 0;
   for (const part of parts) {
     out.set(part, at);
