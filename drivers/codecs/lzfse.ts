@@ -219,6 +219,28 @@ function newTables(): BlockTables {
 // ---------------------------------------------------------------------------
 // LZFSE blocks (bvx1, bvx2).
 
+/**
+ * Copies `m` bytes from `d` back to `dst` as a byte-by-byte copy would
+ * (an overlapping source repeats its first `d` bytes), in native
+ * `copyWithin` calls of a growing multiple of `d` bytes. Short matches
+ * stay in the callers' byte loops: below about 32 bytes a call costs more
+ * than the loop.
+ */
+function copyMatch(out: Uint8Array, dst: number, d: number, m: number): void {
+  const src = dst - d;
+  if (d >= m) {
+    out.copyWithin(dst, src, src + m);
+    return;
+  }
+  // Every copied length is a multiple of d, so the source [src, dst + done)
+  // holds the pattern and ends where the copy starts.
+  for (let done = 0; done < m;) {
+    const length = Math.min(done + d, m - done);
+    out.copyWithin(dst + done, src, src + length);
+    done += length;
+  }
+}
+
 /** The fields of a v1 or v2 header, validated. */
 interface LzfseHeader {
   rawBytes: number;
@@ -490,8 +512,11 @@ function readLzfseHeader(
  * bits (n ≤ 31, so every shift stays in 32-bit integers), refilled a byte
  * at a time from `pos` downwards while n ≤ 23, which leaves at least 24
  * bits: enough for the longest code (D: 8 state bits + 15 extra bits).
- * Keeping them out of objects and closures made the L/M/D loop about three
- * times faster under V8 than a reader object with methods.
+ * Everything in the loops is a local or a typed-array read (no objects,
+ * no calls but the rare long copy). Measured here (Deno 2, 2 shared
+ * cores, 1 MiB chunks of a 64 MiB sample of /usr files): about 220 MB/s
+ * of output for bvx2 and 300 MB/s for bvxn, 290 MB/s on hdiutil's chunks;
+ * {@linkcode copyMatch} took a mostly-zero sample from 480 to 1950 MB/s.
  */
 function decodeLzfseBlock(
   input: Uint8Array,
@@ -680,9 +705,8 @@ function decodeLzfseBlock(
         `${where}: match ${i} distance ${d} reaches before the start of the output (at ${dst})`,
       );
     }
-    // Short copies byte by byte (overlap-safe); long far ones natively.
-    if (m > 32 && d >= m) {
-      out.copyWithin(dst, dst - d, dst - d + m);
+    if (m > 32) {
+      copyMatch(out, dst, d, m);
       dst += m;
     } else {
       for (let j = 0; j < m; j++, dst++) out[dst] = out[dst - d];
@@ -838,7 +862,12 @@ function decodeLzvnBlock(
       if (m > dstEnd - dst) {
         fail(`${where}: LZVN match writes past n_raw_bytes`);
       }
-      for (const e = dst + m; dst < e; dst++) out[dst] = out[dst - d];
+      if (m > 32) {
+        copyMatch(out, dst, d, m);
+        dst += m;
+      } else {
+        for (const e = dst + m; dst < e; dst++) out[dst] = out[dst - d];
+      }
     }
   }
   fail(`${where}: LZVN payload is truncated (opcode at byte ${src})`);
