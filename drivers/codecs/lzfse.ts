@@ -1213,18 +1213,28 @@ const MAX_D = D_BASE[D_SYMBOLS - 1] + (1 << D_EXTRA_BITS[D_SYMBOLS - 1]) - 1;
 const LZVN_THRESHOLD = 4096;
 /** The match finder's window: a power of two above MAX_D. */
 const WINDOW_BITS = 18;
-const FSE_CHAIN_DEPTH = 24;
+const FSE_CHAIN_DEPTH = 12;
 
-/** The symbol whose range holds `value` (`base` ascending, base[0] = 0). */
-function symbolOf(base: Int32Array, value: number): number {
-  let lo = 0;
-  let hi = base.length - 1;
-  while (lo < hi) {
-    const mid = (lo + hi + 1) >> 1;
-    if (base[mid] <= value) lo = mid;
-    else hi = mid - 1;
-  }
-  return lo;
+/** The L or M symbol of `value`: itself below 16, then four ranges. */
+function lengthSymbol(base: Int32Array, value: number): number {
+  if (value < 16) return value;
+  return value < base[17]
+    ? 16
+    : value < base[18]
+    ? 17
+    : value < base[19]
+    ? 18
+    : 19;
+}
+
+/**
+ * The D symbol of `value`: itself below 4, then groups of four symbols of
+ * 2^g values each from 4 * (2^g - 1), so g = floor(log2(value + 4)) - 2.
+ */
+function distanceSymbol(value: number): number {
+  if (value < 4) return value;
+  const g = 29 - Math.clz32(value + 4);
+  return 4 * g + ((value - 4 * ((1 << g) - 1)) >> g);
 }
 
 /**
@@ -1369,9 +1379,9 @@ function flushFseBlock(
   const mSym = new Uint8Array(b.matches);
   const dSym = new Uint8Array(b.matches);
   for (let i = 0; i < b.matches; i++) {
-    lCounts[lSym[i] = symbolOf(L_BASE, b.l[i])]++;
-    mCounts[mSym[i] = symbolOf(M_BASE, b.m[i])]++;
-    dCounts[dSym[i] = symbolOf(D_BASE, b.d[i])]++;
+    lCounts[lSym[i] = lengthSymbol(L_BASE, b.l[i])]++;
+    mCounts[mSym[i] = lengthSymbol(M_BASE, b.m[i])]++;
+    dCounts[dSym[i] = distanceSymbol(b.d[i])]++;
   }
   for (let i = 0; i < b.literalCount; i++) literalCounts[b.literals[i]]++;
   const freq = new Uint16Array(FREQ_COUNT);
@@ -1493,8 +1503,10 @@ function fseBlocks(input: Uint8Array, parts: Uint8Array[]): void {
     b.l[b.matches] = l;
     b.m[b.matches] = m;
     b.d[b.matches++] = d;
-    b.literals.set(input.subarray(from, from + l), b.literalCount);
-    b.literalCount += l;
+    const literals = b.literals;
+    let n = b.literalCount;
+    for (const e = from + l; from < e;) literals[n++] = input[from++];
+    b.literalCount = n;
     b.raw += l + m;
   };
   /** Adds literals `from..from+l` and a match of m at distance d (m may be 0). */
