@@ -362,17 +362,28 @@ Deno.test("lzfse refuses output longer or shorter than declared", async () => {
     /decodes to 29 bytes, expected 30/,
   );
   await rejects(() => decode(packed, -1), CodecError, /not a byte count/);
-  const chunks = await referenceChunks();
-  if (chunks) {
-    for (const c of chunks) {
-      await rejects(
-        () => decode(c.data, c.size - 512),
-        CodecError,
-        /pass the expected size/,
-      );
-      await rejects(() => decode(c.data, c.size + 1), CodecError, /expected/);
-    }
+  // bvx2 blocks: this encoder's, and hdiutil's when available.
+  const mixed = mixedData(100000);
+  const own = { data: await encode(mixed), size: mixed.length };
+  const chunks = [own, ...(await referenceChunks() ?? [])];
+  for (const c of chunks) {
+    await rejects(
+      () => decode(c.data, c.size - 1),
+      CodecError,
+      /pass the expected size/,
+    );
+    await rejects(
+      () => decode(c.data, c.size + 1),
+      CodecError,
+      new RegExp(`decodes to ${c.size} bytes, expected ${c.size + 1}`),
+    );
   }
+  // A size no buffer can hold is refused, not a RangeError.
+  await rejects(
+    () => decode(packed, 2 ** 52),
+    CodecError,
+    /cannot be allocated/,
+  );
 });
 
 Deno.test("lzfse refuses truncated streams and streams without bvx$", async () => {

@@ -862,7 +862,12 @@ function decodeStream(input: Uint8Array, expectedSize: number): Uint8Array {
   if (!Number.isSafeInteger(expectedSize) || expectedSize < 0) {
     fail(`expected size ${expectedSize} is not a byte count`);
   }
-  const out = new Uint8Array(expectedSize);
+  let out: Uint8Array;
+  try {
+    out = new Uint8Array(expectedSize);
+  } catch {
+    fail(`expected size ${expectedSize} cannot be allocated`);
+  }
   let tables: BlockTables | undefined;
   let dst = 0;
   let at = 0;
@@ -1534,7 +1539,7 @@ export interface EncodeOptions {
    * of 4 KiB or more; `lzvn`: LZVN `bvxn` blocks of up to 1 MiB, faster to
    * decode and weaker.
    *
-   * @default {"lzfse"} for 4096 bytes or more, `lzvn` below (as Apple's encoder)
+   * @default {"lzfse"} (`lzvn` for inputs under 4096 bytes, as Apple's encoder)
    */
   method?: "lzfse" | "lzvn";
 }
