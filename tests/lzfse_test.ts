@@ -720,3 +720,31 @@ Deno.test("lzfse decodes bvx1 blocks (uncompressed tables) like the bvx2 blocks 
     /literal frequencies sum to/,
   );
 });
+
+Deno.test("lzfse turns randomly damaged streams into CodecErrors or bytes, never a crash or a hang", async () => {
+  const data = mixedData(20000);
+  const samples = [
+    { data: await encode(data), size: data.length },
+    { data: await encode(data, { method: "lzvn" }), size: data.length },
+    ...(await referenceChunks() ?? []),
+  ];
+  let seed = 7;
+  const next = () => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0);
+  let refused = 0;
+  for (const sample of samples) {
+    for (let round = 0; round < 300; round++) {
+      const bad = sample.data.slice();
+      for (let k = 1 + (next() % 4); k > 0; k--) {
+        bad[next() % bad.length] ^= 1 << (next() % 8);
+      }
+      try {
+        const out = await decode(bad, sample.size);
+        assertEquals(out.length, sample.size);
+      } catch (e) {
+        assert(e instanceof CodecError, `${(e as Error).name}: ${e}`);
+        refused++;
+      }
+    }
+  }
+  assert(refused > 0);
+});
