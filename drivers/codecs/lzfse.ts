@@ -465,10 +465,11 @@ function readLzfseHeader(
  * at a time from `pos` downwards while n ≤ 23, which leaves at least 24
  * bits: enough for the longest code (D: 8 state bits + 15 extra bits).
  * Everything in the loops is a local or a typed-array read (no objects,
- * no calls but the rare long copy). Measured here (Deno 2, 2 shared
- * cores, 1 MiB chunks of a 64 MiB sample of /usr files): about 220 MB/s
- * of output for bvx2 and 300 MB/s for bvxn, 290 MB/s on hdiutil's chunks;
- * {@linkcode copyMatch} took a mostly-zero sample from 480 to 1950 MB/s.
+ * no calls but the rare long copy). Measured here (Deno 2.9, 2 shared
+ * cores, best of 3, 1 MiB chunks of a 64 MiB sample of /usr files): about
+ * 240 MB/s of output for bvx2 and 380 MB/s for bvxn, 690 MB/s on
+ * hdiutil's mostly-zero chunks; {@linkcode copyMatch} took a sparse
+ * sample from 480 to 1950 MB/s.
  */
 function decodeLzfseBlock(
   input: Uint8Array,
