@@ -38,6 +38,7 @@ import {
   extentsOf,
   fileBackingResolver,
   type FileHandle,
+  fileResolver,
   formats,
   fromFile,
   type Image,
@@ -175,6 +176,8 @@ async function openImage(
     resolveBacking: options.followBacking
       ? fileBackingResolver(path, { allowDir: options.allowDirs })
       : undefined,
+    // The extent files of a vmdk descriptor, beside whichever image names them.
+    resolveFile: fileResolver(path),
   });
   opened.push(image);
   return { file, image };

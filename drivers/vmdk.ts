@@ -1305,7 +1305,7 @@ async function openDescriptorFile(
             `extent file "${line.file}" needs a file resolver (OpenOptions.resolveFile)`,
           );
         }
-        const file = await options.resolveFile(line.file);
+        const file = await options.resolveFile(line.file, source.name);
         opened.push(file);
         if (line.type === "SPARSE") {
           const { part: sparse, header } = await openSparse(file);

@@ -249,11 +249,12 @@ async function resolveName(
 
 /**
  * A resolver for `OpenOptions.resolveFile`: opens the files an image names
- * as part of itself (vmdk extent files) relative to the image's folder,
+ * as part of itself (vmdk extent files) relative to the naming image's
+ * folder (the `namedBy` path the driver passes, else `imagePath`),
  * read-only, and refuses names that leave that folder (absolute paths,
  * `..`, symbolic links pointing outside) with a {@linkcode BackingFileError}.
  *
- * @param imagePath the path of the image (descriptor) naming the files
+ * @param imagePath the path of the image (descriptor) opened
  * @returns the resolver
  *
  * @example
@@ -266,15 +267,16 @@ async function resolveName(
  */
 export function fileResolver(
   imagePath: string,
-): (name: string) => Promise<FileHandle> {
-  const dir = folderOf(imagePath);
-  return async (name: string) => {
+): (name: string, namedBy?: string) => Promise<FileHandle> {
+  return async (name: string, namedBy?: string) => {
+    const naming = namedBy ?? imagePath;
+    const dir = folderOf(naming);
     if (
       name === "" || name.startsWith("/") || name.includes("\0") ||
       name.split("/").includes("..")
     ) {
       throw new BackingFileError(
-        `${imagePath} names the file "${name}", which is outside its folder ${dir}: refused`,
+        `${naming} names the file "${name}", which is outside its folder ${dir}: refused`,
         name,
       );
     }
@@ -283,7 +285,7 @@ export function fileResolver(
     ]);
     if (!inside) {
       throw new BackingFileError(
-        `${imagePath} names the file "${name}", which leads outside its folder ${dir} (to ${real}): refused`,
+        `${naming} names the file "${name}", which leads outside its folder ${dir} (to ${real}): refused`,
         name,
       );
     }

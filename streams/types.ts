@@ -200,10 +200,12 @@ export interface OpenOptions {
   resolveBacking?: BackingResolver;
   /**
    * Opens a file an image names as part of itself (the extent files of a
-   * vmdk descriptor), relative to the image's folder. Without it such
-   * images cannot be opened.
+   * vmdk descriptor), relative to the folder of `namedBy` (the naming
+   * image's `Source.name`, so that a backing image's extents are found
+   * beside it) or of the image opened. Without it such images cannot be
+   * opened.
    */
-  resolveFile?: (name: string) => Promise<Source>;
+  resolveFile?: (name: string, namedBy?: string) => Promise<Source>;
   /** Driver-specific options (`key=value` from `-o`). */
   options?: Record<string, string>;
   /** The sink to write through for writable opens (often the same file as the source). */

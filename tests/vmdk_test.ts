@@ -17,6 +17,7 @@ import {
   vmdk,
 } from "../mod.ts";
 import {
+  cli,
   pseudoRandom,
   referenceBytes,
   referenceFile,
@@ -755,4 +756,48 @@ Deno.test({
         await image.close?.();
       }
     }),
+});
+
+Deno.test({
+  name:
+    "the CLI reads descriptor vmdks with their extent files beside them, also as the backing file of a qcow in another folder",
+  ignore: skip(["qemu-img", "qemu-io"]),
+  async fn() {
+    await withTemp(async (dir) => {
+      await Deno.mkdir(`${dir}/base`);
+      const base = `${dir}/base/disk.vmdk`;
+      await run("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=twoGbMaxExtentSparse",
+        base,
+        "8M",
+      ]);
+      await run("qemu-io", ["-c", "write -P 0x5a 1M 2M", base]);
+      const top = `${dir}/top.qcow`;
+      await run("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "qcow",
+        "-b",
+        "base/disk.vmdk",
+        "-F",
+        "vmdk",
+        top,
+      ]);
+      await run("qemu-io", ["-c", "write -P 0xa5 2M 64k", top]);
+      for (const image of [base, top]) {
+        const expected = `${dir}/expected.raw`;
+        await run("qemu-img", ["convert", "-O", "raw", image, expected]);
+        const ours = `${dir}/ours.raw`;
+        const r = await cli(["convert", image, ours]);
+        assertEquals(r.code, 0, r.stderr);
+        assertEquals(await Deno.readFile(ours), await Deno.readFile(expected));
+      }
+    });
+  },
 });
