@@ -710,7 +710,20 @@ async function describe(
     format: info.format,
   };
   if (actual !== undefined) ordered["actual-size"] = actual;
+  ordered["allocated-bytes"] = await allocatedBytes(image);
   return { ...ordered, ...info, "dirty-flag": false };
+}
+
+/**
+ * Bytes of the virtual disk this layer stores itself (its `data` runs; not
+ * its backing file's), walked from the allocation map without reading data.
+ */
+async function allocatedBytes(image: Image): Promise<number> {
+  let total = 0;
+  for await (const run of image.extents(0, image.size)) {
+    if (run.kind === "data") total += run.length;
+  }
+  return total;
 }
 
 /** The folder of a path (`.` for a bare name). */
@@ -740,6 +753,7 @@ async function describeLayer(path: string | undefined, layer: Image) {
     const stat = await Deno.stat(path);
     if (stat.blocks !== null) ordered["actual-size"] = stat.blocks * 512;
   }
+  ordered["allocated-bytes"] = await allocatedBytes(layer);
   return { ...ordered, ...info, "dirty-flag": false };
 }
 
@@ -813,6 +827,13 @@ function humanInfo(info: Record<string, unknown>): string {
   ];
   if (info["actual-size"] !== undefined) {
     lines.push(`disk size: ${humanSize(info["actual-size"] as number)}`);
+  }
+  if (info["allocated-bytes"] !== undefined) {
+    lines.push(
+      `allocated: ${humanSize(info["allocated-bytes"] as number)} (${
+        info["allocated-bytes"]
+      } bytes stored in this layer)`,
+    );
   }
   if (info.encrypted) lines.push("encrypted: yes");
   if (info["backing-filename"] !== undefined) {

@@ -1,4 +1,4 @@
-import { assertEquals, assertTrue } from "./_asserts.ts";
+import { assertEquals, assertMatch, assertTrue } from "./_asserts.ts";
 import {
   convert,
   create,
@@ -887,4 +887,35 @@ Deno.test("a qcow created and encoded in memory round-trips through convert", as
     return (await Deno.stat(`${dir}/x.qcow`)).size;
   });
   assertTrue(out < disk.length);
+});
+
+Deno.test({
+  name:
+    "info reports the bytes a qcow layer allocates, as qemu-img map counts them",
+  ignore: skip(["qemu-img", "qemu-io"]),
+  async fn() {
+    await withTemp(async (dir) => {
+      const path = `${dir}/a.qcow`;
+      await run("qemu-img", ["create", "-q", "-f", "qcow", path, "16M"]);
+      await run("qemu-io", [
+        "-c",
+        "write -P 1 0 1M",
+        "-c",
+        "write -P 2 5M 12k",
+        path,
+      ]);
+      const ours = JSON.parse(
+        (await cli(["info", "--output=json", path])).text,
+      );
+      const map = JSON.parse(
+        (await run("qemu-img", ["map", "--output=json", path])).text,
+      ) as { length: number; data: boolean; depth: number }[];
+      const theirs = map.filter((r) => r.data && r.depth === 0)
+        .reduce((s, r) => s + r.length, 0);
+      assertEquals(ours["allocated-bytes"], theirs);
+      assertEquals(theirs, (1 << 20) + 12 * 1024);
+      const human = (await cli(["info", path])).text;
+      assertMatch(human, /allocated: .*\(1060864 bytes stored in this layer\)/);
+    });
+  },
 });
