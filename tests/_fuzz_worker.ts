@@ -34,6 +34,10 @@ self.onmessage = async (
   try {
     const image = await open(fromBytes(data.bytes, "mutant"), {
       format: data.format,
+      // Any backing file a mutant names reads as a small zero disk, so that
+      // overlays (cow, qcow, vmdk, vpc) are read through, not refused.
+      resolveBacking: () =>
+        Promise.resolve(fromBytes(new Uint8Array(1 << 20), "backing")),
     });
     JSON.stringify(imageInfo(image));
     await convert(image, nullSink);
