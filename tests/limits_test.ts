@@ -37,9 +37,13 @@ async function written(
 }
 
 /** An empty image of `format` made by `create`. */
-async function created(format: string, size = 64 << 20): Promise<Uint8Array> {
+async function created(
+  format: string,
+  size = 64 << 20,
+  backingFile?: string,
+): Promise<Uint8Array> {
   const sink = memorySink();
-  const image = await create(format, sink, { size });
+  const image = await create(format, sink, { size, backingFile });
   await image.flush?.();
   await sink.flush();
   return sink.bytes().slice();
@@ -56,6 +60,36 @@ function vhdChecksum(b: Uint8Array, start: number, length: number, at: number) {
 }
 
 const CASES: Case[] = [
+  {
+    name: "qcow size of 2^60 bytes (an L1 table of 2^45 entries)",
+    format: "qcow",
+    field: /size|l1/i,
+    async bytes() {
+      const b = await created("qcow");
+      dv(b).setBigUint64(24, 1n << 60n);
+      return b;
+    },
+  },
+  {
+    name: "qcow size of 1 TiB with an L1 table the file cannot hold",
+    format: "qcow",
+    field: /l1|table|size|outside|file/i,
+    async bytes() {
+      const b = await created("qcow");
+      dv(b).setBigUint64(24, BigInt(TiB));
+      return b;
+    },
+  },
+  {
+    name: "cow size of 1 TiB (a 256 MiB bitmap) in a file of a few KiB",
+    format: "cow",
+    field: /size|bitmap/i,
+    async bytes() {
+      const b = await created("cow", 64 << 20, "base.raw");
+      dv(b).setBigUint64(12, BigInt(TiB));
+      return b;
+    },
+  },
   {
     name: "cloop n_blocks of 2^31 (a 16 GiB offsets table)",
     format: "cloop",
