@@ -33,7 +33,7 @@
  * @module
  */
 
-import { isZero, safeNumber, setBe32, setBe64 } from "./_binary.ts";
+import { concat, isZero, safeNumber, setBe32, setBe64 } from "./_binary.ts";
 import { decode as inflate, encode as deflate } from "./codecs/zlib.ts";
 import {
   BackingFileError,
@@ -879,15 +879,7 @@ async function encodeQcow(
     const tableAt = alignUp(at, SECTOR);
     if (tableAt > at) parts.push(new Uint8Array(tableAt - at));
     parts.push(table);
-    let total = 0;
-    for (const p of parts) total += p.length;
-    const out = new Uint8Array(total);
-    let o = 0;
-    for (const p of parts) {
-      out.set(p, o);
-      o += p.length;
-    }
-    await sink.write(base, out);
+    await sink.write(base, concat(parts));
     setBe64(l1, group * 8, tableAt);
     nextFree = alignUp(tableAt + table.length, clusterSize);
     options.onProgress?.(Math.min(source.size, start + span));

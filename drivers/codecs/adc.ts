@@ -24,6 +24,7 @@
  */
 
 import { CodecError } from "../../streams/errors.ts";
+import { copyMatch, decodeSized } from "./_lz.ts";
 
 /**
  * Decodes an ADC stream into `out`, which must be exactly the declared
@@ -104,13 +105,7 @@ export function decodeInto(input: Uint8Array, out: Uint8Array): Uint8Array {
         `decodes to more than the declared ${size} bytes`,
       );
     }
-    if (distance >= length) {
-      out.copyWithin(o, o - distance, o - distance + length);
-      o += length;
-    } else {
-      // Overlapping: each byte may be one this match just wrote.
-      for (const end = o + length; o < end; o++) out[o] = out[o - distance];
-    }
+    o = copyMatch(out, o, distance, length);
   }
   if (i !== n) {
     throw new CodecError(
@@ -140,11 +135,7 @@ export function decode(
   input: Uint8Array,
   expectedSize: number,
 ): Promise<Uint8Array> {
-  try {
-    return Promise.resolve(decodeInto(input, new Uint8Array(expectedSize)));
-  } catch (e) {
-    return Promise.reject(e);
-  }
+  return decodeSized("adc", decodeInto, input, expectedSize);
 }
 
 /** Bits of the match finder's hash table (64 Ki entries, 256 KiB). */

@@ -28,6 +28,7 @@
  */
 
 import { CodecError } from "../../streams/errors.ts";
+import { copyMatch, decodeSized } from "./_lz.ts";
 
 const CODEC = "lz4";
 const MIN_MATCH = 4;
@@ -110,15 +111,7 @@ export function decodeInto(input: Uint8Array, out: Uint8Array): Uint8Array {
     if (length > size - o) {
       fail(`decodes to more than the ${size} bytes declared`);
     }
-    let from = o - distance;
-    if (distance >= length) {
-      out.copyWithin(o, from, from + length);
-      o += length;
-    } else {
-      // Overlapping: each byte may be one this match has just written.
-      const end = o + length;
-      while (o < end) out[o++] = out[from++];
-    }
+    o = copyMatch(out, o, distance, length);
   }
   if (o !== size) fail(`decodes to ${o} bytes, ${size} declared`);
   return out;
@@ -143,14 +136,7 @@ export function decode(
   input: Uint8Array,
   expectedSize: number,
 ): Promise<Uint8Array> {
-  try {
-    if (!Number.isSafeInteger(expectedSize) || expectedSize < 0) {
-      fail(`expected size ${expectedSize} is not a byte count`);
-    }
-    return Promise.resolve(decodeInto(input, new Uint8Array(expectedSize)));
-  } catch (e) {
-    return Promise.reject(e);
-  }
+  return decodeSized(CODEC, decodeInto, input, expectedSize);
 }
 
 /** Writes a length's continuation bytes (the part past 15) at `o`. */

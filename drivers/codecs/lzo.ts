@@ -32,6 +32,7 @@
  */
 
 import { CodecError } from "../../streams/errors.ts";
+import { copyMatch, decodeSized } from "./_lz.ts";
 
 const CODEC = "lzo";
 
@@ -94,14 +95,7 @@ export function decodeInto(input: Uint8Array, out: Uint8Array): Uint8Array {
     if (length > size - o) {
       fail(`decodes to more than the ${size} bytes declared`);
     }
-    let from = o - distance;
-    if (distance >= length) {
-      out.copyWithin(o, from, from + length);
-      o += length;
-    } else {
-      const end = o + length;
-      while (o < end) out[o++] = out[from++];
-    }
+    o = copyMatch(out, o, distance, length);
   };
   need(1);
   if (input[0] > 17) {
@@ -180,14 +174,7 @@ export function decode(
   input: Uint8Array,
   expectedSize: number,
 ): Promise<Uint8Array> {
-  try {
-    if (!Number.isSafeInteger(expectedSize) || expectedSize < 0) {
-      fail(`expected size ${expectedSize} is not a byte count`);
-    }
-    return Promise.resolve(decodeInto(input, new Uint8Array(expectedSize)));
-  } catch (e) {
-    return Promise.reject(e);
-  }
+  return decodeSized(CODEC, decodeInto, input, expectedSize);
 }
 
 /** Bits of the encoder's hash table (16 Ki entries). */
