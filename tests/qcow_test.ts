@@ -41,6 +41,28 @@ const SECRET = `secret,id=sec0,data=${PASS}`;
 const aesOpts = (path: string) =>
   `driver=qcow,file.filename=${path},encrypt.key-secret=sec0`;
 
+/** An AES qcow of `size` made by qemu-img, then written by qemu-io with each `-c` command. */
+async function qemuAesImage(path: string, size: string, writes: string[]) {
+  await run("qemu-img", [
+    "create",
+    "-f",
+    "qcow",
+    "--object",
+    SECRET,
+    "-o",
+    "encrypt.format=aes,encrypt.key-secret=sec0",
+    path,
+    size,
+  ]);
+  await run("qemu-io", [
+    "--object",
+    SECRET,
+    "--image-opts",
+    aesOpts(path),
+    ...writes.flatMap((w) => ["-c", w]),
+  ]);
+}
+
 const hex = (s: string) =>
   new Uint8Array(s.match(/../g)!.map((h) => parseInt(h, 16)));
 const toHex = (b: Uint8Array) =>
@@ -280,25 +302,8 @@ Deno.test({
   fn: () =>
     withTemp(async (dir) => {
       const path = `${dir}/e.qcow`;
-      await run("qemu-img", [
-        "create",
-        "-f",
-        "qcow",
-        "--object",
-        SECRET,
-        "-o",
-        "encrypt.format=aes,encrypt.key-secret=sec0",
-        path,
-        "4M",
-      ]);
-      await run("qemu-io", [
-        "--object",
-        SECRET,
-        "--image-opts",
-        aesOpts(path),
-        "-c",
+      await qemuAesImage(path, "4M", [
         "write -P 0x5a 64k 128k",
-        "-c",
         "write -P 0x33 1000k 5k",
       ]);
       const expected = await qemuRaw(dir, [
@@ -322,25 +327,7 @@ Deno.test({
   fn: () =>
     withTemp(async (dir) => {
       const path = `${dir}/e.qcow`;
-      await run("qemu-img", [
-        "create",
-        "-f",
-        "qcow",
-        "--object",
-        SECRET,
-        "-o",
-        "encrypt.format=aes,encrypt.key-secret=sec0",
-        path,
-        "1M",
-      ]);
-      await run("qemu-io", [
-        "--object",
-        SECRET,
-        "--image-opts",
-        aesOpts(path),
-        "-c",
-        "write -P 0x5a 0 8k",
-      ]);
+      await qemuAesImage(path, "1M", ["write -P 0x5a 0 8k"]);
       const image = await open(await fromFile(path));
       assertEquals(imageInfo(image).encrypted, true);
       assertTrue(image.encryption !== undefined);
@@ -371,25 +358,7 @@ Deno.test({
   fn: () =>
     withTemp(async (dir) => {
       const path = `${dir}/e.qcow`;
-      await run("qemu-img", [
-        "create",
-        "-f",
-        "qcow",
-        "--object",
-        SECRET,
-        "-o",
-        "encrypt.format=aes,encrypt.key-secret=sec0",
-        path,
-        "1M",
-      ]);
-      await run("qemu-io", [
-        "--object",
-        SECRET,
-        "--image-opts",
-        aesOpts(path),
-        "-c",
-        "write -P 0x5a 0 4k",
-      ]);
+      await qemuAesImage(path, "1M", ["write -P 0x5a 0 4k"]);
       const image = await open(await fromFile(path), { key: "not it" });
       const bytes = await image.read(0, 4096);
       assertTrue(bytes.some((b) => b !== 0x5a));
