@@ -34,4 +34,5 @@ export { cloop } from "./drivers/cloop.ts";
 export { bochs } from "./drivers/bochs.ts";
 export { vpc } from "./drivers/vpc.ts";
 export { vmdk } from "./drivers/vmdk.ts";
+export { dmg } from "./drivers/dmg.ts";
 export { raw } from "./drivers/raw.ts";

@@ -12,6 +12,7 @@ import { cloop } from "./cloop.ts";
 import { bochs } from "./bochs.ts";
 import { vpc } from "./vpc.ts";
 import { vmdk } from "./vmdk.ts";
+import { dmg } from "./dmg.ts";
 import { raw } from "./raw.ts";
 
 /** Every driver, raw last. */
@@ -20,5 +21,6 @@ export const DRIVERS: readonly Driver[] = [
   vpc,
   bochs,
   vmdk,
+  dmg,
   raw,
 ];
