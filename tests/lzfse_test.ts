@@ -1,0 +1,506 @@
+import { assertEquals, assertMatch, assertTrue as assert } from "./_asserts.ts";
+import { decode, encode } from "../drivers/codecs/lzfse.ts";
+import { crc32 } from "../drivers/codecs/crc32.ts";
+import { KOLY_SIZE, kolyBytes, parseKoly } from "../drivers/dmg/_koly.ts";
+import { mishBytes, parseMish, TYPE } from "../drivers/dmg/_mish.ts";
+import {
+  encodeBase64,
+  parsePlist,
+  type PlistValue,
+} from "../drivers/dmg/_plist.ts";
+import { CodecError } from "../streams/errors.ts";
+import {
+  pseudoRandom,
+  referenceBytes,
+  referenceImages,
+  rejects,
+  run,
+  sha256Hex,
+  skip,
+  withTemp,
+} from "./_helpers.ts";
+
+const REFERENCE_DMG = "udif/compression-lzfse.dmg";
+
+/** The blkx tables of a dmg, parsed with the dmg helpers. */
+function blockTables(dmg: Uint8Array) {
+  const at = dmg.length - KOLY_SIZE;
+  const koly = parseKoly(dmg.subarray(at), at, dmg.length);
+  const xml = new TextDecoder().decode(
+    dmg.subarray(koly.xmlOffset, koly.xmlOffset + koly.xmlLength),
+  );
+  const plist = parsePlist(xml, koly.xmlOffset) as Map<string, PlistValue>;
+  const fork = plist.get("resource-fork") as Map<string, PlistValue>;
+  const blkx = fork.get("blkx") as Map<string, PlistValue>[];
+  return {
+    koly,
+    tables: blkx.map((entry, i) =>
+      parseMish(entry.get("Data") as Uint8Array, `blkx[${i}]`)
+    ),
+  };
+}
+
+/** The ULFO chunks of the reference image, each with its decoded size. */
+async function referenceChunks(): Promise<
+  { data: Uint8Array; size: number; sector: number }[] | undefined
+> {
+  const dmg = await referenceBytes(REFERENCE_DMG);
+  if (!dmg) return undefined;
+  const { koly, tables } = blockTables(dmg);
+  const chunks = [];
+  for (const table of tables) {
+    for (const c of table.chunks) {
+      if (c.type !== TYPE.lzfse) continue;
+      const start = koly.dataForkOffset + c.offset;
+      chunks.push({
+        data: dmg.subarray(start, start + c.length),
+        size: c.sectors * 512,
+        sector: c.sector,
+      });
+    }
+  }
+  return chunks;
+}
+
+Deno.test("lzfse decodes the ULFO chunks of an hdiutil image to the reference disk", async () => {
+  if (skip([], true)) return;
+  const dmg = (await referenceBytes(REFERENCE_DMG))!;
+  const manifest = referenceImages().find((i) => i.path === REFERENCE_DMG)!;
+  const { koly, tables } = blockTables(dmg);
+  const disk = new Uint8Array(koly.sectorCount * 512);
+  const kinds = new Set<string>();
+  let lzfseChunks = 0;
+  for (const table of tables) {
+    for (const c of table.chunks) {
+      const start = koly.dataForkOffset + c.offset;
+      const bytes = dmg.subarray(start, start + c.length);
+      if (c.type === TYPE.lzfse) {
+        kinds.add(new TextDecoder().decode(bytes.subarray(0, 4)));
+        disk.set(await decode(bytes, c.sectors * 512), c.sector * 512);
+        lzfseChunks++;
+      } else if (c.type === TYPE.raw) {
+        disk.set(bytes, c.sector * 512);
+      } else {
+        // zero and ignore chunks read as zeros: the disk is zeroed already.
+        assert(
+          c.type === TYPE.zero || c.type === TYPE.ignore,
+          `type ${c.type}`,
+        );
+      }
+    }
+  }
+  assertEquals(lzfseChunks, 3);
+  // hdiutil wrote both an LZVN block and FSE (v2) blocks.
+  assertEquals([...kinds].sort(), ["bvx2", "bvxn"]);
+  assertEquals(sha256Hex(disk), manifest.raw_sha256);
+});
+
+Deno.test("lzfse round-trips empty input, one byte, zeros, random bytes and text", async () => {
+  const text = new TextEncoder().encode(
+    Array.from(
+      { length: 30000 },
+      (_, i) => `line ${(i * 7919) % 1000}: the quick brown fox\n`,
+    ).join(""),
+  );
+  const random = pseudoRandom(200000, 5);
+  const zeros = new Uint8Array(3 << 20);
+  const cases: [string, Uint8Array][] = [
+    ["empty", new Uint8Array(0)],
+    ["one byte", Uint8Array.of(0x42)],
+    ["zeros", zeros],
+    ["random", random],
+    ["text", text],
+  ];
+  for (const [name, data] of cases) {
+    const packed = await encode(data);
+    assertEquals(await decode(packed, data.length), data, name);
+  }
+  assertEquals(
+    await encode(new Uint8Array(0)),
+    Uint8Array.of(0x62, 0x76, 0x78, 0x24),
+  );
+  assert((await encode(zeros)).length < zeros.length / 100);
+  assert((await encode(text)).length < text.length / 5);
+  // Incompressible data is stored: only block headers are added.
+  assert((await encode(random)).length <= random.length + 12 + 4);
+});
+
+Deno.test("lzfse round-trips repeats at distances near the LZVN opcode limits", async () => {
+  // Distances around each opcode's limit (sml_d 1535, med_d 16383, lrg_d
+  // 65535) and just past the window (65536, which must not be used).
+  for (const distance of [1, 2, 7, 8, 1535, 1536, 16383, 16384, 65535, 65536]) {
+    const data = new Uint8Array(distance + 5000);
+    data.set(pseudoRandom(distance, distance));
+    for (let i = distance; i < data.length; i++) data[i] = data[i - distance];
+    // Sprinkle a few changes so matches end and restart at every length.
+    for (let i = distance + 3; i < data.length; i += 97) data[i] ^= 0x55;
+    const packed = await encode(data);
+    assertEquals(
+      await decode(packed, data.length),
+      data,
+      `distance ${distance}`,
+    );
+    if (distance <= 65535) {
+      assert(packed.length < data.length, `distance ${distance}`);
+    }
+  }
+});
+
+/** 1 MiB of mixed data: text, zeros, random, repeats and a ramp. */
+function mixedData(size = 1 << 20): Uint8Array {
+  const data = new Uint8Array(size);
+  const text = new TextEncoder().encode(
+    "LZFSE blocks: bvx-, bvxn, bvx1, bvx2, bvx$. ".repeat(2000),
+  );
+  data.set(text.subarray(0, Math.min(text.length, size >> 2)), 0);
+  data.set(pseudoRandom(size >> 3, 3), size >> 2);
+  for (let i = size >> 1; i < (size * 3) >> 2; i++) data[i] = i & 0xff;
+  const tail = (size * 7) >> 3;
+  data.set(data.subarray(1000, 1000 + (size >> 3)), tail);
+  return data;
+}
+
+Deno.test("lzfse round-trips 1 MiB of mixed data", async () => {
+  const data = mixedData();
+  const packed = await encode(data);
+  assertEquals(await decode(packed, data.length), data);
+  assert(packed.length < data.length / 4, `${packed.length}`);
+});
+
+/**
+ * A one-partition UDIF whose chunks are this encoder's ULFO chunks (1 MiB
+ * each, a zero chunk for an all-zero MiB), built with the dmg helpers and
+ * an XML plist written here.
+ */
+async function ulfoImage(disk: Uint8Array): Promise<Uint8Array> {
+  const chunkSectors = 2048;
+  const chunks = [];
+  const parts: Uint8Array[] = [];
+  let offset = 0;
+  for (let sector = 0; sector * 512 < disk.length; sector += chunkSectors) {
+    const bytes = disk.subarray(sector * 512, (sector + chunkSectors) * 512);
+    const sectors = bytes.length / 512;
+    if (bytes.every((b) => b === 0)) {
+      chunks.push({ type: TYPE.zero, sector, sectors, offset, length: 0 });
+      continue;
+    }
+    const packed = await encode(bytes);
+    chunks.push({
+      type: TYPE.lzfse,
+      sector,
+      sectors,
+      offset,
+      length: packed.length,
+    });
+    parts.push(packed);
+    offset += packed.length;
+  }
+  const dataFork = new Uint8Array(offset);
+  let at = 0;
+  for (const p of parts) {
+    dataFork.set(p, at);
+    at += p.length;
+  }
+  const partitionCrc = crc32(disk);
+  const mish = mishBytes({
+    firstSector: 0,
+    sectorCount: disk.length / 512,
+    descriptor: 0,
+    crc: partitionCrc,
+    chunks,
+    largestChunk: chunkSectors,
+  });
+  const xml = `<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0">
+<dict>
+	<key>resource-fork</key>
+	<dict>
+		<key>blkx</key>
+		<array>
+			<dict>
+				<key>Attributes</key>
+				<string>0x0050</string>
+				<key>CFName</key>
+				<string>disk image (Apple_HFS : 0)</string>
+				<key>Data</key>
+				<data>
+${encodeBase64(mish, "\t\t\t\t")}				</data>
+				<key>ID</key>
+				<string>0</string>
+				<key>Name</key>
+				<string>disk image (Apple_HFS : 0)</string>
+			</dict>
+		</array>
+	</dict>
+</dict>
+</plist>
+`;
+  const plist = new TextEncoder().encode(xml);
+  const crcBytes = new Uint8Array(4);
+  new DataView(crcBytes.buffer).setUint32(0, partitionCrc);
+  const koly = kolyBytes({
+    dataForkLength: dataFork.length,
+    xmlOffset: dataFork.length,
+    xmlLength: plist.length,
+    dataForkCrc: crc32(dataFork),
+    masterCrc: crc32(crcBytes),
+    sectorCount: disk.length / 512,
+    segmentId: pseudoRandom(16, 77),
+  });
+  const image = new Uint8Array(dataFork.length + plist.length + KOLY_SIZE);
+  image.set(dataFork, 0);
+  image.set(plist, dataFork.length);
+  image.set(koly, dataFork.length + plist.length);
+  return image;
+}
+
+Deno.test("7-Zip extracts a dmg whose ULFO chunks this encoder wrote", async () => {
+  if (skip(["7zz"])) return;
+  // 3 MiB: mixed data, an all-zero MiB (a zero chunk), random bytes (stored).
+  const disk = new Uint8Array(3 << 20);
+  disk.set(mixedData());
+  disk.set(pseudoRandom(1 << 19, 11), (2 << 20) + 4096);
+  const image = await ulfoImage(disk);
+  // The image reads back through the parsers and this decoder.
+  const { tables } = blockTables(image);
+  assertEquals(tables[0].chunks.map((c) => c.type), [
+    TYPE.lzfse,
+    TYPE.zero,
+    TYPE.lzfse,
+  ]);
+  await withTemp(async (dir) => {
+    await Deno.writeFile(`${dir}/ulfo.dmg`, image);
+    const list = await run("7zz", ["l", "-tdmg", `${dir}/ulfo.dmg`]);
+    // 7-Zip sees the LZFSE chunks (and checks the partition's CRC-32).
+    assertMatch(list.text, /Method = .*LZFSE/);
+    const out = await run("7zz", ["x", "-tdmg", "-so", `${dir}/ulfo.dmg`]);
+    assertEquals(out.stdout.length, disk.length);
+    assert(sha256Hex(out.stdout) === sha256Hex(disk), "7-Zip's bytes differ");
+  });
+});
+
+// ---------------------------------------------------------------------------
+// Malformed streams.
+
+Deno.test("lzfse refuses output longer or shorter than declared", async () => {
+  const data = new TextEncoder().encode("hello hello hello hello hello");
+  const packed = await encode(data);
+  await rejects(
+    () => decode(packed, data.length - 1),
+    CodecError,
+    /pass the expected size/,
+  );
+  await rejects(
+    () => decode(packed, data.length + 1),
+    CodecError,
+    /decodes to 29 bytes, expected 30/,
+  );
+  await rejects(() => decode(packed, -1), CodecError, /not a byte count/);
+  const chunks = await referenceChunks();
+  if (chunks) {
+    for (const c of chunks) {
+      await rejects(
+        () => decode(c.data, c.size - 512),
+        CodecError,
+        /pass the expected size/,
+      );
+      await rejects(() => decode(c.data, c.size + 1), CodecError, /expected/);
+    }
+  }
+});
+
+Deno.test("lzfse refuses truncated streams and streams without bvx$", async () => {
+  const data = mixedData(200000);
+  const streams = [await encode(data)];
+  const chunks = await referenceChunks();
+  const sizes = [data.length];
+  for (const c of chunks ?? []) {
+    streams.push(c.data);
+    sizes.push(c.size);
+  }
+  for (let s = 0; s < streams.length; s++) {
+    const packed = streams[s];
+    for (
+      const cut of [
+        0,
+        1,
+        3,
+        4,
+        11,
+        12,
+        40,
+        packed.length >> 1,
+        packed.length - 5,
+        packed.length - 4,
+        packed.length - 1,
+      ]
+    ) {
+      await rejects(
+        () => decode(packed.subarray(0, cut), sizes[s]),
+        CodecError,
+      );
+    }
+  }
+  // A whole stream with its end marker replaced by another block's start.
+  const noEnd = streams[0].slice();
+  noEnd.set([0x62, 0x76, 0x78, 0x2d], noEnd.length - 4); // bvx- with no size
+  await rejects(() => decode(noEnd, data.length), CodecError, /truncated/);
+  await rejects(() => decode(new Uint8Array(0), 0), CodecError, /empty input/);
+});
+
+Deno.test("lzfse refuses a poked block magic", async () => {
+  const packed = await encode(new Uint8Array(5000));
+  for (const [at, value] of [[0, 0x61], [3, 0x33], [packed.length - 1, 0x25]]) {
+    const bad = packed.slice();
+    bad[at] = value;
+    await rejects(() => decode(bad, 5000), CodecError, /bad block magic/);
+  }
+});
+
+/** A bvx2 chunk of the reference image, with a copy-and-poke helper. */
+async function v2Chunk() {
+  const chunks = await referenceChunks();
+  const chunk = chunks?.find((c) =>
+    new TextDecoder().decode(c.data.subarray(0, 4)) === "bvx2"
+  );
+  return chunk;
+}
+
+Deno.test("lzfse refuses bvx2 headers with wrong frequency tables or fields", async () => {
+  if (skip([], true)) return;
+  const chunk = (await v2Chunk())!;
+  const headerSize = new DataView(
+    chunk.data.buffer,
+    chunk.data.byteOffset,
+  ).getUint32(24, true);
+  // Every byte of the packed frequency tables changed in turn: a table that
+  // no longer sums to its states, or a code running past header_size, is
+  // refused; a change that keeps both right must still not crash or hang.
+  let refused = 0;
+  for (let at = 32; at < headerSize; at++) {
+    for (const flip of [0x01, 0x10, 0x80]) {
+      const bad = chunk.data.slice();
+      bad[at] ^= flip;
+      try {
+        await decode(bad, chunk.size);
+      } catch (e) {
+        assert(e instanceof CodecError, String(e));
+        refused++;
+      }
+    }
+  }
+  assert(refused > (headerSize - 32) * 2, `${refused}`);
+  const poke = (at: number, value: number) => {
+    const bad = chunk.data.slice();
+    bad[at] = value;
+    return bad;
+  };
+  // header_size past the tables' largest size, and below the fixed part.
+  await rejects(
+    () => decode(poke(25, 0x10), chunk.size),
+    CodecError,
+    /header_size/,
+  );
+  await rejects(() => decode(poke(24, 0x04), chunk.size), CodecError);
+  // n_matches past 10000 (bits 40-59 of the first word: byte 13..15).
+  await rejects(
+    () => decode(poke(15, 0x0f), chunk.size),
+    CodecError,
+    /n_matches/,
+  );
+  // n_literals past 40000 (bits 0-19 of the first word).
+  const manyLiterals = chunk.data.slice();
+  manyLiterals[10] |= 0x0f;
+  await rejects(
+    () => decode(manyLiterals, chunk.size),
+    CodecError,
+    /n_literals/,
+  );
+});
+
+/** An LZVN block by hand: 12-byte header, opcodes, end-of-stream. */
+function lzvnStream(raw: number, ops: number[]): Uint8Array {
+  const payload = [...ops, 0x06, 0, 0, 0, 0, 0, 0, 0];
+  const b = new Uint8Array(12 + payload.length + 4);
+  const v = new DataView(b.buffer);
+  b.set([0x62, 0x76, 0x78, 0x6e]);
+  v.setUint32(4, raw, true);
+  v.setUint32(8, payload.length, true);
+  b.set(payload, 12);
+  b.set([0x62, 0x76, 0x78, 0x24], 12 + payload.length);
+  return b;
+}
+
+Deno.test("lzfse decodes hand-made LZVN opcodes and refuses bad distances", async () => {
+  // "abc" as a literal, then a match of 6 at distance 3 (sml_d, L=0).
+  const good = lzvnStream(9, [0xe3, 0x61, 0x62, 0x63, 0x18, 0x03]);
+  assertEquals(new TextDecoder().decode(await decode(good, 9)), "abcabcabc");
+  // Distance 4 with only 3 bytes written.
+  await rejects(
+    () => decode(lzvnStream(9, [0xe3, 0x61, 0x62, 0x63, 0x18, 0x04]), 9),
+    CodecError,
+    /distance 4 reaches before the start/,
+  );
+  // Distance 0.
+  await rejects(
+    () => decode(lzvnStream(9, [0xe3, 0x61, 0x62, 0x63, 0x18, 0x00]), 9),
+    CodecError,
+    /distance 0/,
+  );
+  // A match-only opcode before any distance was set.
+  await rejects(
+    () => decode(lzvnStream(3, [0xf3]), 3),
+    CodecError,
+    /distance 0/,
+  );
+  // Undefined opcodes.
+  for (const op of [0x1e, 0x70, 0xd5]) {
+    await rejects(
+      () => decode(lzvnStream(3, [op, 0, 0, 0]), 3),
+      CodecError,
+      /undefined/,
+    );
+  }
+  // Bytes left in the payload after end-of-stream, and a block that ends short.
+  const extra = lzvnStream(3, [0xe3, 0x61, 0x62, 0x63]);
+  new DataView(extra.buffer).setUint32(8, 13, true);
+  await rejects(() => decode(extra, 3), CodecError);
+  await rejects(
+    () => decode(lzvnStream(4, [0xe3, 0x61, 0x62, 0x63]), 4),
+    CodecError,
+    /short of n_raw_bytes/,
+  );
+  // A literal writing past n_raw_bytes.
+  await rejects(
+    () => decode(lzvnStream(2, [0xe3, 0x61, 0x62, 0x63]), 3),
+    CodecError,
+    /past n_raw_bytes/,
+  );
+});
+
+Deno.test("lzfse refuses bad distances in FSE blocks", async () => {
+  if (skip([], true)) return;
+  // Flipping bits across the L/M/D payload of a reference bvx2 chunk must
+  // give a typed error (most often a distance or size error) or the
+  // wrong bytes, never a crash or a hang.
+  const chunk = (await v2Chunk())!;
+  const good = await decode(chunk.data, chunk.size);
+  const errors = new Map<string, number>();
+  for (let at = chunk.data.length - 5; at > chunk.data.length - 400; at -= 3) {
+    const bad = chunk.data.slice();
+    bad[at] ^= 0x5a;
+    try {
+      const out = await decode(bad, chunk.size);
+      assert(out.length === chunk.size);
+    } catch (e) {
+      assert(e instanceof CodecError, String(e));
+      const kind =
+        /distance|n_raw_bytes|n_literals|ends|padding/.exec(e.message)?.[0] ??
+          e.message;
+      errors.set(kind, (errors.get(kind) ?? 0) + 1);
+    }
+  }
+  assert(errors.has("distance"), [...errors.keys()].join(", "));
+  assert(good.length === chunk.size);
+});
