@@ -218,7 +218,7 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [--hash] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [--hash] [--no-verify] IN OUT   (OUT '-' is stdout)",
     summary: "convert an image to another format (raw by default)",
     options: {
       format: { type: "string", short: "f" },
@@ -227,6 +227,8 @@ const commands: Record<string, Command> = {
       compress: { type: "boolean", short: "c" },
       progress: { type: "boolean", short: "p" },
       hash: { type: "boolean" },
+      // Skips the input's checksum checks (dmg verifies its CRC-32s by default).
+      "no-verify": { type: "boolean" },
     },
     async run({ values, positionals }) {
       const [input, output] = need(positionals, 2, "convert");
@@ -235,6 +237,7 @@ const commands: Record<string, Command> = {
       const { image } = await openImage(input, {
         format: values.format as string | undefined,
         followBacking: true,
+        extra: values["no-verify"] ? { options: { verify: "off" } } : undefined,
       });
       const sink = await openOutput(output);
       const bar = values.progress ? progressBar("convert") : undefined;

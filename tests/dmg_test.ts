@@ -793,3 +793,27 @@ Deno.test("open images read through a convert to a file and close their workers"
     assertEquals(sha256Hex(sink.bytes()), sha256Hex(disk));
   });
 });
+
+Deno.test("convert refuses a dmg with a bad checksum, and --no-verify converts it anyway", async () => {
+  await withTemp(async (dir) => {
+    const disk = sampleDisk();
+    const bytes = await encodeDmg(disk, { compression: "raw" });
+    bytes[100] ^= 1;
+    await Deno.writeFile(`${dir}/bad.dmg`, bytes);
+    const refused = await cli(["convert", `${dir}/bad.dmg`, `${dir}/out.raw`]);
+    assertEquals(refused.code, 1);
+    assertMatch(refused.stderr, /mismatch/);
+    assertEquals(
+      [...Deno.readDirSync(dir)].map((e) => e.name).includes("out.raw"),
+      false,
+    );
+    const forced = await cli([
+      "convert",
+      "--no-verify",
+      `${dir}/bad.dmg`,
+      `${dir}/out.raw`,
+    ]);
+    assertEquals(forced.code, 0, forced.stderr);
+    assertEquals((await Deno.readFile(`${dir}/out.raw`))[100], disk[100] ^ 1);
+  });
+});
