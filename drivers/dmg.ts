@@ -31,13 +31,16 @@
  */
 
 import { be32, isZero } from "./_binary.ts";
+import * as adc from "./codecs/adc.ts";
+import * as bzip2 from "./codecs/bzip2.ts";
+import * as lzfse from "./codecs/lzfse.ts";
+import * as xz from "./codecs/xz.ts";
 import * as zlib from "./codecs/zlib.ts";
 import { crc32, crc32Combine, crc32Zeros } from "./codecs/crc32.ts";
 import {
   ChecksumError,
   CodecError,
   ImageFormatError,
-  UnsupportedError,
 } from "../streams/errors.ts";
 import {
   checkRange,
@@ -108,28 +111,17 @@ interface Codec {
   encode(input: Uint8Array): Promise<Uint8Array>;
 }
 
-const codecs = new Map<string, Promise<Codec>>();
-/** Loads a codec module on first use (only zlib is loaded up front). */
-function codec(name: string): Promise<Codec> {
-  let found = codecs.get(name);
-  if (!found) {
-    if (name === "zlib") {
-      found = Promise.resolve(zlib);
-    } else {
-      // A computed specifier: the module may not exist in this build.
-      const path = `./codecs/${name}.ts`;
-      found = (import(path) as Promise<Codec>).catch((e) => {
-        codecs.delete(name);
-        throw new UnsupportedError(
-          { format: FORMAT, field: "chunk type", value: name },
-          `the ${name} codec is not available (${(e as Error).message})`,
-        );
-      });
-    }
-    codecs.set(name, found);
-  }
-  return found;
-}
+/**
+ * The codec modules by name. Imported statically, not loaded on demand,
+ * so that the browser bundle carries every codec a dmg may use.
+ */
+const CODEC_MODULES: ReadonlyMap<string, Codec> = new Map<string, Codec>([
+  ["adc", adc],
+  ["zlib", zlib],
+  ["bzip2", bzip2],
+  ["lzfse", lzfse],
+  ["xz", xz],
+]);
 
 function fail(
   field: string,
@@ -667,7 +659,8 @@ function dmgImage(
         const pooled = usePool && codecPool.usable
           ? await codecPool.run("decode", name, packed, bytes)
           : null;
-        decoded = pooled ?? await (await codec(name)).decode(packed, bytes);
+        decoded = pooled ??
+          await CODEC_MODULES.get(name)!.decode(packed, bytes);
       } catch (e) {
         if (!(e instanceof CodecError)) throw e;
         const p = tables.partitions[index.partition[i]];
@@ -933,7 +926,9 @@ async function* packChunks(
   const sectors = Math.ceil(source.size / SECTOR);
   const count = Math.ceil(sectors / chunkSectors);
   const hasData = dataProbe(source);
-  const encoder = settings.codec ? await codec(settings.codec) : undefined;
+  const encoder = settings.codec
+    ? CODEC_MODULES.get(settings.codec)
+    : undefined;
   const usePool = encoder !== undefined && count >= POOL_MIN_CHUNKS;
   const inFlight = 8;
   const queue: Promise<Packed>[] = [];

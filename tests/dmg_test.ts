@@ -11,7 +11,6 @@ import {
   open,
   probe,
   type Source,
-  UnsupportedError,
 } from "../mod.ts";
 import { be32, setBe32, setBe64 } from "../drivers/_binary.ts";
 import { decodeBase64, encodeBase64 } from "../drivers/dmg/_plist.ts";
@@ -23,7 +22,6 @@ import {
   referenceBytes,
   referenceImages,
   rejects,
-  ROOT,
   run,
   sha256Hex,
   skip,
@@ -36,25 +34,6 @@ const CODECS = ["raw", "zlib", "bzip2", "adc", "lzma", "lzfse"] as const;
 /** Which codecs the reference tools read correctly (found by trying: qemu-img and dmg2img write wrong bytes, exit 0, on the others). */
 const QEMU_READS = new Set(["raw", "zlib"]);
 const DMG2IMG_READS = new Set(["raw", "zlib", "bzip2", "adc"]);
-
-/** True once the LZFSE codec (branch `lzfse`) is part of this checkout. */
-const LZFSE_MERGED = (() => {
-  try {
-    Deno.statSync(`${ROOT}drivers/codecs/lzfse.ts`);
-    return true;
-  } catch {
-    return false;
-  }
-})();
-
-/** Says so loudly when a test only checks the "no LZFSE codec yet" behaviour. */
-function lzfseMissing(what: string): boolean {
-  if (LZFSE_MERGED) return false;
-  console.error(
-    `NOTE: drivers/codecs/lzfse.ts is not in this checkout: ${what} only checks that LZFSE chunks fail with UnsupportedError`,
-  );
-  return true;
-}
 
 /** A 3 MiB + 4.5 KiB disk: text, zeros, random bytes and a short tail. */
 function sampleDisk(size = 3 * MIB + 4608): Uint8Array<ArrayBuffer> {
@@ -185,16 +164,11 @@ for (const ref of referenceImages().filter((r) => r.format === "dmg")) {
     const image = await open(fromBytes(bytes));
     assertEquals(image.format, "dmg");
     assertEquals(image.size, ref.virtual_size);
-    if (ref.path.includes("lzfse") && lzfseMissing(ref.path)) {
-      await rejects(() => readAll(image), UnsupportedError, /lzfse/);
-      return;
-    }
     assertEquals(sha256Hex(await readAll(image)), ref.raw_sha256);
   });
 
   Deno.test(`reference ${ref.path} converts to what 7zz extracts`, async () => {
     if (skip(["7zz"], true)) return;
-    if (ref.path.includes("lzfse") && lzfseMissing(ref.path)) return;
     await withTemp(async (dir) => {
       const bytes = (await referenceBytes(ref.path))!;
       const sink = memorySink();
@@ -248,14 +222,6 @@ Deno.test("a reference image whose chunks are ignore runs maps them as zero exte
 for (const codec of CODECS) {
   Deno.test(`our ${codec} dmg reads back identical in our reader`, async () => {
     const disk = sampleDisk();
-    if (codec === "lzfse" && lzfseMissing(`the ${codec} writer test`)) {
-      await rejects(
-        () => encodeDmg(disk, { compression: codec }),
-        UnsupportedError,
-        /lzfse/,
-      );
-      return;
-    }
     const image = await open(
       fromBytes(await encodeDmg(disk, { compression: codec })),
     );
@@ -266,7 +232,6 @@ for (const codec of CODECS) {
 
   Deno.test(`our ${codec} dmg is extracted byte-identical by 7zz with its CRCs passing`, async () => {
     if (skip(["7zz"])) return;
-    if (codec === "lzfse" && lzfseMissing(`the ${codec} 7zz test`)) return;
     await withTemp(async (dir) => {
       const disk = sampleDisk();
       const image = await encodeDmg(disk, { compression: codec });

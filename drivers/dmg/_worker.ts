@@ -2,8 +2,8 @@
  * The worker behind {@linkcode CodecPool} (`_pool.ts`): runs one codec
  * call per message, `decode(input, size)` or `encode(input)`, and answers
  * with the bytes (transferred), the codec's error message, or
- * `unavailable` when the codec module cannot be loaded here (the caller
- * then runs it on its own thread, where the error is reported properly).
+ * `unavailable` for a codec it does not know (the caller then runs it on
+ * its own thread).
  *
  * It only imports codec modules, which use web-platform APIs; it is
  * started with `new Worker(url, { type: "module" })`.
@@ -12,6 +12,12 @@
  *
  * @module
  */
+
+import * as adc from "../codecs/adc.ts";
+import * as bzip2 from "../codecs/bzip2.ts";
+import * as lzfse from "../codecs/lzfse.ts";
+import * as xz from "../codecs/xz.ts";
+import * as zlib from "../codecs/zlib.ts";
 
 /** The contract every module in drivers/codecs/ keeps. */
 interface Codec {
@@ -34,24 +40,18 @@ const scope = globalThis as unknown as {
   postMessage(message: unknown, transfer?: Transferable[]): void;
 };
 
-const loaded = new Map<string, Promise<Codec>>();
-function load(name: string): Promise<Codec> {
-  let found = loaded.get(name);
-  if (!found) {
-    // A computed specifier: lzfse may not exist in this build.
-    const path = `../codecs/${name}.ts`;
-    found = import(path) as Promise<Codec>;
-    loaded.set(name, found);
-  }
-  return found;
-}
+const CODECS: ReadonlyMap<string, Codec> = new Map<string, Codec>([
+  ["adc", adc],
+  ["zlib", zlib],
+  ["bzip2", bzip2],
+  ["lzfse", lzfse],
+  ["xz", xz],
+]);
 
 scope.onmessage = async (e: MessageEvent<Job>) => {
   const { id, op, codec, input, size } = e.data;
-  let module: Codec;
-  try {
-    module = await load(codec);
-  } catch {
+  const module = CODECS.get(codec);
+  if (!module) {
     scope.postMessage({ id, unavailable: true });
     return;
   }
