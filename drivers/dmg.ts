@@ -82,8 +82,11 @@ import { codecPool } from "./dmg/_pool.ts";
 const FORMAT = "dmg";
 const SECTOR = 512;
 
-/** The largest XML plist or resource fork read (a 1 TiB disk in 1 MiB chunks needs about 60 MiB). */
-const MAX_TABLE_BYTES = 128 << 20;
+/**
+ * The largest XML plist or resource fork read: a 1 TiB disk in 1 MiB
+ * chunks needs about 55 MiB; the parsed tables take a few times that.
+ */
+const MAX_TABLE_BYTES = 64 << 20;
 /** Decoded chunks kept for reads that do not cover a chunk whole, in bytes. */
 const CACHE_BYTES = 16 << 20;
 /** How many bytes of neighbouring chunks one file read fetches at most. */
@@ -293,9 +296,10 @@ const isData = (type: number) => type !== TYPE.zero && type !== TYPE.ignore;
 function buildIndex(tables: Tables, diskSectors: number, file?: string): Index {
   const { koly, partitions } = tables;
   const fileEnd = koly.offset; // every chunk lies before the trailer
-  type Row = [number, number, number, number, number, number, number];
-  const rows: Row[] = [];
-  partitions.forEach((p, pi) => {
+  const step = RAW_PIECE_BYTES / SECTOR;
+  // Checked and counted first, so the index is allocated once.
+  let count = 0;
+  for (const p of partitions) {
     for (const c of p.mish.chunks) {
       const at = koly.dataForkOffset + c.offset;
       const field = `${p.where} chunk ${c.entry}`;
@@ -308,11 +312,7 @@ function buildIndex(tables: Tables, diskSectors: number, file?: string): Index {
           file,
         );
       }
-      if (!isData(c.type)) {
-        rows.push([c.sector, c.sectors, at, 0, c.type, pi, c.entry]);
-        continue;
-      }
-      if (at > fileEnd || c.length > fileEnd - at) {
+      if (isData(c.type) && (at > fileEnd || c.length > fileEnd - at)) {
         fail(
           `${field} CompressedOffset + CompressedLength`,
           at + c.length,
@@ -321,28 +321,11 @@ function buildIndex(tables: Tables, diskSectors: number, file?: string): Index {
           file,
         );
       }
-      if (c.type !== TYPE.raw) {
-        rows.push([c.sector, c.sectors, at, c.length, c.type, pi, c.entry]);
-        continue;
-      }
-      const step = RAW_PIECE_BYTES / SECTOR;
-      for (let s = 0; s < c.sectors; s += step) {
-        const n = Math.min(step, c.sectors - s);
-        rows.push([
-          c.sector + s,
-          n,
-          at + s * SECTOR,
-          n * SECTOR,
-          c.type,
-          pi,
-          c.entry,
-        ]);
-      }
+      // A raw chunk's length is its sectors × 512, now known to fit in the file.
+      count += c.type === TYPE.raw ? Math.ceil(c.sectors / step) : 1;
     }
-  });
-  rows.sort((a, b) => a[0] - b[0]);
-  const count = rows.length;
-  const index: Index = {
+  }
+  const all: Index = {
     count,
     sector: new Float64Array(count),
     sectors: new Float64Array(count),
@@ -352,29 +335,81 @@ function buildIndex(tables: Tables, diskSectors: number, file?: string): Index {
     partition: new Uint32Array(count),
     entry: new Uint32Array(count),
   };
-  let end = 0;
-  for (let i = 0; i < count; i++) {
-    const r = rows[i];
-    if (r[0] < end) {
-      const before = rows[i - 1];
+  let n = 0;
+  const add = (
+    sector: number,
+    sectors: number,
+    offset: number,
+    length: number,
+    type: number,
+    partition: number,
+    entry: number,
+  ) => {
+    all.sector[n] = sector;
+    all.sectors[n] = sectors;
+    all.offset[n] = offset;
+    all.length[n] = length;
+    all.type[n] = type;
+    all.partition[n] = partition;
+    all.entry[n] = entry;
+    n++;
+  };
+  partitions.forEach((p, pi) => {
+    for (const c of p.mish.chunks) {
+      const at = koly.dataForkOffset + c.offset;
+      if (c.type !== TYPE.raw) {
+        add(
+          c.sector,
+          c.sectors,
+          at,
+          isData(c.type) ? c.length : 0,
+          c.type,
+          pi,
+          c.entry,
+        );
+        continue;
+      }
+      for (let s = 0; s < c.sectors; s += step) {
+        const k = Math.min(step, c.sectors - s);
+        add(c.sector + s, k, at + s * SECTOR, k * SECTOR, c.type, pi, c.entry);
+      }
+    }
+  });
+  // Partitions are listed in disk order in every image seen; others are sorted.
+  let index = all;
+  let sorted = true;
+  for (let i = 1; i < count && sorted; i++) {
+    sorted = all.sector[i] >= all.sector[i - 1];
+  }
+  if (!sorted) {
+    const order = Uint32Array.from({ length: count }, (_, i) => i)
+      .sort((a, b) => all.sector[a] - all.sector[b]);
+    const pick = <T extends Float64Array | Uint32Array>(from: T): T =>
+      from.map((_, i) => from[order[i]]) as T;
+    index = {
+      count,
+      sector: pick(all.sector),
+      sectors: pick(all.sectors),
+      offset: pick(all.offset),
+      length: pick(all.length),
+      type: pick(all.type),
+      partition: pick(all.partition),
+      entry: pick(all.entry),
+    };
+  }
+  for (let i = 1; i < count; i++) {
+    const end = index.sector[i - 1] + index.sectors[i - 1];
+    if (index.sector[i] < end) {
+      const here = partitions[index.partition[i]].where;
+      const before = partitions[index.partition[i - 1]].where;
       fail(
-        `${partitions[r[5]].where} chunk ${r[6]} SectorNumber`,
-        r[0],
-        `at least ${end}: it overlaps ${partitions[before[5]].where} chunk ${
-          before[6]
-        }`,
+        `${here} chunk ${index.entry[i]} SectorNumber`,
+        index.sector[i],
+        `at least ${end}: it overlaps ${before} chunk ${index.entry[i - 1]}`,
         undefined,
         file,
       );
     }
-    end = r[0] + r[1];
-    index.sector[i] = r[0];
-    index.sectors[i] = r[1];
-    index.offset[i] = r[2];
-    index.length[i] = r[3];
-    index.type[i] = r[4];
-    index.partition[i] = r[5];
-    index.entry[i] = r[6];
   }
   return index;
 }
