@@ -547,16 +547,24 @@ class Verifier {
   /** Records piece `i`'s bytes; throws a ChecksumError when that completes a bad partition or data fork. */
   record(i: number, decoded: Uint8Array, packed: Uint8Array) {
     if (this.#known[i]) {
+      this.recordCrc(i, 0, 0);
+      return;
+    }
+    const crc = crc32(decoded);
+    this.recordCrc(i, crc, packed === decoded ? crc : crc32(packed));
+  }
+
+  /** {@linkcode record} from the CRCs of the decoded and the packed bytes. */
+  recordCrc(i: number, decodedCrc: number, packedCrc: number) {
+    if (this.#known[i]) {
       const error = this.#errors.get(this.index.partition[i]) ??
         this.#errors.get(-1);
       if (error) throw error;
       return;
     }
     this.#known[i] = 1;
-    this.#decodedCrc[i] = crc32(decoded);
-    this.#packedCrc[i] = packed === decoded
-      ? this.#decodedCrc[i]
-      : crc32(packed);
+    this.#decodedCrc[i] = decodedCrc;
+    this.#packedCrc[i] = packedCrc;
     const p = this.index.partition[i];
     if (this.#partitionLeft[p] > 0 && --this.#partitionLeft[p] === 0) {
       this.#checkPartition(p);
@@ -764,6 +772,61 @@ function dmgImage(
     return out;
   }
 
+  /**
+   * A read whose data pieces all lie wholly inside it, none cached, their
+   * packed bytes one run of the file: one worker decodes them all straight
+   * into the result (and computes their CRCs), so the main thread only
+   * reads the file. Null when the read does not qualify or the pool
+   * cannot take it (the caller then decodes piece by piece, which also
+   * names a bad chunk in its error).
+   */
+  async function readBatch(
+    offset: number,
+    length: number,
+    list: number[],
+  ): Promise<Uint8Array | null> {
+    if (list.length < 2 || !codecPool.usable) return null;
+    const start = index.offset[list[0]];
+    let end = start;
+    const jobs: number[] = [];
+    for (const i of list) {
+      const pieceStart = index.sector[i] * SECTOR;
+      const bytes = index.sectors[i] * SECTOR;
+      if (
+        pieceStart < offset || pieceStart + bytes > offset + length ||
+        index.offset[i] !== end || cache.get(i)
+      ) return null;
+      jobs.push(
+        index.type[i],
+        end - start,
+        index.length[i],
+        bytes,
+        pieceStart - offset,
+      );
+      end += index.length[i];
+    }
+    if (end - start > READ_BYTES) return null;
+    const packed = await source.read(start, end - start);
+    const packedCrcs = verifier
+      ? list.map((i) => {
+        const from = index.offset[i] - start;
+        return crc32(packed.subarray(from, from + index.length[i]));
+      })
+      : [];
+    const result = await codecPool.batch(packed, jobs, length);
+    if (!result) return null;
+    if (verifier) {
+      list.forEach((i, k) =>
+        verifier.recordCrc(
+          i,
+          result.crcs[k],
+          index.type[i] === TYPE.raw ? result.crcs[k] : packedCrcs[k],
+        )
+      );
+    }
+    return result.out;
+  }
+
   const partitions = tables.partitions.map((p) => ({
     name: p.name,
     id: p.id,
@@ -806,6 +869,8 @@ function dmgImage(
         if (index.sector[i] >= last) break;
         if (isData(index.type[i])) list.push(i);
       }
+      const batched = usePool ? await readBatch(offset, length, list) : null;
+      if (batched) return batched;
       // Several pieces decode at once (on the worker pool for big images);
       // each is copied out as it finishes.
       await Promise.all(

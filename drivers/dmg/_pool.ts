@@ -65,8 +65,12 @@ export class CodecPool {
                     : String(error),
                 ),
               );
+            } else if (unavailable) {
+              job.resolve(null);
             } else {
-              job.resolve(unavailable ? null : out);
+              job.resolve(
+                e.data.crcs ? { out, crcs: e.data.crcs } as never : out,
+              );
             }
           }
           this.#scheduleIdle();
@@ -111,6 +115,43 @@ export class CodecPool {
       slot.worker.postMessage({ id, op, codec, input: copy, size }, [
         copy.buffer,
       ]);
+    });
+  }
+
+  /**
+   * Decodes several chunks of one read on one worker, straight into a
+   * zeroed result of `length` bytes: `jobs` holds five numbers per chunk
+   * (chunk type, packed offset in `input`, packed length, decoded size,
+   * where it goes in the result). Answers the result and each chunk's
+   * CRC-32 of its decoded bytes, or `null` on any failure (the caller then
+   * decodes chunk by chunk and reports what failed). `input` is copied.
+   */
+  batch(
+    input: Uint8Array,
+    jobs: number[],
+    length: number,
+  ): Promise<{ out: Uint8Array; crcs: Uint32Array } | null> {
+    if (this.#broken || !this.#start()) return Promise.resolve(null);
+    clearTimeout(this.#idle);
+    this.#idle = undefined;
+    const slot = this.#workers.reduce((a, b) => (b.jobs < a.jobs ? b : a));
+    slot.jobs++;
+    const id = this.#next++;
+    const copy = input.byteOffset === 0 &&
+        input.byteLength === input.buffer.byteLength &&
+        input.buffer instanceof ArrayBuffer
+      ? input
+      : input.slice();
+    return new Promise((resolve) => {
+      this.#pending.set(id, {
+        resolve: (out) => resolve(out as never),
+        reject: () => resolve(null),
+        codec: "batch",
+      });
+      slot.worker.postMessage(
+        { id, op: "batch", input: copy, jobs, size: length },
+        [copy.buffer as ArrayBuffer],
+      );
     });
   }
 

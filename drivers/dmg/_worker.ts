@@ -18,6 +18,7 @@ import * as bzip2 from "../codecs/bzip2.ts";
 import * as lzfse from "../codecs/lzfse.ts";
 import * as xz from "../codecs/xz.ts";
 import * as zlib from "../codecs/zlib.ts";
+import { crc32 } from "../codecs/crc32.ts";
 
 /** The contract every module in drivers/codecs/ keeps. */
 interface Codec {
@@ -28,10 +29,12 @@ interface Codec {
 /** What the pool sends. */
 interface Job {
   id: number;
-  op: "decode" | "encode";
+  op: "decode" | "encode" | "batch";
   codec: string;
   input: Uint8Array;
   size: number;
+  /** For a batch: five numbers per chunk (see `CodecPool.batch`). */
+  jobs?: number[];
 }
 
 /** The worker's global scope, typed without the Deno worker lib. */
@@ -48,8 +51,62 @@ const CODECS: ReadonlyMap<string, Codec> = new Map<string, Codec>([
   ["xz", xz],
 ]);
 
+/** Codec names by UDIF chunk type, for batches (raw is 1). */
+const BY_TYPE = new Map<number, string>([
+  [0x80000004, "adc"],
+  [0x80000005, "zlib"],
+  [0x80000006, "bzip2"],
+  [0x80000007, "lzfse"],
+  [0x80000008, "xz"],
+]);
+
+/** Decodes a batch (see `CodecPool.batch`); null on any failure. */
+async function batch(
+  input: Uint8Array,
+  jobs: number[],
+  length: number,
+): Promise<
+  { out: Uint8Array<ArrayBuffer>; crcs: Uint32Array<ArrayBuffer> } | null
+> {
+  const out = new Uint8Array(new ArrayBuffer(length));
+  const crcs = new Uint32Array(new ArrayBuffer(jobs.length / 5 * 4));
+  for (let j = 0; j < jobs.length; j += 5) {
+    const [type, at, size, decodedSize, to] = jobs.slice(j, j + 5);
+    const packed = input.subarray(at, at + size);
+    let decoded: Uint8Array;
+    if (type === 1) {
+      if (size !== decodedSize) return null;
+      decoded = packed;
+    } else {
+      const module = CODECS.get(BY_TYPE.get(type) ?? "");
+      if (!module) return null;
+      decoded = await module.decode(packed, decodedSize);
+    }
+    out.set(decoded, to);
+    crcs[j / 5] = crc32(decoded);
+  }
+  return { out, crcs };
+}
+
 scope.onmessage = async (e: MessageEvent<Job>) => {
   const { id, op, codec, input, size } = e.data;
+  if (op === "batch") {
+    let result = null;
+    try {
+      result = await batch(input, e.data.jobs ?? [], size);
+    } catch {
+      // Reported as a failure: the caller decodes chunk by chunk and names it.
+    }
+    if (result) {
+      scope.postMessage({ id, out: result.out, crcs: result.crcs }, [
+        result.out.buffer,
+        result.crcs.buffer,
+      ]);
+    } else {
+      scope.postMessage({ id, unavailable: true });
+    }
+    return;
+  }
   const module = CODECS.get(codec);
   if (!module) {
     scope.postMessage({ id, unavailable: true });
