@@ -802,3 +802,42 @@ Deno.test("partitions listed out of disk order read the same", async () => {
   const expected = (await open(fromBytes(ref))).read(0, image.size);
   assertEquals(sha256Hex(await readAll(image)), sha256Hex(await expected));
 });
+
+Deno.test("on the worker pool, a corrupt chunk is still named and a bad partition checksum still found", async () => {
+  const disk = sampleDisk(2 * MIB);
+  const good = await encodeDmg(disk, { chunk_sectors: "64" });
+  // A byte inside the zlib stream of chunk 3 (chunks are written in order).
+  const mish = mishTables(good)[0];
+  const view = new DataView(mish.buffer, mish.byteOffset);
+  const chunk3 = Number(view.getBigUint64(chunkAt(3) + 24));
+  const corrupt = good.slice();
+  corrupt[chunk3 + 5] ^= 0xff;
+  const image = await open(fromBytes(corrupt));
+  try {
+    await rejects(
+      () => readAll(image),
+      ImageFormatError,
+      /chunk 3 \(.* of zlib .*\) does not decode/,
+    );
+  } finally {
+    await image.close?.();
+  }
+  // The table's checksum changed (and the master checksum made to match).
+  const wrong = withMish(good, 0, (m) => {
+    m[75] ^= 1;
+    return m;
+  });
+  const { crc32 } = await import("../drivers/codecs/crc32.ts");
+  const sum = mishTables(wrong)[0].slice(72, 76);
+  setBe32(wrong, wrong.length - 512 + 360, crc32(sum));
+  const image2 = await open(fromBytes(wrong));
+  try {
+    await rejects(
+      () => readAll(image2),
+      ChecksumError,
+      /blkx\[0\] .* checksum/,
+    );
+  } finally {
+    await image2.close?.();
+  }
+});
