@@ -22,6 +22,7 @@ import {
   referenceBytes,
   referenceImages,
   rejects,
+  ROOT,
   run,
   sha256Hex,
   skip,
@@ -840,4 +841,28 @@ Deno.test("on the worker pool, a corrupt chunk is still named and a bad partitio
   } finally {
     await image2.close?.();
   }
+});
+
+// testdata/demo.dmg (the `deno task demo` image) was made with:
+//   mkfs.fat -C -n VDISKDEMO -i 12345678 demo.raw 1440
+//   mcopy -i demo.raw README.TXT ::README.TXT
+//   deno run -A cli.ts convert -O dmg demo.raw testdata/demo.dmg
+Deno.test("the bundled demo.dmg is a FAT floppy whose README mtools reads", async () => {
+  const bytes = await Deno.readFile(`${ROOT}testdata/demo.dmg`);
+  const image = await open(fromBytes(bytes));
+  assertEquals(image.format, "dmg");
+  assertEquals(image.size, 1440 * 1024);
+  const disk = await readAll(image);
+  assertEquals(
+    sha256Hex(disk),
+    "436c15d3af7c286838d9d841ef16571604d37a8305f58b9025d5e8f460636a54",
+  );
+  if (skip(["mtype", "7zz"])) return;
+  await withTemp(async (dir) => {
+    await Deno.writeFile(`${dir}/demo.raw`, disk);
+    const text =
+      (await run("mtype", ["-i", `${dir}/demo.raw`, "::README.TXT"])).text;
+    assertMatch(text, /Hello from vdisk!/);
+    assertEquals(sha256Hex(await sevenZip(dir, bytes)), sha256Hex(disk));
+  });
 });
