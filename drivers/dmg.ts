@@ -41,6 +41,7 @@ import {
   ChecksumError,
   CodecError,
   ImageFormatError,
+  UnsupportedError,
 } from "../streams/errors.ts";
 import {
   checkRange,
@@ -178,6 +179,20 @@ async function readTables(source: Source): Promise<Tables> {
   }
   const at = size - KOLY_SIZE;
   const koly = parseKoly(await source.read(at, KOLY_SIZE), at, size, file);
+  if (koly.segmentCount > 1) {
+    // A segmented image (`.dmg` + `.002.dmgpart`...) keeps chunks in files
+    // this source does not hold.
+    throw new UnsupportedError(
+      {
+        format: FORMAT,
+        field: "koly.SegmentCount",
+        value: koly.segmentCount,
+        offset: at + 60,
+        file,
+      },
+      `koly.SegmentCount ${koly.segmentCount}: segmented images are not supported (join the segments first)`,
+    );
+  }
   const partitions: Partition[] = [];
   let from: Tables["from"];
   if (koly.xmlLength > 0) {
@@ -860,8 +875,7 @@ function dmgImage(
     },
     async read(offset, length) {
       checkRange(size, offset, length);
-      const out = new Uint8Array(length);
-      if (length === 0) return out;
+      if (length === 0) return new Uint8Array(0);
       const first = Math.floor(offset / SECTOR);
       const last = Math.ceil((offset + length) / SECTOR);
       const list: number[] = [];
@@ -871,6 +885,8 @@ function dmgImage(
       }
       const batched = usePool ? await readBatch(offset, length, list) : null;
       if (batched) return batched;
+      // Allocated only here: a fresh 2 MiB array costs its page faults.
+      const out = new Uint8Array(length);
       // Several pieces decode at once (on the worker pool for big images);
       // each is copied out as it finishes.
       await Promise.all(

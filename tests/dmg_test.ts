@@ -11,6 +11,7 @@ import {
   open,
   probe,
   type Source,
+  UnsupportedError,
 } from "../mod.ts";
 import { be32, setBe32, setBe64 } from "../drivers/_binary.ts";
 import { decodeBase64, encodeBase64 } from "../drivers/dmg/_plist.ts";
@@ -865,4 +866,14 @@ Deno.test("the bundled demo.dmg is a FAT floppy whose README mtools reads", asyn
     assertMatch(text, /Hello from vdisk!/);
     assertEquals(sha256Hex(await sevenZip(dir, bytes)), sha256Hex(disk));
   });
+});
+
+Deno.test("a segmented image is refused as unsupported, naming koly.SegmentCount", async () => {
+  const bytes = await encodeDmg(sampleDisk());
+  setBe32(bytes, bytes.length - 512 + 60, 3);
+  await rejects(
+    () => open(fromBytes(bytes)),
+    UnsupportedError,
+    /koly\.SegmentCount 3/,
+  );
 });
