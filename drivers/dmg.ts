@@ -30,7 +30,7 @@
  * @module
  */
 
-import { be32, isZero } from "./_binary.ts";
+import { be32, isZero, le32 } from "./_binary.ts";
 import * as adc from "./codecs/adc.ts";
 import * as bzip2 from "./codecs/bzip2.ts";
 import * as lzfse from "./codecs/lzfse.ts";
@@ -952,6 +952,8 @@ interface WriteOptions {
   /** Codec module, or undefined for raw. */
   codec?: string;
   chunkSectors: number;
+  /** `mbr`: a table per MBR partition when the MBR is simple; `whole`: one table. */
+  partitions: "mbr" | "whole";
 }
 
 /** `-o compression=` values and their chunk types. */
@@ -970,8 +972,8 @@ function writeOptions(options: Record<string, string> = {}): WriteOptions {
     throw new ImageFormatError({ format: FORMAT, field, value, limit });
   };
   for (const key of Object.keys(options)) {
-    if (!["compression", "chunk_sectors"].includes(key)) {
-      bad("option", key, "one of compression, chunk_sectors");
+    if (!["compression", "chunk_sectors", "partitions"].includes(key)) {
+      bad("option", key, "one of compression, chunk_sectors, partitions");
     }
   }
   const name = options.compression ?? "zlib";
@@ -990,7 +992,16 @@ function writeOptions(options: Record<string, string> = {}): WriteOptions {
       "a whole number from 1 to 131072 (64 MiB)",
     );
   }
-  return { type, codec: CODECS.get(type), chunkSectors };
+  const partitions = options.partitions ?? "mbr";
+  if (partitions !== "mbr" && partitions !== "whole") {
+    bad("partitions", partitions, "mbr (the default) or whole");
+  }
+  return {
+    type,
+    codec: CODECS.get(type),
+    chunkSectors,
+    partitions: partitions as WriteOptions["partitions"],
+  };
 }
 
 /** One chunk ready to write. */
@@ -1035,12 +1046,18 @@ function dataProbe(source: Source) {
 async function* packChunks(
   source: Source,
   settings: WriteOptions,
+  layout: Layout[],
   options: EncodeOptions,
 ): AsyncIterable<Packed> {
   const { chunkSectors, type } = settings;
-  const chunkBytes = chunkSectors * SECTOR;
-  const sectors = Math.ceil(source.size / SECTOR);
-  const count = Math.ceil(sectors / chunkSectors);
+  // Chunks never cross a partition: [first sector, sectors] of each.
+  const spans: [number, number][] = [];
+  for (const part of layout) {
+    for (let s = 0; s < part.sectors; s += chunkSectors) {
+      spans.push([part.first + s, Math.min(chunkSectors, part.sectors - s)]);
+    }
+  }
+  const count = spans.length;
   const hasData = dataProbe(source);
   const encoder = settings.codec
     ? CODEC_MODULES.get(settings.codec)
@@ -1062,10 +1079,9 @@ async function* packChunks(
       : { type: TYPE.raw, sectors: n, bytes: block, crc };
   };
 
-  for (let k = 0; k < count; k++) {
+  for (const [first, n] of spans) {
     options.signal?.throwIfAborted();
-    const n = Math.min(chunkSectors, sectors - k * chunkSectors);
-    const start = k * chunkBytes;
+    const start = first * SECTOR;
     const end = Math.min(source.size, start + n * SECTOR);
     let next: Promise<Packed>;
     if (!(await hasData(start, end))) {
@@ -1098,22 +1114,118 @@ async function* packChunks(
   while (queue.length) yield await queue.shift()!;
 }
 
-/** The XML property list hdiutil writes, with one `blkx` entry. */
-function plistText(name: string, mish: Uint8Array): string {
-  const entry = [
+/** One `blkx` entry the writer makes. */
+interface Layout {
+  first: number;
+  sectors: number;
+  /** Name and CFName, as hdiutil writes them (`" (DOS_FAT_32 : 1)"`). */
+  name: string;
+  /** The plist's ID (-1 for the MBR, as hdiutil numbers them). */
+  id: number;
+  /** The table's BlockDescriptors value. */
+  descriptor: number;
+}
+
+/** hdiutil's names for MBR partition types. */
+const MBR_TYPES: Record<number, string> = {
+  0x01: "DOS_FAT_12",
+  0x04: "DOS_FAT_16",
+  0x06: "DOS_FAT_16",
+  0x0b: "DOS_FAT_32",
+  0x0c: "DOS_FAT_32",
+  0x0e: "DOS_FAT_16",
+  0x07: "Windows_NTFS",
+  0x82: "Linux_Swap",
+  0x83: "Linux",
+  0xa8: "Apple_UFS",
+  0xab: "Apple_Boot",
+  0xaf: "Apple_HFS",
+};
+
+/**
+ * The partitions written: for a disk with a simple MBR (signature 55 AA,
+ * status 0x00 or 0x80 in every entry, primary partitions only, inside the
+ * disk, not overlapping, no GPT protective entry) the MBR, each partition
+ * and the gaps between them, as hdiutil lays out such a disk; otherwise
+ * one whole-disk entry. Every sector is stored either way.
+ */
+async function layoutOf(
+  source: Source,
+  sectors: number,
+  partitions: WriteOptions["partitions"],
+): Promise<Layout[]> {
+  const whole: Layout[] = [{
+    first: 0,
+    sectors,
+    name: "whole disk (unknown partition : 0)",
+    id: 0,
+    descriptor: 0xfffffffe, // hdiutil's value for a whole-disk table
+  }];
+  if (partitions === "whole" || sectors < 2) return whole;
+  const mbr = await source.read(0, SECTOR);
+  if (mbr[510] !== 0x55 || mbr[511] !== 0xaa) return whole;
+  const parts: { first: number; sectors: number; type: number }[] = [];
+  for (let k = 0; k < 4; k++) {
+    const at = 446 + 16 * k;
+    const type = mbr[at + 4];
+    const first = le32(mbr, at + 8);
+    const count = le32(mbr, at + 12);
+    // A volume boot record (FAT, NTFS) also ends in 55 AA: its code in
+    // these bytes rarely has a status of 0x00 or 0x80 in all four entries.
+    if (mbr[at] !== 0 && mbr[at] !== 0x80) return whole;
+    if (type === 0 || count === 0) continue;
+    if ([0x05, 0x0f, 0x85, 0xee, 0xef].includes(type)) return whole;
+    if (first < 1 || first + count > sectors) return whole;
+    parts.push({ first, sectors: count, type });
+  }
+  if (parts.length === 0) return whole;
+  parts.sort((a, b) => a.first - b.first);
+  const out: Layout[] = [{
+    first: 0,
+    sectors: 1,
+    name: "Master Boot Record (MBR : 0)",
+    id: -1,
+    descriptor: 0,
+  }];
+  const add = (first: number, count: number, kind: string) => {
+    const n = out.length;
+    out.push({
+      first,
+      sectors: count,
+      name: ` (${kind} : ${n})`,
+      id: n - 1,
+      descriptor: n,
+    });
+  };
+  let at = 1;
+  for (const p of parts) {
+    if (p.first < at) return whole; // overlapping partitions
+    if (p.first > at) add(at, p.first - at, "Apple_Free");
+    const type = MBR_TYPES[p.type] ??
+      `Unknown_0x${p.type.toString(16).padStart(2, "0")}`;
+    add(p.first, p.sectors, type);
+    at = p.first + p.sectors;
+  }
+  if (at < sectors) add(at, sectors - at, "Apple_Free");
+  return out;
+}
+
+/** The XML property list hdiutil writes, one `blkx` entry per partition. */
+function plistText(tables: { layout: Layout; mish: Uint8Array }[]): string {
+  const entry = ({ layout, mish }: { layout: Layout; mish: Uint8Array }) => [
     "\t\t\t<dict>",
     "\t\t\t\t<key>Attributes</key>",
     "\t\t\t\t<string>0x0050</string>",
     "\t\t\t\t<key>CFName</key>",
-    `\t\t\t\t<string>${escapeXml(name)}</string>`,
+    `\t\t\t\t<string>${escapeXml(layout.name)}</string>`,
     "\t\t\t\t<key>Data</key>",
     "\t\t\t\t<data>",
     encodeBase64(mish, "\t\t\t\t").trimEnd(),
     "\t\t\t\t</data>",
     "\t\t\t\t<key>ID</key>",
-    "\t\t\t\t<string>0</string>",
+    `\t\t\t\t<string>${layout.id}</string>`,
     "\t\t\t\t<key>Name</key>",
-    `\t\t\t\t<string>${escapeXml(name)}</string>`,
+    `\t\t\t\t<string>${escapeXml(layout.name)}</string>`,
     "\t\t\t</dict>",
   ];
   return [
@@ -1125,7 +1237,7 @@ function plistText(name: string, mish: Uint8Array): string {
     "\t<dict>",
     "\t\t<key>blkx</key>",
     "\t\t<array>",
-    ...entry,
+    ...tables.flatMap(entry),
     "\t\t</array>",
     "\t</dict>",
     "</dict>",
@@ -1142,31 +1254,37 @@ async function encode(
 ): Promise<void> {
   const settings = writeOptions(options.options);
   const sectors = Math.ceil(source.size / SECTOR);
-  const chunks: {
+  const layout = await layoutOf(source, sectors, settings.partitions);
+  type Entry = {
     type: number;
     sector: number;
     sectors: number;
     offset: number;
     length: number;
-  }[] = [];
+  };
+  const chunks: Entry[][] = layout.map(() => []);
+  const crcs = layout.map(() => 0);
   let at = 0; // the data fork starts the file
   let forkCrc = 0;
-  let partitionCrc = 0;
+  let part = 0;
   let sector = 0;
   try {
-    for await (const chunk of packChunks(source, settings, options)) {
-      chunks.push({
+    for await (
+      const chunk of packChunks(source, settings, layout, options)
+    ) {
+      while (sector >= layout[part].first + layout[part].sectors) part++;
+      chunks[part].push({
         type: chunk.type,
-        sector,
+        sector: sector - layout[part].first,
         sectors: chunk.sectors,
         offset: at,
         length: chunk.bytes.length,
       });
       if (chunk.type === TYPE.zero) {
-        partitionCrc = crc32Zeros(partitionCrc, chunk.sectors * SECTOR);
+        crcs[part] = crc32Zeros(crcs[part], chunk.sectors * SECTOR);
       } else {
-        partitionCrc = crc32Combine(
-          partitionCrc,
+        crcs[part] = crc32Combine(
+          crcs[part],
           chunk.crc,
           chunk.sectors * SECTOR,
         );
@@ -1180,19 +1298,21 @@ async function encode(
   } finally {
     codecPool.release();
   }
-  const mish = mishBytes({
-    firstSector: 0,
-    sectorCount: sectors,
-    descriptor: 0xfffffffe, // hdiutil's value for a whole-disk table
-    crc: partitionCrc,
-    chunks,
-    largestChunk: settings.chunkSectors,
-  });
-  const sums = new Uint8Array(4);
-  new DataView(sums.buffer).setUint32(0, partitionCrc);
-  const xml = new TextEncoder().encode(
-    plistText("whole disk (unknown partition : 0)", mish),
-  );
+  const tables = layout.map((l, k) => ({
+    layout: l,
+    mish: mishBytes({
+      firstSector: l.first,
+      sectorCount: l.sectors,
+      descriptor: l.descriptor,
+      crc: crcs[k],
+      chunks: chunks[k],
+      largestChunk: settings.chunkSectors,
+    }),
+  }));
+  // The master checksum: the CRC-32 of every table's checksum.
+  const sums = new Uint8Array(4 * layout.length);
+  crcs.forEach((crc, k) => new DataView(sums.buffer).setUint32(4 * k, crc));
+  const xml = new TextEncoder().encode(plistText(tables));
   await sink.write(at, xml);
   const segmentId = crypto.getRandomValues(new Uint8Array(16));
   await sink.write(
@@ -1223,9 +1343,11 @@ async function encode(
  * `options: { verify: "off" }` to skip it.
  *
  * Writing options (`-o`): `compression` (`zlib`, the default UDZO, or
- * `raw`, `bzip2`, `lzfse`, `lzma`, `adc`) and `chunk_sectors` (default
- * 2048, hdiutil's 1 MiB chunks). All-zero chunks are zero-fill chunks;
- * chunks that do not shrink are stored raw. The disk is one partition.
+ * `raw`, `bzip2`, `lzfse`, `lzma`, `adc`), `chunk_sectors` (default 2048,
+ * hdiutil's 1 MiB chunks) and `partitions` (`mbr`, the default: a disk
+ * with a simple MBR gets a table for the MBR, each partition and each gap,
+ * as hdiutil writes one; `whole`: one table for the disk). All-zero chunks
+ * are zero-fill chunks; chunks that do not shrink are stored raw.
  *
  * @example
  * ```ts

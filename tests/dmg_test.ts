@@ -877,3 +877,110 @@ Deno.test("a segmented image is refused as unsupported, naming koly.SegmentCount
     /koly\.SegmentCount 3/,
   );
 });
+
+/** A 4 MiB disk with an MBR: FAT16 at 2048 (2048 sectors), Linux at 6000 (1000), bytes in the gaps. */
+function mbrDisk(): Uint8Array<ArrayBuffer> {
+  const disk = new Uint8Array(8192 * 512);
+  for (let i = 512; i < disk.length; i += 4096) {
+    disk.fill(((i >> 12) & 255) | 1, i, i + 100);
+  }
+  const entry = (k: number, type: number, first: number, count: number) => {
+    const at = 446 + 16 * k;
+    disk[at + 4] = type;
+    new DataView(disk.buffer).setUint32(at + 8, first, true);
+    new DataView(disk.buffer).setUint32(at + 12, count, true);
+  };
+  entry(0, 0x06, 2048, 2048);
+  entry(1, 0x83, 6000, 1000);
+  disk[510] = 0x55;
+  disk[511] = 0xaa;
+  return disk;
+}
+
+Deno.test("a disk with a simple MBR is written as hdiutil lays it out: MBR, partitions and free gaps", async () => {
+  const disk = mbrDisk();
+  const image = await open(fromBytes(await encodeDmg(disk)));
+  const details = image.details as {
+    partitions: { name: string; first_sector: number; sector_count: number }[];
+  };
+  assertEquals(
+    details.partitions.map((p) => [p.name, p.first_sector, p.sector_count]),
+    [
+      ["Master Boot Record (MBR : 0)", 0, 1],
+      [" (Apple_Free : 1)", 1, 2047],
+      [" (DOS_FAT_16 : 2)", 2048, 2048],
+      [" (Apple_Free : 3)", 4096, 1904],
+      [" (Linux : 4)", 6000, 1000],
+      [" (Apple_Free : 5)", 7000, 1192],
+    ],
+  );
+  assertEquals(sha256Hex(await readAll(image)), sha256Hex(disk));
+  const whole = await open(
+    fromBytes(await encodeDmg(disk, { partitions: "whole" })),
+  );
+  assertEquals(
+    (whole.details as { partitions: unknown[] }).partitions.length,
+    1,
+  );
+  assertEquals(sha256Hex(await readAll(whole)), sha256Hex(disk));
+});
+
+Deno.test("an MBR-partitioned dmg of ours is read byte-identical by 7zz, qemu-img and dmg2img", async () => {
+  if (skip(["7zz", "qemu-img", "dmg2img"])) return;
+  await withTemp(async (dir) => {
+    const disk = mbrDisk();
+    const image = await encodeDmg(disk);
+    await sevenZipTests(dir, image);
+    assertEquals(sha256Hex(await sevenZip(dir, image)), sha256Hex(disk));
+    const listing = await run("7zz", ["l", "-tdmg", `${dir}/7z.dmg`]);
+    assertMatch(listing.text, /2\.DOS_FAT_16/);
+    assertMatch(listing.text, /4\.Linux/);
+    await Deno.writeFile(`${dir}/a.dmg`, image);
+    await run("qemu-img", [
+      "convert",
+      "-f",
+      "dmg",
+      "-O",
+      "raw",
+      `${dir}/a.dmg`,
+      `${dir}/q.raw`,
+    ]);
+    assertEquals(
+      sha256Hex(await Deno.readFile(`${dir}/q.raw`)),
+      sha256Hex(disk),
+    );
+    await run("dmg2img", ["-s", `${dir}/a.dmg`, `${dir}/d.raw`], {
+      allowFail: true,
+    });
+    assertEquals(
+      sha256Hex(await Deno.readFile(`${dir}/d.raw`)),
+      sha256Hex(disk),
+    );
+  });
+});
+
+Deno.test("an MBR that is not simple (extended, GPT protective, overlapping, past the disk) gives one whole-disk table", async () => {
+  const cases: [number, number, number][][] = [
+    [[0x05, 2048, 2048]],
+    [[0xee, 1, 8191]],
+    [[0x06, 2048, 2048], [0x83, 3000, 100]],
+    [[0x83, 4000, 9000]],
+  ];
+  for (const entries of cases) {
+    const disk = mbrDisk();
+    disk.fill(0, 446, 510);
+    entries.forEach(([type, first, count], k) => {
+      const at = 446 + 16 * k;
+      disk[at + 4] = type;
+      new DataView(disk.buffer).setUint32(at + 8, first, true);
+      new DataView(disk.buffer).setUint32(at + 12, count, true);
+    });
+    const image = await open(fromBytes(await encodeDmg(disk)));
+    const parts =
+      (image.details as { partitions: { name: string }[] }).partitions;
+    assertEquals(parts.map((p) => p.name), [
+      "whole disk (unknown partition : 0)",
+    ], JSON.stringify(entries));
+    assertEquals(sha256Hex(await readAll(image)), sha256Hex(disk));
+  }
+});
