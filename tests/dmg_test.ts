@@ -984,3 +984,38 @@ Deno.test("an MBR that is not simple (extended, GPT protective, overlapping, pas
     assertEquals(sha256Hex(await readAll(image)), sha256Hex(disk));
   }
 });
+
+Deno.test("broken fields poked into every reference dmg are refused by name", async () => {
+  if (skip([], true)) return;
+  for (const ref of referenceImages().filter((r) => r.format === "dmg")) {
+    const bytes = (await referenceBytes(ref.path))!.slice();
+    const k = bytes.length - 512;
+    const version = bytes.slice();
+    setBe32(version, k + 4, 3);
+    await rejects(
+      () => open(fromBytes(version), { format: "dmg" }),
+      ImageFormatError,
+      /koly\.Version 3 must be 4/,
+    );
+    const xml = bytes.slice();
+    setBe64(xml, k + 224, k); // the plist would run into the trailer
+    await rejects(
+      () => open(fromBytes(xml), { format: "dmg" }),
+      ImageFormatError,
+      /koly\.XMLLength/,
+    );
+    // The first table with a chunk gets an unknown chunk type.
+    const tables = mishTables(bytes);
+    const t = tables.findIndex((m) => m.length > 204 + 40);
+    const unknown = withMish(bytes, t, (m) => {
+      setBe32(m, chunkAt(0), 0x00000003);
+      return m;
+    });
+    await rejects(
+      () =>
+        open(fromBytes(unknown), { format: "dmg", options: { verify: "off" } }),
+      ImageFormatError,
+      /chunk 0 type "0x00000003" must be a known chunk type/,
+    );
+  }
+});
