@@ -793,9 +793,8 @@ function dmgImage(
 
   /**
    * A read whose data pieces all lie wholly inside it, none cached, their
-   * packed bytes one run of the file: one worker decodes them all straight
-   * into the result (and computes their CRCs), so the main thread only
-   * reads the file. Null when the read does not qualify or the pool
+   * packed bytes one run of the file: one worker decodes them all (and
+   * computes their CRCs) from one message, and this thread places them. Null when the read does not qualify or the pool
    * cannot take it (the caller then decodes piece by piece, which also
    * names a bad chunk in its error).
    */
@@ -832,8 +831,10 @@ function dmgImage(
         return crc32(packed.subarray(from, from + index.length[i]));
       })
       : [];
-    const result = await codecPool.batch(packed, jobs, length);
+    const result = await codecPool.batch(packed, jobs);
     if (!result) return null;
+    const out = new Uint8Array(length);
+    result.pieces.forEach((piece, k) => out.set(piece, jobs[k * 5 + 4]));
     if (verifier) {
       list.forEach((i, k) =>
         verifier.recordCrc(
@@ -843,7 +844,7 @@ function dmgImage(
         )
       );
     }
-    return result.out;
+    return out;
   }
 
   const partitions = tables.partitions.map((p) => ({

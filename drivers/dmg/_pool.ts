@@ -69,7 +69,9 @@ export class CodecPool {
               job.resolve(null);
             } else {
               job.resolve(
-                e.data.crcs ? { out, crcs: e.data.crcs } as never : out,
+                e.data.crcs
+                  ? { pieces: e.data.pieces, crcs: e.data.crcs } as never
+                  : out,
               );
             }
           }
@@ -119,18 +121,17 @@ export class CodecPool {
   }
 
   /**
-   * Decodes several chunks of one read on one worker, straight into a
-   * zeroed result of `length` bytes: `jobs` holds five numbers per chunk
-   * (chunk type, packed offset in `input`, packed length, decoded size,
-   * where it goes in the result). Answers the result and each chunk's
-   * CRC-32 of its decoded bytes, or `null` on any failure (the caller then
-   * decodes chunk by chunk and reports what failed). `input` is copied.
+   * Decodes several chunks of one read on one worker: `jobs` holds five
+   * numbers per chunk (chunk type, packed offset in `input`, packed
+   * length, decoded size, where it goes in the caller's result). Answers
+   * each chunk's decoded bytes and their CRC-32, or `null` on any failure
+   * (the caller then decodes chunk by chunk and reports what failed).
+   * `input` is transferred when it owns its buffer, copied otherwise.
    */
   batch(
     input: Uint8Array,
     jobs: number[],
-    length: number,
-  ): Promise<{ out: Uint8Array; crcs: Uint32Array } | null> {
+  ): Promise<{ pieces: Uint8Array[]; crcs: Uint32Array } | null> {
     if (this.#broken || !this.#start()) return Promise.resolve(null);
     clearTimeout(this.#idle);
     this.#idle = undefined;
@@ -149,7 +150,7 @@ export class CodecPool {
         codec: "batch",
       });
       slot.worker.postMessage(
-        { id, op: "batch", input: copy, jobs, size: length },
+        { id, op: "batch", input: copy, jobs, size: 0 },
         [copy.buffer as ArrayBuffer],
       );
     });
