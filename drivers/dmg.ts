@@ -97,10 +97,10 @@ const RAW_PIECE_BYTES = 1 << 20;
 /**
  * Images with at least this many compressed chunks decode them on the
  * worker pool (small images decode inline: starting workers costs more).
- * On the bench's 1 GiB disk (2 cores) the pool takes a bzip2 convert from
- * about 5.5 s inline to 2.3-3.3 s; for zlib, whose inflate is native, it
- * mostly frees the main thread for the file writes (1.0 against 1.2 s on
- * a 256 MiB disk of 4-bit random text).
+ * Measured on the bench's 1 GiB disk (2 shared cores, a convert to a
+ * file): bzip2 4.6 s inline against 2.4-3.6 s on the pool, zlib 1.8 s
+ * against 0.8-0.9 s; peak RSS 140 MiB inline, 205-250 MiB with the two
+ * workers.
  */
 const POOL_MIN_CHUNKS = 16;
 
