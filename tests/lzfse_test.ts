@@ -1,5 +1,5 @@
 import { assertEquals, assertMatch, assertTrue as assert } from "./_asserts.ts";
-import { decode, encode } from "../drivers/codecs/lzfse.ts";
+import { decode, encode, type EncodeOptions } from "../drivers/codecs/lzfse.ts";
 import { crc32 } from "../drivers/codecs/crc32.ts";
 import { KOLY_SIZE, kolyBytes, parseKoly } from "../drivers/dmg/_koly.ts";
 import { mishBytes, parseMish, TYPE } from "../drivers/dmg/_mish.ts";
@@ -21,6 +21,20 @@ import {
 } from "./_helpers.ts";
 
 const REFERENCE_DMG = "udif/compression-lzfse.dmg";
+
+/**
+ * Asserts two byte arrays are equal, naming the first difference (a deep
+ * equality diff of megabytes would take the machine's memory).
+ */
+function assertBytes(actual: Uint8Array, expected: Uint8Array, what = "") {
+  let at = 0;
+  const n = Math.min(actual.length, expected.length);
+  while (at < n && actual[at] === expected[at]) at++;
+  if (at === n && actual.length === expected.length) return;
+  throw new Error(
+    `${what}: ${actual.length} bytes against ${expected.length}, first difference at ${at}`,
+  );
+}
 
 /** The blkx tables of a dmg, parsed with the dmg helpers. */
 function blockTables(dmg: Uint8Array) {
@@ -95,6 +109,30 @@ Deno.test("lzfse decodes the ULFO chunks of an hdiutil image to the reference di
   assertEquals(sha256Hex(disk), manifest.raw_sha256);
 });
 
+/** Block kinds in a stream, in order ("bvx2", "bvxn", ...). */
+function blockKinds(stream: Uint8Array): string[] {
+  const v = new DataView(stream.buffer, stream.byteOffset, stream.byteLength);
+  const kinds: string[] = [];
+  for (let at = 0;;) {
+    const kind = new TextDecoder().decode(stream.subarray(at, at + 4));
+    kinds.push(kind);
+    if (kind === "bvx$") return kinds;
+    const raw = v.getUint32(at + 4, true);
+    if (kind === "bvx-") at += 8 + raw;
+    else if (kind === "bvxn") at += 12 + v.getUint32(at + 8, true);
+    else if (kind === "bvx1") {
+      at += 772 + v.getUint32(at + 20, true) + v.getUint32(at + 24, true);
+    } else {
+      const w0 = v.getBigUint64(at + 8, true);
+      const w1 = v.getBigUint64(at + 16, true);
+      at += v.getUint32(at + 24, true) + Number((w0 >> 20n) & 0xfffffn) +
+        Number((w1 >> 40n) & 0xfffffn);
+    }
+  }
+}
+
+const METHODS = ["lzfse", "lzvn"] as const;
+
 Deno.test("lzfse round-trips empty input, one byte, zeros, random bytes and text", async () => {
   const text = new TextEncoder().encode(
     Array.from(
@@ -111,37 +149,62 @@ Deno.test("lzfse round-trips empty input, one byte, zeros, random bytes and text
     ["random", random],
     ["text", text],
   ];
-  for (const [name, data] of cases) {
-    const packed = await encode(data);
-    assertEquals(await decode(packed, data.length), data, name);
+  for (const method of METHODS) {
+    for (const [name, data] of cases) {
+      const packed = await encode(data, { method });
+      assertBytes(await decode(packed, data.length), data, `${method} ${name}`);
+      // No stored blocks: 7-Zip cannot read them.
+      assert(!blockKinds(packed).includes("bvx-"), `${method} ${name}`);
+    }
+    assertEquals(
+      await encode(new Uint8Array(0), { method }),
+      Uint8Array.of(0x62, 0x76, 0x78, 0x24),
+    );
+    assert((await encode(text, { method })).length < text.length / 5, method);
+    // Incompressible data grows by at most 2%.
+    const grown = (await encode(random, { method })).length;
+    assert(grown <= random.length * 1.02, `${method}: ${grown}`);
   }
-  assertEquals(
-    await encode(new Uint8Array(0)),
-    Uint8Array.of(0x62, 0x76, 0x78, 0x24),
+  // FSE blocks beat LZVN on long runs and text; small inputs get LZVN.
+  assert((await encode(zeros)).length < 4000);
+  assert(
+    (await encode(text)).length <
+      (await encode(text, { method: "lzvn" })).length,
   );
-  assert((await encode(zeros)).length < zeros.length / 100);
-  assert((await encode(text)).length < text.length / 5);
-  // Incompressible data is stored: only block headers are added.
-  assert((await encode(random)).length <= random.length + 12 + 4);
+  assertEquals(blockKinds(await encode(text)).slice(0, 1), ["bvx2"]);
+  assertEquals(blockKinds(await encode(text.subarray(0, 4095))), [
+    "bvxn",
+    "bvx$",
+  ]);
 });
 
-Deno.test("lzfse round-trips repeats at distances near the LZVN opcode limits", async () => {
-  // Distances around each opcode's limit (sml_d 1535, med_d 16383, lrg_d
-  // 65535) and just past the window (65536, which must not be used).
-  for (const distance of [1, 2, 7, 8, 1535, 1536, 16383, 16384, 65535, 65536]) {
-    const data = new Uint8Array(distance + 5000);
-    data.set(pseudoRandom(distance, distance));
-    for (let i = distance; i < data.length; i++) data[i] = data[i - distance];
-    // Sprinkle a few changes so matches end and restart at every length.
-    for (let i = distance + 3; i < data.length; i += 97) data[i] ^= 0x55;
-    const packed = await encode(data);
-    assertEquals(
-      await decode(packed, data.length),
-      data,
-      `distance ${distance}`,
-    );
-    if (distance <= 65535) {
-      assert(packed.length < data.length, `distance ${distance}`);
+Deno.test("lzfse round-trips repeats at distances near each opcode's and the window's limits", async () => {
+  // LZVN: sml_d 1535, med_d 16383, lrg_d 65535, and 65536 past its window;
+  // FSE: 262139 (the largest D) and 262140 past it.
+  const distances = [1, 2, 7, 8, 1535, 1536, 16383, 16384, 65535, 65536];
+  for (const method of METHODS) {
+    const all = method === "lzfse" ? [...distances, 262139, 262140] : distances;
+    for (const distance of all) {
+      const data = new Uint8Array(distance + 5000);
+      data.set(pseudoRandom(distance, distance));
+      for (let i = distance; i < data.length; i++) data[i] = data[i - distance];
+      // Sprinkle a few changes so matches end and restart at every length.
+      for (let i = distance + 3; i < data.length; i += 97) data[i] ^= 0x55;
+      const packed = await encode(data, { method });
+      assertBytes(
+        await decode(packed, data.length),
+        data,
+        `${method} distance ${distance}`,
+      );
+      const reachable = method === "lzfse" ? 262139 : 65535;
+      if (distance <= reachable) {
+        // The repeat was found: it costs far less than its 5000 bytes.
+        const prefix = await encode(data.subarray(0, distance), { method });
+        assert(
+          packed.length < prefix.length + 1500,
+          `${method} distance ${distance}: ${packed.length}`,
+        );
+      }
     }
   }
 });
@@ -163,7 +226,7 @@ function mixedData(size = 1 << 20): Uint8Array {
 Deno.test("lzfse round-trips 1 MiB of mixed data", async () => {
   const data = mixedData();
   const packed = await encode(data);
-  assertEquals(await decode(packed, data.length), data);
+  assertBytes(await decode(packed, data.length), data, "mixed");
   assert(packed.length < data.length / 4, `${packed.length}`);
 });
 
@@ -172,7 +235,10 @@ Deno.test("lzfse round-trips 1 MiB of mixed data", async () => {
  * each, a zero chunk for an all-zero MiB), built with the dmg helpers and
  * an XML plist written here.
  */
-async function ulfoImage(disk: Uint8Array): Promise<Uint8Array> {
+async function ulfoImage(
+  disk: Uint8Array,
+  options: EncodeOptions,
+): Promise<Uint8Array> {
   const chunkSectors = 2048;
   const chunks = [];
   const parts: Uint8Array[] = [];
@@ -184,7 +250,7 @@ async function ulfoImage(disk: Uint8Array): Promise<Uint8Array> {
       chunks.push({ type: TYPE.zero, sector, sectors, offset, length: 0 });
       continue;
     }
-    const packed = await encode(bytes);
+    const packed = await encode(bytes, options);
     chunks.push({
       type: TYPE.lzfse,
       sector,
@@ -255,29 +321,38 @@ ${encodeBase64(mish, "\t\t\t\t")}				</data>
   return image;
 }
 
-Deno.test("7-Zip extracts a dmg whose ULFO chunks this encoder wrote", async () => {
+Deno.test("7-Zip extracts dmgs whose ULFO chunks this encoder wrote, FSE and LZVN", async () => {
   if (skip(["7zz"])) return;
-  // 3 MiB: mixed data, an all-zero MiB (a zero chunk), random bytes (stored).
-  const disk = new Uint8Array(3 << 20);
+  // 4 MiB: mixed data, an all-zero MiB (a zero chunk), a MiB of random
+  // bytes (incompressible), and 1 MiB of mixed data plus random bytes.
+  const disk = new Uint8Array(4 << 20);
   disk.set(mixedData());
-  disk.set(pseudoRandom(1 << 19, 11), (2 << 20) + 4096);
-  const image = await ulfoImage(disk);
-  // The image reads back through the parsers and this decoder.
-  const { tables } = blockTables(image);
-  assertEquals(tables[0].chunks.map((c) => c.type), [
-    TYPE.lzfse,
-    TYPE.zero,
-    TYPE.lzfse,
-  ]);
-  await withTemp(async (dir) => {
-    await Deno.writeFile(`${dir}/ulfo.dmg`, image);
-    const list = await run("7zz", ["l", "-tdmg", `${dir}/ulfo.dmg`]);
-    // 7-Zip sees the LZFSE chunks (and checks the partition's CRC-32).
-    assertMatch(list.text, /Method = .*LZFSE/);
-    const out = await run("7zz", ["x", "-tdmg", "-so", `${dir}/ulfo.dmg`]);
-    assertEquals(out.stdout.length, disk.length);
-    assert(sha256Hex(out.stdout) === sha256Hex(disk), "7-Zip's bytes differ");
-  });
+  disk.set(pseudoRandom(1 << 20, 12), 2 << 20);
+  disk.set(mixedData(), 3 << 20);
+  disk.set(pseudoRandom(1 << 19, 11), (3 << 20) + 4096);
+  for (const method of METHODS) {
+    const image = await ulfoImage(disk, { method });
+    // The image reads back through the parsers and this decoder.
+    const { tables } = blockTables(image);
+    assertEquals(tables[0].chunks.map((c) => c.type), [
+      TYPE.lzfse,
+      TYPE.zero,
+      TYPE.lzfse,
+      TYPE.lzfse,
+    ]);
+    await withTemp(async (dir) => {
+      await Deno.writeFile(`${dir}/ulfo.dmg`, image);
+      const list = await run("7zz", ["l", "-tdmg", `${dir}/ulfo.dmg`]);
+      // 7-Zip sees the LZFSE chunks (and checks the partition's CRC-32).
+      assertMatch(list.text, /Method = .*LZFSE/);
+      const out = await run("7zz", ["x", "-tdmg", "-so", `${dir}/ulfo.dmg`]);
+      assertEquals(out.stdout.length, disk.length, method);
+      assert(
+        sha256Hex(out.stdout) === sha256Hex(disk),
+        `${method}: bytes differ`,
+      );
+    });
+  }
 });
 
 // ---------------------------------------------------------------------------
@@ -297,17 +372,28 @@ Deno.test("lzfse refuses output longer or shorter than declared", async () => {
     /decodes to 29 bytes, expected 30/,
   );
   await rejects(() => decode(packed, -1), CodecError, /not a byte count/);
-  const chunks = await referenceChunks();
-  if (chunks) {
-    for (const c of chunks) {
-      await rejects(
-        () => decode(c.data, c.size - 512),
-        CodecError,
-        /pass the expected size/,
-      );
-      await rejects(() => decode(c.data, c.size + 1), CodecError, /expected/);
-    }
+  // bvx2 blocks: this encoder's, and hdiutil's when available.
+  const mixed = mixedData(100000);
+  const own = { data: await encode(mixed), size: mixed.length };
+  const chunks = [own, ...(await referenceChunks() ?? [])];
+  for (const c of chunks) {
+    await rejects(
+      () => decode(c.data, c.size - 1),
+      CodecError,
+      /pass the expected size/,
+    );
+    await rejects(
+      () => decode(c.data, c.size + 1),
+      CodecError,
+      new RegExp(`decodes to ${c.size} bytes, expected ${c.size + 1}`),
+    );
   }
+  // A size no buffer can hold is refused, not a RangeError.
+  await rejects(
+    () => decode(packed, 2 ** 52),
+    CodecError,
+    /cannot be allocated/,
+  );
 });
 
 Deno.test("lzfse refuses truncated streams and streams without bvx$", async () => {
@@ -358,18 +444,29 @@ Deno.test("lzfse refuses a poked block magic", async () => {
   }
 });
 
-/** A bvx2 chunk of the reference image, with a copy-and-poke helper. */
+/** A bvx2 chunk of the reference image, when ../shared is there. */
 async function v2Chunk() {
   const chunks = await referenceChunks();
-  const chunk = chunks?.find((c) =>
+  return chunks?.find((c) =>
     new TextDecoder().decode(c.data.subarray(0, 4)) === "bvx2"
   );
-  return chunk;
+}
+
+/** bvx2 streams to poke: this encoder's, and hdiutil's when available. */
+async function v2Samples(): Promise<{ data: Uint8Array; size: number }[]> {
+  const data = mixedData(100000);
+  const samples = [{ data: await encode(data), size: data.length }];
+  const chunk = await v2Chunk();
+  if (chunk) samples.push(chunk);
+  else skip([], true); // says that hdiutil's chunk is left out
+  return samples;
 }
 
 Deno.test("lzfse refuses bvx2 headers with wrong frequency tables or fields", async () => {
-  if (skip([], true)) return;
-  const chunk = (await v2Chunk())!;
+  for (const chunk of await v2Samples()) await pokeV2Header(chunk);
+});
+
+async function pokeV2Header(chunk: { data: Uint8Array; size: number }) {
   const headerSize = new DataView(
     chunk.data.buffer,
     chunk.data.byteOffset,
@@ -417,7 +514,7 @@ Deno.test("lzfse refuses bvx2 headers with wrong frequency tables or fields", as
     CodecError,
     /n_literals/,
   );
-});
+}
 
 /** An LZVN block by hand: 12-byte header, opcodes, end-of-stream. */
 function lzvnStream(raw: number, ops: number[]): Uint8Array {
@@ -480,11 +577,13 @@ Deno.test("lzfse decodes hand-made LZVN opcodes and refuses bad distances", asyn
 });
 
 Deno.test("lzfse refuses bad distances in FSE blocks", async () => {
-  if (skip([], true)) return;
-  // Flipping bits across the L/M/D payload of a reference bvx2 chunk must
-  // give a typed error (most often a distance or size error) or the
-  // wrong bytes, never a crash or a hang.
-  const chunk = (await v2Chunk())!;
+  for (const chunk of await v2Samples()) await flipLmd(chunk);
+});
+
+async function flipLmd(chunk: { data: Uint8Array; size: number }) {
+  // Flipping bits across the L/M/D payload of a bvx2 stream must give a
+  // typed error (most often a distance or size error) or the wrong bytes,
+  // never a crash or a hang.
   const good = await decode(chunk.data, chunk.size);
   const errors = new Map<string, number>();
   for (let at = chunk.data.length - 5; at > chunk.data.length - 400; at -= 3) {
@@ -503,4 +602,160 @@ Deno.test("lzfse refuses bad distances in FSE blocks", async () => {
   }
   assert(errors.has("distance"), [...errors.keys()].join(", "));
   assert(good.length === chunk.size);
+}
+
+Deno.test("lzfse decodes stored blocks, and matches reaching into an earlier block", async () => {
+  const hello = new TextEncoder().encode("hello");
+  const stream = new Uint8Array(8 + 5 + 12 + 10 + 4);
+  const v = new DataView(stream.buffer);
+  stream.set([0x62, 0x76, 0x78, 0x2d]); // bvx-
+  v.setUint32(4, 5, true);
+  stream.set(hello, 8);
+  stream.set([0x62, 0x76, 0x78, 0x6e], 13); // bvxn: 5 bytes from 5 back
+  v.setUint32(17, 5, true);
+  v.setUint32(21, 10, true);
+  stream.set([0x10, 0x05, 0x06, 0, 0, 0, 0, 0, 0, 0], 25);
+  stream.set([0x62, 0x76, 0x78, 0x24], 35);
+  assertEquals(
+    new TextDecoder().decode(await decode(stream, 10)),
+    "hellohello",
+  );
+  // The stored block cut short.
+  await rejects(
+    () => decode(stream.subarray(0, 11), 10),
+    CodecError,
+    /truncated/,
+  );
+  // A stored block longer than the declared output.
+  await rejects(() => decode(stream, 4), CodecError, /pass the expected size/);
+});
+
+/**
+ * Rewrites every bvx2 block of a stream as bvx1 (the same payloads after
+ * a 772-byte header with plain fields), reading the packed frequencies
+ * with a decoder written differently from the codec's table-driven one.
+ */
+function toV1(stream: Uint8Array): Uint8Array {
+  const v = new DataView(stream.buffer, stream.byteOffset, stream.byteLength);
+  const parts: Uint8Array[] = [];
+  let at = 0;
+  for (;;) {
+    const kind = new TextDecoder().decode(stream.subarray(at, at + 4));
+    if (kind === "bvx$") break;
+    assertEquals(kind, "bvx2");
+    const w0 = v.getBigUint64(at + 8, true);
+    const w1 = v.getBigUint64(at + 16, true);
+    const w2 = v.getBigUint64(at + 24, true);
+    const field = (w: bigint, shift: number, bits: number) =>
+      Number((w >> BigInt(shift)) & ((1n << BigInt(bits)) - 1n));
+    const headerSize = field(w2, 0, 32);
+    const literalPayload = field(w0, 20, 20);
+    const lmdPayload = field(w1, 40, 20);
+    const freqs: number[] = [];
+    let bit = 8 * (at + 32);
+    const bits = (n: number) => {
+      let x = 0;
+      for (let i = 0; i < n; i++) {
+        x |= ((stream[(bit + i) >> 3] >> ((bit + i) & 7)) & 1) << i;
+      }
+      return x;
+    };
+    for (let i = 0; i < 360; i++) {
+      const x = bits(14);
+      const [n, f] = !(x & 1)
+        ? [2, (x >> 1) & 1]
+        : !(x & 2)
+        ? [3, 2 + ((x >> 2) & 1)]
+        : !(x & 4)
+        ? [5, 4 + ((x >> 3) & 3)]
+        : !(x & 8)
+        ? [8, 8 + ((x >> 4) & 15)]
+        : [14, 24 + ((x >> 4) & 0x3ff)];
+      freqs.push(f);
+      bit += n;
+    }
+    const h = new Uint8Array(772);
+    const hv = new DataView(h.buffer);
+    h.set([0x62, 0x76, 0x78, 0x31]);
+    hv.setUint32(4, v.getUint32(at + 4, true), true);
+    hv.setUint32(8, literalPayload + lmdPayload, true);
+    hv.setUint32(12, field(w0, 0, 20), true);
+    hv.setUint32(16, field(w0, 40, 20), true);
+    hv.setUint32(20, literalPayload, true);
+    hv.setUint32(24, lmdPayload, true);
+    hv.setInt32(28, field(w0, 60, 3) - 7, true);
+    for (let i = 0; i < 4; i++) {
+      hv.setUint16(32 + 2 * i, field(w1, 10 * i, 10), true);
+    }
+    hv.setInt32(40, field(w1, 60, 3) - 7, true);
+    hv.setUint16(44, field(w2, 32, 10), true);
+    hv.setUint16(46, field(w2, 42, 10), true);
+    hv.setUint16(48, field(w2, 52, 10), true);
+    freqs.forEach((f, i) => hv.setUint16(50 + 2 * i, f, true));
+    const payloadStart = at + headerSize;
+    const payloadEnd = payloadStart + literalPayload + lmdPayload;
+    parts.push(h, stream.subarray(payloadStart, payloadEnd));
+    at = payloadEnd;
+  }
+  parts.push(stream.subarray(at, at + 4));
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}
+
+Deno.test("lzfse decodes bvx1 blocks (uncompressed tables) like the bvx2 blocks they mirror", async () => {
+  // Eight-letter noise: short matches and many literals, so several blocks.
+  const data = pseudoRandom(300000, 21).map((b) => 0x61 + (b & 7));
+  const v2 = await encode(data);
+  const v1 = toV1(v2);
+  assert(blockKinds(v1).filter((k) => k === "bvx1").length >= 2);
+  assertBytes(await decode(v1, data.length), data, "bvx1");
+  const chunk = await v2Chunk();
+  if (chunk) {
+    assertBytes(
+      await decode(toV1(chunk.data), chunk.size),
+      await decode(chunk.data, chunk.size),
+      "hdiutil's chunk as bvx1",
+    );
+  }
+  // A v1 literal frequency pushed past the table's 1024 states.
+  const bad = v1.slice();
+  new DataView(bad.buffer).setUint16(50 + 2 * 104, 2000, true);
+  await rejects(
+    () => decode(bad, data.length),
+    CodecError,
+    /literal frequencies sum to/,
+  );
+});
+
+Deno.test("lzfse turns randomly damaged streams into CodecErrors or bytes, never a crash or a hang", async () => {
+  const data = mixedData(20000);
+  const samples = [
+    { data: await encode(data), size: data.length },
+    { data: await encode(data, { method: "lzvn" }), size: data.length },
+    ...(await referenceChunks() ?? []),
+  ];
+  let seed = 7;
+  const next = () => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0);
+  let refused = 0;
+  for (const sample of samples) {
+    for (let round = 0; round < 300; round++) {
+      const bad = sample.data.slice();
+      for (let k = 1 + (next() % 4); k > 0; k--) {
+        bad[next() % bad.length] ^= 1 << (next() % 8);
+      }
+      try {
+        const out = await decode(bad, sample.size);
+        assertEquals(out.length, sample.size);
+      } catch (e) {
+        assert(e instanceof CodecError, `${(e as Error).name}: ${e}`);
+        refused++;
+      }
+    }
+  }
+  assert(refused > 0);
 });
