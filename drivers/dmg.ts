@@ -1334,6 +1334,12 @@ async function encode(
   );
 }
 
+/** True when `head` starts with the "encrcdsa" magic of an encrypted image. */
+function encryptedHeader(head: Uint8Array): boolean {
+  return head.length >= 8 &&
+    String.fromCharCode(...head.subarray(0, 8)) === "encrcdsa";
+}
+
 /**
  * The dmg driver: opens UDIF images (XML plist or resource-fork block
  * tables; zero-fill, raw, ignore, ADC, zlib, bzip2, LZFSE and LZMA chunks),
@@ -1369,6 +1375,9 @@ export const dmg: Driver = {
   description:
     "Apple UDIF disk image (dmg): raw, zlib, bzip2, ADC, LZFSE and LZMA chunks",
   probe(input: ProbeInput): number {
+    // An encrypted image (FileVault's "encrcdsa" header) is claimed so that
+    // opening it says what it is instead of reading ciphertext as raw.
+    if (encryptedHeader(input.head)) return 100;
     const t = input.tail;
     if (input.size < KOLY_SIZE || t.length < KOLY_SIZE) return 0;
     const at = t.length - KOLY_SIZE;
@@ -1378,6 +1387,19 @@ export const dmg: Driver = {
       : 0;
   },
   async open(source: Source, options: OpenOptions = {}): Promise<Image> {
+    const head = await source.read(0, Math.min(8, source.size));
+    if (encryptedHeader(head)) {
+      throw new UnsupportedError(
+        {
+          format: FORMAT,
+          field: "signature",
+          value: "encrcdsa",
+          offset: 0,
+          file: source.name,
+        },
+        "an encrypted dmg (encrcdsa) is not supported: decrypt it with hdiutil first",
+      );
+    }
     const tables = await readTables(source);
     let diskSectors = tables.koly.sectorCount;
     if (diskSectors === 0) {

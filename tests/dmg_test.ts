@@ -1019,3 +1019,14 @@ Deno.test("broken fields poked into every reference dmg are refused by name", as
     );
   }
 });
+
+Deno.test("an encrypted dmg (encrcdsa) is recognised and refused as unsupported", async () => {
+  const bytes = new Uint8Array(8192);
+  bytes.set(new TextEncoder().encode("encrcdsa"), 0);
+  assertEquals((await probe(fromBytes(bytes)))[0].format, "dmg");
+  await rejects(
+    () => open(fromBytes(bytes)),
+    UnsupportedError,
+    /encrypted dmg \(encrcdsa\)/,
+  );
+});
