@@ -302,7 +302,7 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [--hash] [--boot-sector FILE] [--key-file F] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
@@ -315,6 +315,8 @@ const commands: Record<string, Command> = {
       "boot-sector": { type: "string" },
       ...backingFlags,
       "key-file": { type: "string" },
+      // Skips the input's checksum checks (dmg verifies its CRC-32s by default).
+      "no-verify": { type: "boolean" },
     },
     async run({ values, positionals }) {
       const [input, output] = need(positionals, 2, "convert");
@@ -336,7 +338,10 @@ const commands: Record<string, Command> = {
       const source = (await openImage(input, {
         format: values.format as string | undefined,
         ...backingPolicy(values),
-        extra: { key },
+        extra: {
+          key,
+          ...(values["no-verify"] ? { options: { verify: "off" } } : {}),
+        },
       })).image;
       const image = bootSector ? bootSectorPatch(source, bootSector) : source;
       const sink = await openOutput(output);

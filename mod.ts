@@ -49,4 +49,5 @@ export {
   vvfat,
   type VvfatOptions,
 } from "./drivers/vvfat.ts";
+export { dmg } from "./drivers/dmg.ts";
 export { raw } from "./drivers/raw.ts";

@@ -12,6 +12,7 @@ import { cloop } from "./cloop.ts";
 import { bochs } from "./bochs.ts";
 import { vpc } from "./vpc.ts";
 import { vmdk } from "./vmdk.ts";
+import { dmg } from "./dmg.ts";
 import { qcow } from "./qcow.ts";
 import { cow } from "./cow.ts";
 import { vvfat } from "./vvfat.ts";
@@ -23,6 +24,7 @@ export const DRIVERS: readonly Driver[] = [
   vpc,
   bochs,
   vmdk,
+  dmg,
   qcow,
   cow,
   vvfat,

@@ -84,6 +84,8 @@ const MAX_SECTORS = 2 ** 44;
 
 /** One chunk of a partition, in disk sectors and data-fork bytes. */
 export interface Chunk {
+  /** Its entry number in the table (comments and the terminator count). */
+  entry: number;
   type: number;
   /** First sector on the disk (the partition's first sector added). */
   sector: number;
@@ -253,6 +255,7 @@ export function parseMish(
       );
     }
     chunks.push({
+      entry: k,
       type: chunkType,
       sector: firstSector + sector,
       sectors,

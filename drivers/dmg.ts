@@ -1,0 +1,1417 @@
+/**
+ * dmg: Apple UDIF disk images (`hdiutil` UDRW/UDRO raw, UDZO zlib, UDBZ
+ * bzip2, UDCO ADC, ULFO LZFSE and ULMO LZMA), read and written.
+ *
+ * A flattened UDIF file, as hdiutil writes it:
+ *
+ * | where                 | what                                                    |
+ * | --------------------- | ------------------------------------------------------- |
+ * | DataForkOffset        | the data fork: every chunk's bytes, one after another   |
+ * | XMLOffset             | an XML property list whose `resource-fork` → `blkx` array holds one block table (`mish`, base64) per partition, with its `Name`/`CFName` |
+ * | RsrcForkOffset        | older images: a classic resource fork with `blkx` resources instead of the XML |
+ * | last 512 bytes        | the `koly` trailer (see `dmg/_koly.ts`)                  |
+ *
+ * A block table (`dmg/_mish.ts`) lists the partition's chunks: sectors of
+ * the disk and the bytes in the data fork that hold them, each of one
+ * type: zero-fill (0), raw (1), ignore (2, free space: zeros), ADC
+ * (0x80000004), zlib (0x80000005), bzip2 (0x80000006), LZFSE (0x80000007),
+ * LZMA (0x80000008, a whole xz stream), comment (0x7ffffffe) and the
+ * terminator (0xffffffff). Sectors no chunk covers read as zeros.
+ *
+ * Checksums: the trailer's DataChecksum is the CRC-32 of the data fork's
+ * bytes; each block table's checksum is the CRC-32 of the partition's
+ * decoded chunks in order (zero-fill chunks as zeros, ignore chunks left
+ * out); the trailer's MasterChecksum is the CRC-32 of the block tables'
+ * checksums, 4 big-endian bytes each. Reading verifies both kinds as
+ * chunks are decoded (see {@linkcode dmg}).
+ *
+ * This module is browser compatible.
+ *
+ * @module
+ */
+
+import { be32, isZero, le32 } from "./_binary.ts";
+import * as adc from "./codecs/adc.ts";
+import * as bzip2 from "./codecs/bzip2.ts";
+import * as lzfse from "./codecs/lzfse.ts";
+import * as xz from "./codecs/xz.ts";
+import * as zlib from "./codecs/zlib.ts";
+import { crc32, crc32Combine, crc32Zeros } from "./codecs/crc32.ts";
+import {
+  ChecksumError,
+  CodecError,
+  ImageFormatError,
+  UnsupportedError,
+} from "../streams/errors.ts";
+import {
+  checkRange,
+  type Driver,
+  type EncodeOptions,
+  type Extent,
+  extentsOf,
+  type Image,
+  type OpenOptions,
+  type ProbeInput,
+  type Sink,
+  type Source,
+} from "../streams/types.ts";
+import {
+  type Checksum,
+  CHECKSUM_CRC32,
+  type Koly,
+  KOLY_MAGIC,
+  KOLY_SIZE,
+  kolyBytes,
+  parseKoly,
+} from "./dmg/_koly.ts";
+import {
+  CHUNK_TYPES,
+  type Mish,
+  mishBytes,
+  parseMish,
+  TYPE,
+} from "./dmg/_mish.ts";
+import {
+  encodeBase64,
+  escapeXml,
+  parsePlist,
+  type PlistValue,
+} from "./dmg/_plist.ts";
+import { parseResourceFork } from "./dmg/_rsrc.ts";
+import { codecPool } from "./dmg/_pool.ts";
+
+const FORMAT = "dmg";
+const SECTOR = 512;
+
+/**
+ * The largest XML plist or resource fork read: a 1 TiB disk in 1 MiB
+ * chunks needs about 55 MiB; the parsed tables take a few times that.
+ */
+const MAX_TABLE_BYTES = 64 << 20;
+/** Decoded chunks kept for reads that do not cover a chunk whole, in bytes. */
+const CACHE_BYTES = 16 << 20;
+/** How many bytes of neighbouring chunks one file read fetches at most. */
+const READ_BYTES = 8 << 20;
+/** Raw chunks are read (and checksummed) in pieces of this many bytes. */
+const RAW_PIECE_BYTES = 1 << 20;
+/**
+ * Images with at least this many compressed chunks decode them on the
+ * worker pool (small images decode inline: starting workers costs more).
+ * Measured on the bench's 1 GiB disk (2 shared cores, a convert to a
+ * file): bzip2 4.6 s inline against 2.4-3.6 s on the pool, zlib 1.8 s
+ * against 0.8-0.9 s; peak RSS 140 MiB inline, 205-250 MiB with the two
+ * workers.
+ */
+const POOL_MIN_CHUNKS = 16;
+
+/** Codec module names (drivers/codecs/*.ts) by chunk type. */
+const CODECS: ReadonlyMap<number, string> = new Map([
+  [TYPE.adc, "adc"],
+  [TYPE.zlib, "zlib"],
+  [TYPE.bzip2, "bzip2"],
+  [TYPE.lzfse, "lzfse"],
+  [TYPE.lzma, "xz"],
+]);
+
+/** A codec module (see drivers/codecs/zlib.ts for the contract). */
+interface Codec {
+  decode(input: Uint8Array, expectedSize: number): Promise<Uint8Array>;
+  encode(input: Uint8Array): Promise<Uint8Array>;
+}
+
+/**
+ * The codec modules by name. Imported statically, not loaded on demand,
+ * so that the browser bundle carries every codec a dmg may use.
+ */
+const CODEC_MODULES: ReadonlyMap<string, Codec> = new Map<string, Codec>([
+  ["adc", adc],
+  ["zlib", zlib],
+  ["bzip2", bzip2],
+  ["lzfse", lzfse],
+  ["xz", xz],
+]);
+
+function fail(
+  field: string,
+  value: unknown,
+  limit: string,
+  offset?: number,
+  file?: string,
+): never {
+  throw new ImageFormatError({
+    format: FORMAT,
+    field,
+    value,
+    limit,
+    offset,
+    file,
+  });
+}
+
+/** One partition: a `blkx` entry and its parsed block table. */
+interface Partition {
+  /** `blkx[i] "Name"`, for messages. */
+  where: string;
+  name: string;
+  id: number | string;
+  mish: Mish;
+}
+
+/** What the plist or resource fork holds. */
+interface Tables {
+  koly: Koly;
+  partitions: Partition[];
+  /** Where the block tables came from. */
+  from: "xml" | "resource fork";
+}
+
+const asString = (v: PlistValue | undefined): string | undefined =>
+  typeof v === "string" ? v : undefined;
+
+/** Reads the trailer and the block tables (XML plist, else resource fork). */
+async function readTables(source: Source): Promise<Tables> {
+  const file = source.name;
+  const size = source.size;
+  if (size < KOLY_SIZE) {
+    fail(
+      "file size",
+      size,
+      `at least ${KOLY_SIZE} bytes (the koly trailer)`,
+      0,
+      file,
+    );
+  }
+  const at = size - KOLY_SIZE;
+  const koly = parseKoly(await source.read(at, KOLY_SIZE), at, size, file);
+  if (koly.segmentCount > 1) {
+    // A segmented image (`.dmg` + `.002.dmgpart`...) keeps chunks in files
+    // this source does not hold.
+    throw new UnsupportedError(
+      {
+        format: FORMAT,
+        field: "koly.SegmentCount",
+        value: koly.segmentCount,
+        offset: at + 60,
+        file,
+      },
+      `koly.SegmentCount ${koly.segmentCount}: segmented images are not supported (join the segments first)`,
+    );
+  }
+  const partitions: Partition[] = [];
+  let from: Tables["from"];
+  if (koly.xmlLength > 0) {
+    from = "xml";
+    if (koly.xmlLength > MAX_TABLE_BYTES) {
+      fail(
+        "koly.XMLLength",
+        koly.xmlLength,
+        `at most ${MAX_TABLE_BYTES}`,
+        at + 224,
+        file,
+      );
+    }
+    const bytes = await source.read(koly.xmlOffset, koly.xmlLength);
+    let text: string;
+    try {
+      text = new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+    } catch {
+      return fail("XML plist", "bytes", "UTF-8 text", koly.xmlOffset, file);
+    }
+    const root = parsePlist(text, koly.xmlOffset, file);
+    const rf = root instanceof Map ? root.get("resource-fork") : undefined;
+    const blkx = rf instanceof Map ? rf.get("blkx") : undefined;
+    if (!Array.isArray(blkx)) {
+      fail(
+        "XML plist resource-fork.blkx",
+        blkx === undefined ? "missing" : typeof blkx,
+        "an array of partition dicts",
+        koly.xmlOffset,
+        file,
+      );
+    }
+    blkx.forEach((entry, i) => {
+      if (!(entry instanceof Map)) {
+        fail(`blkx[${i}]`, typeof entry, "a dict", koly.xmlOffset, file);
+      }
+      const name = asString(entry.get("CFName")) ||
+        asString(entry.get("Name")) || "";
+      const where = `blkx[${i}] ${JSON.stringify(name)}`;
+      const data = entry.get("Data");
+      if (!(data instanceof Uint8Array)) {
+        fail(
+          `${where} Data`,
+          data === undefined ? "missing" : typeof data,
+          "base64 <data>",
+          koly.xmlOffset,
+          file,
+        );
+      }
+      const rawId = entry.get("ID");
+      const id = typeof rawId === "string" && /^-?\d+$/.test(rawId)
+        ? Number(rawId)
+        : typeof rawId === "bigint"
+        ? Number(rawId)
+        : asString(rawId) ?? i;
+      partitions.push({ where, name, id, mish: parseMish(data, where, file) });
+    });
+  } else if (koly.rsrcForkLength > 0) {
+    from = "resource fork";
+    if (koly.rsrcForkLength > MAX_TABLE_BYTES) {
+      fail(
+        "koly.RsrcForkLength",
+        koly.rsrcForkLength,
+        `at most ${MAX_TABLE_BYTES}`,
+        at + 48,
+        file,
+      );
+    }
+    const fork = await source.read(koly.rsrcForkOffset, koly.rsrcForkLength);
+    const resources = parseResourceFork(fork, koly.rsrcForkOffset, file);
+    resources.filter((r) => r.type === "blkx").forEach((r, i) => {
+      const where = `blkx[${i}] ${JSON.stringify(r.name)}`;
+      partitions.push({
+        where,
+        name: r.name,
+        id: r.id,
+        mish: parseMish(r.data, where, file),
+      });
+    });
+  } else {
+    return fail(
+      "koly.XMLLength",
+      0,
+      "non-zero, or a resource fork (koly.RsrcForkLength) holding the block tables",
+      at + 224,
+      file,
+    );
+  }
+  return { koly, partitions, from };
+}
+
+/**
+ * Every chunk of every partition as pieces in disk order: raw chunks are
+ * cut into pieces of at most {@linkcode RAW_PIECE_BYTES}; comments and
+ * terminators are gone. Typed arrays, so a huge table stays small.
+ */
+interface Index {
+  count: number;
+  /** First disk sector. */
+  sector: Float64Array;
+  sectors: Float64Array;
+  /** File offset of the packed bytes (data fork offset added). */
+  offset: Float64Array;
+  /** Packed bytes. */
+  length: Float64Array;
+  type: Uint32Array;
+  /** Which partition. */
+  partition: Uint32Array;
+  /** The chunk's entry number in its table (for messages). */
+  entry: Uint32Array;
+}
+
+const isData = (type: number) => type !== TYPE.zero && type !== TYPE.ignore;
+
+/** Builds the piece index, checking chunks against the disk, the file and each other. */
+function buildIndex(tables: Tables, diskSectors: number, file?: string): Index {
+  const { koly, partitions } = tables;
+  const fileEnd = koly.offset; // every chunk lies before the trailer
+  const step = RAW_PIECE_BYTES / SECTOR;
+  // Checked and counted first, so the index is allocated once.
+  let count = 0;
+  for (const p of partitions) {
+    for (const c of p.mish.chunks) {
+      const at = koly.dataForkOffset + c.offset;
+      const field = `${p.where} chunk ${c.entry}`;
+      if (c.sector + c.sectors > diskSectors) {
+        fail(
+          `${field} SectorNumber + SectorCount`,
+          c.sector + c.sectors,
+          `at most koly.SectorCount ${diskSectors} (the chunk runs past the disk)`,
+          undefined,
+          file,
+        );
+      }
+      if (isData(c.type) && (at > fileEnd || c.length > fileEnd - at)) {
+        fail(
+          `${field} CompressedOffset + CompressedLength`,
+          at + c.length,
+          `at most ${fileEnd} (the chunk runs past the data before the trailer)`,
+          undefined,
+          file,
+        );
+      }
+      // A raw chunk's length is its sectors × 512, now known to fit in the file.
+      count += c.type === TYPE.raw ? Math.ceil(c.sectors / step) : 1;
+    }
+  }
+  const all: Index = {
+    count,
+    sector: new Float64Array(count),
+    sectors: new Float64Array(count),
+    offset: new Float64Array(count),
+    length: new Float64Array(count),
+    type: new Uint32Array(count),
+    partition: new Uint32Array(count),
+    entry: new Uint32Array(count),
+  };
+  let n = 0;
+  const add = (
+    sector: number,
+    sectors: number,
+    offset: number,
+    length: number,
+    type: number,
+    partition: number,
+    entry: number,
+  ) => {
+    all.sector[n] = sector;
+    all.sectors[n] = sectors;
+    all.offset[n] = offset;
+    all.length[n] = length;
+    all.type[n] = type;
+    all.partition[n] = partition;
+    all.entry[n] = entry;
+    n++;
+  };
+  partitions.forEach((p, pi) => {
+    for (const c of p.mish.chunks) {
+      const at = koly.dataForkOffset + c.offset;
+      if (c.type !== TYPE.raw) {
+        add(
+          c.sector,
+          c.sectors,
+          at,
+          isData(c.type) ? c.length : 0,
+          c.type,
+          pi,
+          c.entry,
+        );
+        continue;
+      }
+      for (let s = 0; s < c.sectors; s += step) {
+        const k = Math.min(step, c.sectors - s);
+        add(c.sector + s, k, at + s * SECTOR, k * SECTOR, c.type, pi, c.entry);
+      }
+    }
+  });
+  // Partitions are listed in disk order in every image seen; others are sorted.
+  let index = all;
+  let sorted = true;
+  for (let i = 1; i < count && sorted; i++) {
+    sorted = all.sector[i] >= all.sector[i - 1];
+  }
+  if (!sorted) {
+    const order = Uint32Array.from({ length: count }, (_, i) => i)
+      .sort((a, b) => all.sector[a] - all.sector[b]);
+    const pick = <T extends Float64Array | Uint32Array>(from: T): T =>
+      from.map((_, i) => from[order[i]]) as T;
+    index = {
+      count,
+      sector: pick(all.sector),
+      sectors: pick(all.sectors),
+      offset: pick(all.offset),
+      length: pick(all.length),
+      type: pick(all.type),
+      partition: pick(all.partition),
+      entry: pick(all.entry),
+    };
+  }
+  for (let i = 1; i < count; i++) {
+    const end = index.sector[i - 1] + index.sectors[i - 1];
+    if (index.sector[i] < end) {
+      const here = partitions[index.partition[i]].where;
+      const before = partitions[index.partition[i - 1]].where;
+      fail(
+        `${here} chunk ${index.entry[i]} SectorNumber`,
+        index.sector[i],
+        `at least ${end}: it overlaps ${before} chunk ${index.entry[i - 1]}`,
+        undefined,
+        file,
+      );
+    }
+  }
+  return index;
+}
+
+/** The first piece that ends after `sector` (binary search). */
+function firstPiece(index: Index, sector: number): number {
+  let lo = 0;
+  let hi = index.count;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (index.sector[mid] + index.sectors[mid] <= sector) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/** The stored CRC-32 of a checksum field, or undefined when it is not a CRC-32. */
+function storedCrc(c: Checksum): number | undefined {
+  return c.type === CHECKSUM_CRC32 && c.data.length >= 4
+    ? be32(c.data, 0)
+    : undefined;
+}
+
+const hex = (n: number) => n.toString(16).padStart(8, "0");
+
+function describeChecksum(c: Checksum): string {
+  if (c.type === 0) return "none";
+  const crc = storedCrc(c);
+  return crc === undefined
+    ? `type ${c.type} (${c.bits} bits, not checked)`
+    : `CRC32 ${hex(crc)}`;
+}
+
+/**
+ * The checksum bookkeeping: each data piece's CRC-32 (of its decoded and
+ * of its packed bytes) is recorded when it is first decoded, in whatever
+ * order reads come; once every piece of a partition (or of the data fork)
+ * is known, the CRCs are joined in order with `crc32Combine` and compared.
+ */
+class Verifier {
+  #decodedCrc: Uint32Array;
+  #packedCrc: Uint32Array;
+  #known: Uint8Array;
+  /** Unknown data pieces per partition; -1 once checked (or not checkable). */
+  #partitionLeft: Int32Array;
+  #partitionFirst: Int32Array;
+  #partitionLast: Int32Array;
+  /** Unknown pieces of the data fork; -1 once checked or when unchecked. */
+  #forkLeft: number;
+  /** Piece indices in file order, when they tile the data fork exactly. */
+  #forkOrder?: Uint32Array;
+  /** Mismatches found, by partition (-1: the data fork); raised again by later reads. */
+  #errors = new Map<number, ChecksumError>();
+
+  constructor(
+    readonly index: Index,
+    readonly tables: Tables,
+    readonly file?: string,
+  ) {
+    const n = index.count;
+    this.#decodedCrc = new Uint32Array(n);
+    this.#packedCrc = new Uint32Array(n);
+    this.#known = new Uint8Array(n);
+    const parts = tables.partitions.length;
+    this.#partitionLeft = new Int32Array(parts).fill(-1);
+    this.#partitionFirst = new Int32Array(parts).fill(-1);
+    this.#partitionLast = new Int32Array(parts).fill(-1);
+    tables.partitions.forEach((p, pi) => {
+      if (storedCrc(p.mish.checksum) !== undefined) this.#partitionLeft[pi] = 0;
+    });
+    const data: number[] = [];
+    for (let i = 0; i < n; i++) {
+      const p = index.partition[i];
+      if (this.#partitionFirst[p] < 0) this.#partitionFirst[p] = i;
+      this.#partitionLast[p] = i;
+      if (isData(index.type[i])) {
+        if (this.#partitionLeft[p] >= 0) this.#partitionLeft[p]++;
+        if (index.length[i] > 0) data.push(i);
+      }
+    }
+    this.#forkLeft = -1;
+    const { koly } = tables;
+    if (storedCrc(koly.dataChecksum) !== undefined) {
+      data.sort((a, b) => index.offset[a] - index.offset[b]);
+      let at = koly.dataForkOffset;
+      for (const i of data) {
+        if (index.offset[i] !== at) {
+          at = -1;
+          break;
+        }
+        at += index.length[i];
+      }
+      if (at === koly.dataForkOffset + koly.dataForkLength) {
+        this.#forkOrder = Uint32Array.from(data);
+        this.#forkLeft = data.length;
+      }
+    }
+    // The master checksum covers the tables' checksums: checked at once.
+    const master = storedCrc(koly.masterChecksum);
+    const sums = tables.partitions.map((p) => storedCrc(p.mish.checksum));
+    if (master !== undefined && sums.every((s) => s !== undefined)) {
+      const bytes = new Uint8Array(sums.length * 4);
+      const view = new DataView(bytes.buffer);
+      sums.forEach((s, i) => view.setUint32(i * 4, s!));
+      const crc = crc32(bytes);
+      if (crc !== master) {
+        throw new ChecksumError(
+          {
+            format: FORMAT,
+            field: "koly.MasterChecksum (CRC-32 of the partitions' checksums)",
+            offset: koly.offset + 360,
+            file,
+          },
+          hex(master),
+          hex(crc),
+        );
+      }
+    }
+    // Partitions with nothing to decode are checked at once.
+    for (let p = 0; p < parts; p++) {
+      if (this.#partitionLeft[p] === 0) this.#checkPartition(p);
+    }
+    if (this.#forkLeft === 0) this.#checkFork();
+  }
+
+  /** What is checked, for `info`. */
+  get coverage(): { partitions: number; dataFork: boolean } {
+    let partitions = 0;
+    for (const p of this.tables.partitions) {
+      if (storedCrc(p.mish.checksum) !== undefined) partitions++;
+    }
+    return { partitions, dataFork: this.#forkOrder !== undefined };
+  }
+
+  /** Records piece `i`'s bytes; throws a ChecksumError when that completes a bad partition or data fork. */
+  record(i: number, decoded: Uint8Array, packed: Uint8Array) {
+    if (this.#known[i]) {
+      this.recordCrc(i, 0, 0);
+      return;
+    }
+    const crc = crc32(decoded);
+    this.recordCrc(i, crc, packed === decoded ? crc : crc32(packed));
+  }
+
+  /** {@linkcode record} from the CRCs of the decoded and the packed bytes. */
+  recordCrc(i: number, decodedCrc: number, packedCrc: number) {
+    if (this.#known[i]) {
+      const error = this.#errors.get(this.index.partition[i]) ??
+        this.#errors.get(-1);
+      if (error) throw error;
+      return;
+    }
+    this.#known[i] = 1;
+    this.#decodedCrc[i] = decodedCrc;
+    this.#packedCrc[i] = packedCrc;
+    const p = this.index.partition[i];
+    if (this.#partitionLeft[p] > 0 && --this.#partitionLeft[p] === 0) {
+      this.#checkPartition(p);
+    }
+    if (this.#forkLeft > 0 && --this.#forkLeft === 0) this.#checkFork();
+  }
+
+  #checkPartition(p: number) {
+    this.#partitionLeft[p] = -1;
+    const { index } = this;
+    let crc = 0;
+    const first = this.#partitionFirst[p];
+    if (first >= 0) {
+      for (let i = first; i <= this.#partitionLast[p]; i++) {
+        const type = index.type[i];
+        const bytes = index.sectors[i] * SECTOR;
+        if (type === TYPE.ignore) continue;
+        crc = type === TYPE.zero
+          ? crc32Zeros(crc, bytes)
+          : crc32Combine(crc, this.#decodedCrc[i], bytes);
+      }
+    }
+    const partition = this.tables.partitions[p];
+    const stored = storedCrc(partition.mish.checksum)!;
+    if (crc !== stored) {
+      const error = new ChecksumError(
+        {
+          format: FORMAT,
+          field:
+            `${partition.where} checksum (CRC-32 of the partition's chunks)`,
+          file: this.file,
+        },
+        hex(stored),
+        hex(crc),
+      );
+      this.#errors.set(p, error);
+      throw error;
+    }
+  }
+
+  #checkFork() {
+    this.#forkLeft = -1;
+    let crc = 0;
+    for (const i of this.#forkOrder!) {
+      crc = crc32Combine(crc, this.#packedCrc[i], this.index.length[i]);
+    }
+    const stored = storedCrc(this.tables.koly.dataChecksum)!;
+    if (crc !== stored) {
+      const error = new ChecksumError(
+        {
+          format: FORMAT,
+          field: "koly.DataChecksum (CRC-32 of the data fork)",
+          offset: this.tables.koly.offset + 88,
+          file: this.file,
+        },
+        hex(stored),
+        hex(crc),
+      );
+      this.#errors.set(-1, error);
+      throw error;
+    }
+  }
+}
+
+/** A small LRU of decoded pieces by byte size, holding promises so concurrent reads share one decode. */
+class PieceCache {
+  #entries = new Map<number, { value: Promise<Uint8Array>; bytes: number }>();
+  #bytes = 0;
+  constructor(readonly capacity: number) {}
+  get(i: number): Promise<Uint8Array> | undefined {
+    const hit = this.#entries.get(i);
+    if (hit) {
+      this.#entries.delete(i);
+      this.#entries.set(i, hit);
+    }
+    return hit?.value;
+  }
+  set(i: number, value: Promise<Uint8Array>, bytes: number) {
+    const entry = { value, bytes };
+    this.#entries.set(i, entry);
+    this.#bytes += bytes;
+    // A failed decode is not kept: the next read tries again and reports again.
+    value.catch(() => {
+      if (this.#entries.get(i) === entry) this.#drop(i);
+    });
+    // The newest entry stays even when it alone is over the budget.
+    while (this.#bytes > this.capacity && this.#entries.size > 1) {
+      this.#drop(this.#entries.keys().next().value!);
+    }
+  }
+  #drop(i: number) {
+    const entry = this.#entries.get(i);
+    if (!entry) return;
+    this.#entries.delete(i);
+    this.#bytes -= entry.bytes;
+  }
+}
+
+function dmgImage(
+  source: Source,
+  tables: Tables,
+  diskSectors: number,
+  options: OpenOptions,
+): Image {
+  const file = source.name;
+  const index = buildIndex(tables, diskSectors, file);
+  const size = diskSectors * SECTOR;
+  const verify = (options.options?.verify ?? "on") !== "off";
+  const verifier = verify ? new Verifier(index, tables, file) : undefined;
+  const cache = new PieceCache(CACHE_BYTES);
+
+  const counts: Record<string, number> = {};
+  let compressed = 0;
+  for (const p of tables.partitions) {
+    for (const c of p.mish.chunks) {
+      const name = CHUNK_TYPES.get(c.type)!;
+      counts[name] = (counts[name] ?? 0) + 1;
+      if (CODECS.has(c.type)) compressed++;
+    }
+  }
+  const usePool = compressed >= POOL_MIN_CHUNKS;
+
+  async function decodePiece(
+    i: number,
+    packed: Uint8Array,
+  ): Promise<Uint8Array> {
+    const type = index.type[i];
+    const bytes = index.sectors[i] * SECTOR;
+    let decoded: Uint8Array;
+    if (type === TYPE.raw) {
+      decoded = packed;
+    } else {
+      const name = CODECS.get(type)!;
+      try {
+        const pooled = usePool && codecPool.usable
+          ? await codecPool.run("decode", name, packed, bytes)
+          : null;
+        decoded = pooled ??
+          await CODEC_MODULES.get(name)!.decode(packed, bytes);
+      } catch (e) {
+        if (!(e instanceof CodecError)) throw e;
+        const p = tables.partitions[index.partition[i]];
+        throw new ImageFormatError(
+          {
+            format: FORMAT,
+            field: `${p.where} chunk ${index.entry[i]}`,
+            offset: index.offset[i],
+            file,
+          },
+          `${p.where} chunk ${
+            index.entry[i]
+          } (${packed.length} bytes of ${name} at byte ${
+            index.offset[i]
+          }) does not decode to its ${bytes} bytes: ${e.message}`,
+        );
+      }
+    }
+    verifier?.record(i, decoded, packed);
+    return decoded;
+  }
+
+  /** Starts loading pieces `list` (data pieces in disk order) that are not cached, grouping file reads. */
+  function load(list: number[]): Promise<Uint8Array>[] {
+    const out: Promise<Uint8Array>[] = [];
+    for (let k = 0; k < list.length;) {
+      const i = list[k];
+      const hit = cache.get(i);
+      if (hit) {
+        out.push(hit);
+        k++;
+        continue;
+      }
+      // A run of uncached pieces whose packed bytes follow one another in the file.
+      const start = index.offset[i];
+      let end = start + index.length[i];
+      let m = k + 1;
+      while (m < list.length) {
+        const j = list[m];
+        if (
+          index.offset[j] !== end || cache.get(j) ||
+          end + index.length[j] - start > READ_BYTES
+        ) break;
+        end += index.length[j];
+        m++;
+      }
+      const bytes = source.read(start, end - start);
+      const single = m === k + 1;
+      for (let q = k; q < m; q++) {
+        const j = list[q];
+        const decoded = bytes.then((all) => {
+          const from = index.offset[j] - start;
+          const packed = all.subarray(from, from + index.length[j]);
+          // A raw piece sliced from a multi-piece read is copied: a view
+          // would keep the whole read alive in the cache.
+          return decodePiece(
+            j,
+            single || index.type[j] !== TYPE.raw ? packed : packed.slice(),
+          );
+        });
+        cache.set(j, decoded, index.sectors[j] * SECTOR);
+        out.push(decoded);
+      }
+      k = m;
+    }
+    return out;
+  }
+
+  /**
+   * A read whose data pieces all lie wholly inside it, none cached, their
+   * packed bytes one run of the file: one worker decodes them all (and
+   * computes their CRCs) from one message, and this thread places them. Null when the read does not qualify or the pool
+   * cannot take it (the caller then decodes piece by piece, which also
+   * names a bad chunk in its error).
+   */
+  async function readBatch(
+    offset: number,
+    length: number,
+    list: number[],
+  ): Promise<Uint8Array | null> {
+    if (list.length < 2 || !codecPool.usable) return null;
+    const start = index.offset[list[0]];
+    let end = start;
+    const jobs: number[] = [];
+    for (const i of list) {
+      const pieceStart = index.sector[i] * SECTOR;
+      const bytes = index.sectors[i] * SECTOR;
+      if (
+        pieceStart < offset || pieceStart + bytes > offset + length ||
+        index.offset[i] !== end || cache.get(i)
+      ) return null;
+      jobs.push(
+        index.type[i],
+        end - start,
+        index.length[i],
+        bytes,
+        pieceStart - offset,
+      );
+      end += index.length[i];
+    }
+    if (end - start > READ_BYTES) return null;
+    const packed = await source.read(start, end - start);
+    const packedCrcs = verifier
+      ? list.map((i) => {
+        const from = index.offset[i] - start;
+        return crc32(packed.subarray(from, from + index.length[i]));
+      })
+      : [];
+    const result = await codecPool.batch(packed, jobs);
+    if (!result) return null;
+    const out = new Uint8Array(length);
+    result.pieces.forEach((piece, k) => out.set(piece, jobs[k * 5 + 4]));
+    if (verifier) {
+      list.forEach((i, k) =>
+        verifier.recordCrc(
+          i,
+          result.crcs[k],
+          index.type[i] === TYPE.raw ? result.crcs[k] : packedCrcs[k],
+        )
+      );
+    }
+    return out;
+  }
+
+  const partitions = tables.partitions.map((p) => ({
+    name: p.name,
+    id: p.id,
+    first_sector: p.mish.firstSector,
+    sector_count: p.mish.sectorCount,
+    checksum: describeChecksum(p.mish.checksum),
+  }));
+  const coverage = verifier?.coverage;
+
+  return {
+    format: FORMAT,
+    size,
+    name: file,
+    encrypted: false,
+    details: {
+      tables: tables.from,
+      partitions,
+      codecs: counts,
+      checksums: {
+        data_fork: describeChecksum(tables.koly.dataChecksum),
+        master: describeChecksum(tables.koly.masterChecksum),
+        verified: !verify
+          ? "off (verify=off)"
+          : `${
+            coverage!.partitions
+          } of ${tables.partitions.length} partitions` +
+            (coverage!.dataFork ? " and the data fork" : "") +
+            ", as chunks are decoded",
+      },
+      segment: `${tables.koly.segmentNumber} of ${tables.koly.segmentCount}`,
+    },
+    async read(offset, length) {
+      checkRange(size, offset, length);
+      if (length === 0) return new Uint8Array(0);
+      const first = Math.floor(offset / SECTOR);
+      const last = Math.ceil((offset + length) / SECTOR);
+      const list: number[] = [];
+      for (let i = firstPiece(index, first); i < index.count; i++) {
+        if (index.sector[i] >= last) break;
+        if (isData(index.type[i])) list.push(i);
+      }
+      const batched = usePool ? await readBatch(offset, length, list) : null;
+      if (batched) return batched;
+      // Allocated only here: a fresh 2 MiB array costs its page faults.
+      const out = new Uint8Array(length);
+      // Several pieces decode at once (on the worker pool for big images);
+      // each is copied out as it finishes.
+      await Promise.all(
+        load(list).map(async (pending, k) => {
+          const piece = await pending;
+          const i = list[k];
+          const pieceStart = index.sector[i] * SECTOR;
+          const from = Math.max(offset, pieceStart);
+          const to = Math.min(offset + length, pieceStart + piece.length);
+          out.set(
+            piece.subarray(from - pieceStart, to - pieceStart),
+            from - offset,
+          );
+        }),
+      );
+      return out;
+    },
+    async *extents(offset, length): AsyncIterable<Extent> {
+      checkRange(size, offset, length);
+      const end = offset + length;
+      let runStart = offset;
+      let runKind: Extent["kind"] | undefined;
+      const emit = function* (at: number, to: number, kind: Extent["kind"]) {
+        if (to <= at) return;
+        if (runKind !== undefined && runKind !== kind) {
+          yield { offset: runStart, length: at - runStart, kind: runKind };
+          runStart = at;
+        }
+        runKind = kind;
+      };
+      let at = offset;
+      for (
+        let i = firstPiece(index, Math.floor(offset / SECTOR));
+        i < index.count && at < end;
+        i++
+      ) {
+        const from = Math.max(at, index.sector[i] * SECTOR);
+        const to = Math.min(end, (index.sector[i] + index.sectors[i]) * SECTOR);
+        if (from >= end) break;
+        yield* emit(at, from, "zero"); // a gap no chunk covers
+        yield* emit(from, to, isData(index.type[i]) ? "data" : "zero");
+        at = Math.max(at, to);
+      }
+      yield* emit(at, end, "zero");
+      if (runKind !== undefined && end > runStart) {
+        yield { offset: runStart, length: end - runStart, kind: runKind };
+      }
+    },
+    close() {
+      codecPool.release();
+      return source.close?.() ?? Promise.resolve();
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------
+// Writing
+
+/** Encoder settings from `-o key=value`. */
+interface WriteOptions {
+  /** Chunk type written for data. */
+  type: number;
+  /** Codec module, or undefined for raw. */
+  codec?: string;
+  chunkSectors: number;
+  /** `mbr`: a table per MBR partition when the MBR is simple; `whole`: one table. */
+  partitions: "mbr" | "whole";
+}
+
+/** `-o compression=` values and their chunk types. */
+const COMPRESSIONS: Record<string, number> = {
+  raw: TYPE.raw,
+  zlib: TYPE.zlib,
+  bzip2: TYPE.bzip2,
+  lzfse: TYPE.lzfse,
+  lzma: TYPE.lzma,
+  xz: TYPE.lzma,
+  adc: TYPE.adc,
+};
+
+function writeOptions(options: Record<string, string> = {}): WriteOptions {
+  const bad = (field: string, value: unknown, limit: string): never => {
+    throw new ImageFormatError({ format: FORMAT, field, value, limit });
+  };
+  for (const key of Object.keys(options)) {
+    if (!["compression", "chunk_sectors", "partitions"].includes(key)) {
+      bad("option", key, "one of compression, chunk_sectors, partitions");
+    }
+  }
+  const name = options.compression ?? "zlib";
+  const type = COMPRESSIONS[name];
+  if (type === undefined) {
+    bad("compression", name, "one of raw, zlib, bzip2, lzfse, lzma, adc");
+  }
+  const chunkSectors = Number(options.chunk_sectors ?? 2048);
+  if (
+    !Number.isSafeInteger(chunkSectors) || chunkSectors < 1 ||
+    chunkSectors * SECTOR > (64 << 20)
+  ) {
+    bad(
+      "chunk_sectors",
+      options.chunk_sectors,
+      "a whole number from 1 to 131072 (64 MiB)",
+    );
+  }
+  const partitions = options.partitions ?? "mbr";
+  if (partitions !== "mbr" && partitions !== "whole") {
+    bad("partitions", partitions, "mbr (the default) or whole");
+  }
+  return {
+    type,
+    codec: CODECS.get(type),
+    chunkSectors,
+    partitions: partitions as WriteOptions["partitions"],
+  };
+}
+
+/** One chunk ready to write. */
+interface Packed {
+  type: number;
+  sectors: number;
+  /** The bytes stored (empty for zero-fill). */
+  bytes: Uint8Array;
+  /** CRC-32 of the decoded sectors. */
+  crc: number;
+}
+
+/**
+ * Answers "does `[start, end)` hold data?" for increasing ranges, walking
+ * the source's allocation map once.
+ */
+function dataProbe(source: Source) {
+  const runs = extentsOf(source, 0, source.size)[Symbol.asyncIterator]();
+  const held: Extent[] = [];
+  let done = false;
+  return async (start: number, end: number): Promise<boolean> => {
+    while (held.length && held[0].offset + held[0].length <= start) {
+      held.shift();
+    }
+    while (
+      !done &&
+      (held.length === 0 || held.at(-1)!.offset + held.at(-1)!.length < end)
+    ) {
+      const next = await runs.next();
+      if (next.done) done = true;
+      else if (next.value.offset + next.value.length > start) {
+        held.push(next.value);
+      }
+    }
+    return held.some((r) =>
+      r.kind === "data" && r.offset < end && r.offset + r.length > start
+    );
+  };
+}
+
+/** The chunks of `source` packed, in order, with several compressions in flight. */
+async function* packChunks(
+  source: Source,
+  settings: WriteOptions,
+  layout: Layout[],
+  options: EncodeOptions,
+): AsyncIterable<Packed> {
+  const { chunkSectors, type } = settings;
+  // Chunks never cross a partition: [first sector, sectors] of each.
+  const spans: [number, number][] = [];
+  for (const part of layout) {
+    for (let s = 0; s < part.sectors; s += chunkSectors) {
+      spans.push([part.first + s, Math.min(chunkSectors, part.sectors - s)]);
+    }
+  }
+  const count = spans.length;
+  const hasData = dataProbe(source);
+  const encoder = settings.codec
+    ? CODEC_MODULES.get(settings.codec)
+    : undefined;
+  const usePool = encoder !== undefined && count >= POOL_MIN_CHUNKS;
+  const inFlight = 8;
+  const queue: Promise<Packed>[] = [];
+
+  const pack = async (block: Uint8Array, n: number): Promise<Packed> => {
+    const crc = crc32(block);
+    if (!encoder) return { type: TYPE.raw, sectors: n, bytes: block, crc };
+    const packed =
+      (usePool && codecPool.usable
+        ? await codecPool.run("encode", settings.codec!, block)
+        : null) ?? await encoder.encode(block);
+    // A chunk that does not shrink is stored raw, as hdiutil does.
+    return packed.length < block.length
+      ? { type, sectors: n, bytes: packed, crc }
+      : { type: TYPE.raw, sectors: n, bytes: block, crc };
+  };
+
+  for (const [first, n] of spans) {
+    options.signal?.throwIfAborted();
+    const start = first * SECTOR;
+    const end = Math.min(source.size, start + n * SECTOR);
+    let next: Promise<Packed>;
+    if (!(await hasData(start, end))) {
+      next = Promise.resolve({
+        type: TYPE.zero,
+        sectors: n,
+        bytes: new Uint8Array(0),
+        crc: 0,
+      });
+    } else {
+      let block = await source.read(start, end - start);
+      if (block.length < n * SECTOR) {
+        const padded = new Uint8Array(n * SECTOR);
+        padded.set(block);
+        block = padded;
+      }
+      next = isZero(block)
+        ? Promise.resolve({
+          type: TYPE.zero,
+          sectors: n,
+          bytes: new Uint8Array(0),
+          crc: 0,
+        })
+        : pack(block, n);
+      next.catch(() => {}); // observed in order below
+    }
+    queue.push(next);
+    while (queue.length > inFlight) yield await queue.shift()!;
+  }
+  while (queue.length) yield await queue.shift()!;
+}
+
+/** One `blkx` entry the writer makes. */
+interface Layout {
+  first: number;
+  sectors: number;
+  /** Name and CFName, as hdiutil writes them (`" (DOS_FAT_32 : 1)"`). */
+  name: string;
+  /** The plist's ID (-1 for the MBR, as hdiutil numbers them). */
+  id: number;
+  /** The table's BlockDescriptors value. */
+  descriptor: number;
+}
+
+/** hdiutil's names for MBR partition types. */
+const MBR_TYPES: Record<number, string> = {
+  0x01: "DOS_FAT_12",
+  0x04: "DOS_FAT_16",
+  0x06: "DOS_FAT_16",
+  0x0b: "DOS_FAT_32",
+  0x0c: "DOS_FAT_32",
+  0x0e: "DOS_FAT_16",
+  0x07: "Windows_NTFS",
+  0x82: "Linux_Swap",
+  0x83: "Linux",
+  0xa8: "Apple_UFS",
+  0xab: "Apple_Boot",
+  0xaf: "Apple_HFS",
+};
+
+/**
+ * The partitions written: for a disk with a simple MBR (signature 55 AA,
+ * status 0x00 or 0x80 in every entry, primary partitions only, inside the
+ * disk, not overlapping, no GPT protective entry) the MBR, each partition
+ * and the gaps between them, as hdiutil lays out such a disk; otherwise
+ * one whole-disk entry. Every sector is stored either way.
+ */
+async function layoutOf(
+  source: Source,
+  sectors: number,
+  partitions: WriteOptions["partitions"],
+): Promise<Layout[]> {
+  const whole: Layout[] = [{
+    first: 0,
+    sectors,
+    name: "whole disk (unknown partition : 0)",
+    id: 0,
+    descriptor: 0xfffffffe, // hdiutil's value for a whole-disk table
+  }];
+  if (partitions === "whole" || sectors < 2) return whole;
+  const mbr = await source.read(0, SECTOR);
+  if (mbr[510] !== 0x55 || mbr[511] !== 0xaa) return whole;
+  const parts: { first: number; sectors: number; type: number }[] = [];
+  for (let k = 0; k < 4; k++) {
+    const at = 446 + 16 * k;
+    const type = mbr[at + 4];
+    const first = le32(mbr, at + 8);
+    const count = le32(mbr, at + 12);
+    // A volume boot record (FAT, NTFS) also ends in 55 AA: its code in
+    // these bytes rarely has a status of 0x00 or 0x80 in all four entries.
+    if (mbr[at] !== 0 && mbr[at] !== 0x80) return whole;
+    if (type === 0 || count === 0) continue;
+    if ([0x05, 0x0f, 0x85, 0xee, 0xef].includes(type)) return whole;
+    if (first < 1 || first + count > sectors) return whole;
+    parts.push({ first, sectors: count, type });
+  }
+  if (parts.length === 0) return whole;
+  parts.sort((a, b) => a.first - b.first);
+  const out: Layout[] = [{
+    first: 0,
+    sectors: 1,
+    name: "Master Boot Record (MBR : 0)",
+    id: -1,
+    descriptor: 0,
+  }];
+  const add = (first: number, count: number, kind: string) => {
+    const n = out.length;
+    out.push({
+      first,
+      sectors: count,
+      name: ` (${kind} : ${n})`,
+      id: n - 1,
+      descriptor: n,
+    });
+  };
+  let at = 1;
+  for (const p of parts) {
+    if (p.first < at) return whole; // overlapping partitions
+    if (p.first > at) add(at, p.first - at, "Apple_Free");
+    const type = MBR_TYPES[p.type] ??
+      `Unknown_0x${p.type.toString(16).padStart(2, "0")}`;
+    add(p.first, p.sectors, type);
+    at = p.first + p.sectors;
+  }
+  if (at < sectors) add(at, sectors - at, "Apple_Free");
+  return out;
+}
+
+/** The XML property list hdiutil writes, one `blkx` entry per partition. */
+function plistText(tables: { layout: Layout; mish: Uint8Array }[]): string {
+  const entry = ({ layout, mish }: { layout: Layout; mish: Uint8Array }) => [
+    "\t\t\t<dict>",
+    "\t\t\t\t<key>Attributes</key>",
+    "\t\t\t\t<string>0x0050</string>",
+    "\t\t\t\t<key>CFName</key>",
+    `\t\t\t\t<string>${escapeXml(layout.name)}</string>`,
+    "\t\t\t\t<key>Data</key>",
+    "\t\t\t\t<data>",
+    encodeBase64(mish, "\t\t\t\t").trimEnd(),
+    "\t\t\t\t</data>",
+    "\t\t\t\t<key>ID</key>",
+    `\t\t\t\t<string>${layout.id}</string>`,
+    "\t\t\t\t<key>Name</key>",
+    `\t\t\t\t<string>${escapeXml(layout.name)}</string>`,
+    "\t\t\t</dict>",
+  ];
+  return [
+    '<?xml version="1.0" encoding="UTF-8"?>',
+    '<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">',
+    '<plist version="1.0">',
+    "<dict>",
+    "\t<key>resource-fork</key>",
+    "\t<dict>",
+    "\t\t<key>blkx</key>",
+    "\t\t<array>",
+    ...tables.flatMap(entry),
+    "\t\t</array>",
+    "\t</dict>",
+    "</dict>",
+    "</plist>",
+    "",
+  ].join("\n");
+}
+
+/** Writes `source` as a UDIF image (see {@linkcode dmg}). */
+async function encode(
+  source: Source,
+  sink: Sink,
+  options: EncodeOptions,
+): Promise<void> {
+  const settings = writeOptions(options.options);
+  const sectors = Math.ceil(source.size / SECTOR);
+  const layout = await layoutOf(source, sectors, settings.partitions);
+  type Entry = {
+    type: number;
+    sector: number;
+    sectors: number;
+    offset: number;
+    length: number;
+  };
+  const chunks: Entry[][] = layout.map(() => []);
+  const crcs = layout.map(() => 0);
+  let at = 0; // the data fork starts the file
+  let forkCrc = 0;
+  let part = 0;
+  let sector = 0;
+  try {
+    for await (
+      const chunk of packChunks(source, settings, layout, options)
+    ) {
+      while (sector >= layout[part].first + layout[part].sectors) part++;
+      chunks[part].push({
+        type: chunk.type,
+        sector: sector - layout[part].first,
+        sectors: chunk.sectors,
+        offset: at,
+        length: chunk.bytes.length,
+      });
+      if (chunk.type === TYPE.zero) {
+        crcs[part] = crc32Zeros(crcs[part], chunk.sectors * SECTOR);
+      } else {
+        crcs[part] = crc32Combine(
+          crcs[part],
+          chunk.crc,
+          chunk.sectors * SECTOR,
+        );
+        forkCrc = crc32(chunk.bytes, forkCrc);
+        await sink.write(at, chunk.bytes);
+        at += chunk.bytes.length;
+      }
+      sector += chunk.sectors;
+      options.onProgress?.(Math.min(source.size, sector * SECTOR));
+    }
+  } finally {
+    codecPool.release();
+  }
+  const tables = layout.map((l, k) => ({
+    layout: l,
+    mish: mishBytes({
+      firstSector: l.first,
+      sectorCount: l.sectors,
+      descriptor: l.descriptor,
+      crc: crcs[k],
+      chunks: chunks[k],
+      largestChunk: settings.chunkSectors,
+    }),
+  }));
+  // The master checksum: the CRC-32 of every table's checksum.
+  const sums = new Uint8Array(4 * layout.length);
+  crcs.forEach((crc, k) => new DataView(sums.buffer).setUint32(4 * k, crc));
+  const xml = new TextEncoder().encode(plistText(tables));
+  await sink.write(at, xml);
+  const segmentId = crypto.getRandomValues(new Uint8Array(16));
+  await sink.write(
+    at + xml.length,
+    kolyBytes({
+      dataForkLength: at,
+      xmlOffset: at,
+      xmlLength: xml.length,
+      dataForkCrc: forkCrc,
+      masterCrc: crc32(sums),
+      sectorCount: sectors,
+      segmentId,
+    }),
+  );
+}
+
+/** True when `head` starts with the "encrcdsa" magic of an encrypted image. */
+function encryptedHeader(head: Uint8Array): boolean {
+  return head.length >= 8 &&
+    String.fromCharCode(...head.subarray(0, 8)) === "encrcdsa";
+}
+
+/**
+ * The dmg driver: opens UDIF images (XML plist or resource-fork block
+ * tables; zero-fill, raw, ignore, ADC, zlib, bzip2, LZFSE and LZMA chunks),
+ * probed by the `koly` trailer whatever the file is called, and writes them
+ * with `convert -O dmg`.
+ *
+ * Reading verifies the checksums as chunks are decoded, in any order: a
+ * partition's CRC-32 once all its chunks have been decoded, the data
+ * fork's once all of it has been read; a full convert checks them all, a
+ * random read only what it completes. A mismatch is a
+ * {@linkcode ChecksumError} naming the partition. Open with
+ * `options: { verify: "off" }` to skip it.
+ *
+ * Writing options (`-o`): `compression` (`zlib`, the default UDZO, or
+ * `raw`, `bzip2`, `lzfse`, `lzma`, `adc`), `chunk_sectors` (default 2048,
+ * hdiutil's 1 MiB chunks) and `partitions` (`mbr`, the default: a disk
+ * with a simple MBR gets a table for the MBR, each partition and each gap,
+ * as hdiutil writes one; `whole`: one table for the disk). All-zero chunks
+ * are zero-fill chunks; chunks that do not shrink are stored raw.
+ *
+ * @example
+ * ```ts
+ * import { dmg, fromBytes, memorySink } from "../mod.ts";
+ * const disk = new Uint8Array(1 << 20).fill(7, 0, 1000);
+ * const sink = memorySink();
+ * await dmg.encode!(fromBytes(disk), sink, {});
+ * const image = await dmg.open(fromBytes(sink.bytes()), {});
+ * console.log(image.size, (await image.read(999, 2)).join(",")); // 1048576 7,0
+ * ```
+ */
+export const dmg: Driver = {
+  name: FORMAT,
+  description:
+    "Apple UDIF disk image (dmg): raw, zlib, bzip2, ADC, LZFSE and LZMA chunks",
+  probe(input: ProbeInput): number {
+    // An encrypted image (FileVault's "encrcdsa" header) is claimed so that
+    // opening it says what it is instead of reading ciphertext as raw.
+    if (encryptedHeader(input.head)) return 100;
+    const t = input.tail;
+    if (input.size < KOLY_SIZE || t.length < KOLY_SIZE) return 0;
+    const at = t.length - KOLY_SIZE;
+    return be32(t, at) === KOLY_MAGIC && be32(t, at + 4) === 4 &&
+        be32(t, at + 8) === KOLY_SIZE
+      ? 100
+      : 0;
+  },
+  async open(source: Source, options: OpenOptions = {}): Promise<Image> {
+    const head = await source.read(0, Math.min(8, source.size));
+    if (encryptedHeader(head)) {
+      throw new UnsupportedError(
+        {
+          format: FORMAT,
+          field: "signature",
+          value: "encrcdsa",
+          offset: 0,
+          file: source.name,
+        },
+        "an encrypted dmg (encrcdsa) is not supported: decrypt it with hdiutil first",
+      );
+    }
+    const tables = await readTables(source);
+    let diskSectors = tables.koly.sectorCount;
+    if (diskSectors === 0) {
+      // Old images may leave SectorCount 0: the partitions tell the size.
+      for (const p of tables.partitions) {
+        diskSectors = Math.max(
+          diskSectors,
+          p.mish.firstSector + p.mish.sectorCount,
+        );
+      }
+    }
+    return dmgImage(source, tables, diskSectors, options);
+  },
+  encode,
+};

@@ -1,0 +1,184 @@
+/**
+ * A few module workers running codec calls (`_worker.ts`) so that the
+ * chunks of one read decode on every core: node:zlib's inflate and the
+ * bzip2, ADC, LZFSE and xz decoders written here all run synchronously,
+ * so on one thread concurrent decodes would take turns.
+ *
+ * Workers start on first use and end when idle (they keep a process
+ * alive). Where workers cannot be made (no `Worker`, a content policy, a
+ * bundle without the worker file) every call answers `null` and the
+ * caller runs the codec itself.
+ *
+ * This module is browser compatible.
+ *
+ * @module
+ */
+
+import { CodecError } from "../../streams/errors.ts";
+
+/** How long idle workers live before they are ended. */
+const IDLE_MS = 50;
+/** The most workers, whatever the core count. */
+const MAX_WORKERS = 4;
+
+interface Pending {
+  resolve(out: Uint8Array | null): void;
+  reject(error: Error): void;
+  codec: string;
+}
+
+/** Runs codec calls on worker threads; see the module doc. */
+export class CodecPool {
+  #workers: { worker: Worker; jobs: number }[] = [];
+  #pending = new Map<number, Pending>();
+  #next = 1;
+  #idle?: ReturnType<typeof setTimeout>;
+  #broken = typeof Worker === "undefined";
+
+  /** False once workers are known not to work here. */
+  get usable(): boolean {
+    return !this.#broken;
+  }
+
+  #start(): boolean {
+    if (this.#workers.length) return true;
+    try {
+      const url = new URL("./_worker.ts", import.meta.url);
+      const cores = (globalThis.navigator as { hardwareConcurrency?: number })
+        ?.hardwareConcurrency ?? 2;
+      for (let i = 0; i < Math.max(1, Math.min(MAX_WORKERS, cores)); i++) {
+        const worker = new Worker(url, { type: "module" });
+        const slot = { worker, jobs: 0 };
+        worker.onmessage = (e: MessageEvent) => {
+          slot.jobs--;
+          const { id, out, error, unavailable } = e.data;
+          const job = this.#pending.get(id);
+          this.#pending.delete(id);
+          if (job) {
+            if (error !== undefined) {
+              const prefix = `${job.codec}: `;
+              job.reject(
+                new CodecError(
+                  job.codec,
+                  String(error).startsWith(prefix)
+                    ? String(error).slice(prefix.length)
+                    : String(error),
+                ),
+              );
+            } else if (unavailable) {
+              job.resolve(null);
+            } else {
+              job.resolve(
+                e.data.crcs
+                  ? { pieces: e.data.pieces, crcs: e.data.crcs } as never
+                  : out,
+              );
+            }
+          }
+          this.#scheduleIdle();
+        };
+        worker.onerror = (e: Event) => {
+          // The worker could not load (a bundle, a browser without the
+          // .ts file): everything in flight is redone by the caller.
+          e.preventDefault();
+          this.#broken = true;
+          this.end();
+        };
+        this.#workers.push(slot);
+      }
+      return true;
+    } catch {
+      this.#broken = true;
+      this.end();
+      return false;
+    }
+  }
+
+  /**
+   * Runs `codec`'s `decode(input, size)` or `encode(input)` on a worker.
+   * Resolves `null` when no worker can take it; rejects with the codec's
+   * {@linkcode CodecError} when the codec fails. `input` is copied.
+   */
+  run(
+    op: "decode" | "encode",
+    codec: string,
+    input: Uint8Array,
+    size = 0,
+  ): Promise<Uint8Array | null> {
+    if (this.#broken || !this.#start()) return Promise.resolve(null);
+    clearTimeout(this.#idle);
+    this.#idle = undefined;
+    const slot = this.#workers.reduce((a, b) => (b.jobs < a.jobs ? b : a));
+    slot.jobs++;
+    const id = this.#next++;
+    const copy = input.slice();
+    return new Promise((resolve, reject) => {
+      this.#pending.set(id, { resolve, reject, codec });
+      slot.worker.postMessage({ id, op, codec, input: copy, size }, [
+        copy.buffer,
+      ]);
+    });
+  }
+
+  /**
+   * Decodes several chunks of one read on one worker: `jobs` holds five
+   * numbers per chunk (chunk type, packed offset in `input`, packed
+   * length, decoded size, where it goes in the caller's result). Answers
+   * each chunk's decoded bytes and their CRC-32, or `null` on any failure
+   * (the caller then decodes chunk by chunk and reports what failed).
+   * `input` is transferred when it owns its buffer, copied otherwise.
+   */
+  batch(
+    input: Uint8Array,
+    jobs: number[],
+  ): Promise<{ pieces: Uint8Array[]; crcs: Uint32Array } | null> {
+    if (this.#broken || !this.#start()) return Promise.resolve(null);
+    clearTimeout(this.#idle);
+    this.#idle = undefined;
+    const slot = this.#workers.reduce((a, b) => (b.jobs < a.jobs ? b : a));
+    slot.jobs++;
+    const id = this.#next++;
+    const copy = input.byteOffset === 0 &&
+        input.byteLength === input.buffer.byteLength &&
+        input.buffer instanceof ArrayBuffer
+      ? input
+      : input.slice();
+    return new Promise((resolve) => {
+      this.#pending.set(id, {
+        resolve: (out) => resolve(out as never),
+        reject: () => resolve(null),
+        codec: "batch",
+      });
+      slot.worker.postMessage(
+        { id, op: "batch", input: copy, jobs, size: 0 },
+        [copy.buffer as ArrayBuffer],
+      );
+    });
+  }
+
+  #scheduleIdle() {
+    if (this.#pending.size || this.#idle !== undefined) return;
+    this.#idle = setTimeout(() => {
+      this.#idle = undefined;
+      if (!this.#pending.size) this.end();
+    }, IDLE_MS);
+  }
+
+  /** Ends the workers now; calls in flight resolve `null` (the caller redoes them). */
+  end() {
+    clearTimeout(this.#idle);
+    this.#idle = undefined;
+    for (const { worker } of this.#workers) worker.terminate();
+    this.#workers = [];
+    for (const job of this.#pending.values()) job.resolve(null);
+    this.#pending.clear();
+  }
+
+  /** Ends the workers when nothing is in flight (an image was closed). */
+  release() {
+    if (!this.#pending.size) this.end();
+  }
+}
+
+/** The pool every dmg image shares. */
+export const codecPool: CodecPool = new CodecPool();

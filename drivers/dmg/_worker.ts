@@ -1,0 +1,128 @@
+/**
+ * The worker behind {@linkcode CodecPool} (`_pool.ts`): runs one codec
+ * call per message, `decode(input, size)` or `encode(input)`, and answers
+ * with the bytes (transferred), the codec's error message, or
+ * `unavailable` for a codec it does not know (the caller then runs it on
+ * its own thread).
+ *
+ * It only imports codec modules, which use web-platform APIs; it is
+ * started with `new Worker(url, { type: "module" })`.
+ *
+ * This module is browser compatible.
+ *
+ * @module
+ */
+
+import * as adc from "../codecs/adc.ts";
+import * as bzip2 from "../codecs/bzip2.ts";
+import * as lzfse from "../codecs/lzfse.ts";
+import * as xz from "../codecs/xz.ts";
+import * as zlib from "../codecs/zlib.ts";
+import { crc32 } from "../codecs/crc32.ts";
+
+/** The contract every module in drivers/codecs/ keeps. */
+interface Codec {
+  decode(input: Uint8Array, expectedSize: number): Promise<Uint8Array>;
+  encode(input: Uint8Array): Promise<Uint8Array>;
+}
+
+/** What the pool sends. */
+interface Job {
+  id: number;
+  op: "decode" | "encode" | "batch";
+  codec: string;
+  input: Uint8Array;
+  size: number;
+  /** For a batch: five numbers per chunk (see `CodecPool.batch`). */
+  jobs?: number[];
+}
+
+/** The worker's global scope, typed without the Deno worker lib. */
+const scope = globalThis as unknown as {
+  onmessage: ((e: MessageEvent<Job>) => void) | null;
+  postMessage(message: unknown, transfer?: Transferable[]): void;
+};
+
+const CODECS: ReadonlyMap<string, Codec> = new Map<string, Codec>([
+  ["adc", adc],
+  ["zlib", zlib],
+  ["bzip2", bzip2],
+  ["lzfse", lzfse],
+  ["xz", xz],
+]);
+
+/** Codec names by UDIF chunk type, for batches (raw is 1). */
+const BY_TYPE = new Map<number, string>([
+  [0x80000004, "adc"],
+  [0x80000005, "zlib"],
+  [0x80000006, "bzip2"],
+  [0x80000007, "lzfse"],
+  [0x80000008, "xz"],
+]);
+
+/**
+ * Decodes a batch (see `CodecPool.batch`): each chunk's bytes apart, with
+ * its CRC-32. They are transferred back, not copied into one result here,
+ * so this worker keeps no decoded bytes as garbage (V8 collects buffers
+ * late: a worker that copied kept about 64 MiB of dead buffers).
+ */
+async function batch(
+  input: Uint8Array,
+  jobs: number[],
+): Promise<{ pieces: Uint8Array[]; crcs: Uint32Array<ArrayBuffer> }> {
+  const pieces: Uint8Array[] = [];
+  const crcs = new Uint32Array(new ArrayBuffer(jobs.length / 5 * 4));
+  for (let j = 0; j < jobs.length; j += 5) {
+    const [type, at, size, decodedSize] = jobs.slice(j, j + 4);
+    const packed = input.subarray(at, at + size);
+    let decoded: Uint8Array;
+    if (type === 1) {
+      if (size !== decodedSize) throw new Error("raw chunk size");
+      decoded = packed;
+    } else {
+      const module = CODECS.get(BY_TYPE.get(type) ?? "");
+      if (!module) throw new Error("unknown chunk type");
+      decoded = await module.decode(packed, decodedSize);
+    }
+    pieces.push(decoded);
+    crcs[j / 5] = crc32(decoded);
+  }
+  return { pieces, crcs };
+}
+
+scope.onmessage = async (e: MessageEvent<Job>) => {
+  const { id, op, codec, input, size } = e.data;
+  if (op === "batch") {
+    try {
+      const { pieces, crcs } = await batch(input, e.data.jobs ?? []);
+      const buffers = new Set<ArrayBuffer>([crcs.buffer]);
+      for (const piece of pieces) buffers.add(piece.buffer as ArrayBuffer);
+      scope.postMessage({ id, pieces, crcs }, [...buffers]);
+    } catch {
+      // Reported as a failure: the caller decodes chunk by chunk and names it.
+      scope.postMessage({ id, unavailable: true });
+    }
+    return;
+  }
+  const module = CODECS.get(codec);
+  if (!module) {
+    scope.postMessage({ id, unavailable: true });
+    return;
+  }
+  try {
+    const out = op === "decode"
+      ? await module.decode(input, size)
+      : await module.encode(input);
+    // Transferred when it owns its buffer, copied otherwise.
+    const owned = out.byteOffset === 0 &&
+      out.byteLength === out.buffer.byteLength;
+    const bytes = owned ? out : out.slice();
+    scope.postMessage({ id, out: bytes }, [bytes.buffer as ArrayBuffer]);
+  } catch (error) {
+    scope.postMessage({
+      id,
+      error: error instanceof Error ? error.message : String(error),
+      codecError: (error as Error)?.name === "CodecError",
+    });
+  }
+};
