@@ -822,6 +822,24 @@ async function* walkLayers(
   }
 }
 
+/**
+ * Nested format details as qemu-img prints them: `key: value` lines, with
+ * objects and lists indented below their key (list items as `[0]:`).
+ */
+function humanValue(value: unknown, indent: string, lines: string[]) {
+  const entries = Array.isArray(value)
+    ? value.map((v, i) => [`[${i}]`, v] as const)
+    : Object.entries(value as Record<string, unknown>);
+  for (const [key, v] of entries) {
+    if (v !== null && typeof v === "object" && !(v instanceof Date)) {
+      lines.push(`${indent}${key}:`);
+      humanValue(v, indent + "    ", lines);
+    } else {
+      lines.push(`${indent}${key}: ${String(v)}`);
+    }
+  }
+}
+
 function humanInfo(info: Record<string, unknown>): string {
   const lines = [
     `image: ${info.filename}`,
@@ -852,12 +870,7 @@ function humanInfo(info: Record<string, unknown>): string {
     | undefined;
   if (specific) {
     lines.push("Format specific information:");
-    for (const [key, value] of Object.entries(specific.data)) {
-      const text = typeof value === "object"
-        ? JSON.stringify(value)
-        : String(value);
-      lines.push(`    ${key}: ${text}`);
-    }
+    humanValue(specific.data, "    ", lines);
   }
   return lines.join("\n") + "\n";
 }
