@@ -59,7 +59,56 @@ function vhdChecksum(b: Uint8Array, start: number, length: number, at: number) {
   dv(b).setUint32(at, ~sum >>> 0);
 }
 
+/**
+ * Rewrites the first `mish` table of a dmg's XML plist in place: decodes
+ * its base64, lets `poke` change it, and writes it back padded with
+ * whitespace to the same length, so every offset stays valid.
+ */
+function pokeMish(
+  dmg: Uint8Array,
+  poke: (mish: Uint8Array) => void,
+): Promise<Uint8Array> {
+  const text = new TextDecoder("latin1").decode(dmg);
+  const start = text.indexOf("<data>", text.indexOf("<key>blkx</key>")) + 6;
+  const end = text.indexOf("</data>", start);
+  const mish = Uint8Array.from(
+    atob(text.slice(start, end).replace(/\s+/g, "")),
+    (c) => c.charCodeAt(0),
+  );
+  poke(mish);
+  const encoded = btoa(String.fromCharCode(...mish));
+  if (encoded.length > end - start) throw new Error("no room for the table");
+  const out = dmg.slice();
+  out.set(
+    new TextEncoder().encode(encoded.padEnd(end - start, "\n")),
+    start,
+  );
+  return Promise.resolve(out);
+}
+
 const CASES: Case[] = [
+  {
+    name: "dmg chunk with a 1 TiB compressed length",
+    format: "dmg",
+    field: /chunk|CompressedLength|length|file/i,
+    async bytes() {
+      // The first chunk entry of the first mish table: 204 + 32 is its
+      // CompressedLength.
+      return await pokeMish(await written("dmg"), (mish) => {
+        dv(mish).setBigUint64(204 + 32, BigInt(TiB));
+      });
+    },
+  },
+  {
+    name: "dmg chunk of 2^31 sectors (1 TiB decoded)",
+    format: "dmg",
+    field: /chunk|sector|SectorCount/i,
+    async bytes() {
+      return await pokeMish(await written("dmg"), (mish) => {
+        dv(mish).setBigUint64(204 + 16, 1n << 31n);
+      });
+    },
+  },
   {
     name: "qcow size of 2^60 bytes (an L1 table of 2^45 entries)",
     format: "qcow",
