@@ -582,6 +582,8 @@ interface Part {
     base: number,
     length: number,
   ): Promise<Uint8Array | undefined>;
+  /** Reads the bytes of `pieces` (from `base` on, all of them) into `into`. */
+  readInto?(pieces: Piece[], base: number, into: Uint8Array): Promise<void>;
   write?(offset: number, bytes: Uint8Array): Promise<void>;
 }
 
@@ -826,7 +828,56 @@ class SparsePart implements Part {
     return promise;
   }
 
+  /**
+   * Reads `pieces` into `into` (the caller's buffer, which may hold old
+   * bytes: runs that are not data are zeroed). Whole compressed grains
+   * inflate straight into it, inline: no worker round trip and no 64 KiB
+   * array per grain, which, freed late and kept by the C allocator, held
+   * the peak RSS of `deno task bench`'s streamOptimized case near 280 MiB.
+   */
+  async readInto(pieces: Piece[], base: number, into: Uint8Array) {
+    const span = this.markers
+      ? await this.prefetch(pieces.filter((p) => p.kind === "data"))
+      : undefined;
+    for (const p of pieces) {
+      const target = into.subarray(p.offset - base, p.offset - base + p.length);
+      if (p.kind !== "data") {
+        target.fill(0);
+      } else if (
+        p.grainSector !== undefined && p.length === this.grainBytes &&
+        !this.#grainCache.has(p.grainSector)
+      ) {
+        const data = await this.#packedGrain(p.grainSector, span);
+        await this.#inflate(p.grainSector, () => zlib.decodeInto(data, target));
+      } else {
+        target.set(await this.readBytes(p, span));
+      }
+    }
+  }
+
   async #decodeGrain(sector: number, span?: Span): Promise<Uint8Array> {
+    const data = await this.#packedGrain(sector, span);
+    return await this.#inflate(
+      sector,
+      () => zlib.decode(data, this.grainBytes),
+    );
+  }
+
+  /** Runs `decode` for the grain at `sector`, naming the grain in its errors. */
+  async #inflate<T>(sector: number, decode: () => Promise<T>): Promise<T> {
+    try {
+      return await decode();
+    } catch (e) {
+      if (!(e instanceof CodecError)) throw e;
+      throw new ImageFormatError(
+        { format: FORMAT, offset: sector * SECTOR, file: this.source.name },
+        `compressed grain at sector ${sector}: ${e.message}`,
+      );
+    }
+  }
+
+  /** The compressed bytes of the grain at `sector`, checked against its marker. */
+  async #packedGrain(sector: number, span?: Span): Promise<Uint8Array> {
     const at = sector * SECTOR;
     const limit = 2 * this.grainBytes;
     const within = (o: number, n: number) =>
@@ -862,15 +913,7 @@ class SparsePart implements Part {
         "compressed grain",
       );
     }
-    try {
-      return await zlib.decode(data, this.grainBytes);
-    } catch (e) {
-      if (!(e instanceof CodecError)) throw e;
-      throw new ImageFormatError(
-        { format: FORMAT, offset: at, file: this.source.name },
-        `compressed grain at sector ${sector}: ${e.message}`,
-      );
-    }
+    return data;
   }
 
   async readBytes(p: Piece, span?: Span): Promise<Uint8Array> {
@@ -1120,6 +1163,22 @@ function vmdkImage(
         out.set(await reads[i], start + piece.offset - offset);
       }
       return out;
+    },
+    // Convert's path: one extent's pieces go straight into `into`.
+    async readInto(offset, into) {
+      checkRange(size, offset, into.length);
+      const all: { piece: Piece; part: Part; start: number }[] = [];
+      for await (const p of allPieces(parts, offset, into.length)) all.push(p);
+      const only = all[0]?.part;
+      if (only?.readInto && all.every((w) => w.part === only)) {
+        await only.readInto(
+          all.map((w) => w.piece),
+          offset - all[0].start,
+          into,
+        );
+      } else {
+        into.set(await image.read(offset, into.length));
+      }
     },
     async *extents(offset, length): AsyncIterable<Extent> {
       checkRange(size, offset, length);
@@ -1381,6 +1440,17 @@ class SliceOf implements Part {
   readRun(pieces: Piece[], base: number, length: number) {
     return this.inner.readRun?.(pieces, base, length) ??
       Promise.resolve(undefined);
+  }
+  async readInto(pieces: Piece[], base: number, into: Uint8Array) {
+    if (this.inner.readInto) {
+      await this.inner.readInto(pieces, base, into);
+      return;
+    }
+    for (const p of pieces) {
+      const at = p.offset - base;
+      if (p.kind !== "data") into.fill(0, at, at + p.length);
+      else into.set(await this.inner.readBytes(p), at);
+    }
   }
 }
 
