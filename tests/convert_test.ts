@@ -183,3 +183,35 @@ Deno.test("convert into a sequential sink hands it arrays of its own", async () 
   for (const [offset, bytes] of kept) out.set(bytes, offset);
   assertEquals(sha256Hex(out), sha256Hex(disk));
 });
+
+Deno.test("convert lets a timer abort it while every read and write completes at once", async () => {
+  const block = new Uint8Array(1 << 20).fill(1);
+  let written = 0;
+  const source: Source = {
+    size: 64 * 2 ** 30,
+    read: (_offset, length) => Promise.resolve(block.slice(0, length)),
+  };
+  const sink: Sink = {
+    write(_offset, bytes) {
+      written += bytes.length;
+      return Promise.resolve();
+    },
+    flush: () => Promise.resolve(),
+    close: () => Promise.resolve(),
+  };
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(new Error("timer")), 30);
+  let message = "";
+  try {
+    await convert(source, sink, {
+      signal: controller.signal,
+      blockSize: 1 << 20,
+    });
+  } catch (e) {
+    message = (e as Error).message;
+  } finally {
+    clearTimeout(timer);
+  }
+  assertEquals(message, "timer");
+  assertTrue(written < 64 * 2 ** 30, `wrote ${written} bytes`);
+});
