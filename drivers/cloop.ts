@@ -529,6 +529,60 @@ function cloopImage(source: Source, header: Header, table: Table): Image {
     return out;
   }
 
+  // `read` comes here too. Whole blocks not in the cache decode straight
+  // into `into`, one file read per run of them, one block after another,
+  // bypassing the cache (convert and streams read each block once);
+  // partial and cached blocks go through `load` and the cache.
+  async function readInto(offset: number, into: Uint8Array) {
+    const length = into.length;
+    checkRange(size, offset, length);
+    if (length === 0) return;
+    const first = Math.floor(offset / blockSize);
+    const last = Math.floor((offset + length - 1) / blockSize);
+    const direct = (i: number) =>
+      i * blockSize >= offset &&
+      (i + 1) * blockSize <= offset + length && !cache.has(i);
+    const pending: Promise<void>[] = [];
+    for (let i = first; i <= last;) {
+      const blockStart = i * blockSize;
+      if (!direct(i)) {
+        const from = Math.max(offset, blockStart);
+        const to = Math.min(offset + length, blockStart + blockSize);
+        pending.push(
+          load(i, i)[0].then((block) =>
+            into.set(
+              block.subarray(from - blockStart, to - blockStart),
+              from - offset,
+            )
+          ),
+        );
+        i++;
+        continue;
+      }
+      let end = i + 1;
+      while (
+        end <= last && direct(end) &&
+        offsets[end + 1] - offsets[i] <= READ_BYTES
+      ) end++;
+      const start = offsets[i];
+      const runFirst = i;
+      const runEnd = end;
+      pending.push((async () => {
+        const packed = await source.read(start, offsets[runEnd] - start);
+        for (let b = runFirst; b < runEnd; b++) {
+          const at = b * blockSize - offset;
+          await decodeBlockInto(
+            b,
+            packed.subarray(offsets[b] - start, offsets[b + 1] - start),
+            into.subarray(at, at + blockSize),
+          );
+        }
+      })());
+      i = end;
+    }
+    await Promise.all(pending);
+  }
+
   const counts: Record<string, number> = {};
   for (let i = 0; i < nBlocks; i++) {
     const name = header.version === 2 ? "zlib" : COMPRESSORS[kinds[i]];
@@ -548,78 +602,11 @@ function cloopImage(source: Source, header: Header, table: Table): Image {
       codecs: counts,
     },
     async read(offset, length) {
-      checkRange(size, offset, length);
       const out = new Uint8Array(length);
-      if (length === 0) return out;
-      const first = Math.floor(offset / blockSize);
-      const last = Math.floor((offset + length - 1) / blockSize);
-      const blocks = load(first, last);
-      // Several blocks decode at once (each decoder is native code running
-      // off the JS thread); they are copied out as they finish.
-      await Promise.all(blocks.map(async (pending, k) => {
-        const block = await pending;
-        const blockStart = (first + k) * blockSize;
-        const from = Math.max(offset, blockStart);
-        const to = Math.min(offset + length, blockStart + blockSize);
-        out.set(
-          block.subarray(from - blockStart, to - blockStart),
-          from - offset,
-        );
-      }));
+      await readInto(offset, out);
       return out;
     },
-    // Whole blocks not in the cache decode straight into `into`, one file
-    // read per run of them, bypassing the cache (convert reads each block
-    // once); partial and cached blocks go through `load` as `read` does.
-    async readInto(offset, into) {
-      const length = into.length;
-      checkRange(size, offset, length);
-      if (length === 0) return;
-      const first = Math.floor(offset / blockSize);
-      const last = Math.floor((offset + length - 1) / blockSize);
-      const direct = (i: number) =>
-        i * blockSize >= offset &&
-        (i + 1) * blockSize <= offset + length && !cache.has(i);
-      const pending: Promise<void>[] = [];
-      for (let i = first; i <= last;) {
-        const blockStart = i * blockSize;
-        if (!direct(i)) {
-          const from = Math.max(offset, blockStart);
-          const to = Math.min(offset + length, blockStart + blockSize);
-          pending.push(
-            load(i, i)[0].then((block) =>
-              into.set(
-                block.subarray(from - blockStart, to - blockStart),
-                from - offset,
-              )
-            ),
-          );
-          i++;
-          continue;
-        }
-        let end = i + 1;
-        while (
-          end <= last && direct(end) &&
-          offsets[end + 1] - offsets[i] <= READ_BYTES
-        ) end++;
-        const start = offsets[i];
-        const runFirst = i;
-        const runEnd = end;
-        pending.push((async () => {
-          const packed = await source.read(start, offsets[runEnd] - start);
-          for (let b = runFirst; b < runEnd; b++) {
-            const at = b * blockSize - offset;
-            await decodeBlockInto(
-              b,
-              packed.subarray(offsets[b] - start, offsets[b + 1] - start),
-              into.subarray(at, at + blockSize),
-            );
-          }
-        })());
-        i = end;
-      }
-      await Promise.all(pending);
-    },
+    readInto,
     // Every block stores bytes; zero blocks are found by convert's sparse
     // check after decoding.
     async *extents(offset, length): AsyncIterable<Extent> {
