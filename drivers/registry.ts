@@ -142,7 +142,7 @@ export function open(
  * every driver alike.
  */
 function guarded(source: Source, format: string): Source {
-  return {
+  const guard: Source = {
     ...source,
     get size() {
       return source.size;
@@ -168,6 +168,16 @@ function guarded(source: Source, format: string): Source {
       return source.read(offset, length);
     },
   };
+  // The read-into-buffer form is guarded the same way (the spread copied
+  // the source's own, unguarded).
+  const readInto = source.readInto?.bind(source);
+  if (readInto) {
+    guard.readInto = (offset, into) =>
+      offset + into.length > source.size
+        ? guard.read(offset, into.length).then(() => {})
+        : readInto(offset, into);
+  }
+  return guard;
 }
 
 async function openChain(
