@@ -385,6 +385,9 @@ async function readTable(source: Source, header: Header): Promise<Table> {
 class BlockCache {
   #entries = new Map<number, Promise<Uint8Array>>();
   constructor(readonly capacity: number) {}
+  has(block: number): boolean {
+    return this.#entries.has(block);
+  }
   get(block: number): Promise<Uint8Array> | undefined {
     const hit = this.#entries.get(block);
     if (hit) {
@@ -458,6 +461,41 @@ function cloopImage(source: Source, header: Header, table: Table): Image {
     }
   }
 
+  /**
+   * Decodes block `i` from `packed` straight into `into` (exactly one
+   * block): zlib and stored blocks without an array of their own, other
+   * codecs through `decodeBlock`.
+   */
+  async function decodeBlockInto(
+    i: number,
+    packed: Uint8Array,
+    into: Uint8Array,
+  ) {
+    if (kinds[i] === NONE) {
+      if (packed.length !== blockSize) await decodeBlock(i, packed); // throws
+      into.set(packed);
+    } else if (COMPRESSORS[kinds[i]] === "zlib") {
+      try {
+        await zlib.decodeInto(packed, into);
+      } catch (e) {
+        if (!(e instanceof CodecError)) throw e;
+        throw new ImageFormatError(
+          {
+            format: FORMAT,
+            field: `block ${i}`,
+            offset: offsets[i],
+            file: source.name,
+          },
+          `block ${i} (${packed.length} bytes of zlib at byte ${
+            offsets[i]
+          }) does not decode to ${blockSize} bytes: ${e.message}`,
+        );
+      }
+    } else {
+      into.set(await decodeBlock(i, packed));
+    }
+  }
+
   /** Starts decoding blocks first..last that are not cached, one file read per run. */
   function load(first: number, last: number): Promise<Uint8Array>[] {
     const out: Promise<Uint8Array>[] = [];
@@ -491,6 +529,60 @@ function cloopImage(source: Source, header: Header, table: Table): Image {
     return out;
   }
 
+  // `read` comes here too. Whole blocks not in the cache decode straight
+  // into `into`, one file read per run of them, one block after another,
+  // bypassing the cache (convert and streams read each block once);
+  // partial and cached blocks go through `load` and the cache.
+  async function readInto(offset: number, into: Uint8Array) {
+    const length = into.length;
+    checkRange(size, offset, length);
+    if (length === 0) return;
+    const first = Math.floor(offset / blockSize);
+    const last = Math.floor((offset + length - 1) / blockSize);
+    const direct = (i: number) =>
+      i * blockSize >= offset &&
+      (i + 1) * blockSize <= offset + length && !cache.has(i);
+    const pending: Promise<void>[] = [];
+    for (let i = first; i <= last;) {
+      const blockStart = i * blockSize;
+      if (!direct(i)) {
+        const from = Math.max(offset, blockStart);
+        const to = Math.min(offset + length, blockStart + blockSize);
+        pending.push(
+          load(i, i)[0].then((block) =>
+            into.set(
+              block.subarray(from - blockStart, to - blockStart),
+              from - offset,
+            )
+          ),
+        );
+        i++;
+        continue;
+      }
+      let end = i + 1;
+      while (
+        end <= last && direct(end) &&
+        offsets[end + 1] - offsets[i] <= READ_BYTES
+      ) end++;
+      const start = offsets[i];
+      const runFirst = i;
+      const runEnd = end;
+      pending.push((async () => {
+        const packed = await source.read(start, offsets[runEnd] - start);
+        for (let b = runFirst; b < runEnd; b++) {
+          const at = b * blockSize - offset;
+          await decodeBlockInto(
+            b,
+            packed.subarray(offsets[b] - start, offsets[b + 1] - start),
+            into.subarray(at, at + blockSize),
+          );
+        }
+      })());
+      i = end;
+    }
+    await Promise.all(pending);
+  }
+
   const counts: Record<string, number> = {};
   for (let i = 0; i < nBlocks; i++) {
     const name = header.version === 2 ? "zlib" : COMPRESSORS[kinds[i]];
@@ -510,26 +602,11 @@ function cloopImage(source: Source, header: Header, table: Table): Image {
       codecs: counts,
     },
     async read(offset, length) {
-      checkRange(size, offset, length);
       const out = new Uint8Array(length);
-      if (length === 0) return out;
-      const first = Math.floor(offset / blockSize);
-      const last = Math.floor((offset + length - 1) / blockSize);
-      const blocks = load(first, last);
-      // Several blocks decode at once (each decoder is native code running
-      // off the JS thread); they are copied out as they finish.
-      await Promise.all(blocks.map(async (pending, k) => {
-        const block = await pending;
-        const blockStart = (first + k) * blockSize;
-        const from = Math.max(offset, blockStart);
-        const to = Math.min(offset + length, blockStart + blockSize);
-        out.set(
-          block.subarray(from - blockStart, to - blockStart),
-          from - offset,
-        );
-      }));
+      await readInto(offset, out);
       return out;
     },
+    readInto,
     // Every block stores bytes; zero blocks are found by convert's sparse
     // check after decoding.
     async *extents(offset, length): AsyncIterable<Extent> {

@@ -34,7 +34,11 @@
  */
 
 import { concat, isZero, safeNumber, setBe32, setBe64 } from "./_binary.ts";
-import { decode as inflate, encode as deflate } from "./codecs/zlib.ts";
+import {
+  decode as inflate,
+  decodeInto as inflateInto,
+  encode as deflate,
+} from "./codecs/zlib.ts";
 import {
   BackingFileError,
   check,
@@ -57,7 +61,11 @@ import type {
   Sink,
   Source,
 } from "../streams/types.ts";
-import { checkRange, extentsOf } from "../streams/types.ts";
+import {
+  checkRange,
+  extentsOf,
+  readInto as readIntoSource,
+} from "../streams/types.ts";
 
 const FORMAT = "qcow";
 const MAGIC = 0x514649fb;
@@ -323,9 +331,23 @@ async function inflateCluster(
   if (state.inflated?.offset === cluster.offset) return state.inflated.bytes;
   const input = compressed ??
     await state.source.read(cluster.offset, cluster.size);
-  let bytes: Uint8Array;
+  const bytes = await inflated(
+    state,
+    cluster,
+    () => inflate(input, state.clusterSize, "deflate-raw"),
+  );
+  state.inflated = { offset: cluster.offset, bytes };
+  return bytes;
+}
+
+/** Runs `decode` for the compressed `cluster`, naming it in its errors. */
+async function inflated<T>(
+  state: State,
+  cluster: { offset: number; size: number },
+  decode: () => Promise<T>,
+): Promise<T> {
   try {
-    bytes = await inflate(input, state.clusterSize, "deflate-raw");
+    return await decode();
   } catch (e) {
     if (!(e instanceof CodecError)) throw e;
     throw fail(
@@ -335,8 +357,6 @@ async function inflateCluster(
       cluster.offset,
     );
   }
-  state.inflated = { offset: cluster.offset, bytes };
-  return bytes;
 }
 
 function keyError(state: State): KeyError {
@@ -385,15 +405,11 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
     if (run) yield run;
   }
 
-  /** Reads whole sectors (when encrypted) or any range. */
-  async function readRange(
-    offset: number,
-    length: number,
-  ): Promise<Uint8Array> {
+  type Piece = { at: number; length: number; cluster: Cluster };
+
+  /** The clusters of `[offset, offset + length)`, one piece per cluster. */
+  async function piecesOf(offset: number, length: number): Promise<Piece[]> {
     const end = offset + length;
-    // Collect the clusters: runs of plain clusters contiguous in the file
-    // become one read; compressed ones are read in batches.
-    type Piece = { at: number; length: number; cluster: Cluster };
     const pieces: Piece[] = [];
     for (let at = offset; at < end;) {
       const stop = Math.min(
@@ -410,20 +426,49 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
     if (locked && pieces.some((p) => p.cluster.kind === "plain")) {
       throw keyError(state);
     }
-    // The common case of convert: one run of plain clusters laid out in
-    // order in the file is one read, returned as it is.
-    const fileAt = (p: Piece) =>
-      (p.cluster as { offset: number }).offset + p.at % clusterSize;
-    const contiguous = pieces.every((p, i) =>
+    return pieces;
+  }
+
+  const fileAt = (p: Piece) =>
+    (p.cluster as { offset: number }).offset + p.at % clusterSize;
+
+  /** True when `pieces` are plain clusters laid out in order in the file. */
+  const contiguous = (pieces: Piece[]) =>
+    pieces.length > 0 &&
+    pieces.every((p, i) =>
       p.cluster.kind === "plain" &&
       (i === 0 || fileAt(p) === fileAt(pieces[i - 1]) + pieces[i - 1].length)
     );
-    if (contiguous && pieces.length > 0) {
+
+  /** Reads whole sectors (when encrypted) or any range. */
+  async function readRange(
+    offset: number,
+    length: number,
+  ): Promise<Uint8Array> {
+    const pieces = await piecesOf(offset, length);
+    // The common case of convert: one run of plain clusters laid out in
+    // order in the file is one read, returned as it is.
+    if (contiguous(pieces)) {
       const bytes = await state.source.read(fileAt(pieces[0]), length);
       if (cipher) await cipher.decrypt(offset / SECTOR, bytes);
       return bytes;
     }
     const out = new Uint8Array(length);
+    await piecesInto(pieces, offset, out);
+    return out;
+  }
+
+  /**
+   * Reads `pieces` (from `offset` on) into `out`, every byte of it
+   * (unallocated runs as zeros: `out` may be a reused buffer). Whole
+   * compressed clusters inflate straight into `out`.
+   */
+  async function piecesInto(pieces: Piece[], offset: number, out: Uint8Array) {
+    if (contiguous(pieces)) {
+      await readIntoSource(state.source, fileAt(pieces[0]), out);
+      if (cipher) await cipher.decrypt(offset / SECTOR, out);
+      return;
+    }
     const pending: Promise<void>[] = [];
     for (let i = 0; i < pieces.length;) {
       const p = pieces[i];
@@ -438,6 +483,7 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
             state.backingFile,
           );
         }
+        out.fill(0, p.at - offset, p.at - offset + p.length);
         i++;
         continue;
       }
@@ -449,10 +495,10 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
         ) j++;
         const first = p.at;
         const total = pieces[j - 1].at + pieces[j - 1].length - first;
+        const into = out.subarray(first - offset, first - offset + total);
         pending.push(
-          state.source.read(fileAt(p), total).then(async (bytes) => {
-            if (cipher) await cipher.decrypt(first / SECTOR, bytes);
-            out.set(bytes, first - offset);
+          readIntoSource(state.source, fileAt(p), into).then(async () => {
+            if (cipher) await cipher.decrypt(first / SECTOR, into);
           }),
         );
         i = j;
@@ -478,19 +524,39 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
           : await state.source.read(from, groupTo - from);
         for (const g of group) {
           const c = g.cluster as { offset: number; size: number };
-          const bytes = await inflateCluster(
-            state,
-            c,
-            raw?.subarray(c.offset - from, c.offset - from + c.size),
+          const packed = raw?.subarray(
+            c.offset - from,
+            c.offset - from + c.size,
           );
-          const within = g.at % clusterSize;
-          out.set(bytes.subarray(within, within + g.length), g.at - offset);
+          const target = out.subarray(g.at - offset, g.at - offset + g.length);
+          if (packed && g.length === clusterSize) {
+            // No array per cluster (see zlib's decodeInto).
+            await inflated(
+              state,
+              c,
+              () => inflateInto(packed, target, "deflate-raw"),
+            );
+          } else {
+            const bytes = await inflateCluster(state, c, packed);
+            const within = g.at % clusterSize;
+            target.set(bytes.subarray(within, within + g.length));
+          }
         }
       })());
       i = j;
     }
     await Promise.all(pending);
-    return out;
+  }
+
+  // Convert's path: into a reused buffer; unaligned reads of an encrypted
+  // image go through `read`, which decrypts whole sectors.
+  async function readInto(offset: number, into: Uint8Array): Promise<void> {
+    checkRange(state.size, offset, into.length);
+    if (cipher && (offset % SECTOR !== 0 || into.length % SECTOR !== 0)) {
+      into.set(await read(offset, into.length));
+      return;
+    }
+    await piecesInto(await piecesOf(offset, into.length), offset, into);
   }
 
   async function read(offset: number, length: number): Promise<Uint8Array> {
@@ -519,6 +585,7 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
     backingFile: state.backingFile,
     details: state.details,
     read,
+    readInto,
     extents,
     close: () => state.source.close?.() ?? Promise.resolve(),
   };

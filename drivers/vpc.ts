@@ -86,7 +86,7 @@ import type {
   Sink,
   Source,
 } from "../streams/types.ts";
-import { checkRange } from "../streams/types.ts";
+import { checkRange, readInto as readIntoSource } from "../streams/types.ts";
 
 const FORMAT = "vpc";
 const SECTOR = 512;
@@ -685,6 +685,26 @@ function vpcImage(state: State, details: Record<string, unknown>): Image {
     return out;
   }
 
+  /** `read` into the caller's buffer: whole stored blocks go straight in. */
+  async function readInto(offset: number, into: Uint8Array): Promise<void> {
+    const length = into.length;
+    checkRange(state.size, offset, length);
+    if (!header) return await readIntoSource(state.source, offset, into);
+    const block = Math.floor(offset / blockSize);
+    if (
+      length > 0 && offset + length <= (block + 1) * blockSize &&
+      state.bat![block] !== UNALLOCATED && fullBitmap(await bitmapOf(block))
+    ) {
+      return await readIntoSource(
+        state.source,
+        state.bat![block] * SECTOR + state.bitmapSize + offset -
+          block * blockSize,
+        into,
+      );
+    }
+    into.set(await read(offset, length));
+  }
+
   const image: Image & { readonly requiresBacking: boolean } = {
     format: FORMAT,
     get size() {
@@ -700,6 +720,7 @@ function vpcImage(state: State, details: Record<string, unknown>): Image {
     requiresBacking: differencing,
     details,
     read,
+    readInto,
     extents,
     close: () => state.source.close?.() ?? Promise.resolve(),
   };

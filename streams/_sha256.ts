@@ -1,7 +1,8 @@
 // Incremental SHA-256 for convert's --hash. WebCrypto's digest() is one-shot
 // only, so a streaming hash comes from hash-wasm (WebAssembly, runs in
 // browsers and workers; ~270 MB/s here against ~125 MB/s for @noble/hashes).
-import { createSHA256 } from "npm:hash-wasm@4.13.0";
+// It is imported on first use: loading it cost every command about 17 ms of
+// start-up (a third of `cli.ts convert` on a small image) hashing or not.
 
 /** An incremental SHA-256. */
 export interface Sha256 {
@@ -12,6 +13,7 @@ export interface Sha256 {
 
 /** A fresh incremental SHA-256. */
 export async function sha256(): Promise<Sha256> {
+  const { createSHA256 } = await import("npm:hash-wasm@4.13.0");
   const h = await createSHA256();
   h.init();
   return {

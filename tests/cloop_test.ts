@@ -364,6 +364,45 @@ Deno.test("cloop version 4 images mix codecs per block, header first or last", a
   }
 });
 
+Deno.test("cloop readInto gives the bytes read gives, for every codec, whole and partial blocks, cached or not", async () => {
+  const blockSize = 16384;
+  const disk = sampleDisk(blockSize * 10, 12);
+  const available: Kind[] = ["zlib", "none", "xz", "lz4", "lzo"];
+  const packed = [];
+  for (let i = 0; i < 10; i++) {
+    const kind = available[i % available.length];
+    const block = disk.subarray(i * blockSize, (i + 1) * blockSize);
+    packed.push({
+      kind,
+      bytes: await (await codecModule(kind))!.encode(block),
+    });
+  }
+  const opened = await open(fromBytes(buildV4(blockSize, packed, "first")));
+  const ranges = [
+    [0, disk.length],
+    [100, blockSize * 3], // partial blocks at both ends
+    [blockSize * 2, blockSize * 4],
+    [blockSize * 9 + 5, blockSize - 5],
+  ];
+  for (const [at, n] of [...ranges, ...ranges]) { // the second time cached
+    const into = new Uint8Array(n).fill(0xee);
+    await opened.readInto!(at, into);
+    assertEquals(into, disk.subarray(at, at + n));
+  }
+});
+
+Deno.test("cloop readInto reports a corrupt block as an ImageFormatError naming it", async () => {
+  const image = (await sample()).slice();
+  const second = Number(new DataView(image.buffer).getBigUint64(136 + 8));
+  image.fill(0xaa, second + 2, second + 200);
+  const opened = await cloop.open(fromBytes(image), {});
+  await rejects(
+    () => opened.readInto!(0, new Uint8Array(65536 * 3)),
+    ImageFormatError,
+    /block 1 \(.*zlib.*does not decode/,
+  );
+});
+
 Deno.test("cloop version 4 and version 2 images of one disk decode to the same bytes", async () => {
   const disk = sampleDisk(333_333);
   const v2 = await decodeAll(await ours(disk));

@@ -132,3 +132,86 @@ Deno.test("readable streams the whole disk in order", async () => {
   assertEquals(at, disk.length);
   assertEquals(sha256Hex(all), sha256Hex(disk));
 });
+
+Deno.test("convert into a random-access sink reads into reused buffers and writes the same bytes", async () => {
+  const disk = sampleDisk();
+  const plain = fromBytes(disk);
+  let intoCalls = 0;
+  const buffers = new Set<ArrayBufferLike>();
+  const source: Source = {
+    ...plain,
+    readInto(offset, into) {
+      intoCalls++;
+      buffers.add(into.buffer);
+      into.set(disk.subarray(offset, offset + into.length));
+      return Promise.resolve();
+    },
+  };
+  const sink = memorySink();
+  const result = await convert(source, sink, {
+    hash: true,
+    blockSize: 1 << 20,
+    concurrency: 2,
+  });
+  assertEquals(sha256Hex(sink.bytes()), sha256Hex(disk));
+  assertEquals(result.sha256, sha256Hex(disk));
+  assertEquals(intoCalls, 10); // 9 MiB and a tail, 1 MiB per read
+  assertTrue(buffers.size <= 3, `${buffers.size} buffers for 10 reads`);
+});
+
+Deno.test("convert into a sequential sink hands it arrays of its own", async () => {
+  const disk = sampleDisk();
+  const kept: [number, Uint8Array][] = [];
+  const source: Source = {
+    ...fromBytes(disk),
+    readInto() {
+      return Promise.reject(new Error("not for sequential sinks"));
+    },
+  };
+  const sink: Sink = {
+    sequential: true,
+    write(offset, bytes) {
+      kept.push([offset, bytes]); // kept past the write, as a stream's queue does
+      return Promise.resolve();
+    },
+    resize: () => Promise.resolve(),
+    flush: () => Promise.resolve(),
+    close: () => Promise.resolve(),
+  };
+  await convert(source, sink, { blockSize: 1 << 20 });
+  const out = new Uint8Array(disk.length);
+  for (const [offset, bytes] of kept) out.set(bytes, offset);
+  assertEquals(sha256Hex(out), sha256Hex(disk));
+});
+
+Deno.test("convert lets a timer abort it while every read and write completes at once", async () => {
+  const block = new Uint8Array(1 << 20).fill(1);
+  let written = 0;
+  const source: Source = {
+    size: 64 * 2 ** 30,
+    read: (_offset, length) => Promise.resolve(block.slice(0, length)),
+  };
+  const sink: Sink = {
+    write(_offset, bytes) {
+      written += bytes.length;
+      return Promise.resolve();
+    },
+    flush: () => Promise.resolve(),
+    close: () => Promise.resolve(),
+  };
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(new Error("timer")), 30);
+  let message = "";
+  try {
+    await convert(source, sink, {
+      signal: controller.signal,
+      blockSize: 1 << 20,
+    });
+  } catch (e) {
+    message = (e as Error).message;
+  } finally {
+    clearTimeout(timer);
+  }
+  assertEquals(message, "timer");
+  assertTrue(written < 64 * 2 ** 30, `wrote ${written} bytes`);
+});

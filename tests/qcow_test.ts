@@ -611,6 +611,27 @@ Deno.test("an overlay whose base is encrypted reports encrypted, and open with a
   );
 });
 
+Deno.test("qcow readInto gives the bytes read gives, plain, compressed and encrypted, over old bytes", async () => {
+  const disk = sampleDisk(3);
+  disk.fill(0, (2 << 20) + 4096, (2 << 20) + 65536); // unallocated clusters
+  const ranges = [[0, 3 << 20], [100, 9000], [(2 << 20) - 700, 70_000]];
+  for (
+    const options of [{}, { compress: true }, { key: PASS }] as {
+      compress?: boolean;
+      key?: string;
+    }[]
+  ) {
+    const sink = memorySink();
+    await convert(fromBytes(disk), sink, { format: "qcow", ...options });
+    const image = await open(sink.source(), { key: options.key });
+    for (const [at, n] of ranges) {
+      const into = new Uint8Array(n).fill(0xee);
+      await image.readInto!(at, into);
+      assertEquals(into, disk.subarray(at, at + n));
+    }
+  }
+});
+
 Deno.test("qcow is probed by its magic and version", async () => {
   const sink = memorySink();
   await create("qcow", sink, { size: 1 << 20 });
@@ -789,6 +810,12 @@ Deno.test("a compressed cluster inflating past the cluster size is an ImageForma
   );
   await rejects(
     () => readWhole(bytes),
+    ImageFormatError,
+    /compressed cluster 4096 must be raw deflate of \d+ bytes inflating to exactly 4096 bytes/,
+  );
+  const image = await open(fromBytes(bytes), { format: "qcow" });
+  await rejects(
+    () => image.readInto!(0, new Uint8Array(8192)),
     ImageFormatError,
     /compressed cluster 4096 must be raw deflate of \d+ bytes inflating to exactly 4096 bytes/,
   );

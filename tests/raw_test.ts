@@ -49,3 +49,28 @@ Deno.test("raw create refuses a backing file", async () => {
   }
   assertEquals(message, "raw: the raw format cannot record a backing file");
 });
+
+Deno.test("raw readInto gives the same bytes as read, inside and outside the chunk its map scanned", async () => {
+  const bytes = pseudoRandom(9 << 20, 7);
+  bytes.fill(0, 1 << 20, 3 << 20);
+  const image = await open(fromBytes(bytes));
+  const ranges: [number, number][] = [
+    [0, 4096],
+    [(4 << 20) - 100, 200], // across two scanned chunks
+    [5 << 20, 1 << 20],
+    [(9 << 20) - 10, 10],
+  ];
+  const check = async () => {
+    for (const [at, n] of ranges) {
+      const into = new Uint8Array(n);
+      await image.readInto!(at, into);
+      assertEquals(into, bytes.subarray(at, at + n));
+      assertEquals(await image.read(at, n), bytes.subarray(at, at + n));
+    }
+  };
+  await check(); // nothing scanned yet
+  for await (const run of image.extents(0, bytes.length)) {
+    if (run.kind === "data") await check(); // mid-walk, a chunk cached
+  }
+  await check();
+});

@@ -679,6 +679,41 @@ Deno.test({
 });
 
 Deno.test({
+  name: "readInto gives the bytes read gives, over a buffer holding old bytes",
+  fn: async () => {
+    const size = 1 << 20;
+    const disk = sampleDisk(size);
+    for (const bytes of [await smallStream(size), await smallSparse(size)]) {
+      const image = await open(fromBytes(bytes));
+      for (
+        const [at, n] of [[0, size], [1000, 200_000], [3 << 16, 1 << 16], [
+          (1 << 16) + 7,
+          1 << 16,
+        ]]
+      ) {
+        const into = new Uint8Array(n).fill(0xee);
+        await image.readInto!(at, into);
+        assertEquals(into, disk.subarray(at, at + n));
+      }
+    }
+  },
+});
+
+Deno.test({
+  name: "readInto refuses a corrupt compressed grain, naming it",
+  fn: async () => {
+    const c = await smallStream();
+    c.fill(0xee, 65536 + 12, 65536 + 40);
+    const broken = await open(fromBytes(c));
+    await rejects(
+      () => broken.readInto!(0, new Uint8Array(1 << 20)),
+      ImageFormatError,
+      /compressed grain at sector 128/,
+    );
+  },
+});
+
+Deno.test({
   name: "a streamOptimized image without its footer is refused",
   fn: async () => {
     const b = await smallStream();

@@ -216,6 +216,25 @@ for (const subformat of ["dynamic", "fixed"]) {
   });
 }
 
+Deno.test("a dynamic VHD's readInto gives the same bytes as read, in full and partial blocks", async () => {
+  const sink = memorySink();
+  const image = await vpc.create!(sink, { size: 7 << 20 });
+  await image.write!(0, pseudoRandom(2 << 20, 1)); // a full block
+  await image.write!((4 << 20) + 512, pseudoRandom(4096, 2)); // partial
+  await image.flush!();
+  const reopened = await vpc.open(fromBytes(sink.bytes()), {});
+  for (
+    const [at, n] of [[0, 2 << 20], [1000, 5000], [(4 << 20) - 10, 8192], [
+      6 << 20,
+      1 << 20,
+    ]]
+  ) {
+    const into = new Uint8Array(n);
+    await reopened.readInto!(at, into);
+    assertEquals(into, await reopened.read(at, n));
+  }
+});
+
 Deno.test("random writes into a new dynamic VHD read back, with holes as zeros", async () => {
   const sink = memorySink();
   const image = await vpc.create!(sink, { size: 7 << 20 });
