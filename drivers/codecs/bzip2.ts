@@ -41,18 +41,51 @@ import { CodecError } from "../../streams/errors.ts";
 
 const CODEC = "bzip2";
 
-/** bzip2's CRC-32: polynomial 0x04c11db7, most significant bit first. */
-const CRC_TABLE = (() => {
-  const table = new Int32Array(256);
+/**
+ * bzip2's CRC-32 (polynomial 0x04c11db7, most significant bit first) as
+ * eight 256-entry tables for slicing by 8: table k holds the CRC of a byte
+ * followed by k zero bytes. Table 0 is the classic one-byte table.
+ */
+const CRC_TABLES: Int32Array = (() => {
+  const t = new Int32Array(8 * 256);
   for (let i = 0; i < 256; i++) {
     let c = i << 24;
     for (let k = 0; k < 8; k++) {
       c = c & 0x80000000 ? (c << 1) ^ 0x04c11db7 : c << 1;
     }
-    table[i] = c;
+    t[i] = c;
   }
-  return table;
+  for (let k = 1; k < 8; k++) {
+    for (let i = 0; i < 256; i++) {
+      const c = t[(k - 1) * 256 + i];
+      t[k * 256 + i] = (c << 8) ^ t[c >>> 24];
+    }
+  }
+  return t;
 })();
+const CRC_TABLE = CRC_TABLES.subarray(0, 256);
+
+/**
+ * bzip2's CRC-32 of `bytes[begin..end)`. Eight bytes per step through the
+ * tables: the block CRC took 40% of decoding the bench's 1 GiB dmg bzip2
+ * disk (392 of 1062 ms for 200 chunks) one byte at a time, about 110 ms
+ * this way.
+ */
+function blockCrc(bytes: Uint8Array, begin: number, end: number): number {
+  const t = CRC_TABLES;
+  let c = -1;
+  let i = begin;
+  for (const stop = end - 7; i < stop; i += 8) {
+    const a = c ^ (bytes[i] << 24 | bytes[i + 1] << 16 | bytes[i + 2] << 8 |
+      bytes[i + 3]);
+    c = t[1792 + (a >>> 24)] ^ t[1536 + ((a >>> 16) & 0xff)] ^
+      t[1280 + ((a >>> 8) & 0xff)] ^ t[1024 + (a & 0xff)] ^
+      t[768 + bytes[i + 4]] ^ t[512 + bytes[i + 5]] ^
+      t[256 + bytes[i + 6]] ^ t[bytes[i + 7]];
+  }
+  for (; i < end; i++) c = (c << 8) ^ t[(c >>> 24) ^ bytes[i]];
+  return ~c >>> 0;
+}
 
 /** The most selectors a block uses; bzip2 1.0.8 reads more and ignores them. */
 const MAX_SELECTORS = 18002;
@@ -353,12 +386,8 @@ function decodeBlock(r: BitReader, level: number, o: Output): number {
     if (op >= limit) tooLong(limit);
     out[op++] = ch;
   }
-  let crc = -1;
-  for (let i = begin; i < op; i++) {
-    crc = (crc << 8) ^ CRC_TABLE[(crc >>> 24) ^ out[i]];
-  }
   o.length = op;
-  return ~crc >>> 0;
+  return blockCrc(out, begin, op);
 }
 
 function tooLong(limit: number): never {
