@@ -422,11 +422,44 @@ export function decode(
   }
 }
 
-function decodeStreams(input: Uint8Array, expectedSize: number): Uint8Array {
+/**
+ * Decodes one or more concatenated bzip2 streams into `out`, which they
+ * must fill exactly (the checks of {@linkcode decode}, whose
+ * `expectedSize` is `out.length`). No array is made for the output: the
+ * dmg reader decodes chunks straight into the caller's buffer.
+ *
+ * @param input the compressed bytes (zero bytes after the last stream are allowed)
+ * @param out where the bytes go; all of it is filled
+ *
+ * @example
+ * ```ts
+ * import { decodeInto, encode } from "./bzip2.ts";
+ * const out = new Uint8Array(1000);
+ * await decodeInto(await encode(new Uint8Array(1000).fill(7)), out);
+ * console.log(out[999]); // 7
+ * ```
+ */
+export function decodeInto(input: Uint8Array, out: Uint8Array): Promise<void> {
+  try {
+    decodeStreams(input, out.length, out);
+    return Promise.resolve();
+  } catch (e) {
+    return Promise.reject(e);
+  }
+}
+
+function decodeStreams(
+  input: Uint8Array,
+  expectedSize: number,
+  into?: Uint8Array,
+): Uint8Array {
   if (!Number.isSafeInteger(expectedSize) || expectedSize < 0) {
     fail(`expected size ${expectedSize} is not a byte count`);
   }
-  const o: Output = { out: new Uint8Array(expectedSize), length: 0 };
+  const o: Output = {
+    out: into ?? new Uint8Array(expectedSize),
+    length: 0,
+  };
   let pos = 0;
   for (let stream = 0;; stream++) {
     if (stream > 0) {
