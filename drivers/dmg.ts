@@ -97,11 +97,13 @@ const READ_BYTES = 8 << 20;
 const RAW_PIECE_BYTES = 1 << 20;
 /**
  * Images with at least this many compressed chunks decode them on the
- * worker pool (small images decode inline: starting workers costs more).
- * Measured on the bench's 1 GiB disk (2 shared cores, a convert to a
- * file): bzip2 4.6 s inline against 2.4-3.6 s on the pool, zlib 1.8 s
- * against 0.8-0.9 s; peak RSS 140 MiB inline, 205-250 MiB with the two
- * workers.
+ * worker pool (small images decode inline: starting workers costs more),
+ * except zlib chunks, which always inflate on this thread: node:zlib
+ * inflates the bench's 1 GiB disk in about 70 ms, less than posting the
+ * chunks to workers and back cost, and an image without other codecs
+ * then starts no worker (each is a V8 isolate: peak RSS 74 MiB against
+ * 205-250 MiB with the two workers; convert 0.3 s against 0.7-0.9 s).
+ * bzip2 on the pool: 1.55 s against about 2.5 s inline.
  */
 const POOL_MIN_CHUNKS = 16;
 
@@ -754,7 +756,7 @@ function dmgImage(
     } else {
       const name = CODECS.get(type)!;
       try {
-        const pooled = usePool && codecPool.usable
+        const pooled = usePool && codecPool.usable && type !== TYPE.zlib
           ? await codecPool.run("decode", name, packed, bytes)
           : null;
         decoded = pooled ??
