@@ -936,6 +936,7 @@ function dmgImage(
       const crcs = pooled.length
         ? decodePooled(pooled, packed, start, offset, into)
         : undefined;
+      crcs?.catch(() => {}); // awaited below, unless a zlib chunk fails first
       for (const i of run) {
         if (pooled.length && index.type[i] !== TYPE.zlib) continue;
         const view = viewOf(i);
