@@ -93,6 +93,8 @@ const MAX_TABLE_BYTES = 64 << 20;
 const CACHE_BYTES = 16 << 20;
 /** How many bytes of neighbouring chunks one file read fetches at most. */
 const READ_BYTES = 8 << 20;
+/** Runs of chunks one `readInto` decodes at once (each from one file read). */
+const RUNS_IN_FLIGHT = 4;
 /** Raw chunks are read (and checksummed) in pieces of this many bytes. */
 const RAW_PIECE_BYTES = 1 << 20;
 /**
@@ -976,9 +978,10 @@ function dmgImage(
     const end = offset + length;
     const last = Math.ceil(end / SECTOR);
     const pending: Promise<void>[] = [];
+    const runs: number[][] = [];
     let run: number[] = [];
     const flush = () => {
-      if (run.length) pending.push(decodeRun(run, offset, into));
+      if (run.length) runs.push(run);
       run = [];
     };
     let at = offset; // bytes before this are placed, pending or zeroed
@@ -1013,19 +1016,31 @@ function dmgImage(
           ),
         );
       } else {
+        // A run ends where the packed bytes are not contiguous, or past
+        // READ_BYTES packed or decoded (the scratch buffers' sizes).
         const first = run[0];
         if (
           run.length &&
           (index.offset[i] !== index.offset[run[run.length - 1]] +
                 index.length[run[run.length - 1]] ||
             index.offset[i] + index.length[i] - index.offset[first] >
-              READ_BYTES)
+              READ_BYTES ||
+            pieceEnd - index.sector[first] * SECTOR > READ_BYTES)
         ) flush();
         run.push(i);
       }
     }
     flush();
     if (at < end) into.fill(0, at - offset);
+    // A few runs at a time: a read of a whole disk would otherwise hold
+    // every run's packed and decoded scratch at once.
+    let next = 0;
+    const worker = async () => {
+      while (next < runs.length) await decodeRun(runs[next++], offset, into);
+    };
+    for (let k = 0; k < Math.min(RUNS_IN_FLIGHT, runs.length); k++) {
+      pending.push(worker());
+    }
     await Promise.all(pending);
   }
 
