@@ -708,14 +708,25 @@ class Scratch {
   constructor(readonly make: (bytes: number) => Uint8Array) {}
   take(bytes: number): Uint8Array {
     const k = this.#free.findIndex((b) => b.length >= bytes);
-    const buffer = k >= 0 ? this.#free.splice(k, 1)[0] : this.make(bytes);
-    return buffer.subarray(0, bytes);
+    if (k >= 0) return this.#free.splice(k, 1)[0].subarray(0, bytes);
+    // Sizes rounded up to a power of two (64 KiB at least), so that runs
+    // of varying packed size find a kept buffer big enough.
+    return this.make(Math.max(1 << 16, 2 ** Math.ceil(Math.log2(bytes))))
+      .subarray(0, bytes);
   }
   give(view: Uint8Array) {
     const buffer = new Uint8Array(view.buffer);
-    if (
-      buffer.length <= SCRATCH_KEEP_BYTES && this.#free.length < SCRATCH_KEEP
-    ) this.#free.push(buffer);
+    if (buffer.length > SCRATCH_KEEP_BYTES) return;
+    if (this.#free.length >= SCRATCH_KEEP) {
+      // Full: the smallest kept buffer makes way for a bigger one.
+      let k = 0;
+      this.#free.forEach((b, j) => {
+        if (b.length < this.#free[k].length) k = j;
+      });
+      if (this.#free[k].length >= buffer.length) return;
+      this.#free.splice(k, 1);
+    }
+    this.#free.push(buffer);
   }
 }
 
