@@ -100,7 +100,8 @@ const RAW_PIECE_BYTES = 1 << 20;
 /**
  * Images with at least this many compressed chunks decode them on the
  * worker pool (small images decode inline: starting workers costs more),
- * except zlib chunks, which always inflate on this thread: node:zlib
+ * except zlib chunks where node:zlib is there ({@linkcode inflatesHere}),
+ * which always inflate on this thread: node:zlib
  * inflates the bench's 1 GiB disk in about 70 ms, less than posting the
  * chunks to workers and back cost, and an image without other codecs
  * then starts no worker (each is a V8 isolate: peak RSS 74 MiB against
@@ -108,6 +109,24 @@ const RAW_PIECE_BYTES = 1 << 20;
  * bzip2 on the pool: 1.55 s against about 2.5 s inline.
  */
 const POOL_MIN_CHUNKS = 16;
+
+/**
+ * Whether the runtime has node:zlib (Deno, Node), whose native inflate
+ * `zlib.decodeInto` uses. Browsers inflate through DecompressionStream,
+ * and their zlib chunks stay on the worker pool as before.
+ */
+const nativeZlib = (() => {
+  try {
+    return typeof (globalThis as {
+      process?: { getBuiltinModule?: unknown };
+    }).process?.getBuiltinModule === "function";
+  } catch {
+    return false;
+  }
+})();
+
+/** Chunk types decoded on the calling thread whatever the image's size. */
+const inflatesHere = (type: number) => type === TYPE.zlib && nativeZlib;
 
 /** Codec module names (drivers/codecs/*.ts) by chunk type. */
 const CODECS: ReadonlyMap<number, string> = new Map([
@@ -769,7 +788,7 @@ function dmgImage(
     } else {
       const name = CODECS.get(type)!;
       try {
-        const pooled = usePool && codecPool.usable && type !== TYPE.zlib
+        const pooled = usePool && codecPool.usable && !inflatesHere(type)
           ? await codecPool.run("decode", name, packed, bytes)
           : null;
         decoded = pooled ??
@@ -864,7 +883,7 @@ function dmgImage(
   }
 
   /**
-   * Decodes pieces `list` (whole, compressed, not zlib; their packed
+   * Decodes pieces `list` (whole, compressed, not inflated here; their packed
    * bytes in `packed`, which starts at file offset `start`) on the worker
    * pool and places them in `into` (disk offset `offset`). Answers their
    * CRC-32s, or null when the pool did not (the caller decodes them).
@@ -918,7 +937,7 @@ function dmgImage(
   /**
    * Decodes pieces `run` (whole, compressed, packed bytes one run of the
    * file) into `into` (disk offset `offset`) from one file read: zlib on
-   * this thread, straight into `into` (node:zlib inflates the bench's
+   * this thread where node:zlib is there, straight into `into` (it inflates the bench's
    * 1 GiB disk in about 70 ms, less than posting it to a worker costs),
    * the other codecs (JavaScript, CPU-bound) on the worker pool when the
    * image is big enough for it.
@@ -942,7 +961,7 @@ function dmgImage(
           (index.sector[i] + index.sectors[i]) * SECTOR - offset,
         );
       const pooled = usePool && codecPool.usable
-        ? run.filter((i) => index.type[i] !== TYPE.zlib)
+        ? run.filter((i) => !inflatesHere(index.type[i]))
         : [];
       // Posted first (the input is copied at once), so the workers start
       // while this thread inflates the zlib chunks.
@@ -951,7 +970,7 @@ function dmgImage(
         : undefined;
       crcs?.catch(() => {}); // awaited below, unless a zlib chunk fails first
       for (const i of run) {
-        if (pooled.length && index.type[i] !== TYPE.zlib) continue;
+        if (pooled.length && !inflatesHere(index.type[i])) continue;
         const view = viewOf(i);
         await decodeInline(i, packedOf(i), view);
         verifier?.recordCrc(i, crc32(view), crc32(packedOf(i)));
