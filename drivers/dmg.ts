@@ -52,6 +52,7 @@ import {
   type Image,
   type OpenOptions,
   type ProbeInput,
+  readInto as readIntoSource,
   type Sink,
   type Source,
 } from "../streams/types.ts";
@@ -92,17 +93,40 @@ const MAX_TABLE_BYTES = 64 << 20;
 const CACHE_BYTES = 16 << 20;
 /** How many bytes of neighbouring chunks one file read fetches at most. */
 const READ_BYTES = 8 << 20;
+/** Runs of chunks one `readInto` decodes at once (each from one file read). */
+const RUNS_IN_FLIGHT = 4;
 /** Raw chunks are read (and checksummed) in pieces of this many bytes. */
 const RAW_PIECE_BYTES = 1 << 20;
 /**
  * Images with at least this many compressed chunks decode them on the
- * worker pool (small images decode inline: starting workers costs more).
- * Measured on the bench's 1 GiB disk (2 shared cores, a convert to a
- * file): bzip2 4.6 s inline against 2.4-3.6 s on the pool, zlib 1.8 s
- * against 0.8-0.9 s; peak RSS 140 MiB inline, 205-250 MiB with the two
- * workers.
+ * worker pool (small images decode inline: starting workers costs more),
+ * except zlib chunks where node:zlib is there ({@linkcode inflatesHere}),
+ * which always inflate on this thread: node:zlib
+ * inflates the bench's 1 GiB disk in about 70 ms, less than posting the
+ * chunks to workers and back cost, and an image without other codecs
+ * then starts no worker (each is a V8 isolate: peak RSS 74 MiB against
+ * 205-250 MiB with the two workers; convert 0.3 s against 0.7-0.9 s).
+ * bzip2 on the pool: 1.55 s against about 2.5 s inline.
  */
 const POOL_MIN_CHUNKS = 16;
+
+/**
+ * Whether the runtime has node:zlib (Deno, Node), whose native inflate
+ * `zlib.decodeInto` uses. Browsers inflate through DecompressionStream,
+ * and their zlib chunks stay on the worker pool as before.
+ */
+const nativeZlib = (() => {
+  try {
+    return typeof (globalThis as {
+      process?: { getBuiltinModule?: unknown };
+    }).process?.getBuiltinModule === "function";
+  } catch {
+    return false;
+  }
+})();
+
+/** Chunk types decoded on the calling thread whatever the image's size. */
+const inflatesHere = (type: number) => type === TYPE.zlib && nativeZlib;
 
 /** Codec module names (drivers/codecs/*.ts) by chunk type. */
 const CODECS: ReadonlyMap<number, string> = new Map([
@@ -117,6 +141,8 @@ const CODECS: ReadonlyMap<number, string> = new Map([
 interface Codec {
   decode(input: Uint8Array, expectedSize: number): Promise<Uint8Array>;
   encode(input: Uint8Array): Promise<Uint8Array>;
+  /** Decodes into `out`, filling it exactly (zlib and bzip2 have it). */
+  decodeInto?(input: Uint8Array, out: Uint8Array): Promise<void>;
 }
 
 /**
@@ -653,6 +679,9 @@ class PieceCache {
   #entries = new Map<number, { value: Promise<Uint8Array>; bytes: number }>();
   #bytes = 0;
   constructor(readonly capacity: number) {}
+  has(i: number): boolean {
+    return this.#entries.has(i);
+  }
   get(i: number): Promise<Uint8Array> | undefined {
     const hit = this.#entries.get(i);
     if (hit) {
@@ -681,6 +710,47 @@ class PieceCache {
     this.#bytes -= entry.bytes;
   }
 }
+
+/** Buffers of this many bytes at most are kept for reuse. */
+const SCRATCH_KEEP_BYTES = 8 << 20;
+/** How many buffers of each kind are kept. */
+const SCRATCH_KEEP = 4;
+
+/**
+ * Reused buffers (packed bytes, or shared memory the workers decode into):
+ * `take(n)` gives a view of `n` bytes, `give` hands it back. A fresh array
+ * per read cost page faults, and V8 frees array buffers late, which showed
+ * in the peak RSS of `deno task bench`.
+ */
+class Scratch {
+  #free: Uint8Array[] = [];
+  constructor(readonly make: (bytes: number) => Uint8Array) {}
+  take(bytes: number): Uint8Array {
+    const k = this.#free.findIndex((b) => b.length >= bytes);
+    if (k >= 0) return this.#free.splice(k, 1)[0].subarray(0, bytes);
+    // Sizes rounded up to a power of two (64 KiB at least), so that runs
+    // of varying packed size find a kept buffer big enough.
+    return this.make(Math.max(1 << 16, 2 ** Math.ceil(Math.log2(bytes))))
+      .subarray(0, bytes);
+  }
+  give(view: Uint8Array) {
+    const buffer = new Uint8Array(view.buffer);
+    if (buffer.length > SCRATCH_KEEP_BYTES) return;
+    if (this.#free.length >= SCRATCH_KEEP) {
+      // Full: the smallest kept buffer makes way for a bigger one.
+      let k = 0;
+      this.#free.forEach((b, j) => {
+        if (b.length < this.#free[k].length) k = j;
+      });
+      if (this.#free[k].length >= buffer.length) return;
+      this.#free.splice(k, 1);
+    }
+    this.#free.push(buffer);
+  }
+}
+
+/** Shared memory for the workers to decode into, where the platform has it. */
+const hasShared = typeof SharedArrayBuffer === "function";
 
 function dmgImage(
   source: Source,
@@ -718,31 +788,36 @@ function dmgImage(
     } else {
       const name = CODECS.get(type)!;
       try {
-        const pooled = usePool && codecPool.usable
+        const pooled = usePool && codecPool.usable && !inflatesHere(type)
           ? await codecPool.run("decode", name, packed, bytes)
           : null;
         decoded = pooled ??
           await CODEC_MODULES.get(name)!.decode(packed, bytes);
       } catch (e) {
-        if (!(e instanceof CodecError)) throw e;
-        const p = tables.partitions[index.partition[i]];
-        throw new ImageFormatError(
-          {
-            format: FORMAT,
-            field: `${p.where} chunk ${index.entry[i]}`,
-            offset: index.offset[i],
-            file,
-          },
-          `${p.where} chunk ${
-            index.entry[i]
-          } (${packed.length} bytes of ${name} at byte ${
-            index.offset[i]
-          }) does not decode to its ${bytes} bytes: ${e.message}`,
-        );
+        throw chunkError(i, packed.length, e);
       }
     }
     verifier?.record(i, decoded, packed);
     return decoded;
+  }
+
+  /** A codec's failure on piece `i` as an error naming the chunk. */
+  function chunkError(i: number, packedLength: number, e: unknown): unknown {
+    if (!(e instanceof CodecError)) return e;
+    const p = tables.partitions[index.partition[i]];
+    return new ImageFormatError(
+      {
+        format: FORMAT,
+        field: `${p.where} chunk ${index.entry[i]}`,
+        offset: index.offset[i],
+        file,
+      },
+      `${p.where} chunk ${index.entry[i]} (${packedLength} bytes of ${
+        CODECS.get(index.type[i])
+      } at byte ${index.offset[i]}) does not decode to its ${
+        index.sectors[i] * SECTOR
+      } bytes: ${e.message}`,
+    );
   }
 
   /** Starts loading pieces `list` (data pieces in disk order) that are not cached, grouping file reads. */
@@ -791,60 +866,212 @@ function dmgImage(
     return out;
   }
 
+  const packedScratch = new Scratch((n) => new Uint8Array(n));
+  const sharedScratch = hasShared
+    ? new Scratch((n) => new Uint8Array(new SharedArrayBuffer(n)))
+    : undefined;
+
+  /** Decodes compressed piece `i` on this thread into `out`, its whole size. */
+  async function decodeInline(i: number, packed: Uint8Array, out: Uint8Array) {
+    const codec = CODEC_MODULES.get(CODECS.get(index.type[i])!)!;
+    try {
+      if (codec.decodeInto) await codec.decodeInto(packed, out);
+      else out.set(await codec.decode(packed, out.length));
+    } catch (e) {
+      throw chunkError(i, packed.length, e);
+    }
+  }
+
   /**
-   * A read whose data pieces all lie wholly inside it, none cached, their
-   * packed bytes one run of the file: one worker decodes them all (and
-   * computes their CRCs) from one message, and this thread places them. Null when the read does not qualify or the pool
-   * cannot take it (the caller then decodes piece by piece, which also
-   * names a bad chunk in its error).
+   * Decodes pieces `list` (whole, compressed, not inflated here; their packed
+   * bytes in `packed`, which starts at file offset `start`) on the worker
+   * pool and places them in `into` (disk offset `offset`). Answers their
+   * CRC-32s, or null when the pool did not (the caller decodes them).
    */
-  async function readBatch(
-    offset: number,
-    length: number,
+  async function decodePooled(
     list: number[],
-  ): Promise<Uint8Array | null> {
-    if (list.length < 2 || !codecPool.usable) return null;
-    const start = index.offset[list[0]];
-    let end = start;
+    packed: Uint8Array,
+    start: number,
+    offset: number,
+    into: Uint8Array,
+  ): Promise<Uint32Array | null> {
     const jobs: number[] = [];
+    let bytes = 0;
     for (const i of list) {
-      const pieceStart = index.sector[i] * SECTOR;
-      const bytes = index.sectors[i] * SECTOR;
-      if (
-        pieceStart < offset || pieceStart + bytes > offset + length ||
-        index.offset[i] !== end || cache.get(i)
-      ) return null;
+      const size = index.sectors[i] * SECTOR;
       jobs.push(
         index.type[i],
-        end - start,
+        index.offset[i] - start,
         index.length[i],
+        size,
         bytes,
-        pieceStart - offset,
       );
-      end += index.length[i];
+      bytes += size;
     }
-    if (end - start > READ_BYTES) return null;
-    const packed = await source.read(start, end - start);
-    const packedCrcs = verifier
-      ? list.map((i) => {
-        const from = index.offset[i] - start;
-        return crc32(packed.subarray(from, from + index.length[i]));
-      })
-      : [];
-    const result = await codecPool.batch(packed, jobs);
+    const place = (k: number, piece: Uint8Array) =>
+      into.set(piece, index.sector[list[k]] * SECTOR - offset);
+    if (sharedScratch) {
+      // The workers decode into shared memory and this thread copies out
+      // (2 MiB in about 0.1 ms): no array is made or transferred per chunk.
+      const shared = sharedScratch.take(bytes);
+      try {
+        const crcs = await codecPool.batchInto(packed, jobs, shared);
+        if (!crcs) return null;
+        list.forEach((_, k) =>
+          place(
+            k,
+            shared.subarray(jobs[k * 5 + 4], jobs[k * 5 + 4] + jobs[k * 5 + 3]),
+          )
+        );
+        return crcs;
+      } finally {
+        sharedScratch.give(shared);
+      }
+    }
+    const result = await codecPool.batch(packed.slice(), jobs);
     if (!result) return null;
-    const out = new Uint8Array(length);
-    result.pieces.forEach((piece, k) => out.set(piece, jobs[k * 5 + 4]));
-    if (verifier) {
-      list.forEach((i, k) =>
-        verifier.recordCrc(
-          i,
-          result.crcs[k],
-          index.type[i] === TYPE.raw ? result.crcs[k] : packedCrcs[k],
-        )
-      );
+    result.pieces.forEach((piece, k) => place(k, piece));
+    return result.crcs;
+  }
+
+  /**
+   * Decodes pieces `run` (whole, compressed, packed bytes one run of the
+   * file) into `into` (disk offset `offset`) from one file read: zlib on
+   * this thread where node:zlib is there, straight into `into` (it inflates the bench's
+   * 1 GiB disk in about 70 ms, less than posting it to a worker costs),
+   * the other codecs (JavaScript, CPU-bound) on the worker pool when the
+   * image is big enough for it.
+   */
+  async function decodeRun(run: number[], offset: number, into: Uint8Array) {
+    const start = index.offset[run[0]];
+    const last = run[run.length - 1];
+    const packed = packedScratch.take(
+      index.offset[last] + index.length[last] - start,
+    );
+    try {
+      await readIntoSource(source, start, packed);
+      const packedOf = (i: number) =>
+        packed.subarray(
+          index.offset[i] - start,
+          index.offset[i] - start + index.length[i],
+        );
+      const viewOf = (i: number) =>
+        into.subarray(
+          index.sector[i] * SECTOR - offset,
+          (index.sector[i] + index.sectors[i]) * SECTOR - offset,
+        );
+      const pooled = usePool && codecPool.usable
+        ? run.filter((i) => !inflatesHere(index.type[i]))
+        : [];
+      // Posted first (the input is copied at once), so the workers start
+      // while this thread inflates the zlib chunks.
+      const crcs = pooled.length
+        ? decodePooled(pooled, packed, start, offset, into)
+        : undefined;
+      crcs?.catch(() => {}); // awaited below, unless a zlib chunk fails first
+      for (const i of run) {
+        if (pooled.length && !inflatesHere(index.type[i])) continue;
+        const view = viewOf(i);
+        await decodeInline(i, packedOf(i), view);
+        verifier?.recordCrc(i, crc32(view), crc32(packedOf(i)));
+      }
+      if (crcs) {
+        const got = await crcs;
+        for (const [k, i] of pooled.entries()) {
+          const view = viewOf(i);
+          // Not decoded there: decoded here, which also names a bad chunk.
+          if (!got) await decodeInline(i, packedOf(i), view);
+          verifier?.recordCrc(
+            i,
+            got ? got[k] : crc32(view),
+            crc32(packedOf(i)),
+          );
+        }
+      }
+    } finally {
+      packedScratch.give(packed);
     }
-    return out;
+  }
+
+  /**
+   * `read` comes here too. Pieces that lie wholly inside the read and are
+   * not cached are read and decoded straight into `into` (convert and
+   * streams read each piece once): raw pieces read from the file in place,
+   * runs of compressed ones from one file read each. Pieces cut by the
+   * read's ends go through `load` and the cache. What no data piece covers
+   * is zeroed, as `into` may be a reused buffer.
+   */
+  async function readInto(offset: number, into: Uint8Array): Promise<void> {
+    const length = into.length;
+    checkRange(size, offset, length);
+    if (length === 0) return;
+    const end = offset + length;
+    const last = Math.ceil(end / SECTOR);
+    const pending: Promise<void>[] = [];
+    const runs: number[][] = [];
+    let run: number[] = [];
+    const flush = () => {
+      if (run.length) runs.push(run);
+      run = [];
+    };
+    let at = offset; // bytes before this are placed, pending or zeroed
+    for (
+      let i = firstPiece(index, Math.floor(offset / SECTOR));
+      i < index.count && index.sector[i] < last;
+      i++
+    ) {
+      if (!isData(index.type[i])) continue;
+      const pieceStart = index.sector[i] * SECTOR;
+      const pieceEnd = pieceStart + index.sectors[i] * SECTOR;
+      const from = Math.max(offset, pieceStart);
+      const to = Math.min(end, pieceEnd);
+      if (from > at) into.fill(0, at - offset, from - offset);
+      at = Math.max(at, to);
+      if (pieceStart < offset || pieceEnd > end || cache.has(i)) {
+        flush();
+        pending.push(
+          load([i])[0].then((piece) =>
+            into.set(
+              piece.subarray(from - pieceStart, to - pieceStart),
+              from - offset,
+            )
+          ),
+        );
+      } else if (index.type[i] === TYPE.raw) {
+        flush();
+        const view = into.subarray(pieceStart - offset, pieceEnd - offset);
+        pending.push(
+          readIntoSource(source, index.offset[i], view).then(() =>
+            verifier?.record(i, view, view)
+          ),
+        );
+      } else {
+        // A run ends where the packed bytes are not contiguous, or past
+        // READ_BYTES packed or decoded (the scratch buffers' sizes).
+        const first = run[0];
+        if (
+          run.length &&
+          (index.offset[i] !== index.offset[run[run.length - 1]] +
+                index.length[run[run.length - 1]] ||
+            index.offset[i] + index.length[i] - index.offset[first] >
+              READ_BYTES ||
+            pieceEnd - index.sector[first] * SECTOR > READ_BYTES)
+        ) flush();
+        run.push(i);
+      }
+    }
+    flush();
+    if (at < end) into.fill(0, at - offset);
+    // A few runs at a time: a read of a whole disk would otherwise hold
+    // every run's packed and decoded scratch at once.
+    let next = 0;
+    const worker = async () => {
+      while (next < runs.length) await decodeRun(runs[next++], offset, into);
+    };
+    for (let k = 0; k < Math.min(RUNS_IN_FLIGHT, runs.length); k++) {
+      pending.push(worker());
+    }
+    await Promise.all(pending);
   }
 
   const partitions = tables.partitions.map((p) => ({
@@ -880,35 +1107,11 @@ function dmgImage(
     },
     async read(offset, length) {
       checkRange(size, offset, length);
-      if (length === 0) return new Uint8Array(0);
-      const first = Math.floor(offset / SECTOR);
-      const last = Math.ceil((offset + length) / SECTOR);
-      const list: number[] = [];
-      for (let i = firstPiece(index, first); i < index.count; i++) {
-        if (index.sector[i] >= last) break;
-        if (isData(index.type[i])) list.push(i);
-      }
-      const batched = usePool ? await readBatch(offset, length, list) : null;
-      if (batched) return batched;
-      // Allocated only here: a fresh 2 MiB array costs its page faults.
       const out = new Uint8Array(length);
-      // Several pieces decode at once (on the worker pool for big images);
-      // each is copied out as it finishes.
-      await Promise.all(
-        load(list).map(async (pending, k) => {
-          const piece = await pending;
-          const i = list[k];
-          const pieceStart = index.sector[i] * SECTOR;
-          const from = Math.max(offset, pieceStart);
-          const to = Math.min(offset + length, pieceStart + piece.length);
-          out.set(
-            piece.subarray(from - pieceStart, to - pieceStart),
-            from - offset,
-          );
-        }),
-      );
+      await readInto(offset, out);
       return out;
     },
+    readInto,
     async *extents(offset, length): AsyncIterable<Extent> {
       checkRange(size, offset, length);
       const end = offset + length;

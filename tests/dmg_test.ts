@@ -347,6 +347,59 @@ Deno.test("many small chunks decode on the worker pool, and a partial read decod
   }
 });
 
+Deno.test("dmg readInto gives the bytes read gives, whole and cut chunks of every codec, over old bytes", async () => {
+  const disk = sampleDisk();
+  disk.fill(0, MIB + 65536, MIB + 200000); // zero-fill chunks
+  const ranges = [
+    [0, disk.length],
+    [100, 9000],
+    [MIB - 700, 70_000],
+    [MIB + 60000, 150_000],
+    [2 * MIB, MIB],
+  ];
+  for (const compression of CODECS) {
+    // 32 KiB chunks: enough of them for the worker pool.
+    const bytes = await encodeDmg(disk, { compression, chunk_sectors: "64" });
+    const image = await open(fromBytes(bytes));
+    try {
+      for (const [at, n] of ranges) {
+        const into = new Uint8Array(n).fill(0xee);
+        await image.readInto!(at, into);
+        assertEquals(
+          sha256Hex(into),
+          sha256Hex(disk.subarray(at, at + n)),
+          `${compression} ${at}+${n}`,
+        );
+      }
+    } finally {
+      await image.close?.();
+    }
+  }
+});
+
+Deno.test("a corrupt bzip2 chunk decoded on the worker pool is named", async () => {
+  const disk = sampleDisk(2 * MIB);
+  const good = await encodeDmg(disk, {
+    compression: "bzip2",
+    chunk_sectors: "64",
+  });
+  const mish = mishTables(good)[0];
+  const view = new DataView(mish.buffer, mish.byteOffset);
+  const chunk3 = Number(view.getBigUint64(chunkAt(3) + 24));
+  const corrupt = good.slice();
+  corrupt[chunk3 + 40] ^= 0xff;
+  const image = await open(fromBytes(corrupt));
+  try {
+    await rejects(
+      () => image.readInto!(0, new Uint8Array(MIB)),
+      ImageFormatError,
+      /chunk 3 \(.* of bzip2 .*\) does not decode/,
+    );
+  } finally {
+    await image.close?.();
+  }
+});
+
 Deno.test("a dmg is probed by its koly trailer whatever the file is called", async () => {
   await withTemp(async (dir) => {
     const disk = sampleDisk();

@@ -41,18 +41,51 @@ import { CodecError } from "../../streams/errors.ts";
 
 const CODEC = "bzip2";
 
-/** bzip2's CRC-32: polynomial 0x04c11db7, most significant bit first. */
-const CRC_TABLE = (() => {
-  const table = new Int32Array(256);
+/**
+ * bzip2's CRC-32 (polynomial 0x04c11db7, most significant bit first) as
+ * eight 256-entry tables for slicing by 8: table k holds the CRC of a byte
+ * followed by k zero bytes. Table 0 is the classic one-byte table.
+ */
+const CRC_TABLES: Int32Array = (() => {
+  const t = new Int32Array(8 * 256);
   for (let i = 0; i < 256; i++) {
     let c = i << 24;
     for (let k = 0; k < 8; k++) {
       c = c & 0x80000000 ? (c << 1) ^ 0x04c11db7 : c << 1;
     }
-    table[i] = c;
+    t[i] = c;
   }
-  return table;
+  for (let k = 1; k < 8; k++) {
+    for (let i = 0; i < 256; i++) {
+      const c = t[(k - 1) * 256 + i];
+      t[k * 256 + i] = (c << 8) ^ t[c >>> 24];
+    }
+  }
+  return t;
 })();
+const CRC_TABLE = CRC_TABLES.subarray(0, 256);
+
+/**
+ * bzip2's CRC-32 of `bytes[begin..end)`. Eight bytes per step through the
+ * tables: the block CRC took 40% of decoding the bench's 1 GiB dmg bzip2
+ * disk (392 of 1062 ms for 200 chunks) one byte at a time, about 110 ms
+ * this way.
+ */
+function blockCrc(bytes: Uint8Array, begin: number, end: number): number {
+  const t = CRC_TABLES;
+  let c = -1;
+  let i = begin;
+  for (const stop = end - 7; i < stop; i += 8) {
+    const a = c ^ (bytes[i] << 24 | bytes[i + 1] << 16 | bytes[i + 2] << 8 |
+      bytes[i + 3]);
+    c = t[1792 + (a >>> 24)] ^ t[1536 + ((a >>> 16) & 0xff)] ^
+      t[1280 + ((a >>> 8) & 0xff)] ^ t[1024 + (a & 0xff)] ^
+      t[768 + bytes[i + 4]] ^ t[512 + bytes[i + 5]] ^
+      t[256 + bytes[i + 6]] ^ t[bytes[i + 7]];
+  }
+  for (; i < end; i++) c = (c << 8) ^ t[(c >>> 24) ^ bytes[i]];
+  return ~c >>> 0;
+}
 
 /** The most selectors a block uses; bzip2 1.0.8 reads more and ignores them. */
 const MAX_SELECTORS = 18002;
@@ -333,32 +366,36 @@ function decodeBlock(r: BitReader, level: number, o: Output): number {
   let link = tt[origPtr] >>> 8;
   let last = -1;
   let same = 0;
-  for (let k = 0; k < nblock; k++) {
+  // One test per byte on the common path (a byte unlike the one before);
+  // the count after four equal bytes is read in the rare branch. About 5%
+  // less CPU than testing for a pending count first on every byte (user
+  // time for 300 of the bench dmg's chunks: 1.10 -> 1.05 s).
+  for (let k = 0; k < nblock;) {
     link = tt[link];
+    k++;
     const ch = link & 0xff;
     link >>>= 8;
-    if (same === 4) {
-      if (op + ch > limit) tooLong(limit);
-      out.fill(last, op, op + ch);
-      op += ch;
-      same = 0;
-      last = -1;
-      continue;
-    }
-    if (ch === last) same++;
-    else {
-      same = 1;
-      last = ch;
-    }
     if (op >= limit) tooLong(limit);
     out[op++] = ch;
-  }
-  let crc = -1;
-  for (let i = begin; i < op; i++) {
-    crc = (crc << 8) ^ CRC_TABLE[(crc >>> 24) ^ out[i]];
+    if (ch !== last) {
+      last = ch;
+      same = 1;
+    } else if (++same === 4) {
+      if (k < nblock) {
+        link = tt[link];
+        k++;
+        const n = link & 0xff;
+        link >>>= 8;
+        if (op + n > limit) tooLong(limit);
+        out.fill(ch, op, op + n);
+        op += n;
+      }
+      same = 0;
+      last = -1;
+    }
   }
   o.length = op;
-  return ~crc >>> 0;
+  return blockCrc(out, begin, op);
 }
 
 function tooLong(limit: number): never {
@@ -393,11 +430,44 @@ export function decode(
   }
 }
 
-function decodeStreams(input: Uint8Array, expectedSize: number): Uint8Array {
+/**
+ * Decodes one or more concatenated bzip2 streams into `out`, which they
+ * must fill exactly (the checks of {@linkcode decode}, whose
+ * `expectedSize` is `out.length`). No array is made for the output: the
+ * dmg reader decodes chunks straight into the caller's buffer.
+ *
+ * @param input the compressed bytes (zero bytes after the last stream are allowed)
+ * @param out where the bytes go; all of it is filled
+ *
+ * @example
+ * ```ts
+ * import { decodeInto, encode } from "./bzip2.ts";
+ * const out = new Uint8Array(1000);
+ * await decodeInto(await encode(new Uint8Array(1000).fill(7)), out);
+ * console.log(out[999]); // 7
+ * ```
+ */
+export function decodeInto(input: Uint8Array, out: Uint8Array): Promise<void> {
+  try {
+    decodeStreams(input, out.length, out);
+    return Promise.resolve();
+  } catch (e) {
+    return Promise.reject(e);
+  }
+}
+
+function decodeStreams(
+  input: Uint8Array,
+  expectedSize: number,
+  into?: Uint8Array,
+): Uint8Array {
   if (!Number.isSafeInteger(expectedSize) || expectedSize < 0) {
     fail(`expected size ${expectedSize} is not a byte count`);
   }
-  const o: Output = { out: new Uint8Array(expectedSize), length: 0 };
+  const o: Output = {
+    out: into ?? new Uint8Array(expectedSize),
+    length: 0,
+  };
   let pos = 0;
   for (let stream = 0;; stream++) {
     if (stream > 0) {

@@ -69,9 +69,9 @@ export class CodecPool {
               job.resolve(null);
             } else {
               job.resolve(
-                e.data.crcs
+                e.data.pieces
                   ? { pieces: e.data.pieces, crcs: e.data.crcs } as never
-                  : out,
+                  : e.data.crcs ?? out,
               );
             }
           }
@@ -153,6 +153,46 @@ export class CodecPool {
         { id, op: "batch", input: copy, jobs, size: 0 },
         [copy.buffer as ArrayBuffer],
       );
+    });
+  }
+
+  /**
+   * Like {@linkcode batch}, but the worker decodes each chunk straight
+   * into `out` at its place (the fifth number of its job), so `out` must
+   * lie in a `SharedArrayBuffer`. Answers the chunks' CRC-32s, or `null`
+   * on any failure (the caller then decodes chunk by chunk). `input` is
+   * copied.
+   */
+  batchInto(
+    input: Uint8Array,
+    jobs: number[],
+    out: Uint8Array,
+  ): Promise<Uint32Array | null> {
+    if (this.#broken || !this.#start()) return Promise.resolve(null);
+    clearTimeout(this.#idle);
+    this.#idle = undefined;
+    const slot = this.#workers.reduce((a, b) => (b.jobs < a.jobs ? b : a));
+    slot.jobs++;
+    const id = this.#next++;
+    const copy = input.slice();
+    return new Promise((resolve) => {
+      this.#pending.set(id, {
+        resolve: (crcs) => resolve(crcs as never),
+        reject: () => resolve(null),
+        codec: "batch",
+      });
+      try {
+        slot.worker.postMessage(
+          { id, op: "batchInto", input: copy, jobs, size: 0, out },
+          [copy.buffer],
+        );
+      } catch {
+        // Shared memory cannot be posted here (a page that is not
+        // cross-origin isolated): the caller decodes itself.
+        slot.jobs--;
+        this.#pending.delete(id);
+        resolve(null);
+      }
     });
   }
 
