@@ -36,6 +36,12 @@
 
 import { cString, safeNumber, setBe32, setBe64 } from "./_binary.ts";
 import {
+  readBackSource,
+  requireRandomAccess,
+  serializedWrites,
+  type WriteQueue,
+} from "./_image.ts";
+import {
   BackingFileError,
   check,
   ImageFormatError,
@@ -221,13 +227,12 @@ function parseHeader(b: Uint8Array, fileSize: number): Header {
 }
 
 /** What a cow image holds while open. */
-interface State {
+interface State extends WriteQueue {
   source: Source;
   header: Header;
   /** Bitmap chunks of CHUNK bytes by index, loaded on demand. */
   chunks: Map<number, Uint8Array>;
   sink?: Sink;
-  writing: Promise<unknown>;
 }
 
 async function chunk(state: State, index: number): Promise<Uint8Array> {
@@ -408,16 +413,7 @@ function cowImage(state: State): Image {
     }
   }
 
-  image.write = (offset, bytes) => {
-    const next = state.writing.then(() => doWrite(offset, bytes));
-    state.writing = next.catch(() => {});
-    return next;
-  };
-  image.flush = async () => {
-    await state.writing;
-    await sink.flush();
-  };
-  return image;
+  return Object.assign(image, serializedWrites(state, sink, doWrite));
 }
 
 async function openCow(source: Source, options: OpenOptions): Promise<Image> {
@@ -436,12 +432,7 @@ async function openCow(source: Source, options: OpenOptions): Promise<Image> {
 }
 
 async function createCow(sink: Sink, spec: CreateSpec): Promise<Image> {
-  if (sink.sequential) {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "cow files are written at random offsets; a sequential sink (a stream) cannot hold one",
-    );
-  }
+  requireRandomAccess(sink, FORMAT, "cow files");
   if (spec.backingFile === undefined || spec.backingFile === "") {
     throw new UnsupportedError(
       { format: FORMAT },
@@ -486,21 +477,7 @@ async function createCow(sink: Sink, spec: CreateSpec): Promise<Image> {
   if (sink.resize) await sink.resize(total);
   else await sink.write(total - 1, new Uint8Array(1));
   await sink.flush();
-  const readable = sink as Partial<Source>;
-  if (typeof readable.read !== "function") {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "cow needs a sink it can read back (a file or memory sink)",
-    );
-  }
-  const source: Source = {
-    get size() {
-      const s = (sink as { size?: number }).size;
-      return typeof s === "number" ? s : total;
-    },
-    name: sink.name,
-    read: (offset, length) => readable.read!(offset, length),
-  };
+  const source = readBackSource(sink, FORMAT, () => total);
   return await openCow(source, { writable: true, sink });
 }
 

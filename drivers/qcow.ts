@@ -35,6 +35,12 @@
 
 import { concat, isZero, safeNumber, setBe32, setBe64 } from "./_binary.ts";
 import {
+  readBackSource,
+  requireRandomAccess,
+  serializedWrites,
+  type WriteQueue,
+} from "./_image.ts";
+import {
   decode as inflate,
   decodeInto as inflateInto,
   encode as deflate,
@@ -232,8 +238,11 @@ type Cluster =
 
 const UNALLOCATED: Cluster = { kind: "unallocated" };
 
-/** What an opened qcow shares between its locked and unlocked views. */
-interface State {
+/**
+ * What an opened qcow shares between its locked and unlocked views, the
+ * queue of writes included (allocation must not interleave).
+ */
+interface State extends WriteQueue {
   source: Source;
   header: Header;
   /** Virtual size: whole sectors of the size field, as QEMU reads it. */
@@ -250,8 +259,6 @@ interface State {
   nextFree: number;
   /** The last inflated cluster, for small reads inside it. */
   inflated?: { offset: number; bytes: Uint8Array };
-  /** Serialises writes (allocation must not interleave). */
-  writing: Promise<unknown>;
 }
 
 const alignUp = (n: number, to: number) => Math.ceil(n / to) * to;
@@ -675,16 +682,7 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
     }
   }
 
-  image.write = (offset, bytes) => {
-    const next = state.writing.then(() => doWrite(offset, bytes));
-    state.writing = next.catch(() => {});
-    return next;
-  };
-  image.flush = async () => {
-    await state.writing;
-    await sink.flush();
-  };
-  return image;
+  return Object.assign(image, serializedWrites(state, sink, doWrite));
 }
 
 async function openQcow(source: Source, options: OpenOptions): Promise<Image> {
@@ -810,12 +808,7 @@ function virtualSizeFor(requested: number): number {
 }
 
 async function createQcow(sink: Sink, spec: CreateSpec): Promise<Image> {
-  if (sink.sequential) {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "qcow images are written at random offsets; a sequential sink (a stream) cannot hold one",
-    );
-  }
+  requireRandomAccess(sink, FORMAT, "qcow images");
   const encrypted = wantsEncryption(spec.options, spec.key);
   const size = virtualSizeFor(spec.size);
   // QEMU's choice: 512-byte clusters over a backing file (no partial
@@ -832,21 +825,7 @@ async function createQcow(sink: Sink, spec: CreateSpec): Promise<Image> {
   );
   await sink.write(0, head);
   await sink.flush();
-  const readable = sink as Partial<Source>;
-  if (typeof readable.read !== "function") {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "qcow needs a sink it can read back (a file or memory sink)",
-    );
-  }
-  const source: Source = {
-    get size() {
-      const s = (sink as { size?: number }).size;
-      return typeof s === "number" ? s : head.length;
-    },
-    name: sink.name,
-    read: (offset, length) => readable.read!(offset, length),
-  };
+  const source = readBackSource(sink, FORMAT, () => head.length);
   const image = await openQcow(source, { writable: true, sink });
   return encrypted ? decrypt(image, spec.key!) : image;
 }
