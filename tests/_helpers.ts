@@ -229,3 +229,17 @@ export function fileServer(root: string) {
   );
   return { server, base: `http://127.0.0.1:${server.addr.port}` };
 }
+
+/** Runs qemu-io once on the `format` image at `path`, one `-c` per command. */
+export async function qemuIo(
+  format: string,
+  path: string,
+  ...commands: string[]
+): Promise<void> {
+  await run("qemu-io", [
+    "-f",
+    format,
+    ...commands.flatMap((c) => ["-c", c]),
+    path,
+  ]);
+}

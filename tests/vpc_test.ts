@@ -16,6 +16,7 @@ import {
 } from "../mod.ts";
 import {
   pseudoRandom,
+  qemuIo,
   referenceBytes,
   referenceImages,
   rejects,
@@ -127,13 +128,7 @@ Deno.test({
           3072,
         ]]
       ) {
-        await run("qemu-io", [
-          "-f",
-          "vpc",
-          "-c",
-          `write -P ${pattern} ${at} ${n}`,
-          path,
-        ]);
+        await qemuIo("vpc", path, `write -P ${pattern} ${at} ${n}`);
       }
       await run("qemu-img", [
         "convert",
