@@ -1,6 +1,7 @@
 // Shared helpers for the tests: hashing, reference tools, reference images.
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
+import type { Extent, Image } from "../mod.ts";
 
 /** SHA-256 hex of bytes. */
 export function sha256Hex(bytes: Uint8Array): string {
@@ -242,4 +243,11 @@ export async function qemuIo(
     ...commands.flatMap((c) => ["-c", c]),
     path,
   ]);
+}
+
+/** Every run of an image's allocation map. */
+export async function runs(image: Image): Promise<Extent[]> {
+  const out: Extent[] = [];
+  for await (const e of image.extents(0, image.size)) out.push(e);
+  return out;
 }
