@@ -8,7 +8,33 @@
  */
 
 import { UnsupportedError } from "../streams/errors.ts";
-import type { Image, Sink, Source } from "../streams/types.ts";
+import type { Image, OpenOptions, Sink, Source } from "../streams/types.ts";
+
+/**
+ * The sink an open writes through: `options.sink` when the open is
+ * writable, else undefined.
+ *
+ * @param options the open's options
+ * @param format the driver's name, for the error
+ * @returns the sink, or undefined for a read-only open
+ * @throws {Error} when a writable open has no sink
+ *
+ * @example
+ * ```ts
+ * import { writeSink } from "./_image.ts";
+ * import { memorySink } from "../mod.ts";
+ * console.log(writeSink({}, "qcow")); // undefined
+ * console.log(writeSink({ writable: true, sink: memorySink() }, "qcow") !== undefined); // true
+ * ```
+ */
+export function writeSink(
+  options: OpenOptions,
+  format: string,
+): Sink | undefined {
+  if (!options.writable) return undefined;
+  if (!options.sink) throw new Error(`${format}: a writable open needs a sink`);
+  return options.sink;
+}
 
 /** Where an open image keeps its queue of writes (shared by its views). */
 export interface WriteQueue {

@@ -40,6 +40,7 @@ import {
   requireRandomAccess,
   serializedWrites,
   type WriteQueue,
+  writeSink,
 } from "./_image.ts";
 import {
   BackingFileError,
@@ -417,16 +418,14 @@ function cowImage(state: State): Image {
 }
 
 async function openCow(source: Source, options: OpenOptions): Promise<Image> {
-  if (options.writable && !options.sink) {
-    throw new Error("cow: a writable open needs a sink");
-  }
+  const sink = writeSink(options, FORMAT);
   const head = await source.read(0, Math.min(V3_BROKEN_HEADER, source.size));
   const header = parseHeader(head, source.size);
   return cowImage({
     source,
     header,
     chunks: new Map(),
-    sink: options.writable ? options.sink : undefined,
+    sink,
     writing: Promise.resolve(),
   });
 }

@@ -39,6 +39,7 @@ import {
   requireRandomAccess,
   serializedWrites,
   type WriteQueue,
+  writeSink,
 } from "./_image.ts";
 import {
   decode as inflate,
@@ -686,9 +687,7 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
 }
 
 async function openQcow(source: Source, options: OpenOptions): Promise<Image> {
-  if (options.writable && !options.sink) {
-    throw new Error("qcow: a writable open needs a sink");
-  }
+  const sink = writeSink(options, FORMAT);
   const head = await source.read(0, Math.min(HEADER_SIZE, source.size));
   const header = parseHeader(head, source.size);
   const l1Bytes = await source.read(header.l1TableOffset, header.l1Size * 8);
@@ -735,7 +734,7 @@ async function openQcow(source: Source, options: OpenOptions): Promise<Image> {
       encryption: header.cryptMethod === CRYPT_AES ? "aes" : "none",
       mtime: header.mtime,
     },
-    sink: options.writable ? options.sink : undefined,
+    sink,
     nextFree: alignUp(source.size, clusterSize),
     writing: Promise.resolve(),
   };

@@ -67,7 +67,7 @@ import {
   setBe32,
   setBe64,
 } from "./_binary.ts";
-import { readBackSource, requireRandomAccess } from "./_image.ts";
+import { readBackSource, requireRandomAccess, writeSink } from "./_image.ts";
 import {
   BackingFileError,
   check,
@@ -879,9 +879,7 @@ async function openVpc(
   if (force !== undefined && force !== "chs" && force !== "current_size") {
     throw fail("force_size_calc", force, '"chs" or "current_size"');
   }
-  if (options.writable && !options.sink) {
-    throw new Error("vpc: a writable open needs a sink");
-  }
+  const sink = writeSink(options, FORMAT);
   const { footer, bytes, at } = await readFooter(source);
   const { size, rule } = virtualSizeOf(footer, force as SizeRule | undefined);
   const details: Record<string, unknown> = {
@@ -902,7 +900,7 @@ async function openVpc(
     size,
     bitmapSize: 0,
     nextFree: 0,
-    sink: options.writable ? options.sink : undefined,
+    sink,
   };
   if (footer.diskType === DISK_FIXED) {
     // The data is the file minus its footer.
