@@ -24,19 +24,11 @@ import {
   withTemp,
 } from "./_helpers.ts";
 import { LAYERED, qemuRaw, qemuWrite } from "./_layers.ts";
+import { nullSink } from "./_outcomes.ts";
 
 const MiB = 1 << 20;
 /** The vmdk recipes of the chain tests (qemu-img's base and overlay). */
 const VMDK = LAYERED.find((l) => l.format === "vmdk")!;
-
-/** A sink that keeps nothing (for hashing big images). */
-function nullSink(): Sink {
-  return {
-    write: () => Promise.resolve(),
-    flush: () => Promise.resolve(),
-    close: () => Promise.resolve(),
-  };
-}
 
 /** The sha256 of an image file's virtual disk, its backing chain followed (or not). */
 async function diskHash(path: string, follow = true): Promise<string> {
