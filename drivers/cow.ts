@@ -34,7 +34,7 @@
  * @module
  */
 
-import { cString, safeNumber, setBe32, setBe64 } from "./_binary.ts";
+import { alignUp, cString, safeNumber, setBe32, setBe64 } from "./_binary.ts";
 import {
   readBackSource,
   requireRandomAccess,
@@ -90,7 +90,6 @@ function fail(field: string, value: unknown, limit: string, offset?: number) {
   return new ImageFormatError({ format: FORMAT, field, value, limit, offset });
 }
 
-const alignUp = (n: number, to: number) => Math.ceil(n / to) * to;
 const isPowerOfTwo = (n: number) => n > 0 && (n & (n - 1)) === 0;
 
 /** Parses and validates the header of a file of `fileSize` bytes. */

@@ -33,7 +33,14 @@
  * @module
  */
 
-import { concat, isZero, safeNumber, setBe32, setBe64 } from "./_binary.ts";
+import {
+  alignUp,
+  concat,
+  isZero,
+  safeNumber,
+  setBe32,
+  setBe64,
+} from "./_binary.ts";
 import {
   readBackSource,
   requireRandomAccess,
@@ -261,8 +268,6 @@ interface State extends WriteQueue {
   /** The last inflated cluster, for small reads inside it. */
   inflated?: { offset: number; bytes: Uint8Array };
 }
-
-const alignUp = (n: number, to: number) => Math.ceil(n / to) * to;
 
 async function l2Table(state: State, l1Index: number): Promise<Uint8Array> {
   const at = state.l1[l1Index];
