@@ -77,6 +77,18 @@ export function safeNumber(
   return Number(value);
 }
 
+/**
+ * `n` rounded up to a multiple of `to`.
+ *
+ * @example
+ * ```ts
+ * import { alignUp } from "./_binary.ts";
+ * alignUp(4100, 4096); // 8192
+ * ```
+ */
+export const alignUp = (n: number, to: number): number =>
+  Math.ceil(n / to) * to;
+
 /** ASCII text of `bytes[start, end)` (NULs included). */
 export function ascii(b: Uint8Array, start = 0, end = b.length): string {
   let s = "";

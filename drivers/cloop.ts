@@ -417,6 +417,30 @@ function cloopImage(source: Source, header: Header, table: Table): Image {
   let decoding = 0;
   const waiting: (() => void)[] = [];
 
+  /**
+   * What a failed decode of block `i` throws: a CodecError becomes an
+   * ImageFormatError naming the block; anything else stays as it is.
+   */
+  function blockError(
+    e: unknown,
+    i: number,
+    packed: Uint8Array,
+    codecName: string,
+  ): unknown {
+    if (!(e instanceof CodecError)) return e;
+    return new ImageFormatError(
+      {
+        format: FORMAT,
+        field: `block ${i}`,
+        offset: offsets[i],
+        file: source.name,
+      },
+      `block ${i} (${packed.length} bytes of ${codecName} at byte ${
+        offsets[i]
+      }) does not decode to ${blockSize} bytes: ${e.message}`,
+    );
+  }
+
   async function decodeBlock(i: number, packed: Uint8Array) {
     const kind = kinds[i];
     if (kind === NONE) {
@@ -443,18 +467,7 @@ function cloopImage(source: Source, header: Header, table: Table): Image {
     try {
       return await decoder.decode(packed, blockSize);
     } catch (e) {
-      if (!(e instanceof CodecError)) throw e;
-      throw new ImageFormatError(
-        {
-          format: FORMAT,
-          field: `block ${i}`,
-          offset: offsets[i],
-          file: source.name,
-        },
-        `block ${i} (${packed.length} bytes of ${name} at byte ${
-          offsets[i]
-        }) does not decode to ${blockSize} bytes: ${e.message}`,
-      );
+      throw blockError(e, i, packed, name);
     } finally {
       decoding--;
       waiting.shift()?.();
@@ -478,18 +491,7 @@ function cloopImage(source: Source, header: Header, table: Table): Image {
       try {
         await zlib.decodeInto(packed, into);
       } catch (e) {
-        if (!(e instanceof CodecError)) throw e;
-        throw new ImageFormatError(
-          {
-            format: FORMAT,
-            field: `block ${i}`,
-            offset: offsets[i],
-            file: source.name,
-          },
-          `block ${i} (${packed.length} bytes of zlib at byte ${
-            offsets[i]
-          }) does not decode to ${blockSize} bytes: ${e.message}`,
-        );
+        throw blockError(e, i, packed, "zlib");
       }
     } else {
       into.set(await decodeBlock(i, packed));

@@ -34,7 +34,14 @@
  * @module
  */
 
-import { cString, safeNumber, setBe32, setBe64 } from "./_binary.ts";
+import { alignUp, cString, safeNumber, setBe32, setBe64 } from "./_binary.ts";
+import {
+  readBackSource,
+  requireRandomAccess,
+  serializedWrites,
+  type WriteQueue,
+  writeSink,
+} from "./_image.ts";
 import {
   BackingFileError,
   check,
@@ -83,7 +90,6 @@ function fail(field: string, value: unknown, limit: string, offset?: number) {
   return new ImageFormatError({ format: FORMAT, field, value, limit, offset });
 }
 
-const alignUp = (n: number, to: number) => Math.ceil(n / to) * to;
 const isPowerOfTwo = (n: number) => n > 0 && (n & (n - 1)) === 0;
 
 /** Parses and validates the header of a file of `fileSize` bytes. */
@@ -221,13 +227,12 @@ function parseHeader(b: Uint8Array, fileSize: number): Header {
 }
 
 /** What a cow image holds while open. */
-interface State {
+interface State extends WriteQueue {
   source: Source;
   header: Header;
   /** Bitmap chunks of CHUNK bytes by index, loaded on demand. */
   chunks: Map<number, Uint8Array>;
   sink?: Sink;
-  writing: Promise<unknown>;
 }
 
 async function chunk(state: State, index: number): Promise<Uint8Array> {
@@ -408,40 +413,24 @@ function cowImage(state: State): Image {
     }
   }
 
-  image.write = (offset, bytes) => {
-    const next = state.writing.then(() => doWrite(offset, bytes));
-    state.writing = next.catch(() => {});
-    return next;
-  };
-  image.flush = async () => {
-    await state.writing;
-    await sink.flush();
-  };
-  return image;
+  return Object.assign(image, serializedWrites(state, sink, doWrite));
 }
 
 async function openCow(source: Source, options: OpenOptions): Promise<Image> {
-  if (options.writable && !options.sink) {
-    throw new Error("cow: a writable open needs a sink");
-  }
+  const sink = writeSink(options, FORMAT);
   const head = await source.read(0, Math.min(V3_BROKEN_HEADER, source.size));
   const header = parseHeader(head, source.size);
   return cowImage({
     source,
     header,
     chunks: new Map(),
-    sink: options.writable ? options.sink : undefined,
+    sink,
     writing: Promise.resolve(),
   });
 }
 
 async function createCow(sink: Sink, spec: CreateSpec): Promise<Image> {
-  if (sink.sequential) {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "cow files are written at random offsets; a sequential sink (a stream) cannot hold one",
-    );
-  }
+  requireRandomAccess(sink, FORMAT, "cow files");
   if (spec.backingFile === undefined || spec.backingFile === "") {
     throw new UnsupportedError(
       { format: FORMAT },
@@ -486,21 +475,7 @@ async function createCow(sink: Sink, spec: CreateSpec): Promise<Image> {
   if (sink.resize) await sink.resize(total);
   else await sink.write(total - 1, new Uint8Array(1));
   await sink.flush();
-  const readable = sink as Partial<Source>;
-  if (typeof readable.read !== "function") {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "cow needs a sink it can read back (a file or memory sink)",
-    );
-  }
-  const source: Source = {
-    get size() {
-      const s = (sink as { size?: number }).size;
-      return typeof s === "number" ? s : total;
-    },
-    name: sink.name,
-    read: (offset, length) => readable.read!(offset, length),
-  };
+  const source = readBackSource(sink, FORMAT, () => total);
   return await openCow(source, { writable: true, sink });
 }
 

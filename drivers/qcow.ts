@@ -33,7 +33,21 @@
  * @module
  */
 
-import { concat, isZero, safeNumber, setBe32, setBe64 } from "./_binary.ts";
+import {
+  alignUp,
+  concat,
+  isZero,
+  safeNumber,
+  setBe32,
+  setBe64,
+} from "./_binary.ts";
+import {
+  readBackSource,
+  requireRandomAccess,
+  serializedWrites,
+  type WriteQueue,
+  writeSink,
+} from "./_image.ts";
 import {
   decode as inflate,
   decodeInto as inflateInto,
@@ -232,8 +246,11 @@ type Cluster =
 
 const UNALLOCATED: Cluster = { kind: "unallocated" };
 
-/** What an opened qcow shares between its locked and unlocked views. */
-interface State {
+/**
+ * What an opened qcow shares between its locked and unlocked views, the
+ * queue of writes included (allocation must not interleave).
+ */
+interface State extends WriteQueue {
   source: Source;
   header: Header;
   /** Virtual size: whole sectors of the size field, as QEMU reads it. */
@@ -250,11 +267,7 @@ interface State {
   nextFree: number;
   /** The last inflated cluster, for small reads inside it. */
   inflated?: { offset: number; bytes: Uint8Array };
-  /** Serialises writes (allocation must not interleave). */
-  writing: Promise<unknown>;
 }
-
-const alignUp = (n: number, to: number) => Math.ceil(n / to) * to;
 
 async function l2Table(state: State, l1Index: number): Promise<Uint8Array> {
   const at = state.l1[l1Index];
@@ -675,22 +688,11 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
     }
   }
 
-  image.write = (offset, bytes) => {
-    const next = state.writing.then(() => doWrite(offset, bytes));
-    state.writing = next.catch(() => {});
-    return next;
-  };
-  image.flush = async () => {
-    await state.writing;
-    await sink.flush();
-  };
-  return image;
+  return Object.assign(image, serializedWrites(state, sink, doWrite));
 }
 
 async function openQcow(source: Source, options: OpenOptions): Promise<Image> {
-  if (options.writable && !options.sink) {
-    throw new Error("qcow: a writable open needs a sink");
-  }
+  const sink = writeSink(options, FORMAT);
   const head = await source.read(0, Math.min(HEADER_SIZE, source.size));
   const header = parseHeader(head, source.size);
   const l1Bytes = await source.read(header.l1TableOffset, header.l1Size * 8);
@@ -737,7 +739,7 @@ async function openQcow(source: Source, options: OpenOptions): Promise<Image> {
       encryption: header.cryptMethod === CRYPT_AES ? "aes" : "none",
       mtime: header.mtime,
     },
-    sink: options.writable ? options.sink : undefined,
+    sink,
     nextFree: alignUp(source.size, clusterSize),
     writing: Promise.resolve(),
   };
@@ -810,12 +812,7 @@ function virtualSizeFor(requested: number): number {
 }
 
 async function createQcow(sink: Sink, spec: CreateSpec): Promise<Image> {
-  if (sink.sequential) {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "qcow images are written at random offsets; a sequential sink (a stream) cannot hold one",
-    );
-  }
+  requireRandomAccess(sink, FORMAT, "qcow images");
   const encrypted = wantsEncryption(spec.options, spec.key);
   const size = virtualSizeFor(spec.size);
   // QEMU's choice: 512-byte clusters over a backing file (no partial
@@ -832,21 +829,7 @@ async function createQcow(sink: Sink, spec: CreateSpec): Promise<Image> {
   );
   await sink.write(0, head);
   await sink.flush();
-  const readable = sink as Partial<Source>;
-  if (typeof readable.read !== "function") {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "qcow needs a sink it can read back (a file or memory sink)",
-    );
-  }
-  const source: Source = {
-    get size() {
-      const s = (sink as { size?: number }).size;
-      return typeof s === "number" ? s : head.length;
-    },
-    name: sink.name,
-    read: (offset, length) => readable.read!(offset, length),
-  };
+  const source = readBackSource(sink, FORMAT, () => head.length);
   const image = await openQcow(source, { writable: true, sink });
   return encrypted ? decrypt(image, spec.key!) : image;
 }

@@ -8,6 +8,7 @@
  */
 
 import { isZero } from "./_binary.ts";
+import { writeSink } from "./_image.ts";
 import type {
   CreateSpec,
   Driver,
@@ -155,12 +156,7 @@ export const raw: Driver = {
   description: "raw disk bytes, no header",
   probe: () => 1,
   open(source: Source, options: OpenOptions) {
-    if (options.writable && !options.sink) {
-      throw new Error("raw: a writable open needs a sink");
-    }
-    return Promise.resolve(
-      rawImage(source, options.writable ? options.sink : undefined),
-    );
+    return Promise.resolve(rawImage(source, writeSink(options, "raw")));
   },
   async create(sink: Sink, spec: CreateSpec) {
     if (spec.backingFile) {

@@ -43,6 +43,7 @@
  */
 
 import { isZero, le32, le64, setLe32, setLe64 } from "./_binary.ts";
+import { writeSink } from "./_image.ts";
 import {
   CodecError,
   ImageFormatError,
@@ -1060,10 +1061,7 @@ async function openMonolithic(
   source: Source,
   options: OpenOptions,
 ): Promise<Image> {
-  if (options.writable && !options.sink) {
-    throw new Error("vmdk: a writable open needs a sink");
-  }
-  const sink = options.writable ? options.sink : undefined;
+  const sink = writeSink(options, FORMAT);
   const { part, header } = await openSparse(source, sink);
   if (sink && (part.compressed || header.version === 3)) {
     throw new UnsupportedError(

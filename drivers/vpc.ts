@@ -67,6 +67,7 @@ import {
   setBe32,
   setBe64,
 } from "./_binary.ts";
+import { readBackSource, requireRandomAccess, writeSink } from "./_image.ts";
 import {
   BackingFileError,
   check,
@@ -878,9 +879,7 @@ async function openVpc(
   if (force !== undefined && force !== "chs" && force !== "current_size") {
     throw fail("force_size_calc", force, '"chs" or "current_size"');
   }
-  if (options.writable && !options.sink) {
-    throw new Error("vpc: a writable open needs a sink");
-  }
+  const sink = writeSink(options, FORMAT);
   const { footer, bytes, at } = await readFooter(source);
   const { size, rule } = virtualSizeOf(footer, force as SizeRule | undefined);
   const details: Record<string, unknown> = {
@@ -901,7 +900,7 @@ async function openVpc(
     size,
     bitmapSize: 0,
     nextFree: 0,
-    sink: options.writable ? options.sink : undefined,
+    sink,
   };
   if (footer.diskType === DISK_FIXED) {
     // The data is the file minus its footer.
@@ -1059,12 +1058,7 @@ function encodeUtf16(text: string, le: boolean): Uint8Array {
 }
 
 async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
-  if (sink.sequential) {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "vpc images are written at random offsets; a sequential sink (a stream) cannot hold one",
-    );
-  }
+  requireRandomAccess(sink, FORMAT, "vpc images");
   const subformat = spec.options?.subformat ?? "dynamic";
   if (subformat !== "dynamic" && subformat !== "fixed") {
     throw fail("subformat", subformat, '"dynamic" or "fixed"');
@@ -1196,26 +1190,11 @@ async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
     await sink.write(end, footer);
     await sink.flush();
   }
-  const readable = sink as Partial<Source>;
-  if (typeof readable.read !== "function") {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "vpc needs a sink it can read back (a file or memory sink)",
-    );
-  }
-  let known = 0;
-  const source: Source = {
-    get size() {
-      // The sink grows as blocks are added; reads stay within what exists.
-      const s = (sink as { size?: number }).size;
-      return typeof s === "number" ? s : known;
-    },
-    name: sink.name,
-    read: (offset, length) => readable.read!(offset, length),
-  };
-  known = diskType === DISK_FIXED
+  // The sink grows as blocks are added; reads stay within what exists.
+  const known = diskType === DISK_FIXED
     ? size + FOOTER_SIZE
     : FOOTER_SIZE + DYNAMIC_HEADER_SIZE;
+  const source = readBackSource(sink, FORMAT, () => known);
   return await openVpc(source, { writable: true, sink });
 }
 

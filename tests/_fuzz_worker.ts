@@ -2,31 +2,8 @@
 // Runs one mutant per message: open (forced format or probed), info, and
 // convert to a null sink. Answers how it ended. The parent kills this worker
 // on a timeout or when memory goes over the ceiling.
-import {
-  BackingFileError,
-  CodecError,
-  convert,
-  fromBytes,
-  ImageFormatError,
-  imageInfo,
-  KeyError,
-  open,
-  UnknownFormatError,
-} from "../mod.ts";
-
-/** The errors a malformed image may end in; anything else is a defect. */
-function typed(e: unknown): boolean {
-  return e instanceof ImageFormatError || e instanceof UnknownFormatError ||
-    e instanceof KeyError || e instanceof BackingFileError ||
-    e instanceof CodecError;
-}
-
-const nullSink = {
-  write: () => Promise.resolve(),
-  resize: () => Promise.resolve(),
-  flush: () => Promise.resolve(),
-  close: () => Promise.resolve(),
-};
+import { convert, fromBytes, imageInfo, open } from "../mod.ts";
+import { isTypedError as typed, nullSink } from "./_outcomes.ts";
 
 self.onmessage = async (
   { data }: MessageEvent<{ id: number; bytes: Uint8Array; format?: string }>,
@@ -40,7 +17,7 @@ self.onmessage = async (
         Promise.resolve(fromBytes(new Uint8Array(1 << 20), "backing")),
     });
     JSON.stringify(imageInfo(image));
-    await convert(image, nullSink);
+    await convert(image, nullSink());
     self.postMessage({ id: data.id, outcome: "ok", format: image.format });
   } catch (e) {
     const error = e as Error;

@@ -1,6 +1,7 @@
 // Shared helpers for the tests: hashing, reference tools, reference images.
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
+import type { Extent, Image } from "../mod.ts";
 
 /** SHA-256 hex of bytes. */
 export function sha256Hex(bytes: Uint8Array): string {
@@ -228,4 +229,25 @@ export function fileServer(root: string) {
     },
   );
   return { server, base: `http://127.0.0.1:${server.addr.port}` };
+}
+
+/** Runs qemu-io once on the `format` image at `path`, one `-c` per command. */
+export async function qemuIo(
+  format: string,
+  path: string,
+  ...commands: string[]
+): Promise<void> {
+  await run("qemu-io", [
+    "-f",
+    format,
+    ...commands.flatMap((c) => ["-c", c]),
+    path,
+  ]);
+}
+
+/** Every run of an image's allocation map. */
+export async function runs(image: Image): Promise<Extent[]> {
+  const out: Extent[] = [];
+  for await (const e of image.extents(0, image.size)) out.push(e);
+  return out;
 }

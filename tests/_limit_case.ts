@@ -3,25 +3,10 @@
 // first argument (as the format in the second, or probed), describes it and
 // converts it to a null sink, then prints one JSON line with the outcome,
 // the error and the peak memory.
-import {
-  BackingFileError,
-  CodecError,
-  convert,
-  fromFile,
-  ImageFormatError,
-  imageInfo,
-  KeyError,
-  open,
-  UnknownFormatError,
-} from "../mod.ts";
+import { convert, fromFile, imageInfo, open } from "../mod.ts";
+import { isTypedError, nullSink } from "./_outcomes.ts";
 
 const [path, format] = Deno.args;
-const nullSink = {
-  write: () => Promise.resolve(),
-  resize: () => Promise.resolve(),
-  flush: () => Promise.resolve(),
-  close: () => Promise.resolve(),
-};
 let outcome = "ok";
 let error = "";
 const started = performance.now();
@@ -30,12 +15,9 @@ try {
     format: format || undefined,
   });
   JSON.stringify(imageInfo(image));
-  await convert(image, nullSink);
+  await convert(image, nullSink());
 } catch (e) {
-  const typed = e instanceof ImageFormatError ||
-    e instanceof UnknownFormatError || e instanceof KeyError ||
-    e instanceof BackingFileError || e instanceof CodecError;
-  outcome = typed ? "typed" : "defect";
+  outcome = isTypedError(e) ? "typed" : "defect";
   error = `${(e as Error).name}: ${(e as Error).message}`;
 }
 const status = Deno.readTextFileSync("/proc/self/status");

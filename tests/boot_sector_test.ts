@@ -5,7 +5,6 @@ import {
   type Extent,
   fromBytes,
   fromFile,
-  type Image,
   memorySink,
   open,
 } from "../mod.ts";
@@ -13,6 +12,7 @@ import {
   cli,
   pseudoRandom,
   run,
+  runs,
   sha256File,
   sha256Hex,
   skip,
@@ -21,12 +21,6 @@ import {
 import { PLAIN, qemuRaw, qemuWrite } from "./_layers.ts";
 
 const MiB = 1 << 20;
-
-async function runs(image: Image): Promise<Extent[]> {
-  const out: Extent[] = [];
-  for await (const e of image.extents(0, image.size)) out.push(e);
-  return out;
-}
 
 Deno.test("sector 0 reads as the given bytes padded with zeros to 512, the rest as the image", async () => {
   const disk = pseudoRandom(8192, 5);

@@ -336,19 +336,26 @@ Deno.test("cloop writer refuses bad options", async () => {
 
 // ---------------------------------------------------------------- version 4
 
-Deno.test("cloop version 4 images mix codecs per block, header first or last", async () => {
-  const blockSize = 16384;
-  const disk = sampleDisk(blockSize * 10, 11);
-  const available: Kind[] = ["zlib", "none", "xz", "lz4", "lzo"];
+const EVERY_CODEC: Kind[] = ["zlib", "none", "xz", "lz4", "lzo"];
+
+/** The blocks of `disk`, each packed by the next of every codec in turn. */
+async function packEachCodec(disk: Uint8Array, blockSize: number) {
   const packed = [];
-  for (let i = 0; i < 10; i++) {
-    const kind = available[i % available.length];
+  for (let i = 0; i * blockSize < disk.length; i++) {
+    const kind = EVERY_CODEC[i % EVERY_CODEC.length];
     const block = disk.subarray(i * blockSize, (i + 1) * blockSize);
     packed.push({
       kind,
       bytes: await (await codecModule(kind))!.encode(block),
     });
   }
+  return packed;
+}
+
+Deno.test("cloop version 4 images mix codecs per block, header first or last", async () => {
+  const blockSize = 16384;
+  const disk = sampleDisk(blockSize * 10, 11);
+  const packed = await packEachCodec(disk, blockSize);
   for (const placement of ["first", "last"] as const) {
     const image = buildV4(blockSize, packed, placement);
     const [best] = await probe(fromBytes(image));
@@ -358,7 +365,7 @@ Deno.test("cloop version 4 images mix codecs per block, header first or last", a
     assertEquals(opened.details?.header, placement);
     assertEquals(
       Object.keys(opened.details?.codecs as object).sort(),
-      [...available].sort(),
+      [...EVERY_CODEC].sort(),
     );
     assertEquals(sha256Hex(await opened.read(0, opened.size)), sha256Hex(disk));
   }
@@ -367,16 +374,7 @@ Deno.test("cloop version 4 images mix codecs per block, header first or last", a
 Deno.test("cloop readInto gives the bytes read gives, for every codec, whole and partial blocks, cached or not", async () => {
   const blockSize = 16384;
   const disk = sampleDisk(blockSize * 10, 12);
-  const available: Kind[] = ["zlib", "none", "xz", "lz4", "lzo"];
-  const packed = [];
-  for (let i = 0; i < 10; i++) {
-    const kind = available[i % available.length];
-    const block = disk.subarray(i * blockSize, (i + 1) * blockSize);
-    packed.push({
-      kind,
-      bytes: await (await codecModule(kind))!.encode(block),
-    });
-  }
+  const packed = await packEachCodec(disk, blockSize);
   const opened = await open(fromBytes(buildV4(blockSize, packed, "first")));
   const ranges = [
     [0, disk.length],

@@ -24,17 +24,11 @@ import {
   withTemp,
 } from "./_helpers.ts";
 import { LAYERED, qemuRaw, qemuWrite } from "./_layers.ts";
+import { nullSink } from "./_outcomes.ts";
 
 const MiB = 1 << 20;
-
-/** A sink that keeps nothing (for hashing big images). */
-function nullSink(): Sink {
-  return {
-    write: () => Promise.resolve(),
-    flush: () => Promise.resolve(),
-    close: () => Promise.resolve(),
-  };
-}
+/** The vmdk recipes of the chain tests (qemu-img's base and overlay). */
+const VMDK = LAYERED.find((l) => l.format === "vmdk")!;
 
 /** The sha256 of an image file's virtual disk, its backing chain followed (or not). */
 async function diskHash(path: string, follow = true): Promise<string> {
@@ -68,23 +62,13 @@ Deno.test({
       }
       const base = `${dir}/ours/base.vmdk`;
       const top = `${dir}/ours/top.vmdk`;
-      await run("qemu-img", ["create", "-q", "-f", "vmdk", base, "8M"]);
+      await VMDK.createBase(base, 8 * MiB);
       await qemuWrite(base, "vmdk", [[0x11, 0, 3 * MiB], [
         0x12,
         5 * MiB,
         4096,
       ]]);
-      await run("qemu-img", [
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-b",
-        "base.vmdk",
-        "-F",
-        "vmdk",
-        "top.vmdk",
-      ], { cwd: `${dir}/ours` });
+      await VMDK.createOverlay(top, "base.vmdk", 8 * MiB);
       // Whole grains, part of a grain over the base's data and over a hole.
       await qemuWrite(top, "vmdk", [
         [0x22, 65536, 131072],
@@ -172,19 +156,9 @@ Deno.test({
     await withTemp(async (dir) => {
       const base = `${dir}/base.vmdk`;
       const top = `${dir}/top.vmdk`;
-      await run("qemu-img", ["create", "-q", "-f", "vmdk", base, "256M"]);
+      await VMDK.createBase(base, 256 * MiB);
       await qemuWrite(base, "vmdk", [[0x11, 0, 64 * MiB]]);
-      await run("qemu-img", [
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-b",
-        "base.vmdk",
-        "-F",
-        "vmdk",
-        "top.vmdk",
-      ], { cwd: dir });
+      await VMDK.createOverlay(top, "base.vmdk", 256 * MiB);
       await qemuWrite(top, "vmdk", [
         [0x21, 32 * MiB, 48 * MiB],
         [0x22, 96 * MiB, 48 * MiB],

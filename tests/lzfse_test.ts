@@ -1,6 +1,7 @@
 import { assertEquals, assertMatch, assertTrue as assert } from "./_asserts.ts";
 import { decode, encode, type EncodeOptions } from "../drivers/codecs/lzfse.ts";
 import { crc32 } from "../drivers/codecs/crc32.ts";
+import { concat } from "../drivers/_binary.ts";
 import { KOLY_SIZE, kolyBytes, parseKoly } from "../drivers/dmg/_koly.ts";
 import { mishBytes, parseMish, TYPE } from "../drivers/dmg/_mish.ts";
 import {
@@ -698,13 +699,7 @@ function toV1(stream: Uint8Array): Uint8Array {
     at = payloadEnd;
   }
   parts.push(stream.subarray(at, at + 4));
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
+  return concat(parts);
 }
 
 Deno.test("lzfse decodes bvx1 blocks (uncompressed tables) like the bvx2 blocks they mirror", async () => {

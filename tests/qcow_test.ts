@@ -28,6 +28,7 @@ import {
 import {
   cli,
   pseudoRandom,
+  qemuIo,
   rejects,
   run,
   sha256Hex,
@@ -196,20 +197,8 @@ Deno.test({
         `${dir}/disk.raw`,
         `${dir}/d.qcow`,
       ]);
-      await run("qemu-io", [
-        "-f",
-        "qcow",
-        "-c",
-        "write -P 0x5a 64k 128k",
-        `${dir}/d.qcow`,
-      ]);
-      await run("qemu-io", [
-        "-f",
-        "qcow",
-        "-c",
-        "write -P 0x11 5000k 3k",
-        `${dir}/d.qcow`,
-      ]);
+      await qemuIo("qcow", `${dir}/d.qcow`, "write -P 0x5a 64k 128k");
+      await qemuIo("qcow", `${dir}/d.qcow`, "write -P 0x11 5000k 3k");
       const image = await open(await fromFile(`${dir}/d.qcow`));
       assertEquals(image.format, "qcow");
       await sameBytes(
@@ -230,20 +219,8 @@ Deno.test({
       await qemuCompressed(`${dir}/disk.raw`, `${dir}/c.qcow`);
       assertTrue((await Deno.stat(`${dir}/c.qcow`)).size < 4 << 20);
       // A partial write into a compressed cluster makes qemu inflate and copy it.
-      await run("qemu-io", [
-        "-f",
-        "qcow",
-        "-c",
-        "write -P 0x5a 1030k 2k",
-        `${dir}/c.qcow`,
-      ]);
-      await run("qemu-io", [
-        "-f",
-        "qcow",
-        "-c",
-        "write -P 0x5a 64k 128k",
-        `${dir}/c.qcow`,
-      ]);
+      await qemuIo("qcow", `${dir}/c.qcow`, "write -P 0x5a 1030k 2k");
+      await qemuIo("qcow", `${dir}/c.qcow`, "write -P 0x5a 64k 128k");
       const image = await open(await fromFile(`${dir}/c.qcow`));
       await sameBytes(
         image,
@@ -270,20 +247,8 @@ Deno.test({
         "raw",
         `${dir}/top.qcow`,
       ]);
-      await run("qemu-io", [
-        "-f",
-        "qcow",
-        "-c",
-        "write -P 0x5a 64k 128k",
-        `${dir}/top.qcow`,
-      ]);
-      await run("qemu-io", [
-        "-f",
-        "qcow",
-        "-c",
-        "write -P 0x77 1000000 3000",
-        `${dir}/top.qcow`,
-      ]);
+      await qemuIo("qcow", `${dir}/top.qcow`, "write -P 0x5a 64k 128k");
+      await qemuIo("qcow", `${dir}/top.qcow`, "write -P 0x77 1000000 3000");
       const top = await open(await fromFile(`${dir}/top.qcow`));
       assertEquals(top.backingFile, "base.raw");
       assertEquals(top.backingFormat, undefined); // qcow stores none

@@ -10,6 +10,7 @@ import {
 } from "../mod.ts";
 import {
   pseudoRandom,
+  runs,
   sha256File,
   sha256Hex,
   skip,
@@ -18,13 +19,6 @@ import {
 import { LAYERED, PLAIN, qemuRaw, qemuWrite } from "./_layers.ts";
 
 const MiB = 1 << 20;
-
-/** Every run of an image's allocation map. */
-async function runs(image: Image): Promise<Extent[]> {
-  const out: Extent[] = [];
-  for await (const e of image.extents(0, image.size)) out.push(e);
-  return out;
-}
 
 /** Writes spanning clusters, inside one, unaligned, and at the very end. */
 function writesFor(size: number): [number, Uint8Array][] {

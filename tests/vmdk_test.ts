@@ -19,6 +19,7 @@ import {
 import {
   cli,
   pseudoRandom,
+  qemuIo,
   referenceBytes,
   referenceFile,
   referenceImages,
@@ -152,17 +153,13 @@ Deno.test({
           path,
           "8M",
         ]);
-        await run("qemu-io", [
-          "-f",
+        await qemuIo(
           "vmdk",
-          "-c",
-          "write -P 0xab 0 1M",
-          "-c",
-          "write -P 0x5c 3000k 70k",
-          "-c",
-          "write -P 0x01 8191k 1k",
           path,
-        ]);
+          "write -P 0xab 0 1M",
+          "write -P 0x5c 3000k 70k",
+          "write -P 0x01 8191k 1k",
+        );
         const expected = await qemuRaw(path, dir);
         const image = await openPath(path);
         assertEquals(
@@ -191,15 +188,7 @@ Deno.test({
         path,
         "4M",
       ]);
-      await run("qemu-io", [
-        "-f",
-        "vmdk",
-        "-c",
-        "write -P 0x11 0 128k",
-        "-c",
-        "write -z 0 64k",
-        path,
-      ]);
+      await qemuIo("vmdk", path, "write -P 0x11 0 128k", "write -z 0 64k");
       const image = await openPath(path);
       assertEquals(image.details?.zeroedGrains, true);
       const runs = [];
@@ -386,13 +375,7 @@ Deno.test({
   fn: () =>
     withTemp(async (dir) => {
       await run("qemu-img", ["create", "-f", "vmdk", `${dir}/base.vmdk`, "2M"]);
-      await run("qemu-io", [
-        "-f",
-        "vmdk",
-        "-c",
-        "write -P 0x77 0 1M",
-        `${dir}/base.vmdk`,
-      ]);
+      await qemuIo("vmdk", `${dir}/base.vmdk`, "write -P 0x77 0 1M");
       await run("qemu-img", [
         "create",
         "-f",
@@ -403,13 +386,7 @@ Deno.test({
         "vmdk",
         `${dir}/child.vmdk`,
       ]);
-      await run("qemu-io", [
-        "-f",
-        "vmdk",
-        "-c",
-        "write -P 0x22 512k 64k",
-        `${dir}/child.vmdk`,
-      ]);
+      await qemuIo("vmdk", `${dir}/child.vmdk`, "write -P 0x22 512k 64k");
       const expected = await qemuRaw(`${dir}/child.vmdk`, dir);
       const alone = await open(await fromFile(`${dir}/child.vmdk`));
       assertEquals(alone.backingFile, "base.vmdk");

@@ -10,12 +10,12 @@ import {
   memorySink,
   open,
   probe,
-  type Sink,
   type Source,
   vpc,
 } from "../mod.ts";
 import {
   pseudoRandom,
+  qemuIo,
   referenceBytes,
   referenceImages,
   rejects,
@@ -24,6 +24,7 @@ import {
   skip,
   withTemp,
 } from "./_helpers.ts";
+import { nullSink } from "./_outcomes.ts";
 
 /** A disk of `size` bytes: pseudo-random 64 KiB runs with holes between. */
 function sampleDisk(size: number, seed = 5): Uint8Array<ArrayBuffer> {
@@ -40,15 +41,6 @@ function sampleDisk(size: number, seed = 5): Uint8Array<ArrayBuffer> {
 /** Every byte of an image. */
 async function readAll(image: Source): Promise<Uint8Array> {
   return await image.read(0, image.size);
-}
-
-/** A sink that keeps nothing (for hashing big images). */
-function nullSink(): Sink {
-  return {
-    write: () => Promise.resolve(),
-    flush: () => Promise.resolve(),
-    close: () => Promise.resolve(),
-  };
 }
 
 async function kinds(image: Source & { extents?: Source["extents"] }) {
@@ -127,13 +119,7 @@ Deno.test({
           3072,
         ]]
       ) {
-        await run("qemu-io", [
-          "-f",
-          "vpc",
-          "-c",
-          `write -P ${pattern} ${at} ${n}`,
-          path,
-        ]);
+        await qemuIo("vpc", path, `write -P ${pattern} ${at} ${n}`);
       }
       await run("qemu-img", [
         "convert",

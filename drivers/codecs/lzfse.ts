@@ -60,7 +60,7 @@
  */
 
 import { CodecError } from "../../streams/errors.ts";
-import { le32, setLe32 } from "../_binary.ts";
+import { concat, le32, setLe32 } from "../_binary.ts";
 
 const CODEC = "lzfse";
 
@@ -1622,14 +1622,8 @@ function encodeStream(input: Uint8Array, options: EncodeOptions): Uint8Array {
   const parts: Uint8Array[] = [];
   if (method === "lzvn") lzvnBlocks(input, 0, input.length, parts);
   else fseBlocks(input, parts);
-  let total = 4;
-  for (const part of parts) total += part.length;
-  const out = new Uint8Array(total);
-  let at = 0;
-  for (const part of parts) {
-    out.set(part, at);
-    at += part.length;
-  }
-  setLe32(out, at, MAGIC_END);
-  return out;
+  const end = new Uint8Array(4);
+  setLe32(end, 0, MAGIC_END);
+  parts.push(end);
+  return concat(parts);
 }

@@ -50,6 +50,7 @@
  */
 
 import { CodecError } from "../../streams/errors.ts";
+import { concat } from "../_binary.ts";
 import { crc32 } from "./crc32.ts";
 
 const CODEC = "xz";
@@ -1025,11 +1026,6 @@ function posSlot(dist: number): number {
 function encodeLzma2(data: Uint8Array, dictByte: number): Uint8Array {
   const n = data.length;
   const parts: Uint8Array[] = [];
-  let total = 0;
-  const push = (b: Uint8Array) => {
-    parts.push(b);
-    total += b.length;
-  };
   const probs = new Uint16Array(LITERAL + (0x300 << ENC_LC));
   const finder = new MatchFinder(data);
   const pbMask = (1 << ENC_PB) - 1;
@@ -1157,27 +1153,23 @@ function encodeLzma2(data: Uint8Array, dictByte: number): Uint8Array {
       header[3] = (packed.length - 1) >>> 8;
       header[4] = (packed.length - 1) & 0xff;
       header[5] = ENC_PROPS;
-      push(header);
-      push(packed.slice());
+      parts.push(header);
+      parts.push(packed.slice());
     } else {
       // Stored chunks of at most 64 KiB (1 resets the dictionary, 2 not).
       for (let at = chunkStart; at < pos; at += CHUNK_PACKED_MAX) {
         const size = Math.min(CHUNK_PACKED_MAX, pos - at);
-        push(Uint8Array.of(first ? 1 : 2, (size - 1) >>> 8, (size - 1) & 0xff));
-        push(data.subarray(at, at + size));
+        parts.push(
+          Uint8Array.of(first ? 1 : 2, (size - 1) >>> 8, (size - 1) & 0xff),
+        );
+        parts.push(data.subarray(at, at + size));
         first = false;
       }
     }
     first = false;
   }
-  push(Uint8Array.of(0));
-  const out = new Uint8Array(total);
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
+  parts.push(Uint8Array.of(0));
+  return concat(parts);
 }
 
 function varintBytes(value: number): number[] {
