@@ -41,7 +41,15 @@ const TABLES: Int32Array = (() => {
 /** The subset of node:zlib used when the runtime has it. */
 type NativeCrc32 = (data: Uint8Array, value?: number) => number;
 
-const native: NativeCrc32 | undefined = (() => {
+/**
+ * node:zlib's crc32, found on first use rather than at module load: looking
+ * node:zlib up costs about 14 ms of every command's start-up in Deno 2.9,
+ * whether or not anything is checksummed. `null` until looked up.
+ */
+let nativeFound: NativeCrc32 | undefined | null = null;
+function native(): NativeCrc32 | undefined {
+  if (nativeFound !== null) return nativeFound;
+  nativeFound = undefined;
   try {
     const process = (globalThis as {
       process?: { getBuiltinModule?: (name: string) => unknown };
@@ -54,12 +62,12 @@ const native: NativeCrc32 | undefined = (() => {
     if (
       typeof f === "function" &&
       f(new TextEncoder().encode("123456789"), 0) === 0xcbf43926
-    ) return f;
+    ) nativeFound = f;
   } catch {
     // No node compatibility layer: the table code below does the work.
   }
-  return undefined;
-})();
+  return nativeFound;
+}
 
 /**
  * The table-driven CRC-32 (no native code), exported so tests can compare
@@ -112,7 +120,10 @@ export function crc32Table(bytes: Uint8Array, previous = 0): number {
  */
 export function crc32(bytes: Uint8Array, previous = 0): number {
   // Small inputs: the call into native code costs more than the loop.
-  if (native && bytes.length >= 64) return native(bytes, previous) >>> 0;
+  if (bytes.length >= 64) {
+    const f = native();
+    if (f) return f(bytes, previous) >>> 0;
+  }
   return crc32Table(bytes, previous);
 }
 
