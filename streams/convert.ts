@@ -97,11 +97,18 @@ async function* blocks(
       buffer: b.buffer,
     };
   };
-  const window = Math.max(blockSize * 16, 64 << 20);
-  for (let start = 0; start < source.size; start += window) {
-    const length = Math.min(window, source.size - start);
+  // The allocation map is asked for a window at a time. A window that
+  // held no data doubles the next one, so a vast empty stretch (a 128 TiB
+  // dmg whose tables cover a few MiB) takes a few dozen map queries, not
+  // millions; the first data run brings the window back down.
+  const baseWindow = Math.max(blockSize * 16, 64 << 20);
+  let window = baseWindow;
+  for (let start = 0, length = 0; start < source.size; start += length) {
+    length = Math.min(window, source.size - start);
+    let sawData = false;
     for await (const run of extentsOf(source, start, length)) {
       signal?.throwIfAborted();
+      if (run.kind === "data") sawData = true;
       if (run.kind !== "data") {
         ahead.push({ offset: run.offset, length: run.length });
         // Zero runs need no waiting; pass them on once nothing is before them.
@@ -131,6 +138,7 @@ async function* blocks(
         while (reading > concurrency) yield await take();
       }
     }
+    window = sawData ? baseWindow : Math.min(window * 2, 2 ** 50);
   }
   while (ahead.length) yield await take();
 }

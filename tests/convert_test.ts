@@ -215,3 +215,43 @@ Deno.test("convert lets a timer abort it while every read and write completes at
   assertEquals(message, "timer");
   assertTrue(written < 64 * 2 ** 30, `wrote ${written} bytes`);
 });
+
+Deno.test("convert asks the allocation map of a vast empty image only a few dozen times", async () => {
+  // A 128 TiB disk with 1 MiB of data at its start (as a fuzzed dmg whose
+  // trailer declares far more sectors than its tables cover).
+  const size = 2 ** 47;
+  let queries = 0;
+  const source = {
+    size,
+    read: (_offset: number, length: number) =>
+      Promise.resolve(new Uint8Array(length).fill(1)),
+    async *extents(offset: number, length: number) {
+      queries++;
+      const dataEnd = Math.min(offset + length, 1 << 20);
+      if (offset < dataEnd) {
+        yield { offset, length: dataEnd - offset, kind: "data" as const };
+      }
+      const from = Math.max(offset, 1 << 20);
+      if (from < offset + length) {
+        yield {
+          offset: from,
+          length: offset + length - from,
+          kind: "zero" as const,
+        };
+      }
+    },
+  };
+  let written = 0;
+  const sink = {
+    write: (_o: number, b: Uint8Array) => {
+      written += b.length;
+      return Promise.resolve();
+    },
+    resize: () => Promise.resolve(),
+    flush: () => Promise.resolve(),
+    close: () => Promise.resolve(),
+  };
+  await convert(source, sink);
+  assertEquals(written, 1 << 20);
+  assertTrue(queries < 64, `${queries} allocation map queries`);
+});
