@@ -31,10 +31,6 @@
  */
 
 import { be32, isZero, le32 } from "./_binary.ts";
-import * as adc from "./codecs/adc.ts";
-import * as bzip2 from "./codecs/bzip2.ts";
-import * as lzfse from "./codecs/lzfse.ts";
-import * as xz from "./codecs/xz.ts";
 import * as zlib from "./codecs/zlib.ts";
 import { crc32, crc32Combine, crc32Zeros } from "./codecs/crc32.ts";
 import {
@@ -154,16 +150,34 @@ interface Codec {
 }
 
 /**
- * The codec modules by name. Imported statically, not loaded on demand,
- * so that the browser bundle carries every codec a dmg may use.
+ * The codec modules by name, loaded on first use: an image of zlib chunks
+ * never compiles the 4,000 lines of bzip2, LZFSE, xz and ADC (about 5 ms of
+ * start-up). The specifiers are literal, so `deno bundle` still puts every
+ * codec in the browser bundle.
  */
-const CODEC_MODULES: ReadonlyMap<string, Codec> = new Map<string, Codec>([
-  ["adc", adc],
-  ["zlib", zlib],
-  ["bzip2", bzip2],
-  ["lzfse", lzfse],
-  ["xz", xz],
-]);
+const CODEC_LOADERS: Record<string, () => Promise<Codec>> = {
+  zlib: () => Promise.resolve(zlib),
+  // ADC's decodeInto is synchronous and returns its output: not this one.
+  adc: () =>
+    import("./codecs/adc.ts").then((m) => ({
+      decode: m.decode,
+      encode: m.encode,
+    })),
+  bzip2: () => import("./codecs/bzip2.ts"),
+  lzfse: () => import("./codecs/lzfse.ts"),
+  xz: () => import("./codecs/xz.ts"),
+};
+
+const codecModules = new Map<string, Promise<Codec>>();
+/** The codec module `name` (one of {@linkcode CODECS}' values). */
+function codecModule(name: string): Promise<Codec> {
+  let found = codecModules.get(name);
+  if (!found) {
+    found = CODEC_LOADERS[name]();
+    codecModules.set(name, found);
+  }
+  return found;
+}
 
 function fail(
   field: string,
@@ -800,7 +814,7 @@ function dmgImage(
           ? await codecPool.run("decode", name, packed, bytes)
           : null;
         decoded = pooled ??
-          await CODEC_MODULES.get(name)!.decode(packed, bytes);
+          await (await codecModule(name)).decode(packed, bytes);
       } catch (e) {
         throw chunkError(i, packed.length, e);
       }
@@ -881,7 +895,7 @@ function dmgImage(
 
   /** Decodes compressed piece `i` on this thread into `out`, its whole size. */
   async function decodeInline(i: number, packed: Uint8Array, out: Uint8Array) {
-    const codec = CODEC_MODULES.get(CODECS.get(index.type[i])!)!;
+    const codec = await codecModule(CODECS.get(index.type[i])!);
     try {
       if (codec.decodeInto) await codec.decodeInto(packed, out);
       else out.set(await codec.decode(packed, out.length));
@@ -1276,7 +1290,7 @@ async function* packChunks(
   const count = spans.length;
   const hasData = dataProbe(source);
   const encoder = settings.codec
-    ? CODEC_MODULES.get(settings.codec)
+    ? await codecModule(settings.codec)
     : undefined;
   const usePool = encoder !== undefined && count >= POOL_MIN_CHUNKS;
   const inFlight = 8;
