@@ -245,6 +245,31 @@ export async function qemuIo(
   ]);
 }
 
+/**
+ * Asserts that `qemu-img compare` finds the raw disk `raw` and the `format`
+ * image `image` identical (exit 0 and "Images are identical.").
+ */
+export async function assertQemuIdentical(
+  raw: string,
+  image: string,
+  format: string,
+): Promise<void> {
+  const r = await run("qemu-img", [
+    "compare",
+    "-f",
+    "raw",
+    "-F",
+    format,
+    raw,
+    image,
+  ], { allowFail: true });
+  if (r.code !== 0 || !/identical/.test(r.text)) {
+    throw new Error(
+      `qemu-img compare ${raw} ${image} (${format}): exit ${r.code}: ${r.text}${r.stderr}`,
+    );
+  }
+}
+
 /** Every run of an image's allocation map. */
 export async function runs(image: Image): Promise<Extent[]> {
   const out: Extent[] = [];

@@ -17,6 +17,7 @@ import {
   vmdk,
 } from "../mod.ts";
 import {
+  assertQemuIdentical,
   cli,
   pseudoRandom,
   qemuIo,
@@ -267,15 +268,7 @@ for (const subformat of ["monolithicSparse", "streamOptimized"]) {
           options: { subformat },
         });
         await out.commit();
-        await run("qemu-img", [
-          "compare",
-          "-f",
-          "raw",
-          "-F",
-          "vmdk",
-          `${dir}/src.raw`,
-          `${dir}/out.vmdk`,
-        ]);
+        await assertQemuIdentical(`${dir}/src.raw`, `${dir}/out.vmdk`, "vmdk");
         await run("qemu-img", ["check", `${dir}/out.vmdk`]);
         const info = await run("vmdkinfo", [`${dir}/out.vmdk`]);
         assertMatch(
@@ -337,15 +330,11 @@ Deno.test({
       await image.flush!();
       await out.commit();
       await Deno.writeFile(`${dir}/expected.raw`, expected);
-      await run("qemu-img", [
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "vmdk",
+      await assertQemuIdentical(
         `${dir}/expected.raw`,
         `${dir}/rw.vmdk`,
-      ]);
+        "vmdk",
+      );
       await run("qemu-img", ["check", `${dir}/rw.vmdk`]);
     }),
 });
