@@ -107,30 +107,12 @@ const RAW_PIECE_BYTES = 1 << 20;
 const POOL_MIN_CHUNKS = 16;
 
 /**
- * Whether the runtime has node:zlib (Deno, Node), whose native inflate
- * `zlib.decodeInto` uses. Browsers inflate through DecompressionStream,
- * and their zlib chunks stay on the worker pool as before.
+ * Chunk types decoded on the calling thread whatever the image's size:
+ * zlib where the runtime inflates natively (Deno, Node). Browsers inflate
+ * through DecompressionStream, and their zlib chunks stay on the pool.
  */
-let nativeZlibFound: boolean | undefined;
-/**
- * Looked up on first use: touching `globalThis.process` makes Deno set up
- * its Node layer, about 14 ms of every command's start-up otherwise.
- */
-function nativeZlib(): boolean {
-  if (nativeZlibFound === undefined) {
-    try {
-      nativeZlibFound = typeof (globalThis as {
-        process?: { getBuiltinModule?: unknown };
-      }).process?.getBuiltinModule === "function";
-    } catch {
-      nativeZlibFound = false;
-    }
-  }
-  return nativeZlibFound;
-}
-
-/** Chunk types decoded on the calling thread whatever the image's size. */
-const inflatesHere = (type: number) => type === TYPE.zlib && nativeZlib();
+const inflatesHere = (type: number) =>
+  type === TYPE.zlib && zlib.hasNativeInflate();
 
 /** Codec module names (drivers/codecs/*.ts) by chunk type. */
 const CODECS: ReadonlyMap<number, string> = new Map([

@@ -12,6 +12,7 @@
  *
  * @module
  */
+import { nodeZlibModule } from "./_node_zlib.ts";
 
 /** The reflected IEEE polynomial. */
 const POLY = 0xedb88320;
@@ -41,31 +42,15 @@ const TABLES: Int32Array = (() => {
 /** The subset of node:zlib used when the runtime has it. */
 type NativeCrc32 = (data: Uint8Array, value?: number) => number;
 
-/**
- * node:zlib's crc32, found on first use rather than at module load: looking
- * node:zlib up costs about 14 ms of every command's start-up in Deno 2.9,
- * whether or not anything is checksummed. `null` until looked up.
- */
+/** node:zlib's crc32, once checked against the standard check value. `null` until looked up. */
 let nativeFound: NativeCrc32 | undefined | null = null;
 function native(): NativeCrc32 | undefined {
   if (nativeFound !== null) return nativeFound;
-  nativeFound = undefined;
-  try {
-    const process = (globalThis as {
-      process?: { getBuiltinModule?: (name: string) => unknown };
-    }).process;
-    const zlib = process?.getBuiltinModule?.("node:zlib") as
-      | { crc32?: NativeCrc32 }
-      | undefined;
-    const f = zlib?.crc32;
-    // Checked against the standard check value before it is trusted.
-    if (
-      typeof f === "function" &&
+  const f = (nodeZlibModule() as { crc32?: NativeCrc32 } | undefined)?.crc32;
+  nativeFound = typeof f === "function" &&
       f(new TextEncoder().encode("123456789"), 0) === 0xcbf43926
-    ) nativeFound = f;
-  } catch {
-    // No node compatibility layer: the table code below does the work.
-  }
+    ? f
+    : undefined;
   return nativeFound;
 }
 

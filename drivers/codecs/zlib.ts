@@ -14,6 +14,7 @@
  */
 
 import { CodecError } from "../../streams/errors.ts";
+import { nodeZlibModule } from "./_node_zlib.ts";
 
 /** The node:zlib inflate options used. */
 interface InflateOptions {
@@ -57,20 +58,24 @@ interface NodeZlib {
 // imported, so browsers and the bundle fall back to the platform streams;
 // and only on first use: loading it cost every command about 14 ms of
 // start-up, a tenth of converting a 1 GiB vpc image.
-let nodeZlibFound: NodeZlib | undefined | null = null;
 function nodeZlib(): NodeZlib | undefined {
-  if (nodeZlibFound !== null) return nodeZlibFound;
-  try {
-    const process = (globalThis as {
-      process?: { getBuiltinModule?: (name: string) => unknown };
-    }).process;
-    nodeZlibFound = process?.getBuiltinModule?.("node:zlib") as
-      | NodeZlib
-      | undefined;
-  } catch {
-    nodeZlibFound = undefined;
-  }
-  return nodeZlibFound;
+  return nodeZlibModule() as NodeZlib | undefined;
+}
+
+/**
+ * Whether inflating runs natively here (node:zlib), fast enough that
+ * callers need not spread zlib blocks over workers.
+ *
+ * @returns true in Deno and Node, false in browsers
+ *
+ * @example
+ * ```ts
+ * import { hasNativeInflate } from "./zlib.ts";
+ * console.log(typeof hasNativeInflate()); // boolean
+ * ```
+ */
+export function hasNativeInflate(): boolean {
+  return nodeZlib() !== undefined;
 }
 
 /** Which deflate wrapper: `deflate` is zlib (RFC 1950), `deflate-raw` has none. */

@@ -1,0 +1,37 @@
+/**
+ * node:zlib, where the runtime has it (Deno, Deno Deploy, Node): found by
+ * feature detection, never imported, so browsers and the bundle go without
+ * it. Looked up on first use only: touching `globalThis.process` makes Deno
+ * set up its Node layer, about 14 ms of every command's start-up otherwise.
+ *
+ * This module is browser compatible (it answers undefined there).
+ *
+ * @module
+ */
+
+let found: unknown | null = null;
+
+/**
+ * The node:zlib module, or undefined where there is none.
+ *
+ * @returns the module (its shape is the caller's to check)
+ *
+ * @example
+ * ```ts
+ * import { nodeZlibModule } from "./_node_zlib.ts";
+ * console.log(typeof nodeZlibModule()); // "object" in Deno, "undefined" in browsers
+ * ```
+ */
+export function nodeZlibModule(): unknown {
+  if (found !== null) return found;
+  found = undefined;
+  try {
+    const process = (globalThis as {
+      process?: { getBuiltinModule?: (name: string) => unknown };
+    }).process;
+    found = process?.getBuiltinModule?.("node:zlib");
+  } catch {
+    // No Node layer: the callers' own code does the work.
+  }
+  return found;
+}
