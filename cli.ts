@@ -23,7 +23,6 @@
  * @module
  */
 
-import { parseArgs, type ParseArgsConfig } from "node:util";
 import {
   bootSectorPatch,
   commitTo,
@@ -63,16 +62,100 @@ class UsageError extends Error {
 
 /** What a subcommand gets: its parsed flags and positionals. */
 interface Invocation {
-  values: Record<string, string | boolean | (string | boolean)[] | undefined>;
+  values: Record<string, string | boolean | string[] | undefined>;
   positionals: string[];
+}
+
+/** One flag of a subcommand (the shape of `node:util` parseArgs' options). */
+interface Flag {
+  type: "string" | "boolean";
+  /** One-letter alias (`-f`). */
+  short?: string;
+  default?: string | boolean;
+  /** May be given more than once; the values come as an array. */
+  multiple?: boolean;
 }
 
 /** One subcommand: how to call it, its flags, and what it does (returns the exit code). */
 interface Command {
   usage: string;
   summary: string;
-  options: NonNullable<ParseArgsConfig["options"]>;
+  options: Record<string, Flag>;
   run(call: Invocation): Promise<number>;
+}
+
+/**
+ * Splits `args` into flags and positionals as `node:util` parseArgs does in
+ * strict mode with positionals allowed: `--name value`, `--name=value`,
+ * `-f value`, `-fvalue`, grouped booleans (`-cp`), `--` ending the flags,
+ * and a lone `-` as a positional (stdout). Written here because importing
+ * `node:util` loaded Node's compatibility layer first: 4 ms and 6.6 MB of
+ * every command's start-up.
+ */
+function parseFlags(
+  args: string[],
+  flags: Record<string, Flag>,
+): Invocation {
+  const values: Invocation["values"] = {};
+  const positionals: string[] = [];
+  const set = (name: string, value: string | boolean) => {
+    if (flags[name].multiple) {
+      ((values[name] ??= []) as (string | boolean)[]).push(value);
+    } else values[name] = value;
+  };
+  const shortName = (letter: string) =>
+    Object.keys(flags).find((name) => flags[name].short === letter);
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i];
+    if (arg === "--") {
+      positionals.push(...args.slice(i + 1));
+      break;
+    }
+    if (arg.startsWith("--")) {
+      const eq = arg.indexOf("=");
+      const name = arg.slice(2, eq < 0 ? undefined : eq);
+      const flag = Object.hasOwn(flags, name) ? flags[name] : undefined;
+      if (!flag) throw new UsageError(`unknown option '--${name}'`);
+      if (flag.type === "boolean") {
+        if (eq >= 0) {
+          throw new UsageError(`option '--${name}' does not take a value`);
+        }
+        set(name, true);
+      } else if (eq >= 0) {
+        set(name, arg.slice(eq + 1));
+      } else if (i + 1 < args.length) {
+        set(name, args[++i]);
+      } else {
+        throw new UsageError(`option '--${name}' needs a value`);
+      }
+      continue;
+    }
+    if (arg.length < 2 || arg[0] !== "-") {
+      positionals.push(arg);
+      continue;
+    }
+    // One or more one-letter flags; a string flag takes the rest (or the next argument).
+    for (let k = 1; k < arg.length; k++) {
+      const name = shortName(arg[k]);
+      if (!name) throw new UsageError(`unknown option '-${arg[k]}'`);
+      if (flags[name].type === "boolean") {
+        set(name, true);
+      } else if (k + 1 < arg.length) {
+        set(name, arg.slice(k + 1));
+        break;
+      } else if (i + 1 < args.length) {
+        set(name, args[++i]);
+      } else {
+        throw new UsageError(`option '-${arg[k]}, --${name}' needs a value`);
+      }
+    }
+  }
+  for (const [name, flag] of Object.entries(flags)) {
+    if (values[name] === undefined && flag.default !== undefined) {
+      values[name] = flag.default;
+    }
+  }
+  return { values, positionals };
 }
 
 const encoder = new TextEncoder();
@@ -985,12 +1068,7 @@ export async function main(args: string[]): Promise<number> {
   try {
     let call: Invocation;
     try {
-      call = parseArgs({
-        args: rest,
-        options: command.options,
-        allowPositionals: true,
-        strict: true,
-      });
+      call = parseFlags(rest, command.options);
     } catch (e) {
       throw new UsageError((e as Error).message, name);
     }
@@ -1015,5 +1093,9 @@ export async function main(args: string[]): Promise<number> {
 }
 
 if (import.meta.main) {
-  Deno.exit(await main(Deno.args));
+  // Not `Deno.exit(await main(...))`: a process that exits while its main
+  // module is still evaluating (a top-level await) never writes the V8 code
+  // cache, so every run compiled every module again, 5-7 ms of each
+  // command's start-up (`deno run --log-level=debug` shows the cache hits).
+  main(Deno.args).then((code) => Deno.exit(code));
 }

@@ -103,27 +103,53 @@ export function cString(b: Uint8Array, start = 0, end = b.length): string {
   return new TextDecoder().decode(b.subarray(start, stop));
 }
 
-/** True when every byte of `b` is zero. Reads 8 bytes at a time when aligned. */
+/** True when every byte of `b` is zero. Reads 4 bytes at a time when aligned. */
 export function isZero(b: Uint8Array): boolean {
-  // The hot loop of sparse detection: comparing as 32-bit words is ~4x faster
-  // than byte by byte on large buffers, and OR-ing eight words per test
-  // another 2.4x (4 KiB blocks of zeros: 15 against 36 ms per 320 MiB).
-  let i = 0;
-  const n = b.length;
-  if ((b.byteOffset & 3) === 0 && n >= 64) {
-    const words = new Uint32Array(b.buffer, b.byteOffset, n >>> 2);
-    const whole = words.length & ~7;
-    let w = 0;
+  return isZeroRange(b, wordsOf(b), 0, b.length);
+}
+
+/**
+ * A Uint32Array over the bytes of `b` when `b` starts on a 4-byte boundary
+ * (undefined otherwise), for {@linkcode isZeroRange}.
+ */
+export function wordsOf(b: Uint8Array): Uint32Array | undefined {
+  return (b.byteOffset & 3) === 0
+    ? new Uint32Array(b.buffer, b.byteOffset, b.length >>> 2)
+    : undefined;
+}
+
+/**
+ * True when `b[start, end)` is all zeros: `isZero(b.subarray(start, end))`
+ * without making a subarray, given `words = wordsOf(b)` made once per
+ * buffer. The hot loop of sparse detection: convert checks every 4 KiB of
+ * the data it writes, 196,000 checks per 768 MiB, and a subarray per check
+ * cost 8 ms of that. Comparing 32-bit words is ~4x faster than byte by
+ * byte on large buffers, and OR-ing eight words per test another 2.4x
+ * (4 KiB blocks of zeros: 15 against 36 ms per 320 MiB).
+ */
+export function isZeroRange(
+  b: Uint8Array,
+  words: Uint32Array | undefined,
+  start: number,
+  end: number,
+): boolean {
+  let i = start;
+  if (words && end - i >= 64) {
+    for (; i & 3; i++) if (b[i] !== 0) return false;
+    let w = i >>> 2;
+    const whole = w + ((((end >>> 2) - w) >>> 3) << 3);
     for (; w < whole; w += 8) {
       if (
         (words[w] | words[w + 1] | words[w + 2] | words[w + 3] |
           words[w + 4] | words[w + 5] | words[w + 6] | words[w + 7]) !== 0
       ) return false;
     }
-    for (; w < words.length; w++) if (words[w] !== 0) return false;
-    i = words.length << 2;
+    for (const stop = end >>> 2; w < stop; w++) {
+      if (words[w] !== 0) return false;
+    }
+    i = w << 2;
   }
-  for (; i < n; i++) if (b[i] !== 0) return false;
+  for (; i < end; i++) if (b[i] !== 0) return false;
   return true;
 }
 

@@ -6,7 +6,7 @@
  * @module
  */
 
-import { isZero } from "../drivers/_binary.ts";
+import { isZeroRange, wordsOf } from "../drivers/_binary.ts";
 import { driver } from "../drivers/registry.ts";
 import { type Sha256, sha256 } from "./_sha256.ts";
 import { extentsOf, readInto, type Sink, type Source } from "./types.ts";
@@ -33,7 +33,11 @@ export interface ConvertOptions {
   signal?: AbortSignal;
   /** Bytes per read. @default 2097152 */
   blockSize?: number;
-  /** Reads in flight at once. @default 4 */
+  /**
+   * Reads in flight at most beyond the one awaited. Convert starts with
+   * none and adds one each time a read kept it waiting (sources that decode
+   * on workers or fetch over the network), up to this. @default 4
+   */
   concurrency?: number;
   /**
    * Data blocks that are all zeros are not written (the output stays
@@ -71,8 +75,9 @@ interface ReadBlock {
 /**
  * Blocks of the source in order: data runs split into reads of at most
  * `blockSize` bytes, zero and unallocated runs carried without bytes.
- * Reads run up to `concurrency` ahead of the consumer; memory stays bounded
- * by `blockSize * concurrency`. With a `pool` (sources that read into a
+ * Reads run up to `concurrency` ahead of the consumer when the source is
+ * slow to answer (see `depth`); memory stays bounded by
+ * `blockSize * (concurrency + 1)`. With a `pool` (sources that read into a
  * buffer), blocks are read into buffers taken from it and the consumer
  * puts each `buffer` back once done with the bytes: a fresh 2 MiB array
  * per read cost page faults and garbage-collector work, and V8 frees
@@ -87,15 +92,26 @@ async function* blocks(
 ): AsyncIterable<ReadBlock> {
   const ahead: Block[] = [];
   let reading = 0; // data blocks in `ahead`
+  // Reads issued beyond the one awaited. None at first; one more (up to
+  // `concurrency`) each time awaiting a read took a while, as with a source
+  // that decodes on workers or fetches over HTTP, where reads in parallel
+  // hide each other's wait. A source whose reads are done when issued (a
+  // file read synchronously) gains nothing from more, and each buffer more
+  // is 2 MiB of fresh memory to fault in: 10-15 ms of a 250 ms vpc
+  // convert in `deno task bench` for the four it used to take.
+  let depth = 0;
   const take = async (): Promise<ReadBlock> => {
     const b = ahead.shift()!;
-    if (b.bytes) reading--;
-    return {
-      offset: b.offset,
-      length: b.length,
-      bytes: await b.bytes,
-      buffer: b.buffer,
-    };
+    let bytes: Uint8Array | undefined;
+    if (b.bytes) {
+      reading--;
+      const waitFrom = performance.now();
+      bytes = await b.bytes;
+      if (depth < concurrency && performance.now() - waitFrom > SLOW_WAIT_MS) {
+        depth++;
+      }
+    }
+    return { offset: b.offset, length: b.length, bytes, buffer: b.buffer };
   };
   // The allocation map is asked for a window at a time. A window that
   // held no data doubles the next one, so a vast empty stretch (a 128 TiB
@@ -125,7 +141,7 @@ async function* blocks(
         let buffer: Uint8Array | undefined;
         let bytes: Promise<Uint8Array>;
         if (pool) {
-          buffer = pool.pop() ?? new Uint8Array(blockSize);
+          buffer = pool.pop() ?? pageAligned(blockSize);
           const into = buffer.subarray(0, next - at);
           bytes = readInto(source, at, into).then(() => into);
         } else {
@@ -135,7 +151,7 @@ async function* blocks(
         ahead.push({ offset: at, length: next - at, bytes, buffer });
         reading++;
         at = next;
-        while (reading > concurrency) yield await take();
+        while (reading > depth) yield await take();
       }
     }
     window = sawData ? baseWindow : Math.min(window * 2, 2 ** 50);
@@ -223,6 +239,12 @@ export async function convert(
   // that reads into a buffer (for the others a copy would cost more).
   const pool: Uint8Array[] | undefined =
     direct && !sink.sequential && source.readInto ? [] : undefined;
+  if (direct && !sink.sequential) {
+    // Sized first, as qemu-img does: ext4 takes writes inside a file's size
+    // with less work than writes that extend it (a plain 768 MiB copy after
+    // \`sync\`: 200 ms against 370-1060 ms).
+    await sink.resize?.(total);
+  }
   let dataBytes = 0;
   let lastYield = performance.now();
   for await (
@@ -254,6 +276,30 @@ export async function convert(
   await sink.flush();
   return { size: total, dataBytes, sha256: hasher?.digest() };
 }
+
+/**
+ * A zero-filled buffer that starts on a memory page: the memory of a
+ * WebAssembly instance, which engines map whole pages for. The kernel copies
+ * file bytes to and from such a buffer faster than to and from an
+ * ArrayBuffer off the heap (which starts 16 bytes into a page): 211 against
+ * 222 ms best, 224 against 242 ms median, for a loop of 2 MiB reads and
+ * writes converting the bench's 768 MiB VHD.
+ */
+function pageAligned(size: number): Uint8Array {
+  const page = 65536; // WebAssembly's page size
+  if (typeof WebAssembly === "object") {
+    try {
+      const memory = new WebAssembly.Memory({
+        initial: Math.ceil(size / page),
+      });
+      return new Uint8Array(memory.buffer, 0, size);
+    } catch { /* no room for one: an ordinary buffer does */ }
+  }
+  return new Uint8Array(size);
+}
+
+/** Awaiting a read longer than this (ms) lets convert keep one more in flight. */
+const SLOW_WAIT_MS = 0.5;
 
 const nothing = new Uint8Array(0);
 
@@ -302,12 +348,13 @@ async function writeSparse(
   }
   let written = 0;
   let runStart = -1;
+  const words = wordsOf(bytes);
   for (let i = 0; i < bytes.length;) {
     const end = Math.min(
       bytes.length,
       (Math.floor((offset + i) / granule) + 1) * granule - offset,
     );
-    const zero = isZero(bytes.subarray(i, end));
+    const zero = isZeroRange(bytes, words, i, end);
     if (!zero && runStart < 0) runStart = i;
     if (zero && runStart >= 0) {
       await write(offset + runStart, bytes.subarray(runStart, i));

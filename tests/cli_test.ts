@@ -166,6 +166,71 @@ Deno.test("unknown subcommands and bad flags are usage errors, exit 2", async ()
   assertEquals((await cli(["convert", "only-one"])).code, 2);
 });
 
+Deno.test("flags take the spellings of node:util parseArgs", async () => {
+  await withTemp(async (dir) => {
+    const input = await sparseRaw(dir);
+    const sum = await sha256File(input);
+    // -Ofmt glued, grouped booleans (-pc), --name=value, `--` before names.
+    const a = await cli([
+      "convert",
+      "-Oraw",
+      "-pc",
+      "--format=raw",
+      "--",
+      input,
+      `${dir}/a.raw`,
+    ]);
+    assertEquals(a.code, 0, a.stderr);
+    assertMatch(a.stderr, /100\.0%/);
+    assertEquals(await sha256File(`${dir}/a.raw`), sum);
+    // A string flag takes the next argument whatever it looks like.
+    const b = await cli([
+      "convert",
+      "-f",
+      "raw",
+      "--output-format",
+      "raw",
+      input,
+      `${dir}/b.raw`,
+    ]);
+    assertEquals(b.code, 0, b.stderr);
+    // A repeatable flag gathers every value.
+    const c = await cli([
+      "info",
+      "--allow-backing-dir",
+      dir,
+      "--allow-backing-dir",
+      dir,
+      input,
+    ]);
+    assertEquals(c.code, 0, c.stderr);
+    for (
+      const [args, message] of [
+        [
+          ["convert", "--hash=yes", input, `${dir}/c.raw`],
+          /'--hash' does not take a value/,
+        ],
+        [
+          ["convert", input, `${dir}/c.raw`, "-f"],
+          /'-f, --format' needs a value/,
+        ],
+        [["convert", "--format"], /'--format' needs a value/],
+        [["convert", "-px", input, `${dir}/c.raw`], /unknown option '-x'/],
+        [
+          ["convert", "--no-such", input, `${dir}/c.raw`],
+          /unknown option '--no-such'/,
+        ],
+      ] as const
+    ) {
+      const r = await cli([...args]);
+      assertEquals(r.code, 2, args.join(" "));
+      assertMatch(r.stderr, message);
+      assertMatch(r.stderr, /usage: /);
+    }
+    assertEquals(names(dir).includes("c.raw"), false);
+  });
+});
+
 Deno.test("an unreadable input (a folder) is one clear line, exit 1", async () => {
   await withTemp(async (dir) => {
     const r = await cli(["info", dir]);

@@ -255,3 +255,63 @@ Deno.test("convert asks the allocation map of a vast empty image only a few doze
   assertEquals(written, 1 << 20);
   assertTrue(queries < 64, `${queries} allocation map queries`);
 });
+
+Deno.test("sparse detection finds a lone byte at any place, aligned or not", async () => {
+  // Lone non-zero bytes at the edges of words, granules and blocks, read
+  // through aligned pool buffers (readInto) and through unaligned arrays.
+  const size = 3 * 65536 + 777;
+  const places = [0, 1, 3, 4, 63, 64, 4095, 4096, 4097, 65535, 65536, size - 1];
+  for (const place of places) {
+    const disk = new Uint8Array(size);
+    disk[place] = 7;
+    const unaligned: Source = {
+      size,
+      read(offset, length) {
+        const copy = new Uint8Array(length + 1);
+        copy.set(disk.subarray(offset, offset + length), 1);
+        return Promise.resolve(copy.subarray(1));
+      },
+    };
+    for (const source of [fromBytes(disk), unaligned]) {
+      const sink = recordingSink();
+      const result = await convert(source, sink, { blockSize: 65536 });
+      assertEquals(sha256Hex(sink.inner.bytes()), sha256Hex(disk), `${place}`);
+      const granule = Math.floor(place / 4096) * 4096;
+      assertEquals(sink.writes, [[granule, Math.min(4096, size - granule)]]);
+      assertEquals(result.dataBytes, Math.min(4096, size - granule));
+    }
+  }
+});
+
+Deno.test("convert keeps reads in flight only for sources that keep it waiting", async () => {
+  const disk = sampleDisk();
+  const probe = (delayMs: number) => {
+    let inFlight = 0, most = 0;
+    const buffers = new Set<ArrayBufferLike>();
+    const source: Source = {
+      ...fromBytes(disk),
+      async readInto(offset, into) {
+        most = Math.max(most, ++inFlight);
+        buffers.add(into.buffer);
+        if (delayMs) await new Promise((r) => setTimeout(r, delayMs));
+        into.set(disk.subarray(offset, offset + into.length));
+        inFlight--;
+      },
+    };
+    return { source, stats: () => ({ most, buffers: buffers.size }) };
+  };
+  // Reads done at once (a file read synchronously): one buffer, reused.
+  const quick = probe(0);
+  await convert(quick.source, memorySink(), {
+    blockSize: 1 << 20,
+    concurrency: 4,
+  });
+  assertEquals(quick.stats(), { most: 1, buffers: 1 });
+  // Reads that take a while (workers, the network): several at once.
+  const slow = probe(5);
+  const sink = memorySink();
+  await convert(slow.source, sink, { blockSize: 1 << 20, concurrency: 4 });
+  assertEquals(sha256Hex(sink.bytes()), sha256Hex(disk));
+  assertTrue(slow.stats().most >= 3, JSON.stringify(slow.stats()));
+  assertTrue(slow.stats().buffers <= 5, JSON.stringify(slow.stats()));
+});
