@@ -132,21 +132,24 @@ function multiply(a: number, b: number): number {
   return p >>> 0;
 }
 
-/** x^(2^k) modulo the polynomial, for k = 0..63. */
-const POWERS: Uint32Array = (() => {
+/** x^(2^k) modulo the polynomial, for k = 0..63; built on first use (0.6 ms). */
+let powers: Uint32Array | undefined;
+function squarings(): Uint32Array {
+  if (powers) return powers;
   const t = new Uint32Array(64);
   let p = 0x40000000; // x^1
   t[0] = p;
   for (let k = 1; k < 64; k++) t[k] = p = multiply(p, p);
-  return t;
-})();
+  return powers = t;
+}
 
 /** x^(8 × length) modulo the polynomial: appending `length` zero bytes. */
 function zerosOperator(length: number): number {
+  const table = squarings();
   let p = 0x80000000; // x^0
   let k = 3; // a byte is 2^3 bits
   for (let n = length; n > 0; n = Math.floor(n / 2), k++) {
-    if (n % 2) p = multiply(POWERS[k & 63], p);
+    if (n % 2) p = multiply(table[k & 63], p);
   }
   return p;
 }
