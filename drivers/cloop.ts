@@ -27,7 +27,15 @@
  * @module
  */
 
-import { be32, be64, isZero, safeNumber, setBe32, setBe64 } from "./_binary.ts";
+import {
+  be32,
+  be64,
+  isZero,
+  safeNumber,
+  Scratch,
+  setBe32,
+  setBe64,
+} from "./_binary.ts";
 import * as zlib from "./codecs/zlib.ts";
 import {
   CodecError,
@@ -41,6 +49,7 @@ import {
   type Extent,
   type Image,
   type ProbeInput,
+  readInto as readIntoSource,
   type Sink,
   type Source,
 } from "../streams/types.ts";
@@ -413,6 +422,7 @@ function cloopImage(source: Source, header: Header, table: Table): Image {
   const cache = new BlockCache(
     Math.max(4, Math.floor(CACHE_BYTES / blockSize)),
   );
+  const packedScratch = new Scratch((n) => new Uint8Array(n));
 
   let decoding = 0;
   const waiting: (() => void)[] = [];
@@ -570,14 +580,21 @@ function cloopImage(source: Source, header: Header, table: Table): Image {
       const runFirst = i;
       const runEnd = end;
       pending.push((async () => {
-        const packed = await source.read(start, offsets[runEnd] - start);
-        for (let b = runFirst; b < runEnd; b++) {
-          const at = b * blockSize - offset;
-          await decodeBlockInto(
-            b,
-            packed.subarray(offsets[b] - start, offsets[b + 1] - start),
-            into.subarray(at, at + blockSize),
-          );
+        // The packed bytes go to a reused buffer: a fresh one per read
+        // (up to 8 MiB) kept peak RSS 30 MiB higher until V8 collected them.
+        const packed = packedScratch.take(offsets[runEnd] - start);
+        try {
+          await readIntoSource(source, start, packed);
+          for (let b = runFirst; b < runEnd; b++) {
+            const at = b * blockSize - offset;
+            await decodeBlockInto(
+              b,
+              packed.subarray(offsets[b] - start, offsets[b + 1] - start),
+              into.subarray(at, at + blockSize),
+            );
+          }
+        } finally {
+          packedScratch.give(packed);
         }
       })());
       i = end;

@@ -30,7 +30,7 @@
  * @module
  */
 
-import { be32, isZero, le32 } from "./_binary.ts";
+import { be32, isZero, le32, Scratch } from "./_binary.ts";
 import * as zlib from "./codecs/zlib.ts";
 import { crc32, crc32Combine, crc32Zeros } from "./codecs/crc32.ts";
 import {
@@ -712,44 +712,6 @@ class PieceCache {
     if (!entry) return;
     this.#entries.delete(i);
     this.#bytes -= entry.bytes;
-  }
-}
-
-/** Buffers of this many bytes at most are kept for reuse. */
-const SCRATCH_KEEP_BYTES = 8 << 20;
-/** How many buffers of each kind are kept. */
-const SCRATCH_KEEP = 4;
-
-/**
- * Reused buffers (packed bytes, or shared memory the workers decode into):
- * `take(n)` gives a view of `n` bytes, `give` hands it back. A fresh array
- * per read cost page faults, and V8 frees array buffers late, which showed
- * in the peak RSS of `deno task bench`.
- */
-class Scratch {
-  #free: Uint8Array[] = [];
-  constructor(readonly make: (bytes: number) => Uint8Array) {}
-  take(bytes: number): Uint8Array {
-    const k = this.#free.findIndex((b) => b.length >= bytes);
-    if (k >= 0) return this.#free.splice(k, 1)[0].subarray(0, bytes);
-    // Sizes rounded up to a power of two (64 KiB at least), so that runs
-    // of varying packed size find a kept buffer big enough.
-    return this.make(Math.max(1 << 16, 2 ** Math.ceil(Math.log2(bytes))))
-      .subarray(0, bytes);
-  }
-  give(view: Uint8Array) {
-    const buffer = new Uint8Array(view.buffer);
-    if (buffer.length > SCRATCH_KEEP_BYTES) return;
-    if (this.#free.length >= SCRATCH_KEEP) {
-      // Full: the smallest kept buffer makes way for a bigger one.
-      let k = 0;
-      this.#free.forEach((b, j) => {
-        if (b.length < this.#free[k].length) k = j;
-      });
-      if (this.#free[k].length >= buffer.length) return;
-      this.#free.splice(k, 1);
-    }
-    this.#free.push(buffer);
   }
 }
 
