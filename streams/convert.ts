@@ -239,12 +239,12 @@ export async function convert(
   // that reads into a buffer (for the others a copy would cost more).
   const pool: Uint8Array[] | undefined =
     direct && !sink.sequential && source.readInto ? [] : undefined;
-  if (direct && !sink.sequential) {
-    // Sized first, as qemu-img does: ext4 takes writes inside a file's size
-    // with less work than writes that extend it (a plain 768 MiB copy after
-    // \`sync\`: 200 ms against 370-1060 ms).
-    await sink.resize?.(total);
-  }
+  // A random-access raw output is sized first, as qemu-img does: ext4 takes
+  // writes inside a file's size with less work than writes that extend it
+  // (a plain 768 MiB copy after `sync`: 200 ms against 370-1060 ms). A
+  // stream is padded at the end instead.
+  const sizedFirst = direct && !sink.sequential;
+  if (sizedFirst) await sink.resize?.(total);
   let dataBytes = 0;
   let lastYield = performance.now();
   for await (
@@ -269,7 +269,7 @@ export async function convert(
   }
   if ("flush" in target && target.flush) {
     await target.flush();
-  } else {
+  } else if (!sizedFirst) {
     // Raw: holes left at the end still count towards the disk's size.
     await sink.resize?.(total);
   }
