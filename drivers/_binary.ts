@@ -78,6 +78,30 @@ export function safeNumber(
 }
 
 /**
+ * The error maker of one driver: `fail(field, value, limit, offset, file)`
+ * gives the {@linkcode ImageFormatError} of `format` naming the field, the
+ * value found and the limit broken. Drivers `throw fail(...)`.
+ *
+ * @example
+ * ```ts
+ * import { formatErrors } from "./_binary.ts";
+ * const fail = formatErrors("qcow");
+ * console.log(fail("cluster_bits", 8, "between 9 and 16", 28).message);
+ * // qcow: cluster_bits 8 must be between 9 and 16 (at byte 28)
+ * ```
+ */
+export function formatErrors(format: string): (
+  field: string,
+  value: unknown,
+  limit: string,
+  offset?: number,
+  file?: string,
+) => ImageFormatError {
+  return (field, value, limit, offset, file) =>
+    new ImageFormatError({ format, field, value, limit, offset, file });
+}
+
+/**
  * `n` rounded up to a multiple of `to`.
  *
  * @example

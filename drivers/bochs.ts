@@ -29,7 +29,7 @@
  * @module
  */
 
-import { cString, le32, le64, safeNumber } from "./_binary.ts";
+import { cString, formatErrors, le32, le64, safeNumber } from "./_binary.ts";
 import { check, ImageFormatError } from "../streams/errors.ts";
 import type {
   Driver,
@@ -70,9 +70,7 @@ interface Header {
   timestamp?: number;
 }
 
-function fail(field: string, value: unknown, limit: string, offset?: number) {
-  return new ImageFormatError({ format: FORMAT, field, value, limit, offset });
-}
+const fail = formatErrors(FORMAT);
 
 function isBochs(b: Uint8Array): boolean {
   if (b.length < HEADER_SIZE) return false;

@@ -30,6 +30,7 @@
 import {
   be32,
   be64,
+  formatErrors,
   isZero,
   safeNumber,
   Scratch,
@@ -193,22 +194,7 @@ function signature(bytes: Uint8Array, at: number): 2 | 4 | undefined {
   return undefined;
 }
 
-function fail(
-  field: string,
-  value: unknown,
-  limit: string,
-  offset?: number,
-  file?: string,
-): never {
-  throw new ImageFormatError({
-    format: FORMAT,
-    field,
-    value,
-    limit,
-    offset,
-    file,
-  });
-}
+const fail = formatErrors(FORMAT);
 
 /** Validates block_size and n_blocks at `at`, as QEMU's cloop_open does. */
 function checkSizes(
@@ -220,17 +206,23 @@ function checkSizes(
 ): { blockSize: number; nBlocks: number } {
   const blockSize = be32(bytes, at + HEADROOM);
   const bsAt = base + HEADROOM;
-  if (blockSize === 0) fail("block_size", 0, "non-zero", bsAt, file);
+  if (blockSize === 0) throw fail("block_size", 0, "non-zero", bsAt, file);
   if (blockSize % 512) {
-    fail("block_size", blockSize, "a multiple of 512", bsAt, file);
+    throw fail("block_size", blockSize, "a multiple of 512", bsAt, file);
   }
   if (blockSize > MAX_BLOCK_SIZE) {
-    fail("block_size", blockSize, "64 MiB (67108864) or less", bsAt, file);
+    throw fail(
+      "block_size",
+      blockSize,
+      "64 MiB (67108864) or less",
+      bsAt,
+      file,
+    );
   }
   const nBlocks = be32(bytes, at + HEADROOM + 4);
   const nAt = bsAt + 4;
   if (nBlocks > MAX_N_BLOCKS) {
-    fail(
+    throw fail(
       "n_blocks",
       nBlocks,
       `${MAX_N_BLOCKS} or less (the offsets table size would overflow)`,
@@ -240,7 +232,7 @@ function checkSizes(
   }
   const tableSize = (nBlocks + 1) * 8;
   if (tableSize > MAX_OFFSETS_SIZE) {
-    fail(
+    throw fail(
       "n_blocks",
       nBlocks,
       `${
@@ -252,7 +244,7 @@ function checkSizes(
     );
   }
   if (HEADER_SIZE + tableSize > fileSize) {
-    fail(
+    throw fail(
       "n_blocks",
       nBlocks,
       `at most ${
@@ -269,7 +261,7 @@ function checkSizes(
 async function parseHeader(source: Source): Promise<Header> {
   const size = source.size;
   if (size < HEADER_SIZE) {
-    fail(
+    throw fail(
       "file size",
       size,
       `at least ${HEADER_SIZE} bytes (the header)`,
@@ -293,7 +285,7 @@ async function parseHeader(source: Source): Promise<Header> {
   const tail = await source.read(base, HEADER_SIZE);
   const last = signature(tail, 0);
   if (!last) {
-    fail(
+    throw fail(
       "signature",
       head.subarray(SIGNATURE_OFFSET, SIGNATURE_OFFSET + 4),
       `"V2.0" or "V4.0" at byte ${SIGNATURE_OFFSET} of the first or last ${HEADER_SIZE} bytes`,
@@ -341,7 +333,7 @@ async function readTable(source: Source, header: Header): Promise<Table> {
         pointer &= 0x0fffffffffffffffn;
         if (i < nBlocks) {
           if (flags >= COMPRESSORS.length) {
-            fail(
+            throw fail(
               `block_ptrs[${i}].flags`,
               flags,
               "a compressor from 0 to 4 (zlib, none, xz, lz4, lzo)",
@@ -357,7 +349,7 @@ async function readTable(source: Source, header: Header): Promise<Table> {
       if (i === 0) continue;
       const previous = offsets[i - 1];
       if (offset < previous) {
-        fail(
+        throw fail(
           `offsets[${i}]`,
           offset,
           `at least offsets[${i - 1}] (${previous}): offsets must not decrease`,
@@ -366,7 +358,7 @@ async function readTable(source: Source, header: Header): Promise<Table> {
         );
       }
       if (offset - previous > limit) {
-        fail(
+        throw fail(
           `offsets[${i}]`,
           offset,
           `within ${limit} bytes of offsets[${i - 1}] (${previous}): ` +
@@ -379,7 +371,7 @@ async function readTable(source: Source, header: Header): Promise<Table> {
     }
   }
   if (offsets[nBlocks] > dataEnd) {
-    fail(
+    throw fail(
       `offsets[${nBlocks}]`,
       offsets[nBlocks],
       `at most ${dataEnd} (the end of the block data)`,
@@ -455,7 +447,7 @@ function cloopImage(source: Source, header: Header, table: Table): Image {
     const kind = kinds[i];
     if (kind === NONE) {
       if (packed.length !== blockSize) {
-        fail(
+        throw fail(
           `block ${i} length`,
           packed.length,
           `${blockSize} (block_size) for an uncompressed block`,
@@ -645,12 +637,13 @@ interface WriteOptions {
 }
 
 function writeOptions(options: Record<string, string> = {}): WriteOptions {
-  const bad = (field: string, value: unknown, limit: string): never => {
-    throw new ImageFormatError({ format: FORMAT, field, value, limit });
-  };
   for (const key of Object.keys(options)) {
     if (!["block_size", "version", "compression", "header"].includes(key)) {
-      bad("option", key, "one of block_size, version, compression, header");
+      throw fail(
+        "option",
+        key,
+        "one of block_size, version, compression, header",
+      );
     }
   }
   const blockSize = Number(options.block_size ?? 65536);
@@ -658,24 +651,26 @@ function writeOptions(options: Record<string, string> = {}): WriteOptions {
     !Number.isSafeInteger(blockSize) || blockSize <= 0 || blockSize % 512 ||
     blockSize > MAX_BLOCK_SIZE
   ) {
-    bad(
+    throw fail(
       "block_size",
       options.block_size,
       "a non-zero multiple of 512, 64 MiB or less",
     );
   }
   const version = Number(options.version ?? 2);
-  if (version !== 2 && version !== 4) bad("version", options.version, "2 or 4");
+  if (version !== 2 && version !== 4) {
+    throw fail("version", options.version, "2 or 4");
+  }
   const compressor = (options.compression ?? "zlib") as Compressor;
   if (!COMPRESSORS.includes(compressor)) {
-    bad("compression", options.compression, COMPRESSORS.join(", "));
+    throw fail("compression", options.compression, COMPRESSORS.join(", "));
   }
   if (version === 2 && compressor !== "zlib") {
-    bad("compression", compressor, "zlib for version 2 (use version=4)");
+    throw fail("compression", compressor, "zlib for version 2 (use version=4)");
   }
   const placement = (options.header ?? "first") as "first" | "last";
   if (placement !== "first" && placement !== "last") {
-    bad("header", options.header, "first or last");
+    throw fail("header", options.header, "first or last");
   }
   return { blockSize, version: version as 2 | 4, compressor, placement };
 }
@@ -820,12 +815,11 @@ async function encode(
   const { blockSize, version } = settings;
   const nBlocks = Math.ceil(source.size / blockSize);
   if ((nBlocks + 1) * 8 > MAX_OFFSETS_SIZE) {
-    throw new ImageFormatError({
-      format: FORMAT,
-      field: "n_blocks",
-      value: nBlocks,
-      limit: `${MAX_OFFSETS_SIZE / 8 - 1} or less: use a larger block_size`,
-    });
+    throw fail(
+      "n_blocks",
+      nBlocks,
+      `${MAX_OFFSETS_SIZE / 8 - 1} or less: use a larger block_size`,
+    );
   }
   const tableSize = (nBlocks + 1) * 8;
   const starts: number[] = [];

@@ -34,7 +34,14 @@
  * @module
  */
 
-import { alignUp, cString, safeNumber, setBe32, setBe64 } from "./_binary.ts";
+import {
+  alignUp,
+  cString,
+  formatErrors,
+  safeNumber,
+  setBe32,
+  setBe64,
+} from "./_binary.ts";
 import {
   readBackSource,
   requireRandomAccess,
@@ -45,7 +52,6 @@ import {
 import {
   BackingFileError,
   check,
-  ImageFormatError,
   UnsupportedError,
 } from "../streams/errors.ts";
 import type {
@@ -86,9 +92,7 @@ interface Header {
   dataOffset: number;
 }
 
-function fail(field: string, value: unknown, limit: string, offset?: number) {
-  return new ImageFormatError({ format: FORMAT, field, value, limit, offset });
-}
+const fail = formatErrors(FORMAT);
 
 const isPowerOfTwo = (n: number) => n > 0 && (n & (n - 1)) === 0;
 

@@ -30,7 +30,7 @@
  * @module
  */
 
-import { be32, isZero, le32, Scratch } from "./_binary.ts";
+import { be32, formatErrors, isZero, le32, Scratch } from "./_binary.ts";
 import * as zlib from "./codecs/zlib.ts";
 import { crc32, crc32Combine, crc32Zeros } from "./codecs/crc32.ts";
 import {
@@ -161,22 +161,7 @@ function codecModule(name: string): Promise<Codec> {
   return found;
 }
 
-function fail(
-  field: string,
-  value: unknown,
-  limit: string,
-  offset?: number,
-  file?: string,
-): never {
-  throw new ImageFormatError({
-    format: FORMAT,
-    field,
-    value,
-    limit,
-    offset,
-    file,
-  });
-}
+const fail = formatErrors(FORMAT);
 
 /** One partition: a `blkx` entry and its parsed block table. */
 interface Partition {
@@ -203,7 +188,7 @@ async function readTables(source: Source): Promise<Tables> {
   const file = source.name;
   const size = source.size;
   if (size < KOLY_SIZE) {
-    fail(
+    throw fail(
       "file size",
       size,
       `at least ${KOLY_SIZE} bytes (the koly trailer)`,
@@ -232,7 +217,7 @@ async function readTables(source: Source): Promise<Tables> {
   if (koly.xmlLength > 0) {
     from = "xml";
     if (koly.xmlLength > MAX_TABLE_BYTES) {
-      fail(
+      throw fail(
         "koly.XMLLength",
         koly.xmlLength,
         `at most ${MAX_TABLE_BYTES}`,
@@ -245,13 +230,13 @@ async function readTables(source: Source): Promise<Tables> {
     try {
       text = new TextDecoder("utf-8", { fatal: true }).decode(bytes);
     } catch {
-      return fail("XML plist", "bytes", "UTF-8 text", koly.xmlOffset, file);
+      throw fail("XML plist", "bytes", "UTF-8 text", koly.xmlOffset, file);
     }
     const root = parsePlist(text, koly.xmlOffset, file);
     const rf = root instanceof Map ? root.get("resource-fork") : undefined;
     const blkx = rf instanceof Map ? rf.get("blkx") : undefined;
     if (!Array.isArray(blkx)) {
-      fail(
+      throw fail(
         "XML plist resource-fork.blkx",
         blkx === undefined ? "missing" : typeof blkx,
         "an array of partition dicts",
@@ -261,14 +246,14 @@ async function readTables(source: Source): Promise<Tables> {
     }
     blkx.forEach((entry, i) => {
       if (!(entry instanceof Map)) {
-        fail(`blkx[${i}]`, typeof entry, "a dict", koly.xmlOffset, file);
+        throw fail(`blkx[${i}]`, typeof entry, "a dict", koly.xmlOffset, file);
       }
       const name = asString(entry.get("CFName")) ||
         asString(entry.get("Name")) || "";
       const where = `blkx[${i}] ${JSON.stringify(name)}`;
       const data = entry.get("Data");
       if (!(data instanceof Uint8Array)) {
-        fail(
+        throw fail(
           `${where} Data`,
           data === undefined ? "missing" : typeof data,
           "base64 <data>",
@@ -287,7 +272,7 @@ async function readTables(source: Source): Promise<Tables> {
   } else if (koly.rsrcForkLength > 0) {
     from = "resource fork";
     if (koly.rsrcForkLength > MAX_TABLE_BYTES) {
-      fail(
+      throw fail(
         "koly.RsrcForkLength",
         koly.rsrcForkLength,
         `at most ${MAX_TABLE_BYTES}`,
@@ -307,7 +292,7 @@ async function readTables(source: Source): Promise<Tables> {
       });
     });
   } else {
-    return fail(
+    throw fail(
       "koly.XMLLength",
       0,
       "non-zero, or a resource fork (koly.RsrcForkLength) holding the block tables",
@@ -353,7 +338,7 @@ function buildIndex(tables: Tables, diskSectors: number, file?: string): Index {
       const at = koly.dataForkOffset + c.offset;
       const field = `${p.where} chunk ${c.entry}`;
       if (c.sector + c.sectors > diskSectors) {
-        fail(
+        throw fail(
           `${field} SectorNumber + SectorCount`,
           c.sector + c.sectors,
           `at most koly.SectorCount ${diskSectors} (the chunk runs past the disk)`,
@@ -362,7 +347,7 @@ function buildIndex(tables: Tables, diskSectors: number, file?: string): Index {
         );
       }
       if (isData(c.type) && (at > fileEnd || c.length > fileEnd - at)) {
-        fail(
+        throw fail(
           `${field} CompressedOffset + CompressedLength`,
           at + c.length,
           `at most ${fileEnd} (the chunk runs past the data before the trailer)`,
@@ -451,7 +436,7 @@ function buildIndex(tables: Tables, diskSectors: number, file?: string): Index {
     if (index.sector[i] < end) {
       const here = partitions[index.partition[i]].where;
       const before = partitions[index.partition[i - 1]].where;
-      fail(
+      throw fail(
         `${here} chunk ${index.entry[i]} SectorNumber`,
         index.sector[i],
         `at least ${end}: it overlaps ${before} chunk ${index.entry[i - 1]}`,
@@ -1142,25 +1127,30 @@ const COMPRESSIONS: Record<string, number> = {
 };
 
 function writeOptions(options: Record<string, string> = {}): WriteOptions {
-  const bad = (field: string, value: unknown, limit: string): never => {
-    throw new ImageFormatError({ format: FORMAT, field, value, limit });
-  };
   for (const key of Object.keys(options)) {
     if (!["compression", "chunk_sectors", "partitions"].includes(key)) {
-      bad("option", key, "one of compression, chunk_sectors, partitions");
+      throw fail(
+        "option",
+        key,
+        "one of compression, chunk_sectors, partitions",
+      );
     }
   }
   const name = options.compression ?? "zlib";
   const type = COMPRESSIONS[name];
   if (type === undefined) {
-    bad("compression", name, "one of raw, zlib, bzip2, lzfse, lzma, adc");
+    throw fail(
+      "compression",
+      name,
+      "one of raw, zlib, bzip2, lzfse, lzma, adc",
+    );
   }
   const chunkSectors = Number(options.chunk_sectors ?? 2048);
   if (
     !Number.isSafeInteger(chunkSectors) || chunkSectors < 1 ||
     chunkSectors * SECTOR > (64 << 20)
   ) {
-    bad(
+    throw fail(
       "chunk_sectors",
       options.chunk_sectors,
       "a whole number from 1 to 131072 (64 MiB)",
@@ -1168,7 +1158,7 @@ function writeOptions(options: Record<string, string> = {}): WriteOptions {
   }
   const partitions = options.partitions ?? "mbr";
   if (partitions !== "mbr" && partitions !== "whole") {
-    bad("partitions", partitions, "mbr (the default) or whole");
+    throw fail("partitions", partitions, "mbr (the default) or whole");
   }
   return {
     type,

@@ -36,6 +36,7 @@
 import {
   alignUp,
   concat,
+  formatErrors,
   isZero,
   safeNumber,
   setBe32,
@@ -57,7 +58,6 @@ import {
   BackingFileError,
   check,
   CodecError,
-  ImageFormatError,
   KeyError,
   UnsupportedError,
 } from "../streams/errors.ts";
@@ -114,9 +114,7 @@ interface Header {
   l1Size: number;
 }
 
-function fail(field: string, value: unknown, limit: string, offset?: number) {
-  return new ImageFormatError({ format: FORMAT, field, value, limit, offset });
-}
+const fail = formatErrors(FORMAT);
 
 /** Parses and validates the header against a file of `fileSize` bytes. */
 function parseHeader(b: Uint8Array, fileSize: number): Header {

@@ -42,7 +42,14 @@
  * @module
  */
 
-import { isZero, le32, le64, setLe32, setLe64 } from "./_binary.ts";
+import {
+  formatErrors,
+  isZero,
+  le32,
+  le64,
+  setLe32,
+  setLe64,
+} from "./_binary.ts";
 import { writeSink } from "./_image.ts";
 import {
   CodecError,
@@ -125,22 +132,7 @@ interface SparseHeader {
   fromFooter: boolean;
 }
 
-function fail(
-  field: string,
-  value: unknown,
-  limit: string,
-  offset: number,
-  file?: string,
-): never {
-  throw new ImageFormatError({
-    format: FORMAT,
-    field,
-    value,
-    limit,
-    offset,
-    file,
-  });
-}
+const fail = formatErrors(FORMAT);
 
 /**
  * Validates the header at `base` in `bytes` (512 bytes) against a file of
@@ -154,7 +146,7 @@ function parseHeader(
   fromFooter: boolean,
 ): SparseHeader {
   const magic = String.fromCharCode(...bytes.subarray(0, 4));
-  if (magic !== MAGIC) fail("magicNumber", magic, `"${MAGIC}"`, at, file);
+  if (magic !== MAGIC) throw fail("magicNumber", magic, `"${MAGIC}"`, at, file);
   const version = le32(bytes, 4);
   if (version < 1 || version > 3) {
     throw new UnsupportedError(
@@ -184,7 +176,7 @@ function parseHeader(
   }
   const grainSize = le64(bytes, 20);
   if (grainSize < 1n || grainSize > BigInt(MAX_GRAIN_SECTORS)) {
-    fail(
+    throw fail(
       "grainSize",
       grainSize,
       `between 1 and ${MAX_GRAIN_SECTORS} sectors (1 GiB)`,
@@ -195,7 +187,7 @@ function parseHeader(
   if (
     compressAlgorithm === 1 && grainSize > BigInt(MAX_COMPRESSED_GRAIN_SECTORS)
   ) {
-    fail(
+    throw fail(
       "grainSize",
       grainSize,
       `at most ${MAX_COMPRESSED_GRAIN_SECTORS} sectors (1 MiB) for compressed grains`,
@@ -205,7 +197,7 @@ function parseHeader(
   }
   const numGTEsPerGT = le32(bytes, 44);
   if (numGTEsPerGT < 1 || numGTEsPerGT > MAX_GTES_PER_GT) {
-    fail(
+    throw fail(
       "numGTEsPerGT",
       numGTEsPerGT,
       `between 1 and ${MAX_GTES_PER_GT} (L2 table size)`,
@@ -217,7 +209,7 @@ function parseHeader(
   const gdEntriesBig = (capacity + BigInt(numGTEsPerGT) * grainSize - 1n) /
     (BigInt(numGTEsPerGT) * grainSize);
   if (gdEntriesBig > BigInt(MAX_GD_ENTRIES)) {
-    fail(
+    throw fail(
       "grain directory size (L1 size)",
       gdEntriesBig,
       `at most ${MAX_GD_ENTRIES} entries: L1 size too big (capacity ${capacity} sectors)`,
@@ -226,21 +218,27 @@ function parseHeader(
     );
   }
   if (capacity * 512n > BigInt(Number.MAX_SAFE_INTEGER)) {
-    fail("capacity", capacity, "at most 2^53-1 bytes", at + 12, file);
+    throw fail("capacity", capacity, "at most 2^53-1 bytes", at + 12, file);
   }
   const fileSectors = Math.ceil(fileSize / SECTOR);
   const sectorField = (o: number, name: string, allowAtEnd = false) => {
     const v = le64(bytes, o);
     if (allowAtEnd && v === GD_AT_END) return -1;
     if (v > BigInt(fileSectors)) {
-      fail(name, v, `within the file's ${fileSectors} sectors`, at + o, file);
+      throw fail(
+        name,
+        v,
+        `within the file's ${fileSectors} sectors`,
+        at + o,
+        file,
+      );
     }
     return Number(v);
   };
   const descriptorOffset = sectorField(28, "descriptorOffset");
   const descriptorSize = le64(bytes, 36);
   if (descriptorSize > BigInt(MAX_DESCRIPTOR_BYTES / SECTOR)) {
-    fail(
+    throw fail(
       "descriptorSize",
       descriptorSize,
       `at most ${
@@ -254,7 +252,7 @@ function parseHeader(
   const gdOffset = sectorField(56, "gdOffset", !fromFooter);
   const overHead = le64(bytes, 64);
   if (overHead > BigInt(fileSectors)) {
-    fail(
+    throw fail(
       "overHead",
       overHead,
       `within the file's ${fileSectors} sectors (the file is truncated)`,
@@ -283,7 +281,7 @@ function parseHeader(
 async function readFooter(source: Source): Promise<SparseHeader> {
   const at = source.size - 3 * SECTOR;
   if (at < SECTOR) {
-    fail(
+    throw fail(
       "footer",
       source.size,
       "present (gdOffset is GD_AT_END but the file is too short for a footer)",
@@ -296,7 +294,7 @@ async function readFooter(source: Source): Promise<SparseHeader> {
   const eosOk = le64(b, 1024) === 0n && le32(b, 1032) === 0 &&
     le32(b, 1036) === MARKER_EOS;
   if (!markerOk || !eosOk) {
-    fail(
+    throw fail(
       "footer",
       "missing",
       "a footer marker, a header copy and an end-of-stream marker in the last three sectors",
@@ -343,7 +341,7 @@ function parseDescriptor(text: string, file?: string): Descriptor {
         .exec(line);
     if (ext) {
       if (extents.length >= MAX_EXTENTS) {
-        fail(
+        throw fail(
           "extent count",
           extents.length + 1,
           `at most ${MAX_EXTENTS}`,
@@ -354,13 +352,13 @@ function parseDescriptor(text: string, file?: string): Descriptor {
       const sectors = Number(ext[2]);
       const offset = Number(ext[5] ?? 0);
       if (!Number.isSafeInteger(sectors * SECTOR) || sectors <= 0) {
-        fail("extent sectors", ext[2], "between 1 and 2^53/512", 0, file);
+        throw fail("extent sectors", ext[2], "between 1 and 2^53/512", 0, file);
       }
       if (!Number.isSafeInteger(offset * SECTOR)) {
-        fail("extent offset", ext[5], "at most 2^53/512", 0, file);
+        throw fail("extent offset", ext[5], "at most 2^53/512", 0, file);
       }
       if (ext[3] !== "ZERO" && ext[4] === undefined) {
-        fail("extent line", line, "a quoted file name", 0, file);
+        throw fail("extent line", line, "a quoted file name", 0, file);
       }
       extents.push({
         access: ext[1],
@@ -392,7 +390,7 @@ function checkExtentName(name: string, file?: string) {
     /^[A-Za-z]:/.test(name) || name.split(/[/\\]/).includes("..") ||
     name.includes("\0")
   ) {
-    fail(
+    throw fail(
       "extent file name",
       name,
       "a relative name inside the descriptor's folder (no absolute paths, no ..)",
@@ -444,7 +442,7 @@ function readChecked(
   fileSize = source.size,
 ): Promise<Uint8Array> {
   if (offset + length > fileSize) {
-    fail(
+    throw fail(
       what,
       offset,
       `within the file's ${fileSize} bytes (${length} bytes wanted)`,
@@ -562,7 +560,7 @@ class SparsePart implements Part {
         } else if (gte !== 0) {
           piece.kind = "data";
           if (gte * SECTOR >= this.fileSize) {
-            fail(
+            throw fail(
               `grain table entry ${grain % perTable} of grain table ${gdIndex}`,
               gte,
               `a sector within the file's ${this.fileSize} bytes`,
@@ -694,7 +692,7 @@ class SparsePart implements Part {
       );
       const size = le32(head, 8);
       if (size === 0 || size > limit - 12) {
-        fail(
+        throw fail(
           "grain marker size",
           size,
           `between 1 and ${limit - 12} (twice the grain size, less the marker)`,
@@ -795,7 +793,7 @@ async function readDirectory(
 ): Promise<Uint32Array> {
   const at = sector * SECTOR;
   if (sector === 0 || at + entries * 4 > source.size) {
-    fail(
+    throw fail(
       field,
       sector,
       `a sector where ${entries} grain directory entries fit within the file's ${source.size} bytes`,
@@ -815,7 +813,7 @@ async function openSparse(
   sink?: Sink,
 ): Promise<{ part: SparsePart; header: SparseHeader }> {
   if (source.size < SECTOR) {
-    fail(
+    throw fail(
       "file size",
       source.size,
       "at least one 512-byte header",
@@ -1104,7 +1102,7 @@ async function openDescriptorFile(
   options: OpenOptions,
 ): Promise<Image> {
   if (source.size > MAX_DESCRIPTOR_BYTES) {
-    fail(
+    throw fail(
       "descriptor size",
       source.size,
       `at most ${MAX_DESCRIPTOR_BYTES} bytes: descriptor too big`,
@@ -1122,7 +1120,7 @@ async function openDescriptorFile(
   const descriptor = parseDescriptor(text, source.name);
   const facts = descriptorFacts(descriptor);
   if (descriptor.extents.length === 0) {
-    fail("extents", 0, "at least one extent line", 0, source.name);
+    throw fail("extents", 0, "at least one extent line", 0, source.name);
   }
   const opened: Source[] = [];
   const closeAll = async () => {
@@ -1136,7 +1134,7 @@ async function openDescriptorFile(
     for (const line of descriptor.extents) {
       const length = line.sectors * SECTOR;
       if (!Number.isSafeInteger(start + length)) {
-        fail(
+        throw fail(
           "extent sectors",
           line.sectors,
           "a total under 2^53 bytes",
@@ -1164,7 +1162,7 @@ async function openDescriptorFile(
         if (line.type === "SPARSE") {
           const { part: sparse, header } = await openSparse(file);
           if (sparse.length < length) {
-            fail(
+            throw fail(
               `capacity of extent "${line.file}"`,
               header.capacity,
               `at least the ${line.sectors} sectors the descriptor gives it`,
@@ -1177,7 +1175,7 @@ async function openDescriptorFile(
         } else {
           const end = line.offset * SECTOR + length;
           if (end > file.size) {
-            fail(
+            throw fail(
               `flat extent "${line.file}" size`,
               file.size,
               `at least ${end} bytes (offset ${line.offset} + ${line.sectors} sectors)`,
@@ -1345,10 +1343,10 @@ function headerBytes(h: {
 
 function checkSize(size: number) {
   if (!Number.isSafeInteger(size) || size < 0 || size % SECTOR !== 0) {
-    fail("size", size, "a whole number of 512-byte sectors", 0);
+    throw fail("size", size, "a whole number of 512-byte sectors", 0);
   }
   // Grain directory entries are 32-bit sector offsets: 2 TiB is the format's limit.
-  if (size > 2 ** 41) fail("size", size, "at most 2 TiB", 0);
+  if (size > 2 ** 41) throw fail("size", size, "at most 2 TiB", 0);
 }
 
 function subformatOf(options?: Record<string, string>, compress?: boolean) {
@@ -1628,7 +1626,7 @@ export const vmdk: Driver = {
   probe: probeVmdk,
   async open(source: Source, options: OpenOptions): Promise<Image> {
     if (source.size < 4) {
-      fail("file size", source.size, "at least 4 bytes", 0, source.name);
+      throw fail("file size", source.size, "at least 4 bytes", 0, source.name);
     }
     const head = await source.read(0, 4);
     if (String.fromCharCode(...head) === MAGIC) {

@@ -62,6 +62,7 @@ import {
   be16,
   be32,
   be64,
+  formatErrors,
   safeNumber,
   setBe16,
   setBe32,
@@ -72,7 +73,6 @@ import {
   BackingFileError,
   check,
   ChecksumError,
-  ImageFormatError,
   UnsupportedError,
 } from "../streams/errors.ts";
 import type {
@@ -185,9 +185,7 @@ function vhdChecksum(bytes: Uint8Array, skip: number): number {
   return (~sum) >>> 0;
 }
 
-function fail(field: string, value: unknown, limit: string, offset?: number) {
-  return new ImageFormatError({ format: FORMAT, field, value, limit, offset });
-}
+const fail = formatErrors(FORMAT);
 
 /** Parses and validates a 512-byte footer found at `at` in the file. */
 function parseFooter(b: Uint8Array, at: number, file?: string): Footer {
