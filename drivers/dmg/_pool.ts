@@ -105,12 +105,9 @@ export class CodecPool {
     input: Uint8Array,
     size = 0,
   ): Promise<Uint8Array | null> {
-    if (this.#broken || !this.#start()) return Promise.resolve(null);
-    clearTimeout(this.#idle);
-    this.#idle = undefined;
-    const slot = this.#workers.reduce((a, b) => (b.jobs < a.jobs ? b : a));
-    slot.jobs++;
-    const id = this.#next++;
+    const claimed = this.#claim();
+    if (!claimed) return Promise.resolve(null);
+    const { slot, id } = claimed;
     const copy = input.slice();
     return new Promise((resolve, reject) => {
       this.#pending.set(id, { resolve, reject, codec });
@@ -132,12 +129,9 @@ export class CodecPool {
     input: Uint8Array,
     jobs: number[],
   ): Promise<{ pieces: Uint8Array[]; crcs: Uint32Array } | null> {
-    if (this.#broken || !this.#start()) return Promise.resolve(null);
-    clearTimeout(this.#idle);
-    this.#idle = undefined;
-    const slot = this.#workers.reduce((a, b) => (b.jobs < a.jobs ? b : a));
-    slot.jobs++;
-    const id = this.#next++;
+    const claimed = this.#claim();
+    if (!claimed) return Promise.resolve(null);
+    const { slot, id } = claimed;
     const copy = input.byteOffset === 0 &&
         input.byteLength === input.buffer.byteLength &&
         input.buffer instanceof ArrayBuffer
@@ -168,12 +162,9 @@ export class CodecPool {
     jobs: number[],
     out: Uint8Array,
   ): Promise<Uint32Array | null> {
-    if (this.#broken || !this.#start()) return Promise.resolve(null);
-    clearTimeout(this.#idle);
-    this.#idle = undefined;
-    const slot = this.#workers.reduce((a, b) => (b.jobs < a.jobs ? b : a));
-    slot.jobs++;
-    const id = this.#next++;
+    const claimed = this.#claim();
+    if (!claimed) return Promise.resolve(null);
+    const { slot, id } = claimed;
     const copy = input.slice();
     return new Promise((resolve) => {
       this.#pending.set(id, {
@@ -194,6 +185,19 @@ export class CodecPool {
         resolve(null);
       }
     });
+  }
+
+  /**
+   * The least busy worker (started if need be) with one more job counted,
+   * and an id for the job; undefined where workers cannot run.
+   */
+  #claim(): { slot: { worker: Worker; jobs: number }; id: number } | undefined {
+    if (this.#broken || !this.#start()) return undefined;
+    clearTimeout(this.#idle);
+    this.#idle = undefined;
+    const slot = this.#workers.reduce((a, b) => (b.jobs < a.jobs ? b : a));
+    slot.jobs++;
+    return { slot, id: this.#next++ };
   }
 
   #scheduleIdle() {
