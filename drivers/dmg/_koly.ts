@@ -37,8 +37,16 @@
  * @module
  */
 
-import { be32, be64, safeNumber, setBe32, setBe64 } from "../_binary.ts";
-import { ImageFormatError } from "../../streams/errors.ts";
+import {
+  be32,
+  be64,
+  formatErrors,
+  safeNumber,
+  setBe32,
+  setBe64,
+} from "../_binary.ts";
+
+const dmgError = formatErrors("dmg");
 
 /** Bytes of the trailer. */
 export const KOLY_SIZE = 512;
@@ -89,24 +97,22 @@ function readChecksum(
   const type = be32(b, at);
   const bits = be32(b, at + 4);
   if (bits > 1024 || bits % 8) {
-    throw new ImageFormatError({
-      format: "dmg",
-      field: `${field}.size`,
-      value: bits,
-      limit: "a whole number of bytes, 1024 bits or fewer",
-      offset: base + at + 4,
+    throw dmgError(
+      `${field}.size`,
+      bits,
+      "a whole number of bytes, 1024 bits or fewer",
+      base + at + 4,
       file,
-    });
+    );
   }
   if (type === CHECKSUM_CRC32 && bits !== 32) {
-    throw new ImageFormatError({
-      format: "dmg",
-      field: `${field}.size`,
-      value: bits,
-      limit: "32 for a CRC-32 (type 2)",
-      offset: base + at + 4,
+    throw dmgError(
+      `${field}.size`,
+      bits,
+      "32 for a CRC-32 (type 2)",
+      base + at + 4,
       file,
-    });
+    );
   }
   return { type, bits, data: b.slice(at + 8, at + 8 + bits / 8) };
 }
@@ -123,14 +129,7 @@ export function parseKoly(
   file?: string,
 ): Koly {
   const fail = (field: string, value: unknown, limit: string, at: number) => {
-    throw new ImageFormatError({
-      format: "dmg",
-      field,
-      value,
-      limit,
-      offset: offset + at,
-      file,
-    });
+    throw dmgError(field, value, limit, offset + at, file);
   };
   const magic = be32(b, 0);
   if (magic !== KOLY_MAGIC) {

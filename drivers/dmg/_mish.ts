@@ -35,9 +35,10 @@
  * @module
  */
 
-import { be32, be64, setBe32, setBe64 } from "../_binary.ts";
-import { ImageFormatError } from "../../streams/errors.ts";
+import { be32, be64, formatErrors, setBe32, setBe64 } from "../_binary.ts";
 import { type Checksum, CHECKSUM_CRC32 } from "./_koly.ts";
+
+const dmgError = formatErrors("dmg");
 
 /** `mish` as a big-endian number. */
 const MISH_MAGIC = 0x6d697368;
@@ -117,13 +118,7 @@ export function parseMish(
   file?: string,
 ): Mish {
   const fail = (field: string, value: unknown, limit: string): never => {
-    throw new ImageFormatError({
-      format: "dmg",
-      field: `${where} ${field}`,
-      value,
-      limit,
-      file,
-    });
+    throw dmgError(`${where} ${field}`, value, limit, undefined, file);
   };
   if (b.length < MISH_HEADER_SIZE) {
     fail(
