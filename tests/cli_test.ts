@@ -183,7 +183,7 @@ Deno.test("flags take the spellings of node:util parseArgs", async () => {
     assertEquals(a.code, 0, a.stderr);
     assertMatch(a.stderr, /100\.0%/);
     assertEquals(await sha256File(`${dir}/a.raw`), sum);
-    // A string flag takes the next argument whatever it looks like.
+    // Values as separate arguments: `-f raw`, `--output-format raw`.
     const b = await cli([
       "convert",
       "-f",
