@@ -533,7 +533,7 @@ Deno.test(
     bytes[512 * 5 + 3] ^= 0x40; // inside the first FAT partition's raw chunk
     const e = await failure(bytes);
     assertTrue(e instanceof ChecksumError, e.message);
-    assertMatch(e.message, /Windows_FAT_16 : 2|koly\.DataChecksum/);
+    assertMatch(e.message, /blkx\[2\] " \(Windows_FAT_16 : 2\)" checksum/);
   },
 );
 
@@ -545,7 +545,7 @@ Deno.test("a poked byte in our raw image names the partition; verify=off reads i
   assertTrue(e instanceof ChecksumError, e.message);
   assertMatch(
     e.message,
-    /blkx\[0\] "whole disk \(unknown partition : 0\)" checksum|koly\.DataChecksum/,
+    /blkx\[0\] "whole disk \(unknown partition : 0\)" checksum/,
   );
   const image = await open(fromBytes(bytes), { options: { verify: "off" } });
   const back = await readAll(image);
