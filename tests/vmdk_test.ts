@@ -505,6 +505,25 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name:
+    "a flat extent shorter than its descriptor line is refused, not zero-padded",
+  fn: async () => {
+    // 16 sectors declared from sector 2, 8 KiB + 1 KiB present: one sector short.
+    const files: Record<string, Source> = {
+      "a.vmdk": fromBytes(new Uint8Array(17 * 512).fill(1)),
+    };
+    await rejects(
+      () =>
+        open(fromBytes(descriptor('RW 16 FLAT "a.vmdk" 2', "monolithicFlat")), {
+          resolveFile: (name) => Promise.resolve(files[name]),
+        }),
+      ImageFormatError,
+      /flat extent "a\.vmdk" size 8704 must be at least 9216 bytes/,
+    );
+  },
+});
+
 // ---------------------------------------------------------------------------
 // Malformed input (qemu-iotests 059 and beyond)
 

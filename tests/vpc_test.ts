@@ -559,3 +559,17 @@ Deno.test({
       await assertQemuIdentical(`${dir}/model.raw`, path, "vpc");
     }),
 });
+
+Deno.test("a differencing VHD names its parent by its locators before the parent's bare name", async () => {
+  // The unicode name holds "base.vhd", the locators "parents/base.vhd":
+  // the locators say where the file is.
+  const sink = memorySink();
+  const top = await vpc.create!(sink, {
+    size: 1 << 20,
+    backingFile: "parents/base.vhd",
+  });
+  await top.flush!();
+  const image = await open(sink.source());
+  assertEquals(image.details?.parentName, "base.vhd");
+  assertEquals(image.backingFile, "parents/base.vhd");
+});
