@@ -1,7 +1,7 @@
 // Shared helpers for the tests: hashing, reference tools, reference images.
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import type { Extent, Image } from "../mod.ts";
+import { type Extent, fromBytes, type Image, type Source } from "../mod.ts";
 
 /** SHA-256 hex of bytes. */
 export function sha256Hex(bytes: Uint8Array): string {
@@ -111,6 +111,9 @@ export async function referenceFile(
   return out;
 }
 
+/** Set by CI: a missing tool or reference folder fails the run instead of ignoring tests. */
+const REQUIRE_TOOLS = Deno.env.get("VDISK_REQUIRE_TOOLS") === "1";
+
 /** Why a test is skipped, printed once per reason. */
 const said = new Set<string>();
 /**
@@ -121,6 +124,13 @@ export function skip(tools: string[], needShared = false): boolean {
   const missing = tools.filter((t) => !have(t));
   if (needShared && !REFERENCE) missing.push("../shared/reference-images");
   if (missing.length === 0) return false;
+  if (REQUIRE_TOOLS) {
+    // CI sets VDISK_REQUIRE_TOOLS=1 after installing the tools: a test
+    // that would be ignored there means an install step went missing.
+    throw new Error(
+      `VDISK_REQUIRE_TOOLS is set, but ${missing.join(", ")} is missing`,
+    );
+  }
   const why = `skipping: ${missing.join(", ")} not available`;
   if (!said.has(why)) {
     said.add(why);
@@ -275,4 +285,44 @@ export async function runs(image: Image): Promise<Extent[]> {
   const out: Extent[] = [];
   for await (const e of image.extents(0, image.size)) out.push(e);
   return out;
+}
+
+/**
+ * A source over `bytes` that counts the work done on it: how many reads
+ * and how many bytes. Tests of malformed images bound these counts instead
+ * of the wall time (which this machine makes noisy): a refusal that loops
+ * or reads the image over and over shows as a count, on any machine.
+ */
+export function countingSource(
+  bytes: Uint8Array,
+): { source: Source; reads: () => number; bytesRead: () => number } {
+  const inner = fromBytes(bytes);
+  let reads = 0;
+  let total = 0;
+  const source: Source = {
+    size: inner.size,
+    read(offset, length) {
+      reads++;
+      total += length;
+      return inner.read(offset, length);
+    },
+  };
+  return { source, reads: () => reads, bytesRead: () => total };
+}
+
+/**
+ * Asserts that work on an image of `size` bytes stayed small: at most
+ * `maxReads` reads and at most `factor` times the image's bytes read.
+ */
+export function assertBoundedWork(
+  counted: { reads: () => number; bytesRead: () => number },
+  size: number,
+  maxReads = 1000,
+  factor = 4,
+) {
+  if (counted.reads() > maxReads || counted.bytesRead() > factor * size) {
+    throw new Error(
+      `too much work: ${counted.reads()} reads, ${counted.bytesRead()} bytes of a ${size}-byte image`,
+    );
+  }
 }

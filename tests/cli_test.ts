@@ -123,7 +123,10 @@ Deno.test("create makes a sparse raw image of the given size", async () => {
   await withTemp(async (dir) => {
     const r = await cli(["create", "-f", "raw", `${dir}/new.raw`, "3M"]);
     assertEquals(r.code, 0, r.stderr);
-    assertEquals((await Deno.stat(`${dir}/new.raw`)).size, 3 * 1024 * 1024);
+    const stat = await Deno.stat(`${dir}/new.raw`);
+    assertEquals(stat.size, 3 * 1024 * 1024);
+    // A hole, not 3 MiB of written zeros.
+    assertEquals(stat.blocks, 0);
   });
 });
 
@@ -194,16 +197,47 @@ Deno.test("flags take the spellings of node:util parseArgs", async () => {
       `${dir}/b.raw`,
     ]);
     assertEquals(b.code, 0, b.stderr);
-    // A repeatable flag gathers every value.
-    const c = await cli([
-      "info",
-      "--allow-backing-dir",
-      dir,
-      "--allow-backing-dir",
-      dir,
-      input,
+    assertEquals(await sha256File(`${dir}/b.raw`), sum);
+    // A repeatable flag gathers every value: the backing file lies in the
+    // second of two allowed folders, then in the first.
+    await Deno.mkdir(`${dir}/one`);
+    await Deno.mkdir(`${dir}/two`);
+    await Deno.mkdir(`${dir}/img`);
+    await Deno.writeFile(`${dir}/two/base.raw`, new Uint8Array(1 << 20));
+    const made = await cli([
+      "create",
+      "-f",
+      "qcow",
+      "-b",
+      `${dir}/two/base.raw`,
+      `${dir}/img/top.qcow`,
+      "1M",
     ]);
-    assertEquals(c.code, 0, c.stderr);
+    assertEquals(made.code, 0, made.stderr);
+    for (const order of [["one", "two"], ["two", "one"]]) {
+      const c = await cli([
+        "convert",
+        "-O",
+        "raw",
+        "--allow-backing-dir",
+        `${dir}/${order[0]}`,
+        "--allow-backing-dir",
+        `${dir}/${order[1]}`,
+        `${dir}/img/top.qcow`,
+        `${dir}/c-${order[0]}.raw`,
+      ]);
+      assertEquals(c.code, 0, `${order}: ${c.stderr}`);
+    }
+    const refused = await cli([
+      "convert",
+      "-O",
+      "raw",
+      "--allow-backing-dir",
+      `${dir}/one`,
+      `${dir}/img/top.qcow`,
+      `${dir}/c-refused.raw`,
+    ]);
+    assertEquals(refused.code, 1, "the backing file's folder was not allowed");
     for (
       const [args, message] of [
         [

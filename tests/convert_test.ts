@@ -9,6 +9,7 @@ import {
   type Source,
 } from "../mod.ts";
 import { pseudoRandom, sha256Hex } from "./_helpers.ts";
+import { isZeroRange, wordsOf } from "../drivers/_binary.ts";
 
 /** A disk of data, holes and an unaligned tail. */
 function sampleDisk(): Uint8Array {
@@ -314,4 +315,35 @@ Deno.test("convert keeps reads in flight only for sources that keep it waiting",
   assertEquals(sha256Hex(sink.bytes()), sha256Hex(disk));
   assertTrue(slow.stats().most >= 3, JSON.stringify(slow.stats()));
   assertTrue(slow.stats().buffers <= 5, JSON.stringify(slow.stats()));
+});
+
+Deno.test("the zero check finds a lone non-zero byte at every position of a granule", () => {
+  // Every byte of 4 KiB and the word groups around it, at aligned and
+  // unaligned starts: a check that skipped any word of its unrolled loop
+  // (and so let convert drop data as a hole) fails here.
+  const buffer = new Uint8Array(4096 + 128);
+  for (const start of [0, 1, 4, 64]) {
+    const words = wordsOf(buffer.subarray(start));
+    const view = buffer.subarray(start);
+    for (let at = 0; at < 4096; at++) {
+      view[at] = 0x80;
+      assertTrue(
+        !isZeroRange(view, words, 0, 4096),
+        `byte ${at} of a granule at ${start}`,
+      );
+      view[at] = 0;
+    }
+    assertTrue(isZeroRange(view, words, 0, 4096));
+  }
+});
+
+Deno.test("convert writes a granule whose only non-zero byte is anywhere in it", async () => {
+  const size = 2 * 4096;
+  for (let place = 4096; place < size; place++) {
+    const disk = new Uint8Array(size);
+    disk[place] = 1;
+    const sink = recordingSink();
+    await convert(fromBytes(disk), sink);
+    assertEquals(sink.writes, [[4096, 4096]], `byte ${place}`);
+  }
 });

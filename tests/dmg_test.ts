@@ -17,9 +17,11 @@ import { be32, setBe32, setBe64 } from "../drivers/_binary.ts";
 import { decodeBase64, encodeBase64 } from "../drivers/dmg/_plist.ts";
 import { resourceForkBytes } from "../drivers/dmg/_rsrc.ts";
 import {
+  assertBoundedWork,
   cli,
-  have,
+  countingSource,
   pseudoRandom,
+  REFERENCE,
   referenceBytes,
   referenceImages,
   rejects,
@@ -169,8 +171,9 @@ for (const ref of referenceImages().filter((r) => r.format === "dmg")) {
     assertEquals(sha256Hex(await readAll(image)), ref.raw_sha256);
   });
 
-  Deno.test(`reference ${ref.path} converts to what 7zz extracts`, async () => {
-    if (skip(["7zz"], true)) return;
+  Deno.test(`reference ${ref.path} converts to what 7zz extracts`, {
+    ignore: skip(["7zz"], true),
+  }, async () => {
     await withTemp(async (dir) => {
       const bytes = (await referenceBytes(ref.path))!;
       const sink = memorySink();
@@ -183,40 +186,57 @@ for (const ref of referenceImages().filter((r) => r.format === "dmg")) {
   });
 }
 
-Deno.test("qemu's simple-dmg lists its GPT partitions, codecs and checksums in info", async () => {
-  if (skip([], true)) return;
-  const bytes = (await referenceBytes("qemu-iotests/simple-dmg.dmg.bz2"))!;
-  const image = await open(fromBytes(bytes));
-  const details = image.details as {
-    partitions: { name: string; first_sector: number; sector_count: number }[];
-    codecs: Record<string, number>;
-    checksums: Record<string, string>;
-  };
-  assertEquals(details.partitions.length, 8);
-  assertMatch(details.partitions[0].name, /^Protective Master Boot Record/);
-  assertMatch(details.partitions[1].name, /^GPT Header/);
-  assertMatch(details.partitions[4].name, /Apple_HFS/);
-  assertEquals(details.partitions[4].first_sector, 40);
-  assertEquals(details.partitions[4].sector_count, 3440);
-  assertEquals(details.codecs, { zlib: 8, ignore: 4, zero: 2 });
-  assertEquals(details.checksums.data_fork, "none");
-  assertEquals(details.checksums.master, "CRC32 c1507aaa");
-  assertMatch(details.checksums.verified, /8 of 8 partitions/);
-});
+if (!REFERENCE) {
+  // Says in the summary that the manifest's dmgs were not read.
+  Deno.test("reference dmgs decode to their sha256 and to what 7zz extracts", {
+    ignore: skip([], true),
+  }, () => {});
+}
 
-Deno.test("a reference image whose chunks are ignore runs maps them as zero extents", async () => {
-  if (skip([], true)) return;
-  const image = await open(
-    fromBytes((await referenceBytes("udif/compression-zlib.dmg"))!),
-  );
-  const runs = [];
-  for await (const e of image.extents(0, image.size)) runs.push(e);
-  assertEquals(runs[0], { offset: 0, length: 512, kind: "data" });
-  assertEquals(runs.at(-1)!.kind, "zero");
-  let total = 0;
-  for (const r of runs) total += r.length;
-  assertEquals(total, image.size);
-});
+Deno.test(
+  "qemu's simple-dmg lists its GPT partitions, codecs and checksums in info",
+  { ignore: skip([], true) },
+  async () => {
+    const bytes = (await referenceBytes("qemu-iotests/simple-dmg.dmg.bz2"))!;
+    const image = await open(fromBytes(bytes));
+    const details = image.details as {
+      partitions: {
+        name: string;
+        first_sector: number;
+        sector_count: number;
+      }[];
+      codecs: Record<string, number>;
+      checksums: Record<string, string>;
+    };
+    assertEquals(details.partitions.length, 8);
+    assertMatch(details.partitions[0].name, /^Protective Master Boot Record/);
+    assertMatch(details.partitions[1].name, /^GPT Header/);
+    assertMatch(details.partitions[4].name, /Apple_HFS/);
+    assertEquals(details.partitions[4].first_sector, 40);
+    assertEquals(details.partitions[4].sector_count, 3440);
+    assertEquals(details.codecs, { zlib: 8, ignore: 4, zero: 2 });
+    assertEquals(details.checksums.data_fork, "none");
+    assertEquals(details.checksums.master, "CRC32 c1507aaa");
+    assertMatch(details.checksums.verified, /8 of 8 partitions/);
+  },
+);
+
+Deno.test(
+  "a reference image whose chunks are ignore runs maps them as zero extents",
+  { ignore: skip([], true) },
+  async () => {
+    const image = await open(
+      fromBytes((await referenceBytes("udif/compression-zlib.dmg"))!),
+    );
+    const runs = [];
+    for await (const e of image.extents(0, image.size)) runs.push(e);
+    assertEquals(runs[0], { offset: 0, length: 512, kind: "data" });
+    assertEquals(runs.at(-1)!.kind, "zero");
+    let total = 0;
+    for (const r of runs) total += r.length;
+    assertEquals(total, image.size);
+  },
+);
 
 // ---------------------------------------------------------------------------
 // Our writer, read back by 7zz, by us, by qemu-img and dmg2img
@@ -232,20 +252,24 @@ for (const codec of CODECS) {
     assertEquals(sha256Hex(await readAll(image)), sha256Hex(disk));
   });
 
-  Deno.test(`our ${codec} dmg is extracted byte-identical by 7zz with its CRCs passing`, async () => {
-    if (skip(["7zz"])) return;
-    await withTemp(async (dir) => {
-      const disk = sampleDisk();
-      const image = await encodeDmg(disk, { compression: codec });
-      await sevenZipTests(dir, image);
-      assertEquals(sha256Hex(await sevenZip(dir, image)), sha256Hex(disk));
-    });
-  });
+  Deno.test(
+    `our ${codec} dmg is extracted byte-identical by 7zz with its CRCs passing`,
+    { ignore: skip(["7zz"]) },
+    async () => {
+      await withTemp(async (dir) => {
+        const disk = sampleDisk();
+        const image = await encodeDmg(disk, { compression: codec });
+        await sevenZipTests(dir, image);
+        assertEquals(sha256Hex(await sevenZip(dir, image)), sha256Hex(disk));
+      });
+    },
+  );
 }
 
 for (const codec of QEMU_READS) {
-  Deno.test(`our ${codec} dmg is read byte-identical by qemu-img`, async () => {
-    if (skip(["qemu-img"])) return;
+  Deno.test(`our ${codec} dmg is read byte-identical by qemu-img`, {
+    ignore: skip(["qemu-img"]),
+  }, async () => {
     await withTemp(async (dir) => {
       const disk = sampleDisk();
       await Deno.writeFile(
@@ -270,8 +294,9 @@ for (const codec of QEMU_READS) {
 }
 
 for (const codec of DMG2IMG_READS) {
-  Deno.test(`our ${codec} dmg is read byte-identical by dmg2img`, async () => {
-    if (skip(["dmg2img"])) return;
+  Deno.test(`our ${codec} dmg is read byte-identical by dmg2img`, {
+    ignore: skip(["dmg2img"]),
+  }, async () => {
     await withTemp(async (dir) => {
       const disk = sampleDisk();
       await Deno.writeFile(
@@ -426,30 +451,33 @@ Deno.test("a dmg is probed by its koly trailer whatever the file is called", asy
   });
 });
 
-Deno.test("convert -O dmg -o compression=bzip2 on the command line writes what 7zz reads", async () => {
-  if (skip(["7zz"])) return;
-  await withTemp(async (dir) => {
-    const disk = sampleDisk();
-    await Deno.writeFile(`${dir}/in.raw`, disk);
-    const r = await cli([
-      "convert",
-      "-O",
-      "dmg",
-      "-o",
-      "compression=bzip2",
-      `${dir}/in.raw`,
-      `${dir}/out.dmg`,
-    ]);
-    assertEquals(r.code, 0, r.stderr);
-    const bytes = await Deno.readFile(`${dir}/out.dmg`);
-    const image = await open(fromBytes(bytes));
-    assertEquals(
-      (image.details as { codecs: Record<string, number> }).codecs.bzip2 > 0,
-      true,
-    );
-    assertEquals(sha256Hex(await sevenZip(dir, bytes)), sha256Hex(disk));
-  });
-});
+Deno.test(
+  "convert -O dmg -o compression=bzip2 on the command line writes what 7zz reads",
+  { ignore: skip(["7zz"]) },
+  async () => {
+    await withTemp(async (dir) => {
+      const disk = sampleDisk();
+      await Deno.writeFile(`${dir}/in.raw`, disk);
+      const r = await cli([
+        "convert",
+        "-O",
+        "dmg",
+        "-o",
+        "compression=bzip2",
+        `${dir}/in.raw`,
+        `${dir}/out.dmg`,
+      ]);
+      assertEquals(r.code, 0, r.stderr);
+      const bytes = await Deno.readFile(`${dir}/out.dmg`);
+      const image = await open(fromBytes(bytes));
+      assertEquals(
+        (image.details as { codecs: Record<string, number> }).codecs.bzip2 > 0,
+        true,
+      );
+      assertEquals(sha256Hex(await sevenZip(dir, bytes)), sha256Hex(disk));
+    });
+  },
+);
 
 Deno.test("unknown writer options and codecs are refused by name", async () => {
   await rejects(
@@ -497,14 +525,17 @@ Deno.test("an image with only a resource fork (no XML plist) reads the same", as
 // ---------------------------------------------------------------------------
 // Checksums
 
-Deno.test("a poked byte in a raw chunk is a ChecksumError naming the partition", async () => {
-  if (skip([], true)) return;
-  const bytes = (await referenceBytes("udif/compression-raw.dmg"))!.slice();
-  bytes[512 * 5 + 3] ^= 0x40; // inside the first FAT partition's raw chunk
-  const e = await failure(bytes);
-  assertTrue(e instanceof ChecksumError, e.message);
-  assertMatch(e.message, /Windows_FAT_16 : 2|koly\.DataChecksum/);
-});
+Deno.test(
+  "a poked byte in a raw chunk is a ChecksumError naming the partition",
+  { ignore: skip([], true) },
+  async () => {
+    const bytes = (await referenceBytes("udif/compression-raw.dmg"))!.slice();
+    bytes[512 * 5 + 3] ^= 0x40; // inside the first FAT partition's raw chunk
+    const e = await failure(bytes);
+    assertTrue(e instanceof ChecksumError, e.message);
+    assertMatch(e.message, /blkx\[2\] " \(Windows_FAT_16 : 2\)" checksum/);
+  },
+);
 
 Deno.test("a poked byte in our raw image names the partition; verify=off reads it anyway", async () => {
   const disk = sampleDisk();
@@ -514,7 +545,7 @@ Deno.test("a poked byte in our raw image names the partition; verify=off reads i
   assertTrue(e instanceof ChecksumError, e.message);
   assertMatch(
     e.message,
-    /blkx\[0\] "whole disk \(unknown partition : 0\)" checksum|koly\.DataChecksum/,
+    /blkx\[0\] "whole disk \(unknown partition : 0\)" checksum/,
   );
   const image = await open(fromBytes(bytes), { options: { verify: "off" } });
   const back = await readAll(image);
@@ -670,8 +701,9 @@ Deno.test("chunks that overlap are refused naming both", async () => {
   );
 });
 
-Deno.test("chunks of two partitions that overlap are refused naming both", async () => {
-  if (skip([], true)) return;
+Deno.test("chunks of two partitions that overlap are refused naming both", {
+  ignore: skip([], true),
+}, async () => {
   const ref = (await referenceBytes("udif/compression-zlib.dmg"))!.slice();
   // Partition 2 (Windows_FAT_16 : 2) made to start one sector into the MBR's.
   const bytes = withMish(ref, 2, (m) => {
@@ -756,7 +788,6 @@ Deno.test("huge sector counts are refused quickly, without a big allocation", as
     /chunk 0 SectorCount|past its partition/,
   );
   // A zero-fill chunk may be huge: no allocation follows its size.
-  const start = performance.now();
   const zeros = withMish(base, 0, (m) => {
     setBe64(m, 16, 2n ** 40n);
     setBe32(m, chunkAt(0), 0);
@@ -765,12 +796,13 @@ Deno.test("huge sector counts are refused quickly, without a big allocation", as
       i >= 200 && i < 204 ? [0, 0, 0, 1][i - 200] : b
     );
   });
+  const counted = countingSource(zeros);
   await rejects(
-    () => open(fromBytes(zeros), { format: "dmg" }),
+    () => open(counted.source, { format: "dmg" }),
     ImageFormatError,
     /runs past the disk/,
   );
-  assertTrue(performance.now() - start < 5000);
+  assertBoundedWork(counted, zeros.length, 64);
 });
 
 Deno.test("a truncated image is refused with a typed error", async () => {
@@ -794,25 +826,25 @@ Deno.test("an image that is only a trailer with no tables is refused", async () 
   assertEquals(be32(k, 0), 0x6b6f6c79);
 });
 
-Deno.test("open images read through a convert to a file and close their workers", async () => {
-  if (!have("7zz")) {
-    skip(["7zz"]);
-    return;
-  }
-  await withTemp(async (dir) => {
-    const disk = sampleDisk(4 * MIB);
-    await Deno.writeFile(
-      `${dir}/a.dmg`,
-      await encodeDmg(disk, { chunk_sectors: "128" }),
-    );
-    const source = await fromFile(`${dir}/a.dmg`);
-    const image: Image = await open(source);
-    const sink = memorySink();
-    await convert(image, sink);
-    await image.close?.();
-    assertEquals(sha256Hex(sink.bytes()), sha256Hex(disk));
-  });
-});
+Deno.test(
+  "open images read through a convert to a file and close their workers",
+  { ignore: skip(["7zz"]) },
+  async () => {
+    await withTemp(async (dir) => {
+      const disk = sampleDisk(4 * MIB);
+      await Deno.writeFile(
+        `${dir}/a.dmg`,
+        await encodeDmg(disk, { chunk_sectors: "128" }),
+      );
+      const source = await fromFile(`${dir}/a.dmg`);
+      const image: Image = await open(source);
+      const sink = memorySink();
+      await convert(image, sink);
+      await image.close?.();
+      assertEquals(sha256Hex(sink.bytes()), sha256Hex(disk));
+    });
+  },
+);
 
 Deno.test("convert refuses a dmg with a bad checksum, and --no-verify converts it anyway", async () => {
   await withTemp(async (dir) => {
@@ -838,8 +870,9 @@ Deno.test("convert refuses a dmg with a bad checksum, and --no-verify converts i
   });
 });
 
-Deno.test("partitions listed out of disk order read the same", async () => {
-  if (skip([], true)) return;
+Deno.test("partitions listed out of disk order read the same", {
+  ignore: skip([], true),
+}, async () => {
   const ref = (await referenceBytes("udif/compression-zlib.dmg"))!.slice();
   const { xml } = parts(ref);
   const entries = [...xml.matchAll(/\t\t\t<dict>[\s\S]*?\t\t\t<\/dict>\n/g)]
@@ -911,15 +944,23 @@ Deno.test("the bundled demo.dmg is a FAT floppy whose README mtools reads", asyn
     sha256Hex(disk),
     "436c15d3af7c286838d9d841ef16571604d37a8305f58b9025d5e8f460636a54",
   );
-  if (skip(["mtype", "7zz"])) return;
-  await withTemp(async (dir) => {
-    await Deno.writeFile(`${dir}/demo.raw`, disk);
-    const text =
-      (await run("mtype", ["-i", `${dir}/demo.raw`, "::README.TXT"])).text;
-    assertMatch(text, /Hello from vdisk!/);
-    assertEquals(sha256Hex(await sevenZip(dir, bytes)), sha256Hex(disk));
-  });
 });
+
+Deno.test(
+  "the bundled demo.dmg holds the README mtools reads and 7zz extracts the same disk",
+  { ignore: skip(["mtype", "7zz"]) },
+  async () => {
+    const bytes = await Deno.readFile(`${ROOT}testdata/demo.dmg`);
+    const disk = await readAll(await open(fromBytes(bytes)));
+    await withTemp(async (dir) => {
+      await Deno.writeFile(`${dir}/demo.raw`, disk);
+      const text =
+        (await run("mtype", ["-i", `${dir}/demo.raw`, "::README.TXT"])).text;
+      assertMatch(text, /Hello from vdisk!/);
+      assertEquals(sha256Hex(await sevenZip(dir, bytes)), sha256Hex(disk));
+    });
+  },
+);
 
 Deno.test("a segmented image is refused as unsupported, naming koly.SegmentCount", async () => {
   const bytes = await encodeDmg(sampleDisk());
@@ -978,39 +1019,42 @@ Deno.test("a disk with a simple MBR is written as hdiutil lays it out: MBR, part
   assertEquals(sha256Hex(await readAll(whole)), sha256Hex(disk));
 });
 
-Deno.test("an MBR-partitioned dmg of ours is read byte-identical by 7zz, qemu-img and dmg2img", async () => {
-  if (skip(["7zz", "qemu-img", "dmg2img"])) return;
-  await withTemp(async (dir) => {
-    const disk = mbrDisk();
-    const image = await encodeDmg(disk);
-    await sevenZipTests(dir, image);
-    assertEquals(sha256Hex(await sevenZip(dir, image)), sha256Hex(disk));
-    const listing = await run("7zz", ["l", "-tdmg", `${dir}/7z.dmg`]);
-    assertMatch(listing.text, /2\.DOS_FAT_16/);
-    assertMatch(listing.text, /4\.Linux/);
-    await Deno.writeFile(`${dir}/a.dmg`, image);
-    await run("qemu-img", [
-      "convert",
-      "-f",
-      "dmg",
-      "-O",
-      "raw",
-      `${dir}/a.dmg`,
-      `${dir}/q.raw`,
-    ]);
-    assertEquals(
-      sha256Hex(await Deno.readFile(`${dir}/q.raw`)),
-      sha256Hex(disk),
-    );
-    await run("dmg2img", ["-s", `${dir}/a.dmg`, `${dir}/d.raw`], {
-      allowFail: true,
+Deno.test(
+  "an MBR-partitioned dmg of ours is read byte-identical by 7zz, qemu-img and dmg2img",
+  { ignore: skip(["7zz", "qemu-img", "dmg2img"]) },
+  async () => {
+    await withTemp(async (dir) => {
+      const disk = mbrDisk();
+      const image = await encodeDmg(disk);
+      await sevenZipTests(dir, image);
+      assertEquals(sha256Hex(await sevenZip(dir, image)), sha256Hex(disk));
+      const listing = await run("7zz", ["l", "-tdmg", `${dir}/7z.dmg`]);
+      assertMatch(listing.text, /2\.DOS_FAT_16/);
+      assertMatch(listing.text, /4\.Linux/);
+      await Deno.writeFile(`${dir}/a.dmg`, image);
+      await run("qemu-img", [
+        "convert",
+        "-f",
+        "dmg",
+        "-O",
+        "raw",
+        `${dir}/a.dmg`,
+        `${dir}/q.raw`,
+      ]);
+      assertEquals(
+        sha256Hex(await Deno.readFile(`${dir}/q.raw`)),
+        sha256Hex(disk),
+      );
+      await run("dmg2img", ["-s", `${dir}/a.dmg`, `${dir}/d.raw`], {
+        allowFail: true,
+      });
+      assertEquals(
+        sha256Hex(await Deno.readFile(`${dir}/d.raw`)),
+        sha256Hex(disk),
+      );
     });
-    assertEquals(
-      sha256Hex(await Deno.readFile(`${dir}/d.raw`)),
-      sha256Hex(disk),
-    );
-  });
-});
+  },
+);
 
 Deno.test("an MBR that is not simple (extended, GPT protective, overlapping, past the disk) gives one whole-disk table", async () => {
   const cases: [number, number, number][][] = [
@@ -1038,8 +1082,9 @@ Deno.test("an MBR that is not simple (extended, GPT protective, overlapping, pas
   }
 });
 
-Deno.test("broken fields poked into every reference dmg are refused by name", async () => {
-  if (skip([], true)) return;
+Deno.test("broken fields poked into every reference dmg are refused by name", {
+  ignore: skip([], true),
+}, async () => {
   for (const ref of referenceImages().filter((r) => r.format === "dmg")) {
     const bytes = (await referenceBytes(ref.path))!.slice();
     const k = bytes.length - 512;

@@ -304,8 +304,11 @@ Deno.test("a differencing VHD opened without its parent names it and refuses to 
       (image as { requiresBacking?: boolean }).requiresBacking,
       true,
     );
-    // Its own sectors read fine; the rest lives in the parent.
-    assertEquals((await image.read(4096, 2048)).length, 2048);
+    // Its own sectors read as written; the rest lives in the parent.
+    assertEquals(
+      sha256Hex(await image.read(4096, 2048)),
+      sha256Hex(pseudoRandom(2048, 40)),
+    );
     await rejects(
       () => image.read(0, 4096),
       BackingFileError,
@@ -555,4 +558,18 @@ Deno.test({
       await Deno.writeFile(`${dir}/model.raw`, model);
       await assertQemuIdentical(`${dir}/model.raw`, path, "vpc");
     }),
+});
+
+Deno.test("a differencing VHD names its parent by its locators before the parent's bare name", async () => {
+  // The unicode name holds "base.vhd", the locators "parents/base.vhd":
+  // the locators say where the file is.
+  const sink = memorySink();
+  const top = await vpc.create!(sink, {
+    size: 1 << 20,
+    backingFile: "parents/base.vhd",
+  });
+  await top.flush!();
+  const image = await open(sink.source());
+  assertEquals(image.details?.parentName, "base.vhd");
+  assertEquals(image.backingFile, "parents/base.vhd");
 });
