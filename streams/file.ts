@@ -480,7 +480,10 @@ async function openInside(
  * not a name, so renaming or swapping folders above cannot redirect the
  * walk: a change is refused. All of it is synchronous (no other code
  * of this program runs meanwhile) and the working folder is restored (by
- * its path) before returning.
+ * its path) before returning. An asynchronous file operation on a
+ * relative path already running on another thread at that instant would
+ * see the changed folder: programs that need both run with `--allow-all`,
+ * where the `/proc/self/fd` way is taken instead.
  */
 function walkOpen(
   real: string,
