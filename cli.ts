@@ -196,13 +196,37 @@ function parseSize(text: string): number {
 /**
  * The passphrase in `--key-file FILE` (one trailing newline stripped), or
  * undefined. Keys are never taken on the command line, where `ps` shows them.
+ * A key file that group or others may read gets a warning on stderr.
  */
 async function keyFrom(
   values: Invocation["values"],
 ): Promise<string | undefined> {
   const path = values["key-file"] as string | undefined;
   if (path === undefined) return undefined;
-  return (await Deno.readTextFile(path)).replace(/\r?\n$/, "");
+  const text = await Deno.readTextFile(path);
+  const mode = (await Deno.stat(path)).mode;
+  if (mode !== null && (mode & 0o077) !== 0) {
+    printErr(
+      `vdisk: warning: the key file ${path} can be read by others (mode ${
+        (mode & 0o777).toString(8)
+      }): chmod 600 ${path}\n`,
+    );
+  }
+  return text.replace(/\r?\n$/, "");
+}
+
+/**
+ * Warns on stderr when `key` is longer than qcow's AES uses: QEMU (and
+ * this toolkit, to read the same images) keeps the passphrase's first 16
+ * bytes and ignores the rest, so a longer one is weaker than it looks.
+ */
+function warnLongQcowKey(key: string | undefined, what: string): void {
+  if (key === undefined) return;
+  const length = encoder.encode(key).length;
+  if (length <= 16) return;
+  printErr(
+    `vdisk: warning: the passphrase is ${length} bytes, and qcow's AES (${what}) uses only its first 16, as QEMU does: the rest adds no secrecy\n`,
+  );
 }
 
 /** Options for {@linkcode openImage}. */
@@ -215,6 +239,8 @@ interface InputOptions {
   allowDirs?: string[];
   /** Extra OpenOptions from subcommand flags (keys, resolvers). */
   extra?: OpenOptions;
+  /** Open the first backing file for writing too (commit writes into it). */
+  writeBacking?: boolean;
 }
 
 /** The flags of the backing-file policy, for commands that follow backing files. */
@@ -239,7 +265,14 @@ function backingPolicy(values: Invocation["values"], follow = true) {
 async function openImage(
   path: string,
   options: InputOptions = {},
-): Promise<{ file?: FileHandle; image: Image }> {
+): Promise<{
+  file?: FileHandle;
+  image: Image;
+  /** The backing files opened, in the order resolved (the handles checked). */
+  backing: FileHandle[];
+  /** Every host file the image was read from: itself, extents, backing files. */
+  files: FileHandle[];
+}> {
   const fat = parseFatSpelling(path);
   if (fat || options.format === "vvfat") {
     if (options.writable) throw new Error("vvfat disks are read-only");
@@ -247,23 +280,75 @@ async function openImage(
       fatType: fat?.fatType,
     });
     opened.push(image);
-    return { image };
+    return { image, backing: [], files: [] };
   }
   const file = await fromFile(path, { write: options.writable === true });
   opened.push(file);
+  const files = [file];
+  const backing: FileHandle[] = [];
+  const policy = options.followBacking
+    ? fileBackingResolver(path, {
+      allowDir: options.allowDirs,
+      writeFirst: options.writeBacking,
+    })
+    : undefined;
+  const extents = fileResolver(path);
   const image = await open(file, {
     ...options.extra,
     format: options.format,
     writable: options.writable,
     sink: options.writable ? file : undefined,
-    resolveBacking: options.followBacking
-      ? fileBackingResolver(path, { allowDir: options.allowDirs })
-      : undefined,
+    resolveBacking: policy &&
+      (async (name, layer) => {
+        const found = await policy(name, layer) as FileHandle;
+        opened.push(found);
+        files.push(found);
+        backing.push(found);
+        return found;
+      }),
     // The extent files of a vmdk descriptor, beside whichever image names them.
-    resolveFile: fileResolver(path),
+    resolveFile: async (name, namedBy) => {
+      const found = await extents(name, namedBy);
+      opened.push(found);
+      files.push(found);
+      return found;
+    },
   });
   opened.push(image);
-  return { file, image };
+  if (layers(image).some((l) => l.encrypted && l.format === "qcow")) {
+    warnLongQcowKey(options.extra?.key as string | undefined, "of the input");
+  }
+  return { file, image, backing, files };
+}
+
+/**
+ * Refuses an output path that is one of the input's files (`files`): the
+ * input itself under any name (the same path, a hard link, a symbolic
+ * link to it), one of its backing files or vmdk extent files. Converting
+ * there would replace what is being read.
+ */
+async function refuseInputAsOutput(
+  output: string,
+  input: string,
+  files: FileHandle[],
+): Promise<void> {
+  let target: Deno.FileInfo;
+  try {
+    target = await Deno.stat(output);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return;
+    throw e;
+  }
+  for (const [i, file] of files.entries()) {
+    const stat = await file.stat();
+    if (stat.dev === target.dev && stat.ino === target.ino) {
+      throw new Error(
+        i === 0
+          ? `the output ${output} is the input ${input} (the same file): refused`
+          : `the output ${output} is ${file.path}, a file the input ${input} reads (a backing or extent file): refused`,
+      );
+    }
+  }
 }
 
 /** A sink for an output path: `-` is stdout, anything else a temporary file renamed on success. */
@@ -274,6 +359,103 @@ async function openOutput(
   const out = await createOutputFile(path);
   pendingOutputs.add(out);
   return out;
+}
+
+/** What `write` copies from: a length known up front, read in order. */
+interface FittingInput {
+  readonly length: number;
+  /** Fills `into` from the start (short only at the end); returns the count. */
+  read(into: Uint8Array): Promise<number>;
+  close(): Promise<void>;
+}
+
+/**
+ * Opens `write`'s FILE (`-` is stdin) and makes sure all of it fits in
+ * `room` bytes before anything is written. A regular file's size is
+ * known; a pipe, FIFO or device is read to its end first (into memory up
+ * to 4 MiB, then into a temporary file, removed after), and more than
+ * `room` bytes are refused without writing any.
+ */
+async function fittingInput(
+  input: string,
+  room: number,
+  tooBig: (length: string) => Error,
+): Promise<FittingInput> {
+  type Reader = { read(into: Uint8Array): Promise<number | null> };
+  const fill = async (from: Reader, into: Uint8Array) => {
+    let filled = 0;
+    while (filled < into.length) {
+      const n = await from.read(into.subarray(filled));
+      if (n === null) break;
+      filled += n;
+    }
+    return filled;
+  };
+  let file: Deno.FsFile | undefined;
+  let from: Reader = Deno.stdin;
+  if (input !== "-") {
+    file = await Deno.open(input);
+    from = file;
+    const stat = await file.stat();
+    if (stat.isFile) {
+      if (stat.size > room) {
+        file.close();
+        throw tooBig(String(stat.size));
+      }
+      const opened = file;
+      return {
+        length: stat.size,
+        read: (into) => fill(opened, into),
+        close: () => Promise.resolve(opened.close()),
+      };
+    }
+  }
+  // A pipe, FIFO or device: read to its end before writing anything.
+  let spool: string | undefined;
+  let out: Deno.FsFile | undefined;
+  try {
+    // One byte more than fits tells that it does not.
+    const head = new Uint8Array(Math.min(room + 1, 4 << 20));
+    const length = await fill(from, head);
+    if (length < head.length) {
+      let at = 0;
+      return {
+        length,
+        read(into) {
+          const n = Math.min(into.length, length - at);
+          into.set(head.subarray(at, at + n));
+          at += n;
+          return Promise.resolve(n);
+        },
+        close: () => Promise.resolve(),
+      };
+    }
+    if (length > room) throw tooBig(`more than ${room}`);
+    spool = await Deno.makeTempFile({ prefix: "vdisk-write-" });
+    out = await Deno.open(spool, { read: true, write: true });
+    let total = 0;
+    for (let n = length; n > 0; n = await fill(from, head)) {
+      total += n;
+      if (total > room) throw tooBig(`more than ${room}`);
+      let written = 0;
+      while (written < n) written += await out.write(head.subarray(written, n));
+    }
+    await out.seek(0, Deno.SeekMode.Start);
+    const spooled = out, name = spool;
+    out = spool = undefined;
+    return {
+      length: total,
+      read: (into) => fill(spooled, into),
+      close: async () => {
+        spooled.close();
+        await Deno.remove(name).catch(() => {});
+      },
+    };
+  } finally {
+    file?.close();
+    out?.close();
+    if (spool !== undefined) await Deno.remove(spool).catch(() => {});
+  }
 }
 
 /** Outputs not yet committed: removed on failure or interruption. */
@@ -418,15 +600,21 @@ const commands: Record<string, Command> = {
           "convert",
         );
       }
-      const source = (await openImage(input, {
+      const { image: source, files } = await openImage(input, {
         format: values.format as string | undefined,
         ...backingPolicy(values),
         extra: {
           key,
           ...(values["no-verify"] ? { options: { verify: "off" } } : {}),
         },
-      })).image;
+      });
+      if (output !== "-") await refuseInputAsOutput(output, input, files);
       const image = bootSector ? bootSectorPatch(source, bootSector) : source;
+      const encryptOutput = outOptions.encryption === "on" ||
+        outOptions["encrypt.format"] !== undefined;
+      if (encryptOutput && outFormat === "qcow") {
+        warnLongQcowKey(key, "of the output");
+      }
       const sink = await openOutput(output);
       const bar = values.progress ? progressBar("convert") : undefined;
       const options: ConvertOptions = {
@@ -434,9 +622,7 @@ const commands: Record<string, Command> = {
         options: outOptions,
         compress: values.compress === true,
         // The passphrase encrypts the output only when -o asks for it.
-        key: outOptions.encryption === "on" || outOptions["encrypt.format"]
-          ? key
-          : undefined,
+        key: encryptOutput ? key : undefined,
         hash: values.hash === true,
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
       };
@@ -537,12 +723,14 @@ const commands: Record<string, Command> = {
         const mtime = (await Deno.stat(where)).mtime;
         if (mtime) options.mtime = String(Math.floor(mtime.getTime() / 1000));
       }
+      const key = await keyFrom(values);
+      if (format === "qcow") warnLongQcowKey(key, "of the new image");
       const sink = await openOutput(path);
       const image = await create(format, sink, {
         size,
         backingFile,
         backingFormat: values["backing-format"] as string | undefined,
-        key: await keyFrom(values),
+        key,
         options,
       });
       await image.flush?.();
@@ -604,22 +792,25 @@ const commands: Record<string, Command> = {
     async run({ values, positionals }) {
       const [path] = need(positionals, 1, "commit");
       const policy = backingPolicy(values);
-      // The whole chain first, read-only: the policy, loops and depth are
-      // checked before anything is written.
-      const { image: chain } = await openImage(path, {
+      // The whole chain first, read-only through the formats: the policy,
+      // loops and depth are checked before anything is written. The base's
+      // file is opened writable by the policy, which checked that very
+      // handle: it is written through, never reopened by its name (which
+      // may lead elsewhere by now).
+      const { image: chain, backing } = await openImage(path, {
         format: values.format as string | undefined,
         ...policy,
+        writeBacking: true,
       });
       const top = (chain as Partial<OverlayImage>).top;
       const below = (chain as Partial<OverlayImage>).backing;
-      if (!top || !below?.name) {
+      const baseFile = backing[0];
+      if (!top || !below?.name || !baseFile) {
         throw new Error(`${path} has no backing file to commit into`);
       }
       // The base again, writable through its format, with its own chain
       // under the same policy (a write of part of one of its clusters
       // reads the rest from below it).
-      const baseFile = await fromFile(below.name, { write: true });
-      opened.push(baseFile);
       const base = await open(baseFile, {
         format: below.format,
         writable: true,
@@ -661,38 +852,25 @@ const commands: Record<string, Command> = {
       if (!image.write) {
         throw new Error(`${image.format} images cannot be written`);
       }
-      const file = input === "-" ? Deno.stdin : await Deno.open(input);
-      const tooBig = (length: number) =>
+      const room = Math.max(0, image.size - offset);
+      const tooBig = (length: string) =>
         new RangeError(
           `${input} does not fit: ${length} bytes at ${offset} pass the end of the ${image.size}-byte disk`,
         );
-      if (file !== Deno.stdin) {
-        // Refused before anything is written, when the size is known.
-        const length = (await (file as Deno.FsFile).stat()).size;
-        if (offset + length > image.size) {
-          file.close();
-          throw tooBig(length);
-        }
-      }
+      // Everything is known to fit before the first byte is written.
+      const data = await fittingInput(input, room, tooBig);
       let at = offset;
       try {
         const buffer = new Uint8Array(4 << 20);
-        for (;;) {
-          // Fill the buffer: pipes hand over a few KiB per read.
-          let filled = 0;
-          while (filled < buffer.length) {
-            const n = await file.read(buffer.subarray(filled));
-            if (n === null) break;
-            filled += n;
-          }
+        while (at - offset < data.length) {
+          const want = Math.min(buffer.length, data.length - (at - offset));
+          const filled = await data.read(buffer.subarray(0, want));
           if (filled === 0) break;
-          if (at + filled > image.size) throw tooBig(at + filled - offset);
           await image.write(at, buffer.slice(0, filled));
           at += filled;
-          if (filled < buffer.length) break;
         }
       } finally {
-        if (file !== Deno.stdin) file.close();
+        await data.close();
       }
       await image.flush?.();
       print(`wrote ${at - offset} bytes at ${offset}\n`);

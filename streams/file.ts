@@ -24,6 +24,11 @@ export interface FileHandle extends Source, Sink {
   readonly path: string;
   /** Size on disk in bytes of allocated blocks (`actual-size`), when the OS says. */
   allocatedBytes(): Promise<number | undefined>;
+  /**
+   * What the OS says of the open file (fstat): its device and inode tell
+   * whether two handles are the same file, whatever names led to them.
+   */
+  stat(): Promise<Deno.FileInfo>;
 }
 
 /** Options for {@linkcode fromFile}. */
@@ -38,8 +43,36 @@ export interface FileOptions {
   sync?: boolean;
 }
 
+/** What a non-regular file is, in words, for messages. */
+function kindOf(stat: Deno.FileInfo): string {
+  if (stat.isDirectory) return "a folder";
+  if (stat.isFifo) return "a FIFO (named pipe)";
+  if (stat.isSocket) return "a socket";
+  if (stat.isCharDevice) return "a character device";
+  if (stat.isBlockDevice) return "a block device";
+  return "not a regular file";
+}
+
 /**
- * Opens a host file as a Source (and a Sink when `write` is set).
+ * The error for a file that is not a regular file (or a block device, where
+ * allowed): a FIFO is refused before it is opened, as opening one waits
+ * for a writer forever, and none of them can be read at an offset.
+ */
+function notRegular(path: string, stat: Deno.FileInfo): Error {
+  if (stat.isDirectory) return new Deno.errors.IsADirectory(path);
+  return new Deno.errors.NotSupported(
+    `${path} is ${
+      kindOf(stat)
+    }, not a regular file: images are read at random offsets; copy it to a file first (cat ${path} > disk.img)`,
+  );
+}
+
+/**
+ * Opens a host file as a Source (and a Sink when `write` is set). Only
+ * regular files and block devices (`/dev/sdb`, sized by seeking to their
+ * end) are opened: a FIFO, socket, character device or folder is refused
+ * with a one-line error before it is opened (a FIFO would block the open
+ * until someone writes to it).
  *
  * @param path the file's path
  * @param options open for writing
@@ -56,15 +89,20 @@ export async function fromFile(
   path: string,
   options: FileOptions = {},
 ): Promise<FileHandle> {
+  const before = await Deno.stat(path);
+  if (!before.isFile && !before.isBlockDevice) throw notRegular(path, before);
   const file = await Deno.open(path, {
     read: true,
     write: options.write === true,
   });
   let size: number;
   try {
+    // The file opened may not be the one stat saw (the name was replaced
+    // in between): the handle's own stat decides.
     const stat = await file.stat();
-    if (stat.isDirectory) throw new Deno.errors.IsADirectory(path);
-    size = stat.size;
+    if (stat.isFile) size = stat.size;
+    else if (stat.isBlockDevice) size = await file.seek(0, Deno.SeekMode.End);
+    else throw notRegular(path, stat);
   } catch (e) {
     file.close();
     throw e;
@@ -161,6 +199,7 @@ function handle(
       const stat = await file.stat();
       return stat.blocks === null ? undefined : stat.blocks * 512;
     },
+    stat: () => file.stat(),
   };
   return self;
 }
@@ -182,6 +221,12 @@ export interface OutputFile extends FileHandle {
  * never written stay holes (the file is sparse). With `sync`, `commit()`
  * waits for the data to reach the device before renaming.
  *
+ * An existing file at `path` is replaced as a whole (atomically, by the
+ * rename; its other hard links keep the old bytes), and the new file takes
+ * its permission bits and, when running as root, its owner and group. A
+ * folder at `path` or a missing folder is refused before anything is
+ * created; if the rename fails, the temporary file is removed.
+ *
  * @param path the final path
  * @param options `sync`: fsync before the rename
  * @returns an OutputFile; call `commit()` or `abort()`
@@ -201,13 +246,57 @@ export async function createOutputFile(
   const slash = path.lastIndexOf("/");
   const dir = slash >= 0 ? path.slice(0, slash + 1) : "";
   const base = path.slice(slash + 1);
+  let existing: Deno.FileInfo | undefined;
+  try {
+    existing = await Deno.stat(path);
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) throw e;
+  }
+  if (existing?.isDirectory) throw new Deno.errors.IsADirectory(path);
+  if (existing && !existing.isFile) {
+    // A device or FIFO would be replaced by a regular file, not written to.
+    throw new Deno.errors.NotSupported(
+      `${path} is ${
+        kindOf(existing)
+      }: outputs are files, replaced whole when complete; to write to a device, convert to - (stdout) and redirect it`,
+    );
+  }
   const suffix = crypto.getRandomValues(new Uint32Array(1))[0].toString(36);
   const temp = `${dir}.${base}.partial-${suffix}`;
-  const file = await Deno.open(temp, {
-    read: true,
-    write: true,
-    createNew: true,
-  });
+  // Created with the old file's permission bits, so that its bytes are
+  // never readable by more people than before, even for a moment.
+  const mode = existing?.mode != null ? existing.mode & 0o777 : undefined;
+  let file: Deno.FsFile;
+  try {
+    file = await Deno.open(temp, {
+      read: true,
+      write: true,
+      createNew: true,
+      mode,
+    });
+  } catch (e) {
+    // Named after the user's path, not the temporary file.
+    if (e instanceof Deno.errors.NotFound) {
+      throw new Deno.errors.NotFound(
+        `${path}: its folder ${dir || "."} does not exist`,
+      );
+    }
+    if (e instanceof Deno.errors.PermissionDenied) {
+      throw new Deno.errors.PermissionDenied(
+        `${path}: cannot create a file in ${dir || "."}`,
+      );
+    }
+    throw e;
+  }
+  try {
+    if (existing && mode !== undefined) {
+      await keepOwnership(file, temp, existing);
+    }
+  } catch (e) {
+    file.close();
+    await Deno.remove(temp).catch(() => {});
+    throw e;
+  }
   const inner = handle(file, temp, 0, true, options.sync);
   let done = false;
   return {
@@ -219,9 +308,21 @@ export async function createOutputFile(
     async commit() {
       if (done) return;
       done = true;
-      await inner.flush();
-      await inner.close();
-      await Deno.rename(temp, path);
+      try {
+        await inner.flush();
+        await inner.close();
+        await Deno.rename(temp, path);
+      } catch (e) {
+        await inner.close().catch(() => {});
+        await Deno.remove(temp).catch(() => {});
+        // Named after the user's path, not the temporary file.
+        throw new Error(
+          `${path}: the finished output could not be put in place: ${
+            String((e as Error).message).replace(/: rename .*$/, "")
+          }`,
+          { cause: e },
+        );
+      }
     },
     async abort() {
       if (done) return;
@@ -232,38 +333,200 @@ export async function createOutputFile(
   };
 }
 
+/**
+ * Gives the new output file `file` (created as `temp`) the permission bits
+ * of the file it replaces (the umask may have cleared some at creation)
+ * and, as root, its owner and group. Done through the open file's
+ * `/proc/self/fd` entry where it can be read (Linux, `--allow-all`): as
+ * fchmod and fchown, it cannot be turned onto another file by someone
+ * replacing `temp` with a symbolic link. Elsewhere by name, after checking
+ * that `temp` is still the file opened (not a link).
+ */
+async function keepOwnership(
+  file: Deno.FsFile,
+  temp: string,
+  existing: Deno.FileInfo,
+): Promise<void> {
+  const mine = await file.stat();
+  const mode = existing.mode! & 0o777;
+  const chown = Deno.uid() === 0 &&
+    (mine.uid !== existing.uid || mine.gid !== existing.gid);
+  if ((mine.mode! & 0o777) === mode && !chown) return;
+  let target = openEntries(mine)?.[0]?.fd;
+  if (target === undefined) {
+    const named = await Deno.lstat(temp);
+    if (!named.isFile || named.dev !== mine.dev || named.ino !== mine.ino) {
+      throw new Error(`${temp} was replaced while it was being created`);
+    }
+    target = temp;
+  }
+  await Deno.chmod(target, mode);
+  if (chown) await Deno.chown(target, existing.uid, existing.gid);
+}
+
+/** Whether `/proc/self/fd` can be read (Linux, with `--allow-all`). */
+let procReadable: boolean | undefined;
+
+/**
+ * The open descriptors of this process on the file `stat` describes (same
+ * device and inode), each as its `/proc/self/fd/N` entry and the path the
+ * kernel holds for it: where the opened file really is, whatever names
+ * and links led to it, and even if they changed since. Undefined where
+ * `/proc/self/fd` cannot be read.
+ */
+function openEntries(
+  stat: Deno.FileInfo,
+): { fd: string; path: string }[] | undefined {
+  if (procReadable === false) return undefined;
+  let names: string[];
+  try {
+    names = [...Deno.readDirSync("/proc/self/fd")].map((e) => e.name);
+    procReadable = true;
+  } catch {
+    procReadable = false;
+    return undefined;
+  }
+  const out: { fd: string; path: string }[] = [];
+  for (const name of names) {
+    const fd = `/proc/self/fd/${name}`;
+    try {
+      const at = Deno.statSync(fd);
+      if (at.dev === stat.dev && at.ino === stat.ino) {
+        out.push({ fd, path: Deno.readLinkSync(fd) });
+      }
+    } catch { /* closed meanwhile (the listing's own descriptor) */ }
+  }
+  return out;
+}
+
 /** The folder of `path` (`.` for a bare name). */
 function folderOf(path: string): string {
   const slash = path.lastIndexOf("/");
   return slash >= 0 ? path.slice(0, slash) || "/" : ".";
 }
 
-/** True when the real path `real` lies in the real folder `dir` (or is it). */
+/**
+ * True when the absolute path `real` lies in the folder `dir` (or is it),
+ * compared name by name: `/srv/vm-evil/x` is not inside `/srv/vm`.
+ */
 function isInside(real: string, dir: string): boolean {
-  return real === dir || real.startsWith(dir.endsWith("/") ? dir : `${dir}/`);
+  const inner = real.split("/").filter((part) => part !== "");
+  const outer = dir.split("/").filter((part) => part !== "");
+  return outer.length <= inner.length &&
+    outer.every((part, i) => part === inner[i]);
+}
+
+/** Why {@linkcode openInside} refused a file: `real` is where it leads, when known. */
+type Refusal = (why: string, real?: string) => Error;
+
+/**
+ * Opens `path` read-only (or read-write with `write`) when it is a regular
+ * file lying in one of the real folders `allowed`, checking the file
+ * opened, not a name: someone swapping a folder of the path for a
+ * symbolic link while this runs cannot make it read (or `commit` write) a
+ * file elsewhere. Two ways, both tied to the file itself:
+ *
+ * - where `/proc/self/fd` can be read (Linux, `--allow-all`), the handle is
+ *   opened first, then the path the kernel holds for it (see
+ *   {@linkcode openEntries}) must lie in `allowed`;
+ * - elsewhere, {@linkcode walkOpen} goes down from the allowed folder one
+ *   name at a time, each checked by device and inode.
+ */
+async function openInside(
+  path: string,
+  allowed: string[],
+  refuse: Refusal,
+  write = false,
+): Promise<FileHandle> {
+  // Before opening: opening a FIFO would wait for a writer.
+  const before = await Deno.stat(path);
+  if (!before.isFile) {
+    throw refuse(`is ${kindOf(before)}, not a regular file`);
+  }
+  if (procReadable !== false) {
+    const file = await Deno.open(path, { read: true, write });
+    try {
+      const stat = await file.stat();
+      if (!stat.isFile) {
+        throw refuse(`is ${kindOf(stat)}, not a regular file`);
+      }
+      const paths = openEntries(stat)?.map((e) => e.path) ?? [];
+      if (paths.length > 0) {
+        const real = paths.find((p) => allowed.some((a) => isInside(p, a))) ??
+          paths[0];
+        if (!allowed.some((a) => isInside(real, a))) throw refuse("", real);
+        return handle(file, real, stat.size, write);
+      }
+    } catch (e) {
+      file.close();
+      throw e;
+    }
+    file.close();
+  }
+  const real = await Deno.realPath(path);
+  const root = allowed.filter((a) => isInside(real, a))
+    .sort((a, b) => b.length - a.length)[0];
+  if (root === undefined) throw refuse("", real);
+  const { file, size } = walkOpen(real, root, write, refuse);
+  return handle(file, real, size, write);
 }
 
 /**
- * Where `name` (as an image wrote it) leads from `dir`, symbolic links
- * followed, and whether that lies inside one of the real folders `allowed`.
+ * Opens the file at the real path `real` by going down to it from the
+ * folder `root` (which holds it), one name at a time, relative to the
+ * working folder: each name must be a folder (not a link) and, once
+ * entered, be the folder seen (same device and inode); the last must be
+ * the regular file seen. The working folder is a reference to a folder,
+ * not a name, so renaming or swapping folders above cannot redirect the
+ * walk: a change is refused. All of it is synchronous (no other code
+ * of this program runs meanwhile) and the working folder is restored (by
+ * its path) before returning. An asynchronous file operation on a
+ * relative path already running on another thread at that instant would
+ * see the changed folder: programs that need both run with `--allow-all`,
+ * where the `/proc/self/fd` way is taken instead.
  */
-async function resolveName(
-  name: string,
-  dir: string,
-  allowed: string[],
-): Promise<{ real: string; inside: boolean }> {
-  const real = await Deno.realPath(
-    name.startsWith("/") ? name : `${dir}/${name}`,
-  );
-  return { real, inside: allowed.some((a) => isInside(real, a)) };
+function walkOpen(
+  real: string,
+  root: string,
+  write: boolean,
+  refuse: Refusal,
+): { file: Deno.FsFile; size: number } {
+  const names = real.split("/").filter((part) => part !== "")
+    .slice(root.split("/").filter((part) => part !== "").length);
+  const changed = () => refuse("changed while it was being opened");
+  const saved = Deno.cwd();
+  try {
+    Deno.chdir(root);
+    for (const name of names.slice(0, -1)) {
+      const seen = Deno.lstatSync(name);
+      if (!seen.isDirectory) throw changed();
+      Deno.chdir(name);
+      const here = Deno.statSync(".");
+      if (here.dev !== seen.dev || here.ino !== seen.ino) throw changed();
+    }
+    const last = names[names.length - 1] ?? ".";
+    const seen = Deno.lstatSync(last);
+    if (!seen.isFile) throw changed();
+    const file = Deno.openSync(last, { read: true, write });
+    const stat = file.statSync();
+    if (stat.dev !== seen.dev || stat.ino !== seen.ino || !stat.isFile) {
+      file.close();
+      throw changed();
+    }
+    return { file, size: stat.size };
+  } finally {
+    Deno.chdir(saved);
+  }
 }
 
 /**
  * A resolver for `OpenOptions.resolveFile`: opens the files an image names
  * as part of itself (vmdk extent files) relative to the naming image's
  * folder (the `namedBy` path the driver passes, else `imagePath`),
- * read-only, and refuses names that leave that folder (absolute paths,
- * `..`, symbolic links pointing outside) with a {@linkcode BackingFileError}.
+ * read-only, and refuses with a {@linkcode BackingFileError} names that
+ * leave that folder (absolute paths, `..`, symbolic links pointing
+ * outside) and files that are not regular files (a FIFO would block). The
+ * file opened is the one checked (see {@linkcode fileBackingResolver}).
  *
  * @param imagePath the path of the image (descriptor) opened
  * @returns the resolver
@@ -291,16 +554,17 @@ export function fileResolver(
         name,
       );
     }
-    const { real, inside } = await resolveName(name, dir, [
-      await Deno.realPath(dir),
-    ]);
-    if (!inside) {
-      throw new BackingFileError(
-        `${naming} names the file "${name}", which leads outside its folder ${dir} (to ${real}): refused`,
-        name,
-      );
-    }
-    return await fromFile(real);
+    return await openInside(
+      `${dir}/${name}`,
+      [await Deno.realPath(dir)],
+      (why, real) =>
+        new BackingFileError(
+          why
+            ? `${naming} names the file "${name}", which ${why}: refused`
+            : `${naming} names the file "${name}", which leads outside its folder ${dir} (to ${real}): refused`,
+          name,
+        ),
+    );
   };
 }
 
@@ -311,19 +575,31 @@ export interface BackingPolicyOptions {
    * (`--allow-backing-dir` on the command line). @default []
    */
   allowDir?: string | string[];
+  /**
+   * Open the first backing file resolved (the one the image at
+   * `imagePath` names) for writing too, as `commit` does: it then writes
+   * through that very handle, the one checked, never reopening a name.
+   * Deeper backing files stay read-only. @default false
+   */
+  writeFirst?: boolean;
 }
 
 /**
  * The backing-file policy for host files, as an `OpenOptions.resolveBacking`:
  * a backing file is resolved relative to the folder of the image that names
- * it, and opened read-only only when it lies (symbolic links followed) in
- * the folder of `imagePath` or in one of `allowDir`. A name leading anywhere
- * else, written absolute or relative, is refused with a
- * {@linkcode BackingFileError} that names the folder to allow. Loops and
- * chains deeper than `MAX_BACKING_DEPTH` are refused by `open` itself.
+ * it, and opened read-only only when it is a regular file lying (symbolic
+ * links followed) in the folder of `imagePath` or in one of `allowDir`. A
+ * name leading anywhere else, written absolute or relative, is refused with
+ * a {@linkcode BackingFileError} that names the folder to allow; so is a
+ * FIFO, device or socket. Loops and chains deeper than `MAX_BACKING_DEPTH`
+ * are refused by `open` itself.
  *
  * This keeps a downloaded image from reading other files of the host
  * through a backing file name such as `/etc/shadow` or `../../.ssh/id_ed25519`.
+ * The check is made on the file opened, not on its name, and the handle
+ * checked is the one returned: swapping a folder for a symbolic link while
+ * the image is opened does not lead outside (see the README's security
+ * section for what needs `/proc/self/fd`).
  *
  * @param imagePath the path of the image the user opened (the top of the chain)
  * @param options further folders to allow
@@ -347,10 +623,13 @@ export function fileBackingResolver(
     ? [options.allowDir]
     : options.allowDir;
   let allowed: Promise<string[]> | undefined;
+  let first = true;
   return async (backingFile, image) => {
     allowed ??= Promise.all(
       [folderOf(imagePath), ...extra].map((d) => Deno.realPath(d)),
     );
+    const write = first && options.writeFirst === true;
+    first = false;
     const naming = image.name ?? imagePath;
     const dir = folderOf(naming);
     if (backingFile === "" || backingFile.includes("\0")) {
@@ -361,29 +640,34 @@ export function fileBackingResolver(
         backingFile,
       );
     }
-    let found: { real: string; inside: boolean };
+    const path = backingFile.startsWith("/")
+      ? backingFile
+      : `${dir}/${backingFile}`;
+    const folders = await allowed;
     try {
-      found = await resolveName(backingFile, dir, await allowed);
+      return await openInside(
+        path,
+        folders,
+        (why, real) =>
+          new BackingFileError(
+            why
+              ? `${naming} names the backing file "${backingFile}", which ${why}: refused`
+              : `${naming} names the backing file "${backingFile}", which leads to ${real}, outside ${
+                folders.join(", ")
+              }: refused: pass --allow-backing-dir ${
+                folderOf(real ?? path)
+              } (allowDir) to allow it`,
+            backingFile,
+          ),
+        write,
+      );
     } catch (e) {
       if (!(e instanceof Deno.errors.NotFound)) throw e;
       throw new BackingFileError(
-        `${naming} names the backing file "${backingFile}", which does not exist (looked for ${
-          backingFile.startsWith("/") ? backingFile : `${dir}/${backingFile}`
-        })`,
+        `${naming} names the backing file "${backingFile}", which does not exist (looked for ${path})`,
         backingFile,
       );
     }
-    if (!found.inside) {
-      throw new BackingFileError(
-        `${naming} names the backing file "${backingFile}", which leads to ${found.real}, outside ${
-          (await allowed).join(", ")
-        }: refused: pass --allow-backing-dir ${
-          folderOf(found.real)
-        } (allowDir) to allow it`,
-        backingFile,
-      );
-    }
-    return await fromFile(found.real);
   };
 }
 /**
