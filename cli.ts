@@ -25,6 +25,7 @@
 
 import {
   bootSectorPatch,
+  checkWriteOptions,
   commitTo,
   conversionService,
   convert,
@@ -50,7 +51,9 @@ import {
   parseFatSpelling,
   type Sink,
   streamSink,
+  writeOptionsHelp,
 } from "./mod.ts";
+import config from "./deno.json" with { type: "json" };
 
 /** A mistake in how the command was called (exit 2). */
 class UsageError extends Error {
@@ -179,6 +182,16 @@ function parseOptions(text: string | undefined): Record<string, string> {
     else out[part.slice(0, eq)] = part.slice(eq + 1);
   }
   return out;
+}
+
+/**
+ * `-o help` (or `-o ?`): prints the options `format` takes when written,
+ * as qemu-img does, and says so; nothing is created.
+ */
+function optionsHelp(format: string, text: unknown): boolean {
+  if (text !== "help" && text !== "?") return false;
+  print(writeOptionsHelp(driver(format)));
+  return true;
 }
 
 /** Parses a size as qemu-img does: bytes, or a number with k/M/G/T (powers of 1024). */
@@ -584,11 +597,17 @@ const commands: Record<string, Command> = {
       "no-verify": { type: "boolean" },
     },
     async run({ values, positionals }) {
+      const outFormat = values["output-format"] as string;
+      // An unknown format or option fails before any file is made.
+      if (optionsHelp(outFormat, values.options)) return 0;
       const [input, output] = need(positionals, 2, "convert");
       const key = await keyFrom(values);
       const outOptions = parseOptions(values.options as string | undefined);
-      const outFormat = values["output-format"] as string;
-      driver(outFormat); // an unknown format fails before any file is made
+      checkWriteOptions(
+        driver(outFormat),
+        outOptions,
+        values.compress === true,
+      );
       const bootSector = values["boot-sector"] === undefined
         ? undefined
         : await Deno.readFile(values["boot-sector"] as string);
@@ -709,10 +728,11 @@ const commands: Record<string, Command> = {
     async run({ values, positionals }) {
       const format = values.format as string | undefined;
       if (!format) throw new UsageError("create needs -f FORMAT", "create");
+      if (optionsHelp(format, values.options)) return 0;
       const [path, sizeText] = need(positionals, 2, "create");
-      driver(format);
       const size = parseSize(sizeText);
       const options = parseOptions(values.options as string | undefined);
+      checkWriteOptions(driver(format), options);
       const backingFile = values.backing as string | undefined;
       if (format === "cow" && backingFile !== undefined && !options.mtime) {
         // UML refuses a COW file whose mtime is not its backing file's.
@@ -1180,7 +1200,7 @@ function help(name?: string): string {
   const rows = Object.entries(commands).map(([, c]) =>
     `  ${c.usage}\n      ${c.summary}`
   );
-  return `usage: deno run -A cli.ts COMMAND [OPTIONS]\n\ncommands:\n${
+  return `vdisk ${config.version}\nusage: deno run -A cli.ts COMMAND [OPTIONS]\n\ncommands:\n${
     rows.join("\n")
   }\n\n` +
     "COMMAND --help shows one command's usage.\n";
@@ -1218,6 +1238,10 @@ function errorLine(e: unknown): string {
  */
 export async function main(args: string[]): Promise<number> {
   const [name, ...rest] = args;
+  if (name === "--version" || name === "-V" || name === "version") {
+    print(`vdisk ${config.version}\n`);
+    return 0;
+  }
   if (!name || name === "--help" || name === "-h" || name === "help") {
     (name ? print : printErr)(help(rest[0]));
     return name ? 0 : 2;
@@ -1250,10 +1274,22 @@ export async function main(args: string[]): Promise<number> {
     } catch (e) {
       throw new UsageError((e as Error).message, name);
     }
+    const output = call.values.output;
+    if (output !== undefined && output !== "human" && output !== "json") {
+      throw new UsageError(
+        `--output=${output}: the output is human or json`,
+        name,
+      );
+    }
     return await command.run(call);
   } catch (e) {
     for (const out of pendingOutputs) await out.abort();
     pendingOutputs.clear();
+    if (e instanceof Deno.errors.BrokenPipe) {
+      // The reader went away (`... - | head -c 1000`): end quietly with the
+      // status a process killed by SIGPIPE has, as cat and dd do.
+      return 141;
+    }
     if (e instanceof UsageError) {
       printErr(
         `vdisk ${name}: ${e.message}\nusage: deno run -A cli.ts ${command.usage}\n`,

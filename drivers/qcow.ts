@@ -957,6 +957,25 @@ async function encodeQcow(
  */
 export const qcow: Driver = {
   name: FORMAT,
+  writeOptions: [
+    {
+      name: "encryption",
+      help: "AES-CBC encryption (the passphrase from --key-file)",
+      values: ["on", "off", "true", "false"],
+      default: "off",
+    },
+    {
+      name: "encrypt",
+      help: "the same as encryption",
+      values: ["on", "off", "true", "false"],
+    },
+    {
+      name: "encrypt.format",
+      help: "the encryption (qemu-img's spelling)",
+      values: ["aes"],
+    },
+  ],
+  compresses: true,
   description: "QEMU qcow version 1 (compressed clusters, AES encryption)",
   probe(input: ProbeInput): number {
     const h = input.head;

@@ -8,6 +8,7 @@
 
 import { isZeroRange, wordsOf } from "../drivers/_binary.ts";
 import { driver } from "../drivers/registry.ts";
+import { checkWriteOptions } from "./options.ts";
 import { type Sha256, sha256 } from "./_sha256.ts";
 import { extentsOf, readInto, type Sink, type Source } from "./types.ts";
 
@@ -186,6 +187,7 @@ export async function convert(
 ): Promise<ConvertResult> {
   const format = options.format ?? "raw";
   const out = driver(format);
+  checkWriteOptions(out, options.options, options.compress);
   const total = source.size;
   const blockSize = options.blockSize ?? 2 << 20;
   const concurrency = options.concurrency ?? 4;

@@ -9,6 +9,7 @@ import {
   ImageFormatError,
   memorySink,
   open,
+  OptionError,
   probe,
   type Source,
   UnsupportedError,
@@ -482,17 +483,17 @@ Deno.test(
 Deno.test("unknown writer options and codecs are refused by name", async () => {
   await rejects(
     () => encodeDmg(new Uint8Array(512), { compression: "zstd" }),
-    ImageFormatError,
-    /compression "zstd"/,
+    OptionError,
+    /dmg: option compression=zstd is invalid: must be one of raw, zlib/,
   );
   await rejects(
     () => encodeDmg(new Uint8Array(512), { level: "9" }),
-    ImageFormatError,
-    /option "level"/,
+    OptionError,
+    /dmg: unknown option 'level' \(valid: compression, chunk_sectors, partitions\)/,
   );
   await rejects(
     () => encodeDmg(new Uint8Array(512), { chunk_sectors: "0" }),
-    ImageFormatError,
+    OptionError,
     /chunk_sectors/,
   );
 });

@@ -1,0 +1,171 @@
+/**
+ * The first-hour surprises of the command line (issue 17): options checked
+ * by one mechanism for every format, `-o help`, `--output`, `-c`,
+ * `--version`, and a reader that goes away.
+ */
+import { assertEquals, assertMatch, assertTrue } from "./_asserts.ts";
+import { cli, pseudoRandom, ROOT, withTemp } from "./_helpers.ts";
+import { checkWriteOptions, driver, formats, OptionError } from "../mod.ts";
+import { rejects } from "./_helpers.ts";
+
+/** The names in a folder. */
+function names(dir: string): string[] {
+  return [...Deno.readDirSync(dir)].map((e) => e.name).sort();
+}
+
+Deno.test("an unknown -o key is refused for every writable format, naming it and the valid ones, and nothing is made", async () => {
+  await withTemp(async (dir) => {
+    await Deno.writeFile(`${dir}/in.raw`, pseudoRandom(1 << 20, 3));
+    const writable = formats().filter((d) => d.create || d.encode);
+    assertTrue(writable.length >= 7, writable.map((d) => d.name).join());
+    for (const d of writable) {
+      const valid = (d.writeOptions ?? []).map((o) => o.name).join(", ");
+      const expected = new RegExp(
+        `${d.name}: unknown option 'subformt' \\(valid: ${
+          valid ? valid.replace(/\./g, "\\.") : "none"
+        }`,
+      );
+      const converted = await cli([
+        "convert",
+        "-O",
+        d.name,
+        "-o",
+        "subformt=streamOptimized",
+        `${dir}/in.raw`,
+        `${dir}/out.${d.name}`,
+      ]);
+      assertEquals(converted.code, 1, converted.stderr);
+      assertMatch(converted.stderr, expected);
+      if (d.create) {
+        const created = await cli([
+          "create",
+          "-f",
+          d.name,
+          "-o",
+          "subformt=streamOptimized",
+          `${dir}/new.${d.name}`,
+          "1M",
+        ]);
+        assertEquals(created.code, 1, created.stderr);
+        assertMatch(created.stderr, expected);
+      }
+      assertEquals(names(dir), ["in.raw"], `${d.name} left a file`);
+    }
+  });
+});
+
+Deno.test("a value outside an option's set is an OptionError naming the values", async () => {
+  await rejects(
+    () =>
+      Promise.resolve(checkWriteOptions(driver("vmdk"), { subformat: "x" })),
+    OptionError,
+    /vmdk: option subformat=x is invalid: must be one of monolithicSparse, streamOptimized/,
+  );
+  await rejects(
+    () => Promise.resolve(checkWriteOptions(driver("vpc"), {}, true)),
+    OptionError,
+    /vpc: this format does not support compression/,
+  );
+});
+
+Deno.test("-o help and -o ? list each option with its values and default, exit 0, and make nothing", async () => {
+  await withTemp(async (dir) => {
+    for (const spelling of ["help", "?"]) {
+      const r = await cli(["convert", "-O", "dmg", "-o", spelling]);
+      assertEquals(r.code, 0, r.stderr);
+      assertMatch(r.text, /^Supported options for dmg:\n/);
+      assertMatch(
+        r.text,
+        /compression +chunk codec \(values: raw\|zlib\|bzip2\|lzfse\|lzma\|xz\|adc; default: zlib\)/,
+      );
+      const c = await cli([
+        "create",
+        "-f",
+        "vpc",
+        "-o",
+        spelling,
+        `${dir}/x.vhd`,
+        "1M",
+      ]);
+      assertEquals(c.code, 0, c.stderr);
+      assertMatch(c.text, /force_size .*default: off/);
+      const raw = await cli(["create", "-f", "raw", "-o", spelling]);
+      assertEquals(raw.text, "Supported options for raw:\n  (none)\n");
+    }
+    assertEquals(names(dir), []);
+  });
+});
+
+Deno.test("--output takes human or json only (a usage error, exit 2)", async () => {
+  for (const command of ["info", "map"]) {
+    const r = await cli([
+      command,
+      "--output=xml",
+      `${ROOT}testdata/demo.dmg`,
+    ]);
+    assertEquals(r.code, 2, r.stderr);
+    assertMatch(r.stderr, /--output=xml: the output is human or json/);
+  }
+});
+
+Deno.test("-c with a format that cannot compress is an error, as in qemu-img", async () => {
+  await withTemp(async (dir) => {
+    for (const format of ["raw", "vpc", "cow"]) {
+      const r = await cli([
+        "convert",
+        "-c",
+        "-O",
+        format,
+        `${ROOT}testdata/demo.dmg`,
+        `${dir}/out`,
+      ]);
+      assertEquals(r.code, 1, r.stderr);
+      assertMatch(r.stderr, /does not support compression \(-c\)/);
+    }
+    assertEquals(names(dir), []);
+  });
+});
+
+Deno.test("--version prints the version deno.json gives, and --help names it", async () => {
+  const { version } = JSON.parse(await Deno.readTextFile(`${ROOT}deno.json`));
+  for (const flag of ["--version", "-V", "version"]) {
+    const r = await cli([flag]);
+    assertEquals(r.code, 0);
+    assertEquals(r.text, `vdisk ${version}\n`);
+  }
+  assertMatch((await cli(["--help"])).text, new RegExp(`^vdisk ${version}\n`));
+});
+
+Deno.test("a reader that goes away ends convert quietly (141, as SIGPIPE), with no message", async () => {
+  await withTemp(async (dir) => {
+    await Deno.writeFile(`${dir}/big.raw`, pseudoRandom(32 << 20, 5));
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        `${ROOT}cli.ts`,
+        "convert",
+        "-f",
+        "raw",
+        `${dir}/big.raw`,
+        "-",
+      ],
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const reader = child.stdout.getReader();
+    let got = 0;
+    while (got < 1000) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      got += value.length;
+    }
+    await reader.cancel();
+    const [status, stderr] = await Promise.all([
+      child.status,
+      new Response(child.stderr).text(),
+    ]);
+    assertEquals(stderr, "");
+    assertEquals(status.code, 141);
+  });
+});
