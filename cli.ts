@@ -3,7 +3,7 @@
  *
  * ```sh
  * deno run -A cli.ts info [-f FMT] [--output=json] IMAGE   # IMAGE may be fat:[12:|16:|32:]DIR
- * deno run -A cli.ts convert [-f FMT] [-O FMT] [-o OPTS] [-p] IN OUT
+ * deno run -A cli.ts convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING] [-c] [-p] IN OUT
  * deno run -A cli.ts map [--output=json] IMAGE
  * deno run -A cli.ts create -f FMT [-b BACKING -F FMT] [-o OPTS] OUT SIZE
  * deno run -A cli.ts compare A B
@@ -580,13 +580,15 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
       format: { type: "string", short: "f" },
       "output-format": { type: "string", short: "O", default: "raw" },
       options: { type: "string", short: "o" },
+      backing: { type: "string", short: "B" },
+      "backing-format": { type: "string", short: "F" },
       compress: { type: "boolean", short: "c" },
       progress: { type: "boolean", short: "p" },
       hash: { type: "boolean" },
@@ -627,6 +629,25 @@ const commands: Record<string, Command> = {
           ...(values["no-verify"] ? { options: { verify: "off" } } : {}),
         },
       });
+      // -B: the output records BACKING (named as from the output's folder)
+      // and stores only what differs from it.
+      const backingName = values.backing as string | undefined;
+      let backingImage: Image | undefined;
+      if (backingName !== undefined) {
+        const slash = output.lastIndexOf("/");
+        const backingPath = backingName.startsWith("/") || slash < 0
+          ? backingName
+          : `${output.slice(0, slash)}/${backingName}`;
+        const opened = await openImage(backingPath, {
+          format: values["backing-format"] as string | undefined,
+          ...backingPolicy(values),
+          extra: { key },
+        });
+        backingImage = opened.image;
+        files.push(...opened.files);
+      } else if (values["backing-format"] !== undefined) {
+        throw new UsageError("-F names the format of -B's file", "convert");
+      }
       if (output !== "-") await refuseInputAsOutput(output, input, files);
       const image = bootSector ? bootSectorPatch(source, bootSector) : source;
       const encryptOutput = outOptions.encryption === "on" ||
@@ -642,6 +663,10 @@ const commands: Record<string, Command> = {
         compress: values.compress === true,
         // The passphrase encrypts the output only when -o asks for it.
         key: encryptOutput ? key : undefined,
+        backingFile: backingName,
+        backingFormat: backingImage && (values["backing-format"] as string ??
+          backingImage.format),
+        backing: backingImage,
         hash: values.hash === true,
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
       };

@@ -440,7 +440,7 @@ async function createCow(sink: Sink, spec: CreateSpec): Promise<Image> {
   if (spec.backingFile === undefined || spec.backingFile === "") {
     throw new UnsupportedError(
       { format: FORMAT },
-      "a UML COW file needs a backing file (-b)",
+      "a UML COW file needs a backing file (create -b BACKING, convert -B BACKING)",
     );
   }
   if (spec.backingFormat !== undefined && spec.backingFormat !== "raw") {
