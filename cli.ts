@@ -24,6 +24,7 @@
  */
 
 import {
+  BackingFileError,
   bootSectorPatch,
   checkWriteOptions,
   commitTo,
@@ -43,6 +44,7 @@ import {
   fromFile,
   type Image,
   imageInfo,
+  KeyError,
   open,
   type OpenOptions,
   openTree,
@@ -194,14 +196,30 @@ function optionsHelp(format: string, text: unknown): boolean {
   return true;
 }
 
-/** Parses a size as qemu-img does: bytes, or a number with k/M/G/T (powers of 1024). */
-function parseSize(text: string): number {
-  const match = /^(\d+(?:\.\d+)?)([bkKmMgGtTpP]?)$/.exec(text);
-  if (!match) throw new UsageError(`invalid size '${text}'`);
-  const power = " kmgtp".indexOf(match[2].toLowerCase());
-  const size = Number(match[1]) * 1024 ** Math.max(0, power);
+/**
+ * Parses a size as qemu-img does: bytes, or a number with a k, M, G, T, P
+ * or E suffix (powers of 1024); `what` names it in errors. An offset
+ * (`what` = "offset") may also be hexadecimal with 0x, as qemu-io takes it.
+ */
+function parseSize(text: string, what = "size"): number {
+  const accepted = what === "offset"
+    ? "a number of bytes (decimal, or hexadecimal with 0x), optionally with a suffix k, M, G, T, P or E (powers of 1024)"
+    : "a number of bytes, optionally with a suffix k, M, G, T, P or E (powers of 1024), as in 512, 64k, 10G";
+  const hex = what === "offset" ? /^0[xX]([0-9a-fA-F]+)$/.exec(text) : null;
+  const match = hex ? null : /^(\d+(?:\.\d+)?)([bkKmMgGtTpPeE]?)$/.exec(text);
+  if (!hex && !match) {
+    throw new UsageError(`invalid ${what} '${text}': ${accepted}`);
+  }
+  const size = hex ? parseInt(hex[1], 16) : Number(match![1]) *
+    1024 ** Math.max(0, " kmgtpe".indexOf(match![2].toLowerCase()));
   if (!Number.isSafeInteger(size)) {
-    throw new UsageError(`invalid size '${text}'`);
+    throw new UsageError(
+      `invalid ${what} '${text}': ${
+        size > Number.MAX_SAFE_INTEGER
+          ? "at most 2^53 - 1 bytes (8 PiB)"
+          : "a whole number of bytes"
+      }`,
+    );
   }
   return size;
 }
@@ -295,7 +313,15 @@ async function openImage(
     opened.push(image);
     return { image, backing: [], files: [] };
   }
-  const file = await fromFile(path, { write: options.writable === true });
+  const file = await fromFile(path, { write: options.writable === true })
+    .catch((e) => {
+      if (e instanceof Deno.errors.IsADirectory) {
+        throw new Error(
+          `${path} is a folder, not an image: to read a folder as a FAT disk, name it fat:${path}`,
+        );
+      }
+      throw e;
+    });
   opened.push(file);
   const files = [file];
   const backing: FileHandle[] = [];
@@ -886,7 +912,7 @@ const commands: Record<string, Command> = {
     },
     async run({ values, positionals }) {
       const [path, offsetText, input] = need(positionals, 3, "write");
-      const offset = parseSize(offsetText);
+      const offset = parseSize(offsetText, "offset");
       // The backing chain is followed so that a write of part of a cluster
       // of an overlay keeps the rest of it as the backing file has it.
       const { image } = await openImage(path, {
@@ -1233,6 +1259,12 @@ function help(name?: string): string {
 
 /** Turns any error into one line a person can act on. */
 function errorLine(e: unknown): string {
+  // The command line's words (--key-file, --allow-backing-dir), not the API's.
+  if (
+    (e instanceof KeyError || e instanceof BackingFileError) && e.cliMessage
+  ) {
+    return e.cliMessage;
+  }
   if (e instanceof Deno.errors.NotFound) {
     return e.message.replace(
       /^No such file or directory \(os error 2\):? ?/,

@@ -371,10 +371,10 @@ async function inflated<T>(
 }
 
 function keyError(state: State): KeyError {
+  const what = `${state.source.name ?? "the qcow image"} is encrypted`;
   return new KeyError(
-    `${
-      state.source.name ?? "the qcow image"
-    } is encrypted: give its passphrase (open it with { key }, or --key-file on the command line)`,
+    `${what}: give its passphrase (open it with { key })`,
+    `${what}: give its passphrase with --key-file FILE`,
   );
 }
 
@@ -758,7 +758,8 @@ function wantsEncryption(
     (key !== undefined && flag !== "off");
   if (on && key === undefined) {
     throw new KeyError(
-      "qcow: an encrypted image needs a passphrase (--key-file, or { key })",
+      "qcow: an encrypted image needs a passphrase (the key option)",
+      "qcow: an encrypted image needs a passphrase (--key-file FILE)",
     );
   }
   return on;

@@ -190,8 +190,12 @@ export class OptionError extends Error {
 
 /** An encrypted image needs a key, or the key given is wrong. */
 export class KeyError extends Error {
-  /** @param message what is missing or wrong */
-  constructor(message: string) {
+  /**
+   * @param message what is missing or wrong, in the API's words
+   * @param cliMessage the same in the command line's words (`--key-file`),
+   *   when they differ
+   */
+  constructor(message: string, readonly cliMessage?: string) {
     super(message);
     this.name = "KeyError";
   }
@@ -200,10 +204,17 @@ export class KeyError extends Error {
 /** A backing file was refused by the backing-file policy (outside the allowed folder, a loop, too deep). */
 export class BackingFileError extends Error {
   /**
-   * @param message why it was refused and how to allow it
+   * @param message why it was refused and how to allow it, in the API's
+   *   words (`allowDir`)
    * @param backingFile the name as the image wrote it
+   * @param cliMessage the same in the command line's words
+   *   (`--allow-backing-dir`), when they differ
    */
-  constructor(message: string, readonly backingFile: string) {
+  constructor(
+    message: string,
+    readonly backingFile: string,
+    readonly cliMessage?: string,
+  ) {
     super(message);
     this.name = "BackingFileError";
   }

@@ -267,3 +267,68 @@ Deno.test({
     });
   },
 });
+
+Deno.test("error wording: offsets take hex, sizes list their suffixes, a folder suggests fat:, and no API words on the command line", async () => {
+  await withTemp(async (dir) => {
+    const img = `${dir}/w.raw`;
+    assertEquals((await cli(["create", "-f", "raw", img, "64k"])).code, 0);
+    await Deno.writeTextFile(`${dir}/hi.txt`, "hi\n");
+    const w = await cli(["write", img, "0x1000", `${dir}/hi.txt`]);
+    assertEquals(w.code, 0, w.stderr);
+    assertEquals(
+      (await Deno.readFile(img)).subarray(0x1000, 0x1003),
+      new TextEncoder().encode("hi\n"),
+    );
+    const bad = await cli(["write", img, "12 bytes", `${dir}/hi.txt`]);
+    assertEquals(bad.code, 2);
+    assertMatch(bad.stderr, /invalid offset '12 bytes': .*hexadecimal with 0x/);
+    for (const size of ["12MB", "10E", "1.5.2G"]) {
+      const r = await cli(["create", "-f", "raw", `${dir}/x.raw`, size]);
+      assertEquals(r.code, 2, size);
+      assertMatch(
+        r.stderr,
+        new RegExp(
+          `invalid size '${
+            size.replace(/\./g, "\\.")
+          }': (a number of bytes, optionally with a suffix k, M, G, T, P or E|at most 2\\^53)`,
+        ),
+      );
+    }
+    await Deno.mkdir(`${dir}/folder`);
+    const folder = await cli(["info", `${dir}/folder`]);
+    assertEquals(folder.code, 1);
+    assertMatch(folder.stderr, new RegExp(`name it fat:${dir}/folder\\n$`));
+    // An encrypted image without a passphrase: the CLI's flag, not { key }.
+    const enc = await cli([
+      "convert",
+      "-O",
+      "qcow",
+      "-o",
+      "encryption=on",
+      img,
+      `${dir}/e.qcow`,
+    ]);
+    assertEquals(enc.code, 1);
+    assertMatch(enc.stderr, /--key-file FILE/);
+    assertTrue(!/\{ key \}|allowDir/.test(enc.stderr), enc.stderr);
+    await Deno.writeTextFile(`${dir}/key`, "secret");
+    const made = await cli([
+      "convert",
+      "-O",
+      "qcow",
+      "-o",
+      "encryption=on",
+      "--key-file",
+      `${dir}/key`,
+      img,
+      `${dir}/e.qcow`,
+    ]);
+    assertEquals(made.code, 0, made.stderr);
+    const read = await cli(["convert", `${dir}/e.qcow`, `${dir}/out.raw`]);
+    assertEquals(read.code, 1);
+    assertMatch(
+      read.stderr,
+      /is encrypted: give its passphrase with --key-file FILE\n$/,
+    );
+  });
+});
