@@ -1162,7 +1162,9 @@ function humanValue(value: unknown, indent: string, lines: string[]) {
   const entries = Array.isArray(value)
     ? value.map((v, i) => [`[${i}]`, v] as const)
     : Object.entries(value as Record<string, unknown>);
-  for (const [key, v] of entries) {
+  for (const [name, v] of entries) {
+    // qemu-img's human keys are words: `lazy refcounts`, `first sector`.
+    const key = name.replace(/-/g, " ");
     if (v !== null && typeof v === "object" && !(v instanceof Date)) {
       lines.push(`${indent}${key}:`);
       humanValue(v, indent + "    ", lines);
@@ -1187,7 +1189,7 @@ function humanInfo(info: Record<string, unknown>): string {
     lines.push(
       `allocated: ${humanSize(info["allocated-bytes"] as number)} (${
         info["allocated-bytes"]
-      } bytes stored in this layer)`,
+      } bytes of the virtual disk held in this layer; a compressed format stores them in less disk size)`,
     );
   }
   if (info.encrypted) lines.push("encrypted: yes");

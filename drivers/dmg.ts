@@ -1048,13 +1048,23 @@ function dmgImage(
       checksums: {
         data_fork: describeChecksum(tables.koly.dataChecksum),
         master: describeChecksum(tables.koly.masterChecksum),
-        verified: !verify
-          ? "off (verify=off)"
-          : `${
+        // What open checked, and what is checked only as data is decoded
+        // (info decodes nothing, so it cannot say those matched).
+        checked_at_open: !verify
+          ? "nothing (verify=off)"
+          : storedCrc(tables.koly.masterChecksum) !== undefined &&
+              tables.partitions.every((p) =>
+                storedCrc(p.mish.checksum) !== undefined
+              )
+          ? "the master checksum (over the partitions' checksums): it matches"
+          : "nothing (no master checksum)",
+        checked_as_decoded: !verify
+          ? "nothing (verify=off)"
+          : `the CRC-32s of ${
             coverage!.partitions
           } of ${tables.partitions.length} partitions` +
-            (coverage!.dataFork ? " and the data fork" : "") +
-            ", as chunks are decoded",
+            (coverage!.dataFork ? " and of the data fork" : "") +
+            ", when their chunks are read",
       },
       segment: `${tables.koly.segmentNumber} of ${tables.koly.segmentCount}`,
     },

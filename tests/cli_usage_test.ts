@@ -332,3 +332,42 @@ Deno.test("error wording: offsets take hex, sizes list their suffixes, a folder 
     );
   });
 });
+
+Deno.test("info's format details use one key style (qemu-img's kebab-case in JSON, words for people) and no raw NUL bytes", async () => {
+  await withTemp(async (dir) => {
+    const disk = pseudoRandom(1 << 20, 9);
+    await Deno.writeFile(`${dir}/d.raw`, disk);
+    const images = [
+      `${ROOT}testdata/demo.dmg`,
+      `${ROOT}testdata/cloop-7zip-b4096.cloop`,
+    ];
+    for (const format of ["vpc", "vmdk", "qcow", "cloop", "dmg"]) {
+      const out = `${dir}/d.${format}`;
+      const r = await cli(["convert", "-O", format, `${dir}/d.raw`, out]);
+      assertEquals(r.code, 0, r.stderr);
+      images.push(out);
+    }
+    const keys = (value: unknown, found: string[] = []): string[] => {
+      if (Array.isArray(value)) value.forEach((v) => keys(v, found));
+      else if (value && typeof value === "object") {
+        for (const [k, v] of Object.entries(value)) {
+          found.push(k);
+          keys(v, found);
+        }
+      }
+      return found;
+    };
+    for (const image of images) {
+      const r = await cli(["info", "--output=json", image]);
+      assertEquals(r.code, 0, r.stderr);
+      assertTrue(!r.text.includes("\\u0000"), `${image}: a NUL in ${r.text}`);
+      const json = JSON.parse(r.text);
+      const data = json["format-specific"]?.data ?? {};
+      for (const key of keys(data)) {
+        assertMatch(key, /^[a-z0-9]+(-[a-z0-9]+)*$/, `${image}: key ${key}`);
+      }
+      const human = await cli(["info", image]);
+      assertTrue(!/^\s+\w+[_-]\w+:/m.test(human.text), human.text);
+    }
+  });
+});
