@@ -51,3 +51,5 @@ export {
 } from "./drivers/vvfat.ts";
 export { dmg } from "./drivers/dmg.ts";
 export { raw } from "./drivers/raw.ts";
+export { sparseimage } from "./drivers/sparseimage.ts";
+export { diskcopy42 } from "./drivers/diskcopy42.ts";

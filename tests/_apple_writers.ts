@@ -1,0 +1,244 @@
+// Writers of Apple's sparse and floppy image formats, for the tests: each
+// builds a file from a raw disk by the public description of its format
+// (libmodi's notes and apfs-fuse for sparseimage and sparsebundle, Apple II
+// File Type Note $e0/8005 for DiskCopy 4.2, the MacBinary II standard,
+// huven/asif-format for ASIF), written apart from the readers in drivers/
+// so that a misreading in one is not repeated in the other.
+
+/** Big-endian field writers over a DataView. */
+function dv(b: Uint8Array): DataView {
+  return new DataView(b.buffer, b.byteOffset, b.byteLength);
+}
+
+function ascii(b: Uint8Array, at: number, text: string) {
+  for (let i = 0; i < text.length; i++) b[at + i] = text.charCodeAt(i);
+}
+
+/** Options for {@linkcode writeSparseimage}. */
+export interface SparseimageOptions {
+  /** Band size in bytes (a multiple of 512). @default 1 MiB */
+  bandSize?: number;
+  /**
+   * The bands to store, in the order they are stored (the order they were
+   * first written). @default every band holding a non-zero byte, in disk order
+   */
+  order?: number[];
+  /** Store the last band cut short at the disk's end instead of whole. @default false */
+  shortLastBand?: boolean;
+}
+
+/** Bands of `disk` that hold a non-zero byte. */
+export function nonZeroBands(disk: Uint8Array, bandSize: number): number[] {
+  const out: number[] = [];
+  for (let band = 0; band * bandSize < disk.length; band++) {
+    if (disk.subarray(band * bandSize, (band + 1) * bandSize).some((x) => x)) {
+      out.push(band);
+    }
+  }
+  return out;
+}
+
+/**
+ * A `.sparseimage` of `disk`: a 4096-byte header node (`sprs`, version 3,
+ * sectors per band, total sectors, 1008 band slots at 64), its bands, then
+ * as many index nodes (1010 slots at 56) as the bands need, each followed
+ * by its bands.
+ */
+export function writeSparseimage(
+  disk: Uint8Array,
+  options: SparseimageOptions = {},
+): Uint8Array {
+  const bandSize = options.bandSize ?? 1 << 20;
+  const order = options.order ?? nonZeroBands(disk, bandSize);
+  const bands = Math.ceil(disk.length / bandSize);
+  const stored = (band: number) =>
+    options.shortLastBand && band === bands - 1
+      ? disk.length - band * bandSize
+      : bandSize;
+  const parts: Uint8Array[] = [];
+  let fileSize = 0;
+  const push = (p: Uint8Array) => {
+    parts.push(p);
+    fileSize += p.length;
+  };
+  const header = new Uint8Array(4096);
+  ascii(header, 0, "sprs");
+  dv(header).setUint32(4, 3);
+  dv(header).setUint32(8, bandSize / 512);
+  dv(header).setUint32(12, 1);
+  const sectors = disk.length / 512;
+  dv(header).setUint32(16, sectors % 2 ** 32);
+  dv(header).setBigUint64(28, BigInt(sectors));
+  push(header);
+  let node = header;
+  let slotsAt = 64;
+  let slots = 1008;
+  let used = 0;
+  let nodeNumber = 0;
+  for (const band of order) {
+    if (used === slots) {
+      const next = new Uint8Array(4096);
+      ascii(next, 0, "sprs");
+      dv(next).setUint32(4, nodeNumber++);
+      dv(next).setUint32(8, 1);
+      dv(node).setBigUint64(node === header ? 20 : 12, BigInt(fileSize));
+      push(next);
+      node = next;
+      slotsAt = 56;
+      slots = 1010;
+      used = 0;
+    }
+    dv(node).setUint32(slotsAt + used * 4, band + 1);
+    used++;
+    const bytes = new Uint8Array(stored(band));
+    bytes.set(disk.subarray(band * bandSize, band * bandSize + bytes.length));
+    push(bytes);
+  }
+  const out = new Uint8Array(fileSize);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+/** The DiskCopy 4.2 checksum: add each big-endian word, rotate right by one. */
+function dc42Sum(bytes: Uint8Array): number {
+  let sum = 0;
+  for (let i = 0; i < bytes.length; i += 2) {
+    sum = (sum + bytes[i] * 256 + bytes[i + 1]) % 2 ** 32;
+    sum = Math.floor(sum / 2) + (sum % 2) * 2 ** 31;
+  }
+  return sum;
+}
+
+/** Options for {@linkcode writeDiskCopy42}. */
+export interface DiskCopyOptions {
+  /** The disk name (ASCII, at most 63 characters). @default "Test Disk" */
+  name?: string;
+  /** Tag bytes (a multiple of 12). @default none */
+  tags?: Uint8Array;
+  /** diskFormat byte. @default 1 (800K GCR) */
+  diskFormat?: number;
+  /** formatByte. @default 0x22 */
+  formatByte?: number;
+}
+
+/** A DiskCopy 4.2 image of `data` (a multiple of 512 bytes). */
+export function writeDiskCopy42(
+  data: Uint8Array,
+  options: DiskCopyOptions = {},
+): Uint8Array {
+  const tags = options.tags ?? new Uint8Array(0);
+  const name = options.name ?? "Test Disk";
+  const out = new Uint8Array(84 + data.length + tags.length);
+  out[0] = name.length;
+  ascii(out, 1, name);
+  dv(out).setUint32(64, data.length);
+  dv(out).setUint32(68, tags.length);
+  dv(out).setUint32(72, dc42Sum(data));
+  // The first 12 tag bytes are left out of the tag checksum.
+  dv(out).setUint32(76, tags.length > 12 ? dc42Sum(tags.subarray(12)) : 0);
+  out[80] = options.diskFormat ?? 1;
+  out[81] = options.formatByte ?? 0x22;
+  dv(out).setUint16(82, 0x0100);
+  out.set(data, 84);
+  out.set(tags, 84 + data.length);
+  return out;
+}
+
+/** CRC-16/XMODEM, bit by bit (polynomial 0x1021, initial 0). */
+function crc16(bytes: Uint8Array): number {
+  let crc = 0;
+  for (const byte of bytes) {
+    for (let bit = 7; bit >= 0; bit--) {
+      const top = ((crc >> 15) & 1) ^ ((byte >> bit) & 1);
+      crc = (crc << 1) & 0xffff;
+      if (top) crc ^= 0x1021;
+    }
+  }
+  return crc;
+}
+
+/** Options for {@linkcode wrapMacBinary}. */
+export interface MacBinaryOptions {
+  name?: string;
+  type?: string;
+  creator?: string;
+  /** 0 for MacBinary I (no CRC), 129 for MacBinary II. @default 129 */
+  version?: number;
+  /** A resource fork to append. */
+  resourceFork?: Uint8Array;
+}
+
+/** A MacBinary file holding `dataFork` (and a resource fork), forks padded to 128 bytes. */
+export function wrapMacBinary(
+  dataFork: Uint8Array,
+  options: MacBinaryOptions = {},
+): Uint8Array {
+  const name = options.name ?? "Test Disk.image";
+  const resource = options.resourceFork ?? new Uint8Array(0);
+  const pad = (n: number) => Math.ceil(n / 128) * 128;
+  const out = new Uint8Array(128 + pad(dataFork.length) + pad(resource.length));
+  out[1] = name.length;
+  ascii(out, 2, name);
+  ascii(out, 65, options.type ?? "dImg");
+  ascii(out, 69, options.creator ?? "dCpy");
+  dv(out).setUint32(83, dataFork.length);
+  dv(out).setUint32(87, resource.length);
+  const version = options.version ?? 129;
+  if (version) {
+    out[122] = version;
+    out[123] = 129;
+    dv(out).setUint16(124, crc16(out.subarray(0, 124)));
+  }
+  out.set(dataFork, 128);
+  out.set(resource, 128 + pad(dataFork.length));
+  return out;
+}
+
+/** A small disk with data, zeros and a pattern, for fuzzing seeds. */
+function seedDisk(size: number): Uint8Array {
+  const disk = new Uint8Array(size);
+  for (let i = 0; i < size; i += 3) disk[i] = (i * 31) & 0xff;
+  disk.fill(0, size >> 2, size >> 1);
+  return disk;
+}
+
+/** Seeds for the fuzzer: one small image of each variant the writers make. */
+export function appleSeeds(): {
+  name: string;
+  format: string;
+  bytes: Uint8Array;
+}[] {
+  const disk = seedDisk(1 << 20);
+  const bands = nonZeroBands(disk, 64 << 10);
+  return [
+    {
+      name: "made:sparseimage",
+      format: "sparseimage",
+      bytes: writeSparseimage(disk, {
+        bandSize: 64 << 10,
+        order: bands.reverse(),
+      }),
+    },
+    {
+      name: "made:sparseimage-index-nodes",
+      format: "sparseimage",
+      bytes: writeSparseimage(seedDisk(1200 * 512), { bandSize: 512 }),
+    },
+    {
+      name: "made:diskcopy42",
+      format: "diskcopy42",
+      bytes: writeDiskCopy42(disk.subarray(0, 400 << 10), {
+        tags: seedDisk(800 * 12),
+      }),
+    },
+    {
+      name: "made:diskcopy42-macbinary",
+      format: "diskcopy42",
+      bytes: wrapMacBinary(writeDiskCopy42(disk.subarray(0, 800 << 10))),
+    },
+  ];
+}
