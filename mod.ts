@@ -53,3 +53,4 @@ export { dmg } from "./drivers/dmg.ts";
 export { raw } from "./drivers/raw.ts";
 export { sparseimage } from "./drivers/sparseimage.ts";
 export { diskcopy42 } from "./drivers/diskcopy42.ts";
+export { asif } from "./drivers/asif.ts";

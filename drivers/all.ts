@@ -18,6 +18,7 @@ import { cow } from "./cow.ts";
 import { vvfat } from "./vvfat.ts";
 import { sparseimage } from "./sparseimage.ts";
 import { diskcopy42 } from "./diskcopy42.ts";
+import { asif } from "./asif.ts";
 import { raw } from "./raw.ts";
 
 /** Every driver, raw last. */
@@ -32,5 +33,6 @@ export const DRIVERS: readonly Driver[] = [
   vvfat,
   sparseimage,
   diskcopy42,
+  asif,
   raw,
 ];

@@ -240,5 +240,147 @@ export function appleSeeds(): {
       format: "diskcopy42",
       bytes: wrapMacBinary(writeDiskCopy42(disk.subarray(0, 800 << 10))),
     },
+    {
+      name: "made:asif",
+      format: "asif",
+      bytes: writeAsif(disk, {
+        chunkSize: 32 << 10,
+        order: nonZeroBands(disk, 32 << 10).reverse(),
+        partial: [1, 30],
+        staleFirst: true,
+      }),
+    },
   ];
+}
+
+/** Options for {@linkcode writeAsif}. */
+export interface AsifOptions {
+  /** Chunk size in bytes. @default 1 MiB */
+  chunkSize?: number;
+  /** Block (sector) size in bytes. @default 512 */
+  blockSize?: number;
+  /** The size the disk may grow to. @default 4 × the disk's size */
+  maxSize?: number;
+  /** Data chunks to store, in file order. @default the non-zero ones, in disk order */
+  order?: number[];
+  /**
+   * Chunks stored as written in part (status 11): only their non-zero
+   * sectors are marked written in the group's bitmap chunk, and the file
+   * holds junk (0xee) in the others.
+   */
+  partial?: number[];
+  /**
+   * Put the current directory second, and a stale one (lower sequence
+   * number, pointing at a table of junk) first. @default false
+   */
+  staleFirst?: boolean;
+}
+
+/**
+ * An ASIF image of `disk`, laid out as huven/asif-format describes it:
+ * chunk 0 holds the 512-byte header and the two directories; then the
+ * tables (C groups of N data-chunk entries and one bitmap-chunk entry,
+ * N = 4 × block size, C = ⌊chunk size / (8 × (N + 1))⌋), bitmap chunks
+ * and data chunks, each one chunk long.
+ */
+export function writeAsif(
+  disk: Uint8Array,
+  options: AsifOptions = {},
+): Uint8Array {
+  const chunk = options.chunkSize ?? 1 << 20;
+  const block = options.blockSize ?? 512;
+  const maxSize = options.maxSize ?? disk.length * 4;
+  const N = 4 * block;
+  const S = 8 * (N + 1);
+  const C = Math.floor(chunk / S);
+  const D = C * N * chunk;
+  const T = Math.ceil(maxSize / D);
+  const order = options.order ?? nonZeroBands(disk, chunk);
+  const partial = new Set(options.partial ?? []);
+  if (16 + 8 * T * 2 + 512 > chunk) {
+    throw new Error("directories overflow chunk 0");
+  }
+
+  // Chunk numbers: 0 header, then tables as needed, bitmaps, data.
+  let nextChunk = 1;
+  const tables = new Map<number, { chunk: number; entries: BigUint64Array }>();
+  const tableFor = (t: number) => {
+    let table = tables.get(t);
+    if (!table) {
+      table = { chunk: nextChunk++, entries: new BigUint64Array(C * (N + 1)) };
+      tables.set(t, table);
+    }
+    return table;
+  };
+  const bitmaps = new Map<string, { chunk: number; bytes: Uint8Array }>();
+  const pieces: { chunk: number; bytes: Uint8Array }[] = [];
+  for (const c of order) {
+    const t = Math.floor((c * chunk) / D);
+    const k = c - t * C * N;
+    const group = Math.floor(k / N);
+    const table = tableFor(t);
+    const dataChunk = nextChunk++;
+    const bytes = new Uint8Array(chunk);
+    bytes.set(disk.subarray(c * chunk, (c + 1) * chunk));
+    if (partial.has(c)) {
+      const key = `${t}/${group}`;
+      let bitmap = bitmaps.get(key);
+      if (!bitmap) {
+        bitmap = { chunk: nextChunk++, bytes: new Uint8Array(chunk) };
+        bitmaps.set(key, bitmap);
+        table.entries[group * (N + 1) + N] = BigInt(bitmap.chunk);
+      }
+      const sectorsPerChunk = chunk / block;
+      for (let s = 0; s < sectorsPerChunk; s++) {
+        const sector = bytes.subarray(s * block, (s + 1) * block);
+        const groupSector = (k % N) * sectorsPerChunk + s;
+        if (sector.some((x) => x)) {
+          bitmap.bytes[groupSector >> 2] |= 1 << ((groupSector % 4) * 2);
+        } else {
+          sector.fill(0xee);
+        }
+      }
+      table.entries[group * (N + 1) + (k % N)] = (3n << 62n) |
+        BigInt(dataChunk);
+    } else {
+      table.entries[group * (N + 1) + (k % N)] = (1n << 62n) |
+        BigInt(dataChunk);
+    }
+    pieces.push({ chunk: dataChunk, bytes });
+  }
+  // A stale table full of junk, named only by the stale directory.
+  const staleTable = nextChunk++;
+  const out = new Uint8Array(nextChunk * chunk);
+  const v = dv(out);
+  ascii(out, 0, "shdw");
+  v.setUint32(4, 1);
+  v.setUint32(8, 512);
+  const dirBytes = 8 + 8 * T;
+  const first = 512;
+  const second = 512 + Math.ceil(dirBytes / 512) * 512;
+  const [current, stale] = options.staleFirst
+    ? [second, first]
+    : [first, second];
+  v.setBigUint64(16, BigInt(first));
+  v.setBigUint64(24, BigInt(second));
+  for (let i = 0; i < 16; i++) out[32 + i] = 0xa0 + i;
+  v.setBigUint64(48, BigInt(disk.length / block));
+  v.setBigUint64(56, BigInt(maxSize / block));
+  v.setUint32(64, chunk);
+  v.setUint16(68, block);
+  v.setBigUint64(current, 7n);
+  v.setBigUint64(stale, 6n);
+  for (const [t, table] of tables) {
+    v.setBigUint64(current + 8 + 8 * t, BigInt(table.chunk));
+    for (let i = 0; i < table.entries.length; i++) {
+      v.setBigUint64(table.chunk * chunk + 8 * i, table.entries[i]);
+    }
+  }
+  for (let t = 0; t < T; t++) {
+    v.setBigUint64(stale + 8 + 8 * t, BigInt(staleTable));
+  }
+  out.fill(0x41, staleTable * chunk, (staleTable + 1) * chunk);
+  for (const b of bitmaps.values()) out.set(b.bytes, b.chunk * chunk);
+  for (const p of pieces) out.set(p.bytes, p.chunk * chunk);
+  return out;
 }
