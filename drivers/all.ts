@@ -19,6 +19,7 @@ import { vvfat } from "./vvfat.ts";
 import { sparseimage } from "./sparseimage.ts";
 import { diskcopy42 } from "./diskcopy42.ts";
 import { asif } from "./asif.ts";
+import { sparsebundle } from "./sparsebundle.ts";
 import { raw } from "./raw.ts";
 
 /** Every driver, raw last. */
@@ -34,5 +35,6 @@ export const DRIVERS: readonly Driver[] = [
   sparseimage,
   diskcopy42,
   asif,
+  sparsebundle,
   raw,
 ];

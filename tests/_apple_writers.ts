@@ -206,6 +206,20 @@ function seedDisk(size: number): Uint8Array {
   return disk;
 }
 
+/**
+ * The band files of the fuzzer's sparse bundle: its seed is the bundle's
+ * Info.plist (a bundle is a folder, and the fuzzer mutates one file), and
+ * the worker opens each mutant with these bands beside it.
+ */
+export function fuzzBundleFiles(): Record<string, Uint8Array | null> {
+  const files = writeSparsebundle(seedDisk(1 << 20), {
+    bandSize: 64 << 10,
+    trim: true,
+  });
+  delete files["Info.plist"];
+  return files;
+}
+
 /** Seeds for the fuzzer: one small image of each variant the writers make. */
 export function appleSeeds(): {
   name: string;
@@ -239,6 +253,11 @@ export function appleSeeds(): {
       name: "made:diskcopy42-macbinary",
       format: "diskcopy42",
       bytes: wrapMacBinary(writeDiskCopy42(disk.subarray(0, 800 << 10))),
+    },
+    {
+      name: "made:sparsebundle-plist",
+      format: "sparsebundle",
+      bytes: new TextEncoder().encode(bundlePlist(64 << 10, 1 << 20)),
     },
     {
       name: "made:asif",
@@ -383,4 +402,85 @@ export function writeAsif(
   for (const b of bitmaps.values()) out.set(b.bytes, b.chunk * chunk);
   for (const p of pieces) out.set(p.bytes, p.chunk * chunk);
   return out;
+}
+
+/** Options for {@linkcode writeSparsebundle}. */
+export interface SparsebundleOptions {
+  /** band-size in bytes. @default 8 MiB */
+  bandSize?: number;
+  /** Band files to store. @default the bands holding a non-zero byte */
+  bands?: number[];
+  /** Cut each band file after its last non-zero byte (as a band written only in part is). @default false */
+  trim?: boolean;
+  /** Extra Info.plist text inside the dict, or replacements of the defaults. */
+  plist?: { version?: string; type?: string; extra?: string };
+}
+
+/** The Info.plist of a sparse bundle. */
+export function bundlePlist(
+  bandSize: number,
+  size: number,
+  o: SparsebundleOptions["plist"] = {},
+): string {
+  return `<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0">
+<dict>
+	<key>CFBundleInfoDictionaryVersion</key>
+	<string>6.0</string>
+	<key>band-size</key>
+	<integer>${bandSize}</integer>
+	<key>bundle-backingstore-version</key>
+	<integer>${o.version ?? "1"}</integer>
+	<key>diskimage-bundle-type</key>
+	<string>${o.type ?? "com.apple.diskimage.sparsebundle"}</string>
+	<key>size</key>
+	<integer>${size}</integer>${o.extra ?? ""}
+</dict>
+</plist>
+`;
+}
+
+/**
+ * The files of a sparse bundle of `disk`, by path within the bundle:
+ * `Info.plist`, `Info.bckup`, an empty `token`, and `bands/N` (N in
+ * lower-case hexadecimal) for each band stored.
+ */
+export function writeSparsebundle(
+  disk: Uint8Array,
+  options: SparsebundleOptions = {},
+): Record<string, Uint8Array | null> {
+  const bandSize = options.bandSize ?? 8 << 20;
+  const plist = new TextEncoder().encode(
+    bundlePlist(bandSize, disk.length, options.plist),
+  );
+  const files: Record<string, Uint8Array | null> = {
+    "Info.plist": plist,
+    "Info.bckup": plist,
+    "token": new Uint8Array(0),
+    "bands/": null,
+  };
+  for (const band of options.bands ?? nonZeroBands(disk, bandSize)) {
+    let bytes = disk.slice(band * bandSize, (band + 1) * bandSize);
+    if (options.trim) {
+      let end = bytes.length;
+      while (end > 0 && bytes[end - 1] === 0) end--;
+      bytes = bytes.slice(0, end);
+    }
+    files[`bands/${band.toString(16)}`] = bytes;
+    delete files["bands/"];
+  }
+  return files;
+}
+
+/** Writes `files` (paths within a folder; `null` for an empty folder) under `dir`. */
+export async function writeFolder(
+  dir: string,
+  files: Record<string, Uint8Array | null>,
+): Promise<void> {
+  for (const [path, bytes] of Object.entries(files)) {
+    const at = `${dir}/${path}`;
+    await Deno.mkdir(at.slice(0, at.lastIndexOf("/")), { recursive: true });
+    if (bytes) await Deno.writeFile(at, bytes);
+  }
 }
