@@ -13,6 +13,7 @@ import {
   UnsupportedError,
 } from "../mod.ts";
 import {
+  assertBoundedWork,
   cli,
   pseudoRandom,
   rejects,
@@ -192,15 +193,53 @@ const broken: [string, () => Record<string, Uint8Array | null>, RegExp][] = [
     "bands/03": new Uint8Array(10),
   }), /band 3/],
 ];
+/** A tree that counts the bytes read from it. */
+function counting(tree: Tree) {
+  let bytes = 0;
+  let reads = 0;
+  const counted: Tree = {
+    list: (path) => tree.list(path),
+    read(path, offset, length) {
+      reads++;
+      bytes += length;
+      return tree.read(path, offset, length);
+    },
+  };
+  return { tree: counted, reads: () => reads, bytesRead: () => bytes };
+}
+
 for (const [what, make, message] of broken) {
-  Deno.test(`a sparse bundle with ${what} is a typed error`, async () => {
+  Deno.test(`a sparse bundle with ${what} is a typed error, with bounded work`, async () => {
+    const files = make();
+    const total = Object.values(files).reduce(
+      (n, f) => n + (f?.length ?? 0),
+      0,
+    );
+    const counted = counting(memoryTree(files));
     await rejects(
-      () => openSparsebundle(memoryTree(make())),
+      () =>
+        openSparsebundle(counted.tree).then((i) => convert(i, memorySink())),
       ImageFormatError,
       message,
     );
+    assertBoundedWork(counted, total, 10, 1);
   });
 }
+
+Deno.test("band-size and size written as strings (as some writers do) read the same", async () => {
+  const band = 4 * KiB;
+  const disk = diskOf(band, 5, [1]);
+  const files = writeSparsebundle(disk, { bandSize: band });
+  files["Info.plist"] = enc(
+    new TextDecoder().decode(files["Info.plist"]!)
+      .replace(`<integer>${band}</integer>`, `<string>${band}</string>`)
+      .replace(
+        `<integer>${disk.length}</integer>`,
+        `<string>${disk.length}</string>`,
+      ),
+  );
+  assertEquals(sha256Hex(await decode(memoryTree(files))), sha256Hex(disk));
+});
 
 Deno.test("encrypted bundles and backing store version 2 are refused by name", async () => {
   await rejects(
