@@ -119,6 +119,43 @@ Deno.test("a bad data checksum is a ChecksumError naming both sums", async () =>
   );
 });
 
+Deno.test("verify=off (convert --no-verify) reads an image whose checksums are stale", async () => {
+  const data = floppy();
+  const file = writeDiskCopy42(data);
+  file[84 + 5000] ^= 1;
+  data[5000] ^= 1;
+  const image = await open(fromBytes(file), { options: { verify: "off" } });
+  assertEquals(image.details?.checksums, "not checked (verify=off)");
+  const sink = memorySink();
+  await convert(image, sink);
+  assertEquals(sha256Hex(sink.bytes()), sha256Hex(data));
+  await withTemp(async (dir) => {
+    await Deno.writeFile(`${dir}/stale.image`, file);
+    const refused = await cli([
+      "convert",
+      `${dir}/stale.image`,
+      `${dir}/a.raw`,
+    ]);
+    assertEquals(refused.code, 1);
+    assertEquals(
+      /dataChecksum mismatch/.test(refused.stderr),
+      true,
+      refused.stderr,
+    );
+    const r = await cli([
+      "convert",
+      "--no-verify",
+      `${dir}/stale.image`,
+      `${dir}/b.raw`,
+    ]);
+    assertEquals(r.code, 0, r.stderr);
+    assertEquals(
+      sha256Hex(await Deno.readFile(`${dir}/b.raw`)),
+      sha256Hex(data),
+    );
+  });
+});
+
 Deno.test("a bad tag checksum is a ChecksumError", async () => {
   const data = pseudoRandom(400 * 1024, 5);
   const file = writeDiskCopy42(data, { tags: pseudoRandom(800 * 12, 6) });
