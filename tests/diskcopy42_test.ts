@@ -50,6 +50,11 @@ Deno.test("a DiskCopy 4.2 image decodes to its disk data; info shows the name, f
   assertEquals(image.details?.checksums, "verified");
 });
 
+Deno.test("the disk name is Mac OS Roman text", async () => {
+  const file = writeDiskCopy42(floppy(), { name: "Syst\x8fme" }); // 0x8f: è
+  assertEquals((await decode(file)).image.details?.diskName, "Système");
+});
+
 Deno.test("tag data is checked (its first 12 bytes left out) and not part of the disk", async () => {
   const data = pseudoRandom(400 * 1024, 5);
   const tags = pseudoRandom(800 * 12, 6);
