@@ -2,7 +2,7 @@
  * The command line, with qemu-img's conventions:
  *
  * ```sh
- * deno run -A cli.ts info [-f FMT] [--output=json] IMAGE   # IMAGE may be fat:[12:|16:|32:]DIR
+ * deno run -A cli.ts info [-f FMT] [--output=json] IMAGE   # IMAGE may be fat:[12:|16:|32:]DIR or a .sparsebundle folder
  * deno run -A cli.ts convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING] [-c] [-p] IN OUT
  * deno run -A cli.ts map [--output=json] IMAGE
  * deno run -A cli.ts create -f FMT [-b BACKING -F FMT] [-o OPTS] OUT SIZE
@@ -47,6 +47,7 @@ import {
   KeyError,
   open,
   type OpenOptions,
+  openSparsebundle,
   openTree,
   type OutputFile,
   type OverlayImage,
@@ -289,9 +290,25 @@ function backingPolicy(values: Invocation["values"], follow = true) {
 }
 
 /**
- * Opens an image file named on the command line, or a folder as a vvfat
- * disk when spelled as QEMU does (`fat:DIR`, `fat:16:DIR`) or with
- * `-f vvfat DIR`.
+ * True when `path` names a sparse bundle: a folder holding an
+ * `Info.plist` (whatever its name: Time Machine's are `.backupbundle`),
+ * or any folder with `-f sparsebundle`.
+ */
+async function isSparsebundle(path: string, format?: string) {
+  if (format !== undefined && format !== "sparsebundle") return false;
+  try {
+    if (!(await Deno.stat(path)).isDirectory) return false;
+    return format === "sparsebundle" ||
+      (await Deno.stat(`${path}/Info.plist`)).isFile;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Opens an image file named on the command line, a sparse bundle folder,
+ * or a folder as a vvfat disk when spelled as QEMU does (`fat:DIR`,
+ * `fat:16:DIR`) or with `-f vvfat DIR`.
  */
 async function openImage(
   path: string,
@@ -313,11 +330,17 @@ async function openImage(
     opened.push(image);
     return { image, backing: [], files: [] };
   }
+  if (await isSparsebundle(path, options.format)) {
+    if (options.writable) throw new Error("sparse bundles are read-only here");
+    const image = await openSparsebundle(await directoryTree(path));
+    opened.push(image);
+    return { image, backing: [], files: [] };
+  }
   const file = await fromFile(path, { write: options.writable === true })
     .catch((e) => {
       if (e instanceof Deno.errors.IsADirectory) {
         throw new Error(
-          `${path} is a folder, not an image: to read a folder as a FAT disk, name it fat:${path}`,
+          `${path} is a folder, not an image: to read a folder as a FAT disk, name it fat:${path} (a sparse bundle is a folder holding Info.plist)`,
         );
       }
       throw e;

@@ -53,3 +53,11 @@ export {
 } from "./drivers/vvfat.ts";
 export { dmg } from "./drivers/dmg.ts";
 export { raw } from "./drivers/raw.ts";
+export { sparseimage } from "./drivers/sparseimage.ts";
+export { diskcopy42 } from "./drivers/diskcopy42.ts";
+export { asif } from "./drivers/asif.ts";
+export {
+  openSparsebundle,
+  sparsebundle,
+  type SparsebundleOptions,
+} from "./drivers/sparsebundle.ts";
