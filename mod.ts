@@ -50,4 +50,5 @@ export {
   type VvfatOptions,
 } from "./drivers/vvfat.ts";
 export { dmg } from "./drivers/dmg.ts";
+export { dmgEncrypted } from "./drivers/dmg_encrypted.ts";
 export { raw } from "./drivers/raw.ts";

@@ -1534,9 +1534,7 @@ export const dmg: Driver = {
   description:
     "Apple UDIF disk image (dmg): raw, zlib, bzip2, ADC, LZFSE and LZMA chunks",
   probe(input: ProbeInput): number {
-    // An encrypted image (FileVault's "encrcdsa" header) is claimed so that
-    // opening it says what it is instead of reading ciphertext as raw.
-    if (encryptedHeader(input.head)) return 100;
+    // Encrypted images ("encrcdsa") are the dmg-encrypted driver's.
     const t = input.tail;
     if (input.size < KOLY_SIZE || t.length < KOLY_SIZE) return 0;
     const at = t.length - KOLY_SIZE;
@@ -1556,7 +1554,7 @@ export const dmg: Driver = {
           offset: 0,
           file: source.name,
         },
-        "an encrypted dmg (encrcdsa) is not supported: decrypt it with hdiutil first",
+        "an encrypted dmg (encrcdsa): open it as dmg-encrypted, with its password",
       );
     }
     const tables = await readTables(source);

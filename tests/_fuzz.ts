@@ -4,12 +4,15 @@
 // error, or a defect (any other exception, a timeout, memory over the ceiling).
 import { formats } from "../mod.ts";
 import { have, referenceBytes, referenceImages, run } from "./_helpers.ts";
+import { encryptDmg, encryptDmgV1 } from "./_encrypted_dmg_writer.ts";
 
 /** A valid image to mutate. */
 export interface Seed {
   name: string;
   format: string;
   bytes: Uint8Array;
+  /** The password an encrypted seed opens with. */
+  key?: string;
 }
 
 /** One defect: enough to reproduce it. */
@@ -213,6 +216,28 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
       out.push({ name: `made:${m.name}`, format: m.format, bytes });
     }
   }
+  // Encrypted dmgs around the dmg seed, made by the tests' writer (fresh
+  // keys each run: the mutations, not the bytes, are what is seeded).
+  const inner = out.find((s) => s.name === "made:dmg");
+  if (inner && known.has("dmg-encrypted")) {
+    const key = "fuzz";
+    out.push({
+      name: "made:dmg-encrypted",
+      format: "dmg-encrypted",
+      key,
+      bytes: (await encryptDmg(inner.bytes, {
+        password: key,
+        keyBits: 256,
+        iterations: 1000,
+      })).bytes,
+    });
+    out.push({
+      name: "made:dmg-encrypted-v1",
+      format: "dmg-encrypted",
+      key,
+      bytes: encryptDmgV1(inner.bytes, { password: key }).bytes,
+    });
+  }
   return out;
 }
 
@@ -288,7 +313,7 @@ export async function fuzz(
         clearInterval(memory);
         resolve({ outcome: "defect", error: `worker error: ${e.message}` });
       };
-      w.postMessage({ id, bytes, format });
+      w.postMessage({ id, bytes, format, key: seed.key });
     });
     const stats = report.byFormat[seed.format] ??= {
       mutants: 0,

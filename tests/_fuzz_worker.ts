@@ -6,11 +6,14 @@ import { convert, fromBytes, imageInfo, open } from "../mod.ts";
 import { isTypedError as typed, nullSink } from "./_outcomes.ts";
 
 self.onmessage = async (
-  { data }: MessageEvent<{ id: number; bytes: Uint8Array; format?: string }>,
+  { data }: MessageEvent<
+    { id: number; bytes: Uint8Array; format?: string; key?: string }
+  >,
 ) => {
   try {
     const image = await open(fromBytes(data.bytes, "mutant"), {
       format: data.format,
+      key: data.key,
       // Any backing file a mutant names reads as a small zero disk, so that
       // overlays (cow, qcow, vmdk, vpc) are read through, not refused.
       resolveBacking: () =>
