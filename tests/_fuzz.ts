@@ -5,6 +5,7 @@
 import { formats } from "../mod.ts";
 import { have, referenceBytes, referenceImages, run } from "./_helpers.ts";
 import { encryptDmg, encryptDmgV1 } from "./_encrypted_dmg_writer.ts";
+import { segmentDmg } from "./_segmented_dmg_writer.ts";
 
 /** A valid image to mutate. */
 export interface Seed {
@@ -13,6 +14,10 @@ export interface Seed {
   bytes: Uint8Array;
   /** The password an encrypted seed opens with. */
   key?: string;
+  /** The file name the mutant is opened as (segmented dmgs find their parts by it). */
+  fileName?: string;
+  /** Files beside it (the other segments of a segmented dmg), unmutated. */
+  parts?: Record<string, Uint8Array>;
 }
 
 /** One defect: enough to reproduce it. */
@@ -238,6 +243,23 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
       bytes: encryptDmgV1(inner.bytes, { password: key }).bytes,
     });
   }
+  if (inner) {
+    // A segmented dmg: the first file is mutated, its parts are beside it.
+    const view = new DataView(inner.bytes.buffer, inner.bytes.byteOffset);
+    const fork = Number(view.getBigUint64(inner.bytes.length - 512 + 32));
+    const [first, ...rest] = segmentDmg(
+      inner.bytes,
+      [Math.floor(fork / 3) + 5, Math.floor((2 * fork) / 3) + 9],
+      "fuzz",
+    );
+    out.push({
+      name: "made:dmg-segmented",
+      format: "dmg",
+      bytes: first.bytes,
+      fileName: first.name,
+      parts: Object.fromEntries(rest.map((p) => [p.name, p.bytes])),
+    });
+  }
   return out;
 }
 
@@ -313,7 +335,14 @@ export async function fuzz(
         clearInterval(memory);
         resolve({ outcome: "defect", error: `worker error: ${e.message}` });
       };
-      w.postMessage({ id, bytes, format, key: seed.key });
+      w.postMessage({
+        id,
+        bytes,
+        format,
+        key: seed.key,
+        name: seed.fileName,
+        parts: seed.parts,
+      });
     });
     const stats = report.byFormat[seed.format] ??= {
       mutants: 0,

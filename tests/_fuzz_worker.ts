@@ -7,13 +7,25 @@ import { isTypedError as typed, nullSink } from "./_outcomes.ts";
 
 self.onmessage = async (
   { data }: MessageEvent<
-    { id: number; bytes: Uint8Array; format?: string; key?: string }
+    {
+      id: number;
+      bytes: Uint8Array;
+      format?: string;
+      key?: string;
+      name?: string;
+      parts?: Record<string, Uint8Array>;
+    }
   >,
 ) => {
   try {
-    const image = await open(fromBytes(data.bytes, "mutant"), {
+    const image = await open(fromBytes(data.bytes, data.name ?? "mutant"), {
       format: data.format,
       key: data.key,
+      // The files beside it (a segmented dmg's parts), by name.
+      resolveFile: (name) =>
+        data.parts?.[name]
+          ? Promise.resolve(fromBytes(data.parts[name], name))
+          : Promise.reject(new Error(`no file ${name} beside the mutant`)),
       // Any backing file a mutant names reads as a small zero disk, so that
       // overlays (cow, qcow, vmdk, vpc) are read through, not refused.
       resolveBacking: () =>

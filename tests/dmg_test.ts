@@ -962,13 +962,13 @@ Deno.test(
   },
 );
 
-Deno.test("a segmented image is refused as unsupported, naming koly.SegmentCount", async () => {
+Deno.test("a segmented image opened without a way to its parts is refused, saying what it needs", async () => {
   const bytes = await encodeDmg(sampleDisk());
   setBe32(bytes, bytes.length - 512 + 60, 3);
   await rejects(
     () => open(fromBytes(bytes)),
     UnsupportedError,
-    /koly\.SegmentCount 3/,
+    /segmented dmg \(3 segments\) needs its other files/,
   );
 });
 
