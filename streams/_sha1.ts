@@ -24,6 +24,11 @@ function compress(h: Int32Array, block: Uint8Array, at: number, w: Int32Array) {
     w[i] = (block[o] << 24) | (block[o + 1] << 16) | (block[o + 2] << 8) |
       block[o + 3];
   }
+  compressWords(h, w);
+}
+
+/** {@linkcode compress} of a block already in `w[0..16)` as big-endian words. */
+function compressWords(h: Int32Array, w: Int32Array) {
   for (let i = 16; i < 80; i++) {
     const x = w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16];
     w[i] = (x << 1) | (x >>> 31);
@@ -165,36 +170,29 @@ export function hmacSha1(key: Uint8Array): HmacSha1 {
   const outer = Int32Array.from(INITIAL);
   compress(inner, k.map((b) => b ^ 0x36), 0, w);
   compress(outer, k.map((b) => b ^ 0x5c), 0, w);
-  // The last block of each hash, laid out once: the inner one holds the
-  // 4-byte number, the outer one the inner digest, each followed by the
-  // padding and the bit length (a 64-byte key block before them).
-  const innerBlock = new Uint8Array(64);
-  innerBlock[4] = 0x80;
-  new DataView(innerBlock.buffer).setUint32(60, (64 + 4) * 8);
-  const outerBlock = new Uint8Array(64);
-  outerBlock[20] = 0x80;
-  new DataView(outerBlock.buffer).setUint32(60, (64 + 20) * 8);
+  // The last block of each hash, laid out once as words: the inner one
+  // holds the 4-byte number, the outer one the inner digest, each followed
+  // by the padding and the bit length (after a 64-byte key block).
+  const innerWords = new Int32Array(80);
+  innerWords[1] = 0x80000000 | 0;
+  innerWords[15] = (64 + 4) * 8;
+  const outerWords = new Int32Array(80);
+  outerWords[5] = 0x80000000 | 0;
+  outerWords[15] = (64 + 20) * 8;
   const h = new Int32Array(5);
   return {
     mac(message) {
       return finish(outer, 64, finish(inner, 64, message, w), w);
     },
     macNumberInto(n, out, at) {
-      innerBlock[0] = n >>> 24;
-      innerBlock[1] = n >>> 16;
-      innerBlock[2] = n >>> 8;
-      innerBlock[3] = n;
+      // Words 1-15 of both blocks never change (compressWords only writes
+      // the schedule past them).
+      innerWords[0] = n | 0;
       h.set(inner);
-      compress(h, innerBlock, 0, w);
-      for (let i = 0; i < 5; i++) {
-        const v = h[i];
-        outerBlock[4 * i] = v >>> 24;
-        outerBlock[4 * i + 1] = v >>> 16;
-        outerBlock[4 * i + 2] = v >>> 8;
-        outerBlock[4 * i + 3] = v;
-      }
+      compressWords(h, innerWords);
+      for (let i = 0; i < 5; i++) outerWords[i] = h[i];
       h.set(outer);
-      compress(h, outerBlock, 0, w);
+      compressWords(h, outerWords);
       for (let i = 0; i < 4; i++) {
         const v = h[i];
         out[at + 4 * i] = v >>> 24;
