@@ -270,3 +270,24 @@ export function encryptDmgV1(
     blockSize,
   };
 }
+
+// `deno run -A tests/_encrypted_dmg_writer.ts IN OUT PASSWORD [KEYBITS]
+// [LAYOUT]`: wraps the file IN (a dmg) into the encrypted image OUT (the
+// bench's input), and writes the data keys as vfdecrypt's -k hex to
+// OUT.keys.
+if (import.meta.main) {
+  const [input, output, password, bits = "256", layout = "hdiutil"] = Deno.args;
+  const made = await encryptDmg(await Deno.readFile(input), {
+    password,
+    keyBits: Number(bits) as 128 | 256,
+    layout: layout as "hdiutil" | "vfdecrypt",
+    iterations: 1000,
+  });
+  await Deno.writeFile(output, made.bytes);
+  const hex = (b: Uint8Array) =>
+    Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+  await Deno.writeTextFile(
+    `${output}.keys`,
+    hex(made.aesKey) + hex(made.hmacKey),
+  );
+}
