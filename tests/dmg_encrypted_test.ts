@@ -432,6 +432,24 @@ Deno.test("broken headers and key records are typed errors after bounded work", 
     /KdfIterationCount 0/,
     undefined,
   );
+  // Three pointers to one record of 8,000,000 iterations: 24 million
+  // PBKDF2 rounds for every wrong password.
+  const legacy = await encryptDmg(new Uint8Array(4096), {
+    password: PASSWORD,
+    layout: "vfdecrypt",
+  });
+  const many = poke(
+    poke(legacy.bytes, legacy.recordOffset + 8, 8_000_000),
+    0x48,
+    3,
+  );
+  many.copyWithin(0x4c + 20, 0x4c, 0x4c + 20);
+  many.copyWithin(0x4c + 40, 0x4c, 0x4c + 20);
+  await refused(
+    many,
+    ImageFormatError,
+    /KdfIterationCount \(all password key records\) 24000000 must be at most 20000000/,
+  );
   // A truncated version 1 trailer.
   const v1 = encryptDmgV1(new Uint8Array(8192), { password: PASSWORD });
   const t = v1.bytes.length - 0x4fc;

@@ -111,6 +111,12 @@ export const V1_TRAILER_BYTES = 0x4fc;
  * 2^31 would make every password attempt take hours.
  */
 export const MAX_ITERATIONS = 10_000_000;
+/**
+ * The most PBKDF2 iterations of all password key records together: a
+ * wrong password tries each record, so 64 records of 10,000,000 would
+ * take minutes.
+ */
+export const MAX_TOTAL_ITERATIONS = 2 * MAX_ITERATIONS;
 /** The most key pointers a header may list. */
 const MAX_KEYS = 64;
 /** The largest key blob read (real ones are 48 or 64 bytes). */
@@ -441,6 +447,7 @@ async function parseV2(source: Source): Promise<EncryptedLayout> {
     V2_HEADER_BYTES,
     keyCount * KEY_POINTER_BYTES,
   );
+  let total = 0;
   for (let i = 0; i < keyCount; i++) {
     const p = i * KEY_POINTER_BYTES;
     const where = V2_HEADER_BYTES + p;
@@ -486,6 +493,16 @@ async function parseV2(source: Source): Promise<EncryptedLayout> {
       offset,
       file,
     );
+    total += record.password!.iterations;
+    if (total > MAX_TOTAL_ITERATIONS) {
+      throw fail(
+        "KdfIterationCount (all password key records)",
+        total,
+        `at most ${MAX_TOTAL_ITERATIONS} in all (each is tried with a wrong password)`,
+        offset + 8,
+        file,
+      );
+    }
   }
   return layout;
 }
