@@ -132,16 +132,8 @@ const CSSM_ALGID_AES = 0x80000001;
 /** Key pointer type of a password-wrapped key record. */
 const KEY_TYPE_PASSWORD = 1;
 /** The IV of RFC 3217's first unwrap step. */
-const RFC3217_IV = Uint8Array.from([
-  0x4a,
-  0xdd,
-  0xa2,
-  0x2c,
-  0x79,
-  0xe8,
-  0x21,
-  0x05,
-]);
+// deno-fmt-ignore
+const RFC3217_IV = Uint8Array.from([0x4a, 0xdd, 0xa2, 0x2c, 0x79, 0xe8, 0x21, 0x05]);
 
 const fail = formatErrors(FORMAT);
 
