@@ -52,6 +52,7 @@ export {
   type VvfatOptions,
 } from "./drivers/vvfat.ts";
 export { dmg } from "./drivers/dmg.ts";
+export { dmgEncrypted } from "./drivers/dmg_encrypted.ts";
 export { raw } from "./drivers/raw.ts";
 export { sparseimage } from "./drivers/sparseimage.ts";
 export { diskcopy42 } from "./drivers/diskcopy42.ts";

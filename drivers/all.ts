@@ -13,6 +13,7 @@ import { bochs } from "./bochs.ts";
 import { vpc } from "./vpc.ts";
 import { vmdk } from "./vmdk.ts";
 import { dmg } from "./dmg.ts";
+import { dmgEncrypted } from "./dmg_encrypted.ts";
 import { qcow } from "./qcow.ts";
 import { cow } from "./cow.ts";
 import { vvfat } from "./vvfat.ts";
@@ -29,6 +30,7 @@ export const DRIVERS: readonly Driver[] = [
   bochs,
   vmdk,
   dmg,
+  dmgEncrypted,
   qcow,
   cow,
   vvfat,

@@ -145,6 +145,12 @@ export interface SectorCipher {
 export interface Encryption {
   /** The scheme: `qcow-aes` (AES-128-CBC per sector, QEMU's key from the passphrase). */
   readonly scheme: string;
+  /**
+   * True when the key must be given as the image opens (`open(source,
+   * { key })`), because the layout itself is encrypted (an encrypted dmg):
+   * `decrypt` then refuses the layer with a `KeyError` saying so.
+   */
+  readonly opensWithKey?: boolean;
   /** The same layer, reading and writing through `cipher`. */
   unlock(cipher: SectorCipher): Image;
 }

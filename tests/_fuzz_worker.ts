@@ -16,7 +16,16 @@ import { fuzzBundleFiles } from "./_apple_writers.ts";
 let bundleFiles: ReturnType<typeof fuzzBundleFiles> | undefined;
 
 self.onmessage = async (
-  { data }: MessageEvent<{ id: number; bytes: Uint8Array; format?: string }>,
+  { data }: MessageEvent<
+    {
+      id: number;
+      bytes: Uint8Array;
+      format?: string;
+      key?: string;
+      name?: string;
+      parts?: Record<string, Uint8Array>;
+    }
+  >,
 ) => {
   try {
     // A sparse bundle's seed is its Info.plist: the mutant opens as the
@@ -28,8 +37,14 @@ self.onmessage = async (
           "Info.plist": data.bytes,
         }),
       )
-      : await open(fromBytes(data.bytes, "mutant"), {
+      : await open(fromBytes(data.bytes, data.name ?? "mutant"), {
         format: data.format,
+        key: data.key,
+        // The files beside it (a segmented dmg's parts), by name.
+        resolveFile: (name) =>
+          data.parts?.[name]
+            ? Promise.resolve(fromBytes(data.parts[name], name))
+            : Promise.reject(new Error(`no file ${name} beside the mutant`)),
         // Any backing file a mutant names reads as a small zero disk, so that
         // overlays (cow, qcow, vmdk, vpc) are read through, not refused.
         resolveBacking: () =>
