@@ -550,10 +550,21 @@ function humanSize(bytes: number): string {
 }
 
 /** A progress bar on stderr: bytes, percent, rate, ETA. */
-function progressBar(label: string) {
+function progressBar(label: string, json = false) {
   const started = performance.now();
   let last = 0;
   let shown = false;
+  const tty = Deno.stderr.isTerminal();
+  // A bar is for a person at a terminal: piped or redirected stderr gets
+  // nothing (a log would fill with redraws); --progress=json is for programs.
+  if (!json && !tty) return { update() {}, end() {} };
+  const columns = () => {
+    try {
+      return Deno.consoleSize().columns || 80;
+    } catch {
+      return 80;
+    }
+  };
   return {
     update(done: number, total: number) {
       const now = performance.now();
@@ -564,21 +575,59 @@ function progressBar(label: string) {
       const seconds = (now - started) / 1000;
       const rate = seconds > 0 ? done / seconds : 0;
       const eta = rate > 0 ? (total - done) / rate : 0;
-      const width = 30;
-      const filled = Math.round(fraction * width);
-      const bar = "#".repeat(filled) + " ".repeat(width - filled);
+      if (json) {
+        printErr(
+          JSON.stringify({
+            command: label,
+            done,
+            total,
+            percent: Math.round(fraction * 1000) / 10,
+            "bytes-per-second": Math.round(rate),
+            "eta-seconds": Math.round(eta),
+          }) + "\n",
+        );
+        return;
+      }
       const clock = (s: number) =>
         `${Math.floor(s / 60)}:${String(Math.floor(s % 60)).padStart(2, "0")}`;
-      printErr(
-        `\r${label} [${bar}] ${(fraction * 100).toFixed(1).padStart(5)}% ${
-          humanSize(done)
-        } / ${humanSize(total)}  ${humanSize(rate)}/s  ETA ${clock(eta)}   `,
-      );
+      const percent = `${(fraction * 100).toFixed(1).padStart(5)}%`;
+      // The most that fits in one line less a column (a full line wraps on
+      // some terminals): the bar shrinks first, then rate and ETA go.
+      const room = columns() - 1;
+      const parts = [
+        ` ${humanSize(done)} / ${humanSize(total)}`,
+        `  ${humanSize(rate)}/s`,
+        `  ETA ${clock(eta)}`,
+      ];
+      let text = "";
+      for (let keep = parts.length; keep >= 0; keep--) {
+        const tail = ` ${percent}${parts.slice(0, keep).join("")}`;
+        const width = Math.min(30, room - label.length - 3 - tail.length);
+        if (width >= 10 || keep === 0) {
+          const w = Math.max(0, width);
+          const filled = Math.round(fraction * w);
+          text = `${label} [${"#".repeat(filled)}${
+            " ".repeat(w - filled)
+          }]${tail}`
+            .slice(0, room);
+          break;
+        }
+      }
+      // Back to the line's start, the line, then clear what a longer one left.
+      printErr(`\r${text}\x1b[K`);
     },
     end() {
-      if (shown) printErr("\n");
+      if (shown && !json) printErr("\n");
     },
   };
+}
+
+/**
+ * `-p` and `--progress=json` as one flag: the JSON spelling becomes the
+ * hidden boolean `--progress-json` before parsing.
+ */
+function progressSpelling(args: string[]): string[] {
+  return args.map((a) => a === "--progress=json" ? "--progress-json" : a);
 }
 
 // ---------------------------------------------------------------------------
@@ -629,7 +678,7 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p | --progress=json] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
@@ -640,6 +689,7 @@ const commands: Record<string, Command> = {
       "backing-format": { type: "string", short: "F" },
       compress: { type: "boolean", short: "c" },
       progress: { type: "boolean", short: "p" },
+      "progress-json": { type: "boolean" },
       hash: { type: "boolean" },
       "boot-sector": { type: "string" },
       ...backingFlags,
@@ -705,7 +755,9 @@ const commands: Record<string, Command> = {
         warnLongQcowKey(key, "of the output");
       }
       const sink = await openOutput(output);
-      const bar = values.progress ? progressBar("convert") : undefined;
+      const bar = values.progress || values["progress-json"]
+        ? progressBar("convert", values["progress-json"] === true)
+        : undefined;
       const options: ConvertOptions = {
         format: outFormat,
         options: outOptions,
@@ -875,12 +927,14 @@ const commands: Record<string, Command> = {
   },
 
   commit: {
-    usage: "commit [-f FMT] [-p] [--allow-backing-dir DIR]... IMAGE",
+    usage:
+      "commit [-f FMT] [-p | --progress=json] [--allow-backing-dir DIR]... IMAGE",
     summary:
       "copy what IMAGE holds into its backing file (IMAGE is only read and is kept as it is)",
     options: {
       format: { type: "string", short: "f" },
       progress: { type: "boolean", short: "p" },
+      "progress-json": { type: "boolean" },
       "allow-backing-dir": backingFlags["allow-backing-dir"],
     },
     async run({ values, positionals }) {
@@ -914,7 +968,9 @@ const commands: Record<string, Command> = {
         }),
       });
       opened.push(base);
-      const bar = values.progress ? progressBar("commit") : undefined;
+      const bar = values.progress || values["progress-json"]
+        ? progressBar("commit", values["progress-json"] === true)
+        : undefined;
       await commitTo(top, base, {
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
       });
@@ -1352,7 +1408,7 @@ export async function main(args: string[]): Promise<number> {
   try {
     let call: Invocation;
     try {
-      call = parseFlags(rest, command.options);
+      call = parseFlags(progressSpelling(rest), command.options);
     } catch (e) {
       throw new UsageError((e as Error).message, name);
     }
