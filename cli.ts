@@ -808,10 +808,15 @@ const commands: Record<string, Command> = {
       }
       for await (const run of layeredExtents(image, 0, image.size)) {
         const data = run.kind === "data";
-        const raw = run.layer.format === "raw";
+        // Where the run's bytes lie in its file: the driver says, for a raw
+        // file it is the offset itself.
+        const at = run.fileOffset ??
+          (run.layer.format === "raw" && run.kind !== "unallocated"
+            ? run.offset
+            : undefined);
         if (json) {
-          // Keys and order as qemu-img's; `offset` (the host file offset) is
-          // known only for raw images.
+          // Keys and order as qemu-img's; `offset` (the host file offset)
+          // where the bytes lie in the file as they read.
           const entry: Record<string, unknown> = {
             start: run.offset,
             length: run.length,
@@ -820,7 +825,7 @@ const commands: Record<string, Command> = {
             zero: !data,
             data,
           };
-          if (raw && run.kind !== "unallocated") entry.offset = run.offset;
+          if (at !== undefined) entry.offset = at;
           lines.push(
             "{ " + Object.entries(entry).map(([k, v]) =>
               `"${k}": ${v}`
@@ -830,7 +835,7 @@ const commands: Record<string, Command> = {
           const hex = (n: number) => `0x${n.toString(16)}`.padEnd(16);
           print(
             `${hex(run.offset)}${hex(run.length)}${
-              raw ? hex(run.offset) : "-".padEnd(16)
+              at !== undefined ? hex(at) : "-".padEnd(16)
             }${run.depth === 0 ? path : run.layer.name}\n`,
           );
         }
@@ -1194,7 +1199,10 @@ async function* layeredExtents(
     if (
       pending && pending.kind === run.kind && pending.depth === run.depth &&
       pending.layer === run.layer &&
-      pending.offset + pending.length === run.offset
+      pending.offset + pending.length === run.offset &&
+      (pending.fileOffset === undefined
+        ? run.fileOffset === undefined
+        : pending.fileOffset + pending.length === run.fileOffset)
     ) {
       pending.length += run.length;
       continue;

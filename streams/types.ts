@@ -24,6 +24,12 @@ export interface Extent {
   length: number;
   /** What the run holds. */
   kind: ExtentKind;
+  /**
+   * For a `data` run stored in the image file as it reads (not compressed,
+   * not encrypted, in one piece): the byte offset of its first byte in the
+   * file, as `qemu-img map` shows it. Absent where there is no such place.
+   */
+  fileOffset?: number;
 }
 
 /**
