@@ -214,7 +214,13 @@ export function privateRange(host: string): string | undefined {
   const v4 = parseIPv4(h);
   if (v4) return v4Range(v4);
   const v6 = parseIPv6(h);
-  if (!v6) return undefined;
+  if (!v6) {
+    // Not a name either: something only an address parser could mean.
+    if (h.includes(":") || /^[0-9.]+$|^0x[0-9a-fx.]*$/.test(h)) {
+      return "not a well-formed address";
+    }
+    return undefined;
+  }
   if (v6.every((b) => b === 0)) return "unspecified ::";
   if (v6.subarray(0, 15).every((b) => b === 0) && v6[15] === 1) {
     return "loopback ::1";

@@ -108,6 +108,10 @@ Deno.test("every internal range is refused, in every spelling", () => {
     ["2001:db8::1", /documentation/],
     ["2001:0:4136:e378::1", /Teredo/],
     ["100::1", /discard/],
+    ["::ffff:127.000.0.1", /not a well-formed address/],
+    ["127.0.0.256", /not a well-formed address/],
+    ["0x7f.0.0.1.2", /not a well-formed address/],
+    ["[::1", /not a well-formed address/],
   ];
   for (const [host, why] of cases) {
     const found = privateRange(host);
@@ -132,6 +136,7 @@ Deno.test("public addresses and names pass", () => {
       "2002:808:808::1",
       "images.example.com",
       "localhost.example.com",
+      "0xford.example.com",
     ]
   ) {
     assertEquals(privateRange(host), undefined, host);
