@@ -78,6 +78,12 @@ function inRange(address: Uint8Array, r: Range): boolean {
  *
  * @param text the address (a trailing dot is allowed)
  * @returns its four bytes, or undefined when it is not an IPv4 address
+ *
+ * @example
+ * ```ts
+ * import { parseIPv4 } from "./_address.ts";
+ * console.log(parseIPv4("0x7f.1")); // Uint8Array(4) [ 127, 0, 0, 1 ]
+ * ```
  */
 export function parseIPv4(text: string): Uint8Array | undefined {
   const parts = text.replace(/\.$/, "").split(".");
@@ -111,6 +117,12 @@ export function parseIPv4(text: string): Uint8Array | undefined {
  *
  * @param text the address
  * @returns its sixteen bytes, or undefined when it is not an IPv6 address
+ *
+ * @example
+ * ```ts
+ * import { parseIPv6 } from "./_address.ts";
+ * console.log(parseIPv6("[::ffff:127.0.0.1]")?.subarray(10)); // ff ff 7f 00 00 01
+ * ```
  */
 export function parseIPv6(text: string): Uint8Array | undefined {
   let h = text.replace(/^\[(.*)\]$/, "$1").replace(/%.*$/, "").toLowerCase();

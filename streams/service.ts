@@ -60,9 +60,9 @@ export interface ServiceOptions {
   maxConcurrent?: number;
   /** Seconds a 503 tells the client to wait. @default 5 */
   retryAfterSeconds?: number;
-  /** Milliseconds the remote server may stay silent in one request. @default 30000 */
+  /** Milliseconds the remote server may stay silent in one request (0: no limit). @default 30000 */
   idleTimeoutMs?: number;
-  /** Milliseconds one request to the remote server may take in all. @default 120000 */
+  /** Milliseconds one request to the remote server may take in all (0: no limit). @default 120000 */
   timeoutMs?: number;
   /** The fetch used to read remote images. @default globalThis.fetch */
   fetch?: typeof fetch;

@@ -119,11 +119,19 @@ Deno.test({
       } catch { /* the service closed the connection: expected */ }
       const head = await answer;
       conn.close();
-      assertMatch(
-        head,
-        /^HTTP\/1\.1 413 /,
-        `answer after ${mib(sent)}: ${head}`,
-      );
+      // The 413 is read while sending; should the reset that follows an
+      // unread body ever beat it, the service must still have cut the
+      // upload short, and be alive.
+      if (head !== "" || sent >= 1024 * MiB) {
+        assertMatch(
+          head,
+          /^HTTP\/1\.1 413 /,
+          `answer after ${mib(sent)}: ${head}`,
+        );
+      }
+      const alive = await fetch(`${service.base}/`);
+      assertEquals(alive.status, 200);
+      await alive.body?.cancel();
       const peak = service.peak();
       console.error(
         `1 GiB chunked upload: ${mib(sent)} sent, service VmHWM ${mib(peak)}`,
