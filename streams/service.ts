@@ -64,6 +64,13 @@ export interface ServiceOptions {
   idleTimeoutMs?: number;
   /** Milliseconds one request to the remote server may take in all (0: no limit). @default 120000 */
   timeoutMs?: number;
+  /**
+   * Milliseconds a client may leave its `/convert` body unread, or its
+   * upload silent, before the request is ended and its slot freed (0: no
+   * limit): otherwise `maxConcurrent` clients reading nothing would hold
+   * the service. An upload also has `timeoutMs` in all. @default 30000
+   */
+  clientIdleTimeoutMs?: number;
   /** The fetch used to read remote images. @default globalThis.fetch */
   fetch?: typeof fetch;
 }
@@ -155,7 +162,12 @@ async function checkUrl(
  * and refuses (a chunked body has no length to check first). The chunks
  * are kept as they came, not joined (joining would hold the upload twice).
  */
-async function readUpload(request: Request, max: number): Promise<Source> {
+async function readUpload(
+  request: Request,
+  max: number,
+  idleMs: number,
+  totalMs: number,
+): Promise<Source> {
   const tooBig = (size: string) =>
     new Refusal(
       413,
@@ -169,15 +181,44 @@ async function readUpload(request: Request, max: number): Promise<Source> {
   const chunks: Uint8Array[] = [];
   let size = 0;
   const reader = request.body?.getReader();
+  const started = Date.now();
   while (reader) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    size += value.length;
+    // The wait for each chunk is bounded by what is left of both timeouts.
+    const left = totalMs ? totalMs - (Date.now() - started) : Infinity;
+    const wait = Math.min(idleMs || Infinity, left);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = wait === Infinity
+      ? undefined
+      : new Promise<never>((_, no) =>
+        timer = setTimeout(
+          () =>
+            no(
+              new Refusal(
+                408,
+                wait === left
+                  ? `upload took over ${totalMs} ms (timeoutMs)`
+                  : `upload sent nothing for ${idleMs} ms (clientIdleTimeoutMs)`,
+              ),
+            ),
+          Math.max(0, wait),
+        )
+      );
+    let next: ReadableStreamReadResult<Uint8Array>;
+    try {
+      next = await (late ? Promise.race([reader.read(), late]) : reader.read());
+    } catch (e) {
+      await reader.cancel().catch(() => {});
+      throw e;
+    } finally {
+      clearTimeout(timer);
+    }
+    if (next.done) break;
+    size += next.value.length;
     if (size > max) {
       await reader.cancel().catch(() => {});
       throw tooBig(`more than ${max}`);
     }
-    chunks.push(value);
+    chunks.push(next.value);
   }
   return chunkSource(chunks, size);
 }
@@ -300,6 +341,7 @@ export function conversionService(
   const maxUpload = options.maxUploadBytes ?? 64 * 1024 ** 2;
   const maxConcurrent = options.maxConcurrent ?? 4;
   const retryAfter = options.retryAfterSeconds ?? 5;
+  const clientIdle = options.clientIdleTimeoutMs ?? 30_000;
   let active = 0;
 
   /** Takes a slot, or refuses with 503; the returned function gives it back (once). */
@@ -319,27 +361,55 @@ export function conversionService(
     };
   }
 
-  /** `body` that calls `release` once it ends, fails or is cancelled. */
+  /**
+   * `body` that calls `release` once it ends, fails or is cancelled, or
+   * when the client leaves it unread for `clientIdleTimeoutMs` (then the
+   * stream fails and the connection is dropped).
+   */
   function releasing(
     body: ReadableStream<Uint8Array>,
     release: () => void,
   ): ReadableStream<Uint8Array> {
     const reader = body.getReader();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    let stalled: Error | undefined;
+    const end = () => {
+      clearTimeout(timer);
+      release();
+    };
+    /** Starts waiting for the client's next read. */
+    const arm = (controller: ReadableStreamDefaultController<Uint8Array>) => {
+      if (!clientIdle) return;
+      timer = setTimeout(() => {
+        stalled = new Error(
+          `the client read nothing for ${clientIdle} ms (clientIdleTimeoutMs)`,
+        );
+        end();
+        reader.cancel(stalled).catch(() => {});
+        controller.error(stalled);
+      }, clientIdle);
+    };
     return new ReadableStream<Uint8Array>({
+      start: arm,
       async pull(controller) {
+        clearTimeout(timer);
         try {
           const { value, done } = await reader.read();
+          if (stalled) return;
           if (done) {
-            release();
+            end();
             controller.close();
-          } else controller.enqueue(value);
+          } else {
+            controller.enqueue(value);
+            arm(controller);
+          }
         } catch (e) {
-          release();
+          end();
           throw e;
         }
       },
       async cancel(reason) {
-        release();
+        end();
         await reader.cancel(reason);
       },
     }, { highWaterMark: 0 });
@@ -425,7 +495,13 @@ export function conversionService(
       }
       if (url.pathname === "/info" && request.method === "POST") {
         release = enter();
-        const image = await open(await readUpload(request, maxUpload), {
+        const upload = await readUpload(
+          request,
+          maxUpload,
+          clientIdle,
+          options.timeoutMs ?? 120_000,
+        );
+        const image = await open(upload, {
           format: url.searchParams.get("format") ?? undefined,
         });
         release();

@@ -516,3 +516,72 @@ Deno.test("a stalled upstream is cut off by the idle timeout, a dribbling one by
     await host.server.shutdown();
   }
 });
+
+Deno.test("a client that leaves its body unread, or its upload silent or dribbling, loses its slot", async () => {
+  const host = loopback((r) => rangeAnswer(r, DISK));
+  let timer: ReturnType<typeof setInterval> | undefined;
+  try {
+    const handler = conversionService({
+      allowPrivate: true,
+      maxConcurrent: 1,
+      clientIdleTimeoutMs: 200,
+    });
+    const idle = await get(handler, `${host.base}/disk.img`);
+    assertEquals(idle.status, 200);
+    await new Promise((r) => setTimeout(r, 500));
+    const next = await get(handler, `${host.base}/disk.img`);
+    assertEquals(next.status, 200);
+    await next.body!.cancel();
+    await rejects(
+      () => idle.arrayBuffer(),
+      Error,
+      /the client read nothing for 200 ms \(clientIdleTimeoutMs\)/,
+    );
+    // An upload that sends a little, then nothing.
+    const silent = await handler(
+      new Request("http://svc/info", {
+        method: "POST",
+        body: new ReadableStream<Uint8Array>({
+          start(controller) {
+            controller.enqueue(new Uint8Array(512));
+          },
+        }),
+      }),
+    );
+    assertEquals(silent.status, 408);
+    assertMatch(
+      (await silent.json()).error,
+      /upload sent nothing for 200 ms \(clientIdleTimeoutMs\)/,
+    );
+    // One that never stops for long, but takes too long in all.
+    const slow = conversionService({
+      clientIdleTimeoutMs: 10_000,
+      timeoutMs: 500,
+    });
+    const dribbling = await slow(
+      new Request("http://svc/info", {
+        method: "POST",
+        body: new ReadableStream<Uint8Array>({
+          start(controller) {
+            timer = setInterval(() => {
+              try {
+                controller.enqueue(new Uint8Array(1));
+              } catch { /* cancelled */ }
+            }, 50);
+          },
+          cancel() {
+            clearInterval(timer);
+          },
+        }),
+      }),
+    );
+    assertEquals(dribbling.status, 408);
+    assertMatch(
+      (await dribbling.json()).error,
+      /upload took over 500 ms \(timeoutMs\)/,
+    );
+  } finally {
+    clearInterval(timer);
+    await host.server.shutdown();
+  }
+});
