@@ -585,3 +585,38 @@ Deno.test("a client that leaves its body unread, or its upload silent or dribbli
     await host.server.shutdown();
   }
 });
+
+Deno.test("fromUrl follows at most 10 redirects, and passes no headers of its caller to another origin", async () => {
+  const seen: (string | null)[] = [];
+  const other = loopback((request) => {
+    seen.push(request.headers.get("authorization"));
+    return rangeAnswer(request, DISK);
+  });
+  const host = loopback((request) => {
+    const path = new URL(request.url).pathname;
+    const location = path === "/away" ? `${other.base}/disk.img` : "/loop";
+    return new Response(null, { status: 302, headers: { location } });
+  });
+  try {
+    const hops: string[] = [];
+    await rejects(
+      () =>
+        fromUrl(`${host.base}/loop`, {
+          checkUrl: (u) => void hops.push(u.href),
+        }),
+      HttpSourceError,
+      /more than 10 redirects/,
+    );
+    assertEquals(hops.length, 11);
+    const source = await fromUrl(`${host.base}/away`, {
+      headers: { authorization: "Bearer secret" },
+      checkUrl: () => {},
+    });
+    assertEquals(await source.read(0, 4), DISK.slice(0, 4));
+    assertEquals(seen, [null, null]);
+    assertEquals(source.name, `${other.base}/disk.img`);
+  } finally {
+    await host.server.shutdown();
+    await other.server.shutdown();
+  }
+});
