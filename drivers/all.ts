@@ -16,6 +16,10 @@ import { dmg } from "./dmg.ts";
 import { qcow } from "./qcow.ts";
 import { cow } from "./cow.ts";
 import { vvfat } from "./vvfat.ts";
+import { sparseimage } from "./sparseimage.ts";
+import { diskcopy42 } from "./diskcopy42.ts";
+import { asif } from "./asif.ts";
+import { sparsebundle } from "./sparsebundle.ts";
 import { raw } from "./raw.ts";
 
 /** Every driver, raw last. */
@@ -28,5 +32,9 @@ export const DRIVERS: readonly Driver[] = [
   qcow,
   cow,
   vvfat,
+  sparseimage,
+  diskcopy42,
+  asif,
+  sparsebundle,
   raw,
 ];

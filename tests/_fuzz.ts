@@ -4,6 +4,7 @@
 // error, or a defect (any other exception, a timeout, memory over the ceiling).
 import { formats } from "../mod.ts";
 import { have, referenceBytes, referenceImages, run } from "./_helpers.ts";
+import { appleSeeds } from "./_apple_writers.ts";
 
 /** A valid image to mutate. */
 export interface Seed {
@@ -122,6 +123,10 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
     if (bytes && bytes.length <= 4 << 20) {
       out.push({ name: image.path, format: image.format, bytes });
     }
+  }
+  // Apple's sparse and floppy formats, made by the tests' own writers.
+  for (const seed of appleSeeds()) {
+    if (known.has(seed.format)) out.push(seed);
   }
   await Deno.mkdir(cacheDir, { recursive: true });
   const base = `${cacheDir}/base.raw`;

@@ -16,6 +16,7 @@ import {
   withTemp,
 } from "./_helpers.ts";
 import { convert, formats, fromBytes, memorySink } from "../mod.ts";
+import { writeFolder, writeSparsebundle } from "./_apple_writers.ts";
 
 const known = new Set(formats().map((d) => d.name));
 /** Reference images the browser must decode: dmg (each codec) and cloop, as far as the drivers exist. */
@@ -193,6 +194,58 @@ Deno.test({
       }
       assertTrue(downloaded, "nothing was downloaded");
       assertEquals(await sha256File(downloaded), image.raw_sha256);
+    });
+  },
+});
+
+Deno.test({
+  name:
+    "a browser worker decodes a sparse bundle folder, given as Files by path and chosen in the page's folder input",
+  ignore: skip(["chromium"]) || !known.has("sparsebundle"),
+  async fn() {
+    await withPage(async (page, dir) => {
+      const band = 64 << 10;
+      const disk = new Uint8Array(10 * band + 4096);
+      const words = new TextEncoder().encode("band bundle token plist ");
+      for (let i = 0; i < disk.length; i++) {
+        if (i % (3 * band) < band) disk[i] = words[i % words.length];
+      }
+      const files = writeSparsebundle(disk, { bandSize: band, trim: true });
+      await writeFolder(`${dir}/images/disk.sparsebundle`, files);
+      const paths = Object.keys(files).filter((p) => files[p] !== null);
+      const result = await page.evaluate<{ sha256: string; format: string }>(
+        `Promise.all(${JSON.stringify(paths)}.map((p) =>
+           fetch("/images/disk.sparsebundle/" + p).then((r) => r.blob())
+             .then((b) => [p, new File([b], p.split("/").pop())])))
+           .then((entries) => vdisk.convertInWorker(Object.fromEntries(entries), false))`,
+      );
+      assertEquals(result.format, "sparsebundle");
+      assertEquals(result.sha256, sha256Hex(disk));
+      // And as a person does it: the folder chosen in the page's folder input.
+      const doc = await page.send("DOM.getDocument");
+      const input = await page.send("DOM.querySelector", {
+        nodeId: (doc.root as { nodeId: number }).nodeId,
+        selector: "#folder",
+      });
+      await page.send("DOM.setFileInputFiles", {
+        files: [`${dir}/images/disk.sparsebundle`],
+        nodeId: input.nodeId,
+      });
+      const text = await page.evaluate<string>(
+        `new Promise((resolve, reject) => {
+        const started = Date.now();
+        const poll = () => {
+          const s = document.getElementById("status");
+          if (!document.getElementById("download").hidden) resolve(s.textContent);
+          else if (s.className === "error") reject(new Error(s.textContent));
+          else if (Date.now() - started > 60000) reject(new Error("timed out: " + s.textContent));
+          else setTimeout(poll, 50);
+        };
+        poll();
+      })`,
+      );
+      assertTrue(text.includes(sha256Hex(disk)), text);
+      assertTrue(text.startsWith("disk.sparsebundle: sparsebundle"), text);
     });
   },
 });

@@ -1,7 +1,16 @@
-// The module worker behind index.html: opens an image (a File, or a URL read
-// with Range requests), converts it to a raw disk, reports progress, and
-// answers with the format, size, sha256 and (when asked) the raw bytes.
-import { convert, fromBlob, fromUrl, memorySink, open } from "/dist/mod.js";
+// The module worker behind index.html: opens an image (a File, a URL read
+// with Range requests, or a sparse bundle folder given as its Files by path),
+// converts it to a raw disk, reports progress, and answers with the format,
+// size, sha256 and (when asked) the raw bytes.
+import {
+  convert,
+  fromBlob,
+  fromUrl,
+  memorySink,
+  memoryTree,
+  open,
+  openSparsebundle,
+} from "/dist/mod.js";
 
 /** A sink that only counts (for hashing without keeping the disk). */
 function nullSink() {
@@ -15,10 +24,16 @@ function nullSink() {
 
 self.onmessage = async ({ data: { id, input, keep } }) => {
   try {
-    const source = typeof input === "string"
-      ? await fromUrl(new URL(input, self.location.href))
-      : fromBlob(input);
-    const image = await open(source);
+    // A folder comes as an object of Files by path within it ("Info.plist",
+    // "bands/0", ...): a sparse bundle.
+    const folder = typeof input !== "string" && !(input instanceof Blob);
+    const image = folder
+      ? await openSparsebundle(memoryTree(input))
+      : await open(
+        typeof input === "string"
+          ? await fromUrl(new URL(input, self.location.href))
+          : fromBlob(input),
+      );
     const sink = keep ? memorySink() : nullSink();
     const result = await convert(image, sink, {
       hash: true,
