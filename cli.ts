@@ -46,6 +46,7 @@ import {
   imageInfo,
   KeyError,
   open,
+  openInFolder,
   type OpenOptions,
   openSparsebundle,
   openTree,
@@ -223,6 +224,66 @@ function parseSize(text: string, what = "size"): number {
     );
   }
   return size;
+}
+
+/**
+ * The addresses (A and AAAA) of a host name, for the service's check that
+ * names do not lead to internal addresses. Asks the DNS servers directly
+ * (`/etc/hosts` is not read); nothing found is an empty list, which the
+ * service refuses.
+ */
+async function resolveHost(name: string): Promise<string[]> {
+  const signal = AbortSignal.timeout(5000);
+  const found = await Promise.allSettled([
+    Deno.resolveDns(name, "A", { signal }),
+    Deno.resolveDns(name, "AAAA", { signal }),
+  ]);
+  return found.flatMap((r) => r.status === "fulfilled" ? r.value : []);
+}
+
+/**
+ * `serve --web DIR`: the file at URL path `path`, when it is a regular file
+ * inside DIR (links followed only while they stay inside) and no name on
+ * the way starts with a dot; `/` is `index.html`, `/dist/mod.js` the
+ * bundle. Undefined otherwise (the service answers, 404 for unknown paths).
+ */
+async function webFile(
+  web: string,
+  path: string,
+): Promise<Response | undefined> {
+  let names: string[];
+  try {
+    names = decodeURIComponent(path).split("/").filter((n) => n !== "");
+  } catch {
+    return undefined;
+  }
+  if (names.some((n) => n.startsWith(".") || /[\\\0]/.test(n))) {
+    return undefined;
+  }
+  const bundle = path === "/dist/mod.js";
+  const folder = bundle ? new URL(".", import.meta.url).pathname : web;
+  const file = bundle
+    ? new URL("dist/mod.js", import.meta.url).pathname
+    : `${web}/${names.length ? names.join("/") : "index.html"}`;
+  let handle: FileHandle;
+  try {
+    handle = await openInFolder(file, folder);
+  } catch {
+    return undefined;
+  }
+  try {
+    if (handle.size > 64 << 20) return undefined;
+    const body = new Uint8Array(handle.size);
+    body.set(await handle.read(0, handle.size));
+    const type = file.endsWith(".html")
+      ? "text/html"
+      : file.endsWith(".js")
+      ? "text/javascript"
+      : "application/octet-stream";
+    return new Response(body, { headers: { "content-type": type } });
+  } finally {
+    await handle.close?.();
+  }
 }
 
 /**
@@ -1035,7 +1096,7 @@ const commands: Record<string, Command> = {
 
   serve: {
     usage:
-      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--web DIR]",
+      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--max-virtual BYTES] [--max-upload BYTES] [--max-concurrent N] [--web DIR]",
     summary:
       "run the conversion service (GET /convert?url=..., POST /info); --web also serves a folder and dist/mod.js",
     options: {
@@ -1044,15 +1105,30 @@ const commands: Record<string, Command> = {
       "allow-host": { type: "string", multiple: true },
       "allow-private": { type: "boolean" },
       "max-input": { type: "string" },
+      "max-virtual": { type: "string" },
+      "max-upload": { type: "string" },
+      "max-concurrent": { type: "string" },
       web: { type: "string" },
     },
     async run({ values }) {
+      const size = (name: string) =>
+        values[name] ? parseSize(values[name] as string) : undefined;
+      const concurrent = values["max-concurrent"] as string | undefined;
+      if (concurrent !== undefined && !/^[1-9]\d{0,5}$/.test(concurrent)) {
+        throw new UsageError(
+          `--max-concurrent must be a whole number from 1, not '${concurrent}'`,
+        );
+      }
       const service = conversionService({
         allowHosts: values["allow-host"] as string[] | undefined,
         allowPrivate: values["allow-private"] === true,
-        maxInputBytes: values["max-input"]
-          ? parseSize(values["max-input"] as string)
-          : undefined,
+        resolveHost,
+        maxInputBytes: size("max-input"),
+        maxVirtualBytes: size("max-virtual"),
+        maxUploadBytes: size("max-upload"),
+        maxConcurrent: concurrent === undefined
+          ? undefined
+          : Number(concurrent),
       });
       const web = values.web as string | undefined;
       const server = Deno.serve({
@@ -1063,20 +1139,8 @@ const commands: Record<string, Command> = {
       }, async (request) => {
         const path = new URL(request.url).pathname;
         if (web && request.method === "GET" && !path.startsWith("/convert")) {
-          const file = path === "/dist/mod.js"
-            ? new URL("dist/mod.js", import.meta.url).pathname
-            : `${web}/${path === "/" ? "index.html" : path.slice(1)}`;
-          if (!path.includes("..")) {
-            try {
-              const body = await Deno.readFile(file);
-              const type = file.endsWith(".html")
-                ? "text/html"
-                : file.endsWith(".js")
-                ? "text/javascript"
-                : "application/octet-stream";
-              return new Response(body, { headers: { "content-type": type } });
-            } catch { /* fall through to the service */ }
-          }
+          const page = await webFile(web, path);
+          if (page) return page;
         }
         return service(request);
       });
