@@ -10,6 +10,7 @@
 import type { Driver } from "../streams/types.ts";
 import { cloop } from "./cloop.ts";
 import { bochs } from "./bochs.ts";
+import { vdi } from "./vdi.ts";
 import { vpc } from "./vpc.ts";
 import { vmdk } from "./vmdk.ts";
 import { dmg } from "./dmg.ts";
@@ -23,6 +24,7 @@ export const DRIVERS: readonly Driver[] = [
   cloop,
   vpc,
   bochs,
+  vdi,
   vmdk,
   dmg,
   qcow,

@@ -166,6 +166,18 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
         cmd: `qemu-img convert -f raw -O vpc -o subformat=fixed ${base} OUT`,
       },
       {
+        name: "vdi",
+        format: "vdi",
+        tools: ["qemu-img"],
+        cmd: `qemu-img convert -f raw -O vdi ${base} OUT`,
+      },
+      {
+        name: "vdi-static",
+        format: "vdi",
+        tools: ["qemu-img"],
+        cmd: `qemu-img convert -f raw -O vdi -o static=on ${base} OUT`,
+      },
+      {
         name: "cloop",
         format: "cloop",
         tools: ["create_compressed_fs"],
