@@ -38,6 +38,7 @@ export * from "./drivers/registry.ts";
 export { cloop } from "./drivers/cloop.ts";
 export { bochs } from "./drivers/bochs.ts";
 export { vdi } from "./drivers/vdi.ts";
+export { vhdx } from "./drivers/vhdx.ts";
 export { vpc } from "./drivers/vpc.ts";
 export { vmdk } from "./drivers/vmdk.ts";
 export { qcow } from "./drivers/qcow.ts";

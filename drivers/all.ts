@@ -11,6 +11,7 @@ import type { Driver } from "../streams/types.ts";
 import { cloop } from "./cloop.ts";
 import { bochs } from "./bochs.ts";
 import { vdi } from "./vdi.ts";
+import { vhdx } from "./vhdx.ts";
 import { vpc } from "./vpc.ts";
 import { vmdk } from "./vmdk.ts";
 import { dmg } from "./dmg.ts";
@@ -25,6 +26,7 @@ export const DRIVERS: readonly Driver[] = [
   vpc,
   bochs,
   vdi,
+  vhdx,
   vmdk,
   dmg,
   qcow,
