@@ -39,6 +39,8 @@ export { cloop } from "./drivers/cloop.ts";
 export { bochs } from "./drivers/bochs.ts";
 export { vdi } from "./drivers/vdi.ts";
 export { vhdx } from "./drivers/vhdx.ts";
+export { qed } from "./drivers/qed.ts";
+export { parallels } from "./drivers/parallels.ts";
 export { vpc } from "./drivers/vpc.ts";
 export { vmdk } from "./drivers/vmdk.ts";
 export { qcow } from "./drivers/qcow.ts";

@@ -12,6 +12,8 @@ import { cloop } from "./cloop.ts";
 import { bochs } from "./bochs.ts";
 import { vdi } from "./vdi.ts";
 import { vhdx } from "./vhdx.ts";
+import { qed } from "./qed.ts";
+import { parallels } from "./parallels.ts";
 import { vpc } from "./vpc.ts";
 import { vmdk } from "./vmdk.ts";
 import { dmg } from "./dmg.ts";
@@ -27,6 +29,8 @@ export const DRIVERS: readonly Driver[] = [
   bochs,
   vdi,
   vhdx,
+  qed,
+  parallels,
   vmdk,
   dmg,
   qcow,

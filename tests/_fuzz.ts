@@ -187,6 +187,20 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
         } convert -O vhdx -o block_size=1M ${base} OUT`,
       },
       {
+        name: "qed",
+        format: "qed",
+        tools: ["qemu-img"],
+        cmd:
+          `qemu-img convert -f raw -O qed -o cluster_size=4K,table_size=2 ${base} OUT`,
+      },
+      {
+        name: "parallels",
+        format: "parallels",
+        tools: ["qemu-img"],
+        cmd:
+          `qemu-img convert -f raw -O parallels -o cluster_size=64K ${base} OUT`,
+      },
+      {
         name: "cloop",
         format: "cloop",
         tools: ["create_compressed_fs"],
