@@ -1,6 +1,7 @@
 /**
  * vhdx: Hyper-V's VHDX images (fixed, dynamic and differencing), read with
- * the log replayed in memory; written by `convert -O vhdx`.
+ * the log replayed in memory; fixed and dynamic ones created (`create`,
+ * `convert -O vhdx`) and written through (`write`, `commit` into them).
  *
  * This module is browser compatible.
  *
@@ -81,6 +82,12 @@ import {
   setLe64,
 } from "./_binary.ts";
 import { blockReader, type BlockRun, wholeBlock } from "./_blocks.ts";
+import {
+  readBackSource,
+  requireRandomAccess,
+  serializedWrites,
+  writeSink,
+} from "./_image.ts";
 import { crc32c } from "./codecs/crc32c.ts";
 import {
   BackingFileError,
@@ -89,6 +96,7 @@ import {
   UnsupportedError,
 } from "../streams/errors.ts";
 import type {
+  CreateSpec,
   Driver,
   EncodeOptions,
   Image,
@@ -97,7 +105,7 @@ import type {
   Sink,
   Source,
 } from "../streams/types.ts";
-import { extentsOf } from "../streams/types.ts";
+import { checkRange, extentsOf } from "../streams/types.ts";
 
 const FORMAT = "vhdx";
 const KiB = 1024;
@@ -801,12 +809,7 @@ function parentName(locator: Record<string, string>): string | undefined {
 // Opening.
 
 async function openVhdx(input: Source, options: OpenOptions): Promise<Image> {
-  if (options.writable) {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "vhdx images are opened read-only here; write a new one with convert -O vhdx",
-    );
-  }
+  const sink = writeSink(options, FORMAT);
   const unknown = Object.keys(options.options ?? {})[0];
   if (unknown !== undefined) {
     throw new UnsupportedError(
@@ -1051,7 +1054,96 @@ async function openVhdx(input: Source, options: OpenOptions): Promise<Image> {
     ...reader,
     close: () => input.close?.() ?? Promise.resolve(),
   };
-  return image;
+  if (!sink) return image;
+  if (header.logGuid !== ZERO_GUID) {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "header.log_guid", value: header.logGuid },
+      "this vhdx has a log to replay: it is replayed in memory for reading, never written; open it read-only (or convert it)",
+    );
+  }
+  if (hasParent) {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      "writing into a differencing vhdx is not supported here; write through an overlay",
+    );
+  }
+
+  // Writes: a block not stored yet is stored whole at the end of the file
+  // (zeros around the bytes written), then its BAT entry is updated in
+  // place. The BAT is not written through the log: an interrupted write
+  // can leave a block stored but unmapped (space lost, no wrong bytes).
+  let nextFree = Math.ceil(source.size / MiB) * MiB;
+  const batAt = bat.offset;
+  async function setEntry(index: number, at: number) {
+    const bytes = new Uint8Array(8);
+    const offsetMiB = at / MiB;
+    setLe32(bytes, 0, (FULLY_PRESENT | ((offsetMiB % 4096) << 20)) >>> 0);
+    setLe32(bytes, 4, Math.floor(offsetMiB / 4096));
+    await sink!.write(batAt + index * 8, bytes);
+    const page = batPages.get(Math.floor((index * 8) / BAT_PAGE));
+    if (page) {
+      page[index - (Math.floor((index * 8) / BAT_PAGE) * BAT_PAGE) / 8] =
+        offsetMiB * 8 + FULLY_PRESENT;
+    }
+  }
+  async function writeBlockPart(
+    block: number,
+    within: number,
+    part: Uint8Array,
+  ) {
+    const runs = await lookup(block);
+    if (runs.length === 1 && runs[0].kind === "data") {
+      await sink!.write(runs[0].at! + within, part);
+      return;
+    }
+    const at = nextFree;
+    nextFree += blockSize;
+    const whole = new Uint8Array(blockSize);
+    whole.set(part, within);
+    await sink!.write(at, whole);
+    await setEntry(block + Math.floor(block / chunkRatio), at);
+  }
+  const queue = { writing: Promise.resolve() as Promise<unknown> };
+  return {
+    ...image,
+    ...serializedWrites(queue, sink, async (offset, bytes) => {
+      checkRange(virtualSize, offset, bytes.length);
+      for (let at = offset; at < offset + bytes.length;) {
+        const block = Math.floor(at / blockSize);
+        const stop = Math.min(offset + bytes.length, (block + 1) * blockSize);
+        await writeBlockPart(
+          block,
+          at - block * blockSize,
+          bytes.subarray(at - offset, stop - offset),
+        );
+        at = stop;
+      }
+    }),
+  };
+}
+
+/**
+ * `create -f vhdx`: an empty image laid out as `convert -O vhdx` lays one
+ * out (a fixed one has every block stored), opened for writing.
+ */
+async function createVhdx(sink: Sink, spec: CreateSpec): Promise<Image> {
+  requireRandomAccess(sink, FORMAT, "vhdx images");
+  if (spec.backingFile !== undefined) {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      "creating a differencing vhdx is not supported here",
+    );
+  }
+  const empty: Source = {
+    size: spec.size,
+    read: (_offset, length) => Promise.resolve(new Uint8Array(length)),
+    async *extents(offset, length) {
+      if (length > 0) yield { offset, length, kind: "zero" };
+    },
+  };
+  await encodeVhdx(empty, sink, { options: spec.options });
+  const source = readBackSource(sink, FORMAT, () => 0);
+  return await openVhdx(source, { writable: true, sink });
 }
 
 // ---------------------------------------------------------------------------
@@ -1291,9 +1383,11 @@ async function encodeVhdx(
  * The vhdx driver: Hyper-V VHDX images. Reads fixed, dynamic and
  * differencing files (the parent located through the parent locator's
  * `relative_path`, followed under the caller's backing-file policy), with
- * a pending log replayed in memory; writes fixed and dynamic files with
- * `convert -O vhdx` (`-o subformat=dynamic|fixed,block_size=,log_size=,
- * logical_sector_size=512|4096`).
+ * a pending log replayed in memory; creates fixed and dynamic files
+ * (`create -f vhdx`, `convert -O vhdx`; `-o subformat=dynamic|fixed,
+ * block_size=,log_size=,logical_sector_size=512|4096`) and writes into
+ * them when opened writable (not into differencing files, nor files with
+ * a log to replay).
  *
  * @example
  * ```ts
@@ -1314,5 +1408,6 @@ export const vhdx: Driver = {
       : 0;
   },
   open: openVhdx,
+  create: createVhdx,
   encode: encodeVhdx,
 };

@@ -352,3 +352,48 @@ Deno.test("a vdi with a bad signature, version, offsets or sector size is refuse
   const broken = poked(bytes, 376, 0);
   assertEquals((await probe(fromBytes(broken)))[0].format, "vdi");
 });
+
+Deno.test({
+  name:
+    "the CLI creates a vdi, writes into it and commits a qcow overlay into it; qemu-img checks and compares it",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const cli = (...args: string[]) =>
+        run(Deno.execPath(), [
+          "run",
+          "-A",
+          new URL("../cli.ts", import.meta.url).pathname,
+          ...args,
+        ]);
+      const expected = new Uint8Array(10 << 20);
+      const first = pseudoRandom(3_000_000, 31);
+      const second = pseudoRandom(100_000, 32);
+      expected.set(first, 1_234_567);
+      expected.set(second, 8_000_000);
+      await Deno.writeFile(`${dir}/expected.raw`, expected);
+      await Deno.writeFile(`${dir}/first`, first);
+      await Deno.writeFile(`${dir}/second`, second);
+      await cli("create", "-f", "vdi", `${dir}/base.vdi`, "10M");
+      await cli("write", `${dir}/base.vdi`, "1234567", `${dir}/first`);
+      await cli(
+        "create",
+        "-f",
+        "qcow",
+        "-b",
+        "base.vdi",
+        "-F",
+        "vdi",
+        `${dir}/top.qcow`,
+        "10M",
+      );
+      await cli("write", `${dir}/top.qcow`, "8000000", `${dir}/second`);
+      await cli("commit", `${dir}/top.qcow`);
+      await run("qemu-img", ["check", "-f", "vdi", `${dir}/base.vdi`]);
+      await assertQemuIdentical(
+        `${dir}/expected.raw`,
+        `${dir}/base.vdi`,
+        "vdi",
+      );
+    }),
+});

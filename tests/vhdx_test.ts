@@ -11,6 +11,7 @@ import {
   probe,
   type Source,
   UnsupportedError,
+  vhdx,
 } from "../mod.ts";
 import { crc32c } from "../drivers/codecs/crc32c.ts";
 import {
@@ -565,4 +566,88 @@ Deno.test("a vhdx log outside the file, or one too big to replay, is refused", a
   // A truncated file is the vhdx's error.
   await refused(good.subarray(0, 200 * 1024), /file size/);
   await refused(good.subarray(0, good.length - MiB), /BAT\[|read offset/);
+});
+
+Deno.test({
+  name:
+    "the CLI creates a vhdx, writes into it and commits a qcow overlay into it; qemu-img checks and compares it",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const cli = (...args: string[]) =>
+        run(Deno.execPath(), [
+          "run",
+          "-A",
+          new URL("../cli.ts", import.meta.url).pathname,
+          ...args,
+        ]);
+      const expected = new Uint8Array(10 << 20);
+      const first = pseudoRandom(3_000_000, 31);
+      const second = pseudoRandom(100_000, 32);
+      expected.set(first, 1_234_567);
+      expected.set(second, 8_000_000);
+      await Deno.writeFile(`${dir}/expected.raw`, expected);
+      await Deno.writeFile(`${dir}/first`, first);
+      await Deno.writeFile(`${dir}/second`, second);
+      await cli("create", "-f", "vhdx", `${dir}/base.vhdx`, "10M");
+      await cli("write", `${dir}/base.vhdx`, "1234567", `${dir}/first`);
+      await cli(
+        "create",
+        "-f",
+        "qcow",
+        "-b",
+        "base.vhdx",
+        "-F",
+        "vhdx",
+        `${dir}/top.qcow`,
+        "10M",
+      );
+      await cli("write", `${dir}/top.qcow`, "8000000", `${dir}/second`);
+      await cli("commit", `${dir}/top.qcow`);
+      await run("qemu-img", ["check", "-f", "vhdx", `${dir}/base.vhdx`]);
+      await assertQemuIdentical(
+        `${dir}/expected.raw`,
+        `${dir}/base.vhdx`,
+        "vhdx",
+      );
+    }),
+});
+
+Deno.test("a vhdx we create and write reads back; one with a log to replay is never opened writable", async () => {
+  for (
+    const options of [{}, { subformat: "fixed" }, {
+      logical_sector_size: "4096",
+      block_size: "1M",
+    }] as Record<string, string>[]
+  ) {
+    const sink = memorySink();
+    const image = await vhdx.create!(sink, { size: 5 * MiB, options });
+    const disk = new Uint8Array(5 * MiB);
+    for (
+      const [at, n, seed] of [[1000, 5000, 1], [2 * MiB - 100, 300, 2], [
+        5 * MiB - 4096,
+        4096,
+        3,
+      ]]
+    ) {
+      const data = pseudoRandom(n, seed);
+      disk.set(data, at);
+      await image.write!(at, data);
+    }
+    await image.flush!();
+    const back = await open(fromBytes(sink.bytes()));
+    assertEquals(sha256Hex(await readAll(back)), sha256Hex(disk));
+  }
+  const good = await ours(sampleDisk(3 * MiB));
+  for (const at of [64 * 1024, 128 * 1024]) {
+    good[at + 48] = 1;
+    fixHeader(good, at);
+  }
+  const sink = memorySink();
+  await rejects(
+    () => open(fromBytes(good), { writable: true, sink }),
+    UnsupportedError,
+    /log to replay/,
+  );
+  assertEquals(sink.bytes().length, 0);
 });
