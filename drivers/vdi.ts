@@ -498,7 +498,10 @@ function writable(
   };
 }
 
-/** `create` options: `static=on|off`, `block_size` (bytes, a power of two). */
+/**
+ * `create` options: `static=on|off`, `block_size` (bytes, a power of two;
+ * 1 MiB by default, the only size VirtualBox and QEMU read).
+ */
 async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
   requireRandomAccess(sink, FORMAT, "vdi images");
   const options = spec.options ?? {};
