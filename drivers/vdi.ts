@@ -599,6 +599,20 @@ async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
 export const vdi: Driver = {
   name: FORMAT,
   description: "VirtualBox VDI (dynamic, static, differencing)",
+  writeOptions: [
+    {
+      name: "static",
+      help: "preallocate every block (a static image)",
+      values: ["on", "off"],
+      default: "off",
+    },
+    {
+      name: "block_size",
+      help: "bytes per block; VirtualBox and QEMU read only 1 MiB (1048576)",
+      accepts: "a power of two from 512 to 268435456",
+      default: "1048576",
+    },
+  ],
   probe(input: ProbeInput): number {
     return input.head.length >= 72 && le32(input.head, 64) === SIGNATURE
       ? 100

@@ -1407,6 +1407,32 @@ export const vhdx: Driver = {
       ? 100
       : 0;
   },
+  writeOptions: [
+    {
+      name: "subformat",
+      help: "dynamic (blocks stored as written) or fixed (every block stored)",
+      values: ["dynamic", "fixed"],
+      default: "dynamic",
+    },
+    {
+      name: "block_size",
+      help: "bytes per block (0: chosen by size, as qemu-img does)",
+      accepts: "0, or a power of two from 1M to 256M",
+      default: "0",
+    },
+    {
+      name: "log_size",
+      help: "bytes of the (empty) log",
+      accepts: "a multiple of 1M, at least 1M",
+      default: "1M",
+    },
+    {
+      name: "logical_sector_size",
+      help: "bytes per logical sector (QEMU reads only 512)",
+      values: ["512", "4096"],
+      default: "512",
+    },
+  ],
   open: openVhdx,
   create: createVhdx,
   encode: encodeVhdx,
