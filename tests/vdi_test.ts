@@ -62,10 +62,16 @@ async function qemuRaw(path: string, dir: string): Promise<Uint8Array> {
   return await Deno.readFile(`${dir}/expected.raw`);
 }
 
-for (const isStatic of ["off", "on"]) {
+for (
+  const [isStatic, extra] of [
+    ["off", ""],
+    ["on", ""],
+    ["off", ",preallocation=full"],
+  ]
+) {
   Deno.test({
     name:
-      `a vdi qemu-img converts with static=${isStatic} reads as qemu-img's raw bytes`,
+      `a vdi qemu-img converts with static=${isStatic}${extra} reads as qemu-img's raw bytes`,
     ignore: skip(["qemu-img"]),
     fn: () =>
       withTemp(async (dir) => {
@@ -78,7 +84,7 @@ for (const isStatic of ["off", "on"]) {
           "-O",
           "vdi",
           "-o",
-          `static=${isStatic}`,
+          `static=${isStatic}${extra}`,
           `${dir}/src.raw`,
           `${dir}/d.vdi`,
         ]);

@@ -71,6 +71,7 @@ const qemuMade: [string, string[]][] = [
   ["block_size=1M", ["-o", "block_size=1M"]],
   ["block_size=32M,log_size=4M", ["-o", "block_size=32M,log_size=4M"]],
   ["block_state_zero=off", ["-o", "block_state_zero=off"]],
+  ["preallocation=full", ["-o", "preallocation=full"]],
 ];
 for (const [what, args] of qemuMade) {
   Deno.test({
