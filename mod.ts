@@ -43,6 +43,7 @@ export { vdi } from "./drivers/vdi.ts";
 export { vhdx } from "./drivers/vhdx.ts";
 export { qed } from "./drivers/qed.ts";
 export { parallels } from "./drivers/parallels.ts";
+export { seSparse } from "./drivers/sesparse.ts";
 export { vpc } from "./drivers/vpc.ts";
 export { vmdk } from "./drivers/vmdk.ts";
 export { qcow } from "./drivers/qcow.ts";

@@ -14,6 +14,7 @@ import { vdi } from "./vdi.ts";
 import { vhdx } from "./vhdx.ts";
 import { qed } from "./qed.ts";
 import { parallels } from "./parallels.ts";
+import { seSparse } from "./sesparse.ts";
 import { vpc } from "./vpc.ts";
 import { vmdk } from "./vmdk.ts";
 import { dmg } from "./dmg.ts";
@@ -31,6 +32,7 @@ export const DRIVERS: readonly Driver[] = [
   vhdx,
   qed,
   parallels,
+  seSparse,
   vmdk,
   dmg,
   qcow,
