@@ -368,11 +368,12 @@ async function isSparsebundle(path: string, format?: string) {
 
 /**
  * Opens an image file named on the command line, a sparse bundle folder,
+ * a Parallels bundle folder (`NAME.hdd/`) through its DiskDescriptor.xml,
  * or a folder as a vvfat disk when spelled as QEMU does (`fat:DIR`,
  * `fat:16:DIR`) or with `-f vvfat DIR`.
  */
 async function openImage(
-  path: string,
+  given: string,
   options: InputOptions = {},
 ): Promise<{
   file?: FileHandle;
@@ -382,7 +383,14 @@ async function openImage(
   /** Every host file the image was read from: itself, extents, backing files. */
   files: FileHandle[];
 }> {
-  const fat = parseFatSpelling(path);
+  const fat = parseFatSpelling(given);
+  // A Parallels bundle (NAME.hdd/) is opened through its descriptor.
+  const path = !fat && options.format !== "vvfat" &&
+      (await Deno.stat(given).catch(() => undefined))?.isDirectory &&
+      (await Deno.stat(`${given}/DiskDescriptor.xml`).catch(() => undefined))
+        ?.isFile
+    ? `${given}/DiskDescriptor.xml`
+    : given;
   if (fat || options.format === "vvfat") {
     if (options.writable) throw new Error("vvfat disks are read-only");
     const image = await openTree(await directoryTree(fat?.dir ?? path), {
