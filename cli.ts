@@ -53,6 +53,9 @@ import {
   type OutputFile,
   type OverlayImage,
   parseFatSpelling,
+  partition,
+  type PartitionTable,
+  readPartitionTable,
   type Sink,
   streamSink,
   writeOptionsHelp,
@@ -735,7 +738,10 @@ const commands: Record<string, Command> = {
         }
         return 0;
       }
-      const info = await describe(path, file, image);
+      const info = {
+        ...await describe(path, file, image),
+        "partition-table": await partitionTableInfo(image),
+      };
       if (values.output === "json") {
         print(JSON.stringify(info, null, 4) + "\n");
       } else {
@@ -747,7 +753,7 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p | --progress=json] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p | --progress=json] [--hash] [--boot-sector FILE] [--partition N|NAME] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
@@ -761,6 +767,7 @@ const commands: Record<string, Command> = {
       "progress-json": { type: "boolean" },
       hash: { type: "boolean" },
       "boot-sector": { type: "string" },
+      partition: { type: "string" },
       ...backingFlags,
       "key-file": { type: "string" },
       // Skips the input's checksum checks (dmg verifies its CRC-32s by default).
@@ -817,7 +824,11 @@ const commands: Record<string, Command> = {
         throw new UsageError("-F names the format of -B's file", "convert");
       }
       if (output !== "-") await refuseInputAsOutput(output, input, files);
-      const image = bootSector ? bootSectorPatch(source, bootSector) : source;
+      const which = values.partition as string | undefined;
+      const part = which === undefined
+        ? source
+        : await partition(source, which);
+      const image = bootSector ? bootSectorPatch(part, bootSector) : part;
       const encryptOutput = outOptions.encryption === "on" ||
         outOptions["encrypt.format"] !== undefined;
       if (encryptOutput && outFormat === "qcow") {
@@ -850,12 +861,13 @@ const commands: Record<string, Command> = {
 
   map: {
     usage:
-      "map [-f FMT] [--output=human|json] [--allow-backing-dir DIR]... [--no-backing] [--key-file F] IMAGE",
+      "map [-f FMT] [--output=human|json] [--partitions] [--allow-backing-dir DIR]... [--no-backing] [--key-file F] IMAGE",
     summary:
       "show the allocation map of the backing chain: which layer holds each run, which read as zeros",
     options: {
       format: { type: "string", short: "f" },
       output: { type: "string", default: "human" },
+      partitions: { type: "boolean" },
       ...backingFlags,
       "key-file": { type: "string" },
     },
@@ -867,15 +879,21 @@ const commands: Record<string, Command> = {
         extra: { key: await keyFrom(values) },
       });
       const json = values.output === "json";
+      const table = values.partitions
+        ? await readPartitionTable(image)
+        : undefined;
+      const labels = values.partitions ? partitionLabeller(table) : undefined;
       const lines: string[] = [];
       if (!json) {
         print(
           `${"Offset".padEnd(16)}${"Length".padEnd(16)}${
             "Mapped to".padEnd(16)
-          }File\n`,
+          }${labels ? "Partition".padEnd(11) : ""}File\n`,
         );
       }
-      for await (const run of layeredExtents(image, 0, image.size)) {
+      const walk = layeredExtents(image, 0, image.size);
+      for await (const run of labels ? labels.split(walk) : walk) {
+        const label = labels?.at(run.offset);
         const data = run.kind === "data";
         // Where the run's bytes lie in its file: the driver says, for a raw
         // file it is the offset itself.
@@ -895,6 +913,7 @@ const commands: Record<string, Command> = {
             data,
           };
           if (at !== undefined) entry.offset = at;
+          if (label !== undefined) entry.partition = label;
           lines.push(
             "{ " + Object.entries(entry).map(([k, v]) =>
               `"${k}": ${v}`
@@ -905,7 +924,9 @@ const commands: Record<string, Command> = {
           print(
             `${hex(run.offset)}${hex(run.length)}${
               at !== undefined ? hex(at) : "-".padEnd(16)
-            }${run.depth === 0 ? path : run.layer.name}\n`,
+            }${labels ? String(label ?? "-").padEnd(11) : ""}${
+              run.depth === 0 ? path : run.layer.name
+            }\n`,
           );
         }
       }
@@ -962,29 +983,38 @@ const commands: Record<string, Command> = {
 
   compare: {
     usage:
-      "compare [-f FMT] [-F FMT] [-s] [--allow-backing-dir DIR]... [--no-backing] [--key-file F] A B",
+      "compare [-f FMT] [-F FMT] [-s] [--partition N|NAME] [--partition-b N|NAME] [--allow-backing-dir DIR]... [--no-backing] [--key-file F] A B",
     summary:
       "compare two images' contents, backing chains included (exit 0 same, 1 different, 2 error)",
     options: {
       "a-format": { type: "string", short: "f" },
       "b-format": { type: "string", short: "F" },
       strict: { type: "boolean", short: "s" },
+      partition: { type: "string" },
+      "partition-b": { type: "string" },
       ...backingFlags,
       "key-file": { type: "string" },
     },
     async run({ values, positionals }) {
       const [pathA, pathB] = need(positionals, 2, "compare");
       const key = await keyFrom(values);
-      const a = (await openImage(pathA, {
+      const wholeA = (await openImage(pathA, {
         format: values["a-format"] as string | undefined,
         ...backingPolicy(values),
         extra: { key },
       })).image;
-      const b = (await openImage(pathB, {
+      const wholeB = (await openImage(pathB, {
         format: values["b-format"] as string | undefined,
         ...backingPolicy(values),
         extra: { key },
       })).image;
+      // --partition: one partition of A (--partition-b: of B) is compared.
+      const a = values.partition === undefined
+        ? wholeA
+        : await partition(wholeA, values.partition as string);
+      const b = values["partition-b"] === undefined
+        ? wholeB
+        : await partition(wholeB, values["partition-b"] as string);
       if (values.strict && a.size !== b.size) {
         print(`Strict mode: Image size mismatch!\n`);
         return 1;
@@ -1188,6 +1218,86 @@ function need(positionals: string[], count: number, command: string): string[] {
   return positionals;
 }
 
+/**
+ * The partition table for `info` (kebab-case keys): null when the disk has
+ * none; `{ error }` when it is malformed or cannot be read (an encrypted
+ * disk without its key), so that the rest of `info` still shows.
+ */
+async function partitionTableInfo(image: Image) {
+  let table: PartitionTable | undefined;
+  try {
+    table = await readPartitionTable(image);
+  } catch (e) {
+    return { error: e instanceof Error ? e.message : String(e) };
+  }
+  if (!table) return null;
+  const out: Record<string, unknown> = {
+    scheme: table.scheme,
+    "sector-size": table.sectorSize,
+  };
+  if (table.diskGuid) out["disk-guid"] = table.diskGuid;
+  if (table.header) out.header = table.header;
+  if (table.primaryError) out["primary-error"] = table.primaryError;
+  out.partitions = table.partitions.map((p) => {
+    const entry: Record<string, unknown> = { index: p.index };
+    if (p.name !== undefined) entry.name = p.name;
+    entry.type = p.type;
+    if (p.typeName) entry["type-name"] = p.typeName;
+    if (p.role) entry.role = p.role;
+    if (p.bootable) entry.bootable = true;
+    entry.offset = p.offset;
+    entry.size = p.size;
+    entry["first-sector"] = p.firstSector;
+    entry["sector-count"] = p.sectorCount;
+    if (p.guid) entry.guid = p.guid;
+    return entry;
+  });
+  return out;
+}
+
+/**
+ * `map --partitions`: cuts runs at partition boundaries and names the
+ * partition each run lies in (a logical partition before its extended one).
+ */
+function partitionLabeller(table: PartitionTable | undefined) {
+  const parts = (table?.partitions ?? []).filter((p) => p.size > 0)
+    // Innermost first: an extended partition holds its logicals.
+    .sort((a, b) =>
+      (a.role === "extended" ? 1 : 0) - (b.role === "extended" ? 1 : 0)
+    );
+  const cuts = [...new Set(parts.flatMap((p) => [p.offset, p.offset + p.size]))]
+    .sort((a, b) => a - b);
+  return {
+    at(offset: number): number | undefined {
+      return parts.find((p) => offset >= p.offset && offset < p.offset + p.size)
+        ?.index;
+    },
+    async *split<T extends Extent>(runs: AsyncIterable<T>): AsyncIterable<T> {
+      for await (const run of runs) {
+        let start = run.offset;
+        const end = run.offset + run.length;
+        for (const cut of cuts) {
+          if (cut <= start || cut >= end) continue;
+          yield piece(run, start, cut);
+          start = cut;
+        }
+        yield piece(run, start, end);
+      }
+    },
+  };
+}
+
+function piece<T extends Extent>(run: T, start: number, end: number): T {
+  return {
+    ...run,
+    offset: start,
+    length: end - start,
+    ...(run.fileOffset === undefined
+      ? {}
+      : { fileOffset: run.fileOffset + start - run.offset }),
+  };
+}
+
 /** The `info` facts, with qemu-img's JSON keys first. */
 async function describe(
   path: string,
@@ -1365,7 +1475,69 @@ function humanInfo(info: Record<string, unknown>): string {
     lines.push("Format specific information:");
     humanValue(specific.data, "    ", lines);
   }
+  if ("partition-table" in info) {
+    humanPartitions(info["partition-table"] as Record<string, unknown>, lines);
+  }
   return lines.join("\n") + "\n";
+}
+
+/** The `info` partition table as a table of columns. */
+function humanPartitions(
+  table: Record<string, unknown> | null,
+  lines: string[],
+) {
+  if (table === null) {
+    lines.push("partition table: none");
+    return;
+  }
+  if (table.error !== undefined) {
+    lines.push(`partition table: unreadable: ${table.error}`);
+    return;
+  }
+  const header = table.header === "backup"
+    ? `, backup header (the primary: ${table["primary-error"]})`
+    : "";
+  const guid = table["disk-guid"] ? `, disk GUID ${table["disk-guid"]}` : "";
+  lines.push(
+    `partition table: ${table.scheme} (${
+      table["sector-size"]
+    }-byte sectors${guid}${header})`,
+  );
+  const rows = [[
+    "Index",
+    "First sector",
+    "Sectors",
+    "Offset",
+    "Size",
+    "Type",
+    "Name",
+  ]];
+  for (const p of table.partitions as Record<string, unknown>[]) {
+    const kind = [
+      p.type,
+      p["type-name"],
+      p.role === "extended" ? "(extended)" : "",
+    ]
+      .filter(Boolean).join(" ");
+    rows.push([
+      String(p.index) + (p.bootable ? "*" : ""),
+      String(p["first-sector"]),
+      String(p["sector-count"]),
+      String(p.offset),
+      humanSize(p.size as number),
+      kind,
+      (p.name as string | undefined) ?? "",
+    ]);
+  }
+  const widths = rows[0].map((_, c) =>
+    Math.max(...rows.map((r) => r[c].length))
+  );
+  for (const row of rows) {
+    lines.push(
+      "    " +
+        row.map((cell, c) => cell.padEnd(widths[c])).join("  ").trimEnd(),
+    );
+  }
 }
 
 /** The first byte offset where two images differ (the shorter one reads as zeros past its end), or undefined. */

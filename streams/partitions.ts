@@ -535,12 +535,16 @@ async function readGptHeader(
   if (header.myLba !== lba) {
     throw fail("gpt", "MyLBA", header.myLba, `${lba}`, where + 24);
   }
-  if (header.lastUsable >= sectors || header.firstUsable > header.lastUsable + 1) {
+  if (
+    header.lastUsable >= sectors || header.firstUsable > header.lastUsable + 1
+  ) {
     throw fail(
       "gpt",
       "LastUsableLBA",
       header.lastUsable,
-      `at least FirstUsableLBA - 1 (${header.firstUsable - 1}) and below the disk's ${sectors} sectors`,
+      `at least FirstUsableLBA - 1 (${
+        header.firstUsable - 1
+      }) and below the disk's ${sectors} sectors`,
       where + 48,
     );
   }
@@ -569,7 +573,9 @@ async function readGptHeader(
       "gpt",
       "NumberOfPartitionEntries",
       header.entryCount,
-      `at most ${MAX_GPT_ARRAY_BYTES / size} entries of ${size} bytes (${MAX_GPT_ARRAY_BYTES} bytes)`,
+      `at most ${
+        MAX_GPT_ARRAY_BYTES / size
+      } entries of ${size} bytes (${MAX_GPT_ARRAY_BYTES} bytes)`,
       where + 80,
     );
   }
