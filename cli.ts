@@ -1228,6 +1228,9 @@ async function partitionTableInfo(image: Image) {
   try {
     table = await readPartitionTable(image);
   } catch (e) {
+    if (e instanceof KeyError) {
+      return { error: "the disk is encrypted: give its key to read the table" };
+    }
     return { error: e instanceof Error ? e.message : String(e) };
   }
   if (!table) return null;

@@ -15,6 +15,7 @@ import {
   fileServer,
   pseudoRandom,
   REFERENCE,
+  referenceFile,
   rejects,
   run,
   sha256File,
@@ -449,6 +450,55 @@ Deno.test(
 );
 
 Deno.test(
+  "hdiutil's GPT dmg (qemu-iotests simple-dmg): its Apple_HFS partition lists as sfdisk lists it and converts to dd's bytes",
+  { ignore: skip(["qemu-img", "dd", "sfdisk", "bzip2"], true) },
+  async () => {
+    await withTemp(async (dir) => {
+      const dmg =
+        (await referenceFile("qemu-iotests/simple-dmg.dmg.bz2", dir))!;
+      const raw = `${dir}/disk.raw`;
+      await run("qemu-img", ["convert", "-O", "raw", dmg, raw]);
+      const [reference] = await sfdiskList(raw);
+      const info = await cli(["info", "--output=json", dmg]);
+      assertEquals(info.code, 0, info.stderr);
+      const table = JSON.parse(info.text)["partition-table"];
+      assertEquals(table.scheme, "gpt");
+      assertEquals(table.partitions.length, 1);
+      const p = table.partitions[0];
+      assertEquals(
+        [
+          p.index,
+          p.name,
+          p.type,
+          p["type-name"],
+          p["first-sector"],
+          p["sector-count"],
+          p.guid,
+        ],
+        [
+          1,
+          reference.name,
+          reference.type,
+          "Apple HFS/HFS+",
+          reference.start,
+          reference.size,
+          reference.uuid,
+        ],
+      );
+      const want = await ddSha(dir, raw, p["first-sector"], p["sector-count"]);
+      assertEquals(await cliPartitionSha(dir, dmg, "disk image"), want);
+      assertEquals(await cliPartitionSha(dir, dmg, "1"), want);
+      // The HFS+ volume header sits 1024 bytes into the partition.
+      const volume = await partition(
+        await open(fromBytes(await Deno.readFile(dmg))),
+        "disk image",
+      );
+      assertEquals(new TextDecoder().decode(await volume.read(1024, 2)), "H+");
+    });
+  },
+);
+
+Deno.test(
   "hdiutil's gpt.dmg holds a bare HFS+ volume (no table on the disk): info says none",
   {
     ignore: skip([], true),
@@ -839,6 +889,27 @@ Deno.test(
         ],
         [3, "Données", "Microsoft basic data", 4194304, MiB, 8192, 2048],
       );
+    });
+  },
+);
+
+Deno.test(
+  "a real GRUB boot sector alone (qemu-iotests grub_mbr.raw) names a partition past its 512 bytes: refused, info still works",
+  {
+    ignore: skip(["bzip2"], true),
+  },
+  async () => {
+    await withTemp(async (dir) => {
+      const path = (await referenceFile("qemu-iotests/grub_mbr.raw.bz2", dir))!;
+      await rejects(
+        async () =>
+          await readPartitionTable(fromBytes(await Deno.readFile(path))),
+        ImageFormatError,
+        /mbr: partition 1 end \d+ must be at most the disk size 512/,
+      );
+      const r = await cli(["info", path]);
+      assertEquals(r.code, 0, r.stderr);
+      assertMatch(r.text, /partition table: unreadable: mbr: partition 1 end/);
     });
   },
 );
