@@ -913,3 +913,65 @@ Deno.test(
     });
   },
 );
+
+Deno.test(
+  "2,400 seeded mutants of the tables' sectors (GPT, MBR with EBRs, APM) end in a table, none, or a typed error, in bounded work",
+  {
+    ignore: skip(["sgdisk", "sfdisk"]),
+  },
+  async () => {
+    await withTemp(async (dir) => {
+      const gpt = await Deno.readFile(await makeGpt(dir));
+      const mbr = await Deno.readFile(await makeMbr(dir));
+      const apm = apmDisk(512, 1088, APM_ENTRIES(63));
+      const last = (d: Uint8Array) => d.length - 512;
+      // Where each table lives: [start, length] of the bytes mutated.
+      const disks: [Uint8Array, [number, number][]][] = [
+        [gpt, [[446, 66], [512, 92], [1024, 512], [last(gpt), 92], [
+          last(gpt) - 32 * 512,
+          512,
+        ]]],
+        [mbr, [
+          [446, 66],
+          ...[6144, 10240, 14336].map((s) =>
+            [s * 512 + 446, 66] as [number, number]
+          ),
+        ]],
+        [apm, [[0, 8], [512, 96], [1024, 96], [1536, 96]]],
+      ];
+      let x = 2026;
+      const next = (n: number) => {
+        x ^= x << 13;
+        x ^= x >>> 17;
+        x ^= x << 5;
+        return (x >>> 0) % n;
+      };
+      const outcomes: Record<string, number> = {};
+      for (let i = 0; i < 2400; i++) {
+        const [disk, places] = disks[i % disks.length];
+        const saved: [number, number][] = [];
+        for (let k = 1 + next(6); k > 0; k--) {
+          const [start, length] = places[next(places.length)];
+          const at = start + next(length);
+          saved.push([at, disk[at]]);
+          disk[at] = next(256);
+        }
+        const counted = countingSource(disk);
+        try {
+          const table = await readPartitionTable(counted.source);
+          const key = table ? table.scheme : "none";
+          outcomes[key] = (outcomes[key] ?? 0) + 1;
+        } catch (e) {
+          if (!(e instanceof ImageFormatError)) throw e;
+          outcomes.refused = (outcomes.refused ?? 0) + 1;
+        }
+        assertBoundedWork(counted, disk.length, 2000, 0.1);
+        for (const [at, value] of saved.reverse()) disk[at] = value;
+      }
+      assertTrue(
+        outcomes.refused > 100 && outcomes.gpt > 100,
+        JSON.stringify(outcomes),
+      );
+    });
+  },
+);
