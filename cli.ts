@@ -36,6 +36,7 @@ import {
   describeImage,
   directoryTree,
   driver,
+  type Extent,
   fileBackingResolver,
   type FileHandle,
   fileResolver,
@@ -56,6 +57,9 @@ import {
   type OutputFile,
   type OverlayImage,
   parseFatSpelling,
+  partition,
+  type PartitionTable,
+  readPartitionTable,
   type Sink,
   streamSink,
   writeOptionsHelp,
@@ -723,7 +727,7 @@ const commands: Record<string, Command> = {
         }
         return 0;
       }
-      const info = await describe(path, file, image);
+      const info = await describe(path, file, image, true);
       if (values.output === "json") {
         print(JSON.stringify(info, null, 4) + "\n");
       } else {
@@ -735,7 +739,7 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p | --progress=json] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p | --progress=json] [--hash] [--boot-sector FILE] [--partition N|NAME] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
@@ -749,6 +753,7 @@ const commands: Record<string, Command> = {
       "progress-json": { type: "boolean" },
       hash: { type: "boolean" },
       "boot-sector": { type: "string" },
+      partition: { type: "string" },
       ...backingFlags,
       "key-file": { type: "string" },
       // Skips the input's checksum checks (dmg verifies its CRC-32s by default).
@@ -805,7 +810,11 @@ const commands: Record<string, Command> = {
         throw new UsageError("-F names the format of -B's file", "convert");
       }
       if (output !== "-") await refuseInputAsOutput(output, input, files);
-      const image = bootSector ? bootSectorPatch(source, bootSector) : source;
+      const which = values.partition as string | undefined;
+      const part = which === undefined
+        ? source
+        : await partition(source, which);
+      const image = bootSector ? bootSectorPatch(part, bootSector) : part;
       const encryptOutput = outOptions.encryption === "on" ||
         outOptions["encrypt.format"] !== undefined;
       if (encryptOutput && outFormat === "qcow") {
@@ -838,12 +847,13 @@ const commands: Record<string, Command> = {
 
   map: {
     usage:
-      "map [-f FMT] [--output=human|json] [--allow-backing-dir DIR]... [--no-backing] [--key-file F] IMAGE",
+      "map [-f FMT] [--output=human|json] [--partitions] [--allow-backing-dir DIR]... [--no-backing] [--key-file F] IMAGE",
     summary:
       "show the allocation map of the backing chain: which layer holds each run, which read as zeros",
     options: {
       format: { type: "string", short: "f" },
       output: { type: "string", default: "human" },
+      partitions: { type: "boolean" },
       ...backingFlags,
       "key-file": { type: "string" },
     },
@@ -855,15 +865,21 @@ const commands: Record<string, Command> = {
         extra: { key: await keyFrom(values) },
       });
       const json = values.output === "json";
+      const table = values.partitions
+        ? await readPartitionTable(image)
+        : undefined;
+      const labels = values.partitions ? partitionLabeller(table) : undefined;
       const lines: string[] = [];
       if (!json) {
         print(
           `${"Offset".padEnd(16)}${"Length".padEnd(16)}${
             "Mapped to".padEnd(16)
-          }File\n`,
+          }${labels ? "Partition".padEnd(11) : ""}File\n`,
         );
       }
-      for await (const run of mapChain(image)) {
+      const walk = mapChain(image);
+      for await (const run of labels ? labels.split(walk) : walk) {
+        const label = labels?.at(run.offset);
         const data = run.kind === "data";
         // Where the run's bytes lie in its file: the driver says, for a raw
         // file it is the offset itself.
@@ -883,6 +899,7 @@ const commands: Record<string, Command> = {
             data,
           };
           if (at !== undefined) entry.offset = at;
+          if (label !== undefined) entry.partition = label;
           lines.push(
             "{ " + Object.entries(entry).map(([k, v]) =>
               `"${k}": ${v}`
@@ -893,7 +910,9 @@ const commands: Record<string, Command> = {
           print(
             `${hex(run.offset)}${hex(run.length)}${
               at !== undefined ? hex(at) : "-".padEnd(16)
-            }${run.depth === 0 ? path : run.layer.name}\n`,
+            }${labels ? String(label ?? "-").padEnd(11) : ""}${
+              run.depth === 0 ? path : run.layer.name
+            }\n`,
           );
         }
       }
@@ -950,29 +969,38 @@ const commands: Record<string, Command> = {
 
   compare: {
     usage:
-      "compare [-f FMT] [-F FMT] [-s] [--allow-backing-dir DIR]... [--no-backing] [--key-file F] A B",
+      "compare [-f FMT] [-F FMT] [-s] [--partition N|NAME] [--partition-b N|NAME] [--allow-backing-dir DIR]... [--no-backing] [--key-file F] A B",
     summary:
       "compare two images' contents, backing chains included (exit 0 same, 1 different, 2 error)",
     options: {
       "a-format": { type: "string", short: "f" },
       "b-format": { type: "string", short: "F" },
       strict: { type: "boolean", short: "s" },
+      partition: { type: "string" },
+      "partition-b": { type: "string" },
       ...backingFlags,
       "key-file": { type: "string" },
     },
     async run({ values, positionals }) {
       const [pathA, pathB] = need(positionals, 2, "compare");
       const key = await keyFrom(values);
-      const a = (await openImage(pathA, {
+      const wholeA = (await openImage(pathA, {
         format: values["a-format"] as string | undefined,
         ...backingPolicy(values),
         extra: { key },
       })).image;
-      const b = (await openImage(pathB, {
+      const wholeB = (await openImage(pathB, {
         format: values["b-format"] as string | undefined,
         ...backingPolicy(values),
         extra: { key },
       })).image;
+      // --partition: one partition of A (--partition-b: of B) is compared.
+      const a = values.partition === undefined
+        ? wholeA
+        : await partition(wholeA, values.partition as string);
+      const b = values["partition-b"] === undefined
+        ? wholeB
+        : await partition(wholeB, values["partition-b"] as string);
       if (values.strict && a.size !== b.size) {
         print(`Strict mode: Image size mismatch!\n`);
         return 1;
@@ -1176,15 +1204,60 @@ function need(positionals: string[], count: number, command: string): string[] {
   return positionals;
 }
 
+/**
+ * `map --partitions`: cuts runs at partition boundaries and names the
+ * partition each run lies in (a logical partition before its extended one).
+ */
+function partitionLabeller(table: PartitionTable | undefined) {
+  const parts = (table?.partitions ?? []).filter((p) => p.size > 0)
+    // Innermost first: an extended partition holds its logicals.
+    .sort((a, b) =>
+      (a.role === "extended" ? 1 : 0) - (b.role === "extended" ? 1 : 0)
+    );
+  const cuts = [...new Set(parts.flatMap((p) => [p.offset, p.offset + p.size]))]
+    .sort((a, b) => a - b);
+  return {
+    at(offset: number): number | undefined {
+      return parts.find((p) => offset >= p.offset && offset < p.offset + p.size)
+        ?.index;
+    },
+    async *split<T extends Extent>(runs: AsyncIterable<T>): AsyncIterable<T> {
+      for await (const run of runs) {
+        let start = run.offset;
+        const end = run.offset + run.length;
+        for (const cut of cuts) {
+          if (cut <= start || cut >= end) continue;
+          yield piece(run, start, cut);
+          start = cut;
+        }
+        yield piece(run, start, end);
+      }
+    },
+  };
+}
+
+function piece<T extends Extent>(run: T, start: number, end: number): T {
+  return {
+    ...run,
+    offset: start,
+    length: end - start,
+    ...(run.fileOffset === undefined
+      ? {}
+      : { fileOffset: run.fileOffset + start - run.offset }),
+  };
+}
+
 /** The `info` facts of the image named on the command line. */
 async function describe(
   path: string,
   file: FileHandle | undefined,
   image: Image,
+  partitions = false,
 ) {
   return await describeImage(image, {
     filename: path,
     actualSize: await file?.allocatedBytes(),
+    partitions,
   });
 }
 

@@ -30,6 +30,7 @@ export * from "./streams/convert.ts";
 export * from "./streams/overlay.ts";
 export * from "./streams/snapshot.ts";
 export * from "./streams/boot_sector.ts";
+export * from "./streams/partitions.ts";
 export * from "./streams/commit.ts";
 export { cipherFor, decrypt, qcowKey } from "./streams/decrypt.ts";
 export * from "./streams/service.ts";

@@ -11,6 +11,8 @@
 
 import { imageInfo } from "./service.ts";
 import type { OverlayImage } from "./overlay.ts";
+import { KeyError } from "./errors.ts";
+import { type PartitionTable, readPartitionTable } from "./partitions.ts";
 import { type Extent, extentsOf, type Image } from "./types.ts";
 
 /** Where the facts of {@linkcode describeImage} come from besides the image. */
@@ -19,6 +21,11 @@ export interface DescribeOptions {
   filename?: string;
   /** The bytes the image file takes on disk (qemu-img's `actual-size`), when known. */
   actualSize?: number;
+  /**
+   * Read the disk's partition table too (`partition-table`: the table,
+   * null for none, or `{ error }`), as `info` shows it. @default false
+   */
+  partitions?: boolean;
 }
 
 /**
@@ -54,7 +61,15 @@ export async function describeImage(
     ordered["actual-size"] = options.actualSize;
   }
   ordered["allocated-bytes"] = await allocatedBytes(image);
-  return { ...ordered, ...info, "dirty-flag": false };
+  const described: Record<string, unknown> = {
+    ...ordered,
+    ...info,
+    "dirty-flag": false,
+  };
+  if (options.partitions) {
+    described["partition-table"] = await partitionTableInfo(image);
+  }
+  return described;
 }
 
 /**
@@ -320,5 +335,119 @@ export function formatInfo(info: Record<string, unknown>): string {
     lines.push("Format specific information:");
     humanValue(specific.data, "    ", lines);
   }
+  if ("partition-table" in info) {
+    humanPartitions(info["partition-table"] as Record<string, unknown>, lines);
+  }
   return lines.join("\n") + "\n";
+}
+
+/**
+ * The partition table for `info` (kebab-case keys): null when the disk has
+ * none; `{ error }` when it is malformed or cannot be read (an encrypted
+ * disk without its key), so that the rest of `info` still shows.
+ *
+ * @param image the disk
+ * @returns the table's facts, null, or `{ error }`
+ *
+ * @example
+ * ```ts
+ * import { fromBytes, open, partitionTableInfo } from "../mod.ts";
+ * const image = await open(fromBytes(new Uint8Array(4096)));
+ * console.log(await partitionTableInfo(image)); // null
+ * ```
+ */
+export async function partitionTableInfo(
+  image: Image,
+): Promise<Record<string, unknown> | null> {
+  let table: PartitionTable | undefined;
+  try {
+    table = await readPartitionTable(image);
+  } catch (e) {
+    if (e instanceof KeyError) {
+      return { error: "the disk is encrypted: give its key to read the table" };
+    }
+    return { error: e instanceof Error ? e.message : String(e) };
+  }
+  if (!table) return null;
+  const out: Record<string, unknown> = {
+    scheme: table.scheme,
+    "sector-size": table.sectorSize,
+  };
+  if (table.diskGuid) out["disk-guid"] = table.diskGuid;
+  if (table.header) out.header = table.header;
+  if (table.primaryError) out["primary-error"] = table.primaryError;
+  out.partitions = table.partitions.map((p) => {
+    const entry: Record<string, unknown> = { index: p.index };
+    if (p.name !== undefined) entry.name = p.name;
+    entry.type = p.type;
+    if (p.typeName) entry["type-name"] = p.typeName;
+    if (p.role) entry.role = p.role;
+    if (p.bootable) entry.bootable = true;
+    entry.offset = p.offset;
+    entry.size = p.size;
+    entry["first-sector"] = p.firstSector;
+    entry["sector-count"] = p.sectorCount;
+    if (p.guid) entry.guid = p.guid;
+    return entry;
+  });
+  return out;
+}
+
+/** The `info` partition table as a table of columns. */
+function humanPartitions(
+  table: Record<string, unknown> | null,
+  lines: string[],
+) {
+  if (table === null) {
+    lines.push("partition table: none");
+    return;
+  }
+  if (table.error !== undefined) {
+    lines.push(`partition table: unreadable: ${table.error}`);
+    return;
+  }
+  const header = table.header === "backup"
+    ? `, backup header (the primary: ${table["primary-error"]})`
+    : "";
+  const guid = table["disk-guid"] ? `, disk GUID ${table["disk-guid"]}` : "";
+  lines.push(
+    `partition table: ${table.scheme} (${
+      table["sector-size"]
+    }-byte sectors${guid}${header})`,
+  );
+  const rows = [[
+    "Index",
+    "First sector",
+    "Sectors",
+    "Offset",
+    "Size",
+    "Type",
+    "Name",
+  ]];
+  for (const p of table.partitions as Record<string, unknown>[]) {
+    const kind = [
+      p.type,
+      p["type-name"],
+      p.role === "extended" ? "(extended)" : "",
+    ]
+      .filter(Boolean).join(" ");
+    rows.push([
+      String(p.index) + (p.bootable ? "*" : ""),
+      String(p["first-sector"]),
+      String(p["sector-count"]),
+      String(p.offset),
+      humanSize(p.size as number),
+      kind,
+      (p.name as string | undefined) ?? "",
+    ]);
+  }
+  const widths = rows[0].map((_, c) =>
+    Math.max(...rows.map((r) => r[c].length))
+  );
+  for (const row of rows) {
+    lines.push(
+      "    " +
+        row.map((cell, c) => cell.padEnd(widths[c])).join("  ").trimEnd(),
+    );
+  }
 }

@@ -3,6 +3,7 @@
  * `Deno.serve` (or Deno Deploy, or any runtime with `fetch` types).
  *
  * - `GET /convert?url=URL&format=raw` streams the raw disk of a remote image
+ *   (`&partition=N|NAME`: one partition of it)
  *   without storing it; a `Range: bytes=A-B` header on the request is
  *   honoured (206 with `Content-Range`).
  * - `POST /info` takes an image as the request body and answers its `info`
@@ -23,6 +24,7 @@
 
 import { fromUrl } from "./sources.ts";
 import { readable } from "./readable.ts";
+import { partition } from "./partitions.ts";
 import { open } from "../drivers/registry.ts";
 import { checkRange, type Image, type Source } from "./types.ts";
 import { isAddress, privateRange } from "./_address.ts";
@@ -472,9 +474,20 @@ export function conversionService(
         `image is ${source.size} bytes, over this service's limit of ${maxInput} (maxInputBytes)`,
       );
     }
-    const image = await open(source, {
+    const whole = await open(source, {
       format: url.searchParams.get("from") ?? undefined,
     });
+    // `partition=N|NAME`: one partition of the disk, as a raw image.
+    const which = url.searchParams.get("partition");
+    let image = whole;
+    if (which !== null) {
+      try {
+        image = await partition(whole, which);
+      } catch (e) {
+        if (e instanceof RangeError) throw new Refusal(404, e.message);
+        throw e;
+      }
+    }
     if (image.size > maxVirtual) {
       throw new Refusal(
         413,
@@ -543,7 +556,10 @@ export function conversionService(
       }
       if (url.pathname === "/" && request.method === "GET") {
         return json(200, {
-          endpoints: ["GET /convert?url=URL&format=raw", "POST /info"],
+          endpoints: [
+            "GET /convert?url=URL&format=raw[&partition=N|NAME]",
+            "POST /info",
+          ],
         });
       }
       return json(404, {

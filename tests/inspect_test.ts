@@ -46,6 +46,7 @@ Deno.test("formatInfo(describeImage(...)) is what info prints, for one image and
       await describeImage(image, {
         filename: path,
         actualSize: await file.allocatedBytes(),
+        partitions: true,
       }),
     );
     assertEquals((await cli(["info", path])).text, text);
