@@ -40,6 +40,7 @@ export { bochs } from "./drivers/bochs.ts";
 export { vpc } from "./drivers/vpc.ts";
 export { vmdk } from "./drivers/vmdk.ts";
 export { qcow } from "./drivers/qcow.ts";
+export { qcow2 } from "./drivers/qcow2.ts";
 export { cow } from "./drivers/cow.ts";
 export {
   type FatSpelling,

@@ -14,6 +14,7 @@ import { vpc } from "./vpc.ts";
 import { vmdk } from "./vmdk.ts";
 import { dmg } from "./dmg.ts";
 import { qcow } from "./qcow.ts";
+import { qcow2 } from "./qcow2.ts";
 import { cow } from "./cow.ts";
 import { vvfat } from "./vvfat.ts";
 import { raw } from "./raw.ts";
@@ -26,6 +27,7 @@ export const DRIVERS: readonly Driver[] = [
   vmdk,
   dmg,
   qcow,
+  qcow2,
   cow,
   vvfat,
   raw,

@@ -107,5 +107,7 @@ export function decrypt(image: Image, key: string | Uint8Array): Image {
     }
     return image;
   }
-  return hook.unlock(cipherFor(hook.scheme, key));
+  return hook.unlock(
+    hook.cipher ? hook.cipher(key) : cipherFor(hook.scheme, key),
+  );
 }
