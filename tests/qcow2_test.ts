@@ -1,0 +1,592 @@
+// qcow2: images made by qemu-img and written by qemu-io read to the bytes of
+// `qemu-img convert -O raw`; malformed images end in typed errors.
+
+import { assertEquals, assertTrue } from "./_asserts.ts";
+import {
+  BackingFileError,
+  fileBackingResolver,
+  fileResolver,
+  fromBytes,
+  fromFile,
+  type Image,
+  ImageFormatError,
+  KeyError,
+  open,
+  type OpenOptions,
+  probe,
+  UnsupportedError,
+} from "../mod.ts";
+import {
+  assertBoundedWork,
+  countingSource,
+  pseudoRandom,
+  rejects,
+  run,
+  sha256File,
+  sha256Hex,
+  skip,
+  withTemp,
+} from "./_helpers.ts";
+
+const QEMU = ["qemu-img", "qemu-io"];
+
+/**
+ * The folder of `path`. qemu-img and qemu-io run there: QEMU opens a
+ * relative data_file name from its working folder (not the image's).
+ */
+const folder = (path: string) => path.slice(0, path.lastIndexOf("/"));
+
+/** Creates a qcow2 at `path` with `-o options`, then runs qemu-io's `commands` on it. */
+async function qemuImage(
+  path: string,
+  size: string,
+  options: string[],
+  commands: string[] = [],
+) {
+  // In the image's folder: qemu-img creates a relative data_file there.
+  await run("qemu-img", [
+    "create",
+    "-q",
+    "-f",
+    "qcow2",
+    ...(options.length ? ["-o", options.join(",")] : []),
+    path,
+    size,
+  ], { cwd: folder(path) });
+  if (commands.length) {
+    await run("qemu-io", [
+      "-f",
+      "qcow2",
+      ...commands.flatMap((c) => ["-c", c]),
+      path,
+    ], { cwd: folder(path) });
+  }
+}
+
+/** SHA-256 of `qemu-img convert -O raw` of the image (with `args` before it). */
+async function qemuRawHash(
+  dir: string,
+  path: string,
+  args: string[] = [],
+): Promise<string> {
+  const out = `${dir}/qemu-out.raw`;
+  await run("qemu-img", ["convert", ...args, "-O", "raw", path, out], {
+    cwd: folder(path),
+  });
+  const hash = await sha256File(out);
+  await Deno.remove(out);
+  return hash;
+}
+
+/** Opens a file with its backing chain and data files allowed beside it. */
+async function openFile(
+  path: string,
+  options: OpenOptions = {},
+): Promise<Image> {
+  return await open(await fromFile(path), {
+    resolveBacking: fileBackingResolver(path),
+    resolveFile: fileResolver(path),
+    ...options,
+  });
+}
+
+/** SHA-256 of every byte of `image`, read in 1 MiB pieces at odd offsets too. */
+async function imageHash(image: Image): Promise<string> {
+  const whole = new Uint8Array(image.size);
+  const piece = 1 << 20;
+  for (let at = 0; at < image.size; at += piece) {
+    whole.set(await image.read(at, Math.min(piece, image.size - at)), at);
+  }
+  // An unaligned read across clusters matches the whole read.
+  if (image.size > 70000) {
+    const odd = await image.read(1000, 69000);
+    assertEquals(sha256Hex(odd), sha256Hex(whole.subarray(1000, 70000)));
+  }
+  return sha256Hex(whole);
+}
+
+/** Asserts that our reading of the image at `path` matches qemu-img's. */
+async function assertReadsLikeQemu(
+  dir: string,
+  path: string,
+  options: OpenOptions = {},
+  qemuArgs: string[] = [],
+) {
+  const image = await openFile(path, options);
+  try {
+    assertEquals(
+      await imageHash(image),
+      await qemuRawHash(dir, path, qemuArgs),
+    );
+  } finally {
+    await image.close?.();
+  }
+}
+
+/** Writes of data, zeros and discards scattered over a 64 MiB disk. */
+const WRITES = [
+  "write -P 0x11 0 64k",
+  "write -P 0x22 1000448 3584",
+  "write -P 0x33 5M 2M",
+  "write -z 6M 64k",
+  "discard 5M 64k",
+  "write -P 0x44 33M 512",
+  "write -P 0x55 63M 1M",
+  "write -z 40M 8M",
+];
+
+const CASES: { name: string; options: string[]; commands?: string[] }[] = [
+  { name: "compat 0.10", options: ["compat=0.10"] },
+  { name: "compat 1.1", options: ["compat=1.1"] },
+  { name: "512-byte clusters", options: ["cluster_size=512"] },
+  { name: "4 KiB clusters", options: ["cluster_size=4096"] },
+  { name: "2 MiB clusters", options: ["cluster_size=2M"] },
+  { name: "refcount_bits 1", options: ["refcount_bits=1"] },
+  { name: "refcount_bits 64", options: ["refcount_bits=64"] },
+  { name: "lazy refcounts", options: ["lazy_refcounts=on"] },
+  { name: "preallocation metadata", options: ["preallocation=metadata"] },
+  { name: "extended L2", options: ["extended_l2=on"] },
+  {
+    name: "extended L2 with 2 MiB clusters",
+    options: ["extended_l2=on", "cluster_size=2M"],
+  },
+  {
+    name: "extended L2 with 16 KiB clusters",
+    options: ["extended_l2=on", "cluster_size=16k"],
+  },
+];
+
+for (const c of CASES) {
+  Deno.test(
+    `qcow2 ${c.name}: reads as qemu-img convert does after qemu-io writes`,
+    { ignore: skip(QEMU) },
+    () =>
+      withTemp(async (dir) => {
+        const path = `${dir}/a.qcow2`;
+        await qemuImage(path, "64M", c.options, c.commands ?? WRITES);
+        await assertReadsLikeQemu(dir, path);
+      }),
+  );
+}
+
+Deno.test(
+  "qcow2 extended L2: subcluster writes, zero writes and discards keep their kinds",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/a.qcow2`;
+      // 64 KiB clusters: 2 KiB subclusters.
+      await qemuImage(path, "1M", ["extended_l2=on"], [
+        "write -P 1 0 2k",
+        "write -P 2 6k 2k",
+        "write -z 2k 2k",
+        "write -P 3 64k 64k",
+        "discard 66k 2k",
+        "write -z 128k 64k",
+      ]);
+      await assertReadsLikeQemu(dir, path);
+      const image = await openFile(path);
+      const kinds: string[] = [];
+      for await (const e of image.extents(0, 12288)) {
+        kinds.push(`${e.kind}:${e.offset}+${e.length}`);
+      }
+      assertEquals(kinds, [
+        "data:0+2048",
+        "zero:2048+2048",
+        "unallocated:4096+2048",
+        "data:6144+2048",
+        "unallocated:8192+4096",
+      ]);
+      assertEquals((await image.read(6144, 1))[0], 2);
+      await image.close?.();
+    }),
+);
+
+Deno.test(
+  "qcow2 -c: zlib-compressed clusters read as qemu-img's bytes",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const raw = `${dir}/disk.raw`;
+      const disk = new Uint8Array(6 << 20);
+      disk.set(pseudoRandom(1 << 20, 7), 0);
+      const text = new TextEncoder().encode("compressible qcow2 text; ");
+      for (let at = 2 << 20; at < (4 << 20); at += text.length) {
+        disk.set(text.subarray(0, Math.min(text.length, (4 << 20) - at)), at);
+      }
+      disk.fill(9, (5 << 20) + 100, (5 << 20) + 5000);
+      await Deno.writeFile(raw, disk);
+      for (const cluster of ["512", "64k", "2M"]) {
+        const path = `${dir}/c-${cluster}.qcow2`;
+        await run("qemu-img", [
+          "convert",
+          "-c",
+          "-O",
+          "qcow2",
+          "-o",
+          `cluster_size=${cluster}`,
+          raw,
+          path,
+        ]);
+        const image = await openFile(path);
+        assertEquals(await imageHash(image), sha256Hex(disk));
+        await image.close?.();
+      }
+    }),
+);
+
+Deno.test(
+  "qcow2 zstd: info works, reading a zstd cluster is refused by name",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const raw = `${dir}/disk.raw`;
+      await Deno.writeFile(raw, new Uint8Array(1 << 20).fill(3));
+      const path = `${dir}/z.qcow2`;
+      await run("qemu-img", [
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        raw,
+        path,
+      ]);
+      const image = await openFile(path);
+      assertEquals(image.details?.["compression-type"], "zstd");
+      await rejects(() => image.read(0, 512), UnsupportedError, /zstd/);
+      await image.close?.();
+    }),
+);
+
+Deno.test(
+  "qcow2 chain: a qcow2 over a qcow2 over a raw file, zero clusters in the top",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const base = `${dir}/base.raw`;
+      await Deno.writeFile(base, pseudoRandom(4 << 20, 3));
+      const mid = `${dir}/mid.qcow2`;
+      await qemuImage(mid, "4M", ["backing_file=base.raw", "backing_fmt=raw"], [
+        "write -P 0x66 1M 100k",
+      ]);
+      const top = `${dir}/top.qcow2`;
+      await qemuImage(
+        top,
+        "6M",
+        ["backing_file=mid.qcow2", "backing_fmt=qcow2", "cluster_size=4k"],
+        ["write -z 0 8k", "write -P 0x77 1040k 4k", "write -z 3M 1M"],
+      );
+      await assertReadsLikeQemu(dir, top);
+      const image = await openFile(top);
+      assertEquals(image.backingFormat, "qcow2");
+      assertEquals(image.backingFile, "mid.qcow2");
+      await image.close?.();
+      // Without the backing file, the unallocated bytes are refused.
+      const alone = await open(await fromFile(top));
+      assertEquals((await alone.read(0, 8192)).every((b) => b === 0), true);
+      await rejects(() => alone.read(1 << 20, 512), BackingFileError);
+      await alone.close?.();
+    }),
+);
+
+Deno.test(
+  "qcow2 external data file: data_file and data_file_raw read through the resolver",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      for (const rawData of ["off", "on"]) {
+        const path = `${dir}/d-${rawData}.qcow2`;
+        await qemuImage(
+          path,
+          "8M",
+          [`data_file=d-${rawData}.data`, `data_file_raw=${rawData}`],
+          ["write -P 0x12 0 64k", "write -P 0x34 3M 1M", "write -z 5M 64k"],
+        );
+        await assertReadsLikeQemu(dir, path);
+        const image = await openFile(path);
+        assertEquals(image.details?.["data-file"], `d-${rawData}.data`);
+        assertEquals(image.details?.["data-file-raw"], rawData === "on");
+        await image.close?.();
+        await rejects(
+          async () => await open(await fromFile(path)),
+          ImageFormatError,
+          /resolveFile/,
+        );
+      }
+    }),
+);
+
+Deno.test(
+  "qcow2 snapshots: listed in info; the active layer and a snapshot read as qemu-img's",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/s.qcow2`;
+      await qemuImage(path, "4M", [], ["write -P 1 0 1M"]);
+      await run("qemu-img", ["snapshot", "-c", "first", path]);
+      await run("qemu-io", ["-f", "qcow2", "-c", "write -P 2 512k 1M", path]);
+      await run("qemu-img", ["snapshot", "-c", "second", path]);
+      await run("qemu-io", ["-f", "qcow2", "-c", "write -z 0 64k", path]);
+      await assertReadsLikeQemu(dir, path);
+      await assertReadsLikeQemu(dir, path, { options: { snapshot: "first" } }, [
+        "-l",
+        "first",
+      ]);
+      await assertReadsLikeQemu(dir, path, { options: { snapshot: "2" } }, [
+        "-l",
+        "second",
+      ]);
+      const image = await openFile(path);
+      const snapshots = image.details?.snapshots as { name: string }[];
+      assertEquals(snapshots.map((s) => s.name), ["first", "second"]);
+      await image.close?.();
+      await rejects(
+        () => openFile(path, { options: { snapshot: "third" } }),
+        ImageFormatError,
+        /snapshot/,
+      );
+    }),
+);
+
+Deno.test(
+  "qcow2 AES (encrypt.format=aes): reads with the passphrase, locked without",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/aes.qcow2`;
+      const secret = ["--object", "secret,id=sec0,data=hunter2"];
+      await run("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        ...secret,
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=sec0",
+        path,
+        "2M",
+      ]);
+      const opts = `driver=qcow2,file.filename=${path},encrypt.key-secret=sec0`;
+      await run("qemu-io", [
+        ...secret,
+        "--image-opts",
+        opts,
+        "-c",
+        "write -P 0x5a 4096 70000",
+        "-c",
+        "write -P 0x6b 1M 64k",
+      ]);
+      await run("qemu-img", [
+        "convert",
+        ...secret,
+        "--image-opts",
+        opts,
+        "-O",
+        "raw",
+        `${dir}/aes.raw`,
+      ]);
+      const expected = await sha256File(`${dir}/aes.raw`);
+      const image = await openFile(path, { key: "hunter2" });
+      assertEquals(await imageHash(image), expected);
+      await image.close?.();
+      const locked = await openFile(path);
+      assertTrue(locked.encrypted);
+      await rejects(() => locked.read(4096, 512), KeyError);
+      await locked.close?.();
+    }),
+);
+
+Deno.test(
+  "qcow2 dirty bit: an image left dirty still reads, and info says so",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/dirty.qcow2`;
+      await qemuImage(path, "2M", ["lazy_refcounts=on"], ["write -P 9 0 1M"]);
+      const bytes = await Deno.readFile(path);
+      bytes[79] |= 1;
+      const image = await open(fromBytes(bytes));
+      assertEquals(image.details?.dirty, true);
+      assertEquals(image.details?.["lazy-refcounts"], true);
+      assertEquals((await image.read(1000, 1))[0], 9);
+    }),
+);
+
+// ---------------------------------------------------------------------------
+// Malformed images
+
+/** A small qemu-img image with data, compressed clusters and a snapshot. */
+async function sampleImage(dir: string): Promise<Uint8Array> {
+  const raw = `${dir}/s.raw`;
+  const disk = new Uint8Array(1 << 20);
+  disk.set(pseudoRandom(100000, 5), 4096);
+  disk.fill(7, 600000, 700000);
+  await Deno.writeFile(raw, disk);
+  const path = `${dir}/s.qcow2`;
+  await run("qemu-img", [
+    "convert",
+    "-c",
+    "-O",
+    "qcow2",
+    "-o",
+    "cluster_size=4k",
+    raw,
+    path,
+  ]);
+  await run("qemu-io", ["-f", "qcow2", "-c", "write -P 1 200k 8k", path]);
+  return await Deno.readFile(path);
+}
+
+/** Opens `bytes` and reads all of it; the error, if any. */
+async function readAll(bytes: Uint8Array): Promise<unknown> {
+  const counted = countingSource(bytes);
+  try {
+    const image = await open(counted.source, { format: "qcow2" });
+    for (let at = 0; at < image.size; at += 1 << 18) {
+      await image.read(at, Math.min(1 << 18, image.size - at));
+    }
+    for await (const _ of image.extents(0, image.size)) { /* walk */ }
+    return undefined;
+  } catch (e) {
+    return e;
+  } finally {
+    assertBoundedWork(counted, bytes.length, 2000, 8);
+  }
+}
+
+const poke = (bytes: Uint8Array, at: number, value: bigint, width: 4 | 8) => {
+  const copy = bytes.slice();
+  const v = new DataView(copy.buffer);
+  if (width === 4) v.setUint32(at, Number(value));
+  else v.setBigUint64(at, value);
+  return copy;
+};
+
+Deno.test(
+  "qcow2 malformed: poked header fields are refused with typed errors naming them",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const good = await sampleImage(dir);
+      assertEquals(await readAll(good), undefined);
+      const cases: [string, Uint8Array, RegExp][] = [
+        ["version 4", poke(good, 4, 4n, 4), /version 4/],
+        ["cluster_bits 8", poke(good, 20, 8n, 4), /cluster_bits 8/],
+        ["cluster_bits 22", poke(good, 20, 22n, 4), /cluster_bits 22/],
+        ["size 2^60", poke(good, 24, 1n << 60n, 8), /size/],
+        ["size 2^52", poke(good, 24, 1n << 52n, 8), /l1_size/],
+        ["crypt_method 3", poke(good, 32, 3n, 4), /crypt_method 3/],
+        ["l1_size huge", poke(good, 36, 0xffffffffn, 4), /l1_size/],
+        [
+          "l1 outside",
+          poke(good, 40, BigInt(good.length + 4096), 8),
+          /l1_table_offset/,
+        ],
+        ["l1 unaligned", poke(good, 40, 4100n, 8), /l1_table_offset/],
+        [
+          "refcount table outside",
+          poke(good, 48, 1n << 40n, 8),
+          /refcount_table_offset/,
+        ],
+        [
+          "refcount table huge",
+          poke(good, 56, 1n << 20n, 4),
+          /refcount_table_clusters/,
+        ],
+        ["snapshots huge", poke(good, 60, 1n << 20n, 4), /nb_snapshots/],
+        ["unknown feature", poke(good, 72, 1n << 40n, 8), /bit 40/],
+        ["refcount_order 7", poke(good, 96, 7n, 4), /refcount_order 7/],
+        ["header_length 7", poke(good, 100, 7n, 4), /header_length 7/],
+        [
+          "backing name outside",
+          poke(poke(good, 8, 4000n, 8), 16, 1000n, 4),
+          /backing_file_offset/,
+        ],
+        [
+          "backing name long",
+          poke(poke(good, 8, 512n, 8), 16, 2000n, 4),
+          /backing_file_size/,
+        ],
+      ];
+      for (const [name, bytes, pattern] of cases) {
+        const error = await readAll(bytes);
+        assertTrue(
+          error instanceof ImageFormatError,
+          `${name}: ${error}`,
+        );
+        assertTrue(pattern.test((error as Error).message), `${name}: ${error}`);
+      }
+    }),
+);
+
+Deno.test(
+  "qcow2 malformed: L1 and L2 entries pointing outside the file, truncation, inflation past the cluster",
+  { ignore: skip(QEMU) },
+  async () => {
+    await withTemp(async (dir) => {
+      const good = await sampleImage(dir);
+      const v = new DataView(good.buffer);
+      const l1At = Number(v.getBigUint64(40));
+      const l2At = Number(v.getBigUint64(l1At) & 0x00fffffffffffe00n);
+      // Find a compressed and a standard entry of the first L2 table.
+      let compressed = -1;
+      let standard = -1;
+      for (let i = 0; i < 512; i++) {
+        const e = v.getBigUint64(l2At + i * 8);
+        if (e & (1n << 62n)) compressed = compressed < 0 ? i : compressed;
+        else if (e !== 0n) standard = standard < 0 ? i : standard;
+      }
+      assertTrue(compressed >= 0 && standard >= 0);
+      const cases: [string, Uint8Array][] = [
+        ["l1 outside", poke(good, l1At, 1n << 50n, 8)],
+        ["l1 reserved bits", poke(good, l1At, BigInt(l2At) | 1n, 8)],
+        [
+          "l2 outside",
+          poke(good, l2At + standard * 8, (1n << 63n) | (1n << 50n), 8),
+        ],
+        [
+          "l2 unaligned",
+          poke(good, l2At + standard * 8, (1n << 63n) | 4608n, 8),
+        ],
+        [
+          "l2 reserved",
+          poke(good, l2At + standard * 8, (1n << 63n) | 4096n | 2n, 8),
+        ],
+        [
+          "compressed outside",
+          poke(good, l2At + compressed * 8, (1n << 62n) | (1n << 40n), 8),
+        ],
+        [
+          "compressed garbage",
+          // Points the compressed cluster at the (uncompressed) header.
+          poke(
+            good,
+            l2At + compressed * 8,
+            (1n << 62n) | (3n << 54n) | 600n,
+            8,
+          ),
+        ],
+        ["truncated", good.slice(0, good.length - 5000)],
+        ["truncated to the header", good.slice(0, 200)],
+        ["truncated to 50 bytes", good.slice(0, 50)],
+      ];
+      for (const [name, bytes] of cases) {
+        const error = await readAll(bytes);
+        assertTrue(error instanceof ImageFormatError, `${name}: ${error}`);
+      }
+    });
+  },
+);
+
+Deno.test("qcow2 probe: the magic with version 2 or 3 (or later) is qcow2, version 1 is qcow", async () => {
+  const head = new Uint8Array(512);
+  head.set([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3]);
+  assertEquals((await probe(fromBytes(head)))[0].format, "qcow2");
+  head[7] = 1;
+  assertEquals((await probe(fromBytes(head)))[0].format, "qcow");
+  head[7] = 9;
+  assertEquals((await probe(fromBytes(head)))[0].format, "qcow2");
+  await rejects(() => open(fromBytes(head)), UnsupportedError, /version 9/);
+});
