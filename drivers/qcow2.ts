@@ -61,7 +61,7 @@ import {
 } from "../streams/errors.ts";
 import { decodeInto as inflateInto } from "./codecs/zlib.ts";
 import { cipherFor } from "../streams/decrypt.ts";
-import { luksCipher } from "./qcow2/luks.ts";
+import { luksCipher, readLuksHeader } from "./qcow2/luks.ts";
 import type {
   Driver,
   Extent,
@@ -1451,6 +1451,21 @@ async function stateFrom(
   }
   const details = detailsOf(header, snapshots);
   if (wanted !== undefined) details.snapshot = wanted;
+  if (header.crypto) {
+    const luks = await readLuksHeader(source, header.crypto);
+    const [mode, ivgen] = luks.cipherMode.split("-");
+    details.encrypt = {
+      format: "luks",
+      "cipher-alg": `${luks.cipherName}-${
+        mode === "xts" ? luks.keyBytes * 4 : luks.keyBytes * 8
+      }`,
+      "cipher-mode": mode,
+      "ivgen-alg": ivgen,
+      "hash-alg": luks.hashSpec,
+      uuid: luks.uuid,
+      "active-slots": luks.slots.map((s) => s.index),
+    };
+  }
   return {
     source,
     header,

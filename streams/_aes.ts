@@ -79,7 +79,7 @@ function buildTables() {
   }
 }
 
-/** The expanded keys of AES-128: 44 words each way. */
+/** The expanded keys of AES-128, -192 or -256: 4 words per round key each way. */
 export interface AesKey {
   /** Encryption round keys. */
   encrypt: Uint32Array;
@@ -88,43 +88,53 @@ export interface AesKey {
 }
 
 /**
- * Expands a 16-byte key (FIPS-197 section 5.2).
+ * Expands a 16-, 24- or 32-byte key (FIPS-197 section 5.2): AES-128,
+ * AES-192 or AES-256.
  *
- * @param key 16 bytes
+ * @param key 16, 24 or 32 bytes
  * @returns the round keys
  *
  * @example
  * ```ts
  * import { expandKey } from "./_aes.ts";
  * console.log(expandKey(new Uint8Array(16)).encrypt.length); // 44
+ * console.log(expandKey(new Uint8Array(32)).encrypt.length); // 60
  * ```
  */
 export function expandKey(key: Uint8Array): AesKey {
-  if (key.length !== 16) throw new RangeError("AES-128 needs a 16-byte key");
+  if (key.length !== 16 && key.length !== 24 && key.length !== 32) {
+    throw new RangeError("AES needs a 16-, 24- or 32-byte key");
+  }
   buildTables();
-  const w = new Uint32Array(44);
-  for (let i = 0; i < 4; i++) {
+  const nk = key.length / 4;
+  const rounds = nk + 6;
+  const total = 4 * (rounds + 1);
+  const w = new Uint32Array(total);
+  for (let i = 0; i < nk; i++) {
     w[i] = (key[4 * i] << 24) | (key[4 * i + 1] << 16) |
       (key[4 * i + 2] << 8) | key[4 * i + 3];
   }
+  const subWord = (t: number) =>
+    (SBOX[t >>> 24] << 24) | (SBOX[(t >>> 16) & 0xff] << 16) |
+    (SBOX[(t >>> 8) & 0xff] << 8) | SBOX[t & 0xff];
   let rcon = 1;
-  for (let i = 4; i < 44; i++) {
+  for (let i = nk; i < total; i++) {
     let t = w[i - 1];
-    if (i % 4 === 0) {
-      t = (SBOX[(t >>> 16) & 0xff] << 24) | (SBOX[(t >>> 8) & 0xff] << 16) |
-        (SBOX[t & 0xff] << 8) | SBOX[t >>> 24];
-      t ^= rcon << 24;
+    if (i % nk === 0) {
+      t = subWord((t << 8) | (t >>> 24)) ^ (rcon << 24);
       rcon = (rcon << 1) ^ ((rcon & 0x80) ? 0x11b : 0);
+    } else if (nk > 6 && i % nk === 4) {
+      t = subWord(t);
     }
-    w[i] = w[i - 4] ^ t;
+    w[i] = w[i - nk] ^ t;
   }
   // Decryption keys: the rounds in reverse, the middle ones through
   // InvMixColumns (TD of SBOX undoes the S-box the tables include).
-  const d = new Uint32Array(44);
-  for (let round = 0; round <= 10; round++) {
+  const d = new Uint32Array(total);
+  for (let round = 0; round <= rounds; round++) {
     for (let c = 0; c < 4; c++) {
-      const k = w[(10 - round) * 4 + c];
-      d[round * 4 + c] = round === 0 || round === 10
+      const k = w[(rounds - round) * 4 + c];
+      d[round * 4 + c] = round === 0 || round === rounds
         ? k
         : (TD[0][SBOX[k >>> 24]] ^
           TD[1][SBOX[(k >>> 16) & 0xff]] ^ TD[2][SBOX[(k >>> 8) & 0xff]] ^
@@ -143,7 +153,8 @@ function encryptWords(k: Uint32Array, s: Int32Array | Uint32Array) {
   const [t0, t1, t2, t3] = TE;
   let a = s[0] ^ k[0], b = s[1] ^ k[1], c = s[2] ^ k[2], d = s[3] ^ k[3];
   let r = 4;
-  for (let round = 1; round < 10; round++) {
+  const rounds = (k.length >>> 2) - 1;
+  for (let round = 1; round < rounds; round++) {
     const a2 = t0[a >>> 24] ^ t1[(b >>> 16) & 255] ^ t2[(c >>> 8) & 255] ^
       t3[d & 255] ^ k[r];
     const b2 = t0[b >>> 24] ^ t1[(c >>> 16) & 255] ^ t2[(d >>> 8) & 255] ^
@@ -159,20 +170,21 @@ function encryptWords(k: Uint32Array, s: Int32Array | Uint32Array) {
     r += 4;
   }
   s[0] = ((SBOX[a >>> 24] << 24) | (SBOX[(b >>> 16) & 255] << 16) |
-    (SBOX[(c >>> 8) & 255] << 8) | SBOX[d & 255]) ^ k[40];
+    (SBOX[(c >>> 8) & 255] << 8) | SBOX[d & 255]) ^ k[r];
   s[1] = ((SBOX[b >>> 24] << 24) | (SBOX[(c >>> 16) & 255] << 16) |
-    (SBOX[(d >>> 8) & 255] << 8) | SBOX[a & 255]) ^ k[41];
+    (SBOX[(d >>> 8) & 255] << 8) | SBOX[a & 255]) ^ k[r + 1];
   s[2] = ((SBOX[c >>> 24] << 24) | (SBOX[(d >>> 16) & 255] << 16) |
-    (SBOX[(a >>> 8) & 255] << 8) | SBOX[b & 255]) ^ k[42];
+    (SBOX[(a >>> 8) & 255] << 8) | SBOX[b & 255]) ^ k[r + 2];
   s[3] = ((SBOX[d >>> 24] << 24) | (SBOX[(a >>> 16) & 255] << 16) |
-    (SBOX[(b >>> 8) & 255] << 8) | SBOX[c & 255]) ^ k[43];
+    (SBOX[(b >>> 8) & 255] << 8) | SBOX[c & 255]) ^ k[r + 3];
 }
 
 function decryptWords(k: Uint32Array, s: Int32Array | Uint32Array) {
   const [t0, t1, t2, t3] = TD;
   let a = s[0] ^ k[0], b = s[1] ^ k[1], c = s[2] ^ k[2], d = s[3] ^ k[3];
   let r = 4;
-  for (let round = 1; round < 10; round++) {
+  const rounds = (k.length >>> 2) - 1;
+  for (let round = 1; round < rounds; round++) {
     const a2 = t0[a >>> 24] ^ t1[(d >>> 16) & 255] ^ t2[(c >>> 8) & 255] ^
       t3[b & 255] ^ k[r];
     const b2 = t0[b >>> 24] ^ t1[(a >>> 16) & 255] ^ t2[(d >>> 8) & 255] ^
@@ -188,13 +200,13 @@ function decryptWords(k: Uint32Array, s: Int32Array | Uint32Array) {
     r += 4;
   }
   s[0] = ((INV_SBOX[a >>> 24] << 24) | (INV_SBOX[(d >>> 16) & 255] << 16) |
-    (INV_SBOX[(c >>> 8) & 255] << 8) | INV_SBOX[b & 255]) ^ k[40];
+    (INV_SBOX[(c >>> 8) & 255] << 8) | INV_SBOX[b & 255]) ^ k[r];
   s[1] = ((INV_SBOX[b >>> 24] << 24) | (INV_SBOX[(a >>> 16) & 255] << 16) |
-    (INV_SBOX[(d >>> 8) & 255] << 8) | INV_SBOX[c & 255]) ^ k[41];
+    (INV_SBOX[(d >>> 8) & 255] << 8) | INV_SBOX[c & 255]) ^ k[r + 1];
   s[2] = ((INV_SBOX[c >>> 24] << 24) | (INV_SBOX[(b >>> 16) & 255] << 16) |
-    (INV_SBOX[(a >>> 8) & 255] << 8) | INV_SBOX[d & 255]) ^ k[42];
+    (INV_SBOX[(a >>> 8) & 255] << 8) | INV_SBOX[d & 255]) ^ k[r + 2];
   s[3] = ((INV_SBOX[d >>> 24] << 24) | (INV_SBOX[(c >>> 16) & 255] << 16) |
-    (INV_SBOX[(b >>> 8) & 255] << 8) | INV_SBOX[a & 255]) ^ k[43];
+    (INV_SBOX[(b >>> 8) & 255] << 8) | INV_SBOX[a & 255]) ^ k[r + 3];
 }
 
 const load = (b: Uint8Array, o: number) =>
@@ -424,4 +436,79 @@ export function sectorCipher(
       return Promise.resolve();
     },
   };
+}
+
+/**
+ * XTS (IEEE P1619) over whole 512-byte sectors, in place, with the
+ * `plain64` tweak: sector `i` of `bytes` is disk sector `sector + i`, its
+ * tweak that number (little-endian 64-bit, then zeros) encrypted with
+ * `tweakKey`. The mode of LUKS's default `aes-xts-plain64`.
+ *
+ * @param dataKey the expanded first half of the XTS key
+ * @param tweakKey the expanded second half
+ * @param sector the first sector's number
+ * @param bytes a multiple of 512 bytes
+ * @param encrypt true to encrypt, false to decrypt
+ *
+ * @example
+ * ```ts
+ * import { expandKey, xtsSectors } from "./_aes.ts";
+ * const k1 = expandKey(new Uint8Array(32).fill(1));
+ * const k2 = expandKey(new Uint8Array(32).fill(2));
+ * const data = new Uint8Array(1024).fill(7);
+ * xtsSectors(k1, k2, 5, data, true);
+ * xtsSectors(k1, k2, 5, data, false);
+ * console.log(data[1000]); // 7
+ * ```
+ */
+export function xtsSectors(
+  dataKey: AesKey,
+  tweakKey: AesKey,
+  sector: number,
+  bytes: Uint8Array,
+  encrypt: boolean,
+): void {
+  if (bytes.length % SECTOR !== 0) {
+    throw new RangeError("xtsSectors needs whole 512-byte sectors");
+  }
+  const s = new Int32Array(4);
+  const tweak = new Uint8Array(16);
+  const tv = new DataView(tweak.buffer);
+  const keyWords = encrypt ? dataKey.encrypt : dataKey.decrypt;
+  const run = encrypt ? encryptWords : decryptWords;
+  for (let at = 0, n = sector; at < bytes.length; at += SECTOR, n++) {
+    tweak.fill(0);
+    tv.setUint32(0, n >>> 0, true);
+    tv.setUint32(4, Math.floor(n / 2 ** 32) >>> 0, true);
+    for (let i = 0; i < 4; i++) s[i] = load(tweak, 4 * i);
+    encryptWords(tweakKey.encrypt, s);
+    // The tweak as four big-endian words (for the XORs) and as a
+    // little-endian 128-bit number (for the multiplication by alpha).
+    let t0 = s[0], t1 = s[1], t2 = s[2], t3 = s[3];
+    for (let o = at; o < at + SECTOR; o += 16) {
+      s[0] = load(bytes, o) ^ t0;
+      s[1] = load(bytes, o + 4) ^ t1;
+      s[2] = load(bytes, o + 8) ^ t2;
+      s[3] = load(bytes, o + 12) ^ t3;
+      run(keyWords, s);
+      store(bytes, o, s[0] ^ t0);
+      store(bytes, o + 4, s[1] ^ t1);
+      store(bytes, o + 8, s[2] ^ t2);
+      store(bytes, o + 12, s[3] ^ t3);
+      // Multiply by alpha: shift the little-endian number left by one.
+      store(tweak, 0, t0);
+      store(tweak, 4, t1);
+      store(tweak, 8, t2);
+      store(tweak, 12, t3);
+      const carry = tweak[15] >>> 7;
+      for (let i = 15; i > 0; i--) {
+        tweak[i] = ((tweak[i] << 1) | (tweak[i - 1] >>> 7)) & 0xff;
+      }
+      tweak[0] = ((tweak[0] << 1) & 0xff) ^ (carry ? 0x87 : 0);
+      t0 = load(tweak, 0);
+      t1 = load(tweak, 4);
+      t2 = load(tweak, 8);
+      t3 = load(tweak, 12);
+    }
+  }
 }

@@ -3,7 +3,14 @@
 
 import { assertEquals, assertTrue } from "./_asserts.ts";
 import {
+  decryptBlock,
+  encryptBlock,
+  expandKey,
+  xtsSectors,
+} from "../streams/_aes.ts";
+import {
   BackingFileError,
+  decrypt,
   fileBackingResolver,
   fileResolver,
   fromBytes,
@@ -397,6 +404,140 @@ Deno.test(
       await locked.close?.();
     }),
 );
+
+/** A LUKS qcow2 made by qemu-img with `encrypt.*` options, written by qemu-io; its raw bytes' hash. */
+async function qemuLuksImage(
+  dir: string,
+  path: string,
+  encrypt: string[],
+): Promise<string> {
+  const secret = ["--object", "secret,id=sec0,data=hunter2"];
+  await run("qemu-img", [
+    "create",
+    "-q",
+    "-f",
+    "qcow2",
+    ...secret,
+    "-o",
+    [
+      "encrypt.format=luks",
+      "encrypt.key-secret=sec0",
+      "encrypt.iter-time=10",
+      ...encrypt,
+    ].join(","),
+    path,
+    "3M",
+  ]);
+  const opts = `driver=qcow2,file.filename=${path},encrypt.key-secret=sec0`;
+  await run("qemu-io", [
+    ...secret,
+    "--image-opts",
+    opts,
+    "-c",
+    "write -P 0x5a 4096 70000",
+    "-c",
+    "write -P 0x6b 2M 64k",
+    "-c",
+    "write -z 1M 64k",
+  ]);
+  await run("qemu-img", [
+    "convert",
+    ...secret,
+    "--image-opts",
+    opts,
+    "-O",
+    "raw",
+    `${dir}/luks.raw`,
+  ]);
+  return await sha256File(`${dir}/luks.raw`);
+}
+
+const LUKS_CASES: [string, string[]][] = [
+  ["aes-256-xts-plain64 (qemu-img's default)", []],
+  ["aes-128-xts-plain64", ["encrypt.cipher-alg=aes-128"]],
+  [
+    "aes-256-cbc-plain64 with sha1",
+    ["encrypt.cipher-mode=cbc", "encrypt.hash-alg=sha1"],
+  ],
+  [
+    "aes-128-cbc-plain with sha512",
+    [
+      "encrypt.cipher-alg=aes-128",
+      "encrypt.cipher-mode=cbc",
+      "encrypt.ivgen-alg=plain",
+      "encrypt.hash-alg=sha512",
+    ],
+  ],
+];
+
+for (const [name, encrypt] of LUKS_CASES) {
+  Deno.test(
+    `qcow2 LUKS ${name}: reads with the passphrase, a wrong one is a KeyError`,
+    { ignore: skip(QEMU) },
+    () =>
+      withTemp(async (dir) => {
+        const path = `${dir}/luks.qcow2`;
+        const expected = await qemuLuksImage(dir, path, encrypt);
+        const image = await openFile(path, { key: "hunter2" });
+        assertEquals(await imageHash(image), expected);
+        assertEquals(
+          (image.details?.encrypt as { format: string }).format,
+          "luks",
+        );
+        await image.close?.();
+        await rejects(
+          () => openFile(path, { key: "hunter3" }),
+          KeyError,
+          /wrong passphrase/,
+        );
+        // Opened locked, then decrypted: the key is checked at the first read.
+        const locked = await openFile(path);
+        assertTrue(locked.encrypted);
+        await rejects(() => locked.read(4096, 512), KeyError);
+        assertEquals(await imageHash(decrypt(locked, "hunter2")), expected);
+        await rejects(
+          () => decrypt(locked, "wrong").read(4096, 512),
+          KeyError,
+        );
+        await locked.close?.();
+      }),
+  );
+}
+
+Deno.test("AES-192 and AES-256 blocks match FIPS-197 appendix C; XTS matches IEEE 1619 vector 4", () => {
+  const hex = (s: string) =>
+    new Uint8Array(s.match(/../g)!.map((h) => parseInt(h, 16)));
+  const plain = "00112233445566778899aabbccddeeff";
+  for (
+    const [key, cipher] of [
+      [
+        "000102030405060708090a0b0c0d0e0f1011121314151617",
+        "dda97ca4864cdfe06eaf70a0ec0d7191",
+      ],
+      [
+        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+        "8ea2b7ca516745bfeafc49904b496089",
+      ],
+    ]
+  ) {
+    const expanded = expandKey(hex(key));
+    const block = hex(plain);
+    encryptBlock(expanded, block);
+    assertEquals(block, hex(cipher));
+    decryptBlock(expanded, block);
+    assertEquals(block, hex(plain));
+  }
+  const sector = new Uint8Array(512).map((_, i) => i & 255);
+  const k1 = expandKey(hex("27182818284590452353602874713526"));
+  const k2 = expandKey(hex("31415926535897932384626433832795"));
+  xtsSectors(k1, k2, 0, sector, true);
+  assertEquals(
+    sector.subarray(0, 32),
+    hex("27a7479befa1d476489f308cd4cfa6e2a96e4bbe3208ff25287dd3819616e89c"),
+  );
+  xtsSectors(k1, k2, 0, sector, false);
+  assertEquals(sector[300], 300 & 255);
+});
 
 Deno.test(
   "qcow2 dirty bit: an image left dirty still reads, and info says so",
