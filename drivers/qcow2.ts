@@ -62,6 +62,7 @@ import {
 import { decodeInto as inflateInto } from "./codecs/zlib.ts";
 import { cipherFor } from "../streams/decrypt.ts";
 import { luksCipher, readLuksHeader } from "./qcow2/luks.ts";
+import { encodeQcow2 } from "./qcow2/encode.ts";
 import type {
   Driver,
   Extent,
@@ -1538,4 +1539,5 @@ export const qcow2: Driver = {
     "QEMU qcow2, versions 2 and 3 (zero, compressed and extended L2 clusters, external data files, snapshots, AES and LUKS)",
   probe: probeQcow2,
   open: openQcow2,
+  encode: encodeQcow2,
 };
