@@ -8,8 +8,11 @@ import {
   expandKey,
   xtsSectors,
 } from "../streams/_aes.ts";
+import { alignUp } from "../drivers/_binary.ts";
 import {
   BackingFileError,
+  convert,
+  createOutputFile,
   decrypt,
   fileBackingResolver,
   fileResolver,
@@ -18,6 +21,7 @@ import {
   type Image,
   ImageFormatError,
   KeyError,
+  memorySink,
   open,
   type OpenOptions,
   probe,
@@ -25,6 +29,7 @@ import {
 } from "../mod.ts";
 import {
   assertBoundedWork,
+  assertQemuIdentical,
   countingSource,
   pseudoRandom,
   rejects,
@@ -730,4 +735,164 @@ Deno.test("qcow2 probe: the magic with version 2 or 3 (or later) is qcow2, versi
   head[7] = 9;
   assertEquals((await probe(fromBytes(head)))[0].format, "qcow2");
   await rejects(() => open(fromBytes(head)), UnsupportedError, /version 9/);
+});
+
+// ---------------------------------------------------------------------------
+// Writing
+
+/** A disk of random, text-like and zero runs, 6 MiB and a bit (not whole clusters). */
+function sampleDisk(): Uint8Array<ArrayBuffer> {
+  const disk = new Uint8Array((6 << 20) + 3000);
+  disk.set(pseudoRandom(700000, 11), 4096);
+  const text = new TextEncoder().encode("a line of a qcow2 text file; ");
+  for (let at = 2 << 20; at < (4 << 20); at += text.length) {
+    disk.set(text.subarray(0, Math.min(text.length, (4 << 20) - at)), at);
+  }
+  disk.fill(0x5c, (5 << 20) + 77, (5 << 20) + 9000);
+  disk.fill(0xee, disk.length - 100);
+  return disk;
+}
+
+/**
+ * Asserts `qemu-img check` finds no error and no leak in the qcow2 at
+ * `path`, or in the image `args` name (`--image-opts` with a secret).
+ */
+async function assertQemuCheckClean(path: string, args?: string[]) {
+  const r = await run(
+    "qemu-img",
+    ["check", ...(args ?? ["-f", "qcow2", path])],
+    { allowFail: true },
+  );
+  if (r.code !== 0 || !/No errors were found/.test(r.text)) {
+    throw new Error(
+      `qemu-img check ${path}: exit ${r.code}: ${r.text}${r.stderr}`,
+    );
+  }
+}
+
+const WRITE_CASES: Record<string, string>[] = [
+  {},
+  { compat: "0.10" },
+  { cluster_size: "512" },
+  { cluster_size: "4k", refcount_bits: "1" },
+  { cluster_size: "2M", refcount_bits: "64" },
+  { lazy_refcounts: "on", refcount_bits: "2" },
+  { extended_l2: "on" },
+  { preallocation: "metadata", cluster_size: "16k" },
+];
+
+for (const options of WRITE_CASES) {
+  for (const compress of [false, true]) {
+    Deno.test(
+      `qcow2 convert -O qcow2 ${JSON.stringify(options)}${
+        compress ? " -c" : ""
+      }: qemu-img check is clean, compare identical, and it reads back`,
+      { ignore: skip(QEMU) },
+      () =>
+        withTemp(async (dir) => {
+          const disk = sampleDisk();
+          const raw = `${dir}/disk.raw`;
+          await Deno.writeFile(raw, disk);
+          const path = `${dir}/out.qcow2`;
+          const sink = await createOutputFile(path);
+          await convert(await open(fromBytes(disk)), sink, {
+            format: "qcow2",
+            options,
+            compress,
+          });
+          await sink.commit();
+          await assertQemuCheckClean(path);
+          await assertQemuIdentical(raw, path, "qcow2");
+          const image = await openFile(path);
+          assertEquals(image.size, alignUp(disk.length, 512));
+          const back = await image.read(0, disk.length);
+          assertEquals(sha256Hex(back), sha256Hex(disk));
+          await image.close?.();
+        }),
+    );
+  }
+}
+
+for (
+  const options of [
+    { "encrypt.format": "luks", "encrypt.iter-time": "10" },
+    {
+      "encrypt.format": "luks",
+      "encrypt.iter-time": "10",
+      "encrypt.cipher-alg": "aes-128",
+      "encrypt.cipher-mode": "cbc",
+      "encrypt.hash-alg": "sha1",
+    },
+    { "encrypt.format": "aes" },
+  ] as Record<string, string>[]
+) {
+  Deno.test(
+    `qcow2 convert -O qcow2 ${
+      JSON.stringify(options)
+    }: qemu-img reads it with the passphrase`,
+    { ignore: skip(QEMU) },
+    () =>
+      withTemp(async (dir) => {
+        const disk = sampleDisk().subarray(0, 3 << 20);
+        const raw = `${dir}/disk.raw`;
+        await Deno.writeFile(raw, disk);
+        const path = `${dir}/out.qcow2`;
+        const sink = await createOutputFile(path);
+        await convert(await open(fromBytes(disk)), sink, {
+          format: "qcow2",
+          options,
+          key: "hunter2",
+        });
+        await sink.commit();
+        const secret = ["--object", "secret,id=sec0,data=hunter2"];
+        const opts =
+          `driver=qcow2,file.filename=${path},encrypt.key-secret=sec0`;
+        await assertQemuCheckClean(path, [...secret, "--image-opts", opts]);
+        const r = await run("qemu-img", [
+          "compare",
+          ...secret,
+          "--image-opts",
+          `driver=raw,file.filename=${raw}`,
+          opts,
+        ], { allowFail: true });
+        assertEquals(r.code, 0, r.text + r.stderr);
+        const image = await openFile(path, { key: "hunter2" });
+        assertEquals(
+          sha256Hex(await image.read(0, disk.length)),
+          sha256Hex(disk),
+        );
+        await image.close?.();
+      }),
+  );
+}
+
+Deno.test("qcow2 write options: unknown keys and bad values are refused by name", async () => {
+  const disk = await open(fromBytes(new Uint8Array(65536)));
+  for (
+    const [options, pattern] of [
+      [{ colour: "blue" }, /option "colour"/],
+      [{ cluster_size: "1000" }, /cluster_size/],
+      [{ cluster_size: "4M" }, /cluster_size/],
+      [{ refcount_bits: "3" }, /refcount_bits/],
+      [{ compat: "0.10", lazy_refcounts: "on" }, /compat/],
+      [{ extended_l2: "on", cluster_size: "4k" }, /cluster_size/],
+      [{ compat: "2.0" }, /compat/],
+      [{ compression_type: "zstd" }, /zstd/],
+      [{ data_file: "x.data" }, /data_file/],
+    ] as [Record<string, string>, RegExp][]
+  ) {
+    await rejects(
+      () => convert(disk, memorySink(), { format: "qcow2", options }),
+      ImageFormatError,
+      pattern,
+    );
+  }
+  await rejects(
+    () =>
+      convert(disk, memorySink(), {
+        format: "qcow2",
+        options: { "encrypt.format": "luks" },
+      }),
+    KeyError,
+  );
 });
