@@ -63,6 +63,8 @@ import { decodeInto as inflateInto } from "./codecs/zlib.ts";
 import { cipherFor } from "../streams/decrypt.ts";
 import { luksCipher, readLuksHeader } from "./qcow2/luks.ts";
 import { encodeQcow2 } from "./qcow2/encode.ts";
+import { createQcow2, makeWritable } from "./qcow2/writable.ts";
+import { writeSink } from "./_image.ts";
 import type {
   Driver,
   Extent,
@@ -821,6 +823,8 @@ export interface State {
   details: Record<string, unknown>;
   /** The last decompressed cluster, for small reads inside it. */
   inflated?: { offset: number; bytes: Uint8Array };
+  /** Adds `write` and `flush` to a view (set by a writable open). */
+  writable?: (image: Image, cipher?: SectorCipher) => Image;
   /** Scheme and sector numbering of the encryption. */
   encryption?: {
     scheme: string;
@@ -1243,7 +1247,7 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
   }
 
   const enc = state.encryption;
-  return {
+  const image: Image = {
     format: FORMAT,
     get size() {
       return state.size;
@@ -1268,6 +1272,7 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
       await state.source.close?.();
     },
   };
+  return state.writable ? state.writable(image, cipher) : image;
 }
 
 /** A cipher that waits for `made` (a key derivation) on first use. */
@@ -1505,10 +1510,7 @@ export function probeQcow2(input: ProbeInput): number {
 async function openQcow2(source: Source, options: OpenOptions): Promise<Image> {
   const state = await openState(source, options);
   if (options.writable) {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "qcow2 images open read-only for now",
-    );
+    await makeWritable(state, writeSink(options, FORMAT)!);
   }
   if (options.key !== undefined && state.encryption) {
     // Unlocked here (not by the registry's decrypt) so that a wrong LUKS
@@ -1539,5 +1541,6 @@ export const qcow2: Driver = {
     "QEMU qcow2, versions 2 and 3 (zero, compressed and extended L2 clusters, external data files, snapshots, AES and LUKS)",
   probe: probeQcow2,
   open: openQcow2,
+  create: createQcow2,
   encode: encodeQcow2,
 };
