@@ -567,7 +567,7 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-l SNAPSHOT] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
@@ -582,6 +582,8 @@ const commands: Record<string, Command> = {
       "key-file": { type: "string" },
       // Skips the input's checksum checks (dmg verifies its CRC-32s by default).
       "no-verify": { type: "boolean" },
+      // An internal snapshot of the input (qcow2), by ID or name.
+      snapshot: { type: "string", short: "l" },
     },
     async run({ values, positionals }) {
       const [input, output] = need(positionals, 2, "convert");
@@ -605,9 +607,20 @@ const commands: Record<string, Command> = {
         ...backingPolicy(values),
         extra: {
           key,
-          ...(values["no-verify"] ? { options: { verify: "off" } } : {}),
+          options: {
+            ...(values["no-verify"] ? { verify: "off" } : {}),
+            ...(values.snapshot === undefined
+              ? {}
+              : { snapshot: values.snapshot as string }),
+          },
         },
       });
+      if (values.snapshot !== undefined && !source.details?.snapshot) {
+        throw new UsageError(
+          `-l ${values.snapshot}: ${source.format} images have no internal snapshots to read`,
+          "convert",
+        );
+      }
       if (output !== "-") await refuseInputAsOutput(output, input, files);
       const image = bootSector ? bootSectorPatch(source, bootSector) : source;
       const encryptOutput = outOptions.encryption === "on" ||
@@ -1101,6 +1114,35 @@ function humanValue(value: unknown, indent: string, lines: string[]) {
   }
 }
 
+/** qemu-img's "Snapshot list:" table (ID, tag, VM size, date, VM clock, icount). */
+function snapshotTable(snapshots: Record<string, number | string>[]): string[] {
+  const pad = (n: number, w = 2) => String(n).padStart(w, "0");
+  const rows = snapshots.map((s) => {
+    const date = new Date(Number(s["date-sec"]) * 1000);
+    const day = `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${
+      pad(date.getDate())
+    } ${pad(date.getHours())}:${pad(date.getMinutes())}:${
+      pad(date.getSeconds())
+    }`;
+    const clock = Number(s["vm-clock-sec"]);
+    const vmClock = `${pad(Math.floor(clock / 3600))}:${
+      pad(Math.floor(clock / 60) % 60)
+    }:${pad(clock % 60)}.${
+      pad(Math.floor(Number(s["vm-clock-nsec"]) / 1e6), 3)
+    }`;
+    return `${String(s.id).padEnd(10)}${String(s.name).padEnd(18)}${
+      (Number(s["vm-state-size"]) === 0
+        ? "0 B"
+        : humanSize(Number(s["vm-state-size"]))).padStart(7)
+    } ${day} ${vmClock} ${String(s.icount ?? "").padStart(10)}`;
+  });
+  return [
+    "Snapshot list:",
+    "ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT",
+    ...rows,
+  ];
+}
+
 function humanInfo(info: Record<string, unknown>): string {
   const lines = [
     `image: ${info.filename}`,
@@ -1129,6 +1171,10 @@ function humanInfo(info: Record<string, unknown>): string {
   const specific = info["format-specific"] as
     | { data: Record<string, unknown> }
     | undefined;
+  const snapshots = specific?.data.snapshots as
+    | Record<string, number | string>[]
+    | undefined;
+  if (snapshots) lines.push(...snapshotTable(snapshots));
   if (specific) {
     lines.push("Format specific information:");
     humanValue(specific.data, "    ", lines);
