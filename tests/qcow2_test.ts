@@ -1095,3 +1095,27 @@ Deno.test(
       await assertQemuIdentical(raw, base, "qcow2");
     }),
 );
+
+Deno.test(
+  "qcow2 cli: convert -l reads a snapshot as qemu-img does, info lists snapshots, -l on a raw input is refused",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/s.qcow2`;
+      await qemuImage(path, "2M", [], ["write -P 1 0 1M"]);
+      await run("qemu-img", ["snapshot", "-c", "before", path]);
+      await run("qemu-io", ["-f", "qcow2", "-c", "write -P 2 0 64k", path]);
+      const ours = `${dir}/ours.raw`;
+      const r = await cli(["convert", "-l", "before", path, ours]);
+      assertEquals(r.code, 0, r.stderr);
+      assertEquals(
+        await sha256File(ours),
+        await qemuRawHash(dir, path, ["-l", "before"]),
+      );
+      const info = await cli(["info", path]);
+      assertTrue(/Snapshot list:\nID +TAG/.test(info.text), info.text);
+      assertTrue(/^1 +before +0 B /m.test(info.text), info.text);
+      const refused = await cli(["convert", "-l", "x", ours, `${dir}/x.raw`]);
+      assertEquals(refused.code, 2);
+    }),
+);
