@@ -63,6 +63,7 @@ import { decodeInto as inflateInto } from "./codecs/zlib.ts";
 import { cipherFor } from "../streams/decrypt.ts";
 import { luksCipher, readLuksHeader } from "./qcow2/luks.ts";
 import { encodeQcow2 } from "./qcow2/encode.ts";
+import { QCOW2_OPTIONS } from "./qcow2/layout.ts";
 import { createQcow2, makeWritable } from "./qcow2/writable.ts";
 import { writeSink } from "./_image.ts";
 import type {
@@ -1119,12 +1120,13 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
     if (run) yield run;
   }
 
-  const unlockNeeded = () =>
-    new KeyError(
-      `${
-        state.source.name ?? "the qcow2 image"
-      } is encrypted: give its passphrase (open it with { key }, or --key-file on the command line)`,
+  const unlockNeeded = () => {
+    const what = `${state.source.name ?? "the qcow2 image"} is encrypted`;
+    return new KeyError(
+      `${what}: give its passphrase (open it with { key })`,
+      `${what}: give its passphrase with --key-file FILE`,
     );
+  };
 
   /** Reads the data run `s` into `target`, decrypting it. */
   async function readData(
@@ -1543,4 +1545,6 @@ export const qcow2: Driver = {
   open: openQcow2,
   create: createQcow2,
   encode: encodeQcow2,
+  writeOptions: QCOW2_OPTIONS,
+  compresses: true,
 };

@@ -15,6 +15,7 @@ import {
 } from "../streams/errors.ts";
 import { overlay } from "../streams/overlay.ts";
 import { decrypt } from "../streams/decrypt.ts";
+import { checkWriteOptions } from "../streams/options.ts";
 import {
   type CreateSpec,
   type Driver,
@@ -254,6 +255,7 @@ export async function create(
       format,
     );
   }
+  checkWriteOptions(d, spec.options);
   if (!Number.isSafeInteger(spec.size) || spec.size < 0) {
     throw new ImageFormatError({
       format,

@@ -8,15 +8,10 @@
  * @module
  */
 
-import {
-  alignUp,
-  formatErrors,
-  setBe16,
-  setBe32,
-  setBe64,
-} from "../_binary.ts";
+import { alignUp, setBe16, setBe32, setBe64 } from "../_binary.ts";
+import { checkWriteOptions, optionErrors } from "../../streams/options.ts";
 import { KeyError, UnsupportedError } from "../../streams/errors.ts";
-import type { SectorCipher } from "../../streams/types.ts";
+import type { OptionSpec, SectorCipher } from "../../streams/types.ts";
 import {
   afSplit,
   LUKS_HEADER_SIZE,
@@ -28,115 +23,108 @@ import {
 
 const FORMAT = "qcow2";
 const SECTOR = 512;
-const fail = (field: string, value: unknown, limit: string) =>
-  formatErrors(FORMAT)(field, value, limit);
-
-/** One `-o` option: its name, the values it takes, its default and help. */
-export interface OptionDeclaration {
-  name: string;
-  values: string;
-  default: string;
-  help: string;
-}
+const fail = optionErrors(FORMAT);
 
 /** The `-o` options of qcow2 creation and conversion (qemu-img's names). */
-export const QCOW2_OPTIONS: readonly OptionDeclaration[] = [
+export const QCOW2_OPTIONS: readonly OptionSpec[] = [
   {
     name: "compat",
-    values: "0.10 | 1.1 (v2 | v3)",
+    help: "compatibility level: version 2 (0.10) or 3 (1.1)",
+    values: ["0.10", "1.1", "v2", "v3"],
     default: "1.1",
-    help: "compatibility level: version 2 or 3",
   },
   {
     name: "cluster_size",
-    values: "512 to 2M, a power of two",
-    default: "64k",
     help: "cluster size",
+    accepts: "a power of two from 512 to 2M",
+    default: "64k",
   },
   {
     name: "lazy_refcounts",
-    values: "on | off",
-    default: "off",
     help: "set the lazy refcounts bit (compat 1.1)",
+    values: ["on", "off"],
+    default: "off",
   },
   {
     name: "refcount_bits",
-    values: "1 2 4 8 16 32 64",
-    default: "16",
     help: "width of a refcount (16 only with compat 0.10)",
+    values: ["1", "2", "4", "8", "16", "32", "64"],
+    default: "16",
   },
   {
     name: "extended_l2",
-    values: "on | off",
-    default: "off",
     help:
-      "extended L2 entries: 32 subclusters a cluster (16 KiB clusters at least)",
+      "extended L2 entries: 32 subclusters a cluster (16k clusters at least)",
+    values: ["on", "off"],
+    default: "off",
   },
   {
     name: "compression_type",
-    values: "zlib",
+    help: "compression of -c clusters (zstd is not written yet)",
+    values: ["zlib", "zstd"],
     default: "zlib",
-    help: "compression of `-c` clusters (zstd is read-refused for now)",
   },
   {
     name: "preallocation",
-    values: "off | metadata",
-    default: "off",
     help: "metadata: every cluster allocated (its bytes left sparse)",
+    values: ["off", "metadata"],
+    default: "off",
   },
   {
     name: "encrypt.format",
-    values: "luks | aes",
-    default: "(none)",
     help: "encrypt with the passphrase of --key-file",
+    values: ["luks", "aes"],
   },
   {
     name: "encryption",
-    values: "on | off",
-    default: "off",
     help: "the old name of encrypt.format=aes",
+    values: ["on", "off"],
+    default: "off",
   },
   {
     name: "encrypt.cipher-alg",
-    values: "aes-128 | aes-192 | aes-256",
-    default: "aes-256",
     help: "LUKS cipher",
+    values: ["aes-128", "aes-192", "aes-256"],
+    default: "aes-256",
   },
   {
     name: "encrypt.cipher-mode",
-    values: "xts | cbc",
-    default: "xts",
     help: "LUKS cipher mode",
+    values: ["xts", "cbc"],
+    default: "xts",
   },
   {
     name: "encrypt.ivgen-alg",
-    values: "plain64 | plain",
-    default: "plain64",
     help: "LUKS IV generator",
+    values: ["plain64", "plain"],
+    default: "plain64",
   },
   {
     name: "encrypt.hash-alg",
-    values: "sha1 | sha256 | sha384 | sha512",
+    help: "LUKS PBKDF2 and anti-forensic hash",
+    values: ["sha1", "sha256", "sha384", "sha512"],
     default: "sha256",
-    help: "LUKS PBKDF2 and AF hash",
   },
   {
     name: "encrypt.iter-time",
-    values: "milliseconds",
+    help: "milliseconds the key slot's PBKDF2 takes (1000 iterations at least)",
+    accepts: "a whole number of milliseconds",
     default: "2000",
-    help: "time the key slot's PBKDF2 takes (at least 1000 iterations)",
   },
   {
     name: "backing_file",
-    values: "file name",
-    default: "(none)",
     help: "backing file (create -b)",
+    accepts: "a file name",
   },
   {
     name: "backing_fmt",
-    values: "format name",
-    default: "(probed)",
     help: "backing file format (create -F)",
+    accepts: "a format name",
+  },
+  {
+    name: "compress",
+    help: "set by convert -c when it creates the image",
+    values: ["on", "off"],
   },
 ];
 
@@ -196,31 +184,17 @@ export function qcow2Settings(
   options: Record<string, string> = {},
   key?: string | Uint8Array,
 ): Qcow2Settings {
-  const known = new Set([
-    ...QCOW2_OPTIONS.map((o) => o.name),
-    // convert's own flag, passed to create as an option; the secret's id
-    // of qemu-img (the passphrase comes from --key-file here).
-    "compress",
-    "encrypt.key-secret",
-    "encrypt.ivgen-hash-alg",
-  ]);
-  for (const name of Object.keys(options)) {
-    if (!known.has(name)) {
-      throw fail(
-        "option",
-        name,
-        `one of ${QCOW2_OPTIONS.map((o) => o.name).join(", ")}`,
-      );
-    }
-  }
-  for (const name of ["data_file", "data_file_raw"]) {
-    if (options[name] !== undefined) {
-      throw new UnsupportedError(
-        { format: FORMAT, field: name, value: options[name] },
-        `${name} is not written by this driver (it reads external data files)`,
-      );
-    }
-  }
+  checkWriteOptions(
+    {
+      name: FORMAT,
+      description: "qcow2",
+      writeOptions: QCOW2_OPTIONS,
+      compresses: true,
+      probe: () => 0,
+      open: () => Promise.reject(new Error("not for opening")),
+    },
+    options,
+  );
   const compat = options.compat ?? "1.1";
   let version: 2 | 3;
   if (compat === "0.10" || compat === "v2") version = 2;
@@ -288,7 +262,8 @@ export function qcow2Settings(
   }
   if (encrypt && key === undefined) {
     throw new KeyError(
-      "qcow2: an encrypted image needs a passphrase (--key-file, or { key })",
+      "qcow2: an encrypted image needs a passphrase (the key option)",
+      "qcow2: an encrypted image needs a passphrase (--key-file FILE)",
     );
   }
   const iterTime = Number(options["encrypt.iter-time"] ?? 2000);
