@@ -863,7 +863,37 @@ export function l1Entry(state: State, index: number): number {
       state.l1Offset + index * 8,
     );
   }
+  const metadata = offset === 0 ? undefined : overlapsMetadata(state, offset);
+  if (metadata) {
+    throw fail(
+      `l1[${index}]`,
+      offset,
+      `an L2 table offset clear of the ${metadata}`,
+      state.l1Offset + index * 8,
+    );
+  }
   return offset;
+}
+
+/**
+ * Which metadata the cluster at `at` overlaps (the header, the L1 table,
+ * the refcount table), or undefined: a table pointing at them is a
+ * corrupt image (one that could loop a table onto itself), refused for
+ * the cost of three comparisons.
+ */
+function overlapsMetadata(state: State, at: number): string | undefined {
+  const h = state.header;
+  const end = at + state.clusterSize;
+  if (at < state.clusterSize) return "header cluster";
+  if (at < state.l1Offset + state.l1.length && state.l1Offset < end) {
+    return "L1 table";
+  }
+  const refcountEnd = h.refcountTableOffset +
+    h.refcountTableClusters * state.clusterSize;
+  if (at < refcountEnd && h.refcountTableOffset < end) {
+    return "refcount table";
+  }
+  return undefined;
 }
 
 /** The L2 table at file offset `at` (cached). */
@@ -995,6 +1025,10 @@ function decodeEntry(
   }
   const copied = (high & 0x80000000) !== 0;
   const allocated = host !== 0 || (state.hasDataFile && copied);
+  const metadata = host === 0 || state.hasDataFile
+    ? undefined
+    : overlapsMetadata(state, host);
+  if (metadata) throw bad(host, `a cluster offset clear of the ${metadata}`);
   const zeroFlag = (low & 1) !== 0;
   if (!state.extendedL2) {
     if (zeroFlag) {

@@ -8,6 +8,7 @@ import {
   expandKey,
   xtsSectors,
 } from "../streams/_aes.ts";
+import { deflateRawSync } from "node:zlib";
 import { alignUp } from "../drivers/_binary.ts";
 import {
   BackingFileError,
@@ -615,6 +616,20 @@ async function readAll(bytes: Uint8Array): Promise<unknown> {
   }
 }
 
+/**
+ * `bytes` with a deflate stream of twice a 4 KiB cluster of zeros appended
+ * (sector aligned) and the compressed entry at `entryAt` pointing at it.
+ */
+function withBomb(bytes: Uint8Array, entryAt: number): Uint8Array {
+  const bomb = deflateRawSync(new Uint8Array(8192), { windowBits: 12 });
+  const at = alignUp(bytes.length, 512);
+  const out = new Uint8Array(at + 512);
+  out.set(bytes);
+  out.set(bomb, at);
+  new DataView(out.buffer).setBigUint64(entryAt, (1n << 62n) | BigInt(at));
+  return out;
+}
+
 const poke = (bytes: Uint8Array, at: number, value: bigint, width: 4 | 8) => {
   const copy = bytes.slice();
   const v = new DataView(copy.buffer);
@@ -727,6 +742,21 @@ Deno.test(
             8,
           ),
         ],
+        [
+          "l1 onto the l1 table",
+          poke(good, l1At, (1n << 63n) | BigInt(l1At), 8),
+        ],
+        ["l1 onto the header", poke(good, l1At, (1n << 63n) | 0n | 512n, 8)],
+        [
+          "l2 onto the refcount table",
+          poke(
+            good,
+            l2At + standard * 8,
+            (1n << 63n) | v.getBigUint64(48),
+            8,
+          ),
+        ],
+        ["compressed bomb", withBomb(good, l2At + compressed * 8)],
         ["truncated", good.slice(0, good.length - 5000)],
         ["truncated to the header", good.slice(0, 200)],
         ["truncated to 50 bytes", good.slice(0, 50)],
