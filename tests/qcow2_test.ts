@@ -1169,3 +1169,94 @@ Deno.test(
       assertEquals(refused.code, 2);
     }),
 );
+
+Deno.test("qcow2 create and convert refuse sizes whose L1 table passes 32 MiB, before allocating", async () => {
+  await rejects(
+    () => create("qcow2", memorySink(), { size: 2 ** 60 }),
+    ImageFormatError,
+    /size/,
+  );
+  await rejects(
+    () =>
+      create("qcow2", memorySink(), {
+        size: 2 ** 40,
+        options: { cluster_size: "512" },
+      }),
+    ImageFormatError,
+    /cluster_size/,
+  );
+  const huge = {
+    size: 2 ** 52,
+    read: () => Promise.reject(new Error("not read")),
+  };
+  await rejects(
+    () =>
+      convert(huge, memorySink(), {
+        format: "qcow2",
+        options: { cluster_size: "4k" },
+      }),
+    ImageFormatError,
+    /size/,
+  );
+});
+
+Deno.test(
+  "qcow2 chains mixing formats: qcow2 over vmdk, qcow over qcow2, vpc under qcow2 with zero clusters",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const run1 = (args: string[]) => run("qemu-img", args, { cwd: dir });
+      const io = (fmt: string, path: string, ...commands: string[]) =>
+        run("qemu-io", [
+          "-f",
+          fmt,
+          ...commands.flatMap((c) => ["-c", c]),
+          path,
+        ], { cwd: dir });
+      await run1(["create", "-q", "-f", "vmdk", "base.vmdk", "4M"]);
+      await io("vmdk", "base.vmdk", "write -P 0x41 0 4M");
+      await run1([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        "mid.qcow2",
+        "4M",
+      ]);
+      await io("qcow2", "mid.qcow2", "write -P 0x42 1M 64k", "write -z 2M 64k");
+      await run1([
+        "create",
+        "-q",
+        "-f",
+        "qcow",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow",
+        "4M",
+      ]);
+      await io("qcow", "top.qcow", "write -P 0x43 3M 4k");
+      await assertReadsLikeQemu(dir, `${dir}/top.qcow`);
+      await run1(["create", "-q", "-f", "vpc", "base.vhd", "4M"]);
+      await io("vpc", "base.vhd", "write -P 0x51 0 4M");
+      await run1([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.vhd",
+        "-F",
+        "vpc",
+        "over.qcow2",
+        "4M",
+      ]);
+      await io("qcow2", "over.qcow2", "write -z 0 1M", "write -P 0x52 2M 512");
+      await assertReadsLikeQemu(dir, `${dir}/over.qcow2`);
+    }),
+);

@@ -25,6 +25,7 @@ import type {
 import { extentsOf } from "../../streams/types.ts";
 import {
   headerCluster,
+  l1SizeFor,
   newLuks,
   qcow2Settings,
   RefcountCounter,
@@ -265,7 +266,7 @@ export async function encodeQcow2(
   const l2Entries = clusterSize / entryBytes;
   const span = clusterSize * l2Entries;
   const size = alignUp(source.size, SECTOR);
-  const l1Size = Math.ceil(size / span);
+  const l1Size = l1SizeFor(s, size);
   const counter = new RefcountCounter(s.refcountOrder);
   counter.add(0); // the header
   let next = clusterSize;

@@ -8,7 +8,13 @@
  * @module
  */
 
-import { alignUp, setBe16, setBe32, setBe64 } from "../_binary.ts";
+import {
+  alignUp,
+  formatErrors,
+  setBe16,
+  setBe32,
+  setBe64,
+} from "../_binary.ts";
 import { checkWriteOptions, optionErrors } from "../../streams/options.ts";
 import { KeyError, UnsupportedError } from "../../streams/errors.ts";
 import type { OptionSpec, SectorCipher } from "../../streams/types.ts";
@@ -313,6 +319,32 @@ export function qcow2Settings(
     backingFile: options.backing_file,
     backingFormat: options.backing_fmt,
   };
+}
+
+/**
+ * The L1 entries a disk of `size` bytes needs, refusing sizes whose L1
+ * table would pass QEMU's 32 MiB limit (before anything is allocated).
+ *
+ * @param s the settings
+ * @param size the virtual size in bytes
+ * @returns the L1 table's entries
+ * @throws {ImageFormatError} naming the size and the largest one allowed
+ */
+export function l1SizeFor(s: Qcow2Settings, size: number): number {
+  const clusterSize = 2 ** s.clusterBits;
+  const span = clusterSize * (clusterSize / (s.extendedL2 ? 16 : 8));
+  const l1Size = Math.ceil(size / span);
+  const max = (32 << 20) / 8;
+  if (!Number.isSafeInteger(size) || l1Size > max) {
+    throw formatErrors(FORMAT)(
+      "size",
+      size,
+      `at most ${
+        max * span
+      } bytes with ${clusterSize}-byte clusters (an L1 table of 32 MiB, QEMU's limit): use a larger cluster_size`,
+    );
+  }
+  return l1Size;
 }
 
 /** The feature name table qemu-img writes. */

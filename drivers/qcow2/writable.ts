@@ -36,6 +36,7 @@ import { checkRange } from "../../streams/types.ts";
 import {
   getRefcount,
   headerCluster,
+  l1SizeFor,
   newLuks,
   qcow2Settings,
   RefcountCounter,
@@ -462,6 +463,7 @@ export async function createQcow2(
   s.backingFile = spec.backingFile ?? s.backingFile;
   s.backingFormat = spec.backingFormat ?? s.backingFormat;
   const size = alignUp(spec.size, SECTOR);
+  l1SizeFor(s, size); // a size too large fails before anything is written
   if (s.preallocation === "metadata") {
     if (s.backingFile !== undefined) {
       throw new UnsupportedError(
@@ -494,8 +496,7 @@ export async function createQcow2(
       counter.add(next / clusterSize, next / clusterSize + clusters);
       next += clusters * clusterSize;
     }
-    const l2Entries = clusterSize / (s.extendedL2 ? 16 : 8);
-    const l1Size = Math.ceil(size / (clusterSize * l2Entries));
+    const l1Size = l1SizeFor(s, size);
     const l1Clusters = Math.max(1, Math.ceil((l1Size * 8) / clusterSize));
     const l1At = next;
     await sink.write(l1At, new Uint8Array(l1Clusters * clusterSize));
