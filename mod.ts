@@ -35,6 +35,7 @@ export { cipherFor, decrypt, qcowKey } from "./streams/decrypt.ts";
 export * from "./streams/service.ts";
 export * from "./streams/tree.ts";
 export * from "./streams/options.ts";
+export * from "./streams/inputs.ts";
 export * from "./drivers/registry.ts";
 export { cloop } from "./drivers/cloop.ts";
 export { bochs } from "./drivers/bochs.ts";
@@ -52,4 +53,13 @@ export {
   type VvfatOptions,
 } from "./drivers/vvfat.ts";
 export { dmg } from "./drivers/dmg.ts";
+export { dmgEncrypted } from "./drivers/dmg_encrypted.ts";
 export { raw } from "./drivers/raw.ts";
+export { sparseimage } from "./drivers/sparseimage.ts";
+export { diskcopy42 } from "./drivers/diskcopy42.ts";
+export { asif } from "./drivers/asif.ts";
+export {
+  openSparsebundle,
+  sparsebundle,
+  type SparsebundleOptions,
+} from "./drivers/sparsebundle.ts";

@@ -13,10 +13,15 @@ import { bochs } from "./bochs.ts";
 import { vpc } from "./vpc.ts";
 import { vmdk } from "./vmdk.ts";
 import { dmg } from "./dmg.ts";
+import { dmgEncrypted } from "./dmg_encrypted.ts";
 import { qcow } from "./qcow.ts";
 import { qcow2 } from "./qcow2.ts";
 import { cow } from "./cow.ts";
 import { vvfat } from "./vvfat.ts";
+import { sparseimage } from "./sparseimage.ts";
+import { diskcopy42 } from "./diskcopy42.ts";
+import { asif } from "./asif.ts";
+import { sparsebundle } from "./sparsebundle.ts";
 import { raw } from "./raw.ts";
 
 /** Every driver, raw last. */
@@ -26,9 +31,14 @@ export const DRIVERS: readonly Driver[] = [
   bochs,
   vmdk,
   dmg,
+  dmgEncrypted,
   qcow,
   qcow2,
   cow,
   vvfat,
+  sparseimage,
+  diskcopy42,
+  asif,
+  sparsebundle,
   raw,
 ];

@@ -748,7 +748,13 @@ async function readSnapshots(
 /** A run of the virtual disk, as the tables map it. */
 export type Segment =
   | { kind: "data"; at: number; length: number; host: number }
-  | { kind: "zero"; at: number; length: number }
+  | {
+    kind: "zero";
+    at: number;
+    length: number;
+    /** Where its cluster is preallocated in the file, if it is. */
+    host?: number;
+  }
   | { kind: "unallocated"; at: number; length: number }
   | {
     kind: "compressed";
@@ -925,10 +931,12 @@ export async function mapRange(
   const out: Segment[] = [];
   const push = (s: Segment) => {
     const last = out[out.length - 1];
+    const host = (x: Segment) => (x as { host?: number }).host;
     if (
       last && last.kind === s.kind && s.kind !== "compressed" &&
-      (s.kind !== "data" ||
-        (last as { host: number }).host + last.length === s.host)
+      (host(last) === undefined
+        ? host(s) === undefined
+        : host(last)! + last.length === host(s))
     ) {
       last.length += s.length;
     } else {
@@ -1038,7 +1046,14 @@ function decodeEntry(
           "without the zero flag (bit 0) in a version 2 image",
         );
       }
-      push({ kind: "zero", at, length: stop - at });
+      push({
+        kind: "zero",
+        at,
+        length: stop - at,
+        ...(allocated && !state.hasDataFile
+          ? { host: host + at - clusterStart }
+          : {}),
+      });
     } else if (!allocated) {
       push({ kind: "unallocated", at, length: stop - at });
     } else {
@@ -1072,8 +1087,16 @@ function decodeEntry(
     const k = Math.floor((s - clusterStart) / sub);
     const subStop = Math.min(stop, clusterStart + (k + 1) * sub);
     const bit = 1 << k;
-    if (zeroBits & bit) push({ kind: "zero", at: s, length: subStop - s });
-    else if (allocBits & bit) {
+    if (zeroBits & bit) {
+      push({
+        kind: "zero",
+        at: s,
+        length: subStop - s,
+        ...(allocated && !state.hasDataFile
+          ? { host: host + s - clusterStart }
+          : {}),
+      });
+    } else if (allocBits & bit) {
       push({
         kind: "data",
         at: s,
@@ -1143,10 +1166,22 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
       );
       for (const s of await mapRange(state, at, stop - at)) {
         const kind = s.kind === "compressed" ? "data" : s.kind;
-        if (run && run.kind === kind) run.length += s.length;
+        // Where plain data lies in the image file, as qemu-img map says.
+        const fileOffset =
+          (s.kind === "data" || s.kind === "zero") && !encrypted &&
+            !state.hasDataFile
+            ? s.host
+            : undefined;
+        if (
+          run && run.kind === kind &&
+          (run.fileOffset === undefined
+            ? fileOffset === undefined
+            : run.fileOffset + run.length === fileOffset)
+        ) run.length += s.length;
         else {
           if (run) yield run;
           run = { offset: s.at, length: s.length, kind };
+          if (fileOffset !== undefined) run.fileOffset = fileOffset;
         }
       }
       at = stop;

@@ -79,7 +79,10 @@ function buildTables() {
   }
 }
 
-/** The expanded keys of AES-128, -192 or -256: 4 words per round key each way. */
+/**
+ * The expanded keys of AES: 4 × (rounds + 1) words each way (44, 52 or 60
+ * for 128-, 192- and 256-bit keys).
+ */
 export interface AesKey {
   /** Encryption round keys. */
   encrypt: Uint32Array;
@@ -88,8 +91,7 @@ export interface AesKey {
 }
 
 /**
- * Expands a 16-, 24- or 32-byte key (FIPS-197 section 5.2): AES-128,
- * AES-192 or AES-256.
+ * Expands a 16-, 24- or 32-byte key (FIPS-197 section 5.2).
  *
  * @param key 16, 24 or 32 bytes
  * @returns the round keys
@@ -98,7 +100,6 @@ export interface AesKey {
  * ```ts
  * import { expandKey } from "./_aes.ts";
  * console.log(expandKey(new Uint8Array(16)).encrypt.length); // 44
- * console.log(expandKey(new Uint8Array(32)).encrypt.length); // 60
  * ```
  */
 export function expandKey(key: Uint8Array): AesKey {
@@ -108,8 +109,8 @@ export function expandKey(key: Uint8Array): AesKey {
   buildTables();
   const nk = key.length / 4;
   const rounds = nk + 6;
-  const total = 4 * (rounds + 1);
-  const w = new Uint32Array(total);
+  const words = 4 * (rounds + 1);
+  const w = new Uint32Array(words);
   for (let i = 0; i < nk; i++) {
     w[i] = (key[4 * i] << 24) | (key[4 * i + 1] << 16) |
       (key[4 * i + 2] << 8) | key[4 * i + 3];
@@ -118,7 +119,7 @@ export function expandKey(key: Uint8Array): AesKey {
     (SBOX[t >>> 24] << 24) | (SBOX[(t >>> 16) & 0xff] << 16) |
     (SBOX[(t >>> 8) & 0xff] << 8) | SBOX[t & 0xff];
   let rcon = 1;
-  for (let i = nk; i < total; i++) {
+  for (let i = nk; i < words; i++) {
     let t = w[i - 1];
     if (i % nk === 0) {
       t = subWord((t << 8) | (t >>> 24)) ^ (rcon << 24);
@@ -130,7 +131,7 @@ export function expandKey(key: Uint8Array): AesKey {
   }
   // Decryption keys: the rounds in reverse, the middle ones through
   // InvMixColumns (TD of SBOX undoes the S-box the tables include).
-  const d = new Uint32Array(total);
+  const d = new Uint32Array(words);
   for (let round = 0; round <= rounds; round++) {
     for (let c = 0; c < 4; c++) {
       const k = w[(rounds - round) * 4 + c];
@@ -151,9 +152,9 @@ export function expandKey(key: Uint8Array): AesKey {
  */
 function encryptWords(k: Uint32Array, s: Int32Array | Uint32Array) {
   const [t0, t1, t2, t3] = TE;
+  const rounds = (k.length >> 2) - 1;
   let a = s[0] ^ k[0], b = s[1] ^ k[1], c = s[2] ^ k[2], d = s[3] ^ k[3];
   let r = 4;
-  const rounds = (k.length >>> 2) - 1;
   for (let round = 1; round < rounds; round++) {
     const a2 = t0[a >>> 24] ^ t1[(b >>> 16) & 255] ^ t2[(c >>> 8) & 255] ^
       t3[d & 255] ^ k[r];
@@ -181,9 +182,9 @@ function encryptWords(k: Uint32Array, s: Int32Array | Uint32Array) {
 
 function decryptWords(k: Uint32Array, s: Int32Array | Uint32Array) {
   const [t0, t1, t2, t3] = TD;
+  const rounds = (k.length >> 2) - 1;
   let a = s[0] ^ k[0], b = s[1] ^ k[1], c = s[2] ^ k[2], d = s[3] ^ k[3];
   let r = 4;
-  const rounds = (k.length >>> 2) - 1;
   for (let round = 1; round < rounds; round++) {
     const a2 = t0[a >>> 24] ^ t1[(d >>> 16) & 255] ^ t2[(c >>> 8) & 255] ^
       t3[b & 255] ^ k[r];

@@ -1260,3 +1260,23 @@ Deno.test(
       await assertReadsLikeQemu(dir, `${dir}/over.qcow2`);
     }),
 );
+
+Deno.test(
+  "qcow2 map --output=json equals qemu-img's (data with file offsets, zero and unallocated runs, compressed clusters)",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const plain = `${dir}/plain.qcow2`;
+      await qemuImage(plain, "64M", ["cluster_size=4k"], WRITES);
+      const raw = `${dir}/disk.raw`;
+      await Deno.writeFile(raw, sampleDisk());
+      const packed = `${dir}/packed.qcow2`;
+      await run("qemu-img", ["convert", "-c", "-O", "qcow2", raw, packed]);
+      for (const path of [plain, packed]) {
+        const ours = await cli(["map", "--output=json", path]);
+        assertEquals(ours.code, 0, ours.stderr);
+        const theirs = await run("qemu-img", ["map", "--output=json", path]);
+        assertEquals(ours.text, theirs.text);
+      }
+    }),
+);
