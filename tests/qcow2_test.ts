@@ -443,7 +443,7 @@ async function qemuLuksImage(
   for (let attempt = 1;; attempt++) {
     const r = await run("qemu-img", args, { allowFail: true });
     if (r.code === 0) break;
-    if (attempt >= 5 || !/accurate CPU usage/.test(r.stderr)) {
+    if (attempt >= 30 || !/accurate CPU usage/.test(r.stderr)) {
       throw new Error(`qemu-img ${args.join(" ")} failed: ${r.stderr}`);
     }
   }
