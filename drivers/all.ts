@@ -10,6 +10,11 @@
 import type { Driver } from "../streams/types.ts";
 import { cloop } from "./cloop.ts";
 import { bochs } from "./bochs.ts";
+import { vdi } from "./vdi.ts";
+import { vhdx } from "./vhdx.ts";
+import { qed } from "./qed.ts";
+import { parallels } from "./parallels.ts";
+import { seSparse } from "./sesparse.ts";
 import { vpc } from "./vpc.ts";
 import { vmdk } from "./vmdk.ts";
 import { dmg } from "./dmg.ts";
@@ -29,6 +34,11 @@ export const DRIVERS: readonly Driver[] = [
   cloop,
   vpc,
   bochs,
+  vdi,
+  vhdx,
+  qed,
+  parallels,
+  seSparse,
   vmdk,
   dmg,
   dmgEncrypted,

@@ -221,6 +221,41 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
         cmd: `qemu-img convert -f raw -O vpc -o subformat=fixed ${base} OUT`,
       },
       {
+        name: "vdi",
+        format: "vdi",
+        tools: ["qemu-img"],
+        cmd: `qemu-img convert -f raw -O vdi ${base} OUT`,
+      },
+      {
+        name: "vdi-static",
+        format: "vdi",
+        tools: ["qemu-img"],
+        cmd: `qemu-img convert -f raw -O vdi -o static=on ${base} OUT`,
+      },
+      {
+        // qemu-img's smallest vhdx is 9 MiB; ours is 5 MiB.
+        name: "vhdx",
+        format: "vhdx",
+        tools: [],
+        cmd: `${Deno.execPath()} run -A ${
+          new URL("../cli.ts", import.meta.url).pathname
+        } convert -O vhdx -o block_size=1M ${base} OUT`,
+      },
+      {
+        name: "qed",
+        format: "qed",
+        tools: ["qemu-img"],
+        cmd:
+          `qemu-img convert -f raw -O qed -o cluster_size=4K,table_size=2 ${base} OUT`,
+      },
+      {
+        name: "parallels",
+        format: "parallels",
+        tools: ["qemu-img"],
+        cmd:
+          `qemu-img convert -f raw -O parallels -o cluster_size=64K ${base} OUT`,
+      },
+      {
         name: "cloop",
         format: "cloop",
         tools: ["create_compressed_fs"],
@@ -264,7 +299,9 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
       if (r.code !== 0) continue;
     }
     const bytes = await Deno.readFile(path);
-    if (bytes.length <= 4 << 20) {
+    // A vhdx holds at least 4 MiB of structure (headers, log, metadata,
+    // BAT, each a whole MiB) before its first block.
+    if (bytes.length <= (m.format === "vhdx" ? 6 << 20 : 4 << 20)) {
       out.push({ name: `made:${m.name}`, format: m.format, bytes });
     }
   }

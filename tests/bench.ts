@@ -410,6 +410,40 @@ const cases: Case[] = [
       ],
     }],
   },
+  ...[["vhdx", "vhdx"], ["vdi", "vdi"], ["qed", "qed"]].map((
+    [format, ext],
+  ): Case => ({
+    name: `${format} (qemu-img convert -O ${format})`,
+    format,
+    make: {
+      path: img(`disk.${ext}`),
+      cmd: [
+        "qemu-img",
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        format,
+        DISK,
+        img(`disk.${ext}`),
+      ],
+    },
+    needs: ["qemu-img"],
+    peers: [{
+      name: "qemu-img",
+      tool: "qemu-img",
+      cmd: [
+        "qemu-img",
+        "convert",
+        "-f",
+        format,
+        "-O",
+        "raw",
+        img(`disk.${ext}`),
+        OUT,
+      ],
+    }],
+  })),
 ];
 
 /** Wall time of the best of RUNS runs, and the peak RSS (KiB) when GNU time is there. */
