@@ -739,7 +739,7 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p | --progress=json] [--hash] [--boot-sector FILE] [--partition N|NAME] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p | --progress=json] [-l SNAPSHOT] [--hash] [--boot-sector FILE] [--partition N|NAME] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
@@ -758,6 +758,8 @@ const commands: Record<string, Command> = {
       "key-file": { type: "string" },
       // Skips the input's checksum checks (dmg verifies its CRC-32s by default).
       "no-verify": { type: "boolean" },
+      // An internal snapshot of the input (qcow2), by ID or name.
+      snapshot: { type: "string", short: "l" },
     },
     async run({ values, positionals }) {
       const outFormat = values["output-format"] as string;
@@ -787,9 +789,20 @@ const commands: Record<string, Command> = {
         ...backingPolicy(values),
         extra: {
           key,
-          ...(values["no-verify"] ? { options: { verify: "off" } } : {}),
+          options: {
+            ...(values["no-verify"] ? { verify: "off" } : {}),
+            ...(values.snapshot === undefined
+              ? {}
+              : { snapshot: values.snapshot as string }),
+          },
         },
       });
+      if (values.snapshot !== undefined && !source.details?.snapshot) {
+        throw new UsageError(
+          `-l ${values.snapshot}: ${source.format} images have no internal snapshots to read`,
+          "convert",
+        );
+      }
       // -B: the output records BACKING (named as from the output's folder)
       // and stores only what differs from it.
       const backingName = values.backing as string | undefined;

@@ -49,6 +49,7 @@ export { seSparse } from "./drivers/sesparse.ts";
 export { vpc } from "./drivers/vpc.ts";
 export { vmdk } from "./drivers/vmdk.ts";
 export { qcow } from "./drivers/qcow.ts";
+export { qcow2 } from "./drivers/qcow2.ts";
 export { cow } from "./drivers/cow.ts";
 export {
   type FatSpelling,

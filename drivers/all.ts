@@ -20,6 +20,7 @@ import { vmdk } from "./vmdk.ts";
 import { dmg } from "./dmg.ts";
 import { dmgEncrypted } from "./dmg_encrypted.ts";
 import { qcow } from "./qcow.ts";
+import { qcow2 } from "./qcow2.ts";
 import { cow } from "./cow.ts";
 import { vvfat } from "./vvfat.ts";
 import { sparseimage } from "./sparseimage.ts";
@@ -42,6 +43,7 @@ export const DRIVERS: readonly Driver[] = [
   dmg,
   dmgEncrypted,
   qcow,
+  qcow2,
   cow,
   vvfat,
   sparseimage,

@@ -221,8 +221,11 @@ async function openChain(
       image.backingFile,
     );
   }
+  // An internal snapshot named for the top layer is not the backing file's.
+  const { snapshot: _snapshot, ...inherited } = options.options ?? {};
   const base = await openChain(backingSource, {
     ...options,
+    options: inherited,
     format: image.backingFormat,
     writable: false,
     sink: undefined,

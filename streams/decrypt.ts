@@ -117,5 +117,7 @@ export function decrypt(image: Image, key: string | Uint8Array): Image {
       } (${image.format}) is unlocked as it opens: open it again with { key } (or --key-file)`,
     );
   }
-  return hook.unlock(cipherFor(hook.scheme, key));
+  return hook.unlock(
+    hook.cipher ? hook.cipher(key) : cipherFor(hook.scheme, key),
+  );
 }

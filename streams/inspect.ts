@@ -61,10 +61,11 @@ export async function describeImage(
     ordered["actual-size"] = options.actualSize;
   }
   ordered["allocated-bytes"] = await allocatedBytes(image);
+  // qcow2 keeps a dirty bit (its details say so); the other formats none.
   const described: Record<string, unknown> = {
     ...ordered,
     ...info,
-    "dirty-flag": false,
+    "dirty-flag": image.details?.dirty === true,
   };
   if (options.partitions) {
     described["partition-table"] = await partitionTableInfo(image);
@@ -331,6 +332,10 @@ export function formatInfo(info: Record<string, unknown>): string {
   const specific = info["format-specific"] as
     | { data: Record<string, unknown> }
     | undefined;
+  const snapshots = specific?.data.snapshots as
+    | Record<string, number | string>[]
+    | undefined;
+  if (snapshots) lines.push(...snapshotTable(snapshots));
   if (specific) {
     lines.push("Format specific information:");
     humanValue(specific.data, "    ", lines);
@@ -450,4 +455,34 @@ function humanPartitions(
         row.map((cell, c) => cell.padEnd(widths[c])).join("  ").trimEnd(),
     );
   }
+}
+
+/** qemu-img's "Snapshot list:" table (ID, tag, VM size, date, VM clock, icount). */
+function snapshotTable(
+  snapshots: Record<string, number | string>[],
+): string[] {
+  const pad = (n: number, w = 2) => String(n).padStart(w, "0");
+  const rows = snapshots.map((s) => {
+    const date = new Date(Number(s["date-sec"]) * 1000);
+    const day = `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${
+      pad(date.getDate())
+    } ${pad(date.getHours())}:${pad(date.getMinutes())}:${
+      pad(date.getSeconds())
+    }`;
+    const clock = Number(s["vm-clock-sec"]);
+    const vmClock = `${pad(Math.floor(clock / 3600))}:${
+      pad(Math.floor(clock / 60) % 60)
+    }:${pad(clock % 60)}.${
+      pad(Math.floor(Number(s["vm-clock-nsec"]) / 1e6), 3)
+    }`;
+    const vmSize = Number(s["vm-state-size"]);
+    return `${String(s.id).padEnd(10)}${String(s.name).padEnd(18)}${
+      (vmSize === 0 ? "0 B" : humanSize(vmSize)).padStart(7)
+    } ${day} ${vmClock} ${String(s.icount ?? "").padStart(10)}`;
+  });
+  return [
+    "Snapshot list:",
+    "ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT",
+    ...rows,
+  ];
 }

@@ -159,6 +159,12 @@ export interface Encryption {
   readonly opensWithKey?: boolean;
   /** The same layer, reading and writing through `cipher`. */
   unlock(cipher: SectorCipher): Image;
+  /**
+   * The cipher of `key`, for schemes whose key depends on the image (LUKS
+   * derives its master key from key slots): `decrypt` uses it instead of
+   * its table of schemes. A wrong key fails at the first read or write.
+   */
+  cipher?(key: string | Uint8Array): SectorCipher;
 }
 
 /** What a driver's `probe` sees: the first and last bytes of the source. */

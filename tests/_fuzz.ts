@@ -154,6 +154,48 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
         cmd: `qemu-img convert -c -f raw -O qcow ${base} OUT; test -s OUT`,
       },
       {
+        name: "qcow2",
+        format: "qcow2",
+        tools: ["qemu-img"],
+        cmd: `qemu-img convert -f raw -O qcow2 -o cluster_size=4k ${base} OUT`,
+      },
+      {
+        name: "qcow2-c",
+        format: "qcow2",
+        tools: ["qemu-img"],
+        cmd:
+          `qemu-img convert -c -f raw -O qcow2 -o cluster_size=4k ${base} OUT`,
+      },
+      {
+        name: "qcow2-v2-512",
+        format: "qcow2",
+        tools: ["qemu-img"],
+        cmd:
+          `qemu-img convert -f raw -O qcow2 -o compat=0.10,cluster_size=512 ${base} OUT`,
+      },
+      {
+        name: "qcow2-extended-l2",
+        format: "qcow2",
+        tools: ["qemu-img", "qemu-io"],
+        cmd:
+          `qemu-img convert -f raw -O qcow2 -o extended_l2=on,cluster_size=16k ${base} OUT && qemu-io -f qcow2 -c 'write -z 8k 4k' -c 'discard 64k 1k' OUT`,
+      },
+      {
+        name: "qcow2-snapshot",
+        format: "qcow2",
+        tools: ["qemu-img", "qemu-io"],
+        cmd:
+          `qemu-img convert -f raw -O qcow2 -o cluster_size=4k ${base} OUT && qemu-img snapshot -c s1 OUT && qemu-io -f qcow2 -c 'write -P 7 0 8k' OUT`,
+      },
+      {
+        name: "qcow2-ours-c",
+        format: "qcow2",
+        tools: [],
+        cmd: `${Deno.execPath()} run -A ${
+          new URL("../cli.ts", import.meta.url).pathname
+        } convert -c -O qcow2 -o cluster_size=4k,refcount_bits=1 ${base} OUT`,
+      },
+      {
         name: "vmdk",
         format: "vmdk",
         tools: ["qemu-img"],

@@ -62,6 +62,8 @@ interface Case {
   peers: { name: string; cmd: string[]; tool: string }[];
   /** Our command's extra flags. */
   ours?: string[];
+  /** The input's format, when not `format` (a case writing `format`). */
+  inputFormat?: string;
 }
 
 const OUT = `${DIR}/out.raw`;
@@ -299,6 +301,49 @@ const cases: Case[] = [
       ],
     }],
   },
+  ...([false, true].map((compressed) => {
+    const path = img(compressed ? "disk-c.qcow2" : "disk.qcow2");
+    return {
+      name: `qcow2${compressed ? " compressed" : ""} (qemu-img convert${
+        compressed ? " -c" : ""
+      } -O qcow2)`,
+      format: "qcow2",
+      make: {
+        path,
+        cmd: [
+          "qemu-img",
+          "convert",
+          ...(compressed ? ["-c"] : []),
+          "-f",
+          "raw",
+          "-O",
+          "qcow2",
+          DISK,
+          path,
+        ],
+      },
+      needs: ["qemu-img"],
+      peers: [{
+        name: "qemu-img",
+        tool: "qemu-img",
+        cmd: ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", path, OUT],
+      }],
+    };
+  })),
+  {
+    // The other way: raw to compressed qcow2 (ours: -O qcow2 -c after -O raw).
+    name: "raw to qcow2 -c (qcow2 writer)",
+    format: "qcow2",
+    make: { path: DISK, cmd: [] },
+    needs: ["qemu-img"],
+    inputFormat: "raw",
+    ours: ["-O", "qcow2", "-c"],
+    peers: [{
+      name: "qemu-img -c",
+      tool: "qemu-img",
+      cmd: ["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", DISK, OUT],
+    }],
+  },
   {
     name: "vmdk streamOptimized (qemu-img)",
     format: "vmdk",
@@ -447,7 +492,9 @@ for (const c of cases) {
   }
   const size = (await Deno.stat(c.make.path)).size;
   console.log(`\n${c.name}: input ${(size / MIB).toFixed(1)} MiB`);
-  const ours = await time(ourConvert(c.format, c.make.path, OUT, c.ours));
+  const ours = await time(
+    ourConvert(c.inputFormat ?? c.format, c.make.path, OUT, c.ours),
+  );
   const rss = (r: { rssKiB?: number }) =>
     r.rssKiB ? `, peak RSS ${(r.rssKiB / 1024).toFixed(0)} MiB` : "";
   console.log(
