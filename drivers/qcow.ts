@@ -962,7 +962,9 @@ export const qcow: Driver = {
     const h = input.head;
     if (h.length < HEADER_SIZE) return 0;
     const v = new DataView(h.buffer, h.byteOffset, h.length);
-    return v.getUint32(0) === MAGIC && v.getUint32(4) === 1 ? 100 : 0;
+    // The magic with a version below 2 (QEMU gives 2 and up to qcow2):
+    // version 0 is this driver's error, not a raw disk.
+    return v.getUint32(0) === MAGIC && v.getUint32(4) < 2 ? 100 : 0;
   },
   open: openQcow,
   create: createQcow,
