@@ -17,16 +17,47 @@ import { qcow } from "./qcow.ts";
 import { cow } from "./cow.ts";
 import { vvfat } from "./vvfat.ts";
 import { raw } from "./raw.ts";
+import { RECOGNISED } from "./recognised.ts";
+
+/**
+ * The drivers that read, then the recognisers of formats none of them
+ * reads, then `raw`. A recogniser whose name a reading driver also has is
+ * dropped, and its signature is added to that driver's probe (the larger
+ * score wins), so that adding a driver for a recognised format is one
+ * import and one entry here, and no file the recogniser claimed ever
+ * falls through to raw because the new driver's probe is stricter.
+ *
+ * @example
+ * ```ts
+ * import { withRecognised } from "./all.ts";
+ * import { raw } from "./raw.ts";
+ * import { RECOGNISED } from "./recognised.ts";
+ * const names = withRecognised([], RECOGNISED, raw).map((d) => d.name);
+ * console.log(names.includes("qcow2"), names.at(-1)); // true raw
+ * ```
+ */
+export function withRecognised(
+  readers: readonly Driver[],
+  recognised: readonly Driver[],
+  last: Driver,
+): Driver[] {
+  const merged = readers.map((reader) => {
+    const signature = recognised.find((r) => r.name === reader.name);
+    if (!signature) return reader;
+    return {
+      ...reader,
+      probe: (input) => Math.max(reader.probe(input), signature.probe(input)),
+    } satisfies Driver;
+  });
+  const rest = recognised.filter((r) =>
+    !readers.some((reader) => reader.name === r.name)
+  );
+  return [...merged, ...rest, last];
+}
 
 /** Every driver, raw last. */
-export const DRIVERS: readonly Driver[] = [
-  cloop,
-  vpc,
-  bochs,
-  vmdk,
-  dmg,
-  qcow,
-  cow,
-  vvfat,
+export const DRIVERS: readonly Driver[] = withRecognised(
+  [cloop, vpc, bochs, vmdk, dmg, qcow, cow, vvfat],
+  RECOGNISED,
   raw,
-];
+);

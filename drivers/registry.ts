@@ -29,19 +29,34 @@ import {
 /** How deep a backing chain may go before it is refused. */
 export const MAX_BACKING_DEPTH = 16;
 
+/** Options for {@linkcode formats}. */
+export interface FormatsOptions {
+  /**
+   * Include the formats only recognised by their signature (refused by
+   * name when opened; `Driver.recognisedOnly`).
+   * @default false
+   */
+  recognised?: boolean;
+}
+
 /**
- * Every format the toolkit knows.
+ * The formats the toolkit reads (and, with `recognised`, those it only
+ * recognises and refuses by name).
  *
+ * @param options whether to include the recognised-only formats
  * @returns the drivers, in probing order
  *
  * @example
  * ```ts
  * import { formats } from "../mod.ts";
  * console.log(formats().map((d) => d.name).includes("raw")); // true
+ * console.log(formats({ recognised: true }).some((d) => d.name === "vhdx")); // true
  * ```
  */
-export function formats(): readonly Driver[] {
-  return DRIVERS;
+export function formats(options: FormatsOptions = {}): readonly Driver[] {
+  return options.recognised
+    ? DRIVERS
+    : DRIVERS.filter((d) => !d.recognisedOnly);
 }
 
 /**

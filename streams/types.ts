@@ -259,8 +259,18 @@ export interface Driver {
   readonly name: string;
   /** One line for `formats`. */
   readonly description: string;
-  /** 0: not this format; higher: more certain. Raw scores 1. */
+  /**
+   * 0: not this format; higher: more certain. Raw scores 1. A driver
+   * scores its signature alone (a magic, a trailer, a descriptor's text),
+   * not the validity of its header: a file that carries the signature is
+   * this format, and `open` names what is wrong with it.
+   */
   probe(input: ProbeInput): number;
+  /**
+   * True for a format only recognised by its signature: `open` always
+   * refuses it with an `UnsupportedError` naming the format.
+   */
+  readonly recognisedOnly?: boolean;
   /** Opens the image. */
   open(source: Source, options: OpenOptions): Promise<Image>;
   /**
