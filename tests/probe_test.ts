@@ -1,0 +1,654 @@
+// Probing in two steps (issue 11): a file that carries a format's signature
+// is that format, its broken header is that format's error, formats only
+// recognised are refused by name, and raw is what remains.
+import { assertEquals, assertTrue as assert } from "./_asserts.ts";
+import {
+  assertBoundedWork,
+  countingSource,
+  pseudoRandom,
+  rejects,
+  run,
+  sha256File,
+  sha256Hex,
+  skip,
+  withTemp,
+} from "./_helpers.ts";
+import {
+  cloop,
+  convert,
+  cow,
+  dmg,
+  driver,
+  fileResolver,
+  formats,
+  fromBytes,
+  fromFile,
+  ImageFormatError,
+  memorySink,
+  open,
+  probe,
+  qcow,
+  UnsupportedError,
+  vmdk,
+  vpc,
+} from "../mod.ts";
+import { withRecognised } from "../drivers/all.ts";
+import { RECOGNISED } from "../drivers/recognised.ts";
+import { raw } from "../drivers/raw.ts";
+import type { Driver, Image } from "../streams/types.ts";
+
+/** One image qemu-img makes: the arguments after `-f`/`-O`, and the format it is. */
+interface Made {
+  /** A name for the test and the file. */
+  name: string;
+  /** The format as qemu-img names it (`-O`). */
+  format: string;
+  /** Extra qemu-img arguments (`-o ...`, `--object ...`). */
+  args?: string[];
+  /** The files besides the named one that make up the image (vmdk extents). */
+  extents?: boolean;
+}
+
+const SECRET = ["--object", "secret,id=sec0,data=probe-test"];
+
+/** Every output format qemu-img 7.2 has, with its subformats. */
+const MADE: Made[] = [
+  { name: "qcow2-v3", format: "qcow2" },
+  { name: "qcow2-v2", format: "qcow2", args: ["-o", "compat=0.10"] },
+  {
+    name: "qcow2-luks",
+    format: "qcow2",
+    args: [
+      ...SECRET,
+      "-o",
+      "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+    ],
+  },
+  { name: "qed", format: "qed" },
+  { name: "vdi", format: "vdi" },
+  { name: "vdi-static", format: "vdi", args: ["-o", "static=on"] },
+  { name: "vhdx", format: "vhdx" },
+  { name: "vhdx-fixed", format: "vhdx", args: ["-o", "subformat=fixed"] },
+  { name: "parallels", format: "parallels" },
+  {
+    name: "luks",
+    format: "luks",
+    args: [...SECRET, "-o", "key-secret=sec0,iter-time=10"],
+  },
+  { name: "vpc", format: "vpc" },
+  { name: "vpc-fixed", format: "vpc", args: ["-o", "subformat=fixed"] },
+  { name: "vmdk", format: "vmdk" },
+  {
+    name: "vmdk-flat",
+    format: "vmdk",
+    args: ["-o", "subformat=monolithicFlat"],
+    extents: true,
+  },
+  {
+    name: "vmdk-2gb-sparse",
+    format: "vmdk",
+    args: ["-o", "subformat=twoGbMaxExtentSparse"],
+    extents: true,
+  },
+  {
+    name: "vmdk-2gb-flat",
+    format: "vmdk",
+    args: ["-o", "subformat=twoGbMaxExtentFlat"],
+    extents: true,
+  },
+  {
+    name: "vmdk-stream",
+    format: "vmdk",
+    args: ["-o", "subformat=streamOptimized"],
+  },
+  { name: "qcow", format: "qcow" },
+  { name: "raw", format: "raw" },
+];
+
+/** qemu-img's block drivers that are protocols or filters, not image formats. */
+const NOT_FORMATS = new Set([
+  "blkdebug",
+  "blklogwrites",
+  "blkverify",
+  "compress",
+  "copy-before-write",
+  "copy-on-read",
+  "file",
+  "ftp",
+  "ftps",
+  "gluster",
+  "host_cdrom",
+  "host_device",
+  "http",
+  "https",
+  "iscsi",
+  "iser",
+  "nbd",
+  "nfs",
+  "null-aio",
+  "null-co",
+  "nvme",
+  "preallocate",
+  "quorum",
+  "rbd",
+  "replication",
+  "snapshot-access",
+  "ssh",
+  "throttle",
+]);
+
+/** A 1 MiB disk with data, zeros and a pattern qemu-img must keep. */
+function baseDisk(): Uint8Array {
+  const disk = pseudoRandom(1 << 20, 11);
+  disk.fill(0, 200_000, 600_000);
+  return disk;
+}
+
+/** Opens `path` as a user would: probed, extents beside it. */
+async function openProbed(path: string): Promise<Image> {
+  return await open(await fromFile(path), { resolveFile: fileResolver(path) });
+}
+
+/** sha256 of the image's whole virtual disk, read through the toolkit. */
+async function decodedSha(image: Image): Promise<string> {
+  const sink = memorySink();
+  await convert(image, sink);
+  return sha256Hex(sink.bytes());
+}
+
+Deno.test(
+  "every image format qemu-img 7.2 writes is covered here",
+  { ignore: skip(["qemu-img"]) },
+  async () => {
+    const help = (await run("qemu-img", ["--help"])).text;
+    const listed = /Supported formats:(.*)/.exec(help)?.[1].trim().split(/\s+/);
+    assert(listed && listed.length > 10, "qemu-img --help lists its formats");
+    const names: string[] = listed;
+    await withTemp(async (dir) => {
+      const creatable: string[] = [];
+      for (const name of names) {
+        if (NOT_FORMATS.has(name)) continue;
+        const r = await run(
+          "qemu-img",
+          [
+            "create",
+            "-q",
+            ...(name === "luks" ? [...SECRET] : []),
+            "-f",
+            name,
+            ...(name === "luks" ? ["-o", "key-secret=sec0,iter-time=10"] : []),
+            `${dir}/x.${name}`,
+            "1M",
+          ],
+          { allowFail: true },
+        );
+        if (r.code === 0) creatable.push(name);
+      }
+      const covered = new Set(MADE.map((m) => m.format));
+      assertEquals(creatable.filter((f) => !covered.has(f)), []);
+      // And the ones it cannot create are read (bochs, cloop, dmg) or are
+      // not image files (vvfat).
+      for (const name of names) {
+        if (NOT_FORMATS.has(name) || creatable.includes(name)) continue;
+        assert(
+          formats().some((d) => d.name === name),
+          `${name}: qemu-img reads it, the toolkit has no driver`,
+        );
+      }
+    });
+  },
+);
+
+for (const made of MADE) {
+  Deno.test(
+    `a ${made.name} image made by qemu-img is decoded or refused as ${made.format}, never read as raw`,
+    { ignore: skip(["qemu-img"]) },
+    async () => {
+      await withTemp(async (dir) => {
+        const base = `${dir}/base.raw`;
+        await Deno.writeFile(base, baseDisk());
+        for (const how of ["create", "convert"]) {
+          const path = `${dir}/${how}-${made.name}.img`;
+          await run("qemu-img", [
+            ...(how === "create"
+              ? [
+                "create",
+                "-q",
+                ...(made.args ?? []),
+                "-f",
+                made.format,
+                path,
+                "1M",
+              ]
+              : [
+                "convert",
+                ...(made.args ?? []),
+                "-f",
+                "raw",
+                "-O",
+                made.format,
+                base,
+                path,
+              ]),
+          ]);
+          const reads = !driver(made.format).recognisedOnly;
+          if (!reads) {
+            const e = await rejects(() => openProbed(path), UnsupportedError);
+            assertEquals(
+              (e as ImageFormatError).format,
+              made.format,
+              e.message,
+            );
+            assert(e.message.startsWith(`${made.format}: `), e.message);
+            const [best] = await probe(await fromFile(path));
+            assertEquals(best.format, made.format);
+            continue;
+          }
+          const image = await openProbed(path);
+          assertEquals(image.format, made.format, `${how}: ${path}`);
+          // The bytes, as qemu-img decodes them.
+          const expected = `${dir}/expected.raw`;
+          await run("qemu-img", [
+            "convert",
+            ...(made.format === "luks" ? SECRET : []),
+            // Named: qemu-img probes a fixed VHD as raw (its footer is last).
+            "-f",
+            made.format,
+            "-O",
+            "raw",
+            path,
+            expected,
+          ]);
+          assertEquals(await decodedSha(image), await sha256File(expected));
+          await image.close?.();
+        }
+      });
+    },
+  );
+}
+
+/** A valid image of each driver we read, and pokes that break its header. */
+interface Poke {
+  name: string;
+  format: string;
+  image: () => Promise<Uint8Array>;
+  /** Offset (negative: from the end) and the bytes written there. */
+  at: number;
+  bytes: number[];
+  /** Cut the file to this many bytes afterwards. */
+  truncate?: number;
+  /** The field the error must name. */
+  field: RegExp;
+  tools?: string[];
+  fileName?: string;
+}
+
+const be = (
+  v: number,
+) => [v >>> 24, (v >>> 16) & 255, (v >>> 8) & 255, v & 255];
+const le = (v: number) => be(v).reverse();
+
+async function encoded(d: Driver, options: Record<string, string> = {}) {
+  const sink = memorySink();
+  await d.encode!(fromBytes(baseDisk()), sink, { options });
+  return sink.bytes();
+}
+
+async function created(d: Driver, options: Record<string, string> = {}) {
+  const sink = memorySink();
+  const image = await d.create!(sink, {
+    size: 1 << 20,
+    options,
+    backingFile: d === cow ? "base.img" : undefined,
+  });
+  await image.write!(0, baseDisk().subarray(0, 65536));
+  await image.flush!();
+  return sink.bytes();
+}
+
+async function toolImage(cmd: string[], name: string): Promise<Uint8Array> {
+  return await withTemp(async (dir) => {
+    await Deno.writeFile(`${dir}/base.raw`, baseDisk());
+    await run("sh", [
+      "-c",
+      `cd ${dir} && ${cmd.join(" ")} >/dev/null 2>&1`,
+    ], { allowFail: true });
+    return await Deno.readFile(`${dir}/${name}`);
+  });
+}
+
+const POKES: Poke[] = [
+  {
+    name: "cloop block_size 0",
+    format: "cloop",
+    image: () => encoded(cloop),
+    at: 128,
+    bytes: be(0),
+    field: /block_size 0/,
+  },
+  {
+    name: "cloop block_size 513",
+    format: "cloop",
+    image: () => encoded(cloop),
+    at: 128,
+    bytes: be(513),
+    field: /block_size 513 must be a multiple of 512/,
+  },
+  {
+    name: "cloop made by create_compressed_fs, block_size 513",
+    format: "cloop",
+    image: () =>
+      toolImage(["create_compressed_fs", "-B", "16384", "base.raw", "x"], "x"),
+    tools: ["create_compressed_fs"],
+    at: 128,
+    bytes: be(513),
+    field: /block_size 513/,
+  },
+  {
+    name: "cloop version 4, header last, block_size 0",
+    format: "cloop",
+    image: () => encoded(cloop, { version: "4", header: "last" }),
+    at: -128 - 8 + 128,
+    bytes: be(0),
+    field: /block_size 0/,
+  },
+  {
+    name: "qcow version 0",
+    format: "qcow",
+    image: () => created(qcow),
+    at: 4,
+    bytes: be(0),
+    field: /version 0 must be 1/,
+  },
+  {
+    name: "qcow cluster_bits 40",
+    format: "qcow",
+    image: () => created(qcow),
+    at: 32,
+    bytes: [40],
+    field: /cluster_bits 40/,
+  },
+  {
+    name: "dmg koly version 5",
+    format: "dmg",
+    image: () => encoded(dmg),
+    at: -512 + 4,
+    bytes: be(5),
+    field: /koly\.Version 5 must be 4/,
+  },
+  {
+    name: "dmg koly header size 0",
+    format: "dmg",
+    image: () => encoded(dmg),
+    at: -512 + 8,
+    bytes: be(0),
+    field: /koly\.HeaderSize 0/,
+  },
+  {
+    name: "fixed VHD with a bad footer checksum",
+    format: "vpc",
+    image: () => created(vpc, { subformat: "fixed" }),
+    at: -512 + 64,
+    bytes: be(0x12345678),
+    field: /checksum mismatch/,
+  },
+  {
+    name: "fixed VHD made by qemu-img with a bad footer checksum",
+    format: "vpc",
+    image: () =>
+      toolImage([
+        "qemu-img convert -f raw -O vpc -o subformat=fixed base.raw x",
+      ], "x"),
+    tools: ["qemu-img"],
+    at: -512 + 64,
+    bytes: be(0x12345678),
+    field: /checksum mismatch/,
+  },
+  {
+    name: "dynamic VHD with a bad footer checksum",
+    format: "vpc",
+    image: () => created(vpc),
+    at: 64,
+    bytes: be(0x12345678),
+    field: /checksum mismatch/,
+  },
+  {
+    name: "bochs version 3",
+    format: "bochs",
+    image: () =>
+      toolImage([
+        "bximage -func=create -hd=10M -imgmode=growing -q x",
+      ], "x"),
+    tools: ["bximage"],
+    at: 64,
+    bytes: le(0x30000),
+    field: /version 196608/,
+  },
+  {
+    name: "bochs subtype unknown",
+    format: "bochs",
+    image: () =>
+      toolImage([
+        "bximage -func=create -hd=10M -imgmode=growing -q x",
+      ], "x"),
+    tools: ["bximage"],
+    at: 48,
+    bytes: [...new TextEncoder().encode("Shrinking"), 0],
+    field: /subtype "Shrinking"/,
+  },
+  {
+    name: "cow version 7",
+    format: "cow",
+    image: () => created(cow),
+    at: 4,
+    bytes: be(7),
+    field: /version 7 must be 2 or 3/,
+  },
+  {
+    name: "vmdk with a blank embedded descriptor, cut short",
+    format: "vmdk",
+    image: () => created(vmdk),
+    at: 512,
+    bytes: new Array(20 * 512).fill(0),
+    truncate: 65535,
+    field: /overHead 128|embedded descriptor/,
+  },
+  {
+    name: "vmdk made by qemu-img with a blank embedded descriptor",
+    format: "vmdk",
+    image: () => toolImage(["qemu-img create -q -f vmdk x 1M"], "x"),
+    tools: ["qemu-img"],
+    at: 512,
+    bytes: new Array(20 * 512).fill(0),
+    field: /embedded descriptor "10240 blank bytes"/,
+  },
+  {
+    name: "vmdk made by qemu-img with a blank descriptor, cut short",
+    format: "vmdk",
+    image: () => toolImage(["qemu-img create -q -f vmdk x 1M"], "x"),
+    tools: ["qemu-img"],
+    at: 512,
+    bytes: new Array(20 * 512).fill(0),
+    truncate: 65535,
+    field: /overHead 128 must be at most 127 sectors/,
+  },
+  {
+    name: "vmdk version 99",
+    format: "vmdk",
+    image: () => created(vmdk),
+    at: 4,
+    bytes: le(99),
+    field: /version 99/,
+  },
+  {
+    name: "a file named .dmg without a koly trailer",
+    format: "dmg",
+    image: () => Promise.resolve(new Uint8Array(4096)),
+    at: 0,
+    bytes: [],
+    fileName: "disk.dmg",
+    field: /koly/,
+  },
+];
+
+for (const poke of POKES) {
+  Deno.test(
+    `probed without -f, a ${poke.name} is a ${poke.format} error, not raw`,
+    { ignore: skip(poke.tools ?? []) },
+    async () => {
+      const bytes = (await poke.image()).slice();
+      // The unpoked image is this format.
+      const [before] = await probe(fromBytes(bytes, poke.fileName));
+      assertEquals(before.format, poke.format);
+      bytes.set(poke.bytes, poke.at < 0 ? bytes.length + poke.at : poke.at);
+      const mutant = bytes.subarray(0, poke.truncate ?? bytes.length);
+      const [best] = await probe(fromBytes(mutant, poke.fileName));
+      assertEquals(best.format, poke.format);
+      const counted = countingSource(mutant);
+      const source = poke.fileName
+        ? { ...counted.source, name: poke.fileName }
+        : counted.source;
+      const e = await rejects(async () => {
+        const image = await open(source);
+        await convert(image, memorySink());
+      }, ImageFormatError);
+      assertEquals((e as ImageFormatError).format, poke.format, e.message);
+      assert(poke.field.test(e.message), e.message);
+      assertBoundedWork(counted, mutant.length);
+    },
+  );
+}
+
+/** A head of `size` bytes with `parts` set at their offsets. */
+function head(size: number, parts: [number, number[] | string][]): Uint8Array {
+  const b = new Uint8Array(size);
+  for (const [at, v] of parts) {
+    b.set(typeof v === "string" ? [...v].map((c) => c.charCodeAt(0)) : v, at);
+  }
+  return b;
+}
+
+const SIGNATURES: { format: string; bytes: Uint8Array; name?: string }[] = [
+  { format: "qcow2", bytes: head(4096, [[0, "QFI\xfb"], [4, be(3)]]) },
+  { format: "qcow2", bytes: head(4096, [[0, "QFI\xfb"], [4, be(4)]]) },
+  { format: "qed", bytes: head(4096, [[0, "QED\0"]]) },
+  { format: "vdi", bytes: head(4096, [[64, le(0xbeda107f)]]) },
+  { format: "vhdx", bytes: head(4096, [[0, "vhdxfile"]]) },
+  { format: "parallels", bytes: head(4096, [[0, "WithoutFreeSpace"]]) },
+  { format: "parallels", bytes: head(4096, [[0, "WithouFreSpacExt"]]) },
+  { format: "luks", bytes: head(4096, [[0, "LUKS\xba\xbe\0\x02"]]) },
+  {
+    format: "sesparse",
+    bytes: head(4096, [[0, le(0xcafebabe)], [8, [1, 0, 0, 0, 2, 0, 0, 0]]]),
+  },
+  { format: "asif", bytes: head(4096, [[0, "shdw"], [4, be(1)]]) },
+  { format: "sparseimage", bytes: head(4096, [[0, "sprs"], [4, be(3)]]) },
+  {
+    format: "diskcopy",
+    bytes: head(84 + 819200, [
+      [0, [
+        8,
+        ..."Untitled".split("").map((c) => c.charCodeAt(0)),
+      ]],
+      [64, be(819200)],
+      [80, [1, 0x22, 1, 0]],
+    ]),
+  },
+  {
+    format: "diskcopy",
+    bytes: head(128 + 84 + 409600, [
+      [1, [8]],
+      [2, "Untitled"],
+      [65, "dImgdCpy"],
+      [128 + 64, be(409600)],
+      [128 + 80, [0, 0x12, 1, 0]],
+    ]),
+  },
+  {
+    format: "dmg-segment",
+    bytes: new Uint8Array(4096),
+    name: "/archive/disk.002.dmgpart",
+  },
+  { format: "dmg", bytes: head(4096, [[0, "encrcdsa"]]) },
+  { format: "dmg", bytes: head(4096, [[4088, "cdsaencr"]]) },
+  { format: "vmdk", bytes: head(4096, [[0, "COWD"], [4, le(1)]]) },
+];
+
+for (const { format, bytes, name } of SIGNATURES) {
+  const what = String.fromCharCode(...bytes.subarray(0, 8)).replace(
+    /[^ -~]/g,
+    ".",
+  );
+  Deno.test(
+    `a file with the ${format} signature (${what}) is refused naming ${format}`,
+    async () => {
+      const [best] = await probe(fromBytes(bytes, name));
+      assertEquals(best.format, format);
+      const counted = countingSource(bytes);
+      const e = await rejects(
+        () => open(name ? { ...counted.source, name } : counted.source),
+        UnsupportedError,
+      );
+      assertEquals((e as ImageFormatError).format, format, e.message);
+      assertBoundedWork(counted, bytes.length, 10, 2);
+    },
+  );
+}
+
+Deno.test("compressed files are left to the wrappers: no recogniser claims gzip, xz, bzip2 or zstd", async () => {
+  const magics: [string, number[]][] = [
+    ["gzip", [0x1f, 0x8b, 8, 0]],
+    ["xz", [0xfd, 0x37, 0x7a, 0x58, 0x5a, 0]],
+    ["bzip2", [0x42, 0x5a, 0x68, 0x39, 0x31, 0x41, 0x59, 0x26, 0x53, 0x59]],
+    ["zstd", [0x28, 0xb5, 0x2f, 0xfd]],
+    ["zstd skippable frame", [0x50, 0x2a, 0x4d, 0x18]],
+  ];
+  for (const [what, magic] of magics) {
+    const bytes = pseudoRandom(65536, 3);
+    bytes.set(magic);
+    const claimed = (await probe(fromBytes(bytes))).filter((r) =>
+      r.format !== "raw"
+    );
+    assertEquals(claimed, [], what);
+  }
+});
+
+Deno.test("raw is chosen only when no signature matches", async () => {
+  const [best, ...rest] = await probe(fromBytes(pseudoRandom(65536, 5)));
+  assertEquals(best.format, "raw");
+  assertEquals(rest, []);
+});
+
+Deno.test("a recognised format's entry gives way to a driver of the same name, keeping its signature", async () => {
+  const strict: Driver = {
+    name: "qcow2",
+    description: "a reader that claims only version 3",
+    probe: ({ head }) =>
+      head.length >= 8 && head[0] === 0x51 && head[7] === 3 ? 100 : 0,
+    open: () => Promise.reject(new Error("opened by the reader")),
+  };
+  const list = withRecognised([strict], RECOGNISED, raw);
+  assertEquals(list.filter((d) => d.name === "qcow2").length, 1);
+  const reader = list.find((d) => d.name === "qcow2")!;
+  assert(reader.recognisedOnly !== true);
+  // Version 2: the reader's probe says no, the recogniser's signature yes.
+  const v2 = head(4096, [[0, "QFI\xfb"], [4, be(2)]]);
+  assertEquals(reader.probe({ head: v2, tail: v2, size: 4096 }), 100);
+  await rejects(() => reader.open(fromBytes(v2), {}), Error, /the reader/);
+  assertEquals(list.at(-1), raw);
+});
+
+Deno.test("formats() lists the readers; formats({ recognised: true }) adds the recognised-only ones", () => {
+  const readers = formats().map((d) => d.name);
+  const all = formats({ recognised: true }).map((d) => d.name);
+  assert(readers.includes("raw") && !readers.includes("vhdx"));
+  for (const r of RECOGNISED) {
+    if (!readers.includes(r.name)) assert(all.includes(r.name), r.name);
+  }
+  assertEquals(all.at(-1), "raw");
+  assert(
+    formats({ recognised: true }).filter((d) => d.recognisedOnly).every((d) =>
+      !d.create && !d.encode
+    ),
+  );
+});
