@@ -1572,9 +1572,9 @@ export const dmg: Driver = {
           offset: encrypted === "encrcdsa" ? 0 : source.size - 8,
           file: source.name,
         },
-        `an encrypted dmg (${encrypted}, header version ${
+        `an encrypted dmg (${encrypted}) is not supported (header version ${
           encrypted === "encrcdsa" ? 2 : 1
-        }) is not supported: decrypt it with hdiutil first`,
+        }): decrypt it with hdiutil first`,
       );
     }
     const tables = await readTables(source);
