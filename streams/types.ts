@@ -118,6 +118,18 @@ export interface Image extends Source {
   readonly geometry?: Geometry;
   /** Format-specific facts for `info` (JSON-serialisable). */
   readonly details?: Record<string, unknown>;
+  /**
+   * True when the caller did not name the format and probing chose it
+   * (set by `open` on raw images, whose writes to the first block are then
+   * checked as QEMU checks them).
+   */
+  readonly probed?: boolean;
+  /**
+   * Things the caller should be told about how the image was opened (a
+   * raw format guessed by probing and opened writable, QEMU's warning).
+   * The library never prints: the CLI writes these to stderr.
+   */
+  readonly warnings?: readonly string[];
   /** Writes through the format (allocating as needed); present when opened writable. */
   write?(offset: number, bytes: Uint8Array): Promise<void>;
   /** Flushes metadata and data of a writable image. */
