@@ -73,9 +73,11 @@ function recogniser(
           offset: found?.offset,
           file: source.name,
         },
-        `this is ${description}${
-          found?.note ? ` (${found.note})` : ""
-        }: the toolkit recognises the format but cannot read it yet`,
+        found
+          ? `this is ${description}${
+            found.note ? ` (${found.note})` : ""
+          }: the toolkit recognises the format but cannot read it yet`
+          : `${name} images are only recognised by their signature, not read (and this file does not carry it)`,
       );
     },
   };
