@@ -4,6 +4,7 @@
 import { assertEquals, assertTrue as assert } from "./_asserts.ts";
 import {
   assertBoundedWork,
+  cli,
   countingSource,
   pseudoRandom,
   rejects,
@@ -27,6 +28,8 @@ import {
   memorySink,
   open,
   probe,
+  probedRawWarning,
+  ProbedRawWriteError,
   qcow,
   UnsupportedError,
   vmdk,
@@ -498,7 +501,7 @@ const POKES: Poke[] = [
     field: /version 99/,
   },
   {
-    name: "a file named .dmg without a koly trailer",
+    name: "file named .dmg without a koly trailer",
     format: "dmg",
     image: () => Promise.resolve(new Uint8Array(4096)),
     at: 0,
@@ -668,4 +671,107 @@ Deno.test("formats() lists the readers; formats({ recognised: true }) adds the r
       !d.create && !d.encode
     ),
   );
+});
+
+/** A writable raw image of `size` bytes in memory, as `open` gives it. */
+async function writableRaw(size: number, format?: string) {
+  const sink = memorySink();
+  await sink.write(0, new Uint8Array(size));
+  const image = await open(sink.source(), { writable: true, sink, format });
+  return { sink, image };
+}
+
+Deno.test("a raw image chosen by probing and opened writable carries QEMU's warning; -f raw or a read-only open does not", async () => {
+  const { image } = await writableRaw(8192);
+  assertEquals(image.format, "raw");
+  assertEquals(image.probed, true);
+  assertEquals(image.warnings, [probedRawWarning("(image)")]);
+  const named = await writableRaw(8192, "raw");
+  assertEquals(named.image.warnings, undefined);
+  assertEquals(named.image.probed, undefined);
+  const readOnly = await open(fromBytes(new Uint8Array(8192)));
+  assertEquals(readOnly.probed, true);
+  assertEquals(readOnly.warnings, undefined);
+});
+
+Deno.test("a write that would give block 0 of a probed raw image another format's signature is refused; -f raw allows it", async () => {
+  const qcow2Head = head(16, [[0, "QFI\xfb"], [4, be(3)]]);
+  const { sink, image } = await writableRaw(8192);
+  const e = await rejects(
+    () => image.write!(0, qcow2Head),
+    ProbedRawWriteError,
+  );
+  assertEquals((e as ProbedRawWriteError).signature, "qcow2");
+  assertEquals(sha256Hex(sink.bytes()), sha256Hex(new Uint8Array(8192)));
+  // A write completing a signature with bytes already there is refused too.
+  await image.write!(0, qcow2Head.subarray(0, 2));
+  await rejects(
+    () => image.write!(2, qcow2Head.subarray(2)),
+    ProbedRawWriteError,
+  );
+  // The same bytes elsewhere, and harmless bytes in block 0, are written.
+  await image.write!(4096, qcow2Head);
+  await image.write!(0, new Uint8Array(512).fill(0x33));
+  assertEquals(sink.bytes()[511], 0x33);
+  // Named raw: written as asked.
+  const named = await writableRaw(8192, "raw");
+  await named.image.write!(0, qcow2Head);
+  assertEquals(named.sink.bytes().subarray(0, 4), qcow2Head.subarray(0, 4));
+});
+
+Deno.test("cli write and commit print QEMU's warning for a probed raw image, not with -f raw, and refuse a signature in block 0", async () => {
+  await withTemp(async (dir) => {
+    const disk = `${dir}/disk.img`;
+    await Deno.writeFile(disk, new Uint8Array(65536));
+    await Deno.writeFile(`${dir}/hello`, new TextEncoder().encode("hello"));
+    await Deno.writeFile(`${dir}/qcow2`, head(8, [[0, "QFI\xfb"], [4, be(3)]]));
+    const warned = await cli(["write", disk, "4096", `${dir}/hello`]);
+    assertEquals(warned.code, 0, warned.stderr);
+    assert(/probing guessed raw/.test(warned.stderr), warned.stderr);
+    const quiet = await cli([
+      "write",
+      "-f",
+      "raw",
+      disk,
+      "4096",
+      `${dir}/hello`,
+    ]);
+    assertEquals(quiet.code, 0, quiet.stderr);
+    assertEquals(quiet.stderr, "");
+    const refused = await cli(["write", disk, "0", `${dir}/qcow2`]);
+    assertEquals(refused.code, 1);
+    assert(/qcow2 signature into block 0/.test(refused.stderr), refused.stderr);
+    assertEquals((await Deno.readFile(disk))[0], 0);
+    const forced = await cli(["write", "-f", "raw", disk, "0", `${dir}/qcow2`]);
+    assertEquals(forced.code, 0, forced.stderr);
+    assertEquals((await Deno.readFile(disk))[0], 0x51);
+    // commit into a raw base named by a qcow (which stores no backing format).
+    const base = `${dir}/base.img`;
+    await Deno.writeFile(base, new Uint8Array(65536));
+    const top = `${dir}/top.qcow`;
+    const made = await cli([
+      "create",
+      "-f",
+      "qcow",
+      "-b",
+      "base.img",
+      "-F",
+      "raw",
+      top,
+      "64K",
+    ]);
+    assertEquals(made.code, 0, made.stderr);
+    const w = await cli(["write", top, "8192", `${dir}/hello`]);
+    assertEquals(w.code, 0, w.stderr);
+    assertEquals(w.stderr, "");
+    const committed = await cli(["commit", top]);
+    assertEquals(committed.code, 0, committed.stderr);
+    assert(/probing guessed raw/.test(committed.stderr), committed.stderr);
+    assertEquals(
+      new TextDecoder().decode(
+        (await Deno.readFile(base)).subarray(8192, 8197),
+      ),
+      "hello",
+    );
+  });
 });
