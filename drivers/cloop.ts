@@ -180,7 +180,9 @@ interface Header {
 
 /** The version a 136-byte candidate header names, if any. */
 function signature(bytes: Uint8Array, at: number): 2 | 4 | undefined {
-  if (bytes.length < at + HEADROOM) return undefined;
+  // The signature alone, even in a file cut short of the preamble's 128
+  // bytes: such a file is a truncated cloop, not a raw disk.
+  if (bytes.length < at + SIGNATURE_OFFSET + 4) return undefined;
   const sig = String.fromCharCode(
     ...bytes.subarray(at + SIGNATURE_OFFSET, at + SIGNATURE_OFFSET + 4),
   );

@@ -373,6 +373,15 @@ const POKES: Poke[] = [
     field: /block_size 0/,
   },
   {
+    name: "cloop cut short inside its 128-byte preamble",
+    format: "cloop",
+    image: () => encoded(cloop),
+    at: 0,
+    bytes: [],
+    truncate: 121,
+    field: /file size 121/,
+  },
+  {
     name: "qcow version 0",
     format: "qcow",
     image: () => created(qcow),
