@@ -31,6 +31,7 @@
  */
 
 import { ascii, be32, formatErrors, isZero, le32, Scratch } from "./_binary.ts";
+import { compressorMagic } from "./_magic.ts";
 import * as zlib from "./codecs/zlib.ts";
 import { crc32, crc32Combine, crc32Zeros } from "./codecs/crc32.ts";
 import {
@@ -1555,7 +1556,11 @@ export const dmg: Driver = {
     }
     // QEMU's dmg_probe goes by the name alone (score 2): a file called
     // .dmg without a koly trailer is refused as a dmg, not read as raw.
-    return input.name !== undefined && /\.dmg$/i.test(input.name) ? 2 : 0;
+    // (A compressed file so named is left to the decompressing wrappers.)
+    return input.name !== undefined && /\.dmg$/i.test(input.name) &&
+        !compressorMagic(input.head)
+      ? 2
+      : 0;
   },
   async open(source: Source, options: OpenOptions = {}): Promise<Image> {
     const ends = Math.min(8, source.size);

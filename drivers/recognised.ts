@@ -20,6 +20,7 @@
  * | asif          | 0         | `shdw`                                                      | reverse-engineered ASIF header (huven/asif-format) |
  * | sparseimage   | 0         | `sprs`                                                      | libmodi's sparse image description |
  * | diskcopy      | 0 / 128   | DiskCopy 4.2 header (name length ≤ 63, private word 0x0100 at 82, disk format ≤ 3, data size a multiple of 512), or a MacBinary header with type `dImg` and creator `dCpy` | Apple's DiskCopy 4.2 format note |
+ * | sparsebundle  | 0         | an XML plist naming `com.apple.diskimage.sparsebundle` (a bundle's Info.plist) | hdiutil's bundle layout |
  * | dmg-segment   | name      | a file called `*.NNN.dmgpart` (a later segment of a segmented UDIF; no signature of its own) | hdiutil segment |
  *
  * QEMU 7.2 probes bochs, cloop, dmg, luks, parallels, qcow, qcow2, qed,
@@ -37,6 +38,7 @@
  */
 
 import { ascii, be16, be32, le32, le64 } from "./_binary.ts";
+import { compressorMagic } from "./_magic.ts";
 import { UnsupportedError } from "../streams/errors.ts";
 import type { Driver, ProbeInput, Source } from "../streams/types.ts";
 
@@ -61,7 +63,8 @@ function recogniser(
     name,
     description,
     recognisedOnly: true,
-    probe: (input) => find(input) ? score : 0,
+    // A compressed file is the wrappers' to open, whatever else it holds.
+    probe: (input) => !compressorMagic(input.head) && find(input) ? score : 0,
     async open(source: Source): Promise<never> {
       const input = await headAndTail(source);
       const found = find(input);
@@ -179,6 +182,18 @@ export const RECOGNISED: readonly Driver[] = [
     headMagic("sprs"),
   ),
   recogniser("diskcopy", "an Apple DiskCopy 4.2 image", findDiskCopy, 50),
+  recogniser(
+    "sparsebundle",
+    "the Info.plist of an Apple sparse bundle (open the bands of the .sparsebundle folder)",
+    ({ head }) => {
+      if (!at(head, 0, "<?xml")) return undefined;
+      const text = ascii(head, 0, Math.min(head.length, 4096));
+      const offset = text.indexOf("com.apple.diskimage.sparsebundle");
+      return offset >= 0
+        ? { signature: "com.apple.diskimage.sparsebundle", offset }
+        : undefined;
+    },
+  ),
   recogniser(
     "dmg-segment",
     "a later segment of a segmented Apple disk image (dmg)",

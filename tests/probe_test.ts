@@ -594,6 +594,12 @@ const SIGNATURES: { format: string; bytes: Uint8Array; name?: string }[] = [
     ]),
   },
   {
+    format: "sparsebundle",
+    bytes: new TextEncoder().encode(
+      '<?xml version="1.0" encoding="UTF-8"?>\n<plist version="1.0"><dict><key>diskimage-bundle-type</key><string>com.apple.diskimage.sparsebundle</string></dict></plist>\n',
+    ),
+  },
+  {
     format: "dmg-segment",
     bytes: new Uint8Array(4096),
     name: "/archive/disk.002.dmgpart",
@@ -635,10 +641,13 @@ Deno.test("compressed files are left to the wrappers: no recogniser claims gzip,
   for (const [what, magic] of magics) {
     const bytes = pseudoRandom(65536, 3);
     bytes.set(magic);
-    const claimed = (await probe(fromBytes(bytes))).filter((r) =>
-      r.format !== "raw"
-    );
-    assertEquals(claimed, [], what);
+    // Not even when named as a dmg (which QEMU probes by name).
+    for (const name of [undefined, "disk.dmg"]) {
+      const claimed = (await probe(fromBytes(bytes, name))).filter((r) =>
+        r.format !== "raw"
+      );
+      assertEquals(claimed, [], `${what} ${name}`);
+    }
   }
 });
 
@@ -784,3 +793,35 @@ Deno.test("cli write and commit print QEMU's warning for a probed raw image, not
     );
   });
 });
+
+Deno.test(
+  "cli convert of a recognised-only image exits 1 naming the format and leaves no output; info says what it is",
+  {
+    ignore: skip(["qemu-img"]),
+  },
+  async () => {
+    await withTemp(async (dir) => {
+      const image = `${dir}/disk.img`;
+      await qemuImg(["create", "-q", "-f", "vhdx", image, "1M"]);
+      const r = await cli(["convert", image, `${dir}/out.raw`]);
+      assertEquals(r.code, 1);
+      assert(
+        /^vdisk convert: vhdx: this is a Hyper-V VHDX image/.test(r.stderr),
+        r.stderr,
+      );
+      assertEquals([...Deno.readDirSync(dir)].map((e) => e.name), ["disk.img"]);
+      const info = await cli(["info", "--output=json", image]);
+      assertEquals(info.code, 1);
+      const json = JSON.parse(info.text);
+      assertEquals([json.format, json["recognised-only"]], ["vhdx", true]);
+      const human = await cli(["info", image]);
+      assert(
+        /^file format: vhdx \(recognised only/m.test(human.text),
+        human.text,
+      );
+      const list = JSON.parse((await cli(["formats", "--output=json"])).text);
+      const vhdx = list.find((f: { name: string }) => f.name === "vhdx");
+      assertEquals([vhdx.read, vhdx.recognisedOnly], [false, true]);
+    });
+  },
+);
