@@ -40,7 +40,12 @@
 import { ascii, be16, be32, le32, le64 } from "./_binary.ts";
 import { compressorMagic } from "./_magic.ts";
 import { UnsupportedError } from "../streams/errors.ts";
-import type { Driver, ProbeInput, Source } from "../streams/types.ts";
+import {
+  type Driver,
+  PROBE_BYTES,
+  type ProbeInput,
+  type Source,
+} from "../streams/types.ts";
 
 /** What a recogniser found: the signature and what it tells. */
 interface Found {
@@ -86,9 +91,9 @@ function recogniser(
   };
 }
 
-/** The bytes a recogniser looks at, read from a source. */
+/** The bytes a recogniser looks at, read from a source as the registry reads them. */
 async function headAndTail(source: Source): Promise<ProbeInput> {
-  const length = Math.min(4096, source.size);
+  const length = Math.min(PROBE_BYTES, source.size);
   const head = await source.read(0, length);
   const tail = source.size <= length
     ? head
