@@ -55,9 +55,21 @@ export function withRecognised(
   return [...merged, ...rest, last];
 }
 
-/** Every driver, raw last. */
+/** The drivers that read, in probing order for equal scores. */
+const READERS: readonly Driver[] = [
+  cloop,
+  vpc,
+  bochs,
+  vmdk,
+  dmg,
+  qcow,
+  cow,
+  vvfat,
+];
+
+/** Every driver: the readers, the recognisers of other formats, raw last. */
 export const DRIVERS: readonly Driver[] = withRecognised(
-  [cloop, vpc, bochs, vmdk, dmg, qcow, cow, vvfat],
+  READERS,
   RECOGNISED,
   raw,
 );
