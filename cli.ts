@@ -3,7 +3,7 @@
  *
  * ```sh
  * deno run -A cli.ts info [-f FMT] [--output=json] IMAGE   # IMAGE may be fat:[12:|16:|32:]DIR
- * deno run -A cli.ts convert [-f FMT] [-O FMT] [-o OPTS] [-p] IN OUT
+ * deno run -A cli.ts convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING] [-c] [-p] IN OUT
  * deno run -A cli.ts map [--output=json] IMAGE
  * deno run -A cli.ts create -f FMT [-b BACKING -F FMT] [-o OPTS] OUT SIZE
  * deno run -A cli.ts compare A B
@@ -24,7 +24,9 @@
  */
 
 import {
+  BackingFileError,
   bootSectorPatch,
+  checkWriteOptions,
   commitTo,
   conversionService,
   convert,
@@ -42,6 +44,7 @@ import {
   fromFile,
   type Image,
   imageInfo,
+  KeyError,
   open,
   type OpenOptions,
   openTree,
@@ -51,7 +54,9 @@ import {
   type Sink,
   streamSink,
   UnsupportedError,
+  writeOptionsHelp,
 } from "./mod.ts";
+import config from "./deno.json" with { type: "json" };
 
 /** A mistake in how the command was called (exit 2). */
 class UsageError extends Error {
@@ -182,14 +187,40 @@ function parseOptions(text: string | undefined): Record<string, string> {
   return out;
 }
 
-/** Parses a size as qemu-img does: bytes, or a number with k/M/G/T (powers of 1024). */
-function parseSize(text: string): number {
-  const match = /^(\d+(?:\.\d+)?)([bkKmMgGtTpP]?)$/.exec(text);
-  if (!match) throw new UsageError(`invalid size '${text}'`);
-  const power = " kmgtp".indexOf(match[2].toLowerCase());
-  const size = Number(match[1]) * 1024 ** Math.max(0, power);
+/**
+ * `-o help` (or `-o ?`): prints the options `format` takes when written,
+ * as qemu-img does, and says so; nothing is created.
+ */
+function optionsHelp(format: string, text: unknown): boolean {
+  if (text !== "help" && text !== "?") return false;
+  print(writeOptionsHelp(driver(format)));
+  return true;
+}
+
+/**
+ * Parses a size as qemu-img does: bytes, or a number with a k, M, G, T, P
+ * or E suffix (powers of 1024); `what` names it in errors. An offset
+ * (`what` = "offset") may also be hexadecimal with 0x, as qemu-io takes it.
+ */
+function parseSize(text: string, what = "size"): number {
+  const accepted = what === "offset"
+    ? "a number of bytes (decimal, or hexadecimal with 0x), optionally with a suffix k, M, G, T, P or E (powers of 1024)"
+    : "a number of bytes, optionally with a suffix k, M, G, T, P or E (powers of 1024), as in 512, 64k, 10G";
+  const hex = what === "offset" ? /^0[xX]([0-9a-fA-F]+)$/.exec(text) : null;
+  const match = hex ? null : /^(\d+(?:\.\d+)?)([bkKmMgGtTpPeE]?)$/.exec(text);
+  if (!hex && !match) {
+    throw new UsageError(`invalid ${what} '${text}': ${accepted}`);
+  }
+  const size = hex ? parseInt(hex[1], 16) : Number(match![1]) *
+    1024 ** Math.max(0, " kmgtpe".indexOf(match![2].toLowerCase()));
   if (!Number.isSafeInteger(size)) {
-    throw new UsageError(`invalid size '${text}'`);
+    throw new UsageError(
+      `invalid ${what} '${text}': ${
+        size > Number.MAX_SAFE_INTEGER
+          ? "at most 2^53 - 1 bytes (8 PiB)"
+          : "a whole number of bytes"
+      }`,
+    );
   }
   return size;
 }
@@ -290,7 +321,15 @@ async function openImage(
     opened.push(image);
     return { image, backing: [], files: [] };
   }
-  const file = await fromFile(path, { write: options.writable === true });
+  const file = await fromFile(path, { write: options.writable === true })
+    .catch((e) => {
+      if (e instanceof Deno.errors.IsADirectory) {
+        throw new Error(
+          `${path} is a folder, not an image: to read a folder as a FAT disk, name it fat:${path}`,
+        );
+      }
+      throw e;
+    });
   opened.push(file);
   const files = [file];
   const backing: FileHandle[] = [];
@@ -594,13 +633,15 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
       format: { type: "string", short: "f" },
       "output-format": { type: "string", short: "O", default: "raw" },
       options: { type: "string", short: "o" },
+      backing: { type: "string", short: "B" },
+      "backing-format": { type: "string", short: "F" },
       compress: { type: "boolean", short: "c" },
       progress: { type: "boolean", short: "p" },
       hash: { type: "boolean" },
@@ -611,11 +652,17 @@ const commands: Record<string, Command> = {
       "no-verify": { type: "boolean" },
     },
     async run({ values, positionals }) {
+      const outFormat = values["output-format"] as string;
+      // An unknown format or option fails before any file is made.
+      if (optionsHelp(outFormat, values.options)) return 0;
       const [input, output] = need(positionals, 2, "convert");
       const key = await keyFrom(values);
       const outOptions = parseOptions(values.options as string | undefined);
-      const outFormat = values["output-format"] as string;
-      driver(outFormat); // an unknown format fails before any file is made
+      checkWriteOptions(
+        driver(outFormat),
+        outOptions,
+        values.compress === true,
+      );
       const bootSector = values["boot-sector"] === undefined
         ? undefined
         : await Deno.readFile(values["boot-sector"] as string);
@@ -635,6 +682,25 @@ const commands: Record<string, Command> = {
           ...(values["no-verify"] ? { options: { verify: "off" } } : {}),
         },
       });
+      // -B: the output records BACKING (named as from the output's folder)
+      // and stores only what differs from it.
+      const backingName = values.backing as string | undefined;
+      let backingImage: Image | undefined;
+      if (backingName !== undefined) {
+        const slash = output.lastIndexOf("/");
+        const backingPath = backingName.startsWith("/") || slash < 0
+          ? backingName
+          : `${output.slice(0, slash)}/${backingName}`;
+        const opened = await openImage(backingPath, {
+          format: values["backing-format"] as string | undefined,
+          ...backingPolicy(values),
+          extra: { key },
+        });
+        backingImage = opened.image;
+        files.push(...opened.files);
+      } else if (values["backing-format"] !== undefined) {
+        throw new UsageError("-F names the format of -B's file", "convert");
+      }
       if (output !== "-") await refuseInputAsOutput(output, input, files);
       const image = bootSector ? bootSectorPatch(source, bootSector) : source;
       const encryptOutput = outOptions.encryption === "on" ||
@@ -650,6 +716,10 @@ const commands: Record<string, Command> = {
         compress: values.compress === true,
         // The passphrase encrypts the output only when -o asks for it.
         key: encryptOutput ? key : undefined,
+        backingFile: backingName,
+        backingFormat: backingImage && (values["backing-format"] as string ??
+          backingImage.format),
+        backing: backingImage,
         hash: values.hash === true,
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
       };
@@ -736,10 +806,11 @@ const commands: Record<string, Command> = {
     async run({ values, positionals }) {
       const format = values.format as string | undefined;
       if (!format) throw new UsageError("create needs -f FORMAT", "create");
+      if (optionsHelp(format, values.options)) return 0;
       const [path, sizeText] = need(positionals, 2, "create");
-      driver(format);
       const size = parseSize(sizeText);
       const options = parseOptions(values.options as string | undefined);
+      checkWriteOptions(driver(format), options);
       const backingFile = values.backing as string | undefined;
       if (format === "cow" && backingFile !== undefined && !options.mtime) {
         // UML refuses a COW file whose mtime is not its backing file's.
@@ -871,7 +942,7 @@ const commands: Record<string, Command> = {
     },
     async run({ values, positionals }) {
       const [path, offsetText, input] = need(positionals, 3, "write");
-      const offset = parseSize(offsetText);
+      const offset = parseSize(offsetText, "offset");
       // The backing chain is followed so that a write of part of a cluster
       // of an overlay keeps the rest of it as the backing file has it.
       const { image } = await openImage(path, {
@@ -1135,7 +1206,9 @@ function humanValue(value: unknown, indent: string, lines: string[]) {
   const entries = Array.isArray(value)
     ? value.map((v, i) => [`[${i}]`, v] as const)
     : Object.entries(value as Record<string, unknown>);
-  for (const [key, v] of entries) {
+  for (const [name, v] of entries) {
+    // qemu-img's human keys are words: `lazy refcounts`, `first sector`.
+    const key = name.replace(/-/g, " ");
     if (v !== null && typeof v === "object" && !(v instanceof Date)) {
       lines.push(`${indent}${key}:`);
       humanValue(v, indent + "    ", lines);
@@ -1160,7 +1233,7 @@ function humanInfo(info: Record<string, unknown>): string {
     lines.push(
       `allocated: ${humanSize(info["allocated-bytes"] as number)} (${
         info["allocated-bytes"]
-      } bytes stored in this layer)`,
+      } bytes of the virtual disk held in this layer; a compressed format stores them in less disk size)`,
     );
   }
   if (info.encrypted) lines.push("encrypted: yes");
@@ -1224,7 +1297,7 @@ function help(name?: string): string {
   const rows = Object.entries(commands).map(([, c]) =>
     `  ${c.usage}\n      ${c.summary}`
   );
-  return `usage: deno run -A cli.ts COMMAND [OPTIONS]\n\ncommands:\n${
+  return `vdisk ${config.version}\nusage: deno run -A cli.ts COMMAND [OPTIONS]\n\ncommands:\n${
     rows.join("\n")
   }\n\n` +
     "COMMAND --help shows one command's usage.\n";
@@ -1232,6 +1305,12 @@ function help(name?: string): string {
 
 /** Turns any error into one line a person can act on. */
 function errorLine(e: unknown): string {
+  // The command line's words (--key-file, --allow-backing-dir), not the API's.
+  if (
+    (e instanceof KeyError || e instanceof BackingFileError) && e.cliMessage
+  ) {
+    return e.cliMessage;
+  }
   if (e instanceof Deno.errors.NotFound) {
     return e.message.replace(
       /^No such file or directory \(os error 2\):? ?/,
@@ -1262,6 +1341,10 @@ function errorLine(e: unknown): string {
  */
 export async function main(args: string[]): Promise<number> {
   const [name, ...rest] = args;
+  if (name === "--version" || name === "-V" || name === "version") {
+    print(`vdisk ${config.version}\n`);
+    return 0;
+  }
   if (!name || name === "--help" || name === "-h" || name === "help") {
     (name ? print : printErr)(help(rest[0]));
     return name ? 0 : 2;
@@ -1294,10 +1377,22 @@ export async function main(args: string[]): Promise<number> {
     } catch (e) {
       throw new UsageError((e as Error).message, name);
     }
+    const output = call.values.output;
+    if (output !== undefined && output !== "human" && output !== "json") {
+      throw new UsageError(
+        `--output=${output}: the output is human or json`,
+        name,
+      );
+    }
     return await command.run(call);
   } catch (e) {
     for (const out of pendingOutputs) await out.abort();
     pendingOutputs.clear();
+    if (e instanceof Deno.errors.BrokenPipe) {
+      // The reader went away (`... - | head -c 1000`): end quietly with the
+      // status a process killed by SIGPIPE has, as cat and dd do.
+      return 141;
+    }
     if (e instanceof UsageError) {
       printErr(
         `vdisk ${name}: ${e.message}\nusage: deno run -A cli.ts ${command.usage}\n`,

@@ -34,6 +34,8 @@ export * from "./streams/commit.ts";
 export { cipherFor, decrypt, qcowKey } from "./streams/decrypt.ts";
 export * from "./streams/service.ts";
 export * from "./streams/tree.ts";
+export * from "./streams/options.ts";
+export * from "./streams/inputs.ts";
 export * from "./drivers/registry.ts";
 export { cloop } from "./drivers/cloop.ts";
 export { bochs } from "./drivers/bochs.ts";

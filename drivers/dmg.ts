@@ -30,6 +30,7 @@
  * @module
  */
 
+import { checkWriteOptions, optionErrors } from "../streams/options.ts";
 import { ascii, be32, formatErrors, isZero, le32, Scratch } from "./_binary.ts";
 import { compressorMagic } from "./_magic.ts";
 import * as zlib from "./codecs/zlib.ts";
@@ -79,6 +80,7 @@ import { parseResourceFork } from "./dmg/_rsrc.ts";
 import { codecPool } from "./dmg/_pool.ts";
 
 const FORMAT = "dmg";
+const optionFail = optionErrors(FORMAT);
 const SECTOR = 512;
 
 /**
@@ -1047,13 +1049,23 @@ function dmgImage(
       checksums: {
         data_fork: describeChecksum(tables.koly.dataChecksum),
         master: describeChecksum(tables.koly.masterChecksum),
-        verified: !verify
-          ? "off (verify=off)"
-          : `${
+        // What open checked, and what is checked only as data is decoded
+        // (info decodes nothing, so it cannot say those matched).
+        checked_at_open: !verify
+          ? "nothing (verify=off)"
+          : storedCrc(tables.koly.masterChecksum) !== undefined &&
+              tables.partitions.every((p) =>
+                storedCrc(p.mish.checksum) !== undefined
+              )
+          ? "the master checksum (over the partitions' checksums): it matches"
+          : "nothing (no master checksum)",
+        checked_as_decoded: !verify
+          ? "nothing (verify=off)"
+          : `the CRC-32s of ${
             coverage!.partitions
           } of ${tables.partitions.length} partitions` +
-            (coverage!.dataFork ? " and the data fork" : "") +
-            ", as chunks are decoded",
+            (coverage!.dataFork ? " and of the data fork" : "") +
+            ", when their chunks are read",
       },
       segment: `${tables.koly.segmentNumber} of ${tables.koly.segmentCount}`,
     },
@@ -1128,19 +1140,11 @@ const COMPRESSIONS: Record<string, number> = {
 };
 
 function writeOptions(options: Record<string, string> = {}): WriteOptions {
-  for (const key of Object.keys(options)) {
-    if (!["compression", "chunk_sectors", "partitions"].includes(key)) {
-      throw fail(
-        "option",
-        key,
-        "one of compression, chunk_sectors, partitions",
-      );
-    }
-  }
+  checkWriteOptions(dmg, options);
   const name = options.compression ?? "zlib";
   const type = COMPRESSIONS[name];
   if (type === undefined) {
-    throw fail(
+    throw optionFail(
       "compression",
       name,
       "one of raw, zlib, bzip2, lzfse, lzma, adc",
@@ -1151,7 +1155,7 @@ function writeOptions(options: Record<string, string> = {}): WriteOptions {
     !Number.isSafeInteger(chunkSectors) || chunkSectors < 1 ||
     chunkSectors * SECTOR > (64 << 20)
   ) {
-    throw fail(
+    throw optionFail(
       "chunk_sectors",
       options.chunk_sectors,
       "a whole number from 1 to 131072 (64 MiB)",
@@ -1159,7 +1163,7 @@ function writeOptions(options: Record<string, string> = {}): WriteOptions {
   }
   const partitions = options.partitions ?? "mbr";
   if (partitions !== "mbr" && partitions !== "whole") {
-    throw fail("partitions", partitions, "mbr (the default) or whole");
+    throw optionFail("partitions", partitions, "mbr (the default) or whole");
   }
   return {
     type,
@@ -1542,6 +1546,27 @@ function encryptedSignature(
  */
 export const dmg: Driver = {
   name: FORMAT,
+  writeOptions: [
+    {
+      name: "compression",
+      help: "chunk codec",
+      values: ["raw", "zlib", "bzip2", "lzfse", "lzma", "xz", "adc"],
+      default: "zlib",
+    },
+    {
+      name: "chunk_sectors",
+      help: "sectors per chunk",
+      accepts: "1 to 131072 (64 MiB)",
+      default: "2048",
+    },
+    {
+      name: "partitions",
+      help: "one table per MBR partition, or one for the whole disk",
+      values: ["mbr", "whole"],
+      default: "mbr",
+    },
+  ],
+  compresses: true,
   description:
     "Apple UDIF disk image (dmg): raw, zlib, bzip2, ADC, LZFSE and LZMA chunks",
   probe(input: ProbeInput): number {

@@ -1651,6 +1651,15 @@ async function encodeVmdk(
  */
 export const vmdk: Driver = {
   name: FORMAT,
+  writeOptions: [
+    {
+      name: "subformat",
+      help: "the layout written (-c implies streamOptimized)",
+      values: ["monolithicSparse", "streamOptimized"],
+      default: "monolithicSparse",
+    },
+  ],
+  compresses: true,
   description:
     "VMware VMDK (monolithicSparse, streamOptimized, monolithicFlat, twoGbMaxExtent*)",
   probe: probeVmdk,

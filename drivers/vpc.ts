@@ -57,6 +57,7 @@
  * @module
  */
 
+import { optionErrors } from "../streams/options.ts";
 import {
   ascii,
   be16,
@@ -90,6 +91,7 @@ import type {
 import { checkRange, readInto as readIntoSource } from "../streams/types.ts";
 
 const FORMAT = "vpc";
+const optionFail = optionErrors(FORMAT);
 const SECTOR = 512;
 const FOOTER_SIZE = 512;
 const DYNAMIC_HEADER_SIZE = 1024;
@@ -1059,11 +1061,11 @@ async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
   requireRandomAccess(sink, FORMAT, "vpc images");
   const subformat = spec.options?.subformat ?? "dynamic";
   if (subformat !== "dynamic" && subformat !== "fixed") {
-    throw fail("subformat", subformat, '"dynamic" or "fixed"');
+    throw optionFail("subformat", subformat, '"dynamic" or "fixed"');
   }
   const forceSize = spec.options?.force_size ?? "off";
   if (forceSize !== "on" && forceSize !== "off") {
-    throw fail("force_size", forceSize, '"on" or "off"');
+    throw optionFail("force_size", forceSize, '"on" or "off"');
   }
   if (spec.backingFile !== undefined && subformat === "fixed") {
     throw new UnsupportedError(
@@ -1216,6 +1218,20 @@ async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
  */
 export const vpc: Driver = {
   name: FORMAT,
+  writeOptions: [
+    {
+      name: "subformat",
+      help: "dynamic (sparse) or fixed (raw bytes and a footer)",
+      values: ["dynamic", "fixed"],
+      default: "dynamic",
+    },
+    {
+      name: "force_size",
+      help: "keep the size exactly instead of rounding to CHS geometry",
+      values: ["on", "off"],
+      default: "off",
+    },
+  ],
   description: "Virtual PC / Hyper-V VHD (fixed, dynamic, differencing)",
   probe(input: ProbeInput): number {
     if (input.head.length >= 8 && ascii(input.head, 0, 8) === "conectix") {

@@ -103,6 +103,9 @@ export function decrypt(image: Image, key: string | Uint8Array): Image {
         `${
           image.name ?? "the image"
         }'s backing image is encrypted: decrypt applies to one layer, so open the chain with { key }`,
+        `${
+          image.name ?? "the image"
+        }'s backing image is encrypted: give its passphrase with --key-file FILE`,
       );
     }
     return image;

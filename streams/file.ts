@@ -648,17 +648,21 @@ export function fileBackingResolver(
       return await openInside(
         path,
         folders,
-        (why, real) =>
-          new BackingFileError(
-            why
-              ? `${naming} names the backing file "${backingFile}", which ${why}: refused`
-              : `${naming} names the backing file "${backingFile}", which leads to ${real}, outside ${
-                folders.join(", ")
-              }: refused: pass --allow-backing-dir ${
-                folderOf(real ?? path)
-              } (allowDir) to allow it`,
-            backingFile,
-          ),
+        (why, real) => {
+          const head = why
+            ? `${naming} names the backing file "${backingFile}", which ${why}: refused`
+            : `${naming} names the backing file "${backingFile}", which leads to ${real}, outside ${
+              folders.join(", ")
+            }: refused`;
+          const folder = folderOf(real ?? path);
+          return why
+            ? new BackingFileError(head, backingFile)
+            : new BackingFileError(
+              `${head}: add ${folder} to allowDir to allow it`,
+              backingFile,
+              `${head}: pass --allow-backing-dir ${folder} to allow it`,
+            );
+        },
         write,
       );
     } catch (e) {

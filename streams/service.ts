@@ -140,9 +140,40 @@ export function imageInfo(
   info.encrypted = image.encrypted;
   if (image.geometry) info.geometry = image.geometry;
   if (image.details && Object.keys(image.details).length) {
-    info["format-specific"] = { type: image.format, data: image.details };
+    info["format-specific"] = {
+      type: image.format,
+      data: qemuStyle(image.details),
+    };
   }
   return info;
+}
+
+/**
+ * Format details in qemu-img's style, whichever a driver used: keys in
+ * kebab-case (`first_sector` and `extentSize` become `first-sector` and
+ * `extent-size`), and strings with trailing NULs dropped and other
+ * control bytes written as `\xNN` (a header's `d2v\0` shows as `d2v`).
+ */
+function qemuStyle(value: unknown): unknown {
+  if (typeof value === "string") {
+    return value.replace(/\0+$/, "").replace(
+      // deno-lint-ignore no-control-regex
+      /[\x00-\x08\x0b-\x1f\x7f]/g,
+      (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`,
+    );
+  }
+  if (Array.isArray(value)) return value.map(qemuStyle);
+  if (
+    value === null || typeof value !== "object" || ArrayBuffer.isView(value)
+  ) {
+    return value;
+  }
+  return Object.fromEntries(
+    Object.entries(value as Record<string, unknown>).map(([k, v]) => [
+      k.replace(/_/g, "-").replace(/([a-z0-9])([A-Z])/g, "$1-$2").toLowerCase(),
+      qemuStyle(v),
+    ]),
+  );
 }
 
 const json = (status: number, body: unknown) =>

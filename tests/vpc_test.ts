@@ -9,6 +9,7 @@ import {
   ImageFormatError,
   memorySink,
   open,
+  OptionError,
   probe,
   type Source,
   vpc,
@@ -532,8 +533,8 @@ Deno.test("creating with an unknown subformat is refused", async () => {
         size: 1 << 20,
         options: { subformat: "sparse" },
       }),
-    ImageFormatError,
-    /subformat/,
+    OptionError,
+    /vpc: option subformat=sparse is invalid/,
   );
 });
 
