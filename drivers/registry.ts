@@ -239,11 +239,15 @@ const BLOCK_0 = 512;
  * {@linkcode ProbedRawWriteError} (reopened, the image would no longer be
  * raw, and its bytes would be read as that format).
  */
-function probedRaw(image: Image, name: string, options: OpenOptions): Image {
+function markProbedRaw(
+  image: Image,
+  name: string,
+  options: OpenOptions,
+): void {
   const mark = image as { probed?: boolean; warnings?: readonly string[] };
   mark.probed = true;
   const write = image.write?.bind(image);
-  if (!options.writable || !write) return image;
+  if (!options.writable || !write) return;
   mark.warnings = [probedRawWarning(name)];
   (image as { write?: Image["write"] }).write = async (offset, bytes) => {
     if (offset < BLOCK_0 && bytes.length > 0) {
@@ -261,7 +265,6 @@ function probedRaw(image: Image, name: string, options: OpenOptions): Image {
     }
     await write(offset, bytes);
   };
-  return image;
 }
 
 async function openChain(
@@ -270,17 +273,17 @@ async function openChain(
   seen: string[],
 ): Promise<Image> {
   const name = options.format ?? (await probe(source))[0]?.format ?? "raw";
-  let opened = await driver(name).open(
+  const opened = await driver(name).open(
     name === "raw" ? source : guarded(source, name),
     options,
   );
-  if (name === "raw" && options.format === undefined) {
-    opened = probedRaw(opened, source.name ?? "(image)", options);
-  }
   // With a key, every encrypted layer of the chain is unlocked as it opens.
   const image = options.key !== undefined && opened.encryption
     ? decrypt(opened, options.key)
     : opened;
+  if (name === "raw" && options.format === undefined) {
+    markProbedRaw(opened, source.name ?? "(image)", options);
+  }
   if (image.backingFile === undefined || !options.resolveBacking) {
     return image;
   }
