@@ -342,11 +342,10 @@ export const bochs: Driver = {
   name: FORMAT,
   description: "Bochs growing/redolog disk image (read-only)",
   probe(input: ProbeInput): number {
-    // The magic alone: a bad type, subtype or version is this driver's
-    // error, not a raw disk.
-    return input.head.length >= 32 && cString(input.head, 0, 32) === MAGIC
-      ? 100
-      : 0;
+    // The magic alone: a bad type, subtype or version, or a file cut
+    // short of its header, is this driver's error, not a raw disk.
+    const h = input.head;
+    return cString(h, 0, Math.min(32, h.length)) === MAGIC ? 100 : 0;
   },
   open: openBochs,
 };

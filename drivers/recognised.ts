@@ -16,7 +16,7 @@
  * | vhdx          | 0         | `vhdxfile`                                                  | QEMU `vhdx_probe` |
  * | parallels     | 0         | `WithoutFreeSpace` or `WithouFreSpacExt`                    | QEMU `parallels_probe` |
  * | luks          | 0         | `LUKS\xba\xbe` (version be16 at 6: 1 or 2)                  | QEMU `qcrypto_block_luks_has_format`, LUKS2 spec |
- * | sesparse      | 0         | le64 0xcafebabe, le64 version 0x200000001 at 8              | QEMU `vmdk_open_se_sparse` |
+ * | sesparse      | 0         | le64 0xcafebabe (version, le64 0x200000001, at 8)           | QEMU `vmdk_open_se_sparse` |
  * | asif          | 0         | `shdw`                                                      | reverse-engineered ASIF header (huven/asif-format) |
  * | sparseimage   | 0         | `sprs`                                                      | libmodi's sparse image description |
  * | diskcopy      | 0 / 128   | DiskCopy 4.2 header (name length ≤ 63, private word 0x0100 at 82, disk format ≤ 3, data size a multiple of 512), or a MacBinary header with type `dImg` and creator `dCpy` | Apple's DiskCopy 4.2 format note |
@@ -170,10 +170,16 @@ export const RECOGNISED: readonly Driver[] = [
   recogniser(
     "sesparse",
     "a VMware seSparse extent (open the .vmdk descriptor that names it)",
+    // The magic alone (the version, le64 0x200000001 at 8, is only noted).
     ({ head }) =>
-      head.length >= 16 && le64(head, 0) === SESPARSE_MAGIC &&
-        le64(head, 8) === SESPARSE_VERSION
-        ? { signature: "0xcafebabe", offset: 0 }
+      head.length >= 8 && le64(head, 0) === SESPARSE_MAGIC
+        ? {
+          signature: "0xcafebabe",
+          offset: 0,
+          note: head.length >= 16 && le64(head, 8) !== SESPARSE_VERSION
+            ? `version 0x${le64(head, 8).toString(16)}`
+            : undefined,
+        }
         : undefined,
   ),
   recogniser(

@@ -381,6 +381,33 @@ const POKES: Poke[] = [
     truncate: 121,
     field: /file size 121/,
   },
+  ...[
+    { format: "qcow", image: () => created(qcow), cut: 6, says: /file size 6/ },
+    {
+      format: "qcow",
+      image: () => created(qcow),
+      cut: 19,
+      says: /file size 19/,
+    },
+    { format: "cow", image: () => created(cow), cut: 5, says: /file size 5/ },
+    {
+      format: "bochs",
+      image: () =>
+        toolImage(["bximage -func=create -hd=10M -imgmode=growing -q x"], "x"),
+      tools: ["bximage"],
+      cut: 24,
+      says: /file size 24/,
+    },
+  ].map(({ format, image, cut, says, tools }): Poke => ({
+    name: `${format} cut to ${cut} bytes (its magic and no more)`,
+    format,
+    image,
+    tools,
+    at: 0,
+    bytes: [],
+    truncate: cut,
+    field: says,
+  })),
   {
     name: "qcow version 0",
     format: "qcow",
