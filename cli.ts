@@ -2,7 +2,7 @@
  * The command line, with qemu-img's conventions:
  *
  * ```sh
- * deno run -A cli.ts info [-f FMT] [--output=json] IMAGE   # IMAGE may be fat:[12:|16:|32:]DIR
+ * deno run -A cli.ts info [-f FMT] [--output=json] IMAGE   # IMAGE may be fat:[12:|16:|32:]DIR or a .sparsebundle folder
  * deno run -A cli.ts convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING] [-c] [-p] IN OUT
  * deno run -A cli.ts map [--output=json] IMAGE
  * deno run -A cli.ts create -f FMT [-b BACKING -F FMT] [-o OPTS] OUT SIZE
@@ -46,7 +46,9 @@ import {
   imageInfo,
   KeyError,
   open,
+  openInFolder,
   type OpenOptions,
+  openSparsebundle,
   openTree,
   type OutputFile,
   type OverlayImage,
@@ -226,6 +228,66 @@ function parseSize(text: string, what = "size"): number {
 }
 
 /**
+ * The addresses (A and AAAA) of a host name, for the service's check that
+ * names do not lead to internal addresses. Asks the DNS servers directly
+ * (`/etc/hosts` is not read); nothing found is an empty list, which the
+ * service refuses.
+ */
+async function resolveHost(name: string): Promise<string[]> {
+  const signal = AbortSignal.timeout(5000);
+  const found = await Promise.allSettled([
+    Deno.resolveDns(name, "A", { signal }),
+    Deno.resolveDns(name, "AAAA", { signal }),
+  ]);
+  return found.flatMap((r) => r.status === "fulfilled" ? r.value : []);
+}
+
+/**
+ * `serve --web DIR`: the file at URL path `path`, when it is a regular file
+ * inside DIR (links followed only while they stay inside) and no name on
+ * the way starts with a dot; `/` is `index.html`, `/dist/mod.js` the
+ * bundle. Undefined otherwise (the service answers, 404 for unknown paths).
+ */
+async function webFile(
+  web: string,
+  path: string,
+): Promise<Response | undefined> {
+  let names: string[];
+  try {
+    names = decodeURIComponent(path).split("/").filter((n) => n !== "");
+  } catch {
+    return undefined;
+  }
+  if (names.some((n) => n.startsWith(".") || /[\\\0]/.test(n))) {
+    return undefined;
+  }
+  const bundle = path === "/dist/mod.js";
+  const folder = bundle ? new URL(".", import.meta.url).pathname : web;
+  const file = bundle
+    ? new URL("dist/mod.js", import.meta.url).pathname
+    : `${web}/${names.length ? names.join("/") : "index.html"}`;
+  let handle: FileHandle;
+  try {
+    handle = await openInFolder(file, folder);
+  } catch {
+    return undefined;
+  }
+  try {
+    if (handle.size > 64 << 20) return undefined;
+    const body = new Uint8Array(handle.size);
+    body.set(await handle.read(0, handle.size));
+    const type = file.endsWith(".html")
+      ? "text/html"
+      : file.endsWith(".js")
+      ? "text/javascript"
+      : "application/octet-stream";
+    return new Response(body, { headers: { "content-type": type } });
+  } finally {
+    await handle.close?.();
+  }
+}
+
+/**
  * The passphrase in `--key-file FILE` (one trailing newline stripped), or
  * undefined. Keys are never taken on the command line, where `ps` shows them.
  * A key file that group or others may read gets a warning on stderr.
@@ -297,12 +359,29 @@ function backingPolicy(values: Invocation["values"], follow = true) {
 }
 
 /**
- * Opens an image file named on the command line, or a folder as a vvfat
- * disk when spelled as QEMU does (`fat:DIR`, `fat:16:DIR`) or with
- * `-f vvfat DIR`.
+ * True when `path` names a sparse bundle: a folder holding an
+ * `Info.plist` (whatever its name: Time Machine's are `.backupbundle`),
+ * or any folder with `-f sparsebundle`.
+ */
+async function isSparsebundle(path: string, format?: string) {
+  if (format !== undefined && format !== "sparsebundle") return false;
+  try {
+    if (!(await Deno.stat(path)).isDirectory) return false;
+    return format === "sparsebundle" ||
+      (await Deno.stat(`${path}/Info.plist`)).isFile;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Opens an image file named on the command line, a sparse bundle folder,
+ * a Parallels bundle folder (`NAME.hdd/`) through its DiskDescriptor.xml,
+ * or a folder as a vvfat disk when spelled as QEMU does (`fat:DIR`,
+ * `fat:16:DIR`) or with `-f vvfat DIR`.
  */
 async function openImage(
-  path: string,
+  given: string,
   options: InputOptions = {},
 ): Promise<{
   file?: FileHandle;
@@ -312,7 +391,14 @@ async function openImage(
   /** Every host file the image was read from: itself, extents, backing files. */
   files: FileHandle[];
 }> {
-  const fat = parseFatSpelling(path);
+  const fat = parseFatSpelling(given);
+  // A Parallels bundle (NAME.hdd/) is opened through its descriptor.
+  const path = !fat && options.format !== "vvfat" &&
+      (await Deno.stat(given).catch(() => undefined))?.isDirectory &&
+      (await Deno.stat(`${given}/DiskDescriptor.xml`).catch(() => undefined))
+        ?.isFile
+    ? `${given}/DiskDescriptor.xml`
+    : given;
   if (fat || options.format === "vvfat") {
     if (options.writable) throw new Error("vvfat disks are read-only");
     const image = await openTree(await directoryTree(fat?.dir ?? path), {
@@ -321,11 +407,17 @@ async function openImage(
     opened.push(image);
     return { image, backing: [], files: [] };
   }
+  if (await isSparsebundle(path, options.format)) {
+    if (options.writable) throw new Error("sparse bundles are read-only here");
+    const image = await openSparsebundle(await directoryTree(path));
+    opened.push(image);
+    return { image, backing: [], files: [] };
+  }
   const file = await fromFile(path, { write: options.writable === true })
     .catch((e) => {
       if (e instanceof Deno.errors.IsADirectory) {
         throw new Error(
-          `${path} is a folder, not an image: to read a folder as a FAT disk, name it fat:${path}`,
+          `${path} is a folder, not an image: to read a folder as a FAT disk, name it fat:${path} (a sparse bundle is a folder holding Info.plist)`,
         );
       }
       throw e;
@@ -536,10 +628,21 @@ function humanSize(bytes: number): string {
 }
 
 /** A progress bar on stderr: bytes, percent, rate, ETA. */
-function progressBar(label: string) {
+function progressBar(label: string, json = false) {
   const started = performance.now();
   let last = 0;
   let shown = false;
+  const tty = Deno.stderr.isTerminal();
+  // A bar is for a person at a terminal: piped or redirected stderr gets
+  // nothing (a log would fill with redraws); --progress=json is for programs.
+  if (!json && !tty) return { update() {}, end() {} };
+  const columns = () => {
+    try {
+      return Deno.consoleSize().columns || 80;
+    } catch {
+      return 80;
+    }
+  };
   return {
     update(done: number, total: number) {
       const now = performance.now();
@@ -550,21 +653,59 @@ function progressBar(label: string) {
       const seconds = (now - started) / 1000;
       const rate = seconds > 0 ? done / seconds : 0;
       const eta = rate > 0 ? (total - done) / rate : 0;
-      const width = 30;
-      const filled = Math.round(fraction * width);
-      const bar = "#".repeat(filled) + " ".repeat(width - filled);
+      if (json) {
+        printErr(
+          JSON.stringify({
+            command: label,
+            done,
+            total,
+            percent: Math.round(fraction * 1000) / 10,
+            "bytes-per-second": Math.round(rate),
+            "eta-seconds": Math.round(eta),
+          }) + "\n",
+        );
+        return;
+      }
       const clock = (s: number) =>
         `${Math.floor(s / 60)}:${String(Math.floor(s % 60)).padStart(2, "0")}`;
-      printErr(
-        `\r${label} [${bar}] ${(fraction * 100).toFixed(1).padStart(5)}% ${
-          humanSize(done)
-        } / ${humanSize(total)}  ${humanSize(rate)}/s  ETA ${clock(eta)}   `,
-      );
+      const percent = `${(fraction * 100).toFixed(1).padStart(5)}%`;
+      // The most that fits in one line less a column (a full line wraps on
+      // some terminals): the bar shrinks first, then rate and ETA go.
+      const room = columns() - 1;
+      const parts = [
+        ` ${humanSize(done)} / ${humanSize(total)}`,
+        `  ${humanSize(rate)}/s`,
+        `  ETA ${clock(eta)}`,
+      ];
+      let text = "";
+      for (let keep = parts.length; keep >= 0; keep--) {
+        const tail = ` ${percent}${parts.slice(0, keep).join("")}`;
+        const width = Math.min(30, room - label.length - 3 - tail.length);
+        if (width >= 10 || keep === 0) {
+          const w = Math.max(0, width);
+          const filled = Math.round(fraction * w);
+          text = `${label} [${"#".repeat(filled)}${
+            " ".repeat(w - filled)
+          }]${tail}`
+            .slice(0, room);
+          break;
+        }
+      }
+      // Back to the line's start, the line, then clear what a longer one left.
+      printErr(`\r${text}\x1b[K`);
     },
     end() {
-      if (shown) printErr("\n");
+      if (shown && !json) printErr("\n");
     },
   };
+}
+
+/**
+ * `-p` and `--progress=json` as one flag: the JSON spelling becomes the
+ * hidden boolean `--progress-json` before parsing.
+ */
+function progressSpelling(args: string[]): string[] {
+  return args.map((a) => a === "--progress=json" ? "--progress-json" : a);
 }
 
 // ---------------------------------------------------------------------------
@@ -633,7 +774,7 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p | --progress=json] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
@@ -644,6 +785,7 @@ const commands: Record<string, Command> = {
       "backing-format": { type: "string", short: "F" },
       compress: { type: "boolean", short: "c" },
       progress: { type: "boolean", short: "p" },
+      "progress-json": { type: "boolean" },
       hash: { type: "boolean" },
       "boot-sector": { type: "string" },
       ...backingFlags,
@@ -709,7 +851,9 @@ const commands: Record<string, Command> = {
         warnLongQcowKey(key, "of the output");
       }
       const sink = await openOutput(output);
-      const bar = values.progress ? progressBar("convert") : undefined;
+      const bar = values.progress || values["progress-json"]
+        ? progressBar("convert", values["progress-json"] === true)
+        : undefined;
       const options: ConvertOptions = {
         format: outFormat,
         options: outOptions,
@@ -760,10 +904,15 @@ const commands: Record<string, Command> = {
       }
       for await (const run of layeredExtents(image, 0, image.size)) {
         const data = run.kind === "data";
-        const raw = run.layer.format === "raw";
+        // Where the run's bytes lie in its file: the driver says, for a raw
+        // file it is the offset itself.
+        const at = run.fileOffset ??
+          (run.layer.format === "raw" && run.kind !== "unallocated"
+            ? run.offset
+            : undefined);
         if (json) {
-          // Keys and order as qemu-img's; `offset` (the host file offset) is
-          // known only for raw images.
+          // Keys and order as qemu-img's; `offset` (the host file offset)
+          // where the bytes lie in the file as they read.
           const entry: Record<string, unknown> = {
             start: run.offset,
             length: run.length,
@@ -772,7 +921,7 @@ const commands: Record<string, Command> = {
             zero: !data,
             data,
           };
-          if (raw && run.kind !== "unallocated") entry.offset = run.offset;
+          if (at !== undefined) entry.offset = at;
           lines.push(
             "{ " + Object.entries(entry).map(([k, v]) =>
               `"${k}": ${v}`
@@ -782,7 +931,7 @@ const commands: Record<string, Command> = {
           const hex = (n: number) => `0x${n.toString(16)}`.padEnd(16);
           print(
             `${hex(run.offset)}${hex(run.length)}${
-              raw ? hex(run.offset) : "-".padEnd(16)
+              at !== undefined ? hex(at) : "-".padEnd(16)
             }${run.depth === 0 ? path : run.layer.name}\n`,
           );
         }
@@ -879,12 +1028,14 @@ const commands: Record<string, Command> = {
   },
 
   commit: {
-    usage: "commit [-f FMT] [-p] [--allow-backing-dir DIR]... IMAGE",
+    usage:
+      "commit [-f FMT] [-p | --progress=json] [--allow-backing-dir DIR]... IMAGE",
     summary:
       "copy what IMAGE holds into its backing file (IMAGE is only read and is kept as it is)",
     options: {
       format: { type: "string", short: "f" },
       progress: { type: "boolean", short: "p" },
+      "progress-json": { type: "boolean" },
       "allow-backing-dir": backingFlags["allow-backing-dir"],
     },
     async run({ values, positionals }) {
@@ -921,7 +1072,9 @@ const commands: Record<string, Command> = {
       });
       opened.push(base);
       warnAbout(base);
-      const bar = values.progress ? progressBar("commit") : undefined;
+      const bar = values.progress || values["progress-json"]
+        ? progressBar("commit", values["progress-json"] === true)
+        : undefined;
       await commitTo(top, base, {
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
       });
@@ -981,7 +1134,7 @@ const commands: Record<string, Command> = {
 
   serve: {
     usage:
-      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--web DIR]",
+      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--max-virtual BYTES] [--max-upload BYTES] [--max-concurrent N] [--web DIR]",
     summary:
       "run the conversion service (GET /convert?url=..., POST /info); --web also serves a folder and dist/mod.js",
     options: {
@@ -990,15 +1143,30 @@ const commands: Record<string, Command> = {
       "allow-host": { type: "string", multiple: true },
       "allow-private": { type: "boolean" },
       "max-input": { type: "string" },
+      "max-virtual": { type: "string" },
+      "max-upload": { type: "string" },
+      "max-concurrent": { type: "string" },
       web: { type: "string" },
     },
     async run({ values }) {
+      const size = (name: string) =>
+        values[name] ? parseSize(values[name] as string) : undefined;
+      const concurrent = values["max-concurrent"] as string | undefined;
+      if (concurrent !== undefined && !/^[1-9]\d{0,5}$/.test(concurrent)) {
+        throw new UsageError(
+          `--max-concurrent must be a whole number from 1, not '${concurrent}'`,
+        );
+      }
       const service = conversionService({
         allowHosts: values["allow-host"] as string[] | undefined,
         allowPrivate: values["allow-private"] === true,
-        maxInputBytes: values["max-input"]
-          ? parseSize(values["max-input"] as string)
-          : undefined,
+        resolveHost,
+        maxInputBytes: size("max-input"),
+        maxVirtualBytes: size("max-virtual"),
+        maxUploadBytes: size("max-upload"),
+        maxConcurrent: concurrent === undefined
+          ? undefined
+          : Number(concurrent),
       });
       const web = values.web as string | undefined;
       const server = Deno.serve({
@@ -1009,20 +1177,8 @@ const commands: Record<string, Command> = {
       }, async (request) => {
         const path = new URL(request.url).pathname;
         if (web && request.method === "GET" && !path.startsWith("/convert")) {
-          const file = path === "/dist/mod.js"
-            ? new URL("dist/mod.js", import.meta.url).pathname
-            : `${web}/${path === "/" ? "index.html" : path.slice(1)}`;
-          if (!path.includes("..")) {
-            try {
-              const body = await Deno.readFile(file);
-              const type = file.endsWith(".html")
-                ? "text/html"
-                : file.endsWith(".js")
-                ? "text/javascript"
-                : "application/octet-stream";
-              return new Response(body, { headers: { "content-type": type } });
-            } catch { /* fall through to the service */ }
-          }
+          const page = await webFile(web, path);
+          if (page) return page;
         }
         return service(request);
       });
@@ -1159,7 +1315,10 @@ async function* layeredExtents(
     if (
       pending && pending.kind === run.kind && pending.depth === run.depth &&
       pending.layer === run.layer &&
-      pending.offset + pending.length === run.offset
+      pending.offset + pending.length === run.offset &&
+      (pending.fileOffset === undefined
+        ? run.fileOffset === undefined
+        : pending.fileOffset + pending.length === run.fileOffset)
     ) {
       pending.length += run.length;
       continue;
@@ -1373,7 +1532,7 @@ export async function main(args: string[]): Promise<number> {
   try {
     let call: Invocation;
     try {
-      call = parseFlags(rest, command.options);
+      call = parseFlags(progressSpelling(rest), command.options);
     } catch (e) {
       throw new UsageError((e as Error).message, name);
     }

@@ -39,6 +39,11 @@ export * from "./streams/inputs.ts";
 export * from "./drivers/registry.ts";
 export { cloop } from "./drivers/cloop.ts";
 export { bochs } from "./drivers/bochs.ts";
+export { vdi } from "./drivers/vdi.ts";
+export { vhdx } from "./drivers/vhdx.ts";
+export { qed } from "./drivers/qed.ts";
+export { parallels } from "./drivers/parallels.ts";
+export { seSparse } from "./drivers/sesparse.ts";
 export { vpc } from "./drivers/vpc.ts";
 export { vmdk } from "./drivers/vmdk.ts";
 export { qcow } from "./drivers/qcow.ts";
@@ -52,4 +57,13 @@ export {
   type VvfatOptions,
 } from "./drivers/vvfat.ts";
 export { dmg } from "./drivers/dmg.ts";
+export { dmgEncrypted } from "./drivers/dmg_encrypted.ts";
 export { raw } from "./drivers/raw.ts";
+export { sparseimage } from "./drivers/sparseimage.ts";
+export { diskcopy42 } from "./drivers/diskcopy42.ts";
+export { asif } from "./drivers/asif.ts";
+export {
+  openSparsebundle,
+  sparsebundle,
+  type SparsebundleOptions,
+} from "./drivers/sparsebundle.ts";

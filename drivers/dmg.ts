@@ -78,6 +78,7 @@ import {
 } from "./dmg/_plist.ts";
 import { parseResourceFork } from "./dmg/_rsrc.ts";
 import { codecPool } from "./dmg/_pool.ts";
+import { joinSegments, refuseLaterSegment } from "./dmg/_segments.ts";
 
 const FORMAT = "dmg";
 const optionFail = optionErrors(FORMAT);
@@ -201,20 +202,7 @@ async function readTables(source: Source): Promise<Tables> {
   }
   const at = size - KOLY_SIZE;
   const koly = parseKoly(await source.read(at, KOLY_SIZE), at, size, file);
-  if (koly.segmentCount > 1) {
-    // A segmented image (`.dmg` + `.002.dmgpart`...) keeps chunks in files
-    // this source does not hold.
-    throw new UnsupportedError(
-      {
-        format: FORMAT,
-        field: "koly.SegmentCount",
-        value: koly.segmentCount,
-        offset: at + 60,
-        file,
-      },
-      `koly.SegmentCount ${koly.segmentCount}: segmented images are not supported (join the segments first)`,
-    );
-  }
+  refuseLaterSegment(koly, file);
   const partitions: Partition[] = [];
   let from: Tables["from"];
   if (koly.xmlLength > 0) {
@@ -330,9 +318,13 @@ interface Index {
 const isData = (type: number) => type !== TYPE.zero && type !== TYPE.ignore;
 
 /** Builds the piece index, checking chunks against the disk, the file and each other. */
-function buildIndex(tables: Tables, diskSectors: number, file?: string): Index {
+function buildIndex(
+  tables: Tables,
+  diskSectors: number,
+  fileEnd: number,
+  file?: string,
+): Index {
   const { koly, partitions } = tables;
-  const fileEnd = koly.offset; // every chunk lies before the trailer
   const step = RAW_PIECE_BYTES / SECTOR;
   // Checked and counted first, so the index is allocated once.
   let count = 0;
@@ -711,9 +703,11 @@ function dmgImage(
   tables: Tables,
   diskSectors: number,
   options: OpenOptions,
+  dataEnd = tables.koly.offset,
 ): Image {
   const file = source.name;
-  const index = buildIndex(tables, diskSectors, file);
+  // Every chunk lies before the trailer (or in the segments' data).
+  const index = buildIndex(tables, diskSectors, dataEnd, file);
   const size = diskSectors * SECTOR;
   const verify = (options.options?.verify ?? "on") !== "off";
   const verifier = verify ? new Verifier(index, tables, file) : undefined;
@@ -745,8 +739,15 @@ function dmgImage(
         const pooled = usePool && codecPool.usable && !inflatesHere(type)
           ? await codecPool.run("decode", name, packed, bytes)
           : null;
-        decoded = pooled ??
-          await (await codecModule(name)).decode(packed, bytes);
+        const codec = pooled ? undefined : await codecModule(name);
+        if (pooled) decoded = pooled;
+        else if (codec!.decodeInto) {
+          // Straight into one array of the chunk's size: a 64 MiB chunk
+          // through `decode` was made in pieces and joined, twice its size
+          // at the peak, per request when the service reads in parallel.
+          decoded = new Uint8Array(bytes);
+          await codec!.decodeInto(packed, decoded);
+        } else decoded = await codec!.decode(packed, bytes);
       } catch (e) {
         throw chunkError(i, packed.length, e);
       }
@@ -1570,11 +1571,9 @@ export const dmg: Driver = {
   description:
     "Apple UDIF disk image (dmg): raw, zlib, bzip2, ADC, LZFSE and LZMA chunks",
   probe(input: ProbeInput): number {
-    // An encrypted image is claimed so that opening it says what it is
-    // instead of reading ciphertext as raw.
-    if (encryptedSignature(input.head, input.tail)) return 100;
-    // The koly magic alone: a wrong version or header size is this
-    // driver's error.
+    // Encrypted images (encrcdsa, cdsaencr) are the dmg-encrypted
+    // driver's. The koly magic alone: a wrong version or header size is
+    // this driver's error.
     const t = input.tail;
     if (input.size >= KOLY_SIZE && t.length >= KOLY_SIZE) {
       if (be32(t, t.length - KOLY_SIZE) === KOLY_MAGIC) return 100;
@@ -1602,9 +1601,7 @@ export const dmg: Driver = {
           offset: encrypted === "encrcdsa" ? 0 : source.size - 8,
           file: source.name,
         },
-        `an encrypted dmg (${encrypted}) is not supported (header version ${
-          encrypted === "encrcdsa" ? 2 : 1
-        }): decrypt it with hdiutil first`,
+        `an encrypted dmg (${encrypted}): open it as dmg-encrypted, with its password`,
       );
     }
     const tables = await readTables(source);
@@ -1618,7 +1615,25 @@ export const dmg: Driver = {
         );
       }
     }
-    return dmgImage(source, tables, diskSectors, options);
+    if (tables.koly.segmentCount <= 1) {
+      return dmgImage(source, tables, diskSectors, options);
+    }
+    // A segmented image: the chunks are read from the data of all segments.
+    const { data, segments } = await joinSegments(source, tables.koly, options);
+    try {
+      const image = dmgImage(data, tables, diskSectors, options, data.size);
+      (image.details as Record<string, unknown>).segments = segments.map((
+        s,
+      ) => ({
+        file: s.name,
+        segment: s.koly.segmentNumber,
+        data_fork_bytes: s.koly.dataForkLength,
+      }));
+      return image;
+    } catch (e) {
+      for (const s of segments.slice(1)) await s.source.close?.();
+      throw e;
+    }
   },
   encode,
 };

@@ -18,17 +18,20 @@
  * | vhdx          | 0         | `vhdxfile`                                                  | QEMU `vhdx_probe` |
  * | parallels     | 0         | `WithoutFreeSpace` or `WithouFreSpacExt`                    | QEMU `parallels_probe` |
  * | luks          | 0         | `LUKS\xba\xbe` (version be16 at 6: 1 or 2)                  | QEMU `qcrypto_block_luks_has_format`, LUKS2 spec |
- * | sesparse      | 0         | le64 0xcafebabe (version, le64 0x200000001, at 8)           | QEMU `vmdk_open_se_sparse` |
+ * | seSparse      | 0         | le64 0xcafebabe (version, le64 0x200000001, at 8)           | QEMU `vmdk_open_se_sparse` |
  * | asif          | 0         | `shdw`                                                      | reverse-engineered ASIF header (huven/asif-format) |
  * | sparseimage   | 0         | `sprs`                                                      | libmodi's sparse image description |
- * | diskcopy      | 0 / 128   | DiskCopy 4.2 header (name length ≤ 63, private word 0x0100 at 82, disk format ≤ 3, data size a multiple of 512), or a MacBinary header with type `dImg` and creator `dCpy` | Apple's DiskCopy 4.2 format note |
+ * | diskcopy42    | 0 / 128   | DiskCopy 4.2 header (name length ≤ 63, private word 0x0100 at 82, disk format ≤ 3, data size a multiple of 512), or a MacBinary header with type `dImg` and creator `dCpy` | Apple's DiskCopy 4.2 format note |
  * | sparsebundle  | 0         | an XML plist naming `com.apple.diskimage.sparsebundle` (a bundle's Info.plist) | hdiutil's bundle layout |
  * | dmg-segment   | name      | a file called `*.NNN.dmgpart` (a later segment of a segmented UDIF; no signature of its own) | hdiutil segment |
  *
  * QEMU 7.2 probes bochs, cloop, dmg, luks, parallels, qcow, qcow2, qed,
- * vdi, vhdx, vmdk and vpc: the ones not read by a driver of ours are here.
- * Encrypted dmg images (`encrcdsa` at the head, `cdsaencr` at the end) are
- * claimed and refused by the dmg driver itself, as segmented ones are.
+ * vdi, vhdx, vmdk and vpc; the rest are formats found in archives. Most of
+ * them now have a reader (vdi, vhdx, qed, parallels, seSparse, asif,
+ * sparseimage, diskcopy42, sparsebundle): for those the entry here only
+ * adds its signature to the reader's probe (see below), so that a file
+ * with a broken header is still that reader's error. Encrypted dmg images
+ * (`encrcdsa`, `cdsaencr`) are the dmg-encrypted driver's.
  * None of these signatures is a compressor's magic (gzip, xz, bzip2,
  * zstd): compressed files are left to the wrappers.
  *
@@ -170,7 +173,7 @@ export const RECOGNISED: readonly Driver[] = [
     ),
   ),
   recogniser(
-    "sesparse",
+    "seSparse",
     "a VMware seSparse extent (open the .vmdk descriptor that names it)",
     // The magic alone (the version, le64 0x200000001 at 8, is only noted).
     ({ head }) =>
@@ -194,7 +197,12 @@ export const RECOGNISED: readonly Driver[] = [
     "an Apple sparse disk image (sparseimage)",
     headMagic("sprs"),
   ),
-  recogniser("diskcopy", "an Apple DiskCopy 4.2 image", findDiskCopy, 50),
+  recogniser(
+    "diskcopy42",
+    "an Apple DiskCopy 4.2 image",
+    findDiskCopy,
+    50,
+  ),
   recogniser(
     "sparsebundle",
     "the Info.plist of an Apple sparse bundle (open the bands of the .sparsebundle folder)",

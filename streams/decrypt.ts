@@ -110,5 +110,12 @@ export function decrypt(image: Image, key: string | Uint8Array): Image {
     }
     return image;
   }
+  if (hook.opensWithKey) {
+    throw new KeyError(
+      `${
+        image.name ?? "the image"
+      } (${image.format}) is unlocked as it opens: open it again with { key } (or --key-file)`,
+    );
+  }
   return hook.unlock(cipherFor(hook.scheme, key));
 }

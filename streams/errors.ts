@@ -261,6 +261,39 @@ export class HttpSourceError extends Error {
 }
 
 /**
+ * An HTTP source's server went silent longer than the idle timeout, or one
+ * request took longer than the total timeout.
+ *
+ * @example
+ * ```ts
+ * import { HttpTimeoutError } from "./errors.ts";
+ * const e = new HttpTimeoutError("http://x/disk.img", "idle", 30000);
+ * console.log(e.message);
+ * // http://x/disk.img: no byte from the server for 30000 ms (idle timeout)
+ * ```
+ */
+export class HttpTimeoutError extends HttpSourceError {
+  /**
+   * @param url the URL
+   * @param kind `idle` (nothing arrived for `ms`) or `total` (one request took over `ms`)
+   * @param ms the timeout, in milliseconds
+   */
+  constructor(
+    url: string,
+    readonly kind: "idle" | "total",
+    readonly ms: number,
+  ) {
+    super(
+      kind === "idle"
+        ? `${url}: no byte from the server for ${ms} ms (idle timeout)`
+        : `${url}: one request took over ${ms} ms (total timeout)`,
+      url,
+    );
+    this.name = "HttpTimeoutError";
+  }
+}
+
+/**
  * Throws an {@linkcode ImageFormatError} unless `ok`. A short form for
  * header validation.
  *

@@ -24,6 +24,12 @@ export interface Extent {
   length: number;
   /** What the run holds. */
   kind: ExtentKind;
+  /**
+   * For a `data` run stored in the image file as it reads (not compressed,
+   * not encrypted, in one piece): the byte offset of its first byte in the
+   * file, as `qemu-img map` shows it. Absent where there is no such place.
+   */
+  fileOffset?: number;
 }
 
 /**
@@ -157,6 +163,12 @@ export interface SectorCipher {
 export interface Encryption {
   /** The scheme: `qcow-aes` (AES-128-CBC per sector, QEMU's key from the passphrase). */
   readonly scheme: string;
+  /**
+   * True when the key must be given as the image opens (`open(source,
+   * { key })`), because the layout itself is encrypted (an encrypted dmg):
+   * `decrypt` then refuses the layer with a `KeyError` saying so.
+   */
+  readonly opensWithKey?: boolean;
   /** The same layer, reading and writing through `cipher`. */
   unlock(cipher: SectorCipher): Image;
 }

@@ -297,7 +297,7 @@ Deno.test("error wording: offsets take hex, sizes list their suffixes, a folder 
     await Deno.mkdir(`${dir}/folder`);
     const folder = await cli(["info", `${dir}/folder`]);
     assertEquals(folder.code, 1);
-    assertMatch(folder.stderr, new RegExp(`name it fat:${dir}/folder\\n$`));
+    assertMatch(folder.stderr, new RegExp(`name it fat:${dir}/folder[ \\n]`));
     // An encrypted image without a passphrase: the CLI's flag, not { key }.
     const enc = await cli([
       "convert",
@@ -370,4 +370,49 @@ Deno.test("info's format details use one key style (qemu-img's kebab-case in JSO
       assertTrue(!/^\s+\w+[_-]\w+:/m.test(human.text), human.text);
     }
   });
+});
+
+Deno.test({
+  name:
+    "map of a dynamic vpc gives qemu-img's JSON, file offsets included; a fixed one maps its bytes where they lie",
+  ignore: skip(["qemu-img", "qemu-io"]),
+  async fn() {
+    await withTemp(async (dir) => {
+      const vhd = `${dir}/v.vhd`;
+      await run("qemu-img", ["create", "-q", "-f", "vpc", vhd, "12M"]);
+      await run("qemu-io", [
+        "-f",
+        "vpc",
+        "-c",
+        "write -P 1 0 1M",
+        "-c",
+        "write -P 2 5M 4096",
+        "-c",
+        "write -P 3 9M 70000",
+        vhd,
+      ]);
+      const theirs = (await run("qemu-img", ["map", "--output=json", vhd]))
+        .text;
+      const ours = await cli(["map", "--output=json", vhd]);
+      assertEquals(ours.code, 0, ours.stderr);
+      assertEquals(JSON.parse(ours.text), JSON.parse(theirs));
+      assertMatch(ours.text, /"offset": \d+/);
+      const human = await cli(["map", vhd]);
+      assertMatch(human.text, /^0x0 +0x200000 +0xa00 +/m);
+
+      const fixed = `${dir}/f.vhd`;
+      await run("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        fixed,
+        "4M",
+      ]);
+      const map = JSON.parse((await cli(["map", "--output=json", fixed])).text);
+      for (const e of map) if (e.data) assertEquals(e.offset, e.start);
+    });
+  },
 });

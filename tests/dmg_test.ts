@@ -969,13 +969,13 @@ Deno.test(
   },
 );
 
-Deno.test("a segmented image is refused as unsupported, naming koly.SegmentCount", async () => {
+Deno.test("a segmented image opened without a way to its parts is refused, saying what it needs", async () => {
   const bytes = await encodeDmg(sampleDisk());
   setBe32(bytes, bytes.length - 512 + 60, 3);
   await rejects(
     () => open(fromBytes(bytes)),
     UnsupportedError,
-    /koly\.SegmentCount 3/,
+    /segmented dmg \(3 segments\) needs its other files/,
   );
 });
 
@@ -1125,13 +1125,18 @@ Deno.test("broken fields poked into every reference dmg are refused by name", {
   }
 });
 
-Deno.test("an encrypted dmg (encrcdsa) is recognised and refused as unsupported", async () => {
+Deno.test("an encrypted dmg (encrcdsa) is the dmg-encrypted driver's; -f dmg refuses it by name", async () => {
   const bytes = new Uint8Array(8192);
   bytes.set(new TextEncoder().encode("encrcdsa"), 0);
-  assertEquals((await probe(fromBytes(bytes)))[0].format, "dmg");
+  assertEquals((await probe(fromBytes(bytes)))[0].format, "dmg-encrypted");
   await rejects(
     () => open(fromBytes(bytes)),
     UnsupportedError,
-    /encrypted dmg \(encrcdsa\)/,
+    /encrcdsa header version 0/,
+  );
+  await rejects(
+    () => open(fromBytes(bytes), { format: "dmg" }),
+    UnsupportedError,
+    /encrypted dmg \(encrcdsa\): open it as dmg-encrypted/,
   );
 });
