@@ -62,6 +62,7 @@ import {
   readPartitionTable,
   type Sink,
   streamSink,
+  UnsupportedError,
   writeOptionsHelp,
 } from "./mod.ts";
 import config from "./deno.json" with { type: "json" };
@@ -329,6 +330,13 @@ function warnLongQcowKey(key: string | undefined, what: string): void {
   );
 }
 
+/** Writes what `open` warned about (a raw format guessed for writing) to stderr. */
+function warnAbout(image: Image): void {
+  for (const warning of image.warnings ?? []) {
+    printErr(`vdisk: warning: ${warning}\n`);
+  }
+}
+
 /** Options for {@linkcode openImage}. */
 interface InputOptions {
   format?: string;
@@ -453,6 +461,7 @@ async function openImage(
     },
   });
   opened.push(image);
+  warnAbout(image);
   if (layers(image).some((l) => l.encrypted && l.format === "qcow")) {
     warnLongQcowKey(options.extra?.key as string | undefined, "of the input");
   }
@@ -714,6 +723,24 @@ const commands: Record<string, Command> = {
         format: values.format as string | undefined,
         ...backingPolicy(values, chain),
         extra: { key: await keyFrom(values) },
+      }).catch((e) => {
+        // A format only recognised: say what the file is, then fail.
+        const known = e instanceof UnsupportedError &&
+          formats({ recognised: true }).find((d) => d.name === e.format);
+        if (known && known.recognisedOnly) {
+          const info = {
+            filename: path,
+            format: known.name,
+            "recognised-only": true,
+            error: e.message,
+          };
+          print(
+            values.output === "json"
+              ? JSON.stringify(info, null, 4) + "\n"
+              : `image: ${path}\nfile format: ${known.name} (recognised only: ${known.description}, not read by this toolkit)\n`,
+          );
+        }
+        throw e;
       });
       if (chain) {
         const infos = [];
@@ -1062,8 +1089,10 @@ const commands: Record<string, Command> = {
       // The base again, writable through its format, with its own chain
       // under the same policy (a write of part of one of its clusters
       // reads the rest from below it).
+      // A base whose format was guessed is probed again, so that it gets
+      // QEMU's warning and its first block stays guarded.
       const base = await open(baseFile, {
-        format: below.format,
+        format: below.probed ? undefined : below.format,
         writable: true,
         sink: baseFile,
         resolveBacking: fileBackingResolver(below.name, {
@@ -1071,6 +1100,7 @@ const commands: Record<string, Command> = {
         }),
       });
       opened.push(base);
+      warnAbout(base);
       const bar = values.progress || values["progress-json"]
         ? progressBar("commit", values["progress-json"] === true)
         : undefined;
@@ -1187,18 +1217,32 @@ const commands: Record<string, Command> = {
   },
 
   formats: {
-    usage: "formats",
-    summary: "list the formats this toolkit reads and writes",
-    options: {},
-    run() {
-      for (const d of formats()) {
-        const can = [
+    usage: "formats [--output=human|json]",
+    summary:
+      "list the formats this toolkit reads and writes, and those it only recognises (and refuses by name)",
+    options: {
+      output: { type: "string", default: "human" },
+    },
+    run({ values }) {
+      const list = formats({ recognised: true }).map((d) => ({
+        name: d.name,
+        description: d.description,
+        read: !d.recognisedOnly,
+        create: d.create !== undefined,
+        convert: d.create !== undefined || d.encode !== undefined,
+        recognisedOnly: d.recognisedOnly === true,
+      }));
+      if (values.output === "json") {
+        print(JSON.stringify(list, null, 4) + "\n");
+        return Promise.resolve(0);
+      }
+      for (const f of list) {
+        const can = f.recognisedOnly ? "recognised only" : [
           "read",
-          d.create ? "create" : "",
-          d.create || d.encode ? "convert -O" : "",
-        ]
-          .filter(Boolean).join(", ");
-        print(`${d.name.padEnd(10)} ${d.description} (${can})\n`);
+          f.create ? "create" : "",
+          f.convert ? "convert -O" : "",
+        ].filter(Boolean).join(", ");
+        print(`${f.name.padEnd(12)} ${f.description} (${can})\n`);
       }
       return Promise.resolve(0);
     },

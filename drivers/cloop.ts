@@ -182,7 +182,9 @@ interface Header {
 
 /** The version a 136-byte candidate header names, if any. */
 function signature(bytes: Uint8Array, at: number): 2 | 4 | undefined {
-  if (bytes.length < at + HEADROOM) return undefined;
+  // The signature alone, even in a file cut short of the preamble's 128
+  // bytes: such a file is a truncated cloop, not a raw disk.
+  if (bytes.length < at + SIGNATURE_OFFSET + 4) return undefined;
   const sig = String.fromCharCode(
     ...bytes.subarray(at + SIGNATURE_OFFSET, at + SIGNATURE_OFFSET + 4),
   );
@@ -933,17 +935,14 @@ export const cloop: Driver = {
   ],
   compresses: true,
   description: "cloop compressed loop image (Knoppix), versions 2.0 and 4.0",
+  // The signature alone: a cloop whose header is broken (block_size 0 or
+  // 513) is a cloop, and `open` names the field.
   probe(input: ProbeInput): number {
-    const fits = (bytes: Uint8Array, at: number) => {
-      if (at < 0 || bytes.length < at + HEADER_SIZE) return false;
-      const blockSize = be32(bytes, at + HEADROOM);
-      return blockSize > 0 && blockSize % 512 === 0 &&
-        blockSize <= MAX_BLOCK_SIZE;
-    };
-    if (signature(input.head, 0) && fits(input.head, 0)) return 100;
-    if (input.size >= HEADER_SIZE) {
-      const at = input.tail.length - HEADER_SIZE;
-      if (signature(input.tail, at) && fits(input.tail, at)) return 90;
+    if (signature(input.head, 0)) return 100;
+    if (input.size >= HEADER_SIZE && input.tail.length >= HEADER_SIZE) {
+      if (signature(input.tail, input.tail.length - HEADER_SIZE) === 4) {
+        return 90;
+      }
     }
     return 0;
   },

@@ -31,7 +31,8 @@
  */
 
 import { checkWriteOptions, optionErrors } from "../streams/options.ts";
-import { be32, formatErrors, isZero, le32, Scratch } from "./_binary.ts";
+import { ascii, be32, formatErrors, isZero, le32, Scratch } from "./_binary.ts";
+import { compressorMagic } from "./_magic.ts";
 import * as zlib from "./codecs/zlib.ts";
 import { crc32, crc32Combine, crc32Zeros } from "./codecs/crc32.ts";
 import {
@@ -1499,9 +1500,19 @@ async function encode(
 }
 
 /** True when `head` starts with the "encrcdsa" magic of an encrypted image. */
-function encryptedHeader(head: Uint8Array): boolean {
-  return head.length >= 8 &&
-    String.fromCharCode(...head.subarray(0, 8)) === "encrcdsa";
+/**
+ * The signature of an encrypted image (FileVault's): `encrcdsa` at the
+ * head (header version 2) or `cdsaencr` in the last 8 bytes (version 1).
+ */
+function encryptedSignature(
+  head: Uint8Array,
+  tail: Uint8Array,
+): "encrcdsa" | "cdsaencr" | undefined {
+  if (head.length >= 8 && ascii(head, 0, 8) === "encrcdsa") return "encrcdsa";
+  if (tail.length >= 8 && ascii(tail, tail.length - 8) === "cdsaencr") {
+    return "cdsaencr";
+  }
+  return undefined;
 }
 
 /**
@@ -1560,27 +1571,37 @@ export const dmg: Driver = {
   description:
     "Apple UDIF disk image (dmg): raw, zlib, bzip2, ADC, LZFSE and LZMA chunks",
   probe(input: ProbeInput): number {
-    // Encrypted images ("encrcdsa") are the dmg-encrypted driver's.
+    // Encrypted images (encrcdsa, cdsaencr) are the dmg-encrypted
+    // driver's. The koly magic alone: a wrong version or header size is
+    // this driver's error.
     const t = input.tail;
-    if (input.size < KOLY_SIZE || t.length < KOLY_SIZE) return 0;
-    const at = t.length - KOLY_SIZE;
-    return be32(t, at) === KOLY_MAGIC && be32(t, at + 4) === 4 &&
-        be32(t, at + 8) === KOLY_SIZE
-      ? 100
+    if (input.size >= KOLY_SIZE && t.length >= KOLY_SIZE) {
+      if (be32(t, t.length - KOLY_SIZE) === KOLY_MAGIC) return 100;
+    }
+    // QEMU's dmg_probe goes by the name alone (score 2): a file called
+    // .dmg without a koly trailer is refused as a dmg, not read as raw.
+    // (A compressed file so named is left to the decompressing wrappers.)
+    return input.name !== undefined && /\.dmg$/i.test(input.name) &&
+        !compressorMagic(input.head)
+      ? 2
       : 0;
   },
   async open(source: Source, options: OpenOptions = {}): Promise<Image> {
-    const head = await source.read(0, Math.min(8, source.size));
-    if (encryptedHeader(head)) {
+    const ends = Math.min(8, source.size);
+    const encrypted = encryptedSignature(
+      await source.read(0, ends),
+      await source.read(source.size - ends, ends),
+    );
+    if (encrypted) {
       throw new UnsupportedError(
         {
           format: FORMAT,
           field: "signature",
-          value: "encrcdsa",
-          offset: 0,
+          value: encrypted,
+          offset: encrypted === "encrcdsa" ? 0 : source.size - 8,
           file: source.name,
         },
-        "an encrypted dmg (encrcdsa): open it as dmg-encrypted, with its password",
+        `an encrypted dmg (${encrypted}): open it as dmg-encrypted, with its password`,
       );
     }
     const tables = await readTables(source);

@@ -980,9 +980,13 @@ export const qcow: Driver = {
   description: "QEMU qcow version 1 (compressed clusters, AES encryption)",
   probe(input: ProbeInput): number {
     const h = input.head;
-    if (h.length < HEADER_SIZE) return 0;
+    if (h.length < 4) return 0;
     const v = new DataView(h.buffer, h.byteOffset, h.length);
-    return v.getUint32(0) === MAGIC && v.getUint32(4) === 1 ? 100 : 0;
+    if (v.getUint32(0) !== MAGIC) return 0;
+    // The magic with a version below 2 (QEMU gives 2 and up to qcow2):
+    // version 0 is this driver's error, not a raw disk; so is a file cut
+    // short before its version.
+    return h.length < 8 || v.getUint32(4) < 2 ? 100 : 0;
   },
   open: openQcow,
   create: createQcow,

@@ -8,9 +8,11 @@
  */
 
 import { DRIVERS } from "./all.ts";
+import { raw } from "./raw.ts";
 import {
   BackingFileError,
   ImageFormatError,
+  ProbedRawWriteError,
   UnknownFormatError,
 } from "../streams/errors.ts";
 import { overlay } from "../streams/overlay.ts";
@@ -31,19 +33,34 @@ import {
 /** How deep a backing chain may go before it is refused. */
 export const MAX_BACKING_DEPTH = 16;
 
+/** Options for {@linkcode formats}. */
+export interface FormatsOptions {
+  /**
+   * Include the formats only recognised by their signature (refused by
+   * name when opened; `Driver.recognisedOnly`).
+   * @default false
+   */
+  recognised?: boolean;
+}
+
 /**
- * Every format the toolkit knows.
+ * The formats the toolkit reads (and, with `recognised`, those it only
+ * recognises and refuses by name).
  *
+ * @param options whether to include the recognised-only formats
  * @returns the drivers, in probing order
  *
  * @example
  * ```ts
  * import { formats } from "../mod.ts";
  * console.log(formats().map((d) => d.name).includes("raw")); // true
+ * console.log(formats({ recognised: true }).some((d) => d.name === "vhdx")); // true
  * ```
  */
-export function formats(): readonly Driver[] {
-  return DRIVERS;
+export function formats(options: FormatsOptions = {}): readonly Driver[] {
+  return options.recognised
+    ? DRIVERS
+    : DRIVERS.filter((d) => !d.recognisedOnly);
 }
 
 /**
@@ -189,6 +206,67 @@ function guarded(source: Source, format: string): Source {
   return guard;
 }
 
+/**
+ * What QEMU says when it opens for writing a raw image whose format it
+ * guessed by probing; `open` puts it in `Image.warnings`.
+ *
+ * @param name the image's name
+ * @returns the warning's text
+ *
+ * @example
+ * ```ts
+ * import { memorySink, open, probedRawWarning } from "../mod.ts";
+ * const sink = memorySink();
+ * await sink.write(0, new Uint8Array(4096));
+ * const image = await open(sink.source(), { writable: true, sink });
+ * console.log(image.warnings?.[0] === probedRawWarning("(image)")); // true
+ * ```
+ */
+export function probedRawWarning(name: string): string {
+  return `Image format was not specified for '${name}' and probing guessed raw. ` +
+    "Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted. " +
+    "Specify the 'raw' format explicitly to remove the restrictions.";
+}
+
+/** The first block, the bytes QEMU probes again before a write there. */
+const BLOCK_0 = 512;
+
+/**
+ * A raw image whose format was guessed: marked `probed`, warned about
+ * when writable, and its writes to block 0 checked as QEMU's
+ * `raw_co_pwritev` checks them: a write that would make the first block
+ * carry another format's signature is refused with a
+ * {@linkcode ProbedRawWriteError} (reopened, the image would no longer be
+ * raw, and its bytes would be read as that format).
+ */
+function markProbedRaw(
+  image: Image,
+  name: string,
+  options: OpenOptions,
+): void {
+  const mark = image as { probed?: boolean; warnings?: readonly string[] };
+  mark.probed = true;
+  const write = image.write?.bind(image);
+  if (!options.writable || !write) return;
+  mark.warnings = [probedRawWarning(name)];
+  (image as { write?: Image["write"] }).write = async (offset, bytes) => {
+    if (offset < BLOCK_0 && bytes.length > 0) {
+      const length = Math.min(
+        BLOCK_0,
+        Math.max(image.size, offset + bytes.length),
+      );
+      const block = new Uint8Array(length);
+      const kept = Math.min(length, image.size);
+      if (kept > 0) block.set(await image.read(0, kept));
+      block.set(bytes.subarray(0, length - offset), offset);
+      const input = { head: block, tail: block, size: block.length };
+      const claimed = DRIVERS.find((d) => d !== raw && d.probe(input) > 0);
+      if (claimed) throw new ProbedRawWriteError(claimed.name, image.name);
+    }
+    await write(offset, bytes);
+  };
+}
+
 async function openChain(
   source: Source,
   options: OpenOptions,
@@ -203,6 +281,9 @@ async function openChain(
   const image = options.key !== undefined && opened.encryption
     ? decrypt(opened, options.key)
     : opened;
+  if (name === "raw" && options.format === undefined) {
+    markProbedRaw(opened, source.name ?? "(image)", options);
+  }
   if (image.backingFile === undefined || !options.resolveBacking) {
     return image;
   }
@@ -257,9 +338,11 @@ export async function create(
   const d = driver(format);
   if (!d.create) {
     throw new UnknownFormatError(
-      `format '${format}' cannot be created empty${
-        d.encode ? ` (it is written whole: use convert -O ${format})` : ""
-      }`,
+      d.recognisedOnly
+        ? `format '${format}' is only recognised (refused by name), not read or written`
+        : `format '${format}' cannot be created empty${
+          d.encode ? ` (it is written whole: use convert -O ${format})` : ""
+        }`,
       format,
     );
   }

@@ -252,11 +252,15 @@ function parseHeader(
   const rgdOffset = sectorField(48, "rgdOffset");
   const gdOffset = sectorField(56, "gdOffset", !fromFooter);
   const overHead = le64(bytes, 64);
-  if (overHead > BigInt(fileSectors)) {
+  // Every sector of the overhead (header, descriptor, tables) must be in the
+  // file: a file cut short inside it is truncated, not a disk of zeros.
+  if (overHead * BigInt(SECTOR) > BigInt(fileSize)) {
     throw fail(
       "overHead",
       overHead,
-      `within the file's ${fileSectors} sectors (the file is truncated)`,
+      `at most ${
+        Math.floor(fileSize / SECTOR)
+      } sectors, the whole sectors of the file's ${fileSize} bytes (the file is truncated)`,
       at + 64,
       file,
     );
@@ -1051,9 +1055,33 @@ async function readEmbeddedDescriptor(
   }
   const at = header.descriptorOffset * SECTOR;
   const length = Math.min(header.descriptorSize * SECTOR, source.size - at);
-  if (length <= 0) return undefined;
+  if (length <= 0) {
+    throw fail(
+      "descriptorOffset",
+      header.descriptorOffset,
+      `within the file's ${source.size} bytes (the file is truncated)`,
+      28,
+      source.name,
+    );
+  }
   const bytes = await source.read(at, length);
-  return parseDescriptor(new TextDecoder().decode(bytes), source.name);
+  const descriptor = parseDescriptor(
+    new TextDecoder().decode(bytes),
+    source.name,
+  );
+  // The header says a descriptor is there: a blank one (QEMU: "Invalid
+  // argument", it finds no CID) is a broken image, not one without a
+  // descriptor.
+  if (descriptor.fields.size === 0 && descriptor.extents.length === 0) {
+    throw fail(
+      "embedded descriptor",
+      `${length} blank bytes`,
+      `descriptor text (the header's descriptorOffset ${header.descriptorOffset} and descriptorSize ${header.descriptorSize} say it is there)`,
+      at,
+      source.name,
+    );
+  }
+  return descriptor;
 }
 
 async function openMonolithic(
@@ -1285,8 +1313,10 @@ const DESCRIPTOR_START = "# Disk DescriptorFile";
 
 function probeVmdk(input: ProbeInput): number {
   const h = input.head;
-  if (h.length >= 4 && String.fromCharCode(...h.subarray(0, 4)) === MAGIC) {
-    return 100;
+  if (h.length >= 4) {
+    const magic = String.fromCharCode(...h.subarray(0, 4));
+    // VMFS sparse (COWD) extents are claimed so that `open` names them.
+    if (magic === MAGIC || magic === "COWD") return 100;
   }
   const text = String.fromCharCode(...h.subarray(0, Math.min(h.length, 512)));
   if (text.startsWith(DESCRIPTOR_START)) return 100;

@@ -86,6 +86,33 @@ export class ImageFormatError extends Error {
   }
 }
 
+/**
+ * A write refused because it would turn a raw image whose format was
+ * guessed by probing into another format: its first block would then
+ * carry `signature`'s signature (QEMU refuses these writes with EPERM).
+ * Naming the format (`-f raw`) lifts the restriction.
+ *
+ * @example
+ * ```ts
+ * import { ProbedRawWriteError } from "./errors.ts";
+ * const e = new ProbedRawWriteError("qcow2", "disk.img");
+ * console.log(e.format, e.signature); // raw qcow2
+ * ```
+ */
+export class ProbedRawWriteError extends ImageFormatError {
+  /**
+   * @param signature the format the first block would probe as
+   * @param file the image's name, when known
+   */
+  constructor(readonly signature: string, file?: string) {
+    super(
+      { format: "raw", field: "block 0", value: signature, offset: 0, file },
+      `refusing to write a ${signature} signature into block 0 of an image whose format was guessed as raw by probing: name the format (-f raw) to allow it`,
+    );
+    this.name = "ProbedRawWriteError";
+  }
+}
+
 /** A checksum stored in the image does not match the data. */
 export class ChecksumError extends ImageFormatError {
   /**

@@ -124,6 +124,18 @@ export interface Image extends Source {
   readonly geometry?: Geometry;
   /** Format-specific facts for `info` (JSON-serialisable). */
   readonly details?: Record<string, unknown>;
+  /**
+   * True when the caller did not name the format and probing chose it
+   * (set by `open` on raw images, whose writes to the first block are then
+   * checked as QEMU checks them).
+   */
+  readonly probed?: boolean;
+  /**
+   * Things the caller should be told about how the image was opened (a
+   * raw format guessed by probing and opened writable, QEMU's warning).
+   * The library never prints: the CLI writes these to stderr.
+   */
+  readonly warnings?: readonly string[];
   /** Writes through the format (allocating as needed); present when opened writable. */
   write?(offset: number, bytes: Uint8Array): Promise<void>;
   /** Flushes metadata and data of a writable image. */
@@ -294,8 +306,18 @@ export interface Driver {
   readonly name: string;
   /** One line for `formats`. */
   readonly description: string;
-  /** 0: not this format; higher: more certain. Raw scores 1. */
+  /**
+   * 0: not this format; higher: more certain. Raw scores 1. A driver
+   * scores its signature alone (a magic, a trailer, a descriptor's text),
+   * not the validity of its header: a file that carries the signature is
+   * this format, and `open` names what is wrong with it.
+   */
   probe(input: ProbeInput): number;
+  /**
+   * True for a format only recognised by its signature: `open` always
+   * refuses it with an `UnsupportedError` naming the format.
+   */
+  readonly recognisedOnly?: boolean;
   /** Opens the image. */
   open(source: Source, options: OpenOptions): Promise<Image>;
   /**

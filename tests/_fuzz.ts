@@ -2,7 +2,7 @@
 // mutant is opened, described and converted to a null sink in a worker, under
 // a time limit and a memory ceiling; the outcome is success, a typed format
 // error, or a defect (any other exception, a timeout, memory over the ceiling).
-import { formats } from "../mod.ts";
+import { driver, formats, fromBytes, probe, probeInput } from "../mod.ts";
 import { have, referenceBytes, referenceImages, run } from "./_helpers.ts";
 import { appleSeeds } from "./_apple_writers.ts";
 import { encryptDmg, encryptDmgV1 } from "./_encrypted_dmg_writer.ts";
@@ -25,7 +25,11 @@ export interface Seed {
 export interface Defect {
   seed: string;
   mutation: string;
-  kind: "exception" | "timeout" | "memory";
+  /**
+   * `signature-as-raw`: the mutant still carries its seed's signature
+   * (the seed's driver still claims it) and was opened as raw.
+   */
+  kind: "exception" | "timeout" | "memory" | "signature-as-raw";
   error: string;
   bytes: Uint8Array;
 }
@@ -35,11 +39,70 @@ export interface FuzzReport {
   mutants: number;
   ok: number;
   typed: number;
+  /** Mutants that still carried their seed's signature (all checked never to open as raw). */
+  signed: number;
   defects: Defect[];
   byFormat: Record<
     string,
     { mutants: number; ok: number; typed: number; defects: number }
   >;
+}
+
+/**
+ * Where each format keeps its signature, written down here rather than
+ * taken from the drivers' probes, so that the fuzzer's invariant does not
+ * trust the code it checks: `at` is a byte offset (negative: from the
+ * end of the file).
+ */
+const SIGNATURES: Record<string, { at: number; magic: string }[]> = {
+  qcow: [{ at: 0, magic: "QFI\xfb" }],
+  qcow2: [{ at: 0, magic: "QFI\xfb" }],
+  qed: [{ at: 0, magic: "QED\0" }],
+  vdi: [{ at: 64, magic: "\x7f\x10\xda\xbe" }],
+  vhdx: [{ at: 0, magic: "vhdxfile" }],
+  parallels: [
+    { at: 0, magic: "WithoutFreeSpace" },
+    { at: 0, magic: "WithouFreSpacExt" },
+  ],
+  luks: [{ at: 0, magic: "LUKS\xba\xbe" }],
+  vmdk: [
+    { at: 0, magic: "KDMV" },
+    { at: 0, magic: "COWD" },
+    { at: 0, magic: "# Disk DescriptorFile" },
+  ],
+  vpc: [{ at: 0, magic: "conectix" }, { at: -512, magic: "conectix" }],
+  cloop: [
+    { at: 11, magic: "V2.0" },
+    { at: 11, magic: "V4.0" },
+    { at: -136 + 11, magic: "V4.0" },
+  ],
+  cow: [{ at: 0, magic: "OOOM" }],
+  bochs: [{ at: 0, magic: "Bochs Virtual HD Image\0" }],
+  dmg: [{ at: -512, magic: "koly" }, { at: 0, magic: "encrcdsa" }],
+};
+
+/**
+ * True when `bytes` carry one of `format`'s signatures (see
+ * {@linkcode SIGNATURES}); formats not listed there are asked through
+ * their driver's probe.
+ */
+export async function carriesSignature(
+  format: string,
+  bytes: Uint8Array,
+): Promise<boolean> {
+  const known = SIGNATURES[format];
+  if (!known) {
+    if (format === "raw") return false;
+    return driver(format).probe(await probeInput(fromBytes(bytes))) > 0;
+  }
+  return known.some(({ at, magic }) => {
+    const start = at < 0 ? bytes.length + at : at;
+    if (start < 0 || start + magic.length > bytes.length) return false;
+    for (let i = 0; i < magic.length; i++) {
+      if (bytes[start + i] !== magic.charCodeAt(i)) return false;
+    }
+    return true;
+  });
 }
 
 /** xorshift32: the same seed gives the same mutants. */
@@ -123,7 +186,9 @@ export function mutate(
 
 /** Seeds: the reference images (when ../shared is there) and images the installed tools make. */
 export async function seeds(cacheDir: string): Promise<Seed[]> {
-  const known = new Set(formats().map((d) => d.name));
+  // Formats only recognised are seeds too: their mutants must be refused
+  // by name, or read as raw only once their signature is gone.
+  const known = new Set(formats({ recognised: true }).map((d) => d.name));
   const out: Seed[] = [];
   for (const image of referenceImages()) {
     if (!known.has(image.format)) continue;
@@ -273,6 +338,12 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
         tools: ["bximage"],
         cmd: `bximage -func=create -hd=10M -imgmode=growing -q OUT`,
       },
+      ...["qcow2", "qed", "vdi", "parallels"].map((format) => ({
+        name: format,
+        format,
+        tools: ["qemu-img"],
+        cmd: `qemu-img convert -f raw -O ${format} ${base} OUT`,
+      })),
       {
         name: "dmg",
         format: "dmg",
@@ -370,6 +441,7 @@ export async function fuzz(
     mutants: 0,
     ok: 0,
     typed: 0,
+    signed: 0,
     defects: [],
     byFormat: {},
   };
@@ -384,12 +456,26 @@ export async function fuzz(
     const { bytes, what } = mutate(seed.bytes, random);
     // One in four mutants is probed rather than opened as its format.
     const format = random.below(4) === 0 ? undefined : seed.format;
+    // Does the mutant still carry its seed's signature? Then probing must
+    // never choose raw for it, and opening it probed must not read it as raw.
+    const signed = await carriesSignature(seed.format, bytes);
+    const probedAs = signed
+      ? (await probe(fromBytes(bytes, "mutant")))[0]?.format
+      : undefined;
+    if (signed) report.signed++;
     worker ??= spawn();
     const id = nextId++;
     const w = worker;
     const outcome = await new Promise<
       { outcome: string; error?: string; stack?: string }
     >((resolve) => {
+      if (probedAs === "raw") {
+        resolve({
+          outcome: "signature-as-raw",
+          error: `the ${seed.format} signature is there, and probing chose raw`,
+        });
+        return;
+      }
       const timer = setTimeout(
         () =>
           resolve({
@@ -428,6 +514,14 @@ export async function fuzz(
         parts: seed.parts,
       });
     });
+    if (
+      signed && format === undefined && outcome.outcome === "ok" &&
+      (outcome as { format?: string }).format === "raw"
+    ) {
+      outcome.outcome = "signature-as-raw";
+      outcome.error =
+        `the ${seed.format} signature is there, and open read it as raw`;
+    }
     const stats = report.byFormat[seed.format] ??= {
       mutants: 0,
       ok: 0,
@@ -451,11 +545,13 @@ export async function fuzz(
           ? "timeout"
           : outcome.outcome === "memory"
           ? "memory"
+          : outcome.outcome === "signature-as-raw"
+          ? "signature-as-raw"
           : "exception",
         error: `${outcome.error}${outcome.stack ? `\n${outcome.stack}` : ""}`,
         bytes,
       });
-      if (outcome.outcome !== "defect") {
+      if (outcome.outcome === "timeout" || outcome.outcome === "memory") {
         // A hung or bloated worker is killed and replaced.
         worker.terminate();
         worker = undefined;

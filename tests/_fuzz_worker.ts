@@ -3,6 +3,7 @@
 // convert to a null sink. Answers how it ended. The parent kills this worker
 // on a timeout or when memory goes over the ceiling.
 import {
+  BackingFileError,
   convert,
   fromBytes,
   imageInfo,
@@ -44,7 +45,11 @@ self.onmessage = async (
         resolveFile: (name) =>
           data.parts?.[name]
             ? Promise.resolve(fromBytes(data.parts[name], name))
-            : Promise.reject(new Error(`no file ${name} beside the mutant`)),
+            // Typed, as a resolver's refusal is: a mutant of a vmdk can
+            // become a descriptor naming extent files that are not there.
+            : Promise.reject(
+              new BackingFileError(`no file ${name} beside the mutant`, name),
+            ),
         // Any backing file a mutant names reads as a small zero disk, so that
         // overlays (cow, qcow, vmdk, vpc) are read through, not refused.
         resolveBacking: () =>

@@ -338,7 +338,15 @@ Deno.test("write refuses a file that does not fit before writing anything, and c
     await Deno.writeFile(disk, new Uint8Array(8192));
     await Deno.writeFile(`${dir}/data.bin`, new Uint8Array(5000).fill(1));
     const before = await sha256File(disk);
-    const w = await cli(["write", disk, "4096", `${dir}/data.bin`]);
+    // -f raw: a probed raw disk would also get QEMU's warning on stderr.
+    const w = await cli([
+      "write",
+      "-f",
+      "raw",
+      disk,
+      "4096",
+      `${dir}/data.bin`,
+    ]);
     assertEquals(w.code, 1);
     assertEquals(
       w.stderr,
@@ -351,7 +359,7 @@ Deno.test("write refuses a file that does not fit before writing anything, and c
       `vdisk commit: ${disk} has no backing file to commit into\n`,
     );
     assertEquals(await sha256File(disk), before);
-    const ok = await cli(["write", disk, "3k", `${dir}/data.bin`]);
+    const ok = await cli(["write", "-f", "raw", disk, "3k", `${dir}/data.bin`]);
     assertEquals(ok.code, 0, ok.stderr);
     const expected = new Uint8Array(8192).fill(1, 3072, 8072);
     assertEquals(await Deno.readFile(disk), expected);

@@ -45,7 +45,7 @@ for (const [i, d] of report.defects.entries()) {
 }
 console.log(JSON.stringify(report.byFormat, null, 1));
 console.log(
-  `${report.mutants} mutants: ${report.ok} ok, ${report.typed} typed errors, ${report.defects.length} defects (seed ${values.seed}, ${
+  `${report.mutants} mutants: ${report.ok} ok, ${report.typed} typed errors, ${report.defects.length} defects; ${report.signed} still carried their seed's signature, none opened as raw unless listed as a defect (seed ${values.seed}, ${
     ((performance.now() - started) / 1000).toFixed(0)
   } s)`,
 );
