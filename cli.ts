@@ -48,6 +48,7 @@ import {
   type OutputFile,
   type OverlayImage,
   parseFatSpelling,
+  scratchFiles,
   type Sink,
   streamSink,
 } from "./mod.ts";
@@ -298,6 +299,8 @@ async function openImage(
     format: options.format,
     writable: options.writable,
     sink: options.writable ? file : undefined,
+    // Compressed inputs decode to a temporary file ($TMPDIR), not memory.
+    scratch: scratchFiles(),
     resolveBacking: policy &&
       (async (name, layer) => {
         const found = await policy(name, layer) as FileHandle;

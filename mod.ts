@@ -34,6 +34,13 @@ export * from "./streams/commit.ts";
 export { cipherFor, decrypt, qcowKey } from "./streams/decrypt.ts";
 export * from "./streams/service.ts";
 export * from "./streams/tree.ts";
+export {
+  decodeToScratch,
+  decompress,
+  detectCompression,
+  type FileCompression,
+  MEMORY_SCRATCH_LIMIT,
+} from "./streams/compressed.ts";
 export * from "./drivers/registry.ts";
 export { cloop } from "./drivers/cloop.ts";
 export { bochs } from "./drivers/bochs.ts";
