@@ -35,6 +35,7 @@ import { nodeZlibModule } from "../drivers/codecs/_node_zlib.ts";
 import * as bzip2 from "../drivers/codecs/bzip2.ts";
 import * as xz from "../drivers/codecs/xz.ts";
 import * as zstd from "../drivers/codecs/zstd.ts";
+import { codecPool } from "../drivers/dmg/_pool.ts";
 import { CodecError, ImageFormatError, UnsupportedError } from "./errors.ts";
 import {
   checkRange,
@@ -53,6 +54,17 @@ export const MEMORY_SCRATCH_LIMIT = 512 * 2 ** 20;
 
 /** Zero runs are found (and left unstored) at this granularity. */
 const GRANULE = 1 << 16;
+
+/**
+ * The largest xz block or zstd frame decoded whole on its own (the
+ * container's own index path); files with larger ones are decoded front
+ * to back into scratch.
+ */
+export const MAX_SEGMENT = 64 << 20;
+
+/** Decoded segments kept, and decoded ahead of a reader going forward. */
+const SEGMENTS_CACHED = 4;
+const SEGMENTS_AHEAD = 2;
 
 /** Compressed bytes read from the source at a time. */
 const READ_SIZE = 1 << 20;
@@ -226,6 +238,191 @@ async function* gunzip(source: Source): AsyncGenerator<Uint8Array> {
   while (out.length) yield out.shift()!;
 }
 
+/**
+ * A codec's error as the container's: an {@linkcode ImageFormatError}
+ * whose format is the container and whose message names the file.
+ */
+function containerError(
+  e: unknown,
+  compression: FileCompression,
+  source: Source,
+): unknown {
+  if (!(e instanceof CodecError)) return e;
+  const what = e.message.startsWith(`${e.codec}: `)
+    ? e.message.slice(e.codec.length + 2)
+    : e.message;
+  return new ImageFormatError(
+    {
+      format: compression,
+      field: "compressed data",
+      value: what,
+      limit: `a complete, valid ${compression} file`,
+      file: source.name,
+    },
+    `${source.name ? `${source.name}: ` : ""}${compression}: ${what}`,
+  );
+}
+
+/** A part of a compressed file that decodes alone. */
+interface Segment {
+  packedOffset: number;
+  packedLength: number;
+  /** Where its bytes go in the decoded file. */
+  offset: number;
+  size: number;
+  decode(packed: Uint8Array): Promise<Uint8Array>;
+}
+
+/** One xz block, decoded on the codec workers when they run. */
+async function decodeXzBlock(
+  block: xz.XzBlock,
+  packed: Uint8Array,
+): Promise<Uint8Array> {
+  const stream = xz.blockAsStream(block, packed);
+  const pooled = await codecPool.run("decode", "xz", stream, block.size);
+  return pooled ?? await xz.decode(stream, block.size);
+}
+
+/** One zstd frame, decoded whole with its checksum and size checked. */
+async function decodeZstdFrame(
+  packed: Uint8Array,
+  size: number,
+): Promise<Uint8Array> {
+  const out = new Uint8Array(size);
+  let at = 0;
+  let given = false;
+  const feed = new ByteFeed(() =>
+    Promise.resolve(given ? null : (given = true, packed))
+  );
+  for await (const piece of zstd.decodeStreaming(feed)) {
+    if (at + piece.length > size) {
+      throw new CodecError("zstd", `frame decodes to more than ${size} bytes`);
+    }
+    out.set(piece, at);
+    at += piece.length;
+  }
+  if (at !== size) {
+    throw new CodecError("zstd", `frame decodes to ${at} bytes, not ${size}`);
+  }
+  return out;
+}
+
+/**
+ * The parts of `source` that decode alone, from the container's own
+ * index: xz blocks (from the streams' indexes at the end) and zstd frames
+ * that declare their content size, each at most {@linkcode MAX_SEGMENT}.
+ * Undefined when the container has no such index.
+ */
+async function segmentsOf(
+  source: Source,
+  compression: FileCompression,
+): Promise<Segment[] | undefined> {
+  const read = (offset: number, length: number) => source.read(offset, length);
+  if (compression === "xz") {
+    const blocks = await xz.readIndex(read, source.size);
+    if (!blocks || blocks.some((b) => b.size > MAX_SEGMENT)) return undefined;
+    return blocks.filter((b) => b.size > 0).map((b) => ({
+      packedOffset: b.packedOffset,
+      packedLength: b.packedLength,
+      offset: b.offset,
+      size: b.size,
+      decode: (packed) => decodeXzBlock(b, packed),
+    }));
+  }
+  if (compression === "zstd") {
+    const frames = await zstd.readFrames(read, source.size, MAX_SEGMENT);
+    if (!frames) return undefined;
+    return frames.filter((f) => f.size > 0).map((f) => ({
+      ...f,
+      decode: (packed) => decodeZstdFrame(packed, f.size),
+    }));
+  }
+  return undefined;
+}
+
+/**
+ * The decoded file read at random through its segments: a read decodes
+ * the segments it touches (a few are kept), and a reader going forward
+ * has the next ones decoding on the codec workers meanwhile.
+ */
+function segmentedSource(
+  source: Source,
+  compression: FileCompression,
+  segments: Segment[],
+): DecodedSource {
+  const last = segments[segments.length - 1];
+  const size = last ? last.offset + last.size : 0;
+  const cache = new Map<number, Promise<Uint8Array>>();
+  const get = (i: number): Promise<Uint8Array> => {
+    let decoded = cache.get(i);
+    if (decoded) {
+      // Most recently used last.
+      cache.delete(i);
+    } else {
+      const s = segments[i];
+      decoded = source.read(s.packedOffset, s.packedLength)
+        .then((packed) => s.decode(packed))
+        .catch((e) => {
+          throw containerError(e, compression, source);
+        });
+      decoded.catch(() => {}); // observed by whoever awaits it
+    }
+    cache.set(i, decoded);
+    while (cache.size > SEGMENTS_CACHED) {
+      cache.delete(cache.keys().next().value!);
+    }
+    return decoded;
+  };
+  const find = (offset: number): number => {
+    let lo = 0;
+    let hi = segments.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >>> 1;
+      if (segments[mid].offset <= offset) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo;
+  };
+  const readInto = async (offset: number, into: Uint8Array) => {
+    checkRange(size, offset, into.length);
+    let i = find(offset);
+    for (let at = 0; at < into.length; i++) {
+      const s = segments[i];
+      const decoded = await get(i);
+      // Decode ahead of a reader going forward (skipped for the ones cached).
+      for (let k = i + 1; k <= i + SEGMENTS_AHEAD && k < segments.length; k++) {
+        if (!cache.has(k)) get(k);
+      }
+      const from = offset + at - s.offset;
+      const n = Math.min(s.size - from, into.length - at);
+      into.set(decoded.subarray(from, from + n), at);
+      at += n;
+    }
+  };
+  return {
+    compression,
+    compressedSize: source.size,
+    access: "index",
+    size,
+    name: source.name,
+    async read(offset, length) {
+      const out = new Uint8Array(length);
+      await readInto(offset, out);
+      return out;
+    },
+    readInto,
+    async *extents(offset, length) {
+      checkRange(size, offset, length);
+      if (length) yield { offset, length, kind: "data" };
+    },
+    async close() {
+      cache.clear();
+      codecPool.release();
+      await source.close?.();
+    },
+  };
+}
+
 /** A scratch store in memory: 1 MiB pages, zero pages not kept. */
 function memoryScratch(): ScratchFile {
   const PAGE = 1 << 20;
@@ -305,6 +502,12 @@ export interface DecodedSource extends Source {
   readonly compression: FileCompression;
   /** Bytes of the compressed file. */
   readonly compressedSize: number;
+  /**
+   * How it is read at random: `index` (xz blocks or zstd frames that
+   * decode alone, as the container lists them) or `scratch` (decoded
+   * front to back into a scratch store).
+   */
+  readonly access: "index" | "scratch";
   readInto(offset: number, into: Uint8Array): Promise<void>;
   extents(offset: number, length: number): AsyncIterable<Extent>;
   close(): Promise<void>;
@@ -387,28 +590,13 @@ export async function decodeToScratch(
     if (!Number.isSafeInteger(size)) throw new RangeError("decoded size");
   } catch (e) {
     await store.close();
-    if (e instanceof CodecError) {
-      throw new ImageFormatError(
-        {
-          format: compression,
-          field: "compressed data",
-          value: e.message,
-          limit: `a complete, valid ${compression} file`,
-          file: source.name,
-        },
-        `${source.name ? `${source.name}: ` : ""}${compression}: ${
-          e.message.startsWith(`${e.codec}: `)
-            ? e.message.slice(e.codec.length + 2)
-            : e.message
-        }`,
-      );
-    }
-    throw e;
+    throw containerError(e, compression, source);
   }
   const decodedSize = size;
   return {
     compression,
     compressedSize: source.size,
+    access: "scratch",
     size: decodedSize,
     name: source.name,
     async read(offset, length) {
@@ -505,7 +693,10 @@ export async function openCompressed(
       } is ${compression}-compressed and can only be read; decompress it to write to it`,
     );
   }
-  const decoded = await decodeToScratch(source, compression, options.scratch);
+  const segments = await segmentsOf(source, compression);
+  const decoded = segments
+    ? segmentedSource(source, compression, segments)
+    : await decodeToScratch(source, compression, options.scratch);
   let inner: Image;
   try {
     inner = await openInner(decoded, options);
@@ -517,6 +708,7 @@ export async function openCompressed(
     ...inner.details,
     file_compression: compression,
     compressed_size: source.size,
+    compressed_access: decoded.access,
   };
   return new Proxy(inner, {
     get(target, key) {

@@ -1239,6 +1239,188 @@ export async function* decodeStreaming(
 }
 
 // ---------------------------------------------------------------------------
+// The index: where each block is, read from the end of the file.
+
+/** One block of an `.xz` file, as the streams' indexes list it. */
+export interface XzBlock {
+  /** Offset of the block header in the file. */
+  packedOffset: number;
+  /** Bytes of the block in the file (header, data, padding, check). */
+  packedLength: number;
+  /** The index's unpadded size (without the padding before the check). */
+  unpaddedSize: number;
+  /** Offset of the block's first decoded byte in the decoded file. */
+  offset: number;
+  /** Decoded bytes. */
+  size: number;
+  /** The stream flags (the check type) of the block's stream. */
+  streamFlags: Uint8Array;
+}
+
+/** The most index bytes {@linkcode readIndex} reads (a million blocks or so). */
+const MAX_INDEX_BYTES = 16 << 20;
+
+/**
+ * Reads the index of every stream of an `.xz` file from its end: where
+ * each block lies and what it decodes to, so that blocks can be decoded
+ * alone. The stream headers, footers and indexes are checked (CRC-32s,
+ * magic, flags, sizes adding up); the blocks are not read. Answers
+ * `undefined` when the file does not end as an `.xz` file should (then
+ * the streaming decoder, reading it front to back, says what is wrong).
+ *
+ * @param read reads bytes of the file
+ * @param size the file's size
+ * @returns the blocks in order, or undefined
+ *
+ * @example
+ * ```ts
+ * import { encode, readIndex } from "./xz.ts";
+ * const packed = await encode(new Uint8Array(1000));
+ * const blocks = await readIndex(
+ *   (offset, length) => Promise.resolve(packed.slice(offset, offset + length)),
+ *   packed.length,
+ * );
+ * console.log(blocks?.length, blocks?.[0].size); // 1 1000
+ * ```
+ */
+export async function readIndex(
+  read: (offset: number, length: number) => Promise<Uint8Array>,
+  size: number,
+): Promise<XzBlock[] | undefined> {
+  const streams: XzBlock[][] = [];
+  let end = size;
+  while (end > 0) {
+    // Stream padding: zero bytes in fours before a stream's footer.
+    while (end >= 4) {
+      const word = await read(end - 4, 4);
+      if (word[0] || word[1] || word[2] || word[3]) break;
+      end -= 4;
+      if (streams.length === 0 && size - end > 1 << 20) return undefined;
+    }
+    if (end < 24) return undefined;
+    const foot = await read(end - 12, 12);
+    if (foot[10] !== FOOTER_MAGIC[0] || foot[11] !== FOOTER_MAGIC[1]) {
+      return undefined;
+    }
+    if (crc32(foot.subarray(4, 10)) !== le32(foot, 0)) return undefined;
+    const indexSize = (le32(foot, 4) + 1) * 4;
+    if (indexSize > MAX_INDEX_BYTES || indexSize + 24 > end) return undefined;
+    const indexStart = end - 12 - indexSize;
+    const index = await read(indexStart, indexSize);
+    if (index[0] !== 0) return undefined;
+    if (
+      crc32(index.subarray(0, indexSize - 4)) !== le32(index, indexSize - 4)
+    ) {
+      return undefined;
+    }
+    const records: Array<[number, number]> = [];
+    try {
+      const r = { pos: 1 };
+      const count = varint(index, r, indexSize - 4, "index record count");
+      if (count > indexSize / 2) return undefined;
+      for (let i = 0; i < count; i++) {
+        const unpadded = varint(index, r, indexSize - 4, "index unpadded size");
+        const decoded = varint(
+          index,
+          r,
+          indexSize - 4,
+          "index uncompressed size",
+        );
+        if (unpadded < 5 || unpadded > 2 ** 50) return undefined;
+        records.push([unpadded, decoded]);
+      }
+      for (let i = r.pos; i < indexSize - 4; i++) {
+        if (index[i]) return undefined;
+      }
+      if (indexSize - 4 - r.pos > 3) return undefined;
+    } catch (e) {
+      if (e instanceof CodecError) return undefined;
+      throw e;
+    }
+    let blocksLength = 0;
+    for (const [unpadded] of records) {
+      blocksLength += Math.ceil(unpadded / 4) * 4;
+    }
+    const streamStart = indexStart - blocksLength - 12;
+    if (streamStart < 0) return undefined;
+    const head = await read(streamStart, 12);
+    for (let i = 0; i < 6; i++) if (head[i] !== MAGIC[i]) return undefined;
+    if (head[6] !== foot[8] || head[7] !== foot[9]) return undefined;
+    if (crc32(head.subarray(6, 8)) !== le32(head, 8)) return undefined;
+    const streamFlags = head.slice(6, 8);
+    const blocks: XzBlock[] = [];
+    let at = streamStart + 12;
+    for (const [unpadded, decoded] of records) {
+      const packedLength = Math.ceil(unpadded / 4) * 4;
+      blocks.push({
+        packedOffset: at,
+        packedLength,
+        unpaddedSize: unpadded,
+        offset: 0,
+        size: decoded,
+        streamFlags,
+      });
+      at += packedLength;
+    }
+    streams.unshift(blocks);
+    end = streamStart;
+  }
+  const all = streams.flat();
+  let offset = 0;
+  for (const block of all) {
+    block.offset = offset;
+    offset += block.size;
+  }
+  return Number.isSafeInteger(offset) ? all : undefined;
+}
+
+/**
+ * One block of an `.xz` file (its bytes as {@linkcode readIndex} located
+ * them) wrapped as a stream of its own, which {@linkcode decode} decodes
+ * with every check: the block header's CRC-32, the block's check, and
+ * the sizes the index gave. The block's bytes are copied once.
+ *
+ * @param block where the block is
+ * @param bytes the block's `packedLength` bytes
+ * @returns a complete `.xz` stream holding just that block
+ *
+ * @example
+ * ```ts
+ * import { blockAsStream, decode, encode, readIndex } from "./xz.ts";
+ * const packed = await encode(new Uint8Array(1000).fill(3));
+ * const read = (o: number, n: number) => Promise.resolve(packed.slice(o, o + n));
+ * const [block] = (await readIndex(read, packed.length))!;
+ * const alone = blockAsStream(block, await read(block.packedOffset, block.packedLength));
+ * console.log((await decode(alone, block.size))[999]); // 3
+ * ```
+ */
+export function blockAsStream(block: XzBlock, bytes: Uint8Array): Uint8Array {
+  const index = [
+    0,
+    1,
+    ...varintBytes(block.unpaddedSize),
+    ...varintBytes(block.size),
+  ];
+  while (index.length % 4) index.push(0);
+  const indexLength = index.length + 4;
+  const out = new Uint8Array(12 + bytes.length + indexLength + 12);
+  const v = new DataView(out.buffer);
+  out.set(MAGIC, 0);
+  out.set(block.streamFlags, 6);
+  v.setUint32(8, crc32(block.streamFlags), true);
+  out.set(bytes, 12);
+  let at = 12 + bytes.length;
+  out.set(index, at);
+  v.setUint32(at + index.length, crc32(new Uint8Array(index)), true);
+  at += indexLength;
+  v.setUint32(at + 4, indexLength / 4 - 1, true);
+  out.set(block.streamFlags, at + 8);
+  out.set(FOOTER_MAGIC, at + 10);
+  v.setUint32(at, crc32(out.subarray(at + 4, at + 10)), true);
+  return out;
+}
+
+// ---------------------------------------------------------------------------
 // LZMA encoding.
 
 /** A range encoder writing into a growing buffer. */

@@ -278,3 +278,105 @@ export async function* decodeStreaming(
     }
   }
 }
+
+/** One zstd frame that declares its content size. */
+export interface ZstdFrame {
+  /** Offset of the frame (its magic) in the file. */
+  packedOffset: number;
+  /** Bytes of the frame in the file, checksum included. */
+  packedLength: number;
+  /** Offset of its first decoded byte in the decoded file. */
+  offset: number;
+  /** Its content size. */
+  size: number;
+}
+
+/**
+ * Walks the frames of a `.zst` file from its start (headers and block
+ * headers only, read a window at a time) while each frame declares a
+ * content size of at most `maxFrame` bytes, so that frames can then be
+ * decoded alone. Answers `undefined` as soon as one does not (a frame
+ * without a content size, a larger one, anything malformed: the
+ * streaming decoder then reads the file and names what is wrong).
+ * Skippable frames are stepped over.
+ *
+ * @param read reads bytes of the file
+ * @param size the file's size
+ * @param maxFrame the largest content size wanted
+ * @returns the frames in order, or undefined
+ *
+ * @example
+ * ```ts ignore
+ * import { readFrames } from "./zstd.ts";
+ * const file = await Deno.readFile("disk.img.zst");
+ * const read = (o: number, n: number) => Promise.resolve(file.slice(o, o + n));
+ * console.log(await readFrames(read, file.length, 64 << 20));
+ * ```
+ */
+export async function readFrames(
+  read: (offset: number, length: number) => Promise<Uint8Array>,
+  size: number,
+  maxFrame: number,
+): Promise<ZstdFrame[] | undefined> {
+  // A window of the file, so that walking block headers is not a read each.
+  let windowStart = 0;
+  let window: Uint8Array = new Uint8Array(0);
+  const bytesAt = async (
+    at: number,
+    n: number,
+  ): Promise<Uint8Array | undefined> => {
+    if (at + n > size) return undefined;
+    if (at < windowStart || at + n > windowStart + window.length) {
+      windowStart = at;
+      window = await read(at, Math.min(size - at, Math.max(n, 1 << 20)));
+    }
+    return window.subarray(at - windowStart, at - windowStart + n);
+  };
+  const frames: ZstdFrame[] = [];
+  let offset = 0;
+  let at = 0;
+  while (at < size) {
+    const magicBytes = await bytesAt(at, 4);
+    if (!magicBytes) return undefined;
+    const magic = le32(magicBytes, 0);
+    if ((magic & SKIPPABLE_MASK) >>> 0 === SKIPPABLE_MAGIC) {
+      const head = await bytesAt(at, 8);
+      if (!head) return undefined;
+      at += 8 + le32(head, 4);
+      continue;
+    }
+    if (magic !== FRAME_MAGIC) return undefined;
+    const head = await bytesAt(at, Math.min(18, size - at));
+    let header: FrameHeader;
+    try {
+      header = parseFrameHeader(head!, 0, head!.length, "frame");
+    } catch (e) {
+      if (e instanceof CodecError) return undefined;
+      throw e;
+    }
+    if (header.contentSize === undefined || header.contentSize > maxFrame) {
+      return undefined;
+    }
+    let pos = at + header.headerSize;
+    for (;;) {
+      const b = await bytesAt(pos, 3);
+      if (!b) return undefined;
+      const h = b[0] | (b[1] << 8) | (b[2] << 16);
+      const type = (h >>> 1) & 3;
+      if (type === 3) return undefined;
+      pos += 3 + (type === 1 ? 1 : h >>> 3);
+      if (h & 1) break;
+    }
+    pos += header.checksum ? 4 : 0;
+    if (pos > size) return undefined;
+    frames.push({
+      packedOffset: at,
+      packedLength: pos - at,
+      offset,
+      size: header.contentSize,
+    });
+    offset += header.contentSize;
+    at = pos;
+  }
+  return Number.isSafeInteger(offset) ? frames : undefined;
+}
