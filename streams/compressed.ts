@@ -424,7 +424,7 @@ function segmentedSource(
 }
 
 /** A scratch store in memory: 1 MiB pages, zero pages not kept. */
-function memoryScratch(): ScratchFile {
+function memoryScratch(limit: number, format: string): ScratchFile {
   const PAGE = 1 << 20;
   const pages = new Map<number, Uint8Array>();
   return {
@@ -435,18 +435,18 @@ function memoryScratch(): ScratchFile {
         const n = Math.min(PAGE - within, bytes.length - at);
         let page = pages.get(index);
         if (!page) {
-          if ((pages.size + 1) * PAGE > MEMORY_SCRATCH_LIMIT + PAGE) {
+          if (pages.size * PAGE >= limit) {
             return Promise.reject(
               new UnsupportedError(
                 {
-                  format: "compressed file",
+                  format,
                   field: "decoded data",
-                  value: `more than ${MEMORY_SCRATCH_LIMIT} bytes`,
+                  value: `more than ${limit} bytes`,
                   limit:
-                    `at most ${MEMORY_SCRATCH_LIMIT} bytes in memory: decode it with xz/zstd/gzip/bzip2 -d first, ` +
+                    `at most ${limit} bytes in memory: decode it with xz/zstd/gzip/bzip2 -d first, ` +
                     "or open it where a scratch file can be used (Deno: the scratch option)",
                 },
-                `the decoded image has more than ${MEMORY_SCRATCH_LIMIT} bytes of data to hold in memory`,
+                `the decoded image has more than ${limit} bytes of data to hold in memory`,
               ),
             );
           }
@@ -524,6 +524,7 @@ export interface DecodedSource extends Source {
  * @param source the compressed file
  * @param compression its container
  * @param scratch the scratch store factory (memory when absent)
+ * @param memoryLimit the most data bytes a memory store holds
  * @returns the decoded bytes, read at random
  *
  * @example
@@ -546,8 +547,11 @@ export async function decodeToScratch(
   source: Source,
   compression: FileCompression,
   scratch?: () => Promise<ScratchFile>,
+  memoryLimit: number = MEMORY_SCRATCH_LIMIT,
 ): Promise<DecodedSource> {
-  const store = scratch ? await scratch() : memoryScratch();
+  const store = scratch
+    ? await scratch()
+    : memoryScratch(memoryLimit, compression);
   const zeros = new ZeroMap();
   let size = 0;
   try {

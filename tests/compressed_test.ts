@@ -12,7 +12,8 @@ import {
   open,
   scratchFiles,
 } from "../mod.ts";
-import { detectCompression } from "../streams/compressed.ts";
+import { decodeToScratch, detectCompression } from "../streams/compressed.ts";
+import { UnsupportedError } from "../mod.ts";
 import {
   cli,
   pseudoRandom,
@@ -300,3 +301,99 @@ Deno.test("a writable open of a compressed file is refused", {
     /decompress it/,
   );
 });
+
+Deno.test(
+  "a many-block xz is read through its index: exact bytes, holes, and a corrupt later block fails the convert leaving no output",
+  { ignore: skip(["xz"]) },
+  () =>
+    withTemp(async (dir) => {
+      const disk = sampleDisk(4);
+      const packed = await pack("xz", disk, ["--block-size=1000000"]);
+      const input = `${dir}/disk.img.xz`;
+      await Deno.writeFile(input, packed);
+      const image = await open(fromBytes(packed));
+      assertEquals(image.details?.compressed_access, "index");
+      const got = await cliConvert(dir, input);
+      assertEquals(got.sha, sha256Hex(disk));
+      assertTrue(got.allocated <= disk.length * 0.7, `${got.allocated}`);
+      await Deno.remove(`${dir}/out.raw`);
+      // A byte of the fourth block's data: the index still reads, the
+      // block's check does not.
+      const poked = packed.slice();
+      poked[Math.floor(packed.length * 0.8)] ^= 0x55;
+      await Deno.writeFile(input, poked);
+      const r = await cli(["convert", input, `${dir}/out.raw`]);
+      assertEquals(r.code, 1, r.stderr);
+      assertMatch(r.stderr, /xz/);
+      assertEquals([...Deno.readDirSync(dir)].map((e) => e.name), [
+        "disk.img.xz",
+      ]);
+    }),
+);
+
+Deno.test(
+  "zstd frames that declare their sizes (cat of files packed by zstd) are read through them",
+  { ignore: skip(["zstd"]) },
+  () =>
+    withTemp(async (dir) => {
+      const a = sampleDisk(2, 11);
+      const b = sampleDisk(1, 12);
+      await Deno.writeFile(`${dir}/a`, a);
+      await Deno.writeFile(`${dir}/b`, b);
+      await run("sh", [
+        "-c",
+        `zstd -q -c ${dir}/a > ${dir}/d.zst && zstd -q -c --no-check ${dir}/b >> ${dir}/d.zst`,
+      ]);
+      const packed = await Deno.readFile(`${dir}/d.zst`);
+      const image = await open(fromBytes(packed));
+      assertEquals(image.details?.compressed_access, "index");
+      assertEquals(image.size, a.length + b.length);
+      assertEquals(sha256Hex(await image.read(0, a.length)), sha256Hex(a));
+      assertEquals(
+        sha256Hex(await image.read(a.length, b.length)),
+        sha256Hex(b),
+      );
+      // The first frame's checksum, poked: its read fails naming zstd.
+      const poked = packed.slice();
+      const firstEnd = packed.length -
+        (await run("zstd", ["-q", "-c", "--no-check", `${dir}/b`])).stdout
+          .length;
+      poked[firstEnd - 2] ^= 1;
+      const broken = await open(fromBytes(poked)).catch((e) => e as Error);
+      const error = broken instanceof Error
+        ? broken
+        : await broken.read(0, 4096).then(() => undefined, (e) => e as Error);
+      assertTrue(error instanceof ImageFormatError, String(error));
+      assertMatch(error!.message, /zstd: .*checksum mismatch/);
+    }),
+);
+
+Deno.test(
+  "decoding into memory stops at its limit with an UnsupportedError saying what to do",
+  { ignore: skip(["gzip"]) },
+  async () => {
+    const packed = await pack("gzip", pseudoRandom(3 << 20, 9));
+    await rejects(
+      () => decodeToScratch(fromBytes(packed), "gzip", undefined, 1 << 20),
+      UnsupportedError,
+      /more than 1048576 bytes of data to hold in memory/,
+    );
+  },
+);
+
+Deno.test(
+  "a scratch file leaves nothing behind in its folder",
+  { ignore: skip(["bzip2"]) },
+  () =>
+    withTemp(async (dir) => {
+      const disk = sampleDisk(2);
+      const packed = await pack("bzip2", disk);
+      const image = await open(fromBytes(packed), {
+        scratch: scratchFiles(dir),
+      });
+      assertEquals(image.details?.compressed_access, "scratch");
+      assertEquals([...Deno.readDirSync(dir)].length, 0);
+      assertEquals(sha256Hex(await image.read(0, image.size)), sha256Hex(disk));
+      await image.close?.();
+    }),
+);
