@@ -14,8 +14,11 @@ import {
 } from "../mod.ts";
 import { decodeToScratch, detectCompression } from "../streams/compressed.ts";
 import { UnsupportedError } from "../mod.ts";
+import { crc32 } from "../drivers/codecs/crc32.ts";
 import {
+  assertBoundedWork,
   cli,
+  countingSource,
   pseudoRandom,
   rejects,
   ROOT,
@@ -396,4 +399,64 @@ Deno.test(
       assertEquals(sha256Hex(await image.read(0, image.size)), sha256Hex(disk));
       await image.close?.();
     }),
+);
+
+Deno.test(
+  "malformed headers are the container's errors, refused before anything is allocated by them",
+  { ignore: skip(["xz", "zstd", "gzip"]) },
+  async () => {
+    const text = new TextEncoder().encode("hello hello hello\n".repeat(100));
+    const expectError = async (bytes: Uint8Array, pattern: RegExp) => {
+      const counted = countingSource(bytes);
+      await rejects(() => open(counted.source), ImageFormatError, pattern);
+      assertBoundedWork(counted, bytes.length, 50, 8);
+    };
+    // xz: a block header declaring a 4 GiB dictionary (its CRC made right).
+    const xzBytes = await pack("xz", text);
+    const poked = xzBytes.slice();
+    poked[16] = 40;
+    new DataView(poked.buffer).setUint32(
+      20,
+      crc32(poked.subarray(12, 20)),
+      true,
+    );
+    await expectError(poked, /xz: .*dictionary/);
+    // xz: the stream flags naming a reserved bit.
+    const flags = xzBytes.slice();
+    flags[6] = 0x80;
+    await expectError(flags, /xz: .*stream (flags|header)/);
+    // zstd: a window of 2 TiB (window descriptor 0xf8).
+    const zstdBytes = await pack("zstd", text);
+    const window = zstdBytes.slice();
+    window[5] = 0xf8;
+    await expectError(window, /zstd: .*window of 2199023255552 bytes/);
+    // zstd: the reserved block type 3.
+    const block = zstdBytes.slice();
+    block[6] = (block[6] & ~6) | 6;
+    await expectError(block, /zstd: .*reserved type 3/);
+    // zstd: a frame declaring 1 TiB of content that holds 1800 bytes.
+    const sized = new Uint8Array([
+      0x28,
+      0xb5,
+      0x2f,
+      0xfd,
+      0xc4,
+      0x58,
+      0,
+      0,
+      0,
+      0,
+      0,
+      1,
+      0,
+      0,
+      ...zstdBytes.subarray(6),
+    ]);
+    await expectError(sized, /zstd: .*declares 1099511627776/);
+    // gzip: the length of the member poked.
+    const gz = await pack("gzip", text);
+    const length = gz.slice();
+    length[length.length - 1] ^= 1;
+    await expectError(length, /gzip: /);
+  },
 );

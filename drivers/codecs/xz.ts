@@ -650,6 +650,11 @@ function parseBlockHeader(
     dictSize = d === 40
       ? 0xffffffff
       : (2 | (d & 1)) * 2 ** (Math.floor(d / 2) + 11);
+    if (dictSize > MAX_STREAMING_DICTIONARY) {
+      fail(
+        `${where}: LZMA2 dictionary of ${dictSize} bytes is over the ${MAX_STREAMING_DICTIONARY} accepted (xz's own largest)`,
+      );
+    }
     r.pos += propsSize;
   }
   for (let i = r.pos; i < headerEnd; i++) {
@@ -853,7 +858,7 @@ export async function decode(
 // ---------------------------------------------------------------------------
 // Streaming decoding: `.xz` files of any size in bounded memory.
 
-/** The largest LZMA2 dictionary the streaming decoder accepts (xz's own maximum is 1.5 GiB). */
+/** The largest LZMA2 dictionary accepted: xz's own largest, 1.5 GiB (only 4 GiB - 1 is larger). */
 export const MAX_STREAMING_DICTIONARY = 1536 * 2 ** 20;
 
 /** An incremental check of one block's data. */
@@ -997,11 +1002,6 @@ export async function* decodeStreaming(
       }
       const header = parseBlockHeader(feed.bytes, feed.start, at);
       feed.skip(headerSize);
-      if (header.dictSize > MAX_STREAMING_DICTIONARY) {
-        fail(
-          `${at}: LZMA2 dictionary of ${header.dictSize} bytes is over the ${MAX_STREAMING_DICTIONARY} this decoder accepts`,
-        );
-      }
       const dataStart = feed.consumed;
       const check = await newCheck(checkType);
       const lzma = new LzmaDecoder();
