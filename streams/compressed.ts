@@ -191,7 +191,14 @@ async function* gunzip(source: Source): AsyncGenerator<Uint8Array> {
         const piece of input.pipeThrough(new DecompressionStream("gzip"))
       ) yield piece as Uint8Array;
     } catch (e) {
-      throw new CodecError("gzip", e instanceof Error ? e.message : String(e));
+      // Browsers' (and Deno's) DecompressionStream reads one member and
+      // fails on whatever follows it.
+      throw new CodecError(
+        "gzip",
+        `${
+          e instanceof Error ? e.message : String(e)
+        } (this runtime's DecompressionStream reads a single gzip member: a file of several members, or with bytes after its member, needs node:zlib)`,
+      );
     }
     return;
   }
