@@ -666,7 +666,9 @@ const commands: Record<string, Command> = {
       }
       for await (const run of layeredExtents(image, 0, image.size)) {
         const data = run.kind === "data";
-        const raw = run.layer.format === "raw";
+        // A raw disk decoded from a compressed file has no host offsets.
+        const raw = run.layer.format === "raw" &&
+          run.layer.details?.file_compression === undefined;
         if (json) {
           // Keys and order as qemu-img's; `offset` (the host file offset) is
           // known only for raw images.

@@ -464,3 +464,25 @@ Deno.test(
     await expectError(length, /gzip: /);
   },
 );
+
+Deno.test(
+  "map of a compressed raw disk shows its zero runs and no host offsets; compare finds it identical to the disk",
+  { ignore: skip(["gzip"]) },
+  () =>
+    withTemp(async (dir) => {
+      const disk = sampleDisk(2);
+      await Deno.writeFile(`${dir}/disk.img`, disk);
+      await Deno.writeFile(`${dir}/disk.img.gz`, await pack("gzip", disk));
+      const r = await cli(["map", "--output=json", `${dir}/disk.img.gz`]);
+      assertEquals(r.code, 0, r.stderr);
+      const runs = JSON.parse(r.text) as Record<string, unknown>[];
+      assertTrue(runs.some((e) => e.zero === true), r.text);
+      assertTrue(runs.every((e) => !("offset" in e)), r.text);
+      const same = await cli([
+        "compare",
+        `${dir}/disk.img.gz`,
+        `${dir}/disk.img`,
+      ]);
+      assertEquals(same.code, 0, same.stderr);
+    }),
+);
