@@ -603,14 +603,19 @@ const commands: Record<string, Command> = {
           "convert",
         );
       }
+      // A compressed input decoded into scratch first gets a bar of its own.
+      const unpacking = values.progress ? progressBar("decompress") : undefined;
       const { image: source, files } = await openImage(input, {
         format: values.format as string | undefined,
         ...backingPolicy(values),
         extra: {
           key,
           ...(values["no-verify"] ? { options: { verify: "off" } } : {}),
+          onDecodeProgress: unpacking &&
+            ((done, total) => unpacking.update(done, total)),
         },
       });
+      unpacking?.end();
       if (output !== "-") await refuseInputAsOutput(output, input, files);
       const image = bootSector ? bootSectorPatch(source, bootSector) : source;
       const encryptOutput = outOptions.encryption === "on" ||

@@ -104,14 +104,21 @@ export function detectCompression(
   return undefined;
 }
 
-/** Pulls `source` front to back, `READ_SIZE` bytes at a time. */
-function puller(source: Source): () => Promise<Uint8Array | null> {
+/**
+ * Pulls `source` front to back, `READ_SIZE` bytes at a time, telling
+ * `onProgress` how far it has got.
+ */
+function puller(
+  source: Source,
+  onProgress?: (done: number, total: number) => void,
+): () => Promise<Uint8Array | null> {
   let offset = 0;
   return async () => {
     if (offset >= source.size) return null;
     const length = Math.min(READ_SIZE, source.size - offset);
     const bytes = await source.read(offset, length);
     offset += length;
+    onProgress?.(offset, source.size);
     return bytes;
   };
 }
@@ -125,6 +132,7 @@ function puller(source: Source): () => Promise<Uint8Array | null> {
  *
  * @param source the compressed file
  * @param compression its container
+ * @param onProgress told the compressed bytes read so far, and their total
  * @returns the decoded bytes
  *
  * @example
@@ -145,8 +153,9 @@ function puller(source: Source): () => Promise<Uint8Array | null> {
 export function decompress(
   source: Source,
   compression: FileCompression,
+  onProgress?: (done: number, total: number) => void,
 ): AsyncGenerator<Uint8Array> {
-  const feed = new ByteFeed(puller(source));
+  const feed = new ByteFeed(puller(source, onProgress));
   switch (compression) {
     case "xz":
       return xz.decodeStreaming(feed);
@@ -155,7 +164,7 @@ export function decompress(
     case "zstd":
       return zstd.decodeStreaming(feed);
     case "gzip":
-      return gunzip(source);
+      return gunzip(source, onProgress);
   }
 }
 
@@ -173,11 +182,14 @@ interface NodeGunzip {
  * it (it reads concatenated members and checks each CRC-32 and length),
  * else the platform's `DecompressionStream("gzip")`.
  */
-async function* gunzip(source: Source): AsyncGenerator<Uint8Array> {
+async function* gunzip(
+  source: Source,
+  onProgress?: (done: number, total: number) => void,
+): AsyncGenerator<Uint8Array> {
   const zlib = nodeZlibModule() as
     | { createGunzip?: (options: { chunkSize: number }) => NodeGunzip }
     | undefined;
-  const pull = puller(source);
+  const pull = puller(source, onProgress);
   if (!zlib?.createGunzip) {
     const input = new ReadableStream<BufferSource>({
       async pull(controller) {
@@ -532,6 +544,7 @@ export interface DecodedSource extends Source {
  * @param compression its container
  * @param scratch the scratch store factory (memory when absent)
  * @param memoryLimit the most data bytes a memory store holds
+ * @param onProgress told the compressed bytes read so far, and their total
  * @returns the decoded bytes, read at random
  *
  * @example
@@ -555,6 +568,7 @@ export async function decodeToScratch(
   compression: FileCompression,
   scratch?: () => Promise<ScratchFile>,
   memoryLimit: number = MEMORY_SCRATCH_LIMIT,
+  onProgress?: (done: number, total: number) => void,
 ): Promise<DecodedSource> {
   const store = scratch
     ? await scratch()
@@ -587,7 +601,7 @@ export async function decodeToScratch(
       }
       staged = 0;
     };
-    for await (const piece of decompress(source, compression)) {
+    for await (const piece of decompress(source, compression, onProgress)) {
       for (let at = 0; at < piece.length;) {
         const n = Math.min(stage.length - staged, piece.length - at);
         stage.set(piece.subarray(at, at + n), staged);
@@ -707,7 +721,13 @@ export async function openCompressed(
   const segments = await segmentsOf(source, compression);
   const decoded = segments
     ? segmentedSource(source, compression, segments)
-    : await decodeToScratch(source, compression, options.scratch);
+    : await decodeToScratch(
+      source,
+      compression,
+      options.scratch,
+      MEMORY_SCRATCH_LIMIT,
+      options.onDecodeProgress,
+    );
   let inner: Image;
   try {
     inner = await openInner(decoded, options);

@@ -227,6 +227,11 @@ export interface OpenOptions {
    * memory, up to 512 MiB of data.
    */
   scratch?: () => Promise<ScratchFile>;
+  /**
+   * Called as a compressed file is decoded front to back into scratch
+   * (when opening it): compressed bytes read so far, and their total.
+   */
+  onDecodeProgress?: (done: number, total: number) => void;
 }
 
 /**
