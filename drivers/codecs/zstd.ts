@@ -158,13 +158,13 @@ async function xxh64(): Promise<Xxh64> {
  * @returns the decoded bytes, piece by piece (each only valid until the next is asked for)
  *
  * @example
- * ```ts ignore
+ * ```ts
  * import { decodeStreaming } from "./zstd.ts";
  * import { ByteFeed } from "./_feed.ts";
- * // `zstd -c` of "hello\n":
+ * // `printf 'hello\n' | zstd -c`:
  * let packed: Uint8Array | null = new Uint8Array([
- *   0x28, 0xb5, 0x2f, 0xfd, 0x24, 0x06, 0x31, 0x00, 0x00, 0x68, 0x65, 0x6c,
- *   0x6c, 0x6f, 0x0a, 0x95, 0x69, 0x1b, 0xab,
+ *   0x28, 0xb5, 0x2f, 0xfd, 0x04, 0x58, 0x31, 0x00, 0x00, 0x68, 0x65, 0x6c,
+ *   0x6c, 0x6f, 0x0a, 0x53, 0x88, 0xbd, 0x91,
  * ]);
  * const feed = new ByteFeed(() => Promise.resolve([packed, packed = null][0]));
  * for await (const piece of decodeStreaming(feed)) {
