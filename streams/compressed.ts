@@ -372,6 +372,10 @@ function segmentedSource(
   const last = segments[segments.length - 1];
   const size = last ? last.offset + last.size : 0;
   const cache = new Map<number, Promise<Uint8Array>>();
+  // The segment read last: it and the ones after it that are decoding
+  // ahead are never evicted (convert has several reads in flight, and
+  // evicting one of theirs meant decoding it twice).
+  let reading = 0;
   const get = (i: number): Promise<Uint8Array> => {
     let decoded = cache.get(i);
     if (decoded) {
@@ -387,8 +391,13 @@ function segmentedSource(
       decoded.catch(() => {}); // observed by whoever awaits it
     }
     cache.set(i, decoded);
-    while (cache.size > SEGMENTS_CACHED) {
-      cache.delete(cache.keys().next().value!);
+    if (cache.size > SEGMENTS_CACHED) {
+      // Least recently used first, skipping the ones in use.
+      for (const k of cache.keys()) {
+        if (cache.size <= SEGMENTS_CACHED) break;
+        if (k >= reading - 1 && k <= reading + SEGMENTS_AHEAD) continue;
+        cache.delete(k);
+      }
     }
     return decoded;
   };
@@ -407,6 +416,7 @@ function segmentedSource(
     let i = find(offset);
     for (let at = 0; at < into.length; i++) {
       const s = segments[i];
+      reading = i;
       const decoded = await get(i);
       // Decode ahead of a reader going forward (skipped for the ones cached).
       for (let k = i + 1; k <= i + SEGMENTS_AHEAD && k < segments.length; k++) {
