@@ -1,17 +1,26 @@
 /**
  * Compressed files as wrappers: a `.gz` (any number of members), `.xz`
  * (streams and blocks), `.bz2` (streams) or `.zst` (frames, skippable
- * frames) file is not a disk but a disk image packed once more. Opening
- * one decodes it, front to back in one pass, into a scratch store (a
- * temporary file in Deno through `OpenOptions.scratch`, memory up to
- * {@linkcode MEMORY_SCRATCH_LIMIT} elsewhere); zero runs of 64 KiB are
- * never stored and are `zero` in the allocation map, so `convert` leaves
- * them as holes. What was decoded is then probed and opened like any
- * file: `disk.img.xz` opens as the raw disk, `image.qcow.xz` as the
- * qcow's disk. Every checksum of the container is verified before the
- * image inside is opened, so a truncated or corrupt file is an
- * {@linkcode ImageFormatError} naming the container and nothing is read
- * from it.
+ * frames) file is not a disk but a disk image packed once more. It is
+ * opened as the bytes it decodes to, and those are probed and opened like
+ * any file: `disk.img.xz` opens as the raw disk, `image.qcow.xz` as the
+ * qcow's disk. Two ways to read them at random:
+ *
+ * - **index**: where the container lists parts that decode alone (the xz
+ *   blocks its indexes list, zstd frames that declare their size), each
+ *   at most {@linkcode MAX_SEGMENT}, a read decodes the parts it touches
+ *   (xz blocks on the codec workers, a few ahead of a forward reader). A
+ *   corrupt part is found when it is read.
+ * - **scratch**: otherwise the file is decoded once, front to back with
+ *   bounded memory, into a scratch store (a temporary file in Deno
+ *   through `OpenOptions.scratch`, memory up to
+ *   {@linkcode MEMORY_SCRATCH_LIMIT} elsewhere); zero runs of 64 KiB are
+ *   never stored and are `zero` in the allocation map, so `convert`
+ *   leaves them as holes. Every checksum is verified before the image
+ *   inside is opened.
+ *
+ * Either way a truncated or corrupt file is an {@linkcode ImageFormatError}
+ * naming the container.
  *
  * | container | recognised by (at byte 0)                                   |
  * | --------- | ----------------------------------------------------------- |
