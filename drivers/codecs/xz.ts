@@ -1290,12 +1290,15 @@ export async function readIndex(
   const streams: XzBlock[][] = [];
   let end = size;
   while (end > 0) {
-    // Stream padding: zero bytes in fours before a stream's footer.
+    // Stream padding: zero bytes in fours before a stream's footer (more
+    // than 64 KiB of it is left to the streaming decoder, which reads it
+    // in large pieces, rather than read here four bytes at a time).
+    const paddingEnd = end;
     while (end >= 4) {
       const word = await read(end - 4, 4);
       if (word[0] || word[1] || word[2] || word[3]) break;
       end -= 4;
-      if (streams.length === 0 && size - end > 1 << 20) return undefined;
+      if (paddingEnd - end > 1 << 16) return undefined;
     }
     if (end < 24) return undefined;
     const foot = await read(end - 12, 12);
