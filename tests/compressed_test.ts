@@ -486,3 +486,21 @@ Deno.test(
       assertEquals(same.code, 0, same.stderr);
     }),
 );
+
+Deno.test(
+  "xz stream padding: a little is read through the index, a lot through the stream, both in few reads",
+  { ignore: skip(["xz"]) },
+  async () => {
+    const disk = sampleDisk(1);
+    const packed = await pack("xz", disk);
+    for (const [padding, access] of [[4096, "index"], [1 << 20, "scratch"]]) {
+      const padded = new Uint8Array(packed.length + (padding as number));
+      padded.set(packed);
+      const counted = countingSource(padded);
+      const image = await open(counted.source);
+      assertEquals(image.details?.compressed_access, access);
+      assertEquals(sha256Hex(await image.read(0, image.size)), sha256Hex(disk));
+      assertBoundedWork(counted, padded.length, 50, 4);
+    }
+  },
+);

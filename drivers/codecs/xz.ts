@@ -1294,10 +1294,16 @@ export async function readIndex(
     // than 64 KiB of it is left to the streaming decoder, which reads it
     // in large pieces, rather than read here four bytes at a time).
     const paddingEnd = end;
-    while (end >= 4) {
-      const word = await read(end - 4, 4);
-      if (word[0] || word[1] || word[2] || word[3]) break;
-      end -= 4;
+    for (let zeros = true; zeros && end >= 4;) {
+      const piece = await read(end - Math.min(end, 4096), Math.min(end, 4096));
+      let k = piece.length;
+      while (
+        k >= 4 && !(piece[k - 1] | piece[k - 2] | piece[k - 3] | piece[k - 4])
+      ) {
+        k -= 4;
+      }
+      zeros = k < 4;
+      end -= piece.length - k;
       if (paddingEnd - end > 1 << 16) return undefined;
     }
     if (end < 24) return undefined;
