@@ -578,8 +578,13 @@ export async function* decodeStreaming(
   for (let stream = 0;; stream++) {
     if (stream > 0) {
       // After a stream: the end of the input, zero padding, or another stream.
-      while ((await feed.ensure(1)) > 0 && feed.bytes[feed.start] === 0) {
-        feed.skip(1);
+      while ((await feed.ensure(1)) > 0) {
+        // Whole buffered runs of zeros at a time, not a byte per await.
+        let k = feed.start;
+        while (k < feed.end && feed.bytes[k] === 0) k++;
+        const more = k === feed.end;
+        feed.skip(k - feed.start);
+        if (!more) break;
       }
       if (feed.available === 0) return;
     }

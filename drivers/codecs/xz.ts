@@ -1227,9 +1227,14 @@ export async function* decodeStreaming(
     feed.skip(12);
     // Stream padding: zero bytes in fours, then the end or another stream.
     let padding = 0;
-    while ((await feed.ensure(1)) > 0 && feed.bytes[feed.start] === 0) {
-      feed.skip(1);
-      padding++;
+    while ((await feed.ensure(1)) > 0) {
+      // Whole buffered runs of zeros at a time, not a byte per await.
+      let k = feed.start;
+      while (k < feed.end && feed.bytes[k] === 0) k++;
+      padding += k - feed.start;
+      const more = k === feed.end;
+      feed.skip(k - feed.start);
+      if (!more) break;
     }
     if (!isAligned(padding)) {
       fail("stream padding is not a multiple of 4 bytes");
