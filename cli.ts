@@ -2,8 +2,8 @@
  * The command line, with qemu-img's conventions:
  *
  * ```sh
- * deno run -A cli.ts info [-f FMT] [--output=json] IMAGE   # IMAGE may be fat:[12:|16:|32:]DIR
- * deno run -A cli.ts convert [-f FMT] [-O FMT] [-o OPTS] [-p] IN OUT
+ * deno run -A cli.ts info [-f FMT] [--output=json] IMAGE   # IMAGE may be fat:[12:|16:|32:]DIR or a .sparsebundle folder
+ * deno run -A cli.ts convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING] [-c] [-p] IN OUT
  * deno run -A cli.ts map [--output=json] IMAGE
  * deno run -A cli.ts create -f FMT [-b BACKING -F FMT] [-o OPTS] OUT SIZE
  * deno run -A cli.ts compare A B
@@ -24,26 +24,34 @@
  */
 
 import {
+  BackingFileError,
   bootSectorPatch,
+  checkWriteOptions,
   commitTo,
   conversionService,
   convert,
   type ConvertOptions,
   create,
   createOutputFile,
+  describeImage,
   directoryTree,
   driver,
-  type Extent,
-  extentsOf,
   fileBackingResolver,
   type FileHandle,
   fileResolver,
+  firstDifference,
+  formatInfo,
   formats,
   fromFile,
+  humanSize,
   type Image,
-  imageInfo,
+  KeyError,
+  layers,
+  mapChain,
   open,
+  openInFolder,
   type OpenOptions,
+  openSparsebundle,
   openTree,
   type OutputFile,
   type OverlayImage,
@@ -51,7 +59,9 @@ import {
   scratchFiles,
   type Sink,
   streamSink,
+  writeOptionsHelp,
 } from "./mod.ts";
+import config from "./deno.json" with { type: "json" };
 
 /** A mistake in how the command was called (exit 2). */
 class UsageError extends Error {
@@ -182,16 +192,102 @@ function parseOptions(text: string | undefined): Record<string, string> {
   return out;
 }
 
-/** Parses a size as qemu-img does: bytes, or a number with k/M/G/T (powers of 1024). */
-function parseSize(text: string): number {
-  const match = /^(\d+(?:\.\d+)?)([bkKmMgGtTpP]?)$/.exec(text);
-  if (!match) throw new UsageError(`invalid size '${text}'`);
-  const power = " kmgtp".indexOf(match[2].toLowerCase());
-  const size = Number(match[1]) * 1024 ** Math.max(0, power);
+/**
+ * `-o help` (or `-o ?`): prints the options `format` takes when written,
+ * as qemu-img does, and says so; nothing is created.
+ */
+function optionsHelp(format: string, text: unknown): boolean {
+  if (text !== "help" && text !== "?") return false;
+  print(writeOptionsHelp(driver(format)));
+  return true;
+}
+
+/**
+ * Parses a size as qemu-img does: bytes, or a number with a k, M, G, T, P
+ * or E suffix (powers of 1024); `what` names it in errors. An offset
+ * (`what` = "offset") may also be hexadecimal with 0x, as qemu-io takes it.
+ */
+function parseSize(text: string, what = "size"): number {
+  const accepted = what === "offset"
+    ? "a number of bytes (decimal, or hexadecimal with 0x), optionally with a suffix k, M, G, T, P or E (powers of 1024)"
+    : "a number of bytes, optionally with a suffix k, M, G, T, P or E (powers of 1024), as in 512, 64k, 10G";
+  const hex = what === "offset" ? /^0[xX]([0-9a-fA-F]+)$/.exec(text) : null;
+  const match = hex ? null : /^(\d+(?:\.\d+)?)([bkKmMgGtTpPeE]?)$/.exec(text);
+  if (!hex && !match) {
+    throw new UsageError(`invalid ${what} '${text}': ${accepted}`);
+  }
+  const size = hex ? parseInt(hex[1], 16) : Number(match![1]) *
+    1024 ** Math.max(0, " kmgtpe".indexOf(match![2].toLowerCase()));
   if (!Number.isSafeInteger(size)) {
-    throw new UsageError(`invalid size '${text}'`);
+    throw new UsageError(
+      `invalid ${what} '${text}': ${
+        size > Number.MAX_SAFE_INTEGER
+          ? "at most 2^53 - 1 bytes (8 PiB)"
+          : "a whole number of bytes"
+      }`,
+    );
   }
   return size;
+}
+
+/**
+ * The addresses (A and AAAA) of a host name, for the service's check that
+ * names do not lead to internal addresses. Asks the DNS servers directly
+ * (`/etc/hosts` is not read); nothing found is an empty list, which the
+ * service refuses.
+ */
+async function resolveHost(name: string): Promise<string[]> {
+  const signal = AbortSignal.timeout(5000);
+  const found = await Promise.allSettled([
+    Deno.resolveDns(name, "A", { signal }),
+    Deno.resolveDns(name, "AAAA", { signal }),
+  ]);
+  return found.flatMap((r) => r.status === "fulfilled" ? r.value : []);
+}
+
+/**
+ * `serve --web DIR`: the file at URL path `path`, when it is a regular file
+ * inside DIR (links followed only while they stay inside) and no name on
+ * the way starts with a dot; `/` is `index.html`, `/dist/mod.js` the
+ * bundle. Undefined otherwise (the service answers, 404 for unknown paths).
+ */
+async function webFile(
+  web: string,
+  path: string,
+): Promise<Response | undefined> {
+  let names: string[];
+  try {
+    names = decodeURIComponent(path).split("/").filter((n) => n !== "");
+  } catch {
+    return undefined;
+  }
+  if (names.some((n) => n.startsWith(".") || /[\\\0]/.test(n))) {
+    return undefined;
+  }
+  const bundle = path === "/dist/mod.js";
+  const folder = bundle ? new URL(".", import.meta.url).pathname : web;
+  const file = bundle
+    ? new URL("dist/mod.js", import.meta.url).pathname
+    : `${web}/${names.length ? names.join("/") : "index.html"}`;
+  let handle: FileHandle;
+  try {
+    handle = await openInFolder(file, folder);
+  } catch {
+    return undefined;
+  }
+  try {
+    if (handle.size > 64 << 20) return undefined;
+    const body = new Uint8Array(handle.size);
+    body.set(await handle.read(0, handle.size));
+    const type = file.endsWith(".html")
+      ? "text/html"
+      : file.endsWith(".js")
+      ? "text/javascript"
+      : "application/octet-stream";
+    return new Response(body, { headers: { "content-type": type } });
+  } finally {
+    await handle.close?.();
+  }
 }
 
 /**
@@ -259,12 +355,29 @@ function backingPolicy(values: Invocation["values"], follow = true) {
 }
 
 /**
- * Opens an image file named on the command line, or a folder as a vvfat
- * disk when spelled as QEMU does (`fat:DIR`, `fat:16:DIR`) or with
- * `-f vvfat DIR`.
+ * True when `path` names a sparse bundle: a folder holding an
+ * `Info.plist` (whatever its name: Time Machine's are `.backupbundle`),
+ * or any folder with `-f sparsebundle`.
+ */
+async function isSparsebundle(path: string, format?: string) {
+  if (format !== undefined && format !== "sparsebundle") return false;
+  try {
+    if (!(await Deno.stat(path)).isDirectory) return false;
+    return format === "sparsebundle" ||
+      (await Deno.stat(`${path}/Info.plist`)).isFile;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Opens an image file named on the command line, a sparse bundle folder,
+ * a Parallels bundle folder (`NAME.hdd/`) through its DiskDescriptor.xml,
+ * or a folder as a vvfat disk when spelled as QEMU does (`fat:DIR`,
+ * `fat:16:DIR`) or with `-f vvfat DIR`.
  */
 async function openImage(
-  path: string,
+  given: string,
   options: InputOptions = {},
 ): Promise<{
   file?: FileHandle;
@@ -274,7 +387,14 @@ async function openImage(
   /** Every host file the image was read from: itself, extents, backing files. */
   files: FileHandle[];
 }> {
-  const fat = parseFatSpelling(path);
+  const fat = parseFatSpelling(given);
+  // A Parallels bundle (NAME.hdd/) is opened through its descriptor.
+  const path = !fat && options.format !== "vvfat" &&
+      (await Deno.stat(given).catch(() => undefined))?.isDirectory &&
+      (await Deno.stat(`${given}/DiskDescriptor.xml`).catch(() => undefined))
+        ?.isFile
+    ? `${given}/DiskDescriptor.xml`
+    : given;
   if (fat || options.format === "vvfat") {
     if (options.writable) throw new Error("vvfat disks are read-only");
     const image = await openTree(await directoryTree(fat?.dir ?? path), {
@@ -283,7 +403,21 @@ async function openImage(
     opened.push(image);
     return { image, backing: [], files: [] };
   }
-  const file = await fromFile(path, { write: options.writable === true });
+  if (await isSparsebundle(path, options.format)) {
+    if (options.writable) throw new Error("sparse bundles are read-only here");
+    const image = await openSparsebundle(await directoryTree(path));
+    opened.push(image);
+    return { image, backing: [], files: [] };
+  }
+  const file = await fromFile(path, { write: options.writable === true })
+    .catch((e) => {
+      if (e instanceof Deno.errors.IsADirectory) {
+        throw new Error(
+          `${path} is a folder, not an image: to read a folder as a FAT disk, name it fat:${path} (a sparse bundle is a folder holding Info.plist)`,
+        );
+      }
+      throw e;
+    });
   opened.push(file);
   const files = [file];
   const backing: FileHandle[] = [];
@@ -475,26 +609,22 @@ async function finishOutput(
   }
 }
 
-function humanSize(bytes: number): string {
-  const units = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
-  let i = 0;
-  let value = bytes;
-  while (value >= 1024 && i < units.length - 1) {
-    value /= 1024;
-    i++;
-  }
-  if (i === 0) return `${bytes} bytes`;
-  const text = Number.isInteger(value)
-    ? String(value)
-    : value.toFixed(2).replace(/\.?0+$/, "");
-  return `${text} ${units[i]}`;
-}
-
 /** A progress bar on stderr: bytes, percent, rate, ETA. */
-function progressBar(label: string) {
+function progressBar(label: string, json = false) {
   const started = performance.now();
   let last = 0;
   let shown = false;
+  const tty = Deno.stderr.isTerminal();
+  // A bar is for a person at a terminal: piped or redirected stderr gets
+  // nothing (a log would fill with redraws); --progress=json is for programs.
+  if (!json && !tty) return { update() {}, end() {} };
+  const columns = () => {
+    try {
+      return Deno.consoleSize().columns || 80;
+    } catch {
+      return 80;
+    }
+  };
   return {
     update(done: number, total: number) {
       const now = performance.now();
@@ -505,21 +635,59 @@ function progressBar(label: string) {
       const seconds = (now - started) / 1000;
       const rate = seconds > 0 ? done / seconds : 0;
       const eta = rate > 0 ? (total - done) / rate : 0;
-      const width = 30;
-      const filled = Math.round(fraction * width);
-      const bar = "#".repeat(filled) + " ".repeat(width - filled);
+      if (json) {
+        printErr(
+          JSON.stringify({
+            command: label,
+            done,
+            total,
+            percent: Math.round(fraction * 1000) / 10,
+            "bytes-per-second": Math.round(rate),
+            "eta-seconds": Math.round(eta),
+          }) + "\n",
+        );
+        return;
+      }
       const clock = (s: number) =>
         `${Math.floor(s / 60)}:${String(Math.floor(s % 60)).padStart(2, "0")}`;
-      printErr(
-        `\r${label} [${bar}] ${(fraction * 100).toFixed(1).padStart(5)}% ${
-          humanSize(done)
-        } / ${humanSize(total)}  ${humanSize(rate)}/s  ETA ${clock(eta)}   `,
-      );
+      const percent = `${(fraction * 100).toFixed(1).padStart(5)}%`;
+      // The most that fits in one line less a column (a full line wraps on
+      // some terminals): the bar shrinks first, then rate and ETA go.
+      const room = columns() - 1;
+      const parts = [
+        ` ${humanSize(done)} / ${humanSize(total)}`,
+        `  ${humanSize(rate)}/s`,
+        `  ETA ${clock(eta)}`,
+      ];
+      let text = "";
+      for (let keep = parts.length; keep >= 0; keep--) {
+        const tail = ` ${percent}${parts.slice(0, keep).join("")}`;
+        const width = Math.min(30, room - label.length - 3 - tail.length);
+        if (width >= 10 || keep === 0) {
+          const w = Math.max(0, width);
+          const filled = Math.round(fraction * w);
+          text = `${label} [${"#".repeat(filled)}${
+            " ".repeat(w - filled)
+          }]${tail}`
+            .slice(0, room);
+          break;
+        }
+      }
+      // Back to the line's start, the line, then clear what a longer one left.
+      printErr(`\r${text}\x1b[K`);
     },
     end() {
-      if (shown) printErr("\n");
+      if (shown && !json) printErr("\n");
     },
   };
+}
+
+/**
+ * `-p` and `--progress=json` as one flag: the JSON spelling becomes the
+ * hidden boolean `--progress-json` before parsing.
+ */
+function progressSpelling(args: string[]): string[] {
+  return args.map((a) => a === "--progress=json" ? "--progress-json" : a);
 }
 
 // ---------------------------------------------------------------------------
@@ -554,7 +722,7 @@ const commands: Record<string, Command> = {
         if (values.output === "json") {
           print(JSON.stringify(infos, null, 4) + "\n");
         } else {
-          print(infos.map(humanInfo).join("\n"));
+          print(infos.map(formatInfo).join("\n"));
         }
         return 0;
       }
@@ -562,7 +730,7 @@ const commands: Record<string, Command> = {
       if (values.output === "json") {
         print(JSON.stringify(info, null, 4) + "\n");
       } else {
-        print(humanInfo(info));
+        print(formatInfo(info));
       }
       return 0;
     },
@@ -570,15 +738,18 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p | --progress=json] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
       format: { type: "string", short: "f" },
       "output-format": { type: "string", short: "O", default: "raw" },
       options: { type: "string", short: "o" },
+      backing: { type: "string", short: "B" },
+      "backing-format": { type: "string", short: "F" },
       compress: { type: "boolean", short: "c" },
       progress: { type: "boolean", short: "p" },
+      "progress-json": { type: "boolean" },
       hash: { type: "boolean" },
       "boot-sector": { type: "string" },
       ...backingFlags,
@@ -587,11 +758,17 @@ const commands: Record<string, Command> = {
       "no-verify": { type: "boolean" },
     },
     async run({ values, positionals }) {
+      const outFormat = values["output-format"] as string;
+      // An unknown format or option fails before any file is made.
+      if (optionsHelp(outFormat, values.options)) return 0;
       const [input, output] = need(positionals, 2, "convert");
       const key = await keyFrom(values);
       const outOptions = parseOptions(values.options as string | undefined);
-      const outFormat = values["output-format"] as string;
-      driver(outFormat); // an unknown format fails before any file is made
+      checkWriteOptions(
+        driver(outFormat),
+        outOptions,
+        values.compress === true,
+      );
       const bootSector = values["boot-sector"] === undefined
         ? undefined
         : await Deno.readFile(values["boot-sector"] as string);
@@ -616,6 +793,25 @@ const commands: Record<string, Command> = {
         },
       });
       unpacking?.end();
+      // -B: the output records BACKING (named as from the output's folder)
+      // and stores only what differs from it.
+      const backingName = values.backing as string | undefined;
+      let backingImage: Image | undefined;
+      if (backingName !== undefined) {
+        const slash = output.lastIndexOf("/");
+        const backingPath = backingName.startsWith("/") || slash < 0
+          ? backingName
+          : `${output.slice(0, slash)}/${backingName}`;
+        const opened = await openImage(backingPath, {
+          format: values["backing-format"] as string | undefined,
+          ...backingPolicy(values),
+          extra: { key },
+        });
+        backingImage = opened.image;
+        files.push(...opened.files);
+      } else if (values["backing-format"] !== undefined) {
+        throw new UsageError("-F names the format of -B's file", "convert");
+      }
       if (output !== "-") await refuseInputAsOutput(output, input, files);
       const image = bootSector ? bootSectorPatch(source, bootSector) : source;
       const encryptOutput = outOptions.encryption === "on" ||
@@ -624,13 +820,19 @@ const commands: Record<string, Command> = {
         warnLongQcowKey(key, "of the output");
       }
       const sink = await openOutput(output);
-      const bar = values.progress ? progressBar("convert") : undefined;
+      const bar = values.progress || values["progress-json"]
+        ? progressBar("convert", values["progress-json"] === true)
+        : undefined;
       const options: ConvertOptions = {
         format: outFormat,
         options: outOptions,
         compress: values.compress === true,
         // The passphrase encrypts the output only when -o asks for it.
         key: encryptOutput ? key : undefined,
+        backingFile: backingName,
+        backingFormat: backingImage && (values["backing-format"] as string ??
+          backingImage.format),
+        backing: backingImage,
         hash: values.hash === true,
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
       };
@@ -669,14 +871,19 @@ const commands: Record<string, Command> = {
           }File\n`,
         );
       }
-      for await (const run of layeredExtents(image, 0, image.size)) {
+      for await (const run of mapChain(image)) {
         const data = run.kind === "data";
-        // A raw disk decoded from a compressed file has no host offsets.
-        const raw = run.layer.format === "raw" &&
-          run.layer.details?.file_compression === undefined;
+        // Where the run's bytes lie in its file: the driver says, for a raw
+        // file it is the offset itself (none for a raw disk decoded from a
+        // compressed file).
+        const at = run.fileOffset ??
+          (run.layer.format === "raw" && run.kind !== "unallocated" &&
+              run.layer.details?.file_compression === undefined
+            ? run.offset
+            : undefined);
         if (json) {
-          // Keys and order as qemu-img's; `offset` (the host file offset) is
-          // known only for raw images.
+          // Keys and order as qemu-img's; `offset` (the host file offset)
+          // where the bytes lie in the file as they read.
           const entry: Record<string, unknown> = {
             start: run.offset,
             length: run.length,
@@ -685,7 +892,7 @@ const commands: Record<string, Command> = {
             zero: !data,
             data,
           };
-          if (raw && run.kind !== "unallocated") entry.offset = run.offset;
+          if (at !== undefined) entry.offset = at;
           lines.push(
             "{ " + Object.entries(entry).map(([k, v]) =>
               `"${k}": ${v}`
@@ -695,7 +902,7 @@ const commands: Record<string, Command> = {
           const hex = (n: number) => `0x${n.toString(16)}`.padEnd(16);
           print(
             `${hex(run.offset)}${hex(run.length)}${
-              raw ? hex(run.offset) : "-".padEnd(16)
+              at !== undefined ? hex(at) : "-".padEnd(16)
             }${run.depth === 0 ? path : run.layer.name}\n`,
           );
         }
@@ -719,10 +926,11 @@ const commands: Record<string, Command> = {
     async run({ values, positionals }) {
       const format = values.format as string | undefined;
       if (!format) throw new UsageError("create needs -f FORMAT", "create");
+      if (optionsHelp(format, values.options)) return 0;
       const [path, sizeText] = need(positionals, 2, "create");
-      driver(format);
       const size = parseSize(sizeText);
       const options = parseOptions(values.options as string | undefined);
+      checkWriteOptions(driver(format), options);
       const backingFile = values.backing as string | undefined;
       if (format === "cow" && backingFile !== undefined && !options.mtime) {
         // UML refuses a COW file whose mtime is not its backing file's.
@@ -791,12 +999,14 @@ const commands: Record<string, Command> = {
   },
 
   commit: {
-    usage: "commit [-f FMT] [-p] [--allow-backing-dir DIR]... IMAGE",
+    usage:
+      "commit [-f FMT] [-p | --progress=json] [--allow-backing-dir DIR]... IMAGE",
     summary:
       "copy what IMAGE holds into its backing file (IMAGE is only read and is kept as it is)",
     options: {
       format: { type: "string", short: "f" },
       progress: { type: "boolean", short: "p" },
+      "progress-json": { type: "boolean" },
       "allow-backing-dir": backingFlags["allow-backing-dir"],
     },
     async run({ values, positionals }) {
@@ -830,7 +1040,9 @@ const commands: Record<string, Command> = {
         }),
       });
       opened.push(base);
-      const bar = values.progress ? progressBar("commit") : undefined;
+      const bar = values.progress || values["progress-json"]
+        ? progressBar("commit", values["progress-json"] === true)
+        : undefined;
       await commitTo(top, base, {
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
       });
@@ -851,7 +1063,7 @@ const commands: Record<string, Command> = {
     },
     async run({ values, positionals }) {
       const [path, offsetText, input] = need(positionals, 3, "write");
-      const offset = parseSize(offsetText);
+      const offset = parseSize(offsetText, "offset");
       // The backing chain is followed so that a write of part of a cluster
       // of an overlay keeps the rest of it as the backing file has it.
       const { image } = await openImage(path, {
@@ -890,7 +1102,7 @@ const commands: Record<string, Command> = {
 
   serve: {
     usage:
-      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--web DIR]",
+      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--max-virtual BYTES] [--max-upload BYTES] [--max-concurrent N] [--web DIR]",
     summary:
       "run the conversion service (GET /convert?url=..., POST /info); --web also serves a folder and dist/mod.js",
     options: {
@@ -899,15 +1111,30 @@ const commands: Record<string, Command> = {
       "allow-host": { type: "string", multiple: true },
       "allow-private": { type: "boolean" },
       "max-input": { type: "string" },
+      "max-virtual": { type: "string" },
+      "max-upload": { type: "string" },
+      "max-concurrent": { type: "string" },
       web: { type: "string" },
     },
     async run({ values }) {
+      const size = (name: string) =>
+        values[name] ? parseSize(values[name] as string) : undefined;
+      const concurrent = values["max-concurrent"] as string | undefined;
+      if (concurrent !== undefined && !/^[1-9]\d{0,5}$/.test(concurrent)) {
+        throw new UsageError(
+          `--max-concurrent must be a whole number from 1, not '${concurrent}'`,
+        );
+      }
       const service = conversionService({
         allowHosts: values["allow-host"] as string[] | undefined,
         allowPrivate: values["allow-private"] === true,
-        maxInputBytes: values["max-input"]
-          ? parseSize(values["max-input"] as string)
-          : undefined,
+        resolveHost,
+        maxInputBytes: size("max-input"),
+        maxVirtualBytes: size("max-virtual"),
+        maxUploadBytes: size("max-upload"),
+        maxConcurrent: concurrent === undefined
+          ? undefined
+          : Number(concurrent),
       });
       const web = values.web as string | undefined;
       const server = Deno.serve({
@@ -918,20 +1145,8 @@ const commands: Record<string, Command> = {
       }, async (request) => {
         const path = new URL(request.url).pathname;
         if (web && request.method === "GET" && !path.startsWith("/convert")) {
-          const file = path === "/dist/mod.js"
-            ? new URL("dist/mod.js", import.meta.url).pathname
-            : `${web}/${path === "/" ? "index.html" : path.slice(1)}`;
-          if (!path.includes("..")) {
-            try {
-              const body = await Deno.readFile(file);
-              const type = file.endsWith(".html")
-                ? "text/html"
-                : file.endsWith(".js")
-                ? "text/javascript"
-                : "application/octet-stream";
-              return new Response(body, { headers: { "content-type": type } });
-            } catch { /* fall through to the service */ }
-          }
+          const page = await webFile(web, path);
+          if (page) return page;
         }
         return service(request);
       });
@@ -971,35 +1186,16 @@ function need(positionals: string[], count: number, command: string): string[] {
   return positionals;
 }
 
-/** The `info` facts, with qemu-img's JSON keys first. */
+/** The `info` facts of the image named on the command line. */
 async function describe(
   path: string,
   file: FileHandle | undefined,
   image: Image,
 ) {
-  const info = imageInfo(image, path);
-  const actual = await file?.allocatedBytes();
-  // qemu-img's key order: virtual-size, filename, format, actual-size, ...
-  const ordered: Record<string, unknown> = {
-    "virtual-size": info["virtual-size"],
-    filename: info.filename,
-    format: info.format,
-  };
-  if (actual !== undefined) ordered["actual-size"] = actual;
-  ordered["allocated-bytes"] = await allocatedBytes(image);
-  return { ...ordered, ...info, "dirty-flag": false };
-}
-
-/**
- * Bytes of the virtual disk this layer stores itself (its `data` runs; not
- * its backing file's), walked from the allocation map without reading data.
- */
-async function allocatedBytes(image: Image): Promise<number> {
-  let total = 0;
-  for await (const run of image.extents(0, image.size)) {
-    if (run.kind === "data") total += run.length;
-  }
-  return total;
+  return await describeImage(image, {
+    filename: path,
+    actualSize: await file?.allocatedBytes(),
+  });
 }
 
 /** The folder of a path (`.` for a bare name). */
@@ -1008,174 +1204,13 @@ function folderOf(path: string): string {
   return slash >= 0 ? path.slice(0, slash) || "/" : ".";
 }
 
-/** The layers of a chain, top first (each one alone). */
-function layers(image: Image): Image[] {
-  const out: Image[] = [];
-  for (let at: Image | undefined = image; at; at = at.backing) {
-    out.push((at as Partial<OverlayImage>).top ?? at);
-  }
-  return out;
-}
-
 /** The `info` facts of one layer of a chain, found by its path. */
 async function describeLayer(path: string | undefined, layer: Image) {
-  const info = imageInfo(layer, path);
-  const ordered: Record<string, unknown> = {
-    "virtual-size": info["virtual-size"],
-    filename: info.filename,
-    format: info.format,
-  };
-  if (path !== undefined) {
-    const stat = await Deno.stat(path);
-    if (stat.blocks !== null) ordered["actual-size"] = stat.blocks * 512;
-  }
-  ordered["allocated-bytes"] = await allocatedBytes(layer);
-  return { ...ordered, ...info, "dirty-flag": false };
-}
-
-/** A run of a chain's map, with the depth of the layer that holds it (qemu-img map's `depth`). */
-interface LayeredExtent extends Extent {
-  depth: number;
-  layer: Image;
-}
-
-/**
- * The allocation map of a chain, layer by layer: runs a layer holds carry
- * its depth (0 for the top); runs no layer holds carry the bottom's depth.
- * Adjacent runs of the same kind and depth merge, as in qemu-img map.
- */
-async function* layeredExtents(
-  image: Image,
-  offset: number,
-  length: number,
-): AsyncIterable<LayeredExtent> {
-  let pending: LayeredExtent | undefined;
-  for await (const run of walkLayers(image, offset, length, 0)) {
-    if (
-      pending && pending.kind === run.kind && pending.depth === run.depth &&
-      pending.layer === run.layer &&
-      pending.offset + pending.length === run.offset
-    ) {
-      pending.length += run.length;
-      continue;
-    }
-    if (pending) yield pending;
-    pending = { ...run };
-  }
-  if (pending) yield pending;
-}
-
-async function* walkLayers(
-  image: Image,
-  offset: number,
-  length: number,
-  depth: number,
-): AsyncIterable<LayeredExtent> {
-  const layer = (image as Partial<OverlayImage>).top ?? image;
-  const below = image.backing;
-  for await (const run of extentsOf(layer, offset, length)) {
-    if (run.kind !== "unallocated" || !below) {
-      yield { ...run, depth, layer };
-      continue;
-    }
-    const inside = Math.max(0, Math.min(run.length, below.size - run.offset));
-    if (inside > 0) yield* walkLayers(below, run.offset, inside, depth + 1);
-    if (inside < run.length) {
-      // Past the end of a shorter backing image: zeros, held by no layer.
-      yield {
-        offset: run.offset + inside,
-        length: run.length - inside,
-        kind: "unallocated",
-        depth: depth + 1,
-        layer: below,
-      };
-    }
-  }
-}
-
-/**
- * Nested format details as qemu-img prints them: `key: value` lines, with
- * objects and lists indented below their key (list items as `[0]:`).
- */
-function humanValue(value: unknown, indent: string, lines: string[]) {
-  const entries = Array.isArray(value)
-    ? value.map((v, i) => [`[${i}]`, v] as const)
-    : Object.entries(value as Record<string, unknown>);
-  for (const [key, v] of entries) {
-    if (v !== null && typeof v === "object" && !(v instanceof Date)) {
-      lines.push(`${indent}${key}:`);
-      humanValue(v, indent + "    ", lines);
-    } else {
-      lines.push(`${indent}${key}: ${String(v)}`);
-    }
-  }
-}
-
-function humanInfo(info: Record<string, unknown>): string {
-  const lines = [
-    `image: ${info.filename}`,
-    `file format: ${info.format}`,
-    `virtual size: ${humanSize(info["virtual-size"] as number)} (${
-      info["virtual-size"]
-    } bytes)`,
-  ];
-  if (info["actual-size"] !== undefined) {
-    lines.push(`disk size: ${humanSize(info["actual-size"] as number)}`);
-  }
-  if (info["allocated-bytes"] !== undefined) {
-    lines.push(
-      `allocated: ${humanSize(info["allocated-bytes"] as number)} (${
-        info["allocated-bytes"]
-      } bytes stored in this layer)`,
-    );
-  }
-  if (info.encrypted) lines.push("encrypted: yes");
-  if (info["backing-filename"] !== undefined) {
-    lines.push(`backing file: ${info["backing-filename"]}`);
-    if (info["backing-filename-format"]) {
-      lines.push(`backing file format: ${info["backing-filename-format"]}`);
-    }
-  }
-  const specific = info["format-specific"] as
-    | { data: Record<string, unknown> }
-    | undefined;
-  if (specific) {
-    lines.push("Format specific information:");
-    humanValue(specific.data, "    ", lines);
-  }
-  return lines.join("\n") + "\n";
-}
-
-/** The first byte offset where two images differ (the shorter one reads as zeros past its end), or undefined. */
-async function firstDifference(
-  a: Image,
-  b: Image,
-): Promise<number | undefined> {
-  const size = Math.max(a.size, b.size);
-  const block = 4 << 20;
-  const slice = async (image: Image, offset: number, length: number) => {
-    const inside = Math.max(0, Math.min(length, image.size - offset));
-    const out = new Uint8Array(length);
-    if (inside > 0) {
-      let zero = true;
-      for await (const run of extentsOf(image, offset, inside)) {
-        if (run.kind === "data") zero = false;
-      }
-      if (!zero) out.set(await image.read(offset, inside));
-    }
-    return out;
-  };
-  for (let offset = 0; offset < size; offset += block) {
-    const length = Math.min(block, size - offset);
-    const [x, y] = await Promise.all([
-      slice(a, offset, length),
-      slice(b, offset, length),
-    ]);
-    for (let i = 0; i < length; i++) {
-      if (x[i] !== y[i]) return offset + i;
-    }
-  }
-  return undefined;
+  const stat = path === undefined ? undefined : await Deno.stat(path);
+  return await describeImage(layer, {
+    filename: path,
+    actualSize: stat?.blocks == null ? undefined : stat.blocks * 512,
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -1190,7 +1225,7 @@ function help(name?: string): string {
   const rows = Object.entries(commands).map(([, c]) =>
     `  ${c.usage}\n      ${c.summary}`
   );
-  return `usage: deno run -A cli.ts COMMAND [OPTIONS]\n\ncommands:\n${
+  return `vdisk ${config.version}\nusage: deno run -A cli.ts COMMAND [OPTIONS]\n\ncommands:\n${
     rows.join("\n")
   }\n\n` +
     "COMMAND --help shows one command's usage.\n";
@@ -1198,6 +1233,12 @@ function help(name?: string): string {
 
 /** Turns any error into one line a person can act on. */
 function errorLine(e: unknown): string {
+  // The command line's words (--key-file, --allow-backing-dir), not the API's.
+  if (
+    (e instanceof KeyError || e instanceof BackingFileError) && e.cliMessage
+  ) {
+    return e.cliMessage;
+  }
   if (e instanceof Deno.errors.NotFound) {
     return e.message.replace(
       /^No such file or directory \(os error 2\):? ?/,
@@ -1228,6 +1269,10 @@ function errorLine(e: unknown): string {
  */
 export async function main(args: string[]): Promise<number> {
   const [name, ...rest] = args;
+  if (name === "--version" || name === "-V" || name === "version") {
+    print(`vdisk ${config.version}\n`);
+    return 0;
+  }
   if (!name || name === "--help" || name === "-h" || name === "help") {
     (name ? print : printErr)(help(rest[0]));
     return name ? 0 : 2;
@@ -1256,14 +1301,26 @@ export async function main(args: string[]): Promise<number> {
   try {
     let call: Invocation;
     try {
-      call = parseFlags(rest, command.options);
+      call = parseFlags(progressSpelling(rest), command.options);
     } catch (e) {
       throw new UsageError((e as Error).message, name);
+    }
+    const output = call.values.output;
+    if (output !== undefined && output !== "human" && output !== "json") {
+      throw new UsageError(
+        `--output=${output}: the output is human or json`,
+        name,
+      );
     }
     return await command.run(call);
   } catch (e) {
     for (const out of pendingOutputs) await out.abort();
     pendingOutputs.clear();
+    if (e instanceof Deno.errors.BrokenPipe) {
+      // The reader went away (`... - | head -c 1000`): end quietly with the
+      // status a process killed by SIGPIPE has, as cat and dd do.
+      return 141;
+    }
     if (e instanceof UsageError) {
       printErr(
         `vdisk ${name}: ${e.message}\nusage: deno run -A cli.ts ${command.usage}\n`,

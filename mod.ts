@@ -34,6 +34,9 @@ export * from "./streams/commit.ts";
 export { cipherFor, decrypt, qcowKey } from "./streams/decrypt.ts";
 export * from "./streams/service.ts";
 export * from "./streams/tree.ts";
+export * from "./streams/options.ts";
+export * from "./streams/inputs.ts";
+export * from "./streams/inspect.ts";
 export {
   decodeToScratch,
   decompress,
@@ -44,6 +47,11 @@ export {
 export * from "./drivers/registry.ts";
 export { cloop } from "./drivers/cloop.ts";
 export { bochs } from "./drivers/bochs.ts";
+export { vdi } from "./drivers/vdi.ts";
+export { vhdx } from "./drivers/vhdx.ts";
+export { qed } from "./drivers/qed.ts";
+export { parallels } from "./drivers/parallels.ts";
+export { seSparse } from "./drivers/sesparse.ts";
 export { vpc } from "./drivers/vpc.ts";
 export { vmdk } from "./drivers/vmdk.ts";
 export { qcow } from "./drivers/qcow.ts";
@@ -57,4 +65,13 @@ export {
   type VvfatOptions,
 } from "./drivers/vvfat.ts";
 export { dmg } from "./drivers/dmg.ts";
+export { dmgEncrypted } from "./drivers/dmg_encrypted.ts";
 export { raw } from "./drivers/raw.ts";
+export { sparseimage } from "./drivers/sparseimage.ts";
+export { diskcopy42 } from "./drivers/diskcopy42.ts";
+export { asif } from "./drivers/asif.ts";
+export {
+  openSparsebundle,
+  sparsebundle,
+  type SparsebundleOptions,
+} from "./drivers/sparsebundle.ts";

@@ -10,12 +10,22 @@
 import type { Driver } from "../streams/types.ts";
 import { cloop } from "./cloop.ts";
 import { bochs } from "./bochs.ts";
+import { vdi } from "./vdi.ts";
+import { vhdx } from "./vhdx.ts";
+import { qed } from "./qed.ts";
+import { parallels } from "./parallels.ts";
+import { seSparse } from "./sesparse.ts";
 import { vpc } from "./vpc.ts";
 import { vmdk } from "./vmdk.ts";
 import { dmg } from "./dmg.ts";
+import { dmgEncrypted } from "./dmg_encrypted.ts";
 import { qcow } from "./qcow.ts";
 import { cow } from "./cow.ts";
 import { vvfat } from "./vvfat.ts";
+import { sparseimage } from "./sparseimage.ts";
+import { diskcopy42 } from "./diskcopy42.ts";
+import { asif } from "./asif.ts";
+import { sparsebundle } from "./sparsebundle.ts";
 import { raw } from "./raw.ts";
 
 /** Every driver, raw last. */
@@ -23,10 +33,20 @@ export const DRIVERS: readonly Driver[] = [
   cloop,
   vpc,
   bochs,
+  vdi,
+  vhdx,
+  qed,
+  parallels,
+  seSparse,
   vmdk,
   dmg,
+  dmgEncrypted,
   qcow,
   cow,
   vvfat,
+  sparseimage,
+  diskcopy42,
+  asif,
+  sparsebundle,
   raw,
 ];

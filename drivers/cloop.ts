@@ -27,6 +27,7 @@
  * @module
  */
 
+import { checkWriteOptions, optionErrors } from "../streams/options.ts";
 import {
   be32,
   be64,
@@ -56,6 +57,7 @@ import {
 } from "../streams/types.ts";
 
 const FORMAT = "cloop";
+const optionFail = optionErrors(FORMAT);
 
 /** Bytes of the preamble before block_size (`CLOOP_HEADROOM`). */
 const HEADROOM = 128;
@@ -637,21 +639,13 @@ interface WriteOptions {
 }
 
 function writeOptions(options: Record<string, string> = {}): WriteOptions {
-  for (const key of Object.keys(options)) {
-    if (!["block_size", "version", "compression", "header"].includes(key)) {
-      throw fail(
-        "option",
-        key,
-        "one of block_size, version, compression, header",
-      );
-    }
-  }
+  checkWriteOptions(cloop, options);
   const blockSize = Number(options.block_size ?? 65536);
   if (
     !Number.isSafeInteger(blockSize) || blockSize <= 0 || blockSize % 512 ||
     blockSize > MAX_BLOCK_SIZE
   ) {
-    throw fail(
+    throw optionFail(
       "block_size",
       options.block_size,
       "a non-zero multiple of 512, 64 MiB or less",
@@ -659,18 +653,26 @@ function writeOptions(options: Record<string, string> = {}): WriteOptions {
   }
   const version = Number(options.version ?? 2);
   if (version !== 2 && version !== 4) {
-    throw fail("version", options.version, "2 or 4");
+    throw optionFail("version", options.version, "2 or 4");
   }
   const compressor = (options.compression ?? "zlib") as Compressor;
   if (!COMPRESSORS.includes(compressor)) {
-    throw fail("compression", options.compression, COMPRESSORS.join(", "));
+    throw optionFail(
+      "compression",
+      options.compression,
+      COMPRESSORS.join(", "),
+    );
   }
   if (version === 2 && compressor !== "zlib") {
-    throw fail("compression", compressor, "zlib for version 2 (use version=4)");
+    throw optionFail(
+      "compression",
+      compressor,
+      "zlib for version 2 (use version=4)",
+    );
   }
   const placement = (options.header ?? "first") as "first" | "last";
   if (placement !== "first" && placement !== "last") {
-    throw fail("header", options.header, "first or last");
+    throw optionFail("header", options.header, "first or last");
   }
   return { blockSize, version: version as 2 | 4, compressor, placement };
 }
@@ -903,6 +905,33 @@ async function encode(
  */
 export const cloop: Driver = {
   name: FORMAT,
+  writeOptions: [
+    {
+      name: "block_size",
+      help: "bytes per compressed block",
+      accepts: "a multiple of 512, 64 MiB or less",
+      default: "65536",
+    },
+    {
+      name: "version",
+      help: "cloop version written",
+      values: ["2", "4"],
+      default: "2",
+    },
+    {
+      name: "compression",
+      help: "block codec (version 4 for all but zlib)",
+      values: ["zlib", "none", "xz", "lz4", "lzo"],
+      default: "zlib",
+    },
+    {
+      name: "header",
+      help: "where the version 4 header goes",
+      values: ["first", "last"],
+      default: "first",
+    },
+  ],
+  compresses: true,
   description: "cloop compressed loop image (Knoppix), versions 2.0 and 4.0",
   probe(input: ProbeInput): number {
     const fits = (bytes: Uint8Array, at: number) => {

@@ -34,6 +34,7 @@
  * @module
  */
 
+import { optionErrors } from "../streams/options.ts";
 import {
   alignUp,
   cString,
@@ -68,6 +69,7 @@ import type {
 import { checkRange } from "../streams/types.ts";
 
 const FORMAT = "cow";
+const optionFail = optionErrors(FORMAT);
 const MAGIC = 0x4f4f4f4d;
 const PATH_LEN = 4096;
 const V3_HEADER = 32 + PATH_LEN;
@@ -438,7 +440,7 @@ async function createCow(sink: Sink, spec: CreateSpec): Promise<Image> {
   if (spec.backingFile === undefined || spec.backingFile === "") {
     throw new UnsupportedError(
       { format: FORMAT },
-      "a UML COW file needs a backing file (-b)",
+      "a UML COW file needs a backing file (create -b BACKING, convert -B BACKING)",
     );
   }
   if (spec.backingFormat !== undefined && spec.backingFormat !== "raw") {
@@ -457,7 +459,11 @@ async function createCow(sink: Sink, spec: CreateSpec): Promise<Image> {
   }
   const mtime = Number(spec.options?.mtime ?? 0);
   if (!Number.isInteger(mtime) || mtime < 0 || mtime > 0xffffffff) {
-    throw fail("mtime", spec.options?.mtime, "seconds since 1970, 32-bit");
+    throw optionFail(
+      "mtime",
+      spec.options?.mtime,
+      "seconds since 1970, 32-bit",
+    );
   }
   // uml_mkcow's choices: 512-byte sectors, bitmap and data aligned to 4096.
   const sectorSize = 512;
@@ -503,6 +509,14 @@ async function createCow(sink: Sink, spec: CreateSpec): Promise<Image> {
  */
 export const cow: Driver = {
   name: FORMAT,
+  writeOptions: [
+    {
+      name: "mtime",
+      help: "the backing file's modification time recorded",
+      accepts: "seconds since 1970, 32-bit",
+      default: "0",
+    },
+  ],
   description: "User-Mode Linux COW (versions 2 and 3)",
   probe(input: ProbeInput): number {
     const h = input.head;

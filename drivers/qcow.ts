@@ -371,10 +371,10 @@ async function inflated<T>(
 }
 
 function keyError(state: State): KeyError {
+  const what = `${state.source.name ?? "the qcow image"} is encrypted`;
   return new KeyError(
-    `${
-      state.source.name ?? "the qcow image"
-    } is encrypted: give its passphrase (open it with { key }, or --key-file on the command line)`,
+    `${what}: give its passphrase (open it with { key })`,
+    `${what}: give its passphrase with --key-file FILE`,
   );
 }
 
@@ -758,7 +758,8 @@ function wantsEncryption(
     (key !== undefined && flag !== "off");
   if (on && key === undefined) {
     throw new KeyError(
-      "qcow: an encrypted image needs a passphrase (--key-file, or { key })",
+      "qcow: an encrypted image needs a passphrase (the key option)",
+      "qcow: an encrypted image needs a passphrase (--key-file FILE)",
     );
   }
   return on;
@@ -957,6 +958,25 @@ async function encodeQcow(
  */
 export const qcow: Driver = {
   name: FORMAT,
+  writeOptions: [
+    {
+      name: "encryption",
+      help: "AES-CBC encryption (the passphrase from --key-file)",
+      values: ["on", "off", "true", "false"],
+      default: "off",
+    },
+    {
+      name: "encrypt",
+      help: "the same as encryption",
+      values: ["on", "off", "true", "false"],
+    },
+    {
+      name: "encrypt.format",
+      help: "the encryption (qemu-img's spelling)",
+      values: ["aes"],
+    },
+  ],
+  compresses: true,
   description: "QEMU qcow version 1 (compressed clusters, AES encryption)",
   probe(input: ProbeInput): number {
     const h = input.head;

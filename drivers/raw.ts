@@ -153,6 +153,7 @@ function asSource(sink: Sink, size: number): Source {
  */
 export const raw: Driver = {
   name: "raw",
+  writeOptions: [],
   description: "raw disk bytes, no header",
   probe: () => 1,
   open(source: Source, options: OpenOptions) {

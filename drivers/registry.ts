@@ -15,6 +15,8 @@ import {
 } from "../streams/errors.ts";
 import { overlay } from "../streams/overlay.ts";
 import { decrypt } from "../streams/decrypt.ts";
+import { checkWriteOptions } from "../streams/options.ts";
+import { type ImageInput, isSink, toSource } from "../streams/inputs.ts";
 import { detectCompression, openCompressed } from "../streams/compressed.ts";
 import {
   type CreateSpec,
@@ -118,8 +120,10 @@ export async function probe(source: Source): Promise<ProbeResult[]> {
  * Opens an image: probes for its format unless `options.format` names one,
  * and follows its backing file only through `options.resolveBacking`.
  *
- * @param source the image's bytes
- * @param options format, writability, key, backing-file policy
+ * @param input the image: a Source, a Promise of one, a URL, a path (Deno),
+ *   a Blob or bytes (see {@linkcode ImageInput})
+ * @param options format, writability, key, backing-file policy; a writable
+ *   open of a path or of a source that can be written writes through it
  * @returns the image (an overlay over its backing chain when followed)
  *
  * @example
@@ -129,11 +133,16 @@ export async function probe(source: Source): Promise<ProbeResult[]> {
  * console.log(image.format, image.size); // raw 4096
  * ```
  */
-export function open(
-  source: Source,
+export async function open(
+  input: ImageInput,
   options: OpenOptions = {},
 ): Promise<Image> {
-  return openChain(source, options, []);
+  const source = await toSource(input, options.writable === true);
+  // A writable open writes through the source itself when it can be
+  // written (a file opened for writing, a memory sink): one handle, given once.
+  const sink = options.sink ??
+    (options.writable && isSink(source) ? source : undefined);
+  return await openChain(source, sink ? { ...options, sink } : options, []);
 }
 
 /**
@@ -266,6 +275,7 @@ export async function create(
       format,
     );
   }
+  checkWriteOptions(d, spec.options);
   if (!Number.isSafeInteger(spec.size) || spec.size < 0) {
     throw new ImageFormatError({
       format,

@@ -57,6 +57,7 @@
  * @module
  */
 
+import { optionErrors } from "../streams/options.ts";
 import {
   ascii,
   be16,
@@ -90,6 +91,7 @@ import type {
 import { checkRange, readInto as readIntoSource } from "../streams/types.ts";
 
 const FORMAT = "vpc";
+const optionFail = optionErrors(FORMAT);
 const SECTOR = 512;
 const FOOTER_SIZE = 512;
 const DYNAMIC_HEADER_SIZE = 1024;
@@ -583,19 +585,27 @@ function vpcImage(state: State, details: Record<string, unknown>): Image {
     checkRange(state.size, offset, length);
     if (length === 0) return;
     if (!header) {
-      yield { offset, length, kind: "data" };
+      // A fixed VHD: the disk's bytes are the file's, from its start.
+      yield { offset, length, kind: "data", fileOffset: offset };
       return;
     }
     const bat = state.bat!;
     const end = offset + length;
     let run: Extent | undefined;
-    const add = (o: number, n: number, kind: ExtentKind) => {
-      if (run && run.kind === kind && run.offset + run.length === o) {
+    const add = (o: number, n: number, kind: ExtentKind, at?: number) => {
+      if (
+        run && run.kind === kind && run.offset + run.length === o &&
+        (at === undefined
+          ? run.fileOffset === undefined
+          : run.fileOffset! + run.length === at)
+      ) {
         run.length += n;
         return undefined;
       }
       const done = run;
-      run = { offset: o, length: n, kind };
+      run = at === undefined
+        ? { offset: o, length: n, kind }
+        : { offset: o, length: n, kind, fileOffset: at };
       return done;
     };
     for (let at = offset; at < end;) {
@@ -609,7 +619,9 @@ function vpcImage(state: State, details: Record<string, unknown>): Image {
           block++;
         }
         const stop = Math.min(end, (block + 1) * blockSize);
-        const done = add(at, stop - at, "unallocated");
+        // Zeros in a dynamic disk (qemu-img map says present and zero), the
+        // parent's in a differencing one.
+        const done = add(at, stop - at, holeKind);
         if (done) yield done;
         at = stop;
         continue;
@@ -617,8 +629,15 @@ function vpcImage(state: State, details: Record<string, unknown>): Image {
       const blockStart = block * blockSize;
       const stop = Math.min(end, blockStart + blockSize);
       const bitmap = await bitmapOf(block);
+      // A block's sectors follow its bitmap in the file.
+      const stored = bat[block] * SECTOR + state.bitmapSize;
       for (const r of blockRuns(bitmap, at - blockStart, stop - blockStart)) {
-        const done = add(blockStart + r.from, r.to - r.from, r.kind);
+        const done = add(
+          blockStart + r.from,
+          r.to - r.from,
+          r.kind,
+          r.kind === "data" ? stored + r.from : undefined,
+        );
         if (done) yield done;
       }
       at = stop;
@@ -1059,11 +1078,11 @@ async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
   requireRandomAccess(sink, FORMAT, "vpc images");
   const subformat = spec.options?.subformat ?? "dynamic";
   if (subformat !== "dynamic" && subformat !== "fixed") {
-    throw fail("subformat", subformat, '"dynamic" or "fixed"');
+    throw optionFail("subformat", subformat, '"dynamic" or "fixed"');
   }
   const forceSize = spec.options?.force_size ?? "off";
   if (forceSize !== "on" && forceSize !== "off") {
-    throw fail("force_size", forceSize, '"on" or "off"');
+    throw optionFail("force_size", forceSize, '"on" or "off"');
   }
   if (spec.backingFile !== undefined && subformat === "fixed") {
     throw new UnsupportedError(
@@ -1216,6 +1235,20 @@ async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
  */
 export const vpc: Driver = {
   name: FORMAT,
+  writeOptions: [
+    {
+      name: "subformat",
+      help: "dynamic (sparse) or fixed (raw bytes and a footer)",
+      values: ["dynamic", "fixed"],
+      default: "dynamic",
+    },
+    {
+      name: "force_size",
+      help: "keep the size exactly instead of rounding to CHS geometry",
+      values: ["on", "off"],
+      default: "off",
+    },
+  ],
   description: "Virtual PC / Hyper-V VHD (fixed, dynamic, differencing)",
   probe(input: ProbeInput): number {
     if (input.head.length >= 8 && ascii(input.head, 0, 8) === "conectix") {

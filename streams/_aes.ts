@@ -79,7 +79,10 @@ function buildTables() {
   }
 }
 
-/** The expanded keys of AES-128: 44 words each way. */
+/**
+ * The expanded keys of AES: 4 × (rounds + 1) words each way (44, 52 or 60
+ * for 128-, 192- and 256-bit keys).
+ */
 export interface AesKey {
   /** Encryption round keys. */
   encrypt: Uint32Array;
@@ -88,9 +91,9 @@ export interface AesKey {
 }
 
 /**
- * Expands a 16-byte key (FIPS-197 section 5.2).
+ * Expands a 16-, 24- or 32-byte key (FIPS-197 section 5.2).
  *
- * @param key 16 bytes
+ * @param key 16, 24 or 32 bytes
  * @returns the round keys
  *
  * @example
@@ -100,31 +103,39 @@ export interface AesKey {
  * ```
  */
 export function expandKey(key: Uint8Array): AesKey {
-  if (key.length !== 16) throw new RangeError("AES-128 needs a 16-byte key");
+  if (key.length !== 16 && key.length !== 24 && key.length !== 32) {
+    throw new RangeError("AES needs a 16-, 24- or 32-byte key");
+  }
   buildTables();
-  const w = new Uint32Array(44);
-  for (let i = 0; i < 4; i++) {
+  const nk = key.length / 4;
+  const rounds = nk + 6;
+  const words = 4 * (rounds + 1);
+  const w = new Uint32Array(words);
+  for (let i = 0; i < nk; i++) {
     w[i] = (key[4 * i] << 24) | (key[4 * i + 1] << 16) |
       (key[4 * i + 2] << 8) | key[4 * i + 3];
   }
+  const subWord = (t: number) =>
+    (SBOX[t >>> 24] << 24) | (SBOX[(t >>> 16) & 0xff] << 16) |
+    (SBOX[(t >>> 8) & 0xff] << 8) | SBOX[t & 0xff];
   let rcon = 1;
-  for (let i = 4; i < 44; i++) {
+  for (let i = nk; i < words; i++) {
     let t = w[i - 1];
-    if (i % 4 === 0) {
-      t = (SBOX[(t >>> 16) & 0xff] << 24) | (SBOX[(t >>> 8) & 0xff] << 16) |
-        (SBOX[t & 0xff] << 8) | SBOX[t >>> 24];
-      t ^= rcon << 24;
+    if (i % nk === 0) {
+      t = subWord((t << 8) | (t >>> 24)) ^ (rcon << 24);
       rcon = (rcon << 1) ^ ((rcon & 0x80) ? 0x11b : 0);
+    } else if (nk > 6 && i % nk === 4) {
+      t = subWord(t);
     }
-    w[i] = w[i - 4] ^ t;
+    w[i] = w[i - nk] ^ t;
   }
   // Decryption keys: the rounds in reverse, the middle ones through
   // InvMixColumns (TD of SBOX undoes the S-box the tables include).
-  const d = new Uint32Array(44);
-  for (let round = 0; round <= 10; round++) {
+  const d = new Uint32Array(words);
+  for (let round = 0; round <= rounds; round++) {
     for (let c = 0; c < 4; c++) {
-      const k = w[(10 - round) * 4 + c];
-      d[round * 4 + c] = round === 0 || round === 10
+      const k = w[(rounds - round) * 4 + c];
+      d[round * 4 + c] = round === 0 || round === rounds
         ? k
         : (TD[0][SBOX[k >>> 24]] ^
           TD[1][SBOX[(k >>> 16) & 0xff]] ^ TD[2][SBOX[(k >>> 8) & 0xff]] ^
@@ -141,9 +152,10 @@ export function expandKey(key: Uint8Array): AesKey {
  */
 function encryptWords(k: Uint32Array, s: Int32Array | Uint32Array) {
   const [t0, t1, t2, t3] = TE;
+  const rounds = (k.length >> 2) - 1;
   let a = s[0] ^ k[0], b = s[1] ^ k[1], c = s[2] ^ k[2], d = s[3] ^ k[3];
   let r = 4;
-  for (let round = 1; round < 10; round++) {
+  for (let round = 1; round < rounds; round++) {
     const a2 = t0[a >>> 24] ^ t1[(b >>> 16) & 255] ^ t2[(c >>> 8) & 255] ^
       t3[d & 255] ^ k[r];
     const b2 = t0[b >>> 24] ^ t1[(c >>> 16) & 255] ^ t2[(d >>> 8) & 255] ^
@@ -159,20 +171,21 @@ function encryptWords(k: Uint32Array, s: Int32Array | Uint32Array) {
     r += 4;
   }
   s[0] = ((SBOX[a >>> 24] << 24) | (SBOX[(b >>> 16) & 255] << 16) |
-    (SBOX[(c >>> 8) & 255] << 8) | SBOX[d & 255]) ^ k[40];
+    (SBOX[(c >>> 8) & 255] << 8) | SBOX[d & 255]) ^ k[r];
   s[1] = ((SBOX[b >>> 24] << 24) | (SBOX[(c >>> 16) & 255] << 16) |
-    (SBOX[(d >>> 8) & 255] << 8) | SBOX[a & 255]) ^ k[41];
+    (SBOX[(d >>> 8) & 255] << 8) | SBOX[a & 255]) ^ k[r + 1];
   s[2] = ((SBOX[c >>> 24] << 24) | (SBOX[(d >>> 16) & 255] << 16) |
-    (SBOX[(a >>> 8) & 255] << 8) | SBOX[b & 255]) ^ k[42];
+    (SBOX[(a >>> 8) & 255] << 8) | SBOX[b & 255]) ^ k[r + 2];
   s[3] = ((SBOX[d >>> 24] << 24) | (SBOX[(a >>> 16) & 255] << 16) |
-    (SBOX[(b >>> 8) & 255] << 8) | SBOX[c & 255]) ^ k[43];
+    (SBOX[(b >>> 8) & 255] << 8) | SBOX[c & 255]) ^ k[r + 3];
 }
 
 function decryptWords(k: Uint32Array, s: Int32Array | Uint32Array) {
   const [t0, t1, t2, t3] = TD;
+  const rounds = (k.length >> 2) - 1;
   let a = s[0] ^ k[0], b = s[1] ^ k[1], c = s[2] ^ k[2], d = s[3] ^ k[3];
   let r = 4;
-  for (let round = 1; round < 10; round++) {
+  for (let round = 1; round < rounds; round++) {
     const a2 = t0[a >>> 24] ^ t1[(d >>> 16) & 255] ^ t2[(c >>> 8) & 255] ^
       t3[b & 255] ^ k[r];
     const b2 = t0[b >>> 24] ^ t1[(a >>> 16) & 255] ^ t2[(d >>> 8) & 255] ^
@@ -188,13 +201,13 @@ function decryptWords(k: Uint32Array, s: Int32Array | Uint32Array) {
     r += 4;
   }
   s[0] = ((INV_SBOX[a >>> 24] << 24) | (INV_SBOX[(d >>> 16) & 255] << 16) |
-    (INV_SBOX[(c >>> 8) & 255] << 8) | INV_SBOX[b & 255]) ^ k[40];
+    (INV_SBOX[(c >>> 8) & 255] << 8) | INV_SBOX[b & 255]) ^ k[r];
   s[1] = ((INV_SBOX[b >>> 24] << 24) | (INV_SBOX[(a >>> 16) & 255] << 16) |
-    (INV_SBOX[(d >>> 8) & 255] << 8) | INV_SBOX[c & 255]) ^ k[41];
+    (INV_SBOX[(d >>> 8) & 255] << 8) | INV_SBOX[c & 255]) ^ k[r + 1];
   s[2] = ((INV_SBOX[c >>> 24] << 24) | (INV_SBOX[(b >>> 16) & 255] << 16) |
-    (INV_SBOX[(a >>> 8) & 255] << 8) | INV_SBOX[d & 255]) ^ k[42];
+    (INV_SBOX[(a >>> 8) & 255] << 8) | INV_SBOX[d & 255]) ^ k[r + 2];
   s[3] = ((INV_SBOX[d >>> 24] << 24) | (INV_SBOX[(c >>> 16) & 255] << 16) |
-    (INV_SBOX[(b >>> 8) & 255] << 8) | INV_SBOX[a & 255]) ^ k[43];
+    (INV_SBOX[(b >>> 8) & 255] << 8) | INV_SBOX[a & 255]) ^ k[r + 3];
 }
 
 const load = (b: Uint8Array, o: number) =>

@@ -8,6 +8,7 @@
 
 import { isZeroRange, wordsOf } from "../drivers/_binary.ts";
 import { driver } from "../drivers/registry.ts";
+import { checkWriteOptions } from "./options.ts";
 import { type Sha256, sha256 } from "./_sha256.ts";
 import { extentsOf, readInto, type Sink, type Source } from "./types.ts";
 
@@ -25,6 +26,13 @@ export interface ConvertOptions {
   backingFile?: string;
   /** Format of that backing file. */
   backingFormat?: string;
+  /**
+   * The disk `backingFile` holds, opened. With it the output stores only
+   * what differs from it (as `qemu-img convert -B` does), zeros included
+   * where the backing file has data; without it every data block is
+   * written, which reads the same but stores more.
+   */
+  backing?: Source;
   /** Called as the work advances: bytes of the virtual disk done, and the total. */
   onProgress?: (done: number, total: number) => void;
   /** Compute the SHA-256 of the virtual disk's bytes as written. @default false */
@@ -50,7 +58,12 @@ export interface ConvertOptions {
 export interface ConvertResult {
   /** The virtual disk's size. */
   size: number;
-  /** Bytes of the virtual disk that were read and written as data. */
+  /**
+   * Bytes of the virtual disk that went to the output as data: the
+   * granules (`sparseSize`, 4 KiB by default) that were not all zeros, for
+   * every output format. Zero runs and all-zero granules are not counted:
+   * they are holes, zero-fill chunks or unallocated clusters.
+   */
   dataBytes: number;
   /** SHA-256 (hex) of the whole virtual disk, when `hash` was set. */
   sha256?: string;
@@ -186,6 +199,7 @@ export async function convert(
 ): Promise<ConvertResult> {
   const format = options.format ?? "raw";
   const out = driver(format);
+  checkWriteOptions(out, options.options, options.compress);
   const total = source.size;
   const blockSize = options.blockSize ?? 2 << 20;
   const concurrency = options.concurrency ?? 4;
@@ -197,8 +211,9 @@ export async function convert(
 
   // The whole-image encoders (dmg, cloop, streamOptimized vmdk) read the
   // source themselves, in their own order; the hash is then a second pass.
-  if (out.encode && format !== "raw") {
-    await out.encode(source, sink, {
+  if (out.encode && format !== "raw" && !options.backing) {
+    const view = passView(source, hasher, sparse);
+    await out.encode(view.source, sink, {
       options: options.options,
       compress: options.compress,
       key: options.key,
@@ -206,14 +221,7 @@ export async function convert(
       onProgress: (done) => options.onProgress?.(done, total),
     });
     await sink.flush();
-    let digest: string | undefined;
-    if (hasher) {
-      for await (const block of blocks(source, blockSize, concurrency)) {
-        hashBlock(hasher, block, zeros!);
-      }
-      digest = hasher.digest();
-    }
-    return { size: total, dataBytes: total, sha256: digest };
+    return { size: total, ...await view.finish() };
   }
 
   if (!out.create) {
@@ -260,7 +268,16 @@ export async function convert(
       lastYield = performance.now();
     }
     options.signal?.throwIfAborted();
-    if (block.bytes) {
+    if (options.backing) {
+      dataBytes += await writeDifferences(
+        write,
+        block.offset,
+        block.length,
+        block.bytes,
+        options.backing,
+        Math.max(sparse, 512),
+      );
+    } else if (block.bytes) {
       dataBytes += await writeSparse(write, block.offset, block.bytes, sparse);
     }
     if (hasher) hashBlock(hasher, block, zeros!);
@@ -318,6 +335,148 @@ async function nextTurn(): Promise<void> {
   }
 }
 
+/**
+ * `source` as an encoder reads it, followed in disk order: the bytes that
+ * arrive are hashed (with `hasher`), so `--hash` costs no second decode,
+ * and their non-zero granules counted as `dataBytes`, the meaning convert
+ * gives it for every format. Reads may come out of order and several at
+ * once: a piece ahead of the prefix done waits as a copy (at most `limit`
+ * bytes of them; past that they are dropped and read again at the end),
+ * and a gap that the map says is zero (runs encoders skip without
+ * reading) is taken as zeros. `finish()` reads whatever the encoder did
+ * not (with no hash asked for, it counts the map's data runs instead).
+ */
+function passView(
+  source: Source,
+  hasher: Sha256 | undefined,
+  granule: number,
+  limit = 64 << 20,
+): {
+  source: Source;
+  finish(): Promise<{ dataBytes: number; sha256?: string }>;
+} {
+  let next = 0;
+  let dataBytes = 0;
+  let waiting: { offset: number; bytes: Uint8Array }[] = [];
+  let waitingBytes = 0;
+  let tracking = true;
+  let chain = Promise.resolve();
+  const zeros = new Uint8Array(1 << 20);
+  const hashZeros = (length: number) => {
+    for (let left = hasher ? length : 0; left > 0; left -= zeros.length) {
+      hasher!.update(zeros.subarray(0, Math.min(left, zeros.length)));
+    }
+    next += length;
+  };
+  const take = (offset: number, bytes: Uint8Array) => {
+    const end = offset + bytes.length;
+    if (end <= next) return;
+    const fresh = bytes.subarray(next - offset);
+    hasher?.update(fresh);
+    dataBytes += nonZeroBytes(fresh, next, granule);
+    next = end;
+  };
+  const advance = async () => {
+    while (tracking && waiting.length) {
+      const at = waiting.findIndex((w) =>
+        w.offset <= next && w.offset + w.bytes.length > next
+      );
+      if (at >= 0) {
+        const [w] = waiting.splice(at, 1);
+        waitingBytes -= w.bytes.length;
+        take(w.offset, w.bytes);
+        continue;
+      }
+      waiting = waiting.filter((w) => w.offset + w.bytes.length > next);
+      waitingBytes = waiting.reduce((n, w) => n + w.bytes.length, 0);
+      if (!waiting.length) break;
+      // A gap before the nearest waiting piece: hashed here only if the
+      // map says it is all zeros (the encoder will not read it).
+      const gapEnd = Math.min(...waiting.map((w) => w.offset));
+      let zeroUntil = next;
+      for await (const e of extentsOf(source, next, gapEnd - next)) {
+        if (e.kind === "data" || e.offset !== zeroUntil) break;
+        zeroUntil = e.offset + e.length;
+      }
+      if (zeroUntil === next) break;
+      hashZeros(zeroUntil - next);
+    }
+  };
+  const arrived = (offset: number, bytes: Uint8Array) => {
+    if (!tracking || offset + bytes.length <= next) return;
+    if (offset <= next) {
+      take(offset, bytes);
+    } else {
+      waiting.push({ offset, bytes: bytes.slice() });
+      waitingBytes += bytes.length;
+      if (waitingBytes > limit) {
+        tracking = false;
+        waiting = [];
+        waitingBytes = 0;
+        return;
+      }
+    }
+    chain = chain.then(advance);
+  };
+  const view: Source = {
+    size: source.size,
+    name: source.name,
+    async read(offset, length) {
+      const bytes = await source.read(offset, length);
+      arrived(offset, bytes);
+      return bytes;
+    },
+    readInto: source.readInto &&
+      (async (offset, into) => {
+        await source.readInto!(offset, into);
+        arrived(offset, into);
+      }),
+    extents: source.extents?.bind(source),
+    close: () => source.close?.() ?? Promise.resolve(),
+  };
+  return {
+    source: view,
+    async finish() {
+      await chain;
+      tracking = false;
+      waiting = [];
+      const rest = source.size - next;
+      if (rest > 0) {
+        for await (const e of extentsOf(source, next, rest)) {
+          if (e.kind !== "data") {
+            hashZeros(e.length);
+          } else if (!hasher) {
+            dataBytes += e.length;
+            next += e.length;
+          } else {
+            for (let at = e.offset; at < e.offset + e.length; at += 2 << 20) {
+              const n = Math.min(2 << 20, e.offset + e.length - at);
+              take(at, await source.read(at, n));
+            }
+          }
+        }
+      }
+      return { dataBytes, sha256: hasher?.digest() };
+    },
+  };
+}
+
+/** The bytes of `bytes` (at disk offset `offset`) in granules that are not all zero. */
+function nonZeroBytes(bytes: Uint8Array, offset: number, granule: number) {
+  if (granule <= 0) return bytes.length;
+  let count = 0;
+  const words = wordsOf(bytes);
+  for (let i = 0; i < bytes.length;) {
+    const end = Math.min(
+      bytes.length,
+      (Math.floor((offset + i) / granule) + 1) * granule - offset,
+    );
+    if (!isZeroRange(bytes, words, i, end)) count += end - i;
+    i = end;
+  }
+  return count;
+}
+
 function hashBlock(
   hasher: Sha256,
   block: { length: number; bytes?: Uint8Array },
@@ -330,6 +489,95 @@ function hashBlock(
   for (let left = block.length; left > 0; left -= zeros.length) {
     hasher.update(zeros.subarray(0, Math.min(left, zeros.length)));
   }
+}
+
+/**
+ * Writes the granules of `[offset, offset + length)` whose bytes (`bytes`,
+ * or zeros for a zero run) differ from `backing`'s, for an output that
+ * reads the rest from `backing`. Past the backing disk's end it reads
+ * zeros. Zero runs read only the backing file's data extents. Returns the
+ * bytes written.
+ */
+async function writeDifferences(
+  write: (offset: number, bytes: Uint8Array) => Promise<void>,
+  offset: number,
+  length: number,
+  bytes: Uint8Array | undefined,
+  backing: Source,
+  granule: number,
+): Promise<number> {
+  const end = offset + length;
+  const inBacking = Math.max(0, Math.min(end, backing.size) - offset);
+  if (bytes) {
+    // Past the backing disk's end it reads as zeros: a sparse write.
+    let written = inBacking < length
+      ? await writeSparse(
+        write,
+        offset + inBacking,
+        bytes.subarray(inBacking),
+        granule,
+      )
+      : 0;
+    if (inBacking === 0) return written;
+    const base = await backing.read(offset, inBacking);
+    written += await writeRuns(write, offset, base, granule, (i, e) => {
+      for (let k = i; k < e; k++) if (bytes[k] !== base[k]) return true;
+      return false;
+    }, (i, e) => bytes.subarray(i, e));
+    return written;
+  }
+  // A zero run: zeros go where the backing disk has non-zero bytes.
+  let written = 0;
+  for await (const e of extentsOf(backing, offset, inBacking)) {
+    if (e.kind !== "data") continue;
+    for (let at = e.offset; at < e.offset + e.length; at += 2 << 20) {
+      const n = Math.min(2 << 20, e.offset + e.length - at);
+      const base = await backing.read(at, n);
+      const words = wordsOf(base);
+      written += await writeRuns(
+        write,
+        at,
+        base,
+        granule,
+        (i, e) => !isZeroRange(base, words, i, e),
+        (i, e) => new Uint8Array(e - i),
+      );
+    }
+  }
+  return written;
+}
+
+/**
+ * Writes the runs of granules (aligned to the disk) of `[offset, offset +
+ * within.length)` for which `differs` holds, each as `bytesOf` gives it.
+ */
+async function writeRuns(
+  write: (offset: number, bytes: Uint8Array) => Promise<void>,
+  offset: number,
+  within: Uint8Array,
+  granule: number,
+  differs: (start: number, end: number) => boolean,
+  bytesOf: (start: number, end: number) => Uint8Array,
+): Promise<number> {
+  let written = 0;
+  let runStart = -1;
+  const flush = async (to: number) => {
+    await write(offset + runStart, bytesOf(runStart, to));
+    written += to - runStart;
+    runStart = -1;
+  };
+  for (let i = 0; i < within.length;) {
+    const end = Math.min(
+      within.length,
+      (Math.floor((offset + i) / granule) + 1) * granule - offset,
+    );
+    if (differs(i, end)) {
+      if (runStart < 0) runStart = i;
+    } else if (runStart >= 0) await flush(i);
+    i = end;
+  }
+  if (runStart >= 0) await flush(within.length);
+  return written;
 }
 
 /**

@@ -103,9 +103,19 @@ export function decrypt(image: Image, key: string | Uint8Array): Image {
         `${
           image.name ?? "the image"
         }'s backing image is encrypted: decrypt applies to one layer, so open the chain with { key }`,
+        `${
+          image.name ?? "the image"
+        }'s backing image is encrypted: give its passphrase with --key-file FILE`,
       );
     }
     return image;
+  }
+  if (hook.opensWithKey) {
+    throw new KeyError(
+      `${
+        image.name ?? "the image"
+      } (${image.format}) is unlocked as it opens: open it again with { key } (or --key-file)`,
+    );
   }
   return hook.unlock(cipherFor(hook.scheme, key));
 }

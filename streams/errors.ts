@@ -132,10 +132,70 @@ export class UnknownFormatError extends Error {
   }
 }
 
+/** Facts carried by an {@linkcode OptionError}. */
+export interface OptionErrorInit {
+  /** The format whose options these are. */
+  format: string;
+  /** The option's name, as given. */
+  option: string;
+  /** The value given; absent when the option itself is unknown. */
+  value?: string;
+  /** What is accepted: the valid values, or for an unknown option the valid names. */
+  expected: string;
+}
+
+/**
+ * A `-o` option (or an `options` entry of `convert`/`create`) that the
+ * format does not have, or a value it does not take. Not an image problem:
+ * no image was read, so it is not an {@linkcode ImageFormatError}.
+ *
+ * @example
+ * ```ts
+ * import { OptionError } from "./errors.ts";
+ * const e = new OptionError({
+ *   format: "vmdk", option: "subformt", expected: "subformat, adapter_type",
+ * });
+ * console.log(e.message);
+ * // vmdk: unknown option 'subformt' (valid: subformat, adapter_type)
+ * ```
+ */
+export class OptionError extends Error {
+  /** The format. */
+  readonly format: string;
+  /** The option's name. */
+  readonly option: string;
+  /** The value given (absent for an unknown option). */
+  readonly value?: string;
+  /** What is accepted. */
+  readonly expected: string;
+
+  /**
+   * @param init the facts
+   * @param message a message to use instead of the one built from the facts
+   */
+  constructor(init: OptionErrorInit, message?: string) {
+    super(
+      message ??
+        (init.value === undefined
+          ? `${init.format}: unknown option '${init.option}' (valid: ${init.expected})`
+          : `${init.format}: option ${init.option}=${init.value} is invalid: must be ${init.expected}`),
+    );
+    this.name = "OptionError";
+    this.format = init.format;
+    this.option = init.option;
+    this.value = init.value;
+    this.expected = init.expected;
+  }
+}
+
 /** An encrypted image needs a key, or the key given is wrong. */
 export class KeyError extends Error {
-  /** @param message what is missing or wrong */
-  constructor(message: string) {
+  /**
+   * @param message what is missing or wrong, in the API's words
+   * @param cliMessage the same in the command line's words (`--key-file`),
+   *   when they differ
+   */
+  constructor(message: string, readonly cliMessage?: string) {
     super(message);
     this.name = "KeyError";
   }
@@ -144,10 +204,17 @@ export class KeyError extends Error {
 /** A backing file was refused by the backing-file policy (outside the allowed folder, a loop, too deep). */
 export class BackingFileError extends Error {
   /**
-   * @param message why it was refused and how to allow it
+   * @param message why it was refused and how to allow it, in the API's
+   *   words (`allowDir`)
    * @param backingFile the name as the image wrote it
+   * @param cliMessage the same in the command line's words
+   *   (`--allow-backing-dir`), when they differ
    */
-  constructor(message: string, readonly backingFile: string) {
+  constructor(
+    message: string,
+    readonly backingFile: string,
+    readonly cliMessage?: string,
+  ) {
     super(message);
     this.name = "BackingFileError";
   }
@@ -163,6 +230,39 @@ export class HttpSourceError extends Error {
   constructor(message: string, readonly url: string, readonly status?: number) {
     super(message);
     this.name = "HttpSourceError";
+  }
+}
+
+/**
+ * An HTTP source's server went silent longer than the idle timeout, or one
+ * request took longer than the total timeout.
+ *
+ * @example
+ * ```ts
+ * import { HttpTimeoutError } from "./errors.ts";
+ * const e = new HttpTimeoutError("http://x/disk.img", "idle", 30000);
+ * console.log(e.message);
+ * // http://x/disk.img: no byte from the server for 30000 ms (idle timeout)
+ * ```
+ */
+export class HttpTimeoutError extends HttpSourceError {
+  /**
+   * @param url the URL
+   * @param kind `idle` (nothing arrived for `ms`) or `total` (one request took over `ms`)
+   * @param ms the timeout, in milliseconds
+   */
+  constructor(
+    url: string,
+    readonly kind: "idle" | "total",
+    readonly ms: number,
+  ) {
+    super(
+      kind === "idle"
+        ? `${url}: no byte from the server for ${ms} ms (idle timeout)`
+        : `${url}: one request took over ${ms} ms (total timeout)`,
+      url,
+    );
+    this.name = "HttpTimeoutError";
   }
 }
 

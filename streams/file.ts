@@ -539,6 +539,41 @@ async function openInside(
 }
 
 /**
+ * Opens `path` read-only when it is a regular file lying inside `folder`
+ * (symbolic links followed only while they stay inside), checked on the
+ * file opened as backing files are: swapping a name for a link while this
+ * runs cannot make it open a file elsewhere. `cli.ts serve --web` serves
+ * its folder through this.
+ *
+ * @param path the file, by a path that names it inside `folder`
+ * @param folder the folder it must lie in
+ * @returns the open file (close it when done)
+ * @throws Deno.errors.PermissionDenied for a file that leads outside or is not a regular file
+ *
+ * @example
+ * ```ts ignore
+ * import { openInFolder } from "./mod.ts";
+ * const page = await openInFolder("site/index.html", "site");
+ * console.log(page.size);
+ * await page.close();
+ * ```
+ */
+export async function openInFolder(
+  path: string,
+  folder: string,
+): Promise<FileHandle> {
+  const root = await Deno.realPath(folder);
+  return await openInside(
+    path,
+    [root],
+    (why, real) =>
+      new Deno.errors.PermissionDenied(
+        `${path} ${why || `leads to ${real}, outside ${root}`}`,
+      ),
+  );
+}
+
+/**
  * Opens the file at the real path `real` by going down to it from the
  * folder `root` (which holds it), one name at a time, relative to the
  * working folder: each name must be a folder (not a link) and, once
@@ -715,17 +750,21 @@ export function fileBackingResolver(
       return await openInside(
         path,
         folders,
-        (why, real) =>
-          new BackingFileError(
-            why
-              ? `${naming} names the backing file "${backingFile}", which ${why}: refused`
-              : `${naming} names the backing file "${backingFile}", which leads to ${real}, outside ${
-                folders.join(", ")
-              }: refused: pass --allow-backing-dir ${
-                folderOf(real ?? path)
-              } (allowDir) to allow it`,
-            backingFile,
-          ),
+        (why, real) => {
+          const head = why
+            ? `${naming} names the backing file "${backingFile}", which ${why}: refused`
+            : `${naming} names the backing file "${backingFile}", which leads to ${real}, outside ${
+              folders.join(", ")
+            }: refused`;
+          const folder = folderOf(real ?? path);
+          return why
+            ? new BackingFileError(head, backingFile)
+            : new BackingFileError(
+              `${head}: add ${folder} to allowDir to allow it`,
+              backingFile,
+              `${head}: pass --allow-backing-dir ${folder} to allow it`,
+            );
+        },
         write,
       );
     } catch (e) {

@@ -6,7 +6,7 @@
  * @module
  */
 
-import { HttpSourceError } from "./errors.ts";
+import { HttpSourceError, HttpTimeoutError } from "./errors.ts";
 import { checkRange, type Source } from "./types.ts";
 
 /**
@@ -63,23 +63,60 @@ export function fromBlob(blob: Blob): Source {
 
 /** Options for {@linkcode fromUrl}. */
 export interface UrlSourceOptions {
-  /** Extra request headers (authorisation). */
+  /** Extra request headers (authorisation); not sent on after a redirect to another origin. */
   headers?: HeadersInit;
   /** The fetch to use. @default globalThis.fetch */
   fetch?: typeof fetch;
   /** Cancels requests. */
   signal?: AbortSignal;
+  /**
+   * Called with every URL before it is fetched: the one given and each
+   * redirect's target. Throwing refuses it (the error is passed on as it
+   * is). When set, redirects are followed here, one hop at a time, so that
+   * every hop is checked (this needs a runtime whose `fetch` shows
+   * redirects, `redirect: "manual"`: Deno and Node, not browsers).
+   * @default undefined (redirects are followed by `fetch`)
+   */
+  checkUrl?: (url: URL) => void | Promise<void>;
+  /** Most redirects followed when opening. @default 10 */
+  maxRedirects?: number;
+  /**
+   * Milliseconds without a byte (or the headers) from the server before a
+   * request fails with an {@linkcode HttpTimeoutError}; 0 for none.
+   * @default 30000
+   */
+  idleTimeout?: number;
+  /**
+   * Milliseconds one request (headers and body) may take at most before it
+   * fails with an {@linkcode HttpTimeoutError}; 0 for none. @default 0
+   */
+  timeout?: number;
 }
 
+const REDIRECTS = new Set([301, 302, 303, 307, 308]);
+
 /**
- * A source over an HTTP(S) URL, reading with `Range` requests. The size
- * comes from a first range request's `Content-Range`. A server that answers
- * a range request with the whole body (status 200) is refused with an
- * {@linkcode HttpSourceError}, before any large body is read.
+ * A source over an HTTP(S) URL, reading with `Range` requests.
+ *
+ * - The URL is resolved once, when opening: redirects are followed on the
+ *   first request (each hop passed to `checkUrl` when given), and every
+ *   later read goes to the URL they led to; a later answer that redirects
+ *   again is an error, not followed.
+ * - The size comes from the first request's `Content-Range`. A server
+ *   that answers a range request with the whole body (status 200) is
+ *   refused before any of the body is read.
+ * - Each read takes exactly the bytes asked for: an answer for another
+ *   range (`Content-Range`), announcing another length, or sending more
+ *   bytes than asked is refused as soon as it shows, so a lying server
+ *   costs no more memory than the read's own buffer.
+ * - `idleTimeout` and `timeout` bound a stalled or dribbling server.
+ *
+ * Every failure is an {@linkcode HttpSourceError} (an
+ * {@linkcode HttpTimeoutError} for the timeouts) naming the URL.
  *
  * @param url the image's URL
- * @param options headers, fetch, signal
- * @returns a Source
+ * @param options headers, fetch, signal, the redirect check and timeouts
+ * @returns a Source (with `readInto`)
  *
  * @example
  * ```ts ignore
@@ -92,68 +129,212 @@ export async function fromUrl(
   url: string | URL,
   options: UrlSourceOptions = {},
 ): Promise<Source> {
-  const href = String(url);
   const doFetch = options.fetch ?? globalThis.fetch;
-  const get = async (start: number, end: number) => {
-    const headers = new Headers(options.headers);
-    headers.set("Range", `bytes=${start}-${end}`);
-    let response: Response;
+  const idle = options.idleTimeout ?? 30_000;
+  const total = options.timeout ?? 0;
+  const maxRedirects = options.maxRedirects ?? 10;
+  let target = new URL(String(url));
+  let headers = new Headers(options.headers);
+
+  /**
+   * One GET of `range` at `where` under the timeouts; `use` reads the
+   * answer (calling `touch` as bytes arrive) and its result is returned.
+   * The body is cancelled when `use` throws.
+   */
+  async function request<T>(
+    where: URL,
+    range: string,
+    redirect: RequestRedirect,
+    use: (response: Response, touch: () => void) => Promise<T>,
+  ): Promise<T> {
+    const href = String(where);
+    const controller = new AbortController();
+    let timedOut: HttpTimeoutError | undefined;
+    const stop = (kind: "idle" | "total", ms: number) => () => {
+      timedOut = new HttpTimeoutError(href, kind, ms);
+      controller.abort(timedOut);
+    };
+    let idleTimer: ReturnType<typeof setTimeout> | undefined;
+    const touch = () => {
+      if (!idle) return;
+      clearTimeout(idleTimer);
+      idleTimer = setTimeout(stop("idle", idle), idle);
+    };
+    const totalTimer = total ? setTimeout(stop("total", total), total) : 0;
+    const outer = options.signal;
+    const onAbort = () => controller.abort(outer!.reason);
+    outer?.addEventListener("abort", onAbort);
+    if (outer?.aborted) controller.abort(outer.reason);
+    touch();
     try {
-      response = await doFetch(href, { headers, signal: options.signal });
-    } catch (e) {
-      throw new HttpSourceError(
-        `${href}: request failed: ${(e as Error).message}`,
-        href,
-      );
+      const requestHeaders = new Headers(headers);
+      requestHeaders.set("Range", range);
+      let response: Response;
+      try {
+        response = await doFetch(href, {
+          headers: requestHeaders,
+          signal: controller.signal,
+          redirect,
+        });
+      } catch (e) {
+        if (timedOut) throw timedOut;
+        if (outer?.aborted) throw outer.reason;
+        throw new HttpSourceError(
+          `${href}: request failed: ${(e as Error).message}`,
+          href,
+        );
+      }
+      touch();
+      try {
+        return await use(response, touch);
+      } catch (e) {
+        await response.body?.cancel().catch(() => {});
+        if (timedOut) throw timedOut;
+        if (outer?.aborted) throw outer.reason;
+        throw e;
+      }
+    } finally {
+      clearTimeout(idleTimer);
+      clearTimeout(totalTimer);
+      outer?.removeEventListener("abort", onAbort);
     }
-    if (response.status === 200) {
-      await response.body?.cancel();
-      throw new HttpSourceError(
-        `${href}: the server ignored the Range request (status 200, whole body); random access needs a server that supports byte ranges`,
-        href,
-        200,
-      );
-    }
-    if (response.status !== 206) {
-      await response.body?.cancel();
-      throw new HttpSourceError(
-        `${href}: HTTP ${response.status} ${response.statusText}`,
-        href,
-        response.status,
-      );
-    }
-    return response;
-  };
-  // Learn the size from the first byte's Content-Range: "bytes 0-0/12345".
-  const first = await get(0, 0);
-  const range = first.headers.get("Content-Range") ?? "";
-  await first.body?.cancel();
-  const match = /\/(\d+)\s*$/.exec(range);
-  if (!match) {
-    throw new HttpSourceError(
-      `${href}: the server sent no usable Content-Range (${
-        JSON.stringify(range)
-      }), so the size is unknown`,
-      href,
-      206,
-    );
   }
-  const size = Number(match[1]);
+
+  /** Throws unless `response` is a 206; `asked` names the range for messages. */
+  function expectPartial(response: Response, href: string, asked: string) {
+    if (response.status === 206) return;
+    const message = response.status === 200
+      ? "the server ignored the Range request (status 200, whole body); random access needs a server that supports byte ranges"
+      : REDIRECTS.has(response.status) || response.type === "opaqueredirect"
+      ? `redirected (status ${response.status}) on a read of ${asked}; the URL was resolved once, when opening, and later redirects are not followed`
+      : `HTTP ${response.status} ${response.statusText}`;
+    throw new HttpSourceError(`${href}: ${message}`, href, response.status);
+  }
+
+  // Open: learn the size from the first byte's "Content-Range: bytes 0-0/N",
+  // following redirects (each hop checked) to the URL every read then uses.
+  let size = -1;
+  for (let hops = 0; size < 0; hops++) {
+    await options.checkUrl?.(target);
+    const href = String(target);
+    const answer = await request(
+      target,
+      "bytes=0-0",
+      options.checkUrl ? "manual" : "follow",
+      async (response) => {
+        const location = response.headers.get("Location");
+        if (options.checkUrl && REDIRECTS.has(response.status) && location) {
+          await response.body?.cancel();
+          return { location };
+        }
+        if (response.type === "opaqueredirect") {
+          throw new HttpSourceError(
+            `${href}: redirects, and this runtime's fetch cannot show where to, so the hop cannot be checked`,
+            href,
+          );
+        }
+        expectPartial(response, href, "bytes 0-0");
+        const range = response.headers.get("Content-Range") ?? "";
+        await response.body?.cancel();
+        const match = /^bytes\s+0-0\/(\d+)\s*$/.exec(range);
+        if (!match || !Number.isSafeInteger(Number(match[1]))) {
+          throw new HttpSourceError(
+            `${href}: the server sent no usable Content-Range (${
+              JSON.stringify(range)
+            }) for bytes 0-0, so the size is unknown`,
+            href,
+            206,
+          );
+        }
+        return { size: Number(match[1]), final: response.url };
+      },
+    );
+    if (answer.location !== undefined) {
+      if (hops >= maxRedirects) {
+        throw new HttpSourceError(
+          `${href}: more than ${maxRedirects} redirects`,
+          href,
+          303,
+        );
+      }
+      let next: URL;
+      try {
+        next = new URL(answer.location, target);
+      } catch {
+        throw new HttpSourceError(
+          `${href}: redirects to ${
+            JSON.stringify(answer.location)
+          }, which is not a URL`,
+          href,
+        );
+      }
+      // As fetch does: credentials are not passed on to another origin.
+      if (next.origin !== target.origin) headers = new Headers();
+      target = next;
+      continue;
+    }
+    // Where fetch followed redirects itself, read from where they led.
+    if (answer.final) target = new URL(answer.final);
+    size = answer.size!;
+  }
+  const href = String(target);
+
+  async function readInto(offset: number, into: Uint8Array): Promise<void> {
+    checkRange(size, offset, into.length);
+    if (into.length === 0) return;
+    const last = offset + into.length - 1;
+    const asked = `bytes ${offset}-${last}`;
+    await request(target, `bytes=${offset}-${last}`, "manual", async (
+      response,
+      touch,
+    ) => {
+      expectPartial(response, href, asked);
+      const fail = (what: string) =>
+        new HttpSourceError(`${href}: ${what}`, href, 206);
+      const range = (response.headers.get("Content-Range") ?? "")
+        .replace(/\s+/g, " ").trim();
+      if (range !== `${asked}/${size}`) {
+        throw fail(
+          `asked for ${asked} of ${size}, the server answered Content-Range ${
+            JSON.stringify(range)
+          }`,
+        );
+      }
+      const declared = response.headers.get("Content-Length");
+      if (declared !== null && Number(declared) !== into.length) {
+        throw fail(
+          `asked for ${into.length} bytes at ${offset}, the server announces ${declared}`,
+        );
+      }
+      let at = 0;
+      const reader = response.body?.getReader();
+      while (reader) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        touch();
+        if (at + value.length > into.length) {
+          await reader.cancel().catch(() => {});
+          throw fail(
+            `asked for ${into.length} bytes at ${offset}, the server sent more`,
+          );
+        }
+        into.set(value, at);
+        at += value.length;
+      }
+      if (at !== into.length) {
+        throw fail(`asked for ${into.length} bytes at ${offset}, got ${at}`);
+      }
+    });
+  }
+
   return {
     size,
     name: href,
+    readInto,
     async read(offset: number, length: number) {
       checkRange(size, offset, length);
-      if (length === 0) return new Uint8Array(0);
-      const response = await get(offset, offset + length - 1);
-      const bytes = new Uint8Array(await response.arrayBuffer());
-      if (bytes.length !== length) {
-        throw new HttpSourceError(
-          `${href}: asked for ${length} bytes at ${offset}, got ${bytes.length}`,
-          href,
-          206,
-        );
-      }
+      const bytes = new Uint8Array(length);
+      await readInto(offset, bytes);
       return bytes;
     },
   };

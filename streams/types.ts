@@ -24,6 +24,12 @@ export interface Extent {
   length: number;
   /** What the run holds. */
   kind: ExtentKind;
+  /**
+   * For a `data` run stored in the image file as it reads (not compressed,
+   * not encrypted, in one piece): the byte offset of its first byte in the
+   * file, as `qemu-img map` shows it. Absent where there is no such place.
+   */
+  fileOffset?: number;
 }
 
 /**
@@ -145,6 +151,12 @@ export interface SectorCipher {
 export interface Encryption {
   /** The scheme: `qcow-aes` (AES-128-CBC per sector, QEMU's key from the passphrase). */
   readonly scheme: string;
+  /**
+   * True when the key must be given as the image opens (`open(source,
+   * { key })`), because the layout itself is encrypted (an encrypted dmg):
+   * `decrypt` then refuses the layer with a `KeyError` saying so.
+   */
+  readonly opensWithKey?: boolean;
   /** The same layer, reading and writing through `cipher`. */
   unlock(cipher: SectorCipher): Image;
 }
@@ -277,6 +289,23 @@ export interface EncodeOptions {
 }
 
 /**
+ * One option a format takes when it is written (`-o NAME=VALUE` of `create`
+ * and `convert`), as `-o help` lists it.
+ */
+export interface OptionSpec {
+  /** The name, as `-o` takes it. */
+  readonly name: string;
+  /** One line saying what it does. */
+  readonly help: string;
+  /** The values it takes, when it takes a fixed set. */
+  readonly values?: readonly string[];
+  /** What it takes in words, when not a fixed set (`a multiple of 512`). */
+  readonly accepts?: string;
+  /** The value used when it is not given. */
+  readonly default?: string;
+}
+
+/**
  * One image format: a plain object with what it can do. Drivers know
  * nothing about each other; the registry and combinators do the rest.
  */
@@ -300,6 +329,14 @@ export interface Driver {
    * prefers this over `create` when present.
    */
   encode?(source: Source, sink: Sink, options: EncodeOptions): Promise<void>;
+  /**
+   * The `-o` options `create` and `encode` take. Any other name is refused
+   * with an {@linkcode OptionError} before anything is written; a format
+   * that writes and leaves this out takes none.
+   */
+  readonly writeOptions?: readonly OptionSpec[];
+  /** Whether `convert -c` means something for this format. */
+  readonly compresses?: boolean;
 }
 
 /**

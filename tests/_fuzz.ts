@@ -4,12 +4,21 @@
 // error, or a defect (any other exception, a timeout, memory over the ceiling).
 import { formats } from "../mod.ts";
 import { have, referenceBytes, referenceImages, run } from "./_helpers.ts";
+import { appleSeeds } from "./_apple_writers.ts";
+import { encryptDmg, encryptDmgV1 } from "./_encrypted_dmg_writer.ts";
+import { segmentDmg } from "./_segmented_dmg_writer.ts";
 
 /** A valid image to mutate. */
 export interface Seed {
   name: string;
   format: string;
   bytes: Uint8Array;
+  /** The password an encrypted seed opens with. */
+  key?: string;
+  /** The file name the mutant is opened as (segmented dmgs find their parts by it). */
+  fileName?: string;
+  /** Files beside it (the other segments of a segmented dmg), unmutated. */
+  parts?: Record<string, Uint8Array>;
 }
 
 /** One defect: enough to reproduce it. */
@@ -123,6 +132,10 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
       out.push({ name: image.path, format: image.format, bytes });
     }
   }
+  // Apple's sparse and floppy formats, made by the tests' own writers.
+  for (const seed of appleSeeds()) {
+    if (known.has(seed.format)) out.push(seed);
+  }
   await Deno.mkdir(cacheDir, { recursive: true });
   const base = `${cacheDir}/base.raw`;
   const made: { name: string; format: string; tools: string[]; cmd: string }[] =
@@ -164,6 +177,41 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
         format: "vpc",
         tools: ["qemu-img"],
         cmd: `qemu-img convert -f raw -O vpc -o subformat=fixed ${base} OUT`,
+      },
+      {
+        name: "vdi",
+        format: "vdi",
+        tools: ["qemu-img"],
+        cmd: `qemu-img convert -f raw -O vdi ${base} OUT`,
+      },
+      {
+        name: "vdi-static",
+        format: "vdi",
+        tools: ["qemu-img"],
+        cmd: `qemu-img convert -f raw -O vdi -o static=on ${base} OUT`,
+      },
+      {
+        // qemu-img's smallest vhdx is 9 MiB; ours is 5 MiB.
+        name: "vhdx",
+        format: "vhdx",
+        tools: [],
+        cmd: `${Deno.execPath()} run -A ${
+          new URL("../cli.ts", import.meta.url).pathname
+        } convert -O vhdx -o block_size=1M ${base} OUT`,
+      },
+      {
+        name: "qed",
+        format: "qed",
+        tools: ["qemu-img"],
+        cmd:
+          `qemu-img convert -f raw -O qed -o cluster_size=4K,table_size=2 ${base} OUT`,
+      },
+      {
+        name: "parallels",
+        format: "parallels",
+        tools: ["qemu-img"],
+        cmd:
+          `qemu-img convert -f raw -O parallels -o cluster_size=64K ${base} OUT`,
       },
       {
         name: "cloop",
@@ -209,9 +257,50 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
       if (r.code !== 0) continue;
     }
     const bytes = await Deno.readFile(path);
-    if (bytes.length <= 4 << 20) {
+    // A vhdx holds at least 4 MiB of structure (headers, log, metadata,
+    // BAT, each a whole MiB) before its first block.
+    if (bytes.length <= (m.format === "vhdx" ? 6 << 20 : 4 << 20)) {
       out.push({ name: `made:${m.name}`, format: m.format, bytes });
     }
+  }
+  // Encrypted dmgs around the dmg seed, made by the tests' writer (fresh
+  // keys each run: the mutations, not the bytes, are what is seeded).
+  const inner = out.find((s) => s.name === "made:dmg");
+  if (inner && known.has("dmg-encrypted")) {
+    const key = "fuzz";
+    out.push({
+      name: "made:dmg-encrypted",
+      format: "dmg-encrypted",
+      key,
+      bytes: (await encryptDmg(inner.bytes, {
+        password: key,
+        keyBits: 256,
+        iterations: 1000,
+      })).bytes,
+    });
+    out.push({
+      name: "made:dmg-encrypted-v1",
+      format: "dmg-encrypted",
+      key,
+      bytes: encryptDmgV1(inner.bytes, { password: key }).bytes,
+    });
+  }
+  if (inner) {
+    // A segmented dmg: the first file is mutated, its parts are beside it.
+    const view = new DataView(inner.bytes.buffer, inner.bytes.byteOffset);
+    const fork = Number(view.getBigUint64(inner.bytes.length - 512 + 32));
+    const [first, ...rest] = segmentDmg(
+      inner.bytes,
+      [Math.floor(fork / 3) + 5, Math.floor((2 * fork) / 3) + 9],
+      "fuzz",
+    );
+    out.push({
+      name: "made:dmg-segmented",
+      format: "dmg",
+      bytes: first.bytes,
+      fileName: first.name,
+      parts: Object.fromEntries(rest.map((p) => [p.name, p.bytes])),
+    });
   }
   return out;
 }
@@ -288,7 +377,14 @@ export async function fuzz(
         clearInterval(memory);
         resolve({ outcome: "defect", error: `worker error: ${e.message}` });
       };
-      w.postMessage({ id, bytes, format });
+      w.postMessage({
+        id,
+        bytes,
+        format,
+        key: seed.key,
+        name: seed.fileName,
+        parts: seed.parts,
+      });
     });
     const stats = report.byFormat[seed.format] ??= {
       mutants: 0,

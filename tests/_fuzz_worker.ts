@@ -2,20 +2,54 @@
 // Runs one mutant per message: open (forced format or probed), info, and
 // convert to a null sink. Answers how it ended. The parent kills this worker
 // on a timeout or when memory goes over the ceiling.
-import { convert, fromBytes, imageInfo, open } from "../mod.ts";
+import {
+  convert,
+  fromBytes,
+  imageInfo,
+  memoryTree,
+  open,
+  openSparsebundle,
+} from "../mod.ts";
 import { isTypedError as typed, nullSink } from "./_outcomes.ts";
+import { fuzzBundleFiles } from "./_apple_writers.ts";
+
+let bundleFiles: ReturnType<typeof fuzzBundleFiles> | undefined;
 
 self.onmessage = async (
-  { data }: MessageEvent<{ id: number; bytes: Uint8Array; format?: string }>,
+  { data }: MessageEvent<
+    {
+      id: number;
+      bytes: Uint8Array;
+      format?: string;
+      key?: string;
+      name?: string;
+      parts?: Record<string, Uint8Array>;
+    }
+  >,
 ) => {
   try {
-    const image = await open(fromBytes(data.bytes, "mutant"), {
-      format: data.format,
-      // Any backing file a mutant names reads as a small zero disk, so that
-      // overlays (cow, qcow, vmdk, vpc) are read through, not refused.
-      resolveBacking: () =>
-        Promise.resolve(fromBytes(new Uint8Array(1 << 20), "backing")),
-    });
+    // A sparse bundle's seed is its Info.plist: the mutant opens as the
+    // bundle's plist, with the seed's band files beside it.
+    const image = data.format === "sparsebundle"
+      ? await openSparsebundle(
+        memoryTree({
+          ...(bundleFiles ??= fuzzBundleFiles()),
+          "Info.plist": data.bytes,
+        }),
+      )
+      : await open(fromBytes(data.bytes, data.name ?? "mutant"), {
+        format: data.format,
+        key: data.key,
+        // The files beside it (a segmented dmg's parts), by name.
+        resolveFile: (name) =>
+          data.parts?.[name]
+            ? Promise.resolve(fromBytes(data.parts[name], name))
+            : Promise.reject(new Error(`no file ${name} beside the mutant`)),
+        // Any backing file a mutant names reads as a small zero disk, so that
+        // overlays (cow, qcow, vmdk, vpc) are read through, not refused.
+        resolveBacking: () =>
+          Promise.resolve(fromBytes(new Uint8Array(1 << 20), "backing")),
+      });
     JSON.stringify(imageInfo(image));
     await convert(image, nullSink());
     self.postMessage({ id: data.id, outcome: "ok", format: image.format });

@@ -76,11 +76,13 @@ for (const layered of LAYERED) {
           const e = await rejects(
             () => openChain(top),
             BackingFileError,
-            /outside .*: refused: pass --allow-backing-dir /,
+            /outside .*: refused: add \S+ to allowDir to allow it$/,
           );
+          // The API's words in the API, the command line's on the command line.
+          assertMatch(e.message, new RegExp(`add ${dir}/outside to allowDir`));
           assertMatch(
-            e.message,
-            new RegExp(`--allow-backing-dir ${dir}/outside`),
+            (e as BackingFileError).cliMessage!,
+            new RegExp(`--allow-backing-dir ${dir}/outside to allow it$`),
           );
           for (const command of ["convert", "map", "compare"]) {
             const args = command === "convert"
@@ -92,7 +94,7 @@ for (const layered of LAYERED) {
             assertEquals(r.code, command === "compare" ? 2 : 1, r.stderr);
             assertMatch(
               r.stderr,
-              /^vdisk \w+: .*refused: pass --allow-backing-dir \S+ \(allowDir\) to allow it\n$/,
+              /^vdisk \w+: .*refused: pass --allow-backing-dir \S+ to allow it\n$/,
             );
           }
           const allowed = await cli([

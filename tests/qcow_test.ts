@@ -849,7 +849,10 @@ Deno.test({
       assertEquals(ours["allocated-bytes"], theirs);
       assertEquals(theirs, (1 << 20) + 12 * 1024);
       const human = (await cli(["info", path])).text;
-      assertMatch(human, /allocated: .*\(1060864 bytes stored in this layer\)/);
+      assertMatch(
+        human,
+        /allocated: .*\(1060864 bytes of the virtual disk held in this layer; /,
+      );
     });
   },
 });

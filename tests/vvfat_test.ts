@@ -578,7 +578,7 @@ Deno.test("the CLI opens fat:DIR and -f vvfat DIR for info, map and compare", ()
     assertEquals(info.code, 0, info.stderr);
     const json = JSON.parse(info.text);
     assertEquals(json.format, "vvfat");
-    assertEquals(json["format-specific"].data.fatType, 32);
+    assertEquals(json["format-specific"].data["fat-type"], 32);
     const info2 = await cli(["info", "-f", "vvfat", `${dir}/tree`]);
     assertEquals(info2.code, 0, info2.stderr);
     assertMatch(info2.text, /file format: vvfat/);

@@ -70,6 +70,8 @@ export interface Koly {
   /** File offset of the trailer itself. */
   offset: number;
   flags: number;
+  /** Where this file's data fork starts in the data of all segments. */
+  runningDataForkOffset: number;
   dataForkOffset: number;
   dataForkLength: number;
   rsrcForkOffset: number;
@@ -179,6 +181,7 @@ export function parseKoly(
   return {
     offset,
     flags: be32(b, 12),
+    runningDataForkOffset: u64(16, "koly.RunningDataForkOffset"),
     dataForkOffset,
     dataForkLength,
     rsrcForkOffset,

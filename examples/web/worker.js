@@ -1,7 +1,17 @@
-// The module worker behind index.html: opens an image (a File, or a URL read
-// with Range requests), converts it to a raw disk, reports progress, and
-// answers with the format, size, sha256 and (when asked) the raw bytes.
-import { convert, fromBlob, fromUrl, memorySink, open } from "/dist/mod.js";
+// The module worker behind index.html: opens an image (a File, several Files
+// such as a segmented dmg's parts, a URL read with Range requests, or a
+// sparse bundle folder given as its Files by path), with a password for
+// encrypted ones, converts it to a raw disk, reports progress, and answers
+// with the format, size, sha256 and (when asked) the raw bytes.
+import {
+  convert,
+  fromBlob,
+  fromUrl,
+  memorySink,
+  memoryTree,
+  open,
+  openSparsebundle,
+} from "/dist/mod.js";
 
 /** A sink that only counts (for hashing without keeping the disk). */
 function nullSink() {
@@ -13,12 +23,38 @@ function nullSink() {
   };
 }
 
-self.onmessage = async ({ data: { id, input, keep } }) => {
+/**
+ * The image among several files: the first segment of a segmented dmg
+ * (`NAME.dmg` or `NAME.001.dmg`, not a `.dmgpart`), else the first file.
+ */
+function mainFile(files) {
+  return files.find((f) => /\.dmg$/i.test(f.name)) ?? files[0];
+}
+
+self.onmessage = async ({ data: { id, input, keep, key } }) => {
   try {
-    const source = typeof input === "string"
-      ? await fromUrl(new URL(input, self.location.href))
-      : fromBlob(input);
-    const image = await open(source);
+    // Several Files: one image and the files it names (a segmented dmg's
+    // parts), found by name among them. An object of Files by path within a
+    // folder ("Info.plist", "bands/0", ...): a sparse bundle.
+    const files = Array.isArray(input) ? input : undefined;
+    const folder = typeof input === "object" && !(input instanceof Blob) &&
+      !files;
+    const image = folder
+      ? await openSparsebundle(memoryTree(input))
+      : await open(
+        typeof input === "string"
+          ? await fromUrl(new URL(input, self.location.href))
+          : fromBlob(files ? mainFile(files) : input),
+        {
+          key: key || undefined,
+          resolveFile: (name) => {
+            const found = files?.find((f) => f.name === name);
+            return found
+              ? Promise.resolve(fromBlob(found))
+              : Promise.reject(new Error(`drop ${name} too, with the image`));
+          },
+        },
+      );
     const sink = keep ? memorySink() : nullSink();
     const result = await convert(image, sink, {
       hash: true,

@@ -1,0 +1,442 @@
+/**
+ * parallels: Parallels Desktop (and Virtuozzo) expanding and plain disk
+ * images, read-only.
+ *
+ * This module is browser compatible.
+ *
+ * Described by QEMU's `docs/interop/parallels.rst`. Every field is
+ * little-endian.
+ *
+ * | offset | size | field                                                  |
+ * | -----: | ---: | ------------------------------------------------------ |
+ * |      0 |   16 | magic `WithoutFreeSpace` (old) or `WithouFreSpacExt`   |
+ * |     16 |    4 | version (2)                                            |
+ * |     20 |    4 | heads                                                  |
+ * |     24 |    4 | cylinders                                              |
+ * |     28 |    4 | tracks: sectors per cluster                            |
+ * |     32 |    4 | bat_entries                                            |
+ * |     36 |    8 | nb_sectors: the disk's size in sectors (old: 32 bits)  |
+ * |     44 |    4 | inuse: 0x746F6E59 while an application has it open    |
+ * |     48 |    4 | data_off: the first data sector (0: after the BAT)     |
+ * |     52 |    4 | flags                                                  |
+ * |     56 |    8 | ext_off: the format extension cluster (sectors)        |
+ *
+ * The BAT (bat_entries 32-bit entries at 64) gives each cluster's place in
+ * the file: in 512-byte sectors for `WithoutFreeSpace` images, in clusters
+ * for `WithouFreSpacExt` ones; 0 when the cluster is not allocated (zeros).
+ *
+ * A Parallels Desktop disk is a bundle: a folder `NAME.hdd/` holding
+ * `DiskDescriptor.xml` and the `.hds` files it names. The descriptor's
+ * `<StorageData>` lists storages (`<Start>` and `<End>` in sectors, each
+ * one file per snapshot: `<Image>` with `<GUID>`, `<Type>` `Compressed`
+ * (an expanding image as above) or `Plain` (the bytes as they are) and
+ * `<File>`); `<Snapshots>` lists the snapshots (`<Shot>` with `<GUID>` and
+ * `<ParentGUID>`). Opening the descriptor reads the disk through the files
+ * it names (opened with `OpenOptions.resolveFile`); a bundle with more than
+ * one snapshot is refused.
+ *
+ * @module
+ */
+
+import { ascii, formatErrors, le32, le64 } from "./_binary.ts";
+import { blockReader, wholeBlock } from "./_blocks.ts";
+import { check, UnsupportedError } from "../streams/errors.ts";
+import { checkRange, type Extent, extentsOf } from "../streams/types.ts";
+import type {
+  Driver,
+  Image,
+  OpenOptions,
+  ProbeInput,
+  Source,
+} from "../streams/types.ts";
+
+const FORMAT = "parallels";
+const MAGIC_OLD = "WithoutFreeSpace";
+const MAGIC_EXT = "WithouFreSpacExt";
+const HEADER_BYTES = 64;
+const SECTOR = 512;
+const INUSE = 0x746f6e59;
+/** QEMU's limit: a cluster below 2^31 / 513 sectors (about 1 GiB). */
+const MAX_TRACKS = Math.floor(0x7fffffff / 513);
+/** QEMU's catalog limit: the BAT below 2^31 bytes. */
+const MAX_BAT_ENTRIES = Math.floor(0x7fffffff / 4);
+
+const fail = formatErrors(FORMAT);
+
+async function openParallels(
+  source: Source,
+  options: OpenOptions,
+): Promise<Image> {
+  if (options.writable) {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      "parallels images are read-only here",
+    );
+  }
+  const unknown = Object.keys(options.options ?? {})[0];
+  if (unknown !== undefined) {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      `unknown option '${unknown}' (parallels takes none)`,
+    );
+  }
+  const start = await source.read(0, Math.min(source.size, 4096));
+  if (isDescriptor(start)) return await openBundle(source, options);
+  check(source.size >= HEADER_BYTES, {
+    format: FORMAT,
+    field: "file size",
+    value: source.size,
+    limit: `at least ${HEADER_BYTES} bytes (the header)`,
+    file: source.name,
+  });
+  const h = start.subarray(0, HEADER_BYTES);
+  const magic = ascii(h, 0, 16);
+  if (magic !== MAGIC_OLD && magic !== MAGIC_EXT) {
+    throw fail("magic", magic, `"${MAGIC_OLD}" or "${MAGIC_EXT}"`, 0);
+  }
+  const version = le32(h, 16);
+  if (version !== 2) {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "version", value: version, offset: 16 },
+      `version ${version} is not supported: only 2`,
+    );
+  }
+  const tracks = le32(h, 28);
+  if (tracks === 0 || tracks > MAX_TRACKS) {
+    throw fail(
+      "tracks",
+      tracks,
+      `from 1 to ${MAX_TRACKS} sectors per cluster (QEMU's limit)`,
+      28,
+      source.name,
+    );
+  }
+  const clusterSize = tracks * SECTOR;
+  const batEntries = le32(h, 32);
+  if (
+    batEntries > MAX_BAT_ENTRIES || HEADER_BYTES + batEntries * 4 > source.size
+  ) {
+    throw fail(
+      "bat_entries",
+      batEntries,
+      `a catalog (${batEntries} x 4 bytes at 64) within the file's ${source.size} bytes`,
+      32,
+      source.name,
+    );
+  }
+  const old = magic === MAGIC_OLD;
+  const sectors = old ? le64(h, 36) & 0xffffffffn : le64(h, 36);
+  const maxSectors = batEntries * tracks;
+  if (sectors > BigInt(maxSectors)) {
+    throw fail(
+      "nb_sectors",
+      sectors,
+      `at most bat_entries x tracks = ${maxSectors}`,
+      36,
+      source.name,
+    );
+  }
+  const size = Number(sectors) * SECTOR;
+  const dataOffset = le32(h, 48);
+  const batEnd = HEADER_BYTES + batEntries * 4;
+  if (
+    dataOffset !== 0 &&
+    (dataOffset * SECTOR < batEnd || dataOffset * SECTOR > source.size)
+  ) {
+    throw fail(
+      "data_off",
+      dataOffset,
+      `0, or a sector past the catalog's end (${batEnd} bytes) within the file's ${source.size} bytes`,
+      48,
+      source.name,
+    );
+  }
+  // Clusters live in the data area: from data_off, or past the catalog.
+  const dataStart = dataOffset !== 0 ? dataOffset * SECTOR : batEnd;
+  const unit = old ? SECTOR : clusterSize;
+  const clusters = Math.ceil(size / clusterSize);
+  const batBytes = await source.read(HEADER_BYTES, clusters * 4);
+  const bat = new Float64Array(clusters);
+  let allocated = 0;
+  for (let i = 0; i < clusters; i++) {
+    const entry = le32(batBytes, i * 4);
+    if (entry === 0) continue;
+    const at = entry * unit;
+    const length = Math.min(clusterSize, size - i * clusterSize);
+    if (at < dataStart || at + length > source.size) {
+      throw fail(
+        `bat[${i}]`,
+        entry,
+        `a cluster (${length} bytes at ${at}) in the data area, from ${dataStart} to the file's end at ${source.size}`,
+        HEADER_BYTES + i * 4,
+        source.name,
+      );
+    }
+    bat[i] = at;
+    allocated++;
+  }
+  const reader = blockReader({
+    source,
+    size,
+    blockSize: clusterSize,
+    lookup(cluster) {
+      const length = Math.min(clusterSize, size - cluster * clusterSize);
+      return bat[cluster] === 0
+        ? wholeBlock(length, "unallocated")
+        : wholeBlock(length, "data", bat[cluster]);
+    },
+  });
+  const inUse = le32(h, 44) === INUSE;
+  return {
+    format: FORMAT,
+    size,
+    name: source.name,
+    encrypted: false,
+    geometry: {
+      cylinders: le32(h, 24),
+      heads: le32(h, 20),
+      sectors: tracks,
+    },
+    details: {
+      subformat: old ? "WithoutFreeSpace" : "WithouFreSpacExt",
+      clusterSize,
+      batEntries,
+      allocatedClusters: allocated,
+      batUnit: old ? "sectors" : "clusters",
+      ...(inUse
+        ? { note: "the in-use flag is set (not closed cleanly); read as it is" }
+        : {}),
+      ...(le64(h, 56) !== 0n ? { extensionSector: Number(le64(h, 56)) } : {}),
+    },
+    ...reader,
+    close: () => source.close?.() ?? Promise.resolve(),
+  };
+}
+
+// ---------------------------------------------------------------------------
+// DiskDescriptor.xml bundles.
+
+/** The largest descriptor read (real ones are a few kilobytes). */
+const MAX_DESCRIPTOR = 1 << 20;
+const MAX_STORAGES = 4096;
+
+/** True when `head` begins a Parallels DiskDescriptor.xml. */
+function isDescriptor(head: Uint8Array): boolean {
+  const text = ascii(head, 0, Math.min(head.length, 1024));
+  // The bytes as Latin-1: a UTF-8 byte order mark is these three.
+  return /^(\xEF\xBB\xBF)?\s*(<\?xml[^>]*>\s*)?<Parallels_disk_image[\s>]/
+    .test(text);
+}
+
+/**
+ * The text of every `<tag>...</tag>` in `xml`, in order (the same tag never
+ * nests in a descriptor). One forward scan: no regular expression that a
+ * crafted descriptor could make slow.
+ */
+function elements(xml: string, tag: string): string[] {
+  const out: string[] = [];
+  for (let at = 0;;) {
+    const open = xml.indexOf(`<${tag}`, at);
+    if (open < 0) break;
+    const next = xml[open + tag.length + 1];
+    if (next !== ">" && next !== " " && next !== "\t" && next !== "\n") {
+      at = open + 1;
+      continue;
+    }
+    const body = xml.indexOf(">", open);
+    const close = body < 0 ? -1 : xml.indexOf(`</${tag}>`, body);
+    if (close < 0) break;
+    out.push(xml.slice(body + 1, close));
+    at = close + tag.length + 3;
+  }
+  return out;
+}
+
+/** The trimmed text of the first `<tag>` in `xml`, or undefined. */
+function text(xml: string, tag: string): string | undefined {
+  return elements(xml, tag)[0]?.trim();
+}
+
+/** One storage of a bundle: sectors [start, end) read from `image`. */
+interface Storage {
+  start: number;
+  end: number;
+  image: Source & { extents?: Image["extents"] };
+}
+
+async function openBundle(
+  source: Source,
+  options: OpenOptions,
+): Promise<Image> {
+  const bad = (field: string, value: unknown, limit: string) =>
+    fail(`DiskDescriptor.xml ${field}`, value, limit, undefined, source.name);
+  if (source.size > MAX_DESCRIPTOR) {
+    throw bad("size", source.size, `at most ${MAX_DESCRIPTOR} bytes`);
+  }
+  const xml = new TextDecoder().decode(await source.read(0, source.size));
+  const diskSectors = Number(text(xml, "Disk_size"));
+  if (!Number.isSafeInteger(diskSectors) || diskSectors < 0) {
+    throw bad("Disk_size", text(xml, "Disk_size"), "a number of sectors");
+  }
+  const shots = elements(xml, "Shot").map((shot) => ({
+    guid: text(shot, "GUID")?.toLowerCase(),
+    parent: text(shot, "ParentGUID")?.toLowerCase(),
+  }));
+  if (shots.length > 1) {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "Snapshots", value: shots.length },
+      `this bundle has ${shots.length} snapshots; only bundles with one are read here`,
+    );
+  }
+  const top = shots[0]?.guid;
+  const storages = elements(xml, "Storage");
+  if (storages.length === 0 || storages.length > MAX_STORAGES) {
+    throw bad("Storage", storages.length, `from 1 to ${MAX_STORAGES} storages`);
+  }
+  if (!options.resolveFile) {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      "a DiskDescriptor.xml names its .hds files: open it with a file resolver (OpenOptions.resolveFile)",
+    );
+  }
+  const opened: Storage[] = [];
+  let expected = 0;
+  try {
+    for (const [i, storage] of storages.entries()) {
+      const start = Number(text(storage, "Start"));
+      const end = Number(text(storage, "End"));
+      if (
+        start !== expected || !Number.isSafeInteger(end) || end <= start ||
+        end > diskSectors
+      ) {
+        throw bad(
+          `Storage[${i}] Start..End`,
+          `${text(storage, "Start")}..${text(storage, "End")}`,
+          `${expected}..(at most Disk_size ${diskSectors}), following the storage before`,
+        );
+      }
+      expected = end;
+      const images = elements(storage, "Image").map((image) => ({
+        guid: text(image, "GUID")?.toLowerCase(),
+        type: text(image, "Type"),
+        file: text(image, "File"),
+      }));
+      const image = top === undefined && images.length === 1
+        ? images[0]
+        : images.find((im) => im.guid === top);
+      if (!image?.file) {
+        throw bad(
+          `Storage[${i}] Image`,
+          images.length,
+          `an image of snapshot ${top ?? "(none named)"} with a <File>`,
+        );
+      }
+      if (image.file.includes("/") || image.file.includes("\\")) {
+        throw bad(
+          `Storage[${i}] File`,
+          image.file,
+          "a file name beside the descriptor",
+        );
+      }
+      const file = await options.resolveFile(image.file, source.name);
+      const length = (end - start) * SECTOR;
+      let inner: Storage["image"];
+      if (image.type === "Plain") {
+        inner = file;
+      } else if (image.type === "Compressed") {
+        inner = await openParallels(file, { format: FORMAT });
+      } else {
+        await file.close?.();
+        throw bad(
+          `Storage[${i}] Type`,
+          image.type,
+          '"Compressed" or "Plain"',
+        );
+      }
+      opened.push({ start: start * SECTOR, end: end * SECTOR, image: inner });
+      if (inner.size < length) {
+        throw bad(
+          `Storage[${i}] File`,
+          `${image.file}: ${inner.size} bytes`,
+          `at least the storage's ${length} bytes`,
+        );
+      }
+    }
+    if (expected !== diskSectors) {
+      throw bad(
+        "Storage",
+        `storages end at sector ${expected}`,
+        `to cover Disk_size (${diskSectors} sectors)`,
+      );
+    }
+  } catch (e) {
+    await Promise.all(opened.map((s) => s.image.close?.()));
+    throw e;
+  }
+  const size = diskSectors * SECTOR;
+
+  /** The storages overlapping [offset, offset + length), with the part of each. */
+  function* parts(offset: number, length: number) {
+    for (const s of opened) {
+      const from = Math.max(offset, s.start);
+      const to = Math.min(offset + length, s.end);
+      if (from < to) yield { s, from, to };
+    }
+  }
+
+  return {
+    format: FORMAT,
+    size,
+    name: source.name,
+    encrypted: false,
+    details: {
+      subformat: "bundle",
+      storages: opened.length,
+      ...(top ? { snapshot: top } : {}),
+    },
+    async read(offset, length) {
+      checkRange(size, offset, length);
+      const out = new Uint8Array(length);
+      for (const { s, from, to } of parts(offset, length)) {
+        out.set(await s.image.read(from - s.start, to - from), from - offset);
+      }
+      return out;
+    },
+    async *extents(offset, length): AsyncIterable<Extent> {
+      checkRange(size, offset, length);
+      for (const { s, from, to } of parts(offset, length)) {
+        for await (const e of extentsOf(s.image, from - s.start, to - from)) {
+          yield { ...e, offset: e.offset + s.start };
+        }
+      }
+    },
+    async close() {
+      await Promise.all(opened.map((s) => s.image.close?.()));
+      await source.close?.();
+    },
+  };
+}
+
+/**
+ * The parallels driver: expanding images of Parallels Desktop and
+ * Virtuozzo (both signatures), and DiskDescriptor.xml bundles, read-only.
+ *
+ * @example
+ * ```ts
+ * import { parallels } from "../mod.ts";
+ * const head = new TextEncoder().encode("WithouFreSpacExt");
+ * console.log(parallels.probe({ head, tail: head, size: 16 })); // 100
+ * ```
+ */
+export const parallels: Driver = {
+  name: FORMAT,
+  description:
+    "Parallels expanding disk image or DiskDescriptor.xml bundle (read-only)",
+  probe(input: ProbeInput): number {
+    if (input.head.length < 16) return 0;
+    const magic = ascii(input.head, 0, 16);
+    if (magic === MAGIC_OLD || magic === MAGIC_EXT) return 100;
+    return isDescriptor(input.head) ? 100 : 0;
+  },
+  open: openParallels,
+};

@@ -1,0 +1,1439 @@
+/**
+ * vhdx: Hyper-V's VHDX images (fixed, dynamic and differencing), read with
+ * the log replayed in memory; fixed and dynamic ones created (`create`,
+ * `convert -O vhdx`) and written through (`write`, `commit` into them).
+ *
+ * This module is browser compatible.
+ *
+ * Described by Microsoft's [MS-VHDX] (version 1.0) and libyal's libvhdi
+ * notes. Every field is little-endian; GUIDs are stored as Windows lays
+ * them out (the first three fields little-endian).
+ *
+ * The file begins with five 64 KiB structures:
+ *
+ * | offset  | what                                                       |
+ * | ------: | ---------------------------------------------------------- |
+ * |       0 | file type identifier: `vhdxfile`, creator (UTF-16, 512 B)  |
+ * |  64 KiB | header 1 (4 KiB used)                                      |
+ * | 128 KiB | header 2                                                   |
+ * | 192 KiB | region table 1                                             |
+ * | 256 KiB | region table 2 (a copy)                                    |
+ *
+ * Header (4 KiB; the valid one with the larger sequence number is current):
+ *
+ * | offset | size | field                                                |
+ * | -----: | ---: | ---------------------------------------------------- |
+ * |      0 |    4 | signature `head`                                     |
+ * |      4 |    4 | checksum: CRC-32C of the 4 KiB with this field zero  |
+ * |      8 |    8 | sequence number                                      |
+ * |     16 |   16 | file write GUID                                      |
+ * |     32 |   16 | data write GUID (a parent's links its children)      |
+ * |     48 |   16 | log GUID: all zeros when the log is empty            |
+ * |     64 |    2 | log version (0)                                      |
+ * |     66 |    2 | version (1)                                          |
+ * |     68 |    4 | log length (a multiple of 1 MiB)                     |
+ * |     72 |    8 | log offset (a multiple of 1 MiB)                     |
+ *
+ * Region table (64 KiB): signature `regi`, CRC-32C of the 64 KiB with its
+ * field zero, entry count (at most 2047), then 32-byte entries: GUID, file
+ * offset (8), length (4), required flag (4). The BAT region and the
+ * metadata region are the two every file has.
+ *
+ * Metadata region: a 64 KiB table (signature `metadata`, entry count at
+ * 10, 32-byte entries from 32: item GUID, offset from the region's start
+ * (4), length (4), flags (4): bit 2 required) and the items: file
+ * parameters (block size; flags: bit 0 leave blocks allocated, bit 1 has
+ * parent), virtual disk size, page 83 data, logical and physical sector
+ * size, and the parent locator of a differencing file (a type GUID, then
+ * UTF-16 key/value pairs: `parent_linkage`, `relative_path`,
+ * `absolute_win32_path`, ...).
+ *
+ * BAT: 64-bit entries, the state in bits 0-2 and the file offset in MiB
+ * in bits 20-63. Payload block entries come in chunks of `chunk ratio`
+ * (2^23 * logical sector size / block size), each chunk followed by the
+ * entry of its sector bitmap block (1 MiB, one bit per logical sector,
+ * bit 0 of byte 0 first: 1 means the sector is in this file). Payload
+ * states: 0 not present, 1 undefined, 2 zero, 3 unmapped, 6 fully
+ * present, 7 partially present (differencing files only); sector bitmap
+ * states: 0 not present, 6 present.
+ *
+ * Log: a circular buffer of 4 KiB sectors holding entries (`loge` header
+ * of 64 bytes with CRC-32C, entry length, tail, sequence number,
+ * descriptor count, log GUID, flushed and last file offsets; 32-byte
+ * `desc` and `zero` descriptors; 4 KiB `data` sectors carrying 4084 bytes
+ * of each written sector, the first 8 and last 4 being in the descriptor).
+ * A log whose GUID matches the header's must be replayed before anything
+ * else is read: the entry with the largest sequence number is the head,
+ * its tail names the first entry to replay. Here the replay happens in
+ * memory, over a view of the file; the input is never written.
+ *
+ * @module
+ */
+
+import {
+  ascii,
+  formatErrors,
+  le16,
+  le32,
+  le64,
+  safeNumber,
+  setLe16,
+  setLe32,
+  setLe64,
+} from "./_binary.ts";
+import { blockReader, type BlockRun, wholeBlock } from "./_blocks.ts";
+import {
+  readBackSource,
+  requireRandomAccess,
+  serializedWrites,
+  writeSink,
+} from "./_image.ts";
+import { crc32c } from "./codecs/crc32c.ts";
+import {
+  BackingFileError,
+  check,
+  ImageFormatError,
+  UnsupportedError,
+} from "../streams/errors.ts";
+import type {
+  CreateSpec,
+  Driver,
+  EncodeOptions,
+  Image,
+  OpenOptions,
+  ProbeInput,
+  Sink,
+  Source,
+} from "../streams/types.ts";
+import { checkRange, extentsOf } from "../streams/types.ts";
+
+const FORMAT = "vhdx";
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const HEADER_OFFSETS = [64 * KiB, 128 * KiB];
+const HEADER_SIZE = 4 * KiB;
+const REGION_OFFSETS = [192 * KiB, 256 * KiB];
+const REGION_TABLE_SIZE = 64 * KiB;
+const MAX_REGION_ENTRIES = 2047;
+const METADATA_TABLE_SIZE = 64 * KiB;
+const MAX_METADATA_ENTRIES = 2047;
+const LOG_SECTOR = 4 * KiB;
+/** The largest log read into memory to replay (Hyper-V and QEMU write 1 MiB). */
+const MAX_LOG = 64 * MiB;
+const MAX_VIRTUAL_SIZE = 64 * 1024 * 1024 * MiB; // 64 TiB
+const MIN_BLOCK = MiB;
+const MAX_BLOCK = 256 * MiB;
+/** BAT pages (64 KiB, 8192 entries) kept in memory. */
+const BAT_PAGE = 64 * KiB;
+const BAT_CACHE = 256;
+const BITMAP_CACHE = 1024;
+
+const BAT_GUID = "2dc27766-f623-4200-9d64-115e9bfd4a08";
+const METADATA_GUID = "8b7ca206-4790-4b9a-b8fe-575f050f886e";
+const FILE_PARAMETERS = "caa16737-fa36-4d43-b3b6-33f0aa44e76b";
+const VIRTUAL_DISK_SIZE = "2fa54224-cd1b-4876-b211-5dbed83bf4b8";
+const PAGE_83 = "beca12ab-b2e6-4523-93ef-c309e000c746";
+const LOGICAL_SECTOR = "8141bf1d-a96f-4709-ba47-f233a8faab5f";
+const PHYSICAL_SECTOR = "cda348c7-445d-4471-9cc9-e9885251c556";
+const PARENT_LOCATOR = "a8d35f2d-b30b-454d-abf7-d3d84834ab0c";
+const VHDX_PARENT_TYPE = "b04aefb7-d19e-4a81-b789-25b8e9445913";
+
+// Payload block states.
+const NOT_PRESENT = 0;
+const UNDEFINED = 1;
+const ZERO = 2;
+const UNMAPPED = 3;
+const FULLY_PRESENT = 6;
+const PARTIALLY_PRESENT = 7;
+const SB_PRESENT = 6;
+
+const fail = formatErrors(FORMAT);
+
+/** A GUID as text (Windows layout: the first three fields little-endian). */
+function guidAt(b: Uint8Array, o: number): string {
+  const h = (i: number) => b[o + i].toString(16).padStart(2, "0");
+  const seq = (list: number[]) => list.map(h).join("");
+  return `${seq([3, 2, 1, 0])}-${seq([5, 4])}-${seq([7, 6])}-${seq([8, 9])}-${
+    seq([10, 11, 12, 13, 14, 15])
+  }`;
+}
+
+/** The 16 bytes of a GUID written as text. */
+function guidBytes(text: string): Uint8Array {
+  const hex = text.replaceAll("-", "");
+  const raw = Array.from(
+    { length: 16 },
+    (_, i) => parseInt(hex.slice(i * 2, i * 2 + 2), 16),
+  );
+  const order = [3, 2, 1, 0, 5, 4, 7, 6, 8, 9, 10, 11, 12, 13, 14, 15];
+  return new Uint8Array(order.map((i) => raw[i]));
+}
+
+const ZERO_GUID = "00000000-0000-0000-0000-000000000000";
+
+/** CRC-32C of `b` with the 4 bytes at `at` taken as zero. */
+function checksumWithout(b: Uint8Array, at: number): number {
+  let crc = crc32c(b.subarray(0, at));
+  crc = crc32c(new Uint8Array(4), crc);
+  return crc32c(b.subarray(at + 4), crc);
+}
+
+/** A parsed header. */
+interface Header {
+  index: number;
+  sequence: bigint;
+  fileWriteGuid: string;
+  dataWriteGuid: string;
+  logGuid: string;
+  logVersion: number;
+  version: number;
+  logLength: number;
+  logOffset: number;
+}
+
+/** Parses header `index` (0 or 1); a string says why it is not valid. */
+function parseHeader(b: Uint8Array, index: number): Header | string {
+  if (ascii(b, 0, 4) !== "head") {
+    return `signature ${JSON.stringify(ascii(b, 0, 4))} is not "head"`;
+  }
+  const stored = le32(b, 4);
+  const actual = checksumWithout(b, 4);
+  if (stored !== actual) {
+    return `checksum 0x${stored.toString(16)} does not match the CRC-32C 0x${
+      actual.toString(16)
+    }`;
+  }
+  const version = le16(b, 66);
+  if (version !== 1) return `version ${version} is not 1`;
+  return {
+    index,
+    sequence: le64(b, 8),
+    fileWriteGuid: guidAt(b, 16),
+    dataWriteGuid: guidAt(b, 32),
+    logGuid: guidAt(b, 48),
+    logVersion: le16(b, 64),
+    version,
+    logLength: le32(b, 68),
+    logOffset: safeNumber(le64(b, 72), FORMAT, "header.log_offset", 72),
+  };
+}
+
+/** The current header: the valid one with the larger sequence number. */
+async function currentHeader(source: Source): Promise<Header> {
+  const found: (Header | string)[] = [];
+  for (let i = 0; i < 2; i++) {
+    found.push(
+      parseHeader(await source.read(HEADER_OFFSETS[i], HEADER_SIZE), i),
+    );
+  }
+  const valid = found.filter((h): h is Header => typeof h !== "string");
+  if (valid.length === 0) {
+    throw new ImageFormatError(
+      {
+        format: FORMAT,
+        field: "headers",
+        value: "both invalid",
+        offset: HEADER_OFFSETS[0],
+        file: source.name,
+      },
+      `neither header is valid: header 1 (at 64 KiB): ${
+        found[0]
+      }; header 2 (at 128 KiB): ${found[1]}`,
+    );
+  }
+  return valid.reduce((a, b) => (b.sequence > a.sequence ? b : a));
+}
+
+// ---------------------------------------------------------------------------
+// The log, replayed in memory.
+
+/** One valid log entry. */
+interface LogEntry {
+  at: number;
+  length: number;
+  tail: number;
+  sequence: bigint;
+  flushedFileOffset: bigint;
+  lastFileOffset: bigint;
+  /** In order: data sectors (4 KiB at `offset`) and zero runs. */
+  writes: { offset: number; length: number; data?: Uint8Array }[];
+}
+
+/**
+ * The file as it is once the log is replayed: `pages` (4 KiB at their
+ * offset) and `zeros` (runs) laid over the bytes of `source`.
+ */
+function patchedSource(
+  source: Source,
+  pages: Map<number, Uint8Array>,
+  zeros: { offset: number; length: number }[],
+  size: number,
+): Source {
+  const keys = [...pages.keys()].sort((a, b) => a - b);
+  return {
+    size,
+    name: source.name,
+    async read(offset, length) {
+      const out = new Uint8Array(length);
+      const end = offset + length;
+      const fromFile = Math.min(end, source.size) - offset;
+      if (fromFile > 0) out.set(await source.read(offset, fromFile));
+      for (const z of zeros) {
+        const from = Math.max(offset, z.offset);
+        const to = Math.min(end, z.offset + z.length);
+        if (from < to) out.fill(0, from - offset, to - offset);
+      }
+      // Pages overlapping [offset, end): binary search for the first.
+      let lo = 0;
+      let hi = keys.length;
+      while (lo < hi) {
+        const mid = (lo + hi) >> 1;
+        if (keys[mid] + LOG_SECTOR <= offset) lo = mid + 1;
+        else hi = mid;
+      }
+      for (let i = lo; i < keys.length && keys[i] < end; i++) {
+        const page = pages.get(keys[i])!;
+        const from = Math.max(offset, keys[i]);
+        const to = Math.min(end, keys[i] + LOG_SECTOR);
+        out.set(
+          page.subarray(from - keys[i], to - keys[i]),
+          from - offset,
+        );
+      }
+      return out;
+    },
+    close: () => source.close?.() ?? Promise.resolve(),
+  };
+}
+
+/**
+ * Finds the active sequence of the log and returns the file as it is
+ * after replaying it (the source itself when there is nothing to replay),
+ * with the number of entries replayed.
+ */
+async function replayLog(
+  source: Source,
+  header: Header,
+): Promise<{ source: Source; replayed: number }> {
+  const { logOffset, logLength, logGuid } = header;
+  if (logGuid === ZERO_GUID || logLength === 0) return { source, replayed: 0 };
+  const headerAt = HEADER_OFFSETS[header.index];
+  if (header.logVersion !== 0) {
+    throw fail("header.log_version", header.logVersion, "0", headerAt + 64);
+  }
+  if (logLength % MiB !== 0) {
+    throw fail(
+      "header.log_length",
+      logLength,
+      "a multiple of 1 MiB",
+      headerAt + 68,
+    );
+  }
+  if (
+    logOffset < MiB || logOffset % MiB !== 0 ||
+    logOffset + logLength > source.size
+  ) {
+    throw fail(
+      "header.log_offset",
+      logOffset,
+      `a multiple of 1 MiB from 1 MiB, the log's ${logLength} bytes within the file's ${source.size}`,
+      headerAt + 72,
+      source.name,
+    );
+  }
+  if (logLength > MAX_LOG) {
+    throw new UnsupportedError(
+      {
+        format: FORMAT,
+        field: "header.log_length",
+        value: logLength,
+        limit: `at most ${MAX_LOG}`,
+        offset: headerAt + 68,
+      },
+      `the log (${logLength} bytes) must be replayed, and logs over ${MAX_LOG} bytes are not replayed here`,
+    );
+  }
+  const log = await source.read(logOffset, logLength);
+  const L = logLength;
+  /** Bytes of the circular log from `at`, `length` long. */
+  const span = (at: number, length: number): Uint8Array => {
+    at %= L;
+    if (at + length <= L) return log.subarray(at, at + length);
+    const out = new Uint8Array(length);
+    out.set(log.subarray(at));
+    out.set(log.subarray(0, length - (L - at)), L - at);
+    return out;
+  };
+  // Validating an entry checksums its whole length: a forged log could
+  // make every sector claim the whole log, so the checksummed bytes are
+  // capped (a real log checksums each of its bytes about once).
+  let budget = 8 * L;
+  const memo = new Map<number, LogEntry | undefined>();
+  const entryAt = (at: number): LogEntry | undefined => {
+    if (memo.has(at)) return memo.get(at);
+    const entry = parseEntry(at);
+    memo.set(at, entry);
+    return entry;
+  };
+  const parseEntry = (at: number): LogEntry | undefined => {
+    const head = log.subarray(at, at + LOG_SECTOR);
+    if (ascii(head, 0, 4) !== "loge") return undefined;
+    const length = le32(head, 8);
+    const sequence = le64(head, 16);
+    const count = le32(head, 24);
+    if (
+      length === 0 || length % LOG_SECTOR !== 0 || length > L ||
+      sequence === 0n || guidAt(head, 32) !== logGuid
+    ) {
+      return undefined;
+    }
+    const descSectors = Math.ceil((count + 2) / 128);
+    if (descSectors * LOG_SECTOR > length) return undefined;
+    budget -= length;
+    if (budget < 0) {
+      throw new UnsupportedError(
+        { format: FORMAT, field: "log" },
+        "the log's entries overlap too much to be searched within bounds; it cannot be replayed",
+      );
+    }
+    const whole = span(at, length);
+    if (le32(whole, 4) !== checksumWithout(whole, 4)) return undefined;
+    const writes: LogEntry["writes"] = [];
+    let dataAt = descSectors * LOG_SECTOR;
+    for (let i = 0; i < count; i++) {
+      const d = whole.subarray(64 + i * 32, 96 + i * 32);
+      const kind = ascii(d, 0, 4);
+      if (le64(d, 24) !== sequence) return undefined;
+      const offset = le64(d, 16);
+      if (offset % BigInt(LOG_SECTOR) !== 0n || offset > BigInt(2 ** 52)) {
+        return undefined;
+      }
+      if (kind === "zero") {
+        const n = le64(d, 8);
+        if (n % BigInt(LOG_SECTOR) !== 0n || n > BigInt(2 ** 52)) {
+          return undefined;
+        }
+        writes.push({ offset: Number(offset), length: Number(n) });
+      } else if (kind === "desc") {
+        if (dataAt + LOG_SECTOR > length) return undefined;
+        const s = whole.subarray(dataAt, dataAt + LOG_SECTOR);
+        dataAt += LOG_SECTOR;
+        const seq = (BigInt(le32(s, 4)) << 32n) | BigInt(le32(s, 4092));
+        if (ascii(s, 0, 4) !== "data" || seq !== sequence) return undefined;
+        const data = new Uint8Array(LOG_SECTOR);
+        data.set(d.subarray(8, 16), 0); // leading bytes
+        data.set(s.subarray(8, 4092), 8);
+        data.set(d.subarray(4, 8), 4092); // trailing bytes
+        writes.push({ offset: Number(offset), length: LOG_SECTOR, data });
+      } else {
+        return undefined;
+      }
+    }
+    return {
+      at,
+      length,
+      tail: le32(head, 12),
+      sequence,
+      flushedFileOffset: le64(head, 48),
+      lastFileOffset: le64(head, 56),
+      writes,
+    };
+  };
+  let head: LogEntry | undefined;
+  for (let at = 0; at < L; at += LOG_SECTOR) {
+    const e = entryAt(at);
+    if (e && (!head || e.sequence > head.sequence)) head = e;
+  }
+  if (!head) return { source, replayed: 0 };
+  // The active sequence runs from the head's tail to the head, each entry
+  // the next sequence number after the one before it.
+  if (head.tail % LOG_SECTOR !== 0 || head.tail >= L) {
+    throw fail(
+      "log entry tail",
+      head.tail,
+      `a 4 KiB sector of the ${L}-byte log`,
+      logOffset + head.at + 12,
+      source.name,
+    );
+  }
+  const sequence: LogEntry[] = [];
+  let e = entryAt(head.tail);
+  for (let steps = 0; e !== head; steps++) {
+    const previous = sequence.at(-1);
+    if (
+      !e || steps > L / LOG_SECTOR ||
+      (previous && e.sequence !== previous.sequence + 1n)
+    ) {
+      throw new ImageFormatError(
+        {
+          format: FORMAT,
+          field: "log",
+          value: `head ${head.sequence} at ${head.at}`,
+          offset: logOffset + head.at,
+          file: source.name,
+        },
+        `the log's active sequence is broken between its tail (at ${head.tail}) and its head (sequence ${head.sequence}): it cannot be replayed`,
+      );
+    }
+    sequence.push(e);
+    e = entryAt((e.at + e.length) % L);
+  }
+  const previous = sequence.at(-1);
+  if (previous && head.sequence !== previous.sequence + 1n) {
+    throw new ImageFormatError(
+      { format: FORMAT, field: "log", file: source.name },
+      `the log's head (sequence ${head.sequence}) does not follow entry ${previous.sequence}: it cannot be replayed`,
+    );
+  }
+  sequence.push(head);
+  if (head.flushedFileOffset > BigInt(source.size)) {
+    throw fail(
+      "log entry flushed_file_offset",
+      head.flushedFileOffset,
+      `at most the file's size ${source.size} (the file is truncated)`,
+      logOffset + head.at + 48,
+      source.name,
+    );
+  }
+  const pages = new Map<number, Uint8Array>();
+  const zeros: { offset: number; length: number }[] = [];
+  let size = Math.max(
+    source.size,
+    Number(
+      head.lastFileOffset < BigInt(2 ** 52) ? head.lastFileOffset : 0n,
+    ),
+  );
+  for (const entry of sequence) {
+    for (const w of entry.writes) {
+      size = Math.max(size, w.offset + w.length);
+      if (w.data) {
+        pages.set(w.offset, w.data);
+        continue;
+      }
+      for (const key of [...pages.keys()]) {
+        if (key >= w.offset && key < w.offset + w.length) pages.delete(key);
+      }
+      zeros.push({ offset: w.offset, length: w.length });
+    }
+  }
+  return {
+    source: patchedSource(source, pages, zeros, size),
+    replayed: sequence.length,
+  };
+}
+
+// ---------------------------------------------------------------------------
+// Region table and metadata.
+
+interface Region {
+  guid: string;
+  offset: number;
+  length: number;
+  required: boolean;
+}
+
+function parseRegionTable(b: Uint8Array, at: number): Region[] | string {
+  if (ascii(b, 0, 4) !== "regi") {
+    return `signature ${JSON.stringify(ascii(b, 0, 4))} is not "regi"`;
+  }
+  const stored = le32(b, 4);
+  const actual = checksumWithout(b, 4);
+  if (stored !== actual) {
+    return `checksum 0x${stored.toString(16)} does not match the CRC-32C 0x${
+      actual.toString(16)
+    }`;
+  }
+  const count = le32(b, 8);
+  if (count > MAX_REGION_ENTRIES) {
+    return `entry count ${count} is over ${MAX_REGION_ENTRIES}`;
+  }
+  const regions: Region[] = [];
+  for (let i = 0; i < count; i++) {
+    const o = 16 + i * 32;
+    regions.push({
+      guid: guidAt(b, o),
+      offset: safeNumber(
+        le64(b, o + 16),
+        FORMAT,
+        `region[${i}].offset`,
+        at + o + 16,
+      ),
+      length: le32(b, o + 24),
+      required: (le32(b, o + 28) & 1) !== 0,
+    });
+  }
+  return regions;
+}
+
+async function regionTable(source: Source): Promise<Region[]> {
+  const why: string[] = [];
+  for (const at of REGION_OFFSETS) {
+    const found = parseRegionTable(
+      await source.read(at, REGION_TABLE_SIZE),
+      at,
+    );
+    if (typeof found !== "string") return found;
+    why.push(found);
+  }
+  throw new ImageFormatError(
+    {
+      format: FORMAT,
+      field: "region tables",
+      value: "both invalid",
+      offset: REGION_OFFSETS[0],
+      file: source.name,
+    },
+    `neither region table is valid: table 1 (at 192 KiB): ${
+      why[0]
+    }; table 2 (at 256 KiB): ${why[1]}`,
+  );
+}
+
+/** What the metadata region says. */
+interface Metadata {
+  blockSize: number;
+  leaveBlocksAllocated: boolean;
+  hasParent: boolean;
+  virtualSize: number;
+  logicalSectorSize: number;
+  physicalSectorSize: number;
+  page83?: string;
+  parentLocator?: Record<string, string>;
+  parentType?: string;
+}
+
+function utf16(b: Uint8Array): string {
+  let s = "";
+  for (let i = 0; i + 1 < b.length; i += 2) {
+    s += String.fromCharCode(b[i] | (b[i + 1] << 8));
+  }
+  return s;
+}
+
+async function readMetadata(source: Source, region: Region): Promise<Metadata> {
+  const base = region.offset;
+  check(region.length >= METADATA_TABLE_SIZE, {
+    format: FORMAT,
+    field: "metadata region length",
+    value: region.length,
+    limit: `at least ${METADATA_TABLE_SIZE}`,
+  });
+  const table = await source.read(base, METADATA_TABLE_SIZE);
+  if (ascii(table, 0, 8) !== "metadata") {
+    throw fail(
+      "metadata.signature",
+      ascii(table, 0, 8),
+      '"metadata"',
+      base,
+      source.name,
+    );
+  }
+  const count = le16(table, 10);
+  if (count > MAX_METADATA_ENTRIES) {
+    throw fail(
+      "metadata.entry_count",
+      count,
+      `at most ${MAX_METADATA_ENTRIES}`,
+      base + 10,
+    );
+  }
+  const items = new Map<string, Uint8Array>();
+  for (let i = 0; i < count; i++) {
+    const o = 32 + i * 32;
+    const guid = guidAt(table, o);
+    const offset = le32(table, o + 16);
+    const length = le32(table, o + 20);
+    const flags = le32(table, o + 24);
+    const known = [
+      FILE_PARAMETERS,
+      VIRTUAL_DISK_SIZE,
+      PAGE_83,
+      LOGICAL_SECTOR,
+      PHYSICAL_SECTOR,
+      PARENT_LOCATOR,
+    ].includes(guid);
+    if (!known) {
+      if (flags & 4) {
+        throw new UnsupportedError(
+          {
+            format: FORMAT,
+            field: `metadata[${i}]`,
+            value: guid,
+            offset: base + o,
+          },
+          `the required metadata item ${guid} is not one this reader knows`,
+        );
+      }
+      continue;
+    }
+    if (length === 0) continue;
+    if (
+      offset < METADATA_TABLE_SIZE || offset + length > region.length ||
+      length > MiB
+    ) {
+      throw fail(
+        `metadata[${i}] (${guid})`,
+        `${length} bytes at ${offset}`,
+        `within the metadata region's ${region.length} bytes, past its 64 KiB table, at most 1 MiB`,
+        base + o + 16,
+        source.name,
+      );
+    }
+    items.set(guid, await source.read(base + offset, length));
+  }
+  const need = (guid: string, name: string, size: number): Uint8Array => {
+    const item = items.get(guid);
+    if (!item || item.length < size) {
+      throw fail(
+        `metadata ${name}`,
+        item ? `${item.length} bytes` : "missing",
+        `present, at least ${size} bytes`,
+        base,
+        source.name,
+      );
+    }
+    return item;
+  };
+  const params = need(FILE_PARAMETERS, "file parameters", 8);
+  const blockSize = le32(params, 0);
+  if (
+    blockSize < MIN_BLOCK || blockSize > MAX_BLOCK ||
+    (blockSize & (blockSize - 1)) !== 0
+  ) {
+    throw fail(
+      "file parameters block_size",
+      blockSize,
+      `a power of two from ${MIN_BLOCK} to ${MAX_BLOCK}`,
+    );
+  }
+  const flags = le32(params, 4);
+  const logicalSectorSize = le32(
+    need(LOGICAL_SECTOR, "logical sector size", 4),
+    0,
+  );
+  if (logicalSectorSize !== 512 && logicalSectorSize !== 4096) {
+    throw fail("logical_sector_size", logicalSectorSize, "512 or 4096");
+  }
+  const physicalSectorSize = le32(
+    need(PHYSICAL_SECTOR, "physical sector size", 4),
+    0,
+  );
+  if (physicalSectorSize !== 512 && physicalSectorSize !== 4096) {
+    throw fail("physical_sector_size", physicalSectorSize, "512 or 4096");
+  }
+  const sizeValue = le64(need(VIRTUAL_DISK_SIZE, "virtual disk size", 8), 0);
+  if (
+    sizeValue > BigInt(MAX_VIRTUAL_SIZE) ||
+    sizeValue % BigInt(logicalSectorSize) !== 0n
+  ) {
+    throw fail(
+      "virtual_disk_size",
+      sizeValue,
+      `a multiple of the logical sector size ${logicalSectorSize}, at most 64 TiB`,
+    );
+  }
+  const metadata: Metadata = {
+    blockSize,
+    leaveBlocksAllocated: (flags & 1) !== 0,
+    hasParent: (flags & 2) !== 0,
+    virtualSize: Number(sizeValue),
+    logicalSectorSize,
+    physicalSectorSize,
+  };
+  const page83 = items.get(PAGE_83);
+  if (page83 && page83.length >= 16) metadata.page83 = guidAt(page83, 0);
+  const locator = items.get(PARENT_LOCATOR);
+  if (metadata.hasParent) {
+    if (!locator || locator.length < 20) {
+      throw fail(
+        "metadata parent locator",
+        locator ? `${locator.length} bytes` : "missing",
+        "present in a differencing file (file parameters has_parent)",
+        base,
+        source.name,
+      );
+    }
+    metadata.parentType = guidAt(locator, 0);
+    if (metadata.parentType !== VHDX_PARENT_TYPE) {
+      throw new UnsupportedError(
+        {
+          format: FORMAT,
+          field: "parent locator type",
+          value: metadata.parentType,
+        },
+        `parent locator type ${metadata.parentType} is not the VHDX one (${VHDX_PARENT_TYPE})`,
+      );
+    }
+    const pairs = le16(locator, 18);
+    const entries: Record<string, string> = {};
+    for (let i = 0; i < pairs; i++) {
+      const o = 20 + i * 12;
+      if (o + 12 > locator.length) {
+        throw fail(
+          "parent locator key_value_count",
+          pairs,
+          `entries within the item's ${locator.length} bytes`,
+        );
+      }
+      const keyAt = le32(locator, o);
+      const valueAt = le32(locator, o + 4);
+      const keyLength = le16(locator, o + 8);
+      const valueLength = le16(locator, o + 10);
+      if (
+        keyAt + keyLength > locator.length ||
+        valueAt + valueLength > locator.length
+      ) {
+        throw fail(
+          `parent locator entry ${i}`,
+          `key ${keyLength} bytes at ${keyAt}, value ${valueLength} at ${valueAt}`,
+          `within the item's ${locator.length} bytes`,
+        );
+      }
+      entries[utf16(locator.subarray(keyAt, keyAt + keyLength))] = utf16(
+        locator.subarray(valueAt, valueAt + valueLength),
+      );
+    }
+    metadata.parentLocator = entries;
+  }
+  return metadata;
+}
+
+/** The parent's file name from the locator, as a relative path when there is one. */
+function parentName(locator: Record<string, string>): string | undefined {
+  const relative = locator["relative_path"];
+  if (relative) return relative.replaceAll("\\", "/").replace(/^(\.\/)+/, "");
+  return locator["absolute_win32_path"] ?? locator["volume_path"];
+}
+
+// ---------------------------------------------------------------------------
+// Opening.
+
+async function openVhdx(input: Source, options: OpenOptions): Promise<Image> {
+  const sink = writeSink(options, FORMAT);
+  const unknown = Object.keys(options.options ?? {})[0];
+  if (unknown !== undefined) {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      `unknown option '${unknown}' (vhdx takes none when opening)`,
+    );
+  }
+  check(input.size >= MiB, {
+    format: FORMAT,
+    field: "file size",
+    value: input.size,
+    limit: "at least 1 MiB (the headers and region tables)",
+    file: input.name,
+  });
+  const fileId = await input.read(0, 8);
+  check(ascii(fileId) === "vhdxfile", {
+    format: FORMAT,
+    field: "file type identifier",
+    value: ascii(fileId),
+    limit: '"vhdxfile"',
+    offset: 0,
+    file: input.name,
+  });
+  const header = await currentHeader(input);
+  const { source, replayed } = await replayLog(input, header);
+  const regions = await regionTable(source);
+  let bat: Region | undefined;
+  let meta: Region | undefined;
+  for (const [i, r] of regions.entries()) {
+    if (r.guid === BAT_GUID) bat = r;
+    else if (r.guid === METADATA_GUID) meta = r;
+    else if (r.required) {
+      throw new UnsupportedError(
+        { format: FORMAT, field: `region[${i}]`, value: r.guid },
+        `the required region ${r.guid} is not one this reader knows`,
+      );
+    }
+    if (
+      r.offset < MiB || r.offset % MiB !== 0 || r.length % MiB !== 0 ||
+      r.offset + r.length > source.size
+    ) {
+      throw fail(
+        `region[${i}] (${r.guid})`,
+        `${r.length} bytes at ${r.offset}`,
+        `1 MiB aligned, from 1 MiB, within the file's ${source.size} bytes`,
+        REGION_OFFSETS[0] + 16 + i * 32 + 16,
+        source.name,
+      );
+    }
+  }
+  if (!bat || !meta) {
+    throw fail(
+      "region table",
+      `${regions.length} regions`,
+      "a BAT region and a metadata region",
+      REGION_OFFSETS[0],
+      source.name,
+    );
+  }
+  const metadata = await readMetadata(source, meta);
+  const { blockSize, virtualSize, logicalSectorSize, hasParent } = metadata;
+  const chunkRatio = (2 ** 23 * logicalSectorSize) / blockSize;
+  const payloadBlocks = Math.ceil(virtualSize / blockSize);
+  const bitmapBlocks = Math.ceil(payloadBlocks / chunkRatio);
+  const entries = hasParent
+    ? bitmapBlocks * (chunkRatio + 1)
+    : payloadBlocks + Math.floor(Math.max(0, payloadBlocks - 1) / chunkRatio);
+  if (entries * 8 > bat.length) {
+    throw fail(
+      "BAT region length",
+      bat.length,
+      `at least ${
+        entries * 8
+      } bytes (${entries} entries for ${payloadBlocks} blocks of ${blockSize})`,
+      undefined,
+      source.name,
+    );
+  }
+  const sectorsPerBlock = blockSize / logicalSectorSize;
+
+  // BAT pages are read and checked as they are first needed.
+  const batPages = new Map<number, Float64Array>();
+  async function batEntry(index: number): Promise<number> {
+    const page = Math.floor((index * 8) / BAT_PAGE);
+    let entries = batPages.get(page);
+    if (!entries) {
+      const from = page * BAT_PAGE;
+      const length = Math.min(BAT_PAGE, bat!.length - from);
+      const bytes = await source.read(bat!.offset + from, length);
+      entries = new Float64Array(length / 8);
+      for (let i = 0; i < entries.length; i++) {
+        const lo = le32(bytes, i * 8);
+        const hi = le32(bytes, i * 8 + 4);
+        // State in bits 0-2; file offset in MiB in bits 20-63 (as a
+        // number: at most 2^44 MiB, so MiB * offset stays exact).
+        const offsetMiB = (lo >>> 20) + hi * 4096;
+        entries[i] = offsetMiB * 8 + (lo & 7);
+      }
+      batPages.set(page, entries);
+      if (batPages.size > BAT_CACHE) {
+        batPages.delete(batPages.keys().next().value!);
+      }
+    }
+    return entries[index - (page * BAT_PAGE) / 8];
+  }
+
+  const bitmaps = new Map<number, Uint8Array>();
+  async function bitmapOf(block: number): Promise<Uint8Array> {
+    const hit = bitmaps.get(block);
+    if (hit) return hit;
+    const chunk = Math.floor(block / chunkRatio);
+    const index = chunk * (chunkRatio + 1) + chunkRatio;
+    const entry = await batEntry(index);
+    const state = entry % 8;
+    const at = Math.floor(entry / 8) * MiB;
+    if (state !== SB_PRESENT || at < MiB || at + MiB > source.size) {
+      throw fail(
+        `BAT[${index}] (sector bitmap of chunk ${chunk})`,
+        `state ${state}, at ${at}`,
+        `present (6), its 1 MiB within the file's ${source.size} bytes, for partially present block ${block}`,
+        bat!.offset + index * 8,
+        source.name,
+      );
+    }
+    const bitmap = await source.read(
+      at + ((block % chunkRatio) * sectorsPerBlock) / 8,
+      sectorsPerBlock / 8,
+    );
+    bitmaps.set(block, bitmap);
+    if (bitmaps.size > BITMAP_CACHE) {
+      bitmaps.delete(bitmaps.keys().next().value!);
+    }
+    return bitmap;
+  }
+
+  async function lookup(block: number): Promise<BlockRun[]> {
+    const length = Math.min(blockSize, virtualSize - block * blockSize);
+    const index = block + Math.floor(block / chunkRatio);
+    const entry = await batEntry(index);
+    const state = entry % 8;
+    const at = Math.floor(entry / 8) * MiB;
+    const bad = (why: string) =>
+      fail(
+        `BAT[${index}] (block ${block})`,
+        `state ${state}, at ${at}`,
+        why,
+        bat!.offset + index * 8,
+        source.name,
+      );
+    switch (state) {
+      case NOT_PRESENT:
+        return wholeBlock(length, "unallocated");
+      case UNDEFINED:
+      case ZERO:
+      case UNMAPPED:
+        return wholeBlock(length, "zero");
+      case FULLY_PRESENT:
+      case PARTIALLY_PRESENT: {
+        if (at < MiB || at + length > source.size) {
+          throw bad(
+            `a block of ${length} bytes from 1 MiB within the file's ${source.size} bytes`,
+          );
+        }
+        if (state === FULLY_PRESENT) return wholeBlock(length, "data", at);
+        if (!hasParent) {
+          throw bad("not partially present (7) in a file without a parent");
+        }
+        const bitmap = await bitmapOf(block);
+        const runs: BlockRun[] = [];
+        const sector = logicalSectorSize;
+        for (let s = 0; s * sector < length;) {
+          const present = (bitmap[s >> 3] & (1 << (s & 7))) !== 0;
+          let e = s + 1;
+          while (
+            e * sector < length &&
+            ((bitmap[e >> 3] & (1 << (e & 7))) !== 0) === present
+          ) e++;
+          runs.push({
+            from: s * sector,
+            to: Math.min(length, e * sector),
+            kind: present ? "data" : "unallocated",
+            at: present ? at + s * sector : undefined,
+          });
+          s = e;
+        }
+        return runs;
+      }
+      default:
+        throw bad("0, 1, 2, 3, 6 or 7 (4 and 5 are reserved)");
+    }
+  }
+
+  const backingFile = hasParent && metadata.parentLocator
+    ? parentName(metadata.parentLocator)
+    : undefined;
+  const reader = blockReader({
+    source,
+    size: virtualSize,
+    blockSize,
+    lookup,
+    unallocated(offset, length) {
+      if (!hasParent) return;
+      throw new BackingFileError(
+        `vhdx: bytes ${offset}..${
+          offset + length
+        } of this differencing disk are in its parent ${
+          JSON.stringify(backingFile ?? "")
+        }, which was not opened: open it through the registry with resolveBacking`,
+        backingFile ?? "",
+      );
+    },
+  });
+  const details: Record<string, unknown> = {
+    subformat: hasParent
+      ? "differencing"
+      : metadata.leaveBlocksAllocated
+      ? "fixed"
+      : "dynamic",
+    blockSize,
+    logicalSectorSize,
+    physicalSectorSize: metadata.physicalSectorSize,
+    logSize: header.logLength,
+    activeHeader: header.index + 1,
+    headerSequence: header.sequence.toString(),
+    dataWriteGuid: header.dataWriteGuid,
+    logReplayedInMemory: replayed,
+    ...(metadata.page83 ? { diskId: metadata.page83 } : {}),
+  };
+  if (hasParent) {
+    details.parentLocator = metadata.parentLocator;
+    details.parentLocatorType = metadata.parentType;
+  }
+  const image: Image & { readonly requiresBacking: boolean } = {
+    format: FORMAT,
+    size: virtualSize,
+    name: input.name,
+    encrypted: false,
+    backingFile,
+    backingFormat: backingFile === undefined ? undefined : FORMAT,
+    requiresBacking: hasParent,
+    details,
+    ...reader,
+    close: () => input.close?.() ?? Promise.resolve(),
+  };
+  if (!sink) return image;
+  if (header.logGuid !== ZERO_GUID) {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "header.log_guid", value: header.logGuid },
+      "this vhdx has a log to replay: it is replayed in memory for reading, never written; open it read-only (or convert it)",
+    );
+  }
+  if (hasParent) {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      "writing into a differencing vhdx is not supported here; write through an overlay",
+    );
+  }
+
+  // Writes: a block not stored yet is stored whole at the end of the file
+  // (zeros around the bytes written), then its BAT entry is updated in
+  // place. The BAT is not written through the log: an interrupted write
+  // can leave a block stored but unmapped (space lost, no wrong bytes).
+  let nextFree = Math.ceil(source.size / MiB) * MiB;
+  const batAt = bat.offset;
+  async function setEntry(index: number, at: number) {
+    const bytes = new Uint8Array(8);
+    const offsetMiB = at / MiB;
+    setLe32(bytes, 0, (FULLY_PRESENT | ((offsetMiB % 4096) << 20)) >>> 0);
+    setLe32(bytes, 4, Math.floor(offsetMiB / 4096));
+    await sink!.write(batAt + index * 8, bytes);
+    const page = batPages.get(Math.floor((index * 8) / BAT_PAGE));
+    if (page) {
+      page[index - (Math.floor((index * 8) / BAT_PAGE) * BAT_PAGE) / 8] =
+        offsetMiB * 8 + FULLY_PRESENT;
+    }
+  }
+  async function writeBlockPart(
+    block: number,
+    within: number,
+    part: Uint8Array,
+  ) {
+    const runs = await lookup(block);
+    if (runs.length === 1 && runs[0].kind === "data") {
+      await sink!.write(runs[0].at! + within, part);
+      return;
+    }
+    const at = nextFree;
+    nextFree += blockSize;
+    const whole = new Uint8Array(blockSize);
+    whole.set(part, within);
+    await sink!.write(at, whole);
+    await setEntry(block + Math.floor(block / chunkRatio), at);
+  }
+  const queue = { writing: Promise.resolve() as Promise<unknown> };
+  return {
+    ...image,
+    ...serializedWrites(queue, sink, async (offset, bytes) => {
+      checkRange(virtualSize, offset, bytes.length);
+      for (let at = offset; at < offset + bytes.length;) {
+        const block = Math.floor(at / blockSize);
+        const stop = Math.min(offset + bytes.length, (block + 1) * blockSize);
+        await writeBlockPart(
+          block,
+          at - block * blockSize,
+          bytes.subarray(at - offset, stop - offset),
+        );
+        at = stop;
+      }
+    }),
+  };
+}
+
+/**
+ * `create -f vhdx`: an empty image laid out as `convert -O vhdx` lays one
+ * out (a fixed one has every block stored), opened for writing.
+ */
+async function createVhdx(sink: Sink, spec: CreateSpec): Promise<Image> {
+  requireRandomAccess(sink, FORMAT, "vhdx images");
+  if (spec.backingFile !== undefined) {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      "creating a differencing vhdx is not supported here",
+    );
+  }
+  const empty: Source = {
+    size: spec.size,
+    read: (_offset, length) => Promise.resolve(new Uint8Array(length)),
+    async *extents(offset, length) {
+      if (length > 0) yield { offset, length, kind: "zero" };
+    },
+  };
+  await encodeVhdx(empty, sink, { options: spec.options });
+  const source = readBackSource(sink, FORMAT, () => 0);
+  return await openVhdx(source, { writable: true, sink });
+}
+
+// ---------------------------------------------------------------------------
+// Writing: convert -O vhdx lays the file out in one pass.
+
+/** The `-o` options of `convert -O vhdx`. */
+interface WriteOptions {
+  subformat: "dynamic" | "fixed";
+  blockSize: number;
+  logSize: number;
+  logicalSectorSize: number;
+}
+
+function writeOptions(options: Record<string, string> = {}): WriteOptions {
+  const known = ["subformat", "block_size", "log_size", "logical_sector_size"];
+  for (const key of Object.keys(options)) {
+    if (!known.includes(key)) {
+      throw new UnsupportedError(
+        { format: FORMAT },
+        `unknown option '${key}' (vhdx takes: ${known.join(", ")})`,
+      );
+    }
+  }
+  const subformat = options.subformat ?? "dynamic";
+  if (subformat !== "dynamic" && subformat !== "fixed") {
+    throw fail("subformat", subformat, '"dynamic" or "fixed"');
+  }
+  const size = (key: string, fallback: number) => {
+    const text = options[key];
+    if (text === undefined) return fallback;
+    const m = /^(\d+)([kKmMgG]?)$/.exec(text);
+    const unit = { "": 1, k: KiB, m: MiB, g: 1024 * MiB }[
+      (m?.[2] ?? "").toLowerCase() as "" | "k" | "m" | "g"
+    ];
+    return m ? Number(m[1]) * unit : NaN;
+  };
+  const blockSize = size("block_size", 0);
+  if (
+    blockSize !== 0 &&
+    (!(blockSize >= MIN_BLOCK && blockSize <= MAX_BLOCK) ||
+      (blockSize & (blockSize - 1)) !== 0)
+  ) {
+    throw fail(
+      "block_size",
+      options.block_size,
+      "0 (chosen by size) or a power of two from 1M to 256M",
+    );
+  }
+  const logSize = size("log_size", MiB);
+  if (!(logSize >= MiB && logSize % MiB === 0 && logSize <= 4096 * MiB)) {
+    throw fail("log_size", options.log_size, "a multiple of 1M, at least 1M");
+  }
+  const logicalSectorSize = size("logical_sector_size", 512);
+  if (logicalSectorSize !== 512 && logicalSectorSize !== 4096) {
+    throw fail(
+      "logical_sector_size",
+      options.logical_sector_size,
+      "512 or 4096",
+    );
+  }
+  return { subformat, blockSize, logSize, logicalSectorSize };
+}
+
+/** QEMU's choice of block size by disk size, when block_size is 0. */
+function defaultBlockSize(size: number): number {
+  if (size > 32 * 1024 * 1024 * MiB) return 64 * MiB;
+  if (size > 1024 * 1024 * MiB) return 32 * MiB;
+  return 8 * MiB;
+}
+
+function encodeUtf16(text: string): Uint8Array {
+  const out = new Uint8Array(text.length * 2);
+  for (let i = 0; i < text.length; i++) setLe16(out, i * 2, text.charCodeAt(i));
+  return out;
+}
+
+function randomGuid(): Uint8Array {
+  const g = crypto.getRandomValues(new Uint8Array(16));
+  g[7] = (g[7] & 0x0f) | 0x40;
+  g[8] = (g[8] & 0x3f) | 0x80;
+  return g;
+}
+
+/**
+ * Writes `source` as a vhdx in one pass: the headers, region tables,
+ * an empty log, metadata and the BAT first, then every block that holds
+ * data (dynamic) or every block (fixed), in order.
+ */
+async function encodeVhdx(
+  source: Source,
+  sink: Sink,
+  options: EncodeOptions,
+): Promise<void> {
+  const o = writeOptions(options.options);
+  const sector = o.logicalSectorSize;
+  const virtualSize = Math.ceil(source.size / sector) * sector;
+  if (virtualSize > MAX_VIRTUAL_SIZE) {
+    throw fail("size", source.size, "at most 64 TiB");
+  }
+  const blockSize = o.blockSize || defaultBlockSize(virtualSize);
+  const chunkRatio = (2 ** 23 * sector) / blockSize;
+  const payloadBlocks = Math.ceil(virtualSize / blockSize);
+  const entries = payloadBlocks +
+    Math.floor(Math.max(0, payloadBlocks - 1) / chunkRatio);
+  const batLength = Math.max(MiB, Math.ceil((entries * 8) / MiB) * MiB);
+  const logOffset = MiB;
+  const metadataOffset = logOffset + o.logSize;
+  const metadataLength = MiB;
+  const batOffset = metadataOffset + metadataLength;
+  const dataStart = batOffset + batLength;
+
+  // Which blocks hold data: dynamic images store only those.
+  const stored: boolean[] = new Array(payloadBlocks).fill(
+    o.subformat === "fixed",
+  );
+  if (o.subformat === "dynamic") {
+    for await (const e of extentsOf(source, 0, source.size)) {
+      if (e.kind !== "data") continue;
+      const first = Math.floor(e.offset / blockSize);
+      const last = Math.floor((e.offset + e.length - 1) / blockSize);
+      for (let b = first; b <= last; b++) stored[b] = true;
+    }
+  }
+  const bat = new Uint8Array(batLength);
+  let next = dataStart;
+  const where: number[] = [];
+  for (let b = 0; b < payloadBlocks; b++) {
+    const index = b + Math.floor(b / chunkRatio);
+    if (stored[b]) {
+      where[b] = next;
+      setLe32(bat, index * 8, FULLY_PRESENT | (((next / MiB) & 0xfff) << 20));
+      setLe32(bat, index * 8 + 4, Math.floor(next / MiB / 4096));
+      next += blockSize;
+    } else {
+      setLe32(
+        bat,
+        index * 8,
+        o.subformat === "fixed" ? FULLY_PRESENT : NOT_PRESENT,
+      );
+    }
+  }
+
+  const fileId = new Uint8Array(64 * KiB);
+  fileId.set(new TextEncoder().encode("vhdxfile"), 0);
+  fileId.set(encodeUtf16("vdisk toolkit"), 8);
+
+  const dataWrite = randomGuid();
+  const fileWrite = randomGuid();
+  const headers = [1n, 2n].map((sequence) => {
+    const h = new Uint8Array(64 * KiB);
+    h.set(new TextEncoder().encode("head"), 0);
+    setLe64(h, 8, sequence);
+    h.set(fileWrite, 16);
+    h.set(dataWrite, 32);
+    setLe16(h, 64, 0);
+    setLe16(h, 66, 1);
+    setLe32(h, 68, o.logSize);
+    setLe64(h, 72, logOffset);
+    setLe32(h, 4, crc32c(h.subarray(0, HEADER_SIZE)));
+    return h;
+  });
+
+  const regions = new Uint8Array(64 * KiB);
+  regions.set(new TextEncoder().encode("regi"), 0);
+  setLe32(regions, 8, 2);
+  regions.set(guidBytes(BAT_GUID), 16);
+  setLe64(regions, 32, batOffset);
+  setLe32(regions, 40, batLength);
+  setLe32(regions, 44, 1);
+  regions.set(guidBytes(METADATA_GUID), 48);
+  setLe64(regions, 64, metadataOffset);
+  setLe32(regions, 72, metadataLength);
+  setLe32(regions, 76, 1);
+  setLe32(regions, 4, crc32c(regions));
+
+  const metadata = new Uint8Array(metadataLength);
+  metadata.set(new TextEncoder().encode("metadata"), 0);
+  const items: [string, Uint8Array, number][] = [];
+  const u32 = (v: number) => {
+    const b = new Uint8Array(8);
+    setLe32(b, 0, v);
+    return b.subarray(0, 4);
+  };
+  const params = new Uint8Array(8);
+  setLe32(params, 0, blockSize);
+  setLe32(params, 4, o.subformat === "fixed" ? 1 : 0);
+  const sizeItem = new Uint8Array(8);
+  setLe64(sizeItem, 0, virtualSize);
+  // Flags: bit 1 is_virtual_disk, bit 2 is_required.
+  items.push([FILE_PARAMETERS, params, 4]);
+  items.push([VIRTUAL_DISK_SIZE, sizeItem, 6]);
+  items.push([PAGE_83, randomGuid(), 6]);
+  items.push([LOGICAL_SECTOR, u32(sector), 6]);
+  items.push([PHYSICAL_SECTOR, u32(4096), 6]);
+  setLe16(metadata, 10, items.length);
+  let itemAt = METADATA_TABLE_SIZE;
+  items.forEach(([guid, bytes, flags], i) => {
+    const o = 32 + i * 32;
+    metadata.set(guidBytes(guid), o);
+    setLe32(metadata, o + 16, itemAt);
+    setLe32(metadata, o + 20, bytes.length);
+    setLe32(metadata, o + 24, flags);
+    metadata.set(bytes, itemAt);
+    itemAt += bytes.length;
+  });
+
+  await sink.write(0, fileId);
+  await sink.write(HEADER_OFFSETS[0], headers[0]);
+  await sink.write(HEADER_OFFSETS[1], headers[1]);
+  await sink.write(REGION_OFFSETS[0], regions);
+  await sink.write(REGION_OFFSETS[1], regions);
+  // The log is left empty (zeros); QEMU and Hyper-V ignore it while the
+  // headers' log GUID is zero.
+  await sink.write(metadataOffset, metadata);
+  await sink.write(batOffset, bat);
+  for (let b = 0; b < payloadBlocks; b++) {
+    options.signal?.throwIfAborted();
+    if (!stored[b]) continue;
+    const from = b * blockSize;
+    const length = Math.min(blockSize, virtualSize - from);
+    const within = Math.min(length, Math.max(0, source.size - from));
+    const block = new Uint8Array(blockSize);
+    // Read in pieces of at most 8 MiB, to keep memory bounded.
+    for (let at = 0; at < within; at += 8 * MiB) {
+      const n = Math.min(8 * MiB, within - at);
+      block.set(await source.read(from + at, n), at);
+    }
+    await sink.write(where[b], block);
+    options.onProgress?.(Math.min(from + length, source.size));
+  }
+  await sink.resize?.(next);
+  options.onProgress?.(source.size);
+  await sink.flush();
+}
+
+/**
+ * The vhdx driver: Hyper-V VHDX images. Reads fixed, dynamic and
+ * differencing files (the parent located through the parent locator's
+ * `relative_path`, followed under the caller's backing-file policy), with
+ * a pending log replayed in memory; creates fixed and dynamic files
+ * (`create -f vhdx`, `convert -O vhdx`; `-o subformat=dynamic|fixed,
+ * block_size=,log_size=,logical_sector_size=512|4096`) and writes into
+ * them when opened writable (not into differencing files, nor files with
+ * a log to replay).
+ *
+ * @example
+ * ```ts
+ * import { convert, fromBytes, memorySink, open } from "../mod.ts";
+ * const sink = memorySink();
+ * await convert(fromBytes(new Uint8Array(1 << 20).fill(1)), sink, { format: "vhdx" });
+ * const image = await open(fromBytes(sink.bytes()));
+ * console.log(image.format, image.size, (await image.read(0, 1))[0]); // vhdx 1048576 1
+ * ```
+ */
+export const vhdx: Driver = {
+  name: FORMAT,
+  description:
+    "Hyper-V VHDX (fixed, dynamic, differencing; log replayed in memory)",
+  probe(input: ProbeInput): number {
+    return input.head.length >= 8 && ascii(input.head, 0, 8) === "vhdxfile"
+      ? 100
+      : 0;
+  },
+  writeOptions: [
+    {
+      name: "subformat",
+      help: "dynamic (blocks stored as written) or fixed (every block stored)",
+      values: ["dynamic", "fixed"],
+      default: "dynamic",
+    },
+    {
+      name: "block_size",
+      help: "bytes per block (0: chosen by size, as qemu-img does)",
+      accepts: "0, or a power of two from 1M to 256M",
+      default: "0",
+    },
+    {
+      name: "log_size",
+      help: "bytes of the (empty) log",
+      accepts: "a multiple of 1M, at least 1M",
+      default: "1M",
+    },
+    {
+      name: "logical_sector_size",
+      help: "bytes per logical sector (QEMU reads only 512)",
+      values: ["512", "4096"],
+      default: "512",
+    },
+  ],
+  open: openVhdx,
+  create: createVhdx,
+  encode: encodeVhdx,
+};

@@ -1,0 +1,360 @@
+import { assertEquals, assertTrue } from "./_asserts.ts";
+import {
+  BackingFileError,
+  convert,
+  createOutputFile,
+  fromBytes,
+  fromFile,
+  ImageFormatError,
+  memorySink,
+  open,
+  probe,
+  type Source,
+  vdi,
+} from "../mod.ts";
+import {
+  assertBoundedWork,
+  assertQemuIdentical,
+  countingSource,
+  pseudoRandom,
+  qemuIo,
+  rejects,
+  run,
+  runs,
+  sha256Hex,
+  skip,
+  withTemp,
+} from "./_helpers.ts";
+
+/** A disk of `size` bytes: pseudo-random 64 KiB runs with holes between. */
+function sampleDisk(size: number, seed = 5): Uint8Array<ArrayBuffer> {
+  const disk = new Uint8Array(size);
+  const random = pseudoRandom(size, seed);
+  for (let at = 0; at < size; at += 65536) {
+    if ((at / 65536) % 5 < 2) {
+      disk.set(random.subarray(at, Math.min(size, at + 65536)), at);
+    }
+  }
+  return disk;
+}
+
+async function readAll(image: Source): Promise<Uint8Array> {
+  const out = new Uint8Array(image.size);
+  const step = 1 << 20;
+  for (let at = 0; at < image.size; at += step) {
+    const n = Math.min(step, image.size - at);
+    out.set(await image.read(at, n), at);
+  }
+  return out;
+}
+
+/** qemu-img's raw bytes of `path`. */
+async function qemuRaw(path: string, dir: string): Promise<Uint8Array> {
+  await run("qemu-img", [
+    "convert",
+    "-f",
+    "vdi",
+    "-O",
+    "raw",
+    path,
+    `${dir}/expected.raw`,
+  ]);
+  return await Deno.readFile(`${dir}/expected.raw`);
+}
+
+for (
+  const [isStatic, extra] of [
+    ["off", ""],
+    ["on", ""],
+    ["off", ",preallocation=full"],
+  ]
+) {
+  Deno.test({
+    name:
+      `a vdi qemu-img converts with static=${isStatic}${extra} reads as qemu-img's raw bytes`,
+    ignore: skip(["qemu-img"]),
+    fn: () =>
+      withTemp(async (dir) => {
+        const disk = sampleDisk((5 << 20) + 3 * 512, 3);
+        await Deno.writeFile(`${dir}/src.raw`, disk);
+        await run("qemu-img", [
+          "convert",
+          "-f",
+          "raw",
+          "-O",
+          "vdi",
+          "-o",
+          `static=${isStatic}${extra}`,
+          `${dir}/src.raw`,
+          `${dir}/d.vdi`,
+        ]);
+        const expected = await qemuRaw(`${dir}/d.vdi`, dir);
+        const source = await fromFile(`${dir}/d.vdi`);
+        assertEquals((await probe(source))[0].format, "vdi");
+        const image = await open(source);
+        assertEquals(image.format, "vdi");
+        assertEquals(image.size, expected.length);
+        assertEquals(
+          image.details?.imageType,
+          isStatic === "on" ? "static" : "dynamic",
+        );
+        assertEquals(sha256Hex(await readAll(image)), sha256Hex(expected));
+        const sink = memorySink();
+        await convert(image, sink);
+        assertEquals(sha256Hex(sink.bytes()), sha256Hex(expected));
+        await image.close?.();
+      }),
+  });
+}
+
+Deno.test({
+  name:
+    "a vdi written by qemu-io (data, holes, zero writes, rewrites) reads as qemu-img's raw bytes",
+  ignore: skip(["qemu-img", "qemu-io"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/d.vdi`;
+      await run("qemu-img", ["create", "-f", "vdi", path, "9M"]);
+      await qemuIo(
+        "vdi",
+        path,
+        "write -P 0x11 0 512",
+        "write -P 0x22 3145728 65536",
+        "write -z 5242880 1048576",
+        "write -P 0x33 7340032 4096",
+        "write -P 0x44 3146240 1024", // a rewrite inside a stored block
+        "write -z 7340032 512", // zeros over data
+        "write -P 0x55 9436672 512", // the last sector
+      );
+      const expected = await qemuRaw(path, dir);
+      const image = await open(await fromFile(path));
+      assertEquals(image.size, 9 << 20);
+      assertEquals(sha256Hex(await readAll(image)), sha256Hex(expected));
+      const kinds = (await runs(image)).map((e) => e.kind);
+      assertTrue(kinds.includes("unallocated") && kinds.includes("data"));
+      // readInto, across block boundaries, gives the same bytes.
+      const into = new Uint8Array(3 << 20);
+      await image.readInto!(2 << 20, into);
+      assertEquals(
+        sha256Hex(into),
+        sha256Hex(expected.subarray(2 << 20, 5 << 20)),
+      );
+      await image.close?.();
+    }),
+});
+
+/** A small vdi made by our writer, its bytes and the disk it holds. */
+async function smallVdi(): Promise<{ bytes: Uint8Array; disk: Uint8Array }> {
+  const sink = memorySink();
+  const image = await vdi.create!(sink, {
+    size: 4 << 20,
+    options: { block_size: "65536" },
+  });
+  const disk = new Uint8Array(4 << 20);
+  const data = pseudoRandom(100_000, 7);
+  disk.set(data, 70_000);
+  await image.write!(70_000, data);
+  await image.flush!();
+  return { bytes: sink.bytes().slice(), disk };
+}
+
+Deno.test("a discarded block (0xFFFFFFFE) reads as zeros and maps as zero", async () => {
+  const { bytes, disk } = await smallVdi();
+  const v = new DataView(bytes.buffer);
+  const bmap = v.getUint32(340, true);
+  // Block 1 (64 KiB .. 128 KiB) holds data; discard it.
+  v.setUint32(bmap + 4, 0xfffffffe, true);
+  disk.fill(0, 65536, 131072);
+  const image = await open(fromBytes(bytes));
+  assertEquals(sha256Hex(await readAll(image)), sha256Hex(disk));
+  const map = await runs(image);
+  assertTrue(
+    map.some((e) => e.kind === "zero" && e.offset === 65536),
+    JSON.stringify(map),
+  );
+});
+
+Deno.test("a differencing vdi says so, and refuses its parent's bytes unless the parent is named", async () => {
+  const base = await smallVdi();
+  const top = await smallVdi();
+  const v = new DataView(top.bytes.buffer);
+  v.setUint32(76, 4, true);
+  top.bytes.set(base.bytes.subarray(392, 408), 424); // uuid_link
+  const image = await open(fromBytes(top.bytes));
+  assertEquals(image.details?.differencing, true);
+  assertEquals(image.backingFile, undefined);
+  // Its own blocks read; a free block is the parent's.
+  assertEquals(
+    sha256Hex(await image.read(70_000, 1000)),
+    sha256Hex(top.disk.subarray(70_000, 71_000)),
+  );
+  await rejects(() => image.read(0, 4096), BackingFileError, /parent/);
+  // Named, the parent is followed through the registry's policy.
+  const followed = await open(fromBytes(top.bytes), {
+    options: { parent: "base.vdi" },
+    resolveBacking: (name) => {
+      assertEquals(name, "base.vdi");
+      return Promise.resolve(fromBytes(base.bytes));
+    },
+  });
+  assertEquals(followed.backingFile, "base.vdi");
+  assertEquals(sha256Hex(await readAll(followed)), sha256Hex(top.disk));
+});
+
+Deno.test("a vdi we create and write reads back, with free blocks as zeros", async () => {
+  for (const isStatic of ["off", "on"]) {
+    const sink = memorySink();
+    const image = await vdi.create!(sink, {
+      size: 3 << 20,
+      options: { static: isStatic },
+    });
+    const disk = new Uint8Array(3 << 20);
+    for (
+      const [at, n, seed] of [[1000, 5000, 1], [2 << 20, 4096, 2], [
+        (1 << 20) - 100,
+        300,
+        3,
+      ]]
+    ) {
+      const data = pseudoRandom(n, seed);
+      disk.set(data, at);
+      await image.write!(at, data);
+    }
+    await image.flush!();
+    const back = await open(fromBytes(sink.bytes()));
+    assertEquals(
+      back.details?.imageType,
+      isStatic === "on" ? "static" : "dynamic",
+    );
+    assertEquals(sha256Hex(await readAll(back)), sha256Hex(disk));
+  }
+});
+
+for (const isStatic of ["off", "on"]) {
+  Deno.test({
+    name:
+      `a vdi we convert to (static=${isStatic}) passes qemu-img check and compare, and 7-Zip extracts it`,
+    ignore: skip(["qemu-img", "7zz"]),
+    fn: () =>
+      withTemp(async (dir) => {
+        const disk = sampleDisk((3 << 20) + 1536, 9);
+        await Deno.writeFile(`${dir}/src.raw`, disk);
+        const out = await createOutputFile(`${dir}/out.vdi`);
+        await convert(fromBytes(disk), out, {
+          format: "vdi",
+          options: { static: isStatic },
+        });
+        await out.commit();
+        await run("qemu-img", ["check", "-f", "vdi", `${dir}/out.vdi`]);
+        await assertQemuIdentical(`${dir}/src.raw`, `${dir}/out.vdi`, "vdi");
+        await run("7zz", ["x", "-y", `-o${dir}/x`, `${dir}/out.vdi`]);
+        const names = [...Deno.readDirSync(`${dir}/x`)].map((e) => e.name);
+        assertEquals(names.length, 1, names.join(","));
+        const extracted = await Deno.readFile(`${dir}/x/${names[0]}`);
+        // 7-Zip gives the whole disk (the size rounded to sectors).
+        assertEquals(
+          sha256Hex(extracted.subarray(0, disk.length)),
+          sha256Hex(disk),
+        );
+        assertTrue(extracted.subarray(disk.length).every((b) => b === 0));
+      }),
+  });
+}
+
+Deno.test({
+  name: "the CLI creates a vdi that qemu-img check accepts",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const r = await run(Deno.execPath(), [
+        "run",
+        "-A",
+        new URL("../cli.ts", import.meta.url).pathname,
+        "create",
+        "-f",
+        "vdi",
+        `${dir}/c.vdi`,
+        "5M",
+      ], { allowFail: true });
+      assertEquals(r.code, 0, r.stderr);
+      await run("qemu-img", ["check", "-f", "vdi", `${dir}/c.vdi`]);
+      const info = JSON.parse(
+        (await run("qemu-img", [
+          "info",
+          "--output=json",
+          `${dir}/c.vdi`,
+        ])).text,
+      );
+      assertEquals(info["virtual-size"], 5 << 20);
+    }),
+});
+
+// Malformed input: each is one typed error, with bounded work.
+
+async function refused(bytes: Uint8Array, pattern: RegExp) {
+  const counted = countingSource(bytes);
+  await rejects(
+    async () => {
+      const image = await open(counted.source, { format: "vdi" });
+      await readAll(image);
+    },
+    ImageFormatError,
+    pattern,
+  );
+  assertBoundedWork(counted, bytes.length);
+}
+
+function poked(
+  bytes: Uint8Array,
+  at: number,
+  value: number | bigint,
+): Uint8Array {
+  const out = bytes.slice();
+  const v = new DataView(out.buffer);
+  if (typeof value === "bigint") v.setBigUint64(at, value, true);
+  else v.setUint32(at, value, true);
+  return out;
+}
+
+Deno.test("a vdi block size of 0, not a power of two or huge is refused", async () => {
+  const { bytes } = await smallVdi();
+  for (const size of [0, 1000, 0x80000000, 0xffffffff]) {
+    await refused(poked(bytes, 376, size), /block_size/);
+  }
+});
+
+Deno.test("a vdi blocks_in_image too small, huge or past the file is refused", async () => {
+  const { bytes } = await smallVdi();
+  await refused(poked(bytes, 384, 3), /disk_size/);
+  await refused(poked(bytes, 384, 0xffffffff), /blocks_in_image/);
+  await refused(poked(bytes, 384, 0x10000000), /blocks_in_image/);
+  await refused(poked(bytes, 368, 1n << 60n), /disk_size/);
+});
+
+Deno.test("a vdi block map entry outside the file or used twice is refused", async () => {
+  const { bytes } = await smallVdi();
+  const bmap = new DataView(bytes.buffer).getUint32(340, true);
+  await refused(poked(bytes, bmap + 4, 60), /block map\[1\]/);
+  await refused(poked(bytes, bmap + 4, 0x7fffffff), /block map\[1\]/);
+  const first = new DataView(bytes.buffer).getUint32(bmap + 4, true);
+  await refused(poked(bytes, bmap + 12, first), /used|uses/);
+});
+
+Deno.test("a vdi with a bad signature, version, offsets or sector size is refused", async () => {
+  const { bytes } = await smallVdi();
+  await refused(poked(bytes, 68, 0x00010000), /version/);
+  await refused(poked(bytes, 340, 0xffffff00), /offset_bmap/);
+  await refused(poked(bytes, 344, 0x100), /offset_data/);
+  await refused(poked(bytes, 360, 4096), /sector_size/);
+  await refused(poked(bytes, 72, 0x10000000), /header_size/);
+  await refused(poked(bytes, 380, 512), /block_extra/);
+  await refused(bytes.subarray(0, 300), /file size/);
+  // Truncated inside the stored blocks.
+  await refused(
+    bytes.subarray(0, bytes.length - 1000),
+    /block map|read offset/,
+  );
+  // A signature with a broken header is vdi's error, not raw.
+  const broken = poked(bytes, 376, 0);
+  assertEquals((await probe(fromBytes(broken)))[0].format, "vdi");
+});
