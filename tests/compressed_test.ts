@@ -98,11 +98,10 @@ for (const tool of Object.keys(TOOLS) as (keyof typeof TOOLS)[]) {
         const json = JSON.parse(info.text);
         assertEquals(json.format, "raw");
         assertEquals(json["virtual-size"], disk.length);
-        assertEquals(
-          json["format-specific"]?.file_compression ??
-            json["format-specific"]?.data?.file_compression,
-          tool,
-        );
+        // info --output=json spells detail keys as qemu-img does (dashes).
+        assertEquals(json["format-specific"]?.data?.["file-compression"], tool);
+        const human = await cli(["info", input]);
+        assertMatch(human.text, new RegExp(`file.compression: ${tool}`));
       }),
   );
 
