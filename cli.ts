@@ -60,6 +60,7 @@ import {
   partition,
   type PartitionTable,
   readPartitionTable,
+  scratchFiles,
   type Sink,
   streamSink,
   UnsupportedError,
@@ -444,6 +445,8 @@ async function openImage(
     format: options.format,
     writable: options.writable,
     sink: options.writable ? file : undefined,
+    // Compressed inputs decode to a temporary file ($TMPDIR), not memory.
+    scratch: scratchFiles(),
     resolveBacking: policy &&
       (async (name, layer) => {
         const found = await policy(name, layer) as FileHandle;
@@ -811,6 +814,8 @@ const commands: Record<string, Command> = {
           "convert",
         );
       }
+      // A compressed input decoded into scratch first gets a bar of its own.
+      const unpacking = values.progress ? progressBar("decompress") : undefined;
       const { image: source, files } = await openImage(input, {
         format: values.format as string | undefined,
         ...backingPolicy(values),
@@ -822,8 +827,11 @@ const commands: Record<string, Command> = {
               ? {}
               : { snapshot: values.snapshot as string }),
           },
+          onDecodeProgress: unpacking &&
+            ((done, total) => unpacking.update(done, total)),
         },
       });
+      unpacking?.end();
       if (values.snapshot !== undefined && !source.details?.snapshot) {
         throw new UsageError(
           `-l ${values.snapshot}: ${source.format} images have no internal snapshots to read`,
@@ -922,9 +930,11 @@ const commands: Record<string, Command> = {
         const label = labels?.at(run.offset);
         const data = run.kind === "data";
         // Where the run's bytes lie in its file: the driver says, for a raw
-        // file it is the offset itself.
+        // file it is the offset itself (none for a raw disk decoded from a
+        // compressed file).
         const at = run.fileOffset ??
-          (run.layer.format === "raw" && run.kind !== "unallocated"
+          (run.layer.format === "raw" && run.kind !== "unallocated" &&
+              run.layer.details?.file_compression === undefined
             ? run.offset
             : undefined);
         if (json) {

@@ -38,6 +38,13 @@ export * from "./streams/tree.ts";
 export * from "./streams/options.ts";
 export * from "./streams/inputs.ts";
 export * from "./streams/inspect.ts";
+export {
+  decodeToScratch,
+  decompress,
+  detectCompression,
+  type FileCompression,
+  MEMORY_SCRATCH_LIMIT,
+} from "./streams/compressed.ts";
 export * from "./drivers/registry.ts";
 export { cloop } from "./drivers/cloop.ts";
 export { bochs } from "./drivers/bochs.ts";

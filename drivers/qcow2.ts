@@ -60,6 +60,8 @@ import {
   UnsupportedError,
 } from "../streams/errors.ts";
 import { decodeInto as inflateInto } from "./codecs/zlib.ts";
+import * as zstd from "./codecs/zstd.ts";
+import { ByteFeed } from "./codecs/_feed.ts";
 import { cipherFor } from "../streams/decrypt.ts";
 import { luksCipher, readLuksHeader } from "./qcow2/luks.ts";
 import { encodeQcow2 } from "./qcow2/encode.ts";
@@ -777,12 +779,34 @@ export type ClusterDecoder = (
 ) => Promise<void>;
 
 /**
- * Decoders of compressed clusters by compression_type. zstd (1) is not
- * here yet: its clusters are refused by {@linkcode clusterDecoder}, the
- * one place to wire a zstd codec in.
+ * A zstd cluster as QEMU writes it: one frame (its content size may be
+ * left out), followed by whatever lies after it in the file. Decoded
+ * until `out` is full; a frame that ends short is an error.
  */
+async function zstdCluster(input: Uint8Array, out: Uint8Array) {
+  let given = false;
+  const feed = new ByteFeed(() => {
+    if (given) return Promise.resolve(null);
+    given = true;
+    return Promise.resolve(input);
+  });
+  let filled = 0;
+  for await (const piece of zstd.decodeStreaming(feed)) {
+    const n = Math.min(piece.length, out.length - filled);
+    out.set(piece.subarray(0, n), filled);
+    filled += n;
+    if (filled === out.length) return;
+  }
+  throw new CodecError(
+    "zstd",
+    `cluster decoded to ${filled} bytes, not ${out.length}`,
+  );
+}
+
+/** Decoders of compressed clusters by compression_type (0 zlib, 1 zstd). */
 const DECODERS: Record<number, ClusterDecoder | undefined> = {
   0: (input, out) => inflateInto(input, out, "deflate-raw"),
+  1: zstdCluster,
 };
 
 /** The decoder of `compressionType`, or an UnsupportedError naming it. */

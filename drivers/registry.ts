@@ -19,6 +19,7 @@ import { overlay } from "../streams/overlay.ts";
 import { decrypt } from "../streams/decrypt.ts";
 import { checkWriteOptions } from "../streams/options.ts";
 import { type ImageInput, isSink, toSource } from "../streams/inputs.ts";
+import { detectCompression, openCompressed } from "../streams/compressed.ts";
 import {
   type CreateSpec,
   type Driver,
@@ -273,6 +274,20 @@ async function openChain(
   seen: string[],
 ): Promise<Image> {
   const name = options.format ?? (await probe(source))[0]?.format ?? "raw";
+  // A compressed file no driver claims is a wrapper: decode it, then
+  // probe what is inside (a dmg, whose chunks may start with bzip2 or xz
+  // magic, is claimed by its trailer first).
+  const compression = options.format === undefined && name === "raw"
+    ? detectCompression(await source.read(0, Math.min(16, source.size)))
+    : undefined;
+  if (compression) {
+    return await openCompressed(
+      source,
+      compression,
+      options,
+      (decoded, o) => openChain(decoded, o, seen),
+    );
+  }
   const opened = await driver(name).open(
     name === "raw" ? source : guarded(source, name),
     options,

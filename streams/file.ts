@@ -10,6 +10,7 @@ import { BackingFileError, TreeError } from "./errors.ts";
 import {
   type BackingResolver,
   checkRange,
+  type ScratchFile,
   type Sink,
   type Source,
   type Tree,
@@ -202,6 +203,72 @@ function handle(
     stat: () => file.stat(),
   };
   return self;
+}
+
+/**
+ * Temporary files for decoding compressed images that must be read at
+ * random (`OpenOptions.scratch`): each is created in `dir` (the system's
+ * temporary folder by default), opened, and its name removed at once, so
+ * nothing is left behind however the process ends; zero runs are never
+ * written, so the file stays sparse.
+ *
+ * @param dir the folder to create them in
+ * @returns a factory for `open(source, { scratch })`
+ *
+ * @example
+ * ```ts ignore
+ * import { fromFile, open, scratchFiles } from "./mod.ts";
+ * const image = await open(await fromFile("disk.qcow.xz"), {
+ *   scratch: scratchFiles("/var/tmp"),
+ * });
+ * console.log(image.format, image.details?.file_compression); // qcow xz
+ * ```
+ */
+export function scratchFiles(dir?: string): () => Promise<ScratchFile> {
+  return async () => {
+    const path = await Deno.makeTempFile({ dir, prefix: ".vdisk-scratch-" });
+    let file: Deno.FsFile;
+    try {
+      file = await Deno.open(path, { read: true, write: true });
+    } finally {
+      await Deno.remove(path);
+    }
+    let closed = false;
+    return {
+      write(offset, bytes) {
+        try {
+          file.seekSync(offset, Deno.SeekMode.Start);
+          let at = 0;
+          while (at < bytes.length) at += file.writeSync(bytes.subarray(at));
+          return Promise.resolve();
+        } catch (e) {
+          return Promise.reject(e);
+        }
+      },
+      readInto(offset, into) {
+        try {
+          file.seekSync(offset, Deno.SeekMode.Start);
+          let at = 0;
+          while (at < into.length) {
+            const n = file.readSync(into.subarray(at));
+            if (n === null) break; // past the last write: a hole
+            at += n;
+          }
+          into.fill(0, at);
+          return Promise.resolve();
+        } catch (e) {
+          return Promise.reject(e);
+        }
+      },
+      close() {
+        if (!closed) {
+          closed = true;
+          file.close();
+        }
+        return Promise.resolve();
+      },
+    };
+  };
 }
 
 /** A file being written under a temporary name, renamed when complete. */

@@ -250,6 +250,32 @@ export interface OpenOptions {
   options?: Record<string, string>;
   /** The sink to write through for writable opens (often the same file as the source). */
   sink?: Sink;
+  /**
+   * Where a compressed file (`.gz`, `.xz`, `.bz2`, `.zst`) is decoded to
+   * when its contents must be read at random: a factory of temporary
+   * files (`scratchFiles(dir)` in Deno). Without it they are decoded into
+   * memory, up to 512 MiB of data.
+   */
+  scratch?: () => Promise<ScratchFile>;
+  /**
+   * Called as a compressed file is decoded front to back into scratch
+   * (when opening it): compressed bytes read so far, and their total.
+   */
+  onDecodeProgress?: (done: number, total: number) => void;
+}
+
+/**
+ * A temporary store: written once, then read at random; whatever it holds
+ * is gone once it is closed (a temporary file removed, memory released).
+ * Reads of bytes never written are zeros.
+ */
+export interface ScratchFile {
+  /** Writes `bytes` at `offset` (the store keeps no reference to them). */
+  write(offset: number, bytes: Uint8Array): Promise<void>;
+  /** Reads `into.length` bytes at `offset` into `into`. */
+  readInto(offset: number, into: Uint8Array): Promise<void>;
+  /** Removes the store. */
+  close(): Promise<void>;
 }
 
 /** What `create` makes. */

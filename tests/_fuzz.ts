@@ -463,57 +463,75 @@ export async function fuzz(
       ? (await probe(fromBytes(bytes, "mutant")))[0]?.format
       : undefined;
     if (signed) report.signed++;
-    worker ??= spawn();
-    const id = nextId++;
-    const w = worker;
-    const outcome = await new Promise<
-      { outcome: string; error?: string; stack?: string }
-    >((resolve) => {
-      if (probedAs === "raw") {
-        resolve({
-          outcome: "signature-as-raw",
-          error: `the ${seed.format} signature is there, and probing chose raw`,
-        });
-        return;
-      }
-      const timer = setTimeout(
-        () =>
+    type Outcome = { outcome: string; error?: string; stack?: string };
+    const attempt = () => {
+      worker ??= spawn();
+      const id = nextId++;
+      const w = worker;
+      return new Promise<Outcome>((resolve) => {
+        if (probedAs === "raw") {
           resolve({
-            outcome: "timeout",
-            error: `no answer in ${timeoutMs} ms`,
-          }),
-        timeoutMs,
-      );
-      const memory = setInterval(() => {
-        const rss = Deno.memoryUsage().rss;
-        if (rss > ceiling) {
-          resolve({
-            outcome: "memory",
-            error: `resident memory ${rss} over ${ceiling}`,
+            outcome: "signature-as-raw",
+            error:
+              `the ${seed.format} signature is there, and probing chose raw`,
           });
+          return;
         }
-      }, 20);
-      w.onmessage = ({ data }) => {
-        if (data.id !== id) return;
-        clearTimeout(timer);
-        clearInterval(memory);
-        resolve(data);
-      };
-      w.onerror = (e) => {
-        e.preventDefault();
-        clearTimeout(timer);
-        clearInterval(memory);
-        resolve({ outcome: "defect", error: `worker error: ${e.message}` });
-      };
-      w.postMessage({
-        id,
-        bytes,
-        format,
-        key: seed.key,
-        name: seed.fileName,
-        parts: seed.parts,
+        const timer = setTimeout(
+          () =>
+            resolve({
+              outcome: "timeout",
+              error: `no answer in ${timeoutMs} ms`,
+            }),
+          timeoutMs,
+        );
+        const memory = setInterval(() => {
+          const rss = Deno.memoryUsage().rss;
+          if (rss > ceiling) {
+            resolve({
+              outcome: "memory",
+              error: `resident memory ${rss} over ${ceiling}`,
+            });
+          }
+        }, 20);
+        w.onmessage = ({ data }) => {
+          if (data.id !== id) return;
+          clearTimeout(timer);
+          clearInterval(memory);
+          resolve(data);
+        };
+        w.onerror = (e) => {
+          e.preventDefault();
+          clearTimeout(timer);
+          clearInterval(memory);
+          resolve({ outcome: "defect", error: `worker error: ${e.message}` });
+        };
+        w.postMessage({
+          id,
+          bytes,
+          format,
+          key: seed.key,
+          name: seed.fileName,
+          parts: seed.parts,
+        });
       });
-    });
+    };
+    /** Kills the worker and lets its memory go before the next measure. */
+    const replaceWorker = async () => {
+      worker?.terminate();
+      worker = undefined;
+      for (let t = 0; t < 50 && Deno.memoryUsage().rss > ceiling / 2; t++) {
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    };
+    let outcome = await attempt();
+    if (outcome.outcome === "memory") {
+      // The ceiling is the process's resident size, which also holds what
+      // earlier mutants left for the collector: the mutant is run again in
+      // a fresh worker, and only a second excess is its own.
+      await replaceWorker();
+      outcome = await attempt();
+    }
     if (
       signed && format === undefined && outcome.outcome === "ok" &&
       (outcome as { format?: string }).format === "raw"
@@ -552,14 +570,9 @@ export async function fuzz(
         bytes,
       });
       if (outcome.outcome === "timeout" || outcome.outcome === "memory") {
-        // A hung or bloated worker is killed and replaced.
-        worker.terminate();
-        worker = undefined;
-        // Let the killed worker's memory go before the next mutant is
-        // measured, so one bloated mutant is not blamed on the next ones.
-        for (let t = 0; t < 50 && Deno.memoryUsage().rss > ceiling / 2; t++) {
-          await new Promise((r) => setTimeout(r, 100));
-        }
+        // A hung or bloated worker is killed and replaced, and its memory
+        // let go, so one bloated mutant is not blamed on the next ones.
+        await replaceWorker();
       }
     }
     options.onProgress?.(i + 1);

@@ -17,6 +17,28 @@ const DISK = `${DIR}/disk.raw`;
 const CLI = `${ROOT}cli.ts`;
 const deno = Deno.execPath();
 
+/**
+ * A disk of real files for the compressed cases: a tar of /usr/lib filling
+ * three quarters of it, then free space (zeros). A repeated pattern would
+ * flatter the decoders (long matches, few literals).
+ */
+const FILES_DISK = `${DIR}/disk-files.raw`;
+async function buildFilesDisk() {
+  try {
+    if ((await Deno.stat(FILES_DISK)).size === SIZE_MIB * MIB) return;
+  } catch { /* build it */ }
+  await Deno.mkdir(DIR, { recursive: true });
+  console.error(
+    `building ${SIZE_MIB} MiB disk of /usr/lib files at ${FILES_DISK}`,
+  );
+  await run("sh", [
+    "-c",
+    `tar cf - -C /usr lib 2>/dev/null | head -c ${
+      SIZE_MIB * MIB * 3 / 4
+    } > ${FILES_DISK}; truncate -s ${SIZE_MIB * MIB} ${FILES_DISK}`,
+  ]);
+}
+
 /** A disk like a real one: compressible "files", zero runs and random bytes. */
 async function buildDisk() {
   try {
@@ -64,12 +86,14 @@ interface Case {
   ours?: string[];
   /** The input's format, when not `format` (a case writing `format`). */
   inputFormat?: string;
+  /** Give no `-f`: the input is probed (compressed files are unwrapped so). */
+  probe?: boolean;
 }
 
 const OUT = `${DIR}/out.raw`;
 const img = (name: string) => `${DIR}/${name}`;
 const ourConvert = (
-  fmt: string,
+  fmt: string | undefined,
   input: string,
   out = OUT,
   extra: string[] = [],
@@ -79,8 +103,7 @@ const ourConvert = (
   "-A",
   CLI,
   "convert",
-  "-f",
-  fmt,
+  ...(fmt ? ["-f", fmt] : []),
   "-O",
   "raw",
   ...extra,
@@ -410,6 +433,32 @@ const cases: Case[] = [
       ],
     }],
   },
+  ...[
+    { tool: "xz", suffix: "xz", pack: "xz -T0 -6 -c" },
+    { tool: "zstd", suffix: "zst", pack: "zstd -q -3 -c" },
+  ].map(({ tool, suffix, pack }): Case => ({
+    name: `disk.img.${suffix} (${pack.replace(" -c", "")}, files of /usr/lib)`,
+    format: "raw",
+    probe: true,
+    make: {
+      path: img(`disk-files.img.${suffix}`),
+      cmd: [
+        "sh",
+        "-c",
+        `${pack} ${FILES_DISK} > ${img(`disk-files.img.${suffix}`)}`,
+      ],
+    },
+    needs: [tool],
+    peers: [{
+      name: `${tool} -dc`,
+      tool,
+      cmd: [
+        "sh",
+        "-c",
+        `${tool} -dc ${img(`disk-files.img.${suffix}`)} > ${OUT}`,
+      ],
+    }],
+  })),
   ...[["vhdx", "vhdx"], ["vdi", "vdi"], ["qed", "qed"]].map((
     [format, ext],
   ): Case => ({
@@ -473,6 +522,11 @@ async function time(
 const filters = Deno.args;
 const known = new Set(formats().map((d) => d.name));
 await buildDisk();
+if (
+  !filters.length || filters.some((f) => "disk.img.xz disk.img.zst".includes(f))
+) {
+  await buildFilesDisk();
+}
 console.log(`bench: ${SIZE_MIB} MiB disk, best of ${RUNS} runs, output ${OUT}`);
 for (const c of cases) {
   if (filters.length && !filters.some((f) => c.name.includes(f))) continue;
@@ -493,7 +547,12 @@ for (const c of cases) {
   const size = (await Deno.stat(c.make.path)).size;
   console.log(`\n${c.name}: input ${(size / MIB).toFixed(1)} MiB`);
   const ours = await time(
-    ourConvert(c.inputFormat ?? c.format, c.make.path, OUT, c.ours),
+    ourConvert(
+      c.probe ? undefined : c.inputFormat ?? c.format,
+      c.make.path,
+      OUT,
+      c.ours,
+    ),
   );
   const rss = (r: { rssKiB?: number }) =>
     r.rssKiB ? `, peak RSS ${(r.rssKiB / 1024).toFixed(0)} MiB` : "";

@@ -38,6 +38,7 @@
  */
 
 import { CodecError } from "../../streams/errors.ts";
+import type { ByteFeed } from "./_feed.ts";
 
 const CODEC = "bzip2";
 
@@ -539,6 +540,133 @@ function decodeStreams(
     fail(`decodes to ${o.length} bytes, ${expectedSize} declared`);
   }
   return o.out;
+}
+
+/**
+ * Compressed bytes one block can take at most: 900 000 symbols of at most
+ * 20 bits, plus the tables, rounded up. The streaming decoder buffers this
+ * much ahead of each block.
+ */
+const MAX_BLOCK_BYTES = 4 << 20;
+
+/**
+ * Decodes bzip2 streams (one or several concatenated, zero bytes allowed
+ * after the last) as they arrive from `feed`, yielding each block's output
+ * once its CRC has passed; a piece is only valid until the next is asked
+ * for. Memory: 4 MiB of input ahead and one block's output (at most
+ * 46.6 MB, a block of nothing but runs). The stream CRCs are checked
+ * before the generator finishes.
+ *
+ * @param feed the compressed bytes
+ * @returns the decoded bytes, block by block
+ *
+ * @example
+ * ```ts
+ * import { decodeStreaming, encode } from "./bzip2.ts";
+ * import { ByteFeed } from "./_feed.ts";
+ * let packed: Uint8Array | null = await encode(new Uint8Array(5000).fill(9));
+ * const feed = new ByteFeed(() => Promise.resolve([packed, packed = null][0]));
+ * let total = 0;
+ * for await (const piece of decodeStreaming(feed)) total += piece.length;
+ * console.log(total); // 5000
+ * ```
+ */
+export async function* decodeStreaming(
+  feed: ByteFeed,
+): AsyncGenerator<Uint8Array> {
+  let o: Output | undefined;
+  for (let stream = 0;; stream++) {
+    if (stream > 0) {
+      // After a stream: the end of the input, zero padding, or another stream.
+      while ((await feed.ensure(1)) > 0) {
+        // Whole buffered runs of zeros at a time, not a byte per await.
+        let k = feed.start;
+        while (k < feed.end && feed.bytes[k] === 0) k++;
+        const more = k === feed.end;
+        feed.skip(k - feed.start);
+        if (!more) break;
+      }
+      if (feed.available === 0) return;
+    }
+    await feed.ensure(4);
+    const b = feed.bytes;
+    const p = feed.start;
+    if (
+      feed.available < 4 || b[p] !== 0x42 || b[p + 1] !== 0x5a ||
+      b[p + 2] !== 0x68 || b[p + 3] < 0x31 || b[p + 3] > 0x39
+    ) {
+      fail(
+        stream === 0
+          ? "not a bzip2 stream (no BZh1..BZh9 header)"
+          : `unexpected bytes after stream ${stream} at byte ${feed.consumed}`,
+      );
+    }
+    const level = b[p + 3] - 0x30;
+    // The most one block decodes to: every 5 symbols 4 equal bytes and a
+    // run of 255 more.
+    const most = Math.ceil(level * 100000 / 5) * 259;
+    if (!o || o.out.length < most) o = { out: new Uint8Array(most), length: 0 };
+    feed.skip(4);
+    const r: BitReader = {
+      input: feed.bytes,
+      pos: feed.start,
+      buf: 0,
+      count: 0,
+    };
+    let combined = 0;
+    for (let block = 0;; block++) {
+      // Rebase the reader on the feed with a whole block ahead; the bits
+      // it holds stay with it.
+      feed.skip(r.pos - feed.start);
+      await feed.ensure(MAX_BLOCK_BYTES);
+      r.input = feed.bytes.subarray(0, feed.end);
+      r.pos = feed.start;
+      const high = bits(r, 24);
+      const low = bits(r, 24);
+      if (high === 0x314159 && low === 0x265359) {
+        const stored = bits32(r);
+        let computed: number;
+        o.length = 0;
+        try {
+          computed = decodeBlock(r, level, o);
+        } catch (e) {
+          if (!(e instanceof CodecError)) throw e;
+          fail(
+            `stream ${stream + 1} block ${block + 1}: ${
+              e.message.slice(CODEC.length + 2)
+            }`,
+          );
+        }
+        if (computed !== stored) {
+          fail(
+            `stream ${stream + 1} block ${block + 1}: CRC mismatch: stored ${
+              hex(stored)
+            }, computed ${hex(computed)}`,
+          );
+        }
+        combined = (((combined << 1) | (combined >>> 31)) ^ computed) >>> 0;
+        yield o.out.subarray(0, o.length);
+      } else if (high === 0x177245 && low === 0x385090) {
+        const stored = bits32(r);
+        if (stored !== combined) {
+          fail(
+            `stream ${stream + 1}: stream CRC mismatch: stored ${
+              hex(stored)
+            }, computed ${hex(combined)}`,
+          );
+        }
+        break;
+      } else {
+        fail(
+          `stream ${stream + 1}: bad block magic ${hex(high)}${
+            hex(low).slice(2)
+          }`,
+        );
+      }
+    }
+    // The padding bits left in the reader belong to the stream's last byte.
+    feed.skip(r.pos - feed.start);
+  }
 }
 
 function hex(n: number): string {

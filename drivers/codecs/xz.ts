@@ -52,6 +52,7 @@
 import { CodecError } from "../../streams/errors.ts";
 import { concat } from "../_binary.ts";
 import { crc32 } from "./crc32.ts";
+import type { ByteFeed } from "./_feed.ts";
 
 const CODEC = "xz";
 
@@ -104,20 +105,38 @@ const CRC64_HI = new Uint32Array(256);
   }
 }
 
+/** An incremental CRC-64 (xz's check type 4). */
+class Crc64 {
+  lo = 0xffffffff;
+  hi = 0xffffffff;
+
+  update(bytes: Uint8Array): void {
+    let lo = this.lo;
+    let hi = this.hi;
+    for (let i = 0; i < bytes.length; i++) {
+      const index = (lo ^ bytes[i]) & 0xff;
+      lo = ((lo >>> 8) | (hi << 24)) ^ CRC64_LO[index];
+      hi = (hi >>> 8) ^ CRC64_HI[index];
+    }
+    this.lo = lo;
+    this.hi = hi;
+  }
+
+  /** The CRC as 8 little-endian bytes (the order xz stores it). */
+  digest(): Uint8Array {
+    const out = new Uint8Array(8);
+    const v = new DataView(out.buffer);
+    v.setUint32(0, ~this.lo >>> 0, true);
+    v.setUint32(4, ~this.hi >>> 0, true);
+    return out;
+  }
+}
+
 /** CRC-64 of `bytes` as 8 little-endian bytes (the order xz stores it). */
 function crc64(bytes: Uint8Array): Uint8Array {
-  let lo = 0xffffffff;
-  let hi = 0xffffffff;
-  for (let i = 0; i < bytes.length; i++) {
-    const index = (lo ^ bytes[i]) & 0xff;
-    lo = ((lo >>> 8) | (hi << 24)) ^ CRC64_LO[index];
-    hi = (hi >>> 8) ^ CRC64_HI[index];
-  }
-  const out = new Uint8Array(8);
-  const v = new DataView(out.buffer);
-  v.setUint32(0, ~lo >>> 0, true);
-  v.setUint32(4, ~hi >>> 0, true);
-  return out;
+  const c = new Crc64();
+  c.update(bytes);
+  return c.digest();
 }
 
 function le32(b: Uint8Array, at: number): number {
@@ -198,6 +217,11 @@ class LzmaDecoder {
   rep2 = 0;
   rep3 = 0;
   props: Properties = { lc: 0, lp: 0, pb: 0 };
+  /**
+   * Distances must stay below this (the block's dictionary size) when the
+   * output is a sliding window that keeps only that much history.
+   */
+  dictSize = Infinity;
   // The range decoder.
   input: Uint8Array = new Uint8Array(0);
   inPos = 0;
@@ -372,7 +396,7 @@ class LzmaDecoder {
         if (this.bit(IS_REP_G0 + state) === 0) {
           if (this.bit(IS_REP0_LONG + (state << 4) + posState) === 0) {
             // Short repeat: one byte from rep0.
-            if (this.rep0 >= op - dictStart) {
+            if (this.rep0 >= op - dictStart || this.rep0 >= this.dictSize) {
               fail("distance reaches before the dictionary");
             }
             out[op] = out[op - this.rep0 - 1];
@@ -401,7 +425,7 @@ class LzmaDecoder {
       }
       len += MATCH_LEN_MIN;
       const dist = this.rep0;
-      if (dist >= op - dictStart) {
+      if (dist >= op - dictStart || dist >= this.dictSize) {
         fail("distance reaches before the dictionary");
       }
       if (len > end - op) fail("a match runs past the chunk's unpacked size");
@@ -568,6 +592,77 @@ async function verifyCheck(
   }
 }
 
+/** What a block header declares. */
+interface BlockHeader {
+  headerSize: number;
+  compressedSize?: number;
+  uncompressedSize?: number;
+  /** The LZMA2 dictionary size. */
+  dictSize: number;
+}
+
+/**
+ * Parses and checks the block header at `pos` (all of its bytes, as its
+ * first byte gives their number, must be in `input`).
+ */
+function parseBlockHeader(
+  input: Uint8Array,
+  pos: number,
+  where: string,
+): BlockHeader {
+  const headerSize = (input[pos] + 1) * 4;
+  const headerEnd = pos + headerSize - 4;
+  if (crc32(input.subarray(pos, headerEnd)) !== le32(input, headerEnd)) {
+    fail(`${where}: header CRC-32 mismatch`);
+  }
+  const blockFlags = input[pos + 1];
+  if (blockFlags & 0x3c) {
+    fail(`${where}: flags 0x${blockFlags.toString(16)} use reserved bits`);
+  }
+  const r = { pos: pos + 2 };
+  const compressedSize = blockFlags & 0x40
+    ? varint(input, r, headerEnd, "compressed size")
+    : undefined;
+  const uncompressedSize = blockFlags & 0x80
+    ? varint(input, r, headerEnd, "uncompressed size")
+    : undefined;
+  if (compressedSize === 0) fail(`${where}: compressed size 0`);
+  const nFilters = (blockFlags & 3) + 1;
+  let dictSize = 0;
+  for (let f = 0; f < nFilters; f++) {
+    const id = varint(input, r, headerEnd, "filter id");
+    const propsSize = varint(input, r, headerEnd, "filter properties size");
+    if (r.pos + propsSize > headerEnd) {
+      fail(`${where}: filter properties truncated`);
+    }
+    if (id !== FILTER_LZMA2) {
+      const name = FILTER_NAMES[id] ?? "unknown";
+      fail(`${where}: filter 0x${id.toString(16)} (${name}) is not supported`);
+    }
+    if (f !== nFilters - 1) fail(`${where}: LZMA2 must be the last filter`);
+    if (propsSize !== 1) {
+      fail(`${where}: LZMA2 properties size ${propsSize} must be 1`);
+    }
+    const d = input[r.pos];
+    if (d > 40) {
+      fail(`${where}: LZMA2 dictionary size byte ${d} must be at most 40`);
+    }
+    dictSize = d === 40
+      ? 0xffffffff
+      : (2 | (d & 1)) * 2 ** (Math.floor(d / 2) + 11);
+    if (dictSize > MAX_STREAMING_DICTIONARY) {
+      fail(
+        `${where}: LZMA2 dictionary of ${dictSize} bytes is over the ${MAX_STREAMING_DICTIONARY} accepted (xz's own largest)`,
+      );
+    }
+    r.pos += propsSize;
+  }
+  for (let i = r.pos; i < headerEnd; i++) {
+    if (input[i] !== 0) fail(`${where}: header padding is not zero`);
+  }
+  return { headerSize, compressedSize, uncompressedSize, dictSize };
+}
+
 /**
  * Decodes one stream at `start`; returns the position after its footer.
  */
@@ -607,68 +702,12 @@ async function decodeStream(
     const headerStart = pos;
     const headerSize = (input[pos] + 1) * 4;
     if (pos + headerSize > n) fail(`${where} block ${block}: header truncated`);
+    const { compressedSize, uncompressedSize, dictSize } = parseBlockHeader(
+      input,
+      pos,
+      `${where} block ${block}`,
+    );
     const headerEnd = pos + headerSize - 4;
-    if (crc32(input.subarray(pos, headerEnd)) !== le32(input, headerEnd)) {
-      fail(`${where} block ${block}: header CRC-32 mismatch`);
-    }
-    const blockFlags = input[pos + 1];
-    if (blockFlags & 0x3c) {
-      fail(
-        `${where} block ${block}: flags 0x${
-          blockFlags.toString(16)
-        } use reserved bits`,
-      );
-    }
-    const r = { pos: pos + 2 };
-    const compressedSize = blockFlags & 0x40
-      ? varint(input, r, headerEnd, "compressed size")
-      : undefined;
-    const uncompressedSize = blockFlags & 0x80
-      ? varint(input, r, headerEnd, "uncompressed size")
-      : undefined;
-    if (compressedSize === 0) {
-      fail(`${where} block ${block}: compressed size 0`);
-    }
-    const nFilters = (blockFlags & 3) + 1;
-    let dictSize = 0;
-    for (let f = 0; f < nFilters; f++) {
-      const id = varint(input, r, headerEnd, "filter id");
-      const propsSize = varint(input, r, headerEnd, "filter properties size");
-      if (r.pos + propsSize > headerEnd) {
-        fail(`${where} block ${block}: filter properties truncated`);
-      }
-      if (id !== FILTER_LZMA2) {
-        const name = FILTER_NAMES[id] ?? "unknown";
-        fail(
-          `${where} block ${block}: filter 0x${
-            id.toString(16)
-          } (${name}) is not supported`,
-        );
-      }
-      if (f !== nFilters - 1) {
-        fail(`${where} block ${block}: LZMA2 must be the last filter`);
-      }
-      if (propsSize !== 1) {
-        fail(
-          `${where} block ${block}: LZMA2 properties size ${propsSize} must be 1`,
-        );
-      }
-      const d = input[r.pos];
-      if (d > 40) {
-        fail(
-          `${where} block ${block}: LZMA2 dictionary size byte ${d} must be at most 40`,
-        );
-      }
-      dictSize = d === 40
-        ? 0xffffffff
-        : (2 | (d & 1)) * 2 ** (Math.floor(d / 2) + 11);
-      r.pos += propsSize;
-    }
-    for (let i = r.pos; i < headerEnd; i++) {
-      if (input[i] !== 0) {
-        fail(`${where} block ${block}: header padding is not zero`);
-      }
-    }
     // Data.
     pos = headerEnd + 4;
     const dataStart = pos;
@@ -814,6 +853,585 @@ export async function decode(
     fail(`decodes to ${o.length} bytes, ${expectedSize} declared`);
   }
   return o.out;
+}
+
+// ---------------------------------------------------------------------------
+// Streaming decoding: `.xz` files of any size in bounded memory.
+
+/** The largest LZMA2 dictionary accepted: xz's own largest, 1.5 GiB (only 4 GiB - 1 is larger). */
+export const MAX_STREAMING_DICTIONARY = 1536 * 2 ** 20;
+
+/** An incremental check of one block's data. */
+interface Check {
+  update(bytes: Uint8Array): void;
+  digest(): Uint8Array | Promise<Uint8Array>;
+}
+
+async function newCheck(type: number): Promise<Check | undefined> {
+  if (type === CHECK_CRC32) {
+    let crc = 0;
+    return {
+      update: (bytes) => void (crc = crc32(bytes, crc)),
+      digest: () => {
+        const out = new Uint8Array(4);
+        new DataView(out.buffer).setUint32(0, crc, true);
+        return out;
+      },
+    };
+  }
+  if (type === CHECK_CRC64) return new Crc64();
+  if (type === CHECK_SHA256) {
+    const { createSHA256 } = await import("npm:hash-wasm@4.13.0");
+    const h = await createSHA256();
+    h.init();
+    return {
+      update: (bytes) => void h.update(bytes),
+      digest: () => h.digest("binary"),
+    };
+  }
+  return undefined;
+}
+
+/**
+ * The output of one block as a sliding window: LZMA matches reach back at
+ * most the dictionary size, so only that much history is kept, and the
+ * buffer grows only as far as the block's output needs.
+ */
+class Window {
+  out = new Uint8Array(0);
+  length = 0;
+  /** Where the dictionary was last reset, in `out` (negative once that has slid out). */
+  dictStart = 0;
+  /** Bytes before `out[0]`, for the block's total. */
+  dropped = 0;
+
+  constructor(readonly dictSize: number) {}
+
+  /** Room for `n` more bytes, sliding or growing the window as needed. */
+  room(n: number): void {
+    if (this.length + n <= this.out.length) return;
+    const keep = Math.min(this.dictSize, this.length);
+    const want = keep + Math.max(n, CHUNK_UNPACKED_MAX * 4);
+    if (this.out.length < want && this.out.length < this.dictSize + n) {
+      // Grow (doubling) towards dictionary + chunk; small blocks stay small.
+      const grown = new Uint8Array(
+        Math.min(
+          Math.max(want, this.out.length * 2),
+          this.dictSize + Math.max(n, CHUNK_UNPACKED_MAX * 4),
+        ),
+      );
+      grown.set(this.out.subarray(0, this.length));
+      this.out = grown;
+      if (this.length + n <= this.out.length) return;
+    }
+    const drop = this.length - keep;
+    this.out.copyWithin(0, drop, this.length);
+    this.length = keep;
+    this.dictStart -= drop;
+    this.dropped += drop;
+  }
+}
+
+async function feedCrc(feed: ByteFeed, bytes: Uint8Array, what: string) {
+  if ((await feed.ensure(4)) < 4) fail(`${what} truncated`);
+  if (crc32(bytes) !== le32(feed.bytes, feed.start)) {
+    fail(`${what} CRC-32 mismatch`);
+  }
+  feed.skip(4);
+}
+
+/**
+ * Decodes `.xz` streams (one or several, with stream padding) as they
+ * arrive from `feed`, yielding the output in order in pieces of about
+ * 1 MiB or more; each piece is only valid until the next is asked for.
+ * Memory is the largest dictionary plus a few MiB. Every CRC, check and
+ * index record is verified; the last piece is yielded only after the
+ * last check passed.
+ *
+ * @param feed the compressed bytes
+ * @returns the decoded bytes, piece by piece
+ *
+ * @example
+ * ```ts
+ * import { decodeStreaming, encode } from "./xz.ts";
+ * import { ByteFeed } from "./_feed.ts";
+ * let packed: Uint8Array | null = await encode(new Uint8Array(5000).fill(9));
+ * const feed = new ByteFeed(() => Promise.resolve([packed, packed = null][0]));
+ * let total = 0;
+ * for await (const piece of decodeStreaming(feed)) total += piece.length;
+ * console.log(total); // 5000
+ * ```
+ */
+export async function* decodeStreaming(
+  feed: ByteFeed,
+): AsyncGenerator<Uint8Array> {
+  for (let stream = 1;; stream++) {
+    const where = `stream ${stream}`;
+    const streamStart = feed.consumed;
+    if ((await feed.ensure(12)) < 12) {
+      fail(`${where}: truncated (${feed.available} bytes)`);
+    }
+    const head = feed.bytes.subarray(feed.start, feed.start + 12);
+    for (let i = 0; i < 6; i++) {
+      if (head[i] !== MAGIC[i]) {
+        fail(
+          stream === 1 ? "not an xz stream (bad magic)" : `${where}: bad magic`,
+        );
+      }
+    }
+    const flags = head.slice(6, 8);
+    if (flags[0] !== 0 || flags[1] > 0x0f) {
+      fail(`${where}: stream flags ${hexBytes(flags)} use reserved bits`);
+    }
+    if (crc32(flags) !== le32(head, 8)) {
+      fail(`${where}: stream header CRC-32 mismatch`);
+    }
+    feed.skip(12);
+    const checkType = flags[1];
+    const checkSize = CHECK_SIZES[checkType];
+    const records: Array<[number, number]> = [];
+    for (let block = 1;; block++) {
+      const at = `${where} block ${block}`;
+      if ((await feed.ensure(1)) < 1) {
+        fail(`${where}: truncated before the index`);
+      }
+      if (feed.bytes[feed.start] === 0) break; // the index
+      const headerSize = (feed.bytes[feed.start] + 1) * 4;
+      if ((await feed.ensure(headerSize)) < headerSize) {
+        fail(`${at}: header truncated`);
+      }
+      const header = parseBlockHeader(feed.bytes, feed.start, at);
+      feed.skip(headerSize);
+      const dataStart = feed.consumed;
+      const check = await newCheck(checkType);
+      const lzma = new LzmaDecoder();
+      const window = new Window(
+        header.uncompressedSize === undefined
+          ? header.dictSize
+          : Math.min(header.dictSize, header.uncompressedSize),
+      );
+      lzma.dictSize = header.dictSize;
+      let needDictReset = true;
+      let needProperties = true;
+      let emitted = 0; // window offset of the first byte not yet yielded
+      const limit = header.uncompressedSize ?? Infinity;
+      for (;;) {
+        if ((await feed.ensure(6)) < 1) {
+          fail(`${at}: LZMA2 data ends without its end byte`);
+        }
+        const b = feed.bytes;
+        let pos = feed.start;
+        const control = b[pos++];
+        if (control === 0) {
+          feed.skip(1);
+          break;
+        }
+        if (control >= 0xe0 || control === 1) {
+          needProperties = true;
+          needDictReset = false;
+          window.dictStart = window.length;
+        } else if (needDictReset) {
+          fail(
+            `${at}: LZMA2 chunk control 0x${
+              control.toString(16)
+            } must reset the dictionary first`,
+          );
+        }
+        let unpacked: number;
+        let packed: number;
+        if (control < 0x80) {
+          if (control > 2) {
+            fail(
+              `${at}: LZMA2 control byte 0x${control.toString(16)} is invalid`,
+            );
+          }
+          if (feed.end - pos < 2) fail(`${at}: LZMA2 chunk header truncated`);
+          unpacked = packed = ((b[pos] << 8) | b[pos + 1]) + 1;
+          pos += 2;
+        } else {
+          if (feed.end - pos < 4) fail(`${at}: LZMA2 chunk header truncated`);
+          unpacked = ((control & 0x1f) << 16) + ((b[pos] << 8) | b[pos + 1]) +
+            1;
+          packed = ((b[pos + 2] << 8) | b[pos + 3]) + 1;
+          pos += 4;
+        }
+        const headerLength = pos - feed.start + (control >= 0xc0 ? 1 : 0);
+        if (
+          (await feed.ensure(headerLength + packed)) < headerLength + packed
+        ) {
+          fail(`${at}: LZMA2 chunk truncated`);
+        }
+        // The buffer may have moved: the data follows the header (and the
+        // properties byte, read below).
+        const input = feed.bytes;
+        pos = feed.start + headerLength - (control >= 0xc0 ? 1 : 0);
+        if (window.dropped + window.length + unpacked > limit) {
+          fail(`${at}: decodes to more than its header's ${limit} bytes`);
+        }
+        if (window.length + unpacked > window.out.length) {
+          // Yield what is pending before the window slides under it.
+          if (window.length > emitted) {
+            const piece = window.out.subarray(emitted, window.length);
+            check?.update(piece);
+            yield piece;
+          }
+          window.room(unpacked);
+          emitted = window.length;
+        }
+        if (control < 0x80) {
+          window.out.set(input.subarray(pos, pos + packed), window.length);
+        } else {
+          const reset = (control >>> 5) & 3;
+          if (reset >= 2) {
+            lzma.props = parseProperties(input[pos++]);
+            needProperties = false;
+          } else if (needProperties) {
+            fail(`${at}: the first LZMA2 chunk must carry properties`);
+          }
+          if (reset >= 1) lzma.resetState();
+          try {
+            lzma.chunk(
+              input,
+              pos,
+              packed,
+              window.out,
+              window.length,
+              unpacked,
+              window.dictStart,
+            );
+          } catch (e) {
+            if (e instanceof CodecError) {
+              fail(`${at}: ${e.message.slice(CODEC.length + 2)}`);
+            }
+            throw e;
+          }
+        }
+        window.length += unpacked;
+        feed.skip(headerLength + packed);
+        if (window.length - emitted >= 1 << 20) {
+          const piece = window.out.subarray(emitted, window.length);
+          check?.update(piece);
+          emitted = window.length;
+          yield piece;
+        }
+      }
+      const last = window.out.subarray(emitted, window.length);
+      check?.update(last);
+      const packedSize = feed.consumed - dataStart;
+      const produced = window.dropped + window.length;
+      if (
+        header.compressedSize !== undefined &&
+        packedSize !== header.compressedSize
+      ) {
+        fail(
+          `${at}: compressed size ${packedSize}, header says ${header.compressedSize}`,
+        );
+      }
+      if (
+        header.uncompressedSize !== undefined &&
+        produced !== header.uncompressedSize
+      ) {
+        fail(
+          `${at}: uncompressed size ${produced}, header says ${header.uncompressedSize}`,
+        );
+      }
+      const padding = (4 - ((feed.consumed - streamStart) % 4)) % 4;
+      if ((await feed.ensure(padding + checkSize)) < padding + checkSize) {
+        fail(`${at}: check truncated`);
+      }
+      for (let i = 0; i < padding; i++) {
+        if (feed.bytes[feed.start + i] !== 0) {
+          fail(`${at}: padding is not zero`);
+        }
+      }
+      feed.skip(padding);
+      if (check) {
+        const computed = await check.digest();
+        const stored = feed.bytes.subarray(feed.start, feed.start + checkSize);
+        for (let i = 0; i < computed.length; i++) {
+          if (computed[i] !== stored[i]) {
+            fail(
+              `${at} check mismatch: stored ${hexBytes(stored)}, computed ${
+                hexBytes(computed)
+              }`,
+            );
+          }
+        }
+      }
+      feed.skip(checkSize);
+      records.push([headerSize + packedSize + checkSize, produced]);
+      // The block's last bytes go out only once its check has passed.
+      if (last.length) yield last;
+    }
+    // Index: its bytes are kept for the CRC (at most ~18 bytes a block).
+    const indexStart = feed.consumed;
+    const indexBytes: number[] = [];
+    const take = async (what: string) => {
+      await feed.ensure(9);
+      const r = { pos: feed.start };
+      const value = varint(feed.bytes, r, feed.end, what);
+      for (let i = feed.start; i < r.pos; i++) indexBytes.push(feed.bytes[i]);
+      feed.skip(r.pos - feed.start);
+      return value;
+    };
+    indexBytes.push(0);
+    feed.skip(1);
+    const count = await take("index record count");
+    if (count !== records.length) {
+      fail(
+        `${where}: index lists ${count} blocks, the stream has ${records.length}`,
+      );
+    }
+    for (let i = 0; i < count; i++) {
+      const unpadded = await take("index unpadded size");
+      const size = await take("index uncompressed size");
+      if (unpadded !== records[i][0] || size !== records[i][1]) {
+        fail(
+          `${where}: index record ${
+            i + 1
+          } (${unpadded}, ${size}) does not match block (${records[i][0]}, ${
+            records[i][1]
+          })`,
+        );
+      }
+    }
+    while (!isAligned(feed.consumed - indexStart)) {
+      if ((await feed.ensure(1)) < 1 || feed.bytes[feed.start] !== 0) {
+        fail(`${where}: index padding is not zero`);
+      }
+      indexBytes.push(0);
+      feed.skip(1);
+    }
+    await feedCrc(feed, new Uint8Array(indexBytes), `${where}: index`);
+    const indexSize = feed.consumed - indexStart - 4;
+    // Footer.
+    if ((await feed.ensure(12)) < 12) fail(`${where}: footer truncated`);
+    const foot = feed.bytes.subarray(feed.start, feed.start + 12);
+    if (crc32(foot.subarray(4, 10)) !== le32(foot, 0)) {
+      fail(`${where}: footer CRC-32 mismatch`);
+    }
+    const backward = (le32(foot, 4) + 1) * 4;
+    if (backward !== indexSize + 4) {
+      fail(
+        `${where}: footer backward size ${backward}, index is ${
+          indexSize + 4
+        } bytes`,
+      );
+    }
+    if (foot[8] !== flags[0] || foot[9] !== flags[1]) {
+      fail(`${where}: footer flags differ from the header's`);
+    }
+    if (foot[10] !== FOOTER_MAGIC[0] || foot[11] !== FOOTER_MAGIC[1]) {
+      fail(`${where}: bad footer magic`);
+    }
+    feed.skip(12);
+    // Stream padding: zero bytes in fours, then the end or another stream.
+    let padding = 0;
+    while ((await feed.ensure(1)) > 0) {
+      // Whole buffered runs of zeros at a time, not a byte per await.
+      let k = feed.start;
+      while (k < feed.end && feed.bytes[k] === 0) k++;
+      padding += k - feed.start;
+      const more = k === feed.end;
+      feed.skip(k - feed.start);
+      if (!more) break;
+    }
+    if (!isAligned(padding)) {
+      fail("stream padding is not a multiple of 4 bytes");
+    }
+    if (feed.available === 0) return;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The index: where each block is, read from the end of the file.
+
+/** One block of an `.xz` file, as the streams' indexes list it. */
+export interface XzBlock {
+  /** Offset of the block header in the file. */
+  packedOffset: number;
+  /** Bytes of the block in the file (header, data, padding, check). */
+  packedLength: number;
+  /** The index's unpadded size (without the padding before the check). */
+  unpaddedSize: number;
+  /** Offset of the block's first decoded byte in the decoded file. */
+  offset: number;
+  /** Decoded bytes. */
+  size: number;
+  /** The stream flags (the check type) of the block's stream. */
+  streamFlags: Uint8Array;
+}
+
+/** The most index bytes {@linkcode readIndex} reads (a million blocks or so). */
+const MAX_INDEX_BYTES = 16 << 20;
+
+/**
+ * Reads the index of every stream of an `.xz` file from its end: where
+ * each block lies and what it decodes to, so that blocks can be decoded
+ * alone. The stream headers, footers and indexes are checked (CRC-32s,
+ * magic, flags, sizes adding up); the blocks are not read. Answers
+ * `undefined` when the file does not end as an `.xz` file should (then
+ * the streaming decoder, reading it front to back, says what is wrong).
+ *
+ * @param read reads bytes of the file
+ * @param size the file's size
+ * @returns the blocks in order, or undefined
+ *
+ * @example
+ * ```ts
+ * import { encode, readIndex } from "./xz.ts";
+ * const packed = await encode(new Uint8Array(1000));
+ * const blocks = await readIndex(
+ *   (offset, length) => Promise.resolve(packed.slice(offset, offset + length)),
+ *   packed.length,
+ * );
+ * console.log(blocks?.length, blocks?.[0].size); // 1 1000
+ * ```
+ */
+export async function readIndex(
+  read: (offset: number, length: number) => Promise<Uint8Array>,
+  size: number,
+): Promise<XzBlock[] | undefined> {
+  const streams: XzBlock[][] = [];
+  let end = size;
+  while (end > 0) {
+    // Stream padding: zero bytes in fours before a stream's footer (more
+    // than 64 KiB of it is left to the streaming decoder, which reads it
+    // in large pieces, rather than read here four bytes at a time).
+    const paddingEnd = end;
+    for (let zeros = true; zeros && end >= 4;) {
+      const piece = await read(end - Math.min(end, 4096), Math.min(end, 4096));
+      let k = piece.length;
+      while (
+        k >= 4 && !(piece[k - 1] | piece[k - 2] | piece[k - 3] | piece[k - 4])
+      ) {
+        k -= 4;
+      }
+      zeros = k < 4;
+      end -= piece.length - k;
+      if (paddingEnd - end > 1 << 16) return undefined;
+    }
+    if (end < 24) return undefined;
+    const foot = await read(end - 12, 12);
+    if (foot[10] !== FOOTER_MAGIC[0] || foot[11] !== FOOTER_MAGIC[1]) {
+      return undefined;
+    }
+    if (crc32(foot.subarray(4, 10)) !== le32(foot, 0)) return undefined;
+    const indexSize = (le32(foot, 4) + 1) * 4;
+    if (indexSize > MAX_INDEX_BYTES || indexSize + 24 > end) return undefined;
+    const indexStart = end - 12 - indexSize;
+    const index = await read(indexStart, indexSize);
+    if (index[0] !== 0) return undefined;
+    if (
+      crc32(index.subarray(0, indexSize - 4)) !== le32(index, indexSize - 4)
+    ) {
+      return undefined;
+    }
+    const records: Array<[number, number]> = [];
+    try {
+      const r = { pos: 1 };
+      const count = varint(index, r, indexSize - 4, "index record count");
+      if (count > indexSize / 2) return undefined;
+      for (let i = 0; i < count; i++) {
+        const unpadded = varint(index, r, indexSize - 4, "index unpadded size");
+        const decoded = varint(
+          index,
+          r,
+          indexSize - 4,
+          "index uncompressed size",
+        );
+        if (unpadded < 5 || unpadded > 2 ** 50) return undefined;
+        records.push([unpadded, decoded]);
+      }
+      for (let i = r.pos; i < indexSize - 4; i++) {
+        if (index[i]) return undefined;
+      }
+      if (indexSize - 4 - r.pos > 3) return undefined;
+    } catch (e) {
+      if (e instanceof CodecError) return undefined;
+      throw e;
+    }
+    let blocksLength = 0;
+    for (const [unpadded] of records) {
+      blocksLength += Math.ceil(unpadded / 4) * 4;
+    }
+    const streamStart = indexStart - blocksLength - 12;
+    if (streamStart < 0) return undefined;
+    const head = await read(streamStart, 12);
+    for (let i = 0; i < 6; i++) if (head[i] !== MAGIC[i]) return undefined;
+    if (head[6] !== foot[8] || head[7] !== foot[9]) return undefined;
+    if (crc32(head.subarray(6, 8)) !== le32(head, 8)) return undefined;
+    const streamFlags = head.slice(6, 8);
+    const blocks: XzBlock[] = [];
+    let at = streamStart + 12;
+    for (const [unpadded, decoded] of records) {
+      const packedLength = Math.ceil(unpadded / 4) * 4;
+      blocks.push({
+        packedOffset: at,
+        packedLength,
+        unpaddedSize: unpadded,
+        offset: 0,
+        size: decoded,
+        streamFlags,
+      });
+      at += packedLength;
+    }
+    streams.unshift(blocks);
+    end = streamStart;
+  }
+  const all = streams.flat();
+  let offset = 0;
+  for (const block of all) {
+    block.offset = offset;
+    offset += block.size;
+  }
+  return Number.isSafeInteger(offset) ? all : undefined;
+}
+
+/**
+ * One block of an `.xz` file (its bytes as {@linkcode readIndex} located
+ * them) wrapped as a stream of its own, which {@linkcode decode} decodes
+ * with every check: the block header's CRC-32, the block's check, and
+ * the sizes the index gave. The block's bytes are copied once.
+ *
+ * @param block where the block is
+ * @param bytes the block's `packedLength` bytes
+ * @returns a complete `.xz` stream holding just that block
+ *
+ * @example
+ * ```ts
+ * import { blockAsStream, decode, encode, readIndex } from "./xz.ts";
+ * const packed = await encode(new Uint8Array(1000).fill(3));
+ * const read = (o: number, n: number) => Promise.resolve(packed.slice(o, o + n));
+ * const [block] = (await readIndex(read, packed.length))!;
+ * const alone = blockAsStream(block, await read(block.packedOffset, block.packedLength));
+ * console.log((await decode(alone, block.size))[999]); // 3
+ * ```
+ */
+export function blockAsStream(block: XzBlock, bytes: Uint8Array): Uint8Array {
+  const index = [
+    0,
+    1,
+    ...varintBytes(block.unpaddedSize),
+    ...varintBytes(block.size),
+  ];
+  while (index.length % 4) index.push(0);
+  const indexLength = index.length + 4;
+  const out = new Uint8Array(12 + bytes.length + indexLength + 12);
+  const v = new DataView(out.buffer);
+  out.set(MAGIC, 0);
+  out.set(block.streamFlags, 6);
+  v.setUint32(8, crc32(block.streamFlags), true);
+  out.set(bytes, 12);
+  let at = 12 + bytes.length;
+  out.set(index, at);
+  v.setUint32(at + index.length, crc32(new Uint8Array(index)), true);
+  at += indexLength;
+  v.setUint32(at + 4, indexLength / 4 - 1, true);
+  out.set(block.streamFlags, at + 8);
+  out.set(FOOTER_MAGIC, at + 10);
+  v.setUint32(at, crc32(out.subarray(at + 4, at + 10)), true);
+  return out;
 }
 
 // ---------------------------------------------------------------------------

@@ -1,0 +1,776 @@
+/**
+ * Compressed files as wrappers: a `.gz` (any number of members), `.xz`
+ * (streams and blocks), `.bz2` (streams) or `.zst` (frames, skippable
+ * frames) file is not a disk but a disk image packed once more. It is
+ * opened as the bytes it decodes to, and those are probed and opened like
+ * any file: `disk.img.xz` opens as the raw disk, `image.qcow.xz` as the
+ * qcow's disk. Two ways to read them at random:
+ *
+ * - **index**: where the container lists parts that decode alone (the xz
+ *   blocks its indexes list, zstd frames that declare their size), each
+ *   at most {@linkcode MAX_SEGMENT}, a read decodes the parts it touches
+ *   (xz blocks on the codec workers, a few ahead of a forward reader). A
+ *   corrupt part is found when it is read.
+ * - **scratch**: otherwise the file is decoded once, front to back with
+ *   bounded memory, into a scratch store (a temporary file in Deno
+ *   through `OpenOptions.scratch`, memory up to
+ *   {@linkcode MEMORY_SCRATCH_LIMIT} elsewhere); zero runs of 64 KiB are
+ *   never stored and are `zero` in the allocation map, so `convert`
+ *   leaves them as holes. Every checksum is verified before the image
+ *   inside is opened.
+ *
+ * Either way a truncated or corrupt file is an {@linkcode ImageFormatError}
+ * naming the container.
+ *
+ * | container | recognised by (at byte 0)                                   |
+ * | --------- | ----------------------------------------------------------- |
+ * | gzip      | 1F 8B 08 (deflate)                                          |
+ * | xz        | FD 37 7A 58 5A 00                                           |
+ * | bzip2     | `BZh1`..`BZh9` then a block (31 41 59 26 53 59) or end (17 72 45 38 50 90) magic |
+ * | zstd      | 28 B5 2F FD, or a skippable frame 50..5F 2A 4D 18           |
+ *
+ * The registry asks for this only when no driver claims the file: a dmg
+ * whose chunks start with bzip2 or xz magic is a dmg (its `koly` trailer
+ * says so).
+ *
+ * This module is browser compatible.
+ *
+ * @module
+ */
+
+import { isZeroRange, wordsOf } from "../drivers/_binary.ts";
+import { ByteFeed } from "../drivers/codecs/_feed.ts";
+import { nodeZlibModule } from "../drivers/codecs/_node_zlib.ts";
+import * as bzip2 from "../drivers/codecs/bzip2.ts";
+import * as xz from "../drivers/codecs/xz.ts";
+import * as zstd from "../drivers/codecs/zstd.ts";
+import { codecPool } from "../drivers/dmg/_pool.ts";
+import { CodecError, ImageFormatError, UnsupportedError } from "./errors.ts";
+import {
+  checkRange,
+  type Extent,
+  type Image,
+  type OpenOptions,
+  type ScratchFile,
+  type Source,
+} from "./types.ts";
+
+/** The compressed-file containers that are opened as wrappers. */
+export type FileCompression = "gzip" | "xz" | "bzip2" | "zstd";
+
+/** The most decoded data bytes a memory scratch store holds. */
+export const MEMORY_SCRATCH_LIMIT = 512 * 2 ** 20;
+
+/** Zero runs are found (and left unstored) at this granularity. */
+const GRANULE = 1 << 16;
+
+/**
+ * The largest xz block or zstd frame decoded whole on its own (the
+ * container's own index path); files with larger ones are decoded front
+ * to back into scratch.
+ */
+export const MAX_SEGMENT = 64 << 20;
+
+/** Decoded segments kept, and decoded ahead of a reader going forward. */
+const SEGMENTS_CACHED = 4;
+const SEGMENTS_AHEAD = 2;
+
+/** Compressed bytes read from the source at a time. */
+const READ_SIZE = 1 << 20;
+
+/**
+ * The container `head` (the first bytes of a file) starts, if any.
+ *
+ * @param head the file's first bytes (6 or more)
+ * @returns the container, or undefined
+ *
+ * @example
+ * ```ts
+ * import { detectCompression } from "./compressed.ts";
+ * console.log(detectCompression(new Uint8Array([0x1f, 0x8b, 8, 0]))); // gzip
+ * ```
+ */
+export function detectCompression(
+  head: Uint8Array,
+): FileCompression | undefined {
+  const at = (i: number, bytes: number[]) =>
+    bytes.every((b, k) => head[i + k] === b);
+  if (at(0, [0x1f, 0x8b, 0x08])) return "gzip";
+  if (at(0, [0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00])) return "xz";
+  if (
+    at(0, [0x42, 0x5a, 0x68]) && head[3] >= 0x31 && head[3] <= 0x39 &&
+    (at(4, [0x31, 0x41, 0x59, 0x26, 0x53, 0x59]) ||
+      at(4, [0x17, 0x72, 0x45, 0x38, 0x50, 0x90]))
+  ) {
+    return "bzip2";
+  }
+  if (at(0, [0x28, 0xb5, 0x2f, 0xfd])) return "zstd";
+  if (
+    (head[0] & 0xf0) === 0x50 && at(1, [0x2a, 0x4d, 0x18]) && head.length >= 4
+  ) {
+    return "zstd";
+  }
+  return undefined;
+}
+
+/**
+ * Pulls `source` front to back, `READ_SIZE` bytes at a time, telling
+ * `onProgress` how far it has got.
+ */
+function puller(
+  source: Source,
+  onProgress?: (done: number, total: number) => void,
+): () => Promise<Uint8Array | null> {
+  let offset = 0;
+  return async () => {
+    if (offset >= source.size) return null;
+    const length = Math.min(READ_SIZE, source.size - offset);
+    const bytes = await source.read(offset, length);
+    offset += length;
+    onProgress?.(offset, source.size);
+    return bytes;
+  };
+}
+
+/**
+ * The decoded bytes of a compressed `source`, front to back in one pass,
+ * in pieces (each only valid until the next is asked for). Memory stays
+ * bounded by the container's window (xz's dictionary, zstd's window, a
+ * bzip2 block, zlib's 32 KiB), never by the file's size. Errors are
+ * {@linkcode CodecError}s.
+ *
+ * @param source the compressed file
+ * @param compression its container
+ * @param onProgress told the compressed bytes read so far, and their total
+ * @returns the decoded bytes
+ *
+ * @example
+ * ```ts
+ * import { decompress } from "./compressed.ts";
+ * import { fromBytes } from "./sources.ts";
+ * const gz = new Uint8Array(
+ *   await new Response(
+ *     new Blob([new Uint8Array(1000)]).stream()
+ *       .pipeThrough(new CompressionStream("gzip")),
+ *   ).arrayBuffer(),
+ * );
+ * let total = 0;
+ * for await (const piece of decompress(fromBytes(gz), "gzip")) total += piece.length;
+ * console.log(total); // 1000
+ * ```
+ */
+export function decompress(
+  source: Source,
+  compression: FileCompression,
+  onProgress?: (done: number, total: number) => void,
+): AsyncGenerator<Uint8Array> {
+  const feed = new ByteFeed(puller(source, onProgress));
+  switch (compression) {
+    case "xz":
+      return xz.decodeStreaming(feed);
+    case "bzip2":
+      return bzip2.decodeStreaming(feed);
+    case "zstd":
+      return zstd.decodeStreaming(feed);
+    case "gzip":
+      return gunzip(source, onProgress);
+  }
+}
+
+/** The part of node:zlib's streaming gunzip used here. */
+interface NodeGunzip {
+  on(event: "data", listener: (chunk: Uint8Array) => void): void;
+  on(event: "error", listener: (error: Error) => void): void;
+  on(event: "end", listener: () => void): void;
+  write(chunk: Uint8Array, callback: (error?: Error | null) => void): void;
+  end(): void;
+}
+
+/**
+ * gzip, every member: node:zlib's streaming gunzip where the runtime has
+ * it (it reads concatenated members and checks each CRC-32 and length),
+ * else the platform's `DecompressionStream("gzip")`.
+ */
+async function* gunzip(
+  source: Source,
+  onProgress?: (done: number, total: number) => void,
+): AsyncGenerator<Uint8Array> {
+  const zlib = nodeZlibModule() as
+    | { createGunzip?: (options: { chunkSize: number }) => NodeGunzip }
+    | undefined;
+  const pull = puller(source, onProgress);
+  if (!zlib?.createGunzip) {
+    const input = new ReadableStream<BufferSource>({
+      async pull(controller) {
+        const piece = await pull();
+        if (piece === null) controller.close();
+        else controller.enqueue(piece as Uint8Array<ArrayBuffer>);
+      },
+    });
+    try {
+      for await (
+        const piece of input.pipeThrough(new DecompressionStream("gzip"))
+      ) yield piece as Uint8Array;
+    } catch (e) {
+      // Browsers' (and Deno's) DecompressionStream reads one member and
+      // fails on whatever follows it.
+      throw new CodecError(
+        "gzip",
+        `${
+          e instanceof Error ? e.message : String(e)
+        } (this runtime's DecompressionStream reads a single gzip member: a file of several members, or with bytes after its member, needs node:zlib)`,
+      );
+    }
+    return;
+  }
+  const g = zlib.createGunzip({ chunkSize: 1 << 20 });
+  const out: Uint8Array[] = [];
+  let failure: Error | undefined;
+  let ended = false;
+  let wake: (() => void) | undefined;
+  g.on("data", (chunk) => out.push(chunk));
+  g.on("error", (e) => {
+    failure = e;
+    wake?.();
+  });
+  g.on("end", () => {
+    ended = true;
+    wake?.();
+  });
+  const fail = (e: unknown): never => {
+    throw new CodecError("gzip", e instanceof Error ? e.message : String(e));
+  };
+  for (;;) {
+    const piece = await pull();
+    if (piece === null) break;
+    // 64 KiB at a time: what one write inflates to waits in `out` (deflate
+    // expands at most 1032 times, so at most ~64 MiB).
+    for (let at = 0; at < piece.length; at += 1 << 16) {
+      await new Promise<void>((resolve) => {
+        g.write(piece.subarray(at, at + (1 << 16)), (e) => {
+          if (e) failure ??= e;
+          resolve();
+        });
+      });
+      if (failure) fail(failure);
+      while (out.length) yield out.shift()!;
+    }
+  }
+  const done = new Promise<void>((resolve) => {
+    wake = resolve;
+    if (ended || failure) resolve();
+  });
+  g.end();
+  await done;
+  if (failure) fail(failure);
+  while (out.length) yield out.shift()!;
+}
+
+/**
+ * A codec's error as the container's: an {@linkcode ImageFormatError}
+ * whose format is the container and whose message names the file.
+ */
+function containerError(
+  e: unknown,
+  compression: FileCompression,
+  source: Source,
+): unknown {
+  if (!(e instanceof CodecError)) return e;
+  const what = e.message.startsWith(`${e.codec}: `)
+    ? e.message.slice(e.codec.length + 2)
+    : e.message;
+  return new ImageFormatError(
+    {
+      format: compression,
+      field: "compressed data",
+      value: what,
+      limit: `a complete, valid ${compression} file`,
+      file: source.name,
+    },
+    `${source.name ? `${source.name}: ` : ""}${compression}: ${what}`,
+  );
+}
+
+/** A part of a compressed file that decodes alone. */
+interface Segment {
+  packedOffset: number;
+  packedLength: number;
+  /** Where its bytes go in the decoded file. */
+  offset: number;
+  size: number;
+  decode(packed: Uint8Array): Promise<Uint8Array>;
+}
+
+/** One xz block, decoded on the codec workers when they run. */
+async function decodeXzBlock(
+  block: xz.XzBlock,
+  packed: Uint8Array,
+): Promise<Uint8Array> {
+  const stream = xz.blockAsStream(block, packed);
+  const pooled = await codecPool.run("decode", "xz", stream, block.size);
+  return pooled ?? await xz.decode(stream, block.size);
+}
+
+/** One zstd frame, decoded whole with its checksum and size checked. */
+async function decodeZstdFrame(
+  packed: Uint8Array,
+  size: number,
+): Promise<Uint8Array> {
+  const out = new Uint8Array(size);
+  let at = 0;
+  let given = false;
+  const feed = new ByteFeed(() =>
+    Promise.resolve(given ? null : (given = true, packed))
+  );
+  for await (const piece of zstd.decodeStreaming(feed)) {
+    if (at + piece.length > size) {
+      throw new CodecError("zstd", `frame decodes to more than ${size} bytes`);
+    }
+    out.set(piece, at);
+    at += piece.length;
+  }
+  if (at !== size) {
+    throw new CodecError("zstd", `frame decodes to ${at} bytes, not ${size}`);
+  }
+  return out;
+}
+
+/**
+ * The parts of `source` that decode alone, from the container's own
+ * index: xz blocks (from the streams' indexes at the end) and zstd frames
+ * that declare their content size, each at most {@linkcode MAX_SEGMENT}.
+ * Undefined when the container has no such index.
+ */
+async function segmentsOf(
+  source: Source,
+  compression: FileCompression,
+): Promise<Segment[] | undefined> {
+  const read = (offset: number, length: number) => source.read(offset, length);
+  if (compression === "xz") {
+    const blocks = await xz.readIndex(read, source.size);
+    if (!blocks || blocks.some((b) => b.size > MAX_SEGMENT)) return undefined;
+    return blocks.filter((b) => b.size > 0).map((b) => ({
+      packedOffset: b.packedOffset,
+      packedLength: b.packedLength,
+      offset: b.offset,
+      size: b.size,
+      decode: (packed) => decodeXzBlock(b, packed),
+    }));
+  }
+  if (compression === "zstd") {
+    const frames = await zstd.readFrames(read, source.size, MAX_SEGMENT);
+    if (!frames) return undefined;
+    return frames.filter((f) => f.size > 0).map((f) => ({
+      ...f,
+      decode: (packed) => decodeZstdFrame(packed, f.size),
+    }));
+  }
+  return undefined;
+}
+
+/**
+ * The decoded file read at random through its segments: a read decodes
+ * the segments it touches (a few are kept), and a reader going forward
+ * has the next ones decoding on the codec workers meanwhile.
+ */
+function segmentedSource(
+  source: Source,
+  compression: FileCompression,
+  segments: Segment[],
+): DecodedSource {
+  const last = segments[segments.length - 1];
+  const size = last ? last.offset + last.size : 0;
+  const cache = new Map<number, Promise<Uint8Array>>();
+  // The segment read last: it and the ones after it that are decoding
+  // ahead are never evicted (convert has several reads in flight, and
+  // evicting one of theirs meant decoding it twice).
+  let reading = 0;
+  const get = (i: number): Promise<Uint8Array> => {
+    let decoded = cache.get(i);
+    if (decoded) {
+      // Most recently used last.
+      cache.delete(i);
+    } else {
+      const s = segments[i];
+      decoded = source.read(s.packedOffset, s.packedLength)
+        .then((packed) => s.decode(packed))
+        .catch((e) => {
+          throw containerError(e, compression, source);
+        });
+      decoded.catch(() => {}); // observed by whoever awaits it
+    }
+    cache.set(i, decoded);
+    if (cache.size > SEGMENTS_CACHED) {
+      // Least recently used first, skipping the ones in use.
+      for (const k of cache.keys()) {
+        if (cache.size <= SEGMENTS_CACHED) break;
+        if (k >= reading - 1 && k <= reading + SEGMENTS_AHEAD) continue;
+        cache.delete(k);
+      }
+    }
+    return decoded;
+  };
+  const find = (offset: number): number => {
+    let lo = 0;
+    let hi = segments.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >>> 1;
+      if (segments[mid].offset <= offset) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo;
+  };
+  const readInto = async (offset: number, into: Uint8Array) => {
+    checkRange(size, offset, into.length);
+    let i = find(offset);
+    for (let at = 0; at < into.length; i++) {
+      const s = segments[i];
+      reading = i;
+      const decoded = await get(i);
+      // Decode ahead of a reader going forward (skipped for the ones cached).
+      for (let k = i + 1; k <= i + SEGMENTS_AHEAD && k < segments.length; k++) {
+        if (!cache.has(k)) get(k);
+      }
+      const from = offset + at - s.offset;
+      const n = Math.min(s.size - from, into.length - at);
+      into.set(decoded.subarray(from, from + n), at);
+      at += n;
+    }
+  };
+  return {
+    compression,
+    compressedSize: source.size,
+    access: "index",
+    size,
+    name: source.name,
+    async read(offset, length) {
+      const out = new Uint8Array(length);
+      await readInto(offset, out);
+      return out;
+    },
+    readInto,
+    async *extents(offset, length) {
+      checkRange(size, offset, length);
+      if (length) yield { offset, length, kind: "data" };
+    },
+    async close() {
+      cache.clear();
+      codecPool.release();
+      await source.close?.();
+    },
+  };
+}
+
+/** A scratch store in memory: 1 MiB pages, zero pages not kept. */
+function memoryScratch(limit: number, format: string): ScratchFile {
+  const PAGE = 1 << 20;
+  const pages = new Map<number, Uint8Array>();
+  return {
+    write(offset, bytes) {
+      for (let at = 0; at < bytes.length;) {
+        const index = Math.floor((offset + at) / PAGE);
+        const within = (offset + at) % PAGE;
+        const n = Math.min(PAGE - within, bytes.length - at);
+        let page = pages.get(index);
+        if (!page) {
+          if (pages.size * PAGE >= limit) {
+            return Promise.reject(
+              new UnsupportedError(
+                {
+                  format,
+                  field: "decoded data",
+                  value: `more than ${limit} bytes`,
+                  limit:
+                    `at most ${limit} bytes in memory: decode it with xz/zstd/gzip/bzip2 -d first, ` +
+                    "or open it where a scratch file can be used (Deno: the scratch option)",
+                },
+                `the decoded image has more than ${limit} bytes of data to hold in memory`,
+              ),
+            );
+          }
+          page = new Uint8Array(PAGE);
+          pages.set(index, page);
+        }
+        page.set(bytes.subarray(at, at + n), within);
+        at += n;
+      }
+      return Promise.resolve();
+    },
+    readInto(offset, into) {
+      for (let at = 0; at < into.length;) {
+        const index = Math.floor((offset + at) / PAGE);
+        const within = (offset + at) % PAGE;
+        const n = Math.min(PAGE - within, into.length - at);
+        const page = pages.get(index);
+        if (page) into.set(page.subarray(within, within + n), at);
+        else into.fill(0, at, at + n);
+        at += n;
+      }
+      return Promise.resolve();
+    },
+    close() {
+      pages.clear();
+      return Promise.resolve();
+    },
+  };
+}
+
+/** A growable bit per granule: set when the granule is all zeros. */
+class ZeroMap {
+  bits = new Uint8Array(1024);
+  set(granule: number): void {
+    const byte = granule >>> 3;
+    if (byte >= this.bits.length) {
+      const grown = new Uint8Array(Math.max(byte + 1, this.bits.length * 2));
+      grown.set(this.bits);
+      this.bits = grown;
+    }
+    this.bits[byte] |= 1 << (granule & 7);
+  }
+  has(granule: number): boolean {
+    const byte = granule >>> 3;
+    return byte < this.bits.length &&
+      (this.bits[byte] & (1 << (granule & 7))) !== 0;
+  }
+}
+
+/** A decoded file: its bytes in a scratch store, its zero runs known. */
+export interface DecodedSource extends Source {
+  /** The container it was decoded from. */
+  readonly compression: FileCompression;
+  /** Bytes of the compressed file. */
+  readonly compressedSize: number;
+  /**
+   * How it is read at random: `index` (xz blocks or zstd frames that
+   * decode alone, as the container lists them) or `scratch` (decoded
+   * front to back into a scratch store).
+   */
+  readonly access: "index" | "scratch";
+  readInto(offset: number, into: Uint8Array): Promise<void>;
+  extents(offset: number, length: number): AsyncIterable<Extent>;
+  close(): Promise<void>;
+}
+
+/**
+ * Decodes a compressed `source` whole, in one pass, into a scratch store
+ * and returns the decoded bytes as a Source whose allocation map has the
+ * zero runs (64 KiB granules) as `zero`. A container error (truncated,
+ * corrupt, a checksum that does not match) is an
+ * {@linkcode ImageFormatError} naming the container; the store is
+ * released on every failure.
+ *
+ * @param source the compressed file
+ * @param compression its container
+ * @param scratch the scratch store factory (memory when absent)
+ * @param memoryLimit the most data bytes a memory store holds
+ * @param onProgress told the compressed bytes read so far, and their total
+ * @returns the decoded bytes, read at random
+ *
+ * @example
+ * ```ts
+ * import { decodeToScratch } from "./compressed.ts";
+ * import { fromBytes } from "./sources.ts";
+ * const gz = new Uint8Array(
+ *   await new Response(
+ *     new Blob([new Uint8Array(1 << 20)]).stream()
+ *       .pipeThrough(new CompressionStream("gzip")),
+ *   ).arrayBuffer(),
+ * );
+ * const decoded = await decodeToScratch(fromBytes(gz), "gzip");
+ * for await (const run of decoded.extents(0, decoded.size)) {
+ *   console.log(run.kind, run.length); // zero 1048576
+ * }
+ * ```
+ */
+export async function decodeToScratch(
+  source: Source,
+  compression: FileCompression,
+  scratch?: () => Promise<ScratchFile>,
+  memoryLimit: number = MEMORY_SCRATCH_LIMIT,
+  onProgress?: (done: number, total: number) => void,
+): Promise<DecodedSource> {
+  const store = scratch
+    ? await scratch()
+    : memoryScratch(memoryLimit, compression);
+  const zeros = new ZeroMap();
+  let size = 0;
+  try {
+    // Pieces are gathered into a buffer aligned to the disk, so each
+    // granule is checked for zeros whole and written in large runs.
+    const stage = new Uint8Array(16 * GRANULE);
+    const words = wordsOf(stage);
+    let staged = 0; // bytes in `stage`, which starts at disk offset `size - staged`
+    const flush = async (length: number) => {
+      const base = size - staged;
+      let runStart = -1;
+      for (let at = 0; at < length; at += GRANULE) {
+        const end = Math.min(length, at + GRANULE);
+        if (isZeroRange(stage, words, at, end)) {
+          zeros.set((base + at) / GRANULE);
+          if (runStart >= 0) {
+            await store.write(base + runStart, stage.subarray(runStart, at));
+            runStart = -1;
+          }
+        } else if (runStart < 0) {
+          runStart = at;
+        }
+      }
+      if (runStart >= 0) {
+        await store.write(base + runStart, stage.subarray(runStart, length));
+      }
+      staged = 0;
+    };
+    for await (const piece of decompress(source, compression, onProgress)) {
+      for (let at = 0; at < piece.length;) {
+        const n = Math.min(stage.length - staged, piece.length - at);
+        stage.set(piece.subarray(at, at + n), staged);
+        staged += n;
+        size += n;
+        at += n;
+        if (staged === stage.length) await flush(staged);
+      }
+    }
+    if (staged) await flush(staged);
+    if (!Number.isSafeInteger(size)) throw new RangeError("decoded size");
+  } catch (e) {
+    await store.close();
+    throw containerError(e, compression, source);
+  }
+  const decodedSize = size;
+  return {
+    compression,
+    compressedSize: source.size,
+    access: "scratch",
+    size: decodedSize,
+    name: source.name,
+    async read(offset, length) {
+      checkRange(decodedSize, offset, length);
+      const out = new Uint8Array(length);
+      await store.readInto(offset, out);
+      return out;
+    },
+    readInto(offset, into) {
+      checkRange(decodedSize, offset, into.length);
+      return store.readInto(offset, into);
+    },
+    async *extents(offset, length) {
+      checkRange(decodedSize, offset, length);
+      const end = offset + length;
+      let runStart = offset;
+      let runZero = zeros.has(Math.floor(offset / GRANULE));
+      for (
+        let g = Math.floor(offset / GRANULE) + 1;
+        g * GRANULE < end;
+        g++
+      ) {
+        const zero = zeros.has(g);
+        if (zero !== runZero) {
+          yield {
+            offset: runStart,
+            length: g * GRANULE - runStart,
+            kind: runZero ? "zero" : "data",
+          };
+          runStart = g * GRANULE;
+          runZero = zero;
+        }
+      }
+      if (end > runStart) {
+        yield {
+          offset: runStart,
+          length: end - runStart,
+          kind: runZero ? "zero" : "data",
+        };
+      }
+    },
+    async close() {
+      await store.close();
+      await source.close?.();
+    },
+  };
+}
+
+/**
+ * Opens a compressed file as the image inside it: decodes it (see
+ * {@linkcode decodeToScratch}), then opens what was decoded with
+ * `openInner` (the registry's own open, which probes it). The image is
+ * the inner one, with `details.file_compression` (the container) and
+ * `details.compressed_size` added; closing it releases the scratch store.
+ * Writable opens are refused: the file would have to be compressed again.
+ *
+ * @param source the compressed file
+ * @param compression its container
+ * @param options open options (`scratch` says where to decode to)
+ * @param openInner opens the decoded bytes
+ * @returns the image inside
+ *
+ * @example
+ * ```ts
+ * import { open } from "../mod.ts";
+ * import { fromBytes } from "./sources.ts";
+ * const gz = new Uint8Array(
+ *   await new Response(
+ *     new Blob([new Uint8Array(4096).fill(7)]).stream()
+ *       .pipeThrough(new CompressionStream("gzip")),
+ *   ).arrayBuffer(),
+ * );
+ * const image = await open(fromBytes(gz));
+ * console.log(image.format, image.size, image.details?.file_compression); // raw 4096 gzip
+ * ```
+ */
+export async function openCompressed(
+  source: Source,
+  compression: FileCompression,
+  options: OpenOptions,
+  openInner: (decoded: Source, options: OpenOptions) => Promise<Image>,
+): Promise<Image> {
+  if (options.writable) {
+    throw new UnsupportedError(
+      {
+        format: compression,
+        field: "open mode",
+        value: "writable",
+        limit: "read-only (decompress the file to write to it)",
+        file: source.name,
+      },
+      `${
+        source.name ?? "the image"
+      } is ${compression}-compressed and can only be read; decompress it to write to it`,
+    );
+  }
+  const segments = await segmentsOf(source, compression);
+  const decoded = segments
+    ? segmentedSource(source, compression, segments)
+    : await decodeToScratch(
+      source,
+      compression,
+      options.scratch,
+      MEMORY_SCRATCH_LIMIT,
+      options.onDecodeProgress,
+    );
+  let inner: Image;
+  try {
+    inner = await openInner(decoded, options);
+  } catch (e) {
+    await decoded.close();
+    throw e;
+  }
+  const details = {
+    ...inner.details,
+    file_compression: compression,
+    compressed_size: source.size,
+    compressed_access: decoded.access,
+  };
+  return new Proxy(inner, {
+    get(target, key) {
+      if (key === "details") return details;
+      if (key === "close") {
+        return async () => {
+          await target.close?.();
+          await decoded.close();
+        };
+      }
+      const value = Reflect.get(target, key, target);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+}
