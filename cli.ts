@@ -738,6 +738,7 @@ async function serveNbd(
       "serve",
     );
   }
+  const wantedPort = portOf(values, 10809);
   const { image } = await openImage(path, {
     format: values.format as string | undefined,
     ...backingPolicy(values),
@@ -753,7 +754,7 @@ async function serveNbd(
     onEvent: (line) => printErr(`vdisk serve: ${line}\n`),
   });
   const hostname = values.hostname as string;
-  const listener = Deno.listen({ hostname, port: portOf(values, 10809) });
+  const listener = Deno.listen({ hostname, port: wantedPort });
   const { port } = listener.addr as Deno.NetAddr;
   printErr(
     `serving ${path} (${image.format}, ${image.size} bytes, ${

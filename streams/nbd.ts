@@ -798,7 +798,8 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
     const simple = (error: number, data?: Uint8Array) => {
       const head = pack([[4, SIMPLE_REPLY_MAGIC], [4, error], [8, 0]]);
       head.set(handle, 8);
-      if (!data) return send(head);
+      // An empty write would wait, on some streams, for a read of nothing.
+      if (!data || data.length === 0) return send(head);
       // Header and data queued together: no other reply can come between
       // (a failure shows in the second write's promise too).
       send(head).catch(() => {});
@@ -813,6 +814,7 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
         [4, payload.length],
       ]);
       head.set(handle, 8);
+      if (payload.length === 0) return send(head);
       send(head).catch(() => {});
       return send(payload);
     };
