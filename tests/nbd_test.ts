@@ -72,7 +72,14 @@ function within<T>(promise: Promise<T>, ms = WAIT, what = "reply") {
     promise,
     new Promise<never>((_, reject) => {
       timer = setTimeout(
-        () => reject(new Error(`no ${what} within ${ms} ms ${Deno.env.get("NBD_DEBUG") ? where : ""}`)),
+        () =>
+          reject(
+            new Error(
+              `no ${what} within ${ms} ms ${
+                Deno.env.get("NBD_DEBUG") ? where : ""
+              }`,
+            ),
+          ),
         ms,
       );
     }),
