@@ -15,6 +15,7 @@ import {
   withTemp,
 } from "./_helpers.ts";
 import { encryptDmg } from "./_encrypted_dmg_writer.ts";
+import { writeFolder, writeSparsebundle } from "./_apple_writers.ts";
 import {
   type Extent,
   extentsOf,
@@ -921,7 +922,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "serve --nbd exports an encrypted dmg with --key-file and a qcow backing chain, as our convert reads them",
+    "serve --nbd exports an encrypted dmg with --key-file, a qcow backing chain and a sparse bundle, byte for byte",
   ignore: skip(QEMU),
   async fn() {
     await withTemp(async (dir) => {
@@ -965,12 +966,17 @@ Deno.test({
         `${dir}/patch`,
       ]);
       assertEquals(wrote.code, 0, wrote.stderr);
+      await writeFolder(
+        `${dir}/disk.sparsebundle`,
+        writeSparsebundle(disk, { bandSize: 1 << 20, trim: true }),
+      );
       const expectedChain = disk.slice();
       expectedChain.fill(0x5a, 1 << 20, (1 << 20) + 8192);
       for (
         const [args, expected] of [
           [["--key-file", `${dir}/pw`, `${dir}/secret.dmg`], disk],
           [[`${dir}/top.qcow`], expectedChain],
+          [[`${dir}/disk.sparsebundle`], disk],
         ] as const
       ) {
         const server = await startNbd([...args]);
