@@ -622,6 +622,43 @@ Deno.test("malformed clients are disconnected, never answered with big allocatio
   client.close();
 });
 
+Deno.test("a read the image fails (a bad checksum) is an EIO error with its message, never bytes; the session goes on", async () => {
+  const image = mappedImage();
+  const failing: Image = {
+    ...image,
+    read: (offset, length) =>
+      offset < (3 << 20) + (512 << 10) && offset + length > 3 << 20
+        ? Promise.reject(new Error("dmg: chunk 7 CRC-32 mismatch"))
+        : image.read(offset, length),
+  };
+  const server = nbdServer(failing);
+  const { client, served } = connect(server);
+  await client.hello();
+  await client.go();
+  const handle = await client.request(CMD.READ, 0, 4 << 20);
+  const chunks = await client.chunks(handle);
+  const last = chunks[chunks.length - 1];
+  assertEquals(last.type, 0x8001);
+  assertEquals(dv(last.payload).getUint32(0), 5);
+  assertMatch(new TextDecoder().decode(last.payload.subarray(6)), /CRC-32/);
+  // Without structured replies: an error, and no data after it.
+  const plain = nbdServer(failing);
+  const second = connect(plain);
+  await second.client.hello();
+  await second.client.go({ structured: false, meta: false });
+  const h2 = await second.client.request(CMD.READ, 3 << 20, 4096);
+  assertEquals((await second.client.simple(h2)).error, 5);
+  const h3 = await second.client.request(CMD.READ, 0, 4096);
+  assertEquals(
+    (await second.client.simple(h3, 4096)).data,
+    DISK.subarray(0, 4096),
+  );
+  for (const c of [client, second.client]) await c.request(CMD.DISC, 0, 0);
+  await within(Promise.all([served, second.served]));
+  client.close();
+  second.client.close();
+});
+
 Deno.test("clients over maxClients are turned away; close() ends the sessions being negotiated", async () => {
   const server = nbdServer(mappedImage(), { maxClients: 2 });
   const a = connect(server);
