@@ -33,18 +33,21 @@ import {
   type ConvertOptions,
   create,
   createOutputFile,
+  describeImage,
   directoryTree,
   driver,
-  type Extent,
-  extentsOf,
   fileBackingResolver,
   type FileHandle,
   fileResolver,
+  firstDifference,
+  formatInfo,
   formats,
   fromFile,
+  humanSize,
   type Image,
-  imageInfo,
   KeyError,
+  layers,
+  mapChain,
   nbdServer,
   open,
   openInFolder,
@@ -605,21 +608,6 @@ async function finishOutput(
   }
 }
 
-function humanSize(bytes: number): string {
-  const units = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
-  let i = 0;
-  let value = bytes;
-  while (value >= 1024 && i < units.length - 1) {
-    value /= 1024;
-    i++;
-  }
-  if (i === 0) return `${bytes} bytes`;
-  const text = Number.isInteger(value)
-    ? String(value)
-    : value.toFixed(2).replace(/\.?0+$/, "");
-  return `${text} ${units[i]}`;
-}
-
 /** A progress bar on stderr: bytes, percent, rate, ETA. */
 function progressBar(label: string, json = false) {
   const started = performance.now();
@@ -814,7 +802,7 @@ const commands: Record<string, Command> = {
         if (values.output === "json") {
           print(JSON.stringify(infos, null, 4) + "\n");
         } else {
-          print(infos.map(humanInfo).join("\n"));
+          print(infos.map(formatInfo).join("\n"));
         }
         return 0;
       }
@@ -822,7 +810,7 @@ const commands: Record<string, Command> = {
       if (values.output === "json") {
         print(JSON.stringify(info, null, 4) + "\n");
       } else {
-        print(humanInfo(info));
+        print(formatInfo(info));
       }
       return 0;
     },
@@ -958,7 +946,7 @@ const commands: Record<string, Command> = {
           }File\n`,
         );
       }
-      for await (const run of layeredExtents(image, 0, image.size)) {
+      for await (const run of mapChain(image)) {
         const data = run.kind === "data";
         // Where the run's bytes lie in its file: the driver says, for a raw
         // file it is the offset itself.
@@ -1282,35 +1270,16 @@ function need(positionals: string[], count: number, command: string): string[] {
   return positionals;
 }
 
-/** The `info` facts, with qemu-img's JSON keys first. */
+/** The `info` facts of the image named on the command line. */
 async function describe(
   path: string,
   file: FileHandle | undefined,
   image: Image,
 ) {
-  const info = imageInfo(image, path);
-  const actual = await file?.allocatedBytes();
-  // qemu-img's key order: virtual-size, filename, format, actual-size, ...
-  const ordered: Record<string, unknown> = {
-    "virtual-size": info["virtual-size"],
-    filename: info.filename,
-    format: info.format,
-  };
-  if (actual !== undefined) ordered["actual-size"] = actual;
-  ordered["allocated-bytes"] = await allocatedBytes(image);
-  return { ...ordered, ...info, "dirty-flag": false };
-}
-
-/**
- * Bytes of the virtual disk this layer stores itself (its `data` runs; not
- * its backing file's), walked from the allocation map without reading data.
- */
-async function allocatedBytes(image: Image): Promise<number> {
-  let total = 0;
-  for await (const run of image.extents(0, image.size)) {
-    if (run.kind === "data") total += run.length;
-  }
-  return total;
+  return await describeImage(image, {
+    filename: path,
+    actualSize: await file?.allocatedBytes(),
+  });
 }
 
 /** The folder of a path (`.` for a bare name). */
@@ -1319,179 +1288,13 @@ function folderOf(path: string): string {
   return slash >= 0 ? path.slice(0, slash) || "/" : ".";
 }
 
-/** The layers of a chain, top first (each one alone). */
-function layers(image: Image): Image[] {
-  const out: Image[] = [];
-  for (let at: Image | undefined = image; at; at = at.backing) {
-    out.push((at as Partial<OverlayImage>).top ?? at);
-  }
-  return out;
-}
-
 /** The `info` facts of one layer of a chain, found by its path. */
 async function describeLayer(path: string | undefined, layer: Image) {
-  const info = imageInfo(layer, path);
-  const ordered: Record<string, unknown> = {
-    "virtual-size": info["virtual-size"],
-    filename: info.filename,
-    format: info.format,
-  };
-  if (path !== undefined) {
-    const stat = await Deno.stat(path);
-    if (stat.blocks !== null) ordered["actual-size"] = stat.blocks * 512;
-  }
-  ordered["allocated-bytes"] = await allocatedBytes(layer);
-  return { ...ordered, ...info, "dirty-flag": false };
-}
-
-/** A run of a chain's map, with the depth of the layer that holds it (qemu-img map's `depth`). */
-interface LayeredExtent extends Extent {
-  depth: number;
-  layer: Image;
-}
-
-/**
- * The allocation map of a chain, layer by layer: runs a layer holds carry
- * its depth (0 for the top); runs no layer holds carry the bottom's depth.
- * Adjacent runs of the same kind and depth merge, as in qemu-img map.
- */
-async function* layeredExtents(
-  image: Image,
-  offset: number,
-  length: number,
-): AsyncIterable<LayeredExtent> {
-  let pending: LayeredExtent | undefined;
-  for await (const run of walkLayers(image, offset, length, 0)) {
-    if (
-      pending && pending.kind === run.kind && pending.depth === run.depth &&
-      pending.layer === run.layer &&
-      pending.offset + pending.length === run.offset &&
-      (pending.fileOffset === undefined
-        ? run.fileOffset === undefined
-        : pending.fileOffset + pending.length === run.fileOffset)
-    ) {
-      pending.length += run.length;
-      continue;
-    }
-    if (pending) yield pending;
-    pending = { ...run };
-  }
-  if (pending) yield pending;
-}
-
-async function* walkLayers(
-  image: Image,
-  offset: number,
-  length: number,
-  depth: number,
-): AsyncIterable<LayeredExtent> {
-  const layer = (image as Partial<OverlayImage>).top ?? image;
-  const below = image.backing;
-  for await (const run of extentsOf(layer, offset, length)) {
-    if (run.kind !== "unallocated" || !below) {
-      yield { ...run, depth, layer };
-      continue;
-    }
-    const inside = Math.max(0, Math.min(run.length, below.size - run.offset));
-    if (inside > 0) yield* walkLayers(below, run.offset, inside, depth + 1);
-    if (inside < run.length) {
-      // Past the end of a shorter backing image: zeros, held by no layer.
-      yield {
-        offset: run.offset + inside,
-        length: run.length - inside,
-        kind: "unallocated",
-        depth: depth + 1,
-        layer: below,
-      };
-    }
-  }
-}
-
-/**
- * Nested format details as qemu-img prints them: `key: value` lines, with
- * objects and lists indented below their key (list items as `[0]:`).
- */
-function humanValue(value: unknown, indent: string, lines: string[]) {
-  const entries = Array.isArray(value)
-    ? value.map((v, i) => [`[${i}]`, v] as const)
-    : Object.entries(value as Record<string, unknown>);
-  for (const [name, v] of entries) {
-    // qemu-img's human keys are words: `lazy refcounts`, `first sector`.
-    const key = name.replace(/-/g, " ");
-    if (v !== null && typeof v === "object" && !(v instanceof Date)) {
-      lines.push(`${indent}${key}:`);
-      humanValue(v, indent + "    ", lines);
-    } else {
-      lines.push(`${indent}${key}: ${String(v)}`);
-    }
-  }
-}
-
-function humanInfo(info: Record<string, unknown>): string {
-  const lines = [
-    `image: ${info.filename}`,
-    `file format: ${info.format}`,
-    `virtual size: ${humanSize(info["virtual-size"] as number)} (${
-      info["virtual-size"]
-    } bytes)`,
-  ];
-  if (info["actual-size"] !== undefined) {
-    lines.push(`disk size: ${humanSize(info["actual-size"] as number)}`);
-  }
-  if (info["allocated-bytes"] !== undefined) {
-    lines.push(
-      `allocated: ${humanSize(info["allocated-bytes"] as number)} (${
-        info["allocated-bytes"]
-      } bytes of the virtual disk held in this layer; a compressed format stores them in less disk size)`,
-    );
-  }
-  if (info.encrypted) lines.push("encrypted: yes");
-  if (info["backing-filename"] !== undefined) {
-    lines.push(`backing file: ${info["backing-filename"]}`);
-    if (info["backing-filename-format"]) {
-      lines.push(`backing file format: ${info["backing-filename-format"]}`);
-    }
-  }
-  const specific = info["format-specific"] as
-    | { data: Record<string, unknown> }
-    | undefined;
-  if (specific) {
-    lines.push("Format specific information:");
-    humanValue(specific.data, "    ", lines);
-  }
-  return lines.join("\n") + "\n";
-}
-
-/** The first byte offset where two images differ (the shorter one reads as zeros past its end), or undefined. */
-async function firstDifference(
-  a: Image,
-  b: Image,
-): Promise<number | undefined> {
-  const size = Math.max(a.size, b.size);
-  const block = 4 << 20;
-  const slice = async (image: Image, offset: number, length: number) => {
-    const inside = Math.max(0, Math.min(length, image.size - offset));
-    const out = new Uint8Array(length);
-    if (inside > 0) {
-      let zero = true;
-      for await (const run of extentsOf(image, offset, inside)) {
-        if (run.kind === "data") zero = false;
-      }
-      if (!zero) out.set(await image.read(offset, inside));
-    }
-    return out;
-  };
-  for (let offset = 0; offset < size; offset += block) {
-    const length = Math.min(block, size - offset);
-    const [x, y] = await Promise.all([
-      slice(a, offset, length),
-      slice(b, offset, length),
-    ]);
-    for (let i = 0; i < length; i++) {
-      if (x[i] !== y[i]) return offset + i;
-    }
-  }
-  return undefined;
+  const stat = path === undefined ? undefined : await Deno.stat(path);
+  return await describeImage(layer, {
+    filename: path,
+    actualSize: stat?.blocks == null ? undefined : stat.blocks * 512,
+  });
 }
 
 // ---------------------------------------------------------------------------

@@ -37,6 +37,7 @@ export * from "./streams/nbd.ts";
 export * from "./streams/tree.ts";
 export * from "./streams/options.ts";
 export * from "./streams/inputs.ts";
+export * from "./streams/inspect.ts";
 export * from "./drivers/registry.ts";
 export { cloop } from "./drivers/cloop.ts";
 export { bochs } from "./drivers/bochs.ts";

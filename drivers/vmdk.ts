@@ -71,6 +71,7 @@ import type {
 } from "../streams/types.ts";
 import { checkRange, extentsOf } from "../streams/types.ts";
 import * as zlib from "./codecs/zlib.ts";
+import { seSparse } from "./sesparse.ts";
 
 const FORMAT = "vmdk";
 const SECTOR = 512;
@@ -1149,7 +1150,7 @@ async function openDescriptorFile(
           length,
           line.type === "ZERO" ? "zero" : "unallocated",
         );
-      } else if (["FLAT", "VMFS", "SPARSE"].includes(line.type)) {
+      } else if (["FLAT", "VMFS", "SPARSE", "SESPARSE"].includes(line.type)) {
         checkExtentName(line.file, source.name);
         if (!options.resolveFile) {
           throw new ImageFormatError(
@@ -1159,7 +1160,22 @@ async function openDescriptorFile(
         }
         const file = await options.resolveFile(line.file, source.name);
         opened.push(file);
-        if (line.type === "SPARSE") {
+        if (line.type === "SESPARSE") {
+          // An ESXi snapshot extent: grains it does not store are the
+          // parent's (the descriptor's parentFileNameHint), or zeros.
+          const extent = await seSparse.open(file, {});
+          if (extent.size < length) {
+            throw fail(
+              `capacity of extent "${line.file}"`,
+              extent.size / SECTOR,
+              `at least the ${line.sectors} sectors the descriptor gives it`,
+              0,
+              file.name,
+            );
+          }
+          Object.assign(info, { seSparse: extent.details });
+          part = new ImagePart(extent, length);
+        } else if (line.type === "SPARSE") {
           const { part: sparse, header } = await openSparse(file);
           if (sparse.length < length) {
             throw fail(
@@ -1193,7 +1209,7 @@ async function openDescriptorFile(
             value: line.type,
             file: source.name,
           },
-          `extent type ${line.type} is not supported (FLAT, VMFS, SPARSE and ZERO are)`,
+          `extent type ${line.type} is not supported (FLAT, VMFS, SPARSE, SESPARSE and ZERO are)`,
         );
       }
       parts.push({ start, part });
@@ -1219,6 +1235,25 @@ async function openDescriptorFile(
 }
 
 /** A sparse extent seen through its first `length` bytes. */
+/**
+ * An extent that another driver reads (seSparse), as a part: its map's
+ * runs are the pieces; its unallocated runs read as zeros here (the chain
+ * above reads them from the parent, when there is one).
+ */
+class ImagePart implements Part {
+  constructor(readonly image: Image, readonly length: number) {}
+  async *pieces(offset: number, length: number): AsyncIterable<Piece> {
+    for await (const run of extentsOf(this.image, offset, length)) {
+      yield { offset: run.offset, length: run.length, kind: run.kind };
+    }
+  }
+  readBytes(p: Piece) {
+    return p.kind === "data"
+      ? this.image.read(p.offset, p.length)
+      : Promise.resolve(new Uint8Array(p.length));
+  }
+}
+
 class SliceOf implements Part {
   constructor(readonly inner: Part, readonly length: number) {}
   pieces(offset: number, length: number) {

@@ -13,6 +13,7 @@ import {
   snapshot,
 } from "../mod.ts";
 import {
+  assertQemuIdentical,
   cli,
   pseudoRandom,
   rejects,
@@ -356,3 +357,52 @@ Deno.test("write refuses a file that does not fit before writing anything, and c
     assertEquals(await Deno.readFile(disk), expected);
   });
 });
+
+// A base in a format written at random (vdi, vhdx): created, written and
+// committed into through the CLI.
+for (const format of ["vdi", "vhdx"]) {
+  Deno.test({
+    name:
+      `the CLI creates a ${format}, writes into it and commits a qcow overlay into it; qemu-img checks and compares it`,
+    ignore: skip(["qemu-img"]),
+    fn: () =>
+      withTemp(async (dir) => {
+        const cli = (...args: string[]) =>
+          run(Deno.execPath(), [
+            "run",
+            "-A",
+            new URL("../cli.ts", import.meta.url).pathname,
+            ...args,
+          ]);
+        const expected = new Uint8Array(10 << 20);
+        const first = pseudoRandom(3_000_000, 31);
+        const second = pseudoRandom(100_000, 32);
+        expected.set(first, 1_234_567);
+        expected.set(second, 8_000_000);
+        await Deno.writeFile(`${dir}/expected.raw`, expected);
+        await Deno.writeFile(`${dir}/first`, first);
+        await Deno.writeFile(`${dir}/second`, second);
+        await cli("create", "-f", format, `${dir}/base.${format}`, "10M");
+        await cli("write", `${dir}/base.${format}`, "1234567", `${dir}/first`);
+        await cli(
+          "create",
+          "-f",
+          "qcow",
+          "-b",
+          `base.${format}`,
+          "-F",
+          format,
+          `${dir}/top.qcow`,
+          "10M",
+        );
+        await cli("write", `${dir}/top.qcow`, "8000000", `${dir}/second`);
+        await cli("commit", `${dir}/top.qcow`);
+        await run("qemu-img", ["check", "-f", format, `${dir}/base.${format}`]);
+        await assertQemuIdentical(
+          `${dir}/expected.raw`,
+          `${dir}/base.${format}`,
+          format,
+        );
+      }),
+  });
+}

@@ -10,6 +10,7 @@ import {
 } from "../mod.ts";
 import {
   assertBoundedWork,
+  cli,
   countingSource,
   pseudoRandom,
   rejects,
@@ -199,4 +200,71 @@ Deno.test("malformed seSparse extents are typed errors with bounded work", async
   await refused(poked(512, 1n), /volatile_header.magic/);
   await refused(poked(512 + 24, 1n), /journal/, UnsupportedError);
   await refused(file.subarray(0, 100), /file size/);
+});
+
+Deno.test({
+  name:
+    "a vmdk descriptor naming a SESPARSE extent reads as qemu-img reads it, alone and over its parent",
+  ignore: skip(["qemu-img", "qemu-io"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const sectors = (17 << 20) / 512 + 8;
+      const { file } = buildExtent(sectors, true);
+      await Deno.writeFile(`${dir}/top-sesparse.vmdk`, file);
+      await run("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        `${dir}/base.vmdk`,
+        String(sectors * 512),
+      ]);
+      await run("qemu-io", [
+        "-f",
+        "vmdk",
+        "-c",
+        "write -P 0x5a 0 17M",
+        `${dir}/base.vmdk`,
+      ]);
+      const cid = /\nCID=([0-9a-f]+)/.exec(
+        new TextDecoder("latin1").decode(
+          (await Deno.readFile(`${dir}/base.vmdk`)).subarray(0, 4096),
+        ),
+      )![1];
+      for (const parent of [false, true]) {
+        const name = parent ? "top.vmdk" : "alone.vmdk";
+        await Deno.writeTextFile(
+          `${dir}/${name}`,
+          `# Disk DescriptorFile
+version=1
+CID=fffffffe
+parentCID=${parent ? cid : "ffffffff"}
+createType="seSparse"
+${parent ? 'parentFileNameHint="base.vmdk"\n' : ""}
+# Extent description
+RW ${sectors} SESPARSE "top-sesparse.vmdk"
+
+# The Disk Data Base
+#DDB
+ddb.virtualHWVersion = "14"
+`,
+        );
+        await run("qemu-img", [
+          "convert",
+          "-f",
+          "vmdk",
+          "-O",
+          "raw",
+          `${dir}/${name}`,
+          `${dir}/q.raw`,
+        ]);
+        const r = await cli(["convert", `${dir}/${name}`, `${dir}/o.raw`]);
+        assertEquals(r.code, 0, r.stderr);
+        assertEquals(
+          sha256Hex(await Deno.readFile(`${dir}/o.raw`)),
+          sha256Hex(await Deno.readFile(`${dir}/q.raw`)),
+          name,
+        );
+      }
+    }),
 });

@@ -569,51 +569,6 @@ Deno.test("a vhdx log outside the file, or one too big to replay, is refused", a
   await refused(good.subarray(0, good.length - MiB), /BAT\[|read offset/);
 });
 
-Deno.test({
-  name:
-    "the CLI creates a vhdx, writes into it and commits a qcow overlay into it; qemu-img checks and compares it",
-  ignore: skip(["qemu-img"]),
-  fn: () =>
-    withTemp(async (dir) => {
-      const cli = (...args: string[]) =>
-        run(Deno.execPath(), [
-          "run",
-          "-A",
-          new URL("../cli.ts", import.meta.url).pathname,
-          ...args,
-        ]);
-      const expected = new Uint8Array(10 << 20);
-      const first = pseudoRandom(3_000_000, 31);
-      const second = pseudoRandom(100_000, 32);
-      expected.set(first, 1_234_567);
-      expected.set(second, 8_000_000);
-      await Deno.writeFile(`${dir}/expected.raw`, expected);
-      await Deno.writeFile(`${dir}/first`, first);
-      await Deno.writeFile(`${dir}/second`, second);
-      await cli("create", "-f", "vhdx", `${dir}/base.vhdx`, "10M");
-      await cli("write", `${dir}/base.vhdx`, "1234567", `${dir}/first`);
-      await cli(
-        "create",
-        "-f",
-        "qcow",
-        "-b",
-        "base.vhdx",
-        "-F",
-        "vhdx",
-        `${dir}/top.qcow`,
-        "10M",
-      );
-      await cli("write", `${dir}/top.qcow`, "8000000", `${dir}/second`);
-      await cli("commit", `${dir}/top.qcow`);
-      await run("qemu-img", ["check", "-f", "vhdx", `${dir}/base.vhdx`]);
-      await assertQemuIdentical(
-        `${dir}/expected.raw`,
-        `${dir}/base.vhdx`,
-        "vhdx",
-      );
-    }),
-});
-
 Deno.test("a vhdx we create and write reads back; one with a log to replay is never opened writable", async () => {
   for (
     const options of [{}, { subformat: "fixed" }, {

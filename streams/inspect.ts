@@ -1,0 +1,324 @@
+/**
+ * What `cli.ts info`, `map` and `compare` compute, for scripts, workers and
+ * the service alike: the facts of an image, its layers, the allocation map
+ * of a chain with depths, the first difference of two images, and the
+ * text `info` prints.
+ *
+ * This module is browser compatible.
+ *
+ * @module
+ */
+
+import { imageInfo } from "./service.ts";
+import type { OverlayImage } from "./overlay.ts";
+import { type Extent, extentsOf, type Image } from "./types.ts";
+
+/** Where the facts of {@linkcode describeImage} come from besides the image. */
+export interface DescribeOptions {
+  /** The name to show (the path on the command line). */
+  filename?: string;
+  /** The bytes the image file takes on disk (qemu-img's `actual-size`), when known. */
+  actualSize?: number;
+}
+
+/**
+ * The facts `info` shows of an image (opened alone, or one of
+ * {@linkcode layers}),
+ * with qemu-img's JSON keys in its order: `virtual-size`, `filename`,
+ * `format`, `actual-size`, `allocated-bytes`, backing file, encryption,
+ * `format-specific` and `dirty-flag`.
+ *
+ * @param image the image
+ * @param options its name and size on disk
+ * @returns the facts
+ *
+ * @example
+ * ```ts
+ * import { describeImage, fromBytes, open } from "../mod.ts";
+ * const image = await open(fromBytes(new Uint8Array(4096)));
+ * const info = await describeImage(image, { filename: "x.img" });
+ * console.log(info.format, info["virtual-size"]); // raw 4096
+ * ```
+ */
+export async function describeImage(
+  image: Image,
+  options: DescribeOptions = {},
+): Promise<Record<string, unknown>> {
+  const info = imageInfo(image, options.filename);
+  const ordered: Record<string, unknown> = {
+    "virtual-size": info["virtual-size"],
+    filename: info.filename,
+    format: info.format,
+  };
+  if (options.actualSize !== undefined) {
+    ordered["actual-size"] = options.actualSize;
+  }
+  ordered["allocated-bytes"] = await allocatedBytes(image);
+  return { ...ordered, ...info, "dirty-flag": false };
+}
+
+/**
+ * Bytes of the virtual disk this layer stores itself (its `data` runs; not
+ * its backing file's), walked from the allocation map without reading data.
+ *
+ * @param image the layer
+ * @returns the bytes of its `data` runs
+ *
+ * @example
+ * ```ts
+ * import { allocatedBytes, fromBytes, open } from "../mod.ts";
+ * const image = await open(fromBytes(new Uint8Array(8192).fill(1, 0, 10)));
+ * console.log(await allocatedBytes(image)); // 4096
+ * ```
+ */
+export async function allocatedBytes(image: Image): Promise<number> {
+  let total = 0;
+  for await (const run of image.extents(0, image.size)) {
+    if (run.kind === "data") total += run.length;
+  }
+  return total;
+}
+
+/**
+ * The layers of a chain, top first, each one alone (an overlay's `top`).
+ *
+ * @param image an image, or the overlay of a chain
+ * @returns its layers
+ *
+ * @example
+ * ```ts
+ * import { fromBytes, layers, open } from "../mod.ts";
+ * console.log(layers(await open(fromBytes(new Uint8Array(512)))).length); // 1
+ * ```
+ */
+export function layers(image: Image): Image[] {
+  const out: Image[] = [];
+  for (let at: Image | undefined = image; at; at = at.backing) {
+    out.push((at as Partial<OverlayImage>).top ?? at);
+  }
+  return out;
+}
+
+/** A run of a chain's map, with the depth of the layer that holds it (qemu-img map's `depth`). */
+export interface LayeredExtent extends Extent {
+  /** The depth of the layer holding the run: 0 for the top. */
+  depth: number;
+  /** That layer. */
+  layer: Image;
+}
+
+/**
+ * The allocation map of a chain, layer by layer: runs a layer holds carry
+ * its depth (0 for the top); runs no layer holds carry the bottom's depth.
+ * Adjacent runs of the same kind and depth merge, as in qemu-img map
+ * (and, for data, only where they lie one after the other in the file).
+ *
+ * @param image an image or a chain
+ * @param offset where to start in the virtual disk
+ * @param length how far
+ * @returns the runs, each with its depth and layer
+ *
+ * @example
+ * ```ts
+ * import { fromBytes, mapChain, open } from "../mod.ts";
+ * const image = await open(fromBytes(new Uint8Array(4096)));
+ * for await (const run of mapChain(image)) {
+ *   console.log(run.kind, run.depth, run.length); // zero 0 4096
+ * }
+ * ```
+ */
+export async function* mapChain(
+  image: Image,
+  offset = 0,
+  length: number = image.size - offset,
+): AsyncIterable<LayeredExtent> {
+  let pending: LayeredExtent | undefined;
+  for await (const run of walkLayers(image, offset, length, 0)) {
+    if (
+      pending && pending.kind === run.kind && pending.depth === run.depth &&
+      pending.layer === run.layer &&
+      pending.offset + pending.length === run.offset &&
+      (pending.fileOffset === undefined
+        ? run.fileOffset === undefined
+        : pending.fileOffset + pending.length === run.fileOffset)
+    ) {
+      pending.length += run.length;
+      continue;
+    }
+    if (pending) yield pending;
+    pending = { ...run };
+  }
+  if (pending) yield pending;
+}
+
+async function* walkLayers(
+  image: Image,
+  offset: number,
+  length: number,
+  depth: number,
+): AsyncIterable<LayeredExtent> {
+  const layer = (image as Partial<OverlayImage>).top ?? image;
+  const below = image.backing;
+  for await (const run of extentsOf(layer, offset, length)) {
+    if (run.kind !== "unallocated" || !below) {
+      yield { ...run, depth, layer };
+      continue;
+    }
+    const inside = Math.max(0, Math.min(run.length, below.size - run.offset));
+    if (inside > 0) yield* walkLayers(below, run.offset, inside, depth + 1);
+    if (inside < run.length) {
+      // Past the end of a shorter backing image: zeros, held by no layer.
+      yield {
+        offset: run.offset + inside,
+        length: run.length - inside,
+        kind: "unallocated",
+        depth: depth + 1,
+        layer: below,
+      };
+    }
+  }
+}
+
+/**
+ * The first byte offset where two images' disks differ (the shorter one
+ * reads as zeros past its end), or undefined when they read the same:
+ * what `compare` reports. Zero runs are compared from the map, unread.
+ *
+ * @param a one image
+ * @param b the other
+ * @returns the offset of the first difference, or undefined
+ *
+ * @example
+ * ```ts
+ * import { firstDifference, fromBytes, open } from "../mod.ts";
+ * const a = await open(fromBytes(new Uint8Array(1024)));
+ * const b = await open(fromBytes(new Uint8Array(1024).fill(1, 700)));
+ * console.log(await firstDifference(a, b)); // 700
+ * ```
+ */
+export async function firstDifference(
+  a: Image,
+  b: Image,
+): Promise<number | undefined> {
+  const size = Math.max(a.size, b.size);
+  const block = 4 << 20;
+  const slice = async (image: Image, offset: number, length: number) => {
+    const inside = Math.max(0, Math.min(length, image.size - offset));
+    const out = new Uint8Array(length);
+    if (inside > 0) {
+      let zero = true;
+      for await (const run of extentsOf(image, offset, inside)) {
+        if (run.kind === "data") zero = false;
+      }
+      if (!zero) out.set(await image.read(offset, inside));
+    }
+    return out;
+  };
+  for (let offset = 0; offset < size; offset += block) {
+    const length = Math.min(block, size - offset);
+    const [x, y] = await Promise.all([
+      slice(a, offset, length),
+      slice(b, offset, length),
+    ]);
+    for (let i = 0; i < length; i++) {
+      if (x[i] !== y[i]) return offset + i;
+    }
+  }
+  return undefined;
+}
+
+/**
+ * A byte count as qemu-img prints it: `512 bytes`, `1.5 MiB`, `4 GiB`.
+ *
+ * @param bytes the count
+ * @returns the text
+ *
+ * @example
+ * ```ts
+ * import { humanSize } from "../mod.ts";
+ * console.log(humanSize(1536 * 1024)); // 1.5 MiB
+ * ```
+ */
+export function humanSize(bytes: number): string {
+  const units = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+  let i = 0;
+  let value = bytes;
+  while (value >= 1024 && i < units.length - 1) {
+    value /= 1024;
+    i++;
+  }
+  if (i === 0) return `${bytes} bytes`;
+  const text = Number.isInteger(value)
+    ? String(value)
+    : value.toFixed(2).replace(/\.?0+$/, "");
+  return `${text} ${units[i]}`;
+}
+
+/**
+ * Nested format details as qemu-img prints them: `key: value` lines, with
+ * objects and lists indented below their key (list items as `[0]:`).
+ */
+function humanValue(value: unknown, indent: string, lines: string[]) {
+  const entries = Array.isArray(value)
+    ? value.map((v, i) => [`[${i}]`, v] as const)
+    : Object.entries(value as Record<string, unknown>);
+  for (const [name, v] of entries) {
+    // qemu-img's human keys are words: `lazy refcounts`, `first sector`.
+    const key = name.replace(/-/g, " ");
+    if (v !== null && typeof v === "object" && !(v instanceof Date)) {
+      lines.push(`${indent}${key}:`);
+      humanValue(v, indent + "    ", lines);
+    } else {
+      lines.push(`${indent}${key}: ${String(v)}`);
+    }
+  }
+}
+
+/**
+ * The text `info` prints for a person, from the facts {@linkcode describeImage}
+ * (or `imageInfo`) gives: qemu-img's lines, then the format's details.
+ *
+ * @param info the facts
+ * @returns the lines, ending with a newline
+ *
+ * @example
+ * ```ts
+ * import { describeImage, formatInfo, fromBytes, open } from "../mod.ts";
+ * const image = await open(fromBytes(new Uint8Array(4096)));
+ * console.log(formatInfo(await describeImage(image, { filename: "x.img" })));
+ * ```
+ */
+export function formatInfo(info: Record<string, unknown>): string {
+  const lines = [
+    `image: ${info.filename}`,
+    `file format: ${info.format}`,
+    `virtual size: ${humanSize(info["virtual-size"] as number)} (${
+      info["virtual-size"]
+    } bytes)`,
+  ];
+  if (info["actual-size"] !== undefined) {
+    lines.push(`disk size: ${humanSize(info["actual-size"] as number)}`);
+  }
+  if (info["allocated-bytes"] !== undefined) {
+    lines.push(
+      `allocated: ${humanSize(info["allocated-bytes"] as number)} (${
+        info["allocated-bytes"]
+      } bytes of the virtual disk held in this layer; a compressed format stores them in less disk size)`,
+    );
+  }
+  if (info.encrypted) lines.push("encrypted: yes");
+  if (info["backing-filename"] !== undefined) {
+    lines.push(`backing file: ${info["backing-filename"]}`);
+    if (info["backing-filename-format"]) {
+      lines.push(`backing file format: ${info["backing-filename-format"]}`);
+    }
+  }
+  const specific = info["format-specific"] as
+    | { data: Record<string, unknown> }
+    | undefined;
+  if (specific) {
+    lines.push("Format specific information:");
+    humanValue(specific.data, "    ", lines);
+  }
+  return lines.join("\n") + "\n";
+}
