@@ -544,9 +544,9 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
         bytesInFlight += cost;
         const task: Promise<void> = answer(request, payload, state, send)
           .catch((e) => {
-            // A reply that could not be sent ends the connection.
-            if (!(e instanceof Disconnect)) throw e;
-            log(`client ${id}: ${e.message}`);
+            // A reply that could not be sent (or anything unforeseen) ends
+            // this client's connection, never the server.
+            log(`client ${id}: ${(e as Error)?.message ?? e}`);
             reader.cancel();
           })
           .finally(() => {
