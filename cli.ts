@@ -49,6 +49,7 @@ import {
   KeyError,
   layers,
   mapChain,
+  nbdServer,
   open,
   openInFolder,
   type OpenOptions,
@@ -62,6 +63,7 @@ import {
   readPartitionTable,
   scratchFiles,
   type Sink,
+  snapshot,
   streamSink,
   UnsupportedError,
   writeOptionsHelp,
@@ -704,6 +706,87 @@ function progressSpelling(args: string[]): string[] {
 }
 
 // ---------------------------------------------------------------------------
+// serve --nbd: the listening part of the NBD export (the protocol is
+// streams/nbd.ts)
+
+/** `--port`, or `fallback`; 0 asks the system for a free port. */
+function portOf(values: Invocation["values"], fallback: number): number {
+  const text = values.port as string | undefined;
+  if (text === undefined) return fallback;
+  if (!/^\d{1,5}$/.test(text) || Number(text) > 65535) {
+    throw new UsageError(`--port must be 0 to 65535, not '${text}'`, "serve");
+  }
+  return Number(text);
+}
+
+/** Set while a command stops by itself on SIGINT/SIGTERM (serve --nbd). */
+let onInterrupt: (() => void) | undefined;
+
+/**
+ * `serve --nbd IMAGE`: opens IMAGE as `convert` does (backing chain, key
+ * file), exports it read-only, or through an in-memory snapshot with
+ * `--snapshot`, and serves NBD clients until SIGINT or SIGTERM.
+ */
+async function serveNbd(
+  values: Invocation["values"],
+  positionals: string[],
+): Promise<number> {
+  const [path] = need(positionals, 1, "serve");
+  if (values.web !== undefined) {
+    throw new UsageError("--web is for the HTTP service, not --nbd", "serve");
+  }
+  const concurrent = values["max-concurrent"] as string | undefined;
+  if (concurrent !== undefined && !/^[1-9]\d{0,3}$/.test(concurrent)) {
+    throw new UsageError(
+      `--max-concurrent must be a whole number from 1 to 9999, not '${concurrent}'`,
+      "serve",
+    );
+  }
+  const wantedPort = portOf(values, 10809);
+  const { image } = await openImage(path, {
+    format: values.format as string | undefined,
+    ...backingPolicy(values),
+    extra: { key: await keyFrom(values) },
+  });
+  const writable = values.snapshot === true;
+  const exported = writable ? snapshot(image) : image;
+  const server = nbdServer(exported, {
+    name: path.split("/").filter(Boolean).pop() ?? "",
+    description: `${path} (${image.format})`,
+    writable,
+    maxClients: concurrent === undefined ? undefined : Number(concurrent),
+    onEvent: (line) => printErr(`vdisk serve: ${line}\n`),
+  });
+  const hostname = values.hostname as string;
+  const listener = Deno.listen({ hostname, port: wantedPort });
+  const { port } = listener.addr as Deno.NetAddr;
+  printErr(
+    `serving ${path} (${image.format}, ${image.size} bytes, ${
+      writable ? "writes kept in memory" : "read-only"
+    }) over NBD on nbd://${hostname}:${port}/\n`,
+  );
+  let interrupted = false;
+  onInterrupt = () => {
+    if (interrupted) Deno.exit(130);
+    interrupted = true;
+    listener.close();
+  };
+  try {
+    for await (const conn of listener) {
+      conn.setNoDelay(true);
+      server.serve(conn);
+    }
+  } catch (e) {
+    if (!interrupted) throw e;
+  } finally {
+    onInterrupt = undefined;
+    await server.close();
+  }
+  printErr("vdisk serve: stopped\n");
+  return 0;
+}
+
+// ---------------------------------------------------------------------------
 // The subcommands
 
 const commands: Record<string, Command> = {
@@ -1173,11 +1256,11 @@ const commands: Record<string, Command> = {
 
   serve: {
     usage:
-      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--max-virtual BYTES] [--max-upload BYTES] [--max-concurrent N] [--web DIR]",
+      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--max-virtual BYTES] [--max-upload BYTES] [--max-concurrent N] [--web DIR]\n  serve --nbd [--port N] [--hostname H] [--snapshot] [--max-concurrent N] [-f FMT] [--key-file F] [--allow-backing-dir DIR]... [--no-backing] IMAGE",
     summary:
-      "run the conversion service (GET /convert?url=..., POST /info); --web also serves a folder and dist/mod.js",
+      "run the conversion service (GET /convert?url=..., POST /info); --web also serves a folder and dist/mod.js; --nbd exports IMAGE over NBD (port 10809), read-only, or taking writes in memory with --snapshot",
     options: {
-      port: { type: "string", default: "8000" },
+      port: { type: "string" },
       hostname: { type: "string", default: "127.0.0.1" },
       "allow-host": { type: "string", multiple: true },
       "allow-private": { type: "boolean" },
@@ -1186,8 +1269,19 @@ const commands: Record<string, Command> = {
       "max-upload": { type: "string" },
       "max-concurrent": { type: "string" },
       web: { type: "string" },
+      nbd: { type: "boolean" },
+      snapshot: { type: "boolean" },
+      format: { type: "string", short: "f" },
+      "key-file": { type: "string" },
+      ...backingFlags,
     },
-    async run({ values }) {
+    async run({ values, positionals }) {
+      if (values.nbd === true) return await serveNbd(values, positionals);
+      const nbdOnly = ["snapshot", "format", "key-file", "no-backing"]
+        .find((flag) => values[flag] !== undefined) ??
+        (values["allow-backing-dir"] ? "allow-backing-dir" : undefined);
+      if (nbdOnly) throw new UsageError(`--${nbdOnly} needs --nbd`, "serve");
+      need(positionals, 0, "serve");
       const size = (name: string) =>
         values[name] ? parseSize(values[name] as string) : undefined;
       const concurrent = values["max-concurrent"] as string | undefined;
@@ -1209,7 +1303,7 @@ const commands: Record<string, Command> = {
       });
       const web = values.web as string | undefined;
       const server = Deno.serve({
-        port: Number(values.port),
+        port: portOf(values, 8000),
         hostname: values.hostname as string,
         onListen: ({ hostname, port }) =>
           printErr(`listening on http://${hostname}:${port}/\n`),
@@ -1417,6 +1511,7 @@ export async function main(args: string[]): Promise<number> {
     return 0;
   }
   const onSignal = () => {
+    if (onInterrupt) return onInterrupt();
     // Synchronously: Deno.exit does not wait for promises.
     for (const out of pendingOutputs) {
       try {

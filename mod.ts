@@ -34,6 +34,7 @@ export * from "./streams/partitions.ts";
 export * from "./streams/commit.ts";
 export { cipherFor, decrypt, qcowKey } from "./streams/decrypt.ts";
 export * from "./streams/service.ts";
+export * from "./streams/nbd.ts";
 export * from "./streams/tree.ts";
 export * from "./streams/options.ts";
 export * from "./streams/inputs.ts";
