@@ -589,6 +589,13 @@ async function fittingInput(
   }
 }
 
+/** A sink nothing is written to (convert -n writes through its target). */
+const nullSink: Sink = {
+  write: () => Promise.reject(new Error("nothing is written here")),
+  flush: () => Promise.resolve(),
+  close: () => Promise.resolve(),
+};
+
 /** Outputs not yet committed: removed on failure or interruption. */
 const pendingOutputs = new Set<OutputFile>();
 
@@ -747,7 +754,7 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p | --progress=json] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-n [--target-is-zero]] [-S SIZE] [--salvage] [-p | --progress=json] [--hash] [--boot-sector FILE] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
@@ -765,12 +772,38 @@ const commands: Record<string, Command> = {
       "key-file": { type: "string" },
       // Skips the input's checksum checks (dmg verifies its CRC-32s by default).
       "no-verify": { type: "boolean" },
+      "skip-create": { type: "boolean", short: "n" },
+      "target-is-zero": { type: "boolean" },
+      "sparse-size": { type: "string", short: "S" },
+      salvage: { type: "boolean" },
     },
     async run({ values, positionals }) {
       const outFormat = values["output-format"] as string;
       // An unknown format or option fails before any file is made.
       if (optionsHelp(outFormat, values.options)) return 0;
       const [input, output] = need(positionals, 2, "convert");
+      const skipCreate = values["skip-create"] === true;
+      if (values["target-is-zero"] && !skipCreate) {
+        throw new Error("--target-is-zero requires use of -n flag");
+      }
+      if (skipCreate && output === "-") {
+        throw new UsageError(
+          "-n needs an existing image, not stdout",
+          "convert",
+        );
+      }
+      const sparseText = values["sparse-size"] as string | undefined;
+      const sparseSize = sparseText === undefined
+        ? undefined
+        : parseSize(sparseText, "buffer size for sparse output");
+      if (
+        sparseSize !== undefined &&
+        (sparseSize % 512 !== 0 || sparseSize > 16 << 20)
+      ) {
+        throw new Error(
+          `Invalid buffer size for sparse output specified (${sparseText}). Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).`,
+        );
+      }
       const key = await keyFrom(values);
       const outOptions = parseOptions(values.options as string | undefined);
       checkWriteOptions(
@@ -823,11 +856,20 @@ const commands: Record<string, Command> = {
       if (encryptOutput && outFormat === "qcow") {
         warnLongQcowKey(key, "of the output");
       }
-      const sink = await openOutput(output);
+      // -n: the output exists and is written in place, through -O's format.
+      const target = skipCreate
+        ? (await openImage(output, { format: outFormat, writable: true }))
+          .image
+        : undefined;
+      const sink = target ? undefined : await openOutput(output);
       const bar = values.progress || values["progress-json"]
         ? progressBar("convert", values["progress-json"] === true)
         : undefined;
       const options: ConvertOptions = {
+        target,
+        targetIsZero: values["target-is-zero"] === true,
+        sparseSize,
+        salvage: values.salvage === true,
         format: outFormat,
         options: outOptions,
         compress: values.compress === true,
@@ -840,11 +882,19 @@ const commands: Record<string, Command> = {
         hash: values.hash === true,
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
       };
-      const result = await convert(image, sink, options);
+      const result = await convert(image, sink ?? nullSink, options);
       bar?.end();
-      await finishOutput(sink);
+      if (sink) await finishOutput(sink);
       if (result.sha256) printErr(`sha256 ${result.sha256}\n`);
-      return 0;
+      // --salvage: what could not be read, and exit 3 when anything was.
+      for (const run of result.salvaged ?? []) {
+        printErr(
+          `vdisk convert: salvaged: bytes ${run.offset}..${
+            run.offset + run.length
+          } (${run.length} bytes) could not be read and were written as zeros: ${run.cause}\n`,
+        );
+      }
+      return result.salvaged?.length ? 3 : 0;
     },
   },
 

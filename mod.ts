@@ -27,6 +27,7 @@ export * from "./streams/sinks.ts";
 export * from "./streams/file.ts";
 export * from "./streams/readable.ts";
 export * from "./streams/convert.ts";
+export * from "./streams/salvage.ts";
 export * from "./streams/overlay.ts";
 export * from "./streams/snapshot.ts";
 export * from "./streams/boot_sector.ts";
