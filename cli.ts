@@ -53,6 +53,8 @@ import {
   type OutputFile,
   type OverlayImage,
   parseFatSpelling,
+  rebase,
+  resizeImage,
   type Sink,
   streamSink,
   writeOptionsHelp,
@@ -137,7 +139,8 @@ function parseFlags(
       }
       continue;
     }
-    if (arg.length < 2 || arg[0] !== "-") {
+    // A negative number is a positional (`resize IMAGE -1G`), as qemu-img takes it.
+    if (arg.length < 2 || arg[0] !== "-" || /^-\d/.test(arg)) {
       positionals.push(arg);
       continue;
     }
@@ -1148,6 +1151,99 @@ const commands: Record<string, Command> = {
       }
       await image.flush?.();
       print(`wrote ${at - offset} bytes at ${offset}\n`);
+      return 0;
+    },
+  },
+
+  resize: {
+    usage: "resize [--shrink] [-f FMT] IMAGE [+|-]SIZE",
+    summary:
+      "change an image's virtual size in place (raw, qcow); a smaller size needs --shrink",
+    options: {
+      format: { type: "string", short: "f" },
+      shrink: { type: "boolean" },
+    },
+    async run({ values, positionals }) {
+      const [path, sizeText] = need(positionals, 2, "resize");
+      const sign = sizeText[0] === "+" ? 1 : sizeText[0] === "-" ? -1 : 0;
+      const magnitude = parseSize(sign ? sizeText.slice(1) : sizeText);
+      const size = sign ? sign * magnitude : magnitude;
+      const file = await fromFile(path, { write: true });
+      opened.push(file);
+      const result = await resizeImage(file, size, {
+        format: values.format as string | undefined,
+        shrink: values.shrink === true,
+        relative: sign !== 0,
+      });
+      if (result.newSize < result.oldSize) {
+        printErr(
+          "vdisk resize: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.\n",
+        );
+      }
+      print("Image resized.\n");
+      return 0;
+    },
+  },
+
+  rebase: {
+    usage:
+      "rebase [-u] [-f FMT] -b BACKING [-F FMT] [-p] [--allow-backing-dir DIR]... IMAGE   (-b '' removes the backing file)",
+    summary:
+      "change an image's backing file; keeps what it reads as (copying what differs), -u only rewrites the name",
+    options: {
+      format: { type: "string", short: "f" },
+      backing: { type: "string", short: "b" },
+      "backing-format": { type: "string", short: "F" },
+      unsafe: { type: "boolean", short: "u" },
+      progress: { type: "boolean", short: "p" },
+      "progress-json": { type: "boolean" },
+      "allow-backing-dir": backingFlags["allow-backing-dir"],
+    },
+    async run({ values, positionals }) {
+      const [path] = need(positionals, 1, "rebase");
+      const name = values.backing as string | undefined;
+      if (name === undefined) {
+        throw new UsageError("rebase needs -b BACKING ('' for none)", "rebase");
+      }
+      const unsafe = values.unsafe === true;
+      const allowDirs = values["allow-backing-dir"] as string[] | undefined;
+      const { file, image } = await openImage(path, {
+        format: values.format as string | undefined,
+        writable: true,
+        followBacking: !unsafe,
+        allowDirs,
+      });
+      const top = (image as Partial<OverlayImage>).top ?? image;
+      const setBacking = driver(top.format).setBackingFile;
+      if (!file || !setBacking) {
+        throw new Error(
+          `${top.format} images have no backing file field this toolkit rewrites: rebase refused`,
+        );
+      }
+      const format = values["backing-format"] as string | undefined;
+      if (!unsafe) {
+        const old = (image as Partial<OverlayImage>).backing;
+        // The new backing file is named as from the image's folder.
+        const slash = path.lastIndexOf("/");
+        const newPath = name === "" || name.startsWith("/") || slash < 0
+          ? name
+          : `${path.slice(0, slash)}/${name}`;
+        const fresh = name === "" ? undefined : (await openImage(newPath, {
+          format,
+          followBacking: true,
+          allowDirs,
+        })).image;
+        const bar = values.progress || values["progress-json"]
+          ? progressBar("rebase", values["progress-json"] === true)
+          : undefined;
+        await rebase(top, old, fresh, {
+          onProgress: bar
+            ? (done, total) => bar.update(done, total)
+            : undefined,
+        });
+        bar?.end();
+      }
+      await setBacking(file, name === "" ? undefined : name, format);
       return 0;
     },
   },

@@ -28,6 +28,8 @@ export * from "./streams/file.ts";
 export * from "./streams/readable.ts";
 export * from "./streams/convert.ts";
 export * from "./streams/salvage.ts";
+export * from "./streams/resize.ts";
+export * from "./streams/rebase.ts";
 export * from "./streams/overlay.ts";
 export * from "./streams/snapshot.ts";
 export * from "./streams/boot_sector.ts";
