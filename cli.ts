@@ -1217,7 +1217,7 @@ const commands: Record<string, Command> = {
       const setBacking = driver(top.format).setBackingFile;
       if (!file || !setBacking) {
         throw new Error(
-          `${top.format} images have no backing file field this toolkit rewrites: rebase refused`,
+          `${top.format}: rebase refused: this toolkit rewrites the backing file of qcow images only`,
         );
       }
       const format = values["backing-format"] as string | undefined;
