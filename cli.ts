@@ -33,6 +33,7 @@ import {
   type ConvertOptions,
   create,
   createOutputFile,
+  ddSource,
   directoryTree,
   driver,
   type Extent,
@@ -1244,6 +1245,59 @@ const commands: Record<string, Command> = {
         bar?.end();
       }
       await setBacking(file, name === "" ? undefined : name, format);
+      return 0;
+    },
+  },
+
+  dd: {
+    usage:
+      "dd [-f FMT] [-O FMT] [bs=BYTES] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT",
+    summary:
+      "copy part of an image as qemu-img dd does: count blocks of bs from the start, less skip blocks",
+    options: {
+      format: { type: "string", short: "f" },
+      "output-format": { type: "string", short: "O", default: "raw" },
+      ...backingFlags,
+    },
+    async run({ values, positionals }) {
+      const operands: Record<string, string> = {};
+      for (const arg of positionals) {
+        const eq = arg.indexOf("=");
+        const key = eq < 0 ? arg : arg.slice(0, eq);
+        if (eq < 0 || !["bs", "count", "if", "of", "skip"].includes(key)) {
+          throw new Error(`unrecognized operand ${arg}`);
+        }
+        operands[key] = arg.slice(eq + 1);
+      }
+      if (operands.if === undefined || operands.of === undefined) {
+        throw new Error("Must specify both input and output files");
+      }
+      const number = (key: string) => {
+        if (operands[key] === undefined) return undefined;
+        try {
+          return parseSize(operands[key], key);
+        } catch {
+          throw new Error(
+            key === "bs"
+              ? "Invalid bs specified. Must be between 1 and 2147483647."
+              : `invalid ${key}: '${operands[key]}'`,
+          );
+        }
+      };
+      const outFormat = values["output-format"] as string;
+      const { image, files } = await openImage(operands.if, {
+        format: values.format as string | undefined,
+        ...backingPolicy(values),
+      });
+      const part = ddSource(image, {
+        blockSize: number("bs"),
+        count: number("count"),
+        skip: number("skip"),
+      });
+      await refuseInputAsOutput(operands.of, operands.if, files);
+      const sink = await openOutput(operands.of);
+      await convert(part, sink, { format: outFormat });
+      await finishOutput(sink);
       return 0;
     },
   },
