@@ -46,6 +46,7 @@ import {
   type Image,
   imageInfo,
   KeyError,
+  measure,
   open,
   openInFolder,
   type OpenOptions,
@@ -1298,6 +1299,61 @@ const commands: Record<string, Command> = {
       const sink = await openOutput(operands.of);
       await convert(part, sink, { format: outFormat });
       await finishOutput(sink);
+      return 0;
+    },
+  },
+
+  measure: {
+    usage:
+      "measure [--output=human|json] [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] IMAGE)",
+    summary:
+      "the file sizes an output format needs for IMAGE or for a disk of SIZE: required and fully allocated",
+    options: {
+      format: { type: "string", short: "f" },
+      "output-format": { type: "string", short: "O", default: "raw" },
+      options: { type: "string", short: "o" },
+      size: { type: "string" },
+      output: { type: "string", default: "human" },
+      ...backingFlags,
+      "key-file": { type: "string" },
+    },
+    async run({ values, positionals }) {
+      const outFormat = values["output-format"] as string;
+      if (optionsHelp(outFormat, values.options)) return 0;
+      const sizeText = values.size as string | undefined;
+      if (sizeText !== undefined && positionals.length > 0) {
+        throw new Error("--size N cannot be used together with a filename.");
+      }
+      if (sizeText === undefined && positionals.length !== 1) {
+        throw new Error("Either --size N or one filename must be specified.");
+      }
+      const subject = sizeText !== undefined
+        ? parseSize(sizeText)
+        : (await openImage(positionals[0], {
+          format: values.format as string | undefined,
+          ...backingPolicy(values),
+          extra: { key: await keyFrom(values) },
+        })).image;
+      const sizes = await measure(subject, {
+        format: outFormat,
+        options: parseOptions(values.options as string | undefined),
+      });
+      if (values.output === "json") {
+        print(
+          JSON.stringify(
+            {
+              required: sizes.required,
+              "fully-allocated": sizes.fullyAllocated,
+            },
+            null,
+            4,
+          ) + "\n",
+        );
+      } else {
+        print(
+          `required size: ${sizes.required}\nfully allocated size: ${sizes.fullyAllocated}\n`,
+        );
+      }
       return 0;
     },
   },

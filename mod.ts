@@ -31,6 +31,7 @@ export * from "./streams/salvage.ts";
 export * from "./streams/resize.ts";
 export * from "./streams/rebase.ts";
 export * from "./streams/dd.ts";
+export * from "./streams/measure.ts";
 export * from "./streams/overlay.ts";
 export * from "./streams/snapshot.ts";
 export * from "./streams/boot_sector.ts";
