@@ -9,6 +9,10 @@
  * deno run -A cli.ts compare A B
  * deno run -A cli.ts commit [-p] IMAGE
  * deno run -A cli.ts write IMAGE OFFSET FILE
+ * deno run -A cli.ts resize [--shrink] [-f FMT] IMAGE [+|-]SIZE
+ * deno run -A cli.ts rebase [-u] -b BACKING [-F FMT] IMAGE
+ * deno run -A cli.ts measure [-O FMT] [-o OPTS] (--size SIZE | IMAGE)
+ * deno run -A cli.ts dd [bs=N] [count=N] [skip=N] if=IN of=OUT
  * deno run -A cli.ts formats
  * ```
  *
