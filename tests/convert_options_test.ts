@@ -325,3 +325,21 @@ Deno.test("salvaging lets an abort through", async () => {
     DOMException,
   );
 });
+
+Deno.test("salvaging reads past an allocation map that fails part way", async () => {
+  const disk: Source = {
+    size: 8192,
+    read: (_offset, length) => Promise.resolve(new Uint8Array(length).fill(2)),
+    async *extents(offset) {
+      yield { offset, length: 1024, kind: "zero" as const };
+      throw new Error("broken table");
+    },
+  };
+  const sink = memorySink();
+  const result = await convert(disk, sink, { salvage: true });
+  assertEquals(result.salvaged, []);
+  assertEquals(sink.bytes()[0], 0);
+  assertEquals(sink.bytes()[1024], 2);
+  // Without salvage the same map error fails the conversion.
+  await rejects(() => convert(disk, memorySink()), Error, /broken table/);
+});

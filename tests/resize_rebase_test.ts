@@ -5,6 +5,7 @@ import { assertEquals, assertTrue } from "./_asserts.ts";
 import {
   create,
   fromBytes,
+  ImageFormatError,
   memorySink,
   qcow,
   rebase,
@@ -253,4 +254,34 @@ Deno.test("rebase copies only granules that differ", async () => {
   const result = await rebase(top, old, fresh);
   assertEquals(result.copiedBytes, 512);
   assertEquals((await top.read(0, 1))[0], 1);
+});
+
+Deno.test("resize and rebase of a malformed qcow fail with the format's error, unchanged", async () => {
+  const sink = memorySink();
+  await (await qcow.create!(sink, { size: MiB })).flush!();
+  const good = sink.bytes().slice();
+  // l1_table_offset past the end of the file.
+  const poked = good.slice();
+  new DataView(poked.buffer).setBigUint64(40, 1n << 40n);
+  const file = memorySink(poked);
+  await rejects(
+    () => resizeImage(file, 2 * MiB),
+    ImageFormatError,
+    /l1_table_offset/,
+  );
+  await rejects(
+    () => qcow.setBackingFile!(file, "x"),
+    ImageFormatError,
+    /l1_table_offset/,
+  );
+  assertEquals(file.bytes(), poked);
+  // Truncated to part of its header.
+  const short = memorySink(good.slice(0, 30));
+  await rejects(() => qcow.resize!(short, 2 * MiB), ImageFormatError);
+  // A size the format cannot hold.
+  await rejects(
+    () => qcow.resize!(memorySink(good.slice()), 1000),
+    ImageFormatError,
+    /512-byte sectors/,
+  );
 });
