@@ -343,3 +343,52 @@ Deno.test("salvaging reads past an allocation map that fails part way", async ()
   // Without salvage the same map error fails the conversion.
   await rejects(() => convert(disk, memorySink()), Error, /broken table/);
 });
+
+Deno.test(
+  "convert -n into vdi, vhdx, vpc and vmdk images qemu-img made: same disk, check clean",
+  {
+    ignore: skip(["qemu-img", "qemu-io"]),
+  },
+  async () => {
+    await withTemp(async (dir) => {
+      const src = sample();
+      await Deno.writeFile(`${dir}/src.raw`, src);
+      for (const format of ["vdi", "vhdx", "vpc", "vmdk"]) {
+        const target = `${dir}/t.${format}`;
+        await run("qemu-img", ["create", "-f", format, target, "2M"]);
+        await run("qemu-io", [
+          "-f",
+          format,
+          "-c",
+          "write -P 0x5a 1M 512k",
+          target,
+        ]);
+        const r = await cli([
+          "convert",
+          "-n",
+          "-O",
+          format,
+          `${dir}/src.raw`,
+          target,
+        ]);
+        assertEquals(r.code, 0, `${format}: ${r.stderr}`);
+        if (format !== "vpc") {
+          // qemu-img 7.2 checks no vpc.
+          const check = await run("qemu-img", ["check", "-f", format, target]);
+          assertTrue(/No errors were found/.test(check.text), check.text);
+        }
+        await run("qemu-img", [
+          "convert",
+          "-f",
+          format,
+          "-O",
+          "raw",
+          target,
+          `${dir}/out.raw`,
+        ]);
+        const out = await Deno.readFile(`${dir}/out.raw`);
+        assertEquals(out.subarray(0, src.length), src, format);
+      }
+    });
+  },
+);
