@@ -9,6 +9,10 @@
  * deno run -A cli.ts compare A B
  * deno run -A cli.ts commit [-p] IMAGE
  * deno run -A cli.ts write IMAGE OFFSET FILE
+ * deno run -A cli.ts resize [--shrink] [-f FMT] IMAGE [+|-]SIZE
+ * deno run -A cli.ts rebase [-u] -b BACKING [-F FMT] IMAGE
+ * deno run -A cli.ts measure [-O FMT] [-o OPTS] (--size SIZE | IMAGE)
+ * deno run -A cli.ts dd [bs=N] [count=N] [skip=N] if=IN of=OUT
  * deno run -A cli.ts formats
  * ```
  *
@@ -33,6 +37,7 @@ import {
   type ConvertOptions,
   create,
   createOutputFile,
+  ddSource,
   describeImage,
   directoryTree,
   driver,
@@ -49,6 +54,7 @@ import {
   KeyError,
   layers,
   mapChain,
+  measure,
   nbdServer,
   open,
   openInFolder,
@@ -61,6 +67,8 @@ import {
   partition,
   type PartitionTable,
   readPartitionTable,
+  rebase,
+  resizeImage,
   scratchFiles,
   type Sink,
   snapshot,
@@ -148,7 +156,8 @@ function parseFlags(
       }
       continue;
     }
-    if (arg.length < 2 || arg[0] !== "-") {
+    // A negative number is a positional (`resize IMAGE -1G`), as qemu-img takes it.
+    if (arg.length < 2 || arg[0] !== "-" || /^-\d/.test(arg)) {
       positionals.push(arg);
       continue;
     }
@@ -610,6 +619,13 @@ async function fittingInput(
   }
 }
 
+/** A sink nothing is written to (convert -n writes through its target). */
+const nullSink: Sink = {
+  write: () => Promise.reject(new Error("nothing is written here")),
+  flush: () => Promise.resolve(),
+  close: () => Promise.resolve(),
+};
+
 /** Outputs not yet committed: removed on failure or interruption. */
 const pendingOutputs = new Set<OutputFile>();
 
@@ -852,7 +868,7 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-p | --progress=json] [-l SNAPSHOT] [--hash] [--boot-sector FILE] [--partition N|NAME] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-n [--target-is-zero]] [-S SIZE] [--salvage] [-p | --progress=json] [-l SNAPSHOT] [--hash] [--boot-sector FILE] [--partition N|NAME] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
@@ -873,12 +889,38 @@ const commands: Record<string, Command> = {
       "no-verify": { type: "boolean" },
       // An internal snapshot of the input (qcow2), by ID or name.
       snapshot: { type: "string", short: "l" },
+      "skip-create": { type: "boolean", short: "n" },
+      "target-is-zero": { type: "boolean" },
+      "sparse-size": { type: "string", short: "S" },
+      salvage: { type: "boolean" },
     },
     async run({ values, positionals }) {
       const outFormat = values["output-format"] as string;
       // An unknown format or option fails before any file is made.
       if (optionsHelp(outFormat, values.options)) return 0;
       const [input, output] = need(positionals, 2, "convert");
+      const skipCreate = values["skip-create"] === true;
+      if (values["target-is-zero"] && !skipCreate) {
+        throw new Error("--target-is-zero requires use of -n flag");
+      }
+      if (skipCreate && output === "-") {
+        throw new UsageError(
+          "-n needs an existing image, not stdout",
+          "convert",
+        );
+      }
+      const sparseText = values["sparse-size"] as string | undefined;
+      const sparseSize = sparseText === undefined
+        ? undefined
+        : parseSize(sparseText, "buffer size for sparse output");
+      if (
+        sparseSize !== undefined &&
+        (sparseSize % 512 !== 0 || sparseSize > 16 << 20)
+      ) {
+        throw new Error(
+          `Invalid buffer size for sparse output specified (${sparseText}). Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).`,
+        );
+      }
       const key = await keyFrom(values);
       const outOptions = parseOptions(values.options as string | undefined);
       checkWriteOptions(
@@ -951,11 +993,20 @@ const commands: Record<string, Command> = {
       if (encryptOutput && outFormat === "qcow") {
         warnLongQcowKey(key, "of the output");
       }
-      const sink = await openOutput(output);
+      // -n: the output exists and is written in place, through -O's format.
+      const target = skipCreate
+        ? (await openImage(output, { format: outFormat, writable: true }))
+          .image
+        : undefined;
+      const sink = target ? undefined : await openOutput(output);
       const bar = values.progress || values["progress-json"]
         ? progressBar("convert", values["progress-json"] === true)
         : undefined;
       const options: ConvertOptions = {
+        target,
+        targetIsZero: values["target-is-zero"] === true,
+        sparseSize,
+        salvage: values.salvage === true,
         format: outFormat,
         options: outOptions,
         compress: values.compress === true,
@@ -968,11 +1019,19 @@ const commands: Record<string, Command> = {
         hash: values.hash === true,
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
       };
-      const result = await convert(image, sink, options);
+      const result = await convert(image, sink ?? nullSink, options);
       bar?.end();
-      await finishOutput(sink);
+      if (sink) await finishOutput(sink);
       if (result.sha256) printErr(`sha256 ${result.sha256}\n`);
-      return 0;
+      // --salvage: what could not be read, and exit 3 when anything was.
+      for (const run of result.salvaged ?? []) {
+        printErr(
+          `vdisk convert: salvaged: bytes ${run.offset}..${
+            run.offset + run.length
+          } (${run.length} bytes) could not be read and were written as zeros: ${run.cause}\n`,
+        );
+      }
+      return result.salvaged?.length ? 3 : 0;
     },
   },
 
@@ -1250,6 +1309,207 @@ const commands: Record<string, Command> = {
       }
       await image.flush?.();
       print(`wrote ${at - offset} bytes at ${offset}\n`);
+      return 0;
+    },
+  },
+
+  resize: {
+    usage: "resize [--shrink] [-f FMT] IMAGE [+|-]SIZE",
+    summary:
+      "change an image's virtual size in place (raw, qcow); a smaller size needs --shrink",
+    options: {
+      format: { type: "string", short: "f" },
+      shrink: { type: "boolean" },
+    },
+    async run({ values, positionals }) {
+      const [path, sizeText] = need(positionals, 2, "resize");
+      const sign = sizeText[0] === "+" ? 1 : sizeText[0] === "-" ? -1 : 0;
+      const magnitude = parseSize(sign ? sizeText.slice(1) : sizeText);
+      const size = sign ? sign * magnitude : magnitude;
+      const file = await fromFile(path, { write: true });
+      opened.push(file);
+      const result = await resizeImage(file, size, {
+        format: values.format as string | undefined,
+        shrink: values.shrink === true,
+        relative: sign !== 0,
+      });
+      if (result.newSize < result.oldSize) {
+        printErr(
+          "vdisk resize: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.\n",
+        );
+      }
+      print("Image resized.\n");
+      return 0;
+    },
+  },
+
+  rebase: {
+    usage:
+      "rebase [-u] [-f FMT] -b BACKING [-F FMT] [-p] [--allow-backing-dir DIR]... IMAGE   (-b '' removes the backing file)",
+    summary:
+      "change an image's backing file; keeps what it reads as (copying what differs), -u only rewrites the name",
+    options: {
+      format: { type: "string", short: "f" },
+      backing: { type: "string", short: "b" },
+      "backing-format": { type: "string", short: "F" },
+      unsafe: { type: "boolean", short: "u" },
+      progress: { type: "boolean", short: "p" },
+      "progress-json": { type: "boolean" },
+      "allow-backing-dir": backingFlags["allow-backing-dir"],
+    },
+    async run({ values, positionals }) {
+      const [path] = need(positionals, 1, "rebase");
+      const name = values.backing as string | undefined;
+      if (name === undefined) {
+        throw new UsageError("rebase needs -b BACKING ('' for none)", "rebase");
+      }
+      const unsafe = values.unsafe === true;
+      const allowDirs = values["allow-backing-dir"] as string[] | undefined;
+      const { file, image } = await openImage(path, {
+        format: values.format as string | undefined,
+        writable: true,
+        followBacking: !unsafe,
+        allowDirs,
+      });
+      const top = (image as Partial<OverlayImage>).top ?? image;
+      const setBacking = driver(top.format).setBackingFile;
+      if (!file || !setBacking) {
+        throw new Error(
+          `${top.format}: rebase refused: this toolkit rewrites the backing file of qcow images only`,
+        );
+      }
+      const format = values["backing-format"] as string | undefined;
+      if (!unsafe) {
+        const old = (image as Partial<OverlayImage>).backing;
+        // The new backing file is named as from the image's folder.
+        const slash = path.lastIndexOf("/");
+        const newPath = name === "" || name.startsWith("/") || slash < 0
+          ? name
+          : `${path.slice(0, slash)}/${name}`;
+        const fresh = name === "" ? undefined : (await openImage(newPath, {
+          format,
+          followBacking: true,
+          allowDirs,
+        })).image;
+        const bar = values.progress || values["progress-json"]
+          ? progressBar("rebase", values["progress-json"] === true)
+          : undefined;
+        await rebase(top, old, fresh, {
+          onProgress: bar
+            ? (done, total) => bar.update(done, total)
+            : undefined,
+        });
+        bar?.end();
+      }
+      await setBacking(file, name === "" ? undefined : name, format);
+      return 0;
+    },
+  },
+
+  dd: {
+    usage:
+      "dd [-f FMT] [-O FMT] [bs=BYTES] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT",
+    summary:
+      "copy part of an image as qemu-img dd does: count blocks of bs from the start, less skip blocks",
+    options: {
+      format: { type: "string", short: "f" },
+      "output-format": { type: "string", short: "O", default: "raw" },
+      ...backingFlags,
+    },
+    async run({ values, positionals }) {
+      const operands: Record<string, string> = {};
+      for (const arg of positionals) {
+        const eq = arg.indexOf("=");
+        const key = eq < 0 ? arg : arg.slice(0, eq);
+        if (eq < 0 || !["bs", "count", "if", "of", "skip"].includes(key)) {
+          throw new Error(`unrecognized operand ${arg}`);
+        }
+        operands[key] = arg.slice(eq + 1);
+      }
+      if (operands.if === undefined || operands.of === undefined) {
+        throw new Error("Must specify both input and output files");
+      }
+      const number = (key: string) => {
+        if (operands[key] === undefined) return undefined;
+        try {
+          return parseSize(operands[key], key);
+        } catch {
+          throw new Error(
+            key === "bs"
+              ? "Invalid bs specified. Must be between 1 and 2147483647."
+              : `invalid ${key}: '${operands[key]}'`,
+          );
+        }
+      };
+      const outFormat = values["output-format"] as string;
+      const { image, files } = await openImage(operands.if, {
+        format: values.format as string | undefined,
+        ...backingPolicy(values),
+      });
+      const part = ddSource(image, {
+        blockSize: number("bs"),
+        count: number("count"),
+        skip: number("skip"),
+      });
+      await refuseInputAsOutput(operands.of, operands.if, files);
+      const sink = await openOutput(operands.of);
+      await convert(part, sink, { format: outFormat });
+      await finishOutput(sink);
+      return 0;
+    },
+  },
+
+  measure: {
+    usage:
+      "measure [--output=human|json] [-O FMT] [-o OPTS] (--size SIZE | [-f FMT] IMAGE)",
+    summary:
+      "the file sizes an output format needs for IMAGE or for a disk of SIZE: required and fully allocated",
+    options: {
+      format: { type: "string", short: "f" },
+      "output-format": { type: "string", short: "O", default: "raw" },
+      options: { type: "string", short: "o" },
+      size: { type: "string" },
+      output: { type: "string", default: "human" },
+      ...backingFlags,
+      "key-file": { type: "string" },
+    },
+    async run({ values, positionals }) {
+      const outFormat = values["output-format"] as string;
+      if (optionsHelp(outFormat, values.options)) return 0;
+      const sizeText = values.size as string | undefined;
+      if (sizeText !== undefined && positionals.length > 0) {
+        throw new Error("--size N cannot be used together with a filename.");
+      }
+      if (sizeText === undefined && positionals.length !== 1) {
+        throw new Error("Either --size N or one filename must be specified.");
+      }
+      const subject = sizeText !== undefined
+        ? parseSize(sizeText)
+        : (await openImage(positionals[0], {
+          format: values.format as string | undefined,
+          ...backingPolicy(values),
+          extra: { key: await keyFrom(values) },
+        })).image;
+      const sizes = await measure(subject, {
+        format: outFormat,
+        options: parseOptions(values.options as string | undefined),
+      });
+      if (values.output === "json") {
+        print(
+          JSON.stringify(
+            {
+              required: sizes.required,
+              "fully-allocated": sizes.fullyAllocated,
+            },
+            null,
+            4,
+          ) + "\n",
+        );
+      } else {
+        print(
+          `required size: ${sizes.required}\nfully allocated size: ${sizes.fullyAllocated}\n`,
+        );
+      }
       return 0;
     },
   },

@@ -938,6 +938,149 @@ async function encodeQcow(
 }
 
 /**
+ * Moves the L1 table (`l1Size` entries, grown to `newL1Size` with zeros)
+ * to the end of the file, on a cluster boundary, and points the header at
+ * it. The table is written before the header names it, so an interrupted
+ * run leaves the old table in use.
+ */
+async function relocateL1(
+  file: Source & Sink,
+  header: Header,
+  newL1Size: number,
+  storedSize: number,
+): Promise<number> {
+  const table = new Uint8Array(newL1Size * 8);
+  table.set(
+    await file.read(
+      header.l1TableOffset,
+      Math.min(header.l1Size, newL1Size) * 8,
+    ),
+  );
+  const at = alignUp(file.size, 2 ** header.clusterBits);
+  await file.write(at, table);
+  await file.flush();
+  const fields = new Uint8Array(24);
+  setBe64(fields, 0, storedSize);
+  fields[8] = header.clusterBits;
+  fields[9] = header.l2Bits;
+  setBe32(fields, 12, header.cryptMethod);
+  setBe64(fields, 16, at);
+  await file.write(24, fields);
+  await file.flush();
+  return at;
+}
+
+/** The header of the qcow in `file`, validated. */
+async function headerOf(file: Source): Promise<Header> {
+  return parseHeader(
+    await file.read(0, Math.min(HEADER_SIZE, file.size)),
+    file.size,
+  );
+}
+
+/**
+ * `resize`: sets the size field. A larger L1 table stays in place when it
+ * fits in the sectors the old one took, and moves to the end of the file
+ * otherwise. Shrinking clears the L1 and L2 entries past the new end, so
+ * that growing again reads zeros there (the clusters stay in the file).
+ */
+async function resizeQcow(file: Source & Sink, size: number): Promise<void> {
+  const header = await headerOf(file);
+  if (size % SECTOR !== 0 || size < SECTOR) {
+    throw fail(
+      "size",
+      size,
+      "a whole number of 512-byte sectors, at least one",
+    );
+  }
+  const span = 2 ** (header.clusterBits + header.l2Bits);
+  const newL1Size = Math.ceil(size / span);
+  if (newL1Size > MAX_L1_ENTRIES) {
+    throw fail("size", size, `at most ${MAX_L1_ENTRIES} L1 entries`);
+  }
+  if (size < header.storedSize) {
+    // Entries past the end: whole L2 tables dropped from the L1, then the
+    // last table's entries past the end.
+    if (newL1Size < header.l1Size) {
+      await file.write(
+        header.l1TableOffset + newL1Size * 8,
+        new Uint8Array((header.l1Size - newL1Size) * 8),
+      );
+    }
+    const tail = size % span;
+    if (tail !== 0) {
+      const entry = await file.read(
+        header.l1TableOffset + (newL1Size - 1) * 8,
+        8,
+      );
+      const tableAt = Number(new DataView(entry.buffer).getBigUint64(0));
+      if (tableAt !== 0) {
+        const first = Math.ceil(tail / 2 ** header.clusterBits);
+        const entries = 2 ** header.l2Bits;
+        await file.write(
+          tableAt + first * 8,
+          new Uint8Array((entries - first) * 8),
+        );
+      }
+    }
+  }
+  if (newL1Size * 8 > alignUp(header.l1Size * 8, SECTOR)) {
+    await relocateL1(file, header, newL1Size, size);
+    return;
+  }
+  if (newL1Size > header.l1Size) {
+    await file.write(
+      header.l1TableOffset + header.l1Size * 8,
+      new Uint8Array((newL1Size - header.l1Size) * 8),
+    );
+  }
+  const field = new Uint8Array(8);
+  setBe64(field, 0, size);
+  await file.write(24, field);
+  await file.flush();
+}
+
+/**
+ * `rebase -u`: records `name` as the backing file (or none). The name sits
+ * between the header and the L1 table; when it does not fit there, the
+ * L1 table moves to the end of the file first.
+ */
+async function setQcowBackingFile(
+  file: Source & Sink,
+  name: string | undefined,
+): Promise<void> {
+  const header = await headerOf(file);
+  const fields = new Uint8Array(12);
+  if (name !== undefined && name !== "") {
+    const bytes = new TextEncoder().encode(name);
+    if (bytes.length > MAX_BACKING_NAME) {
+      throw fail(
+        "backing_file",
+        name,
+        `at most ${MAX_BACKING_NAME} bytes long`,
+      );
+    }
+    if (HEADER_SIZE + bytes.length > header.l1TableOffset) {
+      // The L1 table's sectors are free once it moves; data starts past them.
+      const room = alignUp(header.l1TableOffset + header.l1Size * 8, SECTOR) -
+        HEADER_SIZE;
+      if (bytes.length > room) {
+        throw new UnsupportedError(
+          { format: FORMAT, field: "backing_file", value: bytes.length },
+          `a backing file name of ${bytes.length} bytes does not fit in the ${room} bytes before the first cluster`,
+        );
+      }
+      await relocateL1(file, header, header.l1Size, header.storedSize);
+    }
+    await file.write(HEADER_SIZE, bytes);
+    setBe64(fields, 0, HEADER_SIZE);
+    setBe32(fields, 8, bytes.length);
+  }
+  await file.write(8, fields);
+  await file.flush();
+}
+
+/**
  * The qcow driver: QEMU's qcow version 1. Reads plain and compressed
  * clusters, writes (allocating clusters and L2 tables at the end of the
  * file), creates (with a backing file name, and AES with a passphrase),
@@ -991,4 +1134,6 @@ export const qcow: Driver = {
   open: openQcow,
   create: createQcow,
   encode: encodeQcow,
+  resize: resizeQcow,
+  setBackingFile: setQcowBackingFile,
 };

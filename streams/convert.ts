@@ -9,8 +9,15 @@
 import { isZeroRange, wordsOf } from "../drivers/_binary.ts";
 import { driver } from "../drivers/registry.ts";
 import { checkWriteOptions } from "./options.ts";
+import { type SalvagedRun, salvaging } from "./salvage.ts";
 import { type Sha256, sha256 } from "./_sha256.ts";
-import { extentsOf, readInto, type Sink, type Source } from "./types.ts";
+import {
+  extentsOf,
+  type Image,
+  readInto,
+  type Sink,
+  type Source,
+} from "./types.ts";
 
 /** Options for {@linkcode convert}. */
 export interface ConvertOptions {
@@ -49,9 +56,28 @@ export interface ConvertOptions {
   concurrency?: number;
   /**
    * Data blocks that are all zeros are not written (the output stays
-   * sparse), checked at this granularity; 0 turns it off. @default 4096
+   * sparse), checked at this granularity (`-S`); 0 writes every byte,
+   * zero runs included, as `qemu-img convert -S 0` does. @default 4096
    */
   sparseSize?: number;
+  /**
+   * An existing image, opened writable, to write into instead of creating
+   * one (`-n`); `sink` is then not used. It must be at least as large as
+   * the source; what lies past the source's end is left as it is. Zeros
+   * are written wherever the target does not already read as zeros.
+   */
+  target?: Image;
+  /** With `target`: it reads as zeros already, so zeros are not written (`--target-is-zero`). */
+  targetIsZero?: boolean;
+  /**
+   * Unreadable parts of the source become zeros instead of failing the
+   * conversion (`--salvage`): each failing read is retried in smaller
+   * pieces down to a sector, and the runs given up are listed in
+   * `ConvertResult.salvaged` and passed to `onSalvaged`.
+   */
+  salvage?: boolean;
+  /** With `salvage`: called with each run given up as zeros. */
+  onSalvaged?: (run: SalvagedRun) => void;
 }
 
 /** What {@linkcode convert} did. */
@@ -67,6 +93,8 @@ export interface ConvertResult {
   dataBytes: number;
   /** SHA-256 (hex) of the whole virtual disk, when `hash` was set. */
   sha256?: string;
+  /** With `salvage`: the runs that could not be read and were written as zeros. */
+  salvaged?: SalvagedRun[];
 }
 
 interface Block {
@@ -193,14 +221,35 @@ async function* blocks(
  * ```
  */
 export async function convert(
-  source: Source,
+  input: Source,
   sink: Sink,
   options: ConvertOptions = {},
 ): Promise<ConvertResult> {
   const format = options.format ?? "raw";
-  const out = driver(format);
-  checkWriteOptions(out, options.options, options.compress);
+  const into = options.target;
+  const out = into ? undefined : driver(format);
+  if (out) checkWriteOptions(out, options.options, options.compress);
+  if (options.targetIsZero && !into) {
+    throw new TypeError(
+      "targetIsZero (--target-is-zero) requires a target (-n)",
+    );
+  }
+  const rescue = options.salvage
+    ? salvaging(input, {
+      onSalvaged: options.onSalvaged,
+      signal: options.signal,
+    })
+    : undefined;
+  const source: Source = rescue ?? input;
   const total = source.size;
+  if (into && into.size < total) {
+    throw new RangeError(
+      `the target (${into.size} bytes) is smaller than the input (${total} bytes): output file is smaller than input file`,
+    );
+  }
+  if (into && !into.write) {
+    throw new Error(`${into.format}: the target is not open for writing`);
+  }
   const blockSize = options.blockSize ?? 2 << 20;
   const concurrency = options.concurrency ?? 4;
   const sparse = options.sparseSize ?? 4096;
@@ -211,7 +260,7 @@ export async function convert(
 
   // The whole-image encoders (dmg, cloop, streamOptimized vmdk) read the
   // source themselves, in their own order; the hash is then a second pass.
-  if (out.encode && format !== "raw" && !options.backing) {
+  if (out?.encode && format !== "raw" && !options.backing) {
     const view = passView(source, hasher, sparse);
     await out.encode(view.source, sink, {
       options: options.options,
@@ -221,25 +270,26 @@ export async function convert(
       onProgress: (done) => options.onProgress?.(done, total),
     });
     await sink.flush();
-    return { size: total, ...await view.finish() };
+    return { size: total, ...await view.finish(), salvaged: rescue?.salvaged };
   }
 
-  if (!out.create) {
+  if (out && !out.create) {
     throw new Error(`format '${format}' cannot be written`);
   }
-  const direct = out.name === "raw" && !options.key;
-  const target = direct
-    ? { write: (o: number, b: Uint8Array) => sink.write(o, b) }
-    : await out.create(sink, {
-      size: total,
-      key: options.key,
-      options: {
-        ...options.options,
-        ...(options.compress ? { compress: "on" } : {}),
-      },
-      backingFile: options.backingFile,
-      backingFormat: options.backingFormat,
-    });
+  const direct = !into && out!.name === "raw" && !options.key;
+  const target = into ??
+    (direct
+      ? { write: (o: number, b: Uint8Array) => sink.write(o, b) }
+      : await out!.create!(sink, {
+        size: total,
+        key: options.key,
+        options: {
+          ...options.options,
+          ...(options.compress ? { compress: "on" } : {}),
+        },
+        backingFile: options.backingFile,
+        backingFormat: options.backingFormat,
+      }));
   if (!target.write) throw new Error(`${format}: created image is read-only`);
   const write = target.write.bind(target);
   // Reused read buffers only where nothing keeps the bytes after a write:
@@ -253,6 +303,15 @@ export async function convert(
   // stream is padded at the end instead.
   const sizedFirst = direct && !sink.sequential;
   if (sizedFirst) await sink.resize?.(total);
+  // Zeros the output must be given as writes: every byte with -S 0, and
+  // with -n what the target holds (unless it reads as zeros already).
+  const zeroFill = sparse === 0
+    ? (offset: number, length: number) =>
+      writeZeros(write, offset, length, blockSize)
+    : into && !options.targetIsZero
+    ? (offset: number, length: number) =>
+      zeroTarget(into, write, offset, length, blockSize)
+    : undefined;
   let dataBytes = 0;
   let lastYield = performance.now();
   for await (
@@ -278,7 +337,15 @@ export async function convert(
         Math.max(sparse, 512),
       );
     } else if (block.bytes) {
-      dataBytes += await writeSparse(write, block.offset, block.bytes, sparse);
+      dataBytes += await writeSparse(
+        write,
+        block.offset,
+        block.bytes,
+        sparse,
+        zeroFill,
+      );
+    } else if (zeroFill) {
+      await zeroFill(block.offset, block.length);
     }
     if (hasher) hashBlock(hasher, block, zeros!);
     if (block.buffer) pool!.push(block.buffer);
@@ -286,12 +353,17 @@ export async function convert(
   }
   if ("flush" in target && target.flush) {
     await target.flush();
-  } else if (!sizedFirst) {
+  } else if (!sizedFirst && !into) {
     // Raw: holes left at the end still count towards the disk's size.
     await sink.resize?.(total);
   }
-  await sink.flush();
-  return { size: total, dataBytes, sha256: hasher?.digest() };
+  if (!into) await sink.flush();
+  return {
+    size: total,
+    dataBytes,
+    sha256: hasher?.digest(),
+    salvaged: rescue?.salvaged,
+  };
 }
 
 /**
@@ -589,6 +661,7 @@ async function writeSparse(
   offset: number,
   bytes: Uint8Array,
   granule: number,
+  zeroFill?: (offset: number, length: number) => Promise<void>,
 ): Promise<number> {
   if (granule <= 0) {
     await write(offset, bytes);
@@ -596,6 +669,7 @@ async function writeSparse(
   }
   let written = 0;
   let runStart = -1;
+  let zeroStart = -1;
   const words = wordsOf(bytes);
   for (let i = 0; i < bytes.length;) {
     const end = Math.min(
@@ -603,17 +677,62 @@ async function writeSparse(
       (Math.floor((offset + i) / granule) + 1) * granule - offset,
     );
     const zero = isZeroRange(bytes, words, i, end);
-    if (!zero && runStart < 0) runStart = i;
+    if (!zero && runStart < 0) {
+      runStart = i;
+      if (zeroStart >= 0) {
+        await zeroFill!(offset + zeroStart, i - zeroStart);
+        zeroStart = -1;
+      }
+    }
     if (zero && runStart >= 0) {
       await write(offset + runStart, bytes.subarray(runStart, i));
       written += i - runStart;
       runStart = -1;
     }
+    if (zero && zeroFill && zeroStart < 0) zeroStart = i;
     i = end;
   }
   if (runStart >= 0) {
     await write(offset + runStart, bytes.subarray(runStart));
     written += bytes.length - runStart;
   }
+  if (zeroStart >= 0) {
+    await zeroFill!(offset + zeroStart, bytes.length - zeroStart);
+  }
   return written;
+}
+
+/** Writes `length` zero bytes at `offset`, at most `chunk` at a time. */
+async function writeZeros(
+  write: (offset: number, bytes: Uint8Array) => Promise<void>,
+  offset: number,
+  length: number,
+  chunk: number,
+): Promise<void> {
+  const zeros = new Uint8Array(Math.min(chunk, length));
+  for (let at = offset; at < offset + length; at += zeros.length) {
+    const n = Math.min(zeros.length, offset + length - at);
+    await write(at, n === zeros.length ? zeros : zeros.subarray(0, n));
+  }
+}
+
+/**
+ * Makes `[offset, offset + length)` of the existing `target` read as
+ * zeros: zeros are written over its data runs, and over its unallocated
+ * runs when it names a backing file (they would read from there).
+ */
+async function zeroTarget(
+  target: Image,
+  write: (offset: number, bytes: Uint8Array) => Promise<void>,
+  offset: number,
+  length: number,
+  chunk: number,
+): Promise<void> {
+  const throughBacking = target.backingFile !== undefined ||
+    target.backing !== undefined;
+  for await (const e of target.extents(offset, length)) {
+    if (e.kind === "data" || (e.kind === "unallocated" && throughBacking)) {
+      await writeZeros(write, e.offset, e.length, chunk);
+    }
+  }
 }

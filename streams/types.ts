@@ -365,6 +365,21 @@ export interface Driver {
   readonly writeOptions?: readonly OptionSpec[];
   /** Whether `convert -c` means something for this format. */
   readonly compresses?: boolean;
+  /**
+   * Changes the virtual size of the image in `file` in place (`resize`),
+   * where the format's layout allows. Shrinking drops what lies past the
+   * new end: callers decide whether that is wanted.
+   */
+  resize?(file: Source & Sink, size: number): Promise<void>;
+  /**
+   * Records `name` as the backing file in the header of the image in
+   * `file`, or removes it (`undefined`); nothing else changes (`rebase -u`).
+   */
+  setBackingFile?(
+    file: Source & Sink,
+    name: string | undefined,
+    format?: string,
+  ): Promise<void>;
 }
 
 /**
