@@ -15,7 +15,15 @@ import {
   skip,
   withTemp,
 } from "./_helpers.ts";
-import { convert, dmg, formats, fromBytes, memorySink } from "../mod.ts";
+import {
+  convert,
+  dmg,
+  formats,
+  fromBytes,
+  fromFile,
+  memorySink,
+  open,
+} from "../mod.ts";
 import { writeFolder, writeSparsebundle } from "./_apple_writers.ts";
 import { encryptDmg } from "./_encrypted_dmg_writer.ts";
 import { segmentDmg } from "./_segmented_dmg_writer.ts";
@@ -43,13 +51,20 @@ async function withPage(
       `${dir}/dist/mod.js`,
       `${ROOT}mod.ts`,
     ]);
-    for (const f of ["index.html", "worker.js"]) {
+    for (const f of ["index.html", "worker.js", "sw.js"]) {
       await Deno.copyFile(`${ROOT}examples/web/${f}`, `${dir}/${f}`);
     }
     await Deno.mkdir(`${dir}/images`);
+    await Deno.mkdir(`${dir}/downloads`);
     const { server, base } = fileServer(dir);
     const page = await launch(`${base}/index.html`);
     try {
+      await page.sendBrowser("Browser.setDownloadBehavior", {
+        behavior: "allow",
+        downloadPath: `${dir}/downloads`,
+      });
+      // Downloads stream through the service worker: wait until it runs.
+      await page.evaluate(`vdisk.serviceWorker`);
       await fn(page, dir);
     } catch (e) {
       throw new Error(
@@ -60,6 +75,70 @@ async function withPage(
       await server.shutdown();
     }
   });
+}
+
+type Page = Awaited<ReturnType<typeof launch>>;
+
+/** Chooses `files` in the page's file input `selector`, as a person would. */
+async function chooseFiles(page: Page, selector: string, files: string[]) {
+  const doc = await page.send("DOM.getDocument");
+  const input = await page.send("DOM.querySelector", {
+    nodeId: (doc.root as { nodeId: number }).nodeId,
+    selector,
+  });
+  await page.send("DOM.setFileInputFiles", { files, nodeId: input.nodeId });
+}
+
+/**
+ * Waits until the page's state (`data-state` of its body) is one of
+ * `wanted` and returns the status line; the error state, when not wanted,
+ * fails with the page's message.
+ */
+function waitForState(
+  page: Page,
+  wanted: string[],
+  seconds = 120,
+): Promise<string> {
+  return page.evaluate<string>(
+    `new Promise((resolve, reject) => {
+      const started = Date.now();
+      const wanted = ${JSON.stringify(wanted)};
+      const poll = () => {
+        const state = document.body.dataset.state;
+        const text = document.getElementById("status").textContent;
+        if (wanted.includes(state)) resolve(text);
+        else if (state === "error") reject(new Error(text));
+        else if (Date.now() - started > ${
+      seconds * 1000
+    }) reject(new Error("timed out: " + text));
+        else setTimeout(poll, 50);
+      };
+      poll();
+    })`,
+  );
+}
+
+/**
+ * The path of the download `name` once the browser has finished it (it
+ * writes NAME.crdownload and renames it at the end).
+ */
+async function downloadedFile(
+  dir: string,
+  name: string,
+  seconds = 60,
+): Promise<string> {
+  for (let i = 0; i < seconds * 20; i++) {
+    const names = [...Deno.readDirSync(`${dir}/downloads`)].map((e) => e.name);
+    if (names.includes(name) && !names.some((n) => n.endsWith(".crdownload"))) {
+      return `${dir}/downloads/${name}`;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(
+    `${name} was not downloaded: ${
+      [...Deno.readDirSync(`${dir}/downloads`)].map((e) => e.name).join(", ")
+    }`,
+  );
 }
 
 Deno.test({
@@ -114,13 +193,13 @@ Deno.test({
         const byUrl = await page.evaluate<
           { sha256: string; size: number; format: string }
         >(
-          `vdisk.convertInWorker("/images/${name}", false)`,
+          `vdisk.convertInWorker("/images/${name}")`,
         );
         assertEquals(byUrl.format, image.format, image.path);
         assertEquals(byUrl.sha256, image.raw_sha256, `${image.path} over HTTP`);
         const byFile = await page.evaluate<{ sha256: string }>(
           `fetch("/images/${name}").then((r) => r.blob())
-             .then((b) => vdisk.convertInWorker(new File([b], "${name}"), false))`,
+             .then((b) => vdisk.convertInWorker(new File([b], "${name}")))`,
         );
         assertEquals(
           byFile.sha256,
@@ -133,7 +212,8 @@ Deno.test({
 });
 
 Deno.test({
-  name: "a person drops an image on the web page and downloads the raw disk",
+  name:
+    "a person drops an image on the web page, sees what info shows, and downloads the raw disk streamed",
   ignore: skip(["chromium", "bzip2"], true),
   async fn() {
     await withPage(async (page, dir) => {
@@ -144,34 +224,19 @@ Deno.test({
           i.path === "qemu-iotests/grub_mbr.raw.bz2"
         )!;
       const file = (await referenceFile(image.path, `${dir}/images`))!;
-      await Deno.mkdir(`${dir}/downloads`);
-      await page.sendBrowser("Browser.setDownloadBehavior", {
-        behavior: "allow",
-        downloadPath: `${dir}/downloads`,
-      });
-      // Choose the file in the page's file input, as a person would.
-      const doc = await page.send("DOM.getDocument");
-      const input = await page.send("DOM.querySelector", {
-        nodeId: (doc.root as { nodeId: number }).nodeId,
-        selector: "#file",
-      });
-      await page.send("DOM.setFileInputFiles", {
-        files: [file],
-        nodeId: input.nodeId,
-      });
-      const text = await page.evaluate<string>(
-        `new Promise((resolve, reject) => {
-        const started = Date.now();
-        const poll = () => {
-          const s = document.getElementById("status");
-          if (!document.getElementById("download").hidden) resolve(s.textContent);
-          else if (s.className === "error") reject(new Error(s.textContent));
-          else if (Date.now() - started > 60000) reject(new Error("timed out: " + s.textContent));
-          else setTimeout(poll, 50);
-        };
-        poll();
-      })`,
+      await chooseFiles(page, "#file", [file]);
+      await waitForState(page, ["ready"]);
+      const info = await page.evaluate<string>(
+        `document.getElementById("info").textContent`,
       );
+      assertTrue(info.includes(`file format: ${image.format}`), info);
+      if (image.format === "dmg") {
+        // The partitions and codecs, as `info` lists them.
+        assertTrue(/partitions:\n\s+\[0\]:/.test(info), info);
+        assertTrue(/codecs:\n\s+\w+: \d+/.test(info), info);
+      }
+      await page.evaluate(`document.getElementById("save").click()`);
+      const text = await waitForState(page, ["done"]);
       assertTrue(text.includes(image.raw_sha256!), text);
       assertEquals(
         await page.evaluate<number>(
@@ -179,22 +244,12 @@ Deno.test({
         ),
         1,
       );
-      await page.evaluate(`document.getElementById("download").click()`);
-      const expectedName = file.split("/").pop()!.replace(/\.[^.]*$/, "") +
-        ".raw";
-      let downloaded = "";
-      for (let i = 0; i < 200 && !downloaded; i++) {
-        await new Promise((r) =>
-          setTimeout(r, 50)
-        );
-        const names = [...Deno.readDirSync(`${dir}/downloads`)].map((e) =>
-          e.name
-        );
-        if (names.includes(expectedName)) {
-          downloaded = `${dir}/downloads/${expectedName}`;
-        }
-      }
-      assertTrue(downloaded, "nothing was downloaded");
+      const rate = await page.evaluate<string>(
+        `document.getElementById("rate").textContent`,
+      );
+      assertTrue(/^100\.0% .* \/ .*\/s {2}ETA 0:00$/.test(rate), rate);
+      const name = file.split("/").pop()!.replace(/\.[^.]*$/, "") + ".raw";
+      const downloaded = await downloadedFile(dir, name);
       assertEquals(await sha256File(downloaded), image.raw_sha256);
     });
   },
@@ -219,35 +274,23 @@ Deno.test({
         `Promise.all(${JSON.stringify(paths)}.map((p) =>
            fetch("/images/disk.sparsebundle/" + p).then((r) => r.blob())
              .then((b) => [p, new File([b], p.split("/").pop())])))
-           .then((entries) => vdisk.convertInWorker(Object.fromEntries(entries), false))`,
+           .then((entries) => vdisk.convertInWorker(Object.fromEntries(entries)))`,
       );
       assertEquals(result.format, "sparsebundle");
       assertEquals(result.sha256, sha256Hex(disk));
       // And as a person does it: the folder chosen in the page's folder input.
-      const doc = await page.send("DOM.getDocument");
-      const input = await page.send("DOM.querySelector", {
-        nodeId: (doc.root as { nodeId: number }).nodeId,
-        selector: "#folder",
-      });
-      await page.send("DOM.setFileInputFiles", {
-        files: [`${dir}/images/disk.sparsebundle`],
-        nodeId: input.nodeId,
-      });
-      const text = await page.evaluate<string>(
-        `new Promise((resolve, reject) => {
-        const started = Date.now();
-        const poll = () => {
-          const s = document.getElementById("status");
-          if (!document.getElementById("download").hidden) resolve(s.textContent);
-          else if (s.className === "error") reject(new Error(s.textContent));
-          else if (Date.now() - started > 60000) reject(new Error("timed out: " + s.textContent));
-          else setTimeout(poll, 50);
-        };
-        poll();
-      })`,
+      await chooseFiles(page, "#folder", [`${dir}/images/disk.sparsebundle`]);
+      await waitForState(page, ["ready"]);
+      const info = await page.evaluate<string>(
+        `document.getElementById("info").textContent`,
       );
+      assertTrue(info.includes("file format: sparsebundle"), info);
+      await page.evaluate(`document.getElementById("save").click()`);
+      const text = await waitForState(page, ["done"]);
       assertTrue(text.includes(sha256Hex(disk)), text);
       assertTrue(text.startsWith("disk.sparsebundle: sparsebundle"), text);
+      const downloaded = await downloadedFile(dir, "disk.raw");
+      assertEquals(await sha256File(downloaded), sha256Hex(disk));
     });
   },
 });
@@ -277,13 +320,13 @@ Deno.test({
         });
         await Deno.writeFile(`${dir}/images/secret-${wrap}.dmg`, made.bytes);
         const result = await page.evaluate<{ sha256: string; format: string }>(
-          `vdisk.convertInWorker("/images/secret-${wrap}.dmg", false, "pass word")`,
+          `vdisk.convertInWorker("/images/secret-${wrap}.dmg", { key: "pass word" })`,
         );
         assertEquals(result.format, "dmg-encrypted");
         assertEquals(result.sha256, sha256Hex(disk), wrap);
       }
       const wrong = await page.evaluate<string>(
-        `vdisk.convertInWorker("/images/secret-aes.dmg", false, "nope")
+        `vdisk.convertInWorker("/images/secret-aes.dmg", { key: "nope" })
            .then(() => "opened", (e) => e.message)`,
       );
       assertTrue(/^KeyError: .*wrong password/.test(wrong), wrong);
@@ -297,7 +340,7 @@ Deno.test({
       const segmented = await page.evaluate<{ sha256: string }>(
         `Promise.all(${names}.map((n) => fetch("/images/" + n)
            .then((r) => r.blob()).then((b) => new File([b], n))))
-           .then((files) => vdisk.convertInWorker(files, false))`,
+           .then((files) => vdisk.convertInWorker(files))`,
       );
       assertEquals(segmented.sha256, sha256Hex(disk));
     });
