@@ -249,7 +249,7 @@ async function runConvert(data, reply) {
     : to?.handle
     ? await fileOutput(to.handle)
     : nullOutput();
-  let stream = orderedSink(output);
+  const stream = orderedSink(output);
   let inMemory;
   let last = 0;
   let convertDone = 0;
