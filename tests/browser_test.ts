@@ -588,3 +588,37 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name:
+    "the worker writes to a file handle as the File System Access API gives one (here the origin's private file system), zero runs included",
+  ignore: skip(["chromium"]),
+  async fn() {
+    await withPage(async (page, dir) => {
+      const disk = await wordsDisk(dir);
+      const answers = await page.evaluate<
+        { format: string; sha256: string; size: number; output: number }[]
+      >(
+        `(async () => {
+          const root = await navigator.storage.getDirectory();
+          const answers = [];
+          for (const format of ["raw", "dmg"]) {
+            const handle = await root.getFileHandle("words." + format, { create: true });
+            const made = await vdisk.convertInWorker("/images/words.img", { format, to: handle });
+            const file = await handle.getFile();
+            const back = await vdisk.convertInWorker(file);
+            answers.push({ format: back.format, sha256: back.sha256, size: file.size, output: made.outputSize });
+          }
+          return answers;
+        })()`,
+      );
+      assertEquals(answers[0].format, "raw");
+      assertEquals(answers[0].size, disk.length);
+      assertEquals(answers[1].format, "dmg");
+      for (const a of answers) {
+        assertEquals(a.sha256, sha256Hex(disk), a.format);
+        assertEquals(a.output, a.size, a.format);
+      }
+    });
+  },
+});
