@@ -397,7 +397,7 @@ async function sha256Big(path: string): Promise<string> {
 
 /**
  * The disk of the big download test: 4 GiB, past what one ArrayBuffer
- * holds. A 16 GiB run took about five minutes on a busy 2-core machine,
+ * holds. A 16 GiB run took 3-5 minutes on a busy 2-core machine,
  * most of it the browser writing and the test hashing 16 GiB of zeros
  * (renderers peaked at 178 MiB); `VDISK_WEB_DISK_GIB=16` runs that size.
  */
