@@ -17,6 +17,8 @@ export interface Browser {
   ): Promise<Record<string, unknown>>;
   /** Messages the page logged (console and errors), for failure reports. */
   logs: string[];
+  /** The browser process's id (its renderers are among its descendants). */
+  pid: number;
   close(): Promise<void>;
 }
 
@@ -123,6 +125,7 @@ export async function launch(url: string): Promise<Browser> {
   }
   return {
     logs,
+    pid: child.pid,
     send,
     sendBrowser: (method, params) => raw(method, params),
     async evaluate<T>(expression: string) {
