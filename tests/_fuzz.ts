@@ -520,6 +520,7 @@ export async function fuzz(
     const replaceWorker = async () => {
       worker?.terminate();
       worker = undefined;
+      (globalThis as { gc?: () => void }).gc?.();
       for (let t = 0; t < 50 && Deno.memoryUsage().rss > ceiling / 2; t++) {
         await new Promise((r) => setTimeout(r, 100));
       }
