@@ -326,3 +326,51 @@ export function assertBoundedWork(
     );
   }
 }
+
+/**
+ * Starts `cli.ts serve` with `args` on a port the system picks (`--port 0`)
+ * and waits for its "listening" line: a server that dies first is an error
+ * with what it said, and one that never listens fails after `timeoutMs`,
+ * instead of a test waiting forever. Returns the child and its port; the
+ * caller kills it.
+ */
+export async function startServe(
+  args: string[],
+  timeoutMs = 30_000,
+): Promise<{ child: Deno.ChildProcess; port: number }> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", `${ROOT}cli.ts`, "serve", "--port", "0", ...args],
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  const reader = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
+  let said = "";
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    const port = await Promise.race([
+      (async () => {
+        for (;;) {
+          const match = /listening on http:\/\/[^\s]*:(\d+)\//.exec(said);
+          if (match) return Number(match[1]);
+          const { value, done } = await reader.read();
+          if (done) throw new Error(`serve ended before listening: ${said}`);
+          said += value;
+        }
+      })(),
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(
+          () => reject(new Error(`serve did not listen: ${said}`)),
+          timeoutMs,
+        );
+      }),
+    ]);
+    return { child, port };
+  } catch (e) {
+    child.kill("SIGKILL");
+    await child.status;
+    throw e;
+  } finally {
+    clearTimeout(timer);
+    await reader.cancel().catch(() => {});
+  }
+}

@@ -4,10 +4,10 @@ import {
   fileServer,
   have,
   pseudoRandom,
-  ROOT,
   run,
   sha256Hex,
   skip,
+  startServe,
   withTemp,
 } from "./_helpers.ts";
 import { createHash } from "node:crypto";
@@ -164,27 +164,8 @@ Deno.test({
       ]);
       await Deno.remove(raw);
       const { server, base } = fileServer(dir);
-      const port = 20000 + Math.floor(Math.random() * 20000);
-      const child = new Deno.Command(Deno.execPath(), {
-        args: [
-          "run",
-          "-A",
-          `${ROOT}cli.ts`,
-          "serve",
-          "--port",
-          String(port),
-          "--allow-private",
-        ],
-        stdout: "null",
-        stderr: "piped",
-      }).spawn();
+      const { child, port } = await startServe(["--allow-private"]);
       try {
-        const reader = child.stderr.pipeThrough(new TextDecoderStream())
-          .getReader();
-        let said = "";
-        while (!said.includes("listening")) {
-          said += (await reader.read()).value ?? "";
-        }
         const res = await fetch(
           `http://127.0.0.1:${port}/convert?url=${base}/disk.cloop`,
         );
@@ -199,11 +180,9 @@ Deno.test({
         assertEquals(h.digest("hex"), expected.digest("hex"));
         const peak = peakMemory(child.pid);
         assertTrue(peak < 256 * 1024 * 1024, `peak memory ${peak} bytes`);
-        reader.releaseLock();
       } finally {
         child.kill("SIGTERM");
         await child.status;
-        await child.stderr.cancel().catch(() => {});
         await server.shutdown();
       }
     });
@@ -214,20 +193,8 @@ Deno.test({
   name: "cli serve answers the forbidden host with a 4xx message",
   ignore: !have("sh"),
   async fn() {
-    const port = 20000 + Math.floor(Math.random() * 20000);
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", `${ROOT}cli.ts`, "serve", "--port", String(port)],
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    const { child, port } = await startServe([]);
     try {
-      const reader = child.stderr.pipeThrough(new TextDecoderStream())
-        .getReader();
-      let said = "";
-      while (!said.includes("listening")) {
-        said += (await reader.read()).value ?? "";
-      }
-      reader.releaseLock();
       const res = await fetch(
         `http://127.0.0.1:${port}/convert?url=http://127.0.0.1:1/x`,
       );
@@ -236,7 +203,6 @@ Deno.test({
     } finally {
       child.kill("SIGTERM");
       await child.status;
-      await child.stderr.cancel().catch(() => {});
     }
   },
 });
