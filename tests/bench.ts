@@ -1,29 +1,72 @@
 // `deno task bench`: times our convert against the reference tools on the
 // same machine in the same run, and prints ratios (ours / theirs; below 1 is
 // faster). The 1 GiB source disk and the images made from it are built once
-// and cached under $TMPDIR/vdisk-bench.
+// and cached under $TMPDIR/vdisk-bench-<kind>-<size>.
 //
 //   deno task bench              every case whose driver and peer tool exist
 //   deno task bench cloop dmg    only cases whose name contains one of these
 //   BENCH_SIZE_MIB=256 deno task bench   a smaller disk
+//   BENCH_DISK=synthetic deno task bench the old word-pattern disk
+//
+// The default disk is real data: its first half is a tar of /usr/lib
+// (system libraries, binaries, text; files sorted by name), then a quarter
+// of zeros (a hole) and a quarter of random bytes. The synthetic disk (a
+// repeated word pattern that compresses about a hundredfold, zeros and
+// random mebibytes) flatters every codec; it stays as a second case.
 import { formats } from "../mod.ts";
 import { have, pseudoRandom, ROOT, run } from "./_helpers.ts";
 
 const MIB = 1024 * 1024;
 const SIZE_MIB = Number(Deno.env.get("BENCH_SIZE_MIB") ?? 1024);
-const DIR = `${Deno.env.get("TMPDIR") ?? "/tmp"}/vdisk-bench-${SIZE_MIB}`;
+const KIND = Deno.env.get("BENCH_DISK") ?? "real";
+if (KIND !== "real" && KIND !== "synthetic") {
+  throw new Error(`BENCH_DISK=${KIND}: expected real or synthetic`);
+}
+const DIR = `${
+  Deno.env.get("TMPDIR") ?? "/tmp"
+}/vdisk-bench-${KIND}-${SIZE_MIB}`;
 const RUNS = Number(Deno.env.get("BENCH_RUNS") ?? 3);
 const DISK = `${DIR}/disk.raw`;
 const CLI = `${ROOT}cli.ts`;
 const deno = Deno.execPath();
 
-/** A disk like a real one: compressible "files", zero runs and random bytes. */
+/** Builds the bench disk once (real or synthetic); kept between runs. */
 async function buildDisk() {
   try {
     if ((await Deno.stat(DISK)).size === SIZE_MIB * MIB) return;
   } catch { /* build it */ }
   await Deno.mkdir(DIR, { recursive: true });
-  console.error(`building ${SIZE_MIB} MiB bench disk at ${DISK}`);
+  console.error(`building ${SIZE_MIB} MiB ${KIND} bench disk at ${DISK}`);
+  if (KIND === "real") await buildRealDisk();
+  else await buildSyntheticDisk();
+}
+
+/**
+ * Real data: a tar of /usr/lib cut at half the disk, a quarter of zeros
+ * (left as a hole) and a quarter of random bytes from /dev/urandom.
+ */
+async function buildRealDisk() {
+  const half = SIZE_MIB / 2 * MIB, quarter = SIZE_MIB / 4 * MIB;
+  const part = `${DISK}.part`;
+  // tar is cut by head (SIGPIPE): its exit status is not checked, the size is.
+  await run("sh", [
+    "-c",
+    `(tar --sort=name -cf - -C / usr/lib 2>/dev/null || true) | head -c ${half} > ${part}`,
+  ]);
+  if ((await Deno.stat(part)).size !== half) {
+    throw new Error(`the tar of /usr/lib is smaller than ${half} bytes`);
+  }
+  await run("sh", [
+    "-c",
+    `truncate -s ${
+      half + quarter
+    } ${part} && head -c ${quarter} /dev/urandom >> ${part}`,
+  ]);
+  await Deno.rename(part, DISK);
+}
+
+/** A disk like a real one: compressible "files", zero runs and random bytes. */
+async function buildSyntheticDisk() {
   const file = await Deno.open(DISK, {
     write: true,
     create: true,
@@ -141,7 +184,7 @@ const cases: Case[] = [
       },
     ],
   },
-  ...["zlib", "bzip2"].map((codec): Case => ({
+  ...["zlib", "bzip2", "lzfse", "lzma"].map((codec): Case => ({
     name: `dmg ${codec} (our writer, checked by 7zz in the tests)`,
     format: "dmg",
     make: {
@@ -409,6 +452,12 @@ async function time(
   let rss: number | undefined;
   for (let i = 0; i < RUNS; i++) {
     await Deno.remove(OUT).catch(() => {});
+    console.log(
+      `\nload average at the end: ${
+        (await Deno.readTextFile("/proc/loadavg").catch(() => "")).split(" ")
+          .slice(0, 3).join(" ")
+      }`,
+    );
     const timed = have("/usr/bin/time")
       ? ["/usr/bin/time", "-f", "%M", ...cmd]
       : cmd;
@@ -426,9 +475,13 @@ async function time(
 }
 
 const filters = Deno.args;
+const load = (await Deno.readTextFile("/proc/loadavg").catch(() => ""))
+  .split(" ").slice(0, 3).join(" ");
 const known = new Set(formats().map((d) => d.name));
 await buildDisk();
-console.log(`bench: ${SIZE_MIB} MiB disk, best of ${RUNS} runs, output ${OUT}`);
+console.log(
+  `bench: ${SIZE_MIB} MiB ${KIND} disk, best of ${RUNS} runs, output ${OUT}, load average ${load}`,
+);
 for (const c of cases) {
   if (filters.length && !filters.some((f) => c.name.includes(f))) continue;
   if (!known.has(c.format)) {
@@ -473,3 +526,9 @@ for (const c of cases) {
   }
 }
 await Deno.remove(OUT).catch(() => {});
+console.log(
+  `\nload average at the end: ${
+    (await Deno.readTextFile("/proc/loadavg").catch(() => "")).split(" ")
+      .slice(0, 3).join(" ")
+  }`,
+);
