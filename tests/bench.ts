@@ -452,12 +452,6 @@ async function time(
   let rss: number | undefined;
   for (let i = 0; i < RUNS; i++) {
     await Deno.remove(OUT).catch(() => {});
-    console.log(
-      `\nload average at the end: ${
-        (await Deno.readTextFile("/proc/loadavg").catch(() => "")).split(" ")
-          .slice(0, 3).join(" ")
-      }`,
-    );
     const timed = have("/usr/bin/time")
       ? ["/usr/bin/time", "-f", "%M", ...cmd]
       : cmd;
