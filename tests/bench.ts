@@ -5,6 +5,7 @@
 //
 //   deno task bench              every case whose driver and peer tool exist
 //   deno task bench cloop dmg    only cases whose name contains one of these
+//   deno task bench codecs [xz]  the codec micro-bench (tests/bench_codecs.ts)
 //   BENCH_SIZE_MIB=256 deno task bench   a smaller disk
 //   BENCH_DISK=synthetic deno task bench the old word-pattern disk
 //
@@ -15,6 +16,11 @@
 // random mebibytes) flatters every codec; it stays as a second case.
 import { formats } from "../mod.ts";
 import { have, pseudoRandom, ROOT, run } from "./_helpers.ts";
+
+if (Deno.args[0] === "codecs") {
+  await import("./bench_codecs.ts");
+  Deno.exit(0);
+}
 
 const MIB = 1024 * 1024;
 const SIZE_MIB = Number(Deno.env.get("BENCH_SIZE_MIB") ?? 1024);
