@@ -192,3 +192,17 @@ export function kernelCopier(
     },
   };
 }
+
+/**
+ * The data ranges of a whole open file as the file system reports them, or
+ * `undefined` without FFI (for tests and tools comparing sparse files).
+ */
+export function fileDataRanges(
+  file: Deno.FsFile,
+): [number, number][] | undefined {
+  const c = loadLibc();
+  const stat = file.statSync();
+  const fd = c ? descriptorOf(stat, "read") : undefined;
+  if (!c || fd === undefined) return undefined;
+  return [...dataRanges(c, fd, 0, stat.size)];
+}
