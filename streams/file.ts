@@ -16,6 +16,7 @@ import {
   type Source,
   type Tree,
   type TreeEntry,
+  type WindowSource,
 } from "./types.ts";
 
 /**
@@ -192,6 +193,14 @@ function handle(
     // than reads and writes for `deno task bench raw` (see the README).
     copyRange(from, fromOffset, length, toOffset) {
       try {
+        // Through windows (a bounds-checked view, a fixed VHD's data) to
+        // the file underneath.
+        for (let depth = 0; !filesOf.has(from) && depth < 8; depth++) {
+          const window = (from as Partial<WindowSource>).windowOf;
+          if (!window) break;
+          fromOffset += window.offset;
+          from = window.source;
+        }
         const input = filesOf.get(from);
         // Only inside the sized file: holes past its end would not count.
         if (
