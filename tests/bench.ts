@@ -450,16 +450,22 @@ const cases: Case[] = [
   })),
 ];
 
-/** Wall time of the best of RUNS runs, and the peak RSS (KiB) when GNU time is there. */
+/**
+ * Wall time of the best of RUNS runs, and, when GNU time is there, the
+ * peak RSS (KiB) and the least CPU time (user + system, all threads): on a
+ * shared machine the wall clock waits for other people's work, CPU time
+ * much less.
+ */
 async function time(
   cmd: string[],
-): Promise<{ seconds: number; rssKiB?: number }> {
+): Promise<{ seconds: number; rssKiB?: number; cpu?: number }> {
   let best = Infinity;
   let rss: number | undefined;
+  let cpu: number | undefined;
   for (let i = 0; i < RUNS; i++) {
     await Deno.remove(OUT).catch(() => {});
     const timed = have("/usr/bin/time")
-      ? ["/usr/bin/time", "-f", "%M", ...cmd]
+      ? ["/usr/bin/time", "-f", "%M %U %S", ...cmd]
       : cmd;
     const start = performance.now();
     const r = await run(timed[0], timed.slice(1), { allowFail: true });
@@ -469,9 +475,13 @@ async function time(
     }
     best = Math.min(best, seconds);
     const last = r.stderr.trim().split("\n").pop() ?? "";
-    if (/^\d+$/.test(last)) rss = Math.max(rss ?? 0, Number(last));
+    const m = /^(\d+) ([\d.]+) ([\d.]+)$/.exec(last);
+    if (m) {
+      rss = Math.max(rss ?? 0, Number(m[1]));
+      cpu = Math.min(cpu ?? Infinity, Number(m[2]) + Number(m[3]));
+    }
   }
-  return { seconds: best, rssKiB: rss };
+  return { seconds: best, rssKiB: rss, cpu };
 }
 
 const filters = Deno.args;
@@ -501,8 +511,13 @@ for (const c of cases) {
   const size = (await Deno.stat(c.make.path)).size;
   console.log(`\n${c.name}: input ${(size / MIB).toFixed(1)} MiB`);
   const ours = await time(ourConvert(c.format, c.make.path, OUT, c.ours));
-  const rss = (r: { rssKiB?: number }) =>
-    r.rssKiB ? `, peak RSS ${(r.rssKiB / 1024).toFixed(0)} MiB` : "";
+  const rss = (r: { rssKiB?: number; cpu?: number }) =>
+    (r.cpu !== undefined ? `, CPU ${r.cpu.toFixed(2)} s` : "") +
+    (r.rssKiB ? `, peak RSS ${(r.rssKiB / 1024).toFixed(0)} MiB` : "");
+  const cpuRatio = (theirs: { cpu?: number }) =>
+    ours.cpu !== undefined && theirs.cpu
+      ? `, CPU ours/theirs = ${(ours.cpu / theirs.cpu).toFixed(2)}`
+      : "";
   console.log(
     `  ours                   ${ours.seconds.toFixed(2)} s${rss(ours)}`,
   );
@@ -516,7 +531,9 @@ for (const c of cases) {
       console.log(
         `  ${p.name.padEnd(22)} ${theirs.seconds.toFixed(2)} s${
           rss(theirs)
-        }   ours/theirs = ${(ours.seconds / theirs.seconds).toFixed(2)}`,
+        }   ours/theirs = ${(ours.seconds / theirs.seconds).toFixed(2)}${
+          cpuRatio(theirs)
+        }`,
       );
     } catch (e) {
       console.log(
