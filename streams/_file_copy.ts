@@ -100,6 +100,16 @@ export function descriptorOf(
   return undefined;
 }
 
+/** Whether descriptor `fd` is still the file `stat` describes. */
+function same(fd: number, stat: Deno.FileInfo): boolean {
+  try {
+    const now = Deno.statSync(`/proc/self/fd/${fd}`);
+    return now.dev === stat.dev && now.ino === stat.ino;
+  } catch {
+    return false;
+  }
+}
+
 /**
  * The data ranges `[start, end)` of the file `fd` within
  * `[offset, offset + length)`, as the file system reports them
@@ -160,7 +170,11 @@ export function kernelCopier(
   let working = true;
   return {
     copy(from, length, to) {
-      if (!working) return undefined;
+      // The descriptors are looked up by number: make sure they are still
+      // these files (a closed handle's number may have been reused).
+      if (!working || !same(fdIn, input) || !same(fdOut, output)) {
+        return undefined;
+      }
       let copied = 0;
       try {
         for (const [start, end] of dataRanges(c, fdIn, from, length)) {

@@ -196,3 +196,26 @@ Deno.test(
       assertEquals(dataMap(`${dir}/out.raw`), clipped);
     }),
 );
+
+Deno.test(
+  "a closed input is not copied from, even by a descriptor number reused since",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      await Deno.writeFile(
+        `${dir}/other.raw`,
+        new Uint8Array(24 * MIB).fill(9),
+      );
+      const input = await fromFile(`${dir}/in.raw`);
+      const out = await createOutputFile(`${dir}/out.raw`);
+      await out.resize!(input.size);
+      assertEquals(await out.copyRange(input, 0, MIB, 0), 0);
+      await input.close();
+      // Likely handed the closed file's descriptor number.
+      const other = await fromFile(`${dir}/other.raw`);
+      assertEquals(await out.copyRange(input, 5 * MIB, MIB, 0), undefined);
+      await other.close();
+      await out.abort();
+    }),
+);
