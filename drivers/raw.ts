@@ -17,6 +17,7 @@ import type {
   OpenOptions,
   Sink,
   Source,
+  WindowSource,
 } from "../streams/types.ts";
 import { checkRange, readInto } from "../streams/types.ts";
 
@@ -45,8 +46,11 @@ function rawImage(source: Source, sink?: Sink): Image {
     const at = offset - cached.offset;
     return cached.bytes.subarray(at, at + length);
   };
-  const image: Image = {
+  const image: Image & WindowSource = {
     format: "raw",
+    // Its bytes are the file's: convert may let a file sink copy them in
+    // the kernel (see RangeCopySink).
+    windowOf: { source, offset: 0 },
     get size() {
       return size;
     },

@@ -29,6 +29,7 @@ import {
   type ProbeInput,
   type Sink,
   type Source,
+  type WindowSource,
 } from "../streams/types.ts";
 
 /** How deep a backing chain may go before it is refused. */
@@ -169,8 +170,10 @@ export async function open(
  * every driver alike.
  */
 function guarded(source: Source, format: string): Source {
-  const guard: Source = {
+  const guard: Source & WindowSource = {
     ...source,
+    // The same bytes, only checked: kernel copies see through it.
+    windowOf: { source, offset: 0 },
     get size() {
       return source.size;
     },

@@ -87,6 +87,7 @@ import type {
   ProbeInput,
   Sink,
   Source,
+  WindowSource,
 } from "../streams/types.ts";
 import { checkRange, readInto as readIntoSource } from "../streams/types.ts";
 
@@ -723,7 +724,13 @@ function vpcImage(state: State, details: Record<string, unknown>): Image {
     into.set(await read(offset, length));
   }
 
-  const image: Image & { readonly requiresBacking: boolean } = {
+  const image: Image & {
+    readonly requiresBacking: boolean;
+    readonly windowOf?: WindowSource["windowOf"];
+  } = {
+    // A fixed disk's bytes are the file's from its start: convert may let
+    // a file sink copy them in the kernel (see RangeCopySink).
+    ...(header ? {} : { windowOf: { source: state.source, offset: 0 } }),
     format: FORMAT,
     get size() {
       return state.size;

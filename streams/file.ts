@@ -7,18 +7,25 @@
  */
 
 import { BackingFileError, TreeError } from "./errors.ts";
+import { type KernelCopier, kernelCopier } from "./_file_copy.ts";
 import {
   type BackingResolver,
   checkRange,
+  type RangeCopySink,
   type ScratchFile,
   type Sink,
   type Source,
   type Tree,
   type TreeEntry,
+  type WindowSource,
 } from "./types.ts";
 
-/** A file opened for reading and, when asked, writing at random offsets. */
-export interface FileHandle extends Source, Sink {
+/**
+ * A file opened for reading and, when asked, writing at random offsets.
+ * A writable handle copies from another FileHandle in the kernel where it
+ * can ({@linkcode RangeCopySink}: Linux, with FFI allowed).
+ */
+export interface FileHandle extends Source, Sink, RangeCopySink {
   /** Closes the file. */
   close(): Promise<void>;
   /** The path it was opened from. */
@@ -111,6 +118,9 @@ export async function fromFile(
   return handle(file, path, size, options.write === true, options.sync);
 }
 
+/** The open file behind each FileHandle, for kernel copies between them. */
+const filesOf = new WeakMap<Source, Deno.FsFile>();
+
 function handle(
   file: Deno.FsFile,
   path: string,
@@ -136,6 +146,8 @@ function handle(
       at += n;
     }
   };
+  // Kernel copiers from other handles, made on first use (undefined: none).
+  const copiers = new WeakMap<Deno.FsFile, KernelCopier | undefined>();
   const self: FileHandle = {
     path,
     name: path,
@@ -177,6 +189,41 @@ function handle(
         return Promise.reject(e);
       }
     },
+    // Linux with FFI allowed: the data ranges of `from` (SEEK_DATA /
+    // SEEK_HOLE) copied by copy_file_range, its holes skipped. 0.2 s less
+    // than reads and writes for `deno task bench raw` (see the README).
+    copyRange(from, fromOffset, length, toOffset) {
+      try {
+        // Through windows (a bounds-checked view, a fixed VHD's data) to
+        // the file underneath.
+        for (let depth = 0; !filesOf.has(from) && depth < 8; depth++) {
+          const window = (from as Partial<WindowSource>).windowOf;
+          if (!window) break;
+          fromOffset += window.offset;
+          from = window.source;
+        }
+        const input = filesOf.get(from);
+        // Only inside the sized file: holes past its end would not count.
+        if (
+          !writable || closed || !input || toOffset < 0 ||
+          toOffset + length > size
+        ) {
+          return Promise.resolve(undefined);
+        }
+        checkRange(from.size, fromOffset, length);
+        if (!copiers.has(input)) {
+          copiers.set(
+            input,
+            kernelCopier(input.statSync(), file.statSync()),
+          );
+        }
+        return Promise.resolve(
+          copiers.get(input)?.copy(fromOffset, length, toOffset),
+        );
+      } catch (e) {
+        return Promise.reject(e);
+      }
+    },
     resize(newSize) {
       try {
         file.truncateSync(newSize);
@@ -202,6 +249,7 @@ function handle(
     },
     stat: () => file.stat(),
   };
+  filesOf.set(self, file);
   return self;
 }
 

@@ -86,6 +86,40 @@ export interface Sink {
   readonly name?: string;
 }
 
+/**
+ * A source whose bytes are, one for one, a range of another source's: byte
+ * `i` here is byte `offset + i` of `source` (a raw image over its file, the
+ * data part of a fixed VHD). Lets {@linkcode RangeCopySink}s copy the
+ * underlying source directly. An adapter that changes bytes (a patch, a
+ * decryption) must not carry this field over (no `{ ...image }`).
+ */
+export interface WindowSource extends Source {
+  /** The source underneath and where this one starts in it. */
+  readonly windowOf: { source: Source; offset: number };
+}
+
+/**
+ * A sink that can copy bytes from some sources itself, faster than reads
+ * and writes through JavaScript (the file adapter: file to file in the
+ * kernel, holes left as holes). Optional: convert uses it when the sink
+ * has it and falls back to reading and writing when it answers `undefined`.
+ */
+export interface RangeCopySink extends Sink {
+  /**
+   * Copies `[fromOffset, fromOffset + length)` of `from` to `toOffset`
+   * here, leaving the parts that `from` has as holes unwritten (the sink
+   * was sized beforehand, so they read as zeros). Returns the bytes
+   * copied (the data parts), or `undefined`, with nothing written, when
+   * it cannot copy from this source.
+   */
+  copyRange(
+    from: Source,
+    fromOffset: number,
+    length: number,
+    toOffset: number,
+  ): Promise<number | undefined>;
+}
+
 /** Geometry hints (cylinders, heads, sectors per track) some formats store. */
 export interface Geometry {
   cylinders: number;

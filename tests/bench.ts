@@ -1,17 +1,36 @@
 // `deno task bench`: times our convert against the reference tools on the
 // same machine in the same run, and prints ratios (ours / theirs; below 1 is
 // faster). The 1 GiB source disk and the images made from it are built once
-// and cached under $TMPDIR/vdisk-bench.
+// and cached under $TMPDIR/vdisk-bench-<kind>-<size>.
 //
 //   deno task bench              every case whose driver and peer tool exist
 //   deno task bench cloop dmg    only cases whose name contains one of these
+//   deno task bench codecs [xz]  the codec micro-bench (tests/bench_codecs.ts)
 //   BENCH_SIZE_MIB=256 deno task bench   a smaller disk
+//   BENCH_DISK=synthetic deno task bench the old word-pattern disk
+//
+// The default disk is real data: its first half is a tar of /usr/lib
+// (system libraries, binaries, text; files sorted by name), then a quarter
+// of zeros (a hole) and a quarter of random bytes. The synthetic disk (a
+// repeated word pattern that compresses about a hundredfold, zeros and
+// random mebibytes) flatters every codec; it stays as a second case.
 import { formats } from "../mod.ts";
 import { have, pseudoRandom, ROOT, run } from "./_helpers.ts";
 
+if (Deno.args[0] === "codecs") {
+  await import("./bench_codecs.ts");
+  Deno.exit(0);
+}
+
 const MIB = 1024 * 1024;
 const SIZE_MIB = Number(Deno.env.get("BENCH_SIZE_MIB") ?? 1024);
-const DIR = `${Deno.env.get("TMPDIR") ?? "/tmp"}/vdisk-bench-${SIZE_MIB}`;
+const KIND = Deno.env.get("BENCH_DISK") ?? "real";
+if (KIND !== "real" && KIND !== "synthetic") {
+  throw new Error(`BENCH_DISK=${KIND}: expected real or synthetic`);
+}
+const DIR = `${
+  Deno.env.get("TMPDIR") ?? "/tmp"
+}/vdisk-bench-${KIND}-${SIZE_MIB}`;
 const RUNS = Number(Deno.env.get("BENCH_RUNS") ?? 3);
 const DISK = `${DIR}/disk.raw`;
 const CLI = `${ROOT}cli.ts`;
@@ -39,13 +58,43 @@ async function buildFilesDisk() {
   ]);
 }
 
-/** A disk like a real one: compressible "files", zero runs and random bytes. */
+/** Builds the bench disk once (real or synthetic); kept between runs. */
 async function buildDisk() {
   try {
     if ((await Deno.stat(DISK)).size === SIZE_MIB * MIB) return;
   } catch { /* build it */ }
   await Deno.mkdir(DIR, { recursive: true });
-  console.error(`building ${SIZE_MIB} MiB bench disk at ${DISK}`);
+  console.error(`building ${SIZE_MIB} MiB ${KIND} bench disk at ${DISK}`);
+  if (KIND === "real") await buildRealDisk();
+  else await buildSyntheticDisk();
+}
+
+/**
+ * Real data: a tar of /usr/lib cut at half the disk, a quarter of zeros
+ * (left as a hole) and a quarter of random bytes from /dev/urandom.
+ */
+async function buildRealDisk() {
+  const half = SIZE_MIB / 2 * MIB, quarter = SIZE_MIB / 4 * MIB;
+  const part = `${DISK}.part`;
+  // tar is cut by head (SIGPIPE): its exit status is not checked, the size is.
+  await run("sh", [
+    "-c",
+    `(tar --sort=name -cf - -C / usr/lib 2>/dev/null || true) | head -c ${half} > ${part}`,
+  ]);
+  if ((await Deno.stat(part)).size !== half) {
+    throw new Error(`the tar of /usr/lib is smaller than ${half} bytes`);
+  }
+  await run("sh", [
+    "-c",
+    `truncate -s ${
+      half + quarter
+    } ${part} && head -c ${quarter} /dev/urandom >> ${part}`,
+  ]);
+  await Deno.rename(part, DISK);
+}
+
+/** A disk like a real one: compressible "files", zero runs and random bytes. */
+async function buildSyntheticDisk() {
   const file = await Deno.open(DISK, {
     write: true,
     create: true,
@@ -166,7 +215,7 @@ const cases: Case[] = [
       },
     ],
   },
-  ...["zlib", "bzip2"].map((codec): Case => ({
+  ...["zlib", "bzip2", "lzfse", "lzma"].map((codec): Case => ({
     name: `dmg ${codec} (our writer, checked by 7zz in the tests)`,
     format: "dmg",
     make: {
@@ -495,16 +544,22 @@ const cases: Case[] = [
   })),
 ];
 
-/** Wall time of the best of RUNS runs, and the peak RSS (KiB) when GNU time is there. */
+/**
+ * Wall time of the best of RUNS runs, and, when GNU time is there, the
+ * peak RSS (KiB) and the least CPU time (user + system, all threads): on a
+ * shared machine the wall clock waits for other people's work, CPU time
+ * much less.
+ */
 async function time(
   cmd: string[],
-): Promise<{ seconds: number; rssKiB?: number }> {
+): Promise<{ seconds: number; rssKiB?: number; cpu?: number }> {
   let best = Infinity;
   let rss: number | undefined;
+  let cpu: number | undefined;
   for (let i = 0; i < RUNS; i++) {
     await Deno.remove(OUT).catch(() => {});
     const timed = have("/usr/bin/time")
-      ? ["/usr/bin/time", "-f", "%M", ...cmd]
+      ? ["/usr/bin/time", "-f", "%M %U %S", ...cmd]
       : cmd;
     const start = performance.now();
     const r = await run(timed[0], timed.slice(1), { allowFail: true });
@@ -514,12 +569,18 @@ async function time(
     }
     best = Math.min(best, seconds);
     const last = r.stderr.trim().split("\n").pop() ?? "";
-    if (/^\d+$/.test(last)) rss = Math.max(rss ?? 0, Number(last));
+    const m = /^(\d+) ([\d.]+) ([\d.]+)$/.exec(last);
+    if (m) {
+      rss = Math.max(rss ?? 0, Number(m[1]));
+      cpu = Math.min(cpu ?? Infinity, Number(m[2]) + Number(m[3]));
+    }
   }
-  return { seconds: best, rssKiB: rss };
+  return { seconds: best, rssKiB: rss, cpu };
 }
 
 const filters = Deno.args;
+const load = (await Deno.readTextFile("/proc/loadavg").catch(() => ""))
+  .split(" ").slice(0, 3).join(" ");
 const known = new Set(formats().map((d) => d.name));
 await buildDisk();
 if (
@@ -527,7 +588,9 @@ if (
 ) {
   await buildFilesDisk();
 }
-console.log(`bench: ${SIZE_MIB} MiB disk, best of ${RUNS} runs, output ${OUT}`);
+console.log(
+  `bench: ${SIZE_MIB} MiB ${KIND} disk, best of ${RUNS} runs, output ${OUT}, load average ${load}`,
+);
 for (const c of cases) {
   if (filters.length && !filters.some((f) => c.name.includes(f))) continue;
   if (!known.has(c.format)) {
@@ -554,8 +617,13 @@ for (const c of cases) {
       c.ours,
     ),
   );
-  const rss = (r: { rssKiB?: number }) =>
-    r.rssKiB ? `, peak RSS ${(r.rssKiB / 1024).toFixed(0)} MiB` : "";
+  const rss = (r: { rssKiB?: number; cpu?: number }) =>
+    (r.cpu !== undefined ? `, CPU ${r.cpu.toFixed(2)} s` : "") +
+    (r.rssKiB ? `, peak RSS ${(r.rssKiB / 1024).toFixed(0)} MiB` : "");
+  const cpuRatio = (theirs: { cpu?: number }) =>
+    ours.cpu !== undefined && theirs.cpu
+      ? `, CPU ours/theirs = ${(ours.cpu / theirs.cpu).toFixed(2)}`
+      : "";
   console.log(
     `  ours                   ${ours.seconds.toFixed(2)} s${rss(ours)}`,
   );
@@ -569,7 +637,9 @@ for (const c of cases) {
       console.log(
         `  ${p.name.padEnd(22)} ${theirs.seconds.toFixed(2)} s${
           rss(theirs)
-        }   ours/theirs = ${(ours.seconds / theirs.seconds).toFixed(2)}`,
+        }   ours/theirs = ${(ours.seconds / theirs.seconds).toFixed(2)}${
+          cpuRatio(theirs)
+        }`,
       );
     } catch (e) {
       console.log(
@@ -579,3 +649,9 @@ for (const c of cases) {
   }
 }
 await Deno.remove(OUT).catch(() => {});
+console.log(
+  `\nload average at the end: ${
+    (await Deno.readTextFile("/proc/loadavg").catch(() => "")).split(" ")
+      .slice(0, 3).join(" ")
+  }`,
+);

@@ -24,7 +24,7 @@
  */
 
 import { CodecError } from "../../streams/errors.ts";
-import { copyMatch, decodeSized } from "./_lz.ts";
+import { copyLiterals, copyMatch, decodeSized } from "./_lz.ts";
 
 /**
  * Decodes an ADC stream into `out`, which must be exactly the declared
@@ -71,7 +71,7 @@ export function decodeInto(input: Uint8Array, out: Uint8Array): Uint8Array {
           `decodes to more than the declared ${size} bytes`,
         );
       }
-      out.set(input.subarray(i + 1, i + 1 + length), o);
+      copyLiterals(input, i + 1, out, o, length);
       o += length;
       i += 1 + length;
       continue;

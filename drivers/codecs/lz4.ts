@@ -28,7 +28,7 @@
  */
 
 import { CodecError } from "../../streams/errors.ts";
-import { copyMatch, decodeSized } from "./_lz.ts";
+import { copyLiterals, copyMatch, decodeSized } from "./_lz.ts";
 
 const CODEC = "lz4";
 const MIN_MATCH = 4;
@@ -85,7 +85,7 @@ export function decodeInto(input: Uint8Array, out: Uint8Array): Uint8Array {
     if (literals > size - o) {
       fail(`decodes to more than the ${size} bytes declared`);
     }
-    out.set(input.subarray(i, i + literals), o);
+    copyLiterals(input, i, out, o, literals);
     i += literals;
     o += literals;
     if (i === n) break; // the last sequence: literals only

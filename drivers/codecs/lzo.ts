@@ -32,7 +32,7 @@
  */
 
 import { CodecError } from "../../streams/errors.ts";
-import { copyMatch, decodeSized } from "./_lz.ts";
+import { copyLiterals, copyMatch, decodeSized } from "./_lz.ts";
 
 const CODEC = "lzo";
 
@@ -82,7 +82,7 @@ export function decodeInto(input: Uint8Array, out: Uint8Array): Uint8Array {
     if (count > size - o) {
       fail(`decodes to more than the ${size} bytes declared`);
     }
-    out.set(input.subarray(i, i + count), o);
+    copyLiterals(input, i, out, o, count);
     i += count;
     o += count;
   };

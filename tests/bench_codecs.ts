@@ -1,0 +1,314 @@
+// `deno task bench codecs`: each decoder of drivers/codecs against its
+// reference tool, in MB/s (10^6 bytes of decoded output a second) per core:
+// decoded bytes over the CPU time (user + system) the process used, the
+// best of BENCH_RUNS runs. CPU time rather than wall time, as the machine
+// is shared: a busy neighbour slows both sides' wall clocks, not their CPU
+// seconds as much.
+//
+// The data: a 64 MiB sample of real files, every 8th MiB of the first
+// 512 MiB of a tar of /usr/lib (the same tar as the bench disk), cached
+// under $TMPDIR/vdisk-bench-codecs.
+//
+// - zlib, bzip2, xz: ours decodes the very file the tool made (gzip -n's
+//   deflate body; the .bz2; the .xz, made with -T1 as one block), and the
+//   tool decodes it with -d to /dev/null.
+// - lz4, lzo, lzfse, adc: ours decodes 1 MiB chunks made by our encoder (as
+//   in a dmg); lz4 -d and lzop -d decode their own file of the sample;
+//   7zz decodes a dmg of the sample with lzfse (or adc) chunks made by our
+//   writer, the same chunks ours decodes.
+// - zstd: no zstd decoder in drivers/codecs yet; the tool alone is shown.
+//
+// Ours runs in this process, one codec at a time on the main thread; its
+// CPU time is this process's (/proc/self/stat), so V8's helper threads
+// (compiler, GC) are counted too.
+import * as adc from "../drivers/codecs/adc.ts";
+import * as bzip2 from "../drivers/codecs/bzip2.ts";
+import * as lz4 from "../drivers/codecs/lz4.ts";
+import * as lzfse from "../drivers/codecs/lzfse.ts";
+import * as lzo from "../drivers/codecs/lzo.ts";
+import * as xz from "../drivers/codecs/xz.ts";
+import * as zlib from "../drivers/codecs/zlib.ts";
+import { have, ROOT, run } from "./_helpers.ts";
+
+const MIB = 1024 * 1024;
+const PIECES = 64;
+const SIZE = PIECES * MIB;
+const RUNS = Number(Deno.env.get("BENCH_RUNS") ?? 3);
+const DIR = `${Deno.env.get("TMPDIR") ?? "/tmp"}/vdisk-bench-codecs`;
+const SAMPLE = `${DIR}/sample.raw`;
+const TICKS = 100; // CLK_TCK on Linux
+const filters = Deno.args.slice(1);
+
+/** The sample: every 8th MiB of the first 512 MiB of a tar of /usr/lib. */
+async function buildSample(): Promise<Uint8Array> {
+  try {
+    const bytes = await Deno.readFile(SAMPLE);
+    if (bytes.length === SIZE) return bytes;
+  } catch { /* build it */ }
+  await Deno.mkdir(DIR, { recursive: true });
+  console.error(`building the ${PIECES} MiB codec sample at ${SAMPLE}`);
+  const tar = new Deno.Command("tar", {
+    args: ["--sort=name", "-cf", "-", "-C", "/", "usr/lib"],
+    stdout: "piped",
+    stderr: "null",
+  }).spawn();
+  const sample = new Uint8Array(SIZE);
+  let seen = 0; // bytes of the tar read so far
+  let kept = 0;
+  const reader = tar.stdout.getReader();
+  while (kept < SIZE) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error("the tar of /usr/lib is smaller than 512 MiB");
+    for (let at = 0; at < value.length && kept < SIZE;) {
+      const inMib = seen % MIB;
+      const take = Math.min(value.length - at, MIB - inMib);
+      if (Math.floor(seen / MIB) % 8 === 0) {
+        sample.set(value.subarray(at, at + take), kept);
+        kept += take;
+      }
+      at += take;
+      seen += take;
+    }
+  }
+  await reader.cancel();
+  try {
+    tar.kill();
+  } catch { /* already gone */ }
+  await tar.status;
+  await Deno.writeFile(SAMPLE, sample);
+  return sample;
+}
+
+/** CPU seconds (user + system) this process has used so far. */
+function cpuSeconds(): number {
+  const stat = Deno.readTextFileSync("/proc/self/stat");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / TICKS;
+}
+
+interface Timing {
+  cpu: number;
+  wall: number;
+}
+
+/** Best of RUNS runs of `fn`, by CPU time. */
+async function timeOurs(fn: () => Promise<void>): Promise<Timing> {
+  let best: Timing = { cpu: Infinity, wall: Infinity };
+  for (let i = 0; i < RUNS; i++) {
+    const cpu0 = cpuSeconds(), wall0 = performance.now();
+    await fn();
+    const cpu = cpuSeconds() - cpu0, wall = (performance.now() - wall0) / 1000;
+    if (cpu < best.cpu) best = { cpu, wall };
+  }
+  return best;
+}
+
+/** Best of RUNS runs of a shell command, by its CPU time (GNU time). */
+async function timeTool(command: string): Promise<Timing> {
+  let best: Timing = { cpu: Infinity, wall: Infinity };
+  for (let i = 0; i < RUNS; i++) {
+    const r = await run("/usr/bin/time", [
+      "-f",
+      "%e %U %S",
+      "sh",
+      "-c",
+      command,
+    ], { allowFail: true });
+    if (r.code !== 0) throw new Error(`${command}: ${r.stderr.slice(-300)}`);
+    const [wall, user, sys] = r.stderr.trim().split("\n").pop()!.split(" ")
+      .map(Number);
+    if (user + sys < best.cpu) best = { cpu: user + sys, wall };
+  }
+  return best;
+}
+
+/** Makes `path` with a shell command once. */
+async function make(path: string, command: string) {
+  try {
+    if ((await Deno.stat(path)).size > 0) return;
+  } catch { /* make it */ }
+  await run("sh", ["-c", command]);
+}
+
+/** The sample cut into 1 MiB chunks, each encoded by `encode`. */
+function chunks(
+  sample: Uint8Array,
+  encode: (b: Uint8Array) => Uint8Array,
+): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  for (let at = 0; at < sample.length; at += MIB) {
+    out.push(encode(sample.subarray(at, at + MIB)));
+  }
+  return out;
+}
+
+/** Decodes every chunk into one reused 1 MiB buffer and checks the bytes. */
+function chunkDecoder(
+  sample: Uint8Array,
+  encoded: Uint8Array[],
+  decodeChunk: (input: Uint8Array, out: Uint8Array) => unknown,
+): () => Promise<void> {
+  const out = new Uint8Array(MIB);
+  return async () => {
+    for (let i = 0; i < encoded.length; i++) {
+      await decodeChunk(encoded[i], out);
+      if (i === 0 && !equal(out, sample.subarray(0, MIB))) {
+        throw new Error("decoded bytes differ from the sample");
+      }
+    }
+  };
+}
+
+function equal(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+/** A dmg of the sample with `compression` chunks, made by our writer. */
+function dmgOf(compression: string): string {
+  return `${Deno.execPath()} run -A ${ROOT}cli.ts convert -f raw -O dmg -o compression=${compression} -o partitions=whole ${SAMPLE} ${DIR}/sample-${compression}.dmg`;
+}
+
+interface Codec {
+  name: string;
+  /** Makes the files both sides decode; returns our decode run. */
+  prepare?: (sample: Uint8Array) => Promise<() => Promise<void>>;
+  /** The reference tool's name (for `have`) and its decode command. */
+  tool: string;
+  toolMake: [string, string];
+  toolDecode: string;
+}
+
+const codecs: Codec[] = [
+  {
+    name: "zlib (deflate; ours is node:zlib's inflate in Deno)",
+    tool: "gzip",
+    toolMake: [
+      `${DIR}/sample.gz`,
+      `gzip -n -6 -c ${SAMPLE} > ${DIR}/sample.gz`,
+    ],
+    toolDecode: `gzip -d -c ${DIR}/sample.gz > /dev/null`,
+    prepare: async (sample) => {
+      const gz = await Deno.readFile(`${DIR}/sample.gz`);
+      // gzip -n: a 10-byte header without a name, 8 bytes of trailer.
+      const body = gz.subarray(10, gz.length - 8);
+      return async () => {
+        const out = await zlib.decode(body, sample.length, "deflate-raw");
+        if (!equal(out, sample)) throw new Error("zlib bytes differ");
+      };
+    },
+  },
+  {
+    name: "bzip2",
+    tool: "bzip2",
+    toolMake: [
+      `${DIR}/sample.bz2`,
+      `bzip2 -9 -c ${SAMPLE} > ${DIR}/sample.bz2`,
+    ],
+    toolDecode: `bzip2 -d -c ${DIR}/sample.bz2 > /dev/null`,
+    prepare: async (sample) => {
+      const input = await Deno.readFile(`${DIR}/sample.bz2`);
+      const out = new Uint8Array(sample.length);
+      return async () => {
+        await bzip2.decodeInto(input, out);
+        if (!equal(out, sample)) throw new Error("bzip2 bytes differ");
+      };
+    },
+  },
+  {
+    name: "xz (LZMA2)",
+    tool: "xz",
+    toolMake: [`${DIR}/sample.xz`, `xz -6 -T1 -c ${SAMPLE} > ${DIR}/sample.xz`],
+    toolDecode: `xz -d -T1 -c ${DIR}/sample.xz > /dev/null`,
+    prepare: async (sample) => {
+      const input = await Deno.readFile(`${DIR}/sample.xz`);
+      return async () => {
+        const out = await xz.decode(input, sample.length);
+        if (!equal(out, sample)) throw new Error("xz bytes differ");
+      };
+    },
+  },
+  {
+    name: "lzfse (7zz: a dmg of lzfse chunks)",
+    tool: "7zz",
+    toolMake: [`${DIR}/sample-lzfse.dmg`, dmgOf("lzfse")],
+    toolDecode: `7zz x -tdmg -so ${DIR}/sample-lzfse.dmg > /dev/null`,
+    prepare: async (sample) => {
+      const encoded: Uint8Array[] = [];
+      for (let at = 0; at < sample.length; at += MIB) {
+        encoded.push(await lzfse.encode(sample.subarray(at, at + MIB)));
+      }
+      return chunkDecoder(sample, encoded, async (input, out) => {
+        out.set(await lzfse.decode(input, out.length));
+      });
+    },
+  },
+  {
+    name: "adc (7zz: a dmg of adc chunks)",
+    tool: "7zz",
+    toolMake: [`${DIR}/sample-adc.dmg`, dmgOf("adc")],
+    toolDecode: `7zz x -tdmg -so ${DIR}/sample-adc.dmg > /dev/null`,
+    prepare: (sample) =>
+      Promise.resolve(
+        chunkDecoder(sample, chunks(sample, adc.encodeSync), adc.decodeInto),
+      ),
+  },
+  {
+    name: "lz4 (block format, 1 MiB chunks)",
+    tool: "lz4",
+    toolMake: [`${DIR}/sample.lz4`, `lz4 -q -c ${SAMPLE} > ${DIR}/sample.lz4`],
+    toolDecode: `lz4 -d -q -c ${DIR}/sample.lz4 > /dev/null`,
+    prepare: (sample) =>
+      Promise.resolve(
+        chunkDecoder(sample, chunks(sample, lz4.encodeSync), lz4.decodeInto),
+      ),
+  },
+  {
+    name: "lzo (LZO1X, 1 MiB chunks)",
+    tool: "lzop",
+    toolMake: [`${DIR}/sample.lzo`, `lzop -q -c ${SAMPLE} > ${DIR}/sample.lzo`],
+    toolDecode: `lzop -d -q -c ${DIR}/sample.lzo > /dev/null`,
+    prepare: (sample) =>
+      Promise.resolve(
+        chunkDecoder(sample, chunks(sample, lzo.encodeSync), lzo.decodeInto),
+      ),
+  },
+  {
+    name: "zstd (no decoder of ours)",
+    tool: "zstd",
+    toolMake: [`${DIR}/sample.zst`, `zstd -q -c ${SAMPLE} > ${DIR}/sample.zst`],
+    toolDecode: `zstd -d -q -c ${DIR}/sample.zst > /dev/null`,
+  },
+];
+
+const load = () =>
+  Deno.readTextFileSync("/proc/loadavg").split(" ").slice(0, 3).join(" ");
+const sample = await buildSample();
+const mbps = (t: Timing) => (SIZE / 1e6 / Math.max(t.cpu, 0.01)).toFixed(1);
+console.log(
+  `codecs: ${PIECES} MiB of a tar of /usr/lib, best of ${RUNS} by CPU time; MB/s per core (wall s); load average ${load()}`,
+);
+console.log(
+  `${"codec".padEnd(52)} ${"ours".padStart(16)} ${
+    "tool".padStart(16)
+  }  speed ours/tool (above 1: ours faster)`,
+);
+for (const c of codecs) {
+  if (filters.length && !filters.some((f) => c.name.includes(f))) continue;
+  if (!have(c.tool)) {
+    console.log(`${c.name.padEnd(52)} skipped (${c.tool} not installed)`);
+    continue;
+  }
+  await make(...c.toolMake);
+  const tool = await timeTool(c.toolDecode);
+  const ours = c.prepare ? await timeOurs(await c.prepare(sample)) : undefined;
+  const cell = (t?: Timing) =>
+    t ? `${mbps(t)} (${t.wall.toFixed(2)} s)`.padStart(16) : "-".padStart(16);
+  console.log(
+    `${c.name.padEnd(52)} ${cell(ours)} ${cell(tool)}  ${
+      ours ? (tool.cpu / Math.max(ours.cpu, 0.01)).toFixed(2) : "-"
+    }`,
+  );
+}
+console.log(`load average at the end: ${load()}`);

@@ -1,0 +1,221 @@
+// Raw file to raw file in the kernel (streams/_file_copy.ts): the same bytes
+// and the same holes as `cp --sparse=always`, and a clean fallback where
+// FFI is not allowed or the source is not a file.
+import { assertEquals, assertTrue } from "./_asserts.ts";
+import {
+  convert,
+  createOutputFile,
+  fromBytes,
+  fromFile,
+  open,
+} from "../mod.ts";
+import { fileDataRanges } from "../streams/_file_copy.ts";
+import {
+  pseudoRandom,
+  ROOT,
+  run,
+  sha256File,
+  skip,
+  withTemp,
+} from "./_helpers.ts";
+
+const MIB = 1 << 20;
+const linux = Deno.build.os === "linux";
+
+/** 24 MiB: holes, 3 MiB of data at 5 MiB, 1 MiB at 17 MiB, 3 bytes at the end. */
+async function sparseInput(path: string) {
+  const file = await Deno.open(path, { write: true, create: true });
+  await file.truncate(24 * MIB);
+  for (
+    const [at, bytes] of [
+      [5 * MIB, pseudoRandom(3 * MIB, 1)],
+      [17 * MIB, pseudoRandom(MIB, 2)],
+      [24 * MIB - 3, Uint8Array.of(1, 2, 3)],
+    ] as const
+  ) {
+    await file.seek(at, Deno.SeekMode.Start);
+    await file.write(bytes);
+  }
+  file.close();
+}
+
+function dataMap(path: string): [number, number][] | undefined {
+  const file = Deno.openSync(path);
+  try {
+    return fileDataRanges(file);
+  } finally {
+    file.close();
+  }
+}
+
+Deno.test(
+  "a raw file converted to raw is copied in the kernel with the holes cp --sparse=always leaves",
+  { ignore: !linux || skip(["cp"]) },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      await run("cp", ["--sparse=always", `${dir}/in.raw`, `${dir}/cp.raw`]);
+      const input = await fromFile(`${dir}/in.raw`);
+      const image = await open(input, { format: "raw" });
+      const out = await createOutputFile(`${dir}/out.raw`);
+      // The sink copies from the file itself: the kernel path is taken.
+      await out.resize!(input.size);
+      assertEquals(await out.copyRange(input, 0, MIB, 0), 0); // a hole
+      const result = await convert(image, out);
+      await out.commit();
+      await image.close?.();
+      assertEquals(result.dataBytes, 4 * MIB + 4096);
+      assertEquals(
+        await sha256File(`${dir}/out.raw`),
+        await sha256File(`${dir}/in.raw`),
+      );
+      const map = dataMap(`${dir}/out.raw`);
+      assertTrue(map !== undefined, "no data map without FFI");
+      assertEquals(map, dataMap(`${dir}/cp.raw`));
+      assertEquals(map, dataMap(`${dir}/in.raw`));
+      const blocks = async (p: string) => (await Deno.stat(p)).blocks;
+      assertEquals(
+        await blocks(`${dir}/out.raw`),
+        await blocks(`${dir}/cp.raw`),
+      );
+    }),
+);
+
+Deno.test(
+  "without --allow-ffi convert reads and writes, with the same bytes and holes",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const r = await run(Deno.execPath(), [
+        "run",
+        "--allow-read",
+        "--allow-write",
+        "--allow-env",
+        `${ROOT}cli.ts`,
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        `${dir}/in.raw`,
+        `${dir}/out.raw`,
+      ], { allowFail: true });
+      assertEquals(r.code, 0, r.stderr);
+      assertEquals(
+        await sha256File(`${dir}/out.raw`),
+        await sha256File(`${dir}/in.raw`),
+      );
+      assertEquals(dataMap(`${dir}/out.raw`), dataMap(`${dir}/in.raw`));
+      // The file adapter's copy answers "cannot" there, nothing written.
+      const probe = `${dir}/probe.ts`;
+      await Deno.writeTextFile(
+        probe,
+        `import { createOutputFile, fromFile } from "${ROOT}mod.ts";
+const input = await fromFile("${dir}/in.raw");
+const out = await createOutputFile("${dir}/probe.raw");
+await out.resize(input.size);
+console.log(String(await out.copyRange(input, 0, input.size, 0)));
+await out.abort();`,
+      );
+      const p = await run(Deno.execPath(), [
+        "run",
+        "--allow-read",
+        "--allow-write",
+        "--allow-env",
+        probe,
+      ], { allowFail: true });
+      assertEquals(p.code, 0, p.stderr);
+      assertEquals(p.text.trim(), "undefined");
+    }),
+);
+
+Deno.test(
+  "a sink file cannot copy from a source that is not a file, or past its size",
+  () =>
+    withTemp(async (dir) => {
+      const out = await createOutputFile(`${dir}/out.raw`);
+      await out.resize!(8192);
+      assertEquals(
+        await out.copyRange(fromBytes(new Uint8Array(8192)), 0, 8192, 0),
+        undefined,
+      );
+      await Deno.writeFile(`${dir}/in.raw`, new Uint8Array(16384).fill(1));
+      const input = await fromFile(`${dir}/in.raw`);
+      assertEquals(await out.copyRange(input, 0, 16384, 0), undefined);
+      await input.close();
+      await out.abort();
+    }),
+);
+
+Deno.test(
+  "a fixed VHD's data is copied in the kernel: qemu-img's bytes, the VHD's holes",
+  { ignore: !linux || skip(["qemu-img"]) },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const vhd = `${dir}/fixed.vhd`;
+      await run("qemu-img", [
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        `${dir}/in.raw`,
+        vhd,
+      ]);
+      await run("qemu-img", [
+        "convert",
+        "-f",
+        "vpc",
+        "-O",
+        "raw",
+        vhd,
+        `${dir}/qemu.raw`,
+      ]);
+      const image = await open(await fromFile(vhd));
+      assertEquals(image.format, "vpc");
+      const out = await createOutputFile(`${dir}/out.raw`);
+      const result = await convert(image, out);
+      await out.commit();
+      await image.close?.();
+      // The file's data ranges (qemu-img pads the disk to its CHS size).
+      assertTrue(result.dataBytes >= 4 * MIB + 4096, `${result.dataBytes}`);
+      assertTrue(result.dataBytes < 5 * MIB, `${result.dataBytes}`);
+      assertEquals(
+        await sha256File(`${dir}/out.raw`),
+        await sha256File(`${dir}/qemu.raw`),
+      );
+      // The VHD's holes stay holes (its allocated zeros are copied, where
+      // qemu-img leaves holes: the map is the input's, not qemu-img's).
+      const size = image.size;
+      const clipped = dataMap(vhd)!.filter(([start]) => start < size)
+        .map(([start, end]) => [start, Math.min(end, size)]);
+      assertEquals(dataMap(`${dir}/out.raw`), clipped);
+    }),
+);
+
+Deno.test(
+  "a closed input is not copied from, even by a descriptor number reused since",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      await Deno.writeFile(
+        `${dir}/other.raw`,
+        new Uint8Array(24 * MIB).fill(9),
+      );
+      const input = await fromFile(`${dir}/in.raw`);
+      const out = await createOutputFile(`${dir}/out.raw`);
+      await out.resize!(input.size);
+      assertEquals(await out.copyRange(input, 0, MIB, 0), 0);
+      await input.close();
+      // Likely handed the closed file's descriptor number.
+      const other = await fromFile(`${dir}/other.raw`);
+      assertEquals(await out.copyRange(input, 5 * MIB, MIB, 0), undefined);
+      await other.close();
+      await out.abort();
+    }),
+);
