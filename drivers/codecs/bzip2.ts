@@ -496,24 +496,7 @@ function decodeStreams(
       const low = bits(r, 24);
       if (high === 0x314159 && low === 0x265359) {
         const stored = bits32(r);
-        let computed: number;
-        try {
-          computed = decodeBlock(r, level, o);
-        } catch (e) {
-          if (!(e instanceof CodecError)) throw e;
-          fail(
-            `stream ${stream + 1} block ${block + 1}: ${
-              e.message.slice(CODEC.length + 2)
-            }`,
-          );
-        }
-        if (computed !== stored) {
-          fail(
-            `stream ${stream + 1} block ${block + 1}: CRC mismatch: stored ${
-              hex(stored)
-            }, computed ${hex(computed)}`,
-          );
-        }
+        const computed = checkedBlock(r, level, o, stored, stream, block);
         combined = (((combined << 1) | (combined >>> 31)) ^ computed) >>> 0;
       } else if (high === 0x177245 && low === 0x385090) {
         const stored = bits32(r);
@@ -625,25 +608,8 @@ export async function* decodeStreaming(
       const low = bits(r, 24);
       if (high === 0x314159 && low === 0x265359) {
         const stored = bits32(r);
-        let computed: number;
         o.length = 0;
-        try {
-          computed = decodeBlock(r, level, o);
-        } catch (e) {
-          if (!(e instanceof CodecError)) throw e;
-          fail(
-            `stream ${stream + 1} block ${block + 1}: ${
-              e.message.slice(CODEC.length + 2)
-            }`,
-          );
-        }
-        if (computed !== stored) {
-          fail(
-            `stream ${stream + 1} block ${block + 1}: CRC mismatch: stored ${
-              hex(stored)
-            }, computed ${hex(computed)}`,
-          );
-        }
+        const computed = checkedBlock(r, level, o, stored, stream, block);
         combined = (((combined << 1) | (combined >>> 31)) ^ computed) >>> 0;
         yield o.out.subarray(0, o.length);
       } else if (high === 0x177245 && low === 0x385090) {
@@ -667,6 +633,39 @@ export async function* decodeStreaming(
     // The padding bits left in the reader belong to the stream's last byte.
     feed.skip(r.pos - feed.start);
   }
+}
+
+/**
+ * Decodes one block into `o` and checks its CRC against `stored`; an error
+ * names the stream and block (counted from 0 here, from 1 in messages).
+ */
+function checkedBlock(
+  r: BitReader,
+  level: number,
+  o: Parameters<typeof decodeBlock>[2],
+  stored: number,
+  stream: number,
+  block: number,
+): number {
+  let computed: number;
+  try {
+    computed = decodeBlock(r, level, o);
+  } catch (e) {
+    if (!(e instanceof CodecError)) throw e;
+    fail(
+      `stream ${stream + 1} block ${block + 1}: ${
+        e.message.slice(CODEC.length + 2)
+      }`,
+    );
+  }
+  if (computed !== stored) {
+    fail(
+      `stream ${stream + 1} block ${block + 1}: CRC mismatch: stored ${
+        hex(stored)
+      }, computed ${hex(computed)}`,
+    );
+  }
+  return computed;
 }
 
 function hex(n: number): string {
