@@ -407,6 +407,8 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
     if (have > 0 || want > 0) highest = i;
     if (have === want) continue;
     const repair = sink !== undefined && have > want && have !== 0;
+    // qemu-img reports a leak, then repairs it in a second pass.
+    if (repair) say(`Leaked cluster ${i} refcount=${have} reference=${want}`);
     say(
       `${
         repair ? "Repairing" : have < want ? "ERROR" : "Leaked"
