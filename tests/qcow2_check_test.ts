@@ -181,7 +181,7 @@ Deno.test(
 );
 
 Deno.test(
-  "qcow2 check: refcount blocks outside the image or unaligned and unaligned data clusters are corruptions as in qemu-img",
+  "qcow2 check: broken refcount tables, L1 and L2 entries are corruptions reported as qemu-img reports them",
   { ignore: skip(QEMU) },
   () =>
     withTemp(async (dir) => {
@@ -189,9 +189,8 @@ Deno.test(
       const clean = await Deno.readFile(path);
       const v = new DataView(clean.buffer);
       const refcountTable = Number(v.getBigUint64(48));
-      const l2 = Number(
-        v.getBigUint64(Number(v.getBigUint64(40))) & 0x00fffffffffffe00n,
-      );
+      const l1 = Number(v.getBigUint64(40));
+      const l2 = Number(v.getBigUint64(l1) & 0x00fffffffffffe00n);
       const pokes: [string, number, (old: bigint) => bigint][] = [
         [
           "refcount block outside the image",
@@ -200,6 +199,9 @@ Deno.test(
         ],
         ["unaligned refcount block", refcountTable + 8, () => 0x10200n],
         ["unaligned data cluster", l2, (old) => old | 0x200n],
+        ["reserved bit of a data cluster", l2, (old) => old | 2n],
+        ["reserved bit of an unallocated entry", l2 + 800, () => 2n],
+        ["unaligned L2 table", l1, (old) => old | 0x200n],
       ];
       for (const [name, at, poke] of pokes) {
         const bytes = clean.slice();
