@@ -138,6 +138,20 @@ Deno.test(
 );
 
 Deno.test(
+  "qcow2 check: the clusters of persistent bitmaps are counted",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/bitmaps.qcow2`;
+      await run("qemu-img", ["create", "-q", "-f", "qcow2", path, "64M"]);
+      await run("qemu-img", ["bitmap", "--add", path, "b0"]);
+      await run("qemu-img", ["bitmap", "--add", "-g", "512", path, "b1"]);
+      await qemuIo("qcow2", path, "write 0 1M", "write 30M 5M");
+      assertEquals(await compareWithQemu(path), 0);
+    }),
+);
+
+Deno.test(
   "qcow2 check: a refcount poked up is a leak (exit 3), one poked to 0 a corruption (exit 2)",
   { ignore: skip(QEMU) },
   () =>

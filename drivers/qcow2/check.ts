@@ -15,7 +15,13 @@
 import { UnsupportedError } from "../../streams/errors.ts";
 import type { Sink, Source } from "../../streams/types.ts";
 import { probe } from "../registry.ts";
-import { headBytes, INCOMPAT, l2EntriesOf, parseHeader } from "../qcow2.ts";
+import {
+  AUTOCLEAR,
+  headBytes,
+  INCOMPAT,
+  l2EntriesOf,
+  parseHeader,
+} from "../qcow2.ts";
 import { getRefcount, setRefcount } from "./layout.ts";
 
 const FORMAT = "qcow2";
@@ -127,12 +133,6 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
     headBytes(Math.min(Math.max(bits, 9), 21), fileSize),
   );
   const h = parseHeader(head, fileSize);
-  if (h.bitmaps) {
-    throw new UnsupportedError(
-      { format: FORMAT, field: "bitmaps" },
-      "checking images with persistent bitmaps is not supported",
-    );
-  }
   const clusterSize = 2 ** h.clusterBits;
   const extended = (h.incompatible & INCOMPAT.extendedL2) !== 0n;
   const hasDataFile = (h.incompatible & INCOMPAT.dataFile) !== 0n;
@@ -295,6 +295,37 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
     }
   };
 
+  /**
+   * The bitmap directory, each bitmap's table and the clusters it points at.
+   * Entries: table offset u64, table size u32, flags u32, type u8,
+   * granularity u8, name size u16, extra data size u32, then extra data
+   * and name, padded to 8 bytes.
+   */
+  const countBitmaps = async () => {
+    const { directoryOffset, directorySize, count } = h.bitmaps!;
+    inc(directoryOffset, directorySize);
+    if (directoryOffset + directorySize > fileSize) return;
+    const dir = await source.read(directoryOffset, directorySize);
+    const dv = new DataView(dir.buffer, dir.byteOffset, dir.length);
+    let at = 0;
+    for (let i = 0; i < count && at + 24 <= dir.length; i++) {
+      const tableOffset = Number(dv.getBigUint64(at));
+      const tableSize = dv.getUint32(at + 8);
+      inc(tableOffset, tableSize * 8);
+      if (tableOffset + tableSize * 8 <= fileSize) {
+        const t = await source.read(tableOffset, tableSize * 8);
+        const tv = new DataView(t.buffer, t.byteOffset, t.length);
+        for (let k = 0; k < tableSize; k++) {
+          const data = Number(tv.getBigUint64(k * 8) & OFFSET_MASK);
+          if (data !== 0) inc(data, clusterSize);
+        }
+      }
+      at += Math.ceil(
+        (24 + dv.getUint32(at + 20) + dv.getUint16(at + 18)) / 8,
+      ) * 8;
+    }
+  };
+
   inc(0, clusterSize);
   await checkL1(h.l1TableOffset, h.l1Size, true);
   if (hasDataFile && h.nbSnapshots) {
@@ -347,6 +378,7 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
   inc(h.snapshotsOffset, at - h.snapshotsOffset);
   inc(h.refcountTableOffset, h.refcountTableClusters * clusterSize);
   if (h.crypto) inc(h.crypto.offset, h.crypto.length);
+  if (h.bitmaps && (h.autoclear & AUTOCLEAR.bitmaps)) await countBitmaps();
 
   // The refcount blocks.
   const refTable = await source.read(
