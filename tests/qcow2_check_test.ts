@@ -5,14 +5,18 @@
 
 import { assertEquals } from "./_asserts.ts";
 import {
+  checkExitCode,
   checkImage,
   create,
   fromBytes,
+  ImageFormatError,
   memorySink,
   UnsupportedError,
 } from "../mod.ts";
 import {
+  assertBoundedWork,
   cli,
+  countingSource,
   pseudoRandom,
   qemuIo,
   rejects,
@@ -250,6 +254,42 @@ Deno.test(
         /does not support checks/,
       );
     }),
+);
+
+Deno.test("qcow2 check: a truncated header is a typed error", async () => {
+  const sink = memorySink();
+  await create("qcow2", sink, { size: 1 << 20 });
+  await rejects(
+    () => checkImage(fromBytes(sink.bytes().slice(0, 40)), { format: "qcow2" }),
+    ImageFormatError,
+    /qcow2/,
+  );
+});
+
+Deno.test(
+  "qcow2 check: an L1 table pointing every entry at one L2 table is a corruption found with bounded work",
+  async () => {
+    const sink = memorySink();
+    // 64 GiB of 64 KiB clusters: an L1 table of 128 entries.
+    await create("qcow2", sink, { size: 2 ** 36 });
+    const bytes = new Uint8Array(sink.bytes().length + 65536);
+    bytes.set(sink.bytes());
+    const v = new DataView(bytes.buffer);
+    const l1 = Number(v.getBigUint64(40));
+    const l1Size = v.getUint32(36);
+    assertEquals(l1Size, 128);
+    const l2 = bytes.length - 65536;
+    for (let i = 0; i < l1Size; i++) {
+      v.setBigUint64(l1 + i * 8, (1n << 63n) | BigInt(l2));
+    }
+    for (let j = 0; j < 8192; j++) {
+      v.setBigUint64(l2 + j * 8, (1n << 63n) | BigInt(l2));
+    }
+    const counted = countingSource(bytes);
+    const result = await checkImage(counted.source);
+    assertEquals(checkExitCode(result), 2);
+    assertBoundedWork(counted, bytes.length);
+  },
 );
 
 Deno.test("qcow2 check: an image we create checks clean through the API", async () => {

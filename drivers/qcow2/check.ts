@@ -33,6 +33,8 @@ const ZERO = 1n;
 const STD_RESERVED = 0x3f000000000001fen;
 /** Clusters of the file counted at most (a 2^26-entry table is 256 MiB). */
 const MAX_CLUSTERS = 2 ** 26;
+/** L1 and L2 tables kept after their first read. */
+const TABLE_CACHE_BYTES = 64 << 20;
 
 /** Options of {@linkcode checkImage}. */
 export interface CheckOptions {
@@ -187,13 +189,29 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
     }
   };
 
+  // Tables read once each (up to TABLE_CACHE_BYTES): snapshots share L1
+  // and L2 tables, and a crafted image could point at one table many times.
+  const tables = new Map<string, Uint8Array>();
+  let cached = 0;
+  const readTable = async (offset: number, length: number) => {
+    const key = `${offset}:${length}`;
+    let t = tables.get(key);
+    if (!t) {
+      t = await source.read(offset, length);
+      if (cached + length <= TABLE_CACHE_BYTES) {
+        tables.set(key, t);
+        cached += length;
+      }
+    }
+    return t;
+  };
   const readL1 = async (offset: number, size: number) =>
     size === 0 || offset + size * 8 > fileSize
       ? new Uint8Array(0)
-      : await source.read(offset, size * 8);
+      : await readTable(offset, size * 8);
 
   const checkL2 = async (at: number, active: boolean) => {
-    const table = await source.read(at, clusterSize);
+    const table = await readTable(at, clusterSize);
     const v = new DataView(table.buffer, table.byteOffset, table.length);
     let nextContiguous = 0;
     for (let j = 0; j < l2Entries; j++) {
@@ -278,6 +296,9 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
     inc(offset, size * 8);
     const l1 = await readL1(offset, size);
     const v = new DataView(l1.buffer, l1.byteOffset, l1.length);
+    // An L2 table twice in one L1 table is walked once: the refcount of
+    // the table itself shows the corruption, and the work stays bounded.
+    const walked = new Set<number>();
     for (let i = 0; i < l1.length / 8; i++) {
       const l2 = Number(v.getBigUint64(i * 8) & OFFSET_MASK);
       if (l2 === 0) continue;
@@ -291,7 +312,10 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
         r.corruptions++;
       }
       // qemu-img walks an unaligned table all the same.
-      if (l2 + clusterSize <= fileSize) await checkL2(l2, active);
+      if (!walked.has(l2) && l2 + clusterSize <= fileSize) {
+        walked.add(l2);
+        await checkL2(l2, active);
+      }
     }
   };
 
@@ -474,6 +498,7 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
   // OFLAG_COPIED: set exactly where the stored refcount is 1.
   const l1 = await readL1(h.l1TableOffset, h.l1Size);
   const v1 = new DataView(l1.buffer, l1.byteOffset, l1.length);
+  const seen = new Set<number>();
   for (let i = 0; i < l1.length / 8; i++) {
     const entry = v1.getBigUint64(i * 8);
     const l2 = Number(entry & OFFSET_MASK);
@@ -488,8 +513,11 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
       );
       r.corruptions++;
     }
-    if (l2 % clusterSize !== 0 || l2 + clusterSize > fileSize) continue;
-    const table = await source.read(l2, clusterSize);
+    if (
+      l2 % clusterSize !== 0 || l2 + clusterSize > fileSize || seen.has(l2)
+    ) continue;
+    seen.add(l2);
+    const table = await readTable(l2, clusterSize);
     const v = new DataView(table.buffer, table.byteOffset, table.length);
     for (let j = 0; j < l2Entries; j++) {
       const e = v.getBigUint64(j * entryBytes);
