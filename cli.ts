@@ -30,6 +30,10 @@
 import {
   BackingFileError,
   bootSectorPatch,
+  checkExitCode,
+  checkHuman,
+  checkImage,
+  checkJson,
   checkWriteOptions,
   commitTo,
   conversionService,
@@ -1310,6 +1314,52 @@ const commands: Record<string, Command> = {
       await image.flush?.();
       print(`wrote ${at - offset} bytes at ${offset}\n`);
       return 0;
+    },
+  },
+
+  check: {
+    usage: "check [-f FMT] [--output=human|json] [-r leaks] IMAGE",
+    summary:
+      "check a qcow2 image's refcounts and tables as qemu-img check does (exit 0 clean, 2 corruptions, 3 leaks); -r leaks repairs leaks",
+    options: {
+      format: { type: "string", short: "f" },
+      output: { type: "string", default: "human" },
+      repair: { type: "string", short: "r" },
+    },
+    async run({ values, positionals }) {
+      const [path] = need(positionals, 1, "check");
+      const repair = values.repair as string | undefined;
+      if (repair !== undefined && repair !== "leaks") {
+        throw new UsageError(
+          `-r ${repair}: only -r leaks is supported`,
+          "check",
+        );
+      }
+      const file = await fromFile(path, { write: repair !== undefined });
+      opened.push(file);
+      let result;
+      try {
+        result = await checkImage(file, {
+          format: values.format as string | undefined,
+          repairLeaks: repair !== undefined,
+          sink: file,
+        });
+      } catch (e) {
+        if (!(e instanceof UnsupportedError && e.field === "check")) throw e;
+        printErr("vdisk check: This image format does not support checks\n");
+        return 63;
+      }
+      for (const line of result.messages) printErr(line + "\n");
+      if (result.checkErrors) {
+        printErr("vdisk check: Check failed\n");
+        return 1;
+      }
+      print(
+        values.output === "json"
+          ? JSON.stringify(checkJson(result, path), null, 4) + "\n"
+          : checkHuman(result),
+      );
+      return checkExitCode(result);
     },
   },
 

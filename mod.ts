@@ -63,6 +63,7 @@ export { vpc } from "./drivers/vpc.ts";
 export { vmdk } from "./drivers/vmdk.ts";
 export { qcow } from "./drivers/qcow.ts";
 export { qcow2 } from "./drivers/qcow2.ts";
+export * from "./drivers/qcow2/check.ts";
 export { cow } from "./drivers/cow.ts";
 export {
   type FatSpelling,
