@@ -374,3 +374,12 @@ export async function startServe(
     await reader.cancel().catch(() => {});
   }
 }
+
+/** The whole of a source, read 1 MiB at a time (as a reader going forward would). */
+export async function readAll(image: Source): Promise<Uint8Array> {
+  const out = new Uint8Array(image.size);
+  for (let at = 0; at < image.size; at += 1 << 20) {
+    out.set(await image.read(at, Math.min(1 << 20, image.size - at)), at);
+  }
+  return out;
+}

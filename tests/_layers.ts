@@ -105,10 +105,24 @@ export async function qemuWrite(
   await run("qemu-io", [...args, path]);
 }
 
-/** The bytes of an image's chain as qemu-img reads it. */
-export async function qemuRaw(path: string, dir: string): Promise<Uint8Array> {
+/**
+ * The bytes of an image's chain as qemu-img reads it; `format` names the
+ * image's format (`-f`) instead of letting qemu-img probe it.
+ */
+export async function qemuRaw(
+  path: string,
+  dir: string,
+  format?: string,
+): Promise<Uint8Array> {
   const out = `${dir}/.qemu-raw-${crypto.randomUUID()}`;
-  await run("qemu-img", ["convert", "-O", "raw", path, out]);
+  await run("qemu-img", [
+    "convert",
+    ...(format ? ["-f", format] : []),
+    "-O",
+    "raw",
+    path,
+    out,
+  ]);
   try {
     return await Deno.readFile(out);
   } finally {

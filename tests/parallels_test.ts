@@ -7,13 +7,13 @@ import {
   memorySink,
   open,
   probe,
-  type Source,
 } from "../mod.ts";
 import {
   assertBoundedWork,
   countingSource,
   pseudoRandom,
   qemuIo,
+  readAll,
   referenceBytes,
   referenceImages,
   rejects,
@@ -22,6 +22,7 @@ import {
   skip,
   withTemp,
 } from "./_helpers.ts";
+import { qemuRaw } from "./_layers.ts";
 
 const MiB = 1 << 20;
 
@@ -34,27 +35,6 @@ function sampleDisk(size: number, seed = 5): Uint8Array<ArrayBuffer> {
     }
   }
   return disk;
-}
-
-async function readAll(image: Source): Promise<Uint8Array> {
-  const out = new Uint8Array(image.size);
-  for (let at = 0; at < image.size; at += MiB) {
-    out.set(await image.read(at, Math.min(MiB, image.size - at)), at);
-  }
-  return out;
-}
-
-async function qemuRaw(path: string, dir: string): Promise<Uint8Array> {
-  await run("qemu-img", [
-    "convert",
-    "-f",
-    "parallels",
-    "-O",
-    "raw",
-    path,
-    `${dir}/expected.raw`,
-  ]);
-  return await Deno.readFile(`${dir}/expected.raw`);
 }
 
 Deno.test({
@@ -103,7 +83,7 @@ for (const cluster of ["4K", "64K", "1M"]) {
           "write -z 3145728 131072",
           "write -P 0x44 2098176 1024",
         );
-        const expected = await qemuRaw(path, dir);
+        const expected = await qemuRaw(path, dir, "parallels");
         const source = await fromFile(path);
         assertEquals((await probe(source))[0].format, "parallels");
         const image = await open(source);

@@ -7,7 +7,6 @@ import {
   memorySink,
   open,
   probe,
-  type Source,
   UnsupportedError,
 } from "../mod.ts";
 import {
@@ -15,6 +14,7 @@ import {
   countingSource,
   pseudoRandom,
   qemuIo,
+  readAll,
   rejects,
   run,
   runs,
@@ -22,6 +22,7 @@ import {
   skip,
   withTemp,
 } from "./_helpers.ts";
+import { qemuRaw } from "./_layers.ts";
 
 const MiB = 1 << 20;
 
@@ -35,19 +36,6 @@ function sampleDisk(size: number, seed = 5): Uint8Array<ArrayBuffer> {
     }
   }
   return disk;
-}
-
-async function readAll(image: Source): Promise<Uint8Array> {
-  const out = new Uint8Array(image.size);
-  for (let at = 0; at < image.size; at += MiB) {
-    out.set(await image.read(at, Math.min(MiB, image.size - at)), at);
-  }
-  return out;
-}
-
-async function qemuRaw(path: string, dir: string): Promise<Uint8Array> {
-  await run("qemu-img", ["convert", "-O", "raw", path, `${dir}/expected.raw`]);
-  return await Deno.readFile(`${dir}/expected.raw`);
 }
 
 // table_size=1: qemu-img 7.2 creates such files but cannot open them

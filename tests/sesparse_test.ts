@@ -5,7 +5,6 @@ import {
   ImageFormatError,
   open,
   probe,
-  type Source,
   UnsupportedError,
 } from "../mod.ts";
 import {
@@ -13,6 +12,7 @@ import {
   cli,
   countingSource,
   pseudoRandom,
+  readAll,
   rejects,
   run,
   runs,
@@ -89,14 +89,6 @@ function buildExtent(sectors: number, holes = false) {
     set(at, (3n << 60n) | ((n & 0xfffn) << 48n) | (n >> 12n));
   });
   return { file, disk };
-}
-
-async function readAll(image: Source): Promise<Uint8Array> {
-  const out = new Uint8Array(image.size);
-  for (let at = 0; at < image.size; at += 1 << 20) {
-    out.set(await image.read(at, Math.min(1 << 20, image.size - at)), at);
-  }
-  return out;
 }
 
 Deno.test({

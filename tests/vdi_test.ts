@@ -9,7 +9,6 @@ import {
   memorySink,
   open,
   probe,
-  type Source,
   vdi,
 } from "../mod.ts";
 import {
@@ -18,6 +17,7 @@ import {
   countingSource,
   pseudoRandom,
   qemuIo,
+  readAll,
   rejects,
   run,
   runs,
@@ -25,6 +25,7 @@ import {
   skip,
   withTemp,
 } from "./_helpers.ts";
+import { qemuRaw } from "./_layers.ts";
 
 /** A disk of `size` bytes: pseudo-random 64 KiB runs with holes between. */
 function sampleDisk(size: number, seed = 5): Uint8Array<ArrayBuffer> {
@@ -36,30 +37,6 @@ function sampleDisk(size: number, seed = 5): Uint8Array<ArrayBuffer> {
     }
   }
   return disk;
-}
-
-async function readAll(image: Source): Promise<Uint8Array> {
-  const out = new Uint8Array(image.size);
-  const step = 1 << 20;
-  for (let at = 0; at < image.size; at += step) {
-    const n = Math.min(step, image.size - at);
-    out.set(await image.read(at, n), at);
-  }
-  return out;
-}
-
-/** qemu-img's raw bytes of `path`. */
-async function qemuRaw(path: string, dir: string): Promise<Uint8Array> {
-  await run("qemu-img", [
-    "convert",
-    "-f",
-    "vdi",
-    "-O",
-    "raw",
-    path,
-    `${dir}/expected.raw`,
-  ]);
-  return await Deno.readFile(`${dir}/expected.raw`);
 }
 
 for (
@@ -88,7 +65,7 @@ for (
           `${dir}/src.raw`,
           `${dir}/d.vdi`,
         ]);
-        const expected = await qemuRaw(`${dir}/d.vdi`, dir);
+        const expected = await qemuRaw(`${dir}/d.vdi`, dir, "vdi");
         const source = await fromFile(`${dir}/d.vdi`);
         assertEquals((await probe(source))[0].format, "vdi");
         const image = await open(source);
@@ -126,7 +103,7 @@ Deno.test({
         "write -z 7340032 512", // zeros over data
         "write -P 0x55 9436672 512", // the last sector
       );
-      const expected = await qemuRaw(path, dir);
+      const expected = await qemuRaw(path, dir, "vdi");
       const image = await open(await fromFile(path));
       assertEquals(image.size, 9 << 20);
       assertEquals(sha256Hex(await readAll(image)), sha256Hex(expected));

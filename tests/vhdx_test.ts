@@ -9,7 +9,6 @@ import {
   memorySink,
   open,
   probe,
-  type Source,
   UnsupportedError,
   vhdx,
 } from "../mod.ts";
@@ -20,6 +19,7 @@ import {
   countingSource,
   pseudoRandom,
   qemuIo,
+  readAll,
   referenceFile,
   rejects,
   run,
@@ -29,6 +29,7 @@ import {
   skip,
   withTemp,
 } from "./_helpers.ts";
+import { qemuRaw } from "./_layers.ts";
 
 const MiB = 1 << 20;
 
@@ -42,27 +43,6 @@ function sampleDisk(size: number, seed = 5): Uint8Array<ArrayBuffer> {
     }
   }
   return disk;
-}
-
-async function readAll(image: Source): Promise<Uint8Array> {
-  const out = new Uint8Array(image.size);
-  for (let at = 0; at < image.size; at += 4 * MiB) {
-    out.set(await image.read(at, Math.min(4 * MiB, image.size - at)), at);
-  }
-  return out;
-}
-
-async function qemuRaw(path: string, dir: string): Promise<Uint8Array> {
-  await run("qemu-img", [
-    "convert",
-    "-f",
-    "vhdx",
-    "-O",
-    "raw",
-    path,
-    `${dir}/expected.raw`,
-  ]);
-  return await Deno.readFile(`${dir}/expected.raw`);
 }
 
 const qemuMade: [string, string[]][] = [
@@ -91,7 +71,7 @@ for (const [what, args] of qemuMade) {
           `${dir}/src.raw`,
           `${dir}/d.vhdx`,
         ]);
-        const expected = await qemuRaw(`${dir}/d.vhdx`, dir);
+        const expected = await qemuRaw(`${dir}/d.vhdx`, dir, "vhdx");
         const before = await sha256File(`${dir}/d.vhdx`);
         const source = await fromFile(`${dir}/d.vhdx`);
         assertEquals((await probe(source))[0].format, "vhdx");
@@ -135,7 +115,7 @@ Deno.test({
         "write -z 7340032 512",
         "write -P 0x55 9436672 512",
       );
-      const expected = await qemuRaw(path, dir);
+      const expected = await qemuRaw(path, dir, "vhdx");
       const image = await open(await fromFile(path));
       assertEquals(image.size, 9 * MiB);
       assertEquals(sha256Hex(await readAll(image)), sha256Hex(expected));
@@ -741,7 +721,7 @@ for (const wrap of [false, true]) {
       await withTemp(async (dir) => {
         await Deno.writeFile(`${dir}/l.vhdx`, file);
         await run("qemu-img", ["check", "-r", "all", `${dir}/l.vhdx`]);
-        const replayed = await qemuRaw(`${dir}/l.vhdx`, dir);
+        const replayed = await qemuRaw(`${dir}/l.vhdx`, dir, "vhdx");
         assertEquals(sha256Hex(await readAll(image)), sha256Hex(replayed));
       });
     }
