@@ -9,11 +9,65 @@
  * @module
  */
 
-import { imageInfo } from "./service.ts";
 import type { OverlayImage } from "./overlay.ts";
 import { KeyError } from "./errors.ts";
 import { type PartitionTable, readPartitionTable } from "./partitions.ts";
 import { type Extent, extentsOf, type Image } from "./types.ts";
+
+/** The `info` facts of an opened image (the same keys as `cli.ts info --output=json`). */
+export function imageInfo(
+  image: Image,
+  filename?: string,
+): Record<string, unknown> {
+  const info: Record<string, unknown> = {
+    "virtual-size": image.size,
+    filename: filename ?? image.name,
+    format: image.format,
+  };
+  if (image.backingFile !== undefined) {
+    info["backing-filename"] = image.backingFile;
+    if (image.backingFormat) {
+      info["backing-filename-format"] = image.backingFormat;
+    }
+  }
+  info.encrypted = image.encrypted;
+  if (image.geometry) info.geometry = image.geometry;
+  if (image.details && Object.keys(image.details).length) {
+    info["format-specific"] = {
+      type: image.format,
+      data: qemuStyle(image.details),
+    };
+  }
+  return info;
+}
+
+/**
+ * Format details in qemu-img's style, whichever a driver used: keys in
+ * kebab-case (`first_sector` and `extentSize` become `first-sector` and
+ * `extent-size`), and strings with trailing NULs dropped and other
+ * control bytes written as `\xNN` (a header's `d2v\0` shows as `d2v`).
+ */
+function qemuStyle(value: unknown): unknown {
+  if (typeof value === "string") {
+    return value.replace(/\0+$/, "").replace(
+      // deno-lint-ignore no-control-regex
+      /[\x00-\x08\x0b-\x1f\x7f]/g,
+      (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`,
+    );
+  }
+  if (Array.isArray(value)) return value.map(qemuStyle);
+  if (
+    value === null || typeof value !== "object" || ArrayBuffer.isView(value)
+  ) {
+    return value;
+  }
+  return Object.fromEntries(
+    Object.entries(value as Record<string, unknown>).map(([k, v]) => [
+      k.replace(/_/g, "-").replace(/([a-z0-9])([A-Z])/g, "$1-$2").toLowerCase(),
+      qemuStyle(v),
+    ]),
+  );
+}
 
 /** Where the facts of {@linkcode describeImage} come from besides the image. */
 export interface DescribeOptions {

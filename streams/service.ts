@@ -26,7 +26,8 @@ import { fromUrl } from "./sources.ts";
 import { readable } from "./readable.ts";
 import { partition } from "./partitions.ts";
 import { open } from "../drivers/registry.ts";
-import { checkRange, type Image, type Source } from "./types.ts";
+import { checkRange, type Source } from "./types.ts";
+import { imageInfo } from "./inspect.ts";
 import { isAddress, privateRange } from "./_address.ts";
 
 /** Options for {@linkcode conversionService}. */
@@ -287,61 +288,6 @@ function parseRange(header: string | null, size: number) {
   }
   if (start > end || start >= size) return "unsatisfiable" as const;
   return { start, end };
-}
-
-/** The `info` facts of an opened image (the same keys as `cli.ts info --output=json`). */
-export function imageInfo(
-  image: Image,
-  filename?: string,
-): Record<string, unknown> {
-  const info: Record<string, unknown> = {
-    "virtual-size": image.size,
-    filename: filename ?? image.name,
-    format: image.format,
-  };
-  if (image.backingFile !== undefined) {
-    info["backing-filename"] = image.backingFile;
-    if (image.backingFormat) {
-      info["backing-filename-format"] = image.backingFormat;
-    }
-  }
-  info.encrypted = image.encrypted;
-  if (image.geometry) info.geometry = image.geometry;
-  if (image.details && Object.keys(image.details).length) {
-    info["format-specific"] = {
-      type: image.format,
-      data: qemuStyle(image.details),
-    };
-  }
-  return info;
-}
-
-/**
- * Format details in qemu-img's style, whichever a driver used: keys in
- * kebab-case (`first_sector` and `extentSize` become `first-sector` and
- * `extent-size`), and strings with trailing NULs dropped and other
- * control bytes written as `\xNN` (a header's `d2v\0` shows as `d2v`).
- */
-function qemuStyle(value: unknown): unknown {
-  if (typeof value === "string") {
-    return value.replace(/\0+$/, "").replace(
-      // deno-lint-ignore no-control-regex
-      /[\x00-\x08\x0b-\x1f\x7f]/g,
-      (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`,
-    );
-  }
-  if (Array.isArray(value)) return value.map(qemuStyle);
-  if (
-    value === null || typeof value !== "object" || ArrayBuffer.isView(value)
-  ) {
-    return value;
-  }
-  return Object.fromEntries(
-    Object.entries(value as Record<string, unknown>).map(([k, v]) => [
-      k.replace(/_/g, "-").replace(/([a-z0-9])([A-Z])/g, "$1-$2").toLowerCase(),
-      qemuStyle(v),
-    ]),
-  );
 }
 
 const json = (status: number, body: unknown) =>
