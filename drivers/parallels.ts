@@ -73,13 +73,6 @@ async function openParallels(
       "parallels images are read-only here",
     );
   }
-  const unknown = Object.keys(options.options ?? {})[0];
-  if (unknown !== undefined) {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      `unknown option '${unknown}' (parallels takes none)`,
-    );
-  }
   const start = await source.read(0, Math.min(source.size, 4096));
   if (isDescriptor(start)) return await openBundle(source, options);
   check(source.size >= HEADER_BYTES, {

@@ -66,13 +66,6 @@ async function openQed(source: Source, options: OpenOptions): Promise<Image> {
       "qed images are read-only here; convert them to qcow2 or raw to write",
     );
   }
-  const unknown = Object.keys(options.options ?? {})[0];
-  if (unknown !== undefined) {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      `unknown option '${unknown}' (qed takes none)`,
-    );
-  }
   check(source.size >= HEADER_BYTES, {
     format: FORMAT,
     field: "file size",

@@ -86,13 +86,6 @@ async function openSeSparse(
       "seSparse extents are read-only (as in QEMU)",
     );
   }
-  const unknown = Object.keys(options.options ?? {})[0];
-  if (unknown !== undefined) {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      `unknown option '${unknown}' (seSparse takes none)`,
-    );
-  }
   check(source.size >= SECTOR, {
     format: FORMAT,
     field: "file size",

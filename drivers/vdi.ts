@@ -286,14 +286,6 @@ function parseHeader(b: Uint8Array, fileSize: number, file?: string): Header {
 }
 
 async function openVdi(source: Source, options: OpenOptions): Promise<Image> {
-  for (const key of Object.keys(options.options ?? {})) {
-    if (key !== "parent") {
-      throw new UnsupportedError(
-        { format: FORMAT },
-        `unknown option '${key}' (vdi takes: parent=FILE, the parent of a differencing image)`,
-      );
-    }
-  }
   const sink = writeSink(options, FORMAT);
   check(source.size >= HEADER_BYTES, {
     format: FORMAT,

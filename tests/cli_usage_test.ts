@@ -416,3 +416,36 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name:
+    "convert --no-verify (an option for the formats with checksums) opens every format, not only those that take it",
+  ignore: skip(["qemu-img", "qemu-io"]),
+  async fn() {
+    await withTemp(async (dir) => {
+      for (
+        const format of ["qed", "parallels", "vdi", "vhdx", "vpc", "qcow2"]
+      ) {
+        const path = `${dir}/d.${format}`;
+        await run("qemu-img", ["create", "-q", "-f", format, path, "4M"]);
+        await run("qemu-io", ["-f", format, "-c", "write -P 7 4096 64k", path]);
+        const r = await cli(["convert", "--no-verify", path, `${dir}/o.raw`]);
+        assertEquals(r.code, 0, `${format}: ${r.stderr}`);
+        await run("qemu-img", [
+          "convert",
+          "-f",
+          format,
+          "-O",
+          "raw",
+          path,
+          `${dir}/q.raw`,
+        ]);
+        assertEquals(
+          sha256Hex(await Deno.readFile(`${dir}/o.raw`)),
+          sha256Hex(await Deno.readFile(`${dir}/q.raw`)),
+          format,
+        );
+      }
+    });
+  },
+});
