@@ -45,6 +45,7 @@
  * @module
  */
 
+import { checkWriteOptions } from "../streams/options.ts";
 import {
   formatErrors,
   le32,
@@ -497,14 +498,7 @@ function writable(
 async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
   requireRandomAccess(sink, FORMAT, "vdi images");
   const options = spec.options ?? {};
-  for (const key of Object.keys(options)) {
-    if (key !== "static" && key !== "block_size") {
-      throw new UnsupportedError(
-        { format: FORMAT },
-        `unknown option '${key}' (vdi takes: static=on|off, block_size=BYTES)`,
-      );
-    }
-  }
+  checkWriteOptions(vdi, options);
   const isStatic = options.static ?? "off";
   if (isStatic !== "on" && isStatic !== "off") {
     throw fail("static", isStatic, '"on" or "off"');

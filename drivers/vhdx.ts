@@ -70,6 +70,7 @@
  * @module
  */
 
+import { checkWriteOptions } from "../streams/options.ts";
 import {
   ascii,
   formatErrors,
@@ -1151,15 +1152,7 @@ interface WriteOptions {
 }
 
 function writeOptions(options: Record<string, string> = {}): WriteOptions {
-  const known = ["subformat", "block_size", "log_size", "logical_sector_size"];
-  for (const key of Object.keys(options)) {
-    if (!known.includes(key)) {
-      throw new UnsupportedError(
-        { format: FORMAT },
-        `unknown option '${key}' (vhdx takes: ${known.join(", ")})`,
-      );
-    }
-  }
+  checkWriteOptions(vhdx, options);
   const subformat = options.subformat ?? "dynamic";
   if (subformat !== "dynamic" && subformat !== "fixed") {
     throw fail("subformat", subformat, '"dynamic" or "fixed"');
