@@ -365,20 +365,50 @@ interface InputOptions {
   extra?: OpenOptions;
   /** Open the first backing file for writing too (commit writes into it). */
   writeBacking?: boolean;
+  /**
+   * The parents of a differencing vdi (which names them by UUID only),
+   * top first (`--parent`); each is checked against the UUID it must have.
+   */
+  parents?: string[];
+  /** Do not refuse `parents` that no layer of this image uses (compare's B). */
+  parentsOptional?: boolean;
 }
 
 /** The flags of the backing-file policy, for commands that follow backing files. */
 const backingFlags = {
   "allow-backing-dir": { type: "string", multiple: true },
   "no-backing": { type: "boolean" },
+  parent: { type: "string", multiple: true },
 } as const;
 
-/** `followBacking` and `allowDirs` from the backing-file flags. */
+/** `followBacking`, `allowDirs` and `parents` from the backing-file flags. */
 function backingPolicy(values: Invocation["values"], follow = true) {
   return {
     followBacking: follow && values["no-backing"] !== true,
     allowDirs: values["allow-backing-dir"] as string[] | undefined,
+    parents: values.parent as string[] | undefined,
   };
+}
+
+/**
+ * `--parent FILE`s as the open option `parent` (absolute paths, one per
+ * line), and their folders, which the backing-file policy then allows: the
+ * user named these files.
+ */
+async function parentFiles(
+  given: string[],
+): Promise<{ option: string; folders: string[] }> {
+  const paths: string[] = [];
+  for (const name of given) {
+    const path = await Deno.realPath(name).catch(() => {
+      throw new UsageError(`--parent ${name}: no such file`);
+    });
+    if (path.includes("\n")) {
+      throw new UsageError(`--parent ${name}: a name with a line break`);
+    }
+    paths.push(path);
+  }
+  return { option: paths.join("\n"), folders: paths.map(folderOf) };
 }
 
 /**
@@ -448,15 +478,21 @@ async function openImage(
   opened.push(file);
   const files = [file];
   const backing: FileHandle[] = [];
+  const parents = options.parents?.length
+    ? await parentFiles(options.parents)
+    : undefined;
   const policy = options.followBacking
     ? fileBackingResolver(path, {
-      allowDir: options.allowDirs,
+      allowDir: [...options.allowDirs ?? [], ...parents?.folders ?? []],
       writeFirst: options.writeBacking,
     })
     : undefined;
   const extents = fileResolver(path);
   const image = await open(file, {
     ...options.extra,
+    ...(parents
+      ? { options: { ...options.extra?.options, parent: parents.option } }
+      : {}),
     format: options.format,
     writable: options.writable,
     sink: options.writable ? file : undefined,
@@ -480,6 +516,14 @@ async function openImage(
   });
   opened.push(image);
   warnAbout(image);
+  if (
+    parents && !options.parentsOptional &&
+    !layers(image).some((l) => l.backingFile === parents.option.split("\n")[0])
+  ) {
+    throw new Error(
+      `--parent: ${path} is not a differencing vdi (no layer of it links a parent by UUID alone), so it takes no --parent`,
+    );
+  }
   if (layers(image).some((l) => l.encrypted && l.format === "qcow")) {
     warnLongQcowKey(options.extra?.key as string | undefined, "of the input");
   }
@@ -812,7 +856,7 @@ async function serveNbd(
 const commands: Record<string, Command> = {
   info: {
     usage:
-      "info [-f FMT] [--output=human|json] [--backing-chain [--allow-backing-dir DIR]...] IMAGE",
+      "info [-f FMT] [--output=human|json] [--backing-chain [--allow-backing-dir DIR]...] [--parent FILE]... IMAGE",
     summary:
       "show what an image is: format, sizes, backing file, details (--backing-chain: every layer)",
     options: {
@@ -820,6 +864,7 @@ const commands: Record<string, Command> = {
       output: { type: "string", default: "human" },
       "backing-chain": { type: "boolean" },
       "allow-backing-dir": backingFlags["allow-backing-dir"],
+      parent: backingFlags.parent,
       "key-file": { type: "string" },
     },
     async run({ values, positionals }) {
@@ -827,7 +872,8 @@ const commands: Record<string, Command> = {
       const chain = values["backing-chain"] === true;
       const { file, image } = await openImage(path, {
         format: values.format as string | undefined,
-        ...backingPolicy(values, chain),
+        // A named parent is opened, to check it is the one linked.
+        ...backingPolicy(values, chain || values.parent !== undefined),
         extra: { key: await keyFrom(values) },
       }).catch((e) => {
         // A format only recognised: say what the file is, then fail.
@@ -872,7 +918,7 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-n [--target-is-zero]] [-S SIZE] [--salvage] [-p | --progress=json] [-l SNAPSHOT] [--hash] [--boot-sector FILE] [--partition N|NAME] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-n [--target-is-zero]] [-S SIZE] [--salvage] [-p | --progress=json] [-l SNAPSHOT] [--hash] [--boot-sector FILE] [--partition N|NAME] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] [--parent FILE]... IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
@@ -948,6 +994,8 @@ const commands: Record<string, Command> = {
       const { image: source, files } = await openImage(input, {
         format: values.format as string | undefined,
         ...backingPolicy(values),
+        // With -B, --parent may name the parents of -B's file instead.
+        parentsOptional: values.backing !== undefined,
         extra: {
           key,
           options: {
@@ -979,6 +1027,7 @@ const commands: Record<string, Command> = {
         const opened = await openImage(backingPath, {
           format: values["backing-format"] as string | undefined,
           ...backingPolicy(values),
+          parentsOptional: true,
           extra: { key },
         });
         backingImage = opened.image;
@@ -1041,7 +1090,7 @@ const commands: Record<string, Command> = {
 
   map: {
     usage:
-      "map [-f FMT] [--output=human|json] [--partitions] [--allow-backing-dir DIR]... [--no-backing] [--key-file F] IMAGE",
+      "map [-f FMT] [--output=human|json] [--partitions] [--allow-backing-dir DIR]... [--no-backing] [--parent FILE]... [--key-file F] IMAGE",
     summary:
       "show the allocation map of the backing chain: which layer holds each run, which read as zeros",
     options: {
@@ -1148,9 +1197,25 @@ const commands: Record<string, Command> = {
       }
       const key = await keyFrom(values);
       if (format === "qcow") warnLongQcowKey(key, "of the new image");
+      // A format that links its parent by identity reads it from the
+      // parent itself (named, as qemu-img does, from the new image's folder).
+      const backing = backingFile !== undefined &&
+          driver(format).createNeedsBacking
+        ? (await openImage(
+          backingFile.startsWith("/")
+            ? backingFile
+            : `${folderOf(path)}/${backingFile}`,
+          {
+            format: values["backing-format"] as string | undefined,
+            followBacking: true,
+            extra: { key },
+          },
+        )).image
+        : undefined;
       const sink = await openOutput(path);
       const image = await create(format, sink, {
         size,
+        backing,
         backingFile,
         backingFormat: values["backing-format"] as string | undefined,
         key,
@@ -1165,7 +1230,7 @@ const commands: Record<string, Command> = {
 
   compare: {
     usage:
-      "compare [-f FMT] [-F FMT] [-s] [--partition N|NAME] [--partition-b N|NAME] [--allow-backing-dir DIR]... [--no-backing] [--key-file F] A B",
+      "compare [-f FMT] [-F FMT] [-s] [--partition N|NAME] [--partition-b N|NAME] [--allow-backing-dir DIR]... [--no-backing] [--parent FILE]... [--key-file F] A B",
     summary:
       "compare two images' contents, backing chains included (exit 0 same, 1 different, 2 error)",
     options: {
@@ -1180,14 +1245,17 @@ const commands: Record<string, Command> = {
     async run({ values, positionals }) {
       const [pathA, pathB] = need(positionals, 2, "compare");
       const key = await keyFrom(values);
+      // --parent: the parents of whichever of A and B is a differencing vdi.
       const wholeA = (await openImage(pathA, {
         format: values["a-format"] as string | undefined,
         ...backingPolicy(values),
+        parentsOptional: true,
         extra: { key },
       })).image;
       const wholeB = (await openImage(pathB, {
         format: values["b-format"] as string | undefined,
         ...backingPolicy(values),
+        parentsOptional: true,
         extra: { key },
       })).image;
       // --partition: one partition of A (--partition-b: of B) is compared.
@@ -1214,7 +1282,7 @@ const commands: Record<string, Command> = {
 
   commit: {
     usage:
-      "commit [-f FMT] [-p | --progress=json] [--allow-backing-dir DIR]... IMAGE",
+      "commit [-f FMT] [-p | --progress=json] [--allow-backing-dir DIR]... [--parent FILE]... IMAGE",
     summary:
       "copy what IMAGE holds into its backing file (IMAGE is only read and is kept as it is)",
     options: {
@@ -1222,6 +1290,7 @@ const commands: Record<string, Command> = {
       progress: { type: "boolean", short: "p" },
       "progress-json": { type: "boolean" },
       "allow-backing-dir": backingFlags["allow-backing-dir"],
+      parent: backingFlags.parent,
     },
     async run({ values, positionals }) {
       const [path] = need(positionals, 1, "commit");
@@ -1566,7 +1635,7 @@ const commands: Record<string, Command> = {
 
   serve: {
     usage:
-      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--max-virtual BYTES] [--max-upload BYTES] [--max-concurrent N] [--web DIR]\n  serve --nbd [--port N] [--hostname H] [--snapshot] [--max-concurrent N] [-f FMT] [--key-file F] [--allow-backing-dir DIR]... [--no-backing] IMAGE",
+      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--max-virtual BYTES] [--max-upload BYTES] [--max-concurrent N] [--web DIR]\n  serve --nbd [--port N] [--hostname H] [--snapshot] [--max-concurrent N] [-f FMT] [--key-file F] [--allow-backing-dir DIR]... [--no-backing] [--parent FILE]... IMAGE",
     summary:
       "run the conversion service (GET /convert?url=..., POST /info); --web also serves a folder and dist/mod.js; --nbd exports IMAGE over NBD (port 10809), read-only, or taking writes in memory with --snapshot",
     options: {
@@ -1587,7 +1656,13 @@ const commands: Record<string, Command> = {
     },
     async run({ values, positionals }) {
       if (values.nbd === true) return await serveNbd(values, positionals);
-      const nbdOnly = ["snapshot", "format", "key-file", "no-backing"]
+      const nbdOnly = [
+        "snapshot",
+        "format",
+        "key-file",
+        "no-backing",
+        "parent",
+      ]
         .find((flag) => values[flag] !== undefined) ??
         (values["allow-backing-dir"] ? "allow-backing-dir" : undefined);
       if (nbdOnly) throw new UsageError(`--${nbdOnly} needs --nbd`, "serve");

@@ -11,6 +11,7 @@ import { driver } from "../drivers/registry.ts";
 import { checkWriteOptions } from "./options.ts";
 import { type SalvagedRun, salvaging } from "./salvage.ts";
 import { type Sha256, sha256 } from "./_sha256.ts";
+import { BackingFileError } from "./errors.ts";
 import {
   extentsOf,
   type Image,
@@ -206,6 +207,28 @@ async function* blocks(
 }
 
 /**
+ * Refuses a chain whose bottom layer cannot be read without a parent that
+ * was not opened (a differencing vdi, vhdx or VHD, `requiresBacking`):
+ * convert skips unallocated runs, which would then be zeros in the output
+ * instead of the parent's bytes.
+ */
+function refuseMissingParent(input: Source): void {
+  type Layer = Partial<Image> & { requiresBacking?: boolean };
+  let bottom = input as Layer;
+  while (bottom.backing) bottom = bottom.backing as Layer;
+  if (bottom.requiresBacking) {
+    const what = `${bottom.format}: ${
+      bottom.name ?? "the image"
+    } is a differencing image whose parent was not opened: its unallocated runs are the parent's bytes, so it cannot be converted alone`;
+    throw new BackingFileError(
+      what,
+      bottom.backingFile ?? "",
+      `${what} (follow backing files: no --no-backing; a differencing vdi's parent is named with --parent FILE)`,
+    );
+  }
+}
+
+/**
  * Converts `source` (an image) into `sink` as `options.format`. Zero and
  * unallocated runs are never read or written (the output stays sparse), data
  * runs are read in large blocks with several reads in flight and written in
@@ -239,6 +262,7 @@ export async function convert(
       "targetIsZero (--target-is-zero) requires a target (-n)",
     );
   }
+  refuseMissingParent(input);
   const rescue = options.salvage
     ? salvaging(input, {
       onSalvaged: options.onSalvaged,
@@ -294,6 +318,9 @@ export async function convert(
         },
         backingFile: options.backingFile,
         backingFormat: options.backingFormat,
+        backing: options.backing && "format" in options.backing
+          ? options.backing as Image
+          : undefined,
       }));
   if (!target.write) throw new Error(`${format}: created image is read-only`);
   const write = target.write.bind(target);

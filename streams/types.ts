@@ -170,6 +170,19 @@ export interface Image extends Source {
    * The library never prints: the CLI writes these to stderr.
    */
   readonly warnings?: readonly string[];
+  /**
+   * The identity the backing image must carry (its `id`), for formats that
+   * link a parent by identity rather than by name (vdi's uuid_link): `open`
+   * refuses a backing image whose `id` is another, or that has none.
+   */
+  readonly backingId?: string;
+  /** This image's identity, as images layered on it name it (vdi's uuid_image). */
+  readonly id?: string;
+  /**
+   * The driver options to open the backing image with, when they are not
+   * this image's own (a vdi passes down what is left of its `parent` list).
+   */
+  readonly backingOptions?: Record<string, string>;
   /** Writes through the format (allocating as needed); present when opened writable. */
   write?(offset: number, bytes: Uint8Array): Promise<void>;
   /** Flushes metadata and data of a writable image. */
@@ -320,6 +333,12 @@ export interface CreateSpec {
   backingFile?: string;
   /** Backing file format to record, when the format stores one. */
   backingFormat?: string;
+  /**
+   * The backing file, opened: formats that link a parent by identity (a
+   * differencing vdi records its parent's UUID) read it from there, and
+   * fill the rest of a block they allocate with its bytes.
+   */
+  backing?: Image;
   /** Passphrase for formats that encrypt. */
   key?: string | Uint8Array;
   /** Driver-specific options (`-o key=value`). */
@@ -397,6 +416,11 @@ export interface Driver {
    * that writes and leaves this out takes none.
    */
   readonly writeOptions?: readonly OptionSpec[];
+  /**
+   * True when `create` with a backing file needs it opened
+   * (`CreateSpec.backing`): the format links its parent by identity.
+   */
+  readonly createNeedsBacking?: boolean;
   /** Whether `convert -c` means something for this format. */
   readonly compresses?: boolean;
   /**
