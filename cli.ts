@@ -1075,6 +1075,9 @@ const commands: Record<string, Command> = {
       const result = await convert(image, sink ?? nullSink, options);
       bar?.end();
       if (sink) await finishOutput(sink);
+      for (const warning of result.warnings ?? []) {
+        printErr(`vdisk: warning: ${warning}\n`);
+      }
       if (result.sha256) printErr(`sha256 ${result.sha256}\n`);
       // --salvage: what could not be read, and exit 3 when anything was.
       for (const run of result.salvaged ?? []) {
@@ -1223,6 +1226,7 @@ const commands: Record<string, Command> = {
       });
       await image.flush?.();
       await finishOutput(sink);
+      warnAbout(image);
       print(`Formatting '${path}', fmt=${format} size=${size}\n`);
       return 0;
     },

@@ -101,6 +101,11 @@ export interface ConvertResult {
   sha256?: string;
   /** With `salvage`: the runs that could not be read and were written as zeros. */
   salvaged?: SalvagedRun[];
+  /**
+   * What the output's driver said about the image it made (a fixed VHD
+   * rounded up to a whole MiB): the CLI prints these on stderr.
+   */
+  warnings?: readonly string[];
 }
 
 interface Block {
@@ -410,6 +415,7 @@ export async function convert(
     dataBytes,
     sha256: hasher?.digest(),
     salvaged: rescue?.salvaged,
+    warnings: into ? undefined : (target as Partial<Image>).warnings,
   };
 }
 
