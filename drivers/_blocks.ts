@@ -13,6 +13,7 @@ import {
   checkRange,
   type Extent,
   type ExtentKind,
+  type MappedExtent,
   readInto as readIntoSource,
   type Source,
 } from "../streams/types.ts";
@@ -61,6 +62,13 @@ export interface BlockReader {
   readInto(offset: number, into: Uint8Array): Promise<void>;
   /** The allocation map of `[offset, offset + length)`. */
   extents(offset: number, length: number): AsyncIterable<Extent>;
+  /** The file the data lies in (`MappedSource`). */
+  mappedOn: Source;
+  /** The allocation map with each data run's place in the file (`MappedSource`). */
+  mappedExtents(
+    offset: number,
+    length: number,
+  ): AsyncIterable<MappedExtent>;
 }
 
 /**
@@ -88,13 +96,19 @@ export interface BlockReader {
 export function blockReader(map: BlockMap): BlockReader {
   const { source, size, blockSize } = map;
 
-  async function* extents(
+  /**
+   * The runs of `[offset, offset + length)`, adjacent runs of a kind
+   * merged; with `placed`, data runs carry their file offset and merge
+   * only where they follow each other in the file too.
+   */
+  async function* runs(
     offset: number,
     length: number,
-  ): AsyncIterable<Extent> {
+    placed: boolean,
+  ): AsyncIterable<MappedExtent> {
     checkRange(size, offset, length);
     const end = offset + length;
-    let run: Extent | undefined;
+    let run: MappedExtent | undefined;
     for (let at = offset; at < end;) {
       const block = Math.floor(at / blockSize);
       const start = block * blockSize;
@@ -103,17 +117,30 @@ export function blockReader(map: BlockMap): BlockReader {
         const from = Math.max(at, start + r.from);
         const to = Math.min(stop, start + r.to);
         if (from >= to) continue;
-        if (run && run.kind === r.kind && run.offset + run.length === from) {
+        const where = placed && r.kind === "data"
+          ? r.at! + (from - start - r.from)
+          : undefined;
+        if (
+          run && run.kind === r.kind && run.offset + run.length === from &&
+          (where === undefined || run.at! + run.length === where)
+        ) {
           run.length += to - from;
         } else {
           if (run) yield run;
-          run = { offset: from, length: to - from, kind: r.kind };
+          run = where === undefined
+            ? { offset: from, length: to - from, kind: r.kind }
+            : { offset: from, length: to - from, kind: r.kind, at: where };
         }
       }
       at = stop;
     }
     if (run) yield run;
   }
+
+  const extents = (offset: number, length: number): AsyncIterable<Extent> =>
+    runs(offset, length, false);
+  const mappedExtents = (offset: number, length: number) =>
+    runs(offset, length, true);
 
   async function readInto(offset: number, into: Uint8Array): Promise<void> {
     const length = into.length;
@@ -164,7 +191,7 @@ export function blockReader(map: BlockMap): BlockReader {
     return out;
   }
 
-  return { read, readInto, extents };
+  return { read, readInto, extents, mappedOn: source, mappedExtents };
 }
 
 /**

@@ -98,6 +98,30 @@ export interface WindowSource extends Source {
   readonly windowOf: { source: Source; offset: number };
 }
 
+/** A run of a {@linkcode MappedSource}: for `data`, where its bytes lie. */
+export interface MappedExtent extends Extent {
+  /** For `data`: the offset in `mappedOn` of the run's first byte. */
+  at?: number;
+}
+
+/**
+ * An image whose data runs are stored as they are, each a range of one
+ * other source (its file: a vdi, vhdx, qed or Parallels image's blocks).
+ * Lets {@linkcode RangeCopySink}s copy those ranges directly (in the
+ * kernel) instead of reading and writing them. An adapter that changes
+ * bytes must not carry these fields over (no `{ ...image }`).
+ */
+export interface MappedSource extends Source {
+  /** The source the data runs lie in. */
+  readonly mappedOn: Source;
+  /**
+   * The allocation map of `[offset, offset + length)`, as `extents`
+   * gives it, each `data` run with `at` set; a data run is one range of
+   * `mappedOn` (runs that follow each other there are merged).
+   */
+  mappedExtents(offset: number, length: number): AsyncIterable<MappedExtent>;
+}
+
 /**
  * A sink that can copy bytes from some sources itself, faster than reads
  * and writes through JavaScript (the file adapter: file to file in the
