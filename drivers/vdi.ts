@@ -377,8 +377,9 @@ async function openVdi(source: Source, options: OpenOptions): Promise<Image> {
     headerBytes,
     bmap,
     stored,
+    // (Blocks up to 4 MiB: the overlay's copy-on-write window.)
     inOverlay: backingFile !== undefined &&
-      options.resolveBacking !== undefined,
+      options.resolveBacking !== undefined && blockSize <= 4 << 20,
   };
 
   const reader = blockReader({
