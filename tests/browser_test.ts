@@ -617,3 +617,77 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name:
+    "the web page's Save as writes through the File System Access API (zero runs as file growth) and a closed dialog leaves the page as it was",
+  ignore: skip(["chromium"]),
+  async fn() {
+    await withPage(async (page, dir) => {
+      const disk = await wordsDisk(dir);
+      // Chromium has the API, so the page offers the button.
+      assertEquals(
+        await page.evaluate(`typeof globalThis.showSaveFilePicker`),
+        "function",
+      );
+      assertEquals(
+        await page.evaluate(`document.getElementById("saveAs").hidden`),
+        false,
+      );
+      await chooseFiles(page, "#file", [`${dir}/images/words.img`]);
+      await waitForState(page, ["ready"]);
+      // The person closes the dialog: nothing starts, nothing fails.
+      await page.evaluate(`
+        globalThis.showSaveFilePicker = () =>
+          Promise.reject(new DOMException("closed", "AbortError"));
+        document.getElementById("saveAs").click();
+        new Promise((r) => setTimeout(r, 300));`);
+      assertEquals(
+        await page.evaluate(`document.body.dataset.state`),
+        "ready",
+      );
+      // The dialog cannot be driven headless: a picker that answers with a
+      // file of the origin's private file system stands in for it, so the
+      // page's own path (the handle sent to the worker, createWritable,
+      // truncate for zero runs) is what runs.
+      for (const format of ["raw", "dmg"]) {
+        const name = `chosen-${format}`;
+        await page.evaluate(`
+          globalThis.showSaveFilePicker = async (options) => {
+            globalThis.suggestedName = options.suggestedName;
+            const root = await navigator.storage.getDirectory();
+            return root.getFileHandle("${name}", { create: true });
+          };
+          document.getElementById("format").value = "${format}";
+          document.body.dataset.state = "ready";
+          document.getElementById("saveAs").click();`);
+        const text = await waitForState(page, ["done"]);
+        assertTrue(text.includes(`saved ${name} (${format}, `), text);
+        assertEquals(
+          await page.evaluate(`globalThis.suggestedName`),
+          `words.${format}`,
+        );
+        const base64 = await page.evaluate<string>(`(async () => {
+          const root = await navigator.storage.getDirectory();
+          const file = await (await root.getFileHandle("${name}")).getFile();
+          const bytes = new Uint8Array(await file.arrayBuffer());
+          let text = "";
+          for (let i = 0; i < bytes.length; i += 0x8000) {
+            text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+          }
+          return btoa(text);
+        })()`);
+        const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+        if (format === "raw") {
+          assertEquals(bytes.length, disk.length);
+          assertEquals(sha256Hex(bytes), sha256Hex(disk));
+        } else {
+          const image = await open(fromBytes(bytes));
+          assertEquals(image.format, "dmg");
+          const result = await convert(image, memorySink(), { hash: true });
+          assertEquals(result.sha256, sha256Hex(disk));
+        }
+      }
+    });
+  },
+});
