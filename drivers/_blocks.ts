@@ -13,7 +13,6 @@ import {
   checkRange,
   type Extent,
   type ExtentKind,
-  type MappedExtent,
   readInto as readIntoSource,
   type Source,
 } from "../streams/types.ts";
@@ -60,15 +59,12 @@ export interface BlockReader {
   read(offset: number, length: number): Promise<Uint8Array>;
   /** Reads into the caller's buffer. */
   readInto(offset: number, into: Uint8Array): Promise<void>;
-  /** The allocation map of `[offset, offset + length)`. */
+  /**
+   * The allocation map of `[offset, offset + length)`; `data` runs carry
+   * their `fileOffset` in `source` (runs merge only where they follow each
+   * other in the file too, as qemu-img map shows them).
+   */
   extents(offset: number, length: number): AsyncIterable<Extent>;
-  /** The file the data lies in (`MappedSource`). */
-  mappedOn: Source;
-  /** The allocation map with each data run's place in the file (`MappedSource`). */
-  mappedExtents(
-    offset: number,
-    length: number,
-  ): AsyncIterable<MappedExtent>;
 }
 
 /**
@@ -96,19 +92,13 @@ export interface BlockReader {
 export function blockReader(map: BlockMap): BlockReader {
   const { source, size, blockSize } = map;
 
-  /**
-   * The runs of `[offset, offset + length)`, adjacent runs of a kind
-   * merged; with `placed`, data runs carry their file offset and merge
-   * only where they follow each other in the file too.
-   */
-  async function* runs(
+  async function* extents(
     offset: number,
     length: number,
-    placed: boolean,
-  ): AsyncIterable<MappedExtent> {
+  ): AsyncIterable<Extent> {
     checkRange(size, offset, length);
     const end = offset + length;
-    let run: MappedExtent | undefined;
+    let run: Extent | undefined;
     for (let at = offset; at < end;) {
       const block = Math.floor(at / blockSize);
       const start = block * blockSize;
@@ -117,30 +107,30 @@ export function blockReader(map: BlockMap): BlockReader {
         const from = Math.max(at, start + r.from);
         const to = Math.min(stop, start + r.to);
         if (from >= to) continue;
-        const where = placed && r.kind === "data"
+        const where = r.kind === "data"
           ? r.at! + (from - start - r.from)
           : undefined;
         if (
           run && run.kind === r.kind && run.offset + run.length === from &&
-          (where === undefined || run.at! + run.length === where)
+          (where === undefined || run.fileOffset! + run.length === where)
         ) {
           run.length += to - from;
         } else {
           if (run) yield run;
           run = where === undefined
             ? { offset: from, length: to - from, kind: r.kind }
-            : { offset: from, length: to - from, kind: r.kind, at: where };
+            : {
+              offset: from,
+              length: to - from,
+              kind: r.kind,
+              fileOffset: where,
+            };
         }
       }
       at = stop;
     }
     if (run) yield run;
   }
-
-  const extents = (offset: number, length: number): AsyncIterable<Extent> =>
-    runs(offset, length, false);
-  const mappedExtents = (offset: number, length: number) =>
-    runs(offset, length, true);
 
   async function readInto(offset: number, into: Uint8Array): Promise<void> {
     const length = into.length;
@@ -191,7 +181,7 @@ export function blockReader(map: BlockMap): BlockReader {
     return out;
   }
 
-  return { read, readInto, extents, mappedOn: source, mappedExtents };
+  return { read, readInto, extents };
 }
 
 /**

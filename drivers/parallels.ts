@@ -46,7 +46,12 @@
 import { ascii, formatErrors, le32, le64 } from "./_binary.ts";
 import { blockReader, wholeBlock } from "./_blocks.ts";
 import { check, UnsupportedError } from "../streams/errors.ts";
-import { checkRange, type Extent, extentsOf } from "../streams/types.ts";
+import {
+  checkRange,
+  type Extent,
+  extentsOf,
+  storesDataIn,
+} from "../streams/types.ts";
 import { overlay } from "../streams/overlay.ts";
 import type {
   Driver,
@@ -186,7 +191,9 @@ async function openParallels(
     },
   });
   const inUse = le32(h, 44) === INUSE;
-  return {
+  // Clusters read as their bytes in the file: convert copies them file to
+  // file (in the kernel) to a raw output.
+  return storesDataIn({
     format: FORMAT,
     size,
     name: source.name,
@@ -209,7 +216,7 @@ async function openParallels(
     },
     ...reader,
     close: () => source.close?.() ?? Promise.resolve(),
-  };
+  }, source);
 }
 
 // ---------------------------------------------------------------------------

@@ -70,7 +70,7 @@ import type {
   Sink,
   Source,
 } from "../streams/types.ts";
-import { checkRange } from "../streams/types.ts";
+import { checkRange, storesDataIn } from "../streams/types.ts";
 
 const FORMAT = "vdi";
 const SIGNATURE = 0xbeda107f;
@@ -433,7 +433,9 @@ async function openVdi(source: Source, options: OpenOptions): Promise<Image> {
     ...reader,
     close: () => source.close?.() ?? Promise.resolve(),
   };
-  if (!sink) return image;
+  // Read-only, stored blocks read as their bytes in the file: convert
+  // copies them file to file (in the kernel) to a raw output.
+  if (!sink) return storesDataIn(image, source);
   return writable(image, state, sink);
 }
 

@@ -106,7 +106,7 @@ import type {
   Sink,
   Source,
 } from "../streams/types.ts";
-import { checkRange, extentsOf } from "../streams/types.ts";
+import { checkRange, extentsOf, storesDataIn } from "../streams/types.ts";
 
 const FORMAT = "vhdx";
 const KiB = 1024;
@@ -1063,7 +1063,10 @@ async function openVhdx(
     ...reader,
     close: () => input.close?.() ?? Promise.resolve(),
   };
-  if (!sink) return image;
+  // Read-only, stored blocks read as their bytes in `source` (the file, or
+  // the file with its log replayed over it, which convert reads instead of
+  // copying): convert copies them file to file (in the kernel).
+  if (!sink) return storesDataIn(image, source);
   if (header.logGuid !== ZERO_GUID) {
     throw new UnsupportedError(
       { format: FORMAT, field: "header.log_guid", value: header.logGuid },

@@ -13,9 +13,9 @@ import { type SalvagedRun, salvaging } from "./salvage.ts";
 import { type Sha256, sha256 } from "./_sha256.ts";
 import { BackingFileError } from "./errors.ts";
 import {
+  dataFileOf,
   extentsOf,
   type Image,
-  type MappedSource,
   type RangeCopySink,
   readInto,
   type Sink,
@@ -360,7 +360,7 @@ export async function convert(
     options.sparseSize === undefined && !rescue
   ) {
     const copied = await copyWindow(source, sink, total, blockSize, options) ??
-      await copyMapped(source, sink, total, blockSize, options);
+      await copyExtents(source, sink, total, blockSize, options);
     if (copied !== undefined) {
       await sink.flush();
       return { size: total, dataBytes: copied };
@@ -421,77 +421,6 @@ export async function convert(
   };
 }
 
-/**
- * A raw copy of an image whose data runs lie as they are in its file
- * ({@linkcode MappedSource}: vdi, vhdx, qed, Parallels): each run of
- * stored data is copied by the sink from the file ({@linkcode
- * RangeCopySink}, in the kernel), zero and unallocated runs are left as
- * holes of the output (sized beforehand). Returns the data bytes copied,
- * or `undefined` (nothing written) when the sink cannot copy from that
- * file (then every run is read and written as usual); a run refused
- * later, or one reaching past the file's end (whose read then fails with
- * the driver's error), is read and written.
- *
- * `deno task bench vhdx vdi qed`: see the README's Speed table. The runs
- * reach the kernel whole (merged where the file keeps them in order),
- * so a 1 GiB disk is a few dozen calls rather than a read and a write
- * per 2 MiB through JavaScript.
- */
-async function copyMapped(
-  source: Source,
-  sink: Sink,
-  total: number,
-  blockSize: number,
-  options: ConvertOptions,
-): Promise<number | undefined> {
-  if (!("mappedExtents" in source) || !("copyRange" in sink)) {
-    return undefined;
-  }
-  const mapped = source as MappedSource;
-  const copier = sink as RangeCopySink;
-  const file = mapped.mappedOn;
-  let dataBytes = 0;
-  let first = true;
-  const buffer = new Uint8Array(blockSize);
-  for await (const run of mapped.mappedExtents(0, total)) {
-    if (run.kind !== "data") continue;
-    for (let done = 0; done < run.length;) {
-      options.signal?.throwIfAborted();
-      const length = Math.min(COPY_CHUNK, run.length - done);
-      const at = run.at! + done;
-      const copied = at + length <= file.size
-        ? await copier.copyRange(file, at, length, run.offset + done)
-        : undefined;
-      if (copied === undefined) {
-        if (first) return undefined;
-        // Read and written the ordinary way, a buffer at a time.
-        for (let part = 0; part < length; part += buffer.length) {
-          const bytes = buffer.subarray(
-            0,
-            Math.min(buffer.length, length - part),
-          );
-          const offset = run.offset + done + part;
-          await readInto(source, offset, bytes);
-          dataBytes += await writeSparse(
-            (o, b) => sink.write(o, b),
-            offset,
-            bytes,
-            4096,
-          );
-        }
-      } else {
-        dataBytes += copied;
-      }
-      first = false;
-      done += length;
-      options.onProgress?.(run.offset + done, total);
-      await nextTurn();
-    }
-  }
-  options.onProgress?.(total, total);
-  return dataBytes;
-}
-
 /** Bytes handed to a sink's `copyRange` at a time (progress and abort between). */
 const COPY_CHUNK = 64 << 20;
 
@@ -550,6 +479,81 @@ async function copyWindow(
     }
     options.onProgress?.(at + length, total);
     await nextTurn();
+  }
+  return dataBytes;
+}
+
+/**
+ * A raw copy of an image whose driver declared where its plain data lies
+ * ({@linkcode dataFileOf}: qcow2, VHD): each data run with a `fileOffset`
+ * is copied by the sink from the image file (in the kernel for the file
+ * adapter), zero runs and unallocated runs without a backing file are left
+ * as holes of the sized output, and everything else (compressed clusters,
+ * runs of a backing file) is read through the image and written. Returns
+ * the data bytes written, or `undefined` (nothing written) when the sink
+ * cannot copy from the image's file.
+ *
+ * `deno task bench qcow2`: see the README's Speed table.
+ */
+async function copyExtents(
+  source: Source,
+  sink: Sink,
+  total: number,
+  blockSize: number,
+  options: ConvertOptions,
+): Promise<number | undefined> {
+  const file = dataFileOf(source);
+  if (!file || !("copyRange" in sink)) return undefined;
+  const image = source as Image;
+  const copier = sink as RangeCopySink;
+  const write = (o: number, b: Uint8Array) => sink.write(o, b);
+  // Unallocated runs are holes only in an image with no parent at all.
+  const inBacking = image.backing !== undefined ||
+    image.backingFile !== undefined ||
+    (image as { requiresBacking?: boolean }).requiresBacking === true;
+  let buffer: Uint8Array | undefined;
+  let started = false;
+  let dataBytes = 0;
+  /** Reads `[offset, offset + length)` through the image and writes it. */
+  const copyByReading = async (offset: number, length: number) => {
+    buffer ??= new Uint8Array(blockSize);
+    for (let done = 0; done < length; done += buffer.length) {
+      options.signal?.throwIfAborted();
+      const bytes = buffer.subarray(0, Math.min(buffer.length, length - done));
+      await readInto(source, offset + done, bytes);
+      dataBytes += await writeSparse(write, offset + done, bytes, 4096);
+      options.onProgress?.(offset + done + bytes.length, total);
+    }
+  };
+  for await (const run of image.extents(0, total)) {
+    options.signal?.throwIfAborted();
+    if (run.kind === "data" && run.fileOffset !== undefined) {
+      for (let at = 0; at < run.length; at += COPY_CHUNK) {
+        const length = Math.min(COPY_CHUNK, run.length - at);
+        const copied = await copier.copyRange(
+          file,
+          run.fileOffset + at,
+          length,
+          run.offset + at,
+        );
+        if (copied === undefined) {
+          if (!started) return undefined;
+          await copyByReading(run.offset + at, length);
+        } else {
+          dataBytes += copied;
+        }
+        started = true;
+        options.onProgress?.(run.offset + at + length, total);
+        await nextTurn();
+      }
+    } else if (
+      run.kind === "data" || (run.kind === "unallocated" && inBacking)
+    ) {
+      started = true;
+      await copyByReading(run.offset, run.length);
+    } else {
+      options.onProgress?.(run.offset + run.length, total);
+    }
   }
   return dataBytes;
 }
