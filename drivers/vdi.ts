@@ -39,8 +39,13 @@
  *
  * A differencing image names its parent by UUID only (VirtualBox finds it
  * in its media registry), so it is followed only when the caller names
- * the parent's file with the open option `parent=FILE`; otherwise reading
- * a free block fails with a {@linkcode BackingFileError}.
+ * the parent's file with the open option `parent=FILE` (one file a line
+ * down a chain; the CLI's `--parent`), and the registry refuses a parent
+ * whose uuid_image is not uuid_link (`backingId`); otherwise reading a
+ * free block fails with a {@linkcode BackingFileError}. `create` with a
+ * backing file writes a differencing image (type 4, the parent's
+ * uuid_image and uuid_last_snap as uuid_link and uuid_parent), reading
+ * them from the opened parent (`CreateSpec.backing`).
  *
  * @module
  */
@@ -665,7 +670,9 @@ function uuidBytes(text: string): Uint8Array {
 /**
  * The vdi driver: VirtualBox disk images. Reads dynamic, static and
  * differencing images (the parent followed only when named with the open
- * option `parent=FILE`); creates dynamic and static ones (`static=on`).
+ * option `parent=FILE`, and checked by UUID); creates dynamic and static
+ * ones (`static=on`), and differencing ones over an opened parent
+ * (`backingFile` with `backing`).
  *
  * @example
  * ```ts

@@ -1,7 +1,9 @@
 /**
  * vhdx: Hyper-V's VHDX images (fixed, dynamic and differencing), read with
- * the log replayed in memory; fixed and dynamic ones created (`create`,
- * `convert -O vhdx`) and written through (`write`, `commit` into them).
+ * the log replayed in memory; fixed, dynamic and differencing ones created
+ * (`create`, `convert -O vhdx`, `-b`/`-B` for a differencing one) and
+ * written through (`write`, `commit` into them; a differencing one only as
+ * `create` returns it).
  *
  * This module is browser compatible.
  *
@@ -1497,11 +1499,12 @@ async function encodeVhdx(
  * The vhdx driver: Hyper-V VHDX images. Reads fixed, dynamic and
  * differencing files (the parent located through the parent locator's
  * `relative_path`, followed under the caller's backing-file policy), with
- * a pending log replayed in memory; creates fixed and dynamic files
- * (`create -f vhdx`, `convert -O vhdx`; `-o subformat=dynamic|fixed,
- * block_size=,log_size=,logical_sector_size=512|4096`) and writes into
- * them when opened writable (not into differencing files, nor files with
- * a log to replay).
+ * a pending log replayed in memory, the parent checked by its data write
+ * GUID (`parent_linkage`); creates fixed, dynamic and differencing files
+ * (`create -f vhdx [-b PARENT]`, `convert -O vhdx [-B PARENT]`; `-o
+ * subformat=dynamic|fixed,block_size=,log_size=,logical_sector_size=512|4096`)
+ * and writes into them when opened writable (not into differencing files
+ * opened later, nor files with a log to replay).
  *
  * @example
  * ```ts
