@@ -458,7 +458,6 @@ export function encodeFrame(input: Uint8Array): Uint8Array {
   const hashLog = Math.max(10, Math.min(16, Math.ceil(Math.log2(n)) - 2));
   const blockMax = Math.min(BLOCK_MAX, n);
   scratch(blockMax, hashLog);
-  const matcher = { next: 0 };
   for (let start = 0; start < n; start += BLOCK_MAX) {
     const end = Math.min(n, start + BLOCK_MAX);
     const last = end === n ? 1 : 0;
@@ -467,10 +466,9 @@ export function encodeFrame(input: Uint8Array): Uint8Array {
       writeBlockHeader(out, at, last | (1 << 1) | (size << 3));
       out[at + 3] = input[start];
       at += 4;
-      matcher.next = end;
       continue;
     }
-    const packed = compressBlock(input, start, end, hashLog, matcher);
+    const packed = compressBlock(input, start, end, hashLog);
     if (packed > 0 && packed < size) {
       writeBlockHeader(out, at, last | (2 << 1) | (packed << 3));
       out.set(blockOut.subarray(0, packed), at + 3);
@@ -510,11 +508,10 @@ function compressBlock(
   start: number,
   end: number,
   hashLog: number,
-  matcher: { next: number },
 ): number {
   const shift = 32 - hashLog;
-  // The positions before this block that were skipped (an RLE block) are
-  // not hashed: matches only point where the table says.
+  // Positions of earlier blocks stay in the table (the window is the
+  // frame); those of RLE blocks were never hashed, which only costs matches.
   let anchor = start;
   let i = start;
   let count = 0;
@@ -566,7 +563,6 @@ function compressBlock(
     i = after;
     anchor = after;
   }
-  matcher.next = end;
   const tail = end - anchor;
   literals.set(input.subarray(anchor, end), literalCount);
   literalCount += tail;
