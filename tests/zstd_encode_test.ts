@@ -22,6 +22,20 @@ async function samples(): Promise<[string, Uint8Array][]> {
   mixed.set(text.subarray(0, 100_000), 0);
   mixed.set(random.subarray(0, 100_000), 150_000);
   mixed.fill(7, 260_000, 390_000);
+  // Skewed alphabets: Huffman trees past 11 bits (clamped), weights
+  // written directly (bytes up to 128) and FSE-compressed (bytes above).
+  const skewed = (alphabet: number, seed: number) => {
+    const out = new Uint8Array(200_000);
+    let x = seed;
+    for (let i = 0; i < out.length; i++) {
+      x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+      // Symbol k with probability about 2^-(k+1): depths far past 11.
+      const r = x >>> 8;
+      const k = Math.min(alphabet - 1, Math.clz32(r | 1) - 8);
+      out[i] = (k * 37 + seed) % 256;
+    }
+    return out;
+  };
   const list: [string, Uint8Array][] = [
     ["empty", new Uint8Array(0)],
     ["one byte", new Uint8Array([42])],
@@ -30,6 +44,10 @@ async function samples(): Promise<[string, Uint8Array][]> {
     ["zeros", new Uint8Array(2 << 20)],
     ["random", random],
     ["mixed", mixed],
+    ["skewed 24 symbols", skewed(24, 1)],
+    ["skewed 24 symbols, high bytes", skewed(24, 200)],
+    ["all byte values", random.map((b) => b % 3 === 0 ? b : b & 0x3f)],
+    ["text of high bytes", text.map((b) => b | 0x80)],
   ];
   if (have("tar")) {
     const tar = (await run("sh", [

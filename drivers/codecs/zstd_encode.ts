@@ -32,6 +32,8 @@
  * @module
  */
 
+import { writeLiterals } from "./_huffman_literals.ts";
+
 const MAGIC = [0x28, 0xb5, 0x2f, 0xfd];
 /** The largest block content (RFC 8878 3.1.1.2.4). */
 const BLOCK_MAX = 128 << 10;
@@ -566,22 +568,13 @@ function compressBlock(
   const tail = end - anchor;
   literals.set(input.subarray(anchor, end), literalCount);
   literalCount += tail;
-  if (count === 0) return 0;
   const size = end - start;
-  // Literals section: raw.
-  let at = 0;
-  if (literalCount < 32) {
-    blockOut[at++] = literalCount << 3;
-  } else if (literalCount < 4096) {
-    blockOut[at++] = (1 << 2) | ((literalCount & 0xf) << 4);
-    blockOut[at++] = literalCount >>> 4;
-  } else {
-    blockOut[at++] = (3 << 2) | ((literalCount & 0xf) << 4);
-    blockOut[at++] = (literalCount >>> 4) & 0xff;
-    blockOut[at++] = literalCount >>> 12;
+  // Literals section: raw, RLE or Huffman, whichever is smallest.
+  let at = writeLiterals(literals, literalCount, blockOut, 0);
+  if (count === 0) {
+    blockOut[at++] = 0; // no sequences (and no modes byte)
+    return at < size ? at : 0;
   }
-  blockOut.set(literals.subarray(0, literalCount), at);
-  at += literalCount;
   if (at + 4 >= size) return 0;
   // Sequences section header: the count, then the modes (all predefined).
   if (count < 128) blockOut[at++] = count;
