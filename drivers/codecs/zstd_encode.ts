@@ -386,6 +386,9 @@ class BitWriter {
   }
 }
 
+/** The repeat offsets after the block just compressed. */
+const blockReps = new Uint32Array(3);
+
 /** Per-call buffers, reused while they are large enough. */
 let scratchSize = 0;
 let literals = new Uint8Array(0);
@@ -460,6 +463,7 @@ export function encodeFrame(input: Uint8Array): Uint8Array {
   const hashLog = Math.max(10, Math.min(16, Math.ceil(Math.log2(n)) - 2));
   const blockMax = Math.min(BLOCK_MAX, n);
   scratch(blockMax, hashLog);
+  const reps = Uint32Array.of(1, 4, 8); // a frame's first repeat offsets
   for (let start = 0; start < n; start += BLOCK_MAX) {
     const end = Math.min(n, start + BLOCK_MAX);
     const last = end === n ? 1 : 0;
@@ -470,8 +474,10 @@ export function encodeFrame(input: Uint8Array): Uint8Array {
       at += 4;
       continue;
     }
-    const packed = compressBlock(input, start, end, hashLog);
+    const packed = compressBlock(input, start, end, hashLog, reps);
     if (packed > 0 && packed < size) {
+      // The decoder's repeat offsets move only through compressed blocks.
+      reps.set(blockReps);
       writeBlockHeader(out, at, last | (2 << 1) | (packed << 3));
       out.set(blockOut.subarray(0, packed), at + 3);
       at += 3 + packed;
@@ -510,6 +516,7 @@ function compressBlock(
   start: number,
   end: number,
   hashLog: number,
+  reps: Uint32Array,
 ): number {
   const shift = 32 - hashLog;
   // Positions of earlier blocks stay in the table (the window is the
@@ -519,15 +526,20 @@ function compressBlock(
   let count = 0;
   let literalCount = 0;
   const limit = end - MIN_MATCH; // the last position a match may start
+  let rep0 = reps[0];
+  let rep1 = reps[1];
+  let rep2 = reps[2];
   let misses = 0;
   // Hot loop: greedy matching, one probe a position; the stride grows by
   // one every 32 misses (random data is passed over quickly, as LZ4 does).
   while (i <= limit) {
     const v = read32(input, i);
     const h = Math.imul(v, 0x9e3779b1) >>> shift;
-    const candidate = hashTable[h] - 1;
+    let candidate = hashTable[h] - 1;
     hashTable[h] = i + 1;
-    if (candidate < 0 || read32(input, candidate) !== v) {
+    // The last offset first (a repeat costs a few bits), then the table.
+    if (rep0 <= i && read32(input, i - rep0) === v) candidate = i - rep0;
+    else if (candidate < 0 || read32(input, candidate) !== v) {
       i += 1 + (misses++ >>> 5);
       continue;
     }
@@ -554,7 +566,33 @@ function compressBlock(
     for (let k = anchor; k < from; k++) literals[literalCount++] = input[k];
     literalLengths[count] = literalLength;
     matchLengths[count] = length;
-    offsets[count] = from - back;
+    // Offset_Value and the repeat offsets, as the decoder will keep them
+    // (RFC 8878 3.1.1.5): 1-3 name a repeat, past 3 a new offset + 3.
+    const offset = from - back;
+    let used = -1;
+    if (literalLength > 0) {
+      if (offset === rep0) used = 0;
+      else if (offset === rep1) used = 1;
+      else if (offset === rep2) used = 2;
+      offsets[count] = used >= 0 ? used + 1 : offset + 3;
+    } else {
+      if (offset === rep1) used = 1;
+      else if (offset === rep2) used = 2;
+      else if (offset === rep0 - 1) used = 3;
+      offsets[count] = used >= 0 ? used : offset + 3;
+    }
+    if (used < 0 || used === 3) {
+      rep2 = rep1;
+      rep1 = rep0;
+      rep0 = offset;
+    } else if (used === 1) {
+      rep1 = rep0;
+      rep0 = offset;
+    } else if (used === 2) {
+      rep2 = rep1;
+      rep1 = rep0;
+      rep0 = offset;
+    }
     count++;
     // Hash a couple of positions inside the match for later matches.
     const after = from + length;
@@ -565,6 +603,9 @@ function compressBlock(
     i = after;
     anchor = after;
   }
+  blockReps[0] = rep0;
+  blockReps[1] = rep1;
+  blockReps[2] = rep2;
   const tail = end - anchor;
   literals.set(input.subarray(anchor, end), literalCount);
   literalCount += tail;
@@ -595,7 +636,7 @@ function compressBlock(
   for (let k = count - 1; k >= 0; k--) {
     const ll = literalLengths[k];
     const ml = matchLengths[k] - 3;
-    const offsetValue = offsets[k] + 3;
+    const offsetValue = offsets[k];
     const llCode = ll < 64 ? LL_CODE[ll] : highBit(ll) + 19;
     const mlCode = ml < 128 ? ML_CODE[ml] : highBit(ml) + 36;
     const ofCode = highBit(offsetValue);
