@@ -18,41 +18,13 @@
  * @module
  */
 
+import { Bits, fseTable, normalize, writeDistribution } from "./_fse.ts";
+
 /** The longest Huffman code zstd decoders accept. */
 const MAX_BITS = 11;
 /** Below this many literals Huffman cannot pay for its tree. */
 const MIN_HUFFMAN = 64;
 const WEIGHT_LOG = 6;
-
-/** Writes bits low to high, as `zstd_encode.ts`'s writer (values of 24 bits or fewer). */
-class Bits {
-  bits = 0;
-  pending = 0;
-  constructor(public out: Uint8Array, public at: number) {}
-  add(value: number, count: number) {
-    this.bits |= value << this.pending;
-    this.pending += count;
-    while (this.pending >= 8) {
-      this.out[this.at++] = this.bits;
-      this.bits >>>= 8;
-      this.pending -= 8;
-    }
-  }
-  /** Flushes the last partial byte (forward streams: no end mark). */
-  flushForward(): number {
-    if (this.pending > 0) this.out[this.at++] = this.bits;
-    this.bits = 0;
-    this.pending = 0;
-    return this.at;
-  }
-  /** The end mark (one 1 bit), then the last byte (backward streams). */
-  finish(): number {
-    this.add(1, 1);
-    return this.flushForward();
-  }
-}
-
-const highBit = (v: number) => 31 - Math.clz32(v);
 
 /**
  * Code lengths of a Huffman tree over `counts` (nonzero entries), at most
@@ -126,109 +98,6 @@ function codeLengths(counts: Uint32Array, symbols: number[]): Uint8Array {
     }
   }
   return lengths;
-}
-
-/**
- * A normalized distribution of `counts` summing to 2^log, every symbol
- * present getting at least 1.
- */
-function normalize(counts: number[], log: number): number[] {
-  const total = counts.reduce((a, b) => a + b, 0);
-  const size = 1 << log;
-  const norm = counts.map((c) =>
-    c === 0 ? 0 : Math.max(1, Math.round((c * size) / total))
-  );
-  let sum = norm.reduce((a, b) => a + b, 0);
-  while (sum !== size) {
-    // Take from (or give to) the largest: the relative change is smallest.
-    let big = 0;
-    for (let s = 1; s < norm.length; s++) if (norm[s] > norm[big]) big = s;
-    if (sum > size) {
-      const give = Math.min(sum - size, norm[big] - 1);
-      if (give <= 0) return [];
-      norm[big] -= give;
-      sum -= give;
-    } else {
-      norm[big] += size - sum;
-      sum = size;
-    }
-  }
-  return norm;
-}
-
-/**
- * FSE table description (RFC 8878 4.1.1) of `norm` (accuracy log `log`)
- * at `out[at]`; returns the end.
- */
-function writeDistribution(
-  norm: number[],
-  log: number,
-  out: Uint8Array,
-  at: number,
-): number {
-  const w = new Bits(out, at);
-  w.add(log - 5, 4);
-  let remaining = (1 << log) + 1;
-  let threshold = 1 << log;
-  let nbBits = log + 1;
-  let last = norm.length - 1;
-  while (norm[last] === 0) last--;
-  for (let s = 0; s <= last;) {
-    const value = norm[s] + 1; // -1 .. n stored as 0 .. n+1
-    const max = 2 * threshold - 1 - remaining;
-    if (value < max) w.add(value, nbBits - 1);
-    else if (value < threshold) w.add(value, nbBits);
-    else w.add(value + max, nbBits);
-    remaining -= Math.abs(norm[s]);
-    while (remaining < threshold) {
-      nbBits--;
-      threshold >>= 1;
-    }
-    s++;
-    if (value === 1) {
-      // A zero: 2-bit counts of the zeros that follow it (3: more follow).
-      let zeros = 0;
-      while (s + zeros <= last && norm[s + zeros] === 0) zeros++;
-      s += zeros;
-      while (zeros >= 3) {
-        w.add(3, 2);
-        zeros -= 3;
-      }
-      w.add(zeros, 2);
-    }
-  }
-  return w.flushForward();
-}
-
-/** The decoding table of `norm` inverted for encoding (as in `zstd_encode.ts`). */
-function fseTable(norm: number[], log: number) {
-  const size = 1 << log;
-  const symbols = new Uint8Array(size);
-  const step = (size >>> 1) + (size >>> 3) + 3;
-  let position = 0;
-  norm.forEach((count, s) => {
-    for (let i = 0; i < count; i++) {
-      symbols[position] = s;
-      position = (position + step) & (size - 1);
-    }
-  });
-  const next = [...norm];
-  const nbBits = new Uint8Array(size);
-  const baseline = new Uint16Array(size);
-  const from = new Uint16Array(norm.length * size);
-  const first = new Int16Array(norm.length).fill(-1);
-  for (let state = 0; state < size; state++) {
-    const s = symbols[state];
-    const n = next[s]++;
-    const bits = log - highBit(n);
-    nbBits[state] = bits;
-    baseline[state] = (n << bits) - size;
-    for (let k = 0; k < 1 << bits; k++) {
-      from[s * size + baseline[state] + k] = state;
-    }
-    if (first[s] < 0) first[s] = state;
-  }
-  return { size, nbBits, baseline, from, first };
 }
 
 /**

@@ -33,6 +33,13 @@
  */
 
 import { writeLiterals } from "./_huffman_literals.ts";
+import {
+  type FseTable,
+  fseTable,
+  normalize,
+  rleTable,
+  writeDistribution,
+} from "./_fse.ts";
 
 const MAGIC = [0x28, 0xb5, 0x2f, 0xfd];
 /** The largest block content (RFC 8878 3.1.1.2.4). */
@@ -287,70 +294,9 @@ for (let v = 0; v < 128; v++) {
 
 const highBit = (v: number) => 31 - Math.clz32(v);
 
-/**
- * An FSE table turned around for encoding: for each symbol, the decoder
- * state to move to given the state that follows it.
- */
-interface FseEncoder {
-  tableLog: number;
-  /** Per decoder state: the bits read on leaving it, and their baseline. */
-  nbBits: Uint8Array;
-  baseline: Uint16Array;
-  /** `from[symbol * size + next]`: the state whose range holds `next`. */
-  from: Uint16Array;
-  /** A state of each symbol (the one the last sequence starts in). */
-  first: Uint16Array;
-}
-
-/**
- * Builds the decoding table of a distribution exactly as RFC 8878 4.1.1
- * spreads it, then inverts it: for every symbol its states' ranges
- * `[baseline, baseline + 2^nbBits)` cover the table once, so any next
- * state has exactly one predecessor for that symbol.
- */
-function fseEncoder(distribution: number[], tableLog: number): FseEncoder {
-  const size = 1 << tableLog;
-  const symbols = new Int16Array(size);
-  let high = size - 1;
-  const next = new Uint16Array(distribution.length);
-  distribution.forEach((count, s) => {
-    if (count === -1) {
-      symbols[high--] = s;
-      next[s] = 1;
-    } else next[s] = count;
-  });
-  const step = (size >>> 1) + (size >>> 3) + 3;
-  let position = 0;
-  distribution.forEach((count, s) => {
-    for (let i = 0; i < count; i++) {
-      symbols[position] = s;
-      do position = (position + step) & (size - 1); while (position > high);
-    }
-  });
-  if (position !== 0) throw new Error("zstd: bad predefined distribution");
-  const nbBits = new Uint8Array(size);
-  const baseline = new Uint16Array(size);
-  const from = new Uint16Array(distribution.length * size);
-  const first = new Uint16Array(distribution.length);
-  const seen = new Uint8Array(distribution.length);
-  for (let state = 0; state < size; state++) {
-    const s = symbols[state];
-    const n = next[s]++;
-    const bits = tableLog - highBit(n);
-    nbBits[state] = bits;
-    baseline[state] = (n << bits) - size;
-    for (let k = 0; k < 1 << bits; k++) {
-      from[s * size + baseline[state] + k] = state;
-    }
-    if (!seen[s]) first[s] = state;
-    seen[s] = 1;
-  }
-  return { tableLog, nbBits, baseline, from, first };
-}
-
-const LL_FSE = fseEncoder(LL_DISTRIBUTION, 6);
-const ML_FSE = fseEncoder(ML_DISTRIBUTION, 6);
-const OF_FSE = fseEncoder(OF_DISTRIBUTION, 5);
+const LL_PREDEFINED = fseTable(LL_DISTRIBUTION, 6);
+const ML_PREDEFINED = fseTable(ML_DISTRIBUTION, 6);
+const OF_PREDEFINED = fseTable(OF_DISTRIBUTION, 5);
 
 /**
  * Writes bits low to high (the decoder reads them back from the end).
@@ -386,6 +332,86 @@ class BitWriter {
   }
 }
 
+const llHistogram = new Uint32Array(36);
+const mlHistogram = new Uint32Array(53);
+const ofHistogram = new Uint32Array(32);
+const description = new Uint8Array(256);
+
+/** A table chosen for one of the three codes of a block's sequences. */
+interface Chosen {
+  /** 0 predefined, 1 RLE, 2 described (FSE_Compressed_Mode). */
+  mode: number;
+  table: FseTable;
+  /** What follows the modes byte for it. */
+  description: Uint8Array;
+}
+
+/**
+ * The cheapest table for a histogram of `count` codes: the predefined
+ * distribution, RLE (one code only), or a distribution of the block's own
+ * (accuracy log at most `maxLog`) with its description. Costs are
+ * estimated in bits: -log2 of each code's probability, plus the
+ * description.
+ */
+function chooseTable(
+  histogram: Uint32Array,
+  count: number,
+  predefined: FseTable,
+  predefinedNorm: number[],
+  maxLog: number,
+): Chosen {
+  let distinct = 0;
+  let only = 0;
+  let last = 0;
+  for (let s = 0; s < histogram.length; s++) {
+    if (histogram[s]) {
+      distinct++;
+      only = s;
+      last = s;
+    }
+  }
+  if (distinct === 1 && count > 1) {
+    return { mode: 1, table: rleTable(only), description: Uint8Array.of(only) };
+  }
+  let predefinedCost = Infinity;
+  if (last < predefinedNorm.length) {
+    predefinedCost = 0;
+    for (let s = 0; s <= last; s++) {
+      if (histogram[s]) {
+        predefinedCost += histogram[s] *
+          (predefined.tableLog - Math.log2(Math.abs(predefinedNorm[s])));
+      }
+    }
+  }
+  const predefinedChoice = {
+    mode: 0,
+    table: predefined,
+    description: new Uint8Array(0),
+  };
+  // Few codes: a description would cost more than it saves.
+  if (count < 16 && predefinedCost < Infinity) return predefinedChoice;
+  const log = Math.min(
+    maxLog,
+    Math.max(5, highBit(distinct) + 2, highBit(count - 1) - 2),
+  );
+  const norm = normalize(Array.from(histogram.subarray(0, last + 1)), log);
+  if (norm.length === 0 && predefinedCost === Infinity) {
+    throw new Error("zstd: no table for these codes"); // unreachable: log >= distinct
+  }
+  if (norm.length === 0) return predefinedChoice;
+  const end = writeDistribution(norm, log, description, 0);
+  let cost = end * 8;
+  for (let s = 0; s <= last; s++) {
+    if (histogram[s]) cost += histogram[s] * (log - Math.log2(norm[s]));
+  }
+  if (cost >= predefinedCost) return predefinedChoice;
+  return {
+    mode: 2,
+    table: fseTable(norm, log),
+    description: description.slice(0, end),
+  };
+}
+
 /** The repeat offsets after the block just compressed. */
 const blockReps = new Uint32Array(3);
 
@@ -395,6 +421,9 @@ let literals = new Uint8Array(0);
 let literalLengths = new Uint32Array(0);
 let matchLengths = new Uint32Array(0);
 let offsets = new Uint32Array(0);
+let llCodes = new Uint8Array(0);
+let mlCodes = new Uint8Array(0);
+let ofCodes = new Uint8Array(0);
 let blockOut = new Uint8Array(0);
 let hashTable = new Int32Array(0);
 
@@ -406,6 +435,9 @@ function scratch(blockMax: number, hashLog: number) {
     literalLengths = new Uint32Array(most);
     matchLengths = new Uint32Array(most);
     offsets = new Uint32Array(most);
+    llCodes = new Uint8Array(most);
+    mlCodes = new Uint8Array(most);
+    ofCodes = new Uint8Array(most);
     // Worst case of a compressed block before it is dropped for a raw one:
     // literals, 3 + 3 header bytes, and at most 11 bytes a sequence.
     blockOut = new Uint8Array(blockMax + 16 + most * 11);
@@ -617,7 +649,7 @@ function compressBlock(
     return at < size ? at : 0;
   }
   if (at + 4 >= size) return 0;
-  // Sequences section header: the count, then the modes (all predefined).
+  // Sequences section header: the count, then the modes byte.
   if (count < 128) blockOut[at++] = count;
   else if (count < 0x7f00) {
     blockOut[at++] = (count >>> 8) + 128;
@@ -627,48 +659,79 @@ function compressBlock(
     blockOut[at++] = (count - 0x7f00) & 0xff;
     blockOut[at++] = (count - 0x7f00) >>> 8;
   }
-  blockOut[at++] = 0;
+  // The codes of every sequence, and their histograms.
+  llHistogram.fill(0);
+  mlHistogram.fill(0);
+  ofHistogram.fill(0);
+  for (let k = 0; k < count; k++) {
+    const ll = literalLengths[k];
+    const ml = matchLengths[k] - 3;
+    const llCode = ll < 64 ? LL_CODE[ll] : highBit(ll) + 19;
+    const mlCode = ml < 128 ? ML_CODE[ml] : highBit(ml) + 36;
+    const ofCode = highBit(offsets[k]);
+    llCodes[k] = llCode;
+    mlCodes[k] = mlCode;
+    ofCodes[k] = ofCode;
+    llHistogram[llCode]++;
+    mlHistogram[mlCode]++;
+    ofHistogram[ofCode]++;
+  }
+  // Each table: predefined, RLE or described here, whichever costs less;
+  // the descriptions follow the modes byte in the order LL, OF, ML.
+  const modes = at++;
+  const ll = chooseTable(llHistogram, count, LL_PREDEFINED, LL_DISTRIBUTION, 9);
+  const of = chooseTable(ofHistogram, count, OF_PREDEFINED, OF_DISTRIBUTION, 8);
+  const ml = chooseTable(mlHistogram, count, ML_PREDEFINED, ML_DISTRIBUTION, 9);
+  blockOut[modes] = (ll.mode << 6) | (of.mode << 4) | (ml.mode << 2);
+  for (const t of [ll, of, ml]) {
+    blockOut.set(t.description, at);
+    at += t.description.length;
+  }
+  if (at + 4 >= size) return 0;
+  const llTable = ll.table;
+  const mlTable = ml.table;
+  const ofTable = of.table;
   const w = new BitWriter(blockOut, at);
   // Sequences are written last to first: the decoder reads them forwards.
   let llState = 0;
   let mlState = 0;
   let ofState = 0;
   for (let k = count - 1; k >= 0; k--) {
-    const ll = literalLengths[k];
-    const ml = matchLengths[k] - 3;
-    const offsetValue = offsets[k];
-    const llCode = ll < 64 ? LL_CODE[ll] : highBit(ll) + 19;
-    const mlCode = ml < 128 ? ML_CODE[ml] : highBit(ml) + 36;
-    const ofCode = highBit(offsetValue);
+    const llCode = llCodes[k];
+    const mlCode = mlCodes[k];
+    const ofCode = ofCodes[k];
     if (k === count - 1) {
-      llState = LL_FSE.first[llCode];
-      mlState = ML_FSE.first[mlCode];
-      ofState = OF_FSE.first[ofCode];
+      llState = llTable.first[llCode];
+      mlState = mlTable.first[mlCode];
+      ofState = ofTable.first[ofCode];
     } else {
       // The state transitions into sequence k + 1, in the reverse of the
       // order the decoder reads them (literal lengths, match lengths,
       // offsets).
-      let s = OF_FSE.from[ofCode * 32 + ofState];
-      w.add(ofState - OF_FSE.baseline[s], OF_FSE.nbBits[s]);
+      let s = ofTable.from[ofCode * ofTable.size + ofState];
+      w.add(ofState - ofTable.baseline[s], ofTable.nbBits[s]);
       ofState = s;
-      s = ML_FSE.from[mlCode * 64 + mlState];
-      w.add(mlState - ML_FSE.baseline[s], ML_FSE.nbBits[s]);
+      s = mlTable.from[mlCode * mlTable.size + mlState];
+      w.add(mlState - mlTable.baseline[s], mlTable.nbBits[s]);
       mlState = s;
-      s = LL_FSE.from[llCode * 64 + llState];
-      w.add(llState - LL_FSE.baseline[s], LL_FSE.nbBits[s]);
+      s = llTable.from[llCode * llTable.size + llState];
+      w.add(llState - llTable.baseline[s], llTable.nbBits[s]);
       llState = s;
     }
     // Extra bits, the reverse of the decoder's order (offset, match, literal).
-    if (llCode >= 16) w.add(ll - LL_BASE[llCode - 16], LL_BITS[llCode - 16]);
-    if (mlCode >= 32) {
-      w.add(ml + 3 - ML_BASE[mlCode - 32], ML_BITS[mlCode - 32]);
+    const literalLength = literalLengths[k];
+    if (llCode >= 16) {
+      w.add(literalLength - LL_BASE[llCode - 16], LL_BITS[llCode - 16]);
     }
-    w.add(offsetValue - (1 << ofCode), ofCode);
+    if (mlCode >= 32) {
+      w.add(matchLengths[k] - ML_BASE[mlCode - 32], ML_BITS[mlCode - 32]);
+    }
+    w.add(offsets[k] - (1 << ofCode), ofCode);
     if (w.at >= size) return 0;
   }
-  w.add(mlState, 6);
-  w.add(ofState, 5);
-  w.add(llState, 6);
+  w.add(mlState, mlTable.tableLog);
+  w.add(ofState, ofTable.tableLog);
+  w.add(llState, llTable.tableLog);
   at = w.finish();
   return at < size ? at : 0;
 }
