@@ -238,10 +238,19 @@ function filesIn(dir: string) {
   };
 }
 
-for (const dataRaw of [false, true]) {
+const DATA_FILE_CASES: Record<string, string>[] = [
+  {},
+  { data_file_raw: "on" },
+  { cluster_size: "512", refcount_bits: "1" },
+  { extended_l2: "on", data_file_raw: "on" },
+  { preallocation: "metadata", cluster_size: "4k" },
+];
+
+for (const extra of DATA_FILE_CASES) {
+  const dataRaw = extra.data_file_raw === "on";
   Deno.test(
-    `qcow2 convert -o data_file${
-      dataRaw ? ",data_file_raw=on" : ""
+    `qcow2 convert -o data_file ${
+      JSON.stringify(extra)
     }: the data file holds the guest data at guest offsets; qemu-img and our reader read it`,
     { ignore: skip(QEMU) },
     () =>
@@ -255,10 +264,7 @@ for (const dataRaw of [false, true]) {
         const files = filesIn(dir);
         await convert(await open(fromBytes(disk)), sink, {
           format: "qcow2",
-          options: {
-            data_file: "d.data",
-            ...(dataRaw ? { data_file_raw: "on" } : {}),
-          },
+          options: { data_file: "d.data", ...extra },
           createFile: files.createFile,
         });
         await sink.commit();

@@ -465,7 +465,15 @@ export function headerCluster(s: Qcow2Settings, f: HeaderFields): Uint8Array {
   if (s.dataFile !== undefined) {
     extension(0x44415441, encoder.encode(s.dataFile));
   }
-  if (s.version === 3) {
+  const nameBytes = s.backingFile === undefined
+    ? 0
+    : encoder.encode(s.backingFile).length;
+  // The feature name table is optional: left out, as qemu-img leaves it,
+  // where it does not fit (512-byte clusters with a data file name).
+  if (
+    s.version === 3 &&
+    at + 8 + 48 * FEATURE_NAMES.length + 8 + nameBytes <= clusterSize
+  ) {
     const table = new Uint8Array(48 * FEATURE_NAMES.length);
     FEATURE_NAMES.forEach(([type, bit, name], i) => {
       table[48 * i] = type;
