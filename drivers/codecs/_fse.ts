@@ -16,11 +16,16 @@ const highBit = (v: number) => 31 - Math.clz32(v);
 export interface FseTable {
   tableLog: number;
   size: number;
-  /** Per decoder state: the bits read on leaving it, and their baseline. */
+  /** Per decoder state: the bits read on leaving it. */
   nbBits: Uint8Array;
-  baseline: Uint16Array;
-  /** `from[symbol * size + next]`: the state whose range holds `next`. */
-  from: Uint16Array;
+  /**
+   * The states of each symbol, in table order, one run per symbol; with
+   * the two per-symbol offsets below, the predecessor of a state (see
+   * {@linkcode previousState}).
+   */
+  stateTable: Uint16Array;
+  deltaNbBits: Int32Array;
+  deltaFindState: Int32Array;
   /** A state of each symbol with the most bits (its first in the table). */
   first: Int16Array | Uint16Array;
 }
@@ -171,21 +176,40 @@ export function fseTable(norm: number[], log: number): FseTable {
   });
   if (position !== 0) throw new Error("zstd: bad FSE distribution");
   const nbBits = new Uint8Array(size);
-  const baseline = new Uint16Array(size);
-  const from = new Uint16Array(norm.length * size);
   const first = new Int16Array(norm.length).fill(-1);
+  const cumulative = new Int32Array(norm.length + 1);
+  norm.forEach((count, s) => {
+    cumulative[s + 1] = cumulative[s] + (count === -1 ? 1 : count);
+  });
+  const stateTable = new Uint16Array(size);
+  const at = cumulative.slice();
   for (let state = 0; state < size; state++) {
     const s = symbols[state];
-    const n = next[s]++;
-    const bits = log - highBit(n);
-    nbBits[state] = bits;
-    baseline[state] = (n << bits) - size;
-    for (let k = 0; k < 1 << bits; k++) {
-      from[s * size + baseline[state] + k] = state;
-    }
+    nbBits[state] = log - highBit(next[s]++);
+    stateTable[at[s]++] = state;
     if (first[s] < 0) first[s] = state;
   }
-  return { tableLog: log, size, nbBits, baseline, from, first };
+  // State values v = size + state: the bits of v written are
+  // (v + deltaNbBits) >> 16, and the predecessor is the entry
+  // (v >> bits) + deltaFindState (the decoder's n = c .. 2c-1, minus c).
+  const deltaNbBits = new Int32Array(norm.length);
+  const deltaFindState = new Int32Array(norm.length);
+  norm.forEach((value, s) => {
+    const count = value === -1 ? 1 : value;
+    if (count === 0) return;
+    const most = count === 1 ? log : log - highBit(count - 1);
+    deltaNbBits[s] = (most << 16) - (count << most);
+    deltaFindState[s] = cumulative[s] - count;
+  });
+  return {
+    tableLog: log,
+    size,
+    nbBits,
+    stateTable,
+    deltaNbBits,
+    deltaFindState,
+    first,
+  };
 }
 
 /**
@@ -193,13 +217,38 @@ export function fseTable(norm: number[], log: number): FseTable {
  * one state, no bits.
  */
 export function rleTable(symbol: number): FseTable {
-  const first = new Int16Array(symbol + 1);
+  const deltas = new Int32Array(symbol + 1);
+  deltas[symbol] = -1;
   return {
     tableLog: 0,
     size: 1,
     nbBits: new Uint8Array(1),
-    baseline: new Uint16Array(1),
-    from: new Uint16Array(symbol + 1),
-    first,
+    stateTable: new Uint16Array(1),
+    deltaNbBits: deltas,
+    deltaFindState: deltas.slice(),
+    first: new Int16Array(symbol + 1),
   };
+}
+
+/**
+ * The state to encode `symbol` in when the state after it is `next`
+ * (both decoder states), writing the bits that lead from one to the
+ * other (the decoder reads them back: `next = baseline + bits`).
+ *
+ * @param t the table
+ * @param symbol the symbol encoded
+ * @param next the state that follows
+ * @param add writes `count` bits of `value`
+ * @returns the state
+ */
+export function previousState(
+  t: FseTable,
+  symbol: number,
+  next: number,
+  add: (value: number, count: number) => void,
+): number {
+  const v = next + t.size;
+  const bits = (v + t.deltaNbBits[symbol]) >>> 16;
+  add(v & ((1 << bits) - 1), bits);
+  return t.stateTable[(v >> bits) + t.deltaFindState[symbol]];
 }

@@ -18,7 +18,13 @@
  * @module
  */
 
-import { Bits, fseTable, normalize, writeDistribution } from "./_fse.ts";
+import {
+  Bits,
+  fseTable,
+  normalize,
+  previousState,
+  writeDistribution,
+} from "./_fse.ts";
 
 /** The longest Huffman code zstd decoders accept. */
 const MAX_BITS = 11;
@@ -132,12 +138,9 @@ function compressWeights(
     const symbol = weights[i];
     const odd = (i & 1) === 1;
     const current = odd ? s2 : s1;
-    let state: number;
-    if (current < 0) state = t.first[symbol];
-    else {
-      state = t.from[symbol * t.size + current];
-      w.add(current - t.baseline[state], t.nbBits[state]);
-    }
+    const state = current < 0
+      ? t.first[symbol]
+      : previousState(t, symbol, current, (v, n) => w.add(v, n));
     if (odd) s2 = state;
     else s1 = state;
     if (w.at - start > 127) return 0;

@@ -412,6 +412,10 @@ function chooseTable(
   };
 }
 
+let frameOut = new Uint8Array(0);
+/** The largest output buffer kept between calls (2 MiB clusters fit). */
+const KEPT_OUTPUT = 4 << 20;
+
 /** The repeat offsets after the block just compressed. */
 const blockReps = new Uint32Array(3);
 
@@ -472,7 +476,13 @@ export function frameBound(length: number): number {
 export function encodeFrame(input: Uint8Array): Uint8Array {
   const n = input.length;
   if (n > 0xffffffff) throw new RangeError("zstd: input over 4 GiB");
-  const out = new Uint8Array(frameBound(n));
+  // Built in a buffer kept between calls, returned as a copy of its size
+  // (one allocation a frame: the garbage collector had a tenth of the time).
+  const bound = frameBound(n);
+  if (frameOut.length < bound && bound <= KEPT_OUTPUT) {
+    frameOut = new Uint8Array(bound);
+  }
+  const out = bound <= KEPT_OUTPUT ? frameOut : new Uint8Array(bound);
   out.set(MAGIC);
   let at = 5;
   if (n < 256) {
@@ -490,7 +500,7 @@ export function encodeFrame(input: Uint8Array): Uint8Array {
     out[at++] = 1; // last, raw, empty
     out[at++] = 0;
     out[at++] = 0;
-    return out.subarray(0, at);
+    return out.slice(0, at);
   }
   const hashLog = Math.max(10, Math.min(16, Math.ceil(Math.log2(n)) - 2));
   const blockMax = Math.min(BLOCK_MAX, n);
@@ -708,15 +718,23 @@ function compressBlock(
       // The state transitions into sequence k + 1, in the reverse of the
       // order the decoder reads them (literal lengths, match lengths,
       // offsets).
-      let s = ofTable.from[ofCode * ofTable.size + ofState];
-      w.add(ofState - ofTable.baseline[s], ofTable.nbBits[s]);
-      ofState = s;
-      s = mlTable.from[mlCode * mlTable.size + mlState];
-      w.add(mlState - mlTable.baseline[s], mlTable.nbBits[s]);
-      mlState = s;
-      s = llTable.from[llCode * llTable.size + llState];
-      w.add(llState - llTable.baseline[s], llTable.nbBits[s]);
-      llState = s;
+      // (v: the state plus the table size; see _fse.ts. Inlined: this
+      // loop runs for every sequence.)
+      let v = ofState + ofTable.size;
+      let bits = (v + ofTable.deltaNbBits[ofCode]) >>> 16;
+      w.add(v & ((1 << bits) - 1), bits);
+      ofState =
+        ofTable.stateTable[(v >> bits) + ofTable.deltaFindState[ofCode]];
+      v = mlState + mlTable.size;
+      bits = (v + mlTable.deltaNbBits[mlCode]) >>> 16;
+      w.add(v & ((1 << bits) - 1), bits);
+      mlState =
+        mlTable.stateTable[(v >> bits) + mlTable.deltaFindState[mlCode]];
+      v = llState + llTable.size;
+      bits = (v + llTable.deltaNbBits[llCode]) >>> 16;
+      w.add(v & ((1 << bits) - 1), bits);
+      llState =
+        llTable.stateTable[(v >> bits) + llTable.deltaFindState[llCode]];
     }
     // Extra bits, the reverse of the decoder's order (offset, match, literal).
     const literalLength = literalLengths[k];
