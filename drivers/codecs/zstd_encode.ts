@@ -45,6 +45,8 @@ const MAGIC = [0x28, 0xb5, 0x2f, 0xfd];
 /** The largest block content (RFC 8878 3.1.1.2.4). */
 const BLOCK_MAX = 128 << 10;
 const MIN_MATCH = 4;
+/** Matches shorter than this are checked against one a byte further. */
+const LAZY_BELOW = 32;
 /** Matches are cut at this length so their code stays in range. */
 const MAX_MATCH = 65536 + 3;
 
@@ -591,6 +593,31 @@ function compressBlock(
     const most = Math.min(end - i, MAX_MATCH);
     while (length < most && input[i + length] === input[candidate + length]) {
       length++;
+    }
+    // Lazy matching: a longer match one byte on wins over this one (the
+    // byte becomes a literal). Short matches only: long ones rarely lose.
+    if (length < LAZY_BELOW && i + 1 <= limit) {
+      const next = i + 1;
+      const v1 = read32(input, next);
+      const h1 = Math.imul(v1, 0x9e3779b1) >>> shift;
+      let other = hashTable[h1] - 1;
+      hashTable[h1] = next + 1;
+      if (rep0 <= next && read32(input, next - rep0) === v1) {
+        other = next - rep0;
+      } else if (other >= 0 && read32(input, other) !== v1) other = -1;
+      if (other >= 0) {
+        let otherLength = MIN_MATCH;
+        const otherMost = Math.min(end - next, MAX_MATCH);
+        while (
+          otherLength < otherMost &&
+          input[next + otherLength] === input[other + otherLength]
+        ) otherLength++;
+        if (otherLength > length) {
+          i = next;
+          candidate = other;
+          length = otherLength;
+        }
+      }
     }
     let from = i;
     let back = candidate;
