@@ -570,6 +570,29 @@ async function openOutput(
   return out;
 }
 
+/**
+ * The files an output at `path` names as part of itself (qcow2's
+ * `data_file`): made beside it (a relative name is taken from the
+ * output's folder, as the reader opens it), committed after it.
+ */
+function companionFiles(path: string) {
+  const made: (Sink & { commit?(): Promise<void> })[] = [];
+  return {
+    createFile: async (name: string): Promise<Sink> => {
+      const slash = path.lastIndexOf("/");
+      const full = name.startsWith("/") || slash < 0
+        ? name
+        : `${path.slice(0, slash)}/${name}`;
+      const out = await openOutput(full);
+      made.push(out);
+      return out;
+    },
+    finish: async () => {
+      for (const out of made) await finishOutput(out);
+    },
+  };
+}
+
 /** What `write` copies from: a length known up front, read in order. */
 interface FittingInput {
   readonly length: number;
@@ -1052,6 +1075,7 @@ const commands: Record<string, Command> = {
           .image
         : undefined;
       const sink = target ? undefined : await openOutput(output);
+      const companions = companionFiles(output);
       const bar = values.progress || values["progress-json"]
         ? progressBar("convert", values["progress-json"] === true)
         : undefined;
@@ -1071,10 +1095,12 @@ const commands: Record<string, Command> = {
         backing: backingImage,
         hash: values.hash === true,
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
+        createFile: companions.createFile,
       };
       const result = await convert(image, sink ?? nullSink, options);
       bar?.end();
       if (sink) await finishOutput(sink);
+      await companions.finish();
       for (const warning of result.warnings ?? []) {
         printErr(`vdisk: warning: ${warning}\n`);
       }
@@ -1216,6 +1242,7 @@ const commands: Record<string, Command> = {
         )).image
         : undefined;
       const sink = await openOutput(path);
+      const companions = companionFiles(path);
       const image = await create(format, sink, {
         size,
         backing,
@@ -1223,10 +1250,12 @@ const commands: Record<string, Command> = {
         backingFormat: values["backing-format"] as string | undefined,
         key,
         options,
+        createFile: companions.createFile,
       });
       await image.flush?.();
       await finishOutput(sink);
       warnAbout(image);
+      await companions.finish();
       print(`Formatting '${path}', fmt=${format} size=${size}\n`);
       return 0;
     },

@@ -38,6 +38,11 @@ export interface ConvertOptions {
   /** Format of that backing file. */
   backingFormat?: string;
   /**
+   * Creates the files the output names as part of itself (qcow2's
+   * `data_file`); see {@linkcode CreateSpec.createFile}.
+   */
+  createFile?: (name: string) => Promise<Sink>;
+  /**
    * The disk `backingFile` holds, opened. With it the output stores only
    * what differs from it (as `qemu-img convert -B` does), zeros included
    * where the backing file has data; without it every data block is
@@ -303,6 +308,7 @@ export async function convert(
       key: options.key,
       signal: options.signal,
       onProgress: (done) => options.onProgress?.(done, total),
+      createFile: options.createFile,
     });
     await sink.flush();
     return { size: total, ...await view.finish(), salvaged: rescue?.salvaged };
@@ -327,6 +333,7 @@ export async function convert(
         backing: options.backing && "format" in options.backing
           ? options.backing as Image
           : undefined,
+        createFile: options.createFile,
       }));
   if (!target.write) throw new Error(`${format}: created image is read-only`);
   const write = target.write.bind(target);

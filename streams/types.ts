@@ -388,6 +388,14 @@ export interface CreateSpec {
   key?: string | Uint8Array;
   /** Driver-specific options (`-o key=value`). */
   options?: Record<string, string>;
+  /**
+   * Creates a new file the image names as part of itself (qcow2's
+   * external `data_file`), from the name the image records (relative to
+   * the image's folder). The caller keeps the file: the driver only writes
+   * and flushes it; committing or closing it is the caller's. Without it,
+   * options that need such a file are refused.
+   */
+  createFile?: (name: string) => Promise<Sink>;
 }
 
 /** Options a driver's encoder receives from `convert`. */
@@ -402,6 +410,14 @@ export interface EncodeOptions {
   onProgress?: (done: number) => void;
   /** Stops the work. */
   signal?: AbortSignal;
+  /**
+   * Creates a new file the image names as part of itself (qcow2's
+   * external `data_file`), from the name the image records (relative to
+   * the image's folder). The caller keeps the file: the driver only writes
+   * and flushes it; committing or closing it is the caller's. Without it,
+   * options that need such a file are refused.
+   */
+  createFile?: (name: string) => Promise<Sink>;
 }
 
 /**

@@ -261,6 +261,21 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
         } convert -c -O qcow2 -o cluster_size=4k,refcount_bits=1 ${base} OUT`,
       },
       {
+        name: "qcow2-zstd",
+        format: "qcow2",
+        tools: ["qemu-img"],
+        cmd:
+          `qemu-img convert -c -f raw -O qcow2 -o compression_type=zstd,cluster_size=4k ${base} OUT`,
+      },
+      {
+        name: "qcow2-ours-zstd",
+        format: "qcow2",
+        tools: [],
+        cmd: `${Deno.execPath()} run -A ${
+          new URL("../cli.ts", import.meta.url).pathname
+        } convert -c -O qcow2 -o compression_type=zstd,cluster_size=4k ${base} OUT`,
+      },
+      {
         name: "vmdk",
         format: "vmdk",
         tools: ["qemu-img"],

@@ -417,6 +417,68 @@ const cases: Case[] = [
     }],
   },
   {
+    name:
+      "qcow2 compressed zstd (qemu-img convert -c -o compression_type=zstd)",
+    format: "qcow2",
+    make: {
+      path: img("disk-zstd.qcow2"),
+      cmd: [
+        "qemu-img",
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        DISK,
+        img("disk-zstd.qcow2"),
+      ],
+    },
+    needs: ["qemu-img"],
+    peers: [{
+      name: "qemu-img",
+      tool: "qemu-img",
+      cmd: [
+        "qemu-img",
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        img("disk-zstd.qcow2"),
+        OUT,
+      ],
+    }],
+  },
+  {
+    // Our zstd encoder against libzstd's, through both writers.
+    name: "raw to qcow2 -c zstd (qcow2 writer)",
+    format: "qcow2",
+    make: { path: DISK, cmd: [] },
+    needs: ["qemu-img"],
+    inputFormat: "raw",
+    ours: ["-O", "qcow2", "-c", "-o", "compression_type=zstd"],
+    peers: [{
+      name: "qemu-img -c zstd",
+      tool: "qemu-img",
+      cmd: [
+        "qemu-img",
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        DISK,
+        OUT,
+      ],
+    }],
+  },
+  {
     name: "vmdk streamOptimized (qemu-img)",
     format: "vmdk",
     make: {
