@@ -282,12 +282,24 @@ function checkData(
   }
 }
 
+/** Options of {@linkcode parseEncrypted}. */
+export interface ParseOptions {
+  /**
+   * The source is a sparse bundle's `token`: the header and key records
+   * only, the data being in the band files. DataOffset and DataSize then
+   * describe no bytes of this file and are not checked against it.
+   * @default false
+   */
+  token?: boolean;
+}
+
 /**
  * Reads and checks the header (or trailer) and the key records of an
  * encrypted image: every field that sizes a read or a loop is checked
  * first, with an {@linkcode ImageFormatError} naming it.
  *
- * @param source the encrypted file
+ * @param source the encrypted file (or a sparse bundle's token)
+ * @param options whether `source` is a bundle's token
  * @returns the layout
  *
  * @example
@@ -297,12 +309,16 @@ function checkData(
  * console.log(layout.version, layout.keyBits, layout.records.length);
  * ```
  */
-export async function parseEncrypted(source: Source): Promise<EncryptedLayout> {
+export async function parseEncrypted(
+  source: Source,
+  options: ParseOptions = {},
+): Promise<EncryptedLayout> {
   const file = source.name;
   const size = source.size;
+  const token = options.token === true;
   const head = await source.read(0, Math.min(8, size));
   if (head.length === 8 && ascii(head, 0, 8) === V2_MAGIC) {
-    return await parseV2(source);
+    return await parseV2(source, token);
   }
   if (size < V1_TRAILER_BYTES) {
     throw fail(
@@ -360,11 +376,16 @@ export async function parseEncrypted(source: Source): Promise<EncryptedLayout> {
       wrappedHmacKey: wrapped(0x1b4, "wrapped HMAC-SHA1 key length"),
     },
   };
-  checkData(layout, at, "decrypted data length", at + 0x4e8, file);
+  if (!token) {
+    checkData(layout, at, "decrypted data length", at + 0x4e8, file);
+  }
   return layout;
 }
 
-async function parseV2(source: Source): Promise<EncryptedLayout> {
+async function parseV2(
+  source: Source,
+  token: boolean,
+): Promise<EncryptedLayout> {
   const file = source.name;
   const size = source.size;
   if (size < V2_HEADER_BYTES) {
@@ -416,7 +437,7 @@ async function parseV2(source: Source): Promise<EncryptedLayout> {
       file,
     );
   }
-  if (dataOffset < tableEnd) {
+  if (!token && dataOffset < tableEnd) {
     throw fail(
       "DataOffset",
       dataOffset,
@@ -434,7 +455,7 @@ async function parseV2(source: Source): Promise<EncryptedLayout> {
     uuid: hexOf(h.subarray(0x24, 0x34)),
     records: [],
   };
-  checkData(layout, size, "DataSize", 0x38, file);
+  if (!token) checkData(layout, size, "DataSize", 0x38, file);
   const table = await source.read(
     V2_HEADER_BYTES,
     keyCount * KEY_POINTER_BYTES,
@@ -809,6 +830,7 @@ async function decryptChunks(
   first: number,
   bytes: Uint8Array,
 ): Promise<void> {
+  if (bytes.length === 0) return;
   const s = subtle();
   const n = bytes.length;
   const iv = new Uint8Array(16);
@@ -838,6 +860,69 @@ async function decryptChunks(
   bytes.set(plain.subarray(0, n));
 }
 
+/** Decrypts whole chunks of one image, numbered as the image numbers them. */
+export interface ChunkDecryptor {
+  /** Bytes per chunk. */
+  readonly blockSize: number;
+  /**
+   * Decrypts `bytes` (whole chunks) in place; its first chunk is chunk
+   * number `first`. Several chunks go through one WebCrypto call, a group
+   * of at most 4 MiB at a time.
+   */
+  decrypt(first: number, bytes: Uint8Array): Promise<void>;
+}
+
+/**
+ * The chunk decryptor of unlocked keys: AES-CBC per chunk, the IV of chunk
+ * `n` HMAC-SHA1(HMAC key, n) cut to 16 bytes. A dmg numbers its chunks
+ * from its data offset; a sparse bundle over the whole disk, across bands.
+ *
+ * @param blockSize bytes per chunk (a multiple of 16)
+ * @param keys the unlocked keys
+ * @returns the decryptor
+ *
+ * @example
+ * ```ts ignore
+ * const chunks = chunkDecryptor(512, await unlockKeys(layout, "pw"));
+ * await chunks.decrypt(7, bytes); // bytes: chunks 7, 8, ... in place
+ * ```
+ */
+export function chunkDecryptor(
+  blockSize: number,
+  keys: DataKeys,
+): ChunkDecryptor {
+  const mac = hmacSha1(keys.hmacKey);
+  const cryptoKey = subtle().importKey(
+    "raw",
+    keys.aesKey.slice() as Uint8Array<ArrayBuffer>,
+    { name: "AES-CBC" },
+    false,
+    ["encrypt", "decrypt"],
+  );
+  const groupBytes = Math.max(1, Math.floor(GROUP_BYTES / blockSize)) *
+    blockSize;
+  return {
+    blockSize,
+    async decrypt(first, bytes) {
+      if (bytes.length % blockSize !== 0) {
+        throw new RangeError(
+          `${bytes.length} bytes are not whole chunks of ${blockSize}`,
+        );
+      }
+      const key = await cryptoKey;
+      for (let at = 0; at < bytes.length; at += groupBytes) {
+        await decryptChunks(
+          key,
+          mac,
+          blockSize,
+          first + at / blockSize,
+          bytes.subarray(at, Math.min(bytes.length, at + groupBytes)),
+        );
+      }
+    },
+  };
+}
+
 /**
  * The plaintext of an encrypted image as a {@linkcode Source} of
  * `layout.dataSize` bytes: a read decrypts only the chunks it touches
@@ -861,14 +946,7 @@ export function decryptedSource(
   keys: DataKeys,
 ): Source {
   const { blockSize, dataOffset, dataSize } = layout;
-  const mac = hmacSha1(keys.hmacKey);
-  const cryptoKey = subtle().importKey(
-    "raw",
-    keys.aesKey.slice() as Uint8Array<ArrayBuffer>,
-    { name: "AES-CBC" },
-    false,
-    ["encrypt", "decrypt"],
-  );
+  const chunks = chunkDecryptor(blockSize, keys);
   const groupChunks = Math.max(1, Math.floor(GROUP_BYTES / blockSize));
 
   async function readInto(offset: number, into: Uint8Array): Promise<void> {
@@ -888,7 +966,6 @@ export function decryptedSource(
       });
     }
     if (length === 0) return;
-    const key = await cryptoKey;
     const firstChunk = Math.floor(offset / blockSize);
     const lastChunk = Math.floor((offset + length - 1) / blockSize);
     for (let c = firstChunk; c <= lastChunk; c += groupChunks) {
@@ -897,7 +974,7 @@ export function decryptedSource(
         dataOffset + c * blockSize,
         count * blockSize,
       );
-      await decryptChunks(key, mac, blockSize, c, bytes);
+      await chunks.decrypt(c, bytes);
       const from = Math.max(offset, c * blockSize);
       const to = Math.min(offset + length, (c + count) * blockSize);
       into.set(
