@@ -86,10 +86,19 @@ import {
   KeyError,
   UnsupportedError,
 } from "../../streams/errors.ts";
-import { checkRange, type Source } from "../../streams/types.ts";
+import {
+  checkRange,
+  readInto as readFrom,
+  type Source,
+} from "../../streams/types.ts";
 import { tripleDesCbcDecrypt } from "../../streams/_des.ts";
 import { type HmacSha1, hmacSha1 } from "../../streams/_sha1.ts";
-import { decryptBlock, expandKey } from "../../streams/_aes.ts";
+import {
+  type AesKey,
+  decryptBlock,
+  encryptBlock,
+  expandKey,
+} from "../../streams/_aes.ts";
 
 /** The driver name errors carry. */
 export const FORMAT = "dmg-encrypted";
@@ -822,42 +831,55 @@ export async function unlockKeys(
   );
 }
 
-/** Decrypts whole chunks in place: chunk `first` is `bytes[0 .. blockSize)`. */
+/**
+ * Decrypts whole chunks. `cipher` holds chunk `first`, `first + 1`, ... in
+ * all but its last 16 bytes, which are spare (overwritten); the plaintext
+ * comes back as a new array of the chunks' length.
+ *
+ * One WebCrypto call decrypts all the chunks as a single CBC stream, which
+ * is right for the first chunk (its IV is given) and wrong only in the
+ * first block of each later one: CBC XORed it with the ciphertext block
+ * before it instead of its own IV, so XORing in (that block XOR the IV)
+ * mends it. WebCrypto removes PKCS#7 padding and refuses data without it:
+ * the spare block is made to decrypt to a full block of padding
+ * (E(0x10... XOR the last ciphertext block), with our table AES: one
+ * block, no second WebCrypto round trip). The IVs, two SHA-1 compressions
+ * each, are computed while WebCrypto decrypts on its own thread.
+ */
 async function decryptChunks(
   key: CryptoKey,
+  aes: AesKey,
   mac: HmacSha1,
   blockSize: number,
   first: number,
-  bytes: Uint8Array,
-): Promise<void> {
-  if (bytes.length === 0) return;
-  const s = subtle();
-  const n = bytes.length;
+  cipher: Uint8Array,
+): Promise<Uint8Array> {
+  const n = cipher.length - 16;
+  if (n <= 0) return new Uint8Array(0);
+  const pad = cipher.subarray(n);
+  for (let i = 0; i < 16; i++) pad[i] = cipher[n - 16 + i] ^ 16;
+  encryptBlock(aes, pad);
   const iv = new Uint8Array(16);
-  // WebCrypto's AES-CBC removes PKCS#7 padding and refuses data without
-  // it: a block that decrypts to a full block of padding (E(0x10.. XOR
-  // the last ciphertext block)) is appended, so the whole group is one
-  // call. Each later chunk's first block was XORed with the previous
-  // chunk's last ciphertext block instead of its own IV: swapped after.
-  const padBlock = new Uint8Array(
-    await s.encrypt(
-      { name: "AES-CBC", iv: bytes.slice(n - 16) },
-      key,
-      new Uint8Array(16).fill(16),
-    ),
-  ).subarray(0, 16);
-  const input = new Uint8Array(n + 16);
-  input.set(bytes);
-  input.set(padBlock, n);
   mac.macNumberInto(first, iv, 0);
-  const plain = new Uint8Array(
-    await s.decrypt({ name: "AES-CBC", iv }, key, input),
+  const decrypted = subtle().decrypt(
+    { name: "AES-CBC", iv },
+    key,
+    cipher as Uint8Array<ArrayBuffer>,
   );
-  for (let at = blockSize, c = first + 1; at < n; at += blockSize, c++) {
-    mac.macNumberInto(c, iv, 0);
-    for (let i = 0; i < 16; i++) plain[at + i] ^= bytes[at - 16 + i] ^ iv[i];
+  // Meanwhile, what mends each later chunk's first block.
+  const count = n / blockSize;
+  const mend = new Uint8Array(count * 16);
+  for (let c = 1, at = blockSize - 16; c < count; c++, at += blockSize) {
+    const m = 16 * c;
+    mac.macNumberInto(first + c, mend, m);
+    for (let i = 0; i < 16; i++) mend[m + i] ^= cipher[at + i];
   }
-  bytes.set(plain.subarray(0, n));
+  const plain = new Uint8Array(await decrypted);
+  for (let c = 1, at = blockSize; c < count; c++, at += blockSize) {
+    const m = 16 * c;
+    for (let i = 0; i < 16; i++) plain[at + i] ^= mend[m + i];
+  }
+  return plain;
 }
 
 /** Decrypts whole chunks of one image, numbered as the image numbers them. */
@@ -870,6 +892,12 @@ export interface ChunkDecryptor {
    * of at most 4 MiB at a time.
    */
   decrypt(first: number, bytes: Uint8Array): Promise<void>;
+  /**
+   * The plaintext of the whole chunks in `cipher`, all but its last 16
+   * bytes (spare room the decryption overwrites), chunk `first` first, in
+   * one WebCrypto call: no copy of the ciphertext. Returns a new array.
+   */
+  decryptSpare(first: number, cipher: Uint8Array): Promise<Uint8Array>;
 }
 
 /**
@@ -892,33 +920,55 @@ export function chunkDecryptor(
   keys: DataKeys,
 ): ChunkDecryptor {
   const mac = hmacSha1(keys.hmacKey);
+  const aes = expandKey(keys.aesKey);
   const cryptoKey = subtle().importKey(
     "raw",
     keys.aesKey.slice() as Uint8Array<ArrayBuffer>,
     { name: "AES-CBC" },
     false,
-    ["encrypt", "decrypt"],
+    ["decrypt"],
   );
   const groupBytes = Math.max(1, Math.floor(GROUP_BYTES / blockSize)) *
     blockSize;
+  const whole = (length: number) => {
+    if (length < 0 || length % blockSize !== 0) {
+      throw new RangeError(
+        `${length} bytes are not whole chunks of ${blockSize}`,
+      );
+    }
+  };
   return {
     blockSize,
     async decrypt(first, bytes) {
-      if (bytes.length % blockSize !== 0) {
-        throw new RangeError(
-          `${bytes.length} bytes are not whole chunks of ${blockSize}`,
-        );
-      }
+      whole(bytes.length);
       const key = await cryptoKey;
       for (let at = 0; at < bytes.length; at += groupBytes) {
-        await decryptChunks(
-          key,
-          mac,
-          blockSize,
-          first + at / blockSize,
-          bytes.subarray(at, Math.min(bytes.length, at + groupBytes)),
+        const end = Math.min(bytes.length, at + groupBytes);
+        const cipher = new Uint8Array(end - at + 16);
+        cipher.set(bytes.subarray(at, end));
+        bytes.set(
+          await decryptChunks(
+            key,
+            aes,
+            mac,
+            blockSize,
+            first + at / blockSize,
+            cipher,
+          ),
+          at,
         );
       }
+    },
+    async decryptSpare(first, cipher) {
+      whole(cipher.length - 16);
+      return await decryptChunks(
+        await cryptoKey,
+        aes,
+        mac,
+        blockSize,
+        first,
+        cipher,
+      );
     },
   };
 }
@@ -968,20 +1018,33 @@ export function decryptedSource(
     if (length === 0) return;
     const firstChunk = Math.floor(offset / blockSize);
     const lastChunk = Math.floor((offset + length - 1) / blockSize);
-    for (let c = firstChunk; c <= lastChunk; c += groupChunks) {
+    // Each group is read into a buffer with 16 spare bytes (no copy before
+    // decrypting) and copied once, its part of the range, into `into`.
+    // Two groups in flight: one decrypting on WebCrypto's thread while the
+    // next is read and its IVs computed.
+    const group = async (c: number) => {
       const count = Math.min(groupChunks, lastChunk - c + 1);
-      const bytes = await source.read(
+      const cipher = new Uint8Array(count * blockSize + 16);
+      await readFrom(
+        source,
         dataOffset + c * blockSize,
-        count * blockSize,
+        cipher.subarray(0, count * blockSize),
       );
-      await chunks.decrypt(c, bytes);
+      const plain = await chunks.decryptSpare(c, cipher);
       const from = Math.max(offset, c * blockSize);
       const to = Math.min(offset + length, (c + count) * blockSize);
       into.set(
-        bytes.subarray(from - c * blockSize, to - c * blockSize),
+        plain.subarray(from - c * blockSize, to - c * blockSize),
         from - offset,
       );
+    };
+    let previous: Promise<void> | undefined;
+    for (let c = firstChunk; c <= lastChunk; c += groupChunks) {
+      const current = group(c);
+      if (previous) await previous;
+      previous = current;
     }
+    await previous;
   }
 
   return {
