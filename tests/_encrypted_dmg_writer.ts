@@ -219,6 +219,11 @@ export interface EncryptedBundleOptions {
   bands?: number[];
   /** Cut each band file after its last chunk holding a non-zero byte. @default false */
   trim?: boolean;
+  /**
+   * 2: the token is an `encrcdsa` header; 1: a `cdsaencr` trailer (AES-128,
+   * as keramics also reads a token). @default 2
+   */
+  version?: 1 | 2;
 }
 
 /**
@@ -237,18 +242,22 @@ export async function encryptSparsebundle(
   { files: Record<string, Uint8Array | null>; aesKey: Uint8Array }
 > {
   const bandSize = options.bandSize ?? 8 << 20;
-  const made = await encryptDmg(disk, {
+  const settings = {
     password: options.password,
-    keyBits: options.keyBits ?? 128,
     blockSize: options.blockSize ?? 512,
     iterations: options.iterations ?? 1000,
-  });
+  };
+  const made = options.version === 1
+    ? encryptDmgV1(disk, settings)
+    : await encryptDmg(disk, { ...settings, keyBits: options.keyBits ?? 128 });
   const { dataOffset, blockSize } = made;
   const plist = new TextEncoder().encode(bundlePlist(bandSize, disk.length));
   const files: Record<string, Uint8Array | null> = {
     "Info.plist": plist,
     "Info.bckup": plist,
-    "token": made.bytes.slice(0, dataOffset),
+    "token": options.version === 1
+      ? made.bytes.slice(made.bytes.length - 0x4fc)
+      : made.bytes.slice(0, dataOffset),
     "bands/": null,
   };
   for (const band of options.bands ?? nonZeroBands(disk, bandSize)) {

@@ -121,6 +121,22 @@ Deno.test("chunks are numbered over the whole disk, across bands: reads at odd o
   }
 });
 
+Deno.test("a token holding a cdsaencr (version 1) trailer unlocks the same way", async () => {
+  const band = 16 * KiB;
+  const disk = diskOf(band, 5, [3], 1536);
+  const { files } = await encryptSparsebundle(disk, {
+    password: PASSWORD,
+    bandSize: band,
+    version: 1,
+  });
+  assertEquals(files.token?.length, 0x4fc);
+  assertEquals(sha256Hex(await decode(memoryTree(files))), sha256Hex(disk));
+  await rejects(
+    () => openSparsebundle(memoryTree(files), { key: "not it" }),
+    KeyError,
+  );
+});
+
 Deno.test("band files written in part (whole chunks) read as zeros past their end", async () => {
   const band = 32 * KiB;
   const disk = diskOf(band, 6, []);
