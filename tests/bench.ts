@@ -660,6 +660,16 @@ for (const c of cases) {
           cpuRatio(theirs)
         }${await same()}`,
       );
+      if (p.name === "ours, not encrypted" && ours.cpu && theirs.cpu) {
+        // Issue 14: decryption must not cost more than the decoding does.
+        console.log(
+          `  decryption: ${(ours.cpu - theirs.cpu).toFixed(2)} s CPU, ${
+            (ours.seconds - theirs.seconds).toFixed(2)
+          } s wall, beside the ${
+            theirs.cpu.toFixed(2)
+          } s CPU of converting the dmg inside`,
+        );
+      }
     } catch (e) {
       console.log(
         `  ${p.name.padEnd(22)} failed: ${(e as Error).message.split("\n")[0]}`,
