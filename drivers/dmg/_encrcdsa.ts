@@ -1050,6 +1050,9 @@ export function decryptedSource(
     let previous: Promise<void> | undefined;
     for (let c = firstChunk; c <= lastChunk; c += groupChunks) {
       const current = group(c);
+      // Awaited below; this only keeps the failure of a group left behind
+      // (when the one before it failed first) from going unhandled.
+      current.catch(() => {});
       if (previous) await previous;
       previous = current;
     }
