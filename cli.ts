@@ -462,7 +462,9 @@ async function openImage(
   }
   if (await isSparsebundle(path, options.format)) {
     if (options.writable) throw new Error("sparse bundles are read-only here");
-    const image = await openSparsebundle(await directoryTree(path));
+    const image = await openSparsebundle(await directoryTree(path), {
+      key: options.extra?.key as string | undefined,
+    });
     opened.push(image);
     return { image, backing: [], files: [] };
   }
