@@ -1548,6 +1548,9 @@ const commands: Record<string, Command> = {
         print(
           JSON.stringify(
             {
+              ...(sizes.bitmaps === undefined
+                ? {}
+                : { bitmaps: sizes.bitmaps }),
               required: sizes.required,
               "fully-allocated": sizes.fullyAllocated,
             },
@@ -1557,7 +1560,10 @@ const commands: Record<string, Command> = {
         );
       } else {
         print(
-          `required size: ${sizes.required}\nfully allocated size: ${sizes.fullyAllocated}\n`,
+          `required size: ${sizes.required}\nfully allocated size: ${sizes.fullyAllocated}\n` +
+            (sizes.bitmaps === undefined
+              ? ""
+              : `bitmaps size: ${sizes.bitmaps}\n`),
         );
       }
       return 0;

@@ -68,6 +68,7 @@ import { encodeQcow2 } from "./qcow2/encode.ts";
 import { QCOW2_OPTIONS } from "./qcow2/layout.ts";
 import { createQcow2, makeWritable } from "./qcow2/writable.ts";
 import { resizeQcow2 } from "./qcow2/resize.ts";
+import { measureQcow2 } from "./qcow2/measure.ts";
 import { writeSink } from "./_image.ts";
 import type {
   Driver,
@@ -1642,4 +1643,5 @@ export const qcow2: Driver = {
   writeOptions: QCOW2_OPTIONS,
   compresses: true,
   resize: resizeQcow2,
+  measure: measureQcow2,
 };

@@ -78,7 +78,7 @@ export async function resizeQcow2(
         value: size,
         limit: "a multiple of 512",
       },
-      `qcow2: the new size ${size} must be a multiple of 512`,
+      `the new size ${size} must be a multiple of 512`,
     );
   }
   if (h.bitmaps && (h.autoclear & AUTOCLEAR.bitmaps)) {
@@ -97,7 +97,7 @@ export async function resizeQcow2(
         value: newL1Size,
         limit: `at most ${MAX_L1_BYTES / 8} entries`,
       },
-      `qcow2: a size of ${size} bytes needs ${newL1Size} L1 entries, more than QEMU's ${
+      `a size of ${size} bytes needs ${newL1Size} L1 entries, more than QEMU's ${
         MAX_L1_BYTES / 8
       }`,
     );
@@ -255,7 +255,7 @@ async function release(
           value: k * state.clusterSize,
           limit: `a cluster inside the file with refcount at least ${n}`,
         },
-        `qcow2: ${where} refers to cluster ${k} (offset ${
+        `${where} refers to cluster ${k} (offset ${
           k * state.clusterSize
         }) whose refcount is ${count}${
           k >= fileClusters ? ", past the end of the file" : ""
