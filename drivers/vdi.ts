@@ -568,6 +568,99 @@ async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
 }
 
 /**
+ * `resize` of a dynamic or static vdi: the block map grows or shrinks
+ * with the disk. A block map that outgrows the room before the first
+ * block takes the room of as many blocks as it needs (they move to the
+ * end of the data); shrinking drops the blocks past the new end and moves
+ * the last stored blocks into their places, so that the stored blocks stay
+ * numbered from 0 without holes (what `qemu-img check` counts). A static
+ * image stores the new blocks (zeros) as it grows. Not crash-safe: a copy
+ * first for images that matter.
+ */
+async function resizeVdi(file: Source & Sink, size: number): Promise<void> {
+  await openVdi(file, {}); // every field and block map entry checked
+  const headerBytes = (await file.read(0, HEADER_BYTES)).slice();
+  const h = parseHeader(headerBytes, file.size, file.name);
+  if (h.imageType !== 1 && h.imageType !== 2) {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "image_type", value: h.imageType, offset: 76 },
+      `a ${
+        TYPE_NAMES[h.imageType]
+      } image is not resized here (only dynamic and static ones)`,
+    );
+  }
+  if (size % SECTOR !== 0) {
+    throw fail("size", size, "a multiple of 512");
+  }
+  const isStatic = h.imageType === 2;
+  const { blockSize, offsetBmap } = h;
+  const newBlocks = Math.ceil(size / blockSize);
+  if (newBlocks > MAX_BLOCKS) {
+    throw fail("size", size, `at most ${MAX_BLOCKS} blocks of ${blockSize}`);
+  }
+  const old = await file.read(offsetBmap, h.blocksInImage * 4);
+  const bmap = new Uint32Array(newBlocks).fill(FREE);
+  for (let i = 0; i < Math.min(newBlocks, h.blocksInImage); i++) {
+    bmap[i] = le32(old, i * 4);
+  }
+  // Room for the block map: blocks of data it takes over.
+  const room = h.offsetData - offsetBmap;
+  const needed = Math.ceil(newBlocks * 4 / SECTOR) * SECTOR;
+  const shift = Math.max(0, Math.ceil((needed - room) / blockSize));
+  const offsetData = h.offsetData + shift * blockSize;
+  if (offsetData > 0xffffffff) {
+    throw fail("offset_data", offsetData, "at most 2^32 - 1");
+  }
+  // Stored blocks kept, and the slots [0, count) they end up in: a block
+  // stays where it is when its slot is in range, others move to a free one.
+  const kept: number[] = [];
+  for (let i = 0; i < newBlocks; i++) {
+    if (bmap[i] !== FREE && bmap[i] !== DISCARDED) kept.push(i);
+  }
+  const count = kept.length;
+  const taken = new Uint8Array(count);
+  const moving: number[] = [];
+  for (const i of kept) {
+    const slot = bmap[i] - shift;
+    if (slot >= 0 && slot < count) {
+      taken[slot] = 1;
+      bmap[i] = slot;
+    } else {
+      moving.push(i);
+    }
+  }
+  let free = 0;
+  for (const i of moving) {
+    while (taken[free]) free++;
+    taken[free] = 1;
+    // Read from the old place, written to one no kept block uses.
+    const from = h.offsetData + bmap[i] * blockSize;
+    await file.write(
+      offsetData + free * blockSize,
+      await file.read(from, blockSize),
+    );
+    bmap[i] = free;
+  }
+  let stored = count;
+  if (isStatic) {
+    for (let i = h.blocksInImage; i < newBlocks; i++) bmap[i] = stored++;
+  }
+  await file.flush();
+  const table = new Uint8Array(offsetData - offsetBmap);
+  for (let i = 0; i < newBlocks; i++) setLe32(table, i * 4, bmap[i]);
+  await file.write(offsetBmap, table);
+  setLe32(headerBytes, 344, offsetData);
+  setLe64(headerBytes, 368, size);
+  setLe32(headerBytes, 384, newBlocks);
+  setLe32(headerBytes, 388, stored);
+  await file.write(0, headerBytes);
+  const end = offsetData + stored * blockSize;
+  if (file.resize) await file.resize(end);
+  else if (end > file.size) await file.write(end - 1, new Uint8Array(1));
+  await file.flush();
+}
+
+/**
  * The vdi driver: VirtualBox disk images. Reads dynamic, static and
  * differencing images (the parent followed only when named with the open
  * option `parent=FILE`); creates dynamic and static ones (`static=on`).
@@ -606,4 +699,5 @@ export const vdi: Driver = {
   },
   open: openVdi,
   create: createVdi,
+  resize: resizeVdi,
 };
