@@ -641,6 +641,16 @@ async function resizeVdi(file: Source & Sink, size: number): Promise<void> {
     );
     bmap[i] = free;
   }
+  // The last block's bytes past a smaller end become zeros: growing again
+  // reads zeros there, not what was dropped.
+  const tail = size % blockSize;
+  const last = bmap[newBlocks - 1];
+  if (size < h.diskSize && tail !== 0 && last !== FREE && last !== DISCARDED) {
+    await file.write(
+      offsetData + last * blockSize + tail,
+      new Uint8Array(blockSize - tail),
+    );
+  }
   let stored = count;
   if (isStatic) {
     for (let i = h.blocksInImage; i < newBlocks; i++) bmap[i] = stored++;

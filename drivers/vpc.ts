@@ -895,10 +895,11 @@ async function readFooter(
   return { footer: parseFooter(tail, at, source.name), bytes: tail, at };
 }
 
-async function openVpc(
+/** The parsed and checked structures of the VHD in `source`. */
+async function vpcState(
   source: Source,
   options: OpenOptions,
-): Promise<Image> {
+): Promise<{ state: State; details: Record<string, unknown> }> {
   const force = options.options?.force_size_calc;
   if (force !== undefined && force !== "chs" && force !== "current_size") {
     throw fail("force_size_calc", force, '"chs" or "current_size"');
@@ -937,7 +938,7 @@ async function openVpc(
         at + (rule === "chs" ? 56 : 48),
       );
     }
-    return vpcImage(state, details);
+    return { state, details };
   }
   check(at === 0, {
     format: FORMAT,
@@ -1025,6 +1026,14 @@ async function openVpc(
       })),
     });
   }
+  return { state, details };
+}
+
+async function openVpc(
+  source: Source,
+  options: OpenOptions,
+): Promise<Image> {
+  const { state, details } = await vpcState(source, options);
   return vpcImage(state, details);
 }
 
@@ -1081,6 +1090,156 @@ function encodeUtf16(text: string, le: boolean): Uint8Array {
   return out;
 }
 
+/**
+ * The sectors and CHS geometry of a disk of at least `requested` sectors,
+ * as qemu-img sets them: rounded up to what the geometry states (unless
+ * `exact`: current_size then holds the size), and past the largest
+ * geometry the maximum one with current_size holding the size.
+ */
+function sizeAndGeometry(
+  requested: number,
+  exact: boolean,
+): { geometry: Geometry; sectors: number } {
+  let geometry = geometryFor(requested);
+  let sectors = requested;
+  if (requested >= MAX_GEOMETRY) {
+    geometry = { cylinders: 65535, heads: 16, sectors: 255 };
+  } else if (!exact) {
+    for (
+      let n = requested;
+      geometry.cylinders * geometry.heads * geometry.sectors < requested;
+      n++
+    ) {
+      geometry = geometryFor(n);
+    }
+    sectors = geometry.cylinders * geometry.heads * geometry.sectors;
+    if (sectors === MAX_GEOMETRY) sectors = requested;
+  }
+  return { geometry, sectors };
+}
+
+/**
+ * `resize` of a fixed or dynamic VHD: the footer (both copies) takes the
+ * new size and geometry, rounded as qemu-img rounds a new image's (exact
+ * for creators read by current_size); a fixed disk's footer moves to the
+ * new end; a dynamic disk's BAT grows in its sector padding, or moves to
+ * the end of the file when it needs more room. Shrinking unmaps the blocks
+ * past the end and clears the sectors past it in the last one (bits and
+ * bytes), so that growing again reads zeros. A differencing disk is refused: its
+ * parent would show through the new area.
+ */
+async function resizeVpc(file: Source & Sink, size: number): Promise<void> {
+  const { state } = await vpcState(file, {});
+  const { footer } = state;
+  if (footer.diskType === DISK_DIFFERENCING) {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "footer.disk_type", value: footer.diskType },
+      "a differencing VHD is not resized: its parent would show through the new area (resize a flattened copy)",
+    );
+  }
+  if (size % SECTOR !== 0) throw fail("size", size, "a multiple of 512");
+  const requested = size / SECTOR;
+  if (requested > MAX_SECTORS) {
+    throw fail(
+      "size",
+      size,
+      `at most ${MAX_SECTORS * SECTOR} bytes (2040 GiB)`,
+    );
+  }
+  const exact = virtualSizeOf(footer).rule === "current_size";
+  const { geometry, sectors } = sizeAndGeometry(requested, exact);
+  const newSize = sectors * SECTOR;
+  const bytes = state.footerBytes.slice();
+  setBe64(bytes, 48, newSize);
+  setBe16(bytes, 56, geometry.cylinders);
+  bytes[58] = geometry.heads;
+  bytes[59] = geometry.sectors;
+  setBe32(bytes, 64, vhdChecksum(bytes, 64));
+
+  if (footer.diskType === DISK_FIXED) {
+    const oldFooter = file.size - FOOTER_SIZE;
+    await file.write(newSize, bytes);
+    // What was past the old disk (its footer too) reads as zeros now.
+    const zeros = new Uint8Array(1 << 20);
+    const stop = Math.min(newSize, oldFooter + FOOTER_SIZE);
+    for (let at = state.size; at < stop; at += zeros.length) {
+      await file.write(
+        at,
+        zeros.subarray(0, Math.min(zeros.length, stop - at)),
+      );
+    }
+    await file.flush();
+    if (file.resize) await file.resize(newSize + FOOTER_SIZE);
+    await file.flush();
+    return;
+  }
+
+  const header = state.header!;
+  const bat = state.bat!;
+  const blockSize = header.blockSize;
+  const newBlocks = Math.ceil(newSize / blockSize);
+  const oldBlocks = bat.length;
+  let trailer = state.nextFree;
+  let tableOffset = header.tableOffset;
+  let maxEntries = header.maxTableEntries;
+  const roomEntries = Math.ceil(maxEntries * 4 / SECTOR) * SECTOR / 4;
+  if (newBlocks > roomEntries) {
+    // A new BAT where the trailing footer was; the footer follows it.
+    const table = new Uint8Array(Math.ceil(newBlocks * 4 / SECTOR) * SECTOR)
+      .fill(0xff);
+    for (let i = 0; i < oldBlocks; i++) setBe32(table, i * 4, bat[i]);
+    await file.write(trailer, table);
+    tableOffset = trailer;
+    trailer += table.length;
+    maxEntries = newBlocks;
+  } else if (newBlocks > oldBlocks) {
+    // Entries past the old disk: unallocated, whatever the padding held.
+    await file.write(
+      tableOffset + oldBlocks * 4,
+      new Uint8Array((newBlocks - oldBlocks) * 4).fill(0xff),
+    );
+    maxEntries = Math.max(maxEntries, newBlocks);
+  } else {
+    if (newBlocks < oldBlocks) {
+      await file.write(
+        tableOffset + newBlocks * 4,
+        new Uint8Array((oldBlocks - newBlocks) * 4).fill(0xff),
+      );
+    }
+    const tail = newSize % blockSize;
+    const last = newBlocks - 1;
+    if (tail !== 0 && bat[last] !== UNALLOCATED) {
+      const at = bat[last] * SECTOR;
+      const bitmap = (await file.read(at, state.bitmapSize)).slice();
+      for (let k = tail / SECTOR; k < blockSize / SECTOR; k++) {
+        bitmap[k >> 3] &= ~(0x80 >> (k & 7));
+      }
+      await file.write(at, bitmap);
+      // QEMU reads a dynamic disk's allocated blocks whole, without the
+      // bitmap: the bytes themselves become zeros.
+      await file.write(
+        at + state.bitmapSize + tail,
+        new Uint8Array(blockSize - tail),
+      );
+    }
+  }
+  const dynamic =
+    (await file.read(Number(footer.dataOffset), DYNAMIC_HEADER_SIZE))
+      .slice();
+  setBe64(dynamic, 16, tableOffset);
+  setBe32(dynamic, 28, maxEntries);
+  setBe32(dynamic, 36, vhdChecksum(dynamic, 36));
+  await file.flush();
+  await file.write(Number(footer.dataOffset), dynamic);
+  await file.write(trailer, bytes);
+  await file.write(0, bytes);
+  await file.flush();
+  if (file.resize && file.size > trailer + FOOTER_SIZE) {
+    await file.resize(trailer + FOOTER_SIZE);
+  }
+  await file.flush();
+}
+
 async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
   requireRandomAccess(sink, FORMAT, "vpc images");
   const subformat = spec.options?.subformat ?? "dynamic";
@@ -1117,24 +1276,8 @@ async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
   // is the maximum, which every reader takes as "use current_size". With
   // force_size=on the size is kept exactly and the creator is `qem2`, the
   // creator QEMU reads by current_size.
-  let geometry = geometryFor(requested);
-  let sectors = requested;
-  let creator = "vdtk";
-  if (forceSize === "on") {
-    creator = "qem2";
-  } else if (requested < MAX_GEOMETRY) {
-    for (
-      let n = requested;
-      geometry.cylinders * geometry.heads * geometry.sectors < requested;
-      n++
-    ) {
-      geometry = geometryFor(n);
-    }
-    sectors = geometry.cylinders * geometry.heads * geometry.sectors;
-    if (sectors === MAX_GEOMETRY) sectors = requested;
-  } else {
-    geometry = { cylinders: 65535, heads: 16, sectors: 255 };
-  }
+  const creator = forceSize === "on" ? "qem2" : "vdtk";
+  const { geometry, sectors } = sizeAndGeometry(requested, forceSize === "on");
   const size = sectors * SECTOR;
   const diskType = spec.backingFile !== undefined
     ? DISK_DIFFERENCING
@@ -1271,4 +1414,5 @@ export const vpc: Driver = {
   },
   open: openVpc,
   create: createVpc,
+  resize: resizeVpc,
 };

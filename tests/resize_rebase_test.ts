@@ -131,9 +131,9 @@ Deno.test("resize refuses formats it cannot resize, by name", async () => {
     ShrinkError,
     /--shrink/,
   );
-  const vhd = memorySink();
-  await (await create("vpc", vhd, { size: MiB })).flush?.();
-  await rejects(() => resizeImage(vhd, 2 * MiB), UnsupportedError, /vpc/);
+  const vmdk = memorySink();
+  await (await create("vmdk", vmdk, { size: MiB })).flush?.();
+  await rejects(() => resizeImage(vmdk, 2 * MiB), UnsupportedError, /vmdk/);
 });
 
 Deno.test(
