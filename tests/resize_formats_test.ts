@@ -257,6 +257,18 @@ const OTHERS: { format: string; options: string; steps: string[][] }[] = [
     steps: [["+2M"], ["300M"], ["--shrink", "3M"], ["9M"]],
   },
   {
+    format: "vhdx",
+    options: "subformat=dynamic,block_size=1M",
+    steps: [["+2M"], ["40M"], ["--shrink", "2M"], ["--shrink", "-1536k"], [
+      "9M",
+    ]],
+  },
+  {
+    format: "vhdx",
+    options: "subformat=fixed,block_size=1M",
+    steps: [["+2M"], ["--shrink", "2500k"], ["9M"]],
+  },
+  {
     format: "vpc",
     options: "subformat=fixed",
     steps: [["+2M"], ["--shrink", "3M"], ["9M"]],
@@ -342,3 +354,82 @@ for (const c of OTHERS) {
     },
   );
 }
+
+Deno.test(
+  "resize of a vhdx whose BAT outgrows its region moves the BAT; qemu-io reads what was written, before and past the old BAT's reach",
+  { ignore: skip(["qemu-img", "qemu-io"]) },
+  async () => {
+    await withTemp(async (dir) => {
+      const image = `${dir}/d.vhdx`;
+      await run("qemu-img", [
+        "create",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        image,
+        "3M",
+      ]);
+      await qemuWrite(image, "vhdx", [[1, 0, 65536], [2, 2 * MiB, 4096]]);
+      // 1 MiB of BAT holds 131072 entries: 200 GiB of 1 MiB blocks needs more.
+      const r = await cli(["resize", image, "200G"]);
+      assertEquals(r.code, 0, r.stderr);
+      await qemuWrite(image, "vhdx", [[3, 150 * (1 << 30), 4096]]);
+      // Read where the data is and around it (a compare would read 200 GiB).
+      const io = await run("qemu-io", [
+        "-f",
+        "vhdx",
+        "-r",
+        "-c",
+        "read -P 1 0 64k",
+        "-c",
+        "read -P 2 2M 4k",
+        "-c",
+        `read -P 3 ${150 * (1 << 30)} 4k`,
+        "-c",
+        `read -P 0 ${3 * MiB} 1M`,
+        "-c",
+        `read -P 0 ${199 * (1 << 30)} 1M`,
+        image,
+      ]);
+      assertTrue(!/fail|error/i.test(io.text + io.stderr), io.text);
+      assertEquals(
+        (await info(image, "vhdx"))["virtual-size"],
+        200 * (1 << 30),
+      );
+      await assertClean(image, "vhdx");
+    });
+  },
+);
+
+Deno.test("resize refuses what it cannot do safely, by name, leaving the file as it was", async () => {
+  await withTemp(async (dir) => {
+    const cases: [string, string[], RegExp][] = [
+      ["vmdk", [], /vmdk/],
+      ["vdi", ["-o", "static=off"], /multiple of 512/],
+    ];
+    for (const [format, options, message] of cases) {
+      const path = `${dir}/x.${format}`;
+      const made = await cli(["create", "-f", format, ...options, path, "1M"]);
+      assertEquals(made.code, 0, made.stderr);
+      const before = await Deno.readFile(path);
+      const size = format === "vdi" ? "1049000" : "2M";
+      const r = await cli(["resize", path, size]);
+      assertEquals(r.code, 1, format);
+      assertTrue(message.test(r.stderr), r.stderr);
+      assertEquals(await Deno.readFile(path), before, format);
+    }
+    // A vdi whose block map names a block past the end of the file.
+    const path = `${dir}/b.vdi`;
+    await cli(["create", "-f", "vdi", path, "2M"]);
+    await run("qemu-io", ["-f", "vdi", "-c", "write -P 1 0 4096", path]);
+    const bytes = await Deno.readFile(path);
+    const view = new DataView(bytes.buffer);
+    view.setUint32(view.getUint32(340, true), 5000, true);
+    await Deno.writeFile(path, bytes);
+    const r = await cli(["resize", path, "4M"]);
+    assertEquals(r.code, 1);
+    assertTrue(/block map\[0\]/.test(r.stderr), r.stderr);
+    assertEquals(await Deno.readFile(path), bytes);
+  });
+});
