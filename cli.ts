@@ -78,6 +78,7 @@ import {
   scratchFiles,
   type Sink,
   snapshot,
+  type Source,
   streamSink,
   UnsupportedError,
   writeOptionsHelp,
@@ -1586,22 +1587,25 @@ const commands: Record<string, Command> = {
       const setBacking = driver(top.format).setBackingFile;
       if (!file || !setBacking) {
         throw new Error(
-          `${top.format}: rebase refused: this toolkit rewrites the backing file of qcow images only`,
+          `${top.format}: rebase refused: this toolkit rewrites the backing file of qcow, cow and differencing vpc images only`,
         );
       }
       const format = values["backing-format"] as string | undefined;
+      // The new backing file is named as from the image's folder.
+      const slash = path.lastIndexOf("/");
+      const newPath = name === "" || name.startsWith("/") || slash < 0
+        ? name
+        : `${path.slice(0, slash)}/${name}`;
+      let backingFile: Source | undefined;
       if (!unsafe) {
         const old = (image as Partial<OverlayImage>).backing;
-        // The new backing file is named as from the image's folder.
-        const slash = path.lastIndexOf("/");
-        const newPath = name === "" || name.startsWith("/") || slash < 0
-          ? name
-          : `${path.slice(0, slash)}/${name}`;
-        const fresh = name === "" ? undefined : (await openImage(newPath, {
+        const opened = name === "" ? undefined : await openImage(newPath, {
           format,
           followBacking: true,
           allowDirs,
-        })).image;
+        });
+        backingFile = opened?.file;
+        const fresh = opened?.image;
         const bar = values.progress || values["progress-json"]
           ? progressBar("rebase", values["progress-json"] === true)
           : undefined;
@@ -1611,8 +1615,17 @@ const commands: Record<string, Command> = {
             : undefined,
         });
         bar?.end();
+      } else if (name !== "") {
+        // Only read for what a format records of its parent (a VHD's id).
+        backingFile = await openImage(newPath, { format: "raw" })
+          .then((o) => o.file, () => undefined);
       }
-      await setBacking(file, name === "" ? undefined : name, format);
+      await setBacking(
+        file,
+        name === "" ? undefined : name,
+        format,
+        backingFile,
+      );
       return 0;
     },
   },

@@ -1240,6 +1240,93 @@ async function resizeVpc(file: Source & Sink, size: number): Promise<void> {
   await file.flush();
 }
 
+/** The parent locators written for a parent named `name`: platform and UTF-16LE path. */
+function locatorsFor(name: string): [string, Uint8Array][] {
+  const windows = name.replaceAll("/", "\\");
+  return name.startsWith("/") ? [["W2ku", encodeUtf16(windows, true)]] : [
+    ["W2ru", encodeUtf16(".\\" + windows, true)],
+    ["W2ku", encodeUtf16(windows, true)],
+  ];
+}
+
+/**
+ * `rebase` of a differencing VHD: the parent's name (UTF-16BE) and its
+ * locators are rewritten (a locator's data in its old space when it fits,
+ * else at the end of the file, the trailing footer after it), and, when
+ * the new parent is given and is a VHD, its unique id and timestamp; with
+ * no name the disk becomes a dynamic one (parent fields cleared). A VHD
+ * without a parent is refused: its free blocks read as zeros, and would
+ * read as the parent's bytes.
+ */
+async function setVpcBackingFile(
+  file: Source & Sink,
+  name: string | undefined,
+  format?: string,
+  backing?: Source,
+): Promise<void> {
+  const { state } = await vpcState(file, {});
+  const { footer } = state;
+  if (footer.diskType !== DISK_DIFFERENCING) {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "footer.disk_type", value: footer.diskType },
+      `a ${
+        DISK_TYPE_NAMES[footer.diskType]
+      } VHD does not take a parent here (its free blocks read as zeros); create a differencing one with convert -B`,
+    );
+  }
+  if (format !== undefined && format !== FORMAT) {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "backing_format", value: format },
+      `a differencing VHD's parent is a VHD, not ${format}`,
+    );
+  }
+  const headerAt = Number(footer.dataOffset);
+  const dynamic = (await file.read(headerAt, DYNAMIC_HEADER_SIZE)).slice();
+  const footerBytes = state.footerBytes.slice();
+  let trailer = state.nextFree;
+  const writes: [number, Uint8Array][] = [];
+  dynamic.fill(0, 40, 576 + 8 * 24); // parent id, timestamp, name, locators
+  if (name === undefined || name === "") {
+    setBe32(footerBytes, 60, DISK_DYNAMIC);
+  } else {
+    if (backing && backing.size >= FOOTER_SIZE) {
+      const parent = await readFooter(backing).catch(() => undefined);
+      if (parent) {
+        dynamic.set(parent.footer.uniqueId, 40);
+        setBe32(dynamic, 56, parent.footer.timestamp);
+      }
+    }
+    const base = name.slice(name.lastIndexOf("/") + 1);
+    dynamic.set(encodeUtf16(base, false).subarray(0, 510), 64);
+    const old = state.header!.locators;
+    locatorsFor(name).forEach(([platform, data], i) => {
+      const o = 576 + i * 24;
+      const reuse = old[i] && old[i].dataSpace >= data.length &&
+        old[i].dataOffset >= headerAt + DYNAMIC_HEADER_SIZE;
+      const space = reuse
+        ? old[i].dataSpace
+        : Math.ceil(data.length / SECTOR) * SECTOR;
+      const at = reuse ? old[i].dataOffset : trailer;
+      if (!reuse) trailer += space;
+      dynamic.set(new TextEncoder().encode(platform), o);
+      setBe32(dynamic, o + 4, space);
+      setBe32(dynamic, o + 8, data.length);
+      setBe64(dynamic, o + 16, at);
+      const padded = new Uint8Array(Math.ceil(data.length / SECTOR) * SECTOR);
+      padded.set(data);
+      writes.push([at, padded]);
+    });
+  }
+  setBe32(dynamic, 36, vhdChecksum(dynamic, 36));
+  setBe32(footerBytes, 64, vhdChecksum(footerBytes, 64));
+  for (const [at, data] of writes) await file.write(at, data);
+  await file.flush();
+  await file.write(headerAt, dynamic);
+  await file.write(trailer, footerBytes);
+  await file.write(0, footerBytes);
+  await file.flush();
+}
+
 async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
   requireRandomAccess(sink, FORMAT, "vpc images");
   const subformat = spec.options?.subformat ?? "dynamic";
@@ -1328,13 +1415,7 @@ async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
       const base = name.slice(name.lastIndexOf("/") + 1);
       const unicode = encodeUtf16(base, false).subarray(0, 510);
       header.set(unicode, 64);
-      const absolute = name.startsWith("/");
-      const locators: [string, Uint8Array][] = absolute
-        ? [["W2ku", encodeUtf16(name.replaceAll("/", "\\"), true)]]
-        : [
-          ["W2ru", encodeUtf16(".\\" + name.replaceAll("/", "\\"), true)],
-          ["W2ku", encodeUtf16(name.replaceAll("/", "\\"), true)],
-        ];
+      const locators = locatorsFor(name);
       locators.forEach(([platform, data], i) => {
         const space = Math.ceil(data.length / SECTOR) * SECTOR;
         const o = 576 + i * 24;
@@ -1415,4 +1496,5 @@ export const vpc: Driver = {
   open: openVpc,
   create: createVpc,
   resize: resizeVpc,
+  setBackingFile: setVpcBackingFile,
 };

@@ -418,11 +418,14 @@ export interface Driver {
   /**
    * Records `name` as the backing file in the header of the image in
    * `file`, or removes it (`undefined`); nothing else changes (`rebase -u`).
+   * `backing`, when given, is the new backing file itself, for formats
+   * that record who their parent is (a VHD's parent unique id).
    */
   setBackingFile?(
     file: Source & Sink,
     name: string | undefined,
     format?: string,
+    backing?: Source,
   ): Promise<void>;
 }
 

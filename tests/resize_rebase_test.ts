@@ -236,7 +236,7 @@ Deno.test(
 Deno.test("rebase refuses formats whose backing field it does not write", async () => {
   await withTemp(async (dir) => {
     await Deno.writeFile(`${dir}/b.raw`, new Uint8Array(MiB));
-    const r0 = await cli(["create", "-f", "vpc", `${dir}/v.vhd`, "1M"]);
+    const r0 = await cli(["create", "-f", "vdi", `${dir}/v.vhd`, "1M"]);
     assertEquals(r0.code, 0, r0.stderr);
     const r = await cli(["rebase", "-u", "-b", "b.raw", `${dir}/v.vhd`]);
     assertEquals(r.code, 1);
