@@ -1587,7 +1587,7 @@ const commands: Record<string, Command> = {
       const setBacking = driver(top.format).setBackingFile;
       if (!file || !setBacking) {
         throw new Error(
-          `${top.format}: rebase refused: this toolkit rewrites the backing file of qcow, cow and differencing vpc images only`,
+          `${top.format}: rebase refused: this toolkit rewrites the backing file of qcow, qcow2, cow and differencing vpc images only`,
         );
       }
       const format = values["backing-format"] as string | undefined;

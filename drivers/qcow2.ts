@@ -69,6 +69,7 @@ import { QCOW2_OPTIONS } from "./qcow2/layout.ts";
 import { createQcow2, makeWritable } from "./qcow2/writable.ts";
 import { resizeQcow2 } from "./qcow2/resize.ts";
 import { measureQcow2 } from "./qcow2/measure.ts";
+import { setQcow2BackingFile } from "./qcow2/backing.ts";
 import { writeSink } from "./_image.ts";
 import type {
   Driver,
@@ -1644,4 +1645,5 @@ export const qcow2: Driver = {
   compresses: true,
   resize: resizeQcow2,
   measure: measureQcow2,
+  setBackingFile: setQcow2BackingFile,
 };
