@@ -491,23 +491,14 @@ function writable(
   };
 }
 
-/**
- * `create` options: `static=on|off`, `block_size` (bytes, a power of two;
- * 1 MiB by default, the only size VirtualBox and QEMU read).
- */
-async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
-  requireRandomAccess(sink, FORMAT, "vdi images");
-  const options = spec.options ?? {};
+/** The `-o` options of a vdi to write, checked. */
+function vdiSettings(
+  options: Record<string, string>,
+): { isStatic: boolean; blockSize: number } {
   checkWriteOptions(vdi, options);
   const isStatic = options.static ?? "off";
   if (isStatic !== "on" && isStatic !== "off") {
     throw fail("static", isStatic, '"on" or "off"');
-  }
-  if (spec.backingFile !== undefined) {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "a vdi names its parent by UUID, not by file: a backing file cannot be recorded",
-    );
   }
   const blockSize = options.block_size === undefined
     ? DEFAULT_BLOCK_SIZE
@@ -522,14 +513,57 @@ async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
       `a power of two from ${SECTOR} to ${MAX_BLOCK_SIZE}`,
     );
   }
-  // Like QEMU, the size is whole sectors.
-  const size = Math.ceil(spec.size / SECTOR) * SECTOR;
+  return { isStatic: isStatic === "on", blockSize };
+}
+
+/** Where a new vdi of `requested` bytes puts things (the size in whole sectors, as QEMU). */
+function vdiLayout(requested: number, blockSize: number) {
+  const size = Math.ceil(requested / SECTOR) * SECTOR;
   const blocks = Math.ceil(size / blockSize);
   if (blocks > MAX_BLOCKS) {
-    throw fail("size", spec.size, `at most ${MAX_BLOCKS} blocks`);
+    throw fail("size", requested, `at most ${MAX_BLOCKS} blocks`);
   }
+  const offsetData = HEADER_BYTES + Math.ceil(blocks * 4 / SECTOR) * SECTOR;
+  return { size, blocks, offsetData };
+}
+
+/**
+ * `measure` by the layout `create` writes: the header, the block map, and
+ * every block when fully allocated (or static); an image's own required
+ * size is left to writing it (convert stores only blocks holding data).
+ */
+function measureVdi(
+  subject: Source | number,
+  options: Record<string, string> = {},
+): Promise<{ required?: number; fullyAllocated: number }> {
+  const { isStatic, blockSize } = vdiSettings(options);
+  const size = typeof subject === "number" ? subject : subject.size;
+  const { blocks, offsetData } = vdiLayout(size, blockSize);
+  const full = offsetData + blocks * blockSize;
+  const required = isStatic
+    ? full
+    : typeof subject === "number"
+    ? offsetData
+    : undefined;
+  return Promise.resolve({ required, fullyAllocated: full });
+}
+
+/**
+ * `create` options: `static=on|off`, `block_size` (bytes, a power of two;
+ * 1 MiB by default, the only size VirtualBox and QEMU read).
+ */
+async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
+  requireRandomAccess(sink, FORMAT, "vdi images");
+  const options = spec.options ?? {};
+  const { isStatic, blockSize } = vdiSettings(options);
+  if (spec.backingFile !== undefined) {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      "a vdi names its parent by UUID, not by file: a backing file cannot be recorded",
+    );
+  }
+  const { size, blocks, offsetData } = vdiLayout(spec.size, blockSize);
   const offsetBmap = HEADER_BYTES;
-  const offsetData = offsetBmap + Math.ceil(blocks * 4 / SECTOR) * SECTOR;
   const header = new Uint8Array(HEADER_BYTES);
   header.set(
     new TextEncoder().encode("<<< QEMU VM Virtual Disk Image >>>\n"),
@@ -538,14 +572,14 @@ async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
   setLe32(header, 64, SIGNATURE);
   setLe32(header, 68, VERSION_1_1);
   setLe32(header, 72, MIN_HEADER_SIZE);
-  setLe32(header, 76, isStatic === "on" ? 2 : 1);
+  setLe32(header, 76, isStatic ? 2 : 1);
   setLe32(header, 340, offsetBmap);
   setLe32(header, 344, offsetData);
   setLe32(header, 360, SECTOR);
   setLe64(header, 368, size);
   setLe32(header, 376, blockSize);
   setLe32(header, 384, blocks);
-  setLe32(header, 388, isStatic === "on" ? blocks : 0);
+  setLe32(header, 388, isStatic ? blocks : 0);
   const uuid = crypto.getRandomValues(new Uint8Array(16));
   uuid[7] = (uuid[7] & 0x0f) | 0x40; // version 4 (little-endian field)
   uuid[8] = (uuid[8] & 0x3f) | 0x80;
@@ -553,11 +587,11 @@ async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
   header.set(crypto.getRandomValues(new Uint8Array(16)), 408);
   const bmap = new Uint8Array(offsetData - offsetBmap);
   for (let i = 0; i < blocks; i++) {
-    setLe32(bmap, i * 4, isStatic === "on" ? i : FREE);
+    setLe32(bmap, i * 4, isStatic ? i : FREE);
   }
   await sink.write(0, header);
   await sink.write(offsetBmap, bmap);
-  const end = offsetData + (isStatic === "on" ? blocks * blockSize : 0);
+  const end = offsetData + (isStatic ? blocks * blockSize : 0);
   if (sink.resize) await sink.resize(end);
   else if (end > offsetData) await sink.write(end - 1, new Uint8Array(1));
   await sink.flush();
@@ -710,4 +744,5 @@ export const vdi: Driver = {
   open: openVdi,
   create: createVdi,
   resize: resizeVdi,
+  measure: measureVdi,
 };

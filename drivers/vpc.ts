@@ -57,7 +57,7 @@
  * @module
  */
 
-import { optionErrors } from "../streams/options.ts";
+import { checkWriteOptions, optionErrors } from "../streams/options.ts";
 import {
   ascii,
   be16,
@@ -1327,6 +1327,52 @@ async function setVpcBackingFile(
   await file.flush();
 }
 
+/**
+ * `measure` by the layout `create` writes: a fixed disk is its data (the
+ * size rounded as qemu-img rounds it) and the footer; a dynamic one the
+ * footer copy, dynamic header, BAT and trailing footer, and when fully
+ * allocated every block with its sector bitmap. An image's own required
+ * size is left to writing it.
+ */
+function measureVpc(
+  subject: Source | number,
+  options: Record<string, string> = {},
+): Promise<{ required?: number; fullyAllocated: number }> {
+  const subformat = options.subformat ?? "dynamic";
+  if (subformat !== "dynamic" && subformat !== "fixed") {
+    throw optionFail("subformat", subformat, '"dynamic" or "fixed"');
+  }
+  const forceSize = options.force_size ?? "off";
+  if (forceSize !== "on" && forceSize !== "off") {
+    throw optionFail("force_size", forceSize, '"on" or "off"');
+  }
+  checkWriteOptions(vpc, options);
+  const bytes = typeof subject === "number" ? subject : subject.size;
+  const requested = Math.ceil(bytes / SECTOR);
+  if (requested > MAX_SECTORS) {
+    throw fail(
+      "size",
+      bytes,
+      `at most ${MAX_SECTORS * SECTOR} bytes (2040 GiB)`,
+    );
+  }
+  const size = sizeAndGeometry(requested, forceSize === "on").sectors * SECTOR;
+  if (subformat === "fixed") {
+    return Promise.resolve({
+      required: size + FOOTER_SIZE,
+      fullyAllocated: size + FOOTER_SIZE,
+    });
+  }
+  const entries = Math.ceil(size / CREATE_BLOCK_SIZE);
+  const bitmap = Math.ceil(CREATE_BLOCK_SIZE / SECTOR / 8 / SECTOR) * SECTOR;
+  const empty = FOOTER_SIZE + DYNAMIC_HEADER_SIZE +
+    Math.ceil(entries * 4 / SECTOR) * SECTOR + FOOTER_SIZE;
+  return Promise.resolve({
+    required: typeof subject === "number" ? empty : undefined,
+    fullyAllocated: empty + entries * (bitmap + CREATE_BLOCK_SIZE),
+  });
+}
+
 async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
   requireRandomAccess(sink, FORMAT, "vpc images");
   const subformat = spec.options?.subformat ?? "dynamic";
@@ -1497,4 +1543,5 @@ export const vpc: Driver = {
   create: createVpc,
   resize: resizeVpc,
   setBackingFile: setVpcBackingFile,
+  measure: measureVpc,
 };

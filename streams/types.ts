@@ -408,13 +408,14 @@ export interface Driver {
   /**
    * The file sizes an image of this format takes (`measure`), by formula
    * instead of by writing: `required` for `subject` converted to it (for a
-   * size: an empty image), `fullyAllocated` when every byte holds data;
-   * `bitmaps` where qemu-img reports it.
+   * size: an empty image; left out for an image that only writing can
+   * measure), `fullyAllocated` when every byte holds data; `bitmaps`
+   * where qemu-img reports it. It checks its options itself.
    */
   measure?(
     subject: Source | number,
     options?: Record<string, string>,
-  ): Promise<{ required: number; fullyAllocated: number; bitmaps?: number }>;
+  ): Promise<{ required?: number; fullyAllocated: number; bitmaps?: number }>;
   /**
    * Records `name` as the backing file in the header of the image in
    * `file`, or removes it (`undefined`); nothing else changes (`rebase -u`).

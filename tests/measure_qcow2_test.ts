@@ -187,3 +187,51 @@ Deno.test("measure -O qcow2 refuses bad options and sizes by name", async () => 
   }
   assertEquals(failed, true);
 });
+
+Deno.test("measure by formula (vdi, vpc, qcow) gives the sizes of the files create and convert write", async () => {
+  const { convert, memorySink } = await import("../mod.ts");
+  const cases: [string, Record<string, string>][] = [
+    ["vdi", {}],
+    ["vdi", { static: "on" }],
+    ["vdi", { block_size: "65536" }],
+    ["vpc", {}],
+    ["vpc", { force_size: "on" }],
+    ["vpc", { subformat: "fixed" }],
+    ["qcow", {}],
+  ];
+  for (const [format, options] of cases) {
+    for (const size of [512, 1 << 20, 3 * (1 << 20) + 512, 5000000, 9 << 20]) {
+      const sizes = await measure(size, { format, options });
+      const what = `${format} ${JSON.stringify(options)} ${size}`;
+      // Written: an empty disk, then one whose every byte holds data.
+      for (
+        const [full, expected] of [[false, sizes.required], [
+          true,
+          sizes.fullyAllocated,
+        ]] as const
+      ) {
+        const disk = full
+          ? {
+            size,
+            read: (o: number, l: number) =>
+              Promise.resolve(pseudoRandom(l, o + 1)),
+          }
+          : {
+            size,
+            read: (_o: number, l: number) => Promise.resolve(new Uint8Array(l)),
+            async *extents(offset: number, length: number) {
+              yield { offset, length, kind: "zero" as const };
+            },
+          };
+        const sink = memorySink();
+        await convert(disk, sink, { format, options });
+        assertEquals(sink.bytes().length, expected, `${what} full=${full}`);
+      }
+    }
+  }
+  // Huge sizes answer at once (no image written).
+  const huge = await measure(2 ** 40, { format: "vdi" });
+  assertEquals(huge.fullyAllocated, 512 + 4 * 2 ** 20 + 2 ** 40);
+  const vhd = await measure(2000 * 2 ** 30, { format: "vpc" });
+  assertTrue(vhd.fullyAllocated > 2000 * 2 ** 30);
+});

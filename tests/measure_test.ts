@@ -2,7 +2,7 @@
 // measures among ours), and for every format we write, the sizes of the
 // files convert and create actually write.
 import { assertEquals, assertTrue } from "./_asserts.ts";
-import { driver, formats, measure } from "../mod.ts";
+import { formats, measure } from "../mod.ts";
 import { cli, pseudoRandom, run, skip, withTemp } from "./_helpers.ts";
 
 /** Formats convert writes that need nothing more (cow needs a backing file). */
@@ -55,8 +55,8 @@ Deno.test("measure gives the sizes of the files convert writes, for every format
       ]);
       assertEquals(r.code, 0, `${format}: ${r.stderr}`);
       const sizes = JSON.parse(r.text);
-      if (driver(format).measure) {
-        // A formula (qemu-img's for qcow2): never less than what is written.
+      if (format === "qcow2") {
+        // qemu-img's formula: never less than what is written.
         const required = await (async () => {
           const out = `${dir}/out.${format}`;
           await cli(["convert", "-O", format, `${dir}/in.raw`, out]);
@@ -87,7 +87,8 @@ Deno.test("measure gives the sizes of the files convert writes, for every format
 Deno.test("measure refuses more memory than its limit", async () => {
   let failed = false;
   try {
-    await measure(64 << 20, { format: "qcow", memoryLimit: 1 << 20 });
+    // vhdx has no formula: its fully allocated image is written.
+    await measure(64 << 20, { format: "vhdx", memoryLimit: 1 << 20 });
   } catch (e) {
     failed = e instanceof RangeError && /memoryLimit/.test(e.message);
   }
