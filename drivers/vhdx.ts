@@ -1326,6 +1326,38 @@ async function resizeVhdx(file: Source & Sink, size: number): Promise<void> {
 }
 
 /**
+ * `measure` by the layout `encode` writes: the 1 MiB of headers, the log,
+ * the metadata, the BAT region, then every block when fully allocated (or
+ * fixed). An image's own required size is left to writing it.
+ */
+function measureVhdx(
+  subject: Source | number,
+  options: Record<string, string> = {},
+): Promise<{ required?: number; fullyAllocated: number }> {
+  const o = writeOptions(options);
+  const bytes = typeof subject === "number" ? subject : subject.size;
+  const virtualSize = Math.ceil(bytes / o.logicalSectorSize) *
+    o.logicalSectorSize;
+  if (virtualSize > MAX_VIRTUAL_SIZE) {
+    throw fail("size", bytes, "at most 64 TiB");
+  }
+  const blockSize = o.blockSize || defaultBlockSize(virtualSize);
+  const chunkRatio = (2 ** 23 * o.logicalSectorSize) / blockSize;
+  const payloadBlocks = Math.ceil(virtualSize / blockSize);
+  const entries = payloadBlocks +
+    Math.floor(Math.max(0, payloadBlocks - 1) / chunkRatio);
+  const batLength = Math.max(MiB, Math.ceil((entries * 8) / MiB) * MiB);
+  const dataStart = MiB + o.logSize + MiB + batLength;
+  const full = dataStart + payloadBlocks * blockSize;
+  const required = o.subformat === "fixed"
+    ? full
+    : typeof subject === "number"
+    ? dataStart
+    : undefined;
+  return Promise.resolve({ required, fullyAllocated: full });
+}
+
+/**
  * Writes `source` as a vhdx in one pass: the headers, region tables,
  * an empty log, metadata and the BAT first, then every block that holds
  * data (dynamic) or every block (fixed), in order.
@@ -1534,5 +1566,6 @@ export const vhdx: Driver = {
   open: openVhdx,
   create: createVhdx,
   resize: resizeVhdx,
+  measure: measureVhdx,
   encode: encodeVhdx,
 };

@@ -188,7 +188,7 @@ Deno.test("measure -O qcow2 refuses bad options and sizes by name", async () => 
   assertEquals(failed, true);
 });
 
-Deno.test("measure by formula (vdi, vpc, qcow) gives the sizes of the files create and convert write", async () => {
+Deno.test("measure by formula (vdi, vpc, qcow, vhdx) gives the sizes of the files create and convert write", async () => {
   const { convert, memorySink } = await import("../mod.ts");
   const cases: [string, Record<string, string>][] = [
     ["vdi", {}],
@@ -198,6 +198,9 @@ Deno.test("measure by formula (vdi, vpc, qcow) gives the sizes of the files crea
     ["vpc", { force_size: "on" }],
     ["vpc", { subformat: "fixed" }],
     ["qcow", {}],
+    ["vhdx", {}],
+    ["vhdx", { subformat: "fixed", block_size: "1M" }],
+    ["vhdx", { logical_sector_size: "4096", log_size: "2M" }],
   ];
   for (const [format, options] of cases) {
     for (const size of [512, 1 << 20, 3 * (1 << 20) + 512, 5000000, 9 << 20]) {
