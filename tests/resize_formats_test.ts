@@ -43,9 +43,8 @@ async function resizeBoth(
 ) {
   const a = await cli(["resize", "-f", format, ours, ...args]);
   assertEquals(a.code, 0, `${args.join(" ")}: ${a.stderr}`);
-  const qemuArgs = args.map((x) =>
-    x.startsWith("-") && x !== "--shrink" ? x : x
-  );
+  // qemu-img takes a negative size only after "--".
+  const qemuArgs = [...args];
   const dash = qemuArgs.findIndex((x) => /^-\d/.test(x));
   if (dash >= 0) qemuArgs.splice(dash, 0, "--");
   await run("qemu-img", ["resize", "-f", format, theirs, ...qemuArgs]);
