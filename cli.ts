@@ -59,6 +59,8 @@ import {
   layers,
   mapChain,
   measure,
+  type NbdConnection,
+  type NbdServer,
   nbdServer,
   open,
   openInFolder,
@@ -76,6 +78,7 @@ import {
   scratchFiles,
   type Sink,
   snapshot,
+  type Source,
   streamSink,
   UnsupportedError,
   writeOptionsHelp,
@@ -840,6 +843,7 @@ async function serveNbd(
   const writable = values.snapshot === true;
   const exported = writable ? snapshot(image) : image;
   const server = nbdServer(exported, {
+    requireTls: values["tls-creds"] !== undefined,
     name: path.split("/").filter(Boolean).pop() ?? "",
     description: `${path} (${image.format})`,
     writable,
@@ -847,6 +851,13 @@ async function serveNbd(
     onEvent: (line) => printErr(`vdisk serve: ${line}\n`),
   });
   const hostname = values.hostname as string;
+  const tlsDir = values["tls-creds"] as string | undefined;
+  if (tlsDir !== undefined) {
+    const what = `${path} (${image.format}, ${image.size} bytes, ${
+      writable ? "writes kept in memory" : "read-only"
+    })`;
+    return await serveNbdTls(server, tlsDir, hostname, wantedPort, what);
+  }
   const listener = Deno.listen({ hostname, port: wantedPort });
   const { port } = listener.addr as Deno.NetAddr;
   printErr(
@@ -867,6 +878,157 @@ async function serveNbd(
     }
   } catch (e) {
     if (!interrupted) throw e;
+  } finally {
+    onInterrupt = undefined;
+    await server.close();
+  }
+  printErr("vdisk serve: stopped\n");
+  return 0;
+}
+
+/** What serveNbdTls needs of node:net and node:tls sockets. */
+interface NodeSocket {
+  on(event: string, listener: (...args: never[]) => void): unknown;
+  removeListener(event: string, listener: (...args: never[]) => void): unknown;
+  write(bytes: Uint8Array, done: (error?: Error | null) => void): boolean;
+  end(done: () => void): unknown;
+  destroy(): unknown;
+  pause(): unknown;
+  resume(): unknown;
+}
+
+/**
+ * A node socket as the two byte streams nbdServer speaks over. `upgrade`
+ * (for the plain socket) hands it to TLS: its listeners come off first so
+ * that the TLS layer alone reads it.
+ */
+function socketConnection(
+  socket: NodeSocket,
+  upgrade?: () => Promise<NodeSocket>,
+): NbdConnection {
+  const listeners: [string, (...args: never[]) => void][] = [];
+  const readable = new ReadableStream<Uint8Array>({
+    start(controller) {
+      const onData = (chunk: Uint8Array) => {
+        controller.enqueue(new Uint8Array(chunk));
+        // Backpressure: stop reading the socket while the queue is full.
+        if ((controller.desiredSize ?? 1) <= 0) socket.pause();
+      };
+      const onEnd = () => {
+        try {
+          controller.close();
+        } catch { /* already closed */ }
+      };
+      const onError = (e: Error) => {
+        try {
+          controller.error(e);
+        } catch { /* already closed */ }
+      };
+      listeners.push(["data", onData], ["end", onEnd], ["error", onError]);
+      for (const [event, fn] of listeners) socket.on(event, fn);
+    },
+    pull() {
+      socket.resume();
+    },
+    cancel() {
+      socket.destroy();
+    },
+  }, { highWaterMark: 8 });
+  const writable = new WritableStream<Uint8Array>({
+    write: (chunk) =>
+      new Promise((resolve, reject) => {
+        socket.write(chunk, (e) => e ? reject(e) : resolve());
+      }),
+    close: () => new Promise((resolve) => socket.end(resolve)),
+    abort: () => {
+      socket.destroy();
+    },
+  });
+  return {
+    readable,
+    writable,
+    close: () => socket.destroy(),
+    startTls: upgrade &&
+      (async () => {
+        for (const [event, fn] of listeners) socket.removeListener(event, fn);
+        return socketConnection(await upgrade());
+      }),
+  };
+}
+
+/**
+ * `serve --nbd --tls-creds DIR`: NBD over TLS (STARTTLS, required), with
+ * DIR laid out as QEMU's tls-creds-x509 (`server-cert.pem`,
+ * `server-key.pem`). Deno's own API has no server-side STARTTLS, so the
+ * listener is node:net and each upgrade hands the accepted socket to a
+ * node:tls server ("connection" event), which takes the handshake.
+ */
+async function serveNbdTls(
+  server: NbdServer,
+  dir: string,
+  hostname: string,
+  wantedPort: number,
+  what: string,
+): Promise<number> {
+  const net = await import("node:net");
+  const tls = await import("node:tls");
+  let cert: string;
+  let key: string;
+  try {
+    cert = await Deno.readTextFile(`${dir}/server-cert.pem`);
+    key = await Deno.readTextFile(`${dir}/server-key.pem`);
+  } catch (e) {
+    throw new Error(
+      `--tls-creds ${dir}: needs server-cert.pem and server-key.pem there (${
+        (e as Error).message
+      })`,
+    );
+  }
+  // Fails here on a bad certificate or key, before listening. (Deno's
+  // createServer takes key and cert: a secureContext option is ignored.)
+  tls.createSecureContext({ cert, key });
+  const upgrade = (socket: NodeSocket) =>
+    new Promise<NodeSocket>((resolve, reject) => {
+      const one = tls.createServer({ cert, key });
+      const timer = setTimeout(() => {
+        socket.destroy();
+        reject(new Error("no TLS handshake within 30 s"));
+      }, 30000);
+      one.once("secureConnection", (secured) => {
+        clearTimeout(timer);
+        resolve(secured as unknown as NodeSocket);
+      });
+      one.once("tlsClientError", (e) => {
+        clearTimeout(timer);
+        reject(e);
+      });
+      one.emit("connection", socket);
+    });
+  const listener = net.createServer((socket) => {
+    socket.setNoDelay(true);
+    const plain = socket as unknown as NodeSocket;
+    server.serve(socketConnection(plain, () => upgrade(plain)));
+  });
+  const port = await new Promise<number>((resolve, reject) => {
+    listener.once("error", reject);
+    listener.listen(wantedPort, hostname, () => {
+      resolve((listener.address() as { port: number }).port);
+    });
+  });
+  printErr(
+    `serving ${what} over NBD on nbd://${hostname}:${port}/ with TLS (STARTTLS required)\n`,
+  );
+  const stopped = new Promise<void>((resolve) => {
+    let interrupted = false;
+    onInterrupt = () => {
+      if (interrupted) Deno.exit(130);
+      interrupted = true;
+      listener.close();
+      resolve();
+    };
+  });
+  try {
+    await stopped;
   } finally {
     onInterrupt = undefined;
     await server.close();
@@ -1529,22 +1691,25 @@ const commands: Record<string, Command> = {
       const setBacking = driver(top.format).setBackingFile;
       if (!file || !setBacking) {
         throw new Error(
-          `${top.format}: rebase refused: this toolkit rewrites the backing file of qcow images only`,
+          `${top.format}: rebase refused: this toolkit rewrites the backing file of qcow, qcow2, cow and differencing vpc images only`,
         );
       }
       const format = values["backing-format"] as string | undefined;
+      // The new backing file is named as from the image's folder.
+      const slash = path.lastIndexOf("/");
+      const newPath = name === "" || name.startsWith("/") || slash < 0
+        ? name
+        : `${path.slice(0, slash)}/${name}`;
+      let backingFile: Source | undefined;
       if (!unsafe) {
         const old = (image as Partial<OverlayImage>).backing;
-        // The new backing file is named as from the image's folder.
-        const slash = path.lastIndexOf("/");
-        const newPath = name === "" || name.startsWith("/") || slash < 0
-          ? name
-          : `${path.slice(0, slash)}/${name}`;
-        const fresh = name === "" ? undefined : (await openImage(newPath, {
+        const opened = name === "" ? undefined : await openImage(newPath, {
           format,
           followBacking: true,
           allowDirs,
-        })).image;
+        });
+        backingFile = opened?.file;
+        const fresh = opened?.image;
         const bar = values.progress || values["progress-json"]
           ? progressBar("rebase", values["progress-json"] === true)
           : undefined;
@@ -1554,8 +1719,17 @@ const commands: Record<string, Command> = {
             : undefined,
         });
         bar?.end();
+      } else if (name !== "") {
+        // Only read for what a format records of its parent (a VHD's id).
+        backingFile = await openImage(newPath, { format: "raw" })
+          .then((o) => o.file, () => undefined);
       }
-      await setBacking(file, name === "" ? undefined : name, format);
+      await setBacking(
+        file,
+        name === "" ? undefined : name,
+        format,
+        backingFile,
+      );
       return 0;
     },
   },
@@ -1652,6 +1826,9 @@ const commands: Record<string, Command> = {
         print(
           JSON.stringify(
             {
+              ...(sizes.bitmaps === undefined
+                ? {}
+                : { bitmaps: sizes.bitmaps }),
               required: sizes.required,
               "fully-allocated": sizes.fullyAllocated,
             },
@@ -1661,7 +1838,10 @@ const commands: Record<string, Command> = {
         );
       } else {
         print(
-          `required size: ${sizes.required}\nfully allocated size: ${sizes.fullyAllocated}\n`,
+          `required size: ${sizes.required}\nfully allocated size: ${sizes.fullyAllocated}\n` +
+            (sizes.bitmaps === undefined
+              ? ""
+              : `bitmaps size: ${sizes.bitmaps}\n`),
         );
       }
       return 0;
@@ -1670,7 +1850,7 @@ const commands: Record<string, Command> = {
 
   serve: {
     usage:
-      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--max-virtual BYTES] [--max-upload BYTES] [--max-concurrent N] [--web DIR]\n  serve --nbd [--port N] [--hostname H] [--snapshot] [--max-concurrent N] [-f FMT] [--key-file F] [--allow-backing-dir DIR]... [--no-backing] [--parent FILE]... IMAGE",
+      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--max-virtual BYTES] [--max-upload BYTES] [--max-concurrent N] [--web DIR]\n  serve --nbd [--port N] [--hostname H] [--tls-creds DIR] [--snapshot] [--max-concurrent N] [-f FMT] [--key-file F] [--allow-backing-dir DIR]... [--no-backing] [--parent FILE]... IMAGE",
     summary:
       "run the conversion service (GET /convert?url=..., POST /info); --web also serves a folder and dist/mod.js; --nbd exports IMAGE over NBD (port 10809), read-only, or taking writes in memory with --snapshot",
     options: {
@@ -1684,6 +1864,7 @@ const commands: Record<string, Command> = {
       "max-concurrent": { type: "string" },
       web: { type: "string" },
       nbd: { type: "boolean" },
+      "tls-creds": { type: "string" },
       snapshot: { type: "boolean" },
       format: { type: "string", short: "f" },
       "key-file": { type: "string" },
@@ -1697,6 +1878,7 @@ const commands: Record<string, Command> = {
         "key-file",
         "no-backing",
         "parent",
+        "tls-creds",
       ]
         .find((flag) => values[flag] !== undefined) ??
         (values["allow-backing-dir"] ? "allow-backing-dir" : undefined);

@@ -490,6 +490,42 @@ async function createCow(sink: Sink, spec: CreateSpec): Promise<Image> {
 }
 
 /**
+ * `rebase`: records `name` as the backing file, in the header's place for
+ * it (by layout: 8, 32 or 36), NUL-padded; the backing file's mtime is
+ * left as recorded. A COW file always has a backing file: removing it
+ * (`-b ""`) is refused, `convert` makes a flat image instead.
+ */
+async function setCowBackingFile(
+  file: Source & Sink,
+  name: string | undefined,
+  format?: string,
+): Promise<void> {
+  const head = await file.read(0, Math.min(V3_BROKEN_HEADER, file.size));
+  const header = parseHeader(head, file.size);
+  if (name === undefined || name === "") {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "backing_file" },
+      "a UML COW file always has a backing file; convert it to get a flat image",
+    );
+  }
+  if (format !== undefined && format !== "raw") {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "backing_format", value: format },
+      `a UML COW file's backing file is a raw disk, not ${format}`,
+    );
+  }
+  const bytes = new TextEncoder().encode(name);
+  if (bytes.length > PATH_LEN - 1) {
+    throw fail("backing_file", name, `at most ${PATH_LEN - 1} bytes long`);
+  }
+  const field = new Uint8Array(PATH_LEN);
+  field.set(bytes);
+  const at = header.layout === "v2" ? 8 : header.layout === "v3" ? 32 : 36;
+  await file.write(at, field);
+  await file.flush();
+}
+
+/**
  * The cow driver: User-Mode Linux COW files, versions 2 and 3. A COW file
  * always names its backing file (a raw disk): reading its unallocated runs
  * needs that file, opened through the registry's `resolveBacking`. Create
@@ -529,4 +565,5 @@ export const cow: Driver = {
   },
   open: openCow,
   create: createCow,
+  setBackingFile: setCowBackingFile,
 };

@@ -33,6 +33,7 @@
  * @module
  */
 
+import { checkWriteOptions } from "../streams/options.ts";
 import {
   alignUp,
   concat,
@@ -810,6 +811,29 @@ function virtualSizeFor(requested: number): number {
   return size;
 }
 
+/**
+ * `measure` by the layout `encode` writes: the header and L1 table, then,
+ * when fully allocated, every 4 KiB cluster with each group's L2 table
+ * after it. An image's own required size is left to writing it.
+ */
+function measureQcow(
+  subject: Source | number,
+  options: Record<string, string> = {},
+): Promise<{ required?: number; fullyAllocated: number }> {
+  checkWriteOptions(qcow, options);
+  const size = virtualSizeFor(
+    typeof subject === "number" ? subject : subject.size,
+  );
+  const clusterSize = 4096;
+  const l1Size = Math.ceil(size / (clusterSize * 512));
+  const head = alignUp(HEADER_SIZE, 8) + alignUp(l1Size * 8, SECTOR);
+  return Promise.resolve({
+    required: typeof subject === "number" ? head : undefined,
+    fullyAllocated: alignUp(head, clusterSize) +
+      Math.ceil(size / clusterSize) * clusterSize + l1Size * clusterSize,
+  });
+}
+
 async function createQcow(sink: Sink, spec: CreateSpec): Promise<Image> {
   requireRandomAccess(sink, FORMAT, "qcow images");
   const encrypted = wantsEncryption(spec.options, spec.key);
@@ -1136,4 +1160,5 @@ export const qcow: Driver = {
   encode: encodeQcow,
   resize: resizeQcow,
   setBackingFile: setQcowBackingFile,
+  measure: measureQcow,
 };

@@ -67,6 +67,9 @@ import { luksCipher, readLuksHeader } from "./qcow2/luks.ts";
 import { encodeQcow2 } from "./qcow2/encode.ts";
 import { QCOW2_OPTIONS } from "./qcow2/layout.ts";
 import { createQcow2, makeWritable } from "./qcow2/writable.ts";
+import { resizeQcow2 } from "./qcow2/resize.ts";
+import { measureQcow2 } from "./qcow2/measure.ts";
+import { setQcow2BackingFile } from "./qcow2/backing.ts";
 import { writeSink } from "./_image.ts";
 import type {
   Driver,
@@ -1648,4 +1651,7 @@ export const qcow2: Driver = {
   encode: encodeQcow2,
   writeOptions: QCOW2_OPTIONS,
   compresses: true,
+  resize: resizeQcow2,
+  measure: measureQcow2,
+  setBackingFile: setQcow2BackingFile,
 };

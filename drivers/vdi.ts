@@ -538,21 +538,14 @@ function writable(
   return result;
 }
 
-/**
- * `create` options: `static=on|off`, `block_size` (bytes, a power of two;
- * 1 MiB by default, the only size VirtualBox and QEMU read).
- */
-async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
-  requireRandomAccess(sink, FORMAT, "vdi images");
-  const options = spec.options ?? {};
+/** The `-o` options of a vdi to write, checked. */
+function vdiSettings(
+  options: Record<string, string>,
+): { isStatic: boolean; blockSize: number } {
   checkWriteOptions(vdi, options);
   const isStatic = options.static ?? "off";
   if (isStatic !== "on" && isStatic !== "off") {
     throw fail("static", isStatic, '"on" or "off"');
-  }
-  const parent = spec.backingFile === undefined ? undefined : parentLink(spec);
-  if (parent && isStatic === "on") {
-    throw fail("static", "on", "off for a differencing image");
   }
   const blockSize = options.block_size === undefined
     ? DEFAULT_BLOCK_SIZE
@@ -567,14 +560,55 @@ async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
       `a power of two from ${SECTOR} to ${MAX_BLOCK_SIZE}`,
     );
   }
-  // Like QEMU, the size is whole sectors.
-  const size = Math.ceil(spec.size / SECTOR) * SECTOR;
+  return { isStatic: isStatic === "on", blockSize };
+}
+
+/** Where a new vdi of `requested` bytes puts things (the size in whole sectors, as QEMU). */
+function vdiLayout(requested: number, blockSize: number) {
+  const size = Math.ceil(requested / SECTOR) * SECTOR;
   const blocks = Math.ceil(size / blockSize);
   if (blocks > MAX_BLOCKS) {
-    throw fail("size", spec.size, `at most ${MAX_BLOCKS} blocks`);
+    throw fail("size", requested, `at most ${MAX_BLOCKS} blocks`);
   }
+  const offsetData = HEADER_BYTES + Math.ceil(blocks * 4 / SECTOR) * SECTOR;
+  return { size, blocks, offsetData };
+}
+
+/**
+ * `measure` by the layout `create` writes: the header, the block map, and
+ * every block when fully allocated (or static); an image's own required
+ * size is left to writing it (convert stores only blocks holding data).
+ */
+function measureVdi(
+  subject: Source | number,
+  options: Record<string, string> = {},
+): Promise<{ required?: number; fullyAllocated: number }> {
+  const { isStatic, blockSize } = vdiSettings(options);
+  const size = typeof subject === "number" ? subject : subject.size;
+  const { blocks, offsetData } = vdiLayout(size, blockSize);
+  const full = offsetData + blocks * blockSize;
+  const required = isStatic
+    ? full
+    : typeof subject === "number"
+    ? offsetData
+    : undefined;
+  return Promise.resolve({ required, fullyAllocated: full });
+}
+
+/**
+ * `create` options: `static=on|off`, `block_size` (bytes, a power of two;
+ * 1 MiB by default, the only size VirtualBox and QEMU read).
+ */
+async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
+  requireRandomAccess(sink, FORMAT, "vdi images");
+  const options = spec.options ?? {};
+  const { isStatic, blockSize } = vdiSettings(options);
+  const parent = spec.backingFile === undefined ? undefined : parentLink(spec);
+  if (parent && isStatic) {
+    throw fail("static", "on", "off for a differencing image");
+  }
+  const { size, blocks, offsetData } = vdiLayout(spec.size, blockSize);
   const offsetBmap = HEADER_BYTES;
-  const offsetData = offsetBmap + Math.ceil(blocks * 4 / SECTOR) * SECTOR;
   const header = new Uint8Array(HEADER_BYTES);
   header.set(
     new TextEncoder().encode("<<< QEMU VM Virtual Disk Image >>>\n"),
@@ -583,14 +617,14 @@ async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
   setLe32(header, 64, SIGNATURE);
   setLe32(header, 68, VERSION_1_1);
   setLe32(header, 72, MIN_HEADER_SIZE);
-  setLe32(header, 76, parent ? 4 : isStatic === "on" ? 2 : 1);
+  setLe32(header, 76, parent ? 4 : isStatic ? 2 : 1);
   setLe32(header, 340, offsetBmap);
   setLe32(header, 344, offsetData);
   setLe32(header, 360, SECTOR);
   setLe64(header, 368, size);
   setLe32(header, 376, blockSize);
   setLe32(header, 384, blocks);
-  setLe32(header, 388, isStatic === "on" ? blocks : 0);
+  setLe32(header, 388, isStatic ? blocks : 0);
   const uuid = crypto.getRandomValues(new Uint8Array(16));
   uuid[7] = (uuid[7] & 0x0f) | 0x40; // version 4 (little-endian field)
   uuid[8] = (uuid[8] & 0x3f) | 0x80;
@@ -602,11 +636,11 @@ async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
   }
   const bmap = new Uint8Array(offsetData - offsetBmap);
   for (let i = 0; i < blocks; i++) {
-    setLe32(bmap, i * 4, isStatic === "on" ? i : FREE);
+    setLe32(bmap, i * 4, isStatic ? i : FREE);
   }
   await sink.write(0, header);
   await sink.write(offsetBmap, bmap);
-  const end = offsetData + (isStatic === "on" ? blocks * blockSize : 0);
+  const end = offsetData + (isStatic ? blocks * blockSize : 0);
   if (sink.resize) await sink.resize(end);
   else if (end > offsetData) await sink.write(end - 1, new Uint8Array(1));
   await sink.flush();
@@ -668,6 +702,109 @@ function uuidBytes(text: string): Uint8Array {
 }
 
 /**
+ * `resize` of a dynamic or static vdi: the block map grows or shrinks
+ * with the disk. A block map that outgrows the room before the first
+ * block takes the room of as many blocks as it needs (they move to the
+ * end of the data); shrinking drops the blocks past the new end and moves
+ * the last stored blocks into their places, so that the stored blocks stay
+ * numbered from 0 without holes (what `qemu-img check` counts). A static
+ * image stores the new blocks (zeros) as it grows. Not crash-safe: a copy
+ * first for images that matter.
+ */
+async function resizeVdi(file: Source & Sink, size: number): Promise<void> {
+  await openVdi(file, {}); // every field and block map entry checked
+  const headerBytes = (await file.read(0, HEADER_BYTES)).slice();
+  const h = parseHeader(headerBytes, file.size, file.name);
+  if (h.imageType !== 1 && h.imageType !== 2) {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "image_type", value: h.imageType, offset: 76 },
+      `a ${
+        TYPE_NAMES[h.imageType]
+      } image is not resized here (only dynamic and static ones)`,
+    );
+  }
+  if (size % SECTOR !== 0) {
+    throw fail("size", size, "a multiple of 512");
+  }
+  const isStatic = h.imageType === 2;
+  const { blockSize, offsetBmap } = h;
+  const newBlocks = Math.ceil(size / blockSize);
+  if (newBlocks > MAX_BLOCKS) {
+    throw fail("size", size, `at most ${MAX_BLOCKS} blocks of ${blockSize}`);
+  }
+  const old = await file.read(offsetBmap, h.blocksInImage * 4);
+  const bmap = new Uint32Array(newBlocks).fill(FREE);
+  for (let i = 0; i < Math.min(newBlocks, h.blocksInImage); i++) {
+    bmap[i] = le32(old, i * 4);
+  }
+  // Room for the block map: blocks of data it takes over.
+  const room = h.offsetData - offsetBmap;
+  const needed = Math.ceil(newBlocks * 4 / SECTOR) * SECTOR;
+  const shift = Math.max(0, Math.ceil((needed - room) / blockSize));
+  const offsetData = h.offsetData + shift * blockSize;
+  if (offsetData > 0xffffffff) {
+    throw fail("offset_data", offsetData, "at most 2^32 - 1");
+  }
+  // Stored blocks kept, and the slots [0, count) they end up in: a block
+  // stays where it is when its slot is in range, others move to a free one.
+  const kept: number[] = [];
+  for (let i = 0; i < newBlocks; i++) {
+    if (bmap[i] !== FREE && bmap[i] !== DISCARDED) kept.push(i);
+  }
+  const count = kept.length;
+  const taken = new Uint8Array(count);
+  const moving: number[] = [];
+  for (const i of kept) {
+    const slot = bmap[i] - shift;
+    if (slot >= 0 && slot < count) {
+      taken[slot] = 1;
+      bmap[i] = slot;
+    } else {
+      moving.push(i);
+    }
+  }
+  let free = 0;
+  for (const i of moving) {
+    while (taken[free]) free++;
+    taken[free] = 1;
+    // Read from the old place, written to one no kept block uses.
+    const from = h.offsetData + bmap[i] * blockSize;
+    await file.write(
+      offsetData + free * blockSize,
+      await file.read(from, blockSize),
+    );
+    bmap[i] = free;
+  }
+  // The last block's bytes past a smaller end become zeros: growing again
+  // reads zeros there, not what was dropped.
+  const tail = size % blockSize;
+  const last = bmap[newBlocks - 1];
+  if (size < h.diskSize && tail !== 0 && last !== FREE && last !== DISCARDED) {
+    await file.write(
+      offsetData + last * blockSize + tail,
+      new Uint8Array(blockSize - tail),
+    );
+  }
+  let stored = count;
+  if (isStatic) {
+    for (let i = h.blocksInImage; i < newBlocks; i++) bmap[i] = stored++;
+  }
+  await file.flush();
+  const table = new Uint8Array(offsetData - offsetBmap);
+  for (let i = 0; i < newBlocks; i++) setLe32(table, i * 4, bmap[i]);
+  await file.write(offsetBmap, table);
+  setLe32(headerBytes, 344, offsetData);
+  setLe64(headerBytes, 368, size);
+  setLe32(headerBytes, 384, newBlocks);
+  setLe32(headerBytes, 388, stored);
+  await file.write(0, headerBytes);
+  const end = offsetData + stored * blockSize;
+  if (file.resize) await file.resize(end);
+  else if (end > file.size) await file.write(end - 1, new Uint8Array(1));
+  await file.flush();
+}
+
+/**
  * The vdi driver: VirtualBox disk images. Reads dynamic, static and
  * differencing images (the parent followed only when named with the open
  * option `parent=FILE`, and checked by UUID); creates dynamic and static
@@ -709,4 +846,6 @@ export const vdi: Driver = {
   open: openVdi,
   create: createVdi,
   createNeedsBacking: true,
+  resize: resizeVdi,
+  measure: measureVdi,
 };

@@ -1335,6 +1335,150 @@ function randomGuid(): Uint8Array {
 }
 
 /**
+ * `resize` of a vhdx that is not differencing, with an empty log: the
+ * virtual disk size item changes; growing adds BAT entries (not present:
+ * zeros) in the BAT region's room, or moves the BAT to a bigger region at
+ * the end of the file (both region tables rewritten); shrinking marks the
+ * blocks past the end not present and zeroes the bytes past it in the last
+ * block. The headers get the next sequence number and new write GUIDs, as
+ * for any change of the disk. New blocks of a fixed image are not stored
+ * (they read as zeros).
+ */
+async function resizeVhdx(file: Source & Sink, size: number): Promise<void> {
+  await openVhdx(file, {}); // every structure checked
+  const header = await currentHeader(file);
+  if (header.logGuid !== ZERO_GUID) {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "header.log_guid", value: header.logGuid },
+      "this vhdx has a log to replay first (qemu-img check -r all replays it)",
+    );
+  }
+  const regions = await regionTable(file);
+  const bat = regions.find((r) => r.guid === BAT_GUID)!;
+  const meta = regions.find((r) => r.guid === METADATA_GUID)!;
+  const metadata = await readMetadata(file, meta);
+  const { blockSize, logicalSectorSize, virtualSize, hasParent } = metadata;
+  if (hasParent) {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      "a differencing vhdx is not resized: its parent would show through the new area",
+    );
+  }
+  if (size % logicalSectorSize !== 0 || size < logicalSectorSize) {
+    throw fail("size", size, `a multiple of ${logicalSectorSize}, not 0`);
+  }
+  if (size > MAX_VIRTUAL_SIZE) {
+    throw fail("size", size, `at most ${MAX_VIRTUAL_SIZE} (64 TiB)`);
+  }
+  const chunkRatio = (2 ** 23 * logicalSectorSize) / blockSize;
+  const entriesFor = (blocks: number) =>
+    blocks + Math.floor(Math.max(0, blocks - 1) / chunkRatio);
+  const indexOf = (block: number) => block + Math.floor(block / chunkRatio);
+  const oldBlocks = Math.ceil(virtualSize / blockSize);
+  const newBlocks = Math.ceil(size / blockSize);
+  const oldEntries = entriesFor(oldBlocks);
+  const newEntries = entriesFor(newBlocks);
+  let batOffset = bat.offset;
+  if (newEntries * 8 > bat.length) {
+    // A bigger BAT region at the end of the file, the entries copied.
+    const length = Math.ceil(newEntries * 8 / MiB) * MiB;
+    const at = Math.ceil(file.size / MiB) * MiB;
+    for (let done = 0; done < bat.length; done += MiB) {
+      const n = Math.min(MiB, bat.length - done);
+      await file.write(at + done, await file.read(bat.offset + done, n));
+    }
+    await file.write(at + bat.length, new Uint8Array(length - bat.length));
+    await file.flush();
+    const table = (await file.read(REGION_OFFSETS[0], REGION_TABLE_SIZE))
+      .slice();
+    const index = regions.indexOf(bat);
+    setLe64(table, 16 + index * 32 + 16, at);
+    setLe32(table, 16 + index * 32 + 24, length);
+    setLe32(table, 4, checksumWithout(table, 4));
+    for (const where of REGION_OFFSETS) await file.write(where, table);
+    batOffset = at;
+  } else if (newEntries > oldEntries) {
+    await file.write(
+      batOffset + oldEntries * 8,
+      new Uint8Array((newEntries - oldEntries) * 8),
+    );
+  }
+  if (newBlocks < oldBlocks) {
+    // Payload entries past the end: not present (their sector bitmap
+    // entries are 0 in a file without a parent).
+    await file.write(
+      batOffset + newEntries * 8,
+      new Uint8Array((oldEntries - newEntries) * 8),
+    );
+  }
+  const tail = size % blockSize;
+  if (size < virtualSize && tail !== 0) {
+    const entry = await file.read(batOffset + indexOf(newBlocks - 1) * 8, 8);
+    const state = entry[0] & 7;
+    const offset = Number(le64(entry, 0) >> 20n) * MiB;
+    if (state === FULLY_PRESENT || state === PARTIALLY_PRESENT) {
+      await file.write(offset + tail, new Uint8Array(blockSize - tail));
+    }
+  }
+  // The virtual disk size item.
+  const metaTable = await file.read(meta.offset, METADATA_TABLE_SIZE);
+  const count = le16(metaTable, 10);
+  for (let i = 0; i < count; i++) {
+    const o = 32 + i * 32;
+    if (guidAt(metaTable, o) !== VIRTUAL_DISK_SIZE) continue;
+    const item = new Uint8Array(8);
+    setLe64(item, 0, BigInt(size));
+    await file.write(meta.offset + le32(metaTable, o + 16), item);
+  }
+  await file.flush();
+  const head = (await file.read(HEADER_OFFSETS[header.index], HEADER_SIZE))
+    .slice();
+  setLe64(head, 8, header.sequence + 1n);
+  head.set(randomGuid(), 16);
+  head.set(randomGuid(), 32);
+  setLe32(head, 4, checksumWithout(head, 4));
+  const other = HEADER_OFFSETS[1 - header.index];
+  await file.write(other, head);
+  await file.flush();
+  setLe64(head, 8, header.sequence + 2n);
+  setLe32(head, 4, checksumWithout(head, 4));
+  await file.write(HEADER_OFFSETS[header.index], head);
+  await file.flush();
+}
+
+/**
+ * `measure` by the layout `encode` writes: the 1 MiB of headers, the log,
+ * the metadata, the BAT region, then every block when fully allocated (or
+ * fixed). An image's own required size is left to writing it.
+ */
+function measureVhdx(
+  subject: Source | number,
+  options: Record<string, string> = {},
+): Promise<{ required?: number; fullyAllocated: number }> {
+  const o = writeOptions(options);
+  const bytes = typeof subject === "number" ? subject : subject.size;
+  const virtualSize = Math.ceil(bytes / o.logicalSectorSize) *
+    o.logicalSectorSize;
+  if (virtualSize > MAX_VIRTUAL_SIZE) {
+    throw fail("size", bytes, "at most 64 TiB");
+  }
+  const blockSize = o.blockSize || defaultBlockSize(virtualSize);
+  const chunkRatio = (2 ** 23 * o.logicalSectorSize) / blockSize;
+  const payloadBlocks = Math.ceil(virtualSize / blockSize);
+  const entries = payloadBlocks +
+    Math.floor(Math.max(0, payloadBlocks - 1) / chunkRatio);
+  const batLength = Math.max(MiB, Math.ceil((entries * 8) / MiB) * MiB);
+  const dataStart = MiB + o.logSize + MiB + batLength;
+  const full = dataStart + payloadBlocks * blockSize;
+  const required = o.subformat === "fixed"
+    ? full
+    : typeof subject === "number"
+    ? dataStart
+    : undefined;
+  return Promise.resolve({ required, fullyAllocated: full });
+}
+
+/**
  * Writes `source` as a vhdx in one pass: the headers, region tables,
  * an empty log, metadata and the BAT first, then every block that holds
  * data (dynamic) or every block (fixed), in order.
@@ -1553,5 +1697,7 @@ export const vhdx: Driver = {
   open: openVhdx,
   create: createVhdx,
   createNeedsBacking: true,
+  resize: resizeVhdx,
+  measure: measureVhdx,
   encode: (source, sink, options) => encodeVhdx(source, sink, options),
 };

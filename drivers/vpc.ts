@@ -57,7 +57,7 @@
  * @module
  */
 
-import { optionErrors } from "../streams/options.ts";
+import { checkWriteOptions, optionErrors } from "../streams/options.ts";
 import {
   ascii,
   be16,
@@ -902,10 +902,11 @@ async function readFooter(
   return { footer: parseFooter(tail, at, source.name), bytes: tail, at };
 }
 
-async function openVpc(
+/** The parsed and checked structures of the VHD in `source`. */
+async function vpcState(
   source: Source,
   options: OpenOptions,
-): Promise<Image> {
+): Promise<{ state: State; details: Record<string, unknown> }> {
   const force = options.options?.force_size_calc;
   if (force !== undefined && force !== "chs" && force !== "current_size") {
     throw fail("force_size_calc", force, '"chs" or "current_size"');
@@ -944,7 +945,7 @@ async function openVpc(
         at + (rule === "chs" ? 56 : 48),
       );
     }
-    return vpcImage(state, details);
+    return { state, details };
   }
   check(at === 0, {
     format: FORMAT,
@@ -1032,6 +1033,14 @@ async function openVpc(
       })),
     });
   }
+  return { state, details };
+}
+
+async function openVpc(
+  source: Source,
+  options: OpenOptions,
+): Promise<Image> {
+  const { state, details } = await vpcState(source, options);
   return vpcImage(state, details);
 }
 
@@ -1088,6 +1097,289 @@ function encodeUtf16(text: string, le: boolean): Uint8Array {
   return out;
 }
 
+/**
+ * The sectors and CHS geometry of a disk of at least `requested` sectors,
+ * as qemu-img sets them: rounded up to what the geometry states (unless
+ * `exact`: current_size then holds the size), and past the largest
+ * geometry the maximum one with current_size holding the size.
+ */
+function sizeAndGeometry(
+  requested: number,
+  exact: boolean,
+): { geometry: Geometry; sectors: number } {
+  let geometry = geometryFor(requested);
+  let sectors = requested;
+  if (requested >= MAX_GEOMETRY) {
+    geometry = { cylinders: 65535, heads: 16, sectors: 255 };
+  } else if (!exact) {
+    for (
+      let n = requested;
+      geometry.cylinders * geometry.heads * geometry.sectors < requested;
+      n++
+    ) {
+      geometry = geometryFor(n);
+    }
+    sectors = geometry.cylinders * geometry.heads * geometry.sectors;
+    if (sectors === MAX_GEOMETRY) sectors = requested;
+  }
+  return { geometry, sectors };
+}
+
+/**
+ * `resize` of a fixed or dynamic VHD: the footer (both copies) takes the
+ * new size and geometry, rounded as qemu-img rounds a new image's (exact
+ * for creators read by current_size); a fixed disk's footer moves to the
+ * new end; a dynamic disk's BAT grows in its sector padding, or moves to
+ * the end of the file when it needs more room. Shrinking unmaps the blocks
+ * past the end and clears the sectors past it in the last one (bits and
+ * bytes), so that growing again reads zeros. A differencing disk is refused: its
+ * parent would show through the new area.
+ */
+async function resizeVpc(file: Source & Sink, size: number): Promise<void> {
+  const { state } = await vpcState(file, {});
+  const { footer } = state;
+  if (footer.diskType === DISK_DIFFERENCING) {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "footer.disk_type", value: footer.diskType },
+      "a differencing VHD is not resized: its parent would show through the new area (resize a flattened copy)",
+    );
+  }
+  if (size % SECTOR !== 0) throw fail("size", size, "a multiple of 512");
+  const requested = size / SECTOR;
+  if (requested > MAX_SECTORS) {
+    throw fail(
+      "size",
+      size,
+      `at most ${MAX_SECTORS * SECTOR} bytes (2040 GiB)`,
+    );
+  }
+  const exact = virtualSizeOf(footer).rule === "current_size";
+  const { geometry, sectors } = sizeAndGeometry(requested, exact);
+  const newSize = sectors * SECTOR;
+  const bytes = state.footerBytes.slice();
+  setBe64(bytes, 48, newSize);
+  setBe16(bytes, 56, geometry.cylinders);
+  bytes[58] = geometry.heads;
+  bytes[59] = geometry.sectors;
+  setBe32(bytes, 64, vhdChecksum(bytes, 64));
+
+  if (footer.diskType === DISK_FIXED) {
+    const oldFooter = file.size - FOOTER_SIZE;
+    await file.write(newSize, bytes);
+    // What was past the old disk (its footer too) reads as zeros now.
+    const zeros = new Uint8Array(1 << 20);
+    const stop = Math.min(newSize, oldFooter + FOOTER_SIZE);
+    for (let at = state.size; at < stop; at += zeros.length) {
+      await file.write(
+        at,
+        zeros.subarray(0, Math.min(zeros.length, stop - at)),
+      );
+    }
+    await file.flush();
+    if (file.resize) await file.resize(newSize + FOOTER_SIZE);
+    await file.flush();
+    return;
+  }
+
+  const header = state.header!;
+  const bat = state.bat!;
+  const blockSize = header.blockSize;
+  const newBlocks = Math.ceil(newSize / blockSize);
+  const oldBlocks = bat.length;
+  let trailer = state.nextFree;
+  let tableOffset = header.tableOffset;
+  let maxEntries = header.maxTableEntries;
+  const roomEntries = Math.ceil(maxEntries * 4 / SECTOR) * SECTOR / 4;
+  if (newBlocks > roomEntries) {
+    // A new BAT where the trailing footer was; the footer follows it.
+    const table = new Uint8Array(Math.ceil(newBlocks * 4 / SECTOR) * SECTOR)
+      .fill(0xff);
+    for (let i = 0; i < oldBlocks; i++) setBe32(table, i * 4, bat[i]);
+    await file.write(trailer, table);
+    tableOffset = trailer;
+    trailer += table.length;
+    maxEntries = newBlocks;
+  } else if (newBlocks > oldBlocks) {
+    // Entries past the old disk: unallocated, whatever the padding held.
+    await file.write(
+      tableOffset + oldBlocks * 4,
+      new Uint8Array((newBlocks - oldBlocks) * 4).fill(0xff),
+    );
+    maxEntries = Math.max(maxEntries, newBlocks);
+  } else {
+    if (newBlocks < oldBlocks) {
+      await file.write(
+        tableOffset + newBlocks * 4,
+        new Uint8Array((oldBlocks - newBlocks) * 4).fill(0xff),
+      );
+    }
+    const tail = newSize % blockSize;
+    const last = newBlocks - 1;
+    if (tail !== 0 && bat[last] !== UNALLOCATED) {
+      const at = bat[last] * SECTOR;
+      const bitmap = (await file.read(at, state.bitmapSize)).slice();
+      for (let k = tail / SECTOR; k < blockSize / SECTOR; k++) {
+        bitmap[k >> 3] &= ~(0x80 >> (k & 7));
+      }
+      await file.write(at, bitmap);
+      // QEMU reads a dynamic disk's allocated blocks whole, without the
+      // bitmap: the bytes themselves become zeros.
+      await file.write(
+        at + state.bitmapSize + tail,
+        new Uint8Array(blockSize - tail),
+      );
+    }
+  }
+  const dynamic =
+    (await file.read(Number(footer.dataOffset), DYNAMIC_HEADER_SIZE))
+      .slice();
+  setBe64(dynamic, 16, tableOffset);
+  setBe32(dynamic, 28, maxEntries);
+  setBe32(dynamic, 36, vhdChecksum(dynamic, 36));
+  await file.flush();
+  await file.write(Number(footer.dataOffset), dynamic);
+  await file.write(trailer, bytes);
+  await file.write(0, bytes);
+  await file.flush();
+  if (file.resize && file.size > trailer + FOOTER_SIZE) {
+    await file.resize(trailer + FOOTER_SIZE);
+  }
+  await file.flush();
+}
+
+/** The parent locators written for a parent named `name`: platform and UTF-16LE path. */
+function locatorsFor(name: string): [string, Uint8Array][] {
+  const windows = name.replaceAll("/", "\\");
+  return name.startsWith("/") ? [["W2ku", encodeUtf16(windows, true)]] : [
+    ["W2ru", encodeUtf16(".\\" + windows, true)],
+    ["W2ku", encodeUtf16(windows, true)],
+  ];
+}
+
+/**
+ * `rebase` of a differencing VHD: the parent's name (UTF-16BE) and its
+ * locators are rewritten (a locator's data in its old space when it fits,
+ * else at the end of the file, the trailing footer after it), and, when
+ * the new parent is given and is a VHD, its unique id and timestamp; with
+ * no name the disk becomes a dynamic one (parent fields cleared). A VHD
+ * without a parent is refused: its free blocks read as zeros, and would
+ * read as the parent's bytes.
+ */
+async function setVpcBackingFile(
+  file: Source & Sink,
+  name: string | undefined,
+  format?: string,
+  backing?: Source,
+): Promise<void> {
+  const { state } = await vpcState(file, {});
+  const { footer } = state;
+  if (footer.diskType !== DISK_DIFFERENCING) {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "footer.disk_type", value: footer.diskType },
+      `a ${
+        DISK_TYPE_NAMES[footer.diskType]
+      } VHD does not take a parent here (its free blocks read as zeros); create a differencing one with convert -B`,
+    );
+  }
+  if (format !== undefined && format !== FORMAT) {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "backing_format", value: format },
+      `a differencing VHD's parent is a VHD, not ${format}`,
+    );
+  }
+  const headerAt = Number(footer.dataOffset);
+  const dynamic = (await file.read(headerAt, DYNAMIC_HEADER_SIZE)).slice();
+  const footerBytes = state.footerBytes.slice();
+  let trailer = state.nextFree;
+  const writes: [number, Uint8Array][] = [];
+  dynamic.fill(0, 40, 576 + 8 * 24); // parent id, timestamp, name, locators
+  if (name === undefined || name === "") {
+    setBe32(footerBytes, 60, DISK_DYNAMIC);
+  } else {
+    if (backing && backing.size >= FOOTER_SIZE) {
+      const parent = await readFooter(backing).catch(() => undefined);
+      if (parent) {
+        dynamic.set(parent.footer.uniqueId, 40);
+        setBe32(dynamic, 56, parent.footer.timestamp);
+      }
+    }
+    const base = name.slice(name.lastIndexOf("/") + 1);
+    dynamic.set(encodeUtf16(base, false).subarray(0, 510), 64);
+    const old = state.header!.locators;
+    locatorsFor(name).forEach(([platform, data], i) => {
+      const o = 576 + i * 24;
+      const reuse = old[i] && old[i].dataSpace >= data.length &&
+        old[i].dataOffset >= headerAt + DYNAMIC_HEADER_SIZE;
+      const space = reuse
+        ? old[i].dataSpace
+        : Math.ceil(data.length / SECTOR) * SECTOR;
+      const at = reuse ? old[i].dataOffset : trailer;
+      if (!reuse) trailer += space;
+      dynamic.set(new TextEncoder().encode(platform), o);
+      setBe32(dynamic, o + 4, space);
+      setBe32(dynamic, o + 8, data.length);
+      setBe64(dynamic, o + 16, at);
+      const padded = new Uint8Array(Math.ceil(data.length / SECTOR) * SECTOR);
+      padded.set(data);
+      writes.push([at, padded]);
+    });
+  }
+  setBe32(dynamic, 36, vhdChecksum(dynamic, 36));
+  setBe32(footerBytes, 64, vhdChecksum(footerBytes, 64));
+  for (const [at, data] of writes) await file.write(at, data);
+  await file.flush();
+  await file.write(headerAt, dynamic);
+  await file.write(trailer, footerBytes);
+  await file.write(0, footerBytes);
+  await file.flush();
+}
+
+/**
+ * `measure` by the layout `create` writes: a fixed disk is its data (the
+ * size rounded as qemu-img rounds it) and the footer; a dynamic one the
+ * footer copy, dynamic header, BAT and trailing footer, and when fully
+ * allocated every block with its sector bitmap. An image's own required
+ * size is left to writing it.
+ */
+function measureVpc(
+  subject: Source | number,
+  options: Record<string, string> = {},
+): Promise<{ required?: number; fullyAllocated: number }> {
+  const subformat = options.subformat ?? "dynamic";
+  if (subformat !== "dynamic" && subformat !== "fixed") {
+    throw optionFail("subformat", subformat, '"dynamic" or "fixed"');
+  }
+  const forceSize = options.force_size ?? "off";
+  if (forceSize !== "on" && forceSize !== "off") {
+    throw optionFail("force_size", forceSize, '"on" or "off"');
+  }
+  checkWriteOptions(vpc, options);
+  const bytes = typeof subject === "number" ? subject : subject.size;
+  const requested = Math.ceil(bytes / SECTOR);
+  if (requested > MAX_SECTORS) {
+    throw fail(
+      "size",
+      bytes,
+      `at most ${MAX_SECTORS * SECTOR} bytes (2040 GiB)`,
+    );
+  }
+  const size = sizeAndGeometry(requested, forceSize === "on").sectors * SECTOR;
+  if (subformat === "fixed") {
+    return Promise.resolve({
+      required: size + FOOTER_SIZE,
+      fullyAllocated: size + FOOTER_SIZE,
+    });
+  }
+  const entries = Math.ceil(size / CREATE_BLOCK_SIZE);
+  const bitmap = Math.ceil(CREATE_BLOCK_SIZE / SECTOR / 8 / SECTOR) * SECTOR;
+  const empty = FOOTER_SIZE + DYNAMIC_HEADER_SIZE +
+    Math.ceil(entries * 4 / SECTOR) * SECTOR + FOOTER_SIZE;
+  return Promise.resolve({
+    required: typeof subject === "number" ? empty : undefined,
+    fullyAllocated: empty + entries * (bitmap + CREATE_BLOCK_SIZE),
+  });
+}
+
 async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
   requireRandomAccess(sink, FORMAT, "vpc images");
   const subformat = spec.options?.subformat ?? "dynamic";
@@ -1132,24 +1424,8 @@ async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
   const wanted = azure
     ? Math.ceil(requested / MIB_SECTORS) * MIB_SECTORS
     : requested;
-  let geometry = geometryFor(wanted);
-  let sectors = wanted;
-  let creator = "vdtk";
-  if (forceSize === "on") {
-    creator = "qem2";
-  } else if (requested < MAX_GEOMETRY) {
-    for (
-      let n = requested;
-      geometry.cylinders * geometry.heads * geometry.sectors < requested;
-      n++
-    ) {
-      geometry = geometryFor(n);
-    }
-    sectors = geometry.cylinders * geometry.heads * geometry.sectors;
-    if (sectors === MAX_GEOMETRY) sectors = requested;
-  } else {
-    geometry = { cylinders: 65535, heads: 16, sectors: 255 };
-  }
+  const creator = forceSize === "on" ? "qem2" : "vdtk";
+  const { geometry, sectors } = sizeAndGeometry(wanted, forceSize === "on");
   const size = sectors * SECTOR;
   const diskType = spec.backingFile !== undefined
     ? DISK_DIFFERENCING
@@ -1200,13 +1476,7 @@ async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
       const base = name.slice(name.lastIndexOf("/") + 1);
       const unicode = encodeUtf16(base, false).subarray(0, 510);
       header.set(unicode, 64);
-      const absolute = name.startsWith("/");
-      const locators: [string, Uint8Array][] = absolute
-        ? [["W2ku", encodeUtf16(name.replaceAll("/", "\\"), true)]]
-        : [
-          ["W2ru", encodeUtf16(".\\" + name.replaceAll("/", "\\"), true)],
-          ["W2ku", encodeUtf16(name.replaceAll("/", "\\"), true)],
-        ];
+      const locators = locatorsFor(name);
       locators.forEach(([platform, data], i) => {
         const space = Math.ceil(data.length / SECTOR) * SECTOR;
         const o = 576 + i * 24;
@@ -1294,4 +1564,7 @@ export const vpc: Driver = {
   },
   open: openVpc,
   create: createVpc,
+  resize: resizeVpc,
+  setBackingFile: setVpcBackingFile,
+  measure: measureVpc,
 };

@@ -34,6 +34,11 @@ export interface Measurement {
   required: number;
   /** Bytes of the output file when every byte of the disk holds data. */
   fullyAllocated: number;
+  /**
+   * Bytes of the input's persistent bitmaps, where qemu-img reports them
+   * (a qcow2 input measured for qcow2 compat 1.1).
+   */
+  bitmaps?: number;
 }
 
 const PAGE = 65536;
@@ -159,9 +164,12 @@ function emptyDisk(size: number): Source {
  * The bytes an image file of `options.format` takes: `required` for
  * `source` converted to it (for a size: an empty image of that size), and
  * `fullyAllocated` for a disk of that size whose every byte holds data.
- * Both are measured by writing the image (into memory, zero pages not
- * kept), so they are exactly what `convert` and `create` write; the work
- * grows with the size. A raw image takes its size rounded up to a sector,
+ * Formats with a formula of their own (`Driver.measure`: qcow2 as
+ * qemu-img computes it; vdi, vpc and qcow their exact layouts) answer at
+ * once whatever the size; otherwise both are measured by writing the
+ * image (into memory, zero pages not kept), so they are exactly what
+ * `convert` and `create` write, the work growing with the size. An
+ * image's `required` size is always found by writing it, but for qcow2. A raw image takes its size rounded up to a sector,
  * as qemu-img says.
  *
  * @param source the image to convert, or a virtual size in bytes (`--size`)
@@ -181,6 +189,11 @@ export async function measure(
 ): Promise<Measurement> {
   const format = options.format ?? "raw";
   const out = driver(format);
+  // A formula of the driver's own (it checks its options itself).
+  const formula = await out.measure?.(source, options.options);
+  if (formula?.required !== undefined) {
+    return { ...formula, required: formula.required };
+  }
   checkWriteOptions(out, options.options);
   if (!out.create && !out.encode) {
     throw new Error(`format '${format}' cannot be written`);
@@ -203,10 +216,12 @@ export async function measure(
     });
     return sink.size;
   };
+  // An image's required size by writing it: what convert leaves out (zero
+  // runs, and clusters of zeros inside data runs) only writing shows.
   return {
     required: await written(
       typeof source === "number" ? emptyDisk(size) : source,
     ),
-    fullyAllocated: await written(fullDisk(size)),
+    fullyAllocated: formula?.fullyAllocated ?? await written(fullDisk(size)),
   };
 }

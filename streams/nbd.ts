@@ -7,7 +7,9 @@
  *
  * This module is browser compatible: it speaks the protocol over any pair
  * of byte streams ({@linkcode NbdConnection}); listening on a TCP port is
- * the caller's part (`cli.ts serve --nbd` uses `Deno.listen`).
+ * the caller's part (`cli.ts serve --nbd` uses `Deno.listen`, and with
+ * `--tls-creds` node:net and node:tls, which can take the TLS handshake on
+ * a socket already accepted: the connection's `startTls`).
  *
  * What is spoken (all numbers big-endian):
  *
@@ -17,7 +19,7 @@
  * | | C: u32 client flags | only bits 0 and 1 allowed |
  * | options | C: `IHAVEOPT` u32 option, u32 length, data | data at most 64 KiB |
  * | | S: u64 `0x3e889045565a9`, u32 option, u32 reply type, u32 length, data | |
- * | | EXPORT_NAME (1), ABORT (2), LIST (3), INFO (6), GO (7), STRUCTURED_REPLY (8), LIST_META_CONTEXT (9), SET_META_CONTEXT (10) | others: ERR_UNSUP |
+ * | | EXPORT_NAME (1), ABORT (2), LIST (3), STARTTLS (5, when the connection has `startTls`), INFO (6), GO (7), STRUCTURED_REPLY (8), LIST_META_CONTEXT (9), SET_META_CONTEXT (10) | others: ERR_UNSUP; with `requireTls`, ERR_TLS_REQD before STARTTLS |
  * | transmission | C: u32 `0x25609513`, u16 flags, u16 type, u64 handle, u64 offset, u32 length, (data of a WRITE) | 28 bytes |
  * | | S simple: u32 `0x67446698`, u32 error, u64 handle, (data of a READ) | 16 bytes |
  * | | S chunk: u32 `0x668e33ef`, u16 flags, u16 type, u64 handle, u32 length, payload | 20 bytes |
@@ -50,6 +52,13 @@ export interface NbdConnection {
   readonly writable: WritableStream<Uint8Array>;
   /** Ends the connection (a `Deno.Conn`'s close). */
   close?(): void;
+  /**
+   * Upgrades the connection to TLS as its server (NBD_OPT_STARTTLS),
+   * once the plain streams are released: resolves with the encrypted
+   * connection after the handshake, rejects when it fails. Without it
+   * STARTTLS gets ERR_UNSUP.
+   */
+  startTls?(): Promise<NbdConnection>;
 }
 
 /** Options for {@linkcode nbdServer}. */
@@ -82,6 +91,12 @@ export interface NbdOptions {
    * negotiation before it is disconnected. @default 30000
    */
   handshakeTimeout?: number;
+  /**
+   * Serve only over TLS: before STARTTLS every option but ABORT gets
+   * ERR_TLS_REQD (and EXPORT_NAME ends the connection), as qemu-nbd with
+   * `--tls-creds`. Needs connections with `startTls`. @default false
+   */
+  requireTls?: boolean;
   /** Told one line per event worth a log (a client came, left or broke the protocol). */
   onEvent?: (message: string) => void;
 }
@@ -127,6 +142,7 @@ const FLAG_CAN_MULTI_CONN = 1 << 8;
 const OPT_EXPORT_NAME = 1;
 const OPT_ABORT = 2;
 const OPT_LIST = 3;
+const OPT_STARTTLS = 5;
 const OPT_INFO = 6;
 const OPT_GO = 7;
 const OPT_STRUCTURED_REPLY = 8;
@@ -139,6 +155,7 @@ const REP_INFO = 3;
 const REP_META_CONTEXT = 4;
 const REP_ERR_UNSUP = 0x80000001;
 const REP_ERR_INVALID = 0x80000003;
+const REP_ERR_TLS_REQD = 0x80000005;
 const REP_ERR_UNKNOWN = 0x80000006;
 const REP_ERR_SHUTDOWN = 0x80000007;
 const REP_ERR_TOO_BIG = 0x80000009;
@@ -246,10 +263,27 @@ class ByteReader {
     this.#at = 0;
   }
 
+  /** Bytes received and not yet taken. */
+  buffered(): number {
+    return this.#chunk.length - this.#at;
+  }
+
+  /** Lets go of the stream (to hand the connection to TLS). */
+  release(): void {
+    this.#reader.releaseLock();
+  }
+
   /** Ends reading (a pending `exact` fails with Disconnect). */
   cancel(): void {
     this.#reader.cancel().catch(() => {});
   }
+}
+
+/** One client's streams: those of the connection, or of its TLS once upgraded. */
+interface Io {
+  connection: NbdConnection;
+  reader: ByteReader;
+  writer: WritableStreamDefaultWriter<Uint8Array>;
 }
 
 /** Big-endian fields into a fresh array. */
@@ -416,20 +450,24 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
       return;
     }
     clientCount++;
-    const reader = new ByteReader(connection.readable);
-    const writer = connection.writable.getWriter();
+    // Replaced as a whole when STARTTLS upgrades the connection.
+    const io: Io = {
+      connection,
+      reader: new ByteReader(connection.readable),
+      writer: connection.writable.getWriter(),
+    };
     let stopped = false;
     let hardClose: ReturnType<typeof setTimeout> | undefined;
     const session = {
       stop() {
         stopped = true;
-        reader.cancel();
+        io.reader.cancel();
         // Replies still unsent after a grace period (a client that stopped
         // reading) are dropped with the connection.
         hardClose = setTimeout(() => {
-          writer.abort().catch(() => {});
+          io.writer.abort().catch(() => {});
           try {
-            connection.close?.();
+            io.connection.close?.();
           } catch { /* already closed */ }
         }, 2000);
       },
@@ -437,17 +475,17 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
     };
     session.done = (async () => {
       try {
-        await talk(id, reader, writer, () => stopped);
+        await talk(id, io, () => stopped);
         log(`client ${id} done`);
       } catch (e) {
         log(`client ${id} dropped: ${(e as Error).message}`);
       } finally {
-        reader.cancel();
+        io.reader.cancel();
         try {
-          await writer.close();
+          await io.writer.close();
         } catch { /* the client is gone */ }
         try {
-          connection.close?.();
+          io.connection.close?.();
         } catch { /* already closed */ }
         clearTimeout(hardClose);
         clientCount--;
@@ -464,12 +502,11 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
   /** One client's whole conversation; throws Disconnect when it ends badly. */
   async function talk(
     id: number,
-    reader: ByteReader,
-    writer: WritableStreamDefaultWriter<Uint8Array>,
+    io: Io,
     isStopped: () => boolean,
   ): Promise<void> {
     const send = (bytes: Uint8Array) =>
-      writer.write(bytes).catch((e) => {
+      io.writer.write(bytes).catch((e) => {
         throw new Disconnect(
           `the connection failed while sending: ${(e as Error).message}`,
         );
@@ -478,11 +515,11 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
     // --- Handshake -------------------------------------------------------
     const timer = setTimeout(() => {
       log(`client ${id}: negotiation took over ${handshakeTimeout} ms`);
-      reader.cancel();
+      io.reader.cancel();
     }, handshakeTimeout);
     let state: { structured: boolean; metaContext: boolean };
     try {
-      const result = await negotiate(reader, send, isStopped);
+      const result = await negotiate(id, io, send, isStopped);
       if (!result) return;
       state = result;
     } finally {
@@ -497,7 +534,7 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
       while (!isStopped()) {
         let header: Uint8Array;
         try {
-          header = await reader.exact(28);
+          header = await io.reader.exact(28);
         } catch (e) {
           if (isStopped()) break;
           throw e;
@@ -538,8 +575,8 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
         }
         let payload: Uint8Array | undefined;
         if (request.type === CMD_WRITE) {
-          if (writable) payload = await reader.exact(request.length);
-          else await reader.skip(request.length);
+          if (writable) payload = await io.reader.exact(request.length);
+          else await io.reader.skip(request.length);
         }
         bytesInFlight += cost;
         const task: Promise<void> = answer(request, payload, state, send)
@@ -547,7 +584,7 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
             // A reply that could not be sent (or anything unforeseen) ends
             // this client's connection, never the server.
             log(`client ${id}: ${(e as Error)?.message ?? e}`);
-            reader.cancel();
+            io.reader.cancel();
           })
           .finally(() => {
             bytesInFlight -= cost;
@@ -565,7 +602,8 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
    * transmission, or undefined when it aborted.
    */
   async function negotiate(
-    reader: ByteReader,
+    id: number,
+    io: Io,
     send: (bytes: Uint8Array) => Promise<void>,
     isStopped: () => boolean,
   ): Promise<{ structured: boolean; metaContext: boolean } | undefined> {
@@ -574,7 +612,7 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
       [8, IHAVEOPT],
       [2, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES],
     ]));
-    const clientFlags = new DataView((await reader.exact(4)).buffer)
+    const clientFlags = new DataView((await io.reader.exact(4)).buffer)
       .getUint32(0);
     if ((clientFlags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)) !== 0) {
       throw new Disconnect(
@@ -584,6 +622,7 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
       );
     }
     const noZeroes = (clientFlags & FLAG_C_NO_ZEROES) !== 0;
+    let secure = false;
     let structured = false;
     let metaContext = false;
     const reply = (
@@ -604,7 +643,7 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
       exportName === "" || exportName === name;
 
     for (let count = 0;; count++) {
-      const header = await reader.exact(16);
+      const header = await io.reader.exact(16);
       const view = new DataView(header.buffer);
       const magic = view.getBigUint64(0);
       if (magic !== IHAVEOPT) {
@@ -629,7 +668,7 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
       if (count >= MAX_OPTIONS) {
         throw new Disconnect(`more than ${MAX_OPTIONS} options`);
       }
-      const data = new OptionData(await reader.exact(length));
+      const data = new OptionData(await io.reader.exact(length));
       if (option === OPT_ABORT) {
         await reply(option, REP_ACK).catch(() => {});
         return undefined;
@@ -639,6 +678,53 @@ export function nbdServer(image: Image, options: NbdOptions = {}): NbdServer {
           throw new Disconnect("the server is stopping");
         }
         await reply(option, REP_ERR_SHUTDOWN, text("the server is stopping"));
+        continue;
+      }
+      if (option === OPT_STARTTLS) {
+        const refusal = !io.connection.startTls
+          ? [REP_ERR_UNSUP, "TLS is not offered"] as const
+          : secure
+          ? [REP_ERR_INVALID, "TLS is already on"] as const
+          : length !== 0
+          ? [REP_ERR_INVALID, "STARTTLS carries no data"] as const
+          : undefined;
+        if (refusal) {
+          await reply(option, refusal[0], text(refusal[1]));
+          continue;
+        }
+        await reply(option, REP_ACK);
+        if (io.reader.buffered() > 0) {
+          throw new Disconnect("data came before the TLS handshake");
+        }
+        io.reader.release();
+        io.writer.releaseLock();
+        let upgraded: NbdConnection;
+        try {
+          upgraded = await io.connection.startTls!();
+        } catch (e) {
+          throw new Disconnect(
+            `the TLS handshake failed: ${(e as Error).message}`,
+          );
+        }
+        io.connection = upgraded;
+        io.reader = new ByteReader(upgraded.readable);
+        io.writer = upgraded.writable.getWriter();
+        secure = true;
+        // What was agreed in the clear does not carry over (doc/proto.md).
+        structured = false;
+        metaContext = false;
+        log(`client ${id} switched to TLS`);
+        continue;
+      }
+      if (options.requireTls && !secure) {
+        if (option === OPT_EXPORT_NAME) {
+          throw new Disconnect("EXPORT_NAME before STARTTLS: TLS is required");
+        }
+        await reply(
+          option,
+          REP_ERR_TLS_REQD,
+          text("TLS is required: send STARTTLS first"),
+        );
         continue;
       }
       try {

@@ -78,19 +78,21 @@ export async function rebase(
   options.onProgress?.(0, total);
   for await (const run of extentsOf(top, 0, total)) {
     if (run.kind !== "unallocated") continue;
-    // Whole granules: a cluster is either the overlay's or the backing's.
-    const start = Math.floor(run.offset / granule) * granule;
-    const end = Math.min(
-      total,
-      Math.ceil((run.offset + run.length) / granule) * granule,
-    );
-    for (let at = start; at < end; at += step) {
+    // Compared granule by granule (aligned to the disk), but only inside
+    // the run: a granule may hold bytes of the overlay's own (formats that
+    // allocate by sector), which must not be written over.
+    const end = run.offset + run.length;
+    for (let at = run.offset; at < end;) {
       options.signal?.throwIfAborted();
-      const n = Math.min(step, end - at);
+      const stop = Math.min(end, Math.floor(at / granule) * granule + step);
+      const n = stop - at;
       const before = await readOr(oldBacking, at, n);
       const after = await readOr(newBacking, at, n);
-      for (let g = 0; g < n; g += granule) {
-        const e = Math.min(n, g + granule);
+      for (let g = 0; g < n;) {
+        const e = Math.min(
+          n,
+          (Math.floor((at + g) / granule) + 1) * granule - at,
+        );
         let differs = false;
         for (let k = g; k < e; k++) {
           if (before[k] !== after[k]) {
@@ -102,8 +104,10 @@ export async function rebase(
           await top.write(at + g, before.slice(g, e));
           copiedBytes += e - g;
         }
+        g = e;
       }
-      options.onProgress?.(at + n, total);
+      at = stop;
+      options.onProgress?.(at, total);
     }
   }
   await top.flush?.();

@@ -491,13 +491,27 @@ export interface Driver {
    */
   resize?(file: Source & Sink, size: number): Promise<void>;
   /**
+   * The file sizes an image of this format takes (`measure`), by formula
+   * instead of by writing: `required` for `subject` converted to it (for a
+   * size: an empty image; left out for an image that only writing can
+   * measure), `fullyAllocated` when every byte holds data; `bitmaps`
+   * where qemu-img reports it. It checks its options itself.
+   */
+  measure?(
+    subject: Source | number,
+    options?: Record<string, string>,
+  ): Promise<{ required?: number; fullyAllocated: number; bitmaps?: number }>;
+  /**
    * Records `name` as the backing file in the header of the image in
    * `file`, or removes it (`undefined`); nothing else changes (`rebase -u`).
+   * `backing`, when given, is the new backing file itself, for formats
+   * that record who their parent is (a VHD's parent unique id).
    */
   setBackingFile?(
     file: Source & Sink,
     name: string | undefined,
     format?: string,
+    backing?: Source,
   ): Promise<void>;
 }
 

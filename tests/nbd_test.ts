@@ -1150,3 +1150,191 @@ Deno.test("serve: --nbd flags without --nbd and a missing IMAGE are usage errors
   assertEquals(badPort.code, 2);
   assertMatch(badPort.stderr, /--port must be 0 to 65535/);
 });
+
+// ---------------------------------------------------------------------------
+// TLS (STARTTLS)
+
+Deno.test("requireTls: options before STARTTLS get ERR_TLS_REQD; STARTTLS without a TLS layer is ERR_UNSUP", async () => {
+  const server = nbdServer(mappedImage(), { requireTls: true });
+  const { client, served } = connect(server);
+  await client.hello();
+  const [list] = await client.replies(OPT.LIST);
+  assertEquals(list.type, 0x80000005);
+  const [go] = await client.replies(OPT.GO, cat(be([[4, 0], [2, 0]])));
+  assertEquals(go.type, 0x80000005);
+  // This in-process connection has no startTls: STARTTLS is not offered.
+  const [tls] = await client.replies(OPT.STARTTLS);
+  assertEquals(tls.type, REP_ERR_UNSUP);
+  // EXPORT_NAME in the clear ends the connection.
+  await client.option(OPT.EXPORT_NAME);
+  assertTrue(await client.closed());
+  client.close();
+  await served;
+  await server.close();
+});
+
+/** A CA, and a server certificate it signed for 127.0.0.1, in `dir` (QEMU's x509 layout). */
+async function makeCerts(dir: string, ca = "test CA") {
+  await Deno.mkdir(dir, { recursive: true });
+  const ssl = (...args: string[]) => run("openssl", args, { cwd: dir });
+  await ssl(
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-keyout",
+    "ca-key.pem",
+    "-out",
+    "ca-cert.pem",
+    "-days",
+    "2",
+    "-subj",
+    `/CN=${ca}`,
+  );
+  await ssl(
+    "req",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-keyout",
+    "server-key.pem",
+    "-out",
+    "server.csr",
+    "-subj",
+    "/CN=localhost",
+  );
+  await Deno.writeTextFile(
+    `${dir}/ext.cnf`,
+    "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+  );
+  await ssl(
+    "x509",
+    "-req",
+    "-in",
+    "server.csr",
+    "-CA",
+    "ca-cert.pem",
+    "-CAkey",
+    "ca-key.pem",
+    "-CAcreateserial",
+    "-out",
+    "server-cert.pem",
+    "-days",
+    "2",
+    "-extfile",
+    "ext.cnf",
+  );
+}
+
+Deno.test({
+  name:
+    "serve --nbd --tls-creds: qemu-img reads a dmg over TLS to the bytes of our convert; plain and wrongly trusting clients are refused, the next is served",
+  ignore: skip([...QEMU, "openssl"]),
+  async fn() {
+    await withTemp(async (dir) => {
+      await makeCerts(`${dir}/pki`);
+      await makeCerts(`${dir}/other`, "another CA");
+      await Deno.writeFile(`${dir}/disk.raw`, diskWithHoles());
+      const made = await cli([
+        "convert",
+        "-O",
+        "dmg",
+        "-o",
+        "compression=bzip2",
+        `${dir}/disk.raw`,
+        `${dir}/disk.dmg`,
+      ]);
+      assertEquals(made.code, 0, made.stderr);
+      const ours = await cli([
+        "convert",
+        "-O",
+        "raw",
+        `${dir}/disk.dmg`,
+        `${dir}/ours.raw`,
+      ]);
+      assertEquals(ours.code, 0, ours.stderr);
+      const server = await startNbd([
+        "--tls-creds",
+        `${dir}/pki`,
+        `${dir}/disk.dmg`,
+      ]);
+      const tlsArgs = (pki: string) => [
+        "--object",
+        `tls-creds-x509,id=tls0,dir=${dir}/${pki},endpoint=client`,
+        "--image-opts",
+        `driver=nbd,host=127.0.0.1,port=${server.port},tls-creds=tls0`,
+      ];
+      try {
+        // In the clear: refused, TLS required.
+        const plain = await run("timeout", [
+          "60",
+          "qemu-img",
+          "info",
+          server.url,
+        ], {
+          allowFail: true,
+        });
+        assertTrue(plain.code !== 0, plain.text);
+        assertMatch(plain.stderr, /TLS/);
+        // A client that trusts another CA: the handshake fails.
+        const wrong = await run("timeout", [
+          "60",
+          "qemu-img",
+          "info",
+          ...tlsArgs("other"),
+        ], { allowFail: true });
+        assertTrue(wrong.code !== 0, wrong.text);
+        // Over TLS: the same bytes as our own convert, and the holes.
+        await run("timeout", [
+          "120",
+          "qemu-img",
+          "convert",
+          "-O",
+          "raw",
+          ...tlsArgs("pki"),
+          `${dir}/theirs.raw`,
+        ]);
+        assertEquals(
+          await sha256File(`${dir}/theirs.raw`),
+          await sha256File(`${dir}/ours.raw`),
+        );
+        const map = JSON.parse(
+          (await run("timeout", [
+            "60",
+            "qemu-img",
+            "map",
+            "--output=json",
+            ...tlsArgs("pki"),
+          ])).text,
+        );
+        assertTrue(
+          map.some((r: { zero: boolean; start: number }) =>
+            r.zero && r.start === 3 << 20
+          ),
+          JSON.stringify(map),
+        );
+      } finally {
+        assertEquals((await server.stop()).code, 0, server.log());
+      }
+      assertMatch(server.log(), /switched to TLS/);
+    });
+  },
+});
+
+Deno.test("serve --nbd --tls-creds without the certificate files is an error naming them", async () => {
+  await withTemp(async (dir) => {
+    await Deno.writeFile(`${dir}/d.raw`, new Uint8Array(4096));
+    const r = await cli([
+      "serve",
+      "--nbd",
+      "--port",
+      "0",
+      "--tls-creds",
+      dir,
+      `${dir}/d.raw`,
+    ]);
+    assertEquals(r.code, 1);
+    assertMatch(r.stderr, /server-cert\.pem/);
+  });
+});

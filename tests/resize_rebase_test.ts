@@ -131,9 +131,9 @@ Deno.test("resize refuses formats it cannot resize, by name", async () => {
     ShrinkError,
     /--shrink/,
   );
-  const vhd = memorySink();
-  await (await create("vpc", vhd, { size: MiB })).flush?.();
-  await rejects(() => resizeImage(vhd, 2 * MiB), UnsupportedError, /vpc/);
+  const vmdk = memorySink();
+  await (await create("vmdk", vmdk, { size: MiB })).flush?.();
+  await rejects(() => resizeImage(vmdk, 2 * MiB), UnsupportedError, /vmdk/);
 });
 
 Deno.test(
@@ -236,7 +236,7 @@ Deno.test(
 Deno.test("rebase refuses formats whose backing field it does not write", async () => {
   await withTemp(async (dir) => {
     await Deno.writeFile(`${dir}/b.raw`, new Uint8Array(MiB));
-    const r0 = await cli(["create", "-f", "vpc", `${dir}/v.vhd`, "1M"]);
+    const r0 = await cli(["create", "-f", "vdi", `${dir}/v.vhd`, "1M"]);
     assertEquals(r0.code, 0, r0.stderr);
     const r = await cli(["rebase", "-u", "-b", "b.raw", `${dir}/v.vhd`]);
     assertEquals(r.code, 1);

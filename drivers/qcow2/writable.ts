@@ -59,7 +59,7 @@ const SECTOR = 512;
 const COPIED_HIGH = 0x80000000;
 
 /** What the allocator keeps of the refcount structures. */
-interface Refcounts {
+export interface Refcounts {
   table: Uint8Array;
   tableOffset: number;
   width: number;
@@ -69,16 +69,19 @@ interface Refcounts {
 }
 
 /**
- * Makes the views of `state` writable through `sink` (the same file).
+ * Refuses, with an `UnsupportedError`, an image this driver cannot change
+ * safely: corrupt or dirty (refcounts not to be trusted), with internal
+ * snapshots (shared clusters), an external data file, or opened at a
+ * snapshot.
  *
  * @param state an opened image's state
- * @param sink where its writes go
- * @throws {UnsupportedError} for images this driver cannot write safely
+ * @param what what was asked (`write`, `resize`)
+ * @throws {UnsupportedError} naming the reason
  */
-export async function makeWritable(state: State, sink: Sink): Promise<void> {
+export function refuseUnwritable(state: State, what = "write"): void {
   const h = state.header;
   const refuse = (why: string) => {
-    throw new UnsupportedError({ format: FORMAT }, `cannot write: ${why}`);
+    throw new UnsupportedError({ format: FORMAT }, `cannot ${what}: ${why}`);
   };
   if (h.incompatible & INCOMPAT.corrupt) {
     refuse("the image is marked corrupt (run qemu-img check -r all)");
@@ -93,9 +96,20 @@ export async function makeWritable(state: State, sink: Sink): Promise<void> {
   }
   if (state.hasDataFile) refuse("the image has an external data file");
   if (state.details.snapshot !== undefined) refuse("a snapshot is read-only");
+}
+
+/**
+ * The refcount table of `state`'s image, read, with new clusters to be
+ * allocated at the end of the file.
+ *
+ * @param state an opened image's state
+ * @returns what {@linkcode allocate} and {@linkcode setRefcountOf} keep
+ */
+export async function openRefcounts(state: State): Promise<Refcounts> {
+  const h = state.header;
   const clusterSize = state.clusterSize;
   const tableBytes = h.refcountTableClusters * clusterSize;
-  const refcounts: Refcounts = {
+  return {
     table: (await state.source.read(h.refcountTableOffset, tableBytes)).slice(),
     tableOffset: h.refcountTableOffset,
     width: 2 ** h.refcountOrder,
@@ -103,6 +117,19 @@ export async function makeWritable(state: State, sink: Sink): Promise<void> {
     blocks: new Map(),
     nextFree: alignUp(state.source.size, clusterSize),
   };
+}
+
+/**
+ * Makes the views of `state` writable through `sink` (the same file).
+ *
+ * @param state an opened image's state
+ * @param sink where its writes go
+ * @throws {UnsupportedError} for images this driver cannot write safely
+ */
+export async function makeWritable(state: State, sink: Sink): Promise<void> {
+  refuseUnwritable(state);
+  const h = state.header;
+  const refcounts = await openRefcounts(state);
   const queue: WriteQueue = { writing: Promise.resolve() };
   let headerCleared = h.autoclear === 0n;
   state.writable = (image, cipher) =>
@@ -143,8 +170,8 @@ async function block(
   return b;
 }
 
-/** The refcount of cluster `index`. */
-async function refcountOf(
+/** The refcount of cluster `index` (0 past the table). */
+export async function refcountOf(
   state: State,
   r: Refcounts,
   index: number,
@@ -155,7 +182,7 @@ async function refcountOf(
 }
 
 /** Sets the refcount of cluster `index`, allocating what it needs. */
-async function setRefcountOf(
+export async function setRefcountOf(
   state: State,
   sink: Sink,
   r: Refcounts,
@@ -238,7 +265,7 @@ async function growTable(
 }
 
 /** A new cluster at the end of the file, its refcount one. */
-async function allocate(
+export async function allocate(
   state: State,
   sink: Sink,
   r: Refcounts,
