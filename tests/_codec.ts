@@ -52,7 +52,7 @@ export async function assertJunkIsCodecError(
 }
 
 /**
- * Registers `fn` twice: once with the WebAssembly decoders (where
+ * Registers a test (in any of `Deno.test`'s forms used here) twice: once with the WebAssembly decoders (where
  * WebAssembly runs, else the test is ignored) and once with the
  * TypeScript ones, so that both paths meet the same checks.
  */
@@ -60,11 +60,14 @@ export function bothPaths(
   nameOrTest:
     | string
     | { name: string; ignore?: boolean; fn: () => Promise<void> | void },
+  optionsOrBody?: { ignore?: boolean } | (() => Promise<void> | void),
   body?: () => Promise<void> | void,
 ): void {
-  const test = typeof nameOrTest === "string"
-    ? { name: nameOrTest, ignore: false, fn: body! }
-    : nameOrTest;
+  const test = typeof nameOrTest !== "string"
+    ? nameOrTest
+    : typeof optionsOrBody === "function"
+    ? { name: nameOrTest, ignore: false, fn: optionsOrBody }
+    : { name: nameOrTest, ignore: optionsOrBody?.ignore, fn: body! };
   for (const wasm of [true, false]) {
     Deno.test({
       name: `${test.name} (${wasm ? "WebAssembly" : "TypeScript"})`,

@@ -15,6 +15,7 @@ import {
 import { WASM_COMPILER } from "../drivers/codecs/_wasm_module.ts";
 import * as lz4 from "../drivers/codecs/lz4.ts";
 import * as lzo from "../drivers/codecs/lzo.ts";
+import * as lzfse from "../drivers/codecs/lzfse.ts";
 import * as xz from "../drivers/codecs/xz.ts";
 import { ByteFeed } from "../drivers/codecs/_feed.ts";
 import { CodecError } from "../mod.ts";
@@ -136,6 +137,55 @@ for (
     },
   });
 }
+
+/** What `decode` makes of `input` on one path: its bytes' sum or its error. */
+async function outcome(
+  decode: (input: Uint8Array, size: number) => Promise<Uint8Array>,
+  input: Uint8Array,
+  size: number,
+  wasm: boolean,
+): Promise<string> {
+  const before = useWasm(wasm);
+  try {
+    const out = await decode(input, size);
+    return `${out.length} bytes, sum ${out.reduce((s, b) => s + b, 0)}`;
+  } catch (e) {
+    assertTrue(e instanceof CodecError, String(e));
+    return (e as Error).message;
+  } finally {
+    useWasm(before);
+  }
+}
+
+Deno.test({
+  name:
+    "lzfse: WebAssembly and TypeScript agree on 600 mutations of real FSE and LZVN streams",
+  ignore: !wasmAvailable(),
+  async fn() {
+    const data = realFiles(1 << 20);
+    const next = numbers(14);
+    const streams: [Uint8Array, number][] = [];
+    for (let k = 0; k < 6; k++) {
+      const at = next(data.length - 300_000);
+      // Small pieces are LZVN blocks, larger ones FSE (bvx2) blocks.
+      const plain = data.subarray(at, at + (k < 2 ? 3000 : 200_000));
+      streams.push([await lzfse.encode(plain), plain.length]);
+    }
+    let errors = 0;
+    for (let round = 0; round < 600; round++) {
+      const [packed, size] = streams[round % streams.length];
+      const input = round < streams.length ? packed : mutate(packed, next);
+      const wasm = await outcome(lzfse.decode, input, size, true);
+      assertEquals(
+        wasm,
+        await outcome(lzfse.decode, input, size, false),
+        `round ${round}`,
+      );
+      if (wasm.startsWith("lzfse:")) errors++;
+    }
+    assertTrue(errors > 200, `${errors} errors`);
+  },
+});
 
 /** What decode() and decodeStreaming() make of `input`, on one path. */
 async function xzOutcome(

@@ -1,5 +1,5 @@
 /**
- * The WebAssembly decoders' hot loops (LZMA, LZ4, LZO1X, CRC-64), written in C in
+ * The WebAssembly decoders' hot loops (LZMA, LZ4, LZO1X, LZFSE, CRC-64), written in C in
  * `drivers/codecs/_wasm/` and built by `tools/build_wasm.sh` into
  * `_wasm_module.ts` (base64, so the module loads by URL, in the browser
  * bundle and on Deno Deploy without a fetch or a permission).
@@ -51,6 +51,35 @@ export interface WasmExports {
   lzo_decode(input: number, n: number, out: number, size: number): number;
   crc64_update(low: number, high: number, at: number, n: number): number;
   crc64_high(): number;
+  lzfse_literals(
+    table: number,
+    input: number,
+    start: number,
+    end: number,
+    bits: number,
+    s0: number,
+    s1: number,
+    s2: number,
+    s3: number,
+    count: number,
+    literals: number,
+  ): number;
+  lzfse_lmd(
+    tables: number,
+    input: number,
+    start: number,
+    end: number,
+    bits: number,
+    lState: number,
+    mState: number,
+    dState: number,
+    matches: number,
+    literals: number,
+    literalsAt: number,
+    out: number,
+    dst: number,
+    blockEnd: number,
+  ): number;
 }
 
 /** One instance of the module: its exports and its memory as bytes. */
