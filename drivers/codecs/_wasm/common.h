@@ -5,7 +5,7 @@
  * No libc: the module owns its linear memory and the TypeScript side
  * (drivers/codecs/_wasm.ts) lays it out. Every decoder checks each input
  * read and each output write against the sizes it is given; the only
- * reads or writes past them are the "wild" 8-byte copies of lz.c, which
+ * reads or writes past them are the "wild" 8- and 16-byte copies, which
  * stay inside the SLACK bytes the caller reserves after each region.
  */
 #ifndef VDISK_WASM_COMMON_H
