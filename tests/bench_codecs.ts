@@ -175,7 +175,7 @@ function equal(a: Uint8Array, b: Uint8Array): boolean {
 
 /** A dmg of the sample with `compression` chunks, made by our writer. */
 function dmgOf(compression: string): string {
-  return `${Deno.execPath()} run -A ${ROOT}cli.ts convert -f raw -O dmg -o compression=${compression} -o partitions=whole ${SAMPLE} ${DIR}/sample-${compression}.dmg`;
+  return `${Deno.execPath()} run -A ${ROOT}cli.ts convert -f raw -O dmg -o compression=${compression},partitions=whole ${SAMPLE} ${DIR}/sample-${compression}.dmg`;
 }
 
 interface Codec {
