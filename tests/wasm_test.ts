@@ -10,6 +10,7 @@ import {
   decodeLz,
   releaseWasm,
   useWasm,
+  WASM_COPY_LIMIT,
   wasmAvailable,
 } from "../drivers/codecs/_wasm.ts";
 import { WASM_COMPILER } from "../drivers/codecs/_wasm_module.ts";
@@ -276,6 +277,25 @@ Deno.test({
     const size = wasm.exports.memory.buffer.byteLength;
     // Input, output and a little: not a copy per decode.
     assertTrue(size < packed.length + data.length + (2 << 20), `${size}`);
+    releaseWasm(wasm);
+  },
+});
+
+Deno.test({
+  name:
+    "outputs over WASM_COPY_LIMIT decode in TypeScript, and no instance kept for reuse holds more than the limit",
+  ignore: !wasmAvailable(),
+  async fn() {
+    const size = WASM_COPY_LIMIT + (8 << 20);
+    const big = new Uint8Array(size);
+    big.set(realFiles(1 << 20), 5 << 20);
+    const packedLz4 = lz4.encodeSync(big);
+    assertEquals(await lz4.decode(packedLz4, size), big);
+    const packedLzfse = await lzfse.encode(big);
+    assertEquals(await lzfse.decode(packedLzfse, size), big);
+    const wasm = acquireWasm()!;
+    const memory = wasm.exports.memory.buffer.byteLength;
+    assertTrue(memory <= WASM_COPY_LIMIT + (16 << 20), `${memory}`);
     releaseWasm(wasm);
   },
 });

@@ -29,6 +29,17 @@ export const WASM_SLACK = 32;
 /** The largest linear memory an instance grows to; past it the TypeScript decoders run. */
 export const MAX_WASM_MEMORY = 1 << 30;
 
+/**
+ * The largest output decoded through linear memory and then copied out
+ * (LZ4, LZO1X, LZFSE, whole-buffer xz windows). Past it the TypeScript
+ * decoder writes straight into the output: a copy would hold the output
+ * twice (a 64 MiB dmg chunk on two workers would pass 256 MiB of RSS).
+ */
+export const WASM_COPY_LIMIT = 32 << 20;
+
+/** An instance whose memory grew past this is not kept for reuse (the next large chunk grows a fresh one). */
+const MAX_IDLE_MEMORY = WASM_COPY_LIMIT + (16 << 20);
+
 /** The module's exports (see drivers/codecs/_wasm/*.c). */
 export interface WasmExports {
   memory: WebAssembly.Memory;
@@ -183,7 +194,10 @@ export function acquireWasm(): WasmInstance | undefined {
  * ```
  */
 export function releaseWasm(instance: WasmInstance): void {
-  if (enabled && idle.length < MAX_IDLE) idle.push(instance);
+  if (
+    enabled && idle.length < MAX_IDLE &&
+    instance.exports.memory.buffer.byteLength <= MAX_IDLE_MEMORY
+  ) idle.push(instance);
 }
 
 /**
@@ -247,6 +261,7 @@ export function decodeLz(
   input: Uint8Array,
   out: Uint8Array,
 ): boolean | undefined {
+  if (out.length > WASM_COPY_LIMIT) return undefined;
   const wasm = acquireWasm();
   if (!wasm) return undefined;
   try {

@@ -63,6 +63,7 @@ import { CodecError } from "../../streams/errors.ts";
 import {
   acquireWasm,
   releaseWasm,
+  WASM_COPY_LIMIT,
   WASM_SLACK,
   type WasmInstance,
 } from "./_wasm.ts";
@@ -959,7 +960,7 @@ function decodeStream(input: Uint8Array, expectedSize: number): Uint8Array {
   // In WebAssembly where it runs: the whole output in its memory (matches
   // reach into earlier blocks), the FSE loops in lzfse.c, then one copy
   // out. Any refusal there is decoded again in TypeScript, which names it.
-  const instance = acquireWasm();
+  const instance = expectedSize <= WASM_COPY_LIMIT ? acquireWasm() : undefined;
   if (instance) {
     try {
       const tablesAt = instance.heapBase;

@@ -57,6 +57,7 @@ import {
   acquireWasm,
   MAX_WASM_MEMORY,
   releaseWasm,
+  WASM_COPY_LIMIT,
   WASM_SLACK,
   type WasmInstance,
 } from "./_wasm.ts";
@@ -567,8 +568,13 @@ function decodeLzma2(
 ): number {
   const limit = Math.min(o.out.length - o.length, declared ?? Infinity);
   const keep = Math.min(dictSize, limit);
-  const window = WasmWindow.open(keep, dictSize, limit) ??
-    new ScriptWindow(keep, dictSize, limit, o.out, o.length);
+  // The window is copied out chunk by chunk: on top of the output, so
+  // only while it stays small (see WASM_COPY_LIMIT).
+  const window =
+    (keep <= WASM_COPY_LIMIT
+      ? WasmWindow.open(keep, dictSize, limit)
+      : undefined) ??
+      new ScriptWindow(keep, dictSize, limit, o.out, o.length);
   const copyOut = window.out !== o.out;
   try {
     return decodeChunks(input, pos, end, o, window, copyOut);
