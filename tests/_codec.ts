@@ -1,7 +1,8 @@
-// Samples and checks the LZ codec tests (lz4, lzo) share.
+// Samples and checks the codec tests (lz4, lzo, xz) share.
 import { assertEquals, assertTrue } from "./_asserts.ts";
 import { pseudoRandom } from "./_helpers.ts";
 import { CodecError } from "../mod.ts";
+import { useWasm, wasmAvailable } from "../drivers/codecs/_wasm.ts";
 
 /**
  * The samples every LZ codec packs: empty, one byte, zeros, `random` random
@@ -48,4 +49,76 @@ export async function assertJunkIsCodecError(
       assertTrue(e instanceof CodecError, String(e));
     }
   }
+}
+
+/**
+ * Registers a test (in any of `Deno.test`'s forms used here) twice: once with the WebAssembly decoders (where
+ * WebAssembly runs, else the test is ignored) and once with the
+ * TypeScript ones, so that both paths meet the same checks.
+ */
+export function bothPaths(
+  nameOrTest:
+    | string
+    | { name: string; ignore?: boolean; fn: () => Promise<void> | void },
+  optionsOrBody?: { ignore?: boolean } | (() => Promise<void> | void),
+  body?: () => Promise<void> | void,
+): void {
+  const test = typeof nameOrTest !== "string"
+    ? nameOrTest
+    : typeof optionsOrBody === "function"
+    ? { name: nameOrTest, ignore: false, fn: optionsOrBody }
+    : { name: nameOrTest, ignore: optionsOrBody?.ignore, fn: body! };
+  for (const wasm of [true, false]) {
+    Deno.test({
+      name: `${test.name} (${wasm ? "WebAssembly" : "TypeScript"})`,
+      ignore: test.ignore || (wasm && !wasmAvailable()),
+      async fn() {
+        const before = useWasm(wasm);
+        try {
+          await test.fn();
+        } finally {
+          useWasm(before);
+        }
+      },
+    });
+  }
+}
+
+let realCache: Uint8Array | undefined;
+
+/**
+ * `size` bytes of real files: the regular files under /usr/lib, in sorted
+ * path order, joined (machine code, text, compressed data: what disks
+ * hold). The same bytes every call on one machine.
+ */
+export function realFiles(size: number): Uint8Array {
+  if (realCache && realCache.length >= size) return realCache.slice(0, size);
+  const out = new Uint8Array(size);
+  let filled = 0;
+  const walk = (dir: string) => {
+    let entries: Deno.DirEntry[];
+    try {
+      entries = [...Deno.readDirSync(dir)];
+    } catch {
+      return;
+    }
+    entries.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    for (const e of entries) {
+      if (filled >= size) return;
+      const path = `${dir}/${e.name}`;
+      if (e.isDirectory) walk(path);
+      else if (e.isFile) {
+        try {
+          const bytes = Deno.readFileSync(path);
+          const take = Math.min(bytes.length, size - filled);
+          out.set(bytes.subarray(0, take), filled);
+          filled += take;
+        } catch { /* unreadable: skipped */ }
+      }
+    }
+  };
+  walk("/usr/lib");
+  if (filled < size) throw new Error(`/usr/lib holds only ${filled} bytes`);
+  realCache = out;
+  return out.slice();
 }

@@ -371,6 +371,24 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
           new URL("../cli.ts", import.meta.url).pathname
         } convert -O dmg ${base} OUT`,
       },
+      // The codecs with WebAssembly loops (drivers/codecs/_wasm): LZMA in a
+      // dmg and in cloop 4, LZ4 and LZO1X in cloop 4.
+      {
+        name: "dmg-lzma",
+        format: "dmg",
+        tools: [],
+        cmd: `${Deno.execPath()} run -A ${
+          new URL("../cli.ts", import.meta.url).pathname
+        } convert -O dmg -o compression=lzma ${base} OUT`,
+      },
+      ...["xz", "lz4", "lzo"].map((compression) => ({
+        name: `cloop-${compression}`,
+        format: "cloop",
+        tools: [],
+        cmd: `${Deno.execPath()} run -A ${
+          new URL("../cli.ts", import.meta.url).pathname
+        } convert -O cloop -o version=4,block_size=65536,compression=${compression} ${base} OUT`,
+      })),
     ];
   const disk = new Uint8Array(1 << 20);
   for (let i = 0; i < disk.length; i += 3) disk[i] = (i * 31) & 0xff;

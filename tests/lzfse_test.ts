@@ -10,6 +10,7 @@ import {
   type PlistValue,
 } from "../drivers/dmg/_plist.ts";
 import { CodecError } from "../streams/errors.ts";
+import { bothPaths } from "./_codec.ts";
 import {
   pseudoRandom,
   referenceBytes,
@@ -77,7 +78,7 @@ async function referenceChunks(): Promise<
   return chunks;
 }
 
-Deno.test(
+bothPaths(
   "lzfse decodes the ULFO chunks of an hdiutil image to the reference disk",
   { ignore: skip([], true) },
   async () => {
@@ -137,81 +138,95 @@ function blockKinds(stream: Uint8Array): string[] {
 
 const METHODS = ["lzfse", "lzvn"] as const;
 
-Deno.test("lzfse round-trips empty input, one byte, zeros, random bytes and text", async () => {
-  const text = new TextEncoder().encode(
-    Array.from(
-      { length: 30000 },
-      (_, i) => `line ${(i * 7919) % 1000}: the quick brown fox\n`,
-    ).join(""),
-  );
-  const random = pseudoRandom(200000, 5);
-  const zeros = new Uint8Array(3 << 20);
-  const cases: [string, Uint8Array][] = [
-    ["empty", new Uint8Array(0)],
-    ["one byte", Uint8Array.of(0x42)],
-    ["zeros", zeros],
-    ["random", random],
-    ["text", text],
-  ];
-  for (const method of METHODS) {
-    for (const [name, data] of cases) {
-      const packed = await encode(data, { method });
-      assertBytes(await decode(packed, data.length), data, `${method} ${name}`);
-      // No stored blocks: 7-Zip cannot read them.
-      assert(!blockKinds(packed).includes("bvx-"), `${method} ${name}`);
-    }
-    assertEquals(
-      await encode(new Uint8Array(0), { method }),
-      Uint8Array.of(0x62, 0x76, 0x78, 0x24),
+bothPaths(
+  "lzfse round-trips empty input, one byte, zeros, random bytes and text",
+  async () => {
+    const text = new TextEncoder().encode(
+      Array.from(
+        { length: 30000 },
+        (_, i) => `line ${(i * 7919) % 1000}: the quick brown fox\n`,
+      ).join(""),
     );
-    assert((await encode(text, { method })).length < text.length / 5, method);
-    // Incompressible data grows by at most 2%.
-    const grown = (await encode(random, { method })).length;
-    assert(grown <= random.length * 1.02, `${method}: ${grown}`);
-  }
-  // FSE blocks beat LZVN on long runs and text; small inputs get LZVN.
-  assert((await encode(zeros)).length < 4000);
-  assert(
-    (await encode(text)).length <
-      (await encode(text, { method: "lzvn" })).length,
-  );
-  assertEquals(blockKinds(await encode(text)).slice(0, 1), ["bvx2"]);
-  assertEquals(blockKinds(await encode(text.subarray(0, 4095))), [
-    "bvxn",
-    "bvx$",
-  ]);
-});
-
-Deno.test("lzfse round-trips repeats at distances near each opcode's and the window's limits", async () => {
-  // LZVN: sml_d 1535, med_d 16383, lrg_d 65535, and 65536 past its window;
-  // FSE: 262139 (the largest D) and 262140 past it.
-  const distances = [1, 2, 7, 8, 1535, 1536, 16383, 16384, 65535, 65536];
-  for (const method of METHODS) {
-    const all = method === "lzfse" ? [...distances, 262139, 262140] : distances;
-    for (const distance of all) {
-      const data = new Uint8Array(distance + 5000);
-      data.set(pseudoRandom(distance, distance));
-      for (let i = distance; i < data.length; i++) data[i] = data[i - distance];
-      // Sprinkle a few changes so matches end and restart at every length.
-      for (let i = distance + 3; i < data.length; i += 97) data[i] ^= 0x55;
-      const packed = await encode(data, { method });
-      assertBytes(
-        await decode(packed, data.length),
-        data,
-        `${method} distance ${distance}`,
-      );
-      const reachable = method === "lzfse" ? 262139 : 65535;
-      if (distance <= reachable) {
-        // The repeat was found: it costs far less than its 5000 bytes.
-        const prefix = await encode(data.subarray(0, distance), { method });
-        assert(
-          packed.length < prefix.length + 1500,
-          `${method} distance ${distance}: ${packed.length}`,
+    const random = pseudoRandom(200000, 5);
+    const zeros = new Uint8Array(3 << 20);
+    const cases: [string, Uint8Array][] = [
+      ["empty", new Uint8Array(0)],
+      ["one byte", Uint8Array.of(0x42)],
+      ["zeros", zeros],
+      ["random", random],
+      ["text", text],
+    ];
+    for (const method of METHODS) {
+      for (const [name, data] of cases) {
+        const packed = await encode(data, { method });
+        assertBytes(
+          await decode(packed, data.length),
+          data,
+          `${method} ${name}`,
         );
+        // No stored blocks: 7-Zip cannot read them.
+        assert(!blockKinds(packed).includes("bvx-"), `${method} ${name}`);
+      }
+      assertEquals(
+        await encode(new Uint8Array(0), { method }),
+        Uint8Array.of(0x62, 0x76, 0x78, 0x24),
+      );
+      assert((await encode(text, { method })).length < text.length / 5, method);
+      // Incompressible data grows by at most 2%.
+      const grown = (await encode(random, { method })).length;
+      assert(grown <= random.length * 1.02, `${method}: ${grown}`);
+    }
+    // FSE blocks beat LZVN on long runs and text; small inputs get LZVN.
+    assert((await encode(zeros)).length < 4000);
+    assert(
+      (await encode(text)).length <
+        (await encode(text, { method: "lzvn" })).length,
+    );
+    assertEquals(blockKinds(await encode(text)).slice(0, 1), ["bvx2"]);
+    assertEquals(blockKinds(await encode(text.subarray(0, 4095))), [
+      "bvxn",
+      "bvx$",
+    ]);
+  },
+);
+
+bothPaths(
+  "lzfse round-trips repeats at distances near each opcode's and the window's limits",
+  async () => {
+    // LZVN: sml_d 1535, med_d 16383, lrg_d 65535, and 65536 past its window;
+    // FSE: 262139 (the largest D) and 262140 past it.
+    const distances = [1, 2, 7, 8, 1535, 1536, 16383, 16384, 65535, 65536];
+    for (const method of METHODS) {
+      const all = method === "lzfse"
+        ? [...distances, 262139, 262140]
+        : distances;
+      for (const distance of all) {
+        const data = new Uint8Array(distance + 5000);
+        data.set(pseudoRandom(distance, distance));
+        for (let i = distance; i < data.length; i++) {
+          data[i] = data[i - distance];
+        }
+        // Sprinkle a few changes so matches end and restart at every length.
+        for (let i = distance + 3; i < data.length; i += 97) data[i] ^= 0x55;
+        const packed = await encode(data, { method });
+        assertBytes(
+          await decode(packed, data.length),
+          data,
+          `${method} distance ${distance}`,
+        );
+        const reachable = method === "lzfse" ? 262139 : 65535;
+        if (distance <= reachable) {
+          // The repeat was found: it costs far less than its 5000 bytes.
+          const prefix = await encode(data.subarray(0, distance), { method });
+          assert(
+            packed.length < prefix.length + 1500,
+            `${method} distance ${distance}: ${packed.length}`,
+          );
+        }
       }
     }
-  }
-});
+  },
+);
 
 /** 1 MiB of mixed data: text, zeros, random, repeats and a ramp. */
 function mixedData(size = 1 << 20): Uint8Array {
@@ -227,7 +242,7 @@ function mixedData(size = 1 << 20): Uint8Array {
   return data;
 }
 
-Deno.test("lzfse round-trips 1 MiB of mixed data", async () => {
+bothPaths("lzfse round-trips 1 MiB of mixed data", async () => {
   const data = mixedData();
   const packed = await encode(data);
   assertBytes(await decode(packed, data.length), data, "mixed");
@@ -325,7 +340,7 @@ ${encodeBase64(mish, "\t\t\t\t")}				</data>
   return image;
 }
 
-Deno.test(
+bothPaths(
   "7-Zip extracts dmgs whose ULFO chunks this encoder wrote, FSE and LZVN",
   { ignore: skip(["7zz"]) },
   async () => {
@@ -365,7 +380,7 @@ Deno.test(
 // ---------------------------------------------------------------------------
 // Malformed streams.
 
-Deno.test("lzfse refuses output longer or shorter than declared", async () => {
+bothPaths("lzfse refuses output longer or shorter than declared", async () => {
   const data = new TextEncoder().encode("hello hello hello hello hello");
   const packed = await encode(data);
   await rejects(
@@ -403,46 +418,53 @@ Deno.test("lzfse refuses output longer or shorter than declared", async () => {
   );
 });
 
-Deno.test("lzfse refuses truncated streams and streams without bvx$", async () => {
-  const data = mixedData(200000);
-  const streams = [await encode(data)];
-  const chunks = await referenceChunks();
-  const sizes = [data.length];
-  for (const c of chunks ?? []) {
-    streams.push(c.data);
-    sizes.push(c.size);
-  }
-  for (let s = 0; s < streams.length; s++) {
-    const packed = streams[s];
-    for (
-      const cut of [
-        0,
-        1,
-        3,
-        4,
-        11,
-        12,
-        40,
-        packed.length >> 1,
-        packed.length - 5,
-        packed.length - 4,
-        packed.length - 1,
-      ]
-    ) {
-      await rejects(
-        () => decode(packed.subarray(0, cut), sizes[s]),
-        CodecError,
-      );
+bothPaths(
+  "lzfse refuses truncated streams and streams without bvx$",
+  async () => {
+    const data = mixedData(200000);
+    const streams = [await encode(data)];
+    const chunks = await referenceChunks();
+    const sizes = [data.length];
+    for (const c of chunks ?? []) {
+      streams.push(c.data);
+      sizes.push(c.size);
     }
-  }
-  // A whole stream with its end marker replaced by another block's start.
-  const noEnd = streams[0].slice();
-  noEnd.set([0x62, 0x76, 0x78, 0x2d], noEnd.length - 4); // bvx- with no size
-  await rejects(() => decode(noEnd, data.length), CodecError, /truncated/);
-  await rejects(() => decode(new Uint8Array(0), 0), CodecError, /empty input/);
-});
+    for (let s = 0; s < streams.length; s++) {
+      const packed = streams[s];
+      for (
+        const cut of [
+          0,
+          1,
+          3,
+          4,
+          11,
+          12,
+          40,
+          packed.length >> 1,
+          packed.length - 5,
+          packed.length - 4,
+          packed.length - 1,
+        ]
+      ) {
+        await rejects(
+          () => decode(packed.subarray(0, cut), sizes[s]),
+          CodecError,
+        );
+      }
+    }
+    // A whole stream with its end marker replaced by another block's start.
+    const noEnd = streams[0].slice();
+    noEnd.set([0x62, 0x76, 0x78, 0x2d], noEnd.length - 4); // bvx- with no size
+    await rejects(() => decode(noEnd, data.length), CodecError, /truncated/);
+    await rejects(
+      () => decode(new Uint8Array(0), 0),
+      CodecError,
+      /empty input/,
+    );
+  },
+);
 
-Deno.test("lzfse refuses a poked block magic", async () => {
+bothPaths("lzfse refuses a poked block magic", async () => {
   const packed = await encode(new Uint8Array(5000));
   for (const [at, value] of [[0, 0x61], [3, 0x33], [packed.length - 1, 0x25]]) {
     const bad = packed.slice();
@@ -465,11 +487,14 @@ async function v2Sample(): Promise<{ data: Uint8Array; size: number }> {
   return { data: await encode(data), size: data.length };
 }
 
-Deno.test("lzfse refuses bvx2 headers with wrong frequency tables or fields", async () => {
-  await pokeV2Header(await v2Sample());
-});
+bothPaths(
+  "lzfse refuses bvx2 headers with wrong frequency tables or fields",
+  async () => {
+    await pokeV2Header(await v2Sample());
+  },
+);
 
-Deno.test(
+bothPaths(
   "lzfse refuses hdiutil's bvx2 chunk with wrong frequency tables or fields",
   { ignore: skip([], true) },
   async () => {
@@ -540,58 +565,61 @@ function lzvnStream(raw: number, ops: number[]): Uint8Array {
   return b;
 }
 
-Deno.test("lzfse decodes hand-made LZVN opcodes and refuses bad distances", async () => {
-  // "abc" as a literal, then a match of 6 at distance 3 (sml_d, L=0).
-  const good = lzvnStream(9, [0xe3, 0x61, 0x62, 0x63, 0x18, 0x03]);
-  assertEquals(new TextDecoder().decode(await decode(good, 9)), "abcabcabc");
-  // Distance 4 with only 3 bytes written.
-  await rejects(
-    () => decode(lzvnStream(9, [0xe3, 0x61, 0x62, 0x63, 0x18, 0x04]), 9),
-    CodecError,
-    /distance 4 reaches before the start/,
-  );
-  // Distance 0.
-  await rejects(
-    () => decode(lzvnStream(9, [0xe3, 0x61, 0x62, 0x63, 0x18, 0x00]), 9),
-    CodecError,
-    /distance 0/,
-  );
-  // A match-only opcode before any distance was set.
-  await rejects(
-    () => decode(lzvnStream(3, [0xf3]), 3),
-    CodecError,
-    /distance 0/,
-  );
-  // Undefined opcodes.
-  for (const op of [0x1e, 0x70, 0xd5]) {
+bothPaths(
+  "lzfse decodes hand-made LZVN opcodes and refuses bad distances",
+  async () => {
+    // "abc" as a literal, then a match of 6 at distance 3 (sml_d, L=0).
+    const good = lzvnStream(9, [0xe3, 0x61, 0x62, 0x63, 0x18, 0x03]);
+    assertEquals(new TextDecoder().decode(await decode(good, 9)), "abcabcabc");
+    // Distance 4 with only 3 bytes written.
     await rejects(
-      () => decode(lzvnStream(3, [op, 0, 0, 0]), 3),
+      () => decode(lzvnStream(9, [0xe3, 0x61, 0x62, 0x63, 0x18, 0x04]), 9),
       CodecError,
-      /undefined/,
+      /distance 4 reaches before the start/,
     );
-  }
-  // Bytes left in the payload after end-of-stream, and a block that ends short.
-  const extra = lzvnStream(3, [0xe3, 0x61, 0x62, 0x63]);
-  new DataView(extra.buffer).setUint32(8, 13, true);
-  await rejects(() => decode(extra, 3), CodecError);
-  await rejects(
-    () => decode(lzvnStream(4, [0xe3, 0x61, 0x62, 0x63]), 4),
-    CodecError,
-    /short of n_raw_bytes/,
-  );
-  // A literal writing past n_raw_bytes.
-  await rejects(
-    () => decode(lzvnStream(2, [0xe3, 0x61, 0x62, 0x63]), 3),
-    CodecError,
-    /past n_raw_bytes/,
-  );
-});
+    // Distance 0.
+    await rejects(
+      () => decode(lzvnStream(9, [0xe3, 0x61, 0x62, 0x63, 0x18, 0x00]), 9),
+      CodecError,
+      /distance 0/,
+    );
+    // A match-only opcode before any distance was set.
+    await rejects(
+      () => decode(lzvnStream(3, [0xf3]), 3),
+      CodecError,
+      /distance 0/,
+    );
+    // Undefined opcodes.
+    for (const op of [0x1e, 0x70, 0xd5]) {
+      await rejects(
+        () => decode(lzvnStream(3, [op, 0, 0, 0]), 3),
+        CodecError,
+        /undefined/,
+      );
+    }
+    // Bytes left in the payload after end-of-stream, and a block that ends short.
+    const extra = lzvnStream(3, [0xe3, 0x61, 0x62, 0x63]);
+    new DataView(extra.buffer).setUint32(8, 13, true);
+    await rejects(() => decode(extra, 3), CodecError);
+    await rejects(
+      () => decode(lzvnStream(4, [0xe3, 0x61, 0x62, 0x63]), 4),
+      CodecError,
+      /short of n_raw_bytes/,
+    );
+    // A literal writing past n_raw_bytes.
+    await rejects(
+      () => decode(lzvnStream(2, [0xe3, 0x61, 0x62, 0x63]), 3),
+      CodecError,
+      /past n_raw_bytes/,
+    );
+  },
+);
 
-Deno.test("lzfse refuses bad distances in FSE blocks", async () => {
+bothPaths("lzfse refuses bad distances in FSE blocks", async () => {
   await flipLmd(await v2Sample());
 });
 
-Deno.test("lzfse refuses bad distances in hdiutil's FSE chunk", {
+bothPaths("lzfse refuses bad distances in hdiutil's FSE chunk", {
   ignore: skip([], true),
 }, async () => {
   await flipLmd((await v2Chunk())!);
@@ -621,31 +649,38 @@ async function flipLmd(chunk: { data: Uint8Array; size: number }) {
   assert(good.length === chunk.size);
 }
 
-Deno.test("lzfse decodes stored blocks, and matches reaching into an earlier block", async () => {
-  const hello = new TextEncoder().encode("hello");
-  const stream = new Uint8Array(8 + 5 + 12 + 10 + 4);
-  const v = new DataView(stream.buffer);
-  stream.set([0x62, 0x76, 0x78, 0x2d]); // bvx-
-  v.setUint32(4, 5, true);
-  stream.set(hello, 8);
-  stream.set([0x62, 0x76, 0x78, 0x6e], 13); // bvxn: 5 bytes from 5 back
-  v.setUint32(17, 5, true);
-  v.setUint32(21, 10, true);
-  stream.set([0x10, 0x05, 0x06, 0, 0, 0, 0, 0, 0, 0], 25);
-  stream.set([0x62, 0x76, 0x78, 0x24], 35);
-  assertEquals(
-    new TextDecoder().decode(await decode(stream, 10)),
-    "hellohello",
-  );
-  // The stored block cut short.
-  await rejects(
-    () => decode(stream.subarray(0, 11), 10),
-    CodecError,
-    /truncated/,
-  );
-  // A stored block longer than the declared output.
-  await rejects(() => decode(stream, 4), CodecError, /pass the expected size/);
-});
+bothPaths(
+  "lzfse decodes stored blocks, and matches reaching into an earlier block",
+  async () => {
+    const hello = new TextEncoder().encode("hello");
+    const stream = new Uint8Array(8 + 5 + 12 + 10 + 4);
+    const v = new DataView(stream.buffer);
+    stream.set([0x62, 0x76, 0x78, 0x2d]); // bvx-
+    v.setUint32(4, 5, true);
+    stream.set(hello, 8);
+    stream.set([0x62, 0x76, 0x78, 0x6e], 13); // bvxn: 5 bytes from 5 back
+    v.setUint32(17, 5, true);
+    v.setUint32(21, 10, true);
+    stream.set([0x10, 0x05, 0x06, 0, 0, 0, 0, 0, 0, 0], 25);
+    stream.set([0x62, 0x76, 0x78, 0x24], 35);
+    assertEquals(
+      new TextDecoder().decode(await decode(stream, 10)),
+      "hellohello",
+    );
+    // The stored block cut short.
+    await rejects(
+      () => decode(stream.subarray(0, 11), 10),
+      CodecError,
+      /truncated/,
+    );
+    // A stored block longer than the declared output.
+    await rejects(
+      () => decode(stream, 4),
+      CodecError,
+      /pass the expected size/,
+    );
+  },
+);
 
 /**
  * Rewrites every bvx2 block of a stream as bvx1 (the same payloads after
@@ -718,30 +753,33 @@ function toV1(stream: Uint8Array): Uint8Array {
   return concat(parts);
 }
 
-Deno.test("lzfse decodes bvx1 blocks (uncompressed tables) like the bvx2 blocks they mirror", async () => {
-  // Eight-letter noise: short matches and many literals, so several blocks.
-  const data = pseudoRandom(300000, 21).map((b) => 0x61 + (b & 7));
-  const v2 = await encode(data);
-  const v1 = toV1(v2);
-  assert(blockKinds(v1).filter((k) => k === "bvx1").length >= 2);
-  assertBytes(await decode(v1, data.length), data, "bvx1");
-  const chunk = await v2Chunk();
-  if (chunk) {
-    assertBytes(
-      await decode(toV1(chunk.data), chunk.size),
-      await decode(chunk.data, chunk.size),
-      "hdiutil's chunk as bvx1",
+bothPaths(
+  "lzfse decodes bvx1 blocks (uncompressed tables) like the bvx2 blocks they mirror",
+  async () => {
+    // Eight-letter noise: short matches and many literals, so several blocks.
+    const data = pseudoRandom(300000, 21).map((b) => 0x61 + (b & 7));
+    const v2 = await encode(data);
+    const v1 = toV1(v2);
+    assert(blockKinds(v1).filter((k) => k === "bvx1").length >= 2);
+    assertBytes(await decode(v1, data.length), data, "bvx1");
+    const chunk = await v2Chunk();
+    if (chunk) {
+      assertBytes(
+        await decode(toV1(chunk.data), chunk.size),
+        await decode(chunk.data, chunk.size),
+        "hdiutil's chunk as bvx1",
+      );
+    }
+    // A v1 literal frequency pushed past the table's 1024 states.
+    const bad = v1.slice();
+    new DataView(bad.buffer).setUint16(50 + 2 * 104, 2000, true);
+    await rejects(
+      () => decode(bad, data.length),
+      CodecError,
+      /literal frequencies sum to/,
     );
-  }
-  // A v1 literal frequency pushed past the table's 1024 states.
-  const bad = v1.slice();
-  new DataView(bad.buffer).setUint16(50 + 2 * 104, 2000, true);
-  await rejects(
-    () => decode(bad, data.length),
-    CodecError,
-    /literal frequencies sum to/,
-  );
-});
+  },
+);
 
 /** Damages each sample at random 300 times: a CodecError or the right length, never a crash or a hang. */
 async function damageRandomly(samples: { data: Uint8Array; size: number }[]) {
@@ -766,15 +804,18 @@ async function damageRandomly(samples: { data: Uint8Array; size: number }[]) {
   assert(refused > 0);
 }
 
-Deno.test("lzfse turns randomly damaged streams into CodecErrors or bytes, never a crash or a hang", async () => {
-  const data = mixedData(20000);
-  await damageRandomly([
-    { data: await encode(data), size: data.length },
-    { data: await encode(data, { method: "lzvn" }), size: data.length },
-  ]);
-});
+bothPaths(
+  "lzfse turns randomly damaged streams into CodecErrors or bytes, never a crash or a hang",
+  async () => {
+    const data = mixedData(20000);
+    await damageRandomly([
+      { data: await encode(data), size: data.length },
+      { data: await encode(data, { method: "lzvn" }), size: data.length },
+    ]);
+  },
+);
 
-Deno.test(
+bothPaths(
   "lzfse turns randomly damaged hdiutil chunks into CodecErrors or bytes",
   { ignore: skip([], true) },
   async () => {

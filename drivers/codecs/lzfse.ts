@@ -60,6 +60,13 @@
  */
 
 import { CodecError } from "../../streams/errors.ts";
+import {
+  acquireWasm,
+  releaseWasm,
+  WASM_COPY_LIMIT,
+  WASM_SLACK,
+  type WasmInstance,
+} from "./_wasm.ts";
 import { concat, le32, setLe32 } from "../_binary.ts";
 
 const CODEC = "lzfse";
@@ -212,19 +219,64 @@ interface BlockTables {
   literals: Uint8Array;
 }
 
-function newTables(): BlockTables {
+/**
+ * The tables, in JavaScript memory or (with `wasm`) in the WebAssembly
+ * instance's memory at `wasm.tablesAt`, laid out as lzfse.c reads them:
+ * the literal table, then L, M and D entries and bases, then the literals.
+ */
+function newTables(wasm?: WasmBlocks): BlockTables {
+  if (!wasm) {
+    return {
+      freq: new Uint16Array(FREQ_COUNT),
+      literal: new Int32Array(LITERAL_STATES),
+      lEntry: new Int32Array(L_STATES),
+      lBase: new Int32Array(L_STATES),
+      mEntry: new Int32Array(M_STATES),
+      mBase: new Int32Array(M_STATES),
+      dEntry: new Int32Array(D_STATES),
+      dBase: new Int32Array(D_STATES),
+      literals: new Uint8Array(LITERALS_PER_BLOCK),
+    };
+  }
+  const buffer = wasm.instance.bytes.buffer;
+  let at = wasm.tablesAt;
+  const ints = (count: number) => {
+    const view = new Int32Array(buffer, at, count);
+    at += count * 4;
+    return view;
+  };
   return {
     freq: new Uint16Array(FREQ_COUNT),
-    literal: new Int32Array(LITERAL_STATES),
-    lEntry: new Int32Array(L_STATES),
-    lBase: new Int32Array(L_STATES),
-    mEntry: new Int32Array(M_STATES),
-    mBase: new Int32Array(M_STATES),
-    dEntry: new Int32Array(D_STATES),
-    dBase: new Int32Array(D_STATES),
-    literals: new Uint8Array(LITERALS_PER_BLOCK),
+    literal: ints(LITERAL_STATES),
+    lEntry: ints(L_STATES),
+    lBase: ints(L_STATES),
+    mEntry: ints(M_STATES),
+    mBase: ints(M_STATES),
+    dEntry: ints(D_STATES),
+    dBase: ints(D_STATES),
+    literals: new Uint8Array(buffer, at, LITERALS_PER_BLOCK),
   };
 }
+
+/** Bytes of {@linkcode newTables}' layout in WebAssembly memory. */
+const WASM_TABLES_SIZE =
+  (LITERAL_STATES + 2 * (L_STATES + M_STATES + D_STATES)) * 4 +
+  LITERALS_PER_BLOCK + WASM_SLACK;
+
+/**
+ * A stream decoding in WebAssembly: the tables at `tablesAt`, the input
+ * copied to `inAt`, the output at `outAt` (each followed by
+ * {@linkcode WASM_SLACK} spare bytes for lzfse.c's 8-byte copies).
+ */
+interface WasmBlocks {
+  instance: WasmInstance;
+  tablesAt: number;
+  inAt: number;
+  outAt: number;
+}
+
+/** What lzfse.c answers when a block does not decode (the TypeScript decoder then names why). */
+class WasmRefused extends Error {}
 
 // ---------------------------------------------------------------------------
 // LZFSE blocks (bvx1, bvx2).
@@ -479,6 +531,7 @@ function decodeLzfseBlock(
   dst: number,
   t: BlockTables,
   where: string,
+  wasm?: WasmBlocks,
 ): number {
   const h = readLzfseHeader(input, at, magic, t, where);
   if (h.rawBytes > out.length - dst) {
@@ -502,6 +555,25 @@ function decodeLzfseBlock(
       LITERAL_STATES,
       t.literal,
     );
+    if (wasm) {
+      const w = wasm.instance;
+      const status = w.exports.lzfse_literals(
+        wasm.tablesAt,
+        wasm.inAt,
+        literalStart,
+        lmdStart,
+        h.literalBits,
+        h.literalState[0],
+        h.literalState[1],
+        h.literalState[2],
+        h.literalState[3],
+        literalCount,
+        t.literals.byteOffset,
+      );
+      if (status !== 0) throw new WasmRefused();
+    }
+  }
+  if (literalCount > 0 && !wasm) {
     const table = t.literal;
     let pos = lmdStart;
     let acc = 0;
@@ -584,6 +656,26 @@ function decodeLzfseBlock(
       t.dEntry,
       t.dBase,
     );
+  }
+  if (wasm) {
+    const status = wasm.instance.exports.lzfse_lmd(
+      t.lEntry.byteOffset,
+      wasm.inAt,
+      lmdStart,
+      lmdEnd,
+      h.lmdBits,
+      h.lState,
+      h.mState,
+      h.dState,
+      h.matches,
+      h.literals,
+      t.literals.byteOffset,
+      wasm.outAt,
+      dst,
+      blockEnd,
+    );
+    if (status !== 0) throw new WasmRefused();
+    return lmdEnd;
   }
   const lEntry = t.lEntry;
   const lBase = t.lBase;
@@ -865,12 +957,44 @@ function decodeStream(input: Uint8Array, expectedSize: number): Uint8Array {
   if (!Number.isSafeInteger(expectedSize) || expectedSize < 0) {
     fail(`expected size ${expectedSize} is not a byte count`);
   }
+  // In WebAssembly where it runs: the whole output in its memory (matches
+  // reach into earlier blocks), the FSE loops in lzfse.c, then one copy
+  // out. Any refusal there is decoded again in TypeScript, which names it.
+  const instance = expectedSize <= WASM_COPY_LIMIT ? acquireWasm() : undefined;
+  if (instance) {
+    try {
+      const tablesAt = instance.heapBase;
+      const inAt = tablesAt + WASM_TABLES_SIZE;
+      const outAt = (inAt + input.length + WASM_SLACK + 7) & ~7;
+      if (instance.ensure(outAt + expectedSize + WASM_SLACK)) {
+        const wasm = { instance, tablesAt, inAt, outAt };
+        instance.bytes.set(input, inAt);
+        const out = instance.bytes.subarray(outAt, outAt + expectedSize);
+        decodeBlocks(input, expectedSize, out, wasm);
+        return out.slice();
+      }
+    } catch (e) {
+      if (!(e instanceof CodecError || e instanceof WasmRefused)) throw e;
+    } finally {
+      releaseWasm(instance);
+    }
+  }
   let out: Uint8Array;
   try {
     out = new Uint8Array(expectedSize);
   } catch {
     fail(`expected size ${expectedSize} cannot be allocated`);
   }
+  return decodeBlocks(input, expectedSize, out);
+}
+
+/** Decodes the stream's blocks into `out` (of `expectedSize` bytes). */
+function decodeBlocks(
+  input: Uint8Array,
+  expectedSize: number,
+  out: Uint8Array,
+  wasm?: WasmBlocks,
+): Uint8Array {
   let tables: BlockTables | undefined;
   let dst = 0;
   let at = 0;
@@ -919,8 +1043,17 @@ function decodeStream(input: Uint8Array, expectedSize: number): Uint8Array {
       dst += raw;
       at = start + payload;
     } else if (magic === MAGIC_V1 || magic === MAGIC_V2) {
-      tables ??= newTables();
-      const end = decodeLzfseBlock(input, at, magic, out, dst, tables, where);
+      tables ??= newTables(wasm);
+      const end = decodeLzfseBlock(
+        input,
+        at,
+        magic,
+        out,
+        dst,
+        tables,
+        where,
+        wasm,
+      );
       dst += le32(input, at + 4);
       at = end;
     } else {

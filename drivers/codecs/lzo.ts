@@ -33,6 +33,7 @@
 
 import { CodecError } from "../../streams/errors.ts";
 import { copyLiterals, copyMatch, decodeSized } from "./_lz.ts";
+import { decodeLz } from "./_wasm.ts";
 
 const CODEC = "lzo";
 
@@ -57,6 +58,14 @@ function fail(message: string): never {
  * ```
  */
 export function decodeInto(input: Uint8Array, out: Uint8Array): Uint8Array {
+  // The WebAssembly loop (drivers/codecs/_wasm/lz.c) where it runs; the
+  // TypeScript one below where it does not, and to name an error.
+  if (decodeLz("lzo_decode", input, out)) return out;
+  return decodeScript(input, out);
+}
+
+/** The TypeScript decoder (see {@linkcode decodeInto}). */
+function decodeScript(input: Uint8Array, out: Uint8Array): Uint8Array {
   const n = input.length;
   const size = out.length;
   let i = 0;

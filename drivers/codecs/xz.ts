@@ -53,6 +53,14 @@ import { CodecError } from "../../streams/errors.ts";
 import { concat } from "../_binary.ts";
 import { crc32 } from "./crc32.ts";
 import type { ByteFeed } from "./_feed.ts";
+import {
+  acquireWasm,
+  MAX_WASM_MEMORY,
+  releaseWasm,
+  WASM_COPY_LIMIT,
+  WASM_SLACK,
+  type WasmInstance,
+} from "./_wasm.ts";
 
 const CODEC = "xz";
 
@@ -111,6 +119,29 @@ class Crc64 {
   hi = 0xffffffff;
 
   update(bytes: Uint8Array): void {
+    // In WebAssembly (crc64.c, about 6x this loop) in 1 MiB pieces.
+    const wasm = bytes.length >= 4096 ? acquireWasm() : undefined;
+    if (wasm) {
+      try {
+        const at = wasm.heapBase;
+        if (wasm.ensure(at + (1 << 20))) {
+          for (let from = 0; from < bytes.length; from += 1 << 20) {
+            const piece = bytes.subarray(from, from + (1 << 20));
+            wasm.bytes.set(piece, at);
+            this.lo = wasm.exports.crc64_update(
+              this.lo,
+              this.hi,
+              at,
+              piece.length,
+            ) >>> 0;
+            this.hi = wasm.exports.crc64_high() >>> 0;
+          }
+          return;
+        }
+      } finally {
+        releaseWasm(wasm);
+      }
+    }
     let lo = this.lo;
     let hi = this.hi;
     for (let i = 0; i < bytes.length; i++) {
@@ -523,7 +554,9 @@ interface Output {
 
 /**
  * Decodes the LZMA2 data of one block starting at `pos`, appending to
- * `o`; returns the position after the end-of-data byte.
+ * `o`; returns the position after the end-of-data byte. In WebAssembly,
+ * the block decodes into a window in linear memory and each chunk is
+ * copied out; in TypeScript, straight into `o.out`.
  */
 function decodeLzma2(
   input: Uint8Array,
@@ -531,12 +564,36 @@ function decodeLzma2(
   end: number,
   o: Output,
   dictSize: number,
+  declared: number | undefined,
 ): number {
-  const lzma = new LzmaDecoder();
-  let dictStart = o.length;
+  const limit = Math.min(o.out.length - o.length, declared ?? Infinity);
+  const keep = Math.min(dictSize, limit);
+  // The window is copied out chunk by chunk: on top of the output, so
+  // only while it stays small (see WASM_COPY_LIMIT).
+  const window =
+    (keep <= WASM_COPY_LIMIT
+      ? WasmWindow.open(keep, dictSize, limit)
+      : undefined) ??
+      new ScriptWindow(keep, dictSize, limit, o.out, o.length);
+  const copyOut = window.out !== o.out;
+  try {
+    return decodeChunks(input, pos, end, o, window, copyOut);
+  } finally {
+    window.release();
+  }
+}
+
+/** {@linkcode decodeLzma2}'s chunks, into `window` (and `o.out` when `copyOut`). */
+function decodeChunks(
+  input: Uint8Array,
+  pos: number,
+  end: number,
+  o: Output,
+  window: Window,
+  copyOut: boolean,
+): number {
   let needDictReset = true;
   let needProperties = true;
-  void dictSize;
   for (;;) {
     if (pos >= end) fail("LZMA2 data ends without its end byte");
     const control = input[pos++];
@@ -544,7 +601,7 @@ function decodeLzma2(
     if (control >= 0xe0 || control === 1) {
       needProperties = true;
       needDictReset = false;
-      dictStart = o.length;
+      window.dictStart = window.length;
     } else if (needDictReset) {
       fail(
         `LZMA2 chunk control 0x${
@@ -552,39 +609,48 @@ function decodeLzma2(
         } must reset the dictionary first`,
       );
     }
+    let unpacked: number;
     if (control < 0x80) {
       if (control > 2) {
         fail(`LZMA2 control byte 0x${control.toString(16)} is invalid`);
       }
       if (pos + 2 > end) fail("LZMA2 chunk header truncated");
-      const size = ((input[pos] << 8) | input[pos + 1]) + 1;
+      unpacked = ((input[pos] << 8) | input[pos + 1]) + 1;
       pos += 2;
-      if (pos + size > end) fail("stored LZMA2 chunk truncated");
-      if (o.length + size > o.out.length) tooLong(o.out.length);
-      o.out.set(input.subarray(pos, pos + size), o.length);
-      o.length += size;
-      pos += size;
-      continue;
+      if (pos + unpacked > end) fail("stored LZMA2 chunk truncated");
+      if (o.length + unpacked > o.out.length) tooLong(o.out.length);
+      window.room(unpacked);
+      window.out.set(input.subarray(pos, pos + unpacked), window.length);
+      pos += unpacked;
+    } else {
+      if (pos + 4 > end) fail("LZMA2 chunk header truncated");
+      unpacked = ((control & 0x1f) << 16) +
+        ((input[pos] << 8) | input[pos + 1]) + 1;
+      const packed = ((input[pos + 2] << 8) | input[pos + 3]) + 1;
+      pos += 4;
+      const reset = (control >>> 5) & 3;
+      if (reset >= 2) {
+        if (pos >= end) fail("LZMA2 chunk header truncated");
+        window.properties(parseProperties(input[pos++]));
+        needProperties = false;
+      } else if (needProperties) {
+        fail("the first LZMA2 chunk must carry properties");
+      }
+      if (reset >= 1) window.resetState();
+      if (pos + packed > end) fail("LZMA2 chunk truncated");
+      if (o.length + unpacked > o.out.length) tooLong(o.out.length);
+      window.room(unpacked);
+      window.lzma(input, pos, packed, unpacked);
+      pos += packed;
     }
-    if (pos + 4 > end) fail("LZMA2 chunk header truncated");
-    const unpacked = ((control & 0x1f) << 16) +
-      ((input[pos] << 8) | input[pos + 1]) + 1;
-    const packed = ((input[pos + 2] << 8) | input[pos + 3]) + 1;
-    pos += 4;
-    const reset = (control >>> 5) & 3;
-    if (reset >= 2) {
-      if (pos >= end) fail("LZMA2 chunk header truncated");
-      lzma.props = parseProperties(input[pos++]);
-      needProperties = false;
-    } else if (needProperties) {
-      fail("the first LZMA2 chunk must carry properties");
+    if (copyOut) {
+      o.out.set(
+        window.out.subarray(window.length, window.length + unpacked),
+        o.length,
+      );
     }
-    if (reset >= 1) lzma.resetState();
-    if (pos + packed > end) fail("LZMA2 chunk truncated");
-    if (o.length + unpacked > o.out.length) tooLong(o.out.length);
-    lzma.chunk(input, pos, packed, o.out, o.length, unpacked, dictStart);
+    window.length += unpacked;
     o.length += unpacked;
-    pos += packed;
   }
 }
 
@@ -780,7 +846,7 @@ async function decodeStream(
     const dataLimit = compressedSize === undefined
       ? n
       : Math.min(n, dataStart + compressedSize);
-    pos = decodeLzma2(input, pos, dataLimit, o, dictSize);
+    pos = decodeLzma2(input, pos, dataLimit, o, dictSize, uncompressedSize);
     const packed = pos - dataStart;
     const produced = o.length - outStart;
     if (compressedSize !== undefined && packed !== compressedSize) {
@@ -952,35 +1018,69 @@ async function newCheck(type: number): Promise<Check | undefined> {
 }
 
 /**
- * The output of one block as a sliding window: LZMA matches reach back at
- * most the dictionary size, so only that much history is kept, and the
- * buffer grows only as far as the block's output needs.
+ * The output of one block as a sliding window, with the block's LZMA
+ * state: LZMA matches reach back at most the dictionary size, so only that
+ * much history is kept, and the buffer grows only as far as the block's
+ * output needs. {@linkcode ScriptWindow} keeps it in a Uint8Array and
+ * decodes with {@linkcode LzmaDecoder}; {@linkcode WasmWindow} keeps it in
+ * WebAssembly linear memory and decodes with drivers/codecs/_wasm/lzma.c.
  */
-class Window {
-  out = new Uint8Array(0);
+abstract class Window {
   length = 0;
   /** Where the dictionary was last reset, in `out` (negative once that has slid out). */
   dictStart = 0;
   /** Bytes before `out[0]`, for the block's total. */
   dropped = 0;
 
-  constructor(readonly dictSize: number) {}
+  /**
+   * @param keepSize the history kept when sliding (the dictionary, or less when the block is smaller)
+   * @param maxDistance no match reaches this far back (the block's dictionary size)
+   * @param limit the most bytes the block may decode to
+   */
+  constructor(
+    readonly keepSize: number,
+    readonly maxDistance: number,
+    readonly limit: number,
+  ) {}
+
+  /** The window's bytes (a new view after {@linkcode room}). */
+  abstract readonly out: Uint8Array;
+  /** Sets lc, lp and pb. */
+  abstract properties(props: Properties): void;
+  /** Resets the LZMA state and probabilities. */
+  abstract resetState(): void;
+  /**
+   * Decodes the LZMA chunk of `packed` bytes at `input[pos]` to `unpacked`
+   * bytes at `out[length]` (the caller made room, and advances `length`).
+   */
+  abstract lzma(
+    input: Uint8Array,
+    pos: number,
+    packed: number,
+    unpacked: number,
+  ): void;
+  /** Ends the block (gives back what the window holds). */
+  release(): void {}
+  /** Replaces the buffer by one of `capacity` bytes holding the same `length` bytes. */
+  protected abstract grow(capacity: number): void;
 
   /** Room for `n` more bytes, sliding or growing the window as needed. */
   room(n: number): void {
-    if (this.length + n <= this.out.length) return;
-    const keep = Math.min(this.dictSize, this.length);
-    const want = keep + Math.max(n, CHUNK_UNPACKED_MAX * 4);
-    if (this.out.length < want && this.out.length < this.dictSize + n) {
-      // Grow (doubling) towards dictionary + chunk; small blocks stay small.
-      const grown = new Uint8Array(
+    const capacity = this.out.length;
+    if (this.length + n <= capacity) return;
+    const keep = Math.min(this.keepSize, this.length);
+    const headroom = Math.max(n, CHUNK_UNPACKED_MAX * 4);
+    const want = keep + headroom;
+    if (capacity < want && capacity < this.keepSize + n) {
+      // Grow (doubling) towards dictionary + chunk; small blocks stay small,
+      // and no block's window outgrows what the block can still produce.
+      this.grow(
         Math.min(
-          Math.max(want, this.out.length * 2),
-          this.dictSize + Math.max(n, CHUNK_UNPACKED_MAX * 4),
+          Math.max(want, capacity * 2),
+          this.keepSize + headroom,
+          Math.max(this.limit - this.dropped, this.length + n),
         ),
       );
-      grown.set(this.out.subarray(0, this.length));
-      this.out = grown;
       if (this.length + n <= this.out.length) return;
     }
     const drop = this.length - keep;
@@ -989,6 +1089,184 @@ class Window {
     this.dictStart -= drop;
     this.dropped += drop;
   }
+}
+
+/** A {@linkcode Window} in a Uint8Array, decoded by {@linkcode LzmaDecoder}. */
+class ScriptWindow extends Window {
+  out: Uint8Array;
+  #lzma = new LzmaDecoder();
+
+  /**
+   * `buffer`, when given, is the whole output with `length` bytes already
+   * in it: the block decodes straight into it, and `limit` must fit.
+   */
+  constructor(
+    keepSize: number,
+    maxDistance: number,
+    limit: number,
+    buffer: Uint8Array = new Uint8Array(0),
+    length = 0,
+  ) {
+    super(keepSize, maxDistance, limit);
+    this.out = buffer;
+    this.length = this.dictStart = length;
+    this.#lzma.dictSize = maxDistance;
+  }
+
+  properties(props: Properties): void {
+    this.#lzma.props = props;
+  }
+
+  resetState(): void {
+    this.#lzma.resetState();
+  }
+
+  lzma(input: Uint8Array, pos: number, packed: number, unpacked: number) {
+    this.#lzma.chunk(
+      input,
+      pos,
+      packed,
+      this.out,
+      this.length,
+      unpacked,
+      this.dictStart,
+    );
+  }
+
+  protected grow(capacity: number): void {
+    const grown = new Uint8Array(capacity);
+    grown.set(this.out.subarray(0, this.length));
+    this.out = grown;
+  }
+}
+
+/** lzma.c's answers but 0, by number. */
+const WASM_LZMA_ERRORS = [
+  "",
+  "LZMA chunk data ends early",
+  "distance reaches before the dictionary",
+  "a match runs past the chunk's unpacked size",
+  "end marker inside an LZMA2 chunk",
+  "LZMA chunk does not end where its packed size says",
+  "LZMA chunk does not start a range coder",
+];
+
+/** The most packed bytes of one LZMA2 chunk. */
+const CHUNK_PACKED_LIMIT = 1 << 16;
+
+/**
+ * A {@linkcode Window} in WebAssembly linear memory, decoded by lzma.c
+ * (about twice the TypeScript decoder's speed: see the README's Codecs
+ * section). Linear memory holds, from the instance's heap base: the LZMA
+ * state (probabilities, distances), one chunk's packed bytes (copied in
+ * per chunk, at most 64 KiB), then the window; each region has
+ * {@linkcode WASM_SLACK} spare bytes after it for the C code's 8-byte
+ * copies. The window is last, so growing it is growing the memory.
+ */
+class WasmWindow extends Window {
+  #wasm: WasmInstance;
+  #state: number;
+  #inAt: number;
+  #at: number;
+  #capacity = 0;
+
+  private constructor(
+    wasm: WasmInstance,
+    keepSize: number,
+    maxDistance: number,
+    limit: number,
+  ) {
+    super(keepSize, maxDistance, limit);
+    this.#wasm = wasm;
+    this.#state = wasm.heapBase;
+    this.#inAt = align8(this.#state + wasm.exports.lzma_state_size());
+    this.#at = align8(this.#inAt + CHUNK_PACKED_LIMIT + WASM_SLACK);
+  }
+
+  /**
+   * A window in WebAssembly, or undefined where it cannot run or its
+   * largest size would not fit in {@linkcode MAX_WASM_MEMORY}.
+   */
+  static open(
+    keepSize: number,
+    maxDistance: number,
+    limit: number,
+  ): WasmWindow | undefined {
+    if (keepSize + CHUNK_UNPACKED_MAX * 4 + (1 << 20) > MAX_WASM_MEMORY) {
+      return undefined;
+    }
+    const wasm = acquireWasm();
+    if (!wasm) return undefined;
+    const window = new WasmWindow(wasm, keepSize, maxDistance, limit);
+    if (!wasm.ensure(window.#at + WASM_SLACK)) {
+      releaseWasm(wasm);
+      return undefined;
+    }
+    return window;
+  }
+
+  get out(): Uint8Array {
+    return this.#wasm.bytes.subarray(this.#at, this.#at + this.#capacity);
+  }
+
+  properties(props: Properties): void {
+    this.#wasm.exports.lzma_set_props(
+      this.#state,
+      props.lc,
+      props.lp,
+      props.pb,
+    );
+  }
+
+  resetState(): void {
+    this.#wasm.exports.lzma_reset(this.#state);
+  }
+
+  lzma(input: Uint8Array, pos: number, packed: number, unpacked: number) {
+    if (packed > CHUNK_PACKED_LIMIT) fail("LZMA2 chunk over 64 KiB packed");
+    const wasm = this.#wasm;
+    wasm.bytes.set(input.subarray(pos, pos + packed), this.#inAt);
+    const status = wasm.exports.lzma_chunk(
+      this.#state,
+      this.#inAt,
+      packed,
+      this.#at,
+      this.length,
+      unpacked,
+      Math.max(this.dictStart, 0),
+      -this.dictStart | 0,
+      this.maxDistance >>> 0,
+    );
+    if (status !== 0) fail(WASM_LZMA_ERRORS[status] ?? `lzma.c ${status}`);
+  }
+
+  override release(): void {
+    releaseWasm(this.#wasm);
+  }
+
+  protected grow(capacity: number): void {
+    if (!this.#wasm.ensure(this.#at + capacity + WASM_SLACK)) {
+      throw new RangeError(`${capacity} bytes of LZMA window do not fit`);
+    }
+    this.#capacity = capacity;
+  }
+}
+
+function align8(n: number): number {
+  return (n + 7) & ~7;
+}
+
+/**
+ * A window for one block: in WebAssembly where it runs, else in
+ * TypeScript (see {@linkcode Window}'s parameters).
+ */
+function openWindow(
+  keepSize: number,
+  maxDistance: number,
+  limit: number,
+): Window {
+  return WasmWindow.open(keepSize, maxDistance, limit) ??
+    new ScriptWindow(keepSize, maxDistance, limit);
 }
 
 async function feedCrc(feed: ByteFeed, bytes: Uint8Array, what: string) {
@@ -1063,17 +1341,15 @@ export async function* decodeStreaming(
       feed.skip(headerSize);
       const dataStart = feed.consumed;
       const check = await newCheck(checkType);
-      const lzma = new LzmaDecoder();
-      const window = new Window(
-        header.uncompressedSize === undefined
-          ? header.dictSize
-          : Math.min(header.dictSize, header.uncompressedSize),
+      const limit = header.uncompressedSize ?? Infinity;
+      const window = openWindow(
+        Math.min(header.dictSize, limit),
+        header.dictSize,
+        limit,
       );
-      lzma.dictSize = header.dictSize;
       let needDictReset = true;
       let needProperties = true;
       let emitted = 0; // window offset of the first byte not yet yielded
-      const limit = header.uncompressedSize ?? Infinity;
       for (;;) {
         if ((await feed.ensure(6)) < 1) {
           fail(`${at}: LZMA2 data ends without its end byte`);
@@ -1142,22 +1418,14 @@ export async function* decodeStreaming(
         } else {
           const reset = (control >>> 5) & 3;
           if (reset >= 2) {
-            lzma.props = parseProperties(input[pos++]);
+            window.properties(parseProperties(input[pos++]));
             needProperties = false;
           } else if (needProperties) {
             fail(`${at}: the first LZMA2 chunk must carry properties`);
           }
-          if (reset >= 1) lzma.resetState();
+          if (reset >= 1) window.resetState();
           try {
-            lzma.chunk(
-              input,
-              pos,
-              packed,
-              window.out,
-              window.length,
-              unpacked,
-              window.dictStart,
-            );
+            window.lzma(input, pos, packed, unpacked);
           } catch (e) {
             if (e instanceof CodecError) {
               fail(`${at}: ${e.message.slice(CODEC.length + 2)}`);
@@ -1174,7 +1442,9 @@ export async function* decodeStreaming(
           yield piece;
         }
       }
-      const last = window.out.subarray(emitted, window.length);
+      // Copied: the window's memory goes back to be reused.
+      const last = window.out.slice(emitted, window.length);
+      window.release();
       check?.update(last);
       const packedSize = feed.consumed - dataStart;
       const produced = window.dropped + window.length;

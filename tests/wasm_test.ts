@@ -1,0 +1,301 @@
+// The WebAssembly decoders (drivers/codecs/_wasm/*.c, loaded by _wasm.ts):
+// the committed module is what tools/build_wasm.sh builds, and on every
+// mutation of real compressed data they answer what the TypeScript
+// decoders answer (the same bytes, or an error where TypeScript has one).
+import { assertEquals, assertTrue } from "./_asserts.ts";
+import { have, pseudoRandom, ROOT, run, withTemp } from "./_helpers.ts";
+import { realFiles } from "./_codec.ts";
+import {
+  acquireWasm,
+  decodeLz,
+  releaseWasm,
+  useWasm,
+  WASM_COPY_LIMIT,
+  wasmAvailable,
+} from "../drivers/codecs/_wasm.ts";
+import { WASM_COMPILER } from "../drivers/codecs/_wasm_module.ts";
+import * as lz4 from "../drivers/codecs/lz4.ts";
+import * as lzo from "../drivers/codecs/lzo.ts";
+import * as lzfse from "../drivers/codecs/lzfse.ts";
+import * as xz from "../drivers/codecs/xz.ts";
+import { ByteFeed } from "../drivers/codecs/_feed.ts";
+import { CodecError } from "../mod.ts";
+
+/** The local clang's version line, or undefined without clang. */
+function clangVersion(): string | undefined {
+  if (!have("clang") || !have("wasm-ld")) return undefined;
+  const out = new Deno.Command("clang", { args: ["--version"] }).outputSync();
+  return new TextDecoder().decode(out.stdout).split("\n")[0];
+}
+
+// Not skip(): CI does not install clang (the module is committed, and CI
+// sets VDISK_REQUIRE_TOOLS, which turns a skip into a failure), so this
+// check runs only where the same clang that built the module is present.
+Deno.test({
+  name: "the committed WebAssembly module is what tools/build_wasm.sh builds",
+  ignore: clangVersion() !== WASM_COMPILER,
+  async fn() {
+    await withTemp(async (dir) => {
+      await run("sh", [`${ROOT}tools/build_wasm.sh`, `${dir}/module.ts`]);
+      const built = await Deno.readTextFile(`${dir}/module.ts`);
+      const committed = await Deno.readTextFile(
+        `${ROOT}drivers/codecs/_wasm_module.ts`,
+      );
+      // deno fmt may re-wrap the committed file; the base64 must match.
+      const base64 = (s: string) => s.match(/"([A-Za-z0-9+/=]{100,})"/)![1];
+      assertEquals(base64(built), base64(committed));
+    });
+  },
+});
+
+/** xorshift32 numbers for the mutations. */
+function numbers(seed: number) {
+  let x = seed;
+  return (below: number) => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) % below;
+  };
+}
+
+/** `bytes` with a few bytes changed, cut short, or junk added (by `pick`). */
+function mutate(bytes: Uint8Array, next: (below: number) => number) {
+  const kind = next(4);
+  if (kind === 0) return bytes.subarray(0, next(bytes.length + 1));
+  if (kind === 1) {
+    const junk = pseudoRandom(1 + next(40), 1 + next(1000));
+    const out = new Uint8Array(bytes.length + junk.length);
+    out.set(bytes);
+    out.set(junk, bytes.length);
+    return out;
+  }
+  const out = bytes.slice();
+  for (let k = 1 + next(kind === 2 ? 2 : 8); k > 0; k--) {
+    out[next(out.length)] = next(256);
+  }
+  return out;
+}
+
+/** What the TypeScript decoder makes of `input`: its bytes or its error message. */
+function scriptOutcome(
+  decodeInto: (input: Uint8Array, out: Uint8Array) => Uint8Array,
+  input: Uint8Array,
+  size: number,
+): Uint8Array | string {
+  const before = useWasm(false);
+  try {
+    return decodeInto(input, new Uint8Array(size)).slice();
+  } catch (e) {
+    assertTrue(e instanceof CodecError, String(e));
+    return (e as Error).message;
+  } finally {
+    useWasm(before);
+  }
+}
+
+for (
+  const [name, codec, fn] of [
+    ["lz4", lz4, "lz4_decode"],
+    ["lzo", lzo, "lzo_decode"],
+  ] as const
+) {
+  Deno.test({
+    name:
+      `${name}: WebAssembly and TypeScript agree on 1,500 mutations of real blocks`,
+    ignore: !wasmAvailable(),
+    fn() {
+      const data = realFiles(1 << 20);
+      const next = numbers(name === "lz4" ? 11 : 12);
+      const blocks: [Uint8Array, Uint8Array][] = [];
+      for (let k = 0; k < 24; k++) {
+        const at = next(data.length - 70_000);
+        const plain = data.subarray(at, at + 1 + next(65_536));
+        blocks.push([plain, codec.encodeSync(plain)]);
+      }
+      let failures = 0;
+      for (let round = 0; round < 1500; round++) {
+        const [plain, packed] = blocks[round % blocks.length];
+        const input = round % 10 === 0 ? packed : mutate(packed, next);
+        const size = round % 7 === 0 ? next(plain.length * 2) : plain.length;
+        const expected = scriptOutcome(codec.decodeInto, input, size);
+        const out = new Uint8Array(size);
+        const ok = decodeLz(fn, input, out);
+        if (typeof expected === "string") {
+          failures++;
+          assertEquals(
+            ok,
+            false,
+            `round ${round}: TypeScript says ${expected}`,
+          );
+        } else {
+          assertEquals(ok, true, `round ${round}: WebAssembly refused`);
+          assertEquals(out, expected, `round ${round}`);
+        }
+      }
+      // The mutations reach the error paths, not just the happy one.
+      assertTrue(failures > 500, `${failures} failures`);
+    },
+  });
+}
+
+/** What `decode` makes of `input` on one path: its bytes' sum or its error. */
+async function outcome(
+  decode: (input: Uint8Array, size: number) => Promise<Uint8Array>,
+  input: Uint8Array,
+  size: number,
+  wasm: boolean,
+): Promise<string> {
+  const before = useWasm(wasm);
+  try {
+    const out = await decode(input, size);
+    return `${out.length} bytes, sum ${out.reduce((s, b) => s + b, 0)}`;
+  } catch (e) {
+    assertTrue(e instanceof CodecError, String(e));
+    return (e as Error).message;
+  } finally {
+    useWasm(before);
+  }
+}
+
+Deno.test({
+  name:
+    "lzfse: WebAssembly and TypeScript agree on 600 mutations of real FSE and LZVN streams",
+  ignore: !wasmAvailable(),
+  async fn() {
+    const data = realFiles(1 << 20);
+    const next = numbers(14);
+    const streams: [Uint8Array, number][] = [];
+    for (let k = 0; k < 6; k++) {
+      const at = next(data.length - 300_000);
+      // Small pieces are LZVN blocks, larger ones FSE (bvx2) blocks.
+      const plain = data.subarray(at, at + (k < 2 ? 3000 : 200_000));
+      streams.push([await lzfse.encode(plain), plain.length]);
+    }
+    let errors = 0;
+    for (let round = 0; round < 600; round++) {
+      const [packed, size] = streams[round % streams.length];
+      const input = round < streams.length ? packed : mutate(packed, next);
+      const wasm = await outcome(lzfse.decode, input, size, true);
+      assertEquals(
+        wasm,
+        await outcome(lzfse.decode, input, size, false),
+        `round ${round}`,
+      );
+      if (wasm.startsWith("lzfse:")) errors++;
+    }
+    assertTrue(errors > 200, `${errors} errors`);
+  },
+});
+
+/** What decode() and decodeStreaming() make of `input`, on one path. */
+async function xzOutcome(
+  input: Uint8Array,
+  size: number,
+  wasm: boolean,
+): Promise<[string, string]> {
+  const before = useWasm(wasm);
+  try {
+    let whole: string;
+    try {
+      const out = await xz.decode(input, size);
+      whole = `${out.length} bytes, sum ${out.reduce((s, b) => s + b, 0)}`;
+    } catch (e) {
+      assertTrue(e instanceof CodecError, String(e));
+      whole = (e as Error).message;
+    }
+    let streamed: string;
+    let total = 0;
+    let sum = 0;
+    try {
+      let packed: Uint8Array | null = input;
+      const feed = new ByteFeed(() =>
+        Promise.resolve([packed, packed = null][0])
+      );
+      for await (const piece of xz.decodeStreaming(feed)) {
+        total += piece.length;
+        sum = piece.reduce((s, b) => s + b, sum);
+      }
+      streamed = `${total} bytes, sum ${sum}`;
+    } catch (e) {
+      assertTrue(e instanceof CodecError, String(e));
+      streamed = (e as Error).message;
+    }
+    return [whole, streamed];
+  } finally {
+    useWasm(before);
+  }
+}
+
+Deno.test({
+  name:
+    "xz: WebAssembly and TypeScript agree on 200 mutations of real streams, whole and streamed",
+  ignore: !wasmAvailable() || !have("xz"),
+  async fn() {
+    const data = realFiles(1 << 20);
+    const streams: [Uint8Array, number][] = [];
+    for (
+      const args of [
+        ["-6"],
+        ["-0", "--check=none"],
+        ["--lzma2=preset=1,lc=0,lp=2,pb=0", "--check=none"],
+        ["--lzma2=preset=6,lc=4,pb=4", "--check=crc32"],
+        ["--lzma2=preset=2,dict=4KiB", "--check=none"],
+      ]
+    ) {
+      const plain = data.subarray(
+        streams.length << 17,
+        (streams.length + 1) << 17,
+      );
+      const r = await run("xz", ["-c", "-T1", ...args], { stdin: plain });
+      streams.push([r.stdout, plain.length]);
+    }
+    const next = numbers(13);
+    let errors = 0;
+    for (let round = 0; round < 200; round++) {
+      const [packed, size] = streams[round % streams.length];
+      const input = round < streams.length ? packed : mutate(packed, next);
+      const wasm = await xzOutcome(input, size, true);
+      const script = await xzOutcome(input, size, false);
+      assertEquals(wasm, script, `round ${round}`);
+      if (wasm[0].startsWith("xz:")) errors++;
+    }
+    assertTrue(errors > 100, `${errors} errors`);
+  },
+});
+
+Deno.test({
+  name: "WebAssembly instances are reused, their memory grown only as needed",
+  ignore: !wasmAvailable(),
+  async fn() {
+    const data = realFiles(1 << 20);
+    const packed = lz4.encodeSync(data);
+    for (let i = 0; i < 3; i++) {
+      assertEquals(await lz4.decode(packed, data.length), data);
+    }
+    const wasm = acquireWasm()!;
+    const size = wasm.exports.memory.buffer.byteLength;
+    // Input, output and a little: not a copy per decode.
+    assertTrue(size < packed.length + data.length + (2 << 20), `${size}`);
+    releaseWasm(wasm);
+  },
+});
+
+Deno.test({
+  name:
+    "outputs over WASM_COPY_LIMIT decode in TypeScript, and no instance kept for reuse holds more than the limit",
+  ignore: !wasmAvailable(),
+  async fn() {
+    const size = WASM_COPY_LIMIT + (8 << 20);
+    const big = new Uint8Array(size);
+    big.set(realFiles(1 << 20), 5 << 20);
+    const packedLz4 = lz4.encodeSync(big);
+    assertEquals(await lz4.decode(packedLz4, size), big);
+    const packedLzfse = await lzfse.encode(big);
+    assertEquals(await lzfse.decode(packedLzfse, size), big);
+    const wasm = acquireWasm()!;
+    const memory = wasm.exports.memory.buffer.byteLength;
+    assertTrue(memory <= WASM_COPY_LIMIT + (16 << 20), `${memory}`);
+    releaseWasm(wasm);
+  },
+});
