@@ -132,8 +132,19 @@ function parseFlags(
   const values: Invocation["values"] = {};
   const positionals: string[] = [];
   const set = (name: string, value: string | boolean) => {
+    const was = values[name];
     if (flags[name].multiple) {
       ((values[name] ??= []) as (string | boolean)[]).push(value);
+    } else if (name === "options" && typeof was === "string") {
+      // `-o a=1 -o b=2` is `-o a=1,b=2`, as qemu-img accumulates them.
+      values[name] = `${was},${value}`;
+    } else if (was !== undefined && was !== value) {
+      // Keeping only the last value would silently drop the first.
+      throw new UsageError(
+        `option '--${name}' given twice (${JSON.stringify(was)} and ${
+          JSON.stringify(value)
+        }): give it once`,
+      );
     } else values[name] = value;
   };
   const shortName = (letter: string) =>

@@ -359,3 +359,45 @@ console.log(image.format, sink.bytes().length, r.sha256);
     );
   });
 });
+
+Deno.test({
+  name:
+    "repeated flags: -o values accumulate as qemu-img's do, a one-value flag given twice with two values is a usage error",
+  ignore: skip(["qemu-img"]),
+  async fn() {
+    await withTemp(async (dir) => {
+      const input = await sparseRaw(dir);
+      const out = `${dir}/out.qcow2`;
+      const r = await cli([
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-o",
+        "compat=0.10",
+        input,
+        out,
+      ]);
+      assertEquals(r.code, 0, r.stderr);
+      const info = JSON.parse(
+        (await run("qemu-img", ["info", "--output=json", out])).text,
+      );
+      assertEquals(info["cluster-size"], 4096);
+      assertEquals(info["format-specific"].data.compat, "0.10");
+      const twice = await cli([
+        "convert",
+        "-f",
+        "raw",
+        "--format=qcow2",
+        input,
+        `${dir}/x.raw`,
+      ]);
+      assertEquals(twice.code, 2);
+      assertMatch(twice.stderr, /'--format' given twice \("raw" and "qcow2"\)/);
+      // The same value twice says the same thing once: accepted.
+      const same = await cli(["info", "-f", "raw", "-f", "raw", input]);
+      assertEquals(same.code, 0, same.stderr);
+    });
+  },
+});
