@@ -1318,9 +1318,9 @@ const commands: Record<string, Command> = {
   },
 
   check: {
-    usage: "check [-f FMT] [--output=human|json] [-r leaks] IMAGE",
+    usage: "check [-f FMT] [--output=human|json] [-r leaks|all] IMAGE",
     summary:
-      "check a qcow2 image's refcounts and tables as qemu-img check does (exit 0 clean, 2 corruptions, 3 leaks); -r leaks repairs leaks",
+      "check a qcow2 image's refcounts and tables as qemu-img check does (exit 0 clean, 2 corruptions, 3 leaks); -r leaks repairs leaks, -r all refcounts and flags too",
     options: {
       format: { type: "string", short: "f" },
       output: { type: "string", default: "human" },
@@ -1329,9 +1329,9 @@ const commands: Record<string, Command> = {
     async run({ values, positionals }) {
       const [path] = need(positionals, 1, "check");
       const repair = values.repair as string | undefined;
-      if (repair !== undefined && repair !== "leaks") {
+      if (repair !== undefined && repair !== "leaks" && repair !== "all") {
         throw new UsageError(
-          `-r ${repair}: only -r leaks is supported`,
+          `-r ${repair}: -r leaks or -r all`,
           "check",
         );
       }
@@ -1342,6 +1342,7 @@ const commands: Record<string, Command> = {
         result = await checkImage(file, {
           format: values.format as string | undefined,
           repairLeaks: repair !== undefined,
+          repairAll: repair === "all",
           sink: file,
         });
       } catch (e) {

@@ -3,7 +3,7 @@
 // leaks and corruptions, and repairs leaks so that qemu-img finds the image
 // clean.
 
-import { assertEquals } from "./_asserts.ts";
+import { assertEquals, assertTrue } from "./_asserts.ts";
 import {
   checkExitCode,
   checkImage,
@@ -168,9 +168,14 @@ Deno.test(
       await Deno.writeFile(path, clean);
       await pokeRefcount(path, 5, 0);
       assertEquals(await compareWithQemu(path), 2);
-      // -r leaks leaves corruptions alone: the file is unchanged.
+      // -r leaks leaves corruptions alone: the file is unchanged. A
+      // refcount of 0 needs a rebuild, which -r leaks refuses (exit 1).
       const corrupt = await Deno.readFile(path);
-      assertEquals((await cli(["check", "-r", "leaks", path])).code, 2);
+      const refused = await cli(["check", "-r", "leaks", path]);
+      assertEquals(refused.code, 1);
+      assertTrue(
+        refused.stderr.includes("ERROR need to rebuild refcount structures"),
+      );
       assertEquals(await Deno.readFile(path), corrupt);
     }),
 );
@@ -195,6 +200,74 @@ Deno.test(
       // JSON after a repair carries leaks-fixed.
       await pokeRefcount(path, 6, 1);
       assertEquals(await compareWithQemu(path, ["-r", "leaks"]), 0);
+    }),
+);
+
+Deno.test(
+  "qcow2 check: -r all repairs refcounts poked up, down and to 0 as qemu-img -r all does",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const path = await withHole(dir);
+      const clean = await Deno.readFile(path);
+      const snapped = `${dir}/snapped.qcow2`;
+      await Deno.writeFile(snapped, clean);
+      await run("qemu-img", ["snapshot", "-c", "s", snapped]);
+      const cases: [string, string, number, number][] = [
+        ["leak", path, 6, 1],
+        ["refcount 2 for one use", path, 5, 2],
+        ["refcount 1 for two uses", snapped, 5, 1],
+        ["refcount 0: rebuilt", path, 5, 0],
+      ];
+      for (const [name, base, index, value] of cases) {
+        const start = await Deno.readFile(base);
+        const ours = `${dir}/ours.qcow2`;
+        const theirs = `${dir}/theirs.qcow2`;
+        for (const p of [ours, theirs]) {
+          await Deno.writeFile(p, start);
+          await pokeRefcount(p, index, value);
+        }
+        const q = await run("qemu-img", ["check", "-r", "all", theirs]);
+        const o = await cli(["check", "-r", "all", ours]);
+        assertEquals(o.code, q.code, name);
+        assertEquals(o.stderr, q.stderr, name);
+        // The summary, less the end offset (a rebuild places the new
+        // refcount structures elsewhere than qemu).
+        const summary = (t: string) => t.replace(/Image end offset: \d+\n/, "");
+        assertEquals(summary(o.text), summary(q.text), name);
+        const json = await run("qemu-img", [
+          "check",
+          "--output=json",
+          ours,
+        ]);
+        assertEquals(JSON.parse(json.text).corruptions, undefined, name);
+        assertEquals(JSON.parse(json.text).leaks, undefined, name);
+        for (const snapshot of name.includes("two") ? ["", "s"] : [""]) {
+          const l = snapshot ? ["-l", snapshot] : [];
+          const a = await run("qemu-img", [
+            "convert",
+            ...l,
+            "-O",
+            "raw",
+            ours,
+            `${dir}/a.raw`,
+          ]);
+          const b = await run("qemu-img", [
+            "convert",
+            ...l,
+            "-O",
+            "raw",
+            theirs,
+            `${dir}/b.raw`,
+          ]);
+          assertEquals(a.code + b.code, 0);
+          assertEquals(
+            await Deno.readFile(`${dir}/a.raw`),
+            await Deno.readFile(`${dir}/b.raw`),
+            name,
+          );
+        }
+      }
     }),
 );
 
