@@ -1603,9 +1603,33 @@ export function probeQcow2(input: ProbeInput): number {
 }
 
 async function openQcow2(source: Source, options: OpenOptions): Promise<Image> {
-  const state = await openState(source, options);
+  let state = await openState(source, options);
   if (options.writable) {
-    await makeWritable(state, writeSink(options, FORMAT)!);
+    const sink = writeSink(options, FORMAT)!;
+    if (
+      (state.header.incompatible & INCOMPAT.dirty) &&
+      !(state.header.incompatible & INCOMPAT.corrupt) &&
+      state.details.snapshot === undefined && !state.hasDataFile
+    ) {
+      // A dirty image (lazy refcounts) may have stale refcounts: QEMU
+      // repairs them when it opens such an image for writing, as
+      // `check -r all` would, and so do we. Imported here because the
+      // check module reaches the registry, which imports this driver.
+      const { checkImage } = await import("./qcow2/check.ts");
+      const result = await checkImage(source, {
+        format: FORMAT,
+        repairAll: true,
+        sink,
+      });
+      if (result.corruptions || result.checkErrors) {
+        throw new UnsupportedError(
+          { format: FORMAT, field: "incompatible_features", offset: 72 },
+          `cannot write: the image is dirty and repairing its refcounts left ${result.corruptions} corruptions and ${result.checkErrors} check errors`,
+        );
+      }
+      state = await openState(source, options);
+    }
+    await makeWritable(state, sink);
   }
   if (options.key !== undefined && state.encryption) {
     // Unlocked here (not by the registry's decrypt) so that a wrong LUKS

