@@ -12,6 +12,8 @@
  * deno run -A cli.ts resize [--shrink] [-f FMT] IMAGE [+|-]SIZE
  * deno run -A cli.ts rebase [-u] -b BACKING [-F FMT] IMAGE
  * deno run -A cli.ts measure [-O FMT] [-o OPTS] (--size SIZE | IMAGE)
+ * deno run -A cli.ts snapshot (-l | -c TAG | -a TAG | -d TAG) IMAGE
+ * deno run -A cli.ts amend -o OPTS IMAGE
  * deno run -A cli.ts dd [bs=N] [count=N] [skip=N] if=IN of=OUT
  * deno run -A cli.ts formats
  * ```
@@ -28,6 +30,7 @@
  */
 
 import {
+  applySnapshot,
   BackingFileError,
   bootSectorPatch,
   checkExitCode,
@@ -41,7 +44,9 @@ import {
   type ConvertOptions,
   create,
   createOutputFile,
+  createSnapshot,
   ddSource,
+  deleteSnapshot,
   describeImage,
   directoryTree,
   driver,
@@ -70,12 +75,14 @@ import {
   parseFatSpelling,
   partition,
   type PartitionTable,
+  probe,
   readPartitionTable,
   rebase,
   resizeImage,
   scratchFiles,
   type Sink,
   snapshot,
+  snapshotTable,
   streamSink,
   UnsupportedError,
   writeOptionsHelp,
@@ -1361,6 +1368,67 @@ const commands: Record<string, Command> = {
           : checkHuman(result),
       );
       return checkExitCode(result);
+    },
+  },
+
+  snapshot: {
+    usage: "snapshot [-q] (-l | -c TAG | -a TAG | -d TAG) IMAGE",
+    summary:
+      "list (-l), create (-c), apply (-a) or delete (-d) the internal snapshots of a qcow2 image, as qemu-img snapshot",
+    options: {
+      list: { type: "boolean", short: "l" },
+      create: { type: "string", short: "c" },
+      apply: { type: "string", short: "a" },
+      delete: { type: "string", short: "d" },
+      quiet: { type: "boolean", short: "q" },
+    },
+    async run({ values, positionals }) {
+      const [path] = need(positionals, 1, "snapshot");
+      const actions = (["list", "create", "apply", "delete"] as const).filter(
+        (k) => values[k] !== undefined && values[k] !== false,
+      );
+      if (actions.length > 1) {
+        printErr("vdisk snapshot: Cannot mix '-l', '-a', '-c', '-d'\n");
+        return 1;
+      }
+      const action = actions[0];
+      if (action === undefined) return 0; // as qemu-img: nothing asked
+      const file = await fromFile(path, { write: action !== "list" });
+      opened.push(file);
+      // Probed, as qemu-img snapshot (it takes no -f).
+      const format = (await probe(file))[0]?.format;
+      if (action === "list") {
+        if (format !== "qcow2") return 0; // no snapshots to list
+        const image = await open(file, { format: "qcow2" });
+        const snapshots = image.details?.snapshots as
+          | Record<string, number | string>[]
+          | undefined;
+        if (snapshots?.length) {
+          print(snapshotTable(snapshots).join("\n") + "\n");
+        }
+        return 0;
+      }
+      const tag = values[action] as string;
+      const verb = action === "apply" ? "apply" : action;
+      try {
+        if (format !== "qcow2") {
+          throw new UnsupportedError(
+            { format: format ?? "unknown", field: "snapshot" },
+            "Operation not supported",
+          );
+        }
+        if (action === "create") await createSnapshot(file, tag);
+        else if (action === "apply") await applySnapshot(file, tag);
+        else await deleteSnapshot(file, tag);
+      } catch (e) {
+        printErr(
+          `vdisk snapshot: Could not ${verb} snapshot '${tag}': ${
+            errorLine(e)
+          }\n`,
+        );
+        return 1;
+      }
+      return 0;
     },
   },
 

@@ -645,13 +645,20 @@ export interface Snapshot {
   /** The virtual size of the snapshot's disk (the header's size when absent). */
   diskSize: number;
   icount?: number;
+  /** Bytes of its table entry, padding included. */
+  entryBytes: number;
 }
 
 /**
  * Reads the snapshot table: `header.nbSnapshots` entries of 40 bytes plus
  * their extra data, ID and name, each padded to 8 bytes.
+ *
+ * @param source the image file
+ * @param header its header
+ * @returns the snapshots, in table order
+ * @throws {ImageFormatError} for a table past the end of the file
  */
-async function readSnapshots(
+export async function readSnapshots(
   source: Source,
   header: Header,
 ): Promise<Snapshot[]> {
@@ -737,6 +744,7 @@ async function readSnapshots(
       vmStateSize,
       diskSize,
       icount,
+      entryBytes: Math.ceil((40 + extraSize + idSize + nameSize) / 8) * 8,
       id: decoder.decode(rest.subarray(extraSize, extraSize + idSize)),
       name: decoder.decode(
         rest.subarray(extraSize + idSize, extraSize + idSize + nameSize),

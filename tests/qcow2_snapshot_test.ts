@@ -202,4 +202,85 @@ Deno.test(
     }),
 );
 
-export { assertTrue, cli };
+/** Runs `snapshot ARGS` with our CLI on `ours` and qemu-img on `theirs`. */
+async function snapshotBoth(args: string[], ours: string, theirs: string) {
+  const o = await cli(["snapshot", ...args, ours]);
+  const q = await run("qemu-img", ["snapshot", ...args, theirs], {
+    allowFail: true,
+  });
+  assertEquals(o.code, q.code, `snapshot ${args.join(" ")}: ${o.stderr}`);
+  return { o, q };
+}
+
+/** `snapshot -l` output with the dates left out (they differ by seconds). */
+const undated = (text: string) =>
+  text.replace(/\d{4}-\d\d-\d\d \d\d:\d\d:\d\d/g, "DATE");
+
+Deno.test(
+  "snapshot -c, -a, -d and -l do what qemu-img snapshot does on a copy",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      for (const c of SNAPSHOT_CASES) {
+        const ours = `${dir}/ours.qcow2`;
+        const theirs = `${dir}/theirs.qcow2`;
+        await run("qemu-img", [...c.make, "-q", ours, "4M"]);
+        await qemuIo("qcow2", ours, ...c.before);
+        await Deno.copyFile(ours, theirs);
+        const same = async (step: string) => {
+          await assertSameAsQemu(ours, theirs, `${c.name}: ${step}`);
+          const { o, q } = await snapshotBoth(["-l"], ours, theirs);
+          assertEquals(undated(o.text), undated(q.text), step);
+        };
+        await snapshotBoth(["-c", "one"], ours, theirs);
+        await same("-c one");
+        // qemu writes over our snapshot: the snapshot keeps its bytes.
+        for (const p of [ours, theirs]) {
+          await qemuIo("qcow2", p, "write -P 9 0 96k", "write -P 8 2M 64k");
+        }
+        await same("qemu writes after -c");
+        await snapshotBoth(["-c", "two"], ours, theirs);
+        await writeBoth(ours, theirs, WRITES);
+        await same("our writes after -c two");
+        await snapshotBoth(["-c", "one"], ours, theirs); // a second "one"
+        await snapshotBoth(["-a", "one"], ours, theirs); // the first one
+        await same("-a one");
+        await snapshotBoth(["-d", "two"], ours, theirs);
+        await same("-d two");
+        await snapshotBoth(["-d", "3"], ours, theirs); // no: names only
+        await snapshotBoth(["-d", "one"], ours, theirs); // the first one
+        await same("-d one");
+        await writeBoth(ours, theirs, [[0, 70000, 12]]);
+        await snapshotBoth(["-d", "one"], ours, theirs);
+        await same("-d the last");
+      }
+    }),
+);
+
+Deno.test(
+  "snapshot -l of an image made by qemu-img prints what qemu-img prints; errors exit 1 as qemu-img",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/s.qcow2`;
+      await run("qemu-img", ["create", "-q", "-f", "qcow2", path, "1M"]);
+      const empty = await snapshotBoth(["-l"], path, path);
+      assertEquals(empty.o.text, empty.q.text);
+      await run("qemu-img", ["snapshot", "-c", "first", path]);
+      for (const tag of ["a much longer tag name", "seventeen chars x", "x"]) {
+        await run("qemu-img", ["snapshot", "-c", tag, path]);
+      }
+      const listed = await snapshotBoth(["-l"], path, path);
+      assertEquals(listed.o.text, listed.q.text);
+      const before = await Deno.readFile(path);
+      for (const args of [["-a", "nope"], ["-d", "nope"], ["-l", "-c", "x"]]) {
+        const { o } = await snapshotBoth(args, path, path);
+        assertTrue(o.stderr.length > 0);
+      }
+      assertEquals(await Deno.readFile(path), before);
+      const raw = `${dir}/r.raw`;
+      await Deno.writeFile(raw, new Uint8Array(65536));
+      await snapshotBoth(["-c", "x"], raw, raw);
+      await snapshotBoth(["-l"], raw, raw);
+    }),
+);

@@ -60,7 +60,7 @@ const SECTOR = 512;
 const COPIED_HIGH = 0x80000000;
 
 /** What the allocator keeps of the refcount structures. */
-interface Refcounts {
+export interface Refcounts {
   table: Uint8Array;
   tableOffset: number;
   width: number;
@@ -93,16 +93,7 @@ export async function makeWritable(state: State, sink: Sink): Promise<void> {
   }
   if (state.hasDataFile) refuse("the image has an external data file");
   if (state.details.snapshot !== undefined) refuse("a snapshot is read-only");
-  const clusterSize = state.clusterSize;
-  const tableBytes = h.refcountTableClusters * clusterSize;
-  const refcounts: Refcounts = {
-    table: (await state.source.read(h.refcountTableOffset, tableBytes)).slice(),
-    tableOffset: h.refcountTableOffset,
-    width: 2 ** h.refcountOrder,
-    perBlock: (clusterSize * 8) / 2 ** h.refcountOrder,
-    blocks: new Map(),
-    nextFree: alignUp(state.source.size, clusterSize),
-  };
+  const refcounts = await refcountsOf(state);
   const queue: WriteQueue = { writing: Promise.resolve() };
   let headerCleared = h.autoclear === 0n;
   state.writable = (image, cipher) =>
@@ -119,6 +110,27 @@ export async function makeWritable(state: State, sink: Sink): Promise<void> {
         await writeImage(state, sink, refcounts, image, cipher, offset, bytes);
       }),
     );
+}
+
+/**
+ * The refcount table of `state`'s image, read, for the allocator: new
+ * clusters go past the end of the file.
+ *
+ * @param state an opened image's state
+ * @returns the allocator's view of the refcounts
+ */
+export async function refcountsOf(state: State): Promise<Refcounts> {
+  const h = state.header;
+  const clusterSize = state.clusterSize;
+  const tableBytes = h.refcountTableClusters * clusterSize;
+  return {
+    table: (await state.source.read(h.refcountTableOffset, tableBytes)).slice(),
+    tableOffset: h.refcountTableOffset,
+    width: 2 ** h.refcountOrder,
+    perBlock: (clusterSize * 8) / 2 ** h.refcountOrder,
+    blocks: new Map(),
+    nextFree: alignUp(state.source.size, clusterSize),
+  };
 }
 
 /** The offset in a refcount table entry (bits 9-63). */
@@ -144,7 +156,7 @@ async function block(
 }
 
 /** The refcount of cluster `index`. */
-async function refcountOf(
+export async function refcountOf(
   state: State,
   r: Refcounts,
   index: number,
@@ -155,7 +167,7 @@ async function refcountOf(
 }
 
 /** Sets the refcount of cluster `index`, allocating what it needs. */
-async function setRefcountOf(
+export async function setRefcountOf(
   state: State,
   sink: Sink,
   r: Refcounts,
@@ -238,7 +250,7 @@ async function growTable(
 }
 
 /** Cluster `index` loses one reference (a shared copy was replaced). */
-async function release(
+export async function release(
   state: State,
   sink: Sink,
   r: Refcounts,
@@ -249,7 +261,7 @@ async function release(
 }
 
 /** A new cluster at the end of the file, its refcount one. */
-async function allocate(
+export async function allocate(
   state: State,
   sink: Sink,
   r: Refcounts,
