@@ -5,8 +5,27 @@
 // qemu on a copy of the same image, and compared with qemu-img.
 
 import { assertEquals, assertTrue } from "./_asserts.ts";
-import { fromFile, open } from "../mod.ts";
-import { cli, qemuIo, run, skip, withTemp } from "./_helpers.ts";
+import {
+  applySnapshot,
+  create,
+  createSnapshot,
+  deleteSnapshot,
+  fromFile,
+  type ImageFile,
+  ImageFormatError,
+  memorySink,
+  open,
+  UnsupportedError,
+} from "../mod.ts";
+import {
+  assertBoundedWork,
+  cli,
+  qemuIo,
+  rejects,
+  run,
+  skip,
+  withTemp,
+} from "./_helpers.ts";
 
 const QEMU = ["qemu-img", "qemu-io"];
 
@@ -284,3 +303,98 @@ Deno.test(
       await snapshotBoth(["-l"], raw, raw);
     }),
 );
+
+/** A 1 MiB image in memory with 192 KiB written and one snapshot "a". */
+async function snappedImage(): Promise<Uint8Array> {
+  const sink = memorySink();
+  const image = await create("qcow2", sink, { size: 1 << 20 });
+  await image.write!(0, new Uint8Array(196608).fill(5));
+  await image.flush!();
+  await createSnapshot(sink, "a");
+  return sink.bytes().slice();
+}
+
+/** Big-endian fields poked into a copy of `bytes`. */
+function poked(
+  bytes: Uint8Array,
+  ...pokes: [number, number | bigint, 4 | 8][]
+): Uint8Array {
+  const b = bytes.slice();
+  const v = new DataView(b.buffer);
+  for (const [at, value, width] of pokes) {
+    if (width === 4) v.setUint32(at, Number(value));
+    else v.setBigUint64(at, BigInt(value));
+  }
+  return b;
+}
+
+Deno.test("snapshot operations refuse broken snapshot tables with typed errors, writing nothing", async () => {
+  const good = await snappedImage();
+  const v = new DataView(good.buffer);
+  const table = Number(v.getBigUint64(64));
+  const cases: [string, Uint8Array][] = [
+    ["snapshot table outside the file", poked(good, [64, 1n << 40n, 8])],
+    ["huge nb_snapshots", poked(good, [60, 0xffffffff, 4])],
+    ["nb_snapshots past the table", poked(good, [60, 65536, 4])],
+    ["snapshot L1 outside the file", poked(good, [table, 1n << 40n, 8])],
+    ["snapshot L1 unaligned", poked(good, [table, 65536 + 8, 8])],
+    ["snapshot l1_size huge", poked(good, [table + 8, 0xffffffff, 4])],
+    ["snapshot extra data huge", poked(good, [table + 36, 0xffffff, 4])],
+  ];
+  for (const [name, bytes] of cases) {
+    for (
+      const op of [
+        (s: ImageFile) => applySnapshot(s, "a"),
+        (s: ImageFile) => deleteSnapshot(s, "a"),
+      ]
+    ) {
+      const sink = memorySink(bytes.slice());
+      let reads = 0;
+      let total = 0;
+      const file = {
+        get size() {
+          return sink.size;
+        },
+        read(offset: number, length: number) {
+          reads++;
+          total += length;
+          return sink.read(offset, length);
+        },
+        write: (offset: number, b: Uint8Array) => sink.write(offset, b),
+        flush: () => sink.flush(),
+        close: () => sink.close(),
+      };
+      const e = await rejects(() => op(file), Error);
+      assertTrue(e instanceof ImageFormatError, `${name}: ${e.message}`);
+      assertEquals(sink.bytes(), bytes, name);
+      assertBoundedWork(
+        { reads: () => reads, bytesRead: () => total },
+        bytes.length,
+        64,
+      );
+    }
+  }
+  // An L2 entry of the snapshot pointing past the end of the file: found
+  // in the dry run, before the snapshot table changes.
+  const l1 = Number(v.getBigUint64(table));
+  const l2 = Number(
+    new DataView(good.buffer).getBigUint64(l1) & 0xfffffffffe00n,
+  );
+  const far = poked(good, [l2 + 8, (1n << 63n) | (1n << 45n), 8]);
+  const sink = memorySink(far.slice());
+  await rejects(() => deleteSnapshot(sink, "a"), ImageFormatError);
+  assertEquals(sink.bytes(), far);
+});
+
+Deno.test("snapshot -c refuses refcounts that would overflow refcount_bits=1, writing nothing", async () => {
+  const sink = memorySink();
+  const image = await create("qcow2", sink, {
+    size: 1 << 20,
+    options: { refcount_bits: "1" },
+  });
+  await image.write!(0, new Uint8Array(4096).fill(1));
+  await image.flush!();
+  const before = sink.bytes().slice();
+  await rejects(() => createSnapshot(sink, "x"), UnsupportedError, /refcount/);
+  assertEquals(sink.bytes(), before);
+});

@@ -163,6 +163,68 @@ function l2Offsets(state: State, l1: Uint8Array): [number, bigint][] {
 }
 
 /**
+ * The L2 tables `l1` points at, once every cluster they reach is known to
+ * lie in the file and (when adding) to keep its refcount within the
+ * width: the dry run before anything is written.
+ */
+async function checkReach(
+  state: State,
+  r: Refcounts,
+  l1: Uint8Array,
+  addend: number,
+): Promise<[number, bigint][]> {
+  const { clusterSize, entryBytes } = state;
+  const tables = l2Offsets(state, l1);
+  const max = r.width >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** r.width - 1;
+  const gains = new Map<number, number>();
+  const gain = (index: number, at: number) => {
+    if ((index + 1) * clusterSize > state.source.size + clusterSize - 1) {
+      throw new ImageFormatError({
+        format: FORMAT,
+        field: `L2 entry of the table at ${at}`,
+        value: index * clusterSize,
+        limit: `a cluster within the file's ${state.source.size} bytes`,
+      });
+    }
+    gains.set(index, (gains.get(index) ?? 0) + 1);
+  };
+  for (const [, entry] of tables) {
+    const at = Number(entry & OFFSET_MASK);
+    gain(at / clusterSize, at);
+    const table = await l2Table(state, at);
+    const v = new DataView(table.buffer, table.byteOffset, table.length);
+    for (let j = 0; j < state.l2Entries; j++) {
+      const e = v.getBigUint64(j * entryBytes);
+      if (e & COMPRESSED) {
+        const [first, last] = compressedClusters(state, e);
+        for (let k = first; k <= last; k++) gain(k, at);
+      } else if (e & OFFSET_MASK) {
+        gain(Math.floor(Number(e & OFFSET_MASK) / clusterSize), at);
+      }
+    }
+  }
+  if (addend > 0) {
+    for (const [index, n] of gains) {
+      const now = await refcountOf(state, r, index);
+      if (now + n * addend > max) {
+        throw new UnsupportedError(
+          {
+            format: FORMAT,
+            field: "refcount_bits",
+            value: r.width,
+            limit: `a refcount of at most ${max}`,
+          },
+          `cluster ${index} would need a refcount of ${
+            now + n
+          }: too many references for ${r.width}-bit refcounts`,
+        );
+      }
+    }
+  }
+  return tables;
+}
+
+/**
  * Adds `addend` (1, -1 or 0) to the refcount of every cluster the L1
  * table `l1` reaches, and sets the copied flags of its L1 and L2 entries
  * where a refcount is one (clears them elsewhere), as QEMU's
@@ -179,45 +241,7 @@ async function updateRefcounts(
   addend: number,
 ): Promise<void> {
   const { clusterSize, entryBytes } = state;
-  const tables = l2Offsets(state, l1);
-  if (addend > 0) {
-    // Dry run: every increment must fit the refcount width.
-    const max = r.width >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** r.width - 1;
-    const gains = new Map<number, number>();
-    const gain = (index: number) =>
-      gains.set(index, (gains.get(index) ?? 0) + 1);
-    for (const [, entry] of tables) {
-      const at = Number(entry & OFFSET_MASK);
-      gain(at / clusterSize);
-      const table = await l2Table(state, at);
-      const v = new DataView(table.buffer, table.byteOffset, table.length);
-      for (let j = 0; j < state.l2Entries; j++) {
-        const e = v.getBigUint64(j * entryBytes);
-        if (e & COMPRESSED) {
-          const [first, last] = compressedClusters(state, e);
-          for (let k = first; k <= last; k++) gain(k);
-        } else if (e & OFFSET_MASK) {
-          gain(Number(e & OFFSET_MASK) / clusterSize);
-        }
-      }
-    }
-    for (const [index, n] of gains) {
-      const now = await refcountOf(state, r, index);
-      if (now + n > max) {
-        throw new UnsupportedError(
-          {
-            format: FORMAT,
-            field: "refcount_bits",
-            value: r.width,
-            limit: `a refcount of at most ${max}`,
-          },
-          `cluster ${index} would need a refcount of ${
-            now + n
-          }: too many references for ${r.width}-bit refcounts`,
-        );
-      }
-    }
-  }
+  const tables = await checkReach(state, r, l1, addend);
   const lv = new DataView(l1.buffer, l1.byteOffset, l1.length);
   let l1Modified = false;
   for (const [i, entry] of tables) {
@@ -462,6 +486,7 @@ export async function createSnapshot(
   const id = String(idMax + 1);
   const r = await refcountsOf(state);
   const l1 = state.l1.slice();
+  await checkReach(state, r, state.l1, 1); // before anything is written
   // The copy of the active L1 table, as it is (flags included).
   let l1Copy = 0;
   if (h.l1Size > 0) {
@@ -598,6 +623,7 @@ export async function deleteSnapshot(
   const s = snapshots[i];
   const snapL1 = await snapshotL1(state, s);
   const r = await refcountsOf(state);
+  await checkReach(state, r, snapL1, -1); // refused before the table changes
   const old = await rawEntries(state, snapshots);
   await writeTable(
     state,
