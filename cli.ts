@@ -30,6 +30,7 @@
  */
 
 import {
+  amendQcow2,
   applySnapshot,
   BackingFileError,
   bootSectorPatch,
@@ -1426,6 +1427,48 @@ const commands: Record<string, Command> = {
             errorLine(e)
           }\n`,
         );
+        return 1;
+      }
+      return 0;
+    },
+  },
+
+  amend: {
+    usage:
+      "amend [-f FMT] [-q] -o OPTS IMAGE   (qcow2: compat, lazy_refcounts, refcount_bits)",
+    summary:
+      "change a qcow2 image's compat level, lazy refcounts or refcount width in place, as qemu-img amend",
+    options: {
+      format: { type: "string", short: "f" },
+      options: { type: "string", short: "o", multiple: true },
+      quiet: { type: "boolean", short: "q" },
+    },
+    async run({ values, positionals }) {
+      const texts = (values.options as string[] | undefined) ?? [];
+      if (texts.length === 0) {
+        throw new UsageError("amend needs -o OPTS", "amend");
+      }
+      const options = parseOptions(texts.join(","));
+      if (optionsHelp(values.format as string ?? "qcow2", texts.join(","))) {
+        return 0;
+      }
+      const [path] = need(positionals, 1, "amend");
+      const file = await fromFile(path, { write: true });
+      opened.push(file);
+      const format = (values.format as string | undefined) ??
+        (await probe(file))[0]?.format;
+      if (format !== "qcow2") {
+        printErr(
+          `vdisk amend: Format driver '${format}' does not support option amendment\n`,
+        );
+        return 1;
+      }
+      try {
+        await amendQcow2(file, options);
+      } catch (e) {
+        if (!(e instanceof Error) || e instanceof Deno.errors.NotFound) throw e;
+        // qemu-img's messages may take two lines.
+        printErr(`vdisk amend: ${e.message.replace(/^qcow2: /, "")}\n`);
         return 1;
       }
       return 0;

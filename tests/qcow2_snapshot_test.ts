@@ -65,9 +65,14 @@ async function tags(path: string): Promise<string[]> {
 }
 
 /** Asserts that qemu-img reads `ours` and `theirs` alike, snapshots included. */
-async function assertSameAsQemu(ours: string, theirs: string, what: string) {
+async function assertSameAsQemu(
+  ours: string,
+  theirs: string,
+  what: string,
+  theirsClean = true,
+) {
   await assertClean(ours, what);
-  await assertClean(theirs, what);
+  if (theirsClean) await assertClean(theirs, what);
   assertEquals(await tags(ours), await tags(theirs), what);
   assertEquals(await qemuRead(ours), await qemuRead(theirs), what);
   for (const tag of await tags(theirs)) {
@@ -398,3 +403,101 @@ Deno.test("snapshot -c refuses refcounts that would overflow refcount_bits=1, wr
   await rejects(() => createSnapshot(sink, "x"), UnsupportedError, /refcount/);
   assertEquals(sink.bytes(), before);
 });
+
+/** Facts of `qemu-img info` that amend changes. */
+async function amendFacts(path: string) {
+  const info = JSON.parse(
+    (await run("qemu-img", ["info", "--output=json", path])).text,
+  );
+  const data = info["format-specific"].data;
+  return {
+    compat: data.compat,
+    lazy: data["lazy-refcounts"],
+    refcountBits: data["refcount-bits"],
+    backing: info["backing-filename"],
+    backingFormat: info["backing-filename-format"],
+  };
+}
+
+/** The message of a failed command, without its program's prefix. */
+const message = (stderr: string) =>
+  stderr.replace(/^(qemu-img|vdisk amend): /, "");
+
+Deno.test(
+  "amend -o compat, lazy_refcounts and refcount_bits does what qemu-img amend does on a copy, refusals included",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const base = `${dir}/base.raw`;
+      const bytes = new Uint8Array(4 << 20);
+      for (let i = 0; i < bytes.length; i++) bytes[i] = (i * 13) >> 8;
+      await Deno.writeFile(base, bytes);
+      const images: Record<string, [string[], string[]]> = {
+        v3: [["-f", "qcow2"], [
+          "write -P 1 0 1M",
+          "write -z 64k 64k",
+          "write -z -u 2M 64k",
+        ]],
+        backed: [["-f", "qcow2", "-b", "base.raw", "-F", "raw"], [
+          "write -P 1 0 1M",
+          "write -z 64k 64k",
+          "write -z -u 2M 64k",
+        ]],
+        v2: [["-f", "qcow2", "-o", "compat=0.10"], ["write -P 2 0 1M"]],
+        extended: [["-f", "qcow2", "-o", "extended_l2=on"], ["write 0 64k"]],
+        refcount8: [["-f", "qcow2", "-o", "refcount_bits=8"], ["write 0 1M"]],
+        lazy: [["-f", "qcow2", "-o", "lazy_refcounts=on"], ["write 0 64k"]],
+        snapped: [["-f", "qcow2"], ["write -P 3 0 1M", "write -z 0 64k"]],
+      };
+      const cases: [string, string][] = [
+        ["v3", "compat=0.10"],
+        ["backed", "compat=0.10"],
+        ["snapped", "compat=0.10"],
+        ["v3", "lazy_refcounts=on"],
+        ["lazy", "lazy_refcounts=off"],
+        ["v3", "refcount_bits=8"],
+        ["v3", "refcount_bits=1"],
+        ["refcount8", "refcount_bits=64"],
+        ["v2", "compat=1.1"],
+        ["v2", "compat=1.1,refcount_bits=1,lazy_refcounts=on"],
+        ["v3", "compat=1.1"],
+        ["v2", "lazy_refcounts=on"],
+        ["v2", "refcount_bits=8"],
+        ["extended", "compat=0.10"],
+        ["refcount8", "compat=0.10"],
+        ["v3", "compat=0.10,lazy_refcounts=on"],
+        ["v3", "cluster_size=4k"],
+        ["v3", "foo=bar"],
+        ["backed", "backing_file=other.raw"],
+      ];
+      for (const [name, options] of cases) {
+        const what = `${name} -o ${options}`;
+        const ours = `${dir}/ours.qcow2`;
+        const theirs = `${dir}/theirs.qcow2`;
+        const [create, writes] = images[name];
+        await run("qemu-img", ["create", "-q", ...create, ours, "4M"]);
+        await qemuIo("qcow2", ours, ...writes);
+        if (name === "snapped") {
+          await run("qemu-img", ["snapshot", "-c", "s", ours]);
+          await qemuIo("qcow2", ours, "write -P 4 512k 64k");
+        }
+        await Deno.copyFile(ours, theirs);
+        const before = await Deno.readFile(ours);
+        const q = await run("qemu-img", ["amend", "-o", options, theirs], {
+          allowFail: true,
+        });
+        const o = await cli(["amend", "-o", options, ours]);
+        assertEquals(o.code, q.code, `${what}: ${o.stderr}`);
+        if (q.code !== 0) {
+          assertEquals(message(o.stderr), message(q.stderr), what);
+          assertEquals(await Deno.readFile(ours), before, what);
+          continue;
+        }
+        assertEquals(await amendFacts(ours), await amendFacts(theirs), what);
+        // qemu-img 7.2 sets the copied flag of an expanded zero cluster a
+        // snapshot shares (its check then finds a corruption); ours is
+        // clean.
+        await assertSameAsQemu(ours, theirs, what, name !== "snapped");
+      }
+    }),
+);

@@ -82,8 +82,14 @@ export interface CreateSnapshotOptions {
   date?: number;
 }
 
-/** The state of the image in `file`, ready for metadata changes. */
-async function openForChange(file: ImageFile): Promise<State> {
+/**
+ * Opens the image in `file` for a change of its metadata: refused when
+ * corrupt or with an external data file; a dirty image is repaired first.
+ *
+ * @param file the image file
+ * @returns its state
+ */
+export async function openForChange(file: ImageFile): Promise<State> {
   let state = await openState(file, {});
   const refuse = (why: string) => {
     throw new UnsupportedError({ format: FORMAT, field: "snapshot" }, why);
