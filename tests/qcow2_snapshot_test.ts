@@ -379,6 +379,22 @@ Deno.test("snapshot operations refuse broken snapshot tables with typed errors, 
       );
     }
   }
+  // Every L1 entry of the snapshot pointing at one L2 table: refused at
+  // once, not walked 16 times.
+  const looped = good.slice();
+  const lv = new DataView(looped.buffer);
+  const snapL1 = Number(v.getBigUint64(table));
+  for (let i = 1; i < 16; i++) {
+    lv.setBigUint64(snapL1 + i * 8, lv.getBigUint64(snapL1));
+  }
+  lv.setUint32(table + 8, 16);
+  const loopSink = memorySink(looped.slice());
+  await rejects(
+    () => deleteSnapshot(loopSink, "a"),
+    ImageFormatError,
+    /no other entry/,
+  );
+  assertEquals(loopSink.bytes(), looped);
   // An L2 entry of the snapshot pointing past the end of the file: found
   // in the dry run, before the snapshot table changes.
   const l1 = Number(v.getBigUint64(table));

@@ -148,10 +148,22 @@ function compressedClusters(state: State, entry: bigint): [number, number] {
 function l2Offsets(state: State, l1: Uint8Array): [number, bigint][] {
   const v = new DataView(l1.buffer, l1.byteOffset, l1.length);
   const out: [number, bigint][] = [];
+  const seen = new Set<number>();
   for (let i = 0; i < l1.length / 8; i++) {
     const entry = v.getBigUint64(i * 8);
     const at = Number(entry & OFFSET_MASK);
     if (at === 0) continue;
+    if (seen.has(at)) {
+      // A loop QEMU would follow (counting the table twice); refused, and
+      // the walk stays one pass over distinct tables.
+      throw new ImageFormatError({
+        format: FORMAT,
+        field: `L1 entry ${i}`,
+        value: at,
+        limit: "an L2 table no other entry of the L1 table points at",
+      });
+    }
+    seen.add(at);
     if (
       at % state.clusterSize !== 0 || at + state.clusterSize > state.source.size
     ) {
