@@ -272,6 +272,38 @@ Deno.test(
 );
 
 Deno.test(
+  "vdi check: block maps poked with duplicates, indexes too large and a wrong count are reported as qemu-img does; -r is refused (exit 63)",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/x.vdi`;
+      await run("qemu-img", ["create", "-q", "-f", "vdi", path, "4M"]);
+      await qemuIo("vdi", path, "write -P 1 0 1M");
+      assertEquals(await compareWithQemu(path), 0);
+      const clean = await Deno.readFile(path);
+      const v = new DataView(clean.buffer);
+      const bmap = v.getUint32(340, true);
+      const pokes: [string, number, number][] = [
+        ["a block used twice", bmap + 4, 0],
+        ["a block index too large", bmap + 4, 77],
+        ["blocks_allocated wrong", 388, 3],
+      ];
+      for (const [name, at, value] of pokes) {
+        const bytes = clean.slice();
+        new DataView(bytes.buffer).setUint32(at, value, true);
+        await Deno.writeFile(path, bytes);
+        assertEquals(await compareWithQemu(path), 2, name);
+        const theirs = await run("qemu-img", ["check", "-r", "leaks", path], {
+          allowFail: true,
+        });
+        const ours = await cli(["check", "-r", "leaks", path]);
+        assertEquals(ours.code, theirs.code, name);
+        assertEquals(await Deno.readFile(path), bytes, name);
+      }
+    }),
+);
+
+Deno.test(
   "qcow2 check: broken refcount tables, L1 and L2 entries are corruptions reported as qemu-img reports them",
   { ignore: skip(QEMU) },
   () =>

@@ -15,6 +15,7 @@
 import { UnsupportedError } from "../../streams/errors.ts";
 import type { Sink, Source } from "../../streams/types.ts";
 import { probe } from "../registry.ts";
+import { checkVdi } from "../_vdi_check.ts";
 import {
   AUTOCLEAR,
   headBytes,
@@ -118,6 +119,10 @@ export async function checkImage(
   options: CheckOptions = {},
 ): Promise<CheckResult> {
   const format = options.format ?? (await probe(source))[0]?.format;
+  if (format === "vdi" && !options.repairLeaks && !options.repairAll) {
+    // qemu-img checks vdi block maps, and repairs nothing (-r: exit 63).
+    return await checkVdi(source);
+  }
   if (format !== FORMAT) {
     throw new UnsupportedError(
       { format: format ?? "unknown", field: "check" },
