@@ -213,19 +213,40 @@ Deno.test(
       const snapped = `${dir}/snapped.qcow2`;
       await Deno.writeFile(snapped, clean);
       await run("qemu-img", ["snapshot", "-c", "s", snapped]);
-      const cases: [string, string, number, number][] = [
-        ["leak", path, 6, 1],
-        ["refcount 2 for one use", path, 5, 2],
-        ["refcount 1 for two uses", snapped, 5, 1],
-        ["refcount 0: rebuilt", path, 5, 0],
+      /** Flips the copied flag of the first L1 entry, or of its L2 entry `j`. */
+      const flipCopied = async (p: string, j?: number) => {
+        const b = await Deno.readFile(p);
+        const v = new DataView(b.buffer);
+        const l1 = Number(v.getBigUint64(40));
+        const l2 = Number(v.getBigUint64(l1) & 0x00fffffffffffe00n);
+        const at = j === undefined ? l1 : l2 + j * 8;
+        v.setBigUint64(at, v.getBigUint64(at) ^ (1n << 63n));
+        await Deno.writeFile(p, b);
+      };
+      const cases: [string, string, (p: string) => Promise<void>][] = [
+        ["leak", path, (p) => pokeRefcount(p, 6, 1)],
+        ["refcount 2 for one use", path, (p) => pokeRefcount(p, 5, 2)],
+        ["refcount 1 for two uses", snapped, (p) => pokeRefcount(p, 5, 1)],
+        ["refcount 0: rebuilt", path, (p) => pokeRefcount(p, 5, 0)],
+        [
+          "copied flag of a data cluster cleared",
+          path,
+          (p) => flipCopied(p, 0),
+        ],
+        [
+          "copied flag of a shared cluster set",
+          snapped,
+          (p) => flipCopied(p, 2),
+        ],
+        ["copied flag of an L2 table cleared", path, (p) => flipCopied(p)],
       ];
-      for (const [name, base, index, value] of cases) {
+      for (const [name, base, poke] of cases) {
         const start = await Deno.readFile(base);
         const ours = `${dir}/ours.qcow2`;
         const theirs = `${dir}/theirs.qcow2`;
         for (const p of [ours, theirs]) {
           await Deno.writeFile(p, start);
-          await pokeRefcount(p, index, value);
+          await poke(p);
         }
         const q = await run("qemu-img", ["check", "-r", "all", theirs]);
         const o = await cli(["check", "-r", "all", ours]);
@@ -242,7 +263,8 @@ Deno.test(
         ]);
         assertEquals(JSON.parse(json.text).corruptions, undefined, name);
         assertEquals(JSON.parse(json.text).leaks, undefined, name);
-        for (const snapshot of name.includes("two") ? ["", "s"] : [""]) {
+        const snapshots = base === snapped ? ["", "s"] : [""];
+        for (const snapshot of snapshots) {
           const l = snapshot ? ["-l", snapshot] : [];
           const a = await run("qemu-img", [
             "convert",
