@@ -77,7 +77,11 @@ import type {
   SectorCipher,
   Source,
 } from "../streams/types.ts";
-import { checkRange, readInto as readIntoSource } from "../streams/types.ts";
+import {
+  checkRange,
+  readInto as readIntoSource,
+  storesDataIn,
+} from "../streams/types.ts";
 
 /** The driver's name. */
 export const FORMAT = "qcow2";
@@ -1375,7 +1379,11 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
       await state.source.close?.();
     },
   };
-  return state.writable ? state.writable(image, cipher) : image;
+  if (state.writable) return state.writable(image, cipher);
+  // Plain clusters in the image file: their fileOffsets are its bytes.
+  return encrypted || state.hasDataFile
+    ? image
+    : storesDataIn(image, state.source);
 }
 
 /** A cipher that waits for `made` (a key derivation) on first use. */

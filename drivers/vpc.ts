@@ -89,7 +89,11 @@ import type {
   Source,
   WindowSource,
 } from "../streams/types.ts";
-import { checkRange, readInto as readIntoSource } from "../streams/types.ts";
+import {
+  checkRange,
+  readInto as readIntoSource,
+  storesDataIn,
+} from "../streams/types.ts";
 
 const FORMAT = "vpc";
 const optionFail = optionErrors(FORMAT);
@@ -749,7 +753,8 @@ function vpcImage(state: State, details: Record<string, unknown>): Image {
     extents,
     close: () => state.source.close?.() ?? Promise.resolve(),
   };
-  if (!state.sink) return image;
+  // Read-only: the data runs' fileOffsets are the file's plain bytes.
+  if (!state.sink) return storesDataIn(image, state.source);
 
   const sink = state.sink;
 

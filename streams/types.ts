@@ -98,6 +98,51 @@ export interface WindowSource extends Source {
   readonly windowOf: { source: Source; offset: number };
 }
 
+/** The file each registered image's data-extent `fileOffset`s point into. */
+const storage = new WeakMap<object, Source>();
+
+/**
+ * Declares, for a driver, that every `data` extent of `image` that carries a
+ * `fileOffset` reads exactly as those bytes of `file` (stored plainly: not
+ * compressed, not encrypted). `convert` then lets a {@linkcode RangeCopySink}
+ * copy such runs from `file` itself (file to file in the kernel). The
+ * registration is by identity: an adapter that wraps the image (and may
+ * change its bytes) is another object and is never taken for it. Register
+ * only read-only images (a writable one may hold bytes not yet in `file`).
+ * Returns `image`.
+ *
+ * @example
+ * ```ts
+ * import { dataFileOf, fromBytes, storesDataIn } from "../mod.ts";
+ * const file = fromBytes(new Uint8Array(1024));
+ * const image = storesDataIn(
+ *   { ...file, format: "raw", encrypted: false, extents: async function* () {} },
+ *   file,
+ * );
+ * console.log(dataFileOf(image) === file); // true
+ * ```
+ */
+export function storesDataIn<T extends Image>(image: T, file: Source): T {
+  storage.set(image, file);
+  return image;
+}
+
+/**
+ * The file whose bytes the `fileOffset`s of `source`'s data extents point
+ * into, when its driver declared one ({@linkcode storesDataIn}) and it is
+ * not open for writing.
+ *
+ * @example
+ * ```ts
+ * import { dataFileOf, fromBytes } from "../mod.ts";
+ * console.log(dataFileOf(fromBytes(new Uint8Array(512)))); // undefined
+ * ```
+ */
+export function dataFileOf(source: Source): Source | undefined {
+  if ((source as Partial<Image>).write) return undefined;
+  return storage.get(source);
+}
+
 /**
  * A sink that can copy bytes from some sources itself, faster than reads
  * and writes through JavaScript (the file adapter: file to file in the

@@ -2,7 +2,6 @@
 // page, whose module worker imports the bundle (dist/mod.js built here),
 // opens images over HTTP Range requests and from Files, and hashes the raw
 // disk. The hashes must match the manifest's.
-import { createHash } from "node:crypto";
 import { assertEquals, assertTrue } from "./_asserts.ts";
 import { launch } from "./_cdp.ts";
 import {
@@ -386,28 +385,24 @@ Deno.test({
  * `sha256File`'s 64 KiB chunks take on gigabytes of zeros).
  */
 async function sha256Big(path: string): Promise<string> {
-  const hash = createHash("sha256");
-  using file = await Deno.open(path);
-  const buffer = new Uint8Array(16 << 20);
-  for (let n; (n = await file.read(buffer)) !== null;) {
-    hash.update(buffer.subarray(0, n));
-  }
-  return hash.digest("hex");
+  // OpenSSL's SHA-256 uses the CPU's SHA instructions: about 1.6 GB/s here
+  // against 0.6 GB/s for node:crypto, which matters for 2 x 16 GiB.
+  const { text } = await run("openssl", ["dgst", "-sha256", "-r", path]);
+  return text.split(" ")[0];
 }
 
 /**
- * The disk of the big download test: 4 GiB, past what one ArrayBuffer
- * holds. A 16 GiB run took 3-5 minutes on a busy 2-core machine,
- * most of it the browser writing and the test hashing 16 GiB of zeros
- * (renderers peaked at 178 MiB); `VDISK_WEB_DISK_GIB=16` runs that size.
+ * The disk of the big download test: 16 GiB, as the issue asks (a 276 KiB
+ * vmdk of a 16 GiB disk once failed with "Array buffer allocation
+ * failed"). `VDISK_WEB_DISK_GIB=4` runs a smaller one.
  */
-const BIG_GIB = Number(Deno.env.get("VDISK_WEB_DISK_GIB") ?? 4);
+const BIG_GIB = Number(Deno.env.get("VDISK_WEB_DISK_GIB") ?? 16);
 const BIG = BIG_GIB * 2 ** 30;
 
 Deno.test({
   name:
     `the web page converts a ${BIG_GIB} GiB sparse vmdk to a streamed download, the tab under 512 MiB, with the bytes of qemu-img convert`,
-  ignore: skip(["chromium", "qemu-img", "qemu-io"]),
+  ignore: skip(["chromium", "qemu-img", "qemu-io", "openssl"]),
   async fn() {
     await withPage(async (page, dir) => {
       const image = `${dir}/images/big.vmdk`;
@@ -618,6 +613,80 @@ Deno.test({
       for (const a of answers) {
         assertEquals(a.sha256, sha256Hex(disk), a.format);
         assertEquals(a.output, a.size, a.format);
+      }
+    });
+  },
+});
+
+Deno.test({
+  name:
+    "the web page's Save as writes through the File System Access API (zero runs as file growth) and a closed dialog leaves the page as it was",
+  ignore: skip(["chromium"]),
+  async fn() {
+    await withPage(async (page, dir) => {
+      const disk = await wordsDisk(dir);
+      // Chromium has the API, so the page offers the button.
+      assertEquals(
+        await page.evaluate(`typeof globalThis.showSaveFilePicker`),
+        "function",
+      );
+      assertEquals(
+        await page.evaluate(`document.getElementById("saveAs").hidden`),
+        false,
+      );
+      await chooseFiles(page, "#file", [`${dir}/images/words.img`]);
+      await waitForState(page, ["ready"]);
+      // The person closes the dialog: nothing starts, nothing fails.
+      await page.evaluate(`
+        globalThis.showSaveFilePicker = () =>
+          Promise.reject(new DOMException("closed", "AbortError"));
+        document.getElementById("saveAs").click();
+        new Promise((r) => setTimeout(r, 300));`);
+      assertEquals(
+        await page.evaluate(`document.body.dataset.state`),
+        "ready",
+      );
+      // The dialog cannot be driven headless: a picker that answers with a
+      // file of the origin's private file system stands in for it, so the
+      // page's own path (the handle sent to the worker, createWritable,
+      // truncate for zero runs) is what runs.
+      for (const format of ["raw", "dmg"]) {
+        const name = `chosen-${format}`;
+        await page.evaluate(`
+          globalThis.showSaveFilePicker = async (options) => {
+            globalThis.suggestedName = options.suggestedName;
+            const root = await navigator.storage.getDirectory();
+            return root.getFileHandle("${name}", { create: true });
+          };
+          document.getElementById("format").value = "${format}";
+          document.body.dataset.state = "ready";
+          document.getElementById("saveAs").click();`);
+        const text = await waitForState(page, ["done"]);
+        assertTrue(text.includes(`saved ${name} (${format}, `), text);
+        assertEquals(
+          await page.evaluate(`globalThis.suggestedName`),
+          `words.${format}`,
+        );
+        const base64 = await page.evaluate<string>(`(async () => {
+          const root = await navigator.storage.getDirectory();
+          const file = await (await root.getFileHandle("${name}")).getFile();
+          const bytes = new Uint8Array(await file.arrayBuffer());
+          let text = "";
+          for (let i = 0; i < bytes.length; i += 0x8000) {
+            text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+          }
+          return btoa(text);
+        })()`);
+        const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+        if (format === "raw") {
+          assertEquals(bytes.length, disk.length);
+          assertEquals(sha256Hex(bytes), sha256Hex(disk));
+        } else {
+          const image = await open(fromBytes(bytes));
+          assertEquals(image.format, "dmg");
+          const result = await convert(image, memorySink(), { hash: true });
+          assertEquals(result.sha256, sha256Hex(disk));
+        }
       }
     });
   },

@@ -3,15 +3,21 @@
 // FFI is not allowed or the source is not a file.
 import { assertEquals, assertTrue } from "./_asserts.ts";
 import {
+  BackingFileError,
+  bootSectorPatch,
   convert,
   createOutputFile,
+  fileBackingResolver,
   fromBytes,
   fromFile,
   open,
+  type RangeCopySink,
 } from "../mod.ts";
+import { qemuRaw } from "./_layers.ts";
 import { fileDataRanges } from "../streams/_file_copy.ts";
 import {
   pseudoRandom,
+  qemuIo,
   ROOT,
   run,
   sha256File,
@@ -217,5 +223,140 @@ Deno.test(
       assertEquals(await out.copyRange(input, 5 * MIB, MIB, 0), undefined);
       await other.close();
       await out.abort();
+    }),
+);
+
+/**
+ * A file sink that counts what it copied itself (`copyRange`) apart from
+ * what convert read and wrote.
+ */
+async function countingOutput(path: string) {
+  const out = await createOutputFile(path);
+  const counts = { copied: 0, calls: 0, written: 0 };
+  const sink = Object.assign(Object.create(out), {
+    async copyRange(...args: Parameters<RangeCopySink["copyRange"]>) {
+      counts.calls++;
+      const n = await out.copyRange(...args);
+      if (n !== undefined) counts.copied += n;
+      return n;
+    },
+    write(offset: number, bytes: Uint8Array) {
+      counts.written += bytes.length;
+      return out.write(offset, bytes);
+    },
+  }) as typeof out;
+  return { out, sink, counts };
+}
+
+/**
+ * An image of 8 MiB by qemu-img: random data clusters, zero clusters,
+ * compressed clusters (qemu-io -c), an unwritten tail.
+ */
+async function mixedImage(dir: string, format: "qcow2" | "vpc") {
+  const path = `${dir}/mixed.${format}`;
+  const disk = new Uint8Array(8 * MIB);
+  disk.set(pseudoRandom(3 * MIB, 7));
+  await Deno.writeFile(`${dir}/data.raw`, disk);
+  await run("qemu-img", [
+    "convert",
+    "-f",
+    "raw",
+    "-O",
+    format,
+    `${dir}/data.raw`,
+    path,
+  ]);
+  await qemuIo(
+    format,
+    path,
+    "write -z 1M 256k",
+    "write -P 0x5c 4M 64k",
+    ...(format === "qcow2" ? ["write -c -P 0x77 5M 128k"] : []),
+  );
+  return path;
+}
+
+for (const format of ["qcow2", "vpc"] as const) {
+  Deno.test(
+    `${format}: plain data clusters are copied in the kernel, the rest read; qemu-img's bytes`,
+    { ignore: !linux || skip(["qemu-img", "qemu-io"]) },
+    () =>
+      withTemp(async (dir) => {
+        const path = await mixedImage(dir, format);
+        const image = await open(await fromFile(path));
+        assertEquals(image.format, format);
+        const { out, sink, counts } = await countingOutput(`${dir}/out.raw`);
+        const result = await convert(image, sink);
+        await out.commit();
+        await image.close?.();
+        assertEquals(
+          await Deno.readFile(`${dir}/out.raw`),
+          await qemuRaw(path, dir, format),
+        );
+        // Most data went file to file; the compressed clusters were read.
+        assertTrue(counts.copied >= 3 * MIB - 256 * 1024, `${counts.copied}`);
+        if (format === "qcow2") {
+          assertEquals(counts.written, 128 * 1024);
+        }
+        assertEquals(result.dataBytes, counts.copied + counts.written);
+      }),
+  );
+}
+
+Deno.test(
+  "the kernel copy never bypasses an adapter or a parent: a patched boot sector, a qcow2 over its backing file",
+  { ignore: !linux || skip(["qemu-img", "qemu-io"]) },
+  () =>
+    withTemp(async (dir) => {
+      const path = await mixedImage(dir, "qcow2");
+      // An adapter over a registered image: its bytes, not the file's.
+      const image = await open(await fromFile(path));
+      const sector = new Uint8Array(512).fill(0xee);
+      const patched = bootSectorPatch(image, sector);
+      const first = await countingOutput(`${dir}/patched.raw`);
+      await convert(patched, first.sink);
+      await first.out.commit();
+      const expected = await qemuRaw(path, dir, "qcow2");
+      expected.set(sector);
+      assertEquals(await Deno.readFile(`${dir}/patched.raw`), expected);
+      assertEquals(first.counts.copied, 0);
+      await image.close?.();
+      // An overlay: its unallocated runs are the base's bytes.
+      const top = `${dir}/top.qcow2`;
+      await run("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        path,
+        "-F",
+        "qcow2",
+        top,
+      ]);
+      await qemuIo("qcow2", top, "write -P 0x3a 2M 64k");
+      const chain = await open(await fromFile(top), {
+        resolveBacking: fileBackingResolver(top),
+      });
+      const second = await countingOutput(`${dir}/chain.raw`);
+      await convert(chain, second.sink);
+      await second.out.commit();
+      await chain.close?.();
+      assertEquals(
+        await Deno.readFile(`${dir}/chain.raw`),
+        await qemuRaw(top, dir, "qcow2"),
+      );
+      // The top layer alone, its parent not opened: an error, never zeros.
+      const alone = await open(await fromFile(top));
+      const third = await countingOutput(`${dir}/alone.raw`);
+      let failed: unknown;
+      try {
+        await convert(alone, third.sink);
+      } catch (e) {
+        failed = e;
+      }
+      await alone.close?.();
+      await third.out.abort?.();
+      assertTrue(failed instanceof BackingFileError, String(failed));
     }),
 );
