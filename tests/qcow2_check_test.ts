@@ -326,6 +326,42 @@ Deno.test(
 );
 
 Deno.test(
+  "qed check: invalid, duplicate and leaked clusters counted as qemu-img counts them; -r clears invalid offsets and the need-check bit as qemu-img",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/x.qed`;
+      await run("qemu-img", ["create", "-q", "-f", "qed", path, "4M"]);
+      await qemuIo("qed", path, "write -P 1 0 1M", "write -P 2 3M 64k");
+      assertEquals(await compareWithQemu(path), 0);
+      const clean = await Deno.readFile(path);
+      const v = new DataView(clean.buffer);
+      const l1 = Number(v.getBigUint64(40, true));
+      const l2 = Number(v.getBigUint64(l1, true));
+      const first = v.getBigUint64(l2, true);
+      const pokes: [string, number, bigint][] = [
+        ["an unaligned data cluster", l2 + 8, first + 512n],
+        ["a data cluster past the end", l2 + 8, 1n << 40n],
+        ["a data cluster used twice", l2 + 8, first],
+        ["an L2 table past the end", l1 + 8, 1n << 40n],
+        ["the need-check bit", 16, 3n],
+      ];
+      for (const [name, at, value] of pokes) {
+        const bytes = clean.slice();
+        new DataView(bytes.buffer).setBigUint64(at, value, true);
+        for (const args of [[], ["-r", "leaks"], ["-r", "all"]]) {
+          await Deno.writeFile(path, bytes);
+          await compareWithQemu(path, args);
+        }
+      }
+      // A leak: a cluster past the last one used.
+      await Deno.writeFile(path, clean);
+      await Deno.truncate(path, clean.length + 65536);
+      assertEquals(await compareWithQemu(path), 3);
+    }),
+);
+
+Deno.test(
   "qcow2 check: broken refcount tables, L1 and L2 entries are corruptions reported as qemu-img reports them",
   { ignore: skip(QEMU) },
   () =>

@@ -16,6 +16,7 @@ import { UnsupportedError } from "../../streams/errors.ts";
 import type { Sink, Source } from "../../streams/types.ts";
 import { probe } from "../registry.ts";
 import { checkVdi } from "../_vdi_check.ts";
+import { checkQed } from "../_qed_check.ts";
 import {
   AUTOCLEAR,
   headBytes,
@@ -119,6 +120,17 @@ export async function checkImage(
   options: CheckOptions = {},
 ): Promise<CheckResult> {
   const format = options.format ?? (await probe(source))[0]?.format;
+  if (format === "qed") {
+    // qemu-img checks qed tables; -r leaks and -r all clear invalid
+    // offsets alike, then check again.
+    const repair = options.repairLeaks || options.repairAll;
+    if (!repair) return await checkQed(source);
+    const first = await checkQed(source, options.sink);
+    if (first.corruptionsFixed === 0) return first;
+    const second = await checkQed(source);
+    second.corruptionsFixed = first.corruptionsFixed;
+    return second;
+  }
   if (format === "vdi" && !options.repairLeaks && !options.repairAll) {
     // qemu-img checks vdi block maps, and repairs nothing (-r: exit 63).
     return await checkVdi(source);
