@@ -351,7 +351,9 @@ Deno.test(
         new DataView(bytes.buffer).setBigUint64(at, value, true);
         for (const args of [[], ["-r", "leaks"], ["-r", "all"]]) {
           await Deno.writeFile(path, bytes);
-          await compareWithQemu(path, args);
+          await compareWithQemu(path, args).catch((e) => {
+            throw new Error(`${name} ${args.join(" ")}: ${e.message}`);
+          });
         }
       }
       // A leak: a cluster past the last one used.
