@@ -1537,7 +1537,7 @@ const commands: Record<string, Command> = {
       const setBacking = driver(top.format).setBackingFile;
       if (!file || !setBacking) {
         throw new Error(
-          `${top.format}: rebase refused: this toolkit rewrites the backing file of qcow images only`,
+          `${top.format}: rebase refused: this toolkit rewrites the backing file of qcow and qcow2 images only`,
         );
       }
       const format = values["backing-format"] as string | undefined;

@@ -1678,6 +1678,10 @@ export const qcow2: Driver = {
   open: openQcow2,
   create: createQcow2,
   encode: encodeQcow2,
+  // Imported when called: the amend module reaches the registry through
+  // the check module, and the registry imports this driver.
+  setBackingFile: async (file, name, format) =>
+    (await import("./qcow2/amend.ts")).setQcow2BackingFile(file, name, format),
   writeOptions: QCOW2_OPTIONS,
   compresses: true,
 };

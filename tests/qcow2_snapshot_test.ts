@@ -619,3 +619,46 @@ Deno.test(
       assertEquals(await Deno.readFile(path), before);
     }),
 );
+
+Deno.test(
+  "rebase -u and rebase of a qcow2 overlay do what qemu-img rebase does on a copy",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const a = new Uint8Array(4 << 20).fill(0x11);
+      const b = new Uint8Array(4 << 20).fill(0x11);
+      b.fill(0x22, 1 << 20, 2 << 20);
+      await Deno.writeFile(`${dir}/a.raw`, a);
+      await Deno.writeFile(`${dir}/b.raw`, b);
+      const cases: [string, string[]][] = [
+        ["-u to b.raw", ["-u", "-b", "b.raw", "-F", "raw"]],
+        ["-u to none", ["-u", "-b", ""]],
+        ["safe to b.raw", ["-b", "b.raw", "-F", "raw"]],
+        ["safe to none", ["-b", ""]],
+      ];
+      for (const [name, args] of cases) {
+        const ours = `${dir}/ours.qcow2`;
+        const theirs = `${dir}/theirs.qcow2`;
+        await run("qemu-img", [
+          "create",
+          "-q",
+          "-f",
+          "qcow2",
+          "-b",
+          "a.raw",
+          "-F",
+          "raw",
+          ours,
+        ]);
+        await qemuIo("qcow2", ours, "write -P 3 0 64k", "write -P 4 3M 64k");
+        await Deno.copyFile(ours, theirs);
+        const q = await run("qemu-img", ["rebase", ...args, theirs], {
+          allowFail: true,
+        });
+        const o = await cli(["rebase", ...args, ours]);
+        assertEquals(o.code, q.code, `${name}: ${o.stderr}`);
+        assertEquals(await amendFacts(ours), await amendFacts(theirs), name);
+        await assertSameAsQemu(ours, theirs, name);
+      }
+    }),
+);

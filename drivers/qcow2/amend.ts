@@ -186,8 +186,18 @@ export async function amendQcow2(
   await file.flush?.();
 }
 
+/** A backing file name and format, for a header rewrite. */
+interface Backing {
+  backingFile?: string;
+  backingFormat?: string;
+}
+
 /** The image's settings as `headerCluster` takes them. */
-function settingsOf(state: State, version: 2 | 3): Qcow2Settings {
+function settingsOf(
+  state: State,
+  version: 2 | 3,
+  backing: Backing,
+): Qcow2Settings {
   const h = state.header;
   return {
     version,
@@ -209,10 +219,7 @@ function settingsOf(state: State, version: 2 | 3): Qcow2Settings {
       hashAlg: "",
       iterTime: 0,
     },
-    backingFile: state.backingFile,
-    backingFormat: state.backingFile === undefined
-      ? undefined
-      : state.header.backingFormat,
+    ...backing,
   };
 }
 
@@ -224,6 +231,12 @@ async function rewriteHeader(
   file: ImageFile,
   state: State,
   version: 2 | 3,
+  backing: Backing = {
+    backingFile: state.backingFile,
+    backingFormat: state.backingFile === undefined
+      ? undefined
+      : state.header.backingFormat,
+  },
 ): Promise<State> {
   const h = state.header;
   if (version === 3) {
@@ -238,7 +251,7 @@ async function rewriteHeader(
       );
     }
   }
-  const cluster = headerCluster(settingsOf(state, version), {
+  const cluster = headerCluster(settingsOf(state, version, backing), {
     size: h.size,
     l1TableOffset: h.l1TableOffset,
     l1Size: h.l1Size,
@@ -248,6 +261,18 @@ async function rewriteHeader(
   });
   setBe32(cluster, 60, h.nbSnapshots);
   setBe64(cluster, 64, h.snapshotsOffset);
+  if (version === 3 && h.version === 3) {
+    // The feature bits and compression type stay (dirty and corrupt were
+    // repaired and cleared on opening).
+    const v = new DataView(cluster.buffer);
+    v.setBigUint64(
+      72,
+      h.incompatible & ~(INCOMPAT.dirty | INCOMPAT.corrupt),
+    );
+    v.setBigUint64(80, h.compatible);
+    v.setBigUint64(88, h.autoclear);
+    cluster[104] = h.compressionType;
+  }
   await file.write(0, cluster);
   await file.flush?.();
   return await openState(file, {});
@@ -415,4 +440,54 @@ async function expandZeros(
     modified = true;
   }
   if (modified) await file.write(at, table);
+}
+
+/**
+ * Records `name` (and `format`) as the backing file of the qcow2 image in
+ * `file`, or removes it, changing nothing else (`rebase -u`): the header
+ * cluster is written again with the new name and backing format
+ * extension.
+ *
+ * @param file the image file, read and written
+ * @param name the new backing file name, or undefined for none
+ * @param format its format, recorded in the backing format extension
+ * @throws {UnsupportedError} for images with persistent bitmaps or an
+ *   external data file (their header extensions are not rewritten)
+ *
+ * @example
+ * ```ts
+ * import { create, memorySink, open, setQcow2BackingFile } from "../../mod.ts";
+ * const sink = memorySink();
+ * await create("qcow2", sink, { size: 1 << 20 });
+ * await setQcow2BackingFile(sink, "base.raw", "raw");
+ * console.log((await open(sink.source())).backingFile); // base.raw
+ * ```
+ */
+export async function setQcow2BackingFile(
+  file: ImageFile,
+  name: string | undefined,
+  format?: string,
+): Promise<void> {
+  const state = await openForChange(file);
+  const h = state.header;
+  if (h.bitmaps || state.hasDataFile) {
+    refuse(
+      "backing_file",
+      name,
+      "changing the backing file of an image with persistent bitmaps or an external data file is not supported",
+    );
+  }
+  const bytes = new TextEncoder().encode(name ?? "");
+  if (bytes.length > 1023) {
+    refuse(
+      "backing_file",
+      name,
+      "a backing file name takes at most 1023 bytes",
+    );
+  }
+  await rewriteHeader(file, state, h.version === 2 ? 2 : 3, {
+    backingFile: name,
+    backingFormat: name === undefined ? undefined : format,
+  });
+  await file.flush?.();
 }
