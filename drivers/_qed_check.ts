@@ -42,10 +42,13 @@ const fail = formatErrors(FORMAT);
  *
  * @example
  * ```ts
- * import { checkImage, create, memorySink } from "../mod.ts";
- * const sink = memorySink();
- * await create("qed", sink, { size: 1 << 20 });
- * console.log((await checkImage(sink.source())).leaks); // 0
+ * import { checkQed } from "./_qed_check.ts";
+ * import { fromBytes } from "../mod.ts";
+ * try {
+ *   await checkQed(fromBytes(new Uint8Array(64)));
+ * } catch (e) {
+ *   console.log((e as Error).message.startsWith("qed: magic")); // true
+ * }
  * ```
  */
 export async function checkQed(
