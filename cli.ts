@@ -373,20 +373,50 @@ interface InputOptions {
   extra?: OpenOptions;
   /** Open the first backing file for writing too (commit writes into it). */
   writeBacking?: boolean;
+  /**
+   * The parents of a differencing vdi (which names them by UUID only),
+   * top first (`--parent`); each is checked against the UUID it must have.
+   */
+  parents?: string[];
+  /** Do not refuse `parents` that no layer of this image uses (compare's B). */
+  parentsOptional?: boolean;
 }
 
 /** The flags of the backing-file policy, for commands that follow backing files. */
 const backingFlags = {
   "allow-backing-dir": { type: "string", multiple: true },
   "no-backing": { type: "boolean" },
+  parent: { type: "string", multiple: true },
 } as const;
 
-/** `followBacking` and `allowDirs` from the backing-file flags. */
+/** `followBacking`, `allowDirs` and `parents` from the backing-file flags. */
 function backingPolicy(values: Invocation["values"], follow = true) {
   return {
     followBacking: follow && values["no-backing"] !== true,
     allowDirs: values["allow-backing-dir"] as string[] | undefined,
+    parents: values.parent as string[] | undefined,
   };
+}
+
+/**
+ * `--parent FILE`s as the open option `parent` (absolute paths, one per
+ * line), and their folders, which the backing-file policy then allows: the
+ * user named these files.
+ */
+async function parentFiles(
+  given: string[],
+): Promise<{ option: string; folders: string[] }> {
+  const paths: string[] = [];
+  for (const name of given) {
+    const path = await Deno.realPath(name).catch(() => {
+      throw new UsageError(`--parent ${name}: no such file`);
+    });
+    if (path.includes("\n")) {
+      throw new UsageError(`--parent ${name}: a name with a line break`);
+    }
+    paths.push(path);
+  }
+  return { option: paths.join("\n"), folders: paths.map(folderOf) };
 }
 
 /**
@@ -440,7 +470,9 @@ async function openImage(
   }
   if (await isSparsebundle(path, options.format)) {
     if (options.writable) throw new Error("sparse bundles are read-only here");
-    const image = await openSparsebundle(await directoryTree(path));
+    const image = await openSparsebundle(await directoryTree(path), {
+      key: options.extra?.key as string | undefined,
+    });
     opened.push(image);
     return { image, backing: [], files: [] };
   }
@@ -456,15 +488,21 @@ async function openImage(
   opened.push(file);
   const files = [file];
   const backing: FileHandle[] = [];
+  const parents = options.parents?.length
+    ? await parentFiles(options.parents)
+    : undefined;
   const policy = options.followBacking
     ? fileBackingResolver(path, {
-      allowDir: options.allowDirs,
+      allowDir: [...options.allowDirs ?? [], ...parents?.folders ?? []],
       writeFirst: options.writeBacking,
     })
     : undefined;
   const extents = fileResolver(path);
   const image = await open(file, {
     ...options.extra,
+    ...(parents
+      ? { options: { ...options.extra?.options, parent: parents.option } }
+      : {}),
     format: options.format,
     writable: options.writable,
     sink: options.writable ? file : undefined,
@@ -488,6 +526,14 @@ async function openImage(
   });
   opened.push(image);
   warnAbout(image);
+  if (
+    parents && !options.parentsOptional &&
+    !layers(image).some((l) => l.backingFile === parents.option.split("\n")[0])
+  ) {
+    throw new Error(
+      `--parent: ${path} is not a differencing vdi (no layer of it links a parent by UUID alone), so it takes no --parent`,
+    );
+  }
   if (layers(image).some((l) => l.encrypted && l.format === "qcow")) {
     warnLongQcowKey(options.extra?.key as string | undefined, "of the input");
   }
@@ -532,6 +578,29 @@ async function openOutput(
   const out = await createOutputFile(path);
   pendingOutputs.add(out);
   return out;
+}
+
+/**
+ * The files an output at `path` names as part of itself (qcow2's
+ * `data_file`): made beside it (a relative name is taken from the
+ * output's folder, as the reader opens it), committed after it.
+ */
+function companionFiles(path: string) {
+  const made: (Sink & { commit?(): Promise<void> })[] = [];
+  return {
+    createFile: async (name: string): Promise<Sink> => {
+      const slash = path.lastIndexOf("/");
+      const full = name.startsWith("/") || slash < 0
+        ? name
+        : `${path.slice(0, slash)}/${name}`;
+      const out = await openOutput(full);
+      made.push(out);
+      return out;
+    },
+    finish: async () => {
+      for (const out of made) await finishOutput(out);
+    },
+  };
 }
 
 /** What `write` copies from: a length known up front, read in order. */
@@ -820,7 +889,7 @@ async function serveNbd(
 const commands: Record<string, Command> = {
   info: {
     usage:
-      "info [-f FMT] [--output=human|json] [--backing-chain [--allow-backing-dir DIR]...] IMAGE",
+      "info [-f FMT] [--output=human|json] [--backing-chain [--allow-backing-dir DIR]...] [--parent FILE]... IMAGE",
     summary:
       "show what an image is: format, sizes, backing file, details (--backing-chain: every layer)",
     options: {
@@ -828,6 +897,7 @@ const commands: Record<string, Command> = {
       output: { type: "string", default: "human" },
       "backing-chain": { type: "boolean" },
       "allow-backing-dir": backingFlags["allow-backing-dir"],
+      parent: backingFlags.parent,
       "key-file": { type: "string" },
     },
     async run({ values, positionals }) {
@@ -835,7 +905,8 @@ const commands: Record<string, Command> = {
       const chain = values["backing-chain"] === true;
       const { file, image } = await openImage(path, {
         format: values.format as string | undefined,
-        ...backingPolicy(values, chain),
+        // A named parent is opened, to check it is the one linked.
+        ...backingPolicy(values, chain || values.parent !== undefined),
         extra: { key: await keyFrom(values) },
       }).catch((e) => {
         // A format only recognised: say what the file is, then fail.
@@ -880,7 +951,7 @@ const commands: Record<string, Command> = {
 
   convert: {
     usage:
-      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-n [--target-is-zero]] [-S SIZE] [--salvage] [-p | --progress=json] [-l SNAPSHOT] [--hash] [--boot-sector FILE] [--partition N|NAME] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] IN OUT   (OUT '-' is stdout)",
+      "convert [-f FMT] [-O FMT] [-o OPTS] [-B BACKING [-F FMT]] [-c] [-n [--target-is-zero]] [-S SIZE] [--salvage] [-p | --progress=json] [-l SNAPSHOT] [--hash] [--boot-sector FILE] [--partition N|NAME] [--key-file F] [--no-verify] [--allow-backing-dir DIR]... [--no-backing] [--parent FILE]... IN OUT   (OUT '-' is stdout)",
     summary:
       "convert an image (with its backing chain) to another format (raw by default)",
     options: {
@@ -956,6 +1027,8 @@ const commands: Record<string, Command> = {
       const { image: source, files } = await openImage(input, {
         format: values.format as string | undefined,
         ...backingPolicy(values),
+        // With -B, --parent may name the parents of -B's file instead.
+        parentsOptional: values.backing !== undefined,
         extra: {
           key,
           options: {
@@ -987,6 +1060,7 @@ const commands: Record<string, Command> = {
         const opened = await openImage(backingPath, {
           format: values["backing-format"] as string | undefined,
           ...backingPolicy(values),
+          parentsOptional: true,
           extra: { key },
         });
         backingImage = opened.image;
@@ -1011,6 +1085,7 @@ const commands: Record<string, Command> = {
           .image
         : undefined;
       const sink = target ? undefined : await openOutput(output);
+      const companions = companionFiles(output);
       const bar = values.progress || values["progress-json"]
         ? progressBar("convert", values["progress-json"] === true)
         : undefined;
@@ -1030,10 +1105,15 @@ const commands: Record<string, Command> = {
         backing: backingImage,
         hash: values.hash === true,
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
+        createFile: companions.createFile,
       };
       const result = await convert(image, sink ?? nullSink, options);
       bar?.end();
       if (sink) await finishOutput(sink);
+      await companions.finish();
+      for (const warning of result.warnings ?? []) {
+        printErr(`vdisk: warning: ${warning}\n`);
+      }
       if (result.sha256) printErr(`sha256 ${result.sha256}\n`);
       // --salvage: what could not be read, and exit 3 when anything was.
       for (const run of result.salvaged ?? []) {
@@ -1049,7 +1129,7 @@ const commands: Record<string, Command> = {
 
   map: {
     usage:
-      "map [-f FMT] [--output=human|json] [--partitions] [--allow-backing-dir DIR]... [--no-backing] [--key-file F] IMAGE",
+      "map [-f FMT] [--output=human|json] [--partitions] [--allow-backing-dir DIR]... [--no-backing] [--parent FILE]... [--key-file F] IMAGE",
     summary:
       "show the allocation map of the backing chain: which layer holds each run, which read as zeros",
     options: {
@@ -1156,16 +1236,36 @@ const commands: Record<string, Command> = {
       }
       const key = await keyFrom(values);
       if (format === "qcow") warnLongQcowKey(key, "of the new image");
+      // A format that links its parent by identity reads it from the
+      // parent itself (named, as qemu-img does, from the new image's folder).
+      const backing = backingFile !== undefined &&
+          driver(format).createNeedsBacking
+        ? (await openImage(
+          backingFile.startsWith("/")
+            ? backingFile
+            : `${folderOf(path)}/${backingFile}`,
+          {
+            format: values["backing-format"] as string | undefined,
+            followBacking: true,
+            extra: { key },
+          },
+        )).image
+        : undefined;
       const sink = await openOutput(path);
+      const companions = companionFiles(path);
       const image = await create(format, sink, {
         size,
+        backing,
         backingFile,
         backingFormat: values["backing-format"] as string | undefined,
         key,
         options,
+        createFile: companions.createFile,
       });
       await image.flush?.();
       await finishOutput(sink);
+      warnAbout(image);
+      await companions.finish();
       print(`Formatting '${path}', fmt=${format} size=${size}\n`);
       return 0;
     },
@@ -1173,7 +1273,7 @@ const commands: Record<string, Command> = {
 
   compare: {
     usage:
-      "compare [-f FMT] [-F FMT] [-s] [--partition N|NAME] [--partition-b N|NAME] [--allow-backing-dir DIR]... [--no-backing] [--key-file F] A B",
+      "compare [-f FMT] [-F FMT] [-s] [--partition N|NAME] [--partition-b N|NAME] [--allow-backing-dir DIR]... [--no-backing] [--parent FILE]... [--key-file F] A B",
     summary:
       "compare two images' contents, backing chains included (exit 0 same, 1 different, 2 error)",
     options: {
@@ -1188,14 +1288,17 @@ const commands: Record<string, Command> = {
     async run({ values, positionals }) {
       const [pathA, pathB] = need(positionals, 2, "compare");
       const key = await keyFrom(values);
+      // --parent: the parents of whichever of A and B is a differencing vdi.
       const wholeA = (await openImage(pathA, {
         format: values["a-format"] as string | undefined,
         ...backingPolicy(values),
+        parentsOptional: true,
         extra: { key },
       })).image;
       const wholeB = (await openImage(pathB, {
         format: values["b-format"] as string | undefined,
         ...backingPolicy(values),
+        parentsOptional: true,
         extra: { key },
       })).image;
       // --partition: one partition of A (--partition-b: of B) is compared.
@@ -1222,7 +1325,7 @@ const commands: Record<string, Command> = {
 
   commit: {
     usage:
-      "commit [-f FMT] [-p | --progress=json] [--allow-backing-dir DIR]... IMAGE",
+      "commit [-f FMT] [-p | --progress=json] [--allow-backing-dir DIR]... [--parent FILE]... IMAGE",
     summary:
       "copy what IMAGE holds into its backing file (IMAGE is only read and is kept as it is)",
     options: {
@@ -1230,6 +1333,7 @@ const commands: Record<string, Command> = {
       progress: { type: "boolean", short: "p" },
       "progress-json": { type: "boolean" },
       "allow-backing-dir": backingFlags["allow-backing-dir"],
+      parent: backingFlags.parent,
     },
     async run({ values, positionals }) {
       const [path] = need(positionals, 1, "commit");
@@ -1678,7 +1782,7 @@ const commands: Record<string, Command> = {
 
   serve: {
     usage:
-      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--max-virtual BYTES] [--max-upload BYTES] [--max-concurrent N] [--web DIR]\n  serve --nbd [--port N] [--hostname H] [--snapshot] [--max-concurrent N] [-f FMT] [--key-file F] [--allow-backing-dir DIR]... [--no-backing] IMAGE",
+      "serve [--port N] [--hostname H] [--allow-host HOST]... [--allow-private] [--max-input BYTES] [--max-virtual BYTES] [--max-upload BYTES] [--max-concurrent N] [--web DIR]\n  serve --nbd [--port N] [--hostname H] [--snapshot] [--max-concurrent N] [-f FMT] [--key-file F] [--allow-backing-dir DIR]... [--no-backing] [--parent FILE]... IMAGE",
     summary:
       "run the conversion service (GET /convert?url=..., POST /info); --web also serves a folder and dist/mod.js; --nbd exports IMAGE over NBD (port 10809), read-only, or taking writes in memory with --snapshot",
     options: {
@@ -1699,7 +1803,13 @@ const commands: Record<string, Command> = {
     },
     async run({ values, positionals }) {
       if (values.nbd === true) return await serveNbd(values, positionals);
-      const nbdOnly = ["snapshot", "format", "key-file", "no-backing"]
+      const nbdOnly = [
+        "snapshot",
+        "format",
+        "key-file",
+        "no-backing",
+        "parent",
+      ]
         .find((flag) => values[flag] !== undefined) ??
         (values["allow-backing-dir"] ? "allow-backing-dir" : undefined);
       if (nbdOnly) throw new UsageError(`--${nbdOnly} needs --nbd`, "serve");

@@ -59,7 +59,11 @@ export interface BlockReader {
   read(offset: number, length: number): Promise<Uint8Array>;
   /** Reads into the caller's buffer. */
   readInto(offset: number, into: Uint8Array): Promise<void>;
-  /** The allocation map of `[offset, offset + length)`. */
+  /**
+   * The allocation map of `[offset, offset + length)`; `data` runs carry
+   * their `fileOffset` in `source` (runs merge only where they follow each
+   * other in the file too, as qemu-img map shows them).
+   */
   extents(offset: number, length: number): AsyncIterable<Extent>;
 }
 
@@ -103,11 +107,24 @@ export function blockReader(map: BlockMap): BlockReader {
         const from = Math.max(at, start + r.from);
         const to = Math.min(stop, start + r.to);
         if (from >= to) continue;
-        if (run && run.kind === r.kind && run.offset + run.length === from) {
+        const where = r.kind === "data"
+          ? r.at! + (from - start - r.from)
+          : undefined;
+        if (
+          run && run.kind === r.kind && run.offset + run.length === from &&
+          (where === undefined || run.fileOffset! + run.length === where)
+        ) {
           run.length += to - from;
         } else {
           if (run) yield run;
-          run = { offset: from, length: to - from, kind: r.kind };
+          run = where === undefined
+            ? { offset: from, length: to - from, kind: r.kind }
+            : {
+              offset: from,
+              length: to - from,
+              kind: r.kind,
+              fileOffset: where,
+            };
         }
       }
       at = stop;

@@ -31,9 +31,14 @@
  * one file per snapshot: `<Image>` with `<GUID>`, `<Type>` `Compressed`
  * (an expanding image as above) or `Plain` (the bytes as they are) and
  * `<File>`); `<Snapshots>` lists the snapshots (`<Shot>` with `<GUID>` and
- * `<ParentGUID>`). Opening the descriptor reads the disk through the files
- * it names (opened with `OpenOptions.resolveFile`); a bundle with more than
- * one snapshot is refused.
+ * `<ParentGUID>`, `{00000000-...}` for the root) and may name the current
+ * state in `<TopGUID>` (else it is `{5fbaabe3-6958-40ff-92a7-860e329aab41}`),
+ * as QEMU's `docs/interop/prl-xml.rst` describes. Each snapshot's image is
+ * a delta over its parent's: the disk is read through the chain from the
+ * top image (or the snapshot named by the open option `snapshot`, the
+ * CLI's `-l`) down to the root, each storage's images stacked as an
+ * overlay (clusters an image does not hold are its parent's; the root's
+ * are zeros). The files are opened with `OpenOptions.resolveFile`.
  *
  * @module
  */
@@ -41,7 +46,13 @@
 import { ascii, formatErrors, le32, le64 } from "./_binary.ts";
 import { blockReader, wholeBlock } from "./_blocks.ts";
 import { check, UnsupportedError } from "../streams/errors.ts";
-import { checkRange, type Extent, extentsOf } from "../streams/types.ts";
+import {
+  checkRange,
+  type Extent,
+  extentsOf,
+  storesDataIn,
+} from "../streams/types.ts";
+import { overlay } from "../streams/overlay.ts";
 import type {
   Driver,
   Image,
@@ -180,7 +191,9 @@ async function openParallels(
     },
   });
   const inUse = le32(h, 44) === INUSE;
-  return {
+  // Clusters read as their bytes in the file: convert copies them file to
+  // file (in the kernel) to a raw output.
+  return storesDataIn({
     format: FORMAT,
     size,
     name: source.name,
@@ -203,7 +216,7 @@ async function openParallels(
     },
     ...reader,
     close: () => source.close?.() ?? Promise.resolve(),
-  };
+  }, source);
 }
 
 // ---------------------------------------------------------------------------
@@ -212,6 +225,80 @@ async function openParallels(
 /** The largest descriptor read (real ones are a few kilobytes). */
 const MAX_DESCRIPTOR = 1 << 20;
 const MAX_STORAGES = 4096;
+/** The most image files a bundle opens (storages x snapshots in the chain). */
+const MAX_FILES = 4096;
+/** The current state when `<TopGUID>` is absent (prl-xml.rst). */
+const DEFAULT_TOP = "{5fbaabe3-6958-40ff-92a7-860e329aab41}";
+const ROOT_PARENT = "{00000000-0000-0000-0000-000000000000}";
+
+/**
+ * The chain of image GUIDs to read, top first: from `wanted` (the named
+ * snapshot, or the top) through `<ParentGUID>` to the root.
+ */
+function snapshotChain(
+  xml: string,
+  wanted: string | undefined,
+  bad: (field: string, value: unknown, limit: string) => Error,
+): {
+  chain: string[];
+  top?: string;
+  shots: { guid: string; parent: string }[];
+} {
+  const shots = elements(xml, "Shot").map((shot, i) => {
+    const guid = text(shot, "GUID")?.toLowerCase();
+    const parent = text(shot, "ParentGUID")?.toLowerCase() ?? ROOT_PARENT;
+    if (!guid) throw bad(`Snapshots Shot[${i}] GUID`, guid, "a GUID");
+    return { guid, parent };
+  });
+  const byGuid = new Map<string, string>();
+  for (const [i, shot] of shots.entries()) {
+    if (byGuid.has(shot.guid)) {
+      throw bad(
+        `Snapshots Shot[${i}] GUID`,
+        shot.guid,
+        "a GUID no other snapshot has (the snapshots form a tree)",
+      );
+    }
+    byGuid.set(shot.guid, shot.parent);
+  }
+  if (shots.length === 0) return { chain: [], shots };
+  const topGuid = text(xml, "TopGUID")?.toLowerCase();
+  const top = topGuid ??
+    (byGuid.has(DEFAULT_TOP) || shots.length > 1 ? DEFAULT_TOP : shots[0].guid);
+  const start = wanted === undefined
+    ? top
+    : wanted.startsWith("{")
+    ? wanted.toLowerCase()
+    : `{${wanted.toLowerCase()}}`;
+  if (!byGuid.has(start)) {
+    throw bad(
+      wanted === undefined ? "Snapshots TopGUID" : "snapshot",
+      wanted ?? start,
+      `one of the snapshots' GUIDs (${[...byGuid.keys()].join(", ")})`,
+    );
+  }
+  const chain: string[] = [];
+  for (let at = start; at !== ROOT_PARENT;) {
+    if (chain.includes(at)) {
+      throw bad(
+        "Snapshots ParentGUID",
+        at,
+        `a chain that ends at the root, not a loop (${chain.join(" -> ")})`,
+      );
+    }
+    chain.push(at);
+    const parent = byGuid.get(at);
+    if (parent === undefined) {
+      throw bad(
+        "Snapshots ParentGUID",
+        at,
+        `a snapshot listed in <Snapshots>, or ${ROOT_PARENT} for the root`,
+      );
+    }
+    at = parent;
+  }
+  return { chain, top, shots };
+}
 
 /** True when `head` begins a Parallels DiskDescriptor.xml. */
 function isDescriptor(head: Uint8Array): boolean {
@@ -254,7 +341,16 @@ function text(xml: string, tag: string): string | undefined {
 interface Storage {
   start: number;
   end: number;
+  /** Its images along the snapshot chain, stacked. */
   image: Source & { extents?: Image["extents"] };
+  /** The files of the chain, top first (each closed once). */
+  layers: (Source & { extents?: Image["extents"] })[];
+}
+
+async function closeAll(storages: Storage[]): Promise<void> {
+  await Promise.all(
+    storages.flatMap((s) => s.layers.map((l) => l.close?.())),
+  );
 }
 
 async function openBundle(
@@ -271,20 +367,21 @@ async function openBundle(
   if (!Number.isSafeInteger(diskSectors) || diskSectors < 0) {
     throw bad("Disk_size", text(xml, "Disk_size"), "a number of sectors");
   }
-  const shots = elements(xml, "Shot").map((shot) => ({
-    guid: text(shot, "GUID")?.toLowerCase(),
-    parent: text(shot, "ParentGUID")?.toLowerCase(),
-  }));
-  if (shots.length > 1) {
-    throw new UnsupportedError(
-      { format: FORMAT, field: "Snapshots", value: shots.length },
-      `this bundle has ${shots.length} snapshots; only bundles with one are read here`,
-    );
+  const named = options.options?.snapshot;
+  const { chain, top, shots } = snapshotChain(xml, named, bad);
+  if (named !== undefined && chain.length === 0) {
+    throw bad("snapshot", named, "a snapshot of the bundle (it lists none)");
   }
-  const top = shots[0]?.guid;
   const storages = elements(xml, "Storage");
   if (storages.length === 0 || storages.length > MAX_STORAGES) {
     throw bad("Storage", storages.length, `from 1 to ${MAX_STORAGES} storages`);
+  }
+  if (storages.length * Math.max(1, chain.length) > MAX_FILES) {
+    throw bad(
+      "Snapshots",
+      `${chain.length} images in the chain, ${storages.length} storages`,
+      `at most ${MAX_FILES} image files in all`,
+    );
   }
   if (!options.resolveFile) {
     throw new UnsupportedError(
@@ -314,46 +411,70 @@ async function openBundle(
         type: text(image, "Type"),
         file: text(image, "File"),
       }));
-      const image = top === undefined && images.length === 1
-        ? images[0]
-        : images.find((im) => im.guid === top);
-      if (!image?.file) {
-        throw bad(
-          `Storage[${i}] Image`,
-          images.length,
-          `an image of snapshot ${top ?? "(none named)"} with a <File>`,
-        );
-      }
-      if (image.file.includes("/") || image.file.includes("\\")) {
-        throw bad(
-          `Storage[${i}] File`,
-          image.file,
-          "a file name beside the descriptor",
-        );
-      }
-      const file = await options.resolveFile(image.file, source.name);
       const length = (end - start) * SECTOR;
-      let inner: Storage["image"];
-      if (image.type === "Plain") {
-        inner = file;
-      } else if (image.type === "Compressed") {
-        inner = await openParallels(file, { format: FORMAT });
-      } else {
-        await file.close?.();
-        throw bad(
-          `Storage[${i}] Type`,
-          image.type,
-          '"Compressed" or "Plain"',
-        );
+      // This storage's images along the chain, top first (a bundle without
+      // snapshots has one image).
+      const wanted = chain.length ? chain : [undefined];
+      const layers: Storage["image"][] = [];
+      const stored: Storage = {
+        start: start * SECTOR,
+        end: end * SECTOR,
+        image: undefined as unknown as Storage["image"],
+        layers,
+      };
+      opened.push(stored);
+      for (const [depth, guid] of wanted.entries()) {
+        const image = guid === undefined && images.length === 1
+          ? images[0]
+          : images.find((im) => im.guid === guid);
+        if (!image?.file) {
+          throw bad(
+            `Storage[${i}] Image`,
+            images.length,
+            `an image of snapshot ${guid ?? "(none named)"} with a <File>`,
+          );
+        }
+        if (image.file.includes("/") || image.file.includes("\\")) {
+          throw bad(
+            `Storage[${i}] File`,
+            image.file,
+            "a file name beside the descriptor",
+          );
+        }
+        const root = depth === wanted.length - 1;
+        if (image.type !== "Compressed" && !(root && image.type === "Plain")) {
+          throw bad(
+            `Storage[${i}] Type`,
+            image.type,
+            root
+              ? '"Compressed" or "Plain"'
+              : '"Compressed" (a snapshot over a parent is an expanding image)',
+          );
+        }
+        const file = await options.resolveFile(image.file, source.name);
+        const inner = image.type === "Plain"
+          ? file
+          : await openParallels(file, { format: FORMAT }).catch(
+            async (e) => {
+              await file.close?.();
+              throw e;
+            },
+          );
+        layers.push(inner);
+        if (inner.size < length) {
+          throw bad(
+            `Storage[${i}] File`,
+            `${image.file}: ${inner.size} bytes`,
+            `at least the storage's ${length} bytes`,
+          );
+        }
       }
-      opened.push({ start: start * SECTOR, end: end * SECTOR, image: inner });
-      if (inner.size < length) {
-        throw bad(
-          `Storage[${i}] File`,
-          `${image.file}: ${inner.size} bytes`,
-          `at least the storage's ${length} bytes`,
-        );
+      // Stacked: each image's unallocated clusters read its parent's.
+      let below: Storage["image"] = layers[layers.length - 1];
+      for (let d = layers.length - 2; d >= 0; d--) {
+        below = overlay(layers[d] as Image, below);
       }
+      stored.image = below;
     }
     if (expected !== diskSectors) {
       throw bad(
@@ -363,7 +484,7 @@ async function openBundle(
       );
     }
   } catch (e) {
-    await Promise.all(opened.map((s) => s.image.close?.()));
+    await closeAll(opened);
     throw e;
   }
   const size = diskSectors * SECTOR;
@@ -385,7 +506,13 @@ async function openBundle(
     details: {
       subformat: "bundle",
       storages: opened.length,
-      ...(top ? { snapshot: top } : {}),
+      ...(chain.length ? { snapshot: chain[0], chain } : {}),
+      ...(top && chain[0] !== top ? { top } : {}),
+      ...(shots.length > 1
+        ? {
+          snapshots: shots.map((s) => ({ guid: s.guid, parent: s.parent })),
+        }
+        : {}),
     },
     async read(offset, length) {
       checkRange(size, offset, length);
@@ -404,7 +531,7 @@ async function openBundle(
       }
     },
     async close() {
-      await Promise.all(opened.map((s) => s.image.close?.()));
+      await closeAll(opened);
       await source.close?.();
     },
   };

@@ -40,6 +40,7 @@ import type {
   ProbeInput,
   Source,
 } from "../streams/types.ts";
+import { storesDataIn } from "../streams/types.ts";
 
 const FORMAT = "qed";
 const MAGIC = 0x00444551;
@@ -239,7 +240,9 @@ async function openQed(source: Source, options: OpenOptions): Promise<Image> {
   });
 
   const needCheck = (features & F_NEED_CHECK) !== 0n;
-  return {
+  // Data clusters read as their bytes in the file: convert copies them
+  // file to file (in the kernel) to a raw output.
+  return storesDataIn({
     format: FORMAT,
     size: imageSize,
     name: source.name,
@@ -261,7 +264,7 @@ async function openQed(source: Source, options: OpenOptions): Promise<Image> {
     },
     ...reader,
     close: () => source.close?.() ?? Promise.resolve(),
-  };
+  }, source);
 }
 
 /**

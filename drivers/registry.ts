@@ -15,7 +15,7 @@ import {
   ProbedRawWriteError,
   UnknownFormatError,
 } from "../streams/errors.ts";
-import { overlay } from "../streams/overlay.ts";
+import { overlay, type OverlayImage } from "../streams/overlay.ts";
 import { decrypt } from "../streams/decrypt.ts";
 import { checkWriteOptions } from "../streams/options.ts";
 import { type ImageInput, isSink, toSource } from "../streams/inputs.ts";
@@ -271,6 +271,30 @@ function markProbedRaw(
   };
 }
 
+/**
+ * Refuses a backing image that is not the one `image` links to by
+ * identity (a vdi's parent UUID): its bytes would be another disk's.
+ */
+async function checkBackingId(
+  image: Image,
+  base: Image,
+  file: string,
+): Promise<void> {
+  const parent = (base as Partial<OverlayImage>).top ?? base;
+  if (parent.id === image.backingId) return;
+  await base.close?.();
+  throw new BackingFileError(
+    `${image.format}: ${
+      image.name ?? "the image"
+    } links its parent by identity ${image.backingId}, but ${file} (${parent.format}) ${
+      parent.id === undefined
+        ? "carries no identity this toolkit reads"
+        : `is ${parent.id}`
+    }: refused, it is not this image's parent`,
+    image.backingFile ?? file,
+  );
+}
+
 async function openChain(
   source: Source,
   options: OpenOptions,
@@ -321,7 +345,8 @@ async function openChain(
     );
   }
   // An internal snapshot named for the top layer is not the backing file's.
-  const { snapshot: _snapshot, ...inherited } = options.options ?? {};
+  const { snapshot: _snapshot, ...inherited } = image.backingOptions ??
+    options.options ?? {};
   const base = await openChain(backingSource, {
     ...options,
     options: inherited,
@@ -329,6 +354,9 @@ async function openChain(
     writable: false,
     sink: undefined,
   }, chain);
+  if (image.backingId !== undefined) {
+    await checkBackingId(image, base, backingSource.name ?? image.backingFile);
+  }
   return overlay(image, base);
 }
 

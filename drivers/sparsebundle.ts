@@ -17,6 +17,19 @@
  * its end: bands never written are not stored, and the last band is only
  * as long as the disk. Missing bands are `zero` runs in the allocation map.
  *
+ * An encrypted bundle (`hdiutil create -encryption -type SPARSEBUNDLE`)
+ * keeps the `encrcdsa` header and its password key records (the layout in
+ * `dmg/_encrcdsa.ts`) as the whole `token` file; the bands hold the disk
+ * encrypted in chunks of the header's BlockSize, each AES-CBC with the IV
+ * HMAC-SHA1(key, chunk number), the chunks numbered over the whole disk
+ * (the chunk at byte `at` of band `n` is number `(n × band-size + at) /
+ * BlockSize`) and stored from byte 0 of each band file; the header's
+ * DataOffset and DataSize describe no bytes of the token and are not used.
+ * As described by keramics' `sparsebundle/encrypted_block_reader.rs` (by
+ * the author of libyal's libmodi) and hdimount's `EncryptReader` over its
+ * `SparsebundleReader`. Missing bands and the part of a band past its
+ * file's end read as zeros, as in a plain bundle.
+ *
  * The bundle is read through a {@linkcode Tree}: `directoryTree(path)` on
  * the command line and in Deno, `memoryTree({ "Info.plist": file, "bands/0":
  * file, ... })` in browsers and workers (the Files of a dropped folder,
@@ -28,7 +41,20 @@
 import { formatErrors } from "./_binary.ts";
 import { bandReader, nextPresent } from "./_bands.ts";
 import { parsePlist, type PlistValue } from "./dmg/_plist.ts";
-import { ImageFormatError, UnsupportedError } from "../streams/errors.ts";
+import {
+  type ChunkDecryptor,
+  chunkDecryptor,
+  describeEncryption,
+  type EncryptedLayout,
+  encryptedVersion,
+  parseEncrypted,
+  unlockKeys,
+} from "./dmg/_encrcdsa.ts";
+import {
+  ImageFormatError,
+  KeyError,
+  UnsupportedError,
+} from "../streams/errors.ts";
 import type {
   Driver,
   Image,
@@ -130,6 +156,75 @@ function parseInfo(bytes: Uint8Array, file: string): BundleInfo {
 export interface SparsebundleOptions {
   /** A name for messages. @default the tree's name */
   name?: string;
+  /**
+   * The password of an encrypted bundle (a string is taken as UTF-8). A
+   * wrong one is a `KeyError`; without one an encrypted bundle opens
+   * locked (its size, band map and encryption known, reads a `KeyError`).
+   * Ignored for a bundle that is not encrypted.
+   */
+  key?: string | Uint8Array;
+}
+
+/** The encryption of a bundle whose token holds an encrcdsa header. */
+interface BundleEncryption {
+  layout: EncryptedLayout;
+  /** What `info` shows (no keys, salts or blobs). */
+  description: Record<string, unknown>;
+  /** Absent while locked (no password given). */
+  chunks?: ChunkDecryptor;
+}
+
+/**
+ * Reads the token's encrcdsa header and unlocks it with `key`, or returns
+ * undefined when the token is empty or not a header (plain bundles have an
+ * empty token). The layout is checked against the bundle: band-size must
+ * be whole chunks (a chunk never straddles two band files), and the
+ * chunks of the disk must be numbered by 32 bits.
+ */
+async function bundleEncryption(
+  tree: Tree,
+  token: TreeEntry | undefined,
+  info: BundleInfo,
+  key: string | Uint8Array | undefined,
+  name?: string,
+): Promise<BundleEncryption | undefined> {
+  if (token?.kind !== "file" || token.size < 8) return undefined;
+  const head = await tree.read("token", 0, 8);
+  const tail = await tree.read("token", token.size - 8, 8);
+  if (!encryptedVersion(head, tail)) return undefined;
+  const source: Source = {
+    size: token.size,
+    name: `${name ?? "the bundle"}/token`,
+    read: (offset, length) => tree.read("token", offset, length),
+  };
+  const layout = await parseEncrypted(source, { token: true });
+  const { blockSize } = layout;
+  if (info.bandSize % blockSize !== 0) {
+    throw fail(
+      "band-size",
+      info.bandSize,
+      `a multiple of the token's BlockSize ${blockSize} (an encrypted chunk within one band file)`,
+      undefined,
+      name,
+    );
+  }
+  if (Math.ceil(info.size / blockSize) > 2 ** 32) {
+    throw fail(
+      "size",
+      info.size,
+      `at most 2^32 chunks of the token's BlockSize ${blockSize} (chunk numbers are 32-bit)`,
+      undefined,
+      name,
+    );
+  }
+  const description = describeEncryption(layout);
+  delete description.data_offset; // the token's DataOffset and DataSize
+  delete description.data_bytes; // describe no bytes here
+  description.chunk_numbers =
+    "over the whole disk: (band × band-size + offset in band) / chunk size";
+  if (key === undefined) return { layout, description };
+  const keys = await unlockKeys(layout, key, name);
+  return { layout, description, chunks: chunkDecryptor(blockSize, keys) };
 }
 
 /**
@@ -142,8 +237,9 @@ export interface SparsebundleOptions {
  * @throws {ImageFormatError} for a missing or malformed `Info.plist`, a
  *   missing `bands` folder, a band file longer than `band-size` or named
  *   twice
- * @throws {UnsupportedError} for an encrypted bundle or a backing store
- *   version other than 1
+ * @throws {KeyError} for an encrypted bundle and a wrong password
+ * @throws {UnsupportedError} for a backing store version other than 1, or
+ *   an encrypted bundle unlocked only by a certificate
  *
  * @example
  * ```ts
@@ -191,16 +287,14 @@ export async function openSparsebundle(
     await tree.read("Info.plist", 0, infoEntry.size),
     `${name}/Info.plist`,
   );
-  const token = entry("token");
-  if (token?.kind === "file" && token.size >= 8) {
-    const head = new TextDecoder().decode(await tree.read("token", 0, 8));
-    if (head === "encrcdsa") {
-      throw new UnsupportedError(
-        { format: FORMAT, field: "token", value: head, file: name },
-        "this sparse bundle is encrypted (its token holds an encrcdsa header): encrypted bundles are not read yet",
-      );
-    }
-  }
+  const encryption = await bundleEncryption(
+    tree,
+    entry("token"),
+    info,
+    options.key,
+    name,
+  );
+  const blockSize = encryption?.layout.blockSize ?? 1;
   const bandsFolder = entry("bands");
   if (!bandsFolder || bandsFolder.kind !== "dir") {
     throw new ImageFormatError(
@@ -243,6 +337,15 @@ export async function openSparsebundle(
         name,
       );
     }
+    if (e.size % blockSize !== 0) {
+      throw fail(
+        `bands/${e.name} size`,
+        e.size,
+        `whole encrypted chunks of ${blockSize} bytes (the token's BlockSize): a band file ending inside a chunk cannot be decrypted`,
+        undefined,
+        name,
+      );
+    }
     const twin = bands.get(band);
     if (twin) {
       throw fail(
@@ -257,6 +360,13 @@ export async function openSparsebundle(
   }
   const present = [...bands.keys()].sort((a, b) => a - b);
 
+  const chunks = encryption?.chunks;
+  const locked = () =>
+    new KeyError(
+      `${FORMAT}: ${name ?? "the bundle"} is encrypted (AES-${
+        encryption!.layout.keyBits
+      }): give its password (--key-file FILE, or openSparsebundle(tree, { key }))`,
+    );
   const reader = bandReader({
     size,
     bandSize,
@@ -264,12 +374,37 @@ export async function openSparsebundle(
     place(band) {
       const file = bands.get(band);
       if (!file) return { holeUntil: nextPresent(present, band, bandCount) };
+      const path = `bands/${file.name}`;
+      if (encryption && !chunks) {
+        return { read: () => Promise.reject(locked()) };
+      }
+      if (chunks) {
+        return {
+          async read(at, into) {
+            // Whole chunks around the range, as far as the file holds them
+            // (its size is whole chunks); past its end the band is zeros.
+            const start = at - at % blockSize;
+            const end = Math.min(
+              file.size,
+              Math.ceil((at + into.length) / blockSize) * blockSize,
+            );
+            const stored = Math.max(0, Math.min(into.length, end - at));
+            if (stored > 0) {
+              const bytes = await tree.read(path, start, end - start);
+              await chunks.decrypt(
+                (band * bandSize + start) / blockSize,
+                bytes,
+              );
+              into.set(bytes.subarray(at - start, at - start + stored));
+            }
+            into.fill(0, stored);
+          },
+        };
+      }
       return {
         async read(at, into) {
           const stored = Math.max(0, Math.min(into.length, file.size - at));
-          if (stored > 0) {
-            into.set(await tree.read(`bands/${file.name}`, at, stored));
-          }
+          if (stored > 0) into.set(await tree.read(path, at, stored));
           into.fill(0, stored);
         },
       };
@@ -280,8 +415,25 @@ export async function openSparsebundle(
     format: FORMAT,
     size,
     name,
-    encrypted: false,
+    encrypted: encryption !== undefined,
+    ...(encryption && !chunks
+      ? {
+        encryption: {
+          scheme: "sparsebundle-encrcdsa",
+          opensWithKey: true,
+          unlock() {
+            throw locked();
+          },
+        },
+      }
+      : {}),
     details: {
+      ...(encryption
+        ? {
+          encryption: encryption.description,
+          ...(chunks ? {} : { locked: "reading needs the password" }),
+        }
+        : {}),
       bandSize,
       bands: bandCount,
       bandsPresent: bands.size,

@@ -39,8 +39,13 @@
  *
  * A differencing image names its parent by UUID only (VirtualBox finds it
  * in its media registry), so it is followed only when the caller names
- * the parent's file with the open option `parent=FILE`; otherwise reading
- * a free block fails with a {@linkcode BackingFileError}.
+ * the parent's file with the open option `parent=FILE` (one file a line
+ * down a chain; the CLI's `--parent`), and the registry refuses a parent
+ * whose uuid_image is not uuid_link (`backingId`); otherwise reading a
+ * free block fails with a {@linkcode BackingFileError}. `create` with a
+ * backing file writes a differencing image (type 4, the parent's
+ * uuid_image and uuid_last_snap as uuid_link and uuid_parent), reading
+ * them from the opened parent (`CreateSpec.backing`).
  *
  * @module
  */
@@ -70,7 +75,7 @@ import type {
   Sink,
   Source,
 } from "../streams/types.ts";
-import { checkRange } from "../streams/types.ts";
+import { checkRange, storesDataIn } from "../streams/types.ts";
 
 const FORMAT = "vdi";
 const SIGNATURE = 0xbeda107f;
@@ -286,6 +291,15 @@ function parseHeader(b: Uint8Array, fileSize: number, file?: string): Header {
   };
 }
 
+/** `options` with `parent` set to the rest of a chain's files, or removed. */
+function withParents(
+  options: Record<string, string>,
+  rest: string[],
+): Record<string, string> {
+  const { parent: _parent, ...others } = options;
+  return rest.length ? { ...others, parent: rest.join("\n") } : others;
+}
+
 async function openVdi(source: Source, options: OpenOptions): Promise<Image> {
   const sink = writeSink(options, FORMAT);
   check(source.size >= HEADER_BYTES, {
@@ -333,10 +347,15 @@ async function openVdi(source: Source, options: OpenOptions): Promise<Image> {
     stored++;
   }
   const differencing = !isNil(header.uuidLink) || header.imageType === 4;
-  const parent = options.options?.parent;
-  const backingFile = differencing ? parent : undefined;
-  // parent= is ignored by images that have none: the registry passes the
-  // options down the chain, to the parent too.
+  // parent= names this image's parent, then (one per line) the parent's
+  // parent and so on down a chain of differencing images. It is ignored by
+  // images that have none: the options of an open reach every layer.
+  const [parent, ...grandparents] = options.options?.parent?.split("\n") ??
+    [];
+  const backingFile = differencing && parent ? parent : undefined;
+  const backingOptions = backingFile === undefined
+    ? undefined
+    : withParents(options.options ?? {}, grandparents);
   const details: Record<string, unknown> = {
     imageType: TYPE_NAMES[header.imageType],
     text: header.text,
@@ -353,6 +372,8 @@ async function openVdi(source: Source, options: OpenOptions): Promise<Image> {
       differencing: true,
       parentUuid: uuidText(header.uuidLink),
       parentModificationUuid: uuidText(header.uuidParent),
+      parent: backingFile ??
+        "not named: VirtualBox links a parent by UUID only, so its file must be named (open option parent, CLI --parent FILE)",
     });
   }
   const state = {
@@ -361,6 +382,9 @@ async function openVdi(source: Source, options: OpenOptions): Promise<Image> {
     headerBytes,
     bmap,
     stored,
+    // (Blocks up to 4 MiB: the overlay's copy-on-write window.)
+    inOverlay: backingFile !== undefined &&
+      options.resolveBacking !== undefined && blockSize <= 4 << 20,
   };
 
   const reader = blockReader({
@@ -376,13 +400,15 @@ async function openVdi(source: Source, options: OpenOptions): Promise<Image> {
     },
     unallocated(offset, length) {
       if (!differencing) return;
+      const where = `vdi: bytes ${offset}..${offset + length} of ${
+        source.name ?? "this image"
+      }, a differencing image, are in its parent (uuid ${
+        uuidText(header.uuidLink)
+      }), which was not opened`;
       throw new BackingFileError(
-        `vdi: bytes ${offset}..${
-          offset + length
-        } of this differencing image are in its parent (uuid ${
-          uuidText(header.uuidLink)
-        }), which was not opened: name its file with the open option parent and allow backing files`,
+        `${where}: name its file with the open option parent and allow backing files`,
         backingFile ?? "",
+        `${where}: name its file with --parent FILE`,
       );
     },
   });
@@ -400,13 +426,21 @@ async function openVdi(source: Source, options: OpenOptions): Promise<Image> {
       }
       : undefined,
     backingFile,
-    backingFormat: backingFile === undefined ? undefined : FORMAT,
+    // Probed: VirtualBox's parents may be of other formats, and the UUID
+    // check below refuses any image that is not the one linked.
+    backingId: backingFile === undefined
+      ? undefined
+      : `vdi ${uuidText(header.uuidLink)}`,
+    backingOptions,
+    id: `vdi ${uuidText(header.uuidImage)}`,
     requiresBacking: differencing,
     details,
     ...reader,
     close: () => source.close?.() ?? Promise.resolve(),
   };
-  if (!sink) return image;
+  // Read-only, stored blocks read as their bytes in the file: convert
+  // copies them file to file (in the kernel) to a raw output.
+  if (!sink) return storesDataIn(image, source);
   return writable(image, state, sink);
 }
 
@@ -417,6 +451,11 @@ interface State {
   headerBytes: Uint8Array;
   bmap: Uint32Array;
   stored: number;
+  /**
+   * True when the registry stacks this image on its named parent: the
+   * overlay then fills the rest of a block a write allocates.
+   */
+  inOverlay: boolean;
 }
 
 /**
@@ -445,10 +484,17 @@ function writable(
     const index = state.stored;
     const full = new Uint8Array(blockSize);
     if (entry === FREE && image.requiresBacking) {
-      throw new UnsupportedError(
-        { format: FORMAT },
-        "writing into a differencing image's free blocks needs its parent's bytes; write through an overlay",
-      );
+      // The rest of the block is the parent's.
+      const parent = fillFrom.get(result);
+      if (!parent && !state.inOverlay) {
+        throw new UnsupportedError(
+          { format: FORMAT },
+          "writing into a differencing image's free blocks needs its parent's bytes; write through an overlay",
+        );
+      }
+      const at = block * blockSize;
+      const inside = parent ? Math.min(blockSize, parent.size - at) : 0;
+      if (inside > 0) full.set(await parent!.read(at, inside));
     }
     full.set(bytes, within);
     await sink.write(offsetData + index * blockSize, full);
@@ -477,7 +523,7 @@ function writable(
 
   // The file grows as blocks are stored: reads of the new blocks go to the
   // sink read back, so the source must see the sink's size.
-  return {
+  const result: Image = {
     ...image,
     write(offset, bytes) {
       const next = writing.then(() => write(offset, bytes));
@@ -489,6 +535,7 @@ function writable(
       await sink.flush();
     },
   };
+  return result;
 }
 
 /**
@@ -503,11 +550,9 @@ async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
   if (isStatic !== "on" && isStatic !== "off") {
     throw fail("static", isStatic, '"on" or "off"');
   }
-  if (spec.backingFile !== undefined) {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "a vdi names its parent by UUID, not by file: a backing file cannot be recorded",
-    );
+  const parent = spec.backingFile === undefined ? undefined : parentLink(spec);
+  if (parent && isStatic === "on") {
+    throw fail("static", "on", "off for a differencing image");
   }
   const blockSize = options.block_size === undefined
     ? DEFAULT_BLOCK_SIZE
@@ -538,7 +583,7 @@ async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
   setLe32(header, 64, SIGNATURE);
   setLe32(header, 68, VERSION_1_1);
   setLe32(header, 72, MIN_HEADER_SIZE);
-  setLe32(header, 76, isStatic === "on" ? 2 : 1);
+  setLe32(header, 76, parent ? 4 : isStatic === "on" ? 2 : 1);
   setLe32(header, 340, offsetBmap);
   setLe32(header, 344, offsetData);
   setLe32(header, 360, SECTOR);
@@ -551,6 +596,10 @@ async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
   uuid[8] = (uuid[8] & 0x3f) | 0x80;
   header.set(uuid, 392);
   header.set(crypto.getRandomValues(new Uint8Array(16)), 408);
+  if (parent) {
+    header.set(parent.uuid, 424);
+    header.set(parent.modification, 440);
+  }
   const bmap = new Uint8Array(offsetData - offsetBmap);
   for (let i = 0; i < blocks; i++) {
     setLe32(bmap, i * 4, isStatic === "on" ? i : FREE);
@@ -564,13 +613,66 @@ async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
   // Blocks added later are read back through the sink; only the open
   // itself looks at the size.
   const source = readBackSource(sink, FORMAT, () => end);
-  return await openVdi(source, { writable: true, sink });
+  const image = await openVdi(source, { writable: true, sink });
+  if (parent) fillFrom.set(image, spec.backing!);
+  return image;
+}
+
+/**
+ * The parents of differencing images made by `create`, by image: a write
+ * into a free block fills the rest of the block from there. (An image
+ * opened later is written through an overlay, which does that.)
+ */
+const fillFrom = new WeakMap<Image, Source>();
+
+/** The parent's UUIDs a differencing image records, from the opened parent. */
+function parentLink(
+  spec: CreateSpec,
+): { uuid: Uint8Array; modification: Uint8Array } {
+  const opened = spec.backing;
+  if (!opened) {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      `a differencing vdi links its parent ${spec.backingFile} by UUID: the parent must be opened to read it`,
+    );
+  }
+  const parent = (opened as { top?: Image }).top ?? opened;
+  const uuid = parent.format === FORMAT ? parent.details?.uuid : undefined;
+  const modification = parent.details?.uuidLastSnap;
+  if (typeof uuid !== "string" || typeof modification !== "string") {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      `the parent ${spec.backingFile} is a ${parent.format} image: a differencing vdi's parent here must be a vdi (its UUID is what links them)`,
+    );
+  }
+  if (opened.size !== spec.size) {
+    throw fail(
+      "size",
+      spec.size,
+      `the parent's size (${opened.size} bytes): a differencing vdi has its parent's size`,
+    );
+  }
+  return { uuid: uuidBytes(uuid), modification: uuidBytes(modification) };
+}
+
+/** The 16 bytes of a UUID printed by {@linkcode uuidText}. */
+function uuidBytes(text: string): Uint8Array {
+  const hex = text.replace(/-/g, "");
+  const b = new Uint8Array(16);
+  for (let i = 0; i < 16; i++) b[i] = parseInt(hex.slice(2 * i, 2 * i + 2), 16);
+  // The first three fields are stored little-endian.
+  b.subarray(0, 4).reverse();
+  b.subarray(4, 6).reverse();
+  b.subarray(6, 8).reverse();
+  return b;
 }
 
 /**
  * The vdi driver: VirtualBox disk images. Reads dynamic, static and
  * differencing images (the parent followed only when named with the open
- * option `parent=FILE`); creates dynamic and static ones (`static=on`).
+ * option `parent=FILE`, and checked by UUID); creates dynamic and static
+ * ones (`static=on`), and differencing ones over an opened parent
+ * (`backingFile` with `backing`).
  *
  * @example
  * ```ts
@@ -606,4 +708,5 @@ export const vdi: Driver = {
   },
   open: openVdi,
   create: createVdi,
+  createNeedsBacking: true,
 };

@@ -1,7 +1,9 @@
 /**
  * vhdx: Hyper-V's VHDX images (fixed, dynamic and differencing), read with
- * the log replayed in memory; fixed and dynamic ones created (`create`,
- * `convert -O vhdx`) and written through (`write`, `commit` into them).
+ * the log replayed in memory; fixed, dynamic and differencing ones created
+ * (`create`, `convert -O vhdx`, `-b`/`-B` for a differencing one) and
+ * written through (`write`, `commit` into them; a differencing one only as
+ * `create` returns it).
  *
  * This module is browser compatible.
  *
@@ -106,7 +108,7 @@ import type {
   Sink,
   Source,
 } from "../streams/types.ts";
-import { checkRange, extentsOf } from "../streams/types.ts";
+import { checkRange, extentsOf, storesDataIn } from "../streams/types.ts";
 
 const FORMAT = "vhdx";
 const KiB = 1024;
@@ -803,13 +805,21 @@ async function readMetadata(source: Source, region: Region): Promise<Metadata> {
 function parentName(locator: Record<string, string>): string | undefined {
   const relative = locator["relative_path"];
   if (relative) return relative.replaceAll("\\", "/").replace(/^(\.\/)+/, "");
-  return locator["absolute_win32_path"] ?? locator["volume_path"];
+  const absolute = locator["absolute_win32_path"];
+  // Without a drive letter (as this toolkit writes a POSIX path): `/`s.
+  if (absolute && /^\\[^\\?]/.test(absolute)) {
+    return absolute.replaceAll("\\", "/");
+  }
+  return absolute ?? locator["volume_path"];
 }
 
 // ---------------------------------------------------------------------------
 // Opening.
 
-async function openVhdx(input: Source, options: OpenOptions): Promise<Image> {
+async function openVhdx(
+  input: Source,
+  options: OpenOptions & { fillFrom?: Source },
+): Promise<Image> {
   const sink = writeSink(options, FORMAT);
   check(input.size >= MiB, {
     format: FORMAT,
@@ -1036,6 +1046,9 @@ async function openVhdx(input: Source, options: OpenOptions): Promise<Image> {
     details.parentLocator = metadata.parentLocator;
     details.parentLocatorType = metadata.parentType;
   }
+  // The parent is the file whose data write GUID is parent_linkage: a
+  // file of that name with other data is refused (registry, backingId).
+  const linkage = metadata.parentLocator?.["parent_linkage"];
   const image: Image & { readonly requiresBacking: boolean } = {
     format: FORMAT,
     size: virtualSize,
@@ -1043,22 +1056,34 @@ async function openVhdx(input: Source, options: OpenOptions): Promise<Image> {
     encrypted: false,
     backingFile,
     backingFormat: backingFile === undefined ? undefined : FORMAT,
+    backingId: backingFile !== undefined && linkage !== undefined
+      ? `vhdx ${linkage.replace(/^\{|\}$/g, "").toLowerCase()}`
+      : undefined,
+    id: `vhdx ${header.dataWriteGuid}`,
     requiresBacking: hasParent,
     details,
     ...reader,
     close: () => input.close?.() ?? Promise.resolve(),
   };
-  if (!sink) return image;
+  // Read-only, stored blocks read as their bytes in `source` (the file, or
+  // the file with its log replayed over it, which convert reads instead of
+  // copying): convert copies them file to file (in the kernel).
+  if (!sink) return storesDataIn(image, source);
   if (header.logGuid !== ZERO_GUID) {
     throw new UnsupportedError(
       { format: FORMAT, field: "header.log_guid", value: header.logGuid },
       "this vhdx has a log to replay: it is replayed in memory for reading, never written; open it read-only (or convert it)",
     );
   }
-  if (hasParent) {
+  // A differencing file is written only as `create` made it, with its
+  // parent at hand: a block it stores is filled from the parent around the
+  // bytes written (the overlay's copy-on-write covers 4 MiB, less than a
+  // vhdx block may be).
+  const parentBytes = hasParent ? options.fillFrom : undefined;
+  if (hasParent && !parentBytes) {
     throw new UnsupportedError(
       { format: FORMAT },
-      "writing into a differencing vhdx is not supported here; write through an overlay",
+      "writing into a differencing vhdx is not supported here (only as create and convert -B make one); convert the chain instead",
     );
   }
 
@@ -1090,9 +1115,21 @@ async function openVhdx(input: Source, options: OpenOptions): Promise<Image> {
       await sink!.write(runs[0].at! + within, part);
       return;
     }
+    if (runs.some((r) => r.kind === "data")) {
+      throw new UnsupportedError(
+        { format: FORMAT, field: `block ${block}`, value: "partially present" },
+        "writing into a partially present block is not supported here",
+      );
+    }
     const at = nextFree;
     nextFree += blockSize;
     const whole = new Uint8Array(blockSize);
+    if (parentBytes && runs[0].kind === "unallocated") {
+      // The rest of the block is the parent's.
+      const from = block * blockSize;
+      const inside = Math.min(blockSize, parentBytes.size - from);
+      if (inside > 0) whole.set(await parentBytes.read(from, inside));
+    }
     whole.set(part, within);
     await sink!.write(at, whole);
     await setEntry(block + Math.floor(block / chunkRatio), at);
@@ -1122,12 +1159,7 @@ async function openVhdx(input: Source, options: OpenOptions): Promise<Image> {
  */
 async function createVhdx(sink: Sink, spec: CreateSpec): Promise<Image> {
   requireRandomAccess(sink, FORMAT, "vhdx images");
-  if (spec.backingFile !== undefined) {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "creating a differencing vhdx is not supported here",
-    );
-  }
+  const parent = spec.backingFile === undefined ? undefined : parentLink(spec);
   const empty: Source = {
     size: spec.size,
     read: (_offset, length) => Promise.resolve(new Uint8Array(length)),
@@ -1135,9 +1167,60 @@ async function createVhdx(sink: Sink, spec: CreateSpec): Promise<Image> {
       if (length > 0) yield { offset, length, kind: "zero" };
     },
   };
-  await encodeVhdx(empty, sink, { options: spec.options });
+  await encodeVhdx(empty, sink, { options: spec.options }, parent);
   const source = readBackSource(sink, FORMAT, () => 0);
-  return await openVhdx(source, { writable: true, sink });
+  return await openVhdx(source, {
+    writable: true,
+    sink,
+    fillFrom: spec.backing,
+  });
+}
+
+/** What a differencing file records of its parent. */
+interface ParentLink {
+  /** The parent's data write GUID. */
+  linkage: string;
+  /** The parent's name as given (`create -b`), `/` separated. */
+  name: string;
+}
+
+/** The parent link of `create -b` / `convert -B`, from the opened parent. */
+function parentLink(spec: CreateSpec): ParentLink {
+  const opened = spec.backing;
+  if (!opened) {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      `a differencing vhdx records its parent ${spec.backingFile}'s data write GUID: the parent must be opened to read it`,
+    );
+  }
+  const parent = (opened as { top?: Image }).top ?? opened;
+  const guid = parent.format === FORMAT
+    ? parent.details?.dataWriteGuid
+    : undefined;
+  if (typeof guid !== "string") {
+    throw new UnsupportedError(
+      { format: FORMAT },
+      `the parent ${spec.backingFile} is a ${parent.format} image: a differencing vhdx's parent is a vhdx (Hyper-V links them by the parent's data write GUID)`,
+    );
+  }
+  if (parent.details?.logicalSectorSize !== undefined) {
+    const wanted = spec.options?.logical_sector_size ?? "512";
+    if (Number(wanted) !== parent.details.logicalSectorSize) {
+      throw fail(
+        "logical_sector_size",
+        wanted,
+        `the parent's (${parent.details.logicalSectorSize})`,
+      );
+    }
+  }
+  if (opened.size !== spec.size) {
+    throw fail(
+      "size",
+      spec.size,
+      `the parent's size (${opened.size} bytes): a differencing vhdx has its parent's size`,
+    );
+  }
+  return { linkage: guid, name: spec.backingFile! };
 }
 
 // ---------------------------------------------------------------------------
@@ -1206,6 +1289,44 @@ function encodeUtf16(text: string): Uint8Array {
   return out;
 }
 
+/**
+ * The parent locator item (VHDX type): the type GUID, 2 reserved bytes,
+ * the key/value count, 12-byte entries (key offset, value offset, key
+ * length, value length; offsets from the item's start), then the UTF-16
+ * keys and values: `parent_linkage` ({GUID}), `relative_path` (from the
+ * child's folder, `.\` and backslashes as Hyper-V writes it) and, for an
+ * absolute name, `absolute_win32_path`.
+ */
+function parentLocator(parent: ParentLink): Uint8Array {
+  const windows = parent.name.replaceAll("/", "\\");
+  const absolute = /^([a-zA-Z]:)?\\/.test(windows);
+  const pairs: [string, string][] = [
+    ["parent_linkage", `{${parent.linkage}}`],
+    absolute
+      ? ["absolute_win32_path", windows]
+      : ["relative_path", `.\\${windows}`],
+  ];
+  const encoded = pairs.map(([k, v]) => [encodeUtf16(k), encodeUtf16(v)]);
+  const total = 20 + pairs.length * 12 +
+    encoded.reduce((n, [k, v]) => n + k.length + v.length, 0);
+  const item = new Uint8Array(total);
+  item.set(guidBytes(VHDX_PARENT_TYPE), 0);
+  setLe16(item, 18, pairs.length);
+  let at = 20 + pairs.length * 12;
+  encoded.forEach(([k, v], i) => {
+    const entry = 20 + i * 12;
+    setLe32(item, entry, at);
+    item.set(k, at);
+    at += k.length;
+    setLe32(item, entry + 4, at);
+    item.set(v, at);
+    at += v.length;
+    setLe16(item, entry + 8, k.length);
+    setLe16(item, entry + 10, v.length);
+  });
+  return item;
+}
+
 function randomGuid(): Uint8Array {
   const g = crypto.getRandomValues(new Uint8Array(16));
   g[7] = (g[7] & 0x0f) | 0x40;
@@ -1222,8 +1343,12 @@ async function encodeVhdx(
   source: Source,
   sink: Sink,
   options: EncodeOptions,
+  parent?: ParentLink,
 ): Promise<void> {
   const o = writeOptions(options.options);
+  if (parent && o.subformat === "fixed") {
+    throw fail("subformat", "fixed", "dynamic for a differencing file");
+  }
   const sector = o.logicalSectorSize;
   const virtualSize = Math.ceil(source.size / sector) * sector;
   if (virtualSize > MAX_VIRTUAL_SIZE) {
@@ -1232,8 +1357,11 @@ async function encodeVhdx(
   const blockSize = o.blockSize || defaultBlockSize(virtualSize);
   const chunkRatio = (2 ** 23 * sector) / blockSize;
   const payloadBlocks = Math.ceil(virtualSize / blockSize);
-  const entries = payloadBlocks +
-    Math.floor(Math.max(0, payloadBlocks - 1) / chunkRatio);
+  // A differencing file has a sector bitmap entry after every chunk, the
+  // last one too (none present: no block is partially present).
+  const entries = parent
+    ? Math.ceil(payloadBlocks / chunkRatio) * (chunkRatio + 1)
+    : payloadBlocks + Math.floor(Math.max(0, payloadBlocks - 1) / chunkRatio);
   const batLength = Math.max(MiB, Math.ceil((entries * 8) / MiB) * MiB);
   const logOffset = MiB;
   const metadataOffset = logOffset + o.logSize;
@@ -1315,7 +1443,8 @@ async function encodeVhdx(
   };
   const params = new Uint8Array(8);
   setLe32(params, 0, blockSize);
-  setLe32(params, 4, o.subformat === "fixed" ? 1 : 0);
+  // Flags: bit 0 leave_block_allocated, bit 1 has_parent.
+  setLe32(params, 4, o.subformat === "fixed" ? 1 : parent ? 2 : 0);
   const sizeItem = new Uint8Array(8);
   setLe64(sizeItem, 0, virtualSize);
   // Flags: bit 1 is_virtual_disk, bit 2 is_required.
@@ -1324,6 +1453,7 @@ async function encodeVhdx(
   items.push([PAGE_83, randomGuid(), 6]);
   items.push([LOGICAL_SECTOR, u32(sector), 6]);
   items.push([PHYSICAL_SECTOR, u32(4096), 6]);
+  if (parent) items.push([PARENT_LOCATOR, parentLocator(parent), 4]);
   setLe16(metadata, 10, items.length);
   let itemAt = METADATA_TABLE_SIZE;
   items.forEach(([guid, bytes, flags], i) => {
@@ -1369,11 +1499,12 @@ async function encodeVhdx(
  * The vhdx driver: Hyper-V VHDX images. Reads fixed, dynamic and
  * differencing files (the parent located through the parent locator's
  * `relative_path`, followed under the caller's backing-file policy), with
- * a pending log replayed in memory; creates fixed and dynamic files
- * (`create -f vhdx`, `convert -O vhdx`; `-o subformat=dynamic|fixed,
- * block_size=,log_size=,logical_sector_size=512|4096`) and writes into
- * them when opened writable (not into differencing files, nor files with
- * a log to replay).
+ * a pending log replayed in memory, the parent checked by its data write
+ * GUID (`parent_linkage`); creates fixed, dynamic and differencing files
+ * (`create -f vhdx [-b PARENT]`, `convert -O vhdx [-B PARENT]`; `-o
+ * subformat=dynamic|fixed,block_size=,log_size=,logical_sector_size=512|4096`)
+ * and writes into them when opened writable (not into differencing files
+ * opened later, nor files with a log to replay).
  *
  * @example
  * ```ts
@@ -1421,5 +1552,6 @@ export const vhdx: Driver = {
   ],
   open: openVhdx,
   create: createVhdx,
-  encode: encodeVhdx,
+  createNeedsBacking: true,
+  encode: (source, sink, options) => encodeVhdx(source, sink, options),
 };

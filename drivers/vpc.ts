@@ -121,6 +121,8 @@ const MAX_GEOMETRY = 65535 * 16 * 255;
 const MAX_TABLE_ENTRIES = Math.floor(0x7fffffff / 4);
 /** Largest block size accepted: 256 MiB (Hyper-V writes 2 MiB, others 512 KiB). */
 const MAX_BLOCK_SIZE = 256 << 20;
+/** Sectors in a MiB: Azure takes fixed VHDs of whole MiBs only. */
+const MIB_SECTORS = (1 << 20) / SECTOR;
 /** Largest BAT kept in memory: 64 MiB (2040 GiB in 128 KiB blocks). */
 const MAX_BAT_BYTES = 64 << 20;
 /** Largest parent locator read: a path, not a file. */
@@ -1122,8 +1124,16 @@ async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
   // is the maximum, which every reader takes as "use current_size". With
   // force_size=on the size is kept exactly and the creator is `qem2`, the
   // creator QEMU reads by current_size.
-  let geometry = geometryFor(requested);
-  let sectors = requested;
+  // A fixed image kept at its exact size is what Azure takes, which also
+  // wants a whole number of MiB: such a size is rounded up to the next MiB
+  // (the added bytes read as zeros) and the image says so in `warnings`.
+  const azure = forceSize === "on" && subformat === "fixed" &&
+    requested % MIB_SECTORS !== 0;
+  const wanted = azure
+    ? Math.ceil(requested / MIB_SECTORS) * MIB_SECTORS
+    : requested;
+  let geometry = geometryFor(wanted);
+  let sectors = wanted;
   let creator = "vdtk";
   if (forceSize === "on") {
     creator = "qem2";
@@ -1224,7 +1234,14 @@ async function createVpc(sink: Sink, spec: CreateSpec): Promise<Image> {
     ? size + FOOTER_SIZE
     : FOOTER_SIZE + DYNAMIC_HEADER_SIZE;
   const source = readBackSource(sink, FORMAT, () => known);
-  return await openVpc(source, { writable: true, sink });
+  const image = await openVpc(source, { writable: true, sink });
+  if (!azure) return image;
+  return {
+    ...image,
+    warnings: [
+      `vpc: the size ${spec.size} bytes is not a whole number of MiB: the fixed VHD is ${size} bytes (rounded up to the next MiB, the added bytes zeros), as Azure requires`,
+    ],
+  };
 }
 
 /**
@@ -1256,7 +1273,8 @@ export const vpc: Driver = {
     },
     {
       name: "force_size",
-      help: "keep the size exactly instead of rounding to CHS geometry",
+      help:
+        "keep the size exactly instead of rounding to CHS geometry (a fixed image: to a whole MiB, as Azure requires)",
       values: ["on", "off"],
       default: "off",
     },

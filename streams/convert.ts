@@ -11,6 +11,7 @@ import { driver } from "../drivers/registry.ts";
 import { checkWriteOptions } from "./options.ts";
 import { type SalvagedRun, salvaging } from "./salvage.ts";
 import { type Sha256, sha256 } from "./_sha256.ts";
+import { BackingFileError } from "./errors.ts";
 import {
   dataFileOf,
   extentsOf,
@@ -36,6 +37,11 @@ export interface ConvertOptions {
   backingFile?: string;
   /** Format of that backing file. */
   backingFormat?: string;
+  /**
+   * Creates the files the output names as part of itself (qcow2's
+   * `data_file`); see {@linkcode CreateSpec.createFile}.
+   */
+  createFile?: (name: string) => Promise<Sink>;
   /**
    * The disk `backingFile` holds, opened. With it the output stores only
    * what differs from it (as `qemu-img convert -B` does), zeros included
@@ -101,6 +107,11 @@ export interface ConvertResult {
   sha256?: string;
   /** With `salvage`: the runs that could not be read and were written as zeros. */
   salvaged?: SalvagedRun[];
+  /**
+   * What the output's driver said about the image it made (a fixed VHD
+   * rounded up to a whole MiB): the CLI prints these on stderr.
+   */
+  warnings?: readonly string[];
 }
 
 interface Block {
@@ -207,6 +218,28 @@ async function* blocks(
 }
 
 /**
+ * Refuses a chain whose bottom layer cannot be read without a parent that
+ * was not opened (a differencing vdi, vhdx or VHD, `requiresBacking`):
+ * convert skips unallocated runs, which would then be zeros in the output
+ * instead of the parent's bytes.
+ */
+function refuseMissingParent(input: Source): void {
+  type Layer = Partial<Image> & { requiresBacking?: boolean };
+  let bottom = input as Layer;
+  while (bottom.backing) bottom = bottom.backing as Layer;
+  if (bottom.requiresBacking) {
+    const what = `${bottom.format}: ${
+      bottom.name ?? "the image"
+    } is a differencing image whose parent was not opened: its unallocated runs are the parent's bytes, so it cannot be converted alone`;
+    throw new BackingFileError(
+      what,
+      bottom.backingFile ?? "",
+      `${what} (follow backing files: no --no-backing; a differencing vdi's parent is named with --parent FILE)`,
+    );
+  }
+}
+
+/**
  * Converts `source` (an image) into `sink` as `options.format`. Zero and
  * unallocated runs are never read or written (the output stays sparse), data
  * runs are read in large blocks with several reads in flight and written in
@@ -240,6 +273,7 @@ export async function convert(
       "targetIsZero (--target-is-zero) requires a target (-n)",
     );
   }
+  refuseMissingParent(input);
   const rescue = options.salvage
     ? salvaging(input, {
       onSalvaged: options.onSalvaged,
@@ -274,6 +308,7 @@ export async function convert(
       key: options.key,
       signal: options.signal,
       onProgress: (done) => options.onProgress?.(done, total),
+      createFile: options.createFile,
     });
     await sink.flush();
     return { size: total, ...await view.finish(), salvaged: rescue?.salvaged };
@@ -295,6 +330,10 @@ export async function convert(
         },
         backingFile: options.backingFile,
         backingFormat: options.backingFormat,
+        backing: options.backing && "format" in options.backing
+          ? options.backing as Image
+          : undefined,
+        createFile: options.createFile,
       }));
   if (!target.write) throw new Error(`${format}: created image is read-only`);
   const write = target.write.bind(target);
@@ -385,6 +424,7 @@ export async function convert(
     dataBytes,
     sha256: hasher?.digest(),
     salvaged: rescue?.salvaged,
+    warnings: into ? undefined : (target as Partial<Image>).warnings,
   };
 }
 

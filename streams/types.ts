@@ -215,6 +215,19 @@ export interface Image extends Source {
    * The library never prints: the CLI writes these to stderr.
    */
   readonly warnings?: readonly string[];
+  /**
+   * The identity the backing image must carry (its `id`), for formats that
+   * link a parent by identity rather than by name (vdi's uuid_link): `open`
+   * refuses a backing image whose `id` is another, or that has none.
+   */
+  readonly backingId?: string;
+  /** This image's identity, as images layered on it name it (vdi's uuid_image). */
+  readonly id?: string;
+  /**
+   * The driver options to open the backing image with, when they are not
+   * this image's own (a vdi passes down what is left of its `parent` list).
+   */
+  readonly backingOptions?: Record<string, string>;
   /** Writes through the format (allocating as needed); present when opened writable. */
   write?(offset: number, bytes: Uint8Array): Promise<void>;
   /** Flushes metadata and data of a writable image. */
@@ -365,10 +378,24 @@ export interface CreateSpec {
   backingFile?: string;
   /** Backing file format to record, when the format stores one. */
   backingFormat?: string;
+  /**
+   * The backing file, opened: formats that link a parent by identity (a
+   * differencing vdi records its parent's UUID) read it from there, and
+   * fill the rest of a block they allocate with its bytes.
+   */
+  backing?: Image;
   /** Passphrase for formats that encrypt. */
   key?: string | Uint8Array;
   /** Driver-specific options (`-o key=value`). */
   options?: Record<string, string>;
+  /**
+   * Creates a new file the image names as part of itself (qcow2's
+   * external `data_file`), from the name the image records (relative to
+   * the image's folder). The caller keeps the file: the driver only writes
+   * and flushes it; committing or closing it is the caller's. Without it,
+   * options that need such a file are refused.
+   */
+  createFile?: (name: string) => Promise<Sink>;
 }
 
 /** Options a driver's encoder receives from `convert`. */
@@ -383,6 +410,14 @@ export interface EncodeOptions {
   onProgress?: (done: number) => void;
   /** Stops the work. */
   signal?: AbortSignal;
+  /**
+   * Creates a new file the image names as part of itself (qcow2's
+   * external `data_file`), from the name the image records (relative to
+   * the image's folder). The caller keeps the file: the driver only writes
+   * and flushes it; committing or closing it is the caller's. Without it,
+   * options that need such a file are refused.
+   */
+  createFile?: (name: string) => Promise<Sink>;
 }
 
 /**
@@ -442,6 +477,11 @@ export interface Driver {
    * that writes and leaves this out takes none.
    */
   readonly writeOptions?: readonly OptionSpec[];
+  /**
+   * True when `create` with a backing file needs it opened
+   * (`CreateSpec.backing`): the format links its parent by identity.
+   */
+  readonly createNeedsBacking?: boolean;
   /** Whether `convert -c` means something for this format. */
   readonly compresses?: boolean;
   /**

@@ -199,7 +199,7 @@ export function wrapMacBinary(
 }
 
 /** A small disk with data, zeros and a pattern, for fuzzing seeds. */
-function seedDisk(size: number): Uint8Array {
+export function seedDisk(size: number): Uint8Array {
   const disk = new Uint8Array(size);
   for (let i = 0; i < size; i += 3) disk[i] = (i * 31) & 0xff;
   disk.fill(0, size >> 2, size >> 1);

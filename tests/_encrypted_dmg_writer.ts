@@ -6,6 +6,7 @@
 // WebCrypto's, not ours: a mistake shared by reader and writer cannot hide
 // behind our own 3DES or SHA-1.
 import crypto from "node:crypto";
+import { bundlePlist, nonZeroBands } from "./_apple_writers.ts";
 
 /** How an encrypted image is laid out. */
 export interface EncryptedDmgOptions {
@@ -201,6 +202,78 @@ export async function encryptDmg(
 
   bytes.set(data, dataOffset);
   return { bytes, aesKey, hmacKey, recordOffset, dataOffset, blockSize };
+}
+
+/** Options for {@linkcode encryptSparsebundle}. */
+export interface EncryptedBundleOptions {
+  password: string;
+  /** @default 128 */
+  keyBits?: 128 | 256;
+  /** band-size in bytes. @default 8 MiB */
+  bandSize?: number;
+  /** Chunk size (the token's BlockSize). @default 512 */
+  blockSize?: number;
+  /** PBKDF2 iterations. @default 1000 */
+  iterations?: number;
+  /** Band files to store. @default the bands holding a non-zero byte */
+  bands?: number[];
+  /** Cut each band file after its last chunk holding a non-zero byte. @default false */
+  trim?: boolean;
+  /**
+   * 2: the token is an `encrcdsa` header; 1: a `cdsaencr` trailer (AES-128,
+   * as keramics also reads a token). @default 2
+   */
+  version?: 1 | 2;
+}
+
+/**
+ * The files of an encrypted sparse bundle of `disk`, as keramics'
+ * `sparsebundle` reader and hdimount describe one: the `token` is an
+ * `encrcdsa` header with its key records (nothing else), and the bands
+ * hold the disk encrypted in chunks numbered over the whole disk, band `n`
+ * holding chunks from `n × band-size / BlockSize`, stored from byte 0 of
+ * its file. Made by encrypting the whole disk as one image and cutting
+ * its data into band files.
+ */
+export async function encryptSparsebundle(
+  disk: Uint8Array,
+  options: EncryptedBundleOptions,
+): Promise<
+  { files: Record<string, Uint8Array | null>; aesKey: Uint8Array }
+> {
+  const bandSize = options.bandSize ?? 8 << 20;
+  const settings = {
+    password: options.password,
+    blockSize: options.blockSize ?? 512,
+    iterations: options.iterations ?? 1000,
+  };
+  const made = options.version === 1
+    ? encryptDmgV1(disk, settings)
+    : await encryptDmg(disk, { ...settings, keyBits: options.keyBits ?? 128 });
+  const { dataOffset, blockSize } = made;
+  const plist = new TextEncoder().encode(bundlePlist(bandSize, disk.length));
+  const files: Record<string, Uint8Array | null> = {
+    "Info.plist": plist,
+    "Info.bckup": plist,
+    "token": options.version === 1
+      ? made.bytes.slice(made.bytes.length - 0x4fc)
+      : made.bytes.slice(0, dataOffset),
+    "bands/": null,
+  };
+  for (const band of options.bands ?? nonZeroBands(disk, bandSize)) {
+    const from = band * bandSize;
+    let to = Math.min(disk.length, from + bandSize);
+    if (options.trim) {
+      while (to > from && disk[to - 1] === 0) to--;
+    }
+    const length = Math.ceil((to - from) / blockSize) * blockSize;
+    files[`bands/${band.toString(16)}`] = made.bytes.slice(
+      dataOffset + from,
+      dataOffset + from + length,
+    );
+    delete files["bands/"];
+  }
+  return { files, aesKey: made.aesKey };
 }
 
 /** RFC 3217's key wrap with 3DES, as version 1 images store their keys. */

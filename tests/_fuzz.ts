@@ -4,8 +4,12 @@
 // error, or a defect (any other exception, a timeout, memory over the ceiling).
 import { driver, formats, fromBytes, probe, probeInput } from "../mod.ts";
 import { have, referenceBytes, referenceImages, run } from "./_helpers.ts";
-import { appleSeeds } from "./_apple_writers.ts";
-import { encryptDmg, encryptDmgV1 } from "./_encrypted_dmg_writer.ts";
+import { appleSeeds, seedDisk } from "./_apple_writers.ts";
+import {
+  encryptDmg,
+  encryptDmgV1,
+  encryptSparsebundle,
+} from "./_encrypted_dmg_writer.ts";
 import { segmentDmg } from "./_segmented_dmg_writer.ts";
 
 /** A valid image to mutate. */
@@ -261,6 +265,21 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
         } convert -c -O qcow2 -o cluster_size=4k,refcount_bits=1 ${base} OUT`,
       },
       {
+        name: "qcow2-zstd",
+        format: "qcow2",
+        tools: ["qemu-img"],
+        cmd:
+          `qemu-img convert -c -f raw -O qcow2 -o compression_type=zstd,cluster_size=4k ${base} OUT`,
+      },
+      {
+        name: "qcow2-ours-zstd",
+        format: "qcow2",
+        tools: [],
+        cmd: `${Deno.execPath()} run -A ${
+          new URL("../cli.ts", import.meta.url).pathname
+        } convert -c -O qcow2 -o compression_type=zstd,cluster_size=4k ${base} OUT`,
+      },
+      {
         name: "vmdk",
         format: "vmdk",
         tools: ["qemu-img"],
@@ -396,6 +415,28 @@ export async function seeds(cacheDir: string): Promise<Seed[]> {
       format: "dmg-encrypted",
       key,
       bytes: encryptDmgV1(inner.bytes, { password: key }).bytes,
+    });
+  }
+  if (known.has("sparsebundle")) {
+    // An encrypted sparse bundle: its token (the encrcdsa header and key
+    // records) is mutated, the bundle's other files are beside it.
+    const key = "fuzz";
+    const { files } = await encryptSparsebundle(seedDisk(1 << 20), {
+      password: key,
+      keyBits: 256,
+      bandSize: 64 << 10,
+      trim: true,
+    });
+    const parts: Record<string, Uint8Array> = {};
+    for (const [path, bytes] of Object.entries(files)) {
+      if (bytes && path !== "token") parts[path] = bytes;
+    }
+    out.push({
+      name: "made:sparsebundle-encrypted-token",
+      format: "sparsebundle",
+      key,
+      bytes: files.token!,
+      parts,
     });
   }
   if (inner) {

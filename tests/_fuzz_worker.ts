@@ -30,13 +30,19 @@ self.onmessage = async (
 ) => {
   try {
     // A sparse bundle's seed is its Info.plist: the mutant opens as the
-    // bundle's plist, with the seed's band files beside it.
+    // bundle's plist, with the seed's band files beside it; an encrypted
+    // bundle's seed is its token, the rest of the bundle in `parts`.
     const image = data.format === "sparsebundle"
       ? await openSparsebundle(
-        memoryTree({
-          ...(bundleFiles ??= fuzzBundleFiles()),
-          "Info.plist": data.bytes,
-        }),
+        memoryTree(
+          data.parts?.["Info.plist"]
+            ? { ...data.parts, "token": data.bytes }
+            : {
+              ...(bundleFiles ??= fuzzBundleFiles()),
+              "Info.plist": data.bytes,
+            },
+        ),
+        { key: data.key },
       )
       : await open(fromBytes(data.bytes, data.name ?? "mutant"), {
         format: data.format,

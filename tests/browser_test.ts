@@ -26,7 +26,7 @@ import {
   open,
 } from "../mod.ts";
 import { writeFolder, writeSparsebundle } from "./_apple_writers.ts";
-import { encryptDmg } from "./_encrypted_dmg_writer.ts";
+import { encryptDmg, encryptSparsebundle } from "./_encrypted_dmg_writer.ts";
 import { segmentDmg } from "./_segmented_dmg_writer.ts";
 
 const known = new Set(formats().map((d) => d.name));
@@ -290,7 +290,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "a browser worker decodes a sparse bundle folder, given as Files by path and chosen in the page's folder input",
+    "a browser worker decodes a sparse bundle folder, given as Files by path and chosen in the page's folder input, and an encrypted one with its password",
   ignore: skip(["chromium"]) || !known.has("sparsebundle"),
   async fn() {
     await withPage(async (page, dir) => {
@@ -324,6 +324,32 @@ Deno.test({
       assertTrue(text.startsWith("disk.sparsebundle: sparsebundle"), text);
       const downloaded = await downloadedFile(dir, "disk.raw");
       assertEquals(await sha256File(downloaded), sha256Hex(disk));
+      // An encrypted bundle (AES-256, its token an encrcdsa header): with
+      // its password it decodes in the worker; a wrong one is a KeyError.
+      const secret = await encryptSparsebundle(disk, {
+        password: "pass word",
+        keyBits: 256,
+        bandSize: band,
+        trim: true,
+      });
+      await writeFolder(`${dir}/images/secret.sparsebundle`, secret.files);
+      const secretPaths = Object.keys(secret.files).filter((p) =>
+        secret.files[p] !== null
+      );
+      const dropped = (key: string) =>
+        `Promise.all(${JSON.stringify(secretPaths)}.map((p) =>
+           fetch("/images/secret.sparsebundle/" + p).then((r) => r.blob())
+             .then((b) => [p, new File([b], p.split("/").pop())])))
+           .then((entries) => vdisk.convertInWorker(Object.fromEntries(entries), { key: "${key}" }))`;
+      const decoded = await page.evaluate<{ sha256: string; format: string }>(
+        dropped("pass word"),
+      );
+      assertEquals(decoded.format, "sparsebundle");
+      assertEquals(decoded.sha256, sha256Hex(disk));
+      const refused = await page.evaluate<string>(
+        `${dropped("nope")}.then(() => "opened", (e) => e.message)`,
+      );
+      assertTrue(/^KeyError: .*wrong password/.test(refused), refused);
     });
   },
 });

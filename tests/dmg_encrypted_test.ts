@@ -16,6 +16,7 @@ import {
   UnsupportedError,
 } from "../mod.ts";
 import { encryptDmg, encryptDmgV1 } from "./_encrypted_dmg_writer.ts";
+import { decryptedSource } from "../drivers/dmg/_encrcdsa.ts";
 import { assertEquals, assertMatch, assertTrue } from "./_asserts.ts";
 import {
   assertBoundedWork,
@@ -485,4 +486,29 @@ Deno.test("an inner image that is damaged is the inner format's typed error", as
     ImageFormatError,
     /XMLLength/,
   );
+});
+
+Deno.test("a read failing in two groups at once is one rejection, none left unhandled", async () => {
+  // 12 MiB: three 4 MiB groups, two in flight; each read of the file fails.
+  const size = 12 << 20;
+  const failing = {
+    size,
+    name: "failing.dmg",
+    read: () =>
+      Promise.reject(new ImageFormatError({ format: "test" }, "gone")),
+    readInto: () =>
+      Promise.reject(new ImageFormatError({ format: "test" }, "gone")),
+  };
+  const plain = decryptedSource(failing, {
+    version: 2,
+    keyBits: 128,
+    blockSize: 512,
+    dataOffset: 0,
+    dataSize: size,
+    uuid: "",
+    records: [],
+  }, { aesKey: new Uint8Array(16), hmacKey: new Uint8Array(20) });
+  await rejects(() => plain.read(0, size), ImageFormatError, /gone/);
+  // An unhandled rejection of the group left behind would fail this test.
+  await new Promise((r) => setTimeout(r, 50));
 });

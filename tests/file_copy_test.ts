@@ -226,6 +226,71 @@ Deno.test(
     }),
 );
 
+for (const format of ["vdi", "vhdx", "qed", "parallels"]) {
+  Deno.test(
+    `a ${format} image's stored blocks are copied in the kernel: qemu-img's bytes, and holes for the blocks it does not store`,
+    { ignore: !linux || skip(["qemu-img", "qemu-io"]) },
+    () =>
+      withTemp(async (dir) => {
+        await sparseInput(`${dir}/in.raw`);
+        const path = `${dir}/d.${format}`;
+        await run("qemu-img", [
+          "convert",
+          "-f",
+          "raw",
+          "-O",
+          format,
+          `${dir}/in.raw`,
+          path,
+        ]);
+        // Blocks written out of order, zeros over data, a rewrite.
+        await run("qemu-io", [
+          "-f",
+          format,
+          "-c",
+          "write -P 0x5a 20971520 65536",
+          "-c",
+          "write -z 5242880 1048576",
+          "-c",
+          "write -P 0x33 9437184 4096",
+          path,
+        ]);
+        await run("qemu-img", [
+          "convert",
+          "-f",
+          format,
+          "-O",
+          "raw",
+          path,
+          `${dir}/qemu.raw`,
+        ]);
+        const image = await open(await fromFile(path));
+        assertEquals(image.format, format);
+        const out = await createOutputFile(`${dir}/out.raw`);
+        // Counts the kernel copies (convert uses the sink's copyRange).
+        let copies = 0;
+        const copyRange = out.copyRange.bind(out);
+        out.copyRange = (...args) => {
+          copies++;
+          return copyRange(...args);
+        };
+        const result = await convert(image, out);
+        await out.commit();
+        await image.close?.();
+        assertTrue(copies > 0, "no kernel copy");
+        assertTrue(result.dataBytes >= 4 * MIB, `${result.dataBytes}`);
+        assertEquals(
+          await sha256File(`${dir}/out.raw`),
+          await sha256File(`${dir}/qemu.raw`),
+        );
+        // Nothing is written where the image stores no block.
+        const map = dataMap(`${dir}/out.raw`)!;
+        const held = map.reduce((n, [s, e]) => n + e - s, 0);
+        assertTrue(held < 8 * MIB, JSON.stringify(map));
+      }),
+  );
+}
+
 /**
  * A file sink that counts what it copied itself (`copyRange`) apart from
  * what convert read and wrote.
@@ -302,6 +367,37 @@ for (const format of ["qcow2", "vpc"] as const) {
       }),
   );
 }
+
+Deno.test(
+  "a qed cluster past the file's end fails the kernel copy with the driver's error",
+  { ignore: !linux || skip(["qemu-img"]) },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const path = `${dir}/d.qed`;
+      await run("qemu-img", [
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qed",
+        `${dir}/in.raw`,
+        path,
+      ]);
+      // Its last clusters cut off: the tables still name them.
+      await Deno.truncate(path, (await Deno.stat(path)).size - 65536);
+      const image = await open(await fromFile(path));
+      const out = await createOutputFile(`${dir}/out.raw`);
+      const failed = await convert(image, out).then(
+        () => undefined,
+        (e: Error) => e,
+      );
+      await out.abort();
+      await image.close?.();
+      assertEquals(failed?.name, "ImageFormatError", failed?.message);
+      assertTrue(/within the file's/.test(failed!.message), failed!.message);
+    }),
+);
 
 Deno.test(
   "the kernel copy never bypasses an adapter or a parent: a patched boot sector, a qcow2 over its backing file",

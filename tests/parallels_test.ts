@@ -291,3 +291,257 @@ Deno.test({
     assertEquals(ok.size, 4096 * 512);
   },
 });
+
+// A bundle with a snapshot tree, written from prl-xml.rst: each snapshot's
+// .hds a delta (qemu-img creates the empty expanding images, qemu-io
+// writes each delta's clusters), the descriptor naming the tree.
+
+const ROOT = "{00000000-0000-0000-0000-000000000000}";
+const G = {
+  base: "{1f4e2a10-0000-4000-8000-000000000001}",
+  s1: "{1f4e2a10-0000-4000-8000-000000000002}",
+  s2: "{1f4e2a10-0000-4000-8000-000000000003}",
+  top: "{1f4e2a10-0000-4000-8000-000000000004}",
+};
+
+/** A descriptor of one storage whose images form the tree `shots`. */
+function treeDescriptor(
+  diskSectors: number,
+  images: { guid: string; file: string; type?: string }[],
+  shots: [string, string][],
+  topGuid?: string,
+): string {
+  return `<?xml version='1.0' encoding='UTF-8'?>
+<Parallels_disk_image Version="1.0">
+    <Disk_Parameters>
+        <Disk_size>${diskSectors}</Disk_size>
+        <Cylinders>16</Cylinders>
+        <Heads>16</Heads>
+        <Sectors>32</Sectors>
+        <Padding>0</Padding>
+    </Disk_Parameters>
+    <StorageData>
+        <Storage>
+            <Start>0</Start>
+            <End>${diskSectors}</End>
+            <Blocksize>2048</Blocksize>
+${
+    images.map((im) =>
+      `            <Image>
+                <GUID>${im.guid}</GUID>
+                <Type>${im.type ?? "Compressed"}</Type>
+                <File>${im.file}</File>
+            </Image>`
+    ).join("\n")
+  }
+        </Storage>
+    </StorageData>
+    <Snapshots>
+${topGuid ? `        <TopGUID>${topGuid}</TopGUID>\n` : ""}${
+    shots.map(([g, p]) =>
+      `        <Shot>
+            <GUID>${g}</GUID>
+            <ParentGUID>${p}</ParentGUID>
+        </Shot>`
+    ).join("\n")
+  }
+    </Snapshots>
+</Parallels_disk_image>
+`;
+}
+
+/**
+ * base <- s1 <- top (the current state), and s2, another child of base.
+ * Returns the disk each GUID's state holds.
+ */
+async function snapshotBundle(bundle: string) {
+  const size = 8 * MiB;
+  await Deno.mkdir(bundle);
+  const disk = sampleDisk(size, 51);
+  await Deno.writeFile(`${bundle}/../base.raw`, disk);
+  await run("qemu-img", [
+    "convert",
+    "-f",
+    "raw",
+    "-O",
+    "parallels",
+    `${bundle}/../base.raw`,
+    `${bundle}/base.hds`,
+  ]);
+  const states: Record<string, Uint8Array> = { [G.base]: disk };
+  const deltas: [string, string, [number, number, number][]][] = [
+    // [guid, parent, writes: offset, length, pattern]
+    [G.s1, G.base, [[100_000, 5000, 0x11], [3 * MiB, MiB, 0x12]]],
+    [G.top, G.s1, [[200_000, 700, 0x21], [3 * MiB + 4096, 512, 0x22]]],
+    [G.s2, G.base, [[0, 4096, 0x31], [7 * MiB, 65536, 0x32]]],
+  ];
+  for (const [guid, parent, writes] of deltas) {
+    const file = `${bundle}/${guid.slice(1, 9)}-${guid.slice(-2, -1)}.hds`;
+    await run("qemu-img", ["create", "-f", "parallels", file, `${size}`]);
+    const state = states[parent].slice();
+    // A delta holds whole clusters (1 MiB): the rest of each cluster it
+    // stores is its parent's bytes, as Parallels copies them.
+    const cluster = MiB;
+    const touched = new Set<number>();
+    for (const [at, n, p] of writes) {
+      state.fill(p, at, at + n);
+      for (let c = Math.floor(at / cluster); c * cluster < at + n; c++) {
+        touched.add(c);
+      }
+    }
+    await qemuIo(
+      "parallels",
+      file,
+      ...[...touched].map((c) => `write -P 0 ${c * cluster} ${cluster}`),
+    );
+    // The clusters' bytes written whole from the new state.
+    const f = await Deno.open(file, { read: true, write: true });
+    const header = new Uint8Array(64 + 8 * 4);
+    await f.read(header);
+    const tracks = new DataView(header.buffer).getUint32(28, true);
+    assertEquals(tracks * 512, cluster);
+    for (const c of touched) {
+      const entry = new DataView(header.buffer).getUint32(64 + c * 4, true);
+      assertEquals(entry !== 0, true);
+      await f.seek(entry * cluster, Deno.SeekMode.Start);
+      await f.write(state.subarray(c * cluster, (c + 1) * cluster));
+    }
+    f.close();
+    states[guid] = state;
+  }
+  const file = (g: string) =>
+    g === G.base ? "base.hds" : `${g.slice(1, 9)}-${g.slice(-2, -1)}.hds`;
+  const images = Object.values(G).map((guid) => ({ guid, file: file(guid) }));
+  const shots: [string, string][] = [
+    [G.base, ROOT],
+    [G.s1, G.base],
+    [G.s2, G.base],
+    [G.top, G.s1],
+  ];
+  return { size, states, images, shots };
+}
+
+Deno.test({
+  name:
+    "a Parallels bundle with a snapshot tree reads its current state (TopGUID) through the chain of deltas, and a named snapshot with -l",
+  ignore: skip(["qemu-img", "qemu-io"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const bundle = `${dir}/disk.hdd`;
+      const { size, states, images, shots } = await snapshotBundle(bundle);
+      await Deno.writeTextFile(
+        `${bundle}/DiskDescriptor.xml`,
+        treeDescriptor(size / 512, images, shots, G.top),
+      );
+      const cliPath = new URL("../cli.ts", import.meta.url).pathname;
+      const convertTo = async (out: string, ...extra: string[]) => {
+        const r = await run(Deno.execPath(), [
+          "run",
+          "-A",
+          cliPath,
+          "convert",
+          ...extra,
+          bundle,
+          out,
+        ], { allowFail: true });
+        assertEquals(r.code, 0, r.stderr);
+        return sha256Hex(await Deno.readFile(out));
+      };
+      assertEquals(await convertTo(`${dir}/top.raw`), sha256Hex(states[G.top]));
+      for (const guid of [G.s1, G.s2, G.base]) {
+        assertEquals(
+          await convertTo(`${dir}/s.raw`, "-l", guid),
+          sha256Hex(states[guid]),
+          guid,
+        );
+      }
+      // info's facts: the state read, its chain, the tree.
+      const image = await open(
+        await fromFile(`${bundle}/DiskDescriptor.xml`),
+        { resolveFile: (name) => fromFile(`${bundle}/${name}`) },
+      );
+      assertEquals(image.details?.snapshot, G.top);
+      assertEquals(image.details?.chain, [G.top, G.s1, G.base]);
+      assertEquals(
+        (image.details?.snapshots as unknown[]).length,
+        4,
+      );
+      await image.close?.();
+    }),
+});
+
+Deno.test({
+  name:
+    "Parallels snapshot trees that loop, name missing parents or images, or a top that is not listed are typed errors",
+  ignore: skip(["qemu-img", "qemu-io"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const bundle = `${dir}/disk.hdd`;
+      const { size, images, shots } = await snapshotBundle(bundle);
+      const opts = {
+        resolveFile: (name: string) => fromFile(`${bundle}/${name}`),
+      };
+      const bad = async (xml: string, pattern: RegExp, snapshot?: string) => {
+        await rejects(
+          () =>
+            open(fromBytes(new TextEncoder().encode(xml)), {
+              ...opts,
+              options: snapshot ? { snapshot } : undefined,
+            }),
+          ImageFormatError,
+          pattern,
+        );
+      };
+      const sectors = size / 512;
+      // No TopGUID, and the predefined top GUID is not a snapshot.
+      await bad(treeDescriptor(sectors, images, shots), /TopGUID/);
+      // A loop: base's parent is top.
+      await bad(
+        treeDescriptor(
+          sectors,
+          images,
+          shots.map(([g, p]) => g === G.base ? [g, G.top] : [g, p]),
+          G.top,
+        ),
+        /loop/,
+      );
+      // A parent no snapshot has.
+      await bad(
+        treeDescriptor(
+          sectors,
+          images,
+          shots.map(([g, p]) =>
+            g === G.s1 ? [g, "{99999999-0000-4000-8000-000000000000}"] : [g, p]
+          ),
+          G.top,
+        ),
+        /ParentGUID/,
+      );
+      // A snapshot of the chain without an image in the storage.
+      await bad(
+        treeDescriptor(
+          sectors,
+          images.filter((im) => im.guid !== G.s1),
+          shots,
+          G.top,
+        ),
+        /Image/,
+      );
+      // A Plain image above the root.
+      await bad(
+        treeDescriptor(
+          sectors,
+          images.map((im) => im.guid === G.s1 ? { ...im, type: "Plain" } : im),
+          shots,
+          G.top,
+        ),
+        /Type/,
+      );
+      // -l naming no snapshot.
+      await bad(
+        treeDescriptor(sectors, images, shots, G.top),
+        /snapshot/,
+        "{12345678-0000-4000-8000-000000000000}",
+      );
+    }),
+});

@@ -945,7 +945,10 @@ Deno.test("qcow2 write options: unknown keys and bad values are refused by name"
       [{ compat: "0.10", lazy_refcounts: "on" }, /compat/],
       [{ extended_l2: "on", cluster_size: "4k" }, /cluster_size/],
       [{ compat: "2.0" }, /compat/],
-      [{ data_file: "x.data" }, /data_file/],
+      [{ data_file_raw: "on" }, /data_file_raw/],
+      [{ compat: "0.10", data_file: "x.data" }, /compat/],
+      [{ compat: "0.10", compression_type: "zstd" }, /compat/],
+      [{ compression_type: "lz4" }, /compression_type/],
       [{ "encrypt.iter-time": "soon" }, /iter-time/],
     ] as [Record<string, string>, RegExp][]
   ) {
@@ -955,15 +958,26 @@ Deno.test("qcow2 write options: unknown keys and bad values are refused by name"
       pattern,
     );
   }
-  // Writing zstd clusters is not done (reading them is).
+  // An external data file needs a way to make it, and takes no -c.
   await rejects(
     () =>
       convert(disk, memorySink(), {
         format: "qcow2",
-        options: { compression_type: "zstd" },
+        options: { data_file: "x.data" },
       }),
     UnsupportedError,
-    /zstd/,
+    /createFile/,
+  );
+  await rejects(
+    () =>
+      convert(disk, memorySink(), {
+        format: "qcow2",
+        options: { data_file: "x.data" },
+        compress: true,
+        createFile: () => Promise.resolve(memorySink()),
+      }),
+    UnsupportedError,
+    /compressed/,
   );
   await rejects(
     () =>

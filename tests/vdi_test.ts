@@ -14,6 +14,7 @@ import {
 import {
   assertBoundedWork,
   assertQemuIdentical,
+  cli,
   countingSource,
   pseudoRandom,
   qemuIo,
@@ -21,6 +22,7 @@ import {
   rejects,
   run,
   runs,
+  sha256File,
   sha256Hex,
   skip,
   withTemp,
@@ -334,4 +336,347 @@ Deno.test("a vdi with a bad signature, version, offsets or sector size is refuse
   // A signature with a broken header is vdi's error, not raw.
   const broken = poked(bytes, 376, 0);
   assertEquals((await probe(fromBytes(broken)))[0].format, "vdi");
+});
+
+/** Two parents and a raw disk for the differencing tests: base.vdi (qemu-img), mod.raw. */
+async function differencingFiles(dir: string) {
+  const size = 6 << 20;
+  const base = sampleDisk(size, 11);
+  await Deno.writeFile(`${dir}/base.raw`, base);
+  await run("qemu-img", [
+    "convert",
+    "-f",
+    "raw",
+    "-O",
+    "vdi",
+    `${dir}/base.raw`,
+    `${dir}/base.vdi`,
+  ]);
+  // What the differencing image holds: a few changes over the base, one
+  // of them part of a block (the rest of that block is the base's).
+  const mod = base.slice();
+  mod.set(pseudoRandom(5000, 12), 100_000);
+  mod.fill(0, 50 * 65536, 51 * 65536); // data in the base
+  mod.set(pseudoRandom(512, 13), size - 512);
+  await Deno.writeFile(`${dir}/mod.raw`, mod);
+  return { size, base, mod };
+}
+
+Deno.test({
+  name:
+    "convert -O vdi -B writes a differencing vdi linked by UUID, read back only with --parent naming that parent",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const { mod } = await differencingFiles(dir);
+      const made = await cli([
+        "convert",
+        "-O",
+        "vdi",
+        "-B",
+        "base.vdi",
+        `${dir}/mod.raw`,
+        `${dir}/top.vdi`,
+      ]);
+      assertEquals(made.code, 0, made.stderr);
+      // The header as VDICore.h describes a differencing image: type 4,
+      // uuid_link the parent's uuid_image, uuid_parent its modification UUID.
+      const top = await Deno.readFile(`${dir}/top.vdi`);
+      const base = await Deno.readFile(`${dir}/base.vdi`);
+      const view = new DataView(top.buffer);
+      assertEquals(view.getUint32(76, true), 4);
+      assertEquals(top.subarray(424, 440), base.subarray(392, 408));
+      assertEquals(top.subarray(440, 456), base.subarray(408, 424));
+      // Only the blocks that differ are stored.
+      assertEquals(view.getUint32(388, true), 3);
+      // info: differencing, and the parent must be named.
+      const info = await cli(["info", "--output=json", `${dir}/top.vdi`]);
+      assertEquals(info.code, 0, info.stderr);
+      const facts = JSON.parse(info.text);
+      assertEquals(facts["format-specific"]?.data?.differencing ?? true, true);
+      assertTrue(/--parent FILE/.test(info.text), info.text);
+      // Without --parent, reading it fails saying how to name the parent.
+      const unnamed = await cli([
+        "convert",
+        `${dir}/top.vdi`,
+        `${dir}/out.raw`,
+      ]);
+      assertEquals(unnamed.code !== 0, true);
+      assertTrue(/--parent FILE/.test(unnamed.stderr), unnamed.stderr);
+      // Named, from any folder (a path relative to the working folder).
+      const named = await cli([
+        "convert",
+        "--parent",
+        "base.vdi",
+        "top.vdi",
+        "out.raw",
+      ], { cwd: dir });
+      assertEquals(named.code, 0, named.stderr);
+      assertEquals(
+        await sha256File(`${dir}/out.raw`),
+        sha256Hex(mod),
+      );
+      const same = await cli([
+        "compare",
+        "--parent",
+        `${dir}/base.vdi`,
+        `${dir}/top.vdi`,
+        `${dir}/mod.raw`,
+      ]);
+      assertEquals(same.code, 0, same.text + same.stderr);
+      const shown = await cli([
+        "info",
+        "--parent",
+        `${dir}/base.vdi`,
+        `${dir}/top.vdi`,
+      ]);
+      assertEquals(shown.code, 0, shown.stderr);
+      assertTrue(/backing file: .*base\.vdi/.test(shown.text), shown.text);
+      const map = await cli([
+        "map",
+        "--output=json",
+        "--parent",
+        `${dir}/base.vdi`,
+        `${dir}/top.vdi`,
+      ]);
+      assertEquals(map.code, 0, map.stderr);
+      const depths = new Set(
+        JSON.parse(map.text).map((r: { depth: number }) => r.depth),
+      );
+      assertTrue(depths.has(0) && depths.has(1), map.text);
+      // qemu-img's reading of the parent agrees with ours under the top.
+      await assertQemuIdentical(`${dir}/base.raw`, `${dir}/base.vdi`, "vdi");
+    }),
+});
+
+Deno.test({
+  name:
+    "--parent naming a vdi with another UUID is refused, as is --parent for an image that is not differencing",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      await differencingFiles(dir);
+      await run("qemu-img", [
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vdi",
+        `${dir}/base.raw`,
+        `${dir}/other.vdi`,
+      ]);
+      assertEquals(
+        (await cli([
+          "create",
+          "-f",
+          "vdi",
+          "-b",
+          "base.vdi",
+          `${dir}/top.vdi`,
+          "6M",
+        ])).code,
+        0,
+      );
+      for (const command of ["convert", "info", "compare"]) {
+        const args = command === "convert"
+          ? [`${dir}/top.vdi`, `${dir}/out.raw`]
+          : command === "compare"
+          ? [`${dir}/top.vdi`, `${dir}/base.raw`]
+          : [`${dir}/top.vdi`];
+        const wrong = await cli([
+          command,
+          "--parent",
+          `${dir}/other.vdi`,
+          ...args,
+        ]);
+        assertTrue(wrong.code !== 0, command);
+        assertTrue(
+          /links its parent by identity vdi [0-9a-f-]+, but .*other\.vdi \(vdi\) is vdi [0-9a-f-]+: refused/
+            .test(wrong.stderr),
+          wrong.stderr,
+        );
+      }
+      const raw = await cli([
+        "convert",
+        "--parent",
+        `${dir}/base.raw`,
+        `${dir}/top.vdi`,
+        `${dir}/out.raw`,
+      ]);
+      assertTrue(/carries no identity/.test(raw.stderr), raw.stderr);
+      const notDiff = await cli([
+        "info",
+        "--parent",
+        `${dir}/base.vdi`,
+        `${dir}/other.vdi`,
+      ]);
+      assertTrue(
+        notDiff.code !== 0 && /not a differencing vdi/.test(notDiff.stderr),
+        notDiff.stderr,
+      );
+      const missing = await cli([
+        "info",
+        "--parent",
+        `${dir}/nothing.vdi`,
+        `${dir}/top.vdi`,
+      ]);
+      assertTrue(/no such file/.test(missing.stderr), missing.stderr);
+    }),
+});
+
+Deno.test({
+  name:
+    "create -f vdi -b makes an empty differencing vdi that reads as its parent, and a chain of two reads with two --parent",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const { base, mod } = await differencingFiles(dir);
+      const created = await cli([
+        "create",
+        "-f",
+        "vdi",
+        "-b",
+        "base.vdi",
+        `${dir}/empty.vdi`,
+        "6M",
+      ]);
+      assertEquals(created.code, 0, created.stderr);
+      const empty = await cli([
+        "convert",
+        "--parent",
+        `${dir}/base.vdi`,
+        `${dir}/empty.vdi`,
+        `${dir}/empty.raw`,
+      ]);
+      assertEquals(empty.code, 0, empty.stderr);
+      assertEquals(await sha256File(`${dir}/empty.raw`), sha256Hex(base));
+      // A size other than the parent's is refused.
+      const sized = await cli([
+        "create",
+        "-f",
+        "vdi",
+        "-b",
+        "base.vdi",
+        `${dir}/bad.vdi`,
+        "7M",
+      ]);
+      assertTrue(/parent's size/.test(sized.stderr), sized.stderr);
+      // mid.vdi over base.vdi, top.vdi over mid.vdi.
+      const mid = base.slice();
+      mid.set(pseudoRandom(70_000, 21), 2 << 20);
+      await Deno.writeFile(`${dir}/mid.raw`, mid);
+      for (
+        const [input, output, parents] of [
+          ["mid.raw", "mid.vdi", ["base.vdi"]],
+          ["mod.raw", "top.vdi", ["mid.vdi", "base.vdi"]],
+        ] as const
+      ) {
+        const made = await cli([
+          "convert",
+          "-O",
+          "vdi",
+          "-B",
+          parents[0],
+          ...parents.slice(1).flatMap((p) => ["--parent", `${dir}/${p}`]),
+          `${dir}/${input}`,
+          `${dir}/${output}`,
+        ]);
+        assertEquals(made.code, 0, made.stderr);
+      }
+      const chain = await cli([
+        "convert",
+        "--parent",
+        `${dir}/mid.vdi`,
+        "--parent",
+        `${dir}/base.vdi`,
+        `${dir}/top.vdi`,
+        `${dir}/top.raw`,
+      ]);
+      assertEquals(chain.code, 0, chain.stderr);
+      assertEquals(await sha256File(`${dir}/top.raw`), sha256Hex(mod));
+      // One --parent for a chain of two: the middle's parent is not named.
+      const short = await cli([
+        "convert",
+        "--parent",
+        `${dir}/mid.vdi`,
+        `${dir}/top.vdi`,
+        `${dir}/short.raw`,
+      ]);
+      assertTrue(/--parent FILE/.test(short.stderr), short.stderr);
+    }),
+});
+
+Deno.test("a differencing vdi made by the API writes the rest of a block from its parent, and the registry checks the link", async () => {
+  const base = await smallVdi();
+  const parent = await open(fromBytes(base.bytes));
+  const sink = memorySink();
+  const top = await vdi.create!(sink, {
+    size: parent.size,
+    backingFile: "base.vdi",
+    backing: parent,
+    options: { block_size: "65536" },
+  });
+  await top.write!(70_000, new Uint8Array(10).fill(9));
+  await top.flush!();
+  const expected = base.disk.slice();
+  expected.fill(9, 70_000, 70_010);
+  const chain = await open(fromBytes(sink.bytes().slice()), {
+    options: { parent: "base.vdi" },
+    resolveBacking: () => Promise.resolve(fromBytes(base.bytes)),
+  });
+  assertEquals(sha256Hex(await readAll(chain)), sha256Hex(expected));
+  // Another vdi as its parent: refused by UUID.
+  const other = await smallVdi();
+  await rejects(
+    () =>
+      open(fromBytes(sink.bytes().slice()), {
+        options: { parent: "other.vdi" },
+        resolveBacking: () => Promise.resolve(fromBytes(other.bytes)),
+      }),
+    BackingFileError,
+    /links its parent by identity/,
+  );
+  // Opened writable with its parent, it is written through the overlay.
+  const writableSink = memorySink();
+  await writableSink.write(0, sink.bytes().slice());
+  const writable = await open(writableSink, {
+    writable: true,
+    options: { parent: "base.vdi" },
+    resolveBacking: () => Promise.resolve(fromBytes(base.bytes)),
+  });
+  await writable.write!(200_000, new Uint8Array(3).fill(4));
+  await writable.flush!();
+  expected.fill(4, 200_000, 200_003);
+  assertEquals(sha256Hex(await readAll(writable)), sha256Hex(expected));
+});
+
+Deno.test({
+  name:
+    "commit --parent copies a differencing vdi into its parent, which qemu-img then checks and finds equal to the disk",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      await differencingFiles(dir);
+      const made = await cli([
+        "convert",
+        "-O",
+        "vdi",
+        "-B",
+        "base.vdi",
+        `${dir}/mod.raw`,
+        `${dir}/top.vdi`,
+      ]);
+      assertEquals(made.code, 0, made.stderr);
+      const unnamed = await cli(["commit", `${dir}/top.vdi`]);
+      assertTrue(unnamed.code !== 0, unnamed.text);
+      const committed = await cli([
+        "commit",
+        "--parent",
+        `${dir}/base.vdi`,
+        `${dir}/top.vdi`,
+      ]);
+      assertEquals(committed.code, 0, committed.stderr);
+      await run("qemu-img", ["check", "-f", "vdi", `${dir}/base.vdi`]);
+      await assertQemuIdentical(`${dir}/mod.raw`, `${dir}/base.vdi`, "vdi");
+    }),
 });

@@ -16,6 +16,7 @@ import {
 } from "../mod.ts";
 import {
   assertQemuIdentical,
+  cli,
   pseudoRandom,
   qemuIo,
   referenceBytes,
@@ -576,4 +577,81 @@ Deno.test("a differencing VHD names its parent by its locators before the parent
   const image = await open(sink.source());
   assertEquals(image.details?.parentName, "base.vhd");
   assertEquals(image.backingFile, "parents/base.vhd");
+});
+
+Deno.test({
+  name:
+    "convert -O vpc -o subformat=fixed,force_size=on gives a fixed VHD of whole MiBs (rounded up, zeros, said on stderr), as Azure requires",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      for (
+        const [size, expected] of [
+          [(5 << 20) + 3 * 512, 6 << 20],
+          [(4 << 20) + 1, 5 << 20],
+          [7 << 20, 7 << 20],
+        ]
+      ) {
+        const disk = pseudoRandom(size, size % 97);
+        await Deno.writeFile(`${dir}/in.raw`, disk);
+        const r = await cli([
+          "convert",
+          "-O",
+          "vpc",
+          "-o",
+          "subformat=fixed,force_size=on",
+          `${dir}/in.raw`,
+          `${dir}/out.vhd`,
+        ]);
+        assertEquals(r.code, 0, r.stderr);
+        assertEquals(
+          /rounded up to the next MiB/.test(r.stderr),
+          size !== expected,
+          r.stderr,
+        );
+        const info = JSON.parse(
+          (await run("qemu-img", [
+            "info",
+            "--output=json",
+            "-f",
+            "vpc",
+            `${dir}/out.vhd`,
+          ])).text,
+        );
+        assertEquals(info["virtual-size"], expected);
+        assertEquals(
+          info["format-specific"]?.data?.subformat ?? "fixed",
+          "fixed",
+        );
+        // The file is the disk and a 512-byte footer, as Azure uploads it.
+        assertEquals((await Deno.stat(`${dir}/out.vhd`)).size, expected + 512);
+        // The input's bytes, then zeros: qemu-img compares the padded disk.
+        const padded = new Uint8Array(expected);
+        padded.set(disk);
+        await Deno.writeFile(`${dir}/padded.raw`, padded);
+        await assertQemuIdentical(`${dir}/padded.raw`, `${dir}/out.vhd`, "vpc");
+        const check = await run("qemu-img", [
+          "compare",
+          "-f",
+          "raw",
+          "-F",
+          "vpc",
+          `${dir}/in.raw`,
+          `${dir}/out.vhd`,
+        ], { allowFail: true });
+        assertEquals(check.code, 0, check.text + check.stderr);
+      }
+      // Without force_size the CHS rule is kept, as qemu-img's.
+      const chs = await cli([
+        "convert",
+        "-O",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        `${dir}/in.raw`,
+        `${dir}/chs.vhd`,
+      ]);
+      assertEquals(chs.code, 0, chs.stderr);
+      assertEquals(/MiB/.test(chs.stderr), false, chs.stderr);
+    }),
 });

@@ -80,16 +80,25 @@
  * @module
  */
 
-import { ascii, be32, be64, formatErrors } from "../_binary.ts";
+import { ascii, be32, be64, formatErrors, Scratch } from "../_binary.ts";
 import {
   ImageFormatError,
   KeyError,
   UnsupportedError,
 } from "../../streams/errors.ts";
-import { checkRange, type Source } from "../../streams/types.ts";
+import {
+  checkRange,
+  readInto as readFrom,
+  type Source,
+} from "../../streams/types.ts";
 import { tripleDesCbcDecrypt } from "../../streams/_des.ts";
 import { type HmacSha1, hmacSha1 } from "../../streams/_sha1.ts";
-import { decryptBlock, expandKey } from "../../streams/_aes.ts";
+import {
+  type AesKey,
+  decryptBlock,
+  encryptBlock,
+  expandKey,
+} from "../../streams/_aes.ts";
 
 /** The driver name errors carry. */
 export const FORMAT = "dmg-encrypted";
@@ -282,12 +291,24 @@ function checkData(
   }
 }
 
+/** Options of {@linkcode parseEncrypted}. */
+export interface ParseOptions {
+  /**
+   * The source is a sparse bundle's `token`: the header and key records
+   * only, the data being in the band files. DataOffset and DataSize then
+   * describe no bytes of this file and are not checked against it.
+   * @default false
+   */
+  token?: boolean;
+}
+
 /**
  * Reads and checks the header (or trailer) and the key records of an
  * encrypted image: every field that sizes a read or a loop is checked
  * first, with an {@linkcode ImageFormatError} naming it.
  *
- * @param source the encrypted file
+ * @param source the encrypted file (or a sparse bundle's token)
+ * @param options whether `source` is a bundle's token
  * @returns the layout
  *
  * @example
@@ -297,12 +318,16 @@ function checkData(
  * console.log(layout.version, layout.keyBits, layout.records.length);
  * ```
  */
-export async function parseEncrypted(source: Source): Promise<EncryptedLayout> {
+export async function parseEncrypted(
+  source: Source,
+  options: ParseOptions = {},
+): Promise<EncryptedLayout> {
   const file = source.name;
   const size = source.size;
+  const token = options.token === true;
   const head = await source.read(0, Math.min(8, size));
   if (head.length === 8 && ascii(head, 0, 8) === V2_MAGIC) {
-    return await parseV2(source);
+    return await parseV2(source, token);
   }
   if (size < V1_TRAILER_BYTES) {
     throw fail(
@@ -360,11 +385,16 @@ export async function parseEncrypted(source: Source): Promise<EncryptedLayout> {
       wrappedHmacKey: wrapped(0x1b4, "wrapped HMAC-SHA1 key length"),
     },
   };
-  checkData(layout, at, "decrypted data length", at + 0x4e8, file);
+  if (!token) {
+    checkData(layout, at, "decrypted data length", at + 0x4e8, file);
+  }
   return layout;
 }
 
-async function parseV2(source: Source): Promise<EncryptedLayout> {
+async function parseV2(
+  source: Source,
+  token: boolean,
+): Promise<EncryptedLayout> {
   const file = source.name;
   const size = source.size;
   if (size < V2_HEADER_BYTES) {
@@ -416,7 +446,7 @@ async function parseV2(source: Source): Promise<EncryptedLayout> {
       file,
     );
   }
-  if (dataOffset < tableEnd) {
+  if (!token && dataOffset < tableEnd) {
     throw fail(
       "DataOffset",
       dataOffset,
@@ -434,7 +464,7 @@ async function parseV2(source: Source): Promise<EncryptedLayout> {
     uuid: hexOf(h.subarray(0x24, 0x34)),
     records: [],
   };
-  checkData(layout, size, "DataSize", 0x38, file);
+  if (!token) checkData(layout, size, "DataSize", 0x38, file);
   const table = await source.read(
     V2_HEADER_BYTES,
     keyCount * KEY_POINTER_BYTES,
@@ -801,41 +831,146 @@ export async function unlockKeys(
   );
 }
 
-/** Decrypts whole chunks in place: chunk `first` is `bytes[0 .. blockSize)`. */
+/**
+ * Decrypts whole chunks. `cipher` holds chunk `first`, `first + 1`, ... in
+ * all but its last 16 bytes, which are spare (overwritten); the plaintext
+ * comes back as a new array of the chunks' length.
+ *
+ * One WebCrypto call decrypts all the chunks as a single CBC stream, which
+ * is right for the first chunk (its IV is given) and wrong only in the
+ * first block of each later one: CBC XORed it with the ciphertext block
+ * before it instead of its own IV, so XORing in (that block XOR the IV)
+ * mends it. WebCrypto removes PKCS#7 padding and refuses data without it:
+ * the spare block is made to decrypt to a full block of padding
+ * (E(0x10... XOR the last ciphertext block), with our table AES: one
+ * block, no second WebCrypto round trip). The IVs, two SHA-1 compressions
+ * each, are computed while WebCrypto decrypts on its own thread.
+ */
 async function decryptChunks(
   key: CryptoKey,
+  aes: AesKey,
   mac: HmacSha1,
   blockSize: number,
   first: number,
-  bytes: Uint8Array,
-): Promise<void> {
-  const s = subtle();
-  const n = bytes.length;
+  cipher: Uint8Array,
+): Promise<Uint8Array> {
+  const n = cipher.length - 16;
+  if (n <= 0) return new Uint8Array(0);
+  const pad = cipher.subarray(n);
+  for (let i = 0; i < 16; i++) pad[i] = cipher[n - 16 + i] ^ 16;
+  encryptBlock(aes, pad);
   const iv = new Uint8Array(16);
-  // WebCrypto's AES-CBC removes PKCS#7 padding and refuses data without
-  // it: a block that decrypts to a full block of padding (E(0x10.. XOR
-  // the last ciphertext block)) is appended, so the whole group is one
-  // call. Each later chunk's first block was XORed with the previous
-  // chunk's last ciphertext block instead of its own IV: swapped after.
-  const padBlock = new Uint8Array(
-    await s.encrypt(
-      { name: "AES-CBC", iv: bytes.slice(n - 16) },
-      key,
-      new Uint8Array(16).fill(16),
-    ),
-  ).subarray(0, 16);
-  const input = new Uint8Array(n + 16);
-  input.set(bytes);
-  input.set(padBlock, n);
   mac.macNumberInto(first, iv, 0);
-  const plain = new Uint8Array(
-    await s.decrypt({ name: "AES-CBC", iv }, key, input),
+  const decrypted = subtle().decrypt(
+    { name: "AES-CBC", iv },
+    key,
+    cipher as Uint8Array<ArrayBuffer>,
   );
-  for (let at = blockSize, c = first + 1; at < n; at += blockSize, c++) {
-    mac.macNumberInto(c, iv, 0);
-    for (let i = 0; i < 16; i++) plain[at + i] ^= bytes[at - 16 + i] ^ iv[i];
+  // Meanwhile, what mends each later chunk's first block.
+  const count = n / blockSize;
+  const mend = new Uint8Array(count * 16);
+  for (let c = 1, at = blockSize - 16; c < count; c++, at += blockSize) {
+    const m = 16 * c;
+    mac.macNumberInto(first + c, mend, m);
+    for (let i = 0; i < 16; i++) mend[m + i] ^= cipher[at + i];
   }
-  bytes.set(plain.subarray(0, n));
+  const plain = new Uint8Array(await decrypted);
+  for (let c = 1, at = blockSize; c < count; c++, at += blockSize) {
+    const m = 16 * c;
+    for (let i = 0; i < 16; i++) plain[at + i] ^= mend[m + i];
+  }
+  return plain;
+}
+
+/** Decrypts whole chunks of one image, numbered as the image numbers them. */
+export interface ChunkDecryptor {
+  /** Bytes per chunk. */
+  readonly blockSize: number;
+  /**
+   * Decrypts `bytes` (whole chunks) in place; its first chunk is chunk
+   * number `first`. Several chunks go through one WebCrypto call, a group
+   * of at most 4 MiB at a time.
+   */
+  decrypt(first: number, bytes: Uint8Array): Promise<void>;
+  /**
+   * The plaintext of the whole chunks in `cipher`, all but its last 16
+   * bytes (spare room the decryption overwrites), chunk `first` first, in
+   * one WebCrypto call: no copy of the ciphertext. Returns a new array.
+   */
+  decryptSpare(first: number, cipher: Uint8Array): Promise<Uint8Array>;
+}
+
+/**
+ * The chunk decryptor of unlocked keys: AES-CBC per chunk, the IV of chunk
+ * `n` HMAC-SHA1(HMAC key, n) cut to 16 bytes. A dmg numbers its chunks
+ * from its data offset; a sparse bundle over the whole disk, across bands.
+ *
+ * @param blockSize bytes per chunk (a multiple of 16)
+ * @param keys the unlocked keys
+ * @returns the decryptor
+ *
+ * @example
+ * ```ts ignore
+ * const chunks = chunkDecryptor(512, await unlockKeys(layout, "pw"));
+ * await chunks.decrypt(7, bytes); // bytes: chunks 7, 8, ... in place
+ * ```
+ */
+export function chunkDecryptor(
+  blockSize: number,
+  keys: DataKeys,
+): ChunkDecryptor {
+  const mac = hmacSha1(keys.hmacKey);
+  const aes = expandKey(keys.aesKey);
+  const cryptoKey = subtle().importKey(
+    "raw",
+    keys.aesKey.slice() as Uint8Array<ArrayBuffer>,
+    { name: "AES-CBC" },
+    false,
+    ["decrypt"],
+  );
+  const groupBytes = Math.max(1, Math.floor(GROUP_BYTES / blockSize)) *
+    blockSize;
+  const whole = (length: number) => {
+    if (length < 0 || length % blockSize !== 0) {
+      throw new RangeError(
+        `${length} bytes are not whole chunks of ${blockSize}`,
+      );
+    }
+  };
+  return {
+    blockSize,
+    async decrypt(first, bytes) {
+      whole(bytes.length);
+      const key = await cryptoKey;
+      for (let at = 0; at < bytes.length; at += groupBytes) {
+        const end = Math.min(bytes.length, at + groupBytes);
+        const cipher = new Uint8Array(end - at + 16);
+        cipher.set(bytes.subarray(at, end));
+        bytes.set(
+          await decryptChunks(
+            key,
+            aes,
+            mac,
+            blockSize,
+            first + at / blockSize,
+            cipher,
+          ),
+          at,
+        );
+      }
+    },
+    async decryptSpare(first, cipher) {
+      whole(cipher.length - 16);
+      return await decryptChunks(
+        await cryptoKey,
+        aes,
+        mac,
+        blockSize,
+        first,
+        cipher,
+      );
+    },
+  };
 }
 
 /**
@@ -861,15 +996,10 @@ export function decryptedSource(
   keys: DataKeys,
 ): Source {
   const { blockSize, dataOffset, dataSize } = layout;
-  const mac = hmacSha1(keys.hmacKey);
-  const cryptoKey = subtle().importKey(
-    "raw",
-    keys.aesKey.slice() as Uint8Array<ArrayBuffer>,
-    { name: "AES-CBC" },
-    false,
-    ["encrypt", "decrypt"],
-  );
-  const groupChunks = Math.max(1, Math.floor(GROUP_BYTES / blockSize));
+  const chunks = chunkDecryptor(blockSize, keys);
+  // A group and its spare block fit a kept 4 MiB buffer.
+  const groupChunks = Math.max(1, Math.floor((GROUP_BYTES - 16) / blockSize));
+  const scratch = new Scratch((n) => new Uint8Array(n));
 
   async function readInto(offset: number, into: Uint8Array): Promise<void> {
     const length = into.length;
@@ -888,23 +1018,45 @@ export function decryptedSource(
       });
     }
     if (length === 0) return;
-    const key = await cryptoKey;
     const firstChunk = Math.floor(offset / blockSize);
     const lastChunk = Math.floor((offset + length - 1) / blockSize);
-    for (let c = firstChunk; c <= lastChunk; c += groupChunks) {
+    // Each group is read into a kept buffer with 16 spare bytes (no copy
+    // before decrypting, no fresh pages per group: on this VM fresh pages
+    // cost a fault on the host) and copied once, its part of the range,
+    // into `into`.
+    // Two groups in flight: one decrypting on WebCrypto's thread while the
+    // next is read and its IVs computed.
+    const group = async (c: number) => {
       const count = Math.min(groupChunks, lastChunk - c + 1);
-      const bytes = await source.read(
-        dataOffset + c * blockSize,
-        count * blockSize,
-      );
-      await decryptChunks(key, mac, blockSize, c, bytes);
+      const cipher = scratch.take(count * blockSize + 16);
+      let plain: Uint8Array;
+      try {
+        await readFrom(
+          source,
+          dataOffset + c * blockSize,
+          cipher.subarray(0, count * blockSize),
+        );
+        plain = await chunks.decryptSpare(c, cipher);
+      } finally {
+        scratch.give(cipher);
+      }
       const from = Math.max(offset, c * blockSize);
       const to = Math.min(offset + length, (c + count) * blockSize);
       into.set(
-        bytes.subarray(from - c * blockSize, to - c * blockSize),
+        plain.subarray(from - c * blockSize, to - c * blockSize),
         from - offset,
       );
+    };
+    let previous: Promise<void> | undefined;
+    for (let c = firstChunk; c <= lastChunk; c += groupChunks) {
+      const current = group(c);
+      // Awaited below; this only keeps the failure of a group left behind
+      // (when the one before it failed first) from going unhandled.
+      current.catch(() => {});
+      if (previous) await previous;
+      previous = current;
     }
+    await previous;
   }
 
   return {

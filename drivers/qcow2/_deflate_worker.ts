@@ -1,8 +1,9 @@
 /**
  * The worker behind `convert -O qcow2 -c`'s parallel compression
  * (`DeflatePool` in `encode.ts`): deflates whole clusters with QEMU's
- * 4 KiB window, one message a batch. Answers `unavailable` where the
- * runtime has no node:zlib (the caller then compresses on its own thread).
+ * 4 KiB window, or makes a zstd frame of each (`codec: "zstd"`), one
+ * message a batch. Answers `unavailable` for deflate where the runtime has
+ * no node:zlib (the caller then compresses on its own thread).
  *
  * This module is browser compatible.
  *
@@ -10,12 +11,15 @@
  */
 
 import { nodeZlibModule } from "../codecs/_node_zlib.ts";
+import { encodeFrame } from "../codecs/zstd_encode.ts";
 
 /** A batch: `count` clusters of `clusterSize` bytes back to back. */
 interface Job {
   id: number;
   input: Uint8Array;
   clusterSize: number;
+  /** The compression type (zlib when absent). */
+  codec?: "zlib" | "zstd";
 }
 
 const scope = globalThis as unknown as {
@@ -24,13 +28,19 @@ const scope = globalThis as unknown as {
 };
 
 scope.onmessage = (e) => {
-  const { id, input, clusterSize } = e.data;
+  const { id, input, clusterSize, codec } = e.data;
   const zlib = nodeZlibModule() as
     | {
       deflateRawSync(b: Uint8Array, o: { windowBits: number }): Uint8Array;
     }
     | undefined;
-  if (!zlib) {
+  const compress = codec === "zstd"
+    ? encodeFrame
+    : zlib && ((b: Uint8Array) =>
+      zlib.deflateRawSync(b, {
+        windowBits: 12,
+      }));
+  if (!compress) {
     scope.postMessage({ id, unavailable: true });
     return;
   }
@@ -38,9 +48,7 @@ scope.onmessage = (e) => {
     const parts: Uint8Array[] = [];
     let total = 0;
     for (let at = 0; at < input.length; at += clusterSize) {
-      const out = zlib.deflateRawSync(input.subarray(at, at + clusterSize), {
-        windowBits: 12,
-      });
+      const out = compress(input.subarray(at, at + clusterSize));
       parts.push(out);
       total += out.length;
     }

@@ -206,6 +206,9 @@ function settingsOf(
     lazyRefcounts: version === 3 &&
       (h.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
     extendedL2: state.extendedL2,
+    compressionType: version === 3 && h.compressionType === 1 ? 1 : 0,
+    dataFile: state.hasDataFile ? h.dataFile : undefined,
+    dataFileRaw: (h.autoclear & AUTOCLEAR.dataFileRaw) !== 0n,
     preallocation: "off",
     encrypt: h.cryptMethod === CRYPT.luks
       ? "luks"

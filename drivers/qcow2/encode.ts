@@ -14,6 +14,7 @@
 import { alignUp, isZero, setBe32, setBe64 } from "../_binary.ts";
 import { nodeZlibModule } from "../codecs/_node_zlib.ts";
 import { encode as deflate } from "../codecs/zlib.ts";
+import { encodeFrame as zstdFrame } from "../codecs/zstd_encode.ts";
 import { UnsupportedError } from "../../streams/errors.ts";
 import { cipherFor } from "../../streams/decrypt.ts";
 import type {
@@ -67,16 +68,33 @@ export function clusterDeflater():
     cluster.length <= 4096 ? await deflate(cluster, "deflate-raw") : undefined;
 }
 
-/** The most deflate workers, whatever the core count. */
+/**
+ * The compressor of clusters of `compressionType` (0 zlib, 1 zstd): a
+ * zstd cluster is one frame without checksum, as QEMU writes them
+ * (`codecs/zstd_encode.ts`).
+ */
+export function clusterCompressor(
+  compressionType: number,
+):
+  | ((cluster: Uint8Array) => Promise<Uint8Array | undefined>)
+  | undefined {
+  if (compressionType === 1) {
+    return (cluster) => Promise.resolve(zstdFrame(cluster));
+  }
+  return clusterDeflater();
+}
+
+/** The most compressing workers, whatever the core count. */
 const MAX_WORKERS = 4;
 
 /**
- * Workers deflating clusters (`_deflate_worker.ts`): node:zlib's deflate
- * is synchronous, so on one thread `-c` used one core. Where workers cannot
- * start, or have no node:zlib, `deflate` answers undefined and the caller
- * compresses on its own thread.
+ * Workers compressing clusters (`_deflate_worker.ts`): node:zlib's deflate
+ * and our zstd encoder are synchronous, so on one thread `-c` used one
+ * core. Where workers cannot start, or have no node:zlib for deflate,
+ * `deflate` answers undefined and the caller compresses on its own thread.
  */
 class DeflatePool {
+  constructor(readonly codec: "zlib" | "zstd" = "zlib") {}
   #workers: Worker[] = [];
   #pending = new Map<
     number,
@@ -165,7 +183,7 @@ class DeflatePool {
             reject,
           });
           worker.postMessage(
-            { id, input, clusterSize },
+            { id, input, clusterSize, codec: this.codec },
             shared ? [] : [input.buffer as ArrayBuffer],
           );
         },
@@ -283,8 +301,36 @@ export async function encodeQcow2(
   } else if (s.encrypt === "aes") {
     cipher = cipherFor("qcow-aes", options.key!);
   }
-  const deflater = options.compress ? clusterDeflater() : undefined;
-  const pool = deflater ? new DeflatePool() : undefined;
+  if (s.dataFile !== undefined && options.compress) {
+    throw new UnsupportedError(
+      { format: FORMAT, field: "data_file", value: s.dataFile },
+      "compressed clusters cannot be written with an external data file (qemu-img refuses them too)",
+    );
+  }
+  // data_file: the guest's clusters go to the external file at their guest
+  // offsets (qemu's rule, raw or not); this file keeps the tables only.
+  let dataOut: Appender | undefined;
+  if (s.dataFile !== undefined) {
+    if (s.encrypt) {
+      throw new UnsupportedError(
+        { format: FORMAT, field: "data_file", value: s.dataFile },
+        "encryption with an external data file is not written",
+      );
+    }
+    if (!options.createFile) {
+      throw new UnsupportedError(
+        { format: FORMAT, field: "data_file", value: s.dataFile },
+        "an external data file needs a way to create it (the createFile option)",
+      );
+    }
+    dataOut = new Appender(await options.createFile(s.dataFile), 0);
+  }
+  const deflater = options.compress
+    ? clusterCompressor(s.compressionType)
+    : undefined;
+  const pool = deflater
+    ? new DeflatePool(s.compressionType === 1 ? "zstd" : "zlib")
+    : undefined;
   try {
     await encodeBody();
   } finally {
@@ -294,7 +340,9 @@ export async function encodeQcow2(
     const offsetBits = BigInt(62 - (s.clusterBits - 8));
     const out = new Appender(sink, next);
     const l1 = new Uint8Array(l1Size * 8);
-    const metadata = s.preallocation === "metadata";
+    // data_file_raw implies metadata preallocation, as in qemu-img: every
+    // cluster mapped, so that the data file reads as the disk.
+    const metadata = s.preallocation === "metadata" || s.dataFileRaw;
 
     for (let group = 0; group < l1Size; group++) {
       options.signal?.throwIfAborted();
@@ -356,6 +404,23 @@ export async function encodeQcow2(
         for (let i = 0; i < chunkClusters; i++) {
           const index = c0 + i;
           let cluster = chunk[i];
+          const guest = start + index * clusterSize;
+          if (dataOut) {
+            // Data clusters at their guest offsets in the data file (zeros
+            // are its holes); not counted here: they are not in this file.
+            if (!cluster && !metadata) continue;
+            if (cluster) {
+              await dataOut.skipTo(guest);
+              await dataOut.push(
+                cluster.subarray(0, Math.min(clusterSize, size - guest)),
+              );
+            }
+            setBe64(table, index * entryBytes, COPIED | BigInt(guest));
+            if (s.extendedL2) {
+              setBe32(table, index * entryBytes + 12, 0xffffffff);
+            }
+            continue;
+          }
           if (!cluster) {
             if (metadata) {
               // Allocated, its bytes a hole in the file (zeros).
@@ -433,6 +498,11 @@ export async function encodeQcow2(
       l1At / clusterSize + l1Bytes.length / clusterSize,
     );
     await out.flush();
+    if (dataOut) {
+      await dataOut.flush();
+      await dataOut.sink.resize?.(size);
+      await dataOut.sink.flush();
+    }
     const refcounts = refcountStructures(
       counter,
       s.clusterBits,

@@ -16,7 +16,7 @@ import {
   setBe64,
 } from "../_binary.ts";
 import { checkWriteOptions, optionErrors } from "../../streams/options.ts";
-import { KeyError, UnsupportedError } from "../../streams/errors.ts";
+import { KeyError } from "../../streams/errors.ts";
 import type { OptionSpec, SectorCipher } from "../../streams/types.ts";
 import {
   afSplit,
@@ -66,9 +66,21 @@ export const QCOW2_OPTIONS: readonly OptionSpec[] = [
   },
   {
     name: "compression_type",
-    help: "compression of -c clusters (zstd is not written yet)",
+    help: "compression of -c clusters (zstd needs compat 1.1)",
     values: ["zlib", "zstd"],
     default: "zlib",
+  },
+  {
+    name: "data_file",
+    help:
+      "external data file holding the guest data at guest offsets (compat 1.1)",
+    accepts: "a file name",
+  },
+  {
+    name: "data_file_raw",
+    help: "the data file is also a raw image of the disk (needs data_file)",
+    values: ["on", "off"],
+    default: "off",
   },
   {
     name: "preallocation",
@@ -141,6 +153,12 @@ export interface Qcow2Settings {
   refcountOrder: number;
   lazyRefcounts: boolean;
   extendedL2: boolean;
+  /** compression_type: 0 zlib, 1 zstd. */
+  compressionType: 0 | 1;
+  /** The external data file's name (data_file). */
+  dataFile?: string;
+  /** data_file_raw: the data file reads as the disk. */
+  dataFileRaw: boolean;
   preallocation: "off" | "metadata";
   encrypt?: "aes" | "luks";
   luks: {
@@ -243,14 +261,24 @@ export function qcow2Settings(
     );
   }
   const compression = options.compression_type ?? "zlib";
-  if (compression === "zstd") {
-    throw new UnsupportedError(
-      { format: FORMAT, field: "compression_type", value: "zstd" },
-      "compression_type zstd is not written yet (zlib is)",
+  if (compression !== "zlib" && compression !== "zstd") {
+    throw fail("compression_type", compression, "zlib or zstd");
+  }
+  if (compression === "zstd" && version === 2) {
+    throw fail(
+      "compat",
+      compat,
+      "1.1 for compression_type zstd (a non-zlib compression type)",
     );
   }
-  if (compression !== "zlib") {
-    throw fail("compression_type", compression, "zlib");
+  const dataFile = options.data_file;
+  const dataFileRaw = onOff(options.data_file_raw, "data_file_raw");
+  if (dataFile !== undefined && version === 2) {
+    throw fail("compat", compat, "1.1 for an external data file (data_file)");
+  }
+  if (dataFile === "") throw fail("data_file", dataFile, "a file name");
+  if (dataFileRaw && dataFile === undefined) {
+    throw fail("data_file_raw", "on", "only with data_file");
   }
   const preallocation = options.preallocation ?? "off";
   if (preallocation !== "off" && preallocation !== "metadata") {
@@ -313,6 +341,9 @@ export function qcow2Settings(
     refcountOrder,
     lazyRefcounts,
     extendedL2,
+    compressionType: compression === "zstd" ? 1 : 0,
+    dataFile,
+    dataFileRaw,
     preallocation,
     encrypt,
     luks,
@@ -392,8 +423,17 @@ export function headerCluster(s: Qcow2Settings, f: HeaderFields): Uint8Array {
   setBe32(b, 56, f.refcountTableClusters);
   let at = 72;
   if (s.version === 3) {
-    setBe64(b, 72, s.extendedL2 ? 16 : 0);
+    // Incompatible features: external data file (bit 2), compression
+    // type (3), extended L2 (4); autoclear bit 1: raw external data.
+    setBe64(
+      b,
+      72,
+      (s.extendedL2 ? 16 : 0) | (s.compressionType ? 8 : 0) |
+        (s.dataFile !== undefined ? 4 : 0),
+    );
     setBe64(b, 80, s.lazyRefcounts ? 1 : 0);
+    setBe64(b, 88, s.dataFileRaw ? 2 : 0);
+    b[104] = s.compressionType;
     setBe32(b, 96, s.refcountOrder);
     setBe32(b, 100, 112);
     at = 112;
@@ -422,7 +462,18 @@ export function headerCluster(s: Qcow2Settings, f: HeaderFields): Uint8Array {
     setBe64(data, 8, f.crypto.length);
     extension(0x0537be77, data);
   }
-  if (s.version === 3) {
+  if (s.dataFile !== undefined) {
+    extension(0x44415441, encoder.encode(s.dataFile));
+  }
+  const nameBytes = s.backingFile === undefined
+    ? 0
+    : encoder.encode(s.backingFile).length;
+  // The feature name table is optional: left out, as qemu-img leaves it,
+  // where it does not fit (512-byte clusters with a data file name).
+  if (
+    s.version === 3 &&
+    at + 8 + 48 * FEATURE_NAMES.length + 8 + nameBytes <= clusterSize
+  ) {
     const table = new Uint8Array(48 * FEATURE_NAMES.length);
     FEATURE_NAMES.forEach(([type, bit, name], i) => {
       table[48 * i] = type;

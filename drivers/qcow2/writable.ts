@@ -46,6 +46,7 @@ import {
   setRefcount,
 } from "./layout.ts";
 import { encodeQcow2 } from "./encode.ts";
+import { createWithDataFile } from "./data_file.ts";
 import {
   INCOMPAT,
   l1Entry,
@@ -512,6 +513,7 @@ export async function createQcow2(
 ): Promise<Image> {
   requireRandomAccess(sink, FORMAT, "qcow2 images");
   const s = qcow2Settings(spec.options, spec.key);
+  if (s.dataFile !== undefined) return await createWithDataFile(sink, spec);
   s.backingFile = spec.backingFile ?? s.backingFile;
   s.backingFormat = spec.backingFormat ?? s.backingFormat;
   const size = alignUp(spec.size, SECTOR);

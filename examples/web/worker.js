@@ -47,7 +47,11 @@ async function openInput(input, key) {
   const files = Array.isArray(input) ? input : undefined;
   const folder = typeof input === "object" && !(input instanceof Blob) &&
     !files;
-  if (folder) return await openSparsebundle(memoryTree(input));
+  if (folder) {
+    return await openSparsebundle(memoryTree(input), {
+      key: key || undefined,
+    });
+  }
   return await open(
     typeof input === "string"
       ? await fromUrl(new URL(input, self.location.href))
