@@ -12,6 +12,8 @@
  * deno run -A cli.ts resize [--shrink] [-f FMT] IMAGE [+|-]SIZE
  * deno run -A cli.ts rebase [-u] -b BACKING [-F FMT] IMAGE
  * deno run -A cli.ts measure [-O FMT] [-o OPTS] (--size SIZE | IMAGE)
+ * deno run -A cli.ts snapshot (-l | -c TAG | -a TAG | -d TAG) IMAGE
+ * deno run -A cli.ts amend -o OPTS IMAGE
  * deno run -A cli.ts dd [bs=N] [count=N] [skip=N] if=IN of=OUT
  * deno run -A cli.ts formats
  * ```
@@ -28,6 +30,8 @@
  */
 
 import {
+  amendQcow2,
+  applySnapshot,
   BackingFileError,
   bootSectorPatch,
   checkExitCode,
@@ -41,7 +45,9 @@ import {
   type ConvertOptions,
   create,
   createOutputFile,
+  createSnapshot,
   ddSource,
+  deleteSnapshot,
   describeImage,
   directoryTree,
   driver,
@@ -72,12 +78,14 @@ import {
   parseFatSpelling,
   partition,
   type PartitionTable,
+  probe,
   readPartitionTable,
   rebase,
   resizeImage,
   scratchFiles,
   type Sink,
   snapshot,
+  snapshotTable,
   type Source,
   streamSink,
   UnsupportedError,
@@ -1595,9 +1603,9 @@ const commands: Record<string, Command> = {
   },
 
   check: {
-    usage: "check [-f FMT] [--output=human|json] [-r leaks] IMAGE",
+    usage: "check [-f FMT] [--output=human|json] [-r leaks|all] IMAGE",
     summary:
-      "check a qcow2 image's refcounts and tables as qemu-img check does (exit 0 clean, 2 corruptions, 3 leaks); -r leaks repairs leaks",
+      "check a qcow2 image's refcounts and tables as qemu-img check does (exit 0 clean, 2 corruptions, 3 leaks); -r leaks repairs leaks, -r all refcounts and flags too",
     options: {
       format: { type: "string", short: "f" },
       output: { type: "string", default: "human" },
@@ -1606,9 +1614,9 @@ const commands: Record<string, Command> = {
     async run({ values, positionals }) {
       const [path] = need(positionals, 1, "check");
       const repair = values.repair as string | undefined;
-      if (repair !== undefined && repair !== "leaks") {
+      if (repair !== undefined && repair !== "leaks" && repair !== "all") {
         throw new UsageError(
-          `-r ${repair}: only -r leaks is supported`,
+          `-r ${repair}: -r leaks or -r all`,
           "check",
         );
       }
@@ -1619,6 +1627,7 @@ const commands: Record<string, Command> = {
         result = await checkImage(file, {
           format: values.format as string | undefined,
           repairLeaks: repair !== undefined,
+          repairAll: repair === "all",
           sink: file,
         });
       } catch (e) {
@@ -1637,6 +1646,109 @@ const commands: Record<string, Command> = {
           : checkHuman(result),
       );
       return checkExitCode(result);
+    },
+  },
+
+  snapshot: {
+    usage: "snapshot [-q] (-l | -c TAG | -a TAG | -d TAG) IMAGE",
+    summary:
+      "list (-l), create (-c), apply (-a) or delete (-d) the internal snapshots of a qcow2 image, as qemu-img snapshot",
+    options: {
+      list: { type: "boolean", short: "l" },
+      create: { type: "string", short: "c" },
+      apply: { type: "string", short: "a" },
+      delete: { type: "string", short: "d" },
+      quiet: { type: "boolean", short: "q" },
+    },
+    async run({ values, positionals }) {
+      const [path] = need(positionals, 1, "snapshot");
+      const actions = (["list", "create", "apply", "delete"] as const).filter(
+        (k) => values[k] !== undefined && values[k] !== false,
+      );
+      if (actions.length > 1) {
+        printErr("vdisk snapshot: Cannot mix '-l', '-a', '-c', '-d'\n");
+        return 1;
+      }
+      const action = actions[0];
+      if (action === undefined) return 0; // as qemu-img: nothing asked
+      const file = await fromFile(path, { write: action !== "list" });
+      opened.push(file);
+      // Probed, as qemu-img snapshot (it takes no -f).
+      const format = (await probe(file))[0]?.format;
+      if (action === "list") {
+        if (format !== "qcow2") return 0; // no snapshots to list
+        const image = await open(file, { format: "qcow2" });
+        const snapshots = image.details?.snapshots as
+          | Record<string, number | string>[]
+          | undefined;
+        if (snapshots?.length) {
+          print(snapshotTable(snapshots).join("\n") + "\n");
+        }
+        return 0;
+      }
+      const tag = values[action] as string;
+      const verb = action === "apply" ? "apply" : action;
+      try {
+        if (format !== "qcow2") {
+          throw new UnsupportedError(
+            { format: format ?? "unknown", field: "snapshot" },
+            "Operation not supported",
+          );
+        }
+        if (action === "create") await createSnapshot(file, tag);
+        else if (action === "apply") await applySnapshot(file, tag);
+        else await deleteSnapshot(file, tag);
+      } catch (e) {
+        printErr(
+          `vdisk snapshot: Could not ${verb} snapshot '${tag}': ${
+            errorLine(e)
+          }\n`,
+        );
+        return 1;
+      }
+      return 0;
+    },
+  },
+
+  amend: {
+    usage:
+      "amend [-f FMT] [-q] -o OPTS IMAGE   (qcow2: compat, lazy_refcounts, refcount_bits)",
+    summary:
+      "change a qcow2 image's compat level, lazy refcounts or refcount width in place, as qemu-img amend",
+    options: {
+      format: { type: "string", short: "f" },
+      options: { type: "string", short: "o", multiple: true },
+      quiet: { type: "boolean", short: "q" },
+    },
+    async run({ values, positionals }) {
+      const texts = (values.options as string[] | undefined) ?? [];
+      if (texts.length === 0) {
+        throw new UsageError("amend needs -o OPTS", "amend");
+      }
+      const options = parseOptions(texts.join(","));
+      if (optionsHelp(values.format as string ?? "qcow2", texts.join(","))) {
+        return 0;
+      }
+      const [path] = need(positionals, 1, "amend");
+      const file = await fromFile(path, { write: true });
+      opened.push(file);
+      const format = (values.format as string | undefined) ??
+        (await probe(file))[0]?.format;
+      if (format !== "qcow2") {
+        printErr(
+          `vdisk amend: Format driver '${format}' does not support option amendment\n`,
+        );
+        return 1;
+      }
+      try {
+        await amendQcow2(file, options);
+      } catch (e) {
+        if (!(e instanceof Error) || e instanceof Deno.errors.NotFound) throw e;
+        // qemu-img's messages may take two lines.
+        printErr(`vdisk amend: ${e.message.replace(/^qcow2: /, "")}\n`);
+        return 1;
+      }
+      return 0;
     },
   },
 

@@ -64,6 +64,10 @@ export { vmdk } from "./drivers/vmdk.ts";
 export { qcow } from "./drivers/qcow.ts";
 export { qcow2 } from "./drivers/qcow2.ts";
 export * from "./drivers/qcow2/check.ts";
+export * from "./drivers/qcow2/snapshots.ts";
+export { amendQcow2 } from "./drivers/qcow2/amend.ts";
+export { setQcow2BackingFile } from "./drivers/qcow2/backing.ts";
+export type { Snapshot as Qcow2Snapshot } from "./drivers/qcow2.ts";
 export { cow } from "./drivers/cow.ts";
 export {
   type FatSpelling,

@@ -652,13 +652,20 @@ export interface Snapshot {
   /** The virtual size of the snapshot's disk (the header's size when absent). */
   diskSize: number;
   icount?: number;
+  /** Bytes of its table entry, padding included. */
+  entryBytes: number;
 }
 
 /**
  * Reads the snapshot table: `header.nbSnapshots` entries of 40 bytes plus
  * their extra data, ID and name, each padded to 8 bytes.
+ *
+ * @param source the image file
+ * @param header its header
+ * @returns the snapshots, in table order
+ * @throws {ImageFormatError} for a table past the end of the file
  */
-async function readSnapshots(
+export async function readSnapshots(
   source: Source,
   header: Header,
 ): Promise<Snapshot[]> {
@@ -744,6 +751,7 @@ async function readSnapshots(
       vmStateSize,
       diskSize,
       icount,
+      entryBytes: Math.ceil((40 + extraSize + idSize + nameSize) / 8) * 8,
       id: decoder.decode(rest.subarray(extraSize, extraSize + idSize)),
       name: decoder.decode(
         rest.subarray(extraSize + idSize, extraSize + idSize + nameSize),
@@ -1614,9 +1622,33 @@ export function probeQcow2(input: ProbeInput): number {
 }
 
 async function openQcow2(source: Source, options: OpenOptions): Promise<Image> {
-  const state = await openState(source, options);
+  let state = await openState(source, options);
   if (options.writable) {
-    await makeWritable(state, writeSink(options, FORMAT)!);
+    const sink = writeSink(options, FORMAT)!;
+    if (
+      (state.header.incompatible & INCOMPAT.dirty) &&
+      !(state.header.incompatible & INCOMPAT.corrupt) &&
+      state.details.snapshot === undefined && !state.hasDataFile
+    ) {
+      // A dirty image (lazy refcounts) may have stale refcounts: QEMU
+      // repairs them when it opens such an image for writing, as
+      // `check -r all` would, and so do we. Imported here because the
+      // check module reaches the registry, which imports this driver.
+      const { checkImage } = await import("./qcow2/check.ts");
+      const result = await checkImage(source, {
+        format: FORMAT,
+        repairAll: true,
+        sink,
+      });
+      if (result.corruptions || result.checkErrors) {
+        throw new UnsupportedError(
+          { format: FORMAT, field: "incompatible_features", offset: 72 },
+          `cannot write: the image is dirty and repairing its refcounts left ${result.corruptions} corruptions and ${result.checkErrors} check errors`,
+        );
+      }
+      state = await openState(source, options);
+    }
+    await makeWritable(state, sink);
   }
   if (options.key !== undefined && state.encryption) {
     // Unlocked here (not by the registry's decrypt) so that a wrong LUKS

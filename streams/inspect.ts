@@ -511,8 +511,20 @@ function humanPartitions(
   }
 }
 
-/** qemu-img's "Snapshot list:" table (ID, tag, VM size, date, VM clock, icount). */
-function snapshotTable(
+/**
+ * qemu-img's "Snapshot list:" table (ID, tag, VM size, date, VM clock,
+ * icount), from the `snapshots` of a qcow2 image's details.
+ *
+ * @param snapshots the details' snapshot records
+ * @returns the lines, without newlines
+ *
+ * @example
+ * ```ts
+ * import { snapshotTable } from "./inspect.ts";
+ * console.log(snapshotTable([])[0]); // Snapshot list:
+ * ```
+ */
+export function snapshotTable(
   snapshots: Record<string, number | string>[],
 ): string[] {
   const pad = (n: number, w = 2) => String(n).padStart(w, "0");
@@ -530,8 +542,9 @@ function snapshotTable(
       pad(Math.floor(Number(s["vm-clock-nsec"]) / 1e6), 3)
     }`;
     const vmSize = Number(s["vm-state-size"]);
-    return `${String(s.id).padEnd(10)}${String(s.name).padEnd(18)}${
-      (vmSize === 0 ? "0 B" : humanSize(vmSize)).padStart(7)
+    // qemu-img's widths: a tag of 17 bytes or more still gets a space.
+    return `${String(s.id).padEnd(10)}${String(s.name).padEnd(16)} ${
+      (vmSize === 0 ? "0 B" : humanSize(vmSize)).padStart(8)
     } ${day} ${vmClock} ${String(s.icount ?? "").padStart(10)}`;
   });
   return [

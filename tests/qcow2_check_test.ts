@@ -3,7 +3,7 @@
 // leaks and corruptions, and repairs leaks so that qemu-img finds the image
 // clean.
 
-import { assertEquals } from "./_asserts.ts";
+import { assertEquals, assertTrue } from "./_asserts.ts";
 import {
   checkExitCode,
   checkImage,
@@ -168,9 +168,14 @@ Deno.test(
       await Deno.writeFile(path, clean);
       await pokeRefcount(path, 5, 0);
       assertEquals(await compareWithQemu(path), 2);
-      // -r leaks leaves corruptions alone: the file is unchanged.
+      // -r leaks leaves corruptions alone: the file is unchanged. A
+      // refcount of 0 needs a rebuild, which -r leaks refuses (exit 1).
       const corrupt = await Deno.readFile(path);
-      assertEquals((await cli(["check", "-r", "leaks", path])).code, 2);
+      const refused = await cli(["check", "-r", "leaks", path]);
+      assertEquals(refused.code, 1);
+      assertTrue(
+        refused.stderr.includes("ERROR need to rebuild refcount structures"),
+      );
       assertEquals(await Deno.readFile(path), corrupt);
     }),
 );
@@ -195,6 +200,166 @@ Deno.test(
       // JSON after a repair carries leaks-fixed.
       await pokeRefcount(path, 6, 1);
       assertEquals(await compareWithQemu(path, ["-r", "leaks"]), 0);
+    }),
+);
+
+Deno.test(
+  "qcow2 check: -r all repairs refcounts poked up, down and to 0 as qemu-img -r all does",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const path = await withHole(dir);
+      const clean = await Deno.readFile(path);
+      const snapped = `${dir}/snapped.qcow2`;
+      await Deno.writeFile(snapped, clean);
+      await run("qemu-img", ["snapshot", "-c", "s", snapped]);
+      /** Flips the copied flag of the first L1 entry, or of its L2 entry `j`. */
+      const flipCopied = async (p: string, j?: number) => {
+        const b = await Deno.readFile(p);
+        const v = new DataView(b.buffer);
+        const l1 = Number(v.getBigUint64(40));
+        const l2 = Number(v.getBigUint64(l1) & 0x00fffffffffffe00n);
+        const at = j === undefined ? l1 : l2 + j * 8;
+        v.setBigUint64(at, v.getBigUint64(at) ^ (1n << 63n));
+        await Deno.writeFile(p, b);
+      };
+      const cases: [string, string, (p: string) => Promise<void>][] = [
+        ["leak", path, (p) => pokeRefcount(p, 6, 1)],
+        ["refcount 2 for one use", path, (p) => pokeRefcount(p, 5, 2)],
+        ["refcount 1 for two uses", snapped, (p) => pokeRefcount(p, 5, 1)],
+        ["refcount 0: rebuilt", path, (p) => pokeRefcount(p, 5, 0)],
+        [
+          "copied flag of a data cluster cleared",
+          path,
+          (p) => flipCopied(p, 0),
+        ],
+        [
+          "copied flag of a shared cluster set",
+          snapped,
+          (p) => flipCopied(p, 2),
+        ],
+        ["copied flag of an L2 table cleared", path, (p) => flipCopied(p)],
+      ];
+      for (const [name, base, poke] of cases) {
+        const start = await Deno.readFile(base);
+        const ours = `${dir}/ours.qcow2`;
+        const theirs = `${dir}/theirs.qcow2`;
+        for (const p of [ours, theirs]) {
+          await Deno.writeFile(p, start);
+          await poke(p);
+        }
+        const q = await run("qemu-img", ["check", "-r", "all", theirs]);
+        const o = await cli(["check", "-r", "all", ours]);
+        assertEquals(o.code, q.code, name);
+        assertEquals(o.stderr, q.stderr, name);
+        // The summary, less the end offset (a rebuild places the new
+        // refcount structures elsewhere than qemu).
+        const summary = (t: string) => t.replace(/Image end offset: \d+\n/, "");
+        assertEquals(summary(o.text), summary(q.text), name);
+        const json = await run("qemu-img", [
+          "check",
+          "--output=json",
+          ours,
+        ]);
+        assertEquals(JSON.parse(json.text).corruptions, undefined, name);
+        assertEquals(JSON.parse(json.text).leaks, undefined, name);
+        const snapshots = base === snapped ? ["", "s"] : [""];
+        for (const snapshot of snapshots) {
+          const l = snapshot ? ["-l", snapshot] : [];
+          const a = await run("qemu-img", [
+            "convert",
+            ...l,
+            "-O",
+            "raw",
+            ours,
+            `${dir}/a.raw`,
+          ]);
+          const b = await run("qemu-img", [
+            "convert",
+            ...l,
+            "-O",
+            "raw",
+            theirs,
+            `${dir}/b.raw`,
+          ]);
+          assertEquals(a.code + b.code, 0);
+          assertEquals(
+            await Deno.readFile(`${dir}/a.raw`),
+            await Deno.readFile(`${dir}/b.raw`),
+            name,
+          );
+        }
+      }
+    }),
+);
+
+Deno.test(
+  "vdi check: block maps poked with duplicates, indexes too large and a wrong count are reported as qemu-img does; -r is refused (exit 63)",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/x.vdi`;
+      await run("qemu-img", ["create", "-q", "-f", "vdi", path, "4M"]);
+      await qemuIo("vdi", path, "write -P 1 0 1M");
+      assertEquals(await compareWithQemu(path), 0);
+      const clean = await Deno.readFile(path);
+      const v = new DataView(clean.buffer);
+      const bmap = v.getUint32(340, true);
+      const pokes: [string, number, number][] = [
+        ["a block used twice", bmap + 4, 0],
+        ["a block index too large", bmap + 4, 77],
+        ["blocks_allocated wrong", 388, 3],
+      ];
+      for (const [name, at, value] of pokes) {
+        const bytes = clean.slice();
+        new DataView(bytes.buffer).setUint32(at, value, true);
+        await Deno.writeFile(path, bytes);
+        assertEquals(await compareWithQemu(path), 2, name);
+        const theirs = await run("qemu-img", ["check", "-r", "leaks", path], {
+          allowFail: true,
+        });
+        const ours = await cli(["check", "-r", "leaks", path]);
+        assertEquals(ours.code, theirs.code, name);
+        assertEquals(await Deno.readFile(path), bytes, name);
+      }
+    }),
+);
+
+Deno.test(
+  "qed check: invalid, duplicate and leaked clusters counted as qemu-img counts them; -r clears invalid offsets and the need-check bit as qemu-img",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/x.qed`;
+      await run("qemu-img", ["create", "-q", "-f", "qed", path, "4M"]);
+      await qemuIo("qed", path, "write -P 1 0 1M", "write -P 2 3M 64k");
+      assertEquals(await compareWithQemu(path), 0);
+      const clean = await Deno.readFile(path);
+      const v = new DataView(clean.buffer);
+      const l1 = Number(v.getBigUint64(40, true));
+      const l2 = Number(v.getBigUint64(l1, true));
+      const first = v.getBigUint64(l2, true);
+      const pokes: [string, number, bigint][] = [
+        ["an unaligned data cluster", l2 + 8, first + 512n],
+        ["a data cluster past the end", l2 + 8, 1n << 40n],
+        ["a data cluster used twice", l2 + 8, first],
+        ["an L2 table past the end", l1 + 8, 1n << 40n],
+        ["the need-check bit", 16, 3n],
+      ];
+      for (const [name, at, value] of pokes) {
+        const bytes = clean.slice();
+        new DataView(bytes.buffer).setBigUint64(at, value, true);
+        for (const args of [[], ["-r", "leaks"], ["-r", "all"]]) {
+          await Deno.writeFile(path, bytes);
+          await compareWithQemu(path, args).catch((e) => {
+            throw new Error(`${name} ${args.join(" ")}: ${e.message}`);
+          });
+        }
+      }
+      // A leak: a cluster past the last one used.
+      await Deno.writeFile(path, clean);
+      await Deno.truncate(path, clean.length + 65536);
+      assertEquals(await compareWithQemu(path), 3);
     }),
 );
 

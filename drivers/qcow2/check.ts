@@ -15,14 +15,22 @@
 import { UnsupportedError } from "../../streams/errors.ts";
 import type { Sink, Source } from "../../streams/types.ts";
 import { probe } from "../registry.ts";
+import { checkVdi } from "../_vdi_check.ts";
+import { checkQed } from "../_qed_check.ts";
 import {
   AUTOCLEAR,
   headBytes,
+  type Header,
   INCOMPAT,
   l2EntriesOf,
   parseHeader,
 } from "../qcow2.ts";
-import { getRefcount, setRefcount } from "./layout.ts";
+import {
+  getRefcount,
+  RefcountCounter,
+  refcountStructures,
+  setRefcount,
+} from "./layout.ts";
 
 const FORMAT = "qcow2";
 const OFFSET_MASK = 0x00fffffffffffe00n;
@@ -46,6 +54,13 @@ export interface CheckOptions {
    * @default false
    */
   repairLeaks?: boolean;
+  /**
+   * Repair refcount mismatches both ways, OFLAG_COPIED flags, and broken
+   * refcount structures (rebuilt), as qemu-img's `-r all` does; implies
+   * `repairLeaks`.
+   * @default false
+   */
+  repairAll?: boolean;
   /** Where repairs are written: the same file as the source. */
   sink?: Sink;
 }
@@ -62,6 +77,8 @@ export interface CheckResult {
   leaks: number;
   /** `leaks-fixed`: leaks repaired by this check. */
   leaksFixed: number;
+  /** `corruptions-fixed`: corruptions repaired by this check. */
+  corruptionsFixed: number;
   /** `image-end-offset`: the end of the last cluster in use. */
   imageEndOffset: number;
   /** `total-clusters`: clusters of the virtual disk. */
@@ -103,28 +120,61 @@ export async function checkImage(
   options: CheckOptions = {},
 ): Promise<CheckResult> {
   const format = options.format ?? (await probe(source))[0]?.format;
+  if (format === "qed") {
+    // qemu-img checks qed tables; -r leaks and -r all clear invalid
+    // offsets alike, then check again.
+    const repair = options.repairLeaks || options.repairAll;
+    if (!repair) return await checkQed(source);
+    const first = await checkQed(source, options.sink);
+    if (first.corruptionsFixed === 0) return first;
+    const second = await checkQed(source);
+    second.corruptionsFixed = first.corruptionsFixed;
+    return second;
+  }
+  if (format === "vdi" && !options.repairLeaks && !options.repairAll) {
+    // qemu-img checks vdi block maps, and repairs nothing (-r: exit 63).
+    return await checkVdi(source);
+  }
   if (format !== FORMAT) {
     throw new UnsupportedError(
       { format: format ?? "unknown", field: "check" },
       "This image format does not support checks",
     );
   }
-  if (!options.repairLeaks) return await checkOnce(source);
+  const fix: Fix = {
+    leaks: options.repairLeaks === true || options.repairAll === true,
+    errors: options.repairAll === true,
+  };
+  if (!fix.leaks) return await checkOnce(source, undefined, NO_FIX);
   if (!options.sink) {
     throw new UnsupportedError(
       { format: FORMAT, field: "check" },
-      "repairing leaks needs a writable image (CheckOptions.sink)",
+      "repairing needs a writable image (CheckOptions.sink)",
     );
   }
-  const first = await checkOnce(source, options.sink);
-  if (first.leaksFixed === 0) return first;
-  const second = await checkOnce(source);
+  const first = await checkOnce(source, options.sink, fix);
+  if (first.leaksFixed === 0 && first.corruptionsFixed === 0) return first;
+  const second = await checkOnce(source, undefined, NO_FIX);
   second.leaksFixed = first.leaksFixed;
+  second.corruptionsFixed = first.corruptionsFixed;
   second.messages = [...first.messages, ...second.messages];
   return second;
 }
 
-async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
+/** What a pass may repair: leaks (`-r leaks`), and errors too (`-r all`). */
+interface Fix {
+  leaks: boolean;
+  errors: boolean;
+  /** After a rebuild: compare once, repairing, without a first report. */
+  afterRebuild?: boolean;
+}
+const NO_FIX: Fix = { leaks: false, errors: false };
+
+async function checkOnce(
+  source: Source,
+  sink: Sink | undefined,
+  fix: Fix,
+): Promise<CheckResult> {
   const fileSize = source.size;
   const first = await source.read(0, Math.min(24, fileSize));
   const bits = first.length >= 24
@@ -156,6 +206,7 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
     corruptions: 0,
     leaks: 0,
     leaksFixed: 0,
+    corruptionsFixed: 0,
     imageEndOffset: 0,
     totalClusters: Math.ceil(h.size / clusterSize),
     allocatedClusters: 0,
@@ -405,6 +456,7 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
   if (h.bitmaps && (h.autoclear & AUTOCLEAR.bitmaps)) await countBitmaps();
 
   // The refcount blocks.
+  let rebuild = false;
   const refTable = await source.read(
     h.refcountTableOffset,
     h.refcountTableClusters * clusterSize,
@@ -417,6 +469,7 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
     if (raw & 0x1ffn) {
       say(`ERROR refcount table entry ${i} has reserved bits set`);
       r.corruptions++;
+      rebuild = true;
       continue;
     }
     if (offset % clusterSize !== 0) {
@@ -424,11 +477,13 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
         `ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`,
       );
       r.corruptions++;
+      rebuild = true;
       continue;
     }
     if (offset / clusterSize >= nbClusters) {
       say(`ERROR refcount block ${i} is outside image`);
       r.corruptions++;
+      rebuild = true;
       continue;
     }
     if (offset !== 0) {
@@ -437,6 +492,7 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
       if (n !== 1) {
         say(`ERROR refcount block ${i} refcount=${n}`);
         r.corruptions++;
+        rebuild = true;
       }
     }
   }
@@ -459,44 +515,108 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
     return getRefcount(b, index % perBlock, width);
   };
 
-  let highest = 0;
-  for (let i = 0; i < nbClusters; i++) {
-    const have = await stored(i);
-    if (have === undefined) {
-      say(`Can't get refcount for cluster ${i}: Input/output error`);
-      r.checkErrors++;
-      continue;
+  /** Stored against expected refcounts, repairing what `pass` allows. */
+  const compare = async (pass: Fix) => {
+    let highest = 0;
+    for (let i = 0; i < nbClusters; i++) {
+      const have = await stored(i);
+      if (have === undefined) {
+        say(`Can't get refcount for cluster ${i}: Input/output error`);
+        r.checkErrors++;
+        continue;
+      }
+      const want = expected[i];
+      if (have > 0 || want > 0) highest = i;
+      if (have === want) continue;
+      let fixed: "leaksFixed" | "corruptionsFixed" | undefined;
+      if (have === 0) rebuild = true;
+      else if (have > want && pass.leaks) fixed = "leaksFixed";
+      else if (have < want && pass.errors) fixed = "corruptionsFixed";
+      say(
+        `${
+          fixed ? "Repairing" : have < want ? "ERROR" : "Leaked"
+        } cluster ${i} refcount=${have} reference=${want}`,
+      );
+      if (fixed && sink) {
+        const t = Math.floor(i / perBlock);
+        const offset = Number(rt.getBigUint64(t * 8) & ~0x1ffn);
+        const b = blocks.get(offset)!;
+        const k = i % perBlock;
+        setRefcount(b, k, width, want);
+        const byte = Math.floor((k * width) / 8);
+        const from = byte - byte % 8;
+        await sink.write(offset + from, b.slice(from, from + 8));
+        r[fixed]++;
+        continue;
+      }
+      if (have < want) r.corruptions++;
+      else r.leaks++;
     }
-    const want = expected[i];
-    if (have > 0 || want > 0) highest = i;
-    if (have === want) continue;
-    const repair = sink !== undefined && have > want && have !== 0;
-    // qemu-img reports a leak, then repairs it in a second pass.
-    if (repair) say(`Leaked cluster ${i} refcount=${have} reference=${want}`);
-    say(
-      `${
-        repair ? "Repairing" : have < want ? "ERROR" : "Leaked"
-      } cluster ${i} refcount=${have} reference=${want}`,
-    );
-    if (repair) {
-      const t = Math.floor(i / perBlock);
-      const offset = Number(rt.getBigUint64(t * 8) & ~0x1ffn);
-      const b = blocks.get(offset)!;
-      const k = i % perBlock;
-      setRefcount(b, k, width, want);
-      const byte = Math.floor((k * width) / 8);
-      const from = byte - byte % 8;
-      await sink.write(offset + from, b.slice(from, from + 8));
-      r.leaksFixed++;
-      continue;
-    }
-    if (have < want) r.corruptions++;
-    else r.leaks++;
-  }
-  if (sink && r.leaksFixed > 0) await sink.flush?.();
+    return highest;
+  };
 
-  // OFLAG_COPIED: set exactly where the stored refcount is 1.
-  const l1 = await readL1(h.l1TableOffset, h.l1Size);
+  // As qemu-img: a first pass reports; a repair compares again, fixing.
+  const corruptionsBefore = r.corruptions;
+  let highest = await compare(
+    fix.afterRebuild ? { leaks: true, errors: false } : NO_FIX,
+  );
+  /** Clears the dirty and corrupt bits of an image found clean, as qemu does. */
+  const markClean = async (result: CheckResult) => {
+    if (
+      sink && !result.checkErrors && !result.corruptions && h.version >= 3 &&
+      (h.incompatible & (INCOMPAT.dirty | INCOMPAT.corrupt))
+    ) {
+      const bits = new Uint8Array(8);
+      new DataView(bits.buffer).setBigUint64(
+        0,
+        h.incompatible & ~(INCOMPAT.dirty | INCOMPAT.corrupt),
+      );
+      await sink.write(72, bits);
+      await sink.flush?.();
+    }
+  };
+  if (sink && rebuild && fix.errors && !fix.afterRebuild) {
+    say("Rebuilding refcount structure");
+    const before = { corruptions: r.corruptions, leaks: r.leaks };
+    await rebuildRefcounts(source, sink, h, expected);
+    // The old structures are leaked now: the recount repairs them.
+    const again = await checkOnce(source, sink, {
+      leaks: true,
+      errors: true,
+      afterRebuild: true,
+    });
+    again.messages = [...r.messages, ...again.messages];
+    const fresh = again.leaks;
+    again.corruptionsFixed += Math.max(
+      0,
+      before.corruptions - again.corruptions,
+    );
+    again.leaksFixed = Math.max(0, before.leaks - again.leaks);
+    again.leaks = fresh;
+    await markClean(again);
+    return again;
+  }
+  if (sink && (fix.leaks || fix.errors) && !fix.afterRebuild) {
+    if (rebuild) {
+      say("ERROR need to rebuild refcount structures");
+      r.checkErrors++;
+      return r;
+    }
+    if (r.leaks || r.corruptions) {
+      r.leaks = 0;
+      r.corruptions = corruptionsBefore;
+      highest = await compare(fix);
+    }
+  }
+  if (sink && (r.leaksFixed || r.corruptionsFixed)) await sink.flush?.();
+
+  // OFLAG_COPIED: set exactly where the stored refcount is 1. qemu-img
+  // repairs the flags with -r all, and with -r leaks on an image otherwise
+  // clean.
+  const repairFlags = sink !== undefined &&
+    (fix.errors ||
+      (fix.leaks && !r.checkErrors && !r.corruptions && !r.leaks));
+  const l1 = (await readL1(h.l1TableOffset, h.l1Size)).slice();
   const v1 = new DataView(l1.buffer, l1.byteOffset, l1.length);
   const seen = new Set<number>();
   for (let i = 0; i < l1.length / 8; i++) {
@@ -507,17 +627,23 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
     if (n === undefined) continue;
     if ((n === 1) !== ((entry & COPIED) !== 0n)) {
       say(
-        `ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${
+        `${
+          repairFlags ? "Repairing" : "ERROR"
+        } OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${
           hex(entry)
         } refcount=${n}`,
       );
-      r.corruptions++;
+      if (repairFlags) {
+        v1.setBigUint64(i * 8, n === 1 ? entry | COPIED : entry & ~COPIED);
+        await sink.write(h.l1TableOffset + i * 8, l1.slice(i * 8, i * 8 + 8));
+        r.corruptionsFixed++;
+      } else r.corruptions++;
     }
     if (
       l2 % clusterSize !== 0 || l2 + clusterSize > fileSize || seen.has(l2)
     ) continue;
     seen.add(l2);
-    const table = await readTable(l2, clusterSize);
+    const table = (await readTable(l2, clusterSize)).slice();
     const v = new DataView(table.buffer, table.byteOffset, table.length);
     for (let j = 0; j < l2Entries; j++) {
       const e = v.getBigUint64(j * entryBytes);
@@ -531,16 +657,54 @@ async function checkOnce(source: Source, sink?: Sink): Promise<CheckResult> {
       if (count === undefined) continue;
       if ((count === 1) !== ((e & COPIED) !== 0n)) {
         say(
-          `ERROR OFLAG_COPIED data cluster: l2_entry=${
-            hex(e)
-          } refcount=${count}`,
+          `${
+            repairFlags ? "Repairing" : "ERROR"
+          } OFLAG_COPIED data cluster: l2_entry=${hex(e)} refcount=${count}`,
         );
-        r.corruptions++;
+        if (repairFlags) {
+          v.setBigUint64(
+            j * entryBytes,
+            count === 1 ? e | COPIED : e & ~COPIED,
+          );
+          const at = j * entryBytes;
+          await sink.write(l2 + at, table.slice(at, at + 8));
+          r.corruptionsFixed++;
+        } else r.corruptions++;
       }
     }
+    tables.set(`${l2}:${clusterSize}`, table);
   }
+  if (!fix.afterRebuild) await markClean(r);
   r.imageEndOffset = (highest + 1) * clusterSize;
   return r;
+}
+
+/**
+ * Replaces the refcount table and blocks of the image by new ones holding
+ * `expected`, written past the end of the file (counting themselves and,
+ * still, the old structures, which the recount then finds leaked).
+ */
+async function rebuildRefcounts(
+  source: Source,
+  sink: Sink,
+  h: Header,
+  expected: Uint32Array,
+) {
+  const clusterSize = 2 ** h.clusterBits;
+  const counter = new RefcountCounter(h.refcountOrder);
+  for (let k = 0; k < expected.length; k++) {
+    for (let c = Math.min(expected[k], counter.max); c > 0; c--) counter.add(k);
+  }
+  const first = Math.ceil(source.size / clusterSize);
+  const built = refcountStructures(counter, h.clusterBits, first);
+  await sink.write(first * clusterSize, built.bytes);
+  await sink.flush?.();
+  const fields = new Uint8Array(12);
+  const v = new DataView(fields.buffer);
+  v.setBigUint64(0, BigInt(built.tableOffset));
+  v.setUint32(8, built.tableClusters);
+  await sink.write(48, fields);
+  await sink.flush?.();
 }
 
 /**
@@ -579,6 +743,7 @@ export function checkJson(
   out["check-errors"] = result.checkErrors;
   put("leaks", result.leaks);
   put("leaks-fixed", result.leaksFixed);
+  put("corruptions-fixed", result.corruptionsFixed);
   put("corruptions", result.corruptions);
   put("allocated-clusters", result.allocatedClusters);
   put("fragmented-clusters", result.fragmentedClusters);
@@ -611,9 +776,9 @@ export function checkJson(
  */
 export function checkHuman(result: CheckResult): string {
   let s = "";
-  if (result.leaksFixed) {
+  if (result.leaksFixed || result.corruptionsFixed) {
     s +=
-      `The following inconsistencies were found and repaired:\n\n    ${result.leaksFixed} leaked clusters\n    0 corruptions\n\nDouble checking the fixed image now...\n`;
+      `The following inconsistencies were found and repaired:\n\n    ${result.leaksFixed} leaked clusters\n    ${result.corruptionsFixed} corruptions\n\nDouble checking the fixed image now...\n`;
   }
   if (!(result.corruptions || result.leaks || result.checkErrors)) {
     s += "No errors were found on the image.\n";

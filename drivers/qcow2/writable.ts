@@ -11,8 +11,10 @@
  * a new cluster (zeros around the bytes written, or with extended L2 only
  * the subclusters written, marked allocated); a compressed cluster is
  * inflated into a new cluster and its old host clusters lose a reference.
- * Clusters shared with an internal snapshot (refcount above one) are not
- * copied: images with snapshots open read-only.
+ * Clusters and L2 tables shared with an internal snapshot (their "copied"
+ * flag clear: a refcount above one) are copied first, as QEMU does: the
+ * write goes to the copy, the shared one loses a reference, and what the
+ * snapshot reads never changes.
  *
  * @module
  */
@@ -87,12 +89,11 @@ export function refuseUnwritable(state: State, what = "write"): void {
     refuse("the image is marked corrupt (run qemu-img check -r all)");
   }
   if (h.incompatible & INCOMPAT.dirty) {
+    // openQcow2 repairs a dirty image before this; one left dirty is not
+    // written.
     refuse(
-      "the image is dirty, its refcounts may be wrong (run qemu-img check -r all)",
+      "the image is dirty, its refcounts may be wrong (run check -r all)",
     );
-  }
-  if (h.nbSnapshots > 0) {
-    refuse("the image has internal snapshots (shared clusters are not copied)");
   }
   if (state.hasDataFile) refuse("the image has an external data file");
   if (state.details.snapshot !== undefined) refuse("a snapshot is read-only");
@@ -146,6 +147,27 @@ export async function makeWritable(state: State, sink: Sink): Promise<void> {
         await writeImage(state, sink, refcounts, image, cipher, offset, bytes);
       }),
     );
+}
+
+/**
+ * The refcount table of `state`'s image, read, for the allocator: new
+ * clusters go past the end of the file.
+ *
+ * @param state an opened image's state
+ * @returns the allocator's view of the refcounts
+ */
+export async function refcountsOf(state: State): Promise<Refcounts> {
+  const h = state.header;
+  const clusterSize = state.clusterSize;
+  const tableBytes = h.refcountTableClusters * clusterSize;
+  return {
+    table: (await state.source.read(h.refcountTableOffset, tableBytes)).slice(),
+    tableOffset: h.refcountTableOffset,
+    width: 2 ** h.refcountOrder,
+    perBlock: (clusterSize * 8) / 2 ** h.refcountOrder,
+    blocks: new Map(),
+    nextFree: alignUp(state.source.size, clusterSize),
+  };
 }
 
 /** The offset in a refcount table entry (bits 9-63). */
@@ -264,6 +286,17 @@ async function growTable(
   }
 }
 
+/** Cluster `index` loses one reference (a shared copy was replaced). */
+export async function release(
+  state: State,
+  sink: Sink,
+  r: Refcounts,
+  index: number,
+): Promise<void> {
+  const count = await refcountOf(state, r, index);
+  if (count > 0) await setRefcountOf(state, sink, r, index, count - 1);
+}
+
 /** A new cluster at the end of the file, its refcount one. */
 export async function allocate(
   state: State,
@@ -350,10 +383,21 @@ async function writeCluster(
     state.l1.set(entry, l1Index * 8);
     await sink.write(state.l1Offset + l1Index * 8, entry);
   } else if ((state.l1[l1Index * 8] & 0x80) === 0) {
-    throw new UnsupportedError(
-      { format: FORMAT, field: `l1[${l1Index}]`, value: tableAt },
-      "cannot write: the L2 table is shared (its copied flag is clear)",
-    );
+    // The L2 table is shared with a snapshot: this layer gets its own copy
+    // (the data clusters keep their refcounts: the copy and the snapshot's
+    // table refer to them, as the two tables did).
+    const shared = await l2Table(state, tableAt);
+    const copy = shared.slice();
+    const at = await allocate(state, sink, r);
+    await sink.write(at, copy);
+    state.l2Cache.set(at, copy);
+    const entry = new Uint8Array(8);
+    setBe64(entry, 0, at);
+    entry[0] |= 0x80;
+    state.l1.set(entry, l1Index * 8);
+    await sink.write(state.l1Offset + l1Index * 8, entry);
+    await release(state, sink, r, tableAt / clusterSize);
+    tableAt = at;
   }
   const table = await l2Table(state, tableAt);
   const v = new DataView(table.buffer, table.byteOffset, table.length);
@@ -361,7 +405,7 @@ async function writeCluster(
   const e = index * state.entryBytes;
   const high = v.getUint32(e);
   const low = v.getUint32(e + 4);
-  const host = (high & 0x00ffffff) * 2 ** 32 + (low & 0xfffffe00);
+  let host = (high & 0x00ffffff) * 2 ** 32 + (low & 0xfffffe00);
   const compressed = (high & 0x40000000) !== 0;
   const copied = (high & COPIED_HIGH) !== 0;
   const zeroFlag = (low & 1) !== 0;
@@ -384,10 +428,27 @@ async function writeCluster(
   };
 
   if (!compressed && host !== 0 && !copied) {
-    throw new UnsupportedError(
-      { format: FORMAT, field: `l2[${index}]`, value: host },
-      "cannot write: the cluster is shared (its copied flag is clear)",
-    );
+    // Shared with a snapshot: copied to a cluster of this layer's own
+    // (raw, re-encrypted where LUKS numbers sectors by host offset), the
+    // shared one losing a reference. A preallocated zero cluster needs
+    // no bytes: the write below fills the new one whole.
+    const fresh = await allocate(state, sink, r);
+    if (state.extendedL2 || !zeroFlag) {
+      const old = await state.source.read(
+        host,
+        Math.min(clusterSize, state.source.size - host),
+      );
+      if (cipher && state.encryption!.physical) {
+        await cipher.decrypt(host / SECTOR, old);
+        await cipher.encrypt(fresh / SECTOR, old);
+      }
+      await sink.write(fresh, old);
+    }
+    await release(state, sink, r, host / clusterSize);
+    host = fresh;
+    if (state.extendedL2) {
+      await setEntry(fresh, v.getUint32(e + 12), v.getUint32(e + 8));
+    } else if (!zeroFlag) await setEntry(fresh);
   }
 
   if (state.extendedL2 && !compressed) {
