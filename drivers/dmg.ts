@@ -723,6 +723,8 @@ function dmgImage(
     }
   }
   const usePool = compressed >= POOL_MIN_CHUNKS;
+  // The workers stay alive from open to close (see _pool.ts).
+  const letGo = usePool ? codecPool.hold() : () => {};
 
   async function decodePiece(
     i: number,
@@ -1109,6 +1111,7 @@ function dmgImage(
       }
     },
     close() {
+      letGo();
       codecPool.release();
       return source.close?.() ?? Promise.resolve();
     },

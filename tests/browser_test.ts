@@ -7,6 +7,7 @@ import { assertEquals, assertTrue } from "./_asserts.ts";
 import { launch } from "./_cdp.ts";
 import {
   fileServer,
+  pseudoRandom,
   qemuIo,
   referenceFile,
   referenceImages,
@@ -40,19 +41,34 @@ const WANTED = [
   "qemu-iotests/simple-pattern.cloop.bz2",
 ];
 
+/**
+ * Builds the bundle as `deno task bundle` does into `dist`: `mod.js` and
+ * the decode workers' `_worker.js` beside it.
+ */
+export async function bundle(dist: string) {
+  await Deno.mkdir(dist, { recursive: true });
+  for (
+    const [out, entry] of [["mod.js", "mod.ts"], [
+      "_worker.js",
+      "drivers/dmg/_worker.ts",
+    ]]
+  ) {
+    await run(Deno.execPath(), [
+      "bundle",
+      "--platform=browser",
+      "-o",
+      `${dist}/${out}`,
+      `${ROOT}${entry}`,
+    ]);
+  }
+}
+
 async function withPage(
   fn: (page: Awaited<ReturnType<typeof launch>>, dir: string) => Promise<void>,
 ) {
   await withTemp(async (dir) => {
     // Build the bundle and lay out the site: the page, its worker, the bundle, the images.
-    await Deno.mkdir(`${dir}/dist`);
-    await run(Deno.execPath(), [
-      "bundle",
-      "--platform=browser",
-      "-o",
-      `${dir}/dist/mod.js`,
-      `${ROOT}mod.ts`,
-    ]);
+    await bundle(`${dir}/dist`);
     for (const f of ["index.html", "worker.js", "sw.js"]) {
       await Deno.copyFile(`${ROOT}examples/web/${f}`, `${dir}/${f}`);
     }
@@ -240,6 +256,71 @@ Deno.test({
           image.raw_sha256,
           `${image.path} from a File`,
         );
+      }
+    });
+  },
+});
+
+Deno.test({
+  name:
+    "the bundle's decode workers load in a browser, stay alive through a conversion, end with it, and decode dmgs to 7zz's bytes",
+  ignore: skip(["chromium", "7zz"]),
+  async fn() {
+    await withPage(async (page, dir) => {
+      // 6 MiB of text, random and zero mebibytes in 128 KiB chunks: 48
+      // chunks, enough for the dmg driver to use its workers.
+      const disk = new Uint8Array(6 << 20);
+      const words = new TextEncoder().encode("sector cluster chunk block ");
+      for (let i = 0; i < 2 << 20; i++) disk[i] = words[(i * 7) % 27 % 26];
+      disk.set(pseudoRandom(2 << 20, 15), 3 << 20);
+      for (const compression of ["zlib", "bzip2", "lzfse"]) {
+        const name = `workers-${compression}.dmg`;
+        const sink = memorySink();
+        await convert(fromBytes(disk), sink, {
+          format: "dmg",
+          options: { compression, chunk_sectors: "256" },
+        });
+        await Deno.writeFile(`${dir}/images/${name}`, sink.bytes());
+        // The reference: 7-Zip's extraction of the same file.
+        const extracted = `${dir}/${name}.raw`;
+        await run("sh", [
+          "-c",
+          `7zz x -tdmg -so ${dir}/images/${name} > ${extracted}`,
+        ]);
+        const expected = await sha256File(extracted);
+        assertEquals(expected, sha256Hex(disk), `7zz reads ${name}`);
+        for (const how of ["url", "blob"]) {
+          const result = await page.evaluate<{
+            sha256: string;
+            workers: Record<
+              "before" | "during" | "after",
+              {
+                running: number;
+                started: number;
+                jobs: number;
+                broken: boolean;
+              }
+            >;
+          }>(
+            how === "url"
+              ? `vdisk.convertInWorker("/images/${name}")`
+              : `fetch("/images/${name}").then((r) => r.blob())
+                   .then((b) => vdisk.convertInWorker(b))`,
+          );
+          const { before, during, after } = result.workers;
+          const what = `${name} from a ${how}: ${
+            JSON.stringify(result.workers)
+          }`;
+          assertEquals(result.sha256, expected, what);
+          // The workers loaded (from dist/_worker.js) and decoded...
+          assertEquals(during.broken, false, what);
+          assertTrue(during.running >= 1, what);
+          assertTrue(during.jobs > before.jobs, what);
+          // ...were started once for the whole conversion (no idle
+          // restarts), and ended with the image's close.
+          assertEquals(during.started - before.started, during.running, what);
+          assertEquals(after.running, 0, what);
+        }
       }
     });
   },
