@@ -4,7 +4,7 @@
 // disk. The hashes must match the manifest's.
 import { createHash } from "node:crypto";
 import { assertEquals, assertTrue } from "./_asserts.ts";
-import { launch } from "./_cdp.ts";
+import { bundle, launch, rendererPeaks } from "./_cdp.ts";
 import {
   fileServer,
   pseudoRandom,
@@ -40,28 +40,6 @@ const WANTED = [
   "udif/compression-adc.dmg",
   "qemu-iotests/simple-pattern.cloop.bz2",
 ];
-
-/**
- * Builds the bundle as `deno task bundle` does into `dist`: `mod.js` and
- * the decode workers' `_worker.js` beside it.
- */
-export async function bundle(dist: string) {
-  await Deno.mkdir(dist, { recursive: true });
-  for (
-    const [out, entry] of [["mod.js", "mod.ts"], [
-      "_worker.js",
-      "drivers/dmg/_worker.ts",
-    ]]
-  ) {
-    await run(Deno.execPath(), [
-      "bundle",
-      "--platform=browser",
-      "-o",
-      `${dist}/${out}`,
-      `${ROOT}${entry}`,
-    ]);
-  }
-}
 
 async function withPage(
   fn: (page: Awaited<ReturnType<typeof launch>>, dir: string) => Promise<void>,
@@ -134,38 +112,6 @@ function waitForState(
       poll();
     })`,
   );
-}
-
-/**
- * Peak resident memory (VmHWM, in bytes) of each renderer process of the
- * browser whose process id is `pid` (the page, its workers and the service
- * worker run in them), by process id.
- */
-function rendererPeaks(pid: number): Map<number, number> {
-  const parents = new Map<number, number>();
-  for (const entry of Deno.readDirSync("/proc")) {
-    if (!/^\d+$/.test(entry.name)) continue;
-    try {
-      const stat = Deno.readTextFileSync(`/proc/${entry.name}/stat`);
-      // After the name in parentheses: state, then the parent's id.
-      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
-      parents.set(Number(entry.name), ppid);
-    } catch { /* gone meanwhile */ }
-  }
-  const peaks = new Map<number, number>();
-  for (const p of parents.keys()) {
-    let q = parents.get(p);
-    while (q !== undefined && q > 1 && q !== pid) q = parents.get(q);
-    if (q !== pid) continue;
-    try {
-      const cmdline = Deno.readTextFileSync(`/proc/${p}/cmdline`);
-      if (!cmdline.includes("--type=renderer")) continue;
-      const status = Deno.readTextFileSync(`/proc/${p}/status`);
-      const kib = /VmHWM:\s+(\d+) kB/.exec(status)?.[1];
-      if (kib) peaks.set(p, Number(kib) * 1024);
-    } catch { /* gone meanwhile */ }
-  }
-  return peaks;
 }
 
 /**
