@@ -210,17 +210,21 @@ export class CodecPool {
    * into `out` at its place (the fifth number of its job), so `out` must
    * lie in a `SharedArrayBuffer`. Answers the chunks' CRC-32s, or `null`
    * on any failure (the caller then decodes chunk by chunk). `input` is
-   * copied.
+   * copied, unless `shareInput` and it lies in a `SharedArrayBuffer` too
+   * (the caller then leaves it alone until the answer).
    */
   batchInto(
     input: Uint8Array,
     jobs: number[],
     out: Uint8Array,
+    shareInput = false,
   ): Promise<Uint32Array | null> {
     const claimed = this.#claim();
     if (!claimed) return Promise.resolve(null);
     const { slot, id } = claimed;
-    const copy = input.slice();
+    const shared = shareInput && typeof SharedArrayBuffer === "function" &&
+      input.buffer instanceof SharedArrayBuffer;
+    const copy = shared ? input : input.slice();
     return new Promise((resolve) => {
       this.#pending.set(id, {
         resolve: (crcs) => resolve(crcs as never),
@@ -230,7 +234,7 @@ export class CodecPool {
       try {
         slot.worker.postMessage(
           { id, op: "batchInto", input: copy, jobs, size: 0, out },
-          [copy.buffer],
+          shared ? [] : [copy.buffer as ArrayBuffer],
         );
       } catch {
         // Shared memory cannot be posted here (a page that is not
