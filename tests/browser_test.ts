@@ -209,8 +209,8 @@ Deno.test({
 
 Deno.test({
   name:
-    "the bundle's decode workers load in a browser, stay alive through a conversion, end with it, and decode dmgs to 7zz's bytes",
-  ignore: skip(["chromium", "7zz"]),
+    "the bundle's decode workers load in a browser, stay alive through a conversion, end with it, and decode dmg and cloop images to 7zz's and qemu-img's bytes",
+  ignore: skip(["chromium", "7zz", "qemu-img", "create_compressed_fs"]),
   async fn() {
     await withPage(async (page, dir) => {
       // 6 MiB of text, random and zero mebibytes in 128 KiB chunks: 48
@@ -219,22 +219,34 @@ Deno.test({
       const words = new TextEncoder().encode("sector cluster chunk block ");
       for (let i = 0; i < 2 << 20; i++) disk[i] = words[(i * 7) % 27 % 26];
       disk.set(pseudoRandom(2 << 20, 15), 3 << 20);
-      for (const compression of ["zlib", "bzip2", "lzfse"]) {
-        const name = `workers-${compression}.dmg`;
-        const sink = memorySink();
-        await convert(fromBytes(disk), sink, {
-          format: "dmg",
-          options: { compression, chunk_sectors: "256" },
-        });
-        await Deno.writeFile(`${dir}/images/${name}`, sink.bytes());
-        // The reference: 7-Zip's extraction of the same file.
+      await Deno.writeFile(`${dir}/disk.raw`, disk);
+      const images: { name: string; make: string; reference: string }[] = [
+        ...["zlib", "bzip2", "lzfse"].map((compression) => ({
+          name: `workers-${compression}.dmg`,
+          // Our writer, in 128 KiB chunks: 48 of them.
+          make:
+            `${Deno.execPath()} run -A ${ROOT}cli.ts convert -O dmg -o compression=${compression},chunk_sectors=256 ${dir}/disk.raw`,
+          // The reference: 7-Zip's extraction of the same file.
+          reference: `7zz x -tdmg -so`,
+        })),
+        {
+          // 96 blocks of 64 KiB, inflated on the workers in a browser.
+          name: "workers.cloop",
+          make: `create_compressed_fs -B 65536 ${dir}/disk.raw`,
+          reference: `qemu-img convert -f cloop -O raw`,
+        },
+      ];
+      for (const { name, make, reference } of images) {
+        await run("sh", ["-c", `${make} ${dir}/images/${name} 2>/dev/null`]);
         const extracted = `${dir}/${name}.raw`;
         await run("sh", [
           "-c",
-          `7zz x -tdmg -so ${dir}/images/${name} > ${extracted}`,
+          reference.startsWith("7zz")
+            ? `${reference} ${dir}/images/${name} > ${extracted}`
+            : `${reference} ${dir}/images/${name} ${extracted}`,
         ]);
         const expected = await sha256File(extracted);
-        assertEquals(expected, sha256Hex(disk), `7zz reads ${name}`);
+        assertEquals(expected, sha256Hex(disk), `${reference} reads ${name}`);
         for (const how of ["url", "blob"]) {
           const result = await page.evaluate<{
             sha256: string;

@@ -179,10 +179,13 @@ export class CodecPool {
    * each chunk's decoded bytes and their CRC-32, or `null` on any failure
    * (the caller then decodes chunk by chunk and reports what failed).
    * `input` is transferred when it owns its buffer, copied otherwise.
+   * Without `crc` the CRCs are not computed (zeros): callers that check
+   * none (cloop) save the worker a pass over every byte.
    */
   batch(
     input: Uint8Array,
     jobs: number[],
+    crc = true,
   ): Promise<{ pieces: Uint8Array[]; crcs: Uint32Array } | null> {
     const claimed = this.#claim();
     if (!claimed) return Promise.resolve(null);
@@ -199,7 +202,7 @@ export class CodecPool {
         codec: "batch",
       });
       slot.worker.postMessage(
-        { id, op: "batch", input: copy, jobs, size: 0 },
+        { id, op: "batch", input: copy, jobs, size: 0, noCrc: !crc },
         [copy.buffer as ArrayBuffer],
       );
     });
