@@ -702,7 +702,12 @@ interface CacheEntry {
 class PieceCache {
   #entries = new Map<number, CacheEntry>();
   #bytes = 0;
-  constructor(readonly capacity: number) {}
+  /**
+   * @param capacity bytes of decoded pieces kept
+   * @param onUnused called when a piece with a buffer to hand back is no
+   * longer used (a load waiting for room may now drop it)
+   */
+  constructor(readonly capacity: number, readonly onUnused?: () => void) {}
   has(i: number): boolean {
     return this.#entries.has(i);
   }
@@ -749,6 +754,9 @@ class PieceCache {
         done = true;
         entry.users--;
         this.#recycle(entry);
+        if (entry.users === 0 && !entry.dropped && entry.recycle) {
+          this.onUnused?.();
+        }
       },
     };
   }
@@ -794,7 +802,8 @@ function dmgImage(
   const size = diskSectors * SECTOR;
   const verify = (options.options?.verify ?? "on") !== "off";
   const verifier = verify ? new Verifier(index, tables, file) : undefined;
-  const cache = new PieceCache(CACHE_BYTES);
+  // A piece left unused may be dropped for a load waiting for room.
+  const cache = new PieceCache(CACHE_BYTES, () => wakeBig());
 
   const counts: Record<string, number> = {};
   let compressed = 0;
@@ -906,6 +915,10 @@ function dmgImage(
   }
   function unreserveBig(bytes: number) {
     bigAlive -= bytes;
+    wakeBig();
+  }
+  /** Lets the loads waiting for room look again. */
+  function wakeBig() {
     const waiting = bigWaiting;
     bigWaiting = [];
     for (const wake of waiting) wake();

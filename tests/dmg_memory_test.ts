@@ -3,11 +3,13 @@
 // under 256 MiB with 64 MiB chunks (the most a dmg chunk may hold). The
 // peak is the child process's, as GNU time reports it.
 import { assertEquals, assertTrue } from "./_asserts.ts";
+import { convert, dmg, fromBytes, memorySink } from "../mod.ts";
 import {
   pseudoRandom,
   ROOT,
   run,
   sha256File,
+  sha256Hex,
   skip,
   withTemp,
 } from "./_helpers.ts";
@@ -94,3 +96,42 @@ for (const compression of ["zlib"]) {
     },
   });
 }
+
+Deno.test("reads of 64 MiB dmg chunks, one spanning two chunks, all decoded pieces within the budget, give the disk's bytes", async () => {
+  // Two 64 MiB chunks and a 16 MiB one (zlib, a pattern: quick to make).
+  const disk = new Uint8Array(144 * MIB);
+  const words = new TextEncoder().encode("dmg chunk budget recycled buffer ");
+  for (let i = 0; i < disk.length; i += 4096) {
+    disk.set(words, i);
+    disk[i + 100] = (i >> 12) & 0xff;
+  }
+  const sink = memorySink();
+  await convert(fromBytes(disk), sink, {
+    format: "dmg",
+    options: { chunk_sectors: String(CHUNK_SECTORS) },
+  });
+  const image = await dmg.open(fromBytes(sink.bytes()), {});
+  try {
+    // Across the first boundary: both 64 MiB pieces at once, over the
+    // 96 MiB budget, so the second waits for the first to be copied out.
+    const across = await image.read(64 * MIB - 3000, 2 * MIB);
+    assertEquals(
+      sha256Hex(across),
+      sha256Hex(disk.subarray(64 * MIB - 3000, 66 * MIB - 3000)),
+    );
+    // Every piece at once, in reads that each cut a piece.
+    const parts = await Promise.all(
+      [5, 70, 130, 1, 100].map((mib) => image.read(mib * MIB + 17, MIB)),
+    );
+    for (const [k, mib] of [5, 70, 130, 1, 100].entries()) {
+      assertEquals(
+        sha256Hex(parts[k]),
+        sha256Hex(disk.subarray(mib * MIB + 17, (mib + 1) * MIB + 17)),
+        `at ${mib} MiB`,
+      );
+    }
+    assertEquals(sha256Hex(await image.read(0, disk.length)), sha256Hex(disk));
+  } finally {
+    await image.close?.();
+  }
+});
