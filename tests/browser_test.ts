@@ -209,7 +209,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "the bundle's decode workers load in a browser, stay alive through a conversion, end with it, and decode dmg and cloop images to 7zz's and qemu-img's bytes",
+    "the bundle's decode workers load in a browser, stay alive through a conversion, end with it, and decode dmg, cloop and vmdk images to 7zz's and qemu-img's bytes",
   ignore: skip(["chromium", "7zz", "qemu-img", "create_compressed_fs"]),
   async fn() {
     await withPage(async (page, dir) => {
@@ -234,6 +234,14 @@ Deno.test({
           name: "workers.cloop",
           make: `create_compressed_fs -B 65536 ${dir}/disk.raw`,
           reference: `qemu-img convert -f cloop -O raw`,
+        },
+        {
+          // 64 KiB grains, inflated on the workers in a browser, a read's
+          // grains per call.
+          name: "workers.vmdk",
+          make:
+            `qemu-img convert -f raw -O vmdk -o subformat=streamOptimized ${dir}/disk.raw`,
+          reference: `qemu-img convert -f vmdk -O raw`,
         },
       ];
       for (const { name, make, reference } of images) {
