@@ -889,14 +889,17 @@ function dmgImage(
     return cache.set(i, decoded, bytes);
   }
 
-  /** Recycled buffers for big pieces' packed and decoded bytes (shared memory where there is some, so workers decode into them). */
+  /** Recycled buffers for big pieces' packed and decoded bytes, one of each kept. */
+  // Shared only where workers decode into them: V8 collected dropped
+  // shared buffers late (20 service reads of 64 MiB chunks, each its own
+  // image, peaked at 1.4 GiB with them shared and two kept per image).
   const bigScratch = () =>
     new Scratch(
       (n) =>
-        hasShared
+        usePool && hasShared
           ? new Uint8Array(new SharedArrayBuffer(n))
           : new Uint8Array(n),
-      2,
+      1,
       Infinity,
     );
   const bigDecoded = bigScratch();
