@@ -78,6 +78,10 @@ export {
   type VvfatOptions,
 } from "./drivers/vvfat.ts";
 export { dmg } from "./drivers/dmg.ts";
+export {
+  type DecodeWorkerStats,
+  decodeWorkerStats,
+} from "./drivers/dmg/_pool.ts";
 export { dmgEncrypted } from "./drivers/dmg_encrypted.ts";
 export { raw } from "./drivers/raw.ts";
 export { sparseimage } from "./drivers/sparseimage.ts";

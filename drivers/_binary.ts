@@ -212,8 +212,16 @@ const SCRATCH_KEEP = 4;
  */
 export class Scratch {
   #free: Uint8Array[] = [];
-  /** @param make allocates a buffer of the given size (whole, not a view) */
-  constructor(readonly make: (bytes: number) => Uint8Array) {}
+  /**
+   * @param make allocates a buffer of the given size (whole, not a view)
+   * @param keep how many buffers are kept for reuse
+   * @param keepBytes buffers bigger than this are not kept
+   */
+  constructor(
+    readonly make: (bytes: number) => Uint8Array,
+    readonly keep: number = SCRATCH_KEEP,
+    readonly keepBytes: number = SCRATCH_KEEP_BYTES,
+  ) {}
   /** A view of `bytes` bytes in a kept buffer big enough, or in a new one. */
   take(bytes: number): Uint8Array {
     const k = this.#free.findIndex((b) => b.length >= bytes);
@@ -226,8 +234,8 @@ export class Scratch {
   /** Hands back a view from {@linkcode take}; its buffer may be kept for reuse. */
   give(view: Uint8Array) {
     const buffer = new Uint8Array(view.buffer);
-    if (buffer.length > SCRATCH_KEEP_BYTES) return;
-    if (this.#free.length >= SCRATCH_KEEP) {
+    if (buffer.length > this.keepBytes) return;
+    if (this.#free.length >= this.keep) {
       // Full: the smallest kept buffer makes way for a bigger one.
       let k = 0;
       this.#free.forEach((b, j) => {

@@ -91,6 +91,23 @@ const SECTOR = 512;
 const MAX_TABLE_BYTES = 64 << 20;
 /** Decoded chunks kept for reads that do not cover a chunk whole, in bytes. */
 const CACHE_BYTES = 16 << 20;
+/**
+ * Compressed pieces of at least this many decoded bytes (dmg chunks of 4
+ * to 64 MiB; hdiutil's are 1 MiB at most, ours `-o chunk_sectors`) are
+ * read and decoded into buffers kept for reuse, two of each kind: a fresh
+ * 64 MiB array per chunk stayed resident until V8 collected it, and a
+ * convert of 64 MiB chunks peaked at 248 MiB RSS.
+ */
+const BIG_PIECE_BYTES = 4 << 20;
+/**
+ * Decoded big pieces alive at once (cached, in use or decoding) in bytes,
+ * at least one whatever its size: 64 MiB chunks decode one at a time, so
+ * a convert of them stays under 256 MiB RSS (the budget of issue 15).
+ * Reads that need a piece while the budget is spent wait for the pieces
+ * before it to be copied out, and cached big pieces nobody uses are
+ * dropped to make room.
+ */
+const BIG_BUDGET_BYTES = 96 << 20;
 /** How many bytes of neighbouring chunks one file read fetches at most. */
 const READ_BYTES = 8 << 20;
 /** Runs of chunks one `readInto` decodes at once (each from one file read). */
@@ -658,24 +675,63 @@ class Verifier {
   }
 }
 
-/** A small LRU of decoded pieces by byte size, holding promises so concurrent reads share one decode. */
+/** A use of a cached piece: its decoded bytes, and `release` once they are copied out. */
+interface Held {
+  value: Promise<Uint8Array>;
+  release(): void;
+}
+
+/** A piece in {@linkcode PieceCache}. */
+interface CacheEntry {
+  value: Promise<Uint8Array>;
+  bytes: number;
+  /** Reads (and the decode) using the piece's bytes now. */
+  users: number;
+  dropped: boolean;
+  /** Hands the piece's buffer back for reuse: called once, when dropped and unused. */
+  recycle?: () => void;
+}
+
+/**
+ * A small LRU of decoded pieces by byte size, holding promises so
+ * concurrent reads share one decode. Each use is held until its bytes are
+ * copied out: a piece decoded into a recycled buffer
+ * ({@linkcode BIG_PIECE_BYTES}) is handed back only when it has left the
+ * cache and nothing uses it, so a buffer is never rewritten under a read.
+ */
 class PieceCache {
-  #entries = new Map<number, { value: Promise<Uint8Array>; bytes: number }>();
+  #entries = new Map<number, CacheEntry>();
   #bytes = 0;
-  constructor(readonly capacity: number) {}
+  /**
+   * @param capacity bytes of decoded pieces kept
+   * @param onUnused called when a piece with a buffer to hand back is no
+   * longer used (a load waiting for room may now drop it)
+   */
+  constructor(readonly capacity: number, readonly onUnused?: () => void) {}
   has(i: number): boolean {
     return this.#entries.has(i);
   }
-  get(i: number): Promise<Uint8Array> | undefined {
+  get(i: number): Held | undefined {
     const hit = this.#entries.get(i);
-    if (hit) {
-      this.#entries.delete(i);
-      this.#entries.set(i, hit);
-    }
-    return hit?.value;
+    if (!hit) return undefined;
+    this.#entries.delete(i);
+    this.#entries.set(i, hit);
+    return this.#hold(hit);
   }
-  set(i: number, value: Promise<Uint8Array>, bytes: number) {
-    const entry = { value, bytes };
+  set(
+    i: number,
+    value: Promise<Uint8Array>,
+    bytes: number,
+    recycle?: () => void,
+  ): Held {
+    const entry: CacheEntry = {
+      value,
+      bytes,
+      users: 0,
+      dropped: false,
+      recycle,
+    };
+    const held = this.#hold(entry);
     this.#entries.set(i, entry);
     this.#bytes += bytes;
     // A failed decode is not kept: the next read tries again and reports again.
@@ -686,12 +742,47 @@ class PieceCache {
     while (this.#bytes > this.capacity && this.#entries.size > 1) {
       this.#drop(this.#entries.keys().next().value!);
     }
+    return held;
+  }
+  #hold(entry: CacheEntry): Held {
+    entry.users++;
+    let done = false;
+    return {
+      value: entry.value,
+      release: () => {
+        if (done) return;
+        done = true;
+        entry.users--;
+        this.#recycle(entry);
+        if (entry.users === 0 && !entry.dropped && entry.recycle) {
+          this.onUnused?.();
+        }
+      },
+    };
+  }
+  /** Drops the least recently used piece that has a buffer to hand back and no use; false when there is none. */
+  dropUnusedRecyclable(): boolean {
+    for (const [i, entry] of this.#entries) {
+      if (entry.recycle && entry.users === 0) {
+        this.#drop(i);
+        return true;
+      }
+    }
+    return false;
+  }
+  #recycle(entry: CacheEntry) {
+    if (!entry.dropped || entry.users > 0 || !entry.recycle) return;
+    const recycle = entry.recycle;
+    entry.recycle = undefined;
+    recycle();
   }
   #drop(i: number) {
     const entry = this.#entries.get(i);
     if (!entry) return;
     this.#entries.delete(i);
     this.#bytes -= entry.bytes;
+    entry.dropped = true;
+    this.#recycle(entry);
   }
 }
 
@@ -711,7 +802,8 @@ function dmgImage(
   const size = diskSectors * SECTOR;
   const verify = (options.options?.verify ?? "on") !== "off";
   const verifier = verify ? new Verifier(index, tables, file) : undefined;
-  const cache = new PieceCache(CACHE_BYTES);
+  // A piece left unused may be dropped for a load waiting for room.
+  const cache = new PieceCache(CACHE_BYTES, () => wakeBig());
 
   const counts: Record<string, number> = {};
   let compressed = 0;
@@ -723,6 +815,8 @@ function dmgImage(
     }
   }
   const usePool = compressed >= POOL_MIN_CHUNKS;
+  // The workers stay alive from open to close (see _pool.ts).
+  const letGo = usePool ? codecPool.hold() : () => {};
 
   async function decodePiece(
     i: number,
@@ -775,50 +869,117 @@ function dmgImage(
     );
   }
 
-  /** Starts loading pieces `list` (data pieces in disk order) that are not cached, grouping file reads. */
-  function load(list: number[]): Promise<Uint8Array>[] {
-    const out: Promise<Uint8Array>[] = [];
-    for (let k = 0; k < list.length;) {
-      const i = list[k];
-      const hit = cache.get(i);
-      if (hit) {
-        out.push(hit);
-        k++;
-        continue;
-      }
-      // A run of uncached pieces whose packed bytes follow one another in the file.
-      const start = index.offset[i];
-      let end = start + index.length[i];
-      let m = k + 1;
-      while (m < list.length) {
-        const j = list[m];
-        if (
-          index.offset[j] !== end || cache.get(j) ||
-          end + index.length[j] - start > READ_BYTES
-        ) break;
-        end += index.length[j];
-        m++;
-      }
-      const bytes = source.read(start, end - start);
-      const single = m === k + 1;
-      for (let q = k; q < m; q++) {
-        const j = list[q];
-        const decoded = bytes.then((all) => {
-          const from = index.offset[j] - start;
-          const packed = all.subarray(from, from + index.length[j]);
-          // A raw piece sliced from a multi-piece read is copied: a view
-          // would keep the whole read alive in the cache.
-          return decodePiece(
-            j,
-            single || index.type[j] !== TYPE.raw ? packed : packed.slice(),
-          );
-        });
-        cache.set(j, decoded, index.sectors[j] * SECTOR);
-        out.push(decoded);
-      }
-      k = m;
+  /** Starts loading piece `i` unless it is cached; release the answer once its bytes are copied out. */
+  function load(i: number): Held {
+    const hit = cache.get(i);
+    if (hit) return hit;
+    const bytes = index.sectors[i] * SECTOR;
+    if (bytes >= BIG_PIECE_BYTES && index.type[i] !== TYPE.raw) {
+      let recycle: (() => void) | undefined;
+      const decoded = decodeBig(i, (r) => recycle = r);
+      const held = cache.set(i, decoded, bytes, () => recycle?.());
+      // The decode writes into its buffer until it settles: a use of its own.
+      const decoding = cache.get(i)!;
+      decoded.then(decoding.release, decoding.release);
+      return held;
     }
-    return out;
+    const decoded = source.read(index.offset[i], index.length[i]).then((
+      packed,
+    ) => decodePiece(i, packed));
+    return cache.set(i, decoded, bytes);
+  }
+
+  /** Recycled buffers for big pieces' packed and decoded bytes, one of each kept. */
+  // Shared only where workers decode into them: V8 collected dropped
+  // shared buffers late (20 service reads of 64 MiB chunks, each its own
+  // image, peaked at 1.4 GiB with them shared and two kept per image).
+  const bigScratch = () =>
+    new Scratch(
+      (n) =>
+        usePool && hasShared
+          ? new Uint8Array(new SharedArrayBuffer(n))
+          : new Uint8Array(n),
+      1,
+      Infinity,
+    );
+  const bigDecoded = bigScratch();
+  const bigPacked = bigScratch();
+  /** Bytes of decoded big pieces alive, and the loads waiting for room. */
+  let bigAlive = 0;
+  let bigWaiting: (() => void)[] = [];
+
+  /** Waits until `bytes` more decoded bytes fit in {@linkcode BIG_BUDGET_BYTES}, dropping unused cached big pieces to make room. */
+  async function reserveBig(bytes: number) {
+    while (bigAlive > 0 && bigAlive + bytes > BIG_BUDGET_BYTES) {
+      if (cache.dropUnusedRecyclable()) continue;
+      await new Promise<void>((wake) => bigWaiting.push(wake));
+    }
+    bigAlive += bytes;
+  }
+  function unreserveBig(bytes: number) {
+    bigAlive -= bytes;
+    wakeBig();
+  }
+  /** Lets the loads waiting for room look again. */
+  function wakeBig() {
+    const waiting = bigWaiting;
+    bigWaiting = [];
+    for (const wake of waiting) wake();
+  }
+
+  /**
+   * Decodes big compressed piece `i` within the budget: read into a
+   * recycled buffer, decoded into another on a worker when the pool is in
+   * use and memory is shared, else here (into it where the codec decodes
+   * in place, else into the codec's own array). `onRecycle` receives what
+   * hands the room and the buffer back once the piece is no longer used.
+   */
+  async function decodeBig(
+    i: number,
+    onRecycle: (recycle: () => void) => void,
+  ): Promise<Uint8Array> {
+    const bytes = index.sectors[i] * SECTOR;
+    await reserveBig(bytes);
+    let out: Uint8Array | undefined;
+    onRecycle(() => {
+      if (out) bigDecoded.give(out);
+      unreserveBig(bytes);
+    });
+    const packed = bigPacked.take(index.length[i]);
+    try {
+      await readIntoSource(source, index.offset[i], packed);
+      const codec = await codecModule(CODECS.get(index.type[i])!);
+      const pooled = usePool && codecPool.usable && hasShared;
+      if (pooled || codec.decodeInto) {
+        out = bigDecoded.take(bytes);
+        const crcs = pooled
+          ? await codecPool.batchInto(
+            packed,
+            [index.type[i], 0, packed.length, bytes, 0],
+            out,
+            true,
+          )
+          : null;
+        if (crcs) {
+          verifier?.recordCrc(i, crcs[0], crc32(packed));
+          return out;
+        }
+        // Not decoded there: decoded here, which also names a bad chunk.
+        await decodeInline(i, packed, out);
+        verifier?.record(i, out, packed);
+        return out;
+      }
+      let decoded: Uint8Array;
+      try {
+        decoded = await codec.decode(packed, bytes);
+      } catch (e) {
+        throw chunkError(i, packed.length, e);
+      }
+      verifier?.record(i, decoded, packed);
+      return decoded;
+    } finally {
+      bigPacked.give(packed);
+    }
   }
 
   const packedScratch = new Scratch((n) => new Uint8Array(n));
@@ -984,13 +1145,14 @@ function dmgImage(
       at = Math.max(at, to);
       if (pieceStart < offset || pieceEnd > end || cache.has(i)) {
         flush();
+        const held = load(i);
         pending.push(
-          load([i])[0].then((piece) =>
+          held.value.then((piece) =>
             into.set(
               piece.subarray(from - pieceStart, to - pieceStart),
               from - offset,
             )
-          ),
+          ).finally(held.release),
         );
       } else if (index.type[i] === TYPE.raw) {
         flush();
@@ -1109,6 +1271,7 @@ function dmgImage(
       }
     },
     close() {
+      letGo();
       codecPool.release();
       return source.close?.() ?? Promise.resolve();
     },

@@ -71,6 +71,7 @@ import type {
 } from "../streams/types.ts";
 import { checkRange, extentsOf } from "../streams/types.ts";
 import * as zlib from "./codecs/zlib.ts";
+import { codecPool } from "./dmg/_pool.ts";
 import { seSparse } from "./sesparse.ts";
 
 const FORMAT = "vmdk";
@@ -102,6 +103,16 @@ const MAX_DESCRIPTOR_BYTES = 1 << 20;
 const MAX_EXTENTS = 16384;
 /** Grain tables kept in memory per extent. */
 const GT_CACHE = 256;
+/**
+ * Where the platform has no native inflater (browsers), the whole grains
+ * of one read inflate on the decode workers (drivers/dmg/_pool.ts) in one
+ * call, when there are at least this many: one thread's
+ * DecompressionStream per 64 KiB grain is what a browser's conversion
+ * spent its time on.
+ */
+const POOL_MIN_GRAINS = 4;
+/** The UDIF chunk type of zlib, which the decode workers know. */
+const WORKER_ZLIB = 0x80000005;
 /** Decompressed grains kept in memory per extent. */
 const GRAIN_CACHE = 4;
 /** The most file bytes read ahead at once for compressed grains. */
@@ -641,6 +652,17 @@ class SparsePart implements Part {
     const span = this.markers
       ? await this.prefetch(pieces.filter((p) => p.kind === "data"))
       : undefined;
+    const whole = (p: Piece) =>
+      p.kind === "data" && p.grainSector !== undefined &&
+      p.length === this.grainBytes && !this.#grainCache.has(p.grainSector);
+    if (
+      this.compressed && !zlib.hasNativeInflate() && codecPool.usable &&
+      pieces.filter(whole).length >= POOL_MIN_GRAINS
+    ) {
+      pieces = await this.#inflatePooled(pieces.filter(whole), base, into, span)
+        ? pieces.filter((p) => !whole(p))
+        : pieces;
+    }
     for (const p of pieces) {
       const target = into.subarray(p.offset - base, p.offset - base + p.length);
       if (p.kind !== "data") {
@@ -655,6 +677,35 @@ class SparsePart implements Part {
         target.set(await this.readBytes(p, span));
       }
     }
+  }
+
+  /**
+   * Inflates whole grains `grains` on the decode workers, one call, into
+   * `into` (disk offset `base`); false when the workers did not (the
+   * caller inflates them, which also names a bad grain).
+   */
+  async #inflatePooled(
+    grains: Piece[],
+    base: number,
+    into: Uint8Array,
+    span?: Span,
+  ): Promise<boolean> {
+    const packed: Uint8Array[] = [];
+    for (const p of grains) {
+      packed.push(await this.#packedGrain(p.grainSector!, span));
+    }
+    const input = new Uint8Array(packed.reduce((n, d) => n + d.length, 0));
+    const jobs: number[] = [];
+    let at = 0;
+    for (const data of packed) {
+      input.set(data, at);
+      jobs.push(WORKER_ZLIB, at, data.length, this.grainBytes, 0);
+      at += data.length;
+    }
+    const result = await codecPool.batch(input, jobs, false);
+    if (!result) return false;
+    grains.forEach((p, k) => into.set(result.pieces[k], p.offset - base));
+    return true;
   }
 
   async #decodeGrain(sector: number, span?: Span): Promise<Uint8Array> {
@@ -919,6 +970,12 @@ function vmdkImage(
     close: () => Promise<void>;
   },
 ): Image {
+  // Compressed grains inflate on the decode workers in browsers: they stay
+  // alive from open to close (see _pool.ts).
+  const letGo = !zlib.hasNativeInflate() && codecPool.usable &&
+      parts.some((p) => p.part instanceof SparsePart && p.part.compressed)
+    ? codecPool.hold()
+    : () => {};
   const image: Image = {
     format: FORMAT,
     size,
@@ -1002,7 +1059,10 @@ function vmdkImage(
       }
       if (run) yield run;
     },
-    close: meta.close,
+    async close() {
+      letGo();
+      await meta.close();
+    },
   };
   return image;
 }

@@ -1,6 +1,8 @@
 // A minimal Chrome DevTools Protocol client: starts Debian's headless
 // chromium and talks to one page over a WebSocket. No downloaded browsers.
 
+import { ROOT, run } from "./_helpers.ts";
+
 /** A page in a running headless chromium. */
 export interface Browser {
   /** Evaluates an expression in the page (awaiting promises) and returns its value. */
@@ -152,4 +154,58 @@ export async function launch(url: string): Promise<Browser> {
       await Deno.remove(profile, { recursive: true }).catch(() => {});
     },
   };
+}
+
+/**
+ * Peak resident memory (VmHWM, in bytes) of each renderer process of the
+ * browser whose process id is `pid` (the page, its workers and the service
+ * worker run in them), by process id.
+ */
+export function rendererPeaks(pid: number): Map<number, number> {
+  const parents = new Map<number, number>();
+  for (const entry of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(entry.name)) continue;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${entry.name}/stat`);
+      // After the name in parentheses: state, then the parent's id.
+      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      parents.set(Number(entry.name), ppid);
+    } catch { /* gone meanwhile */ }
+  }
+  const peaks = new Map<number, number>();
+  for (const p of parents.keys()) {
+    let q = parents.get(p);
+    while (q !== undefined && q > 1 && q !== pid) q = parents.get(q);
+    if (q !== pid) continue;
+    try {
+      const cmdline = Deno.readTextFileSync(`/proc/${p}/cmdline`);
+      if (!cmdline.includes("--type=renderer")) continue;
+      const status = Deno.readTextFileSync(`/proc/${p}/status`);
+      const kib = /VmHWM:\s+(\d+) kB/.exec(status)?.[1];
+      if (kib) peaks.set(p, Number(kib) * 1024);
+    } catch { /* gone meanwhile */ }
+  }
+  return peaks;
+}
+
+/**
+ * Builds the bundle as `deno task bundle` does into `dist`: `mod.js` and
+ * the decode workers' `_worker.js` beside it.
+ */
+export async function bundle(dist: string) {
+  await Deno.mkdir(dist, { recursive: true });
+  for (
+    const [out, entry] of [["mod.js", "mod.ts"], [
+      "_worker.js",
+      "drivers/dmg/_worker.ts",
+    ]]
+  ) {
+    await run(Deno.execPath(), [
+      "bundle",
+      "--platform=browser",
+      "-o",
+      `${dist}/${out}`,
+      `${ROOT}${entry}`,
+    ]);
+  }
 }

@@ -6,6 +6,7 @@
 //   deno task bench              every case whose driver and peer tool exist
 //   deno task bench cloop dmg    only cases whose name contains one of these
 //   deno task bench codecs [xz]  the codec micro-bench (tests/bench_codecs.ts)
+//   deno task bench browser [dmg] headless chromium against the CLI (tests/bench_browser.ts)
 //   BENCH_SIZE_MIB=256 deno task bench   a smaller disk
 //   BENCH_DISK=synthetic deno task bench the old word-pattern disk
 //
@@ -19,6 +20,10 @@ import { have, pseudoRandom, ROOT, run } from "./_helpers.ts";
 
 if (Deno.args[0] === "codecs") {
   await import("./bench_codecs.ts");
+  Deno.exit(0);
+}
+if (Deno.args[0] === "browser") {
+  await import("./bench_browser.ts");
   Deno.exit(0);
 }
 

@@ -3,9 +3,10 @@
 // opens images over HTTP Range requests and from Files, and hashes the raw
 // disk. The hashes must match the manifest's.
 import { assertEquals, assertTrue } from "./_asserts.ts";
-import { launch } from "./_cdp.ts";
+import { bundle, launch, rendererPeaks } from "./_cdp.ts";
 import {
   fileServer,
+  pseudoRandom,
   qemuIo,
   referenceFile,
   referenceImages,
@@ -44,14 +45,7 @@ async function withPage(
 ) {
   await withTemp(async (dir) => {
     // Build the bundle and lay out the site: the page, its worker, the bundle, the images.
-    await Deno.mkdir(`${dir}/dist`);
-    await run(Deno.execPath(), [
-      "bundle",
-      "--platform=browser",
-      "-o",
-      `${dir}/dist/mod.js`,
-      `${ROOT}mod.ts`,
-    ]);
+    await bundle(`${dir}/dist`);
     for (const f of ["index.html", "worker.js", "sw.js"]) {
       await Deno.copyFile(`${ROOT}examples/web/${f}`, `${dir}/${f}`);
     }
@@ -117,38 +111,6 @@ function waitForState(
       poll();
     })`,
   );
-}
-
-/**
- * Peak resident memory (VmHWM, in bytes) of each renderer process of the
- * browser whose process id is `pid` (the page, its workers and the service
- * worker run in them), by process id.
- */
-function rendererPeaks(pid: number): Map<number, number> {
-  const parents = new Map<number, number>();
-  for (const entry of Deno.readDirSync("/proc")) {
-    if (!/^\d+$/.test(entry.name)) continue;
-    try {
-      const stat = Deno.readTextFileSync(`/proc/${entry.name}/stat`);
-      // After the name in parentheses: state, then the parent's id.
-      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
-      parents.set(Number(entry.name), ppid);
-    } catch { /* gone meanwhile */ }
-  }
-  const peaks = new Map<number, number>();
-  for (const p of parents.keys()) {
-    let q = parents.get(p);
-    while (q !== undefined && q > 1 && q !== pid) q = parents.get(q);
-    if (q !== pid) continue;
-    try {
-      const cmdline = Deno.readTextFileSync(`/proc/${p}/cmdline`);
-      if (!cmdline.includes("--type=renderer")) continue;
-      const status = Deno.readTextFileSync(`/proc/${p}/status`);
-      const kib = /VmHWM:\s+(\d+) kB/.exec(status)?.[1];
-      if (kib) peaks.set(p, Number(kib) * 1024);
-    } catch { /* gone meanwhile */ }
-  }
-  return peaks;
 }
 
 /**
@@ -239,6 +201,91 @@ Deno.test({
           image.raw_sha256,
           `${image.path} from a File`,
         );
+      }
+    });
+  },
+});
+
+Deno.test({
+  name:
+    "the bundle's decode workers load in a browser, stay alive through a conversion, end with it, and decode dmg, cloop and vmdk images to 7zz's and qemu-img's bytes",
+  ignore: skip(["chromium", "7zz", "qemu-img", "create_compressed_fs"]),
+  async fn() {
+    await withPage(async (page, dir) => {
+      // 6 MiB of text, random and zero mebibytes in 128 KiB chunks: 48
+      // chunks, enough for the dmg driver to use its workers.
+      const disk = new Uint8Array(6 << 20);
+      const words = new TextEncoder().encode("sector cluster chunk block ");
+      for (let i = 0; i < 2 << 20; i++) disk[i] = words[(i * 7) % 27 % 26];
+      disk.set(pseudoRandom(2 << 20, 15), 3 << 20);
+      await Deno.writeFile(`${dir}/disk.raw`, disk);
+      const images: { name: string; make: string; reference: string }[] = [
+        ...["zlib", "bzip2", "lzfse"].map((compression) => ({
+          name: `workers-${compression}.dmg`,
+          // Our writer, in 128 KiB chunks: 48 of them.
+          make:
+            `${Deno.execPath()} run -A ${ROOT}cli.ts convert -O dmg -o compression=${compression},chunk_sectors=256 ${dir}/disk.raw`,
+          // The reference: 7-Zip's extraction of the same file.
+          reference: `7zz x -tdmg -so`,
+        })),
+        {
+          // 96 blocks of 64 KiB, inflated on the workers in a browser.
+          name: "workers.cloop",
+          make: `create_compressed_fs -B 65536 ${dir}/disk.raw`,
+          reference: `qemu-img convert -f cloop -O raw`,
+        },
+        {
+          // 64 KiB grains, inflated on the workers in a browser, a read's
+          // grains per call.
+          name: "workers.vmdk",
+          make:
+            `qemu-img convert -f raw -O vmdk -o subformat=streamOptimized ${dir}/disk.raw`,
+          reference: `qemu-img convert -f vmdk -O raw`,
+        },
+      ];
+      for (const { name, make, reference } of images) {
+        await run("sh", ["-c", `${make} ${dir}/images/${name} 2>/dev/null`]);
+        const extracted = `${dir}/${name}.raw`;
+        await run("sh", [
+          "-c",
+          reference.startsWith("7zz")
+            ? `${reference} ${dir}/images/${name} > ${extracted}`
+            : `${reference} ${dir}/images/${name} ${extracted}`,
+        ]);
+        const expected = await sha256File(extracted);
+        assertEquals(expected, sha256Hex(disk), `${reference} reads ${name}`);
+        for (const how of ["url", "blob"]) {
+          const result = await page.evaluate<{
+            sha256: string;
+            workers: Record<
+              "before" | "during" | "after",
+              {
+                running: number;
+                started: number;
+                jobs: number;
+                broken: boolean;
+              }
+            >;
+          }>(
+            how === "url"
+              ? `vdisk.convertInWorker("/images/${name}")`
+              : `fetch("/images/${name}").then((r) => r.blob())
+                   .then((b) => vdisk.convertInWorker(b))`,
+          );
+          const { before, during, after } = result.workers;
+          const what = `${name} from a ${how}: ${
+            JSON.stringify(result.workers)
+          }`;
+          assertEquals(result.sha256, expected, what);
+          // The workers loaded (from dist/_worker.js) and decoded...
+          assertEquals(during.broken, false, what);
+          assertTrue(during.running >= 1, what);
+          assertTrue(during.jobs > before.jobs, what);
+          // ...were started once for the whole conversion (no idle
+          // restarts), and ended with the image's close.
+          assertEquals(during.started - before.started, during.running, what);
+          assertEquals(after.running, 0, what);
+        }
       }
     });
   },

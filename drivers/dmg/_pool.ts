@@ -4,10 +4,20 @@
  * bzip2, ADC, LZFSE and xz decoders written here all run synchronously,
  * so on one thread concurrent decodes would take turns.
  *
- * Workers start on first use and end when idle (they keep a process
- * alive). Where workers cannot be made (no `Worker`, a content policy, a
+ * Workers start on first use. While an image holds the pool
+ * ({@linkcode CodecPool.hold}, from open to close) they stay alive
+ * between reads, however slow the source (a URL in a browser); they end
+ * when the last holder lets go with nothing in flight, or after
+ * {@linkcode HELD_IDLE_MS} without work (an image never closed must not
+ * keep a process alive for ever), or {@linkcode IDLE_MS} when nobody holds
+ * the pool. Where workers cannot be made (no `Worker`, a content policy, a
  * bundle without the worker file) every call answers `null` and the
  * caller runs the codec itself.
+ *
+ * The worker file: `_worker.ts` beside this module when it runs from
+ * source, `_worker.js` beside the bundle when it runs bundled
+ * (`deno task bundle` writes `dist/mod.js` and `dist/_worker.js`, the
+ * worker with its codecs bundled on its own).
  *
  * This module is browser compatible.
  *
@@ -16,8 +26,14 @@
 
 import { CodecError } from "../../streams/errors.ts";
 
-/** How long idle workers live before they are ended. */
+/** How long idle workers live, when no image holds the pool, before they are ended. */
 const IDLE_MS = 50;
+/**
+ * How long idle workers live while an image holds the pool. In a browser
+ * reading a URL, 50 ms between two reads' decodes was common: the workers
+ * were ended and restarted 154 times in one conversion.
+ */
+const HELD_IDLE_MS = 5000;
 /** The most workers, whatever the core count. */
 const MAX_WORKERS = 4;
 
@@ -34,23 +50,62 @@ export class CodecPool {
   #next = 1;
   #idle?: ReturnType<typeof setTimeout>;
   #broken = typeof Worker === "undefined";
+  #holders = 0;
+  #started = 0;
+  #done = 0;
 
   /** False once workers are known not to work here. */
   get usable(): boolean {
     return !this.#broken;
   }
 
+  /**
+   * What the pool did so far: workers running now, workers ever started,
+   * jobs the workers answered, and whether workers failed to load here.
+   */
+  get stats(): DecodeWorkerStats {
+    return {
+      running: this.#workers.length,
+      started: this.#started,
+      jobs: this.#done,
+      broken: this.#broken,
+    };
+  }
+
+  /**
+   * Keeps the workers alive between calls until the returned function is
+   * called (an image holds the pool from open to close); the last holder
+   * to let go ends them when nothing is in flight.
+   */
+  hold(): () => void {
+    this.#holders++;
+    let held = true;
+    return () => {
+      if (!held) return;
+      held = false;
+      this.#holders--;
+      this.release();
+    };
+  }
+
   #start(): boolean {
     if (this.#workers.length) return true;
     try {
-      const url = new URL("./_worker.ts", import.meta.url);
+      // From source this module is a .ts file; bundled, it is inside
+      // the bundle, and the worker is the bundled _worker.js beside it.
+      const url = new URL(
+        import.meta.url.endsWith(".ts") ? "./_worker.ts" : "./_worker.js",
+        import.meta.url,
+      );
       const cores = (globalThis.navigator as { hardwareConcurrency?: number })
         ?.hardwareConcurrency ?? 2;
       for (let i = 0; i < Math.max(1, Math.min(MAX_WORKERS, cores)); i++) {
         const worker = new Worker(url, { type: "module" });
         const slot = { worker, jobs: 0 };
+        this.#started++;
         worker.onmessage = (e: MessageEvent) => {
           slot.jobs--;
+          this.#done++;
           const { id, out, error, unavailable } = e.data;
           const job = this.#pending.get(id);
           this.#pending.delete(id);
@@ -124,10 +179,13 @@ export class CodecPool {
    * each chunk's decoded bytes and their CRC-32, or `null` on any failure
    * (the caller then decodes chunk by chunk and reports what failed).
    * `input` is transferred when it owns its buffer, copied otherwise.
+   * Without `crc` the CRCs are not computed (zeros): callers that check
+   * none (cloop) save the worker a pass over every byte.
    */
   batch(
     input: Uint8Array,
     jobs: number[],
+    crc = true,
   ): Promise<{ pieces: Uint8Array[]; crcs: Uint32Array } | null> {
     const claimed = this.#claim();
     if (!claimed) return Promise.resolve(null);
@@ -144,7 +202,7 @@ export class CodecPool {
         codec: "batch",
       });
       slot.worker.postMessage(
-        { id, op: "batch", input: copy, jobs, size: 0 },
+        { id, op: "batch", input: copy, jobs, size: 0, noCrc: !crc },
         [copy.buffer as ArrayBuffer],
       );
     });
@@ -155,17 +213,21 @@ export class CodecPool {
    * into `out` at its place (the fifth number of its job), so `out` must
    * lie in a `SharedArrayBuffer`. Answers the chunks' CRC-32s, or `null`
    * on any failure (the caller then decodes chunk by chunk). `input` is
-   * copied.
+   * copied, unless `shareInput` and it lies in a `SharedArrayBuffer` too
+   * (the caller then leaves it alone until the answer).
    */
   batchInto(
     input: Uint8Array,
     jobs: number[],
     out: Uint8Array,
+    shareInput = false,
   ): Promise<Uint32Array | null> {
     const claimed = this.#claim();
     if (!claimed) return Promise.resolve(null);
     const { slot, id } = claimed;
-    const copy = input.slice();
+    const shared = shareInput && typeof SharedArrayBuffer === "function" &&
+      input.buffer instanceof SharedArrayBuffer;
+    const copy = shared ? input : input.slice();
     return new Promise((resolve) => {
       this.#pending.set(id, {
         resolve: (crcs) => resolve(crcs as never),
@@ -175,7 +237,7 @@ export class CodecPool {
       try {
         slot.worker.postMessage(
           { id, op: "batchInto", input: copy, jobs, size: 0, out },
-          [copy.buffer],
+          shared ? [] : [copy.buffer as ArrayBuffer],
         );
       } catch {
         // Shared memory cannot be posted here (a page that is not
@@ -205,7 +267,7 @@ export class CodecPool {
     this.#idle = setTimeout(() => {
       this.#idle = undefined;
       if (!this.#pending.size) this.end();
-    }, IDLE_MS);
+    }, this.#holders ? HELD_IDLE_MS : IDLE_MS);
   }
 
   /** Ends the workers now; calls in flight resolve `null` (the caller redoes them). */
@@ -218,11 +280,41 @@ export class CodecPool {
     this.#pending.clear();
   }
 
-  /** Ends the workers when nothing is in flight (an image was closed). */
+  /** Ends the workers when nothing is in flight and no image holds the pool (an image was closed). */
   release() {
-    if (!this.#pending.size) this.end();
+    if (!this.#pending.size && !this.#holders) this.end();
   }
+}
+
+/** What {@linkcode decodeWorkerStats} answers. */
+export interface DecodeWorkerStats {
+  /** Decode workers running now. */
+  running: number;
+  /** Decode workers started since the module loaded. */
+  started: number;
+  /** Calls the workers answered (a batch of chunks is one). */
+  jobs: number;
+  /** Workers could not be made or loaded here: codecs run on the caller's thread. */
+  broken: boolean;
 }
 
 /** The pool every dmg image shares. */
 export const codecPool: CodecPool = new CodecPool();
+
+/**
+ * How the decode workers fared: whether they loaded (in a browser, from
+ * the bundle's `_worker.js`), how many ran and how many calls they
+ * answered. For tests and benches; nothing else depends on it.
+ *
+ * @returns the pool's counts
+ *
+ * @example
+ * ```ts
+ * import { decodeWorkerStats } from "../../mod.ts";
+ * const { running, started } = decodeWorkerStats();
+ * console.log(running <= started); // true
+ * ```
+ */
+export function decodeWorkerStats(): DecodeWorkerStats {
+  return codecPool.stats;
+}

@@ -39,6 +39,8 @@ interface Job {
   jobs?: number[];
   /** For `batchInto`: where the chunks go (shared with the caller). */
   out?: Uint8Array;
+  /** For a batch: answer zeros for the CRCs (the caller checks none). */
+  noCrc?: boolean;
 }
 
 /** The worker's global scope, typed without the Deno worker lib. */
@@ -73,6 +75,7 @@ const BY_TYPE = new Map<number, string>([
 async function batch(
   input: Uint8Array,
   jobs: number[],
+  noCrc = false,
 ): Promise<{ pieces: Uint8Array[]; crcs: Uint32Array<ArrayBuffer> }> {
   const pieces: Uint8Array[] = [];
   const crcs = new Uint32Array(new ArrayBuffer(jobs.length / 5 * 4));
@@ -89,7 +92,7 @@ async function batch(
       decoded = await module.decode(packed, decodedSize);
     }
     pieces.push(decoded);
-    crcs[j / 5] = crc32(decoded);
+    if (!noCrc) crcs[j / 5] = crc32(decoded);
   }
   return { pieces, crcs };
 }
@@ -140,7 +143,11 @@ scope.onmessage = async (e: MessageEvent<Job>) => {
   }
   if (op === "batch") {
     try {
-      const { pieces, crcs } = await batch(input, e.data.jobs ?? []);
+      const { pieces, crcs } = await batch(
+        input,
+        e.data.jobs ?? [],
+        e.data.noCrc,
+      );
       const buffers = new Set<ArrayBuffer>([crcs.buffer]);
       for (const piece of pieces) buffers.add(piece.buffer as ArrayBuffer);
       scope.postMessage({ id, pieces, crcs }, [...buffers]);

@@ -13,6 +13,7 @@
 //   MEMORY_LIMIT bytes, and then sent.
 import {
   convert,
+  decodeWorkerStats,
   describeImage,
   formatInfo,
   fromBlob,
@@ -247,6 +248,7 @@ function needsRandomAccess(e) {
 async function runConvert(data, reply) {
   const { input, key, to } = data;
   const format = data.format ?? "raw";
+  const workersBefore = decodeWorkerStats();
   const image = await openInput(input, key);
   const output = to?.port
     ? portOutput(to.port)
@@ -304,24 +306,33 @@ async function runConvert(data, reply) {
       sha256: result.sha256,
       outputFormat: format,
       outputSize,
+      // The decode workers (dmg, compressed files): loaded from the
+      // bundle's _worker.js, alive for the whole conversion, ended by
+      // the image's close.
+      workers: { before: workersBefore, during: decodeWorkerStats() },
     };
   } catch (e) {
     output.fail(`${e.name}: ${e.message}`);
     throw e;
   } finally {
     clearInterval(ticker);
+    await image.close?.();
   }
 }
 
 async function runInspect({ input, key }) {
   const image = await openInput(input, key);
-  const facts = await describeImage(image, describeInput(input));
-  return {
-    format: image.format,
-    size: image.size,
-    facts,
-    text: formatInfo(facts),
-  };
+  try {
+    const facts = await describeImage(image, describeInput(input));
+    return {
+      format: image.format,
+      size: image.size,
+      facts,
+      text: formatInfo(facts),
+    };
+  } finally {
+    await image.close?.();
+  }
 }
 
 self.onmessage = async ({ data }) => {
@@ -330,6 +341,7 @@ self.onmessage = async ({ data }) => {
     const result = data.inspect
       ? await runInspect(data)
       : await runConvert(data, reply);
+    if (result.workers) result.workers.after = decodeWorkerStats();
     reply({ done: result });
   } catch (e) {
     reply({ error: `${e.name}: ${e.message}` });
