@@ -4,7 +4,9 @@
 // no output.
 import { assertEquals, assertMatch, assertTrue } from "./_asserts.ts";
 import {
+  CodecError,
   convert,
+  decompress,
   fromBytes,
   fromFile,
   ImageFormatError,
@@ -503,3 +505,26 @@ Deno.test(
     }
   },
 );
+
+Deno.test("a zstd frame whose FSE-coded Huffman weights read no bits is a typed error (fzstd alone never returns on it)", async () => {
+  // A zstd cluster of a qemu-img qcow2 with 4 bytes set to 0xff, which the
+  // fuzzer found: `zstd -t` says "Data corruption detected"; fzstd 0.1.1
+  // loops in its weight decoding without the check in _zstd_check.ts.
+  const frame = await Deno.readFile(`${ROOT}testdata/zstd-weights-loop.zst`);
+  await rejects(
+    async () => {
+      for await (const _ of decompress(fromBytes(frame), "zstd")) { /* */ }
+    },
+    CodecError,
+    /more than 255 Huffman weights/,
+  );
+  // As a qcow2 cluster: the image's typed error, naming the cluster.
+  const image = await open(
+    fromBytes(await Deno.readFile(`${ROOT}testdata/zstd-weights-loop.qcow2`)),
+  );
+  await rejects(
+    () => convert(image, memorySink()),
+    ImageFormatError,
+    /compressed cluster .* more than 255 Huffman weights/,
+  );
+});

@@ -30,6 +30,7 @@
 
 import { Decompress } from "npm:fzstd@0.1.1";
 import { CodecError } from "../../streams/errors.ts";
+import { checkBlockTables } from "./_zstd_check.ts";
 import type { ByteFeed } from "./_feed.ts";
 
 const CODEC = "zstd";
@@ -238,6 +239,15 @@ export async function* decodeStreaming(
       const tail = last && header.checksum ? 4 : 0;
       if ((await feed.ensure(length + tail)) < length + tail) {
         fail(`${where}: block ${block} truncated`);
+      }
+      if (type === 2) {
+        // Tables fzstd would never finish with are refused first.
+        checkBlockTables(
+          feed.bytes,
+          feed.start + 3,
+          feed.start + length,
+          `${where}: block ${block}`,
+        );
       }
       // fzstd keeps the bytes it is given only while it waits for more.
       push(
