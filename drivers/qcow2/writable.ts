@@ -149,27 +149,6 @@ export async function makeWritable(state: State, sink: Sink): Promise<void> {
     );
 }
 
-/**
- * The refcount table of `state`'s image, read, for the allocator: new
- * clusters go past the end of the file.
- *
- * @param state an opened image's state
- * @returns the allocator's view of the refcounts
- */
-export async function refcountsOf(state: State): Promise<Refcounts> {
-  const h = state.header;
-  const clusterSize = state.clusterSize;
-  const tableBytes = h.refcountTableClusters * clusterSize;
-  return {
-    table: (await state.source.read(h.refcountTableOffset, tableBytes)).slice(),
-    tableOffset: h.refcountTableOffset,
-    width: 2 ** h.refcountOrder,
-    perBlock: (clusterSize * 8) / 2 ** h.refcountOrder,
-    blocks: new Map(),
-    nextFree: alignUp(state.source.size, clusterSize),
-  };
-}
-
 /** The offset in a refcount table entry (bits 9-63). */
 function tableEntry(r: Refcounts, index: number): number {
   if (index * 8 >= r.table.length) return 0;
