@@ -887,7 +887,7 @@ export function l1Entry(state: State, index: number): number {
   const v = new DataView(state.l1.buffer, state.l1.byteOffset);
   const high = v.getUint32(index * 8);
   const low = v.getUint32(index * 8 + 4);
-  const offset = (high & 0x00ffffff) * 2 ** 32 + (low & 0xfffffe00);
+  const offset = (high & 0x00ffffff) * 2 ** 32 + ((low & 0xfffffe00) >>> 0);
   if ((high & 0x7f000000) !== 0 || (low & 0x1ff) !== 0) {
     throw fail(
       `l1[${index}]`,
@@ -1066,7 +1066,7 @@ function decodeEntry(
       "a cluster descriptor with reserved bits 1-8 and 56-61 clear",
     );
   }
-  const host = (high & 0x00ffffff) * 2 ** 32 + (low & 0xfffffe00);
+  const host = (high & 0x00ffffff) * 2 ** 32 + ((low & 0xfffffe00) >>> 0);
   if (host % state.clusterSize !== 0) {
     throw bad(host, `a cluster offset aligned to ${state.clusterSize}`);
   }

@@ -226,7 +226,7 @@ function hostClusters(state: State, table: Uint8Array, e: number): number[] {
     for (let k = Math.floor(offset / clusterSize); k <= last; k++) out.push(k);
     return out;
   }
-  const host = (high & 0x00ffffff) * 2 ** 32 + (low & 0xfffffe00);
+  const host = (high & 0x00ffffff) * 2 ** 32 + ((low & 0xfffffe00) >>> 0);
   return host === 0 ? [] : [host / clusterSize];
 }
 

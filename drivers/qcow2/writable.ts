@@ -154,7 +154,7 @@ function tableEntry(r: Refcounts, index: number): number {
   if (index * 8 >= r.table.length) return 0;
   const v = new DataView(r.table.buffer, r.table.byteOffset);
   return v.getUint32(index * 8) * 2 ** 32 +
-    (v.getUint32(index * 8 + 4) & 0xfffffe00);
+    ((v.getUint32(index * 8 + 4) & 0xfffffe00) >>> 0);
 }
 
 /** The refcount block at `at` (cached; read from the file once). */
@@ -384,7 +384,7 @@ async function writeCluster(
   const e = index * state.entryBytes;
   const high = v.getUint32(e);
   const low = v.getUint32(e + 4);
-  let host = (high & 0x00ffffff) * 2 ** 32 + (low & 0xfffffe00);
+  let host = (high & 0x00ffffff) * 2 ** 32 + ((low & 0xfffffe00) >>> 0);
   const compressed = (high & 0x40000000) !== 0;
   const copied = (high & COPIED_HIGH) !== 0;
   const zeroFlag = (low & 1) !== 0;
