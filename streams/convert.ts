@@ -14,6 +14,7 @@ import { type Sha256, sha256 } from "./_sha256.ts";
 import { BackingFileError } from "./errors.ts";
 import {
   dataFileOf,
+  type Extent,
   extentsOf,
   type Image,
   type RangeCopySink,
@@ -366,8 +367,13 @@ export async function convert(
     sizedFirst && !hasher && !options.backing && sink.resize && !into &&
     options.sparseSize === undefined && !rescue
   ) {
-    const copied = await copyWindow(source, sink, total, blockSize, options) ??
-      await copyExtents(source, sink, total, blockSize, options);
+    const copied = await copyInKernel(
+      source,
+      sink,
+      total,
+      blockSize,
+      options,
+    );
     if (copied !== undefined) {
       await sink.flush();
       return { size: total, dataBytes: copied };
@@ -432,88 +438,63 @@ export async function convert(
 const COPY_CHUNK = 64 << 20;
 
 /**
- * A raw copy done by the sink itself ({@linkcode RangeCopySink}) from the
- * source underneath `source` ({@linkcode WindowSource}): the file adapter
- * copies a raw file's data ranges in the kernel and leaves its holes.
- * Returns the data bytes copied, or `undefined` (nothing written) when the
- * sink cannot copy from that source; a chunk refused after others were
- * copied is read and written the ordinary way.
- *
- * `deno task bench raw`, 1 GiB (half a tar, a quarter hole, a quarter
- * random): see the README's Speed table.
+ * What a sink may copy itself from under `source`: the file that holds the
+ * bytes and the runs of the disk, `data` runs with a `fileOffset` being
+ * stored there as they read. A raw image over its file (a
+ * {@linkcode WindowSource}: a bounds-checked view, a fixed VHD's data) is
+ * one such run; an image whose driver declared where its plain data lies
+ * ({@linkcode dataFileOf}: qcow2, VHD, vdi, vhdx, qed, Parallels) gives
+ * its allocation map.
  */
-async function copyWindow(
+function kernelCopyPlan(
   source: Source,
-  sink: Sink,
   total: number,
-  blockSize: number,
-  options: ConvertOptions,
-): Promise<number | undefined> {
-  if (!("windowOf" in source) || !("copyRange" in sink)) return undefined;
-  const window = (source as WindowSource).windowOf;
-  const copier = sink as RangeCopySink;
-  if (window.offset < 0 || window.offset + total > window.source.size) {
-    return undefined;
-  }
-  let dataBytes = 0;
-  for (let at = 0; at < total; at += COPY_CHUNK) {
-    options.signal?.throwIfAborted();
-    const length = Math.min(COPY_CHUNK, total - at);
-    const copied = await copier.copyRange(
-      window.source,
-      window.offset + at,
-      length,
-      at,
-    );
-    if (copied === undefined) {
-      if (at === 0) return undefined;
-      const buffer = new Uint8Array(Math.min(blockSize, length));
-      for (let done = 0; done < length; done += buffer.length) {
-        const bytes = buffer.subarray(
-          0,
-          Math.min(buffer.length, length - done),
-        );
-        await readInto(source, at + done, bytes);
-        dataBytes += await writeSparse(
-          (o, b) => sink.write(o, b),
-          at + done,
-          bytes,
-          options.sparseSize ?? 4096,
-        );
-      }
-    } else {
-      dataBytes += copied;
+): { file: Source; runs: AsyncIterable<Extent> | Extent[] } | undefined {
+  if ("windowOf" in source) {
+    const window = (source as WindowSource).windowOf;
+    if (window.offset < 0 || window.offset + total > window.source.size) {
+      return undefined;
     }
-    options.onProgress?.(at + length, total);
-    await nextTurn();
+    return {
+      file: window.source,
+      runs: total > 0
+        ? [{
+          offset: 0,
+          length: total,
+          kind: "data",
+          fileOffset: window.offset,
+        }]
+        : [],
+    };
   }
-  return dataBytes;
+  const file = dataFileOf(source);
+  return file && { file, runs: (source as Image).extents(0, total) };
 }
 
 /**
- * A raw copy of an image whose driver declared where its plain data lies
- * ({@linkcode dataFileOf}: qcow2, VHD): each data run with a `fileOffset`
- * is copied by the sink from the image file (in the kernel for the file
- * adapter), zero runs and unallocated runs without a backing file are left
- * as holes of the sized output, and everything else (compressed clusters,
- * runs of a backing file) is read through the image and written. Returns
- * the data bytes written, or `undefined` (nothing written) when the sink
- * cannot copy from the image's file.
+ * A raw copy done by the sink itself ({@linkcode RangeCopySink}) from the
+ * file under `source` ({@linkcode kernelCopyPlan}): the file adapter copies
+ * its data ranges in the kernel and leaves its holes. Zero runs and
+ * unallocated runs of an image without a parent are left as holes of the
+ * sized output; everything else (compressed clusters, a parent's runs, a
+ * range the sink refuses after others were copied) is read through
+ * `source` and written. Returns the data bytes written, or `undefined`
+ * (nothing written) when the sink cannot copy from that file.
  *
- * `deno task bench qcow2`: see the README's Speed table.
+ * `deno task bench raw qcow2 vpc vdi vhdx qed`: see the README's Speed table.
  */
-async function copyExtents(
+async function copyInKernel(
   source: Source,
   sink: Sink,
   total: number,
   blockSize: number,
   options: ConvertOptions,
 ): Promise<number | undefined> {
-  const file = dataFileOf(source);
-  if (!file || !("copyRange" in sink)) return undefined;
-  const image = source as Image;
+  const plan = "copyRange" in sink ? kernelCopyPlan(source, total) : undefined;
+  if (!plan) return undefined;
   const copier = sink as RangeCopySink;
   const write = (o: number, b: Uint8Array) => sink.write(o, b);
+  const image = source as Partial<Image>;
   // Unallocated runs are holes only in an image with no parent at all.
   const inBacking = image.backing !== undefined ||
     image.backingFile !== undefined ||
@@ -521,7 +502,7 @@ async function copyExtents(
   let buffer: Uint8Array | undefined;
   let started = false;
   let dataBytes = 0;
-  /** Reads `[offset, offset + length)` through the image and writes it. */
+  /** Reads `[offset, offset + length)` through `source` and writes it. */
   const copyByReading = async (offset: number, length: number) => {
     buffer ??= new Uint8Array(blockSize);
     for (let done = 0; done < length; done += buffer.length) {
@@ -532,13 +513,13 @@ async function copyExtents(
       options.onProgress?.(offset + done + bytes.length, total);
     }
   };
-  for await (const run of image.extents(0, total)) {
+  for await (const run of plan.runs) {
     options.signal?.throwIfAborted();
     if (run.kind === "data" && run.fileOffset !== undefined) {
       for (let at = 0; at < run.length; at += COPY_CHUNK) {
         const length = Math.min(COPY_CHUNK, run.length - at);
         const copied = await copier.copyRange(
-          file,
+          plan.file,
           run.fileOffset + at,
           length,
           run.offset + at,
