@@ -165,7 +165,7 @@ const BLOCK_ERRORS = [
   "sequences use more literals than the literals section holds",
   "decodes past its limit",
   "match offset reaches before the window or the frame's first byte",
-  "more than 255 FSE-coded Huffman weights",
+  "more than 255 Huffman weights (coded with FSE: states that read no bits)",
   "bytes after a sequences section of no sequences",
 ];
 const E_OUTPUT = 15;
@@ -320,7 +320,7 @@ class FrameDecoder {
 
   #tooMuch(block: number, size?: number): never {
     const what = size === undefined ? "" : ` (${size} bytes)`;
-    if (this.produced + this.#blockMax > this.#limit) {
+    if (this.produced + this.#blockMax >= this.#limit) {
       fail(
         `${this.#where}: block ${block}${what} decodes to more than ${this.#limitReason}`,
       );
