@@ -104,12 +104,26 @@ static inline u32 high_bit(u32 v) { return 31 - (u32)__builtin_clz(v); }
 
 static inline u32 le16(const u8 *p) { return p[0] | (u32)p[1] << 8; }
 
-/* n (at most 56) bits [pos, pos + n) of s; bits below s read as 0. */
+/*
+ * n (at most 56) bits [pos, pos + n) of s. Below s (pos < 0) they are
+ * whatever precedes the stream in memory: the input region comes after
+ * the context (over 128 KiB), and callers stop within a few hundred
+ * bytes of the stream's start (each checks pos as it goes, or bounds the
+ * symbols a stream may hold by its bits). A valid stream never reads
+ * below s except in the Huffman peek, where those bits lie past the code
+ * and do not change the symbol; an invalid one is refused because it
+ * does not end exactly at bit 0.
+ */
 static inline u64 bits_at(const u8 *s, long pos, u32 n) {
-  const u64 mask = (1ull << n) - 1;
-  if (pos >= 0) return (load64(s + (pos >> 3)) >> (pos & 7)) & mask;
+  return (load64(s + (pos >> 3)) >> (pos & 7)) & ((1ull << n) - 1);
+}
+
+/* bits_at, with the bits below s read as zeros (as the reference
+ * decoder's do: the FSE-coded weights' last states may come from them). */
+static inline u64 bits_at_zeroed(const u8 *s, long pos, u32 n) {
+  if (pos >= 0) return bits_at(s, pos, n);
   if (pos <= -(long)n) return 0;
-  return (load64(s) << (-pos)) & mask;
+  return (load64(s) << (-pos)) & ((1ull << n) - 1);
 }
 
 /* ---- FSE table descriptions (RFC 8878 4.1.1) ---- */
@@ -327,9 +341,9 @@ static int fse_weights(const u8 *in, u32 len, u8 *weights) {
   if (s[n - 1] == 0) return -E_HUF_TREE;
   long pos = (long)(n - 1) * 8 + high_bit(s[n - 1]);
   pos -= log;
-  u32 s1 = (u32)bits_at(s, pos, log);
+  u32 s1 = (u32)bits_at_zeroed(s, pos, log);
   pos -= log;
-  u32 s2 = (u32)bits_at(s, pos, log);
+  u32 s2 = (u32)bits_at_zeroed(s, pos, log);
   /* Two states in turn until the stream is overrun; then the other
    * state's symbol is the last weight. At most 255 weights. */
   u32 count = 0;
@@ -337,7 +351,7 @@ static int fse_weights(const u8 *in, u32 len, u8 *weights) {
     if (count > 253) return -E_WEIGHT_COUNT;
     weights[count++] = t[s1].symbol;
     pos -= t[s1].bits;
-    s1 = t[s1].next + (u32)bits_at(s, pos, t[s1].bits);
+    s1 = t[s1].next + (u32)bits_at_zeroed(s, pos, t[s1].bits);
     if (pos < 0) {
       weights[count++] = t[s2].symbol;
       break;
@@ -345,7 +359,7 @@ static int fse_weights(const u8 *in, u32 len, u8 *weights) {
     if (count > 253) return -E_WEIGHT_COUNT;
     weights[count++] = t[s2].symbol;
     pos -= t[s2].bits;
-    s2 = t[s2].next + (u32)bits_at(s, pos, t[s2].bits);
+    s2 = t[s2].next + (u32)bits_at_zeroed(s, pos, t[s2].bits);
     if (pos < 0) {
       weights[count++] = t[s1].symbol;
       break;
@@ -411,40 +425,97 @@ static int read_tree(Ctx *c, const u8 *in, u32 len) {
   return (int)used;
 }
 
-/* Decodes n literals from the Huffman stream s[0, len) into out. */
+/* Where a Huffman stream's bits start (its end mark), or -1. */
+static inline long huf_start(const u8 *s, u32 len) {
+  if (len == 0 || s[len - 1] == 0) return -1;
+  return (long)(len - 1) * 8 + high_bit(s[len - 1]);
+}
+
+/* One symbol of a Huffman stream (table, bits, mask in scope). */
+#define HUF_SYMBOL(s, pos, out)                                    \
+  do {                                                             \
+    const u32 e_ = table[bits_at(s, (pos) - (long)bits, bits)];    \
+    (out) = (u8)(e_ >> 8);                                         \
+    (pos) -= e_ & 0xff;                                            \
+  } while (0)
+
+/* Four symbols from one 56-bit window (pos at least 64). */
+#define HUF_FOUR(s, pos, out)                                      \
+  do {                                                             \
+    const long b_ = (pos) - 56;                                    \
+    const u64 w_ = load64((s) + (b_ >> 3)) >> (b_ & 7);            \
+    u32 u_ = 0, e_;                                                \
+    e_ = table[(w_ >> (56 - bits)) & mask];                        \
+    (out)[0] = (u8)(e_ >> 8);                                      \
+    u_ += e_ & 0xff;                                               \
+    e_ = table[(w_ >> (56 - bits - u_)) & mask];                   \
+    (out)[1] = (u8)(e_ >> 8);                                      \
+    u_ += e_ & 0xff;                                               \
+    e_ = table[(w_ >> (56 - bits - u_)) & mask];                   \
+    (out)[2] = (u8)(e_ >> 8);                                      \
+    u_ += e_ & 0xff;                                               \
+    e_ = table[(w_ >> (56 - bits - u_)) & mask];                   \
+    (out)[3] = (u8)(e_ >> 8);                                      \
+    u_ += e_ & 0xff;                                               \
+    (pos) -= u_;                                                   \
+  } while (0)
+
+/*
+ * Decodes n literals from the Huffman stream s[0, len) into out, starting
+ * at symbol i with the stream at bit pos (after the fast loops).
+ */
+static int huf_finish(const Ctx *c, const u8 *s, long pos, u8 *out, u32 i,
+                      u32 n) {
+  const u16 *table = c->huf;
+  const u32 bits = c->hufBits;
+  /* Every symbol takes at least one bit. */
+  if (pos < (long)(n - i)) return -E_HUF_STREAM;
+  for (; i < n; i++) HUF_SYMBOL(s, pos, out[i]);
+  return pos == 0 ? 0 : -E_HUF_STREAM;
+}
+
 static int huf_stream(const Ctx *c, const u8 *s, u32 len, u8 *out, u32 n) {
-  if (len == 0 || s[len - 1] == 0) return -E_HUF_STREAM;
+  long pos = huf_start(s, len);
+  if (pos < 0) return -E_HUF_STREAM;
   const u16 *table = c->huf;
   const u32 bits = c->hufBits;
   const u32 mask = (1u << bits) - 1;
-  long pos = (long)(len - 1) * 8 + high_bit(s[len - 1]);
   u32 i = 0;
-  /* Four symbols (at most 48 bits) from each 56-bit window. */
   while (pos >= 64 && i + 4 <= n) {
-    const long base = pos - 56;
-    const u64 w = load64(s + (base >> 3)) >> (base & 7);
-    u32 used = 0, e;
-    e = table[(w >> (56 - bits - used)) & mask];
-    out[i] = (u8)(e >> 8);
-    used += e & 0xff;
-    e = table[(w >> (56 - bits - used)) & mask];
-    out[i + 1] = (u8)(e >> 8);
-    used += e & 0xff;
-    e = table[(w >> (56 - bits - used)) & mask];
-    out[i + 2] = (u8)(e >> 8);
-    used += e & 0xff;
-    e = table[(w >> (56 - bits - used)) & mask];
-    out[i + 3] = (u8)(e >> 8);
-    used += e & 0xff;
-    pos -= used;
+    HUF_FOUR(s, pos, out + i);
     i += 4;
   }
-  for (; i < n; i++) {
-    const u32 e = table[bits_at(s, pos - (long)bits, bits)];
-    out[i] = (u8)(e >> 8);
-    pos -= e & 0xff;
+  return huf_finish(c, s, pos, out, i, n);
+}
+
+/*
+ * Four streams in turn, for instruction-level parallelism: each symbol
+ * of one stream waits on the previous one's length, the four do not wait
+ * on each other. `seg` symbols in streams 1-3, `last` in stream 4.
+ */
+static int huf_four_streams(const Ctx *c, const u8 *s1, u32 l1, const u8 *s2,
+                            u32 l2, const u8 *s3, u32 l3, const u8 *s4,
+                            u32 l4, u8 *out, u32 seg, u32 last) {
+  long p1 = huf_start(s1, l1), p2 = huf_start(s2, l2), p3 = huf_start(s3, l3),
+       p4 = huf_start(s4, l4);
+  if (p1 < 0 || p2 < 0 || p3 < 0 || p4 < 0) return -E_HUF_STREAM;
+  const u16 *table = c->huf;
+  const u32 bits = c->hufBits;
+  const u32 mask = (1u << bits) - 1;
+  u8 *o1 = out, *o2 = out + seg, *o3 = out + 2 * seg, *o4 = out + 3 * seg;
+  u32 i = 0;
+  while (p1 >= 64 && p2 >= 64 && p3 >= 64 && p4 >= 64 && i + 4 <= last) {
+    HUF_FOUR(s1, p1, o1 + i);
+    HUF_FOUR(s2, p2, o2 + i);
+    HUF_FOUR(s3, p3, o3 + i);
+    HUF_FOUR(s4, p4, o4 + i);
+    i += 4;
   }
-  return pos == 0 ? 0 : -E_HUF_STREAM;
+  int e = huf_finish(c, s1, p1, o1, i, seg);
+  if (!e) e = huf_finish(c, s2, p2, o2, i, seg);
+  if (!e) e = huf_finish(c, s3, p3, o3, i, seg);
+  if (!e) e = huf_finish(c, s4, p4, o4, i, last);
+  return e;
 }
 
 /*
@@ -526,12 +597,9 @@ static int literals(Ctx *c, const u8 *in, u32 len, const u8 **lit,
     const u32 segment = (regenerated + 3) / 4;
     if (3 * segment > regenerated) return -E_HUF_STREAM;
     const u8 *s = p + 6;
-    int e = huf_stream(c, s, l1, out, segment);
-    if (!e) e = huf_stream(c, s + l1, l2, out + segment, segment);
-    if (!e) e = huf_stream(c, s + l1 + l2, l3, out + 2 * segment, segment);
-    if (!e)
-      e = huf_stream(c, s + l1 + l2 + l3, l4, out + 3 * segment,
-                     regenerated - 3 * segment);
+    const int e = huf_four_streams(c, s, l1, s + l1, l2, s + l1 + l2, l3,
+                                   s + l1 + l2 + l3, l4, out, segment,
+                                   regenerated - 3 * segment);
     if (e) return e;
   }
   *lit = out;
