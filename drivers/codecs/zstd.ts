@@ -12,7 +12,7 @@
  * WebAssembly is missing altogether, zstd data is an UnsupportedError.
  * The window lives in the instance's memory: `window + min(max(window,
  * 1 MiB), 32 MiB)` bytes, the last `window` bytes moved to the front when
- * the rest is used, so a stream holds about one window and a half (a
+ * the rest is used, so a stream holds at most its window and 32 MiB (a
  * frame whose content size fits in that much is decoded whole).
  *
  * | size   | field (a frame; integers little-endian)                          |
