@@ -61,7 +61,6 @@ import {
 } from "../streams/errors.ts";
 import { decodeInto as inflateInto } from "./codecs/zlib.ts";
 import * as zstd from "./codecs/zstd.ts";
-import { ByteFeed } from "./codecs/_feed.ts";
 import { cipherFor } from "../streams/decrypt.ts";
 import { luksCipher, readLuksHeader } from "./qcow2/luks.ts";
 import { encodeQcow2 } from "./qcow2/encode.ts";

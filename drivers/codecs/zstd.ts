@@ -176,7 +176,7 @@ const PIECE = 1 << 20;
 const align8 = (n: number) => (n + 7) & ~7;
 
 /** The bytes a stream's frame keeps: its window and room to decode ahead of it. */
-export function streamBufferSize(header: FrameHeader): number {
+function streamBufferSize(header: FrameHeader): number {
   const window = header.windowSize;
   // Room to decode ahead of the window before it moves back to the front:
   // 4 windows (at least 8 MiB, at most 32 MiB), so a move copies at most a
