@@ -329,6 +329,16 @@ Deno.test(
         "-c",
         `cd ${dir} && for f in *.zst; do zstd -d -q -c "$f" > "$f.out" 2>/dev/null; echo $? > "$f.rc"; done`,
       ]);
+      // Kinds of damage the mutants must have reached (each a typed error).
+      const KINDS: [string, RegExp][] = [
+        ["checksum", /checksum mismatch/],
+        ["offset", /match offset reaches before/],
+        ["huffman stream", /Huffman-coded literals corrupt/],
+        ["sequence stream", /sequences bitstream corrupt/],
+        ["literals overrun", /more literals than/],
+        ["truncated", /truncated/],
+      ];
+      const seen = new Set<string>();
       let decoded = 0, refused = 0, agreed = 0, toolOnly = 0;
       for (let i = 0; i < mutants.length; i++) {
         const toolOk =
@@ -339,6 +349,9 @@ Deno.test(
         } catch (e) {
           if (!(e instanceof CodecError || e instanceof UnsupportedError)) {
             throw new Error(`mutant ${i}: untyped ${e}`);
+          }
+          for (const [name, pattern] of KINDS) {
+            if (pattern.test(e.message)) seen.add(name);
           }
         }
         if (ours === undefined) {
