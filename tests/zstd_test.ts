@@ -19,6 +19,7 @@ import {
 } from "../drivers/codecs/zstd.ts";
 import { encodeFrame } from "../drivers/codecs/zstd_encode.ts";
 import { ByteFeed } from "../drivers/codecs/_feed.ts";
+import { useWasm } from "../drivers/codecs/_wasm.ts";
 import { CodecError, UnsupportedError } from "../streams/errors.ts";
 
 /** Everything `decodeStreaming` yields for `packed`, fed `step` bytes at a time. */
@@ -100,6 +101,35 @@ Deno.test(
 );
 
 Deno.test(
+  "matches reaching far back across window moves decode (a stream longer than the window and the room ahead)",
+  { ignore: skip(["zstd"]) },
+  async () => {
+    // Random blocks repeated: every match is as far back as the block.
+    const repeated = (block: number, times: number, seed: number) => {
+      const unit = pseudoRandom(block, seed);
+      const out = new Uint8Array(block * times);
+      for (let i = 0; i < times; i++) out.set(unit, i * block);
+      return out;
+    };
+    const cases: [string, string[], Uint8Array][] = [
+      // An 8 MiB window: 40 MiB kept, 48 MiB decoded, matches 6 MiB back.
+      [
+        "--long=23",
+        ["--long=23", "-1", "--no-content-size"],
+        repeated(6 << 20, 8, 3),
+      ],
+      // A 512 KiB window: 8.5 MiB kept, 20 MiB decoded, matches 400 KiB back.
+      ["-1", ["-1"], repeated(400 << 10, 51, 4)],
+    ];
+    for (const [name, args, input] of cases) {
+      const packed = await zstd(args, input);
+      assertTrue(packed.length < input.length / 4, `${name}: matches found`);
+      assertEquals(sha256Hex(await decodeAll(packed)), sha256Hex(input), name);
+    }
+  },
+);
+
+Deno.test(
   "text, zeros, random and tiny inputs decode, whole and streamed",
   { ignore: skip(["zstd"]) },
   async () => {
@@ -163,6 +193,19 @@ Deno.test(
     );
   },
 );
+
+Deno.test("zstd decodes with the other codecs' WebAssembly turned off (it has no TypeScript twin)", async () => {
+  const input = new TextEncoder().encode("twin ".repeat(10000));
+  const before = useWasm(false);
+  try {
+    assertEquals(
+      sha256Hex(await decodeAll(encodeFrame(input))),
+      sha256Hex(input),
+    );
+  } finally {
+    useWasm(before);
+  }
+});
 
 Deno.test("frames from our encoder decode to its input", async () => {
   const inputs = [
