@@ -170,6 +170,9 @@ const BLOCK_ERRORS = [
 ];
 const E_OUTPUT = 15;
 
+/** The most linear memory of an instance given back for reuse after a stream. */
+const KEEP_MEMORY = 16 << 20;
+
 /** Decoded bytes handed out about this many at a time. */
 const PIECE = 1 << 20;
 
@@ -487,7 +490,9 @@ export async function* decodeStreaming(
       }
     }
   } finally {
-    releaseWasm(wasm);
+    // An instance grown for a big window is left to the garbage collector
+    // rather than kept idle (a stream's buffer is up to 160 MiB).
+    if (wasm.bytes.length <= KEEP_MEMORY) releaseWasm(wasm);
   }
 }
 
