@@ -61,7 +61,6 @@ import {
 } from "../streams/errors.ts";
 import { decodeInto as inflateInto } from "./codecs/zlib.ts";
 import * as zstd from "./codecs/zstd.ts";
-import { ByteFeed } from "./codecs/_feed.ts";
 import { cipherFor } from "../streams/decrypt.ts";
 import { luksCipher, readLuksHeader } from "./qcow2/luks.ts";
 import { encodeQcow2 } from "./qcow2/encode.ts";
@@ -799,23 +798,7 @@ export type ClusterDecoder = (
  * until `out` is full; a frame that ends short is an error.
  */
 async function zstdCluster(input: Uint8Array, out: Uint8Array) {
-  let given = false;
-  const feed = new ByteFeed(() => {
-    if (given) return Promise.resolve(null);
-    given = true;
-    return Promise.resolve(input);
-  });
-  let filled = 0;
-  for await (const piece of zstd.decodeStreaming(feed)) {
-    const n = Math.min(piece.length, out.length - filled);
-    out.set(piece.subarray(0, n), filled);
-    filled += n;
-    if (filled === out.length) return;
-  }
-  throw new CodecError(
-    "zstd",
-    `cluster decoded to ${filled} bytes, not ${out.length}`,
-  );
+  await zstd.decodeFrameInto(input, out, true);
 }
 
 /** Decoders of compressed clusters by compression_type (0 zlib, 1 zstd). */

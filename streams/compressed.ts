@@ -317,20 +317,12 @@ async function decodeZstdFrame(
   size: number,
 ): Promise<Uint8Array> {
   const out = new Uint8Array(size);
-  let at = 0;
-  let given = false;
-  const feed = new ByteFeed(() =>
-    Promise.resolve(given ? null : (given = true, packed))
-  );
-  for await (const piece of zstd.decodeStreaming(feed)) {
-    if (at + piece.length > size) {
-      throw new CodecError("zstd", `frame decodes to more than ${size} bytes`);
-    }
-    out.set(piece, at);
-    at += piece.length;
-  }
-  if (at !== size) {
-    throw new CodecError("zstd", `frame decodes to ${at} bytes, not ${size}`);
+  const used = await zstd.decodeFrameInto(packed, out);
+  if (used !== packed.length) {
+    throw new CodecError(
+      "zstd",
+      `frame ends ${packed.length - used} bytes early`,
+    );
   }
   return out;
 }

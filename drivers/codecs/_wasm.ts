@@ -91,6 +91,19 @@ export interface WasmExports {
     dst: number,
     blockEnd: number,
   ): number;
+  zstd_ctx_size(): number;
+  zstd_reset(ctx: number): void;
+  zstd_block(
+    ctx: number,
+    src: number,
+    size: number,
+    out: number,
+    cap: number,
+    history: number,
+  ): number;
+  zstd_hash_reset(ctx: number): void;
+  zstd_hash_update(ctx: number, at: number, n: number): void;
+  zstd_hash_low32(ctx: number): number;
 }
 
 /** One instance of the module: its exports and its memory as bytes. */
@@ -178,6 +191,34 @@ export function acquireWasm(): WasmInstance | undefined {
   if (reused) return reused;
   const module = wasmModule();
   return module ? new WasmInstance(module) : undefined;
+}
+
+/**
+ * An instance for a codec that has no TypeScript decoder (zstd): waits
+ * for the module to compile where it cannot compile synchronously (a
+ * page's main thread), and runs whatever {@linkcode useWasm} says.
+ * Answers undefined only where there is no WebAssembly at all. Give it
+ * back with {@linkcode releaseWasm}.
+ *
+ * @returns an instance, or undefined
+ *
+ * @example
+ * ```ts
+ * import { acquireWasmAlways, releaseWasm } from "./_wasm.ts";
+ * const wasm = await acquireWasmAlways();
+ * if (wasm) releaseWasm(wasm);
+ * ```
+ */
+export async function acquireWasmAlways(): Promise<WasmInstance | undefined> {
+  const reused = idle.pop();
+  if (reused) return reused;
+  if (typeof WebAssembly !== "object") return undefined;
+  let module = wasmModule();
+  if (!module) {
+    module = await WebAssembly.compile(moduleBytes());
+    compiled = module;
+  }
+  return new WasmInstance(module);
 }
 
 /**

@@ -1,14 +1,19 @@
 /**
- * zstd: a streaming decoder for `.zst` files (RFC 8878): any number of
- * frames, skippable frames between them, each frame's content checksum
+ * zstd: our decoder of `.zst` files and zstd frames (RFC 8878): any number
+ * of frames, skippable frames between them, each frame's content checksum
  * (XXH64) and declared content size verified.
  *
- * The frames and their blocks are walked here (so that each frame's
- * checksum can be checked, its window size limited before anything is
- * allocated, and a truncated file named as such); the entropy decoding of
- * the blocks is `npm:fzstd` (pure JavaScript, 8 kB, streaming, maintained
- * by the author of fflate), which skips checksums itself. The XXH64 comes
- * from `npm:hash-wasm`, which the toolkit already uses for SHA-256.
+ * Frames and block headers are walked here (so that each frame's window
+ * is limited before anything is allocated, and a truncated file is named
+ * as such); raw and RLE blocks are copied here; compressed blocks
+ * (literals with their Huffman tables, sequences with their FSE tables,
+ * repeat offsets) and the XXH64 are decoded by `_wasm/zstd.c`, written
+ * from RFC 8878, in WebAssembly. There is no TypeScript twin: where
+ * WebAssembly is missing altogether, zstd data is an UnsupportedError.
+ * The window lives in the instance's memory: `window + min(max(4 *
+ * window, 8 MiB), 32 MiB)` bytes, the last `window` bytes moved to the front when
+ * the rest is used, so a stream holds at most its window and 32 MiB (a
+ * frame whose content size fits in that much is decoded whole).
  *
  * | size   | field (a frame; integers little-endian)                          |
  * | ------ | ---------------------------------------------------------------- |
@@ -28,9 +33,13 @@
  * @module
  */
 
-import { Decompress } from "npm:fzstd@0.1.1";
-import { CodecError } from "../../streams/errors.ts";
-import { checkBlockTables } from "./_zstd_check.ts";
+import { CodecError, UnsupportedError } from "../../streams/errors.ts";
+import {
+  acquireWasmAlways,
+  releaseWasm,
+  WASM_SLACK,
+  type WasmInstance,
+} from "./_wasm.ts";
 import type { ByteFeed } from "./_feed.ts";
 
 const CODEC = "zstd";
@@ -103,7 +112,13 @@ export function parseFrameHeader(
   for (let i = 0; i < dictBytes; i++) dictId += b[pos + i] * 2 ** (8 * i);
   pos += dictBytes;
   if (dictId !== 0) {
-    fail(
+    throw new UnsupportedError(
+      {
+        format: CODEC,
+        field: "dictionary id",
+        value: dictId,
+        limit: "0 (frames made without a dictionary)",
+      },
       `${where}: needs dictionary ${dictId} (dictionaries are not supported)`,
     );
   }
@@ -131,29 +146,264 @@ export function parseFrameHeader(
   };
 }
 
-/** The low 32 bits of an XXH64 (seed 0), incrementally. */
-interface Xxh64 {
-  update(bytes: Uint8Array): void;
-  low32(): number;
+/** What each error of `_wasm/zstd.c` means (by its negated code). */
+const BLOCK_ERRORS = [
+  "",
+  "literals section header truncated or past the block",
+  "literals section regenerates more than 128 KiB",
+  "Huffman tree description malformed or truncated",
+  "Huffman weights do not make a complete prefix code of at most 12 bits",
+  "treeless literals without an earlier Huffman table in the frame",
+  "Huffman-coded literals corrupt (a stream that does not end on its first bit, or a bad jump table)",
+  "sequences section header truncated",
+  "sequences section sets the reserved bits of its modes",
+  "FSE table description malformed (does not sum to its table size, or truncated)",
+  "FSE table accuracy log over its limit (9 for lengths, 8 for offsets, 6 for Huffman weights)",
+  "RLE sequence symbol over the largest code",
+  "repeat table mode without an earlier table in the frame",
+  "sequences bitstream corrupt (does not end on its first bit)",
+  "sequences use more literals than the literals section holds",
+  "decodes past its limit",
+  "match offset reaches before the window or the frame's first byte",
+  "more than 255 Huffman weights (coded with FSE: states that read no bits)",
+  "bytes after a sequences section of no sequences",
+];
+const E_OUTPUT = 15;
+
+/** The most linear memory of an instance given back for reuse after a stream. */
+const KEEP_MEMORY = 16 << 20;
+
+/** Decoded bytes handed out about this many at a time. */
+const PIECE = 1 << 20;
+
+const align8 = (n: number) => (n + 7) & ~7;
+
+/** The bytes a stream's frame keeps: its window and room to decode ahead of it. */
+function streamBufferSize(header: FrameHeader): number {
+  const window = header.windowSize;
+  // Room to decode ahead of the window before it moves back to the front:
+  // 4 windows (at least 8 MiB, at most 32 MiB), so a move copies at most a
+  // quarter of a byte per byte decoded where windows are small (it was 9%
+  // of the time with one window of room).
+  const ahead = Math.min(Math.max(4 * window, 8 << 20), 32 << 20);
+  if (
+    header.contentSize !== undefined && header.contentSize <= window + ahead
+  ) {
+    return header.contentSize;
+  }
+  return window + ahead;
 }
 
-async function xxh64(): Promise<Xxh64> {
-  const { createXXHash64 } = await import("npm:hash-wasm@4.13.0");
-  const h = await createXXHash64();
-  h.init();
+/** An instance to decode with, or an UnsupportedError where none can run. */
+async function zstdWasm(): Promise<WasmInstance> {
+  const wasm = await acquireWasmAlways();
+  if (!wasm) {
+    throw new UnsupportedError(
+      { format: CODEC, field: "runtime", value: "no WebAssembly" },
+      "decoding zstd needs WebAssembly, which this runtime lacks",
+    );
+  }
+  return wasm;
+}
+
+/**
+ * One frame being decoded in a WebAssembly instance: the C context, one
+ * block's input, and the output buffer (the window and what is decoded
+ * ahead of it), laid out from the instance's heap base.
+ */
+class FrameDecoder {
+  readonly #wasm: WasmInstance;
+  readonly #header: FrameHeader;
+  readonly #where: string;
+  readonly #ctx: number;
+  readonly #inAt: number;
+  /** Where the output buffer starts in linear memory. */
+  readonly outAt: number;
+  readonly #bufferSize: number;
+  readonly #blockMax: number;
+  /** The most this frame may decode to, and what says so. */
+  readonly #limit: number;
+  readonly #limitReason: string;
+  /** Where the next decoded byte goes in the buffer. */
+  pos = 0;
+  /** The first byte of the buffer not yet handed out (nor hashed). */
+  #handed = 0;
+  /** Bytes the frame has decoded. */
+  produced = 0;
+
+  constructor(
+    wasm: WasmInstance,
+    header: FrameHeader,
+    where: string,
+    bufferSize: number,
+    limit = header.contentSize ?? Infinity,
+    limitReason = `its content size ${header.contentSize}`,
+  ) {
+    this.#wasm = wasm;
+    this.#header = header;
+    this.#where = where;
+    this.#bufferSize = bufferSize;
+    this.#limit = limit;
+    this.#limitReason = limitReason;
+    this.#blockMax = Math.min(BLOCK_MAX, header.windowSize);
+    const e = wasm.exports;
+    this.#ctx = align8(wasm.heapBase);
+    this.#inAt = align8(this.#ctx + e.zstd_ctx_size());
+    this.outAt = align8(this.#inAt + BLOCK_MAX + WASM_SLACK);
+    if (!wasm.ensure(this.outAt + bufferSize + WASM_SLACK)) {
+      fail(
+        `${where}: a window of ${header.windowSize} bytes does not fit in memory`,
+      );
+    }
+    e.zstd_reset(this.#ctx);
+    if (header.checksum) e.zstd_hash_reset(this.#ctx);
+  }
+
+  /** Decoded bytes not yet handed out. */
+  get pending(): number {
+    return this.pos - this.#handed;
+  }
+
+  /** The most the next block may decode to. */
+  #room(): number {
+    return Math.min(this.#blockMax, this.#limit - this.produced);
+  }
+
+  /** Whether the next block fits after `pos` (else: hand out, then {@linkcode move}). */
+  hasRoom(): boolean {
+    return this.pos + this.#room() <= this.#bufferSize;
+  }
+
+  /** Moves the window (the last bytes decoded) to the buffer's start. */
+  move(): void {
+    const keep = Math.min(this.#header.windowSize, this.pos);
+    const at = this.outAt;
+    this.#wasm.bytes.copyWithin(at, at + this.pos - keep, at + this.pos);
+    this.pos = this.#handed = keep;
+  }
+
+  /**
+   * Decodes one block of type 0 (raw), 1 (RLE) or 2 (compressed) whose
+   * `size` bytes (1 for RLE) are `input[at...]`.
+   */
+  block(
+    type: number,
+    size: number,
+    input: Uint8Array,
+    at: number,
+    block: number,
+  ): void {
+    const room = Math.min(this.#room(), this.#bufferSize - this.pos);
+    const bytes = this.#wasm.bytes;
+    const to = this.outAt + this.pos;
+    let n: number;
+    if (type !== 2) {
+      if (size > room) this.#tooMuch(block, size);
+      if (type === 0) bytes.set(input.subarray(at, at + size), to);
+      else bytes.fill(input[at], to, to + size);
+      n = size;
+    } else {
+      bytes.set(input.subarray(at, at + size), this.#inAt);
+      n = this.#wasm.exports.zstd_block(
+        this.#ctx,
+        this.#inAt,
+        size,
+        to,
+        room,
+        Math.min(this.#header.windowSize, this.pos),
+      );
+      if (n < 0) {
+        if (n === -E_OUTPUT) this.#tooMuch(block);
+        fail(
+          `${this.#where}: block ${block}: ${
+            BLOCK_ERRORS[-n] ?? `error ${-n}`
+          }`,
+        );
+      }
+    }
+    this.pos += n;
+    this.produced += n;
+  }
+
+  #tooMuch(block: number, size?: number): never {
+    const what = size === undefined ? "" : ` (${size} bytes)`;
+    if (this.produced + this.#blockMax >= this.#limit) {
+      fail(
+        `${this.#where}: block ${block}${what} decodes to more than ${this.#limitReason}`,
+      );
+    }
+    fail(
+      `${this.#where}: block ${block}${what} decodes to more than the ${this.#blockMax} bytes a block holds`,
+    );
+  }
+
+  /** Hands out (and hashes) the decoded bytes not yet handed out. */
+  take(): Uint8Array {
+    const from = this.outAt + this.#handed;
+    const n = this.pos - this.#handed;
+    if (this.#header.checksum && n) {
+      this.#wasm.exports.zstd_hash_update(this.#ctx, from, n);
+    }
+    this.#handed = this.pos;
+    return this.#wasm.bytes.subarray(from, from + n);
+  }
+
+  /** Checks the content size and (with `stored`) the checksum at the frame's end. */
+  finish(stored: number | undefined): void {
+    const size = this.#header.contentSize;
+    if (size !== undefined && this.produced !== size) {
+      fail(
+        `${this.#where}: decodes to ${this.produced} bytes, its header declares ${size}`,
+      );
+    }
+    if (stored !== undefined) {
+      const computed = this.#wasm.exports.zstd_hash_low32(this.#ctx) >>> 0;
+      if (stored !== computed) {
+        fail(
+          `${this.#where}: content checksum mismatch: stored 0x${
+            stored.toString(16).padStart(8, "0")
+          }, computed 0x${computed.toString(16).padStart(8, "0")}`,
+        );
+      }
+    }
+  }
+}
+
+/** Block header fields, checked against the frame's block limit. */
+function blockHeader(
+  b: Uint8Array,
+  at: number,
+  header: FrameHeader,
+  where: string,
+  block: number,
+): { last: boolean; type: number; size: number; length: number } {
+  const h = b[at] | (b[at + 1] << 8) | (b[at + 2] << 16);
+  const type = (h >>> 1) & 3;
+  const size = h >>> 3;
+  if (type === 3) fail(`${where}: block ${block} has the reserved type 3`);
+  const max = Math.min(BLOCK_MAX, header.windowSize);
+  if (size > BLOCK_MAX || (type !== 1 && size > max)) {
+    fail(
+      `${where}: block ${block} of ${size} bytes is over the ${max} allowed`,
+    );
+  }
   return {
-    update: (bytes) => void h.update(bytes),
-    // The hex digest is the 64-bit value, most significant digit first.
-    low32: () => parseInt(h.digest("hex").slice(8), 16),
+    last: (h & 1) === 1,
+    type,
+    size,
+    length: 3 + (type === 1 ? 1 : size),
   };
 }
 
 /**
  * Decodes zstd frames (and skips skippable ones) as they arrive from
- * `feed`, yielding the content in order, a block at a time. Each frame's
- * checksum and content size are verified as it ends; a frame that ends
- * early, a reserved block type, a block over 128 KiB or a window over
- * {@linkcode MAX_WINDOW} is a {@linkcode CodecError}.
+ * `feed`, yielding the content in order, about a MiB at a time. Each
+ * frame's checksum and content size are verified as it ends (the last
+ * piece of a frame is handed out only once they are); a frame that ends
+ * early, a reserved block type, a block over 128 KiB, malformed entropy
+ * tables or sequences, or a window over {@linkcode MAX_WINDOW} is a
+ * {@linkcode CodecError}; a frame that needs a dictionary is an
+ * {@linkcode UnsupportedError}.
  *
  * @param feed the compressed bytes
  * @returns the decoded bytes, piece by piece (each only valid until the next is asked for)
@@ -176,116 +426,156 @@ async function xxh64(): Promise<Xxh64> {
 export async function* decodeStreaming(
   feed: ByteFeed,
 ): AsyncGenerator<Uint8Array> {
-  for (let frame = 1;; frame++) {
-    const where = `frame ${frame} (byte ${feed.consumed})`;
-    const got = await feed.ensure(18);
-    if (got === 0 && frame > 1) return;
-    if (got < 4) fail(`${where}: truncated (${got} bytes)`);
-    const magic = le32(feed.bytes, feed.start);
-    if ((magic & SKIPPABLE_MASK) >>> 0 === SKIPPABLE_MAGIC) {
-      if (got < 8) fail(`${where}: skippable frame header truncated`);
-      let left = le32(feed.bytes, feed.start + 4);
-      feed.skip(8);
-      while (left > 0) {
-        const n = Math.min(left, await feed.ensure(Math.min(left, 1 << 20)));
-        if (n === 0) fail(`${where}: skippable frame truncated`);
-        feed.skip(n);
-        left -= n;
+  const wasm = await zstdWasm();
+  try {
+    for (let frame = 1;; frame++) {
+      const where = `frame ${frame} (byte ${feed.consumed})`;
+      const got = await feed.ensure(18);
+      if (got === 0 && frame > 1) return;
+      if (got < 4) fail(`${where}: truncated (${got} bytes)`);
+      const magic = le32(feed.bytes, feed.start);
+      if ((magic & SKIPPABLE_MASK) >>> 0 === SKIPPABLE_MAGIC) {
+        if (got < 8) fail(`${where}: skippable frame header truncated`);
+        let left = le32(feed.bytes, feed.start + 4);
+        feed.skip(8);
+        while (left > 0) {
+          const n = Math.min(left, await feed.ensure(Math.min(left, 1 << 20)));
+          if (n === 0) fail(`${where}: skippable frame truncated`);
+          feed.skip(n);
+          left -= n;
+        }
+        continue;
       }
-      continue;
-    }
-    if (magic !== FRAME_MAGIC) {
-      fail(
-        frame === 1
-          ? "not a zstd frame (bad magic)"
-          : `${where}: unexpected bytes after the last frame`,
-      );
-    }
-    const header = parseFrameHeader(feed.bytes, feed.start, feed.end, where);
-    const hash = header.checksum ? await xxh64() : undefined;
-    const pieces: Uint8Array[] = [];
-    let produced = 0;
-    const decoder = new Decompress((piece) => {
-      if (piece.length) pieces.push(piece);
-    });
-    const push = (bytes: Uint8Array, final: boolean) => {
-      try {
-        decoder.push(bytes, final);
-      } catch (e) {
-        fail(`${where}: ${e instanceof Error ? e.message : String(e)}`);
-      }
-    };
-    push(feed.bytes.slice(feed.start, feed.start + header.headerSize), false);
-    feed.skip(header.headerSize);
-    for (let block = 1;; block++) {
-      if ((await feed.ensure(3)) < 3) {
-        fail(`${where}: block ${block} truncated`);
-      }
-      const b = feed.bytes;
-      const h = b[feed.start] | (b[feed.start + 1] << 8) |
-        (b[feed.start + 2] << 16);
-      const last = (h & 1) === 1;
-      const type = (h >>> 1) & 3;
-      const size = h >>> 3;
-      if (type === 3) fail(`${where}: block ${block} has the reserved type 3`);
-      if (size > BLOCK_MAX || size > Math.max(header.windowSize, 1)) {
+      if (magic !== FRAME_MAGIC) {
         fail(
-          `${where}: block ${block} of ${size} bytes is over the ${
-            Math.min(BLOCK_MAX, header.windowSize)
-          } allowed`,
+          frame === 1
+            ? "not a zstd frame (bad magic)"
+            : `${where}: unexpected bytes after the last frame`,
         );
       }
-      const length = 3 + (type === 1 ? 1 : size);
-      const tail = last && header.checksum ? 4 : 0;
-      if ((await feed.ensure(length + tail)) < length + tail) {
+      const header = parseFrameHeader(feed.bytes, feed.start, feed.end, where);
+      feed.skip(header.headerSize);
+      const d = new FrameDecoder(
+        wasm,
+        header,
+        where,
+        streamBufferSize(header),
+      );
+      for (let block = 1;; block++) {
+        if ((await feed.ensure(3)) < 3) {
+          fail(`${where}: block ${block} truncated`);
+        }
+        const h = blockHeader(feed.bytes, feed.start, header, where, block);
+        const tail = h.last && header.checksum ? 4 : 0;
+        if ((await feed.ensure(h.length + tail)) < h.length + tail) {
+          fail(`${where}: block ${block} truncated`);
+        }
+        if (!d.hasRoom()) {
+          // The window moves: hand out what precedes the move first.
+          if (d.pending) yield d.take();
+          d.move();
+        }
+        d.block(h.type, h.size, feed.bytes, feed.start + 3, block);
+        const stored = tail
+          ? le32(feed.bytes, feed.start + h.length)
+          : undefined;
+        feed.skip(h.length + tail);
+        if (h.last) {
+          const piece = d.take();
+          d.finish(stored);
+          if (piece.length) yield piece;
+          break;
+        }
+        if (d.pending >= PIECE) yield d.take();
+      }
+    }
+  } finally {
+    // An instance grown for a big window is left to the garbage collector
+    // rather than kept idle (a stream's buffer is up to 160 MiB).
+    if (wasm.bytes.length <= KEEP_MEMORY) releaseWasm(wasm);
+  }
+}
+
+/**
+ * Decodes the zstd frame at the start of `input` into `out`. With
+ * `partial` (a qcow2 cluster: QEMU reads a frame until the cluster is
+ * full, whatever follows) decoding stops once `out` is full, and a frame
+ * that ends before is an error; without, the frame must decode to exactly
+ * `out.length` bytes and its checksum, when it has one, must match.
+ *
+ * @param input the frame (and, with `partial`, whatever follows it)
+ * @param out where the content goes
+ * @param partial stop once `out` is full
+ * @returns the bytes of `input` the frame used (up to where decoding stopped)
+ * @throws {CodecError} for a malformed or short frame
+ *
+ * @example
+ * ```ts
+ * import { decodeFrameInto } from "./zstd.ts";
+ * // `printf 'hello\n' | zstd -c`:
+ * const packed = new Uint8Array([
+ *   0x28, 0xb5, 0x2f, 0xfd, 0x04, 0x58, 0x31, 0x00, 0x00, 0x68, 0x65, 0x6c,
+ *   0x6c, 0x6f, 0x0a, 0x53, 0x88, 0xbd, 0x91,
+ * ]);
+ * const out = new Uint8Array(6);
+ * await decodeFrameInto(packed, out);
+ * console.log(new TextDecoder().decode(out)); // hello
+ * ```
+ */
+export async function decodeFrameInto(
+  input: Uint8Array,
+  out: Uint8Array,
+  partial = false,
+): Promise<number> {
+  const where = "frame";
+  if (input.length < 4 || le32(input, 0) !== FRAME_MAGIC) {
+    fail("not a zstd frame (bad magic)");
+  }
+  const header = parseFrameHeader(input, 0, input.length, where);
+  const wasm = await zstdWasm();
+  try {
+    let limit = out.length;
+    let reason = `the ${out.length} bytes expected`;
+    if (partial) {
+      limit = header.contentSize ?? Infinity;
+      reason = `its content size ${header.contentSize}`;
+    } else if (header.contentSize !== undefined) {
+      if (header.contentSize !== out.length) {
+        fail(
+          `${where}: declares ${header.contentSize} bytes of content, not the ${out.length} expected`,
+        );
+      }
+    }
+    const bufferSize = partial ? out.length + BLOCK_MAX : out.length;
+    const d = new FrameDecoder(wasm, header, where, bufferSize, limit, reason);
+    let at = header.headerSize;
+    for (let block = 1;; block++) {
+      if (partial && d.pos >= out.length) break;
+      if (at + 3 > input.length) fail(`${where}: block ${block} truncated`);
+      const h = blockHeader(input, at, header, where, block);
+      const tail = h.last && header.checksum ? 4 : 0;
+      if (at + h.length + tail > input.length) {
         fail(`${where}: block ${block} truncated`);
       }
-      if (type === 2) {
-        // Tables fzstd would never finish with are refused first.
-        checkBlockTables(
-          feed.bytes,
-          feed.start + 3,
-          feed.start + length,
-          `${where}: block ${block}`,
-        );
-      }
-      // fzstd keeps the bytes it is given only while it waits for more.
-      push(
-        feed.bytes.subarray(feed.start, feed.start + length + tail),
-        last,
-      );
-      feed.skip(length + tail);
-      for (const piece of pieces) {
-        produced += piece.length;
-        if (header.contentSize !== undefined && produced > header.contentSize) {
+      d.block(h.type, h.size, input, at + 3, block);
+      at += h.length + tail;
+      if (h.last) {
+        d.take();
+        d.finish(tail ? le32(input, at - 4) : undefined);
+        if (d.pos < out.length) {
           fail(
-            `${where}: decodes to more than its content size ${header.contentSize}`,
+            `${where}: decodes to ${d.pos} bytes, not the ${out.length} expected`,
           );
         }
-        hash?.update(piece);
-        yield piece;
-      }
-      pieces.length = 0;
-      if (last) break;
-    }
-    if (header.contentSize !== undefined && produced !== header.contentSize) {
-      fail(
-        `${where}: decodes to ${produced} bytes, its header declares ${header.contentSize}`,
-      );
-    }
-    if (hash) {
-      const b = feed.bytes;
-      const at = feed.start - 4;
-      const stored = le32(b, at);
-      const computed = hash.low32();
-      if (stored !== computed) {
-        fail(
-          `${where}: content checksum mismatch: stored 0x${
-            stored.toString(16).padStart(8, "0")
-          }, computed 0x${computed.toString(16).padStart(8, "0")}`,
-        );
+        break;
       }
     }
+    out.set(
+      wasm.bytes.subarray(d.outAt, d.outAt + out.length),
+    );
+    return at;
+  } finally {
+    releaseWasm(wasm);
   }
 }
 
