@@ -2,8 +2,9 @@
  * vhdx: Hyper-V's VHDX images (fixed, dynamic and differencing), read with
  * the log replayed in memory; fixed, dynamic and differencing ones created
  * (`create`, `convert -O vhdx`, `-b`/`-B` for a differencing one) and
- * written through (`write`, `commit` into them; a differencing one only as
- * `create` returns it).
+ * written through (`write`, overlays, `commit` into them; in a differencing
+ * one a block not wholly written is stored partially present: only its
+ * written sectors, with their bits in the sector bitmap).
  *
  * This module is browser compatible.
  *
@@ -1790,8 +1791,11 @@ async function encodeVhdx(
  * GUID (`parent_linkage`); creates fixed, dynamic and differencing files
  * (`create -f vhdx [-b PARENT]`, `convert -O vhdx [-B PARENT]`; `-o
  * subformat=dynamic|fixed,block_size=,log_size=,logical_sector_size=512|4096`)
- * and writes into them when opened writable (not into differencing files
- * opened later, nor files with a log to replay).
+ * and writes into them when opened writable (differencing files too: a
+ * block not wholly written becomes partially present, the parent showing
+ * through its other sectors; not files with a log to replay). The first
+ * write gives the headers new file and data write GUIDs, so children
+ * linked to a file written into are refused afterwards, as Hyper-V does.
  *
  * @example
  * ```ts
