@@ -27,7 +27,7 @@
  * |    384 |    4 | blocks_in_image                                        |
  * |    388 |    4 | blocks_allocated                                       |
  * |    392 |   16 | uuid_image                                             |
- * |    408 |   16 | uuid_last_snap                                         |
+ * |    408 |   16 | uuid_last_snap (uuidModify: new each write session)    |
  * |    424 |   16 | uuid_link: the parent image's uuid_image (differencing)|
  * |    440 |   16 | uuid_parent: the parent's uuid_last_snap               |
  *
@@ -507,8 +507,27 @@ function writable(
     await sink.write(388, state.headerBytes.subarray(388, 392));
   }
 
+  // The first write of a session gives the image a new modification UUID
+  // (uuid_last_snap, VirtualBox's uuidModify), written and flushed before
+  // the data, as VirtualBox's vdSetModifiedFlag does. uuid_image,
+  // uuid_link and uuid_parent stay: children still link to uuid_image,
+  // and a child's uuid_parent keeps naming the parent's state it was made
+  // over (VirtualBox does not refuse a child for it).
+  let modified = false;
+  async function markModified() {
+    if (modified) return;
+    modified = true;
+    const uuid = randomUuid();
+    state.headerBytes.set(uuid, 408);
+    await sink.write(408, uuid);
+    await sink.flush();
+    if (image.details) image.details.uuidLastSnap = uuidText(uuid);
+  }
+
   async function write(offset: number, bytes: Uint8Array): Promise<void> {
     checkRange(image.size, offset, bytes.length);
+    if (bytes.length === 0) return;
+    await markModified();
     for (let at = offset; at < offset + bytes.length;) {
       const block = Math.floor(at / blockSize);
       const stop = Math.min(offset + bytes.length, (block + 1) * blockSize);
@@ -625,11 +644,8 @@ async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
   setLe32(header, 376, blockSize);
   setLe32(header, 384, blocks);
   setLe32(header, 388, isStatic ? blocks : 0);
-  const uuid = crypto.getRandomValues(new Uint8Array(16));
-  uuid[7] = (uuid[7] & 0x0f) | 0x40; // version 4 (little-endian field)
-  uuid[8] = (uuid[8] & 0x3f) | 0x80;
-  header.set(uuid, 392);
-  header.set(crypto.getRandomValues(new Uint8Array(16)), 408);
+  header.set(randomUuid(), 392);
+  header.set(randomUuid(), 408);
   if (parent) {
     header.set(parent.uuid, 424);
     header.set(parent.modification, 440);
@@ -687,6 +703,14 @@ function parentLink(
     );
   }
   return { uuid: uuidBytes(uuid), modification: uuidBytes(modification) };
+}
+
+/** A random (version 4) UUID, stored as VirtualBox stores one. */
+function randomUuid(): Uint8Array {
+  const uuid = crypto.getRandomValues(new Uint8Array(16));
+  uuid[7] = (uuid[7] & 0x0f) | 0x40; // version 4 (little-endian field)
+  uuid[8] = (uuid[8] & 0x3f) | 0x80;
+  return uuid;
 }
 
 /** The 16 bytes of a UUID printed by {@linkcode uuidText}. */

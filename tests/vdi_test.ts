@@ -678,5 +678,80 @@ Deno.test({
       assertEquals(committed.code, 0, committed.stderr);
       await run("qemu-img", ["check", "-f", "vdi", `${dir}/base.vdi`]);
       await assertQemuIdentical(`${dir}/mod.raw`, `${dir}/base.vdi`, "vdi");
+      // The base got a new modification UUID, its uuid_image kept: the
+      // child still links to it, and the chain reads as before.
+      const base = await Deno.readFile(`${dir}/base.vdi`);
+      const top = await Deno.readFile(`${dir}/top.vdi`);
+      assertEquals(top.subarray(424, 440), base.subarray(392, 408));
+      assertTrue(
+        sha256Hex(top.subarray(440, 456)) !==
+          sha256Hex(base.subarray(408, 424)),
+      );
+      const chain = await cli([
+        "compare",
+        "--parent",
+        `${dir}/base.vdi`,
+        `${dir}/top.vdi`,
+        `${dir}/mod.raw`,
+      ]);
+      assertEquals(chain.code, 0, chain.text + chain.stderr);
+    }),
+});
+
+Deno.test({
+  name:
+    "a write session gives a vdi a new modification UUID (uuid_last_snap) once, before its first write, and keeps every other header field but blocks_allocated",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const disk = sampleDisk(4 << 20, 51);
+      await Deno.writeFile(`${dir}/d.raw`, disk);
+      await run("qemu-img", [
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vdi",
+        `${dir}/d.raw`,
+        `${dir}/d.vdi`,
+      ]);
+      const before = await Deno.readFile(`${dir}/d.vdi`);
+      // Opened writable and not written: nothing changes.
+      const idle = await open(`${dir}/d.vdi`, { writable: true });
+      await idle.flush!();
+      await idle.close?.();
+      assertEquals(
+        sha256Hex(await Deno.readFile(`${dir}/d.vdi`)),
+        sha256Hex(before),
+      );
+      const image = await open(`${dir}/d.vdi`, { writable: true });
+      const first = image.details?.uuidLastSnap;
+      await image.write!(3 << 20, new Uint8Array(4096).fill(5));
+      const second = image.details?.uuidLastSnap;
+      await image.write!(100, new Uint8Array(10).fill(6));
+      assertEquals(image.details?.uuidLastSnap, second);
+      assertTrue(first !== second);
+      await image.flush!();
+      await image.close?.();
+      const after = await Deno.readFile(`${dir}/d.vdi`);
+      const header = (b: Uint8Array) => [
+        ...b.subarray(0, 388),
+        ...b.subarray(392, 408),
+        ...b.subarray(424, 512),
+      ];
+      assertEquals(header(after), header(before));
+      assertTrue(
+        sha256Hex(after.subarray(408, 424)) !==
+          sha256Hex(before.subarray(408, 424)),
+      );
+      const reopened = await open(`${dir}/d.vdi`);
+      assertEquals(reopened.details?.uuidLastSnap, second);
+      await reopened.close?.();
+      await run("qemu-img", ["check", "-f", "vdi", `${dir}/d.vdi`]);
+      const expected = disk.slice();
+      expected.fill(5, 3 << 20, (3 << 20) + 4096);
+      expected.fill(6, 100, 110);
+      await Deno.writeFile(`${dir}/e.raw`, expected);
+      await assertQemuIdentical(`${dir}/e.raw`, `${dir}/d.vdi`, "vdi");
     }),
 });
