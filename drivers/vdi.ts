@@ -58,6 +58,7 @@ import {
   safeNumber,
   setLe32,
   setLe64,
+  uuidText,
 } from "./_binary.ts";
 import { blockReader, wholeBlock } from "./_blocks.ts";
 import { readBackSource, requireRandomAccess, writeSink } from "./_image.ts";
@@ -121,15 +122,6 @@ interface Header {
   uuidLastSnap: Uint8Array;
   uuidLink: Uint8Array;
   uuidParent: Uint8Array;
-}
-
-/** A UUID as VirtualBox prints it (the first three fields little-endian). */
-function uuidText(b: Uint8Array): string {
-  const h = (i: number) => b[i].toString(16).padStart(2, "0");
-  const seq = (list: number[]) => list.map(h).join("");
-  return `${seq([3, 2, 1, 0])}-${seq([5, 4])}-${seq([7, 6])}-${seq([8, 9])}-${
-    seq([10, 11, 12, 13, 14, 15])
-  }`;
 }
 
 const isNil = (b: Uint8Array) => b.every((x) => x === 0);
@@ -428,11 +420,15 @@ async function openVdi(source: Source, options: OpenOptions): Promise<Image> {
     backingFile,
     // Probed: VirtualBox's parents may be of other formats, and the UUID
     // check below refuses any image that is not the one linked.
+    // A parent of another format carries the UUID VirtualBox reads from
+    // it (a VHD's unique id); one that keeps none (raw, qcow, vmdk without
+    // ddb.uuid.image, vhdx: VirtualBox links those through its media
+    // registry alone) cannot be checked, and is refused.
     backingId: backingFile === undefined
       ? undefined
-      : `vdi ${uuidText(header.uuidLink)}`,
+      : `uuid ${uuidText(header.uuidLink)}`,
     backingOptions,
-    id: `vdi ${uuidText(header.uuidImage)}`,
+    id: `uuid ${uuidText(header.uuidImage)}`,
     requiresBacking: differencing,
     details,
     ...reader,
@@ -686,15 +682,20 @@ function parentLink(
       `a differencing vdi links its parent ${spec.backingFile} by UUID: the parent must be opened to read it`,
     );
   }
+  // The parent's UUID as VirtualBox reads it (a vdi's uuid_image, a
+  // VHD's unique id: its `id`), and its modification UUID where it has
+  // one (a vdi's; VirtualBox leaves uuid_parent nil for a VHD parent).
   const parent = (opened as { top?: Image }).top ?? opened;
-  const uuid = parent.format === FORMAT ? parent.details?.uuid : undefined;
-  const modification = parent.details?.uuidLastSnap;
-  if (typeof uuid !== "string" || typeof modification !== "string") {
+  const uuid = parent.id?.startsWith("uuid ") ? parent.id.slice(5) : undefined;
+  if (uuid === undefined) {
     throw new UnsupportedError(
-      { format: FORMAT },
-      `the parent ${spec.backingFile} is a ${parent.format} image: a differencing vdi's parent here must be a vdi (its UUID is what links them)`,
+      { format: FORMAT, field: "parent format", value: parent.format },
+      `the parent ${spec.backingFile} is a ${parent.format} image, which keeps no UUID a differencing vdi can link to: here a vdi's parent is a vdi or a VHD (vpc). VirtualBox links parents of other formats through its media registry alone, which a file cannot carry`,
     );
   }
+  const modification = parent.format === FORMAT
+    ? parent.details?.uuidLastSnap as string
+    : undefined;
   if (opened.size !== spec.size) {
     throw fail(
       "size",
@@ -702,7 +703,12 @@ function parentLink(
       `the parent's size (${opened.size} bytes): a differencing vdi has its parent's size`,
     );
   }
-  return { uuid: uuidBytes(uuid), modification: uuidBytes(modification) };
+  return {
+    uuid: uuidBytes(uuid),
+    modification: modification === undefined
+      ? new Uint8Array(16)
+      : uuidBytes(modification),
+  };
 }
 
 /** A random (version 4) UUID, stored as VirtualBox stores one. */

@@ -491,7 +491,7 @@ Deno.test({
         ]);
         assertTrue(wrong.code !== 0, command);
         assertTrue(
-          /links its parent by identity vdi [0-9a-f-]+, but .*other\.vdi \(vdi\) is vdi [0-9a-f-]+: refused/
+          /links its parent by identity uuid [0-9a-f-]+, but .*other\.vdi \(vdi\) is uuid [0-9a-f-]+: refused/
             .test(wrong.stderr),
           wrong.stderr,
         );
@@ -753,5 +753,106 @@ Deno.test({
       expected.fill(6, 100, 110);
       await Deno.writeFile(`${dir}/e.raw`, expected);
       await assertQemuIdentical(`${dir}/e.raw`, `${dir}/d.vdi`, "vdi");
+    }),
+});
+
+Deno.test({
+  name:
+    "a differencing vdi over a VHD parent links its footer's unique id (as VirtualBox reads it) and is written and read through it; parents that keep no UUID are refused by name",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const size = 6 << 20;
+      const base = sampleDisk(size, 61);
+      await Deno.writeFile(`${dir}/base.raw`, base);
+      for (const name of ["base.vhd", "other.vhd"]) {
+        await run("qemu-img", [
+          "convert",
+          "-f",
+          "raw",
+          "-O",
+          "vpc",
+          "-o",
+          "force_size=on",
+          `${dir}/base.raw`,
+          `${dir}/${name}`,
+        ]);
+      }
+      const made = await cli([
+        "create",
+        "-f",
+        "vdi",
+        "-b",
+        "base.vhd",
+        "-F",
+        "vpc",
+        `${dir}/top.vdi`,
+        "6M",
+      ]);
+      assertEquals(made.code, 0, made.stderr);
+      // uuid_link: the VHD footer's unique id (at 68 of the footer), byte
+      // for byte; uuid_parent nil (a VHD has no modification UUID).
+      const top = await Deno.readFile(`${dir}/top.vdi`);
+      const vhd = await Deno.readFile(`${dir}/base.vhd`);
+      const footer = vhd.length - 512;
+      assertEquals(
+        top.subarray(424, 440),
+        vhd.subarray(footer + 68, footer + 84),
+      );
+      assertEquals(top.subarray(440, 456), new Uint8Array(16));
+      const data = pseudoRandom(5000, 62);
+      await Deno.writeFile(`${dir}/d`, data);
+      const w = await cli([
+        "write",
+        "--parent",
+        `${dir}/base.vhd`,
+        `${dir}/top.vdi`,
+        "100000",
+        `${dir}/d`,
+      ]);
+      assertEquals(w.code, 0, w.stderr);
+      const expected = base.slice();
+      expected.set(data, 100000);
+      const back = await cli([
+        "convert",
+        "--parent",
+        `${dir}/base.vhd`,
+        `${dir}/top.vdi`,
+        `${dir}/back.raw`,
+      ]);
+      assertEquals(back.code, 0, back.stderr);
+      assertEquals(await sha256File(`${dir}/back.raw`), sha256Hex(expected));
+      // Another VHD (another unique id), or a raw file: refused.
+      for (
+        const [parent, why] of [
+          ["other.vhd", /\(vpc\) is uuid [0-9a-f-]+: refused/],
+          ["base.raw", /\(raw\) carries no identity/],
+        ] as const
+      ) {
+        const r = await cli([
+          "convert",
+          "--parent",
+          `${dir}/${parent}`,
+          `${dir}/top.vdi`,
+          `${dir}/no.raw`,
+        ]);
+        assertTrue(r.code !== 0 && why.test(r.stderr), r.stderr);
+      }
+      // create over a parent that keeps no UUID: refused, saying why.
+      const raw = await cli([
+        "create",
+        "-f",
+        "vdi",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        `${dir}/t2.vdi`,
+        "6M",
+      ]);
+      assertTrue(
+        raw.code !== 0 && /keeps no UUID .*media registry/.test(raw.stderr),
+        raw.stderr,
+      );
     }),
 });
