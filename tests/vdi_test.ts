@@ -856,3 +856,77 @@ Deno.test({
       );
     }),
 });
+
+Deno.test({
+  name:
+    "a differencing vdi over a VMDK parent links its ddb.uuid.image (as VirtualBox writes and reads it); a VMDK without one is refused",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const size = 4 << 20;
+      const base = sampleDisk(size, 71);
+      await Deno.writeFile(`${dir}/base.raw`, base);
+      await run("qemu-img", [
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        `${dir}/base.raw`,
+        `${dir}/plain.vmdk`,
+      ]);
+      // The descriptor as VirtualBox writes it: ddb.uuid.image.
+      const uuid = "9f1c2b3a-4d5e-4f60-8172-8394a5b6c7d8";
+      const text = (await Deno.readTextFile(`${dir}/plain.vmdk`)).replace(
+        /\0+$/,
+        "",
+      ).replace(
+        "ddb.virtualHWVersion",
+        `ddb.uuid.image="${uuid.toUpperCase()}"\nddb.virtualHWVersion`,
+      );
+      await Deno.writeTextFile(`${dir}/base.vmdk`, text);
+      const made = await cli([
+        "create",
+        "-f",
+        "vdi",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        `${dir}/top.vdi`,
+        "4M",
+      ]);
+      assertEquals(made.code, 0, made.stderr);
+      const info = await cli([
+        "info",
+        "--output=json",
+        "--parent",
+        `${dir}/base.vmdk`,
+        `${dir}/top.vdi`,
+      ]);
+      assertEquals(info.code, 0, info.stderr);
+      assertTrue(info.text.includes(uuid), info.text);
+      const back = await cli([
+        "convert",
+        "--parent",
+        `${dir}/base.vmdk`,
+        `${dir}/top.vdi`,
+        `${dir}/back.raw`,
+      ]);
+      assertEquals(back.code, 0, back.stderr);
+      assertEquals(await sha256File(`${dir}/back.raw`), sha256Hex(base));
+      const plain = await cli([
+        "convert",
+        "--parent",
+        `${dir}/plain.vmdk`,
+        `${dir}/top.vdi`,
+        `${dir}/no.raw`,
+      ]);
+      assertTrue(
+        plain.code !== 0 && /\(vmdk\) carries no identity/.test(plain.stderr),
+        plain.stderr,
+      );
+    }),
+});
