@@ -1224,3 +1224,42 @@ Deno.test({
       );
     }),
 });
+
+Deno.test("reading a partially present block whose sector bitmap entry is outside the file, in another state, or in a file without a parent is refused", async () => {
+  const { top, base } = await differencingPair();
+  const [bat] = batRegion(top);
+  const poked = (index: number, lo: number, hi = 0) => {
+    const bytes = top.slice();
+    const v = new DataView(bytes.buffer);
+    v.setUint32(bat + index * 8, lo >>> 0, true);
+    v.setUint32(bat + index * 8 + 4, hi, true);
+    return bytes;
+  };
+  const sbAt = batEntryOf(top, 4096)[1] / MiB;
+  for (
+    const [bytes, pattern] of [
+      [poked(4096, (4000 << 20) | 6), /sector bitmap of chunk 0/],
+      [poked(4096, 6, 1 << 20), /sector bitmap of chunk 0/], // 2^52 bytes on
+      [poked(4096, (sbAt << 20) | 3), /sector bitmap of chunk 0/],
+      [poked(4096, 0), /sector bitmap of chunk 0/],
+    ] as const
+  ) {
+    const counted = countingSource(bytes);
+    await rejects(
+      async () => {
+        const image = await open(counted.source, {
+          resolveBacking: () => Promise.resolve(fromBytes(base)),
+        });
+        await readAll(image);
+      },
+      ImageFormatError,
+      pattern,
+    );
+    assertBoundedWork(counted, bytes.length);
+  }
+  // Partially present in a file without a parent.
+  const plain = await ours(pseudoRandom(2 * MiB, 3));
+  const [plainBat] = batRegion(plain);
+  plain[plainBat + 8] = (plain[plainBat + 8] & ~7) | 7;
+  await refused(plain, /without a parent/);
+});
