@@ -1182,9 +1182,17 @@ async function openVhdx(
     const last = Math.ceil((within + part.length) / sector);
     const entry = await batEntry(index);
     const state = entry % 8;
+    // (A write of the whole block stores it whole; any less, in a
+    // differencing file, keeps the parent's bytes around it.)
     const partial = hasParent &&
       (state === PARTIALLY_PRESENT || state === NOT_PRESENT) &&
-      !(first === 0 && last * sector >= length);
+      !(within === 0 && part.length === length);
+    if (state === PARTIALLY_PRESENT && !partial) {
+      // Every sector written: the block is fully present where it is.
+      await sink!.write(Math.floor(entry / 8) * MiB, part);
+      await setEntry(index, FULLY_PRESENT, Math.floor(entry / 8) * MiB);
+      return;
+    }
     if (!partial) {
       // Stored whole: zeros (or, made by create over its parent, the
       // parent's bytes) around the bytes written.

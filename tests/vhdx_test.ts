@@ -1263,3 +1263,38 @@ Deno.test("reading a partially present block whose sector bitmap entry is outsid
   plain[plainBat + 8] = (plain[plainBat + 8] & ~7) | 7;
   await refused(plain, /without a parent/);
 });
+
+Deno.test("a write into a differencing vhdx short of a block's end by part of a sector keeps the parent's bytes there, or is refused without the parent", async () => {
+  const { base, child } = await emptyChild(2 * MiB);
+  const parentBytes = await readAll(await open(fromBytes(base)));
+  const data = pseudoRandom(MiB - 100, 4);
+  // Without the parent: the last sector's other 100 bytes are unknown.
+  const alone = memorySink(child);
+  const image = await open(alone, { writable: true });
+  await rejects(
+    () => image.write!(0, data),
+    UnsupportedError,
+    /part of a 512-byte logical sector/,
+  );
+  // Through the parent: they are the parent's; the block is then fully
+  // present (every sector held).
+  const sink = memorySink(child);
+  const chain = await open(sink, {
+    writable: true,
+    resolveBacking: () => Promise.resolve(fromBytes(base)),
+  });
+  await chain.write!(0, data);
+  const expected = parentBytes.slice();
+  expected.set(data, 0);
+  assertEquals(sha256Hex(await readAll(chain)), sha256Hex(expected));
+  assertEquals(batEntryOf(sink.bytes(), 0)[0], 6);
+  // Then a whole-block write into a partially present block stays in place.
+  await chain.write!(MiB + 512, new Uint8Array(512).fill(1));
+  const [, at] = batEntryOf(sink.bytes(), 1);
+  assertEquals(batEntryOf(sink.bytes(), 1)[0], 7);
+  const whole = pseudoRandom(MiB, 5);
+  await chain.write!(MiB, whole);
+  assertEquals(batEntryOf(sink.bytes(), 1), [6, at]);
+  expected.set(whole, MiB);
+  assertEquals(sha256Hex(await readAll(chain)), sha256Hex(expected));
+});
