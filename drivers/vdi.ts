@@ -41,11 +41,16 @@
  * in its media registry), so it is followed only when the caller names
  * the parent's file with the open option `parent=FILE` (one file a line
  * down a chain; the CLI's `--parent`), and the registry refuses a parent
- * whose uuid_image is not uuid_link (`backingId`); otherwise reading a
- * free block fails with a {@linkcode BackingFileError}. `create` with a
- * backing file writes a differencing image (type 4, the parent's
- * uuid_image and uuid_last_snap as uuid_link and uuid_parent), reading
- * them from the opened parent (`CreateSpec.backing`).
+ * whose UUID is not uuid_link (`backingId`); otherwise reading a free
+ * block fails with a {@linkcode BackingFileError}. As in VirtualBox, the
+ * parent may be of another format that stores a UUID: a VHD (its footer's
+ * unique id) or a vmdk with `ddb.uuid.image`; parents storing none are
+ * refused (VirtualBox links those by its media registry alone). `create`
+ * with a backing file writes a differencing image (type 4, the parent's
+ * UUID and modification UUID as uuid_link and uuid_parent, nil for a
+ * parent without one), reading them from the opened parent
+ * (`CreateSpec.backing`). A write session gives the image a new
+ * uuid_last_snap before its first write, as VirtualBox does.
  *
  * @module
  */
