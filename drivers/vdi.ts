@@ -485,14 +485,9 @@ function writable(
     const index = state.stored;
     const full = new Uint8Array(blockSize);
     if (entry === FREE && image.requiresBacking) {
-      // The rest of the block is the parent's.
+      // The rest of the block is the parent's (checked before the write:
+      // at hand, or the overlay's to copy).
       const parent = fillFrom.get(result);
-      if (!parent && !state.inOverlay) {
-        throw new UnsupportedError(
-          { format: FORMAT },
-          "writing into a differencing image's free blocks needs its parent's bytes; write through an overlay",
-        );
-      }
       const at = block * blockSize;
       const inside = parent ? Math.min(blockSize, parent.size - at) : 0;
       if (inside > 0) full.set(await parent!.read(at, inside));
@@ -525,9 +520,33 @@ function writable(
     if (image.details) image.details.uuidLastSnap = uuidText(uuid);
   }
 
+  /**
+   * Refuses, before anything is written, a write that would store part of
+   * a free block of a differencing image whose parent is not at hand.
+   */
+  function checkParentAtHand(offset: number, length: number) {
+    if (!image.requiresBacking || state.inOverlay || fillFrom.has(result)) {
+      return;
+    }
+    for (let at = offset; at < offset + length;) {
+      const block = Math.floor(at / blockSize);
+      const start = block * blockSize;
+      const end = Math.min(image.size, start + blockSize);
+      const stop = Math.min(offset + length, end);
+      if (state.bmap[block] === FREE && (at > start || stop < end)) {
+        throw new UnsupportedError(
+          { format: FORMAT, field: `block ${block}`, value: "free" },
+          `writing part of block ${block} (${blockSize} bytes), which this differencing image does not hold, needs its parent's bytes for the rest: name the parent (open option parent, CLI --parent FILE)`,
+        );
+      }
+      at = stop;
+    }
+  }
+
   async function write(offset: number, bytes: Uint8Array): Promise<void> {
     checkRange(image.size, offset, bytes.length);
     if (bytes.length === 0) return;
+    checkParentAtHand(offset, bytes.length);
     await markModified();
     for (let at = offset; at < offset + bytes.length;) {
       const block = Math.floor(at / blockSize);

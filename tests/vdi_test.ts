@@ -9,6 +9,7 @@ import {
   memorySink,
   open,
   probe,
+  UnsupportedError,
   vdi,
 } from "../mod.ts";
 import {
@@ -929,4 +930,35 @@ Deno.test({
         plain.stderr,
       );
     }),
+});
+
+Deno.test("a differencing vdi opened writable without its parent takes whole free blocks, and refuses part of one before writing anything", async () => {
+  const base = await smallVdi();
+  const made = memorySink();
+  await vdi.create!(made, {
+    size: 4 << 20,
+    backingFile: "base.vdi",
+    backing: await open(fromBytes(base.bytes)),
+    options: { block_size: "65536" },
+  });
+  const before = made.bytes().slice();
+  const sink = memorySink(before);
+  const image = await open(sink, { writable: true });
+  await rejects(
+    () => image.write!(70_000, new Uint8Array(10)),
+    UnsupportedError,
+    /part of block 1 .*--parent FILE/,
+  );
+  assertEquals(sha256Hex(sink.bytes()), sha256Hex(before)); // not even the UUID
+  const whole = pseudoRandom(65536, 8);
+  await image.write!(3 * 65536, whole);
+  await image.flush!();
+  assertEquals(await image.read(3 * 65536, 65536), whole);
+  const chain = await open(fromBytes(sink.bytes().slice()), {
+    options: { parent: "base.vdi" },
+    resolveBacking: () => Promise.resolve(fromBytes(base.bytes)),
+  });
+  const expected = base.disk.slice();
+  expected.set(whole, 3 * 65536);
+  assertEquals(sha256Hex(await readAll(chain)), sha256Hex(expected));
 });
