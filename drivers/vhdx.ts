@@ -1157,7 +1157,10 @@ async function openVhdx(
       return out;
     }
     if (inOverlay) return out; // the overlay copies the parent's bytes in
-    throw new UnsupportedError(
+    throw parentNeeded(block, s);
+  }
+  function parentNeeded(block: number, s: number) {
+    return new UnsupportedError(
       {
         format: FORMAT,
         field: `block ${block} sector ${s}`,
@@ -1165,6 +1168,25 @@ async function openVhdx(
       },
       `a write of part of a ${sector}-byte logical sector this differencing vhdx does not hold needs its parent's bytes: write whole sectors, or open it with its parent (resolveBacking)`,
     );
+  }
+  /**
+   * Refuses, before anything is written, a write whose first or last
+   * logical sector is partly covered and in the parent, when the parent's
+   * bytes are not at hand.
+   */
+  async function checkSectorsAtHand(offset: number, length: number) {
+    if (!hasParent || parentBytes || inOverlay) return;
+    for (const edge of [offset, offset + length]) {
+      if (edge % sector === 0) continue;
+      const block = Math.floor(edge / blockSize);
+      const from = edge - block * blockSize;
+      const run = (await lookup(block)).find((r) =>
+        r.from <= from && from < r.to
+      );
+      if (run?.kind === "unallocated") {
+        throw parentNeeded(block, Math.floor(from / sector));
+      }
+    }
   }
   async function writeBlockPart(
     block: number,
@@ -1290,6 +1312,7 @@ async function openVhdx(
     ...serializedWrites(queue, sink, async (offset, bytes) => {
       checkRange(virtualSize, offset, bytes.length);
       if (bytes.length === 0) return;
+      await checkSectorsAtHand(offset, bytes.length);
       await updateHeaders();
       for (let at = offset; at < offset + bytes.length;) {
         const block = Math.floor(at / blockSize);

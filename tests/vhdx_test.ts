@@ -988,6 +988,13 @@ Deno.test("a differencing vhdx opened writable without its parent takes whole se
   const { child } = await emptyChild(2 * MiB);
   const sink = memorySink(child);
   const image = await open(sink, { writable: true });
+  // Refused before anything is written (the headers too).
+  await rejects(
+    () => image.write!(MiB - 100, new Uint8Array(200)),
+    UnsupportedError,
+    /part of a 512-byte logical sector/,
+  );
+  assertEquals(sha256Hex(sink.bytes()), sha256Hex(child));
   await image.write!(1024, pseudoRandom(1024, 3));
   assertEquals(await image.read(1024, 1024), pseudoRandom(1024, 3));
   await rejects(
