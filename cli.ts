@@ -1556,12 +1556,13 @@ const commands: Record<string, Command> = {
 
   write: {
     usage:
-      "write [-f FMT] [--allow-backing-dir DIR]... IMAGE OFFSET FILE   (FILE '-' is stdin)",
+      "write [-f FMT] [--allow-backing-dir DIR]... [--parent FILE]... IMAGE OFFSET FILE   (FILE '-' is stdin)",
     summary:
       "write a file's bytes into an image at OFFSET, through its format (allocating as needed)",
     options: {
       format: { type: "string", short: "f" },
       "allow-backing-dir": backingFlags["allow-backing-dir"],
+      parent: backingFlags.parent,
     },
     async run({ values, positionals }) {
       const [path, offsetText, input] = need(positionals, 3, "write");

@@ -120,6 +120,25 @@ export function ascii(b: Uint8Array, start = 0, end = b.length): string {
   return s;
 }
 
+/**
+ * The 16 bytes at `at` as a UUID's text, the first three fields read
+ * little-endian (how Windows lays out a GUID and VirtualBox an RTUUID:
+ * vdi uuids, a VHD's unique id as VirtualBox prints it, vhdx GUIDs).
+ *
+ * @example
+ * ```ts
+ * import { uuidText } from "./_binary.ts";
+ * uuidText(new Uint8Array(16).fill(1)); // "01010101-0101-0101-0101-010101010101"
+ * ```
+ */
+export function uuidText(b: Uint8Array, at = 0): string {
+  const h = (i: number) => b[at + i].toString(16).padStart(2, "0");
+  const seq = (list: number[]) => list.map(h).join("");
+  return `${seq([3, 2, 1, 0])}-${seq([5, 4])}-${seq([7, 6])}-${seq([8, 9])}-${
+    seq([10, 11, 12, 13, 14, 15])
+  }`;
+}
+
 /** ASCII text up to the first NUL in `bytes[start, end)`. */
 export function cString(b: Uint8Array, start = 0, end = b.length): string {
   let stop = start;

@@ -19,6 +19,7 @@
  * @module
  */
 
+import { emptyCheckResult } from "./_check.ts";
 import { formatErrors } from "./_binary.ts";
 import { UnsupportedError } from "../streams/errors.ts";
 import type { Sink, Source } from "../streams/types.ts";
@@ -98,20 +99,7 @@ export async function checkQed(
       `checking more than ${MAX_CLUSTERS} clusters is not supported`,
     );
   }
-  const r: CheckResult = {
-    format: FORMAT,
-    checkErrors: 0,
-    corruptions: 0,
-    leaks: 0,
-    leaksFixed: 0,
-    corruptionsFixed: 0,
-    imageEndOffset: 0,
-    totalClusters: Math.ceil(imageSize / clusterSize),
-    allocatedClusters: 0,
-    fragmentedClusters: 0,
-    compressedClusters: 0,
-    messages: [],
-  };
+  const r = emptyCheckResult(FORMAT, Math.ceil(imageSize / clusterSize));
   const used = new Uint8Array(Math.ceil((nclusters + tableSize) / 8));
   /** Marks `n` clusters from `offset` used; false when one already was. */
   const setUsed = (offset: number, n: number) => {

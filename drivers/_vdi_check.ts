@@ -16,6 +16,7 @@
  * @module
  */
 
+import { emptyCheckResult } from "./_check.ts";
 import { formatErrors } from "./_binary.ts";
 import type { Source } from "../streams/types.ts";
 import { UnsupportedError } from "../streams/errors.ts";
@@ -74,20 +75,7 @@ export async function checkVdi(source: Source): Promise<CheckResult> {
       340,
     );
   }
-  const r: CheckResult = {
-    format: FORMAT,
-    checkErrors: 0,
-    corruptions: 0,
-    leaks: 0,
-    leaksFixed: 0,
-    corruptionsFixed: 0,
-    imageEndOffset: 0,
-    totalClusters: 0,
-    allocatedClusters: 0,
-    fragmentedClusters: 0,
-    compressedClusters: 0,
-    messages: [],
-  };
+  const r = emptyCheckResult(FORMAT);
   // Which entry claimed each block: 0xffffffff for none yet.
   const owner = new Uint32Array(blocks).fill(0xffffffff);
   let allocated = 0;

@@ -27,7 +27,7 @@
  * |    384 |    4 | blocks_in_image                                        |
  * |    388 |    4 | blocks_allocated                                       |
  * |    392 |   16 | uuid_image                                             |
- * |    408 |   16 | uuid_last_snap                                         |
+ * |    408 |   16 | uuid_last_snap (uuidModify: new each write session)    |
  * |    424 |   16 | uuid_link: the parent image's uuid_image (differencing)|
  * |    440 |   16 | uuid_parent: the parent's uuid_last_snap               |
  *
@@ -41,11 +41,16 @@
  * in its media registry), so it is followed only when the caller names
  * the parent's file with the open option `parent=FILE` (one file a line
  * down a chain; the CLI's `--parent`), and the registry refuses a parent
- * whose uuid_image is not uuid_link (`backingId`); otherwise reading a
- * free block fails with a {@linkcode BackingFileError}. `create` with a
- * backing file writes a differencing image (type 4, the parent's
- * uuid_image and uuid_last_snap as uuid_link and uuid_parent), reading
- * them from the opened parent (`CreateSpec.backing`).
+ * whose UUID is not uuid_link (`backingId`); otherwise reading a free
+ * block fails with a {@linkcode BackingFileError}. As in VirtualBox, the
+ * parent may be of another format that stores a UUID: a VHD (its footer's
+ * unique id) or a vmdk with `ddb.uuid.image`; parents storing none are
+ * refused (VirtualBox links those by its media registry alone). `create`
+ * with a backing file writes a differencing image (type 4, the parent's
+ * UUID and modification UUID as uuid_link and uuid_parent, nil for a
+ * parent without one), reading them from the opened parent
+ * (`CreateSpec.backing`). A write session gives the image a new
+ * uuid_last_snap before its first write, as VirtualBox does.
  *
  * @module
  */
@@ -58,6 +63,7 @@ import {
   safeNumber,
   setLe32,
   setLe64,
+  uuidText,
 } from "./_binary.ts";
 import { blockReader, wholeBlock } from "./_blocks.ts";
 import { readBackSource, requireRandomAccess, writeSink } from "./_image.ts";
@@ -121,15 +127,6 @@ interface Header {
   uuidLastSnap: Uint8Array;
   uuidLink: Uint8Array;
   uuidParent: Uint8Array;
-}
-
-/** A UUID as VirtualBox prints it (the first three fields little-endian). */
-function uuidText(b: Uint8Array): string {
-  const h = (i: number) => b[i].toString(16).padStart(2, "0");
-  const seq = (list: number[]) => list.map(h).join("");
-  return `${seq([3, 2, 1, 0])}-${seq([5, 4])}-${seq([7, 6])}-${seq([8, 9])}-${
-    seq([10, 11, 12, 13, 14, 15])
-  }`;
 }
 
 const isNil = (b: Uint8Array) => b.every((x) => x === 0);
@@ -428,11 +425,15 @@ async function openVdi(source: Source, options: OpenOptions): Promise<Image> {
     backingFile,
     // Probed: VirtualBox's parents may be of other formats, and the UUID
     // check below refuses any image that is not the one linked.
+    // A parent of another format carries the UUID VirtualBox reads from
+    // it (a VHD's unique id); one that keeps none (raw, qcow, vmdk without
+    // ddb.uuid.image, vhdx: VirtualBox links those through its media
+    // registry alone) cannot be checked, and is refused.
     backingId: backingFile === undefined
       ? undefined
-      : `vdi ${uuidText(header.uuidLink)}`,
+      : `uuid ${uuidText(header.uuidLink)}`,
     backingOptions,
-    id: `vdi ${uuidText(header.uuidImage)}`,
+    id: `uuid ${uuidText(header.uuidImage)}`,
     requiresBacking: differencing,
     details,
     ...reader,
@@ -484,14 +485,9 @@ function writable(
     const index = state.stored;
     const full = new Uint8Array(blockSize);
     if (entry === FREE && image.requiresBacking) {
-      // The rest of the block is the parent's.
+      // The rest of the block is the parent's (checked before the write:
+      // at hand, or the overlay's to copy).
       const parent = fillFrom.get(result);
-      if (!parent && !state.inOverlay) {
-        throw new UnsupportedError(
-          { format: FORMAT },
-          "writing into a differencing image's free blocks needs its parent's bytes; write through an overlay",
-        );
-      }
       const at = block * blockSize;
       const inside = parent ? Math.min(blockSize, parent.size - at) : 0;
       if (inside > 0) full.set(await parent!.read(at, inside));
@@ -507,8 +503,51 @@ function writable(
     await sink.write(388, state.headerBytes.subarray(388, 392));
   }
 
+  // The first write of a session gives the image a new modification UUID
+  // (uuid_last_snap, VirtualBox's uuidModify), written and flushed before
+  // the data, as VirtualBox's vdSetModifiedFlag does. uuid_image,
+  // uuid_link and uuid_parent stay: children still link to uuid_image,
+  // and a child's uuid_parent keeps naming the parent's state it was made
+  // over (VirtualBox does not refuse a child for it).
+  let modified = false;
+  async function markModified() {
+    if (modified) return;
+    modified = true;
+    const uuid = randomUuid();
+    state.headerBytes.set(uuid, 408);
+    await sink.write(408, uuid);
+    await sink.flush();
+    if (image.details) image.details.uuidLastSnap = uuidText(uuid);
+  }
+
+  /**
+   * Refuses, before anything is written, a write that would store part of
+   * a free block of a differencing image whose parent is not at hand.
+   */
+  function checkParentAtHand(offset: number, length: number) {
+    if (!image.requiresBacking || state.inOverlay || fillFrom.has(result)) {
+      return;
+    }
+    for (let at = offset; at < offset + length;) {
+      const block = Math.floor(at / blockSize);
+      const start = block * blockSize;
+      const end = Math.min(image.size, start + blockSize);
+      const stop = Math.min(offset + length, end);
+      if (state.bmap[block] === FREE && (at > start || stop < end)) {
+        throw new UnsupportedError(
+          { format: FORMAT, field: `block ${block}`, value: "free" },
+          `writing part of block ${block} (${blockSize} bytes), which this differencing image does not hold, needs its parent's bytes for the rest: name the parent (open option parent, CLI --parent FILE)`,
+        );
+      }
+      at = stop;
+    }
+  }
+
   async function write(offset: number, bytes: Uint8Array): Promise<void> {
     checkRange(image.size, offset, bytes.length);
+    if (bytes.length === 0) return;
+    checkParentAtHand(offset, bytes.length);
+    await markModified();
     for (let at = offset; at < offset + bytes.length;) {
       const block = Math.floor(at / blockSize);
       const stop = Math.min(offset + bytes.length, (block + 1) * blockSize);
@@ -625,11 +664,8 @@ async function createVdi(sink: Sink, spec: CreateSpec): Promise<Image> {
   setLe32(header, 376, blockSize);
   setLe32(header, 384, blocks);
   setLe32(header, 388, isStatic ? blocks : 0);
-  const uuid = crypto.getRandomValues(new Uint8Array(16));
-  uuid[7] = (uuid[7] & 0x0f) | 0x40; // version 4 (little-endian field)
-  uuid[8] = (uuid[8] & 0x3f) | 0x80;
-  header.set(uuid, 392);
-  header.set(crypto.getRandomValues(new Uint8Array(16)), 408);
+  header.set(randomUuid(), 392);
+  header.set(randomUuid(), 408);
   if (parent) {
     header.set(parent.uuid, 424);
     header.set(parent.modification, 440);
@@ -670,15 +706,20 @@ function parentLink(
       `a differencing vdi links its parent ${spec.backingFile} by UUID: the parent must be opened to read it`,
     );
   }
+  // The parent's UUID as VirtualBox reads it (a vdi's uuid_image, a
+  // VHD's unique id: its `id`), and its modification UUID where it has
+  // one (a vdi's; VirtualBox leaves uuid_parent nil for a VHD parent).
   const parent = (opened as { top?: Image }).top ?? opened;
-  const uuid = parent.format === FORMAT ? parent.details?.uuid : undefined;
-  const modification = parent.details?.uuidLastSnap;
-  if (typeof uuid !== "string" || typeof modification !== "string") {
+  const uuid = parent.id?.startsWith("uuid ") ? parent.id.slice(5) : undefined;
+  if (uuid === undefined) {
     throw new UnsupportedError(
-      { format: FORMAT },
-      `the parent ${spec.backingFile} is a ${parent.format} image: a differencing vdi's parent here must be a vdi (its UUID is what links them)`,
+      { format: FORMAT, field: "parent format", value: parent.format },
+      `the parent ${spec.backingFile} is a ${parent.format} image, which keeps no UUID a differencing vdi can link to: here a vdi's parent is a vdi or a VHD (vpc). VirtualBox links parents of other formats through its media registry alone, which a file cannot carry`,
     );
   }
+  const modification = parent.format === FORMAT
+    ? parent.details?.uuidLastSnap as string
+    : undefined;
   if (opened.size !== spec.size) {
     throw fail(
       "size",
@@ -686,7 +727,20 @@ function parentLink(
       `the parent's size (${opened.size} bytes): a differencing vdi has its parent's size`,
     );
   }
-  return { uuid: uuidBytes(uuid), modification: uuidBytes(modification) };
+  return {
+    uuid: uuidBytes(uuid),
+    modification: modification === undefined
+      ? new Uint8Array(16)
+      : uuidBytes(modification),
+  };
+}
+
+/** A random (version 4) UUID, stored as VirtualBox stores one. */
+function randomUuid(): Uint8Array {
+  const uuid = crypto.getRandomValues(new Uint8Array(16));
+  uuid[7] = (uuid[7] & 0x0f) | 0x40; // version 4 (little-endian field)
+  uuid[8] = (uuid[8] & 0x3f) | 0x80;
+  return uuid;
 }
 
 /** The 16 bytes of a UUID printed by {@linkcode uuidText}. */

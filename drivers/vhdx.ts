@@ -2,8 +2,9 @@
  * vhdx: Hyper-V's VHDX images (fixed, dynamic and differencing), read with
  * the log replayed in memory; fixed, dynamic and differencing ones created
  * (`create`, `convert -O vhdx`, `-b`/`-B` for a differencing one) and
- * written through (`write`, `commit` into them; a differencing one only as
- * `create` returns it).
+ * written through (`write`, overlays, `commit` into them; in a differencing
+ * one a block not wholly written is stored partially present: only its
+ * written sectors, with their bits in the sector bitmap).
  *
  * This module is browser compatible.
  *
@@ -1075,34 +1076,116 @@ async function openVhdx(
       "this vhdx has a log to replay: it is replayed in memory for reading, never written; open it read-only (or convert it)",
     );
   }
-  // A differencing file is written only as `create` made it, with its
-  // parent at hand: a block it stores is filled from the parent around the
-  // bytes written (the overlay's copy-on-write covers 4 MiB, less than a
-  // vhdx block may be).
+  // Writes. A block not stored yet is stored at the end of the file (its
+  // BAT entry updated in place after its bytes are written). In a file
+  // without a parent the block is stored whole (zeros around the bytes
+  // written). In a differencing file only the written sectors are: the
+  // block becomes partially present, the sectors' bits set in its chunk's
+  // sector bitmap block (allocated, 1 MiB of zeros, with the chunk's first
+  // such block), and the other sectors read from the parent. The BAT is
+  // not written through the log: an interrupted write can leave space
+  // stored but unmapped (lost, never wrong bytes); a block's bitmap bits
+  // are written before its entry says partially present, and a new
+  // block's whole slice of the bitmap is written, so stale bits from an
+  // interrupted write are cleared.
+  //
+  // A write covering only part of a logical sector the file does not hold
+  // needs the rest of that sector: from the parent when `create` made the
+  // file (`fillFrom`), as zeros when the registry stacks this file on its
+  // parent (the overlay then copies the parent's bytes into the rest, as
+  // for any cluster a write allocates); otherwise it is refused.
   const parentBytes = hasParent ? options.fillFrom : undefined;
-  if (hasParent && !parentBytes) {
-    throw new UnsupportedError(
-      { format: FORMAT },
-      "writing into a differencing vhdx is not supported here (only as create and convert -B make one); convert the chain instead",
-    );
-  }
-
-  // Writes: a block not stored yet is stored whole at the end of the file
-  // (zeros around the bytes written), then its BAT entry is updated in
-  // place. The BAT is not written through the log: an interrupted write
-  // can leave a block stored but unmapped (space lost, no wrong bytes).
+  const inOverlay = hasParent && backingFile !== undefined &&
+    options.resolveBacking !== undefined;
   let nextFree = Math.ceil(source.size / MiB) * MiB;
   const batAt = bat.offset;
-  async function setEntry(index: number, at: number) {
+  const sector = logicalSectorSize;
+  async function setEntry(index: number, state: number, at: number) {
     const bytes = new Uint8Array(8);
     const offsetMiB = at / MiB;
-    setLe32(bytes, 0, (FULLY_PRESENT | ((offsetMiB % 4096) << 20)) >>> 0);
+    setLe32(bytes, 0, (state | ((offsetMiB % 4096) << 20)) >>> 0);
     setLe32(bytes, 4, Math.floor(offsetMiB / 4096));
     await sink!.write(batAt + index * 8, bytes);
     const page = batPages.get(Math.floor((index * 8) / BAT_PAGE));
     if (page) {
       page[index - (Math.floor((index * 8) / BAT_PAGE) * BAT_PAGE) / 8] =
-        offsetMiB * 8 + FULLY_PRESENT;
+        offsetMiB * 8 + state;
+    }
+  }
+  /** The file offset of `block`'s chunk's sector bitmap block, allocated when absent. */
+  async function bitmapBlockFor(block: number): Promise<number> {
+    const chunk = Math.floor(block / chunkRatio);
+    const index = chunk * (chunkRatio + 1) + chunkRatio;
+    const entry = await batEntry(index);
+    const state = entry % 8;
+    const at = Math.floor(entry / 8) * MiB;
+    if (state === NOT_PRESENT) {
+      const fresh = nextFree;
+      nextFree += MiB;
+      await sink!.write(fresh, new Uint8Array(MiB));
+      await setEntry(index, SB_PRESENT, fresh);
+      return fresh;
+    }
+    if (state !== SB_PRESENT || at < MiB || at + MiB > source.size) {
+      throw fail(
+        `BAT[${index}] (sector bitmap of chunk ${chunk})`,
+        `state ${state}, at ${at}`,
+        `not present (0) or present (6) with its 1 MiB within the file's ${source.size} bytes`,
+        batAt + index * 8,
+        source.name,
+      );
+    }
+    return at;
+  }
+  /** Sector `s` of `block` as it reads now, for a write covering part of it. */
+  async function sectorBefore(
+    block: number,
+    s: number,
+    runs: BlockRun[],
+  ): Promise<Uint8Array> {
+    const from = s * sector;
+    const run = runs.find((r) => r.from <= from && from < r.to)!;
+    if (run.kind === "data") {
+      return await source.read(run.at! + from - run.from, sector);
+    }
+    if (run.kind !== "unallocated") return new Uint8Array(sector);
+    const out = new Uint8Array(sector);
+    const at = block * blockSize + from;
+    if (parentBytes) {
+      const inside = Math.min(sector, parentBytes.size - at);
+      if (inside > 0) out.set(await parentBytes.read(at, inside));
+      return out;
+    }
+    if (inOverlay) return out; // the overlay copies the parent's bytes in
+    throw parentNeeded(block, s);
+  }
+  function parentNeeded(block: number, s: number) {
+    return new UnsupportedError(
+      {
+        format: FORMAT,
+        field: `block ${block} sector ${s}`,
+        value: "in the parent",
+      },
+      `a write of part of a ${sector}-byte logical sector this differencing vhdx does not hold needs its parent's bytes: write whole sectors, or open it with its parent (resolveBacking)`,
+    );
+  }
+  /**
+   * Refuses, before anything is written, a write whose first or last
+   * logical sector is partly covered and in the parent, when the parent's
+   * bytes are not at hand.
+   */
+  async function checkSectorsAtHand(offset: number, length: number) {
+    if (!hasParent || parentBytes || inOverlay) return;
+    for (const edge of [offset, offset + length]) {
+      if (edge % sector === 0) continue;
+      const block = Math.floor(edge / blockSize);
+      const from = edge - block * blockSize;
+      const run = (await lookup(block)).find((r) =>
+        r.from <= from && from < r.to
+      );
+      if (run?.kind === "unallocated") {
+        throw parentNeeded(block, Math.floor(from / sector));
+      }
     }
   }
   async function writeBlockPart(
@@ -1115,30 +1198,122 @@ async function openVhdx(
       await sink!.write(runs[0].at! + within, part);
       return;
     }
-    if (runs.some((r) => r.kind === "data")) {
-      throw new UnsupportedError(
-        { format: FORMAT, field: `block ${block}`, value: "partially present" },
-        "writing into a partially present block is not supported here",
-      );
+    const index = block + Math.floor(block / chunkRatio);
+    const length = runs.at(-1)!.to;
+    const first = Math.floor(within / sector);
+    const last = Math.ceil((within + part.length) / sector);
+    const entry = await batEntry(index);
+    const state = entry % 8;
+    // (A write of the whole block stores it whole; any less, in a
+    // differencing file, keeps the parent's bytes around it.)
+    const partial = hasParent &&
+      (state === PARTIALLY_PRESENT || state === NOT_PRESENT) &&
+      !(within === 0 && part.length === length);
+    if (state === PARTIALLY_PRESENT && !partial) {
+      // Every sector written: the block is fully present where it is.
+      await sink!.write(Math.floor(entry / 8) * MiB, part);
+      await setEntry(index, FULLY_PRESENT, Math.floor(entry / 8) * MiB);
+      return;
     }
-    const at = nextFree;
-    nextFree += blockSize;
-    const whole = new Uint8Array(blockSize);
-    if (parentBytes && runs[0].kind === "unallocated") {
-      // The rest of the block is the parent's.
-      const from = block * blockSize;
-      const inside = Math.min(blockSize, parentBytes.size - from);
-      if (inside > 0) whole.set(await parentBytes.read(from, inside));
+    if (!partial) {
+      // Stored whole: zeros (or, made by create over its parent, the
+      // parent's bytes) around the bytes written.
+      const at = nextFree;
+      nextFree += blockSize;
+      const whole = new Uint8Array(blockSize);
+      if (parentBytes && runs[0].kind === "unallocated") {
+        const from = block * blockSize;
+        const inside = Math.min(blockSize, parentBytes.size - from);
+        if (inside > 0) whole.set(await parentBytes.read(from, inside));
+      }
+      whole.set(part, within);
+      await sink!.write(at, whole);
+      await setEntry(index, FULLY_PRESENT, at);
+      return;
     }
-    whole.set(part, within);
-    await sink!.write(at, whole);
-    await setEntry(block + Math.floor(block / chunkRatio), at);
+    // Whole logical sectors, the ends completed from what they read now.
+    let bytes = part;
+    if (first * sector !== within || last * sector !== within + part.length) {
+      bytes = new Uint8Array((last - first) * sector);
+      bytes.set(await sectorBefore(block, first, runs), 0);
+      if (last - 1 > first) {
+        bytes.set(
+          await sectorBefore(block, last - 1, runs),
+          (last - 1 - first) * sector,
+        );
+      }
+      bytes.set(part, within - first * sector);
+    }
+    const bitmapAt = await bitmapBlockFor(block) +
+      ((block % chunkRatio) * sectorsPerBlock) / 8;
+    let at: number;
+    let bits: Uint8Array;
+    if (state === NOT_PRESENT) {
+      at = nextFree;
+      nextFree += blockSize;
+      // The block's whole length in the file (its last sector a zero one
+      // unless written), then the data.
+      if (last * sector < blockSize) {
+        await sink!.write(at + blockSize - sector, new Uint8Array(sector));
+      }
+      bits = new Uint8Array(sectorsPerBlock / 8);
+    } else {
+      at = Math.floor(entry / 8) * MiB;
+      bits = (await bitmapOf(block)).slice();
+    }
+    await sink!.write(at + first * sector, bytes);
+    for (let s = first; s < last; s++) bits[s >> 3] |= 1 << (s & 7);
+    if (state === NOT_PRESENT) {
+      await sink!.write(bitmapAt, bits);
+    } else {
+      const from = first >> 3;
+      const to = ((last - 1) >> 3) + 1;
+      await sink!.write(bitmapAt + from, bits.subarray(from, to));
+    }
+    bitmaps.set(block, bits);
+    // Every sector of the block present: fully present.
+    const sectors = Math.ceil(length / sector);
+    let every = true;
+    for (let s = 0; s < sectors && every; s++) {
+      every = (bits[s >> 3] & (1 << (s & 7))) !== 0;
+    }
+    if (every) await setEntry(index, FULLY_PRESENT, at);
+    else if (state === NOT_PRESENT) {
+      await setEntry(index, PARTIALLY_PRESENT, at);
+    }
+  }
+  // The headers get new file and data write GUIDs and the next sequence
+  // numbers before the first write changes the file (MS-VHDX 2.2.2.1, as
+  // QEMU does): children linked to the old data write GUID are refused
+  // afterwards, their parent having changed under them.
+  let headersUpdated = false;
+  async function updateHeaders() {
+    if (headersUpdated) return;
+    headersUpdated = true;
+    const head = (await source.read(HEADER_OFFSETS[header.index], HEADER_SIZE))
+      .slice();
+    const dataWrite = randomGuid();
+    setLe64(head, 8, header.sequence + 1n);
+    head.set(randomGuid(), 16);
+    head.set(dataWrite, 32);
+    setLe32(head, 4, checksumWithout(head, 4));
+    await sink!.write(HEADER_OFFSETS[1 - header.index], head);
+    await sink!.flush();
+    setLe64(head, 8, header.sequence + 2n);
+    setLe32(head, 4, checksumWithout(head, 4));
+    await sink!.write(HEADER_OFFSETS[header.index], head);
+    await sink!.flush();
+    details.dataWriteGuid = guidAt(dataWrite, 0);
+    details.headerSequence = (header.sequence + 2n).toString();
   }
   const queue = { writing: Promise.resolve() as Promise<unknown> };
   return {
     ...image,
     ...serializedWrites(queue, sink, async (offset, bytes) => {
       checkRange(virtualSize, offset, bytes.length);
+      if (bytes.length === 0) return;
+      await checkSectorsAtHand(offset, bytes.length);
+      await updateHeaders();
       for (let at = offset; at < offset + bytes.length;) {
         const block = Math.floor(at / blockSize);
         const stop = Math.min(offset + bytes.length, (block + 1) * blockSize);
@@ -1647,8 +1822,11 @@ async function encodeVhdx(
  * GUID (`parent_linkage`); creates fixed, dynamic and differencing files
  * (`create -f vhdx [-b PARENT]`, `convert -O vhdx [-B PARENT]`; `-o
  * subformat=dynamic|fixed,block_size=,log_size=,logical_sector_size=512|4096`)
- * and writes into them when opened writable (not into differencing files
- * opened later, nor files with a log to replay).
+ * and writes into them when opened writable (differencing files too: a
+ * block not wholly written becomes partially present, the parent showing
+ * through its other sectors; not files with a log to replay). The first
+ * write gives the headers new file and data write GUIDs, so children
+ * linked to a file written into are refused afterwards, as Hyper-V does.
  *
  * @example
  * ```ts

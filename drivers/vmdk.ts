@@ -966,6 +966,7 @@ function vmdkImage(
     name?: string;
     backingFile?: string;
     geometry?: Geometry;
+    id?: string;
     details: Record<string, unknown>;
     close: () => Promise<void>;
   },
@@ -984,6 +985,7 @@ function vmdkImage(
     backingFile: meta.backingFile,
     backingFormat: meta.backingFile === undefined ? undefined : FORMAT,
     geometry: meta.geometry,
+    id: meta.id,
     details: meta.details,
     async read(offset, length) {
       checkRange(size, offset, length);
@@ -1065,6 +1067,17 @@ function vmdkImage(
     },
   };
   return image;
+}
+
+/**
+ * `ddb.uuid.image` (VirtualBox writes it) as the image's identity: the
+ * UUID a differencing vdi over this disk links to.
+ */
+function imageUuidOf(d: Descriptor): string | undefined {
+  const text = d.fields.get("ddb.uuid.image")?.toLowerCase();
+  return text && /^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$/.test(text)
+    ? `uuid ${text}`
+    : undefined;
 }
 
 function geometryOf(d: Descriptor): Geometry | undefined {
@@ -1167,6 +1180,7 @@ async function openMonolithic(
     name: source.name,
     backingFile: facts?.backingFile,
     geometry: descriptor ? geometryOf(descriptor) : undefined,
+    id: descriptor ? imageUuidOf(descriptor) : undefined,
     details: {
       subformat,
       ...sparseDetails(header, part),
@@ -1312,6 +1326,7 @@ async function openDescriptorFile(
     name: source.name,
     backingFile: facts.backingFile,
     geometry: geometryOf(descriptor),
+    id: imageUuidOf(descriptor),
     details: {
       subformat: facts.subformat,
       cid: facts.cid,

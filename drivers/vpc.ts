@@ -68,6 +68,7 @@ import {
   setBe16,
   setBe32,
   setBe64,
+  uuidText,
 } from "./_binary.ts";
 import { readBackSource, requireRandomAccess, writeSink } from "./_image.ts";
 import {
@@ -749,6 +750,9 @@ function vpcImage(state: State, details: Record<string, unknown>): Image {
     // zeros: callers that do not follow the parent must not read them as
     // zeros (see the module's notes and `read`).
     requiresBacking: differencing,
+    // The unique id as VirtualBox reads it (the UUID a differencing vdi
+    // over this disk links to).
+    id: `uuid ${uuidText(footer.uniqueId)}`,
     details,
     read,
     readInto,

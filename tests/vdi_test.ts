@@ -9,6 +9,7 @@ import {
   memorySink,
   open,
   probe,
+  UnsupportedError,
   vdi,
 } from "../mod.ts";
 import {
@@ -491,7 +492,7 @@ Deno.test({
         ]);
         assertTrue(wrong.code !== 0, command);
         assertTrue(
-          /links its parent by identity vdi [0-9a-f-]+, but .*other\.vdi \(vdi\) is vdi [0-9a-f-]+: refused/
+          /links its parent by identity uuid [0-9a-f-]+, but .*other\.vdi \(vdi\) is uuid [0-9a-f-]+: refused/
             .test(wrong.stderr),
           wrong.stderr,
         );
@@ -678,5 +679,286 @@ Deno.test({
       assertEquals(committed.code, 0, committed.stderr);
       await run("qemu-img", ["check", "-f", "vdi", `${dir}/base.vdi`]);
       await assertQemuIdentical(`${dir}/mod.raw`, `${dir}/base.vdi`, "vdi");
+      // The base got a new modification UUID, its uuid_image kept: the
+      // child still links to it, and the chain reads as before.
+      const base = await Deno.readFile(`${dir}/base.vdi`);
+      const top = await Deno.readFile(`${dir}/top.vdi`);
+      assertEquals(top.subarray(424, 440), base.subarray(392, 408));
+      assertTrue(
+        sha256Hex(top.subarray(440, 456)) !==
+          sha256Hex(base.subarray(408, 424)),
+      );
+      const chain = await cli([
+        "compare",
+        "--parent",
+        `${dir}/base.vdi`,
+        `${dir}/top.vdi`,
+        `${dir}/mod.raw`,
+      ]);
+      assertEquals(chain.code, 0, chain.text + chain.stderr);
     }),
+});
+
+Deno.test({
+  name:
+    "a write session gives a vdi a new modification UUID (uuid_last_snap) once, before its first write, and keeps every other header field but blocks_allocated",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const disk = sampleDisk(4 << 20, 51);
+      await Deno.writeFile(`${dir}/d.raw`, disk);
+      await run("qemu-img", [
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vdi",
+        `${dir}/d.raw`,
+        `${dir}/d.vdi`,
+      ]);
+      const before = await Deno.readFile(`${dir}/d.vdi`);
+      // Opened writable and not written: nothing changes.
+      const idle = await open(`${dir}/d.vdi`, { writable: true });
+      await idle.flush!();
+      await idle.close?.();
+      assertEquals(
+        sha256Hex(await Deno.readFile(`${dir}/d.vdi`)),
+        sha256Hex(before),
+      );
+      const image = await open(`${dir}/d.vdi`, { writable: true });
+      const first = image.details?.uuidLastSnap;
+      await image.write!(3 << 20, new Uint8Array(4096).fill(5));
+      const second = image.details?.uuidLastSnap;
+      await image.write!(100, new Uint8Array(10).fill(6));
+      assertEquals(image.details?.uuidLastSnap, second);
+      assertTrue(first !== second);
+      await image.flush!();
+      await image.close?.();
+      const after = await Deno.readFile(`${dir}/d.vdi`);
+      const header = (b: Uint8Array) => [
+        ...b.subarray(0, 388),
+        ...b.subarray(392, 408),
+        ...b.subarray(424, 512),
+      ];
+      assertEquals(header(after), header(before));
+      assertTrue(
+        sha256Hex(after.subarray(408, 424)) !==
+          sha256Hex(before.subarray(408, 424)),
+      );
+      const reopened = await open(`${dir}/d.vdi`);
+      assertEquals(reopened.details?.uuidLastSnap, second);
+      await reopened.close?.();
+      await run("qemu-img", ["check", "-f", "vdi", `${dir}/d.vdi`]);
+      const expected = disk.slice();
+      expected.fill(5, 3 << 20, (3 << 20) + 4096);
+      expected.fill(6, 100, 110);
+      await Deno.writeFile(`${dir}/e.raw`, expected);
+      await assertQemuIdentical(`${dir}/e.raw`, `${dir}/d.vdi`, "vdi");
+    }),
+});
+
+Deno.test({
+  name:
+    "a differencing vdi over a VHD parent links its footer's unique id (as VirtualBox reads it) and is written and read through it; parents that keep no UUID are refused by name",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const size = 6 << 20;
+      const base = sampleDisk(size, 61);
+      await Deno.writeFile(`${dir}/base.raw`, base);
+      for (const name of ["base.vhd", "other.vhd"]) {
+        await run("qemu-img", [
+          "convert",
+          "-f",
+          "raw",
+          "-O",
+          "vpc",
+          "-o",
+          "force_size=on",
+          `${dir}/base.raw`,
+          `${dir}/${name}`,
+        ]);
+      }
+      const made = await cli([
+        "create",
+        "-f",
+        "vdi",
+        "-b",
+        "base.vhd",
+        "-F",
+        "vpc",
+        `${dir}/top.vdi`,
+        "6M",
+      ]);
+      assertEquals(made.code, 0, made.stderr);
+      // uuid_link: the VHD footer's unique id (at 68 of the footer), byte
+      // for byte; uuid_parent nil (a VHD has no modification UUID).
+      const top = await Deno.readFile(`${dir}/top.vdi`);
+      const vhd = await Deno.readFile(`${dir}/base.vhd`);
+      const footer = vhd.length - 512;
+      assertEquals(
+        top.subarray(424, 440),
+        vhd.subarray(footer + 68, footer + 84),
+      );
+      assertEquals(top.subarray(440, 456), new Uint8Array(16));
+      const data = pseudoRandom(5000, 62);
+      await Deno.writeFile(`${dir}/d`, data);
+      const w = await cli([
+        "write",
+        "--parent",
+        `${dir}/base.vhd`,
+        `${dir}/top.vdi`,
+        "100000",
+        `${dir}/d`,
+      ]);
+      assertEquals(w.code, 0, w.stderr);
+      const expected = base.slice();
+      expected.set(data, 100000);
+      const back = await cli([
+        "convert",
+        "--parent",
+        `${dir}/base.vhd`,
+        `${dir}/top.vdi`,
+        `${dir}/back.raw`,
+      ]);
+      assertEquals(back.code, 0, back.stderr);
+      assertEquals(await sha256File(`${dir}/back.raw`), sha256Hex(expected));
+      // Another VHD (another unique id), or a raw file: refused.
+      for (
+        const [parent, why] of [
+          ["other.vhd", /\(vpc\) is uuid [0-9a-f-]+: refused/],
+          ["base.raw", /\(raw\) carries no identity/],
+        ] as const
+      ) {
+        const r = await cli([
+          "convert",
+          "--parent",
+          `${dir}/${parent}`,
+          `${dir}/top.vdi`,
+          `${dir}/no.raw`,
+        ]);
+        assertTrue(r.code !== 0 && why.test(r.stderr), r.stderr);
+      }
+      // create over a parent that keeps no UUID: refused, saying why.
+      const raw = await cli([
+        "create",
+        "-f",
+        "vdi",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        `${dir}/t2.vdi`,
+        "6M",
+      ]);
+      assertTrue(
+        raw.code !== 0 && /keeps no UUID .*media registry/.test(raw.stderr),
+        raw.stderr,
+      );
+    }),
+});
+
+Deno.test({
+  name:
+    "a differencing vdi over a VMDK parent links its ddb.uuid.image (as VirtualBox writes and reads it); a VMDK without one is refused",
+  ignore: skip(["qemu-img"]),
+  fn: () =>
+    withTemp(async (dir) => {
+      const size = 4 << 20;
+      const base = sampleDisk(size, 71);
+      await Deno.writeFile(`${dir}/base.raw`, base);
+      await run("qemu-img", [
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        `${dir}/base.raw`,
+        `${dir}/plain.vmdk`,
+      ]);
+      // The descriptor as VirtualBox writes it: ddb.uuid.image.
+      const uuid = "9f1c2b3a-4d5e-4f60-8172-8394a5b6c7d8";
+      const text = (await Deno.readTextFile(`${dir}/plain.vmdk`)).replace(
+        /\0+$/,
+        "",
+      ).replace(
+        "ddb.virtualHWVersion",
+        `ddb.uuid.image="${uuid.toUpperCase()}"\nddb.virtualHWVersion`,
+      );
+      await Deno.writeTextFile(`${dir}/base.vmdk`, text);
+      const made = await cli([
+        "create",
+        "-f",
+        "vdi",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        `${dir}/top.vdi`,
+        "4M",
+      ]);
+      assertEquals(made.code, 0, made.stderr);
+      const info = await cli([
+        "info",
+        "--output=json",
+        "--parent",
+        `${dir}/base.vmdk`,
+        `${dir}/top.vdi`,
+      ]);
+      assertEquals(info.code, 0, info.stderr);
+      assertTrue(info.text.includes(uuid), info.text);
+      const back = await cli([
+        "convert",
+        "--parent",
+        `${dir}/base.vmdk`,
+        `${dir}/top.vdi`,
+        `${dir}/back.raw`,
+      ]);
+      assertEquals(back.code, 0, back.stderr);
+      assertEquals(await sha256File(`${dir}/back.raw`), sha256Hex(base));
+      const plain = await cli([
+        "convert",
+        "--parent",
+        `${dir}/plain.vmdk`,
+        `${dir}/top.vdi`,
+        `${dir}/no.raw`,
+      ]);
+      assertTrue(
+        plain.code !== 0 && /\(vmdk\) carries no identity/.test(plain.stderr),
+        plain.stderr,
+      );
+    }),
+});
+
+Deno.test("a differencing vdi opened writable without its parent takes whole free blocks, and refuses part of one before writing anything", async () => {
+  const base = await smallVdi();
+  const made = memorySink();
+  await vdi.create!(made, {
+    size: 4 << 20,
+    backingFile: "base.vdi",
+    backing: await open(fromBytes(base.bytes)),
+    options: { block_size: "65536" },
+  });
+  const before = made.bytes().slice();
+  const sink = memorySink(before);
+  const image = await open(sink, { writable: true });
+  await rejects(
+    () => image.write!(70_000, new Uint8Array(10)),
+    UnsupportedError,
+    /part of block 1 .*--parent FILE/,
+  );
+  assertEquals(sha256Hex(sink.bytes()), sha256Hex(before)); // not even the UUID
+  const whole = pseudoRandom(65536, 8);
+  await image.write!(3 * 65536, whole);
+  await image.flush!();
+  assertEquals(await image.read(3 * 65536, 65536), whole);
+  const chain = await open(fromBytes(sink.bytes().slice()), {
+    options: { parent: "base.vdi" },
+    resolveBacking: () => Promise.resolve(fromBytes(base.bytes)),
+  });
+  const expected = base.disk.slice();
+  expected.set(whole, 3 * 65536);
+  assertEquals(sha256Hex(await readAll(chain)), sha256Hex(expected));
 });

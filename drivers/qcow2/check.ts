@@ -12,6 +12,7 @@
  * @module
  */
 
+import { emptyCheckResult } from "../_check.ts";
 import { UnsupportedError } from "../../streams/errors.ts";
 import type { Sink, Source } from "../../streams/types.ts";
 import { probe } from "../registry.ts";
@@ -200,20 +201,7 @@ async function checkOnce(
       `checking more than ${MAX_CLUSTERS} clusters is not supported`,
     );
   }
-  const r: CheckResult = {
-    format: FORMAT,
-    checkErrors: 0,
-    corruptions: 0,
-    leaks: 0,
-    leaksFixed: 0,
-    corruptionsFixed: 0,
-    imageEndOffset: 0,
-    totalClusters: Math.ceil(h.size / clusterSize),
-    allocatedClusters: 0,
-    fragmentedClusters: 0,
-    compressedClusters: 0,
-    messages: [],
-  };
+  const r = emptyCheckResult(FORMAT, Math.ceil(h.size / clusterSize));
   const say = (line: string) => r.messages.push(line);
   // Expected refcounts; one spare cluster for a last cluster written short.
   const expected = new Uint32Array(nbClusters + 1);
