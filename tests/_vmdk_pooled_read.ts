@@ -48,4 +48,4 @@ if (Deno.env.get("BAD")) {
     JSON.stringify({ reads, nativeInflate: typeof globalThis.process }),
   );
 }
-await image.close();
+await image.close?.();
