@@ -447,6 +447,12 @@ interface Part {
   prefetch?(pieces: Piece[]): Promise<Span | undefined>;
   /** Reads the bytes of `pieces` (from `base` on, all of them) into `into`. */
   readInto?(pieces: Piece[], base: number, into: Uint8Array): Promise<void>;
+  /**
+   * Like `readInto`, into a new array of `length` bytes (zeros where no
+   * piece is), which it answers: the array may have been to a worker and
+   * back.
+   */
+  readNew?(pieces: Piece[], base: number, length: number): Promise<Uint8Array>;
   write?(offset: number, bytes: Uint8Array): Promise<void>;
 }
 
@@ -647,65 +653,114 @@ class SparsePart implements Part {
    * (freed late and kept by the C allocator, those and the inflate
    * workers this replaced held the peak RSS of `deno task bench`'s
    * streamOptimized case near 280 MiB; now 77 MiB, and 0.70 -> 0.39 s).
+   * Where they go to the decode workers instead (browsers), through
+   * {@linkcode readNew} and one copy.
    */
-  async readInto(pieces: Piece[], base: number, into: Uint8Array) {
+  async readInto(
+    pieces: Piece[],
+    base: number,
+    into: Uint8Array,
+    pool = true,
+  ): Promise<void> {
+    if (pool && this.#poolable(pieces)) {
+      into.set(await this.readNew(pieces, base, into.length));
+      return;
+    }
     const span = this.markers
       ? await this.prefetch(pieces.filter((p) => p.kind === "data"))
       : undefined;
-    const whole = (p: Piece) =>
-      p.kind === "data" && p.grainSector !== undefined &&
-      p.length === this.grainBytes && !this.#grainCache.has(p.grainSector);
-    if (
-      this.compressed && !zlib.hasNativeInflate() && codecPool.usable &&
-      pieces.filter(whole).length >= POOL_MIN_GRAINS
-    ) {
-      pieces = await this.#inflatePooled(pieces.filter(whole), base, into, span)
-        ? pieces.filter((p) => !whole(p))
-        : pieces;
-    }
     for (const p of pieces) {
       const target = into.subarray(p.offset - base, p.offset - base + p.length);
       if (p.kind !== "data") {
         target.fill(0);
-      } else if (
-        p.grainSector !== undefined && p.length === this.grainBytes &&
-        !this.#grainCache.has(p.grainSector)
-      ) {
-        const data = await this.#packedGrain(p.grainSector, span);
-        await this.#inflate(p.grainSector, () => zlib.decodeInto(data, target));
+      } else if (this.#whole(p)) {
+        const data = await this.#packedGrain(p.grainSector!, span);
+        await this.#inflate(
+          p.grainSector!,
+          () => zlib.decodeInto(data, target),
+        );
       } else {
         target.set(await this.readBytes(p, span));
       }
     }
   }
 
+  /** A compressed grain read whole and not cached: inflated straight to its place. */
+  #whole(p: Piece): boolean {
+    return p.kind === "data" && p.grainSector !== undefined &&
+      p.length === this.grainBytes && !this.#grainCache.has(p.grainSector);
+  }
+
+  /** Whether the whole grains of `pieces` inflate on the decode workers. */
+  #poolable(pieces: Piece[]): boolean {
+    return this.compressed && !zlib.hasNativeInflate() && codecPool.usable &&
+      pieces.filter((p) => this.#whole(p)).length >= POOL_MIN_GRAINS;
+  }
+
   /**
-   * Inflates whole grains `grains` on the decode workers, one call, into
-   * `into` (disk offset `base`); false when the workers did not (the
-   * caller inflates them, which also names a bad grain).
+   * Reads `pieces` into a new array of `length` bytes (disk offset
+   * `base`). Where whole grains inflate on the decode workers (browsers,
+   * no native inflater), the file span read for them (one read for the
+   * whole run of grains, see {@linkcode prefetch}) and the new array are
+   * moved to a worker, which inflates each grain straight into its place
+   * and moves the array back: no copy of the compressed grains into one
+   * buffer, no 64 KiB array per grain sent back and copied into place
+   * (those copies were a quarter of the browser's module worker time for
+   * the bench's streamOptimized image). If the workers fail, all of it is
+   * done again here, which also names a bad grain.
    */
-  async #inflatePooled(
-    grains: Piece[],
+  async readNew(
+    pieces: Piece[],
     base: number,
-    into: Uint8Array,
-    span?: Span,
-  ): Promise<boolean> {
+    length: number,
+  ): Promise<Uint8Array> {
+    const out = new Uint8Array(length);
+    if (!this.#poolable(pieces)) {
+      await this.readInto(pieces, base, out, false);
+      return out;
+    }
+    const span = this.markers
+      ? await this.prefetch(pieces.filter((p) => p.kind === "data"))
+      : undefined;
+    // The others first, here: the span is gone once moved to the worker.
+    const grains: Piece[] = [];
+    for (const p of pieces) {
+      if (this.#whole(p)) grains.push(p);
+      else if (p.kind === "data") {
+        out.set(await this.readBytes(p, span), p.offset - base);
+      }
+    }
     const packed: Uint8Array[] = [];
     for (const p of grains) {
       packed.push(await this.#packedGrain(p.grainSector!, span));
     }
-    const input = new Uint8Array(packed.reduce((n, d) => n + d.length, 0));
+    // Jobs point into the span when every grain lies in it, else into a
+    // copy of the grains one after the other.
+    const inSpan = span !== undefined &&
+      packed.every((d) => d.buffer === span.bytes.buffer);
+    let input: Uint8Array;
+    if (inSpan) input = span.bytes;
+    else {
+      input = new Uint8Array(packed.reduce((n, d) => n + d.length, 0));
+      let at = 0;
+      for (const d of packed) {
+        input.set(d, at);
+        at += d.length;
+      }
+    }
     const jobs: number[] = [];
     let at = 0;
-    for (const data of packed) {
-      input.set(data, at);
-      jobs.push(WORKER_ZLIB, at, data.length, this.grainBytes, 0);
-      at += data.length;
-    }
-    const result = await codecPool.batch(input, jobs, false);
-    if (!result) return false;
-    grains.forEach((p, k) => into.set(result.pieces[k], p.offset - base));
-    return true;
+    grains.forEach((p, k) => {
+      const from = inSpan ? packed[k].byteOffset - input.byteOffset : at;
+      jobs.push(WORKER_ZLIB, from, packed[k].length, this.grainBytes);
+      jobs.push(p.offset - base);
+      at += packed[k].length;
+    });
+    const filled = await codecPool.batchMoved(input, jobs, out);
+    if (filled) return filled;
+    const again = new Uint8Array(length);
+    await this.readInto(pieces, base, again, false);
+    return again;
   }
 
   async #decodeGrain(sector: number, span?: Span): Promise<Uint8Array> {
@@ -993,12 +1048,21 @@ function vmdkImage(
       for await (const p of allPieces(parts, offset, length)) {
         if (p.piece.kind === "data") wanted.push(p);
       }
-      const out = new Uint8Array(length);
-      // Within one extent, the same path as readInto. (Grains used to
-      // inflate on a pool of workers here: reading the bench's 1 GiB
-      // streamOptimized image in 2 MiB reads took 550 ms and 300 MiB of
-      // RSS that way, 130-180 ms and 67 MiB inline.)
+      // Within one extent, the same path as readInto, into a new array.
+      // (Grains used to inflate on a pool of workers here, a call per
+      // grain: reading the bench's 1 GiB streamOptimized image in 2 MiB
+      // reads took 550 ms and 300 MiB of RSS that way, 130-180 ms and 67
+      // MiB inline. Browsers have no inline inflater: a read's grains go
+      // to a worker in one call, see SparsePart.readNew.)
       const only = wanted[0]?.part;
+      if (only?.readNew && wanted.every((w) => w.part === only)) {
+        return await only.readNew(
+          wanted.map((w) => w.piece),
+          offset - wanted[0].start,
+          length,
+        );
+      }
+      const out = new Uint8Array(length);
       if (only?.readInto && wanted.every((w) => w.part === only)) {
         await only.readInto(
           wanted.map((w) => w.piece),

@@ -154,11 +154,21 @@ export async function fromUrl(
       timedOut = new HttpTimeoutError(href, kind, ms);
       controller.abort(timedOut);
     };
+    // One idle timer per request, not one per piece of the body: `touch`
+    // notes the time, and the timer, when it fires, waits again for what
+    // is left of `idle` since then. (A clearTimeout and a setTimeout per
+    // piece were 5% of a browser's module worker converting by URL.)
     let idleTimer: ReturnType<typeof setTimeout> | undefined;
+    let lastByte = 0;
+    const idleCheck = () => {
+      const quiet = performance.now() - lastByte;
+      if (quiet >= idle) stop("idle", idle)();
+      else idleTimer = setTimeout(idleCheck, idle - quiet);
+    };
     const touch = () => {
       if (!idle) return;
-      clearTimeout(idleTimer);
-      idleTimer = setTimeout(stop("idle", idle), idle);
+      lastByte = performance.now();
+      idleTimer ??= setTimeout(idleCheck, idle);
     };
     const totalTimer = total ? setTimeout(stop("total", total), total) : 0;
     const outer = options.signal;

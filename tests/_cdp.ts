@@ -17,6 +17,20 @@ export interface Browser {
     method: string,
     params?: Record<string, unknown>,
   ): Promise<Record<string, unknown>>;
+  /** Sends a command to another session (a worker attached with `Target.setAutoAttach`). */
+  sendTo(
+    sessionId: string,
+    method: string,
+    params?: Record<string, unknown>,
+  ): Promise<Record<string, unknown>>;
+  /** Calls `listener` with every event (method, params, session) the browser sends. */
+  onEvent(
+    listener: (
+      method: string,
+      params: Record<string, unknown>,
+      sessionId?: string,
+    ) => void,
+  ): void;
   /** Messages the page logged (console and errors), for failure reports. */
   logs: string[];
   /** The browser process's id (its renderers are among its descendants). */
@@ -78,8 +92,18 @@ export async function launch(url: string): Promise<Browser> {
     }
   >();
   const logs: string[] = [];
+  const listeners: ((
+    method: string,
+    params: Record<string, unknown>,
+    sessionId?: string,
+  ) => void)[] = [];
   socket.onmessage = (event) => {
     const message = JSON.parse(event.data);
+    if (message.method) {
+      for (const l of listeners) {
+        l(message.method, message.params, message.sessionId);
+      }
+    }
     if (message.id && waiting.has(message.id)) {
       const w = waiting.get(message.id)!;
       waiting.delete(message.id);
@@ -130,6 +154,8 @@ export async function launch(url: string): Promise<Browser> {
     pid: child.pid,
     send,
     sendBrowser: (method, params) => raw(method, params),
+    sendTo: (session, method, params) => raw(method, params, session),
+    onEvent: (listener) => listeners.push(listener),
     async evaluate<T>(expression: string) {
       const r = await send("Runtime.evaluate", {
         expression,

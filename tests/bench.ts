@@ -17,6 +17,7 @@
 // random mebibytes) flatters every codec; it stays as a second case.
 import { formats } from "../mod.ts";
 import { have, pseudoRandom, ROOT, run } from "./_helpers.ts";
+import { buildRealDisk } from "./_bench_disk.ts";
 
 if (Deno.args[0] === "codecs") {
   await import("./bench_codecs.ts");
@@ -70,32 +71,8 @@ async function buildDisk() {
   } catch { /* build it */ }
   await Deno.mkdir(DIR, { recursive: true });
   console.error(`building ${SIZE_MIB} MiB ${KIND} bench disk at ${DISK}`);
-  if (KIND === "real") await buildRealDisk();
+  if (KIND === "real") await buildRealDisk(DISK, SIZE_MIB);
   else await buildSyntheticDisk();
-}
-
-/**
- * Real data: a tar of /usr/lib cut at half the disk, a quarter of zeros
- * (left as a hole) and a quarter of random bytes from /dev/urandom.
- */
-async function buildRealDisk() {
-  const half = SIZE_MIB / 2 * MIB, quarter = SIZE_MIB / 4 * MIB;
-  const part = `${DISK}.part`;
-  // tar is cut by head (SIGPIPE): its exit status is not checked, the size is.
-  await run("sh", [
-    "-c",
-    `(tar --sort=name -cf - -C / usr/lib 2>/dev/null || true) | head -c ${half} > ${part}`,
-  ]);
-  if ((await Deno.stat(part)).size !== half) {
-    throw new Error(`the tar of /usr/lib is smaller than ${half} bytes`);
-  }
-  await run("sh", [
-    "-c",
-    `truncate -s ${
-      half + quarter
-    } ${part} && head -c ${quarter} /dev/urandom >> ${part}`,
-  ]);
-  await Deno.rename(part, DISK);
 }
 
 /** A disk like a real one: compressible "files", zero runs and random bytes. */

@@ -3,15 +3,20 @@
 // built here, with its decode workers in dist/_worker.js), reads each
 // image by URL (HTTP Range requests to a local server) and from a Blob,
 // and converts it to raw, output discarded. Against it: the CLI converting
-// the same image to a raw file. Best of BENCH_RUNS (3) each, same run;
-// ratios are worker / CLI. The first browser run of each source is not
-// timed: it hashes the disk and checks it against the disk's sha256.
+// the same image to a raw file. Best of BENCH_RUNS (3) each, the CLI, URL
+// and Blob runs taken in turn (the load of a shared machine changes by
+// the minute); ratios are worker / CLI. The first browser run of each
+// source is not timed: it hashes the disk and checks it against the
+// disk's sha256. CPU time: the CLI's user and system time (GNU time); the
+// browser's is that of all its processes (the page's, its workers', the
+// browser process's reading the Blob or the network) and, by URL, this
+// process's (the file server), during the run.
 //
 //   deno task bench browser              every case
 //   deno task bench browser cloop xz     cases whose name contains one of these
 //   BENCH_SIZE_MIB=64 deno task bench browser   a smaller disk
 //
-// The disk is the bench's real data (tests/bench.ts): half a tar of
+// The disk is the bench's real data (tests/_bench_disk.ts): half a tar of
 // /usr/lib, a quarter of zeros, a quarter of random bytes, 256 MiB. Images
 // and disk are cached under $TMPDIR/vdisk-bench-browser-<size>. The tab's
 // memory is the peak resident size (VmHWM) of the renderer process that
@@ -19,6 +24,8 @@
 // started for each image.
 import { type Browser, bundle, launch, rendererPeaks } from "./_cdp.ts";
 import { fileServer, have, ROOT, run, sha256File } from "./_helpers.ts";
+import { buildRealDisk } from "./_bench_disk.ts";
+import process from "node:process";
 
 const MIB = 1024 * 1024;
 const SIZE_MIB = Number(Deno.env.get("BENCH_SIZE_MIB") ?? 256);
@@ -31,32 +38,6 @@ const DISK = `${DIR}/disk.raw`;
 const OUT = `${DIR}/out.raw`;
 const CLI = `${ROOT}cli.ts`;
 const deno = Deno.execPath();
-
-/** Half a tar of /usr/lib, a quarter of zeros (a hole), a quarter of random bytes. */
-async function buildDisk() {
-  try {
-    if ((await Deno.stat(DISK)).size === SIZE_MIB * MIB) return;
-  } catch { /* build it */ }
-  await Deno.mkdir(`${SITE}/images`, { recursive: true });
-  const half = SIZE_MIB / 2 * MIB, quarter = SIZE_MIB / 4 * MIB;
-  const part = `${DISK}.part`;
-  console.error(`building ${SIZE_MIB} MiB real-data disk at ${DISK}`);
-  // tar is cut by head (SIGPIPE): its exit status is not checked, the size is.
-  await run("sh", [
-    "-c",
-    `(tar --sort=name -cf - -C / usr/lib 2>/dev/null || true) | head -c ${half} > ${part}`,
-  ]);
-  if ((await Deno.stat(part)).size !== half) {
-    throw new Error(`the tar of /usr/lib is smaller than ${half} bytes`);
-  }
-  await run("sh", [
-    "-c",
-    `truncate -s ${
-      half + quarter
-    } ${part} && head -c ${quarter} /dev/urandom >> ${part}`,
-  ]);
-  await Deno.rename(part, DISK);
-}
 
 interface Case {
   name: string;
@@ -129,28 +110,66 @@ const cases: Case[] = [
   },
 ];
 
-/** Best wall time of RUNS runs of the CLI converting `path` to raw. */
-async function timeCli(format: string, path: string): Promise<number> {
-  let best = Infinity;
-  for (let i = 0; i < RUNS; i++) {
-    await Deno.remove(OUT).catch(() => {});
-    const started = performance.now();
-    await run(deno, [
-      "run",
-      "-A",
-      CLI,
-      "convert",
-      "-f",
-      format,
-      "-O",
-      "raw",
-      path,
-      OUT,
-    ]);
-    best = Math.min(best, (performance.now() - started) / 1000);
-  }
+/** A run's wall time and the CPU time (user and system) it cost, in seconds. */
+interface Time {
+  wall: number;
+  cpu: number;
+}
+
+/** One run of the CLI converting `path` to raw: wall time, and its CPU time from GNU time. */
+async function timeCli(format: string, path: string): Promise<Time> {
   await Deno.remove(OUT).catch(() => {});
-  return best;
+  const started = performance.now();
+  const r = await run("/usr/bin/time", [
+    "-f",
+    "%U %S",
+    deno,
+    "run",
+    "-A",
+    CLI,
+    "convert",
+    "-f",
+    format,
+    "-O",
+    "raw",
+    path,
+    OUT,
+  ]);
+  const wall = (performance.now() - started) / 1000;
+  const [user, sys] = r.stderr.trim().split("\n").pop()!.split(" ").map(
+    Number,
+  );
+  await Deno.remove(OUT).catch(() => {});
+  return { wall, cpu: user + sys };
+}
+
+/** CPU time (user and system, seconds) of process `pid` and its descendants so far. */
+function treeCpu(pid: number): number {
+  const parents = new Map<number, number>();
+  const ticks = new Map<number, number>();
+  for (const entry of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(entry.name)) continue;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${entry.name}/stat`);
+      // After the name in parentheses: state (0), parent (1), ... utime (11), stime (12).
+      const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      parents.set(Number(entry.name), Number(f[1]));
+      ticks.set(Number(entry.name), Number(f[11]) + Number(f[12]));
+    } catch { /* gone meanwhile */ }
+  }
+  let total = 0;
+  for (const [p, t] of ticks) {
+    let q: number | undefined = p;
+    while (q !== undefined && q > 1 && q !== pid) q = parents.get(q);
+    if (q === pid) total += t;
+  }
+  return total / 100; // USER_HZ
+}
+
+/** This process's CPU time (the file server answering the page's range requests). */
+function ownCpu(): number {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1e6;
 }
 
 /** What the page's module worker answers, timed in the page. */
@@ -161,39 +180,45 @@ interface Timed {
 }
 
 /**
- * Best wall time of RUNS conversions in the page's module worker of
- * `input` (a JavaScript expression: a URL string or `globalThis.blob`),
- * after one untimed run that hashes and must give `expected`.
+ * One conversion in the page's module worker of `input` (a JavaScript
+ * expression: a URL string or `globalThis.blob`): the page's wall time and
+ * the CPU time of the whole browser (every process) and of this process
+ * (the file server) meanwhile. With `expected`, hashes and must give it.
  */
 async function timeBrowser(
   page: Browser,
   input: string,
-  expected: string,
   what: string,
-): Promise<{ seconds: number; workers: string }> {
-  const once = (hash: boolean) =>
-    page.evaluate<Timed>(
-      `(async () => {
+  expected?: string,
+): Promise<Time & { workers: string }> {
+  const cpu0 = treeCpu(page.pid) + ownCpu();
+  const r = await page.evaluate<Timed>(
+    `(async () => {
         const started = performance.now();
-        const r = await vdisk.convertInWorker(${input}, { hash: ${hash} });
+        const r = await vdisk.convertInWorker(${input}, { hash: ${!!expected} });
         return { seconds: (performance.now() - started) / 1000, sha256: r.sha256, workers: r.workers };
       })()`,
-    );
-  const checked = await once(true);
-  if (checked.sha256 !== expected) {
+  );
+  const cpu = treeCpu(page.pid) + ownCpu() - cpu0;
+  if (expected && r.sha256 !== expected) {
     throw new Error(
-      `${what}: the browser's disk has sha256 ${checked.sha256}, expected ${expected}`,
+      `${what}: the browser's disk has sha256 ${r.sha256}, expected ${expected}`,
     );
   }
-  let best = Infinity;
-  let workers = "";
-  for (let i = 0; i < RUNS; i++) {
-    const r = await once(false);
-    best = Math.min(best, r.seconds);
-    const w = r.workers?.during;
-    workers = w ? `${w.running} workers, ${w.jobs} jobs so far` : "";
-  }
-  return { seconds: best, workers };
+  const w = r.workers?.during;
+  return {
+    wall: r.seconds,
+    cpu,
+    workers: w ? `${w.running} workers, ${w.jobs} jobs so far` : "",
+  };
+}
+
+/** The best wall time and the least CPU time of `times`. */
+function best(times: Time[]): Time {
+  return {
+    wall: Math.min(...times.map((t) => t.wall)),
+    cpu: Math.min(...times.map((t) => t.cpu)),
+  };
 }
 
 const filters = Deno.args.slice(1);
@@ -204,7 +229,8 @@ const wanted = cases.filter((c) =>
 if (!have("chromium")) {
   throw new Error("deno task bench browser needs chromium");
 }
-await buildDisk();
+await Deno.mkdir(`${SITE}/images`, { recursive: true });
+await buildRealDisk(DISK, SIZE_MIB);
 const expected = await sha256File(DISK);
 await Deno.mkdir(`${SITE}/images`, { recursive: true });
 await bundle(`${SITE}/dist`);
@@ -214,14 +240,16 @@ for (const f of ["index.html", "worker.js", "sw.js"]) {
 const { server, base } = fileServer(SITE);
 
 const f2 = (n: number) => n.toFixed(2);
+const load = () =>
+  Deno.readTextFileSync("/proc/loadavg").split(" ").slice(0, 3).join(" ");
 const rows: string[] = [];
 console.log(
-  `${SIZE_MIB} MiB real-data disk, best of ${RUNS}, ${navigator.hardwareConcurrency} cores\n`,
+  `${SIZE_MIB} MiB real-data disk, best of ${RUNS} (CLI, URL and Blob runs interleaved), ${navigator.hardwareConcurrency} cores, load average ${load()}\n`,
 );
 console.log(
-  "| image | CLI | worker, URL source | worker, Blob source | tab peak RSS |",
+  "| image | CLI | worker, URL source | worker, Blob source | CPU: CLI, URL, Blob | tab peak RSS |",
 );
-console.log("| --- | --- | --- | --- | --- |");
+console.log("| --- | --- | --- | --- | --- | --- |");
 try {
   for (const c of wanted) {
     const path = `${SITE}/images/${c.file}`;
@@ -234,33 +262,43 @@ try {
         `${c.make(`${path}.part`)} && mv ${path}.part ${path}`,
       ]);
     }
-    const cli = await timeCli(c.format, path);
     const page = await launch(`${base}/index.html`);
     try {
-      const url = await timeBrowser(
-        page,
-        JSON.stringify(`/images/${c.file}`),
-        expected,
-        `${c.name} by URL`,
-      );
+      const url = JSON.stringify(`/images/${c.file}`);
       await page.evaluate(
         `fetch("/images/${c.file}").then((r) => r.blob()).then((b) => { globalThis.blob = b; })`,
       );
-      const blob = await timeBrowser(
+      // Checked once each, untimed: the disk's sha256.
+      await timeBrowser(page, url, `${c.name} by URL`, expected);
+      await timeBrowser(
         page,
         "globalThis.blob",
-        expected,
         `${c.name} from a Blob`,
+        expected,
       );
+      // The machine's load changes by the minute: the three are timed
+      // in turn, so that each row's ratios compare runs minutes apart.
+      const cli: Time[] = [], byUrl: Time[] = [], byBlob: Time[] = [];
+      let workers = "";
+      for (let i = 0; i < RUNS; i++) {
+        cli.push(await timeCli(c.format, path));
+        const u = await timeBrowser(page, url, c.name);
+        byUrl.push(u);
+        workers = u.workers;
+        byBlob.push(await timeBrowser(page, "globalThis.blob", c.name));
+      }
       await page.evaluate(`delete globalThis.blob`);
       const peak = Math.max(...rendererPeaks(page.pid).values());
-      const row = `| ${c.name} | ${f2(cli)} s | ${f2(url.seconds)} s (${
-        f2(url.seconds / cli)
-      }x) | ${f2(blob.seconds)} s (${f2(blob.seconds / cli)}x) | ${
+      const [k, u, b] = [best(cli), best(byUrl), best(byBlob)];
+      const row = `| ${c.name} | ${f2(k.wall)} s | ${f2(u.wall)} s (${
+        f2(u.wall / k.wall)
+      }x) | ${f2(b.wall)} s (${f2(b.wall / k.wall)}x) | ${f2(k.cpu)}, ${
+        f2(u.cpu)
+      } (${f2(u.cpu / k.cpu)}x), ${f2(b.cpu)} s (${f2(b.cpu / k.cpu)}x) | ${
         Math.round(peak / MIB)
       } MiB |`;
       rows.push(row);
-      console.log(row + (url.workers ? `  <!-- ${url.workers} -->` : ""));
+      console.log(row + (workers ? `  <!-- ${workers} -->` : ""));
     } catch (e) {
       throw new Error(
         `${(e as Error).message}\npage log:\n${page.logs.join("\n")}`,
@@ -272,3 +310,4 @@ try {
 } finally {
   await server.shutdown();
 }
+console.log(`\nload average at the end: ${load()}`);

@@ -5,6 +5,7 @@ import {
   fromFile,
   fromUrl,
   HttpSourceError,
+  HttpTimeoutError,
   memorySink,
   streamSink,
 } from "../mod.ts";
@@ -128,4 +129,65 @@ Deno.test("streamSink fills gaps with zeros and refuses going backwards", async 
   let at = 0;
   for (const c of chunks) all.set(c, (at += c.length) - c.length);
   assertEquals(all, new Uint8Array([0, 0, 0, 9, 0, 0]));
+});
+
+Deno.test("fromUrl's idle timeout waits for the next byte, however many come: a body that dribbles within it is read, one that stops fails", async () => {
+  const size = 12;
+  /** A server (as a fetch) whose body sends a byte every 40 ms, stopping after `stopAfter`. */
+  const dribbling = (stopAfter: number): typeof fetch => (_url, init) => {
+    const range = new Headers(init?.headers).get("Range")!;
+    if (range === "bytes=0-0") {
+      return Promise.resolve(
+        new Response(new Uint8Array([7]), {
+          status: 206,
+          headers: { "Content-Range": `bytes 0-0/${size}` },
+        }),
+      );
+    }
+    let sent = 0;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        // As fetch's bodies do: an aborted request errors its body.
+        init?.signal?.addEventListener("abort", () => {
+          clearTimeout(timer);
+          controller.error(init.signal!.reason);
+        });
+      },
+      pull(controller) {
+        if (sent === size) return controller.close();
+        if (sent === stopAfter) return new Promise(() => {}); // silent
+        return new Promise((resolve) => {
+          timer = setTimeout(() => {
+            controller.enqueue(new Uint8Array([sent++]));
+            resolve();
+          }, 40);
+        });
+      },
+      cancel() {
+        clearTimeout(timer);
+      },
+    });
+    return Promise.resolve(
+      new Response(body, {
+        status: 206,
+        headers: { "Content-Range": `bytes 0-${size - 1}/${size}` },
+      }),
+    );
+  };
+  // 12 bytes over about 480 ms, never 150 ms apart: read.
+  const steady = await fromUrl("http://disk.test/a", {
+    fetch: dribbling(size),
+    idleTimeout: 150,
+  });
+  assertEquals(
+    [...await steady.read(0, size)],
+    [...Array(size).keys()],
+  );
+  // Silent after 3 bytes: the idle timeout.
+  const stalled = await fromUrl("http://disk.test/b", {
+    fetch: dribbling(3),
+    idleTimeout: 150,
+  });
+  await rejects(() => stalled.read(0, size), HttpTimeoutError, /idle timeout/);
 });

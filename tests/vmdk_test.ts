@@ -823,3 +823,86 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name:
+    "without a native inflater (browsers) a read of a streamOptimized vmdk's grains is one file read and one decode-worker call, with qemu-img's bytes; a bad grain is named",
+  ignore: skip(["qemu-img"]),
+  async fn() {
+    await withTemp(async (dir) => {
+      // 2 MiB of text-like bytes, 2 MiB of zeros, 2 MiB of random bytes.
+      const MIB = 1 << 20;
+      const disk = new Uint8Array(6 * MIB);
+      const words = new TextEncoder().encode(
+        Array.from({ length: 300_000 }, (_, i) => `w${(i * 7919) % 4099}`)
+          .join(" "),
+      );
+      disk.set(words.subarray(0, 2 * MIB));
+      disk.set(pseudoRandom(2 * MIB, 7), 4 * MIB);
+      const input = `${dir}/disk.raw`;
+      await Deno.writeFile(input, disk);
+      const image = `${dir}/disk.vmdk`;
+      await run("qemu-img", [
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        input,
+        image,
+      ]);
+      const expected = `${dir}/expected.raw`;
+      await run("qemu-img", ["convert", "-O", "raw", image, expected]);
+      const child = (path: string, env: Record<string, string> = {}) =>
+        new Deno.Command(Deno.execPath(), {
+          args: [
+            "run",
+            "-A",
+            new URL("./_vmdk_pooled_read.ts", import.meta.url).pathname,
+            path,
+            expected,
+            String(2 * MIB),
+          ],
+          env,
+          stdout: "piped",
+          stderr: "piped",
+        }).output().then((o) => {
+          if (!o.success) throw new Error(new TextDecoder().decode(o.stderr));
+          return JSON.parse(new TextDecoder().decode(o.stdout));
+        });
+      const got = await child(image);
+      assertEquals(got.nativeInflate, "undefined");
+      type Read = {
+        at: number;
+        sourceReads: number;
+        workerCalls: number;
+        same: boolean;
+      };
+      const reads = got.reads as Read[];
+      assertEquals(reads.map((r) => r.same), [true, true, true]);
+      // The first read also loads the grain table; the zeros read nothing.
+      assertEquals(reads.map((r) => r.sourceReads), [2, 0, 1]);
+      assertEquals(reads.map((r) => r.workerCalls), [1, 0, 1]);
+
+      // A grain whose deflate bytes are poked: the workers fail, the read
+      // is done again here and names the grain.
+      const bytes = await Deno.readFile(image);
+      const overHead = Number(
+        new DataView(bytes.buffer).getBigUint64(64, true),
+      );
+      const grain = overHead * 512;
+      bytes.fill(0xff, grain + 12 + 40, grain + 12 + 72);
+      const bad = `${dir}/bad.vmdk`;
+      await Deno.writeFile(bad, bytes);
+      const failed = await child(bad, { BAD: "1" });
+      assertMatch(
+        failed.error,
+        new RegExp(
+          `^ImageFormatError: .*compressed grain at sector ${overHead}`,
+        ),
+      );
+    });
+  },
+});

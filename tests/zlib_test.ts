@@ -67,3 +67,46 @@ Deno.test("zlib decodeInto refuses streams too short, too long, cut or corrupt, 
     assertEquals(out, text);
   }
 });
+
+Deno.test("without a native inflater (browsers) stored deflate streams are copied, and every other stream still inflates or fails as a CodecError", async () => {
+  const o = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      new URL("./_zlib_no_native.ts", import.meta.url).pathname,
+    ],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  if (!o.success) throw new Error(new TextDecoder().decode(o.stderr));
+  const { native, results } = JSON.parse(new TextDecoder().decode(o.stdout));
+  assertEquals(native, false);
+  type Result = {
+    name: string;
+    decode: true | string;
+    decodeInto: true | string;
+    streams: number;
+  };
+  for (const r of results as Result[]) {
+    const good = !/poked|cut|after|declared/.test(r.name);
+    if (good) {
+      assertEquals([r.name, r.decode, r.decodeInto], [r.name, true, true]);
+    } else {
+      for (const got of [r.decode, r.decodeInto]) {
+        assertEquals(typeof got, "string", r.name);
+        assertEquals(
+          (got as string).startsWith("CodecError: zlib: "),
+          true,
+          `${r.name}: ${got}`,
+        );
+      }
+    }
+    // Stored streams are copied without a DecompressionStream; the others
+    // (decode, then decodeInto) go through one each.
+    assertEquals(
+      r.streams,
+      r.name.startsWith("stored") && good ? 0 : 2,
+      r.name,
+    );
+  }
+});

@@ -126,7 +126,7 @@ export class CodecPool {
               job.resolve(
                 e.data.pieces
                   ? { pieces: e.data.pieces, crcs: e.data.crcs } as never
-                  : e.data.crcs ?? out,
+                  : e.data.filled ?? e.data.crcs ?? out,
               );
             }
           }
@@ -246,6 +246,41 @@ export class CodecPool {
         this.#pending.delete(id);
         resolve(null);
       }
+    });
+  }
+
+  /**
+   * Like {@linkcode batchInto} where memory is not shared (browser pages
+   * that are not cross-origin isolated): `out`, which must own its whole
+   * buffer, is moved to the worker, which decodes each chunk into it at
+   * its place and moves it back; answers it filled, or `null` on any
+   * failure (`out` is then gone: the caller decodes into a new array).
+   * `input` is moved too when it owns its buffer (the caller leaves it
+   * alone), copied otherwise. No CRCs are computed. One 2 MiB array each
+   * way instead of a piece per chunk moved back and copied into place.
+   */
+  batchMoved(
+    input: Uint8Array,
+    jobs: number[],
+    out: Uint8Array,
+  ): Promise<Uint8Array | null> {
+    const claimed = this.#claim();
+    if (!claimed) return Promise.resolve(null);
+    const { slot, id } = claimed;
+    const owns = (a: Uint8Array) =>
+      a.byteOffset === 0 && a.byteLength === a.buffer.byteLength &&
+      a.buffer instanceof ArrayBuffer;
+    const copy = owns(input) ? input : input.slice();
+    return new Promise((resolve) => {
+      this.#pending.set(id, {
+        resolve: (filled) => resolve(filled as never),
+        reject: () => resolve(null),
+        codec: "batch",
+      });
+      slot.worker.postMessage(
+        { id, op: "batchInto", input: copy, jobs, size: 0, out, moved: true },
+        [copy.buffer as ArrayBuffer, out.buffer as ArrayBuffer],
+      );
     });
   }
 

@@ -41,6 +41,8 @@ interface Job {
   out?: Uint8Array;
   /** For a batch: answer zeros for the CRCs (the caller checks none). */
   noCrc?: boolean;
+  /** For `batchInto`: `out` was moved here, not shared; move it back filled, no CRCs. */
+  moved?: boolean;
 }
 
 /** The worker's global scope, typed without the Deno worker lib. */
@@ -102,12 +104,15 @@ async function batch(
  * memory the caller copies from: nothing is allocated per chunk here and
  * nothing is transferred back but the CRCs. (Chunks transferred back as
  * fresh arrays, 1 MiB each, kept the main thread's V8 heap and the peak
- * RSS of `deno task bench`'s dmg bzip2 case over 200 MiB.)
+ * RSS of `deno task bench`'s dmg bzip2 case over 200 MiB.) Where memory
+ * is not shared, `out` was moved here (`CodecPool.batchMoved`) and goes
+ * back the same way, without CRCs.
  */
 async function batchInto(
   input: Uint8Array,
   jobs: number[],
   out: Uint8Array,
+  noCrc = false,
 ): Promise<Uint32Array<ArrayBuffer>> {
   const crcs = new Uint32Array(new ArrayBuffer(jobs.length / 5 * 4));
   for (let j = 0; j < jobs.length; j += 5) {
@@ -124,7 +129,7 @@ async function batchInto(
       if (module.decodeInto) await module.decodeInto(packed, target);
       else target.set(await module.decode(packed, decodedSize));
     }
-    crcs[j / 5] = crc32(target);
+    if (!noCrc) crcs[j / 5] = crc32(target);
   }
   return crcs;
 }
@@ -133,8 +138,11 @@ scope.onmessage = async (e: MessageEvent<Job>) => {
   const { id, op, codec, input, size } = e.data;
   if (op === "batchInto") {
     try {
-      const crcs = await batchInto(input, e.data.jobs ?? [], e.data.out!);
-      scope.postMessage({ id, crcs }, [crcs.buffer]);
+      const out = e.data.out!;
+      const crcs = await batchInto(input, e.data.jobs ?? [], out, e.data.moved);
+      if (e.data.moved) {
+        scope.postMessage({ id, filled: out }, [out.buffer as ArrayBuffer]);
+      } else scope.postMessage({ id, crcs }, [crcs.buffer]);
     } catch {
       // Reported as a failure: the caller decodes chunk by chunk and names it.
       scope.postMessage({ id, unavailable: true });
