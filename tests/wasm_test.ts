@@ -188,6 +188,127 @@ Deno.test({
   },
 });
 
+/** An LZVN (bvxn) stream of one block: `raw` bytes from `ops`, then end-of-stream. */
+function lzvnStream(raw: number, ops: number[]): Uint8Array {
+  const payload = [...ops, 0x06, 0, 0, 0, 0, 0, 0, 0];
+  const b = new Uint8Array(12 + payload.length + 4);
+  const v = new DataView(b.buffer);
+  b.set([0x62, 0x76, 0x78, 0x6e]);
+  v.setUint32(4, raw, true);
+  v.setUint32(8, payload.length, true);
+  b.set(payload, 12);
+  b.set([0x62, 0x76, 0x78, 0x24], 12 + payload.length);
+  return b;
+}
+
+Deno.test({
+  name:
+    "lzvn: lzvn.c itself decodes real LZVN blocks, the same bytes as TypeScript",
+  ignore: !wasmAvailable(),
+  async fn() {
+    // Straight to the export, so a C decoder that refused everything (and
+    // left the work to the TypeScript fallback) would fail here.
+    const data = realFiles(3 << 20);
+    for (const size of [1, 3000, 200_000, 1 << 20]) {
+      const plain = data.subarray(size, 2 * size);
+      const packed = await lzfse.encode(plain, { method: "lzvn" });
+      const v = new DataView(packed.buffer, packed.byteOffset);
+      assertEquals(v.getUint32(0, true), 0x6e787662); // bvxn
+      assertEquals(v.getUint32(4, true), size); // one block
+      const payload = v.getUint32(8, true);
+      const wasm = acquireWasm()!;
+      try {
+        const inAt = wasm.heapBase;
+        const outAt = inAt + packed.length + 32;
+        wasm.ensure(outAt + size + 32);
+        wasm.bytes.set(packed, inAt);
+        const status = wasm.exports.lzvn_decode(
+          inAt,
+          12,
+          12 + payload,
+          outAt,
+          0,
+          size,
+        );
+        assertEquals(status, 0, `${size} bytes`);
+        assertEquals(wasm.bytes.slice(outAt, outAt + size), plain);
+      } finally {
+        releaseWasm(wasm);
+      }
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "lzvn: WebAssembly and TypeScript agree on every opcode with every operand pattern tried",
+  ignore: !wasmAvailable(),
+  async fn() {
+    // 16 literal bytes first, so that distances up to 16 are valid; then
+    // each opcode with operand bytes that make short, long, zero and
+    // too-long distances and lengths, with n_raw_bytes from 15 to 51 (the
+    // right one among them wherever the opcode's lengths are small).
+    const lead = [0xe0 + 15, ...Array.from({ length: 15 }, (_, i) => 65 + i)];
+    const operands = [
+      [],
+      [0],
+      [1],
+      [3, 0],
+      [0x40, 0],
+      [5, 0, 1, 2],
+      [0xff, 0xff, 0xff],
+      [8, 0, 0x61, 0x62, 0x63],
+      [0x2c, 0, 0x61, 0x62, 0x63, 0x64],
+    ];
+    let decoded = 0, refused = 0;
+    for (let op = 0; op < 256; op++) {
+      for (const tail of operands) {
+        for (let raw = 15; raw < 52; raw++) {
+          const input = lzvnStream(raw, [...lead, op, ...tail]);
+          const wasm = await outcome(lzfse.decode, input, raw, true);
+          assertEquals(
+            wasm,
+            await outcome(lzfse.decode, input, raw, false),
+            `opcode 0x${op.toString(16)}, operands ${tail}, ${raw} bytes`,
+          );
+          if (wasm.startsWith("lzfse:")) refused++;
+          else decoded++;
+        }
+      }
+    }
+    assertTrue(decoded > 40 && refused > 2000, `${decoded} ${refused}`);
+  },
+});
+
+Deno.test({
+  name:
+    "lzvn: WebAssembly and TypeScript agree on 600 mutations of real LZVN streams of several blocks",
+  ignore: !wasmAvailable(),
+  async fn() {
+    const data = realFiles(4 << 20);
+    const next = numbers(15);
+    const streams: [Uint8Array, number][] = [];
+    for (const size of [700, 5000, 60_000, 300_000, (1 << 20) + 100_000]) {
+      const at = next(data.length - size);
+      const plain = data.subarray(at, at + size);
+      streams.push([await lzfse.encode(plain, { method: "lzvn" }), size]);
+    }
+    let errors = 0;
+    for (let round = 0; round < 600; round++) {
+      const [packed, size] = streams[round % streams.length];
+      const input = round < streams.length ? packed : mutate(packed, next);
+      const wasm = await outcome(lzfse.decode, input, size, true);
+      assertEquals(
+        wasm,
+        await outcome(lzfse.decode, input, size, false),
+        `round ${round}`,
+      );
+      if (wasm.startsWith("lzfse:")) errors++;
+    }
+    assertTrue(errors > 200, `${errors} errors`);
+  },
+});
+
 /** What decode() and decodeStreaming() make of `input`, on one path. */
 async function xzOutcome(
   input: Uint8Array,

@@ -1,5 +1,5 @@
 /**
- * The WebAssembly decoders' hot loops (LZMA, LZ4, LZO1X, LZFSE, CRC-64), written in C in
+ * The WebAssembly decoders' hot loops (LZMA, LZ4, LZO1X, LZFSE, LZVN, CRC-64), written in C in
  * `drivers/codecs/_wasm/` and built by `tools/build_wasm.sh` into
  * `_wasm_module.ts` (base64, so the module loads by URL, in the browser
  * bundle and on Deno Deploy without a fetch or a permission).
@@ -90,6 +90,14 @@ export interface WasmExports {
     out: number,
     dst: number,
     blockEnd: number,
+  ): number;
+  lzvn_decode(
+    input: number,
+    src: number,
+    srcEnd: number,
+    out: number,
+    dst: number,
+    dstEnd: number,
   ): number;
 }
 
