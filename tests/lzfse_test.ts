@@ -1,5 +1,5 @@
 import { assertEquals, assertMatch, assertTrue as assert } from "./_asserts.ts";
-import { decode, encode } from "../drivers/codecs/lzfse.ts";
+import { decode, decodeInto, encode } from "../drivers/codecs/lzfse.ts";
 import { concat } from "../drivers/_binary.ts";
 import { KOLY_SIZE, parseKoly } from "../drivers/dmg/_koly.ts";
 import { parseMish, TYPE } from "../drivers/dmg/_mish.ts";
@@ -725,5 +725,22 @@ bothPaths(
   { ignore: skip([], true) },
   async () => {
     await damageRandomly((await referenceChunks())!);
+  },
+);
+
+bothPaths(
+  "lzfse decodeInto fills the caller's buffer (FSE and LZVN streams) and refuses a wrong size",
+  async () => {
+    const data = mixedData(300_000);
+    for (const method of METHODS) {
+      const packed = await encode(data, { method });
+      const out = new Uint8Array(data.length);
+      await decodeInto(packed, out);
+      assertBytes(out, data, method);
+      await rejects(
+        () => decodeInto(packed, new Uint8Array(data.length + 1)),
+        CodecError,
+      );
+    }
   },
 );

@@ -8,6 +8,7 @@ import { pseudoRandom, rejects, run, skip } from "./_helpers.ts";
 import { bothPaths, realFiles } from "./_codec.ts";
 import {
   decode,
+  decodeInto,
   decodeStreaming,
   encode,
   type XzEncodeWork,
@@ -192,3 +193,18 @@ Deno.test({
     }
   },
 });
+
+bothPaths(
+  "xz decodeInto fills the caller's buffer and refuses a wrong size",
+  async () => {
+    const data = realFiles(300_000);
+    const packed = await encode(data);
+    const out = new Uint8Array(data.length);
+    await decodeInto(packed, out);
+    assertEquals(out, data);
+    await rejects(
+      () => decodeInto(packed, new Uint8Array(data.length - 1)),
+      CodecError,
+    );
+  },
+);

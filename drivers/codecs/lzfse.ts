@@ -958,7 +958,37 @@ export function decode(
   }
 }
 
-function decodeStream(input: Uint8Array, expectedSize: number): Uint8Array {
+/**
+ * Decodes a whole LZFSE stream (as {@linkcode decode}) into `out`, which
+ * it must fill exactly: a 64 MiB dmg chunk decodes straight into the
+ * caller's (or a worker's shared) buffer, with no array of its own.
+ *
+ * @param input the stream
+ * @param out where the decoded bytes go; its length is the expected size
+ *
+ * @example
+ * ```ts
+ * import { decodeInto, encode } from "./lzfse.ts";
+ * const text = new TextEncoder().encode("hello hello hello hello");
+ * const out = new Uint8Array(text.length);
+ * await decodeInto(await encode(text), out);
+ * console.log(new TextDecoder().decode(out)); // hello hello hello hello
+ * ```
+ */
+export function decodeInto(input: Uint8Array, out: Uint8Array): Promise<void> {
+  try {
+    decodeStream(input, out.length, out);
+    return Promise.resolve();
+  } catch (e) {
+    return Promise.reject(e);
+  }
+}
+
+function decodeStream(
+  input: Uint8Array,
+  expectedSize: number,
+  into?: Uint8Array,
+): Uint8Array {
   if (!Number.isSafeInteger(expectedSize) || expectedSize < 0) {
     fail(`expected size ${expectedSize} is not a byte count`);
   }
@@ -976,7 +1006,9 @@ function decodeStream(input: Uint8Array, expectedSize: number): Uint8Array {
         instance.bytes.set(input, inAt);
         const out = instance.bytes.subarray(outAt, outAt + expectedSize);
         decodeBlocks(input, expectedSize, out, wasm);
-        return out.slice();
+        if (!into) return out.slice();
+        into.set(out);
+        return into;
       }
     } catch (e) {
       if (!(e instanceof CodecError || e instanceof WasmRefused)) throw e;
@@ -986,7 +1018,7 @@ function decodeStream(input: Uint8Array, expectedSize: number): Uint8Array {
   }
   let out: Uint8Array;
   try {
-    out = new Uint8Array(expectedSize);
+    out = into ?? new Uint8Array(expectedSize);
   } catch {
     fail(`expected size ${expectedSize} cannot be allocated`);
   }

@@ -958,7 +958,39 @@ export async function decode(
   if (!Number.isSafeInteger(expectedSize) || expectedSize < 0) {
     fail(`expected size ${expectedSize} is not a byte count`);
   }
-  const o: Output = { out: new Uint8Array(expectedSize), length: 0 };
+  let out: Uint8Array;
+  try {
+    out = new Uint8Array(expectedSize);
+  } catch {
+    fail(`expected size ${expectedSize} cannot be allocated`);
+  }
+  await decodeInto(input, out);
+  return out;
+}
+
+/**
+ * Decodes `.xz` data (as {@linkcode decode}) into `out`, which it must
+ * fill exactly: a 64 MiB dmg chunk decodes straight into the caller's
+ * (or a worker's shared) buffer, with no array of its own.
+ *
+ * @param input one or more `.xz` streams
+ * @param out where the decoded bytes go; its length is the expected size
+ *
+ * @example
+ * ```ts
+ * import { decodeInto, encode } from "./xz.ts";
+ * const text = new TextEncoder().encode("xz xz xz xz xz xz");
+ * const out = new Uint8Array(text.length);
+ * await decodeInto(await encode(text), out);
+ * console.log(new TextDecoder().decode(out)); // xz xz xz xz xz xz
+ * ```
+ */
+export async function decodeInto(
+  input: Uint8Array,
+  out: Uint8Array,
+): Promise<void> {
+  const expectedSize = out.length;
+  const o: Output = { out, length: 0 };
   let pos = 0;
   for (let stream = 1;; stream++) {
     pos = await decodeStream(input, pos, o, stream);
@@ -978,7 +1010,6 @@ export async function decode(
   if (o.length !== expectedSize) {
     fail(`decodes to ${o.length} bytes, ${expectedSize} declared`);
   }
-  return o.out;
 }
 
 // ---------------------------------------------------------------------------
