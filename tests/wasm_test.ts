@@ -12,6 +12,7 @@ import {
   useWasm,
   WASM_COPY_LIMIT,
   wasmAvailable,
+  WasmInstance,
 } from "../drivers/codecs/_wasm.ts";
 import { WASM_COMPILER } from "../drivers/codecs/_wasm_module.ts";
 import * as lz4 from "../drivers/codecs/lz4.ts";
@@ -309,6 +310,107 @@ Deno.test({
   },
 });
 
+/** An LZFSE stream from raw blocks: [magic, raw, payload] each, then bvx$. */
+function lzfseBlocks(blocks: [string, number, Uint8Array][]): Uint8Array {
+  const parts: Uint8Array[] = [];
+  for (const [magic, raw, payload] of blocks) {
+    const header = new Uint8Array(magic === "bvx-" ? 8 : 12);
+    const v = new DataView(header.buffer);
+    header.set(new TextEncoder().encode(magic));
+    v.setUint32(4, raw, true);
+    if (magic === "bvxn") v.setUint32(8, payload.length, true);
+    parts.push(header, payload);
+  }
+  parts.push(new TextEncoder().encode("bvx$"));
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+Deno.test({
+  name:
+    "lzfse: streams over WASM_COPY_LIMIT decode in WebAssembly through a window, the same bytes as TypeScript, with its memory far below the output",
+  ignore: !wasmAvailable(),
+  async fn() {
+    const MIB = 1 << 20;
+    const size = WASM_COPY_LIMIT + 2 * MIB;
+    const data = new Uint8Array(size);
+    const real = realFiles(4 * MIB);
+    for (let at = 0; at < size; at += 5 * MIB) {
+      data.set(real.subarray(0, Math.min(4 * MIB, size - at)), at);
+    }
+    // FSE blocks, and LZVN blocks, each encoder's stream whole.
+    const streams = [
+      await lzfse.encode(data),
+      await lzfse.encode(data, { method: "lzvn" }),
+    ];
+    // A stored block larger than the window (linear memory grows for it),
+    // then an LZVN block copying from 65535 back into it.
+    const head = data.subarray(0, size - 16);
+    streams.push(lzfseBlocks([
+      ["bvx-", head.length, head],
+      // lrg_d: L 0, M 10, D 65535; then match of 6 more from the same D.
+      [
+        "bvxn",
+        16,
+        Uint8Array.of(0x3f, 0xff, 0xff, 0xf6, 6, 0, 0, 0, 0, 0, 0, 0),
+      ],
+    ]));
+    const tail = data.subarray(size - 16 - 65535, size - 65535);
+    const expected = [data, data, new Uint8Array(size)];
+    expected[2].set(head);
+    expected[2].set(tail, size - 16);
+    const largest: number[] = [];
+    const ensure = WasmInstance.prototype.ensure;
+    for (const [k, packed] of streams.entries()) {
+      largest[k] = 0;
+      WasmInstance.prototype.ensure = function (n: number) {
+        largest[k] = Math.max(largest[k], n);
+        return ensure.call(this, n);
+      };
+      let wasm: Uint8Array;
+      try {
+        wasm = await lzfse.decode(packed, size);
+      } finally {
+        WasmInstance.prototype.ensure = ensure;
+      }
+      assertTrue(
+        wasm.length === size && wasm.every((b, i) => b === expected[k][i]),
+        `stream ${k}: WebAssembly bytes differ`,
+      );
+      const before = useWasm(false);
+      try {
+        const script = await lzfse.decode(packed, size);
+        assertTrue(
+          script.every((b, i) => b === expected[k][i]),
+          `stream ${k}: TypeScript bytes differ`,
+        );
+      } finally {
+        useWasm(before);
+      }
+      // Linear memory asked for: the input and a 4 MiB window, or the
+      // stored block it had to hold; never the whole output.
+      const limit = packed.length + (k < 2 ? 8 * MIB : size + 2 * MIB);
+      assertTrue(largest[k] < limit, `stream ${k}: ${largest[k]}`);
+    }
+    // Damaged: both paths give the same bytes or the same error.
+    const next = numbers(16);
+    for (let round = 0; round < 6; round++) {
+      const packed = streams[round % 2];
+      const input = mutate(packed, next);
+      assertEquals(
+        await outcome(lzfse.decode, input, size, true),
+        await outcome(lzfse.decode, input, size, false),
+        `round ${round}`,
+      );
+    }
+  },
+});
+
 /** What decode() and decodeStreaming() make of `input`, on one path. */
 async function xzOutcome(
   input: Uint8Array,
@@ -404,7 +506,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "outputs over WASM_COPY_LIMIT decode in TypeScript, and no instance kept for reuse holds more than the limit",
+    "outputs over WASM_COPY_LIMIT decode in TypeScript (LZ4) or through a window (LZFSE), and no instance kept for reuse holds more than the limit",
   ignore: !wasmAvailable(),
   async fn() {
     const size = WASM_COPY_LIMIT + (8 << 20);
