@@ -32,8 +32,10 @@ export const MAX_WASM_MEMORY = 1 << 30;
 /**
  * The largest output decoded through linear memory and then copied out
  * (LZ4, LZO1X, LZFSE, whole-buffer xz windows). Past it the TypeScript
- * decoder writes straight into the output: a copy would hold the output
- * twice (a 64 MiB dmg chunk on two workers would pass 256 MiB of RSS).
+ * decoder writes straight into the output (LZ4, LZO1X), or only a window
+ * of it is in linear memory (LZFSE, xz with a smaller dictionary): a copy
+ * would hold the output twice (a 64 MiB dmg chunk on two workers would
+ * pass 256 MiB of RSS).
  */
 export const WASM_COPY_LIMIT = 32 << 20;
 
