@@ -148,7 +148,7 @@ const CODECS: ReadonlyMap<number, string> = new Map([
 interface Codec {
   decode(input: Uint8Array, expectedSize: number): Promise<Uint8Array>;
   encode(input: Uint8Array): Promise<Uint8Array>;
-  /** Decodes into `out`, filling it exactly (zlib and bzip2 have it). */
+  /** Decodes into `out`, filling it exactly (zlib, bzip2, lzfse, xz have it). */
   decodeInto?(input: Uint8Array, out: Uint8Array): Promise<void>;
 }
 

@@ -12,10 +12,11 @@
 // - zlib, bzip2, xz: ours decodes the very file the tool made (gzip -n's
 //   deflate body; the .bz2; the .xz, made with -T1 as one block), and the
 //   tool decodes it with -d to /dev/null.
-// - lz4, lzo, lzfse, adc: ours decodes 1 MiB chunks made by our encoder (as
-//   in a dmg); lz4 -d and lzop -d decode their own file of the sample;
-//   7zz decodes a dmg of the sample with lzfse (or adc) chunks made by our
-//   writer, the same chunks ours decodes.
+// - lz4, lzo, lzfse, lzvn, adc: ours decodes 1 MiB chunks made by our
+//   encoder (as in a dmg; lzvn: LZFSE streams of one LZVN block each);
+//   lz4 -d and lzop -d decode their own file of the sample; 7zz decodes a
+//   dmg of the sample with lzfse (or adc) chunks made by our writer, or
+//   (lzvn) one of the same LZVN chunks ours decodes (tests/_ulfo.ts).
 // - zstd: ours decodes the .zst the tool made (zstd -3, one stream of
 //   frames, streamed through the window as a `.zst` input is), and the
 //   tool decodes it with -d to /dev/null.
@@ -33,6 +34,8 @@ import * as zlib from "../drivers/codecs/zlib.ts";
 import * as zstd from "../drivers/codecs/zstd.ts";
 import { ByteFeed } from "../drivers/codecs/_feed.ts";
 import { have, ROOT, run } from "./_helpers.ts";
+import { ulfoImage } from "./_ulfo.ts";
+import { useWasm } from "../drivers/codecs/_wasm.ts";
 
 const MIB = 1024 * 1024;
 const PIECES = 64;
@@ -42,6 +45,8 @@ const DIR = `${Deno.env.get("TMPDIR") ?? "/tmp"}/vdisk-bench-codecs`;
 const SAMPLE = `${DIR}/sample.raw`;
 const TICKS = 100; // CLK_TCK on Linux
 const filters = Deno.args.slice(1);
+// BENCH_WASM=off: the TypeScript decoders only (the "before" figures).
+if (Deno.env.get("BENCH_WASM") === "off") useWasm(false);
 
 /** The sample: every 8th MiB of the first 512 MiB of a tar of /usr/lib. */
 async function buildSample(): Promise<Uint8Array> {
@@ -134,12 +139,13 @@ async function timeTool(command: string): Promise<Timing> {
   return best;
 }
 
-/** Makes `path` with a shell command once. */
-async function make(path: string, command: string) {
+/** Makes `path` once, with a shell command or a function. */
+async function make(path: string, command: string | (() => Promise<void>)) {
   try {
     if ((await Deno.stat(path)).size > 0) return;
   } catch { /* make it */ }
-  await run("sh", ["-c", command]);
+  if (typeof command === "string") await run("sh", ["-c", command]);
+  else await command();
 }
 
 /** The sample cut into 1 MiB chunks, each encoded by `encode`. */
@@ -188,7 +194,7 @@ interface Codec {
   prepare?: (sample: Uint8Array) => Promise<Run>;
   /** The reference tool's name (for `have`) and its decode command. */
   tool: string;
-  toolMake: [string, string];
+  toolMake: [string, string | (() => Promise<void>)];
   toolDecode: string;
 }
 
@@ -256,6 +262,31 @@ const codecs: Codec[] = [
       const encoded: Uint8Array[] = [];
       for (let at = 0; at < sample.length; at += MIB) {
         encoded.push(await lzfse.encode(sample.subarray(at, at + MIB)));
+      }
+      return chunkDecoder(sample, encoded, async (input, out) => {
+        out.set(await lzfse.decode(input, out.length));
+      });
+    },
+  },
+  {
+    name: "lzvn (lzfse's bvxn blocks; 7zz: a dmg of them)",
+    tool: "7zz",
+    // Our writer picks FSE blocks for 1 MiB chunks: this dmg's chunks are
+    // one LZVN block each, as the encoder makes them on request.
+    toolMake: [
+      `${DIR}/sample-lzvn.dmg`,
+      async () =>
+        await Deno.writeFile(
+          `${DIR}/sample-lzvn.dmg`,
+          await ulfoImage(await buildSample(), { method: "lzvn" }),
+        ),
+    ],
+    toolDecode: `7zz x -tdmg -so ${DIR}/sample-lzvn.dmg > /dev/null`,
+    prepare: async (sample) => {
+      const encoded: Uint8Array[] = [];
+      for (let at = 0; at < sample.length; at += MIB) {
+        const piece = sample.subarray(at, at + MIB);
+        encoded.push(await lzfse.encode(piece, { method: "lzvn" }));
       }
       return chunkDecoder(sample, encoded, async (input, out) => {
         out.set(await lzfse.decode(input, out.length));

@@ -1,16 +1,12 @@
 import { assertEquals, assertMatch, assertTrue as assert } from "./_asserts.ts";
-import { decode, encode, type EncodeOptions } from "../drivers/codecs/lzfse.ts";
-import { crc32 } from "../drivers/codecs/crc32.ts";
+import { decode, decodeInto, encode } from "../drivers/codecs/lzfse.ts";
 import { concat } from "../drivers/_binary.ts";
-import { KOLY_SIZE, kolyBytes, parseKoly } from "../drivers/dmg/_koly.ts";
-import { mishBytes, parseMish, TYPE } from "../drivers/dmg/_mish.ts";
-import {
-  encodeBase64,
-  parsePlist,
-  type PlistValue,
-} from "../drivers/dmg/_plist.ts";
+import { KOLY_SIZE, parseKoly } from "../drivers/dmg/_koly.ts";
+import { parseMish, TYPE } from "../drivers/dmg/_mish.ts";
+import { parsePlist, type PlistValue } from "../drivers/dmg/_plist.ts";
 import { CodecError } from "../streams/errors.ts";
 import { bothPaths } from "./_codec.ts";
+import { ulfoImage } from "./_ulfo.ts";
 import {
   pseudoRandom,
   referenceBytes,
@@ -248,97 +244,6 @@ bothPaths("lzfse round-trips 1 MiB of mixed data", async () => {
   assertBytes(await decode(packed, data.length), data, "mixed");
   assert(packed.length < data.length / 4, `${packed.length}`);
 });
-
-/**
- * A one-partition UDIF whose chunks are this encoder's ULFO chunks (1 MiB
- * each, a zero chunk for an all-zero MiB), built with the dmg helpers and
- * an XML plist written here.
- */
-async function ulfoImage(
-  disk: Uint8Array,
-  options: EncodeOptions,
-): Promise<Uint8Array> {
-  const chunkSectors = 2048;
-  const chunks = [];
-  const parts: Uint8Array[] = [];
-  let offset = 0;
-  for (let sector = 0; sector * 512 < disk.length; sector += chunkSectors) {
-    const bytes = disk.subarray(sector * 512, (sector + chunkSectors) * 512);
-    const sectors = bytes.length / 512;
-    if (bytes.every((b) => b === 0)) {
-      chunks.push({ type: TYPE.zero, sector, sectors, offset, length: 0 });
-      continue;
-    }
-    const packed = await encode(bytes, options);
-    chunks.push({
-      type: TYPE.lzfse,
-      sector,
-      sectors,
-      offset,
-      length: packed.length,
-    });
-    parts.push(packed);
-    offset += packed.length;
-  }
-  const dataFork = new Uint8Array(offset);
-  let at = 0;
-  for (const p of parts) {
-    dataFork.set(p, at);
-    at += p.length;
-  }
-  const partitionCrc = crc32(disk);
-  const mish = mishBytes({
-    firstSector: 0,
-    sectorCount: disk.length / 512,
-    descriptor: 0,
-    crc: partitionCrc,
-    chunks,
-    largestChunk: chunkSectors,
-  });
-  const xml = `<?xml version="1.0" encoding="UTF-8"?>
-<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
-<plist version="1.0">
-<dict>
-	<key>resource-fork</key>
-	<dict>
-		<key>blkx</key>
-		<array>
-			<dict>
-				<key>Attributes</key>
-				<string>0x0050</string>
-				<key>CFName</key>
-				<string>disk image (Apple_HFS : 0)</string>
-				<key>Data</key>
-				<data>
-${encodeBase64(mish, "\t\t\t\t")}				</data>
-				<key>ID</key>
-				<string>0</string>
-				<key>Name</key>
-				<string>disk image (Apple_HFS : 0)</string>
-			</dict>
-		</array>
-	</dict>
-</dict>
-</plist>
-`;
-  const plist = new TextEncoder().encode(xml);
-  const crcBytes = new Uint8Array(4);
-  new DataView(crcBytes.buffer).setUint32(0, partitionCrc);
-  const koly = kolyBytes({
-    dataForkLength: dataFork.length,
-    xmlOffset: dataFork.length,
-    xmlLength: plist.length,
-    dataForkCrc: crc32(dataFork),
-    masterCrc: crc32(crcBytes),
-    sectorCount: disk.length / 512,
-    segmentId: pseudoRandom(16, 77),
-  });
-  const image = new Uint8Array(dataFork.length + plist.length + KOLY_SIZE);
-  image.set(dataFork, 0);
-  image.set(plist, dataFork.length);
-  image.set(koly, dataFork.length + plist.length);
-  return image;
-}
 
 bothPaths(
   "7-Zip extracts dmgs whose ULFO chunks this encoder wrote, FSE and LZVN",
@@ -820,5 +725,22 @@ bothPaths(
   { ignore: skip([], true) },
   async () => {
     await damageRandomly((await referenceChunks())!);
+  },
+);
+
+bothPaths(
+  "lzfse decodeInto fills the caller's buffer (FSE and LZVN streams) and refuses a wrong size",
+  async () => {
+    const data = mixedData(300_000);
+    for (const method of METHODS) {
+      const packed = await encode(data, { method });
+      const out = new Uint8Array(data.length);
+      await decodeInto(packed, out);
+      assertBytes(out, data, method);
+      await rejects(
+        () => decodeInto(packed, new Uint8Array(data.length + 1)),
+        CodecError,
+      );
+    }
   },
 );

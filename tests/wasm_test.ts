@@ -12,6 +12,7 @@ import {
   useWasm,
   WASM_COPY_LIMIT,
   wasmAvailable,
+  WasmInstance,
 } from "../drivers/codecs/_wasm.ts";
 import { WASM_COMPILER } from "../drivers/codecs/_wasm_module.ts";
 import * as lz4 from "../drivers/codecs/lz4.ts";
@@ -188,6 +189,228 @@ Deno.test({
   },
 });
 
+/** An LZVN (bvxn) stream of one block: `raw` bytes from `ops`, then end-of-stream. */
+function lzvnStream(raw: number, ops: number[]): Uint8Array {
+  const payload = [...ops, 0x06, 0, 0, 0, 0, 0, 0, 0];
+  const b = new Uint8Array(12 + payload.length + 4);
+  const v = new DataView(b.buffer);
+  b.set([0x62, 0x76, 0x78, 0x6e]);
+  v.setUint32(4, raw, true);
+  v.setUint32(8, payload.length, true);
+  b.set(payload, 12);
+  b.set([0x62, 0x76, 0x78, 0x24], 12 + payload.length);
+  return b;
+}
+
+Deno.test({
+  name:
+    "lzvn: lzvn.c itself decodes real LZVN blocks, the same bytes as TypeScript",
+  ignore: !wasmAvailable(),
+  async fn() {
+    // Straight to the export, so a C decoder that refused everything (and
+    // left the work to the TypeScript fallback) would fail here.
+    const data = realFiles(3 << 20);
+    for (const size of [1, 3000, 200_000, 1 << 20]) {
+      const plain = data.subarray(size, 2 * size);
+      const packed = await lzfse.encode(plain, { method: "lzvn" });
+      const v = new DataView(packed.buffer, packed.byteOffset);
+      assertEquals(v.getUint32(0, true), 0x6e787662); // bvxn
+      assertEquals(v.getUint32(4, true), size); // one block
+      const payload = v.getUint32(8, true);
+      const wasm = acquireWasm()!;
+      try {
+        const inAt = wasm.heapBase;
+        const outAt = inAt + packed.length + 32;
+        wasm.ensure(outAt + size + 32);
+        wasm.bytes.set(packed, inAt);
+        const status = wasm.exports.lzvn_decode(
+          inAt,
+          12,
+          12 + payload,
+          outAt,
+          0,
+          size,
+        );
+        assertEquals(status, 0, `${size} bytes`);
+        assertEquals(wasm.bytes.slice(outAt, outAt + size), plain);
+      } finally {
+        releaseWasm(wasm);
+      }
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "lzvn: WebAssembly and TypeScript agree on every opcode with every operand pattern tried",
+  ignore: !wasmAvailable(),
+  async fn() {
+    // 16 literal bytes first, so that distances up to 16 are valid; then
+    // each opcode with operand bytes that make short, long, zero and
+    // too-long distances and lengths, with n_raw_bytes from 15 to 51 (the
+    // right one among them wherever the opcode's lengths are small).
+    const lead = [0xe0 + 15, ...Array.from({ length: 15 }, (_, i) => 65 + i)];
+    const operands = [
+      [],
+      [0],
+      [1],
+      [3, 0],
+      [0x40, 0],
+      [5, 0, 1, 2],
+      [0xff, 0xff, 0xff],
+      [8, 0, 0x61, 0x62, 0x63],
+      [0x2c, 0, 0x61, 0x62, 0x63, 0x64],
+    ];
+    let decoded = 0, refused = 0;
+    for (let op = 0; op < 256; op++) {
+      for (const tail of operands) {
+        for (let raw = 15; raw < 52; raw++) {
+          const input = lzvnStream(raw, [...lead, op, ...tail]);
+          const wasm = await outcome(lzfse.decode, input, raw, true);
+          assertEquals(
+            wasm,
+            await outcome(lzfse.decode, input, raw, false),
+            `opcode 0x${op.toString(16)}, operands ${tail}, ${raw} bytes`,
+          );
+          if (wasm.startsWith("lzfse:")) refused++;
+          else decoded++;
+        }
+      }
+    }
+    assertTrue(decoded > 40 && refused > 2000, `${decoded} ${refused}`);
+  },
+});
+
+Deno.test({
+  name:
+    "lzvn: WebAssembly and TypeScript agree on 600 mutations of real LZVN streams of several blocks",
+  ignore: !wasmAvailable(),
+  async fn() {
+    const data = realFiles(4 << 20);
+    const next = numbers(15);
+    const streams: [Uint8Array, number][] = [];
+    for (const size of [700, 5000, 60_000, 300_000, (1 << 20) + 100_000]) {
+      const at = next(data.length - size);
+      const plain = data.subarray(at, at + size);
+      streams.push([await lzfse.encode(plain, { method: "lzvn" }), size]);
+    }
+    let errors = 0;
+    for (let round = 0; round < 600; round++) {
+      const [packed, size] = streams[round % streams.length];
+      const input = round < streams.length ? packed : mutate(packed, next);
+      const wasm = await outcome(lzfse.decode, input, size, true);
+      assertEquals(
+        wasm,
+        await outcome(lzfse.decode, input, size, false),
+        `round ${round}`,
+      );
+      if (wasm.startsWith("lzfse:")) errors++;
+    }
+    assertTrue(errors > 200, `${errors} errors`);
+  },
+});
+
+/** An LZFSE stream from raw blocks: [magic, raw, payload] each, then bvx$. */
+function lzfseBlocks(blocks: [string, number, Uint8Array][]): Uint8Array {
+  const parts: Uint8Array[] = [];
+  for (const [magic, raw, payload] of blocks) {
+    const header = new Uint8Array(magic === "bvx-" ? 8 : 12);
+    const v = new DataView(header.buffer);
+    header.set(new TextEncoder().encode(magic));
+    v.setUint32(4, raw, true);
+    if (magic === "bvxn") v.setUint32(8, payload.length, true);
+    parts.push(header, payload);
+  }
+  parts.push(new TextEncoder().encode("bvx$"));
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+Deno.test({
+  name:
+    "lzfse: streams over WASM_COPY_LIMIT decode in WebAssembly through a window, the same bytes as TypeScript, with its memory far below the output",
+  ignore: !wasmAvailable(),
+  async fn() {
+    const MIB = 1 << 20;
+    const size = WASM_COPY_LIMIT + 2 * MIB;
+    const data = new Uint8Array(size);
+    const real = realFiles(4 * MIB);
+    for (let at = 0; at < size; at += 5 * MIB) {
+      data.set(real.subarray(0, Math.min(4 * MIB, size - at)), at);
+    }
+    // FSE blocks, and LZVN blocks, each encoder's stream whole.
+    const streams = [
+      await lzfse.encode(data),
+      await lzfse.encode(data, { method: "lzvn" }),
+    ];
+    // A stored block larger than the window (linear memory grows for it),
+    // then an LZVN block copying from 65535 back into it.
+    const head = data.subarray(0, size - 16);
+    streams.push(lzfseBlocks([
+      ["bvx-", head.length, head],
+      // lrg_d: L 0, M 10, D 65535; then match of 6 more from the same D.
+      [
+        "bvxn",
+        16,
+        Uint8Array.of(0x3f, 0xff, 0xff, 0xf6, 6, 0, 0, 0, 0, 0, 0, 0),
+      ],
+    ]));
+    const tail = data.subarray(size - 16 - 65535, size - 65535);
+    const expected = [data, data, new Uint8Array(size)];
+    expected[2].set(head);
+    expected[2].set(tail, size - 16);
+    const largest: number[] = [];
+    const ensure = WasmInstance.prototype.ensure;
+    for (const [k, packed] of streams.entries()) {
+      largest[k] = 0;
+      WasmInstance.prototype.ensure = function (n: number) {
+        largest[k] = Math.max(largest[k], n);
+        return ensure.call(this, n);
+      };
+      let wasm: Uint8Array;
+      try {
+        wasm = await lzfse.decode(packed, size);
+      } finally {
+        WasmInstance.prototype.ensure = ensure;
+      }
+      assertTrue(
+        wasm.length === size && wasm.every((b, i) => b === expected[k][i]),
+        `stream ${k}: WebAssembly bytes differ`,
+      );
+      const before = useWasm(false);
+      try {
+        const script = await lzfse.decode(packed, size);
+        assertTrue(
+          script.every((b, i) => b === expected[k][i]),
+          `stream ${k}: TypeScript bytes differ`,
+        );
+      } finally {
+        useWasm(before);
+      }
+      // Linear memory asked for: the input and a 4 MiB window, or the
+      // stored block it had to hold; never the whole output.
+      const limit = packed.length + (k < 2 ? 8 * MIB : size + 2 * MIB);
+      assertTrue(largest[k] < limit, `stream ${k}: ${largest[k]}`);
+    }
+    // Damaged: both paths give the same bytes or the same error.
+    const next = numbers(16);
+    for (let round = 0; round < 6; round++) {
+      const packed = streams[round % 2];
+      const input = mutate(packed, next);
+      assertEquals(
+        await outcome(lzfse.decode, input, size, true),
+        await outcome(lzfse.decode, input, size, false),
+        `round ${round}`,
+      );
+    }
+  },
+});
+
 /** What decode() and decodeStreaming() make of `input`, on one path. */
 async function xzOutcome(
   input: Uint8Array,
@@ -283,7 +506,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "outputs over WASM_COPY_LIMIT decode in TypeScript, and no instance kept for reuse holds more than the limit",
+    "outputs over WASM_COPY_LIMIT decode in TypeScript (LZ4) or through a window (LZFSE), and no instance kept for reuse holds more than the limit",
   ignore: !wasmAvailable(),
   async fn() {
     const size = WASM_COPY_LIMIT + (8 << 20);

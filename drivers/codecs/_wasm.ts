@@ -1,5 +1,5 @@
 /**
- * The WebAssembly decoders' hot loops (LZMA, LZ4, LZO1X, LZFSE, CRC-64), written in C in
+ * The WebAssembly decoders' hot loops (LZMA, LZ4, LZO1X, LZFSE, LZVN, CRC-64), written in C in
  * `drivers/codecs/_wasm/` and built by `tools/build_wasm.sh` into
  * `_wasm_module.ts` (base64, so the module loads by URL, in the browser
  * bundle and on Deno Deploy without a fetch or a permission).
@@ -32,8 +32,10 @@ export const MAX_WASM_MEMORY = 1 << 30;
 /**
  * The largest output decoded through linear memory and then copied out
  * (LZ4, LZO1X, LZFSE, whole-buffer xz windows). Past it the TypeScript
- * decoder writes straight into the output: a copy would hold the output
- * twice (a 64 MiB dmg chunk on two workers would pass 256 MiB of RSS).
+ * decoder writes straight into the output (LZ4, LZO1X), or only a window
+ * of it is in linear memory (LZFSE, xz with a smaller dictionary): a copy
+ * would hold the output twice (a 64 MiB dmg chunk on two workers would
+ * pass 256 MiB of RSS).
  */
 export const WASM_COPY_LIMIT = 32 << 20;
 
@@ -104,6 +106,14 @@ export interface WasmExports {
   zstd_hash_reset(ctx: number): void;
   zstd_hash_update(ctx: number, at: number, n: number): void;
   zstd_hash_low32(ctx: number): number;
+  lzvn_decode(
+    input: number,
+    src: number,
+    srcEnd: number,
+    out: number,
+    dst: number,
+    dstEnd: number,
+  ): number;
 }
 
 /** One instance of the module: its exports and its memory as bytes. */

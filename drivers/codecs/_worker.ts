@@ -24,8 +24,8 @@ import { crc32 } from "./crc32.ts";
 interface Codec {
   decode(input: Uint8Array, expectedSize: number): Promise<Uint8Array>;
   encode(input: Uint8Array): Promise<Uint8Array>;
-  /** Decodes into `out`, filling it exactly (bzip2 and zlib have it). */
-  decodeInto?(input: Uint8Array, out: Uint8Array): Promise<void>;
+  /** Decodes into `out`, filling it exactly (adc's answers `out`, synchronously). */
+  decodeInto?(input: Uint8Array, out: Uint8Array): Promise<void> | Uint8Array;
 }
 
 /** What the pool sends. */

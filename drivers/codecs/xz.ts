@@ -9,7 +9,8 @@
  * dmg ULMO chunks (type 0x80000008) and cloop 4 blocks with compressor 2
  * are whole xz streams; the cloop module decodes them with the kernel's
  * xz_dec, which checks only CRC-32, so the encoder writes CRC-32 checks
- * (as `xz --check=crc32`) and a dictionary no larger than the input.
+ * (as `xz --check=crc32`) and a dictionary no larger than the input (and
+ * at most 8 MiB, xz -6's).
  *
  * Written here rather than taken from npm: xz-decompress is a wasm build
  * that only streams and cannot stop at a declared size, lzma (LZMA-JS)
@@ -957,7 +958,39 @@ export async function decode(
   if (!Number.isSafeInteger(expectedSize) || expectedSize < 0) {
     fail(`expected size ${expectedSize} is not a byte count`);
   }
-  const o: Output = { out: new Uint8Array(expectedSize), length: 0 };
+  let out: Uint8Array;
+  try {
+    out = new Uint8Array(expectedSize);
+  } catch {
+    fail(`expected size ${expectedSize} cannot be allocated`);
+  }
+  await decodeInto(input, out);
+  return out;
+}
+
+/**
+ * Decodes `.xz` data (as {@linkcode decode}) into `out`, which it must
+ * fill exactly: a 64 MiB dmg chunk decodes straight into the caller's
+ * (or a worker's shared) buffer, with no array of its own.
+ *
+ * @param input one or more `.xz` streams
+ * @param out where the decoded bytes go; its length is the expected size
+ *
+ * @example
+ * ```ts
+ * import { decodeInto, encode } from "./xz.ts";
+ * const text = new TextEncoder().encode("xz xz xz xz xz xz");
+ * const out = new Uint8Array(text.length);
+ * await decodeInto(await encode(text), out);
+ * console.log(new TextDecoder().decode(out)); // xz xz xz xz xz xz
+ * ```
+ */
+export async function decodeInto(
+  input: Uint8Array,
+  out: Uint8Array,
+): Promise<void> {
+  const expectedSize = out.length;
+  const o: Output = { out, length: 0 };
   let pos = 0;
   for (let stream = 1;; stream++) {
     pos = await decodeStream(input, pos, o, stream);
@@ -977,7 +1010,6 @@ export async function decode(
   if (o.length !== expectedSize) {
     fail(`decodes to ${o.length} bytes, ${expectedSize} declared`);
   }
-  return o.out;
 }
 
 // ---------------------------------------------------------------------------
@@ -1888,59 +1920,143 @@ const CHUNK_UNPACKED_MAX = 1 << 21;
 const CHUNK_PACKED_MAX = 1 << 16;
 /** Stop a chunk this far below the packed limit: one symbol writes far less. */
 const CHUNK_PACKED_MARGIN = 64;
-const HASH_BITS = 16;
+/**
+ * The match finder's window (xz -6's dictionary, 8 MiB): matches reach at
+ * most this far back, and its chain links are a ring of this many
+ * entries, whatever the input's size.
+ */
+const WINDOW_BITS = 23;
+/** The 3-byte table: the newest position of each hash (3-byte matches are only taken near). */
+const HASH3_BITS = 16;
 /** Candidates tried per position: the speed/ratio trade of the match finder. */
 const CHAIN_DEPTH = 24;
+/** A match this long ends the search (xz -6's nice_len). */
+const NICE_LENGTH = 64;
+/** After this many literals in a row, positions are searched one in SKIP_STEP (incompressible data). */
+const SKIP_AFTER = 256;
+const SKIP_STEP = 8;
 
-/** A hash-chain match finder over the whole input. */
+/**
+ * What one encode did, for tests that bound the work: positions searched,
+ * chain candidates looked at, and the match finder's table bytes.
+ */
+export interface XzEncodeWork {
+  /** Positions the match finder searched. */
+  searches: number;
+  /** Hash chain candidates it looked at (at most CHAIN_DEPTH a search). */
+  candidates: number;
+  /** Bytes of its hash heads and chain links. */
+  tableBytes: number;
+}
+
+/**
+ * Hash chains of 4-byte prefixes over a window of the input (links in a
+ * ring of window size), and a table of the newest position of each
+ * 3-byte prefix.
+ *
+ * Before, the chains hashed 3 bytes into 2^16 heads with a link per input
+ * byte, and matches could reach the whole input: a 64 MiB dmg chunk of
+ * random bytes walked 24 candidates at each position, each a cache miss
+ * in a 256 MiB link array (8 MiB of random bytes took 12 s of CPU, 64 MiB
+ * took minutes). 4-byte hashes over 2^20 heads make false candidates
+ * rare, the ring bounds the memory to 36 MiB, and long literal runs are
+ * searched (and their positions added) at every 8th position only.
+ */
 class MatchFinder {
-  head = new Int32Array(1 << HASH_BITS).fill(-1);
-  prev: Int32Array;
+  readonly head3 = new Int32Array(1 << HASH3_BITS).fill(-1);
+  readonly head4: Int32Array;
+  readonly prev: Int32Array;
+  readonly mask: number;
+  readonly window: number;
+  readonly hash4Shift: number;
   /** Positions below this are in the chains. */
   inserted = 0;
   bestDist = 0;
+  searches = 0;
+  candidates = 0;
 
   constructor(readonly data: Uint8Array) {
-    this.prev = new Int32Array(data.length);
+    let bits = 12;
+    while (bits < WINDOW_BITS && 2 ** bits < data.length) bits++;
+    this.window = 1 << bits;
+    this.mask = this.window - 1;
+    this.prev = new Int32Array(this.window);
+    const hash4Bits = Math.min(20, bits - 2);
+    this.hash4Shift = 32 - hash4Bits;
+    this.head4 = new Int32Array(1 << hash4Bits).fill(-1);
   }
 
-  hash(p: number): number {
-    const d = this.data;
-    return Math.imul(d[p] | (d[p + 1] << 8) | (d[p + 2] << 16), 0x9e3779b1) >>>
-      (32 - HASH_BITS);
+  get tableBytes(): number {
+    return this.head3.byteLength + this.head4.byteLength + this.prev.byteLength;
   }
 
-  /** Adds positions up to `to` (exclusive) to the chains. */
+  /** Adds positions up to `to` (exclusive) to the tables. */
   insertUpTo(to: number): void {
-    const last = this.data.length - 2;
+    const d = this.data;
+    const n = d.length;
+    const { head3, head4, prev, mask, hash4Shift } = this;
     for (let p = this.inserted; p < to; p++) {
-      if (p < last) {
-        const h = this.hash(p);
-        this.prev[p] = this.head[h];
-        this.head[h] = p;
+      if (p + 2 >= n) break;
+      const v = d[p] | (d[p + 1] << 8) | (d[p + 2] << 16);
+      head3[Math.imul(v, 0x9e3779b1) >>> (32 - HASH3_BITS)] = p;
+      if (p + 3 < n) {
+        const h = Math.imul(v | (d[p + 3] << 24), 0x9e3779b1) >>> hash4Shift;
+        prev[p & mask] = head4[h];
+        head4[h] = p;
       }
     }
+    if (to > this.inserted) this.inserted = to;
+  }
+
+  /** Leaves the positions up to `to` (exclusive) out of the tables. */
+  skipTo(to: number): void {
     if (to > this.inserted) this.inserted = to;
   }
 
   /** The longest match at `p` (at least 3 bytes, else 0); its distance - 1 in `bestDist`. */
   find(p: number, maxLen: number): number {
     const d = this.data;
-    if (maxLen < 3 || p + 2 >= d.length) return 0;
-    let candidate = this.head[this.hash(p)];
+    const n = d.length;
+    if (maxLen < 3 || p + 2 >= n) return 0;
+    this.searches++;
     let best = 2;
-    for (let depth = CHAIN_DEPTH; candidate >= 0 && depth > 0; depth--) {
+    const v = d[p] | (d[p + 1] << 8) | (d[p + 2] << 16);
+    // The newest 3-byte match, if near enough to be worth taking.
+    const near = this.head3[Math.imul(v, 0x9e3779b1) >>> (32 - HASH3_BITS)];
+    if (near >= 0 && p - near <= 0x8000) {
+      let len = 0;
+      while (len < maxLen && d[near + len] === d[p + len]) len++;
+      if (len > best) {
+        best = len;
+        this.bestDist = p - near - 1;
+        if (len >= NICE_LENGTH || len >= maxLen) return len;
+      }
+    }
+    if (maxLen < 4 || p + 3 >= n) return best > 2 ? best : 0;
+    const prev = this.prev;
+    const mask = this.mask;
+    // Links at or below `limit` are overwritten (or before the input).
+    const limit = Math.max(p - this.window, -1);
+    let candidate = this.head4[
+      Math.imul(v | (d[p + 3] << 24), 0x9e3779b1) >>> this.hash4Shift
+    ];
+    let depth = CHAIN_DEPTH;
+    for (; candidate > limit && depth > 0; depth--) {
       if (d[candidate + best] === d[p + best] && d[candidate] === d[p]) {
         let len = 0;
         while (len < maxLen && d[candidate + len] === d[p + len]) len++;
         if (len > best) {
           best = len;
           this.bestDist = p - candidate - 1;
-          if (len >= maxLen) break;
+          if (len >= NICE_LENGTH || len >= maxLen) {
+            depth--;
+            break;
+          }
         }
       }
-      candidate = this.prev[candidate];
+      candidate = prev[candidate & mask];
     }
+    this.candidates += CHAIN_DEPTH - depth;
     return best > 2 ? best : 0;
   }
 }
@@ -1970,15 +2086,17 @@ function posSlot(dist: number): number {
  * chunk resets the state so a chunk that does not shrink can be stored
  * instead), ending with the end byte.
  */
-function encodeLzma2(data: Uint8Array, dictByte: number): Uint8Array {
+function encodeLzma2(
+  data: Uint8Array,
+  finder: MatchFinder,
+): Uint8Array {
   const n = data.length;
   const parts: Uint8Array[] = [];
   const probs = new Uint16Array(LITERAL + (0x300 << ENC_LC));
-  const finder = new MatchFinder(data);
   const pbMask = (1 << ENC_PB) - 1;
   let pos = 0;
   let first = true;
-  void dictByte;
+  let literalRun = 0;
   while (pos < n) {
     const chunkStart = pos;
     const chunkEnd = Math.min(n, chunkStart + CHUNK_UNPACKED_MAX);
@@ -1989,7 +2107,11 @@ function encodeLzma2(data: Uint8Array, dictByte: number): Uint8Array {
     while (pos < chunkEnd && rc.size < CHUNK_PACKED_MAX - CHUNK_PACKED_MARGIN) {
       const posState = pos & pbMask;
       const maxLen = Math.min(MATCH_LEN_MAX, chunkEnd - pos);
-      finder.insertUpTo(pos);
+      // In long literal runs (random bytes) only one position in
+      // SKIP_STEP is searched, and only those go into the tables.
+      const skip = literalRun >= SKIP_AFTER && literalRun % SKIP_STEP !== 0;
+      if (skip) finder.skipTo(pos);
+      else finder.insertUpTo(pos);
       // The longest of the four repeat distances, and a new match.
       let repLen = 0;
       let repIndex = 0;
@@ -2002,8 +2124,12 @@ function encodeLzma2(data: Uint8Array, dictByte: number): Uint8Array {
           }
         }
       }
-      let matchLen = finder.find(pos, maxLen);
+      // No search past a long repeat.
+      let matchLen = skip || repLen >= NICE_LENGTH
+        ? 0
+        : finder.find(pos, maxLen);
       const matchDist = finder.bestDist;
+      literalRun++;
       // A 3-byte match far away costs more than three literals.
       if (matchLen === 3 && matchDist >= 0x8000) matchLen = 0;
       if (repLen >= 2 && repLen + 1 >= matchLen) {
@@ -2027,6 +2153,7 @@ function encodeLzma2(data: Uint8Array, dictByte: number): Uint8Array {
         rc.length(REP_LEN_CODER, posState, repLen);
         state = state < 7 ? NEXT_REP : 11;
         pos += repLen;
+        literalRun = 0;
         continue;
       }
       if (matchLen >= 3) {
@@ -2053,6 +2180,7 @@ function encodeLzma2(data: Uint8Array, dictByte: number): Uint8Array {
         reps[0] = matchDist;
         state = state < 7 ? NEXT_MATCH : 10;
         pos += matchLen;
+        literalRun = 0;
         continue;
       }
       const byte = data[pos];
@@ -2136,9 +2264,12 @@ function crcBytes(data: Uint8Array): number[] {
 
 /**
  * Compresses `input` as one `.xz` stream: one block of LZMA2 (lc 3, lp 0,
- * pb 2, a dictionary no larger than the input) with a CRC-32 check.
+ * pb 2, a dictionary of the input's size up to 8 MiB) with a CRC-32
+ * check. Its time and memory grow linearly with the input (the match
+ * finder's tables stay under 37 MiB).
  *
  * @param input the bytes
+ * @param work when given, the match finder's work is added to it (tests)
  * @returns the `.xz` stream
  *
  * @example
@@ -2148,29 +2279,40 @@ function crcBytes(data: Uint8Array): number[] {
  * console.log(packed.length < 200); // true
  * ```
  */
-export function encode(input: Uint8Array): Promise<Uint8Array> {
-  return Promise.resolve(encodeStream(input));
+export function encode(
+  input: Uint8Array,
+  work?: XzEncodeWork,
+): Promise<Uint8Array> {
+  return Promise.resolve(encodeStream(input, work));
 }
 
-function encodeStream(input: Uint8Array): Uint8Array {
+function encodeStream(input: Uint8Array, work?: XzEncodeWork): Uint8Array {
   const flags = Uint8Array.of(0, CHECK_CRC32);
   const parts: number[][] = [];
   const header = [...MAGIC, ...flags, ...crcBytes(flags)];
   const records: number[] = [];
   let body = new Uint8Array(0);
   if (input.length > 0) {
-    // The smallest dictionary size that holds the whole input.
+    // The smallest dictionary size that holds the match finder's window
+    // (the whole input, up to 8 MiB).
+    const finder = new MatchFinder(input);
+    const reach = Math.min(input.length, finder.window);
     let dictByte = 0;
     while (
       dictByte < 40 &&
-      (2 | (dictByte & 1)) * 2 ** (Math.floor(dictByte / 2) + 11) < input.length
+      (2 | (dictByte & 1)) * 2 ** (Math.floor(dictByte / 2) + 11) < reach
     ) {
       dictByte++;
     }
     const blockHeader = new Uint8Array(12);
     blockHeader.set([2, 0x00, FILTER_LZMA2, 1, dictByte]);
     blockHeader.set(crcBytes(blockHeader.subarray(0, 8)), 8);
-    const lzma2 = encodeLzma2(input, dictByte);
+    const lzma2 = encodeLzma2(input, finder);
+    if (work) {
+      work.searches += finder.searches;
+      work.candidates += finder.candidates;
+      work.tableBytes = Math.max(work.tableBytes, finder.tableBytes);
+    }
     const padding = (4 - (lzma2.length % 4)) % 4;
     const check = crcBytes(input);
     body = new Uint8Array(blockHeader.length + lzma2.length + padding + 4);
