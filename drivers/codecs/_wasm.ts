@@ -91,6 +91,8 @@ export interface WasmExports {
     dst: number,
     blockEnd: number,
   ): number;
+  zstd_enc_work_size(n: number): number;
+  zstd_enc_frame(input: number, n: number, out: number, work: number): number;
 }
 
 /** One instance of the module: its exports and its memory as bytes. */

@@ -34,6 +34,12 @@
 
 import { writeLiterals } from "./_huffman_literals.ts";
 import {
+  acquireWasm,
+  releaseWasm,
+  WASM_COPY_LIMIT,
+  WASM_SLACK,
+} from "./_wasm.ts";
+import {
   type FseTable,
   fseTable,
   normalize,
@@ -478,6 +484,43 @@ export function frameBound(length: number): number {
 export function encodeFrame(input: Uint8Array): Uint8Array {
   const n = input.length;
   if (n > 0xffffffff) throw new RangeError("zstd: input over 4 GiB");
+  return encodeFrameWasm(input) ?? encodeFrameTs(input);
+}
+
+const align8 = (n: number) => Math.ceil(n / 8) * 8;
+
+/**
+ * The frame made by the WebAssembly encoder (`_wasm/zstd_enc.c`), or
+ * undefined where WebAssembly cannot run here (or the input is past
+ * {@linkcode WASM_COPY_LIMIT}). Input, frame and work area sit one after
+ * the other in the instance's memory, each followed by its slack.
+ */
+function encodeFrameWasm(input: Uint8Array): Uint8Array | undefined {
+  const n = input.length;
+  if (n > WASM_COPY_LIMIT) return undefined;
+  const wasm = acquireWasm();
+  if (!wasm) return undefined;
+  try {
+    const inAt = align8(wasm.heapBase);
+    const outAt = align8(inAt + n + WASM_SLACK);
+    const workAt = align8(outAt + frameBound(n) + WASM_SLACK);
+    const end = workAt + wasm.exports.zstd_enc_work_size(n) + WASM_SLACK;
+    if (!wasm.ensure(end)) return undefined;
+    const bytes = wasm.bytes;
+    bytes.set(input, inAt);
+    const size = wasm.exports.zstd_enc_frame(inAt, n, outAt, workAt);
+    if (size > frameBound(n)) {
+      throw new Error(`zstd: the WebAssembly encoder wrote ${size} bytes`);
+    }
+    return bytes.slice(outAt, outAt + size);
+  } finally {
+    releaseWasm(wasm);
+  }
+}
+
+/** The TypeScript encoder: where WebAssembly cannot run. */
+function encodeFrameTs(input: Uint8Array): Uint8Array {
+  const n = input.length;
   // Built in a buffer kept between calls, returned as a copy of its size
   // (one allocation a frame: the garbage collector had a tenth of the time).
   const bound = frameBound(n);
