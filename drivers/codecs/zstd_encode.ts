@@ -511,6 +511,108 @@ export function encodeFrame(
 
 const align8 = (n: number) => Math.ceil(n / 8) * 8;
 
+/** Frames of a batch of clusters, back to back: see {@linkcode encodeClusters}. */
+export interface EncodedClusters {
+  /** The frames, one after the other. */
+  packed: Uint8Array<ArrayBuffer>;
+  /** The size of each frame, in cluster order. */
+  lengths: Uint32Array<ArrayBuffer>;
+}
+
+/**
+ * Compresses each `clusterSize` piece of `input` (the last may be
+ * shorter) into its own frame, as {@linkcode encodeFrame} does, and
+ * answers them in one buffer: qcow2's `-c` workers compress a batch a
+ * message. One copy in and one out per batch (a buffer per frame left V8
+ * with hundreds of MiB of small external buffers to free late: peak RSS
+ * of `convert -c` on the 1 GiB bench disk was 321 MiB).
+ *
+ * @param input the clusters, back to back
+ * @param clusterSize the size of each piece (over 0)
+ * @param options the match finder
+ * @returns the frames and their sizes
+ *
+ * @example
+ * ```ts
+ * import { encodeClusters } from "./zstd_encode.ts";
+ * const { packed, lengths } = encodeClusters(new Uint8Array(8192), 4096);
+ * console.log(lengths.length, packed.length === lengths[0] + lengths[1]); // 2 true
+ * ```
+ */
+export function encodeClusters(
+  input: Uint8Array,
+  clusterSize: number,
+  options: EncodeFrameOptions = {},
+): EncodedClusters {
+  if (!(clusterSize > 0)) {
+    throw new RangeError("zstd: cluster size must be over 0");
+  }
+  const count = Math.ceil(input.length / clusterSize);
+  const lengths = new Uint32Array(count);
+  const level = options.level ?? 1;
+  const wasm = input.length <= WASM_COPY_LIMIT ? acquireWasm() : undefined;
+  if (wasm) {
+    try {
+      let bound = 0;
+      for (let k = 0; k < count; k++) {
+        bound += frameBound(
+          Math.min(clusterSize, input.length - k * clusterSize),
+        );
+      }
+      const inAt = align8(wasm.heapBase);
+      const outAt = align8(inAt + input.length + WASM_SLACK);
+      const workAt = align8(outAt + bound + WASM_SLACK);
+      const end = workAt +
+        wasm.exports.zstd_enc_work_size(Math.min(clusterSize, input.length)) +
+        WASM_SLACK;
+      if (wasm.ensure(end)) {
+        const bytes = wasm.bytes;
+        bytes.set(input, inAt);
+        let at = outAt;
+        for (let k = 0; k < count; k++) {
+          const from = k * clusterSize;
+          const n = Math.min(clusterSize, input.length - from);
+          const size = wasm.exports.zstd_enc_frame(
+            inAt + from,
+            n,
+            at,
+            workAt,
+            level,
+          );
+          if (size > frameBound(n)) {
+            throw new Error(
+              `zstd: the WebAssembly encoder wrote ${size} bytes`,
+            );
+          }
+          lengths[k] = size;
+          at += size;
+        }
+        return { packed: bytes.slice(outAt, at), lengths };
+      }
+    } finally {
+      releaseWasm(wasm);
+    }
+  }
+  const frames: Uint8Array[] = [];
+  let total = 0;
+  for (let k = 0; k < count; k++) {
+    const frame = encodeFrame(
+      input.subarray(k * clusterSize, (k + 1) * clusterSize),
+      options,
+    );
+    frames.push(frame);
+    lengths[k] = frame.length;
+    total += frame.length;
+  }
+  const packed = new Uint8Array(total);
+  let at = 0;
+  for (const frame of frames) {
+    packed.set(frame, at);
+    at += frame.length;
+  }
+  return { packed, lengths };
+}
+
 /**
  * The frame made by the WebAssembly encoder (`_wasm/zstd_enc.c`), or
  * undefined where WebAssembly cannot run here (or the input is past

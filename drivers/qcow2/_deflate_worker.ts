@@ -11,7 +11,7 @@
  */
 
 import { nodeZlibModule } from "../codecs/_node_zlib.ts";
-import { encodeFrame } from "../codecs/zstd_encode.ts";
+import { encodeClusters } from "../codecs/zstd_encode.ts";
 
 /** A batch: `count` clusters of `clusterSize` bytes back to back. */
 interface Job {
@@ -34,12 +34,23 @@ scope.onmessage = (e) => {
       deflateRawSync(b: Uint8Array, o: { windowBits: number }): Uint8Array;
     }
     | undefined;
-  const compress = codec === "zstd"
-    ? encodeFrame
-    : zlib && ((b: Uint8Array) =>
-      zlib.deflateRawSync(b, {
-        windowBits: 12,
-      }));
+  if (codec === "zstd") {
+    try {
+      // One buffer a batch (see encodeClusters).
+      const { packed, lengths } = encodeClusters(input, clusterSize);
+      scope.postMessage({ id, packed, lengths }, [
+        packed.buffer,
+        lengths.buffer,
+      ]);
+    } catch (error) {
+      scope.postMessage({ id, error: String(error) });
+    }
+    return;
+  }
+  const compress = zlib && ((b: Uint8Array) =>
+    zlib.deflateRawSync(b, {
+      windowBits: 12,
+    }));
   if (!compress) {
     scope.postMessage({ id, unavailable: true });
     return;

@@ -760,11 +760,15 @@ static u32 reps[3];
 static u32 block_reps[3];
 
 /*
- * Compresses input[start, end) (matches reach back to the frame's start)
- * into w->body; the body's size, or 0 when not smaller than the block.
+ * The sequences of input[start, end) into w (their count; the literals'
+ * count at *literal_count), the repeat offsets after them in block_reps.
+ * Inlined into one function per finder (find_fast, find_double): V8
+ * compiles a small loop with its constant finder better than one loop
+ * testing which it is.
  */
-static u32 compress_block(const u8 *base, u32 start, u32 end, u32 long_log,
-                          u32 short_log, int fast, Work *w) {
+static inline __attribute__((always_inline)) u32
+find_sequences(const u8 *base, u32 start, u32 end, u32 long_log, u32 short_log,
+               const int fast, Work *w, u32 *literal_count) {
   const u8 *ip = base + start;
   const u8 *anchor = ip;
   const u8 *iend = base + end;
@@ -924,7 +928,34 @@ static u32 compress_block(const u8 *base, u32 start, u32 end, u32 long_log,
   u32 tail = (u32)(iend - anchor);
   __builtin_memcpy(lits, anchor, tail);
   lits += tail;
-  u32 literal_count = (u32)(lits - w->lits);
+  *literal_count = (u32)(lits - w->lits);
+  return nseq;
+}
+
+static __attribute__((noinline)) u32 find_fast(const u8 *base, u32 start,
+                                               u32 end, u32 short_log, Work *w,
+                                               u32 *literal_count) {
+  return find_sequences(base, start, end, 0, short_log, 1, w, literal_count);
+}
+
+static __attribute__((noinline)) u32 find_double(const u8 *base, u32 start,
+                                                 u32 end, u32 long_log,
+                                                 u32 short_log, Work *w,
+                                                 u32 *literal_count) {
+  return find_sequences(base, start, end, long_log, short_log, 0, w,
+                        literal_count);
+}
+
+/*
+ * Compresses input[start, end) (matches reach back to the frame's start)
+ * into w->body; the body's size, or 0 when not smaller than the block.
+ */
+static u32 compress_block(const u8 *base, u32 start, u32 end, u32 long_log,
+                          u32 short_log, int fast, Work *w) {
+  u32 literal_count;
+  u32 nseq = fast ? find_fast(base, start, end, short_log, w, &literal_count)
+                  : find_double(base, start, end, long_log, short_log, w,
+                                &literal_count);
   u32 size = end - start;
 
   u8 *out = w->body;
