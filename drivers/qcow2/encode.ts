@@ -92,6 +92,10 @@ const MAX_WORKERS = 4;
  * and our zstd encoder are synchronous, so on one thread `-c` used one
  * core. Where workers cannot start, or have no node:zlib for deflate,
  * `deflate` answers undefined and the caller compresses on its own thread.
+ * In browsers (the bundle's `dist/_deflate_worker.js`) zstd clusters are
+ * compressed on the workers; zlib ones are not (no node:zlib there, and
+ * CompressionStream cannot keep QEMU's 4 KiB window: only clusters of
+ * 4 KiB or less are deflated, on the page's thread).
  */
 class DeflatePool {
   constructor(readonly codec: "zlib" | "zstd" = "zlib") {}
@@ -110,7 +114,14 @@ class DeflatePool {
     try {
       const cores = (globalThis.navigator as { hardwareConcurrency?: number })
         ?.hardwareConcurrency ?? 2;
-      const url = new URL("./_deflate_worker.ts", import.meta.url);
+      // From source this module is a .ts file; bundled (deno task bundle),
+      // it is inside dist/mod.js and the worker is dist/_deflate_worker.js.
+      const url = new URL(
+        import.meta.url.endsWith(".ts")
+          ? "./_deflate_worker.ts"
+          : "./_deflate_worker.js",
+        import.meta.url,
+      );
       for (let i = 0; i < Math.max(1, Math.min(MAX_WORKERS, cores)); i++) {
         const worker = new Worker(url, { type: "module" });
         worker.onmessage = (e: MessageEvent) => {
