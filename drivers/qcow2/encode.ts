@@ -23,7 +23,7 @@ import type {
   Sink,
   Source,
 } from "../../streams/types.ts";
-import { extentsOf } from "../../streams/types.ts";
+import { extentsOf, readInto } from "../../streams/types.ts";
 import {
   headerCluster,
   l1SizeFor,
@@ -219,20 +219,35 @@ class DeflatePool {
   }
 }
 
-/** Appends bytes at increasing offsets, written in batches. */
+/**
+ * Appends bytes at increasing offsets, written in batches. Each push is
+ * copied into one batch buffer reused for the whole image (a sink keeps
+ * no reference after its write settles), so callers may reuse theirs:
+ * a fresh batch and a fresh read a chunk page-faulted 256 MiB of new
+ * memory per 256 MiB converted (70 000 minor faults against qemu-img's
+ * 2 000, a fifth of `convert -c`'s CPU beside the compression).
+ */
 class Appender {
-  #parts: Uint8Array[] = [];
+  #batch = new Uint8Array(0);
   #pending = 0;
   #start: number;
   constructor(readonly sink: Sink, public at: number) {
     this.#start = at;
   }
-  /** Appends `bytes` at `this.at`. */
+  /** Appends `bytes` at `this.at` (copied: the caller may reuse them). */
   async push(bytes: Uint8Array) {
-    this.#parts.push(bytes);
+    if (this.#pending + bytes.length > WRITE_BATCH) await this.flush();
+    if (bytes.length >= WRITE_BATCH) {
+      // Past a batch (a big L1 table): written as it is.
+      await this.sink.write(this.at, bytes);
+      this.at += bytes.length;
+      this.#start = this.at;
+      return;
+    }
+    if (this.#batch.length === 0) this.#batch = new Uint8Array(WRITE_BATCH);
+    this.#batch.set(bytes, this.#pending);
     this.#pending += bytes.length;
     this.at += bytes.length;
-    if (this.#pending >= WRITE_BATCH) await this.flush();
   }
   /** Moves to `to` (forward): a hole, left sparse. */
   async skipTo(to: number) {
@@ -242,18 +257,12 @@ class Appender {
     this.#start = to;
   }
   async flush() {
-    if (this.#pending === 0) {
-      this.#start = this.at;
-      return;
+    if (this.#pending > 0) {
+      await this.sink.write(
+        this.#start,
+        this.#batch.subarray(0, this.#pending),
+      );
     }
-    const joined = new Uint8Array(this.#pending);
-    let o = 0;
-    for (const p of this.#parts) {
-      joined.set(p, o);
-      o += p.length;
-    }
-    await this.sink.write(this.#start, joined);
-    this.#parts = [];
     this.#pending = 0;
     this.#start = this.at;
   }
@@ -354,6 +363,7 @@ export async function encodeQcow2(
     // data_file_raw implies metadata preallocation, as in qemu-img: every
     // cluster mapped, so that the data file reads as the disk.
     const metadata = s.preallocation === "metadata" || s.dataFileRaw;
+    let readBuffer = new Uint8Array(0);
 
     for (let group = 0; group < l1Size; group++) {
       options.signal?.throwIfAborted();
@@ -385,11 +395,18 @@ export async function encodeQcow2(
           0,
           Math.min(chunkClusters * clusterSize, source.size - chunkStart),
         );
+        // Read into one buffer reused chunk after chunk: what outlives
+        // the chunk is copied (the Appender, the workers' shared buffer,
+        // the cipher's copy).
         let data: Uint8Array | undefined;
         if (chunkLength > 0) {
           for await (const e of extentsOf(source, chunkStart, chunkLength)) {
             if (e.kind === "data") {
-              data = await source.read(chunkStart, chunkLength);
+              if (readBuffer.length < chunkLength) {
+                readBuffer = new Uint8Array(chunkLength);
+              }
+              data = readBuffer.subarray(0, chunkLength);
+              await readInto(source, chunkStart, data);
               break;
             }
           }

@@ -47,6 +47,16 @@ typedef short i16;
 
 static u32 long_table[1 << MAX_HASH_LOG];
 static u32 short_table[1 << (MAX_HASH_LOG - 1)];
+/*
+ * Frames of 64 KiB or less (qcow2's default cluster) with level 1: a
+ * table of 16-bit positions, cleared each frame (no stale entries: an
+ * empty slot names position 0, and every candidate is compared anyway).
+ * 2^SMALL_LOG entries, 32 KiB, stay in the first-level cache, where
+ * the 32-bit table's 128 KiB missed it on most probes.
+ */
+#define SMALL_LOG 14
+#define SMALL_MAX 65536
+static u16 small_table[1 << SMALL_LOG];
 /* Positions of this frame are stored as gen_base + position (see above). */
 static u32 gen_base = 1;
 
@@ -766,9 +776,20 @@ static u32 block_reps[3];
  * compiles a small loop with its constant finder better than one loop
  * testing which it is.
  */
+/* The 5-byte table: 16-bit positions (small) or gen_base + position. */
+#define SHORT_PUT(h, position)                                                 \
+  do {                                                                         \
+    if (small) small_table[h] = (u16)(position);                               \
+    else short_table[h] = gb + (position);                                     \
+  } while (0)
+/* A candidate before position `before` into p: whether there is one. */
+#define SHORT_GET(h, before, p)                                                \
+  (small ? ((p) = small_table[h], (p) < (before))                              \
+         : ((p) = short_table[h] - gb, short_table[h] >= gb && (p) < (before)))
+
 static inline __attribute__((always_inline)) u32
 find_sequences(const u8 *base, u32 start, u32 end, u32 long_log, u32 short_log,
-               const int fast, Work *w, u32 *literal_count) {
+               const int fast, const int small, Work *w, u32 *literal_count) {
   const u8 *ip = base + start;
   const u8 *anchor = ip;
   const u8 *iend = base + end;
@@ -787,28 +808,26 @@ find_sequences(const u8 *base, u32 start, u32 end, u32 long_log, u32 short_log,
        * positions a round: their table loads overlap (the loop waits on
        * memory more than it computes). */
       u32 h0 = hash5(ip, short_log), h1 = hash5(ip + 1, short_log);
-      u32 c0 = short_table[h0];
-      short_table[h0] = gb + cur;
-      u32 c1 = short_table[h1];
-      short_table[h1] = gb + cur + 1;
+      u32 p0, p1;
+      int has0 = SHORT_GET(h0, cur, p0);
+      SHORT_PUT(h0, cur);
+      int has1 = SHORT_GET(h1, cur + 1, p1);
+      SHORT_PUT(h1, cur + 1);
       if (rep0 <= cur + 1 && load32(ip + 1 - rep0) == load32(ip + 1)) {
         length = count(ip + 5, ip + 5 - rep0, iend) + 4;
         ip++;
         offset = rep0;
         goto store;
       }
-      if (c0 >= gb && c0 - gb < cur && load32(base + (c0 - gb)) == load32(ip)) {
-        u32 p = c0 - gb;
-        length = count(ip + 4, base + p + 4, iend) + 4;
-        offset = cur - p;
+      if (has0 && load32(base + p0) == load32(ip)) {
+        length = count(ip + 4, base + p0 + 4, iend) + 4;
+        offset = cur - p0;
         goto extend;
       }
-      if (c1 >= gb && c1 - gb < cur + 1 &&
-          load32(base + (c1 - gb)) == load32(ip + 1)) {
-        u32 p = c1 - gb;
+      if (has1 && load32(base + p1) == load32(ip + 1)) {
         ip++;
-        length = count(ip + 4, base + p + 4, iend) + 4;
-        offset = cur + 1 - p;
+        length = count(ip + 4, base + p1 + 4, iend) + 4;
+        offset = cur + 1 - p1;
         goto extend;
       }
       ip += ((u32)(ip - anchor) >> (SEARCH_STRENGTH - 1)) + 2;
@@ -902,9 +921,9 @@ find_sequences(const u8 *base, u32 start, u32 end, u32 long_log, u32 short_log,
       if (ip >= ilimit) break;
       /* Positions inside the match, for later matches. */
       u32 c2 = match_start + 2;
-      short_table[hash5(base + c2, short_log)] = gb + c2;
+      SHORT_PUT(hash5(base + c2, short_log), c2);
       if (fast) {
-        short_table[hash5(ip - 2, short_log)] = gb + (u32)(ip - 2 - base);
+        SHORT_PUT(hash5(ip - 2, short_log), (u32)(ip - 2 - base));
       } else {
         long_table[hash8(base + c2, long_log)] = gb + c2;
         long_table[hash8(ip - 2, long_log)] = gb + (u32)(ip - 2 - base);
@@ -915,7 +934,7 @@ find_sequences(const u8 *base, u32 start, u32 end, u32 long_log, u32 short_log,
       if (rep1 <= now && rep1 > 0 && load32(ip) == load32(ip - rep1)) {
         length = count(ip + 4, ip + 4 - rep1, iend) + 4;
         offset = rep1;
-        short_table[hash5(ip, short_log)] = gb + now;
+        SHORT_PUT(hash5(ip, short_log), now);
         if (!fast) long_table[hash8(ip, long_log)] = gb + now;
         continue;
       }
@@ -935,14 +954,22 @@ find_sequences(const u8 *base, u32 start, u32 end, u32 long_log, u32 short_log,
 static __attribute__((noinline)) u32 find_fast(const u8 *base, u32 start,
                                                u32 end, u32 short_log, Work *w,
                                                u32 *literal_count) {
-  return find_sequences(base, start, end, 0, short_log, 1, w, literal_count);
+  return find_sequences(base, start, end, 0, short_log, 1, 0, w,
+                        literal_count);
+}
+
+static __attribute__((noinline)) u32 find_small(const u8 *base, u32 start,
+                                                u32 end, Work *w,
+                                                u32 *literal_count) {
+  return find_sequences(base, start, end, 0, SMALL_LOG, 1, 1, w,
+                        literal_count);
 }
 
 static __attribute__((noinline)) u32 find_double(const u8 *base, u32 start,
                                                  u32 end, u32 long_log,
                                                  u32 short_log, Work *w,
                                                  u32 *literal_count) {
-  return find_sequences(base, start, end, long_log, short_log, 0, w,
+  return find_sequences(base, start, end, long_log, short_log, 0, 0, w,
                         literal_count);
 }
 
@@ -953,9 +980,11 @@ static __attribute__((noinline)) u32 find_double(const u8 *base, u32 start,
 static u32 compress_block(const u8 *base, u32 start, u32 end, u32 long_log,
                           u32 short_log, int fast, Work *w) {
   u32 literal_count;
-  u32 nseq = fast ? find_fast(base, start, end, short_log, w, &literal_count)
-                  : find_double(base, start, end, long_log, short_log, w,
-                                &literal_count);
+  u32 nseq = fast == 2   ? find_small(base, start, end, w, &literal_count)
+             : fast == 1 ? find_fast(base, start, end, short_log, w,
+                                     &literal_count)
+                         : find_double(base, start, end, long_log, short_log,
+                                       w, &literal_count);
   u32 size = end - start;
 
   u8 *out = w->body;
@@ -1094,6 +1123,10 @@ u32 zstd_enc_frame(const u8 *in, u32 n, u8 *out, u8 *work, u32 level) {
                  : log > MAX_HASH_LOG ? MAX_HASH_LOG
                                       : log;
   u32 short_log = long_log - 1;
+  if (fast && n <= SMALL_MAX) {
+    fast = 2;
+    __builtin_memset(small_table, 0, sizeof small_table);
+  }
   u32 block = n < BLOCK_MAX ? n : BLOCK_MAX;
   Work w = layout(work, block);
   reps[0] = 1;
