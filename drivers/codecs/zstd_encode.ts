@@ -513,8 +513,8 @@ const align8 = (n: number) => Math.ceil(n / 8) * 8;
 
 /** Frames of a batch of clusters, back to back: see {@linkcode encodeClusters}. */
 export interface EncodedClusters {
-  /** The frames, one after the other. */
-  packed: Uint8Array<ArrayBuffer>;
+  /** The frames, one after the other (in `into` when given). */
+  packed: Uint8Array;
   /** The size of each frame, in cluster order. */
   lengths: Uint32Array<ArrayBuffer>;
 }
@@ -529,7 +529,9 @@ export interface EncodedClusters {
  *
  * @param input the clusters, back to back
  * @param clusterSize the size of each piece (over 0)
- * @param options the match finder
+ * @param options the match finder, and `into`: where the frames go (room
+ *   for {@linkcode frameBound} of each piece; the workers' shared buffer),
+ *   else a new buffer
  * @returns the frames and their sizes
  *
  * @example
@@ -542,7 +544,7 @@ export interface EncodedClusters {
 export function encodeClusters(
   input: Uint8Array,
   clusterSize: number,
-  options: EncodeFrameOptions = {},
+  options: EncodeFrameOptions & { into?: Uint8Array } = {},
 ): EncodedClusters {
   if (!(clusterSize > 0)) {
     throw new RangeError("zstd: cluster size must be over 0");
@@ -557,6 +559,11 @@ export function encodeClusters(
       for (let k = 0; k < count; k++) {
         bound += frameBound(
           Math.min(clusterSize, input.length - k * clusterSize),
+        );
+      }
+      if (options.into && options.into.length < bound) {
+        throw new RangeError(
+          `zstd: ${options.into.length} bytes for frames of up to ${bound}`,
         );
       }
       const inAt = align8(wasm.heapBase);
@@ -587,6 +594,10 @@ export function encodeClusters(
           lengths[k] = size;
           at += size;
         }
+        if (options.into) {
+          options.into.set(bytes.subarray(outAt, at));
+          return { packed: options.into.subarray(0, at - outAt), lengths };
+        }
         return { packed: bytes.slice(outAt, at), lengths };
       }
     } finally {
@@ -604,7 +615,12 @@ export function encodeClusters(
     lengths[k] = frame.length;
     total += frame.length;
   }
-  const packed = new Uint8Array(total);
+  if (options.into && options.into.length < total) {
+    throw new RangeError(
+      `zstd: ${options.into.length} bytes for frames of ${total}`,
+    );
+  }
+  const packed = options.into?.subarray(0, total) ?? new Uint8Array(total);
   let at = 0;
   for (const frame of frames) {
     packed.set(frame, at);

@@ -20,6 +20,11 @@ interface Job {
   clusterSize: number;
   /** The compression type (zlib when absent). */
   codec?: "zlib" | "zstd";
+  /**
+   * zstd: where the frames go (a shared buffer, room for frameBound of
+   * each cluster); the answer then holds their lengths only.
+   */
+  output?: Uint8Array;
 }
 
 const scope = globalThis as unknown as {
@@ -28,7 +33,7 @@ const scope = globalThis as unknown as {
 };
 
 scope.onmessage = (e) => {
-  const { id, input, clusterSize, codec } = e.data;
+  const { id, input, clusterSize, codec, output } = e.data;
   const zlib = nodeZlibModule() as
     | {
       deflateRawSync(b: Uint8Array, o: { windowBits: number }): Uint8Array;
@@ -37,11 +42,16 @@ scope.onmessage = (e) => {
   if (codec === "zstd") {
     try {
       // One buffer a batch (see encodeClusters).
-      const { packed, lengths } = encodeClusters(input, clusterSize);
-      scope.postMessage({ id, packed, lengths }, [
-        packed.buffer,
-        lengths.buffer,
-      ]);
+      const { packed, lengths } = encodeClusters(input, clusterSize, {
+        into: output,
+      });
+      if (output) scope.postMessage({ id, lengths }, [lengths.buffer]);
+      else {
+        scope.postMessage({ id, packed, lengths }, [
+          packed.buffer as ArrayBuffer,
+          lengths.buffer,
+        ]);
+      }
     } catch (error) {
       scope.postMessage({ id, error: String(error) });
     }
