@@ -221,10 +221,11 @@ export function rendererPeaks(pid: number): Map<number, number> {
 export async function bundle(dist: string) {
   await Deno.mkdir(dist, { recursive: true });
   for (
-    const [out, entry] of [["mod.js", "mod.ts"], [
-      "_worker.js",
-      "drivers/codecs/_worker.ts",
-    ]]
+    const [out, entry] of [
+      ["mod.js", "mod.ts"],
+      ["_worker.js", "drivers/codecs/_worker.ts"],
+      ["_deflate_worker.js", "drivers/qcow2/_deflate_worker.ts"],
+    ]
   ) {
     await run(Deno.execPath(), [
       "bundle",

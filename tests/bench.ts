@@ -121,6 +121,8 @@ interface Case {
   probe?: boolean;
   /** Compare each peer's output with ours (cmp), and say whether they are the same bytes. */
   compare?: boolean;
+  /** Print the size of each output (the compressing writers' ratio). */
+  sizes?: boolean;
 }
 
 const OUT = `${DIR}/out.raw`;
@@ -404,6 +406,7 @@ const cases: Case[] = [
     needs: ["qemu-img"],
     inputFormat: "raw",
     ours: ["-O", "qcow2", "-c"],
+    sizes: true,
     peers: [{
       name: "qemu-img -c",
       tool: "qemu-img",
@@ -454,6 +457,7 @@ const cases: Case[] = [
     needs: ["qemu-img"],
     inputFormat: "raw",
     ours: ["-O", "qcow2", "-c", "-o", "compression_type=zstd"],
+    sizes: true,
     peers: [{
       name: "qemu-img -c zstd",
       tool: "qemu-img",
@@ -682,8 +686,15 @@ for (const c of cases) {
     ours.cpu !== undefined && theirs.cpu
       ? `, CPU ours/theirs = ${(ours.cpu / theirs.cpu).toFixed(2)}`
       : "";
+  /** The output's size, for cases that print it. */
+  const outSize = async () =>
+    c.sizes
+      ? `, output ${((await Deno.stat(OUT)).size / MIB).toFixed(1)} MiB`
+      : "";
   console.log(
-    `  ours                   ${ours.seconds.toFixed(2)} s${rss(ours)}`,
+    `  ours                   ${ours.seconds.toFixed(2)} s${
+      rss(ours)
+    }${await outSize()}`,
   );
   const ourOutput = `${OUT}.ours`;
   if (c.compare) await Deno.rename(OUT, ourOutput);
@@ -705,7 +716,7 @@ for (const c of cases) {
           rss(theirs)
         }   ours/theirs = ${(ours.seconds / theirs.seconds).toFixed(2)}${
           cpuRatio(theirs)
-        }${await same()}`,
+        }${await outSize()}${await same()}`,
       );
       if (p.name === "ours, not encrypted" && ours.cpu && theirs.cpu) {
         // Issue 14: decryption must not cost more than the decoding does.

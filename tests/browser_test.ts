@@ -764,3 +764,94 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name:
+    "the bundle writes qcow2 -c zstd in a browser page, compressing on its _deflate_worker.js workers; qemu-img check and compare accept the image",
+  ignore: skip(["chromium", "qemu-img"]),
+  async fn() {
+    await withPage(async (page, dir) => {
+      // Real data: a piece of a tar of /usr/lib, text, random bytes, zeros.
+      const disk = new Uint8Array(3 << 20);
+      const tar = (await run("sh", [
+        "-c",
+        "tar cf - /usr/lib/x86_64-linux-gnu/libc.so.6 2>/dev/null | head -c 1500000",
+      ], { allowFail: true })).stdout;
+      disk.set(tar);
+      const text = new TextEncoder().encode("qcow2 zstd cluster in a page ");
+      for (let i = 0; i < 600_000; i++) {
+        disk[1_600_000 + i] = text[i % text.length];
+      }
+      disk.set(pseudoRandom(300_000, 9), 2_300_000);
+      await Deno.writeFile(`${dir}/images/disk.raw`, disk);
+      // Counts the workers the page starts and the answers they send.
+      const result = await page.evaluate<
+        { base64: string; workers: string[]; answers: number }
+      >(`(async () => {
+        const workers = [];
+        let answers = 0;
+        const Base = globalThis.Worker;
+        globalThis.Worker = class extends Base {
+          constructor(url, options) {
+            super(url, options);
+            workers.push(String(url));
+            this.addEventListener("message", () => answers++);
+          }
+        };
+        try {
+          const m = await import("/dist/mod.js");
+          const bytes = new Uint8Array(
+            await (await fetch("/images/disk.raw")).arrayBuffer(),
+          );
+          const sink = m.memorySink();
+          await m.convert(await m.open(m.fromBytes(bytes)), sink, {
+            format: "qcow2",
+            compress: true,
+            options: { compression_type: "zstd" },
+          });
+          const out = sink.bytes();
+          let text = "";
+          for (let i = 0; i < out.length; i += 32768) {
+            text += String.fromCharCode(...out.subarray(i, i + 32768));
+          }
+          return { base64: btoa(text), workers, answers };
+        } finally {
+          globalThis.Worker = Base;
+        }
+      })()`);
+      assertTrue(
+        result.workers.some((u) => u.endsWith("/dist/_deflate_worker.js")),
+        JSON.stringify(result.workers),
+      );
+      assertTrue(result.answers > 0, "no worker answered");
+      const image = Uint8Array.from(
+        atob(result.base64),
+        (c) => c.charCodeAt(0),
+      );
+      const path = `${dir}/page.qcow2`;
+      await Deno.writeFile(path, image);
+      assertTrue(image.length < disk.length * 0.8, `${image.length}`);
+      const check = await run("qemu-img", ["check", "-f", "qcow2", path], {
+        allowFail: true,
+      });
+      assertTrue(
+        check.code === 0 && /No errors were found/.test(check.text),
+        check.text,
+      );
+      const info = JSON.parse(
+        (await run("qemu-img", ["info", "--output=json", path])).text,
+      );
+      assertEquals(info["format-specific"].data["compression-type"], "zstd");
+      const compare = await run("qemu-img", [
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        `${dir}/images/disk.raw`,
+        path,
+      ], { allowFail: true });
+      assertEquals(compare.code, 0, compare.text + compare.stderr);
+    });
+  },
+});

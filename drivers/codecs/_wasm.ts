@@ -114,6 +114,14 @@ export interface WasmExports {
     dst: number,
     dstEnd: number,
   ): number;
+  zstd_enc_work_size(n: number): number;
+  zstd_enc_frame(
+    input: number,
+    n: number,
+    out: number,
+    work: number,
+    level: number,
+  ): number;
 }
 
 /** One instance of the module: its exports and its memory as bytes. */

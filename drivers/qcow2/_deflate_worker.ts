@@ -11,7 +11,7 @@
  */
 
 import { nodeZlibModule } from "../codecs/_node_zlib.ts";
-import { encodeFrame } from "../codecs/zstd_encode.ts";
+import { encodeClusters } from "../codecs/zstd_encode.ts";
 
 /** A batch: `count` clusters of `clusterSize` bytes back to back. */
 interface Job {
@@ -20,6 +20,11 @@ interface Job {
   clusterSize: number;
   /** The compression type (zlib when absent). */
   codec?: "zlib" | "zstd";
+  /**
+   * zstd: where the frames go (a shared buffer, room for frameBound of
+   * each cluster); the answer then holds their lengths only.
+   */
+  output?: Uint8Array;
 }
 
 const scope = globalThis as unknown as {
@@ -28,18 +33,34 @@ const scope = globalThis as unknown as {
 };
 
 scope.onmessage = (e) => {
-  const { id, input, clusterSize, codec } = e.data;
+  const { id, input, clusterSize, codec, output } = e.data;
   const zlib = nodeZlibModule() as
     | {
       deflateRawSync(b: Uint8Array, o: { windowBits: number }): Uint8Array;
     }
     | undefined;
-  const compress = codec === "zstd"
-    ? encodeFrame
-    : zlib && ((b: Uint8Array) =>
-      zlib.deflateRawSync(b, {
-        windowBits: 12,
-      }));
+  if (codec === "zstd") {
+    try {
+      // One buffer a batch (see encodeClusters).
+      const { packed, lengths } = encodeClusters(input, clusterSize, {
+        into: output,
+      });
+      if (output) scope.postMessage({ id, lengths }, [lengths.buffer]);
+      else {
+        scope.postMessage({ id, packed, lengths }, [
+          packed.buffer as ArrayBuffer,
+          lengths.buffer,
+        ]);
+      }
+    } catch (error) {
+      scope.postMessage({ id, error: String(error) });
+    }
+    return;
+  }
+  const compress = zlib && ((b: Uint8Array) =>
+    zlib.deflateRawSync(b, {
+      windowBits: 12,
+    }));
   if (!compress) {
     scope.postMessage({ id, unavailable: true });
     return;
