@@ -59,9 +59,15 @@ import {
   KeyError,
   UnsupportedError,
 } from "../streams/errors.ts";
-import { decodeInto as inflateInto } from "./codecs/zlib.ts";
-import * as zstd from "./codecs/zstd.ts";
-import { ByteFeed } from "./codecs/_feed.ts";
+import {
+  CLUSTER_DEFLATE,
+  CLUSTER_ZSTD,
+  decodeCluster,
+  decodeMany,
+  holdPool,
+  type PackedCluster,
+  poolWorthIt,
+} from "./codecs/_clusters.ts";
 import { cipherFor } from "../streams/decrypt.ts";
 import { luksCipher, readLuksHeader } from "./qcow2/luks.ts";
 import { encodeQcow2 } from "./qcow2/encode.ts";
@@ -793,35 +799,10 @@ export type ClusterDecoder = (
   out: Uint8Array,
 ) => Promise<void>;
 
-/**
- * A zstd cluster as QEMU writes it: one frame (its content size may be
- * left out), followed by whatever lies after it in the file. Decoded
- * until `out` is full; a frame that ends short is an error.
- */
-async function zstdCluster(input: Uint8Array, out: Uint8Array) {
-  let given = false;
-  const feed = new ByteFeed(() => {
-    if (given) return Promise.resolve(null);
-    given = true;
-    return Promise.resolve(input);
-  });
-  let filled = 0;
-  for await (const piece of zstd.decodeStreaming(feed)) {
-    const n = Math.min(piece.length, out.length - filled);
-    out.set(piece.subarray(0, n), filled);
-    filled += n;
-    if (filled === out.length) return;
-  }
-  throw new CodecError(
-    "zstd",
-    `cluster decoded to ${filled} bytes, not ${out.length}`,
-  );
-}
-
 /** Decoders of compressed clusters by compression_type (0 zlib, 1 zstd). */
 const DECODERS: Record<number, ClusterDecoder | undefined> = {
-  0: (input, out) => inflateInto(input, out, "deflate-raw"),
-  1: zstdCluster,
+  0: (input, out) => decodeCluster(CLUSTER_DEFLATE, input, out),
+  1: (input, out) => decodeCluster(CLUSTER_ZSTD, input, out),
 };
 
 /** The decoder of `compressionType`, or an UnsupportedError naming it. */
@@ -869,6 +850,8 @@ export interface State {
   details: Record<string, unknown>;
   /** The last decompressed cluster, for small reads inside it. */
   inflated?: { offset: number; bytes: Uint8Array };
+  /** Lets go of the decode workers, held since the first read that used them. */
+  letGoOfPool?: () => void;
   /** Adds `write` and `flush` to a view (set by a writable open). */
   writable?: (image: Image, cipher?: SectorCipher) => Image;
   /** Scheme and sector numbering of the encryption. */
@@ -1161,6 +1144,22 @@ async function readHost(state: State, host: number, into: Uint8Array) {
   await readIntoSource(state.data, host, into);
 }
 
+/** The typed error for a compressed cluster that did not decode (`message`: the codec's). */
+function clusterError(
+  state: State,
+  seg: { offset: number; size: number },
+  message: string,
+): Error {
+  return fail(
+    "compressed cluster",
+    seg.offset,
+    `${
+      COMPRESSION_TYPES[state.header.compressionType]
+    } data of at most ${seg.size} bytes decoding to exactly ${state.clusterSize} bytes (${message})`,
+    seg.offset,
+  );
+}
+
 /** Decompresses `packed` (a compressed cluster) into `out` (a whole cluster). */
 async function decompress(
   state: State,
@@ -1173,15 +1172,38 @@ async function decompress(
     await decode(packed, out);
   } catch (e) {
     if (!(e instanceof CodecError)) throw e;
-    throw fail(
-      "compressed cluster",
-      seg.offset,
-      `${
-        COMPRESSION_TYPES[state.header.compressionType]
-      } data of at most ${seg.size} bytes decoding to exactly ${state.clusterSize} bytes (${e.message})`,
-      seg.offset,
-    );
+    throw clusterError(state, seg, e.message);
   }
+}
+
+/**
+ * Decodes the whole compressed clusters `segments` of one read (at disk
+ * offset `offset`, into `out`) on the decode workers, a few mebibytes of
+ * packed bytes per message (see codecs/_clusters.ts).
+ */
+async function decodeOnWorkers(
+  state: State,
+  segments: Extract<Segment, { kind: "compressed" }>[],
+  offset: number,
+  out: Uint8Array,
+) {
+  const kind = state.header.compressionType === 1
+    ? CLUSTER_ZSTD
+    : CLUSTER_DEFLATE;
+  clusterDecoder(state.header.compressionType); // refuses an unknown type
+  state.letGoOfPool ??= holdPool();
+  const clusters: PackedCluster[] = segments.map((s) => ({
+    offset: s.offset,
+    size: Math.min(s.size, state.source.size - s.offset),
+    target: out.subarray(s.at - offset, s.at - offset + s.length),
+  }));
+  await decodeMany({
+    kind,
+    clusterSize: state.clusterSize,
+    readInto: (at, into) => readIntoSource(state.source, at, into),
+    error: (c, message) =>
+      clusterError(state, { offset: c.offset, size: c.size }, message),
+  }, clusters);
 }
 
 /** The image over `state`: locked when encrypted and `cipher` is absent. */
@@ -1293,11 +1315,24 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
 
   /** Fills `out` with the bytes at `offset`: every byte of it. */
   async function fill(offset: number, out: Uint8Array) {
-    const segments = await mapRange(state, offset, out.length);
+    let segments = await mapRange(state, offset, out.length);
     if (locked && segments.some((s) => s.kind === "data")) {
       throw unlockNeeded();
     }
     const pending: Promise<void>[] = [];
+    // Many whole compressed clusters: decoded on the workers, the rest here.
+    const whole = (s: Segment) =>
+      s.kind === "compressed" && s.length === clusterSize;
+    const wholeCount = segments.reduce((n, s) => n + (whole(s) ? 1 : 0), 0);
+    if (poolWorthIt(wholeCount)) {
+      pending.push(decodeOnWorkers(
+        state,
+        segments.filter(whole) as Extract<Segment, { kind: "compressed" }>[],
+        offset,
+        out,
+      ));
+      segments = segments.filter((s) => !whole(s));
+    }
     for (let i = 0; i < segments.length;) {
       const s = segments[i];
       const target = out.subarray(s.at - offset, s.at - offset + s.length);
@@ -1341,7 +1376,10 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
       }
       i++;
     }
-    await Promise.all(pending);
+    // All settle before a failure is reported: none writes into `out`
+    // (a buffer the caller may reuse) after this read has failed.
+    const settled = await Promise.allSettled(pending);
+    for (const p of settled) if (p.status === "rejected") throw p.reason;
   }
 
   async function readInto(offset: number, into: Uint8Array): Promise<void> {
@@ -1378,6 +1416,8 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
     readInto,
     extents,
     async close() {
+      state.letGoOfPool?.();
+      state.letGoOfPool = undefined;
       if (state.data !== state.source) await state.data.close?.();
       await state.source.close?.();
     },

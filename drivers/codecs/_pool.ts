@@ -36,6 +36,15 @@ const IDLE_MS = 50;
 const HELD_IDLE_MS = 5000;
 /** The most workers, whatever the core count. */
 const MAX_WORKERS = 4;
+/** Buffers kept for reuse by {@linkcode CodecPool.buffer}. */
+const MAX_SPARES = 8;
+/** Buffers are made in whole mebibytes, so that spares fit the next job. */
+const SPARE_UNIT = 1 << 20;
+
+/** What {@linkcode CodecPool.clusters} answers. */
+export type ClustersAnswer =
+  | { out: Uint8Array }
+  | { failed: number; message: string };
 
 interface Pending {
   resolve(out: Uint8Array | null): void;
@@ -53,6 +62,14 @@ export class CodecPool {
   #holders = 0;
   #started = 0;
   #done = 0;
+  #spares: ArrayBuffer[] = [];
+
+  /** How many workers the pool runs when busy: one per core, at most {@linkcode MAX_WORKERS}. */
+  get size(): number {
+    const cores = (globalThis.navigator as { hardwareConcurrency?: number })
+      ?.hardwareConcurrency ?? 2;
+    return Math.max(1, Math.min(MAX_WORKERS, cores));
+  }
 
   /** False once workers are known not to work here. */
   get usable(): boolean {
@@ -97,9 +114,7 @@ export class CodecPool {
         import.meta.url.endsWith(".ts") ? "./_worker.ts" : "./_worker.js",
         import.meta.url,
       );
-      const cores = (globalThis.navigator as { hardwareConcurrency?: number })
-        ?.hardwareConcurrency ?? 2;
-      for (let i = 0; i < Math.max(1, Math.min(MAX_WORKERS, cores)); i++) {
+      for (let i = 0; i < this.size; i++) {
         const worker = new Worker(url, { type: "module" });
         const slot = { worker, jobs: 0 };
         this.#started++;
@@ -109,7 +124,17 @@ export class CodecPool {
           const { id, out, error, unavailable } = e.data;
           const job = this.#pending.get(id);
           this.#pending.delete(id);
-          if (job) {
+          if (e.data.op === "clusters") {
+            // Both buffers come back: the input to reuse, the output to
+            // the caller (or reuse, when a cluster failed).
+            this.giveBack(e.data.input);
+            if (e.data.failed !== undefined || !job) this.giveBack(out);
+            job?.resolve(
+              (e.data.failed !== undefined
+                ? { failed: e.data.failed, message: e.data.message }
+                : { out }) as never,
+            );
+          } else if (job) {
             if (error !== undefined) {
               const prefix = `${job.codec}: `;
               job.reject(
@@ -250,6 +275,63 @@ export class CodecPool {
   }
 
   /**
+   * A buffer of `length` bytes for {@linkcode clusters}' input, reused
+   * from earlier jobs when one is big enough (a fresh mebibyte array per
+   * job is page faults and garbage for V8 to collect late).
+   */
+  buffer(length: number): Uint8Array<ArrayBuffer> {
+    const k = this.#spares.findIndex((b) => b.byteLength >= length);
+    const buffer = k >= 0 ? this.#spares.splice(k, 1)[0] : new ArrayBuffer(
+      Math.ceil(Math.max(1, length) / SPARE_UNIT) * SPARE_UNIT,
+    );
+    return new Uint8Array(buffer, 0, length);
+  }
+
+  /** Takes back a buffer from {@linkcode buffer} or {@linkcode clusters} for reuse. */
+  giveBack(bytes: Uint8Array | undefined) {
+    const buffer = bytes?.buffer;
+    if (
+      buffer instanceof ArrayBuffer && buffer.byteLength >= SPARE_UNIT &&
+      this.#spares.length < MAX_SPARES && !this.#spares.includes(buffer)
+    ) this.#spares.push(buffer);
+  }
+
+  /**
+   * Decodes compressed qcow or qcow2 clusters on a worker (see
+   * `_clusters.ts`): `jobs` holds three numbers per cluster (where its
+   * packed bytes start in `input`, how many, where its `clusterSize`
+   * bytes go in the output of `outLength` bytes). `input` (from
+   * {@linkcode buffer}) is transferred and comes back for reuse. Answers
+   * the output (give it back with {@linkcode giveBack} once copied), the
+   * index and codec message of the first cluster that did not decode, or
+   * `null` when no worker took the job (the caller decodes it).
+   */
+  clusters(
+    kind: number,
+    input: Uint8Array,
+    jobs: number[],
+    clusterSize: number,
+    outLength: number,
+  ): Promise<ClustersAnswer | null> {
+    const claimed = this.#claim();
+    if (!claimed) return Promise.resolve(null);
+    const { slot, id } = claimed;
+    const sent = input.buffer instanceof ArrayBuffer ? input : input.slice();
+    const out = this.buffer(outLength);
+    return new Promise((resolve) => {
+      this.#pending.set(id, {
+        resolve: (answer) => resolve(answer as never),
+        reject: () => resolve(null),
+        codec: "clusters",
+      });
+      slot.worker.postMessage(
+        { id, op: "clusters", input: sent, jobs, size: clusterSize, kind, out },
+        [sent.buffer as ArrayBuffer, out.buffer],
+      );
+    });
+  }
+
+  /**
    * The least busy worker (started if need be) with one more job counted,
    * and an id for the job; undefined where workers cannot run.
    */
@@ -278,6 +360,7 @@ export class CodecPool {
     this.#workers = [];
     for (const job of this.#pending.values()) job.resolve(null);
     this.#pending.clear();
+    this.#spares = [];
   }
 
   /** Ends the workers when nothing is in flight and no image holds the pool (an image was closed). */
@@ -298,7 +381,7 @@ export interface DecodeWorkerStats {
   broken: boolean;
 }
 
-/** The pool every dmg image shares. */
+/** The pool every image decoding on workers shares. */
 export const codecPool: CodecPool = new CodecPool();
 
 /**
