@@ -60,6 +60,8 @@ import {
   decodeMany,
   holdPool,
   poolWorthIt,
+  readSpan,
+  type Span,
 } from "./codecs/_clusters.ts";
 import {
   BackingFileError,
@@ -398,13 +400,15 @@ async function inflateOnWorkers(
   pieces: { at: number; length: number; cluster: Cluster }[],
   offset: number,
   out: Uint8Array,
+  span?: Span,
 ) {
   state.letGoOfPool ??= holdPool();
   await decodeMany(
     {
       kind: CLUSTER_DEFLATE,
       clusterSize: state.clusterSize,
-      readInto: (at, into) => readIntoSource(state.source, at, into),
+      readInto: span?.readInto ??
+        ((at, into) => readIntoSource(state.source, at, into)),
       error: (c, message) => clusterError(state, c, message),
     },
     pieces.map((p) => {
@@ -528,6 +532,37 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
       if (cipher) await cipher.decrypt(offset / SECTOR, out);
       return;
     }
+    // The file span of every cluster wanted, in one read when they lie
+    // close together: over HTTP, one range request instead of one per
+    // run of plain clusters and per group of compressed ones.
+    const span = await readSpan(
+      (at, into) => readIntoSource(state.source, at, into),
+      pieces.flatMap((p): [number, number][] =>
+        p.cluster.kind === "plain"
+          ? [[fileAt(p), fileAt(p) + p.length]]
+          : p.cluster.kind === "compressed"
+          ? [[p.cluster.offset, p.cluster.offset + p.cluster.size]]
+          : []
+      ),
+      clusterSize,
+    );
+    try {
+      await readPieces(pieces, offset, out, span);
+    } finally {
+      span?.done();
+    }
+  }
+
+  /** {@linkcode piecesInto}'s work, the file's bytes read through `span` where it has them. */
+  async function readPieces(
+    pieces: Piece[],
+    offset: number,
+    out: Uint8Array,
+    span?: Span,
+  ) {
+    const readFile = span?.readInto ??
+      ((at: number, into: Uint8Array) =>
+        readIntoSource(state.source, at, into));
     const pending: Promise<void>[] = [];
     // Many whole compressed clusters: inflated on the workers, the rest here.
     const whole = (p: Piece) =>
@@ -535,7 +570,7 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
     const wholeCount = pieces.reduce((n, p) => n + (whole(p) ? 1 : 0), 0);
     if (poolWorthIt(wholeCount)) {
       pending.push(
-        inflateOnWorkers(state, pieces.filter(whole), offset, out),
+        inflateOnWorkers(state, pieces.filter(whole), offset, out, span),
       );
       pieces = pieces.filter((p) => !whole(p));
     }
@@ -566,7 +601,7 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
         const total = pieces[j - 1].at + pieces[j - 1].length - first;
         const into = out.subarray(first - offset, first - offset + total);
         pending.push(
-          readIntoSource(state.source, fileAt(p), into).then(async () => {
+          readFile(fileAt(p), into).then(async () => {
             if (cipher) await cipher.decrypt(first / SECTOR, into);
           }),
         );
@@ -588,9 +623,8 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
       pending.push((async () => {
         const single = group.length === 1 &&
           state.inflated?.offset === from;
-        const raw = single
-          ? undefined
-          : await state.source.read(from, groupTo - from);
+        const raw = single ? undefined : span?.bytes(from, groupTo - from) ??
+          await state.source.read(from, groupTo - from);
         for (const g of group) {
           const c = g.cluster as { offset: number; size: number };
           const packed = raw?.subarray(

@@ -67,6 +67,8 @@ import {
   holdPool,
   type PackedCluster,
   poolWorthIt,
+  readSpan,
+  type Span,
 } from "./codecs/_clusters.ts";
 import { cipherFor } from "../streams/decrypt.ts";
 import { luksCipher, readLuksHeader } from "./qcow2/luks.ts";
@@ -1130,8 +1132,17 @@ function decodeEntry(
   }
 }
 
-/** Reads the host bytes `[host, host + into.length)` of the data file into `into`. */
-async function readHost(state: State, host: number, into: Uint8Array) {
+/**
+ * Reads the host bytes `[host, host + into.length)` of the data file into
+ * `into` (through `span`, the image file's bytes read at once, where it
+ * has them).
+ */
+async function readHost(
+  state: State,
+  host: number,
+  into: Uint8Array,
+  span?: Span,
+) {
   if (host + into.length > state.data.size) {
     throw fail(
       "cluster offset",
@@ -1141,7 +1152,8 @@ async function readHost(state: State, host: number, into: Uint8Array) {
       } ${state.data.size} bytes`,
     );
   }
-  await readIntoSource(state.data, host, into);
+  if (span && !state.hasDataFile) await span.readInto(host, into);
+  else await readIntoSource(state.data, host, into);
 }
 
 /** The typed error for a compressed cluster that did not decode (`message`: the codec's). */
@@ -1186,6 +1198,7 @@ async function decodeOnWorkers(
   segments: Extract<Segment, { kind: "compressed" }>[],
   offset: number,
   out: Uint8Array,
+  span?: Span,
 ) {
   const kind = state.header.compressionType === 1
     ? CLUSTER_ZSTD
@@ -1200,7 +1213,8 @@ async function decodeOnWorkers(
   await decodeMany({
     kind,
     clusterSize: state.clusterSize,
-    readInto: (at, into) => readIntoSource(state.source, at, into),
+    readInto: span?.readInto ??
+      ((at, into) => readIntoSource(state.source, at, into)),
     error: (c, message) =>
       clusterError(state, { offset: c.offset, size: c.size }, message),
   }, clusters);
@@ -1262,15 +1276,16 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
   async function readData(
     s: { at: number; length: number; host: number },
     target: Uint8Array,
+    span?: Span,
   ) {
-    if (!cipher) return await readHost(state, s.host, target);
+    if (!cipher) return await readHost(state, s.host, target, span);
     // Whole sectors: a cluster (and subcluster) is a whole number of them.
     const skip = s.at % SECTOR;
     const whole = Math.ceil((skip + s.length) / SECTOR) * SECTOR;
     const buffer = skip === 0 && whole === s.length
       ? target
       : new Uint8Array(whole);
-    await readHost(state, s.host - skip, buffer);
+    await readHost(state, s.host - skip, buffer, span);
     const first = state.encryption!.physical ? s.host - skip : s.at - skip;
     await cipher.decrypt(first / SECTOR, buffer);
     if (buffer !== target) target.set(buffer.subarray(skip, skip + s.length));
@@ -1281,6 +1296,7 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
     group: Extract<Segment, { kind: "compressed" }>[],
     offset: number,
     out: Uint8Array,
+    span?: Span,
   ) {
     if (group.length === 1 && state.inflated?.offset === group[0].offset) {
       const s = group[0];
@@ -1295,7 +1311,8 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
       state.source.size,
       Math.max(...group.map((s) => s.offset + s.size)),
     );
-    const packed = await state.source.read(from, to - from);
+    const packed = span?.bytes(from, to - from) ??
+      await state.source.read(from, to - from);
     for (const s of group) {
       const input = packed.subarray(
         s.offset - from,
@@ -1315,10 +1332,41 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
 
   /** Fills `out` with the bytes at `offset`: every byte of it. */
   async function fill(offset: number, out: Uint8Array) {
-    let segments = await mapRange(state, offset, out.length);
+    const segments = await mapRange(state, offset, out.length);
     if (locked && segments.some((s) => s.kind === "data")) {
       throw unlockNeeded();
     }
+    // The file span of every cluster wanted, in one read when they lie
+    // close together: over HTTP, one range request instead of one per
+    // run of plain clusters and per job of compressed ones.
+    const fileSize = state.source.size;
+    const ranges: [number, number][] = [];
+    for (const s of segments) {
+      if (s.kind === "compressed") {
+        ranges.push([s.offset, Math.min(fileSize, s.offset + s.size)]);
+      } else if (
+        s.kind === "data" && !state.hasDataFile && s.host + s.length <= fileSize
+      ) ranges.push([s.host - s.at % SECTOR, s.host + s.length]);
+    }
+    const span = await readSpan(
+      (at, into) => readIntoSource(state.source, at, into),
+      ranges,
+      clusterSize,
+    );
+    try {
+      await fillSegments(segments, offset, out, span);
+    } finally {
+      span?.done();
+    }
+  }
+
+  /** {@linkcode fill}'s work, the file's bytes read through `span` where it has them. */
+  async function fillSegments(
+    segments: Segment[],
+    offset: number,
+    out: Uint8Array,
+    span?: Span,
+  ) {
     const pending: Promise<void>[] = [];
     // Many whole compressed clusters: decoded on the workers, the rest here.
     const whole = (s: Segment) =>
@@ -1330,6 +1378,7 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
         segments.filter(whole) as Extract<Segment, { kind: "compressed" }>[],
         offset,
         out,
+        span,
       ));
       segments = segments.filter((s) => !whole(s));
     }
@@ -1351,7 +1400,7 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
         }
         target.fill(0);
       } else if (s.kind === "data") {
-        pending.push(readData(s, target));
+        pending.push(readData(s, target, span));
       } else {
         let j = i + 1;
         let to = s.offset + s.size;
@@ -1369,6 +1418,7 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
             segments.slice(i, j) as Extract<Segment, { kind: "compressed" }>[],
             offset,
             out,
+            span,
           ),
         );
         i = j;

@@ -287,3 +287,79 @@ async function decodeJob(
   }
   if (packed === input) codecPool.giveBack(input);
 }
+
+/** The most bytes {@linkcode readSpan} reads at once. */
+const MAX_SPAN = 8 << 20;
+
+/** What {@linkcode readSpan} answers: the span's bytes and a reader that serves from them. */
+export interface Span {
+  /** Reads the file's bytes at `at` into `into`: from the span when inside it, from the file otherwise. */
+  readInto(at: number, into: Uint8Array): Promise<void>;
+  /** The span's bytes `[at, at + length)`, when inside it. */
+  bytes(at: number, length: number): Uint8Array | undefined;
+  /** Gives the span's buffer back for reuse; nothing may use it after. */
+  done(): void;
+}
+
+/**
+ * Reads at once the file span holding the byte ranges `ranges` (the
+ * clusters of one read), when they lie close together: at most
+ * {@linkcode MAX_SPAN} bytes, no more than twice what they hold plus a
+ * cluster's worth. Over HTTP that is one range request instead of one
+ * per run of clusters (a 2 MiB read of a compressed qcow was eight).
+ * Answers undefined for one range or none, or ranges far apart: the
+ * caller reads them one by one.
+ *
+ * @param readInto reads the file's bytes at `at` into `into`
+ * @param ranges start and end of each wanted range, in the file
+ * @param slack bytes of gaps allowed beyond twice the wanted ones
+ *
+ * @example
+ * ```ts
+ * import { readSpan } from "./_clusters.ts";
+ * const file = new Uint8Array(100).map((_, i) => i);
+ * const span = await readSpan(
+ *   async (at, into) => into.set(file.subarray(at, at + into.length)),
+ *   [[10, 20], [30, 40]],
+ *   0,
+ * );
+ * console.log(span?.bytes(30, 2)); // Uint8Array(2) [ 30, 31 ]
+ * span?.done();
+ * ```
+ */
+export async function readSpan(
+  readInto: (at: number, into: Uint8Array) => Promise<void>,
+  ranges: [number, number][],
+  slack: number,
+): Promise<Span | undefined> {
+  const sorted = ranges.slice().sort((a, b) => a[0] - b[0]);
+  let wanted = 0, runEnd = -1;
+  for (const [start, end] of sorted) {
+    wanted += Math.max(0, end - Math.max(start, runEnd));
+    runEnd = Math.max(runEnd, end);
+  }
+  // One range is one read anyway; one run of several clusters is read
+  // once here rather than once per worker job.
+  if (sorted.length < 2) return undefined;
+  const from = sorted[0][0], to = runEnd;
+  if (to - from > MAX_SPAN || to - from > 2 * wanted + slack) return undefined;
+  const buffer = codecPool.buffer(to - from);
+  await readInto(from, buffer);
+  let alive = true;
+  const bytes = (at: number, length: number) =>
+    alive && at >= from && at + length <= to
+      ? buffer.subarray(at - from, at - from + length)
+      : undefined;
+  return {
+    bytes,
+    readInto: async (at, into) => {
+      const inside = bytes(at, into.length);
+      if (inside) into.set(inside);
+      else await readInto(at, into);
+    },
+    done() {
+      if (alive) codecPool.giveBack(buffer);
+      alive = false;
+    },
+  };
+}
