@@ -211,7 +211,7 @@ await bundle(`${SITE}/dist`);
 for (const f of ["index.html", "worker.js", "sw.js"]) {
   await Deno.copyFile(`${ROOT}examples/web/${f}`, `${SITE}/${f}`);
 }
-const { server, base } = fileServer(SITE);
+const { server, base, rangeRequests } = fileServer(SITE);
 
 const f2 = (n: number) => n.toFixed(2);
 const rows: string[] = [];
@@ -237,11 +237,16 @@ try {
     const cli = await timeCli(c.format, path);
     const page = await launch(`${base}/index.html`);
     try {
+      const requestsBefore = rangeRequests();
       const url = await timeBrowser(
         page,
         JSON.stringify(`/images/${c.file}`),
         expected,
         `${c.name} by URL`,
+      );
+      // The checked run and RUNS timed ones.
+      const requests = Math.round(
+        (rangeRequests() - requestsBefore) / (RUNS + 1),
       );
       await page.evaluate(
         `fetch("/images/${c.file}").then((r) => r.blob()).then((b) => { globalThis.blob = b; })`,
@@ -260,7 +265,12 @@ try {
         Math.round(peak / MIB)
       } MiB |`;
       rows.push(row);
-      console.log(row + (url.workers ? `  <!-- ${url.workers} -->` : ""));
+      console.log(
+        row +
+          `  <!-- ${requests} range requests per conversion${
+            url.workers ? `, ${url.workers}` : ""
+          } -->`,
+      );
     } catch (e) {
       throw new Error(
         `${(e as Error).message}\npage log:\n${page.logs.join("\n")}`,
