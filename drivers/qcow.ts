@@ -568,7 +568,7 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
     const whole = (p: Piece) =>
       p.cluster.kind === "compressed" && p.length === clusterSize;
     const wholeCount = pieces.reduce((n, p) => n + (whole(p) ? 1 : 0), 0);
-    if (poolWorthIt(wholeCount)) {
+    if (poolWorthIt(wholeCount, CLUSTER_DEFLATE, clusterSize)) {
       pending.push(
         inflateOnWorkers(state, pieces.filter(whole), offset, out, span),
       );

@@ -1372,7 +1372,13 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
     const whole = (s: Segment) =>
       s.kind === "compressed" && s.length === clusterSize;
     const wholeCount = segments.reduce((n, s) => n + (whole(s) ? 1 : 0), 0);
-    if (poolWorthIt(wholeCount)) {
+    if (
+      poolWorthIt(
+        wholeCount,
+        state.header.compressionType === 1 ? CLUSTER_ZSTD : CLUSTER_DEFLATE,
+        clusterSize,
+      )
+    ) {
       pending.push(decodeOnWorkers(
         state,
         segments.filter(whole) as Extract<Segment, { kind: "compressed" }>[],

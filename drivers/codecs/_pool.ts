@@ -42,9 +42,9 @@ const MAX_WORKERS = 4;
  * 790 jobs reading the bench's compressed qcow made fresh ones, which V8
  * frees late: 260 MiB of peak RSS).
  */
-const MAX_SPARE_BYTES = 32 << 20;
+const MAX_SPARE_BYTES = 24 << 20;
 /** Buffers are made in whole mebibytes, so that spares fit the next job. */
-const SPARE_UNIT = 1 << 20;
+const SPARE_UNIT = 256 << 10;
 
 /** What {@linkcode CodecPool.clusters} answers. */
 export type ClustersAnswer =
