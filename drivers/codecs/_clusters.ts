@@ -272,7 +272,34 @@ export async function decodeMany(
 }
 
 /** One worker message: clusters packed in the file's bytes `[from, to)`. */
+/**
+ * Jobs in flight on the workers, and the jobs waiting for a turn: one
+ * per worker and one more, so that the buffers of jobs no worker would
+ * start yet are not made (convert keeps up to four reads in flight,
+ * two or more jobs each).
+ */
+let running = 0;
+const waiting: (() => void)[] = [];
+
 async function decodeJob(
+  reader: ClusterReader,
+  clusters: PackedCluster[],
+  from: number,
+  to: number,
+): Promise<void> {
+  if (running >= codecPool.size + 1) {
+    await new Promise<void>((resolve) => waiting.push(resolve));
+  }
+  running++;
+  try {
+    await decodeJobNow(reader, clusters, from, to);
+  } finally {
+    running--;
+    waiting.shift()?.();
+  }
+}
+
+async function decodeJobNow(
   reader: ClusterReader,
   clusters: PackedCluster[],
   from: number,
