@@ -56,6 +56,14 @@ import {
   encode as deflate,
 } from "./codecs/zlib.ts";
 import {
+  CLUSTER_DEFLATE,
+  decodeMany,
+  holdPool,
+  poolWorthIt,
+  readSpan,
+  type Span,
+} from "./codecs/_clusters.ts";
+import {
   BackingFileError,
   check,
   CodecError,
@@ -266,6 +274,8 @@ interface State extends WriteQueue {
   nextFree: number;
   /** The last inflated cluster, for small reads inside it. */
   inflated?: { offset: number; bytes: Uint8Array };
+  /** Lets go of the decode workers, held since the first read that used them. */
+  letGoOfPool?: () => void;
 }
 
 async function l2Table(state: State, l1Index: number): Promise<Uint8Array> {
@@ -362,13 +372,54 @@ async function inflated<T>(
     return await decode();
   } catch (e) {
     if (!(e instanceof CodecError)) throw e;
-    throw fail(
-      "compressed cluster",
-      cluster.offset,
-      `raw deflate of ${cluster.size} bytes inflating to exactly ${state.clusterSize} bytes (${e.message})`,
-      cluster.offset,
-    );
+    throw clusterError(state, cluster, e.message);
   }
+}
+
+/** The typed error for a compressed cluster that did not inflate (`message`: the codec's). */
+function clusterError(
+  state: State,
+  cluster: { offset: number; size: number },
+  message: string,
+): Error {
+  return fail(
+    "compressed cluster",
+    cluster.offset,
+    `raw deflate of ${cluster.size} bytes inflating to exactly ${state.clusterSize} bytes (${message})`,
+    cluster.offset,
+  );
+}
+
+/**
+ * Inflates the whole compressed clusters `pieces` of one read (at disk
+ * offset `offset`, into `out`) on the decode workers, a few hundred
+ * kibibytes of packed bytes per message (see codecs/_clusters.ts).
+ */
+async function inflateOnWorkers(
+  state: State,
+  pieces: { at: number; length: number; cluster: Cluster }[],
+  offset: number,
+  out: Uint8Array,
+  span?: Span,
+) {
+  state.letGoOfPool ??= holdPool();
+  await decodeMany(
+    {
+      kind: CLUSTER_DEFLATE,
+      clusterSize: state.clusterSize,
+      readInto: span?.readInto ??
+        ((at, into) => readIntoSource(state.source, at, into)),
+      error: (c, message) => clusterError(state, c, message),
+    },
+    pieces.map((p) => {
+      const c = p.cluster as { offset: number; size: number };
+      return {
+        offset: c.offset,
+        size: c.size,
+        target: out.subarray(p.at - offset, p.at - offset + p.length),
+      };
+    }),
+  );
 }
 
 function keyError(state: State): KeyError {
@@ -481,7 +532,48 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
       if (cipher) await cipher.decrypt(offset / SECTOR, out);
       return;
     }
+    // The file span of every cluster wanted, in one read when they lie
+    // close together: over HTTP, one range request instead of one per
+    // run of plain clusters and per group of compressed ones.
+    const span = await readSpan(
+      (at, into) => readIntoSource(state.source, at, into),
+      pieces.flatMap((p): [number, number][] =>
+        p.cluster.kind === "plain"
+          ? [[fileAt(p), fileAt(p) + p.length]]
+          : p.cluster.kind === "compressed"
+          ? [[p.cluster.offset, p.cluster.offset + p.cluster.size]]
+          : []
+      ),
+      clusterSize,
+    );
+    try {
+      await readPieces(pieces, offset, out, span);
+    } finally {
+      span?.done();
+    }
+  }
+
+  /** {@linkcode piecesInto}'s work, the file's bytes read through `span` where it has them. */
+  async function readPieces(
+    pieces: Piece[],
+    offset: number,
+    out: Uint8Array,
+    span?: Span,
+  ) {
+    const readFile = span?.readInto ??
+      ((at: number, into: Uint8Array) =>
+        readIntoSource(state.source, at, into));
     const pending: Promise<void>[] = [];
+    // Many whole compressed clusters: inflated on the workers, the rest here.
+    const whole = (p: Piece) =>
+      p.cluster.kind === "compressed" && p.length === clusterSize;
+    const wholeCount = pieces.reduce((n, p) => n + (whole(p) ? 1 : 0), 0);
+    if (poolWorthIt(wholeCount, CLUSTER_DEFLATE, clusterSize)) {
+      pending.push(
+        inflateOnWorkers(state, pieces.filter(whole), offset, out, span),
+      );
+      pieces = pieces.filter((p) => !whole(p));
+    }
     for (let i = 0; i < pieces.length;) {
       const p = pieces[i];
       if (p.cluster.kind === "unallocated") {
@@ -509,7 +601,7 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
         const total = pieces[j - 1].at + pieces[j - 1].length - first;
         const into = out.subarray(first - offset, first - offset + total);
         pending.push(
-          readIntoSource(state.source, fileAt(p), into).then(async () => {
+          readFile(fileAt(p), into).then(async () => {
             if (cipher) await cipher.decrypt(first / SECTOR, into);
           }),
         );
@@ -531,9 +623,8 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
       pending.push((async () => {
         const single = group.length === 1 &&
           state.inflated?.offset === from;
-        const raw = single
-          ? undefined
-          : await state.source.read(from, groupTo - from);
+        const raw = single ? undefined : span?.bytes(from, groupTo - from) ??
+          await state.source.read(from, groupTo - from);
         for (const g of group) {
           const c = g.cluster as { offset: number; size: number };
           const packed = raw?.subarray(
@@ -557,7 +648,10 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
       })());
       i = j;
     }
-    await Promise.all(pending);
+    // All settle before a failure is reported: none writes into `out`
+    // (a buffer the caller may reuse) after this read has failed.
+    const settled = await Promise.allSettled(pending);
+    for (const p of settled) if (p.status === "rejected") throw p.reason;
   }
 
   // Convert's path: into a reused buffer; unaligned reads of an encrypted
@@ -599,7 +693,11 @@ function qcowImage(state: State, cipher?: SectorCipher): Image {
     read,
     readInto,
     extents,
-    close: () => state.source.close?.() ?? Promise.resolve(),
+    close: () => {
+      state.letGoOfPool?.();
+      state.letGoOfPool = undefined;
+      return state.source.close?.() ?? Promise.resolve();
+    },
   };
   if (!state.sink) return image;
   const sink = state.sink;

@@ -59,8 +59,17 @@ import {
   KeyError,
   UnsupportedError,
 } from "../streams/errors.ts";
-import { decodeInto as inflateInto } from "./codecs/zlib.ts";
-import * as zstd from "./codecs/zstd.ts";
+import {
+  CLUSTER_DEFLATE,
+  CLUSTER_ZSTD,
+  decodeCluster,
+  decodeMany,
+  holdPool,
+  type PackedCluster,
+  poolWorthIt,
+  readSpan,
+  type Span,
+} from "./codecs/_clusters.ts";
 import { cipherFor } from "../streams/decrypt.ts";
 import { luksCipher, readLuksHeader } from "./qcow2/luks.ts";
 import { encodeQcow2 } from "./qcow2/encode.ts";
@@ -792,19 +801,10 @@ export type ClusterDecoder = (
   out: Uint8Array,
 ) => Promise<void>;
 
-/**
- * A zstd cluster as QEMU writes it: one frame (its content size may be
- * left out), followed by whatever lies after it in the file. Decoded
- * until `out` is full; a frame that ends short is an error.
- */
-async function zstdCluster(input: Uint8Array, out: Uint8Array) {
-  await zstd.decodeFrameInto(input, out, true);
-}
-
 /** Decoders of compressed clusters by compression_type (0 zlib, 1 zstd). */
 const DECODERS: Record<number, ClusterDecoder | undefined> = {
-  0: (input, out) => inflateInto(input, out, "deflate-raw"),
-  1: zstdCluster,
+  0: (input, out) => decodeCluster(CLUSTER_DEFLATE, input, out),
+  1: (input, out) => decodeCluster(CLUSTER_ZSTD, input, out),
 };
 
 /** The decoder of `compressionType`, or an UnsupportedError naming it. */
@@ -852,6 +852,8 @@ export interface State {
   details: Record<string, unknown>;
   /** The last decompressed cluster, for small reads inside it. */
   inflated?: { offset: number; bytes: Uint8Array };
+  /** Lets go of the decode workers, held since the first read that used them. */
+  letGoOfPool?: () => void;
   /** Adds `write` and `flush` to a view (set by a writable open). */
   writable?: (image: Image, cipher?: SectorCipher) => Image;
   /** Scheme and sector numbering of the encryption. */
@@ -1130,8 +1132,17 @@ function decodeEntry(
   }
 }
 
-/** Reads the host bytes `[host, host + into.length)` of the data file into `into`. */
-async function readHost(state: State, host: number, into: Uint8Array) {
+/**
+ * Reads the host bytes `[host, host + into.length)` of the data file into
+ * `into` (through `span`, the image file's bytes read at once, where it
+ * has them).
+ */
+async function readHost(
+  state: State,
+  host: number,
+  into: Uint8Array,
+  span?: Span,
+) {
   if (host + into.length > state.data.size) {
     throw fail(
       "cluster offset",
@@ -1141,7 +1152,24 @@ async function readHost(state: State, host: number, into: Uint8Array) {
       } ${state.data.size} bytes`,
     );
   }
-  await readIntoSource(state.data, host, into);
+  if (span && !state.hasDataFile) await span.readInto(host, into);
+  else await readIntoSource(state.data, host, into);
+}
+
+/** The typed error for a compressed cluster that did not decode (`message`: the codec's). */
+function clusterError(
+  state: State,
+  seg: { offset: number; size: number },
+  message: string,
+): Error {
+  return fail(
+    "compressed cluster",
+    seg.offset,
+    `${
+      COMPRESSION_TYPES[state.header.compressionType]
+    } data of at most ${seg.size} bytes decoding to exactly ${state.clusterSize} bytes (${message})`,
+    seg.offset,
+  );
 }
 
 /** Decompresses `packed` (a compressed cluster) into `out` (a whole cluster). */
@@ -1156,15 +1184,40 @@ async function decompress(
     await decode(packed, out);
   } catch (e) {
     if (!(e instanceof CodecError)) throw e;
-    throw fail(
-      "compressed cluster",
-      seg.offset,
-      `${
-        COMPRESSION_TYPES[state.header.compressionType]
-      } data of at most ${seg.size} bytes decoding to exactly ${state.clusterSize} bytes (${e.message})`,
-      seg.offset,
-    );
+    throw clusterError(state, seg, e.message);
   }
+}
+
+/**
+ * Decodes the whole compressed clusters `segments` of one read (at disk
+ * offset `offset`, into `out`) on the decode workers, a few mebibytes of
+ * packed bytes per message (see codecs/_clusters.ts).
+ */
+async function decodeOnWorkers(
+  state: State,
+  segments: Extract<Segment, { kind: "compressed" }>[],
+  offset: number,
+  out: Uint8Array,
+  span?: Span,
+) {
+  const kind = state.header.compressionType === 1
+    ? CLUSTER_ZSTD
+    : CLUSTER_DEFLATE;
+  clusterDecoder(state.header.compressionType); // refuses an unknown type
+  state.letGoOfPool ??= holdPool();
+  const clusters: PackedCluster[] = segments.map((s) => ({
+    offset: s.offset,
+    size: Math.min(s.size, state.source.size - s.offset),
+    target: out.subarray(s.at - offset, s.at - offset + s.length),
+  }));
+  await decodeMany({
+    kind,
+    clusterSize: state.clusterSize,
+    readInto: span?.readInto ??
+      ((at, into) => readIntoSource(state.source, at, into)),
+    error: (c, message) =>
+      clusterError(state, { offset: c.offset, size: c.size }, message),
+  }, clusters);
 }
 
 /** The image over `state`: locked when encrypted and `cipher` is absent. */
@@ -1223,15 +1276,16 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
   async function readData(
     s: { at: number; length: number; host: number },
     target: Uint8Array,
+    span?: Span,
   ) {
-    if (!cipher) return await readHost(state, s.host, target);
+    if (!cipher) return await readHost(state, s.host, target, span);
     // Whole sectors: a cluster (and subcluster) is a whole number of them.
     const skip = s.at % SECTOR;
     const whole = Math.ceil((skip + s.length) / SECTOR) * SECTOR;
     const buffer = skip === 0 && whole === s.length
       ? target
       : new Uint8Array(whole);
-    await readHost(state, s.host - skip, buffer);
+    await readHost(state, s.host - skip, buffer, span);
     const first = state.encryption!.physical ? s.host - skip : s.at - skip;
     await cipher.decrypt(first / SECTOR, buffer);
     if (buffer !== target) target.set(buffer.subarray(skip, skip + s.length));
@@ -1242,6 +1296,7 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
     group: Extract<Segment, { kind: "compressed" }>[],
     offset: number,
     out: Uint8Array,
+    span?: Span,
   ) {
     if (group.length === 1 && state.inflated?.offset === group[0].offset) {
       const s = group[0];
@@ -1256,7 +1311,8 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
       state.source.size,
       Math.max(...group.map((s) => s.offset + s.size)),
     );
-    const packed = await state.source.read(from, to - from);
+    const packed = span?.bytes(from, to - from) ??
+      await state.source.read(from, to - from);
     for (const s of group) {
       const input = packed.subarray(
         s.offset - from,
@@ -1280,7 +1336,58 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
     if (locked && segments.some((s) => s.kind === "data")) {
       throw unlockNeeded();
     }
+    // The file span of every cluster wanted, in one read when they lie
+    // close together: over HTTP, one range request instead of one per
+    // run of plain clusters and per job of compressed ones.
+    const fileSize = state.source.size;
+    const ranges: [number, number][] = [];
+    for (const s of segments) {
+      if (s.kind === "compressed") {
+        ranges.push([s.offset, Math.min(fileSize, s.offset + s.size)]);
+      } else if (
+        s.kind === "data" && !state.hasDataFile && s.host + s.length <= fileSize
+      ) ranges.push([s.host - s.at % SECTOR, s.host + s.length]);
+    }
+    const span = await readSpan(
+      (at, into) => readIntoSource(state.source, at, into),
+      ranges,
+      clusterSize,
+    );
+    try {
+      await fillSegments(segments, offset, out, span);
+    } finally {
+      span?.done();
+    }
+  }
+
+  /** {@linkcode fill}'s work, the file's bytes read through `span` where it has them. */
+  async function fillSegments(
+    segments: Segment[],
+    offset: number,
+    out: Uint8Array,
+    span?: Span,
+  ) {
     const pending: Promise<void>[] = [];
+    // Many whole compressed clusters: decoded on the workers, the rest here.
+    const whole = (s: Segment) =>
+      s.kind === "compressed" && s.length === clusterSize;
+    const wholeCount = segments.reduce((n, s) => n + (whole(s) ? 1 : 0), 0);
+    if (
+      poolWorthIt(
+        wholeCount,
+        state.header.compressionType === 1 ? CLUSTER_ZSTD : CLUSTER_DEFLATE,
+        clusterSize,
+      )
+    ) {
+      pending.push(decodeOnWorkers(
+        state,
+        segments.filter(whole) as Extract<Segment, { kind: "compressed" }>[],
+        offset,
+        out,
+        span,
+      ));
+      segments = segments.filter((s) => !whole(s));
+    }
     for (let i = 0; i < segments.length;) {
       const s = segments[i];
       const target = out.subarray(s.at - offset, s.at - offset + s.length);
@@ -1299,7 +1406,7 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
         }
         target.fill(0);
       } else if (s.kind === "data") {
-        pending.push(readData(s, target));
+        pending.push(readData(s, target, span));
       } else {
         let j = i + 1;
         let to = s.offset + s.size;
@@ -1317,6 +1424,7 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
             segments.slice(i, j) as Extract<Segment, { kind: "compressed" }>[],
             offset,
             out,
+            span,
           ),
         );
         i = j;
@@ -1324,7 +1432,10 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
       }
       i++;
     }
-    await Promise.all(pending);
+    // All settle before a failure is reported: none writes into `out`
+    // (a buffer the caller may reuse) after this read has failed.
+    const settled = await Promise.allSettled(pending);
+    for (const p of settled) if (p.status === "rejected") throw p.reason;
   }
 
   async function readInto(offset: number, into: Uint8Array): Promise<void> {
@@ -1361,6 +1472,8 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
     readInto,
     extents,
     async close() {
+      state.letGoOfPool?.();
+      state.letGoOfPool = undefined;
       if (state.data !== state.source) await state.data.close?.();
       await state.source.close?.();
     },

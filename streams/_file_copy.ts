@@ -220,3 +220,20 @@ export function fileDataRanges(
   if (!c || fd === undefined) return undefined;
   return [...dataRanges(c, fd, 0, stat.size)];
 }
+
+/**
+ * The data ranges `[start, end)` within `[offset, offset + length)` of the
+ * open file `stat` describes, as the file system reports them (the rest
+ * are holes), or `undefined` where they cannot be had (no FFI, not Linux,
+ * no descriptor found).
+ */
+export function dataRangesIn(
+  stat: Deno.FileInfo,
+  offset: number,
+  length: number,
+): [number, number][] | undefined {
+  const c = loadLibc();
+  const fd = c && stat.isFile ? descriptorOf(stat, "read") : undefined;
+  if (!c || fd === undefined) return undefined;
+  return [...dataRanges(c, fd, offset, length)];
+}

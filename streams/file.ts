@@ -7,7 +7,7 @@
  */
 
 import { BackingFileError, TreeError } from "./errors.ts";
-import { type KernelCopier, kernelCopier } from "./_file_copy.ts";
+import { dataRangesIn, type KernelCopier, kernelCopier } from "./_file_copy.ts";
 import {
   type BackingResolver,
   checkRange,
@@ -37,6 +37,15 @@ export interface FileHandle extends Source, Sink, RangeCopySink {
    * whether two handles are the same file, whatever names led to them.
    */
   stat(): Promise<Deno.FileInfo>;
+  /**
+   * The data ranges `[start, end)` of `[offset, offset + length)` as the
+   * file system reports them (`SEEK_DATA`/`SEEK_HOLE`; the rest are
+   * holes), or `undefined` where it cannot say (no FFI, not Linux).
+   */
+  dataRanges?(
+    offset: number,
+    length: number,
+  ): Promise<[number, number][] | undefined>;
 }
 
 /** Options for {@linkcode fromFile}. */
@@ -248,6 +257,15 @@ function handle(
       return stat.blocks === null ? undefined : stat.blocks * 512;
     },
     stat: () => file.stat(),
+    dataRanges(offset, length) {
+      try {
+        return Promise.resolve(
+          closed ? undefined : dataRangesIn(file.statSync(), offset, length),
+        );
+      } catch (e) {
+        return Promise.reject(e);
+      }
+    },
   };
   filesOf.set(self, file);
   return self;

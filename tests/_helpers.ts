@@ -200,8 +200,12 @@ export async function rejects(
   throw new Error(`expected ${type.name}, but nothing was thrown`);
 }
 
-/** A static file server with Range support on 127.0.0.1, as a CDN would be. */
+/**
+ * A static file server with Range support on 127.0.0.1, as a CDN would
+ * be; `rangeRequests()` counts the Range requests answered so far.
+ */
 export function fileServer(root: string) {
+  let ranges = 0;
   const server = Deno.serve(
     { port: 0, hostname: "127.0.0.1", onListen() {} },
     async (req) => {
@@ -225,6 +229,7 @@ export function fileServer(root: string) {
           headers: { "content-length": String(size), "content-type": type },
         });
       }
+      ranges++;
       const start = Number(m[1]);
       const end = Math.min(Number(m[2]), size - 1);
       const body = new Uint8Array(end - start + 1);
@@ -238,7 +243,11 @@ export function fileServer(root: string) {
       });
     },
   );
-  return { server, base: `http://127.0.0.1:${server.addr.port}` };
+  return {
+    server,
+    base: `http://127.0.0.1:${server.addr.port}`,
+    rangeRequests: () => ranges,
+  };
 }
 
 /** Runs qemu-io once on the `format` image at `path`, one `-c` per command. */

@@ -237,7 +237,7 @@ await bundle(`${SITE}/dist`);
 for (const f of ["index.html", "worker.js", "sw.js"]) {
   await Deno.copyFile(`${ROOT}examples/web/${f}`, `${SITE}/${f}`);
 }
-const { server, base } = fileServer(SITE);
+const { server, base, rangeRequests } = fileServer(SITE);
 
 const f2 = (n: number) => n.toFixed(2);
 const load = () =>
@@ -280,9 +280,12 @@ try {
       // in turn, so that each row's ratios compare runs minutes apart.
       const cli: Time[] = [], byUrl: Time[] = [], byBlob: Time[] = [];
       let workers = "";
+      let requests = 0;
       for (let i = 0; i < RUNS; i++) {
         cli.push(await timeCli(c.format, path));
+        const before = rangeRequests();
         const u = await timeBrowser(page, url, c.name);
+        requests += (rangeRequests() - before) / RUNS;
         byUrl.push(u);
         workers = u.workers;
         byBlob.push(await timeBrowser(page, "globalThis.blob", c.name));
@@ -298,7 +301,12 @@ try {
         Math.round(peak / MIB)
       } MiB |`;
       rows.push(row);
-      console.log(row + (workers ? `  <!-- ${workers} -->` : ""));
+      console.log(
+        row +
+          `  <!-- ${Math.round(requests)} range requests per conversion by URL${
+            workers ? `, ${workers}` : ""
+          } -->`,
+      );
     } catch (e) {
       throw new Error(
         `${(e as Error).message}\npage log:\n${page.logs.join("\n")}`,

@@ -19,6 +19,7 @@ import * as lzfse from "./lzfse.ts";
 import * as xz from "./xz.ts";
 import * as zlib from "./zlib.ts";
 import { crc32 } from "./crc32.ts";
+import { decodeClusterJobs } from "./_clusters.ts";
 
 /** The contract every module in drivers/codecs/ keeps. */
 interface Codec {
@@ -31,7 +32,7 @@ interface Codec {
 /** What the pool sends. */
 interface Job {
   id: number;
-  op: "decode" | "encode" | "batch" | "batchInto";
+  op: "decode" | "encode" | "batch" | "batchInto" | "clusters";
   codec: string;
   input: Uint8Array;
   size: number;
@@ -43,6 +44,8 @@ interface Job {
   noCrc?: boolean;
   /** For `batchInto`: `out` was moved here, not shared; move it back filled, no CRCs. */
   moved?: boolean;
+  /** For `clusters`: the compression (see `_clusters.ts`). */
+  kind?: number;
 }
 
 /** The worker's global scope, typed without the Deno worker lib. */
@@ -136,6 +139,27 @@ async function batchInto(
 
 scope.onmessage = async (e: MessageEvent<Job>) => {
   const { id, op, codec, input, size } = e.data;
+  if (op === "clusters") {
+    // qcow and qcow2 clusters into `out` (`size` bytes each); both
+    // buffers go back, the input for the pool to reuse.
+    const out = e.data.out!;
+    try {
+      const failed = await decodeClusterJobs(
+        e.data.kind ?? -1,
+        input,
+        e.data.jobs ?? [],
+        size,
+        out,
+      );
+      scope.postMessage({ id, op, input, out, ...failed }, [
+        input.buffer as ArrayBuffer,
+        out.buffer as ArrayBuffer,
+      ]);
+    } catch {
+      scope.postMessage({ id, unavailable: true });
+    }
+    return;
+  }
   if (op === "batchInto") {
     try {
       const out = e.data.out!;

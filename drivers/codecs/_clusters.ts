@@ -1,0 +1,413 @@
+/**
+ * Compressed clusters of QEMU's qcow (version 1) and qcow2 images: one
+ * cluster decoded on the caller's thread, or the many clusters of a big
+ * read decoded on the decode workers (`_pool.ts`), a few mebibytes of
+ * packed bytes per message.
+ *
+ * A compressed cluster is raw deflate (qcow, and qcow2's compression_type
+ * 0) or one zstd frame (qcow2's compression_type 1), stored in whole
+ * 512-byte sectors: the packed bytes given may run past the end of the
+ * stream, and the cluster decodes to exactly its cluster size.
+ *
+ * This module is browser compatible.
+ *
+ * @module
+ */
+
+import { CodecError } from "../../streams/errors.ts";
+import { decodeInto as inflateInto, hasNativeInflate } from "./zlib.ts";
+import * as zstd from "./zstd.ts";
+import { codecPool } from "./_pool.ts";
+
+/** A raw deflate cluster (qcow; qcow2 compression_type 0, zlib). */
+export const CLUSTER_DEFLATE = 0;
+/** A zstd cluster (qcow2 compression_type 1). */
+export const CLUSTER_ZSTD = 1;
+
+/**
+ * A zstd cluster as QEMU writes it: one frame (its content size may be
+ * left out), followed by whatever lies after it in the file. Decoded
+ * until `out` is full; a frame that ends short is an error.
+ */
+async function zstdCluster(input: Uint8Array, out: Uint8Array) {
+  await zstd.decodeFrameInto(input, out, true);
+}
+
+/**
+ * Decodes one compressed cluster, `input` (which may run past the end of
+ * its stream), into exactly `out.length` bytes.
+ *
+ * @param kind {@linkcode CLUSTER_DEFLATE} or {@linkcode CLUSTER_ZSTD}
+ * @param input the cluster's packed bytes
+ * @param out where the cluster goes; all of it is filled
+ * @throws {CodecError} when the bytes do not decode to exactly `out.length`
+ *
+ * @example
+ * ```ts
+ * import { CLUSTER_DEFLATE, decodeCluster } from "./_clusters.ts";
+ * import { encode } from "./zlib.ts";
+ * const packed = await encode(new Uint8Array(4096).fill(1), "deflate-raw");
+ * const out = new Uint8Array(4096);
+ * await decodeCluster(CLUSTER_DEFLATE, packed, out);
+ * console.log(out[4095]); // 1
+ * ```
+ */
+export async function decodeCluster(
+  kind: number,
+  input: Uint8Array,
+  out: Uint8Array,
+): Promise<void> {
+  if (kind === CLUSTER_DEFLATE) {
+    await inflateInto(input, out, "deflate-raw");
+  } else if (kind === CLUSTER_ZSTD) {
+    await zstdCluster(input, out);
+  } else {
+    throw new CodecError("cluster", `unknown cluster kind ${kind}`);
+  }
+}
+
+/** Numbers per cluster in a job list: where its packed bytes lie in the input, how many, where it goes in the output. */
+export const JOB_FIELDS = 3;
+
+/**
+ * Decodes the clusters `jobs` lists (see {@linkcode JOB_FIELDS}) from
+ * `input` into `out`, each `clusterSize` bytes: the worker's loop, and
+ * the caller's when no worker takes the job.
+ *
+ * @returns -1, or the index of the first cluster that failed and why
+ */
+export async function decodeClusterJobs(
+  kind: number,
+  input: Uint8Array,
+  jobs: ArrayLike<number>,
+  clusterSize: number,
+  out: Uint8Array,
+): Promise<{ failed: number; message: string } | undefined> {
+  for (let j = 0; j < jobs.length; j += JOB_FIELDS) {
+    const at = jobs[j], size = jobs[j + 1], dest = jobs[j + 2];
+    try {
+      await decodeCluster(
+        kind,
+        input.subarray(at, at + size),
+        out.subarray(dest, dest + clusterSize),
+      );
+    } catch (e) {
+      if (!(e instanceof CodecError)) throw e;
+      return { failed: j / JOB_FIELDS, message: e.message };
+    }
+  }
+  return undefined;
+}
+
+/** A compressed cluster a read wants: where it lies in the file, how many packed bytes (at most), where it goes. */
+export interface PackedCluster {
+  /** Where its packed bytes start in the image file. */
+  offset: number;
+  /** How many packed bytes (to the end of its last sector). */
+  size: number;
+  /** Where its `clusterSize` decoded bytes go. */
+  target: Uint8Array;
+}
+
+/** What {@linkcode ClusterReader.decodeMany} needs from the image. */
+export interface ClusterReader {
+  /** {@linkcode CLUSTER_DEFLATE} or {@linkcode CLUSTER_ZSTD}. */
+  kind: number;
+  clusterSize: number;
+  /** Reads the file's bytes `[offset, offset + into.length)` into `into`. */
+  readInto(offset: number, into: Uint8Array): Promise<void>;
+  /** The typed error naming `cluster` (a CodecError's message given). */
+  error(cluster: PackedCluster, message: string): Error;
+}
+
+/**
+ * Packed bytes per worker message, at most and at least: a read's
+ * clusters are spread over every worker, but a 64 KiB cluster is tens of
+ * microseconds of inflating, about what a message costs, so they travel
+ * by the hundreds of kibibytes at least.
+ */
+const JOB_MAX_BYTES = 4 << 20, JOB_MIN_BYTES = 256 << 10;
+/** Packed clusters further apart than this in the file start a new job (the gap is read with them). */
+const JOB_GAP = 64 << 10;
+/**
+ * The fewest whole compressed clusters in one read for the workers: a
+ * small read (a few clusters) decodes faster here than a message takes.
+ */
+export const POOL_MIN_CLUSTERS = 8;
+
+/**
+ * The smallest deflate clusters sent to the workers where this thread
+ * inflates natively (node:zlib): smaller ones cost more in messages and
+ * copies than the workers save. Reading the bench's compressed qcow (4 KiB
+ * clusters) on the workers took 2.9 s of CPU and 195 MiB of peak RSS,
+ * here 2.1 s and 107 MiB. In browsers (a `DecompressionStream` per
+ * cluster) and for zstd (no native decoder) every size goes.
+ */
+let nativeMinCluster = 32 << 10;
+
+/**
+ * Sets the smallest deflate cluster sent to the workers where inflating
+ * is native (for tests: 0 sends every size), and answers the old value.
+ *
+ * @param bytes the new minimum
+ * @returns the minimum before
+ *
+ * @example
+ * ```ts
+ * import { setNativeMinCluster } from "./_clusters.ts";
+ * const before = setNativeMinCluster(0);
+ * setNativeMinCluster(before);
+ * console.log(before); // 32768
+ * ```
+ */
+export function setNativeMinCluster(bytes: number): number {
+  const before = nativeMinCluster;
+  nativeMinCluster = bytes;
+  return before;
+}
+
+/**
+ * Whether a read of `count` whole compressed clusters of `kind` and
+ * `clusterSize` bytes goes to the decode workers.
+ *
+ * @param count compressed clusters in the read
+ * @param kind {@linkcode CLUSTER_DEFLATE} or {@linkcode CLUSTER_ZSTD}
+ * @param clusterSize the image's cluster size
+ * @returns true when the workers are there and it is worth a message
+ *
+ * @example
+ * ```ts
+ * import { CLUSTER_ZSTD, poolWorthIt } from "./_clusters.ts";
+ * console.log(poolWorthIt(1, CLUSTER_ZSTD, 65536)); // false
+ * ```
+ */
+export function poolWorthIt(
+  count: number,
+  kind: number,
+  clusterSize: number,
+): boolean {
+  if (count < POOL_MIN_CLUSTERS || !codecPool.usable) return false;
+  return kind !== CLUSTER_DEFLATE || clusterSize >= nativeMinCluster ||
+    !hasNativeInflate();
+}
+
+/** The images decoding clusters on the workers hold the pool until closed; see `_pool.ts`. */
+export function holdPool(): () => void {
+  return codecPool.hold();
+}
+
+/**
+ * Decodes `clusters` (in file order or not) on the decode workers, jobs
+ * of about {@linkcode JOB_BYTES} packed bytes each, all in flight at
+ * once; each cluster's bytes land in its `target`. Where no worker takes
+ * a job, its clusters decode on this thread. A cluster that does not
+ * decode is `reader.error`'s typed error, through either path.
+ *
+ * @param reader the image's file and cluster facts
+ * @param clusters whole compressed clusters of one read
+ *
+ * @example
+ * ```ts
+ * import { CLUSTER_DEFLATE, decodeMany } from "./_clusters.ts";
+ * import { encode } from "./zlib.ts";
+ * const file = await encode(new Uint8Array(512).fill(3), "deflate-raw");
+ * const target = new Uint8Array(512);
+ * await decodeMany({
+ *   kind: CLUSTER_DEFLATE,
+ *   clusterSize: 512,
+ *   readInto: async (at, into) => into.set(file.subarray(at, at + into.length)),
+ *   error: (_c, message) => new Error(message),
+ * }, [{ offset: 0, size: file.length, target }]);
+ * console.log(target[511]); // 3
+ * ```
+ */
+export async function decodeMany(
+  reader: ClusterReader,
+  clusters: PackedCluster[],
+): Promise<void> {
+  const sorted = clusters.slice().sort((a, b) => a.offset - b.offset);
+  const packed = sorted.reduce((n, c) => n + c.size, 0);
+  const jobBytes = Math.min(
+    JOB_MAX_BYTES,
+    Math.max(JOB_MIN_BYTES, Math.ceil(packed / codecPool.size)),
+  );
+  const pending: Promise<void>[] = [];
+  for (let i = 0; i < sorted.length;) {
+    const from = sorted[i].offset;
+    let to = from + sorted[i].size;
+    let j = i + 1;
+    while (
+      j < sorted.length && sorted[j].offset >= from &&
+      sorted[j].offset - to <= JOB_GAP &&
+      Math.max(to, sorted[j].offset + sorted[j].size) - from <= jobBytes
+    ) {
+      to = Math.max(to, sorted[j].offset + sorted[j].size);
+      j++;
+    }
+    pending.push(decodeJob(reader, sorted.slice(i, j), from, to));
+    i = j;
+  }
+  // Every job settles before the first failure is reported: a job still
+  // in flight would otherwise write into a buffer its caller reuses.
+  const settled = await Promise.allSettled(pending);
+  for (const s of settled) if (s.status === "rejected") throw s.reason;
+}
+
+/** One worker message: clusters packed in the file's bytes `[from, to)`. */
+/**
+ * Jobs in flight on the workers, and the jobs waiting for a turn: one
+ * per worker and one more, so that the buffers of jobs no worker would
+ * start yet are not made (convert keeps up to four reads in flight,
+ * two or more jobs each).
+ */
+let running = 0;
+const waiting: (() => void)[] = [];
+
+async function decodeJob(
+  reader: ClusterReader,
+  clusters: PackedCluster[],
+  from: number,
+  to: number,
+): Promise<void> {
+  if (running >= codecPool.size + 1) {
+    await new Promise<void>((resolve) => waiting.push(resolve));
+  }
+  running++;
+  try {
+    await decodeJobNow(reader, clusters, from, to);
+  } finally {
+    running--;
+    waiting.shift()?.();
+  }
+}
+
+async function decodeJobNow(
+  reader: ClusterReader,
+  clusters: PackedCluster[],
+  from: number,
+  to: number,
+): Promise<void> {
+  const { clusterSize } = reader;
+  const input = codecPool.buffer(to - from);
+  await reader.readInto(from, input);
+  const jobs: number[] = [];
+  clusters.forEach((c, k) =>
+    jobs.push(c.offset - from, Math.min(c.size, to - c.offset), k * clusterSize)
+  );
+  const answer = await codecPool.clusters(
+    reader.kind,
+    input,
+    jobs,
+    clusterSize,
+    clusters.length * clusterSize,
+  );
+  if (answer && "out" in answer) {
+    clusters.forEach((c, k) =>
+      c.target.set(answer.out.subarray(k * clusterSize, (k + 1) * clusterSize))
+    );
+    codecPool.giveBack(answer.out);
+    return;
+  }
+  if (answer) {
+    throw reader.error(clusters[answer.failed], answer.message);
+  }
+  // No worker took it (none here, or they were ended meanwhile, taking
+  // the transferred input with them): decoded here, into the targets.
+  let packed = input;
+  if (packed.buffer.byteLength === 0) {
+    packed = new Uint8Array(to - from);
+    await reader.readInto(from, packed);
+  }
+  for (const c of clusters) {
+    try {
+      await decodeCluster(
+        reader.kind,
+        packed.subarray(
+          c.offset - from,
+          Math.min(to, c.offset + c.size) - from,
+        ),
+        c.target,
+      );
+    } catch (e) {
+      if (!(e instanceof CodecError)) throw e;
+      throw reader.error(c, e.message);
+    }
+  }
+  if (packed === input) codecPool.giveBack(input);
+}
+
+/** The most bytes {@linkcode readSpan} reads at once. */
+const MAX_SPAN = 8 << 20;
+
+/** What {@linkcode readSpan} answers: the span's bytes and a reader that serves from them. */
+export interface Span {
+  /** Reads the file's bytes at `at` into `into`: from the span when inside it, from the file otherwise. */
+  readInto(at: number, into: Uint8Array): Promise<void>;
+  /** The span's bytes `[at, at + length)`, when inside it. */
+  bytes(at: number, length: number): Uint8Array | undefined;
+  /** Gives the span's buffer back for reuse; nothing may use it after. */
+  done(): void;
+}
+
+/**
+ * Reads at once the file span holding the byte ranges `ranges` (the
+ * clusters of one read), when they lie close together: at most
+ * {@linkcode MAX_SPAN} bytes, no more than twice what they hold plus a
+ * cluster's worth. Over HTTP that is one range request instead of one
+ * per run of clusters (a 2 MiB read of a compressed qcow was eight).
+ * Answers undefined for one range or none, or ranges far apart: the
+ * caller reads them one by one.
+ *
+ * @param readInto reads the file's bytes at `at` into `into`
+ * @param ranges start and end of each wanted range, in the file
+ * @param slack bytes of gaps allowed beyond twice the wanted ones
+ *
+ * @example
+ * ```ts
+ * import { readSpan } from "./_clusters.ts";
+ * const file = new Uint8Array(100).map((_, i) => i);
+ * const span = await readSpan(
+ *   async (at, into) => into.set(file.subarray(at, at + into.length)),
+ *   [[10, 20], [30, 40]],
+ *   0,
+ * );
+ * console.log(span?.bytes(30, 2)); // Uint8Array(2) [ 30, 31 ]
+ * span?.done();
+ * ```
+ */
+export async function readSpan(
+  readInto: (at: number, into: Uint8Array) => Promise<void>,
+  ranges: [number, number][],
+  slack: number,
+): Promise<Span | undefined> {
+  const sorted = ranges.slice().sort((a, b) => a[0] - b[0]);
+  let wanted = 0, runEnd = -1;
+  for (const [start, end] of sorted) {
+    wanted += Math.max(0, end - Math.max(start, runEnd));
+    runEnd = Math.max(runEnd, end);
+  }
+  // One range is one read anyway; one run of several clusters is read
+  // once here rather than once per worker job.
+  if (sorted.length < 2) return undefined;
+  const from = sorted[0][0], to = runEnd;
+  if (to - from > MAX_SPAN || to - from > 2 * wanted + slack) return undefined;
+  const buffer = codecPool.buffer(to - from);
+  await readInto(from, buffer);
+  let alive = true;
+  const bytes = (at: number, length: number) =>
+    alive && at >= from && at + length <= to
+      ? buffer.subarray(at - from, at - from + length)
+      : undefined;
+  return {
+    bytes,
+    readInto: async (at, into) => {
+      const inside = bytes(at, into.length);
+      if (inside) into.set(inside);
+      else await readInto(at, into);
+    },
+    done() {
+      if (alive) codecPool.giveBack(buffer);
+      alive = false;
+    },
+  };
+}
