@@ -88,6 +88,37 @@ Deno.test(
 );
 
 Deno.test(
+  "copies in small pieces, in and across the input's data ranges, give its bytes and holes (the copier remembers the last data range)",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const input = await fromFile(`${dir}/in.raw`);
+      const out = await createOutputFile(`${dir}/out.raw`);
+      await out.resize!(input.size);
+      // Pieces of 384 KiB: some inside a data range (no lseek after the
+      // first), some straddling a data range's start or end, some in holes;
+      // backwards, so a remembered range is left and found again.
+      const piece = 384 * 1024;
+      let copied = 0;
+      for (let at = input.size - piece; at > -piece; at -= piece) {
+        const from = Math.max(0, at);
+        const n = await out.copyRange(input, from, at + piece - from, from);
+        assertTrue(n !== undefined, "no kernel copy");
+        copied += n!;
+      }
+      await out.commit();
+      await input.close?.();
+      assertEquals(copied, 4 * MIB + 4096);
+      assertEquals(
+        await sha256File(`${dir}/out.raw`),
+        await sha256File(`${dir}/in.raw`),
+      );
+      assertEquals(dataMap(`${dir}/out.raw`), dataMap(`${dir}/in.raw`));
+    }),
+);
+
+Deno.test(
   "without --allow-ffi convert reads and writes, with the same bytes and holes",
   { ignore: !linux },
   () =>
