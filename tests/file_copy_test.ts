@@ -344,6 +344,61 @@ async function countingOutput(path: string) {
   return { out, sink, counts };
 }
 
+Deno.test(
+  "vdi blocks that follow each other on the disk and in the file are one kernel copy; a dynamic VHD is one copy per block (its sector bitmap lies between blocks); nothing is read, holes stay holes",
+  { ignore: !linux || skip(["qemu-img"]) },
+  () =>
+    withTemp(async (dir) => {
+      // 16 MiB: 6 MiB of data at 2 MiB, 2 MiB at 12 MiB, zeros elsewhere.
+      const disk = new Uint8Array(16 * MIB);
+      disk.set(pseudoRandom(6 * MIB, 3), 2 * MIB);
+      disk.set(pseudoRandom(2 * MIB, 4), 12 * MIB);
+      await Deno.writeFile(`${dir}/data.raw`, disk);
+      // vdi: 1 MiB blocks, stored in disk order, so the file holds the eight
+      // data blocks back to back: two runs (a hole on the disk between them).
+      // vpc: 2 MiB blocks, each after its 512-byte bitmap: four runs.
+      for (const [format, calls] of [["vdi", 2], ["vpc", 4]] as const) {
+        const path = `${dir}/d.${format}`;
+        await run("qemu-img", [
+          "convert",
+          "-f",
+          "raw",
+          "-O",
+          format,
+          ...(format === "vpc" ? ["-o", "force_size=on"] : []),
+          `${dir}/data.raw`,
+          path,
+        ]);
+        const image = await open(await fromFile(path));
+        assertEquals(image.format, format);
+        const output = `${dir}/${format}.raw`;
+        const { out, sink, counts } = await countingOutput(output);
+        const result = await convert(image, sink);
+        await out.commit();
+        await image.close?.();
+        assertEquals(await Deno.readFile(output), disk);
+        assertEquals(
+          await Deno.readFile(output),
+          await qemuRaw(path, dir, format),
+        );
+        assertEquals(counts.calls, calls, format);
+        assertEquals(counts.copied, 8 * MIB, format);
+        assertEquals(counts.written, 0, format);
+        assertEquals(result.dataBytes, 8 * MIB);
+        // The output holds the data and nothing else (du).
+        const allocated = (await Deno.stat(output)).blocks! * 512;
+        assertTrue(
+          allocated >= 8 * MIB && allocated <= 8 * MIB + 65536,
+          `${format}: ${allocated} bytes allocated`,
+        );
+        assertEquals(dataMap(output), [[2 * MIB, 8 * MIB], [
+          12 * MIB,
+          14 * MIB,
+        ]]);
+      }
+    }),
+);
+
 /**
  * An image of 8 MiB by qemu-img: random data clusters, zero clusters,
  * compressed clusters (qemu-io -c), an unwritten tail.
