@@ -119,6 +119,39 @@ Deno.test(
 );
 
 Deno.test(
+  "a copy that is not 4 KiB-aligned (read and written on several threads at once) gives the input's bytes, shifted, and its holes",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const input = await fromFile(`${dir}/in.raw`);
+      const out = await createOutputFile(`${dir}/out.raw`);
+      await out.resize!(input.size);
+      // 512 bytes later in the output, as a vdi's or a VHD's blocks are
+      // copied: three data ranges, the first 3 MiB (more pieces than lanes).
+      const n = await out.copyRange(input, 0, input.size - 512, 512);
+      // And one more, 512 bytes before it, to see copies follow each other.
+      const m = await out.copyRange(input, input.size - 512, 512, 0);
+      await out.commit();
+      await input.close?.();
+      assertEquals(n, 4 * MIB + 4096 - 512);
+      assertEquals(m, 512);
+      const bytes = await Deno.readFile(`${dir}/in.raw`);
+      const expected = new Uint8Array(bytes.length);
+      expected.set(bytes.subarray(0, bytes.length - 512), 512);
+      expected.set(bytes.subarray(bytes.length - 512), 0);
+      assertEquals(await Deno.readFile(`${dir}/out.raw`), expected);
+      // Data only where the shifted data ranges fall (and the first block).
+      assertEquals(dataMap(`${dir}/out.raw`), [
+        [0, 4096],
+        [5 * MIB, 8 * MIB + 4096],
+        [17 * MIB, 18 * MIB + 4096],
+        [24 * MIB - 4096, 24 * MIB],
+      ]);
+    }),
+);
+
+Deno.test(
   "without --allow-ffi convert reads and writes, with the same bytes and holes",
   { ignore: !linux },
   () =>
