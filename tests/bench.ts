@@ -160,8 +160,9 @@ const ourConvert = (
   CLI,
   "convert",
   ...(fmt ? ["-f", fmt] : []),
-  "-O",
-  "raw",
+  // A case that writes another format names it in `extra` (-O given
+  // twice is a usage error).
+  ...(extra.includes("-O") ? [] : ["-O", "raw"]),
   ...extra,
   input,
   out,
