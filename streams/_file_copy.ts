@@ -243,6 +243,7 @@ export function kernelCopier(
     let copied = 0;
     let failed = false;
     let range = 0;
+    let written: Promise<unknown> = Promise.resolve();
     let next = ranges[0]?.[0] ?? 0;
     /** One lane: takes the next piece, reads it, writes it, until none is left. */
     const lane = async (buffer: Uint8Array) => {
@@ -255,7 +256,13 @@ export function kernelCopier(
         next += bytes.length;
         if (next === ranges[range][1]) next = ranges[++range]?.[0] ?? 0;
         await onThread("pread", fdIn, bytes, at);
-        await onThread("pwrite", fdOut, bytes, at + shift);
+        // One write at a time: writers of one file wait for each other in
+        // the kernel, spinning on its lock while the holder runs.
+        const write = written.then(() =>
+          onThread("pwrite", fdOut, bytes, at + shift)
+        );
+        written = write.catch(() => {});
+        await write;
         copied += bytes.length;
       }
     };
