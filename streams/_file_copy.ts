@@ -1,11 +1,9 @@
 /**
  * File-to-file copies in the kernel, for the file adapter (`file.ts`): the
  * data ranges of a sparse file found with `lseek(SEEK_DATA / SEEK_HOLE)`
- * and copied with `copy_file_range`, through libc by Deno's FFI; a copy
- * that is not 4 KiB-aligned (a vdi's or a VHD's blocks) goes through
- * `pread`/`pwrite` on several of Deno's blocking threads at once, as
- * qemu-img copies ({@linkcode LANES}). Holes are skipped, so they stay
- * holes in an output sized beforehand; no byte is handled by JavaScript.
+ * and copied with `copy_file_range`, through libc by Deno's FFI. Holes are
+ * skipped, so they stay holes in an output sized beforehand; no byte
+ * passes through JavaScript.
  *
  * Deno-only, and only on Linux with the FFI permission granted (the
  * permission is queried, never prompted for). Anywhere else, and on any
@@ -40,24 +38,8 @@ const symbols = {
     result: "isize",
   },
   __errno_location: { parameters: [], result: "pointer" },
-  // The lanes' reads and writes, on Deno's blocking-task threads; the same
-  // calls on this thread to learn the errno of one that failed there.
-  preadOnThread: {
-    name: "pread64",
-    parameters: ["i32", "buffer", "usize", "i64"],
-    result: "isize",
-    nonblocking: true,
-  },
-  pwriteOnThread: {
-    name: "pwrite64",
-    parameters: ["i32", "buffer", "usize", "i64"],
-    result: "isize",
-    nonblocking: true,
-  },
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
-  pread64: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
-  pwrite64: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
 } as const;
 
 type Libc = Deno.DynamicLibrary<typeof symbols>["symbols"];
@@ -78,31 +60,8 @@ function loadLibc(): Libc | null {
   return libc;
 }
 
-/**
- * Copies whose input and output offsets are not both on a 4 KiB boundary
- * (a vdi's or a dynamic VHD's blocks start 512 bytes past one) go through
- * {@linkcode LANES} buffers of {@linkcode LANE_BYTES}: each lane reads a
- * piece and writes it, on Deno's blocking threads, so that one lane's read
- * runs while another's write holds the output (the kernel writes a file
- * one writer at a time). `copy_file_range` does the whole copy under the
- * output's lock, on one thread: measured on the 1 GiB bench vdi (768 MiB of
- * blocks, load 12-15 on the 2 cores, 7 runs each, alternating), best wall
- * 0.80 s for one thread of copy_file_range, 0.51 s for 4 lanes of 512 KiB,
- * 0.45 s for qemu-img, which reads and writes the same way on its own
- * threads; CPU 0.41, 0.48 and 0.40 s. Lanes of 1 or 2 MiB spent up to
- * 2.2 s of system CPU in some runs (large page-cache folios for large
- * writes, we think), 256 and 512 KiB never did. An aligned copy keeps
- * copy_file_range: file systems that share blocks (btrfs, XFS) then copy
- * nothing.
- */
-const LANES = 4;
-/** Bytes each lane reads and writes at a time: see {@linkcode LANES}. */
-const LANE_BYTES = 512 * 1024;
-
 /** A thrown errno from a libc call. */
 class Errno extends Error {
-  /** Bytes copied before it, where lanes copied (see `inLanes`). */
-  copied = 0;
   constructor(readonly call: string, readonly errno: number) {
     super(`${call} failed with errno ${errno}`);
     this.name = "Errno";
@@ -184,12 +143,8 @@ export interface KernelCopier {
    * not copy before any byte was (the caller copies instead); an error
    * after part was copied is thrown.
    */
-  copy(
-    from: number,
-    length: number,
-    to: number,
-  ): number | undefined | Promise<number | undefined>;
-  /** Closes the copier's descriptors once its copies are done; later copies answer `undefined`. */
+  copy(from: number, length: number, to: number): number | undefined;
+  /** Closes the copier's descriptors; later copies answer `undefined`. */
   close(): Promise<void>;
 }
 
@@ -206,8 +161,8 @@ export function kernelCopier(
   if (!c || !input.isFile || !output.isFile) return undefined;
   // Our own descriptors for the two files (F_DUPFD_CLOEXEC of the ones
   // Deno holds, found by number): nobody else closes them, so no later
-  // copy can reach another file that took a closed handle's number, even
-  // while the lanes' reads and writes are in flight.
+  // copy can reach another file that took a closed handle's number (that
+  // was a statx of both numbers before each copy, 874 calls for the VHD).
   const found = [
     descriptorOf(input, "read"),
     descriptorOf(output, "write"),
@@ -220,6 +175,7 @@ export function kernelCopier(
   const offIn = new BigInt64Array(1);
   const offOut = new BigInt64Array(1);
   let working = true;
+  let closed = false;
   // The last data range the file system reported, whole ([data, hole)): a
   // copy inside it needs no lseek. A dynamic VHD asks for one copy per
   // 2 MiB block, each within the same data range of its file; two lseeks
@@ -227,92 +183,6 @@ export function kernelCopier(
   // open read-only; if someone else changes it meanwhile, no copy of it is
   // right anyway.)
   const known: [number, number] = [0, 0];
-  let buffers: Uint8Array[] | undefined;
-  let lanesFree: Promise<unknown> = Promise.resolve();
-  /**
-   * Copies `ranges` of the input to `shift` bytes further on in the output
-   * through the lanes ({@linkcode LANES}); resolves to the bytes copied
-   * once every lane has stopped. An error is an {@linkcode Errno} that
-   * says how much was copied before it, or an Error.
-   */
-  const inLanes = async (
-    ranges: [number, number][],
-    shift: number,
-  ): Promise<number> => {
-    buffers ??= Array.from({ length: LANES }, () => pageAligned(LANE_BYTES));
-    let copied = 0;
-    let failed = false;
-    let range = 0;
-    let written: Promise<unknown> = Promise.resolve();
-    let next = ranges[0]?.[0] ?? 0;
-    /** One lane: takes the next piece, reads it, writes it, until none is left. */
-    const lane = async (buffer: Uint8Array) => {
-      while (!failed && range < ranges.length) {
-        const at = next;
-        const bytes = buffer.subarray(
-          0,
-          Math.min(buffer.length, ranges[range][1] - at),
-        );
-        next += bytes.length;
-        if (next === ranges[range][1]) next = ranges[++range]?.[0] ?? 0;
-        await onThread("pread", fdIn, bytes, at);
-        // One write at a time: writers of one file wait for each other in
-        // the kernel, spinning on its lock while the holder runs.
-        const write = written.then(() =>
-          onThread("pwrite", fdOut, bytes, at + shift)
-        );
-        written = write.catch(() => {});
-        await write;
-        copied += bytes.length;
-      }
-    };
-    const done = await Promise.allSettled(
-      buffers.map((b) =>
-        lane(b).catch((e) => {
-          failed = true;
-          throw e;
-        })
-      ),
-    );
-    for (const r of done) {
-      if (r.status === "rejected") {
-        if (r.reason instanceof Errno) r.reason.copied = copied;
-        throw r.reason;
-      }
-    }
-    return copied;
-  };
-  /** All of `bytes` read from or written to `fd` at `offset`, off this thread. */
-  const onThread = async (
-    call: "pread" | "pwrite",
-    fd: number,
-    bytes: Uint8Array,
-    offset: number,
-  ) => {
-    for (let done = 0; done < bytes.length;) {
-      const part = bytes.subarray(done);
-      const size = BigInt(part.length);
-      const at = BigInt(offset + done);
-      let n = Number(
-        call === "pread"
-          ? await c.preadOnThread(fd, part, size, at)
-          : await c.pwriteOnThread(fd, part, size, at),
-      );
-      if (n < 0) {
-        // errno lives on the thread that failed: ask again from this one.
-        n = Number(
-          call === "pread"
-            ? c.pread64(fd, part, size, at)
-            : c.pwrite64(fd, part, size, at),
-        );
-        if (n < 0) throw new Errno(call, errno(c));
-      }
-      if (n === 0) {
-        throw new Error(`${call}: ended ${bytes.length - done} bytes early`);
-      }
-      done += n;
-    }
-  };
   return {
     copy(from, length, to) {
       if (!working) return undefined;
@@ -322,20 +192,6 @@ export function kernelCopier(
           from >= known[0] && from + length <= known[1]
             ? [[from, from + length]]
             : dataRanges(c, fdIn, from, length, known);
-        if (from % 4096 !== 0 || to % 4096 !== 0) {
-          // One copy in the lanes at a time (they share the buffers).
-          const copy = lanesFree.then(() => inLanes([...ranges], to - from));
-          lanesFree = copy.catch(() => {});
-          return copy.catch((e) => {
-            if (
-              e instanceof Errno && e.copied === 0 && UNSUPPORTED.has(e.errno)
-            ) {
-              working = false;
-              return undefined;
-            }
-            throw e;
-          });
-        }
         for (const [start, end] of ranges) {
           offIn[0] = BigInt(start);
           offOut[0] = BigInt(to + start - from);
@@ -363,11 +219,14 @@ export function kernelCopier(
       }
       return copied;
     },
-    async close() {
-      working = false;
-      await lanesFree;
-      c.close(fdIn);
-      c.close(fdOut);
+    close() {
+      if (!closed) {
+        closed = true;
+        working = false;
+        c.close(fdIn);
+        c.close(fdOut);
+      }
+      return Promise.resolve();
     },
   };
 }
@@ -384,13 +243,4 @@ export function fileDataRanges(
   const fd = c ? descriptorOf(stat, "read") : undefined;
   if (!c || fd === undefined) return undefined;
   return [...dataRanges(c, fd, 0, stat.size)];
-}
-
-/**
- * A zero-filled buffer that starts on a memory page (a WebAssembly memory,
- * which engines map in whole pages), for the lanes' reads and writes.
- */
-function pageAligned(size: number): Uint8Array {
-  const memory = new WebAssembly.Memory({ initial: Math.ceil(size / 65536) });
-  return new Uint8Array(memory.buffer, 0, size);
 }

@@ -119,7 +119,7 @@ Deno.test(
 );
 
 Deno.test(
-  "a copy that is not 4 KiB-aligned (read and written on several threads at once) gives the input's bytes, shifted, and its holes",
+  "a copy that is not 4 KiB-aligned (as a vdi's or a VHD's blocks are) gives the input's bytes, shifted, and its holes",
   { ignore: !linux },
   () =>
     withTemp(async (dir) => {
@@ -128,7 +128,7 @@ Deno.test(
       const out = await createOutputFile(`${dir}/out.raw`);
       await out.resize!(input.size);
       // 512 bytes later in the output, as a vdi's or a VHD's blocks are
-      // copied: three data ranges, the first 3 MiB (more pieces than lanes).
+      // copied: three data ranges.
       const n = await out.copyRange(input, 0, input.size - 512, 512);
       // And one more, 512 bytes before it, to see copies follow each other.
       const m = await out.copyRange(input, input.size - 512, 512, 0);
