@@ -156,7 +156,7 @@ function handle(
     }
   };
   // Kernel copiers from other handles, made on first use (undefined: none).
-  const copiers = new WeakMap<Deno.FsFile, KernelCopier | undefined>();
+  const copiers = new Map<Deno.FsFile, KernelCopier | undefined>();
   const self: FileHandle = {
     path,
     name: path,
@@ -220,6 +220,13 @@ function handle(
           return Promise.resolve(undefined);
         }
         checkRange(from.size, fromOffset, length);
+        // A closed input is not copied from (an fstat: the copier's own
+        // descriptor would still read it).
+        try {
+          input.statSync();
+        } catch {
+          return Promise.resolve(undefined);
+        }
         if (!copiers.has(input)) {
           copiers.set(
             input,
@@ -245,12 +252,14 @@ function handle(
     flush() {
       return writable && sync ? file.syncData() : Promise.resolve();
     },
-    close() {
+    async close() {
       if (!closed) {
         closed = true;
+        // The copiers' own descriptors of this file and its inputs.
+        for (const copier of copiers.values()) await copier?.close();
+        copiers.clear();
         file.close();
       }
-      return Promise.resolve();
     },
     async allocatedBytes() {
       const stat = await file.stat();

@@ -88,6 +88,70 @@ Deno.test(
 );
 
 Deno.test(
+  "copies in small pieces, in and across the input's data ranges, give its bytes and holes (the copier remembers the last data range)",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const input = await fromFile(`${dir}/in.raw`);
+      const out = await createOutputFile(`${dir}/out.raw`);
+      await out.resize!(input.size);
+      // Pieces of 384 KiB: some inside a data range (no lseek after the
+      // first), some straddling a data range's start or end, some in holes;
+      // backwards, so a remembered range is left and found again.
+      const piece = 384 * 1024;
+      let copied = 0;
+      for (let at = input.size - piece; at > -piece; at -= piece) {
+        const from = Math.max(0, at);
+        const n = await out.copyRange(input, from, at + piece - from, from);
+        assertTrue(n !== undefined, "no kernel copy");
+        copied += n!;
+      }
+      await out.commit();
+      await input.close?.();
+      assertEquals(copied, 4 * MIB + 4096);
+      assertEquals(
+        await sha256File(`${dir}/out.raw`),
+        await sha256File(`${dir}/in.raw`),
+      );
+      assertEquals(dataMap(`${dir}/out.raw`), dataMap(`${dir}/in.raw`));
+    }),
+);
+
+Deno.test(
+  "a copy that is not 4 KiB-aligned (as a vdi's or a VHD's blocks are) gives the input's bytes, shifted, and its holes",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const input = await fromFile(`${dir}/in.raw`);
+      const out = await createOutputFile(`${dir}/out.raw`);
+      await out.resize!(input.size);
+      // 512 bytes later in the output, as a vdi's or a VHD's blocks are
+      // copied: three data ranges.
+      const n = await out.copyRange(input, 0, input.size - 512, 512);
+      // And one more, 512 bytes before it, to see copies follow each other.
+      const m = await out.copyRange(input, input.size - 512, 512, 0);
+      await out.commit();
+      await input.close?.();
+      assertEquals(n, 4 * MIB + 4096 - 512);
+      assertEquals(m, 512);
+      const bytes = await Deno.readFile(`${dir}/in.raw`);
+      const expected = new Uint8Array(bytes.length);
+      expected.set(bytes.subarray(0, bytes.length - 512), 512);
+      expected.set(bytes.subarray(bytes.length - 512), 0);
+      assertEquals(await Deno.readFile(`${dir}/out.raw`), expected);
+      // Data only where the shifted data ranges fall (and the first block).
+      assertEquals(dataMap(`${dir}/out.raw`), [
+        [0, 4096],
+        [5 * MIB, 8 * MIB + 4096],
+        [17 * MIB, 18 * MIB + 4096],
+        [24 * MIB - 4096, 24 * MIB],
+      ]);
+    }),
+);
+
+Deno.test(
   "without --allow-ffi convert reads and writes, with the same bytes and holes",
   { ignore: !linux },
   () =>
@@ -312,6 +376,61 @@ async function countingOutput(path: string) {
   }) as typeof out;
   return { out, sink, counts };
 }
+
+Deno.test(
+  "vdi blocks that follow each other on the disk and in the file are one kernel copy; a dynamic VHD is one copy per block (its sector bitmap lies between blocks); nothing is read, holes stay holes",
+  { ignore: !linux || skip(["qemu-img"]) },
+  () =>
+    withTemp(async (dir) => {
+      // 16 MiB: 6 MiB of data at 2 MiB, 2 MiB at 12 MiB, zeros elsewhere.
+      const disk = new Uint8Array(16 * MIB);
+      disk.set(pseudoRandom(6 * MIB, 3), 2 * MIB);
+      disk.set(pseudoRandom(2 * MIB, 4), 12 * MIB);
+      await Deno.writeFile(`${dir}/data.raw`, disk);
+      // vdi: 1 MiB blocks, stored in disk order, so the file holds the eight
+      // data blocks back to back: two runs (a hole on the disk between them).
+      // vpc: 2 MiB blocks, each after its 512-byte bitmap: four runs.
+      for (const [format, calls] of [["vdi", 2], ["vpc", 4]] as const) {
+        const path = `${dir}/d.${format}`;
+        await run("qemu-img", [
+          "convert",
+          "-f",
+          "raw",
+          "-O",
+          format,
+          ...(format === "vpc" ? ["-o", "force_size=on"] : []),
+          `${dir}/data.raw`,
+          path,
+        ]);
+        const image = await open(await fromFile(path));
+        assertEquals(image.format, format);
+        const output = `${dir}/${format}.raw`;
+        const { out, sink, counts } = await countingOutput(output);
+        const result = await convert(image, sink);
+        await out.commit();
+        await image.close?.();
+        assertEquals(await Deno.readFile(output), disk);
+        assertEquals(
+          await Deno.readFile(output),
+          await qemuRaw(path, dir, format),
+        );
+        assertEquals(counts.calls, calls, format);
+        assertEquals(counts.copied, 8 * MIB, format);
+        assertEquals(counts.written, 0, format);
+        assertEquals(result.dataBytes, 8 * MIB);
+        // The output holds the data and nothing else (du).
+        const allocated = (await Deno.stat(output)).blocks! * 512;
+        assertTrue(
+          allocated >= 8 * MIB && allocated <= 8 * MIB + 65536,
+          `${format}: ${allocated} bytes allocated`,
+        );
+        assertEquals(dataMap(output), [[2 * MIB, 8 * MIB], [
+          12 * MIB,
+          14 * MIB,
+        ]]);
+      }
+    }),
+);
 
 /**
  * An image of 8 MiB by qemu-img: random data clusters, zero clusters,
