@@ -93,6 +93,7 @@ import {
   writeOptionsHelp,
 } from "./mod.ts";
 import config from "./deno.json" with { type: "json" };
+import { mapsFileHoles } from "./streams/types.ts";
 
 /** A mistake in how the command was called (exit 2). */
 class UsageError extends Error {
@@ -2305,15 +2306,18 @@ if (import.meta.main) {
  * The runs of a map walk, the data runs stored in their image file split
  * where that file has holes: `inHole` parts (a qcow2 cluster allocated by
  * preallocation=metadata and never written) read as zeros, and qemu-img
- * map reports them `"zero": true, "data": true`. Where the file system
- * cannot say (no FFI), runs stay whole.
+ * map reports them `"zero": true, "data": true`, but only for images
+ * whose driver says qemu looks into the file ({@linkcode mapsFileHoles}:
+ * a metadata-preallocated qcow2). Where the file system cannot say (no
+ * FFI), runs stay whole.
  */
 async function* overFileHoles<T extends Extent & { layer: Image }>(
   walk: AsyncIterable<T>,
 ): AsyncIterable<{ run: T; inHole: boolean }> {
   for await (const run of walk) {
     const at = run.fileOffset;
-    const file = run.kind === "data" && at !== undefined
+    const file = run.kind === "data" && at !== undefined &&
+        await mapsFileHoles(run.layer)
       ? dataFileOf(run.layer) as Partial<FileHandle> | undefined
       : undefined;
     const ranges = at !== undefined && at + run.length <= (file?.size ?? 0)

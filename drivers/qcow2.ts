@@ -74,7 +74,12 @@ import { cipherFor } from "../streams/decrypt.ts";
 import { luksCipher, readLuksHeader } from "./qcow2/luks.ts";
 import { encodeQcow2 } from "./qcow2/encode.ts";
 import { QCOW2_OPTIONS } from "./qcow2/layout.ts";
-import { createQcow2, makeWritable } from "./qcow2/writable.ts";
+import {
+  createQcow2,
+  makeWritable,
+  openRefcounts,
+  refcountOf,
+} from "./qcow2/writable.ts";
 import { resizeQcow2 } from "./qcow2/resize.ts";
 import { measureQcow2 } from "./qcow2/measure.ts";
 import { setQcow2BackingFile } from "./qcow2/backing.ts";
@@ -90,6 +95,7 @@ import type {
 } from "../streams/types.ts";
 import {
   checkRange,
+  mapLooksIntoFile,
   readInto as readIntoSource,
   storesDataIn,
 } from "../streams/types.ts";
@@ -1480,9 +1486,35 @@ export function qcow2Image(state: State, cipher?: SectorCipher): Image {
   };
   if (state.writable) return state.writable(image, cipher);
   // Plain clusters in the image file: their fileOffsets are its bytes.
-  return encrypted || state.hasDataFile
-    ? image
-    : storesDataIn(image, state.source);
+  if (encrypted || state.hasDataFile) return image;
+  let preallocated: Promise<boolean> | undefined;
+  return mapLooksIntoFile(
+    storesDataIn(image, state.source),
+    () => preallocated ??= metadataPreallocated(state),
+  );
+}
+
+/**
+ * Whether the image's metadata looks preallocated, by qemu's rule
+ * (`qcow2_detect_metadata_preallocation`): more clusters of the file have
+ * a refcount than max(10/9 of, 2 more than) the clusters the file system
+ * stores. qemu-img map then reports data clusters over the file's holes
+ * as zeros. False where the allocated size is unknown.
+ */
+async function metadataPreallocated(state: State): Promise<boolean> {
+  const allocated = await (state.source as {
+    allocatedBytes?: () => Promise<number | undefined>;
+  }).allocatedBytes?.();
+  if (allocated === undefined) return false;
+  const stored = Math.floor(allocated / state.clusterSize);
+  const threshold = Math.max(Math.floor(stored * 10 / 9), stored + 2);
+  const refcounts = await openRefcounts(state);
+  const clusters = Math.ceil(state.source.size / state.clusterSize);
+  let counted = 0;
+  for (let i = 0; i < clusters && counted <= threshold; i++) {
+    if (await refcountOf(state, refcounts, i) !== 0) counted++;
+  }
+  return counted > threshold;
 }
 
 /** A cipher that waits for `made` (a key derivation) on first use. */

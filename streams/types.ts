@@ -143,6 +143,52 @@ export function dataFileOf(source: Source): Source | undefined {
   return storage.get(source);
 }
 
+/** Images whose data runs `map` splits over their file's holes. */
+const looksIntoFile = new WeakMap<object, () => Promise<boolean>>();
+
+/**
+ * Declares, for a driver, when `qemu-img map` reports the parts of
+ * `image`'s stored data runs that lie in holes of its file as zeros
+ * (`"zero": true, "data": true`): when `check` answers true. qemu does so
+ * for a qcow2 whose metadata was preallocated (its clusters counted in
+ * the refcounts far outnumber those the file system stores); for other
+ * formats and other qcow2 images a data run stays whole. Returns `image`.
+ *
+ * @example
+ * ```ts
+ * import { fromBytes } from "../mod.ts";
+ * import { mapLooksIntoFile, mapsFileHoles } from "./types.ts";
+ * const file = fromBytes(new Uint8Array(1024));
+ * const image = mapLooksIntoFile(
+ *   { ...file, format: "raw", encrypted: false, extents: async function* () {} },
+ *   () => Promise.resolve(true),
+ * );
+ * console.log(await mapsFileHoles(image)); // true
+ * ```
+ */
+export function mapLooksIntoFile<T extends Image>(
+  image: T,
+  check: () => Promise<boolean>,
+): T {
+  looksIntoFile.set(image, check);
+  return image;
+}
+
+/**
+ * Whether `map` splits `image`'s data runs over its file's holes (see
+ * {@linkcode mapLooksIntoFile}); false for images no driver declared.
+ *
+ * @example
+ * ```ts
+ * import { fromBytes } from "../mod.ts";
+ * import { mapsFileHoles } from "./types.ts";
+ * console.log(await mapsFileHoles(fromBytes(new Uint8Array(512)))); // false
+ * ```
+ */
+export function mapsFileHoles(image: Source): Promise<boolean> {
+  return looksIntoFile.get(image)?.() ?? Promise.resolve(false);
+}
+
 /**
  * A sink that can copy bytes from some sources itself, faster than reads
  * and writes through JavaScript (the file adapter: file to file in the

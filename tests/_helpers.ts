@@ -36,6 +36,30 @@ export async function run(
   args: string[],
   opts: { allowFail?: boolean; stdin?: Uint8Array; cwd?: string } = {},
 ): Promise<{ code: number; stdout: Uint8Array; stderr: string; text: string }> {
+  // qemu-img and qemu-io time a PBKDF2 run for LUKS (create, measure,
+  // amend) on the thread's CPU clock, and on a busy machine they can
+  // measure nothing and give up ("Unable to get accurate CPU usage"):
+  // that failure alone is tried again, up to 30 times.
+  for (let attempt = 1;; attempt++) {
+    const r = await runOnce(cmd, args, { ...opts, allowFail: true });
+    if (
+      r.code !== 0 && attempt < 30 && cmd.startsWith("qemu-") &&
+      /Unable to get accurate CPU usage/.test(r.stderr)
+    ) continue;
+    if (r.code !== 0 && !opts.allowFail) {
+      throw new Error(
+        `${cmd} ${args.join(" ")} failed (${r.code}): ${r.stderr}`,
+      );
+    }
+    return r;
+  }
+}
+
+async function runOnce(
+  cmd: string,
+  args: string[],
+  opts: { allowFail?: boolean; stdin?: Uint8Array; cwd?: string },
+): Promise<{ code: number; stdout: Uint8Array; stderr: string; text: string }> {
   const child = new Deno.Command(cmd, {
     args,
     cwd: opts.cwd,

@@ -149,22 +149,9 @@ function baseDisk(): Uint8Array {
   return disk;
 }
 
-/**
- * Runs qemu-img, again when it fails only because it could not time the
- * LUKS key derivation on a busy machine ("Unable to get accurate CPU
- * usage").
- */
+/** Runs qemu-img (`run` tries a LUKS timing failure again). */
 async function qemuImg(args: string[], allowFail = false) {
-  for (let attempt = 1;; attempt++) {
-    const r = await run("qemu-img", args, { allowFail: true });
-    if (r.code === 0) return r;
-    if (attempt >= 5 || !/accurate CPU usage/.test(r.stderr)) {
-      if (allowFail) return r;
-      throw new Error(
-        `qemu-img ${args.join(" ")}: exit ${r.code}: ${r.stderr}`,
-      );
-    }
-  }
+  return await run("qemu-img", args, { allowFail });
 }
 
 /** Opens `path` as a user would: probed, extents beside it. */

@@ -462,16 +462,7 @@ async function qemuLuksImage(
     path,
     "3M",
   ];
-  // qemu-img times PBKDF2 on this thread's CPU clock first, and on a busy
-  // machine it can measure nothing and give up ("Unable to get accurate
-  // CPU usage"): that one failure is tried again.
-  for (let attempt = 1;; attempt++) {
-    const r = await run("qemu-img", args, { allowFail: true });
-    if (r.code === 0) break;
-    if (attempt >= 30 || !/accurate CPU usage/.test(r.stderr)) {
-      throw new Error(`qemu-img ${args.join(" ")} failed: ${r.stderr}`);
-    }
-  }
+  await run("qemu-img", args); // tried again on "accurate CPU usage"
   const opts = `driver=qcow2,file.filename=${path},encrypt.key-secret=sec0`;
   await run("qemu-io", [
     ...secret,
@@ -1391,5 +1382,51 @@ Deno.test(
       assertTrue(!/Pattern verification failed/.test(read.text), read.text);
       const check = await run("qemu-img", ["check", path], { allowFail: true });
       assertEquals(check.code, 0, check.text + check.stderr);
+    }),
+);
+
+Deno.test(
+  "map of a qcow2 with a hole punched in a data cluster's bytes: split where qemu deems the metadata preallocated, whole where not, as qemu-img map",
+  { ignore: skip([...QEMU, "fallocate"]) },
+  () =>
+    withTemp(async (dir) => {
+      // qemu looks into the file's holes only for a qcow2 whose refcounted
+      // clusters outnumber the stored ones by more than a ninth (and 2):
+      // 1 MiB of data less 128 KiB is such a qcow2, 64 MiB less 128 KiB
+      // is not.
+      for (const [data, split] of [["1M", true], ["64M", false]] as const) {
+        const path = `${dir}/holed-${data}.qcow2`;
+        await run("qemu-img", ["create", "-q", "-f", "qcow2", path, "128M"]);
+        await run("qemu-io", [
+          "-f",
+          "qcow2",
+          "-c",
+          `write -P 0x33 0 ${data}`,
+          path,
+        ]);
+        const map = JSON.parse(
+          (await run("qemu-img", ["map", "--output=json", path])).text,
+        ) as { offset?: number }[];
+        await run("fallocate", [
+          "--punch-hole",
+          "--offset",
+          `${map[0].offset! + 65536}`,
+          "--length",
+          "131072",
+          path,
+        ]);
+        const qemuMap =
+          (await run("qemu-img", ["map", "--output=json", path])).text;
+        assertEquals(
+          (await cli(["map", "--output=json", path])).text,
+          qemuMap,
+          data,
+        );
+        assertEquals(
+          qemuMap.includes('"zero": true, "data": true'),
+          split,
+          qemuMap,
+        );
+      }
     }),
 );
