@@ -81,7 +81,7 @@ export { dmg } from "./drivers/dmg.ts";
 export {
   type DecodeWorkerStats,
   decodeWorkerStats,
-} from "./drivers/dmg/_pool.ts";
+} from "./drivers/codecs/_pool.ts";
 export { dmgEncrypted } from "./drivers/dmg_encrypted.ts";
 export { raw } from "./drivers/raw.ts";
 export { sparseimage } from "./drivers/sparseimage.ts";

@@ -39,7 +39,7 @@ import {
   setBe64,
 } from "./_binary.ts";
 import * as zlib from "./codecs/zlib.ts";
-import { codecPool } from "./dmg/_pool.ts";
+import { codecPool } from "./codecs/_pool.ts";
 import {
   CodecError,
   ImageFormatError,
@@ -112,7 +112,7 @@ const READ_BYTES = 8 << 20;
 /**
  * Where the platform has no native inflater (browsers), images of at least
  * this many blocks inflate their zlib runs on the decode workers
- * (drivers/dmg/_pool.ts), a run per call: one thread's DecompressionStream
+ * (drivers/codecs/_pool.ts), a run per call: one thread's DecompressionStream
  * per 64 KiB block left a browser's conversion 5x slower than the CLI.
  */
 const POOL_MIN_BLOCKS = 16;

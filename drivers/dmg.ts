@@ -77,7 +77,7 @@ import {
   type PlistValue,
 } from "./dmg/_plist.ts";
 import { parseResourceFork } from "./dmg/_rsrc.ts";
-import { codecPool } from "./dmg/_pool.ts";
+import { codecPool } from "./codecs/_pool.ts";
 import { joinSegments, refuseLaterSegment } from "./dmg/_segments.ts";
 
 const FORMAT = "dmg";

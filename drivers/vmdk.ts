@@ -71,7 +71,7 @@ import type {
 } from "../streams/types.ts";
 import { checkRange, extentsOf } from "../streams/types.ts";
 import * as zlib from "./codecs/zlib.ts";
-import { codecPool } from "./dmg/_pool.ts";
+import { codecPool } from "./codecs/_pool.ts";
 import { seSparse } from "./sesparse.ts";
 
 const FORMAT = "vmdk";
@@ -105,7 +105,7 @@ const MAX_EXTENTS = 16384;
 const GT_CACHE = 256;
 /**
  * Where the platform has no native inflater (browsers), the whole grains
- * of one read inflate on the decode workers (drivers/dmg/_pool.ts) in one
+ * of one read inflate on the decode workers (drivers/codecs/_pool.ts) in one
  * call, when there are at least this many: one thread's
  * DecompressionStream per 64 KiB grain is what a browser's conversion
  * spent its time on.

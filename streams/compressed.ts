@@ -44,7 +44,7 @@ import { nodeZlibModule } from "../drivers/codecs/_node_zlib.ts";
 import * as bzip2 from "../drivers/codecs/bzip2.ts";
 import * as xz from "../drivers/codecs/xz.ts";
 import * as zstd from "../drivers/codecs/zstd.ts";
-import { codecPool } from "../drivers/dmg/_pool.ts";
+import { codecPool } from "../drivers/codecs/_pool.ts";
 import { CodecError, ImageFormatError, UnsupportedError } from "./errors.ts";
 import {
   checkRange,

@@ -223,7 +223,7 @@ export async function bundle(dist: string) {
   for (
     const [out, entry] of [["mod.js", "mod.ts"], [
       "_worker.js",
-      "drivers/dmg/_worker.ts",
+      "drivers/codecs/_worker.ts",
     ]]
   ) {
     await run(Deno.execPath(), [

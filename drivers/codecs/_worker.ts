@@ -13,12 +13,12 @@
  * @module
  */
 
-import * as adc from "../codecs/adc.ts";
-import * as bzip2 from "../codecs/bzip2.ts";
-import * as lzfse from "../codecs/lzfse.ts";
-import * as xz from "../codecs/xz.ts";
-import * as zlib from "../codecs/zlib.ts";
-import { crc32 } from "../codecs/crc32.ts";
+import * as adc from "./adc.ts";
+import * as bzip2 from "./bzip2.ts";
+import * as lzfse from "./lzfse.ts";
+import * as xz from "./xz.ts";
+import * as zlib from "./zlib.ts";
+import { crc32 } from "./crc32.ts";
 
 /** The contract every module in drivers/codecs/ keeps. */
 interface Codec {
