@@ -626,9 +626,19 @@ function pageAligned(size: number): Uint8Array {
   const page = 65536; // WebAssembly's page size
   if (typeof WebAssembly === "object") {
     try {
-      const memory = new WebAssembly.Memory({
-        initial: Math.ceil(size / page),
-      });
+      // Shared where the platform allows it: drivers that decode on
+      // workers have them write the bytes in place (see sharedBlock).
+      const pages = Math.ceil(size / page);
+      let memory: WebAssembly.Memory;
+      try {
+        memory = new WebAssembly.Memory({
+          initial: pages,
+          maximum: pages,
+          shared: true,
+        });
+      } catch {
+        memory = new WebAssembly.Memory({ initial: pages });
+      }
       return new Uint8Array(memory.buffer, 0, size);
     } catch { /* no room for one: an ordinary buffer does */ }
   }
