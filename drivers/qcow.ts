@@ -409,6 +409,7 @@ async function inflateOnWorkers(
       clusterSize: state.clusterSize,
       readInto: span?.readInto ??
         ((at, into) => readIntoSource(state.source, at, into)),
+      bytes: span?.bytes,
       error: (c, message) => clusterError(state, c, message),
     },
     pieces.map((p) => {

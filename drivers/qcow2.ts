@@ -1221,6 +1221,7 @@ async function decodeOnWorkers(
     clusterSize: state.clusterSize,
     readInto: span?.readInto ??
       ((at, into) => readIntoSource(state.source, at, into)),
+    bytes: span?.bytes,
     error: (c, message) =>
       clusterError(state, { offset: c.offset, size: c.size }, message),
   }, clusters);

@@ -116,6 +116,12 @@ export interface ClusterReader {
   clusterSize: number;
   /** Reads the file's bytes `[offset, offset + into.length)` into `into`. */
   readInto(offset: number, into: Uint8Array): Promise<void>;
+  /**
+   * The file's bytes `[offset, offset + length)` where they were read
+   * already (a {@linkcode Span}), or undefined: in a `SharedArrayBuffer`
+   * they go to the workers as they are, not copied.
+   */
+  bytes?(offset: number, length: number): Uint8Array | undefined;
   /** The typed error naming `cluster` (a CodecError's message given). */
   error(cluster: PackedCluster, message: string): Error;
 }
@@ -227,6 +233,15 @@ export async function decodeMany(
 ): Promise<void> {
   const sorted = clusters.slice().sort((a, b) => a.offset - b.offset);
   const packed = sorted.reduce((n, c) => n + c.size, 0);
+  // Targets in one SharedArrayBuffer (convert's read buffers): the
+  // workers decode straight into them, and nothing is copied back.
+  const buffer = clusters[0]?.target.buffer;
+  const into = isShared(buffer) &&
+      clusters.every((c) =>
+        c.target.buffer === buffer && c.target.length === reader.clusterSize
+      )
+    ? new Uint8Array(buffer)
+    : undefined;
   const jobBytes = Math.min(
     JOB_MAX_BYTES,
     Math.max(JOB_MIN_BYTES, Math.ceil(packed / codecPool.size)),
@@ -244,7 +259,7 @@ export async function decodeMany(
       to = Math.max(to, sorted[j].offset + sorted[j].size);
       j++;
     }
-    pending.push(decodeJob(reader, sorted.slice(i, j), from, to));
+    pending.push(decodeJob(reader, sorted.slice(i, j), from, to, into));
     i = j;
   }
   // Every job settles before the first failure is reported: a job still
@@ -268,17 +283,26 @@ async function decodeJob(
   clusters: PackedCluster[],
   from: number,
   to: number,
+  into?: Uint8Array,
 ): Promise<void> {
   if (running >= codecPool.size + 1) {
     await new Promise<void>((resolve) => waiting.push(resolve));
   }
   running++;
   try {
-    await decodeJobNow(reader, clusters, from, to);
+    await decodeJobNow(reader, clusters, from, to, into);
   } finally {
     running--;
     waiting.shift()?.();
   }
+}
+
+/** Whether `buffer` is shared memory (workers can write it in place). */
+function isShared(
+  buffer: ArrayBufferLike | undefined,
+): buffer is ArrayBufferLike {
+  return typeof SharedArrayBuffer === "function" &&
+    buffer instanceof SharedArrayBuffer;
 }
 
 async function decodeJobNow(
@@ -286,13 +310,23 @@ async function decodeJobNow(
   clusters: PackedCluster[],
   from: number,
   to: number,
+  into?: Uint8Array,
 ): Promise<void> {
   const { clusterSize } = reader;
-  const input = codecPool.buffer(to - from);
-  await reader.readInto(from, input);
+  // The packed bytes: where a span holds them in shared memory, as they
+  // are; otherwise copied into a buffer that travels to the worker.
+  const view = reader.bytes?.(from, to - from);
+  const input = view && isShared(view.buffer)
+    ? view
+    : codecPool.buffer(to - from);
+  if (input !== view) await reader.readInto(from, input);
   const jobs: number[] = [];
   clusters.forEach((c, k) =>
-    jobs.push(c.offset - from, Math.min(c.size, to - c.offset), k * clusterSize)
+    jobs.push(
+      c.offset - from,
+      Math.min(c.size, to - c.offset),
+      into ? c.target.byteOffset : k * clusterSize,
+    )
   );
   const answer = await codecPool.clusters(
     reader.kind,
@@ -300,12 +334,19 @@ async function decodeJobNow(
     jobs,
     clusterSize,
     clusters.length * clusterSize,
+    into,
   );
   if (answer && "out" in answer) {
-    clusters.forEach((c, k) =>
-      c.target.set(answer.out.subarray(k * clusterSize, (k + 1) * clusterSize))
-    );
-    codecPool.giveBack(answer.out);
+    // With `into` the clusters are in place (the answer's `out` is a new
+    // view of the same memory).
+    if (!into) {
+      clusters.forEach((c, k) =>
+        c.target.set(
+          answer.out.subarray(k * clusterSize, (k + 1) * clusterSize),
+        )
+      );
+      codecPool.giveBack(answer.out);
+    }
     return;
   }
   if (answer) {
@@ -335,6 +376,44 @@ async function decodeJobNow(
   }
   if (packed === input) codecPool.giveBack(input);
 }
+
+/** Shared buffers of spans, kept for the next ones (largest last). */
+const sharedSpares: SharedArrayBuffer[] = [];
+/** At most this many bytes of them: a few reads in flight. */
+const MAX_SHARED_SPARE_BYTES = 32 << 20;
+
+/**
+ * A buffer of `length` bytes in shared memory for a span, reused where
+ * one is spare, or undefined where there is no shared memory (a page
+ * that is not cross-origin isolated).
+ */
+function sharedBuffer(length: number): Uint8Array | undefined {
+  if (typeof SharedArrayBuffer !== "function") return undefined;
+  const k = sharedSpares.findIndex((b) => b.byteLength >= length);
+  const buffer = k >= 0
+    ? sharedSpares.splice(k, 1)[0]
+    : new SharedArrayBuffer(Math.ceil(length / SPAN_UNIT) * SPAN_UNIT);
+  return new Uint8Array(buffer, 0, length);
+}
+
+/** Keeps a span's shared buffer for reuse; false when it is not one. */
+function giveBackShared(bytes: Uint8Array): boolean {
+  if (!isShared(bytes.buffer)) return false;
+  const buffer = bytes.buffer as SharedArrayBuffer;
+  const kept = sharedSpares.reduce((n, b) => n + b.byteLength, 0);
+  if (kept + buffer.byteLength <= MAX_SHARED_SPARE_BYTES) {
+    let k = 0;
+    while (
+      k < sharedSpares.length &&
+      sharedSpares[k].byteLength < buffer.byteLength
+    ) k++;
+    sharedSpares.splice(k, 0, buffer);
+  }
+  return true;
+}
+
+/** Span buffers are made in whole units, so that spares fit the next span. */
+const SPAN_UNIT = 1 << 20;
 
 /** The most bytes {@linkcode readSpan} reads at once. */
 const MAX_SPAN = 8 << 20;
@@ -391,7 +470,7 @@ export async function readSpan(
   if (sorted.length < 2) return undefined;
   const from = sorted[0][0], to = runEnd;
   if (to - from > MAX_SPAN || to - from > 2 * wanted + slack) return undefined;
-  const buffer = codecPool.buffer(to - from);
+  const buffer = sharedBuffer(to - from) ?? codecPool.buffer(to - from);
   await readInto(from, buffer);
   let alive = true;
   const bytes = (at: number, length: number) =>
@@ -406,7 +485,7 @@ export async function readSpan(
       else await readInto(at, into);
     },
     done() {
-      if (alive) codecPool.giveBack(buffer);
+      if (alive) giveBackShared(buffer) || codecPool.giveBack(buffer);
       alive = false;
     },
   };

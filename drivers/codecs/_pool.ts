@@ -355,11 +355,16 @@ export class CodecPool {
    * Decodes compressed qcow or qcow2 clusters on a worker (see
    * `_clusters.ts`): `jobs` holds three numbers per cluster (where its
    * packed bytes start in `input`, how many, where its `clusterSize`
-   * bytes go in the output of `outLength` bytes). `input` (from
-   * {@linkcode buffer}) is transferred and comes back for reuse. Answers
-   * the output (give it back with {@linkcode giveBack} once copied), the
-   * index and codec message of the first cluster that did not decode, or
-   * `null` when no worker took the job (the caller decodes it).
+   * bytes go in the output). `input` (from {@linkcode buffer}) is
+   * transferred and comes back for reuse; in a `SharedArrayBuffer` it is
+   * shared instead (the caller leaves it alone until the answer). Without
+   * `into`, the output is a buffer of `outLength` bytes, transferred back
+   * (give it back with {@linkcode giveBack} once copied); with `into`, a
+   * view over a whole `SharedArrayBuffer`, the clusters land there (the
+   * third numbers are offsets in it) and the answer's `out` is `into`.
+   * Answers the index and codec message of the first cluster that did
+   * not decode, or `null` when no worker took the job (the caller
+   * decodes it).
    */
   clusters(
     kind: number,
@@ -367,22 +372,47 @@ export class CodecPool {
     jobs: number[],
     clusterSize: number,
     outLength: number,
+    into?: Uint8Array,
   ): Promise<ClustersAnswer | null> {
     const claimed = this.#claim();
     if (!claimed) return Promise.resolve(null);
     const { slot, id } = claimed;
-    const sent = input.buffer instanceof ArrayBuffer ? input : input.slice();
-    const out = this.buffer(outLength);
+    const shared = (b: ArrayBufferLike) =>
+      typeof SharedArrayBuffer === "function" &&
+      b instanceof SharedArrayBuffer;
+    const sent = input.buffer instanceof ArrayBuffer || shared(input.buffer)
+      ? input
+      : input.slice();
+    const out = into && shared(into.buffer) ? into : this.buffer(outLength);
+    const transfer = [sent.buffer, out.buffer].filter((b) =>
+      b instanceof ArrayBuffer
+    ) as ArrayBuffer[];
     return new Promise((resolve) => {
       this.#pending.set(id, {
         resolve: (answer) => resolve(answer as never),
         reject: () => resolve(null),
         codec: "clusters",
       });
-      slot.worker.postMessage(
-        { id, op: "clusters", input: sent, jobs, size: clusterSize, kind, out },
-        [sent.buffer as ArrayBuffer, out.buffer],
-      );
+      try {
+        slot.worker.postMessage(
+          {
+            id,
+            op: "clusters",
+            input: sent,
+            jobs,
+            size: clusterSize,
+            kind,
+            out,
+          },
+          transfer,
+        );
+      } catch {
+        // Shared memory cannot be posted here (a page that is not
+        // cross-origin isolated): the caller decodes itself.
+        slot.jobs--;
+        this.#pending.delete(id);
+        resolve(null);
+      }
     });
   }
 

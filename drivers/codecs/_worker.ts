@@ -141,7 +141,8 @@ scope.onmessage = async (e: MessageEvent<Job>) => {
   const { id, op, codec, input, size } = e.data;
   if (op === "clusters") {
     // qcow and qcow2 clusters into `out` (`size` bytes each); both
-    // buffers go back, the input for the pool to reuse.
+    // buffers go back, the input for the pool to reuse (shared memory
+    // stays where it is).
     const out = e.data.out!;
     try {
       const failed = await decodeClusterJobs(
@@ -151,10 +152,12 @@ scope.onmessage = async (e: MessageEvent<Job>) => {
         size,
         out,
       );
-      scope.postMessage({ id, op, input, out, ...failed }, [
-        input.buffer as ArrayBuffer,
-        out.buffer as ArrayBuffer,
-      ]);
+      scope.postMessage(
+        { id, op, input, out, ...failed },
+        [input.buffer, out.buffer].filter((b) =>
+          b instanceof ArrayBuffer
+        ) as ArrayBuffer[],
+      );
     } catch {
       scope.postMessage({ id, unavailable: true });
     }

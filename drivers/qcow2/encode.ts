@@ -103,7 +103,7 @@ class DeflatePool {
   #pending = new Map<
     number,
     {
-      resolve(out: Uint8Array[] | undefined): void;
+      resolve(out: (Uint8Array | undefined)[] | undefined): void;
       reject(e: Error): void;
       /** Where a zstd worker writes its frames (shared memory). */
       output?: Uint8Array;
@@ -133,7 +133,7 @@ class DeflatePool {
       for (let i = 0; i < Math.max(1, Math.min(MAX_WORKERS, cores)); i++) {
         const worker = new Worker(url, { type: "module" });
         worker.onmessage = (e: MessageEvent) => {
-          const { id, lengths, error, unavailable } = e.data;
+          const { id, lengths, error, unavailable, stride } = e.data;
           const job = this.#pending.get(id);
           this.#pending.delete(id);
           if (!job) return;
@@ -142,12 +142,16 @@ class DeflatePool {
           else {
             // The frames: in the message, or in the worker's share of the
             // shared output buffer.
+            // zstd's back to back, deflate's `stride` bytes apart (a
+            // length of 0: not compressed).
             const packed = (e.data.packed ?? job.output) as Uint8Array;
-            const out: Uint8Array[] = [];
+            const out: (Uint8Array | undefined)[] = [];
             let o = 0;
             for (const n of lengths as Uint32Array) {
-              out.push(packed.subarray(o, o + n));
-              o += n;
+              out.push(
+                stride && n === 0 ? undefined : packed.subarray(o, o + n),
+              );
+              o += stride ?? n;
             }
             job.resolve(out);
           }
@@ -196,9 +200,12 @@ class DeflatePool {
     // zstd frames go to a shared buffer too, each worker a region of
     // frameBound per cluster (the frames are copied out, by the Appender,
     // before the next batch): 30 000 fewer page faults for 256 MiB.
-    const bound = frameBound(clusterSize);
+    // Deflate streams likewise, each in a region of clusterSize (QEMU
+    // stores a cluster whose stream does not fit in clusterSize - 1 bytes
+    // uncompressed).
+    const bound = this.codec === "zstd" ? frameBound(clusterSize) : clusterSize;
     if (
-      this.codec === "zstd" && typeof SharedArrayBuffer !== "undefined" &&
+      typeof SharedArrayBuffer !== "undefined" &&
       this.#sharedOut[slot].length < wanted.length * bound
     ) {
       this.#sharedOut[slot] = new Uint8Array(
@@ -215,14 +222,15 @@ class DeflatePool {
         : new Uint8Array(mine.length * clusterSize);
       mine.forEach((i, k) => input.set(clusters[i]!, k * clusterSize));
       const id = this.#next++;
-      const output = this.codec === "zstd" &&
-          this.#sharedOut[slot].length >= wanted.length * bound
+      const output = this.#sharedOut[slot].length >= wanted.length * bound
         ? this.#sharedOut[slot].subarray(
           w * share * bound,
           (w * share + mine.length) * bound,
         )
         : undefined;
-      return new Promise<{ mine: number[]; out: Uint8Array[] | undefined }>(
+      return new Promise<
+        { mine: number[]; out: (Uint8Array | undefined)[] | undefined }
+      >(
         (resolve, reject) => {
           this.#pending.set(id, {
             resolve: (out) => resolve({ mine, out }),
