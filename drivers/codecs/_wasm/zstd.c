@@ -609,6 +609,10 @@ static int literals(Ctx *c, const u8 *in, u32 len, const u8 **lit,
 
 /* ---- Sequences (RFC 8878 3.1.1.3.2, 4.1) ---- */
 
+static inline __attribute__((always_inline)) void copy16(u8 *dst, const u8 *src) {
+  __builtin_memcpy(dst, src, 16);
+}
+
 /* Copies n bytes 16 at a time (may write up to 15 past dst + n). */
 static inline __attribute__((always_inline)) void wild_copy(u8 *dst, const u8 *src, u32 n) {
   u8 *end = dst + n;
@@ -629,7 +633,8 @@ static inline __attribute__((always_inline)) void match_copy(u8 *op,
                                                              u32 n) {
   const u8 *from = op - offset;
   if (offset >= 16) {
-    wild_copy(op, from, n);
+    copy16(op, from);
+    if (n > 16) wild_copy(op + 16, from + 16, n - 16);
     return;
   }
   if (offset >= 8) {
@@ -732,7 +737,9 @@ int zstd_block(Ctx *c, const u8 *src, u32 size, u8 *out, u32 cap,
       pos -= l.extra;
       literalLength = l.base + (u32)bits_at(s, pos, l.extra);
     }
-    /* Repeat offsets (RFC 8878 3.1.2.5). */
+    /* Repeat offsets (RFC 8878 3.1.2.5). Offset codes 0 and 1 (values
+     * 1 to 3) name a repeat offset; the four cases are selected without
+     * branches (they mispredicted often: repeats are common). */
     if (offset > 3) {
       offset -= 3;
       rep2 = rep1;
@@ -740,19 +747,11 @@ int zstd_block(Ctx *c, const u8 *src, u32 size, u8 *out, u32 cap,
       rep0 = offset;
     } else {
       const u32 index = offset - 1 + (literalLength == 0);
-      if (index == 0) {
-        offset = rep0;
-      } else if (index == 1) {
-        offset = rep1;
-        rep1 = rep0;
-        rep0 = offset;
-      } else {
-        offset = index == 2 ? rep2 : rep0 - 1;
-        if (offset == 0) return -E_OFFSET;
-        rep2 = rep1;
-        rep1 = rep0;
-        rep0 = offset;
-      }
+      offset = index == 0 ? rep0 : index == 1 ? rep1 : index == 2 ? rep2 : rep0 - 1;
+      if (offset == 0) return -E_OFFSET;
+      rep2 = index >= 2 ? rep1 : rep2;
+      rep1 = index >= 1 ? rep0 : rep1;
+      rep0 = offset;
     }
     if (i + 1 < sequences) {
       /* The states' bits, literal length's first (highest): at most 26. */
@@ -767,7 +766,10 @@ int zstd_block(Ctx *c, const u8 *src, u32 size, u8 *out, u32 cap,
     if (pos < 0) return -E_SEQ_STREAM;
     if ((u32)(litEnd - lit) < literalLength) return -E_LITERAL_OVERRUN;
     if ((u64)literalLength + matchLength > (u64)(oend - op)) return -E_OUTPUT;
-    if (literalLength) wild_copy(op, lit, literalLength);
+    /* 16 literals whatever their number (both regions have SLACK after
+     * them; the match overwrites what is past the literals). */
+    copy16(op, lit);
+    if (literalLength > 16) wild_copy(op + 16, lit + 16, literalLength - 16);
     op += literalLength;
     lit += literalLength;
     if (offset > (u32)(op - lowest)) return -E_OFFSET;
