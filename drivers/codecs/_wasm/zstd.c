@@ -60,6 +60,22 @@ typedef struct {
   u8 bits;
   u16 next;
 } SeqEntry;
+_Static_assert(sizeof(SeqEntry) == 8, "SeqEntry is read as one u64");
+
+/*
+ * t[i] in one 8-byte load (field by field, the compiler made four loads
+ * of each entry in WebAssembly: 5% of the decoding time in V8).
+ */
+static inline SeqEntry entry(const SeqEntry *t, u32 i) {
+  u64 v;
+  __builtin_memcpy(&v, &t[i], 8);
+  SeqEntry e;
+  e.base = (u32)v;
+  e.extra = (u8)(v >> 32);
+  e.bits = (u8)(v >> 40);
+  e.next = (u16)(v >> 48);
+  return e;
+}
 
 /* An FSE state of the Huffman weights. */
 typedef struct {
@@ -715,7 +731,8 @@ int zstd_block(Ctx *c, const u8 *src, u32 size, u8 *out, u32 cap,
   u32 rep0 = c->rep[0], rep1 = c->rep[1], rep2 = c->rep[2];
   const u8 *const lowest = out - history;
   for (u32 i = 0; i < sequences; i++) {
-    const SeqEntry o = of[ofState], m = ml[mlState], l = ll[llState];
+    const SeqEntry o = entry(of, ofState), m = entry(ml, mlState),
+                   l = entry(ll, llState);
     /* The offset's extra bits come first (highest), then the match
      * length's, then the literal length's: one load for all three
      * unless they pass 56 bits (offset codes over 24). */
