@@ -115,7 +115,7 @@ async function timeOurs(fn: Run): Promise<Timing> {
   let best: Timing = { cpu: Infinity, wall: Infinity };
   for (let i = 0; i < RUNS; i++) {
     const cpu0 = cpuSeconds(), wall0 = performance.now();
-    let check: void | (() => void);
+    let check: void | (() => void) = undefined;
     for (let r = 0; r < REPEAT; r++) check = await fn();
     const cpu = (cpuSeconds() - cpu0) / REPEAT,
       wall = (performance.now() - wall0) / 1000 / REPEAT;
