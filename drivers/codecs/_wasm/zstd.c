@@ -291,7 +291,8 @@ static int build_seq_table(SeqEntry *t, const short *norm, u32 symbols,
     const u32 s = symbolAt[u];
     const u32 n = nextCount[s]++;
     const u32 bits = log - high_bit(n);
-    const u64 v = value[s] | (u64)bits << 40 | (u64)((n << bits) - size) << 48;
+    const u64 v =
+        value[s] | (u64)bits << 40 | (u64)((n << bits) - size) << 48;
     __builtin_memcpy(&t[u], &v, 8);
   }
   return 0;
@@ -444,7 +445,9 @@ static int read_tree(Ctx *c, const u8 *in, u32 len) {
     if (w >= 3) {
       /* Runs of 4 entries and more: four at a time. */
       const u64 four = entry * 0x0001000100010001ull;
-      for (u32 i = from; i < to; i += 4) __builtin_memcpy(&c->huf[i], &four, 8);
+      for (u32 i = from; i < to; i += 4) {
+        __builtin_memcpy(&c->huf[i], &four, 8);
+      }
     } else {
       for (u32 i = from; i < to; i++) c->huf[i] = entry;
     }
@@ -639,7 +642,9 @@ static int literals(Ctx *c, const u8 *in, u32 len, const u8 **lit,
 
 /* ---- Sequences (RFC 8878 3.1.1.3.2, 4.1) ---- */
 
-static inline __attribute__((always_inline)) void copy16(u8 *dst, const u8 *src) {
+/* Copies 16 bytes (two 8-byte loads and stores in WebAssembly). */
+static inline __attribute__((always_inline)) void copy16(u8 *dst,
+                                                         const u8 *src) {
   __builtin_memcpy(dst, src, 16);
 }
 
@@ -768,9 +773,8 @@ int zstd_block(Ctx *c, const u8 *src, u32 size, u8 *out, u32 cap,
       pos -= l.extra;
       literalLength = l.base + (u32)bits_at(s, pos, l.extra);
     }
-    /* Repeat offsets (RFC 8878 3.1.2.5). Offset codes 0 and 1 (values
-     * 1 to 3) name a repeat offset; the four cases are selected without
-     * branches (they mispredicted often: repeats are common). */
+    /* Repeat offsets (RFC 8878 3.1.2.5): values 1 to 3 name one. The
+     * four cases are selects rather than nested branches. */
     if (offset > 3) {
       offset -= 3;
       rep2 = rep1;
@@ -778,7 +782,10 @@ int zstd_block(Ctx *c, const u8 *src, u32 size, u8 *out, u32 cap,
       rep0 = offset;
     } else {
       const u32 index = offset - 1 + (literalLength == 0);
-      offset = index == 0 ? rep0 : index == 1 ? rep1 : index == 2 ? rep2 : rep0 - 1;
+      offset = index == 0   ? rep0
+               : index == 1 ? rep1
+               : index == 2 ? rep2
+                            : rep0 - 1;
       if (offset == 0) return -E_OFFSET;
       rep2 = index >= 2 ? rep1 : rep2;
       rep1 = index >= 1 ? rep0 : rep1;
