@@ -128,15 +128,41 @@ const WASM_ERRORS = [
 
 /**
  * Inflates `input` into `out` (which it must fill exactly) with our
- * WebAssembly inflater: input and output are copied through its linear
- * memory. Answers false, doing nothing, where WebAssembly cannot run it
- * (none here, or `out` over {@linkcode WASM_COPY_LIMIT}); throws the
- * CodecError of a stream that does not inflate to exactly `out`.
+ * WebAssembly inflater (`_wasm/inflate.c`), whatever the runtime has:
+ * what {@linkcode decodeInto} runs where there is no native inflater
+ * (tests and `deno task bench codecs` call it in Deno). Input and output
+ * are copied through its linear memory. Answers false, doing nothing,
+ * where WebAssembly cannot run it (none here, turned off, or `out` over
+ * `WASM_COPY_LIMIT`, 32 MiB); bytes after the stream's end are left
+ * alone, as node:zlib leaves them.
  *
  * Against a `DecompressionStream` per 64 KiB block this is a call and
  * two copies: no stream set up, no promise per piece (see the README's
  * browser section for what it saved).
+ *
+ * @param input the compressed bytes
+ * @param out where the bytes go; all of it is filled
+ * @param format zlib (`deflate`), raw deflate or gzip
+ * @returns true when it inflated, false when WebAssembly could not run
+ * @throws {CodecError} when the stream does not inflate to exactly `out.length` bytes
+ *
+ * @example
+ * ```ts
+ * import { encode, inflateWasmInto } from "./zlib.ts";
+ * const out = new Uint8Array(1000);
+ * const done = inflateWasmInto(await encode(new Uint8Array(1000).fill(7)), out);
+ * console.log(!done || out[999] === 7); // true
+ * ```
  */
+export function inflateWasmInto(
+  input: Uint8Array,
+  out: Uint8Array,
+  format: DeflateFormat = "deflate",
+): boolean {
+  return wasmInto(input, out, format);
+}
+
+/** {@linkcode inflateWasmInto}'s body. */
 function wasmInto(
   input: Uint8Array,
   out: Uint8Array,
