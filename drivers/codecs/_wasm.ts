@@ -122,6 +122,7 @@ export interface WasmExports {
     cap: number,
     format: number,
   ): number;
+  crc32_update(previous: number, at: number, n: number): number;
   zstd_enc_work_size(n: number): number;
   zstd_enc_frame(
     input: number,

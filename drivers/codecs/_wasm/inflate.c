@@ -488,8 +488,11 @@ static u32 adler32(const u8 *p, u32 n) {
   return (c << 16) | a;
 }
 
-/* CRC-32 (the gzip one, reflected 0xEDB88320), four bytes a step. */
-static u32 crc_tables[4][256];
+/* CRC-32 (gzip's and UDIF's: reflected 0xEDB88320), slicing by 8: table
+ * k holds the CRC of a byte followed by k zero bytes, so eight input bytes
+ * cost eight lookups. Also exported (crc32_update) for drivers/codecs/
+ * crc32.ts where there is no native CRC-32 (browsers). */
+static u32 crc_tables[8][256];
 static int crc_built = 0;
 
 static void build_crc(void) {
@@ -500,7 +503,7 @@ static void build_crc(void) {
   }
   for (u32 i = 0; i < 256; i++) {
     u32 c = crc_tables[0][i];
-    for (int t = 1; t < 4; t++) {
+    for (int t = 1; t < 8; t++) {
       c = (c >> 8) ^ crc_tables[0][c & 0xff];
       crc_tables[t][i] = c;
     }
@@ -511,16 +514,22 @@ static void build_crc(void) {
 static u32 crc32(u32 crc, const u8 *p, u32 n) {
   if (!crc_built) build_crc();
   crc = ~crc;
-  while (n >= 4) {
-    crc ^= p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
-    crc = crc_tables[3][crc & 0xff] ^ crc_tables[2][(crc >> 8) & 0xff] ^
-          crc_tables[1][(crc >> 16) & 0xff] ^ crc_tables[0][crc >> 24];
-    p += 4;
-    n -= 4;
+  while (n >= 8) {
+    u64 v = load64(p) ^ crc;
+    crc = crc_tables[7][v & 0xff] ^ crc_tables[6][(v >> 8) & 0xff] ^
+          crc_tables[5][(v >> 16) & 0xff] ^ crc_tables[4][(v >> 24) & 0xff] ^
+          crc_tables[3][(v >> 32) & 0xff] ^ crc_tables[2][(v >> 40) & 0xff] ^
+          crc_tables[1][(v >> 48) & 0xff] ^ crc_tables[0][v >> 56];
+    p += 8;
+    n -= 8;
   }
   while (n--) crc = (crc >> 8) ^ crc_tables[0][(crc ^ *p++) & 0xff];
   return ~crc;
 }
+
+/* The CRC-32 of `previous`'s bytes followed by the n bytes at p. */
+EXPORT(crc32_update)
+u32 crc32_update(u32 previous, const u8 *p, u32 n) { return crc32(previous, p, n); }
 
 /* Reads a gzip member header at *pp (RFC 1952 2.3). */
 static int gzip_header(const u8 **pp, const u8 *end) {
