@@ -147,7 +147,9 @@ static int build_table(int kind, const u8 *lens, u32 n, u32 *table, u32 size,
   }
   if (left > 0 && (kind == KIND_CL || max > 1)) return 1; /* incomplete */
   u32 fill = 1u << root;
-  for (u32 i = 0; i < fill; i++) table[i] = E_INVALID | 1; /* unused: invalid */
+  /* Only an incomplete code leaves entries unused: they are invalid. */
+  if (left > 0)
+    for (u32 i = 0; i < fill; i++) table[i] = E_INVALID | 1;
   if (max == 0) return 0;
   /* Canonical codes, in order of (length, symbol). */
   offs[1] = 0;
