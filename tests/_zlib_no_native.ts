@@ -1,8 +1,10 @@
 // Run by tests/zlib_test.ts as a subprocess: zlib as a browser runs it (no
-// native inflater: DecompressionStream, and stored blocks copied), on
+// native inflater: our WebAssembly inflater; with the argument `stream`,
+// WebAssembly off: DecompressionStream, and stored blocks copied), on
 // streams node:zlib makes here. Prints, as JSON, per case: whether
 // `decode` and `decodeInto` gave the bytes, or the error they threw.
 import "./_no_native_inflate.ts";
+import { useWasm } from "../drivers/codecs/_wasm.ts";
 import { deflateRawSync, deflateSync } from "node:zlib";
 import {
   decode,
@@ -10,6 +12,8 @@ import {
   hasNativeInflate,
 } from "../drivers/codecs/zlib.ts";
 import { pseudoRandom } from "./_helpers.ts";
+
+if (Deno.args[0] === "stream") useWasm(false);
 
 const random = pseudoRandom(150_000, 3);
 const text = new TextEncoder().encode("a disk sector ".repeat(5000));

@@ -36,6 +36,7 @@ import { ByteFeed } from "../drivers/codecs/_feed.ts";
 import { have, ROOT, run } from "./_helpers.ts";
 import { ulfoImage } from "./_ulfo.ts";
 import { useWasm } from "../drivers/codecs/_wasm.ts";
+import { deflateSync } from "node:zlib";
 
 const MIB = 1024 * 1024;
 const PIECES = 64;
@@ -201,6 +202,47 @@ interface Codec {
   tool: string;
   toolMake: [string, string | (() => Promise<void>)];
   toolDecode: string;
+  /** Decoded bytes a run makes, when not the whole sample. */
+  bytes?: number;
+}
+
+/** The sample cut into 64 KiB zlib blocks (node:zlib -6), as cloop and dmg keep them. */
+function zlibBlocks(sample: Uint8Array): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  for (let at = 0; at < sample.length; at += 65536) {
+    out.push(new Uint8Array(deflateSync(sample.subarray(at, at + 65536))));
+  }
+  return out;
+}
+
+/** A 64 KiB block decoder run over every block, checking the first. */
+function blockDecoder(
+  sample: Uint8Array,
+  decodeBlock: (input: Uint8Array, out: Uint8Array) => unknown,
+): () => Promise<void> {
+  const blocks = zlibBlocks(sample);
+  const out = new Uint8Array(65536);
+  return async () => {
+    for (let i = 0; i < blocks.length; i++) {
+      await decodeBlock(blocks[i], out);
+      if (i === 0 && !equal(out, sample.subarray(0, 65536))) {
+        throw new Error("zlib block bytes differ");
+      }
+    }
+  };
+}
+
+/** Inflates through a `DecompressionStream` into `out` (what browsers did before). */
+async function streamInflate(input: Uint8Array, out: Uint8Array) {
+  const reader = new Blob([input as Uint8Array<ArrayBuffer>]).stream()
+    .pipeThrough(new DecompressionStream("deflate")).getReader();
+  let at = 0;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    out.set(value, at);
+    at += value.length;
+  }
 }
 
 const codecs: Codec[] = [
@@ -223,6 +265,69 @@ const codecs: Codec[] = [
         };
       };
     },
+  },
+  {
+    name: "zlib, our WebAssembly inflater (gzip -6, 32 MiB)",
+    tool: "gzip",
+    toolMake: [
+      `${DIR}/sample-32.gz`,
+      `head -c ${32 * MIB} ${SAMPLE} | gzip -n -6 > ${DIR}/sample-32.gz`,
+    ],
+    toolDecode: `gzip -d -c ${DIR}/sample-32.gz > /dev/null`,
+    // WASM_COPY_LIMIT: outputs over 32 MiB are not inflated through linear memory.
+    bytes: 32 * MIB,
+    prepare: async (sample) => {
+      const gz = await Deno.readFile(`${DIR}/sample-32.gz`);
+      const out = new Uint8Array(32 * MIB);
+      return () => {
+        if (!zlib.inflateWasmInto(gz, out, "gzip")) {
+          throw new Error("no WebAssembly");
+        }
+        return Promise.resolve(() => {
+          if (!equal(out, sample.subarray(0, 32 * MIB))) {
+            throw new Error("zlib bytes differ");
+          }
+        });
+      };
+    },
+  },
+  {
+    name: "zlib 64 KiB blocks, WebAssembly (browsers now)",
+    tool: "gzip",
+    toolMake: [
+      `${DIR}/sample.gz`,
+      `gzip -n -6 -c ${SAMPLE} > ${DIR}/sample.gz`,
+    ],
+    toolDecode: `gzip -d -c ${DIR}/sample.gz > /dev/null`,
+    prepare: (sample) =>
+      Promise.resolve(blockDecoder(sample, (input, out) => {
+        if (!zlib.inflateWasmInto(input, out)) {
+          throw new Error("no WebAssembly");
+        }
+      })),
+  },
+  {
+    name: "zlib 64 KiB blocks, node:zlib (Deno)",
+    tool: "gzip",
+    toolMake: [
+      `${DIR}/sample.gz`,
+      `gzip -n -6 -c ${SAMPLE} > ${DIR}/sample.gz`,
+    ],
+    toolDecode: `gzip -d -c ${DIR}/sample.gz > /dev/null`,
+    prepare: (sample) =>
+      Promise.resolve(
+        blockDecoder(sample, (input, out) => zlib.decodeInto(input, out)),
+      ),
+  },
+  {
+    name: "zlib 64 KiB blocks, Deno's DecompressionStream",
+    tool: "gzip",
+    toolMake: [
+      `${DIR}/sample.gz`,
+      `gzip -n -6 -c ${SAMPLE} > ${DIR}/sample.gz`,
+    ],
+    toolDecode: `gzip -d -c ${DIR}/sample.gz > /dev/null`,
+    prepare: (sample) => Promise.resolve(blockDecoder(sample, streamInflate)),
   },
   {
     name: "bzip2",
@@ -359,8 +464,8 @@ const codecs: Codec[] = [
 const load = () =>
   Deno.readTextFileSync("/proc/loadavg").split(" ").slice(0, 3).join(" ");
 const sample = await buildSample();
-const mbps = (t: Timing) =>
-  (SIZE / 1e6 / Math.max(t.cpu, 0.01 / REPEAT)).toFixed(1);
+const mbps = (t: Timing, bytes = SIZE) =>
+  (bytes / 1e6 / Math.max(t.cpu, 0.01 / REPEAT)).toFixed(1);
 console.log(
   `codecs: ${PIECES} MiB of a tar of /usr/lib, best of ${RUNS} by CPU time${
     REPEAT > 1 ? ` (each ${REPEAT} decodes)` : ""
@@ -381,7 +486,9 @@ for (const c of codecs) {
   const tool = await timeTool(c.toolDecode);
   const ours = c.prepare ? await timeOurs(await c.prepare(sample)) : undefined;
   const cell = (t?: Timing) =>
-    t ? `${mbps(t)} (${t.wall.toFixed(2)} s)`.padStart(16) : "-".padStart(16);
+    t
+      ? `${mbps(t, c.bytes)} (${t.wall.toFixed(2)} s)`.padStart(16)
+      : "-".padStart(16);
   console.log(
     `${c.name.padEnd(52)} ${cell(ours)} ${cell(tool)}  ${
       ours ? (tool.cpu / Math.max(ours.cpu, 0.01 / REPEAT)).toFixed(2) : "-"

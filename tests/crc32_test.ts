@@ -3,6 +3,7 @@ import {
   crc32,
   crc32Combine,
   crc32Table,
+  crc32Wasm,
   crc32Zeros,
 } from "../drivers/codecs/crc32.ts";
 import { pseudoRandom } from "./_helpers.ts";
@@ -30,6 +31,22 @@ Deno.test("the table code agrees with node:zlib on every length up to 300 and on
   }
   assertEquals(crc32Table(data), nodeCrc32(data) >>> 0);
   assertEquals(crc32(data), crc32Table(data));
+});
+
+Deno.test("the WebAssembly code (browsers) agrees with node:zlib on lengths around its 8-byte steps and 1 MiB pieces, from any previous value", () => {
+  const data = pseudoRandom(3 << 20, 11);
+  const lengths = [0, 1, 7, 8, 9, 15, 16, 17, 1023, 1024, 65537];
+  lengths.push((1 << 20) - 1, 1 << 20, (1 << 20) + 1, (3 << 20) - 3);
+  for (const n of lengths) {
+    const piece = data.subarray(3, 3 + n);
+    for (const previous of [0, 0xcbf43926, 0xffffffff]) {
+      assertEquals(
+        crc32Wasm(piece, previous),
+        nodeCrc32(piece, previous) >>> 0,
+        `length ${n}, previous ${previous}`,
+      );
+    }
+  }
 });
 
 Deno.test("crc32 continues from a previous value across any split", () => {

@@ -68,45 +68,53 @@ Deno.test("zlib decodeInto refuses streams too short, too long, cut or corrupt, 
   }
 });
 
-Deno.test("without a native inflater (browsers) stored deflate streams are copied, and every other stream still inflates or fails as a CodecError", async () => {
-  const o = await new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "-A",
-      new URL("./_zlib_no_native.ts", import.meta.url).pathname,
-    ],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  if (!o.success) throw new Error(new TextDecoder().decode(o.stderr));
-  const { native, results } = JSON.parse(new TextDecoder().decode(o.stdout));
-  assertEquals(native, false);
-  type Result = {
-    name: string;
-    decode: true | string;
-    decodeInto: true | string;
-    streams: number;
-  };
-  for (const r of results as Result[]) {
-    const good = !/poked|cut|after|declared/.test(r.name);
-    if (good) {
-      assertEquals([r.name, r.decode, r.decodeInto], [r.name, true, true]);
-    } else {
-      for (const got of [r.decode, r.decodeInto]) {
-        assertEquals(typeof got, "string", r.name);
-        assertEquals(
-          (got as string).startsWith("CodecError: zlib: "),
-          true,
-          `${r.name}: ${got}`,
-        );
+Deno.test("without a native inflater (browsers) streams inflate in WebAssembly, or (no WebAssembly) stored streams are copied and the rest go through DecompressionStream; every bad stream is a CodecError", async () => {
+  for (const mode of ["wasm", "stream"]) {
+    const o = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        new URL("./_zlib_no_native.ts", import.meta.url).pathname,
+        mode,
+      ],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    if (!o.success) throw new Error(new TextDecoder().decode(o.stderr));
+    const { native, results } = JSON.parse(new TextDecoder().decode(o.stdout));
+    assertEquals(native, false);
+    type Result = {
+      name: string;
+      decode: true | string;
+      decodeInto: true | string;
+      streams: number;
+    };
+    for (const r of results as Result[]) {
+      // Bytes after the stream's end: node:zlib and our inflater leave
+      // them alone (qcow's clusters are whole sectors); a browser's
+      // DecompressionStream refuses them.
+      const good = !/poked|cut|declared/.test(r.name) &&
+        (mode === "wasm" || !/after/.test(r.name));
+      if (good) {
+        assertEquals([r.name, r.decode, r.decodeInto], [r.name, true, true]);
+      } else {
+        for (const got of [r.decode, r.decodeInto]) {
+          assertEquals(typeof got, "string", r.name);
+          assertEquals(
+            (got as string).startsWith("CodecError: zlib: "),
+            true,
+            `${r.name}: ${got}`,
+          );
+        }
       }
+      // WebAssembly makes no DecompressionStream; without it stored
+      // streams are copied and the others (decode, then decodeInto) go
+      // through one each.
+      assertEquals(
+        r.streams,
+        mode === "wasm" || (r.name.startsWith("stored") && good) ? 0 : 2,
+        `${mode}: ${r.name}`,
+      );
     }
-    // Stored streams are copied without a DecompressionStream; the others
-    // (decode, then decodeInto) go through one each.
-    assertEquals(
-      r.streams,
-      r.name.startsWith("stored") && good ? 0 : 2,
-      r.name,
-    );
   }
 });

@@ -1,5 +1,6 @@
 /**
- * The WebAssembly decoders' hot loops (LZMA, LZ4, LZO1X, LZFSE, LZVN, CRC-64), written in C in
+ * The WebAssembly decoders' hot loops (LZMA, LZ4, LZO1X, LZFSE, LZVN, CRC-64,
+ * and the whole of inflate where there is no native one), written in C in
  * `drivers/codecs/_wasm/` and built by `tools/build_wasm.sh` into
  * `_wasm_module.ts` (base64, so the module loads by URL, in the browser
  * bundle and on Deno Deploy without a fetch or a permission).
@@ -114,6 +115,14 @@ export interface WasmExports {
     dst: number,
     dstEnd: number,
   ): number;
+  inflate_decode(
+    input: number,
+    n: number,
+    out: number,
+    cap: number,
+    format: number,
+  ): number;
+  crc32_update(previous: number, at: number, n: number): number;
   zstd_enc_work_size(n: number): number;
   zstd_enc_frame(
     input: number,

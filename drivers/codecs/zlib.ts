@@ -1,7 +1,9 @@
 /**
- * zlib (RFC 1950) and raw deflate through the platform's
- * `CompressionStream`/`DecompressionStream` (native code in Deno and
- * browsers).
+ * zlib (RFC 1950), raw deflate and gzip: node:zlib where the runtime has
+ * it (Deno, Node); elsewhere (browsers, Deno Deploy's isolates without a
+ * Node layer) our inflater in WebAssembly (`_wasm/inflate.c`), and the
+ * platform's `DecompressionStream` only where WebAssembly cannot run.
+ * Compressing uses node:zlib or `CompressionStream`.
  *
  * Every codec module in this folder has the same two functions:
  * `decode(input, expectedSize)` returns exactly `expectedSize` bytes or throws
@@ -15,6 +17,12 @@
 
 import { CodecError } from "../../streams/errors.ts";
 import { nodeZlibModule } from "./_node_zlib.ts";
+import {
+  acquireWasm,
+  releaseWasm,
+  WASM_COPY_LIMIT,
+  WASM_SLACK,
+} from "./_wasm.ts";
 
 /** The node:zlib inflate options used. */
 interface InflateOptions {
@@ -45,10 +53,13 @@ interface InflateHandle {
 interface NodeZlib {
   createInflate(): unknown;
   createInflateRaw(): unknown;
+  createGunzip(): unknown;
   inflateSync(b: Uint8Array, o: InflateOptions): Uint8Array;
   inflateRawSync(b: Uint8Array, o: InflateOptions): Uint8Array;
+  gunzipSync(b: Uint8Array, o: InflateOptions): Uint8Array;
   deflateSync(b: Uint8Array): Uint8Array;
   deflateRawSync(b: Uint8Array): Uint8Array;
+  gzipSync(b: Uint8Array): Uint8Array;
 }
 
 // Deno (and Deno Deploy, and Node) carry a native zlib that inflates the
@@ -78,8 +89,126 @@ export function hasNativeInflate(): boolean {
   return nodeZlib() !== undefined;
 }
 
-/** Which deflate wrapper: `deflate` is zlib (RFC 1950), `deflate-raw` has none. */
-export type DeflateFormat = "deflate" | "deflate-raw";
+/**
+ * Which deflate wrapper: `deflate` is zlib (RFC 1950, Adler-32), `gzip`
+ * is RFC 1952 (CRC-32; several members are read one after another),
+ * `deflate-raw` has none.
+ */
+export type DeflateFormat = "deflate" | "deflate-raw" | "gzip";
+
+/** The format numbers of `inflate_decode` (`_wasm/inflate.c`). */
+const WASM_FORMAT: Record<DeflateFormat, number> = {
+  "deflate-raw": 0,
+  "deflate": 1,
+  "gzip": 2,
+};
+
+/** What each error of `inflate_decode` means (by its negated code). */
+const WASM_ERRORS = [
+  "",
+  "the input ends inside the stream",
+  "", // -2: more output than declared, said by the caller
+  "invalid block type 3",
+  "stored block length does not match its complement",
+  "invalid code-length code",
+  "over-subscribed or incomplete literal/length or distance code",
+  "more than 286 length or 30 distance symbols",
+  "a code-length repeat with no previous length, or past the end",
+  "no code for end-of-block",
+  "invalid literal/length symbol",
+  "invalid distance symbol",
+  "distance too far back",
+  "bad zlib header",
+  "zlib stream needs a preset dictionary",
+  "Adler-32 does not match",
+  "bad gzip header",
+  "CRC-32 does not match",
+  "gzip ISIZE does not match",
+];
+
+/**
+ * Inflates `input` into `out` (which it must fill exactly) with our
+ * WebAssembly inflater (`_wasm/inflate.c`), whatever the runtime has:
+ * what {@linkcode decodeInto} runs where there is no native inflater
+ * (tests and `deno task bench codecs` call it in Deno). Input and output
+ * are copied through its linear memory. Answers false, doing nothing,
+ * where WebAssembly cannot run it (none here, turned off, or `out` over
+ * `WASM_COPY_LIMIT`, 32 MiB); bytes after the stream's end are left
+ * alone, as node:zlib leaves them.
+ *
+ * Against a `DecompressionStream` per 64 KiB block this is a call and
+ * two copies: no stream set up, no promise per piece (see the README's
+ * browser section for what it saved).
+ *
+ * @param input the compressed bytes
+ * @param out where the bytes go; all of it is filled
+ * @param format zlib (`deflate`), raw deflate or gzip
+ * @returns true when it inflated, false when WebAssembly could not run
+ * @throws {CodecError} when the stream does not inflate to exactly `out.length` bytes
+ *
+ * @example
+ * ```ts
+ * import { encode, inflateWasmInto } from "./zlib.ts";
+ * const out = new Uint8Array(1000);
+ * const done = inflateWasmInto(await encode(new Uint8Array(1000).fill(7)), out);
+ * console.log(!done || out[999] === 7); // true
+ * ```
+ */
+export function inflateWasmInto(
+  input: Uint8Array,
+  out: Uint8Array,
+  format: DeflateFormat = "deflate",
+): boolean {
+  return wasmInto(input, out, format);
+}
+
+/** {@linkcode inflateWasmInto}'s body. */
+function wasmInto(
+  input: Uint8Array,
+  out: Uint8Array,
+  format: DeflateFormat,
+): boolean {
+  if (out.length > WASM_COPY_LIMIT) return false;
+  const wasm = acquireWasm();
+  if (!wasm) return false;
+  let produced;
+  try {
+    const inAt = wasm.heapBase;
+    const outAt = inAt + input.length + WASM_SLACK;
+    if (!wasm.ensure(outAt + out.length + WASM_SLACK)) return false;
+    const bytes = wasm.bytes;
+    bytes.set(input, inAt);
+    produced = wasm.exports.inflate_decode(
+      inAt,
+      input.length,
+      outAt,
+      out.length,
+      WASM_FORMAT[format],
+    );
+    if (produced === out.length) {
+      out.set(bytes.subarray(outAt, outAt + out.length));
+      return true;
+    }
+  } finally {
+    releaseWasm(wasm);
+  }
+  if (produced === -2) {
+    throw new CodecError(
+      "zlib",
+      `inflates to more than the declared ${out.length} bytes`,
+    );
+  }
+  if (produced < 0) {
+    throw new CodecError(
+      "zlib",
+      `corrupt stream: ${WASM_ERRORS[-produced] ?? `error ${produced}`}`,
+    );
+  }
+  throw new CodecError(
+    "zlib",
+    `inflates to ${produced} bytes, ${out.length} declared`,
+  );
+}
 
 /**
  * Runs `input` through a (de)compression stream, collecting at most `limit`
@@ -154,6 +283,8 @@ export async function decode(
       };
       out = format === "deflate"
         ? native.inflateSync(input, options)
+        : format === "gzip"
+        ? native.gunzipSync(input, options)
         : native.inflateRawSync(input, options);
     } catch (e) {
       const message = (e as Error).message;
@@ -174,9 +305,13 @@ export async function decode(
     }
     return new Uint8Array(out.buffer, out.byteOffset, out.length);
   }
-  // A first block that is stored (its header byte's BTYPE bits 00):
+  if (expectedSize <= WASM_COPY_LIMIT) {
+    const out = new Uint8Array(expectedSize);
+    if (wasmInto(input, out, format)) return out;
+  }
+  // No WebAssembly: a first block that is stored (its header byte's BTYPE bits 00):
   // perhaps all are, and the stream is copied.
-  if ((input[format === "deflate" ? 2 : 0] & 0x06) === 0) {
+  if (format !== "gzip" && (input[format === "deflate" ? 2 : 0] & 0x06) === 0) {
     const stored = new Uint8Array(expectedSize);
     if (storedInto(input, stored, format)) return stored;
   }
@@ -218,6 +353,7 @@ async function streamInto(
   out: Uint8Array,
   format: DeflateFormat,
 ): Promise<void> {
+  if (wasmInto(input, out, format)) return;
   if (storedInto(input, out, format)) return;
   const stream = new DecompressionStream(format);
   const writer = stream.writable.getWriter();
@@ -267,6 +403,7 @@ function storedInto(
   out: Uint8Array,
   format: DeflateFormat,
 ): boolean {
+  if (format === "gzip") return false;
   let p = 0;
   if (format === "deflate") {
     // CMF, FLG (RFC 1950): deflate, a window of at most 32 KiB, no dictionary.
@@ -339,6 +476,8 @@ function inflater(format: DeflateFormat): Inflater | undefined {
   try {
     const stream = (format === "deflate"
       ? nodeZlib()?.createInflate()
+      : format === "gzip"
+      ? nodeZlib()?.createGunzip()
       : nodeZlib()?.createInflateRaw()) as
         | { _handle?: InflateHandle; _writeState?: Uint32Array }
         | undefined;
@@ -450,6 +589,8 @@ export async function encode(
   if (native) {
     const out = format === "deflate"
       ? native.deflateSync(input)
+      : format === "gzip"
+      ? native.gzipSync(input)
       : native.deflateRawSync(input);
     return new Uint8Array(out.buffer, out.byteOffset, out.length);
   }
