@@ -226,44 +226,16 @@ static int spread(const short *norm, u32 symbols, u32 log, u8 *symbolAt,
   return pos == 0 ? 0 : -E_FSE_TABLE;
 }
 
-/* Baselines and extra bits of the literal length, match length codes. */
-static const u32 LL_BASE[36] = {
-    0,  1,  2,   3,   4,   5,   6,    7,    8,    9,     10,    11,
-    12, 13, 14,  15,  16,  18,  20,   22,   24,   28,    32,    40,
-    48, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536};
-static const u8 LL_EXTRA[36] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  0,  0,
-                                0, 0, 0, 0, 1, 1, 1, 1, 2, 2,  3,  3,
-                                4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
-static const u32 ML_BASE[53] = {
-    3,  4,  5,  6,  7,  8,  9,   10,  11,   12,   13,   14,   15,    16,
-    17, 18, 19, 20, 21, 22, 23,  24,  25,   26,   27,   28,   29,    30,
-    31, 32, 33, 34, 35, 37, 39,  41,  43,   47,   51,   59,   67,    83,
-    99, 131, 259, 515, 1027, 2051, 4099, 8195, 16387, 32771, 65539};
-static const u8 ML_EXTRA[53] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  0,  0,  0,
-                                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  0,  0,  0,
-                                0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3,  3,  4,  4,
-                                5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
-
-/* The predefined distributions (RFC 8878 3.1.1.3.2.2). */
-static const short LL_DEFAULT[36] = {4, 3, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
-                                     2, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
-                                     2, 3, 2, 1, 1, 1, 1, 1, -1, -1, -1, -1};
-static const short ML_DEFAULT[53] = {
-    1, 4, 3, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1};
-static const short OF_DEFAULT[29] = {1, 1, 1, 1, 1, 1, 2, 2, 2, 1,
-                                     1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-                                     1, 1, 1, 1, -1, -1, -1, -1, -1};
+#include "zstd_tables.h"
 
 /* kind: 0 literal lengths, 1 offsets, 2 match lengths. */
 static inline void symbol_value(u32 kind, u32 s, u32 *base, u8 *extra) {
   if (kind == 0) {
     *base = LL_BASE[s];
-    *extra = LL_EXTRA[s];
+    *extra = LL_BITS[s];
   } else if (kind == 2) {
     *base = ML_BASE[s];
-    *extra = ML_EXTRA[s];
+    *extra = ML_BITS[s];
   } else {
     /* Offset_Value = (1 << code) + code extra bits. */
     *base = 1u << s;
