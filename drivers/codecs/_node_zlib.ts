@@ -12,6 +12,25 @@
 let found: unknown | null = null;
 
 /**
+ * The native handle under a node:zlib inflate or deflate stream (the same
+ * in Node and Deno since Node 10): it works from one buffer straight into
+ * another, synchronously, and can be reset and used again.
+ */
+export interface ZlibHandle {
+  reset(): void;
+  writeSync(
+    flush: number,
+    input: Uint8Array,
+    inputOffset: number,
+    inputLength: number,
+    output: Uint8Array,
+    outputOffset: number,
+    outputLength: number,
+  ): void;
+  onerror: (message: string, errno: number) => void;
+}
+
+/**
  * The node:zlib module, or undefined where there is none.
  *
  * @returns the module (its shape is the caller's to check)

@@ -16,7 +16,7 @@
  */
 
 import { CodecError } from "../../streams/errors.ts";
-import { nodeZlibModule } from "./_node_zlib.ts";
+import { nodeZlibModule, type ZlibHandle } from "./_node_zlib.ts";
 import {
   acquireWasm,
   releaseWasm,
@@ -28,25 +28,6 @@ import {
 interface InflateOptions {
   maxOutputLength: number;
   chunkSize?: number;
-}
-
-/**
- * The native handle under a node:zlib inflate stream (the same in Node and
- * Deno since Node 10): it inflates from one buffer straight into another,
- * synchronously, and can be reset and used again.
- */
-interface InflateHandle {
-  reset(): void;
-  writeSync(
-    flush: number,
-    input: Uint8Array,
-    inputOffset: number,
-    inputLength: number,
-    output: Uint8Array,
-    outputOffset: number,
-    outputLength: number,
-  ): void;
-  onerror: (message: string, errno: number) => void;
 }
 
 /** The subset of node:zlib used when the runtime has it. */
@@ -459,7 +440,7 @@ function adler32(bytes: Uint8Array): number {
 
 /** One reused inflater per format: a native handle and its two counters. */
 interface Inflater {
-  handle: InflateHandle;
+  handle: ZlibHandle;
   /** After each `writeSync`: output bytes left, input bytes left. */
   state: Uint32Array;
   error?: string;
@@ -479,7 +460,7 @@ function inflater(format: DeflateFormat): Inflater | undefined {
       : format === "gzip"
       ? nodeZlib()?.createGunzip()
       : nodeZlib()?.createInflateRaw()) as
-        | { _handle?: InflateHandle; _writeState?: Uint32Array }
+        | { _handle?: ZlibHandle; _writeState?: Uint32Array }
         | undefined;
     const handle = stream?._handle;
     const state = stream?._writeState;

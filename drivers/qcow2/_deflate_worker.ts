@@ -10,7 +10,7 @@
  * @module
  */
 
-import { nodeZlibModule } from "../codecs/_node_zlib.ts";
+import { nodeZlibModule, type ZlibHandle } from "../codecs/_node_zlib.ts";
 import { encodeClusters } from "../codecs/zstd_encode.ts";
 
 /**
@@ -39,21 +39,6 @@ const scope = globalThis as unknown as {
   postMessage(message: unknown, transfer?: Transferable[]): void;
 };
 
-/** The native handle under a node:zlib deflate stream (as `zlib.ts` uses the inflater's). */
-interface DeflateHandle {
-  reset(): void;
-  writeSync(
-    flush: number,
-    input: Uint8Array,
-    inputOffset: number,
-    inputLength: number,
-    output: Uint8Array,
-    outputOffset: number,
-    outputLength: number,
-  ): void;
-  onerror: (message: string, errno: number) => void;
-}
-
 /** The subset of node:zlib used. */
 interface NodeZlib {
   deflateRawSync(
@@ -61,7 +46,7 @@ interface NodeZlib {
     o: { windowBits: number; memLevel: number },
   ): Uint8Array;
   createDeflateRaw(o: { windowBits: number; memLevel: number }): {
-    _handle?: DeflateHandle;
+    _handle?: ZlibHandle;
     _writeState?: Uint32Array;
   };
 }
@@ -78,7 +63,7 @@ const Z_FINISH = 4;
  * peak RSS). Undefined where node:zlib's internals are not there.
  */
 interface Deflater {
-  handle: DeflateHandle;
+  handle: ZlibHandle;
   state: Uint32Array;
   error?: string;
 }
