@@ -1,5 +1,6 @@
-// Samples and checks the codec tests (lz4, lzo, xz) share.
+// Samples and checks the codec tests (lz4, lzo, xz, zstd) share.
 import { assertEquals, assertTrue } from "./_asserts.ts";
+import { ByteFeed } from "../drivers/codecs/_feed.ts";
 import { pseudoRandom } from "./_helpers.ts";
 import { CodecError } from "../mod.ts";
 import { useWasm, wasmAvailable } from "../drivers/codecs/_wasm.ts";
@@ -121,4 +122,35 @@ export function realFiles(size: number): Uint8Array {
   if (filled < size) throw new Error(`/usr/lib holds only ${filled} bytes`);
   realCache = out;
   return out.slice();
+}
+
+/**
+ * Everything a streaming decoder (xz's or zstd's `decodeStreaming`) yields
+ * for `packed`, fed to it `step` bytes at a time, joined.
+ */
+export async function decodeFed(
+  decodeStreaming: (feed: ByteFeed) => AsyncIterable<Uint8Array>,
+  packed: Uint8Array,
+  step: number,
+): Promise<Uint8Array> {
+  let at = 0;
+  const feed = new ByteFeed(() => {
+    if (at >= packed.length) return Promise.resolve(null);
+    const piece = packed.slice(at, at + step);
+    at += step;
+    return Promise.resolve(piece);
+  });
+  const pieces: Uint8Array[] = [];
+  let total = 0;
+  for await (const piece of decodeStreaming(feed)) {
+    pieces.push(piece.slice());
+    total += piece.length;
+  }
+  const out = new Uint8Array(total);
+  let o = 0;
+  for (const p of pieces) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
 }

@@ -5,7 +5,7 @@
 // CodecErrors.
 import { assertEquals, assertTrue } from "./_asserts.ts";
 import { pseudoRandom, rejects, run, skip } from "./_helpers.ts";
-import { bothPaths, realFiles } from "./_codec.ts";
+import { bothPaths, decodeFed, realFiles } from "./_codec.ts";
 import {
   decode,
   decodeInto,
@@ -13,7 +13,6 @@ import {
   encode,
   type XzEncodeWork,
 } from "../drivers/codecs/xz.ts";
-import { ByteFeed } from "../drivers/codecs/_feed.ts";
 import { CodecError } from "../mod.ts";
 
 const packedCache = new Map<string, Uint8Array>();
@@ -29,27 +28,8 @@ async function xzOf(data: Uint8Array, args: string[]): Promise<Uint8Array> {
 }
 
 /** Decodes `input` with decodeStreaming, fed in pieces of `step` bytes. */
-async function streamed(input: Uint8Array, step = 100_000) {
-  let at = 0;
-  const feed = new ByteFeed(() => {
-    if (at >= input.length) return Promise.resolve(null);
-    const piece = input.slice(at, at + step);
-    at += step;
-    return Promise.resolve(piece);
-  });
-  const pieces: Uint8Array[] = [];
-  let total = 0;
-  for await (const piece of decodeStreaming(feed)) {
-    pieces.push(piece.slice());
-    total += piece.length;
-  }
-  const out = new Uint8Array(total);
-  let o = 0;
-  for (const p of pieces) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
+function streamed(input: Uint8Array, step = 100_000) {
+  return decodeFed(decodeStreaming, input, step);
 }
 
 bothPaths({

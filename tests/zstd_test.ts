@@ -18,35 +18,13 @@ import {
   MAX_WINDOW,
 } from "../drivers/codecs/zstd.ts";
 import { encodeFrame } from "../drivers/codecs/zstd_encode.ts";
-import { ByteFeed } from "../drivers/codecs/_feed.ts";
+import { decodeFed } from "./_codec.ts";
 import { useWasm } from "../drivers/codecs/_wasm.ts";
 import { CodecError, UnsupportedError } from "../streams/errors.ts";
 
 /** Everything `decodeStreaming` yields for `packed`, fed `step` bytes at a time. */
-async function decodeAll(
-  packed: Uint8Array,
-  step = 1 << 20,
-): Promise<Uint8Array> {
-  let at = 0;
-  const feed = new ByteFeed(() => {
-    if (at >= packed.length) return Promise.resolve(null);
-    const piece = packed.slice(at, at + step);
-    at += step;
-    return Promise.resolve(piece);
-  });
-  const pieces: Uint8Array[] = [];
-  let total = 0;
-  for await (const piece of decodeStreaming(feed)) {
-    pieces.push(piece.slice());
-    total += piece.length;
-  }
-  const out = new Uint8Array(total);
-  let o = 0;
-  for (const p of pieces) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
+function decodeAll(packed: Uint8Array, step = 1 << 20): Promise<Uint8Array> {
+  return decodeFed(decodeStreaming, packed, step);
 }
 
 /** Real files: a piece of a tar of /usr/lib (binaries, text) of `size` bytes. */
