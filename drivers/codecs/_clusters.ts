@@ -146,8 +146,8 @@ export const POOL_MIN_CLUSTERS = 8;
  * inflates natively (node:zlib): smaller ones cost more in messages and
  * copies than the workers save. Reading the bench's compressed qcow (4 KiB
  * clusters) on the workers took 2.9 s of CPU and 195 MiB of peak RSS,
- * here 2.1 s and 107 MiB. In browsers (a `DecompressionStream` per
- * cluster) and for zstd (no native decoder) every size goes.
+ * here 2.1 s and 107 MiB. In browsers (no native inflater: our
+ * WebAssembly one) and for zstd (no native decoder) every size goes.
  */
 let nativeMinCluster = 32 << 10;
 
