@@ -1,6 +1,6 @@
 /**
  * The WebAssembly decoders' hot loops (LZMA, LZ4, LZO1X, LZFSE, LZVN, CRC-64,
- * and the whole of inflate where there is no native one), written in C in
+ * bzip2 blocks, and the whole of inflate where there is no native one), written in C in
  * `drivers/codecs/_wasm/` and built by `tools/build_wasm.sh` into
  * `_wasm_module.ts` (base64, so the module loads by URL, in the browser
  * bundle and on Deno Deploy without a fetch or a permission).
@@ -123,6 +123,21 @@ export interface WasmExports {
     format: number,
   ): number;
   crc32_update(previous: number, at: number, n: number): number;
+  bz2_work_size(level: number): number;
+  bz2_block(
+    input: number,
+    n: number,
+    bitpos: number,
+    level: number,
+    work: number,
+  ): number;
+  bz2_bitpos(): number;
+  bz2_detail_a(): number;
+  bz2_detail_b(): number;
+  bz2_bwt(): void;
+  bz2_output(out: number, cap: number): number;
+  bz2_done(): number;
+  bz2_crc(): number;
   zstd_enc_work_size(n: number): number;
   zstd_enc_frame(
     input: number,

@@ -11,6 +11,16 @@
  * accepts them). None of them compresses except compressjs, whose output
  * is not byte-compatible with every bzip2 decoder.
  *
+ * The stream framing (header, block magics and stored CRCs, end magic and
+ * stream CRC) is read here; each block is decoded by `_wasm/bzip2.c` in
+ * WebAssembly (Huffman tables and selectors, symbols, move-to-front, the
+ * inverse Burrows-Wheeler transform, the run-length step and the block
+ * CRC). There is no TypeScript twin: where WebAssembly is missing
+ * altogether, decoding bzip2 is an UnsupportedError. An instance holds
+ * about 16 MiB: the block's links (8.1 MB for a level-9 block), a 4 MiB
+ * window of input and a 4 MiB window of output, whatever the stream's
+ * size.
+ *
  * The stream, as bzip2 1.0.x writes it (bits are read most significant
  * first; no field is byte-aligned except the stream header):
  *
@@ -37,18 +47,20 @@
  * @module
  */
 
-import { CodecError } from "../../streams/errors.ts";
+import { CodecError, UnsupportedError } from "../../streams/errors.ts";
 import type { ByteFeed } from "./_feed.ts";
+import {
+  acquireWasmAlways,
+  releaseWasm,
+  WASM_SLACK,
+  type WasmInstance,
+} from "./_wasm.ts";
 
 const CODEC = "bzip2";
 
-/**
- * bzip2's CRC-32 (polynomial 0x04c11db7, most significant bit first) as
- * eight 256-entry tables for slicing by 8: table k holds the CRC of a byte
- * followed by k zero bytes. Table 0 is the classic one-byte table.
- */
-const CRC_TABLES: Int32Array = (() => {
-  const t = new Int32Array(8 * 256);
+/** bzip2's CRC-32 table (polynomial 0x04c11db7, most significant bit first). */
+const CRC_TABLE: Int32Array = (() => {
+  const t = new Int32Array(256);
   for (let i = 0; i < 256; i++) {
     let c = i << 24;
     for (let k = 0; k < 8; k++) {
@@ -56,52 +68,19 @@ const CRC_TABLES: Int32Array = (() => {
     }
     t[i] = c;
   }
-  for (let k = 1; k < 8; k++) {
-    for (let i = 0; i < 256; i++) {
-      const c = t[(k - 1) * 256 + i];
-      t[k * 256 + i] = (c << 8) ^ t[c >>> 24];
-    }
-  }
   return t;
 })();
-const CRC_TABLE = CRC_TABLES.subarray(0, 256);
 
-/**
- * bzip2's CRC-32 of `bytes[begin..end)`. Eight bytes per step through the
- * tables: the block CRC took 40% of decoding the bench's 1 GiB dmg bzip2
- * disk (392 of 1062 ms for 200 chunks) one byte at a time, about 110 ms
- * this way.
- */
-function blockCrc(bytes: Uint8Array, begin: number, end: number): number {
-  const t = CRC_TABLES;
-  let c = -1;
-  let i = begin;
-  for (const stop = end - 7; i < stop; i += 8) {
-    const a = c ^ (bytes[i] << 24 | bytes[i + 1] << 16 | bytes[i + 2] << 8 |
-      bytes[i + 3]);
-    c = t[1792 + (a >>> 24)] ^ t[1536 + ((a >>> 16) & 0xff)] ^
-      t[1280 + ((a >>> 8) & 0xff)] ^ t[1024 + (a & 0xff)] ^
-      t[768 + bytes[i + 4]] ^ t[512 + bytes[i + 5]] ^
-      t[256 + bytes[i + 6]] ^ t[bytes[i + 7]];
-  }
-  for (; i < end; i++) c = (c << 8) ^ t[(c >>> 24) ^ bytes[i]];
-  return ~c >>> 0;
-}
-
-/** The most selectors a block uses; bzip2 1.0.8 reads more and ignores them. */
-const MAX_SELECTORS = 18002;
 /** Symbols per selector. */
 const GROUP_SIZE = 50;
 /** Longest code length the format allows (the compressor keeps to 17). */
 const MAX_CODE_LENGTH = 20;
-/** Bits resolved by one table lookup; longer codes take the slow path. */
-const LOOKUP_BITS = 10;
 
 function fail(message: string): never {
   throw new CodecError(CODEC, message);
 }
 
-/** A most-significant-bit-first reader over the input. */
+/** A most-significant-bit-first reader over the input (the framing only). */
 interface BitReader {
   input: Uint8Array;
   /** Next byte to load. */
@@ -126,59 +105,6 @@ function bits32(r: BitReader): number {
   return ((bits(r, 16) << 16) | bits(r, 16)) >>> 0;
 }
 
-/** One Huffman table prepared for decoding. */
-interface DecodeTable {
-  /** `LOOKUP_BITS`-bit prefix → (symbol << 5 | length), 0 for longer codes. */
-  lookup: Int32Array;
-  /** Per length: the first canonical code, how many codes, where their symbols start in `symbols`. */
-  first: Int32Array;
-  count: Int32Array;
-  offset: Int32Array;
-  symbols: Int32Array;
-  maxLength: number;
-}
-
-/** Builds the canonical code bzip2 assigns: by length, then by symbol. */
-function decodeTable(lengths: Uint8Array, alphaSize: number): DecodeTable {
-  const count = new Int32Array(MAX_CODE_LENGTH + 1);
-  let maxLength = 0;
-  for (let i = 0; i < alphaSize; i++) {
-    count[lengths[i]]++;
-    if (lengths[i] > maxLength) maxLength = lengths[i];
-  }
-  const first = new Int32Array(MAX_CODE_LENGTH + 2);
-  const offset = new Int32Array(MAX_CODE_LENGTH + 2);
-  let code = 0;
-  let at = 0;
-  for (let len = 1; len <= MAX_CODE_LENGTH; len++) {
-    first[len] = code;
-    offset[len] = at;
-    code += count[len];
-    at += count[len];
-    if (code > 1 << len) fail("Huffman code lengths are oversubscribed");
-    code <<= 1;
-  }
-  const symbols = new Int32Array(alphaSize);
-  const next = offset.slice();
-  for (let s = 0; s < alphaSize; s++) symbols[next[lengths[s]]++] = s;
-  const lookup = new Int32Array(1 << LOOKUP_BITS);
-  for (let len = 1; len <= LOOKUP_BITS; len++) {
-    for (let k = 0; k < count[len]; k++) {
-      const symbol = symbols[offset[len] + k];
-      const start = (first[len] + k) << (LOOKUP_BITS - len);
-      lookup.fill(
-        (symbol << 5) | len,
-        start,
-        start + (1 << (LOOKUP_BITS - len)),
-      );
-    }
-  }
-  return { lookup, first, count, offset, symbols, maxLength };
-}
-
-/** The block-sorting vector, kept between calls (a level-9 block needs 3.6 MB). */
-let sharedTt: Int32Array | undefined;
-
 /** Where one stream's decoding has got to. */
 interface Output {
   out: Uint8Array;
@@ -186,217 +112,163 @@ interface Output {
 }
 
 /**
- * Decodes one block at the reader's position (just after its CRC) into
- * `o.out`, returning the block's CRC.
+ * Compressed bytes one block can take at most: 900 000 symbols of at most
+ * 20 bits, plus the tables, rounded up. The streaming decoder buffers this
+ * much ahead of each block.
  */
-function decodeBlock(r: BitReader, level: number, o: Output): number {
-  if (bits(r, 1)) {
-    fail("randomised blocks (written only by bzip2 0.9.0) are not supported");
-  }
-  const origPtr = bits(r, 24);
-  const maxBlock = level * 100000;
+const MAX_BLOCK_BYTES = 4 << 20;
+/**
+ * Input the streaming decoder copies into linear memory for a block at
+ * first (its window moves every block; a level-9 block of text takes
+ * about 0.25 MB). A block that needs more (one of incompressible bytes
+ * takes about 0.9 MB) is decoded again from a window of
+ * {@linkcode MAX_BLOCK_BYTES}.
+ */
+const FIRST_WINDOW = 512 << 10;
+/** Output bytes taken out of linear memory per call. */
+const OUT_WINDOW = 4 << 20;
+/** The largest block, level 9. */
+const LARGEST_LEVEL = 9;
 
-  // The bytes in use.
-  const seqToUnseq = new Uint8Array(256);
-  let nInUse = 0;
-  const ranges = bits(r, 16);
-  for (let i = 0; i < 16; i++) {
-    if (!(ranges & (0x8000 >>> i))) continue;
-    const used = bits(r, 16);
-    for (let j = 0; j < 16; j++) {
-      if (used & (0x8000 >>> j)) seqToUnseq[nInUse++] = i * 16 + j;
+/** The messages of `bz2_block`'s error codes (`a`, `b`: its details). */
+const BLOCK_ERRORS: Record<number, (a: number, b: number) => string> = {
+  [-1]: () => "truncated stream",
+  [-2]: () =>
+    "randomised blocks (written only by bzip2 0.9.0) are not supported",
+  [-3]: () => "a block uses no byte values",
+  [-4]: (a) => `nGroups ${a} must be 2..6`,
+  [-5]: () => "nSelectors 0 must be at least 1",
+  [-6]: (a, b) => `selector ${a} names a table past ${b}`,
+  [-7]: (a, b) => `table ${a} code length ${b} must be 1..20`,
+  [-8]: (a) => `table ${a}: Huffman code lengths are oversubscribed`,
+  [-9]: () => "invalid Huffman code",
+  [-10]: () => "more symbols than selectors",
+  [-11]: () => "a run is longer than the block",
+  [-12]: (a) => `block longer than ${a} bytes`,
+  [-13]: (a, b) => `origPtr ${a} is past the block's ${b} bytes`,
+};
+
+/**
+ * One WebAssembly instance laid out for bzip2: the C block decoder's work
+ * area (links and bytes of the largest block), a window of the input, and
+ * a window of output, in that order from the heap base.
+ */
+class BlockDecoder {
+  readonly wasm: WasmInstance;
+  readonly #workAt: number;
+  readonly #inAt: number;
+  readonly #outAt: number;
+  /** The input whose bytes `[winStart, winStart + winLength)` are at `#inAt`. */
+  #source: Uint8Array | undefined;
+  #winStart = 0;
+  #winLength = 0;
+
+  constructor(wasm: WasmInstance) {
+    this.wasm = wasm;
+    const e = wasm.exports;
+    this.#workAt = align8(wasm.heapBase);
+    this.#inAt = align8(this.#workAt + e.bz2_work_size(LARGEST_LEVEL));
+    this.#outAt = align8(this.#inAt + MAX_BLOCK_BYTES + WASM_SLACK);
+    if (!wasm.ensure(this.#outAt + OUT_WINDOW + WASM_SLACK)) {
+      fail("no memory for the block decoder");
     }
   }
-  if (nInUse === 0) fail("a block uses no byte values");
-  const alphaSize = nInUse + 2;
 
-  // Huffman tables and the selectors that pick one per 50 symbols.
-  const nGroups = bits(r, 3);
-  if (nGroups < 2 || nGroups > 6) fail(`nGroups ${nGroups} must be 2..6`);
-  const declaredSelectors = bits(r, 15);
-  if (declaredSelectors < 1) fail("nSelectors 0 must be at least 1");
-  const nSelectors = Math.min(declaredSelectors, MAX_SELECTORS);
-  const selectors = new Uint8Array(nSelectors);
-  const groupMtf = [0, 1, 2, 3, 4, 5];
-  for (let i = 0; i < declaredSelectors; i++) {
-    let j = 0;
-    while (bits(r, 1)) {
-      if (++j >= nGroups) fail(`selector ${i} names a table past ${nGroups}`);
-    }
-    if (i >= nSelectors) continue;
-    const g = groupMtf[j];
-    for (; j > 0; j--) groupMtf[j] = groupMtf[j - 1];
-    groupMtf[0] = g;
-    selectors[i] = g;
+  /** Forgets the input window (the caller's bytes moved). */
+  forget(): void {
+    this.#source = undefined;
   }
-  const tables: DecodeTable[] = [];
-  const lengths = new Uint8Array(alphaSize);
-  for (let t = 0; t < nGroups; t++) {
-    let len = bits(r, 5);
-    for (let s = 0; s < alphaSize; s++) {
-      for (;;) {
-        if (len < 1 || len > MAX_CODE_LENGTH) {
-          fail(`table ${t} code length ${len} must be 1..20`);
-        }
-        if (!bits(r, 1)) break;
-        len += bits(r, 1) ? -1 : 1;
+
+  /**
+   * Makes `input[from, from + want)` visible at the window, copying
+   * `window` bytes (at least `want`) from `from` when it is not.
+   */
+  #load(input: Uint8Array, from: number, want: number, window: number) {
+    if (
+      this.#source === input && from >= this.#winStart &&
+      from + want <= this.#winStart + this.#winLength
+    ) return;
+    const length = Math.min(input.length - from, Math.max(want, window));
+    const bytes = this.wasm.bytes;
+    bytes.set(input.subarray(from, from + length), this.#inAt);
+    // The C bit reader loads 8 bytes at a time: zeros after the end.
+    bytes.fill(0, this.#inAt + length, this.#inAt + length + WASM_SLACK);
+    this.#source = input;
+    this.#winStart = from;
+    this.#winLength = length;
+  }
+
+  /**
+   * Decodes the block whose header starts at bit `bitAt` of `input` (just
+   * after its stored CRC) onto the end of `o`, answering the bit where the
+   * block ends and the block's CRC.
+   */
+  block(
+    input: Uint8Array,
+    bitAt: number,
+    level: number,
+    o: Output,
+    window: number,
+  ): { end: number; crc: number } {
+    const e = this.wasm.exports;
+    const from = Math.floor(bitAt / 8);
+    let want = Math.min(input.length - from, FIRST_WINDOW);
+    let status: number;
+    for (;;) {
+      this.#load(input, from, want, window);
+      const at = this.#inAt + (from - this.#winStart);
+      const n = this.#winStart + this.#winLength - from;
+      status = e.bz2_block(at, n, bitAt & 7, level, this.#workAt);
+      // Truncated in the window, but not in the input: a longer window.
+      if (status !== -1 || n >= input.length - from || n >= MAX_BLOCK_BYTES) {
+        break;
       }
-      lengths[s] = len;
+      want = Math.min(input.length - from, MAX_BLOCK_BYTES);
     }
-    tables.push(decodeTable(lengths, alphaSize));
+    if (status < 0) {
+      const message = BLOCK_ERRORS[status];
+      fail(
+        message
+          ? message(e.bz2_detail_a(), e.bz2_detail_b())
+          : `error ${status}`,
+      );
+    }
+    const end = from * 8 + e.bz2_bitpos();
+    e.bz2_bwt();
+    const out = o.out;
+    while (!e.bz2_done()) {
+      const room = Math.min(OUT_WINDOW, out.length - o.length);
+      if (room === 0) tooLong(out.length);
+      const wrote = e.bz2_output(this.#outAt, room);
+      out.set(
+        this.wasm.bytes.subarray(this.#outAt, this.#outAt + wrote),
+        o.length,
+      );
+      o.length += wrote;
+    }
+    return { end, crc: e.bz2_crc() >>> 0 };
   }
+}
 
-  // The symbols: undo Huffman, RUNA/RUNB and move-to-front into tt, and
-  // count each byte for the inverse sort. The hot loop keeps the bit
-  // reader in locals (3x faster than calling bits() per symbol).
-  if (!sharedTt || sharedTt.length < maxBlock) {
-    sharedTt = new Int32Array(maxBlock);
-  }
-  const tt = sharedTt;
-  const counts = new Int32Array(256);
-  const mtf = new Uint8Array(256);
-  for (let i = 0; i < 256; i++) mtf[i] = i;
-  const input = r.input;
-  const inputLength = input.length;
-  let pos = r.pos;
-  let buf = r.buf;
-  let count = r.count;
-  let padding = 0;
-  const endOfBlock = nInUse + 1;
-  let nblock = 0;
-  let run = 0;
-  let runWeight = 1;
-  let selector = -1;
-  let groupLeft = 0;
-  let table = tables[0];
-  let lookup = table.lookup;
-  for (;;) {
-    if (groupLeft === 0) {
-      if (++selector >= nSelectors) fail("more symbols than selectors");
-      table = tables[selectors[selector]];
-      lookup = table.lookup;
-      groupLeft = GROUP_SIZE;
-    }
-    groupLeft--;
-    while (count < MAX_CODE_LENGTH) {
-      // Past the end, zeros: a block is always followed by 80 bits of
-      // magic and CRC, so running out here means the input is cut short.
-      if (pos < inputLength) buf = (buf << 8) | input[pos++];
-      else if (++padding > 4) fail("truncated stream");
-      else buf <<= 8;
-      count += 8;
-    }
-    const peek = (buf >>> (count - MAX_CODE_LENGTH)) & 0xfffff;
-    const entry = lookup[peek >>> (MAX_CODE_LENGTH - LOOKUP_BITS)];
-    let symbol: number;
-    if (entry !== 0) {
-      count -= entry & 31;
-      symbol = entry >>> 5;
-    } else {
-      symbol = -1;
-      for (let len = LOOKUP_BITS + 1; len <= table.maxLength; len++) {
-        const code = peek >>> (MAX_CODE_LENGTH - len);
-        const index = code - table.first[len];
-        if (index >= 0 && index < table.count[len]) {
-          count -= len;
-          symbol = table.symbols[table.offset[len] + index];
-          break;
-        }
-      }
-      if (symbol < 0) fail("invalid Huffman code");
-    }
-    if (symbol <= 1) {
-      // RUNA adds the weight, RUNB twice it: bijective base 2.
-      run += runWeight << symbol;
-      runWeight <<= 1;
-      if (run > maxBlock) fail("a run is longer than the block");
-      continue;
-    }
-    if (run > 0) {
-      if (nblock + run > maxBlock) fail(`block longer than ${maxBlock} bytes`);
-      const b = seqToUnseq[mtf[0]];
-      counts[b] += run;
-      tt.fill(b, nblock, nblock + run);
-      nblock += run;
-      run = 0;
-      runWeight = 1;
-    }
-    if (symbol === endOfBlock) break;
-    if (nblock >= maxBlock) fail(`block longer than ${maxBlock} bytes`);
-    let j = symbol - 1;
-    const v = mtf[j];
-    if (j < 16) {
-      for (; j > 0; j--) mtf[j] = mtf[j - 1];
-    } else {
-      mtf.copyWithin(1, 0, j);
-    }
-    mtf[0] = v;
-    const b = seqToUnseq[v];
-    counts[b]++;
-    tt[nblock++] = b;
-  }
-  // A whole block is always followed by 80 bits of magic and CRC.
-  if (padding > 0) fail("truncated stream");
-  r.pos = pos;
-  r.buf = buf;
-  r.count = count;
-  if (origPtr >= nblock) {
-    fail(`origPtr ${origPtr} is past the block's ${nblock} bytes`);
-  }
+function align8(n: number): number {
+  return (n + 7) & ~7;
+}
 
-  // Inverse Burrows-Wheeler: link each position to the next (byte in the
-  // low 8 bits, link above), then walk the links from origPtr.
-  const start = new Int32Array(256);
-  for (let i = 0, sum = 0; i < 256; i++) {
-    start[i] = sum;
-    sum += counts[i];
+/** An instance to decode with, or an UnsupportedError where none can run. */
+async function blockDecoder(): Promise<BlockDecoder> {
+  const wasm = await acquireWasmAlways();
+  if (!wasm) {
+    throw new UnsupportedError(
+      { format: CODEC, field: "runtime", value: "no WebAssembly" },
+      "decoding bzip2 needs WebAssembly, which this runtime lacks",
+    );
   }
-  for (let i = 0; i < nblock; i++) {
-    const b = tt[i] & 0xff;
-    tt[start[b]++] |= i << 8;
+  try {
+    return new BlockDecoder(wasm);
+  } catch (e) {
+    releaseWasm(wasm);
+    throw e;
   }
-
-  // Undo the initial run-length step (4 equal bytes, then a count). The
-  // CRC runs afterwards over the finished bytes: a separate tight loop is
-  // faster than updating it inside this branchy one (bench: 1.1 s -> 0.7 s
-  // for 80 MB).
-  const out = o.out;
-  const limit = out.length;
-  const begin = o.length;
-  let op = begin;
-  let link = tt[origPtr] >>> 8;
-  let last = -1;
-  let same = 0;
-  // One test per byte on the common path (a byte unlike the one before);
-  // the count after four equal bytes is read in the rare branch. About 5%
-  // less CPU than testing for a pending count first on every byte (user
-  // time for 300 of the bench dmg's chunks: 1.10 -> 1.05 s).
-  for (let k = 0; k < nblock;) {
-    link = tt[link];
-    k++;
-    const ch = link & 0xff;
-    link >>>= 8;
-    if (op >= limit) tooLong(limit);
-    out[op++] = ch;
-    if (ch !== last) {
-      last = ch;
-      same = 1;
-    } else if (++same === 4) {
-      if (k < nblock) {
-        link = tt[link];
-        k++;
-        const n = link & 0xff;
-        link >>>= 8;
-        if (op + n > limit) tooLong(limit);
-        out.fill(ch, op, op + n);
-        op += n;
-      }
-      same = 0;
-      last = -1;
-    }
-  }
-  o.length = op;
-  return blockCrc(out, begin, op);
 }
 
 function tooLong(limit: number): never {
@@ -420,14 +292,24 @@ function tooLong(limit: number): never {
  * console.log(new TextDecoder().decode(await decode(packed, text.length)));
  * ```
  */
-export function decode(
+export async function decode(
   input: Uint8Array,
   expectedSize: number,
 ): Promise<Uint8Array> {
+  checkSize(expectedSize);
+  let out: Uint8Array;
   try {
-    return Promise.resolve(decodeStreams(input, expectedSize));
-  } catch (e) {
-    return Promise.reject(e);
+    out = new Uint8Array(expectedSize);
+  } catch {
+    fail(`expected size ${expectedSize} cannot be allocated`);
+  }
+  await decodeInto(input, out);
+  return out;
+}
+
+function checkSize(expectedSize: number): void {
+  if (!Number.isSafeInteger(expectedSize) || expectedSize < 0) {
+    fail(`expected size ${expectedSize} is not a byte count`);
   }
 }
 
@@ -448,27 +330,24 @@ export function decode(
  * console.log(out[999]); // 7
  * ```
  */
-export function decodeInto(input: Uint8Array, out: Uint8Array): Promise<void> {
+export async function decodeInto(
+  input: Uint8Array,
+  out: Uint8Array,
+): Promise<void> {
+  const d = await blockDecoder();
   try {
-    decodeStreams(input, out.length, out);
-    return Promise.resolve();
-  } catch (e) {
-    return Promise.reject(e);
+    decodeStreams(d, input, out);
+  } finally {
+    releaseWasm(d.wasm);
   }
 }
 
 function decodeStreams(
+  d: BlockDecoder,
   input: Uint8Array,
-  expectedSize: number,
-  into?: Uint8Array,
-): Uint8Array {
-  if (!Number.isSafeInteger(expectedSize) || expectedSize < 0) {
-    fail(`expected size ${expectedSize} is not a byte count`);
-  }
-  const o: Output = {
-    out: into ?? new Uint8Array(expectedSize),
-    length: 0,
-  };
+  out: Uint8Array,
+): void {
+  const o: Output = { out, length: 0 };
   let pos = 0;
   for (let stream = 0;; stream++) {
     if (stream > 0) {
@@ -496,7 +375,16 @@ function decodeStreams(
       const low = bits(r, 24);
       if (high === 0x314159 && low === 0x265359) {
         const stored = bits32(r);
-        const computed = checkedBlock(r, level, o, stored, stream, block);
+        const computed = checkedBlock(
+          d,
+          r,
+          level,
+          o,
+          stored,
+          stream,
+          block,
+          MAX_BLOCK_BYTES,
+        );
         combined = (((combined << 1) | (combined >>> 31)) ^ computed) >>> 0;
       } else if (high === 0x177245 && low === 0x385090) {
         const stored = bits32(r);
@@ -519,26 +407,18 @@ function decodeStreams(
     // The padding bits left in the reader belong to the stream's last byte.
     pos = r.pos;
   }
-  if (o.length !== expectedSize) {
-    fail(`decodes to ${o.length} bytes, ${expectedSize} declared`);
+  if (o.length !== out.length) {
+    fail(`decodes to ${o.length} bytes, ${out.length} declared`);
   }
-  return o.out;
 }
-
-/**
- * Compressed bytes one block can take at most: 900 000 symbols of at most
- * 20 bits, plus the tables, rounded up. The streaming decoder buffers this
- * much ahead of each block.
- */
-const MAX_BLOCK_BYTES = 4 << 20;
 
 /**
  * Decodes bzip2 streams (one or several concatenated, zero bytes allowed
  * after the last) as they arrive from `feed`, yielding each block's output
  * once its CRC has passed; a piece is only valid until the next is asked
  * for. Memory: 4 MiB of input ahead and one block's output (at most
- * 46.6 MB, a block of nothing but runs). The stream CRCs are checked
- * before the generator finishes.
+ * 46.6 MB, a block of nothing but runs), besides the WebAssembly
+ * instance. The stream CRCs are checked before the generator finishes.
  *
  * @param feed the compressed bytes
  * @returns the decoded bytes, block by block
@@ -609,7 +489,24 @@ export async function* decodeStreaming(
       if (high === 0x314159 && low === 0x265359) {
         const stored = bits32(r);
         o.length = 0;
-        const computed = checkedBlock(r, level, o, stored, stream, block);
+        // An instance per block: none is held while the consumer has the
+        // piece (it may never ask for the next).
+        const d = await blockDecoder();
+        let computed: number;
+        try {
+          computed = checkedBlock(
+            d,
+            r,
+            level,
+            o,
+            stored,
+            stream,
+            block,
+            FIRST_WINDOW,
+          );
+        } finally {
+          releaseWasm(d.wasm);
+        }
         combined = (((combined << 1) | (combined >>> 31)) ^ computed) >>> 0;
         yield o.out.subarray(0, o.length);
       } else if (high === 0x177245 && low === 0x385090) {
@@ -636,20 +533,35 @@ export async function* decodeStreaming(
 }
 
 /**
- * Decodes one block into `o` and checks its CRC against `stored`; an error
- * names the stream and block (counted from 0 here, from 1 in messages).
+ * Decodes one block (the reader is just after its stored CRC) onto the
+ * end of `o` and checks its CRC against `stored`, leaving the reader
+ * after the block; an error names the stream and block (counted from 0
+ * here, from 1 in messages).
  */
 function checkedBlock(
+  d: BlockDecoder,
   r: BitReader,
   level: number,
-  o: Parameters<typeof decodeBlock>[2],
+  o: Output,
   stored: number,
   stream: number,
   block: number,
+  window: number,
 ): number {
   let computed: number;
   try {
-    computed = decodeBlock(r, level, o);
+    const { end, crc } = d.block(
+      r.input,
+      r.pos * 8 - r.count,
+      level,
+      o,
+      window,
+    );
+    computed = crc;
+    r.pos = Math.floor(end / 8);
+    r.buf = 0;
+    r.count = 0;
+    if (end & 7) bits(r, end & 7);
   } catch (e) {
     if (!(e instanceof CodecError)) throw e;
     fail(
