@@ -14,7 +14,7 @@ import {
   type RangeCopySink,
 } from "../mod.ts";
 import { qemuRaw } from "./_layers.ts";
-import { fileDataRanges } from "../streams/_file_copy.ts";
+import { fileDataRanges, kernelCopier } from "../streams/_file_copy.ts";
 import {
   pseudoRandom,
   qemuIo,
@@ -264,6 +264,59 @@ Deno.test(
       const clipped = dataMap(vhd)!.filter(([start]) => start < size)
         .map(([start, end]) => [start, Math.min(end, size)]);
       assertEquals(dataMap(`${dir}/out.raw`), clipped);
+    }),
+);
+
+Deno.test(
+  "ranges misaligned between input and output go through the copier's pipe, aligned ones through copy_file_range: the same bytes and holes",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const input = await Deno.open(`${dir}/in.raw`);
+      const output = await Deno.open(`${dir}/out.raw`, {
+        read: true,
+        write: true,
+        create: true,
+      });
+      await output.truncate(24 * MIB);
+      const copier = kernelCopier(input.statSync(), output.statSync());
+      assertTrue(copier !== undefined, "no kernel copier on Linux with FFI");
+      try {
+        // 512 bytes into the data at 5 MiB (a vdi's or VHD's blocks sit so
+        // in their files) to the output's 1 MiB: more than the pipe holds,
+        // an odd length, ending inside the hole after the data.
+        const from = 5 * MIB + 512;
+        const length = 3 * MIB + 12345;
+        assertEquals(copier.copy(from, length, MIB), 3 * MIB - 512);
+        assertEquals(copier.copied.splice, 3 * MIB - 512);
+        assertEquals(copier.copied.copyFileRange, 0);
+        // Aligned: copy_file_range. Across a hole, and the file's last bytes.
+        assertEquals(copier.copy(16 * MIB, 8 * MIB, 16 * MIB), MIB + 4096);
+        assertEquals(copier.copied.copyFileRange, MIB + 4096);
+        // Misaligned by one byte, many times, within one data range.
+        for (let at = 0; at < MIB; at += 64 << 10) {
+          copier.copy(17 * MIB + at + 1, 64 << 10, 8 * MIB + at);
+        }
+      } finally {
+        await copier.close();
+      }
+      const bytes = await Deno.readFile(`${dir}/in.raw`);
+      const out = await Deno.readFile(`${dir}/out.raw`);
+      const expected = new Uint8Array(24 * MIB);
+      expected.set(bytes.subarray(5 * MIB + 512, 8 * MIB), MIB);
+      expected.set(bytes.subarray(16 * MIB), 16 * MIB);
+      expected.set(bytes.subarray(17 * MIB + 1, 18 * MIB + 1), 8 * MIB);
+      assertTrue(
+        out.every((b, i) => b === expected[i]),
+        "the output holds other bytes",
+      );
+      // Holes stay holes: only the copied ranges (4 KiB granules) hold data.
+      const map = fileDataRanges(output)!;
+      const held = map.reduce((n, [start, end]) => n + end - start, 0);
+      assertTrue(held <= 6 * MIB + 3 * 4096, `${held} bytes allocated`);
+      input.close();
+      output.close();
     }),
 );
 
