@@ -5,6 +5,7 @@
 //
 //   deno task bench              every case whose driver and peer tool exist
 //   deno task bench cloop dmg    only cases whose name contains one of these
+//   deno task bench raw qcow2    a case's short name (before " (") selects it alone
 //   deno task bench codecs [xz]  the codec micro-bench (tests/bench_codecs.ts)
 //   deno task bench browser [dmg] headless chromium against the CLI (tests/bench_browser.ts)
 //   BENCH_SIZE_MIB=256 deno task bench   a smaller disk
@@ -129,7 +130,9 @@ interface Case {
   sizes?: boolean;
 }
 
-const OUT = `${DIR}/out.raw`;
+// One output per bench process: two benches at once (helpers on one
+// machine) must not compare each other's outputs.
+const OUT = `${DIR}/out-${Deno.pid}.raw`;
 const img = (name: string) => `${DIR}/${name}`;
 const ourConvert = (
   fmt: string | undefined,
@@ -647,8 +650,16 @@ const load = (await Deno.readTextFile("/proc/loadavg").catch(() => ""))
   .split(" ").slice(0, 3).join(" ");
 const known = new Set(formats().map((d) => d.name));
 await buildDisk();
+// A filter that is a case's short name (its name before " (": "raw",
+// "qcow2", "vpc dynamic") selects that case alone; any other filter selects
+// every case whose name contains it ("dmg", "zstd").
+const shortName = (c: Case) => c.name.split(" (")[0];
+const exact = new Set(
+  filters.filter((f) => cases.some((c) => shortName(c) === f)),
+);
 const selected = (c: Case) =>
-  !filters.length || filters.some((f) => c.name.includes(f));
+  !filters.length ||
+  filters.some((f) => exact.has(f) ? shortName(c) === f : c.name.includes(f));
 // The disk of files is built when a case that packs it runs (`bench zstd`
 // selects the .zst case by its name, "zstd -q -3", too).
 if (cases.some((c) => c.name.startsWith("disk.img.") && selected(c))) {

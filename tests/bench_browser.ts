@@ -35,7 +35,7 @@ const DIR = `${
 }/vdisk-bench-browser-${SIZE_MIB}`;
 const SITE = `${DIR}/site`;
 const DISK = `${DIR}/disk.raw`;
-const OUT = `${DIR}/out.raw`;
+const OUT = `${DIR}/out-${Deno.pid}.raw`; // one per bench process
 const CLI = `${ROOT}cli.ts`;
 const deno = Deno.execPath();
 
