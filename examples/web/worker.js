@@ -177,6 +177,9 @@ function orderedSink(output) {
   };
   return {
     sequential: true,
+    // Every output copies what it is given (or drops it): convert may
+    // reuse its read buffers.
+    copiesWrites: true,
     get position() {
       return position;
     },
