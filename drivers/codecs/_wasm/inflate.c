@@ -468,6 +468,16 @@ static int inflate_raw(bits_t *b, u8 *start, u8 **outp, u8 *oend) {
   return 0;
 }
 
+/*
+ * Eight bytes at a time: over bytes b0..b7 (b0 first), a grows by their
+ * sum and c by 8a (a before them) + 8 b0 + 7 b1 + ... + 1 b7. Both sums
+ * come from one 64-bit load: the even and the odd bytes spread into
+ * 16-bit lanes, and a multiplication by lane weights gathers a weighted
+ * sum of the lanes in the top lane (no lane carries: 255 * 20 < 2^16).
+ * A byte at a time, a and c were one long chain of dependent additions
+ * (about 1.2 GB/s in chromium, a sixth of inflating a dmg's chunks).
+ */
+#define LANES 0x00ff00ff00ff00ffull
 static u32 adler32(const u8 *p, u32 n) {
   u32 a = 1, c = 0;
   while (n) {
@@ -475,8 +485,13 @@ static u32 adler32(const u8 *p, u32 n) {
     u32 k = n < 5552 ? n : 5552;
     n -= k;
     while (k >= 8) {
-      a += p[0]; c += a; a += p[1]; c += a; a += p[2]; c += a; a += p[3]; c += a;
-      a += p[4]; c += a; a += p[5]; c += a; a += p[6]; c += a; a += p[7]; c += a;
+      u64 v = load64(p);
+      u64 even = v & LANES, odd = (v >> 8) & LANES;
+      u32 sum = (u32)(((even + odd) * 0x0001000100010001ull) >> 48);
+      u32 weighted = (u32)((even * 0x0008000600040002ull) >> 48) +
+                     (u32)((odd * 0x0007000500030001ull) >> 48);
+      c += 8 * a + weighted;
+      a += sum;
       p += 8;
       k -= 8;
     }
