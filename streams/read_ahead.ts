@@ -31,6 +31,14 @@ interface Window {
   start: number;
   end: number;
   bytes: Promise<Uint8Array>;
+  /** The reused buffer it is read into (sources with `readInto`). */
+  buffer?: Uint8Array<ArrayBuffer>;
+  /** Reads copying out of it now. */
+  users: number;
+  /** Its read is over (its buffer is written no more). */
+  settled: boolean;
+  /** No longer held: its buffer is reused once nobody reads it. */
+  dropped: boolean;
 }
 
 /**
@@ -75,21 +83,62 @@ export function readAhead(
   let windows: Window[] = [];
   /** Where the last read ended (a read starting here runs on in order). */
   let expected = -1;
+  /**
+   * Buffers of dropped windows, for the next ones: a fresh 8 MiB array per
+   * window, faulted in page by page as the body was copied in, was most
+   * of chromium's time reading by URL.
+   */
+  const spares: Uint8Array<ArrayBuffer>[] = [];
+
+  /** Reuses `w`'s buffer once it is dropped, read and copied out of. */
+  const release = (w: Window) => {
+    if (!w.dropped || w.users || !w.settled || !w.buffer) return;
+    if (spares.length < 2) spares.push(w.buffer);
+    w.buffer = undefined;
+  };
+  /** Holds `next` (a part of the windows held) and lets go of the others. */
+  const hold = (next: Window[]) => {
+    for (const w of windows) {
+      if (next.includes(w)) continue;
+      w.dropped = true;
+      release(w);
+    }
+    windows = next;
+  };
 
   const fetchWindow = (start: number): Window => {
     const end = Math.min(size, start + windowBytes);
     const window: Window = {
       start,
       end,
-      bytes: source.read(start, end - start),
+      bytes: Promise.resolve(new Uint8Array()),
+      users: 0,
+      settled: false,
+      dropped: false,
     };
-    window.bytes.catch(() => {
-      // Fetched again by the next read that needs it (with the ones
-      // after it: the windows held stay one run without gaps).
-      windows = windows.filter((w) => w.start < start);
-    });
+    if (source.readInto) {
+      const buffer = spares.pop() ?? new Uint8Array(windowBytes);
+      const view = buffer.subarray(0, end - start);
+      window.buffer = buffer;
+      window.bytes = source.readInto(start, view).then(() => view);
+    } else {
+      window.bytes = source.read(start, end - start);
+    }
+    window.bytes.then(
+      () => {
+        window.settled = true;
+        release(window);
+      },
+      () => {
+        window.settled = true;
+        // Fetched again by the next read that needs it (with the ones
+        // after it: the windows held stay one run without gaps).
+        hold(windows.filter((w) => w.start < start));
+        release(window);
+      },
+    );
     windows.push(window);
-    if (windows.length > most) windows.shift();
+    if (windows.length > most) hold(windows.slice(1));
     return window;
   };
 
@@ -104,11 +153,15 @@ export function readAhead(
       offset <= last.end;
     if (!inside) {
       if (offset !== expected) return undefined;
-      windows = [];
+      hold([]);
       fetchWindow(offset);
     }
     // Windows wholly before this read are read by no later one.
-    while (windows.length > 1 && windows[0].end <= offset) windows.shift();
+    let before = 0;
+    while (before < windows.length - 1 && windows[before].end <= offset) {
+      before++;
+    }
+    if (before) hold(windows.slice(before));
     while (windows[windows.length - 1].end < end) {
       fetchWindow(windows[windows.length - 1].end);
     }
@@ -141,11 +194,19 @@ export function readAhead(
     if (!covering || !tiles(covering, offset, end)) {
       return await readInto(source, offset, into);
     }
-    for (const w of covering) {
-      const bytes = await w.bytes;
-      const from = Math.max(offset, w.start);
-      const to = Math.min(end, w.end);
-      into.set(bytes.subarray(from - w.start, to - w.start), from - offset);
+    for (const w of covering) w.users++;
+    try {
+      for (const w of covering) {
+        const bytes = await w.bytes;
+        const from = Math.max(offset, w.start);
+        const to = Math.min(end, w.end);
+        into.set(bytes.subarray(from - w.start, to - w.start), from - offset);
+      }
+    } finally {
+      for (const w of covering) {
+        w.users--;
+        release(w);
+      }
     }
   }
 
@@ -160,7 +221,8 @@ export function readAhead(
       return bytes;
     },
     close() {
-      windows = [];
+      hold([]);
+      spares.length = 0;
       return source.close?.() ?? Promise.resolve();
     },
   };

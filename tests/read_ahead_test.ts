@@ -91,3 +91,42 @@ Deno.test("readAhead fails the reads a failed window holds and fetches it again 
   const rest = await ahead.read(80 * KIB, 40 * KIB);
   assertEquals(rest, bytes.subarray(80 * KIB, 120 * KIB));
 });
+
+Deno.test("readAhead reads a source that reads into buffers into a few reused ones, never one still read from", async () => {
+  const bytes = pseudoRandom(2000 * KIB + 3, 6);
+  const plain = fromBytes(bytes);
+  const buffers = new Set<ArrayBufferLike>();
+  const source: Source = {
+    size: bytes.length,
+    read: (offset, length) => plain.read(offset, length),
+    async readInto(offset, into) {
+      buffers.add(into.buffer);
+      // Slow, in pieces, so that reads overlap the window being filled.
+      for (let at = 0; at < into.length; at += 16 * KIB) {
+        await new Promise((resolve) => setTimeout(resolve, 0));
+        into.set(
+          bytes.subarray(
+            offset + at,
+            offset + Math.min(into.length, at + 16 * KIB),
+          ),
+          at,
+        );
+      }
+    },
+  };
+  const ahead = readAhead(source, { window: 100 * KIB });
+  const pieces: [number, number][] = [];
+  for (let at = 0; at < bytes.length; at += 30 * KIB) {
+    pieces.push([at, Math.min(30 * KIB, bytes.length - at)]);
+  }
+  for (let k = 0; k < pieces.length; k += 5) {
+    const got = await Promise.all(
+      pieces.slice(k, k + 5).map(([at, n]) => ahead.read(at, n)),
+    );
+    got.forEach((b, j) => {
+      const [at, n] = pieces[k + j];
+      assertEquals(b, bytes.subarray(at, at + n), `read at ${at}`);
+    });
+  }
+  assertTrue(buffers.size <= 6, `${buffers.size} buffers for 21 windows`);
+});
