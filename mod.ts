@@ -23,6 +23,7 @@
 export * from "./streams/types.ts";
 export * from "./streams/errors.ts";
 export * from "./streams/sources.ts";
+export * from "./streams/read_ahead.ts";
 export * from "./streams/sinks.ts";
 export * from "./streams/file.ts";
 export * from "./streams/readable.ts";

@@ -416,3 +416,23 @@ export async function readAll(image: Source): Promise<Uint8Array> {
   }
   return out;
 }
+
+/**
+ * What reading the image file `path` whole gives where memory is not
+ * shared and there is no native inflater, as in a browser page that is not
+ * cross-origin isolated (tests/_unshared_read.ts, in a subprocess): the
+ * SHA-256 of its bytes and the decode workers' jobs, or the error.
+ */
+export async function unsharedRead(
+  path: string,
+): Promise<
+  { sha256?: string; jobs?: number; shared?: string; error?: string }
+> {
+  const o = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", `${ROOT}tests/_unshared_read.ts`, path],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  if (!o.success) throw new Error(new TextDecoder().decode(o.stderr));
+  return JSON.parse(new TextDecoder().decode(o.stdout));
+}

@@ -22,6 +22,7 @@ import {
   run,
   sha256Hex,
   skip,
+  unsharedRead,
   withTemp,
 } from "./_helpers.ts";
 
@@ -405,6 +406,25 @@ Deno.test("cloop readInto reports a corrupt block as an ImageFormatError naming 
     ImageFormatError,
     /block 1 \(.*zlib.*does not decode/,
   );
+});
+
+Deno.test("where memory is not shared (a browser page that is not cross-origin isolated), blocks are moved to the workers and back: the same bytes, a corrupt block named", async () => {
+  await withTemp(async (dir) => {
+    const disk = sampleDisk(3 << 20); // 48 blocks: enough for the pool
+    const image = await ours(disk);
+    await Deno.writeFile(`${dir}/good.cloop`, image);
+    const got = await unsharedRead(`${dir}/good.cloop`);
+    assertEquals(got.shared, "undefined", JSON.stringify(got));
+    assertEquals(got.sha256, sha256Hex(disk));
+    assertTrue(got.jobs! > 0, "decoded on the workers");
+    const second = Number(new DataView(image.buffer).getBigUint64(136 + 8));
+    image.fill(0xaa, second + 2, second + 200);
+    await Deno.writeFile(`${dir}/bad.cloop`, image);
+    assertMatch(
+      (await unsharedRead(`${dir}/bad.cloop`)).error ?? "",
+      /^ImageFormatError: .*block 1 \(.*zlib.*does not decode/,
+    );
+  });
 });
 
 Deno.test("cloop version 4 and version 2 images of one disk decode to the same bytes", async () => {

@@ -185,6 +185,38 @@ Deno.test("convert into a sequential sink hands it arrays of its own", async () 
   assertEquals(sha256Hex(out), sha256Hex(disk));
 });
 
+Deno.test("convert into a sequential sink that copies its writes reads into reused buffers", async () => {
+  const disk = sampleDisk();
+  const plain = fromBytes(disk);
+  const buffers = new Set<ArrayBufferLike>();
+  const source: Source = {
+    ...plain,
+    readInto(offset, into) {
+      buffers.add(into.buffer);
+      into.set(disk.subarray(offset, offset + into.length));
+      return Promise.resolve();
+    },
+  };
+  const out = new Uint8Array(disk.length);
+  let position = 0;
+  const sink: Sink = {
+    sequential: true,
+    copiesWrites: true,
+    write(offset, bytes) {
+      assertTrue(offset >= position, "in order");
+      out.set(bytes, offset); // a copy, as a page's worker sends one
+      position = offset + bytes.length;
+      return Promise.resolve();
+    },
+    resize: () => Promise.resolve(),
+    flush: () => Promise.resolve(),
+    close: () => Promise.resolve(),
+  };
+  await convert(source, sink, { blockSize: 1 << 20, concurrency: 2 });
+  assertEquals(sha256Hex(out), sha256Hex(disk));
+  assertTrue(buffers.size <= 3, `${buffers.size} buffers for 10 reads`);
+});
+
 Deno.test("convert lets a timer abort it while every read and write completes at once", async () => {
   const block = new Uint8Array(1 << 20).fill(1);
   let written = 0;

@@ -33,9 +33,13 @@ Deno.test("the table code agrees with node:zlib on every length up to 300 and on
   assertEquals(crc32(data), crc32Table(data));
 });
 
-Deno.test("the WebAssembly code (browsers) agrees with node:zlib on lengths around its 8-byte steps and 1 MiB pieces, from any previous value", () => {
+Deno.test("the WebAssembly code (browsers) agrees with node:zlib on lengths around its 8-byte steps, its folding threshold and 1 MiB pieces, from any previous value", () => {
   const data = pseudoRandom(3 << 20, 11);
   const lengths = [0, 1, 7, 8, 9, 15, 16, 17, 1023, 1024, 65537];
+  // Inputs of 2 * 3006 words and more are folded (crc32_fold in
+  // _wasm/inflate.c); the last 3006 words and the odd bytes are not.
+  const fold = 2 * 3006 * 8;
+  lengths.push(fold - 1, fold, fold + 1, fold + 7, fold + 8, fold + 8 * 3006);
   lengths.push((1 << 20) - 1, 1 << 20, (1 << 20) + 1, (3 << 20) - 3);
   for (const n of lengths) {
     const piece = data.subarray(3, 3 + n);

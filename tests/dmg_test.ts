@@ -30,6 +30,7 @@ import {
   run,
   sha256Hex,
   skip,
+  unsharedRead,
   withTemp,
 } from "./_helpers.ts";
 
@@ -935,6 +936,59 @@ Deno.test("on the worker pool, a corrupt chunk is still named and a bad partitio
   } finally {
     await image2.close?.();
   }
+});
+
+Deno.test("where memory is not shared (a browser page that is not cross-origin isolated), chunks are moved to the workers and back: the same bytes, a corrupt chunk named, a bad checksum found", async () => {
+  await withTemp(async (dir) => {
+    // 64 KiB chunks: 22 hold data, enough for the pool, and long enough
+    // for the folded WebAssembly CRC-32.
+    const disk = sampleDisk(4 * MIB);
+    let good = new Uint8Array();
+    for (const compression of ["zlib", "bzip2"]) {
+      good = await encodeDmg(disk, { compression, chunk_sectors: "128" });
+      await Deno.writeFile(`${dir}/good.dmg`, good);
+      const got = await unsharedRead(`${dir}/good.dmg`);
+      assertEquals(got.shared, "undefined", JSON.stringify(got));
+      assertEquals(got.sha256, sha256Hex(disk), compression);
+      assertTrue(got.jobs! > 0, `${compression}: decoded on the workers`);
+    }
+    good = await encodeDmg(disk, { chunk_sectors: "128" });
+    const mish = mishTables(good)[0];
+    const view = new DataView(mish.buffer, mish.byteOffset);
+    const chunk3 = Number(view.getBigUint64(chunkAt(3) + 24));
+    const corrupt = good.slice();
+    corrupt[chunk3 + 5] ^= 0xff;
+    await Deno.writeFile(`${dir}/corrupt.dmg`, corrupt);
+    assertMatch(
+      (await unsharedRead(`${dir}/corrupt.dmg`)).error ?? "",
+      /^ImageFormatError: .*chunk 3 \(.* of zlib .*\) does not decode/,
+    );
+    // The table's checksum changed (and the master checksum made to match).
+    const wrong = withMish(good, 0, (m) => {
+      m[75] ^= 1;
+      return m;
+    });
+    const { crc32 } = await import("../drivers/codecs/crc32.ts");
+    setBe32(
+      wrong,
+      wrong.length - 512 + 360,
+      crc32(mishTables(wrong)[0].slice(72, 76)),
+    );
+    await Deno.writeFile(`${dir}/wrong.dmg`, wrong);
+    assertMatch(
+      (await unsharedRead(`${dir}/wrong.dmg`)).error ?? "",
+      /^ChecksumError: .*blkx\[0\] .* checksum/,
+    );
+    // The data fork's checksum (over the packed chunks, made on the
+    // workers here): one byte of it changed.
+    const fork = good.slice();
+    fork[fork.length - 512 + 91] ^= 1; // koly.DataChecksum's CRC, at 88
+    await Deno.writeFile(`${dir}/fork.dmg`, fork);
+    assertMatch(
+      (await unsharedRead(`${dir}/fork.dmg`)).error ?? "",
+      /^ChecksumError: .*data fork/i,
+    );
+  });
 });
 
 // testdata/demo.dmg (the `deno task demo` image) was made with:

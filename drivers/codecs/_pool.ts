@@ -55,6 +55,8 @@ interface Pending {
   resolve(out: Uint8Array | null): void;
   reject(error: Error): void;
   codec: string;
+  /** Resolve with the worker's whole answer (for {@linkcode CodecPool.spread}). */
+  whole?: boolean;
 }
 
 /** Runs codec calls on worker threads; see the module doc. */
@@ -140,6 +142,8 @@ export class CodecPool {
                 ? { failed: e.data.failed, message: e.data.message }
                 : { out }) as never,
             );
+          } else if (job?.whole) {
+            job.resolve(unavailable ? null : e.data);
           } else if (job) {
             if (error !== undefined) {
               const prefix = `${job.codec}: `;
@@ -313,6 +317,128 @@ export class CodecPool {
         [copy.buffer as ArrayBuffer, out.buffer as ArrayBuffer],
       );
     });
+  }
+
+  /**
+   * Decodes chunks on every worker at once where memory is not shared
+   * (browser pages that are not cross-origin isolated), each straight
+   * into its place in `into`. `jobs` holds five numbers per chunk as for
+   * {@linkcode batch} (type, packed offset in `input`, packed length,
+   * decoded size, offset in `into`). The chunks are cut into one run per
+   * worker, balanced by decoded bytes; each run's packed bytes are copied
+   * into a reused buffer and moved, with a reused output buffer, to a
+   * worker, which decodes every chunk of the run into it and moves both
+   * back; the chunks are then copied into `into`. One message each way
+   * per worker, no array made per chunk, and no buffer that is not
+   * reused: a dmg's chunks came back as an array each, and cloop's 64
+   * KiB blocks all went to one worker.
+   *
+   * Answers two CRC-32s per chunk (its decoded bytes', then its packed
+   * bytes'), computed on the workers (zlib's in WebAssembly while the
+   * bytes are in linear memory), none without `crc` (callers that check
+   * none, cloop), or `null` when a worker did not decode
+   * its run (a failure, or no worker can run here): the caller then
+   * decodes the chunks itself, which also names a bad one. Parts of
+   * `into` may have been written by then.
+   */
+  async spread(
+    input: Uint8Array,
+    jobs: number[],
+    into: Uint8Array,
+    crc = true,
+  ): Promise<Uint32Array | null> {
+    const chunks = jobs.length / 5;
+    if (!chunks || !this.usable) return null;
+    let total = 0;
+    for (let j = 3; j < jobs.length; j += 5) total += jobs[j];
+    const parts = Math.min(this.size, chunks);
+    // A run ends where the decoded bytes so far pass its share of all
+    // (or where each chunk left must be a run of its own).
+    const runs: [number, number][] = [];
+    let first = 0, sum = 0;
+    for (let k = 0; k < chunks; k++) {
+      sum += jobs[k * 5 + 3];
+      const left = chunks - k - 1;
+      const more = parts - runs.length - 1; // runs still to start after this one
+      if (
+        left === 0 ||
+        more > 0 &&
+          (sum * parts >= total * (runs.length + 1) || left === more)
+      ) {
+        runs.push([first, k + 1]);
+        first = k + 1;
+      }
+    }
+    const answers = await Promise.all(
+      runs.map(([from, to]) =>
+        this.#spreadRun(input, jobs, from, to, into, crc)
+      ),
+    );
+    if (answers.some((a) => !a)) return null;
+    const crcs = new Uint32Array(crc ? chunks * 2 : 0);
+    if (crc) runs.forEach(([from], r) => crcs.set(answers[r]!, from * 2));
+    return crcs;
+  }
+
+  /** One worker's part of {@linkcode spread}: chunks `from` to `to` - 1. */
+  async #spreadRun(
+    input: Uint8Array,
+    jobs: number[],
+    from: number,
+    to: number,
+    into: Uint8Array,
+    crc: boolean,
+  ): Promise<Uint32Array | null> {
+    const start = jobs[from * 5 + 1];
+    const end = jobs[(to - 1) * 5 + 1] + jobs[(to - 1) * 5 + 2];
+    const mine: number[] = [];
+    let bytes = 0;
+    for (let k = from; k < to; k++) {
+      const j = k * 5;
+      if (jobs[j + 1] < start || jobs[j + 1] + jobs[j + 2] > end) return null;
+      mine.push(jobs[j], jobs[j + 1] - start, jobs[j + 2], jobs[j + 3], bytes);
+      bytes += jobs[j + 3];
+    }
+    const claimed = this.#claim();
+    if (!claimed) return null;
+    const { slot, id } = claimed;
+    const packed = this.buffer(end - start);
+    packed.set(input.subarray(start, end));
+    const out = this.buffer(bytes);
+    const answer = await new Promise<
+      { filled: Uint8Array; input: Uint8Array; crcs: Uint32Array } | null
+    >((resolve) => {
+      this.#pending.set(id, {
+        resolve: (data) => resolve(data as never),
+        reject: () => resolve(null),
+        codec: "batch",
+        whole: true,
+      });
+      slot.worker.postMessage(
+        {
+          id,
+          op: "batchInto",
+          input: packed,
+          jobs: mine,
+          size: 0,
+          out,
+          moved: true,
+          crcs: true,
+          noCrc: !crc,
+        },
+        [packed.buffer, out.buffer],
+      );
+    });
+    if (!answer) return null;
+    for (let k = from, m = 0; k < to; k++, m += 5) {
+      into.set(
+        answer.filled.subarray(mine[m + 4], mine[m + 4] + mine[m + 3]),
+        jobs[k * 5 + 4],
+      );
+    }
+    this.giveBack(answer.filled);
+    this.giveBack(answer.input);
+    return answer.crcs;
   }
 
   /**

