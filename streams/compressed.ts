@@ -799,42 +799,47 @@ export async function decodeToScratch(
   const zeros = new ZeroMap();
   let size = 0;
   try {
-    // Pieces are gathered into a buffer aligned to the disk, so each
-    // granule is checked for zeros whole and written in large runs.
-    const stage = new Uint8Array(16 * GRANULE);
-    const words = wordsOf(stage);
-    let staged = 0; // bytes in `stage`, which starts at disk offset `size - staged`
-    const flush = async (length: number) => {
-      const base = size - staged;
-      let runStart = -1;
-      for (let at = 0; at < length; at += GRANULE) {
-        const end = Math.min(length, at + GRANULE);
-        if (isZeroRange(stage, words, at, end)) {
-          zeros.set((base + at) / GRANULE);
+    // Each piece is checked for zeros a granule (or the part of one it
+    // holds) at a time and its runs of data written from it as they are:
+    // zeros are never written (the store reads what was not written as
+    // zeros), so a granule cut by a piece's end needs nothing kept. (The
+    // pieces were copied into a staging buffer first: a pass over every
+    // byte more.)
+    let granuleData = false; // the granule at `size` holds a non-zero byte so far
+    for await (const piece of decompress(source, compression, onProgress)) {
+      // A view starting on a 4-byte boundary, for isZeroRange's words.
+      const skew = piece.byteOffset & 3;
+      const wide = new Uint8Array(
+        piece.buffer,
+        piece.byteOffset - skew,
+        piece.length + skew,
+      );
+      const words = wordsOf(wide);
+      let runStart = -1; // where the run of data being gathered starts in `piece`
+      for (let at = 0; at < piece.length;) {
+        const within = (size + at) % GRANULE;
+        const n = Math.min(GRANULE - within, piece.length - at);
+        if (isZeroRange(wide, words, skew + at, skew + at + n)) {
           if (runStart >= 0) {
-            await store.write(base + runStart, stage.subarray(runStart, at));
+            await store.write(size + runStart, piece.subarray(runStart, at));
             runStart = -1;
           }
-        } else if (runStart < 0) {
-          runStart = at;
+        } else {
+          granuleData = true;
+          if (runStart < 0) runStart = at;
+        }
+        at += n;
+        if (within + n === GRANULE) {
+          if (!granuleData) zeros.set((size + at) / GRANULE - 1);
+          granuleData = false;
         }
       }
       if (runStart >= 0) {
-        await store.write(base + runStart, stage.subarray(runStart, length));
+        await store.write(size + runStart, piece.subarray(runStart));
       }
-      staged = 0;
-    };
-    for await (const piece of decompress(source, compression, onProgress)) {
-      for (let at = 0; at < piece.length;) {
-        const n = Math.min(stage.length - staged, piece.length - at);
-        stage.set(piece.subarray(at, at + n), staged);
-        staged += n;
-        size += n;
-        at += n;
-        if (staged === stage.length) await flush(staged);
-      }
+      size += piece.length;
     }
-    if (staged) await flush(staged);
+    if (size % GRANULE && !granuleData) zeros.set(Math.floor(size / GRANULE));
     if (!Number.isSafeInteger(size)) throw new RangeError("decoded size");
   } catch (e) {
     await store.close();
