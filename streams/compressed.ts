@@ -308,6 +308,8 @@ interface Segment {
 interface SegmentCodec {
   /** The pool's chunk type for them (see `CodecPool.batchInto`). */
   chunkType: number;
+  /** The worker's name for their codec (see `CodecPool.run`). */
+  poolName: string;
   /** Decodes `packed` (framed) into `out`, filling it exactly, on this thread. */
   decodeInto(packed: Uint8Array, out: Uint8Array): Promise<void>;
   /**
@@ -321,11 +323,13 @@ interface SegmentCodec {
 const SEGMENT_CODECS: Partial<Record<FileCompression, SegmentCodec>> = {
   xz: {
     chunkType: XZ_CHUNK,
+    poolName: "xz",
     decodeInto: (packed, out) => xz.decodeInto(packed, out),
     inPlaceStart: xz.inPlaceStart,
   },
   zstd: {
     chunkType: ZSTD_FRAME_CHUNK,
+    poolName: "zstd frame",
     // decodeFrameInto reads the whole frame before it writes the output.
     inPlaceStart: () => 0,
     async decodeInto(packed, out) {
@@ -427,10 +431,10 @@ function segmentedSource(
   const pooled = segments.length > 1 && codecPool.usable;
   const letGo = pooled ? codecPool.hold() : () => {};
   const shared = pooled && hasShared;
-  const slotCount = segmentSlots(largest, pooled ? codecPool.size : 0);
   // Room for the packed bytes of a segment that does not compress, or
   // barely, to be decoded in place too (see `decode`).
   const slotBytes = largest + Math.max(1 << 20, largest >>> 6);
+  const slotCount = segmentSlots(slotBytes, pooled ? codecPool.size : 0);
   const make = (n: number) =>
     shared ? new Uint8Array(new SharedArrayBuffer(n)) : new Uint8Array(n);
   /** Decode buffers not holding a segment. */
@@ -511,15 +515,27 @@ function segmentedSource(
         own = true;
       }
       const asked = pooled && codecPool.usable;
-      const done = asked
-        ? await codecPool.batchInto(
+      let done: unknown = null;
+      if (asked && shared) {
+        done = await codecPool.batchInto(
           packed,
           [codec.chunkType, 0, framed, s.size, 0],
           out,
           true,
           false,
-        )
-        : null;
+        );
+      } else if (asked) {
+        // No shared memory (a browser page that is not cross-origin
+        // isolated): the worker answers an array of its own, copied here.
+        const decoded = await codecPool.run(
+          "decode",
+          codec.poolName,
+          packed,
+          s.size,
+        );
+        if (decoded) out.set(decoded);
+        done = decoded;
+      }
       if (!done) {
         // Not decoded there (no workers, or the segment is corrupt): here,
         // which names what is wrong, from the packed bytes read again
@@ -645,24 +661,28 @@ function segmentedSource(
 
 /**
  * Decoded bytes alive at once in a segmented file (see
- * {@linkcode segmentSlots}).
+ * {@linkcode segmentSlots}): two 48 MiB segments, one of 64 MiB (the
+ * most, {@linkcode MAX_SEGMENT}).
  */
-const SEGMENT_BUDGET = 96 << 20;
+const SEGMENT_BUDGET = 128 << 20;
 
 /**
- * How many segments of `largest` bytes are decoded at once: one per
- * worker, within {@linkcode SEGMENT_BUDGET} but never fewer than two (one
- * read while the next decodes), whatever their size. Copying a segment
- * out takes a few percent of the time decoding it takes, so one buffer
- * per worker keeps the workers busy: the one being read is free again
- * long before the other's decode ends.
+ * How many segments of `bytes` bytes (the largest, with room to decode it
+ * in place) are decoded at once: one per worker (two without workers, for
+ * reads that go back and forth), within {@linkcode SEGMENT_BUDGET} but at
+ * least one, whatever their size. Copying a segment out takes a few
+ * percent of the time decoding it takes, so one buffer per worker keeps
+ * the workers busy: the one being read is free again long before the
+ * other's decode ends. 64 MiB segments decode one at a time, on one
+ * worker: two of them kept a convert at 251-259 MiB of peak RSS, at the
+ * edge of the 256 MiB budget (issue 15), one at 180-190 MiB.
  *
- * @param largest the largest segment's size
+ * @param bytes the buffer one segment needs
  * @param workers the workers decoding (0 when none run)
  */
-function segmentSlots(largest: number, workers: number): number {
-  const fit = Math.floor(SEGMENT_BUDGET / Math.max(1, largest));
-  return Math.max(2, Math.min(workers, fit));
+function segmentSlots(bytes: number, workers: number): number {
+  const fit = Math.floor(SEGMENT_BUDGET / Math.max(1, bytes));
+  return Math.max(1, Math.min(Math.max(2, workers), fit));
 }
 
 /** A scratch store in memory: 1 MiB pages, zero pages not kept. */
