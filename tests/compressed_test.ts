@@ -572,3 +572,47 @@ Deno.test(
       assertTrue(Number(lines[2].split(" ")[1]) >= 6, lines[2]);
     }),
 );
+
+Deno.test(
+  "many reads at once across the blocks of an xz and the frames of a zstd file, more than its buffers hold, each give the disk's bytes",
+  { ignore: skip(["xz", "zstd"]) },
+  () =>
+    withTemp(async (dir) => {
+      // Two or so decode buffers for a dozen blocks: reads wait for one,
+      // none waits while holding one, and a block decoded ahead is not
+      // handed to another block under a reader.
+      const disk = sampleDisk(6, 21);
+      const xzPacked = await pack("xz", disk, ["--block-size=500000"]);
+      for (let at = 0; at < disk.length; at += 1 << 20) {
+        await Deno.writeFile(`${dir}/${at}`, disk.subarray(at, at + (1 << 20)));
+        await run("sh", ["-c", `zstd -q -c ${dir}/${at} >> ${dir}/d.zst`]);
+      }
+      const zstdPacked = await Deno.readFile(`${dir}/d.zst`);
+      for (const packed of [xzPacked, zstdPacked]) {
+        const image = await open(fromBytes(packed));
+        try {
+          assertEquals(image.details?.compressed_access, "index");
+          const starts = Array.from(
+            { length: 40 },
+            (_, k) => (k * 2654435761) % (disk.length - 700000),
+          );
+          const reads = await Promise.all(
+            starts.map((at) => image.read(at, 700000)),
+          );
+          for (const [k, at] of starts.entries()) {
+            assertEquals(
+              sha256Hex(reads[k]),
+              sha256Hex(disk.subarray(at, at + 700000)),
+              `at ${at}`,
+            );
+          }
+          assertEquals(
+            sha256Hex(await image.read(0, disk.length)),
+            sha256Hex(disk),
+          );
+        } finally {
+          await image.close?.();
+        }
+      }
+    }),
+);
