@@ -593,7 +593,7 @@ function segmentedSource(
 
   /** Starts decoding the segments after `i` into buffers free now (never evicting ones decoded ahead). */
   const decodeAhead = (i: number) => {
-    if (!pooled || closed) return;
+    if (!pooled || !codecPool.usable || closed) return;
     for (let k = i + 1; k <= i + slotCount && k < segments.length; k++) {
       if (slots.has(k)) continue;
       const buffer = takeBuffer(false);
