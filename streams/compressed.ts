@@ -38,19 +38,24 @@
  * @module
  */
 
-import { isZeroRange, wordsOf } from "../drivers/_binary.ts";
+import { isZeroRange, Scratch, wordsOf } from "../drivers/_binary.ts";
 import { ByteFeed } from "../drivers/codecs/_feed.ts";
 import { nodeZlibModule } from "../drivers/codecs/_node_zlib.ts";
 import * as bzip2 from "../drivers/codecs/bzip2.ts";
 import * as xz from "../drivers/codecs/xz.ts";
 import * as zstd from "../drivers/codecs/zstd.ts";
-import { codecPool } from "../drivers/codecs/_pool.ts";
+import {
+  codecPool,
+  XZ_CHUNK,
+  ZSTD_FRAME_CHUNK,
+} from "../drivers/codecs/_pool.ts";
 import { CodecError, ImageFormatError, UnsupportedError } from "./errors.ts";
 import {
   checkRange,
   type Extent,
   type Image,
   type OpenOptions,
+  readInto,
   type ScratchFile,
   type Source,
 } from "./types.ts";
@@ -70,10 +75,6 @@ const GRANULE = 1 << 16;
  * to back into scratch.
  */
 export const MAX_SEGMENT = 64 << 20;
-
-/** Decoded segments kept, and decoded ahead of a reader going forward. */
-const SEGMENTS_CACHED = 4;
-const SEGMENTS_AHEAD = 2;
 
 /** Compressed bytes read from the source at a time. */
 const READ_SIZE = 1 << 20;
@@ -298,34 +299,50 @@ interface Segment {
   /** Where its bytes go in the decoded file. */
   offset: number;
   size: number;
-  decode(packed: Uint8Array): Promise<Uint8Array>;
+  /** Bytes that go before and after its packed bytes to make it decodable alone (an xz block's stream framing). */
+  head?: Uint8Array;
+  tail?: Uint8Array;
 }
 
-/** One xz block, decoded on the codec workers when they run. */
-async function decodeXzBlock(
-  block: xz.XzBlock,
-  packed: Uint8Array,
-): Promise<Uint8Array> {
-  const stream = xz.blockAsStream(block, packed);
-  const pooled = await codecPool.run("decode", "xz", stream, block.size);
-  return pooled ?? await xz.decode(stream, block.size);
+/** How the segments of one container decode. */
+interface SegmentCodec {
+  /** The pool's chunk type for them (see `CodecPool.batchInto`). */
+  chunkType: number;
+  /** The worker's name for their codec (see `CodecPool.run`). */
+  poolName: string;
+  /** Decodes `packed` (framed) into `out`, filling it exactly, on this thread. */
+  decodeInto(packed: Uint8Array, out: Uint8Array): Promise<void>;
+  /**
+   * The least offset `packed` (framed) may start at in the buffer its
+   * `size` decoded bytes fill from the start, for decoding in place; or
+   * undefined where it cannot be told.
+   */
+  inPlaceStart(packed: Uint8Array, size: number): number | undefined;
 }
 
-/** One zstd frame, decoded whole with its checksum and size checked. */
-async function decodeZstdFrame(
-  packed: Uint8Array,
-  size: number,
-): Promise<Uint8Array> {
-  const out = new Uint8Array(size);
-  const used = await zstd.decodeFrameInto(packed, out);
-  if (used !== packed.length) {
-    throw new CodecError(
-      "zstd",
-      `frame ends ${packed.length - used} bytes early`,
-    );
-  }
-  return out;
-}
+const SEGMENT_CODECS: Partial<Record<FileCompression, SegmentCodec>> = {
+  xz: {
+    chunkType: XZ_CHUNK,
+    poolName: "xz",
+    decodeInto: (packed, out) => xz.decodeInto(packed, out),
+    inPlaceStart: xz.inPlaceStart,
+  },
+  zstd: {
+    chunkType: ZSTD_FRAME_CHUNK,
+    poolName: "zstd frame",
+    // decodeFrameInto reads the whole frame before it writes the output.
+    inPlaceStart: () => 0,
+    async decodeInto(packed, out) {
+      const used = await zstd.decodeFrameInto(packed, out);
+      if (used !== packed.length) {
+        throw new CodecError(
+          "zstd",
+          `frame ends ${packed.length - used} bytes early`,
+        );
+      }
+    },
+  },
+};
 
 /**
  * The parts of `source` that decode alone, from the container's own
@@ -346,62 +363,246 @@ async function segmentsOf(
       packedLength: b.packedLength,
       offset: b.offset,
       size: b.size,
-      decode: (packed) => decodeXzBlock(b, packed),
+      ...xz.blockFraming(b),
     }));
   }
   if (compression === "zstd") {
-    const frames = await zstd.readFrames(read, source.size, MAX_SEGMENT);
+    // readFrames uses each piece only until it asks for the next, and
+    // walks every block header of the file, a MiB at a time: one buffer
+    // for all of them (a fresh one per MiB was garbage the size of the
+    // file).
+    let window = new Uint8Array(0);
+    const reuse = async (offset: number, length: number) => {
+      if (window.length < length) window = new Uint8Array(length);
+      const piece = window.subarray(0, length);
+      await readInto(source, offset, piece);
+      return piece;
+    };
+    const frames = await zstd.readFrames(reuse, source.size, MAX_SEGMENT);
     if (!frames) return undefined;
-    return frames.filter((f) => f.size > 0).map((f) => ({
-      ...f,
-      decode: (packed) => decodeZstdFrame(packed, f.size),
-    }));
+    return frames.filter((f) => f.size > 0);
   }
   return undefined;
 }
 
+/** Shared memory for the workers to decode into, where the platform has it. */
+const hasShared = typeof SharedArrayBuffer === "function";
+
+/** A decoded segment in one of the buffers. */
+interface Slot {
+  /** Its decoded bytes, once decoded. */
+  decoded: Promise<Uint8Array>;
+  /** The buffer it decodes into (whole: its first `size` bytes are the segment's). */
+  buffer: Uint8Array;
+  /** Reads copying from it now, and its decode while it runs. */
+  users: number;
+  /** Decoded ahead of a reader and not read yet: evicted last. */
+  ahead: boolean;
+}
+
 /**
  * The decoded file read at random through its segments: a read decodes
- * the segments it touches (a few are kept), and a reader going forward
- * has the next ones decoding on the codec workers meanwhile.
+ * the segments it touches, and a reader going forward has the next ones
+ * decoding on the codec workers meanwhile.
+ *
+ * Memory is a fixed number of decoded segments
+ * ({@linkcode segmentSlots}), each decoded into one of as many buffers
+ * sized for the largest segment and reused, shared with the workers,
+ * which decode straight into them (issue 15). Before, each decode made a
+ * fresh array on a worker, moved it here, and up to 4 were cached
+ * besides the ones decoding ahead: a convert of the bench's 1 GiB
+ * `xz -T0 -6` file (43 blocks of 24 MiB) peaked at 549-612 MiB of RSS,
+ * V8 freeing the dropped arrays late. No segment decodes on this thread
+ * beside the workers' ones: here only when workers cannot run (then
+ * nothing decodes ahead), or to name the error of a segment a worker
+ * could not decode.
  */
 function segmentedSource(
   source: Source,
   compression: FileCompression,
   segments: Segment[],
 ): DecodedSource {
+  const codec = SEGMENT_CODECS[compression]!;
   const last = segments[segments.length - 1];
   const size = last ? last.offset + last.size : 0;
-  const cache = new Map<number, Promise<Uint8Array>>();
-  // The segment read last: it and the ones after it that are decoding
-  // ahead are never evicted (convert has several reads in flight, and
-  // evicting one of theirs meant decoding it twice).
-  let reading = 0;
-  const get = (i: number): Promise<Uint8Array> => {
-    let decoded = cache.get(i);
-    if (decoded) {
-      // Most recently used last.
-      cache.delete(i);
-    } else {
-      const s = segments[i];
-      decoded = source.read(s.packedOffset, s.packedLength)
-        .then((packed) => s.decode(packed))
-        .catch((e) => {
-          throw containerError(e, compression, source);
-        });
-      decoded.catch(() => {}); // observed by whoever awaits it
+  const largest = segments.reduce((m, s) => Math.max(m, s.size), 0);
+  // The workers stay alive from open to close (see _pool.ts), for a file
+  // of several segments (one alone gains nothing from a worker).
+  const pooled = segments.length > 1 && codecPool.usable;
+  const letGo = pooled ? codecPool.hold() : () => {};
+  const shared = pooled && hasShared;
+  // Room for the packed bytes of a segment that does not compress, or
+  // barely, to be decoded in place too (see `decode`).
+  const slotBytes = largest + Math.max(1 << 20, largest >>> 6);
+  const slotCount = segmentSlots(slotBytes, pooled ? codecPool.size : 0);
+  const make = (n: number) =>
+    shared ? new Uint8Array(new SharedArrayBuffer(n)) : new Uint8Array(n);
+  /** Decode buffers not holding a segment. */
+  const free: Uint8Array[] = [];
+  let made = 0;
+  /** Packed bytes of the decodes in flight that cannot be decoded in place, reused. */
+  const packedBuffers = new Scratch(make, slotCount, Infinity);
+  /** Segments in buffers, least recently used first. */
+  const slots = new Map<number, Slot>();
+  let waiting: (() => void)[] = [];
+  const wake = () => {
+    const w = waiting;
+    waiting = [];
+    for (const f of w) f();
+  };
+  let closed = false;
+
+  /**
+   * A buffer for a segment: a free one, a new one while fewer than
+   * `slotCount` exist, or the least recently used segment nobody uses
+   * (segments decoded ahead and not read yet only when `evictAhead`).
+   * Undefined when there is none now.
+   */
+  const takeBuffer = (evictAhead: boolean): Uint8Array | undefined => {
+    const buffer = free.pop();
+    if (buffer) return buffer;
+    if (made < slotCount) {
+      made++;
+      return make(slotBytes);
     }
-    cache.set(i, decoded);
-    if (cache.size > SEGMENTS_CACHED) {
-      // Least recently used first, skipping the ones in use.
-      for (const k of cache.keys()) {
-        if (cache.size <= SEGMENTS_CACHED) break;
-        if (k >= reading - 1 && k <= reading + SEGMENTS_AHEAD) continue;
-        cache.delete(k);
+    for (const pass of evictAhead ? [false, true] : [false]) {
+      for (const [k, slot] of slots) {
+        if (slot.users === 0 && slot.ahead === pass) {
+          slots.delete(k);
+          return slot.buffer;
+        }
       }
     }
-    return decoded;
+    return undefined;
   };
+
+  /**
+   * Decodes segment `i` into the start of `buffer`, on a worker where
+   * they run. Its packed bytes are read into the end of the same buffer
+   * when decoding in place never overwrites one before it is read (the
+   * decoded bytes, written from the start, reach past where the packed
+   * ones begin only over those already read): then the packed bytes take
+   * no memory of their own, the pages they were read into being the ones
+   * the decoded bytes fill. Else into a buffer of their own.
+   */
+  const decode = async (i: number, buffer: Uint8Array): Promise<Uint8Array> => {
+    const s = segments[i];
+    const out = buffer.subarray(0, s.size);
+    const head = s.head?.length ?? 0;
+    const framed = head + s.packedLength + (s.tail?.length ?? 0);
+    const load = async (packed: Uint8Array) => {
+      if (s.head) packed.set(s.head);
+      await readInto(
+        source,
+        s.packedOffset,
+        packed.subarray(head, head + s.packedLength),
+      );
+      if (s.tail) packed.set(s.tail, head + s.packedLength);
+    };
+    const start = buffer.length - framed;
+    let own = start < 0;
+    let packed = own
+      ? packedBuffers.take(framed)
+      : buffer.subarray(start, buffer.length);
+    try {
+      await load(packed);
+      if (
+        !own && !((codec.inPlaceStart(packed, s.size) ?? Infinity) <= start)
+      ) {
+        const copy = packedBuffers.take(framed);
+        copy.set(packed);
+        packed = copy;
+        own = true;
+      }
+      const asked = pooled && codecPool.usable;
+      let done: unknown = null;
+      if (asked && shared) {
+        done = await codecPool.batchInto(
+          packed,
+          [codec.chunkType, 0, framed, s.size, 0],
+          out,
+          true,
+          false,
+        );
+      } else if (asked) {
+        // No shared memory (a browser page that is not cross-origin
+        // isolated): the worker answers an array of its own, copied here.
+        const decoded = await codecPool.run(
+          "decode",
+          codec.poolName,
+          packed,
+          s.size,
+        );
+        if (decoded) out.set(decoded);
+        done = decoded;
+      }
+      if (!done) {
+        // Not decoded there (no workers, or the segment is corrupt): here,
+        // which names what is wrong, from the packed bytes read again
+        // where the worker's output may have overwritten them.
+        if (asked && !own) await load(packed);
+        await codec.decodeInto(packed, out);
+      }
+      return out;
+    } catch (e) {
+      throw containerError(e, compression, source);
+    } finally {
+      if (own) packedBuffers.give(packed);
+    }
+  };
+
+  /** Starts decoding segment `i` into `buffer`; its slot has one user (the caller's). */
+  const start = (i: number, buffer: Uint8Array, ahead: boolean): Slot => {
+    const slot: Slot = { decoded: decode(i, buffer), buffer, users: 1, ahead };
+    slots.set(i, slot);
+    slot.decoded.catch(() => {
+      // A failed decode is not kept: the next read tries again.
+      if (slots.get(i) === slot) slots.delete(i);
+    });
+    return slot;
+  };
+
+  /** Lets go of a use of `slot`; a dropped slot's buffer is free once unused. */
+  const release = (i: number, slot: Slot) => {
+    slot.users--;
+    if (slot.users === 0 && slots.get(i) !== slot) free.push(slot.buffer);
+    wake();
+  };
+
+  /** Segment `i` held for reading (waits for a buffer when all are in use). */
+  const hold = async (i: number): Promise<Slot> => {
+    for (;;) {
+      const cached = slots.get(i);
+      if (cached) {
+        slots.delete(i);
+        slots.set(i, cached); // most recently used last
+        cached.ahead = false;
+        cached.users++;
+        return cached;
+      }
+      const buffer = takeBuffer(true);
+      if (buffer) {
+        const slot = start(i, buffer, false);
+        slot.users++; // the decode's, let go when it settles
+        slot.decoded.then(() => release(i, slot), () => release(i, slot));
+        return slot;
+      }
+      await new Promise<void>((resolve) => waiting.push(resolve));
+    }
+  };
+
+  /** Starts decoding the segments after `i` into buffers free now (never evicting ones decoded ahead). */
+  const decodeAhead = (i: number) => {
+    if (!pooled || !codecPool.usable || closed) return;
+    for (let k = i + 1; k <= i + slotCount && k < segments.length; k++) {
+      if (slots.has(k)) continue;
+      const buffer = takeBuffer(false);
+      if (!buffer) return;
+      const slot = start(k, buffer, true);
+      slot.decoded.then(() => release(k, slot), () => release(k, slot));
+    }
+  };
+
   const find = (offset: number): number => {
     let lo = 0;
     let hi = segments.length - 1;
@@ -412,21 +613,24 @@ function segmentedSource(
     }
     return lo;
   };
-  const readInto = async (offset: number, into: Uint8Array) => {
+  const readIntoSegments = async (offset: number, into: Uint8Array) => {
     checkRange(size, offset, into.length);
     let i = find(offset);
     for (let at = 0; at < into.length; i++) {
       const s = segments[i];
-      reading = i;
-      const decoded = await get(i);
-      // Decode ahead of a reader going forward (skipped for the ones cached).
-      for (let k = i + 1; k <= i + SEGMENTS_AHEAD && k < segments.length; k++) {
-        if (!cache.has(k)) get(k);
+      // One segment held at a time: a read never waits for a buffer
+      // while it holds one.
+      const slot = await hold(i);
+      try {
+        decodeAhead(i);
+        const decoded = await slot.decoded;
+        const from = offset + at - s.offset;
+        const n = Math.min(s.size - from, into.length - at);
+        into.set(decoded.subarray(from, from + n), at);
+        at += n;
+      } finally {
+        release(i, slot);
       }
-      const from = offset + at - s.offset;
-      const n = Math.min(s.size - from, into.length - at);
-      into.set(decoded.subarray(from, from + n), at);
-      at += n;
     }
   };
   return {
@@ -437,20 +641,48 @@ function segmentedSource(
     name: source.name,
     async read(offset, length) {
       const out = new Uint8Array(length);
-      await readInto(offset, out);
+      await readIntoSegments(offset, out);
       return out;
     },
-    readInto,
+    readInto: readIntoSegments,
     async *extents(offset, length) {
       checkRange(size, offset, length);
       if (length) yield { offset, length, kind: "data" };
     },
     async close() {
-      cache.clear();
-      codecPool.release();
+      closed = true;
+      slots.clear();
+      free.length = 0;
+      letGo();
       await source.close?.();
     },
   };
+}
+
+/**
+ * Decoded bytes alive at once in a segmented file (see
+ * {@linkcode segmentSlots}): two 48 MiB segments, one of 64 MiB (the
+ * most, {@linkcode MAX_SEGMENT}).
+ */
+const SEGMENT_BUDGET = 128 << 20;
+
+/**
+ * How many segments of `bytes` bytes (the largest, with room to decode it
+ * in place) are decoded at once: one per worker (two without workers, for
+ * reads that go back and forth), within {@linkcode SEGMENT_BUDGET} but at
+ * least one, whatever their size. Copying a segment out takes a few
+ * percent of the time decoding it takes, so one buffer per worker keeps
+ * the workers busy: the one being read is free again long before the
+ * other's decode ends. 64 MiB segments decode one at a time, on one
+ * worker: two of them kept a convert at 251-259 MiB of peak RSS, at the
+ * edge of the 256 MiB budget (issue 15), one at 180-190 MiB.
+ *
+ * @param bytes the buffer one segment needs
+ * @param workers the workers decoding (0 when none run)
+ */
+function segmentSlots(bytes: number, workers: number): number {
+  const fit = Math.floor(SEGMENT_BUDGET / Math.max(1, bytes));
+  return Math.max(1, Math.min(Math.max(2, workers), fit));
 }
 
 /** A scratch store in memory: 1 MiB pages, zero pages not kept. */
@@ -587,42 +819,47 @@ export async function decodeToScratch(
   const zeros = new ZeroMap();
   let size = 0;
   try {
-    // Pieces are gathered into a buffer aligned to the disk, so each
-    // granule is checked for zeros whole and written in large runs.
-    const stage = new Uint8Array(16 * GRANULE);
-    const words = wordsOf(stage);
-    let staged = 0; // bytes in `stage`, which starts at disk offset `size - staged`
-    const flush = async (length: number) => {
-      const base = size - staged;
-      let runStart = -1;
-      for (let at = 0; at < length; at += GRANULE) {
-        const end = Math.min(length, at + GRANULE);
-        if (isZeroRange(stage, words, at, end)) {
-          zeros.set((base + at) / GRANULE);
+    // Each piece is checked for zeros a granule (or the part of one it
+    // holds) at a time and its runs of data written from it as they are:
+    // zeros are never written (the store reads what was not written as
+    // zeros), so a granule cut by a piece's end needs nothing kept. (The
+    // pieces were copied into a staging buffer first: a pass over every
+    // byte more.)
+    let granuleData = false; // the granule at `size` holds a non-zero byte so far
+    for await (const piece of decompress(source, compression, onProgress)) {
+      // A view starting on a 4-byte boundary, for isZeroRange's words.
+      const skew = piece.byteOffset & 3;
+      const wide = new Uint8Array(
+        piece.buffer,
+        piece.byteOffset - skew,
+        piece.length + skew,
+      );
+      const words = wordsOf(wide);
+      let runStart = -1; // where the run of data being gathered starts in `piece`
+      for (let at = 0; at < piece.length;) {
+        const within = (size + at) % GRANULE;
+        const n = Math.min(GRANULE - within, piece.length - at);
+        if (isZeroRange(wide, words, skew + at, skew + at + n)) {
           if (runStart >= 0) {
-            await store.write(base + runStart, stage.subarray(runStart, at));
+            await store.write(size + runStart, piece.subarray(runStart, at));
             runStart = -1;
           }
-        } else if (runStart < 0) {
-          runStart = at;
+        } else {
+          granuleData = true;
+          if (runStart < 0) runStart = at;
+        }
+        at += n;
+        if (within + n === GRANULE) {
+          if (!granuleData) zeros.set((size + at) / GRANULE - 1);
+          granuleData = false;
         }
       }
       if (runStart >= 0) {
-        await store.write(base + runStart, stage.subarray(runStart, length));
+        await store.write(size + runStart, piece.subarray(runStart));
       }
-      staged = 0;
-    };
-    for await (const piece of decompress(source, compression, onProgress)) {
-      for (let at = 0; at < piece.length;) {
-        const n = Math.min(stage.length - staged, piece.length - at);
-        stage.set(piece.subarray(at, at + n), staged);
-        staged += n;
-        size += n;
-        at += n;
-        if (staged === stage.length) await flush(staged);
-      }
+      size += piece.length;
     }
-    if (staged) await flush(staged);
+    if (size % GRANULE && !granuleData) zeros.set(Math.floor(size / GRANULE));
     if (!Number.isSafeInteger(size)) throw new RangeError("decoded size");
   } catch (e) {
     await store.close();

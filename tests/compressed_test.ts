@@ -528,3 +528,91 @@ Deno.test("a zstd frame whose FSE-coded Huffman weights read no bits is a typed 
     /compressed cluster .* more than 255 Huffman weights/,
   );
 });
+
+Deno.test(
+  "without shared memory (a page that is not cross-origin isolated) many-block xz and many-frame zstd still decode on the workers to the exact bytes",
+  { ignore: skip(["xz", "zstd"]) },
+  () =>
+    withTemp(async (dir) => {
+      // Segments decode into buffers shared with the workers where there
+      // is shared memory; without it, into arrays the workers move back.
+      const disk = sampleDisk(4);
+      const xzPacked = await pack("xz", disk, ["--block-size=1000000"]);
+      // zstd writes the content size of a file it packs, not of a pipe's.
+      await Deno.writeFile(`${dir}/a`, disk.subarray(0, 2 << 20));
+      await Deno.writeFile(`${dir}/b`, disk.subarray(2 << 20));
+      await run("sh", [
+        "-c",
+        `zstd -q -c ${dir}/a > ${dir}/disk.img.zst && zstd -q -c ${dir}/b >> ${dir}/disk.img.zst`,
+      ]);
+      await Deno.writeFile(`${dir}/disk.img.xz`, xzPacked);
+      const script = `
+        delete globalThis.SharedArrayBuffer;
+        const { open, fromBytes, decodeWorkerStats } = await import(${
+        JSON.stringify(new URL("../mod.ts", import.meta.url).href)
+      });
+        for (const name of ["disk.img.xz", "disk.img.zst"]) {
+          const image = await open(fromBytes(await Deno.readFile(${
+        JSON.stringify(dir)
+      } + "/" + name)));
+          const bytes = await image.read(0, image.size);
+          const hash = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+          console.log(name, image.details.compressed_access,
+            Array.from(hash, (b) => b.toString(16).padStart(2, "0")).join(""));
+          await image.close();
+        }
+        console.log("jobs", decodeWorkerStats().jobs);
+      `;
+      const r = await run(Deno.execPath(), ["eval", script]);
+      const lines = r.text.trim().split("\n");
+      assertEquals(lines.slice(0, 2), [
+        `disk.img.xz index ${sha256Hex(disk)}`,
+        `disk.img.zst index ${sha256Hex(disk)}`,
+      ]);
+      assertTrue(Number(lines[2].split(" ")[1]) >= 6, lines[2]);
+    }),
+);
+
+Deno.test(
+  "many reads at once across the blocks of an xz and the frames of a zstd file, more than its buffers hold, each give the disk's bytes",
+  { ignore: skip(["xz", "zstd"]) },
+  () =>
+    withTemp(async (dir) => {
+      // Two or so decode buffers for a dozen blocks: reads wait for one,
+      // none waits while holding one, and a block decoded ahead is not
+      // handed to another block under a reader.
+      const disk = sampleDisk(6, 21);
+      const xzPacked = await pack("xz", disk, ["--block-size=500000"]);
+      for (let at = 0; at < disk.length; at += 1 << 20) {
+        await Deno.writeFile(`${dir}/${at}`, disk.subarray(at, at + (1 << 20)));
+        await run("sh", ["-c", `zstd -q -c ${dir}/${at} >> ${dir}/d.zst`]);
+      }
+      const zstdPacked = await Deno.readFile(`${dir}/d.zst`);
+      for (const packed of [xzPacked, zstdPacked]) {
+        const image = await open(fromBytes(packed));
+        try {
+          assertEquals(image.details?.compressed_access, "index");
+          const starts = Array.from(
+            { length: 40 },
+            (_, k) => (k * 2654435761) % (disk.length - 700000),
+          );
+          const reads = await Promise.all(
+            starts.map((at) => image.read(at, 700000)),
+          );
+          for (const [k, at] of starts.entries()) {
+            assertEquals(
+              sha256Hex(reads[k]),
+              sha256Hex(disk.subarray(at, at + 700000)),
+              `at ${at}`,
+            );
+          }
+          assertEquals(
+            sha256Hex(await image.read(0, disk.length)),
+            sha256Hex(disk),
+          );
+        } finally {
+          await image.close?.();
+        }
+      }
+    }),
+);

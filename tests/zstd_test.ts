@@ -402,3 +402,28 @@ Deno.test(
     });
   },
 );
+
+Deno.test(
+  "a zstd frame read into the end of the buffer it decodes into decodes in place, reading the rest from a copy where the output would reach it",
+  { ignore: skip(["zstd"]) },
+  async () => {
+    // 40 MiB (past the 10 MiB window and room of a 2 MiB window, so the
+    // output is copied out as it goes): zeros first, the output running
+    // far ahead of the packed bytes, then random bytes.
+    const data = new Uint8Array(40 << 20);
+    data.set(pseudoRandom(20 << 20, 3), 20 << 20);
+    const packed = (await run("zstd", ["-q", "-3", "-c"], { stdin: data }))
+      .stdout;
+    for (const margin of [0, 1 << 20]) {
+      const buffer = new Uint8Array(
+        new SharedArrayBuffer(data.length + margin),
+      );
+      const start = buffer.length - packed.length;
+      buffer.set(packed, start);
+      const out = buffer.subarray(0, data.length);
+      const used = await decodeFrameInto(buffer.subarray(start), out);
+      assertEquals(used, packed.length);
+      assertEquals(sha256Hex(out), sha256Hex(data), `margin ${margin}`);
+    }
+  },
+);

@@ -46,6 +46,16 @@ const MAX_SPARE_BYTES = 24 << 20;
 /** Buffers are made in whole mebibytes, so that spares fit the next job. */
 const SPARE_UNIT = 256 << 10;
 
+/**
+ * Chunk types of {@linkcode CodecPool.batch} and
+ * {@linkcode CodecPool.batchInto} jobs are UDIF's (dmg) chunk types; these
+ * name the ones compressed files use: a whole xz stream (UDIF's own
+ * type), and a zstd frame (no UDIF type: "zstd" in ASCII).
+ */
+export const XZ_CHUNK = 0x80000008;
+/** See {@linkcode XZ_CHUNK}. */
+export const ZSTD_FRAME_CHUNK = 0x7a737464;
+
 /** What {@linkcode CodecPool.clusters} answers. */
 export type ClustersAnswer =
   | { out: Uint8Array }
@@ -249,13 +259,16 @@ export class CodecPool {
    * lie in a `SharedArrayBuffer`. Answers the chunks' CRC-32s, or `null`
    * on any failure (the caller then decodes chunk by chunk). `input` is
    * copied, unless `shareInput` and it lies in a `SharedArrayBuffer` too
-   * (the caller then leaves it alone until the answer).
+   * (the caller then leaves it alone until the answer). Without `crc` the
+   * CRCs are not computed (zeros): a caller whose codec checks its own
+   * output (xz, zstd) saves the worker a pass over every byte.
    */
   batchInto(
     input: Uint8Array,
     jobs: number[],
     out: Uint8Array,
     shareInput = false,
+    crc = true,
   ): Promise<Uint32Array | null> {
     const claimed = this.#claim();
     if (!claimed) return Promise.resolve(null);
@@ -271,7 +284,7 @@ export class CodecPool {
       });
       try {
         slot.worker.postMessage(
-          { id, op: "batchInto", input: copy, jobs, size: 0, out },
+          { id, op: "batchInto", input: copy, jobs, size: 0, out, noCrc: !crc },
           shared ? [] : [copy.buffer as ArrayBuffer],
         );
       } catch {

@@ -18,8 +18,10 @@ import * as bzip2 from "./bzip2.ts";
 import * as lzfse from "./lzfse.ts";
 import * as xz from "./xz.ts";
 import * as zlib from "./zlib.ts";
+import * as zstd from "./zstd.ts";
 import { crc32 } from "./crc32.ts";
 import { decodeClusterJobs } from "./_clusters.ts";
+import { XZ_CHUNK, ZSTD_FRAME_CHUNK } from "./_pool.ts";
 
 /** The contract every module in drivers/codecs/ keeps. */
 interface Codec {
@@ -60,12 +62,34 @@ const scope = globalThis as unknown as {
   postMessage(message: unknown, transfer?: Transferable[]): void;
 };
 
+/**
+ * One whole zstd frame (a frame of a `.zst` file that declares its
+ * content size), decoded with its checksum and size checked.
+ */
+const zstdFrame: Codec = {
+  async decodeInto(input, out) {
+    const used = await zstd.decodeFrameInto(input, out);
+    if (used !== input.length) {
+      throw new Error(`frame ends ${input.length - used} bytes early`);
+    }
+  },
+  async decode(input, size) {
+    const out = new Uint8Array(size);
+    await this.decodeInto!(input, out);
+    return out;
+  },
+  encode() {
+    return Promise.reject(new Error("zstd frames are not encoded here"));
+  },
+};
+
 const CODECS: ReadonlyMap<string, Codec> = new Map<string, Codec>([
   ["adc", adc],
   ["zlib", zlib],
   ["bzip2", bzip2],
   ["lzfse", lzfse],
   ["xz", xz],
+  ["zstd frame", zstdFrame],
 ]);
 
 /** Codec names by UDIF chunk type, for batches (raw is 1). */
@@ -74,7 +98,8 @@ const BY_TYPE = new Map<number, string>([
   [0x80000005, "zlib"],
   [0x80000006, "bzip2"],
   [0x80000007, "lzfse"],
-  [0x80000008, "xz"],
+  [XZ_CHUNK, "xz"],
+  [ZSTD_FRAME_CHUNK, "zstd frame"],
 ]);
 
 /**
@@ -234,7 +259,12 @@ scope.onmessage = async (e: MessageEvent<Job>) => {
   if (op === "batchInto") {
     try {
       const out = e.data.out!;
-      const crcs = await batchInto(input, e.data.jobs ?? [], out, e.data.moved);
+      const crcs = await batchInto(
+        input,
+        e.data.jobs ?? [],
+        out,
+        e.data.moved || e.data.noCrc,
+      );
       if (e.data.moved) {
         scope.postMessage({ id, filled: out }, [out.buffer as ArrayBuffer]);
       } else scope.postMessage({ id, crcs }, [crcs.buffer]);

@@ -701,9 +701,17 @@ async function verifyCheck(
   } else if (type === CHECK_CRC64) {
     computed = crc64(data);
   } else if (type === CHECK_SHA256) {
-    computed = new Uint8Array(
-      await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>),
-    );
+    if (data.buffer instanceof ArrayBuffer) {
+      computed = new Uint8Array(
+        await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>),
+      );
+    } else {
+      // WebCrypto refuses views of shared memory (a block decoded by a
+      // worker into a buffer it shares with the caller).
+      const check = (await newCheck(type))!;
+      check.update(data);
+      computed = await check.digest();
+    }
   } else {
     return; // none, or a type this decoder cannot compute (xz warns and goes on)
   }
@@ -810,7 +818,10 @@ async function decodeStream(
       );
     }
   }
-  const flags = input.subarray(start + 6, start + 8);
+  // A copy: the footer is compared with it after the blocks, whose
+  // output may by then have overwritten the header (a block decoded in
+  // place: see inPlaceStart).
+  const flags = input.slice(start + 6, start + 8);
   if (flags[0] !== 0 || flags[1] > 0x0f) {
     fail(`${where}: stream flags ${hexBytes(flags)} use reserved bits`);
   }
@@ -1750,10 +1761,125 @@ export async function readIndex(
 }
 
 /**
+ * What goes around one block of an `.xz` file (as {@linkcode readIndex}
+ * located it) to make it a stream of its own, which {@linkcode decode}
+ * decodes with every check: the block header's CRC-32, the block's check,
+ * and the sizes the index gave. `head` (the stream header, 12 bytes) goes
+ * before the block's `packedLength` bytes, `tail` (an index listing just
+ * that block, and the stream footer) after them; a caller reading blocks
+ * into buffers it reuses reads each block between the two in place.
+ *
+ * @param block where the block is
+ * @returns the bytes before and after the block
+ *
+ * @example
+ * ```ts
+ * import { blockFraming, decode, encode, readIndex } from "./xz.ts";
+ * const packed = await encode(new Uint8Array(1000).fill(3));
+ * const read = (o: number, n: number) => Promise.resolve(packed.slice(o, o + n));
+ * const [block] = (await readIndex(read, packed.length))!;
+ * const { head, tail } = blockFraming(block);
+ * const alone = new Uint8Array(head.length + block.packedLength + tail.length);
+ * alone.set(head);
+ * alone.set(await read(block.packedOffset, block.packedLength), head.length);
+ * alone.set(tail, head.length + block.packedLength);
+ * console.log((await decode(alone, block.size))[999]); // 3
+ * ```
+ */
+export function blockFraming(
+  block: XzBlock,
+): { head: Uint8Array; tail: Uint8Array } {
+  const head = new Uint8Array(12);
+  head.set(MAGIC, 0);
+  head.set(block.streamFlags, 6);
+  new DataView(head.buffer).setUint32(8, crc32(block.streamFlags), true);
+  const index = [
+    0,
+    1,
+    ...varintBytes(block.unpaddedSize),
+    ...varintBytes(block.size),
+  ];
+  while (index.length % 4) index.push(0);
+  const indexLength = index.length + 4;
+  const tail = new Uint8Array(indexLength + 12);
+  const v = new DataView(tail.buffer);
+  tail.set(index, 0);
+  v.setUint32(index.length, crc32(new Uint8Array(index)), true);
+  const at = indexLength;
+  v.setUint32(at + 4, indexLength / 4 - 1, true);
+  tail.set(block.streamFlags, at + 8);
+  tail.set(FOOTER_MAGIC, at + 10);
+  v.setUint32(at, crc32(tail.subarray(at + 4, at + 10)), true);
+  return { head, tail };
+}
+
+/**
+ * For decoding a block in place: how far into the buffer its `size`
+ * decoded bytes go (from the buffer's start) the block, framed as by
+ * {@linkcode blockFraming}, must start at least, so that
+ * {@linkcode decodeInto} never overwrites a packed byte before reading
+ * it. The decoder writes a chunk's bytes at most up to where that chunk
+ * ends in the output, and only after reading the chunk's header: the
+ * least start is the most, over the LZMA2 chunks, of the output's end
+ * after the chunk less the chunk's first byte in the stream (the check
+ * and the index after the data being read after the last output byte).
+ * Answers `undefined` when the chunk headers cannot be walked (the
+ * decoder, given a buffer of its own, names what is wrong).
+ *
+ * @param stream the block framed as a stream of its own
+ * @param size the block's decoded size
+ * @returns the least offset of `stream` in the buffer, or undefined
+ *
+ * @example
+ * ```ts
+ * import { blockAsStream, encode, inPlaceStart, readIndex } from "./xz.ts";
+ * const packed = await encode(new Uint8Array(100000).fill(3));
+ * const read = (o: number, n: number) => Promise.resolve(packed.slice(o, o + n));
+ * const [block] = (await readIndex(read, packed.length))!;
+ * const alone = blockAsStream(block, await read(block.packedOffset, block.packedLength));
+ * console.log(inPlaceStart(alone, block.size)! < block.size); // true
+ * ```
+ */
+export function inPlaceStart(
+  stream: Uint8Array,
+  size: number,
+): number | undefined {
+  const n = stream.length;
+  if (n < 13) return undefined;
+  let pos = 12 + (stream[12] + 1) * 4; // after the stream and block headers
+  let produced = 0;
+  let least = 0;
+  for (;;) {
+    if (pos >= n) return undefined;
+    const control = stream[pos];
+    const chunkStart = pos;
+    if (control === 0) break;
+    let unpacked: number;
+    if (control === 1 || control === 2) {
+      if (pos + 3 > n) return undefined;
+      unpacked = ((stream[pos + 1] << 8) | stream[pos + 2]) + 1;
+      pos += 3 + unpacked;
+    } else if (control >= 0x80) {
+      if (pos + 5 > n) return undefined;
+      unpacked = ((control & 0x1f) << 16) +
+        ((stream[pos + 1] << 8) | stream[pos + 2]) + 1;
+      const packed = ((stream[pos + 3] << 8) | stream[pos + 4]) + 1;
+      pos += 5 + (((control >>> 5) & 3) >= 2 ? 1 : 0) + packed;
+    } else {
+      return undefined;
+    }
+    produced += unpacked;
+    if (produced > size) return undefined;
+    least = Math.max(least, produced - chunkStart);
+  }
+  // The end byte, padding, check and index are read once all is written.
+  return Math.max(least, size - pos);
+}
+
+/**
  * One block of an `.xz` file (its bytes as {@linkcode readIndex} located
- * them) wrapped as a stream of its own, which {@linkcode decode} decodes
- * with every check: the block header's CRC-32, the block's check, and
- * the sizes the index gave. The block's bytes are copied once.
+ * them) wrapped as a stream of its own (see {@linkcode blockFraming});
+ * the block's bytes are copied once.
  *
  * @param block where the block is
  * @param bytes the block's `packedLength` bytes
@@ -1770,28 +1896,11 @@ export async function readIndex(
  * ```
  */
 export function blockAsStream(block: XzBlock, bytes: Uint8Array): Uint8Array {
-  const index = [
-    0,
-    1,
-    ...varintBytes(block.unpaddedSize),
-    ...varintBytes(block.size),
-  ];
-  while (index.length % 4) index.push(0);
-  const indexLength = index.length + 4;
-  const out = new Uint8Array(12 + bytes.length + indexLength + 12);
-  const v = new DataView(out.buffer);
-  out.set(MAGIC, 0);
-  out.set(block.streamFlags, 6);
-  v.setUint32(8, crc32(block.streamFlags), true);
-  out.set(bytes, 12);
-  let at = 12 + bytes.length;
-  out.set(index, at);
-  v.setUint32(at + index.length, crc32(new Uint8Array(index)), true);
-  at += indexLength;
-  v.setUint32(at + 4, indexLength / 4 - 1, true);
-  out.set(block.streamFlags, at + 8);
-  out.set(FOOTER_MAGIC, at + 10);
-  v.setUint32(at, crc32(out.subarray(at + 4, at + 10)), true);
+  const { head, tail } = blockFraming(block);
+  const out = new Uint8Array(head.length + bytes.length + tail.length);
+  out.set(head);
+  out.set(bytes, head.length);
+  out.set(tail, head.length + bytes.length);
   return out;
 }
 

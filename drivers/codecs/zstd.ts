@@ -503,6 +503,16 @@ export async function* decodeStreaming(
  * that ends before is an error; without, the frame must decode to exactly
  * `out.length` bytes and its checksum, when it has one, must match.
  *
+ * A whole frame decodes through a window in WebAssembly memory (its
+ * window and room to decode ahead, as {@linkcode decodeStreaming}), the
+ * bytes copied out as the room fills: a 64 MiB frame of a `.zst` file
+ * took 64 MiB of linear memory on each worker, too large to keep, and
+ * V8 freed the instances late (a convert of such frames peaked at
+ * 511 MiB). `input` may lie in the same buffer as `out` (a frame read
+ * into the end of the buffer it decodes into): no byte of it is
+ * overwritten before it is read, the rest of the frame being read from
+ * a copy when a piece of output would reach it.
+ *
  * @param input the frame (and, with `partial`, whatever follows it)
  * @param out where the content goes
  * @param partial stop once `out` is full
@@ -546,37 +556,78 @@ export async function decodeFrameInto(
         );
       }
     }
-    const bufferSize = partial ? out.length + BLOCK_MAX : out.length;
+    const bufferSize = partial
+      ? out.length + BLOCK_MAX
+      : Math.min(out.length, streamBufferSize(header));
     const d = new FrameDecoder(wasm, header, where, bufferSize, limit, reason);
+    // The frame is read from `src` (`input`, or a copy of its rest), whose
+    // byte 0 is byte `base` of `input`.
+    let src = input;
+    let base = 0;
     let at = header.headerSize;
+    let written = 0;
+    /** Copies the decoded bytes not yet copied out to `out`. */
+    const copyOut = () => {
+      const piece = d.take();
+      const n = Math.min(piece.length, out.length - written);
+      if (n === 0) return;
+      if (src === input && overlaps(out, written, n, input, at)) {
+        src = input.slice(at);
+        base = at;
+        at = 0;
+      }
+      out.set(piece.subarray(0, n), written);
+      written += n;
+    };
     for (let block = 1;; block++) {
       if (partial && d.pos >= out.length) break;
-      if (at + 3 > input.length) fail(`${where}: block ${block} truncated`);
-      const h = blockHeader(input, at, header, where, block);
+      if (at + 3 > src.length) fail(`${where}: block ${block} truncated`);
+      const h = blockHeader(src, at, header, where, block);
       const tail = h.last && header.checksum ? 4 : 0;
-      if (at + h.length + tail > input.length) {
+      if (at + h.length + tail > src.length) {
         fail(`${where}: block ${block} truncated`);
       }
-      d.block(h.type, h.size, input, at + 3, block);
+      if (!partial && !d.hasRoom()) {
+        copyOut();
+        d.move();
+      }
+      d.block(h.type, h.size, src, at + 3, block);
       at += h.length + tail;
       if (h.last) {
-        d.take();
-        d.finish(tail ? le32(input, at - 4) : undefined);
-        if (d.pos < out.length) {
+        const stored = tail ? le32(src, at - 4) : undefined;
+        copyOut();
+        d.finish(stored);
+        if (written < out.length) {
           fail(
-            `${where}: decodes to ${d.pos} bytes, not the ${out.length} expected`,
+            `${where}: decodes to ${written} bytes, not the ${out.length} expected`,
           );
         }
         break;
       }
     }
-    out.set(
-      wasm.bytes.subarray(d.outAt, d.outAt + out.length),
-    );
-    return at;
+    if (partial) copyOut();
+    return base + at;
   } finally {
     releaseWasm(wasm);
   }
+}
+
+/**
+ * Whether writing `n` bytes at `out[at]` would overwrite `input` from
+ * `input[from]` on (the two views lying in one buffer).
+ */
+function overlaps(
+  out: Uint8Array,
+  at: number,
+  n: number,
+  input: Uint8Array,
+  from: number,
+): boolean {
+  if (out.buffer !== input.buffer) return false;
+  const writeStart = out.byteOffset + at;
+  const readStart = input.byteOffset + from;
+  return writeStart < input.byteOffset + input.length &&
+    readStart < writeStart + n;
 }
 
 /** One zstd frame that declares its content size. */
@@ -600,7 +651,8 @@ export interface ZstdFrame {
  * streaming decoder then reads the file and names what is wrong).
  * Skippable frames are stepped over.
  *
- * @param read reads bytes of the file
+ * @param read reads bytes of the file (each piece is used only until the
+ * next read: the reader may hand out views of one buffer it reuses)
  * @param size the file's size
  * @param maxFrame the largest content size wanted
  * @returns the frames in order, or undefined

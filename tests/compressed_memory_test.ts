@@ -1,0 +1,137 @@
+// The memory budget of compressed files read through their index (issue
+// 15): an `.xz` of many blocks (`xz -T0` cuts 24 MiB blocks at -6) and a
+// `.zst` of many frames decode into a fixed number of reused buffers,
+// shared with the workers, so a convert stays under 256 MiB of peak RSS.
+// Before, each block or frame was a fresh array (a few cached, more
+// decoding ahead, some on this thread beside the workers): these converts
+// peaked at 435 MiB (xz) and 317 MiB (zstd). The peak is the child
+// process's, as GNU time reports it.
+import { assertEquals, assertTrue } from "./_asserts.ts";
+import {
+  pseudoRandom,
+  ROOT,
+  run,
+  sha256File,
+  skip,
+  withTemp,
+} from "./_helpers.ts";
+
+const MIB = 1 << 20;
+const DISK_MIB = 200;
+const SEGMENT_MIB = 24;
+
+/**
+ * A 200 MiB disk: text-like bytes with random runs (about 1:2 with xz
+ * -1, quick to pack), its last 8 MiB zeros.
+ */
+async function writeDisk(path: string) {
+  const file = await Deno.open(path, {
+    write: true,
+    create: true,
+    truncate: true,
+  });
+  const words = new TextEncoder().encode(
+    "sector cluster chunk block table partition checksum trailer ",
+  );
+  const block = new Uint8Array(MIB);
+  for (let mib = 0; mib < DISK_MIB; mib++) {
+    const noise = pseudoRandom(MIB, mib + 1);
+    for (let i = 0; i < MIB; i++) {
+      block[i] = i % 4096 < 1024
+        ? noise[i]
+        : words[(i + mib * 7 + (noise[i] & 3)) % words.length];
+    }
+    if (mib >= DISK_MIB - 8) block.fill(0);
+    await file.write(block);
+  }
+  file.close();
+}
+
+/** Packs `disk` as a `.zst` of one frame per 24 MiB (as pzstd does, in other sizes). */
+async function packFrames(dir: string, disk: string, out: string) {
+  const bytes = await Deno.readFile(disk);
+  const file = await Deno.open(out, { write: true, create: true });
+  try {
+    for (let at = 0; at < bytes.length; at += SEGMENT_MIB * MIB) {
+      await Deno.writeFile(
+        `${dir}/piece`,
+        bytes.subarray(at, at + SEGMENT_MIB * MIB),
+      );
+      await run("zstd", [
+        "-q",
+        "-f",
+        "-3",
+        `${dir}/piece`,
+        "-o",
+        `${dir}/piece.zst`,
+      ]);
+      await file.write(await Deno.readFile(`${dir}/piece.zst`));
+    }
+  } finally {
+    file.close();
+  }
+}
+
+/** Converts `input` to raw in a child process; answers its peak RSS in KiB. */
+async function convertPeak(input: string, output: string): Promise<number> {
+  const { stderr } = await run("/usr/bin/time", [
+    "-f",
+    "peak %M KiB",
+    Deno.execPath(),
+    "run",
+    "-A",
+    `${ROOT}cli.ts`,
+    "convert",
+    "-O",
+    "raw",
+    input,
+    output,
+  ]);
+  const kib = Number(/peak (\d+) KiB/.exec(stderr)?.[1]);
+  assertTrue(kib > 0, `no peak in ${stderr}`);
+  return kib;
+}
+
+for (
+  const [name, tool, pack] of [
+    [
+      `an .xz of ${SEGMENT_MIB} MiB blocks (xz -T0 --block-size)`,
+      "xz",
+      (dir: string, disk: string, out: string) =>
+        run("sh", [
+          "-c",
+          `xz -T0 -1 --block-size=${SEGMENT_MIB}MiB -c ${disk} > ${out}`,
+        ]).then(() => dir),
+    ],
+    [
+      `a .zst of ${SEGMENT_MIB} MiB frames`,
+      "zstd",
+      packFrames,
+    ],
+  ] as const
+) {
+  Deno.test({
+    name:
+      `${name} converts to raw under 256 MiB of peak RSS, to the disk's bytes`,
+    ignore: skip(["/usr/bin/time", tool]),
+    async fn() {
+      await withTemp(async (dir) => {
+        await writeDisk(`${dir}/disk.raw`);
+        await pack(dir, `${dir}/disk.raw`, `${dir}/disk.img.${tool}`);
+        const kib = await convertPeak(
+          `${dir}/disk.img.${tool}`,
+          `${dir}/out.raw`,
+        );
+        assertEquals(
+          await sha256File(`${dir}/out.raw`),
+          await sha256File(`${dir}/disk.raw`),
+        );
+        console.log(`peak RSS ${Math.round(kib / 1024)} MiB`);
+        assertTrue(
+          kib < 256 * 1024,
+          `peak RSS ${Math.round(kib / 1024)} MiB, over 256 MiB`,
+        );
+      });
+    },
+  });
+}
