@@ -411,9 +411,10 @@ export async function convert(
     if (block.buffer) pool!.push(block.buffer);
     options.onProgress?.(block.offset + block.length, total);
   };
-  // Straight into a random-access file (`pool`), a block's write is not
-  // waited for before the next block is taken (see WriteChain).
-  const writes = pool ? new WriteChain() : undefined;
+  // A block's write (into the file, or through the output's driver) is
+  // not waited for before the next block is taken (see WriteChain): the
+  // writes still run one at a time, in disk order.
+  const writes = new WriteChain();
   try {
     for await (
       const block of blocks(
@@ -434,13 +435,12 @@ export async function convert(
         lastYield = performance.now();
       }
       options.signal?.throwIfAborted();
-      if (writes) await writes.add(() => writeBlock(block));
-      else await writeBlock(block);
+      await writes.add(() => writeBlock(block));
     }
-    await writes?.done();
+    await writes.done();
   } finally {
     // No write from a read buffer runs after convert answers.
-    await writes?.settled();
+    await writes.settled();
   }
   if ("flush" in target && target.flush) {
     await target.flush();
