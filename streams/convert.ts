@@ -136,8 +136,10 @@ interface ReadBlock {
  * `blockSize` bytes, zero and unallocated runs carried without bytes.
  * Reads run up to `concurrency` ahead of the consumer when the source is
  * slow to answer (see `depth`); memory stays bounded by
- * `blockSize * (concurrency + 1)`. With a `pool` (sources that read into a
- * buffer), blocks are read into buffers taken from it and the consumer
+ * `blockSize * (concurrency + 1)`, and the writes convert has not waited
+ * for yet (at most 2, see WriteChain) hold one block each. With a `pool`
+ * (sources that read into a buffer), blocks are read into buffers taken
+ * from it and the consumer
  * puts each `buffer` back once done with the bytes: a fresh 2 MiB array
  * per read cost page faults and garbage-collector work, and V8 frees
  * array buffers late, which showed in the peak RSS (`deno task bench`).

@@ -91,6 +91,12 @@ function notRegular(path: string, stat: Deno.FileInfo): Error {
  * with a one-line error before it is opened (a FIFO would block the open
  * until someone writes to it).
  *
+ * Writes of 256 KiB and more run on Deno's I/O thread, so the caller's
+ * thread goes on meanwhile; every op of the handle (a read, a smaller
+ * write, flush, close) still happens after the ones asked for before it.
+ * A write that fails rejects with a {@linkcode WriteError}, and so do the
+ * writes and the flush asked for after it.
+ *
  * @param path the file's path
  * @param options open for writing
  * @returns a FileHandle; close it when done
