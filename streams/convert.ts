@@ -136,8 +136,10 @@ interface ReadBlock {
  * `blockSize` bytes, zero and unallocated runs carried without bytes.
  * Reads run up to `concurrency` ahead of the consumer when the source is
  * slow to answer (see `depth`); memory stays bounded by
- * `blockSize * (concurrency + 1)`. With a `pool` (sources that read into a
- * buffer), blocks are read into buffers taken from it and the consumer
+ * `blockSize * (concurrency + 1)`, and the writes convert has not waited
+ * for yet (at most 2, see WriteChain) hold one block each. With a `pool`
+ * (sources that read into a buffer), blocks are read into buffers taken
+ * from it and the consumer
  * puts each `buffer` back once done with the bytes: a fresh 2 MiB array
  * per read cost page faults and garbage-collector work, and V8 frees
  * array buffers late, which showed in the peak RSS (`deno task bench`).
@@ -385,19 +387,8 @@ export async function convert(
   }
   let dataBytes = 0;
   let lastYield = performance.now();
-  for await (
-    const block of blocks(source, blockSize, concurrency, options.signal, pool)
-  ) {
-    // Reads and writes may all complete as microtasks (sync file ops, memory
-    // sources), which would starve timers, signal handlers and abort
-    // controllers until the end; give them a turn every 20 ms. (Counting
-    // bytes instead cost 4 s of timer waits on a 127 GiB empty VHD, whose
-    // zero runs pass 64 MiB at a time.)
-    if (performance.now() - lastYield >= 20) {
-      await nextTurn();
-      lastYield = performance.now();
-    }
-    options.signal?.throwIfAborted();
+  /** Writes one block (and hashes it, reports it) in disk order. */
+  const writeBlock = async (block: ReadBlock) => {
     if (options.backing) {
       dataBytes += await writeDifferences(
         write,
@@ -421,6 +412,37 @@ export async function convert(
     if (hasher) hashBlock(hasher, block, zeros!);
     if (block.buffer) pool!.push(block.buffer);
     options.onProgress?.(block.offset + block.length, total);
+  };
+  // A block's write (into the file, or through the output's driver) is
+  // not waited for before the next block is taken (see WriteChain): the
+  // writes still run one at a time, in disk order.
+  const writes = new WriteChain();
+  try {
+    for await (
+      const block of blocks(
+        source,
+        blockSize,
+        concurrency,
+        options.signal,
+        pool,
+      )
+    ) {
+      // Reads and writes may all complete as microtasks (sync file ops,
+      // memory sources), which would starve timers, signal handlers and
+      // abort controllers until the end; give them a turn every 20 ms.
+      // (Counting bytes instead cost 4 s of timer waits on a 127 GiB empty
+      // VHD, whose zero runs pass 64 MiB at a time.)
+      if (performance.now() - lastYield >= 20) {
+        await nextTurn();
+        lastYield = performance.now();
+      }
+      options.signal?.throwIfAborted();
+      await writes.add(() => writeBlock(block));
+    }
+    await writes.done();
+  } finally {
+    // No write from a read buffer runs after convert answers.
+    await writes.settled();
   }
   if ("flush" in target && target.flush) {
     await target.flush();
@@ -527,13 +549,16 @@ async function copyInKernel(
     buffer: Uint8Array;
   }[] = [];
   const spares: Uint8Array[] = [];
-  /** Writes the oldest block read once it is there. */
+  const writes = new WriteChain();
+  /** Writes the oldest block read once it is there (see {@linkcode WriteChain}). */
   const writeOldest = async () => {
     const block = inFlight.shift()!;
     const bytes = await block.bytes;
-    dataBytes += await writeSparse(write, block.offset, bytes, 4096);
-    spares.push(block.buffer);
-    progress(block.offset + bytes.length);
+    await writes.add(async () => {
+      dataBytes += await writeSparse(write, block.offset, bytes, 4096);
+      spares.push(block.buffer);
+      progress(block.offset + bytes.length);
+    });
   };
   /** Reads `[offset, offset + length)` through `source`, blocks aligned to `blockSize` on the disk. */
   const copyByReading = async (offset: number, length: number) => {
@@ -556,9 +581,12 @@ async function copyInKernel(
     // The sink refused the first copy: nothing was written.
     if (!await copyRuns()) return undefined;
     while (inFlight.length) await writeOldest();
+    await writes.done();
   } finally {
-    // A failure leaves no read running into a buffer after it is reported.
+    // A failure leaves no read running into a buffer, nor a write from
+    // one, after it is reported.
     await Promise.allSettled(inFlight.map((b) => b.bytes));
+    await writes.settled();
   }
   return dataBytes;
 
@@ -646,6 +674,43 @@ function pageAligned(size: number): Uint8Array {
     } catch { /* no room for one: an ordinary buffer does */ }
   }
   return new Uint8Array(size);
+}
+
+/**
+ * Writes of blocks, one after another in the order added, that convert
+ * does not wait for one by one: with the file sink's big writes on Deno's
+ * I/O thread (`file.ts`), convert's loop meanwhile takes the next block
+ * that arrived and issues the next read, instead of waiting for the kernel
+ * to copy each block into the page cache (most of its main thread for a
+ * compressed qcow2). At most `ahead` writes wait; `add` waits for the
+ * oldest beyond that, so memory stays bounded (each holds a read buffer).
+ * A failed write skips the ones after it and is thrown by the next `add`
+ * or by `done`.
+ */
+class WriteChain {
+  #last: Promise<void> = Promise.resolve();
+  #waiting: Promise<void>[] = [];
+  constructor(readonly ahead = 2) {}
+
+  /** Queues `write` after the writes before it; waits while too many are queued. */
+  async add(write: () => Promise<void>): Promise<void> {
+    const next = this.#last.then(write);
+    next.catch(() => {}); // observed by `add` or `done`
+    this.#last = next;
+    this.#waiting.push(next);
+    while (this.#waiting.length > this.ahead) await this.#waiting.shift();
+  }
+
+  /** Waits for every write; throws the first failure. */
+  async done(): Promise<void> {
+    this.#waiting = [];
+    await this.#last;
+  }
+
+  /** Waits until no write runs, whether they succeeded or not. */
+  async settled(): Promise<void> {
+    await this.#last.catch(() => {});
+  }
 }
 
 /** Awaiting a read longer than this (ms) lets convert keep one more in flight. */

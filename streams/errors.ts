@@ -345,3 +345,41 @@ export class TreeError extends Error {
     this.name = "TreeError";
   }
 }
+
+/**
+ * A write to an output file failed (the disk is full, the file system
+ * refused the offset, the file was closed). Writes that run on Deno's I/O
+ * thread report it to their own caller and to every later write and
+ * flush of the same file, so that a caller that did not wait for one
+ * still learns of it; `cause` is the operating system's error.
+ *
+ * @example
+ * ```ts
+ * import { WriteError } from "./errors.ts";
+ * const e = new WriteError("out.raw", 4096, 512, new Error("No space left on device"));
+ * console.log(e.message);
+ * // out.raw: writing 512 bytes at offset 4096 failed: No space left on device
+ * ```
+ */
+export class WriteError extends Error {
+  /**
+   * @param path the file
+   * @param offset where the write began
+   * @param length how many bytes it had to write
+   * @param cause the underlying error
+   */
+  constructor(
+    readonly path: string,
+    readonly offset: number,
+    readonly length: number,
+    cause: unknown,
+  ) {
+    super(
+      `${path}: writing ${length} bytes at offset ${offset} failed: ${
+        cause instanceof Error ? cause.message : String(cause)
+      }`,
+      { cause },
+    );
+    this.name = "WriteError";
+  }
+}

@@ -6,7 +6,7 @@
  * @module
  */
 
-import { BackingFileError, TreeError } from "./errors.ts";
+import { BackingFileError, TreeError, WriteError } from "./errors.ts";
 import { dataRangesIn, type KernelCopier, kernelCopier } from "./_file_copy.ts";
 import {
   type BackingResolver,
@@ -91,6 +91,12 @@ function notRegular(path: string, stat: Deno.FileInfo): Error {
  * with a one-line error before it is opened (a FIFO would block the open
  * until someone writes to it).
  *
+ * Writes of 256 KiB and more run on Deno's I/O thread, so the caller's
+ * thread goes on meanwhile; every op of the handle (a read, a smaller
+ * write, flush, close) still happens after the ones asked for before it.
+ * A write that fails rejects with a {@linkcode WriteError}, and so do the
+ * writes and the flush asked for after it.
+ *
  * @param path the file's path
  * @param options open for writing
  * @returns a FileHandle; close it when done
@@ -157,6 +163,86 @@ function handle(
   };
   // Kernel copiers from other handles, made on first use (undefined: none).
   const copiers = new Map<Deno.FsFile, KernelCopier | undefined>();
+  // Writes of ASYNC_WRITE_MIN bytes and more go to Deno's I/O thread
+  // (an async write), so that the caller's thread goes on (decoding,
+  // reading the next block) while the kernel puts the bytes in the page
+  // cache: most of convert's main thread for a compressed qcow2 was
+  // that. Every op that comes while one is queued (a small write, a
+  // read, a resize, a kernel copy, flush, close) waits its turn behind
+  // it, so they all happen in the order they were asked for, and the
+  // file's single position is never shared; with nothing queued they
+  // run at once, synchronously, as before.
+  let queue: Promise<void> | undefined;
+  let queued = 0;
+  // The first queued write that failed: its caller may not have looked
+  // yet, so every later write and flush answers it too.
+  let failure: WriteError | undefined;
+  const enqueue = <T>(op: () => T | Promise<T>): Promise<T> => {
+    queued++;
+    const run = (queue ?? Promise.resolve()).then(op);
+    queue = run.then(settle, settle);
+    return run;
+  };
+  const settle = () => {
+    if (--queued === 0) queue = undefined;
+  };
+  /** Runs `op` now when nothing is queued, else in its turn. */
+  const inTurn = <T>(op: () => T | Promise<T>): Promise<T> => {
+    if (queue) return enqueue(op);
+    try {
+      return Promise.resolve(op());
+    } catch (e) {
+      return Promise.reject(e);
+    }
+  };
+  const writeAt = (offset: number, bytes: Uint8Array) => {
+    try {
+      file.seekSync(offset, Deno.SeekMode.Start);
+      let at = 0;
+      while (at < bytes.length) at += file.writeSync(bytes.subarray(at));
+    } catch (e) {
+      throw new WriteError(path, offset, bytes.length, e);
+    }
+  };
+  const writeLater = async (offset: number, bytes: Uint8Array) => {
+    if (failure) throw failure;
+    try {
+      file.seekSync(offset, Deno.SeekMode.Start);
+      let at = 0;
+      while (at < bytes.length) at += await file.write(bytes.subarray(at));
+    } catch (e) {
+      failure = new WriteError(path, offset, bytes.length, e);
+      throw failure;
+    }
+  };
+  /** A kernel copy from the file under `from` (windows resolved); see `copyRange`. */
+  const copyNow = (
+    from: Source,
+    fromOffset: number,
+    length: number,
+    toOffset: number,
+  ): number | undefined => {
+    const input = filesOf.get(from);
+    // Only inside the sized file: holes past its end would not count.
+    if (
+      !writable || closed || !input || toOffset < 0 ||
+      toOffset + length > size
+    ) {
+      return undefined;
+    }
+    checkRange(from.size, fromOffset, length);
+    // A closed input is not copied from (an fstat: the copier's own
+    // descriptor would still read it).
+    try {
+      input.statSync();
+    } catch {
+      return undefined;
+    }
+    if (!copiers.has(input)) {
+      copiers.set(input, kernelCopier(input.statSync(), file.statSync()));
+    }
+    return copiers.get(input)?.copy(fromOffset, length, toOffset);
+  };
   const self: FileHandle = {
     path,
     name: path,
@@ -164,35 +250,41 @@ function handle(
       return size;
     },
     read(offset, length) {
-      try {
+      return inTurn(() => {
         checkRange(size, offset, length);
         const out = new Uint8Array(length);
         readAt(offset, out);
-        return Promise.resolve(out);
-      } catch (e) {
-        return Promise.reject(e);
-      }
+        return out;
+      });
     },
     // The read-into-buffer form: convert reuses a few buffers instead of a
     // fresh 2 MiB array per read (each costing page faults and GC work).
     readInto(offset, into) {
-      try {
+      return inTurn(() => {
         checkRange(size, offset, into.length);
         readAt(offset, into);
-        return Promise.resolve();
-      } catch (e) {
-        return Promise.reject(e);
-      }
+      });
     },
     write(offset, bytes) {
       if (!writable) {
         return Promise.reject(new Error(`${path} is open read-only`));
       }
+      if (failure) return Promise.reject(failure);
+      if (closed) {
+        return Promise.reject(
+          new WriteError(path, offset, bytes.length, new Error("closed")),
+        );
+      }
+      // The size it will have once this write is done: later ops wait
+      // for the write anyway.
+      const end = offset + bytes.length;
+      if (bytes.length >= ASYNC_WRITE_MIN || queue) {
+        size = Math.max(size, end);
+        return enqueue(() => writeLater(offset, bytes));
+      }
       try {
-        file.seekSync(offset, Deno.SeekMode.Start);
-        let at = 0;
-        while (at < bytes.length) at += file.writeSync(bytes.subarray(at));
-        size = Math.max(size, offset + bytes.length);
+        writeAt(offset, bytes);
+        size = Math.max(size, end);
         return Promise.resolve();
       } catch (e) {
         return Promise.reject(e);
@@ -202,57 +294,39 @@ function handle(
     // SEEK_HOLE) copied by copy_file_range, its holes skipped. 0.2 s less
     // than reads and writes for `deno task bench raw` (see the README).
     copyRange(from, fromOffset, length, toOffset) {
-      try {
-        // Through windows (a bounds-checked view, a fixed VHD's data) to
-        // the file underneath.
-        for (let depth = 0; !filesOf.has(from) && depth < 8; depth++) {
-          const window = (from as Partial<WindowSource>).windowOf;
-          if (!window) break;
-          fromOffset += window.offset;
-          from = window.source;
-        }
-        const input = filesOf.get(from);
-        // Only inside the sized file: holes past its end would not count.
-        if (
-          !writable || closed || !input || toOffset < 0 ||
-          toOffset + length > size
-        ) {
-          return Promise.resolve(undefined);
-        }
-        checkRange(from.size, fromOffset, length);
-        // A closed input is not copied from (an fstat: the copier's own
-        // descriptor would still read it).
-        try {
-          input.statSync();
-        } catch {
-          return Promise.resolve(undefined);
-        }
-        if (!copiers.has(input)) {
-          copiers.set(
-            input,
-            kernelCopier(input.statSync(), file.statSync()),
-          );
-        }
-        return Promise.resolve(
-          copiers.get(input)?.copy(fromOffset, length, toOffset),
-        );
-      } catch (e) {
-        return Promise.reject(e);
+      // Through windows (a bounds-checked view, a fixed VHD's data) to
+      // the file underneath.
+      for (let depth = 0; !filesOf.has(from) && depth < 8; depth++) {
+        const window = (from as Partial<WindowSource>).windowOf;
+        if (!window) break;
+        fromOffset += window.offset;
+        from = window.source;
       }
+      // After the writes queued on either file: the kernel copies what
+      // they wrote.
+      const other = idleOf.get(from)?.();
+      if (other) {
+        return other.then(() =>
+          inTurn(() => copyNow(from, fromOffset, length, toOffset))
+        );
+      }
+      return inTurn(() => copyNow(from, fromOffset, length, toOffset));
     },
     resize(newSize) {
-      try {
+      return inTurn(() => {
         file.truncateSync(newSize);
         size = newSize;
-        return Promise.resolve();
-      } catch (e) {
-        return Promise.reject(e);
-      }
+      });
     },
     flush() {
-      return writable && sync ? file.syncData() : Promise.resolve();
+      return inTurn(() => {
+        if (failure) throw failure;
+        return writable && sync ? file.syncData() : undefined;
+      });
     },
     async close() {
+      // Queued writes end first (none can be taken back from the kernel).
+      await queue;
       if (!closed) {
         closed = true;
         // The copiers' own descriptors of this file and its inputs.
@@ -261,24 +335,34 @@ function handle(
         file.close();
       }
     },
-    async allocatedBytes() {
-      const stat = await file.stat();
-      return stat.blocks === null ? undefined : stat.blocks * 512;
+    allocatedBytes() {
+      return inTurn(async () => {
+        const stat = await file.stat();
+        return stat.blocks === null ? undefined : stat.blocks * 512;
+      });
     },
-    stat: () => file.stat(),
+    stat: () => inTurn(() => file.stat()),
     dataRanges(offset, length) {
-      try {
-        return Promise.resolve(
-          closed ? undefined : dataRangesIn(file.statSync(), offset, length),
-        );
-      } catch (e) {
-        return Promise.reject(e);
-      }
+      return inTurn(() =>
+        closed ? undefined : dataRangesIn(file.statSync(), offset, length)
+      );
     },
   };
   filesOf.set(self, file);
+  idleOf.set(self, () => queue);
   return self;
 }
+
+/**
+ * Writes of at least this many bytes run on Deno's I/O thread (see
+ * `handle`); smaller ones (a qcow2 cluster, a table) cost more in the
+ * round trip than they take, and run at once unless a write is queued.
+ * `deno task bench "qcow2 compressed"`: see the README's qcow2 section.
+ */
+const ASYNC_WRITE_MIN = 256 << 10;
+
+/** For each FileHandle: the promise its queued ops settle by, or undefined when none is queued. */
+const idleOf = new WeakMap<Source, () => Promise<void> | undefined>();
 
 /**
  * Temporary files for decoding compressed images that must be read at

@@ -19,7 +19,13 @@ import {
 } from "../drivers/codecs/zstd.ts";
 import { encodeFrame } from "../drivers/codecs/zstd_encode.ts";
 import { decodeFed } from "./_codec.ts";
-import { useWasm } from "../drivers/codecs/_wasm.ts";
+import {
+  acquireZstdWasm,
+  releaseWasm,
+  useWasm,
+  useZstdSimd,
+  zstdSimdAvailable,
+} from "../drivers/codecs/_wasm.ts";
 import { CodecError, UnsupportedError } from "../streams/errors.ts";
 
 /** Everything `decodeStreaming` yields for `packed`, fed `step` bytes at a time. */
@@ -184,6 +190,45 @@ Deno.test("zstd decodes with the other codecs' WebAssembly turned off (it has no
     useWasm(before);
   }
 });
+
+Deno.test(
+  "the SIMD build of the decoder and the scalar one give the zstd tool's input, and the same errors",
+  { ignore: skip(["zstd", "tar"]) },
+  async () => {
+    const wasm = await acquireZstdWasm();
+    if (wasm) releaseWasm(wasm);
+    // Deno has SIMD128: the first build is the SIMD one.
+    assertTrue(zstdSimdAvailable(), "the SIMD module did not compile");
+    const input = await realFiles(3 << 20);
+    const packed: Uint8Array[] = [];
+    for (const level of ["-1", "-3", "-19"]) {
+      packed.push(await zstd([level], input.subarray(0, 1 << 20)));
+    }
+    // A frame broken in its sequences: both builds must refuse it alike.
+    const broken = packed[1].slice();
+    broken[broken.length >> 1] ^= 0x5a;
+    const outcome = async (frame: Uint8Array) => {
+      try {
+        return sha256Hex(await decodeAll(frame));
+      } catch (e) {
+        return `${(e as Error).name}: ${(e as Error).message}`;
+      }
+    };
+    const results: string[][] = [];
+    for (const simd of [true, false]) {
+      const before = useZstdSimd(simd);
+      try {
+        assertEquals(zstdSimdAvailable(), simd);
+        results.push(await Promise.all([...packed, broken].map(outcome)));
+      } finally {
+        useZstdSimd(before);
+      }
+    }
+    const want = sha256Hex(input.subarray(0, 1 << 20));
+    assertEquals(results[0].slice(0, 3), [want, want, want]);
+    assertEquals(results[1], results[0]);
+  },
+);
 
 Deno.test("frames from our encoder decode to its input", async () => {
   const inputs = [

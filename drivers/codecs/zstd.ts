@@ -35,7 +35,7 @@
 
 import { CodecError, UnsupportedError } from "../../streams/errors.ts";
 import {
-  acquireWasmAlways,
+  acquireZstdWasm,
   releaseWasm,
   WASM_SLACK,
   type WasmInstance,
@@ -196,7 +196,7 @@ function streamBufferSize(header: FrameHeader): number {
 
 /** An instance to decode with, or an UnsupportedError where none can run. */
 async function zstdWasm(): Promise<WasmInstance> {
-  const wasm = await acquireWasmAlways();
+  const wasm = await acquireZstdWasm();
   if (!wasm) {
     throw new UnsupportedError(
       { format: CODEC, field: "runtime", value: "no WebAssembly" },
