@@ -8,44 +8,17 @@
 // process's, as GNU time reports it.
 import { assertEquals, assertTrue } from "./_asserts.ts";
 import {
-  pseudoRandom,
   ROOT,
   run,
   sha256File,
   skip,
   withTemp,
+  writeTextLikeDisk,
 } from "./_helpers.ts";
 
 const MIB = 1 << 20;
 const DISK_MIB = 200;
 const SEGMENT_MIB = 24;
-
-/**
- * A 200 MiB disk: text-like bytes with random runs (about 1:2 with xz
- * -1, quick to pack), its last 8 MiB zeros.
- */
-async function writeDisk(path: string) {
-  const file = await Deno.open(path, {
-    write: true,
-    create: true,
-    truncate: true,
-  });
-  const words = new TextEncoder().encode(
-    "sector cluster chunk block table partition checksum trailer ",
-  );
-  const block = new Uint8Array(MIB);
-  for (let mib = 0; mib < DISK_MIB; mib++) {
-    const noise = pseudoRandom(MIB, mib + 1);
-    for (let i = 0; i < MIB; i++) {
-      block[i] = i % 4096 < 1024
-        ? noise[i]
-        : words[(i + mib * 7 + (noise[i] & 3)) % words.length];
-    }
-    if (mib >= DISK_MIB - 8) block.fill(0);
-    await file.write(block);
-  }
-  file.close();
-}
 
 /** Packs `disk` as a `.zst` of one frame per 24 MiB (as pzstd does, in other sizes). */
 async function packFrames(dir: string, disk: string, out: string) {
@@ -116,7 +89,7 @@ for (
     ignore: skip(["/usr/bin/time", tool]),
     async fn() {
       await withTemp(async (dir) => {
-        await writeDisk(`${dir}/disk.raw`);
+        await writeTextLikeDisk(`${dir}/disk.raw`, DISK_MIB);
         await pack(dir, `${dir}/disk.raw`, `${dir}/disk.img.${tool}`);
         const kib = await convertPeak(
           `${dir}/disk.img.${tool}`,

@@ -5,44 +5,17 @@
 import { assertEquals, assertTrue } from "./_asserts.ts";
 import { convert, dmg, fromBytes, memorySink } from "../mod.ts";
 import {
-  pseudoRandom,
   ROOT,
   run,
   sha256File,
   sha256Hex,
   skip,
   withTemp,
+  writeTextLikeDisk,
 } from "./_helpers.ts";
 
 const MIB = 1 << 20;
 const CHUNK_SECTORS = 131072; // 64 MiB, the writer's and the format's most
-
-/**
- * A 136 MiB disk: two full 64 MiB chunks of text-like bytes with random
- * runs (about 2:1 with zlib), then 8 MiB of zeros.
- */
-async function writeDisk(path: string) {
-  const file = await Deno.open(path, {
-    write: true,
-    create: true,
-    truncate: true,
-  });
-  const words = new TextEncoder().encode(
-    "sector cluster chunk block table partition checksum trailer ",
-  );
-  const block = new Uint8Array(MIB);
-  for (let mib = 0; mib < 136; mib++) {
-    const noise = pseudoRandom(MIB, mib + 1);
-    for (let i = 0; i < MIB; i++) {
-      block[i] = i % 4096 < 1024
-        ? noise[i]
-        : words[(i + mib * 7 + (noise[i] & 3)) % words.length];
-    }
-    if (mib >= 128) block.fill(0);
-    await file.write(block);
-  }
-  file.close();
-}
 
 // zlib decodes in place into a recycled buffer (178 MiB peak here).
 // LZFSE made its own 64 MiB array and peaked at 240 MiB; it now decodes
@@ -55,7 +28,7 @@ for (const compression of ["zlib", "lzfse"]) {
     ignore: skip(["/usr/bin/time"]),
     async fn() {
       await withTemp(async (dir) => {
-        await writeDisk(`${dir}/disk.raw`);
+        await writeTextLikeDisk(`${dir}/disk.raw`, 136);
         const deno = Deno.execPath();
         await run(deno, [
           "run",
