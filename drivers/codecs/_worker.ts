@@ -134,6 +134,26 @@ async function batch(
 }
 
 /**
+ * Decodes one chunk of a batch (its dmg chunk type: 1 stored, else a
+ * codec's) into `target`, which is exactly its decoded size.
+ */
+async function decodeChunkInto(
+  type: number,
+  packed: Uint8Array,
+  target: Uint8Array,
+): Promise<void> {
+  if (type === 1) {
+    if (packed.length !== target.length) throw new Error("raw chunk size");
+    target.set(packed);
+    return;
+  }
+  const module = CODECS.get(BY_TYPE.get(type) ?? "");
+  if (!module) throw new Error("unknown chunk type");
+  if (module.decodeInto) await module.decodeInto(packed, target);
+  else target.set(await module.decode(packed, target.length));
+}
+
+/**
  * Decodes a batch (see `CodecPool.batchInto`) straight into `out`, shared
  * memory the caller copies from: nothing is allocated per chunk here and
  * nothing is transferred back but the CRCs. (Chunks transferred back as
@@ -154,15 +174,7 @@ async function batchInto(
     const packed = input.subarray(at, at + size);
     const target = out.subarray(dest, dest + decodedSize);
     if (target.length !== decodedSize) throw new Error("output too small");
-    if (type === 1) {
-      if (size !== decodedSize) throw new Error("raw chunk size");
-      target.set(packed);
-    } else {
-      const module = CODECS.get(BY_TYPE.get(type) ?? "");
-      if (!module) throw new Error("unknown chunk type");
-      if (module.decodeInto) await module.decodeInto(packed, target);
-      else target.set(await module.decode(packed, decodedSize));
-    }
+    await decodeChunkInto(type, packed, target);
     if (!noCrc) crcs[j / 5] = crc32(target);
   }
   return crcs;
@@ -204,10 +216,7 @@ async function spread(
         noCrc ? undefined : crcs.subarray(k, k + 2),
       )
     ) continue;
-    const module = CODECS.get(BY_TYPE.get(type) ?? "");
-    if (!module) throw new Error("unknown chunk type");
-    if (module.decodeInto) await module.decodeInto(packed, target);
-    else target.set(await module.decode(packed, decodedSize));
+    await decodeChunkInto(type, packed, target);
     if (noCrc) continue;
     crcs[k] = crc32(target);
     crcs[k + 1] = crc32(packed);
