@@ -351,7 +351,7 @@ function rng(seed: number) {
 }
 
 Deno.test(
-  "thousands of mutated frames: a typed error, or the bytes zstd -d gives",
+  "thousands of mutated frames: a typed error, or the bytes zstd -d gives, the same from the SIMD and the scalar build",
   { ignore: skip(["zstd", "tar"]) },
   async () => {
     const real = await realFiles(1 << 20);
@@ -410,15 +410,32 @@ Deno.test(
         const toolOk =
           (await Deno.readTextFile(`${dir}/${i}.zst.rc`)).trim() === "0";
         let ours: Uint8Array | undefined;
+        let error = "";
         try {
           ours = await decodeAll(mutants[i]);
         } catch (e) {
           if (!(e instanceof CodecError || e instanceof UnsupportedError)) {
             throw new Error(`mutant ${i}: untyped ${e}`);
           }
+          error = `${e.name}: ${e.message}`;
           for (const [name, pattern] of KINDS) {
             if (pattern.test(e.message)) seen.add(name);
           }
+        }
+        // The scalar build (engines without SIMD) gives the same answer.
+        const before = useZstdSimd(false);
+        try {
+          const scalar = await decodeAll(mutants[i]);
+          assertTrue(ours !== undefined, `mutant ${i}: only scalar decodes`);
+          assertEquals(sha256Hex(scalar), sha256Hex(ours!), `mutant ${i}`);
+        } catch (e) {
+          if (ours !== undefined) throw e;
+          const scalarError = e instanceof Error
+            ? `${e.name}: ${e.message}`
+            : String(e);
+          assertEquals(scalarError, error, `mutant ${i}: scalar's error`);
+        } finally {
+          useZstdSimd(before);
         }
         if (ours === undefined) {
           // Refused where zstd -d decodes: only frames without a checksum
