@@ -472,3 +472,34 @@ export async function writeTextLikeDisk(path: string, mib: number) {
     file.close();
   }
 }
+
+/**
+ * Converts `input` to a raw `output` with our CLI in a child process, run
+ * under GNU time; answers the child's peak RSS in KiB.
+ *
+ * @example
+ * ```ts ignore
+ * const kib = await convertPeakKiB(`${dir}/disk.dmg`, `${dir}/out.raw`);
+ * ```
+ */
+export async function convertPeakKiB(
+  input: string,
+  output: string,
+): Promise<number> {
+  const { stderr } = await run("/usr/bin/time", [
+    "-f",
+    "peak %M KiB",
+    Deno.execPath(),
+    "run",
+    "-A",
+    `${ROOT}cli.ts`,
+    "convert",
+    "-O",
+    "raw",
+    input,
+    output,
+  ]);
+  const kib = Number(/peak (\d+) KiB/.exec(stderr)?.[1]);
+  if (!(kib > 0)) throw new Error(`no peak in ${stderr}`);
+  return kib;
+}

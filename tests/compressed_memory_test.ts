@@ -8,7 +8,7 @@
 // process's, as GNU time reports it.
 import { assertEquals, assertTrue } from "./_asserts.ts";
 import {
-  ROOT,
+  convertPeakKiB,
   run,
   sha256File,
   skip,
@@ -45,26 +45,6 @@ async function packFrames(dir: string, disk: string, out: string) {
   }
 }
 
-/** Converts `input` to raw in a child process; answers its peak RSS in KiB. */
-async function convertPeak(input: string, output: string): Promise<number> {
-  const { stderr } = await run("/usr/bin/time", [
-    "-f",
-    "peak %M KiB",
-    Deno.execPath(),
-    "run",
-    "-A",
-    `${ROOT}cli.ts`,
-    "convert",
-    "-O",
-    "raw",
-    input,
-    output,
-  ]);
-  const kib = Number(/peak (\d+) KiB/.exec(stderr)?.[1]);
-  assertTrue(kib > 0, `no peak in ${stderr}`);
-  return kib;
-}
-
 for (
   const [name, tool, pack] of [
     [
@@ -91,7 +71,7 @@ for (
       await withTemp(async (dir) => {
         await writeTextLikeDisk(`${dir}/disk.raw`, DISK_MIB);
         await pack(dir, `${dir}/disk.raw`, `${dir}/disk.img.${tool}`);
-        const kib = await convertPeak(
+        const kib = await convertPeakKiB(
           `${dir}/disk.img.${tool}`,
           `${dir}/out.raw`,
         );

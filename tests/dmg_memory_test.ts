@@ -5,6 +5,7 @@
 import { assertEquals, assertTrue } from "./_asserts.ts";
 import { convert, dmg, fromBytes, memorySink } from "../mod.ts";
 import {
+  convertPeakKiB,
   ROOT,
   run,
   sha256File,
@@ -42,21 +43,7 @@ for (const compression of ["zlib", "lzfse"]) {
           `${dir}/disk.raw`,
           `${dir}/disk.dmg`,
         ]);
-        const { stderr } = await run("/usr/bin/time", [
-          "-f",
-          "peak %M KiB",
-          deno,
-          "run",
-          "-A",
-          `${ROOT}cli.ts`,
-          "convert",
-          "-O",
-          "raw",
-          `${dir}/disk.dmg`,
-          `${dir}/out.raw`,
-        ]);
-        const kib = Number(/peak (\d+) KiB/.exec(stderr)?.[1]);
-        assertTrue(kib > 0, `no peak in ${stderr}`);
+        const kib = await convertPeakKiB(`${dir}/disk.dmg`, `${dir}/out.raw`);
         assertEquals(
           await sha256File(`${dir}/out.raw`),
           await sha256File(`${dir}/disk.raw`),
@@ -136,21 +123,7 @@ Deno.test({
     });
     await withTemp(async (dir) => {
       await Deno.writeFile(`${dir}/disk.dmg`, sink.bytes());
-      const { stderr } = await run("/usr/bin/time", [
-        "-f",
-        "peak %M KiB",
-        Deno.execPath(),
-        "run",
-        "-A",
-        `${ROOT}cli.ts`,
-        "convert",
-        "-O",
-        "raw",
-        `${dir}/disk.dmg`,
-        `${dir}/out.raw`,
-      ]);
-      const kib = Number(/peak (\d+) KiB/.exec(stderr)?.[1]);
-      assertTrue(kib > 0, `no peak in ${stderr}`);
+      const kib = await convertPeakKiB(`${dir}/disk.dmg`, `${dir}/out.raw`);
       assertEquals(await sha256File(`${dir}/out.raw`), sha256Hex(disk));
       console.log(`peak RSS ${Math.round(kib / 1024)} MiB`);
       assertTrue(
