@@ -47,6 +47,7 @@
  * @module
  */
 
+import { probeAsif } from "./_signatures.ts";
 import {
   ascii,
   be16,
@@ -61,7 +62,6 @@ import {
   type Driver,
   type Image,
   type OpenOptions,
-  type ProbeInput,
   readInto,
   type Source,
 } from "../streams/types.ts";
@@ -403,10 +403,6 @@ async function openAsif(source: Source, options: OpenOptions): Promise<Image> {
 export const asif: Driver = {
   name: FORMAT,
   description: "Apple Sparse Image Format (.asif, macOS 26; read-only)",
-  probe(input: ProbeInput): number {
-    return ascii(input.head, 0, Math.min(4, input.head.length)) === SIGNATURE
-      ? 100
-      : 0;
-  },
+  probe: probeAsif,
   open: openAsif,
 };

@@ -29,6 +29,7 @@
  * @module
  */
 
+import { probeBochs } from "./_signatures.ts";
 import { cString, formatErrors, le32, le64, safeNumber } from "./_binary.ts";
 import { check, ImageFormatError } from "../streams/errors.ts";
 import type {
@@ -37,7 +38,6 @@ import type {
   ExtentKind,
   Image,
   OpenOptions,
-  ProbeInput,
   Source,
 } from "../streams/types.ts";
 import { checkRange } from "../streams/types.ts";
@@ -341,11 +341,6 @@ async function openBochs(source: Source, options: OpenOptions): Promise<Image> {
 export const bochs: Driver = {
   name: FORMAT,
   description: "Bochs growing/redolog disk image (read-only)",
-  probe(input: ProbeInput): number {
-    // The magic alone: a bad type, subtype or version, or a file cut
-    // short of its header, is this driver's error, not a raw disk.
-    const h = input.head;
-    return cString(h, 0, Math.min(32, h.length)) === MAGIC ? 100 : 0;
-  },
+  probe: probeBochs,
   open: openBochs,
 };

@@ -27,6 +27,7 @@
  * @module
  */
 
+import { cloopSignature, probeCloop } from "./_signatures.ts";
 import { checkWriteOptions, optionErrors } from "../streams/options.ts";
 import {
   be32,
@@ -51,7 +52,6 @@ import {
   type EncodeOptions,
   type Extent,
   type Image,
-  type ProbeInput,
   readInto as readIntoSource,
   type Sink,
   type Source,
@@ -190,24 +190,6 @@ interface Header {
   tableOffset: number;
 }
 
-/** The version a 136-byte candidate header names, if any. */
-function signature(bytes: Uint8Array, at: number): 2 | 4 | undefined {
-  // The signature alone, even in a file cut short of the preamble's 128
-  // bytes: such a file is a truncated cloop, not a raw disk.
-  if (bytes.length < at + SIGNATURE_OFFSET + 4) return undefined;
-  const sig = String.fromCharCode(
-    ...bytes.subarray(at + SIGNATURE_OFFSET, at + SIGNATURE_OFFSET + 4),
-  );
-  if (sig === "V4.0") return 4;
-  if (sig === "V2.0") return 2;
-  // create_compressed_fs and QEMU agree on byte 11, but the issue's
-  // description of version 2 only promises "#V2.0 Format" somewhere in the
-  // preamble of a script.
-  const text = String.fromCharCode(...bytes.subarray(at, at + HEADROOM));
-  if (text.startsWith("#!/bin/sh") && text.includes("#V2.0 Format")) return 2;
-  return undefined;
-}
-
 const fail = formatErrors(FORMAT);
 
 /** Validates block_size and n_blocks at `at`, as QEMU's cloop_open does. */
@@ -284,7 +266,7 @@ async function parseHeader(source: Source): Promise<Header> {
     );
   }
   const head = await source.read(0, HEADER_SIZE);
-  const first = signature(head, 0);
+  const first = cloopSignature(head, 0);
   if (first) {
     const { blockSize, nBlocks } = checkSizes(head, 0, 0, size, source.name);
     return {
@@ -297,7 +279,7 @@ async function parseHeader(source: Source): Promise<Header> {
   }
   const base = size - HEADER_SIZE;
   const tail = await source.read(base, HEADER_SIZE);
-  const last = signature(tail, 0);
+  const last = cloopSignature(tail, 0);
   if (!last) {
     throw fail(
       "signature",
@@ -992,15 +974,7 @@ export const cloop: Driver = {
   description: "cloop compressed loop image (Knoppix), versions 2.0 and 4.0",
   // The signature alone: a cloop whose header is broken (block_size 0 or
   // 513) is a cloop, and `open` names the field.
-  probe(input: ProbeInput): number {
-    if (signature(input.head, 0)) return 100;
-    if (input.size >= HEADER_SIZE && input.tail.length >= HEADER_SIZE) {
-      if (signature(input.tail, input.tail.length - HEADER_SIZE) === 4) {
-        return 90;
-      }
-    }
-    return 0;
-  },
+  probe: probeCloop,
   async open(source: Source): Promise<Image> {
     const header = await parseHeader(source);
     const table = await readTable(source, header);

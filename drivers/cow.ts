@@ -34,6 +34,7 @@
  * @module
  */
 
+import { probeCow } from "./_signatures.ts";
 import { optionErrors } from "../streams/options.ts";
 import {
   alignUp,
@@ -62,7 +63,6 @@ import type {
   ExtentKind,
   Image,
   OpenOptions,
-  ProbeInput,
   Sink,
   Source,
 } from "../streams/types.ts";
@@ -554,15 +554,7 @@ export const cow: Driver = {
     },
   ],
   description: "User-Mode Linux COW (versions 2 and 3)",
-  probe(input: ProbeInput): number {
-    const h = input.head;
-    if (h.length < 4) return 0;
-    const v = new DataView(h.buffer, h.byteOffset, h.length);
-    if (v.getUint32(0) !== MAGIC) return 0;
-    // The magic alone: another version, or a file cut short, is refused by
-    // `open`, by name.
-    return 100;
-  },
+  probe: probeCow,
   open: openCow,
   create: createCow,
   setBackingFile: setCowBackingFile,

@@ -38,6 +38,11 @@
  * @module
  */
 
+import {
+  looksLikeDiskCopyHeader,
+  looksLikeMacBinary,
+  probeDiskcopy42,
+} from "./_signatures.ts";
 import { ascii, be16, be32, formatErrors } from "./_binary.ts";
 import { ChecksumError, UnsupportedError } from "../streams/errors.ts";
 import {
@@ -45,7 +50,6 @@ import {
   type Driver,
   type Image,
   type OpenOptions,
-  type ProbeInput,
   readInto,
   type Source,
 } from "../streams/types.ts";
@@ -81,21 +85,6 @@ interface MacBinary {
   creator: string;
   dataForkLength: number;
   version: number;
-}
-
-/** True when `b[at..]` looks like a DiskCopy 4.2 header (no magic: every field that can be checked is). */
-function looksLikeHeader(b: Uint8Array, at: number): boolean {
-  if (b.length < at + HEADER_SIZE) return false;
-  const dataSize = be32(b, at + 64);
-  return b[at] <= 63 && be16(b, at + 82) === PRIVATE &&
-    b[at + 80] <= 3 && dataSize > 0 && dataSize % 512 === 0 &&
-    be32(b, at + 68) % 12 === 0;
-}
-
-/** True when the first 128 bytes look like a MacBinary header. */
-function looksLikeMacBinary(b: Uint8Array): boolean {
-  return b.length >= MACBINARY_HEADER && b[0] === 0 && b[1] >= 1 &&
-    b[1] <= 63 && b[74] === 0 && b[82] === 0;
 }
 
 /**
@@ -239,10 +228,10 @@ async function openDiskCopy(
   let base = 0;
   let room = source.size;
   let wrapper: MacBinary | undefined;
-  if (!looksLikeHeader(head, 0) && looksLikeMacBinary(head)) {
+  if (!looksLikeDiskCopyHeader(head, 0) && looksLikeMacBinary(head)) {
     wrapper = parseMacBinary(head, source.size);
     const ndif = wrapper.creator === "ddsk" || wrapper.type === "rohd";
-    if (ndif && !looksLikeHeader(head, MACBINARY_HEADER)) {
+    if (ndif && !looksLikeDiskCopyHeader(head, MACBINARY_HEADER)) {
       throw new UnsupportedError(
         {
           format: FORMAT,
@@ -373,19 +362,6 @@ export const diskcopy42: Driver = {
   name: FORMAT,
   description:
     "Apple DiskCopy 4.2 floppy image (.image, .dc42; also in MacBinary; read-only)",
-  probe({ head }: ProbeInput): number {
-    // No magic: a plausible header scores below the formats that have one.
-    if (looksLikeHeader(head, 0)) return 50;
-    if (!looksLikeMacBinary(head)) return 0;
-    const type = ascii(head, 65, 69);
-    const creator = ascii(head, 69, 73);
-    if (
-      type === "dImg" || creator === "dCpy" || creator === "ddsk" ||
-      type === "rohd" || looksLikeHeader(head, MACBINARY_HEADER)
-    ) {
-      return 50;
-    }
-    return 0;
-  },
+  probe: probeDiskcopy42,
   open: openDiskCopy,
 };

@@ -30,9 +30,9 @@
  * @module
  */
 
+import { probeDmg } from "./_signatures.ts";
 import { checkWriteOptions, optionErrors } from "../streams/options.ts";
 import { ascii, be32, formatErrors, isZero, le32, Scratch } from "./_binary.ts";
-import { compressorMagic } from "./_magic.ts";
 import * as zlib from "./codecs/zlib.ts";
 import { crc32, crc32Combine, crc32Zeros } from "./codecs/crc32.ts";
 import {
@@ -49,7 +49,6 @@ import {
   extentsOf,
   type Image,
   type OpenOptions,
-  type ProbeInput,
   readInto as readIntoSource,
   type Sink,
   type Source,
@@ -58,7 +57,6 @@ import {
   type Checksum,
   CHECKSUM_CRC32,
   type Koly,
-  KOLY_MAGIC,
   KOLY_SIZE,
   kolyBytes,
   parseKoly,
@@ -1825,22 +1823,7 @@ export const dmg: Driver = {
   compresses: true,
   description:
     "Apple UDIF disk image (dmg): raw, zlib, bzip2, ADC, LZFSE and LZMA chunks",
-  probe(input: ProbeInput): number {
-    // Encrypted images (encrcdsa, cdsaencr) are the dmg-encrypted
-    // driver's. The koly magic alone: a wrong version or header size is
-    // this driver's error.
-    const t = input.tail;
-    if (input.size >= KOLY_SIZE && t.length >= KOLY_SIZE) {
-      if (be32(t, t.length - KOLY_SIZE) === KOLY_MAGIC) return 100;
-    }
-    // QEMU's dmg_probe goes by the name alone (score 2): a file called
-    // .dmg without a koly trailer is refused as a dmg, not read as raw.
-    // (A compressed file so named is left to the decompressing wrappers.)
-    return input.name !== undefined && /\.dmg$/i.test(input.name) &&
-        !compressorMagic(input.head)
-      ? 2
-      : 0;
-  },
+  probe: probeDmg,
   async open(source: Source, options: OpenOptions = {}): Promise<Image> {
     const ends = Math.min(8, source.size);
     const encrypted = encryptedSignature(

@@ -18,13 +18,13 @@
  * @module
  */
 
+import { probeDmgEncrypted } from "./_signatures.ts";
 import { KeyError, UnsupportedError } from "../streams/errors.ts";
 import type {
   Driver,
   Extent,
   Image,
   OpenOptions,
-  ProbeInput,
   Source,
 } from "../streams/types.ts";
 import { checkRange } from "../streams/types.ts";
@@ -32,7 +32,6 @@ import {
   decryptedSource,
   describeEncryption,
   type EncryptedLayout,
-  encryptedVersion,
   FORMAT,
   parseEncrypted,
   unlockKeys,
@@ -104,9 +103,7 @@ export const dmgEncrypted: Driver = {
   name: FORMAT,
   description:
     "Apple encrypted disk image (encrcdsa v2 header or cdsaencr v1 trailer; AES-128/256, password key records); the image inside is read as usual",
-  probe(input: ProbeInput): number {
-    return encryptedVersion(input.head, input.tail) ? 100 : 0;
-  },
+  probe: probeDmgEncrypted,
   async open(source: Source, options: OpenOptions = {}): Promise<Image> {
     if (options.writable) {
       throw new UnsupportedError(

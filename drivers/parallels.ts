@@ -43,6 +43,7 @@
  * @module
  */
 
+import { isParallelsDescriptor, probeParallels } from "./_signatures.ts";
 import { ascii, formatErrors, le32, le64 } from "./_binary.ts";
 import { blockReader, wholeBlock } from "./_blocks.ts";
 import { check, UnsupportedError } from "../streams/errors.ts";
@@ -53,13 +54,7 @@ import {
   storesDataIn,
 } from "../streams/types.ts";
 import { overlay } from "../streams/overlay.ts";
-import type {
-  Driver,
-  Image,
-  OpenOptions,
-  ProbeInput,
-  Source,
-} from "../streams/types.ts";
+import type { Driver, Image, OpenOptions, Source } from "../streams/types.ts";
 
 const FORMAT = "parallels";
 const MAGIC_OLD = "WithoutFreeSpace";
@@ -85,7 +80,7 @@ async function openParallels(
     );
   }
   const start = await source.read(0, Math.min(source.size, 4096));
-  if (isDescriptor(start)) return await openBundle(source, options);
+  if (isParallelsDescriptor(start)) return await openBundle(source, options);
   check(source.size >= HEADER_BYTES, {
     format: FORMAT,
     field: "file size",
@@ -298,14 +293,6 @@ function snapshotChain(
     at = parent;
   }
   return { chain, top, shots };
-}
-
-/** True when `head` begins a Parallels DiskDescriptor.xml. */
-function isDescriptor(head: Uint8Array): boolean {
-  const text = ascii(head, 0, Math.min(head.length, 1024));
-  // The bytes as Latin-1: a UTF-8 byte order mark is these three.
-  return /^(\xEF\xBB\xBF)?\s*(<\?xml[^>]*>\s*)?<Parallels_disk_image[\s>]/
-    .test(text);
 }
 
 /**
@@ -552,11 +539,6 @@ export const parallels: Driver = {
   name: FORMAT,
   description:
     "Parallels expanding disk image or DiskDescriptor.xml bundle (read-only)",
-  probe(input: ProbeInput): number {
-    if (input.head.length < 16) return 0;
-    const magic = ascii(input.head, 0, 16);
-    if (magic === MAGIC_OLD || magic === MAGIC_EXT) return 100;
-    return isDescriptor(input.head) ? 100 : 0;
-  },
+  probe: probeParallels,
   open: openParallels,
 };

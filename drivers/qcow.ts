@@ -33,6 +33,7 @@
  * @module
  */
 
+import { probeQcow } from "./_signatures.ts";
 import { checkWriteOptions } from "../streams/options.ts";
 import {
   alignUp,
@@ -79,7 +80,6 @@ import type {
   ExtentKind,
   Image,
   OpenOptions,
-  ProbeInput,
   SectorCipher,
   Sink,
   Source,
@@ -1244,16 +1244,7 @@ export const qcow: Driver = {
   ],
   compresses: true,
   description: "QEMU qcow version 1 (compressed clusters, AES encryption)",
-  probe(input: ProbeInput): number {
-    const h = input.head;
-    if (h.length < 4) return 0;
-    const v = new DataView(h.buffer, h.byteOffset, h.length);
-    if (v.getUint32(0) !== MAGIC) return 0;
-    // The magic with a version below 2 (QEMU gives 2 and up to qcow2):
-    // version 0 is this driver's error, not a raw disk; so is a file cut
-    // short before its version.
-    return h.length < 8 || v.getUint32(4) < 2 ? 100 : 0;
-  },
+  probe: probeQcow,
   open: openQcow,
   create: createQcow,
   encode: encodeQcow,

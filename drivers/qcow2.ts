@@ -51,6 +51,7 @@
  * @module
  */
 
+import { probeQcow2 } from "./_signatures.ts";
 import { formatErrors, safeNumber } from "./_binary.ts";
 import {
   BackingFileError,
@@ -89,7 +90,6 @@ import type {
   Extent,
   Image,
   OpenOptions,
-  ProbeInput,
   SectorCipher,
   Source,
 } from "../streams/types.ts";
@@ -1736,19 +1736,9 @@ async function stateFrom(
   };
 }
 
-/**
- * Whether `input` is a qcow2 image: the magic and a version past 1 (a
- * version it cannot read is then its error, not raw).
- *
- * @param input the head of the file
- * @returns 100 for qcow2, else 0
- */
-export function probeQcow2(input: ProbeInput): number {
-  const h = input.head;
-  if (h.length < 8) return 0;
-  const v = new DataView(h.buffer, h.byteOffset, h.length);
-  return v.getUint32(0) === MAGIC && v.getUint32(4) >= 2 ? 100 : 0;
-}
+// The probe lives with the other signatures (the registry scores files
+// without loading this driver).
+export { probeQcow2 };
 
 async function openQcow2(source: Source, options: OpenOptions): Promise<Image> {
   let state = await openState(source, options);

@@ -30,16 +30,11 @@
  * @module
  */
 
+import { probeQed } from "./_signatures.ts";
 import { ascii, formatErrors, le32, le64, safeNumber } from "./_binary.ts";
 import { blockReader, wholeBlock } from "./_blocks.ts";
 import { check, UnsupportedError } from "../streams/errors.ts";
-import type {
-  Driver,
-  Image,
-  OpenOptions,
-  ProbeInput,
-  Source,
-} from "../streams/types.ts";
+import type { Driver, Image, OpenOptions, Source } from "../streams/types.ts";
 import { storesDataIn } from "../streams/types.ts";
 
 const FORMAT = "qed";
@@ -282,8 +277,6 @@ async function openQed(source: Source, options: OpenOptions): Promise<Image> {
 export const qed: Driver = {
   name: FORMAT,
   description: "QEMU Enhanced Disk (read-only)",
-  probe(input: ProbeInput): number {
-    return input.head.length >= 4 && le32(input.head, 0) === MAGIC ? 100 : 0;
-  },
+  probe: probeQed,
   open: openQed,
 };

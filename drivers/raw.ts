@@ -7,6 +7,7 @@
  * @module
  */
 
+import { probeRaw } from "./_signatures.ts";
 import { isZero } from "./_binary.ts";
 import { writeSink } from "./_image.ts";
 import type {
@@ -159,7 +160,7 @@ export const raw: Driver = {
   name: "raw",
   writeOptions: [],
   description: "raw disk bytes, no header",
-  probe: () => 1,
+  probe: probeRaw,
   open(source: Source, options: OpenOptions) {
     return Promise.resolve(rawImage(source, writeSink(options, "raw")));
   },

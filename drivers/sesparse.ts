@@ -45,6 +45,7 @@
  * @module
  */
 
+import { probeSeSparse } from "./_signatures.ts";
 import { formatErrors, le32, le64 } from "./_binary.ts";
 import { blockReader, wholeBlock } from "./_blocks.ts";
 import {
@@ -52,13 +53,7 @@ import {
   check,
   UnsupportedError,
 } from "../streams/errors.ts";
-import type {
-  Driver,
-  Image,
-  OpenOptions,
-  ProbeInput,
-  Source,
-} from "../streams/types.ts";
+import type { Driver, Image, OpenOptions, Source } from "../streams/types.ts";
 
 const FORMAT = "seSparse";
 const SECTOR = 512;
@@ -291,10 +286,6 @@ async function openSeSparse(
 export const seSparse: Driver = {
   name: FORMAT,
   description: "VMware ESXi seSparse extent, opened bare (read-only)",
-  probe(input: ProbeInput): number {
-    return input.head.length >= 8 && le64(input.head, 0) === CONST_MAGIC
-      ? 100
-      : 0;
-  },
+  probe: probeSeSparse,
   open: openSeSparse,
 };

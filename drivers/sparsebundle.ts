@@ -38,6 +38,7 @@
  * @module
  */
 
+import { BUNDLE_TYPE, probeSparsebundle } from "./_signatures.ts";
 import { formatErrors } from "./_binary.ts";
 import { bandReader, nextPresent } from "./_bands.ts";
 import { parsePlist, type PlistValue } from "./dmg/_plist.ts";
@@ -58,14 +59,12 @@ import {
 import type {
   Driver,
   Image,
-  ProbeInput,
   Source,
   Tree,
   TreeEntry,
 } from "../streams/types.ts";
 
 const FORMAT = "sparsebundle";
-const BUNDLE_TYPE = "com.apple.diskimage.sparsebundle";
 /** Info.plist files are a few hundred bytes; more is not a bundle's. */
 const MAX_PLIST = 64 << 10;
 /**
@@ -445,12 +444,6 @@ export async function openSparsebundle(
   };
 }
 
-/** True when `head` looks like a sparse bundle's Info.plist. */
-function isBundlePlist(head: Uint8Array): boolean {
-  const text = new TextDecoder().decode(head.subarray(0, 4096));
-  return text.includes("<plist") && text.includes(BUNDLE_TYPE);
-}
-
 /**
  * The sparsebundle driver: it recognises a bundle's `Info.plist` by its
  * bundle type. A bundle is a folder, not one file: open it with
@@ -469,9 +462,7 @@ function isBundlePlist(head: Uint8Array): boolean {
 export const sparsebundle: Driver = {
   name: FORMAT,
   description: "Apple sparse bundle (.sparsebundle folder; read-only)",
-  probe(input: ProbeInput): number {
-    return isBundlePlist(input.head) ? 100 : 0;
-  },
+  probe: probeSparsebundle,
   open(source: Source): Promise<Image> {
     return Promise.reject(
       new UnsupportedError(

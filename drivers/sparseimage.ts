@@ -40,6 +40,7 @@
  * @module
  */
 
+import { probeSparseimage } from "./_signatures.ts";
 import { ascii, be32, be64, formatErrors, safeNumber } from "./_binary.ts";
 import { bandReader, nextPresent } from "./_bands.ts";
 import { UnsupportedError } from "../streams/errors.ts";
@@ -47,7 +48,6 @@ import {
   type Driver,
   type Image,
   type OpenOptions,
-  type ProbeInput,
   readInto,
   type Source,
 } from "../streams/types.ts";
@@ -273,10 +273,6 @@ async function openSparseimage(
 export const sparseimage: Driver = {
   name: FORMAT,
   description: "Apple sparse disk image (.sparseimage, UDSP; read-only)",
-  probe(input: ProbeInput): number {
-    return ascii(input.head, 0, Math.min(4, input.head.length)) === SIGNATURE
-      ? 100
-      : 0;
-  },
+  probe: probeSparseimage,
   open: openSparseimage,
 };

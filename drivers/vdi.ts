@@ -55,6 +55,7 @@
  * @module
  */
 
+import { probeVdi } from "./_signatures.ts";
 import { checkWriteOptions } from "../streams/options.ts";
 import {
   formatErrors,
@@ -77,7 +78,6 @@ import type {
   Driver,
   Image,
   OpenOptions,
-  ProbeInput,
   Sink,
   Source,
 } from "../streams/types.ts";
@@ -892,11 +892,7 @@ export const vdi: Driver = {
       default: "1048576",
     },
   ],
-  probe(input: ProbeInput): number {
-    return input.head.length >= 72 && le32(input.head, 64) === SIGNATURE
-      ? 100
-      : 0;
-  },
+  probe: probeVdi,
   open: openVdi,
   create: createVdi,
   createNeedsBacking: true,

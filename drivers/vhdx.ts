@@ -73,6 +73,7 @@
  * @module
  */
 
+import { probeVhdx } from "./_signatures.ts";
 import { checkWriteOptions } from "../streams/options.ts";
 import {
   ascii,
@@ -105,7 +106,6 @@ import type {
   EncodeOptions,
   Image,
   OpenOptions,
-  ProbeInput,
   Sink,
   Source,
 } from "../streams/types.ts";
@@ -1841,11 +1841,7 @@ export const vhdx: Driver = {
   name: FORMAT,
   description:
     "Hyper-V VHDX (fixed, dynamic, differencing; log replayed in memory)",
-  probe(input: ProbeInput): number {
-    return input.head.length >= 8 && ascii(input.head, 0, 8) === "vhdxfile"
-      ? 100
-      : 0;
-  },
+  probe: probeVhdx,
   writeOptions: [
     {
       name: "subformat",

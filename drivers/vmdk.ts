@@ -42,6 +42,7 @@
  * @module
  */
 
+import { probeVmdk } from "./_signatures.ts";
 import {
   formatErrors,
   isZero,
@@ -65,7 +66,6 @@ import type {
   Geometry,
   Image,
   OpenOptions,
-  ProbeInput,
   Sink,
   Source,
 } from "../streams/types.ts";
@@ -1447,28 +1447,6 @@ class SliceOf implements Part {
 
 // ---------------------------------------------------------------------------
 // Probing
-
-const DESCRIPTOR_START = "# Disk DescriptorFile";
-
-function probeVmdk(input: ProbeInput): number {
-  const h = input.head;
-  if (h.length >= 4) {
-    const magic = String.fromCharCode(...h.subarray(0, 4));
-    // VMFS sparse (COWD) extents are claimed so that `open` names them.
-    if (magic === MAGIC || magic === "COWD") return 100;
-  }
-  const text = String.fromCharCode(...h.subarray(0, Math.min(h.length, 512)));
-  if (text.startsWith(DESCRIPTOR_START)) return 100;
-  // Descriptors written by hand may start with other comments or blank lines.
-  if (
-    input.size <= MAX_DESCRIPTOR_BYTES &&
-    /^\s*(#[^\n]*\n\s*)*version\s*=/.test(text) &&
-    /createType\s*=/.test(text)
-  ) {
-    return 90;
-  }
-  return 0;
-}
 
 // ---------------------------------------------------------------------------
 // Writing

@@ -57,6 +57,7 @@
  * @module
  */
 
+import { probeVpc } from "./_signatures.ts";
 import { checkWriteOptions, optionErrors } from "../streams/options.ts";
 import {
   ascii,
@@ -85,7 +86,6 @@ import type {
   Geometry,
   Image,
   OpenOptions,
-  ProbeInput,
   Sink,
   Source,
   WindowSource,
@@ -1554,18 +1554,7 @@ export const vpc: Driver = {
     },
   ],
   description: "Virtual PC / Hyper-V VHD (fixed, dynamic, differencing)",
-  probe(input: ProbeInput): number {
-    if (input.head.length >= 8 && ascii(input.head, 0, 8) === "conectix") {
-      return 100;
-    }
-    // A fixed VHD keeps its footer only at the end (QEMU misses these and
-    // takes them for raw disks 512 bytes too long).
-    if (input.size < FOOTER_SIZE || input.tail.length < FOOTER_SIZE) return 0;
-    const footer = input.tail.subarray(input.tail.length - FOOTER_SIZE);
-    // The cookie alone: a footer with a bad checksum is a broken VHD, and
-    // `open` says so.
-    return ascii(footer, 0, 8) === "conectix" ? 100 : 0;
-  },
+  probe: probeVpc,
   open: openVpc,
   create: createVpc,
   resize: resizeVpc,

@@ -45,6 +45,7 @@
  * @module
  */
 
+import { probeVvfat } from "./_signatures.ts";
 import { setLe16, setLe32 } from "./_binary.ts";
 import {
   ImageFormatError,
@@ -56,7 +57,6 @@ import type {
   Driver,
   Extent,
   Image,
-  ProbeInput,
   Tree,
   TreeEntry,
 } from "../streams/types.ts";
@@ -1279,9 +1279,7 @@ export const vvfat: Driver = {
   name: FORMAT,
   description:
     "a folder as a read-only FAT12/16/32 disk (fat:DIR; openTree in the API)",
-  probe(_input: ProbeInput): number {
-    return 0;
-  },
+  probe: probeVvfat,
   open(): Promise<Image> {
     return Promise.reject(
       new UnsupportedError(

@@ -80,6 +80,11 @@
  * @module
  */
 
+import {
+  ENCRYPTED_V1_MAGIC,
+  ENCRYPTED_V2_MAGIC,
+  encryptedVersion,
+} from "../_signatures.ts";
 import { ascii, be32, be64, formatErrors, Scratch } from "../_binary.ts";
 import {
   ImageFormatError,
@@ -103,10 +108,12 @@ import {
 /** The driver name errors carry. */
 export const FORMAT = "dmg-encrypted";
 
+// The signatures and their check live with the probes (drivers/_signatures.ts).
+export { encryptedVersion };
 /** The version 2 signature, at offset 0. */
-export const V2_MAGIC = "encrcdsa";
+export const V2_MAGIC = ENCRYPTED_V2_MAGIC;
 /** The version 1 signature, the file's last 8 bytes. */
-export const V1_MAGIC = "cdsaencr";
+export const V1_MAGIC = ENCRYPTED_V1_MAGIC;
 
 const V2_HEADER_BYTES = 0x4c;
 const KEY_POINTER_BYTES = 20;
@@ -217,29 +224,6 @@ function u64(
 
 const hexOf = (b: Uint8Array) =>
   Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
-
-/**
- * True when `head` starts with `encrcdsa` or `tail` ends with `cdsaencr`.
- *
- * @param head the first bytes of the file
- * @param tail the last bytes of the file
- * @returns the version found, or 0
- *
- * @example
- * ```ts
- * import { encryptedVersion } from "./_encrcdsa.ts";
- * const head = new TextEncoder().encode("encrcdsa");
- * console.log(encryptedVersion(head, head)); // 2
- * ```
- */
-export function encryptedVersion(
-  head: Uint8Array,
-  tail: Uint8Array,
-): 0 | 1 | 2 {
-  if (head.length >= 8 && ascii(head, 0, 8) === V2_MAGIC) return 2;
-  if (tail.length >= 8 && ascii(tail, tail.length - 8) === V1_MAGIC) return 1;
-  return 0;
-}
 
 /** Checks a chunk size field. */
 function checkBlockSize(value: number, offset: number, file?: string) {

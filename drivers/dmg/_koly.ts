@@ -45,13 +45,12 @@ import {
   setBe32,
   setBe64,
 } from "../_binary.ts";
+import { KOLY_MAGIC, KOLY_SIZE } from "../_signatures.ts";
 
 const dmgError = formatErrors("dmg");
 
-/** Bytes of the trailer. */
-export const KOLY_SIZE = 512;
-/** `koly` as a big-endian number. */
-export const KOLY_MAGIC = 0x6b6f6c79;
+// The trailer's size and magic live with the probes (drivers/_signatures.ts).
+export { KOLY_MAGIC, KOLY_SIZE };
 /** The checksum type of CRC-32 (`kUDIFChecksumCRC32`). */
 export const CHECKSUM_CRC32 = 2;
 
