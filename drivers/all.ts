@@ -29,42 +29,11 @@ import { asif } from "./asif.ts";
 import { sparsebundle } from "./sparsebundle.ts";
 import { raw } from "./raw.ts";
 import { RECOGNISED } from "./recognised.ts";
+import { withRecognised } from "./_catalog.ts";
 
-/**
- * The drivers that read, then the recognisers of formats none of them
- * reads, then `raw`. A recogniser whose name a reading driver also has is
- * dropped, and its signature is added to that driver's probe (the larger
- * score wins), so that adding a driver for a recognised format is one
- * import and one entry here, and no file the recogniser claimed ever
- * falls through to raw because the new driver's probe is stricter.
- *
- * @example
- * ```ts
- * import { withRecognised } from "./all.ts";
- * import { raw } from "./raw.ts";
- * import { RECOGNISED } from "./recognised.ts";
- * const names = withRecognised([], RECOGNISED, raw).map((d) => d.name);
- * console.log(names.includes("qcow2"), names.at(-1)); // true raw
- * ```
- */
-export function withRecognised(
-  readers: readonly Driver[],
-  recognised: readonly Driver[],
-  last: Driver,
-): Driver[] {
-  const merged = readers.map((reader) => {
-    const signature = recognised.find((r) => r.name === reader.name);
-    if (!signature) return reader;
-    return {
-      ...reader,
-      probe: (input) => Math.max(reader.probe(input), signature.probe(input)),
-    } satisfies Driver;
-  });
-  const rest = recognised.filter((r) =>
-    !readers.some((reader) => reader.name === r.name)
-  );
-  return [...merged, ...rest, last];
-}
+// The merge of readers and recognisers is the catalog's (the lazy list of
+// the same formats), so both lists come out the same.
+export { withRecognised };
 
 /** The drivers that read, in probing order for equal scores. */
 const READERS: readonly Driver[] = [
@@ -90,7 +59,7 @@ const READERS: readonly Driver[] = [
 ];
 
 /** Every driver: the readers, the recognisers of other formats, raw last. */
-export const DRIVERS: readonly Driver[] = withRecognised(
+export const DRIVERS: readonly Driver[] = withRecognised<Driver, Driver>(
   READERS,
   RECOGNISED,
   raw,

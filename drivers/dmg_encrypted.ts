@@ -120,7 +120,7 @@ export const dmgEncrypted: Driver = {
     const plain = decryptedSource(source, layout, keys);
     // The registry is imported when first needed: it imports this driver
     // (through drivers/all.ts), so a static import would be a cycle.
-    const { open } = await import("./registry.ts");
+    const { open } = await import("./_registry.ts");
     const inner = await open(plain, { options: options.options });
     return {
       format: FORMAT,

@@ -7,7 +7,7 @@
  */
 
 import { isZeroRange, wordsOf } from "../drivers/_binary.ts";
-import { driver } from "../drivers/registry.ts";
+import { loadDriver } from "../drivers/_catalog.ts";
 import { checkWriteOptions } from "./options.ts";
 import { type SalvagedRun, salvaging } from "./salvage.ts";
 import { type Sha256, sha256 } from "./_sha256.ts";
@@ -269,7 +269,7 @@ export async function convert(
 ): Promise<ConvertResult> {
   const format = options.format ?? "raw";
   const into = options.target;
-  const out = into ? undefined : driver(format);
+  const out = into ? undefined : await loadDriver(format);
   if (out) checkWriteOptions(out, options.options, options.compress);
   if (options.targetIsZero && !into) {
     throw new TypeError(

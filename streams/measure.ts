@@ -7,7 +7,7 @@
  * @module
  */
 
-import { driver } from "../drivers/registry.ts";
+import { loadDriver } from "../drivers/_catalog.ts";
 import { convert } from "./convert.ts";
 import { checkWriteOptions } from "./options.ts";
 import { checkRange, type Extent, type Sink, type Source } from "./types.ts";
@@ -188,7 +188,7 @@ export async function measure(
   options: MeasureOptions = {},
 ): Promise<Measurement> {
   const format = options.format ?? "raw";
-  const out = driver(format);
+  const out = await loadDriver(format);
   // A formula of the driver's own (it checks its options itself).
   const formula = await out.measure?.(source, options.options);
   if (formula?.required !== undefined) {

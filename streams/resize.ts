@@ -7,7 +7,8 @@
  * @module
  */
 
-import { driver, open } from "../drivers/registry.ts";
+import { loadDriver } from "../drivers/_catalog.ts";
+import { open } from "../drivers/_registry.ts";
 import { UnsupportedError } from "./errors.ts";
 import type { Sink, Source } from "./types.ts";
 
@@ -94,7 +95,7 @@ export async function resizeImage(
     await file.flush();
     return { format, oldSize, newSize: size };
   }
-  const resize = driver(format).resize;
+  const resize = (await loadDriver(format)).resize;
   if (!resize) {
     throw new UnsupportedError(
       { format },

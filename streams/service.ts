@@ -25,7 +25,7 @@
 import { fromUrl } from "./sources.ts";
 import { readable } from "./readable.ts";
 import { partition } from "./partitions.ts";
-import { open } from "../drivers/registry.ts";
+import { open } from "../drivers/_registry.ts";
 import { checkRange, type Source } from "./types.ts";
 import { imageInfo } from "./inspect.ts";
 import { isAddress, privateRange } from "./_address.ts";

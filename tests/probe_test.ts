@@ -37,6 +37,7 @@ import {
   vpc,
 } from "../mod.ts";
 import { withRecognised } from "../drivers/all.ts";
+import { CATALOG } from "../drivers/_catalog.ts";
 import { isTypedError } from "./_outcomes.ts";
 import { RECOGNISED } from "../drivers/recognised.ts";
 import { raw } from "../drivers/raw.ts";
@@ -735,6 +736,47 @@ Deno.test("formats() lists the readers; formats({ recognised: true }) adds the r
       !d.create && !d.encode
     ),
   );
+});
+
+Deno.test("the catalog (probing without loading drivers) lists the drivers' names, order and probes, and loads each one", async () => {
+  const drivers = formats({ recognised: true });
+  assertEquals(CATALOG.map((e) => e.name), drivers.map((d) => d.name));
+  // The reading drivers' probes are the catalog's functions themselves,
+  // where no recogniser's signature was merged in (then both merge alike).
+  const merged = new Set(RECOGNISED.map((r) => r.name));
+  for (const [i, entry] of CATALOG.entries()) {
+    const d = drivers[i];
+    assertEquals(entry.recognisedOnly === true, d.recognisedOnly === true);
+    const loaded = await entry.load();
+    assertEquals(loaded.name, d.name);
+    if (!merged.has(d.name)) assert(entry.probe === d.probe, d.name);
+  }
+  // Every probe answers alike on heads that carry each signature.
+  const heads = [
+    head(4096, [[0, "QFI\xfb"], [4, be(2)]]),
+    head(4096, [[0, "QFI\xfb"], [4, be(1)]]),
+    head(4096, [[0, "vhdxfile"]]),
+    head(4096, [[0, "QED\0"]]),
+    head(4096, [[0, "shdw"]]),
+    head(4096, [[0, "sprs"]]),
+    head(4096, [[0, "WithoutFreeSpace"]]),
+    head(4096, [[0, "LUKS\xba\xbe"]]),
+    head(4096, [[64, "\x7f\x10\xda\xbe"]]),
+    head(4096, [[
+      0,
+      "<?xml version='1.0'?><plist>com.apple.diskimage.sparsebundle",
+    ]]),
+    pseudoRandom(4096, 9),
+  ];
+  for (const h of heads) {
+    for (const name of ["a.img", "b.dmg", "c.001.dmgpart"]) {
+      const input = { head: h, tail: h, size: h.length, name };
+      assertEquals(
+        CATALOG.map((e) => e.probe(input)),
+        drivers.map((d) => d.probe(input)),
+      );
+    }
+  }
 });
 
 /** A writable raw image of `size` bytes in memory, as `open` gives it. */

@@ -15,7 +15,7 @@
 import { emptyCheckResult } from "../_check.ts";
 import { UnsupportedError } from "../../streams/errors.ts";
 import type { Sink, Source } from "../../streams/types.ts";
-import { probe } from "../registry.ts";
+import { probe } from "../_registry.ts";
 import { checkVdi } from "../_vdi_check.ts";
 import { checkQed } from "../_qed_check.ts";
 import {
