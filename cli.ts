@@ -29,71 +29,59 @@
  * @module
  */
 
+// The modules a conversion or `info` needs, imported one by one (not
+// mod.ts, which imports every driver and codec): the driver of the chosen
+// format loads when the registry picks it (drivers/_catalog.ts), and the
+// commands that need more import it where they run. Start-up measured in
+// the README's "Start-up" section.
 import {
-  amendQcow2,
-  applySnapshot,
   BackingFileError,
-  bootSectorPatch,
-  checkExitCode,
-  checkHuman,
-  checkImage,
-  checkJson,
-  checkWriteOptions,
-  commitTo,
-  conversionService,
-  convert,
-  type ConvertOptions,
-  create,
+  KeyError,
+  UnsupportedError,
+} from "./streams/errors.ts";
+import { create, open, probe } from "./drivers/_registry.ts";
+import { CATALOG, loadDriver } from "./drivers/_catalog.ts";
+import {
   createOutputFile,
-  createSnapshot,
-  dataFileOf,
-  ddSource,
-  deleteSnapshot,
-  describeImage,
   directoryTree,
-  driver,
-  type Extent,
   fileBackingResolver,
   type FileHandle,
   fileResolver,
+  fromFile,
+  openInFolder,
+  type OutputFile,
+  scratchFiles,
+} from "./streams/file.ts";
+import { streamSink } from "./streams/sinks.ts";
+import { convert, type ConvertOptions } from "./streams/convert.ts";
+import { checkWriteOptions, writeOptionsHelp } from "./streams/options.ts";
+import {
+  describeImage,
   firstDifference,
   formatInfo,
-  formats,
-  fromFile,
   humanSize,
-  type Image,
-  KeyError,
   layers,
   mapChain,
-  measure,
-  type NbdConnection,
-  type NbdServer,
-  nbdServer,
-  open,
-  openInFolder,
-  type OpenOptions,
-  openSparsebundle,
-  openTree,
-  type OutputFile,
-  type OverlayImage,
-  parseFatSpelling,
-  partition,
-  type PartitionTable,
-  probe,
-  readPartitionTable,
-  rebase,
-  resizeImage,
-  scratchFiles,
-  type Sink,
-  snapshot,
   snapshotTable,
+} from "./streams/inspect.ts";
+import { bootSectorPatch } from "./streams/boot_sector.ts";
+import { snapshot } from "./streams/snapshot.ts";
+import type { OverlayImage } from "./streams/overlay.ts";
+import type { PartitionTable } from "./streams/partitions.ts";
+import type { NbdConnection, NbdServer } from "./streams/nbd.ts";
+import {
+  dataFileOf,
+  type Extent,
+  type Image,
+  type OpenOptions,
+  type Sink,
   type Source,
-  streamSink,
-  UnsupportedError,
-  writeOptionsHelp,
-} from "./mod.ts";
+} from "./streams/types.ts";
 import config from "./deno.json" with { type: "json" };
 import { mapsFileHoles } from "./streams/types.ts";
+
+/** The partition tables (and their CRC-32), loaded by the commands that read them. */
+const partitions = () => import("./streams/partitions.ts");
 
 /** A mistake in how the command was called (exit 2). */
 class UsageError extends Error {
@@ -240,9 +228,9 @@ function parseOptions(text: string | undefined): Record<string, string> {
  * `-o help` (or `-o ?`): prints the options `format` takes when written,
  * as qemu-img does, and says so; nothing is created.
  */
-function optionsHelp(format: string, text: unknown): boolean {
+async function optionsHelp(format: string, text: unknown): Promise<boolean> {
   if (text !== "help" && text !== "?") return false;
-  print(writeOptionsHelp(driver(format)));
+  print(writeOptionsHelp(await loadDriver(format)));
   return true;
 }
 
@@ -468,7 +456,10 @@ async function openImage(
   /** Every host file the image was read from: itself, extents, backing files. */
   files: FileHandle[];
 }> {
-  const fat = parseFatSpelling(given);
+  // The vvfat driver loads only for a fat: name.
+  const fat = given.startsWith("fat:")
+    ? (await import("./drivers/vvfat.ts")).parseFatSpelling(given)
+    : undefined;
   // A Parallels bundle (NAME.hdd/) is opened through its descriptor.
   const path = !fat && options.format !== "vvfat" &&
       (await Deno.stat(given).catch(() => undefined))?.isDirectory &&
@@ -478,6 +469,7 @@ async function openImage(
     : given;
   if (fat || options.format === "vvfat") {
     if (options.writable) throw new Error("vvfat disks are read-only");
+    const { openTree } = await import("./drivers/vvfat.ts");
     const image = await openTree(await directoryTree(fat?.dir ?? path), {
       fatType: fat?.fatType,
     });
@@ -486,6 +478,7 @@ async function openImage(
   }
   if (await isSparsebundle(path, options.format)) {
     if (options.writable) throw new Error("sparse bundles are read-only here");
+    const { openSparsebundle } = await import("./drivers/sparsebundle.ts");
     const image = await openSparsebundle(await directoryTree(path), {
       key: options.extra?.key as string | undefined,
     });
@@ -863,6 +856,7 @@ async function serveNbd(
   });
   const writable = values.snapshot === true;
   const exported = writable ? snapshot(image) : image;
+  const { nbdServer } = await import("./streams/nbd.ts");
   const server = nbdServer(exported, {
     requireTls: values["tls-creds"] !== undefined,
     name: path.split("/").filter(Boolean).pop() ?? "",
@@ -1083,11 +1077,12 @@ const commands: Record<string, Command> = {
         // A named parent is opened, to check it is the one linked.
         ...backingPolicy(values, chain || values.parent !== undefined),
         extra: { key: await keyFrom(values) },
-      }).catch((e) => {
+      }).catch(async (e) => {
         // A format only recognised: say what the file is, then fail.
         const known = e instanceof UnsupportedError &&
-          formats({ recognised: true }).find((d) => d.name === e.format);
+          CATALOG.find((d) => d.name === e.format);
         if (known && known.recognisedOnly) {
+          const { description } = await known.load();
           const info = {
             filename: path,
             format: known.name,
@@ -1097,7 +1092,7 @@ const commands: Record<string, Command> = {
           print(
             values.output === "json"
               ? JSON.stringify(info, null, 4) + "\n"
-              : `image: ${path}\nfile format: ${known.name} (recognised only: ${known.description}, not read by this toolkit)\n`,
+              : `image: ${path}\nfile format: ${known.name} (recognised only: ${description}, not read by this toolkit)\n`,
           );
         }
         throw e;
@@ -1155,7 +1150,7 @@ const commands: Record<string, Command> = {
     async run({ values, positionals }) {
       const outFormat = values["output-format"] as string;
       // An unknown format or option fails before any file is made.
-      if (optionsHelp(outFormat, values.options)) return 0;
+      if (await optionsHelp(outFormat, values.options)) return 0;
       const [input, output] = need(positionals, 2, "convert");
       const skipCreate = values["skip-create"] === true;
       if (values["target-is-zero"] && !skipCreate) {
@@ -1182,7 +1177,7 @@ const commands: Record<string, Command> = {
       const key = await keyFrom(values);
       const outOptions = parseOptions(values.options as string | undefined);
       checkWriteOptions(
-        driver(outFormat),
+        await loadDriver(outFormat),
         outOptions,
         values.compress === true,
       );
@@ -1247,7 +1242,7 @@ const commands: Record<string, Command> = {
       const which = values.partition as string | undefined;
       const part = which === undefined
         ? source
-        : await partition(source, which);
+        : await (await partitions()).partition(source, which);
       const image = bootSector ? bootSectorPatch(part, bootSector) : part;
       const encryptOutput = outOptions.encryption === "on" ||
         outOptions["encrypt.format"] !== undefined;
@@ -1323,7 +1318,7 @@ const commands: Record<string, Command> = {
       });
       const json = values.output === "json";
       const table = values.partitions
-        ? await readPartitionTable(image)
+        ? await (await partitions()).readPartitionTable(image)
         : undefined;
       const labels = values.partitions ? partitionLabeller(table) : undefined;
       const lines: string[] = [];
@@ -1398,11 +1393,11 @@ const commands: Record<string, Command> = {
     async run({ values, positionals }) {
       const format = values.format as string | undefined;
       if (!format) throw new UsageError("create needs -f FORMAT", "create");
-      if (optionsHelp(format, values.options)) return 0;
+      if (await optionsHelp(format, values.options)) return 0;
       const [path, sizeText] = need(positionals, 2, "create");
       const size = parseSize(sizeText);
       const options = parseOptions(values.options as string | undefined);
-      checkWriteOptions(driver(format), options);
+      checkWriteOptions(await loadDriver(format), options);
       const backingFile = values.backing as string | undefined;
       if (format === "cow" && backingFile !== undefined && !options.mtime) {
         // UML refuses a COW file whose mtime is not its backing file's.
@@ -1418,7 +1413,7 @@ const commands: Record<string, Command> = {
       // A format that links its parent by identity reads it from the
       // parent itself (named, as qemu-img does, from the new image's folder).
       const backing = backingFile !== undefined &&
-          driver(format).createNeedsBacking
+          (await loadDriver(format)).createNeedsBacking
         ? (await openImage(
           backingFile.startsWith("/")
             ? backingFile
@@ -1483,10 +1478,16 @@ const commands: Record<string, Command> = {
       // --partition: one partition of A (--partition-b: of B) is compared.
       const a = values.partition === undefined
         ? wholeA
-        : await partition(wholeA, values.partition as string);
+        : await (await partitions()).partition(
+          wholeA,
+          values.partition as string,
+        );
       const b = values["partition-b"] === undefined
         ? wholeB
-        : await partition(wholeB, values["partition-b"] as string);
+        : await (await partitions()).partition(
+          wholeB,
+          values["partition-b"] as string,
+        );
       if (values.strict && a.size !== b.size) {
         print(`Strict mode: Image size mismatch!\n`);
         return 1;
@@ -1551,6 +1552,7 @@ const commands: Record<string, Command> = {
       const bar = values.progress || values["progress-json"]
         ? progressBar("commit", values["progress-json"] === true)
         : undefined;
+      const { commitTo } = await import("./streams/commit.ts");
       await commitTo(top, base, {
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
       });
@@ -1629,9 +1631,10 @@ const commands: Record<string, Command> = {
       }
       const file = await fromFile(path, { write: repair !== undefined });
       opened.push(file);
+      const check = await import("./drivers/qcow2/check.ts");
       let result;
       try {
-        result = await checkImage(file, {
+        result = await check.checkImage(file, {
           format: values.format as string | undefined,
           repairLeaks: repair !== undefined,
           repairAll: repair === "all",
@@ -1649,10 +1652,10 @@ const commands: Record<string, Command> = {
       }
       print(
         values.output === "json"
-          ? JSON.stringify(checkJson(result, path), null, 4) + "\n"
-          : checkHuman(result),
+          ? JSON.stringify(check.checkJson(result, path), null, 4) + "\n"
+          : check.checkHuman(result),
       );
-      return checkExitCode(result);
+      return check.checkExitCode(result);
     },
   },
 
@@ -1702,9 +1705,10 @@ const commands: Record<string, Command> = {
             "Operation not supported",
           );
         }
-        if (action === "create") await createSnapshot(file, tag);
-        else if (action === "apply") await applySnapshot(file, tag);
-        else await deleteSnapshot(file, tag);
+        const snapshots = await import("./drivers/qcow2/snapshots.ts");
+        if (action === "create") await snapshots.createSnapshot(file, tag);
+        else if (action === "apply") await snapshots.applySnapshot(file, tag);
+        else await snapshots.deleteSnapshot(file, tag);
       } catch (e) {
         printErr(
           `vdisk snapshot: Could not ${verb} snapshot '${tag}': ${
@@ -1733,7 +1737,9 @@ const commands: Record<string, Command> = {
         throw new UsageError("amend needs -o OPTS", "amend");
       }
       const options = parseOptions(texts.join(","));
-      if (optionsHelp(values.format as string ?? "qcow2", texts.join(","))) {
+      if (
+        await optionsHelp(values.format as string ?? "qcow2", texts.join(","))
+      ) {
         return 0;
       }
       const [path] = need(positionals, 1, "amend");
@@ -1748,6 +1754,7 @@ const commands: Record<string, Command> = {
         return 1;
       }
       try {
+        const { amendQcow2 } = await import("./drivers/qcow2/amend.ts");
         await amendQcow2(file, options);
       } catch (e) {
         if (!(e instanceof Error) || e instanceof Deno.errors.NotFound) throw e;
@@ -1774,6 +1781,7 @@ const commands: Record<string, Command> = {
       const size = sign ? sign * magnitude : magnitude;
       const file = await fromFile(path, { write: true });
       opened.push(file);
+      const { resizeImage } = await import("./streams/resize.ts");
       const result = await resizeImage(file, size, {
         format: values.format as string | undefined,
         shrink: values.shrink === true,
@@ -1818,7 +1826,7 @@ const commands: Record<string, Command> = {
         allowDirs,
       });
       const top = (image as Partial<OverlayImage>).top ?? image;
-      const setBacking = driver(top.format).setBackingFile;
+      const setBacking = (await loadDriver(top.format)).setBackingFile;
       if (!file || !setBacking) {
         throw new Error(
           `${top.format}: rebase refused: this toolkit rewrites the backing file of qcow, qcow2, cow and differencing vpc images only`,
@@ -1843,6 +1851,7 @@ const commands: Record<string, Command> = {
         const bar = values.progress || values["progress-json"]
           ? progressBar("rebase", values["progress-json"] === true)
           : undefined;
+        const { rebase } = await import("./streams/rebase.ts");
         await rebase(top, old, fresh, {
           onProgress: bar
             ? (done, total) => bar.update(done, total)
@@ -1904,6 +1913,7 @@ const commands: Record<string, Command> = {
         format: values.format as string | undefined,
         ...backingPolicy(values),
       });
+      const { ddSource } = await import("./streams/dd.ts");
       const part = ddSource(image, {
         blockSize: number("bs"),
         count: number("count"),
@@ -1933,7 +1943,7 @@ const commands: Record<string, Command> = {
     },
     async run({ values, positionals }) {
       const outFormat = values["output-format"] as string;
-      if (optionsHelp(outFormat, values.options)) return 0;
+      if (await optionsHelp(outFormat, values.options)) return 0;
       const sizeText = values.size as string | undefined;
       if (sizeText !== undefined && positionals.length > 0) {
         throw new Error("--size N cannot be used together with a filename.");
@@ -1948,6 +1958,7 @@ const commands: Record<string, Command> = {
           ...backingPolicy(values),
           extra: { key: await keyFrom(values) },
         })).image;
+      const { measure } = await import("./streams/measure.ts");
       const sizes = await measure(subject, {
         format: outFormat,
         options: parseOptions(values.options as string | undefined),
@@ -2022,6 +2033,7 @@ const commands: Record<string, Command> = {
           `--max-concurrent must be a whole number from 1, not '${concurrent}'`,
         );
       }
+      const { conversionService } = await import("./streams/service.ts");
       const service = conversionService({
         allowHosts: values["allow-host"] as string[] | undefined,
         allowPrivate: values["allow-private"] === true,
@@ -2059,7 +2071,9 @@ const commands: Record<string, Command> = {
     options: {
       output: { type: "string", default: "human" },
     },
-    run({ values }) {
+    async run({ values }) {
+      // Every driver, for what each can do.
+      const { formats } = await import("./drivers/registry.ts");
       const list = formats({ recognised: true }).map((d) => ({
         name: d.name,
         description: d.description,
