@@ -71,19 +71,7 @@ import {
   readSpan,
   type Span,
 } from "./codecs/_clusters.ts";
-import { cipherFor } from "../streams/decrypt.ts";
-import { luksCipher, readLuksHeader } from "./qcow2/luks.ts";
-import { encodeQcow2 } from "./qcow2/encode.ts";
-import { QCOW2_OPTIONS } from "./qcow2/layout.ts";
-import {
-  createQcow2,
-  makeWritable,
-  openRefcounts,
-  refcountOf,
-} from "./qcow2/writable.ts";
-import { resizeQcow2 } from "./qcow2/resize.ts";
-import { measureQcow2 } from "./qcow2/measure.ts";
-import { setQcow2BackingFile } from "./qcow2/backing.ts";
+import { QCOW2_OPTIONS } from "./qcow2/_options.ts";
 import { writeSink } from "./_image.ts";
 import type {
   Driver,
@@ -1509,6 +1497,7 @@ async function metadataPreallocated(state: State): Promise<boolean> {
   if (allocated === undefined) return false;
   const stored = Math.floor(allocated / state.clusterSize);
   const threshold = Math.max(Math.floor(stored * 10 / 9), stored + 2);
+  const { openRefcounts, refcountOf } = await import("./qcow2/writable.ts");
   const refcounts = await openRefcounts(state);
   const clusters = Math.ceil(state.source.size / state.clusterSize);
   let counted = 0;
@@ -1597,14 +1586,20 @@ function encryptionOf(
     return {
       scheme: "qcow-aes",
       physical: false,
-      cipher: (key) => Promise.resolve(cipherFor("qcow-aes", key)),
+      cipher: async (key) =>
+        (await import("../streams/decrypt.ts")).cipherFor("qcow-aes", key),
     };
   }
   if (header.cryptMethod === CRYPT.luks) {
     return {
       scheme: "qcow2-luks",
       physical: true,
-      cipher: (key) => luksCipher(source, header.crypto!, key),
+      cipher: async (key) =>
+        (await import("./qcow2/luks.ts")).luksCipher(
+          source,
+          header.crypto!,
+          key,
+        ),
     };
   }
   return undefined;
@@ -1701,6 +1696,7 @@ async function stateFrom(
   const details = detailsOf(header, snapshots);
   if (wanted !== undefined) details.snapshot = wanted;
   if (header.crypto) {
+    const { readLuksHeader } = await import("./qcow2/luks.ts");
     const luks = await readLuksHeader(source, header.crypto);
     const [mode, ivgen] = luks.cipherMode.split("-");
     details.encrypt = {
@@ -1767,6 +1763,7 @@ async function openQcow2(source: Source, options: OpenOptions): Promise<Image> {
       }
       state = await openState(source, options);
     }
+    const { makeWritable } = await import("./qcow2/writable.ts");
     await makeWritable(state, sink);
   }
   if (options.key !== undefined && state.encryption) {
@@ -1798,11 +1795,22 @@ export const qcow2: Driver = {
     "QEMU qcow2, versions 2 and 3 (zero, compressed and extended L2 clusters, external data files, snapshots, AES and LUKS)",
   probe: probeQcow2,
   open: openQcow2,
-  create: createQcow2,
-  encode: encodeQcow2,
+  // Writing, resizing, measuring and rebasing load their modules when
+  // called: reading an image loads none of them (nor the encoders).
+  create: async (sink, spec) =>
+    (await import("./qcow2/writable.ts")).createQcow2(sink, spec),
+  encode: async (source, sink, options) =>
+    (await import("./qcow2/encode.ts")).encodeQcow2(source, sink, options),
   writeOptions: QCOW2_OPTIONS,
   compresses: true,
-  resize: resizeQcow2,
-  measure: measureQcow2,
-  setBackingFile: setQcow2BackingFile,
+  resize: async (file, size) =>
+    (await import("./qcow2/resize.ts")).resizeQcow2(file, size),
+  measure: async (subject, options) =>
+    (await import("./qcow2/measure.ts")).measureQcow2(subject, options),
+  setBackingFile: async (file, name, format) =>
+    (await import("./qcow2/backing.ts")).setQcow2BackingFile(
+      file,
+      name,
+      format,
+    ),
 };

@@ -11,7 +11,7 @@
 
 import type { OverlayImage } from "./overlay.ts";
 import { KeyError } from "./errors.ts";
-import { type PartitionTable, readPartitionTable } from "./partitions.ts";
+import type { PartitionTable } from "./partitions.ts";
 import { type Extent, extentsOf, type Image } from "./types.ts";
 
 /** The `info` facts of an opened image (the same keys as `cli.ts info --output=json`). */
@@ -420,6 +420,9 @@ export async function partitionTableInfo(
 ): Promise<Record<string, unknown> | null> {
   let table: PartitionTable | undefined;
   try {
+    // The partition parsers (and the CRC-32 GPT needs) load only here: a
+    // conversion that imports this module for `layers` does not need them.
+    const { readPartitionTable } = await import("./partitions.ts");
     table = await readPartitionTable(image);
   } catch (e) {
     if (e instanceof KeyError) {

@@ -15,8 +15,7 @@
  */
 
 import { CodecError } from "../../streams/errors.ts";
-import { decodeInto as inflateInto, hasNativeInflate } from "./zlib.ts";
-import * as zstd from "./zstd.ts";
+import { nodeZlibModule } from "./_node_zlib.ts";
 import { codecPool } from "./_pool.ts";
 
 /** A raw deflate cluster (qcow; qcow2 compression_type 0, zlib). */
@@ -24,12 +23,18 @@ export const CLUSTER_DEFLATE = 0;
 /** A zstd cluster (qcow2 compression_type 1). */
 export const CLUSTER_ZSTD = 1;
 
+// The decoders (and the WebAssembly module behind them) are imported on
+// the first compressed cluster: an image without any loads none of them.
+let zlib: typeof import("./zlib.ts") | undefined;
+let zstd: typeof import("./zstd.ts") | undefined;
+
 /**
  * A zstd cluster as QEMU writes it: one frame (its content size may be
  * left out), followed by whatever lies after it in the file. Decoded
  * until `out` is full; a frame that ends short is an error.
  */
 async function zstdCluster(input: Uint8Array, out: Uint8Array) {
+  zstd ??= await import("./zstd.ts");
   await zstd.decodeFrameInto(input, out, true);
 }
 
@@ -58,7 +63,8 @@ export async function decodeCluster(
   out: Uint8Array,
 ): Promise<void> {
   if (kind === CLUSTER_DEFLATE) {
-    await inflateInto(input, out, "deflate-raw");
+    zlib ??= await import("./zlib.ts");
+    await zlib.decodeInto(input, out, "deflate-raw");
   } else if (kind === CLUSTER_ZSTD) {
     await zstdCluster(input, out);
   } else {
@@ -194,7 +200,8 @@ export function poolWorthIt(
 ): boolean {
   if (count < POOL_MIN_CLUSTERS || !codecPool.usable) return false;
   return kind !== CLUSTER_DEFLATE || clusterSize >= nativeMinCluster ||
-    !hasNativeInflate();
+    // (zlib.ts's hasNativeInflate, without loading the decoder.)
+    nodeZlibModule() === undefined;
 }
 
 /** The images decoding clusters on the workers hold the pool until closed; see `_pool.ts`. */
