@@ -31,7 +31,14 @@
  */
 
 import { probeQed } from "./_signatures.ts";
-import { ascii, formatErrors, le32, le64, safeNumber } from "./_binary.ts";
+import {
+  ascii,
+  formatErrors,
+  le32,
+  le64,
+  safeNumber,
+  view,
+} from "./_binary.ts";
 import { blockReader, wholeBlock } from "./_blocks.ts";
 import { check, UnsupportedError } from "../streams/errors.ts";
 import type { Driver, Image, OpenOptions, Source } from "../streams/types.ts";
@@ -169,16 +176,21 @@ async function openQed(source: Source, options: OpenOptions): Promise<Image> {
     ? "raw"
     : undefined;
   const l1Bytes = await source.read(l1Offset, tableBytes);
+  const l1View = view(l1Bytes);
   const l1 = new Float64Array(entriesPerTable);
   const clustersPerL2 = entriesPerTable;
   const l2Needed = Math.ceil(imageSize / clusterSize / clustersPerL2);
+  // Each entry as two 32-bit halves: the table has 32768 entries at the
+  // default sizes, and a BigInt and a field name made for each cost
+  // several milliseconds of every open (it runs once, before the JIT).
+  // An entry past 2^53 (a high half of 2^21 or more) is refused by
+  // safeNumber, as every entry used to be.
   for (let i = 0; i < entriesPerTable; i++) {
-    const entry = safeNumber(
-      le64(l1Bytes, i * 8),
-      FORMAT,
-      `L1[${i}]`,
-      l1Offset + i * 8,
-    );
+    const lo = l1View.getUint32(i * 8, true);
+    const hi = l1View.getUint32(i * 8 + 4, true);
+    const entry = hi < 2 ** 21
+      ? hi * 2 ** 32 + lo
+      : safeNumber(le64(l1Bytes, i * 8), FORMAT, `L1[${i}]`, l1Offset + i * 8);
     if (entry === 0) continue;
     if (i >= l2Needed) continue; // past the disk: never read
     if (!aligned(entry) || entry + tableBytes > source.size) {
