@@ -64,8 +64,6 @@ import {
   mapChain,
   snapshotTable,
 } from "./streams/inspect.ts";
-import { bootSectorPatch } from "./streams/boot_sector.ts";
-import { snapshot } from "./streams/snapshot.ts";
 import type { OverlayImage } from "./streams/overlay.ts";
 import type { PartitionTable } from "./streams/partitions.ts";
 import type { NbdConnection, NbdServer } from "./streams/nbd.ts";
@@ -855,7 +853,9 @@ async function serveNbd(
     extra: { key: await keyFrom(values) },
   });
   const writable = values.snapshot === true;
-  const exported = writable ? snapshot(image) : image;
+  const exported = writable
+    ? (await import("./streams/snapshot.ts")).snapshot(image)
+    : image;
   const { nbdServer } = await import("./streams/nbd.ts");
   const server = nbdServer(exported, {
     requireTls: values["tls-creds"] !== undefined,
@@ -1243,7 +1243,12 @@ const commands: Record<string, Command> = {
       const part = which === undefined
         ? source
         : await (await partitions()).partition(source, which);
-      const image = bootSector ? bootSectorPatch(part, bootSector) : part;
+      const image = bootSector
+        ? (await import("./streams/boot_sector.ts")).bootSectorPatch(
+          part,
+          bootSector,
+        )
+        : part;
       const encryptOutput = outOptions.encryption === "on" ||
         outOptions["encrypt.format"] !== undefined;
       if (encryptOutput && outFormat === "qcow") {

@@ -9,7 +9,7 @@
 import { isZeroRange, wordsOf } from "../drivers/_binary.ts";
 import { loadDriver } from "../drivers/_catalog.ts";
 import { checkWriteOptions } from "./options.ts";
-import { type SalvagedRun, salvaging } from "./salvage.ts";
+import type { SalvagedRun } from "./salvage.ts";
 import { type Sha256, sha256 } from "./_sha256.ts";
 import { BackingFileError } from "./errors.ts";
 import {
@@ -277,8 +277,9 @@ export async function convert(
     );
   }
   refuseMissingParent(input);
+  // (The salvaging reader loads only for --salvage.)
   const rescue = options.salvage
-    ? salvaging(input, {
+    ? (await import("./salvage.ts")).salvaging(input, {
       onSalvaged: options.onSalvaged,
       signal: options.signal,
     })
