@@ -32,8 +32,8 @@
 // The modules a conversion or `info` needs, imported one by one (not
 // mod.ts, which imports every driver and codec): the driver of the chosen
 // format loads when the registry picks it (drivers/_catalog.ts), and the
-// commands that need more import it where they run. Start-up measured in
-// the README's "Start-up" section.
+// commands that need more import it where they run (README: "Start-up:
+// one driver per command"; tests/startup_test.ts checks what loads).
 import {
   BackingFileError,
   KeyError,
