@@ -85,6 +85,7 @@ import {
   setLe16,
   setLe32,
   setLe64,
+  view,
 } from "./_binary.ts";
 import { blockReader, type BlockRun, wholeBlock } from "./_blocks.ts";
 import {
@@ -905,9 +906,12 @@ async function openVhdx(
       const length = Math.min(BAT_PAGE, bat!.length - from);
       const bytes = await source.read(bat!.offset + from, length);
       entries = new Float64Array(length / 8);
+      // One DataView for the page (le32 makes one per call: 16384 for a
+      // 64 KiB page, a few milliseconds of a small image's convert).
+      const words = view(bytes);
       for (let i = 0; i < entries.length; i++) {
-        const lo = le32(bytes, i * 8);
-        const hi = le32(bytes, i * 8 + 4);
+        const lo = words.getUint32(i * 8, true);
+        const hi = words.getUint32(i * 8 + 4, true);
         // State in bits 0-2; file offset in MiB in bits 20-63 (as a
         // number: at most 2^44 MiB, so MiB * offset stays exact).
         const offsetMiB = (lo >>> 20) + hi * 4096;
