@@ -181,7 +181,7 @@ Deno.test("readAhead reads a source that reads into buffers into a few reused on
 
 Deno.test({
   name:
-    "a streamOptimized vmdk converted by URL through readAhead reads qemu-img's bytes in a few large range requests",
+    "a streamOptimized vmdk converted by URL (fromUrl reads ahead) reads qemu-img's bytes in a few large range requests",
   ignore: skip(["qemu-img"]),
   async fn() {
     await withTemp(async (dir) => {
@@ -234,10 +234,11 @@ Deno.test({
           return fetch(input, init);
         };
         const window = 4 * MIB;
-        const source = readAhead(
-          await fromUrl(`${base}/disk.vmdk`, { fetch: counting }),
-          { window },
-        );
+        // fromUrl reads ahead (here in windows of at most 4 MiB).
+        const source = await fromUrl(`${base}/disk.vmdk`, {
+          fetch: counting,
+          readAhead: { window },
+        });
         const image = await open(source, { format: "vmdk" });
         ranges.length = 0;
         const nowhere = {
