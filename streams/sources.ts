@@ -95,7 +95,7 @@ export interface UrlSourceOptions {
   /**
    * Reads in file order (a conversion's) are served from windows fetched
    * ahead of them ({@linkcode readAhead}: up to 8 MiB per request, two
-   * runs of three windows held at most), so that they cost a few large
+   * runs of four windows held at most), so that they cost a few large
    * requests instead of one per read; `false` sends every read as it is.
    * A run of windows starts at 64 KiB, so reads that only look like a run
    * (a probe, `info`) fetch little more than they asked for.
