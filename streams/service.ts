@@ -57,7 +57,9 @@ export interface ServiceOptions {
   /**
    * Most requests served at once (`/convert` until its body is done,
    * `/info` until it answers); more are answered 503 with `Retry-After`.
-   * Each may hold a decoded chunk (64 MiB at most for dmg) or an upload.
+   * Each may hold a decoded chunk (64 MiB at most for dmg), the windows
+   * `fromUrl` reads ahead of a conversion (64 MiB at most, see
+   * `readAhead`) or an upload.
    * @default 4
    */
   maxConcurrent?: number;

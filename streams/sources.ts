@@ -8,6 +8,7 @@
 
 import { HttpSourceError, HttpTimeoutError } from "./errors.ts";
 import { checkRange, type Source } from "./types.ts";
+import { readAhead, type ReadAheadOptions } from "./read_ahead.ts";
 
 /**
  * A source over bytes in memory.
@@ -91,6 +92,16 @@ export interface UrlSourceOptions {
    * fails with an {@linkcode HttpTimeoutError}; 0 for none. @default 0
    */
   timeout?: number;
+  /**
+   * Reads in file order (a conversion's) are served from windows fetched
+   * ahead of them ({@linkcode readAhead}: up to 8 MiB per request, two
+   * runs of four windows held at most), so that they cost a few large
+   * requests instead of one per read; `false` sends every read as it is.
+   * A run of windows starts at 64 KiB, so reads that only look like a run
+   * (a probe, `info`) fetch little more than they asked for.
+   * @default {} (read ahead, with readAhead's defaults)
+   */
+  readAhead?: ReadAheadOptions | false;
 }
 
 const REDIRECTS = new Set([301, 302, 303, 307, 308]);
@@ -110,6 +121,7 @@ const REDIRECTS = new Set([301, 302, 303, 307, 308]);
  *   bytes than asked is refused as soon as it shows, so a lying server
  *   costs no more memory than the read's own buffer.
  * - `idleTimeout` and `timeout` bound a stalled or dribbling server.
+ * - Reads in file order are read ahead in large windows (`readAhead`).
  *
  * Every failure is an {@linkcode HttpSourceError} (an
  * {@linkcode HttpTimeoutError} for the timeouts) naming the URL.
@@ -337,7 +349,7 @@ export async function fromUrl(
     });
   }
 
-  return {
+  const source: Source = {
     size,
     name: href,
     readInto,
@@ -348,4 +360,11 @@ export async function fromUrl(
       return bytes;
     },
   };
+  // A conversion by URL with a request per read: 135 range requests for
+  // the browser bench's zlib dmg, 52-78 for its streamOptimized vmdk,
+  // where read ahead they are 22; each costs the server, the browser's
+  // network process and a round trip.
+  return options.readAhead === false
+    ? source
+    : readAhead(source, options.readAhead);
 }

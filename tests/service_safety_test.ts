@@ -241,7 +241,8 @@ Deno.test("fromUrl refuses a redirect on a later read instead of following it", 
     await rejects(
       () => source.read(10, 10),
       HttpSourceError,
-      /redirected \(status 302\) on a read of bytes 10-19; the URL was resolved once/,
+      // (bytes 10-19, or the window read ahead from there)
+      /redirected \(status 302\) on a read of bytes 10-\d+; the URL was resolved once/,
     );
   } finally {
     await host.server.shutdown();

@@ -826,7 +826,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "without a native inflater (browsers) a read of a streamOptimized vmdk's grains is one file read and one decode-worker call, with qemu-img's bytes; a bad grain is named",
+    "without a native inflater (browsers) a read of a streamOptimized vmdk's grains is one file read and one decode-worker call (one per worker in convert's readInto), with qemu-img's bytes; a bad grain is named",
   ignore: skip(["qemu-img"]),
   async fn() {
     await withTemp(async (dir) => {
@@ -885,6 +885,13 @@ Deno.test({
       // The first read also loads the grain table; the zeros read nothing.
       assertEquals(reads.map((r) => r.sourceReads), [2, 0, 1]);
       assertEquals(reads.map((r) => r.workerCalls), [1, 0, 1]);
+      // Convert's path (readInto): a read's grains spread over every
+      // decode worker, one call each, into the caller's buffer.
+      const workers = Math.min(4, Math.max(1, navigator.hardwareConcurrency));
+      const into = (await child(image, { INTO: "1" })).reads as Read[];
+      assertEquals(into.map((r) => r.same), [true, true, true]);
+      assertEquals(into.map((r) => r.sourceReads), [2, 0, 1]);
+      assertEquals(into.map((r) => r.workerCalls), [workers, 0, workers]);
 
       // A grain whose deflate bytes are poked: the workers fail, the read
       // is done again here and names the grain.
@@ -896,13 +903,19 @@ Deno.test({
       bytes.fill(0xff, grain + 12 + 40, grain + 12 + 72);
       const bad = `${dir}/bad.vmdk`;
       await Deno.writeFile(bad, bytes);
-      const failed = await child(bad, { BAD: "1" });
-      assertMatch(
-        failed.error,
-        new RegExp(
-          `^ImageFormatError: .*compressed grain at sector ${overHead}`,
-        ),
-      );
+      const bads: Record<string, string>[] = [{ BAD: "1" }, {
+        BAD: "1",
+        INTO: "1",
+      }];
+      for (const env of bads) {
+        const failed = await child(bad, env);
+        assertMatch(
+          failed.error,
+          new RegExp(
+            `^ImageFormatError: .*compressed grain at sector ${overHead}`,
+          ),
+        );
+      }
     });
   },
 });

@@ -54,14 +54,12 @@ async function openInput(input, key) {
       key: key || undefined,
     });
   }
-  // Read ahead in 8 MiB windows: reads in file order (a conversion's)
-  // become a few large Blob slices or Range requests (see readAhead).
+  // Reads in file order (a conversion's) become a few large Range
+  // requests (fromUrl reads ahead) or Blob slices (readAhead here).
   return await open(
-    readAhead(
-      typeof input === "string"
-        ? await fromUrl(new URL(input, self.location.href))
-        : fromBlob(files ? mainFile(files) : input),
-    ),
+    typeof input === "string"
+      ? await fromUrl(new URL(input, self.location.href))
+      : readAhead(fromBlob(files ? mainFile(files) : input)),
     {
       key: key || undefined,
       resolveFile: (name) => {
