@@ -992,12 +992,11 @@ async function writeDecoded(
     throw new RangeError(`sparseSize ${sparse} must divide ${GRANULE}`);
   }
   const zeros = new ZeroMap();
-  const free: Uint8Array[] = [];
   /** Buffers whose writes are running, oldest first: each resolves to its buffer. */
   const busy: Promise<Uint8Array>[] = [];
   let made = 0;
+  /** A new buffer while fewer than UNPACK_BUFFERS exist, else the oldest once written. */
   const take = async (): Promise<Uint8Array> => {
-    if (free.length) return free.pop()!;
     if (made < UNPACK_BUFFERS) {
       made++;
       return new Uint8Array(UNPACK_BUFFER);
@@ -1041,8 +1040,10 @@ async function writeDecoded(
   let size = 0;
   let buffer = await take();
   let filled = 0;
+  let lastByte = 0;
   try {
     for await (const piece of pieces) {
+      if (piece.length) lastByte = piece[piece.length - 1];
       for (let at = 0; at < piece.length;) {
         const n = Math.min(UNPACK_BUFFER - filled, piece.length - at);
         buffer.set(piece.subarray(at, at + n), filled);
@@ -1068,8 +1069,9 @@ async function writeDecoded(
   }
   if (sink.resize) await sink.resize(size);
   else if (size > 0) {
-    // A sink that cannot be sized gets its last byte, so holes at the end count.
-    await sink.write(size - 1, new Uint8Array(1));
+    // A sink that cannot be sized gets its last byte again, so that holes
+    // at the end count.
+    await sink.write(size - 1, new Uint8Array([lastByte]));
   }
   return { size, zeros };
 }

@@ -415,3 +415,32 @@ Deno.test(
       );
     }),
 );
+
+Deno.test(
+  "an output that cannot be resized still ends at the disk's size, holes at its end included, its last byte kept",
+  { ignore: skip(["zstd"]) },
+  async () => {
+    for (const last of [0, 7]) {
+      const disk = join(sampleDisk(9, 10), new Uint8Array(1 << 20));
+      disk[disk.length - 1] = last;
+      const packed = await pack("zstd", ["-q", "-c"], disk);
+      const memory = memorySink();
+      const sink = {
+        get size() {
+          return memory.size;
+        },
+        read: (offset: number, length: number) => memory.read(offset, length),
+        write: (offset: number, bytes: Uint8Array) =>
+          memory.write(offset, bytes),
+        flush: () => memory.flush(),
+        close: () => memory.close(),
+      };
+      const target: UnpackTarget = { open: () => Promise.resolve(sink) };
+      const image = await open(fromBytes(packed), { unpackTo: target });
+      assertEquals(target.outcome, "raw");
+      assertEquals(memory.size, disk.length);
+      assertEquals(sha256Hex(memory.bytes()), sha256Hex(disk));
+      await image.close?.();
+    }
+  },
+);
