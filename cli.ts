@@ -74,6 +74,7 @@ import {
   type OpenOptions,
   type Sink,
   type Source,
+  type UnpackTarget,
 } from "./streams/types.ts";
 import config from "./deno.json" with { type: "json" };
 import { mapsFileHoles } from "./streams/types.ts";
@@ -714,6 +715,26 @@ const nullSink: Sink = {
   close: () => Promise.resolve(),
 };
 
+/**
+ * The raw output at `path` a compressed input may be decoded straight
+ * into (see UnpackTarget), made only once that starts; `file` is it.
+ */
+function unpackTarget(
+  path: string,
+  sparseSize: number | undefined,
+): UnpackTarget & { file?: OutputFile } {
+  const target: UnpackTarget & { file?: OutputFile } = {
+    sparseSize,
+    async open() {
+      const out = await createOutputFile(path);
+      pendingOutputs.add(out);
+      target.file = out;
+      return out;
+    },
+  };
+  return target;
+}
+
 /** Outputs not yet committed: removed on failure or interruption. */
 const pendingOutputs = new Set<OutputFile>();
 
@@ -1194,6 +1215,19 @@ const commands: Record<string, Command> = {
       }
       // A compressed input decoded into scratch first gets a bar of its own.
       const unpacking = values.progress ? progressBar("decompress") : undefined;
+      // A compressed file (a single zstd frame, gzip, bzip2, a single-block
+      // xz) whose image inside is raw, converted to a raw file as it is: it
+      // is decoded straight into the output, in one pass, when opened.
+      const unpackTo = output !== "-" && outFormat === "raw" && !skipCreate &&
+          values.format === undefined && !Object.keys(outOptions).length &&
+          !values.compress && values.backing === undefined &&
+          values.partition === undefined && !bootSector &&
+          values.snapshot === undefined && !values.salvage && !values.hash &&
+          !values["progress-json"] &&
+          (sparseSize === undefined || sparseSize === 0 ||
+            (1 << 16) % sparseSize === 0)
+        ? unpackTarget(output, sparseSize)
+        : undefined;
       const { image: source, files } = await openImage(input, {
         format: values.format as string | undefined,
         ...backingPolicy(values),
@@ -1209,9 +1243,16 @@ const commands: Record<string, Command> = {
           },
           onDecodeProgress: unpacking &&
             ((done, total) => unpacking.update(done, total)),
+          unpackTo,
         },
       });
       unpacking?.end();
+      if (unpackTo?.outcome === "raw") {
+        // The output holds the disk whole: put it in place.
+        await refuseInputAsOutput(output, input, files);
+        await finishOutput(unpackTo.file!);
+        return 0;
+      }
       if (values.snapshot !== undefined && !source.details?.snapshot) {
         throw new UsageError(
           `-l ${values.snapshot}: ${source.format} images have no internal snapshots to read`,
@@ -1286,6 +1327,12 @@ const commands: Record<string, Command> = {
       bar?.end();
       if (sink) await finishOutput(sink);
       await companions.finish();
+      if (unpackTo?.file) {
+        // The image was found not to be raw only at its end: the first
+        // output held its decoded bytes, read for the convert just done.
+        pendingOutputs.delete(unpackTo.file);
+        await unpackTo.file.abort();
+      }
       for (const warning of result.warnings ?? []) {
         printErr(`vdisk: warning: ${warning}\n`);
       }

@@ -47,6 +47,23 @@ export async function probeInput(source: Source): Promise<ProbeInput> {
   return { head, tail, size: source.size, name: source.name };
 }
 
+/**
+ * Whether bytes that start with `head` (the first {@linkcode PROBE_BYTES}
+ * of more) may be a raw image, from their head alone: no driver but raw
+ * claims them with their tail unknown (zeros here) and their size the
+ * least it can be. A guess that decides only where a compressed file is
+ * decoded to (see `openCompressed`): the image is still probed whole
+ * once decoded.
+ */
+function headMayBeRaw(head: Uint8Array): boolean {
+  const input = { head, tail: new Uint8Array(head.length), size: head.length };
+  try {
+    return !CATALOG.some((d) => d.name !== "raw" && d.probe(input) > 0);
+  } catch {
+    return false;
+  }
+}
+
 /** One driver's verdict on a source. */
 export interface ProbeResult {
   /** The format's name. */
@@ -263,6 +280,7 @@ async function openChain(
       compression,
       options,
       (decoded, o) => openChain(decoded, o, seen),
+      headMayBeRaw,
     );
   }
   const opened = await (await loadDriver(name)).open(

@@ -56,9 +56,12 @@ import {
   type Extent,
   type Image,
   type OpenOptions,
+  PROBE_BYTES,
   readInto,
   type ScratchFile,
+  type Sink,
   type Source,
+  type UnpackTarget,
 } from "./types.ts";
 
 // The containers' magics live with the probes' (the registry checks them
@@ -211,11 +214,13 @@ async function* gunzip(
   for (;;) {
     const piece = await pull();
     if (piece === null) break;
-    // 64 KiB at a time: what one write inflates to waits in `out` (deflate
-    // expands at most 1032 times, so at most ~64 MiB).
-    for (let at = 0; at < piece.length; at += 1 << 16) {
+    // 32 KiB at a time: what one write inflates to waits in `out` (deflate
+    // expands at most 1032 times, so at most ~32 MiB). 64 KiB peaked at
+    // 250-293 MiB converting the bench's 1 GiB disk from a .gz (its zero
+    // quarter inflates a thousandfold), 32 KiB at 170-180 MiB (load 8-10).
+    for (let at = 0; at < piece.length; at += 1 << 15) {
       await new Promise<void>((resolve) => {
-        g.write(piece.subarray(at, at + (1 << 16)), (e) => {
+        g.write(piece.subarray(at, at + (1 << 15)), (e) => {
           if (e) failure ??= e;
           resolve();
         });
@@ -723,6 +728,31 @@ class ZeroMap {
     return byte < this.bits.length &&
       (this.bits[byte] & (1 << (granule & 7))) !== 0;
   }
+  /** The allocation map of `[offset, offset + length)`: granules set are `zero`, the rest `data`. */
+  async *runs(offset: number, length: number): AsyncGenerator<Extent> {
+    const end = offset + length;
+    let runStart = offset;
+    let runZero = this.has(Math.floor(offset / GRANULE));
+    for (let g = Math.floor(offset / GRANULE) + 1; g * GRANULE < end; g++) {
+      const zero = this.has(g);
+      if (zero !== runZero) {
+        yield {
+          offset: runStart,
+          length: g * GRANULE - runStart,
+          kind: runZero ? "zero" : "data",
+        };
+        runStart = g * GRANULE;
+        runZero = zero;
+      }
+    }
+    if (end > runStart) {
+      yield {
+        offset: runStart,
+        length: end - runStart,
+        kind: runZero ? "zero" : "data",
+      };
+    }
+  }
 }
 
 /** A decoded file: its bytes in a scratch store, its zero runs known. */
@@ -733,10 +763,11 @@ export interface DecodedSource extends Source {
   readonly compressedSize: number;
   /**
    * How it is read at random: `index` (xz blocks or zstd frames that
-   * decode alone, as the container lists them) or `scratch` (decoded
-   * front to back into a scratch store).
+   * decode alone, as the container lists them), `scratch` (decoded
+   * front to back into a scratch store) or `output` (decoded front to
+   * back straight into a convert's output, `OpenOptions.unpackTo`).
    */
-  readonly access: "index" | "scratch";
+  readonly access: "index" | "scratch" | "output";
   readInto(offset: number, into: Uint8Array): Promise<void>;
   extents(offset: number, length: number): AsyncIterable<Extent>;
   close(): Promise<void>;
@@ -773,12 +804,29 @@ export interface DecodedSource extends Source {
  * }
  * ```
  */
-export async function decodeToScratch(
+export function decodeToScratch(
   source: Source,
   compression: FileCompression,
   scratch?: () => Promise<ScratchFile>,
   memoryLimit: number = MEMORY_SCRATCH_LIMIT,
   onProgress?: (done: number, total: number) => void,
+): Promise<DecodedSource> {
+  return scratchFrom(
+    decompress(source, compression, onProgress),
+    source,
+    compression,
+    scratch,
+    memoryLimit,
+  );
+}
+
+/** {@linkcode decodeToScratch} from decoded `pieces` (each valid until the next is asked for). */
+async function scratchFrom(
+  pieces: AsyncIterable<Uint8Array>,
+  source: Source,
+  compression: FileCompression,
+  scratch: (() => Promise<ScratchFile>) | undefined,
+  memoryLimit: number,
 ): Promise<DecodedSource> {
   const store = scratch
     ? await scratch()
@@ -793,7 +841,7 @@ export async function decodeToScratch(
     // pieces were copied into a staging buffer first: a pass over every
     // byte more.)
     let granuleData = false; // the granule at `size` holds a non-zero byte so far
-    for await (const piece of decompress(source, compression, onProgress)) {
+    for await (const piece of pieces) {
       // A view starting on a 4-byte boundary, for isZeroRange's words.
       const skew = piece.byteOffset & 3;
       const wide = new Uint8Array(
@@ -849,38 +897,243 @@ export async function decodeToScratch(
       checkRange(decodedSize, offset, into.length);
       return store.readInto(offset, into);
     },
-    async *extents(offset, length) {
+    extents(offset, length) {
       checkRange(decodedSize, offset, length);
-      const end = offset + length;
-      let runStart = offset;
-      let runZero = zeros.has(Math.floor(offset / GRANULE));
-      for (
-        let g = Math.floor(offset / GRANULE) + 1;
-        g * GRANULE < end;
-        g++
-      ) {
-        const zero = zeros.has(g);
-        if (zero !== runZero) {
-          yield {
-            offset: runStart,
-            length: g * GRANULE - runStart,
-            kind: runZero ? "zero" : "data",
-          };
-          runStart = g * GRANULE;
-          runZero = zero;
-        }
-      }
-      if (end > runStart) {
-        yield {
-          offset: runStart,
-          length: end - runStart,
-          kind: runZero ? "zero" : "data",
-        };
-      }
+      return zeros.runs(offset, length);
     },
     async close() {
       await store.close();
       await source.close?.();
+    },
+  };
+}
+
+/**
+ * The decoded file as `first` (pieces already taken from `rest`: copies,
+ * and the last one still valid) then the rest of `rest`, which is let go
+ * of (its decoder released) however the reader stops.
+ */
+async function* replay(
+  first: Uint8Array[],
+  rest: AsyncIterator<Uint8Array>,
+): AsyncGenerator<Uint8Array> {
+  try {
+    yield* first;
+    for (;;) {
+      const next = await rest.next();
+      if (next.done) return;
+      yield next.value;
+    }
+  } finally {
+    await rest.return?.();
+  }
+}
+
+/**
+ * Decoded bytes are copied into buffers of this size and written from
+ * them, so that a buffer's writes run on the file's I/O thread while the
+ * next is decoded (a decoder's pieces are valid only until the next is
+ * asked for); {@linkcode UNPACK_BUFFERS} take turns.
+ */
+const UNPACK_BUFFER = 4 << 20;
+/** Buffers being written or filled at once (16 MiB). */
+const UNPACK_BUFFERS = 4;
+
+/**
+ * Writes the decoded `pieces` into `sink` in order, front to back:
+ * granules of `sparse` bytes (aligned) that are all zeros are not written
+ * (holes), and the sink is sized to the decoded size at the end. Each
+ * piece is copied into one of {@linkcode UNPACK_BUFFERS} buffers; a full
+ * buffer's data runs are handed to the sink at once (a file writes runs of
+ * 256 KiB and more on its I/O thread, in order) and the buffer is taken
+ * again once they are written, so decoding and writing overlap with
+ * memory bounded by the buffers. Returns the decoded size and its 64 KiB
+ * zero granules.
+ */
+async function writeDecoded(
+  pieces: AsyncIterable<Uint8Array>,
+  sink: Sink,
+  sparse: number,
+): Promise<{ size: number; zeros: ZeroMap }> {
+  if (sparse > 0 && GRANULE % sparse !== 0) {
+    throw new RangeError(`sparseSize ${sparse} must divide ${GRANULE}`);
+  }
+  const zeros = new ZeroMap();
+  /** Buffers whose writes are running, oldest first: each resolves to its buffer. */
+  const busy: Promise<Uint8Array>[] = [];
+  let made = 0;
+  /** A new buffer while fewer than UNPACK_BUFFERS exist, else the oldest once written. */
+  const take = async (): Promise<Uint8Array> => {
+    if (made < UNPACK_BUFFERS) {
+      made++;
+      return new Uint8Array(UNPACK_BUFFER);
+    }
+    return await busy.shift()!;
+  };
+  /** Hands the `length` bytes of `buffer` (decoded bytes from `offset`) to the sink. */
+  const send = (buffer: Uint8Array, length: number, offset: number) => {
+    const words = wordsOf(buffer);
+    const writes: Promise<void>[] = [];
+    let runStart = -1;
+    const run = (end: number) => {
+      writes.push(
+        sink.write(offset + runStart, buffer.subarray(runStart, end)),
+      );
+      runStart = -1;
+    };
+    // `offset` is a multiple of the buffer's size: granules line up.
+    for (let g = 0; g < length; g += GRANULE) {
+      const end = Math.min(length, g + GRANULE);
+      if (sparse > 0 && isZeroRange(buffer, words, g, end)) {
+        zeros.set((offset + g) / GRANULE);
+        if (runStart >= 0) run(g);
+        continue;
+      }
+      if (sparse <= 0) {
+        if (runStart < 0) runStart = g;
+        continue;
+      }
+      for (let i = g; i < end; i += sparse) {
+        const zero = isZeroRange(buffer, words, i, Math.min(end, i + sparse));
+        if (zero && runStart >= 0) run(i);
+        else if (!zero && runStart < 0) runStart = i;
+      }
+    }
+    if (runStart >= 0) run(length);
+    const written = Promise.all(writes).then(() => buffer);
+    written.catch(() => {}); // answered when the buffer is taken again, or at the end
+    busy.push(written);
+  };
+  let size = 0;
+  let buffer = await take();
+  let filled = 0;
+  let lastByte = 0;
+  try {
+    for await (const piece of pieces) {
+      if (piece.length) lastByte = piece[piece.length - 1];
+      for (let at = 0; at < piece.length;) {
+        const n = Math.min(UNPACK_BUFFER - filled, piece.length - at);
+        buffer.set(piece.subarray(at, at + n), filled);
+        filled += n;
+        at += n;
+        if (filled === UNPACK_BUFFER) {
+          send(buffer, filled, size);
+          size += filled;
+          filled = 0;
+          buffer = await take();
+        }
+      }
+    }
+    if (filled) {
+      send(buffer, filled, size);
+      size += filled;
+    }
+    if (!Number.isSafeInteger(size)) throw new RangeError("decoded size");
+    while (busy.length) await busy.shift();
+  } finally {
+    // No write from a buffer runs after this answers.
+    await Promise.allSettled(busy);
+  }
+  if (sink.resize) await sink.resize(size);
+  else if (size > 0) {
+    // A sink that cannot be sized gets its last byte again, so that holes
+    // at the end count.
+    await sink.write(size - 1, new Uint8Array([lastByte]));
+  }
+  return { size, zeros };
+}
+
+/**
+ * Decodes a compressed file that is read front to back, either straight
+ * into `target`'s output or into scratch. The first decoded bytes (a
+ * probe's head) decide: bytes another format claims (`mayBeRaw` says no),
+ * or another compressed container, go to scratch as before, as does a
+ * file that decodes to fewer bytes; otherwise the output is opened and
+ * every byte goes there, in one pass (`streamed`). The decoded bytes are
+ * then read back from the output, where `openCompressed` probes them
+ * whole, as it would probe a scratch store.
+ */
+async function decodeOnce(
+  source: Source,
+  compression: FileCompression,
+  options: OpenOptions,
+  target: UnpackTarget,
+  mayBeRaw: (head: Uint8Array) => boolean,
+): Promise<{ decoded: DecodedSource; streamed: boolean }> {
+  const rest = decompress(source, compression, options.onDecodeProgress)
+    [Symbol.asyncIterator]();
+  const first: Uint8Array[] = [];
+  let have = 0;
+  let ended = false;
+  try {
+    while (have < PROBE_BYTES) {
+      const next = await rest.next();
+      if (next.done) {
+        ended = true;
+        break;
+      }
+      // Pieces before the last one taken are copied: they are valid only
+      // until the next is asked for.
+      const piece = next.value;
+      first.push(have + piece.length < PROBE_BYTES ? piece.slice() : piece);
+      have += piece.length;
+    }
+  } catch (e) {
+    await rest.return?.(undefined);
+    throw containerError(e, compression, source);
+  }
+  const head = new Uint8Array(Math.min(have, PROBE_BYTES));
+  for (let at = 0, i = 0; at < head.length; i++) {
+    const n = Math.min(first[i].length, head.length - at);
+    head.set(first[i].subarray(0, n), at);
+    at += n;
+  }
+  const pieces = replay(first, rest);
+  let sink: Sink & Source;
+  let written: { size: number; zeros: ZeroMap };
+  try {
+    if (ended || detectCompression(head) || !mayBeRaw(head)) {
+      return {
+        decoded: await scratchFrom(
+          pieces,
+          source,
+          compression,
+          options.scratch,
+          MEMORY_SCRATCH_LIMIT,
+        ),
+        streamed: false,
+      };
+    }
+    sink = await target.open();
+    written = await writeDecoded(pieces, sink, target.sparseSize ?? 4096);
+  } catch (e) {
+    // The decoder is let go of even where `pieces` was never read.
+    await rest.return?.(undefined);
+    throw containerError(e, compression, source);
+  }
+  const { size, zeros } = written;
+  return {
+    streamed: true,
+    decoded: {
+      compression,
+      compressedSize: source.size,
+      access: "output",
+      size,
+      name: source.name,
+      read(offset, length) {
+        checkRange(size, offset, length);
+        return sink.read(offset, length);
+      },
+      readInto(offset, into) {
+        checkRange(size, offset, into.length);
+        return readInto(sink, offset, into);
+      },
+      extents(offset, length) {
+        checkRange(size, offset, length);
+        return zeros.runs(offset, length);
+      },
+      // The output is the caller's.
+      close: async () => await source.close?.(),
     },
   };
 }
@@ -892,11 +1145,17 @@ export async function decodeToScratch(
  * the inner one, with `details.file_compression` (the container) and
  * `details.compressed_size` added; closing it releases the scratch store.
  * Writable opens are refused: the file would have to be compressed again.
+ * With `options.unpackTo`, a file read front to back whose first bytes
+ * `mayBeRaw` is decoded straight into that output instead of scratch (see
+ * {@linkcode UnpackTarget}).
  *
  * @param source the compressed file
  * @param compression its container
  * @param options open options (`scratch` says where to decode to)
  * @param openInner opens the decoded bytes
+ * @param mayBeRaw whether decoded bytes starting with `head` (a probe's
+ *   head; their tail is not known yet) may be a raw image: false when a
+ *   format claims them from their head alone
  * @returns the image inside
  *
  * @example
@@ -918,6 +1177,7 @@ export async function openCompressed(
   compression: FileCompression,
   options: OpenOptions,
   openInner: (decoded: Source, options: OpenOptions) => Promise<Image>,
+  mayBeRaw: (head: Uint8Array) => boolean = () => true,
 ): Promise<Image> {
   if (options.writable) {
     throw new UnsupportedError(
@@ -934,21 +1194,43 @@ export async function openCompressed(
     );
   }
   const segments = await segmentsOf(source, compression);
-  const decoded = segments
-    ? segmentedSource(source, compression, segments)
-    : await decodeToScratch(
+  const target = segments ? undefined : options.unpackTo;
+  let decoded: DecodedSource;
+  let streamed = false;
+  if (segments) decoded = segmentedSource(source, compression, segments);
+  else if (target) {
+    ({ decoded, streamed } = await decodeOnce(
+      source,
+      compression,
+      options,
+      target,
+      mayBeRaw,
+    ));
+  } else {
+    decoded = await decodeToScratch(
       source,
       compression,
       options.scratch,
       MEMORY_SCRATCH_LIMIT,
       options.onDecodeProgress,
     );
+  }
   let inner: Image;
   try {
-    inner = await openInner(decoded, options);
+    // Opened as any file is: probed whole (head, tail and size), so an
+    // image decoded into the output is raw only if probing says so. What
+    // is inside is never decoded into the output too.
+    inner = await openInner(decoded, { ...options, unpackTo: undefined });
   } catch (e) {
     await decoded.close();
     throw e;
+  }
+  if (streamed) {
+    target!.outcome = inner.format === "raw" &&
+        inner.details?.file_compression === undefined &&
+        inner.size === decoded.size
+      ? "raw"
+      : "scratch";
   }
   const details = {
     ...inner.details,

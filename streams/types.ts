@@ -409,6 +409,46 @@ export interface OpenOptions {
    * (when opening it): compressed bytes read so far, and their total.
    */
   onDecodeProgress?: (done: number, total: number) => void;
+  /**
+   * A raw output that a compressed file read front to back (one that
+   * would otherwise be decoded into `scratch`: a single zstd frame, gzip,
+   * bzip2, a single-block xz) is decoded straight into, in one pass, when
+   * the image inside may be raw (see {@linkcode UnpackTarget}).
+   */
+  unpackTo?: UnpackTarget;
+}
+
+/**
+ * Where `open` may decode a compressed file whose image inside is raw
+ * (`disk.img.zst`), for a convert to a raw file: the decoded bytes go
+ * straight into the output, with no scratch store and no second pass.
+ * `open` fills in `outcome`, and the caller goes on by it:
+ *
+ * - undefined: the output was never opened (the file was not compressed,
+ *   is read through its index, or its first bytes are another format's,
+ *   decoded into scratch as usual): convert the image as usual.
+ * - `raw`: the image is raw, and the output holds it whole (zero runs
+ *   left as holes, sized): nothing is left to write. The image returned
+ *   reads its bytes back from the output.
+ * - `scratch`: the image inside was found not to be raw only at its end
+ *   (a signature in its last bytes: a dmg, a fixed VHD). The output holds
+ *   its decoded bytes and the image returned reads from it: convert it
+ *   into another output, then discard this one.
+ *
+ * An error while decoding (a checksum that does not match, a truncated
+ * file) rejects `open` after bytes were written: the caller removes the
+ * output (the command line writes it under a temporary name).
+ */
+export interface UnpackTarget {
+  /** Opens the output (a random-access file that can be read back), once decoding into it starts. */
+  open(): Promise<Sink & Source>;
+  /** What became of the output: set by `open` (see above). */
+  outcome?: "raw" | "scratch";
+  /**
+   * Zero runs of this many bytes (aligned) are left as holes, as convert's
+   * `sparseSize`. @default 4096
+   */
+  sparseSize?: number;
 }
 
 /**

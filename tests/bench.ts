@@ -552,6 +552,11 @@ const cases: Case[] = [
   ...[
     { tool: "xz", suffix: "xz", pack: "xz -T0 -6 -c" },
     { tool: "zstd", suffix: "zst", pack: "zstd -q -3 -c" },
+    // Read front to back, decoded straight into the output: one xz block
+    // (xz -T1), gzip, bzip2 (the .zst above is one frame too).
+    { tool: "xz", suffix: "1.xz", pack: "xz -T1 -6 -c" },
+    { tool: "gzip", suffix: "gz", pack: "gzip -6 -c" },
+    { tool: "bzip2", suffix: "bz2", pack: "bzip2 -9 -c" },
   ].map(({ tool, suffix, pack }): Case => ({
     name: `disk.img.${suffix} (${pack.replace(" -c", "")}, files of /usr/lib)`,
     format: "raw",

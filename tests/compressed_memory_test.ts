@@ -1,7 +1,9 @@
-// The memory budget of compressed files read through their index (issue
-// 15): an `.xz` of many blocks (`xz -T0` cuts 24 MiB blocks at -6) and a
+// The memory budget of compressed files (issue 15). Read through their
+// index: an `.xz` of many blocks (`xz -T0` cuts 24 MiB blocks at -6) and a
 // `.zst` of many frames decode into a fixed number of reused buffers,
 // shared with the workers, so a convert stays under 256 MiB of peak RSS.
+// Read front to back (one zstd frame, gzip), they decode straight into
+// the output through their window and a few buffers.
 // Before, each block or frame was a fresh array (a few cached, more
 // decoding ahead, some on this thread beside the workers): these converts
 // peaked at 435 MiB (xz) and 317 MiB (zstd). The peak is the child
@@ -60,6 +62,20 @@ for (
       `a .zst of ${SEGMENT_MIB} MiB frames`,
       "zstd",
       packFrames,
+    ],
+    // Read front to back, decoded straight into the output (its window,
+    // 16 MiB of buffers waiting for their writes, no scratch file).
+    [
+      "a .zst of one frame (zstd -T0 -3)",
+      "zstd",
+      (dir: string, disk: string, out: string) =>
+        run("sh", ["-c", `zstd -q -T0 -3 -c ${disk} > ${out}`]).then(() => dir),
+    ],
+    [
+      "a .gz",
+      "gzip",
+      (dir: string, disk: string, out: string) =>
+        run("sh", ["-c", `gzip -1 -c ${disk} > ${out}`]).then(() => dir),
     ],
   ] as const
 ) {
