@@ -1,30 +1,39 @@
 /**
- * File-to-file copies in the kernel, for the file adapter (`file.ts`): the
- * data ranges of a sparse file found with `lseek(SEEK_DATA / SEEK_HOLE)`
- * and copied with `copy_file_range`, through libc by Deno's FFI. Holes are
+ * File-to-file copies for the file adapter (`file.ts`): the data ranges of
+ * a sparse file found with `lseek(SEEK_DATA / SEEK_HOLE)` and copied by
+ * `pread` and `pwrite` of 256 KiB through one reused, page-aligned buffer
+ * outside the JavaScript heap, through libc by Deno's FFI. Holes are
  * skipped, so they stay holes in an output sized beforehand; no byte
  * passes through JavaScript.
  *
- * A range whose input and output offsets differ modulo 4 KiB (a vdi's
- * blocks start 512 bytes into a page of its file, a dynamic VHD's after
- * each block's 512-byte bitmap) goes through a pipe of our own instead,
- * sized to 256 KiB, by two `splice` calls per 256 KiB: `copy_file_range`
- * splices through the kernel's own 64 KiB pipe there, and page-misaligned
- * input cost it 40 % more system CPU than aligned input (0.34 against
- * 0.28 s for the bench's 1 GiB vdi at load 6; 1.2-1.8 against 1.6-3.5 s
- * for a 4 GiB vdi, qemu-img 1.3-2.4 s). Aligned ranges keep
- * `copy_file_range`, which shares blocks on btrfs and XFS and copies on
- * the server over NFS and SMB (where misaligned ranges keep it too);
- * through our pipe they measured the same on ext4 at 1 GiB and up to
- * twice the CPU at 4 GiB once the VM's freed memory had gone back to its
- * host. Reading and writing through a buffer (`pread`/`pwrite`, as
- * qemu-img does) costs 2-5 times the CPU in that state.
+ * Why reads and writes and not `copy_file_range` (which copies without a
+ * buffer): on ext4 (kernel 6.18, 2 cores, the bench's 1 GiB disks,
+ * interleaved runs of the copy alone) a 256 KiB buffer copied the 768 MiB
+ * of the bench's vdi in 178-187 ms of wall and CPU where
+ * `copy_file_range` took 281-318 ms (its blocks start 512 bytes into a
+ * page of the file; the kernel then splices through its own 64 KiB pipe)
+ * and the raw disk's in 174-210 against 200-219 ms (`cp` 194-221 ms):
+ * the buffer stays in the core's 2 MiB L2 cache between the read that
+ * fills it and the write that empties it, so the second copy is cheap.
+ * Bigger buffers lose that, and writes of 1 MiB make the page cache
+ * allocate large folios (1 MiB buffer: 558-1070 ms); smaller ones make
+ * more calls (64 KiB: 209-241 ms). Reads and writes on Deno's blocking
+ * threads (`nonblocking` FFI calls, 2-4 buffers) cost 20-60 % more CPU
+ * for no better wall time: a handoff per call, and the buffers out of
+ * cache. `_file_copy_worker.ts` adds a second thread for big copies.
+ *
+ * Where the output lies on a file system that copies on the server (NFS,
+ * SMB) or shares blocks (btrfs, XFS, bcachefs), `copy_file_range` is kept
+ * (for ranges aligned to the page between input and output on the
+ * latter): those copy without moving the bytes at all.
  *
  * Deno-only, and only on Linux with the FFI permission granted (the
  * permission is queried, never prompted for). Anywhere else, and on any
  * error before a byte is copied (ENOSYS, EXDEV, EINVAL, an fd that cannot
  * be found), {@linkcode kernelCopier} answers `undefined` and the caller
- * copies the ordinary way.
+ * copies the ordinary way. Errors after that are thrown as a
+ * {@linkcode CopyFailure} that says which side failed, where, and why
+ * (the file adapter names the file).
  *
  * `cp --sparse=always` and `qemu-img convert` find holes the same way;
  * `deno task bench raw` measured this path against them.
@@ -34,15 +43,20 @@
 
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
+const EINTR = 4;
 const ENXIO = 6;
 const F_DUPFD_CLOEXEC = 1030;
-const F_SETPIPE_SZ = 1031;
-const O_CLOEXEC = 0o2000000;
-const SPLICE_F_MOVE = 1;
-/** Bytes our pipe holds: what one pair of `splice` calls moves at most. */
-const PIPE_BYTES = 256 << 10;
+const PROT_READ_WRITE = 3;
+const MAP_PRIVATE_ANONYMOUS = 0x22;
+/**
+ * Bytes of the copy buffer: what one `pread` and one `pwrite` move at
+ * most. 256 KiB measured best (see the module doc).
+ */
+export const BUFFER_BYTES = 256 << 10;
 /** `f_type` (`statfs(2)`) of file systems that copy on the server: NFS, CIFS, SMB2. */
 const OFFLOADING = new Set([0x6969, 0xff534d42, 0xfe534d42]);
+/** `f_type` of file systems that share blocks for `copy_file_range`: btrfs, XFS, bcachefs. */
+const REFLINKING = new Set([0x9123683e, 0x58465342, 0xca451a4e]);
 /** errno values after which the kernel copy is given up for the ordinary path. */
 const UNSUPPORTED = new Set([
   1, // EPERM
@@ -59,23 +73,27 @@ const symbols = {
     parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"],
     result: "isize",
   },
-  splice: {
-    parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"],
-    result: "isize",
+  pread: { parameters: ["i32", "pointer", "usize", "i64"], result: "isize" },
+  pwrite: { parameters: ["i32", "pointer", "usize", "i64"], result: "isize" },
+  mmap: {
+    parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"],
+    result: "pointer",
   },
-  pipe2: { parameters: ["buffer", "i32"], result: "i32" },
+  munmap: { parameters: ["pointer", "usize"], result: "i32" },
+  strerror: { parameters: ["i32"], result: "pointer" },
   fstatfs: { parameters: ["i32", "buffer"], result: "i32" },
   __errno_location: { parameters: [], result: "pointer" },
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
 } as const;
 
-type Libc = Deno.DynamicLibrary<typeof symbols>["symbols"];
+/** The libc functions this module calls. */
+export type Libc = Deno.DynamicLibrary<typeof symbols>["symbols"];
 
 let libc: Libc | null | undefined;
 
 /** libc's functions, or null where they cannot be had (no FFI permission, not Linux). */
-function loadLibc(): Libc | null {
+export function loadLibc(): Libc | null {
   if (libc !== undefined) return libc;
   libc = null;
   try {
@@ -96,9 +114,113 @@ class Errno extends Error {
   }
 }
 
+/**
+ * A copy that failed after it began: which side (`read`: the input,
+ * `write`: the output), at which offset of that file, for how many bytes,
+ * and why (the system's words for `errno`, or that the input ended early).
+ * The file adapter turns it into a `ReadError` or `WriteError` naming the file.
+ */
+export class CopyFailure extends Error {
+  constructor(
+    readonly side: "read" | "write",
+    readonly offset: number,
+    readonly length: number,
+    message: string,
+    readonly errno?: number,
+  ) {
+    super(message);
+    this.name = "CopyFailure";
+  }
+}
+
 function errno(c: Libc): number {
   const p = c.__errno_location();
   return p ? new Deno.UnsafePointerView(p).getInt32() : 0;
+}
+
+/** The system's message for `e` and its number: "No space left on device (errno 28)". */
+function describe(c: Libc, e: number): string {
+  const p = c.strerror(e);
+  const text = p ? new Deno.UnsafePointerView(p).getCString() : "";
+  return `${text || "error"} (errno ${e})`;
+}
+
+/**
+ * Copies `[start, end)` of `fdIn` to `at` in `fdOut` by `pread` and
+ * `pwrite` through `buffer` (`BUFFER_BYTES` of memory outside the heap);
+ * answers the bytes copied. Throws a {@linkcode CopyFailure} for an
+ * error or an input that ends early. Shared with the copy worker.
+ */
+export function readWrite(
+  c: Libc,
+  fdIn: number,
+  fdOut: number,
+  buffer: Deno.PointerObject,
+  start: number,
+  end: number,
+  at: number,
+): number {
+  for (let pos = start; pos < end;) {
+    const piece = Math.min(BUFFER_BYTES, end - pos);
+    const to = at + pos - start;
+    for (let got = 0; got < piece;) {
+      const n = Number(c.pread(
+        fdIn,
+        Deno.UnsafePointer.offset(buffer, got),
+        BigInt(piece - got),
+        BigInt(pos + got),
+      ));
+      if (n > 0) got += n;
+      else if (n === 0) {
+        throw new CopyFailure(
+          "read",
+          pos,
+          piece,
+          `the file ended at ${pos + got}`,
+        );
+      } else {
+        const e = errno(c);
+        if (e === EINTR) continue;
+        throw new CopyFailure("read", pos, piece, describe(c, e), e);
+      }
+    }
+    for (let put = 0; put < piece;) {
+      const n = Number(c.pwrite(
+        fdOut,
+        Deno.UnsafePointer.offset(buffer, put),
+        BigInt(piece - put),
+        BigInt(to + put),
+      ));
+      if (n > 0) put += n;
+      else {
+        const e = n < 0 ? errno(c) : 0;
+        if (e === EINTR) continue;
+        throw new CopyFailure(
+          "write",
+          to,
+          piece,
+          n < 0 ? describe(c, e) : "the file took no bytes",
+          e,
+        );
+      }
+    }
+    pos += piece;
+  }
+  return end - start;
+}
+
+/** `size` bytes of page-aligned memory outside the heap, or null. */
+export function mapBuffer(c: Libc, size: number): Deno.PointerObject | null {
+  const p = c.mmap(
+    null,
+    BigInt(size),
+    PROT_READ_WRITE,
+    MAP_PRIVATE_ANONYMOUS,
+    -1,
+    0n,
+  );
+  // MAP_FAILED is (void *)-1.
+  return p && Deno.UnsafePointer.value(p) !== 0xffffffffffffffffn ? p : null;
 }
 
 /**
@@ -169,16 +291,27 @@ export interface KernelCopier {
    * same-sized range at `to` in the output and leaves its holes alone.
    * Returns the data bytes copied, or `undefined` when the kernel would
    * not copy before any byte was (the caller copies instead); an error
-   * after part was copied is thrown.
+   * after part was copied is thrown (a {@linkcode CopyFailure} for a
+   * failed read or write).
    */
   copy(from: number, length: number, to: number): number | undefined;
   /**
-   * Bytes copied so far by each way: `copy_file_range`, or `splice`
-   * through the copier's pipe (ranges misaligned between input and output).
+   * Bytes copied so far by each way: `copy_file_range`, or `pread` and
+   * `pwrite` through the copier's buffer.
    */
-  readonly copied: { copyFileRange: number; splice: number };
+  readonly copied: { copyFileRange: number; readWrite: number };
   /** Closes the copier's descriptors; later copies answer `undefined`. */
   close(): Promise<void>;
+}
+
+/** Options for {@linkcode kernelCopier} (for tests). */
+export interface KernelCopierOptions {
+  /**
+   * Which way to copy: `auto` (by the output's file system, see the
+   * module doc), or always `copy_file_range`, or always reads and writes.
+   * @default "auto"
+   */
+  way?: "auto" | "copy_file_range" | "read_write";
 }
 
 /**
@@ -189,6 +322,7 @@ export interface KernelCopier {
 export function kernelCopier(
   input: Deno.FileInfo,
   output: Deno.FileInfo,
+  options: KernelCopierOptions = {},
 ): KernelCopier | undefined {
   const c = loadLibc();
   if (!c || !input.isFile || !output.isFile) return undefined;
@@ -209,7 +343,7 @@ export function kernelCopier(
   const offOut = new BigInt64Array(1);
   let working = true;
   let closed = false;
-  const copied = { copyFileRange: 0, splice: 0 };
+  const copied = { copyFileRange: 0, readWrite: 0 };
   // The last data range the file system reported, whole ([data, hole)): a
   // copy inside it needs no lseek. A dynamic VHD asks for one copy per
   // 2 MiB block, each within the same data range of its file; two lseeks
@@ -217,15 +351,23 @@ export function kernelCopier(
   // open read-only; if someone else changes it meanwhile, no copy of it is
   // right anyway.)
   const known: [number, number] = [0, 0];
-  // Our pipe for misaligned ranges: made at the first one; null where
-  // none can be had or the output's file system copies on the server.
-  let pipe: Int32Array | null | undefined = offloads(c, fdOut)
-    ? null
-    : undefined;
-  const dropPipe = () => {
-    if (pipe) { for (const fd of pipe) c.close(fd); }
-    pipe = null;
-  };
+  // Which ranges copy_file_range takes: all of them where the output's
+  // file system copies on the server, the page-aligned ones where it
+  // shares blocks, else none (reads and writes are faster: module doc).
+  const type = fileSystemOf(c, fdOut);
+  const way = options.way ?? "auto";
+  let kernelFor: "all" | "aligned" | "none" = way === "copy_file_range"
+    ? "all"
+    : way === "read_write"
+    ? "none"
+    : OFFLOADING.has(type)
+    ? "all"
+    : REFLINKING.has(type)
+    ? "aligned"
+    : "none";
+  // The copy buffer: mapped at the first read and write; null where none
+  // can be had (copy_file_range then copies everything).
+  let buffer: Deno.PointerObject | null | undefined;
 
   /** `[start, end)` of the input to `at` in the output by copy_file_range. */
   const copyFileRange = (start: number, end: number, at: number) => {
@@ -235,72 +377,56 @@ export function kernelCopier(
       const n = Number(
         c.copy_file_range(fdIn, offIn, fdOut, offOut, BigInt(left), 0),
       );
-      if (n < 0) throw new Errno("copy_file_range", errno(c));
+      if (n < 0) {
+        const e = errno(c);
+        if (e === EINTR) continue;
+        // The first call of a range: the kernel will not copy these files.
+        if (left === end - start && UNSUPPORTED.has(e)) {
+          throw new Errno("copy_file_range", e);
+        }
+        // Which side failed is not said: EIO and ENOSPC are counted as
+        // the output's, as most failures of a copy are.
+        throw new CopyFailure(
+          e === 5 ? "read" : "write",
+          e === 5 ? Number(offIn[0]) : Number(offOut[0]),
+          left,
+          describe(c, e),
+          e,
+        );
+      }
       if (n === 0) {
-        throw new Error(`copy_file_range: input ended ${left} bytes early`);
+        throw new CopyFailure(
+          "read",
+          Number(offIn[0]),
+          left,
+          `the file ended at ${offIn[0]}`,
+        );
       }
       left -= n;
       copied.copyFileRange += n;
     }
   };
-  /**
-   * `[start, end)` of the input to `at` in the output through our pipe:
-   * the input's pages go into it by reference, and the second `splice`
-   * copies them into the output's. Answers the bytes it did not copy
-   * (all of them where the kernel will not splice these files: the caller
-   * copies those by copy_file_range).
-   */
-  const splice = (start: number, end: number, at: number): number => {
-    pipe ??= makePipe(c);
-    if (!pipe) return end - start;
-    offIn[0] = BigInt(start);
-    offOut[0] = BigInt(at);
-    let left = end - start;
-    while (left > 0) {
-      const n = Number(c.splice(
-        fdIn,
-        offIn,
-        pipe[1],
-        null,
-        BigInt(Math.min(left, PIPE_BYTES)),
-        SPLICE_F_MOVE,
-      ));
-      if (n < 0) {
-        const e = errno(c);
-        if (left === end - start && UNSUPPORTED.has(e)) {
-          dropPipe(); // this file system does not splice: copy_file_range
-          return left;
-        }
-        throw new Errno("splice", e);
+  /** `[start, end)` by reads and writes; false when no buffer could be had. */
+  const copyByBuffer = (start: number, end: number, at: number): boolean => {
+    if (buffer === undefined) buffer = mapBuffer(c, BUFFER_BYTES);
+    if (!buffer) return false;
+    try {
+      copied.readWrite += readWrite(c, fdIn, fdOut, buffer, start, end, at);
+    } catch (e) {
+      // Unsupported by these files (the input refuses pread: EINVAL for
+      // a file open with O_DIRECT): the caller falls back.
+      if (e instanceof CopyFailure && UNSUPPORTED.has(e.errno ?? 0)) {
+        throw new Errno(e.side === "read" ? "pread" : "pwrite", e.errno!);
       }
-      if (n === 0) {
-        throw new Error(`splice: input ended ${left} bytes early`);
-      }
-      for (let inPipe = n; inPipe > 0;) {
-        const m = Number(
-          c.splice(pipe[0], null, fdOut, offOut, BigInt(inPipe), SPLICE_F_MOVE),
-        );
-        if (m <= 0) {
-          // Bytes stuck in the pipe would go to the next copy's output.
-          const e = m < 0 ? errno(c) : 0;
-          dropPipe();
-          pipe = undefined; // a fresh one for a later copy
-          throw m < 0
-            ? new Errno("splice", e)
-            : new Error("splice: the output took no bytes");
-        }
-        inPipe -= m;
-        copied.splice += m;
-      }
-      left -= n;
+      throw e;
     }
-    return 0;
+    return true;
   };
   return {
     copied,
     copy(from, length, to) {
       if (!working) return undefined;
-      const before = copied.copyFileRange + copied.splice;
+      const before = copied.copyFileRange + copied.readWrite;
       try {
         const ranges: Iterable<[number, number]> =
           from >= known[0] && from + length <= known[1]
@@ -308,26 +434,43 @@ export function kernelCopier(
             : dataRanges(c, fdIn, from, length, known);
         for (const [start, end] of ranges) {
           const at = to + start - from;
-          const rest = pipe !== null && (start - at) % 4096 !== 0
-            ? splice(start, end, at)
-            : end - start;
-          if (rest > 0) copyFileRange(end - rest, end, at + end - rest - start);
+          const kernel = kernelFor === "all" ||
+            (kernelFor === "aligned" && (start - at) % 4096 === 0);
+          if (kernel || !copyByBuffer(start, end, at)) {
+            try {
+              copyFileRange(start, end, at);
+            } catch (e) {
+              // This pair of files (EXDEV: another file system) takes no
+              // copy_file_range: reads and writes from now on.
+              if (
+                !(e instanceof Errno) || kernelFor === "none" ||
+                !copyByBuffer(start, end, at)
+              ) {
+                throw e;
+              }
+              kernelFor = "none";
+            }
+          }
         }
       } catch (e) {
-        const done = copied.copyFileRange + copied.splice - before;
+        const done = copied.copyFileRange + copied.readWrite - before;
         if (done === 0 && e instanceof Errno && UNSUPPORTED.has(e.errno)) {
           working = false;
           return undefined;
         }
+        if (e instanceof Errno) {
+          throw new CopyFailure("write", to, length, e.message, e.errno);
+        }
         throw e;
       }
-      return copied.copyFileRange + copied.splice - before;
+      return copied.copyFileRange + copied.readWrite - before;
     },
     close() {
       if (!closed) {
         closed = true;
         working = false;
-        dropPipe();
+        if (buffer) c.munmap(buffer, BigInt(BUFFER_BYTES));
+        buffer = null;
         c.close(fdIn);
         c.close(fdOut);
       }
@@ -336,23 +479,13 @@ export function kernelCopier(
   };
 }
 
-/** A pipe of PIPE_BYTES (or the system's most) for `splice`, or null when none can be made. */
-function makePipe(c: Libc): Int32Array | null {
-  const fds = new Int32Array(2);
-  if (c.pipe2(fds, O_CLOEXEC) !== 0) return null;
-  // Refused past /proc/sys/fs/pipe-max-size (1 MiB by default): the
-  // pipe then keeps its 64 KiB, which still copies, as copy_file_range would.
-  c.fcntl(fds[1], F_SETPIPE_SZ, PIPE_BYTES);
-  return fds;
-}
-
-/** Whether the file system of `fd` copies on the server (NFS, SMB): copy_file_range there. */
-function offloads(c: Libc, fd: number): boolean {
+/** The `f_type` of the file system of `fd` (`fstatfs`), or 0 when it cannot be had. */
+function fileSystemOf(c: Libc, fd: number): number {
   // struct statfs begins with f_type, a long (8 bytes on 64-bit Linux);
   // 256 bytes hold the whole struct (120 on x86-64 and arm64).
   const buffer = new BigInt64Array(32);
-  if (c.fstatfs(fd, buffer) !== 0) return false;
-  return OFFLOADING.has(Number(buffer[0] & 0xffffffffn));
+  if (c.fstatfs(fd, buffer) !== 0) return 0;
+  return Number(buffer[0] & 0xffffffffn);
 }
 
 /**

@@ -12,6 +12,7 @@ import {
   fromFile,
   open,
   type RangeCopySink,
+  ReadError,
 } from "../mod.ts";
 import { qemuRaw } from "./_layers.ts";
 import { fileDataRanges, kernelCopier } from "../streams/_file_copy.ts";
@@ -267,58 +268,83 @@ Deno.test(
     }),
 );
 
-Deno.test(
-  "ranges misaligned between input and output go through the copier's pipe, aligned ones through copy_file_range: the same bytes and holes",
-  { ignore: !linux },
-  () =>
-    withTemp(async (dir) => {
-      await sparseInput(`${dir}/in.raw`);
-      const input = await Deno.open(`${dir}/in.raw`);
-      const output = await Deno.open(`${dir}/out.raw`, {
-        read: true,
-        write: true,
-        create: true,
-      });
-      await output.truncate(24 * MIB);
-      const copier = kernelCopier(input.statSync(), output.statSync());
-      assertTrue(copier !== undefined, "no kernel copier on Linux with FFI");
-      try {
-        // 512 bytes into the data at 5 MiB (a vdi's or VHD's blocks sit so
-        // in their files) to the output's 1 MiB: more than the pipe holds,
-        // an odd length, ending inside the hole after the data.
-        const from = 5 * MIB + 512;
-        const length = 3 * MIB + 12345;
-        assertEquals(copier.copy(from, length, MIB), 3 * MIB - 512);
-        assertEquals(copier.copied.splice, 3 * MIB - 512);
-        assertEquals(copier.copied.copyFileRange, 0);
-        // Aligned: copy_file_range. Across a hole, and the file's last bytes.
-        assertEquals(copier.copy(16 * MIB, 8 * MIB, 16 * MIB), MIB + 4096);
-        assertEquals(copier.copied.copyFileRange, MIB + 4096);
-        // Misaligned by one byte, many times, within one data range.
-        for (let at = 0; at < MIB; at += 64 << 10) {
-          copier.copy(17 * MIB + at + 1, 64 << 10, 8 * MIB + at);
+for (const way of ["read_write", "copy_file_range"] as const) {
+  Deno.test(
+    `copies by ${way}, page-aligned and not, across holes and ending in them: the input's bytes, and its holes`,
+    { ignore: !linux },
+    () =>
+      withTemp(async (dir) => {
+        await sparseInput(`${dir}/in.raw`);
+        const input = await Deno.open(`${dir}/in.raw`);
+        const output = await Deno.open(`${dir}/out.raw`, {
+          read: true,
+          write: true,
+          create: true,
+        });
+        await output.truncate(24 * MIB);
+        const copier = kernelCopier(input.statSync(), output.statSync(), {
+          way,
+        });
+        assertTrue(copier !== undefined, "no kernel copier on Linux with FFI");
+        const counted = () =>
+          way === "read_write"
+            ? copier.copied.readWrite
+            : copier.copied.copyFileRange;
+        try {
+          // 512 bytes into the data at 5 MiB (a vdi's or VHD's blocks sit
+          // so in their files) to the output's 1 MiB: more than a buffer
+          // holds, an odd length, ending inside the hole after the data.
+          const from = 5 * MIB + 512;
+          const length = 3 * MIB + 12345;
+          assertEquals(copier.copy(from, length, MIB), 3 * MIB - 512);
+          assertEquals(counted(), 3 * MIB - 512);
+          // Aligned, across a hole, and the file's last bytes (3 of them).
+          assertEquals(copier.copy(16 * MIB, 8 * MIB, 16 * MIB), MIB + 4096);
+          assertEquals(counted(), 4 * MIB + 4096 - 512);
+          // Misaligned by one byte, many times, within one data range.
+          for (let at = 0; at < MIB; at += 64 << 10) {
+            copier.copy(17 * MIB + at + 1, 64 << 10, 8 * MIB + at);
+          }
+          // Odd pieces that straddle a buffer's end: 256 KiB + 7 at 3 bytes in.
+          assertEquals(
+            copier.copy(6 * MIB + 3, (256 << 10) + 7, 12 * MIB + 5),
+            (256 << 10) + 7,
+          );
+          assertEquals(
+            way === "read_write"
+              ? copier.copied.copyFileRange
+              : copier.copied.readWrite,
+            0,
+          );
+        } finally {
+          await copier.close();
         }
-      } finally {
-        await copier.close();
-      }
-      const bytes = await Deno.readFile(`${dir}/in.raw`);
-      const out = await Deno.readFile(`${dir}/out.raw`);
-      const expected = new Uint8Array(24 * MIB);
-      expected.set(bytes.subarray(5 * MIB + 512, 8 * MIB), MIB);
-      expected.set(bytes.subarray(16 * MIB), 16 * MIB);
-      expected.set(bytes.subarray(17 * MIB + 1, 18 * MIB + 1), 8 * MIB);
-      assertTrue(
-        out.every((b, i) => b === expected[i]),
-        "the output holds other bytes",
-      );
-      // Holes stay holes: only the copied ranges (4 KiB granules) hold data.
-      const map = fileDataRanges(output)!;
-      const held = map.reduce((n, [start, end]) => n + end - start, 0);
-      assertTrue(held <= 6 * MIB + 3 * 4096, `${held} bytes allocated`);
-      input.close();
-      output.close();
-    }),
-);
+        const bytes = await Deno.readFile(`${dir}/in.raw`);
+        const out = await Deno.readFile(`${dir}/out.raw`);
+        const expected = new Uint8Array(24 * MIB);
+        expected.set(bytes.subarray(5 * MIB + 512, 8 * MIB), MIB);
+        expected.set(bytes.subarray(16 * MIB), 16 * MIB);
+        expected.set(bytes.subarray(17 * MIB + 1, 18 * MIB + 1), 8 * MIB);
+        expected.set(
+          bytes.subarray(6 * MIB + 3, 6 * MIB + 3 + (256 << 10) + 7),
+          12 * MIB + 5,
+        );
+        assertTrue(
+          out.every((b, i) => b === expected[i]),
+          "the output holds other bytes",
+        );
+        // Holes stay holes: only the copied ranges (4 KiB granules) hold data.
+        const map = fileDataRanges(output)!;
+        const held = map.reduce((n, [start, end]) => n + end - start, 0);
+        assertTrue(
+          held <= 6 * MIB + (256 << 10) + 5 * 4096,
+          `${held} bytes allocated`,
+        );
+        input.close();
+        output.close();
+      }),
+  );
+}
 
 Deno.test(
   "a closed input is not copied from, even by a descriptor number reused since",
@@ -626,5 +652,78 @@ Deno.test(
       await alone.close?.();
       await third.out.abort?.();
       assertTrue(failed instanceof BackingFileError, String(failed));
+    }),
+);
+
+Deno.test(
+  "an input that ends early fails the copy with a ReadError naming it and where it ended",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const input = await fromFile(`${dir}/in.raw`);
+      const out = await createOutputFile(`${dir}/out.raw`);
+      await out.resize!(input.size);
+      // The copier learns the data range [5 MiB, 8 MiB) ...
+      assertEquals(await out.copyRange(input, 5 * MIB, MIB, 0), MIB);
+      // ... and the file is cut inside it behind the handle's back.
+      await Deno.truncate(`${dir}/in.raw`, 6 * MIB + 1000);
+      const failed = await out.copyRange(input, 6 * MIB, MIB, MIB).then(
+        () => undefined,
+        (e: Error) => e,
+      );
+      await input.close();
+      await out.abort();
+      assertTrue(failed instanceof ReadError, String(failed));
+      assertEquals(failed.path, `${dir}/in.raw`);
+      assertTrue(
+        failed.message.includes(`the file ended at ${6 * MIB + 1000}`),
+        failed.message,
+      );
+    }),
+);
+
+Deno.test(
+  "a write the system refuses (EFBIG past RLIMIT_FSIZE) fails the copy with a WriteError naming the output and the system's reason",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      // In a child: the file size limit and SIGXFSZ ignored are per process.
+      const script = `${dir}/limit.ts`;
+      await Deno.writeTextFile(
+        script,
+        `import { createOutputFile, fromFile } from "${ROOT}mod.ts";
+const libc = Deno.dlopen("libc.so.6", {
+  setrlimit: { parameters: ["i32", "buffer"], result: "i32" },
+  signal: { parameters: ["i32", "usize"], result: "usize" },
+} as const).symbols;
+const input = await fromFile("${dir}/in.raw");
+const out = await createOutputFile("${dir}/out.raw");
+await out.resize(input.size);
+libc.signal(25, 1n); // SIGXFSZ: SIG_IGN, so writes past the limit fail with EFBIG
+libc.setrlimit(1, new BigUint64Array([${6 * MIB}n, ${
+          6 * MIB
+        }n])); // RLIMIT_FSIZE
+try {
+  await out.copyRange(input, 5 * MIB, 3 * MIB, 5 * MIB);
+  console.log("copied");
+} catch (e) {
+  console.log(JSON.stringify({ name: e.name, path: e.path, offset: e.offset, message: e.message }));
+}
+await out.abort();`.replaceAll("5 * MIB", String(5 * MIB)).replaceAll(
+          "3 * MIB",
+          String(3 * MIB),
+        ),
+      );
+      const r = await run(Deno.execPath(), ["run", "-A", script], {
+        allowFail: true,
+      });
+      assertEquals(r.code, 0, r.stderr);
+      const failed = JSON.parse(r.text.trim());
+      assertEquals(failed.name, "WriteError", r.text);
+      assertTrue(failed.path.includes("out.raw"), r.text); // its temporary name
+      assertEquals(failed.offset, 6 * MIB);
+      assertTrue(/errno 27/.test(failed.message), failed.message);
     }),
 );
