@@ -127,6 +127,7 @@ export class CopyFailure extends Error {
     readonly length: number,
     message: string,
     readonly errno?: number,
+    readonly endedAt?: number,
   ) {
     super(message);
     this.name = "CopyFailure";
@@ -177,6 +178,8 @@ export function readWrite(
           pos,
           piece,
           `the file ended at ${pos + got}`,
+          undefined,
+          pos + got,
         );
       } else {
         const e = errno(c);
@@ -299,7 +302,12 @@ export interface KernelCopier {
    * Bytes copied so far by each way: `copy_file_range`, or `pread` and
    * `pwrite` through the copier's buffer.
    */
-  readonly copied: { copyFileRange: number; readWrite: number };
+  readonly copied: {
+    copyFileRange: number;
+    readWrite: number;
+    /** Of `readWrite`: bytes of copies shared with the second thread. */
+    shared: number;
+  };
   /** Closes the copier's descriptors; later copies answer `undefined`. */
   close(): Promise<void>;
 }
@@ -312,7 +320,27 @@ export interface KernelCopierOptions {
    * @default "auto"
    */
   way?: "auto" | "copy_file_range" | "read_write";
+  /**
+   * Data bytes copied by one thread before a second one is started for
+   * reads and writes (`Infinity`: never). @default 32 MiB
+   */
+  helperAfter?: number;
 }
+
+/** See {@linkcode KernelCopierOptions.helperAfter}: small copies never pay a worker's start. */
+const HELPER_AFTER = 32 << 20;
+/** Indexes of the helper's control words (see `_file_copy_worker.ts`). */
+export const JOB = 0,
+  NEXT = 1,
+  COUNT = 2,
+  BUSY = 3,
+  READY = 4,
+  ERRNO = 5,
+  SIDE = 6;
+/** Control words in all. */
+const CONTROL_WORDS = 8;
+/** Pieces a copy shares with the helper at most at a time (3 numbers each). */
+const JOB_PIECES = 1024;
 
 /**
  * A kernel copier from the file `input` to the file `output` (both open,
@@ -343,7 +371,7 @@ export function kernelCopier(
   const offOut = new BigInt64Array(1);
   let working = true;
   let closed = false;
-  const copied = { copyFileRange: 0, readWrite: 0 };
+  const copied = { copyFileRange: 0, readWrite: 0, shared: 0 };
   // The last data range the file system reported, whole ([data, hole)): a
   // copy inside it needs no lseek. A dynamic VHD asks for one copy per
   // 2 MiB block, each within the same data range of its file; two lseeks
@@ -368,6 +396,9 @@ export function kernelCopier(
   // The copy buffer: mapped at the first read and write; null where none
   // can be had (copy_file_range then copies everything).
   let buffer: Deno.PointerObject | null | undefined;
+  // The second thread, started once `helperAfter` bytes were copied.
+  const helperAfter = options.helperAfter ?? HELPER_AFTER;
+  let helper: Helper | null | undefined;
 
   /** `[start, end)` of the input to `at` in the output by copy_file_range. */
   const copyFileRange = (start: number, end: number, at: number) => {
@@ -410,8 +441,20 @@ export function kernelCopier(
   const copyByBuffer = (start: number, end: number, at: number): boolean => {
     if (buffer === undefined) buffer = mapBuffer(c, BUFFER_BYTES);
     if (!buffer) return false;
+    const mine = buffer;
     try {
-      copied.readWrite += readWrite(c, fdIn, fdOut, buffer, start, end, at);
+      if (helper === undefined && copied.readWrite >= helperAfter) {
+        helper = startHelper(fdIn, fdOut);
+      }
+      if (helper && end - start > BUFFER_BYTES) {
+        const shared = helper.copy(c, start, end, at, (s, e, a) => {
+          readWrite(c, fdIn, fdOut, mine, s, e, a);
+        });
+        copied.readWrite += end - start;
+        if (shared) copied.shared += end - start;
+      } else {
+        copied.readWrite += readWrite(c, fdIn, fdOut, mine, start, end, at);
+      }
     } catch (e) {
       // Unsupported by these files (the input refuses pread: EINVAL for
       // a file open with O_DIRECT): the caller falls back.
@@ -469,12 +512,120 @@ export function kernelCopier(
       if (!closed) {
         closed = true;
         working = false;
+        helper?.close();
+        helper = null;
         if (buffer) c.munmap(buffer, BigInt(BUFFER_BYTES));
         buffer = null;
         c.close(fdIn);
         c.close(fdOut);
       }
       return Promise.resolve();
+    },
+  };
+}
+
+/** A second thread that copies pieces beside the copier's: see `_file_copy_worker.ts`. */
+interface Helper {
+  /**
+   * Copies `[start, end)` to `at` in pieces of `BUFFER_BYTES`, shared
+   * between the helper and `mine` (this thread's reads and writes), or
+   * by `mine` alone while the helper is not ready yet: answers whether it
+   * was shared. Throws the first piece's failure, once neither thread
+   * copies any more.
+   */
+  copy(
+    c: Libc,
+    start: number,
+    end: number,
+    at: number,
+    mine: (start: number, end: number, at: number) => void,
+  ): boolean;
+  /** Ends the worker (it returns its buffer first). */
+  close(): void;
+}
+
+/**
+ * Starts the copy worker for `fdIn` to `fdOut`, or answers null where no
+ * worker can be had. Until it says it is ready, `copy` copies alone.
+ */
+function startHelper(fdIn: number, fdOut: number): Helper | null {
+  const control = new SharedArrayBuffer(CONTROL_WORDS * 4);
+  const pieces = new SharedArrayBuffer((3 * JOB_PIECES + 3) * 8);
+  const ctl = new Int32Array(control);
+  const list = new Float64Array(pieces);
+  let worker: Worker;
+  try {
+    worker = new Worker(
+      new URL("./_file_copy_worker.ts", import.meta.url).href,
+      { type: "module" },
+    );
+    worker.postMessage({ control, pieces, fdIn, fdOut });
+  } catch {
+    return null;
+  }
+  return {
+    copy(c, start, end, at, mine) {
+      // Not started yet (its module is still loading): alone.
+      if (Atomics.load(ctl, READY) !== 1) {
+        mine(start, end, at);
+        return false;
+      }
+      for (let from = start; from < end;) {
+        // One job: up to JOB_PIECES pieces, claimed by both threads.
+        let count = 0;
+        for (; count < JOB_PIECES && from < end; count++) {
+          const length = Math.min(BUFFER_BYTES, end - from);
+          list.set([from, length, at + from - start], 3 * count);
+          from += length;
+        }
+        Atomics.store(ctl, COUNT, count);
+        Atomics.store(ctl, NEXT, 0);
+        Atomics.store(ctl, ERRNO, 0);
+        Atomics.store(ctl, BUSY, 1);
+        Atomics.add(ctl, JOB, 1);
+        Atomics.notify(ctl, JOB);
+        let failure: unknown;
+        try {
+          for (
+            let i = Atomics.add(ctl, NEXT, 1);
+            i < count;
+            i = Atomics.add(ctl, NEXT, 1)
+          ) {
+            const s = list[3 * i];
+            mine(s, s + list[3 * i + 1], list[3 * i + 2]);
+          }
+        } catch (e) {
+          failure = e;
+          Atomics.store(ctl, NEXT, 1 << 30); // the helper claims no more
+        }
+        // The helper's piece ends before this answers (it writes into
+        // the output; the caller may read it or close it next).
+        while (Atomics.load(ctl, BUSY) === 1) Atomics.wait(ctl, BUSY, 1, 100);
+        if (failure) throw failure;
+        const e = Atomics.load(ctl, ERRNO);
+        if (e !== 0) {
+          const at = list.length - 3;
+          const endedAt = list[at + 2] >= 0 ? list[at + 2] : undefined;
+          throw new CopyFailure(
+            Atomics.load(ctl, SIDE) === 0 ? "read" : "write",
+            list[at],
+            list[at + 1],
+            endedAt !== undefined
+              ? `the file ended at ${endedAt}`
+              : e > 0
+              ? describe(c, e)
+              : "the copy worker failed",
+            e > 0 ? e : undefined,
+            endedAt,
+          );
+        }
+      }
+      return true;
+    },
+    close() {
+      Atomics.store(ctl, JOB, -1);
+      Atomics.notify(ctl, JOB);
+      worker.terminate();
     },
   };
 }

@@ -15,7 +15,11 @@ import {
   ReadError,
 } from "../mod.ts";
 import { qemuRaw } from "./_layers.ts";
-import { fileDataRanges, kernelCopier } from "../streams/_file_copy.ts";
+import {
+  CopyFailure,
+  fileDataRanges,
+  kernelCopier,
+} from "../streams/_file_copy.ts";
 import {
   pseudoRandom,
   qemuIo,
@@ -725,5 +729,73 @@ await out.abort();`.replaceAll("5 * MIB", String(5 * MIB)).replaceAll(
       assertTrue(failed.path.includes("out.raw"), r.text); // its temporary name
       assertEquals(failed.offset, 6 * MIB);
       assertTrue(/errno 27/.test(failed.message), failed.message);
+    }),
+);
+
+Deno.test(
+  "copies shared with the second thread (the copy worker) give the input's bytes and holes, and its failures are typed",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const input = await Deno.open(`${dir}/in.raw`);
+      const output = await Deno.open(`${dir}/out.raw`, {
+        read: true,
+        write: true,
+        create: true,
+      });
+      await output.truncate(24 * MIB);
+      const copier = kernelCopier(input.statSync(), output.statSync(), {
+        way: "read_write",
+        helperAfter: 0,
+      });
+      assertTrue(copier !== undefined, "no kernel copier on Linux with FFI");
+      try {
+        // The first copy starts the worker and copies alone meanwhile.
+        assertEquals(copier.copy(17 * MIB, MIB, 17 * MIB), MIB);
+        for (let i = 0; i < 100 && copier.copied.shared === 0; i++) {
+          await new Promise((r) => setTimeout(r, 20));
+          // Odd offsets: 3 MiB + 5 bytes of data, 4 KiB + 1 later, and a hole.
+          copier.copy(5 * MIB + 7, 3 * MIB + 4096, MIB + 4096 + 8);
+        }
+        assertTrue(copier.copied.shared > 0, "the worker never helped");
+        // Across holes to the file's last 3 bytes, shared.
+        assertEquals(copier.copy(9 * MIB, 15 * MIB, 9 * MIB), MIB + 4096);
+        // The input cut inside a data range the copier knows: a short read
+        // by either thread, reported once both have stopped.
+        assertEquals(copier.copy(5 * MIB, 4096, 5 * MIB), 4096);
+        await Deno.truncate(`${dir}/in.raw`, 6 * MIB + 1000);
+        let failed: unknown;
+        try {
+          copier.copy(5 * MIB, 3 * MIB, 5 * MIB);
+        } catch (e) {
+          failed = e;
+        }
+        assertTrue(failed instanceof CopyFailure, String(failed));
+        assertEquals(failed.side, "read");
+        assertEquals(failed.endedAt, 6 * MIB + 1000);
+      } finally {
+        await copier.close();
+      }
+      input.close();
+      output.close();
+      await sparseInput(`${dir}/again.raw`);
+      const bytes = await Deno.readFile(`${dir}/again.raw`);
+      const out = await Deno.readFile(`${dir}/out.raw`);
+      const expected = new Uint8Array(24 * MIB);
+      expected.set(bytes.subarray(5 * MIB + 7, 8 * MIB), MIB + 4096 + 8);
+      expected.set(bytes.subarray(9 * MIB), 9 * MIB);
+      // The failed copy wrote some of [5 MiB, 6 MiB + 1000) before it stopped.
+      const check = (from: number, to: number) => {
+        for (let i = from; i < to; i++) {
+          if (out[i] !== expected[i]) return i;
+        }
+        return -1;
+      };
+      assertEquals(check(0, 5 * MIB), -1);
+      assertEquals(check(7 * MIB, 24 * MIB), -1);
+      const map = fileDataRanges(await Deno.open(`${dir}/out.raw`))!;
+      const held = map.reduce((n, [start, end]) => n + end - start, 0);
+      assertTrue(held <= 8 * MIB, `${held} bytes allocated`);
     }),
 );
