@@ -443,6 +443,7 @@ export function kernelCopier(
     if (!buffer) return false;
     const mine = buffer;
     try {
+      if (helper?.ended) helper = undefined; // idle too long: see startHelper
       if (helper === undefined && copied.readWrite >= helperAfter) {
         helper = startHelper(fdIn, fdOut);
       }
@@ -542,7 +543,15 @@ interface Helper {
   ): boolean;
   /** Ends the worker (it returns its buffer first). */
   close(): void;
+  /** Whether the worker was ended (closed, idle too long, or it failed to start). */
+  readonly ended: boolean;
 }
+
+/**
+ * A helper idle this long is ended: a worker keeps the process alive, and
+ * a copier whose file is never closed must not.
+ */
+const HELPER_IDLE_MS = 100;
 
 /**
  * Starts the copy worker for `fdIn` to `fdOut`, or answers null where no
@@ -554,17 +563,39 @@ function startHelper(fdIn: number, fdOut: number): Helper | null {
   const ctl = new Int32Array(control);
   const list = new Float64Array(pieces);
   let worker: Worker;
+  let ended = false;
+  let idle: ReturnType<typeof setTimeout> | undefined;
+  const stop = () => {
+    if (ended) return;
+    ended = true;
+    clearTimeout(idle);
+    Atomics.store(ctl, JOB, -1);
+    Atomics.notify(ctl, JOB);
+    worker.terminate();
+  };
   try {
     worker = new Worker(
       new URL("./_file_copy_worker.ts", import.meta.url).href,
       { type: "module" },
     );
+    // A worker that cannot load (a build without its module) leaves the
+    // copier to copy alone; its error must not end the program.
+    worker.onerror = (event) => {
+      event.preventDefault();
+      stop();
+    };
     worker.postMessage({ control, pieces, fdIn, fdOut });
   } catch {
     return null;
   }
+  idle = setTimeout(stop, HELPER_IDLE_MS);
   return {
+    get ended() {
+      return ended;
+    },
     copy(c, start, end, at, mine) {
+      clearTimeout(idle);
+      idle = setTimeout(stop, HELPER_IDLE_MS);
       // Not started yet (its module is still loading): alone.
       if (Atomics.load(ctl, READY) !== 1) {
         mine(start, end, at);
@@ -622,11 +653,7 @@ function startHelper(fdIn: number, fdOut: number): Helper | null {
       }
       return true;
     },
-    close() {
-      Atomics.store(ctl, JOB, -1);
-      Atomics.notify(ctl, JOB);
-      worker.terminate();
-    },
+    close: stop,
   };
 }
 

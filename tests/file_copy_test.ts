@@ -799,3 +799,38 @@ Deno.test(
       assertTrue(held <= 8 * MIB, `${held} bytes allocated`);
     }),
 );
+
+Deno.test(
+  "a copier never closed does not keep the program alive: its worker ends when idle",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const script = `${dir}/unclosed.ts`;
+      await Deno.writeTextFile(
+        script,
+        `import { kernelCopier } from "${ROOT}streams/_file_copy.ts";
+const input = Deno.openSync("${dir}/in.raw");
+const output = Deno.openSync("${dir}/out.raw", { read: true, write: true, create: true });
+output.truncateSync(input.statSync().size);
+const copier = kernelCopier(input.statSync(), output.statSync(), { way: "read_write", helperAfter: 0 })!;
+copier.copy(0, 1 << 20, 0);
+for (let i = 0; i < 100 && copier.copied.shared === 0; i++) {
+  await new Promise((r) => setTimeout(r, 20));
+  copier.copy(0, input.statSync().size, 0);
+}
+console.log(copier.copied.shared > 0);`,
+      );
+      const started = performance.now();
+      const r = await run(Deno.execPath(), ["run", "-A", script], {
+        allowFail: true,
+      });
+      assertEquals(r.code, 0, r.stderr);
+      assertEquals(r.text.trim(), "true");
+      assertTrue(performance.now() - started < 30_000, "it hung");
+      assertEquals(
+        await sha256File(`${dir}/out.raw`),
+        await sha256File(`${dir}/in.raw`),
+      );
+    }),
+);
