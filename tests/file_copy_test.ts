@@ -753,7 +753,7 @@ Deno.test(
       try {
         // The first copy starts the worker and copies alone meanwhile.
         assertEquals(copier.copy(17 * MIB, MIB, 17 * MIB), MIB);
-        for (let i = 0; i < 100 && copier.copied.shared === 0; i++) {
+        for (let i = 0; i < 750 && copier.copied.shared === 0; i++) {
           await new Promise((r) => setTimeout(r, 20));
           // Odd offsets: 3 MiB + 5 bytes of data, 4 KiB + 1 later, and a hole.
           copier.copy(5 * MIB + 7, 3 * MIB + 4096, MIB + 4096 + 8);
@@ -815,7 +815,7 @@ const output = Deno.openSync("${dir}/out.raw", { read: true, write: true, create
 output.truncateSync(input.statSync().size);
 const copier = kernelCopier(input.statSync(), output.statSync(), { way: "read_write", helperAfter: 0 })!;
 copier.copy(0, 1 << 20, 0);
-for (let i = 0; i < 100 && copier.copied.shared === 0; i++) {
+for (let i = 0; i < 750 && copier.copied.shared === 0; i++) {
   await new Promise((r) => setTimeout(r, 20));
   copier.copy(0, input.statSync().size, 0);
 }
