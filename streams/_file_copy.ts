@@ -325,6 +325,35 @@ export interface KernelCopierOptions {
    * reads and writes (`Infinity`: never). @default 32 MiB
    */
   helperAfter?: number;
+  /**
+   * Start the second thread even when the machine has no core to spare
+   * (as many tasks runnable as it has cores): there it only adds CPU
+   * time. @default false
+   */
+  helperWhenBusy?: boolean;
+}
+
+/**
+ * Whether the machine has a core to spare for a second copy thread: at
+ * most `cores - 1` tasks runnable this instant, this one included (the
+ * fourth field of `/proc/loadavg`, read only where reading it is
+ * allowed). The load average would count our own runs of a minute before
+ * (a bench on a quiet machine sits near 1.5). Unknown counts as spare.
+ */
+function coreToSpare(): boolean {
+  try {
+    const path = "/proc/loadavg";
+    if (
+      Deno.permissions.querySync({ name: "read", path }).state !== "granted"
+    ) {
+      return true;
+    }
+    const running = parseInt(Deno.readTextFileSync(path).split(" ")[3]);
+    const cores = navigator.hardwareConcurrency ?? 1;
+    return !(running > cores - 1);
+  } catch {
+    return true;
+  }
 }
 
 /** See {@linkcode KernelCopierOptions.helperAfter}: small copies never pay a worker's start. */
@@ -445,7 +474,11 @@ export function kernelCopier(
     try {
       if (helper?.ended) helper = undefined; // idle too long: see startHelper
       if (helper === undefined && copied.readWrite >= helperAfter) {
-        helper = startHelper(fdIn, fdOut);
+        // On a busy machine (the bench disk at load 7-12: the same wall
+        // time, 20-35 ms more CPU) a copy stays on one thread.
+        helper = options.helperWhenBusy || coreToSpare()
+          ? startHelper(fdIn, fdOut)
+          : null;
       }
       if (helper && end - start > BUFFER_BYTES) {
         const shared = helper.copy(c, start, end, at, (s, e, a) => {

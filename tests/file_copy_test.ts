@@ -748,6 +748,7 @@ Deno.test(
       const copier = kernelCopier(input.statSync(), output.statSync(), {
         way: "read_write",
         helperAfter: 0,
+        helperWhenBusy: true,
       });
       assertTrue(copier !== undefined, "no kernel copier on Linux with FFI");
       try {
@@ -813,7 +814,7 @@ Deno.test(
 const input = Deno.openSync("${dir}/in.raw");
 const output = Deno.openSync("${dir}/out.raw", { read: true, write: true, create: true });
 output.truncateSync(input.statSync().size);
-const copier = kernelCopier(input.statSync(), output.statSync(), { way: "read_write", helperAfter: 0 })!;
+const copier = kernelCopier(input.statSync(), output.statSync(), { way: "read_write", helperAfter: 0, helperWhenBusy: true })!;
 copier.copy(0, 1 << 20, 0);
 for (let i = 0; i < 750 && copier.copied.shared === 0; i++) {
   await new Promise((r) => setTimeout(r, 20));
