@@ -327,30 +327,36 @@ export interface KernelCopierOptions {
   helperAfter?: number;
   /**
    * Start the second thread even when the machine has no core to spare
-   * (as many tasks runnable as it has cores): there it only adds CPU
-   * time. @default false
+   * (tasks waited for a CPU a fifth of the last 10 s): there it adds CPU
+   * time for a better share of the busy cores. @default false
    */
   helperWhenBusy?: boolean;
 }
 
 /**
- * Whether the machine has a core to spare for a second copy thread: at
- * most `cores - 1` tasks runnable this instant, this one included (the
- * fourth field of `/proc/loadavg`, read only where reading it is
- * allowed). The load average would count our own runs of a minute before
- * (a bench on a quiet machine sits near 1.5). Unknown counts as spare.
+ * Whether the machine has a core to spare for a second copy thread: tasks
+ * waited for a CPU less than a fifth of the last 10 seconds (the `some
+ * avg10` of `/proc/pressure/cpu`), or, without that file, at most
+ * `cores - 1` tasks are runnable this instant, this one included (the
+ * fourth field of `/proc/loadavg`; the load average itself would count
+ * our own runs of the minute before). Read only where reading is
+ * allowed; unknown counts as spare.
  */
 function coreToSpare(): boolean {
+  const read = (path: string) =>
+    Deno.permissions.querySync({ name: "read", path }).state === "granted"
+      ? Deno.readTextFileSync(path)
+      : undefined;
   try {
-    const path = "/proc/loadavg";
-    if (
-      Deno.permissions.querySync({ name: "read", path }).state !== "granted"
-    ) {
-      return true;
-    }
-    const running = parseInt(Deno.readTextFileSync(path).split(" ")[3]);
-    const cores = navigator.hardwareConcurrency ?? 1;
-    return !(running > cores - 1);
+    const pressure = read("/proc/pressure/cpu");
+    const waited = pressure && /^some avg10=([\d.]+)/m.exec(pressure)?.[1];
+    if (waited) return Number(waited) < 20;
+  } catch { /* no pressure stall information: a kernel without PSI */ }
+  try {
+    const load = read("/proc/loadavg");
+    if (load === undefined) return true;
+    const running = parseInt(load.split(" ")[3]);
+    return !(running > (navigator.hardwareConcurrency ?? 1) - 1);
   } catch {
     return true;
   }
