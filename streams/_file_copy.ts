@@ -364,6 +364,10 @@ function coreToSpare(): boolean {
 
 /** See {@linkcode KernelCopierOptions.helperAfter}: small copies never pay a worker's start. */
 const HELPER_AFTER = 32 << 20;
+/** Bytes a measured copy decides its way for at a time (see `kernelCopier`). */
+const SEGMENT = 16 << 20;
+/** Bytes copied one way before a segment tries the other again. */
+const EXPLORE_AFTER = 256 << 20;
 /** Indexes of the helper's control words (see `_file_copy_worker.ts`). */
 export const JOB = 0,
   NEXT = 1,
@@ -419,15 +423,42 @@ export function kernelCopier(
   // shares blocks, else none (reads and writes are faster: module doc).
   const type = fileSystemOf(c, fdOut);
   const way = options.way ?? "auto";
-  let kernelFor: "all" | "aligned" | "none" = way === "copy_file_range"
-    ? "all"
-    : way === "read_write"
-    ? "none"
-    : OFFLOADING.has(type)
-    ? "all"
-    : REFLINKING.has(type)
-    ? "aligned"
-    : "none";
+  let kernelFor: "all" | "aligned" | "none" | "measured" =
+    way === "copy_file_range"
+      ? "all"
+      : way === "read_write"
+      ? "none"
+      : OFFLOADING.has(type)
+      ? "all"
+      : REFLINKING.has(type)
+      ? "aligned"
+      : "measured";
+  // "measured": each segment goes the way that has copied fastest lately
+  // (ms per MiB, the mean of the last sample and the ones before), and
+  // every EXPLORE_AFTER bytes one segment tries the other way. Reads and
+  // writes start; copy_file_range is tried after 64 MiB.
+  const msPerMiB = { readWrite: NaN, kernel: NaN };
+  const since = { readWrite: 0, kernel: EXPLORE_AFTER - (64 << 20) };
+  const pick = (): "readWrite" | "kernel" => {
+    if (kernelFor === "none") return "readWrite";
+    const best = msPerMiB.readWrite <= msPerMiB.kernel ||
+        isNaN(msPerMiB.kernel)
+      ? "readWrite"
+      : "kernel";
+    const other = best === "readWrite" ? "kernel" : "readWrite";
+    return since[other] >= EXPLORE_AFTER ? other : best;
+  };
+  const record = (
+    way: "readWrite" | "kernel",
+    bytes: number,
+    ms: number,
+  ) => {
+    since[way === "readWrite" ? "kernel" : "readWrite"] += bytes;
+    if (bytes < 1 << 20) return; // too short to time
+    since[way] = 0;
+    const rate = ms / (bytes / (1 << 20));
+    msPerMiB[way] = isNaN(msPerMiB[way]) ? rate : (msPerMiB[way] + rate) / 2;
+  };
   // The copy buffer: mapped at the first read and write; null where none
   // can be had (copy_file_range then copies everything).
   let buffer: Deno.PointerObject | null | undefined;
@@ -505,6 +536,29 @@ export function kernelCopier(
     }
     return true;
   };
+  /** `[start, end)` to `at` in segments, each the way {@linkcode pick} says. */
+  const copyMeasured = (start: number, end: number, at: number) => {
+    for (let s = start; s < end;) {
+      const e = Math.min(end, s + SEGMENT);
+      const to = at + s - start;
+      let way = pick();
+      const began = performance.now();
+      if (way === "readWrite" && !copyByBuffer(s, e, to)) way = "kernel";
+      if (way === "kernel") {
+        try {
+          copyFileRange(s, e, to);
+        } catch (error) {
+          // These files take no copy_file_range (EXDEV): reads and writes.
+          if (!(error instanceof Errno) || !copyByBuffer(s, e, to)) {
+            throw error;
+          }
+          kernelFor = "none";
+        }
+      }
+      record(way, e - s, performance.now() - began);
+      s = e;
+    }
+  };
   return {
     copied,
     copy(from, length, to) {
@@ -517,6 +571,10 @@ export function kernelCopier(
             : dataRanges(c, fdIn, from, length, known);
         for (const [start, end] of ranges) {
           const at = to + start - from;
+          if (kernelFor === "measured") {
+            copyMeasured(start, end, at);
+            continue;
+          }
           const kernel = kernelFor === "all" ||
             (kernelFor === "aligned" && (start - at) % 4096 === 0);
           if (kernel || !copyByBuffer(start, end, at)) {
