@@ -835,3 +835,59 @@ console.log(copier.copied.shared > 0);`,
       );
     }),
 );
+
+Deno.test(
+  "on a local file system a big copy times both ways and takes each for some segments: the input's bytes either way",
+  { ignore: !linux || skip(["stat"]) },
+  () =>
+    withTemp(async (dir) => {
+      // 96 MiB of data (a pattern shifted per MiB) after a 1 MiB hole.
+      const file = await Deno.open(`${dir}/in.raw`, {
+        write: true,
+        create: true,
+      });
+      await file.truncate(98 * MIB);
+      const block = pseudoRandom(MIB, 5);
+      for (let i = 0; i < 96; i++) {
+        block[i] = i;
+        await file.seek((i + 1) * MIB, Deno.SeekMode.Start);
+        await file.write(block);
+      }
+      file.close();
+      const input = await Deno.open(`${dir}/in.raw`);
+      const output = await Deno.open(`${dir}/out.raw`, {
+        read: true,
+        write: true,
+        create: true,
+      });
+      await output.truncate(98 * MIB + 512);
+      const copier = kernelCopier(input.statSync(), output.statSync(), {
+        helperAfter: Infinity,
+      });
+      assertTrue(copier !== undefined, "no kernel copier on Linux with FFI");
+      try {
+        // 512 bytes later in the output, in pieces of 8 MiB.
+        for (let at = 0; at < 98 * MIB; at += 8 * MIB) {
+          const length = Math.min(8 * MIB, 98 * MIB - at);
+          copier.copy(at, length, at + 512);
+        }
+      } finally {
+        await copier.close();
+      }
+      const { copyFileRange, readWrite } = copier.copied;
+      assertEquals(copyFileRange + readWrite, 96 * MIB);
+      const type = (await run("stat", ["-f", "-c", "%T", dir])).text.trim();
+      if (type === "ext2/ext3" || type === "tmpfs") {
+        assertTrue(copyFileRange > 0 && readWrite > 0, `${type}: one way`);
+      }
+      const bytes = await Deno.readFile(`${dir}/in.raw`);
+      const out = await Deno.readFile(`${dir}/out.raw`);
+      assertEquals(out.length, bytes.length + 512);
+      assertTrue(
+        bytes.every((b, i) => out[i + 512] === b),
+        "the output holds other bytes",
+      );
+      input.close();
+      output.close();
+    }),
+);
