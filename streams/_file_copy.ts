@@ -26,7 +26,7 @@
  * cache full, reads and writes swung from 0.94 to 2.9 s of CPU for 3 GiB
  * while `copy_file_range` stayed at 1.27-1.37 s. So on local file
  * systems each 16 MiB segment goes the way that copied faster lately,
- * and every 256 MiB one segment tries the other (`kernelCopier`).
+ * and after 16 segments one way one tries the other (`kernelCopier`).
  *
  * Where the output lies on a file system that copies on the server (NFS,
  * SMB) or shares blocks (btrfs, XFS, bcachefs), `copy_file_range` is kept
@@ -372,8 +372,8 @@ function coreToSpare(): boolean {
 const HELPER_AFTER = 32 << 20;
 /** Bytes a measured copy decides its way for at a time (see `kernelCopier`). */
 const SEGMENT = 16 << 20;
-/** Bytes copied one way before a segment tries the other again. */
-const EXPLORE_AFTER = 256 << 20;
+/** Timed segments copied one way before one tries the other again. */
+const EXPLORE_AFTER = 16;
 /** Indexes of the helper's control words (see `_file_copy_worker.ts`). */
 export const JOB = 0,
   NEXT = 1,
@@ -441,10 +441,12 @@ export function kernelCopier(
       : "measured";
   // "measured": each segment goes the way that has copied fastest lately
   // (ms per MiB, the mean of the last sample and the ones before), and
-  // every EXPLORE_AFTER bytes one segment tries the other way. Reads and
-  // writes start; copy_file_range is tried after 64 MiB.
+  // after EXPLORE_AFTER timed segments one way one tries the other (a
+  // dynamic VHD's segments are its 2 MiB blocks: then every 32 MiB, so a
+  // sample slowed by a preemption is not believed for long). Reads and
+  // writes start; copy_file_range is tried at the fifth segment.
   const msPerMiB = { readWrite: NaN, kernel: NaN };
-  const since = { readWrite: 0, kernel: EXPLORE_AFTER - (64 << 20) };
+  const since = { readWrite: 0, kernel: EXPLORE_AFTER - 4 };
   const pick = (): "readWrite" | "kernel" => {
     if (kernelFor === "none") return "readWrite";
     const best = msPerMiB.readWrite <= msPerMiB.kernel ||
@@ -459,8 +461,8 @@ export function kernelCopier(
     bytes: number,
     ms: number,
   ) => {
-    since[way === "readWrite" ? "kernel" : "readWrite"] += bytes;
     if (bytes < 1 << 20) return; // too short to time
+    since[way === "readWrite" ? "kernel" : "readWrite"]++;
     since[way] = 0;
     const rate = ms / (bytes / (1 << 20));
     msPerMiB[way] = isNaN(msPerMiB[way]) ? rate : (msPerMiB[way] + rate) / 2;
