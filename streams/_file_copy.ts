@@ -426,7 +426,7 @@ export function kernelCopier(
   const known: [number, number] = [0, 0];
   // Which ranges copy_file_range takes: all of them where the output's
   // file system copies on the server, the page-aligned ones where it
-  // shares blocks, else none (reads and writes are faster: module doc).
+  // shares blocks, else those it copies faster ("measured": module doc).
   const type = fileSystemOf(c, fdOut);
   const way = options.way ?? "auto";
   let kernelFor: "all" | "aligned" | "none" | "measured" =
@@ -447,14 +447,15 @@ export function kernelCopier(
   // writes start; copy_file_range is tried at the fifth segment.
   const msPerMiB = { readWrite: NaN, kernel: NaN };
   const since = { readWrite: 0, kernel: EXPLORE_AFTER - 4 };
-  const pick = (): "readWrite" | "kernel" => {
-    if (kernelFor === "none") return "readWrite";
+  /** The way for the next segment, and whether it only tries that way. */
+  const pick = (): ["readWrite" | "kernel", boolean] => {
+    if (kernelFor === "none") return ["readWrite", false];
     const best = msPerMiB.readWrite <= msPerMiB.kernel ||
         isNaN(msPerMiB.kernel)
       ? "readWrite"
       : "kernel";
     const other = best === "readWrite" ? "kernel" : "readWrite";
-    return since[other] >= EXPLORE_AFTER ? other : best;
+    return since[other] >= EXPLORE_AFTER ? [other, true] : [best, false];
   };
   const record = (
     way: "readWrite" | "kernel",
@@ -511,14 +512,24 @@ export function kernelCopier(
       copied.copyFileRange += n;
     }
   };
-  /** `[start, end)` by reads and writes; false when no buffer could be had. */
-  const copyByBuffer = (start: number, end: number, at: number): boolean => {
+  /**
+   * `[start, end)` by reads and writes; false when no buffer could be had.
+   * `trying`: a segment that only tries this way starts no helper.
+   */
+  const copyByBuffer = (
+    start: number,
+    end: number,
+    at: number,
+    trying = false,
+  ): boolean => {
     if (buffer === undefined) buffer = mapBuffer(c, BUFFER_BYTES);
     if (!buffer) return false;
     const mine = buffer;
     try {
       if (helper?.ended) helper = undefined; // idle too long: see startHelper
-      if (helper === undefined && copied.readWrite >= helperAfter) {
+      if (
+        helper === undefined && !trying && copied.readWrite >= helperAfter
+      ) {
         // On a busy machine (the bench disk at load 7-12: the same wall
         // time, 20-35 ms more CPU) a copy stays on one thread.
         helper = options.helperWhenBusy || coreToSpare()
@@ -549,9 +560,11 @@ export function kernelCopier(
     for (let s = start; s < end;) {
       const e = Math.min(end, s + SEGMENT);
       const to = at + s - start;
-      let way = pick();
+      let [way, trying] = pick();
       const began = performance.now();
-      if (way === "readWrite" && !copyByBuffer(s, e, to)) way = "kernel";
+      if (way === "readWrite" && !copyByBuffer(s, e, to, trying)) {
+        way = "kernel";
+      }
       if (way === "kernel") {
         try {
           copyFileRange(s, e, to);
