@@ -20,7 +20,8 @@
  * more calls (64 KiB: 209-241 ms). Reads and writes on Deno's blocking
  * threads (`nonblocking` FFI calls, 2-4 buffers) cost 20-60 % more CPU
  * for no better wall time: a handoff per call, and the buffers out of
- * cache. `_file_copy_worker.ts` adds a second thread for big copies.
+ * cache. `_file_copy_worker.ts` can add a second thread (an option, off
+ * by default: whole converts measured slower with it).
  *
  * Neither way wins in every state of the machine: at 4 GiB, with the page
  * cache full, reads and writes swung from 0.94 to 2.9 s of CPU for 3 GiB
@@ -328,7 +329,11 @@ export interface KernelCopierOptions {
   way?: "auto" | "copy_file_range" | "read_write";
   /**
    * Data bytes copied by one thread before a second one is started for
-   * reads and writes (`Infinity`: never). @default 32 MiB
+   * reads and writes (`Infinity`: never). Off by default: whole converts
+   * of the 1 GiB bench vdi on a quiet machine took 0.32-0.345 s with it
+   * against 0.26-0.31 s without (`new Worker` holds the main thread
+   * 10-37 ms, and the worker's start competes for the two cores), though
+   * the copy alone gained (137-152 against 178-187 ms). @default Infinity
    */
   helperAfter?: number;
   /**
@@ -368,8 +373,8 @@ function coreToSpare(): boolean {
   }
 }
 
-/** See {@linkcode KernelCopierOptions.helperAfter}: small copies never pay a worker's start. */
-const HELPER_AFTER = 32 << 20;
+/** See {@linkcode KernelCopierOptions.helperAfter}: off. */
+const HELPER_AFTER = Infinity;
 /** Bytes a measured copy decides its way for at a time (see `kernelCopier`). */
 const SEGMENT = 16 << 20;
 /** Timed segments copied one way before one tries the other again. */
