@@ -1,30 +1,46 @@
 /**
- * File-to-file copies in the kernel, for the file adapter (`file.ts`): the
- * data ranges of a sparse file found with `lseek(SEEK_DATA / SEEK_HOLE)`
- * and copied with `copy_file_range`, through libc by Deno's FFI. Holes are
+ * File-to-file copies for the file adapter (`file.ts`): the data ranges of
+ * a sparse file found with `lseek(SEEK_DATA / SEEK_HOLE)` and copied by
+ * `pread` and `pwrite` of 256 KiB through one reused, page-aligned buffer
+ * outside the JavaScript heap, through libc by Deno's FFI. Holes are
  * skipped, so they stay holes in an output sized beforehand; no byte
  * passes through JavaScript.
  *
- * A range whose input and output offsets differ modulo 4 KiB (a vdi's
- * blocks start 512 bytes into a page of its file, a dynamic VHD's after
- * each block's 512-byte bitmap) goes through a pipe of our own instead,
- * sized to 256 KiB, by two `splice` calls per 256 KiB: `copy_file_range`
- * splices through the kernel's own 64 KiB pipe there, and page-misaligned
- * input cost it 40 % more system CPU than aligned input (0.34 against
- * 0.28 s for the bench's 1 GiB vdi at load 6; 1.2-1.8 against 1.6-3.5 s
- * for a 4 GiB vdi, qemu-img 1.3-2.4 s). Aligned ranges keep
- * `copy_file_range`, which shares blocks on btrfs and XFS and copies on
- * the server over NFS and SMB (where misaligned ranges keep it too);
- * through our pipe they measured the same on ext4 at 1 GiB and up to
- * twice the CPU at 4 GiB once the VM's freed memory had gone back to its
- * host. Reading and writing through a buffer (`pread`/`pwrite`, as
- * qemu-img does) costs 2-5 times the CPU in that state.
+ * Why reads and writes and not `copy_file_range` (which copies without a
+ * buffer): on ext4 (kernel 6.18, 2 cores, the bench's 1 GiB disks,
+ * interleaved runs of the copy alone) a 256 KiB buffer copied the 768 MiB
+ * of the bench's vdi in 178-187 ms of wall and CPU where
+ * `copy_file_range` took 281-318 ms (its blocks start 512 bytes into a
+ * page of the file; the kernel then splices through its own 64 KiB pipe)
+ * and the raw disk's in 174-210 against 200-219 ms (`cp` 194-221 ms):
+ * the buffer stays in the core's 2 MiB L2 cache between the read that
+ * fills it and the write that empties it, so the second copy is cheap.
+ * Bigger buffers lose that, and writes of 1 MiB make the page cache
+ * allocate large folios (1 MiB buffer: 558-1070 ms); smaller ones make
+ * more calls (64 KiB: 209-241 ms). Reads and writes on Deno's blocking
+ * threads (`nonblocking` FFI calls, 2-4 buffers) cost 20-60 % more CPU
+ * for no better wall time: a handoff per call, and the buffers out of
+ * cache. `_file_copy_worker.ts` can add a second thread (an option, off
+ * by default: whole converts measured slower with it).
+ *
+ * Neither way wins in every state of the machine: at 4 GiB, with the page
+ * cache full, reads and writes swung from 0.94 to 2.9 s of CPU for 3 GiB
+ * while `copy_file_range` stayed at 1.27-1.37 s. So on local file
+ * systems each 16 MiB segment goes the way that copied faster lately,
+ * and after 16 segments one way one tries the other (`kernelCopier`).
+ *
+ * Where the output lies on a file system that copies on the server (NFS,
+ * SMB) or shares blocks (btrfs, XFS, bcachefs), `copy_file_range` is kept
+ * (for ranges aligned to the page between input and output on the
+ * latter): those copy without moving the bytes at all.
  *
  * Deno-only, and only on Linux with the FFI permission granted (the
  * permission is queried, never prompted for). Anywhere else, and on any
  * error before a byte is copied (ENOSYS, EXDEV, EINVAL, an fd that cannot
  * be found), {@linkcode kernelCopier} answers `undefined` and the caller
- * copies the ordinary way.
+ * copies the ordinary way. Errors after that are thrown as a
+ * {@linkcode CopyFailure} that says which side failed, where, and why
+ * (the file adapter names the file).
  *
  * `cp --sparse=always` and `qemu-img convert` find holes the same way;
  * `deno task bench raw` measured this path against them.
@@ -34,15 +50,20 @@
 
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
+const EINTR = 4;
 const ENXIO = 6;
 const F_DUPFD_CLOEXEC = 1030;
-const F_SETPIPE_SZ = 1031;
-const O_CLOEXEC = 0o2000000;
-const SPLICE_F_MOVE = 1;
-/** Bytes our pipe holds: what one pair of `splice` calls moves at most. */
-const PIPE_BYTES = 256 << 10;
+const PROT_READ_WRITE = 3;
+const MAP_PRIVATE_ANONYMOUS = 0x22;
+/**
+ * Bytes of the copy buffer: what one `pread` and one `pwrite` move at
+ * most. 256 KiB measured best (see the module doc).
+ */
+export const BUFFER_BYTES = 256 << 10;
 /** `f_type` (`statfs(2)`) of file systems that copy on the server: NFS, CIFS, SMB2. */
 const OFFLOADING = new Set([0x6969, 0xff534d42, 0xfe534d42]);
+/** `f_type` of file systems that share blocks for `copy_file_range`: btrfs, XFS, bcachefs. */
+const REFLINKING = new Set([0x9123683e, 0x58465342, 0xca451a4e]);
 /** errno values after which the kernel copy is given up for the ordinary path. */
 const UNSUPPORTED = new Set([
   1, // EPERM
@@ -59,23 +80,27 @@ const symbols = {
     parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"],
     result: "isize",
   },
-  splice: {
-    parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"],
-    result: "isize",
+  pread: { parameters: ["i32", "pointer", "usize", "i64"], result: "isize" },
+  pwrite: { parameters: ["i32", "pointer", "usize", "i64"], result: "isize" },
+  mmap: {
+    parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"],
+    result: "pointer",
   },
-  pipe2: { parameters: ["buffer", "i32"], result: "i32" },
+  munmap: { parameters: ["pointer", "usize"], result: "i32" },
+  strerror: { parameters: ["i32"], result: "pointer" },
   fstatfs: { parameters: ["i32", "buffer"], result: "i32" },
   __errno_location: { parameters: [], result: "pointer" },
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
 } as const;
 
-type Libc = Deno.DynamicLibrary<typeof symbols>["symbols"];
+/** The libc functions this module calls. */
+export type Libc = Deno.DynamicLibrary<typeof symbols>["symbols"];
 
 let libc: Libc | null | undefined;
 
 /** libc's functions, or null where they cannot be had (no FFI permission, not Linux). */
-function loadLibc(): Libc | null {
+export function loadLibc(): Libc | null {
   if (libc !== undefined) return libc;
   libc = null;
   try {
@@ -96,9 +121,116 @@ class Errno extends Error {
   }
 }
 
+/**
+ * A copy that failed after it began: which side (`read`: the input,
+ * `write`: the output), at which offset of that file, for how many bytes,
+ * and why (the system's words for `errno`, or that the input ended early).
+ * The file adapter turns it into a `ReadError` or `WriteError` naming the file.
+ */
+export class CopyFailure extends Error {
+  constructor(
+    readonly side: "read" | "write",
+    readonly offset: number,
+    readonly length: number,
+    message: string,
+    readonly errno?: number,
+    readonly endedAt?: number,
+  ) {
+    super(message);
+    this.name = "CopyFailure";
+  }
+}
+
 function errno(c: Libc): number {
   const p = c.__errno_location();
   return p ? new Deno.UnsafePointerView(p).getInt32() : 0;
+}
+
+/** The system's message for `e` and its number: "No space left on device (errno 28)". */
+function describe(c: Libc, e: number): string {
+  const p = c.strerror(e);
+  const text = p ? new Deno.UnsafePointerView(p).getCString() : "";
+  return `${text || "error"} (errno ${e})`;
+}
+
+/**
+ * Copies `[start, end)` of `fdIn` to `at` in `fdOut` by `pread` and
+ * `pwrite` through `buffer` (`BUFFER_BYTES` of memory outside the heap);
+ * answers the bytes copied. Throws a {@linkcode CopyFailure} for an
+ * error or an input that ends early. Shared with the copy worker.
+ */
+export function readWrite(
+  c: Libc,
+  fdIn: number,
+  fdOut: number,
+  buffer: Deno.PointerObject,
+  start: number,
+  end: number,
+  at: number,
+): number {
+  for (let pos = start; pos < end;) {
+    const piece = Math.min(BUFFER_BYTES, end - pos);
+    const to = at + pos - start;
+    for (let got = 0; got < piece;) {
+      const n = Number(c.pread(
+        fdIn,
+        Deno.UnsafePointer.offset(buffer, got),
+        BigInt(piece - got),
+        BigInt(pos + got),
+      ));
+      if (n > 0) got += n;
+      else if (n === 0) {
+        throw new CopyFailure(
+          "read",
+          pos,
+          piece,
+          `the file ended at ${pos + got}`,
+          undefined,
+          pos + got,
+        );
+      } else {
+        const e = errno(c);
+        if (e === EINTR) continue;
+        throw new CopyFailure("read", pos, piece, describe(c, e), e);
+      }
+    }
+    for (let put = 0; put < piece;) {
+      const n = Number(c.pwrite(
+        fdOut,
+        Deno.UnsafePointer.offset(buffer, put),
+        BigInt(piece - put),
+        BigInt(to + put),
+      ));
+      if (n > 0) put += n;
+      else {
+        const e = n < 0 ? errno(c) : 0;
+        if (e === EINTR) continue;
+        throw new CopyFailure(
+          "write",
+          to,
+          piece,
+          n < 0 ? describe(c, e) : "the file took no bytes",
+          e,
+        );
+      }
+    }
+    pos += piece;
+  }
+  return end - start;
+}
+
+/** `size` bytes of page-aligned memory outside the heap, or null. */
+export function mapBuffer(c: Libc, size: number): Deno.PointerObject | null {
+  const p = c.mmap(
+    null,
+    BigInt(size),
+    PROT_READ_WRITE,
+    MAP_PRIVATE_ANONYMOUS,
+    -1,
+    0n,
+  );
+  // MAP_FAILED is (void *)-1.
+  return p && Deno.UnsafePointer.value(p) !== 0xffffffffffffffffn ? p : null;
 }
 
 /**
@@ -169,17 +301,96 @@ export interface KernelCopier {
    * same-sized range at `to` in the output and leaves its holes alone.
    * Returns the data bytes copied, or `undefined` when the kernel would
    * not copy before any byte was (the caller copies instead); an error
-   * after part was copied is thrown.
+   * after part was copied is thrown (a {@linkcode CopyFailure} for a
+   * failed read or write).
    */
   copy(from: number, length: number, to: number): number | undefined;
   /**
-   * Bytes copied so far by each way: `copy_file_range`, or `splice`
-   * through the copier's pipe (ranges misaligned between input and output).
+   * Bytes copied so far by each way: `copy_file_range`, or `pread` and
+   * `pwrite` through the copier's buffer.
    */
-  readonly copied: { copyFileRange: number; splice: number };
+  readonly copied: {
+    copyFileRange: number;
+    readWrite: number;
+    /** Of `readWrite`: bytes of copies shared with the second thread. */
+    shared: number;
+  };
   /** Closes the copier's descriptors; later copies answer `undefined`. */
   close(): Promise<void>;
 }
+
+/** Options for {@linkcode kernelCopier} (for tests). */
+export interface KernelCopierOptions {
+  /**
+   * Which way to copy: `auto` (by the output's file system, see the
+   * module doc), or always `copy_file_range`, or always reads and writes.
+   * @default "auto"
+   */
+  way?: "auto" | "copy_file_range" | "read_write";
+  /**
+   * Data bytes copied by one thread before a second one is started for
+   * reads and writes (`Infinity`: never). Off by default: whole converts
+   * of the 1 GiB bench vdi on a quiet machine took 0.32-0.345 s with it
+   * against 0.26-0.31 s without (`new Worker` holds the main thread
+   * 10-37 ms, and the worker's start competes for the two cores), though
+   * the copy alone gained (137-152 against 178-187 ms). @default Infinity
+   */
+  helperAfter?: number;
+  /**
+   * Start the second thread even when the machine has no core to spare
+   * (tasks waited for a CPU a fifth of the last 10 s): there it adds CPU
+   * time for a better share of the busy cores. @default false
+   */
+  helperWhenBusy?: boolean;
+}
+
+/**
+ * Whether the machine has a core to spare for a second copy thread: tasks
+ * waited for a CPU less than a fifth of the last 10 seconds (the `some
+ * avg10` of `/proc/pressure/cpu`), or, without that file, at most
+ * `cores - 1` tasks are runnable this instant, this one included (the
+ * fourth field of `/proc/loadavg`; the load average itself would count
+ * our own runs of the minute before). Read only where reading is
+ * allowed; unknown counts as spare.
+ */
+function coreToSpare(): boolean {
+  const read = (path: string) =>
+    Deno.permissions.querySync({ name: "read", path }).state === "granted"
+      ? Deno.readTextFileSync(path)
+      : undefined;
+  try {
+    const pressure = read("/proc/pressure/cpu");
+    const waited = pressure && /^some avg10=([\d.]+)/m.exec(pressure)?.[1];
+    if (waited) return Number(waited) < 20;
+  } catch { /* no pressure stall information: a kernel without PSI */ }
+  try {
+    const load = read("/proc/loadavg");
+    if (load === undefined) return true;
+    const running = parseInt(load.split(" ")[3]);
+    return !(running > (navigator.hardwareConcurrency ?? 1) - 1);
+  } catch {
+    return true;
+  }
+}
+
+/** See {@linkcode KernelCopierOptions.helperAfter}: off. */
+const HELPER_AFTER = Infinity;
+/** Bytes a measured copy decides its way for at a time (see `kernelCopier`). */
+const SEGMENT = 16 << 20;
+/** Timed segments copied one way before one tries the other again. */
+const EXPLORE_AFTER = 16;
+/** Indexes of the helper's control words (see `_file_copy_worker.ts`). */
+export const JOB = 0,
+  NEXT = 1,
+  COUNT = 2,
+  BUSY = 3,
+  READY = 4,
+  ERRNO = 5,
+  SIDE = 6;
+/** Control words in all. */
+const CONTROL_WORDS = 8;
+/** Pieces a copy shares with the helper at most at a time (3 numbers each). */
+const JOB_PIECES = 1024;
 
 /**
  * A kernel copier from the file `input` to the file `output` (both open,
@@ -189,6 +400,7 @@ export interface KernelCopier {
 export function kernelCopier(
   input: Deno.FileInfo,
   output: Deno.FileInfo,
+  options: KernelCopierOptions = {},
 ): KernelCopier | undefined {
   const c = loadLibc();
   if (!c || !input.isFile || !output.isFile) return undefined;
@@ -209,7 +421,7 @@ export function kernelCopier(
   const offOut = new BigInt64Array(1);
   let working = true;
   let closed = false;
-  const copied = { copyFileRange: 0, splice: 0 };
+  const copied = { copyFileRange: 0, readWrite: 0, shared: 0 };
   // The last data range the file system reported, whole ([data, hole)): a
   // copy inside it needs no lseek. A dynamic VHD asks for one copy per
   // 2 MiB block, each within the same data range of its file; two lseeks
@@ -217,15 +429,56 @@ export function kernelCopier(
   // open read-only; if someone else changes it meanwhile, no copy of it is
   // right anyway.)
   const known: [number, number] = [0, 0];
-  // Our pipe for misaligned ranges: made at the first one; null where
-  // none can be had or the output's file system copies on the server.
-  let pipe: Int32Array | null | undefined = offloads(c, fdOut)
-    ? null
-    : undefined;
-  const dropPipe = () => {
-    if (pipe) { for (const fd of pipe) c.close(fd); }
-    pipe = null;
+  // Which ranges copy_file_range takes: all of them where the output's
+  // file system copies on the server, the page-aligned ones where it
+  // shares blocks, else those it copies faster ("measured": module doc).
+  const type = fileSystemOf(c, fdOut);
+  const way = options.way ?? "auto";
+  let kernelFor: "all" | "aligned" | "none" | "measured" =
+    way === "copy_file_range"
+      ? "all"
+      : way === "read_write"
+      ? "none"
+      : OFFLOADING.has(type)
+      ? "all"
+      : REFLINKING.has(type)
+      ? "aligned"
+      : "measured";
+  // "measured": each segment goes the way that has copied fastest lately
+  // (ms per MiB, the mean of the last sample and the ones before), and
+  // after EXPLORE_AFTER timed segments one way one tries the other (a
+  // dynamic VHD's segments are its 2 MiB blocks: then every 32 MiB, so a
+  // sample slowed by a preemption is not believed for long). Reads and
+  // writes start; copy_file_range is tried at the fifth segment.
+  const msPerMiB = { readWrite: NaN, kernel: NaN };
+  const since = { readWrite: 0, kernel: EXPLORE_AFTER - 4 };
+  /** The way for the next segment, and whether it only tries that way. */
+  const pick = (): ["readWrite" | "kernel", boolean] => {
+    if (kernelFor === "none") return ["readWrite", false];
+    const best = msPerMiB.readWrite <= msPerMiB.kernel ||
+        isNaN(msPerMiB.kernel)
+      ? "readWrite"
+      : "kernel";
+    const other = best === "readWrite" ? "kernel" : "readWrite";
+    return since[other] >= EXPLORE_AFTER ? [other, true] : [best, false];
   };
+  const record = (
+    way: "readWrite" | "kernel",
+    bytes: number,
+    ms: number,
+  ) => {
+    if (bytes < 1 << 20) return; // too short to time
+    since[way === "readWrite" ? "kernel" : "readWrite"]++;
+    since[way] = 0;
+    const rate = ms / (bytes / (1 << 20));
+    msPerMiB[way] = isNaN(msPerMiB[way]) ? rate : (msPerMiB[way] + rate) / 2;
+  };
+  // The copy buffer: mapped at the first read and write; null where none
+  // can be had (copy_file_range then copies everything).
+  let buffer: Deno.PointerObject | null | undefined;
+  // The second thread, started once `helperAfter` bytes were copied.
+  const helperAfter = options.helperAfter ?? HELPER_AFTER;
+  let helper: Helper | null | undefined;
 
   /** `[start, end)` of the input to `at` in the output by copy_file_range. */
   const copyFileRange = (start: number, end: number, at: number) => {
@@ -235,72 +488,108 @@ export function kernelCopier(
       const n = Number(
         c.copy_file_range(fdIn, offIn, fdOut, offOut, BigInt(left), 0),
       );
-      if (n < 0) throw new Errno("copy_file_range", errno(c));
+      if (n < 0) {
+        const e = errno(c);
+        if (e === EINTR) continue;
+        // The first call of a range: the kernel will not copy these files.
+        if (left === end - start && UNSUPPORTED.has(e)) {
+          throw new Errno("copy_file_range", e);
+        }
+        // Which side failed is not said: EIO and ENOSPC are counted as
+        // the output's, as most failures of a copy are.
+        throw new CopyFailure(
+          e === 5 ? "read" : "write",
+          e === 5 ? Number(offIn[0]) : Number(offOut[0]),
+          left,
+          describe(c, e),
+          e,
+        );
+      }
       if (n === 0) {
-        throw new Error(`copy_file_range: input ended ${left} bytes early`);
+        throw new CopyFailure(
+          "read",
+          Number(offIn[0]),
+          left,
+          `the file ended at ${offIn[0]}`,
+        );
       }
       left -= n;
       copied.copyFileRange += n;
     }
   };
   /**
-   * `[start, end)` of the input to `at` in the output through our pipe:
-   * the input's pages go into it by reference, and the second `splice`
-   * copies them into the output's. Answers the bytes it did not copy
-   * (all of them where the kernel will not splice these files: the caller
-   * copies those by copy_file_range).
+   * `[start, end)` by reads and writes; false when no buffer could be had.
+   * `trying`: a segment that only tries this way starts no helper.
    */
-  const splice = (start: number, end: number, at: number): number => {
-    pipe ??= makePipe(c);
-    if (!pipe) return end - start;
-    offIn[0] = BigInt(start);
-    offOut[0] = BigInt(at);
-    let left = end - start;
-    while (left > 0) {
-      const n = Number(c.splice(
-        fdIn,
-        offIn,
-        pipe[1],
-        null,
-        BigInt(Math.min(left, PIPE_BYTES)),
-        SPLICE_F_MOVE,
-      ));
-      if (n < 0) {
-        const e = errno(c);
-        if (left === end - start && UNSUPPORTED.has(e)) {
-          dropPipe(); // this file system does not splice: copy_file_range
-          return left;
-        }
-        throw new Errno("splice", e);
+  const copyByBuffer = (
+    start: number,
+    end: number,
+    at: number,
+    trying = false,
+  ): boolean => {
+    if (buffer === undefined) buffer = mapBuffer(c, BUFFER_BYTES);
+    if (!buffer) return false;
+    const mine = buffer;
+    try {
+      if (helper?.ended) helper = undefined; // idle too long: see startHelper
+      if (
+        helper === undefined && !trying && copied.readWrite >= helperAfter
+      ) {
+        // On a busy machine (the bench disk at load 7-12: the same wall
+        // time, 20-35 ms more CPU) a copy stays on one thread.
+        helper = options.helperWhenBusy || coreToSpare()
+          ? startHelper(fdIn, fdOut)
+          : null;
       }
-      if (n === 0) {
-        throw new Error(`splice: input ended ${left} bytes early`);
+      if (helper && end - start > BUFFER_BYTES) {
+        const shared = helper.copy(c, start, end, at, (s, e, a) => {
+          readWrite(c, fdIn, fdOut, mine, s, e, a);
+        });
+        copied.readWrite += end - start;
+        if (shared) copied.shared += end - start;
+      } else {
+        copied.readWrite += readWrite(c, fdIn, fdOut, mine, start, end, at);
       }
-      for (let inPipe = n; inPipe > 0;) {
-        const m = Number(
-          c.splice(pipe[0], null, fdOut, offOut, BigInt(inPipe), SPLICE_F_MOVE),
-        );
-        if (m <= 0) {
-          // Bytes stuck in the pipe would go to the next copy's output.
-          const e = m < 0 ? errno(c) : 0;
-          dropPipe();
-          pipe = undefined; // a fresh one for a later copy
-          throw m < 0
-            ? new Errno("splice", e)
-            : new Error("splice: the output took no bytes");
-        }
-        inPipe -= m;
-        copied.splice += m;
+    } catch (e) {
+      // Unsupported by these files (the input refuses pread: EINVAL for
+      // a file open with O_DIRECT): the caller falls back.
+      if (e instanceof CopyFailure && UNSUPPORTED.has(e.errno ?? 0)) {
+        throw new Errno(e.side === "read" ? "pread" : "pwrite", e.errno!);
       }
-      left -= n;
+      throw e;
     }
-    return 0;
+    return true;
+  };
+  /** `[start, end)` to `at` in segments, each the way {@linkcode pick} says. */
+  const copyMeasured = (start: number, end: number, at: number) => {
+    for (let s = start; s < end;) {
+      const e = Math.min(end, s + SEGMENT);
+      const to = at + s - start;
+      let [way, trying] = pick();
+      const began = performance.now();
+      if (way === "readWrite" && !copyByBuffer(s, e, to, trying)) {
+        way = "kernel";
+      }
+      if (way === "kernel") {
+        try {
+          copyFileRange(s, e, to);
+        } catch (error) {
+          // These files take no copy_file_range (EXDEV): reads and writes.
+          if (!(error instanceof Errno) || !copyByBuffer(s, e, to)) {
+            throw error;
+          }
+          kernelFor = "none";
+        }
+      }
+      record(way, e - s, performance.now() - began);
+      s = e;
+    }
   };
   return {
     copied,
     copy(from, length, to) {
       if (!working) return undefined;
-      const before = copied.copyFileRange + copied.splice;
+      const before = copied.copyFileRange + copied.readWrite;
       try {
         const ranges: Iterable<[number, number]> =
           from >= known[0] && from + length <= known[1]
@@ -308,26 +597,49 @@ export function kernelCopier(
             : dataRanges(c, fdIn, from, length, known);
         for (const [start, end] of ranges) {
           const at = to + start - from;
-          const rest = pipe !== null && (start - at) % 4096 !== 0
-            ? splice(start, end, at)
-            : end - start;
-          if (rest > 0) copyFileRange(end - rest, end, at + end - rest - start);
+          if (kernelFor === "measured") {
+            copyMeasured(start, end, at);
+            continue;
+          }
+          const kernel = kernelFor === "all" ||
+            (kernelFor === "aligned" && (start - at) % 4096 === 0);
+          if (kernel || !copyByBuffer(start, end, at)) {
+            try {
+              copyFileRange(start, end, at);
+            } catch (e) {
+              // This pair of files (EXDEV: another file system) takes no
+              // copy_file_range: reads and writes from now on.
+              if (
+                !(e instanceof Errno) || kernelFor === "none" ||
+                !copyByBuffer(start, end, at)
+              ) {
+                throw e;
+              }
+              kernelFor = "none";
+            }
+          }
         }
       } catch (e) {
-        const done = copied.copyFileRange + copied.splice - before;
+        const done = copied.copyFileRange + copied.readWrite - before;
         if (done === 0 && e instanceof Errno && UNSUPPORTED.has(e.errno)) {
           working = false;
           return undefined;
         }
+        if (e instanceof Errno) {
+          throw new CopyFailure("write", to, length, e.message, e.errno);
+        }
         throw e;
       }
-      return copied.copyFileRange + copied.splice - before;
+      return copied.copyFileRange + copied.readWrite - before;
     },
     close() {
       if (!closed) {
         closed = true;
         working = false;
-        dropPipe();
+        helper?.close();
+        helper = null;
+        if (buffer) c.munmap(buffer, BigInt(BUFFER_BYTES));
+        buffer = null;
         c.close(fdIn);
         c.close(fdOut);
       }
@@ -336,23 +648,145 @@ export function kernelCopier(
   };
 }
 
-/** A pipe of PIPE_BYTES (or the system's most) for `splice`, or null when none can be made. */
-function makePipe(c: Libc): Int32Array | null {
-  const fds = new Int32Array(2);
-  if (c.pipe2(fds, O_CLOEXEC) !== 0) return null;
-  // Refused past /proc/sys/fs/pipe-max-size (1 MiB by default): the
-  // pipe then keeps its 64 KiB, which still copies, as copy_file_range would.
-  c.fcntl(fds[1], F_SETPIPE_SZ, PIPE_BYTES);
-  return fds;
+/** A second thread that copies pieces beside the copier's: see `_file_copy_worker.ts`. */
+interface Helper {
+  /**
+   * Copies `[start, end)` to `at` in pieces of `BUFFER_BYTES`, shared
+   * between the helper and `mine` (this thread's reads and writes), or
+   * by `mine` alone while the helper is not ready yet: answers whether it
+   * was shared. Throws the first piece's failure, once neither thread
+   * copies any more.
+   */
+  copy(
+    c: Libc,
+    start: number,
+    end: number,
+    at: number,
+    mine: (start: number, end: number, at: number) => void,
+  ): boolean;
+  /** Ends the worker (it returns its buffer first). */
+  close(): void;
+  /** Whether the worker was ended (closed, idle too long, or it failed to start). */
+  readonly ended: boolean;
 }
 
-/** Whether the file system of `fd` copies on the server (NFS, SMB): copy_file_range there. */
-function offloads(c: Libc, fd: number): boolean {
+/**
+ * A helper idle this long is ended: a worker keeps the process alive, and
+ * a copier whose file is never closed must not.
+ */
+const HELPER_IDLE_MS = 100;
+
+/**
+ * Starts the copy worker for `fdIn` to `fdOut`, or answers null where no
+ * worker can be had. Until it says it is ready, `copy` copies alone.
+ */
+function startHelper(fdIn: number, fdOut: number): Helper | null {
+  const control = new SharedArrayBuffer(CONTROL_WORDS * 4);
+  const pieces = new SharedArrayBuffer((3 * JOB_PIECES + 3) * 8);
+  const ctl = new Int32Array(control);
+  const list = new Float64Array(pieces);
+  let worker: Worker;
+  let ended = false;
+  let idle: ReturnType<typeof setTimeout> | undefined;
+  const stop = () => {
+    if (ended) return;
+    ended = true;
+    clearTimeout(idle);
+    Atomics.store(ctl, JOB, -1);
+    Atomics.notify(ctl, JOB);
+    worker.terminate();
+  };
+  try {
+    worker = new Worker(
+      new URL("./_file_copy_worker.ts", import.meta.url).href,
+      { type: "module" },
+    );
+    // A worker that cannot load (a build without its module) leaves the
+    // copier to copy alone; its error must not end the program.
+    worker.onerror = (event) => {
+      event.preventDefault();
+      stop();
+    };
+    worker.postMessage({ control, pieces, fdIn, fdOut });
+  } catch {
+    return null;
+  }
+  idle = setTimeout(stop, HELPER_IDLE_MS);
+  return {
+    get ended() {
+      return ended;
+    },
+    copy(c, start, end, at, mine) {
+      clearTimeout(idle);
+      idle = setTimeout(stop, HELPER_IDLE_MS);
+      // Not started yet (its module is still loading): alone.
+      if (Atomics.load(ctl, READY) !== 1) {
+        mine(start, end, at);
+        return false;
+      }
+      for (let from = start; from < end;) {
+        // One job: up to JOB_PIECES pieces, claimed by both threads.
+        let count = 0;
+        for (; count < JOB_PIECES && from < end; count++) {
+          const length = Math.min(BUFFER_BYTES, end - from);
+          list.set([from, length, at + from - start], 3 * count);
+          from += length;
+        }
+        Atomics.store(ctl, COUNT, count);
+        Atomics.store(ctl, NEXT, 0);
+        Atomics.store(ctl, ERRNO, 0);
+        Atomics.store(ctl, BUSY, 1);
+        Atomics.add(ctl, JOB, 1);
+        Atomics.notify(ctl, JOB);
+        let failure: unknown;
+        try {
+          for (
+            let i = Atomics.add(ctl, NEXT, 1);
+            i < count;
+            i = Atomics.add(ctl, NEXT, 1)
+          ) {
+            const s = list[3 * i];
+            mine(s, s + list[3 * i + 1], list[3 * i + 2]);
+          }
+        } catch (e) {
+          failure = e;
+          Atomics.store(ctl, NEXT, 1 << 30); // the helper claims no more
+        }
+        // The helper's piece ends before this answers (it writes into
+        // the output; the caller may read it or close it next).
+        while (Atomics.load(ctl, BUSY) === 1) Atomics.wait(ctl, BUSY, 1, 100);
+        if (failure) throw failure;
+        const e = Atomics.load(ctl, ERRNO);
+        if (e !== 0) {
+          const at = list.length - 3;
+          const endedAt = list[at + 2] >= 0 ? list[at + 2] : undefined;
+          throw new CopyFailure(
+            Atomics.load(ctl, SIDE) === 0 ? "read" : "write",
+            list[at],
+            list[at + 1],
+            endedAt !== undefined
+              ? `the file ended at ${endedAt}`
+              : e > 0
+              ? describe(c, e)
+              : "the copy worker failed",
+            e > 0 ? e : undefined,
+            endedAt,
+          );
+        }
+      }
+      return true;
+    },
+    close: stop,
+  };
+}
+
+/** The `f_type` of the file system of `fd` (`fstatfs`), or 0 when it cannot be had. */
+function fileSystemOf(c: Libc, fd: number): number {
   // struct statfs begins with f_type, a long (8 bytes on 64-bit Linux);
   // 256 bytes hold the whole struct (120 on x86-64 and arm64).
   const buffer = new BigInt64Array(32);
-  if (c.fstatfs(fd, buffer) !== 0) return false;
-  return OFFLOADING.has(Number(buffer[0] & 0xffffffffn));
+  if (c.fstatfs(fd, buffer) !== 0) return 0;
+  return Number(buffer[0] & 0xffffffffn);
 }
 
 /**

@@ -383,3 +383,40 @@ export class WriteError extends Error {
     this.name = "WriteError";
   }
 }
+
+/**
+ * A read of an input file failed or came up short: the file ended before
+ * the range an image's tables point at (it was cut off, or shrank while it
+ * was copied), or the operating system answered an error (EIO from a
+ * failing disk). `cause` is the operating system's error, when there is one.
+ *
+ * @example
+ * ```ts
+ * import { ReadError } from "./errors.ts";
+ * const e = new ReadError("disk.vdi", 1048576, 262144, new Error("the file ended at 1114112"));
+ * console.log(e.message);
+ * // disk.vdi: reading 262144 bytes at offset 1048576 failed: the file ended at 1114112
+ * ```
+ */
+export class ReadError extends Error {
+  /**
+   * @param path the file
+   * @param offset where the read began
+   * @param length how many bytes it had to read
+   * @param cause the underlying error
+   */
+  constructor(
+    readonly path: string,
+    readonly offset: number,
+    readonly length: number,
+    cause: unknown,
+  ) {
+    super(
+      `${path}: reading ${length} bytes at offset ${offset} failed: ${
+        cause instanceof Error ? cause.message : String(cause)
+      }`,
+      { cause },
+    );
+    this.name = "ReadError";
+  }
+}

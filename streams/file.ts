@@ -6,8 +6,18 @@
  * @module
  */
 
-import { BackingFileError, TreeError, WriteError } from "./errors.ts";
-import { dataRangesIn, type KernelCopier, kernelCopier } from "./_file_copy.ts";
+import {
+  BackingFileError,
+  ReadError,
+  TreeError,
+  WriteError,
+} from "./errors.ts";
+import {
+  CopyFailure,
+  dataRangesIn,
+  type KernelCopier,
+  kernelCopier,
+} from "./_file_copy.ts";
 import {
   type BackingResolver,
   checkRange,
@@ -241,7 +251,20 @@ function handle(
     if (!copiers.has(input)) {
       copiers.set(input, kernelCopier(input.statSync(), file.statSync()));
     }
-    return copiers.get(input)?.copy(fromOffset, length, toOffset);
+    try {
+      return copiers.get(input)?.copy(fromOffset, length, toOffset);
+    } catch (e) {
+      if (!(e instanceof CopyFailure)) throw e;
+      // The file that failed, by name.
+      throw e.side === "read"
+        ? new ReadError(
+          (from as Partial<FileHandle>).path ?? from.name ?? "the input",
+          e.offset,
+          e.length,
+          e,
+        )
+        : new WriteError(path, e.offset, e.length, e);
+    }
   };
   const self: FileHandle = {
     path,
@@ -291,8 +314,9 @@ function handle(
       }
     },
     // Linux with FFI allowed: the data ranges of `from` (SEEK_DATA /
-    // SEEK_HOLE) copied by copy_file_range, its holes skipped. 0.2 s less
-    // than reads and writes for `deno task bench raw` (see the README).
+    // SEEK_HOLE) copied by pread/pwrite through a buffer outside the heap
+    // (or copy_file_range where that shares blocks), its holes skipped;
+    // no byte through JavaScript (see _file_copy.ts and the README).
     copyRange(from, fromOffset, length, toOffset) {
       // Through windows (a bounds-checked view, a fixed VHD's data) to
       // the file underneath.

@@ -12,9 +12,14 @@ import {
   fromFile,
   open,
   type RangeCopySink,
+  ReadError,
 } from "../mod.ts";
 import { qemuRaw } from "./_layers.ts";
-import { fileDataRanges, kernelCopier } from "../streams/_file_copy.ts";
+import {
+  CopyFailure,
+  fileDataRanges,
+  kernelCopier,
+} from "../streams/_file_copy.ts";
 import {
   pseudoRandom,
   qemuIo,
@@ -267,58 +272,83 @@ Deno.test(
     }),
 );
 
-Deno.test(
-  "ranges misaligned between input and output go through the copier's pipe, aligned ones through copy_file_range: the same bytes and holes",
-  { ignore: !linux },
-  () =>
-    withTemp(async (dir) => {
-      await sparseInput(`${dir}/in.raw`);
-      const input = await Deno.open(`${dir}/in.raw`);
-      const output = await Deno.open(`${dir}/out.raw`, {
-        read: true,
-        write: true,
-        create: true,
-      });
-      await output.truncate(24 * MIB);
-      const copier = kernelCopier(input.statSync(), output.statSync());
-      assertTrue(copier !== undefined, "no kernel copier on Linux with FFI");
-      try {
-        // 512 bytes into the data at 5 MiB (a vdi's or VHD's blocks sit so
-        // in their files) to the output's 1 MiB: more than the pipe holds,
-        // an odd length, ending inside the hole after the data.
-        const from = 5 * MIB + 512;
-        const length = 3 * MIB + 12345;
-        assertEquals(copier.copy(from, length, MIB), 3 * MIB - 512);
-        assertEquals(copier.copied.splice, 3 * MIB - 512);
-        assertEquals(copier.copied.copyFileRange, 0);
-        // Aligned: copy_file_range. Across a hole, and the file's last bytes.
-        assertEquals(copier.copy(16 * MIB, 8 * MIB, 16 * MIB), MIB + 4096);
-        assertEquals(copier.copied.copyFileRange, MIB + 4096);
-        // Misaligned by one byte, many times, within one data range.
-        for (let at = 0; at < MIB; at += 64 << 10) {
-          copier.copy(17 * MIB + at + 1, 64 << 10, 8 * MIB + at);
+for (const way of ["read_write", "copy_file_range"] as const) {
+  Deno.test(
+    `copies by ${way}, page-aligned and not, across holes and ending in them: the input's bytes, and its holes`,
+    { ignore: !linux },
+    () =>
+      withTemp(async (dir) => {
+        await sparseInput(`${dir}/in.raw`);
+        const input = await Deno.open(`${dir}/in.raw`);
+        const output = await Deno.open(`${dir}/out.raw`, {
+          read: true,
+          write: true,
+          create: true,
+        });
+        await output.truncate(24 * MIB);
+        const copier = kernelCopier(input.statSync(), output.statSync(), {
+          way,
+        });
+        assertTrue(copier !== undefined, "no kernel copier on Linux with FFI");
+        const counted = () =>
+          way === "read_write"
+            ? copier.copied.readWrite
+            : copier.copied.copyFileRange;
+        try {
+          // 512 bytes into the data at 5 MiB (a vdi's or VHD's blocks sit
+          // so in their files) to the output's 1 MiB: more than a buffer
+          // holds, an odd length, ending inside the hole after the data.
+          const from = 5 * MIB + 512;
+          const length = 3 * MIB + 12345;
+          assertEquals(copier.copy(from, length, MIB), 3 * MIB - 512);
+          assertEquals(counted(), 3 * MIB - 512);
+          // Aligned, across a hole, and the file's last bytes (3 of them).
+          assertEquals(copier.copy(16 * MIB, 8 * MIB, 16 * MIB), MIB + 4096);
+          assertEquals(counted(), 4 * MIB + 4096 - 512);
+          // Misaligned by one byte, many times, within one data range.
+          for (let at = 0; at < MIB; at += 64 << 10) {
+            copier.copy(17 * MIB + at + 1, 64 << 10, 8 * MIB + at);
+          }
+          // Odd pieces that straddle a buffer's end: 256 KiB + 7 at 3 bytes in.
+          assertEquals(
+            copier.copy(6 * MIB + 3, (256 << 10) + 7, 12 * MIB + 5),
+            (256 << 10) + 7,
+          );
+          assertEquals(
+            way === "read_write"
+              ? copier.copied.copyFileRange
+              : copier.copied.readWrite,
+            0,
+          );
+        } finally {
+          await copier.close();
         }
-      } finally {
-        await copier.close();
-      }
-      const bytes = await Deno.readFile(`${dir}/in.raw`);
-      const out = await Deno.readFile(`${dir}/out.raw`);
-      const expected = new Uint8Array(24 * MIB);
-      expected.set(bytes.subarray(5 * MIB + 512, 8 * MIB), MIB);
-      expected.set(bytes.subarray(16 * MIB), 16 * MIB);
-      expected.set(bytes.subarray(17 * MIB + 1, 18 * MIB + 1), 8 * MIB);
-      assertTrue(
-        out.every((b, i) => b === expected[i]),
-        "the output holds other bytes",
-      );
-      // Holes stay holes: only the copied ranges (4 KiB granules) hold data.
-      const map = fileDataRanges(output)!;
-      const held = map.reduce((n, [start, end]) => n + end - start, 0);
-      assertTrue(held <= 6 * MIB + 3 * 4096, `${held} bytes allocated`);
-      input.close();
-      output.close();
-    }),
-);
+        const bytes = await Deno.readFile(`${dir}/in.raw`);
+        const out = await Deno.readFile(`${dir}/out.raw`);
+        const expected = new Uint8Array(24 * MIB);
+        expected.set(bytes.subarray(5 * MIB + 512, 8 * MIB), MIB);
+        expected.set(bytes.subarray(16 * MIB), 16 * MIB);
+        expected.set(bytes.subarray(17 * MIB + 1, 18 * MIB + 1), 8 * MIB);
+        expected.set(
+          bytes.subarray(6 * MIB + 3, 6 * MIB + 3 + (256 << 10) + 7),
+          12 * MIB + 5,
+        );
+        assertTrue(
+          out.every((b, i) => b === expected[i]),
+          "the output holds other bytes",
+        );
+        // Holes stay holes: only the copied ranges (4 KiB granules) hold data.
+        const map = fileDataRanges(output)!;
+        const held = map.reduce((n, [start, end]) => n + end - start, 0);
+        assertTrue(
+          held <= 6 * MIB + (256 << 10) + 5 * 4096,
+          `${held} bytes allocated`,
+        );
+        input.close();
+        output.close();
+      }),
+  );
+}
 
 Deno.test(
   "a closed input is not copied from, even by a descriptor number reused since",
@@ -626,5 +656,238 @@ Deno.test(
       await alone.close?.();
       await third.out.abort?.();
       assertTrue(failed instanceof BackingFileError, String(failed));
+    }),
+);
+
+Deno.test(
+  "an input that ends early fails the copy with a ReadError naming it and where it ended",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const input = await fromFile(`${dir}/in.raw`);
+      const out = await createOutputFile(`${dir}/out.raw`);
+      await out.resize!(input.size);
+      // The copier learns the data range [5 MiB, 8 MiB) ...
+      assertEquals(await out.copyRange(input, 5 * MIB, MIB, 0), MIB);
+      // ... and the file is cut inside it behind the handle's back.
+      await Deno.truncate(`${dir}/in.raw`, 6 * MIB + 1000);
+      const failed = await out.copyRange(input, 6 * MIB, MIB, MIB).then(
+        () => undefined,
+        (e: Error) => e,
+      );
+      await input.close();
+      await out.abort();
+      assertTrue(failed instanceof ReadError, String(failed));
+      assertEquals(failed.path, `${dir}/in.raw`);
+      assertTrue(
+        failed.message.includes(`the file ended at ${6 * MIB + 1000}`),
+        failed.message,
+      );
+    }),
+);
+
+Deno.test(
+  "a write the system refuses (EFBIG past RLIMIT_FSIZE) fails the copy with a WriteError naming the output and the system's reason",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      // In a child: the file size limit and SIGXFSZ ignored are per process.
+      const script = `${dir}/limit.ts`;
+      await Deno.writeTextFile(
+        script,
+        `import { createOutputFile, fromFile } from "${ROOT}mod.ts";
+const libc = Deno.dlopen("libc.so.6", {
+  setrlimit: { parameters: ["i32", "buffer"], result: "i32" },
+  signal: { parameters: ["i32", "usize"], result: "usize" },
+} as const).symbols;
+const input = await fromFile("${dir}/in.raw");
+const out = await createOutputFile("${dir}/out.raw");
+await out.resize(input.size);
+libc.signal(25, 1n); // SIGXFSZ: SIG_IGN, so writes past the limit fail with EFBIG
+libc.setrlimit(1, new BigUint64Array([${6 * MIB}n, ${
+          6 * MIB
+        }n])); // RLIMIT_FSIZE
+try {
+  await out.copyRange(input, 5 * MIB, 3 * MIB, 5 * MIB);
+  console.log("copied");
+} catch (e) {
+  console.log(JSON.stringify({ name: e.name, path: e.path, offset: e.offset, message: e.message }));
+}
+await out.abort();`.replaceAll("5 * MIB", String(5 * MIB)).replaceAll(
+          "3 * MIB",
+          String(3 * MIB),
+        ),
+      );
+      const r = await run(Deno.execPath(), ["run", "-A", script], {
+        allowFail: true,
+      });
+      assertEquals(r.code, 0, r.stderr);
+      const failed = JSON.parse(r.text.trim());
+      assertEquals(failed.name, "WriteError", r.text);
+      assertTrue(failed.path.includes("out.raw"), r.text); // its temporary name
+      assertEquals(failed.offset, 6 * MIB);
+      assertTrue(/errno 27/.test(failed.message), failed.message);
+    }),
+);
+
+Deno.test(
+  "copies shared with the second thread (the copy worker) give the input's bytes and holes, and its failures are typed",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const input = await Deno.open(`${dir}/in.raw`);
+      const output = await Deno.open(`${dir}/out.raw`, {
+        read: true,
+        write: true,
+        create: true,
+      });
+      await output.truncate(24 * MIB);
+      const copier = kernelCopier(input.statSync(), output.statSync(), {
+        way: "read_write",
+        helperAfter: 0,
+        helperWhenBusy: true,
+      });
+      assertTrue(copier !== undefined, "no kernel copier on Linux with FFI");
+      try {
+        // The first copy starts the worker and copies alone meanwhile.
+        assertEquals(copier.copy(17 * MIB, MIB, 17 * MIB), MIB);
+        for (let i = 0; i < 750 && copier.copied.shared === 0; i++) {
+          await new Promise((r) => setTimeout(r, 20));
+          // Odd offsets: 3 MiB + 5 bytes of data, 4 KiB + 1 later, and a hole.
+          copier.copy(5 * MIB + 7, 3 * MIB + 4096, MIB + 4096 + 8);
+        }
+        assertTrue(copier.copied.shared > 0, "the worker never helped");
+        // Across holes to the file's last 3 bytes, shared.
+        assertEquals(copier.copy(9 * MIB, 15 * MIB, 9 * MIB), MIB + 4096);
+        // The input cut inside a data range the copier knows: a short read
+        // by either thread, reported once both have stopped.
+        assertEquals(copier.copy(5 * MIB, 4096, 5 * MIB), 4096);
+        await Deno.truncate(`${dir}/in.raw`, 6 * MIB + 1000);
+        let failed: unknown;
+        try {
+          copier.copy(5 * MIB, 3 * MIB, 5 * MIB);
+        } catch (e) {
+          failed = e;
+        }
+        assertTrue(failed instanceof CopyFailure, String(failed));
+        assertEquals(failed.side, "read");
+        assertEquals(failed.endedAt, 6 * MIB + 1000);
+      } finally {
+        await copier.close();
+      }
+      input.close();
+      output.close();
+      await sparseInput(`${dir}/again.raw`);
+      const bytes = await Deno.readFile(`${dir}/again.raw`);
+      const out = await Deno.readFile(`${dir}/out.raw`);
+      const expected = new Uint8Array(24 * MIB);
+      expected.set(bytes.subarray(5 * MIB + 7, 8 * MIB), MIB + 4096 + 8);
+      expected.set(bytes.subarray(9 * MIB), 9 * MIB);
+      // The failed copy wrote some of [5 MiB, 6 MiB + 1000) before it stopped.
+      const check = (from: number, to: number) => {
+        for (let i = from; i < to; i++) {
+          if (out[i] !== expected[i]) return i;
+        }
+        return -1;
+      };
+      assertEquals(check(0, 5 * MIB), -1);
+      assertEquals(check(7 * MIB, 24 * MIB), -1);
+      const map = fileDataRanges(await Deno.open(`${dir}/out.raw`))!;
+      const held = map.reduce((n, [start, end]) => n + end - start, 0);
+      assertTrue(held <= 8 * MIB, `${held} bytes allocated`);
+    }),
+);
+
+Deno.test(
+  "a copier never closed does not keep the program alive: its worker ends when idle",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const script = `${dir}/unclosed.ts`;
+      await Deno.writeTextFile(
+        script,
+        `import { kernelCopier } from "${ROOT}streams/_file_copy.ts";
+const input = Deno.openSync("${dir}/in.raw");
+const output = Deno.openSync("${dir}/out.raw", { read: true, write: true, create: true });
+output.truncateSync(input.statSync().size);
+const copier = kernelCopier(input.statSync(), output.statSync(), { way: "read_write", helperAfter: 0, helperWhenBusy: true })!;
+copier.copy(0, 1 << 20, 0);
+for (let i = 0; i < 750 && copier.copied.shared === 0; i++) {
+  await new Promise((r) => setTimeout(r, 20));
+  copier.copy(0, input.statSync().size, 0);
+}
+console.log(copier.copied.shared > 0);`,
+      );
+      const started = performance.now();
+      const r = await run(Deno.execPath(), ["run", "-A", script], {
+        allowFail: true,
+      });
+      assertEquals(r.code, 0, r.stderr);
+      assertEquals(r.text.trim(), "true");
+      assertTrue(performance.now() - started < 30_000, "it hung");
+      assertEquals(
+        await sha256File(`${dir}/out.raw`),
+        await sha256File(`${dir}/in.raw`),
+      );
+    }),
+);
+
+Deno.test(
+  "on a local file system a big copy times both ways and takes each for some segments: the input's bytes either way",
+  { ignore: !linux || skip(["stat"]) },
+  () =>
+    withTemp(async (dir) => {
+      // 96 MiB of data (a pattern shifted per MiB) after a 1 MiB hole.
+      const file = await Deno.open(`${dir}/in.raw`, {
+        write: true,
+        create: true,
+      });
+      await file.truncate(98 * MIB);
+      const block = pseudoRandom(MIB, 5);
+      for (let i = 0; i < 96; i++) {
+        block[i] = i;
+        await file.seek((i + 1) * MIB, Deno.SeekMode.Start);
+        await file.write(block);
+      }
+      file.close();
+      const input = await Deno.open(`${dir}/in.raw`);
+      const output = await Deno.open(`${dir}/out.raw`, {
+        read: true,
+        write: true,
+        create: true,
+      });
+      await output.truncate(98 * MIB + 512);
+      const copier = kernelCopier(input.statSync(), output.statSync(), {
+        helperAfter: Infinity,
+      });
+      assertTrue(copier !== undefined, "no kernel copier on Linux with FFI");
+      try {
+        // 512 bytes later in the output, in pieces of 8 MiB.
+        for (let at = 0; at < 98 * MIB; at += 8 * MIB) {
+          const length = Math.min(8 * MIB, 98 * MIB - at);
+          copier.copy(at, length, at + 512);
+        }
+      } finally {
+        await copier.close();
+      }
+      const { copyFileRange, readWrite } = copier.copied;
+      assertEquals(copyFileRange + readWrite, 96 * MIB);
+      const type = (await run("stat", ["-f", "-c", "%T", dir])).text.trim();
+      if (type === "ext2/ext3" || type === "tmpfs") {
+        assertTrue(copyFileRange > 0 && readWrite > 0, `${type}: one way`);
+      }
+      const bytes = await Deno.readFile(`${dir}/in.raw`);
+      const out = await Deno.readFile(`${dir}/out.raw`);
+      assertEquals(out.length, bytes.length + 512);
+      assertTrue(
+        bytes.every((b, i) => out[i + 512] === b),
+        "the output holds other bytes",
+      );
+      input.close();
+      output.close();
     }),
 );
