@@ -11,32 +11,13 @@
  *
  * @module
  */
+import { crcSliced, slicingTables } from "./_crc_slicing.ts";
 
 /** The reflected Castagnoli polynomial. */
 const POLY = 0x82f63b78;
 
-/**
- * Eight tables of 256 (slicing by 8): `t[n]` is the CRC of byte `n`, and
- * `t[k * 256 + n]` that of byte `n` followed by `k` zero bytes.
- */
+/** Built on first use (see `_crc_slicing.ts`). */
 let tables: Int32Array | undefined;
-function crcTables(): Int32Array {
-  if (tables) return tables;
-  const t = new Int32Array(8 * 256);
-  for (let n = 0; n < 256; n++) {
-    let c = n;
-    for (let k = 0; k < 8; k++) c = c & 1 ? (c >>> 1) ^ POLY : c >>> 1;
-    t[n] = c;
-  }
-  for (let n = 0; n < 256; n++) {
-    let c = t[n];
-    for (let k = 1; k < 8; k++) {
-      c = t[c & 0xff] ^ (c >>> 8);
-      t[k * 256 + n] = c;
-    }
-  }
-  return tables = t;
-}
 
 /**
  * The CRC-32C of `bytes`, continuing from `crc` (the CRC of the bytes
@@ -56,19 +37,6 @@ function crcTables(): Int32Array {
  * ```
  */
 export function crc32c(bytes: Uint8Array, crc = 0): number {
-  const t = crcTables();
-  let c = ~crc;
-  let i = 0;
-  const n = bytes.length;
   // Slicing by 8: see the module's note.
-  for (const end = n - 7; i < end; i += 8) {
-    const a = c ^ (bytes[i] | bytes[i + 1] << 8 | bytes[i + 2] << 16 |
-      bytes[i + 3] << 24);
-    c = t[1792 + (a & 0xff)] ^ t[1536 + ((a >>> 8) & 0xff)] ^
-      t[1280 + ((a >>> 16) & 0xff)] ^ t[1024 + (a >>> 24)] ^
-      t[768 + bytes[i + 4]] ^ t[512 + bytes[i + 5]] ^
-      t[256 + bytes[i + 6]] ^ t[bytes[i + 7]];
-  }
-  for (; i < n; i++) c = t[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
-  return ~c >>> 0;
+  return crcSliced(tables ??= slicingTables(POLY), bytes, crc);
 }
