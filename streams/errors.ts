@@ -374,14 +374,22 @@ export class WriteError extends Error {
     readonly length: number,
     cause: unknown,
   ) {
-    super(
-      `${path}: writing ${length} bytes at offset ${offset} failed: ${
-        cause instanceof Error ? cause.message : String(cause)
-      }`,
-      { cause },
-    );
+    super(ioFailure(path, "writing", offset, length, cause), { cause });
     this.name = "WriteError";
   }
+}
+
+/** The message of a failed read or write of `length` bytes at `offset`. */
+function ioFailure(
+  path: string,
+  doing: string,
+  offset: number,
+  length: number,
+  cause: unknown,
+): string {
+  return `${path}: ${doing} ${length} bytes at offset ${offset} failed: ${
+    cause instanceof Error ? cause.message : String(cause)
+  }`;
 }
 
 /**
@@ -411,12 +419,7 @@ export class ReadError extends Error {
     readonly length: number,
     cause: unknown,
   ) {
-    super(
-      `${path}: reading ${length} bytes at offset ${offset} failed: ${
-        cause instanceof Error ? cause.message : String(cause)
-      }`,
-      { cause },
-    );
+    super(ioFailure(path, "reading", offset, length, cause), { cause });
     this.name = "ReadError";
   }
 }
