@@ -234,33 +234,65 @@ export function mapBuffer(c: Libc, size: number): Deno.PointerObject | null {
 }
 
 /**
- * The descriptor number of an open file in this process: the entry of
- * /proc/self/fd that is the same file (device and inode) and open for
- * `access` (read, or read and write). Deno does not hand out descriptors.
+ * The descriptor numbers of open files in this process: for each of
+ * `wanted`, the entry of /proc/self/fd that is the same file (device and
+ * inode) and open for its `access` (read, or read and write), found in
+ * one pass over the directory (a stat per entry, the fdinfo only of those
+ * that match). Deno does not hand out descriptors.
+ */
+export function descriptorsOf(
+  wanted: { stat: Deno.FileInfo; access: "read" | "write" }[],
+): (number | undefined)[] {
+  const found: (number | undefined)[] = wanted.map(() => undefined);
+  if (wanted.some(({ stat }) => stat.dev === null || stat.ino === null)) {
+    return found;
+  }
+  try {
+    for (const entry of Deno.readDirSync("/proc/self/fd")) {
+      const fd = Number(entry.name);
+      if (!(fd > 2)) continue;
+      let s: Deno.FileInfo | undefined;
+      let mode: number | undefined;
+      for (let i = 0; i < wanted.length; i++) {
+        if (found[i] !== undefined) continue;
+        try {
+          s ??= Deno.statSync(`/proc/self/fd/${fd}`);
+        } catch {
+          break; // closed meanwhile, or the listing's own descriptor
+        }
+        const { stat, access } = wanted[i];
+        if (s.dev !== stat.dev || s.ino !== stat.ino || !s.isFile) continue;
+        if (mode === undefined) {
+          const info = Deno.readTextFileSync(`/proc/self/fdinfo/${fd}`);
+          const flags = /^flags:\s*([0-7]+)/m.exec(info)?.[1] ?? "";
+          mode = parseInt(flags, 8) & 3; // O_ACCMODE: 0 read, 1 write, 2 both
+        }
+        if (access === "read" ? mode === 0 || mode === 2 : mode === 2) {
+          found[i] = fd;
+          break;
+        }
+      }
+      if (found.every((fd) => fd !== undefined)) break;
+    }
+  } catch { /* no /proc, or no permission to read it */ }
+  return found;
+}
+
+/**
+ * The descriptor number of an open file in this process (see
+ * {@linkcode descriptorsOf}).
+ *
+ * @example
+ * ```ts ignore
+ * const file = Deno.openSync("disk.raw");
+ * console.log(descriptorOf(file.statSync(), "read")); // 3, say
+ * ```
  */
 export function descriptorOf(
   stat: Deno.FileInfo,
   access: "read" | "write",
 ): number | undefined {
-  if (stat.dev === null || stat.ino === null) return undefined;
-  try {
-    for (const entry of Deno.readDirSync("/proc/self/fd")) {
-      const fd = Number(entry.name);
-      if (!(fd > 2)) continue;
-      let s: Deno.FileInfo;
-      try {
-        s = Deno.statSync(`/proc/self/fd/${fd}`);
-      } catch {
-        continue; // closed meanwhile, or the listing's own descriptor
-      }
-      if (s.dev !== stat.dev || s.ino !== stat.ino || !s.isFile) continue;
-      const info = Deno.readTextFileSync(`/proc/self/fdinfo/${fd}`);
-      const flags = parseInt(/^flags:\s*([0-7]+)/m.exec(info)?.[1] ?? "", 8);
-      const mode = flags & 3; // O_ACCMODE: 0 read, 1 write, 2 both
-      if (access === "read" ? mode === 0 || mode === 2 : mode === 2) return fd;
-    }
-  } catch { /* no /proc, or no permission to read it */ }
-  return undefined;
+  return descriptorsOf([{ stat, access }])[0];
 }
 
 /**
@@ -408,10 +440,10 @@ export function kernelCopier(
   // Deno holds, found by number): nobody else closes them, so no later
   // copy can reach another file that took a closed handle's number (that
   // was a statx of both numbers before each copy, 874 calls for the VHD).
-  const found = [
-    descriptorOf(input, "read"),
-    descriptorOf(output, "write"),
-  ].map((fd) => fd === undefined ? -1 : c.fcntl(fd, F_DUPFD_CLOEXEC, 3));
+  const found = descriptorsOf([
+    { stat: input, access: "read" },
+    { stat: output, access: "write" },
+  ]).map((fd) => fd === undefined ? -1 : c.fcntl(fd, F_DUPFD_CLOEXEC, 3));
   const [fdIn, fdOut] = found;
   if (fdIn < 0 || fdOut < 0) {
     for (const fd of found) if (fd >= 0) c.close(fd);
