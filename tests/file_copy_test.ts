@@ -275,7 +275,7 @@ Deno.test(
     }),
 );
 
-for (const way of ["read_write", "copy_file_range"] as const) {
+for (const way of ["read_write", "copy_file_range", "splice"] as const) {
   Deno.test(
     `copies by ${way}, page-aligned and not, across holes and ending in them: the input's bytes, and its holes`,
     { ignore: !linux },
@@ -322,6 +322,12 @@ for (const way of ["read_write", "copy_file_range"] as const) {
               ? copier.copied.copyFileRange
               : copier.copied.readWrite,
             0,
+          );
+          // Misaligned ranges through the copier's pipe (all but the
+          // aligned copy at 16 MiB), or none.
+          assertEquals(
+            copier.copied.splice,
+            way === "splice" ? 3 * MIB - 512 + MIB - 1 + (256 << 10) + 7 : 0,
           );
         } finally {
           await copier.close();
@@ -1019,5 +1025,43 @@ Deno.test(
       assertEquals(counts.copied, result.dataBytes);
       assertTrue(counts.copied >= 4 * MIB, `${counts.copied}`);
       assertEquals(dataMap(`${dir}/out.raw`), dataMap(`${dir}/flat-flat.vmdk`));
+    }),
+);
+
+Deno.test(
+  "a misaligned kernel copy through the pipe whose input ends early fails with a CopyFailure on the read side, where it ended",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const input = await Deno.open(`${dir}/in.raw`);
+      const output = await Deno.open(`${dir}/out.raw`, {
+        read: true,
+        write: true,
+        create: true,
+      });
+      await output.truncate(24 * MIB);
+      const copier = kernelCopier(input.statSync(), output.statSync(), {
+        way: "splice",
+      })!;
+      try {
+        // The data range [5 MiB, 8 MiB) is now known to the copier.
+        assertEquals(copier.copy(5 * MIB + 512, MIB, 0), MIB);
+        await Deno.truncate(`${dir}/in.raw`, 6 * MIB);
+        let failure: unknown;
+        try {
+          copier.copy(5 * MIB + 512, 2 * MIB, 4 * MIB);
+        } catch (e) {
+          failure = e;
+        }
+        assertTrue(failure instanceof CopyFailure, String(failure));
+        assertEquals(failure.side, "read");
+        assertEquals(failure.endedAt, 6 * MIB);
+        assertTrue(copier.copied.splice >= 2 * MIB - 512);
+      } finally {
+        await copier.close();
+        input.close();
+        output.close();
+      }
     }),
 );
