@@ -257,7 +257,9 @@ function handle(
         input,
         stat.size < KERNEL_COPY_MIN
           ? undefined
-          : kernelCopier(stat, file.statSync()),
+          : kernelCopier(stat, file.statSync(), {
+            paths: { input: (from as Partial<FileHandle>).path, output: path },
+          }),
       );
     }
     try {

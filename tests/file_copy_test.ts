@@ -1065,3 +1065,41 @@ Deno.test(
       }
     }),
 );
+
+Deno.test(
+  "the copier opens its files again by their paths, and where a path names another file now it finds Deno's descriptors instead",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      await Deno.writeFile(`${dir}/decoy.raw`, new Uint8Array(24 * MIB));
+      const bytes = await Deno.readFile(`${dir}/in.raw`);
+      for (const input of [`${dir}/in.raw`, `${dir}/decoy.raw`]) {
+        const file = await Deno.open(`${dir}/in.raw`);
+        const output = await Deno.open(`${dir}/out.raw`, {
+          read: true,
+          write: true,
+          create: true,
+          truncate: true,
+        });
+        await output.truncate(24 * MIB);
+        const copier = kernelCopier(file.statSync(), output.statSync(), {
+          paths: { input, output: `${dir}/out.raw` },
+        })!;
+        try {
+          assertEquals(copier.copy(5 * MIB, 3 * MIB, 5 * MIB), 3 * MIB);
+        } finally {
+          await copier.close();
+          file.close();
+          output.close();
+        }
+        const out = await Deno.readFile(`${dir}/out.raw`);
+        assertTrue(
+          out.subarray(5 * MIB, 8 * MIB).every((b, i) =>
+            b === bytes[5 * MIB + i]
+          ),
+          `${input}: other bytes`,
+        );
+      }
+    }),
+);
