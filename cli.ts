@@ -1421,8 +1421,11 @@ const commands: Record<string, Command> = {
             `${hex(run.offset)}${hex(run.length)}${
               at !== undefined ? hex(at) : "-".padEnd(16)
             }${labels ? String(label ?? "-").padEnd(11) : ""}${
-              run.depth === 0 ? path : run.layer.name
-            }\n`,
+              // A flat vmdk's bytes lie in its extent file, not in the
+              // descriptor: that file's name, as qemu-img says.
+              (run.layer.format === "vmdk" && at !== undefined
+                ? dataFileOf(run.layer)?.name
+                : undefined) ?? (run.depth === 0 ? path : run.layer.name)}\n`,
           );
         }
       }

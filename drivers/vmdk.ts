@@ -69,7 +69,12 @@ import type {
   Sink,
   Source,
 } from "../streams/types.ts";
-import { checkRange, extentsOf, readInto } from "../streams/types.ts";
+import {
+  checkRange,
+  extentsOf,
+  readInto,
+  storesDataIn,
+} from "../streams/types.ts";
 import * as zlib from "./codecs/zlib.ts";
 import { codecPool } from "./codecs/_pool.ts";
 import { seSparse } from "./sesparse.ts";
@@ -1104,6 +1109,19 @@ function vmdkImage(
       parts.some((p) => p.part instanceof SparsePart && p.part.compressed)
     ? codecPool.hold()
     : () => {};
+  // Flat extents all in one file (monolithicFlat, or a single VMFS
+  // extent), the rest ZERO or NOACCESS: their data runs say where they lie
+  // in it (`fileOffset`), so that convert lets a file sink copy them from
+  // that file in the kernel (see `storesDataIn`).
+  const flatFiles = new Set(
+    parts.flatMap((p) => p.part instanceof FlatPart ? [p.part.source] : []),
+  );
+  const plainIn = flatFiles.size === 1 &&
+      parts.every((p) =>
+        p.part instanceof FlatPart || p.part instanceof ZeroPart
+      )
+    ? [...flatFiles][0]
+    : undefined;
   const image: Image = {
     format: FORMAT,
     size,
@@ -1184,7 +1202,11 @@ function vmdkImage(
       checkRange(size, offset, length);
       let run: Extent | undefined;
       for await (const { piece, start } of allPieces(parts, offset, length)) {
-        if (run && run.kind === piece.kind) {
+        const at = plainIn && piece.kind === "data" ? piece.at : undefined;
+        if (
+          run && run.kind === piece.kind &&
+          (at === undefined || run.fileOffset! + run.length === at)
+        ) {
           run.length += piece.length;
           continue;
         }
@@ -1193,6 +1215,7 @@ function vmdkImage(
           offset: start + piece.offset,
           length: piece.length,
           kind: piece.kind,
+          ...(at === undefined ? {} : { fileOffset: at }),
         };
       }
       if (run) yield run;
@@ -1202,7 +1225,7 @@ function vmdkImage(
       await meta.close();
     },
   };
-  return image;
+  return plainIn ? storesDataIn(image, plainIn) : image;
 }
 
 /**

@@ -8,6 +8,7 @@ import {
   convert,
   createOutputFile,
   fileBackingResolver,
+  fileResolver,
   fromBytes,
   fromFile,
   open,
@@ -17,6 +18,8 @@ import {
 import { qemuRaw } from "./_layers.ts";
 import {
   CopyFailure,
+  descriptorOf,
+  descriptorsOf,
   fileDataRanges,
   kernelCopier,
 } from "../streams/_file_copy.ts";
@@ -272,7 +275,7 @@ Deno.test(
     }),
 );
 
-for (const way of ["read_write", "copy_file_range"] as const) {
+for (const way of ["read_write", "copy_file_range", "splice"] as const) {
   Deno.test(
     `copies by ${way}, page-aligned and not, across holes and ending in them: the input's bytes, and its holes`,
     { ignore: !linux },
@@ -319,6 +322,12 @@ for (const way of ["read_write", "copy_file_range"] as const) {
               ? copier.copied.copyFileRange
               : copier.copied.readWrite,
             0,
+          );
+          // Misaligned ranges through the copier's pipe (all but the
+          // aligned copy at 16 MiB), or none.
+          assertEquals(
+            copier.copied.splice,
+            way === "splice" ? 3 * MIB - 512 + MIB - 1 + (256 << 10) + 7 : 0,
           );
         } finally {
           await copier.close();
@@ -889,5 +898,208 @@ Deno.test(
       );
       input.close();
       output.close();
+    }),
+);
+
+Deno.test(
+  "an input under 2 MiB is read and written, without loading libc; a bigger one is copied in the kernel, libc opened once",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await Deno.writeFile(`${dir}/small.raw`, pseudoRandom(MIB, 11));
+      await sparseInput(`${dir}/big.raw`);
+      // In a child: libc is opened once per process. Deno.dlopen counted.
+      const probe = `${dir}/probe.ts`;
+      await Deno.writeTextFile(
+        probe,
+        `import { convert, createOutputFile, fromFile, open } from "${ROOT}mod.ts";
+let opened = 0;
+const dlopen = Deno.dlopen;
+Object.defineProperty(Deno, "dlopen", {
+  value: (...args) => (opened++, dlopen(...args)),
+});
+const counts = [];
+for (const name of ["small", "big", "big"]) {
+  const input = await fromFile(\`${dir}/\${name}.raw\`);
+  const image = await open(input, { format: "raw" });
+  const out = await createOutputFile(\`${dir}/\${name}-out.raw\`);
+  let copied = 0;
+  const sink = Object.assign(Object.create(out), {
+    async copyRange(...args) {
+      const n = await out.copyRange(...args);
+      copied += n ?? 0;
+      return n;
+    },
+  });
+  await convert(image, sink);
+  await out.commit();
+  await image.close();
+  counts.push(copied, opened);
+}
+console.log(JSON.stringify(counts));`,
+      );
+      const p = await run(Deno.execPath(), ["run", "--allow-all", probe], {
+        allowFail: true,
+      });
+      assertEquals(p.code, 0, p.stderr);
+      const data = 4 * MIB + 4096;
+      assertEquals(JSON.parse(p.text), [0, 0, data, 1, data, 1]);
+      for (const name of ["small", "big"]) {
+        assertEquals(
+          await sha256File(`${dir}/${name}-out.raw`),
+          await sha256File(`${dir}/${name}.raw`),
+        );
+      }
+    }),
+);
+
+Deno.test(
+  "the descriptors of two open files are found in one pass over /proc/self/fd",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await Deno.writeFile(`${dir}/a`, new Uint8Array(10));
+      const a = await Deno.open(`${dir}/a`);
+      const b = await Deno.open(`${dir}/b`, {
+        read: true,
+        write: true,
+        create: true,
+      });
+      const c = await Deno.open(`${dir}/b`, { write: true });
+      try {
+        const [ra, wb] = descriptorsOf([
+          { stat: a.statSync(), access: "read" },
+          { stat: b.statSync(), access: "write" },
+        ]);
+        assertTrue(ra !== undefined && wb !== undefined && ra !== wb);
+        assertEquals(ra, descriptorOf(a.statSync(), "read"));
+        assertEquals(wb, descriptorOf(b.statSync(), "write"));
+        // Open for writing only, `c` is never taken: reads fail on it.
+        const info = Deno.readTextFileSync(`/proc/self/fdinfo/${wb}`);
+        assertEquals(parseInt(/^flags:\s*([0-7]+)/m.exec(info)![1], 8) & 3, 2);
+        // A file not open here: none.
+        const stat = { ...a.statSync(), ino: -1 };
+        assertEquals(
+          descriptorsOf([{ stat, access: "read" }, {
+            stat: a.statSync(),
+            access: "read",
+          }]),
+          [undefined, ra],
+        );
+      } finally {
+        for (const f of [a, b, c]) f.close();
+      }
+    }),
+);
+
+Deno.test(
+  "vmdk monolithicFlat: its extent file is copied in the kernel, with qemu-img's bytes and holes",
+  { ignore: !linux || skip(["qemu-img", "qemu-io"]) },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/flat.vmdk`;
+      await run("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        path,
+        "24M",
+      ]);
+      await qemuIo("vmdk", path, "write -P 7 1M 3M", "write -P 9 17M 1M");
+      const image = await open(await fromFile(path), {
+        resolveFile: fileResolver(path),
+      });
+      const { out, sink, counts } = await countingOutput(`${dir}/out.raw`);
+      const result = await convert(image, sink);
+      await out.commit();
+      await image.close?.();
+      assertEquals(
+        await Deno.readFile(`${dir}/out.raw`),
+        await qemuRaw(path, dir, "vmdk"),
+      );
+      // The data ranges of the extent file went file to file; none read.
+      assertEquals(counts.written, 0);
+      assertEquals(counts.copied, result.dataBytes);
+      assertTrue(counts.copied >= 4 * MIB, `${counts.copied}`);
+      assertEquals(dataMap(`${dir}/out.raw`), dataMap(`${dir}/flat-flat.vmdk`));
+    }),
+);
+
+Deno.test(
+  "a misaligned kernel copy through the pipe whose input ends early fails with a CopyFailure on the read side, where it ended",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const input = await Deno.open(`${dir}/in.raw`);
+      const output = await Deno.open(`${dir}/out.raw`, {
+        read: true,
+        write: true,
+        create: true,
+      });
+      await output.truncate(24 * MIB);
+      const copier = kernelCopier(input.statSync(), output.statSync(), {
+        way: "splice",
+      })!;
+      try {
+        // The data range [5 MiB, 8 MiB) is now known to the copier.
+        assertEquals(copier.copy(5 * MIB + 512, MIB, 0), MIB);
+        await Deno.truncate(`${dir}/in.raw`, 6 * MIB);
+        let failure: unknown;
+        try {
+          copier.copy(5 * MIB + 512, 2 * MIB, 4 * MIB);
+        } catch (e) {
+          failure = e;
+        }
+        assertTrue(failure instanceof CopyFailure, String(failure));
+        assertEquals(failure.side, "read");
+        assertEquals(failure.endedAt, 6 * MIB);
+        assertTrue(copier.copied.splice >= 2 * MIB - 512);
+      } finally {
+        await copier.close();
+        input.close();
+        output.close();
+      }
+    }),
+);
+
+Deno.test(
+  "the copier opens its files again by their paths, and where a path names another file now it finds Deno's descriptors instead",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      await Deno.writeFile(`${dir}/decoy.raw`, new Uint8Array(24 * MIB));
+      const bytes = await Deno.readFile(`${dir}/in.raw`);
+      for (const input of [`${dir}/in.raw`, `${dir}/decoy.raw`]) {
+        const file = await Deno.open(`${dir}/in.raw`);
+        const output = await Deno.open(`${dir}/out.raw`, {
+          read: true,
+          write: true,
+          create: true,
+          truncate: true,
+        });
+        await output.truncate(24 * MIB);
+        const copier = kernelCopier(file.statSync(), output.statSync(), {
+          paths: { input, output: `${dir}/out.raw` },
+        })!;
+        try {
+          assertEquals(copier.copy(5 * MIB, 3 * MIB, 5 * MIB), 3 * MIB);
+        } finally {
+          await copier.close();
+          file.close();
+          output.close();
+        }
+        const out = await Deno.readFile(`${dir}/out.raw`);
+        assertTrue(
+          out.subarray(5 * MIB, 8 * MIB).every((b, i) =>
+            b === bytes[5 * MIB + i]
+          ),
+          `${input}: other bytes`,
+        );
+      }
     }),
 );

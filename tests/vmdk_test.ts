@@ -919,3 +919,49 @@ Deno.test({
     });
   },
 });
+
+Deno.test(
+  "a monolithicFlat vmdk's data runs say where they lie in its extent file, and map names that file as qemu-img does; several flat files give none",
+  { ignore: skip(["qemu-img", "qemu-io"]) },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/flat.vmdk`;
+      await run("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        path,
+        "8M",
+      ]);
+      await qemuIo("vmdk", path, "write -P 7 1M 1M");
+      const image = await openPath(path);
+      const runs = [];
+      for await (const e of image.extents(0, image.size)) runs.push(e);
+      await image.close?.();
+      assertEquals(runs, [
+        { offset: 0, length: 8 << 20, kind: "data", fileOffset: 0 },
+      ]);
+      const ours = await cli(["map", path]);
+      const theirs = await run("qemu-img", ["map", path]);
+      assertEquals(ours.code, 0, ours.stderr);
+      const files = (text: string) =>
+        new Set(text.trim().split("\n").slice(1).map((l) => l.split(/\s+/)[3]));
+      assertEquals(files(ours.text), files(theirs.text));
+      assertEquals([...files(ours.text)], [`${dir}/flat-flat.vmdk`]);
+      // Two flat extent files: convert reads them (no fileOffset).
+      await Deno.writeFile(`${dir}/a.bin`, new Uint8Array(4096));
+      await Deno.writeFile(`${dir}/b.bin`, new Uint8Array(4096));
+      await Deno.writeTextFile(
+        `${dir}/two.vmdk`,
+        '# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 8 FLAT "a.bin" 0\nRW 8 FLAT "b.bin" 0\n',
+      );
+      const two = await openPath(`${dir}/two.vmdk`);
+      for await (const e of two.extents(0, two.size)) {
+        assertEquals(e.fileOffset, undefined);
+      }
+      await two.close?.();
+    }),
+);
