@@ -730,32 +730,7 @@ class SparsePart implements Part {
         else if (p.kind === "data") target.set(await this.readBytes(p, span));
         else target.fill(0);
       }
-      const packed: Uint8Array[] = [];
-      for (const p of grains) {
-        packed.push(await this.#packedGrain(p.grainSector!, span));
-      }
-      // Jobs point into the span when every grain lies in it, else into a
-      // copy of the grains one after the other.
-      const inSpan = span !== undefined &&
-        packed.every((d) => d.buffer === span.bytes.buffer);
-      let input: Uint8Array;
-      if (inSpan) input = span.bytes;
-      else {
-        input = new Uint8Array(packed.reduce((n, d) => n + d.length, 0));
-        let at = 0;
-        for (const d of packed) {
-          input.set(d, at);
-          at += d.length;
-        }
-      }
-      const jobs: number[] = [];
-      let at = 0;
-      grains.forEach((p, k) => {
-        const from = inSpan ? packed[k].byteOffset - input.byteOffset : at;
-        jobs.push(WORKER_ZLIB, from, packed[k].length, this.grainBytes);
-        jobs.push(p.offset - base);
-        at += packed[k].length;
-      });
+      const { input, jobs } = await this.#grainJobs(grains, base, span);
       return await codecPool.spread(input, jobs, into, false) !== null;
     } finally {
       if (span) codecPool.giveBack(span.bytes);
@@ -807,12 +782,30 @@ class SparsePart implements Part {
         out.set(await this.readBytes(p, span), p.offset - base);
       }
     }
+    const { input, jobs } = await this.#grainJobs(grains, base, span);
+    const filled = await codecPool.batchMoved(input, jobs, out);
+    if (filled) return filled;
+    const again = new Uint8Array(length);
+    await this.readInto(pieces, base, again, false);
+    return again;
+  }
+
+  /**
+   * The decode workers' jobs for whole `grains` (disk offset `base`): one
+   * input holding their packed bytes (the file span itself when every
+   * grain lies in it, else a copy of the grains one after the other) and,
+   * per grain, the codec, its place in the input, its sizes and where it
+   * goes in the output.
+   */
+  async #grainJobs(
+    grains: Piece[],
+    base: number,
+    span?: Span,
+  ): Promise<{ input: Uint8Array; jobs: number[] }> {
     const packed: Uint8Array[] = [];
     for (const p of grains) {
       packed.push(await this.#packedGrain(p.grainSector!, span));
     }
-    // Jobs point into the span when every grain lies in it, else into a
-    // copy of the grains one after the other.
     const inSpan = span !== undefined &&
       packed.every((d) => d.buffer === span.bytes.buffer);
     let input: Uint8Array;
@@ -833,11 +826,7 @@ class SparsePart implements Part {
       jobs.push(p.offset - base);
       at += packed[k].length;
     });
-    const filled = await codecPool.batchMoved(input, jobs, out);
-    if (filled) return filled;
-    const again = new Uint8Array(length);
-    await this.readInto(pieces, base, again, false);
-    return again;
+    return { input, jobs };
   }
 
   async #decodeGrain(sector: number, span?: Span): Promise<Uint8Array> {
