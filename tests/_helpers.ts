@@ -256,14 +256,38 @@ export function fileServer(root: string) {
       ranges++;
       const start = Number(m[1]);
       const end = Math.min(Number(m[2]), size - 1);
-      const body = new Uint8Array(end - start + 1);
+      // Streamed from the file as it is read, as a web server does (nginx
+      // with sendfile), not read whole before the answer starts: the
+      // browser gets a window's first bytes as soon as they are read.
       await file.seek(start, Deno.SeekMode.Start);
-      let at = 0;
-      while (at < body.length) at += (await file.read(body.subarray(at)))!;
-      file.close();
+      let left = end - start + 1;
+      const body = new ReadableStream<Uint8Array>({
+        type: "bytes",
+        async pull(controller) {
+          const chunk = new Uint8Array(Math.min(left, 256 << 10));
+          const n = await file.read(chunk);
+          if (n === null) {
+            file.close();
+            controller.error(new Error(`${path}: ended early`));
+            return;
+          }
+          left -= n;
+          controller.enqueue(chunk.subarray(0, n));
+          if (left === 0) {
+            file.close();
+            controller.close();
+          }
+        },
+        cancel() {
+          file.close();
+        },
+      });
       return new Response(body, {
         status: 206,
-        headers: { "content-range": `bytes ${start}-${end}/${size}` },
+        headers: {
+          "content-range": `bytes ${start}-${end}/${size}`,
+          "content-length": String(end - start + 1),
+        },
       });
     },
   );
