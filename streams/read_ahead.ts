@@ -35,6 +35,12 @@ interface Window {
   bytes: Promise<Uint8Array>;
   /** The buffer it is read into (sources with `readInto`), reused once dropped if full-size. */
   buffer?: Uint8Array<ArrayBuffer>;
+  /**
+   * How many of its first bytes are in `buffer` already (sources whose
+   * `readInto` tells as the bytes arrive), and the reads waiting for more.
+   */
+  arrived: number;
+  waiting: { need: number; go: () => void }[];
   /** Reads copying out of it now. */
   users: number;
   /** Its read is over (its buffer is written no more). */
@@ -156,6 +162,8 @@ export function readAhead(
       start,
       end,
       bytes: Promise.resolve(new Uint8Array()),
+      arrived: 0,
+      waiting: [],
       users: 0,
       settled: false,
       dropped: false,
@@ -167,17 +175,33 @@ export function readAhead(
         : new Uint8Array(length);
       const view = buffer.subarray(0, length);
       window.buffer = buffer;
-      window.bytes = source.readInto(start, view).then(() => view);
+      // Reads wait only for the bytes they need, not for the whole
+      // window: its first reads start while the rest is on its way.
+      const arrived = (n: number) => {
+        window.arrived = n;
+        if (!window.waiting.length) return;
+        window.waiting = window.waiting.filter((w) => {
+          if (w.need > n) return true;
+          w.go();
+          return false;
+        });
+      };
+      window.bytes = source.readInto(start, view, arrived).then(() => {
+        window.arrived = length;
+        return view;
+      });
     } else {
       window.bytes = source.read(start, end - start);
     }
     window.bytes.then(
       () => {
         window.settled = true;
+        window.waiting = [];
         release(window);
       },
       () => {
         window.settled = true;
+        window.waiting = [];
         // Fetched again by the next read that needs it (with the ones
         // after it: the windows held stay one run without gaps).
         hold(run, run.windows.filter((w) => w.start < start));
@@ -257,6 +281,22 @@ export function readAhead(
     return at >= end;
   };
 
+  /**
+   * `w`'s bytes once its first `need` have arrived (all of them, from a
+   * source that does not tell as they arrive); its error if it fails.
+   */
+  const arrival = (w: Window, need: number): Promise<Uint8Array> => {
+    if (!w.buffer || w.settled) return w.bytes;
+    const view = w.buffer.subarray(0, w.end - w.start);
+    if (w.arrived >= need) return Promise.resolve(view);
+    return Promise.race([
+      w.bytes,
+      new Promise<Uint8Array>((resolve) =>
+        w.waiting.push({ need, go: () => resolve(view) })
+      ),
+    ]);
+  };
+
   async function readIntoAhead(offset: number, into: Uint8Array) {
     checkRange(size, offset, into.length);
     const end = offset + into.length;
@@ -271,9 +311,9 @@ export function readAhead(
     for (const w of covering) w.users++;
     try {
       for (const w of covering) {
-        const bytes = await w.bytes;
         const from = Math.max(offset, w.start);
         const to = Math.min(end, w.end);
+        const bytes = await arrival(w, to - w.start);
         into.set(bytes.subarray(from - w.start, to - w.start), from - offset);
       }
     } finally {

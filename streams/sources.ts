@@ -301,7 +301,11 @@ export async function fromUrl(
   }
   const href = String(target);
 
-  async function readInto(offset: number, into: Uint8Array): Promise<void> {
+  async function readInto(
+    offset: number,
+    into: Uint8Array,
+    arrived?: (bytes: number) => void,
+  ): Promise<void> {
     checkRange(size, offset, into.length);
     if (into.length === 0) return;
     const last = offset + into.length - 1;
@@ -342,6 +346,7 @@ export async function fromUrl(
         }
         into.set(value, at);
         at += value.length;
+        arrived?.(at);
       }
       if (at !== into.length) {
         throw fail(`asked for ${into.length} bytes at ${offset}, got ${at}`);

@@ -48,9 +48,16 @@ export interface Source {
   /**
    * Reads `into.length` bytes at `offset` into `into` (the read-into-buffer
    * form, for speed): the same bytes as `read`, without a fresh array per
-   * call. Optional; {@linkcode readInto} falls back to `read`.
+   * call. Optional; {@linkcode readInto} falls back to `read`. A source
+   * that fills `into` from its start as bytes arrive (a URL's) may call
+   * `arrived` with how many of its first bytes are in place so far, so
+   * that a reader can use them before the rest comes.
    */
-  readInto?(offset: number, into: Uint8Array): Promise<void>;
+  readInto?(
+    offset: number,
+    into: Uint8Array,
+    arrived?: (bytes: number) => void,
+  ): Promise<void>;
   /**
    * The allocation map of `[offset, offset + length)`: consecutive runs that
    * cover the range exactly, in order. Sources without one are all `data`

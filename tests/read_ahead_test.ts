@@ -292,3 +292,67 @@ Deno.test({
     });
   },
 });
+
+Deno.test("fromUrl's read ahead serves a read from a window's first bytes before the rest of the window has arrived", async () => {
+  const bytes = pseudoRandom(1 << 20, 7);
+  const ranges: string[] = [];
+  // The body of each range longer than 4 KiB (a window's) comes in two
+  // halves; the second waits for `more`.
+  let more!: () => void;
+  const held = new Promise<void>((resolve) => more = resolve);
+  const fake: typeof fetch = (_input, init) => {
+    const range = new Headers(init?.headers).get("range")!;
+    ranges.push(range);
+    const [a, b] = /bytes=(\d+)-(\d+)/.exec(range)!.slice(1).map(Number);
+    const body = bytes.slice(a, b + 1);
+    const half = Math.ceil(body.length / 2);
+    const stream = new ReadableStream<Uint8Array>({
+      async start(controller) {
+        controller.enqueue(body.slice(0, half));
+        if (body.length > 4 * KIB) await held;
+        if (half < body.length) controller.enqueue(body.slice(half));
+        controller.close();
+      },
+    });
+    return Promise.resolve(
+      new Response(stream, {
+        status: 206,
+        headers: {
+          "content-range": `bytes ${a}-${b}/${bytes.length}`,
+          "content-length": String(body.length),
+        },
+      }),
+    );
+  };
+  const source = await fromUrl("http://example.invalid/disk", {
+    fetch: fake,
+    readAhead: { window: 256 * KIB },
+  });
+  // The first read goes to the source as it is; the next, running on from
+  // it, starts a run whose first window is 64 KiB (at 1000): its first
+  // half arrives, the second is held.
+  assertEquals(await source.read(0, 1000), bytes.subarray(0, 1000));
+  const first = source.read(1000, 1000);
+  const early = await Promise.race([
+    first.then(() => "served"),
+    new Promise((resolve) => setTimeout(() => resolve("waited"), 200)),
+  ]);
+  assertEquals(early, "served");
+  assertEquals(await first, bytes.subarray(1000, 2000));
+  // A read in the held half waits for it, and gets the right bytes.
+  const later = source.read(40 * KIB, 20 * KIB);
+  let done = false;
+  later.then(() => done = true);
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  assertEquals(done, false);
+  more();
+  assertEquals(await later, bytes.subarray(40 * KIB, 60 * KIB));
+  // Reads in order on through the source: windows, not a request per read.
+  for (let at = 60 * KIB; at < bytes.length; at += 16 * KIB) {
+    const n = Math.min(16 * KIB, bytes.length - at);
+    assertEquals(await source.read(at, n), bytes.subarray(at, at + n));
+  }
+  await source.close?.();
+  // The probe, the first read, then windows of 64, 128 and 256 KiB.
+  assertTrue(ranges.length <= 9, ranges.join(", "));
+});
