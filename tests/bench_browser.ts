@@ -144,7 +144,7 @@ async function timeCli(format: string, path: string): Promise<Time> {
 }
 
 /** CPU time (user and system, seconds) of process `pid` and its descendants so far. */
-function treeCpu(pid: number): number {
+function treeCpu(pid: number, byKind?: Map<string, number>): number {
   const parents = new Map<number, number>();
   const ticks = new Map<number, number>();
   for (const entry of Deno.readDirSync("/proc")) {
@@ -161,7 +161,21 @@ function treeCpu(pid: number): number {
   for (const [p, t] of ticks) {
     let q: number | undefined = p;
     while (q !== undefined && q > 1 && q !== pid) q = parents.get(q);
-    if (q === pid) total += t;
+    if (q !== pid) continue;
+    total += t;
+    if (byKind) {
+      // A chromium process's kind: its --type (renderer, utility: the
+      // network service, gpu-process), or the browser process itself.
+      let kind = "browser";
+      try {
+        const line = Deno.readTextFileSync(`/proc/${p}/cmdline`);
+        kind = /--type=([\w-]+)/.exec(line)?.[1] ?? kind;
+        if (kind === "utility") {
+          kind = /--utility-sub-type=([\w.]+)/.exec(line)?.[1] ?? kind;
+        }
+      } catch { /* gone meanwhile */ }
+      byKind.set(kind, (byKind.get(kind) ?? 0) + t / 100);
+    }
   }
   return total / 100; // USER_HZ
 }
@@ -191,7 +205,9 @@ async function timeBrowser(
   what: string,
   expected?: string,
 ): Promise<Time & { workers: string }> {
-  const cpu0 = treeCpu(page.pid) + ownCpu();
+  const kinds0 = new Map<string, number>(), kinds = new Map<string, number>();
+  const server0 = ownCpu();
+  const cpu0 = treeCpu(page.pid, kinds0) + server0;
   const r = await page.evaluate<Timed>(
     `(async () => {
         const started = performance.now();
@@ -199,7 +215,18 @@ async function timeBrowser(
         return { seconds: (performance.now() - started) / 1000, sha256: r.sha256, workers: r.workers };
       })()`,
   );
-  const cpu = treeCpu(page.pid) + ownCpu() - cpu0;
+  const server = ownCpu();
+  const cpu = treeCpu(page.pid, kinds) + server - cpu0;
+  if (Deno.env.get("BENCH_CPU_DETAIL")) {
+    const parts = [...kinds].map(([k, t]) =>
+      `${k} ${f2(t - (kinds0.get(k) ?? 0))}`
+    );
+    console.error(
+      `  ${what}: ${f2(r.seconds)} s, CPU ${f2(cpu)} s: ${
+        parts.join(", ")
+      }, file server ${f2(server - server0)}`,
+    );
+  }
   if (expected && r.sha256 !== expected) {
     throw new Error(
       `${what}: the browser's disk has sha256 ${r.sha256}, expected ${expected}`,
