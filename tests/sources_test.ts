@@ -1,4 +1,4 @@
-import { assertEquals } from "./_asserts.ts";
+import { assertEquals, assertTrue } from "./_asserts.ts";
 import {
   fromBlob,
   fromBytes,
@@ -190,4 +190,61 @@ Deno.test("fromUrl's idle timeout waits for the next byte, however many come: a 
     idleTimeout: 150,
   });
   await rejects(() => stalled.read(0, size), HttpTimeoutError, /idle timeout/);
+});
+
+Deno.test("fromUrl reads a byte-stream body into its own reused buffers: the bytes, and a body longer than announced refused", async () => {
+  const bytes = pseudoRandom(5 << 20, 3);
+  let extra = 0, intoOurs = 0;
+  const fake: typeof fetch = (_input, init) => {
+    const range = new Headers(init?.headers).get("range")!;
+    const [a, b] = /bytes=(\d+)-(\d+)/.exec(range)!.slice(1).map(Number);
+    const body = bytes.slice(a, b + 1 + extra);
+    let at = 0;
+    // A byte stream (as fetch's bodies are) answering in pieces of at
+    // most 300000 bytes, into the reader's buffer when it gives one.
+    const stream = new ReadableStream({
+      type: "bytes",
+      pull(controller) {
+        const n = Math.min(300000, body.length - at);
+        const view = controller.byobRequest?.view;
+        if (view && view.byteLength >= 1) {
+          const k = Math.min(n, view.byteLength);
+          new Uint8Array(view.buffer, view.byteOffset, k).set(
+            body.subarray(at, at + k),
+          );
+          at += k;
+          intoOurs++;
+          controller.byobRequest!.respond(k);
+        } else {
+          controller.enqueue(body.slice(at, at + n));
+          at += n;
+        }
+        if (at === body.length) {
+          controller.close();
+          controller.byobRequest?.respond(0);
+        }
+      },
+    });
+    return Promise.resolve(
+      new Response(stream, {
+        status: 206,
+        headers: { "content-range": `bytes ${a}-${b}/${bytes.length}` },
+      }),
+    );
+  };
+  const source = await fromUrl("http://example.invalid/disk", {
+    fetch: fake,
+    readAhead: false,
+  });
+  // Longer than one buffer (1 MiB), several times, and short ones.
+  for (const [at, n] of [[0, 3 << 20], [1000, 10], [3 << 20, 2 << 20]]) {
+    assertEquals(await source.read(at, n), bytes.subarray(at, at + n));
+  }
+  assertTrue(intoOurs >= 18, `${intoOurs} pieces read into fromUrl's buffers`);
+  extra = 5;
+  await rejects(
+    () => source.read(0, 100),
+    HttpSourceError,
+    /server sent more/,
+  );
 });
