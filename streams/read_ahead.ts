@@ -91,7 +91,10 @@ const GAP = 64 << 10;
  * such reads and runs on past it begins a new run (reads may overlap: a
  * vmdk's runs of grains end a grain or two past where the next begins).
  * Two runs are followed at once, the one used least recently let go for
- * a new one. The bytes are those of `source`, copied out of the windows;
+ * a new one. A read waits only for the part of a window it needs when
+ * the source's `readInto` tells as the bytes arrive (a URL's body: the
+ * decode workers start on a window's first bytes while the rest comes).
+ * The bytes are those of `source`, copied out of the windows;
  * its errors pass through (a failed window is fetched again by the next
  * read that needs it).
  *
