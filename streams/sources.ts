@@ -376,10 +376,10 @@ export async function fromUrl(
           await byob.cancel().catch(() => {});
           throw e;
         } finally {
-          if (
-            !scratch.buffer.detached && scratch.length === SCRATCH &&
-            scratches.length < 4
-          ) scratches.push(scratch);
+          // (A buffer still in a read that failed is detached: length 0.)
+          if (scratch.length === SCRATCH && scratches.length < 4) {
+            scratches.push(scratch);
+          }
         }
       } else {
         const reader = body?.getReader();
