@@ -796,7 +796,16 @@ export function kernelCopier(
           return undefined;
         }
         if (e instanceof Errno) {
-          throw new CopyFailure("write", to, length, e.message, e.errno);
+          // lseek and pread run on the input: a failure of theirs is the
+          // input's, named as such.
+          const read = /^(lseek|pread)/.test(e.call);
+          throw new CopyFailure(
+            read ? "read" : "write",
+            read ? from : to,
+            length,
+            e.message,
+            e.errno,
+          );
         }
         throw e;
       }

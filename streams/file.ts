@@ -243,13 +243,13 @@ function handle(
     checkRange(from.size, fromOffset, length);
     // A closed input is not copied from (an fstat: the copier's own
     // descriptor would still read it).
+    let stat: Deno.FileInfo;
     try {
-      input.statSync();
+      stat = input.statSync();
     } catch {
       return undefined;
     }
     if (!copiers.has(input)) {
-      const stat = input.statSync();
       // A small input is read and written the ordinary way: opening libc
       // (`Deno.dlopen`, 1.4 ms of wall and 2 ms of CPU) and finding the
       // descriptors cost more than the kernel copy saves below a few MiB.
@@ -341,8 +341,10 @@ function handle(
       // they wrote.
       const other = idleOf.get(from)?.();
       if (other) {
-        return other.then(() =>
-          inTurn(() => copyNow(from, fromOffset, length, toOffset))
+        // In this file's turn too, so a later write, resize or close
+        // waits for the copy.
+        return enqueue(() =>
+          other.then(() => copyNow(from, fromOffset, length, toOffset))
         );
       }
       return inTurn(() => copyNow(from, fromOffset, length, toOffset));
