@@ -51,7 +51,7 @@
  * @module
  */
 
-import { probeQcow2 } from "./_signatures.ts";
+import { probeQcow2, QCOW_MAGIC as MAGIC } from "./_signatures.ts";
 import { formatErrors, safeNumber } from "./_binary.ts";
 import {
   BackingFileError,
@@ -90,8 +90,6 @@ import {
 
 /** The driver's name. */
 export const FORMAT = "qcow2";
-/** `QFI\xfb`, shared with qcow version 1. */
-export const MAGIC = 0x514649fb;
 const V2_HEADER = 72;
 const V3_HEADER = 104;
 const SECTOR = 512;

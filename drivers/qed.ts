@@ -30,7 +30,7 @@
  * @module
  */
 
-import { probeQed } from "./_signatures.ts";
+import { probeQed, QED_MAGIC as MAGIC } from "./_signatures.ts";
 import {
   ascii,
   formatErrors,
@@ -45,7 +45,6 @@ import type { Driver, Image, OpenOptions, Source } from "../streams/types.ts";
 import { storesDataIn } from "../streams/types.ts";
 
 const FORMAT = "qed";
-const MAGIC = 0x00444551;
 const HEADER_BYTES = 64;
 const MIN_CLUSTER = 4096;
 const MAX_CLUSTER = 64 << 20;

@@ -42,7 +42,11 @@
  * @module
  */
 
-import { probeVmdk } from "./_signatures.ts";
+import {
+  probeVmdk,
+  VMDK_MAGIC as MAGIC,
+  VMDK_MAX_DESCRIPTOR_BYTES as MAX_DESCRIPTOR_BYTES,
+} from "./_signatures.ts";
 import {
   formatErrors,
   isZero,
@@ -81,7 +85,6 @@ import { seSparse } from "./sesparse.ts";
 
 const FORMAT = "vmdk";
 const SECTOR = 512;
-const MAGIC = "KDMV";
 const FLAG_RGD = 1 << 1;
 const FLAG_ZERO_GRAIN = 1 << 2;
 const FLAG_COMPRESS = 1 << 16;
@@ -102,8 +105,6 @@ const MAX_COMPRESSED_GRAIN_SECTORS = 2048;
 const MAX_GTES_PER_GT = 512;
 /** QEMU's limit on grain directory entries ("L1 size too big"). */
 const MAX_GD_ENTRIES = 32 * 1024 * 1024;
-/** The largest text descriptor read (QEMU reads at most 1 MiB). */
-const MAX_DESCRIPTOR_BYTES = 1 << 20;
 /** How many extents a descriptor may name. */
 const MAX_EXTENTS = 16384;
 /** Grain tables kept in memory per extent. */
