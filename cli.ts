@@ -1452,7 +1452,8 @@ const commands: Record<string, Command> = {
       const [path, sizeText] = need(positionals, 2, "create");
       const size = parseSize(sizeText);
       const options = parseOptions(values.options as string | undefined);
-      checkWriteOptions(await loadDriver(format), options);
+      const formatDriver = await loadDriver(format);
+      checkWriteOptions(formatDriver, options);
       const backingFile = values.backing as string | undefined;
       if (format === "cow" && backingFile !== undefined && !options.mtime) {
         // UML refuses a COW file whose mtime is not its backing file's.
@@ -1468,7 +1469,7 @@ const commands: Record<string, Command> = {
       // A format that links its parent by identity reads it from the
       // parent itself (named, as qemu-img does, from the new image's folder).
       const backing = backingFile !== undefined &&
-          (await loadDriver(format)).createNeedsBacking
+          formatDriver.createNeedsBacking
         ? (await openImage(
           backingFile.startsWith("/")
             ? backingFile

@@ -58,10 +58,15 @@ export async function probeInput(source: Source): Promise<ProbeInput> {
 function headMayBeRaw(head: Uint8Array): boolean {
   const input = { head, tail: new Uint8Array(head.length), size: head.length };
   try {
-    return !CATALOG.some((d) => d.name !== "raw" && d.probe(input) > 0);
+    return claimant(input) === undefined;
   } catch {
     return false;
   }
+}
+
+/** The first format other than raw whose probe claims `input`. */
+function claimant(input: ProbeInput): string | undefined {
+  return CATALOG.find((d) => d.name !== "raw" && d.probe(input) > 0)?.name;
 }
 
 /** One driver's verdict on a source. */
@@ -227,10 +232,8 @@ function markProbedRaw(
       if (kept > 0) block.set(await image.read(0, kept));
       block.set(bytes.subarray(0, length - offset), offset);
       const input = { head: block, tail: block, size: block.length };
-      const claimed = CATALOG.find((d) =>
-        d.name !== "raw" && d.probe(input) > 0
-      );
-      if (claimed) throw new ProbedRawWriteError(claimed.name, image.name);
+      const claimed = claimant(input);
+      if (claimed) throw new ProbedRawWriteError(claimed, image.name);
     }
     await write(offset, bytes);
   };
