@@ -47,8 +47,8 @@ const MAX_SPARE_BYTES = 24 << 20;
 const SPARE_UNIT = 256 << 10;
 
 /**
- * Chunk types of {@linkcode CodecPool.batch} and
- * {@linkcode CodecPool.batchInto} jobs are UDIF's (dmg) chunk types; these
+ * Chunk types of {@linkcode CodecPool.batchInto} and
+ * {@linkcode CodecPool.spread} jobs are UDIF's (dmg) chunk types; these
  * name the ones compressed files use: a whole xz stream (UDIF's own
  * type), and a zstd frame (no UDIF type: "zstd" in ASCII).
  */
@@ -220,42 +220,8 @@ export class CodecPool {
   /**
    * Decodes several chunks of one read on one worker: `jobs` holds five
    * numbers per chunk (chunk type, packed offset in `input`, packed
-   * length, decoded size, where it goes in the caller's result). Answers
-   * each chunk's decoded bytes and their CRC-32, or `null` on any failure
-   * (the caller then decodes chunk by chunk and reports what failed).
-   * `input` is transferred when it owns its buffer, copied otherwise.
-   * Without `crc` the CRCs are not computed (zeros): callers that check
-   * none (cloop) save the worker a pass over every byte.
-   */
-  batch(
-    input: Uint8Array,
-    jobs: number[],
-    crc = true,
-  ): Promise<{ pieces: Uint8Array[]; crcs: Uint32Array } | null> {
-    const claimed = this.#claim();
-    if (!claimed) return Promise.resolve(null);
-    const { slot, id } = claimed;
-    const copy = input.byteOffset === 0 &&
-        input.byteLength === input.buffer.byteLength &&
-        input.buffer instanceof ArrayBuffer
-      ? input
-      : input.slice();
-    return new Promise((resolve) => {
-      this.#pending.set(id, {
-        resolve: (out) => resolve(out as never),
-        reject: () => resolve(null),
-        codec: "batch",
-      });
-      slot.worker.postMessage(
-        { id, op: "batch", input: copy, jobs, size: 0, noCrc: !crc },
-        [copy.buffer as ArrayBuffer],
-      );
-    });
-  }
-
-  /**
-   * Like {@linkcode batch}, but the worker decodes each chunk straight
-   * into `out` at its place (the fifth number of its job), so `out` must
+   * length, decoded size, where it goes in `out`). The worker decodes
+   * each chunk straight into `out` at its place, so `out` must
    * lie in a `SharedArrayBuffer`. Answers the chunks' CRC-32s, or `null`
    * on any failure (the caller then decodes chunk by chunk). `input` is
    * copied, unless `shareInput` and it lies in a `SharedArrayBuffer` too
@@ -336,7 +302,7 @@ export class CodecPool {
    * Decodes chunks on every worker at once where memory is not shared
    * (browser pages that are not cross-origin isolated), each straight
    * into its place in `into`. `jobs` holds five numbers per chunk as for
-   * {@linkcode batch} (type, packed offset in `input`, packed length,
+   * {@linkcode batchInto} (type, packed offset in `input`, packed length,
    * decoded size, offset in `into`). The chunks are cut into one run per
    * worker, balanced by decoded bytes; each run's packed bytes are copied
    * into a reused buffer and moved, with a reused output buffer, to a

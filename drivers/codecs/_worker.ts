@@ -34,11 +34,11 @@ interface Codec {
 /** What the pool sends. */
 interface Job {
   id: number;
-  op: "decode" | "encode" | "batch" | "batchInto" | "clusters";
+  op: "decode" | "encode" | "batchInto" | "clusters";
   codec: string;
   input: Uint8Array;
   size: number;
-  /** For a batch: five numbers per chunk (see `CodecPool.batch`). */
+  /** For a batch: five numbers per chunk (see `CodecPool.batchInto`). */
   jobs?: number[];
   /** For `batchInto`: where the chunks go (shared with the caller). */
   out?: Uint8Array;
@@ -101,37 +101,6 @@ const BY_TYPE = new Map<number, string>([
   [XZ_CHUNK, "xz"],
   [ZSTD_FRAME_CHUNK, "zstd frame"],
 ]);
-
-/**
- * Decodes a batch (see `CodecPool.batch`): each chunk's bytes apart, with
- * its CRC-32. They are transferred back, not copied into one result here,
- * so this worker keeps no decoded bytes as garbage (V8 collects buffers
- * late: a worker that copied kept about 64 MiB of dead buffers).
- */
-async function batch(
-  input: Uint8Array,
-  jobs: number[],
-  noCrc = false,
-): Promise<{ pieces: Uint8Array[]; crcs: Uint32Array<ArrayBuffer> }> {
-  const pieces: Uint8Array[] = [];
-  const crcs = new Uint32Array(new ArrayBuffer(jobs.length / 5 * 4));
-  for (let j = 0; j < jobs.length; j += 5) {
-    const [type, at, size, decodedSize] = jobs.slice(j, j + 4);
-    const packed = input.subarray(at, at + size);
-    let decoded: Uint8Array;
-    if (type === 1) {
-      if (size !== decodedSize) throw new Error("raw chunk size");
-      decoded = packed;
-    } else {
-      const module = CODECS.get(BY_TYPE.get(type) ?? "");
-      if (!module) throw new Error("unknown chunk type");
-      decoded = await module.decode(packed, decodedSize);
-    }
-    pieces.push(decoded);
-    if (!noCrc) crcs[j / 5] = crc32(decoded);
-  }
-  return { pieces, crcs };
-}
 
 /**
  * Decodes one chunk of a batch (its dmg chunk type: 1 stored, else a
@@ -277,22 +246,6 @@ scope.onmessage = async (e: MessageEvent<Job>) => {
       if (e.data.moved) {
         scope.postMessage({ id, filled: out }, [out.buffer as ArrayBuffer]);
       } else scope.postMessage({ id, crcs }, [crcs.buffer]);
-    } catch {
-      // Reported as a failure: the caller decodes chunk by chunk and names it.
-      scope.postMessage({ id, unavailable: true });
-    }
-    return;
-  }
-  if (op === "batch") {
-    try {
-      const { pieces, crcs } = await batch(
-        input,
-        e.data.jobs ?? [],
-        e.data.noCrc,
-      );
-      const buffers = new Set<ArrayBuffer>([crcs.buffer]);
-      for (const piece of pieces) buffers.add(piece.buffer as ArrayBuffer);
-      scope.postMessage({ id, pieces, crcs }, [...buffers]);
     } catch {
       // Reported as a failure: the caller decodes chunk by chunk and names it.
       scope.postMessage({ id, unavailable: true });
