@@ -20,8 +20,10 @@
  * more calls (64 KiB: 209-241 ms). Reads and writes on Deno's blocking
  * threads (`nonblocking` FFI calls, 2-4 buffers) cost 20-60 % more CPU
  * for no better wall time: a handoff per call, and the buffers out of
- * cache. `_file_copy_worker.ts` can add a second thread (an option, off
- * by default: whole converts measured slower with it).
+ * cache. A second thread (`_file_copy_worker.ts`, a worker that loads
+ * nothing but its own module) copies pieces of 1 MiB beside this one for
+ * inputs of 128 MiB and more, as `qemu-img convert` copies on two: one
+ * reads while the other writes (see the README's Speed section).
  *
  * Neither way wins in every state of the machine: at 4 GiB, with the page
  * cache full, reads and writes swung from 0.94 to 2.9 s of CPU for 3 GiB
@@ -53,6 +55,33 @@
  * @module
  */
 
+import {
+  ACTIVE,
+  BUFFER_BYTES,
+  claim,
+  CONTROL_WORDS,
+  CopyFailure,
+  copySymbols,
+  describe,
+  ERRNO,
+  errno,
+  FD_IN,
+  FD_OUT,
+  JOB_HEADER,
+  JOB_PIECES,
+  mapBuffer,
+  MAX_PIECES,
+  NEXT,
+  nextWord,
+  pieceOf,
+  readWrite,
+  READY,
+  SIDE,
+  WORKER_NAME,
+} from "./_file_copy_worker.ts";
+
+export { BUFFER_BYTES, CopyFailure };
+
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 const EINTR = 4;
@@ -61,13 +90,6 @@ const F_DUPFD_CLOEXEC = 1030;
 const F_SETPIPE_SZ = 1031;
 const O_CLOEXEC = 0o2000000;
 const SPLICE_F_MOVE = 1;
-const PROT_READ_WRITE = 3;
-const MAP_PRIVATE_ANONYMOUS = 0x22;
-/**
- * Bytes of the copy buffer: what one `pread` and one `pwrite` move at
- * most. 256 KiB measured best (see the module doc).
- */
-export const BUFFER_BYTES = 256 << 10;
 /** `f_type` (`statfs(2)`) of file systems that copy on the server: NFS, CIFS, SMB2. */
 const OFFLOADING = new Set([0x6969, 0xff534d42, 0xfe534d42]);
 /** `f_type` of file systems that share blocks for `copy_file_range`: btrfs, XFS, bcachefs. */
@@ -83,6 +105,7 @@ const UNSUPPORTED = new Set([
 ]);
 
 const symbols = {
+  ...copySymbols,
   lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
   copy_file_range: {
     parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"],
@@ -93,16 +116,7 @@ const symbols = {
     result: "isize",
   },
   pipe2: { parameters: ["buffer", "i32"], result: "i32" },
-  pread: { parameters: ["i32", "pointer", "usize", "i64"], result: "isize" },
-  pwrite: { parameters: ["i32", "pointer", "usize", "i64"], result: "isize" },
-  mmap: {
-    parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"],
-    result: "pointer",
-  },
-  munmap: { parameters: ["pointer", "usize"], result: "i32" },
-  strerror: { parameters: ["i32"], result: "pointer" },
   fstatfs: { parameters: ["i32", "buffer"], result: "i32" },
-  __errno_location: { parameters: [], result: "pointer" },
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
   open: { parameters: ["buffer", "i32", "i32"], result: "i32" },
   close: { parameters: ["i32"], result: "i32" },
@@ -133,118 +147,6 @@ class Errno extends Error {
     super(`${call} failed with errno ${errno}`);
     this.name = "Errno";
   }
-}
-
-/**
- * A copy that failed after it began: which side (`read`: the input,
- * `write`: the output), at which offset of that file, for how many bytes,
- * and why (the system's words for `errno`, or that the input ended early).
- * The file adapter turns it into a `ReadError` or `WriteError` naming the file.
- */
-export class CopyFailure extends Error {
-  constructor(
-    readonly side: "read" | "write",
-    readonly offset: number,
-    readonly length: number,
-    message: string,
-    readonly errno?: number,
-    readonly endedAt?: number,
-  ) {
-    super(message);
-    this.name = "CopyFailure";
-  }
-}
-
-function errno(c: Libc): number {
-  const p = c.__errno_location();
-  return p ? new Deno.UnsafePointerView(p).getInt32() : 0;
-}
-
-/** The system's message for `e` and its number: "No space left on device (errno 28)". */
-function describe(c: Libc, e: number): string {
-  const p = c.strerror(e);
-  const text = p ? new Deno.UnsafePointerView(p).getCString() : "";
-  return `${text || "error"} (errno ${e})`;
-}
-
-/**
- * Copies `[start, end)` of `fdIn` to `at` in `fdOut` by `pread` and
- * `pwrite` through `buffer` (`BUFFER_BYTES` of memory outside the heap);
- * answers the bytes copied. Throws a {@linkcode CopyFailure} for an
- * error or an input that ends early. Shared with the copy worker.
- */
-export function readWrite(
-  c: Libc,
-  fdIn: number,
-  fdOut: number,
-  buffer: Deno.PointerObject,
-  start: number,
-  end: number,
-  at: number,
-): number {
-  for (let pos = start; pos < end;) {
-    const piece = Math.min(BUFFER_BYTES, end - pos);
-    const to = at + pos - start;
-    for (let got = 0; got < piece;) {
-      const n = Number(c.pread(
-        fdIn,
-        Deno.UnsafePointer.offset(buffer, got),
-        BigInt(piece - got),
-        BigInt(pos + got),
-      ));
-      if (n > 0) got += n;
-      else if (n === 0) {
-        throw new CopyFailure(
-          "read",
-          pos,
-          piece,
-          `the file ended at ${pos + got}`,
-          undefined,
-          pos + got,
-        );
-      } else {
-        const e = errno(c);
-        if (e === EINTR) continue;
-        throw new CopyFailure("read", pos, piece, describe(c, e), e);
-      }
-    }
-    for (let put = 0; put < piece;) {
-      const n = Number(c.pwrite(
-        fdOut,
-        Deno.UnsafePointer.offset(buffer, put),
-        BigInt(piece - put),
-        BigInt(to + put),
-      ));
-      if (n > 0) put += n;
-      else {
-        const e = n < 0 ? errno(c) : 0;
-        if (e === EINTR) continue;
-        throw new CopyFailure(
-          "write",
-          to,
-          piece,
-          n < 0 ? describe(c, e) : "the file took no bytes",
-          e,
-        );
-      }
-    }
-    pos += piece;
-  }
-  return end - start;
-}
-
-/** `size` bytes of page-aligned memory outside the heap, or null. */
-export function mapBuffer(c: Libc, size: number): Deno.PointerObject | null {
-  const p = c.mmap(
-    null,
-    BigInt(size),
-    PROT_READ_WRITE,
-    MAP_PRIVATE_ANONYMOUS,
-    -1,
-    0n,
-  );
-  // MAP_FAILED is (void *)-1.
-  return p && Deno.UnsafePointer.value(p) !== 0xffffffffffffffffn ? p : null;
 }
 
 /**
@@ -352,6 +254,16 @@ export interface KernelCopier {
    */
   copy(from: number, length: number, to: number): number | undefined;
   /**
+   * {@linkcode KernelCopier.copy} for each of `ranges` (`from`, `length`,
+   * `to`), in one call: pieces of all of them are shared with the second
+   * thread at once (a dynamic VHD's 2 MiB blocks, each its own range,
+   * were slower shared one by one than copied on one thread). Answers
+   * the data bytes copied, or `undefined` when nothing was.
+   */
+  copyRanges(
+    ranges: readonly (readonly [from: number, length: number, to: number])[],
+  ): number | undefined;
+  /**
    * Bytes copied so far by each way: `copy_file_range`, or `pread` and
    * `pwrite` through the copier's buffer.
    */
@@ -389,11 +301,10 @@ export interface KernelCopierOptions {
   way?: "auto" | "copy_file_range" | "read_write" | "splice";
   /**
    * Data bytes copied by one thread before a second one is started for
-   * reads and writes (`Infinity`: never). Off by default: whole converts
-   * of the 1 GiB bench vdi on a quiet machine took 0.32-0.345 s with it
-   * against 0.26-0.31 s without (`new Worker` holds the main thread
-   * 10-37 ms, and the worker's start competes for the two cores), though
-   * the copy alone gained (137-152 against 178-187 ms). @default Infinity
+   * reads and writes (`Infinity`: never). By default a second thread
+   * (the one {@linkcode startCopyThread} started ahead, else a new one)
+   * joins from the first byte where the input file holds at least
+   * {@linkcode HELPER_MIN_INPUT} bytes, and never for a smaller one.
    */
   helperAfter?: number;
   /**
@@ -433,25 +344,22 @@ function coreToSpare(): boolean {
   }
 }
 
-/** See {@linkcode KernelCopierOptions.helperAfter}: off. */
-const HELPER_AFTER = Infinity;
+/**
+ * The least size of an input file for which a copier takes a second
+ * thread by itself: starting one holds this thread 7-10 ms (`new Worker`
+ * waits for the worker's isolate), about the time 32 MiB take to copy on
+ * one thread, and two threads halve the rest.
+ */
+export const HELPER_MIN_INPUT = 128 << 20;
+/**
+ * Bytes of a piece: what a thread claims at a time of a job shared with
+ * the second thread.
+ */
+const PIECE_BYTES = 1 << 20;
 /** Bytes a measured copy decides its way for at a time (see `kernelCopier`). */
 const SEGMENT = 16 << 20;
 /** Timed segments copied one way before one tries the other again. */
 const EXPLORE_AFTER = 16;
-/** Indexes of the helper's control words (see `_file_copy_worker.ts`). */
-export const JOB = 0,
-  NEXT = 1,
-  COUNT = 2,
-  BUSY = 3,
-  READY = 4,
-  ERRNO = 5,
-  SIDE = 6;
-/** Control words in all. */
-const CONTROL_WORDS = 8;
-/** Pieces a copy shares with the helper at most at a time (3 numbers each). */
-const JOB_PIECES = 1024;
-
 /**
  * A kernel copier from the file `input` to the file `output` (both open,
  * identified by their fstat), or `undefined` where there is none (no FFI
@@ -552,8 +460,10 @@ export function kernelCopier(
   // The copy buffer: mapped at the first read and write; null where none
   // can be had (copy_file_range then copies everything).
   let buffer: Deno.PointerObject | null | undefined;
-  // The second thread, started once `helperAfter` bytes were copied.
-  const helperAfter = options.helperAfter ?? HELPER_AFTER;
+  // The second thread: the one started ahead, else one started once
+  // `helperAfter` bytes were copied (null: none for this copier).
+  const helperAfter = options.helperAfter ??
+    (input.size >= HELPER_MIN_INPUT ? 0 : Infinity);
   let helper: Helper | null | undefined;
 
   /** `[start, end)` of the input to `at` in the output by copy_file_range. */
@@ -684,37 +594,45 @@ export function kernelCopier(
     }
   };
   /**
-   * `[start, end)` by reads and writes; false when no buffer could be had.
+   * The second thread for a copy of `length` bytes by reads and writes,
+   * started (or taken from {@linkcode startCopyThread}) at the first that
+   * wants one; null for a copy it would not help (a piece or less) or
+   * when there is none. `trying`: a segment that only tries this way
+   * starts none.
+   */
+  const helperFor = (length: number, trying: boolean): Helper | null => {
+    if (length <= PIECE_BYTES) return null;
+    if (helper?.ended) helper = undefined; // idle too long: see startHelper
+    if (helper === undefined && !trying && copied.readWrite >= helperAfter) {
+      // On a busy machine (the bench disk at load 7-12: the same wall
+      // time, 20-35 ms more CPU) a copy stays on one thread.
+      helper = takeSpare() ??
+        (options.helperWhenBusy || coreToSpare() ? startHelper() : null);
+    }
+    return helper ?? null;
+  };
+  /**
+   * `ranges` by reads and writes, shared with the second thread where
+   * there is one; false when no buffer could be had (nothing copied).
    * `trying`: a segment that only tries this way starts no helper.
    */
-  const copyByBuffer = (
-    start: number,
-    end: number,
-    at: number,
-    trying = false,
-  ): boolean => {
+  const copyByBuffer = (ranges: readonly Range[], trying = false): boolean => {
     if (buffer === undefined) buffer = mapBuffer(c, BUFFER_BYTES);
     if (!buffer) return false;
     const mine = buffer;
+    const bytes = ranges.reduce((n, [start, end]) => n + end - start, 0);
     try {
-      if (helper?.ended) helper = undefined; // idle too long: see startHelper
-      if (
-        helper === undefined && !trying && copied.readWrite >= helperAfter
-      ) {
-        // On a busy machine (the bench disk at load 7-12: the same wall
-        // time, 20-35 ms more CPU) a copy stays on one thread.
-        helper = options.helperWhenBusy || coreToSpare()
-          ? startHelper(fdIn, fdOut)
-          : null;
-      }
-      if (helper && end - start > BUFFER_BYTES) {
-        const shared = helper.copy(c, start, end, at, (s, e, a) => {
+      const second = helperFor(bytes, trying);
+      if (second) {
+        const shared = second.copy(c, fdIn, fdOut, ranges, (s, e, a) => {
           readWrite(c, fdIn, fdOut, mine, s, e, a);
         });
-        copied.readWrite += end - start;
-        if (shared) copied.shared += end - start;
+        copied.readWrite += bytes;
+        if (shared) copied.shared += bytes;
       } else {
-        copied.readWrite += readWrite(c, fdIn, fdOut, mine, start, end, at);
+        for (const [start, end, at] of ranges) {
+          copied.readWrite += readWrite(c, fdIn, fdOut, mine, start, end, at);
+        }
       }
     } catch (e) {
       // Unsupported by these files (the input refuses pread: EINVAL for
@@ -726,54 +644,81 @@ export function kernelCopier(
     }
     return true;
   };
-  /** `[start, end)` to `at` in segments, each the way {@linkcode pick} says. */
-  const copyMeasured = (start: number, end: number, at: number) => {
-    for (let s = start; s < end;) {
-      const e = Math.min(end, s + SEGMENT);
-      const to = at + s - start;
+  /**
+   * `ranges` in segments of about `SEGMENT` bytes (a big range split, the
+   * small ones of a dynamic VHD's blocks taken together), each the way
+   * {@linkcode pick} says.
+   */
+  const copyMeasured = (ranges: readonly Range[]) => {
+    let segment: Range[] = [];
+    let bytes = 0;
+    const copySegment = () => {
       let [way, trying] = pick();
+      // Its start (new Worker holds this thread 7-10 ms) is not timed:
+      // the segment would look slow, and the kernel's way take over.
+      if (way === "readWrite") helperFor(bytes, trying);
       const began = performance.now();
-      if (way === "readWrite" && !copyByBuffer(s, e, to, trying)) {
+      if (way === "readWrite" && !copyByBuffer(segment, trying)) {
         way = "kernel";
       }
       if (way === "kernel") {
-        try {
-          copyInKernel(s, e, to);
-        } catch (error) {
-          // These files take no copy_file_range (EXDEV): reads and writes.
-          if (!(error instanceof Errno) || !copyByBuffer(s, e, to)) {
-            throw error;
+        for (const [i, [start, end, at]] of segment.entries()) {
+          try {
+            copyInKernel(start, end, at);
+          } catch (error) {
+            // These files take no copy_file_range (EXDEV): reads and writes.
+            if (!(error instanceof Errno) || !copyByBuffer(segment.slice(i))) {
+              throw error;
+            }
+            kernelFor = "none";
+            break;
           }
-          kernelFor = "none";
         }
       }
-      record(way, e - s, performance.now() - began);
-      s = e;
+      record(way, bytes, performance.now() - began);
+      segment = [];
+      bytes = 0;
+    };
+    for (const [start, end, at] of ranges) {
+      for (let s = start; s < end;) {
+        const e = Math.min(end, s + SEGMENT - bytes);
+        segment.push([s, e, at + s - start]);
+        bytes += e - s;
+        if (bytes >= SEGMENT) copySegment();
+        s = e;
+      }
     }
+    if (bytes > 0) copySegment();
   };
-  return {
-    copied,
-    copy(from, length, to) {
-      if (!working) return undefined;
-      const before = copied.copyFileRange + copied.readWrite;
-      try {
-        const ranges: Iterable<[number, number]> =
-          from >= known[0] && from + length <= known[1]
-            ? [[from, from + length]]
-            : dataRanges(c, fdIn, from, length, known);
-        for (const [start, end] of ranges) {
-          const at = to + start - from;
-          if (kernelFor === "measured") {
-            copyMeasured(start, end, at);
-            continue;
-          }
+  /** The data ranges of `[from, from + length)`, with where they go from `to`. */
+  const dataOf = (from: number, length: number, to: number): Range[] => {
+    if (from >= known[0] && from + length <= known[1]) {
+      return [[from, from + length, to]];
+    }
+    return [...dataRanges(c, fdIn, from, length, known)].map((
+      [start, end],
+    ) => [start, end, to + start - from]);
+  };
+  const copyRanges = (
+    list: readonly (readonly [from: number, length: number, to: number])[],
+  ) => {
+    if (!working) return undefined;
+    const before = copied.copyFileRange + copied.readWrite;
+    try {
+      const ranges = list.flatMap(([from, length, to]) =>
+        dataOf(from, length, to)
+      );
+      if (kernelFor === "measured") copyMeasured(ranges);
+      else if (kernelFor === "none" && copyByBuffer(ranges)) { /* copied */ }
+      else {
+        for (const [start, end, at] of ranges) {
           if (kernelFor === "splice") {
             copyInKernel(start, end, at);
             continue;
           }
           const kernel = kernelFor === "all" ||
             (kernelFor === "aligned" && (start - at) % 4096 === 0);
-          if (kernel || !copyByBuffer(start, end, at)) {
+          if (kernel || !copyByBuffer([[start, end, at]])) {
             try {
               copyFileRange(start, end, at);
             } catch (e) {
@@ -781,7 +726,7 @@ export function kernelCopier(
               // copy_file_range: reads and writes from now on.
               if (
                 !(e instanceof Errno) || kernelFor === "none" ||
-                !copyByBuffer(start, end, at)
+                !copyByBuffer([[start, end, at]])
               ) {
                 throw e;
               }
@@ -789,28 +734,34 @@ export function kernelCopier(
             }
           }
         }
-      } catch (e) {
-        const done = copied.copyFileRange + copied.readWrite - before;
-        if (done === 0 && e instanceof Errno && UNSUPPORTED.has(e.errno)) {
-          working = false;
-          return undefined;
-        }
-        if (e instanceof Errno) {
-          // lseek and pread run on the input: a failure of theirs is the
-          // input's, named as such.
-          const read = /^(lseek|pread)/.test(e.call);
-          throw new CopyFailure(
-            read ? "read" : "write",
-            read ? from : to,
-            length,
-            e.message,
-            e.errno,
-          );
-        }
-        throw e;
       }
-      return copied.copyFileRange + copied.readWrite - before;
-    },
+    } catch (e) {
+      const done = copied.copyFileRange + copied.readWrite - before;
+      if (done === 0 && e instanceof Errno && UNSUPPORTED.has(e.errno)) {
+        working = false;
+        return undefined;
+      }
+      if (e instanceof Errno) {
+        // lseek and pread run on the input: a failure of theirs is the
+        // input's, named as such.
+        const read = /^(lseek|pread)/.test(e.call);
+        const [from, length, to] = list[0];
+        throw new CopyFailure(
+          read ? "read" : "write",
+          read ? from : to,
+          length,
+          e.message,
+          e.errno,
+        );
+      }
+      throw e;
+    }
+    return copied.copyFileRange + copied.readWrite - before;
+  };
+  return {
+    copied,
+    copy: (from, length, to) => copyRanges([[from, length, to]]),
+    copyRanges,
     close() {
       if (!closed) {
         closed = true;
@@ -831,17 +782,18 @@ export function kernelCopier(
 /** A second thread that copies pieces beside the copier's: see `_file_copy_worker.ts`. */
 interface Helper {
   /**
-   * Copies `[start, end)` to `at` in pieces of `BUFFER_BYTES`, shared
-   * between the helper and `mine` (this thread's reads and writes), or
-   * by `mine` alone while the helper is not ready yet: answers whether it
-   * was shared. Throws the first piece's failure, once neither thread
-   * copies any more.
+   * Copies `ranges` (`[start, end)` of `fdIn` to `at` in `fdOut`) in
+   * pieces of at most `PIECE_BYTES`, claimed in order by the helper and
+   * by `mine` (this thread's reads and writes) alike; a helper not ready
+   * yet (its module still loading) joins when it is. Answers whether the
+   * helper was ready. Throws the failure of the first piece that failed,
+   * once neither thread copies any more.
    */
   copy(
     c: Libc,
-    start: number,
-    end: number,
-    at: number,
+    fdIn: number,
+    fdOut: number,
+    ranges: readonly Range[],
     mine: (start: number, end: number, at: number) => void,
   ): boolean;
   /** Ends the worker (it returns its buffer first). */
@@ -850,21 +802,70 @@ interface Helper {
   readonly ended: boolean;
 }
 
+/** `[start, end)` of the input, and where it goes in the output. */
+type Range = readonly [start: number, end: number, at: number];
+
 /**
  * A helper idle this long is ended: a worker keeps the process alive, and
  * a copier whose file is never closed must not.
  */
 const HELPER_IDLE_MS = 100;
+/**
+ * A helper started ahead ({@linkcode startCopyThread}) that no copier
+ * took within this time is ended.
+ */
+const SPARE_IDLE_MS = 2000;
+
+/** The helper {@linkcode startCopyThread} started, until a copier takes it. */
+let spare: Helper | undefined;
+
+/** The helper started ahead, taken by the caller (undefined: none, or it ended). */
+function takeSpare(): Helper | undefined {
+  const taken = spare && !spare.ended ? spare : undefined;
+  spare = undefined;
+  return taken;
+}
 
 /**
- * Starts the copy worker for `fdIn` to `fdOut`, or answers null where no
- * worker can be had. Until it says it is ready, `copy` copies alone.
+ * Starts the second thread of the next file copy ahead of it, so that
+ * the worker's start overlaps what comes before the copy (opening the
+ * image, making the output) instead of delaying the copy. The next
+ * {@linkcode kernelCopier} that copies by reads and writes takes it, from
+ * its first byte, whatever its input's size; unused for two seconds it
+ * ends. Nothing is started where FFI is not granted, off Linux, or where
+ * the machine has no core to spare. Answers whether a thread was started.
+ *
+ * @example
+ * ```ts ignore
+ * startCopyThread(); // a copy of a big input file comes next
+ * ```
  */
-function startHelper(fdIn: number, fdOut: number): Helper | null {
+export function startCopyThread(): boolean {
+  if (spare && !spare.ended) return true;
+  try {
+    if (Deno.build.os !== "linux") return false;
+    if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") {
+      return false;
+    }
+  } catch {
+    return false;
+  }
+  if (!coreToSpare()) return false;
+  spare = startHelper(SPARE_IDLE_MS) ?? undefined;
+  return spare !== undefined;
+}
+
+/**
+ * Starts the copy worker, or answers null where no worker can be had.
+ * Until it is ready, `copy` copies alone. Idle `idleMs` before its first
+ * job, or `HELPER_IDLE_MS` after any, it ends.
+ */
+function startHelper(idleMs = HELPER_IDLE_MS): Helper | null {
   const control = new SharedArrayBuffer(CONTROL_WORDS * 4);
-  const pieces = new SharedArrayBuffer((3 * JOB_PIECES + 3) * 8);
+  const numbers = new SharedArrayBuffer((JOB_HEADER + 3 * JOB_PIECES) * 8);
   const ctl = new Int32Array(control);
-  const list = new Float64Array(pieces);
+  const job = new Float64Array(numbers);
+  let jobs = 0;
   let worker: Worker;
   let ended = false;
   let idle: ReturnType<typeof setTimeout> | undefined;
@@ -872,14 +873,14 @@ function startHelper(fdIn: number, fdOut: number): Helper | null {
     if (ended) return;
     ended = true;
     clearTimeout(idle);
-    Atomics.store(ctl, JOB, -1);
-    Atomics.notify(ctl, JOB);
+    Atomics.store(ctl, NEXT, -1);
+    Atomics.notify(ctl, NEXT);
     worker.terminate();
   };
   try {
     worker = new Worker(
       new URL("./_file_copy_worker.ts", import.meta.url).href,
-      { type: "module" },
+      { type: "module", name: WORKER_NAME },
     );
     // A worker that cannot load (a build without its module) leaves the
     // copier to copy alone; its error must not end the program.
@@ -887,74 +888,90 @@ function startHelper(fdIn: number, fdOut: number): Helper | null {
       event.preventDefault();
       stop();
     };
-    worker.postMessage({ control, pieces, fdIn, fdOut });
+    worker.postMessage([control, numbers]);
   } catch {
     return null;
   }
-  idle = setTimeout(stop, HELPER_IDLE_MS);
+  idle = setTimeout(stop, idleMs);
+  /** Copies the job's `count` pieces with the helper; see `copy`. */
+  const run = (
+    c: Libc,
+    count: number,
+    mine: (start: number, end: number, at: number) => void,
+  ) => {
+    job[0] = count;
+    Atomics.store(ctl, ERRNO, 0);
+    const number = ++jobs;
+    Atomics.store(ctl, NEXT, nextWord(number, 0));
+    Atomics.notify(ctl, NEXT);
+    let failure: unknown;
+    let failed = -1;
+    try {
+      for (let i = claim(ctl, number, count); i >= 0;) {
+        failed = i;
+        mine(...pieceOf(job, i));
+        i = claim(ctl, number, count);
+      }
+    } catch (e) {
+      failure = e;
+      // Neither thread claims more of this job.
+      Atomics.store(ctl, NEXT, nextWord(number, MAX_PIECES));
+    }
+    // The helper's piece ends before this answers (it writes into the
+    // output; the caller may read it or close it next).
+    for (let a; (a = Atomics.load(ctl, ACTIVE)) !== 0;) {
+      Atomics.wait(ctl, ACTIVE, a, 100);
+    }
+    const e = Atomics.load(ctl, ERRNO);
+    // Both failed: the piece claimed first failed first (a short read
+    // there says where the input ended, where a later piece's found only
+    // its own start).
+    if (e !== 0 && (failure === undefined || job[1] < failed)) {
+      const endedAt = job[4] >= 0 ? job[4] : undefined;
+      failure = new CopyFailure(
+        Atomics.load(ctl, SIDE) === 0 ? "read" : "write",
+        job[2],
+        job[3],
+        endedAt !== undefined
+          ? `the file ended at ${endedAt}`
+          : e > 0
+          ? describe(c, e)
+          : "the copy worker failed",
+        e > 0 ? e : undefined,
+        endedAt,
+      );
+    }
+    if (failure !== undefined) throw failure;
+  };
   return {
     get ended() {
       return ended;
     },
-    copy(c, start, end, at, mine) {
+    copy(c, fdIn, fdOut, ranges, mine) {
       clearTimeout(idle);
       idle = setTimeout(stop, HELPER_IDLE_MS);
-      // Not started yet (its module is still loading): alone.
-      if (Atomics.load(ctl, READY) !== 1) {
-        mine(start, end, at);
-        return false;
-      }
-      for (let from = start; from < end;) {
-        // One job: up to JOB_PIECES pieces, claimed by both threads.
-        let count = 0;
-        for (; count < JOB_PIECES && from < end; count++) {
-          const length = Math.min(BUFFER_BYTES, end - from);
-          list.set([from, length, at + from - start], 3 * count);
-          from += length;
-        }
-        Atomics.store(ctl, COUNT, count);
-        Atomics.store(ctl, NEXT, 0);
-        Atomics.store(ctl, ERRNO, 0);
-        Atomics.store(ctl, BUSY, 1);
-        Atomics.add(ctl, JOB, 1);
-        Atomics.notify(ctl, JOB);
-        let failure: unknown;
-        try {
-          for (
-            let i = Atomics.add(ctl, NEXT, 1);
-            i < count;
-            i = Atomics.add(ctl, NEXT, 1)
-          ) {
-            const s = list[3 * i];
-            mine(s, s + list[3 * i + 1], list[3 * i + 2]);
+      // The job's numbers are written while NEXT stops all claims of the
+      // last job (a thread that read its number cannot claim a piece of
+      // it with this job's numbers); naming this job opens its pieces.
+      Atomics.store(ctl, NEXT, nextWord(jobs, MAX_PIECES));
+      Atomics.store(ctl, FD_IN, fdIn);
+      Atomics.store(ctl, FD_OUT, fdOut);
+      let count = 0;
+      for (const [start, end, at] of ranges) {
+        for (let from = start; from < end; from += PIECE_BYTES) {
+          if (count === JOB_PIECES) {
+            run(c, count, mine);
+            Atomics.store(ctl, NEXT, nextWord(jobs, MAX_PIECES));
+            count = 0;
           }
-        } catch (e) {
-          failure = e;
-          Atomics.store(ctl, NEXT, 1 << 30); // the helper claims no more
-        }
-        // The helper's piece ends before this answers (it writes into
-        // the output; the caller may read it or close it next).
-        while (Atomics.load(ctl, BUSY) === 1) Atomics.wait(ctl, BUSY, 1, 100);
-        if (failure) throw failure;
-        const e = Atomics.load(ctl, ERRNO);
-        if (e !== 0) {
-          const at = list.length - 3;
-          const endedAt = list[at + 2] >= 0 ? list[at + 2] : undefined;
-          throw new CopyFailure(
-            Atomics.load(ctl, SIDE) === 0 ? "read" : "write",
-            list[at],
-            list[at + 1],
-            endedAt !== undefined
-              ? `the file ended at ${endedAt}`
-              : e > 0
-              ? describe(c, e)
-              : "the copy worker failed",
-            e > 0 ? e : undefined,
-            endedAt,
+          job.set(
+            [from, Math.min(end, from + PIECE_BYTES), at + from - start],
+            JOB_HEADER + 3 * count++,
           );
         }
       }
-      return true;
+      if (count > 0) run(c, count, mine);
+      return Atomics.load(ctl, READY) === 1;
     },
     close: stop,
   };

@@ -21,6 +21,7 @@ import {
 import {
   type BackingResolver,
   checkRange,
+  type CopyRange,
   type RangeCopySink,
   type ScratchFile,
   type Sink,
@@ -36,6 +37,11 @@ import {
  * can ({@linkcode RangeCopySink}: Linux, with FFI allowed).
  */
 export interface FileHandle extends Source, Sink, RangeCopySink {
+  /** See {@linkcode RangeCopySink.copyRanges}: always there. */
+  copyRanges(
+    from: Source,
+    ranges: readonly CopyRange[],
+  ): Promise<number | undefined>;
   /** Closes the file. */
   close(): Promise<void>;
   /** The path it was opened from. */
@@ -225,22 +231,23 @@ function handle(
       throw failure;
     }
   };
-  /** A kernel copy from the file under `from` (windows resolved); see `copyRange`. */
+  /**
+   * Kernel copies of `ranges` (offset in `from`, length, offset here) from
+   * the file under `from` (windows resolved); see `copyRanges`.
+   */
   const copyNow = (
     from: Source,
-    fromOffset: number,
-    length: number,
-    toOffset: number,
+    ranges: readonly CopyRange[],
   ): number | undefined => {
     const input = filesOf.get(from);
     // Only inside the sized file: holes past its end would not count.
     if (
-      !writable || closed || !input || toOffset < 0 ||
-      toOffset + length > size
+      !writable || closed || !input ||
+      ranges.some(([, length, to]) => to < 0 || to + length > size)
     ) {
       return undefined;
     }
-    checkRange(from.size, fromOffset, length);
+    for (const [at, length] of ranges) checkRange(from.size, at, length);
     // A closed input is not copied from (an fstat: the copier's own
     // descriptor would still read it).
     let stat: Deno.FileInfo;
@@ -263,7 +270,7 @@ function handle(
       );
     }
     try {
-      return copiers.get(input)?.copy(fromOffset, length, toOffset);
+      return copiers.get(input)?.copyRanges(ranges);
     } catch (e) {
       if (!(e instanceof CopyFailure)) throw e;
       // The file that failed, by name.
@@ -329,25 +336,32 @@ function handle(
     // (or copy_file_range where that shares blocks), its holes skipped;
     // no byte through JavaScript (see _file_copy.ts and the README).
     copyRange(from, fromOffset, length, toOffset) {
+      return self.copyRanges(from, [[fromOffset, length, toOffset]]);
+    },
+    // Several ranges in one call: the copier shares the pieces of all of
+    // them with its second thread at once.
+    copyRanges(from, ranges) {
       // Through windows (a bounds-checked view, a fixed VHD's data) to
       // the file underneath.
+      let shift = 0;
       for (let depth = 0; !filesOf.has(from) && depth < 8; depth++) {
         const window = (from as Partial<WindowSource>).windowOf;
         if (!window) break;
-        fromOffset += window.offset;
+        shift += window.offset;
         from = window.source;
       }
+      const shifted: CopyRange[] = shift === 0
+        ? [...ranges]
+        : ranges.map(([at, length, to]) => [at + shift, length, to]);
       // After the writes queued on either file: the kernel copies what
       // they wrote.
       const other = idleOf.get(from)?.();
       if (other) {
         // In this file's turn too, so a later write, resize or close
         // waits for the copy.
-        return enqueue(() =>
-          other.then(() => copyNow(from, fromOffset, length, toOffset))
-        );
+        return enqueue(() => other.then(() => copyNow(from, shifted)));
       }
-      return inTurn(() => copyNow(from, fromOffset, length, toOffset));
+      return inTurn(() => copyNow(from, shifted));
     },
     resize(newSize) {
       return inTurn(() => {

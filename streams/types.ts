@@ -225,7 +225,29 @@ export interface RangeCopySink extends Sink {
     length: number,
     toOffset: number,
   ): Promise<number | undefined>;
+  /**
+   * {@linkcode RangeCopySink.copyRange} for each of `ranges` in one call,
+   * for a sink that copies many short ranges faster together (the file
+   * adapter shares their pieces with a second thread at once). Returns
+   * the bytes copied, or `undefined`, with nothing written, when it
+   * cannot copy from this source. Optional: without it, `copyRange` is
+   * called for each.
+   */
+  copyRanges?(
+    from: Source,
+    ranges: readonly CopyRange[],
+  ): Promise<number | undefined>;
 }
+
+/**
+ * One range of a {@linkcode RangeCopySink.copyRanges} call: where it
+ * starts in the source, its length, and where it goes in the sink.
+ */
+export type CopyRange = readonly [
+  fromOffset: number,
+  length: number,
+  toOffset: number,
+];
 
 /** Geometry hints (cylinders, heads, sectors per track) some formats store. */
 export interface Geometry {

@@ -6,6 +6,7 @@ import {
   BackingFileError,
   bootSectorPatch,
   convert,
+  type CopyRange,
   createOutputFile,
   fileBackingResolver,
   fileResolver,
@@ -14,6 +15,7 @@ import {
   open,
   type RangeCopySink,
   ReadError,
+  type Source,
 } from "../mod.ts";
 import { qemuRaw } from "./_layers.ts";
 import {
@@ -423,12 +425,12 @@ for (const format of ["vdi", "vhdx", "qed", "parallels"]) {
         const image = await open(await fromFile(path));
         assertEquals(image.format, format);
         const out = await createOutputFile(`${dir}/out.raw`);
-        // Counts the kernel copies (convert uses the sink's copyRange).
+        // Counts the kernel copies (convert uses the sink's copyRanges).
         let copies = 0;
-        const copyRange = out.copyRange.bind(out);
-        out.copyRange = (...args) => {
+        const copyRanges = out.copyRanges.bind(out);
+        out.copyRanges = (...args) => {
           copies++;
-          return copyRange(...args);
+          return copyRanges(...args);
         };
         const result = await convert(image, out);
         await out.commit();
@@ -448,16 +450,25 @@ for (const format of ["vdi", "vhdx", "qed", "parallels"]) {
 }
 
 /**
- * A file sink that counts what it copied itself (`copyRange`) apart from
- * what convert read and wrote.
+ * A file sink that counts what it copied itself (`copyRange`,
+ * `copyRanges`: `calls` ranges in `batches` calls) apart from what
+ * convert read and wrote.
  */
 async function countingOutput(path: string) {
   const out = await createOutputFile(path);
-  const counts = { copied: 0, calls: 0, written: 0 };
+  const counts = { copied: 0, calls: 0, batches: 0, written: 0 };
   const sink = Object.assign(Object.create(out), {
     async copyRange(...args: Parameters<RangeCopySink["copyRange"]>) {
       counts.calls++;
+      counts.batches++;
       const n = await out.copyRange(...args);
+      if (n !== undefined) counts.copied += n;
+      return n;
+    },
+    async copyRanges(from: Source, ranges: readonly CopyRange[]) {
+      counts.calls += ranges.length;
+      counts.batches++;
+      const n = await out.copyRanges(from, ranges);
       if (n !== undefined) counts.copied += n;
       return n;
     },
@@ -470,7 +481,7 @@ async function countingOutput(path: string) {
 }
 
 Deno.test(
-  "vdi blocks that follow each other on the disk and in the file are one kernel copy; a dynamic VHD is one copy per block (its sector bitmap lies between blocks); nothing is read, holes stay holes",
+  "vdi blocks that follow each other on the disk and in the file are one kernel copy; a dynamic VHD is one range per block (its sector bitmap lies between blocks), all in one call; nothing is read, holes stay holes",
   { ignore: !linux || skip(["qemu-img"]) },
   () =>
     withTemp(async (dir) => {
@@ -507,6 +518,7 @@ Deno.test(
           await qemuRaw(path, dir, format),
         );
         assertEquals(counts.calls, calls, format);
+        assertEquals(counts.batches, 1, format);
         assertEquals(counts.copied, 8 * MIB, format);
         assertEquals(counts.written, 0, format);
         assertEquals(result.dataBytes, 8 * MIB);
@@ -925,8 +937,8 @@ for (const name of ["small", "big", "big"]) {
   const out = await createOutputFile(\`${dir}/\${name}-out.raw\`);
   let copied = 0;
   const sink = Object.assign(Object.create(out), {
-    async copyRange(...args) {
-      const n = await out.copyRange(...args);
+    async copyRanges(...args) {
+      const n = await out.copyRanges(...args);
       copied += n ?? 0;
       return n;
     },
