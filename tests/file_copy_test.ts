@@ -1115,3 +1115,184 @@ Deno.test(
       }
     }),
 );
+
+/** A sparse file of `size` bytes holding `pieces` ([offset, bytes]). */
+async function sparseFile(
+  path: string,
+  size: number,
+  pieces: [number, Uint8Array][],
+) {
+  const file = await Deno.open(path, { write: true, create: true });
+  await file.truncate(size);
+  for (const [at, bytes] of pieces) {
+    await file.seek(at, Deno.SeekMode.Start);
+    await file.write(bytes);
+  }
+  file.close();
+}
+
+Deno.test(
+  "an input of 128 MiB or more shares its copies with the second thread by default, several ranges in one call; a smaller one never starts it",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      // 130 MiB, sparse: 9 MiB of data at 100 MiB and a few bytes at the end.
+      const data = pseudoRandom(9 * MIB, 21);
+      await sparseFile(`${dir}/big.raw`, 130 * MIB, [
+        [100 * MIB, data],
+        [130 * MIB - 5, Uint8Array.of(1, 2, 3, 4, 5)],
+      ]);
+      await sparseInput(`${dir}/small.raw`);
+      for (const name of ["big", "small"]) {
+        const input = await Deno.open(`${dir}/${name}.raw`);
+        const output = await Deno.open(`${dir}/${name}-out.raw`, {
+          read: true,
+          write: true,
+          create: true,
+        });
+        const size = input.statSync().size;
+        await output.truncate(size);
+        const base = name === "big" ? 96 * MIB : 2 * MIB;
+        // The machine's load does not decide here.
+        const copier = kernelCopier(input.statSync(), output.statSync(), {
+          way: "read_write",
+          helperWhenBusy: true,
+        });
+        assertTrue(copier !== undefined, "no kernel copier on Linux with FFI");
+        try {
+          // Three ranges of a dynamic VHD's kind, 512 bytes apart in the
+          // input, back to back in the output: one call.
+          const ranges = [0, 1, 2].map((i) =>
+            [
+              base + i * (2 * MIB + 512),
+              2 * MIB,
+              base + i * 2 * MIB,
+            ] as const
+          );
+          for (let i = 0; i < 50 && copier.copied.shared === 0; i++) {
+            await new Promise((r) => setTimeout(r, 10));
+            copier.copyRanges(ranges);
+          }
+          copier.copy(size - 14 * MIB, 14 * MIB, size - 14 * MIB);
+          if (name === "big") {
+            assertTrue(copier.copied.shared > 0, "the worker never helped");
+          } else {
+            assertEquals(copier.copied.shared, 0);
+          }
+        } finally {
+          await copier.close();
+        }
+        input.close();
+        output.close();
+        const bytes = await Deno.readFile(`${dir}/${name}.raw`);
+        const out = await Deno.readFile(`${dir}/${name}-out.raw`);
+        const expected = new Uint8Array(size);
+        for (let i = 0; i < 3; i++) {
+          const from = base + i * (2 * MIB + 512);
+          expected.set(
+            bytes.subarray(from, from + 2 * MIB),
+            base + i * 2 * MIB,
+          );
+        }
+        expected.set(bytes.subarray(size - 14 * MIB), size - 14 * MIB);
+        assertTrue(
+          out.every((b, i) => b === expected[i]),
+          `${name}: other bytes`,
+        );
+      }
+    }),
+);
+
+Deno.test(
+  "a copy worker that cannot be made, or never answers, leaves the copier to copy alone: the input's bytes",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const script = `${dir}/alone.ts`;
+      await Deno.writeTextFile(
+        script,
+        `import { kernelCopier } from "${ROOT}streams/_file_copy.ts";
+const kind = Deno.args[0];
+// deno-lint-ignore no-explicit-any
+(globalThis as any).Worker = kind === "throws"
+  ? class { constructor() { throw new Error("no workers here"); } }
+  : class { postMessage() {} terminate() {} onerror = null; };
+const input = Deno.openSync("${dir}/in.raw");
+const output = Deno.openSync("${dir}/out-" + kind + ".raw", { read: true, write: true, create: true });
+output.truncateSync(input.statSync().size);
+const copier = kernelCopier(input.statSync(), output.statSync(), { way: "read_write", helperAfter: 0, helperWhenBusy: true })!;
+for (let i = 0; i < 3; i++) {
+  copier.copy(0, input.statSync().size, 0);
+  await new Promise((r) => setTimeout(r, 20));
+}
+console.log(JSON.stringify(copier.copied));
+await copier.close();`,
+      );
+      for (const kind of ["throws", "silent"]) {
+        const r = await run(Deno.execPath(), ["run", "-A", script, kind], {
+          allowFail: true,
+        });
+        assertEquals(r.code, 0, r.stderr);
+        const copied = JSON.parse(r.text.trim());
+        assertEquals(copied.readWrite, 3 * (4 * MIB + 4096), kind);
+        assertEquals(
+          await sha256File(`${dir}/out-${kind}.raw`),
+          await sha256File(`${dir}/in.raw`),
+          kind,
+        );
+      }
+    }),
+);
+
+Deno.test(
+  "a write the system refuses in pieces shared with the copy worker fails with the first failed piece's offset and errno",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseFile(`${dir}/in.raw`, 24 * MIB, [
+        [0, pseudoRandom(24 * MIB, 22)],
+      ]);
+      // In a child: the file size limit and SIGXFSZ ignored are per process.
+      const script = `${dir}/limit.ts`;
+      await Deno.writeTextFile(
+        script,
+        `import { kernelCopier } from "${ROOT}streams/_file_copy.ts";
+const libc = Deno.dlopen("libc.so.6", {
+  setrlimit: { parameters: ["i32", "buffer"], result: "i32" },
+  signal: { parameters: ["i32", "usize"], result: "usize" },
+} as const).symbols;
+const input = Deno.openSync("${dir}/in.raw");
+const output = Deno.openSync("${dir}/out.raw", { read: true, write: true, create: true });
+const copier = kernelCopier(input.statSync(), output.statSync(), { way: "read_write", helperAfter: 0, helperWhenBusy: true })!;
+for (let i = 0; i < 500 && copier.copied.shared === 0; i++) {
+  await new Promise((r) => setTimeout(r, 10));
+  copier.copy(0, ${8 * MIB}, 0);
+}
+libc.signal(25, 1n); // SIGXFSZ: SIG_IGN, so writes past the limit fail with EFBIG
+libc.setrlimit(1, new BigUint64Array([${12 * MIB + 4096}n, ${
+          12 * MIB + 4096
+        }n])); // RLIMIT_FSIZE
+try {
+  copier.copy(${8 * MIB}, ${16 * MIB}, ${8 * MIB});
+  console.log("copied");
+} catch (e) {
+  console.log(JSON.stringify({ shared: copier.copied.shared, name: e.name, side: e.side, offset: e.offset, errno: e.errno, message: e.message }));
+}
+await copier.close();`,
+      );
+      const r = await run(Deno.execPath(), ["run", "-A", script], {
+        allowFail: true,
+      });
+      assertEquals(r.code, 0, r.stderr);
+      const failed = JSON.parse(r.text.trim());
+      assertTrue(failed.shared > 0, "the worker never helped");
+      assertEquals(failed.name, "CopyFailure", r.text);
+      assertEquals(failed.side, "write", r.text);
+      // The 1 MiB piece at 12 MiB failed at its second page; every piece
+      // after it failed at its start, on whichever thread.
+      assertEquals(failed.offset, 12 * MIB, r.text);
+      assertEquals(failed.errno, 27, r.text);
+      assertTrue(/errno 27/.test(failed.message), failed.message);
+    }),
+);
