@@ -128,6 +128,11 @@ interface Case {
   compare?: boolean;
   /** Print the size of each output (the compressing writers' ratio). */
   sizes?: boolean;
+  /**
+   * A plain copy (the input's data copied as it is stored): each timed
+   * run starts from the same page cache (see {@linkcode time}).
+   */
+  plain?: boolean;
 }
 
 // One output per bench process: two benches at once (helpers on one
@@ -160,6 +165,7 @@ const cases: Case[] = [
     format: "raw",
     make: { path: DISK, cmd: [] },
     needs: [],
+    plain: true,
     peers: [
       {
         name: "qemu-img",
@@ -398,6 +404,7 @@ const cases: Case[] = [
         ],
       },
       needs: ["qemu-img"],
+      plain: !compressed,
       peers: [{
         name: "qemu-img",
         tool: "qemu-img",
@@ -520,6 +527,7 @@ const cases: Case[] = [
   {
     name: "vpc dynamic (qemu-img)",
     format: "vpc",
+    plain: true,
     make: {
       path: img("disk.vhd"),
       cmd: [
@@ -586,6 +594,7 @@ const cases: Case[] = [
   ): Case => ({
     name: `${format} (qemu-img convert -O ${format})`,
     format,
+    plain: true,
     make: {
       path: img(`disk.${ext}`),
       cmd: [
@@ -618,19 +627,51 @@ const cases: Case[] = [
 ];
 
 /**
+ * Whether each timed run of a plain copy starts from a page cache holding
+ * the input and nothing else: when root (/proc/sys/vm/drop_caches
+ * writable), unless BENCH_DROP_CACHES=0.
+ */
+const DROP_CACHES = Deno.env.get("BENCH_DROP_CACHES") !== "0" &&
+  await Deno.open("/proc/sys/vm/drop_caches", { write: true }).then(
+    (f) => (f.close(), true),
+    () => false,
+  );
+
+/**
+ * Before each timed run: the output removed and every dirty page written
+ * (`sync`), so no run pays for the writeback of the one before (at 4 GiB
+ * the copies slowed case after case, qemu-img from 0.70 to 2.00 s, while
+ * earlier outputs were written back); for a plain copy (`input` given)
+ * with {@linkcode DROP_CACHES}, the clean page cache dropped and the input
+ * read again, so every run of either tool starts with the input cached
+ * and nothing else.
+ */
+async function freshState(input?: string) {
+  await Deno.remove(OUT).catch(() => {});
+  await run("sync", []);
+  if (input === undefined || !DROP_CACHES) return;
+  await Deno.writeTextFile("/proc/sys/vm/drop_caches", "1");
+  using file = await Deno.open(input);
+  const buffer = new Uint8Array(8 * MIB);
+  while (await file.read(buffer) !== null) { /* into the page cache */ }
+}
+
+/**
  * Wall time of the best of RUNS runs, and, when GNU time is there, the
  * peak RSS (KiB) and the least CPU time (user + system, all threads): on a
  * shared machine the wall clock waits for other people's work, CPU time
- * much less.
+ * much less. `input`: a plain copy's, read again before each run (see
+ * {@linkcode freshState}).
  */
 async function time(
   cmd: string[],
+  input?: string,
 ): Promise<{ seconds: number; rssKiB?: number; cpu?: number }> {
   let best = Infinity;
   let rss: number | undefined;
   let cpu: number | undefined;
   for (let i = 0; i < RUNS; i++) {
-    await Deno.remove(OUT).catch(() => {});
+    await freshState(input);
     const timed = have("/usr/bin/time")
       ? ["/usr/bin/time", "-f", "%M %U %S", ...cmd]
       : cmd;
@@ -672,7 +713,11 @@ if (cases.some((c) => c.name.startsWith("disk.img.") && selected(c))) {
   await buildFilesDisk();
 }
 console.log(
-  `bench: ${SIZE_MIB} MiB ${KIND} disk, best of ${RUNS} runs, output ${OUT}, load average ${load}`,
+  `bench: ${SIZE_MIB} MiB ${KIND} disk, best of ${RUNS} runs, output ${OUT}, load average ${load}; sync before each run${
+    DROP_CACHES
+      ? ", and for plain copies the page cache dropped and the input read again"
+      : ""
+  }`,
 );
 for (const c of cases) {
   if (!selected(c)) continue;
@@ -699,6 +744,7 @@ for (const c of cases) {
       OUT,
       c.ours,
     ),
+    c.plain ? c.make.path : undefined,
   );
   const rss = (r: { rssKiB?: number; cpu?: number }) =>
     (r.cpu !== undefined ? `, CPU ${r.cpu.toFixed(2)} s` : "") +
@@ -736,7 +782,7 @@ for (const c of cases) {
       continue;
     }
     try {
-      const theirs = await time(p.cmd);
+      const theirs = await time(p.cmd, c.plain ? c.make.path : undefined);
       console.log(
         `  ${p.name.padEnd(22)} ${theirs.seconds.toFixed(2)} s${
           rss(theirs)
