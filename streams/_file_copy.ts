@@ -796,7 +796,7 @@ interface Helper {
     ranges: readonly Range[],
     mine: (start: number, end: number, at: number) => void,
   ): boolean;
-  /** Ends the worker (it returns its buffer first). */
+  /** Ends the worker (a ready one returns its buffer and closes itself). */
   close(): void;
   /** Whether the worker was ended (closed, idle too long, or it failed to start). */
   readonly ended: boolean;
@@ -875,7 +875,10 @@ function startHelper(idleMs = HELPER_IDLE_MS): Helper | null {
     clearTimeout(idle);
     Atomics.store(ctl, NEXT, -1);
     Atomics.notify(ctl, NEXT);
-    worker.terminate();
+    // A worker that waits for jobs returns its buffer and closes itself
+    // when it sees the end (terminated, it would keep the 256 KiB mapped
+    // for the life of the process: one per copier in a long-running one).
+    if (Atomics.load(ctl, READY) !== 1) worker.terminate();
   };
   try {
     worker = new Worker(

@@ -14,8 +14,9 @@
  * worker started under {@linkcode WORKER_NAME}, never in another worker
  * that imports the toolkit.
  *
- * The worker never returns to its event loop: it waits on the control
- * words with `Atomics.wait` and is ended by `terminate()`. Deno-only.
+ * The worker never returns to its event loop while it serves: it waits
+ * on the control words with `Atomics.wait`, and when NEXT says the end,
+ * it unmaps its buffer and closes itself. Deno-only.
  *
  * The control words (an Int32Array over shared memory), by index:
  *
@@ -296,6 +297,8 @@ function serve(control: SharedArrayBuffer, numbers: SharedArrayBuffer) {
     if (claimed < 0) Atomics.wait(ctl, NEXT, word);
   }
   c.munmap(buffer, BigInt(BUFFER_BYTES));
+  // deno-lint-ignore no-explicit-any
+  (globalThis as any).close();
 }
 
 // Only in the worker the copier starts: a worker of someone else's that
