@@ -302,7 +302,6 @@ export interface KernelCopierOptions {
   /**
    * Data bytes copied by one thread before a second one is started for
    * reads and writes (`Infinity`: never). By default a second thread
-   * (the one {@linkcode startCopyThread} started ahead, else a new one)
    * joins from the first byte where the input file holds at least
    * {@linkcode HELPER_MIN_INPUT} bytes, and never for a smaller one.
    */
@@ -346,9 +345,11 @@ function coreToSpare(): boolean {
 
 /**
  * The least size of an input file for which a copier takes a second
- * thread by itself: starting one holds this thread 7-10 ms (`new Worker`
- * waits for the worker's isolate), about the time 32 MiB take to copy on
- * one thread, and two threads halve the rest.
+ * thread by default: starting one holds this thread 7-10 ms (`new
+ * Worker` waits for the worker's isolate), about the time 32 MiB take to
+ * copy on one thread, and two threads halve the rest. (Started ahead, at
+ * the CLI's start, it would hold the thread as long: the isolate is made
+ * while `new Worker` waits, wherever it is called.)
  */
 export const HELPER_MIN_INPUT = 128 << 20;
 /**
@@ -431,20 +432,20 @@ export function kernelCopier(
   // "measured": each segment goes the way that has copied fastest lately
   // (ms per MiB, the mean of the last sample and the ones before), and
   // after EXPLORE_AFTER timed segments one way one tries the other (a
-  // dynamic VHD's segments are its 2 MiB blocks: then every 32 MiB, so a
-  // sample slowed by a preemption is not believed for long). Reads and
+  // dynamic VHD's blocks are taken together into segments of 16 MiB), so
+  // a sample slowed by a preemption is not believed for long. Reads and
   // writes start; copy_file_range is tried at the fifth segment.
   const msPerMiB = { readWrite: NaN, kernel: NaN };
   const since = { readWrite: 0, kernel: EXPLORE_AFTER - 4 };
-  /** The way for the next segment, and whether it only tries that way. */
-  const pick = (): ["readWrite" | "kernel", boolean] => {
-    if (kernelFor === "none") return ["readWrite", false];
+  /** The way for the next segment. */
+  const pick = (): "readWrite" | "kernel" => {
+    if (kernelFor === "none") return "readWrite";
     const best = msPerMiB.readWrite <= msPerMiB.kernel ||
         isNaN(msPerMiB.kernel)
       ? "readWrite"
       : "kernel";
     const other = best === "readWrite" ? "kernel" : "readWrite";
-    return since[other] >= EXPLORE_AFTER ? [other, true] : [best, false];
+    return since[other] >= EXPLORE_AFTER ? other : best;
   };
   const record = (
     way: "readWrite" | "kernel",
@@ -460,8 +461,8 @@ export function kernelCopier(
   // The copy buffer: mapped at the first read and write; null where none
   // can be had (copy_file_range then copies everything).
   let buffer: Deno.PointerObject | null | undefined;
-  // The second thread: the one started ahead, else one started once
-  // `helperAfter` bytes were copied (null: none for this copier).
+  // The second thread, started once `helperAfter` bytes were copied
+  // (null: none for this copier).
   const helperAfter = options.helperAfter ??
     (input.size >= HELPER_MIN_INPUT ? 0 : Infinity);
   let helper: Helper | null | undefined;
@@ -595,34 +596,32 @@ export function kernelCopier(
   };
   /**
    * The second thread for a copy of `length` bytes by reads and writes,
-   * started (or taken from {@linkcode startCopyThread}) at the first that
-   * wants one; null for a copy it would not help (a piece or less) or
-   * when there is none. `trying`: a segment that only tries this way
-   * starts none.
+   * started at the first that wants one; null for a copy it would not help (a piece or less) or
+   * when there is none. A segment that only tries this way (the kernel's
+   * copied faster lately) starts one too, else the trial would time one
+   * thread against what two would do.
    */
-  const helperFor = (length: number, trying: boolean): Helper | null => {
+  const helperFor = (length: number): Helper | null => {
     if (length <= PIECE_BYTES) return null;
     if (helper?.ended) helper = undefined; // idle too long: see startHelper
-    if (helper === undefined && !trying && copied.readWrite >= helperAfter) {
+    if (helper === undefined && copied.readWrite >= helperAfter) {
       // On a busy machine (the bench disk at load 7-12: the same wall
       // time, 20-35 ms more CPU) a copy stays on one thread.
-      helper = takeSpare() ??
-        (options.helperWhenBusy || coreToSpare() ? startHelper() : null);
+      helper = options.helperWhenBusy || coreToSpare() ? startHelper() : null;
     }
     return helper ?? null;
   };
   /**
    * `ranges` by reads and writes, shared with the second thread where
    * there is one; false when no buffer could be had (nothing copied).
-   * `trying`: a segment that only tries this way starts no helper.
    */
-  const copyByBuffer = (ranges: readonly Range[], trying = false): boolean => {
+  const copyByBuffer = (ranges: readonly Range[]): boolean => {
     if (buffer === undefined) buffer = mapBuffer(c, BUFFER_BYTES);
     if (!buffer) return false;
     const mine = buffer;
     const bytes = ranges.reduce((n, [start, end]) => n + end - start, 0);
     try {
-      const second = helperFor(bytes, trying);
+      const second = helperFor(bytes);
       if (second) {
         const shared = second.copy(c, fdIn, fdOut, ranges, (s, e, a) => {
           readWrite(c, fdIn, fdOut, mine, s, e, a);
@@ -653,12 +652,12 @@ export function kernelCopier(
     let segment: Range[] = [];
     let bytes = 0;
     const copySegment = () => {
-      let [way, trying] = pick();
+      let way = pick();
       // Its start (new Worker holds this thread 7-10 ms) is not timed:
       // the segment would look slow, and the kernel's way take over.
-      if (way === "readWrite") helperFor(bytes, trying);
+      if (way === "readWrite") helperFor(bytes);
       const began = performance.now();
-      if (way === "readWrite" && !copyByBuffer(segment, trying)) {
+      if (way === "readWrite" && !copyByBuffer(segment)) {
         way = "kernel";
       }
       if (way === "kernel") {
@@ -811,56 +810,10 @@ type Range = readonly [start: number, end: number, at: number];
  */
 const HELPER_IDLE_MS = 100;
 /**
- * A helper started ahead ({@linkcode startCopyThread}) that no copier
- * took within this time is ended.
- */
-const SPARE_IDLE_MS = 2000;
-
-/** The helper {@linkcode startCopyThread} started, until a copier takes it. */
-let spare: Helper | undefined;
-
-/** The helper started ahead, taken by the caller (undefined: none, or it ended). */
-function takeSpare(): Helper | undefined {
-  const taken = spare && !spare.ended ? spare : undefined;
-  spare = undefined;
-  return taken;
-}
-
-/**
- * Starts the second thread of the next file copy ahead of it, so that
- * the worker's start overlaps what comes before the copy (opening the
- * image, making the output) instead of delaying the copy. The next
- * {@linkcode kernelCopier} that copies by reads and writes takes it, from
- * its first byte, whatever its input's size; unused for two seconds it
- * ends. Nothing is started where FFI is not granted, off Linux, or where
- * the machine has no core to spare. Answers whether a thread was started.
- *
- * @example
- * ```ts ignore
- * startCopyThread(); // a copy of a big input file comes next
- * ```
- */
-export function startCopyThread(): boolean {
-  if (spare && !spare.ended) return true;
-  try {
-    if (Deno.build.os !== "linux") return false;
-    if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") {
-      return false;
-    }
-  } catch {
-    return false;
-  }
-  if (!coreToSpare()) return false;
-  spare = startHelper(SPARE_IDLE_MS) ?? undefined;
-  return spare !== undefined;
-}
-
-/**
  * Starts the copy worker, or answers null where no worker can be had.
- * Until it is ready, `copy` copies alone. Idle `idleMs` before its first
- * job, or `HELPER_IDLE_MS` after any, it ends.
+ * Until it is ready, `copy` copies alone; idle `HELPER_IDLE_MS`, it ends.
  */
-function startHelper(idleMs = HELPER_IDLE_MS): Helper | null {
+function startHelper(): Helper | null {
   const control = new SharedArrayBuffer(CONTROL_WORDS * 4);
   const numbers = new SharedArrayBuffer((JOB_HEADER + 3 * JOB_PIECES) * 8);
   const ctl = new Int32Array(control);
@@ -895,7 +848,7 @@ function startHelper(idleMs = HELPER_IDLE_MS): Helper | null {
   } catch {
     return null;
   }
-  idle = setTimeout(stop, idleMs);
+  idle = setTimeout(stop, HELPER_IDLE_MS);
   /** Copies the job's `count` pieces with the helper; see `copy`. */
   const run = (
     c: Libc,
