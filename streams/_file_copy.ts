@@ -809,11 +809,15 @@ type Range = readonly [start: number, end: number, at: number];
  * a copier whose file is never closed must not.
  */
 const HELPER_IDLE_MS = 100;
+/** Whether a copy worker failed to load in this process (none is started again). */
+let workerFails = false;
+
 /**
  * Starts the copy worker, or answers null where no worker can be had.
  * Until it is ready, `copy` copies alone; idle `HELPER_IDLE_MS`, it ends.
  */
 function startHelper(): Helper | null {
+  if (workerFails) return null;
   const control = new SharedArrayBuffer(CONTROL_WORDS * 4);
   const numbers = new SharedArrayBuffer((JOB_HEADER + 3 * JOB_PIECES) * 8);
   const ctl = new Int32Array(control);
@@ -838,10 +842,12 @@ function startHelper(): Helper | null {
       new URL("./_file_copy_worker.ts", import.meta.url).href,
       { type: "module", name: WORKER_NAME },
     );
-    // A worker that cannot load (a build without its module) leaves the
-    // copier to copy alone; its error must not end the program.
+    // A worker that cannot load (a build without its module, a read
+    // permission denied) leaves the copier to copy alone, and no other
+    // is started in this process; its error must not end the program.
     worker.onerror = (event) => {
       event.preventDefault();
+      workerFails = true;
       stop();
     };
     worker.postMessage([control, numbers]);

@@ -1204,7 +1204,7 @@ Deno.test(
 );
 
 Deno.test(
-  "a copy worker that cannot be made, or never answers, leaves the copier to copy alone: the input's bytes",
+  "a copy worker that cannot be made, cannot load its module, or never answers leaves the copier to copy alone: the input's bytes, and no second try",
   { ignore: !linux },
   () =>
     withTemp(async (dir) => {
@@ -1212,30 +1212,38 @@ Deno.test(
       const script = `${dir}/alone.ts`;
       await Deno.writeTextFile(
         script,
-        `import { kernelCopier } from "${ROOT}streams/_file_copy.ts";
-const kind = Deno.args[0];
+        `const kind = Deno.args[0];
+let made = 0;
+const Real = Worker;
 // deno-lint-ignore no-explicit-any
 (globalThis as any).Worker = kind === "throws"
-  ? class { constructor() { throw new Error("no workers here"); } }
-  : class { postMessage() {} terminate() {} onerror = null; };
+  ? class { constructor() { made++; throw new Error("no workers here"); } }
+  : kind === "missing"
+  ? class extends Real { constructor(_url: string, options: WorkerOptions) { made++; super("file://${dir}/missing.ts", options); } }
+  : class { constructor() { made++; } postMessage() {} terminate() {} onerror = null; };
+const { kernelCopier } = await import("${ROOT}streams/_file_copy.ts");
 const input = Deno.openSync("${dir}/in.raw");
 const output = Deno.openSync("${dir}/out-" + kind + ".raw", { read: true, write: true, create: true });
 output.truncateSync(input.statSync().size);
 const copier = kernelCopier(input.statSync(), output.statSync(), { way: "read_write", helperAfter: 0, helperWhenBusy: true })!;
 for (let i = 0; i < 3; i++) {
   copier.copy(0, input.statSync().size, 0);
-  await new Promise((r) => setTimeout(r, 20));
+  await new Promise((r) => setTimeout(r, 150));
 }
-console.log(JSON.stringify(copier.copied));
+console.log(JSON.stringify({ ...copier.copied, made }));
 await copier.close();`,
       );
-      for (const kind of ["throws", "silent"]) {
+      for (const kind of ["throws", "missing", "silent"]) {
         const r = await run(Deno.execPath(), ["run", "-A", script, kind], {
           allowFail: true,
         });
         assertEquals(r.code, 0, r.stderr);
         const copied = JSON.parse(r.text.trim());
         assertEquals(copied.readWrite, 3 * (4 * MIB + 4096), kind);
+        assertEquals(copied.shared, 0, kind);
+        // A worker that failed to load is not started again (one that
+        // never answers is ended when idle, 100 ms, and started again).
+        if (kind === "missing") assertEquals(copied.made, 1, r.stderr);
         assertEquals(
           await sha256File(`${dir}/out-${kind}.raw`),
           await sha256File(`${dir}/in.raw`),
