@@ -444,15 +444,21 @@ export function kernelCopier(
   // writes start; copy_file_range is tried at the fifth segment.
   const msPerMiB = { readWrite: NaN, kernel: NaN };
   const since = { readWrite: 0, kernel: EXPLORE_AFTER - 4 };
-  /** The way for the next segment, and whether it only tries that way. */
-  const pick = (): ["readWrite" | "kernel", boolean] => {
-    if (kernelFor === "none") return ["readWrite", false];
+  /**
+   * The way for the next segment and its bytes: `TRIAL` to try the way
+   * that copied slower lately, else the segments until the next trial
+   * (one job for the second thread, whose end both threads wait for).
+   */
+  const pick = (): ["readWrite" | "kernel", number] => {
+    if (kernelFor === "none") return ["readWrite", Infinity];
     const best = msPerMiB.readWrite <= msPerMiB.kernel ||
         isNaN(msPerMiB.kernel)
       ? "readWrite"
       : "kernel";
     const other = best === "readWrite" ? "kernel" : "readWrite";
-    return since[other] >= EXPLORE_AFTER ? [other, true] : [best, false];
+    return since[other] >= EXPLORE_AFTER
+      ? [other, TRIAL]
+      : [best, SEGMENT * (EXPLORE_AFTER - since[other])];
   };
   const record = (
     way: "readWrite" | "kernel",
@@ -460,7 +466,11 @@ export function kernelCopier(
     ms: number,
   ) => {
     if (bytes < 1 << 20) return; // too short to time
-    since[way === "readWrite" ? "kernel" : "readWrite"]++;
+    // A long segment counts as the 16 MiB segments it holds.
+    since[way === "readWrite" ? "kernel" : "readWrite"] += Math.max(
+      1,
+      Math.round(bytes / SEGMENT),
+    );
     since[way] = 0;
     const rate = ms / (bytes / (1 << 20));
     msPerMiB[way] = isNaN(msPerMiB[way]) ? rate : (msPerMiB[way] + rate) / 2;
@@ -651,16 +661,14 @@ export function kernelCopier(
     return true;
   };
   /**
-   * `ranges` in segments of `SEGMENT` bytes (a big range split, the small
-   * ones of a dynamic VHD's blocks taken together), each the way
-   * {@linkcode pick} says; a segment that only tries a way is `TRIAL`
-   * bytes.
+   * `ranges` in segments (a big range split, the small ones of a dynamic
+   * VHD's blocks taken together), each the way and size {@linkcode pick}
+   * says.
    */
   const copyMeasured = (ranges: readonly Range[]) => {
     let segment: Range[] = [];
     let bytes = 0;
-    let [way, trying] = pick();
-    let target = trying ? TRIAL : SEGMENT;
+    let [way, target] = pick();
     const copySegment = () => {
       // Its start (new Worker holds this thread 7-10 ms) is not timed:
       // the segment would look slow, and the kernel's way take over.
@@ -686,8 +694,7 @@ export function kernelCopier(
       record(way, bytes, performance.now() - began);
       segment = [];
       bytes = 0;
-      [way, trying] = pick();
-      target = trying ? TRIAL : SEGMENT;
+      [way, target] = pick();
     };
     for (const [start, end, at] of ranges) {
       for (let s = start; s < end;) {
