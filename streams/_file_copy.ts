@@ -127,15 +127,22 @@ export type Libc = Deno.DynamicLibrary<typeof symbols>["symbols"];
 
 let libc: Libc | null | undefined;
 
+/** Whether this is Linux with the FFI permission granted (queried, never prompted for). */
+function ffiAllowed(): boolean {
+  try {
+    return Deno.build.os === "linux" &&
+      Deno.permissions.querySync({ name: "ffi" }).state === "granted";
+  } catch {
+    return false;
+  }
+}
+
 /** libc's functions, or null where they cannot be had (no FFI permission, not Linux). */
 export function loadLibc(): Libc | null {
   if (libc !== undefined) return libc;
   libc = null;
   try {
-    if (Deno.build.os !== "linux") return null;
-    if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") {
-      return null;
-    }
+    if (!ffiAllowed()) return null;
     libc = Deno.dlopen("libc.so.6", symbols).symbols;
   } catch { /* no libc by that name, or FFI refused */ }
   return libc;
@@ -378,8 +385,21 @@ export function kernelCopier(
   output: Deno.FileInfo,
   options: KernelCopierOptions = {},
 ): KernelCopier | undefined {
+  if (!input.isFile || !output.isFile) return undefined;
+  const helperAfter = options.helperAfter ??
+    (input.size >= HELPER_MIN_INPUT ? 0 : Infinity);
+  // A second thread wanted from the first byte is started first: its
+  // module loads while this thread opens libc and the files (1-3 ms).
+  let early = helperAfter === 0 && options.way !== "copy_file_range" &&
+      options.way !== "splice" && ffiAllowed() &&
+      (options.helperWhenBusy || coreToSpare())
+    ? startHelper()
+    : null;
   const c = loadLibc();
-  if (!c || !input.isFile || !output.isFile) return undefined;
+  if (!c) {
+    early?.close();
+    return undefined;
+  }
   // Our own descriptors for the two files: opened again by their paths
   // and checked to be the same files (device and inode), else
   // F_DUPFD_CLOEXEC of the ones Deno holds, found by number (a pass over
@@ -405,6 +425,7 @@ export function kernelCopier(
   const [fdIn, fdOut] = found;
   if (fdIn < 0 || fdOut < 0) {
     for (const fd of found) if (fd >= 0) c.close(fd);
+    early?.close();
     return undefined;
   }
   const offIn = new BigInt64Array(1);
@@ -479,10 +500,13 @@ export function kernelCopier(
   // can be had (copy_file_range then copies everything).
   let buffer: Deno.PointerObject | null | undefined;
   // The second thread, started once `helperAfter` bytes were copied
-  // (null: none for this copier).
-  const helperAfter = options.helperAfter ??
-    (input.size >= HELPER_MIN_INPUT ? 0 : Infinity);
-  let helper: Helper | null | undefined;
+  // (null: none for this copier). Where the kernel copies every range
+  // (a file system that copies on the server or shares blocks), none.
+  if (kernelFor === "all" || kernelFor === "aligned") {
+    early?.close();
+    early = null;
+  }
+  let helper: Helper | null | undefined = early ?? undefined;
 
   /** `[start, end)` of the input to `at` in the output by copy_file_range. */
   const copyFileRange = (start: number, end: number, at: number) => {
