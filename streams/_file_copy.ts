@@ -323,13 +323,23 @@ export interface KernelCopierOptions {
 
 /**
  * Whether the machine has a core to spare for a second copy thread: tasks
- * waited for a CPU less than a fifth of the last 10 seconds (the `some
- * avg10` of `/proc/pressure/cpu`), or, without that file, at most
+ * waited for a CPU less than `BUSY_PRESSURE` % of the last 10 seconds
+ * (the `some avg10` of `/proc/pressure/cpu`), or, without that file, at most
  * `cores - 1` tasks are runnable this instant, this one included (the
  * fourth field of `/proc/loadavg`; the load average itself would count
  * our own runs of the minute before). Read only where reading is
  * allowed; unknown counts as spare.
  */
+/**
+ * The `some avg10` of `/proc/pressure/cpu` from which a copy stays on one
+ * thread. On 2 cores, converts run back to back on an otherwise idle
+ * machine (the bench: qemu-img's threads, Deno's start-up threads) keep
+ * it at 15-23 %, where 20 turned the second thread off for our own
+ * runs; 5-8 other runnable tasks (load 6-8) give 38-50 %, and at load
+ * 7-12 two threads bought no wall time for 20-35 ms more CPU.
+ */
+const BUSY_PRESSURE = 35;
+
 function coreToSpare(): boolean {
   const read = (path: string) =>
     Deno.permissions.querySync({ name: "read", path }).state === "granted"
@@ -338,7 +348,7 @@ function coreToSpare(): boolean {
   try {
     const pressure = read("/proc/pressure/cpu");
     const waited = pressure && /^some avg10=([\d.]+)/m.exec(pressure)?.[1];
-    if (waited) return Number(waited) < 20;
+    if (waited) return Number(waited) < BUSY_PRESSURE;
   } catch { /* no pressure stall information: a kernel without PSI */ }
   try {
     const load = read("/proc/loadavg");
