@@ -322,42 +322,48 @@ export interface KernelCopierOptions {
 }
 
 /**
- * Whether the machine has a core to spare for a second copy thread: tasks
- * waited for a CPU less than `BUSY_PRESSURE` % of the last 10 seconds
- * (the `some avg10` of `/proc/pressure/cpu`), or, without that file, at most
- * `cores - 1` tasks are runnable this instant, this one included (the
- * fourth field of `/proc/loadavg`; the load average itself would count
- * our own runs of the minute before). Read only where reading is
- * allowed; unknown counts as spare.
- */
-/**
- * The `some avg10` of `/proc/pressure/cpu` from which a copy stays on one
- * thread. On 2 cores, converts run back to back on an otherwise idle
- * machine (the bench: qemu-img's threads, Deno's start-up threads) keep
- * it at 15-23 %, where 20 turned the second thread off for our own
- * runs; 5-8 other runnable tasks (load 6-8) give 38-50 %, and at load
- * 7-12 two threads bought no wall time for 20-35 ms more CPU.
+ * The `some avg10` of `/proc/pressure/cpu` under which the machine counts
+ * as having a core to spare whatever runs this instant. On 2 cores,
+ * converts run back to back on an otherwise idle machine (the bench:
+ * qemu-img's threads, Deno's start-up threads, our two) keep it at 15-38
+ * %; 5-8 other runnable tasks (load 6-8) give 38-50 %, and at load 7-12
+ * two threads bought no wall time for 20-35 ms more CPU.
  */
 const BUSY_PRESSURE = 35;
 
+/**
+ * Whether the machine has a core to spare for a second copy thread: tasks
+ * waited for a CPU less than `BUSY_PRESSURE` % of the last 10 seconds
+ * (the `some avg10` of `/proc/pressure/cpu`), or at most `cores - 1`
+ * tasks are runnable this instant, this one included (the fourth field
+ * of `/proc/loadavg`). Either alone misjudged: the pressure counts our
+ * own runs of the seconds before (the bench's back-to-back converts
+ * turned the second thread off for themselves), and one instant can
+ * catch a passing task. Read only where reading is allowed; unknown
+ * counts as spare.
+ */
 function coreToSpare(): boolean {
-  const read = (path: string) =>
-    Deno.permissions.querySync({ name: "read", path }).state === "granted"
-      ? Deno.readTextFileSync(path)
-      : undefined;
-  try {
-    const pressure = read("/proc/pressure/cpu");
-    const waited = pressure && /^some avg10=([\d.]+)/m.exec(pressure)?.[1];
-    if (waited) return Number(waited) < BUSY_PRESSURE;
-  } catch { /* no pressure stall information: a kernel without PSI */ }
-  try {
-    const load = read("/proc/loadavg");
-    if (load === undefined) return true;
-    const running = parseInt(load.split(" ")[3]);
-    return !(running > (navigator.hardwareConcurrency ?? 1) - 1);
-  } catch {
-    return true;
-  }
+  const cores = navigator.hardwareConcurrency ?? 1;
+  if (cores < 2) return false;
+  const read = (path: string) => {
+    try {
+      return Deno.permissions.querySync({ name: "read", path }).state ===
+          "granted"
+        ? Deno.readTextFileSync(path)
+        : undefined;
+    } catch {
+      return undefined; // no such file: a kernel without PSI
+    }
+  };
+  const pressure = read("/proc/pressure/cpu");
+  const waited = pressure && /^some avg10=([\d.]+)/m.exec(pressure)?.[1];
+  if (waited && Number(waited) < BUSY_PRESSURE) return true;
+  const load = read("/proc/loadavg");
+  const running = load === undefined ? NaN : parseInt(load.split(" ")[3]);
+  // Unknown (no file, no permission, no number): spare, unless the
+  // pressure said busy.
+  if (!(running > 0)) return !waited;
+  return running <= cores - 1;
 }
 
 /**
