@@ -481,6 +481,41 @@ async function countingOutput(path: string) {
 }
 
 Deno.test(
+  "a sink with copyRange alone (no copyRanges) is asked for a dynamic VHD's blocks one by one: the same bytes",
+  { ignore: !linux || skip(["qemu-img"]) },
+  () =>
+    withTemp(async (dir) => {
+      const disk = new Uint8Array(16 * MIB);
+      disk.set(pseudoRandom(6 * MIB, 3), 2 * MIB);
+      disk.set(pseudoRandom(2 * MIB, 4), 12 * MIB);
+      await Deno.writeFile(`${dir}/data.raw`, disk);
+      const path = `${dir}/d.vhd`;
+      await run("qemu-img", [
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vpc",
+        "-o",
+        "force_size=on",
+        `${dir}/data.raw`,
+        path,
+      ]);
+      const image = await open(await fromFile(path));
+      const { out, sink, counts } = await countingOutput(`${dir}/out.raw`);
+      (sink as Partial<typeof sink>).copyRanges = undefined;
+      const result = await convert(image, sink);
+      await out.commit();
+      await image.close?.();
+      assertEquals(await Deno.readFile(`${dir}/out.raw`), disk);
+      assertEquals([counts.calls, counts.batches], [4, 4]);
+      assertEquals(counts.copied, 8 * MIB);
+      assertEquals(counts.written, 0);
+      assertEquals(result.dataBytes, 8 * MIB);
+    }),
+);
+
+Deno.test(
   "vdi blocks that follow each other on the disk and in the file are one kernel copy; a dynamic VHD is one range per block (its sector bitmap lies between blocks), all in one call; nothing is read, holes stay holes",
   { ignore: !linux || skip(["qemu-img"]) },
   () =>
