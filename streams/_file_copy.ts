@@ -726,6 +726,27 @@ export function kernelCopier(
     }
     return true;
   };
+  /**
+   * `[start, end)` to `at` by `kernel` (one of the kernel's ways), or,
+   * where these files take no copy in the kernel (EXDEV: two file
+   * systems; it said so before a byte of the range was copied), by reads
+   * and writes, as is every later copy.
+   */
+  const copyInKernelElseByBuffer = (
+    kernel: (start: number, end: number, at: number) => void,
+    start: number,
+    end: number,
+    at: number,
+  ) => {
+    try {
+      kernel(start, end, at);
+    } catch (error) {
+      if (!(error instanceof Errno) || !copyByBuffer(start, end, at)) {
+        throw error;
+      }
+      kernelFor = "none";
+    }
+  };
   /** `[start, end)` to `at` in segments, each the way {@linkcode pick} says. */
   const copyMeasured = (start: number, end: number, at: number) => {
     for (let s = start; s < end;) {
@@ -736,17 +757,7 @@ export function kernelCopier(
       if (way === "readWrite" && !copyByBuffer(s, e, to, trying)) {
         way = "kernel";
       }
-      if (way === "kernel") {
-        try {
-          copyInKernel(s, e, to);
-        } catch (error) {
-          // These files take no copy_file_range (EXDEV): reads and writes.
-          if (!(error instanceof Errno) || !copyByBuffer(s, e, to)) {
-            throw error;
-          }
-          kernelFor = "none";
-        }
-      }
+      if (way === "kernel") copyInKernelElseByBuffer(copyInKernel, s, e, to);
       record(way, e - s, performance.now() - began);
       s = e;
     }
@@ -773,20 +784,10 @@ export function kernelCopier(
           }
           const kernel = kernelFor === "all" ||
             (kernelFor === "aligned" && (start - at) % 4096 === 0);
+          // Without a buffer (copyByBuffer false) the fallback has none
+          // either: the kernel's failure is thrown.
           if (kernel || !copyByBuffer(start, end, at)) {
-            try {
-              copyFileRange(start, end, at);
-            } catch (e) {
-              // This pair of files (EXDEV: another file system) takes no
-              // copy_file_range: reads and writes from now on.
-              if (
-                !(e instanceof Errno) || kernelFor === "none" ||
-                !copyByBuffer(start, end, at)
-              ) {
-                throw e;
-              }
-              kernelFor = "none";
-            }
+            copyInKernelElseByBuffer(copyFileRange, start, end, at);
           }
         }
       } catch (e) {

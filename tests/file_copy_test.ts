@@ -1103,3 +1103,63 @@ Deno.test(
       }
     }),
 );
+
+Deno.test(
+  "files on two file systems (tmpfs to ext4: EXDEV) that take no copy_file_range are copied by reads and writes instead, by every way that tries the kernel",
+  { ignore: !linux },
+  async () => {
+    let shm: string;
+    try {
+      shm = await Deno.makeTempDir({ dir: "/dev/shm", prefix: "vdisk-test-" });
+    } catch {
+      return; // no /dev/shm here
+    }
+    try {
+      await withTemp(async (dir) => {
+        // 12 MiB of data after a 1 MiB hole, in /dev/shm.
+        const bytes = new Uint8Array(13 * MIB);
+        bytes.set(pseudoRandom(12 * MIB, 21), MIB);
+        const file = await Deno.open(`${shm}/in.raw`, {
+          write: true,
+          create: true,
+        });
+        await file.truncate(13 * MIB);
+        await file.seek(MIB, Deno.SeekMode.Start);
+        for (let at = MIB; at < bytes.length;) {
+          at += await file.write(bytes.subarray(at));
+        }
+        file.close();
+        for (const way of ["copy_file_range", "auto"] as const) {
+          const input = await Deno.open(`${shm}/in.raw`);
+          const output = await Deno.open(`${dir}/${way}.raw`, {
+            read: true,
+            write: true,
+            create: true,
+          });
+          await output.truncate(13 * MIB);
+          const copier = kernelCopier(input.statSync(), output.statSync(), {
+            way,
+          });
+          assertTrue(copier !== undefined, "no kernel copier");
+          try {
+            // "auto" (ext4: measured) tries the kernel at the fifth
+            // segment of a MiB or more: pieces of 2 MiB.
+            for (let at = 0; at < 13 * MIB; at += 2 * MIB) {
+              const length = Math.min(2 * MIB, 13 * MIB - at);
+              copier.copy(at, length, at);
+            }
+          } finally {
+            await copier.close();
+            input.close();
+            output.close();
+          }
+          assertEquals(copier.copied.copyFileRange, 0, way);
+          assertEquals(copier.copied.readWrite, 12 * MIB, way);
+          assertEquals(await Deno.readFile(`${dir}/${way}.raw`), bytes, way);
+        }
+      });
+    } finally {
+      await Deno.remove(shm, { recursive: true });
+    }
+  },
+);
