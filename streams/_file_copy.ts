@@ -56,7 +56,9 @@
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 const EINTR = 4;
+const EIO = 5;
 const ENXIO = 6;
+const EAGAIN = 11;
 const F_DUPFD_CLOEXEC = 1030;
 const F_SETPIPE_SZ = 1031;
 const O_CLOEXEC = 0o2000000;
@@ -127,9 +129,18 @@ export function loadLibc(): Libc | null {
   return libc;
 }
 
-/** A thrown errno from a libc call. */
+/**
+ * A thrown errno from a libc call, and the file it was the call of (`read`:
+ * the input, `write`: the output). {@linkcode kernelCopier} copies another
+ * way on it where nothing was copied yet, else turns it into a
+ * {@linkcode CopyFailure} of that side.
+ */
 class Errno extends Error {
-  constructor(readonly call: string, readonly errno: number) {
+  constructor(
+    readonly call: string,
+    readonly errno: number,
+    readonly side: "read" | "write",
+  ) {
     super(`${call} failed with errno ${errno}`);
     this.name = "Errno";
   }
@@ -168,6 +179,46 @@ function describe(c: Libc, e: number): string {
 }
 
 /**
+ * Why a call of a copy loop that answered `n` (no bytes moved: `n <= 0`)
+ * did so: its errno, 0 for an answer of 0 (the input's end, or an output
+ * that took nothing), or `undefined` when the call is to be made again
+ * (EINTR, EAGAIN). Every copy loop (reads and writes, copy_file_range,
+ * splice) asks this one function, so all retry alike.
+ */
+function stalled(c: Libc, n: number): number | undefined {
+  if (n === 0) return 0;
+  const e = errno(c);
+  return e === EINTR || e === EAGAIN ? undefined : e;
+}
+
+/**
+ * The {@linkcode CopyFailure} of `side` for a call that moved no bytes
+ * for `e` (see {@linkcode stalled}): the system's words for an errno; for
+ * 0, that the input ended at `position` (read) or that the output took no
+ * bytes (write).
+ */
+function copyFailure(
+  c: Libc,
+  side: "read" | "write",
+  e: number,
+  offset: number,
+  length: number,
+  position = offset,
+): CopyFailure {
+  if (e !== 0) return new CopyFailure(side, offset, length, describe(c, e), e);
+  return side === "read"
+    ? new CopyFailure(
+      "read",
+      offset,
+      length,
+      `the file ended at ${position}`,
+      undefined,
+      position,
+    )
+    : new CopyFailure("write", offset, length, "the file took no bytes");
+}
+
+/**
  * Copies `[start, end)` of `fdIn` to `at` in `fdOut` by `pread` and
  * `pwrite` through `buffer` (`BUFFER_BYTES` of memory outside the heap);
  * answers the bytes copied. Throws a {@linkcode CopyFailure} for an
@@ -192,20 +243,13 @@ export function readWrite(
         BigInt(piece - got),
         BigInt(pos + got),
       ));
-      if (n > 0) got += n;
-      else if (n === 0) {
-        throw new CopyFailure(
-          "read",
-          pos,
-          piece,
-          `the file ended at ${pos + got}`,
-          undefined,
-          pos + got,
-        );
-      } else {
-        const e = errno(c);
-        if (e === EINTR) continue;
-        throw new CopyFailure("read", pos, piece, describe(c, e), e);
+      if (n > 0) {
+        got += n;
+        continue;
+      }
+      const e = stalled(c, n);
+      if (e !== undefined) {
+        throw copyFailure(c, "read", e, pos, piece, pos + got);
       }
     }
     for (let put = 0; put < piece;) {
@@ -215,18 +259,12 @@ export function readWrite(
         BigInt(piece - put),
         BigInt(to + put),
       ));
-      if (n > 0) put += n;
-      else {
-        const e = n < 0 ? errno(c) : 0;
-        if (e === EINTR) continue;
-        throw new CopyFailure(
-          "write",
-          to,
-          piece,
-          n < 0 ? describe(c, e) : "the file took no bytes",
-          e,
-        );
+      if (n > 0) {
+        put += n;
+        continue;
       }
+      const e = stalled(c, n);
+      if (e !== undefined) throw copyFailure(c, "write", e, to, piece);
     }
     pos += piece;
   }
@@ -328,11 +366,11 @@ export function* dataRanges(
     if (data < 0) {
       const e = errno(c);
       if (e === ENXIO) return; // no data past `at`: a hole to the end
-      throw new Errno("lseek(SEEK_DATA)", e);
+      throw new Errno("lseek(SEEK_DATA)", e, "read");
     }
     if (data >= end) return;
     const hole = Number(c.lseek(fd, BigInt(data), SEEK_HOLE));
-    if (hole < 0) throw new Errno("lseek(SEEK_HOLE)", errno(c));
+    if (hole < 0) throw new Errno("lseek(SEEK_HOLE)", errno(c), "read");
     if (found) [found[0], found[1]] = [data, hole];
     const stop = Math.min(hole, end);
     yield [data, stop];
@@ -564,33 +602,28 @@ export function kernelCopier(
       const n = Number(
         c.copy_file_range(fdIn, offIn, fdOut, offOut, BigInt(left), 0),
       );
-      if (n < 0) {
-        const e = errno(c);
-        if (e === EINTR) continue;
-        // The first call of a range: the kernel will not copy these files.
-        if (left === end - start && UNSUPPORTED.has(e)) {
-          throw new Errno("copy_file_range", e);
-        }
-        // Which side failed is not said: EIO and ENOSPC are counted as
-        // the output's, as most failures of a copy are.
-        throw new CopyFailure(
-          e === 5 ? "read" : "write",
-          e === 5 ? Number(offIn[0]) : Number(offOut[0]),
-          left,
-          describe(c, e),
-          e,
-        );
+      if (n > 0) {
+        left -= n;
+        copied.copyFileRange += n;
+        continue;
       }
-      if (n === 0) {
-        throw new CopyFailure(
-          "read",
-          Number(offIn[0]),
-          left,
-          `the file ended at ${offIn[0]}`,
-        );
+      const e = stalled(c, n);
+      if (e === undefined) continue;
+      // The first call of a range: the kernel will not copy these files.
+      if (left === end - start && UNSUPPORTED.has(e)) {
+        throw new Errno("copy_file_range", e, "write");
       }
-      left -= n;
-      copied.copyFileRange += n;
+      // Which side failed is not said: the input's end and EIO are
+      // counted as the input's, the rest (ENOSPC, EFBIG) as the output's,
+      // as most failures of a copy are.
+      const read = e === 0 || e === EIO;
+      throw copyFailure(
+        c,
+        read ? "read" : "write",
+        e,
+        Number(read ? offIn[0] : offOut[0]),
+        left,
+      );
     }
   };
   // The pipe for misaligned kernel copies: made at the first; null where
@@ -623,31 +656,14 @@ export function kernelCopier(
         BigInt(Math.min(left, BUFFER_BYTES)),
         SPLICE_F_MOVE,
       ));
-      if (n < 0) {
-        const e = errno(c);
-        if (e === EINTR) continue;
+      if (n <= 0) {
+        const e = stalled(c, n);
+        if (e === undefined) continue;
         if (left === end - start && UNSUPPORTED.has(e)) {
           dropPipe();
           return false;
         }
-        throw new CopyFailure(
-          "read",
-          Number(offIn[0]),
-          left,
-          describe(c, e),
-          e,
-        );
-      }
-      if (n === 0) {
-        const ended = Number(offIn[0]);
-        throw new CopyFailure(
-          "read",
-          ended,
-          left,
-          `the file ended at ${ended}`,
-          undefined,
-          ended,
-        );
+        throw copyFailure(c, "read", e, Number(offIn[0]), left);
       }
       for (let inPipe = n; inPipe > 0;) {
         const m = Number(
@@ -659,19 +675,13 @@ export function kernelCopier(
           copied.splice += m;
           continue;
         }
-        const e = m < 0 ? errno(c) : 0;
-        if (e === EINTR) continue;
+        const e = stalled(c, m);
+        if (e === undefined) continue;
         // Bytes left in the pipe would go to the next copy's output: a
         // fresh pipe for that one.
         dropPipe();
         pipe = undefined;
-        throw new CopyFailure(
-          "write",
-          Number(offOut[0]),
-          inPipe,
-          m < 0 ? describe(c, e) : "the file took no bytes",
-          e,
-        );
+        throw copyFailure(c, "write", e, Number(offOut[0]), inPipe);
       }
       left -= n;
     }
@@ -720,7 +730,11 @@ export function kernelCopier(
       // Unsupported by these files (the input refuses pread: EINVAL for
       // a file open with O_DIRECT): the caller falls back.
       if (e instanceof CopyFailure && UNSUPPORTED.has(e.errno ?? 0)) {
-        throw new Errno(e.side === "read" ? "pread" : "pwrite", e.errno!);
+        throw new Errno(
+          e.side === "read" ? "pread" : "pwrite",
+          e.errno!,
+          e.side,
+        );
       }
       throw e;
     }
@@ -799,9 +813,9 @@ export function kernelCopier(
         if (e instanceof Errno) {
           // lseek and pread run on the input: a failure of theirs is the
           // input's, named as such.
-          const read = /^(lseek|pread)/.test(e.call);
+          const read = e.side === "read";
           throw new CopyFailure(
-            read ? "read" : "write",
+            e.side,
             read ? from : to,
             length,
             e.message,
@@ -940,19 +954,25 @@ function startHelper(fdIn: number, fdOut: number): Helper | null {
         const e = Atomics.load(ctl, ERRNO);
         if (e !== 0) {
           const at = list.length - 3;
-          const endedAt = list[at + 2] >= 0 ? list[at + 2] : undefined;
-          throw new CopyFailure(
-            Atomics.load(ctl, SIDE) === 0 ? "read" : "write",
-            list[at],
-            list[at + 1],
-            endedAt !== undefined
-              ? `the file ended at ${endedAt}`
-              : e > 0
-              ? describe(c, e)
-              : "the copy worker failed",
-            e > 0 ? e : undefined,
-            endedAt,
-          );
+          const side = Atomics.load(ctl, SIDE) === 0 ? "read" : "write";
+          if (list[at + 2] >= 0) {
+            throw copyFailure(
+              c,
+              "read",
+              0,
+              list[at],
+              list[at + 1],
+              list[at + 2],
+            );
+          }
+          throw e > 0
+            ? copyFailure(c, side, e, list[at], list[at + 1])
+            : new CopyFailure(
+              side,
+              list[at],
+              list[at + 1],
+              "the copy worker failed",
+            );
         }
       }
       return true;

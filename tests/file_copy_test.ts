@@ -1067,6 +1067,48 @@ Deno.test(
 );
 
 Deno.test(
+  "a copy_file_range whose input ends early fails with a CopyFailure on the read side that says where it ended, as the other ways do",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const input = await Deno.open(`${dir}/in.raw`);
+      const output = await Deno.open(`${dir}/out.raw`, {
+        read: true,
+        write: true,
+        create: true,
+      });
+      await output.truncate(24 * MIB);
+      const copier = kernelCopier(input.statSync(), output.statSync(), {
+        way: "copy_file_range",
+      })!;
+      try {
+        // The data range [5 MiB, 8 MiB) is now known to the copier.
+        assertEquals(copier.copy(5 * MIB, MIB, 5 * MIB), MIB);
+        await Deno.truncate(`${dir}/in.raw`, 6 * MIB + 1000);
+        let failure: unknown;
+        try {
+          copier.copy(5 * MIB, 2 * MIB, 5 * MIB);
+        } catch (e) {
+          failure = e;
+        }
+        assertTrue(failure instanceof CopyFailure, String(failure));
+        assertEquals(failure.side, "read");
+        assertEquals(failure.endedAt, 6 * MIB + 1000);
+        assertTrue(
+          failure.message.includes(`the file ended at ${6 * MIB + 1000}`),
+          failure.message,
+        );
+        assertTrue(copier.copied.copyFileRange > MIB);
+      } finally {
+        await copier.close();
+        input.close();
+        output.close();
+      }
+    }),
+);
+
+Deno.test(
   "the copier opens its files again by their paths, and where a path names another file now it finds Deno's descriptors instead",
   { ignore: !linux },
   () =>
