@@ -22,6 +22,7 @@ import {
   descriptorsOf,
   fileDataRanges,
   kernelCopier,
+  type KernelCopierOptions,
 } from "../streams/_file_copy.ts";
 import {
   pseudoRandom,
@@ -51,6 +52,29 @@ async function sparseInput(path: string) {
     await file.write(bytes);
   }
   file.close();
+}
+
+/**
+ * A kernel copier from the file `from` to the file `to`, made (or kept)
+ * and sized to `size`, both open; `done` closes the copier and the files.
+ */
+async function copierBetween(
+  from: string,
+  to: string,
+  size: number,
+  options: KernelCopierOptions,
+) {
+  const input = await Deno.open(from);
+  const output = await Deno.open(to, { read: true, write: true, create: true });
+  await output.truncate(size);
+  const copier = kernelCopier(input.statSync(), output.statSync(), options);
+  assertTrue(copier !== undefined, "no kernel copier on Linux with FFI");
+  const done = async () => {
+    await copier.close();
+    input.close();
+    output.close();
+  };
+  return { copier, done };
 }
 
 function dataMap(path: string): [number, number][] | undefined {
@@ -1029,81 +1053,43 @@ Deno.test(
 );
 
 Deno.test(
-  "a misaligned kernel copy through the pipe whose input ends early fails with a CopyFailure on the read side, where it ended",
+  "a kernel copy whose input ends early fails with a CopyFailure on the read side that says where it ended: through the pipe (misaligned) and by copy_file_range",
   { ignore: !linux },
   () =>
     withTemp(async (dir) => {
-      await sparseInput(`${dir}/in.raw`);
-      const input = await Deno.open(`${dir}/in.raw`);
-      const output = await Deno.open(`${dir}/out.raw`, {
-        read: true,
-        write: true,
-        create: true,
-      });
-      await output.truncate(24 * MIB);
-      const copier = kernelCopier(input.statSync(), output.statSync(), {
-        way: "splice",
-      })!;
-      try {
-        // The data range [5 MiB, 8 MiB) is now known to the copier.
-        assertEquals(copier.copy(5 * MIB + 512, MIB, 0), MIB);
-        await Deno.truncate(`${dir}/in.raw`, 6 * MIB);
-        let failure: unknown;
-        try {
-          copier.copy(5 * MIB + 512, 2 * MIB, 4 * MIB);
-        } catch (e) {
-          failure = e;
-        }
-        assertTrue(failure instanceof CopyFailure, String(failure));
-        assertEquals(failure.side, "read");
-        assertEquals(failure.endedAt, 6 * MIB);
-        assertTrue(copier.copied.splice >= 2 * MIB - 512);
-      } finally {
-        await copier.close();
-        input.close();
-        output.close();
-      }
-    }),
-);
-
-Deno.test(
-  "a copy_file_range whose input ends early fails with a CopyFailure on the read side that says where it ended, as the other ways do",
-  { ignore: !linux },
-  () =>
-    withTemp(async (dir) => {
-      await sparseInput(`${dir}/in.raw`);
-      const input = await Deno.open(`${dir}/in.raw`);
-      const output = await Deno.open(`${dir}/out.raw`, {
-        read: true,
-        write: true,
-        create: true,
-      });
-      await output.truncate(24 * MIB);
-      const copier = kernelCopier(input.statSync(), output.statSync(), {
-        way: "copy_file_range",
-      })!;
-      try {
-        // The data range [5 MiB, 8 MiB) is now known to the copier.
-        assertEquals(copier.copy(5 * MIB, MIB, 5 * MIB), MIB);
-        await Deno.truncate(`${dir}/in.raw`, 6 * MIB + 1000);
-        let failure: unknown;
-        try {
-          copier.copy(5 * MIB, 2 * MIB, 5 * MIB);
-        } catch (e) {
-          failure = e;
-        }
-        assertTrue(failure instanceof CopyFailure, String(failure));
-        assertEquals(failure.side, "read");
-        assertEquals(failure.endedAt, 6 * MIB + 1000);
-        assertTrue(
-          failure.message.includes(`the file ended at ${6 * MIB + 1000}`),
-          failure.message,
+      // The input 512 bytes later than the output for the pipe.
+      for (
+        const [way, shift] of [["splice", 512], ["copy_file_range", 0]] as const
+      ) {
+        await sparseInput(`${dir}/in.raw`);
+        const { copier, done } = await copierBetween(
+          `${dir}/in.raw`,
+          `${dir}/${way}.raw`,
+          24 * MIB,
+          { way },
         );
-        assertTrue(copier.copied.copyFileRange > MIB);
-      } finally {
-        await copier.close();
-        input.close();
-        output.close();
+        try {
+          // The data range [5 MiB, 8 MiB) is now known to the copier.
+          assertEquals(copier.copy(5 * MIB + shift, MIB, 5 * MIB), MIB);
+          await Deno.truncate(`${dir}/in.raw`, 6 * MIB + 1000);
+          let failure: unknown;
+          try {
+            copier.copy(5 * MIB + shift, 2 * MIB, 5 * MIB);
+          } catch (e) {
+            failure = e;
+          }
+          assertTrue(failure instanceof CopyFailure, `${way}: ${failure}`);
+          assertEquals(failure.side, "read");
+          assertEquals(failure.endedAt, 6 * MIB + 1000, way);
+          assertTrue(
+            failure.message.includes(`the file ended at ${6 * MIB + 1000}`),
+            failure.message,
+          );
+          const { splice, copyFileRange } = copier.copied;
+          assertTrue((way === "splice" ? splice : copyFileRange) > MIB, way);
+        } finally {
+          await done();
+        }
       }
     }),
 );
@@ -1172,17 +1158,12 @@ Deno.test(
         }
         file.close();
         for (const way of ["copy_file_range", "auto"] as const) {
-          const input = await Deno.open(`${shm}/in.raw`);
-          const output = await Deno.open(`${dir}/${way}.raw`, {
-            read: true,
-            write: true,
-            create: true,
-          });
-          await output.truncate(13 * MIB);
-          const copier = kernelCopier(input.statSync(), output.statSync(), {
-            way,
-          });
-          assertTrue(copier !== undefined, "no kernel copier");
+          const { copier, done } = await copierBetween(
+            `${shm}/in.raw`,
+            `${dir}/${way}.raw`,
+            13 * MIB,
+            { way },
+          );
           try {
             // "auto" (ext4: measured) tries the kernel at the fifth
             // segment of a MiB or more: pieces of 2 MiB.
@@ -1191,9 +1172,7 @@ Deno.test(
               copier.copy(at, length, at);
             }
           } finally {
-            await copier.close();
-            input.close();
-            output.close();
+            await done();
           }
           assertEquals(copier.copied.copyFileRange, 0, way);
           assertEquals(copier.copied.readWrite, 12 * MIB, way);
