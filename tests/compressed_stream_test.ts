@@ -533,10 +533,8 @@ Deno.test(
       assertEquals(await sha256File(`${dir}/out.raw`), sha256Hex(disk));
       const blocks = async (p: string) => (await Deno.stat(p)).blocks;
       assertTrue((await blocks(`${dir}/out.raw`))! < disk.length / 512 * 0.9);
-      assertEquals(
-        await blocks(`${dir}/out.raw`),
-        await blocks(`${dir}/cp.raw`),
-      );
+      // The same holes as cp's (st_blocks may differ by an extent-tree
+      // block of the file system's own).
       const map = (p: string) => {
         const file = Deno.openSync(p);
         try {
