@@ -92,7 +92,11 @@ export interface ProbeResult {
  * ```
  */
 export async function probe(source: Source): Promise<ProbeResult[]> {
-  const input = await probeInput(source);
+  return verdicts(await probeInput(source));
+}
+
+/** Every driver's verdict on `input` (see {@linkcode probe}), best first. */
+function verdicts(input: ProbeInput): ProbeResult[] {
   const results: ProbeResult[] = [];
   for (const d of CATALOG) {
     const score = d.probe(input);
@@ -268,12 +272,17 @@ async function openChain(
   options: OpenOptions,
   seen: string[],
 ): Promise<Image> {
-  const name = options.format ?? (await probe(source))[0]?.format ?? "raw";
+  // The probe's head also says whether the file is compressed.
+  const input = options.format === undefined
+    ? await probeInput(source)
+    : undefined;
+  const name = options.format ??
+    (input && verdicts(input)[0]?.format) ?? "raw";
   // A compressed file no driver claims is a wrapper: decode it, then
   // probe what is inside (a dmg, whose chunks may start with bzip2 or xz
   // magic, is claimed by its trailer first).
-  const compression = options.format === undefined && name === "raw"
-    ? detectCompression(await source.read(0, Math.min(16, source.size)))
+  const compression = input && name === "raw"
+    ? detectCompression(input.head)
     : undefined;
   if (compression) {
     // The decoders load only for a compressed file.

@@ -42,7 +42,7 @@ export const CLOOP_HEADROOM = 128;
 /** cloop: bytes of the fixed header: preamble, block_size, n_blocks. */
 export const CLOOP_HEADER_SIZE = CLOOP_HEADROOM + 8;
 /** cloop: where the `V2.0`/`V4.0` signature sits (`CLOOP4_SIGNATURE_OFFSET`). */
-const CLOOP_SIGNATURE_OFFSET = 0x0b;
+export const CLOOP_SIGNATURE_OFFSET = 0x0b;
 
 /**
  * The cloop version whose signature starts at `at` of `bytes`, if any.

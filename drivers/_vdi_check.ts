@@ -18,12 +18,12 @@
 
 import { emptyCheckResult } from "./_check.ts";
 import { formatErrors } from "./_binary.ts";
+import { VDI_SIGNATURE as SIGNATURE } from "./_signatures.ts";
 import type { Source } from "../streams/types.ts";
 import { UnsupportedError } from "../streams/errors.ts";
 import type { CheckResult } from "./qcow2/check.ts";
 
 const FORMAT = "vdi";
-const SIGNATURE = 0xbeda107f;
 /**
  * Blocks checked at most (a 64 TiB disk of 1 MiB blocks): the check keeps
  * 4 bytes a block.

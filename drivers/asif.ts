@@ -47,7 +47,7 @@
  * @module
  */
 
-import { probeAsif } from "./_signatures.ts";
+import { ASIF_SIGNATURE as SIGNATURE, probeAsif } from "./_signatures.ts";
 import {
   ascii,
   be16,
@@ -67,7 +67,6 @@ import {
 } from "../streams/types.ts";
 
 const FORMAT = "asif";
-const SIGNATURE = "shdw";
 const VERSION = 1;
 const HEADER_BYTES = 80;
 /** The largest chunk accepted (a table is read whole, and is at most a chunk). */

@@ -29,7 +29,7 @@
  * @module
  */
 
-import { probeBochs } from "./_signatures.ts";
+import { BOCHS_MAGIC as MAGIC, probeBochs } from "./_signatures.ts";
 import { cString, formatErrors, le32, le64, safeNumber } from "./_binary.ts";
 import { check, ImageFormatError } from "../streams/errors.ts";
 import type {
@@ -45,7 +45,6 @@ import { checkRange } from "../streams/types.ts";
 const FORMAT = "bochs";
 const SECTOR = 512;
 const HEADER_SIZE = 512;
-const MAGIC = "Bochs Virtual HD Image";
 const REDOLOG_TYPE = "Redolog";
 const SUBTYPES = ["Growing", "Undoable", "Volatile"];
 const VERSION_2 = 0x00020000;

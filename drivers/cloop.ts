@@ -27,7 +27,13 @@
  * @module
  */
 
-import { cloopSignature, probeCloop } from "./_signatures.ts";
+import {
+  CLOOP_HEADER_SIZE as HEADER_SIZE,
+  CLOOP_HEADROOM as HEADROOM,
+  CLOOP_SIGNATURE_OFFSET as SIGNATURE_OFFSET,
+  cloopSignature,
+  probeCloop,
+} from "./_signatures.ts";
 import { checkWriteOptions, optionErrors } from "../streams/options.ts";
 import {
   be32,
@@ -59,13 +65,6 @@ import {
 
 const FORMAT = "cloop";
 const optionFail = optionErrors(FORMAT);
-
-/** Bytes of the preamble before block_size (`CLOOP_HEADROOM`). */
-const HEADROOM = 128;
-/** Bytes of the fixed header: preamble, block_size, n_blocks. */
-const HEADER_SIZE = HEADROOM + 8;
-/** Where the `V2.0`/`V4.0` signature sits (`CLOOP4_SIGNATURE_OFFSET`). */
-const SIGNATURE_OFFSET = 0x0b;
 
 /**
  * QEMU's `MAX_BLOCK_SIZE` (block/cloop.c): block_size above 64 MiB is

@@ -34,7 +34,7 @@
  * @module
  */
 
-import { probeCow } from "./_signatures.ts";
+import { COW_MAGIC as MAGIC, probeCow } from "./_signatures.ts";
 import { optionErrors } from "../streams/options.ts";
 import {
   alignUp,
@@ -70,7 +70,6 @@ import { checkRange } from "../streams/types.ts";
 
 const FORMAT = "cow";
 const optionFail = optionErrors(FORMAT);
-const MAGIC = 0x4f4f4f4d;
 const PATH_LEN = 4096;
 const V3_HEADER = 32 + PATH_LEN;
 /** The unpacked 64-bit layout, padded to 8 bytes. */

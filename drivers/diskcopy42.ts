@@ -39,8 +39,11 @@
  */
 
 import {
+  DISKCOPY_HEADER_SIZE as HEADER_SIZE,
+  DISKCOPY_PRIVATE as PRIVATE,
   looksLikeDiskCopyHeader,
   looksLikeMacBinary,
+  MACBINARY_HEADER,
   probeDiskcopy42,
 } from "./_signatures.ts";
 import { ascii, be16, be32, formatErrors } from "./_binary.ts";
@@ -55,9 +58,6 @@ import {
 } from "../streams/types.ts";
 
 const FORMAT = "diskcopy42";
-const HEADER_SIZE = 84;
-const PRIVATE = 0x0100;
-const MACBINARY_HEADER = 128;
 const TAG_BYTES_UNCHECKED = 12;
 /** Bytes read per step when checksumming. */
 const CHECKSUM_STEP = 1 << 20;

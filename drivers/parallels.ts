@@ -43,7 +43,12 @@
  * @module
  */
 
-import { isParallelsDescriptor, probeParallels } from "./_signatures.ts";
+import {
+  isParallelsDescriptor,
+  PARALLELS_MAGIC_EXT as MAGIC_EXT,
+  PARALLELS_MAGIC_OLD as MAGIC_OLD,
+  probeParallels,
+} from "./_signatures.ts";
 import { ascii, formatErrors, le32, le64 } from "./_binary.ts";
 import { blockReader, wholeBlock } from "./_blocks.ts";
 import { check, UnsupportedError } from "../streams/errors.ts";
@@ -57,8 +62,6 @@ import { overlay } from "../streams/overlay.ts";
 import type { Driver, Image, OpenOptions, Source } from "../streams/types.ts";
 
 const FORMAT = "parallels";
-const MAGIC_OLD = "WithoutFreeSpace";
-const MAGIC_EXT = "WithouFreSpacExt";
 const HEADER_BYTES = 64;
 const SECTOR = 512;
 const INUSE = 0x746f6e59;
@@ -199,7 +202,7 @@ async function openParallels(
       sectors: tracks,
     },
     details: {
-      subformat: old ? "WithoutFreeSpace" : "WithouFreSpacExt",
+      subformat: old ? MAGIC_OLD : MAGIC_EXT,
       clusterSize,
       batEntries,
       allocatedClusters: allocated,

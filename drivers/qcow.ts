@@ -33,7 +33,7 @@
  * @module
  */
 
-import { probeQcow } from "./_signatures.ts";
+import { probeQcow, QCOW_MAGIC as MAGIC } from "./_signatures.ts";
 import { checkWriteOptions } from "../streams/options.ts";
 import {
   alignUp,
@@ -91,7 +91,6 @@ import {
 } from "../streams/types.ts";
 
 const FORMAT = "qcow";
-const MAGIC = 0x514649fb;
 const HEADER_SIZE = 48;
 const SECTOR = 512;
 const CRYPT_NONE = 0;

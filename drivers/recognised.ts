@@ -44,6 +44,12 @@
 
 import { ascii, be16, be32, le32, le64 } from "./_binary.ts";
 import { compressorMagic } from "./_magic.ts";
+import {
+  ASIF_SIGNATURE,
+  SESPARSE_MAGIC,
+  SPARSEIMAGE_SIGNATURE,
+  VDI_SIGNATURE,
+} from "./_signatures.ts";
 import { UnsupportedError } from "../streams/errors.ts";
 import {
   type Driver,
@@ -127,8 +133,6 @@ function headMagic(
 }
 
 const QCOW_MAGIC = "QFI\xfb";
-const VDI_SIGNATURE = 0xbeda107f;
-const SESPARSE_MAGIC = 0xcafebaben;
 const SESPARSE_VERSION = 0x200000001n;
 
 /** qcow2: the qcow magic with a version of 2 or more (QEMU's rule). */
@@ -190,12 +194,12 @@ export const RECOGNISED: readonly Driver[] = [
   recogniser(
     "asif",
     "an Apple sparse image format (ASIF) image",
-    headMagic("shdw"),
+    headMagic(ASIF_SIGNATURE),
   ),
   recogniser(
     "sparseimage",
     "an Apple sparse disk image (sparseimage)",
-    headMagic("sprs"),
+    headMagic(SPARSEIMAGE_SIGNATURE),
   ),
   recogniser(
     "diskcopy42",

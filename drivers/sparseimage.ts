@@ -40,7 +40,10 @@
  * @module
  */
 
-import { probeSparseimage } from "./_signatures.ts";
+import {
+  probeSparseimage,
+  SPARSEIMAGE_SIGNATURE as SIGNATURE,
+} from "./_signatures.ts";
 import { ascii, be32, be64, formatErrors, safeNumber } from "./_binary.ts";
 import { bandReader, nextPresent } from "./_bands.ts";
 import { UnsupportedError } from "../streams/errors.ts";
@@ -53,7 +56,6 @@ import {
 } from "../streams/types.ts";
 
 const FORMAT = "sparseimage";
-const SIGNATURE = "sprs";
 const SECTOR = 512;
 const NODE_SIZE = 4096;
 /** Band slots of the header node, from byte 64. */

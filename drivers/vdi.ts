@@ -55,7 +55,7 @@
  * @module
  */
 
-import { probeVdi } from "./_signatures.ts";
+import { probeVdi, VDI_SIGNATURE as SIGNATURE } from "./_signatures.ts";
 import { checkWriteOptions } from "../streams/options.ts";
 import {
   formatErrors,
@@ -84,7 +84,6 @@ import type {
 import { checkRange, storesDataIn } from "../streams/types.ts";
 
 const FORMAT = "vdi";
-const SIGNATURE = 0xbeda107f;
 const VERSION_1_1 = 0x00010001;
 const HEADER_BYTES = 512;
 /** Bytes of header_size that hold every field up to uuid_parent. */

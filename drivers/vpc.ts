@@ -57,7 +57,7 @@
  * @module
  */
 
-import { probeVpc } from "./_signatures.ts";
+import { probeVpc, VPC_FOOTER_SIZE as FOOTER_SIZE } from "./_signatures.ts";
 import { checkWriteOptions, optionErrors } from "../streams/options.ts";
 import {
   ascii,
@@ -99,7 +99,6 @@ import {
 const FORMAT = "vpc";
 const optionFail = optionErrors(FORMAT);
 const SECTOR = 512;
-const FOOTER_SIZE = 512;
 const DYNAMIC_HEADER_SIZE = 1024;
 const ALL_ONES = 0xffffffffffffffffn;
 const UNALLOCATED = 0xffffffff;

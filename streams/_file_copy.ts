@@ -61,8 +61,8 @@ import {
   claim,
   CONTROL_WORDS,
   CopyFailure,
+  copyFailure,
   copySymbols,
-  describe,
   ERRNO,
   errno,
   FD_IN,
@@ -77,6 +77,7 @@ import {
   readWrite,
   READY,
   SIDE,
+  stalled,
   WORKER_NAME,
 } from "./_file_copy_worker.ts";
 
@@ -84,7 +85,7 @@ export { BUFFER_BYTES, CopyFailure };
 
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
-const EINTR = 4;
+const EIO = 5;
 const ENXIO = 6;
 const F_DUPFD_CLOEXEC = 1030;
 const F_SETPIPE_SZ = 1031;
@@ -148,9 +149,18 @@ export function loadLibc(): Libc | null {
   return libc;
 }
 
-/** A thrown errno from a libc call. */
+/**
+ * A thrown errno from a libc call, and the file it was the call of (`read`:
+ * the input, `write`: the output). {@linkcode kernelCopier} copies another
+ * way on it where nothing was copied yet, else turns it into a
+ * {@linkcode CopyFailure} of that side.
+ */
 class Errno extends Error {
-  constructor(readonly call: string, readonly errno: number) {
+  constructor(
+    readonly call: string,
+    readonly errno: number,
+    readonly side: "read" | "write",
+  ) {
     super(`${call} failed with errno ${errno}`);
     this.name = "Errno";
   }
@@ -237,11 +247,11 @@ export function* dataRanges(
     if (data < 0) {
       const e = errno(c);
       if (e === ENXIO) return; // no data past `at`: a hole to the end
-      throw new Errno("lseek(SEEK_DATA)", e);
+      throw new Errno("lseek(SEEK_DATA)", e, "read");
     }
     if (data >= end) return;
     const hole = Number(c.lseek(fd, BigInt(data), SEEK_HOLE));
-    if (hole < 0) throw new Errno("lseek(SEEK_HOLE)", errno(c));
+    if (hole < 0) throw new Errno("lseek(SEEK_HOLE)", errno(c), "read");
     if (found) [found[0], found[1]] = [data, hole];
     const stop = Math.min(hole, end);
     yield [data, stop];
@@ -532,33 +542,28 @@ export function kernelCopier(
       const n = Number(
         c.copy_file_range(fdIn, offIn, fdOut, offOut, BigInt(left), 0),
       );
-      if (n < 0) {
-        const e = errno(c);
-        if (e === EINTR) continue;
-        // The first call of a range: the kernel will not copy these files.
-        if (left === end - start && UNSUPPORTED.has(e)) {
-          throw new Errno("copy_file_range", e);
-        }
-        // Which side failed is not said: EIO and ENOSPC are counted as
-        // the output's, as most failures of a copy are.
-        throw new CopyFailure(
-          e === 5 ? "read" : "write",
-          e === 5 ? Number(offIn[0]) : Number(offOut[0]),
-          left,
-          describe(c, e),
-          e,
-        );
+      if (n > 0) {
+        left -= n;
+        copied.copyFileRange += n;
+        continue;
       }
-      if (n === 0) {
-        throw new CopyFailure(
-          "read",
-          Number(offIn[0]),
-          left,
-          `the file ended at ${offIn[0]}`,
-        );
+      const e = stalled(c, n);
+      if (e === undefined) continue;
+      // The first call of a range: the kernel will not copy these files.
+      if (left === end - start && UNSUPPORTED.has(e)) {
+        throw new Errno("copy_file_range", e, "write");
       }
-      left -= n;
-      copied.copyFileRange += n;
+      // Which side failed is not said: the input's end and EIO are
+      // counted as the input's, the rest (ENOSPC, EFBIG) as the output's,
+      // as most failures of a copy are.
+      const read = e === 0 || e === EIO;
+      throw copyFailure(
+        c,
+        read ? "read" : "write",
+        e,
+        Number(read ? offIn[0] : offOut[0]),
+        left,
+      );
     }
   };
   // The pipe for misaligned kernel copies: made at the first; null where
@@ -591,31 +596,14 @@ export function kernelCopier(
         BigInt(Math.min(left, BUFFER_BYTES)),
         SPLICE_F_MOVE,
       ));
-      if (n < 0) {
-        const e = errno(c);
-        if (e === EINTR) continue;
+      if (n <= 0) {
+        const e = stalled(c, n);
+        if (e === undefined) continue;
         if (left === end - start && UNSUPPORTED.has(e)) {
           dropPipe();
           return false;
         }
-        throw new CopyFailure(
-          "read",
-          Number(offIn[0]),
-          left,
-          describe(c, e),
-          e,
-        );
-      }
-      if (n === 0) {
-        const ended = Number(offIn[0]);
-        throw new CopyFailure(
-          "read",
-          ended,
-          left,
-          `the file ended at ${ended}`,
-          undefined,
-          ended,
-        );
+        throw copyFailure(c, "read", e, Number(offIn[0]), left);
       }
       for (let inPipe = n; inPipe > 0;) {
         const m = Number(
@@ -627,19 +615,13 @@ export function kernelCopier(
           copied.splice += m;
           continue;
         }
-        const e = m < 0 ? errno(c) : 0;
-        if (e === EINTR) continue;
+        const e = stalled(c, m);
+        if (e === undefined) continue;
         // Bytes left in the pipe would go to the next copy's output: a
         // fresh pipe for that one.
         dropPipe();
         pipe = undefined;
-        throw new CopyFailure(
-          "write",
-          Number(offOut[0]),
-          inPipe,
-          m < 0 ? describe(c, e) : "the file took no bytes",
-          e,
-        );
+        throw copyFailure(c, "write", e, Number(offOut[0]), inPipe);
       }
       left -= n;
     }
@@ -694,11 +676,38 @@ export function kernelCopier(
       // Unsupported by these files (the input refuses pread: EINVAL for
       // a file open with O_DIRECT): the caller falls back.
       if (e instanceof CopyFailure && UNSUPPORTED.has(e.errno ?? 0)) {
-        throw new Errno(e.side === "read" ? "pread" : "pwrite", e.errno!);
+        throw new Errno(
+          e.side === "read" ? "pread" : "pwrite",
+          e.errno!,
+          e.side,
+        );
       }
       throw e;
     }
     return true;
+  };
+  /**
+   * `ranges` by `kernel` (one of the kernel's ways), or, where these
+   * files take no copy in the kernel (EXDEV: two file systems; it said so
+   * before a byte of the range was copied), the rest by reads and writes,
+   * as is every later copy. Without a buffer (copyByBuffer false) the
+   * fallback has none either: the kernel's failure is thrown.
+   */
+  const copyInKernelElseByBuffer = (
+    kernel: (start: number, end: number, at: number) => void,
+    ranges: readonly Range[],
+  ) => {
+    for (const [i, [start, end, at]] of ranges.entries()) {
+      try {
+        kernel(start, end, at);
+      } catch (error) {
+        if (!(error instanceof Errno) || !copyByBuffer(ranges.slice(i))) {
+          throw error;
+        }
+        kernelFor = "none";
+        return;
+      }
+    }
   };
   /**
    * `ranges` in segments (a big range split, the small ones of a dynamic
@@ -717,20 +726,7 @@ export function kernelCopier(
       if (way === "readWrite" && !copyByBuffer(segment)) {
         way = "kernel";
       }
-      if (way === "kernel") {
-        for (const [i, [start, end, at]] of segment.entries()) {
-          try {
-            copyInKernel(start, end, at);
-          } catch (error) {
-            // These files take no copy_file_range (EXDEV): reads and writes.
-            if (!(error instanceof Errno) || !copyByBuffer(segment.slice(i))) {
-              throw error;
-            }
-            kernelFor = "none";
-            break;
-          }
-        }
-      }
+      if (way === "kernel") copyInKernelElseByBuffer(copyInKernel, segment);
       record(way, bytes, performance.now() - began);
       segment = [];
       bytes = 0;
@@ -776,19 +772,7 @@ export function kernelCopier(
           const kernel = kernelFor === "all" ||
             (kernelFor === "aligned" && (start - at) % 4096 === 0);
           if (kernel || !copyByBuffer([[start, end, at]])) {
-            try {
-              copyFileRange(start, end, at);
-            } catch (e) {
-              // This pair of files (EXDEV: another file system) takes no
-              // copy_file_range: reads and writes from now on.
-              if (
-                !(e instanceof Errno) || kernelFor === "none" ||
-                !copyByBuffer([[start, end, at]])
-              ) {
-                throw e;
-              }
-              kernelFor = "none";
-            }
+            copyInKernelElseByBuffer(copyFileRange, [[start, end, at]]);
           }
         }
       }
@@ -801,11 +785,10 @@ export function kernelCopier(
       if (e instanceof Errno) {
         // lseek and pread run on the input: a failure of theirs is the
         // input's, named as such.
-        const read = /^(lseek|pread)/.test(e.call);
         const [from, length, to] = list[0];
         throw new CopyFailure(
-          read ? "read" : "write",
-          read ? from : to,
+          e.side,
+          e.side === "read" ? from : to,
           length,
           e.message,
           e.errno,
@@ -947,19 +930,12 @@ function startHelper(): Helper | null {
     // there says where the input ended, where a later piece's found only
     // its own start).
     if (e !== 0 && (failure === undefined || job[1] < failed)) {
-      const endedAt = job[4] >= 0 ? job[4] : undefined;
-      failure = new CopyFailure(
-        Atomics.load(ctl, SIDE) === 0 ? "read" : "write",
-        job[2],
-        job[3],
-        endedAt !== undefined
-          ? `the file ended at ${endedAt}`
-          : e > 0
-          ? describe(c, e)
-          : "the copy worker failed",
-        e > 0 ? e : undefined,
-        endedAt,
-      );
+      const side = Atomics.load(ctl, SIDE) === 0 ? "read" : "write";
+      failure = job[4] >= 0
+        ? copyFailure(c, "read", 0, job[2], job[3], job[4])
+        : e > 0
+        ? copyFailure(c, side, e, job[2], job[3])
+        : new CopyFailure(side, job[2], job[3], "the copy worker failed");
     }
     if (failure !== undefined) throw failure;
   };

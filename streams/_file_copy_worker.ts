@@ -107,6 +107,7 @@ export const copySymbols = {
 export type CopyLibc = Deno.DynamicLibrary<typeof copySymbols>["symbols"];
 
 const EINTR = 4;
+const EAGAIN = 11;
 const PROT_READ_WRITE = 3;
 const MAP_PRIVATE_ANONYMOUS = 0x22;
 
@@ -152,6 +153,46 @@ export function describe(c: CopyLibc, e: number): string {
 }
 
 /**
+ * Why a call of a copy loop that answered `n` (no bytes moved: `n <= 0`)
+ * did so: its errno, 0 for an answer of 0 (the input's end, or an output
+ * that took nothing), or `undefined` when the call is to be made again
+ * (EINTR, EAGAIN). Every copy loop (reads and writes, copy_file_range,
+ * splice) asks this one function, so all retry alike.
+ */
+export function stalled(c: CopyLibc, n: number): number | undefined {
+  if (n === 0) return 0;
+  const e = errno(c);
+  return e === EINTR || e === EAGAIN ? undefined : e;
+}
+
+/**
+ * The {@linkcode CopyFailure} of `side` for a call that moved no bytes
+ * for `e` (see {@linkcode stalled}): the system's words for an errno; for
+ * 0, that the input ended at `position` (read) or that the output took no
+ * bytes (write).
+ */
+export function copyFailure(
+  c: CopyLibc,
+  side: "read" | "write",
+  e: number,
+  offset: number,
+  length: number,
+  position = offset,
+): CopyFailure {
+  if (e !== 0) return new CopyFailure(side, offset, length, describe(c, e), e);
+  return side === "read"
+    ? new CopyFailure(
+      "read",
+      offset,
+      length,
+      `the file ended at ${position}`,
+      undefined,
+      position,
+    )
+    : new CopyFailure("write", offset, length, "the file took no bytes");
+}
+
+/**
  * Copies `[start, end)` of `fdIn` to `at` in `fdOut` by `pread` and
  * `pwrite` through `buffer` (`BUFFER_BYTES` of memory outside the heap);
  * answers the bytes copied. Throws a {@linkcode CopyFailure} for an
@@ -176,20 +217,13 @@ export function readWrite(
         BigInt(piece - got),
         BigInt(pos + got),
       ));
-      if (n > 0) got += n;
-      else if (n === 0) {
-        throw new CopyFailure(
-          "read",
-          pos,
-          piece,
-          `the file ended at ${pos + got}`,
-          undefined,
-          pos + got,
-        );
-      } else {
-        const e = errno(c);
-        if (e === EINTR) continue;
-        throw new CopyFailure("read", pos, piece, describe(c, e), e);
+      if (n > 0) {
+        got += n;
+        continue;
+      }
+      const e = stalled(c, n);
+      if (e !== undefined) {
+        throw copyFailure(c, "read", e, pos, piece, pos + got);
       }
     }
     for (let put = 0; put < piece;) {
@@ -199,18 +233,12 @@ export function readWrite(
         BigInt(piece - put),
         BigInt(to + put),
       ));
-      if (n > 0) put += n;
-      else {
-        const e = n < 0 ? errno(c) : 0;
-        if (e === EINTR) continue;
-        throw new CopyFailure(
-          "write",
-          to,
-          piece,
-          n < 0 ? describe(c, e) : "the file took no bytes",
-          e,
-        );
+      if (n > 0) {
+        put += n;
+        continue;
       }
+      const e = stalled(c, n);
+      if (e !== undefined) throw copyFailure(c, "write", e, to, piece);
     }
     pos += piece;
   }

@@ -40,6 +40,7 @@
 
 import { detectCompression, type FileCompression } from "../drivers/_magic.ts";
 import { isZeroRange, Scratch, wordsOf } from "../drivers/_binary.ts";
+import { writeSparse } from "./_sparse.ts";
 import { ByteFeed } from "../drivers/codecs/_feed.ts";
 import { nodeZlibModule } from "../drivers/codecs/_node_zlib.ts";
 import * as bzip2 from "../drivers/codecs/bzip2.ts";
@@ -972,35 +973,31 @@ async function writeDecoded(
   };
   /** Hands the `length` bytes of `buffer` (decoded bytes from `offset`) to the sink. */
   const send = (buffer: Uint8Array, length: number, offset: number) => {
-    const words = wordsOf(buffer);
     const writes: Promise<void>[] = [];
-    let runStart = -1;
-    const run = (end: number) => {
-      writes.push(
-        sink.write(offset + runStart, buffer.subarray(runStart, end)),
-      );
-      runStart = -1;
-    };
-    // `offset` is a multiple of the buffer's size: granules line up.
-    for (let g = 0; g < length; g += GRANULE) {
-      const end = Math.min(length, g + GRANULE);
-      if (sparse > 0 && isZeroRange(buffer, words, g, end)) {
-        zeros.set((offset + g) / GRANULE);
-        if (runStart >= 0) run(g);
-        continue;
-      }
-      if (sparse <= 0) {
-        if (runStart < 0) runStart = g;
-        continue;
-      }
-      for (let i = g; i < end; i += sparse) {
-        const zero = isZeroRange(buffer, words, i, Math.min(end, i + sparse));
-        if (zero && runStart >= 0) run(i);
-        else if (!zero && runStart < 0) runStart = i;
-      }
-    }
-    if (runStart >= 0) run(length);
-    const written = Promise.all(writes).then(() => buffer);
+    const end = offset + length;
+    const written = writeSparse(
+      // Started, not awaited: a file runs a buffer's writes in order on
+      // its I/O thread while the next buffer is decoded.
+      (at, bytes) => {
+        const write = sink.write(at, bytes);
+        write.catch(() => {}); // answered below, once all are started
+        writes.push(write);
+        return Promise.resolve();
+      },
+      offset,
+      buffer.subarray(0, length),
+      sparse,
+      // A zero run (never written): the granules it covers whole are
+      // zero in the map, and so is the last one where its part within
+      // the file is. (`offset` is a multiple of the buffer's size: the
+      // granules line up.)
+      (at, n) => {
+        for (let g = Math.ceil(at / GRANULE); g * GRANULE < at + n; g++) {
+          if (Math.min((g + 1) * GRANULE, end) <= at + n) zeros.set(g);
+        }
+        return Promise.resolve();
+      },
+    ).then(() => Promise.all(writes)).then(() => buffer);
     written.catch(() => {}); // answered when the buffer is taken again, or at the end
     busy.push(written);
   };

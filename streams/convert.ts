@@ -9,6 +9,7 @@
 import { isZeroRange, wordsOf } from "../drivers/_binary.ts";
 import { loadDriver } from "../drivers/_catalog.ts";
 import { checkWriteOptions } from "./options.ts";
+import { writeSparse } from "./_sparse.ts";
 import type { SalvagedRun } from "./salvage.ts";
 import { type Sha256, sha256 } from "./_sha256.ts";
 import { BackingFileError } from "./errors.ts";
@@ -1014,56 +1015,6 @@ async function writeRuns(
     i = end;
   }
   if (runStart >= 0) await flush(within.length);
-  return written;
-}
-
-/**
- * Writes the non-zero parts of `bytes`, skipping all-zero granules of
- * `granule` bytes (aligned to the disk). Returns the bytes written.
- */
-async function writeSparse(
-  write: (offset: number, bytes: Uint8Array) => Promise<void>,
-  offset: number,
-  bytes: Uint8Array,
-  granule: number,
-  zeroFill?: (offset: number, length: number) => Promise<void>,
-): Promise<number> {
-  if (granule <= 0) {
-    await write(offset, bytes);
-    return bytes.length;
-  }
-  let written = 0;
-  let runStart = -1;
-  let zeroStart = -1;
-  const words = wordsOf(bytes);
-  for (let i = 0; i < bytes.length;) {
-    const end = Math.min(
-      bytes.length,
-      (Math.floor((offset + i) / granule) + 1) * granule - offset,
-    );
-    const zero = isZeroRange(bytes, words, i, end);
-    if (!zero && runStart < 0) {
-      runStart = i;
-      if (zeroStart >= 0) {
-        await zeroFill!(offset + zeroStart, i - zeroStart);
-        zeroStart = -1;
-      }
-    }
-    if (zero && runStart >= 0) {
-      await write(offset + runStart, bytes.subarray(runStart, i));
-      written += i - runStart;
-      runStart = -1;
-    }
-    if (zero && zeroFill && zeroStart < 0) zeroStart = i;
-    i = end;
-  }
-  if (runStart >= 0) {
-    await write(offset + runStart, bytes.subarray(runStart));
-    written += bytes.length - runStart;
-  }
-  if (zeroStart >= 0) {
-    await zeroFill!(offset + zeroStart, bytes.length - zeroStart);
-  }
   return written;
 }
 

@@ -10,11 +10,15 @@ import {
   ImageFormatError,
   memorySink,
   open,
+  type Source,
   type UnpackTarget,
 } from "../mod.ts";
+import { openCompressed } from "../streams/compressed.ts";
+import { fileDataRanges } from "../streams/_file_copy.ts";
 import {
   cli,
   countingSource,
+  pseudoRandom,
   rejects,
   run,
   sha256File,
@@ -443,4 +447,102 @@ Deno.test(
       await image.close?.();
     }
   },
+);
+
+/**
+ * 10 MiB + 1000 bytes: random bytes with zero runs of every kind (whole
+ * 64 KiB granules across a 4 MiB buffer's end, a 4 KiB block inside
+ * data, 8 KiB that cover one whole block only, and the last 64 KiB and
+ * 1000 bytes).
+ */
+function holedDisk(): Uint8Array<ArrayBuffer> {
+  const MIB = 1 << 20;
+  const disk = pseudoRandom(10 * MIB + 1000, 31);
+  disk.fill(0, 3.5 * MIB, 5 * MIB);
+  disk.fill(0, 6 * MIB + 8192, 6 * MIB + 12288);
+  disk.fill(0, 7 * MIB + 2048, 7 * MIB + 10240);
+  disk.fill(0, 10 * MIB - 65536);
+  return disk;
+}
+
+Deno.test(
+  "a compressed disk decoded into its output writes every 4 KiB block that holds data and no other, and maps its 64 KiB zero granules as zero",
+  { ignore: skip(["gzip"]) },
+  async () => {
+    const disk = holedDisk();
+    const packed = await pack("gzip", ["-c"], disk);
+    const memory = memorySink();
+    const block = 4096;
+    const written = new Uint8Array(Math.ceil(disk.length / block));
+    const sink = Object.assign(Object.create(memory), {
+      write(offset: number, bytes: Uint8Array) {
+        for (let b = offset / block; b * block < offset + bytes.length; b++) {
+          written[b] = 1;
+        }
+        return memory.write(offset, bytes);
+      },
+    });
+    const target: UnpackTarget = { open: () => Promise.resolve(sink) };
+    // The decoded bytes as the inner image sees them, with their map.
+    let decoded: Source | undefined;
+    const image = await openCompressed(
+      fromBytes(packed),
+      "gzip",
+      { unpackTo: target },
+      (bytes) => open(decoded = bytes, { format: "raw" }),
+    );
+    try {
+      assertEquals(target.outcome, "raw");
+      assertEquals(sha256Hex(memory.bytes()), sha256Hex(disk));
+      const data = Array.from(
+        written,
+        (_, b) =>
+          disk.subarray(b * block, (b + 1) * block).some((x) => x !== 0)
+            ? 1
+            : 0,
+      );
+      assertEquals([...written], data);
+      // The map the decode kept: its 64 KiB granules that are all zeros
+      // (the last one's part within the disk).
+      const zero: [number, number][] = [];
+      for await (const e of decoded!.extents!(0, disk.length)) {
+        if (e.kind === "zero") zero.push([e.offset, e.offset + e.length]);
+      }
+      const MIB = 1 << 20;
+      assertEquals(zero, [
+        [3.5 * MIB, 5 * MIB],
+        [10 * MIB - (1 << 16), disk.length],
+      ]);
+    } finally {
+      await image.close?.();
+    }
+  },
+);
+
+Deno.test(
+  "the command line converts a .gz with zero runs to a file with the holes cp --sparse=always makes of the disk",
+  { ignore: skip(["gzip", "cp"]) || Deno.build.os !== "linux" },
+  () =>
+    withTemp(async (dir) => {
+      const disk = holedDisk();
+      await Deno.writeFile(`${dir}/disk.img`, disk);
+      await run("cp", ["--sparse=always", `${dir}/disk.img`, `${dir}/cp.raw`]);
+      await run("gzip", [`${dir}/disk.img`]);
+      const r = await cli(["convert", `${dir}/disk.img.gz`, `${dir}/out.raw`]);
+      assertEquals(r.code, 0, r.stderr);
+      assertEquals(await sha256File(`${dir}/out.raw`), sha256Hex(disk));
+      const blocks = async (p: string) => (await Deno.stat(p)).blocks;
+      assertTrue((await blocks(`${dir}/out.raw`))! < disk.length / 512 * 0.9);
+      // The same holes as cp's (st_blocks may differ by an extent-tree
+      // block of the file system's own).
+      const map = (p: string) => {
+        const file = Deno.openSync(p);
+        try {
+          return fileDataRanges(file);
+        } finally {
+          file.close();
+        }
+      };
+      assertEquals(map(`${dir}/out.raw`), map(`${dir}/cp.raw`));
+    }),
 );

@@ -616,3 +616,35 @@ Deno.test(
       }
     }),
 );
+
+Deno.test("opening a .gz reads its head once: the probe's bytes also tell its compression", async () => {
+  const disk = pseudoRandom(64 << 10, 41);
+  const packed = new Uint8Array(
+    await new Response(
+      new Blob([disk]).stream().pipeThrough(new CompressionStream("gzip")),
+    ).arrayBuffer(),
+  );
+  const inner = fromBytes(packed);
+  const reads: [number, number][] = [];
+  const source = {
+    size: inner.size,
+    read(offset: number, length: number) {
+      reads.push([offset, length]);
+      return inner.read(offset, length);
+    },
+  };
+  const image = await open(source);
+  try {
+    assertEquals(image.details?.file_compression, "gzip");
+    assertEquals(await image.read(0, disk.length), disk);
+    // The probe's head, and no second look at the first 16 bytes.
+    const heads = reads.filter(([offset]) => offset === 0);
+    assertTrue(heads.length >= 1, JSON.stringify(reads));
+    assertTrue(
+      !heads.some(([, length]) => length === 16),
+      JSON.stringify(reads),
+    );
+  } finally {
+    await image.close?.();
+  }
+});

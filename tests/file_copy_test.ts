@@ -24,6 +24,7 @@ import {
   descriptorsOf,
   fileDataRanges,
   kernelCopier,
+  type KernelCopierOptions,
 } from "../streams/_file_copy.ts";
 import {
   pseudoRandom,
@@ -53,6 +54,29 @@ async function sparseInput(path: string) {
     await file.write(bytes);
   }
   file.close();
+}
+
+/**
+ * A kernel copier from the file `from` to the file `to`, made (or kept)
+ * and sized to `size`, both open; `done` closes the copier and the files.
+ */
+async function copierBetween(
+  from: string,
+  to: string,
+  size: number,
+  options: KernelCopierOptions,
+) {
+  const input = await Deno.open(from);
+  const output = await Deno.open(to, { read: true, write: true, create: true });
+  await output.truncate(size);
+  const copier = kernelCopier(input.statSync(), output.statSync(), options);
+  assertTrue(copier !== undefined, "no kernel copier on Linux with FFI");
+  const done = async () => {
+    await copier.close();
+    input.close();
+    output.close();
+  };
+  return { copier, done };
 }
 
 function dataMap(path: string): [number, number][] | undefined {
@@ -1076,39 +1100,43 @@ Deno.test(
 );
 
 Deno.test(
-  "a misaligned kernel copy through the pipe whose input ends early fails with a CopyFailure on the read side, where it ended",
+  "a kernel copy whose input ends early fails with a CopyFailure on the read side that says where it ended: through the pipe (misaligned) and by copy_file_range",
   { ignore: !linux },
   () =>
     withTemp(async (dir) => {
-      await sparseInput(`${dir}/in.raw`);
-      const input = await Deno.open(`${dir}/in.raw`);
-      const output = await Deno.open(`${dir}/out.raw`, {
-        read: true,
-        write: true,
-        create: true,
-      });
-      await output.truncate(24 * MIB);
-      const copier = kernelCopier(input.statSync(), output.statSync(), {
-        way: "splice",
-      })!;
-      try {
-        // The data range [5 MiB, 8 MiB) is now known to the copier.
-        assertEquals(copier.copy(5 * MIB + 512, MIB, 0), MIB);
-        await Deno.truncate(`${dir}/in.raw`, 6 * MIB);
-        let failure: unknown;
+      // The input 512 bytes later than the output for the pipe.
+      for (
+        const [way, shift] of [["splice", 512], ["copy_file_range", 0]] as const
+      ) {
+        await sparseInput(`${dir}/in.raw`);
+        const { copier, done } = await copierBetween(
+          `${dir}/in.raw`,
+          `${dir}/${way}.raw`,
+          24 * MIB,
+          { way },
+        );
         try {
-          copier.copy(5 * MIB + 512, 2 * MIB, 4 * MIB);
-        } catch (e) {
-          failure = e;
+          // The data range [5 MiB, 8 MiB) is now known to the copier.
+          assertEquals(copier.copy(5 * MIB + shift, MIB, 5 * MIB), MIB);
+          await Deno.truncate(`${dir}/in.raw`, 6 * MIB + 1000);
+          let failure: unknown;
+          try {
+            copier.copy(5 * MIB + shift, 2 * MIB, 5 * MIB);
+          } catch (e) {
+            failure = e;
+          }
+          assertTrue(failure instanceof CopyFailure, `${way}: ${failure}`);
+          assertEquals(failure.side, "read");
+          assertEquals(failure.endedAt, 6 * MIB + 1000, way);
+          assertTrue(
+            failure.message.includes(`the file ended at ${6 * MIB + 1000}`),
+            failure.message,
+          );
+          const { splice, copyFileRange } = copier.copied;
+          assertTrue((way === "splice" ? splice : copyFileRange) > MIB, way);
+        } finally {
+          await done();
         }
-        assertTrue(failure instanceof CopyFailure, String(failure));
-        assertEquals(failure.side, "read");
-        assertEquals(failure.endedAt, 6 * MIB);
-        assertTrue(copier.copied.splice >= 2 * MIB - 512);
-      } finally {
-        await copier.close();
-        input.close();
-        output.close();
       }
     }),
 );
@@ -1338,4 +1366,57 @@ await copier.close();`,
       assertEquals(failed.errno, 27, r.text);
       assertTrue(/errno 27/.test(failed.message), failed.message);
     }),
+);
+
+Deno.test(
+  "files on two file systems (tmpfs to ext4: EXDEV) that take no copy_file_range are copied by reads and writes instead, by every way that tries the kernel",
+  { ignore: !linux },
+  async () => {
+    let shm: string;
+    try {
+      shm = await Deno.makeTempDir({ dir: "/dev/shm", prefix: "vdisk-test-" });
+    } catch {
+      return; // no /dev/shm here
+    }
+    try {
+      await withTemp(async (dir) => {
+        // 12 MiB of data after a 1 MiB hole, in /dev/shm.
+        const bytes = new Uint8Array(13 * MIB);
+        bytes.set(pseudoRandom(12 * MIB, 21), MIB);
+        const file = await Deno.open(`${shm}/in.raw`, {
+          write: true,
+          create: true,
+        });
+        await file.truncate(13 * MIB);
+        await file.seek(MIB, Deno.SeekMode.Start);
+        for (let at = MIB; at < bytes.length;) {
+          at += await file.write(bytes.subarray(at));
+        }
+        file.close();
+        for (const way of ["copy_file_range", "auto"] as const) {
+          const { copier, done } = await copierBetween(
+            `${shm}/in.raw`,
+            `${dir}/${way}.raw`,
+            13 * MIB,
+            { way },
+          );
+          try {
+            // "auto" (ext4: measured) tries the kernel at the fifth
+            // segment of a MiB or more: pieces of 2 MiB.
+            for (let at = 0; at < 13 * MIB; at += 2 * MIB) {
+              const length = Math.min(2 * MIB, 13 * MIB - at);
+              copier.copy(at, length, at);
+            }
+          } finally {
+            await done();
+          }
+          assertEquals(copier.copied.copyFileRange, 0, way);
+          assertEquals(copier.copied.readWrite, 12 * MIB, way);
+          assertEquals(await Deno.readFile(`${dir}/${way}.raw`), bytes, way);
+        }
+      });
+    } finally {
+      await Deno.remove(shm, { recursive: true });
+    }
+  },
 );

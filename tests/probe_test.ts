@@ -26,12 +26,14 @@ import {
   fromFile,
   ImageFormatError,
   KeyError,
+  loadDriver,
   memorySink,
   open,
   probe,
   probedRawWarning,
   ProbedRawWriteError,
   qcow,
+  UnknownFormatError,
   UnsupportedError,
   vmdk,
   vpc,
@@ -736,6 +738,20 @@ Deno.test("formats() lists the readers; formats({ recognised: true }) adds the r
       !d.create && !d.encode
     ),
   );
+});
+
+Deno.test("an unknown format name is the same UnknownFormatError from driver() and loadDriver(), naming every known format", async () => {
+  const loaded = await rejects(
+    () => loadDriver("floppy"),
+    UnknownFormatError,
+    /^unknown format 'floppy' \(known: cloop, .*, raw\)$/,
+  );
+  const found = await rejects(
+    () => Promise.resolve().then(() => driver("floppy")),
+    UnknownFormatError,
+  );
+  assertEquals(found.message, loaded.message);
+  assertEquals(driver("qcow2").name, "qcow2");
 });
 
 Deno.test("the catalog (probing without loading drivers) lists the drivers' names, order and probes, and loads each one", async () => {

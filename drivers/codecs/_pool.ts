@@ -390,19 +390,17 @@ export class CodecPool {
       this.#pending.set(id, {
         resolve: (data) => resolve(data as never),
         reject: () => resolve(null),
-        codec: "batch",
+        codec: "spread",
         whole: true,
       });
       slot.worker.postMessage(
         {
           id,
-          op: "batchInto",
+          op: "spread",
           input: packed,
           jobs: mine,
           size: 0,
           out,
-          moved: true,
-          crcs: true,
           noCrc: !crc,
         },
         [packed.buffer, out.buffer],

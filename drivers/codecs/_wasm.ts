@@ -243,8 +243,8 @@ export function acquireWasm(): WasmInstance | undefined {
  * An instance for a codec that has no TypeScript decoder (zstd): waits
  * for the module to compile where it cannot compile synchronously (a
  * page's main thread), and runs whatever {@linkcode useWasm} says.
- * Answers undefined only where there is no WebAssembly at all. Give it
- * back with {@linkcode releaseWasm}.
+ * Answers undefined only where there is no WebAssembly at all (or the
+ * engine refuses the module). Give it back with {@linkcode releaseWasm}.
  *
  * @returns an instance, or undefined
  *
@@ -255,16 +255,46 @@ export function acquireWasm(): WasmInstance | undefined {
  * if (wasm) releaseWasm(wasm);
  * ```
  */
-export async function acquireWasmAlways(): Promise<WasmInstance | undefined> {
-  const reused = idle.pop();
+export function acquireWasmAlways(): Promise<WasmInstance | undefined> {
+  return acquireFrom(
+    idle,
+    async () => wasmModule() ?? (compiled = await compileNow(moduleBytes())),
+    false,
+  );
+}
+
+/**
+ * `bytes` compiled: synchronously where the engine allows it, else
+ * awaited (a page's main thread may only compile small modules
+ * synchronously); null where the engine refuses them.
+ */
+async function compileNow(
+  bytes: Uint8Array<ArrayBuffer>,
+): Promise<WebAssembly.Module | null> {
+  try {
+    return new WebAssembly.Module(bytes);
+  } catch {
+    return await WebAssembly.compile(bytes).catch(() => null);
+  }
+}
+
+/**
+ * What both awaiting acquires do ({@linkcode acquireWasmAlways},
+ * {@linkcode acquireZstdWasm}): an instance from `spare` (idle ones of
+ * the build), else a new one of the module `module` answers (compiled
+ * now where need be), or undefined where there is no WebAssembly or no
+ * module.
+ */
+async function acquireFrom(
+  spare: WasmInstance[],
+  module: () => Promise<WebAssembly.Module | null | undefined>,
+  simd: boolean,
+): Promise<WasmInstance | undefined> {
+  const reused = spare.pop();
   if (reused) return reused;
   if (typeof WebAssembly !== "object") return undefined;
-  let module = wasmModule();
-  if (!module) {
-    module = await WebAssembly.compile(moduleBytes());
-    compiled = module;
-  }
-  return new WasmInstance(module);
+  const compiled = await module();
+  return compiled ? new WasmInstance(compiled, simd) : undefined;
 }
 
 /** The zstd SIMD module: compiled, null where the engine refuses it, undefined before the first try. */
@@ -292,24 +322,16 @@ const simdIdle: WasmInstance[] = [];
  * ```
  */
 export async function acquireZstdWasm(): Promise<WasmInstance | undefined> {
-  if (simdEnabled) {
-    const reused = simdIdle.pop();
-    if (reused) return reused;
-    if (simdCompiled === undefined && typeof WebAssembly === "object") {
-      simdCompiled = null;
-      const bytes = moduleBytes(WASM_ZSTD_SIMD_BASE64);
-      if (WebAssembly.validate(bytes)) {
-        try {
-          simdCompiled = new WebAssembly.Module(bytes);
-        } catch {
-          // Too big to compile synchronously here (a page's main thread).
-          simdCompiled = await WebAssembly.compile(bytes).catch(() => null);
-        }
+  const simd = simdEnabled &&
+    await acquireFrom(simdIdle, async () => {
+      if (simdCompiled === undefined) {
+        simdCompiled = null; // tried once
+        const bytes = moduleBytes(WASM_ZSTD_SIMD_BASE64);
+        if (WebAssembly.validate(bytes)) simdCompiled = await compileNow(bytes);
       }
-    }
-    if (simdCompiled) return new WasmInstance(simdCompiled, true);
-  }
-  return await acquireWasmAlways();
+      return simdCompiled;
+    }, true);
+  return simd || await acquireWasmAlways();
 }
 
 /**

@@ -34,24 +34,18 @@ interface Codec {
 /** What the pool sends. */
 interface Job {
   id: number;
-  op: "decode" | "encode" | "batchInto" | "clusters";
+  op: "decode" | "encode" | "batchInto" | "spread" | "clusters";
   codec: string;
   input: Uint8Array;
   size: number;
-  /** For a batch: five numbers per chunk (see `CodecPool.batchInto`). */
+  /** For a batch or a spread: five numbers per chunk (see `CodecPool.batchInto`). */
   jobs?: number[];
   /** For `batchInto`: where the chunks go (shared with the caller). */
   out?: Uint8Array;
-  /** For a batch: answer zeros for the CRCs (the caller checks none). */
+  /** For a batch: answer zeros for the CRCs (the caller checks none); for a spread, none. */
   noCrc?: boolean;
   /** For `batchInto`: `out` was moved here, not shared; move it back filled, no CRCs. */
   moved?: boolean;
-  /**
-   * For a moved `batchInto` (`CodecPool.spread`): answer two CRC-32s per
-   * chunk, of its decoded and of its packed bytes, and move the input
-   * back too (the pool reuses it).
-   */
-  crcs?: boolean;
   /** For `clusters`: the compression (see `_clusters.ts`). */
   kind?: number;
 }
@@ -195,7 +189,10 @@ async function spread(
 
 scope.onmessage = async (e: MessageEvent<Job>) => {
   const { id, op, codec, input, size } = e.data;
-  if (op === "batchInto" && e.data.crcs) {
+  if (op === "spread") {
+    // `out` was moved here: it goes back filled, with two CRC-32s per
+    // chunk (of its decoded and of its packed bytes), and the input too
+    // (the pool reuses both).
     const out = e.data.out!;
     try {
       const crcs = await spread(input, e.data.jobs ?? [], out, e.data.noCrc);

@@ -15,6 +15,7 @@ import {
   setBe32,
   setBe64,
 } from "../_binary.ts";
+import { QCOW_MAGIC } from "../_signatures.ts";
 import { checkWriteOptions, optionErrors } from "../../streams/options.ts";
 import { KeyError } from "../../streams/errors.ts";
 import type { SectorCipher } from "../../streams/types.ts";
@@ -302,7 +303,7 @@ export interface HeaderFields {
 export function headerCluster(s: Qcow2Settings, f: HeaderFields): Uint8Array {
   const clusterSize = 2 ** s.clusterBits;
   const b = new Uint8Array(clusterSize);
-  setBe32(b, 0, 0x514649fb);
+  setBe32(b, 0, QCOW_MAGIC);
   setBe32(b, 4, s.version);
   setBe32(b, 20, s.clusterBits);
   setBe64(b, 24, f.size);
