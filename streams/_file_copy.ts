@@ -498,21 +498,24 @@ export function kernelCopier(
    */
   const pick = (): ["readWrite" | "kernel", number] => {
     if (kernelFor === "none") return ["readWrite", Infinity];
-    const best = msPerMiB.readWrite <= msPerMiB.kernel ||
-        isNaN(msPerMiB.kernel)
-      ? "readWrite"
-      : "kernel";
+    const best = bestWay();
     const other = best === "readWrite" ? "kernel" : "readWrite";
     return since[other] >= EXPLORE_AFTER
       ? [other, TRIAL]
       : [best, SEGMENT * (EXPLORE_AFTER - since[other])];
   };
+  /** The way with the fewest ms per MiB lately. */
+  const bestWay = () =>
+    msPerMiB.readWrite <= msPerMiB.kernel || isNaN(msPerMiB.kernel)
+      ? "readWrite"
+      : "kernel";
   const record = (
     way: "readWrite" | "kernel",
     bytes: number,
     ms: number,
   ) => {
     if (bytes < 1 << 20) return; // too short to time
+    const was = bestWay();
     // A long segment counts as the 16 MiB segments it holds.
     since[way === "readWrite" ? "kernel" : "readWrite"] += Math.max(
       1,
@@ -521,6 +524,11 @@ export function kernelCopier(
     since[way] = 0;
     const rate = ms / (bytes / (1 << 20));
     msPerMiB[way] = isNaN(msPerMiB[way]) ? rate : (msPerMiB[way] + rate) / 2;
+    // A trial that took over (perhaps the other's last segment was slowed
+    // by a preemption) is checked again after 4 segments, not 16: a wrong
+    // switch to one thread of the kernel's copy cost 200 MiB of the
+    // bench's vhdx at that speed.
+    if (bestWay() !== was) since[was] = EXPLORE_AFTER - 4;
   };
   // The copy buffer: mapped at the first read and write; null where none
   // can be had (copy_file_range then copies everything).
@@ -847,9 +855,12 @@ type Range = readonly [start: number, end: number, at: number];
 
 /**
  * A helper idle this long is ended: a worker keeps the process alive, and
- * a copier whose file is never closed must not.
+ * a copier whose file is never closed must not. Long enough to outlast a
+ * stretch of kernel copies (64 MiB segments, 20 ms each): ended after
+ * 100 ms there, the helper was not back for the trial of reads and
+ * writes, which then timed one thread and left the kernel's way on.
  */
-const HELPER_IDLE_MS = 100;
+const HELPER_IDLE_MS = 1000;
 /** Whether a copy worker failed to load in this process (none is started again). */
 let workerFails = false;
 

@@ -1305,7 +1305,7 @@ await copier.close();`,
         assertEquals(copied.readWrite, 3 * (4 * MIB + 4096), kind);
         assertEquals(copied.shared, 0, kind);
         // A worker that failed to load is not started again (one that
-        // never answers is ended when idle, 100 ms, and started again).
+        // never answers is ended when idle for 1 s, and started again).
         if (kind === "missing") assertEquals(copied.made, 1, r.stderr);
         assertEquals(
           await sha256File(`${dir}/out-${kind}.raw`),
