@@ -399,6 +399,8 @@ const SEGMENT = 16 << 20;
  * thread against reads and writes on two, were 10 ms of 0.18 s).
  */
 const TRIAL = 4 << 20;
+/** How much faster (ms per MiB) the other way must have copied to take over. */
+const SWITCH_GAIN = 1.25;
 /** Timed segments copied one way before one tries the other again. */
 const EXPLORE_AFTER = 16;
 /**
@@ -484,13 +486,19 @@ export function kernelCopier(
       ? "aligned"
       : "measured";
   // "measured": each segment goes the way that has copied fastest lately
-  // (ms per MiB, the mean of the last sample and the ones before), and
+  // (ms per MiB, the mean of the last sample and the ones before; see
+  // `current`), and
   // after EXPLORE_AFTER timed segments one way one tries the other (a
   // dynamic VHD's blocks are taken together into segments of 16 MiB), so
   // a sample slowed by a preemption is not believed for long. Reads and
   // writes start; copy_file_range is tried at the fifth segment.
   const msPerMiB = { readWrite: NaN, kernel: NaN };
   const since = { readWrite: 0, kernel: EXPLORE_AFTER - 4 };
+  // The way segments take: the other takes over only when it copied a
+  // quarter faster (fewer ms per MiB by that much): a 4 MiB trial is a
+  // short sample, and a long segment of the two threads slowed by another
+  // process's turn made single trials of the kernel look faster.
+  let current: "readWrite" | "kernel" = "readWrite";
   /**
    * The way for the next segment and its bytes: `TRIAL` to try the way
    * that copied slower lately, else the segments until the next trial
@@ -498,24 +506,19 @@ export function kernelCopier(
    */
   const pick = (): ["readWrite" | "kernel", number] => {
     if (kernelFor === "none") return ["readWrite", Infinity];
-    const best = bestWay();
+    const best = current;
     const other = best === "readWrite" ? "kernel" : "readWrite";
     return since[other] >= EXPLORE_AFTER
       ? [other, TRIAL]
       : [best, SEGMENT * (EXPLORE_AFTER - since[other])];
   };
-  /** The way with the fewest ms per MiB lately. */
-  const bestWay = () =>
-    msPerMiB.readWrite <= msPerMiB.kernel || isNaN(msPerMiB.kernel)
-      ? "readWrite"
-      : "kernel";
   const record = (
     way: "readWrite" | "kernel",
     bytes: number,
     ms: number,
   ) => {
     if (bytes < 1 << 20) return; // too short to time
-    const was = bestWay();
+    const was = current;
     // A long segment counts as the 16 MiB segments it holds.
     since[way === "readWrite" ? "kernel" : "readWrite"] += Math.max(
       1,
@@ -524,11 +527,12 @@ export function kernelCopier(
     since[way] = 0;
     const rate = ms / (bytes / (1 << 20));
     msPerMiB[way] = isNaN(msPerMiB[way]) ? rate : (msPerMiB[way] + rate) / 2;
-    // A trial that took over (perhaps the other's last segment was slowed
-    // by a preemption) is checked again after 4 segments, not 16: a wrong
-    // switch to one thread of the kernel's copy cost 200 MiB of the
+    const other = was === "readWrite" ? "kernel" : "readWrite";
+    if (msPerMiB[other] * SWITCH_GAIN < msPerMiB[was]) current = other;
+    // A trial that took over is checked again after 4 segments, not 16: a
+    // wrong switch to one thread of the kernel's copy cost 200 MiB of the
     // bench's vhdx at that speed.
-    if (bestWay() !== was) since[was] = EXPLORE_AFTER - 4;
+    if (current !== was) since[was] = EXPLORE_AFTER - 4;
   };
   // The copy buffer: mapped at the first read and write; null where none
   // can be had (copy_file_range then copies everything).
