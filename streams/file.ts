@@ -411,7 +411,7 @@ const ASYNC_WRITE_MIN = 256 << 10;
  * 2 MiB boundary lets ext4 (kernel 6.18) put it in one 2 MiB folio of the
  * page cache, whose allocation now and then compacts memory first: 485
  * MiB written in 2 MiB calls took 0.11 s of system time in some runs and
- * 0.66-1.18 s in others (4 runs of 5), in 1 MiB calls 0.11-0.13 s in
+ * 0.66-1.18 s in others (4 of 8), in 1 MiB calls 0.11-0.13 s in
  * every run (512 KiB: 0.14-0.15 s, more calls). The bench's compressed
  * qcow2 writes its decoded clusters 2 MiB at a time.
  */
