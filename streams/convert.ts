@@ -510,8 +510,11 @@ function kernelCopyPlan(
  * unallocated runs of an image without a parent are left as holes of the
  * sized output; everything else (compressed clusters, a parent's runs, a
  * range the sink refuses after others were copied) is read through
- * `source` and written. Returns the data bytes written, or `undefined`
- * (nothing written) when the sink cannot copy from that file.
+ * `source` and written. The copies wait in a queue (the map is read up
+ * to 1024 runs ahead) and are done while the oldest block read is still
+ * being decoded, then at the end. Returns the data bytes written, or
+ * `undefined` (nothing written) when the sink cannot copy from that
+ * file.
  *
  * `deno task bench raw qcow2 vpc vdi vhdx qed`: see the README's Speed table.
  */
