@@ -463,8 +463,12 @@ export async function convert(
   };
 }
 
-/** Bytes handed to a sink's `copyRange` at a time (progress and abort between). */
+/** Bytes handed to a sink's `copyRanges` (or `copyRange`) at a time (progress and abort between). */
 const COPY_CHUNK = 64 << 20;
+/** Bytes the kernel copies at a time while a block is decoded (the block is written between). */
+const COPY_PIECE = 4 << 20;
+/** Runs of the allocation map taken ahead of the reads, and copies waiting, at most. */
+const MAX_AHEAD = 1024;
 
 /**
  * What a sink may copy itself from under `source`: the file that holds the
@@ -507,8 +511,11 @@ function kernelCopyPlan(
  * unallocated runs of an image without a parent are left as holes of the
  * sized output; everything else (compressed clusters, a parent's runs, a
  * range the sink refuses after others were copied) is read through
- * `source` and written. Returns the data bytes written, or `undefined`
- * (nothing written) when the sink cannot copy from that file.
+ * `source` and written. The copies wait in a queue (the map is read up
+ * to 1024 runs ahead) and are done while the oldest block read is still
+ * being decoded, then at the end. Returns the data bytes written, or
+ * `undefined` (nothing written) when the sink cannot copy from that
+ * file.
  *
  * `deno task bench raw qcow2 vpc vdi vhdx qed`: see the README's Speed table.
  */
@@ -533,34 +540,120 @@ async function copyInKernel(
   let started = false;
   let dataBytes = 0;
   let lastYield = performance.now();
-  // Progress only grows, though a copy may end before earlier blocks do.
-  let reached = 0;
-  const progress = (at: number) => {
-    reached = Math.max(reached, at);
-    options.onProgress?.(reached, total);
+  // Progress counts the bytes done (copied, written, or left as holes):
+  // the kernel's copies run ahead of the reads they overlap (see below),
+  // so an offset reached would jump to the end early.
+  let done = 0;
+  const progress = (bytes: number) => {
+    done += bytes;
+    options.onProgress?.(Math.min(done, total), total);
+  };
+  /** A turn for timers and signal handlers every 20 ms (see convert's read loop). */
+  const turn = async () => {
+    options.signal?.throwIfAborted();
+    if (performance.now() - lastYield >= 20) {
+      await nextTurn();
+      lastYield = performance.now();
+    }
   };
   // Runs read through `source` (compressed clusters, a parent's runs) are
   // read a block at a time with up to `concurrency` blocks in flight,
-  // written in order; the kernel's copies of the runs between them go on
-  // meanwhile. One block at a time left the decode workers idle while
-  // this thread wrote each block and read the next one: the bench's zlib
-  // qcow2 (one 2 MiB read, two jobs of about 0.5 MiB packed) kept two
+  // written in order. One block at a time left the decode workers idle
+  // while this thread wrote each block and read the next one: the bench's
+  // zlib qcow2 (one 2 MiB read, two jobs of about 0.5 MiB packed) kept two
   // cores 60 % busy.
   const inFlight: {
     offset: number;
     bytes: Promise<Uint8Array>;
     buffer: Uint8Array;
+    ready: boolean;
   }[] = [];
   const spares: Uint8Array[] = [];
   const writes = new WriteChain();
-  /** Writes the oldest block read once it is there (see {@linkcode WriteChain}). */
+  // The kernel's copies wait in `copies` (runs the allocation map gave,
+  // up to MAX_AHEAD runs ahead of the reads) and are done while this
+  // thread would wait for a block the workers decode: a compressed qcow2
+  // whose plain clusters (incompressible data) come after its compressed
+  // ones otherwise copied them alone at the end, the workers idle (the
+  // bench's zstd qcow2: 256 MiB, 0.1 s of one core, after the decoding).
+  const copies: { from: number; length: number; to: number }[] = [];
+  /** Read runs (and holes) taken from the map, not yet started. */
+  const ahead: Extent[] = [];
+  const iterator = (async function* () {
+    yield* runs;
+  })();
+  let mapDone = false;
+  /**
+   * Copies up to `most` bytes of the oldest copies waiting, in one call
+   * where the sink takes several ranges (a dynamic VHD's 2 MiB blocks,
+   * each its own run: the file adapter shares a call's pieces with its
+   * second thread, and shared one block at a time they were slower than
+   * one thread); reads them where the sink refuses.
+   */
+  const copyNext = async (most = COPY_CHUNK) => {
+    const ranges: CopyRange[] = [];
+    let bytes = 0;
+    while (copies.length && bytes < most) {
+      const c = copies[0];
+      const length = Math.min(most - bytes, c.length);
+      ranges.push([c.from, length, c.to]);
+      bytes += length;
+      c.from += length, c.to += length, c.length -= length;
+      if (c.length === 0) copies.shift();
+    }
+    const copied = copier.copyRanges
+      ? await copier.copyRanges(file, ranges)
+      : await eachRange(ranges);
+    if (copied === undefined) {
+      for (const [, length, to] of ranges) await readAndWrite(to, length);
+    } else {
+      dataBytes += copied;
+    }
+    progress(bytes);
+    await turn();
+  };
+  /**
+   * `copyRange` for each of `ranges`, for a sink without `copyRanges`: a
+   * range it refuses is read and written.
+   */
+  const eachRange = async (ranges: CopyRange[]) => {
+    let copied = 0;
+    for (const [from, length, to] of ranges) {
+      const n = await copier.copyRange(file, from, length, to);
+      if (n === undefined) await readAndWrite(to, length);
+      else copied += n;
+    }
+    return copied;
+  };
+  /**
+   * A range the sink refused to copy, after others were copied: read
+   * through `source` and written, a block at a time (no block of the
+   * pipeline is taken, so it can run while blocks wait).
+   */
+  const readAndWrite = async (offset: number, length: number) => {
+    const buffer = new Uint8Array(Math.min(blockSize, length));
+    for (let at = offset; at < offset + length; at += buffer.length) {
+      const into = buffer.subarray(
+        0,
+        Math.min(buffer.length, offset + length - at),
+      );
+      await readInto(source, at, into);
+      await writes.add(async () => {
+        dataBytes += await writeSparse(write, at, into, 4096);
+      });
+      await writes.done();
+    }
+  };
+  /** Writes the oldest block read once it is there, copying meanwhile (see {@linkcode WriteChain}). */
   const writeOldest = async () => {
-    const block = inFlight.shift()!;
+    const block = inFlight[0];
+    while (!block.ready && copies.length) await copyNext(COPY_PIECE);
+    inFlight.shift();
     const bytes = await block.bytes;
     await writes.add(async () => {
       dataBytes += await writeSparse(write, block.offset, bytes, 4096);
       spares.push(block.buffer);
-      progress(block.offset + bytes.length);
+      progress(bytes.length);
     });
   };
   /** Reads `[offset, offset + length)` through `source`, blocks aligned to `blockSize` on the disk. */
@@ -574,9 +667,14 @@ async function copyInKernel(
       if (inFlight.length >= concurrency) await writeOldest();
       const buffer = spares.pop() ?? sharedBlock(blockSize);
       const into = buffer.subarray(0, next - at);
-      const bytes = readInto(source, at, into).then(() => into);
-      bytes.catch(() => {}); // observed when its turn comes
-      inFlight.push({ offset: at, bytes, buffer });
+      const block = {
+        offset: at,
+        bytes: readInto(source, at, into).then(() => into),
+        buffer,
+        ready: false,
+      };
+      block.bytes.then(() => block.ready = true, () => block.ready = true);
+      inFlight.push(block);
       at = next;
     }
   };
@@ -584,6 +682,7 @@ async function copyInKernel(
     // The sink refused the first copy: nothing was written.
     if (!await copyRuns()) return undefined;
     while (inFlight.length) await writeOldest();
+    while (copies.length) await copyNext();
     await writes.done();
   } finally {
     // A failure leaves no read running into a buffer, nor a write from
@@ -593,83 +692,73 @@ async function copyInKernel(
   }
   return dataBytes;
 
-  /** Copies or reads every run; false when the sink refused the first copy. */
-  async function copyRuns(): Promise<boolean> {
-    // Runs the sink copies itself, gathered up to COPY_CHUNK bytes for one
-    // call (a dynamic VHD's 2 MiB blocks, each its own run: the file
-    // adapter shares a call's pieces with its second thread).
-    let batch: CopyRange[] = [];
-    let batchBytes = 0;
-    // Where the disk is done once the batch is copied (holes after it).
-    let batchEnd = 0;
-    /** Copies the batch; false when the sink refused the first copy. */
-    const flush = async (): Promise<boolean> => {
-      if (!batch.length) return true;
-      const ranges = batch;
-      batch = [];
-      batchBytes = 0;
-      const copied = copier.copyRanges
-        ? await copier.copyRanges(file, ranges)
-        : await eachRange(ranges);
-      if (copied === undefined) {
-        if (!started) return false;
-        for (const [, length, at] of ranges) await copyByReading(at, length);
-      } else {
-        dataBytes += copied;
+  /**
+   * Takes runs from the map until MAX_AHEAD read runs wait: copies are
+   * queued (the first one is tried at once: false when the sink refused
+   * it), holes counted. False when the sink refused the first copy.
+   */
+  async function fill(): Promise<boolean> {
+    while (!mapDone && ahead.length < MAX_AHEAD) {
+      const next = await iterator.next();
+      if (next.done) {
+        mapDone = true;
+        break;
       }
-      started = true;
-      progress(batchEnd);
-      // A turn for timers and signal handlers every 20 ms, as in the read
-      // loop, not after each copy: a turn after each 2 MiB block of a
-      // dynamic VHD was 437 WebCrypto round trips for the bench disk.
-      if (performance.now() - lastYield >= 20) {
-        await nextTurn();
-        lastYield = performance.now();
-      }
-      return true;
-    };
-    /**
-     * `copyRange` for each range, for a sink without `copyRanges`: those
-     * it refuses after the first are read and written.
-     */
-    const eachRange = async (ranges: CopyRange[]) => {
-      let total: number | undefined;
-      for (const [from, length, at] of ranges) {
-        const copied = await copier.copyRange(file, from, length, at);
-        if (copied === undefined) {
-          if (total === undefined && !started) return undefined;
-          await copyByReading(at, length);
-        } else {
-          total = (total ?? 0) + copied;
-        }
-        started = true;
-      }
-      return total ?? 0;
-    };
-    for await (const run of runs) {
-      options.signal?.throwIfAborted();
+      const run = next.value;
       if (run.kind === "data" && run.fileOffset !== undefined) {
-        for (let at = 0; at < run.length;) {
-          const length = Math.min(COPY_CHUNK - batchBytes, run.length - at);
-          batch.push([run.fileOffset + at, length, run.offset + at]);
-          batchBytes += length;
-          batchEnd = run.offset + at + length;
-          at += length;
-          if (batchBytes >= COPY_CHUNK && !await flush()) return false;
+        if (!started) {
+          // Tried at once: a sink that cannot copy from this file
+          // refuses before anything was written.
+          const length = Math.min(COPY_CHUNK, run.length);
+          const copied = await copier.copyRange(
+            file,
+            run.fileOffset,
+            length,
+            run.offset,
+          );
+          if (copied === undefined) return false;
+          started = true;
+          dataBytes += copied;
+          progress(length);
+          if (length < run.length) {
+            copies.push({
+              from: run.fileOffset + length,
+              length: run.length - length,
+              to: run.offset + length,
+            });
+          }
+        } else {
+          copies.push({
+            from: run.fileOffset,
+            length: run.length,
+            to: run.offset,
+          });
         }
+        // Bounded: past MAX_AHEAD queued copies, the oldest is done now.
+        while (copies.length > MAX_AHEAD) await copyNext();
       } else if (
         run.kind === "data" || (run.kind === "unallocated" && inBacking)
       ) {
-        if (!await flush()) return false;
+        // A copy refused after this is read instead (see copyNext).
         started = true;
-        await copyByReading(run.offset, run.length);
-      } else if (batch.length) {
-        batchEnd = run.offset + run.length;
+        ahead.push(run);
       } else {
-        progress(run.offset + run.length);
+        progress(run.length);
       }
+      await turn();
     }
-    return await flush();
+    return true;
+  }
+
+  /** Reads every read run in disk order, copying while blocks are decoded; false when the sink refused the first copy. */
+  async function copyRuns(): Promise<boolean> {
+    if (!await fill()) return false;
+    while (ahead.length) {
+      const run = ahead.shift()!;
+      await copyByReading(run.offset, run.length);
+      if (!await fill()) return false;
+    }
+    return true;
   }
 }
 

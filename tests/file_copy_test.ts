@@ -449,8 +449,14 @@ for (const format of ["vdi", "vhdx", "qed", "parallels"]) {
         const image = await open(await fromFile(path));
         assertEquals(image.format, format);
         const out = await createOutputFile(`${dir}/out.raw`);
-        // Counts the kernel copies (convert uses the sink's copyRanges).
+        // Counts the kernel copies (convert uses the sink's copyRange
+        // for the first, copyRanges for the rest).
         let copies = 0;
+        const copyRange = out.copyRange.bind(out);
+        out.copyRange = (...args) => {
+          copies++;
+          return copyRange(...args);
+        };
         const copyRanges = out.copyRanges.bind(out);
         out.copyRanges = (...args) => {
           copies++;
@@ -540,7 +546,7 @@ Deno.test(
 );
 
 Deno.test(
-  "vdi blocks that follow each other on the disk and in the file are one kernel copy; a dynamic VHD is one range per block (its sector bitmap lies between blocks), all in one call; nothing is read, holes stay holes",
+  "vdi blocks that follow each other on the disk and in the file are one kernel copy; a dynamic VHD is one range per block (its sector bitmap lies between blocks), all but the first in one call; nothing is read, holes stay holes",
   { ignore: !linux || skip(["qemu-img"]) },
   () =>
     withTemp(async (dir) => {
@@ -577,7 +583,9 @@ Deno.test(
           await qemuRaw(path, dir, format),
         );
         assertEquals(counts.calls, calls, format);
-        assertEquals(counts.batches, 1, format);
+        // The first run alone (a sink that cannot copy from the file
+        // refuses before anything is written), the rest in one call.
+        assertEquals(counts.batches, 2, format);
         assertEquals(counts.copied, 8 * MIB, format);
         assertEquals(counts.written, 0, format);
         assertEquals(result.dataBytes, 8 * MIB);
@@ -996,6 +1004,11 @@ for (const name of ["small", "big", "big"]) {
   const out = await createOutputFile(\`${dir}/\${name}-out.raw\`);
   let copied = 0;
   const sink = Object.assign(Object.create(out), {
+    async copyRange(...args) {
+      const n = await out.copyRange(...args);
+      copied += n ?? 0;
+      return n;
+    },
     async copyRanges(...args) {
       const n = await out.copyRanges(...args);
       copied += n ?? 0;

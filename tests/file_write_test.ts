@@ -199,3 +199,25 @@ Deno.test("a zstd-compressed qcow2 converted to a file through the queued writes
     assertEquals(await sha256File(`${dir}/ours.raw`), sha256Hex(disk));
   });
 });
+
+Deno.test("a queued write of several MiB, unaligned and of odd length, lands whole through its 1 MiB write calls", async () => {
+  await withTemp(async (dir) => {
+    const out = await createOutputFile(`${dir}/out.raw`);
+    try {
+      const bytes = pseudoRandom((3 << 20) + 12345, 21);
+      const expected = new Uint8Array(4097 + bytes.length + 100);
+      expected.set(bytes, 4097);
+      expected.fill(5, expected.length - 100);
+      const big = out.write(4097, bytes);
+      const tail = out.write(expected.length - 100, expected.slice(-100));
+      await Promise.all([big, tail]);
+      await out.commit();
+      assertEquals(
+        await sha256File(`${dir}/out.raw`),
+        sha256Hex(expected),
+      );
+    } finally {
+      await out.abort();
+    }
+  });
+});

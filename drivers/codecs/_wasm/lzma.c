@@ -174,20 +174,22 @@ int lzma_chunk(struct lzma *s, const u8 *in, u32 packed, u8 *out, u32 op,
                  0x300 * (((pos & lp_mask) << lc) + (prev >> (8 - lc)));
       u32 sym = 1;
       if (state < 7) {
-        do {
+        /* Eight bits, a count the compiler unrolls (sym reaches 0x100
+         * after exactly eight). */
+        for (u32 k = 0; k < 8; k++) {
           BIT(lit + sym, sym <<= 1, sym = (sym << 1) | 1);
-        } while (sym < 0x100);
+        }
       } else {
         if (rep0 >= op - lower) return ERR_DISTANCE;
         u32 match_byte = out[op - rep0 - 1];
         u32 offset = 0x100;
-        do {
+        for (u32 k = 0; k < 8; k++) {
           match_byte <<= 1;
           const u32 match_bit = match_byte & offset;
           BIT(lit + offset + match_bit + sym,
               (sym <<= 1, offset &= ~match_bit),
               (sym = (sym << 1) | 1, offset = match_bit));
-        } while (sym < 0x100);
+        }
       }
       out[op++] = (u8)sym;
       state = state < 4 ? 0 : state < 10 ? state - 3 : state - 6;

@@ -88,9 +88,9 @@ typedef struct {
   SeqEntry ll[1 << LL_MAX_LOG];
   SeqEntry ml[1 << ML_MAX_LOG];
   SeqEntry of[1 << OF_MAX_LOG];
-  /* Huffman: symbol << 8 | bits, indexed by the next hufBits bits. */
+  /* Huffman: bits << 8 | symbol, indexed by the next HUF_MAX_BITS bits
+   * whatever the code's longest (see read_tree). */
   u16 huf[1 << HUF_MAX_BITS];
-  u32 hufBits;
   u32 haveHuf;
   u32 llLog, mlLog, ofLog;
   u32 haveLl, haveMl, haveOf;
@@ -409,12 +409,17 @@ static int read_tree(Ctx *c, const u8 *in, u32 len) {
     start[w] = at;
     at += rank[w] << (w - 1);
   }
+  /* The table has 1 << HUF_MAX_BITS entries whatever maxBits (each
+   * code's entries repeated): the decoding loops then index it by the
+   * window's top 12 bits, a shift by a constant (V8 moves every shift
+   * by a variable through cl). */
+  const u32 scale = HUF_MAX_BITS - maxBits;
   for (u32 s = 0; s <= count; s++) {
     const u32 w = weights[s];
     if (!w) continue;
-    const u16 entry = (u16)(s << 8 | (maxBits + 1 - w));
-    const u32 from = start[w], to = from + (1u << (w - 1));
-    if (w >= 3) {
+    const u16 entry = (u16)((maxBits + 1 - w) << 8 | s);
+    const u32 from = start[w] << scale, to = from + (1u << (w - 1 + scale));
+    if (w - 1 + scale >= 2) {
       /* Runs of 4 entries and more: four at a time. */
       const u64 four = entry * 0x0001000100010001ull;
       for (u32 i = from; i < to; i += 4) {
@@ -423,9 +428,8 @@ static int read_tree(Ctx *c, const u8 *in, u32 len) {
     } else {
       for (u32 i = from; i < to; i++) c->huf[i] = entry;
     }
-    start[w] = to;
+    start[w] += 1u << (w - 1);
   }
-  c->hufBits = maxBits;
   c->haveHuf = 1;
   return (int)used;
 }
@@ -436,33 +440,39 @@ static inline long huf_start(const u8 *s, u32 len) {
   return (long)(len - 1) * 8 + high_bit(s[len - 1]);
 }
 
-/* One symbol of a Huffman stream (table, bits, mask in scope). */
+/* One symbol of a Huffman stream (table in scope). */
 #define HUF_SYMBOL(s, pos, out)                                    \
   do {                                                             \
-    const u32 e_ = table[bits_at(s, (pos) - (long)bits, bits)];    \
-    (out) = (u8)(e_ >> 8);                                         \
-    (pos) -= e_ & 0xff;                                            \
+    const u32 e_ = table[bits_at(s, (pos) - HUF_MAX_BITS, HUF_MAX_BITS)]; \
+    (out) = (u8)e_;                                                \
+    (pos) -= e_ >> 8;                                              \
   } while (0)
 
-/* Four symbols from one 56-bit window (pos at least 64). */
+/* One symbol from the top of w_: stored, and its bits shifted out. */
+#define HUF_TOP(w_, out)                                           \
+  do {                                                             \
+    const u32 e_ = table[(w_) >> (64 - HUF_MAX_BITS)];             \
+    (out) = (u8)e_;                                                \
+    (w_) <<= e_ >> 8;                                              \
+  } while (0)
+
+/*
+ * Four symbols (at most 48 bits) from one window holding bit pos - 1 at
+ * bit 63 and at least 56 bits below it (pos at least 64). A marker bit
+ * just below the window's bits counts what the four took (its trailing
+ * zeros), rather than a sum of the four lengths kept across them (V8
+ * spilled those).
+ */
 #define HUF_FOUR(s, pos, out)                                      \
   do {                                                             \
     const long b_ = (pos) - 56;                                    \
-    const u64 w_ = load64((s) + (b_ >> 3)) >> (b_ & 7);            \
-    u32 u_ = 0, e_;                                                \
-    e_ = table[(w_ >> (56 - bits)) & mask];                        \
-    (out)[0] = (u8)(e_ >> 8);                                      \
-    u_ += e_ & 0xff;                                               \
-    e_ = table[(w_ >> (56 - bits - u_)) & mask];                   \
-    (out)[1] = (u8)(e_ >> 8);                                      \
-    u_ += e_ & 0xff;                                               \
-    e_ = table[(w_ >> (56 - bits - u_)) & mask];                   \
-    (out)[2] = (u8)(e_ >> 8);                                      \
-    u_ += e_ & 0xff;                                               \
-    e_ = table[(w_ >> (56 - bits - u_)) & mask];                   \
-    (out)[3] = (u8)(e_ >> 8);                                      \
-    u_ += e_ & 0xff;                                               \
-    (pos) -= u_;                                                   \
+    const u32 sh_ = 8 - (u32)(b_ & 7);                             \
+    u64 w_ = load64((s) + (b_ >> 3)) << sh_ | 1ull << (sh_ - 1);   \
+    HUF_TOP(w_, (out)[0]);                                         \
+    HUF_TOP(w_, (out)[1]);                                         \
+    HUF_TOP(w_, (out)[2]);                                         \
+    HUF_TOP(w_, (out)[3]);                                         \
+    (pos) -= (long)__builtin_ctzll(w_) - (long)(sh_ - 1);          \
   } while (0)
 
 /*
@@ -472,7 +482,6 @@ static inline long huf_start(const u8 *s, u32 len) {
 static int huf_finish(const Ctx *c, const u8 *s, long pos, u8 *out, u32 i,
                       u32 n) {
   const u16 *table = c->huf;
-  const u32 bits = c->hufBits;
   /* Every symbol takes at least one bit. */
   if (pos < (long)(n - i)) return -E_HUF_STREAM;
   for (; i < n; i++) HUF_SYMBOL(s, pos, out[i]);
@@ -483,8 +492,6 @@ static int huf_stream(const Ctx *c, const u8 *s, u32 len, u8 *out, u32 n) {
   long pos = huf_start(s, len);
   if (pos < 0) return -E_HUF_STREAM;
   const u16 *table = c->huf;
-  const u32 bits = c->hufBits;
-  const u32 mask = (1u << bits) - 1;
   u32 i = 0;
   while (pos >= 64 && i + 4 <= n) {
     HUF_FOUR(s, pos, out + i);
@@ -505,8 +512,6 @@ static int huf_four_streams(const Ctx *c, const u8 *s1, u32 l1, const u8 *s2,
        p4 = huf_start(s4, l4);
   if (p1 < 0 || p2 < 0 || p3 < 0 || p4 < 0) return -E_HUF_STREAM;
   const u16 *table = c->huf;
-  const u32 bits = c->hufBits;
-  const u32 mask = (1u << bits) - 1;
   u8 *o1 = out, *o2 = out + seg, *o3 = out + 2 * seg, *o4 = out + 3 * seg;
   u32 i = 0;
   while (p1 >= 64 && p2 >= 64 && p3 >= 64 && p4 >= 64 && i + 4 <= last) {
