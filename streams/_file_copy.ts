@@ -81,7 +81,7 @@ import {
   WORKER_NAME,
 } from "./_file_copy_worker.ts";
 
-export { BUFFER_BYTES, CopyFailure };
+export { CopyFailure };
 
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
@@ -124,7 +124,7 @@ const symbols = {
 } as const;
 
 /** The libc functions this module calls. */
-export type Libc = Deno.DynamicLibrary<typeof symbols>["symbols"];
+type Libc = Deno.DynamicLibrary<typeof symbols>["symbols"];
 
 let libc: Libc | null | undefined;
 
@@ -139,7 +139,7 @@ function ffiAllowed(): boolean {
 }
 
 /** libc's functions, or null where they cannot be had (no FFI permission, not Linux). */
-export function loadLibc(): Libc | null {
+function loadLibc(): Libc | null {
   if (libc !== undefined) return libc;
   libc = null;
   try {
@@ -160,8 +160,9 @@ class Errno extends Error {
     readonly call: string,
     readonly errno: number,
     readonly side: "read" | "write",
+    options?: ErrorOptions,
   ) {
-    super(`${call} failed with errno ${errno}`);
+    super(`${call} failed with errno ${errno}`, options);
     this.name = "Errno";
   }
 }
@@ -384,7 +385,7 @@ function coreToSpare(): boolean {
  * the CLI's start, it would hold the thread as long: the isolate is made
  * while `new Worker` waits, wherever it is called.)
  */
-export const HELPER_MIN_INPUT = 128 << 20;
+const HELPER_MIN_INPUT = 128 << 20;
 /**
  * Bytes of a piece: what a thread claims at a time of a job shared with
  * the second thread.
@@ -692,6 +693,8 @@ export function kernelCopier(
           e.side === "read" ? "pread" : "pwrite",
           e.errno!,
           e.side,
+          // Where no fallback is left, the failure itself is reported.
+          { cause: e },
         );
       }
       throw e;
@@ -794,6 +797,9 @@ export function kernelCopier(
         working = false;
         return undefined;
       }
+      // A piece's failure, turned into an Errno for the fallback above:
+      // its own offset, length and the system's message.
+      if (e instanceof Errno && e.cause instanceof CopyFailure) throw e.cause;
       if (e instanceof Errno) {
         // lseek and pread run on the input: a failure of theirs is the
         // input's, named as such.

@@ -146,7 +146,7 @@ export function errno(c: CopyLibc): number {
 }
 
 /** The system's message for `e` and its number: "No space left on device (errno 28)". */
-export function describe(c: CopyLibc, e: number): string {
+function describe(c: CopyLibc, e: number): string {
   const p = c.strerror(e);
   const text = p ? new Deno.UnsafePointerView(p).getCString() : "";
   return `${text || "error"} (errno ${e})`;

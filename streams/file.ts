@@ -352,8 +352,8 @@ function handle(
         shift += window.offset;
         from = window.source;
       }
-      const shifted: CopyRange[] = shift === 0
-        ? [...ranges]
+      const shifted: readonly CopyRange[] = shift === 0
+        ? ranges
         : ranges.map(([at, length, to]) => [at + shift, length, to]);
       // After the writes queued on either file: the kernel copies what
       // they wrote.
