@@ -208,6 +208,9 @@ export function readAhead(
         // Fetched again by the next read that needs it (with the ones
         // after it: the windows held stay one run without gaps).
         hold(run, run.windows.filter((w) => w.start < start));
+        // A run left without windows is never found again (runAt): it
+        // goes, rather than count against RUNS and push out a live one.
+        if (!run.windows.length) runs = runs.filter((r) => r !== run);
         release(window);
       },
     );
