@@ -689,6 +689,9 @@ async function copyInKernel(
     // one, after it is reported.
     await Promise.allSettled(inFlight.map((b) => b.bytes));
     await writes.settled();
+    // The allocation map is let go of where the copy ended early (as the
+    // `for await` over it did before it was read ahead).
+    await iterator.return(undefined);
   }
   return dataBytes;
 
