@@ -221,10 +221,6 @@ export function formatEntry(name: string): FormatEntry {
  * console.log((await loadDriver("qcow2")).compresses); // true
  * ```
  */
-export function loadDriver(name: string): Promise<Driver> {
-  try {
-    return formatEntry(name).load();
-  } catch (e) {
-    return Promise.reject(e);
-  }
+export async function loadDriver(name: string): Promise<Driver> {
+  return await formatEntry(name).load();
 }

@@ -168,11 +168,7 @@ export class CodecPool {
             } else if (unavailable) {
               job.resolve(null);
             } else {
-              job.resolve(
-                e.data.pieces
-                  ? { pieces: e.data.pieces, crcs: e.data.crcs } as never
-                  : e.data.filled ?? e.data.crcs ?? out,
-              );
+              job.resolve(e.data.filled ?? e.data.crcs ?? out);
             }
           }
           this.#scheduleIdle();
