@@ -12,7 +12,12 @@
 import type { OverlayImage } from "./overlay.ts";
 import { KeyError } from "./errors.ts";
 import type { PartitionTable } from "./partitions.ts";
-import { type Extent, extentsOf, type Image } from "./types.ts";
+import {
+  type Extent,
+  extentsOf,
+  type Image,
+  type WindowSource,
+} from "./types.ts";
 
 /** The `info` facts of an opened image (the same keys as `cli.ts info --output=json`). */
 export function imageInfo(
@@ -129,7 +134,12 @@ export async function describeImage(
 
 /**
  * Bytes of the virtual disk this layer stores itself (its `data` runs; not
- * its backing file's), walked from the allocation map without reading data.
+ * its backing file's), walked from the allocation map. A raw layer has no
+ * map of its own (its walk reads every byte to find zero blocks): where
+ * its file can say which ranges hold data (`SEEK_DATA`, a local file with
+ * FFI) those are counted instead, as qemu's file driver reports a raw
+ * file, so `info` on a 1 GiB raw takes milliseconds, not a read of the
+ * whole disk (0.2-0.9 s).
  *
  * @param image the layer
  * @returns the bytes of its `data` runs
@@ -142,11 +152,30 @@ export async function describeImage(
  * ```
  */
 export async function allocatedBytes(image: Image): Promise<number> {
+  const inFile = image.format === "raw"
+    ? await fileDataBytes(image)
+    : undefined;
+  if (inFile !== undefined) return inFile;
   let total = 0;
   for await (const run of image.extents(0, image.size)) {
     if (run.kind === "data") total += run.length;
   }
   return total;
+}
+
+/**
+ * The bytes of `image`'s window of its file that the file system reports
+ * as data, or `undefined` where the source cannot say (not a local file,
+ * no FFI).
+ */
+async function fileDataBytes(image: Image): Promise<number | undefined> {
+  const window = (image as Partial<WindowSource>).windowOf;
+  const file = window?.source as {
+    dataRanges?(o: number, l: number): Promise<[number, number][] | undefined>;
+  } | undefined;
+  const ranges = window &&
+    await file?.dataRanges?.(window.offset, image.size);
+  return ranges?.reduce((n, [start, end]) => n + end - start, 0);
 }
 
 /**

@@ -4,6 +4,7 @@
  */
 import { assertEquals } from "./_asserts.ts";
 import {
+  allocatedBytes,
   describeImage,
   fileBackingResolver,
   firstDifference,
@@ -120,4 +121,38 @@ Deno.test({
       await chain.close?.();
     });
   },
+});
+
+Deno.test("allocatedBytes of a raw file counts the data ranges its file system reports, reading none of the disk", async () => {
+  await withTemp(async (dir) => {
+    const path = `${dir}/sparse.raw`;
+    // 8 MiB with 64 KiB of data at 4 MiB, its first 4 KiB zeros written
+    // out: data to the file system, a zero block to a scan.
+    const data = pseudoRandom(64 << 10, 9);
+    data.fill(0, 0, 4096);
+    const out = await Deno.open(path, { create: true, write: true });
+    await out.truncate(8 << 20);
+    await out.seek(4 << 20, Deno.SeekMode.Start);
+    for (let at = 0; at < data.length;) {
+      at += await out.write(data.subarray(at));
+    }
+    out.close();
+    const file = await fromFile(path);
+    const image = await open(file, { format: "raw" });
+    const ranges = await file.dataRanges?.(0, image.size);
+    assertEquals(ranges, [[4 << 20, (4 << 20) + (64 << 10)]]);
+    // Not one byte of the disk is read to count them.
+    const refuse = () => {
+      throw new Error("allocatedBytes read the disk");
+    };
+    Object.assign(file, { read: refuse, readInto: refuse });
+    assertEquals(await allocatedBytes(image), 64 << 10);
+    await image.close?.();
+    const info = await cli(["info", "--output=json", path]);
+    assertEquals(JSON.parse(info.text)["allocated-bytes"], 64 << 10);
+    // Bytes in memory have no file system to ask: their zero blocks are
+    // found by reading.
+    const inMemory = await open(fromBytes(data));
+    assertEquals(await allocatedBytes(inMemory), 60 << 10);
+  });
 });
