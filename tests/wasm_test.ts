@@ -522,3 +522,62 @@ Deno.test({
     releaseWasm(wasm);
   },
 });
+
+/**
+ * A fresh copy of `_wasm.ts` (its own module state) run where
+ * `new WebAssembly.Module` throws, as on a page's main thread for a
+ * module this size, and where `WebAssembly.compile` does what
+ * `compile` says; answers how many compiles it started.
+ */
+async function withEngine(
+  tag: string,
+  compile: (bytes: BufferSource) => Promise<WebAssembly.Module>,
+  body: (wasm: typeof import("../drivers/codecs/_wasm.ts")) => Promise<void>,
+): Promise<number> {
+  const real = { Module: WebAssembly.Module, compile: WebAssembly.compile };
+  let compiles = 0;
+  const api = WebAssembly as unknown as Record<string, unknown>;
+  api.Module = function () {
+    throw new RangeError("WebAssembly.Module(): buffer size is too large");
+  };
+  api.compile = (bytes: BufferSource) => {
+    compiles++;
+    return compile(bytes);
+  };
+  try {
+    await body(await import(`../drivers/codecs/_wasm.ts?${tag}`));
+  } finally {
+    Object.assign(api, real);
+  }
+  return compiles;
+}
+
+Deno.test("where modules compile only in the background (a page's main thread), the module is compiled once for every acquire", async () => {
+  const realCompile = WebAssembly.compile;
+  const compiles = await withEngine("page", realCompile, async (wasm) => {
+    // Not there yet: the synchronous acquire starts the compile.
+    assertEquals(wasm.acquireWasm(), undefined);
+    const got = await Promise.all([
+      wasm.acquireWasmAlways(),
+      wasm.acquireWasmAlways(),
+    ]);
+    assertTrue(got.every((i) => i instanceof wasm.WasmInstance));
+    // Compiled: the synchronous acquire has it now.
+    assertTrue(wasm.acquireWasm() instanceof wasm.WasmInstance);
+  });
+  assertEquals(compiles, 1);
+});
+
+Deno.test("a module the engine refuses is compiled once, not again at each acquire", async () => {
+  const compiles = await withEngine(
+    "refused",
+    () => Promise.reject(new WebAssembly.CompileError("refused")),
+    async (wasm) => {
+      for (let i = 0; i < 3; i++) {
+        assertEquals(await wasm.acquireWasmAlways(), undefined);
+        assertEquals(wasm.acquireWasm(), undefined);
+      }
+    },
+  );
+  assertEquals(compiles, 1);
+});

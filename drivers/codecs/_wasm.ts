@@ -189,6 +189,11 @@ export class WasmInstance {
 }
 
 let compiled: WebAssembly.Module | null | undefined;
+/**
+ * The compile started in the background where the engine would not
+ * compile synchronously (a page's main thread); it sets `compiled`.
+ */
+let compiling: Promise<WebAssembly.Module | null> | undefined;
 let enabled = true;
 /** Idle instances, at most {@linkcode MAX_IDLE}. */
 const idle: WasmInstance[] = [];
@@ -201,18 +206,27 @@ function moduleBytes(base64 = WASM_BASE64): Uint8Array<ArrayBuffer> {
   return bytes;
 }
 
-/** The compiled module, or undefined while it cannot be had synchronously. */
+/**
+ * The compiled module, or undefined while it cannot be had synchronously
+ * (compiling in the background) or at all (no WebAssembly, or the engine
+ * refuses it). Compiled once per process, refused or not.
+ */
 function wasmModule(): WebAssembly.Module | undefined {
-  if (compiled !== undefined) return compiled ?? undefined;
-  compiled = null;
-  if (typeof WebAssembly !== "object") return undefined;
+  if (compiled !== undefined || compiling) return compiled ?? undefined;
+  if (typeof WebAssembly !== "object") {
+    compiled = null;
+    return undefined;
+  }
   const bytes = moduleBytes();
   try {
     compiled = new WebAssembly.Module(bytes);
   } catch {
     // A page's main thread may only compile small modules synchronously:
     // compile in the background, and use it once it is there.
-    WebAssembly.compile(bytes).then((m) => compiled = m, () => {});
+    compiling = WebAssembly.compile(bytes).then(
+      (m) => compiled = m,
+      () => compiled = null,
+    );
   }
   return compiled ?? undefined;
 }
@@ -258,24 +272,9 @@ export function acquireWasm(): WasmInstance | undefined {
 export function acquireWasmAlways(): Promise<WasmInstance | undefined> {
   return acquireFrom(
     idle,
-    async () => wasmModule() ?? (compiled = await compileNow(moduleBytes())),
+    async () => wasmModule() ?? await compiling ?? null,
     false,
   );
-}
-
-/**
- * `bytes` compiled: synchronously where the engine allows it, else
- * awaited (a page's main thread may only compile small modules
- * synchronously); null where the engine refuses them.
- */
-async function compileNow(
-  bytes: Uint8Array<ArrayBuffer>,
-): Promise<WebAssembly.Module | null> {
-  try {
-    return new WebAssembly.Module(bytes);
-  } catch {
-    return await WebAssembly.compile(bytes).catch(() => null);
-  }
 }
 
 /**
@@ -297,8 +296,27 @@ async function acquireFrom(
   return compiled ? new WasmInstance(compiled, simd) : undefined;
 }
 
-/** The zstd SIMD module: compiled, null where the engine refuses it, undefined before the first try. */
-let simdCompiled: WebAssembly.Module | null | undefined;
+/**
+ * The zstd SIMD module, compiled once (synchronously where the engine
+ * allows it): null where the engine does not validate or refuses it;
+ * undefined before the first acquire.
+ */
+let simdCompiled: Promise<WebAssembly.Module | null> | undefined;
+/** Whether `simdCompiled` gave a module. */
+let simdRuns = false;
+
+async function compileSimd(): Promise<WebAssembly.Module | null> {
+  const bytes = moduleBytes(WASM_ZSTD_SIMD_BASE64);
+  if (!WebAssembly.validate(bytes)) return null;
+  let module: WebAssembly.Module | null;
+  try {
+    module = new WebAssembly.Module(bytes);
+  } catch {
+    module = await WebAssembly.compile(bytes).catch(() => null);
+  }
+  simdRuns = module !== null;
+  return module;
+}
 let simdEnabled = true;
 /** Idle instances of it, at most {@linkcode MAX_IDLE}. */
 const simdIdle: WasmInstance[] = [];
@@ -323,14 +341,7 @@ const simdIdle: WasmInstance[] = [];
  */
 export async function acquireZstdWasm(): Promise<WasmInstance | undefined> {
   const simd = simdEnabled &&
-    await acquireFrom(simdIdle, async () => {
-      if (simdCompiled === undefined) {
-        simdCompiled = null; // tried once
-        const bytes = moduleBytes(WASM_ZSTD_SIMD_BASE64);
-        if (WebAssembly.validate(bytes)) simdCompiled = await compileNow(bytes);
-      }
-      return simdCompiled;
-    }, true);
+    await acquireFrom(simdIdle, () => simdCompiled ??= compileSimd(), true);
   return simd || await acquireWasmAlways();
 }
 
@@ -370,7 +381,7 @@ export function useZstdSimd(on: boolean): boolean {
  * ```
  */
 export function zstdSimdAvailable(): boolean {
-  return simdEnabled && !!simdCompiled;
+  return simdEnabled && simdRuns;
 }
 
 /**
