@@ -152,10 +152,8 @@ export async function describeImage(
  * ```
  */
 export async function allocatedBytes(image: Image): Promise<number> {
-  const inFile = image.format === "raw"
-    ? await fileDataBytes(image)
-    : undefined;
-  if (inFile !== undefined) return inFile;
+  const inFile = await fileDataRanges(image, 0, image.size);
+  if (inFile) return inFile.reduce((n, [start, end]) => n + end - start, 0);
   let total = 0;
   for await (const run of image.extents(0, image.size)) {
     if (run.kind === "data") total += run.length;
@@ -164,18 +162,56 @@ export async function allocatedBytes(image: Image): Promise<number> {
 }
 
 /**
- * The bytes of `image`'s window of its file that the file system reports
- * as data, or `undefined` where the source cannot say (not a local file,
- * no FFI).
+ * The data ranges of `[offset, offset + length)` of a raw image over a
+ * file, in the disk's offsets, as the file system reports them
+ * (`SEEK_DATA`; the rest are holes), or `undefined` where the source
+ * cannot say (not a raw image over a local file, no FFI).
  */
-async function fileDataBytes(image: Image): Promise<number | undefined> {
-  const window = (image as Partial<WindowSource>).windowOf;
+async function fileDataRanges(
+  image: Image,
+  offset: number,
+  length: number,
+): Promise<[number, number][] | undefined> {
+  const window = image.format === "raw"
+    ? (image as Partial<WindowSource>).windowOf
+    : undefined;
   const file = window?.source as {
     dataRanges?(o: number, l: number): Promise<[number, number][] | undefined>;
   } | undefined;
   const ranges = window &&
-    await file?.dataRanges?.(window.offset, image.size);
-  return ranges?.reduce((n, [start, end]) => n + end - start, 0);
+    await file?.dataRanges?.(window.offset + offset, length);
+  return ranges?.map(([start, end]) => [
+    start - window!.offset,
+    end - window!.offset,
+  ]);
+}
+
+/**
+ * A raw layer's runs over its file as qemu-img map gives them: the
+ * file's data ranges `data`, its holes `zero` (no byte read, where the
+ * layer's own walk reads every byte to find zero blocks); `undefined`
+ * where the file cannot say.
+ */
+async function fileRuns(
+  layer: Image,
+  offset: number,
+  length: number,
+): Promise<Extent[] | undefined> {
+  const ranges = await fileDataRanges(layer, offset, length);
+  if (!ranges) return undefined;
+  const runs: Extent[] = [];
+  let done = offset;
+  for (const [start, end] of ranges) {
+    if (start > done) {
+      runs.push({ offset: done, length: start - done, kind: "zero" });
+    }
+    runs.push({ offset: start, length: end - start, kind: "data" });
+    done = end;
+  }
+  if (done < offset + length) {
+    runs.push({ offset: done, length: offset + length - done, kind: "zero" });
+  }
+  return runs;
 }
 
 /**
@@ -209,6 +245,8 @@ export interface LayeredExtent extends Extent {
 /**
  * The allocation map of a chain, layer by layer: runs a layer holds carry
  * its depth (0 for the top); runs no layer holds carry the bottom's depth.
+ * A raw layer over a local file is mapped as its file system reports it
+ * (data ranges and holes), as qemu-img map does.
  * Adjacent runs of the same kind and depth merge, as in qemu-img map
  * (and, for data, only where they lie one after the other in the file).
  *
@@ -258,7 +296,9 @@ async function* walkLayers(
 ): AsyncIterable<LayeredExtent> {
   const layer = (image as Partial<OverlayImage>).top ?? image;
   const below = image.backing;
-  for await (const run of extentsOf(layer, offset, length)) {
+  const runs = await fileRuns(layer, offset, length) ??
+    extentsOf(layer, offset, length);
+  for await (const run of runs) {
     if (run.kind !== "unallocated" || !below) {
       yield { ...run, depth, layer };
       continue;

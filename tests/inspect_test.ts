@@ -156,3 +156,50 @@ Deno.test("allocatedBytes of a raw file counts the data ranges its file system r
     assertEquals(await allocatedBytes(inMemory), 60 << 10);
   });
 });
+
+Deno.test({
+  name:
+    "map of a raw file, alone and as a qcow2's backing file, is qemu-img map's: data where the file system has data (a written zero block too), holes as zeros",
+  ignore: skip(["qemu-img", "qemu-io"]),
+  async fn() {
+    await withTemp(async (dir) => {
+      const path = `${dir}/base.raw`;
+      const data = pseudoRandom(64 << 10, 11);
+      data.fill(0, 0, 4096);
+      const out = await Deno.open(path, { create: true, write: true });
+      await out.truncate(8 << 20);
+      for (const at of [0, 4 << 20]) {
+        await out.seek(at, Deno.SeekMode.Start);
+        for (let n = 0; n < data.length;) {
+          n += await out.write(data.subarray(n));
+        }
+      }
+      out.close();
+      const top = `${dir}/top.qcow2`;
+      await run("qemu-img", [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        top,
+      ]);
+      await run("qemu-io", ["-c", "write -P 7 1M 64k", top]);
+      for (const [image, format] of [[path, "raw"], [top, "qcow2"]]) {
+        const ours = await cli(["map", "--output=json", "-f", format, image]);
+        assertEquals(ours.code, 0, ours.stderr);
+        const theirs = await run("qemu-img", [
+          "map",
+          "--output=json",
+          "-f",
+          format,
+          image,
+        ]);
+        assertEquals(ours.text.trim(), theirs.text.trim());
+      }
+    });
+  },
+});
