@@ -16,6 +16,7 @@ import {
   type Extent,
   extentsOf,
   type Image,
+  readInto,
   type WindowSource,
 } from "./types.ts";
 
@@ -340,28 +341,100 @@ export async function firstDifference(
   b: Image,
 ): Promise<number | undefined> {
   const size = Math.max(a.size, b.size);
-  const block = 4 << 20;
-  const slice = async (image: Image, offset: number, length: number) => {
+  const sides = [blocksOf(a), blocksOf(b)];
+  const fetch = (offset: number) =>
+    offset < size
+      ? Promise.all(
+        sides.map((side) =>
+          side(offset, Math.min(COMPARE_BLOCK, size - offset))
+        ),
+      )
+      : undefined;
+  let next = fetch(0);
+  try {
+    for (let offset = 0; next; offset += COMPARE_BLOCK) {
+      const [x, y] = await next;
+      // The next block is read while this one is compared.
+      next = fetch(offset + COMPARE_BLOCK);
+      const at = x ? firstUnequal(x, y) : y ? firstUnequal(y, null) : undefined;
+      if (at !== undefined) return offset + at;
+    }
+    return undefined;
+  } finally {
+    // A block read ahead and not compared: its failure is nobody's.
+    await next?.catch(() => {});
+  }
+}
+
+/** Bytes compared at a time by {@linkcode firstDifference}. */
+const COMPARE_BLOCK = 4 << 20;
+
+/**
+ * Reads blocks of `image` for a comparison, two buffers in turn (one
+ * compared while the next is read): a block is `null` where the map says
+ * it is all zeros (nothing read; past the image's end too), else its
+ * bytes, zeros past the end. A raw layer over a file is mapped from the
+ * file system (its own walk would read the bytes to find zero blocks,
+ * and they would be read again).
+ */
+function blocksOf(
+  image: Image,
+): (offset: number, length: number) => Promise<Uint8Array | null> {
+  const buffers: Uint8Array[] = [];
+  let turn = 0;
+  return async (offset, length) => {
     const inside = Math.max(0, Math.min(length, image.size - offset));
-    const out = new Uint8Array(length);
-    if (inside > 0) {
-      let zero = true;
-      for await (const run of extentsOf(image, offset, inside)) {
-        if (run.kind === "data") zero = false;
+    if (inside === 0) return null;
+    let data = false;
+    const runs = await fileRuns(image, offset, inside) ??
+      extentsOf(image, offset, inside);
+    for await (const run of runs) {
+      if (run.kind === "data") {
+        data = true;
+        break;
       }
-      if (!zero) out.set(await image.read(offset, inside));
     }
-    return out;
+    if (!data) return null;
+    const buffer = buffers[turn] ??= new Uint8Array(COMPARE_BLOCK);
+    turn ^= 1;
+    const view = buffer.subarray(0, length);
+    await readInto(image, offset, view.subarray(0, inside));
+    view.fill(0, inside);
+    return view;
   };
-  for (let offset = 0; offset < size; offset += block) {
-    const length = Math.min(block, size - offset);
-    const [x, y] = await Promise.all([
-      slice(a, offset, length),
-      slice(b, offset, length),
-    ]);
-    for (let i = 0; i < length; i++) {
-      if (x[i] !== y[i]) return offset + i;
+}
+
+/**
+ * The first index where `x` and `y` (zeros where null) differ, or
+ * undefined: eight 32-bit words at a time, then byte by byte from the
+ * group that differs (byte by byte alone compared 768 MiB in 0.6 s).
+ * `x` and `y` start on a 4-byte boundary and have the same length.
+ */
+function firstUnequal(x: Uint8Array, y: Uint8Array | null): number | undefined {
+  const n = x.length;
+  const whole = (n >>> 2) & ~7;
+  const wx = new Int32Array(x.buffer, x.byteOffset, whole);
+  let w = 0;
+  if (y) {
+    const wy = new Int32Array(y.buffer, y.byteOffset, whole);
+    for (; w < whole; w += 8) {
+      if (
+        ((wx[w] ^ wy[w]) | (wx[w + 1] ^ wy[w + 1]) | (wx[w + 2] ^ wy[w + 2]) |
+          (wx[w + 3] ^ wy[w + 3]) | (wx[w + 4] ^ wy[w + 4]) |
+          (wx[w + 5] ^ wy[w + 5]) | (wx[w + 6] ^ wy[w + 6]) |
+          (wx[w + 7] ^ wy[w + 7])) !== 0
+      ) break;
     }
+  } else {
+    for (; w < whole; w += 8) {
+      if (
+        (wx[w] | wx[w + 1] | wx[w + 2] | wx[w + 3] | wx[w + 4] | wx[w + 5] |
+          wx[w + 6] | wx[w + 7]) !== 0
+      ) break;
+    }
+  }
+  for (let i = w << 2; i < n; i++) {
+    if (x[i] !== (y ? y[i] : 0)) return i;
   }
   return undefined;
 }

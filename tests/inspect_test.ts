@@ -203,3 +203,61 @@ Deno.test({
     });
   },
 });
+
+Deno.test("firstDifference finds the first differing byte wherever it lies: in a word group, a tail, past the shorter image's end, against a zero block", async () => {
+  const size = (4 << 20) + 4096 + 37; // a second block, odd in length
+  const base = pseudoRandom(size, 12);
+  // Zero blocks: the map says so and they are not read.
+  base.fill(0, 1 << 20, 2 << 20);
+  const naive = (x: Uint8Array, y: Uint8Array) => {
+    for (let i = 0; i < Math.max(x.length, y.length); i++) {
+      if ((x[i] ?? 0) !== (y[i] ?? 0)) return i;
+    }
+    return undefined;
+  };
+  const positions = [
+    0,
+    1,
+    31,
+    32,
+    33,
+    (1 << 20) + 5, // inside the zero block
+    (4 << 20) - 1,
+    4 << 20,
+    size - 37,
+    size - 1,
+  ];
+  for (const at of positions) {
+    for (const second of [undefined, at + 3, size - 2]) {
+      const other = base.slice();
+      other[at] ^= 0x40;
+      if (second !== undefined && second < size) other[second] ^= 1;
+      const a = await open(fromBytes(base));
+      const b = await open(fromBytes(other));
+      assertEquals(await firstDifference(a, b), naive(base, other), `${at}`);
+      assertEquals(await firstDifference(b, a), naive(base, other), `${at}`);
+    }
+  }
+  // Sizes differ: the shorter one reads as zeros past its end.
+  const shorter = base.subarray(0, size - 100);
+  const longer = new Uint8Array(size);
+  longer.set(shorter);
+  const a = await open(fromBytes(shorter));
+  assertEquals(
+    await firstDifference(a, await open(fromBytes(longer))),
+    undefined,
+  );
+  longer[size - 5] = 9;
+  assertEquals(
+    await firstDifference(a, await open(fromBytes(longer))),
+    size - 5,
+  );
+  assertEquals(
+    await firstDifference(await open(fromBytes(longer)), a),
+    size - 5,
+  );
+  assertEquals(
+    await firstDifference(a, await open(fromBytes(base))),
+    size - 100 + base.subarray(size - 100).findIndex((v) => v !== 0),
+  );
+});
