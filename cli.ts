@@ -52,7 +52,6 @@ import {
   type OutputFile,
   scratchFiles,
 } from "./streams/file.ts";
-import { streamSink } from "./streams/sinks.ts";
 import { convert, type ConvertOptions } from "./streams/convert.ts";
 import { checkWriteOptions, writeOptionsHelp } from "./streams/options.ts";
 import {
@@ -582,7 +581,11 @@ async function refuseInputAsOutput(
 async function openOutput(
   path: string,
 ): Promise<Sink & { commit?(): Promise<void>; abort?(): Promise<void> }> {
-  if (path === "-") return streamSink(Deno.stdout.writable, "stdout");
+  if (path === "-") {
+    // The stream sink loads only for stdout (with the sources it imports).
+    const { streamSink } = await import("./streams/sinks.ts");
+    return streamSink(Deno.stdout.writable, "stdout");
+  }
   const out = await createOutputFile(path);
   pendingOutputs.add(out);
   return out;
