@@ -52,7 +52,7 @@ import {
   type OutputFile,
   scratchFiles,
 } from "./streams/file.ts";
-import { convert, type ConvertOptions } from "./streams/convert.ts";
+import type { ConvertOptions } from "./streams/convert.ts";
 import { checkWriteOptions, writeOptionsHelp } from "./streams/options.ts";
 import {
   describeImage,
@@ -80,6 +80,9 @@ import { mapsFileHoles } from "./streams/types.ts";
 
 /** The partition tables (and their CRC-32), loaded by the commands that read them. */
 const partitions = () => import("./streams/partitions.ts");
+
+/** The convert pipeline, loaded by the commands that write an image (not info). */
+const converting = () => import("./streams/convert.ts");
 
 /** A mistake in how the command was called (exit 2). */
 class UsageError extends Error {
@@ -1326,6 +1329,7 @@ const commands: Record<string, Command> = {
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
         createFile: companions.createFile,
       };
+      const { convert } = await converting();
       const result = await convert(image, sink ?? nullSink, options);
       bar?.end();
       if (sink) await finishOutput(sink);
@@ -1980,7 +1984,7 @@ const commands: Record<string, Command> = {
       });
       await refuseInputAsOutput(operands.of, operands.if, files);
       const sink = await openOutput(operands.of);
-      await convert(part, sink, { format: outFormat });
+      await (await converting()).convert(part, sink, { format: outFormat });
       await finishOutput(sink);
       return 0;
     },
