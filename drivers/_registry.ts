@@ -18,7 +18,7 @@ import {
   ProbedRawWriteError,
   UnknownFormatError,
 } from "../streams/errors.ts";
-import { overlay, type OverlayImage } from "../streams/overlay.ts";
+import type { OverlayImage } from "../streams/overlay.ts";
 import { checkWriteOptions } from "../streams/options.ts";
 import { type ImageInput, isSink, toSource } from "../streams/inputs.ts";
 import { detectCompression } from "./_magic.ts";
@@ -338,6 +338,8 @@ async function openChain(
   if (image.backingId !== undefined) {
     await checkBackingId(image, base, backingSource.name ?? image.backingFile);
   }
+  // The overlay loads only for an image with a backing file followed.
+  const { overlay } = await import("../streams/overlay.ts");
   return overlay(image, base);
 }
 
