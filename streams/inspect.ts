@@ -149,26 +149,6 @@ export async function allocatedBytes(image: Image): Promise<number> {
   return total;
 }
 
-/**
- * The layers of a chain, top first, each one alone (an overlay's `top`).
- *
- * @param image an image, or the overlay of a chain
- * @returns its layers
- *
- * @example
- * ```ts
- * import { fromBytes, layers, open } from "../mod.ts";
- * console.log(layers(await open(fromBytes(new Uint8Array(512)))).length); // 1
- * ```
- */
-export function layers(image: Image): Image[] {
-  const out: Image[] = [];
-  for (let at: Image | undefined = image; at; at = at.backing) {
-    out.push((at as Partial<OverlayImage>).top ?? at);
-  }
-  return out;
-}
-
 /** A run of a chain's map, with the depth of the layer that holds it (qemu-img map's `depth`). */
 export interface LayeredExtent extends Extent {
   /** The depth of the layer holding the run: 0 for the top. */
