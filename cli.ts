@@ -52,18 +52,8 @@ import {
   type OutputFile,
   scratchFiles,
 } from "./streams/file.ts";
-import { streamSink } from "./streams/sinks.ts";
-import { convert, type ConvertOptions } from "./streams/convert.ts";
+import type { ConvertOptions } from "./streams/convert.ts";
 import { checkWriteOptions, writeOptionsHelp } from "./streams/options.ts";
-import {
-  describeImage,
-  firstDifference,
-  formatInfo,
-  humanSize,
-  layers,
-  mapChain,
-  snapshotTable,
-} from "./streams/inspect.ts";
 import type { OverlayImage } from "./streams/overlay.ts";
 import type { PartitionTable } from "./streams/partitions.ts";
 import type { NbdConnection, NbdServer } from "./streams/nbd.ts";
@@ -71,6 +61,7 @@ import {
   dataFileOf,
   type Extent,
   type Image,
+  layers,
   type OpenOptions,
   type Sink,
   type Source,
@@ -81,6 +72,12 @@ import { mapsFileHoles } from "./streams/types.ts";
 
 /** The partition tables (and their CRC-32), loaded by the commands that read them. */
 const partitions = () => import("./streams/partitions.ts");
+
+/** What info, map, compare and the progress bar print, loaded where they print it. */
+const inspecting = () => import("./streams/inspect.ts");
+
+/** The convert pipeline, loaded by the commands that write an image (not info). */
+const converting = () => import("./streams/convert.ts");
 
 /** A mistake in how the command was called (exit 2). */
 class UsageError extends Error {
@@ -582,7 +579,11 @@ async function refuseInputAsOutput(
 async function openOutput(
   path: string,
 ): Promise<Sink & { commit?(): Promise<void>; abort?(): Promise<void> }> {
-  if (path === "-") return streamSink(Deno.stdout.writable, "stdout");
+  if (path === "-") {
+    // The stream sink loads only for stdout (with the sources it imports).
+    const { streamSink } = await import("./streams/sinks.ts");
+    return streamSink(Deno.stdout.writable, "stdout");
+  }
   const out = await createOutputFile(path);
   pendingOutputs.add(out);
   return out;
@@ -750,7 +751,7 @@ async function finishOutput(
 }
 
 /** A progress bar on stderr: bytes, percent, rate, ETA. */
-function progressBar(label: string, json = false) {
+async function progressBar(label: string, json = false) {
   const started = performance.now();
   let last = 0;
   let shown = false;
@@ -758,6 +759,7 @@ function progressBar(label: string, json = false) {
   // A bar is for a person at a terminal: piped or redirected stderr gets
   // nothing (a log would fill with redraws); --progress=json is for programs.
   if (!json && !tty) return { update() {}, end() {} };
+  const { humanSize } = await inspecting();
   const columns = () => {
     try {
       return Deno.consoleSize().columns || 80;
@@ -1126,7 +1128,7 @@ const commands: Record<string, Command> = {
         if (values.output === "json") {
           print(JSON.stringify(infos, null, 4) + "\n");
         } else {
-          print(infos.map(formatInfo).join("\n"));
+          print(infos.map((await inspecting()).formatInfo).join("\n"));
         }
         return 0;
       }
@@ -1134,7 +1136,7 @@ const commands: Record<string, Command> = {
       if (values.output === "json") {
         print(JSON.stringify(info, null, 4) + "\n");
       } else {
-        print(formatInfo(info));
+        print((await inspecting()).formatInfo(info));
       }
       return 0;
     },
@@ -1214,7 +1216,9 @@ const commands: Record<string, Command> = {
         );
       }
       // A compressed input decoded into scratch first gets a bar of its own.
-      const unpacking = values.progress ? progressBar("decompress") : undefined;
+      const unpacking = values.progress
+        ? await progressBar("decompress")
+        : undefined;
       // A compressed file (a single zstd frame, gzip, bzip2, a single-block
       // xz) whose image inside is raw, converted to a raw file as it is: it
       // is decoded straight into the output, in one pass, when opened.
@@ -1303,7 +1307,7 @@ const commands: Record<string, Command> = {
       const sink = target ? undefined : await openOutput(output);
       const companions = companionFiles(output);
       const bar = values.progress || values["progress-json"]
-        ? progressBar("convert", values["progress-json"] === true)
+        ? await progressBar("convert", values["progress-json"] === true)
         : undefined;
       const options: ConvertOptions = {
         target,
@@ -1323,6 +1327,7 @@ const commands: Record<string, Command> = {
         onProgress: bar ? (done, total) => bar.update(done, total) : undefined,
         createFile: companions.createFile,
       };
+      const { convert } = await converting();
       const result = await convert(image, sink ?? nullSink, options);
       bar?.end();
       if (sink) await finishOutput(sink);
@@ -1381,7 +1386,7 @@ const commands: Record<string, Command> = {
           }${labels ? "Partition".padEnd(11) : ""}File\n`,
         );
       }
-      const walk = mapChain(image);
+      const walk = (await inspecting()).mapChain(image);
       for await (
         const { run, inHole } of overFileHoles(
           labels ? labels.split(walk) : walk,
@@ -1548,7 +1553,7 @@ const commands: Record<string, Command> = {
         print(`Strict mode: Image size mismatch!\n`);
         return 1;
       }
-      const mismatch = await firstDifference(a, b);
+      const mismatch = await (await inspecting()).firstDifference(a, b);
       if (mismatch === undefined) {
         if (a.size !== b.size) print("Warning: Image size mismatch!\n");
         print("Images are identical.\n");
@@ -1606,7 +1611,7 @@ const commands: Record<string, Command> = {
       opened.push(base);
       warnAbout(base);
       const bar = values.progress || values["progress-json"]
-        ? progressBar("commit", values["progress-json"] === true)
+        ? await progressBar("commit", values["progress-json"] === true)
         : undefined;
       const { commitTo } = await import("./streams/commit.ts");
       await commitTo(top, base, {
@@ -1748,7 +1753,9 @@ const commands: Record<string, Command> = {
           | Record<string, number | string>[]
           | undefined;
         if (snapshots?.length) {
-          print(snapshotTable(snapshots).join("\n") + "\n");
+          print(
+            (await inspecting()).snapshotTable(snapshots).join("\n") + "\n",
+          );
         }
         return 0;
       }
@@ -1905,7 +1912,7 @@ const commands: Record<string, Command> = {
         backingFile = opened?.file;
         const fresh = opened?.image;
         const bar = values.progress || values["progress-json"]
-          ? progressBar("rebase", values["progress-json"] === true)
+          ? await progressBar("rebase", values["progress-json"] === true)
           : undefined;
         const { rebase } = await import("./streams/rebase.ts");
         await rebase(top, old, fresh, {
@@ -1977,7 +1984,7 @@ const commands: Record<string, Command> = {
       });
       await refuseInputAsOutput(operands.of, operands.if, files);
       const sink = await openOutput(operands.of);
-      await convert(part, sink, { format: outFormat });
+      await (await converting()).convert(part, sink, { format: outFormat });
       await finishOutput(sink);
       return 0;
     },
@@ -2217,7 +2224,7 @@ async function describe(
   image: Image,
   partitions = false,
 ) {
-  return await describeImage(image, {
+  return await (await inspecting()).describeImage(image, {
     filename: path,
     actualSize: await file?.allocatedBytes(),
     partitions,
@@ -2233,7 +2240,7 @@ function folderOf(path: string): string {
 /** The `info` facts of one layer of a chain, found by its path. */
 async function describeLayer(path: string | undefined, layer: Image) {
   const stat = path === undefined ? undefined : await Deno.stat(path);
-  return await describeImage(layer, {
+  return await (await inspecting()).describeImage(layer, {
     filename: path,
     actualSize: stat?.blocks == null ? undefined : stat.blocks * 512,
   });

@@ -187,7 +187,12 @@ async function openQed(source: Source, options: OpenOptions): Promise<Image> {
   for (let i = 0; i < entriesPerTable; i++) {
     const lo = l1View.getUint32(i * 8, true);
     const hi = l1View.getUint32(i * 8 + 4, true);
-    const entry = hi < 2 ** 21
+    // (hi 0 apart: the product is a double, and the interpreter boxes
+    // each double it makes, 1 MiB of garbage for a table that is mostly
+    // zeros, enough for a scavenge.)
+    const entry = hi === 0
+      ? lo
+      : hi < 2 ** 21
       ? hi * 2 ** 32 + lo
       : safeNumber(le64(l1Bytes, i * 8), FORMAT, `L1[${i}]`, l1Offset + i * 8);
     if (entry === 0) continue;
@@ -216,8 +221,8 @@ async function openQed(source: Source, options: OpenOptions): Promise<Image> {
       const lo = entries.getUint32(i * 8, true);
       const hi = entries.getUint32(i * 8 + 4, true);
       // Offsets past 2^53 are never valid (they pass the file's end);
-      // they are kept inexact and refused below.
-      table[i] = hi * 2 ** 32 + lo;
+      // they are kept inexact and refused below. (hi 0 apart: see L1.)
+      table[i] = hi === 0 ? lo : hi * 2 ** 32 + lo;
     }
     l2Cache.set(index, table);
     if (l2Cache.size > L2_CACHE) l2Cache.delete(l2Cache.keys().next().value!);

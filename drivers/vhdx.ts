@@ -85,6 +85,7 @@ import {
   setLe16,
   setLe32,
   setLe64,
+  uuidText,
   view,
 } from "./_binary.ts";
 import { blockReader, type BlockRun, wholeBlock } from "./_blocks.ts";
@@ -155,13 +156,7 @@ const SB_PRESENT = 6;
 const fail = formatErrors(FORMAT);
 
 /** A GUID as text (Windows layout: the first three fields little-endian). */
-function guidAt(b: Uint8Array, o: number): string {
-  const h = (i: number) => b[o + i].toString(16).padStart(2, "0");
-  const seq = (list: number[]) => list.map(h).join("");
-  return `${seq([3, 2, 1, 0])}-${seq([5, 4])}-${seq([7, 6])}-${seq([8, 9])}-${
-    seq([10, 11, 12, 13, 14, 15])
-  }`;
-}
+const guidAt = uuidText;
 
 /** The 16 bytes of a GUID written as text. */
 function guidBytes(text: string): Uint8Array {

@@ -12,12 +12,7 @@ import {
   TreeError,
   WriteError,
 } from "./errors.ts";
-import {
-  CopyFailure,
-  dataRangesIn,
-  type KernelCopier,
-  kernelCopier,
-} from "./_file_copy.ts";
+import type { KernelCopier } from "./_file_copy.ts";
 import {
   type BackingResolver,
   checkRange,
@@ -149,6 +144,16 @@ export async function fromFile(
   return handle(file, path, size, options.write === true, options.sync);
 }
 
+/**
+ * The kernel copier's module (and its second thread's), loaded by the
+ * first copy or data-range query: `info`, and anything else that only
+ * reads, never needs it.
+ */
+let copying: typeof import("./_file_copy.ts") | undefined;
+const loadCopying = async () => {
+  copying ??= await import("./_file_copy.ts");
+};
+
 /** The open file behind each FileHandle, for kernel copies between them. */
 const filesOf = new WeakMap<Source, Deno.FsFile>();
 
@@ -266,7 +271,7 @@ function handle(
         input,
         stat.size < KERNEL_COPY_MIN
           ? undefined
-          : kernelCopier(stat, file.statSync(), {
+          : copying!.kernelCopier(stat, file.statSync(), {
             paths: { input: (from as Partial<FileHandle>).path, output: path },
           }),
       );
@@ -274,7 +279,7 @@ function handle(
     try {
       return copiers.get(input)?.copyRanges(ranges);
     } catch (e) {
-      if (!(e instanceof CopyFailure)) throw e;
+      if (!(e instanceof copying!.CopyFailure)) throw e;
       // The file that failed, by name.
       throw e.side === "read"
         ? new ReadError(
@@ -358,6 +363,13 @@ function handle(
       // After the writes queued on either file: the kernel copies what
       // they wrote.
       const other = idleOf.get(from)?.();
+      if (!copying) {
+        // The first copy, once the copier's module is in: in this file's
+        // turn, so later ops wait for it as for any queued one.
+        return enqueue(() =>
+          loadCopying().then(() => other).then(() => copyNow(from, shifted))
+        );
+      }
       if (other) {
         // In this file's turn too, so a later write, resize or close
         // waits for the copy.
@@ -396,9 +408,13 @@ function handle(
     },
     stat: () => inTurn(() => file.stat()),
     dataRanges(offset, length) {
-      return inTurn(() =>
-        closed ? undefined : dataRangesIn(file.statSync(), offset, length)
-      );
+      const ranges = () =>
+        closed
+          ? undefined
+          : copying!.dataRangesIn(file.statSync(), offset, length);
+      return copying
+        ? inTurn(ranges)
+        : enqueue(() => loadCopying().then(ranges));
     },
   };
   filesOf.set(self, file);

@@ -8,7 +8,6 @@
  * @module
  */
 
-import { fromBlob, fromBytes, fromUrl } from "./sources.ts";
 import type { Sink, Source } from "./types.ts";
 
 /**
@@ -25,6 +24,9 @@ export type ImageInput =
   | Blob
   | Uint8Array
   | ArrayBuffer;
+
+/** The byte, Blob and URL sources, imported on first use. */
+const sources = () => import("./sources.ts");
 
 /** Whether `value` has what a Source has. */
 function isSource(value: unknown): value is Source {
@@ -71,10 +73,14 @@ export async function toSource(
 ): Promise<Source> {
   const value = await input;
   if (isSource(value)) return value;
-  if (value instanceof Uint8Array) return fromBytes(value);
-  if (value instanceof ArrayBuffer) return fromBytes(new Uint8Array(value));
+  // The other sources (and the read-ahead a URL's uses) load only for
+  // such inputs: opening a file's handle, as the CLI does, needs none.
+  if (value instanceof Uint8Array) return (await sources()).fromBytes(value);
+  if (value instanceof ArrayBuffer) {
+    return (await sources()).fromBytes(new Uint8Array(value));
+  }
   if (typeof Blob !== "undefined" && value instanceof Blob) {
-    return fromBlob(value);
+    return (await sources()).fromBlob(value);
   }
   const url = value instanceof URL
     ? value
@@ -88,7 +94,7 @@ export async function toSource(
       );
     }
     if (writable) throw new TypeError("open: a URL cannot be opened writable");
-    return await fromUrl(url);
+    return await (await sources()).fromUrl(url);
   }
   if (typeof value === "string") {
     if (typeof Deno === "undefined") {

@@ -215,26 +215,6 @@ async function fileRuns(
   return runs;
 }
 
-/**
- * The layers of a chain, top first, each one alone (an overlay's `top`).
- *
- * @param image an image, or the overlay of a chain
- * @returns its layers
- *
- * @example
- * ```ts
- * import { fromBytes, layers, open } from "../mod.ts";
- * console.log(layers(await open(fromBytes(new Uint8Array(512)))).length); // 1
- * ```
- */
-export function layers(image: Image): Image[] {
-  const out: Image[] = [];
-  for (let at: Image | undefined = image; at; at = at.backing) {
-    out.push((at as Partial<OverlayImage>).top ?? at);
-  }
-  return out;
-}
-
 /** A run of a chain's map, with the depth of the layer that holds it (qemu-img map's `depth`). */
 export interface LayeredExtent extends Extent {
   /** The depth of the layer holding the run: 0 for the top. */
@@ -543,6 +523,26 @@ export function formatInfo(info: Record<string, unknown>): string {
 }
 
 /**
+ * Whether `image` carries a signature `readPartitionTable` (partitions.ts)
+ * starts from: an Apple partition map's "ER" at 0, the MBR's 55 AA at 510
+ * (a protective MBR too), or "EFI PART" at 512 or 4096. Without one it
+ * answers no table; the same sectors are read, in the same order, so a
+ * read that fails here fails there as well.
+ */
+async function mayHoldPartitionTable(image: Image): Promise<boolean> {
+  const SECTOR = 512;
+  if (image.size < SECTOR) return false;
+  const sector0 = await image.read(0, SECTOR);
+  if (sector0[0] === 0x45 && sector0[1] === 0x52) return true; // "ER"
+  for (const at of [SECTOR, 4096]) {
+    if (at + 8 > image.size) continue;
+    const b = await image.read(at, 8);
+    if (String.fromCharCode(...b) === "EFI PART") return true;
+  }
+  return sector0[510] === 0x55 && sector0[511] === 0xaa;
+}
+
+/**
  * The partition table for `info` (kebab-case keys): null when the disk has
  * none; `{ error }` when it is malformed or cannot be read (an encrypted
  * disk without its key), so that the rest of `info` still shows.
@@ -562,6 +562,9 @@ export async function partitionTableInfo(
 ): Promise<Record<string, unknown> | null> {
   let table: PartitionTable | undefined;
   try {
+    // A disk with none of the signatures the parsers start from has no
+    // table: they are not loaded for it (1 ms of a small image's info).
+    if (!(await mayHoldPartitionTable(image))) return null;
     // The partition parsers (and the CRC-32 GPT needs) load only here: a
     // conversion that imports this module for `layers` does not need them.
     const { readPartitionTable } = await import("./partitions.ts");

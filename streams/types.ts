@@ -7,6 +7,8 @@
  * @module
  */
 
+import type { OverlayImage } from "./overlay.ts";
+
 /** What a run of bytes holds, as an allocation map reports it. */
 export type ExtentKind =
   /** The layer stores bytes here. */
@@ -709,4 +711,24 @@ export function checkRange(size: number, offset: number, length: number) {
       `read of ${length} bytes at ${offset} is outside 0..${size}`,
     );
   }
+}
+
+/**
+ * The layers of a chain, top first, each one alone (an overlay's `top`).
+ *
+ * @param image an image, or the overlay of a chain
+ * @returns its layers
+ *
+ * @example
+ * ```ts
+ * import { fromBytes, layers, open } from "../mod.ts";
+ * console.log(layers(await open(fromBytes(new Uint8Array(512)))).length); // 1
+ * ```
+ */
+export function layers(image: Image): Image[] {
+  const out: Image[] = [];
+  for (let at: Image | undefined = image; at; at = at.backing) {
+    out.push((at as Partial<OverlayImage>).top ?? at);
+  }
+  return out;
 }

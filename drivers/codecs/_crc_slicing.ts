@@ -40,6 +40,9 @@ export function slicingTables(poly: number): Int32Array {
   return t;
 }
 
+/** Whether an Int32Array reads 4 bytes as the first byte lowest (this machine is little-endian). */
+const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
+
 /**
  * The CRC of `bytes` with tables from {@linkcode slicingTables},
  * continuing from `previous` (the CRC of the bytes before them; 0 to
@@ -65,6 +68,28 @@ export function crcSliced(
   let c = ~previous;
   let i = 0;
   const n = bytes.length;
+  if (LITTLE_ENDIAN && n >= 16) {
+    // Up to a 4-byte boundary one byte at a time, then each 8 bytes as two
+    // 32-bit words: half the loads and shifts of assembling them from
+    // bytes (a vhdx open's 72 KiB before the JIT: 0.75 -> 0.6 ms; 64 MiB
+    // once compiled: 80 -> 65 ms).
+    const lead = (4 - (bytes.byteOffset & 3)) & 3;
+    for (; i < lead; i++) c = t[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+    const words = new Int32Array(
+      bytes.buffer,
+      bytes.byteOffset + i,
+      ((n - i) >> 3) << 1,
+    );
+    for (let k = 0; k < words.length; k += 2) {
+      const a = c ^ words[k];
+      const b = words[k + 1];
+      c = t[1792 + (a & 0xff)] ^ t[1536 + ((a >> 8) & 0xff)] ^
+        t[1280 + ((a >> 16) & 0xff)] ^ t[1024 + ((a >> 24) & 0xff)] ^
+        t[768 + (b & 0xff)] ^ t[512 + ((b >> 8) & 0xff)] ^
+        t[256 + ((b >> 16) & 0xff)] ^ t[(b >> 24) & 0xff];
+    }
+    i += words.length * 4;
+  }
   for (const end = n - 7; i < end; i += 8) {
     const a = c ^ (bytes[i] | bytes[i + 1] << 8 | bytes[i + 2] << 16 |
       bytes[i + 3] << 24);
