@@ -12,13 +12,7 @@
 import type { OverlayImage } from "./overlay.ts";
 import { KeyError } from "./errors.ts";
 import type { PartitionTable } from "./partitions.ts";
-import {
-  type Extent,
-  extentsOf,
-  type Image,
-  readInto,
-  type WindowSource,
-} from "./types.ts";
+import { type Extent, type Image, mappedExtents, readInto } from "./types.ts";
 
 /** The `info` facts of an opened image (the same keys as `cli.ts info --output=json`). */
 export function imageInfo(
@@ -153,66 +147,11 @@ export async function describeImage(
  * ```
  */
 export async function allocatedBytes(image: Image): Promise<number> {
-  const inFile = await fileDataRanges(image, 0, image.size);
-  if (inFile) return inFile.reduce((n, [start, end]) => n + end - start, 0);
   let total = 0;
-  for await (const run of image.extents(0, image.size)) {
+  for await (const run of mappedExtents(image, 0, image.size)) {
     if (run.kind === "data") total += run.length;
   }
   return total;
-}
-
-/**
- * The data ranges of `[offset, offset + length)` of a raw image over a
- * file, in the disk's offsets, as the file system reports them
- * (`SEEK_DATA`; the rest are holes), or `undefined` where the source
- * cannot say (not a raw image over a local file, no FFI).
- */
-async function fileDataRanges(
-  image: Image,
-  offset: number,
-  length: number,
-): Promise<[number, number][] | undefined> {
-  const window = image.format === "raw"
-    ? (image as Partial<WindowSource>).windowOf
-    : undefined;
-  const file = window?.source as {
-    dataRanges?(o: number, l: number): Promise<[number, number][] | undefined>;
-  } | undefined;
-  const ranges = window &&
-    await file?.dataRanges?.(window.offset + offset, length);
-  return ranges?.map(([start, end]) => [
-    start - window!.offset,
-    end - window!.offset,
-  ]);
-}
-
-/**
- * A raw layer's runs over its file as qemu-img map gives them: the
- * file's data ranges `data`, its holes `zero` (no byte read, where the
- * layer's own walk reads every byte to find zero blocks); `undefined`
- * where the file cannot say.
- */
-async function fileRuns(
-  layer: Image,
-  offset: number,
-  length: number,
-): Promise<Extent[] | undefined> {
-  const ranges = await fileDataRanges(layer, offset, length);
-  if (!ranges) return undefined;
-  const runs: Extent[] = [];
-  let done = offset;
-  for (const [start, end] of ranges) {
-    if (start > done) {
-      runs.push({ offset: done, length: start - done, kind: "zero" });
-    }
-    runs.push({ offset: start, length: end - start, kind: "data" });
-    done = end;
-  }
-  if (done < offset + length) {
-    runs.push({ offset: done, length: offset + length - done, kind: "zero" });
-  }
-  return runs;
 }
 
 /** A run of a chain's map, with the depth of the layer that holds it (qemu-img map's `depth`). */
@@ -277,9 +216,7 @@ async function* walkLayers(
 ): AsyncIterable<LayeredExtent> {
   const layer = (image as Partial<OverlayImage>).top ?? image;
   const below = image.backing;
-  const runs = await fileRuns(layer, offset, length) ??
-    extentsOf(layer, offset, length);
-  for await (const run of runs) {
+  for await (const run of mappedExtents(layer, offset, length)) {
     if (run.kind !== "unallocated" || !below) {
       yield { ...run, depth, layer };
       continue;
@@ -366,9 +303,7 @@ function blocksOf(
     const inside = Math.max(0, Math.min(length, image.size - offset));
     if (inside === 0) return null;
     let data = false;
-    const runs = await fileRuns(image, offset, inside) ??
-      extentsOf(image, offset, inside);
-    for await (const run of runs) {
+    for await (const run of mappedExtents(image, offset, inside)) {
       if (run.kind === "data") {
         data = true;
         break;

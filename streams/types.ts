@@ -642,6 +642,57 @@ export interface Driver {
 }
 
 /**
+ * The allocation map as `map`, `info`, `compare` and `measure` walk it:
+ * {@linkcode extentsOf}, but a raw image over a local file is mapped from
+ * its file system's data ranges (`SEEK_DATA`; the holes are `zero`), as
+ * qemu's file driver reports a raw file: a zero block written out is
+ * data, and no byte is read (a raw image's own walk reads every byte to
+ * find zero blocks, 0.2-0.9 s for the bench's 1 GiB disk).
+ *
+ * @example
+ * ```ts
+ * import { fromBytes, mappedExtents, open } from "../mod.ts";
+ * const image = await open(fromBytes(new Uint8Array(4096)));
+ * for await (const e of mappedExtents(image, 0, 4096)) {
+ *   console.log(e.kind, e.length); // zero 4096 (bytes in memory are read)
+ * }
+ * ```
+ */
+export async function* mappedExtents(
+  source: Source,
+  offset: number,
+  length: number,
+): AsyncIterable<Extent> {
+  const window = (source as Partial<Image>).format === "raw"
+    ? (source as Partial<WindowSource>).windowOf
+    : undefined;
+  const file = window?.source as {
+    dataRanges?(o: number, l: number): Promise<[number, number][] | undefined>;
+  } | undefined;
+  checkRange(source.size, offset, length);
+  const ranges = window && length > 0
+    ? await file?.dataRanges?.(window.offset + offset, length)
+    : undefined;
+  if (!ranges) {
+    yield* extentsOf(source, offset, length);
+    return;
+  }
+  let done = offset;
+  for (const [fileStart, fileEnd] of ranges) {
+    const start = fileStart - window!.offset;
+    const end = fileEnd - window!.offset;
+    if (start > done) {
+      yield { offset: done, length: start - done, kind: "zero" };
+    }
+    yield { offset: start, length: end - start, kind: "data" };
+    done = end;
+  }
+  if (done < offset + length) {
+    yield { offset: done, length: offset + length - done, kind: "zero" };
+  }
+}
+
+/**
  * The allocation map of any source: its own `extents` when it has one, or a
  * single `data` run.
  *

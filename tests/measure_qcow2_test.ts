@@ -245,3 +245,40 @@ Deno.test("measure by formula (vdi, vpc, qcow, vhdx) gives the sizes of the file
   const vhd = await measure(2000 * 2 ** 30, { format: "vpc" });
   assertTrue(vhd.fullyAllocated > 2000 * 2 ** 30);
 });
+
+Deno.test(
+  "measure -O qcow2 of a raw file counts the clusters its file system holds, a written zero cluster too, as qemu-img does, without reading the disk",
+  { ignore: skip(["qemu-img"]) },
+  async () => {
+    await withTemp(async (dir) => {
+      const path = `${dir}/disk.raw`;
+      const out = await Deno.open(path, { create: true, write: true });
+      await out.truncate(8 << 20);
+      // A zero cluster written out at 1 MiB, data at 4 MiB and 6 MiB + 1.
+      for (
+        const [at, bytes] of [
+          [1 << 20, new Uint8Array(64 << 10)],
+          [4 << 20, pseudoRandom(64 << 10, 13)],
+          [(6 << 20) + 1, pseudoRandom(100, 14)],
+        ] as const
+      ) {
+        await out.seek(at, Deno.SeekMode.Start);
+        for (let n = 0; n < bytes.length;) {
+          n += await out.write(bytes.subarray(n));
+        }
+      }
+      out.close();
+      await assertSameOutput(["-O", "qcow2", "-f", "raw", path]);
+      await assertSameOutput(["-O", "qcow2", path]);
+      await assertSameOutput([
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-f",
+        "raw",
+        path,
+      ]);
+    });
+  },
+);

@@ -20,7 +20,7 @@
  */
 
 import { ImageFormatError } from "../../streams/errors.ts";
-import { extentsOf, type Image, type Source } from "../../streams/types.ts";
+import { type Image, mappedExtents, type Source } from "../../streams/types.ts";
 import { STRIPES } from "./luks.ts";
 import { qcow2Settings } from "./layout.ts";
 
@@ -164,7 +164,7 @@ export async function measureQcow2(
     } else {
       // Each cluster holding any data counts whole, once.
       let counted = -1;
-      for await (const run of extentsOf(subject, 0, subject.size)) {
+      for await (const run of mappedExtents(subject, 0, subject.size)) {
         if (run.kind !== "data" || run.length === 0) continue;
         const first = Math.max(
           Math.floor(run.offset / clusterSize),
