@@ -786,8 +786,19 @@ export function kernelCopier(
    * copy's write fails as it would have.
    */
   const allocate = (ranges: readonly Range[]) => {
-    for (const [start, end, at] of ranges) {
-      const size = BigInt(end - start);
+    for (let i = 0; i < ranges.length;) {
+      // Ranges that follow each other in the output (a dynamic VHD's
+      // blocks) are allocated in one call.
+      const at = ranges[i][2];
+      let end = at;
+      for (; i < ranges.length && ranges[i][2] === end; i++) {
+        end += ranges[i][1] - ranges[i][0];
+      }
+      if (end === at) {
+        i++; // an empty range
+        continue;
+      }
+      const size = BigInt(end - at);
       if (c.fallocate(fdOut, FALLOC_FL_KEEP_SIZE, BigInt(at), size) !== 0) {
         if (errno(c) === EOPNOTSUPP) preallocate = false;
         return;
