@@ -186,6 +186,51 @@ Deno.test(
 );
 
 Deno.test(
+  "copies into blocks allocated first (fallocate, on ext4) give the same bytes, holes and allocated blocks as copies without, aligned or not, by either way",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await sparseInput(`${dir}/in.raw`);
+      const size = 24 * MIB;
+      const results = [];
+      for (const way of ["read_write", "splice"] as const) {
+        for (const preallocate of [true, false]) {
+          const to = `${dir}/out-${way}-${preallocate}.raw`;
+          const { copier, done } = await copierBetween(
+            `${dir}/in.raw`,
+            to,
+            size,
+            { way, preallocate, helperAfter: Infinity },
+          );
+          // Aligned, then 512 bytes later in the output (a vdi's blocks),
+          // then two ranges that follow each other in the output.
+          assertEquals(copier.copyRanges([[0, 12 * MIB, 0]]), 3 * MIB);
+          assertEquals(copier.copy(16 * MIB, 4 * MIB, 16 * MIB + 512), MIB);
+          assertEquals(
+            copier.copyRanges([
+              [22 * MIB, MIB, 22 * MIB],
+              [23 * MIB, MIB, 23 * MIB],
+            ]),
+            4096,
+          );
+          await done();
+          results.push({
+            bytes: await sha256File(to),
+            map: dataMap(to),
+            blocks: (await Deno.stat(to)).blocks,
+          });
+        }
+      }
+      for (const r of results.slice(1)) assertEquals(r, results[0]);
+      assertEquals(results[0].map, [
+        [5 * MIB, 8 * MIB],
+        [17 * MIB, 18 * MIB + 4096],
+        [24 * MIB - 4096, 24 * MIB],
+      ]);
+    }),
+);
+
+Deno.test(
   "without --allow-ffi convert reads and writes, with the same bytes and holes",
   { ignore: !linux },
   () =>
