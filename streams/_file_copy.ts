@@ -76,11 +76,13 @@ import {
   JOB_PIECES,
   mapBuffer,
   MAX_PIECES,
+  MESSAGE_BYTES,
   NEXT,
   nextWord,
   pieceOf,
   readWrite,
   READY,
+  SAID,
   SIDE,
   stalled,
   WORKER_NAME,
@@ -579,16 +581,17 @@ export function kernelCopier(
   const copyFileRange = (start: number, end: number, at: number) => {
     offIn[0] = BigInt(start);
     offOut[0] = BigInt(at);
-    for (let left = end - start; left > 0;) {
+    for (let left = end - start, tries = 0; left > 0;) {
       const n = Number(
         c.copy_file_range(fdIn, offIn, fdOut, offOut, BigInt(left), 0),
       );
       if (n > 0) {
         left -= n;
         copied.copyFileRange += n;
+        tries = 0;
         continue;
       }
-      const e = stalled(c, n);
+      const e = stalled(c, n, tries++);
       if (e === undefined) continue;
       // The first call of a range: the kernel will not copy these files.
       if (left === end - start && UNSUPPORTED.has(e)) {
@@ -628,7 +631,7 @@ export function kernelCopier(
     if (!pipe) return false;
     offIn[0] = BigInt(start);
     offOut[0] = BigInt(at);
-    for (let left = end - start; left > 0;) {
+    for (let left = end - start, tries = 0; left > 0;) {
       const n = Number(c.splice(
         fdIn,
         offIn,
@@ -638,7 +641,7 @@ export function kernelCopier(
         SPLICE_F_MOVE,
       ));
       if (n <= 0) {
-        const e = stalled(c, n);
+        const e = stalled(c, n, tries++);
         if (e === undefined) continue;
         if (left === end - start && UNSUPPORTED.has(e)) {
           dropPipe();
@@ -646,7 +649,8 @@ export function kernelCopier(
         }
         throw copyFailure(c, "read", e, Number(offIn[0]), left);
       }
-      for (let inPipe = n; inPipe > 0;) {
+      tries = 0;
+      for (let inPipe = n, stalls = 0; inPipe > 0;) {
         const m = Number(
           c.splice(pipe[0], null, fdOut, offOut, BigInt(inPipe), SPLICE_F_MOVE),
         );
@@ -654,9 +658,10 @@ export function kernelCopier(
           inPipe -= m;
           copied.copyFileRange += m;
           copied.splice += m;
+          stalls = 0;
           continue;
         }
-        const e = stalled(c, m);
+        const e = stalled(c, m, stalls++);
         if (e === undefined) continue;
         // Bytes left in the pipe would go to the next copy's output: a
         // fresh pipe for that one.
@@ -703,7 +708,7 @@ export function kernelCopier(
     try {
       const second = helperFor(bytes);
       if (second) {
-        const shared = second.copy(c, fdIn, fdOut, ranges, (s, e, a) => {
+        const shared = second.copy(fdIn, fdOut, ranges, (s, e, a) => {
           readWrite(c, fdIn, fdOut, mine, s, e, a);
         });
         copied.readWrite += bytes;
@@ -904,7 +909,6 @@ interface Helper {
    * once neither thread copies any more.
    */
   copy(
-    c: Libc,
     fdIn: number,
     fdOut: number,
     ranges: readonly Range[],
@@ -936,7 +940,7 @@ let workerFails = false;
  */
 function startHelper(): Helper | null {
   if (workerFails) return null;
-  const control = new SharedArrayBuffer(CONTROL_WORDS * 4);
+  const control = new SharedArrayBuffer(CONTROL_WORDS * 4 + MESSAGE_BYTES);
   const numbers = new SharedArrayBuffer((JOB_HEADER + 3 * JOB_PIECES) * 8);
   const ctl = new Int32Array(control);
   const job = new Float64Array(numbers);
@@ -975,7 +979,6 @@ function startHelper(): Helper | null {
   idle = setTimeout(stop, HELPER_IDLE_MS);
   /** Copies the job's `count` pieces with the helper; see `copy`. */
   const run = (
-    c: Libc,
     count: number,
     mine: (start: number, end: number, at: number) => void,
   ) => {
@@ -1007,12 +1010,19 @@ function startHelper(): Helper | null {
     // there says where the input ended, where a later piece's found only
     // its own start).
     if (e !== 0 && (failure === undefined || job[1] < failed)) {
-      const side = Atomics.load(ctl, SIDE) === 0 ? "read" : "write";
-      failure = job[4] >= 0
-        ? copyFailure(c, "read", 0, job[2], job[3], job[4])
-        : e > 0
-        ? copyFailure(c, side, e, job[2], job[3])
-        : new CopyFailure(side, job[2], job[3], "the copy worker failed");
+      // The worker's failure as it made it: its side, offset, length,
+      // errno, where the input ended, and its message (the system's
+      // words, or what went wrong in the worker).
+      const said = new Uint8Array(control, CONTROL_WORDS * 4, MESSAGE_BYTES)
+        .slice(0, Atomics.load(ctl, SAID));
+      failure = new CopyFailure(
+        Atomics.load(ctl, SIDE) === 0 ? "read" : "write",
+        job[2],
+        job[3],
+        new TextDecoder().decode(said) || "the copy worker failed",
+        e > 0 ? e : undefined,
+        job[4] >= 0 ? job[4] : undefined,
+      );
     }
     if (failure !== undefined) throw failure;
   };
@@ -1020,7 +1030,7 @@ function startHelper(): Helper | null {
     get ended() {
       return ended;
     },
-    copy(c, fdIn, fdOut, ranges, mine) {
+    copy(fdIn, fdOut, ranges, mine) {
       clearTimeout(idle);
       idle = setTimeout(stop, HELPER_IDLE_MS);
       // The job's numbers are written while NEXT stops all claims of the
@@ -1033,7 +1043,7 @@ function startHelper(): Helper | null {
       for (const [start, end, at] of ranges) {
         for (let from = start; from < end; from += PIECE_BYTES) {
           if (count === JOB_PIECES) {
-            run(c, count, mine);
+            run(count, mine);
             Atomics.store(ctl, NEXT, nextWord(jobs, MAX_PIECES));
             count = 0;
           }
@@ -1043,7 +1053,7 @@ function startHelper(): Helper | null {
           );
         }
       }
-      if (count > 0) run(c, count, mine);
+      if (count > 0) run(count, mine);
       return Atomics.load(ctl, READY) === 1;
     },
     close: stop,

@@ -29,6 +29,11 @@
  * | 4     | SIDE   | 0 read, 1 write: which side of that piece failed           |
  * | 5     | FD_IN  | the job's input descriptor                                 |
  * | 6     | FD_OUT | the job's output descriptor                                |
+ * | 7     | SAID   | bytes of the worker's message (UTF-8) after the words      |
+ *
+ * After the words, `MESSAGE_BYTES` hold the message of the worker's
+ * failure (the system's words for its errno, or what went wrong
+ * otherwise), so that the copier's error says what the worker's said.
  *
  * The job (a Float64Array over shared memory): its count of pieces; the
  * worker's failed piece's index, the offset of the failure, its length
@@ -55,9 +60,12 @@ export const NEXT = 0,
   ERRNO = 3,
   SIDE = 4,
   FD_IN = 5,
-  FD_OUT = 6;
+  FD_OUT = 6,
+  SAID = 7;
 /** Control words in all. */
 export const CONTROL_WORDS = 8;
+/** Bytes for the message of the worker's failure, after the control words. */
+export const MESSAGE_BYTES = 512;
 /** Numbers of the job before its pieces (see the module doc). */
 export const JOB_HEADER = 8;
 /** Pieces a job holds at most. */
@@ -152,17 +160,45 @@ function describe(c: CopyLibc, e: number): string {
   return `${text || "error"} (errno ${e})`;
 }
 
+/** Calls answered EINTR or EAGAIN that are made again at once (see {@linkcode stalled}). */
+const RETRIES_AT_ONCE = 16;
+/** The longest wait, in ms, before a call that answered EAGAIN again is made again. */
+const RETRY_WAIT_MAX_MS = 64;
+/**
+ * Calls of one copy loop in a row that answered EINTR or EAGAIN, after
+ * which the loop fails: 16 at once, then waits of 1, 2, 4 ... 64 ms, about
+ * 5 s of waiting in all.
+ */
+export const RETRIES = 100;
+/** What `Atomics.wait` sleeps on between retries (never notified). */
+const pause = new Int32Array(new SharedArrayBuffer(4));
+
 /**
  * Why a call of a copy loop that answered `n` (no bytes moved: `n <= 0`)
  * did so: its errno, 0 for an answer of 0 (the input's end, or an output
  * that took nothing), or `undefined` when the call is to be made again
- * (EINTR, EAGAIN). Every copy loop (reads and writes, copy_file_range,
- * splice) asks this one function, so all retry alike.
+ * (EINTR, EAGAIN). `tries` counts the calls of the loop before this one
+ * that answered `undefined` since the last that moved bytes: the first
+ * `RETRIES_AT_ONCE` are made again at once, later ones after a wait that
+ * doubles up to `RETRY_WAIT_MAX_MS`, and after `RETRIES` the errno is
+ * answered (a file system that answers EAGAIN forever, a FUSE or network
+ * one, fails the copy in about 5 s rather than spin). Every copy loop
+ * (reads and writes on either thread, copy_file_range, splice) asks this
+ * one function, so all retry alike.
  */
-export function stalled(c: CopyLibc, n: number): number | undefined {
+export function stalled(
+  c: CopyLibc,
+  n: number,
+  tries: number,
+): number | undefined {
   if (n === 0) return 0;
   const e = errno(c);
-  return e === EINTR || e === EAGAIN ? undefined : e;
+  if ((e !== EINTR && e !== EAGAIN) || tries >= RETRIES) return e;
+  if (tries >= RETRIES_AT_ONCE) {
+    const ms = Math.min(2 ** (tries - RETRIES_AT_ONCE), RETRY_WAIT_MAX_MS);
+    Atomics.wait(pause, 0, 0, ms);
+  }
+  return undefined;
 }
 
 /**
@@ -179,7 +215,13 @@ export function copyFailure(
   length: number,
   position = offset,
 ): CopyFailure {
-  if (e !== 0) return new CopyFailure(side, offset, length, describe(c, e), e);
+  if (e !== 0) {
+    // Only given up on after `RETRIES` in a row (see stalled).
+    const retried = e === EINTR || e === EAGAIN
+      ? `, ${RETRIES} times in a row in about 5 s`
+      : "";
+    return new CopyFailure(side, offset, length, describe(c, e) + retried, e);
+  }
   return side === "read"
     ? new CopyFailure(
       "read",
@@ -210,7 +252,7 @@ export function readWrite(
   for (let pos = start; pos < end;) {
     const piece = Math.min(BUFFER_BYTES, end - pos);
     const to = at + pos - start;
-    for (let got = 0; got < piece;) {
+    for (let got = 0, tries = 0; got < piece;) {
       const n = Number(c.pread(
         fdIn,
         Deno.UnsafePointer.offset(buffer, got),
@@ -219,14 +261,15 @@ export function readWrite(
       ));
       if (n > 0) {
         got += n;
+        tries = 0;
         continue;
       }
-      const e = stalled(c, n);
+      const e = stalled(c, n, tries++);
       if (e !== undefined) {
         throw copyFailure(c, "read", e, pos, piece, pos + got);
       }
     }
-    for (let put = 0; put < piece;) {
+    for (let put = 0, tries = 0; put < piece;) {
       const n = Number(c.pwrite(
         fdOut,
         Deno.UnsafePointer.offset(buffer, put),
@@ -235,9 +278,10 @@ export function readWrite(
       ));
       if (n > 0) {
         put += n;
+        tries = 0;
         continue;
       }
-      const e = stalled(c, n);
+      const e = stalled(c, n, tries++);
       if (e !== undefined) throw copyFailure(c, "write", e, to, piece);
     }
     pos += piece;
@@ -307,9 +351,26 @@ function serve(control: SharedArrayBuffer, numbers: SharedArrayBuffer) {
       }
     } catch (e) {
       // Nobody claims more of the job; the copier reports the failure.
-      const failure = e instanceof CopyFailure
-        ? e
-        : new CopyFailure("write", 0, 0, String(e));
+      // An error of another kind (a bug, a libc call that threw) is the
+      // piece's output range's, with what it said.
+      let failure: CopyFailure;
+      if (e instanceof CopyFailure) failure = e;
+      else {
+        const [start, end, at] = claimed >= 0
+          ? pieceOf(job, claimed)
+          : [0, 0, 0];
+        failure = new CopyFailure(
+          "write",
+          at,
+          end - start,
+          `the copy worker failed: ${e instanceof Error ? e.message : e}`,
+        );
+      }
+      const { written } = new TextEncoder().encodeInto(
+        failure.message,
+        new Uint8Array(control, CONTROL_WORDS * 4, MESSAGE_BYTES),
+      );
+      Atomics.store(ctl, SAID, written);
       job[1] = claimed;
       job[2] = failure.offset;
       job[3] = failure.length;

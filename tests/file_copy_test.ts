@@ -1478,3 +1478,177 @@ Deno.test(
     }
   },
 );
+
+/**
+ * A child's script that puts stand-ins for libc functions of the main
+ * thread (`main`) and of the copy worker (`worker`, in a module that loads
+ * the worker's after them): each a function of the real symbols that
+ * answers the stand-in, and counts its calls.
+ */
+function standIns(
+  dir: string,
+  main: Record<string, string>,
+  worker: Record<string, string>,
+) {
+  const patch = (standIns: Record<string, string>) =>
+    `const dlopen = Deno.dlopen;
+// deno-lint-ignore no-explicit-any
+(globalThis as any).calls = 0;
+Object.defineProperty(Deno, "dlopen", {
+  // deno-lint-ignore no-explicit-any
+  value: (path: string, symbols: any) => {
+    const lib = dlopen(path, symbols);
+    const real = lib.symbols;
+    /** Sets this thread's errno (the real one) to \`e\`. */
+    const setErrno = (e: number) => {
+      new Int32Array(Deno.UnsafePointerView.getArrayBuffer(real.__errno_location()!, 4))[0] = e;
+    };
+    // deno-lint-ignore no-explicit-any
+    const count = (f: any) => (...args: unknown[]) => ((globalThis as any).calls++, f(...args));
+    void setErrno;
+    return {
+      close: () => lib.close(),
+      symbols: { ...real, ${
+      Object.entries(standIns).map(([name, f]) => `${name}: count(${f})`).join(
+        ", ",
+      )
+    } },
+    };
+  },
+});`;
+  return {
+    worker: `${patch(worker)}
+await import("${ROOT}streams/_file_copy_worker.ts");`,
+    main: `${patch(main)}
+let made = 0;
+const Real = Worker;
+// deno-lint-ignore no-explicit-any
+(globalThis as any).Worker = class extends Real {
+  constructor(url: string, options: WorkerOptions) {
+    made++;
+    super(${
+      Object.keys(worker).length > 0
+    } ? "file://${dir}/worker.ts" : url, options);
+  }
+};
+const { kernelCopier } = await import("${ROOT}streams/_file_copy.ts");`,
+  };
+}
+
+Deno.test(
+  "a file that answers EAGAIN forever fails the copy in about 5 s, after backing off, on either thread and by every way: a CopyFailure with errno 11",
+  { ignore: !linux || skip(["timeout"]) },
+  () =>
+    withTemp(async (dir) => {
+      await Deno.writeFile(`${dir}/in.raw`, pseudoRandom(16 * MIB, 31));
+      const eagain = `() => (setErrno(11), -1)`;
+      const cases = {
+        pread: [{ pread: eagain }, {}, "read_write", Infinity, 0, "read"],
+        copy_file_range: [
+          { copy_file_range: eagain },
+          {},
+          "copy_file_range",
+          Infinity,
+          0,
+          "write",
+        ],
+        splice: [{ splice: eagain }, {}, "splice", Infinity, 512, "read"],
+        worker: [{}, { pread: eagain }, "read_write", 0, 0, "read"],
+      } as const;
+      await Promise.all(
+        Object.entries(cases).map(async (
+          [kind, [main, worker, way, helperAfter, shift, side]],
+        ) => {
+          await Deno.mkdir(`${dir}/${kind}`);
+          const script = standIns(`${dir}/${kind}`, main, worker);
+          await Deno.writeTextFile(`${dir}/${kind}/worker.ts`, script.worker);
+          await Deno.writeTextFile(
+            `${dir}/${kind}/main.ts`,
+            `${script.main}
+const input = Deno.openSync("${dir}/in.raw");
+const output = Deno.openSync("${dir}/${kind}/out.raw", { read: true, write: true, create: true });
+output.truncateSync(${17 * MIB});
+const copier = kernelCopier(input.statSync(), output.statSync(), { way: "${way}", helperAfter: ${helperAfter}, helperWhenBusy: true })!;
+const started = performance.now();
+// The worker's stand-in fails a copy once the worker claims a piece.
+for (let i = 0; i < 500; i++) {
+  try {
+    copier.copy(0, ${16 * MIB}, ${shift});
+  } catch (e) {
+    // deno-lint-ignore no-explicit-any
+    const calls = (globalThis as any).calls;
+    console.log(JSON.stringify({ ms: performance.now() - started, calls, name: e.name, side: e.side, errno: e.errno, message: e.message }));
+    break;
+  }
+  await new Promise((r) => setTimeout(r, 10));
+}
+await copier.close();`,
+          );
+          // The old copier retried forever: killed after 60 s.
+          const r = await run(
+            "timeout",
+            ["60", Deno.execPath(), "run", "-A", `${dir}/${kind}/main.ts`],
+            { allowFail: true },
+          );
+          assertEquals(r.code, 0, `${kind}: ${r.stderr}`);
+          const failed = JSON.parse(r.text.trim());
+          assertEquals(failed.name, "CopyFailure", r.text);
+          assertEquals(failed.side, side, r.text);
+          assertEquals(failed.errno, 11, r.text);
+          assertTrue(/errno 11\), 100 times/.test(failed.message), r.text);
+          // It waited between tries (100 at once take well under 1 s).
+          assertTrue(failed.ms > 4000, r.text);
+          if (kind !== "worker") assertEquals(failed.calls, 101, r.text);
+        }),
+      );
+    }),
+);
+
+Deno.test(
+  "an unexpected error in the copy worker fails the copy with the worker's message and the offset and length of its piece",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await Deno.writeFile(`${dir}/in.raw`, pseudoRandom(16 * MIB, 32));
+      const script = standIns(dir, {}, {
+        pwrite: `() => { throw new Error("the stand-in pwrite threw"); }`,
+      });
+      await Deno.writeTextFile(`${dir}/worker.ts`, script.worker);
+      await Deno.writeTextFile(
+        `${dir}/main.ts`,
+        `${script.main}
+const input = Deno.openSync("${dir}/in.raw");
+const output = Deno.openSync("${dir}/out.raw", { read: true, write: true, create: true });
+output.truncateSync(${48 * MIB});
+const copier = kernelCopier(input.statSync(), output.statSync(), { way: "read_write", helperAfter: 0, helperWhenBusy: true })!;
+for (let i = 0; i < 500; i++) {
+  try {
+    copier.copy(0, ${16 * MIB}, ${32 * MIB});
+  } catch (e) {
+    console.log(JSON.stringify({ name: e.name, side: e.side, offset: e.offset, length: e.length, errno: e.errno, message: e.message }));
+    break;
+  }
+  await new Promise((r) => setTimeout(r, 10));
+}
+await copier.close();`,
+      );
+      const r = await run(Deno.execPath(), ["run", "-A", `${dir}/main.ts`], {
+        allowFail: true,
+      });
+      assertEquals(r.code, 0, r.stderr);
+      const failed = JSON.parse(r.text.trim());
+      assertEquals(failed.name, "CopyFailure", r.text);
+      assertEquals(
+        failed.message,
+        "the copy worker failed: the stand-in pwrite threw",
+      );
+      // The piece of 1 MiB it failed in, where it goes in the output.
+      assertEquals(failed.side, "write", r.text);
+      assertEquals(failed.length, MIB, r.text);
+      assertTrue(
+        failed.offset >= 32 * MIB && failed.offset % MIB === 0,
+        r.text,
+      );
+      assertEquals(failed.errno, undefined, r.text);
+    }),
+);
