@@ -44,7 +44,9 @@
  * Where the output lies on a file system that copies on the server (NFS,
  * SMB) or shares blocks (btrfs, XFS, bcachefs), `copy_file_range` is kept
  * (for ranges aligned to the page between input and output on the
- * latter): those copy without moving the bytes at all.
+ * latter): those copy without moving the bytes at all. No second thread is
+ * started ahead there: the output's file system is looked up first (in
+ * /proc/self/mountinfo, before libc is loaded), and `fstatfs` confirms it.
  *
  * Deno-only, and only on Linux with the FFI permission granted (the
  * permission is queried, never prompted for). Anywhere else, and on any
@@ -99,10 +101,31 @@ const F_DUPFD_CLOEXEC = 1030;
 const F_SETPIPE_SZ = 1031;
 const O_CLOEXEC = 0o2000000;
 const SPLICE_F_MOVE = 1;
+/**
+ * Whether input offset `start` and output offset `at` lie at the same
+ * place in a 4 KiB page: `copy_file_range` then moves (or, on btrfs and
+ * XFS, shares) whole pages; a range misaligned between the files goes
+ * through a pipe instead (see the module doc).
+ */
+const samePlaceInPage = (start: number, at: number) =>
+  (start - at) % 4096 === 0;
 /** `f_type` (`statfs(2)`) of file systems that copy on the server: NFS, CIFS, SMB2. */
 const OFFLOADING = new Set([0x6969, 0xff534d42, 0xfe534d42]);
 /** `f_type` of file systems that share blocks for `copy_file_range`: btrfs, XFS, bcachefs. */
 const REFLINKING = new Set([0x9123683e, 0x58465342, 0xca451a4e]);
+/**
+ * The names /proc/self/mountinfo gives the file systems of `OFFLOADING`
+ * and `REFLINKING`.
+ */
+const COPYING_NAMES = new Set([
+  "nfs",
+  "nfs4",
+  "cifs",
+  "smb3",
+  "btrfs",
+  "xfs",
+  "bcachefs",
+]);
 /** `f_type` of ext2/3/4: its `fallocate` reserves blocks without writing them (see `kernelCopier`). */
 const EXT4 = 0xef53;
 /** `fallocate` mode: allocate, never change the file's size. */
@@ -361,6 +384,18 @@ export interface KernelCopierOptions {
  */
 const BUSY_PRESSURE = 35;
 
+/** The text of the file at `path` where reading it is allowed (never prompted for), else `undefined`. */
+function readIfAllowed(path: string): string | undefined {
+  try {
+    return Deno.permissions.querySync({ name: "read", path }).state ===
+        "granted"
+      ? Deno.readTextFileSync(path)
+      : undefined;
+  } catch {
+    return undefined; // no such file
+  }
+}
+
 /**
  * Whether the machine has a core to spare for a second copy thread: tasks
  * waited for a CPU less than `BUSY_PRESSURE` % of the last 10 seconds
@@ -375,25 +410,38 @@ const BUSY_PRESSURE = 35;
 function coreToSpare(): boolean {
   const cores = navigator.hardwareConcurrency ?? 1;
   if (cores < 2) return false;
-  const read = (path: string) => {
-    try {
-      return Deno.permissions.querySync({ name: "read", path }).state ===
-          "granted"
-        ? Deno.readTextFileSync(path)
-        : undefined;
-    } catch {
-      return undefined; // no such file: a kernel without PSI
-    }
-  };
-  const pressure = read("/proc/pressure/cpu");
+  const pressure = readIfAllowed("/proc/pressure/cpu"); // none: no PSI
+  const load = readIfAllowed("/proc/loadavg");
   const waited = pressure && /^some avg10=([\d.]+)/m.exec(pressure)?.[1];
   if (waited && Number(waited) < BUSY_PRESSURE) return true;
-  const load = read("/proc/loadavg");
   const running = load === undefined ? NaN : parseInt(load.split(" ")[3]);
   // Unknown (no file, no permission, no number): spare, unless the
   // pressure said busy.
   if (!(running > 0)) return !waited;
   return running <= cores - 1;
+}
+
+/**
+ * Whether the file `stat` describes lies, by /proc/self/mountinfo, on a
+ * file system where the kernel copies (`OFFLOADING`, `REFLINKING`): its
+ * line whose device (major:minor) is the file's. False where that cannot
+ * be told (no permission to read the file, no line of that device: a
+ * btrfs subvolume not mounted by itself); `fstatfs` decides the way
+ * later in any case. Read before libc is loaded: 0.1 ms.
+ */
+function kernelCopiesOn(stat: Deno.FileInfo): boolean {
+  const dev = stat.dev;
+  if (dev === null) return false;
+  // glibc's major() and minor() of a dev_t.
+  const high = Math.floor(dev / 2 ** 32);
+  const major = ((dev >>> 8) & 0xfff) | ((high & 0xfffff000) >>> 0);
+  const minor = (dev & 0xff) | ((Math.floor(dev / 4096) & 0xffffff00) >>> 0);
+  const lines = readIfAllowed("/proc/self/mountinfo")?.split("\n") ?? [];
+  // "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw": the
+  // third field is the device; the file system's name follows " - ".
+  const line = lines.find((line) => line.split(" ")[2] === `${major}:${minor}`);
+  const name = line?.split(" - ")[1]?.split(" ")[0];
+  return name !== undefined && COPYING_NAMES.has(name);
 }
 
 /**
@@ -436,13 +484,23 @@ export function kernelCopier(
   if (!input.isFile || !output.isFile) return undefined;
   const helperAfter = options.helperAfter ??
     (input.size >= HELPER_MIN_INPUT ? 0 : Infinity);
+  /** Whether a second thread may start: the machine has a core to spare. */
+  const spare = () => options.helperWhenBusy || coreToSpare();
   // A second thread wanted from the first byte is started first: its
   // module loads while this thread opens libc and the files (1-3 ms).
-  let early = helperAfter === 0 && options.way !== "copy_file_range" &&
-      options.way !== "splice" && ffiAllowed() &&
-      (options.helperWhenBusy || coreToSpare())
-    ? startHelper()
-    : null;
+  // Not where the kernel will copy every range (the output on NFS, SMB,
+  // btrfs, XFS): there it would be closed unused. A machine found busy
+  // here keeps this copier on one thread, as it would at the first copy
+  // (`helperFor`), which does not ask again.
+  let early: Helper | null = null;
+  let busy = false;
+  if (
+    helperAfter === 0 && options.way !== "copy_file_range" &&
+    options.way !== "splice" && ffiAllowed() && !kernelCopiesOn(output)
+  ) {
+    if (spare()) early = startHelper();
+    else busy = true;
+  }
   const c = loadLibc();
   if (!c) {
     early?.close();
@@ -575,7 +633,7 @@ export function kernelCopier(
     early?.close();
     early = null;
   }
-  let helper: Helper | null | undefined = early ?? undefined;
+  let helper: Helper | null | undefined = early ?? (busy ? null : undefined);
 
   /** `[start, end)` of the input to `at` in the output by copy_file_range. */
   const copyFileRange = (start: number, end: number, at: number) => {
@@ -675,7 +733,7 @@ export function kernelCopier(
   };
   /** The kernel's copy: misaligned ranges through our pipe, the rest by copy_file_range. */
   const copyInKernel = (start: number, end: number, at: number) => {
-    if ((start - at) % 4096 === 0 || !spliceRange(start, end, at)) {
+    if (samePlaceInPage(start, at) || !spliceRange(start, end, at)) {
       copyFileRange(start, end, at);
     }
   };
@@ -692,7 +750,7 @@ export function kernelCopier(
     if (helper === undefined && copied.readWrite >= helperAfter) {
       // On a busy machine (the bench disk at load 7-12: the same wall
       // time, 20-35 ms more CPU) a copy stays on one thread.
-      helper = options.helperWhenBusy || coreToSpare() ? startHelper() : null;
+      helper = spare() ? startHelper() : null;
     }
     return helper ?? null;
   };
@@ -840,15 +898,18 @@ export function kernelCopier(
       if (kernelFor === "measured") copyMeasured(ranges);
       else if (kernelFor === "none" && copyByBuffer(ranges)) { /* copied */ }
       else {
-        for (const [start, end, at] of ranges) {
-          if (kernelFor === "splice") {
-            copyInKernel(start, end, at);
-            continue;
-          }
-          const kernel = kernelFor === "all" ||
-            (kernelFor === "aligned" && (start - at) % 4096 === 0);
-          if (kernel || !copyByBuffer([[start, end, at]])) {
-            copyInKernelElseByBuffer(copyFileRange, [[start, end, at]]);
+        // A range misaligned between the files goes through the pipe
+        // ("splice": copyInKernel) or by reads and writes ("aligned");
+        // the rest, and every range for "all", by copy_file_range.
+        for (const range of ranges) {
+          const [start, , at] = range;
+          if (kernelFor === "splice") copyInKernel(...range);
+          else if (
+            kernelFor === "all" ||
+            (kernelFor === "aligned" && samePlaceInPage(start, at)) ||
+            !copyByBuffer([range])
+          ) {
+            copyInKernelElseByBuffer(copyFileRange, [range]);
           }
         }
       }

@@ -1652,3 +1652,57 @@ await copier.close();`,
       assertEquals(failed.errno, undefined, r.text);
     }),
 );
+
+Deno.test(
+  "no copy worker starts for an output on a file system where the kernel copies (NFS, XFS: by /proc/self/mountinfo and fstatfs), one does on ext4; the input's bytes each time",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await Deno.writeFile(`${dir}/in.raw`, pseudoRandom(8 * MIB, 33));
+      // f_type of each, as fstatfs gives it.
+      const magic = { nfs4: 0x6969, xfs: 0x58465342, ext4: 0xef53 };
+      for (const [kind, type] of Object.entries(magic)) {
+        const script = standIns(dir, {
+          fstatfs:
+            `(fd: number, out: BigInt64Array) => (real.fstatfs(fd, out), out[0] = ${type}n, 0)`,
+        }, {});
+        await Deno.writeTextFile(
+          `${dir}/${kind}.ts`,
+          `${script.main}
+// Every mount of the machine said to be of this kind.
+const readText = Deno.readTextFileSync;
+Object.defineProperty(Deno, "readTextFileSync", {
+  value: (path: string) => {
+    const text = readText(path);
+    return path === "/proc/self/mountinfo" ? text.replace(/ - \\S+ /g, " - ${kind} ") : text;
+  },
+});
+const input = Deno.openSync("${dir}/in.raw");
+const output = Deno.openSync("${dir}/${kind}.raw", { read: true, write: true, create: true });
+output.truncateSync(${8 * MIB});
+const copier = kernelCopier(input.statSync(), output.statSync(), { helperAfter: 0, helperWhenBusy: true })!;
+copier.copy(0, ${8 * MIB}, 0);
+await copier.close();
+console.log(JSON.stringify({ made, copied: copier.copied }));`,
+        );
+        const r = await run(
+          Deno.execPath(),
+          ["run", "-A", `${dir}/${kind}.ts`],
+          {
+            allowFail: true,
+          },
+        );
+        assertEquals(r.code, 0, r.stderr);
+        const { made, copied } = JSON.parse(r.text.trim());
+        assertEquals(made, kind === "ext4" ? 1 : 0, `${kind}: ${r.text}`);
+        if (kind !== "ext4") {
+          assertEquals(copied.copyFileRange, 8 * MIB, `${kind}: ${r.text}`);
+        }
+        assertEquals(
+          await sha256File(`${dir}/${kind}.raw`),
+          await sha256File(`${dir}/in.raw`),
+          kind,
+        );
+      }
+    }),
+);
