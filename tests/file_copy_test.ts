@@ -1706,3 +1706,49 @@ console.log(JSON.stringify({ made, copied: copier.copied }));`,
       }
     }),
 );
+
+Deno.test(
+  "a machine found busy when the copier starts keeps it on one thread, asked once: no copy worker, the input's bytes",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      await Deno.writeFile(`${dir}/in.raw`, pseudoRandom(8 * MIB, 34));
+      const script = standIns(dir, {}, {});
+      await Deno.writeTextFile(
+        `${dir}/busy.ts`,
+        `${script.main}
+// Tasks waited for a CPU 90 % of the last 10 s, and 9 run this instant.
+const said: Record<string, string> = {
+  "/proc/pressure/cpu": "some avg10=90.00 avg60=90.00 avg300=90.00 total=1\\n",
+  "/proc/loadavg": "9.00 9.00 9.00 9/300 1\\n",
+};
+let asked = 0;
+const readText = Deno.readTextFileSync;
+Object.defineProperty(Deno, "readTextFileSync", {
+  value: (path: string) => path in said ? (asked++, said[path]) : readText(path),
+});
+const input = Deno.openSync("${dir}/in.raw");
+const output = Deno.openSync("${dir}/out.raw", { read: true, write: true, create: true });
+output.truncateSync(${8 * MIB});
+const copier = kernelCopier(input.statSync(), output.statSync(), { way: "read_write", helperAfter: 0 })!;
+for (let at = 0; at < ${8 * MIB}; at += ${2 * MIB}) copier.copy(at, ${
+          2 * MIB
+        }, at);
+await copier.close();
+console.log(JSON.stringify({ made, asked, copied: copier.copied }));`,
+      );
+      const r = await run(Deno.execPath(), ["run", "-A", `${dir}/busy.ts`], {
+        allowFail: true,
+      });
+      assertEquals(r.code, 0, r.stderr);
+      const { made, asked, copied } = JSON.parse(r.text.trim());
+      assertEquals(made, 0, r.text);
+      // The pressure and the run queue, read once each.
+      assertEquals(asked, 2, r.text);
+      assertEquals(copied.readWrite, 8 * MIB, r.text);
+      assertEquals(
+        await sha256File(`${dir}/out.raw`),
+        await sha256File(`${dir}/in.raw`),
+      );
+    }),
+);
