@@ -59,16 +59,18 @@ import type { PartitionTable } from "./streams/partitions.ts";
 import type { NbdConnection, NbdServer } from "./streams/nbd.ts";
 import {
   dataFileOf,
+  type DataRangeSource,
   type Extent,
   type Image,
   layers,
+  mapsFileHoles,
   type OpenOptions,
+  piecesOf,
   type Sink,
   type Source,
   type UnpackTarget,
 } from "./streams/types.ts";
 import config from "./deno.json" with { type: "json" };
-import { mapsFileHoles } from "./streams/types.ts";
 
 /** The partition tables (and their CRC-32), loaded by the commands that read them. */
 const partitions = () => import("./streams/partitions.ts");
@@ -2395,7 +2397,7 @@ async function* overFileHoles<T extends Extent & { layer: Image }>(
     const at = run.fileOffset;
     const file = run.kind === "data" && at !== undefined &&
         await mapsFileHoles(run.layer)
-      ? dataFileOf(run.layer) as Partial<FileHandle> | undefined
+      ? dataFileOf(run.layer) as DataRangeSource | undefined
       : undefined;
     const ranges = at !== undefined && at + run.length <= (file?.size ?? 0)
       ? await file?.dataRanges?.(at, run.length)
@@ -2404,21 +2406,16 @@ async function* overFileHoles<T extends Extent & { layer: Image }>(
       yield { run, inHole: false };
       continue;
     }
-    const part = (from: number, to: number, inHole: boolean) => ({
-      run: {
-        ...run,
-        offset: run.offset + from - at,
-        length: to - from,
-        fileOffset: from,
-      },
-      inHole,
-    });
-    let done = at;
-    for (const [start, end] of ranges) {
-      if (start > done) yield part(done, start, true);
-      yield part(start, end, false);
-      done = end;
+    for (const [from, to, data] of piecesOf(at, run.length, ranges)) {
+      yield {
+        run: {
+          ...run,
+          offset: run.offset + from - at,
+          length: to - from,
+          fileOffset: from,
+        },
+        inHole: !data,
+      };
     }
-    if (done < at + run.length) yield part(done, at + run.length, true);
   }
 }

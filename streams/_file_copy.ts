@@ -97,7 +97,6 @@ const SEEK_HOLE = 4;
 const EIO = 5;
 const ENXIO = 6;
 const EOPNOTSUPP = 95;
-const F_DUPFD_CLOEXEC = 1030;
 const F_SETPIPE_SZ = 1031;
 const O_CLOEXEC = 0o2000000;
 const SPLICE_F_MOVE = 1;
@@ -507,12 +506,15 @@ export function kernelCopier(
     return undefined;
   }
   // Our own descriptors for the two files: opened again by their paths
-  // and checked to be the same files (device and inode), else
-  // F_DUPFD_CLOEXEC of the ones Deno holds, found by number (a pass over
-  // /proc/self/fd: 0.7-1 ms, the open 0.1 ms). Nobody else closes them,
-  // so no later copy can reach another file that took a closed handle's
-  // number (that was a statx of both numbers before each copy, 874 calls
-  // for the VHD).
+  // and checked to be the same files (device and inode), else opened
+  // through /proc/self/fd/N of the ones Deno holds, found by number (a
+  // pass over /proc/self/fd: 0.7-1 ms, the open 0.1 ms). Each has its own
+  // file position, which the data-range queries' lseek moves: a
+  // duplicate (F_DUPFD) would share Deno's, and a read or write of that
+  // handle that seeks and then reads or writes would go elsewhere. Nobody
+  // else closes them, so no later copy can reach another file that took a
+  // closed handle's number (that was a statx of both numbers before each
+  // copy, 874 calls for the VHD).
   const reopened = [
     reopen(c, options.paths?.input, input, O_RDONLY),
     reopen(c, options.paths?.output, output, O_RDWR),
@@ -522,11 +524,12 @@ export function kernelCopier(
     { stat: output, access: "write" },
   ]);
   const found = reopened.map((fd, i) =>
-    fd >= 0
-      ? fd
-      : scanned[i] === undefined
-      ? -1
-      : c.fcntl(scanned[i]!, F_DUPFD_CLOEXEC, 3)
+    fd >= 0 ? fd : scanned[i] === undefined ? -1 : reopen(
+      c,
+      `/proc/self/fd/${scanned[i]}`,
+      i === 0 ? input : output,
+      i === 0 ? O_RDONLY : O_RDWR,
+    )
   );
   const [fdIn, fdOut] = found;
   if (fdIn < 0 || fdOut < 0) {
@@ -865,10 +868,8 @@ export function kernelCopier(
       for (; i < ranges.length && ranges[i][2] === end; i++) {
         end += ranges[i][1] - ranges[i][0];
       }
-      if (end === at) {
-        i++; // an empty range
-        continue;
-      }
+      // Empty ranges (the loop above took at least one): nothing to allocate.
+      if (end === at) continue;
       const size = BigInt(end - at);
       if (c.fallocate(fdOut, FALLOC_FL_KEEP_SIZE, BigInt(at), size) !== 0) {
         if (errno(c) === EOPNOTSUPP) preallocate = false;
@@ -1172,32 +1173,91 @@ function fileSystemOf(c: Libc, fd: number): number {
 }
 
 /**
- * The data ranges of a whole open file as the file system reports them, or
- * `undefined` without FFI (for tests and tools comparing sparse files).
+ * Data-range queries on an open file through a descriptor of our own.
+ */
+export interface RangeFinder {
+  /**
+   * The data ranges `[start, end)` within `[offset, offset + length)`, as
+   * the file system reports them (the rest are holes), or `undefined`
+   * where it cannot say: the file no longer reaches `offset + length`
+   * (cut short since it was opened: its reads fail and say so, where the
+   * holes past its end would read as zeros), an `lseek` failed, or the
+   * finder was closed.
+   */
+  ranges(offset: number, length: number): [number, number][] | undefined;
+  /** Closes the descriptor. */
+  close(): void;
+}
+
+/**
+ * A {@linkcode RangeFinder} for the open file `stat` describes (`path`:
+ * the name it was opened by, tried first), or `undefined` where there is
+ * none (no FFI, not Linux, not a regular file, no descriptor found). Its
+ * descriptor is its own, with its own file position: `SEEK_DATA` and
+ * `SEEK_HOLE` move the position of the descriptor they are asked on, and
+ * on one Deno holds they moved the position that handle's next read or
+ * write went to (a query during a write put the write's pieces
+ * elsewhere, with success).
+ *
+ * @example
+ * ```ts ignore
+ * const file = Deno.openSync("disk.raw");
+ * const finder = rangeFinder(file.statSync(), "disk.raw");
+ * console.log(finder?.ranges(0, file.statSync().size)); // [[0, 1048576]], say
+ * finder?.close();
+ * ```
+ */
+export function rangeFinder(
+  stat: Deno.FileInfo,
+  path?: string,
+): RangeFinder | undefined {
+  const c = loadLibc();
+  if (!c || !stat.isFile) return undefined;
+  let fd = reopen(c, path, stat, O_RDONLY);
+  if (fd < 0) {
+    const held = descriptorOf(stat, "read");
+    if (held !== undefined) {
+      fd = reopen(c, `/proc/self/fd/${held}`, stat, O_RDONLY);
+    }
+  }
+  if (fd < 0) return undefined;
+  let open = true;
+  return {
+    ranges(offset, length) {
+      if (!open) return undefined;
+      try {
+        if (Deno.statSync(`/proc/self/fd/${fd}`).size < offset + length) {
+          return undefined;
+        }
+        return [...dataRanges(c, fd, offset, length)];
+      } catch {
+        return undefined; // the caller reads instead
+      }
+    },
+    close() {
+      if (open) c.close(fd);
+      open = false;
+    },
+  };
+}
+
+/**
+ * The data ranges `[start, end)` of the whole open file `file`, or
+ * `undefined` where they cannot be had (see {@linkcode rangeFinder}).
+ *
+ * @example
+ * ```ts ignore
+ * console.log(fileDataRanges(Deno.openSync("disk.raw"))); // [[0, 4096]], say
+ * ```
  */
 export function fileDataRanges(
   file: Deno.FsFile,
 ): [number, number][] | undefined {
-  const c = loadLibc();
   const stat = file.statSync();
-  const fd = c ? descriptorOf(stat, "read") : undefined;
-  if (!c || fd === undefined) return undefined;
-  return [...dataRanges(c, fd, 0, stat.size)];
-}
-
-/**
- * The data ranges `[start, end)` within `[offset, offset + length)` of the
- * open file `stat` describes, as the file system reports them (the rest
- * are holes), or `undefined` where they cannot be had (no FFI, not Linux,
- * no descriptor found).
- */
-export function dataRangesIn(
-  stat: Deno.FileInfo,
-  offset: number,
-  length: number,
-): [number, number][] | undefined {
-  const c = loadLibc();
-  const fd = c && stat.isFile ? descriptorOf(stat, "read") : undefined;
-  if (!c || fd === undefined) return undefined;
-  return [...dataRanges(c, fd, offset, length)];
+  const finder = rangeFinder(stat);
+  try {
+    return finder?.ranges(0, stat.size);
+  } finally {
+    finder?.close();
+  }
 }

@@ -184,6 +184,9 @@ function handle(
   };
   // Kernel copiers from other handles, made on first use (undefined: none).
   const copiers = new Map<Deno.FsFile, KernelCopier | undefined>();
+  // Data-range queries go through a descriptor of their own (made at the
+  // first; null where none can be had).
+  let finder: import("./_file_copy.ts").RangeFinder | null | undefined;
   // Writes of ASYNC_WRITE_MIN bytes and more go to Deno's I/O thread
   // (an async write), so that the caller's thread goes on (decoding,
   // reading the next block) while the kernel puts the bytes in the page
@@ -397,6 +400,7 @@ function handle(
         // The copiers' own descriptors of this file and its inputs.
         for (const copier of copiers.values()) await copier?.close();
         copiers.clear();
+        finder?.close();
         file.close();
       }
     },
@@ -408,10 +412,11 @@ function handle(
     },
     stat: () => inTurn(() => file.stat()),
     dataRanges(offset, length) {
-      const ranges = () =>
-        closed
-          ? undefined
-          : copying!.dataRangesIn(file.statSync(), offset, length);
+      const ranges = () => {
+        if (closed) return undefined;
+        finder ??= copying!.rangeFinder(file.statSync(), path) ?? null;
+        return finder?.ranges(offset, length);
+      };
       return copying
         ? inTurn(ranges)
         : enqueue(() => loadCopying().then(ranges));

@@ -3,6 +3,7 @@
 // FFI is not allowed or the source is not a file.
 import { assertEquals, assertTrue } from "./_asserts.ts";
 import {
+  allocatedBytes,
   BackingFileError,
   bootSectorPatch,
   convert,
@@ -1750,5 +1751,118 @@ console.log(JSON.stringify({ made, asked, copied: copier.copied }));`,
         await sha256File(`${dir}/out.raw`),
         await sha256File(`${dir}/in.raw`),
       );
+    }),
+);
+
+Deno.test(
+  "data-range queries move no handle's file position: a write in flight on another handle of the same file lands whole",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/disk.raw`;
+      for (let round = 0; round < 3; round++) {
+        const f = await Deno.open(path, {
+          write: true,
+          create: true,
+          truncate: true,
+        });
+        await f.truncate(16 << 20);
+        await f.seek(14 << 20, Deno.SeekMode.Start);
+        await f.write(new Uint8Array(1 << 20).fill(7));
+        f.close();
+        const writer = await fromFile(path, { write: true });
+        const reader = await fromFile(path);
+        assertTrue((await reader.dataRanges!(0, 16 << 20)) !== undefined);
+        // 8 MiB at 4 MiB go in several pieces, a seek and writes each;
+        // the other handle asks for data ranges between them.
+        let pending = true;
+        const written = writer.write(
+          4 << 20,
+          new Uint8Array(8 << 20).fill(0xab),
+        )
+          .then(() => pending = false);
+        for (let i = 0; i < 2000 && pending; i++) {
+          await new Promise((r) => setTimeout(r, 0));
+          await reader.dataRanges!(0, 16 << 20);
+        }
+        await written;
+        await writer.close();
+        await reader.close();
+        const back = await Deno.readFile(path);
+        assertEquals(back.length, 16 << 20);
+        const expected = new Uint8Array(16 << 20);
+        expected.fill(0xab, 4 << 20, 12 << 20);
+        expected.fill(7, 14 << 20, 15 << 20);
+        assertTrue(
+          back.every((v, i) => v === expected[i]),
+          `round ${round}: the write landed elsewhere`,
+        );
+      }
+    }),
+);
+
+Deno.test(
+  "a kernel copier's own descriptors leave the positions of the handles it was given where they were",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      const data = pseudoRandom(3 << 20, 21);
+      const from = `${dir}/in.raw`;
+      const out = await Deno.open(from, { write: true, create: true });
+      await out.truncate(8 << 20);
+      await out.seek(4 << 20, Deno.SeekMode.Start);
+      for (let n = 0; n < data.length;) n += await out.write(data.subarray(n));
+      out.close();
+      // No paths: the copier finds Deno's descriptors and opens its own
+      // through /proc/self/fd.
+      const input = await Deno.open(from);
+      const output = await Deno.open(`${dir}/out.raw`, {
+        read: true,
+        write: true,
+        create: true,
+      });
+      await output.truncate(8 << 20);
+      const copier = kernelCopier(input.statSync(), output.statSync(), {
+        way: "copy_file_range",
+      })!;
+      try {
+        await input.seek(123, Deno.SeekMode.Start);
+        await output.seek(456, Deno.SeekMode.Start);
+        // The data ranges are found by lseek (SEEK_DATA, SEEK_HOLE).
+        assertEquals(copier.copy(0, 8 << 20, 0), 3 << 20);
+        assertEquals(await input.seek(0, Deno.SeekMode.Current), 123);
+        assertEquals(await output.seek(0, Deno.SeekMode.Current), 456);
+      } finally {
+        await copier.close();
+        input.close();
+        output.close();
+      }
+      const back = await Deno.readFile(`${dir}/out.raw`);
+      assertTrue(
+        back.subarray(4 << 20, 7 << 20).every((v, i) => v === data[i]),
+      );
+    }),
+);
+
+Deno.test(
+  "a raw file cut short after it was opened: its map is read, not taken as holes, and the read says where it ended",
+  { ignore: !linux },
+  () =>
+    withTemp(async (dir) => {
+      const path = `${dir}/disk.raw`;
+      await Deno.writeFile(path, pseudoRandom(2 << 20, 22));
+      const file = await fromFile(path);
+      const image = await open(file, { format: "raw" });
+      assertEquals(await file.dataRanges!(0, 2 << 20), [[0, 2 << 20]]);
+      await Deno.truncate(path, 1 << 20);
+      assertEquals(await file.dataRanges!(0, 2 << 20), undefined);
+      let failed: unknown;
+      try {
+        await allocatedBytes(image);
+      } catch (e) {
+        failed = e;
+      }
+      assertTrue(failed instanceof Error, "a cut-short raw was counted");
+      await image.close?.();
     }),
 );
