@@ -1821,34 +1821,49 @@ async function encodeVhdx(
   // headers' log GUID is zero.
   await sink.write(metadataOffset, metadata);
   if (!coarse) await sink.write(batOffset, bat);
-  // Blocks are read into reused buffers (a fresh 8 MiB array per block
-  // cost page faults) and written from them; with two, one is read while
-  // the file takes the other (on Deno's I/O thread).
-  const buffers = [new Uint8Array(blockSize)];
-  if (blockSize <= 32 * MiB) buffers.push(new Uint8Array(blockSize));
-  const writing: Promise<void>[] = buffers.map(() => Promise.resolve());
+  // Blocks are read and written a piece at a time, through a ring of
+  // reused buffers (a fresh 8 MiB array per block cost page faults, and
+  // blocks go up to 256 MiB): the file takes one piece (on Deno's I/O
+  // thread) while the next is read. From the file system's map, a block
+  // is placed at its first piece that is not all zeros (one that is all
+  // zeros is not stored); its zero pieces are not written where the sink
+  // can be sized at the end: the block's place is past the file's end,
+  // so they read as zeros (a hole) all the same.
+  const piece = Math.min(blockSize, 2 * MiB); // block sizes: powers of two
+  const ring = [0, 1, 2].map(() => new Uint8Array(piece));
+  const writing: Promise<void>[] = ring.map(() => Promise.resolve());
+  const skipZeros = coarse && sink.resize !== undefined;
   let turn = 0;
-  /** The stored block's number where it is placed (`next`). */
-  let placed = coarse ? dataStart : next;
+  /** Where the next block found to hold data is placed. */
+  let placed = dataStart;
   for (let b = 0; b < payloadBlocks; b++) {
     options.signal?.throwIfAborted();
     if (!stored[b]) continue;
     const from = b * blockSize;
     const length = Math.min(blockSize, virtualSize - from);
     const within = Math.min(length, Math.max(0, source.size - from));
-    const slot = turn;
-    const block = buffers[slot];
-    await writing[slot];
-    await readInto(source, from, block.subarray(0, within));
-    block.fill(0, within);
-    // A candidate of the file system's map is stored unless all zeros.
-    if (coarse && isZero(block.subarray(0, within))) continue;
-    const at = coarse ? placed : where[b];
-    where[b] = at;
-    placed = at + blockSize;
-    writing[slot] = sink.write(at, block);
-    writing[slot].catch(() => {}); // awaited before the buffer is reused
-    turn = (turn + 1) % buffers.length;
+    let at = coarse ? undefined : where[b];
+    for (let p = 0; p < blockSize; p += piece) {
+      const slot = turn;
+      const bytes = ring[slot];
+      await writing[slot];
+      const n = Math.max(0, Math.min(piece, within - p));
+      if (n > 0) await readInto(source, from + p, bytes.subarray(0, n));
+      bytes.fill(0, n);
+      if (coarse && isZero(bytes)) {
+        if (at === undefined || skipZeros) continue;
+      }
+      if (at === undefined) {
+        at = placed;
+        where[b] = at;
+        placed = at + blockSize;
+      }
+      writing[slot] = sink.write(at + p, bytes);
+      writing[slot].catch(() => {}); // awaited before the buffer is reused
+      turn = (turn + 1) % ring.length;
+    }
+    // A block of zeros only (from the file system's map) is not stored.
+    if (at === undefined) stored[b] = false;
     options.onProgress?.(Math.min(from + length, source.size));
   }
   await Promise.all(writing);
