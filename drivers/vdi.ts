@@ -484,6 +484,12 @@ function writable(
       return;
     }
     const index = state.stored;
+    if (bytes.length === blockSize) {
+      // A whole block: written as it is (no copy).
+      await sink.write(offsetData + index * blockSize, bytes);
+      await recordBlock(block, index);
+      return;
+    }
     // One block buffer for every new block (writes run one at a time, each
     // done with it when it answers): a fresh 1 MiB array per block cost
     // page faults, 768 of them in a 768 MiB convert.
@@ -500,6 +506,11 @@ function writable(
     }
     full.set(bytes, within);
     await sink.write(offsetData + index * blockSize, full);
+    await recordBlock(block, index);
+  }
+
+  /** Block `block` is stored at `index`: the block map and blocks_allocated. */
+  async function recordBlock(block: number, index: number) {
     state.stored++;
     state.bmap[block] = index;
     const entryBytes = new Uint8Array(4);
