@@ -113,9 +113,9 @@ class DeflatePool {
   #next = 1;
   #broken = typeof Worker === "undefined";
   /** Per slot (two batches in flight): the clusters, shared. */
-  #shared: Uint8Array[] = [new Uint8Array(0), new Uint8Array(0)];
+  #shared: Uint8Array[] = [0, 1, 2].map(() => new Uint8Array(0));
   /** Per slot: zstd frames, written by the workers (no buffer per batch). */
-  #sharedOut: Uint8Array[] = [new Uint8Array(0), new Uint8Array(0)];
+  #sharedOut: Uint8Array[] = [0, 1, 2].map(() => new Uint8Array(0));
 
   #start(): boolean {
     if (this.#broken) return false;
@@ -177,7 +177,7 @@ class DeflatePool {
    * Deflates `clusters` (undefined entries are skipped) on the workers, a
    * share each; undefined when the workers cannot. The clusters are
    * copied before the call returns its promise; the frames stay valid
-   * until the next call with the same `slot` (0 or 1: two batches may be
+   * until the next call with the same `slot` (0, 1 or 2: the encoder's read buffers; two batches may be
    * in flight).
    */
   async deflate(
