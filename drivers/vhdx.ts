@@ -1830,7 +1830,8 @@ async function encodeVhdx(
   // can be sized at the end: the block's place is past the file's end,
   // so they read as zeros (a hole) all the same.
   const piece = Math.min(blockSize, 2 * MiB); // block sizes: powers of two
-  const ring = [0, 1, 2].map(() => new Uint8Array(piece));
+  const keeps = sink.sequential && !sink.copiesWrites;
+  const ring = [0, 1, 2].map(() => new Uint8Array(keeps ? 0 : piece));
   const writing: Promise<void>[] = ring.map(() => Promise.resolve());
   const skipZeros = coarse && sink.resize !== undefined;
   let turn = 0;
@@ -1845,7 +1846,8 @@ async function encodeVhdx(
     let at = coarse ? undefined : where[b];
     for (let p = 0; p < blockSize; p += piece) {
       const slot = turn;
-      const bytes = ring[slot];
+      // A stream may keep what it is given: a fresh piece each time.
+      const bytes = keeps ? new Uint8Array(piece) : ring[slot];
       await writing[slot];
       const n = Math.max(0, Math.min(piece, within - p));
       if (n > 0) await readInto(source, from + p, bytes.subarray(0, n));
@@ -1860,6 +1862,8 @@ async function encodeVhdx(
       }
       writing[slot] = sink.write(at + p, bytes);
       writing[slot].catch(() => {}); // awaited before the buffer is reused
+      // A stream takes its writes one at a time, in order.
+      if (sink.sequential) await writing[slot];
       turn = (turn + 1) % ring.length;
     }
     // A block of zeros only (from the file system's map) is not stored.

@@ -359,7 +359,8 @@ export async function convert(
   // bytes when they answer.
   const pool: Uint8Array[] | undefined = source.readInto &&
       (direct && (!sink.sequential || sink.copiesWrites) ||
-        !into && RELEASES_WRITES.has(out!.name) && !options.key)
+        !into && RELEASES_WRITES.has(out!.name) && !options.key &&
+          (!sink.sequential || sink.copiesWrites))
     ? []
     : undefined;
   // A random-access raw output is sized first, as qemu-img does: ext4 takes
