@@ -78,6 +78,7 @@ import { checkWriteOptions } from "../streams/options.ts";
 import {
   ascii,
   formatErrors,
+  isZero,
   le16,
   le32,
   le64,
@@ -111,7 +112,13 @@ import type {
   Sink,
   Source,
 } from "../streams/types.ts";
-import { checkRange, extentsOf, storesDataIn } from "../streams/types.ts";
+import {
+  checkRange,
+  extentsOf,
+  readInto,
+  storesDataIn,
+} from "../streams/types.ts";
+import { fileMapOf } from "../streams/_file_map.ts";
 
 const FORMAT = "vhdx";
 const KiB = 1024;
@@ -1687,12 +1694,21 @@ async function encodeVhdx(
   const batOffset = metadataOffset + metadataLength;
   const dataStart = batOffset + batLength;
 
-  // Which blocks hold data: dynamic images store only those.
+  // Which blocks hold data: dynamic images store only those. A raw local
+  // file is mapped by the file system (no byte read: raw's own map reads
+  // the whole disk for zero blocks, and the blocks were then read again to
+  // be written); its blocks with data ranges are candidates, each kept
+  // once read if it is not all zeros (what raw's map would have said).
+  const fileMap = o.subformat === "dynamic" && !sink.sequential
+    ? fileMapOf(source)
+    : undefined;
+  const fileRuns = await fileMap?.(0, source.size);
+  const coarse = fileRuns !== undefined;
   const stored: boolean[] = new Array(payloadBlocks).fill(
     o.subformat === "fixed",
   );
   if (o.subformat === "dynamic") {
-    for await (const e of extentsOf(source, 0, source.size)) {
+    for await (const e of fileRuns ?? extentsOf(source, 0, source.size)) {
       if (e.kind !== "data") continue;
       const first = Math.floor(e.offset / blockSize);
       const last = Math.floor((e.offset + e.length - 1) / blockSize);
@@ -1700,22 +1716,34 @@ async function encodeVhdx(
     }
   }
   const bat = new Uint8Array(batLength);
-  let next = dataStart;
   const where: number[] = [];
-  for (let b = 0; b < payloadBlocks; b++) {
-    const index = b + Math.floor(b / chunkRatio);
-    if (stored[b]) {
-      where[b] = next;
-      setLe32(bat, index * 8, FULLY_PRESENT | (((next / MiB) & 0xfff) << 20));
-      setLe32(bat, index * 8 + 4, Math.floor(next / MiB / 4096));
-      next += blockSize;
-    } else {
-      setLe32(
-        bat,
-        index * 8,
-        o.subformat === "fixed" ? FULLY_PRESENT : NOT_PRESENT,
-      );
+  /** Fills the BAT from `where` (the stored blocks' file offsets). */
+  const fillBat = () => {
+    for (let b = 0; b < payloadBlocks; b++) {
+      const index = b + Math.floor(b / chunkRatio);
+      const at = where[b];
+      if (at !== undefined) {
+        setLe32(bat, index * 8, FULLY_PRESENT | (((at / MiB) & 0xfff) << 20));
+        setLe32(bat, index * 8 + 4, Math.floor(at / MiB / 4096));
+      } else {
+        setLe32(
+          bat,
+          index * 8,
+          o.subformat === "fixed" ? FULLY_PRESENT : NOT_PRESENT,
+        );
+      }
     }
+  };
+  let next = dataStart;
+  if (!coarse) {
+    // Every candidate is stored: the BAT is known before the data.
+    for (let b = 0; b < payloadBlocks; b++) {
+      if (stored[b]) {
+        where[b] = next;
+        next += blockSize;
+      }
+    }
+    fillBat();
   }
 
   const fileId = new Uint8Array(64 * KiB);
@@ -1792,21 +1820,61 @@ async function encodeVhdx(
   // The log is left empty (zeros); QEMU and Hyper-V ignore it while the
   // headers' log GUID is zero.
   await sink.write(metadataOffset, metadata);
-  await sink.write(batOffset, bat);
+  if (!coarse) await sink.write(batOffset, bat);
+  // Blocks are read and written a piece at a time, through a ring of
+  // reused buffers (a fresh 8 MiB array per block cost page faults, and
+  // blocks go up to 256 MiB): the file takes one piece (on Deno's I/O
+  // thread) while the next is read. From the file system's map, a block
+  // is placed at its first piece that is not all zeros (one that is all
+  // zeros is not stored); its zero pieces are not written where the sink
+  // can be sized at the end: the block's place is past the file's end,
+  // so they read as zeros (a hole) all the same.
+  const piece = Math.min(blockSize, 2 * MiB); // block sizes: powers of two
+  const keeps = sink.sequential && !sink.copiesWrites;
+  const ring = [0, 1, 2].map(() => new Uint8Array(keeps ? 0 : piece));
+  const writing: Promise<void>[] = ring.map(() => Promise.resolve());
+  const skipZeros = coarse && sink.resize !== undefined;
+  let turn = 0;
+  /** Where the next block found to hold data is placed. */
+  let placed = dataStart;
   for (let b = 0; b < payloadBlocks; b++) {
     options.signal?.throwIfAborted();
     if (!stored[b]) continue;
     const from = b * blockSize;
     const length = Math.min(blockSize, virtualSize - from);
     const within = Math.min(length, Math.max(0, source.size - from));
-    const block = new Uint8Array(blockSize);
-    // Read in pieces of at most 8 MiB, to keep memory bounded.
-    for (let at = 0; at < within; at += 8 * MiB) {
-      const n = Math.min(8 * MiB, within - at);
-      block.set(await source.read(from + at, n), at);
+    let at = coarse ? undefined : where[b];
+    for (let p = 0; p < blockSize; p += piece) {
+      const slot = turn;
+      // A stream may keep what it is given: a fresh piece each time.
+      const bytes = keeps ? new Uint8Array(piece) : ring[slot];
+      await writing[slot];
+      const n = Math.max(0, Math.min(piece, within - p));
+      if (n > 0) await readInto(source, from + p, bytes.subarray(0, n));
+      bytes.fill(0, n);
+      if (coarse && isZero(bytes)) {
+        if (at === undefined || skipZeros) continue;
+      }
+      if (at === undefined) {
+        at = placed;
+        where[b] = at;
+        placed = at + blockSize;
+      }
+      writing[slot] = sink.write(at + p, bytes);
+      writing[slot].catch(() => {}); // awaited before the buffer is reused
+      // A stream takes its writes one at a time, in order.
+      if (sink.sequential) await writing[slot];
+      turn = (turn + 1) % ring.length;
     }
-    await sink.write(where[b], block);
+    // A block of zeros only (from the file system's map) is not stored.
+    if (at === undefined) stored[b] = false;
     options.onProgress?.(Math.min(from + length, source.size));
+  }
+  await Promise.all(writing);
+  if (coarse) {
+    next = placed;
+    fillBat();
+    await sink.write(batOffset, bat);
   }
   await sink.resize?.(next);
   options.onProgress?.(source.size);

@@ -2,13 +2,23 @@ import { assertEquals, assertTrue } from "./_asserts.ts";
 import {
   convert,
   fromBytes,
+  fromFile,
   memorySink,
   open,
   readable,
   type Sink,
   type Source,
 } from "../mod.ts";
-import { pseudoRandom, sha256Hex } from "./_helpers.ts";
+import {
+  assertQemuIdentical,
+  cli,
+  pseudoRandom,
+  run,
+  runs,
+  sha256Hex,
+  skip,
+  withTemp,
+} from "./_helpers.ts";
 import { isZeroRange, wordsOf } from "../drivers/_binary.ts";
 
 /** A disk of data, holes and an unaligned tail. */
@@ -385,3 +395,81 @@ Deno.test("convert writes a granule whose only non-zero byte is anywhere in it",
     assertEquals(sink.writes, [[4096, 4096]], `byte ${place}`);
   }
 });
+
+/**
+ * The data runs of `qemu-img map` of an image, adjacent ones merged: its
+ * allocation, whatever the layout of the file.
+ */
+async function allocatedRuns(path: string): Promise<number[][]> {
+  if (path.endsWith(".vhdx")) {
+    // qemu-img maps a vhdx as all data: its blocks as our reader finds them.
+    const image = await open(await fromFile(path));
+    const out = (await runs(image)).filter((e) => e.kind === "data")
+      .map((e) => [e.offset, e.length]);
+    await image.close?.();
+    return out;
+  }
+  const r = await run("qemu-img", ["map", "--output=json", path]);
+  const found: number[][] = [];
+  for (const e of JSON.parse(r.text)) {
+    if (!e.data) continue;
+    const last = found.at(-1);
+    if (last && last[0] + last[1] === e.start) last[1] += e.length;
+    else found.push([e.start, e.length]);
+  }
+  return found;
+}
+
+Deno.test(
+  "convert of a raw file with holes and allocated zeros (mapped by the file system) allocates what qemu-img does, with the same bytes as from memory",
+  { ignore: skip(["qemu-img"]) },
+  () =>
+    withTemp(async (dir) => {
+      const MiB = 1 << 20;
+      const size = 24 * MiB + 3 * 4096 + 100;
+      const disk = new Uint8Array(size);
+      const raw = `${dir}/disk.raw`;
+      const file = await Deno.open(raw, { write: true, create: true });
+      const put = async (at: number, bytes: Uint8Array) => {
+        disk.set(bytes, at);
+        await file.seek(at, Deno.SeekMode.Start);
+        for (let n = 0; n < bytes.length;) {
+          n += await file.write(bytes.subarray(n));
+        }
+      };
+      await put(0, pseudoRandom(MiB, 3));
+      await put(MiB, new Uint8Array(MiB / 2)); // zeros the file holds
+      const lone = new Uint8Array(MiB / 2);
+      lone[200 * 1024 + 5] = 7; // one non-zero granule among zeros
+      await put(MiB + MiB / 2, lone);
+      await put(3 * MiB + 4096, pseudoRandom(MiB / 2, 5)); // after a hole
+      await put(9 * MiB, new Uint8Array(4096));
+      await put(9 * MiB + 4096, pseudoRandom(8192, 7));
+      await put(16 * MiB, new Uint8Array(8 * MiB)); // a whole block of zeros
+      await put(size - 50, pseudoRandom(50, 9)); // an unaligned tail
+      await file.truncate(size);
+      file.close();
+      for (const format of ["qcow2", "vhdx", "vdi", "vpc"]) {
+        const ours = `${dir}/ours.${format}`;
+        const r = await cli(["convert", "-O", format, raw, ours]);
+        assertEquals(r.code, 0, r.stderr);
+        const theirs = `${dir}/qemu.${format}`;
+        await run("qemu-img", ["convert", "-O", format, raw, theirs]);
+        await assertQemuIdentical(raw, ours, format);
+        assertEquals(
+          await allocatedRuns(ours),
+          await allocatedRuns(theirs),
+          format,
+        );
+        if (format === "qcow2") {
+          // Byte for byte what raw's own map (every byte read) gives.
+          const sink = memorySink();
+          await convert(await open(fromBytes(disk)), sink, { format });
+          assertEquals(
+            sha256Hex(await Deno.readFile(ours)),
+            sha256Hex(sink.bytes()),
+          );
+        }
+      }
+    }),
+);

@@ -840,6 +840,41 @@ const WRITE_CASES: Record<string, string>[] = [
   { preallocation: "metadata", cluster_size: "16k" },
 ];
 
+Deno.test(
+  "qcow2 convert -O qcow2 of a disk of many read chunks (every read buffer in turn), plain, zlib and zstd: qemu-img check is clean and compare identical",
+  { ignore: skip(QEMU) },
+  () =>
+    withTemp(async (dir) => {
+      // 13 MiB: four 4 MiB chunks, so the three read buffers (and the
+      // compressing workers' three slots) are each used, one twice.
+      const disk = new Uint8Array(13 << 20);
+      for (let at = 0; at < disk.length; at += 3 << 20) {
+        disk.set(pseudoRandom(1 << 20, at), at);
+        disk.fill(0x41, at + (2 << 20), at + (2 << 20) + 70000);
+      }
+      const raw = `${dir}/disk.raw`;
+      await Deno.writeFile(raw, disk);
+      const cases: [Record<string, string>, boolean][] = [
+        [{}, false],
+        [{}, true],
+        [{ compression_type: "zstd" }, true],
+      ];
+      for (const [options, compress] of cases) {
+        const path = `${dir}/out.qcow2`;
+        const sink = await createOutputFile(path);
+        await convert(await open(fromBytes(disk)), sink, {
+          format: "qcow2",
+          options,
+          compress,
+        });
+        await sink.commit();
+        await assertQemuCheckClean(path);
+        await assertQemuIdentical(raw, path, "qcow2");
+        await Deno.remove(path);
+      }
+    }),
+);
+
 for (const options of WRITE_CASES) {
   for (const compress of [false, true]) {
     Deno.test(

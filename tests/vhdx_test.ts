@@ -9,6 +9,7 @@ import {
   memorySink,
   open,
   probe,
+  streamSink,
   UnsupportedError,
   vhdx,
 } from "../mod.ts";
@@ -1395,4 +1396,28 @@ Deno.test({
         stale.stderr,
       );
     }),
+});
+
+Deno.test("vhdx convert into a stream that keeps what it is given (no copy) writes the bytes of a memory sink", async () => {
+  // Three 2 MiB blocks of data, one of zeros, then data: pieces written
+  // one at a time, each a fresh buffer (the stream keeps them).
+  const disk = new Uint8Array(10 << 20);
+  for (const at of [0, 2, 4, 8]) disk.set(pseudoRandom(1 << 20, at), at << 20);
+  const chunks: Uint8Array[] = [];
+  const stream = new WritableStream<Uint8Array>({
+    write(chunk) {
+      chunks.push(chunk); // kept as it is, not copied
+    },
+  });
+  const options = { options: { block_size: "2M" }, format: "vhdx" };
+  await convert(await open(fromBytes(disk)), streamSink(stream), options);
+  const memory = memorySink();
+  await convert(await open(fromBytes(disk)), memory, options);
+  const streamed = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+  let at = 0;
+  for (const c of chunks) streamed.set(c, (at += c.length) - c.length);
+  const back = await open(fromBytes(streamed));
+  assertEquals(back.format, "vhdx");
+  assertEquals(sha256Hex(await readAll(back)), sha256Hex(disk));
+  assertEquals(streamed.length, memory.bytes().length);
 });
