@@ -14,15 +14,7 @@
  * @module
  */
 
-import type { Extent, Source, WindowSource } from "./types.ts";
-
-/** A source that can list the data ranges of its bytes (a local file). */
-interface RangedSource extends Source {
-  dataRanges?(
-    offset: number,
-    length: number,
-  ): Promise<[number, number][] | undefined>;
-}
+import type { DataRangeSource, Extent, Source, WindowSource } from "./types.ts";
 
 /**
  * The file-system map of `source` when it is a raw disk over a local file
@@ -54,7 +46,7 @@ export function fileMapOf(
   // more than reading a MiB or two costs.
   if (source.size < FILE_MAP_MIN) return undefined;
   let shift = 0;
-  let file: RangedSource = source;
+  let file: DataRangeSource = source;
   for (let depth = 0; depth < 8; depth++) {
     const window = (file as Partial<WindowSource>).windowOf;
     if (!window) break;
