@@ -1866,8 +1866,6 @@ async function encodeVhdx(
       if (sink.sequential) await writing[slot];
       turn = (turn + 1) % ring.length;
     }
-    // A block of zeros only (from the file system's map) is not stored.
-    if (at === undefined) stored[b] = false;
     options.onProgress?.(Math.min(from + length, source.size));
   }
   await Promise.all(writing);

@@ -478,8 +478,9 @@ export async function convert(
 /**
  * Formats whose created image's `write` keeps no reference to the bytes it
  * was given once it answers (read buffers can be reused, see `pool`): vdi
- * copies a new block into its own buffer and writes the rest straight to
- * the sink, awaited; vpc writes the sectors to the sink, awaited.
+ * writes a whole new block straight to the sink and copies part of one
+ * into its own buffer, awaited; vpc writes the sectors to the sink,
+ * awaited.
  */
 const RELEASES_WRITES = new Set(["vdi", "vpc"]);
 

@@ -462,6 +462,18 @@ Deno.test(
           format,
         );
         if (format === "qcow2") {
+          // 4 KiB clusters: an L2 table for every 2 MiB, and none for the
+          // 8 MiB of written zeros (four groups the file holds as data).
+          const small = `${dir}/ours-4k.qcow2`;
+          const o = ["-O", format, "-o", "cluster_size=4096", raw];
+          const r4 = await cli(["convert", ...o, small]);
+          assertEquals(r4.code, 0, r4.stderr);
+          await run("qemu-img", ["convert", ...o, `${dir}/qemu-4k.qcow2`]);
+          await assertQemuIdentical(raw, small, format);
+          assertEquals(
+            (await Deno.stat(small)).size,
+            (await Deno.stat(`${dir}/qemu-4k.qcow2`)).size,
+          );
           // Byte for byte what raw's own map (every byte read) gives.
           const sink = memorySink();
           await convert(await open(fromBytes(disk)), sink, { format });

@@ -475,9 +475,10 @@ export async function encodeQcow2(
           0,
           Math.min(chunkClusters * clusterSize, source.size - chunkStart),
         );
-        // Read into two buffers used in turn: what outlives the chunk is
-        // copied (the Appender, the workers' shared buffer, the cipher's
-        // copy).
+        // Read into three buffers used in turn: the direct path writes
+        // from them (awaited before one is read into again); what else
+        // outlives the chunk is copied (the Appender, the workers' shared
+        // buffer, the cipher's copy).
         let data: Uint8Array | undefined;
         if (chunkLength > 0 && await holdsData(chunkStart, chunkLength)) {
           // The slot's bytes may still be on their way to the file.
@@ -638,6 +639,10 @@ export async function encodeQcow2(
         }
         options.onProgress?.(Math.min(source.size, chunkStart + chunkLength));
       }
+      // A group whose clusters all came out zero (a file's data range of
+      // written zeros: the file-system map says data) gets no table, as
+      // with qemu-img; an entry set is never all zero bits (COPIED).
+      if (!metadata && isZero(table)) continue;
       const tableAt = alignUp(out.at, clusterSize);
       await out.skipTo(tableAt);
       await out.push(table);
