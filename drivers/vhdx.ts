@@ -107,6 +107,7 @@ import type {
   CreateSpec,
   Driver,
   EncodeOptions,
+  Extent,
   Image,
   OpenOptions,
   Sink,
@@ -1659,6 +1660,9 @@ function measureVhdx(
   return Promise.resolve({ required, fullyAllocated: full });
 }
 
+/** Bytes of the disk whose file-system map the vhdx writer asks for at a time. */
+const FILE_MAP_STEP = 256 << 20;
+
 /**
  * Writes `source` as a vhdx in one pass: the headers, region tables,
  * an empty log, metadata and the BAT first, then every block that holds
@@ -1702,18 +1706,26 @@ async function encodeVhdx(
   const fileMap = o.subformat === "dynamic" && !sink.sequential
     ? fileMapOf(source)
     : undefined;
-  const fileRuns = await fileMap?.(0, source.size);
-  const coarse = fileRuns !== undefined;
   const stored: boolean[] = new Array(payloadBlocks).fill(
     o.subformat === "fixed",
   );
-  if (o.subformat === "dynamic") {
-    for await (const e of fileRuns ?? extentsOf(source, 0, source.size)) {
-      if (e.kind !== "data") continue;
-      const first = Math.floor(e.offset / blockSize);
-      const last = Math.floor((e.offset + e.length - 1) / blockSize);
-      for (let b = first; b <= last; b++) stored[b] = true;
-    }
+  const mark = (e: Extent) => {
+    if (e.kind !== "data" || e.length === 0) return;
+    const first = Math.floor(e.offset / blockSize);
+    const last = Math.floor((e.offset + e.length - 1) / blockSize);
+    for (let b = first; b <= last; b++) stored[b] = true;
+  };
+  // The file's map a window at a time (a file of many small ranges would
+  // otherwise be listed whole in memory).
+  let coarse = fileMap !== undefined;
+  for (let at = 0; coarse && at < source.size; at += FILE_MAP_STEP) {
+    const runs = await fileMap!(at, Math.min(FILE_MAP_STEP, source.size - at));
+    if (runs) runs.forEach(mark);
+    else coarse = false;
+  }
+  if (o.subformat === "dynamic" && !coarse) {
+    stored.fill(false);
+    for await (const e of extentsOf(source, 0, source.size)) mark(e);
   }
   const bat = new Uint8Array(batLength);
   const where: number[] = [];
