@@ -14,7 +14,13 @@
  * @module
  */
 
-import type { DataRangeSource, Extent, Source, WindowSource } from "./types.ts";
+import {
+  type DataRangeSource,
+  type Extent,
+  piecesOf,
+  type Source,
+  windowBase,
+} from "./types.ts";
 
 /**
  * The file-system map of `source` when it is a raw disk over a local file
@@ -45,15 +51,10 @@ export function fileMapOf(
   // kernel copier's module and opens libc (1.4 ms of wall, 2 ms of CPU),
   // more than reading a MiB or two costs.
   if (source.size < FILE_MAP_MIN) return undefined;
-  let shift = 0;
-  let file: DataRangeSource = source;
-  for (let depth = 0; depth < 8; depth++) {
-    const window = (file as Partial<WindowSource>).windowOf;
-    if (!window) break;
-    shift += window.offset;
-    file = window.source;
-  }
-  if (file === source || !file.dataRanges) return undefined;
+  const base = windowBase(source);
+  const file = base?.source as DataRangeSource | undefined;
+  if (!file?.dataRanges) return undefined;
+  const shift = base!.shift;
   const ranges = file.dataRanges.bind(file);
   // The file's ranges over a window at a time: each query costs system
   // calls (lseek pairs, and finding the descriptor), and the writers ask
@@ -83,22 +84,19 @@ export function fileMapOf(
       if (found[mid][1] <= start) lo = mid + 1;
       else hi = mid;
     }
-    const runs: Extent[] = [];
-    let done = offset;
+    const inside: [number, number][] = [];
     for (let i = lo; i < found.length && found[i][0] < end; i++) {
-      const from = Math.max(offset, found[i][0] - shift);
-      const to = Math.min(offset + length, found[i][1] - shift);
-      if (to <= from) continue;
-      if (from > done) {
-        runs.push({ offset: done, length: from - done, kind: "zero" });
-      }
-      runs.push({ offset: from, length: to - from, kind: "data" });
-      done = to;
+      const from = Math.max(start, found[i][0]);
+      const to = Math.min(end, found[i][1]);
+      if (to > from) inside.push([from, to]);
     }
-    if (done < offset + length) {
-      runs.push({ offset: done, length: offset + length - done, kind: "zero" });
-    }
-    return runs;
+    return [...piecesOf(start, length, inside)].map((
+      [from, to, data],
+    ): Extent => ({
+      offset: from - shift,
+      length: to - from,
+      kind: data ? "data" : "zero",
+    }));
   };
   return map;
 }

@@ -668,13 +668,13 @@ export async function* mappedExtents(
   offset: number,
   length: number,
 ): AsyncIterable<Extent> {
-  const window = (source as Partial<Image>).format === "raw"
-    ? (source as Partial<WindowSource>).windowOf
+  const base = (source as Partial<Image>).format === "raw"
+    ? windowBase(source)
     : undefined;
   checkRange(source.size, offset, length);
-  const ranges = window && length > 0
-    ? await (window.source as DataRangeSource).dataRanges?.(
-      window.offset + offset,
+  const ranges = base && length > 0
+    ? await (base.source as DataRangeSource).dataRanges?.(
+      base.shift + offset,
       length,
     )
     : undefined;
@@ -682,7 +682,7 @@ export async function* mappedExtents(
     yield* extentsOf(source, offset, length);
     return;
   }
-  const shift = window!.offset;
+  const shift = base!.shift;
   for (const [start, end, data] of piecesOf(offset + shift, length, ranges)) {
     yield {
       offset: start - shift,
@@ -690,6 +690,37 @@ export async function* mappedExtents(
       kind: data ? "data" : "zero",
     };
   }
+}
+
+/**
+ * What `source` is a window of, through nested windows
+ * ({@linkcode WindowSource}: a bounds-checked view, a raw image over its
+ * file), at most 8 deep: the source underneath and where `source` starts
+ * in it; `undefined` for a source that is no window.
+ *
+ * @param source any source
+ * @returns the source underneath and the offset of `source` in it
+ *
+ * @example
+ * ```ts
+ * import { fromBytes, open, windowBase } from "../mod.ts";
+ * const bytes = fromBytes(new Uint8Array(512));
+ * const image = await open(bytes, { format: "raw" });
+ * console.log(windowBase(image)?.source === bytes); // true
+ * ```
+ */
+export function windowBase(
+  source: Source,
+): { source: Source; shift: number } | undefined {
+  let shift = 0;
+  let at = source;
+  for (let depth = 0; depth < 8; depth++) {
+    const window = (at as Partial<WindowSource>).windowOf;
+    if (!window) break;
+    shift += window.offset;
+    at = window.source;
+  }
+  return at === source ? undefined : { source: at, shift };
 }
 
 /**
