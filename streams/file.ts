@@ -51,7 +51,10 @@ export interface FileHandle extends Source, Sink, RangeCopySink {
   /**
    * The data ranges `[start, end)` of `[offset, offset + length)` as the
    * file system reports them (`SEEK_DATA`/`SEEK_HOLE`; the rest are
-   * holes), or `undefined` where it cannot say (no FFI, not Linux).
+   * holes), or `undefined` where it cannot say: no FFI, not Linux, the
+   * file closed, an `lseek` failed, or the file no longer reaches
+   * `offset + length` (cut short since: its reads fail and say so). Asked
+   * through a descriptor of its own, so no handle's file position moves.
    */
   dataRanges?(
     offset: number,
