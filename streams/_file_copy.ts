@@ -515,22 +515,10 @@ export function kernelCopier(
   // else closes them, so no later copy can reach another file that took a
   // closed handle's number (that was a statx of both numbers before each
   // copy, 874 calls for the VHD).
-  const reopened = [
-    reopen(c, options.paths?.input, input, O_RDONLY),
-    reopen(c, options.paths?.output, output, O_RDWR),
-  ];
-  const scanned = reopened.every((fd) => fd >= 0) ? [] : descriptorsOf([
-    { stat: input, access: "read" },
-    { stat: output, access: "write" },
+  const found = ownDescriptors(c, [
+    { path: options.paths?.input, stat: input, access: "read" },
+    { path: options.paths?.output, stat: output, access: "write" },
   ]);
-  const found = reopened.map((fd, i) =>
-    fd >= 0 ? fd : scanned[i] === undefined ? -1 : reopen(
-      c,
-      `/proc/self/fd/${scanned[i]}`,
-      i === 0 ? input : output,
-      i === 0 ? O_RDONLY : O_RDWR,
-    )
-  );
   const [fdIn, fdOut] = found;
   if (fdIn < 0 || fdOut < 0) {
     for (const fd of found) if (fd >= 0) c.close(fd);
@@ -1128,6 +1116,39 @@ const O_RDWR = 2;
 const O_NONBLOCK = 0o4000;
 
 /**
+ * Descriptors of our own (each with its own file position) for open
+ * files: each opened again by its path (see `reopen`), else through
+ * /proc/self/fd/N of the descriptor Deno holds, found by number (one pass
+ * over /proc/self/fd for all that need it: {@linkcode descriptorsOf});
+ * -1 for a file neither reaches. Never a duplicate of Deno's descriptor,
+ * whose position an `lseek` of ours would move.
+ */
+function ownDescriptors(
+  c: Libc,
+  files: {
+    path: string | undefined;
+    stat: Deno.FileInfo;
+    access: "read" | "write";
+  }[],
+): number[] {
+  const flags = (access: "read" | "write") =>
+    access === "read" ? O_RDONLY : O_RDWR;
+  const reopened = files.map(({ path, stat, access }) =>
+    reopen(c, path, stat, flags(access))
+  );
+  if (reopened.every((fd) => fd >= 0)) return reopened;
+  const held = descriptorsOf(files);
+  return reopened.map((fd, i) =>
+    fd >= 0 || held[i] === undefined ? fd : reopen(
+      c,
+      `/proc/self/fd/${held[i]}`,
+      files[i].stat,
+      flags(files[i].access),
+    )
+  );
+}
+
+/**
  * A descriptor of our own for the file at `path` that is the file `stat`
  * describes (device and inode), opened with `access`; -1 where there is
  * no path, it cannot be opened, or it is another file now (renamed or
@@ -1213,13 +1234,7 @@ export function rangeFinder(
 ): RangeFinder | undefined {
   const c = loadLibc();
   if (!c || !stat.isFile) return undefined;
-  let fd = reopen(c, path, stat, O_RDONLY);
-  if (fd < 0) {
-    const held = descriptorOf(stat, "read");
-    if (held !== undefined) {
-      fd = reopen(c, `/proc/self/fd/${held}`, stat, O_RDONLY);
-    }
-  }
+  const [fd] = ownDescriptors(c, [{ path, stat, access: "read" }]);
   if (fd < 0) return undefined;
   let open = true;
   return {

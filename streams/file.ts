@@ -23,7 +23,7 @@ import {
   type Source,
   type Tree,
   type TreeEntry,
-  type WindowSource,
+  windowBase,
 } from "./types.ts";
 
 /**
@@ -356,13 +356,9 @@ function handle(
     copyRanges(from, ranges) {
       // Through windows (a bounds-checked view, a fixed VHD's data) to
       // the file underneath.
-      let shift = 0;
-      for (let depth = 0; !filesOf.has(from) && depth < 8; depth++) {
-        const window = (from as Partial<WindowSource>).windowOf;
-        if (!window) break;
-        shift += window.offset;
-        from = window.source;
-      }
+      const base = filesOf.has(from) ? undefined : windowBase(from);
+      const shift = base?.shift ?? 0;
+      from = base?.source ?? from;
       const shifted: readonly CopyRange[] = shift === 0
         ? ranges
         : ranges.map(([at, length, to]) => [at + shift, length, to]);
